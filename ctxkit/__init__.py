@@ -1,0 +1,40 @@
+"""ctxkit: context-engineering middleware between an application and any LLM backend.
+
+    from ctxkit import Pipeline, Ledger, LlamaCppBackend
+
+    pipeline = Pipeline(LlamaCppBackend(), stages=[...], ledger=Ledger("calls.jsonl"))
+    client = pipeline.openai()  # a drop-in for openai.OpenAI()
+"""
+
+from .backends import Backend, GGUFPrompt, LlamaCppBackend, OpenAIBackend, default_model_path
+from .errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendStatusError,
+    BackendTimeoutError,
+    ConfigurationError,
+    ContextOverflowError,
+    CtxkitError,
+    InvalidMessageError,
+    InvalidToolError,
+    LedgerError,
+    RequestError,
+)
+from .ledger import Ledger, LedgerRecord, Price, PriceTable, read_ledger
+from .pipeline import Pipeline, record_event
+from .request import ChatRequest
+from .response import AsyncChatStream, ChatResponse, ChatStream, Usage
+from .stage import Stage
+from .tokens import TokenCounter
+from .tokens.tiktoken_counter import TiktokenCounter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncChatStream", "Backend", "BackendConnectionError", "BackendError", "BackendStatusError",
+    "BackendTimeoutError", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
+    "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
+    "LedgerError", "LedgerRecord", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
+    "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "Usage", "default_model_path", "read_ledger",
+    "record_event",
+]

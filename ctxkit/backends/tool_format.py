@@ -1,0 +1,144 @@
+"""Tool calling for local models whose chat template knows nothing of tools.
+
+Such models (SmolLM2 among them) are shown the tools in the system message and asked to answer with
+Hermes-style blocks:
+
+    <tool_call>
+    {"name": "calculator", "arguments": {"expression": "2+2"}}
+    </tool_call>
+
+Earlier calls and their results are written back into the conversation in the same form, so the model
+sees a consistent history. A GBNF grammar built from the tools' JSON Schemas keeps the call well formed
+(a 135M model will not manage it unaided); the model still chooses whether to call and with what.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def tools_system_text(tools: list[dict[str, Any]]) -> str:
+    """The instructions that introduce the tools; deterministic (sorted keys) so prefix caches keep hitting."""
+    lines = [
+        "# Tools",
+        "You may call functions to help with the user's request. Available functions, one JSON object per line:",
+    ]
+    for tool in tools:
+        function = tool["function"]
+        lines.append(
+            json.dumps(
+                {"name": function["name"], "description": function.get("description", ""),
+                 "parameters": function.get("parameters", {})},
+                sort_keys=True, ensure_ascii=False,
+            )
+        )
+    lines.append(
+        "To call a function, reply with exactly:\n"
+        f'{TOOL_CALL_OPEN}\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n{TOOL_CALL_CLOSE}'
+    )
+    return "\n".join(lines)
+
+
+def messages_for_plain_template(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rewrite tool-format messages into system/user/assistant text any chat template can render."""
+    names = {}
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message["role"]
+        content = _text(message.get("content"))
+        if role == "developer":
+            role = "system"
+        if role == "assistant" and message.get("tool_calls"):
+            blocks = []
+            for call in message["tool_calls"]:
+                names[call["id"]] = call["function"]["name"]
+                arguments = json.loads(call["function"]["arguments"] or "{}")
+                blocks.append(format_tool_call(call["function"]["name"], arguments))
+            content = "\n".join(([content] if content else []) + blocks)
+        elif role == "tool":
+            name = names.get(message.get("tool_call_id", ""), message.get("name", "tool"))
+            role, content = "user", f'<tool_response name="{name}">\n{content}\n</tool_response>'
+        out.append({"role": role, "content": content})
+    if tools:
+        tool_text = tools_system_text(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tool_text}"}
+        else:
+            out.insert(0, {"role": "system", "content": tool_text})
+    return out
+
+
+def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
+    body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split generated text into (content, OpenAI tool_calls). Malformed blocks stay in the content."""
+    calls = []
+    for match in _CALL_BLOCK.finditer(text):
+        try:
+            payload = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            continue
+        arguments = payload.get("arguments", payload.get("parameters", {}))
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:16]}",
+                "type": "function",
+                "function": {"name": payload["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+        )
+    if not calls:
+        return (text.strip() or None), []
+    rest = _CALL_BLOCK.sub("", text).strip()
+    return (rest or None), calls
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | None:
+    """GBNF for the answer: free text or a well-formed call ("auto"), a call ("required"), or one named call.
+
+    Returns None when the answer is unconstrained (no tools, or tool_choice "none").
+    """
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if not tools or tool_choice == "none":
+        return None
+    if isinstance(tool_choice, dict):
+        wanted = tool_choice.get("function", {}).get("name")
+        tools = [t for t in tools if t["function"]["name"] == wanted]
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for t in tools
+    ]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    call_rules = json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
+    call_rules = re.sub(r"^root ::=", "call-json ::=", call_rules, flags=re.MULTILINE)
+    call = f'"{TOOL_CALL_OPEN}\\n" call-json "\\n{TOOL_CALL_CLOSE}"'
+    if tool_choice in (None, "auto"):
+        root = f"root ::= {call} | free-text\nfree-text ::= [^<] [^\\x00]*\n"
+    else:
+        root = f"root ::= {call}\n"
+    return root + call_rules
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""

@@ -1,0 +1,49 @@
+"""Small helpers shared by the benchmarks: percentiles, progress bars, output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; values need not be sorted."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def progress(items: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
+    """A progress bar on stderr (so --json output on stdout stays clean); silent when stderr is no tty."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+
+def emit(result: dict[str, Any], as_json: bool, table: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else table)
+
+
+def add_backend_arguments(parser: Any) -> None:
+    parser.add_argument("--model", help="GGUF file for the local backend (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--n-threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (-1: all)")
+
+
+def backend_from_args(args: Any) -> Any:
+    from ..backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)

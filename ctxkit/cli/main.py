@@ -1,0 +1,99 @@
+"""The `ctxkit` command: demo, report, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from ..errors import CtxkitError
+
+# Benchmarks: name -> module with DESCRIPTION, add_arguments(parser) and run_cli(args).
+BENCHMARKS = {
+    "overhead": "ctxkit.bench.overhead",
+    "prefix-cache": "ctxkit.bench.prefix_cache",
+}
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ..backends.llama_cpp import LlamaCppBackend
+    from ..demo import TURNS, NoteTools, ledger_line, make_notes_folder, run_agent
+    from ..ledger import Ledger
+    from ..pipeline import Pipeline
+    from ..report import format_summary, summarize
+    from ..stages import default_stages
+
+    ledger = Ledger(args.ledger)
+    backend = LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
+    pipeline = Pipeline(backend, stages=default_stages(backend), ledger=ledger)
+    print(f"ctxkit demo: {backend.model} through llama.cpp; stages: {[s.name for s in pipeline.stages]}")
+    print(f"ledger: {ledger.path}")
+    seen = 0
+
+    def on_step(line: str) -> None:
+        nonlocal seen
+        for record in list(ledger.records)[seen:]:
+            print(ledger_line(record))
+        seen = len(ledger.records)
+        print(line)
+
+    run_agent(pipeline.openai(), NoteTools(make_notes_folder()), TURNS, on_step=on_step)
+    on_step("")
+    print("totals")
+    print(format_summary(summarize(ledger.records)))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from ..ledger import read_ledger
+    from ..report import format_summary, plot, summarize
+
+    records = list(read_ledger(args.log, strict=not args.skip_bad_lines))
+    summary = summarize(records)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.plot:
+        path = plot(records, args.plot)
+        print(f"plot written to {path}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctxkit", description="Context-engineering middleware for LLM calls.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run a short agent loop on the embedded local model")
+    demo.add_argument("--ledger", type=Path, default=Path("ctxkit-demo.jsonl"), help="ledger file to append to")
+    demo.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--n-threads", type=int, default=None)
+    demo.add_argument("--n-gpu-layers", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    report = commands.add_parser("report", help="totals, savings by stage and cost from a ledger")
+    report.add_argument("log", type=Path, help="a ledger file (JSON lines)")
+    report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.add_argument("--plot", type=Path, help="write a PNG: tokens naive vs sent per call, savings by stage")
+    report.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing")
+    report.set_defaults(func=_report)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        sub = bench.add_parser(name, help=(module.__doc__ or "").split("\n")[0])
+        sub.add_argument("--json", action="store_true", help="print one JSON object")
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CtxkitError as exc:
+        print(f"ctxkit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

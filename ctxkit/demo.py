@@ -1,0 +1,131 @@
+"""`ctxkit demo`: a short agent loop with real tools, run through a pipeline on the embedded model.
+
+The tools are small and local (a calculator and a lookup in a folder of notes); the model decides
+whether to call them, and whatever it answers is printed as it is: a 135M model is weak, and the point
+here is the ledger, which shows what every call cost and what each stage saved.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .ledger import LedgerRecord
+
+SYSTEM = "You are a helpful assistant. Use the tools when they help, then answer briefly."
+
+NOTES = {
+    "launch.txt": "The Orion launch is scheduled for 3 December 2026 at 09:30 UTC from pad 39A.",
+    "budget.txt": "Q4 budget: 120000 EUR for compute, 45000 EUR for staff travel.",
+    "team.txt": "Project lead: Amara Okafor. Backend: Lin Wei. Evaluation: Tomas Berg.",
+}
+
+TURNS = [
+    "What is 1234 * 56? Use the calculator.",
+    "Read the file launch.txt and tell me the launch date.",
+    "Which files are in the notes folder?",
+    "Who is the project lead? Look in team.txt.",
+]
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate an arithmetic expression such as '2 * (3 + 4)'.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
+    {"type": "function", "function": {
+        "name": "read_note", "description": "Read a text file from the notes folder by its file name.",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+    {"type": "function", "function": {
+        "name": "list_notes", "description": "List the file names in the notes folder.",
+        "parameters": {"type": "object", "properties": {}}}},
+]
+
+_OPS: dict[type, Callable[..., Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Pow: operator.pow, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+
+
+def calculate(expression: str) -> float:
+    """Arithmetic only: the expression is parsed, never executed."""
+
+    def walk(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+class NoteTools:
+    """The demo's tools over a real folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def run(self, name: str, arguments: dict[str, Any]) -> str:
+        try:
+            if name == "calculator":
+                return str(calculate(str(arguments.get("expression", ""))))
+            if name == "list_notes":
+                return ", ".join(sorted(p.name for p in self.folder.iterdir()))
+            if name == "read_note":
+                path = (self.folder / str(arguments.get("name", ""))).resolve()
+                if path.parent != self.folder.resolve() or not path.is_file():
+                    return f"error: no note named {arguments.get('name')!r}"
+                return path.read_text()
+            return f"error: unknown tool {name!r}"
+        except (ValueError, SyntaxError, ZeroDivisionError, OverflowError) as exc:
+            return f"error: {exc}"
+
+
+def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int = 3,
+              on_step: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """A plain hand-written agent loop over an OpenAI-style client; returns the conversation."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        on_step(f"\nuser: {turn}")
+        for _ in range(max_steps):
+            completion = client.chat.completions.create(
+                model="smollm2", messages=messages, tools=TOOLS, max_tokens=96, temperature=0,
+                extra_body={"ctxkit": {"conversation_id": "demo"}},
+            )
+            message = completion.choices[0].message
+            messages.append(message.model_dump(exclude_none=True))
+            if not message.tool_calls:
+                on_step(f"assistant: {message.content}")
+                break
+            for call in message.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = {}
+                result = tools.run(call.function.name, arguments)
+                on_step(f"  tool {call.function.name}({json.dumps(arguments)}) -> {result[:80]}")
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    return messages
+
+
+def ledger_line(record: LedgerRecord) -> str:
+    saved = ", ".join(f"{k}={v}" for k, v in record.saved_by_stage.items() if v) or "-"
+    return (
+        f"  [ledger] {record.id} naive={record.tokens_naive} sent={record.tokens_sent} out={record.tokens_out} "
+        f"cached={record.tokens_cached} reported={record.tokens_reported} saved: {saved} "
+        f"backend={record.latency_ms.get('backend', 0):.0f}ms"
+    )
+
+
+def make_notes_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="ctxkit-demo-notes-"))
+    for name, text in NOTES.items():
+        (folder / name).write_text(text)
+    return folder

@@ -1,0 +1,86 @@
+"""The exceptions ctxkit raises: one hierarchy, so callers can catch broadly or precisely.
+
+CtxkitError
+├── RequestError            the request is malformed; raised before any backend call
+│   ├── InvalidMessageError     names the message index and field
+│   ├── InvalidToolError        names the tool index and the JSON-Schema path
+│   └── ContextOverflowError    the request is larger than the model's context after all stages
+├── BackendError            the backend failed; carries its HTTP-like status when it has one
+│   ├── BackendConnectionError  could not reach it (refused, reset, stopped mid-run)
+│   ├── BackendTimeoutError     it did not answer in time
+│   └── BackendStatusError      it answered with an error status (429, 5xx, 4xx)
+├── ConfigurationError      ctxkit was set up wrongly (missing model file, unknown model, bad price table)
+└── LedgerError             the ledger could not be read or written
+"""
+
+from __future__ import annotations
+
+
+class CtxkitError(Exception):
+    """Base class of every error ctxkit raises on purpose."""
+
+
+class RequestError(CtxkitError, ValueError):
+    """A request that no backend should see. `where` names the offending field, e.g. `messages[3].content`."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class InvalidMessageError(RequestError):
+    def __init__(self, message: str, index: int, field: str | None = None) -> None:
+        self.index = index
+        self.field = field
+        where = f"messages[{index}]" + (f".{field}" if field else "")
+        super().__init__(message, where)
+
+
+class InvalidToolError(RequestError):
+    def __init__(self, message: str, index: int, path: str | None = None) -> None:
+        self.index = index
+        self.path = path
+        where = f"tools[{index}]" + (f".{path}" if path else "")
+        super().__init__(message, where)
+
+
+class ContextOverflowError(RequestError):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_window: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_window = context_window
+        super().__init__(
+            f"the request needs {prompt_tokens} prompt tokens + {max_tokens} for the answer, "
+            f"but the model's context holds {context_window} (after all stages ran)",
+            "messages",
+        )
+
+
+class BackendError(CtxkitError):
+    """The backend did not produce an answer. `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, backend: str, status: int | None = None) -> None:
+        self.backend = backend
+        self.status = status
+        prefix = f"[{backend}" + (f" {status}]" if status is not None else "]")
+        super().__init__(f"{prefix} {message}")
+
+
+class BackendConnectionError(BackendError):
+    pass
+
+
+class BackendTimeoutError(BackendError):
+    pass
+
+
+class BackendStatusError(BackendError):
+    pass
+
+
+class ConfigurationError(CtxkitError):
+    pass
+
+
+class LedgerError(CtxkitError):
+    pass

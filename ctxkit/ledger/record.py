@@ -1,0 +1,60 @@
+"""One ledger record per call: what the app asked to send, what was sent, and which stage saved what."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class LedgerRecord:
+    """A call, as written to the JSON-lines ledger.
+
+    tokens_naive:   prompt tokens of the request as the app made it (all its messages, all its tools).
+    tokens_sent:    prompt tokens the backend received after every stage (0 when a stage answered).
+    tokens_out:     completion tokens of the answer (from the cache on a hit: not paid for).
+    saved_by_stage: prompt tokens each stage removed; they add up to tokens_naive - tokens_sent.
+    out_saved:      completion tokens not generated because a stage answered (a cache hit).
+    tokens_cached:  prompt tokens the backend served from its prefix cache.
+    tokens_reported / count_delta: the backend's own prompt count, and reported minus ctxkit's count.
+    latency_ms:     time spent in each stage (excluding the rest of the pipeline) and in the backend.
+    cost_usd / cost_naive_usd: estimated cost of this call, and of the call without ctxkit.
+    status:         "ok", or "error" with error_type/error (a failed call is never recorded as a success).
+    """
+
+    id: str
+    ts: float
+    backend: str
+    model: str
+    namespace: str
+    conversation_id: str | None
+    stream: bool
+    tokens_naive: int
+    tokens_sent: int
+    tokens_out: int
+    saved_by_stage: dict[str, int]
+    out_saved: int = 0
+    tokens_cached: int = 0
+    tokens_reported: int | None = None
+    count_delta: int | None = None
+    usage_reported: bool = True
+    answered_by: str | None = None
+    latency_ms: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cost_usd: float = 0.0
+    cost_naive_usd: float = 0.0
+    status: str = "ok"
+    error_type: str | None = None
+    error: str | None = None
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_naive - self.tokens_sent
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerRecord:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})

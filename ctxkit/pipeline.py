@@ -1,0 +1,293 @@
+"""Pipeline: request -> stages -> backend, with the ledger beside.
+
+    pipeline = Pipeline(LlamaCppBackend(), stages=[...], ledger=Ledger("calls.jsonl"))
+    response = pipeline.call(ChatRequest(messages=[{"role": "user", "content": "Hi"}]))
+
+The stage list is the whole story of a call: the first stage sees the request as the app made it, each
+passes its (possibly edited) request to the next through `call_next`, the last hands it to the backend.
+The pipeline itself counts tokens at every hand-over with the backend's own counter, so each stage's
+saving in the ledger is measured, not declared.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from .backends.base import Backend
+from .errors import ContextOverflowError
+from .ledger import Ledger, LedgerRecord, PriceTable
+from .request import ChatRequest
+from .response import AsyncChatStream, ChatResponse, ChatStream
+from .stage import AsyncResult, Result, Stage
+from .validation import validate_request
+
+_current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar("ctxkit_call", default=None)
+
+
+def record_event(stage: str, kind: str, **data: Any) -> None:
+    """Let a stage note something in the current call's ledger record (a recovery, a quarantine)."""
+    trace = _current_call.get()
+    if trace is not None:
+        trace.events.append({"stage": stage, "kind": kind, **data})
+
+
+@dataclasses.dataclass
+class _StageTally:
+    saved: int = 0
+    self_ms: float = 0.0
+
+
+class _CallTrace:
+    """Bookkeeping for one call: token counts at each hand-over and time spent where."""
+
+    def __init__(self, pipeline: Pipeline, request: ChatRequest) -> None:
+        self.pipeline = pipeline
+        self.id = f"call-{uuid.uuid4().hex[:16]}"
+        self.started = time.perf_counter()
+        self.ts = time.time()
+        self.request = request
+        self.tallies = {stage.name: _StageTally() for stage in pipeline.stages}
+        self.sent = 0
+        self.backend_calls = 0
+        self.backend_ms = 0.0
+        self.count_ms = 0.0
+        self.answered_by: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self._counts: dict[tuple[int, int], tuple[int, Any, Any]] = {}
+        self.naive = self.count(request)
+
+    def count(self, request: ChatRequest) -> int:
+        # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
+        key = (id(request.messages), id(request.tools))
+        hit = self._counts.get(key)
+        if hit is not None and hit[1] is request.messages and hit[2] is request.tools:
+            return hit[0]
+        t0 = time.perf_counter()
+        tokens = self.pipeline.backend.counter.count_prompt(request.messages, request.tools)
+        self.count_ms += (time.perf_counter() - t0) * 1000
+        self._counts[key] = (tokens, request.messages, request.tools)
+        return tokens
+
+    def record(self, response: ChatResponse | None, error: BaseException | None = None) -> LedgerRecord:
+        backend = self.pipeline.backend
+        saved = {name: tally.saved for name, tally in self.tallies.items()}
+        model = (response.model if response else None) or self.request.model or backend.model
+        out = response.usage.completion_tokens if response else 0
+        answered = response is not None and self.answered_by is not None
+        cached = response.usage.cached_tokens if response and not answered else 0
+        price = self.pipeline.prices.price(model)
+        reported = response.usage.prompt_tokens if response and not answered else None
+        total_ms = (time.perf_counter() - self.started) * 1000
+        stage_ms = {name: round(t.self_ms, 3) for name, t in self.tallies.items()}
+        return LedgerRecord(
+            id=self.id, ts=self.ts, backend=backend.name, model=model, namespace=self.request.namespace,
+            conversation_id=self.request.conversation_id, stream=self.request.stream,
+            tokens_naive=self.naive, tokens_sent=self.sent,
+            tokens_out=0 if answered else out, out_saved=out if answered else 0,
+            saved_by_stage=saved, tokens_cached=cached,
+            tokens_reported=reported, count_delta=None if reported is None else reported - self.sent,
+            usage_reported=bool(response and response.usage.reported),
+            answered_by=self.answered_by,
+            latency_ms={"stages": stage_ms, "backend": round(self.backend_ms, 3),
+                        "counting": round(self.count_ms, 3), "total": round(total_ms, 3),
+                        "backend_calls": self.backend_calls},
+            cost_usd=0.0 if answered else price.cost(self.sent, cached, out),
+            cost_naive_usd=price.cost(self.naive, min(cached, self.naive), out),
+            status="ok" if error is None else "error",
+            error_type=type(error).__name__ if error else None,
+            error=_redact(str(error)) if error else None,
+            events=self.events,
+        )
+
+
+class Pipeline:
+    """An ordered list of stages in front of one backend, and the ledger every call is written to."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        stages: Sequence[Stage] = (),
+        *,
+        ledger: Ledger | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        names = [stage.name for stage in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique in a pipeline: {duplicates}")
+        self.backend = backend
+        self.stages = list(stages)
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.prices = prices if prices is not None else PriceTable()
+
+    # -- the public calls ---------------------------------------------------------------------------
+    def call(self, request: ChatRequest) -> Result:
+        """Run one call. Returns a ChatResponse, or a ChatStream when `request.stream` is set."""
+        validate_request(request)
+        trace = _CallTrace(self, request)
+        token = _current_call.set(trace)
+        try:
+            result = self._dispatch(trace, 0, request)
+        except BaseException as exc:
+            self.ledger.write(trace.record(None, exc))
+            raise
+        finally:
+            _current_call.reset(token)
+        return self._settle(trace, result)
+
+    async def acall(self, request: ChatRequest) -> AsyncResult:
+        """The async twin of `call`."""
+        validate_request(request)
+        trace = _CallTrace(self, request)
+        token = _current_call.set(trace)
+        try:
+            result = await self._adispatch(trace, 0, request)
+        except BaseException as exc:
+            self.ledger.write(trace.record(None, exc))
+            raise
+        finally:
+            _current_call.reset(token)
+        return self._settle(trace, result)
+
+    def chat(self, messages: list[dict[str, Any]], **fields: Any) -> Result:
+        """Shorthand: `pipeline.chat(messages, tools=..., params={"max_tokens": 64})`."""
+        return self.call(ChatRequest(messages=messages, **fields))
+
+    def openai(self) -> Any:
+        """A drop-in for `openai.OpenAI()`: `.chat.completions.create(...)` through this pipeline."""
+        from .client import OpenAIClient
+
+        return OpenAIClient(self)
+
+    def async_openai(self) -> Any:
+        """A drop-in for `openai.AsyncOpenAI()`."""
+        from .client import AsyncOpenAIClient
+
+        return AsyncOpenAIClient(self)
+
+    # -- the chain ----------------------------------------------------------------------------------
+    def _dispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> Result:
+        if index == len(self.stages):
+            return self._send(trace, request)
+        stage = self.stages[index]
+        tally = trace.tallies[stage.name]
+        tally.saved += trace.count(request)
+        called_next = False
+        inner_ms = 0.0
+
+        def call_next(next_request: ChatRequest) -> Result:
+            nonlocal called_next, inner_ms
+            called_next = True
+            tally.saved -= trace.count(next_request)
+            t0 = time.perf_counter()
+            try:
+                return self._dispatch(trace, index + 1, next_request)
+            finally:
+                inner_ms += (time.perf_counter() - t0) * 1000
+
+        t0 = time.perf_counter()
+        try:
+            result = stage.wrap_call(request, call_next)
+        finally:
+            tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
+        if not called_next:
+            trace.answered_by = stage.name
+        return result
+
+    async def _adispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> AsyncResult:
+        if index == len(self.stages):
+            return await self._asend(trace, request)
+        stage = self.stages[index]
+        tally = trace.tallies[stage.name]
+        tally.saved += trace.count(request)
+        called_next = False
+        inner_ms = 0.0
+
+        async def call_next(next_request: ChatRequest) -> AsyncResult:
+            nonlocal called_next, inner_ms
+            called_next = True
+            tally.saved -= trace.count(next_request)
+            t0 = time.perf_counter()
+            try:
+                return await self._adispatch(trace, index + 1, next_request)
+            finally:
+                inner_ms += (time.perf_counter() - t0) * 1000
+
+        t0 = time.perf_counter()
+        try:
+            result = await stage.awrap_call(request, call_next)
+        finally:
+            tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
+        if not called_next:
+            trace.answered_by = stage.name
+        return result
+
+    def _prepare(self, trace: _CallTrace, request: ChatRequest) -> int:
+        if request is not trace.request:
+            validate_request(request)  # a stage must not hand the backend something malformed
+        tokens = trace.count(request)
+        needed = tokens + (request.max_tokens or 0)
+        if needed > self.backend.context_window:
+            raise ContextOverflowError(tokens, request.max_tokens or 0, self.backend.context_window)
+        trace.sent += tokens
+        trace.backend_calls += 1
+        return tokens
+
+    def _send(self, trace: _CallTrace, request: ChatRequest) -> Result:
+        tokens = self._prepare(trace, request)
+        t0 = time.perf_counter()
+        if not request.stream:
+            try:
+                return self.backend.complete(request)
+            finally:
+                trace.backend_ms += (time.perf_counter() - t0) * 1000
+        stream = ChatStream(self.backend.stream(request), backend=self.backend.name,
+                            model=request.model or self.backend.model,
+                            count_completion=self.backend.counter.count_completion)
+        stream.set_prompt_tokens(tokens)
+        stream.on_complete(lambda _: _add_backend_ms(trace, t0))
+        stream.on_error(lambda _: _add_backend_ms(trace, t0))
+        return stream
+
+    async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
+        tokens = self._prepare(trace, request)
+        t0 = time.perf_counter()
+        if not request.stream:
+            try:
+                return await self.backend.acomplete(request)
+            finally:
+                trace.backend_ms += (time.perf_counter() - t0) * 1000
+        stream = AsyncChatStream(self.backend.astream(request), backend=self.backend.name,
+                                 model=request.model or self.backend.model,
+                                 count_completion=self.backend.counter.count_completion)
+        stream.set_prompt_tokens(tokens)
+        stream.on_complete(lambda _: _add_backend_ms(trace, t0))
+        stream.on_error(lambda _: _add_backend_ms(trace, t0))
+        return stream
+
+    def _settle(self, trace: _CallTrace, result: Any) -> Any:
+        """Write the record now for a whole answer, or when a stream ends (an error record if it fails)."""
+        if isinstance(result, ChatResponse):
+            result.answered_by = trace.answered_by
+            self.ledger.write(trace.record(result))
+        else:
+            result.answered_by = trace.answered_by
+            result.on_complete(lambda response: self.ledger.write(trace.record(response)))
+            result.on_error(lambda exc: self.ledger.write(trace.record(None, exc)))
+        return result
+
+
+def _add_backend_ms(trace: _CallTrace, t0: float) -> None:
+    trace.backend_ms += (time.perf_counter() - t0) * 1000
+
+
+def _redact(text: str) -> str:
+    """Error texts can quote request headers; never let an API key reach the ledger or the logs."""
+    import re
+
+    return re.sub(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+", r"\1…", text)[:500]

@@ -1,0 +1,112 @@
+"""Reading a ledger: totals, savings by stage, cost by model, and plots (`ctxkit report`)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .ledger import LedgerRecord
+
+
+def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
+    """Totals over successful calls; failed calls are counted apart and never add to savings."""
+    records = list(records)
+    ok = [r for r in records if r.status == "ok"]
+    naive = sum(r.tokens_naive for r in ok)
+    sent = sum(r.tokens_sent for r in ok)
+    by_stage: Counter[str] = Counter()
+    for r in ok:
+        by_stage.update(r.saved_by_stage)
+    by_model: dict[str, dict[str, Any]] = defaultdict(lambda: Counter())
+    for r in ok:
+        m = by_model[r.model]
+        m["calls"] += 1
+        m["tokens_naive"] += r.tokens_naive
+        m["tokens_sent"] += r.tokens_sent
+        m["tokens_out"] += r.tokens_out
+        m["cost_usd"] += r.cost_usd
+        m["cost_naive_usd"] += r.cost_naive_usd
+    deltas = [r.count_delta for r in ok if r.count_delta is not None and r.usage_reported]
+    totals = [r.latency_ms.get("total", 0.0) for r in ok]
+    backend = [r.latency_ms.get("backend", 0.0) for r in ok if r.tokens_sent]
+    return {
+        "calls": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "error_types": dict(Counter(r.error_type for r in records if r.status != "ok")),
+        "tokens_naive": naive,
+        "tokens_sent": sent,
+        "tokens_saved": naive - sent,
+        "saved_ratio": round((naive - sent) / naive, 4) if naive else 0.0,
+        "tokens_out": sum(r.tokens_out for r in ok),
+        "out_saved": sum(r.out_saved for r in ok),
+        "tokens_cached": sum(r.tokens_cached for r in ok),
+        "answered_by_stage": dict(Counter(r.answered_by for r in ok if r.answered_by)),
+        "saved_by_stage": dict(by_stage),
+        "by_model": {
+            model: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
+            for model, m in sorted(by_model.items())
+        },
+        "cost_usd": round(sum(r.cost_usd for r in ok), 6),
+        "cost_naive_usd": round(sum(r.cost_naive_usd for r in ok), 6),
+        "count_exact_calls": sum(1 for d in deltas if d == 0),
+        "count_checked_calls": len(deltas),
+        "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
+        "backend_ms_p50": round(statistics.median(backend), 2) if backend else None,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"calls            {summary['calls']} ({summary['ok']} ok, {summary['errors']} failed)",
+        f"tokens naive     {summary['tokens_naive']}",
+        f"tokens sent      {summary['tokens_sent']}",
+        f"tokens saved     {summary['tokens_saved']} ({summary['saved_ratio']:.1%})",
+        f"tokens out       {summary['tokens_out']} (+{summary['out_saved']} answered by stages)",
+        f"prefix-cached    {summary['tokens_cached']}",
+        f"exact counts     {summary['count_exact_calls']}/{summary['count_checked_calls']} calls match the backend's usage",
+        f"cost             ${summary['cost_usd']:.6f} (without ctxkit ${summary['cost_naive_usd']:.6f})",
+        "",
+        "saved by stage",
+    ]
+    stages = summary["saved_by_stage"] or {"(no stages)": 0}
+    lines += [f"  {name:<24} {tokens:>10}" for name, tokens in stages.items()]
+    lines += ["", f"{'model':<32} {'calls':>6} {'naive':>9} {'sent':>9} {'out':>7} {'cost $':>10}"]
+    for model, m in summary["by_model"].items():
+        lines.append(
+            f"{model[:32]:<32} {m['calls']:>6} {m['tokens_naive']:>9} {m['tokens_sent']:>9} "
+            f"{m['tokens_out']:>7} {m['cost_usd']:>10.6f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: Iterable[LedgerRecord], path: str | Path) -> Path:
+    """Two panels: tokens naive vs sent per call, and tokens saved by stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.status == "ok"]
+    summary = summarize(ok)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    calls = range(1, len(ok) + 1)
+    left.plot(calls, [r.tokens_naive for r in ok], marker="o", label="naive (as the app asked)")
+    left.plot(calls, [r.tokens_sent for r in ok], marker="o", label="sent (after ctxkit)")
+    left.set_xlabel("call")
+    left.set_ylabel("prompt tokens")
+    left.set_title("Prompt tokens per call")
+    left.legend()
+    stages = summary["saved_by_stage"] or {"(no stages)": 0}
+    right.bar(list(stages), list(stages.values()), color="tab:green")
+    right.set_ylabel("tokens saved")
+    right.set_title(f"Saved by stage (total {summary['tokens_saved']}, {summary['saved_ratio']:.0%})")
+    right.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,95 @@
+"""ChatRequest: one call as it travels through the stages, in the OpenAI chat format as plain data.
+
+A request is never changed in place: a stage that edits it makes a copy with `request.override(...)`,
+so the pipeline can measure each stage's effect by comparing what went in with what came out.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Message = dict[str, Any]
+Tool = dict[str, Any]
+
+# Sampling and decoding parameters that a backend receives; anything else the caller passes is metadata.
+SAMPLING_PARAMS = frozenset(
+    {
+        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+        "presence_penalty", "frequency_penalty", "tool_choice", "parallel_tool_calls",
+        "response_format", "logprobs", "top_logprobs", "n", "logit_bias", "user",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """What the application asked for.
+
+    messages:        OpenAI chat messages (dicts with role, content, tool_calls, tool_call_id, name).
+    tools:           OpenAI tool schemas `{"type": "function", "function": {...}}`.
+    params:          sampling parameters passed to the backend (temperature, max_tokens, tool_choice, ...).
+    model:           the model name asked for; None lets the backend use its own.
+    stream:          whether the caller wants deltas as they come.
+    namespace:       tenant/namespace; stages that keep state (caches, memory) never cross it.
+    conversation_id: groups the calls of one conversation, for stages and for the ledger.
+    metadata:        free-form data for stages; never sent to the backend.
+    """
+
+    messages: Sequence[Message]
+    tools: Sequence[Tool] = ()
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model: str | None = None
+    stream: bool = False
+    namespace: str = "default"
+    conversation_id: str | None = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def override(self, **changes: Any) -> ChatRequest:
+        """A copy with some fields replaced (LangChain's `request.override`)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.params.get("max_completion_tokens", self.params.get("max_tokens"))
+        return int(value) if value is not None else None
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    @classmethod
+    def from_openai_kwargs(cls, kwargs: Mapping[str, Any], **defaults: Any) -> ChatRequest:
+        """Build a request from the keyword arguments of `chat.completions.create`.
+
+        ctxkit's own fields can be passed through `extra_body={"ctxkit": {"namespace": ..., ...}}` or as
+        `metadata`, so the OpenAI-style client keeps its exact signature.
+        """
+        kwargs = dict(kwargs)
+        ctx = dict(defaults)
+        extra_body = kwargs.pop("extra_body", None) or {}
+        ctx.update(extra_body.get("ctxkit", {}))
+        messages = kwargs.pop("messages")
+        tools = kwargs.pop("tools", None) or ()
+        model = kwargs.pop("model", None)
+        stream = bool(kwargs.pop("stream", False))
+        kwargs.pop("stream_options", None)  # ctxkit always asks backends for usage
+        metadata = dict(kwargs.pop("metadata", None) or {})
+        metadata.update(ctx.pop("metadata", {}))
+        params = {k: v for k, v in kwargs.items() if k in SAMPLING_PARAMS and v is not None}
+        unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and not k.startswith("extra_"))
+        if unknown:
+            from .errors import RequestError
+
+            raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "create()")
+        return cls(
+            messages=copy.deepcopy(list(messages)),
+            tools=copy.deepcopy(list(tools)),
+            params=params,
+            model=model,
+            stream=stream,
+            metadata=metadata,
+            **ctx,
+        )

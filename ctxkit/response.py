@@ -1,0 +1,238 @@
+"""What comes back from a call: a whole ChatResponse, or a ChatStream of OpenAI chunk dicts.
+
+A stream assembles the whole response as its chunks pass by; when the last chunk has gone out it runs
+its `on_complete` callbacks (the ledger record, a cache store), and on failure its `on_error` callbacks,
+so nothing half-streamed is ever recorded as a success.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Token usage of one backend call.
+
+    cached_tokens: prompt tokens the backend served from its prefix cache (the provider's
+    `prompt_tokens_details.cached_tokens`, or the prefix llama.cpp kept in its KV cache).
+    reported:      True when the backend reported these numbers; False when ctxkit counted them.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reported: bool = True
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass
+class ChatResponse:
+    """One assistant answer in the OpenAI chat format, plus where it came from."""
+
+    message: dict[str, Any]
+    finish_reason: str
+    usage: Usage
+    model: str
+    backend: str
+    id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    answered_by: str | None = None  # a stage that answered without calling the backend (a cache)
+
+    @property
+    def content(self) -> str | None:
+        return self.message.get("content")
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return list(self.message.get("tool_calls") or [])
+
+    def to_openai(self) -> dict[str, Any]:
+        """The `chat.completion` object an OpenAI client expects."""
+        usage: dict[str, Any] = {
+            "prompt_tokens": self.usage.prompt_tokens,
+            "completion_tokens": self.usage.completion_tokens,
+            "total_tokens": self.usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.usage.cached_tokens},
+        }
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": self.message, "finish_reason": self.finish_reason, "logprobs": None}
+            ],
+            "usage": usage,
+        }
+
+
+class _Assembler:
+    """Folds OpenAI `chat.completion.chunk` dicts back into one assistant message."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason = "stop"
+        self.usage: Usage | None = None
+        self.id: str | None = None
+        self.model: str | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.id = self.id or chunk.get("id")
+        self.model = self.model or chunk.get("model")
+        if chunk.get("usage"):
+            u = chunk["usage"]
+            details = u.get("prompt_tokens_details") or {}
+            self.usage = Usage(
+                u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0,
+                reported=u.get("ctxkit_reported", True),
+            )
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                slot = self.tool_calls.setdefault(
+                    call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
+
+
+class _StreamBase:
+    def __init__(self, *, backend: str, model: str, count_completion: Callable[[dict[str, Any]], int] | None) -> None:
+        self.backend = backend
+        self.model = model
+        self.response: ChatResponse | None = None  # set once the stream has ended normally
+        self.answered_by: str | None = None
+        self._assembler = _Assembler()
+        self._count_completion = count_completion
+        self._on_complete: list[Callable[[ChatResponse], None]] = []
+        self._on_error: list[Callable[[BaseException], None]] = []
+        self._prompt_tokens_if_unreported = 0
+
+    def on_complete(self, callback: Callable[[ChatResponse], None]) -> None:
+        """Run `callback(response)` once the last chunk has been consumed."""
+        self._on_complete.append(callback)
+
+    def on_error(self, callback: Callable[[BaseException], None]) -> None:
+        """Run `callback(exc)` if the stream fails or is abandoned before its end."""
+        self._on_error.append(callback)
+
+    def set_prompt_tokens(self, tokens: int) -> None:
+        """The counted prompt size, used when the backend reports no usage for streams."""
+        self._prompt_tokens_if_unreported = tokens
+
+    def _finish(self) -> None:
+        message = self._assembler.message()
+        usage = self._assembler.usage
+        if usage is None:
+            completion = self._count_completion(message) if self._count_completion else 0
+            usage = Usage(self._prompt_tokens_if_unreported, completion, 0, reported=False)
+        self.response = ChatResponse(
+            message=message,
+            finish_reason=self._assembler.finish_reason,
+            usage=usage,
+            model=self._assembler.model or self.model,
+            backend=self.backend,
+            id=self._assembler.id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            answered_by=self.answered_by,
+        )
+        for callback in self._on_complete:
+            callback(self.response)
+
+    def _fail(self, exc: BaseException) -> None:
+        for callback in self._on_error:
+            callback(exc)
+
+
+class ChatStream(_StreamBase):
+    """A synchronous stream of `chat.completion.chunk` dicts. Iterate it once."""
+
+    def __init__(self, chunks: Iterator[dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            for chunk in self._chunks:
+                self._assembler.add(chunk)
+                yield chunk
+        except BaseException as exc:  # GeneratorExit too: an abandoned stream is not a success
+            self._fail(exc)
+            raise
+        self._finish()
+
+    def collect(self) -> ChatResponse:
+        """Consume the stream and return the assembled response."""
+        for _ in self:
+            pass
+        assert self.response is not None
+        return self.response
+
+
+class AsyncChatStream(_StreamBase):
+    """The async twin of ChatStream."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for chunk in self._chunks:
+                self._assembler.add(chunk)
+                yield chunk
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._finish()
+
+    async def collect(self) -> ChatResponse:
+        async for _ in self:
+            pass
+        assert self.response is not None
+        return self.response
+
+
+def response_as_chunks(response: ChatResponse) -> list[dict[str, Any]]:
+    """Replay a whole response as stream chunks (a stage that answers a streaming call by itself)."""
+    base = {"id": response.id, "object": "chat.completion.chunk", "created": response.created, "model": response.model}
+    delta: dict[str, Any] = {"role": "assistant", "content": response.content}
+    if response.tool_calls:
+        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(response.tool_calls)]
+    return [
+        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": response.finish_reason}]},
+        {**base, "choices": [], "usage": response.to_openai()["usage"]},
+    ]
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of a message as a token counter sees it (content parts and tool calls included)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    text = content or ""
+    for call in message.get("tool_calls") or []:
+        text += json.dumps(call.get("function", {}))
+    return text

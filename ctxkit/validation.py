@@ -1,0 +1,138 @@
+"""Checks a request before any backend sees it; every error names the message index or field at fault."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema
+
+from .errors import InvalidMessageError, InvalidToolError, RequestError
+from .request import ChatRequest
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+CONTENT_PART_TYPES = {"text", "image_url", "input_audio", "file", "refusal"}
+
+
+def validate_request(request: ChatRequest) -> None:
+    """Raise a RequestError subclass for the first thing wrong with `request`; return None when it is sound."""
+    if not isinstance(request.messages, (list, tuple)) or not request.messages:
+        raise RequestError("must be a non-empty list of messages", "messages")
+    _validate_messages(request.messages)
+    _validate_tools(request.tools)
+    _validate_params(request.params)
+
+
+def _validate_messages(messages: Any) -> None:
+    open_calls: dict[str, int] = {}  # tool_call_id -> index of the assistant message that made it
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidMessageError(f"must be an object, got {type(message).__name__}", i)
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidMessageError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}", i, "role")
+        content = message.get("content")
+        if role == "assistant":
+            tool_calls = message.get("tool_calls") or []
+            if content is None and not tool_calls:
+                raise InvalidMessageError("an assistant message needs content or tool_calls", i, "content")
+            if content is not None:
+                _check_content(content, i, allow_parts=True)
+            for call_id in _check_tool_calls(tool_calls, i):
+                open_calls[call_id] = i
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidMessageError("a tool message needs a tool_call_id string", i, "tool_call_id")
+            if call_id not in open_calls:
+                raise InvalidMessageError(
+                    f"tool_call_id {call_id!r} answers no earlier assistant tool call", i, "tool_call_id"
+                )
+            del open_calls[call_id]
+            _check_content(content, i, allow_parts=True)
+        else:
+            _check_content(content, i, allow_parts=role == "user" or role == "system")
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise InvalidMessageError(f"must be a string, got {type(name).__name__}", i, "name")
+
+
+def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
+    if isinstance(content, str):
+        return
+    if isinstance(content, list) and allow_parts:
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in CONTENT_PART_TYPES:
+                raise InvalidMessageError(
+                    "must be a content part with a known type", index, f"content[{k}]"
+                )
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise InvalidMessageError("text must be a string", index, f"content[{k}].text")
+        return
+    expected = "a string or a list of content parts" if allow_parts else "a string"
+    raise InvalidMessageError(f"must be {expected}, got {type(content).__name__}", index, "content")
+
+
+def _check_tool_calls(tool_calls: Any, index: int) -> list[str]:
+    if not isinstance(tool_calls, list):
+        raise InvalidMessageError("must be a list", index, "tool_calls")
+    ids = []
+    for k, call in enumerate(tool_calls):
+        field = f"tool_calls[{k}]"
+        if not isinstance(call, dict) or not isinstance(call.get("id"), str):
+            raise InvalidMessageError("needs a string id", index, f"{field}.id")
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidMessageError("needs function.name", index, f"{field}.function.name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            raise InvalidMessageError("must be a JSON string", index, f"{field}.function.arguments")
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise InvalidMessageError(f"is not valid JSON ({exc.msg})", index, f"{field}.function.arguments") from None
+        ids.append(call["id"])
+    return ids
+
+
+def _validate_tools(tools: Any) -> None:
+    if not isinstance(tools, (list, tuple)):
+        raise RequestError("must be a list of tool schemas", "tools")
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InvalidToolError('must be {"type": "function", "function": {...}}', i, "type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise InvalidToolError("must be an object", i, "function")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise InvalidToolError(f"invalid tool name {name!r} (letters, digits, _ . -; at most 64)", i, "function.name")
+        if name in seen:
+            raise InvalidToolError(f"duplicate tool name {name!r}", i, "function.name")
+        seen.add(name)
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise InvalidToolError("must be a string", i, "function.description")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise InvalidToolError("must be a JSON Schema object", i, "function.parameters")
+        try:
+            jsonschema.Draft202012Validator.check_schema(parameters)
+        except jsonschema.SchemaError as exc:
+            path = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.path)
+            raise InvalidToolError(
+                f"not a valid JSON Schema: {exc.message}", i, f"function.parameters{path}"
+            ) from None
+
+
+def _validate_params(params: Any) -> None:
+    temperature = params.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+        raise RequestError(f"must be a number from 0 to 2, got {temperature!r}", "temperature")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RequestError(f"must be a positive integer, got {value!r}", key)
