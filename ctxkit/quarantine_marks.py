@@ -1,0 +1,44 @@
+"""How stages tell each other that content is quarantined (erroneous, failed or untrusted).
+
+The quarantine stage marks messages by fingerprint in `request.metadata`; fingerprints survive other
+stages dropping or reordering messages. Stages that make content durable (summaries, caches, memory)
+must ask `is_quarantined` / `has_quarantined` and keep marked content out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .request import ChatRequest
+
+METADATA_KEY = "ctxkit.quarantined"  # {fingerprint: reason}
+
+
+def fingerprint(message: Mapping[str, Any]) -> str:
+    """A stable id for a message's role, content and tool linkage."""
+    core = {k: message.get(k) for k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def quarantined(request: ChatRequest) -> Mapping[str, str]:
+    """{fingerprint: reason} of the quarantined messages of this request."""
+    return request.metadata.get(METADATA_KEY, {})
+
+
+def is_quarantined(request: ChatRequest, message: Mapping[str, Any]) -> bool:
+    return fingerprint(message) in quarantined(request)
+
+
+def has_quarantined(request: ChatRequest) -> bool:
+    marks = quarantined(request)
+    return bool(marks) and any(fingerprint(m) in marks for m in request.messages)
+
+
+def mark(request: ChatRequest, marks: Iterable[tuple[Mapping[str, Any], str]]) -> ChatRequest:
+    """A copy of `request` with these (message, reason) pairs marked as quarantined."""
+    merged = dict(quarantined(request))
+    merged.update((fingerprint(message), reason) for message, reason in marks)
+    return request.override(metadata={**request.metadata, METADATA_KEY: merged})
