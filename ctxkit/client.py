@@ -32,6 +32,12 @@ def _public_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
     return chunk
 
 
+def _usage_chunk(response: ChatResponse) -> dict[str, Any]:
+    """The closing usage chunk, for backends that stream none (llama.cpp's server): counted by ctxkit."""
+    return {"id": response.id, "object": "chat.completion.chunk", "created": response.created,
+            "model": response.model, "choices": [], "usage": response.to_openai()["usage"]}
+
+
 class _Completions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -42,11 +48,17 @@ class _Completions:
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
         keep_usage = _wants_usage_chunk(kwargs)
-        return (
-            ChatCompletionChunk.model_validate(_public_chunk(chunk))
-            for chunk in result
-            if chunk.get("choices") or keep_usage
-        )
+
+        def chunks() -> Iterator[ChatCompletionChunk]:
+            saw_usage = False
+            for chunk in result:
+                saw_usage = saw_usage or bool(chunk.get("usage"))
+                if chunk.get("choices") or keep_usage:
+                    yield ChatCompletionChunk.model_validate(_public_chunk(chunk))
+            if keep_usage and not saw_usage and result.response is not None:
+                yield ChatCompletionChunk.model_validate(_usage_chunk(result.response))
+
+        return chunks()
 
 
 class _AsyncCompletions:
@@ -61,9 +73,13 @@ class _AsyncCompletions:
         keep_usage = _wants_usage_chunk(kwargs)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
+            saw_usage = False
             async for chunk in result:
+                saw_usage = saw_usage or bool(chunk.get("usage"))
                 if chunk.get("choices") or keep_usage:
                     yield ChatCompletionChunk.model_validate(_public_chunk(chunk))
+            if keep_usage and not saw_usage and result.response is not None:
+                yield ChatCompletionChunk.model_validate(_usage_chunk(result.response))
 
         return chunks()
 

@@ -87,16 +87,21 @@ class NoteTools:
             return f"error: {exc}"
 
 
-def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int = 3,
+def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int = 2,
               on_step: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """A plain hand-written agent loop over an OpenAI-style client; returns the conversation."""
+    """A plain hand-written agent loop over an OpenAI-style client; returns the conversation.
+
+    Policy: the first step of each turn requires a tool call (every demo question needs one, and a 135M
+    model rarely chooses a tool by itself); the next step answers from the tool's result.
+    """
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
     for turn in turns:
         messages.append({"role": "user", "content": turn})
         on_step(f"\nuser: {turn}")
-        for _ in range(max_steps):
+        for step in range(max_steps):
             completion = client.chat.completions.create(
                 model="smollm2", messages=messages, tools=TOOLS, max_tokens=96, temperature=0,
+                tool_choice="required" if step == 0 else "none",
                 extra_body={"ctxkit": {"conversation_id": "demo"}},
             )
             message = completion.choices[0].message

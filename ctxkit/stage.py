@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Union
 
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 
-Result = Union[ChatResponse, ChatStream]
-AsyncResult = Union[ChatResponse, AsyncChatStream]
+Result = ChatResponse | ChatStream
+AsyncResult = ChatResponse | AsyncChatStream
 CallNext = Callable[[ChatRequest], Result]
 AsyncCallNext = Callable[[ChatRequest], Awaitable[AsyncResult]]
 

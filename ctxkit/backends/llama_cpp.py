@@ -165,7 +165,7 @@ class LlamaCppBackend:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
         previous = self._llama.input_ids[: self._llama.n_tokens]
         shared = 0
-        for a, b in zip(previous, tokens):
+        for a, b in zip(previous, tokens, strict=False):
             if a != b:
                 break
             shared += 1

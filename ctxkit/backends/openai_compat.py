@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 
 import openai
 
-from ..errors import BackendConnectionError, BackendError, BackendStatusError, BackendTimeoutError, ConfigurationError
+from ..errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendStatusError,
+    BackendTimeoutError,
+    ConfigurationError,
+)
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter

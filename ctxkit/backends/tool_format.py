@@ -21,6 +21,7 @@ from typing import Any
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _CALL_BLOCK = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
@@ -39,9 +40,11 @@ def tools_system_text(tools: list[dict[str, Any]]) -> str:
                 sort_keys=True, ensure_ascii=False,
             )
         )
+    example = tools[0]["function"]
+    example_args = {name: "..." for name in list((example.get("parameters") or {}).get("properties", {}))[:1]}
     lines.append(
-        "To call a function, reply with exactly:\n"
-        f'{TOOL_CALL_OPEN}\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n{TOOL_CALL_CLOSE}'
+        "To call a function, reply with the call alone, for example:\n"
+        + format_tool_call(example["name"], example_args)
     )
     return "\n".join(lines)
 
@@ -130,6 +133,10 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | No
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     call_rules = json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
     call_rules = re.sub(r"^root ::=", "call-json ::=", call_rules, flags=re.MULTILINE)
+    # llama-cpp-python's converter lets strings hold raw newlines and control characters, which a small
+    # model uses to wander off inside an argument; JSON forbids them.
+    call_rules = re.sub(r"^char ::= .*$", lambda _: _JSON_CHAR, call_rules, flags=re.MULTILINE)
+    call_rules = call_rules.replace('char* "\\""', 'char{0,512} "\\""')  # and cannot talk forever inside one
     call = f'"{TOOL_CALL_OPEN}\\n" call-json "\\n{TOOL_CALL_CLOSE}"'
     if tool_choice in (None, "auto"):
         root = f"root ::= {call} | free-text\nfree-text ::= [^<] [^\\x00]*\n"

@@ -8,7 +8,6 @@ no stages and a real ledger file; the order alternates so neither side gets the 
 from __future__ import annotations
 
 import argparse
-
 import tempfile
 import time
 from pathlib import Path

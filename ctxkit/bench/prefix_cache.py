@@ -8,7 +8,6 @@ alternate, in one run, with the same prompt length.
 from __future__ import annotations
 
 import argparse
-
 import time
 from typing import Any
 

@@ -1,0 +1,69 @@
+"""The `ctxkit` command as a user runs it: demo, report, bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from ctxkit import ChatRequest, Pipeline, read_ledger
+from tests.test_core_pipeline import CONVERSATION, DropOldestTurn
+
+
+def ctxkit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = shutil.which("ctxkit")
+    assert exe, "the ctxkit console script is not installed"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ledger_with_calls(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[DropOldestTurn()], ledger=ledger)
+    for _ in range(3):
+        pipeline.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 4, "temperature": 0}))
+    return ledger.path
+
+
+def test_report_json_totals_and_savings_by_stage(ledger_with_calls):
+    out = ctxkit("report", str(ledger_with_calls), "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    records = list(read_ledger(ledger_with_calls))
+    assert summary["calls"] == summary["ok"] == 3
+    assert summary["tokens_naive"] == sum(r.tokens_naive for r in records)
+    assert summary["tokens_saved"] == summary["saved_by_stage"]["drop_oldest_turn"] > 0
+    assert summary["count_exact_calls"] == summary["count_checked_calls"] == 3
+
+
+def test_report_table_and_plot(ledger_with_calls, tmp_path):
+    png = tmp_path / "report.png"
+    out = ctxkit("report", str(ledger_with_calls), "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    assert "drop_oldest_turn" in out.stdout and "tokens saved" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_a_missing_file_is_a_clear_error(tmp_path):
+    out = ctxkit("report", str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 2 and "cannot read ledger" in out.stderr
+
+
+def test_bench_overhead_json(tmp_path):
+    out = ctxkit("bench", "overhead", "--calls", "3", "--json", "--n-threads", "2")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {"overhead_ms_p50", "backend_ms_p50", "overhead_ratio"} <= set(result)
+    assert 0 < result["overhead_ms_p50"] < result["backend_ms_p50"]
+
+
+def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
+    log = tmp_path / "demo.jsonl"
+    out = ctxkit("demo", "--ledger", str(log), "--n-threads", "2")
+    assert out.returncode == 0, out.stderr
+    assert "[ledger]" in out.stdout and "totals" in out.stdout
+    records = list(read_ledger(log))
+    assert len(records) >= 4 and all(r.status == "ok" for r in records)
+    assert all(r.count_delta == 0 for r in records), "local counts must equal llama.cpp's usage"
+    assert "  tool " in out.stdout, "the model made no tool call with tool_choice=required"

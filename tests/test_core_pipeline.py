@@ -1,0 +1,169 @@
+"""The pipeline measures each stage's effect; savings add up; answers, streams and errors are recorded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ctxkit import BackendError, ChatRequest, ChatResponse, Ledger, Pipeline, Price, PriceTable, Stage, Usage
+from ctxkit.response import ChatStream, response_as_chunks
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "My name is Ada and I live in Bergen, a rainy city on the Norwegian west coast."},
+    {"role": "assistant", "content": "Nice to meet you, Ada."},
+    {"role": "user", "content": "I collect old maps, mostly of Scandinavia from the 1700s and 1800s."},
+    {"role": "assistant", "content": "A lovely hobby."},
+    {"role": "user", "content": "Say hello."},
+]
+PARAMS = {"max_tokens": 4, "temperature": 0}
+
+
+class DropOldestTurn(Stage):
+    """Removes the oldest user/assistant pair after the system message."""
+
+    def before_model(self, request):
+        messages = list(request.messages)
+        return request.override(messages=messages[:1] + messages[3:])
+
+
+class TrimLongMessages(Stage):
+    def before_model(self, request):
+        return request.override(messages=[
+            {**m, "content": m["content"][:40]} if len(m.get("content") or "") > 40 else m
+            for m in request.messages
+        ])
+
+
+class PassThrough(Stage):
+    pass
+
+
+class Answering(Stage):
+    """Answers without calling the rest of the pipeline (what a cache hit does)."""
+
+    def wrap_call(self, request, call_next):
+        return ChatResponse(message={"role": "assistant", "content": "Hello!"}, finish_reason="stop",
+                            usage=Usage(0, 3), model="smollm2", backend="answering")
+
+
+def counted(backend, messages):
+    return backend.counter.count_prompt(messages)
+
+
+def test_each_stage_saving_is_measured_and_they_add_up(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[PassThrough(), DropOldestTurn(), TrimLongMessages()], ledger=ledger)
+    response = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    record = ledger.records[-1]
+    naive = counted(llama_backend, CONVERSATION)
+    after_drop = counted(llama_backend, CONVERSATION[:1] + CONVERSATION[3:])
+    assert record.tokens_naive == naive
+    assert record.saved_by_stage["pass_through"] == 0
+    assert record.saved_by_stage["drop_oldest_turn"] == naive - after_drop > 0
+    assert record.saved_by_stage["trim_long_messages"] > 0
+    assert sum(record.saved_by_stage.values()) == record.tokens_naive - record.tokens_sent
+    assert record.tokens_sent == response.usage.prompt_tokens, "sent must equal what llama.cpp evaluated"
+    assert record.count_delta == 0 and record.status == "ok"
+
+
+def test_a_stage_that_answers_saves_everything(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[DropOldestTurn(), Answering()], ledger=ledger)
+    response = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    record = ledger.records[-1]
+    assert response.answered_by == "answering" and record.answered_by == "answering"
+    assert record.tokens_sent == 0 and record.tokens_out == 0 and record.out_saved == 3
+    assert sum(record.saved_by_stage.values()) == record.tokens_naive
+    assert record.latency_ms["backend_calls"] == 0
+
+
+def test_a_stage_that_calls_twice_is_charged_for_both_calls(llama_backend, ledger):
+    class AskTwice(Stage):
+        def wrap_call(self, request, call_next):
+            call_next(request)
+            return call_next(request)
+
+    pipeline = Pipeline(llama_backend, stages=[AskTwice()], ledger=ledger)
+    pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    record = ledger.records[-1]
+    assert record.latency_ms["backend_calls"] == 2
+    assert record.tokens_sent == 2 * record.tokens_naive
+    assert record.saved_by_stage["ask_twice"] == -record.tokens_naive  # honest: it cost tokens
+
+
+def test_stream_records_once_it_ends_and_assembles_the_answer(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[DropOldestTurn()], ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS, stream=True))
+    assert isinstance(stream, ChatStream)
+    assert len(ledger.records) == 0, "nothing may be recorded before the stream ends"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"])
+    record = ledger.records[-1]
+    assert stream.response.content == text
+    assert record.stream and record.status == "ok"
+    assert record.tokens_out == stream.response.usage.completion_tokens > 0
+    assert record.tokens_sent == record.tokens_naive - record.saved_by_stage["drop_oldest_turn"]
+
+
+def test_abandoned_stream_is_recorded_as_an_error_not_a_success(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 32, "temperature": 0}, stream=True))
+    iterator = iter(stream)
+    next(iterator)
+    next(iterator)
+    iterator.close()
+    assert ledger.records[-1].status == "error"
+    assert stream.response is None
+
+
+def test_async_call_and_async_stream(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[DropOldestTurn()], ledger=ledger)
+
+    async def run():
+        response = await pipeline.acall(ChatRequest(messages=CONVERSATION, params=PARAMS))
+        stream = await pipeline.acall(ChatRequest(messages=CONVERSATION, params=PARAMS, stream=True))
+        streamed = await stream.collect()
+        return response, streamed
+
+    response, streamed = asyncio.run(run())
+    assert isinstance(response, ChatResponse) and response.usage.prompt_tokens > 0
+    assert streamed.content is not None
+    assert [r.status for r in ledger.records] == ["ok", "ok"]
+    assert all(r.saved_by_stage["drop_oldest_turn"] > 0 for r in ledger.records)
+
+
+def test_backend_failure_is_recorded_as_error_and_raised_typed(llama_backend, ledger):
+    class Broken(Stage):
+        def wrap_call(self, request, call_next):
+            raise BackendError("upstream exploded", backend="test", status=503)
+
+    pipeline = Pipeline(llama_backend, stages=[Broken()], ledger=ledger)
+    with pytest.raises(BackendError) as info:
+        pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    assert info.value.status == 503
+    record = ledger.records[-1]
+    assert record.status == "error" and record.error_type == "BackendError" and record.tokens_out == 0
+
+
+def test_cost_uses_the_price_table(llama_backend, tmp_path):
+    prices = PriceTable({"smollm2": Price(input=1.0, cached_input=0.5, output=2.0)})
+    pipeline = Pipeline(llama_backend, stages=[DropOldestTurn()], ledger=Ledger(tmp_path / "l.jsonl"), prices=prices)
+    pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS, model="smollm2"))
+    r = pipeline.ledger.records[-1]
+    expected = ((r.tokens_sent - r.tokens_cached) * 1.0 + r.tokens_cached * 0.5 + r.tokens_out * 2.0) / 1e6
+    assert r.cost_usd == pytest.approx(expected)
+    assert r.cost_naive_usd > r.cost_usd
+
+
+def test_replayed_chunks_assemble_to_the_same_response():
+    response = ChatResponse(message={"role": "assistant", "content": "Hi", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        finish_reason="tool_calls", usage=Usage(5, 2), model="m", backend="b")
+    stream = ChatStream(iter(response_as_chunks(response)), backend="b", model="m", count_completion=None)
+    again = stream.collect()
+    assert again.message == response.message and again.usage == response.usage
+    assert again.finish_reason == "tool_calls"
+
+
+def test_stage_names_must_be_unique(llama_backend):
+    with pytest.raises(ValueError, match="unique"):
+        Pipeline(llama_backend, stages=[PassThrough(), PassThrough()])

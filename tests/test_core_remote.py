@@ -1,0 +1,177 @@
+"""The remote backend over real HTTP on loopback, against llama-cpp-python's own OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
+import urllib.request
+
+import pytest
+
+from ctxkit import (
+    BackendConnectionError,
+    BackendStatusError,
+    ChatRequest,
+    GGUFPrompt,
+    OpenAIBackend,
+    Pipeline,
+    default_model_path,
+)
+from tests.servers import LlamaServer
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+PARAMS = {"max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def gguf_counter():
+    return GGUFPrompt.from_gguf(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LlamaServer(default_model_path(), tmp_path_factory.mktemp("llama-server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def remote(server, gguf_counter):
+    return OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                         max_retries=1, backoff_s=0.05, timeout=60)
+
+
+def test_remote_call_is_recorded_with_the_server_usage(remote, ledger):
+    pipeline = Pipeline(remote, ledger=ledger)
+    response = pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    record = ledger.records[-1]
+    assert response.content and response.backend == "openai"
+    assert record.status == "ok" and record.usage_reported
+    assert record.tokens_reported == response.usage.prompt_tokens
+    assert record.count_delta == 0, "the GGUF counter must match the server's own prompt count"
+
+
+def test_remote_stream_and_async(remote, ledger):
+    pipeline = Pipeline(remote, ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c.get("choices"))
+    assert text == stream.response.content and text
+
+    async def run():
+        answer = await pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS))
+        astream = await pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+        return answer, await astream.collect()
+
+    answer, streamed = asyncio.run(run())
+    assert answer.content and streamed.content
+    assert [r.status for r in ledger.records] == ["ok", "ok", "ok"]
+    assert all(r.tokens_sent > 0 and r.tokens_out > 0 for r in ledger.records)
+
+
+def test_openai_client_through_the_pipeline_returns_openai_types(remote, ledger):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    client = Pipeline(remote, ledger=ledger).openai()
+    completion = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=6, temperature=0)
+    assert isinstance(completion, ChatCompletion) and completion.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=6, stream=True))
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert all(c.choices for c in chunks), "no usage-only chunk unless include_usage was asked for"
+    with_usage = list(client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=6, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.prompt_tokens > 0
+
+
+def test_server_stopped_mid_run_raises_typed_error_and_records_no_success(tmp_path, gguf_counter, ledger):
+    server = LlamaServer(default_model_path(), tmp_path / "server.log")
+    backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                            max_retries=2, backoff_s=0.05, timeout=30)
+    pipeline = Pipeline(backend, ledger=ledger)
+    try:
+        pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+        stream = iter(pipeline.call(ChatRequest(messages=MESSAGES, params={"max_tokens": 200}, stream=True)))
+        next(stream)
+        server.stop()  # killed mid-stream
+        with pytest.raises(BackendConnectionError):
+            for _ in stream:
+                pass
+        with pytest.raises(BackendConnectionError):
+            pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        server.stop()
+    statuses = [(r.status, r.error_type) for r in ledger.records]
+    assert statuses == [("ok", None), ("error", "BackendConnectionError"), ("error", "BackendConnectionError")]
+
+
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """Answers 503 (then 429) before forwarding to the real server: a fault the real server cannot make."""
+
+    def __init__(self, upstream: str, failures: list[int]) -> None:
+        self.upstream, self.failures, self.attempts = upstream, list(failures), 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                proxy.attempts += 1
+                if proxy.failures:
+                    status = proxy.failures.pop(0)
+                    payload = json.dumps({"error": {"message": f"injected {status}"}}).encode()
+                    self.send_response(status)
+                    self.send_header("Retry-After", "0")
+                else:
+                    request = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
+                                                     headers={"Content-Type": "application/json"})
+                    payload = urllib.request.urlopen(request, timeout=60).read()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+def test_retries_with_backoff_on_429_and_5xx_then_succeeds(server, gguf_counter, ledger):
+    proxy = FlakyProxy(server.base_url, [503, 429])
+    try:
+        backend = OpenAIBackend("smollm2", base_url=proxy.base_url, counter=gguf_counter, context_window=4096,
+                                max_retries=2, backoff_s=0.01)
+        response = Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        proxy.shutdown()
+    assert proxy.attempts == 3 and response.content
+    assert ledger.records[-1].status == "ok"
+
+
+def test_error_status_passes_through_typed_when_retries_run_out(server, gguf_counter, ledger):
+    proxy = FlakyProxy(server.base_url, [500, 500, 500])
+    try:
+        backend = OpenAIBackend("smollm2", base_url=proxy.base_url, counter=gguf_counter, context_window=4096,
+                                max_retries=1, backoff_s=0.01)
+        with pytest.raises(BackendStatusError) as info:
+            Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        proxy.shutdown()
+    assert info.value.status == 500 and proxy.attempts == 2
+    assert ledger.records[-1].status == "error"
+
+
+def test_api_key_never_reaches_the_ledger_or_repr(server, gguf_counter, ledger, monkeypatch):
+    secret = "sk-test-SECRETSECRETSECRET1234567890"
+    monkeypatch.setenv("CTXKIT_TEST_KEY", secret)
+    backend = OpenAIBackend("smollm2", base_url=server.base_url, api_key_env="CTXKIT_TEST_KEY",
+                            counter=gguf_counter, context_window=4096)
+    Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    assert secret not in repr(backend)
+    assert secret not in ledger.path.read_text()

