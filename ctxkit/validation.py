@@ -43,14 +43,14 @@ def _validate_messages(messages: Any) -> None:
             for call_id in _check_tool_calls(tool_calls, i):
                 open_calls[call_id] = i
         elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
+            answered = message.get("tool_call_id")
+            if not isinstance(answered, str) or not answered:
                 raise InvalidMessageError("a tool message needs a tool_call_id string", i, "tool_call_id")
-            if call_id not in open_calls:
+            if answered not in open_calls:
                 raise InvalidMessageError(
-                    f"tool_call_id {call_id!r} answers no earlier assistant tool call", i, "tool_call_id"
+                    f"tool_call_id {answered!r} answers no earlier assistant tool call", i, "tool_call_id"
                 )
-            del open_calls[call_id]
+            del open_calls[answered]
             _check_content(content, i, allow_parts=True)
         else:
             _check_content(content, i, allow_parts=role == "user" or role == "system")

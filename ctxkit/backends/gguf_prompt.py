@@ -50,10 +50,11 @@ class GGUFPrompt:
         return cls(Llama(model_path=str(path), vocab_only=True, verbose=False))
 
     def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
+        formatter: Any = self.formatter  # llama-cpp-python types messages as TypedDicts; ours are plain dicts
         if self.native_tools:
-            result = self.formatter(messages=list(messages), tools=list(tools) or None)
+            result = formatter(messages=list(messages), tools=list(tools) or None)
         else:
-            result = self.formatter(messages=messages_for_plain_template(list(messages), list(tools)))
+            result = formatter(messages=messages_for_plain_template(list(messages), list(tools)))
         return result.prompt
 
     def tokenize(self, text: str) -> list[int]:

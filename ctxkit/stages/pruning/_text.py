@@ -1,0 +1,117 @@
+"""Text helpers shared by the pruning stages: word and sentence splitting, BM25, token counting and the
+prefix-cache bookkeeping every pruning stage reports to the ledger."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...pipeline import record_event
+from ...response import message_text
+from ...tokens import TokenCounter
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and an upper-case
+# letter, digit or quote; abbreviations like "U.S." or "Dr." rarely meet both conditions.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+
+# Function words carry no topic: BM25 gives them a low idf anyway, but on a one-page corpus idf is noisy.
+STOPWORDS = frozenset(
+    """a an the and or but if then else of to in on at by for with from as is are was were be been being
+    it its this that these those there here what which who whom whose when where why how do does did done
+    not no nor so than too very can could should would will shall may might must has have had having i you
+    he she we they them his her our their your my me us him about into over under after before during
+    between through up down out off again further once all any both each few more most other some such only
+    own same just also""".split()
+)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens, stop words dropped (the unit BM25 and the shingles use)."""
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def sentences(text: str) -> list[str]:
+    """Split prose into sentences; a text without sentence ends comes back whole."""
+    parts: list[str] = []
+    for block in re.split(r"\n\s*\n", text):
+        parts.extend(s.strip() for s in _SENTENCE_END.split(block) if s.strip())
+    return parts or [text]
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of token lists (k1=1.2, b=0.75, Lucene's non-negative idf)."""
+
+    def __init__(self, corpus: Sequence[Sequence[str]], k1: float = 1.2, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+        self.freqs = [Counter(doc) for doc in corpus]
+        self.lengths = np.array([len(doc) for doc in corpus], dtype=np.float64)
+        self.avg_length = float(self.lengths.mean()) if len(corpus) else 0.0
+        df: Counter[str] = Counter()
+        for freq in self.freqs:
+            df.update(freq.keys())
+        n = len(corpus)
+        self.idf = {term: math.log(1 + (n - d + 0.5) / (d + 0.5)) for term, d in df.items()}
+        # Inverted index: scoring touches only documents that share a term with the query.
+        self.postings: dict[str, list[tuple[int, int]]] = {}
+        for i, freq in enumerate(self.freqs):
+            for term, count in freq.items():
+                self.postings.setdefault(term, []).append((i, count))
+
+    def scores(self, query: Sequence[str]) -> np.ndarray:
+        out = np.zeros(len(self.freqs), dtype=np.float64)
+        if not self.freqs:
+            return out
+        norm = self.k1 * (1 - self.b + self.b * self.lengths / max(self.avg_length, 1e-9))
+        for term in set(query):
+            idf = self.idf.get(term)
+            if idf is None:
+                continue
+            for i, tf in self.postings[term]:
+                out[i] += idf * tf * (self.k1 + 1) / (tf + norm[i])
+        return out
+
+
+def default_counter() -> TokenCounter:
+    """Stages count with the backend's counter when given one; otherwise tiktoken's o200k as an estimate."""
+    from ...tokens.tiktoken_counter import TiktokenCounter
+
+    return TiktokenCounter("gpt-4o")
+
+
+def message_tokens(counter: TokenCounter, message: Mapping[str, Any]) -> int:
+    return counter.count_text(message_text(dict(message))) + 4  # role and framing, as chat templates add
+
+
+def previous_prompt_end(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Where the previous call's prompt ended: the index of the newest assistant message.
+
+    In a chat or agent loop the app resends the history and appends the model's last answer and what
+    followed it; everything before that answer was the previous call's prompt, which a provider's or
+    llama.cpp's prefix cache may still hold.
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i
+    return 0
+
+
+def record_prefix_invalidated(
+    stage: str, counter: TokenCounter, messages: Sequence[Mapping[str, Any]], first_new_edit: int | None
+) -> int:
+    """Note in the ledger how many tokens of the previous prompt an edit at `first_new_edit` un-caches.
+
+    Edits at or after the end of the previous prompt cost nothing: the cache never held those tokens.
+    """
+    if first_new_edit is None:
+        return 0
+    end = previous_prompt_end(messages)
+    tokens = sum(message_tokens(counter, m) for m in messages[first_new_edit:end])
+    if tokens > 0:
+        record_event(stage, "prefix_invalidated", tokens=tokens, first_message=first_new_edit)
+    return tokens

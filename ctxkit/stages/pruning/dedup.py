@@ -1,0 +1,200 @@
+"""DedupStage: near-duplicate messages and documents are collapsed (MinHash over word shingles).
+
+Why shingles and not embeddings: two texts that differ in one number ("order 1182 shipped" / "order 1183
+shipped") are near neighbours for a sentence embedding but different facts. Shingle overlap measures
+shared wording, and a collapsed copy keeps every sentence that is not word-for-word in the original, so
+a changed number survives even when the rest of the text is dropped.
+
+What is sent:
+- Messages: the first copy stays; a later near-duplicate (Jaccard >= `threshold` on word 3-shingles,
+  at least `min_tokens` long) becomes `[near-duplicate of message 4 (96% same wording), collapsed by
+  ctxkit; what differs:] <its sentences not found in message 4>`. Later copies are edited, not earlier
+  ones, so the cached prompt prefix stays intact. The newest user message (the request itself),
+  system messages and assistant messages with tool calls are never edited, and no message is removed,
+  so tool calls and results stay paired.
+- Documents in `request.metadata["documents"]` (`[{"id", "text"}]`): a later near-duplicate is dropped
+  and `metadata["ctxkit.duplicate_documents"]` maps its id to the id kept, so the app can still cite it.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...errors import RequestError
+from ...request import ChatRequest
+from ...response import message_text
+from ...stage import Stage
+from ...tokens import TokenCounter
+from ._text import default_counter, previous_prompt_end, record_prefix_invalidated, sentences
+
+COLLAPSED_PREFIX = "[near-duplicate of message"
+DUPLICATES_KEY = "ctxkit.duplicate_documents"
+_PRIME = (1 << 61) - 1
+_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+class MinHasher:
+    """MinHash signatures of word-shingle sets, with LSH banding to find candidate pairs fast.
+
+    Hashes are crc32-based and the permutations come from a fixed seed, so the same text gets the same
+    signature in every process (Python's own `hash` is salted per process).
+    """
+
+    def __init__(self, num_perm: int = 128, bands: int = 32, shingle: int = 3, seed: int = 7) -> None:
+        if num_perm % bands:
+            raise ValueError("num_perm must be a multiple of bands")
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
+        self.bands, self.rows, self.shingle = bands, num_perm // bands, shingle
+
+    def shingles(self, text: str) -> set[int]:
+        tokens = _TOKEN.findall(text.lower())
+        n = self.shingle
+        grams = [" ".join(tokens[i : i + n]) for i in range(max(len(tokens) - n + 1, 1))] if tokens else []
+        return {zlib.crc32(g.encode()) for g in grams}
+
+    def signature(self, shingles: set[int]) -> np.ndarray:
+        if not shingles:
+            return np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        x = np.fromiter(shingles, dtype=np.uint64)
+        # a*x wraps modulo 2**64 before the Mersenne modulus (as datasketch does): still a fixed, well-mixed
+        # hash family, which is all MinHash needs; exact Jaccard confirms every candidate pair anyway.
+        hashed = (np.multiply.outer(self.a, x) + self.b[:, None]) % np.uint64(_PRIME)
+        return hashed.min(axis=1)
+
+    def candidate_pairs(self, signatures: Sequence[np.ndarray]) -> set[tuple[int, int]]:
+        pairs: set[tuple[int, int]] = set()
+        for band in range(self.bands):
+            buckets: dict[bytes, list[int]] = {}
+            lo, hi = band * self.rows, (band + 1) * self.rows
+            for i, sig in enumerate(signatures):
+                buckets.setdefault(sig[lo:hi].tobytes(), []).append(i)
+            for members in buckets.values():
+                for k, i in enumerate(members):
+                    for j in members[k + 1 :]:
+                        pairs.add((i, j))
+        return pairs
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class DedupStage(Stage):
+    """Collapse later near-duplicates of earlier messages and documents."""
+
+    name = "dedup"
+
+    def __init__(
+        self,
+        threshold: float = 0.6,
+        *,
+        min_tokens: int = 30,
+        documents: bool = True,
+        messages: bool = True,
+        counter: TokenCounter | None = None,
+    ) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.min_tokens = min_tokens
+        self.dedup_documents = documents
+        self.dedup_messages = messages
+        self.counter = counter if counter is not None else default_counter()
+        self.hasher = MinHasher()
+
+    # -- the hook -------------------------------------------------------------------------------------
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        changes: dict[str, Any] = {}
+        if self.dedup_messages:
+            messages = self._collapse_messages(request.messages)
+            if messages is not None:
+                changes["messages"] = messages
+        if self.dedup_documents and "documents" in request.metadata:
+            documents, duplicates = self.collapse_documents(request.metadata["documents"])
+            if duplicates:
+                merged = {**request.metadata.get(DUPLICATES_KEY, {}), **duplicates}
+                changes["metadata"] = {**request.metadata, "documents": documents, DUPLICATES_KEY: merged}
+        return request.override(**changes) if changes else request
+
+    # -- documents ------------------------------------------------------------------------------------
+    def collapse_documents(self, documents: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """(documents without later near-duplicates, {dropped id: kept id})."""
+        if not isinstance(documents, (list, tuple)):
+            raise RequestError('must be a list of {"id", "text"} objects', 'metadata["documents"]')
+        for k, doc in enumerate(documents):
+            if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str) or "id" not in doc:
+                raise RequestError('must be an object with "id" and "text" (a string)', f'metadata["documents"][{k}]')
+        texts = [doc["text"] for doc in documents]
+        pairs = self._near_duplicates(texts, eligible=[True] * len(texts))
+        duplicates: dict[str, str] = {}
+        dropped: set[int] = set()
+        for later, earlier in sorted(pairs.items()):
+            while earlier in pairs:  # a copy of a copy points at the first one
+                earlier = pairs[earlier]
+            dropped.add(later)
+            duplicates[str(documents[later]["id"])] = str(documents[earlier]["id"])
+        kept = [dict(doc) for k, doc in enumerate(documents) if k not in dropped]
+        return kept, duplicates
+
+    # -- messages -------------------------------------------------------------------------------------
+    def _message_pairs(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        texts = [message_text(dict(m)) for m in messages]
+        eligible = [
+            m.get("role") in ("user", "tool", "assistant")
+            and not m.get("tool_calls")
+            and i != last_user
+            and not texts[i].startswith(COLLAPSED_PREFIX)
+            for i, m in enumerate(messages)
+        ]
+        return self._near_duplicates(texts, eligible)
+
+    def _collapse_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+        pairs = self._message_pairs(messages)
+        if not pairs:
+            return None
+        texts = [message_text(dict(m)) for m in messages]
+        out = [dict(m) for m in messages]
+        for later, earlier in sorted(pairs.items()):
+            while earlier in pairs:
+                earlier = pairs[earlier]
+            similarity = jaccard(self.hasher.shingles(texts[earlier]), self.hasher.shingles(texts[later]))
+            seen = {_norm(s) for s in sentences(texts[earlier])}
+            differs = [s for s in sentences(texts[later]) if _norm(s) not in seen]
+            head = f"{COLLAPSED_PREFIX} {earlier} ({similarity:.0%} same wording), collapsed by ctxkit"
+            out[later]["content"] = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
+        # Collapses the previous call already made (same history up to its end) cost no cached prefix now.
+        before = self._message_pairs(messages[: previous_prompt_end(messages)])
+        new_edits = [i for i in pairs if before.get(i) != pairs[i]]
+        record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
+        return out
+
+    def _near_duplicates(self, texts: Sequence[str], eligible: Sequence[bool]) -> dict[int, int]:
+        """{later index: earlier index} for texts whose shingle Jaccard reaches the threshold."""
+        index = [i for i, text in enumerate(texts) if eligible[i] and self.counter.count_text(text) >= self.min_tokens]
+        if len(index) < 2:
+            return {}
+        shingles = [self.hasher.shingles(texts[i]) for i in index]
+        signatures = [self.hasher.signature(s) for s in shingles]
+        pairs: dict[int, int] = {}
+        for a, b in sorted(self.hasher.candidate_pairs(signatures)):
+            if jaccard(shingles[a], shingles[b]) < self.threshold:  # LSH gives candidates; confirm exactly
+                continue
+            earlier, later = index[a], index[b]
+            if later not in pairs or earlier < pairs[later]:
+                pairs[later] = earlier
+        return pairs
+
+
+def _norm(sentence: str) -> str:
+    return " ".join(_TOKEN.findall(sentence.lower()))
+
+
+__all__ = ["COLLAPSED_PREFIX", "DUPLICATES_KEY", "DedupStage", "MinHasher", "jaccard"]

@@ -1,0 +1,431 @@
+"""DocumentPruningStage: documents and long tool results are ranked against the request and cut to a
+token budget, passage by passage; kept documents keep their ids so the app can cite or restore them.
+
+Where documents come from (all three can be used at once):
+1. `request.metadata["documents"] = [{"id", "text", ...}]`: ranked against the newest user message; the
+   kept ones replace the list (texts cut to their best passages, the other keys kept), the ids of all
+   of them go to `metadata["ctxkit.pruned_documents"]`, and with `render=True` (the default) they are
+   sent as one user message of `<document id="...">` blocks just before the newest user message: the
+   end of the prompt, so the cached prefix before it is untouched.
+2. `<document id="...">...</document>` blocks inside user messages (the same format): cut in place.
+3. Tool results longer than `long_message_tokens`: cut in place, with a note saying how to get the
+   full text again (the tool call).
+
+A rendered message that carries a document QuarantineStage flagged (`metadata["ctxkit.quarantined_documents"]`)
+is itself marked quarantined, so summaries, caches and memory leave it out.
+
+Every document is ranked against the user request of its own turn (the newest user message before it),
+not the newest one. So an older tool result is cut the same way on every call, and the prompt prefix
+stays byte-identical from call to call; only content of the current turn is ever newly edited.
+
+Ranking is hybrid: a text is split into passages (sentences, and lines for structured text); each gets
+BM25 (lexical: names, numbers, rare words) and MiniLM cosine (meaning: paraphrases) scores, min-max
+normalised and mixed, plus a share of its document's own score (a sentence of the right page beats a
+look-alike from the wrong one). Passages are kept best first until the budget is full, each with its
+neighbours when they still fit, because an answer often sits next to the sentence that matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from ...errors import RequestError
+from ...quarantine_marks import mark
+from ...request import ChatRequest
+from ...response import message_text
+from ...stage import Stage
+from ...tokens import TokenCounter
+from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, sentences, words
+
+DOCUMENTS_KEY = "documents"
+QUARANTINED_DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # written by QuarantineStage
+REPORT_KEY = "ctxkit.pruned_documents"
+DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
+
+
+class TextEmbedder(Protocol):
+    """What the ranker needs from an embedder (ctxkit.embed.Embedder fits): normalised vectors."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingWeights:
+    """How the scores mix. Tuned on half of SQuAD-based questions, checked on the other half."""
+
+    lexical: float = 0.3  # BM25's share against MiniLM's in a passage's own score
+    document: float = 0.5  # share of the document's score in each of its passages' score
+    neighbours: int = 0  # sentences kept on each side of a chosen one, while they fit
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    """What `DocumentRanker.prune` kept: documents in their original order, texts cut to kept passages."""
+
+    documents: list[dict[str, Any]]
+    kept_ids: list[str]
+    dropped_ids: list[str]
+    tokens_before: int
+    tokens_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Index:
+    units: list[str]
+    owner: np.ndarray
+    tokens: np.ndarray
+    vectors: np.ndarray | None
+    unit_bm25: BM25
+    doc_bm25: BM25
+
+
+class DocumentRanker:
+    """Hybrid BM25 + MiniLM passage ranking under a token budget. Safe to share between threads."""
+
+    def __init__(
+        self,
+        embedder: TextEmbedder | None = None,
+        counter: TokenCounter | None = None,
+        weights: RankingWeights = RankingWeights(),
+        *,
+        max_passage_tokens: int = 96,
+        cache_size: int = 50_000,
+    ) -> None:
+        self.embedder = embedder
+        self.counter = counter if counter is not None else default_counter()
+        self.weights = weights
+        self.max_passage_tokens = max_passage_tokens
+        # Texts repeat across calls (a corpus, a tool result resent every turn): embed and count each once.
+        self._cache: OrderedDict[str, tuple[np.ndarray | None, int]] = OrderedDict()
+        self._cache_size = cache_size
+        self._indexes: OrderedDict[str, _Index] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- splitting, counting, embedding -----------------------------------------------------------
+    def passages(self, text: str) -> list[str]:
+        """Sentences; a sentence over `max_passage_tokens` (a table, JSON, code) is split by lines."""
+        out: list[str] = []
+        for sentence in sentences(text):
+            if len(sentence) > 4 * self.max_passage_tokens and "\n" in sentence:
+                out.extend(line for line in sentence.splitlines() if line.strip())
+            else:
+                out.append(sentence)
+        return out
+
+    def _lookup(self, texts: Sequence[str], with_vectors: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
+        with self._lock:
+            found = {k: self._cache[k] for k in set(keys) if k in self._cache}
+            for k in found:
+                self._cache.move_to_end(k)
+        missing = {k: t for k, t in zip(keys, texts, strict=False) if k not in found or (with_vectors and found[k][0] is None)}
+        if missing:
+            miss_keys = list(missing)
+            vectors = (
+                self.embedder.embed([missing[k] for k in miss_keys]) if with_vectors and self.embedder else None
+            )
+            for j, k in enumerate(miss_keys):
+                count = found[k][1] if k in found else self.counter.count_text(missing[k])
+                found[k] = (vectors[j] if vectors is not None else None, count)
+            with self._lock:
+                for k in miss_keys:
+                    self._cache[k] = found[k]
+                    self._cache.move_to_end(k)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        tokens = np.array([found[k][1] for k in keys], dtype=np.int64)
+        if not with_vectors or self.embedder is None:
+            return None, tokens
+        rows = [found[k][0] for k in keys]
+        return (np.stack([r for r in rows if r is not None]) if keys else np.zeros((0, 1), np.float32)), tokens
+
+    def count(self, texts: Sequence[str]) -> int:
+        """Tokens of these texts' passages (what the budget is measured in)."""
+        return int(self._lookup([p for t in texts for p in self.passages(t)], with_vectors=False)[1].sum())
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Embed and count a corpus ahead of time (passages and whole documents), in one batch."""
+        self._lookup([p for t in texts for p in self.passages(t)], with_vectors=True)
+
+    def _index(self, texts: Sequence[str], use_dense: bool) -> _Index:
+        """Passages, token counts, vectors and BM25 indexes of a corpus; the last few corpora are kept, so a
+        corpus sent with every call (a RAG store, a resent history) is indexed once."""
+        key = hashlib.blake2b(digest_size=16)
+        for text in texts:
+            key.update(hashlib.blake2b(text.encode(), digest_size=16).digest())
+        key.update(b"dense" if use_dense else b"lexical")
+        digest = key.hexdigest()
+        with self._lock:
+            index = self._indexes.get(digest)
+            if index is not None:
+                self._indexes.move_to_end(digest)
+                return index
+        units: list[str] = []
+        owner: list[int] = []
+        for k, text in enumerate(texts):
+            for passage in self.passages(text):
+                units.append(passage)
+                owner.append(k)
+        vectors, unit_tokens = self._lookup(units, with_vectors=use_dense)
+        index = _Index(
+            units=units, owner=np.array(owner, dtype=np.int64), tokens=unit_tokens, vectors=vectors,
+            unit_bm25=BM25([words(u) for u in units]), doc_bm25=BM25([words(t) for t in texts]),
+        )
+        with self._lock:
+            self._indexes[digest] = index
+            while len(self._indexes) > 8:
+                self._indexes.popitem(last=False)
+        return index
+
+    def clear_indexes(self) -> None:
+        """Forget the indexed corpora (embeddings and token counts stay cached)."""
+        with self._lock:
+            self._indexes.clear()
+
+    # -- ranking -----------------------------------------------------------------------------------
+    def prune(self, query: str, documents: Sequence[Mapping[str, Any]], budget_tokens: int) -> PruneResult:
+        """Keep the passages that best answer `query`, at most `budget_tokens` tokens of document text."""
+        texts = [str(d["text"]) for d in documents]
+        ids = [str(d["id"]) for d in documents]
+        use_dense = self.embedder is not None and self.weights.lexical < 1.0
+        index = self._index(texts, use_dense)
+        units, own, unit_tokens, vectors = index.units, index.owner, index.tokens, index.vectors
+        if not units:
+            return PruneResult([dict(d) for d in documents], ids, [], 0, 0)
+        tokens_before = int(unit_tokens.sum())
+        q_words = words(query)
+        unit_score = _normalise(index.unit_bm25.scores(q_words))
+        doc_score = _normalise(index.doc_bm25.scores(q_words))
+        if use_dense:
+            assert self.embedder is not None and vectors is not None
+            q = self.embedder.embed([query])[0]
+            w = self.weights.lexical
+            unit_cos = vectors @ q
+            # A document's meaning score is its best passage's: MiniLM reads 256 word pieces at most, so
+            # embedding a whole page would see only its start, and this costs no second embedding pass.
+            doc_cos = np.full(len(texts), -1.0)
+            np.maximum.at(doc_cos, own, unit_cos)
+            unit_score = w * unit_score + (1 - w) * _normalise(unit_cos)
+            doc_score = w * doc_score + (1 - w) * _normalise(doc_cos)
+        score = (1 - self.weights.document) * unit_score + self.weights.document * doc_score[own]
+
+        chosen = np.zeros(len(units), dtype=bool)
+        used = 0
+        smallest = int(unit_tokens.min())
+        for i in np.argsort(-score, kind="stable"):
+            if budget_tokens - used < smallest:
+                break
+            if chosen[i] or used + unit_tokens[i] > budget_tokens:
+                continue
+            chosen[i] = True
+            used += int(unit_tokens[i])
+            for step in range(1, self.weights.neighbours + 1):
+                for j in (i - step, i + step):
+                    if (0 <= j < len(units) and own[j] == own[i] and not chosen[j]
+                            and used + unit_tokens[j] <= budget_tokens):
+                        chosen[j] = True
+                        used += int(unit_tokens[j])
+        # Passages of a document are contiguous: its range is [starts[k], starts[k + 1]).
+        starts = np.searchsorted(own, np.arange(len(texts) + 1))
+        kept_by_doc: dict[int, list[int]] = {}
+        for i in np.flatnonzero(chosen):
+            kept_by_doc.setdefault(int(own[i]), []).append(int(i))
+        kept_docs: list[dict[str, Any]] = []
+        kept_ids: list[str] = []
+        for k in sorted(kept_by_doc):
+            keep = kept_by_doc[k]
+            first, last = int(starts[k]), int(starts[k + 1]) - 1
+            if len(keep) == last - first + 1:
+                text = texts[k]
+            else:
+                pieces = ["…"] if keep[0] != first else []
+                for n, i in enumerate(keep):
+                    if n and i != keep[n - 1] + 1:
+                        pieces.append("…")
+                    pieces.append(units[i])
+                if keep[-1] != last:
+                    pieces.append("…")
+                text = " ".join(pieces)
+            kept_docs.append({**documents[k], "text": text})
+            kept_ids.append(ids[k])
+        dropped = [ids[k] for k in range(len(texts)) if k not in kept_by_doc]
+        tokens_after = used
+        return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
+
+
+class DocumentPruningStage(Stage):
+    """Rank documents and long tool results against the request; keep the best passages within a budget.
+
+    budget_tokens:   at most this many tokens of document text per turn (per long tool result).
+    budget_fraction: at most this share of the documents' tokens (0.1 keeps a tenth).
+    Give one or both (both: the smaller wins).
+    """
+
+    name = "document_pruning"
+
+    def __init__(
+        self,
+        budget_tokens: int | None = None,
+        budget_fraction: float | None = None,
+        *,
+        embedder: TextEmbedder | None = None,
+        counter: TokenCounter | None = None,
+        weights: RankingWeights = RankingWeights(),
+        long_message_tokens: int = 2000,
+        render: bool = True,
+        ranker: DocumentRanker | None = None,
+    ) -> None:
+        if budget_tokens is None and budget_fraction is None:
+            raise ValueError("give budget_tokens, budget_fraction or both")
+        if budget_tokens is not None and budget_tokens < 1:
+            raise ValueError(f"budget_tokens must be >= 1, got {budget_tokens}")
+        if budget_fraction is not None and not 0 < budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+        self.budget_tokens = budget_tokens
+        self.budget_fraction = budget_fraction
+        self.long_message_tokens = long_message_tokens
+        self.render = render
+        self.ranker = ranker if ranker is not None else DocumentRanker(embedder, counter, weights)
+        self.counter = self.ranker.counter
+
+    def budget_for(self, tokens: int) -> int:
+        limits = [tokens]
+        if self.budget_tokens is not None:
+            limits.append(self.budget_tokens)
+        if self.budget_fraction is not None:
+            limits.append(max(int(tokens * self.budget_fraction), 1))
+        return min(limits)
+
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        messages = list(request.messages)
+        out = list(messages)
+        edited: list[int] = []
+        for index, _message in enumerate(messages):
+            new = self._prune_message(messages, index)
+            if new is not None:
+                out[index] = new
+                edited.append(index)
+        changes: dict[str, Any] = {}
+        docs = request.metadata.get(DOCUMENTS_KEY)
+        if docs is not None:
+            documents = _checked_documents(docs)
+            query = _turn_query(messages, len(messages))
+            result = self.ranker.prune(query, documents, self.budget_for(self._tokens(documents)))
+            changes["metadata"] = {
+                **request.metadata,
+                DOCUMENTS_KEY: result.documents,
+                REPORT_KEY: {"kept": result.kept_ids, "dropped": result.dropped_ids,
+                             "tokens_before": result.tokens_before, "tokens_after": result.tokens_after},
+            }
+            if self.render and result.documents:
+                last_user = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=len(out))
+                rendered = {"role": "user", "content": render_documents(result.documents)}
+                out.insert(last_user, rendered)
+                # A document the quarantine stage flagged taints the message that carries it.
+                flagged = request.metadata.get(QUARANTINED_DOCUMENTS_KEY, {})
+                reasons = [f"document {i}: {flagged[i]}" for i in result.kept_ids if i in flagged]
+                if reasons:
+                    marked = mark(request.override(metadata=changes["metadata"]), [(rendered, "; ".join(reasons))])
+                    changes["metadata"] = dict(marked.metadata)
+        if edited:
+            step = previous_prompt_end(messages)
+            new_edits = [i for i in edited if i >= step]  # older ones are cut the same way every call
+            record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
+        if edited or len(out) != len(messages):
+            changes["messages"] = out
+        return request.override(**changes) if changes else request
+
+    def _tokens(self, documents: Sequence[Mapping[str, Any]]) -> int:
+        return self.ranker.count([str(d["text"]) for d in documents])
+
+    def _prune_message(self, messages: Sequence[Mapping[str, Any]], index: int) -> dict[str, Any] | None:
+        message = messages[index]
+        content = message.get("content")
+        if not isinstance(content, str):
+            return None
+        role = message.get("role")
+        if role == "user" and "<document id=" in content:
+            blocks = [{"id": m.group(1), "text": m.group(2)} for m in DOCUMENT_BLOCK.finditer(content)]
+            if not blocks:
+                return None
+            query = DOCUMENT_BLOCK.sub(" ", content).strip() or _turn_query(messages, index)
+            result = self.ranker.prune(query, blocks, self.budget_for(self._tokens(blocks)))
+            if result.tokens_after >= result.tokens_before:
+                return None
+            kept = {d["id"]: d["text"] for d in result.documents}
+
+            def cut(match: re.Match[str]) -> str:
+                doc_id = match.group(1)
+                return f'<document id="{doc_id}">{kept[doc_id]}</document>' if doc_id in kept else ""
+
+            return {**message, "content": re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, content))}
+        if role == "tool":
+            tokens = self.counter.count_text(content)
+            if tokens <= self.long_message_tokens:
+                return None
+            query = _turn_query(messages, index)
+            result = self.ranker.prune(query, [{"id": "result", "text": content}], self.budget_for(tokens))
+            if not result.documents:
+                return None
+            call = _call_for(messages, index)
+            note = (f"[ctxkit kept {result.tokens_after} of {tokens} tokens of this result, the passages that "
+                    f"match the request; call {call} again for the full text]")
+            return {**message, "content": f"{result.documents[0]['text']}\n{note}"}
+        return None
+
+
+def render_documents(documents: Sequence[Mapping[str, Any]]) -> str:
+    """Documents as `<document id="...">` blocks: the format this stage also reads back from messages."""
+    return "\n\n".join(f'<document id="{d["id"]}">\n{d["text"]}\n</document>' for d in documents)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    if x.size == 0:
+        return x
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x, dtype=np.float64)
+
+
+def _checked_documents(docs: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(docs, (list, tuple)):
+        raise RequestError('must be a list of {"id", "text"} objects', f'metadata["{DOCUMENTS_KEY}"]')
+    seen: set[str] = set()
+    for k, doc in enumerate(docs):
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str) or doc.get("id") is None:
+            raise RequestError('must be an object with "id" and "text" (a string)', f'metadata["{DOCUMENTS_KEY}"][{k}]')
+        if str(doc["id"]) in seen:
+            raise RequestError(f"duplicate document id {doc['id']!r}", f'metadata["{DOCUMENTS_KEY}"][{k}].id')
+        seen.add(str(doc["id"]))
+    return list(docs)
+
+
+def _turn_query(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    """The user request a message at `index` answers: the newest user message before it."""
+    for k in range(index - 1, -1, -1):
+        if messages[k].get("role") == "user":
+            return DOCUMENT_BLOCK.sub(" ", message_text(dict(messages[k]))).strip()
+    return ""
+
+
+def _call_for(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    call_id = messages[index].get("tool_call_id")
+    for message in messages[:index][::-1]:
+        for call in message.get("tool_calls") or []:
+            if call.get("id") == call_id:
+                function = call.get("function") or {}
+                return f"{function.get('name', 'the tool')}({function.get('arguments', '')})"
+    return "the tool"
+
+
+__all__ = [
+    "DOCUMENT_BLOCK", "DocumentPruningStage", "DocumentRanker", "PruneResult", "REPORT_KEY", "RankingWeights",
+    "TextEmbedder", "render_documents",
+]

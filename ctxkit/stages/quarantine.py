@@ -1,0 +1,570 @@
+"""QuarantineStage: content is checked before it can become durable (a summary, a cache entry, memory).
+
+Checks, each precise rather than broad (a false quarantine hides good content from every later stage):
+- tool errors: tracebacks, `Error:`/`SomethingError:` lines, HTTP 4xx/5xx statuses, JSON with an
+  `"error"` key or `"success": false`;
+- broken promises: a tool result that does not validate against the tool's output schema, taken from
+  `output_schemas={"tool": schema}` or the tool definition in the request
+  (`function["x-output-schema"]`, `"output_schema"` or MCP's `"outputSchema"`);
+- prompt injection in tool results and documents (`request.metadata["documents"]`): "ignore previous
+  instructions", new system prompts and role play, "you must now", hidden HTML/markdown comments that
+  talk to the model, exfiltration links, chat-template tokens, invisible characters;
+- assistant claims contradicted by the tool results they rest on: a number the answer gives for a
+  field (`temperature`) that differs from the value the tool returned for it in the same turn.
+
+What is sent:
+- In the step where content appears (it comes after the newest assistant message: the model has not
+  answered it yet), it is sent unchanged, so the model can see the error and recover, but its message
+  is marked with `ctxkit.quarantine_marks.mark`, so summaries, the semantic cache and memory leave it out.
+- On later calls (`withhold_after_step=True`, the default) it is replaced by a placeholder that keeps
+  the reason and, for tool results, the tool call, but not the content: an injected instruction that
+  stays in the history keeps working on every later step, and an old stack trace is noise. Tool
+  messages stay in place, so calls and results stay paired. The placeholder is marked too.
+- Quarantined documents stay in `metadata["documents"]` and are listed, with reasons, in
+  `metadata["ctxkit.quarantined_documents"]`; a stage that renders documents must mark what it renders.
+
+Every quarantine is logged (logger `ctxkit.quarantine` and a ledger event) once, kept per namespace,
+listed with `stage.list(namespace)` and lifted with `stage.release(fingerprint)`; released content is
+not quarantined again. Put this stage before the stages that summarize, cache or remember.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jsonschema
+
+from ..pipeline import record_event
+from ..quarantine_marks import fingerprint, mark
+from ..request import ChatRequest
+from ..response import message_text
+from ..stage import Stage
+from .pruning._text import default_counter, previous_prompt_end, record_prefix_invalidated
+
+logger = logging.getLogger("ctxkit.quarantine")
+
+DOCUMENTS_KEY = "ctxkit.quarantined_documents"
+PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """Why one piece of content is quarantined. kind: tool_error | schema | injection | contradiction."""
+
+    kind: str
+    reason: str  # generic: safe to show the model in a placeholder
+    evidence: str = ""  # the offending text, for logs and `list()`, never sent back to the model
+
+    @property
+    def detail(self) -> str:
+        return f"{self.reason}: {self.evidence}" if self.evidence else self.reason
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantineRecord:
+    """One quarantined message or document, as `list()` returns it."""
+
+    fingerprint: str
+    namespace: str
+    kind: str
+    reason: str
+    evidence: str
+    role: str  # "tool", "assistant", or "document"
+    source: str  # tool name, document id, or "assistant"
+    excerpt: str
+    conversation_id: str | None
+    created_at: float
+
+
+# -- detectors --------------------------------------------------------------------------------------
+
+_ERROR_TEXT = [
+    (re.compile(r"Traceback \(most recent call last\)"), "a Python traceback"),
+    (re.compile(r"^\s*(?:(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error)\b\s*[:!]",
+                re.M),
+     "an error line"),
+    (re.compile(r"^\s*(?:panic|fatal|error)(?:\[\w+\])?:\s", re.M), "an error line"),
+    (re.compile(r"\bHTTP(?:/\d(?:\.\d)?)?\s+[45]\d\d\b|\bstatus(?: code)?[:= ]+[45]\d\d\b|"
+                r"\b[45]\d\d (?:Bad Request|Unauthorized|Forbidden|Not Found|Too Many Requests|"
+                r"Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)\b", re.I),
+     "an HTTP error status"),
+    (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|connection refused|timed out after|"
+                r"permission denied|command not found|segmentation fault|out of memory)\b", re.I),
+     "a system error"),
+    (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$", re.M), "a stack trace"),
+]
+
+_INJECTION = [
+    (r"\b(?:ignore|disregard|forget|override|bypass|skip)\b[^.\n]{0,40}?\b(?:previous|prior|above|earlier|preceding|"
+     r"all|any|your|the|system|original)\b[^.\n]{0,25}?\b(?:instructions?|prompts?|rules|directions|guidelines|"
+     r"directives|context|constraints)", "tells the model to ignore its instructions"),
+    (r"\b(?:you are now|you must now|you will now|from now on,? (?:you|the assistant)|you are no longer|"
+     r"your new (?:role|task|instructions|goal))\b", "gives the model a new role or task"),
+    (r"(?:^|\n)\s*(?:#+\s*)?(?:new |updated |real )?(?:system prompt|system message|system instructions?|"
+     r"instructions? for the (?:ai|assistant|model))\s*[:\-]", "contains a system prompt"),
+    (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>",
+     "contains chat-template control tokens"),
+    (r"(?:^|\n)\s*(?:system|assistant)\s*:\s*\S", "role-plays a system or assistant turn"),
+    (r"\b(?:pretend (?:to be|you are)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
+     r"developer mode|jailbreak|do anything now)\b", "asks the model to role-play"),
+    (r"\b(?:do not|don't|never) (?:tell|inform|mention|reveal (?:this|these) to|let) (?:the )?(?:user|human|anyone)\b|"
+     r"\bwithout (?:telling|informing|alerting) the user\b|\bsecretly\b", "asks to hide something from the user"),
+    (r"\b(?:reveal|print|output|repeat|show|leak|send)\b[^.\n]{0,30}\b(?:system prompt|your instructions|"
+     r"api[_ ]?keys?|passwords?|credentials|secrets?|access tokens?)\b", "asks for secrets or the system prompt"),
+    (r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?&][^)\s]*=", "embeds an image link that can carry data out"),
+    (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
+     "asks to send data to an address"),
+    (r"https?://[^\s)]*(?:\{|%7B)[^\s)]*(?:\}|%7D)", "contains a URL template to fill with data"),
+    (r"[\u200b\u200c\u200d\u2060\ufeff\u202e]|[\U000e0000-\U000e007f]", "contains invisible characters"),
+    (r"\b(?:AI|assistant|model|LLM|chatbot)s?\b[^.\n]{0,30}\b(?:must|should|shall|need to|are instructed to)\b",
+     "addresses instructions to the AI"),
+]
+_INJECTION_RE = [(re.compile(p, re.I), why) for p, why in _INJECTION]
+_HIDDEN_COMMENT = re.compile(r"<!--(.*?)-->|^\s*\[//\]:\s*#\s*[(\"'](.*?)[)\"']\s*$|\[comment\]:\s*<>\s*\((.*?)\)",
+                             re.S | re.M)
+_HIDDEN_STYLE = re.compile(r"<[^>]+(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0)[^>]*>(.*?)</",
+                           re.I | re.S)
+_IMPERATIVE = re.compile(r"\b(?:you|assistant|ai|model|instructions?|ignore|must|tell|send|reply|respond|say|"
+                         r"answer|do not|don't|always|never)\b", re.I)
+
+
+def find_tool_error(text: str) -> Finding | None:
+    """A tool result that reports a failure instead of an answer."""
+    data = _json(text)
+    if isinstance(data, Mapping):
+        for key in ("error", "errors", "exception", "traceback"):
+            value = data.get(key)
+            if value not in (None, "", [], {}, False):
+                return Finding("tool_error", f"tool returned an {key!r}", _short(value))
+        if data.get("success") is False or data.get("ok") is False:
+            return Finding("tool_error", "tool reported success=false")
+        status = data.get("status")
+        if isinstance(status, str) and status.lower() in ("error", "failed", "failure", "fail"):
+            return Finding("tool_error", f"tool reported status {status!r}")
+        if isinstance(status, int) and 400 <= status <= 599:
+            return Finding("tool_error", f"tool reported status {status}")
+        return None
+    if data is not None:
+        return None  # a JSON list or scalar is an answer
+    for pattern, why in _ERROR_TEXT:
+        match = pattern.search(text)
+        if match:
+            return Finding("tool_error", f"tool output contains {why}", _short(_line_at(text, match.start())))
+    return None
+
+
+def find_injection(text: str) -> Finding | None:
+    """Instructions aimed at the model, hidden in content that should only inform it."""
+    for match in _HIDDEN_COMMENT.finditer(text):
+        hidden = next((g for g in match.groups() if g), "")
+        if _IMPERATIVE.search(hidden):
+            return Finding("injection", "a hidden comment talks to the model", _short(hidden))
+    for match in _HIDDEN_STYLE.finditer(text):
+        if _IMPERATIVE.search(match.group(1)):
+            return Finding("injection", "invisible text talks to the model", _short(match.group(1)))
+    for pattern, why in _INJECTION_RE:
+        for match in pattern.finditer(text):
+            if _quoted(text, match.start(), match.end()):
+                continue  # a mention ("attackers write 'ignore the rules'"), not an instruction
+            return Finding("injection", f"content {why}", _short(match.group(0)))
+    return None
+
+
+def _quoted(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] sits inside a short quotation on one line."""
+    quotes = "\"'“”‘’«»"
+    left = text.rfind("\n", 0, start) + 1
+    before = text[max(left, start - 3) : start]
+    right = text.find("\n", end)
+    after = text[end : min(end + 25, right if right >= 0 else len(text))]
+    return any(q in before for q in quotes) and any(q in after for q in quotes)
+
+
+def find_schema_violation(text: str, schema: Mapping[str, Any]) -> Finding | None:
+    """A tool result that does not match the output schema the tool promises."""
+    data = _json(text)
+    if data is None:
+        if schema.get("type") in (None, "string"):
+            data = text
+        else:
+            return Finding("schema", f"output is not JSON but the tool promises {schema.get('type')}")
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is None:
+        return None
+    path = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in error.absolute_path)
+    return Finding("schema", f"output does not match the tool's output schema at {path or '(root)'}",
+                   _short(error.message))
+
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_TEXT_FIELD = re.compile(rf"\b([A-Za-z][A-Za-z _-]{{1,30}}?)\s*[:=]\s*\$?({_NUMBER})\b")
+
+
+def numeric_fields(text: str) -> dict[str, float]:
+    """{field name: number} from a tool result: JSON leaves, or `name: number` pairs in text."""
+    data = _json(text)
+    fields: dict[str, float] = {}
+    if data is not None:
+        _walk(data, "", fields)
+    else:
+        for name, value in _TEXT_FIELD.findall(text):
+            number = _to_number(value)
+            if number is not None:
+                fields.setdefault(name.strip().lower(), number)
+    return fields
+
+
+_CLAIM_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
+_DEGREES = re.compile(rf"({_NUMBER})\s*(?:°|degrees?\b)", re.I)
+
+
+def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+    """A number the assistant states for a field that differs from every value the tools returned.
+
+    Precise on purpose: a field's name (its longest word, e.g. `stars` for `stargazer_stars`) must appear in
+    the claim (or its stem), the number nearest to it in the same clause is what the claim says about it ("gate 22",
+    "0 stops"), and it must match none of the numbers the tools returned (rounding allowed). A
+    temperature is also recognised by its unit ("18°C"), since answers rarely repeat the field name.
+    """
+    claim_l = claim.lower()
+    numbers = [(m.start(), m.end(), m.group(0)) for m in _CLAIM_NUMBER.finditer(claim_l)]
+    for tool, result in tool_results:
+        fields = numeric_fields(result)
+        if not fields:
+            continue
+        values = list(fields.values())
+        for field, value in fields.items():
+            words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
+            if not words:
+                continue
+            head = max(words, key=len)
+            stem = head[: max(4, len(head) - 2)]  # "weight" also matches "weighs", "stars" "star"
+            stated: list[tuple[str, int]] = []
+            for match in re.finditer(rf"\b{re.escape(stem)}\w*", claim_l):
+                nearest = _nearest_in_clause(claim_l, numbers, match.start(), match.end())
+                if nearest is not None:
+                    stated.append(nearest)
+            if "temp" in field:
+                stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l))
+            for text, position in stated:
+                number = _to_number(text)
+                if number is None or any(_same(number, v) for v in values):
+                    continue
+                return Finding(
+                    "contradiction",
+                    f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
+                    _short(claim[max(position - 40, 0) : position + 40]),
+                )
+    return None
+
+
+def _nearest_in_clause(
+    text: str, numbers: Sequence[tuple[int, int, str]], start: int, end: int, reach: int = 30
+) -> tuple[str, int] | None:
+    best: tuple[int, str, int] | None = None
+    for n_start, n_end, number in numbers:
+        if n_end <= start:
+            gap = text[n_end:start]
+        elif n_start >= end:
+            gap = text[end:n_start]
+        else:
+            continue
+        if len(gap) > reach or re.search(r"[;:!?()]|\.\s|\band\b|\bbut\b", gap):
+            continue  # another clause: the number is about something else
+        if best is None or len(gap) < best[0]:
+            best = (len(gap), number, n_start)
+    return (best[1], best[2]) if best else None
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+class QuarantineStage(Stage):
+    """Mark tool errors, broken tool promises, injected instructions and contradicted claims."""
+
+    name = "quarantine"
+
+    def __init__(
+        self,
+        *,
+        output_schemas: Mapping[str, Mapping[str, Any]] | None = None,
+        check_errors: bool = True,
+        check_schemas: bool = True,
+        check_injection: bool = True,
+        check_contradictions: bool = True,
+        check_documents: bool = True,
+        withhold_after_step: bool = True,
+        counter: Any = None,
+    ) -> None:
+        self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
+        for tool, schema in self.output_schemas.items():
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"output schema of {tool!r} is not a valid JSON Schema: {exc.message}") from None
+        self.check_errors = check_errors
+        self.check_schemas = check_schemas
+        self.check_injection = check_injection
+        self.check_contradictions = check_contradictions
+        self.check_documents = check_documents
+        self.withhold_after_step = withhold_after_step
+        self.counter = counter if counter is not None else default_counter()
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, QuarantineRecord]] = {}  # namespace -> fingerprint -> record
+        self._released: dict[str, set[str]] = {}  # namespace -> fingerprints the app vouched for
+
+    # -- the public registry ----------------------------------------------------------------------
+    def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
+        """The quarantined content of one namespace, oldest first."""
+        with self._lock:
+            return sorted(self._records.get(namespace, {}).values(), key=lambda r: r.created_at)
+
+    def release(self, fingerprint: str, namespace: str | None = None) -> bool:
+        """Lift a quarantine (in one namespace, or wherever it is); the content is not quarantined again.
+        Returns False when nothing with that fingerprint was quarantined."""
+        released = False
+        with self._lock:
+            spaces = [namespace] if namespace is not None else list(self._records)
+            for space in spaces:
+                record = self._records.get(space, {}).pop(fingerprint, None)
+                if record is not None:
+                    self._released.setdefault(space, set()).add(fingerprint)
+                    released = True
+        if released:
+            logger.info("quarantine released: %s", fingerprint)
+        return released
+
+    # -- checks -----------------------------------------------------------------------------------
+    def check_message(
+        self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]]
+    ) -> Finding | None:
+        """The first finding about messages[index], or None when it is clean."""
+        message = messages[index]
+        text = message_text(dict(message))
+        role = message.get("role")
+        if role == "tool":
+            tool = _tool_name(messages, index)
+            if self.check_errors and (finding := find_tool_error(text)):
+                return finding
+            schema = schemas.get(tool)
+            if self.check_schemas and schema is not None and (finding := find_schema_violation(text, schema)):
+                return finding
+            if self.check_injection and (finding := find_injection(text)):
+                return finding
+        elif role == "assistant" and self.check_contradictions and isinstance(message.get("content"), str):
+            # Only the prose is a claim; tool-call arguments are requests, not statements.
+            return find_contradiction(message["content"], _turn_tool_results(messages, index))
+        return None
+
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        namespace = request.namespace
+        messages = list(request.messages)
+        schemas = {**_schemas_from_tools(request.tools), **self.output_schemas}
+        step_start = previous_prompt_end(messages)
+        with self._lock:
+            released = set(self._released.get(namespace, ()))
+            known = dict(self._records.get(namespace, {}))
+        marks: list[tuple[Mapping[str, Any], str]] = []
+        out = list(messages)
+        withheld: list[int] = []
+        for index, message in enumerate(messages):
+            if message.get("role") not in ("tool", "assistant"):
+                continue
+            if message_text(dict(message)).startswith(PLACEHOLDER_PREFIX):
+                marks.append((message, "withheld by quarantine"))
+                continue
+            fp = fingerprint(message)
+            if fp in released:
+                continue
+            record = known.get(fp)
+            if record is None:
+                finding = self.check_message(messages, index, schemas)
+                if finding is None:
+                    continue
+                record = self._add(request, fp, finding, message, _source(messages, index))
+            marks.append((message, f"{record.kind}: {record.reason}"))
+            if self.withhold_after_step and index < step_start:
+                out[index] = {**message, "content": _placeholder(messages, index, record)}
+                marks.append((out[index], "withheld by quarantine"))
+                withheld.append(index)
+        metadata_changes: dict[str, Any] = {}
+        if self.check_documents and self.check_injection and isinstance(request.metadata.get("documents"), list):
+            flagged = self._check_documents(request, request.metadata["documents"], released, known)
+            if flagged:
+                metadata_changes[DOCUMENTS_KEY] = {**request.metadata.get(DOCUMENTS_KEY, {}), **flagged}
+        if not marks and not metadata_changes:
+            return request
+        if withheld:
+            # Content withheld on an earlier call was sent as the same placeholder then: only what appeared
+            # in the previous step is newly replaced, and only that breaks the cached prefix.
+            previous_step = previous_prompt_end(messages[:step_start])
+            new = [i for i in withheld if i >= previous_step]
+            record_prefix_invalidated(self.name, self.counter, messages, min(new) if new else None)
+            record_event(self.name, "withheld", messages=len(withheld), new=len(new))
+        edited = request.override(messages=out) if withheld else request
+        if metadata_changes:
+            edited = edited.override(metadata={**edited.metadata, **metadata_changes})
+        return mark(edited, marks) if marks else edited
+
+    def _check_documents(
+        self, request: ChatRequest, documents: Sequence[Any], released: set[str], known: Mapping[str, QuarantineRecord]
+    ) -> dict[str, str]:
+        flagged: dict[str, str] = {}
+        for doc in documents:
+            if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str):
+                continue
+            pseudo = {"role": "document", "content": doc["text"], "name": str(doc.get("id"))}
+            fp = fingerprint(pseudo)
+            if fp in released:
+                continue
+            record = known.get(fp)
+            if record is None:
+                finding = find_injection(doc["text"])
+                if finding is None:
+                    continue
+                record = self._add(request, fp, finding, pseudo, str(doc.get("id")))
+            flagged[str(doc.get("id"))] = f"{record.kind}: {record.reason}"
+        return flagged
+
+    def _add(
+        self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
+    ) -> QuarantineRecord:
+        record = QuarantineRecord(
+            fingerprint=fp, namespace=request.namespace, kind=finding.kind, reason=finding.reason,
+            evidence=finding.evidence,
+            role=str(message.get("role")), source=source, excerpt=_short(message_text(dict(message)), 160),
+            conversation_id=request.conversation_id, created_at=time.time(),
+        )
+        with self._lock:
+            space = self._records.setdefault(request.namespace, {})
+            if fp in space:  # another thread got there first: one record, one log line
+                return space[fp]
+            space[fp] = record
+        logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
+                       request.namespace, finding.detail, fp)
+        record_event(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=finding.detail,
+                     source=source)
+        return record
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def _json(text: str) -> Any:
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "[{\"" and not stripped[0].isdigit():
+        return None
+    try:
+        return json.loads(stripped)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _line_at(text: str, position: int) -> str:
+    start = text.rfind("\n", 0, position) + 1
+    end = text.find("\n", position)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _walk(data: Any, prefix: str, out: dict[str, float]) -> None:
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            _walk(value, f"{prefix}_{key}" if prefix and isinstance(value, (int, float)) else str(key), out)
+    elif isinstance(data, list):
+        for item in data[:50]:
+            _walk(item, prefix, out)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and prefix:
+        out.setdefault(prefix.lower(), float(data))
+    elif isinstance(data, str) and prefix and re.fullmatch(_NUMBER, data.strip()):
+        number = _to_number(data.strip())
+        if number is not None:
+            out.setdefault(prefix.lower(), number)
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same(a: float, b: float) -> bool:
+    # An answer may round: 12.4 stated as 12 is not a contradiction, 12 stated as 15 is.
+    return abs(a - b) <= max(0.5, 0.01 * abs(b)) or round(a) == round(b)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
+
+
+def _calls(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    calls: dict[str, tuple[str, str]] = {}
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            calls[call.get("id", "")] = (function.get("name", "tool"), function.get("arguments", "{}"))
+    return calls
+
+
+def _tool_name(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    call_id = messages[index].get("tool_call_id", "")
+    for message in messages[:index][::-1]:
+        for call in message.get("tool_calls") or []:
+            if call.get("id") == call_id:
+                return str((call.get("function") or {}).get("name", "tool"))
+    return str(messages[index].get("name") or "tool")
+
+
+def _source(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    role = messages[index].get("role")
+    return _tool_name(messages, index) if role == "tool" else str(role)
+
+
+def _turn_tool_results(messages: Sequence[Mapping[str, Any]], index: int) -> list[tuple[str, str]]:
+    """The tool results an assistant message rests on: those since the last user message before it."""
+    results: list[tuple[str, str]] = []
+    for k in range(index - 1, -1, -1):
+        role = messages[k].get("role")
+        if role == "user":
+            break
+        if role == "tool":
+            results.append((_tool_name(messages, k), message_text(dict(messages[k]))))
+    return results
+
+
+def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    schemas: dict[str, Mapping[str, Any]] = {}
+    for tool in tools:
+        function = tool.get("function") or {}
+        schema = function.get("x-output-schema") or function.get("output_schema") or function.get("outputSchema")
+        if isinstance(schema, Mapping) and function.get("name"):
+            schemas[str(function["name"])] = schema
+    return schemas
+
+
+def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
+    message = messages[index]
+    if message.get("role") == "tool":
+        name, arguments = _calls(messages).get(message.get("tool_call_id", ""), (record.source, "{}"))
+        what = f"the result of {name}({_short(arguments, 200)})"
+    else:
+        what = "an earlier assistant answer"
+    return f"{PLACEHOLDER_PREFIX} {what} was withheld ({record.kind}: {_short(record.reason, 160)})]"
+
+
+__all__ = [
+    "DOCUMENTS_KEY", "PLACEHOLDER_PREFIX", "Finding", "QuarantineRecord", "QuarantineStage",
+    "find_contradiction", "find_injection", "find_schema_violation", "find_tool_error", "numeric_fields",
+]

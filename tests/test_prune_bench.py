@@ -1,0 +1,53 @@
+"""`ctxkit bench prune` on small fixture files: both input forms, the pooled corpus, the JSON it prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ctxkit.cli.main import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "prune"
+
+
+def _run(capsys, *args: str) -> dict:
+    assert main(["bench", "prune", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_reads_a_shared_corpus_for_questions_without_documents(capsys):
+    result = _run(capsys, "--questions", str(FIXTURES / "questions.jsonl"), "--documents",
+                  str(FIXTURES / "corpus.jsonl"), "--budget", "0.25", "--lexical-only")
+    for key in ("questions", "gold_recall", "answer_recall", "kept_token_ratio", "latency_ms_p50"):
+        assert key in result, key
+    assert result["questions"] == 6
+    assert result["kept_token_ratio"] <= 0.25
+    assert result["gold_recall"] >= 5 / 6
+
+
+def test_bench_with_inline_documents_hybrid_and_limit(capsys):
+    result = _run(capsys, "--questions", str(FIXTURES / "questions_inline.jsonl"), "--budget", "0.2",
+                  "--limit", "4")
+    assert result["questions"] == 4 and result["dense"] is True
+    assert result["gold_recall"] == 1.0 and result["answer_recall"] == 1.0
+
+
+def test_pool_tokens_grows_each_question_corpus_up_to_the_cap(capsys, tmp_path):
+    corpus = [json.loads(line) for line in (FIXTURES / "corpus.jsonl").read_text().splitlines()]
+    by_id = {d["id"]: d for d in corpus}
+    questions = tmp_path / "questions.jsonl"
+    with open(questions, "w") as f:
+        for line in (FIXTURES / "questions.jsonl").read_text().splitlines():
+            q = json.loads(line)
+            f.write(json.dumps({**q, "documents": [by_id[g] for g in q["gold_documents"]]}) + "\n")
+    own = _run(capsys, "--questions", str(questions), "--lexical-only")
+    pooled = _run(capsys, "--questions", str(questions), "--pool-tokens", "200", "--lexical-only")
+    everything = _run(capsys, "--questions", str(questions), "--pool-all", "--lexical-only")
+    assert own["corpus_tokens_max"] < 80
+    assert 200 <= pooled["corpus_tokens_p50"] < 300, "the pool should stop once it passes the cap"
+    assert pooled["corpus_tokens_p50"] < everything["corpus_tokens_p50"]
+    assert pooled["gold_recall"] == 1.0
+
+
+def test_bench_rejects_a_bad_budget(capsys):
+    assert main(["bench", "prune", "--questions", str(FIXTURES / "questions.jsonl"), "--budget", "2"]) == 2

@@ -1,0 +1,101 @@
+"""ToolResultClearingStage: old tool results become placeholders, in cache-friendly steps, never orphaned."""
+
+from __future__ import annotations
+
+import json
+
+from ctxkit import ChatRequest, Ledger, Pipeline
+from ctxkit.stages.pruning import ToolResultClearingStage
+from ctxkit.stages.pruning.tool_results import PLACEHOLDER_PREFIX
+from ctxkit.validation import validate_request
+
+
+def _agent_history(results: int, size: int = 400) -> list[dict]:
+    messages: list[dict] = [
+        {"role": "system", "content": "You look things up for the user."},
+        {"role": "user", "content": "Compare the weather in these cities."},
+    ]
+    for k in range(results):
+        call_id = f"call_{k}"
+        messages.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": json.dumps({"city": f"City{k}"})}}]})
+        body = " ".join(f"hour {h}: {k + h % 7} degrees, wind {h % 5} m/s." for h in range(size // 12))
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": body})
+    messages.append({"role": "assistant", "content": "Here is what I found so far."})
+    messages.append({"role": "user", "content": "Which city was warmest?"})
+    return messages
+
+
+def _tool_contents(request: ChatRequest) -> list[str]:
+    return [m["content"] for m in request.messages if m["role"] == "tool"]
+
+
+def test_old_results_become_placeholders_that_name_the_call_to_repeat():
+    stage = ToolResultClearingStage(keep_last=2, clear_at_least=0)
+    request = ChatRequest(messages=_agent_history(5))
+    out = stage.before_model(request)
+    contents = _tool_contents(out)
+    assert all(c.startswith(PLACEHOLDER_PREFIX) for c in contents[:3]), contents[:3]
+    assert 'get_weather({"city": "City0"})' in contents[0]
+    assert contents[3:] == _tool_contents(request)[3:], "the newest results must stay verbatim"
+    assert _tool_contents(request)[0].startswith("hour 0"), "the incoming request must not be mutated"
+
+
+def test_clearing_never_orphans_a_tool_call():
+    stage = ToolResultClearingStage(keep_last=0, clear_at_least=0)
+    out = stage.before_model(ChatRequest(messages=_agent_history(4)))
+    validate_request(out)  # raises if a tool message lost its call or a call lost its result
+    assert len(out.messages) == len(_agent_history(4))
+    assert [m.get("tool_call_id") for m in out.messages] == [m.get("tool_call_id") for m in _agent_history(4)]
+
+
+def test_small_savings_below_clear_at_least_leave_the_request_untouched():
+    stage = ToolResultClearingStage(keep_last=1, clear_at_least=100_000)
+    request = ChatRequest(messages=_agent_history(4))
+    assert stage.before_model(request) is request
+
+
+def test_clearing_moves_in_steps_so_the_prefix_stays_stable_between_calls():
+    # Each result saves ~350 tokens; with clear_at_least=1000 a step closes every 3 results.
+    stage = ToolResultClearingStage(keep_last=1, clear_at_least=1000)
+    cleared_counts = []
+    previous = None
+    changed_prefix_calls = 0
+    for n in range(2, 10):
+        out = stage.before_model(ChatRequest(messages=_agent_history(n)))
+        contents = _tool_contents(out)
+        cleared_counts.append(sum(c.startswith(PLACEHOLDER_PREFIX) for c in contents))
+        if previous is not None and contents[: len(previous) - 1] != previous[: len(previous) - 1]:
+            changed_prefix_calls += 1
+        previous = contents
+    assert cleared_counts == sorted(cleared_counts), "the cleared boundary must only move forward"
+    assert set(cleared_counts) <= {0, 3, 6}, f"clearing should move in whole steps, got {cleared_counts}"
+    assert changed_prefix_calls <= 2, f"prefix changed on {changed_prefix_calls} calls, expected only at steps"
+
+
+def test_excluded_tools_are_never_cleared():
+    stage = ToolResultClearingStage(keep_last=0, clear_at_least=0, exclude_tools=["get_weather"])
+    request = ChatRequest(messages=_agent_history(3))
+    assert stage.before_model(request) is request
+
+
+def test_pipeline_ledger_shows_saving_and_prefix_invalidation(llama_backend, tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    stage = ToolResultClearingStage(keep_last=1, clear_at_least=0, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    # Mid-turn in an agent loop: the newest result just arrived, so result 1 (kept on the previous call,
+    # when it was the newest) is cleared now, inside the prefix the previous call sent.
+    messages = _agent_history(3, size=150)[:-2]
+    pipeline.call(ChatRequest(messages=messages, params={"max_tokens": 4, "temperature": 0}))
+    record = ledger.records[-1]
+    assert record.saved_by_stage["tool_result_clearing"] > 150
+    events = [e for e in record.events if e["kind"] == "prefix_invalidated"]
+    assert events and events[0]["tokens"] > 0, record.events
+    # Result 0 was already cleared on the previous call: the invalidation starts at result 1.
+    first_tool = next(i for i, m in enumerate(messages) if m.get("tool_call_id") == "call_1")
+    assert events[0]["first_message"] == first_tool
+    # Next call: the answer and a new question follow. The same results are cleared as on the previous
+    # call, so no cached prefix is lost and nothing is recorded.
+    pipeline.call(ChatRequest(messages=_agent_history(3, size=150), params={"max_tokens": 4, "temperature": 0}))
+    assert not [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"], ledger.records[-1].events
