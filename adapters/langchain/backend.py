@@ -1,0 +1,227 @@
+"""LangChainBackend: any LangChain chat model as a ctxkit backend, so ctxkit's stages run in front of it.
+
+    backend = LangChainBackend(ChatOpenAI(model="gpt-4o-mini"))              # counted with tiktoken
+    backend = LangChainBackend(ChatAnthropic(...), counter=my_counter)      # anything else: say how to count
+
+The chat model does the I/O; ctxkit needs to know how that model counts tokens, so the pipeline can
+measure what each stage saved. For OpenAI models that is tiktoken; for any other model pass `counter=`
+(for a GGUF model, `GGUFPrompt.from_gguf(path)`), because a guessed count would make the ledger lie.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk
+
+from ctxkit.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendStatusError,
+    BackendTimeoutError,
+    ConfigurationError,
+)
+from ctxkit.request import ChatRequest
+from ctxkit.response import ChatResponse, Usage
+from ctxkit.tokens import TokenCounter
+from ctxkit.tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
+
+from .messages import (
+    ai_message_to_openai,
+    from_openai_messages,
+    openai_chunks_from_message_chunk,
+    usage_from_ai_message,
+)
+
+DEFAULT_CONTEXT_WINDOW = 128_000
+
+
+def chat_model_name(chat_model: BaseChatModel) -> str:
+    """The model name a LangChain chat model serves (its `model_name`, `model` or `model_id`)."""
+    for attribute in ("model_name", "model", "model_id"):
+        value = getattr(chat_model, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(chat_model).__name__
+
+
+def counter_for(chat_model: BaseChatModel, counter: TokenCounter | None) -> TokenCounter:
+    """The counter given, or tiktoken's for an OpenAI model; anything else is a configuration error."""
+    if counter is not None:
+        return counter
+    model = chat_model_name(chat_model)
+    if encoding_name_for_model(model) is not None:
+        return TiktokenCounter(model)
+    raise ConfigurationError(
+        f"cannot count tokens for {type(chat_model).__name__} model {model!r}: pass counter= "
+        "(for a GGUF model, ctxkit.GGUFPrompt.from_gguf(path)) so the ledger's savings are exact"
+    )
+
+
+def translate_error(exc: BaseException, backend: str) -> BackendError:
+    """A chat model's exception as ctxkit's BackendError, keeping an HTTP status when it carried one."""
+    if isinstance(exc, BackendError):
+        return exc
+    kind = type(exc).__name__.lower()
+    status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, TimeoutError) or "timeout" in kind:
+        return BackendTimeoutError(str(exc), backend=backend)
+    if isinstance(exc, ConnectionError) or "connection" in kind:
+        return BackendConnectionError(str(exc), backend=backend)
+    if isinstance(status, int):
+        return BackendStatusError(str(exc), backend=backend, status=status)
+    return BackendError(f"{type(exc).__name__}: {exc}", backend=backend)
+
+
+class LangChainBackend:
+    """The ctxkit Backend protocol over a LangChain chat model (sync, async and streaming)."""
+
+    def __init__(
+        self,
+        chat_model: BaseChatModel,
+        *,
+        counter: TokenCounter | None = None,
+        context_window: int = DEFAULT_CONTEXT_WINDOW,
+        name: str | None = None,
+    ) -> None:
+        """context_window: the model's limit in tokens; the pipeline refuses requests that do not fit."""
+        self.chat_model = chat_model
+        self.model = chat_model_name(chat_model)
+        self.counter = counter_for(chat_model, counter)
+        self.context_window = context_window
+        self.name = name or f"langchain:{type(chat_model).__name__}"
+
+    def __repr__(self) -> str:
+        return f"LangChainBackend({type(self.chat_model).__name__}, model={self.model!r})"
+
+    # -- sync ---------------------------------------------------------------------------------------
+    def complete(self, request: ChatRequest) -> ChatResponse:
+        model, kwargs = self._prepared(request)
+        try:
+            message = model.invoke(from_openai_messages(request.messages), **kwargs)
+        except Exception as exc:
+            raise translate_error(exc, self.name) from exc
+        return self._response(message, request)
+
+    def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
+        model, kwargs = self._prepared(request)
+        state = _StreamState(request.model or self.model)
+        try:
+            for chunk in model.stream(from_openai_messages(request.messages), **kwargs):
+                yield from state.convert(chunk)
+        except Exception as exc:
+            raise translate_error(exc, self.name) from exc
+        yield from state.finish()
+
+    # -- async twins --------------------------------------------------------------------------------
+    async def acomplete(self, request: ChatRequest) -> ChatResponse:
+        model, kwargs = self._prepared(request)
+        try:
+            message = await model.ainvoke(from_openai_messages(request.messages), **kwargs)
+        except Exception as exc:
+            raise translate_error(exc, self.name) from exc
+        return self._response(message, request)
+
+    async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        model, kwargs = self._prepared(request)
+        state = _StreamState(request.model or self.model)
+        try:
+            async for chunk in model.astream(from_openai_messages(request.messages), **kwargs):
+                for out in state.convert(chunk):
+                    yield out
+        except Exception as exc:
+            raise translate_error(exc, self.name) from exc
+        for out in state.finish():
+            yield out
+
+    def close(self) -> None:
+        pass  # the chat model belongs to the caller
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _prepared(self, request: ChatRequest) -> tuple[Any, dict[str, Any]]:
+        """The model with the request's tools bound, and the sampling parameters as call kwargs."""
+        params = dict(request.params)
+        tool_choice = params.pop("tool_choice", None)
+        parallel = params.pop("parallel_tool_calls", None)
+        model: Any = self.chat_model
+        if request.tools:
+            bind_kwargs: dict[str, Any] = {}
+            if tool_choice is not None:
+                bind_kwargs["tool_choice"] = tool_choice
+            if parallel is not None:
+                bind_kwargs["parallel_tool_calls"] = parallel
+            model = self.chat_model.bind_tools(list(request.tools), **bind_kwargs)
+        return model, params
+
+    def _response(self, message: Any, request: ChatRequest) -> ChatResponse:
+        if not isinstance(message, AIMessage):
+            raise BackendError(f"the chat model returned {type(message).__name__}, not an AIMessage", backend=self.name)
+        openai_message = ai_message_to_openai(message)
+        usage = usage_from_ai_message(message)
+        if usage is None:  # the model reported nothing: count, and say so in the ledger
+            usage = Usage(self.counter.count_prompt(request.messages, request.tools),
+                          self.counter.count_completion(openai_message), 0, reported=False)
+        metadata = message.response_metadata or {}
+        finish = metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop")
+        response = ChatResponse(
+            message=openai_message, finish_reason=finish, usage=usage,
+            model=metadata.get("model_name") or request.model or self.model, backend=self.name,
+        )
+        if message.id:
+            response.id = message.id
+        return response
+
+
+class _StreamState:
+    """Turns a LangChain chunk stream into OpenAI chunks, keeping its usage for one final usage chunk."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.model = model
+        self.created = int(time.time())
+        self.usage: dict[str, int] | None = None
+        self.started = False
+        self.saw_tool_call = False
+        self.saw_finish = False
+
+    def convert(self, chunk: Any) -> list[dict[str, Any]]:
+        if not isinstance(chunk, AIMessageChunk):
+            return []
+        out = []
+        if not self.started:
+            self.started = True
+            out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "finish_reason": None}]})
+        converted = openai_chunks_from_message_chunk(chunk, chunk_id=self.id, model=self.model, created=self.created)
+        for item in converted:
+            choice = item["choices"][0]
+            self.saw_tool_call = self.saw_tool_call or bool(choice["delta"].get("tool_calls"))
+            self.saw_finish = self.saw_finish or bool(choice["finish_reason"])
+        out += converted
+        if chunk.usage_metadata:  # LangChain splits usage over chunks; it adds up
+            u = chunk.usage_metadata
+            cached = (u.get("input_token_details") or {}).get("cache_read") or 0
+            total = self.usage or {"prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
+            self.usage = {"prompt_tokens": total["prompt_tokens"] + u["input_tokens"],
+                          "completion_tokens": total["completion_tokens"] + u["output_tokens"],
+                          "cached": total["cached"] + cached}
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        out = []
+        if not self.saw_finish:  # many chat models never say why they stopped
+            out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                        "choices": [{"index": 0, "delta": {},
+                                     "finish_reason": "tool_calls" if self.saw_tool_call else "stop"}]})
+        if self.usage is None:
+            return out  # no reported usage: the pipeline counts the completion itself
+        u = self.usage
+        return out + [{"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [], "usage": {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+                                          "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
+                                          "prompt_tokens_details": {"cached_tokens": u["cached"]}}}]

@@ -1,0 +1,213 @@
+"""CtxkitChatModel: a LangChain chat model that sends every call through a ctxkit pipeline.
+
+    model = CtxkitChatModel(pipeline=Pipeline(LlamaCppBackend(), stages=[...], ledger=Ledger("calls.jsonl")))
+    model = CtxkitChatModel.wrap(ChatOpenAI(model="gpt-4o-mini"), stages=[...])   # any LangChain model
+    chain = prompt | model | StrOutputParser()                                     # unchanged chains
+    agent_model = model.bind_tools([search, calculator])
+
+It is a full BaseChatModel: invoke/ainvoke, stream/astream (tool calls arrive as tool-call chunks),
+batch, bind_tools and with_structured_output work as with any other chat model, and every call leaves
+one record in the pipeline's ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from pydantic import ConfigDict, Field
+
+from ctxkit.errors import RequestError
+from ctxkit.ledger import Ledger, PriceTable
+from ctxkit.pipeline import Pipeline
+from ctxkit.request import SAMPLING_PARAMS, ChatRequest
+from ctxkit.response import ChatResponse
+from ctxkit.stage import Stage
+from ctxkit.tokens import TokenCounter
+
+from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend
+from .messages import (
+    to_ai_message,
+    to_message_chunk,
+    to_openai_messages,
+    to_openai_tool_choice,
+    to_openai_tools,
+)
+
+# Call kwargs that name ctxkit's own request fields rather than sampling parameters.
+_REQUEST_FIELDS = ("namespace", "conversation_id", "metadata")
+
+
+class CtxkitChatModel(BaseChatModel):
+    """A LangChain chat model whose calls run through `pipeline` (its stages, backend and ledger).
+
+    namespace / conversation_id: set on every request (override per call: `model.invoke(x, namespace=...)`).
+    model_name: the model asked of the backend (None: the backend's own).
+    temperature, max_tokens, stop, seed: default sampling parameters; call kwargs override them.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    pipeline: Pipeline
+    model_name: str | None = Field(default=None, alias="model")
+    namespace: str = "default"
+    conversation_id: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+    @classmethod
+    def wrap(
+        cls,
+        chat_model: BaseChatModel,
+        *,
+        stages: Sequence[Stage] = (),
+        ledger: Ledger | None = None,
+        prices: PriceTable | None = None,
+        counter: TokenCounter | None = None,
+        context_window: int = DEFAULT_CONTEXT_WINDOW,
+        **fields: Any,
+    ) -> CtxkitChatModel:
+        """Put ctxkit's `stages` in front of any LangChain chat model.
+
+        counter: how that model counts tokens; tiktoken is used for OpenAI models, anything else needs one.
+        """
+        backend = LangChainBackend(chat_model, counter=counter, context_window=context_window)
+        return cls(pipeline=Pipeline(backend, stages, ledger=ledger, prices=prices), **fields)
+
+    @property
+    def _llm_type(self) -> str:
+        return "ctxkit"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name or self.pipeline.backend.model,
+            "backend": self.pipeline.backend.name,
+            "stages": [stage.name for stage in self.pipeline.stages],
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "ctxkit"
+        params["ls_model_name"] = self.model_name or self.pipeline.backend.model
+        return params
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer `tools` (BaseTool, functions, pydantic models or OpenAI schemas) on every call."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        return self.bind(tools=to_openai_tools(tools), **kwargs)
+
+    # -- request building ---------------------------------------------------------------------------
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
+                 kwargs: dict[str, Any]) -> ChatRequest:
+        kwargs = dict(kwargs)
+        params: dict[str, Any] = {}
+        for key in ("temperature", "max_tokens", "seed"):
+            if getattr(self, key) is not None:
+                params[key] = getattr(self, key)
+        if stop or self.stop:
+            params["stop"] = list(stop or self.stop or [])
+        tools = kwargs.pop("tools", None) or ()
+        if kwargs.get("tool_choice") is not None:
+            kwargs["tool_choice"] = to_openai_tool_choice(kwargs["tool_choice"])
+        fields = {key: kwargs.pop(key) for key in _REQUEST_FIELDS if kwargs.get(key) is not None}
+        unknown = []
+        for key, value in kwargs.items():
+            if key in SAMPLING_PARAMS:
+                if value is not None:
+                    params[key] = value
+            elif not key.startswith("ls_"):  # ls_*: LangSmith tracing hints, not for the model
+                unknown.append(key)
+        if unknown:
+            raise RequestError(f"unsupported argument(s): {', '.join(sorted(unknown))}", "CtxkitChatModel")
+        return ChatRequest(
+            messages=to_openai_messages(messages),
+            tools=to_openai_tools(tools),
+            params=params,
+            model=self.model_name,
+            stream=stream,
+            namespace=fields.get("namespace", self.namespace),
+            conversation_id=fields.get("conversation_id", self.conversation_id),
+            metadata=dict(fields.get("metadata") or {}),
+        )
+
+    @staticmethod
+    def _result(response: ChatResponse) -> ChatResult:
+        message = to_ai_message(response)
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info={"finish_reason": response.finish_reason})],
+            llm_output={"model_name": response.model, "token_usage": response.to_openai()["usage"]},
+        )
+
+    # -- the four entry points LangChain calls ------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = self.pipeline.call(self._request(messages, stop, False, kwargs))
+        assert isinstance(result, ChatResponse)
+        return self._result(result)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = await self.pipeline.acall(self._request(messages, stop, False, kwargs))
+        assert isinstance(result, ChatResponse)
+        return self._result(result)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        stream = self.pipeline.call(self._request(messages, stop, True, kwargs))
+        assert not isinstance(stream, ChatResponse)
+        for chunk in stream:
+            message = to_message_chunk(chunk)
+            if message is None:
+                continue
+            generation = ChatGenerationChunk(message=message)
+            if run_manager is not None and message.content:
+                run_manager.on_llm_new_token(message.text, chunk=generation)
+            yield generation
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        stream = await self.pipeline.acall(self._request(messages, stop, True, kwargs))
+        assert not isinstance(stream, ChatResponse)
+        async for chunk in stream:
+            message = to_message_chunk(chunk)
+            if message is None:
+                continue
+            generation = ChatGenerationChunk(message=message)
+            if run_manager is not None and message.content:
+                await run_manager.on_llm_new_token(message.text, chunk=generation)
+            yield generation

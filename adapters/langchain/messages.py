@@ -1,0 +1,177 @@
+"""Conversions between LangChain messages and the OpenAI chat format ctxkit works in.
+
+ctxkit's requests, responses and stream chunks are OpenAI-format dicts; LangChain speaks BaseMessage.
+Tool calls cross in both directions: an OpenAI `tool_calls` entry carries its arguments as a JSON
+string, a LangChain `tool_calls` entry as a dict (and arguments that do not parse become
+`invalid_tool_calls`, as LangChain's own OpenAI integration does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    convert_to_messages,
+    convert_to_openai_messages,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from ctxkit.response import ChatResponse, Usage
+
+
+def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as OpenAI chat messages (assistant tool calls with JSON-string arguments)."""
+    converted = convert_to_openai_messages(list(messages))
+    out = []
+    for message in converted:
+        if message.get("role") == "assistant" and message.get("tool_calls") and not message.get("content"):
+            message = {**message, "content": None}  # OpenAI's form of "only tool calls"
+        out.append(message)
+    return out
+
+
+def from_openai_messages(messages: Sequence[dict[str, Any]]) -> list[BaseMessage]:
+    """OpenAI chat messages as LangChain messages."""
+    return convert_to_messages([_without_none_content(m) for m in messages])
+
+
+def _without_none_content(message: dict[str, Any]) -> dict[str, Any]:
+    # LangChain's converter wants a string where OpenAI allows null content beside tool calls.
+    return {**message, "content": ""} if message.get("content") is None else message
+
+
+def to_openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """Tools in any form LangChain accepts (BaseTool, function, pydantic model, schema dict) as OpenAI schemas."""
+    return [convert_to_openai_tool(tool) for tool in tools]
+
+
+def to_openai_tool_choice(tool_choice: Any) -> Any:
+    """LangChain's tool_choice ("any", True, a tool name) in OpenAI's spelling."""
+    if tool_choice is None or isinstance(tool_choice, dict):
+        return tool_choice
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice in ("auto", "none"):
+        return tool_choice
+    if isinstance(tool_choice, str):
+        return {"type": "function", "function": {"name": tool_choice}}
+    return tool_choice
+
+
+def usage_metadata(usage: Usage) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=usage.prompt_tokens,
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        input_token_details={"cache_read": usage.cached_tokens},
+        output_token_details={},
+    )
+
+
+def _tool_calls(calls: Sequence[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    valid, invalid = [], []
+    for call in calls:
+        function = call.get("function") or {}
+        raw = function.get("arguments") or "{}"
+        try:
+            args = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            invalid.append(invalid_tool_call(name=function.get("name"), args=raw, id=call.get("id"), error=str(exc)))
+            continue
+        if not isinstance(args, dict):
+            invalid.append(invalid_tool_call(name=function.get("name"), args=raw, id=call.get("id"),
+                                             error="arguments are not a JSON object"))
+            continue
+        valid.append(tool_call(name=function.get("name") or "", args=args, id=call.get("id")))
+    return valid, invalid
+
+
+def to_ai_message(response: ChatResponse) -> AIMessage:
+    """A ctxkit answer as the AIMessage a LangChain chat model returns."""
+    valid, invalid = _tool_calls(response.tool_calls)
+    return AIMessage(
+        content=response.content or "",
+        tool_calls=valid,
+        invalid_tool_calls=invalid,
+        usage_metadata=usage_metadata(response.usage),
+        response_metadata={
+            "finish_reason": response.finish_reason,
+            "model_name": response.model,
+            "ctxkit_backend": response.backend,
+            "ctxkit_answered_by": response.answered_by,
+        },
+        id=response.id,
+    )
+
+
+def to_message_chunk(chunk: dict[str, Any]) -> AIMessageChunk | None:
+    """One OpenAI `chat.completion.chunk` as an AIMessageChunk; None for a chunk that carries nothing."""
+    content = ""
+    tool_chunks = []
+    response_metadata: dict[str, Any] = {}
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        content += delta.get("content") or ""
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            tool_chunks.append(tool_call_chunk(
+                name=function.get("name"), args=function.get("arguments"), id=call.get("id"),
+                index=call.get("index", 0),
+            ))
+        if choice.get("finish_reason"):
+            response_metadata["finish_reason"] = choice["finish_reason"]
+    usage = None
+    if chunk.get("usage"):
+        u = chunk["usage"]
+        details = u.get("prompt_tokens_details") or {}
+        usage = usage_metadata(Usage(u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0))
+        response_metadata["model_name"] = chunk.get("model")
+    if not content and not tool_chunks and usage is None and not response_metadata:
+        return None
+    return AIMessageChunk(
+        content=content, tool_call_chunks=tool_chunks, usage_metadata=usage,
+        response_metadata=response_metadata, id=chunk.get("id"),
+    )
+
+
+def ai_message_to_openai(message: AIMessage) -> dict[str, Any]:
+    """An AIMessage (or a merged AIMessageChunk) as an OpenAI assistant message."""
+    return to_openai_messages([message])[0]
+
+
+def usage_from_ai_message(message: AIMessage) -> Usage | None:
+    """The usage a LangChain model reported on its message, or None when it reported none."""
+    usage = message.usage_metadata
+    if not usage:
+        return None
+    details = usage.get("input_token_details") or {}
+    return Usage(usage["input_tokens"], usage["output_tokens"], details.get("cache_read") or 0)
+
+
+def openai_chunks_from_message_chunk(
+    chunk: AIMessageChunk, *, chunk_id: str, model: str, created: int
+) -> list[dict[str, Any]]:
+    """A LangChain AIMessageChunk as OpenAI `chat.completion.chunk` dicts (usage goes in its own chunk)."""
+    base = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    delta: dict[str, Any] = {}
+    text = chunk.text if isinstance(chunk.content, list) else chunk.content
+    if text:
+        delta["content"] = text
+    if chunk.tool_call_chunks:
+        delta["tool_calls"] = [
+            {"index": tc.get("index") or 0, "id": tc.get("id"), "type": "function",
+             "function": {"name": tc.get("name") or "", "arguments": tc.get("args") or ""}}
+            for tc in chunk.tool_call_chunks
+        ]
+    finish = (chunk.response_metadata or {}).get("finish_reason")
+    out = []
+    if delta or finish:
+        out.append({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    return out

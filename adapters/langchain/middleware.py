@@ -1,0 +1,282 @@
+"""CtxkitMiddleware: ctxkit's stages inside a LangChain v1 agent (`create_agent`) loop.
+
+    agent = create_agent(model, tools=[...], middleware=[CtxkitMiddleware(stages=[...], ledger=ledger)])
+
+On every model call of the loop, the agent's ModelRequest (system message, messages, tools, tool choice,
+model settings) becomes a ctxkit ChatRequest and runs through the stages, exactly as in a Pipeline; the
+stage chain ends in the agent's own handler, called with `request.override(...)` carrying what the
+stages kept. The agent's model does the I/O, so tools stay the agent's BaseTool objects (matched back by
+name) and every message a stage left untouched is handed on as the very same LangChain object. One
+ledger record is written per model call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from ctxkit.errors import BackendError, ConfigurationError
+from ctxkit.ledger import Ledger, PriceTable
+from ctxkit.pipeline import Pipeline
+from ctxkit.request import SAMPLING_PARAMS, ChatRequest
+from ctxkit.response import ChatResponse, Usage
+from ctxkit.stage import Stage
+from ctxkit.tokens import TokenCounter
+
+from .backend import chat_model_name, counter_for
+from .messages import (
+    ai_message_to_openai,
+    from_openai_messages,
+    to_ai_message,
+    to_openai_messages,
+    to_openai_tool_choice,
+    usage_from_ai_message,
+)
+
+UNLIMITED_CONTEXT = sys.maxsize  # without a stated window, the agent's model is the judge of what fits
+
+
+def _key(message: dict[str, Any]) -> str:
+    return json.dumps(message, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class _Translated:
+    """An agent ModelRequest in ctxkit's terms, with what is needed to map the stages' edits back."""
+
+    chat: ChatRequest
+    originals: dict[str, list[BaseMessage]]  # OpenAI form -> the LangChain messages that have it
+    tools_by_name: dict[str, tuple[Any, dict[str, Any]]]  # name -> (the agent's tool object, its schema)
+    passthrough_tools: list[Any]  # provider built-in tools: no schema for ctxkit to see
+
+
+class _HandlerBackend:
+    """The end of the stage chain: the agent's model handler, in the shape of a ctxkit Backend."""
+
+    name = "langchain-agent"
+
+    def __init__(self, request: ModelRequest, translated: _Translated, counter: TokenCounter,
+                 context_window: int) -> None:
+        self.request = request
+        self.translated = translated
+        self.counter = counter
+        self.context_window = context_window
+        self.model = chat_model_name(request.model)
+        self.handler: Callable[[ModelRequest], Any] | None = None
+        self.ahandler: Callable[[ModelRequest], Awaitable[Any]] | None = None
+        # responses this backend produced -> (the handler's own result, the message as converted)
+        self.produced: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+    def complete(self, chat: ChatRequest) -> ChatResponse:
+        assert self.handler is not None
+        return self._response(self.handler(self._model_request(chat)), chat)
+
+    async def acomplete(self, chat: ChatRequest) -> ChatResponse:
+        assert self.ahandler is not None
+        return self._response(await self.ahandler(self._model_request(chat)), chat)
+
+    def stream(self, chat: ChatRequest) -> Iterator[dict[str, Any]]:
+        raise ConfigurationError("an agent's model call is never a stream through ctxkit's middleware")
+
+    def astream(self, chat: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        raise ConfigurationError("an agent's model call is never a stream through ctxkit's middleware")
+
+    def close(self) -> None:
+        pass
+
+    def _model_request(self, chat: ChatRequest) -> ModelRequest:
+        """The agent's request carrying what the stages passed on; the same object if they changed nothing."""
+        original = self.translated.chat
+        changes: dict[str, Any] = {}
+        if chat.messages is not original.messages:
+            system, messages = self._messages(chat.messages)
+            changes["system_message"] = system
+            changes["messages"] = messages
+        if chat.tools is not original.tools:
+            changes["tools"] = [self._tool(schema) for schema in chat.tools] + self.translated.passthrough_tools
+        if chat.params != original.params:
+            settings = {k: v for k, v in self.request.model_settings.items() if k not in SAMPLING_PARAMS}
+            settings.update({k: v for k, v in chat.params.items() if k != "tool_choice"})
+            changes["model_settings"] = settings
+            if chat.params.get("tool_choice") != original.params.get("tool_choice"):
+                changes["tool_choice"] = chat.params.get("tool_choice")
+        return self.request.override(**changes) if changes else self.request
+
+    def _tool(self, schema: dict[str, Any]) -> Any:
+        """The agent's own tool object when a stage kept it as it was; the edited schema otherwise (the
+        agent binds schema dicts as they are and still runs the call by name with its own tool)."""
+        known = self.translated.tools_by_name.get(schema["function"]["name"])
+        return known[0] if known is not None and known[1] == schema else schema
+
+    def _messages(self, messages: Sequence[dict[str, Any]]) -> tuple[SystemMessage | None, list[BaseMessage]]:
+        used: dict[str, int] = {}
+        out: list[BaseMessage] = []
+        for message in messages:
+            key = _key(message)
+            candidates = self.translated.originals.get(key, [])
+            if used.get(key, 0) < len(candidates):  # untouched by the stages: keep the agent's own object
+                out.append(candidates[used.get(key, 0)])
+                used[key] = used.get(key, 0) + 1
+            else:
+                out.extend(from_openai_messages([message]))
+        system = None
+        if out and isinstance(out[0], SystemMessage):
+            system, out = out[0], out[1:]
+        return system, out
+
+    def _response(self, result: Any, chat: ChatRequest) -> ChatResponse:
+        model_response = result.model_response if hasattr(result, "model_response") else result
+        if isinstance(model_response, AIMessage):
+            message = model_response
+        else:
+            messages = [m for m in getattr(model_response, "result", []) if isinstance(m, AIMessage)]
+            if not messages:
+                raise BackendError("the agent's model returned no AIMessage", backend=self.name)
+            message = messages[-1]
+        openai_message = ai_message_to_openai(message)
+        usage = usage_from_ai_message(message)
+        if usage is None:
+            usage = Usage(self.counter.count_prompt(chat.messages, chat.tools),
+                          self.counter.count_completion(openai_message), 0, reported=False)
+        metadata = message.response_metadata or {}
+        response = ChatResponse(
+            message=openai_message,
+            finish_reason=metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop"),
+            usage=usage, model=metadata.get("model_name") or self.model, backend=self.name,
+        )
+        self.produced[id(response)] = (result, dict(openai_message))
+        return response
+
+    def agent_result(self, response: ChatResponse) -> Any:
+        """What the middleware returns to the agent: the handler's own result when no stage changed it."""
+        produced = self.produced.get(id(response))
+        if produced is not None and produced[1] == response.message:
+            return produced[0]
+        structured = None
+        if produced is not None:
+            structured = getattr(produced[0], "structured_response", None)
+        return ModelResponse(result=[to_ai_message(response)], structured_response=structured)
+
+
+class CtxkitMiddleware(AgentMiddleware):
+    """Applies ctxkit stages to each model call of a LangChain v1 agent, writing one ledger record per call.
+
+    stages:         the ctxkit stages, in order (the same objects a Pipeline takes).
+    counter:        how the agent's model counts tokens; default: tiktoken for OpenAI models, the pipeline's
+                    counter for a CtxkitChatModel, otherwise required.
+    context_window: the model's limit; requests the stages cannot fit under it fail before the model call.
+    namespace:      tenant for stateful stages; conversation_id defaults to the LangGraph thread_id.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage] = (),
+        *,
+        ledger: Ledger | None = None,
+        prices: PriceTable | None = None,
+        counter: TokenCounter | None = None,
+        context_window: int | None = None,
+        namespace: str = "default",
+        conversation_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        names = [stage.name for stage in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:  # checked here, once, rather than on the first model call
+            raise ValueError(f"stage names must be unique in a pipeline: {duplicates}")
+        self.stages = list(stages)
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.prices = prices if prices is not None else PriceTable()
+        self.counter = counter
+        self.context_window = context_window
+        self.namespace = namespace
+        self.conversation_id = conversation_id
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, **options: Any) -> CtxkitMiddleware:
+        """The stages, ledger, prices and counter of an existing pipeline, applied inside an agent."""
+        options.setdefault("counter", pipeline.backend.counter)
+        options.setdefault("context_window", pipeline.backend.context_window)
+        return cls(pipeline.stages, ledger=pipeline.ledger, prices=pipeline.prices, **options)
+
+    @property
+    def name(self) -> str:
+        return "ctxkit"
+
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
+        backend, pipeline, chat = self._prepare(request)
+        backend.handler = handler
+        result = pipeline.call(chat)
+        assert isinstance(result, ChatResponse)
+        return backend.agent_result(result)
+
+    async def awrap_model_call(
+        self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[Any]]
+    ) -> Any:
+        backend, pipeline, chat = self._prepare(request)
+        backend.ahandler = handler
+        result = await pipeline.acall(chat)
+        assert isinstance(result, ChatResponse)
+        return backend.agent_result(result)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _prepare(self, request: ModelRequest) -> tuple[_HandlerBackend, Pipeline, ChatRequest]:
+        translated = self._translate(request)
+        counter = self._counter(request)
+        window = self.context_window or UNLIMITED_CONTEXT
+        backend = _HandlerBackend(request, translated, counter, window)
+        # A pipeline per call: the stages and ledger are shared, the terminal is this call's handler.
+        pipeline = Pipeline(backend, self.stages, ledger=self.ledger, prices=self.prices)
+        return backend, pipeline, translated.chat
+
+    def _counter(self, request: ModelRequest) -> TokenCounter:
+        if self.counter is not None:
+            return self.counter
+        inner = getattr(request.model, "pipeline", None)
+        if isinstance(inner, Pipeline):  # a CtxkitChatModel: count as its backend does
+            return inner.backend.counter
+        return counter_for(request.model, None)
+
+    def _translate(self, request: ModelRequest) -> _Translated:
+        lc_messages: list[BaseMessage] = list(request.messages)
+        if request.system_message is not None:
+            lc_messages.insert(0, request.system_message)
+        messages = to_openai_messages(lc_messages)
+        originals: dict[str, list[BaseMessage]] = {}
+        if len(messages) == len(lc_messages):  # one-to-one, so untouched messages can be handed back as they were
+            for openai_message, lc_message in zip(messages, lc_messages, strict=True):
+                originals.setdefault(_key(openai_message), []).append(lc_message)
+        tools, by_name, passthrough = [], {}, []
+        for tool in request.tools:
+            if isinstance(tool, dict) and tool.get("type") not in (None, "function"):
+                passthrough.append(tool)  # e.g. a provider's built-in web search
+                continue
+            schema = convert_to_openai_tool(tool)
+            tools.append(schema)
+            by_name[schema["function"]["name"]] = (tool, schema)
+        params = {k: v for k, v in request.model_settings.items() if k in SAMPLING_PARAMS and v is not None}
+        if request.tool_choice is not None:
+            params["tool_choice"] = to_openai_tool_choice(request.tool_choice)
+        chat = ChatRequest(
+            messages=messages, tools=tools, params=params, model=chat_model_name(request.model),
+            namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(),
+        )
+        return _Translated(chat, originals, by_name, passthrough)
+
+
+def _thread_id() -> str | None:
+    """The LangGraph thread the agent runs in, as the ledger's conversation id."""
+    try:
+        from langgraph.config import get_config
+
+        thread = (get_config().get("configurable") or {}).get("thread_id")
+    except (ImportError, RuntimeError):
+        return None
+    return str(thread) if thread is not None else None

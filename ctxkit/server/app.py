@@ -1,0 +1,283 @@
+"""The OpenAI-compatible proxy: any app that speaks the OpenAI API points its base URL here and gets ctxkit.
+
+    app = create_app(pipeline, ApiKeys.from_env())       # a Starlette ASGI app; `ctxkit serve` runs it
+
+Endpoints: POST /v1/chat/completions (JSON, or server-sent events with `"stream": true`), GET /v1/models,
+GET /healthz, GET /metrics (Prometheus). Every /v1 call needs `Authorization: Bearer <key>`; the key's
+namespace is set on the request, so stateful stages never answer one tenant from another's data. Errors
+use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: a malformed request is a 400 naming
+the field, a backend's own HTTP status passes through, an unreachable backend is a 502 and a backend
+that timed out a 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendStatusError,
+    BackendTimeoutError,
+    ContextOverflowError,
+    CtxkitError,
+    RequestError,
+)
+from ..pipeline import Pipeline
+from ..request import ChatRequest
+from ..response import ChatResponse
+from .auth import ApiKeys
+from .metrics import MeteredLedger, ProxyMetrics
+
+logger = logging.getLogger("ctxkit.server")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Fields a client may set under `extra_body={"ctxkit": {...}}`; the namespace comes from the key only.
+CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
+
+
+class HTTPError(Exception):
+    """An error answer: status, OpenAI error type, message and the offending field."""
+
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param, self.code = status, kind, message, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def error_for(exc: BaseException) -> HTTPError:
+    """The HTTP answer for an exception raised while serving a call."""
+    if isinstance(exc, ContextOverflowError):
+        return HTTPError(400, "invalid_request_error", str(exc), exc.where, "context_length_exceeded")
+    if isinstance(exc, RequestError):
+        return HTTPError(400, "invalid_request_error", str(exc), exc.where)
+    if isinstance(exc, BackendStatusError) and exc.status is not None:
+        return HTTPError(exc.status, "upstream_error", str(exc), code=f"upstream_{exc.status}")
+    if isinstance(exc, BackendTimeoutError):
+        return HTTPError(504, "upstream_timeout", str(exc), code="upstream_timeout")
+    if isinstance(exc, (BackendConnectionError, BackendError)):
+        return HTTPError(502, "upstream_error", str(exc), code="upstream_unavailable")
+    if isinstance(exc, CtxkitError):
+        return HTTPError(500, "server_error", str(exc))
+    return HTTPError(500, "server_error", "internal error (see the server log)")
+
+
+class _Proxy:
+    """The request handlers, with the pipeline, keys and metrics they share."""
+
+    def __init__(self, pipeline: Pipeline, keys: ApiKeys, metrics: ProxyMetrics, *, max_body_bytes: int,
+                 max_concurrency: int) -> None:
+        self.pipeline = pipeline
+        self.keys = keys
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        # Waiting requests queue here, in the event loop, rather than in worker threads: a local model
+        # serves one generation at a time, and a thread blocked on its lock helps nobody.
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.started = int(time.time())
+
+    # -- endpoints ----------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            namespace = self._authenticate(request)
+            payload = await self._json_body(request)
+            chat = self._chat_request(payload, namespace)
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            response = await self._answer(chat, include_usage, t0)
+        except HTTPError as exc:
+            return self._failed("chat", exc)
+        except Exception as exc:
+            if not isinstance(exc, CtxkitError):
+                logger.exception("unexpected error serving a chat completion")
+            return self._failed("chat", error_for(exc))
+        if not chat.stream:
+            self.metrics.request_seconds.labels("false").observe(time.perf_counter() - t0)
+        self.metrics.requests.labels("chat", str(response.status_code)).inc()
+        return response
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authenticate(request)
+        except HTTPError as exc:
+            return self._failed("models", exc)
+        self.metrics.requests.labels("models", "200").inc()
+        model = {"id": self.pipeline.backend.model, "object": "model", "created": self.started, "owned_by": "ctxkit"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def healthz(self, request: Request) -> Response:
+        backend = self.pipeline.backend
+        return JSONResponse({"status": "ok", "backend": backend.name, "model": backend.model,
+                             "stages": [stage.name for stage in self.pipeline.stages]})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- steps --------------------------------------------------------------------------------------
+    def _failed(self, endpoint: str, exc: HTTPError) -> Response:
+        self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+        self.metrics.errors.labels(exc.kind).inc()
+        return exc.response()
+
+    def _authenticate(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPError(401, "authentication_error", "missing API key: send 'Authorization: Bearer <key>'",
+                            code="missing_api_key")
+        namespace = self.keys.namespace_for(key.strip())
+        if namespace is None:
+            raise HTTPError(401, "authentication_error", "invalid API key", code="invalid_api_key")
+        return namespace
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        too_large = HTTPError(413, "request_too_large", f"request body exceeds {self.max_body_bytes} bytes",
+                              code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_large
+        body = bytearray()
+        async for part in request.stream():  # counted as it arrives: a chunked upload cannot slip past
+            body += part
+            if len(body) > self.max_body_bytes:
+                raise too_large
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, "invalid_request_error", f"body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "invalid_request_error", "body must be a JSON object")
+        return payload
+
+    def _chat_request(self, payload: dict[str, Any], namespace: str) -> ChatRequest:
+        payload = dict(payload)
+        if "extra_body" in payload:  # only the Python client knows extra_body; on the wire it is a smuggling route
+            raise RequestError("is not a request field (the client merges extra_body into the body)", "extra_body")
+        ctx = payload.pop("ctxkit", None) or {}
+        if not isinstance(ctx, dict):
+            raise RequestError("must be an object", "ctxkit")
+        if "namespace" in ctx:
+            raise RequestError("is set by the API key, not by the request", "ctxkit.namespace")
+        unknown = sorted(set(ctx) - CLIENT_FIELDS)
+        if unknown:
+            raise RequestError(f"unsupported field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(CLIENT_FIELDS))}",
+                               "ctxkit")
+        if "messages" not in payload:
+            raise RequestError("is required", "messages")
+        if not isinstance(payload["messages"], list):
+            raise RequestError("must be a list of messages", "messages")
+        tools = payload.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise RequestError("must be a list of tool schemas", "tools")
+        if payload.get("n") not in (None, 1):
+            raise RequestError("only n=1 is supported", "n")
+        # The proxy serves its backend's model whatever name the app asks for (as llama.cpp's server does).
+        payload["model"] = None
+        return ChatRequest.from_openai_kwargs(payload, namespace=namespace, **ctx)
+
+    async def _answer(self, chat: ChatRequest, include_usage: bool, t0: float) -> Response:
+        await self.slots.acquire()
+        self.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.slots.release()
+                self.metrics.in_flight.dec()
+
+        try:
+            result = await self.pipeline.acall(chat)
+            if isinstance(result, ChatResponse):
+                release()
+                return JSONResponse(result.to_openai())
+            chunks = result.__aiter__()
+            # Wait for the first chunk before answering 200: an upstream that fails now still gets its status.
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            release()
+            raise
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    yield _sse(first)
+                    async for chunk in chunks:
+                        if chunk.get("choices") or include_usage:
+                            yield _sse(chunk)
+                yield b"data: [DONE]\n\n"
+            except Exception as exc:  # headers are gone: report in-band, as OpenAI does
+                error = error_for(exc)
+                self.metrics.errors.labels(error.kind).inc()
+                yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
+            finally:
+                release()
+                self.metrics.request_seconds.labels("true").observe(time.perf_counter() - t0)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    usage = chunk.get("usage")
+    if usage and "ctxkit_reported" in usage:  # internal flag, not part of the OpenAI format
+        chunk = {**chunk, "usage": {k: v for k, v in usage.items() if k != "ctxkit_reported"}}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def create_app(
+    pipeline: Pipeline,
+    keys: ApiKeys,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_concurrency: int | None = None,
+    metrics: ProxyMetrics | None = None,
+) -> Starlette:
+    """The proxy as an ASGI app serving `pipeline` (its stages, backend and ledger).
+
+    max_body_bytes:  larger request bodies get 413 before they are parsed.
+    max_concurrency: calls in flight at once; others wait their turn. Default: 1 for an in-process
+                     llama.cpp model (it generates one answer at a time anyway), 64 for a remote backend.
+    """
+    from ..backends.llama_cpp import LlamaCppBackend
+
+    if max_body_bytes < 1:
+        raise ValueError("max_body_bytes must be positive")
+    if max_concurrency is None:
+        max_concurrency = 1 if isinstance(pipeline.backend, LlamaCppBackend) else 64
+    if max_concurrency < 1:
+        raise ValueError("max_concurrency must be positive")
+    metrics = metrics if metrics is not None else ProxyMetrics()
+    # The same stages, backend and ledger; the ledger is teed into the metrics on the way.
+    metered = Pipeline(pipeline.backend, pipeline.stages, ledger=MeteredLedger(pipeline.ledger, metrics),
+                       prices=pipeline.prices)
+    proxy = _Proxy(metered, keys, metrics, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency)
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/chat/completions", proxy.chat_completions, methods=["POST"]),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/healthz", proxy.healthz, methods=["GET"]),
+        Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
+    ])
+    app.state.proxy = proxy
+    app.state.metrics = metrics
+    return app

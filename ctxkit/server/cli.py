@@ -1,0 +1,88 @@
+"""`ctxkit serve`: the OpenAI-compatible proxy under uvicorn, over the local model or an upstream server.
+
+    CTXKIT_API_KEYS="k-team-a-0001:team-a,k-team-b-0002:team-b" ctxkit serve --port 8000
+    ctxkit serve --api-keys-file keys.txt --upstream http://vllm:8000/v1 --upstream-model gpt-4o-mini
+
+Replicas: run several behind a load balancer with the same keys. Each replica is stateless apart from
+its stages; the only shared state is the cache stage's PostgreSQL store (`PostgresStore(dsn)`), to be
+passed as `--cache-store postgresql://...` once the cache stage is part of `default_stages`. Each replica
+appends to its own ledger file (or one shared file: appends are atomic whole lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+
+
+def add_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="an OpenAI-compatible proxy: /v1/chat/completions through ctxkit")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-keys-file", type=Path,
+                       help="file of 'key namespace' lines (default: $CTXKIT_API_KEYS='key:namespace,...')")
+    serve.add_argument("--ledger", type=Path, default=Path("ctxkit-serve.jsonl"), help="ledger file to append to")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--max-concurrency", type=int, default=None,
+                       help="calls in flight at once (default: 1 for the local model, 64 upstream)")
+    serve.add_argument("--no-stages", action="store_true", help="serve with no stages (a metering pass-through)")
+    local = serve.add_argument_group("local model (the default backend)")
+    local.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    local.add_argument("--n-ctx", type=int, default=4096)
+    local.add_argument("--n-threads", type=int, default=None)
+    local.add_argument("--n-gpu-layers", type=int, default=0)
+    upstream = serve.add_argument_group("upstream OpenAI-compatible server (OpenAI, vLLM, llama.cpp server)")
+    upstream.add_argument("--upstream", metavar="URL", help="base URL, e.g. http://127.0.0.1:8080/v1")
+    upstream.add_argument("--upstream-model", help="model name the upstream serves")
+    upstream.add_argument("--upstream-key-env", default="OPENAI_API_KEY",
+                          help="environment variable holding the upstream API key (default OPENAI_API_KEY)")
+    upstream.add_argument("--upstream-gguf", type=Path,
+                          help="count tokens with this GGUF's tokenizer (a non-OpenAI model served from a GGUF)")
+    upstream.add_argument("--upstream-context-window", type=int, default=None)
+    upstream.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds (default 60)")
+    upstream.add_argument("--upstream-retries", type=int, default=3, help="retries before the first byte")
+    serve.set_defaults(func=run_cli)
+
+
+def build_backend(args: argparse.Namespace) -> Any:
+    if args.upstream is None:
+        from ..backends.llama_cpp import LlamaCppBackend
+
+        return LlamaCppBackend(args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
+    from ..backends.gguf_prompt import GGUFPrompt
+    from ..backends.openai_compat import OpenAIBackend
+
+    if not args.upstream_model:
+        raise ConfigurationError("--upstream needs --upstream-model (the model name the upstream serves)")
+    counter = GGUFPrompt.from_gguf(args.upstream_gguf) if args.upstream_gguf else None
+    return OpenAIBackend(
+        args.upstream_model, base_url=args.upstream, api_key_env=args.upstream_key_env,
+        timeout=args.upstream_timeout, max_retries=args.upstream_retries, counter=counter,
+        context_window=args.upstream_context_window,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ..ledger import Ledger
+    from ..pipeline import Pipeline
+    from ..stages import default_stages
+    from .app import create_app
+    from .auth import ApiKeys
+
+    keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
+    backend = build_backend(args)
+    stages = [] if args.no_stages else default_stages(backend)
+    pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
+    app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency)
+    print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
+          f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",
+          flush=True)
+    # uvicorn's access log prints method, path and status: never headers, so never a key.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("CTXKIT_LOG_LEVEL", "info"),
+                lifespan="off")

@@ -1,0 +1,117 @@
+"""CtxkitMiddleware inside a real LangChain v1 `create_agent` loop on the embedded model: the stages' edits
+reach the model, tools still run, one ledger record per model call with the right arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain.agents import create_agent
+from langchain.agents.middleware import AgentMiddleware
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+
+from adapters.langchain import CtxkitChatModel, CtxkitMiddleware
+from ctxkit import Ledger, Pipeline, Stage
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Look up the current weather for a city: temperature and conditions, from the national weather service."""
+    return f"Sunny, 21 C in {city}"
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers and return their exact sum, for any arithmetic question the user asks."""
+    return a + b
+
+
+TOOLS = {"get_weather": get_weather, "add": add}
+
+
+class ShortenToolDescriptions(Stage):
+    """A test stage with a measurable effect on tools: descriptions cut to 20 characters."""
+
+    def before_model(self, request):
+        return request.override(tools=[
+            {**t, "function": {**t["function"], "description": t["function"].get("description", "")[:20]}}
+            for t in request.tools
+        ])
+
+
+class CallAToolFirst(AgentMiddleware):
+    """Makes the loop deterministic for a 135M model: the first call must use a tool, the next answers
+    in a few words with no tools offered."""
+
+    def _adjust(self, request):
+        if any(isinstance(m, ToolMessage) for m in request.messages):
+            return request.override(tools=[], model_settings={"max_tokens": 6})
+        return request.override(tool_choice="any", model_settings={"max_tokens": 40})
+
+    def wrap_model_call(self, request, handler):
+        return handler(self._adjust(request))
+
+    async def awrap_model_call(self, request, handler):
+        return await handler(self._adjust(request))
+
+
+@pytest.fixture
+def agent_parts(llama_backend):
+    model_ledger, agent_ledger = Ledger(), Ledger()
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=model_ledger), temperature=0, seed=1)
+    ctxkit = CtxkitMiddleware([ShortenToolDescriptions()], ledger=agent_ledger, namespace="agents")
+    agent = create_agent(model, tools=list(TOOLS.values()), system_prompt="You are a helpful assistant.",
+                         middleware=[CallAToolFirst(), ctxkit])
+    return agent, agent_ledger, model_ledger
+
+
+def _check_loop(messages, agent_ledger, model_ledger, thread_id):
+    human, call, result, answer = messages  # one tool round, then the answer
+    assert isinstance(human, HumanMessage) and isinstance(answer, AIMessage)
+    [tool_call] = call.tool_calls
+    assert tool_call["name"] in TOOLS, f"called a tool that was never offered: {tool_call}"
+    assert set(tool_call["args"]) == set(TOOLS[tool_call["name"]].args)
+    assert isinstance(result, ToolMessage) and result.tool_call_id == tool_call["id"]
+    assert result.content == str(TOOLS[tool_call["name"]].invoke(tool_call["args"]))  # the real tool ran
+
+    first, second = agent_ledger.records
+    assert all(r.backend == "langchain-agent" and r.namespace == "agents" for r in (first, second))
+    assert first.conversation_id == thread_id
+    for record in (first, second):
+        assert record.tokens_naive - record.tokens_sent == sum(record.saved_by_stage.values())
+    assert first.saved_by_stage["shorten_tool_descriptions"] > 0  # the tool descriptions were cut
+    assert second.saved_by_stage["shorten_tool_descriptions"] == 0  # no tools offered: nothing to cut
+    # What the middleware sent is exactly what the model's own pipeline received: the edit reached the model.
+    assert [r.tokens_naive for r in model_ledger.records] == [first.tokens_sent, second.tokens_sent]
+    assert first.tokens_out == model_ledger.records[0].tokens_out
+
+
+def test_the_middleware_applies_stages_inside_a_create_agent_loop(agent_parts):
+    agent, agent_ledger, model_ledger = agent_parts
+    out = agent.invoke({"messages": [{"role": "user", "content": "What is the weather in Paris?"}]},
+                       {"configurable": {"thread_id": "thread-7"}})
+    _check_loop(out["messages"], agent_ledger, model_ledger, "thread-7")
+
+
+def test_the_middleware_works_in_async_agent_runs(llama_backend):
+    # One model call (tools offered, none to be called), to keep the async run short on a 135M model.
+    class AnswerDirectly(AgentMiddleware):
+        async def awrap_model_call(self, request, handler):
+            return await handler(request.override(tool_choice="none", model_settings={"max_tokens": 4}))
+
+    model_ledger, agent_ledger = Ledger(), Ledger()
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=model_ledger), temperature=0, seed=1)
+    agent = create_agent(model, tools=list(TOOLS.values()), middleware=[
+        AnswerDirectly(), CtxkitMiddleware([ShortenToolDescriptions()], ledger=agent_ledger)])
+    out = asyncio.run(agent.ainvoke({"messages": [{"role": "user", "content": "Hello!"}]}))
+    assert isinstance(out["messages"][-1], AIMessage) and not out["messages"][-1].tool_calls
+    [record] = agent_ledger.records
+    assert record.saved_by_stage["shorten_tool_descriptions"] > 0
+    assert record.tokens_naive - record.tokens_sent == record.saved_by_stage["shorten_tool_descriptions"]
+    assert [r.tokens_naive for r in model_ledger.records] == [record.tokens_sent]
+
+
+def test_duplicate_stage_names_are_refused_up_front():
+    with pytest.raises(ValueError, match="unique"):
+        CtxkitMiddleware([ShortenToolDescriptions(), ShortenToolDescriptions()])

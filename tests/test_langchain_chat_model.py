@@ -1,0 +1,186 @@
+"""CtxkitChatModel and LangChainBackend with the embedded model: real chains, tools, streams, async, and
+the ledger arithmetic behind each call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+from pydantic import BaseModel
+
+from adapters.langchain import CtxkitChatModel, LangChainBackend, from_openai_messages, to_openai_messages
+from ctxkit import ConfigurationError, Ledger, Pipeline, RequestError, Stage
+from ctxkit.response import ChatResponse, Usage
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Look up the current weather in a city."""
+    return f"Sunny in {city}"
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+class KeepLastUserMessage(Stage):
+    """A test stage with a measurable effect: sends only the system prompt and the last user message."""
+
+    def before_model(self, request):
+        system = [m for m in request.messages if m["role"] == "system"]
+        last_user = [m for m in request.messages if m["role"] == "user"][-1:]
+        return request.override(messages=system + last_user)
+
+
+PROMPT = ChatPromptTemplate.from_messages([("system", "You answer in a few words."), ("user", "{question}")])
+
+
+@pytest.fixture
+def model(llama_backend, ledger):
+    return CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=ledger), temperature=0, max_tokens=6, seed=1)
+
+
+def test_a_prompt_model_parser_chain_runs_and_is_recorded(model, ledger, llama_backend):
+    answer = (PROMPT | model | StrOutputParser()).invoke({"question": "Name a colour."})
+    assert isinstance(answer, str) and answer
+    [record] = ledger.records
+    expected = llama_backend.counter.count_prompt(
+        [{"role": "system", "content": "You answer in a few words."}, {"role": "user", "content": "Name a colour."}]
+    )
+    assert record.tokens_naive == record.tokens_sent == expected
+    assert record.tokens_out <= 6 and record.status == "ok"
+
+
+def test_invoke_returns_an_ai_message_with_the_usage_the_ledger_holds(model, ledger):
+    message = model.invoke([HumanMessage("Say hi.")], namespace="team-a", conversation_id="c-1")
+    assert isinstance(message, AIMessage)
+    [record] = ledger.records
+    assert (record.namespace, record.conversation_id) == ("team-a", "c-1")
+    assert message.usage_metadata["input_tokens"] == record.tokens_sent
+    assert message.usage_metadata["output_tokens"] == record.tokens_out
+    assert message.response_metadata["finish_reason"] in ("stop", "length")
+
+
+def test_a_stage_edit_reaches_the_model_and_its_saving_is_measured(llama_backend, ledger):
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [KeepLastUserMessage()], ledger=ledger), max_tokens=4)
+    history = [SystemMessage("Be brief."), HumanMessage("My name is Ada and I like long walks by the sea."),
+               AIMessage("Nice to meet you, Ada."), HumanMessage("Say hi.")]
+    message = model.invoke(history)
+    [record] = ledger.records
+    assert record.saved_by_stage["keep_last_user_message"] == record.tokens_naive - record.tokens_sent > 0
+    assert message.usage_metadata["input_tokens"] == record.tokens_sent  # the backend saw the shorter prompt
+
+
+def test_streams_yield_message_chunks_that_add_up_to_the_recorded_answer(model, ledger):
+    chunks = list(model.stream("Name a fruit."))
+    assert chunks and all(isinstance(c, AIMessageChunk) for c in chunks)
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole = whole + chunk
+    [record] = ledger.records
+    assert record.stream and record.status == "ok"
+    assert whole.usage_metadata["output_tokens"] == record.tokens_out
+    text_chunks = list((PROMPT | model | StrOutputParser()).stream({"question": "Name a fruit."}))
+    assert all(isinstance(c, str) for c in text_chunks) and "".join(text_chunks)
+
+
+def test_async_invoke_and_astream_go_through_the_pipeline(model, ledger):
+    async def main():
+        message = await model.ainvoke("Name a day of the week.")
+        chunks = [c async for c in model.astream("Name a month.")]
+        return message, chunks
+
+    message, chunks = asyncio.run(main())
+    assert isinstance(message, AIMessage) and all(isinstance(c, AIMessageChunk) for c in chunks)
+    assert [r.stream for r in ledger.records] == [False, True]
+    assert all(r.status == "ok" for r in ledger.records)
+
+
+def test_bind_tools_returns_well_formed_calls_to_offered_tools(model, ledger):
+    bound = model.bind_tools([get_weather, add], tool_choice="any", max_tokens=40)
+    message = bound.invoke("What is the weather in Oslo?")
+    assert message.tool_calls, f"tool_choice='any' must produce a call, got {message.content!r}"
+    for call in message.tool_calls:
+        assert call["name"] in ("get_weather", "add")
+        schema_keys = set(get_weather.args if call["name"] == "get_weather" else add.args)
+        assert set(call["args"]) == schema_keys
+        assert call["id"]
+    record = ledger.records[-1]
+    assert record.tokens_naive > 100  # the two tool schemas were counted into the prompt
+
+
+def test_with_structured_output_works_unchanged(model):
+    class City(BaseModel):
+        name: str
+        country: str
+
+    result = model.with_structured_output(City).bind(max_tokens=40).invoke("Paris is in France.")
+    assert isinstance(result, City)
+
+
+def test_any_langchain_chat_model_can_be_wrapped_with_its_own_counter(model, llama_backend):
+    # The wrapped model is itself a CtxkitChatModel here (a real LangChain model on the embedded model):
+    # its stream hands tool calls over as tool-call chunks, which the wrapper turns back into OpenAI deltas.
+    outer_ledger = Ledger()
+    outer = CtxkitChatModel.wrap(model, counter=llama_backend.counter, ledger=outer_ledger, max_tokens=4)
+    message = outer.invoke("Say hi.")
+    assert isinstance(message, AIMessage)
+    chunks = list(outer.bind_tools([add], tool_choice="add", max_tokens=40).stream("Add 2 and 3."))
+    assert any(c.tool_call_chunks for c in chunks), "a streamed tool call arrives as tool-call chunks"
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole = whole + chunk
+    assert [c["name"] for c in whole.tool_calls] == ["add"]
+    plain, streamed = outer_ledger.records
+    assert plain.backend == "langchain:CtxkitChatModel"
+    assert plain.count_delta == 0, "the wrapped model's reported prompt must match ctxkit's count"
+    assert streamed.stream and streamed.status == "ok" and streamed.tokens_out > 0
+
+
+def test_a_non_openai_model_needs_an_explicit_counter(model):
+    with pytest.raises(ConfigurationError, match="pass counter="):
+        LangChainBackend(model)
+
+
+def test_an_openai_model_is_counted_with_tiktoken(model):
+    from ctxkit import TiktokenCounter
+
+    backend = LangChainBackend(model.model_copy(update={"model_name": "gpt-4o-mini"}))
+    assert isinstance(backend.counter, TiktokenCounter) and backend.model == "gpt-4o-mini"
+
+
+def test_unknown_call_arguments_are_refused(model):
+    with pytest.raises(RequestError, match="unsupported argument"):
+        model.invoke("hi", temprature=0.3)
+
+
+def test_messages_and_tool_calls_convert_both_ways():
+    messages = [
+        SystemMessage("sys"), HumanMessage("hi"),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"}]),
+        ToolMessage("3", tool_call_id="c1"), AIMessage("done"),
+    ]
+    openai_messages = to_openai_messages(messages)
+    assert openai_messages[2] == {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "c1", "function": {"name": "add", "arguments": json.dumps({"a": 1, "b": 2})}}]}
+    assert openai_messages[3] == {"role": "tool", "tool_call_id": "c1", "content": "3"}
+    back = from_openai_messages(openai_messages)
+    assert [type(m) for m in back] == [type(m) for m in messages]
+    assert back[2].tool_calls[0]["args"] == {"a": 1, "b": 2}
+
+    from adapters.langchain import to_ai_message
+
+    broken = ChatResponse(
+        message={"role": "assistant", "content": None, "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "add", "arguments": "{not json"}}]},
+        finish_reason="tool_calls", usage=Usage(10, 5), model="m", backend="b",
+    )
+    ai = to_ai_message(broken)
+    assert not ai.tool_calls and ai.invalid_tool_calls[0]["name"] == "add"

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible proxy over real HTTP on loopback: uvicorn serving the embedded model, the `openai`
+client (and raw httpx where the client would hide what is on the wire) talking to it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+
+from ctxkit import ChatRequest, Ledger, Pipeline, read_ledger
+from ctxkit.errors import ConfigurationError
+from ctxkit.server import ApiKeys, create_app, serve_in_thread
+
+KEYS = {"key-alpha-0001": "alpha", "key-beta-0002": "beta"}
+MAX_BODY = 64 * 1024
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def proxy(llama_backend, tmp_path_factory):
+    """(base_url, ledger path) of a proxy over the embedded model."""
+    path = tmp_path_factory.mktemp("proxy") / "ledger.jsonl"
+    pipeline = Pipeline(llama_backend, ledger=Ledger(path))
+    app = create_app(pipeline, ApiKeys(KEYS), max_body_bytes=MAX_BODY)
+    with serve_in_thread(app) as base_url:
+        yield base_url, path
+
+
+def client(base_url: str, key: str = "key-alpha-0001") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def records(path):
+    return list(read_ledger(path)) if path.exists() else []
+
+
+def test_requests_without_a_key_or_with_a_wrong_key_get_401(proxy):
+    base_url, path = proxy
+    before = len(records(path))
+    missing = httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})
+    assert missing.status_code == 401, missing.text
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        client(base_url, key="key-wrong-9999").chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    assert wrong.value.status_code == 401
+    assert "key-wrong-9999" not in wrong.value.response.text  # an error never echoes a key
+    assert len(records(path)) == before, "a refused request must never reach the pipeline"
+
+
+def test_each_key_maps_to_its_own_namespace(proxy):
+    base_url, path = proxy
+    for key, conversation in (("key-alpha-0001", "tenancy-a"), ("key-beta-0002", "tenancy-b")):
+        client(base_url, key).chat.completions.create(
+            model="m", messages=HELLO, max_tokens=2, extra_body={"ctxkit": {"conversation_id": conversation}}
+        )
+    by_conversation = {r.conversation_id: r.namespace for r in records(path)}
+    assert by_conversation["tenancy-a"] == "alpha"
+    assert by_conversation["tenancy-b"] == "beta"
+
+
+def test_a_request_cannot_choose_another_tenants_namespace(proxy):
+    base_url, _ = proxy
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_url).chat.completions.create(
+            model="m", messages=HELLO, max_tokens=2, extra_body={"ctxkit": {"namespace": "beta"}}
+        )
+    assert err.value.body["param"] == "ctxkit.namespace"
+    smuggled = httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": "Bearer key-alpha-0001"},
+                          json={"messages": HELLO, "extra_body": {"ctxkit": {"namespace": "beta"}}})
+    assert smuggled.status_code == 400 and smuggled.json()["error"]["param"] == "extra_body"
+
+
+def test_an_oversized_body_gets_413_before_any_work(proxy):
+    base_url, path = proxy
+    before = len(records(path))
+    with pytest.raises(openai.APIStatusError) as err:
+        client(base_url).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}], max_tokens=2
+        )
+    assert err.value.status_code == 413
+    assert len(records(path)) == before
+
+
+def test_a_malformed_request_gets_400_naming_the_field(proxy):
+    base_url, _ = proxy
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_url).chat.completions.create(model="m", messages=[{"role": "wizard", "content": "hi"}])
+    assert err.value.body["param"] == "messages[0].role"
+    assert "unknown role 'wizard'" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"
+    headers = {"Authorization": "Bearer key-alpha-0001", "Content-Type": "application/json"}
+    not_json = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, content=b"{not json")
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+    no_messages = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, json={"model": "m"})
+    assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+
+
+def test_a_completion_reports_the_usage_the_ledger_recorded(proxy):
+    base_url, path = proxy
+    c = client(base_url, "key-beta-0002")
+    models = c.models.list()
+    completion = c.chat.completions.create(
+        model="anything", messages=HELLO, max_tokens=4, temperature=0,
+        extra_body={"ctxkit": {"conversation_id": "usage-check"}},
+    )
+    assert completion.model == models.data[0].id  # the proxy serves its own model whatever is asked
+    assert completion.choices[0].message.role == "assistant"
+    record = next(r for r in records(path) if r.conversation_id == "usage-check")
+    assert record.status == "ok" and record.namespace == "beta"
+    assert completion.usage.prompt_tokens == record.tokens_sent == record.tokens_naive
+    assert completion.usage.completion_tokens == record.tokens_out <= 4
+
+
+def test_streaming_answers_arrive_as_server_sent_events(proxy):
+    base_url, path = proxy
+    stream = client(base_url).chat.completions.create(
+        model="m", messages=HELLO, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ctxkit": {"conversation_id": "sse-check"}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and not chunks[-1].choices  # the usage chunk comes last
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    record = next(r for r in records(path) if r.conversation_id == "sse-check")
+    assert record.stream and record.status == "ok"
+    assert chunks[-1].usage.completion_tokens == record.tokens_out
+    assert text  # the model said something
+
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions",
+                      headers={"Authorization": "Bearer key-alpha-0001"},
+                      json={"messages": HELLO, "max_tokens": 3, "stream": True}) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in raw.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])  # not asked for: not sent
+
+
+def test_metrics_count_tokens_by_namespace_and_errors_by_type(proxy):
+    base_url, _ = proxy
+    client(base_url, "key-beta-0002").chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    httpx.post(f"{base_url}/v1/chat/completions", json={"messages": HELLO})  # a 401
+    text = httpx.get(f"{base_url}/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['ctxkit_tokens_naive_total{namespace="beta"}'] > 0
+    assert samples['ctxkit_tokens_sent_total{namespace="beta"}'] > 0
+    assert samples['ctxkit_errors_total{type="authentication_error"}'] >= 1
+    assert samples['ctxkit_request_seconds_count{stream="false"}'] >= 1
+    assert samples["ctxkit_backend_seconds_count"] >= 1
+    assert httpx.get(f"{base_url}/healthz").json()["status"] == "ok"
+
+
+def test_keys_never_reach_the_logs_or_the_ledger(proxy, caplog):
+    base_url, path = proxy
+    caplog.set_level(logging.DEBUG)
+    client(base_url, "key-alpha-0001").chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client(base_url, "key-guess-7777").chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    logged = caplog.text + path.read_text()
+    for key in (*KEYS, "key-guess-7777"):
+        assert key not in logged
+    assert "key-alpha" not in repr(ApiKeys(KEYS))
+
+
+def test_keys_are_required_and_well_formed():
+    with pytest.raises(ConfigurationError, match="open relay"):
+        ApiKeys.parse("")
+    with pytest.raises(ConfigurationError, match="not 'key:namespace'"):
+        ApiKeys.parse("just-a-key-without-namespace")
+    keys = ApiKeys.parse("k-1234567:team-a, k-7654321:team-b\n# comment\n")
+    assert keys.namespace_for("k-1234567") == "team-a" and keys.namespace_for("k-7654321") == "team-b"
+    assert keys.namespace_for("k-0000000") is None
+
+
+def test_from_openai_kwargs_is_what_the_proxy_builds_on():
+    # The proxy relies on from_openai_kwargs rejecting fields it does not know (typos never pass silently).
+    with pytest.raises(Exception, match="unsupported argument"):
+        ChatRequest.from_openai_kwargs({"messages": HELLO, "temprature": 0.1})
