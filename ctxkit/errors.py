@@ -9,6 +9,7 @@ CtxkitError
 │   ├── BackendConnectionError  could not reach it (refused, reset, stopped mid-run)
 │   ├── BackendTimeoutError     it did not answer in time
 │   └── BackendStatusError      it answered with an error status (429, 5xx, 4xx)
+├── UnknownToolError        the model called a tool that is in neither the catalog nor the request's tools
 ├── ConfigurationError      ctxkit was set up wrongly (missing model file, unknown model, bad price table)
 └── LedgerError             the ledger could not be read or written
 """
@@ -76,6 +77,15 @@ class BackendTimeoutError(BackendError):
 
 class BackendStatusError(BackendError):
     pass
+
+
+class UnknownToolError(CtxkitError, ValueError):
+    """The model called a tool the application never offered: executing it is impossible, guessing is wrong."""
+
+    def __init__(self, name: str, known: int) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(f"the model called tool {name!r}, which is not among the {known} tools of the catalog")
 
 
 class ConfigurationError(CtxkitError):

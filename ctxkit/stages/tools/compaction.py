@@ -1,0 +1,85 @@
+"""Schema compaction: the same tool, in fewer tokens, accepting exactly the same arguments.
+
+Only what cannot change validation is removed:
+- annotations no validator reads: `title` (generators such as Pydantic repeat the property name in it)
+  and `$comment`;
+- keywords that state the default behaviour: `additionalProperties: true`, `required: []`,
+  `properties: {}`;
+- a `default` that the description already states ("... Default is 5"), since the model reads the
+  description anyway;
+- runs of whitespace in descriptions.
+Constraints (`type`, `enum`, `required`, `minimum`, `pattern`, `format`, ...) and `examples` are kept.
+The walk knows which keywords hold subschemas, so a property that happens to be *named* `title` or
+`default` is never touched. tests/test_tools_compaction.py checks equivalence on generated examples.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+Tool = dict[str, Any]
+
+_WHITESPACE = re.compile(r"\s+")
+_ANNOTATIONS = frozenset({"title", "$comment"})
+# Keywords whose value is one subschema, a list of subschemas, or a map of name -> subschema.
+_ONE = frozenset({"items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
+                  "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
+_LIST = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_MAP = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def compact_tool(tool: Tool) -> Tool:
+    """A compacted copy of an OpenAI tool schema; the input is not modified."""
+    function = dict(tool.get("function") or {})
+    if isinstance(function.get("description"), str):
+        function["description"] = _squeeze(function["description"])
+    if isinstance(function.get("parameters"), dict):
+        function["parameters"] = compact_schema(function["parameters"])
+    return {**tool, "function": function}
+
+
+def compact_schema(schema: Any) -> Any:
+    """A compacted copy of a JSON Schema (draft 2020-12 / 7 keywords)."""
+    if not isinstance(schema, dict):
+        return schema  # `true` / `false` schemas, or something malformed that validation reports
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _ANNOTATIONS and isinstance(value, str):
+            continue
+        if key == "additionalProperties" and value is True:
+            continue
+        if key == "required" and value == []:
+            continue
+        if key == "properties" and value == {}:
+            continue
+        if key == "description" and isinstance(value, str):
+            out[key] = _squeeze(value)
+        elif key in _ONE:
+            out[key] = [compact_schema(v) for v in value] if isinstance(value, list) else compact_schema(value)
+        elif key in _LIST and isinstance(value, list):
+            out[key] = [compact_schema(v) for v in value]
+        elif key in _MAP and isinstance(value, dict):
+            out[key] = {name: compact_schema(v) for name, v in value.items()}
+        else:
+            out[key] = value  # constraints and data (enum, const, default, examples) unchanged
+    if "default" in out and _states_default(out.get("description"), out["default"]):
+        del out["default"]
+    return out
+
+
+def _squeeze(text: str) -> str:
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def _states_default(description: Any, default: Any) -> bool:
+    if not isinstance(description, str) or isinstance(default, (dict, list)):
+        return False
+    lowered = description.lower()
+    if "default" not in lowered:
+        return False
+    shown = {str(default).lower(), repr(default).lower()}
+    if isinstance(default, bool):
+        shown.add(str(default).lower())
+    tail = lowered[lowered.index("default"):]
+    return any(s and re.search(rf"(?<![\w.]){re.escape(s)}(?![\w])", tail) for s in shown if s.strip())

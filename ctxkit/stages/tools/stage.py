@@ -1,0 +1,271 @@
+"""ToolRetrievalStage: send only the tool schemas a call needs, and recover when the model needs another.
+
+    stage = ToolRetrievalStage(catalog=my_1500_tools, top_k=5, pinned=["search_docs"], compact=True)
+    pipeline = Pipeline(backend, stages=[stage])
+    pipeline.chat([{"role": "user", "content": "What's the weather in Oslo?"}])  # no tools= needed
+
+The pool a call selects from is the request's own tools when it has any, otherwise the catalog
+registered once at construction. Recovery, for whole (non-streamed) answers:
+
+- "rerun": the model called a catalog tool that was not sent (a provider does not constrain names), or
+  said it has no tool for this: the stage calls once more with that tool added (or with twice the
+  tools), and the caller gets the second answer.
+- "find_tools": a `find_tools(query)` meta-tool is offered; when the model calls it, the stage searches
+  the catalog with the model's query and calls once more with the tools found.
+- "both", or "off".
+
+A call to a name in neither the catalog nor the meta-tool raises UnknownToolError. Every selection and
+recovery is noted in the ledger (`record_event`); the token saving itself is measured by the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigurationError, UnknownToolError
+from ...pipeline import record_event
+from ...request import ChatRequest
+from ...response import ChatResponse
+from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from .compaction import compact_tool
+from .index import FusionConfig, Tool, ToolIndex, catalog_hash, tool_hash
+from .selector import Selection, ToolSelector
+
+RECOVERY_MODES = ("off", "rerun", "find_tools", "both")
+FIND_TOOLS = "find_tools"
+FIND_TOOLS_SCHEMA: Tool = {
+    "type": "function",
+    "function": {
+        "name": FIND_TOOLS,
+        "description": "Search the full tool catalog when none of the offered tools fits the task. "
+                       "The tools found are offered on the next turn.",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "description": "What the needed tool should do."}},
+            "required": ["query"],
+        },
+    },
+}
+# "I don't have a tool for that", "no function available to ...": the model says the selection missed.
+_LACKS_TOOL = re.compile(
+    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|access|see)"
+    r"|no|not\s+(?:have|given))\b[^.\n]{0,40}\b(?:tools?|functions?)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One call's selection: the request passed on, and what recovery needs to know."""
+
+    request: ChatRequest
+    index: ToolIndex
+    selector: ToolSelector
+    sent: frozenset[str]
+    offered_find_tools: bool
+
+
+class ToolRetrievalStage(Stage):
+    """Selects the top-k tools for each call from the request's tools or a registered catalog."""
+
+    name = "tool_retrieval"
+
+    def __init__(
+        self,
+        catalog: Sequence[Tool] | None = None,
+        top_k: int = 5,
+        pinned: Sequence[str] = (),
+        compact: bool = False,
+        recovery: str = "rerun",
+        *,
+        embedder: Any = None,
+        index_dir: str | Path | None = None,
+        fusion: FusionConfig | None = None,
+        keep_used: bool = True,
+        max_indexes: int = 8,
+    ) -> None:
+        """catalog:   tools registered once; None selects from each request's own tools.
+        top_k:       tools chosen by retrieval per call (pinned and already-used tools come on top).
+        pinned:      tool names always sent.
+        compact:     send compacted schemas (same validation, fewer tokens; see compaction.py).
+        recovery:    "rerun", "find_tools", "both" or "off" (see the module docstring).
+        embedder:    a shared `ctxkit.embed.Embedder`; None loads MiniLM on first use.
+        index_dir:   where indexes persist across processes; None keeps them in memory.
+        max_indexes: distinct request-tool pools kept indexed (each built once per process)."""
+        if top_k < 1:
+            raise ConfigurationError(f"top_k must be at least 1, got {top_k}")
+        if recovery not in RECOVERY_MODES:
+            raise ConfigurationError(f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {recovery!r}")
+        if catalog is not None:
+            from ...validation import validate_request
+
+            catalog = list(catalog)
+            validate_request(ChatRequest(messages=[{"role": "user", "content": "-"}], tools=catalog))
+        self.catalog = catalog
+        self.top_k = top_k
+        self.pinned = tuple(pinned)
+        self.compact = compact
+        self.recovery = recovery
+        self.index_dir = index_dir
+        self.fusion = fusion
+        self.keep_used = keep_used
+        self.max_indexes = max_indexes
+        self._embedder = embedder
+        self._indexes: collections.OrderedDict[str, ToolIndex] = collections.OrderedDict()
+        self._compacted: dict[str, Tool] = {}
+        self._lock = threading.Lock()
+
+    # -- the index ----------------------------------------------------------------------------------
+    def index_for(self, tools: Sequence[Tool]) -> ToolIndex:
+        """The index of a pool of tools, built on first use and then reused (or loaded from index_dir)."""
+        key = catalog_hash(tools)
+        with self._lock:
+            index = self._indexes.get(key)
+            if index is None:
+                if self._embedder is None:
+                    from ...embed import Embedder
+
+                    self._embedder = Embedder()
+                index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion)
+                self._indexes[key] = index
+                while len(self._indexes) > self.max_indexes:
+                    self._indexes.popitem(last=False)
+            else:
+                self._indexes.move_to_end(key)
+            return index
+
+    # -- the hooks ----------------------------------------------------------------------------------
+    def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
+        plan = self._plan(request)
+        if plan is None:
+            return call_next(request)
+        result = call_next(plan.request)
+        if not isinstance(result, ChatResponse):
+            return result  # a stream: its chunks go out as they come, nothing to recover from
+        retry = self._recovery(request, plan, result)
+        if retry is None:
+            return result
+        second = call_next(retry.request)
+        if isinstance(second, ChatResponse):
+            self._check_names(retry, second)
+        return second
+
+    async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        # Selection embeds the query (and the first call builds the index): CPU work, off the event loop.
+        plan = await asyncio.to_thread(self._plan, request)
+        if plan is None:
+            return await call_next(request)
+        result = await call_next(plan.request)
+        if not isinstance(result, ChatResponse):
+            return result
+        retry = await asyncio.to_thread(self._recovery, request, plan, result)
+        if retry is None:
+            return result
+        second = await call_next(retry.request)
+        if isinstance(second, ChatResponse):
+            self._check_names(retry, second)
+        return second
+
+    # -- selection ----------------------------------------------------------------------------------
+    def _pool(self, request: ChatRequest) -> list[Tool] | None:
+        if request.tools:
+            return list(request.tools)
+        return self.catalog
+
+    def _plan(self, request: ChatRequest, *, top_k: int | None = None, extra: Sequence[str] = (),
+              offer_find_tools: bool | None = None) -> _Plan | None:
+        pool = self._pool(request)
+        if not pool:
+            return None
+        index = self.index_for(pool)
+        selector = ToolSelector(index, top_k=self.top_k, pinned=self.pinned, keep_used=self.keep_used)
+        k = top_k or self.top_k
+        forced = [*extra, *_named_tool_choice(request)]
+        if len(pool) <= k:
+            names = [t["function"]["name"] for t in pool]
+            selection = Selection(tuple(pool), tuple(names), (), (), ())
+        else:
+            selection = selector.select(request.messages, top_k=k, extra=forced)
+        tools = [self._compact(t) for t in selection.tools] if self.compact else list(selection.tools)
+        if offer_find_tools is None:
+            offer_find_tools = self.recovery in ("find_tools", "both")
+        offered = offer_find_tools and len(selection.tools) < len(index) and FIND_TOOLS not in index
+        if offered:
+            tools.append(FIND_TOOLS_SCHEMA)
+        changes: dict[str, Any] = {"tools": tools}
+        if not offered and FIND_TOOLS in _named_tool_choice(request) and FIND_TOOLS not in index:
+            # The re-run after a search offers no search: a choice that forced it now forces a real tool.
+            changes["params"] = {**request.params, "tool_choice": "required"}
+        record_event(self.name, "selected", pool=len(index), sent=list(selection.names),
+                     pinned=list(selection.pinned), used=list(selection.used))
+        return _Plan(request.override(**changes), index, selector, frozenset(selection.names), offered)
+
+    def _compact(self, tool: Tool) -> Tool:
+        key = tool_hash(tool)
+        with self._lock:
+            hit = self._compacted.get(key)
+            if hit is None:
+                if len(self._compacted) > 4096:
+                    self._compacted.clear()
+                hit = self._compacted[key] = compact_tool(tool)
+        return hit
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def _recovery(self, request: ChatRequest, plan: _Plan, response: ChatResponse) -> _Plan | None:
+        """The plan of the one re-run this response calls for, or None; raises on an unknown tool."""
+        self._check_names(plan, response)
+        names = [str((c.get("function") or {}).get("name")) for c in response.tool_calls]
+        missing = [n for n in dict.fromkeys(names) if n in plan.index and n not in plan.sent]
+        queries = [_find_tools_query(c) for c in response.tool_calls
+                   if plan.offered_find_tools and (c.get("function") or {}).get("name") == FIND_TOOLS]
+        rerun = self.recovery in ("rerun", "both")
+        if missing and not rerun:
+            record_event(self.name, "tool_not_sent", tools=missing, recovered=False)
+        if queries:
+            found = list(dict.fromkeys(n for q in queries for n in plan.index.search(q, self.top_k)))
+            found = [n for n in found if n not in plan.sent] or found
+            record_event(self.name, "find_tools", queries=queries, found=found)
+            return self._plan(request, extra=[*found, *(missing if rerun else [])], offer_find_tools=False)
+        if missing and rerun:
+            record_event(self.name, "tool_not_sent", tools=missing, recovered=True)
+            return self._plan(request, extra=missing, offer_find_tools=False)
+        if rerun and not names and _LACKS_TOOL.search(response.content or "") and len(plan.sent) < len(plan.index):
+            record_event(self.name, "model_lacks_tool", retry_top_k=2 * self.top_k)
+            return self._plan(request, top_k=2 * self.top_k, offer_find_tools=False)
+        return None
+
+    def _check_names(self, plan: _Plan, response: ChatResponse) -> None:
+        for call in response.tool_calls:
+            name = (call.get("function") or {}).get("name")
+            if name not in plan.index and not (plan.offered_find_tools and name == FIND_TOOLS):
+                record_event(self.name, "unknown_tool", tool=name)
+                raise UnknownToolError(str(name), len(plan.index))
+
+
+def _named_tool_choice(request: ChatRequest) -> list[str]:
+    """`tool_choice={"type": "function", "function": {"name": X}}` needs X sent whatever it scores."""
+    choice = request.params.get("tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if isinstance(name, str):
+            return [name]
+    return []
+
+
+def _find_tools_query(call: dict[str, Any]) -> str:
+    arguments = (call.get("function") or {}).get("arguments") or ""
+    try:
+        parsed = json.loads(arguments)
+    except (json.JSONDecodeError, TypeError):
+        return str(arguments)
+    if isinstance(parsed, dict):
+        return str(parsed.get("query") or " ".join(str(v) for v in parsed.values()))
+    return str(parsed)

@@ -1,0 +1,90 @@
+"""The tool index persists by catalog hash, updates incrementally, and embeds each tool schema only once."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from ctxkit.errors import InvalidToolError
+from ctxkit.stages.tools import ToolIndex, ToolRetrievalStage, catalog_hash
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tools"
+
+
+class CountingEmbedder:
+    """The real embedder, counting the texts it is asked to embed."""
+
+    def __init__(self, embedder) -> None:
+        self.embedder = embedder
+        self.dimension = embedder.dimension
+        self.texts = 0
+
+    def embed(self, texts):
+        self.texts += len(texts)
+        return self.embedder.embed(texts)
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return json.loads((FIXTURES / "catalog.json").read_text())[:30]
+
+
+NEW_TOOL = {"type": "function", "function": {
+    "name": "lighthouse.find_nearest", "description": "Find the nearest lighthouse to a coastal town.",
+    "parameters": {"type": "object", "properties": {"town": {"type": "string"}}, "required": ["town"]}}}
+
+
+def test_a_second_index_of_the_same_catalog_loads_from_disk_without_embedding(catalog, embedder, tmp_path):
+    first = ToolIndex(catalog, CountingEmbedder(embedder), directory=tmp_path)
+    assert first.embedded_tools == len(catalog) and not first.loaded_from_disk
+    assert (tmp_path / "all-MiniLM-L6-v2" / catalog_hash(catalog) / "index.faiss").is_file()
+    counting = CountingEmbedder(embedder)
+    second = ToolIndex(catalog, counting, directory=tmp_path)
+    assert second.loaded_from_disk and second.embedded_tools == 0
+    query = "electric field of a point charge"
+    assert second.search(query, 5) == first.search(query, 5)
+    assert counting.texts == 1  # the query only
+
+
+def test_adding_and_removing_tools_embeds_only_the_new_one(catalog, embedder, tmp_path):
+    index = ToolIndex(catalog, embedder, directory=tmp_path)
+    counting = CountingEmbedder(embedder)
+    index.embedder = counting
+    index.add([NEW_TOOL])
+    assert counting.texts == 1 and len(index) == len(catalog) + 1
+    assert index.search("which lighthouse is closest to the town of Mystic?", 1) == ["lighthouse.find_nearest"]
+    removed = catalog[0]["function"]["name"]
+    index.remove([removed])
+    assert removed not in index and index.names == [t["function"]["name"] for t in catalog[1:]] + [
+        "lighthouse.find_nearest"]
+    assert removed not in index.search(catalog[0]["function"]["description"], 10)
+    # The grown catalog, seen by a fresh process: every vector is already stored.
+    grown = ToolIndex([*catalog, NEW_TOOL], CountingEmbedder(embedder), directory=tmp_path)
+    assert grown.embedded_tools == 0
+
+
+def test_a_changed_schema_is_reembedded_and_replaces_the_old_one(catalog, embedder):
+    index = ToolIndex(catalog[:5], embedder)
+    changed = copy.deepcopy(catalog[0])
+    changed["function"]["description"] = "Look up the opening hours of a lighthouse museum."
+    counting = CountingEmbedder(embedder)
+    index.embedder = counting
+    index.add([changed])
+    assert counting.texts == 1 and len(index) == 5
+    assert index.tool(changed["function"]["name"]) == changed
+    assert index.names == [t["function"]["name"] for t in catalog[:5]], "replaced in place, order kept"
+    assert index.search("opening hours of a lighthouse museum", 1) == [changed["function"]["name"]]
+
+
+def test_duplicate_names_in_a_catalog_are_rejected(catalog, embedder):
+    with pytest.raises(InvalidToolError, match="duplicate tool name"):
+        ToolIndex([catalog[0], catalog[0]], embedder)
+
+
+def test_the_stage_builds_each_pool_once_per_process(catalog, embedder):
+    stage = ToolRetrievalStage(top_k=3, embedder=embedder)
+    assert stage.index_for(catalog) is stage.index_for(copy.deepcopy(catalog))
+    assert stage.index_for(catalog[:10]) is not stage.index_for(catalog)
