@@ -9,11 +9,19 @@ import sys
 from pathlib import Path
 
 from ..errors import CtxkitError
+from ..server import cli as serve_cli
 
-# Benchmarks: name -> module with DESCRIPTION, add_arguments(parser) and run_cli(args).
+# Benchmarks: name -> (module with add_arguments(parser) and run_cli(args), one-line help). A module is
+# imported only when its benchmark runs, so `ctxkit demo` does not pay for torch or FAISS imports.
 BENCHMARKS = {
-    "overhead": "ctxkit.bench.overhead",
-    "prefix-cache": "ctxkit.bench.prefix_cache",
+    "overhead": ("ctxkit.bench.overhead", "the pipeline's own cost per call against the backend call"),
+    "prefix-cache": ("ctxkit.bench.prefix_cache", "llama.cpp KV prefix reuse: cold vs warm prompts"),
+    "cache": ("ctxkit.bench.cache", "semantic cache precision/recall on request pairs, or lookup at scale"),
+    "cache-pg": ("ctxkit.bench.cache_pg", "the PostgreSQL cache store: lookup latency and pairs"),
+    "tools": ("ctxkit.bench.tools", "tool retrieval recall@k and tool tokens sent"),
+    "memory": ("ctxkit.bench.memory", "history summarization: retention at a token budget"),
+    "prune": ("ctxkit.bench.prune", "document pruning: gold recall at a token budget"),
+    "proxy-load": ("ctxkit.bench.proxy_load", "concurrent clients against `ctxkit serve`"),
 }
 
 
@@ -57,7 +65,7 @@ def _report(args: argparse.Namespace) -> None:
         print(f"plot written to {path}", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected_benchmark: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxkit", description="Context-engineering middleware for LLM calls.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -75,18 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of failing")
     report.set_defaults(func=_report)
 
+    serve_cli.add_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        sub = bench.add_parser(name, help=(module.__doc__ or "").split("\n")[0])
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        sub = bench.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", help="print one JSON object")
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run_cli)
+        if selected_benchmark == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.run_cli)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
+    args = build_parser(selected).parse_args(argv)
     try:
         args.func(args)
     except CtxkitError as exc:

@@ -1,0 +1,410 @@
+"""Precision guards: cheap checks that veto a semantic hit whose details differ from the cached question.
+
+Sentence embeddings put "cancel my plan" next to "don't cancel my plan", and "refund order 1182" next to
+"refund order 1183". A semantic hit is accepted only when the similarity is high enough AND none of
+these checks finds a difference that changes the answer:
+
+- negation:  not / no / never / n't / without / none ... (counted, so "not" vs "not ... not" differs too)
+- polarity:  words whose opposite is a different request (open/closed, eat/avoid, enable/disable, ...)
+- numbers:   digits, number words, ordinals, ids with digits (account A-1182), amounts ($40 vs $400)
+- units:     kg vs lb, km vs miles, celsius vs fahrenheit, dollars vs euros, days vs weeks
+- dates:     months, weekdays, today/tomorrow/yesterday, years (numbers)
+- scope:     all / every / each / last / first / next / previous / only / both / any ...
+- person:    my vs our vs his/her/their ("my account" is not "her account"), when both texts name one
+- entities:  capitalized names, acronyms, quoted strings, emails (swapped or different people, places...)
+- order:     the same names and units in another order ("Boston to Denver", "miles to km")
+- question:  the question word (who / when / where / how many ...), when both texts have one
+
+Every check compares the two repaired texts (see disfluency.py); each returns the name of the first
+check that fails, so the ledger and the benchmark can say why a near-duplicate was refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from .disfluency import tokenize
+
+_NEGATIONS = {
+    "not", "no", "never", "without", "none", "nobody", "nothing", "neither", "nor", "nowhere", "cannot",
+    "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont", "cant", "couldnt", "shouldnt",
+    "wouldnt", "hasnt", "havent", "hadnt", "mustnt", "neednt", "aint",
+}
+
+# Groups of words that mean opposite requests: a difference across groups vetoes, a synonym does not.
+_POLARITY_GROUPS: list[tuple[frozenset[str], ...]] = [
+    (frozenset({"open", "opened", "opening", "opens", "unlock", "unlocked"}),
+     frozenset({"close", "closed", "closing", "closes", "shut", "lock", "locked"})),
+    (frozenset({"eat", "eating", "drink", "drinking", "consume"}),
+     frozenset({"avoid", "avoiding", "skip", "skipping", "stop", "stopping", "quit"})),
+    (frozenset({"enable", "enabled", "activate", "activated", "turn on", "switch on", "turned on"}),
+     frozenset({"disable", "disabled", "deactivate", "deactivated", "turn off", "switch off", "turned off"})),
+    (frozenset({"start", "started", "begin", "resume", "resumed", "continue", "keep", "renew", "renewed"}),
+     frozenset({"cancel", "cancelled", "canceled", "end", "ended", "terminate", "pause", "paused", "stop", "stopped"})),
+    (frozenset({"buy", "bought", "purchase", "purchased", "buying"}),
+     frozenset({"sell", "sold", "selling", "return", "returned", "refund", "refunded"})),
+    (frozenset({"increase", "increased", "raise", "raised", "higher", "more", "up", "upgrade", "maximum", "max",
+                "most", "highest", "largest", "biggest", "longest", "greater", "faster"}),
+     frozenset({"decrease", "decreased", "lower", "lowered", "reduce", "reduced", "less", "fewer", "down",
+                "downgrade", "minimum", "min", "least", "lowest", "smallest", "shortest", "slower"})),
+    (frozenset({"add", "added", "include", "included", "including", "attach", "insert", "create"}),
+     frozenset({"remove", "removed", "delete", "deleted", "exclude", "excluded", "excluding", "detach", "drop"})),
+    (frozenset({"before", "earlier", "prior", "previous", "previously", "past"}),
+     frozenset({"after", "later", "following", "next", "future"})),
+    (frozenset({"allow", "allowed", "permit", "permitted", "accept", "accepted", "approve", "approved", "safe",
+                "legal"}),
+     frozenset({"forbid", "forbidden", "ban", "banned", "prohibit", "prohibited", "reject", "rejected",
+                "deny", "denied", "decline", "declined", "unsafe", "dangerous", "illegal"})),
+    (frozenset({"subscribe", "subscribed", "join", "sign"}), frozenset({"unsubscribe", "unsubscribed", "leave"})),
+    (frozenset({"import", "imported", "upload", "uploaded", "send", "sent", "incoming", "deposit", "credit"}),
+     frozenset({"export", "exported", "download", "downloaded", "receive", "received", "outgoing", "withdraw",
+                "withdrawal", "debit"})),
+    (frozenset({"hot", "warm", "heat", "summer"}), frozenset({"cold", "cool", "freeze", "winter"})),
+    (frozenset({"arrive", "arrival", "arrives", "arriving", "inbound"}),
+     frozenset({"depart", "departure", "departs", "departing", "leave", "leaves", "outbound"})),
+    (frozenset({"win", "won", "wins", "winner", "pass", "passed"}), frozenset({"lose", "lost", "loses", "loser", "fail", "failed"})),
+    (frozenset({"true", "right", "correct", "yes"}), frozenset({"false", "wrong", "incorrect"})),
+    (frozenset({"strong", "stronger", "strongest", "best", "better", "good", "major", "majors", "positive", "big"}),
+     frozenset({"weak", "weaker", "weakest", "worst", "worse", "bad", "minor", "minors", "negative", "small"})),
+]
+
+_NUMBER_WORDS: dict[str, float | str] = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15,
+    "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40,
+    "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100, "thousand": 1000,
+    "million": 10**6, "billion": 10**9, "dozen": 12, "half": 0.5, "twice": 2, "double": 2, "triple": 3,
+    "single": 1, "once": 1, "first": "1st", "second": "2nd", "third": "3rd", "fourth": "4th", "fifth": "5th",
+    "sixth": "6th", "seventh": "7th", "eighth": "8th", "ninth": "9th", "tenth": "10th",
+}
+
+_UNITS = {
+    "kg": "kg", "kgs": "kg", "kilo": "kg", "kilos": "kg", "kilogram": "kg", "kilograms": "kg",
+    "g": "g", "gram": "g", "grams": "g", "mg": "mg", "milligram": "mg", "milligrams": "mg",
+    "lb": "lb", "lbs": "lb", "pound": "lb", "pounds": "lb", "oz": "oz", "ounce": "oz", "ounces": "oz",
+    "km": "km", "kms": "km", "kilometer": "km", "kilometers": "km", "kilometre": "km", "kilometres": "km",
+    "mi": "mile", "mile": "mile", "miles": "mile", "m": "m", "meter": "m", "meters": "m", "metre": "m",
+    "metres": "m", "cm": "cm", "centimeter": "cm", "centimeters": "cm", "mm": "mm", "inch": "inch",
+    "inches": "inch", "ft": "ft", "foot": "ft", "feet": "ft", "yard": "yard", "yards": "yard",
+    "l": "l", "liter": "l", "liters": "l", "litre": "l", "litres": "l", "ml": "ml", "milliliter": "ml",
+    "milliliters": "ml", "gallon": "gallon", "gallons": "gallon", "cup": "cup", "cups": "cup",
+    "celsius": "C", "centigrade": "C", "fahrenheit": "F", "kelvin": "K",
+    "second": "s", "seconds": "s", "sec": "s", "secs": "s", "minute": "min", "minutes": "min", "mins": "min",
+    "hour": "h", "hours": "h", "hr": "h", "hrs": "h", "day": "day", "days": "day", "week": "week",
+    "weeks": "week", "month": "month", "months": "month", "year": "year", "years": "year", "decade": "decade",
+    "decades": "decade", "century": "century", "centuries": "century",
+    "kb": "kb", "mb": "mb", "gb": "gb", "tb": "tb", "kbps": "kbps", "mbps": "mbps", "gbps": "gbps",
+    "percent": "%", "%": "%", "percentage": "%", "mph": "mph", "kmh": "kmh", "kw": "kw", "kwh": "kwh",
+    "w": "w", "watt": "w", "watts": "w", "v": "v", "volt": "v", "volts": "v",
+    "$": "usd", "usd": "usd", "dollar": "usd", "dollars": "usd", "bucks": "usd", "€": "eur", "eur": "eur",
+    "euro": "eur", "euros": "eur", "£": "gbp", "gbp": "gbp", "quid": "gbp", "¥": "jpy", "yen": "jpy",
+    "jpy": "jpy", "cents": "cent", "cent": "cent", "chf": "chf", "francs": "chf",
+}
+# "second" is both an ordinal and a unit; as a unit only after a number ("30 second timeout").
+
+_DATES = {
+    "january": "jan", "jan": "jan", "february": "feb", "feb": "feb", "march": "mar", "mar": "mar",
+    "april": "apr", "apr": "apr", "may": "may", "june": "jun", "jun": "jun", "july": "jul", "jul": "jul",
+    "august": "aug", "aug": "aug", "september": "sep", "sept": "sep", "sep": "sep", "october": "oct",
+    "oct": "oct", "november": "nov", "nov": "nov", "december": "dec", "dec": "dec",
+    "monday": "mon", "mon": "mon", "tuesday": "tue", "tue": "tue", "tues": "tue", "wednesday": "wed",
+    "wed": "wed", "thursday": "thu", "thu": "thu", "thurs": "thu", "friday": "fri", "fri": "fri",
+    "saturday": "sat", "sat": "sat", "sunday": "sun", "sun": "sun", "weekend": "weekend", "weekday": "weekday",
+    "today": "today", "tonight": "today", "tomorrow": "tomorrow", "yesterday": "yesterday", "now": "now",
+    "morning": "morning", "afternoon": "afternoon", "evening": "evening", "night": "night", "noon": "noon",
+    "midnight": "midnight", "am": "am", "pm": "pm", "spring": "spring", "summer": "summer", "autumn": "autumn",
+    "fall": "autumn", "winter": "winter", "quarter": "quarter", "annual": "year", "annually": "year",
+    "yearly": "year", "monthly": "month", "weekly": "week", "daily": "day", "hourly": "h",
+}
+# "may" and "sat" are mostly not dates: counted only when capitalized or next to a number.
+_AMBIGUOUS_DATES = {"may", "mar", "sat", "sun", "wed", "jan", "jun", "jul", "aug", "oct", "nov", "dec", "sep",
+                    "fall", "mon", "tue", "thu", "fri", "am", "now", "night", "spring"}
+
+_SCOPE = {
+    "all": "all", "every": "all", "everything": "all", "entire": "all", "whole": "all", "each": "each",
+    "any": "any", "anything": "any", "some": "some", "last": "last", "latest": "last", "recent": "last",
+    "newest": "last", "first": "first", "earliest": "first", "oldest": "first", "next": "next",
+    "upcoming": "next", "previous": "previous", "prior": "previous", "only": "only", "just": "only",
+    "both": "both", "either": "either", "other": "other", "another": "other", "single": "single",
+    "total": "all", "overall": "all", "current": "current", "pending": "pending", "outstanding": "pending",
+    "remaining": "remaining", "most": "most", "few": "few", "several": "several", "many": "many",
+}
+
+_PERSON = {
+    "my": "1s", "mine": "1s", "me": "1s", "i": "1s", "myself": "1s", "our": "1p", "ours": "1p", "we": "1p",
+    "us": "1p", "ourselves": "1p", "his": "3", "her": "3", "hers": "3", "him": "3", "she": "3", "he": "3",
+    "their": "3", "theirs": "3", "them": "3", "they": "3", "its": "3",
+}
+
+_QUESTION_WORDS = {"what": "what", "which": "what", "who": "who", "whom": "who", "whose": "whose", "when": "when",
+                   "where": "where", "why": "why", "how": "how"}  # "what X" and "which X" ask the same
+_HOW_KINDS = {"many", "much", "long", "old", "far", "often", "big", "large", "tall", "high", "fast", "soon"}
+_SENTENCE_START_STOP = {
+    "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "is", "are", "was", "were", "do",
+    "does", "did", "can", "could", "will", "would", "should", "the", "a", "an", "in", "on", "at", "for",
+    "from", "to", "of", "by", "with", "after", "before", "during", "please", "i", "my", "and", "or", "if",
+    "tell", "give", "show", "list", "find", "name", "explain", "describe", "hey", "hi", "hello", "ok", "okay",
+    "so", "also", "then", "now", "this", "that", "these", "those", "there", "it", "its",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What a text says in the dimensions the guards compare."""
+
+    negations: int
+    polarity: frozenset[tuple[int, int]]  # (group index, side) of every polarity word
+    numbers: frozenset[str]
+    units: frozenset[str]
+    dates: frozenset[str]
+    scope: frozenset[str]
+    person: frozenset[str]
+    entities: frozenset[str]
+    question: str | None
+    order: tuple[str, ...] = ()
+    words: frozenset[str] = frozenset()  # every lowercased word
+    questions: frozenset[str] = frozenset()  # every question word, not only the first
+    bare_no: tuple[tuple[str, str], ...] = ()  # (word before, word after) each bare "no"
+    zone: Features | None = None  # the features of the correction zone (disfluency.correction_zone)
+    content: frozenset[str] = frozenset()  # content words, lightly stemmed  # entities and units as they come: "Boston to Denver" is not "Denver to Boston"
+
+
+def _number(token: str) -> str | None:
+    """A canonical form of a number token ("40", "forty", "1st", "first"... -> "40", "40", "1th", "1th")."""
+    t = token.lower().replace(",", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(st|nd|rd|th|k|m|bn|s)?", t)
+    if m:
+        value = float(m.group(1)) * {"k": 1e3, "m": 1e6, "bn": 1e9}.get(m.group(2) or "", 1)
+        return f"{value:g}" + ("th" if m.group(2) in ("st", "nd", "rd", "th") else "")
+    word = _NUMBER_WORDS.get(t)
+    if word is None:
+        return None
+    return f"{word[:-2]}th" if isinstance(word, str) else f"{float(word):g}"
+
+
+def _feature_tokens(text: str) -> list[str]:
+    """Tokens for the checks: "don't" -> "do n't", "two-factor" -> "two factor", "3pm" -> "3 pm",
+    "Louvre's" -> "Louvre", "Sundays" -> "Sunday"; ids with digits ("A-1182") stay whole."""
+    out: list[str] = []
+    for tok in tokenize(text.replace("n't", " n't").replace("N'T", " N'T")):
+        if not tok.strip():
+            continue
+        tok = re.sub(r"['’]s$", "", tok)
+        m = re.fullmatch(r"(\d+(?:[.,]\d+)?)([^\W\d_]+|%)", tok)
+        if m and (m.group(2).lower() in _UNITS or m.group(2).lower() in _DATES):
+            out.extend([m.group(1), m.group(2)])
+            continue
+        if "-" in tok and not re.search(r"\d", tok):
+            out.extend(part for part in tok.split("-") if part)
+            continue
+        low = tok.lower()
+        if low.endswith("s") and low[:-1] in _DATES and len(low) > 4:
+            tok = tok[:-1]  # "Sundays", "mornings"
+        out.append(tok)
+    return out
+
+
+def features(text: str, raw: str | None = None) -> Features:
+    """The guard features of one (already repaired) text; `raw`, the text as typed or spoken, lets the
+    guards forgive details that sit in a self-correction's reparandum."""
+    tokens = _feature_tokens(text)
+    lower = [t.lower() for t in tokens]
+    # Negations: count them; "n't" splits off above so "don't" and "do not" count the same.
+    negations = sum(1 for t in lower if t in _NEGATIONS or t in ("n't", "n’t"))
+    polarity: set[tuple[int, int]] = set()
+    joined = " " + " ".join(lower) + " "
+    for g, sides in enumerate(_POLARITY_GROUPS):
+        for s, words in enumerate(sides):
+            for w in words:
+                if (" " in w and f" {w} " in joined) or (" " not in w and w in lower):
+                    polarity.add((g, s))
+    numbers: set[str] = set()
+    units: set[str] = set()
+    dates: set[str] = set()
+    scope: set[str] = set()
+    person: set[str] = set()
+    entities: set[str] = set()
+    for i, (tok, low) in enumerate(zip(tokens, lower, strict=False)):
+        prev_is_number = i > 0 and _number(tokens[i - 1]) is not None
+        next_is_number = i + 1 < len(tokens) and _number(tokens[i + 1]) is not None
+        num = _number(tok)
+        # "first" is scope ("my first order"); "second" after a number is a unit ("30 second").
+        if num is not None and low != "first" and not (low == "second" and prev_is_number):
+            numbers.add(num)
+        if re.search(r"\d", tok) and re.search(r"[^\W\d_]", tok) and num is None:
+            entities.add(low)  # ids like A-1182, 3B, v2
+        if low in _UNITS and (low not in ("m", "l", "g", "w", "v", "second", "mi") or prev_is_number):
+            units.add(_UNITS[low])
+        if low in _DATES and (low not in _AMBIGUOUS_DATES or (tok[:1].isupper() and i > 0) or prev_is_number
+                              or next_is_number):
+            dates.add(_DATES[low])
+        if low in _SCOPE:
+            scope.add(_SCOPE[low])
+        if low in _PERSON:
+            person.add(_PERSON[low])
+        sentence_start = i == 0 or tokens[i - 1] in (".", "?", "!", ":", ";", "\"")
+        if len(tok) > 1 and tok.isupper() and tok.isalpha() and low not in _UNITS and low not in _DATES:
+            entities.add(low)  # emails, acronyms (also at the start of a sentence)
+        elif tok[:1].isupper() and not sentence_start and low not in _PERSON and low not in _DATES \
+                and low not in _UNITS and low not in _SENTENCE_START_STOP:
+            entities.add(low)  # a name; the first word of a sentence is capitalized anyway, so it tells nothing
+    entities.discard("@")
+    for address in re.findall(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+", text):
+        entities.add(address.lower())  # emails and URLs: the tokenizer splits them
+    for quoted in re.findall(r"[\"“]([^\"”]{1,60})[\"”]", text):
+        entities.add(quoted.strip().lower())
+    # Names in the order they come, and units likewise (kept apart: "hours of the Louvre" is fine).
+    entity_order: list[str] = []
+    unit_order: list[str] = []
+    for low in lower:
+        if low in entities and low not in entity_order:
+            entity_order.append(low)
+        unit = _UNITS.get(low) if low in _UNITS and low not in ("m", "l", "g", "w", "v", "second", "mi") else None
+        if unit and unit in units and unit not in unit_order:
+            unit_order.append(unit)
+    order = entity_order + ["|"] + unit_order
+    bare_no = tuple(
+        (lower[i - 1] if i > 0 else "", lower[i + 1] if i + 1 < len(lower) else "")
+        for i, low in enumerate(lower) if low == "no"
+    )
+    zone = None
+    if raw:
+        from .disfluency import correction_zone
+
+        zone_text = correction_zone(raw)
+        zone = features(zone_text) if zone_text else None
+    question = None
+    for i, low in enumerate(lower):
+        if low in _QUESTION_WORDS:
+            question = _QUESTION_WORDS[low]
+            if low == "how" and i + 1 < len(lower) and lower[i + 1] in _HOW_KINDS:
+                question = f"how {lower[i + 1]}"
+            break
+    return Features(
+        negations=negations, polarity=frozenset(polarity), numbers=frozenset(numbers), units=frozenset(units),
+        dates=frozenset(dates), scope=frozenset(scope), person=frozenset(person), entities=frozenset(entities),
+        question=question, order=tuple(order), words=frozenset(lower),
+        questions=frozenset(_QUESTION_WORDS[w] for w in lower if w in _QUESTION_WORDS), bare_no=bare_no, zone=zone,
+        content=frozenset(_stem(w) for w in lower if w.isalpha() and len(w) > 2 and w not in _STOPWORDS),
+    )
+
+
+CHECKS = ("negation", "polarity", "numbers", "units", "dates", "scope", "person", "entities", "order", "question",
+          "content")
+
+
+_SET_CHECKS = ("polarity", "numbers", "units", "dates", "scope")
+_STOPWORDS = frozenset("""
+the and for are was were what which who whom whose when where why how does did has have had can could will would
+should may might must shall this that these those there their them they its it's from with into onto about after
+before over under than then also just been being not any all some such very more most much many other another
+each both few only own same too out off per via upon within without between during through while whose is do
+an a of in on at by to be as or if so we you your yours our ours his her him she he i me my mine us
+tell know want please kind type name called call get got give show find thing things one ones
+""".split())
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ing", "ed", "es", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def _forgiven(extra: frozenset[Any], mine: Features, check: str) -> bool:
+    """Details only one text has are forgiven when they all sit in that text's correction zone."""
+    return not extra or (mine.zone is not None and extra <= getattr(mine.zone, check))
+
+
+def _corrections(mine: Features, other: Features) -> int:
+    """Bare "no"s of `mine` that read as corrections against `other`: the word before is not in the other
+    question (a reparandum), the word after is ("how much sunlight no rain" vs "how much rain"). A real
+    negation fails this: "pizza with no onions" vs "pizza with onions" has "with" on both sides."""
+    stems = {_stem(w) for w in other.words}
+    return sum(1 for before, after in mine.bare_no if _stem(before) not in stems and _stem(after) in stems)
+
+
+def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | None:
+    """The first check on which the two texts differ in a way that changes the answer; None if all agree."""
+    for check in checks:
+        if check == "negation" and a.negations != b.negations:
+            if not (a.negations > b.negations and a.negations - _corrections(a, b) == b.negations
+                    or b.negations > a.negations and b.negations - _corrections(b, a) == a.negations):
+                return check
+        elif check in _SET_CHECKS:
+            mine, theirs = getattr(a, check), getattr(b, check)
+            if mine != theirs and not (_forgiven(mine - theirs, a, check) and _forgiven(theirs - mine, b, check)):
+                return check
+        elif check == "entities" and a.entities != b.entities:
+            # Names on both sides that the other lacks: another person, place or product. A name on one
+            # side only is a refinement or a leftover of a correction, unless it is an id or an address.
+            names_a = {e for e in a.entities - b.entities if not (a.zone and e in a.zone.entities)}
+            names_b = {e for e in b.entities - a.entities if not (b.zone and e in b.zone.entities)}
+            if (names_a and names_b) or any(re.search(r"[\d@/]", e) for e in names_a | names_b):
+                return check
+        elif check == "content":
+            only_a = a.content - b.content - (a.zone.content if a.zone else frozenset())
+            only_b = b.content - a.content - (b.zone.content if b.zone else frozenset())
+            if only_a and only_b:
+                return check  # each asks about something the other does not mention
+        elif check == "person" and a.person and b.person and a.person != b.person:
+            return check
+        elif check == "order" and sorted(a.order) == sorted(b.order) and a.order != b.order:
+            return check
+        elif check == "question" and a.question and b.question and a.question != b.question:
+            forgiven = (b.zone is not None and b.question in b.zone.questions and a.question in b.questions) or \
+                (a.zone is not None and a.question in a.zone.questions and b.question in a.questions)
+            if not forgiven:
+                return check
+    return None
+
+
+# Earlier turns include the assistant's own wording, which varies: compare their details, not every word.
+_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """When a semantic candidate may answer.
+
+    similarity:         cosine of the repaired last user messages (MiniLM, normalized).
+    context_similarity: cosine of the earlier turns, for follow-ups ("cancel it"); both requests must
+                        have earlier turns or neither.
+
+    How they were calibrated (`ctxkit bench cache --sweep`): on the even-numbered half of
+    data/cache/pairs.jsonl (SQuAD questions vs disfluent rewrites / other questions on the same paragraph)
+    and on tests/fixtures/cache/traps.jsonl, then checked on the odd half and on traps_holdout.jsonl
+    (written after the guards were frozen). With the guards on, precision on the whole pairs file stays
+    at 0.996-0.997 for every similarity threshold from 0.30 to 0.90 (the guards, not the threshold, do
+    the separating) while recall falls from 0.77 to 0.63; without guards no threshold reaches 0.99
+    (0.982 at 0.90, recall 0.76).
+    0.70 keeps most of the recall and still demands that the two questions be about the same thing,
+    which matters in a large store where the nearest neighbour of an unrelated question can be far.
+    Follow-ups: identical earlier turns score 1.0, different topics ("streaming plan" vs "gym
+    membership", "order 5521" vs "order 5522") 0.19-0.67 in the trap set, and the guards also compare
+    the earlier turns' numbers, names and dates; 0.90 leaves room for rewording of those turns.
+    """
+
+    similarity: float = 0.70
+    context_similarity: float = 0.90
+
+
+def judge(
+    query: str, query_context: str, candidate: str, candidate_context: str,
+    similarity: float, context_similarity: float | None, thresholds: Thresholds,
+    query_raw: str | None = None, candidate_raw: str | None = None,
+) -> str | None:
+    """Why a candidate must not answer this query (None: it may). Cheapest checks first."""
+    if similarity < thresholds.similarity:
+        return "similarity"
+    if bool(query_context) != bool(candidate_context):
+        return "context"
+    if query_context:
+        if context_similarity is None or context_similarity < thresholds.context_similarity:
+            return "context"
+        reason = veto(features(query_context), features(candidate_context), _CONTEXT_CHECKS)
+        if reason is not None:
+            return f"context_{reason}"
+    return veto(features(query, query_raw), features(candidate, candidate_raw))

@@ -1,0 +1,145 @@
+"""Cache keys: what a cached answer must share with a request (its scope) and what identifies it exactly.
+
+- scope: namespace, model, every sampling parameter, the system prompt and the tool set offered. A hit
+  never crosses a scope, in either layer.
+- exact key: the scope plus the whole conversation, normalized (whitespace collapsed, dict key order,
+  tool-call ids dropped because the model invents them afresh on every run).
+- query text: the last user message with self-corrections repaired, the text the semantic layer embeds.
+- context text: the conversation before that message. "cancel it" means nothing alone, so the semantic
+  layer compares contexts too (see stage.py), never only the last message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ...request import ChatRequest, Message
+from .disfluency import repair
+
+KEY_VERSION = "ctxkit-cache-v1"  # bump when the normalization changes, so old entries stop matching
+_CONTEXT_MESSAGES = 6  # the earlier turns a follow-up can refer to; older ones rarely change its meaning
+_CONTEXT_CHARS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestKey:
+    """Everything the cache layers need to know about one request."""
+
+    scope: str
+    exact: str
+    query: str  # repaired last user message ("" when the last message is not from the user)
+    context: str  # earlier turns as text ("" for a single-turn request)
+    raw: str = ""  # the last user message as written (the guards read its self-corrections)
+
+
+_POLITE_HEAD = re.compile(r"^(?:(?:please|pls|kindly|hey|hi|hello|ok|okay|so)\b[\s,!.]*)+", re.I)
+_POLITE_TAIL = re.compile(r"(?:[\s,]*\b(?:please|pls|thanks|thank you|thx)\b)+[\s.!?]*$", re.I)
+
+
+def normalize_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def strip_politeness(text: str) -> str:
+    """'Please cancel it.' asks what 'cancel it' asks: courtesy words do not change the answer."""
+    stripped = _POLITE_TAIL.sub("", _POLITE_HEAD.sub("", text)).strip()
+    return stripped or text
+
+
+def content_text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping):
+                parts.append(str(part.get("text", "")) if part.get("type", "text") == "text" else json.dumps(part, sort_keys=True))
+            else:
+                parts.append(str(part))
+        return " ".join(parts)
+    return json.dumps(content, sort_keys=True, default=str)
+
+
+def _canonical_arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return normalize_text(arguments)
+    return arguments
+
+
+def normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a message that change the answer, in a canonical form."""
+    out: dict[str, Any] = {"role": message.get("role"), "content": normalize_text(content_text(message.get("content")))}
+    if message.get("name"):
+        out["name"] = message["name"]
+    calls = message.get("tool_calls") or []
+    if calls:
+        out["tool_calls"] = [
+            {"name": (c.get("function") or {}).get("name"),
+             "arguments": _canonical_arguments((c.get("function") or {}).get("arguments"))}
+            for c in calls
+        ]
+    return out
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+    return hashlib.sha256(f"{KEY_VERSION}|{blob}".encode()).hexdigest()
+
+
+def _is_system(message: Mapping[str, Any]) -> bool:
+    return message.get("role") in ("system", "developer")
+
+
+def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
+    """The hash of what a hit must share with the request that stored the answer."""
+    tools = sorted((json.loads(json.dumps(t, sort_keys=True, default=str)) for t in request.tools),
+                   key=lambda t: json.dumps(t, sort_keys=True))
+    return _digest({
+        "namespace": request.namespace,
+        "model": request.model or default_model or "",
+        "params": dict(request.params),
+        "system": [normalize_message(m) for m in request.messages if _is_system(m)],
+        "tools": tools,
+    })
+
+
+def last_user_index(messages: Sequence[Message]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "user":
+            return i
+    return None
+
+
+def context_text(messages: Sequence[Message]) -> str:
+    """The turns before the last message, as 'role: text' lines (tool results and calls included)."""
+    lines = []
+    for m in messages[-_CONTEXT_MESSAGES:]:
+        text = normalize_text(content_text(m.get("content")))
+        for call in m.get("tool_calls") or []:
+            function = call.get("function") or {}
+            text += f" [{function.get('name')}({normalize_text(str(function.get('arguments', '')))})]"
+        lines.append(f"{m.get('role')}: {text.strip()}")
+    return "\n".join(lines)[-_CONTEXT_CHARS:]
+
+
+def request_key(request: ChatRequest, default_model: str | None = None) -> RequestKey:
+    scope = scope_of(request, default_model)
+    turns = [m for m in request.messages if not _is_system(m)]
+    exact = _digest({"scope": scope, "messages": [normalize_message(m) for m in turns]})
+    last = turns[-1] if turns else None
+    if last is None or last.get("role") != "user":
+        return RequestKey(scope=scope, exact=exact, query="", context="")
+    raw = normalize_text(content_text(last.get("content")))
+    query = strip_politeness(normalize_text(repair(raw)))
+    return RequestKey(scope=scope, exact=exact, query=query, context=context_text(turns[:-1]), raw=raw)

@@ -1,0 +1,462 @@
+"""LocalStore: the embedded cache store, diskcache for entries and metadata, FAISS for vectors, in one directory.
+
+Layout under `directory`:
+    entries/   diskcache (SQLite): exact key -> entry record. LRU eviction under `size_bytes`, tagged
+               with the namespace so `invalidate(namespace)` is one indexed delete, expiry per entry.
+    meta/      diskcache, never evicted: the write sequence, ("vec", key) -> (seq, scope, vector),
+               ("log", seq) -> key, the invalidation epoch, hit/miss counters.
+    faiss/     a snapshot of the in-memory FAISS indexes (one per scope) and the sequence they cover.
+    locks/     lock files for cross-process single-flight.
+
+Why this shape:
+- diskcache is the source of truth; every write is an SQLite transaction, so a process killed mid-write
+  leaves a whole entry or none. The FAISS index is a cache of the vectors in meta/: it can always be
+  rebuilt from there, and is when its snapshot is missing, stale or unreadable.
+- Several processes write at once: each keeps its own in-memory index and, before a search, reads the
+  log of vectors written since it last looked (one small read when nothing changed). A vector, its log
+  record and the sequence number are written in one transaction, so a reader never sees a hole.
+- Entries evicted or invalidated leave their vectors behind for a while: a search checks every
+  candidate against entries/ (a stale vector is skipped) and the index is rebuilt, dropping them, once
+  they are a large share of it.
+- `size_bytes` bounds entries/ (the responses and their metadata, diskcache's own accounting of its
+  SQLite file). Vectors add 1.6 KB per live entry in meta/ and in memory.
+
+Index type: exact inner-product search (IndexFlatIP) by default; `index="hnsw"` uses IndexHNSWFlat
+for very large stores (see `ctxkit bench cache --scale`, which measured both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ConfigurationError
+from .store import CacheEntry, Hit
+
+_LOCK_STRIPES = 1024  # lock files; unrelated keys that share one only wait a little
+_SNAPSHOT_EVERY = 10_000  # write a FAISS snapshot after this many new vectors (and on close)
+_LOG_KEEP = 100_000  # log records kept for processes catching up; older ones force a rebuild
+
+
+@dataclasses.dataclass
+class _ScopeIndex:
+    index: Any  # faiss.Index with ids
+    keys: dict[int, str]  # faiss id (the write sequence) -> entry key
+
+
+class LocalStore:
+    """A CacheStore on the local disk, safe for several processes sharing one directory."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dimension: int = 384,
+        size_bytes: int = 1 << 30,
+        index: str = "flat",
+        hnsw_m: int = 32,
+        lock_timeout: float = 120.0,
+    ) -> None:
+        import diskcache
+
+        if index not in ("flat", "hnsw"):
+            raise ConfigurationError(f"LocalStore index must be 'flat' or 'hnsw', not {index!r}")
+        if size_bytes <= 0:
+            raise ConfigurationError("LocalStore size_bytes must be positive")
+        self.directory = Path(directory)
+        self.dimension = dimension
+        self.size_bytes = size_bytes
+        self.index_type = index
+        self.hnsw_m = hnsw_m
+        self.lock_timeout = lock_timeout
+        (self.directory / "locks").mkdir(parents=True, exist_ok=True)
+        (self.directory / "faiss").mkdir(parents=True, exist_ok=True)
+        self._entries = diskcache.Cache(
+            str(self.directory / "entries"), size_limit=size_bytes, eviction_policy="least-recently-used",
+            cull_limit=10, timeout=60,
+        )
+        self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
+        self._entries.create_tag_index()
+        self._lock = threading.RLock()  # guards the in-memory indexes
+        self._flight_guard = threading.Lock()
+        self._flights: dict[str, list[Any]] = {}  # key -> [lock, users]
+        self._indexes: dict[str, _ScopeIndex] = {}
+        self._seq = 0  # the last write sequence this process has indexed
+        self._epoch = -1
+        self._stale = 0
+        self._since_snapshot = 0
+        # Counters are kept here and added to meta/ in batches: a write per lookup would cost more than
+        # the lookup itself when many processes share the store.
+        self._counts: dict[str, int] = {}
+        self._counts_flushed = time.monotonic()
+        with self._lock:
+            self._load()
+
+    # -- the protocol -------------------------------------------------------------------------------
+    def get(self, key: str, now: float) -> CacheEntry | None:
+        record = self._entries.get(key)
+        entry = _entry_from(record) if record is not None else None
+        if entry is not None and entry.expires_at is not None and now > entry.expires_at:
+            entry = None
+        self._count("hits" if entry else "misses")
+        return entry
+
+    def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
+        vec = _as_vector(vector, self.dimension)
+        record = dataclasses.asdict(entry)
+        expire = _ttl_of(entry)
+        # The entry first: a writer killed between the two leaves an entry the exact layer can serve
+        # and no vector, never a vector pointing at nothing.
+        self._entries.set(entry.key, _dump(record), expire=expire, tag=entry.namespace)
+        with self._meta.transact():
+            seq = self._meta.incr("seq")
+            self._meta.set(("vec", entry.key), (seq, entry.scope, vec.tobytes()))
+            self._meta.set(("log", seq), entry.key)
+            if seq % 1000 == 0:
+                self._prune_log(seq)
+        self._count("puts")
+
+    def put_many(self, entries: list[CacheEntry], vectors: np.ndarray) -> None:
+        """Bulk `put` (warming a cache, benchmarks): one transaction per store instead of one per entry."""
+        vecs = [_as_vector(v, self.dimension) for v in vectors]
+        with self._entries.transact():
+            for entry in entries:
+                expire = _ttl_of(entry)
+                self._entries.set(entry.key, _dump(dataclasses.asdict(entry)), expire=expire, tag=entry.namespace)
+        with self._meta.transact():
+            for entry, vec in zip(entries, vecs, strict=False):
+                seq = self._meta.incr("seq")
+                self._meta.set(("vec", entry.key), (seq, entry.scope, vec.tobytes()))
+                self._meta.set(("log", seq), entry.key)
+                if seq % 1000 == 0:
+                    self._prune_log(seq)
+            self._meta.incr(("stat", "puts"), len(entries))
+
+    def search(self, scope: str, vector: np.ndarray, k: int, now: float) -> list[Hit]:
+        vec = _as_vector(vector, self.dimension)
+        with self._lock:
+            self._sync()
+            scoped = self._indexes.get(scope)
+            if scoped is None or scoped.index.ntotal == 0:
+                return []
+            want = min(scoped.index.ntotal, max(k * 4, 16))
+            scores, ids = scoped.index.search(vec[None, :], want)
+            candidates = [(float(s), scoped.keys.get(int(i))) for s, i in zip(scores[0], ids[0], strict=False) if i >= 0]
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        stale = 0
+        for score, key in candidates:
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            record = self._entries.get(key)
+            if record is None:
+                stale += 1
+                continue
+            entry = _entry_from(record)
+            if entry.scope != scope or (entry.expires_at is not None and now > entry.expires_at):
+                continue
+            hits.append(Hit(entry=entry, similarity=score))
+            if len(hits) >= k:
+                break
+        if stale:
+            with self._lock:
+                self._stale += stale
+        self._count("searches")
+        return hits
+
+    def invalidate(self, namespace: str) -> int:
+        """Drop every entry of a namespace; their vectors go at the next rebuild."""
+        removed = int(self._entries.evict(namespace))
+        self._count("invalidated", removed)
+        return removed
+
+    def clear(self) -> None:
+        """Drop everything; other processes see the new epoch and rebuild (empty) indexes."""
+        self._entries.clear()
+        with self._meta.transact():
+            for key in list(self._meta.iterkeys()):
+                if isinstance(key, tuple) and key[0] in ("vec", "log"):
+                    self._meta.delete(key)
+            self._meta.incr("epoch")
+        with self._lock:
+            self._sync()
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + amount
+            due = time.monotonic() - self._counts_flushed > 5.0 or sum(self._counts.values()) >= 200
+        if due:
+            self._flush_counts()
+
+    def _flush_counts(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            self._counts_flushed = time.monotonic()
+        if counts:
+            with self._meta.transact():
+                for name, amount in counts.items():
+                    self._meta.incr(("stat", name), amount)
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes, vectors, and hit/miss counts summed over every process that used the store."""
+        self._flush_counts()
+        with self._lock:
+            self._sync()
+            vectors = sum(s.index.ntotal for s in self._indexes.values())
+            scopes = len(self._indexes)
+        stat = {name: int(self._meta.get(("stat", name), 0)) for name in ("hits", "misses", "puts", "searches", "invalidated")}
+        return {
+            "store": "local",
+            "entries": len(self._entries),
+            "bytes": int(self._entries.volume()),
+            "size_limit": self.size_bytes,
+            "vectors": vectors,
+            "scopes": scopes,
+            "index": self.index_type,
+            **stat,
+        }
+
+    @contextlib.contextmanager
+    def single_flight(self, key: str) -> Iterator[None]:
+        """One caller at a time per key: first in this process (a lock per key), then across processes
+        (an flock on one of a fixed set of lock files; the kernel releases it if the holder dies)."""
+        with self._flight_guard:
+            slot = self._flights.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        acquired = slot[0].acquire(timeout=self.lock_timeout)
+        try:
+            stripe = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
+            path = self.directory / "locks" / f"{stripe:04d}.lock"
+            with open(path, "a+") as handle:
+                locked = _flock(handle.fileno(), self.lock_timeout)
+                try:
+                    yield
+                finally:
+                    if locked:
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        finally:
+            if acquired:
+                slot[0].release()
+            with self._flight_guard:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    self._flights.pop(key, None)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._flush_counts()
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._sync()
+                self._save_snapshot()
+        self._entries.close()
+        self._meta.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the in-memory index ------------------------------------------------------------------------
+    def _new_index(self) -> Any:
+        import faiss
+
+        base: Any
+        if self.index_type == "hnsw":
+            base = faiss.IndexHNSWFlat(self.dimension, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efSearch = 64
+            base.hnsw.efConstruction = 80
+        else:
+            base = faiss.IndexFlatIP(self.dimension)
+        return faiss.IndexIDMap(base)
+
+    def _add(self, scope: str, seq: int, key: str, vec: np.ndarray) -> None:
+        scoped = self._indexes.get(scope)
+        if scoped is None:
+            scoped = self._indexes[scope] = _ScopeIndex(self._new_index(), {})
+        scoped.index.add_with_ids(vec[None, :], np.array([seq], dtype=np.int64))
+        scoped.keys[seq] = key
+        self._since_snapshot += 1
+
+    def _add_many(self, rows: list[tuple[int, str, str, np.ndarray]]) -> None:
+        by_scope: dict[str, list[tuple[int, str, np.ndarray]]] = {}
+        for seq, scope, key, vec in rows:
+            by_scope.setdefault(scope, []).append((seq, key, vec))
+        for scope, items in by_scope.items():
+            scoped = self._indexes.get(scope)
+            if scoped is None:
+                scoped = self._indexes[scope] = _ScopeIndex(self._new_index(), {})
+            scoped.index.add_with_ids(np.stack([v for _, _, v in items]), np.array([s for s, _, _ in items], dtype=np.int64))
+            scoped.keys.update((s, k) for s, k, _ in items)
+        self._since_snapshot += len(rows)
+
+    def _sync(self) -> None:
+        """Bring this process's indexes up to date with what every process has written."""
+        epoch = int(self._meta.get("epoch", 0))
+        if epoch != self._epoch:
+            self._rebuild(epoch)
+            return
+        seq = int(self._meta.get("seq", 0))
+        if seq > self._seq:
+            floor = int(self._meta.get("log_floor", 0))
+            if self._seq < floor:
+                self._rebuild(epoch)
+                return
+            rows = []
+            for s in range(self._seq + 1, seq + 1):
+                key = self._meta.get(("log", s))
+                vec_record = self._meta.get(("vec", key)) if key is not None else None
+                if vec_record is None or vec_record[0] != s:
+                    continue  # overwritten by a later put of the same key, or cleared
+                rows.append((s, vec_record[1], key, np.frombuffer(vec_record[2], dtype=np.float32)))
+            if rows:
+                self._add_many(rows)
+            self._seq = seq
+        total = sum(s.index.ntotal for s in self._indexes.values())
+        if self._stale > max(1000, total // 2):
+            self._rebuild(epoch)
+        elif self._since_snapshot >= _SNAPSHOT_EVERY:
+            self._save_snapshot()
+
+    def _rebuild(self, epoch: int) -> None:
+        """Rebuild every index from the vectors in meta/, dropping those whose entry is gone."""
+        seq = int(self._meta.get("seq", 0))
+        self._indexes = {}
+        rows = []
+        dead = []
+        for key in self._meta.iterkeys():
+            if not (isinstance(key, tuple) and key[0] == "vec"):
+                continue
+            record = self._meta.get(key)
+            if record is None or record[0] > seq:
+                continue  # written after we read `seq`: the next sync picks it up
+            if key[1] not in self._entries:
+                dead.append((key, record[0]))
+                continue
+            rows.append((record[0], record[1], key[1], np.frombuffer(record[2], dtype=np.float32)))
+        for start in range(0, len(rows), 50_000):
+            self._add_many(rows[start : start + 50_000])
+        for key, s in dead:  # compaction; a concurrent re-put of the key wrote a newer seq: keep it
+            with self._meta.transact():
+                current = self._meta.get(key)
+                if current is not None and current[0] == s:
+                    self._meta.delete(key)
+        self._seq = seq
+        self._epoch = epoch
+        self._stale = 0
+        self._save_snapshot()
+
+    def _prune_log(self, seq: int) -> None:
+        floor = int(self._meta.get("log_floor", 0))
+        new_floor = seq - _LOG_KEEP
+        if new_floor <= floor:
+            return
+        for s in range(floor + 1, new_floor + 1):
+            self._meta.delete(("log", s))
+        self._meta.set("log_floor", new_floor)
+
+    # -- snapshots ----------------------------------------------------------------------------------
+    def _snapshot_path(self) -> Path:
+        return self.directory / "faiss" / f"snapshot-{self.index_type}.npz"
+
+    def _save_snapshot(self) -> None:
+        """Write the indexes atomically (temp file + rename): a reader sees the old snapshot or the new."""
+        import faiss
+
+        arrays: dict[str, np.ndarray] = {}
+        scopes: list[dict[str, Any]] = []
+        manifest = {"seq": self._seq, "epoch": self._epoch, "scopes": scopes}
+        for n, (scope, scoped) in enumerate(self._indexes.items()):
+            arrays[f"index{n}"] = faiss.serialize_index(scoped.index)
+            ids = np.fromiter(scoped.keys.keys(), dtype=np.int64, count=len(scoped.keys))
+            arrays[f"ids{n}"] = ids
+            scopes.append({"scope": scope, "keys": list(scoped.keys.values())})
+        arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+        path = self._snapshot_path()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        self._since_snapshot = 0
+
+    def _load(self) -> None:
+        """Start from the snapshot when it is usable, then catch up from the log; else rebuild."""
+        import faiss
+
+        epoch = int(self._meta.get("epoch", 0))
+        path = self._snapshot_path()
+        try:
+            with np.load(path) as data:
+                manifest = json.loads(bytes(data["manifest"]).decode())
+                if manifest["epoch"] != epoch or manifest["seq"] < int(self._meta.get("log_floor", 0)):
+                    raise ValueError("snapshot is stale")
+                if manifest["seq"] > int(self._meta.get("seq", 0)):
+                    raise ValueError("snapshot is newer than the store")  # the store was replaced
+                indexes = {}
+                for n, info in enumerate(manifest["scopes"]):
+                    index = faiss.deserialize_index(data[f"index{n}"])
+                    ids = data[f"ids{n}"]
+                    indexes[info["scope"]] = _ScopeIndex(index, dict(zip(ids.tolist(), info["keys"], strict=False)))
+        except (OSError, ValueError, KeyError, RuntimeError):
+            self._rebuild(epoch)
+            return
+        self._indexes = indexes
+        self._seq = manifest["seq"]
+        self._epoch = epoch
+        self._since_snapshot = 0
+        self._sync()
+
+
+def _flock(fd: int, timeout: float) -> bool:
+    """Take an exclusive flock, waiting up to `timeout` seconds; False if it could not be had."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False  # a stuck holder must not stall the caller forever: go on unlocked
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def _as_vector(vector: np.ndarray, dimension: int) -> np.ndarray:
+    vec = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(-1))
+    if vec.shape[0] != dimension:
+        raise ValueError(f"vector has {vec.shape[0]} dimensions, the store holds {dimension}")
+    return vec
+
+
+def _ttl_of(entry: CacheEntry) -> float | None:
+    """The entry's lifetime, for diskcache's own expiry (a backstop that frees space: `get` and `search`
+    judge expiry by the caller's `now`, so entries written with a test clock behave the same)."""
+    if entry.expires_at is None:
+        return None
+    return max(entry.expires_at - entry.created_at, 0.001)
+
+
+def _dump(record: dict[str, Any]) -> str:
+    # JSON text, not a pickle: diskcache sizes text rows exactly, and its LRU cull misbehaved with
+    # pickled dicts (it emptied the whole cache); JSON is also readable by any other tool.
+    return json.dumps(record, separators=(",", ":"), default=str)
+
+
+def _entry_from(record: str) -> CacheEntry:
+    return CacheEntry(**json.loads(record))

@@ -1,0 +1,348 @@
+"""SemanticCacheStage: answer a request from an earlier response, when and only when that response is
+the right answer to it. ExactCacheStage: the same without the semantic layer.
+
+A lookup runs two layers: the exact layer (the hash of the normalized, scoped request) and the semantic
+layer (the nearest earlier questions in the same scope, by MiniLM similarity, each checked by the
+precision guards of guards.py and, for follow-ups, by the earlier turns). A hit answers without calling
+the rest of the pipeline, so the ledger shows every prompt and completion token saved.
+
+Never cached: errors (nothing is stored unless an answer came back), answers with tool calls unless
+every tool called is marked pure, streams that did not complete, requests with quarantined content,
+sampled requests (temperature above zero, or unset, so the backend's non-zero default) unless
+`cache_sampled=True`, requests with n > 1, and requests whose metadata says `{"cache": False}`.
+
+Identical requests that arrive while the first is being answered wait for it (single-flight through the
+store) instead of calling the backend again; streams are not single-flighted (their answer is only
+known when the caller has read them to the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...pipeline import record_event
+from ...quarantine_marks import has_quarantined
+from ...request import ChatRequest
+from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
+from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from .guards import Thresholds, judge
+from .keys import RequestKey, request_key
+from .store import CacheEntry, CacheStore, Hit
+
+_REFUSED_FINISH = {"content_filter", "error"}
+
+
+@dataclasses.dataclass
+class Lookup:
+    """The outcome of looking a request up: a hit (with its layer) or why there was none."""
+
+    key: RequestKey
+    response: ChatResponse | None = None
+    layer: str | None = None  # "exact" | "semantic"
+    similarity: float | None = None
+    reason: str | None = None  # why it missed or could not be cached ("sampled", "similarity", "negation"...)
+    cacheable: bool = True
+    vector: np.ndarray | None = None
+    context_vector: np.ndarray | None = None
+    embed_ms: float = 0.0  # time spent embedding, the bulk of a semantic lookup
+
+
+class SemanticCacheStage(Stage):
+    """An exact and a semantic cache layer in front of the rest of the pipeline.
+
+    store:         where answers live (LocalStore, PostgresStore).
+    embedder:      a ctxkit.embed.Embedder (MiniLM); share one between stages.
+    thresholds:    similarity thresholds (guards.Thresholds; calibrated, see bench/cache.py).
+    ttl:           seconds an answer stays valid (None: until evicted); `namespace_ttl` overrides it per
+                   namespace and `request.metadata["cache_ttl"]` per request.
+    cache_sampled: also cache requests sampled at temperature > 0 (or unset).
+    pure_tools:    tools whose results do not depend on outside state; answers that call only these may
+                   be cached.
+    default_model: the backend's model, for requests that name none (keeps two backends apart in a
+                   shared store).
+    candidates:    semantic neighbours checked per lookup.
+    """
+
+    name = "semantic_cache"
+    semantic = True
+
+    def __init__(
+        self,
+        store: CacheStore,
+        embedder: Any = None,
+        *,
+        thresholds: Thresholds | None = None,
+        ttl: float | None = None,
+        namespace_ttl: Mapping[str, float] | None = None,
+        cache_sampled: bool = False,
+        pure_tools: Sequence[str] = (),
+        default_model: str | None = None,
+        candidates: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if self.semantic and embedder is None:
+            from ...errors import ConfigurationError
+
+            raise ConfigurationError("SemanticCacheStage needs an embedder (ctxkit.embed.Embedder)")
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be positive (or None)")
+        self.store = store
+        self.embedder = embedder
+        self.thresholds = thresholds or Thresholds()
+        self.ttl = ttl
+        self.namespace_ttl = dict(namespace_ttl or {})
+        self.cache_sampled = cache_sampled
+        self.pure_tools = frozenset(pure_tools)
+        self.default_model = default_model
+        self.candidates = candidates
+        self.clock = clock
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    # -- the hooks ----------------------------------------------------------------------------------
+    def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
+        found = self.lookup(request)
+        if found.response is not None:
+            return self._answer(request, found.response)
+        if not found.cacheable:
+            return call_next(request)
+        if request.stream:
+            result = call_next(request)
+            if isinstance(result, ChatStream):
+                result.on_complete(self._remember_when_complete(request, found))
+            return result
+        with self.store.single_flight(found.key.exact):
+            again = self._exact(found.key)  # the first caller may have answered while we waited
+            if again is not None:
+                self._note_hit(found.key, "exact", None, "single_flight")
+                return self._answer(request, again)
+            result = call_next(request)
+            if isinstance(result, ChatResponse):
+                self.remember(request, result, found)
+            return result
+
+    async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        found = await asyncio.to_thread(self.lookup, request)
+        if found.response is not None:
+            return self._aanswer(request, found.response)
+        if not found.cacheable:
+            return await call_next(request)
+        if request.stream:
+            result = await call_next(request)
+            if isinstance(result, AsyncChatStream):
+                result.on_complete(self._remember_when_complete(request, found))
+            return result
+        flight = self.store.single_flight(found.key.exact)
+        await asyncio.to_thread(flight.__enter__)  # a blocking lock: wait for it off the event loop
+        try:
+            again = await asyncio.to_thread(self._exact, found.key)
+            if again is not None:
+                self._note_hit(found.key, "exact", None, "single_flight")
+                return self._aanswer(request, again)
+            result = await call_next(request)
+            if isinstance(result, ChatResponse):
+                await asyncio.to_thread(self.remember, request, result, found)
+            return result
+        finally:
+            await asyncio.to_thread(flight.__exit__, None, None, None)
+
+    # -- lookup and remember (public: the benchmark and applications use them directly) ------------
+    def lookup(self, request: ChatRequest) -> Lookup:
+        """Find an answer for `request` in the exact layer, then the semantic layer."""
+        key = request_key(request, self.default_model)
+        reason = self._not_cacheable(request)
+        if reason is not None:
+            self.counts[f"skipped_{reason}"] += 1
+            record_event(self.name, "skip", reason=reason)
+            return Lookup(key=key, reason=reason, cacheable=False)
+        exact = self._exact(key)
+        if exact is not None:
+            self._note_hit(key, "exact", None)
+            return Lookup(key=key, response=exact, layer="exact", similarity=1.0)
+        if not self.semantic or not key.query:
+            self.counts["misses"] += 1
+            return Lookup(key=key, reason="exact_miss")
+        texts = [key.query] + ([key.context] if key.context else [])
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed(texts)
+        embed_ms = (time.perf_counter() - t0) * 1000
+        vector = vectors[0]
+        context_vector = vectors[1] if key.context else None
+        hits = self.store.search(key.scope, vector, self.candidates, self.clock())
+        reason = "no_candidate"
+        for hit in hits:
+            verdict = self._judge(key, context_vector, hit)
+            if verdict is None:
+                self._note_hit(key, "semantic", hit.similarity)
+                return Lookup(key=key, response=_response_from(hit.entry.response, self.name), layer="semantic",
+                              similarity=hit.similarity, vector=vector, context_vector=context_vector,
+                              embed_ms=embed_ms)
+            if verdict != "similarity":
+                self.counts[f"vetoed_{verdict}"] += 1
+                record_event(self.name, "veto", reason=verdict, similarity=round(hit.similarity, 4))
+            if reason in ("no_candidate", "similarity"):
+                reason = verdict
+        self.counts["misses"] += 1
+        return Lookup(key=key, reason=reason, vector=vector, context_vector=context_vector, embed_ms=embed_ms)
+
+    def remember(self, request: ChatRequest, response: ChatResponse, found: Lookup | None = None) -> bool:
+        """Store `response` as the answer to `request`, if it may be cached. Returns whether it was."""
+        found = found or Lookup(key=request_key(request, self.default_model))
+        reason = self._not_cacheable(request) or self._not_storable(response)
+        if reason is not None:
+            self.counts[f"not_stored_{reason}"] += 1
+            record_event(self.name, "not_stored", reason=reason)
+            return False
+        key = found.key
+        vector = found.vector
+        context_vector = found.context_vector
+        if self.semantic and key.query and vector is None:
+            vectors = self.embedder.embed([key.query] + ([key.context] if key.context else []))
+            vector, context_vector = vectors[0], (vectors[1] if key.context else None)
+        if vector is None:
+            dimension = getattr(self.store, "dimension", 384)
+            vector = np.zeros(dimension, dtype=np.float32)  # exact-only: a zero vector never passes a threshold
+        now = self.clock()
+        ttl = _ttl(request, self.namespace_ttl.get(request.namespace, self.ttl))
+        features: dict[str, Any] = {"query": key.query, "context": key.context, "raw": key.raw,
+                                    "semantic": bool(self.semantic and key.query)}
+        if context_vector is not None:
+            features["context_vector"] = _pack(context_vector)
+        entry = CacheEntry(
+            key=key.exact, scope=key.scope, namespace=request.namespace, query_text=key.query,
+            response=response.to_openai(), created_at=now, expires_at=None if ttl is None else now + ttl,
+            features=features,
+        )
+        self.store.put(entry, vector)
+        self.counts["stored"] += 1
+        return True
+
+    def _remember_when_complete(self, request: ChatRequest, found: Lookup) -> Callable[[ChatResponse], None]:
+        """A stream's on_complete callback: only a stream read to its end is stored."""
+
+        def callback(response: ChatResponse) -> None:
+            self.remember(request, response, found)
+
+        return callback
+
+    def stats(self) -> dict[str, Any]:
+        """This stage's counters (hits by layer, misses, vetoes by guard, skips by reason) and the store's."""
+        return {"stage": dict(self.counts), "store": self.store.stats()}
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _not_cacheable(self, request: ChatRequest) -> str | None:
+        if request.metadata.get("cache") is False:
+            return "opted_out"
+        if has_quarantined(request):
+            return "quarantined"
+        temperature = request.params.get("temperature")
+        if not self.cache_sampled and (temperature is None or float(temperature) > 0):
+            return "sampled"
+        if int(request.params.get("n", 1) or 1) > 1:
+            return "n_choices"
+        return None
+
+    def _not_storable(self, response: ChatResponse) -> str | None:
+        if response.answered_by is not None and response.answered_by != "":
+            return "not_from_backend"
+        if response.finish_reason in _REFUSED_FINISH:
+            return "refused"
+        calls = response.tool_calls
+        if calls and not all((c.get("function") or {}).get("name") in self.pure_tools for c in calls):
+            return "impure_tool_call"
+        if not calls and not (response.content or "").strip():
+            return "empty"
+        return None
+
+    def _exact(self, key: RequestKey) -> ChatResponse | None:
+        entry = self.store.get(key.exact, self.clock())
+        if entry is None or entry.scope != key.scope:
+            return None
+        return _response_from(entry.response, self.name)
+
+    def _judge(self, key: RequestKey, context_vector: np.ndarray | None, hit: Hit) -> str | None:
+        features = hit.entry.features or {}
+        if not features.get("semantic", True):
+            return "similarity"
+        candidate_context = str(features.get("context", ""))
+        context_similarity = None
+        if context_vector is not None and features.get("context_vector"):
+            context_similarity = float(np.dot(context_vector, _unpack(features["context_vector"])))
+        return judge(key.query, key.context, hit.entry.query_text, candidate_context,
+                     hit.similarity, context_similarity, self.thresholds,
+                     query_raw=key.raw, candidate_raw=str(features.get("raw", "")) or None)
+
+    def _note_hit(self, key: RequestKey, layer: str, similarity: float | None, via: str | None = None) -> None:
+        self.counts[f"hits_{layer}"] += 1
+        data: dict[str, Any] = {"layer": layer}
+        if similarity is not None:
+            data["similarity"] = round(similarity, 4)
+        if via:
+            data["via"] = via
+        record_event(self.name, "hit", **data)
+
+    def _answer(self, request: ChatRequest, response: ChatResponse) -> Result:
+        if not request.stream:
+            return response
+        stream = ChatStream(iter(response_as_chunks(response)), backend=response.backend, model=response.model,
+                            count_completion=None)
+        return stream
+
+    def _aanswer(self, request: ChatRequest, response: ChatResponse) -> AsyncResult:
+        if not request.stream:
+            return response
+        return AsyncChatStream(_replay(response_as_chunks(response)), backend=response.backend,
+                               model=response.model, count_completion=None)
+
+
+class ExactCacheStage(SemanticCacheStage):
+    """Only the exact layer: no embedder, no semantic search."""
+
+    name = "exact_cache"
+    semantic = False
+
+
+async def _replay(chunks: list[dict[str, Any]]) -> Any:
+    for chunk in chunks:
+        yield chunk
+
+
+def _ttl(request: ChatRequest, default: float | None) -> float | None:
+    value = request.metadata.get("cache_ttl", default)
+    return None if value is None else float(value)
+
+
+def _pack(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype=np.float16).tobytes()).decode()
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float16).astype(np.float32)
+
+
+def _response_from(data: Mapping[str, Any], stage: str) -> ChatResponse:
+    """A fresh ChatResponse from a stored chat.completion dict (a new id: it is a new answer)."""
+    choice = data["choices"][0]
+    usage = data.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    return ChatResponse(
+        message=dict(choice["message"]),
+        finish_reason=choice.get("finish_reason") or "stop",
+        usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                    int(details.get("cached_tokens") or 0)),
+        model=data.get("model", ""),
+        backend=f"cache:{stage}",
+        id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        answered_by=stage,
+    )
+
+
+__all__ = ["ExactCacheStage", "Lookup", "SemanticCacheStage"]

@@ -1,0 +1,147 @@
+"""Cache keys (scope rules, normalization, conversation awareness), self-correction repair and the
+precision guards, without a model: every rule here must hold before any similarity is computed."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctxkit.request import ChatRequest
+from ctxkit.stages.cache.disfluency import repair
+from ctxkit.stages.cache.guards import Thresholds, features, judge, veto
+from ctxkit.stages.cache.keys import request_key
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL2 = {"type": "function", "function": {"name": "get_time", "description": "Time in a city",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def req(text="What is the capital of France?", **fields):
+    fields.setdefault("params", {"temperature": 0})
+    system = fields.pop("system", None)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return ChatRequest(messages=messages, **fields)
+
+
+BASE = req()
+
+
+@pytest.mark.parametrize("changed", [
+    pytest.param(req(namespace="tenant-b"), id="namespace"),
+    pytest.param(req(model="other-model"), id="model"),
+    pytest.param(req(params={"temperature": 0, "max_tokens": 10}), id="max_tokens"),
+    pytest.param(req(params={"temperature": 0, "top_p": 0.5}), id="top_p"),
+    pytest.param(req(params={"temperature": 0.7}), id="temperature"),
+    pytest.param(req(system="You answer in French."), id="system_prompt"),
+    pytest.param(req(tools=[TOOL]), id="tool_set"),
+    pytest.param(req(params={"temperature": 0, "tool_choice": "none"}), id="tool_choice"),
+])
+def test_scope_changes_with_everything_a_hit_must_share(changed):
+    key = request_key(changed)
+    assert key.scope != request_key(BASE).scope
+    assert key.exact != request_key(BASE).exact
+
+
+def test_scope_ignores_tool_order_and_dict_key_order():
+    a = request_key(req(tools=[TOOL, TOOL2]))
+    reordered = {"function": dict(reversed(list(TOOL2["function"].items()))), "type": "function"}
+    b = request_key(req(tools=[reordered, TOOL]))
+    assert a.scope == b.scope
+
+
+def test_default_model_keeps_backends_apart_when_the_request_names_none():
+    assert request_key(BASE, "model-a").scope != request_key(BASE, "model-b").scope
+
+
+def test_exact_key_ignores_whitespace_but_not_words():
+    assert request_key(req("What is  the capital\nof France? ")).exact == request_key(BASE).exact
+    assert request_key(req("What is the capital of Spain?")).exact != request_key(BASE).exact
+
+
+def test_exact_key_ignores_tool_call_ids_the_model_invents():
+    def conv(call_id):
+        return ChatRequest(params={"temperature": 0}, messages=[
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": "4 C, rain"},
+        ])
+    assert request_key(conv("call_1")).exact == request_key(conv("call_999")).exact
+
+
+def test_follow_up_key_carries_the_conversation():
+    def conv(topic):
+        return ChatRequest(params={"temperature": 0}, messages=[
+            {"role": "user", "content": f"I have a {topic}."}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "cancel it"}])
+    stream, gym = request_key(conv("streaming plan")), request_key(conv("gym membership"))
+    assert stream.query == gym.query == "cancel it"
+    assert stream.context != gym.context and "streaming plan" in stream.context
+    assert stream.exact != gym.exact
+
+
+@pytest.mark.parametrize("spoken, meant", [
+    ("What kind of committee considered legislation on the development of the Scottish or no make that the "
+     "Edinburgh Tram Network ?", "What kind of committee considered legislation on the development of the Edinburgh Tram Network?"),
+    ("How umm I mean when did Warsaw start to rebuild ?", "when did Warsaw start to rebuild?"),
+    ("What ethnicity was Shi Bingzhi no sorry Shi Tianze ?", "What ethnicity was Shi Tianze?"),
+    ("What mechanism can be used to make nitrogen no sorry oxygen ?", "What mechanism can be used to make oxygen?"),
+    ("Transfer $40 to my checking, no wait, savings account", "Transfer $40 to my savings account"),
+])
+def test_repair_applies_self_corrections(spoken, meant):
+    assert repair(spoken) == meant
+
+
+@pytest.mark.parametrize("fluent", [
+    "Is the pizza with no onions?",
+    "How many biomolecules contain no oxygen?",
+    "Is it red or is it blue?",
+    "What did European chemists make that could be used in warfare?",
+    "Can I get rice instead of fries?",
+    "What, rather than Islamism, requires explanation?",
+])
+def test_repair_leaves_fluent_text_alone(fluent):
+    assert repair(fluent) == fluent
+
+
+@pytest.mark.parametrize("kind, a, b", [
+    ("negation", "Cancel my subscription.", "Don't cancel my subscription."),
+    ("negation", "Which plans include roaming?", "Which plans do not include roaming?"),
+    ("polarity", "Is the store open on Sunday?", "Is the store closed on Sunday?"),
+    ("polarity", "What foods should I eat when pregnant?", "What foods should I avoid when pregnant?"),
+    ("entities", "Who is the CEO of Microsoft?", "Who is the CEO of Apple?"),
+    ("entities", "Show the balance of account A-1182", "Show the balance of account B-1182"),
+    ("entities", "Reset the password for jsmith@example.com", "Reset the password for jdoe@example.com"),
+    ("numbers", "Refund order 1182", "Refund order 1183"),
+    ("numbers", "Book a room for two adults", "Book a room for four adults"),
+    ("numbers", "Transfer $40 to savings", "Transfer $400 to savings"),
+    ("units", "How long does it take to walk 5 km?", "How long does it take to walk 5 miles?"),
+    ("units", "How much is 100 USD in euros?", "How much is 100 GBP in euros?"),
+    ("dates", "What meetings do I have on Monday?", "What meetings do I have on Tuesday?"),
+    ("dates", "Is the museum open tomorrow?", "Is the museum open today?"),
+    ("scope", "Cancel all my orders", "Cancel my last order"),
+    ("person", "What is my account number?", "What is her account number?"),
+    ("question", "When did Warsaw start to rebuild?", "Where did Warsaw start to rebuild?"),
+])
+def test_guards_veto_every_trap_kind(kind, a, b):
+    assert veto(features(a), features(b)) == kind
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Don't cancel my subscription.", "Do not cancel my subscription."),
+    ("Book a room for two adults", "Book a room for 2 adults"),
+    ("Transfer $40 to my savings account", "Transfer 40 dollars to my savings account"),
+    ("Who is the CEO of Microsoft?", "Who's the CEO of Microsoft?"),
+    ("Walk 5 km", "walk 5 kilometers"),
+])
+def test_guards_let_same_meaning_rewordings_through(a, b):
+    assert veto(features(a), features(b)) is None
+
+
+def test_judge_requires_matching_contexts_for_follow_ups():
+    t = Thresholds(similarity=0.8, context_similarity=0.9)
+    assert judge("cancel it", "user: I have a gym membership", "cancel it", "", 0.99, None, t) == "context"
+    assert judge("cancel it", "user: plan A", "cancel it", "user: plan A", 0.99, 0.5, t) == "context"
+    assert judge("cancel it", "user: order 5521", "cancel it", "user: order 5522", 0.99, 0.97, t) == "context_numbers"
+    assert judge("cancel it", "user: order 5521", "cancel it", "user: order 5521", 0.99, 0.99, t) is None
+    assert judge("a", "", "b", "", 0.5, None, t) == "similarity"

@@ -1,0 +1,104 @@
+"""LocalStore specifics beyond the shared contract: its FAISS snapshot, rebuilding the index from
+diskcache when the snapshot is stale or broken, compaction of vectors left by evicted entries, HNSW."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from ctxkit.errors import ConfigurationError
+from ctxkit.stages.cache.local_store import LocalStore
+from ctxkit.stages.cache.store import CacheEntry
+
+DIM = 384
+
+
+def unit(seed: str) -> np.ndarray:
+    rng = np.random.default_rng(abs(hash(seed)) % 2**32)
+    v = rng.normal(size=DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def near(v: np.ndarray) -> np.ndarray:
+    w = v + 0.01 * np.random.default_rng(1).normal(size=v.shape).astype(np.float32)
+    return w / np.linalg.norm(w)
+
+
+def make_entry(key: str, namespace: str = "ns") -> CacheEntry:
+    return CacheEntry(key=key, scope="scope-a", namespace=namespace, query_text=key,
+                      response={"choices": [{"message": {"role": "assistant", "content": key}}]},
+                      created_at=time.time())
+
+
+def fill(store, n, prefix="k", **kw):
+    for i in range(n):
+        store.put(make_entry(f"{prefix}{i}", **kw), unit(f"{prefix}{i}"))
+
+
+def test_restart_loads_the_snapshot_and_catches_up_on_later_writes(tmp_path):
+    first = LocalStore(tmp_path)
+    fill(first, 10)
+    first.close()  # writes the snapshot
+    assert list((tmp_path / "faiss").glob("snapshot-flat.npz"))
+    writer = LocalStore(tmp_path)
+    fill(writer, 5, prefix="late")  # written after the snapshot: only in the log
+    reader = LocalStore(tmp_path)
+    for key in ("k3", "late4"):
+        hits = reader.search("scope-a", near(unit(key)), 1, time.time())
+        assert hits and hits[0].entry.key == key, f"{key} missing after restart"
+    writer.close()
+    reader.close()
+
+
+def test_a_corrupt_snapshot_is_rebuilt_from_diskcache(tmp_path):
+    store = LocalStore(tmp_path)
+    fill(store, 10)
+    store.close()
+    (tmp_path / "faiss" / "snapshot-flat.npz").write_bytes(b"not a snapshot")
+    again = LocalStore(tmp_path)
+    hits = again.search("scope-a", unit("k6"), 1, time.time())
+    assert hits and hits[0].entry.key == "k6"
+    assert again.stats()["vectors"] == 10
+    again.close()
+
+
+def test_invalidated_entries_leave_no_vectors_after_a_rebuild(tmp_path):
+    store = LocalStore(tmp_path)
+    fill(store, 10, namespace="gone")
+    fill(store, 3, prefix="kept", namespace="kept")
+    store.invalidate("gone")
+    store.close()
+    (tmp_path / "faiss" / "snapshot-flat.npz").unlink()
+    again = LocalStore(tmp_path)  # no snapshot: rebuilt from meta/, dropping vectors of missing entries
+    assert again.stats()["vectors"] == 3
+    again.close()
+
+
+def test_hnsw_index_finds_the_same_neighbour(tmp_path):
+    store = LocalStore(tmp_path, index="hnsw")
+    fill(store, 200)
+    hits = store.search("scope-a", near(unit("k123")), 1, time.time())
+    assert hits and hits[0].entry.key == "k123"
+    store.close()
+
+
+def test_put_many_is_searchable_and_bounded(tmp_path):
+    store = LocalStore(tmp_path)
+    entries = [make_entry(f"b{i}") for i in range(50)]
+    store.put_many(entries, np.stack([unit(f"b{i}") for i in range(50)]))
+    assert store.get("b49", time.time()) is not None
+    assert store.search("scope-a", unit("b7"), 1, time.time())[0].entry.key == "b7"
+    store.close()
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigurationError):
+        LocalStore(tmp_path, index="ivf-magic")
+    with pytest.raises(ConfigurationError):
+        LocalStore(tmp_path, size_bytes=0)
+    store = LocalStore(tmp_path)
+    with pytest.raises(ValueError, match="dimensions"):
+        store.put(make_entry("x"), np.zeros(10, dtype=np.float32))
+    store.close()

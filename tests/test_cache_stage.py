@@ -1,0 +1,307 @@
+"""SemanticCacheStage end to end: the real MiniLM embedder, a real LocalStore, and, where an answer is
+needed, the real embedded model (SmolLM2-135M through llama.cpp) behind a real Pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from ctxkit.errors import ContextOverflowError
+from ctxkit.pipeline import Pipeline
+from ctxkit.quarantine_marks import mark
+from ctxkit.request import ChatRequest
+from ctxkit.response import ChatResponse, Usage
+from ctxkit.stages.cache.local_store import LocalStore
+from ctxkit.stages.cache.stage import ExactCacheStage, SemanticCacheStage
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cache"
+PARAMS = {"temperature": 0, "max_tokens": 8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One sentence per lookup gains nothing from more threads, and on a shared 2-core machine extra
+    threads made each embedding 40x slower; restored afterwards for other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LocalStore(tmp_path / "cache")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stage(store, embedder):
+    return SemanticCacheStage(store, embedder)
+
+
+def ask(text, **fields):
+    fields.setdefault("params", PARAMS)
+    return ChatRequest(messages=[{"role": "user", "content": text}], **fields)
+
+
+def answer(text="the answer", **fields):
+    return ChatResponse(message={"role": "assistant", "content": text, **fields.pop("message", {})},
+                        finish_reason=fields.pop("finish_reason", "stop"), usage=Usage(30, 5), model="m",
+                        backend="test", **fields)
+
+
+def seed(stage, request, text="the answer"):
+    assert stage.remember(request, answer(text), stage.lookup(request)), "the seed answer was not stored"
+
+
+# -- layers and hits ------------------------------------------------------------------------------
+
+def test_identical_request_hits_the_exact_layer(stage):
+    seed(stage, ask("What is the capital of France?"))
+    found = stage.lookup(ask("What is  the capital of France? "))
+    assert found.layer == "exact" and found.response.content == "the answer"
+
+
+def test_reworded_request_hits_the_semantic_layer(stage):
+    seed(stage, ask("What is the capital of France?"))
+    found = stage.lookup(ask("what's the capital city of France"))
+    assert found.layer == "semantic", f"expected a semantic hit, missed because: {found.reason}"
+    assert found.response.answered_by == "semantic_cache"
+
+
+def test_self_corrected_request_hits(stage):
+    seed(stage, ask("What is the weather in Paris today?"))
+    found = stage.lookup(ask("What is the weather in London, I mean Paris, today?"))
+    assert found.layer == "semantic", found.reason
+
+
+# -- scope rules: a hit never crosses them ------------------------------------------------------------
+
+@pytest.mark.parametrize("other", [
+    pytest.param(ask("What is the capital of France?", namespace="tenant-b"), id="namespace"),
+    pytest.param(ask("What is the capital of France?", model="another-model"), id="model"),
+    pytest.param(ask("What is the capital of France?", params={"temperature": 0, "max_tokens": 64}), id="params"),
+    pytest.param(ChatRequest(messages=[{"role": "system", "content": "Answer in French."},
+                                       {"role": "user", "content": "What is the capital of France?"}],
+                             params=PARAMS), id="system_prompt"),
+    pytest.param(ask("What is the capital of France?", tools=[{"type": "function", "function": {
+        "name": "lookup", "parameters": {"type": "object", "properties": {}}}}]), id="tool_set"),
+])
+def test_cache_never_hits_across_scopes(stage, other):
+    seed(stage, ask("What is the capital of France?"))
+    found = stage.lookup(other)
+    assert found.response is None, f"a hit crossed the scope: {found.layer}"
+
+
+def test_sampled_requests_are_not_cached_unless_opted_in(store, embedder):
+    stage = SemanticCacheStage(store, embedder)
+    hot = ask("Tell me a joke", params={"temperature": 0.8, "max_tokens": 8})
+    unset = ask("Tell me a joke", params={"max_tokens": 8})
+    for request in (hot, unset):
+        assert stage.lookup(request).reason == "sampled"
+        assert not stage.remember(request, answer())
+    opted = SemanticCacheStage(store, embedder, cache_sampled=True)
+    assert opted.remember(hot, answer("a joke"))
+    assert opted.lookup(hot).layer == "exact"
+
+
+def test_follow_up_is_keyed_on_the_conversation(stage):
+    def conv(context, last="cancel it"):
+        return ChatRequest(params=PARAMS, messages=[
+            {"role": "user", "content": context[0]}, {"role": "assistant", "content": context[1]},
+            {"role": "user", "content": last}])
+    streaming = ("I pay for the Premium streaming plan every month.", "You are on Premium streaming.")
+    gym = ("I have a gym membership at the downtown club.", "Your gym membership renews on the 1st.")
+    seed(stage, conv(streaming), "streaming plan cancelled")
+    other = stage.lookup(conv(gym))
+    assert other.response is None, "'cancel it' about a gym hit 'cancel it' about a streaming plan"
+    alone = stage.lookup(ask("cancel it"))
+    assert alone.response is None, "a follow-up without its conversation hit"
+    same = stage.lookup(conv(streaming, "Please cancel it."))
+    assert same.response is not None and same.response.content == "streaming plan cancelled", same.reason
+
+
+# -- precision guards: every trap kind misses, through the whole lookup -------------------------------
+
+@pytest.mark.parametrize("stored, asked", [
+    pytest.param("Cancel my subscription.", "Don't cancel my subscription.", id="negation"),
+    pytest.param("Is the store open on Sunday?", "Is the store closed on Sunday?", id="negation_antonym"),
+    pytest.param("What foods should I eat during pregnancy?", "What foods should I avoid during pregnancy?", id="eat_avoid"),
+    pytest.param("Who is the CEO of Microsoft?", "Who is the CEO of Apple?", id="entity"),
+    pytest.param("How long is the flight from Boston to Denver?", "How long is the flight from Denver to Boston?", id="swapped_entities"),
+    pytest.param("Show the balance of account A-1182", "Show the balance of account B-1182", id="account_id"),
+    pytest.param("Refund order 1182", "Refund order 1183", id="number"),
+    pytest.param("What meetings do I have on Monday?", "What meetings do I have on Tuesday?", id="date"),
+    pytest.param("Who won the World Cup in 2018?", "Who won the World Cup in 2022?", id="year"),
+    pytest.param("Transfer $40 to my savings account", "Transfer $400 to my savings account", id="amount"),
+    pytest.param("Convert 10 miles to kilometers", "Convert 10 kilometers to miles", id="units_swapped"),
+    pytest.param("Ship a 2 kg parcel to Spain", "Ship a 2 lb parcel to Spain", id="unit"),
+    pytest.param("Cancel all my orders", "Cancel my last order", id="scope"),
+    pytest.param("Transfer $40 to my checking account", "Transfer $40 to my savings account", id="other_thing"),
+])
+def test_trap_pairs_miss(stage, stored, asked):
+    seed(stage, ask(stored))
+    found = stage.lookup(ask(asked))
+    assert found.response is None, f"{asked!r} was answered with the cached answer to {stored!r}"
+
+
+def test_trap_fixture_has_no_false_hits(stage):
+    """The whole hand-written trap set (also run by `ctxkit bench cache`), through the stage."""
+    false_hits, positives, hits = [], 0, 0
+    for i, line in enumerate((FIXTURES / "traps.jsonl").read_text().splitlines()):
+        pair = json.loads(line)
+        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=f"trap-{i}")
+        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=f"trap-{i}")
+        seed(stage, a, f"answer {i}")
+        found = stage.lookup(b)
+        positives += pair["same_answer"]
+        if found.response is not None:
+            hits += pair["same_answer"]
+            if not pair["same_answer"]:
+                false_hits.append(pair["id"])
+    assert false_hits == [], f"false hits on traps: {false_hits}"
+    assert hits / positives >= 0.8, f"recall on the trap set's safe rewordings fell to {hits / positives:.2f}"
+
+
+# -- what is never stored -----------------------------------------------------------------------------
+
+def test_tool_calls_are_not_cached_unless_the_tool_is_pure(store, embedder):
+    request = ask("What's the weather in Oslo?")
+    call = {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    with_call = answer("", message=call, finish_reason="tool_calls")
+    impure = SemanticCacheStage(store, embedder)
+    assert not impure.remember(request, with_call)
+    assert impure.lookup(request).response is None
+    pure = SemanticCacheStage(store, embedder, pure_tools=["get_weather"])
+    assert pure.remember(request, with_call)
+    assert pure.lookup(request).response.tool_calls[0]["function"]["name"] == "get_weather"
+
+
+def test_refusals_and_empty_answers_are_not_cached(stage):
+    assert not stage.remember(ask("a"), answer("blocked", finish_reason="content_filter"))
+    assert not stage.remember(ask("b"), answer(""))
+
+
+def test_quarantined_requests_are_neither_served_nor_stored(stage):
+    clean = ask("Summarize the tool output")
+    seed(stage, clean)
+    marked = mark(clean, [(clean.messages[0], "tool error")])
+    assert stage.lookup(marked).reason == "quarantined"
+    assert not stage.remember(marked, answer())
+
+
+def test_opt_out_per_request(stage):
+    request = ask("What is 2 + 2?", metadata={"cache": False})
+    assert stage.lookup(request).reason == "opted_out"
+    assert not stage.remember(request, answer("4"))
+
+
+# -- TTL ------------------------------------------------------------------------------------------------
+
+def test_ttl_per_entry_and_per_namespace(store, embedder):
+    now = [1000.0]
+    stage = SemanticCacheStage(store, embedder, ttl=100, namespace_ttl={"news": 10}, clock=lambda: now[0])
+    general = ask("What is the capital of France?")
+    news = ask("What is today's top story?", namespace="news")
+    short = ask("What is the price of gold?", metadata={"cache_ttl": 5})
+    for request in (general, news, short):
+        assert stage.remember(request, answer())
+    now[0] += 7
+    assert stage.lookup(short).response is None, "the per-request TTL (5 s) was not applied"
+    assert stage.lookup(news).response is not None
+    now[0] += 5
+    assert stage.lookup(news).response is None, "the namespace TTL (10 s) was not applied"
+    assert stage.lookup(general).response is not None
+    now[0] += 100
+    assert stage.lookup(general).response is None, "the default TTL (100 s) was not applied"
+
+
+# -- with the real model behind a pipeline ---------------------------------------------------------------
+
+def test_hit_saves_every_token_in_the_ledger(llama_backend, store, embedder, ledger):
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    first = pipeline.call(ask("What is the capital of France?"))
+    assert first.answered_by is None and first.content
+    second = pipeline.call(ask("what's the capital city of France"))
+    assert second.content == first.content
+    record = ledger.records[-1]
+    assert record.answered_by == "semantic_cache"
+    assert record.tokens_sent == 0 and record.latency_ms["backend_calls"] == 0
+    assert record.saved_by_stage["semantic_cache"] == record.tokens_naive > 0
+    assert record.out_saved == first.usage.completion_tokens > 0 and record.tokens_out == 0
+    assert any(e["kind"] == "hit" and e["layer"] == "semantic" for e in record.events)
+
+
+def test_stream_is_stored_when_complete_and_replayed_on_a_hit(llama_backend, store, embedder, ledger):
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    stream = pipeline.call(ask("Name a primary color.", stream=True))
+    first = stream.collect()
+    replay = pipeline.call(ask("Name a primary color.", stream=True))
+    chunks = list(replay)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text == first.content
+    assert ledger.records[-1].answered_by == "semantic_cache" and ledger.records[-1].tokens_sent == 0
+
+
+def test_abandoned_stream_is_not_stored(llama_backend, store, embedder, ledger):
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    stream = iter(pipeline.call(ask("Count from one to ten.", params={"temperature": 0, "max_tokens": 24}, stream=True)))
+    next(stream)
+    stream.close()  # the caller walked away mid-stream
+    assert stage.lookup(ask("Count from one to ten.", params={"temperature": 0, "max_tokens": 24})).response is None
+
+
+def test_errors_are_never_cached(llama_backend, store, embedder, ledger):
+    stage = ExactCacheStage(store)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    too_big = ask("Hello", params={"temperature": 0, "max_tokens": 10_000})
+    with pytest.raises(ContextOverflowError):
+        pipeline.call(too_big)
+    assert store.stats()["entries"] == 0
+    assert stage.lookup(too_big).response is None
+
+
+def test_async_hit_and_async_stream_replay(llama_backend, store, embedder, ledger):
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+
+    async def scenario():
+        first = await pipeline.acall(ask("What is two plus two?"))
+        again = await pipeline.acall(ask("What is two plus two?"))
+        stream = await pipeline.acall(ask("What is two plus two?", stream=True))
+        replay = await stream.collect()
+        return first, again, replay
+
+    first, again, replay = asyncio.run(scenario())
+    assert again.answered_by == "semantic_cache" and again.content == first.content
+    assert replay.content == first.content
+
+
+def test_identical_concurrent_requests_call_the_backend_once(llama_backend, store, embedder, ledger):
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    results = []
+    barrier = threading.Barrier(3)
+
+    def worker():
+        barrier.wait()
+        results.append(pipeline.call(ask("Say hello to Ada.")))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    backend_calls = sum(r.latency_ms["backend_calls"] for r in ledger.records)
+    assert backend_calls == 1, f"{backend_calls} backend calls for 3 identical concurrent requests"
+    assert len({r.content for r in results}) == 1
