@@ -1,0 +1,187 @@
+"""`ctxkit bench memory`: how much of a long conversation survives summarization to a token budget.
+
+Each conversation (`{"id", "messages", "answers"}` lines; the last message is the question) goes through
+the history stage (SummarizationStage) with its trigger and target at `--budget` times the conversation's
+own prompt tokens. Retention: some answer string (case-insensitive) is still in what would be sent.
+For comparison the same budget is given to LangChain's `trim_messages` (keep the newest messages that
+fit), the usual baseline.
+
+Conversations are split in two halves by a hash of their id; the weights of the fact ranking were tuned on
+the first half only, so the second half's retention is the honest number (both are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..request import ChatRequest, Message
+from ..response import message_text
+from .common import add_backend_arguments, backend_from_args, emit, median, percentile, progress
+
+
+def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigurationError(f"conversations file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"{path}:{number}: not JSON: {exc}") from None
+            if not isinstance(row.get("messages"), list) or not row["messages"] or not row.get("answers"):
+                raise ConfigurationError(f"{path}:{number}: needs non-empty 'messages' and 'answers'")
+            row.setdefault("id", f"line-{number}")
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def tuning_half(conversation_id: str) -> bool:
+    """The half the ranking weights were tuned on (the other half checks them)."""
+    return int(hashlib.md5(conversation_id.encode()).hexdigest(), 16) % 2 == 0
+
+
+def retained(messages: Sequence[Message], answers: Sequence[str]) -> bool:
+    text = "\n".join(message_text(dict(m)) for m in messages).lower()
+    return any(str(answer).lower() in text for answer in answers)
+
+
+def trim_baseline(messages: Sequence[Message], budget: int, counter: Any) -> list[Message]:
+    """LangChain's trim_messages(strategy="last", start_on="human", include_system=True) at `budget` tokens."""
+    from langchain_core.messages import convert_to_messages, convert_to_openai_messages, trim_messages
+
+    def count(batch: list[Any]) -> int:
+        return int(counter.count_prompt(convert_to_openai_messages(batch)))
+
+    kept = trim_messages(convert_to_messages(list(messages)), max_tokens=budget, token_counter=count,
+                         strategy="last", start_on="human", include_system=True, allow_partial=False)
+    return list(convert_to_openai_messages(kept))
+
+
+def run(
+    conversations: Sequence[dict[str, Any]],
+    backend: Any,
+    *,
+    budget: float,
+    mode: str = "extractive",
+    keep_last: int = 3,
+    baseline: bool = True,
+    embedder: Any = None,
+) -> dict[str, Any]:
+    from ..stages.summarize import SummarizationStage
+
+    if not 0 < budget <= 1:
+        raise ConfigurationError(f"--budget is a fraction of the original tokens in (0, 1], got {budget}")
+    if baseline:
+        try:
+            import langchain_core  # noqa: F401  (the baseline is LangChain's own trim_messages)
+        except ImportError:
+            raise ConfigurationError("the trim_messages baseline needs pip install 'ctxkit[langchain]' "
+                                     "(or pass --no-baseline)") from None
+    if embedder is None and mode != "model":
+        from ..embed import Embedder
+
+        embedder = Embedder()
+    counter = backend.counter
+    hits: list[bool] = []
+    halves: dict[str, list[bool]] = {"tune": [], "check": []}
+    ratios: list[float] = []
+    latencies: list[float] = []
+    base_hits: list[bool] = []
+    base_ratios: list[float] = []
+    over = 0
+    originals: list[int] = []
+    for row in progress(conversations, total=len(conversations), desc=f"memory/{mode}"):
+        messages = row["messages"]
+        original = counter.count_prompt(messages)
+        originals.append(original)
+        limit = max(1, int(budget * original))
+        stage = SummarizationStage(backend, trigger_tokens=limit, target_tokens=limit, keep_last=keep_last,
+                                   mode=mode, embedder=embedder)
+        request = ChatRequest(messages=messages, conversation_id=str(row["id"]))
+        t0 = time.perf_counter()
+        sent = stage.before_model(request).messages
+        latencies.append((time.perf_counter() - t0) * 1000)
+        tokens = counter.count_prompt(list(sent))
+        over += tokens > limit
+        ratios.append(tokens / original)
+        hit = retained(sent, row["answers"])
+        hits.append(hit)
+        halves["tune" if tuning_half(str(row["id"])) else "check"].append(hit)
+        if baseline:
+            trimmed = trim_baseline(messages, limit, counter)
+            base_hits.append(retained(trimmed, row["answers"]))
+            base_ratios.append(counter.count_prompt(trimmed) / original)
+    n = len(conversations)
+
+    def mean(values: Sequence[float]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    result: dict[str, Any] = {
+        "conversations": n,
+        "budget": budget,
+        "summarizer": mode,
+        "keep_last": keep_last,
+        "retention": mean([float(h) for h in hits]),
+        "retention_tuning_half": mean([float(h) for h in halves["tune"]]),
+        "retention_check_half": mean([float(h) for h in halves["check"]]),
+        "kept_token_ratio": mean(ratios),
+        "kept_token_ratio_max": round(max(ratios), 4) if ratios else None,
+        "over_budget": over,
+        "original_tokens_p50": median([float(o) for o in originals]),
+        "latency_ms_p50": round(median(latencies), 2),
+        "latency_ms_p95": round(percentile(latencies, 95), 2),
+    }
+    if baseline:
+        result["baseline"] = "langchain trim_messages (newest messages that fit)"
+        result["baseline_retention"] = mean([float(h) for h in base_hits])
+        result["baseline_kept_token_ratio"] = mean(base_ratios)
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [
+        f"memory retention at {r['budget']:.0%} of the original tokens, {r['conversations']} conversations, "
+        f"summarizer {r['summarizer']}",
+        f"  retention          {r['retention']:.4f}   (tuning half {r['retention_tuning_half']}, "
+        f"check half {r['retention_check_half']})",
+        f"  kept token ratio   {r['kept_token_ratio']:.4f}   (max {r['kept_token_ratio_max']}, "
+        f"over budget {r['over_budget']})",
+        f"  latency p50        {r['latency_ms_p50']:.1f} ms  (p95 {r['latency_ms_p95']:.1f} ms)",
+    ]
+    if "baseline_retention" in r:
+        lines.append(f"  baseline retention {r['baseline_retention']:.4f}   ({r['baseline']}, "
+                     f"kept {r['baseline_kept_token_ratio']:.4f})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conversations", type=Path, required=True,
+                        help='JSON lines {"id", "messages", "answers"}; the last message is the question')
+    parser.add_argument("--budget", type=float, default=0.25, help="fraction of each conversation's tokens")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--summarizer", choices=("extractive", "model", "hybrid"), default="extractive",
+                        help="extractive (fast), model (the backend's summary alone, slow), hybrid (both)")
+    parser.add_argument("--keep-last", type=int, default=3, help="newest messages kept verbatim (default 3)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the trim_messages baseline")
+    add_backend_arguments(parser)
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    conversations = load_conversations(args.conversations, args.limit)
+    backend = backend_from_args(args)
+    result = run(conversations, backend, budget=args.budget, mode=args.summarizer, keep_last=args.keep_last,
+                 baseline=not args.no_baseline)
+    result["data"] = str(args.conversations)
+    emit(result, args.json, table(result))

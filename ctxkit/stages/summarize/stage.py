@@ -1,0 +1,357 @@
+"""SummarizationStage: when the history grows past a trigger, fold its oldest turns into a summary.
+
+    stage = SummarizationStage(backend, trigger_fraction=0.6, keep_last=6)
+
+- Trigger: prompt tokens over `trigger_tokens` (or `trigger_fraction` of the backend's context window),
+  or more than `trigger_messages` messages. It then shrinks the request to `target_tokens` (default: 60%
+  of the token trigger, so the next calls only append and the summary stays put).
+- The newest `keep_last` messages stay verbatim (fewer if they alone would not fit), and the cut never
+  separates an assistant tool call from its tool results.
+- Rolling and incremental: per (namespace, conversation_id) the stage keeps what it has folded; a later
+  fold reads only the newly overflowed turns (the model summarizer gets the previous summary plus them).
+- The summary is one message right after the leading system message(s), and it is reused byte for byte
+  until the next fold, so everything after it stays in the provider's prefix cache between folds.
+- Quarantined messages (`ctxkit.quarantine_marks`) are never folded into a summary: they stay visible
+  while they are in the verbatim tail, and simply vanish once they fall out of it.
+- `mode`: "extractive" (sentences kept verbatim, see facts.py), "model" (the backend's summary alone) or
+  "hybrid" (the model's summary plus the extractive facts in the rest of the budget; the default).
+- Cache awareness: every call in a conversation records in the ledger how many tokens of the request this
+  stage passed on last time are no longer a prefix of what it passes on now (`prefix_invalidated`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...backends.base import Backend
+from ...errors import ConfigurationError
+from ...pipeline import record_event
+from ...quarantine_marks import fingerprint, quarantined
+from ...request import ChatRequest, Message
+from ...response import message_text
+from ...stage import Stage
+from ..templates import sandboxed_environment
+from . import facts as fact_keeper
+from .model import ModelSummarizer
+from .state import ConversationState, SummaryStore, digest
+from .turns import valid_cuts
+
+MODES = ("extractive", "model", "hybrid")
+FILL_ATTEMPTS = 24  # exact recounts spent filling the budget after the estimate; each costs one tokenization
+SUMMARY_TEMPLATE = (
+    "Earlier conversation ({{ folded }} messages), summarized:"
+    "{% if summary %}\n{{ summary }}{% endif %}"
+    "{% if facts %}\nExcerpts:\n{% for line in facts %}{{ line }}\n{% endfor %}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryResult:
+    """What one call did: the messages passed on and how the summary was built (for benchmarks and tests)."""
+
+    messages: Sequence[Message]
+    folded: int  # messages folded into the summary so far
+    refolded: bool  # whether this call rebuilt the summary
+    summary: str
+
+
+class SummarizationStage(Stage):
+    """Folds the oldest turns into a rolling summary once the conversation passes a trigger."""
+
+    name = "summarization"
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        trigger_tokens: int | None = None,
+        trigger_fraction: float | None = None,
+        trigger_messages: int | None = None,
+        target_tokens: int | None = None,
+        keep_last: int = 6,
+        max_tail_fraction: float = 0.5,
+        mode: str = "hybrid",
+        summarizer: Backend | None = None,
+        embedder: Any = None,
+        model_share: float = 0.3,
+        summary_max_tokens: int = 96,
+        summary_role: str = "system",
+        state_dir: str | Path | None = None,
+        weights: fact_keeper.Weights | None = None,
+    ) -> None:
+        """backend: the pipeline's backend (its counter and context window size the request).
+        summarizer: the backend that writes the model summary (default: `backend`).
+        embedder: a ctxkit.embed.Embedder for the fact keeper (default: one is loaded when first needed).
+        """
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
+        if trigger_tokens is None and trigger_fraction is None and trigger_messages is None:
+            raise ConfigurationError("give at least one trigger: trigger_tokens, trigger_fraction or trigger_messages")
+        if trigger_fraction is not None and not 0 < trigger_fraction <= 1:
+            raise ConfigurationError(f"trigger_fraction must be in (0, 1], got {trigger_fraction}")
+        for label, value in (("trigger_tokens", trigger_tokens), ("trigger_messages", trigger_messages),
+                             ("target_tokens", target_tokens)):
+            if value is not None and value <= 0:
+                raise ConfigurationError(f"{label} must be positive, got {value}")
+        if keep_last < 1:
+            raise ConfigurationError(f"keep_last must be at least 1, got {keep_last}")
+        if not 0 < max_tail_fraction <= 1 or not 0 <= model_share <= 1:
+            raise ConfigurationError("max_tail_fraction must be in (0, 1] and model_share in [0, 1]")
+        if summary_role not in ("system", "user"):
+            raise ConfigurationError(f"summary_role must be 'system' or 'user', got {summary_role!r}")
+        self.backend = backend
+        self.counter = backend.counter
+        token_triggers = [t for t in (trigger_tokens,
+                                      int(trigger_fraction * backend.context_window) if trigger_fraction else None)
+                          if t is not None]
+        self.trigger_tokens = min(token_triggers) if token_triggers else None
+        self.trigger_messages = trigger_messages
+        if target_tokens is None and self.trigger_tokens is not None:
+            target_tokens = max(1, int(self.trigger_tokens * 0.6))
+        self.target_tokens = target_tokens
+        self.keep_last = keep_last
+        self.max_tail_fraction = max_tail_fraction
+        self.mode = mode
+        self.model = ModelSummarizer(summarizer or backend, max_tokens=summary_max_tokens) if mode != "extractive" else None
+        self.model_share = model_share if mode == "hybrid" else (1.0 if mode == "model" else 0.0)
+        self.summary_role = summary_role
+        self.weights = weights or fact_keeper.Weights()
+        self.store = SummaryStore(state_dir)
+        self._embedder = embedder
+        self._embedder_lock = threading.Lock()
+        self._template = sandboxed_environment().from_string(SUMMARY_TEMPLATE)
+        self._conversation_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        key = self._key(request)
+        if key is None:
+            result = self.summarize(request)
+            if result.messages is request.messages:
+                return request
+            return request.override(messages=list(result.messages))
+        with self._conversation_lock(key):  # two calls of one conversation must not fold the same turns twice
+            result = self.summarize(request)
+            state = self.store.get(key)
+            sent = tuple(result.messages)
+            if state is not None:
+                invalidated = self._invalidated(state, sent)
+                record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
+                state.last_sent = sent
+                state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
+        if result.messages is request.messages:
+            return request
+        return request.override(messages=list(result.messages))
+
+    # async: the default awrap_call runs before_model inline; folding with a model is slow, so use a thread.
+    async def awrap_call(self, request: ChatRequest, call_next: Any) -> Any:
+        import asyncio
+
+        from ...response import ChatResponse
+
+        request = await asyncio.to_thread(self.before_model, request)
+        result = await call_next(request)
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+
+    # -- the work -----------------------------------------------------------------------------------
+    def summarize(self, request: ChatRequest) -> SummaryResult:
+        """What this stage would pass on for `request` (and the state it keeps for its conversation)."""
+        messages = list(request.messages)
+        lead = 0
+        while lead < len(messages) and messages[lead].get("role") == "system":
+            lead += 1
+        head, body = messages[:lead], messages[lead:]
+        key = self._key(request)
+        marks = quarantined(request)
+        prints = [fingerprint(m) for m in body]
+        state = self.store.get(key) if key is not None else None
+        if state is not None and not self._still_valid(state, prints, marks):
+            state = None  # the app rewrote its history, or a folded message was quarantined since: start over
+        if state is None:
+            state = ConversationState()
+            if key is not None:
+                self.store.put(key, state)
+
+        current = self._assemble(head, state, body[state.folded:])
+        unchanged = request.messages if state.folded == 0 else current
+        if not self._over_trigger(current, request):
+            return SummaryResult(unchanged, state.folded, False, state.summary)
+        cut = self._choose_cut(head, body, state.folded, request)
+        if cut <= state.folded:
+            # Nothing new can be folded (the kept turns alone are too big): leave the summary as it is.
+            return SummaryResult(unchanged, state.folded, False, state.summary)
+        # Work on a copy: a summarizer that fails half way must not leave a half-folded state behind.
+        state = dataclasses.replace(state, facts=list(state.facts), texts=dict(state.texts),
+                                    included=list(state.included))
+        new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],) if prints[i] not in marks]
+        self._fold(state, new)
+        state.folded = cut
+        state.folded_digest = digest(prints[:cut])
+        tail = body[cut:]
+        state.summary = self._build_summary(head, tail, state, request)
+        if key is not None:
+            self.store.put(key, state)
+        return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
+
+    def _fold(self, state: ConversationState, new: Sequence[tuple[int, Message, str]]) -> None:
+        """Add newly overflowed (and clean) messages to the fact pool and to the rolling model summary."""
+        added: list[fact_keeper.Fact] = []
+        for index, message, print_ in new:
+            state.included.append(print_)
+            units = fact_keeper.extract(message, index, print_)
+            if units:
+                state.texts[index] = fact_keeper.message_units(message)[0]
+            added.extend(units)
+        if self.model_share < 1.0 and added:
+            vectors = self._embed([f.text for f in added])
+            old = self._vectors(state)
+            state.vectors = vectors if old is None or not len(old) else np.vstack([old, vectors])
+        state.facts.extend(added)
+        if self.model is not None and new:
+            state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
+
+    def _build_summary(self, head: list[Message], tail: list[Message], state: ConversationState,
+                       request: ChatRequest) -> str:
+        """Fill the target budget: the model summary (its share), then the best facts, verified by counting."""
+        target = self._target(request)
+        base = self.counter.count_prompt(self._assemble(head, None, tail), request.tools)
+        empty = self._render(state.folded, "", [])
+        room = target - base - self.counter.count_text(empty) - 8  # 8: the summary message's own framing
+        model_text = ""
+        if self.model_share > 0 and state.model_summary and room > 0:
+            model_text = _cut_sentences(state.model_summary, int(room * self.model_share), self.counter)
+            room -= self.counter.count_text(model_text) if model_text else 0
+        chosen: list[fact_keeper.Fact] = []
+        if self.model_share < 1.0 and state.facts and room > 0:
+            marks = quarantined(request)
+            pool = [i for i, f in enumerate(state.facts) if f.fingerprint not in marks]
+            facts = [state.facts[i] for i in pool]
+            vectors = self._vectors(state)
+            assert vectors is not None
+            recent = [message_text(dict(m)) for m in tail if message_text(dict(m)).strip()] or [""]
+            scores = fact_keeper.rank(facts, vectors[pool], recent, self._embed(recent), self.weights)
+            chosen = fact_keeper.select(facts, scores, room, self.counter)
+            # The estimate above counts units one by one; the exact count decides.
+            order = {id(f): s for f, s in zip(facts, scores, strict=True)}
+            while chosen:
+                text = self._render(state.folded, model_text, fact_keeper.render(chosen, state.texts))
+                if self.counter.count_prompt(self._assemble(head, None, tail, text), request.tools) <= target:
+                    break
+                chosen.remove(min(chosen, key=lambda f: order[id(f)]))
+            # The estimate is conservative (separators, chat-template framing): fill what is left, best first.
+            taken = {id(f) for f in chosen}
+            for i in np.argsort(-scores, kind="stable")[:FILL_ATTEMPTS]:
+                fact = facts[int(i)]
+                if id(fact) in taken:
+                    continue
+                trial = [*chosen, fact]
+                text = self._render(state.folded, model_text, fact_keeper.render(trial, state.texts))
+                if self.counter.count_prompt(self._assemble(head, None, tail, text), request.tools) <= target:
+                    chosen = trial
+                    taken.add(id(fact))
+        return self._render(state.folded, model_text, fact_keeper.render(chosen, state.texts))
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _render(self, folded: int, summary: str, lines: list[str]) -> str:
+        return self._template.render(folded=folded, summary=summary, facts=lines).strip()
+
+    def _assemble(self, head: list[Message], state: ConversationState | None, tail: list[Message],
+                  summary: str | None = None) -> list[Message]:
+        text = summary if summary is not None else (state.summary if state is not None and state.folded else "")
+        if not text:
+            return [*head, *tail]
+        return [*head, {"role": self.summary_role, "content": text}, *tail]
+
+    def _over_trigger(self, messages: list[Message], request: ChatRequest) -> bool:
+        if self.trigger_messages is not None and len(messages) > self.trigger_messages:
+            return True
+        if self.trigger_tokens is not None:
+            return self.counter.count_prompt(messages, request.tools) > self.trigger_tokens
+        return False
+
+    def _target(self, request: ChatRequest) -> int:
+        if self.target_tokens is not None:
+            return self.target_tokens
+        # Message-count trigger only: the target is what the kept turns need, plus room for a summary.
+        return self.backend.context_window // 4
+
+    def _choose_cut(self, head: list[Message], body: list[Message], floor: int, request: ChatRequest) -> int:
+        """Keep the newest `keep_last` messages, fewer if they would take more than their share of the target."""
+        valid = valid_cuts(body)
+        last_possible = len(body) - 1
+        while last_possible > floor and not valid[last_possible]:
+            last_possible -= 1  # the newest message and the tool results it belongs with
+        cut = max(floor, len(body) - self.keep_last)
+        while cut > floor and not valid[cut]:
+            cut -= 1
+        limit = int(self._target(request) * self.max_tail_fraction)
+        while cut < last_possible and self.counter.count_prompt([*head, *body[cut:]], request.tools) > limit:
+            cut += 1
+            while cut < last_possible and not valid[cut]:
+                cut += 1
+        return cut
+
+    def _still_valid(self, state: ConversationState, prints: list[str], marks: Mapping[str, str]) -> bool:
+        if state.folded > len(prints) or digest(prints[: state.folded]) != state.folded_digest:
+            return False
+        # Facts are filtered by their source at every rebuild; a model summary cannot be: rebuild it.
+        return not (state.model_summary and any(source in marks for source in state.included))
+
+    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...]) -> int:
+        """Tokens of the previous request (as passed on) that are no longer a prefix of this one."""
+        previous = state.last_sent
+        if not previous:
+            return 0
+        common = 0
+        for a, b in zip(previous, sent, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(previous):
+            return 0
+        kept = self.counter.count_prompt(list(previous[:common])) if common else 0
+        return max(0, state.last_sent_tokens - kept)
+
+    def _key(self, request: ChatRequest) -> tuple[str, str] | None:
+        return (request.namespace, request.conversation_id) if request.conversation_id else None
+
+    def _conversation_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._locks_lock:
+            return self._conversation_locks.setdefault(key, threading.Lock())
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        with self._embedder_lock:
+            if self._embedder is None:
+                from ...embed import Embedder
+
+                self._embedder = Embedder()
+        return self._embedder.embed(texts)
+
+    def _vectors(self, state: ConversationState) -> np.ndarray | None:
+        if state.vectors is None and state.facts:
+            state.vectors = self._embed([f.text for f in state.facts])  # a state loaded from disk
+        return state.vectors
+
+
+def _cut_sentences(text: str, budget: int, counter: Any) -> str:
+    """The leading sentences of `text` within `budget` tokens."""
+    import re
+
+    if budget <= 0:
+        return ""
+    if counter.count_text(text) <= budget:
+        return text
+    kept = ""
+    for piece in re.split(r"(?<=[.!?])\s+", text):
+        candidate = f"{kept} {piece}".strip()
+        if counter.count_text(candidate) > budget:
+            break
+        kept = candidate
+    return kept

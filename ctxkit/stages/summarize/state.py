@@ -1,0 +1,121 @@
+"""The running summary of each conversation, kept by the stage between calls.
+
+Keyed by (namespace, conversation_id): namespaces never share a summary. In memory behind a lock, and
+optionally written to a directory (one JSON file per conversation) so a restart resumes where it was.
+Embeddings are not persisted: they are recomputed from the stored fact texts when first needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .facts import Fact
+
+
+def digest(fingerprints: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass
+class ConversationState:
+    """What one conversation has folded so far.
+
+    folded:        how many messages after the leading system messages are folded into the summary.
+    folded_digest: digest of those messages' fingerprints: a request whose history differs starts over.
+    included:      fingerprints of the folded messages that went into the summary (not quarantined ones),
+                   to notice a later quarantine of one of them.
+    model_summary: the rolling abstractive summary ("" when the stage is extractive only).
+    facts:         every fact unit of the folded messages (the pool the extractive keeper chooses from).
+    texts:         the folded messages' texts by index, for rendering neighbouring sentences verbatim.
+    summary:       the summary message last sent: reused unchanged until the next fold (stable prefix).
+    """
+
+    folded: int = 0
+    folded_digest: str = ""
+    included: list[str] = dataclasses.field(default_factory=list)
+    model_summary: str = ""
+    facts: list[Fact] = dataclasses.field(default_factory=list)
+    texts: dict[int, str] = dataclasses.field(default_factory=dict)
+    summary: str = ""
+    vectors: np.ndarray | None = None  # embeddings of `facts`, in order; not persisted
+    last_sent: tuple[Any, ...] = ()  # the messages this stage passed on last time; not persisted
+    last_sent_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "folded": self.folded, "folded_digest": self.folded_digest, "included": self.included,
+            "model_summary": self.model_summary, "facts": [f.to_json() for f in self.facts],
+            "texts": {str(k): v for k, v in self.texts.items()}, "summary": self.summary,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConversationState:
+        return cls(
+            folded=int(data["folded"]), folded_digest=str(data["folded_digest"]), included=list(data["included"]),
+            model_summary=str(data["model_summary"]), facts=[Fact(**f) for f in data["facts"]],
+            texts={int(k): v for k, v in data["texts"].items()}, summary=str(data["summary"]),
+        )
+
+
+class SummaryStore:
+    """Conversation states by (namespace, conversation_id); thread-safe; optionally persisted."""
+
+    def __init__(self, directory: str | Path | None = None, *, max_conversations: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        # Least recently used first: memory stays bounded; a persisted state is simply reloaded later.
+        self._states: OrderedDict[tuple[str, str], ConversationState] = OrderedDict()
+        self.max_conversations = max_conversations
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: tuple[str, str]) -> Path:
+        assert self.directory is not None
+        name = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:40]
+        return self.directory / f"{name}.json"
+
+    def get(self, key: tuple[str, str]) -> ConversationState | None:
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            elif self.directory is not None:
+                path = self._path(key)
+                if path.is_file():
+                    state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
+                    self._states[key] = state
+            return state
+
+    def put(self, key: tuple[str, str], state: ConversationState) -> None:
+        with self._lock:
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self.max_conversations:
+                self._states.popitem(last=False)
+            if self.directory is not None and state.folded:
+                # Write then rename: a crash never leaves half a summary behind.
+                fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(state.to_json(), handle, sort_keys=True, ensure_ascii=False)
+                os.replace(tmp, self._path(key))
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._states.pop(key, None)
+            if self.directory is not None:
+                self._path(key).unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._states)

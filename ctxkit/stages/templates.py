@@ -1,0 +1,350 @@
+"""Prompt templates: named, versioned prompts with budgeted sections, rendered the same way every time.
+
+A template has sections in a fixed order, from the most stable to the most volatile, so that the prefix a
+provider (or llama.cpp) has cached stays byte-identical for as long as possible:
+
+    system -> tools -> instructions -> memory -> conversation history -> documents -> current user message
+
+- `system` and `instructions` become the first (system) message; `memory` (a summary) is a message of its
+  own right after it; the conversation follows; the retrieved `documents` go with the newest user message,
+  because they change on every call and must not invalidate the history before them.
+- Text is rendered by a sandboxed Jinja2 environment (`ImmutableSandboxedEnvironment`): user input only
+  ever enters as a variable, never as template source, and templates cannot touch Python objects.
+- Rendering is deterministic: no clock, no random ids; JSON (the `tojson` filter and the tool schemas)
+  is written with sorted keys; tools are sent in name order.
+- Each section has an optional token budget, counted with the backend's own counter. Over budget, the
+  documents section drops whole documents from its end (ids of the kept ones are reported), the
+  conversation drops its oldest turns (never splitting a tool call from its result), memory is cut at a
+  sentence end, and the app's own system, instructions and tools raise a TemplateError: silently cutting
+  those would change what the app asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import RequestError
+from ..request import ChatRequest, Message, Tool
+from ..stage import Stage
+from ..tokens import TokenCounter
+
+SECTIONS = ("system", "tools", "instructions", "memory", "conversation", "documents")
+TEXT_SECTIONS = ("system", "instructions", "memory", "documents")
+METADATA_KEY = "ctxkit.template"  # request.metadata[METADATA_KEY] = {"variables":..., "documents":..., "memory":...}
+
+DEFAULT_DOCUMENTS = (
+    "{% for doc in documents %}[{{ doc.id }}] {{ doc.text }}\n{% endfor %}"
+)
+DEFAULT_TURN = "{% if documents %}Documents:\n{{ documents }}\n{% endif %}{{ content }}"
+DEFAULT_MEMORY = "Summary of the earlier conversation:\n{{ memory }}"
+
+
+class TemplateError(RequestError):
+    """A template that cannot be compiled or rendered, or a fixed section over its token budget."""
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(", ", ": "), default=str)
+
+
+def sandboxed_environment() -> Any:
+    """The Jinja2 sandbox every ctxkit prompt is rendered with (also used by the summarizer's prompts)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined,  # a missing variable is an error, not a silent empty string
+        autoescape=False,  # prompts are plain text, not HTML
+        keep_trailing_newline=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.clear()  # no range/lipsum/dict/cycler: nothing that varies or reaches outside
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedPrompt:
+    """The messages and tools a template produced, and what each section cost.
+
+    section_tokens: tokens of each section's rendered text (tools: their canonical JSON).
+    kept_documents: ids of the documents that fit the documents budget, in the order given.
+    dropped_messages: how many of the oldest conversation messages did not fit its budget.
+    """
+
+    template: str
+    messages: list[Message]
+    tools: list[Tool]
+    section_tokens: dict[str, int]
+    kept_documents: list[str]
+    dropped_messages: int
+
+    def to_request(self, **fields: Any) -> ChatRequest:
+        metadata = dict(fields.pop("metadata", {}) or {})
+        metadata.setdefault("ctxkit.template_id", self.template)
+        return ChatRequest(messages=self.messages, tools=self.tools, metadata=metadata, **fields)
+
+
+class PromptTemplate:
+    """One named, versioned prompt. Section sources are Jinja2 text; budgets are tokens per section.
+
+        template = PromptTemplate("support", "2", system="You help {{ shop }}'s customers.",
+                                  budgets={"documents": 800, "memory": 200, "conversation": 1500})
+        prompt = template.render(counter, variables={"shop": "Bookly"}, conversation=messages,
+                                 documents=[{"id": "faq-3", "text": "..."}])
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        *,
+        system: str = "",
+        instructions: str = "",
+        memory: str = DEFAULT_MEMORY,
+        documents: str = DEFAULT_DOCUMENTS,
+        turn: str = DEFAULT_TURN,
+        memory_role: str = "system",
+        budgets: Mapping[str, int] | None = None,
+    ) -> None:
+        if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise TemplateError(f"template name must be letters, digits, '.', '_' or '-': {name!r}")
+        if not version or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", version):
+            raise TemplateError(f"template version must look like '3' or '1.2': {version!r}", name)
+        budgets = dict(budgets or {})
+        unknown = sorted(set(budgets) - set(SECTIONS))
+        if unknown:
+            raise TemplateError(f"unknown section(s) in budgets: {unknown}; sections are {list(SECTIONS)}", name)
+        for section, budget in budgets.items():
+            if not isinstance(budget, int) or budget <= 0:
+                raise TemplateError(f"budget of {section!r} must be a positive int, got {budget!r}", name)
+        if memory_role not in ("system", "user"):
+            raise TemplateError(f"memory_role must be 'system' or 'user', got {memory_role!r}", name)
+        self.name = name
+        self.version = version
+        self.budgets = budgets
+        self.memory_role = memory_role
+        self.sources = {"system": system, "instructions": instructions, "memory": memory,
+                        "documents": documents, "turn": turn}
+        self._env = sandboxed_environment()
+        self._compiled = {}
+        for key, source in self.sources.items():
+            try:
+                self._compiled[key] = self._env.from_string(source)
+            except Exception as exc:  # jinja2.TemplateSyntaxError and friends
+                raise TemplateError(f"section {key!r} does not compile: {exc}", self.id) from exc
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def version_key(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.version.split("."))
+
+    # -- rendering ----------------------------------------------------------------------------------
+    def _text(self, key: str, **variables: Any) -> str:
+        try:
+            return self._compiled[key].render(**variables).strip()
+        except Exception as exc:  # UndefinedError, SecurityError
+            raise TemplateError(f"section {key!r} failed to render: {exc}", self.id) from exc
+
+    def render(
+        self,
+        counter: TokenCounter,
+        *,
+        variables: Mapping[str, Any] | None = None,
+        conversation: Sequence[Message] = (),
+        documents: Sequence[Mapping[str, Any]] = (),
+        memory: str | None = None,
+        tools: Sequence[Tool] = (),
+    ) -> RenderedPrompt:
+        """Messages and tools for one call. `conversation` is the chat so far, its last message the newest."""
+        variables = dict(variables or {})
+        reserved = {"documents", "memory", "content"} & set(variables)
+        if reserved:
+            raise TemplateError(f"variable name(s) reserved by the template: {sorted(reserved)}", self.id)
+        tokens: dict[str, int] = {}
+
+        system_text = self._text("system", **variables)
+        instructions_text = self._text("instructions", **variables)
+        system = "\n\n".join(t for t in (system_text, instructions_text) if t)
+        for section, text in (("system", system_text), ("instructions", instructions_text)):
+            tokens[section] = counter.count_text(text) if text else 0
+            self._fixed_budget(section, tokens[section])
+
+        canonical_tools = sorted((_canonical(tool) for tool in tools), key=lambda t: t["function"]["name"])
+        tokens["tools"] = counter.count_text(_tojson(canonical_tools)) if canonical_tools else 0
+        self._fixed_budget("tools", tokens["tools"])
+
+        memory_text = ""
+        if memory:
+            memory_text = self._text("memory", memory=memory, **variables)
+            memory_text = _cut_to_budget(memory_text, self.budgets.get("memory"), counter)
+        tokens["memory"] = counter.count_text(memory_text) if memory_text else 0
+
+        kept_docs: list[Mapping[str, Any]] = []
+        docs_text = ""
+        for doc in documents:
+            if "id" not in doc or "text" not in doc:
+                raise TemplateError("each document needs 'id' and 'text'", self.id)
+            candidate = self._text("documents", documents=[*kept_docs, doc], **variables)
+            budget = self.budgets.get("documents")
+            if budget is not None and counter.count_text(candidate) > budget:
+                continue  # a later, shorter document may still fit; order of the kept ones is kept
+            kept_docs.append(doc)
+            docs_text = candidate
+        tokens["documents"] = counter.count_text(docs_text) if docs_text else 0
+
+        history = [copy.deepcopy(dict(m)) for m in conversation]
+        dropped = 0
+        budget = self.budgets.get("conversation")
+        if budget is not None and history:
+            dropped = _oldest_to_drop(history, budget, counter)
+            history = history[dropped:]
+        tokens["conversation"] = sum(_message_tokens(m, counter) for m in history)
+
+        if history and history[-1].get("role") == "user" and isinstance(history[-1].get("content"), str):
+            history[-1]["content"] = self._text("turn", documents=docs_text, content=history[-1]["content"],
+                                                **variables)
+        elif docs_text:
+            history.append({"role": "user", "content": self._text("turn", documents=docs_text, content="",
+                                                                  **variables)})
+
+        messages: list[Message] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        if memory_text:
+            messages.append({"role": self.memory_role, "content": memory_text})
+        messages.extend(history)
+        return RenderedPrompt(
+            template=self.id, messages=messages, tools=canonical_tools, section_tokens=tokens,
+            kept_documents=[str(doc["id"]) for doc in kept_docs], dropped_messages=dropped,
+        )
+
+    def _fixed_budget(self, section: str, used: int) -> None:
+        budget = self.budgets.get(section)
+        if budget is not None and used > budget:
+            raise TemplateError(f"section {section!r} renders to {used} tokens, over its budget of {budget}",
+                                self.id)
+
+
+def _canonical(tool: Tool) -> Tool:
+    # A round trip through sorted-key JSON: same schema, same bytes, whatever order the app built it in.
+    return json.loads(json.dumps(tool, sort_keys=True))
+
+
+def _message_tokens(message: Mapping[str, Any], counter: TokenCounter) -> int:
+    from ..response import message_text
+
+    return counter.count_text(message_text(dict(message)))
+
+
+def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) -> int:
+    """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid."""
+    from .summarize.turns import valid_cuts  # here, not at the top: summarize uses this module's engine
+
+    valid = valid_cuts(history)
+    sizes = [_message_tokens(m, counter) for m in history]
+    total = sum(sizes)
+    start = 0
+    last = len(history) - 1  # the newest message always stays
+    while total > budget and start < last:
+        total -= sizes[start]
+        start += 1
+        while start < last and not valid[start]:
+            total -= sizes[start]
+            start += 1
+    return start
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _cut_to_budget(text: str, budget: int | None, counter: TokenCounter) -> str:
+    """Keep whole leading sentences of `text` that fit `budget` (the start of a summary is its oldest part)."""
+    if budget is None or counter.count_text(text) <= budget:
+        return text
+    pieces = _SENTENCE_END.split(text)
+    kept = ""
+    for piece in pieces:
+        candidate = f"{kept} {piece}".strip()
+        if counter.count_text(candidate) > budget:
+            break
+        kept = candidate
+    return kept
+
+
+class TemplateRegistry:
+    """Templates by name and version; `get(name)` is the newest version. One registry per app, no globals."""
+
+    def __init__(self, templates: Sequence[PromptTemplate] = ()) -> None:
+        self._lock = threading.Lock()
+        self._templates: dict[str, dict[str, PromptTemplate]] = {}
+        for template in templates:
+            self.register(template)
+
+    def register(self, template: PromptTemplate) -> PromptTemplate:
+        with self._lock:
+            versions = self._templates.setdefault(template.name, {})
+            existing = versions.get(template.version)
+            if existing is not None and existing.sources != template.sources:
+                # A version is a promise: the same id must always render the same prompt.
+                raise TemplateError(f"{template.id} is already registered with different text", template.id)
+            versions[template.version] = template
+        return template
+
+    def get(self, name: str, version: str | None = None) -> PromptTemplate:
+        with self._lock:
+            versions = self._templates.get(name)
+            if not versions:
+                raise TemplateError(f"no template named {name!r}")
+            if version is None:
+                return max(versions.values(), key=lambda t: t.version_key)
+            if version not in versions:
+                raise TemplateError(f"template {name!r} has no version {version!r}; it has {sorted(versions)}")
+            return versions[version]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._templates)
+
+
+class TemplateStage(Stage):
+    """Renders each request through a template: its messages are the conversation, and
+    `request.metadata["ctxkit.template"]` may carry `variables`, `documents` and `memory`.
+
+    A request that already starts with a system message keeps it unless `replace_system` is set."""
+
+    name = "templates"
+
+    def __init__(self, template: PromptTemplate, counter: TokenCounter, *, replace_system: bool = True) -> None:
+        self.template = template
+        self.counter = counter
+        self.replace_system = replace_system
+
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        inputs = request.metadata.get(METADATA_KEY) or {}
+        if not isinstance(inputs, Mapping):
+            raise TemplateError(f"metadata[{METADATA_KEY!r}] must be a dict", self.template.id)
+        conversation = list(request.messages)
+        leading: list[Message] = []
+        if conversation and conversation[0].get("role") == "system":
+            if not self.replace_system:
+                leading = [conversation[0]]
+            conversation = conversation[1:]
+        rendered = self.template.render(
+            self.counter, variables=inputs.get("variables"), conversation=conversation,
+            documents=inputs.get("documents") or (), memory=inputs.get("memory"), tools=request.tools,
+        )
+        messages = leading + rendered.messages if leading else rendered.messages
+        metadata = {**request.metadata, "ctxkit.template_id": rendered.template,
+                    "ctxkit.kept_documents": rendered.kept_documents}
+        return request.override(messages=messages, tools=rendered.tools, metadata=metadata)

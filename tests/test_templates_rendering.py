@@ -1,0 +1,177 @@
+"""Prompt templates: deterministic rendering, section order, per-section budgets, the sandbox, versions,
+and the template stage in a pipeline with the real local model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctxkit import Ledger
+from ctxkit.pipeline import Pipeline
+from ctxkit.request import ChatRequest
+from ctxkit.stages.templates import PromptTemplate, TemplateError, TemplateRegistry, TemplateStage
+
+TOOLS = [
+    {"type": "function", "function": {"name": "search_trains", "description": "Find trains.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "to": {"type": "string"}, "date": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "book_hotel", "description": "Book a room.",
+                                      "parameters": {"properties": {"nights": {"type": "integer"}},
+                                                     "type": "object"}}},
+]
+DOCS = [
+    {"id": "faq-1", "text": "Trains to Porto leave Santa Apolonia every hour from 06:00."},
+    {"id": "faq-2", "text": "The Lisboa Card covers trams, buses and the train to Sintra for 24, 48 or 72 hours."},
+    {"id": "faq-3", "text": "Museums close on Mondays. " * 30},
+]
+
+
+def _template(**budgets):
+    return PromptTemplate(
+        "travel", "2",
+        system="You are {{ agent }}, a travel assistant for {{ company }}.",
+        instructions="Answer in at most {{ limit }} sentences. Settings: {{ settings | tojson }}",
+        budgets=budgets or None,
+    )
+
+
+def _conversation():
+    return [
+        {"role": "user", "content": "Trains to Porto?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "search_trains", "arguments": "{\"to\": \"Porto\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Alfa Pendular 123 at 08:39."},
+        {"role": "assistant", "content": "The 08:39 Alfa Pendular."},
+        {"role": "user", "content": "Is the Lisboa Card worth it?"},
+    ]
+
+
+def test_rendering_is_deterministic_whatever_the_input_order(llama_backend):
+    template = _template()
+    a = template.render(llama_backend.counter, variables={"agent": "Ana", "company": "Trilho", "limit": 3,
+                                                          "settings": {"b": 1, "a": [2, 1]}},
+                        conversation=_conversation(), documents=DOCS[:2], memory="Priya likes trains.",
+                        tools=TOOLS)
+    b = template.render(llama_backend.counter, variables={"settings": {"a": [2, 1], "b": 1}, "limit": 3,
+                                                          "company": "Trilho", "agent": "Ana"},
+                        conversation=_conversation(), documents=DOCS[:2], memory="Priya likes trains.",
+                        tools=list(reversed(TOOLS)))
+    assert json.dumps(a.messages) == json.dumps(b.messages)
+    assert json.dumps(a.tools) == json.dumps(b.tools), "tools must be sent in a canonical order"
+    assert '{"a": [2, 1], "b": 1}' in a.messages[0]["content"], "JSON in a prompt must have sorted keys"
+    assert [t["function"]["name"] for t in a.tools] == ["book_hotel", "search_trains"]
+    assert list(a.tools[1]["function"]["parameters"]) == ["properties", "type"]
+
+
+def test_sections_go_from_most_stable_to_most_volatile(llama_backend):
+    rendered = _template().render(
+        llama_backend.counter, variables={"agent": "Ana", "company": "Trilho", "limit": 3, "settings": {}},
+        conversation=_conversation(), documents=DOCS[:2], memory="Priya likes trains.",
+    )
+    messages = rendered.messages
+    assert messages[0]["role"] == "system" and "Ana" in messages[0]["content"] and "at most 3" in messages[0]["content"]
+    assert messages[1]["content"].startswith("Summary of the earlier conversation"), "memory comes right after system"
+    assert messages[2:-1] == _conversation()[:-1], "the history is passed on verbatim"
+    last = messages[-1]["content"]
+    assert last.index("[faq-1]") < last.index("Is the Lisboa Card worth it?"), \
+        "documents go with the newest user message, after the stable history"
+    # A new question with new documents leaves everything before the last message unchanged (prefix cache).
+    follow_up = _conversation() + [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Price?"}]
+    later = _template().render(
+        llama_backend.counter, variables={"agent": "Ana", "company": "Trilho", "limit": 3, "settings": {}},
+        conversation=follow_up, documents=DOCS[1:2], memory="Priya likes trains.",
+    )
+    assert later.messages[: len(messages) - 1] == messages[:-1]
+
+
+def test_documents_budget_keeps_whole_documents_and_reports_their_ids(llama_backend):
+    rendered = _template(documents=80).render(
+        llama_backend.counter, variables={"agent": "A", "company": "T", "limit": 2, "settings": {}},
+        conversation=_conversation(), documents=DOCS,
+    )
+    assert rendered.kept_documents == ["faq-1", "faq-2"], "the long document must be dropped whole"
+    assert rendered.section_tokens["documents"] <= 80
+    assert "Museums close" not in rendered.messages[-1]["content"]
+
+
+def test_conversation_budget_drops_oldest_turns_without_orphaning_a_tool_result(llama_backend):
+    rendered = _template(conversation=25).render(
+        llama_backend.counter, variables={"agent": "A", "company": "T", "limit": 2, "settings": {}},
+        conversation=_conversation(),
+    )
+    history = rendered.messages[1:]
+    assert rendered.dropped_messages > 0
+    assert history[-1]["content"] == "Is the Lisboa Card worth it?"
+    assert history[0]["role"] != "tool", "a tool result lost its call"
+    assert rendered.section_tokens["conversation"] <= 25
+
+
+def test_fixed_sections_over_budget_raise_instead_of_being_cut(llama_backend):
+    with pytest.raises(TemplateError, match="system"):
+        _template(system=3).render(llama_backend.counter,
+                                   variables={"agent": "A", "company": "T", "limit": 2, "settings": {}})
+    with pytest.raises(TemplateError, match="tools"):
+        _template(tools=10).render(llama_backend.counter,
+                                   variables={"agent": "A", "company": "T", "limit": 2, "settings": {}},
+                                   tools=TOOLS)
+
+
+def test_memory_is_cut_to_its_budget_at_a_sentence_end(llama_backend):
+    memory = "Priya Raman travels 14-19 March. " * 20
+    rendered = _template(memory=30).render(
+        llama_backend.counter, variables={"agent": "A", "company": "T", "limit": 2, "settings": {}},
+        conversation=_conversation(), memory=memory,
+    )
+    assert 0 < rendered.section_tokens["memory"] <= 30
+    assert rendered.messages[1]["content"].endswith("March.")
+
+
+def test_user_input_is_data_never_template_code(llama_backend):
+    conversation = [{"role": "user", "content": "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}"}]
+    rendered = _template().render(llama_backend.counter,
+                                  variables={"agent": "{{ agent.__class__ }}", "company": "T", "limit": 1,
+                                             "settings": {}},
+                                  conversation=conversation, documents=[{"id": "d", "text": "{{ 1 + 1 }}"}])
+    assert "{{ 7 * 7 }}" in rendered.messages[-1]["content"] and "49" not in rendered.messages[-1]["content"]
+    assert "{{ agent.__class__ }}" in rendered.messages[0]["content"]
+    assert "[d] {{ 1 + 1 }}" in rendered.messages[-1]["content"]
+    with pytest.raises(TemplateError):  # the sandbox refuses attribute escapes in template source
+        PromptTemplate("evil", "1", system="{{ ''.__class__.__mro__[1].__subclasses__() }}").render(
+            llama_backend.counter)
+    with pytest.raises(TemplateError, match="agent"):  # a missing variable is an error, not ""
+        _template().render(llama_backend.counter, variables={"company": "T", "limit": 1, "settings": {}})
+
+
+def test_registry_serves_newest_version_and_refuses_a_changed_version():
+    registry = TemplateRegistry([PromptTemplate("t", "9", system="v9"), PromptTemplate("t", "10", system="v10")])
+    assert registry.get("t").version == "10", "versions compare as numbers, not strings"
+    assert registry.get("t", "9").sources["system"] == "v9"
+    registry.register(PromptTemplate("t", "9", system="v9"))  # the same text again is fine
+    with pytest.raises(TemplateError, match="already registered"):
+        registry.register(PromptTemplate("t", "9", system="changed"))
+    with pytest.raises(TemplateError):
+        registry.get("missing")
+    with pytest.raises(TemplateError):
+        PromptTemplate("t", "v1")
+    with pytest.raises(TemplateError):
+        PromptTemplate("t", "1", budgets={"footer": 10})
+
+
+def test_template_stage_in_a_pipeline_with_the_local_model(llama_backend, tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    template = PromptTemplate("shop", "1", system="You are a terse assistant for {{ shop }}.",
+                              budgets={"documents": 40})
+    pipeline = Pipeline(llama_backend, stages=[TemplateStage(template, llama_backend.counter)], ledger=ledger)
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "When do trains to Porto leave?"}],
+        params={"max_tokens": 8, "temperature": 0},
+        metadata={"ctxkit.template": {"variables": {"shop": "Trilho"}, "documents": DOCS}},
+    )
+    response = pipeline.call(request)
+    assert response.content is not None
+    record = ledger.records[-1]
+    # The stage added a system message and the documents that fit: the request grew, and the ledger says so.
+    assert record.saved_by_stage["templates"] < 0
+    assert record.tokens_sent == llama_backend.counter.count_prompt(
+        TemplateStage(template, llama_backend.counter).before_model(request).messages)
