@@ -8,6 +8,7 @@ here is the ledger, which shows what every call cost and what each stage saved.
 from __future__ import annotations
 
 import ast
+import datetime
 import json
 import operator
 import tempfile
@@ -28,21 +29,37 @@ NOTES = {
 TURNS = [
     "What is 1234 * 56? Use the calculator.",
     "Read the file launch.txt and tell me the launch date.",
-    "Which files are in the notes folder?",
+    "How many days are there from 2026-11-26 to 2026-12-03?",
     "Who is the project lead? Look in team.txt.",
 ]
 
+def _tool(tool_name: str, description: str, **properties: str) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": tool_name, "description": description,
+        "parameters": {"type": "object", "properties": {k: {"type": "string", "description": v}
+                                                        for k, v in properties.items()},
+                       "required": list(properties)}}}
+
+
+# A small agent's toolbox: real, local tools. The tool-retrieval stage sends only those a turn needs.
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "calculator", "description": "Evaluate an arithmetic expression such as '2 * (3 + 4)'.",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
-    {"type": "function", "function": {
-        "name": "read_note", "description": "Read a text file from the notes folder by its file name.",
-        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
-    {"type": "function", "function": {
-        "name": "list_notes", "description": "List the file names in the notes folder.",
-        "parameters": {"type": "object", "properties": {}}}},
+    _tool("calculator", "Evaluate an arithmetic expression such as '2 * (3 + 4)'.", expression="the expression"),
+    _tool("read_note", "Read a text file from the notes folder by its file name.", name="file name, e.g. team.txt"),
+    _tool("list_notes", "List the file names in the notes folder."),
+    _tool("search_notes", "Find the notes that mention a word or phrase.", query="word or phrase to look for"),
+    _tool("days_between", "Count the days between two dates given as YYYY-MM-DD.",
+          start="first date, YYYY-MM-DD", end="second date, YYYY-MM-DD"),
+    _tool("convert_units", "Convert a value between units: km/mi, kg/lb, C/F.",
+          value="the number", from_unit="km, mi, kg, lb, C or F", to_unit="km, mi, kg, lb, C or F"),
+    _tool("word_count", "Count the words in a text.", text="the text"),
+    _tool("weekday", "Tell the weekday of a date given as YYYY-MM-DD.", date="YYYY-MM-DD"),
 ]
+
+_CONVERSIONS: dict[tuple[str, str], Callable[[float], float]] = {
+    ("km", "mi"): lambda v: v * 0.621371, ("mi", "km"): lambda v: v / 0.621371,
+    ("kg", "lb"): lambda v: v * 2.20462, ("lb", "kg"): lambda v: v / 2.20462,
+    ("c", "f"): lambda v: v * 9 / 5 + 32, ("f", "c"): lambda v: (v - 32) * 5 / 9,
+}
 
 _OPS: dict[type, Callable[..., Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -77,6 +94,23 @@ class NoteTools:
                 return str(calculate(str(arguments.get("expression", ""))))
             if name == "list_notes":
                 return ", ".join(sorted(p.name for p in self.folder.iterdir()))
+            if name == "search_notes":
+                query = str(arguments.get("query", "")).lower()
+                found = [p.name for p in sorted(self.folder.iterdir()) if query and query in p.read_text().lower()]
+                return ", ".join(found) or "no note mentions that"
+            if name == "days_between":
+                start = datetime.date.fromisoformat(str(arguments.get("start", "")))
+                end = datetime.date.fromisoformat(str(arguments.get("end", "")))
+                return str((end - start).days)
+            if name == "weekday":
+                return datetime.date.fromisoformat(str(arguments.get("date", ""))).strftime("%A")
+            if name == "convert_units":
+                key = (str(arguments.get("from_unit", "")).lower(), str(arguments.get("to_unit", "")).lower())
+                if key not in _CONVERSIONS:
+                    return f"error: cannot convert {key[0]!r} to {key[1]!r}"
+                return f"{_CONVERSIONS[key](float(arguments.get('value', 'nan'))):.2f}"
+            if name == "word_count":
+                return str(len(str(arguments.get("text", "")).split()))
             if name == "read_note":
                 path = (self.folder / str(arguments.get("name", ""))).resolve()
                 if path.parent != self.folder.resolve() or not path.is_file():
@@ -88,7 +122,7 @@ class NoteTools:
 
 
 def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int = 2,
-              on_step: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              conversation_id: str = "demo", on_step: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """A plain hand-written agent loop over an OpenAI-style client; returns the conversation.
 
     Policy: the first step of each turn requires a tool call (every demo question needs one, and a 135M
@@ -102,7 +136,7 @@ def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int
             completion = client.chat.completions.create(
                 model="smollm2", messages=messages, tools=TOOLS, max_tokens=64, temperature=0,
                 tool_choice="required" if step == 0 else "none",
-                extra_body={"ctxkit": {"conversation_id": "demo"}},
+                extra_body={"ctxkit": {"conversation_id": conversation_id}},
             )
             message = completion.choices[0].message
             messages.append(message.model_dump(exclude_none=True))

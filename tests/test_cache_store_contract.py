@@ -12,13 +12,16 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
 
 from ctxkit.stages.cache.store import CacheEntry
 
-STORES = ["local"]
+pytest_plugins = ["tests.pg_fixtures"]  # pg_dsn: a real PostgreSQL + pgvector, started with pgserver
+
+STORES = ["local", "postgres"]
 DIM = 384
 
 
@@ -28,6 +31,11 @@ def open_store(kind: str, location: str, **options):
         from ctxkit.stages.cache.local_store import LocalStore
 
         return LocalStore(location, dimension=DIM, **options)
+    if kind == "postgres":  # location: "<table prefix>@<dsn>"
+        from ctxkit.stages.cache.pg_store import PostgresStore
+
+        prefix, dsn = location.split("@", 1)
+        return PostgresStore(dsn, table_prefix=prefix, dimension=DIM, **options)
     raise ValueError(kind)
 
 
@@ -37,7 +45,9 @@ def store_kind(request):
 
 
 @pytest.fixture
-def location(store_kind, tmp_path):
+def location(store_kind, tmp_path, request):
+    if store_kind == "postgres":  # fresh tables on the session's server
+        return f"t_{uuid.uuid4().hex[:12]}@{request.getfixturevalue('pg_dsn')}"
     return str(tmp_path / "store")
 
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import CtxkitError
@@ -35,7 +36,9 @@ def _demo(args: argparse.Namespace) -> None:
 
     ledger = Ledger(args.ledger)
     backend = LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
-    pipeline = Pipeline(backend, stages=default_stages(backend), ledger=ledger)
+    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="ctxkit-demo-cache-"))
+    stages = default_stages(backend, cache_dir=cache_dir, tools_top_k=3, summarize_at_tokens=args.summarize_at)
+    pipeline = Pipeline(backend, stages=stages, ledger=ledger)
     print(f"ctxkit demo: {backend.model} through llama.cpp; stages: {[s.name for s in pipeline.stages]}")
     print(f"ledger: {ledger.path}")
     seen = 0
@@ -47,7 +50,10 @@ def _demo(args: argparse.Namespace) -> None:
         seen = len(ledger.records)
         print(line)
 
-    run_agent(pipeline.openai(), NoteTools(make_notes_folder()), TURNS, on_step=on_step)
+    tools = NoteTools(make_notes_folder())
+    run_agent(pipeline.openai(), tools, TURNS, on_step=on_step)
+    on_step("\n-- a second user starts a new conversation with the first question --")
+    run_agent(pipeline.openai(), tools, TURNS[:1], conversation_id="demo-2", on_step=on_step)
     on_step("")
     print("totals")
     print(format_summary(summarize(ledger.records)))
@@ -74,6 +80,9 @@ def build_parser(selected_benchmark: str | None = None) -> argparse.ArgumentPars
     demo.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--n-threads", type=int, default=None)
     demo.add_argument("--n-gpu-layers", type=int, default=0)
+    demo.add_argument("--cache-dir", type=Path, help="semantic cache directory (default: a new temporary one)")
+    demo.add_argument("--summarize-at", type=int, default=700,
+                      help="fold old history once a request passes this many tokens (default 700)")
     demo.set_defaults(func=_demo)
 
     report = commands.add_parser("report", help="totals, savings by stage and cost from a ledger")

@@ -1,15 +1,70 @@
-"""Stages: the middleware a call passes through. Each module holds one stage with one job."""
+"""Stages: the middleware a call passes through. Each module holds one stage with one job.
+
+- quarantine.QuarantineStage        marks erroneous, failed or untrusted content before it becomes durable
+- cache.SemanticCacheStage          answers from an earlier equivalent request (exact + semantic layers)
+- tools.ToolRetrievalStage          sends only the tool schemas the call needs
+- pruning.ToolResultClearingStage   old tool results become placeholders
+- pruning.DedupStage                near-duplicate messages collapsed
+- pruning.DocumentPruningStage      documents cut to their best passages within a budget
+- summarize.SummarizationStage      old history folded into a rolling summary
+- templates.TemplateStage           prompts rendered from named, versioned templates
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from ..backends.base import Backend
 from ..stage import Stage
 
 
-def default_stages(backend: Backend) -> list[Stage]:
-    """The stages `ctxkit demo` and `ctxkit serve` run, most request-shrinking first."""
-    del backend
-    return []
+def default_stages(
+    backend: Backend,
+    *,
+    cache_dir: str | Path | None = None,
+    embedder: Any = None,
+    tools_top_k: int = 5,
+    summarize_at_tokens: int | None = None,
+    cache_store: Any = None,
+) -> list[Stage]:
+    """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
+
+    quarantine first (nothing it marks reaches the cache or a summary), the cache next (a hit saves
+    everything after it), then the stages that shrink what is sent.
+
+    cache_dir:           where the local cache store lives (None: no cache unless cache_store is given).
+    cache_store:         a CacheStore to use instead (PostgresStore for replicas).
+    summarize_at_tokens: fold old history once a request passes this many tokens
+                         (default: 60% of the backend's context window).
+    """
+    from ..embed import Embedder
+    from .cache import LocalStore, SemanticCacheStage
+    from .pruning import DedupStage, ToolResultClearingStage
+    from .quarantine import QuarantineStage
+    from .summarize import SummarizationStage
+    from .tools import ToolRetrievalStage
+
+    embedder = embedder or Embedder()
+    stages: list[Stage] = [QuarantineStage(counter=backend.counter)]
+    if cache_store is None and cache_dir is not None:
+        cache_store = LocalStore(cache_dir)
+    if cache_store is not None:
+        stages.append(SemanticCacheStage(cache_store, embedder, default_model=backend.model))
+    stages += [
+        ToolRetrievalStage(top_k=tools_top_k, embedder=embedder),
+        ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
+        DedupStage(),
+        SummarizationStage(
+            backend,
+            trigger_tokens=summarize_at_tokens,
+            trigger_fraction=None if summarize_at_tokens else 0.6,
+            keep_last=4,
+            mode="extractive",  # measured: the 135M model's summaries lose facts the extractive keeper holds
+            embedder=embedder,
+        ),
+    ]
+    return stages
 
 
 __all__ = ["Stage", "default_stages"]

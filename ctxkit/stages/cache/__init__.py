@@ -11,3 +11,12 @@ from .store import CacheEntry, CacheStore, Hit
 __all__ = [
     "CacheEntry", "CacheStore", "ExactCacheStage", "Hit", "LocalStore", "Lookup", "SemanticCacheStage", "Thresholds",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore needs the `postgres` extra (psycopg); import it only when asked for.
+    if name == "PostgresStore":
+        from .pg_store import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(name)

@@ -1,0 +1,585 @@
+"""The shared cache store: PostgreSQL + pgvector, for many application replicas using one cache.
+
+PostgresStore implements the CacheStore protocol of `store.py` with the same semantics as the local
+store, with state kept in the database so that every replica sees the same entries, LRU order and
+statistics:
+
+- `{prefix}_entries`: one row per entry, the vector in a pgvector column with an HNSW index (cosine).
+- `{prefix}_access`: last access time per entry. Kept apart from the entries so that a read touches a
+  small row instead of rewriting the entry row, which would re-insert it into the HNSW index on every hit.
+- `{prefix}_meta`: the running total of stored bytes. Every write transaction locks this row first, so
+  writers are serialized (cache writes follow a model call; they are rare next to reads) and the byte
+  count and LRU eviction stay exact without scanning the table.
+- `{prefix}_stats`: hit/miss/put/eviction counters, spread over a few slots per name so that concurrent
+  readers on many replicas do not queue on one hot row.
+
+Single-flight across replicas uses a session-level PostgreSQL advisory lock on a dedicated connection: if
+the process holding it dies, its session ends and the lock is released, so waiters never hang on a dead
+replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from ...errors import ConfigurationError, RequestError
+from .store import CacheEntry, Hit
+
+DEFAULT_SIZE_BYTES = 1 << 30  # 1 GiB
+_STATS_SLOTS = 8  # counter rows per name; more slots = less row contention, a slightly larger sum
+_EVICT_BATCH = 256
+_PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+_COUNTERS = (
+    "hits", "misses", "search_hits", "search_misses", "puts", "evictions", "expired_purged",
+    "invalidated", "rejected_too_large", "single_flight_waits", "single_flight_timeouts",
+)
+
+
+class _ConnectionPool:
+    """A small thread-safe pool: a connection is used by one thread at a time, never shared."""
+
+    def __init__(self, dsn: str, max_size: int, configure: Any) -> None:
+        self._dsn = dsn
+        self._configure = configure
+        self._max_size = max_size
+        self._idle: list[Any] = []
+        self._open = 0
+        self._cond = threading.Condition()
+        self._pid = os.getpid()
+        self._closed = False
+        # Connections inherited through fork belong to the parent's sessions: closing them here would end
+        # the parent's sessions too, so they are parked (never used, never closed) after a fork.
+        self._inherited: list[Any] = []
+
+    def _after_fork(self) -> None:
+        if os.getpid() != self._pid:
+            self._inherited.extend(self._idle)
+            self._idle, self._open, self._pid = [], 0, os.getpid()
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self._dsn, autocommit=True)
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        with self._cond:
+            if self._closed:
+                raise ConfigurationError("the PostgresStore is closed")
+            self._after_fork()
+            while not self._idle and self._open >= self._max_size:
+                self._cond.wait()
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self._open += 1
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = self._connect()
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+        try:
+            yield conn
+        finally:
+            with self._cond:
+                if os.getpid() != self._pid:
+                    pass  # a fork happened while this was checked out; the child must not reuse it
+                elif conn.closed or conn.broken or self._closed:
+                    self._open -= 1
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            if os.getpid() == self._pid:
+                for conn in self._idle:
+                    conn.close()
+            self._idle = []
+            self._cond.notify_all()
+
+
+class PostgresStore:
+    """CacheStore on PostgreSQL + pgvector, shared by every process that opens the same `dsn` and prefix.
+
+    `size_bytes` bounds the stored bytes (entry text, JSON and vector); beyond it the least recently used
+    entries are evicted in the writing transaction. `namespace_ttl` maps a namespace to a time-to-live in
+    seconds, on top of each entry's own `expires_at`; it is applied when reading (so it holds for entries
+    written by replicas configured without it) and baked into `expires_at` when writing.
+    `single_flight_timeout_s` bounds how long a caller waits for another's answer before computing it
+    itself: a hung replica must not stall every other one.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table_prefix: str = "ctxkit_cache",
+        dimension: int = 384,
+        size_bytes: int = DEFAULT_SIZE_BYTES,
+        namespace_ttl: dict[str, float] | None = None,
+        pool_size: int = 4,
+        ef_search: int = 100,
+        single_flight_timeout_s: float = 120.0,
+    ) -> None:
+        if not _PREFIX_RE.match(table_prefix):
+            raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
+        if not 1 <= dimension <= 2000:
+            raise ConfigurationError(f"dimension must be in 1..2000 (pgvector's HNSW limit), got {dimension}")
+        if size_bytes <= 0:
+            raise ConfigurationError(f"size_bytes must be positive, got {size_bytes}")
+        if pool_size < 1:
+            raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
+        if not 1 <= ef_search <= 1000:
+            raise ConfigurationError(f"ef_search must be in 1..1000, got {ef_search}")
+        ttl = dict(namespace_ttl or {})
+        for ns, seconds in ttl.items():
+            if not (isinstance(seconds, (int, float)) and seconds > 0 and math.isfinite(seconds)):
+                raise ConfigurationError(f"namespace_ttl[{ns!r}] must be a positive number of seconds, got {seconds!r}")
+        try:
+            import psycopg  # noqa: F401
+            from pgvector.psycopg import register_vector  # noqa: F401
+        except ImportError:
+            raise ConfigurationError("the shared cache store needs: pip install 'ctxkit[postgres]'") from None
+
+        self.dsn = dsn
+        self.table_prefix = table_prefix
+        self.dimension = dimension
+        self.size_bytes = size_bytes
+        self.namespace_ttl = ttl
+        self.ef_search = ef_search
+        self.single_flight_timeout_s = single_flight_timeout_s
+        self._t = {name: f"{table_prefix}_{name}" for name in ("entries", "access", "meta", "stats")}
+        self._ensure_schema()
+        self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection)
+        # Connections that hold advisory locks are kept apart from the pool: a caller inside
+        # single_flight also needs a pool connection to write its answer.
+        self._lock_conns = _ConnectionPool(dsn, 1 << 16, lambda conn: None)
+        self._sf_guard = threading.Lock()
+        self._sf_locks: dict[str, list[Any]] = {}  # key -> [threading.Lock, number of users]
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def _configure_connection(self, conn: Any) -> None:
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        conn.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
+        # Lookups write an LRU time and a counter; they need not wait for the disk (losing the last
+        # touches in a database crash costs nothing). Writes of entries turn durability back on.
+        conn.execute("SET synchronous_commit = off")
+
+    def _ensure_schema(self) -> None:
+        import psycopg
+
+        t = self._t
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {exc}") from exc
+        with conn:
+            with conn.transaction():
+                # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: serialize creators.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('ctxkit_cache:schema'))")
+                has_vector = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+                if not has_vector:
+                    try:
+                        with conn.transaction():
+                            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                    except psycopg.Error as exc:
+                        raise ConfigurationError(
+                            f"the pgvector extension is missing and could not be created ({exc}); "
+                            "ask the database owner to run: CREATE EXTENSION vector"
+                        ) from exc
+                conn.execute(
+                    f"""CREATE TABLE IF NOT EXISTS {t['entries']} (
+                        key text PRIMARY KEY,
+                        scope text NOT NULL,
+                        namespace text NOT NULL,
+                        query_text text NOT NULL,
+                        response json NOT NULL,
+                        features json NOT NULL,
+                        created_at double precision NOT NULL,
+                        expires_at double precision,
+                        size_bytes bigint NOT NULL,
+                        embedding vector({int(self.dimension)}) NOT NULL)"""
+                )
+                conn.execute(
+                    f"""CREATE TABLE IF NOT EXISTS {t['access']} (
+                        key text PRIMARY KEY REFERENCES {t['entries']} (key) ON DELETE CASCADE,
+                        last_access double precision NOT NULL)"""
+                )
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {t['meta']} (name text PRIMARY KEY, value bigint NOT NULL)")
+                conn.execute(
+                    f"""CREATE TABLE IF NOT EXISTS {t['stats']} (
+                        name text NOT NULL, slot int NOT NULL, value bigint NOT NULL, PRIMARY KEY (name, slot))"""
+                )
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_scope ON {t['entries']} (scope)")
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_namespace ON {t['entries']} (namespace)")
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_expires ON {t['entries']} (expires_at)")
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {t['entries']}_hnsw ON {t['entries']} "
+                    "USING hnsw (embedding vector_cosine_ops)"
+                )
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['access']}_lru ON {t['access']} (last_access, key)")
+                conn.execute(
+                    f"INSERT INTO {t['meta']} (name, value) "
+                    f"SELECT 'bytes', COALESCE(sum(size_bytes), 0) FROM {t['entries']} ON CONFLICT (name) DO NOTHING"
+                )
+                row = conn.execute(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = %s::regclass AND attname = 'embedding'",
+                    (t["entries"],),
+                ).fetchone()
+        if row is None or row[0] != f"vector({self.dimension})":
+            raise ConfigurationError(
+                f"table {t['entries']} holds {row[0] if row else 'no'} embeddings but this store was opened "
+                f"with dimension={self.dimension}; use another table_prefix or the same dimension"
+            )
+
+    # ---- helpers -----------------------------------------------------------------------------------
+
+    def _vector(self, vector: np.ndarray) -> np.ndarray:
+        v = np.asarray(vector, dtype=np.float32)
+        if v.ndim == 2 and v.shape[0] == 1:
+            v = v[0]
+        if v.shape != (self.dimension,):
+            raise RequestError(f"expected a vector of shape ({self.dimension},), got {v.shape}", "vector")
+        if not np.all(np.isfinite(v)) or not np.any(v):
+            raise RequestError("the vector must be finite and non-zero (cosine distance is undefined)", "vector")
+        return v
+
+    def _ttl_clause(self, now: float) -> tuple[str, dict[str, Any]]:
+        """SQL that keeps only unexpired rows of alias `e`, by entry TTL and by this store's namespace TTLs."""
+        clause = "(e.expires_at IS NULL OR e.expires_at >= %(now)s)"
+        params: dict[str, Any] = {"now": now}
+        if self.namespace_ttl:
+            clause += (
+                " AND e.created_at + COALESCE((SELECT t.ttl FROM unnest(%(ttl_ns)s::text[], %(ttl_s)s::float8[])"
+                " AS t(ns, ttl) WHERE t.ns = e.namespace), 'Infinity'::float8) >= %(now)s"
+            )
+            params["ttl_ns"] = list(self.namespace_ttl)
+            params["ttl_s"] = [float(s) for s in self.namespace_ttl.values()]
+        return clause, params
+
+    @staticmethod
+    def _entry(row: tuple[Any, ...]) -> CacheEntry:
+        key, scope, namespace, query_text, response, features, created_at, expires_at = row[:8]
+        return CacheEntry(
+            key=key, scope=scope, namespace=namespace, query_text=query_text, response=response,
+            created_at=created_at, expires_at=expires_at, features=features,
+        )
+
+    _COLUMNS = "e.key, e.scope, e.namespace, e.query_text, e.response, e.features, e.created_at, e.expires_at"
+
+    def _count(self, conn: Any, name: str, n: int = 1) -> None:
+        if n:
+            conn.execute(
+                f"INSERT INTO {self._t['stats']} AS s (name, slot, value) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name, slot) DO UPDATE SET value = s.value + EXCLUDED.value",
+                (name, random.randrange(_STATS_SLOTS), n),
+            )
+
+    def _read_with_bookkeeping(self, conn: Any, select: str, params: dict[str, Any], hit: str, miss: str) -> list[Any]:
+        """Run `select` (a CTE body yielding rows with a `key` column) and, in the same statement, touch
+        the LRU time of the rows it returns and count a hit or a miss: one round trip per lookup.
+
+        The touch skips rows a writer holds (an LRU time is a hint, not worth a wait or a deadlock), and
+        the connection does not wait for the commit to reach disk (see `_configure_connection`).
+        """
+        t = self._t
+        sql = f"""WITH found AS ({select}),
+            touched AS (
+                UPDATE {t['access']} SET last_access = GREATEST(last_access, %(now)s)
+                WHERE key = ANY(ARRAY(SELECT key FROM {t['access']} WHERE key = ANY(ARRAY(SELECT key FROM found))
+                                      FOR UPDATE SKIP LOCKED))),
+            counted AS (
+                INSERT INTO {t['stats']} AS st (name, slot, value)
+                SELECT CASE WHEN EXISTS (SELECT 1 FROM found) THEN %(hit)s ELSE %(miss)s END, %(slot)s, 1
+                ON CONFLICT (name, slot) DO UPDATE SET value = st.value + 1)
+            SELECT * FROM found"""
+        params = dict(params, hit=hit, miss=miss, slot=random.randrange(_STATS_SLOTS))
+        return list(conn.execute(sql, params).fetchall())
+
+    # ---- the CacheStore protocol -------------------------------------------------------------------
+
+    def get(self, key: str, now: float) -> CacheEntry | None:
+        """The entry stored under exactly `key`, or None when there is none or it has expired."""
+        ttl_clause, params = self._ttl_clause(now)
+        select = f"SELECT {self._COLUMNS} FROM {self._t['entries']} e WHERE e.key = %(key)s AND {ttl_clause}"
+        with self._pool.connection() as conn:
+            rows = self._read_with_bookkeeping(conn, select, dict(params, key=key), "hits", "misses")
+        return self._entry(rows[0]) if rows else None
+
+    def search(self, scope: str, vector: np.ndarray, k: int, now: float) -> list[Hit]:
+        """Up to `k` unexpired entries of `scope` nearest to `vector`, most similar first (cosine similarity).
+
+        The HNSW index answers first. It filters by scope after finding neighbours, so a scope that is
+        rare in the whole table (or was, when the planner's statistics were taken) can come back short;
+        then, in the same statement, the scope is searched exactly through its btree index, which is
+        cheap precisely because such a scope is small.
+        """
+        if k <= 0:
+            return []
+        q = self._vector(vector)
+        ttl_clause, params = self._ttl_clause(now)
+        params.update(scope=scope, q=q, k=int(k))
+        base = (
+            f"SELECT {self._COLUMNS}, e.embedding <=> %(q)b AS distance FROM {self._t['entries']} e "
+            f"WHERE e.scope = %(scope)s AND {ttl_clause}"
+        )
+        # `+ 0` hides the distance from the planner's index matching: an exact top-k within the scope,
+        # run only when the index came back short (an uncorrelated condition: evaluated once, up front).
+        select = f"""WITH approx AS MATERIALIZED ({base} ORDER BY e.embedding <=> %(q)b LIMIT %(k)s)
+            SELECT * FROM approx WHERE (SELECT count(*) FROM approx) >= %(k)s
+            UNION ALL
+            (SELECT * FROM ({base} AND (SELECT count(*) FROM approx) < %(k)s
+                             ORDER BY (e.embedding <=> %(q)b) + 0 LIMIT %(k)s) exact)"""
+        with self._pool.connection() as conn:
+            rows = self._read_with_bookkeeping(conn, select, params, "search_hits", "search_misses")
+        rows.sort(key=lambda r: (r[8], r[0]))
+        return [Hit(entry=self._entry(r), similarity=float(1.0 - r[8])) for r in rows]
+
+    def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
+        """Store (or replace) `entry` in one transaction, then evict expired and least recently used
+        entries until the store fits `size_bytes`. An entry larger than the whole bound is not stored."""
+        self.put_many([entry], [vector])
+
+    def put_many(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> None:
+        """`put` for many entries in one transaction (warming a cache, moving one from another store).
+        Later entries replace earlier ones with the same key."""
+        if len(entries) != len(vectors):
+            raise RequestError(f"{len(entries)} entries but {len(vectors)} vectors", "vectors")
+        rows: dict[str, tuple[Any, ...]] = {}
+        rejected = 0
+        for entry, vector in zip(entries, vectors, strict=False):
+            row = self._row(entry, self._vector(vector))
+            if row[8] > self.size_bytes:
+                rejected += 1
+            else:
+                rows[entry.key] = row
+        t = self._t
+        with self._pool.connection() as conn, conn.transaction():
+            if not rows:
+                self._count(conn, "rejected_too_large", rejected)
+                return
+            keys = list(rows)
+            conn.execute("SET LOCAL synchronous_commit = on")
+            (total,) = conn.execute(f"SELECT value FROM {t['meta']} WHERE name = 'bytes' FOR UPDATE").fetchone()
+            (old,) = conn.execute(
+                f"SELECT COALESCE(sum(size_bytes), 0) FROM {t['entries']} WHERE key = ANY(%s)", (keys,)
+            ).fetchone()
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"""INSERT INTO {t['entries']} AS e (key, scope, namespace, query_text, response, features,
+                            created_at, expires_at, size_bytes, embedding)
+                        VALUES (%s, %s, %s, %s, %s::json, %s::json, %s, %s, %s, %s)
+                        ON CONFLICT (key) DO UPDATE SET scope = EXCLUDED.scope, namespace = EXCLUDED.namespace,
+                            query_text = EXCLUDED.query_text, response = EXCLUDED.response,
+                            features = EXCLUDED.features, created_at = EXCLUDED.created_at,
+                            expires_at = EXCLUDED.expires_at, size_bytes = EXCLUDED.size_bytes,
+                            embedding = EXCLUDED.embedding""",
+                    list(rows.values()),
+                )
+                cur.executemany(
+                    f"INSERT INTO {t['access']} (key, last_access) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET last_access = EXCLUDED.last_access",
+                    [(row[0], row[6]) for row in rows.values()],
+                )
+            total += sum(row[8] for row in rows.values()) - old
+            purged = evicted = 0
+            if total > self.size_bytes:
+                newest = max(row[6] for row in rows.values())
+                purged, freed = self._delete_expired(conn, newest, keep=keys)
+                total -= freed
+            for keep in (keys, []):  # older entries first; the batch's own only if it alone is too big
+                if total > self.size_bytes:
+                    n, freed = self._evict_lru(conn, total - self.size_bytes, keep=keep)
+                    evicted += n
+                    total -= freed
+            conn.execute(f"UPDATE {t['meta']} SET value = %s WHERE name = 'bytes'", (total,))
+            self._count(conn, "puts", len(rows))
+            self._count(conn, "rejected_too_large", rejected)
+            self._count(conn, "expired_purged", purged)
+            self._count(conn, "evictions", evicted)
+
+    def _row(self, entry: CacheEntry, v: np.ndarray) -> tuple[Any, ...]:
+        """The entries-table row of `entry`: namespace TTL applied, JSON encoded, its size in bytes."""
+        expires_at = entry.expires_at
+        ttl = self.namespace_ttl.get(entry.namespace)
+        if ttl is not None:
+            expires_at = min(expires_at, entry.created_at + ttl) if expires_at is not None else entry.created_at + ttl
+        try:
+            response = json.dumps(entry.response, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            features = json.dumps(entry.features, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"the cache entry is not JSON-serializable: {exc}", "entry") from exc
+        size = (
+            sum(len(s.encode("utf-8")) for s in (entry.key, entry.scope, entry.namespace, entry.query_text, response, features))
+            + 4 * self.dimension + 48  # the vector and the fixed-width columns
+        )
+        return (entry.key, entry.scope, entry.namespace, entry.query_text, response, features,
+                entry.created_at, expires_at, size, v)
+
+    def _delete_expired(self, conn: Any, now: float, keep: list[str]) -> tuple[int, int]:
+        rows = conn.execute(
+            f"DELETE FROM {self._t['entries']} WHERE expires_at < %s AND NOT (key = ANY(%s)) RETURNING size_bytes",
+            (now, keep),
+        ).fetchall()
+        return len(rows), sum(r[0] for r in rows)
+
+    def _evict_lru(self, conn: Any, excess: int, keep: list[str]) -> tuple[int, int]:
+        evicted = freed = 0
+        while freed < excess:
+            batch = conn.execute(
+                f"SELECT a.key, e.size_bytes FROM {self._t['access']} a JOIN {self._t['entries']} e USING (key) "
+                "WHERE NOT (a.key = ANY(%s)) ORDER BY a.last_access, a.key LIMIT %s",
+                (keep, _EVICT_BATCH),
+            ).fetchall()
+            if not batch:
+                break
+            victims = []
+            for key, size in batch:
+                victims.append(key)
+                freed += size
+                if freed >= excess:
+                    break
+            conn.execute(f"DELETE FROM {self._t['entries']} WHERE key = ANY(%s)", (victims,))
+            evicted += len(victims)
+        return evicted, freed
+
+    def invalidate(self, namespace: str) -> int:
+        """Delete every entry of `namespace`, for every replica; returns how many were deleted."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
+            rows = conn.execute(
+                f"DELETE FROM {self._t['entries']} WHERE namespace = %s RETURNING size_bytes", (namespace,)
+            ).fetchall()
+            conn.execute(
+                f"UPDATE {self._t['meta']} SET value = value - %s WHERE name = 'bytes'", (sum(r[0] for r in rows),)
+            )
+            self._count(conn, "invalidated", len(rows))
+        return len(rows)
+
+    def clear(self) -> None:
+        """Delete every entry of every namespace (the hit/miss counters are kept, as in LocalStore)."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
+            conn.execute(f"DELETE FROM {self._t['entries']}")
+            conn.execute(f"UPDATE {self._t['meta']} SET value = 0 WHERE name = 'bytes'")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters shared by every replica, plus the current number of entries and stored bytes.
+
+        `hits`/`misses` count exact lookups (`get`); `search_hits`/`search_misses` count searches that
+        returned candidates or none (whether a candidate is used is the stage's decision)."""
+        t = self._t
+        with self._pool.connection() as conn:
+            counts = dict(conn.execute(f"SELECT name, sum(value)::bigint FROM {t['stats']} GROUP BY name").fetchall())
+            (entries,) = conn.execute(f"SELECT count(*) FROM {t['entries']}").fetchone()
+            (stored,) = conn.execute(f"SELECT value FROM {t['meta']} WHERE name = 'bytes'").fetchone()
+        result: dict[str, Any] = {name: int(counts.get(name, 0)) for name in _COUNTERS}
+        lookups = result["hits"] + result["misses"]
+        result.update(
+            store="postgres", entries=int(entries), bytes=int(stored), size_limit=self.size_bytes,
+            searches=result["search_hits"] + result["search_misses"],
+            hit_rate=result["hits"] / lookups if lookups else 0.0,
+        )
+        return result
+
+    @contextmanager
+    def single_flight(self, key: str) -> Iterator[None]:
+        """Let one caller at a time, in this process and across every replica, compute the answer for `key`.
+
+        Threads of this process queue on an in-process lock (so one process holds at most one database
+        session per key); the winner then takes a PostgreSQL advisory lock keyed by a 64-bit hash of the
+        prefix and key. After `single_flight_timeout_s` a waiter goes on without the lock: a duplicate
+        backend call is better than a stalled replica.
+        """
+        import psycopg
+
+        with self._sf_guard:
+            slot = self._sf_locks.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        local: threading.Lock = slot[0]
+        deadline = time.monotonic() + self.single_flight_timeout_s
+        got_local = local.acquire(blocking=False)
+        try:
+            if not got_local:
+                self._record_wait()
+                got_local = local.acquire(timeout=self.single_flight_timeout_s)
+            if not got_local:
+                self._record_timeout()
+                yield
+                return
+            lock_id = int.from_bytes(
+                hashlib.blake2b(f"{self.table_prefix}\0{key}".encode(), digest_size=8).digest(), "big", signed=True
+            )
+            with self._lock_conns.connection() as conn:
+                held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0]
+                if not held:
+                    self._record_wait()
+                    try:
+                        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))  # one budget for both waits
+                        conn.execute(f"SET lock_timeout = {remaining_ms}")
+                        conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+                        held = True
+                    except psycopg.errors.LockNotAvailable:
+                        self._record_timeout()
+                    finally:
+                        if not conn.broken:
+                            conn.execute("RESET lock_timeout")
+                try:
+                    yield
+                finally:
+                    if held and not conn.broken:
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+        finally:
+            if got_local:
+                local.release()
+            with self._sf_guard:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._sf_locks[key]
+
+    def _record_wait(self) -> None:
+        with self._pool.connection() as conn:
+            self._count(conn, "single_flight_waits")
+
+    def _record_timeout(self) -> None:
+        with self._pool.connection() as conn:
+            self._count(conn, "single_flight_timeouts")
+
+    def close(self) -> None:
+        self._pool.close()
+        self._lock_conns.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,271 @@
+"""PostgresStore (the shared cache store) against a real PostgreSQL + pgvector: every store rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+
+from ctxkit.errors import ConfigurationError, RequestError
+from ctxkit.stages.cache.store import CacheEntry
+
+pytest_plugins = ["tests.pg_fixtures"]
+
+DIM = 384
+
+
+def vec(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def near(v: np.ndarray, seed: int, noise: float = 0.05) -> np.ndarray:
+    w = v + noise * vec(seed)
+    return (w / np.linalg.norm(w)).astype(np.float32)
+
+
+def entry(key: str, *, scope: str = "scope-a", namespace: str = "ns", created_at: float = 1000.0,
+          expires_at: float | None = None, text: str = "what is the refund window?") -> CacheEntry:
+    return CacheEntry(
+        key=key, scope=scope, namespace=namespace, query_text=text,
+        response={"id": key, "choices": [{"message": {"role": "assistant", "content": f"answer {key}"}}]},
+        created_at=created_at, expires_at=expires_at, features={"numbers": ["30"], "key": key},
+    )
+
+
+def test_get_returns_the_exact_entry_round_trip(make_pg_store):
+    store = make_pg_store()
+    e = entry("k1", expires_at=5000.0)
+    store.put(e, vec(1))
+    assert store.get("k1", now=1001.0) == e, "the entry read back must equal the entry written, field for field"
+    assert store.get("other", now=1001.0) is None
+
+
+def test_search_never_crosses_scopes(make_pg_store):
+    store = make_pg_store()
+    v = vec(1)
+    store.put(entry("in-a", scope="scope-a"), v)
+    store.put(entry("in-b", scope="scope-b"), v)  # the identical vector in another scope
+    hits = store.search("scope-a", v, k=5, now=1001.0)
+    assert [h.entry.key for h in hits] == ["in-a"], f"scope-a search returned {[h.entry.key for h in hits]}"
+    assert hits[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert store.search("scope-c", v, k=5, now=1001.0) == []
+
+
+def test_search_orders_by_cosine_similarity_and_honours_k(make_pg_store):
+    store = make_pg_store()
+    target = vec(7)
+    store.put(entry("close"), near(target, 1, 0.1))
+    store.put(entry("closer"), near(target, 2, 0.02))
+    store.put(entry("far"), vec(99))
+    hits = store.search("scope-a", target, k=2, now=1001.0)
+    assert [h.entry.key for h in hits] == ["closer", "close"]
+    assert hits[0].similarity > hits[1].similarity > 0.9
+
+
+def test_small_scope_is_found_when_the_planner_picks_the_hnsw_index(make_pg_store, pg_dsn):
+    """HNSW filters by scope after finding neighbours, so a scope that is rare in the table can come back
+    empty from the index. Stale statistics (the scope was large when last analyzed) make the planner pick
+    the index for it; the store must still find the scope's entry."""
+    store = make_pg_store()
+    target = vec(5)
+    for i in range(150):
+        store.put(entry(f"old{i}", scope="shrunk", namespace="old"), vec(2000 + i))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"ANALYZE {store.table_prefix}_entries")
+    store.invalidate("old")
+    store.put(entry("survivor", scope="shrunk", namespace="new"), near(target, 3, 0.3))
+    for i in range(150):  # a crowd of vectors nearer to the query, in another scope
+        store.put(entry(f"busy{i}", scope="busy"), near(target, 1000 + i, 0.01))
+    with psycopg.connect(pg_dsn) as conn:
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        sql = f"SELECT key FROM {store.table_prefix}_entries WHERE scope = 'shrunk' ORDER BY embedding <=> %s LIMIT 3"
+        plan = " ".join(r[0] for r in conn.execute("EXPLAIN " + sql, (target,)).fetchall())
+        assert "_hnsw" in plan, f"the scenario must make the planner use the HNSW index: {plan}"
+        assert conn.execute(sql, (target,)).fetchall() == [], "the index alone misses the entry"
+    hits = store.search("shrunk", target, k=3, now=1001.0)
+    assert [h.entry.key for h in hits] == ["survivor"]
+    assert len(store.search("busy", target, k=10, now=1001.0)) == 10
+
+
+def test_entry_ttl_expired_entries_are_never_returned(make_pg_store):
+    store = make_pg_store()
+    v = vec(1)
+    store.put(entry("short", created_at=1000.0, expires_at=1010.0), v)
+    assert store.get("short", now=1010.0) is not None, "an entry is valid up to and including expires_at"
+    assert store.get("short", now=1010.5) is None
+    assert store.search("scope-a", v, k=3, now=1010.5) == []
+    assert [h.entry.key for h in store.search("scope-a", v, k=3, now=1005.0)] == ["short"]
+
+
+def test_namespace_ttl_applies_on_read_and_write(make_pg_store):
+    v = vec(1)
+    writer = make_pg_store(namespace_ttl={"news": 60.0})
+    writer.put(entry("n1", namespace="news", created_at=1000.0), v)
+    writer.put(entry("d1", namespace="docs", created_at=1000.0, scope="scope-d"), v)
+    assert writer.get("n1", now=1059.0) is not None
+    assert writer.get("n1", now=1061.0) is None, "namespace 'news' lives 60 s"
+    assert writer.search("scope-a", v, k=3, now=1061.0) == []
+    assert writer.get("d1", now=10_000.0) is not None, "namespaces without a TTL keep their entries"
+    # the TTL was baked into expires_at at write time, so a replica configured without it also honours it
+    other = make_pg_store()
+    assert other.get("n1", now=1061.0) is None
+    # and a reader with a namespace TTL honours it for entries written by a replica without one
+    plain = make_pg_store()
+    plain.put(entry("d2", namespace="docs", created_at=1000.0, scope="scope-d2"), v)
+    strict = make_pg_store(namespace_ttl={"docs": 10.0})
+    assert strict.get("d2", now=1011.0) is None
+    assert strict.search("scope-d2", v, k=3, now=1011.0) == []
+    assert plain.get("d2", now=1011.0) is not None
+
+
+def test_size_bound_evicts_least_recently_used_first(make_pg_store):
+    probe = make_pg_store(table_prefix="probe_" + make_pg_store().table_prefix)
+    probe.put(entry("k0"), vec(0))
+    one = probe.stats()["bytes"]
+    store = make_pg_store(size_bytes=int(one * 3.5))
+    for i in range(3):
+        store.put(entry(f"k{i}", created_at=1000.0 + i), vec(i))
+    assert store.get("k0", now=1010.0) is not None  # k0 is now the most recently used
+    store.search("scope-a", vec(1), k=1, now=1011.0)  # a search hit counts as a use of k1
+    store.put(entry("k3", created_at=1012.0), vec(3))
+    assert store.get("k2", now=1013.0) is None, "k2 was the least recently used and must be evicted"
+    assert all(store.get(k, now=1013.0) is not None for k in ("k0", "k1", "k3"))
+    stats = store.stats()
+    assert stats["evictions"] == 1
+    assert stats["entries"] == 3 and stats["bytes"] <= store.size_bytes
+
+
+def test_eviction_drops_expired_entries_before_live_ones(make_pg_store):
+    probe = make_pg_store(table_prefix="probe_" + make_pg_store().table_prefix)
+    probe.put(entry("k0"), vec(0))
+    one = probe.stats()["bytes"]
+    store = make_pg_store(size_bytes=int(one * 2.5))
+    store.put(entry("old-live", created_at=1000.0), vec(1))
+    store.put(entry("newer-expired", created_at=1001.0, expires_at=1002.0), vec(2))
+    store.put(entry("new", created_at=1005.0), vec(3))
+    assert store.get("old-live", now=1006.0) is not None
+    assert store.stats()["expired_purged"] == 1 and store.stats()["evictions"] == 0
+
+
+def test_entry_larger_than_the_whole_bound_is_not_stored(make_pg_store):
+    store = make_pg_store(size_bytes=2000)
+    store.put(entry("small", text="hi"), vec(1))
+    store.put(entry("huge", text="x" * 5000), vec(2))
+    assert store.get("huge", now=1001.0) is None
+    assert store.get("small", now=1001.0) is not None, "a too-large entry must not flush the others"
+    assert store.stats()["rejected_too_large"] == 1
+
+
+def test_overwrite_replaces_the_entry_and_keeps_the_byte_count_exact(make_pg_store, pg_dsn):
+    store = make_pg_store()
+    store.put(entry("k", text="first"), vec(1))
+    store.put(entry("k", text="second, longer text"), vec(2))
+    assert store.get("k", now=1001.0).query_text == "second, longer text"
+    assert [h.entry.key for h in store.search("scope-a", vec(2), k=3, now=1001.0)] == ["k"]
+    with psycopg.connect(pg_dsn) as conn:
+        (actual,) = conn.execute(f"SELECT sum(size_bytes) FROM {store.table_prefix}_entries").fetchone()
+    assert store.stats()["bytes"] == actual and store.stats()["entries"] == 1
+
+
+def test_invalidate_removes_one_namespace_only(make_pg_store):
+    store = make_pg_store()
+    for i in range(3):
+        store.put(entry(f"a{i}", namespace="tenant-a", scope="sa"), vec(i))
+    store.put(entry("b0", namespace="tenant-b", scope="sb"), vec(10))
+    assert store.invalidate("tenant-a") == 3
+    assert store.get("a0", now=1001.0) is None and store.search("sa", vec(0), k=3, now=1001.0) == []
+    assert store.get("b0", now=1001.0) is not None
+    assert store.invalidate("tenant-a") == 0
+    assert store.stats()["entries"] == 1 and store.stats()["invalidated"] == 3
+
+
+def test_clear_empties_every_namespace_and_keeps_the_counters(make_pg_store):
+    store = make_pg_store()
+    store.put(entry("k1", namespace="a"), vec(1))
+    store.put(entry("k2", namespace="b", scope="scope-b"), vec(2))
+    store.get("k1", now=1001.0)
+    store.clear()
+    assert store.get("k1", now=1001.0) is None and store.get("k2", now=1001.0) is None
+    assert store.search("scope-a", vec(1), k=3, now=1001.0) == []
+    stats = store.stats()
+    assert stats["entries"] == 0 and stats["bytes"] == 0
+    assert (stats["hits"], stats["misses"]) == (1, 2), "clear drops entries, not the hit/miss history"
+
+
+def test_stats_count_hits_and_misses_and_are_shared_between_store_objects(make_pg_store):
+    a, b = make_pg_store(), make_pg_store()
+    a.put(entry("k1"), vec(1))
+    a.get("k1", now=1001.0)
+    b.get("k1", now=1001.0)
+    b.get("nope", now=1001.0)
+    a.search("scope-a", vec(1), k=1, now=1001.0)
+    b.search("scope-z", vec(1), k=1, now=1001.0)
+    for stats in (a.stats(), b.stats()):
+        assert (stats["hits"], stats["misses"], stats["search_hits"], stats["search_misses"], stats["puts"]) == (
+            2, 1, 1, 1, 1), stats
+        assert stats["searches"] == 2 and stats["hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_restart_a_new_store_object_sees_the_stored_entries(make_pg_store, pg_prefix):
+    first = make_pg_store()
+    first.put(entry("k1"), vec(1))
+    first.close()
+    reopened = make_pg_store()  # same DSN and prefix: what a restarted replica does
+    assert reopened.get("k1", now=1001.0) is not None
+    assert [h.entry.key for h in reopened.search("scope-a", vec(1), k=1, now=1001.0)] == ["k1"]
+    assert reopened.stats()["puts"] == 1, "statistics live in the database and survive a restart"
+
+
+def test_schema_creation_is_idempotent_and_checks_the_dimension(make_pg_store, pg_prefix):
+    make_pg_store()
+    make_pg_store()  # opening twice must not fail on existing tables or indexes
+    with pytest.raises(ConfigurationError, match="dimension"):
+        make_pg_store(dimension=128)
+
+
+def test_bad_input_raises_typed_errors(make_pg_store, pg_dsn):
+    store = make_pg_store()
+    with pytest.raises(RequestError, match="shape"):
+        store.put(entry("k"), np.ones(10, dtype=np.float32))
+    with pytest.raises(RequestError, match="non-zero"):
+        store.search("scope-a", np.zeros(DIM, dtype=np.float32), k=1, now=0.0)
+    with pytest.raises(RequestError, match="JSON"):
+        bad = entry("k")
+        bad.response = {"x": object()}
+        store.put(bad, vec(1))
+    with pytest.raises(ConfigurationError, match="table_prefix"):
+        make_pg_store(table_prefix="bad; DROP TABLE x")
+    with pytest.raises(ConfigurationError, match="cannot connect"):
+        from ctxkit.stages.cache.pg_store import PostgresStore
+
+        PostgresStore("postgresql://nobody@/nodb?host=/nonexistent-socket-dir")
+
+
+def test_semantic_search_finds_a_paraphrase_with_real_embeddings(make_pg_store, embedder):
+    store = make_pg_store()
+    questions = ["How long do I have to return a pair of shoes?", "Do you ship to Norway?",
+                 "What are your opening hours on Sunday?"]
+    for i, (q, v) in enumerate(zip(questions, embedder.embed(questions), strict=True)):
+        store.put(entry(f"q{i}", text=q), v)
+    hits = store.search("scope-a", embedder.embed_one("what's the return window for shoes?"), k=3, now=1001.0)
+    assert hits[0].entry.key == "q0", [(h.entry.query_text, h.similarity) for h in hits]
+    assert hits[0].similarity > hits[1].similarity + 0.2
+
+
+def test_put_many_writes_a_batch_in_one_transaction_within_the_bound(make_pg_store):
+    probe = make_pg_store(table_prefix="probe_" + make_pg_store().table_prefix)
+    probe.put(entry("b0", created_at=1000.0), vec(0))
+    one = probe.stats()["bytes"]
+    store = make_pg_store(size_bytes=int(one * 4.5))
+    store.put(entry("old", created_at=900.0), vec(50))
+    batch = [entry(f"b{i}", created_at=1000.0 + i) for i in range(4)] + [entry("b0", created_at=1010.0)]
+    store.put_many(batch, [vec(i) for i in range(5)])
+    assert store.get("old", now=1011.0) is None, "the older entry makes room for the batch"
+    assert all(store.get(f"b{i}", now=1011.0) is not None for i in range(4))
+    assert store.get("b0", now=1011.0).created_at == 1010.0, "the later duplicate in a batch wins"
+    assert store.stats()["entries"] == 4 and store.stats()["bytes"] <= store.size_bytes
+    with pytest.raises(RequestError, match="vectors"):
+        store.put_many([entry("x")], [])
