@@ -20,6 +20,7 @@ from .._aio import iterate_in_thread
 from ..errors import BackendError, ConfigurationError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
+from ..tokens import TokenCounter
 from .gguf_prompt import GGUFPrompt
 from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
 
@@ -73,7 +74,7 @@ class LlamaCppBackend:
             verbose=verbose, **llama_kwargs,
         )
         self.prompt = GGUFPrompt(self._llama)
-        self.counter = self.prompt
+        self.counter: TokenCounter = self.prompt
         self.model = model_name or path.stem
         self.context_window = self._llama.n_ctx()
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
