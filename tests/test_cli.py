@@ -65,5 +65,8 @@ def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
     assert "[ledger]" in out.stdout and "totals" in out.stdout
     records = list(read_ledger(log))
     assert len(records) >= 4 and all(r.status == "ok" for r in records)
-    assert all(r.count_delta == 0 for r in records), "local counts must equal llama.cpp's usage"
+    sent = [r for r in records if r.tokens_sent]
+    assert sent and all(r.count_delta == 0 for r in sent), "local counts must equal llama.cpp's usage"
     assert "  tool " in out.stdout, "the model made no tool call with tool_choice=required"
+    assert all(r.saved_by_stage["tool_retrieval"] > 0 for r in sent), "8 tools offered, 3 must be sent"
+    assert sum(r.tokens_saved for r in records) == sum(sum(r.saved_by_stage.values()) for r in records)
