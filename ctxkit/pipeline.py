@@ -16,7 +16,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .backends.base import Backend
 from .errors import ContextOverflowError
@@ -26,6 +26,7 @@ from .response import AsyncChatStream, ChatResponse, ChatStream
 from .stage import AsyncResult, Result, Stage
 from .validation import validate_request
 
+S = TypeVar("S", ChatStream, AsyncChatStream)
 _current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar("ctxkit_call", default=None)
 
 
@@ -246,13 +247,8 @@ class Pipeline:
                 return self.backend.complete(request)
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
-        stream = ChatStream(self.backend.stream(request), backend=self.backend.name,
-                            model=request.model or self.backend.model,
-                            count_completion=self.backend.counter.count_completion)
-        stream.set_prompt_tokens(tokens)
-        stream.on_complete(lambda _: _add_backend_ms(trace, t0))
-        stream.on_error(lambda _: _add_backend_ms(trace, t0))
-        return stream
+        return self._timed_stream(ChatStream(self.backend.stream(request), **self._stream_args(request)),
+                                  trace, tokens, t0)
 
     async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
         tokens = self._prepare(trace, request)
@@ -262,10 +258,17 @@ class Pipeline:
                 return await self.backend.acomplete(request)
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
-        stream = AsyncChatStream(self.backend.astream(request), backend=self.backend.name,
-                                 model=request.model or self.backend.model,
-                                 count_completion=self.backend.counter.count_completion)
-        stream.set_prompt_tokens(tokens)
+        return self._timed_stream(AsyncChatStream(self.backend.astream(request), **self._stream_args(request)),
+                                  trace, tokens, t0)
+
+    def _stream_args(self, request: ChatRequest) -> dict[str, Any]:
+        return {"backend": self.backend.name, "model": request.model or self.backend.model,
+                "count_completion": self.backend.counter.count_completion}
+
+    @staticmethod
+    def _timed_stream(stream: S, trace: _CallTrace, prompt_tokens: int, t0: float) -> S:
+        """The backend's time for a stream runs until its last chunk (or its failure)."""
+        stream.set_prompt_tokens(prompt_tokens)
         stream.on_complete(lambda _: _add_backend_ms(trace, t0))
         stream.on_error(lambda _: _add_backend_ms(trace, t0))
         return stream
