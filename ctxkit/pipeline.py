@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ class _CallTrace:
         self.request = request
         self.tallies = {stage.name: _StageTally() for stage in pipeline.stages}
         self.sent = 0
+        self.last_sent = 0  # the prompt of the backend call whose usage the response reports
         self.backend_calls = 0
         self.backend_ms = 0.0
         self.count_ms = 0.0
@@ -91,7 +93,7 @@ class _CallTrace:
             tokens_naive=self.naive, tokens_sent=self.sent,
             tokens_out=0 if answered else out, out_saved=out if answered else 0,
             saved_by_stage=saved, tokens_cached=cached,
-            tokens_reported=reported, count_delta=None if reported is None else reported - self.sent,
+            tokens_reported=reported, count_delta=None if reported is None else reported - self.last_sent,
             usage_reported=bool(response and response.usage.reported),
             answered_by=self.answered_by,
             latency_ms={"stages": stage_ms, "backend": round(self.backend_ms, 3),
@@ -236,6 +238,7 @@ class Pipeline:
         if needed > self.backend.context_window:
             raise ContextOverflowError(tokens, request.max_tokens or 0, self.backend.context_window)
         trace.sent += tokens
+        trace.last_sent = tokens
         trace.backend_calls += 1
         return tokens
 
@@ -291,6 +294,4 @@ def _add_backend_ms(trace: _CallTrace, t0: float) -> None:
 
 def _redact(text: str) -> str:
     """Error texts can quote request headers; never let an API key reach the ledger or the logs."""
-    import re
-
     return re.sub(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+", r"\1…", text)[:500]

@@ -89,6 +89,7 @@ def test_a_stage_that_calls_twice_is_charged_for_both_calls(llama_backend, ledge
     assert record.latency_ms["backend_calls"] == 2
     assert record.tokens_sent == 2 * record.tokens_naive
     assert record.saved_by_stage["ask_twice"] == -record.tokens_naive  # honest: it cost tokens
+    assert record.count_delta == 0, "the reported usage is the last call's and must match its count"
 
 
 def test_stream_records_once_it_ends_and_assembles_the_answer(llama_backend, ledger):
