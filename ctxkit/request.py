@@ -93,3 +93,13 @@ class ChatRequest:
             metadata=metadata,
             **ctx,
         )
+
+
+def tool_calls_by_id(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
+    """{tool_call_id: (function name, arguments JSON)} of every assistant tool call in `messages`."""
+    calls: dict[str, tuple[str, str]] = {}
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            calls[call.get("id", "")] = (function.get("name", "tool"), function.get("arguments", "{}"))
+    return calls

@@ -43,7 +43,7 @@ import jsonschema
 
 from ..pipeline import record_event
 from ..quarantine_marks import fingerprint, mark
-from ..request import ChatRequest
+from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
 from ..stage import Stage
 from .pruning._text import default_counter, previous_prompt_end, record_prefix_invalidated
@@ -509,15 +509,6 @@ def _fmt(value: float) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
-def _calls(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
-    calls: dict[str, tuple[str, str]] = {}
-    for message in messages:
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
-            calls[call.get("id", "")] = (function.get("name", "tool"), function.get("arguments", "{}"))
-    return calls
-
-
 def _tool_name(messages: Sequence[Mapping[str, Any]], index: int) -> str:
     call_id = messages[index].get("tool_call_id", "")
     for message in messages[:index][::-1]:
@@ -557,7 +548,7 @@ def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
 def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
     message = messages[index]
     if message.get("role") == "tool":
-        name, arguments = _calls(messages).get(message.get("tool_call_id", ""), (record.source, "{}"))
+        name, arguments = tool_calls_by_id(messages).get(message.get("tool_call_id", ""), (record.source, "{}"))
         what = f"the result of {name}({_short(arguments, 200)})"
     else:
         what = "an earlier assistant answer"

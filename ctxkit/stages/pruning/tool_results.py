@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ...request import ChatRequest
+from ...request import ChatRequest, tool_calls_by_id
 from ...response import message_text
 from ...stage import Stage
 from ...tokens import TokenCounter
@@ -83,7 +83,7 @@ class ToolResultClearingStage(Stage):
 
     def _cleared(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
         """{message index: placeholder} for the tool results this history clears."""
-        calls = _calls_by_id(messages)
+        calls = tool_calls_by_id(messages)
         candidates: list[tuple[int, int, str]] = []  # (index, tokens saved, placeholder)
         results = [i for i, m in enumerate(messages) if m.get("role") == "tool"]
         for index in results[: max(len(results) - self.keep_last, 0)]:
@@ -110,15 +110,6 @@ class ToolResultClearingStage(Stage):
                 cleared.update(step)
                 step, step_saved = {}, 0
         return cleared
-
-
-def _calls_by_id(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
-    calls: dict[str, tuple[str, str]] = {}
-    for message in messages:
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
-            calls[call.get("id", "")] = (function.get("name", "tool"), function.get("arguments", "{}"))
-    return calls
 
 
 __all__ = ["PLACEHOLDER_PREFIX", "ToolResultClearingStage", "placeholder"]
