@@ -70,3 +70,18 @@ def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
     assert "  tool " in out.stdout, "the model made no tool call with tool_choice=required"
     assert all(r.saved_by_stage["tool_retrieval"] > 0 for r in sent), "8 tools offered, 3 must be sent"
     assert sum(r.tokens_saved for r in records) == sum(sum(r.saved_by_stage.values()) for r in records)
+
+
+@pytest.mark.parametrize("args,where", [
+    (["bench", "cache", "--pairs"], ":2: not a cache pair"),  # line 2 lacks the format's fields
+    (["bench", "memory", "--conversations"], ":2: needs non-empty 'messages'"),
+    (["bench", "prune", "--questions"], ":3: not JSON"),  # prune reads the whole file first
+])
+def test_bench_data_that_is_not_json_lines_is_a_clear_error_naming_the_line(args, where, tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('\n{"id": 1}\nnot json\n')
+    assert main([*args, str(data)]) == 2
+    error = capsys.readouterr().err
+    assert f"{data}{where}" in error, error

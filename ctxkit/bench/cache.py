@@ -16,7 +16,6 @@ from diskcache). Reports build time, lookup p50/p95, search-only p50, process me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
-from .common import emit, median, percentile, progress
+from .common import emit, median, percentile, progress, read_jsonl
 
 SWEEP = (0.30, 0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
 
@@ -38,27 +37,16 @@ SWEEP = (0.30, 0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
 def load_pairs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Read a pairs file; a malformed line is a ConfigurationError naming the line."""
     pairs = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read pairs file {path}: {exc}") from None
-    with handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-                for field in ("a", "b", "same_answer"):
-                    if field not in pair:
-                        raise ValueError(f"missing field {field!r}")
-                if not isinstance(pair["a"], list) or not isinstance(pair["b"], list) or not pair["a"] or not pair["b"]:
-                    raise ValueError("a and b must be non-empty lists of chat messages")
-            except ValueError as exc:
-                raise ConfigurationError(f"{path}:{n}: not a cache pair: {exc}") from None
-            pair.setdefault("category", "all")
-            pairs.append(pair)
-            if limit is not None and len(pairs) >= limit:
-                break
+    for n, pair in read_jsonl(path):
+        missing = [field for field in ("a", "b", "same_answer") if field not in pair]
+        if missing:
+            raise ConfigurationError(f"{path}:{n}: not a cache pair: missing field {missing[0]!r}")
+        if not isinstance(pair["a"], list) or not isinstance(pair["b"], list) or not pair["a"] or not pair["b"]:
+            raise ConfigurationError(f"{path}:{n}: not a cache pair: a and b must be non-empty lists of chat messages")
+        pair.setdefault("category", "all")
+        pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
     return pairs
 
 

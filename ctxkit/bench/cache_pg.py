@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..stages.cache.pg_store import PostgresStore
 from ..stages.cache.store import CacheEntry
-from .common import emit, median, percentile, progress
+from .common import emit, median, percentile, progress, read_jsonl
 
 _BATCH = 500
 
@@ -43,18 +43,14 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 def _load_pairs(path: Path, limit: int) -> tuple[list[str], list[str]]:
     stored: list[str] = []
     asked: list[str] = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                stored.append(_last_user_text(record["a"]))
-                asked.append(_last_user_text(record["b"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConfigurationError(f"{path}:{number}: not a cache pair ({exc})") from exc
-            if len(stored) >= limit:
-                break
+    for number, record in read_jsonl(path):
+        try:
+            stored.append(_last_user_text(record["a"]))
+            asked.append(_last_user_text(record["b"]))
+        except (KeyError, TypeError) as exc:
+            raise ConfigurationError(f"{path}:{number}: not a cache pair ({exc})") from exc
+        if len(stored) >= limit:
+            break
     return stored, asked
 
 

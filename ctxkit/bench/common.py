@@ -6,7 +6,10 @@ import json
 import statistics
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+from ..errors import ConfigurationError
 
 T = TypeVar("T")
 
@@ -47,3 +50,23 @@ def backend_from_args(args: Any) -> Any:
     from ..backends.llama_cpp import LlamaCppBackend
 
     return LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSON-lines data file. An unreadable file, a
+    line that is not JSON or not an object raises ConfigurationError naming the file and line."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigurationError(f"{path}:{number}: expected a JSON object")
+            yield number, record

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,27 +22,18 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..request import ChatRequest, Message
 from ..response import message_text
-from .common import add_backend_arguments, backend_from_args, emit, median, percentile, progress
+from .common import add_backend_arguments, backend_from_args, emit, median, percentile, progress, read_jsonl
 
 
 def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ConfigurationError(f"conversations file not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigurationError(f"{path}:{number}: not JSON: {exc}") from None
-            if not isinstance(row.get("messages"), list) or not row["messages"] or not row.get("answers"):
-                raise ConfigurationError(f"{path}:{number}: needs non-empty 'messages' and 'answers'")
-            row.setdefault("id", f"line-{number}")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("messages"), list) or not row["messages"] or not row.get("answers"):
+            raise ConfigurationError(f"{path}:{number}: needs non-empty 'messages' and 'answers'")
+        row.setdefault("id", f"line-{number}")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

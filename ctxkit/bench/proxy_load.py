@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..ledger import Ledger, read_ledger
 from ..pipeline import Pipeline
-from .common import add_backend_arguments, backend_from_args, emit, median, percentile
+from .common import add_backend_arguments, backend_from_args, emit, median, percentile, read_jsonl
 
 BUILTIN_PROMPTS = [
     "Say hello.", "Name a colour.", "What is two plus two?", "Give me one word that rhymes with cat.",
@@ -35,24 +35,18 @@ def load_prompts(path: str | Path | None, limit: int = 200) -> list[list[dict[st
     benchmark about the proxy, not the model's prompt processing)."""
     if path is None:
         return [[{"role": "user", "content": text}] for text in BUILTIN_PROMPTS]
-    import json
-
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            messages = record.get("messages") or record.get("a") or []
-            if not messages and isinstance(record.get("question"), str):
-                messages = [{"role": "user", "content": record["question"]}]
-            users = [m for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
-            if users:
-                prompts.append([{"role": "user", "content": users[-1]["content"][:400]}])
-            if len(prompts) >= limit:
-                break
+    for _, record in read_jsonl(path):
+        messages = record.get("messages") or record.get("a") or []
+        if not messages and isinstance(record.get("question"), str):
+            messages = [{"role": "user", "content": record["question"]}]
+        users = [m for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        if users:
+            prompts.append([{"role": "user", "content": users[-1]["content"][:400]}])
+        if len(prompts) >= limit:
+            break
     if not prompts:
-        raise ValueError(f"{path}: no record with a user message")
+        raise ConfigurationError(f"{path}: no record with a user message")
     return prompts
 
 

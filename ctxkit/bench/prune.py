@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,16 +32,11 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..request import ChatRequest
 from ..stages.pruning.documents import REPORT_KEY, DocumentPruningStage, DocumentRanker, RankingWeights
-from .common import emit, median, percentile, progress
+from .common import emit, median, percentile, progress, read_jsonl
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc}") from None
-    return rows
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in read_jsonl(path)]
 
 
 class DiskCachedEmbedder:
@@ -217,12 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     if not 0 < args.budget <= 1:
         raise ConfigurationError(f"--budget must be in (0, 1], got {args.budget}")
-    questions = everything = read_jsonl(args.questions)
+    questions = everything = read_rows(args.questions)
     if args.split != "all":
         questions = [q for i, q in enumerate(questions) if i % 2 == (0 if args.split == "even" else 1)]
     if args.limit:
         questions = questions[: args.limit]
-    shared = read_jsonl(args.documents) if args.documents else []
+    shared = read_rows(args.documents) if args.documents else []
     embedder: Any = None
     if not args.lexical_only:
         from ..embed import Embedder

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from .common import emit, median, percentile, progress
+from .common import emit, median, percentile, progress, read_jsonl
 
 
 def load_catalog(path: str | Path) -> list[dict[str, Any]]:
@@ -41,17 +41,7 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
 
 def load_queries(path: str | Path) -> list[dict[str, Any]]:
     queries = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read the queries {path}: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigurationError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    for number, record in read_jsonl(path):
         if not isinstance(record.get("messages"), list) or not isinstance(record.get("gold"), list):
             raise ConfigurationError(f"{path}:{number}: needs 'messages' (a list) and 'gold' (tool names)")
         queries.append(record)
