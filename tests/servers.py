@@ -16,32 +16,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaServer:
-    """`python -m llama_cpp.server` on a free loopback port, serving the embedded GGUF."""
+def wait_until_up(url: str, process: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+    """Poll `url` until it answers 200; fail (and kill the process) if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited early with status {process.returncode}")
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"{what} did not answer {url} in {timeout_s:.0f} s")
+        time.sleep(0.2)
 
-    def __init__(self, model_path: Path, log_path: Path) -> None:
+
+class LlamaServer:
+    """`python -m llama_cpp.server` on a free loopback port, serving the embedded GGUF as `smollm2`."""
+
+    def __init__(self, model_path: Path, log_path: Path, *, n_ctx: int = 4096, n_threads: int = 2) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "4096", "--n_threads", "2", "--model_alias", "smollm2"],
+             "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
+             "--model_alias", "smollm2"],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited early; see {log_path}")
-            try:
-                urllib.request.urlopen(f"{self.base_url}/models", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"llama_cpp.server did not start in 120 s; see {log_path}")
+        try:
+            wait_until_up(f"{self.base_url}/models", self.process, f"llama_cpp.server (log: {log_path})")
+        except RuntimeError:
+            self._log.close()
+            raise
 
     def stop(self) -> None:
+        """Kill the server at once (SIGKILL): what a crashed upstream looks like, mid-stream included."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()

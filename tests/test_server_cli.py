@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
 from ctxkit import read_ledger
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port, wait_until_up
 
 
 def test_serve_refuses_to_start_without_api_keys(tmp_path):
@@ -28,7 +21,7 @@ def test_serve_refuses_to_start_without_api_keys(tmp_path):
 
 
 def test_serve_answers_with_keys_from_the_environment(tmp_path):
-    port = _free_port()
+    port = free_port()
     ledger = tmp_path / "serve.jsonl"
     env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team", "CTXKIT_LOG_LEVEL": "warning"}
     process = subprocess.Popen(
@@ -38,15 +31,7 @@ def test_serve_answers_with_keys_from_the_environment(tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "ctxkit serve did not start"
-            time.sleep(0.2)
+        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
         headers = {"Authorization": "Bearer cli-key-00001"}
         answer = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=300,
                             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})

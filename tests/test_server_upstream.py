@@ -3,54 +3,25 @@ pass through, and so do the upstream's failures: its HTTP status, 504 on a timeo
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import openai
 import pytest
 
 from ctxkit import Ledger, OpenAIBackend, Pipeline, default_model_path, read_ledger
 from ctxkit.server import ApiKeys, create_app, serve_in_thread
+from tests.servers import LlamaServer
 
 KEY = "key-upstream-0001"
 HELLO = [{"role": "user", "content": "Say hello."}]
 UPSTREAM_CTX = 512
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def upstream():
+def upstream(tmp_path_factory):
     """llama.cpp's own OpenAI-compatible server, on the embedded model, in a subprocess."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", str(UPSTREAM_CTX), "--n_threads", "1", "--model_alias", "smollm2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("llama_cpp.server did not start")
-        time.sleep(0.2)
-    yield process, base_url
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=30)
+    server = LlamaServer(default_model_path(), tmp_path_factory.mktemp("upstream") / "server.log",
+                         n_ctx=UPSTREAM_CTX, n_threads=1)
+    yield server
+    server.stop()
 
 
 def _proxy(upstream_url: str, counter, ledger_path, *, timeout: float = 60.0):
@@ -64,7 +35,7 @@ def _client(base_url: str) -> openai.OpenAI:
 
 
 def test_the_proxy_answers_through_the_upstream_and_fails_with_its_status(upstream, llama_backend, tmp_path):
-    _, upstream_url = upstream
+    upstream_url = upstream.base_url
     with _proxy(upstream_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
         completion = _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=3)
         assert completion.choices[0].message.role == "assistant"
@@ -83,7 +54,7 @@ def test_the_proxy_answers_through_the_upstream_and_fails_with_its_status(upstre
 
 
 def test_an_upstream_that_times_out_is_a_504(upstream, llama_backend, tmp_path):
-    _, upstream_url = upstream
+    upstream_url = upstream.base_url
     with _proxy(upstream_url, llama_backend.counter, tmp_path / "ledger.jsonl", timeout=0.001) as base_url:
         with pytest.raises(openai.APIStatusError) as err:
             _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=3)
@@ -92,11 +63,9 @@ def test_an_upstream_that_times_out_is_a_504(upstream, llama_backend, tmp_path):
 
 
 def test_a_stopped_upstream_is_a_502_for_calls_and_streams(upstream, llama_backend, tmp_path):
-    process, upstream_url = upstream
-    with _proxy(upstream_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
+    with _proxy(upstream.base_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
         _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
-        process.terminate()
-        process.wait(timeout=30)
+        upstream.stop()
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as err:
                 _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2, stream=stream)
