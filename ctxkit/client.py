@@ -21,21 +21,30 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 
-def _wants_usage_chunk(kwargs: dict[str, Any]) -> bool:
-    return bool((kwargs.get("stream_options") or {}).get("include_usage"))
+class _ChunkFilter:
+    """Turns ctxkit's chunk dicts into what the caller asked for: the usage-only chunk only with
+    `stream_options={"include_usage": True}`, and then always one, counted when the backend sent none."""
 
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.keep_usage = bool((kwargs.get("stream_options") or {}).get("include_usage"))
+        self.saw_usage = False
 
-def _public_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    usage = chunk.get("usage")
-    if usage and "ctxkit_reported" in usage:
-        chunk = {**chunk, "usage": {k: v for k, v in usage.items() if k != "ctxkit_reported"}}
-    return chunk
+    def admit(self, chunk: dict[str, Any]) -> ChatCompletionChunk | None:
+        usage = chunk.get("usage")
+        self.saw_usage = self.saw_usage or bool(usage)
+        if not (chunk.get("choices") or self.keep_usage):
+            return None
+        if usage and "ctxkit_reported" in usage:
+            chunk = {**chunk, "usage": {k: v for k, v in usage.items() if k != "ctxkit_reported"}}
+        return ChatCompletionChunk.model_validate(chunk)
 
-
-def _usage_chunk(response: ChatResponse) -> dict[str, Any]:
-    """The closing usage chunk, for backends that stream none (llama.cpp's server): counted by ctxkit."""
-    return {"id": response.id, "object": "chat.completion.chunk", "created": response.created,
-            "model": response.model, "choices": [], "usage": response.to_openai()["usage"]}
+    def closing(self, response: ChatResponse | None) -> ChatCompletionChunk | None:
+        if not self.keep_usage or self.saw_usage or response is None:
+            return None
+        return ChatCompletionChunk.model_validate({
+            "id": response.id, "object": "chat.completion.chunk", "created": response.created,
+            "model": response.model, "choices": [], "usage": response.to_openai()["usage"],
+        })
 
 
 class _Completions:
@@ -47,18 +56,16 @@ class _Completions:
         result = self._pipeline.call(request)
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
-        keep_usage = _wants_usage_chunk(kwargs)
+        chunks = _ChunkFilter(kwargs)
 
-        def chunks() -> Iterator[ChatCompletionChunk]:
-            saw_usage = False
+        def typed() -> Iterator[ChatCompletionChunk]:
             for chunk in result:
-                saw_usage = saw_usage or bool(chunk.get("usage"))
-                if chunk.get("choices") or keep_usage:
-                    yield ChatCompletionChunk.model_validate(_public_chunk(chunk))
-            if keep_usage and not saw_usage and result.response is not None:
-                yield ChatCompletionChunk.model_validate(_usage_chunk(result.response))
+                if (typed_chunk := chunks.admit(chunk)) is not None:
+                    yield typed_chunk
+            if (closing := chunks.closing(result.response)) is not None:
+                yield closing
 
-        return chunks()
+        return typed()
 
 
 class _AsyncCompletions:
@@ -70,18 +77,16 @@ class _AsyncCompletions:
         result = await self._pipeline.acall(request)
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
-        keep_usage = _wants_usage_chunk(kwargs)
+        chunks = _ChunkFilter(kwargs)
 
-        async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            saw_usage = False
+        async def typed() -> AsyncIterator[ChatCompletionChunk]:
             async for chunk in result:
-                saw_usage = saw_usage or bool(chunk.get("usage"))
-                if chunk.get("choices") or keep_usage:
-                    yield ChatCompletionChunk.model_validate(_public_chunk(chunk))
-            if keep_usage and not saw_usage and result.response is not None:
-                yield ChatCompletionChunk.model_validate(_usage_chunk(result.response))
+                if (typed_chunk := chunks.admit(chunk)) is not None:
+                    yield typed_chunk
+            if (closing := chunks.closing(result.response)) is not None:
+                yield closing
 
-        return chunks()
+        return typed()
 
 
 class _Chat:

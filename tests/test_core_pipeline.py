@@ -168,3 +168,20 @@ def test_replayed_chunks_assemble_to_the_same_response():
 def test_stage_names_must_be_unique(llama_backend):
     with pytest.raises(ValueError, match="unique"):
         Pipeline(llama_backend, stages=[PassThrough(), PassThrough()])
+
+
+def test_async_openai_client_streams_openai_chunks_with_usage_only_when_asked(llama_backend, ledger):
+    from openai.types.chat import ChatCompletionChunk
+
+    client = Pipeline(llama_backend, ledger=ledger).async_openai()
+
+    async def run(**extra):
+        stream = await client.chat.completions.create(model="smollm2", messages=CONVERSATION, max_tokens=4,
+                                                      temperature=0, stream=True, **extra)
+        return [chunk async for chunk in stream]
+
+    plain = asyncio.run(run())
+    with_usage = asyncio.run(run(stream_options={"include_usage": True}))
+    assert all(isinstance(c, ChatCompletionChunk) and c.choices for c in plain)
+    assert with_usage[-1].usage is not None and not with_usage[-1].choices
+    assert with_usage[-1].usage.prompt_tokens == ledger.records[-1].tokens_sent
