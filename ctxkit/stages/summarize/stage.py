@@ -84,6 +84,7 @@ class SummarizationStage(Stage):
         summary_role: str = "system",
         state_dir: str | Path | None = None,
         weights: fact_keeper.Weights | None = None,
+        context_turns: int = 8,
     ) -> None:
         """backend: the pipeline's backend (its counter and context window size the request).
         summarizer: the backend that writes the model summary (default: `backend`).
@@ -122,6 +123,7 @@ class SummarizationStage(Stage):
         self.model_share = model_share if mode == "hybrid" else (1.0 if mode == "model" else 0.0)
         self.summary_role = summary_role
         self.weights = weights or fact_keeper.Weights()
+        self.context_turns = context_turns
         self.store = SummaryStore(state_dir)
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
@@ -195,7 +197,7 @@ class SummarizationStage(Stage):
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
         tail = body[cut:]
-        state.summary = self._build_summary(head, tail, state, request)
+        state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, marks))
         if key is not None:
             self.store.put(key, state)
         return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
@@ -218,7 +220,7 @@ class SummarizationStage(Stage):
             state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
 
     def _build_summary(self, head: list[Message], tail: list[Message], state: ConversationState,
-                       request: ChatRequest) -> str:
+                       request: ChatRequest, recent: list[str]) -> str:
         """Fill the target budget: the model summary (its share), then the best facts, verified by counting."""
         target = self._target(request)
         base = self.counter.count_prompt(self._assemble(head, None, tail), request.tools)
@@ -235,7 +237,7 @@ class SummarizationStage(Stage):
             facts = [state.facts[i] for i in pool]
             vectors = self._vectors(state)
             assert vectors is not None
-            recent = [message_text(dict(m)) for m in tail if message_text(dict(m)).strip()] or [""]
+            recent = recent or [""]
             scores = fact_keeper.rank(facts, vectors[pool], recent, self._embed(recent), self.weights)
             chosen = fact_keeper.select(facts, scores, room, self.counter)
             # The estimate above counts units one by one; the exact count decides.
@@ -259,6 +261,11 @@ class SummarizationStage(Stage):
         return self._render(state.folded, model_text, fact_keeper.render(chosen, state.texts))
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _recent_turns(self, body: list[Message], marks: Mapping[str, str]) -> list[str]:
+        """The texts of the newest `context_turns` clean messages, folded or not: what the ranking asks about."""
+        texts = [message_text(dict(m)) for m in body[-self.context_turns:] if fingerprint(m) not in marks]
+        return [t for t in texts if t.strip()]
+
     def _render(self, folded: int, summary: str, lines: list[str]) -> str:
         return self._template.render(folded=folded, summary=summary, facts=lines).strip()
 
