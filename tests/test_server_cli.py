@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 
 from ctxkit import read_ledger
 from tests.servers import free_port, wait_until_up
+
+pytest_plugins = ["tests.pg_fixtures"]
 
 
 def test_serve_refuses_to_start_without_api_keys(tmp_path):
@@ -43,3 +46,47 @@ def test_serve_answers_with_keys_from_the_environment(tmp_path):
     [record] = list(read_ledger(ledger))
     assert record.namespace == "cli-team" and record.status == "ok"
     assert "cli-key-00001" not in output  # the startup line and access log never show a key
+
+
+
+def _serve(port: int, ledger: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team", "CTXKIT_LOG_LEVEL": "warning"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctxkit.cli.main", "serve", "--port", str(port), "--ledger", str(ledger),
+         "--n-threads", "1", "--n-ctx", "1024", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_two_replicas_share_one_postgres_cache(tmp_path, pg_dsn):
+    """A question answered by one replica is a cache hit on the other: `--cache postgresql://...`."""
+    ports = [free_port(), free_port()]
+    ledgers = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    replicas = [_serve(port, ledger, "--cache", pg_dsn) for port, ledger in zip(ports, ledgers, strict=True)]
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 8, "temperature": 0}
+    headers = {"Authorization": "Bearer cli-key-00001"}
+    try:
+        answers = []
+        for port, process in zip(ports, replicas, strict=True):
+            wait_until_up(f"http://127.0.0.1:{port}/healthz", process, "ctxkit serve")
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=headers, json=body, timeout=300)
+            assert reply.status_code == 200, reply.text
+            answers.append(reply.json()["choices"][0]["message"]["content"])
+    finally:
+        for process in replicas:
+            process.terminate()
+            process.communicate(timeout=30)
+    [first] = list(read_ledger(ledgers[0]))
+    [second] = list(read_ledger(ledgers[1]))
+    assert first.answered_by is None and first.tokens_out > 0
+    assert second.answered_by is not None and "cache" in second.answered_by
+    assert answers[0] == answers[1]
+
+
+def test_serve_rejects_a_cache_location_it_cannot_use(tmp_path):
+    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
+    done = subprocess.run([sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl"),
+                           "--cache", "redis://localhost/0"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "postgresql://" in done.stderr and "redis://" in done.stderr

@@ -3,10 +3,12 @@
     CTXKIT_API_KEYS="k-team-a-0001:team-a,k-team-b-0002:team-b" ctxkit serve --port 8000
     ctxkit serve --api-keys-file keys.txt --upstream http://vllm:8000/v1 --upstream-model gpt-4o-mini
 
+    ctxkit serve --cache postgresql://ctxkit@db/ctxkit     # replicas share one semantic cache
+
 Replicas: run several behind a load balancer with the same keys. Each replica is stateless apart from
-its stages; the only shared state is the cache stage's PostgreSQL store (`PostgresStore(dsn)`), to be
-passed as `--cache-store postgresql://...` once the cache stage is part of `default_stages`. Each replica
-appends to its own ledger file (or one shared file: appends are atomic whole lines).
+its stages; the only shared state is the semantic cache, given as `--cache postgresql://...` (pgvector)
+to every replica. `--cache DIR` keeps a local cache for a single replica. Each replica appends to its own
+ledger file (or one shared file: appends are atomic whole lines).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--max-concurrency", type=int, default=None,
                        help="calls in flight at once (default: 1 for the local model, 64 upstream)")
     serve.add_argument("--no-stages", action="store_true", help="serve with no stages (a metering pass-through)")
+    serve.add_argument("--cache", metavar="DIR|DSN",
+                       help="semantic cache: a directory (local store, one replica) or a postgresql:// DSN "
+                            "(shared by replicas); default: no cache")
     local = serve.add_argument_group("local model (the default backend)")
     local.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     local.add_argument("--n-ctx", type=int, default=4096)
@@ -66,6 +71,21 @@ def build_backend(args: argparse.Namespace) -> Any:
     )
 
 
+def build_cache_store(location: str | None) -> Any:
+    """The cache store `--cache` names: None, a PostgreSQL DSN (shared by replicas), or a local directory."""
+    if not location:
+        return None
+    if location.startswith(("postgresql://", "postgres://")):
+        from ..stages.cache import PostgresStore
+
+        return PostgresStore(location)
+    if "://" in location:
+        raise ConfigurationError(f"--cache takes a directory or a postgresql:// DSN, not {location.split('://')[0]}://")
+    from ..stages.cache import LocalStore
+
+    return LocalStore(location)
+
+
 def run_cli(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -77,7 +97,7 @@ def run_cli(args: argparse.Namespace) -> None:
 
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
-    stages = [] if args.no_stages else default_stages(backend)
+    stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache))
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
     app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency)
     print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
