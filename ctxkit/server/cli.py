@@ -76,7 +76,7 @@ def build_cache_store(location: str | None) -> Any:
     if not location:
         return None
     if location.startswith(("postgresql://", "postgres://")):
-        from ..stages.cache import PostgresStore
+        from ..stages.cache.pg_store import PostgresStore
 
         return PostgresStore(location)
     if "://" in location:
