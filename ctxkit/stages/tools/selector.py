@@ -5,6 +5,19 @@ The query is not only the last message. The last user message counts most, split
 so that "convert 5000 EUR to USD. Then find the tallest mountains near Tokyo." asks for two tools;
 earlier user messages count less with every turn back, so "and in Paris?" still finds the weather tool.
 
+Sentences are grouped into tasks: a sentence that opens with a sequencing marker ("First,", "Then",
+"Also", "After that", "Lastly", ...) starts a new task, any other sentence continues the one before
+("Thirdly, I want to buy a guitar. My budget is $500. I prefer a Fender."); "... and <verb>" starts one
+too when the verb is one the catalog's own descriptions open with ("Acknowledge the incident and post in
+#ops ..."). A task told in several sentences is also searched as one passage. When a request has several
+tasks, a tool that answers any sentence of a task answers the whole task, so its other sentences do not
+take the slots another task needs; in a one-task request they refine it and keep their weight.
+No number was fitted for this: the markers are English sequencing words and the decay is the existing
+FusionConfig.coverage_decay. The rules were designed from the misses of the whole BFCL-derived file, so
+neither of its halves is held out for them; on it recall@5 went from 0.914 to 0.921 (by gold count:
+2 tools 0.848 -> 0.876, 3 tools 0.716 -> 0.746, 4 tools 0.526 -> 0.579), recall@10 from 0.963 to 0.968.
+tests/fixtures/tools/workplace_* (another domain, MCP-style toolkit names) checks them too.
+
 The output is in catalog order, not score order: when the selection does not change between calls, the
 tool block of the prompt is byte-identical, and a provider's or llama.cpp's prefix cache keeps hitting.
 """
@@ -21,18 +34,36 @@ import numpy as np
 from ...errors import ConfigurationError
 from ...response import message_text
 from .index import Tool, ToolIndex
+from .text import stem
 
-_SENTENCE_END = re.compile(r"(?<=[.?!;])\s+|\n+")
+# A period after a short title or company suffix ("Mr. Doe", "Apple Inc. stock") ends no sentence.
+_ABBREVIATIONS = r"(?<!\bMr\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bvs\.)(?<!\bInc\.)(?<!\bLtd\.)(?<!\bCo\.)"
+_SENTENCE_END = re.compile(r"(?<=[.?!;])" + _ABBREVIATIONS + r"\s+|\n+")
+# Words that open the next step of a multi-step request; a sentence without one continues the step before.
+_NEW_TASK = re.compile(
+    r"^[\"'(\s]*(?:(?:and|but|so|now|ok(?:ay)?)[,\s]+)?(?:first(?:ly)?|second(?:ly)?|third(?:ly)?|fourth(?:ly)?"
+    r"|fifth(?:ly)?|next|then|also|additionally|in addition|moreover|furthermore|besides|after(?:wards)?|later"
+    r"|lastly|last|finally|meanwhile|on top of that|apart from that|another|one more"
+    r"|(?:for )?(?:my|the) (?:first|second|third|next|last))\b",
+    re.IGNORECASE,
+)
+# "... and post a message": an "and" followed by one of the catalog's actions joins two commands.
+_AND_NEXT = re.compile(r"(?:,\s*|\s+)and\s+(?:then\s+|also\s+)?(?=([A-Za-z]+))", re.IGNORECASE)
 MAX_PARTS = 12  # a pasted document must not cost a dozen embeddings per call
 MAX_CHARS = 2000
 
 
 @dataclasses.dataclass(frozen=True)
 class QueryPart:
-    """One piece of text the selector searches with, and how much its matches count."""
+    """One piece of text the selector searches with, and how much its matches count.
+
+    task: parts with the same task number are one task of the request (its sentences, and the passage
+    they make together); None for parts that stand alone (the whole message, earlier turns).
+    """
 
     text: str
     weight: float
+    task: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +88,12 @@ class Selection:
 
 
 def conversation_query(
-    messages: Sequence[dict[str, Any]], *, turns: int = 3, decay: float = 0.5, whole_weight: float = 0.9
+    messages: Sequence[dict[str, Any]], *, turns: int = 3, decay: float = 0.5, whole_weight: float = 0.9,
+    actions: frozenset[str] = frozenset(),
 ) -> list[QueryPart]:
     """The query parts for a conversation: the last user message (whole, and each sentence when it has
-    several), then up to `turns - 1` earlier user messages, each `decay` times the weight of the next."""
+    several, grouped into tasks, with the passage of each task told in several sentences), then up to
+    `turns - 1` earlier user messages, each `decay` times the weight of the next."""
     user_texts = [_clip(message_text(m)) for m in messages if m.get("role") == "user"]
     user_texts = [t for t in user_texts if t.strip()]
     if not user_texts:
@@ -68,14 +101,42 @@ def conversation_query(
         text = _clip(" ".join(message_text(m) for m in messages[-2:]))
         return [QueryPart(text, 1.0)] if text.strip() else []
     last = user_texts[-1].strip()
-    sentences = [s.strip() for s in _SENTENCE_END.split(last) if s.strip()]
-    parts = [QueryPart(last, whole_weight if len(sentences) > 1 else 1.0)]
-    if len(sentences) > 1:
-        parts += [QueryPart(s, 1.0) for s in sentences[: MAX_PARTS - 1]]
+    clauses = _clauses(last, actions)
+    parts = [QueryPart(last, whole_weight if len(clauses) > 1 else 1.0)]
+    if len(clauses) > 1:
+        parts += _task_parts(clauses[: MAX_PARTS - 1])
     weight = 1.0
     for text in reversed(user_texts[-turns:-1]):
         weight *= decay
         parts.append(QueryPart(text.strip(), weight * whole_weight))
+    return parts
+
+
+def _clauses(text: str, actions: frozenset[str]) -> list[tuple[str, bool]]:
+    """The text's sentences, each cut before every "and <action>" (the actions are the verbs the catalog's
+    tools describe themselves with: "Send an email ...", "Post a message ..."), with whether each piece
+    starts a new task: one cut there, or a sentence that opens with a sequencing marker."""
+    pieces: list[tuple[str, bool]] = []
+    for sentence in _SENTENCE_END.split(text):
+        start, new_task = 0, bool(_NEW_TASK.match(sentence))
+        for match in _AND_NEXT.finditer(sentence) if actions else ():
+            if stem(match.group(1).lower()) in actions:
+                pieces.append((sentence[start:match.start()].strip(), new_task))
+                start, new_task = match.end(), True
+        pieces.append((sentence[start:].strip(), new_task))
+    return [(piece, new_task) for piece, new_task in pieces if piece]
+
+
+def _task_parts(clauses: Sequence[tuple[str, bool]]) -> list[QueryPart]:
+    """Each clause as a part numbered by its task, then each task of several clauses as one passage."""
+    parts: list[QueryPart] = []
+    tasks: list[list[str]] = []
+    for clause, new_task in clauses:
+        if new_task or not tasks:
+            tasks.append([])
+        tasks[-1].append(clause)
+        parts.append(QueryPart(clause, 1.0, len(tasks) - 1))
+    parts += [QueryPart(" ".join(task), 1.0, number) for number, task in enumerate(tasks) if len(task) > 1]
     return parts
 
 
@@ -111,7 +172,7 @@ class ToolSelector:
         pinned = tuple(n for n in self.pinned if n in self.index)
         used = tuple(n for n in used_tool_names(messages) if n in self.index) if self.keep_used else ()
         forced = list(dict.fromkeys([*pinned, *used, *(n for n in extra if n in self.index)]))
-        query = conversation_query(messages, turns=self.turns)
+        query = conversation_query(messages, turns=self.turns, actions=self.index.actions)
         retrieved = self.rank(query, k, exclude=forced)
         chosen = set(forced) | set(retrieved)
         ordered = sorted(chosen, key=self.index.position)
@@ -119,23 +180,33 @@ class ToolSelector:
 
     def rank(self, query: Sequence[QueryPart], k: int, *, exclude: Sequence[str] = ()) -> list[str]:
         """Greedy top-k over the query parts: each pick is the tool with the best weighted score for any
-        part; the part it answered then counts less (FusionConfig.coverage_decay), so every task of a
-        multi-task request gets its best tool before any task gets its second."""
+        part; the parts it answered (in a request of several tasks, with every part of their tasks) then
+        count less (FusionConfig.coverage_decay), so every task of a multi-task request gets its best
+        tool before any task gets its second."""
         if k == 0 or not query:
             return []
         candidates, scores = self.index.score([p.text for p in query])
         if candidates.size == 0:
             return []
         weights = np.array([p.weight for p in query], dtype=np.float32)
+        tasks = np.array([-1 if p.task is None else p.task for p in query])
         available = np.ones(candidates.size, dtype=bool)
         best_per_part = scores.max(axis=1)
         decay = self.index.fusion.coverage_decay
+        several_tasks = len(set(tasks.tolist()) - {-1}) > 1
+
+        def answered(j: int) -> np.ndarray:
+            hit = scores[:, j] >= best_per_part
+            if not several_tasks:
+                return hit  # one task: its other sentences refine it and yield to no one
+            return hit | np.isin(tasks, tasks[hit & (tasks >= 0)])
+
         excluded = {self.index.position(n) for n in exclude if n in self.index}
         for j, position in enumerate(candidates):
             if int(position) in excluded:
                 available[j] = False
                 # A tool that is sent anyway already answers the parts it is best for.
-                weights[scores[:, j] >= best_per_part] *= decay
+                weights[answered(j)] *= decay
         picks: list[str] = []
         while len(picks) < k and available.any():
             combined = (scores * weights[:, None]).max(axis=0)
@@ -143,7 +214,7 @@ class ToolSelector:
             j = int(np.argmax(combined))
             available[j] = False
             picks.append(self.index.name_at(int(candidates[j])))
-            weights[scores[:, j] >= best_per_part] *= decay
+            weights[answered(j)] *= decay
         return picks
 
 

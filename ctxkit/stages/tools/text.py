@@ -81,6 +81,14 @@ class ToolDocument:
         return cls(str(function.get("name", "")), str(function.get("description") or ""),
                    tuple(names), tuple(descriptions))
 
+    @property
+    def action(self) -> str | None:
+        """The description's first word as an index term, when it is not a stopword: descriptions open
+        with the verb of what the tool does ("Calculate ...", "Send ...")."""
+        words = split_identifier(self.description)[:1]
+        found = terms(words[0]) if words else []
+        return found[0] if found else None
+
     def dense_text(self) -> str:
         """One passage for the sentence embedder: words first, since MiniLM reads at most 256 word pieces."""
         params = ", ".join(" ".join(split_identifier(p)) for p in self.param_names)
