@@ -1,0 +1,70 @@
+"""The disfluent trap set through the stage (real MiniLM, real LocalStore), the gap it documents, and the
+index-only scale run of `ctxkit bench cache --scale N --index-only` on a small N."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ctxkit.request import ChatRequest
+from ctxkit.response import ChatResponse, Usage
+from ctxkit.stages.cache.disfluency import repair
+from ctxkit.stages.cache.guards import Thresholds, judge
+from ctxkit.stages.cache.local_store import LocalStore
+from ctxkit.stages.cache.stage import SemanticCacheStage
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cache"
+PARAMS = {"temperature": 0}
+# "Do you serve tea or coffee?" vs "Do you serve coffee?": not a disfluency gap; the guards do not yet tell
+# a question that offers alternatives from one about a single option (see the xfail below).
+KNOWN_GAPS = {"disfluent-027"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_disfluent_trap_fixture_hits_what_was_meant_and_misses_what_was_taken_back(tmp_path, embedder):
+    store = LocalStore(tmp_path / "cache")
+    stage = SemanticCacheStage(store, embedder)
+    false_hits, misses = [], []
+    for i, line in enumerate((FIXTURES / "traps_disfluent.jsonl").read_text().splitlines()):
+        pair = json.loads(line)
+        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=f"d-{i}")
+        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=f"d-{i}")
+        stage.remember(a, ChatResponse(message={"role": "assistant", "content": f"answer {i}"}, finish_reason="stop",
+                                       usage=Usage(20, 5), model="m", backend="test"))
+        hit = stage.lookup(b).response is not None
+        if hit and not pair["same_answer"] and pair["id"] not in KNOWN_GAPS:
+            false_hits.append(pair["id"])
+        if not hit and pair["same_answer"]:
+            misses.append(pair["id"])
+    store.close()
+    assert false_hits == [], f"false hits on disfluent traps: {false_hits}"
+    assert misses == [], f"self-corrections not recognized: {misses}"
+
+
+@pytest.mark.xfail(strict=True, reason="alternatives ('tea or coffee') are not yet told from one option")
+def test_a_question_offering_alternatives_does_not_hit_one_about_a_single_option():
+    spoken = "Do you serve tea or uh coffee?"
+    assert judge(repair(spoken), "", "Do you serve coffee?", "", 0.99, None, Thresholds(), query_raw=spoken)
+
+
+def test_index_only_scale_run_reports_latency_memory_and_hnsw_agreement():
+    from ctxkit.bench.cache import run_index_scale
+
+    flat = run_index_scale(3000, index="flat", queries=5)
+    hnsw = run_index_scale(3000, index="hnsw", queries=5)
+    assert flat["entries"] == hnsw["entries"] == 3000
+    assert flat["search_ms_p50"] > 0 and flat["rss_mb_added"] >= 0 and flat["vector_mb"] == pytest.approx(4.4, 0.1)
+    assert hnsw["top1_agrees_with_exact"] >= 0.8  # efSearch 64 finds the true nearest neighbour
+    assert flat["paraphrase_found"] == 1.0 and hnsw["paraphrase_found"] >= 0.9
+    assert "synthetic" in hnsw["vectors"]
