@@ -336,8 +336,8 @@ class LocalStore:
             if rows:
                 self._add_many(rows)
             self._seq = seq
-        total = sum(s.index.ntotal for s in self._indexes.values())
-        if self._stale > max(1000, total // 2):
+        # Counting the vectors visits every scope: only when enough are stale to consider a rebuild.
+        if self._stale > 1000 and self._stale > sum(s.index.ntotal for s in self._indexes.values()) // 2:
             self._rebuild(epoch)
         elif self._since_snapshot >= _SNAPSHOT_EVERY:
             self._save_snapshot()
