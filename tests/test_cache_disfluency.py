@@ -51,6 +51,13 @@ def test_repair_lines_the_correction_up_with_what_it_replaces(spoken, meant):
     "Tell me what the weather is like in Oslo",
     "What would you do better next time?",
     "Who won, Spain or France?",
+    # everyday words that also edit speech
+    "Do I need to say sorry to my manager?",
+    "Is there a correction for inflation in this table?",
+    "How long can I hold on to my booking?",
+    "Which plan is better yet cheaper than Basic?",
+    "What does my bad mean?",
+    "Is it rude to say sorry in an email?",
 ])
 def test_repair_leaves_determiners_and_alternatives_alone(fluent):
     assert repair(fluent) == fluent

@@ -23,7 +23,10 @@ reading:
    repair replaces everything from the aligned word on.
 
 Ambiguous editing words ("no", "instead", "actually", "make that", "or uh") are treated as corrections
-only when one of these alignments confirms it or when two of them come together ("wait, no"), and a
+only when one of these alignments confirms it or when two of them come together ("wait, no"); everyday
+words that also edit ("sorry", "correction", "hold on", "better yet") need more than a shared function
+word to confirm them ("do I need to say sorry to my manager" is left alone), unless a comma sets them
+off ("to Paris, sorry, to Rome"); and a
 "no" right after be/have/there or a preposition is the determiner ("pizza with no onions", "rooms that
 have no windows"), never a correction. A run of fillers alone ("tea or uh coffee") only loses the fillers.
 
@@ -44,16 +47,18 @@ _STRONG = [
     "or no make that", "no make that", "wait no make that", "no not that", "oh not that", "not that but",
     "scratch that", "let me rephrase that", "let me rephrase", "i meant to say", "i mean to say", "meant to say",
     "mean to say", "i meant", "i mean", "no wait", "oh wait", "wait no", "no no", "oh no", "no sorry", "sorry no",
-    "or rather", "or instead", "or actually", "or better", "better yet", "or i guess", "or sorry", "or wait",
-    "or no", "oops", "sorry", "sory", "correction", "never mind", "nevermind", "no stop", "cancel that",
+    "or rather", "or instead", "or actually", "or better", "or i guess", "or sorry", "or wait",
+    "or no", "oops", "sory", "never mind", "nevermind", "no stop", "cancel that",
     "or make that", "actually make that", "no actually", "no rather", "that should be", "i want to know is",
-    "whoops", "my bad", "nope", "wait a minute", "no scratch that", "pardon me", "hold on", "or like",
-    "let me ask", "change that to", "scrap that", "that's wrong", "dang it", "or more generally",
+    "whoops", "nope", "wait a minute", "no scratch that", "change that to", "scrap that", "that's wrong", "dang it", "or more generally",
     "not him but", "not her but", "not it but", "not them but", "not this but",
 ]
 # Corrections only when an alignment confirms them: "make that" is also a verb phrase ("what did they make
 # that could ..."), "no" a determiner, "or uh" may join two real alternatives ("tea or uh coffee").
-_WEAK = ["make that", "i guess", "no", "instead", "actually", "wait", "oh", "rather", "or", "huh", "yeah", "better", "shoot", "oof"]
+# Everyday words that also edit ("say sorry to", "a correction for", "hold on to"): weak, and a shared
+# function word alone does not confirm them as a correction.
+_ORDINARY = ["sorry", "correction", "my bad", "hold on", "better yet", "or like", "let me ask", "pardon me"]
+_WEAK = [*_ORDINARY, "make that", "i guess", "no", "instead", "actually", "wait", "oh", "rather", "or", "huh", "yeah", "better", "shoot", "oof"]
 _FILLERS = {"um", "umm", "uh", "uhh", "uhm", "er", "erm", "err", "hmm", "ah", "ahh", "ugh"}
 # Right after an editing term these announce a fresh question: "no, tell me when they declined".
 _RESTART_PHRASES = [
@@ -72,6 +77,7 @@ _PREPOSITIONS = {"in", "on", "at", "by", "for", "from", "to", "of", "with", "aft
                  "until", "into", "about", "above", "below", "under", "over", "between", "among"}
 _NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                  "twelve", "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "billion"}
+_FUNCTION_WORDS = _PREPOSITIONS | {"the", "a", "an", "and", "or", "is", "are", "was", "were", "it", "that", "this"}
 _TAIL_WORDS = {"instead", "rather", "please", "then"}  # "... no sorry Berlin's population rather?"
 _PUNCT = {",", "-", "...", ".", ";", ":"}
 _TOKEN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|_+|[^\w\s]")
@@ -101,6 +107,7 @@ def _split_terms() -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
 
 
 _STRONG_TERMS, _WEAK_TERMS, _RESTART_TERMS = _split_terms()
+_ORDINARY_TERMS = [t.split() for t in _ORDINARY]
 
 
 def _match(lower: list[str], i: int, term: list[str]) -> bool:
@@ -306,6 +313,9 @@ def repair(text: str) -> str:
             prefix = [t.lower() for t in keep]
             after = tokens[j:]
             anchor = None if restart else _anchor(prefix, lower[j:], keep, after)  # "tell me ...": a new question
+            if anchor is not None and anchor[1] == "word" and not strong and tokens[i - 1] != "," \
+                    and any(_match(lower, i, term) for term in _ORDINARY_TERMS) and prefix[anchor[0]] in _FUNCTION_WORDS and prefix[anchor[0] + 1 : anchor[0] + 2] != lower[j + 1 : j + 2]:
+                anchor = None  # "do I need to say sorry to my manager": one shared "to" confirms no correction
             restated = None if restart else _restated(prefix, after)
             if restated is not None:
                 at, length, words = restated
