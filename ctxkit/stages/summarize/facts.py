@@ -149,10 +149,9 @@ def rank(
     if not n:
         return np.zeros(0, dtype=np.float32)
     recent_words = [_words(t) for t in recent]
-    # A turn with no content words ("yes", "What?") says nothing about what to keep; the newest one still
-    # counts a little, so that a conversation of such turns ranks by something.
-    # Age counts informative turns only: after "Does it have other uses?" / "yes" / "What?", the turn that
-    # said what "it" is stays the most recent thing the conversation was about.
+    # A turn without content words ("yes", "What?") steers nothing, except that the newest one counts a
+    # little, so a conversation of such turns still ranks by something. Age counts informative turns only:
+    # after "Does it have other uses?" / "yes" / "What?", the question about uses is the newest one.
     turn_weights = np.zeros(len(recent), dtype=np.float32)
     age = 0
     for j in range(len(recent) - 1, -1, -1):
@@ -161,7 +160,6 @@ def rank(
             age += 1
         elif j == len(recent) - 1:
             turn_weights[j] = weights.empty_question
-    turn_weights = np.asarray(turn_weights, dtype=np.float32)
     total = float(turn_weights.sum()) or 1.0
     score = weights.similarity * (vectors @ recent_vectors.T) @ turn_weights / total
 
