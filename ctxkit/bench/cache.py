@@ -171,6 +171,16 @@ def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def _scale_texts(queries: int) -> list[str]:
+    return [f"How do I change the delivery address of order {i} to {i % 17} Main Street?" for i in range(queries)]
+
+
+def _clustered(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.ndarray:
+    """`count` synthetic unit vectors around random `centers`: stored questions cluster by topic."""
+    vecs = centers[rng.integers(0, len(centers), count)] + 0.35 * rng.normal(size=(count, centers.shape[1])).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
 def run_scale(n: int, *, index: str = "flat", queries: int = 100, seed: int = 0) -> dict[str, Any]:
     """Lookup latency and memory with n entries in one scope."""
     from ..embed import Embedder
@@ -181,7 +191,7 @@ def run_scale(n: int, *, index: str = "flat", queries: int = 100, seed: int = 0)
     dim = embedder.dimension
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(max(1, n // 100), dim)).astype(np.float32)
-    texts = [f"How do I change the delivery address of order {i} to {i % 17} Main Street?" for i in range(queries)]
+    texts = _scale_texts(queries)
     query_vectors = embedder.embed(texts)
     with tempfile.TemporaryDirectory() as tmp:
         rss0 = _rss_mb()
@@ -191,8 +201,7 @@ def run_scale(n: int, *, index: str = "flat", queries: int = 100, seed: int = 0)
         now = time.time()
         for start in progress(range(0, n, batch), total=(n + batch - 1) // batch, desc=f"scale {index}"):
             count = min(batch, n - start)
-            vecs = centers[rng.integers(0, len(centers), count)] + 0.35 * rng.normal(size=(count, dim)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            vecs = _clustered(rng, centers, count)
             entries = [
                 CacheEntry(key=f"k{start + j}", scope="scale", namespace="scale", query_text=f"synthetic {start + j}",
                            response={"choices": [{"message": {"role": "assistant", "content": "x" * 200}}]},
@@ -247,13 +256,12 @@ def run_index_scale(n: int, *, index: str = "flat", queries: int = 100, seed: in
     import faiss
 
     from ..embed import Embedder
-    from ..stages.cache.local_store import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+    from ..stages.cache.local_store import HNSW_EF_SEARCH, new_index
 
     embedder = Embedder()
     dim = embedder.dimension
-    texts = [f"How do I change the delivery address of order {i} to {i % 17} Main Street?" for i in range(queries)]
     embed_ms = []
-    for text in texts:
+    for text in _scale_texts(queries):
         t0 = time.perf_counter()
         embedder.embed([text])
         embed_ms.append((time.perf_counter() - t0) * 1000)
@@ -261,29 +269,19 @@ def run_index_scale(n: int, *, index: str = "flat", queries: int = 100, seed: in
     centers = rng.normal(size=(max(1, n // 100), dim)).astype(np.float32)
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    base: Any
-    if index == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efSearch, base.hnsw.efConstruction = HNSW_EF_SEARCH, HNSW_EF_CONSTRUCTION
-    else:
-        base = faiss.IndexFlatIP(dim)
-    store = faiss.IndexIDMap(base)
+    store = new_index(dim, index)  # exactly what a LocalStore scope holds
+    base: Any = faiss.downcast_index(store.index)  # the HNSW (or flat) index inside the id map
     exact = faiss.IndexFlatIP(dim) if index == "hnsw" else None  # ground truth for the recall of HNSW
     batch = 50_000
-
-    def draw(count: int) -> np.ndarray:
-        vecs = centers[rng.integers(0, len(centers), count)] + 0.35 * rng.normal(size=(count, dim)).astype(np.float32)
-        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
-
     faiss.omp_set_num_threads(build_threads)
     for start in progress(range(0, n, batch), total=(n + batch - 1) // batch, desc=f"index {index}"):
-        vecs = draw(min(batch, n - start))
+        vecs = _clustered(rng, centers, min(batch, n - start))
         store.add_with_ids(vecs, np.arange(start, start + len(vecs), dtype=np.int64))
         if exact is not None:
             exact.add(vecs)
     # Each lookup's paraphrase is stored (cosine ~0.96 to the query; cluster mates sit at ~0.89), so the
     # search has a right answer to find, as a cache hit does.
-    stored = draw(queries)
+    stored = _clustered(rng, centers, queries)
     store.add_with_ids(stored, np.arange(n, n + queries, dtype=np.int64))
     if exact is not None:
         exact.add(stored)

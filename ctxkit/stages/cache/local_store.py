@@ -60,6 +60,20 @@ HNSW_EF_SEARCH = 256
 HNSW_EF_CONSTRUCTION = 80
 
 
+def new_index(dimension: int, index_type: str = "flat", hnsw_m: int = 32) -> Any:
+    """An empty FAISS inner-product index with ids, as a scope of LocalStore uses (the scale benchmark too)."""
+    import faiss
+
+    base: Any
+    if index_type == "hnsw":
+        base = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efSearch = HNSW_EF_SEARCH
+        base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    else:
+        base = faiss.IndexFlatIP(dimension)
+    return faiss.IndexIDMap(base)
+
+
 @dataclasses.dataclass
 class _ScopeIndex:
     index: Any  # faiss.Index with ids
@@ -283,16 +297,7 @@ class LocalStore:
 
     # -- the in-memory index ------------------------------------------------------------------------
     def _new_index(self) -> Any:
-        import faiss
-
-        base: Any
-        if self.index_type == "hnsw":
-            base = faiss.IndexHNSWFlat(self.dimension, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            base.hnsw.efSearch = HNSW_EF_SEARCH
-            base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        else:
-            base = faiss.IndexFlatIP(self.dimension)
-        return faiss.IndexIDMap(base)
+        return new_index(self.dimension, self.index_type, self.hnsw_m)
 
     def _add(self, scope: str, seq: int, key: str, vec: np.ndarray) -> None:
         scoped = self._indexes.get(scope)
