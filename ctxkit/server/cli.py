@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..stages.cache.store import CacheStore
 
 
 def add_parser(commands: Any) -> None:
@@ -71,7 +74,7 @@ def build_backend(args: argparse.Namespace) -> Any:
     )
 
 
-def build_cache_store(location: str | None) -> Any:
+def build_cache_store(location: str | None) -> CacheStore | None:
     """The cache store `--cache` names: None, a PostgreSQL DSN (shared by replicas), or a local directory."""
     if not location:
         return None

@@ -197,7 +197,7 @@ class SummarizationStage(Stage):
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
         tail = body[cut:]
-        state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, marks))
+        state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
         if key is not None:
             self.store.put(key, state)
         return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
@@ -261,9 +261,10 @@ class SummarizationStage(Stage):
         return self._render(state.folded, model_text, fact_keeper.render(chosen, state.texts))
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _recent_turns(self, body: list[Message], marks: Mapping[str, str]) -> list[str]:
+    def _recent_turns(self, body: list[Message], prints: list[str], marks: Mapping[str, str]) -> list[str]:
         """The texts of the newest `context_turns` clean messages, folded or not: what the ranking asks about."""
-        texts = [message_text(dict(m)) for m in body[-self.context_turns:] if fingerprint(m) not in marks]
+        newest = slice(-self.context_turns, None)
+        texts = [message_text(dict(m)) for m, p in zip(body[newest], prints[newest], strict=True) if p not in marks]
         return [t for t in texts if t.strip()]
 
     def _render(self, folded: int, summary: str, lines: list[str]) -> str:
