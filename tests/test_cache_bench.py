@@ -21,7 +21,7 @@ PARAMS = {"temperature": 0}
 # adds some: "the capital city of Austria"), so they do not yet tell a question that offers alternatives
 # from one about a single option ("tea or coffee" vs "coffee", see the xfail below; fluent-009), nor one
 # that adds a qualifier ("a correction for inflation" vs "inflation": fluent-002, fluent-006).
-KNOWN_GAPS = {"disfluent-027", "fluent-002", "fluent-006", "fluent-009"}
+KNOWN_GAPS = {"disfluent-027", "fluent-002", "fluent-006"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctxkit.stages.cache.disfluency import repair
+from ctxkit.stages.cache.disfluency import correction_zone, repair
 from ctxkit.stages.cache.guards import Thresholds, judge
 
 
@@ -115,3 +115,27 @@ def test_a_no_after_a_word_the_other_question_lacks_there_is_a_correction(cached
 ])
 def test_a_no_between_shared_words_or_a_taken_back_word_still_misses(cached, spoken):
     assert not _hit(cached, spoken)
+
+
+@pytest.mark.parametrize("fluent", [
+    "Should I wait for the refund or call the bank?",  # "or" offering a choice, "wait" the verb
+    "Can I pay by card or transfer the money later?",
+    "Is there a correction notice for this table?",  # "correction" the noun
+    "Do I need to say sorry to my manager?",
+])
+def test_plain_editing_words_open_no_correction_zone(fluent):
+    assert correction_zone(fluent) == ""
+
+
+def test_a_choice_does_not_hit_one_of_its_options():
+    fluent, other = "Should I wait for the refund or call the bank?", "Should I call the bank?"
+    assert judge(other, "", fluent, "", 0.95, None, Thresholds(), query_raw=other, candidate_raw=fluent)
+
+
+@pytest.mark.parametrize("spoken, forgiven", [
+    ("What is the name of the colony founded in 1882 or maybe 1564 ?", "1882"),  # "or maybe": a hedge
+    ("When did or what types of groups avoid the plague ?", "When"),  # "or" restarting the question
+    ("Is the Louvre open on Monday , wait , on Tuesday ?", "Monday"),  # "wait" set off by commas
+])
+def test_editing_words_that_correct_still_open_a_zone(spoken, forgiven):
+    assert forgiven in correction_zone(spoken).split()

@@ -79,6 +79,16 @@ _NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight",
                  "twelve", "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "billion"}
 _FUNCTION_WORDS = _PREPOSITIONS | {"the", "a", "an", "and", "or", "is", "are", "was", "were", "it", "that", "this"}
 _TAIL_WORDS = {"instead", "rather", "please", "then"}  # "... no sorry Berlin's population rather?"
+# Editing words that are also plain words of a sentence, and the words before which they are just that:
+# "Should I wait for ...", "a correction notice", "to say sorry", "I actually want".
+_ALSO_PLAIN = {"sorry", "correction", "wait", "better", "shoot", "actually", "instead", "hold", "pardon"}
+_PLAIN_BEFORE = {
+    "a", "an", "the", "my", "your", "his", "her", "our", "their", "this", "that", "i", "you", "we", "they", "he",
+    "she", "it", "to", "not", "and", "should", "can", "could", "would", "will", "must", "may", "might", "do",
+    "does", "did", "be", "been", "am", "is", "are", "was", "were", "say", "feel", "felt",
+}
+# After an "or" these say the speaker is correcting, not offering a choice: "1882 or maybe 1564".
+_OR_HEDGES = {"maybe", "perhaps", "let", "like", "rather", "make", "well", "i", "actually", "sorry", "no", "wait"}
 _PUNCT = {",", "-", "...", ".", ";", ":"}
 _TOKEN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|_+|[^\w\s]")
 _MAX_REACH = 12  # how far back a repair may reach for its anchor word
@@ -353,7 +363,20 @@ def correction_zone(text: str, window: int = 4) -> str:
     lower = [t.lower() for t in tokens]
     zone: list[str] = []
     for i in range(1, len(tokens)):
-        if _editing_term_at(lower, i) is not None:
+        if _editing_term_at(lower, i) is not None and not _plain_use(tokens, lower, i):
             zone.extend(t for t in tokens[max(0, i - window) : i] if re.match(r"\w", t))
             zone.append(",")
     return " ".join(zone)
+
+
+def _plain_use(tokens: list[str], lower: list[str], i: int) -> bool:
+    """Whether the editing word at i is just a word of the sentence, so no correction zone opens there.
+
+    "Should I wait for the refund or call the bank?" offers a choice and asks to wait; forgiving "wait
+    for the refund" as a reparandum let it hit "Should I call the bank?".
+    """
+    if lower[i] == "or":  # a bare "or" offers alternatives unless a hedge, a question or a tail word follows
+        return not (any(w in _QUESTION or w in _OR_HEDGES or w in _FILLERS for w in lower[i + 1 : i + 3])
+                    or any(w in _TAIL_WORDS for w in lower[i + 1 :]))
+    return (lower[i] in _ALSO_PLAIN and tokens[i - 1] not in _PUNCT and lower[i - 1] in _PLAIN_BEFORE
+            and lower[i + 1 : i + 2] != [","])
