@@ -3,6 +3,8 @@ rolling folds, the stable summary prefix and its ledger events."""
 
 from __future__ import annotations
 
+import re
+
 import copy
 import json
 from pathlib import Path
@@ -85,6 +87,9 @@ def test_extractive_summary_keeps_the_asked_fact_within_the_target(llama_backend
     assert sent[0] == messages[0], "the system message must stay first and untouched"
     assert sent[-1] == messages[-1], "the newest message must stay verbatim"
     assert trip["facts"]["code"] in _summary(sent), "the confirmation code the user asks about was dropped"
+    header, *lines = _summary(sent).splitlines()
+    assert re.fullmatch(r"Earlier conversation \(\d+ messages\), excerpts:", header), header
+    assert lines and all(re.match(r"(user|assistant|tool): \S", line) for line in lines), lines
 
 
 def test_quarantined_tool_output_never_reaches_the_summary(llama_backend, embedder, trip):

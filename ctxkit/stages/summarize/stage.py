@@ -44,10 +44,11 @@ from .turns import valid_cuts
 
 MODES = ("extractive", "model", "hybrid")
 FILL_ATTEMPTS = 24  # exact recounts spent filling the budget after the estimate; each costs one tokenization
+# Newlines sit before block tags: the sandboxed environment trims the one right after a tag.
 SUMMARY_TEMPLATE = (
-    "Earlier conversation ({{ folded }} messages), summarized:"
-    "{% if summary %}\n{{ summary }}{% endif %}"
-    "{% if facts %}\nExcerpts:\n{% for line in facts %}{{ line }}\n{% endfor %}{% endif %}"
+    "Earlier conversation ({{ folded }} messages), {{ 'summarized' if summary else 'excerpts' }}:\n"
+    "{% if summary %}{{ summary }}\n{% if facts %}Excerpts:\n{% endif %}{% endif %}"
+    "{% for line in facts %}{{ line }}\n{% endfor %}"
 )
 
 
