@@ -71,7 +71,7 @@ def test_identical_request_hits_the_exact_layer(stage):
 
 def test_reworded_request_hits_the_semantic_layer(stage):
     seed(stage, ask("What is the capital of France?"))
-    found = stage.lookup(ask("what's the capital city of France"))
+    found = stage.lookup(ask("Could you tell me what the capital of France is?"))
     assert found.layer == "semantic", f"expected a semantic hit, missed because: {found.reason}"
     assert found.response.answered_by == "semantic_cache"
 
@@ -230,7 +230,7 @@ def test_hit_saves_every_token_in_the_ledger(llama_backend, store, embedder, led
     pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
     first = pipeline.call(ask("What is the capital of France?"))
     assert first.answered_by is None and first.content
-    second = pipeline.call(ask("what's the capital city of France"))
+    second = pipeline.call(ask("Could you tell me what the capital of France is?"))
     assert second.content == first.content
     record = ledger.records[-1]
     assert record.answered_by == "semantic_cache"

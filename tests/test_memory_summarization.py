@@ -3,10 +3,9 @@ rolling folds, the stable summary prefix and its ledger events."""
 
 from __future__ import annotations
 
-import re
-
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np

@@ -16,6 +16,7 @@ from diskcache). Reports build time, lookup p50/p95, search-only p50, process me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import tempfile
@@ -61,17 +62,17 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 
 def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
-              context_similarity: float | None = None, sweep: bool = False) -> dict[str, Any]:
+              context_similarity: float | None = None, added_detail_similarity: float | None = None,
+              sweep: bool = False) -> dict[str, Any]:
     from ..embed import Embedder
     from ..stages.cache.guards import Thresholds, judge
     from ..stages.cache.local_store import LocalStore
     from ..stages.cache.stage import SemanticCacheStage
 
-    defaults = Thresholds()
-    thresholds = Thresholds(
-        similarity=defaults.similarity if similarity is None else similarity,
-        context_similarity=defaults.context_similarity if context_similarity is None else context_similarity,
-    )
+    overrides = {"similarity": similarity, "context_similarity": context_similarity,
+                 "added_detail_similarity": added_detail_similarity}
+    thresholds = dataclasses.replace(Thresholds(), **{k: v for k, v in overrides.items() if v is not None})
+    guards_only = dataclasses.replace(thresholds, similarity=-1.0)  # the sweep applies its own threshold
     embedder = Embedder()
     embedder.embed(["warm up"])
     lookup_ms: list[float] = []
@@ -112,7 +113,7 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
                 if found_a.context_vector is not None and found_b.context_vector is not None:
                     ctx_sim = float(np.dot(found_a.context_vector, found_b.context_vector))
                 passes = judge(found_b.key.query, found_b.key.context, found_a.key.query, found_a.key.context,
-                               1.0, ctx_sim, thresholds, found_b.key.raw, found_a.key.raw) is None
+                               sim, ctx_sim, guards_only, found_b.key.raw, found_a.key.raw) is None
                 scored.append((sim, passes, same, str(pair["category"])))
             elif sweep:
                 scored.append((1.0 if found_b.layer == "exact" else -1.0, found_b.response is not None, same,
@@ -138,7 +139,7 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
         "lookup_ms_p50": round(median(lookup_ms), 3),
         "lookup_ms_p95": round(percentile(lookup_ms, 95), 3),
         "lookup_ms_p50_without_embedding": round(median(rest_ms), 3),
-        "thresholds": {"similarity": thresholds.similarity, "context_similarity": thresholds.context_similarity},
+        "thresholds": dataclasses.asdict(thresholds),
         "hits_by_layer": dict(layers),
         "misses_by_reason": dict(reasons.most_common()),
     }
@@ -366,6 +367,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     parser.add_argument("--similarity", type=float, default=None, help="override the similarity threshold")
     parser.add_argument("--context-similarity", type=float, default=None, help="override the context threshold")
+    parser.add_argument("--added-detail-similarity", type=float, default=None,
+                        help="override the threshold for two questions of which one adds a detail")
     parser.add_argument("--sweep", action="store_true", help="also report precision/recall at other thresholds")
     parser.add_argument("--scale", type=int, nargs="+", default=None, help="entry counts for the scale run")
     parser.add_argument("--index", choices=["flat", "hnsw", "both"], default="both", help="index type(s) at scale")
@@ -395,7 +398,7 @@ def run_cli(args: argparse.Namespace) -> None:
     elif args.pairs:
         pairs = load_pairs(args.pairs, args.limit)
         result = run_pairs(pairs, similarity=args.similarity, context_similarity=args.context_similarity,
-                           sweep=args.sweep)
+                           added_detail_similarity=args.added_detail_similarity, sweep=args.sweep)
         result["file"] = str(args.pairs)
     else:
         raise ConfigurationError("ctxkit bench cache needs --pairs FILE or --scale N")
