@@ -24,7 +24,8 @@ KNOWN_GAPS = {"disfluent-027"}
 # detail below the added-detail threshold ("the abbreviation HTTP", "the Louvre museum located", "at sea
 # level"), "year" read as a unit against "when", "painted"/"painter", "world"/"Earth", "go about".
 KNOWN_PARAPHRASE_MISSES = {"paraphrase-005", "paraphrase-007", "paraphrase-008", "paraphrase-010",
-                           "paraphrase-011", "paraphrase-012", "paraphrase-013"}
+                           "paraphrase-011", "paraphrase-012", "paraphrase-013", "paraphrase-holdout-003",
+                           "paraphrase-holdout-004", "paraphrase-holdout-005"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,10 +64,12 @@ def test_disfluent_trap_fixture_hits_what_was_meant_and_misses_what_was_taken_ba
     assert misses == [], f"self-corrections not recognized: {misses}"
 
 
-def test_a_question_that_adds_a_detail_misses_and_paraphrases_that_add_words_still_hit(tmp_path, embedder):
-    """traps_qualifier.jsonl: "express shipping" is not "shipping", "the capital city of Austria" is "the
-    capital of Austria". Written before the added-detail rule; without it 19 of its 20 traps hit."""
-    false_hits, misses = _false_hits_and_misses(tmp_path, embedder, "traps_qualifier.jsonl")
+@pytest.mark.parametrize("fixture", ["traps_qualifier.jsonl", "traps_qualifier_holdout.jsonl"])
+def test_a_question_that_adds_a_detail_misses_and_paraphrases_that_add_words_still_hit(tmp_path, embedder, fixture):
+    """"express shipping" is not "shipping", "the capital city of Austria" is "the capital of Austria".
+    Without the added-detail rule 19 of the first set's 20 traps hit; the holdout was written after the
+    rule was frozen (9 of its 10 traps hit without it, none with it)."""
+    false_hits, misses = _false_hits_and_misses(tmp_path, embedder, fixture)
     assert false_hits == [], f"a question with an added detail hit the general one: {false_hits}"
     assert set(misses) <= KNOWN_PARAPHRASE_MISSES, f"paraphrases newly refused: {set(misses) - KNOWN_PARAPHRASE_MISSES}"
 
