@@ -228,3 +228,16 @@ def test_a_unit_contained_in_a_chosen_one_is_not_sent_twice(llama_backend):
     facts = _facts(["a family tree", "The cladogram acts as a family tree for similar species.", "Pluto."])
     chosen = fact_keeper.select(facts, np.array([3.0, 2.0, 1.0]), budget=200, counter=llama_backend.counter)
     assert [f.text for f in chosen] == ["The cladogram acts as a family tree for similar species.", "Pluto."]
+
+
+def test_a_long_sentence_is_kept_clause_by_clause_and_rejoined_whole():
+    sentence = ("The museum, which opened in 1902 after a long campaign by local teachers, holds 4,000 maps, "
+                "and its oldest map, drawn by a monk in Lisbon, shows the coast of Brazil.")
+    story = {"role": "user", "content": "Short opening line of the story here. " * 5 + sentence}
+    text, spans = fact_keeper.message_units(story)
+    pieces = [text[a:b] for a, b in spans if text[a:b] in sentence]
+    assert pieces == ["The museum, which opened in 1902 after a long campaign by local teachers,",
+                      "holds 4,000 maps, and its oldest map, drawn by a monk in Lisbon, shows the coast of Brazil."]
+    units = fact_keeper.extract(story, 0, "fp")
+    rendered = fact_keeper.render([u for u in units if u.text in sentence], {0: text})
+    assert rendered == [f"user: {sentence}"], "neighbouring clauses must be rejoined with their commas"
