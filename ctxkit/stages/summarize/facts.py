@@ -47,6 +47,8 @@ CLAUSE_MIN_CHARS = 40
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=\S)|\n\s*\n|\n(?=\S)")
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+")
 _WORD = re.compile(r"[a-z0-9]+")
+# How much the units after (and just before) the one a recent turn points at share its focus.
+FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))
 _MONTHS = ("january|february|march|april|may|june|july|august|september|october|november|december|"
            "monday|tuesday|wednesday|thursday|friday|saturday|sunday|today|tomorrow|yesterday")
 _SALIENT = re.compile(
@@ -209,7 +211,7 @@ def rank(
         needle = text.lower().strip(" .!?\n")
         quoted = [i for i, t in enumerate(lowered) if len(needle) > 3 and needle in t and t != needle]
         anchor = quoted[0] if quoted else int(np.argmax(vectors @ vec))
-        for step, near in ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3)):
+        for step, near in FOCUS_STEPS:
             j = anchor + step
             if 0 <= j < n and facts[j].message == facts[anchor].message:
                 focus[j] = max(focus[j], near * float(weight))
