@@ -18,7 +18,10 @@ DIMENSION = 384
 class Embedder:
     """Normalized MiniLM embeddings (cosine similarity = dot product), float32, shape (n, 384)."""
 
-    def __init__(self, model_path: str | None = None, *, device: str = "cpu", batch_size: int = 64) -> None:
+    # Small batches: encode() sorts texts by length and pads each batch to its longest, and on a CPU the
+    # padding costs more than the batching saves. Measured on 2 cores: a tool-selection query of 8-16
+    # texts took 185 ms at 4 against 406 ms at 64; 400 tool schemas 12.5 s against 14.4 s.
+    def __init__(self, model_path: str | None = None, *, device: str = "cpu", batch_size: int = 4) -> None:
         from sentence_transformers import SentenceTransformer
 
         if model_path is None:
