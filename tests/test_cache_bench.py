@@ -67,7 +67,7 @@ def test_disfluent_trap_fixture_hits_what_was_meant_and_misses_what_was_taken_ba
 @pytest.mark.parametrize("fixture", ["traps_qualifier.jsonl", "traps_qualifier_holdout.jsonl"])
 def test_a_question_that_adds_a_detail_misses_and_paraphrases_that_add_words_still_hit(tmp_path, embedder, fixture):
     """"express shipping" is not "shipping", "the capital city of Austria" is "the capital of Austria".
-    Without the added-detail rule 19 of the first set's 20 traps hit; the holdout was written after the
+    Without the added-detail rule 18 of the first set's 20 traps hit; the holdout was written after the
     rule was frozen (9 of its 10 traps hit without it, none with it)."""
     false_hits, misses = _false_hits_and_misses(tmp_path, embedder, fixture)
     assert false_hits == [], f"a question with an added detail hit the general one: {false_hits}"
