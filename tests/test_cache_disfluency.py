@@ -128,8 +128,8 @@ def test_plain_editing_words_open_no_correction_zone(fluent):
 
 
 def test_a_choice_does_not_hit_one_of_its_options():
-    fluent, other = "Should I wait for the refund or call the bank?", "Should I call the bank?"
-    assert judge(other, "", fluent, "", 0.95, None, Thresholds(), query_raw=other, candidate_raw=fluent)
+    # similarity 0.99 in _hit: the zone alone decides, not the added-detail threshold
+    assert not _hit("Should I call the bank?", "Should I wait for the refund or call the bank?")
 
 
 @pytest.mark.parametrize("spoken, forgiven", [
