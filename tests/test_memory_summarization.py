@@ -241,3 +241,60 @@ def test_a_long_sentence_is_kept_clause_by_clause_and_rejoined_whole():
     units = fact_keeper.extract(story, 0, "fp")
     rendered = fact_keeper.render([u for u in units if u.text in sentence], {0: text})
     assert rendered == [f"user: {sentence}"], "neighbouring clauses must be rejoined with their commas"
+
+
+def test_abbreviations_and_initials_end_no_sentence():
+    """"U.S. President-elect Barack Obama" is one sentence: cut after "U.S." the answer to "Who is Obama?"
+    is split over two units, and a budget that keeps one of them loses it."""
+    story = {"role": "user", "content": (
+        "The U.S. President-elect Barack Obama will deal with the crisis. Mr. Ni agrees with W. B. Yeats. "
+        "It ended at 5 p.m. sharp. The next day was calm. " * 2)}
+    text, spans = fact_keeper.message_units(story)
+    assert [text[a:b] for a, b in spans][:4] == [
+        "The U.S. President-elect Barack Obama will deal with the crisis.", "Mr. Ni agrees with W. B. Yeats.",
+        "It ended at 5 p.m. sharp.", "The next day was calm."]
+
+
+@pytest.mark.parametrize(("question", "answering", "other"), [
+    ("How many maps does it hold?", "It holds 4,000 maps in the east wing.", "It holds old maps in the east wing."),
+    ("And when did it open?", "It opened in May after the war.", "It opened with a parade and music."),
+    ("Who drew the oldest map?", "The oldest map was drawn by Pedro Nunes.", "The oldest map was drawn by a monk."),
+    ("Where was the map found?", "The map was found in Lisbon by a student.", "The map was found by a student."),
+])
+def test_a_unit_of_the_asked_kind_ranks_higher(embedder, question, answering, other):
+    """The unit with a number, a date, a name or a place, as the question asks, gets exactly the answer-type
+    weight on top of its other signals; the unit without one gets nothing, and neither does any unit when
+    the question asks for no particular kind."""
+    facts = _facts([other, answering])
+    vectors = embedder.embed([other, answering])
+
+    def scores(text, **weights):
+        return fact_keeper.rank(facts, vectors, [text], embedder.embed([text]), fact_keeper.Weights(**weights))
+
+    boost = scores(question) - scores(question, answer_type=0.0)
+    assert boost == pytest.approx([0.0, 0.2], abs=1e-5)
+    plain = "Tell me more about the map."
+    assert scores(plain) == pytest.approx(scores(plain, answer_type=0.0), abs=1e-6)
+
+
+def test_a_clause_shares_its_sentence_neighbours_score(embedder):
+    """The clause that matches pulls in the rest of its sentence ("...Smithsonian Institution," / "often dubbed
+    'America's Attic'"), which a question about what it is called needs; a clause of another sentence does not."""
+    story = {"role": "user", "content": (
+        "The exhibition closed early this year. " * 3 + "Los Angeles, California (CNN) -- The venerable Smithsonian "
+        "Institution, often dubbed \"America's Attic,\" has turned down an offer of a famous white suit worn in "
+        "court. The suit was later sold at an auction in Texas for a large sum of money.")}
+    units = fact_keeper.extract(story, 0, "fp")
+    recent = ["Which museum turned down the suit?"]
+    vectors = embedder.embed([u.text for u in units])
+    shared = fact_keeper.rank(units, vectors, recent, embedder.embed(recent))
+    alone = fact_keeper.rank(units, vectors, recent, embedder.embed(recent), fact_keeper.Weights(clause_sibling=0.0))
+    sentence = story["content"].index("Los Angeles"), story["content"].index(" The suit was later")
+    clauses = [i for i, u in enumerate(units) if sentence[0] <= u.start and u.end <= sentence[1]]
+    assert len(clauses) >= 2, [u.text for u in units]
+    best = max(clauses, key=lambda i: alone[i])
+    for i in clauses:  # each clause within one step of the best one takes 0.7 of its score
+        assert shared[i] >= 0.7 * alone[best] - 1e-6 or abs(i - best) > 1
+        assert shared[i] >= alone[i] - 1e-6
+    others = [i for i in range(len(units)) if i not in clauses]
+    assert all(shared[i] == pytest.approx(alone[i]) for i in others)
