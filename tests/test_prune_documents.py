@@ -43,6 +43,19 @@ def test_budget_is_never_exceeded_and_texts_are_cut_to_passages(ranker):
     assert "…" in moon["text"], "a cut document must show where text was left out"
 
 
+def test_a_long_sentence_without_line_breaks_is_cut_at_its_commas(ranker):
+    """A list of 80 names is one sentence ("B. Hayes" and "D. Roosevelt" end none): kept whole or not at all,
+    its one relevant name costs the whole list. Cut at its commas, a small budget keeps the piece that answers."""
+    names = ", ".join(f"Person{i} Surname{i}" for i in range(80))
+    text = f"Alumni include {names}, José María Figueres of Costa Rica, Rutherford B. Hayes, Franklin D. Roosevelt."
+    pieces = ranker.passages(text)
+    assert len(pieces) > 3 and all(len(p) <= 4 * ranker.max_passage_tokens for p in pieces)
+    assert " ".join(pieces) == text, "pieces join back to the sentence"
+    documents = [{"id": "alumni", "text": text}]
+    result = ranker.prune("Which alumnus is from Costa Rica?", documents, ranker.count([text]) // 3)
+    assert "José María Figueres of Costa Rica" in result.documents[0]["text"]
+
+
 def test_lexical_only_ranker_needs_no_embedding_model():
     ranker = DocumentRanker(None)
     result = ranker.prune("Who patented pneumatic tyres?", CORPUS, 40)

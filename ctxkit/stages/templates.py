@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import RequestError
 from ..request import ChatRequest, Message, Tool
+from ..sentences import leading_sentences
 from ..stage import Stage
 from ..tokens import TokenCounter
 
@@ -187,7 +188,8 @@ class PromptTemplate:
         memory_text = ""
         if memory:
             memory_text = self._text("memory", memory=memory, **variables)
-            memory_text = _cut_to_budget(memory_text, self.budgets.get("memory"), counter)
+            if self.budgets.get("memory") is not None:  # whole sentences, from the start
+                memory_text = leading_sentences(memory_text, self.budgets["memory"], counter)
         tokens["memory"] = counter.count_text(memory_text) if memory_text else 0
 
         kept_docs: list[Mapping[str, Any]] = []
@@ -263,23 +265,6 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) 
             total -= sizes[start]
             start += 1
     return start
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _cut_to_budget(text: str, budget: int | None, counter: TokenCounter) -> str:
-    """Keep whole leading sentences of `text` that fit `budget` (the start of a summary is its oldest part)."""
-    if budget is None or counter.count_text(text) <= budget:
-        return text
-    pieces = _SENTENCE_END.split(text)
-    kept = ""
-    for piece in pieces:
-        candidate = f"{kept} {piece}".strip()
-        if counter.count_text(candidate) > budget:
-            break
-        kept = candidate
-    return kept
 
 
 class TemplateRegistry:

@@ -1,4 +1,4 @@
-"""Text helpers shared by the pruning stages: word and sentence splitting, BM25, token counting and the
+"""Text helpers shared by the pruning stages: word splitting, BM25, token counting and the
 prefix-cache bookkeeping every pruning stage reports to the ledger."""
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from ...response import message_text
 from ...tokens import TokenCounter
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
-# A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and an upper-case
-# letter, digit or quote; abbreviations like "U.S." or "Dr." rarely meet both conditions.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
-
 # Function words carry no topic: BM25 gives them a low idf anyway, but on a one-page corpus idf is noisy.
 STOPWORDS = frozenset(
     """a an the and or but if then else of to in on at by for with from as is are was were be been being
@@ -34,14 +30,6 @@ STOPWORDS = frozenset(
 def words(text: str) -> list[str]:
     """Lower-cased word tokens, stop words dropped (the unit BM25 and the shingles use)."""
     return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
-
-
-def sentences(text: str) -> list[str]:
-    """Split prose into sentences; a text without sentence ends comes back whole."""
-    parts: list[str] = []
-    for block in re.split(r"\n\s*\n", text):
-        parts.extend(s.strip() for s in _SENTENCE_END.split(block) if s.strip())
-    return parts or [text]
 
 
 class BM25:

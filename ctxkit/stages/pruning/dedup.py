@@ -28,9 +28,10 @@ import numpy as np
 from ...errors import RequestError
 from ...request import ChatRequest
 from ...response import message_text
+from ...sentences import split_sentences
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ._text import default_counter, previous_prompt_end, record_prefix_invalidated, sentences
+from ._text import default_counter, previous_prompt_end, record_prefix_invalidated
 
 COLLAPSED_PREFIX = "[near-duplicate of message"
 DUPLICATES_KEY = "ctxkit.duplicate_documents"
@@ -166,8 +167,8 @@ class DedupStage(Stage):
             while earlier in pairs:
                 earlier = pairs[earlier]
             similarity = jaccard(self.hasher.shingles(texts[earlier]), self.hasher.shingles(texts[later]))
-            seen = {_norm(s) for s in sentences(texts[earlier])}
-            differs = [s for s in sentences(texts[later]) if _norm(s) not in seen]
+            seen = {_norm(s) for s in split_sentences(texts[earlier])}
+            differs = [s for s in split_sentences(texts[later]) if _norm(s) not in seen]
             head = f"{COLLAPSED_PREFIX} {earlier} ({similarity:.0%} same wording), collapsed by ctxkit"
             out[later]["content"] = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
         # Collapses the previous call already made (same history up to its end) cost no cached prefix now.

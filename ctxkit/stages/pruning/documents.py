@@ -41,11 +41,13 @@ from ...errors import RequestError
 from ...quarantine_marks import mark
 from ...request import ChatRequest
 from ...response import message_text
+from ...sentences import split_sentences
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, sentences, words
+from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, words
 
 DOCUMENTS_KEY = "documents"
+_CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
 QUARANTINED_DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # written by QuarantineStage
 REPORT_KEY = "ctxkit.pruned_documents"
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
@@ -111,13 +113,17 @@ class DocumentRanker:
 
     # -- splitting, counting, embedding -----------------------------------------------------------
     def passages(self, text: str) -> list[str]:
-        """Sentences; a sentence over `max_passage_tokens` (a table, JSON, code) is split by lines."""
+        """Sentences; a sentence over `max_passage_tokens` is split by lines (a table, JSON, code), or at its
+        ; and , into pieces of about that size (a long list of names): a budget must be able to keep part of it."""
+        limit = 4 * self.max_passage_tokens  # in characters, about four to a token
         out: list[str] = []
-        for sentence in sentences(text):
-            if len(sentence) > 4 * self.max_passage_tokens and "\n" in sentence:
+        for sentence in split_sentences(text):
+            if len(sentence) <= limit:
+                out.append(sentence)
+            elif "\n" in sentence:
                 out.extend(line for line in sentence.splitlines() if line.strip())
             else:
-                out.append(sentence)
+                out.extend(_pack(_CLAUSE_BREAK.split(sentence), limit))
         return out
 
     def _lookup(self, texts: Sequence[str], with_vectors: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -429,3 +435,14 @@ __all__ = [
     "DOCUMENT_BLOCK", "DocumentPruningStage", "DocumentRanker", "PruneResult", "REPORT_KEY", "RankingWeights",
     "TextEmbedder", "render_documents",
 ]
+
+
+def _pack(pieces: Sequence[str], limit: int) -> list[str]:
+    """Consecutive pieces joined by a space into passages of at most `limit` characters (a longer piece alone)."""
+    packed: list[str] = []
+    for piece in pieces:
+        if packed and len(packed[-1]) + 1 + len(piece) <= limit:
+            packed[-1] += " " + piece
+        else:
+            packed.append(piece)
+    return packed

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ...response import message_text
+from ...sentences import sentence_spans
 from ...tokens import TokenCounter
 from .answer_type import NAME as _NAME
 from .answer_type import asked_kind
@@ -52,10 +53,6 @@ SHORT_MESSAGE_CHARS = 200  # a message shorter than this is one unit: splitting 
 # are joined again with the original text between them, so a whole sentence still reads whole.
 LONG_SENTENCE_CHARS = 150
 CLAUSE_MIN_CHARS = 40
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=\S)|\n\s*\n|\n(?=\S)")
-# No sentence ends after a title, an initial or a dotted abbreviation ("U.S. President", "W. B. Yeats").
-_ABBREV = re.compile(r"\b(?:[A-Z]|(?:[A-Za-z]\.)+[A-Za-z]|Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Gen|Col|Lt|Capt|Sgt|Rev|Gov|"
-                     r"Sen|Rep|Mt|Ft|vs|Inc|Ltd|Co|Corp|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\.$")
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+")
 _WORD = re.compile(r"[a-z0-9]+")
 # How much the units after (and just before) the one a recent turn points at share its focus.
@@ -110,16 +107,7 @@ def message_units(message: Mapping[str, Any]) -> tuple[str, list[tuple[int, int]
         return text, []
     if len(text) < SHORT_MESSAGE_CHARS:
         return text, [(0, len(text))]
-    spans: list[tuple[int, int]] = []
-    start = 0
-    for match in _SENTENCE_BREAK.finditer(text):
-        if _ABBREV.search(text, max(0, match.start() - 12), match.start()):
-            continue
-        if text[start:match.start()].strip():
-            spans.append((start, match.start()))
-        start = match.end()
-    if text[start:].strip():
-        spans.append((start, len(text)))
+    spans = sentence_spans(text)
     return text, [piece for span in spans for piece in _clauses(text, *span)]
 
 

@@ -35,6 +35,7 @@ from ...pipeline import record_event
 from ...quarantine_marks import fingerprint, quarantined
 from ...request import ChatRequest, Message
 from ...response import message_text
+from ...sentences import leading_sentences
 from ...stage import Stage
 from ..templates import sandboxed_environment
 from . import facts as fact_keeper
@@ -229,7 +230,7 @@ class SummarizationStage(Stage):
         room = target - base - self.counter.count_text(empty) - 8  # 8: the summary message's own framing
         model_text = ""
         if self.model_share > 0 and state.model_summary and room > 0:
-            model_text = _cut_sentences(state.model_summary, int(room * self.model_share), self.counter)
+            model_text = leading_sentences(state.model_summary, int(room * self.model_share), self.counter)
             room -= self.counter.count_text(model_text) if model_text else 0
         chosen: list[fact_keeper.Fact] = []
         if self.model_share < 1.0 and state.facts and room > 0:
@@ -348,19 +349,3 @@ class SummarizationStage(Stage):
             state.vectors = self._embed([f.text for f in state.facts])  # a state loaded from disk
         return state.vectors
 
-
-def _cut_sentences(text: str, budget: int, counter: Any) -> str:
-    """The leading sentences of `text` within `budget` tokens."""
-    import re
-
-    if budget <= 0:
-        return ""
-    if counter.count_text(text) <= budget:
-        return text
-    kept = ""
-    for piece in re.split(r"(?<=[.!?])\s+", text):
-        candidate = f"{kept} {piece}".strip()
-        if counter.count_text(candidate) > budget:
-            break
-        kept = candidate
-    return kept

@@ -33,12 +33,11 @@ import numpy as np
 
 from ...errors import ConfigurationError
 from ...response import message_text
+from ...sentences import split_sentences
 from .index import Tool, ToolIndex
 from .text import stem
 
-# A period after a short title or company suffix ("Mr. Doe", "Apple Inc. stock") ends no sentence.
-_ABBREVIATIONS = r"(?<!\bMr\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bvs\.)(?<!\bInc\.)(?<!\bLtd\.)(?<!\bCo\.)"
-_SENTENCE_END = re.compile(r"(?<=[.?!;])" + _ABBREVIATIONS + r"\s+|\n+")
+_SEMICOLON = re.compile(r"(?<=;)\s+")  # "; " separates two requests as a full stop does
 # Words that open the next step of a multi-step request; a sentence without one continues the step before.
 _NEW_TASK = re.compile(
     r"^[\"'(\s]*(?:(?:and|but|so|now|ok(?:ay)?)[,\s]+)?(?:first(?:ly)?|second(?:ly)?|third(?:ly)?|fourth(?:ly)?"
@@ -117,7 +116,7 @@ def _clauses(text: str, actions: frozenset[str]) -> list[tuple[str, bool]]:
     tools describe themselves with: "Send an email ...", "Post a message ..."), with whether each piece
     starts a new task: one cut there, or a sentence that opens with a sequencing marker."""
     pieces: list[tuple[str, bool]] = []
-    for sentence in _SENTENCE_END.split(text):
+    for sentence in (piece for s in split_sentences(text) for piece in _SEMICOLON.split(s)):
         start, new_task = 0, bool(_NEW_TASK.match(sentence))
         for match in _AND_NEXT.finditer(sentence) if actions else ():
             if stem(match.group(1).lower()) in actions:
