@@ -228,11 +228,10 @@ def rank(
         score += weights.answer_type * np.array([bool(kind.search(f.text)) for f in facts], dtype=np.float32)
     # Answers often span the clauses of one sentence: a clause takes a share of its neighbour's score, so a
     # sentence one of whose clauses matches tends to be kept whole.
-    own = score.copy()
+    shared = np.where(score > 0, weights.clause_sibling * score, -np.inf)  # a penalty is not shared
     for i in range(n - 1):
         if facts[i].message == facts[i + 1].message and facts[i].text.rstrip()[-1:] in ",;:":
-            score[i + 1] = max(score[i + 1], weights.clause_sibling * own[i])
-            score[i] = max(score[i], weights.clause_sibling * own[i + 1])
+            score[i], score[i + 1] = max(score[i], shared[i + 1]), max(score[i + 1], shared[i])
     # A unit without a content word ("yes", "What?") is kept only when nothing else fits.
     score[[i for i, ws in enumerate(fact_words) if not ws]] -= 10.0
     return score
