@@ -47,10 +47,10 @@ from ...tokens import TokenCounter
 from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, words
 
 DOCUMENTS_KEY = "documents"
-_CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
 QUARANTINED_DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # written by QuarantineStage
 REPORT_KEY = "ctxkit.pruned_documents"
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
+_CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
 
 
 class TextEmbedder(Protocol):
@@ -431,12 +431,6 @@ def _call_for(messages: Sequence[Mapping[str, Any]], index: int) -> str:
     return "the tool"
 
 
-__all__ = [
-    "DOCUMENT_BLOCK", "DocumentPruningStage", "DocumentRanker", "PruneResult", "REPORT_KEY", "RankingWeights",
-    "TextEmbedder", "render_documents",
-]
-
-
 def _pack(pieces: Sequence[str], limit: int) -> list[str]:
     """Consecutive pieces joined by a space into passages of at most `limit` characters (a longer piece alone)."""
     packed: list[str] = []
@@ -446,3 +440,10 @@ def _pack(pieces: Sequence[str], limit: int) -> list[str]:
         else:
             packed.append(piece)
     return packed
+
+
+__all__ = [
+    "DOCUMENT_BLOCK", "DocumentPruningStage", "DocumentRanker", "PruneResult", "REPORT_KEY", "RankingWeights",
+    "TextEmbedder", "render_documents",
+]
+

@@ -348,4 +348,3 @@ class SummarizationStage(Stage):
         if state.vectors is None and state.facts:
             state.vectors = self._embed([f.text for f in state.facts])  # a state loaded from disk
         return state.vectors
-
