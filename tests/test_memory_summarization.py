@@ -298,3 +298,26 @@ def test_a_clause_shares_its_sentence_neighbours_score(embedder):
         assert shared[i] >= alone[i] - 1e-6
     others = [i for i in range(len(units)) if i not in clauses]
     assert all(shared[i] == pytest.approx(alone[i]) for i in others)
+
+
+def test_a_sentence_takes_a_share_of_its_neighbours_score_and_a_question_keeps_its_penalty(embedder):
+    """An answer that runs over two sentences ("It was named in 1902. The name honours Ada Byron.") needs both:
+    each sentence of a message takes 0.45 of its neighbour's score. A question next to the best sentence is
+    lifted too, but still pays the question penalty, so it never outranks the statement it sits beside."""
+    story = {"role": "user", "content": (
+        "The bakery on Hill Street sells rye bread. Who first sold it there? The museum across the road was "
+        "named in 1902. The name honours Ada Byron, who lived nearby. Tourists often miss the river walk. "
+        "The ferry to the island leaves every hour in summer.")}
+    units = fact_keeper.extract(story, 0, "fp")
+    texts = [u.text for u in units]
+    recent = ["Why was the museum named that way?"]
+    vectors, query = embedder.embed(texts), embedder.embed(recent)
+    shared = fact_keeper.rank(units, vectors, recent, query)
+    alone = fact_keeper.rank(units, vectors, recent, query, fact_keeper.Weights(sentence_neighbour=0.0))
+    best = int(np.argmax(alone))
+    assert texts[best].startswith("The museum across the road")
+    question, after = best - 1, best + 1
+    assert texts[question] == "Who first sold it there?" and texts[after].startswith("The name honours")
+    assert alone[after] < 0.45 * alone[best] <= shared[after] + 1e-6, "the neighbour is lifted by the share"
+    assert shared[question] < shared[best]
+    assert all(shared[i] >= alone[i] - 1e-6 for i in range(len(units))), "sharing only ever lifts"

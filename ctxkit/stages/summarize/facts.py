@@ -13,8 +13,9 @@ message), each embedded once when it is folded. When a summary is (re)built, uni
   ranks lower than any statement (it asks for a fact, its answer carries it);
 - answer type: a unit of the kind the newest question asks for ("how many": a number, "when": a date,
   "who": a name, "where": a place) ranks a little higher (answer_type.py);
-- whole sentences: a clause takes a share of its sentence neighbour's score, since answers often span
-  clauses ("the Smithsonian Institution," / "often dubbed 'America's Attic'");
+- neighbours: a clause takes a share of its sentence neighbour's score, and a sentence a smaller share of
+  the sentence next to it, since answers often span clauses ("the Smithsonian Institution," / "often
+  dubbed 'America's Attic'") and sentences;
 - no repeats: a unit contained in a chosen one ("a family tree" after the sentence that says it) is not
   sent again, so its room goes to another fact.
 
@@ -22,9 +23,11 @@ On CoQA (../shared/data/memory) at 25% of the tokens these changes took retentio
 a summary header on its own line, clause units and a steeper age decay then took it to 0.846 (tuning
 half 0.844, check half 0.848); clause neighbours sharing their score (0.7, chosen on the tuning half
 among 0.5-1.0), answer types and ctxkit.sentences (no break after "U.S." or an initial, closing quotes
-kept) took it to 0.872 (tuning half 0.886, check half 0.857). The rest is the reader: at
-this budget about 5 of 20 story sentences fit, and the misses left are questions such as "Did it work?"
-or "What kind?", which a sentence embedding cannot resolve, and answers longer than the units it keeps.
+kept) took it to 0.872 (tuning half 0.886, check half 0.857); sentences sharing 0.45 of their
+neighbour's score (the middle of the tuning half's plateau, 0.4-0.5) to 0.878 (0.892 / 0.863). The rest
+is the reader: at this budget about 5 of 20 story sentences fit, and the misses left are questions such
+as "Did it work?" or "What kind?", which a sentence embedding cannot resolve, and answers longer than the
+units it keeps.
 
 The chosen units are rendered in conversation order; neighbouring sentences of one message are joined
 with the original text between them, so quotes that span sentences survive.
@@ -159,8 +162,10 @@ class Weights:
     question: float = -1.0  # a question asks for a fact, it does not carry one: statements go first
     # A unit of the kind the newest question asks for (answer_type.py); 0.2 of 0.1-0.4 on the tuning half.
     answer_type: float = 0.2
-    # The share of a neighbouring clause's score that a clause of the same sentence takes (0.5-1.0 tried).
+    # The share of a neighbouring clause's score that a clause of the same sentence takes (0.5-1.0 tried),
+    # and of a neighbouring sentence's score that a sentence of the same message takes (0.3-0.75 tried).
     clause_sibling: float = 0.7
+    sentence_neighbour: float = 0.45
 
 
 def rank(
@@ -222,16 +227,20 @@ def rank(
                 focus[j] = max(focus[j], near * float(weight))
     score += weights.focus * focus
     score += weights.salience * np.array([f.salience for f in facts], dtype=np.float32)
-    score += weights.question * np.array([f.text.rstrip().endswith("?") for f in facts], dtype=np.float32)
     kind = asked_kind(recent[-1]) if recent else None
     if kind is not None:
         score += weights.answer_type * np.array([bool(kind.search(f.text)) for f in facts], dtype=np.float32)
-    # Answers often span the clauses of one sentence: a clause takes a share of its neighbour's score, so a
-    # sentence one of whose clauses matches tends to be kept whole.
-    shared = np.where(score > 0, weights.clause_sibling * score, -np.inf)  # a penalty is not shared
+    # Answers often span neighbouring units of one message: a clause takes a share of the score of the clause
+    # next to it (so a sentence one of whose clauses matches tends to be kept whole), a sentence a smaller
+    # share of its neighbour's. A penalty is not shared.
+    positive = np.where(score > 0, score, -np.inf)
     for i in range(n - 1):
-        if facts[i].message == facts[i + 1].message and facts[i].text.rstrip()[-1:] in ",;:":
-            score[i], score[i + 1] = max(score[i], shared[i + 1]), max(score[i + 1], shared[i])
+        if facts[i].message != facts[i + 1].message:
+            continue
+        share = weights.clause_sibling if facts[i].text.rstrip()[-1:] in ",;:" else weights.sentence_neighbour
+        score[i], score[i + 1] = max(score[i], share * positive[i + 1]), max(score[i + 1], share * positive[i])
+    # After the sharing: a question next to the answer lifts it, but is not lifted itself.
+    score += weights.question * np.array([f.text.rstrip().endswith("?") for f in facts], dtype=np.float32)
     # A unit without a content word ("yes", "What?") is kept only when nothing else fits.
     score[[i for i, ws in enumerate(fact_words) if not ws]] -= 10.0
     return score
