@@ -41,6 +41,8 @@ from __future__ import annotations
 import os
 import re
 
+from ...vocabulary import CARDINAL_WORDS
+
 # Lowercased word sequences; matched longest first, so "no wait" wins over "no".
 _STRONG = [
     "that is not right sorry", "that's not right", "that is not right", "i ' m a liar", "i'm a liar",
@@ -75,8 +77,6 @@ _NO_DETERMINER_AFTER = {
 _QUESTION = {"what", "which", "who", "whom", "whose", "when", "where", "why", "how"}
 _PREPOSITIONS = {"in", "on", "at", "by", "for", "from", "to", "of", "with", "after", "before", "during", "since",
                  "until", "into", "about", "above", "below", "under", "over", "between", "among"}
-_NUMBER_WORDS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                 "twelve", "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "billion"}
 _FUNCTION_WORDS = _PREPOSITIONS | {"the", "a", "an", "and", "or", "is", "are", "was", "were", "it", "that", "this"}
 _TAIL_WORDS = {"instead", "rather", "please", "then"}  # "... no sorry Berlin's population rather?"
 # Editing words that are also plain words of a sentence, and the words before which they are just that:
@@ -188,7 +188,7 @@ def _kind(token: str) -> str | None:
     low = token.lower()
     if low in _QUESTION:
         return "question"
-    if re.fullmatch(r"\d[\d,.]*(?:st|nd|rd|th|s)?", low) or low in _NUMBER_WORDS:
+    if re.fullmatch(r"\d[\d,.]*(?:st|nd|rd|th|s)?", low) or low in CARDINAL_WORDS:
         return "number"
     if token[:1].isupper() and token != "I":
         return "name"

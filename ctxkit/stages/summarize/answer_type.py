@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 
+from ...vocabulary import CALENDAR_WORDS, CARDINAL_WORDS, alternation
+
 _LEAD = r"^\W*(?:(?:and|so|but|ok|okay|then)\W+)?"
-_NUMBER_WORDS = ("one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|fifty|"
-                 "hundred|thousand|million|billion|dozen|half|once|twice")
-CALENDAR_WORDS = ("january|february|march|april|may|june|july|august|september|october|november|december|"
-                  "monday|tuesday|wednesday|thursday|friday|saturday|sunday|today|tomorrow|yesterday")
-_TIME_WORDS = (f"{CALENDAR_WORDS}|year|years|century|morning|evening|night|noon|week|weekend|day|days|ago|"
-               "after|before|later|spring|summer|autumn|fall|winter")
+_NUMBER_WORDS = alternation(CARDINAL_WORDS | {"dozen", "half", "once", "twice"})
+_TIME_WORDS = alternation(CALENDAR_WORDS | set(
+    "year years century morning evening night noon week weekend day days ago after before later spring summer "
+    "autumn fall winter".split()))
 _PLACE_NOUNS = ("room|house|home|school|city|town|park|street|store|shop|office|church|river|lake|sea|ocean|"
                 "forest|village|country|island|kitchen|garden|yard|car|bed|table|door|window|hospital|library|"
                 "station|airport|building")

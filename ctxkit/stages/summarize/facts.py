@@ -47,8 +47,9 @@ import numpy as np
 from ...response import message_text
 from ...sentences import sentence_spans
 from ...tokens import TokenCounter
-from .answer_type import CALENDAR_WORDS, asked_kind
+from ...vocabulary import CALENDAR_WORDS, alternation
 from .answer_type import NAME as _NAME
+from .answer_type import asked_kind
 
 SHORT_MESSAGE_CHARS = 200  # a message shorter than this is one unit: splitting "Walt Disney." helps nobody
 # A sentence longer than this is split at its clause breaks into pieces of at least CLAUSE_MIN_CHARS, so a
@@ -62,7 +63,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 # How much the units after (and just before) the one a recent turn points at share its focus.
 FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))
 _SALIENT = re.compile(
-    rf"\d|\$|€|£|%|\b(?:{CALENDAR_WORDS})\b|\b(?:decid|agree|prefer|must|deadline|todo|need|plan|will|won't|never|always)",
+    rf"\d|\$|€|£|%|\b(?:{alternation(CALENDAR_WORDS)})\b|\b(?:decid|agree|prefer|must|deadline|todo|need|plan|will|won't|never|always)",
     re.IGNORECASE,
 )
 _STOP = frozenset(
