@@ -46,3 +46,4 @@ def test_bfcl_rows_become_a_valid_catalog_and_queries_with_their_gold_tools(tmp_
     assert f"{len(names)} tools (1 from the base catalog), {len(queries)} queries" in done.stdout
     result = run(catalog, queries, top_k=5, embedder=embedder)[0]
     assert result["catalog_size"] == len(names) and result["queries"] == len(queries)
+    assert result["recall_at_k"] == 1.0, "each request's gold tool is among the 5 of 10 the selector sends"
