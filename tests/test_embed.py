@@ -1,25 +1,64 @@
-"""The Embedder's direct forward pass gives what sentence-transformers' encode() gives, on the real MiniLM."""
+"""The Embedder's direct forward pass gives what sentence-transformers' encode() gives, on the real MiniLM,
+in float32 exactly and in bfloat16 to within cosine 0.9998."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from ctxkit.embed import _is_mean_pooled_and_normalized
+from ctxkit.embed import Embedder, _is_mean_pooled_and_normalized, _resolve_precision
+from ctxkit.errors import ConfigurationError
 
 TEXTS = ["  padded on both sides  ", "", "naïve café, 東京 and emoji 🙂", "word " * 600, "tabs\tand\nnewlines",
          "short", "a somewhat longer sentence about the weather in Paris next week", "Is the refund processed?"]
 
 
-def test_direct_forward_matches_encode_in_any_batch_order(embedder):
+@pytest.fixture(scope="module")
+def float32_embedder():
+    return Embedder(precision="float32")
+
+
+def _encode(embedder: Embedder) -> np.ndarray:
+    return np.asarray(embedder._model.encode(TEXTS, batch_size=4, normalize_embeddings=True,
+                                             convert_to_numpy=True, show_progress_bar=False))
+
+
+def test_direct_forward_matches_encode_in_any_batch_order(float32_embedder):
+    embedder = float32_embedder
     assert embedder._direct, "all-MiniLM-L6-v2 is a mean-pooled, normalized model: the direct path must be used"
-    reference = np.asarray(embedder._model.encode(TEXTS, batch_size=4, normalize_embeddings=True,
-                                                  convert_to_numpy=True, show_progress_bar=False))
+    assert embedder.precision == "float32"
+    reference = _encode(embedder)
     together = embedder.embed(TEXTS)
     one_by_one = np.stack([embedder.embed([t])[0] for t in TEXTS])
     assert together.dtype == np.float32 and together.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(together, reference, atol=1e-5)
     np.testing.assert_allclose(one_by_one, reference, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_bfloat16_vectors_stay_within_cosine_0_9998_of_float32(float32_embedder):
+    embedder = Embedder(precision="bfloat16")
+    reference = float32_embedder.embed(TEXTS)
+    together = embedder.embed(TEXTS)
+    one_by_one = np.stack([embedder.embed([t])[0] for t in TEXTS])
+    assert together.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    # The long text is where pooling in bfloat16 would show (cosine 0.996); it is pooled in float32.
+    assert (together * reference).sum(axis=1).min() > 0.9998
+    assert (one_by_one * reference).sum(axis=1).min() > 0.9998
+    # Same neighbours: the order of similarities to a query does not change.
+    query = float32_embedder.embed(["what is the weather in Paris"])[0]
+    assert np.argsort(-(reference @ query)).tolist() == np.argsort(-(together @ query)).tolist()
+
+
+def test_precision_is_checked_and_auto_stays_float32_where_bfloat16_is_not_safe():
+    with pytest.raises(ConfigurationError, match="precision must be one of"):
+        Embedder(precision="float16")
+    with pytest.raises(ConfigurationError, match="mean-pooled"):
+        _resolve_precision("bfloat16", "cpu", direct=False)
+    assert _resolve_precision("auto", "cpu", direct=False) == "float32"
+    assert _resolve_precision("auto", "cuda", direct=True) == "float32"
+    assert _resolve_precision("float32", "cpu", direct=True) == "float32"
 
 
 def test_only_a_transformer_mean_pooled_and_normalized_takes_the_direct_path(embedder):

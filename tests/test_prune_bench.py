@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ctxkit.cli.main import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prune"
@@ -27,8 +29,8 @@ def test_bench_reads_a_shared_corpus_for_questions_without_documents(capsys):
 
 def test_bench_with_inline_documents_hybrid_and_limit(capsys):
     result = _run(capsys, "--questions", str(FIXTURES / "questions_inline.jsonl"), "--budget", "0.2",
-                  "--limit", "4")
-    assert result["questions"] == 4 and result["dense"] is True
+                  "--limit", "4", "--embed-precision", "float32")
+    assert result["questions"] == 4 and result["dense"] is True and result["embed_precision"] == "float32"
     assert result["gold_recall"] == 1.0 and result["answer_recall"] == 1.0
 
 
@@ -51,3 +53,17 @@ def test_pool_tokens_grows_each_question_corpus_up_to_the_cap(capsys, tmp_path):
 
 def test_bench_rejects_a_bad_budget(capsys):
     assert main(["bench", "prune", "--questions", str(FIXTURES / "questions.jsonl"), "--budget", "2"]) == 2
+
+
+def test_the_embedding_cache_keeps_each_precision_apart(tmp_path):
+    from ctxkit.bench.prune import DiskCachedEmbedder
+    from ctxkit.embed import Embedder
+
+    texts = ["The Normans gave their name to Normandy.", "a second, different passage"]
+    plain, half = Embedder(precision="float32"), Embedder(precision="bfloat16")
+    first = DiskCachedEmbedder(plain, tmp_path).embed(texts)
+    second = DiskCachedEmbedder(half, tmp_path).embed(texts)  # same directory, other precision
+    np.testing.assert_array_equal(first, plain.embed(texts))
+    np.testing.assert_array_equal(second, half.embed(texts))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(DiskCachedEmbedder(plain, tmp_path).embed(texts), first)  # read back

@@ -20,6 +20,7 @@ class CountingEmbedder:
     def __init__(self, embedder) -> None:
         self.embedder = embedder
         self.dimension = embedder.dimension
+        self.precision = embedder.precision
         self.texts = 0
 
     def embed(self, texts):
@@ -40,13 +41,27 @@ NEW_TOOL = {"type": "function", "function": {
 def test_a_second_index_of_the_same_catalog_loads_from_disk_without_embedding(catalog, embedder, tmp_path):
     first = ToolIndex(catalog, CountingEmbedder(embedder), directory=tmp_path)
     assert first.embedded_tools == len(catalog) and not first.loaded_from_disk
-    assert (tmp_path / "all-MiniLM-L6-v2" / catalog_hash(catalog) / "index.faiss").is_file()
+    stored_as = "all-MiniLM-L6-v2" if embedder.precision == "float32" else f"all-MiniLM-L6-v2-{embedder.precision}"
+    assert (tmp_path / stored_as / catalog_hash(catalog) / "index.faiss").is_file()
     counting = CountingEmbedder(embedder)
     second = ToolIndex(catalog, counting, directory=tmp_path)
     assert second.loaded_from_disk and second.embedded_tools == 0
     query = "electric field of a point charge"
     assert second.search(query, 5) == first.search(query, 5)
     assert counting.texts == 1  # the query only
+
+
+def test_vectors_of_another_precision_are_not_reused(catalog, tmp_path):
+    from ctxkit.embed import Embedder
+
+    query = "electric field of a point charge"
+    plain = ToolIndex(catalog, Embedder(precision="float32"), directory=tmp_path)
+    half = ToolIndex(catalog, Embedder(precision="bfloat16"), directory=tmp_path)
+    assert not half.loaded_from_disk and half.embedded_tools == len(catalog)
+    assert (tmp_path / "all-MiniLM-L6-v2" / catalog_hash(catalog)).is_dir()
+    assert (tmp_path / "all-MiniLM-L6-v2-bfloat16" / catalog_hash(catalog)).is_dir()
+    reloaded = ToolIndex(catalog, Embedder(precision="float32"), directory=tmp_path)
+    assert reloaded.loaded_from_disk and reloaded.search(query, 5) == plain.search(query, 5)
 
 
 def test_adding_and_removing_tools_embeds_only_the_new_one(catalog, embedder, tmp_path):

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
-from .common import emit, median, percentile, progress, read_jsonl
+from .common import add_embedding_arguments, emit, median, percentile, progress, read_jsonl
 
 SWEEP = (0.30, 0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
 
@@ -63,7 +63,7 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
               context_similarity: float | None = None, added_detail_similarity: float | None = None,
-              sweep: bool = False) -> dict[str, Any]:
+              sweep: bool = False, embed_precision: str = "auto") -> dict[str, Any]:
     from ..embed import Embedder
     from ..stages.cache.guards import Thresholds, judge
     from ..stages.cache.local_store import LocalStore
@@ -73,7 +73,7 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
                  "added_detail_similarity": added_detail_similarity}
     thresholds = dataclasses.replace(Thresholds(), **{k: v for k, v in overrides.items() if v is not None})
     guards_only = dataclasses.replace(thresholds, similarity=-1.0)  # the sweep applies its own threshold
-    embedder = Embedder()
+    embedder = Embedder(precision=embed_precision)
     embedder.embed(["warm up"])
     lookup_ms: list[float] = []
     rest_ms: list[float] = []  # the lookup without the embedding: exact get, FAISS search, guards
@@ -139,6 +139,7 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
         "lookup_ms_p50": round(median(lookup_ms), 3),
         "lookup_ms_p95": round(percentile(lookup_ms, 95), 3),
         "lookup_ms_p50_without_embedding": round(median(rest_ms), 3),
+        "embed_precision": embedder.precision,
         "thresholds": dataclasses.asdict(thresholds),
         "hits_by_layer": dict(layers),
         "misses_by_reason": dict(reasons.most_common()),
@@ -182,13 +183,14 @@ def _clustered(rng: np.random.Generator, centers: np.ndarray, count: int) -> np.
     return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
-def run_scale(n: int, *, index: str = "flat", queries: int = 100, seed: int = 0) -> dict[str, Any]:
+def run_scale(n: int, *, index: str = "flat", queries: int = 100, seed: int = 0,
+              embed_precision: str = "auto") -> dict[str, Any]:
     """Lookup latency and memory with n entries in one scope."""
     from ..embed import Embedder
     from ..stages.cache.local_store import LocalStore
     from ..stages.cache.store import CacheEntry
 
-    embedder = Embedder()
+    embedder = Embedder(precision=embed_precision)
     dim = embedder.dimension
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(max(1, n // 100), dim)).astype(np.float32)
@@ -379,6 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads for the embedder (default 1: one sentence per lookup gains nothing "
                              "from more, and on a busy machine extra threads made each embedding 40x slower)")
+    add_embedding_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -393,12 +396,14 @@ def run_cli(args: argparse.Namespace) -> None:
             runs = [run_index_scale(n, index=kind, queries=args.queries, build_threads=args.build_threads)
                     for n in args.scale for kind in kinds]
         else:
-            runs = [run_scale(n, index=kind, queries=args.queries) for n in args.scale for kind in kinds]
+            runs = [run_scale(n, index=kind, queries=args.queries, embed_precision=args.embed_precision)
+                    for n in args.scale for kind in kinds]
         result: dict[str, Any] = {"runs": runs}
     elif args.pairs:
         pairs = load_pairs(args.pairs, args.limit)
         result = run_pairs(pairs, similarity=args.similarity, context_similarity=args.context_similarity,
-                           added_detail_similarity=args.added_detail_similarity, sweep=args.sweep)
+                           added_detail_similarity=args.added_detail_similarity, sweep=args.sweep,
+                           embed_precision=args.embed_precision)
         result["file"] = str(args.pairs)
     else:
         raise ConfigurationError("ctxkit bench cache needs --pairs FILE or --scale N")

@@ -46,6 +46,19 @@ def add_backend_arguments(parser: Any) -> None:
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (-1: all)")
 
 
+def add_embedding_arguments(parser: Any) -> None:
+    from ..embed import PRECISIONS
+
+    parser.add_argument("--embed-precision", choices=PRECISIONS, default="auto",
+                        help="MiniLM's precision (default auto: bfloat16 where the CPU computes it natively)")
+
+
+def embedder_from_args(args: Any) -> Any:
+    from ..embed import Embedder
+
+    return Embedder(precision=args.embed_precision)
+
+
 def backend_from_args(args: Any) -> Any:
     from ..backends.llama_cpp import LlamaCppBackend
 

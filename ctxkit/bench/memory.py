@@ -22,7 +22,17 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..request import ChatRequest, Message
 from ..response import message_text
-from .common import add_backend_arguments, backend_from_args, emit, median, percentile, progress, read_jsonl
+from .common import (
+    add_backend_arguments,
+    add_embedding_arguments,
+    backend_from_args,
+    embedder_from_args,
+    emit,
+    median,
+    percentile,
+    progress,
+    read_jsonl,
+)
 
 
 def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -132,6 +142,7 @@ def run(
         "original_tokens_p50": median([float(o) for o in originals]),
         "latency_ms_p50": round(median(latencies), 2),
         "latency_ms_p95": round(percentile(latencies, 95), 2),
+        "embed_precision": getattr(embedder, "precision", None),
     }
     if baseline:
         result["baseline"] = "langchain trim_messages (newest messages that fit)"
@@ -166,12 +177,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-last", type=int, default=3, help="newest messages kept verbatim (default 3)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the trim_messages baseline")
     add_backend_arguments(parser)
+    add_embedding_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> None:
     conversations = load_conversations(args.conversations, args.limit)
     backend = backend_from_args(args)
+    embedder = embedder_from_args(args) if args.summarizer != "model" else None
     result = run(conversations, backend, budget=args.budget, mode=args.summarizer, keep_last=args.keep_last,
-                 baseline=not args.no_baseline)
+                 baseline=not args.no_baseline, embedder=embedder)
     result["data"] = str(args.conversations)
     emit(result, args.json, table(result))

@@ -32,7 +32,15 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..request import ChatRequest
 from ..stages.pruning.documents import REPORT_KEY, DocumentPruningStage, DocumentRanker, RankingWeights
-from .common import emit, median, percentile, progress, read_jsonl
+from .common import (
+    add_embedding_arguments,
+    embedder_from_args,
+    emit,
+    median,
+    percentile,
+    progress,
+    read_jsonl,
+)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -40,16 +48,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 class DiskCachedEmbedder:
-    """An embedder whose vectors persist in a diskcache directory, keyed by the text's hash."""
+    """An embedder whose vectors persist in a diskcache directory, keyed by the text's hash and the
+    embedder's precision (a float32 run does not reuse bfloat16 vectors)."""
 
     def __init__(self, embedder: Any, directory: Path) -> None:
         import diskcache
 
         self.embedder = embedder
+        self.precision = getattr(embedder, "precision", None)
         self.cache = diskcache.Cache(str(directory))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
+        salt = f"{self.precision}\0" if self.precision not in (None, "float32") else ""
+        keys = [hashlib.blake2b((salt + t).encode(), digest_size=16).hexdigest() for t in texts]
         found = {k: self.cache.get(k) for k in set(keys)}
         missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if found[k] is None}.items())
         if missing:
@@ -170,6 +181,7 @@ def run(
         "embed_warmup_s": round(warmup_s, 1),
         "cold_index": cold_index,
         "dense": ranker.embedder is not None,
+        "embed_precision": getattr(ranker.embedder, "precision", None),
         "weights": dataclasses.asdict(ranker.weights),
     }
 
@@ -206,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-split and re-index each question's corpus inside the timed call (the stage "
                              "otherwise reuses the index of a corpus it has seen; embeddings stay warm)")
     parser.add_argument("--embed-cache", type=Path, help="directory keeping embeddings between runs (diskcache)")
+    add_embedding_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -219,9 +232,7 @@ def run_cli(args: argparse.Namespace) -> None:
     shared = read_rows(args.documents) if args.documents else []
     embedder: Any = None
     if not args.lexical_only:
-        from ..embed import Embedder
-
-        embedder = Embedder()
+        embedder = embedder_from_args(args)
         if args.embed_cache:
             embedder = DiskCachedEmbedder(embedder, args.embed_cache)
     weights = RankingWeights(args.lexical_weight, args.document_weight, args.neighbours)

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from .common import emit, median, percentile, progress, read_jsonl
+from .common import (
+    add_embedding_arguments,
+    embedder_from_args,
+    emit,
+    median,
+    percentile,
+    progress,
+    read_jsonl,
+)
 
 
 def load_catalog(path: str | Path) -> list[dict[str, Any]]:
@@ -112,6 +120,7 @@ def run(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], *, top_k: 
             "latency_ms_p95": round(percentile(wall_ms, 95), 3),
             "cpu_ms_p50": round(median(cpu_ms), 3),
             "torch_threads": _torch_threads(),
+            "embed_precision": getattr(embedder, "precision", None),
             "index_build_s": round(build_s, 2),
             "index_loaded_from_disk": index.loaded_from_disk,
             "gold_not_in_catalog": unknown,
@@ -144,7 +153,8 @@ def table(result: dict[str, Any]) -> str:
         f"  tool tokens     {result['tool_tokens_sent']:.1f} sent of {result['tool_tokens_full']} "
         f"({result['tool_tokens_saved_pct']}% fewer)",
         f"  selection       p50 {result['latency_ms_p50']:.2f} ms, p95 {result['latency_ms_p95']:.2f} ms "
-        f"(CPU time p50 {result['cpu_ms_p50']:.2f} ms, {result['torch_threads']} torch thread(s))",
+        f"(CPU time p50 {result['cpu_ms_p50']:.2f} ms, {result['torch_threads']} torch thread(s), "
+        f"{result['embed_precision']} embeddings)",
     ]
     if result["gold_not_in_catalog"]:
         lines.append(f"  warning: gold tools missing from the catalog: {result['gold_not_in_catalog'][:10]}")
@@ -161,6 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compact", action="store_true", help="count the sent schemas after compaction")
     parser.add_argument("--index-dir", type=Path, default=None, help="persist the index here (default: memory)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    add_embedding_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> None:
@@ -171,7 +182,8 @@ def run_cli(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.torch_threads)
     results = run(load_catalog(args.catalog), load_queries(args.queries), top_k=args.top_k,
-                  index_dir=args.index_dir, compact=args.compact, limit=args.limit)
+                  embedder=embedder_from_args(args), index_dir=args.index_dir,
+                  compact=args.compact, limit=args.limit)
     if len(results) == 1:
         emit(results[0], args.json, table(results[0]))
     else:

@@ -107,7 +107,10 @@ class ToolIndex:
         self.embedder = embedder
         self.model_id = model_id
         self.fusion = fusion or FusionConfig()
-        self._root = Path(directory) / _safe(model_id) if directory is not None else None
+        # Vectors are stored per model and precision: an index loaded from disk ranks exactly as a fresh one.
+        precision = getattr(embedder, "precision", "float32")
+        stored_as = model_id if precision == "float32" else f"{model_id}-{precision}"
+        self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._lock = threading.RLock()
         self._query_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._query_cache_size = query_cache_size
