@@ -232,6 +232,8 @@ def test_bad_input_raises_typed_errors(make_pg_store, pg_dsn):
         store.put(entry("k"), np.ones(10, dtype=np.float32))
     with pytest.raises(RequestError, match="non-zero"):
         store.search("scope-a", np.zeros(DIM, dtype=np.float32), k=1, now=0.0)
+    with pytest.raises(RequestError, match="finite"):
+        store.put(entry("k"), np.full(DIM, np.nan, dtype=np.float32))
     with pytest.raises(RequestError, match="JSON"):
         bad = entry("k")
         bad.response = {"x": object()}
@@ -269,3 +271,25 @@ def test_put_many_writes_a_batch_in_one_transaction_within_the_bound(make_pg_sto
     assert store.stats()["entries"] == 4 and store.stats()["bytes"] <= store.size_bytes
     with pytest.raises(RequestError, match="vectors"):
         store.put_many([entry("x")], [])
+
+
+def test_a_step_ending_in_a_tool_result_is_cached_exactly_through_the_pipeline(make_pg_store, embedder,
+                                                                               llama_backend, ledger):
+    """Such a request has no user question to embed, so its entry is exact-only (a zero vector): the
+    store must take it after the model has answered, and serve it again by key."""
+    from ctxkit.pipeline import Pipeline
+    from ctxkit.request import ChatRequest
+    from ctxkit.stages.cache.stage import SemanticCacheStage
+
+    pipeline = Pipeline(llama_backend, stages=[SemanticCacheStage(make_pg_store(), embedder)], ledger=ledger)
+    request = ChatRequest(messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 C and sunny"},
+    ], params={"temperature": 0, "max_tokens": 8})
+    first = pipeline.call(request)
+    assert first.answered_by is None and first.content
+    second = pipeline.call(request)
+    assert second.content == first.content and ledger.records[-1].answered_by == "semantic_cache"
+    assert any(e["kind"] == "hit" and e["layer"] == "exact" for e in ledger.records[-1].events)

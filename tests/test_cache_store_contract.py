@@ -121,6 +121,16 @@ def test_search_finds_the_nearest_entry_in_scope(store):
     assert all(a.similarity >= b.similarity for a, b in zip(hits, hits[1:], strict=False)), "hits must come best first"
 
 
+def test_an_exact_only_entry_is_found_by_key_and_never_by_search(store, reopen):
+    """A zero vector marks an entry with no question to embed (a step that ends in a tool result)."""
+    store.put(make_entry("exact-only"), np.zeros(DIM, dtype=np.float32))
+    store.put(make_entry("semantic"), unit("semantic"))
+    for handle in (store, reopen()):  # this process's index and one rebuilt from disk
+        assert handle.get("exact-only", time.time()) is not None
+        assert [h.entry.key for h in handle.search("scope-a", unit("semantic"), 5, time.time())] == ["semantic"]
+        assert [h.entry.key for h in handle.search("scope-a", unit("other"), 5, time.time())] == ["semantic"]
+
+
 def test_search_never_crosses_scopes(store):
     store.put(make_entry("mine", scope="scope-a"), unit("shared"))
     store.put(make_entry("theirs", scope="scope-b"), unit("shared"))

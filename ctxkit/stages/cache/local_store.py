@@ -299,18 +299,11 @@ class LocalStore:
     def _new_index(self) -> Any:
         return new_index(self.dimension, self.index_type, self.hnsw_m)
 
-    def _add(self, scope: str, seq: int, key: str, vec: np.ndarray) -> None:
-        scoped = self._indexes.get(scope)
-        if scoped is None:
-            scoped = self._indexes[scope] = _ScopeIndex(self._new_index(), {})
-        scoped.index.add_with_ids(vec[None, :], np.array([seq], dtype=np.int64))
-        scoped.keys[seq] = key
-        self._since_snapshot += 1
-
     def _add_many(self, rows: list[tuple[int, str, str, np.ndarray]]) -> None:
         by_scope: dict[str, list[tuple[int, str, np.ndarray]]] = {}
         for seq, scope, key, vec in rows:
-            by_scope.setdefault(scope, []).append((seq, key, vec))
+            if vec.any():  # an all-zero vector marks an exact-only entry: found by key, never by search
+                by_scope.setdefault(scope, []).append((seq, key, vec))
         for scope, items in by_scope.items():
             scoped = self._indexes.get(scope)
             if scoped is None:

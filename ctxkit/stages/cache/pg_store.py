@@ -261,14 +261,19 @@ class PostgresStore:
 
     # ---- helpers -----------------------------------------------------------------------------------
 
-    def _vector(self, vector: np.ndarray) -> np.ndarray:
+    def _vector(self, vector: np.ndarray, *, exact_only_allowed: bool = False) -> np.ndarray:
+        """A stored vector may be all zeros: an exact-only entry (no question text to embed, such as a
+        step that ends in a tool result), found by its key and never by search. pgvector leaves it out
+        of the HNSW index and gives it a NaN distance, which `search` drops. A search vector may not."""
         v = np.asarray(vector, dtype=np.float32)
         if v.ndim == 2 and v.shape[0] == 1:
             v = v[0]
         if v.shape != (self.dimension,):
             raise RequestError(f"expected a vector of shape ({self.dimension},), got {v.shape}", "vector")
-        if not np.all(np.isfinite(v)) or not np.any(v):
-            raise RequestError("the vector must be finite and non-zero (cosine distance is undefined)", "vector")
+        if not np.all(np.isfinite(v)):
+            raise RequestError("the vector must be finite", "vector")
+        if not exact_only_allowed and not np.any(v):
+            raise RequestError("the search vector must be non-zero (cosine distance is undefined)", "vector")
         return v
 
     def _ttl_clause(self, now: float) -> tuple[str, dict[str, Any]]:
@@ -359,6 +364,7 @@ class PostgresStore:
                              ORDER BY (e.embedding <=> %(q)b) + 0 LIMIT %(k)s) exact)"""
         with self._pool.connection() as conn:
             rows = self._read_with_bookkeeping(conn, select, params, "search_hits", "search_misses")
+        rows = [r for r in rows if not math.isnan(r[8])]  # exact-only entries have no direction
         rows.sort(key=lambda r: (r[8], r[0]))
         return [Hit(entry=self._entry(r), similarity=float(1.0 - r[8])) for r in rows]
 
@@ -375,7 +381,7 @@ class PostgresStore:
         rows: dict[str, tuple[Any, ...]] = {}
         rejected = 0
         for entry, vector in zip(entries, vectors, strict=False):
-            row = self._row(entry, self._vector(vector))
+            row = self._row(entry, self._vector(vector, exact_only_allowed=True))
             if row[8] > self.size_bytes:
                 rejected += 1
             else:
