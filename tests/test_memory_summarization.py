@@ -182,6 +182,13 @@ def test_short_conversation_passes_untouched(llama_backend, trip):
     assert stage.before_model(request) is request
 
 
+def test_per_conversation_locks_do_not_pile_up_on_a_long_running_server(llama_backend, trip):
+    stage = SummarizationStage(llama_backend, trigger_tokens=4000, mode="extractive")
+    for number in range(50):
+        stage.before_model(ChatRequest(messages=trip["messages"][:3], conversation_id=f"c{number}"))
+    assert len(stage._conversation_locks) == 0, "a lock should live only while a call holds it"
+
+
 def test_bad_configuration_is_rejected(llama_backend):
     with pytest.raises(ConfigurationError):
         SummarizationStage(llama_backend)  # no trigger

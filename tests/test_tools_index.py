@@ -42,7 +42,7 @@ def test_a_second_index_of_the_same_catalog_loads_from_disk_without_embedding(ca
     first = ToolIndex(catalog, CountingEmbedder(embedder), directory=tmp_path)
     assert first.embedded_tools == len(catalog) and not first.loaded_from_disk
     stored_as = "all-MiniLM-L6-v2" if embedder.precision == "float32" else f"all-MiniLM-L6-v2-{embedder.precision}"
-    assert (tmp_path / stored_as / catalog_hash(catalog) / "index.faiss").is_file()
+    assert (tmp_path / stored_as / catalog_hash(catalog) / "index.npz").is_file()
     counting = CountingEmbedder(embedder)
     second = ToolIndex(catalog, counting, directory=tmp_path)
     assert second.loaded_from_disk and second.embedded_tools == 0
@@ -103,3 +103,73 @@ def test_the_stage_builds_each_pool_once_per_process(catalog, embedder):
     stage = ToolRetrievalStage(top_k=3, embedder=embedder)
     assert stage.index_for(catalog) is stage.index_for(copy.deepcopy(catalog))
     assert stage.index_for(catalog[:10]) is not stage.index_for(catalog)
+
+
+def test_a_failed_add_leaves_the_catalog_as_it_was(catalog, embedder):
+    index = ToolIndex(catalog, embedder)
+    before = (index.names, index.search("electric field of a point charge", 5))
+    first = catalog[3]["function"]["name"]
+    twice = [copy.deepcopy(catalog[3]), copy.deepcopy(catalog[3])]
+    twice[1]["function"]["description"] = "a second schema under the same name"
+    with pytest.raises(InvalidToolError, match="duplicate tool name"):
+        index.add([NEW_TOOL, *twice])
+
+    class FailingEmbedder:
+        dimension = embedder.dimension
+
+        def embed(self, texts):  # the embedding service goes away mid-add
+            raise RuntimeError("embedder unavailable")
+
+    index.embedder = FailingEmbedder()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        index.add([NEW_TOOL])
+    index.embedder = embedder
+    assert first in index and NEW_TOOL["function"]["name"] not in index
+    assert (index.names, index.search("electric field of a point charge", 5)) == before
+
+
+def test_an_unreadable_saved_index_is_rebuilt_and_rewritten(catalog, embedder, tmp_path):
+    first = ToolIndex(catalog, embedder, directory=tmp_path)
+    saved = next(tmp_path.glob(f"*/{catalog_hash(catalog)}/index.npz"))
+    saved.write_bytes(b"half a file")  # a crash of some other writer, or a disk error
+    second = ToolIndex(catalog, CountingEmbedder(embedder), directory=tmp_path)
+    assert not second.loaded_from_disk and second.embedded_tools == 0  # per-tool vectors were intact
+    query = "electric field of a point charge"
+    assert second.search(query, 5) == first.search(query, 5)
+    third = ToolIndex(catalog, embedder, directory=tmp_path)
+    assert third.loaded_from_disk and third.search(query, 5) == first.search(query, 5)
+
+
+def test_selections_stay_consistent_while_another_thread_changes_the_catalog(catalog, embedder):
+    import threading
+
+    from ctxkit.stages.tools.selector import ToolSelector
+
+    index = ToolIndex(catalog, embedder)
+    selector = ToolSelector(index, top_k=3, keep_used=False)
+    messages = [{"role": "user", "content": "Calculate the electric field 3 m from a 2 C charge."}]
+    selector.select(messages)  # the query's vector is remembered: the loop below is all index work
+    churned = catalog[:8]
+    stop, failures = threading.Event(), []
+
+    def churn():
+        while not stop.is_set():
+            index.remove([t["function"]["name"] for t in churned])
+            index.add(churned)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(300):
+            try:
+                selection = selector.select(messages)
+            except (KeyError, IndexError) as exc:
+                failures.append(repr(exc))
+                continue
+            sent = {t["function"]["name"] for t in selection.tools}
+            if sent != set(selection.retrieved):
+                failures.append(f"sent {sorted(sent)} but chose {sorted(selection.retrieved)}")
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures[:3]

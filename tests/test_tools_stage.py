@@ -157,3 +157,36 @@ def test_bad_configuration_is_rejected_at_construction():
         ToolRetrievalStage(recovery="sometimes")
     with pytest.raises(ConfigurationError):
         ToolRetrievalStage(top_k=0)
+
+
+@pytest.mark.parametrize("content, lacks", [
+    ("Sorry, I don't have a tool for that.", True),
+    ("I do not have access to a function that books flights.", True),
+    ("There is no suitable tool available to send an SMS.", True),
+    ("None of the provided functions can do this.", True),
+    ("I was not given a tool to do that.", True),
+    ("No problem! I checked with the weather tool: 18 C and sunny.", False),
+    ("There is no need to call any function; the answer is 4.", False),
+    ("I don't have to use a tool for this: 2 + 2 = 4.", False),
+    ("I cannot see why the function failed.", False),
+])
+def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
+    provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})
+    response = stage.wrap_call(REQUEST, provider)
+    assert len(provider.requests) == (2 if lacks else 1)
+    assert response.content == ("Done." if lacks else content)
+
+
+def test_a_stream_is_not_offered_the_find_tools_search_it_could_not_run(embedder, index_dir, catalog):
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="both", embedder=embedder, index_dir=index_dir)
+    seen: list[ChatRequest] = []
+
+    def provider(request: ChatRequest):
+        seen.append(request)
+        return iter(())  # what a stream is to the stage: chunks that go out as they come
+
+    stage.wrap_call(REQUEST.override(stream=True), provider)
+    assert "find_tools" not in seen[0].tool_names and len(seen[0].tools) == 2
+    whole = _Provider({"role": "assistant", "content": "Done."})
+    stage.wrap_call(REQUEST, whole)
+    assert "find_tools" in whole.requests[0].tool_names

@@ -59,6 +59,8 @@ class DiskCachedEmbedder:
         self.cache = diskcache.Cache(str(directory))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return self.embedder.embed([])
         salt = f"{self.precision}\0" if self.precision not in (None, "float32") else ""
         keys = [hashlib.blake2b((salt + t).encode(), digest_size=16).hexdigest() for t in texts]
         found = {k: self.cache.get(k) for k in set(keys)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,9 @@ class SummarizationStage(Stage):
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
         self._template = sandboxed_environment().from_string(SUMMARY_TEMPLATE)
-        self._conversation_locks: dict[tuple[str, str], threading.Lock] = {}
+        # Weak values: a conversation's lock lives while a call holds it, so a long-running server does
+        # not keep one per conversation it has ever seen.
+        self._conversation_locks: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
         self._locks_lock = threading.Lock()
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -332,9 +335,12 @@ class SummarizationStage(Stage):
     def _key(self, request: ChatRequest) -> tuple[str, str] | None:
         return (request.namespace, request.conversation_id) if request.conversation_id else None
 
-    def _conversation_lock(self, key: tuple[str, str]) -> threading.Lock:
+    def _conversation_lock(self, key: tuple[str, str]) -> Any:
         with self._locks_lock:
-            return self._conversation_locks.setdefault(key, threading.Lock())
+            lock = self._conversation_locks.get(key)
+            if lock is None:
+                lock = self._conversation_locks[key] = threading.Lock()
+            return lock
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         with self._embedder_lock:

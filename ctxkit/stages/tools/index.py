@@ -9,14 +9,16 @@ over dense_weight 0.5-0.7, lexical_floor 0.8-1.8, coverage_decay 0.6-0.8 and BM2
 recall@5 stays within 0.903-0.928; nor do separate dense vectors for name+description and parameters.
 
 Persistence: vectors are stored per tool (keyed by a hash of its schema) in one file per embedding
-model, so a catalog that gains or loses a tool embeds only the new tool; the FAISS index and the tool
-list are saved in a folder named by the hash of the whole catalog, so a process that sees the same
-catalog again loads it instead of rebuilding. The lexical index is rebuilt in memory (milliseconds).
+model and precision, so a catalog that gains or loses a tool embeds only the new tool; the catalog's
+vectors, ids and tool hashes are saved together in one file, in a folder named by the hash of the whole
+catalog, so a process that sees the same catalog again loads it instead of rebuilding. The FAISS index
+and the lexical index are rebuilt from it in memory (milliseconds).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,18 +26,19 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...embed import DEFAULT_MODEL_ID
 from ...errors import ConfigurationError, InvalidToolError
 from .lexical import LexicalIndex
 from .text import ToolDocument
 
 Tool = dict[str, Any]
-DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
+INDEX_FILE = "index.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +101,19 @@ class ToolIndex:
         embedder: Any,
         *,
         directory: str | Path | None = None,
-        model_id: str = DEFAULT_MODEL_ID,
+        model_id: str | None = None,
         fusion: FusionConfig | None = None,
         query_cache_size: int = 512,
     ) -> None:
         """embedder: a `ctxkit.embed.Embedder` (anything with `embed(texts) -> (n, d) float32 unit vectors`).
-        directory: where vectors and FAISS indexes persist; None keeps everything in memory."""
+        directory: where vectors and saved indexes persist; None keeps everything in memory.
+        model_id: names the stored vectors; default: the embedder's `model_id` (all-MiniLM-L6-v2)."""
         self.embedder = embedder
-        self.model_id = model_id
+        self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
         # Vectors are stored per model and precision: an index loaded from disk ranks exactly as a fresh one.
         precision = getattr(embedder, "precision", "float32")
-        stored_as = model_id if precision == "float32" else f"{model_id}-{precision}"
+        stored_as = self.model_id if precision == "float32" else f"{self.model_id}-{precision}"
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._lock = threading.RLock()
         self._query_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
@@ -123,6 +127,7 @@ class ToolIndex:
         self._faiss: Any = None
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self.loaded_from_disk = False
+        self._on_disk: str | None = None  # the catalog hash whose saved index matches this one
         self.embedded_tools = 0  # how many tool schemas this index had to embed (0 when all were stored)
         self._build(list(tools))
 
@@ -166,13 +171,22 @@ class ToolIndex:
         catalog replaces that tool in its place (catalog order is send order: keep it stable)."""
         tools = list(tools)
         with self._lock:
-            names = [tool_name(t, i) for i, t in enumerate(tools)]
+            # Everything that can fail (a bad or duplicate name, the embedder) happens before the catalog
+            # changes: a failed add leaves the index as it was.
+            names = _unique_names(tools)
+            vectors = self._vectors_for(tools)
             order = self._names + [n for n in names if n not in self._position]
-            replaced = [n for n in names if n in self._position]
-            self._remove(replaced)
-            self._append(tools)
+            self._remove([n for n in names if n in self._position])
+            self._insert(tools, names, vectors)
             self._reorder(order)
             self._refresh()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[ToolIndex]:
+        """Hold the catalog still while several reads must agree (scores, then the names at their
+        positions): a concurrent `add` or `remove` waits until the block ends."""
+        with self._lock:
+            yield self
 
     def remove(self, names: Iterable[str]) -> None:
         """Drop tools by name; names not in the catalog are ignored."""
@@ -234,9 +248,10 @@ class ToolIndex:
 
     def search(self, text: str, k: int) -> list[str]:
         """The k best tool names for one query text, best first."""
-        candidates, scores = self.score([text])
-        order = np.argsort(-scores[0], kind="stable")[:k]
-        return [self._names[int(candidates[i])] for i in order]
+        with self._lock:
+            candidates, scores = self.score([text])
+            order = np.argsort(-scores[0], kind="stable")[:k]
+            return [self._names[int(candidates[i])] for i in order]
 
     # -- building and persistence -------------------------------------------------------------------
     def _build(self, tools: list[Tool]) -> None:
@@ -250,14 +265,11 @@ class ToolIndex:
         self._refresh()
 
     def _append(self, tools: list[Tool]) -> None:
-        names = [tool_name(t, i) for i, t in enumerate(tools)]
-        seen = set(self._position)
-        for i, name in enumerate(names):
-            if name in seen:
-                raise InvalidToolError(f"duplicate tool name {name!r} in the catalog", i, "function.name")
-            seen.add(name)
-        if not tools:
-            return
+        names = _unique_names(tools)
+        self._insert(tools, names, self._vectors_for(tools))
+
+    def _vectors_for(self, tools: list[Tool]) -> np.ndarray:
+        """The tools' vectors, embedding only schemas never stored before (and storing those)."""
         hashes = [tool_hash(t) for t in tools]
         stored = self._stored_vectors()
         missing = [i for i, h in enumerate(hashes) if h not in stored]
@@ -267,13 +279,22 @@ class ToolIndex:
             self.embedded_tools += len(missing)
             stored.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
             self._save_vectors(stored)
-        vectors = np.stack([stored[h] for h in hashes]).astype(np.float32)
+        if not tools:
+            return np.zeros((0, self.dimension), np.float32)
+        return np.stack([stored[h] for h in hashes]).astype(np.float32)
+
+    def _insert(self, tools: list[Tool], names: list[str], vectors: np.ndarray) -> None:
+        for i, name in enumerate(names):
+            if name in self._position:
+                raise InvalidToolError(f"duplicate tool name {name!r} in the catalog", i, "function.name")
+        if not tools:
+            return
         ids = np.arange(self._next_id, self._next_id + len(tools), dtype=np.int64)
         self._next_id += len(tools)
         self._faiss.add_with_ids(vectors, ids)
         self._tools.extend(tools)
         self._names.extend(names)
-        self._hashes.extend(hashes)
+        self._hashes.extend(tool_hash(t) for t in tools)
         self._ids.extend(int(i) for i in ids)
         self._vectors = vectors if self._vectors.size == 0 else np.vstack([self._vectors, vectors])
         self._reindex()
@@ -322,38 +343,40 @@ class ToolIndex:
         import faiss
 
         assert self._root is not None
-        folder = self._root / catalog_hash(tools)
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            index = faiss.read_index(str(folder / "index.faiss"))
-        except (OSError, ValueError, RuntimeError):
-            return False  # absent or half-written: rebuild, which rewrites it
-        hashes = [tool_hash(t) for t in tools]
-        if meta.get("hashes") != hashes or index.ntotal != len(tools) or index.d != self.dimension:
+            with np.load(self._root / catalog_hash(tools) / INDEX_FILE) as saved:
+                hashes, ids, vectors = saved["hashes"].tolist(), saved["ids"].astype(np.int64), saved["vectors"]
+        except (OSError, ValueError, KeyError):
+            return False  # absent or unreadable: rebuild, which rewrites it
+        expected = [tool_hash(t) for t in tools]
+        if hashes != expected or ids.shape != (len(tools),) or vectors.shape != (len(tools), self.dimension):
             return False
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimension))
+        if len(tools):
+            index.add_with_ids(vectors.astype(np.float32), ids)
         self._faiss = index
         self._tools = list(tools)
         self._names = [tool_name(t, i) for i, t in enumerate(tools)]
-        self._hashes = hashes
-        self._ids = [int(i) for i in meta["ids"]]
+        self._hashes = expected
+        self._ids = [int(i) for i in ids]
         self._next_id = max(self._ids, default=-1) + 1
-        self._vectors = np.stack([index.reconstruct(i) for i in self._ids]).astype(np.float32) if tools else \
-            np.zeros((0, self.dimension), np.float32)
+        self._vectors = vectors.astype(np.float32)
+        self._on_disk = catalog_hash(tools)
         return True
 
     def _save_index(self) -> None:
+        """The catalog's vectors, their ids and the tools' hashes, in one file written atomically: a
+        reader sees a whole index or none, even with several processes saving the same catalog (a flat
+        FAISS index is rebuilt from the vectors in about a millisecond)."""
         folder = self._catalog_dir()
-        if folder is None or (folder / "meta.json").exists():
+        if folder is None or self.catalog_hash == self._on_disk:
             return
-        import faiss
-
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"index.faiss.{uuid.uuid4().hex}.tmp"
-        faiss.write_index(self._faiss, str(tmp))
-        os.replace(tmp, folder / "index.faiss")
-        # meta.json last: its presence says the folder is complete.
-        _atomic_write(folder / "meta.json", json.dumps({"names": self._names, "hashes": self._hashes,
-                                                        "ids": self._ids, "model_id": self.model_id}))
+        tmp = folder / f"index.{uuid.uuid4().hex}.tmp.npz"
+        np.savez(tmp, hashes=np.array(self._hashes, dtype=str), ids=np.array(self._ids, dtype=np.int64),
+                 vectors=self._vectors.astype(np.float32))
+        os.replace(tmp, folder / INDEX_FILE)
+        self._on_disk = self.catalog_hash
 
     def _vector_file(self) -> Path | None:
         return self._root / "vectors.npz" if self._root is not None else None
@@ -378,10 +401,15 @@ class ToolIndex:
         os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _unique_names(tools: Sequence[Tool]) -> list[str]:
+    """The tools' names; a missing or repeated one is an InvalidToolError that names its place."""
+    names = [tool_name(t, i) for i, t in enumerate(tools)]
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InvalidToolError(f"duplicate tool name {name!r} in the catalog", i, "function.name")
+        seen.add(name)
+    return names
 
 
 def _safe(text: str) -> str:

@@ -168,14 +168,16 @@ class ToolSelector:
                extra: Sequence[str] = ()) -> Selection:
         """The tools for a call with these messages; `extra` names are sent too (a recovery's additions)."""
         k = self.top_k if top_k is None else top_k
-        pinned = tuple(n for n in self.pinned if n in self.index)
-        used = tuple(n for n in used_tool_names(messages) if n in self.index) if self.keep_used else ()
-        forced = list(dict.fromkeys([*pinned, *used, *(n for n in extra if n in self.index)]))
-        query = conversation_query(messages, turns=self.turns, actions=self.index.actions)
-        retrieved = self.rank(query, k, exclude=forced)
-        chosen = set(forced) | set(retrieved)
-        ordered = sorted(chosen, key=self.index.position)
-        return Selection(tuple(self.index.tool(n) for n in ordered), tuple(retrieved), pinned, used, tuple(query))
+        with self.index.frozen():  # names, positions and scores from one version of the catalog
+            pinned = tuple(n for n in self.pinned if n in self.index)
+            used = tuple(n for n in used_tool_names(messages) if n in self.index) if self.keep_used else ()
+            forced = list(dict.fromkeys([*pinned, *used, *(n for n in extra if n in self.index)]))
+            query = conversation_query(messages, turns=self.turns, actions=self.index.actions)
+            retrieved = self.rank(query, k, exclude=forced)
+            chosen = set(forced) | set(retrieved)
+            ordered = sorted(chosen, key=self.index.position)
+            tools = tuple(self.index.tool(n) for n in ordered)
+        return Selection(tools, tuple(retrieved), pinned, used, tuple(query))
 
     def rank(self, query: Sequence[QueryPart], k: int, *, exclude: Sequence[str] = ()) -> list[str]:
         """Greedy top-k over the query parts: each pick is the tool with the best weighted score for any
@@ -184,6 +186,10 @@ class ToolSelector:
         tool before any task gets its second."""
         if k == 0 or not query:
             return []
+        with self.index.frozen():
+            return self._rank(query, k, exclude)
+
+    def _rank(self, query: Sequence[QueryPart], k: int, exclude: Sequence[str]) -> list[str]:
         candidates, scores = self.index.score([p.text for p in query])
         if candidates.size == 0:
             return []

@@ -54,10 +54,14 @@ FIND_TOOLS_SCHEMA: Tool = {
         },
     },
 }
-# "I don't have a tool for that", "no function available to ...": the model says the selection missed.
+# "I don't have a tool for that", "there is no suitable function", "none of the provided tools can": the
+# model says the selection missed. Only articles and a few adjectives may come between the denial and the
+# word tool, so "No problem! I checked with the weather tool" and "no need to call any function" do not count.
+_BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|available|specific|right|matching|" \
+               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}(?:tools?|functions?)\b"
 _LACKS_TOOL = re.compile(
-    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|access|see)"
-    r"|no|not\s+(?:have|given))\b[^.\n]{0,40}\b(?:tools?|functions?)\b",
+    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?"
+    r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?|none\s+of|no)\s+" + _BEFORE_TOOL,
     re.IGNORECASE,
 )
 
@@ -197,7 +201,9 @@ class ToolRetrievalStage(Stage):
         tools = [self._compact(t) for t in selection.tools] if self.compact else list(selection.tools)
         if offer_find_tools is None:
             offer_find_tools = self.recovery in ("find_tools", "both")
-        offered = offer_find_tools and len(selection.tools) < len(index) and FIND_TOOLS not in index
+        # A stream goes out as it comes, with no turn to run a search in: it is not offered one.
+        offered = (offer_find_tools and not request.stream and len(selection.tools) < len(index)
+                   and FIND_TOOLS not in index)
         if offered:
             tools.append(FIND_TOOLS_SCHEMA)
         changes: dict[str, Any] = {"tools": tools}
