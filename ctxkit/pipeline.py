@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 from .backends.base import Backend
 from .errors import ContextOverflowError
 from .ledger import Ledger, LedgerRecord, PriceTable
+from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 from .stage import AsyncResult, Result, Stage
@@ -294,4 +294,4 @@ def _add_backend_ms(trace: _CallTrace, t0: float) -> None:
 
 def _redact(text: str) -> str:
     """Error texts can quote request headers; never let an API key reach the ledger or the logs."""
-    return re.sub(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+", r"\1…", text)[:500]
+    return redact(text)[:500]

@@ -1,7 +1,8 @@
 """How stages tell each other that content is quarantined (erroneous, failed or untrusted).
 
 The quarantine stage marks messages by fingerprint in `request.metadata`; fingerprints survive other
-stages dropping or reordering messages. Stages that make content durable (summaries, caches, memory)
+stages dropping or reordering messages. A stage that rewrites a message (pruning, dedup) gives the new
+message the old one's mark with `carry`. Stages that make content durable (summaries, caches, memory)
 must ask `is_quarantined` / `has_quarantined` and keep marked content out.
 """
 
@@ -42,3 +43,11 @@ def mark(request: ChatRequest, marks: Iterable[tuple[Mapping[str, Any], str]]) -
     merged = dict(quarantined(request))
     merged.update((fingerprint(message), reason) for message, reason in marks)
     return request.override(metadata={**request.metadata, METADATA_KEY: merged})
+
+
+def carry(request: ChatRequest, rewritten: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> ChatRequest:
+    """A copy of `request` in which each rewritten message (old, new) keeps the old one's mark: a shortened
+    or collapsed quarantined message is still quarantined. `request` itself if nothing was marked."""
+    marks = quarantined(request)
+    carried = [(new, marks[fingerprint(old)]) for old, new in rewritten if fingerprint(old) in marks]
+    return mark(request, carried) if carried else request

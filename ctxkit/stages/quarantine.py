@@ -43,6 +43,7 @@ import jsonschema
 
 from ..pipeline import record_event
 from ..quarantine_marks import fingerprint, mark
+from ..redaction import redact
 from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
 from ..stage import Stage
@@ -436,10 +437,12 @@ class QuarantineStage(Stage):
     def _add(
         self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
     ) -> QuarantineRecord:
+        # The evidence is often an error text, and error texts quote keys: the record, the log line and the
+        # ledger event carry it redacted.
         record = QuarantineRecord(
             fingerprint=fp, namespace=request.namespace, kind=finding.kind, reason=finding.reason,
-            evidence=finding.evidence,
-            role=str(message.get("role")), source=source, excerpt=_short(message_text(dict(message)), 160),
+            evidence=redact(finding.evidence),
+            role=str(message.get("role")), source=source, excerpt=redact(_short(message_text(dict(message)), 160)),
             conversation_id=request.conversation_id, created_at=time.time(),
         )
         with self._lock:
@@ -447,10 +450,10 @@ class QuarantineStage(Stage):
             if fp in space:  # another thread got there first: one record, one log line
                 return space[fp]
             space[fp] = record
+        detail = f"{record.reason}: {record.evidence}" if record.evidence else record.reason
         logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
-                       request.namespace, finding.detail, fp)
-        record_event(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=finding.detail,
-                     source=source)
+                       request.namespace, detail, fp)
+        record_event(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=detail, source=source)
         return record
 
 

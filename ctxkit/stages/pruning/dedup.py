@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import RequestError
+from ...quarantine_marks import carry
 from ...request import ChatRequest
 from ...response import message_text
 from ...sentences import split_sentences
@@ -117,6 +118,7 @@ class DedupStage(Stage):
             messages = self._collapse_messages(request.messages)
             if messages is not None:
                 changes["messages"] = messages
+                request = carry(request, zip(request.messages, messages, strict=True))
         if self.dedup_documents and "documents" in request.metadata:
             documents, duplicates = self.collapse_documents(request.metadata["documents"])
             if duplicates:

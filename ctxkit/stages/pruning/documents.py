@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ...errors import RequestError
-from ...quarantine_marks import mark
+from ...quarantine_marks import carry, mark
 from ...request import ChatRequest
 from ...response import message_text
 from ...sentences import split_sentences
@@ -319,6 +319,7 @@ class DocumentPruningStage(Stage):
             if new is not None:
                 out[index] = new
                 edited.append(index)
+        request = carry(request, [(messages[i], out[i]) for i in edited])
         changes: dict[str, Any] = {}
         docs = request.metadata.get(DOCUMENTS_KEY)
         if docs is not None:
