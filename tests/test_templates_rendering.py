@@ -11,6 +11,7 @@ from ctxkit import Ledger
 from ctxkit.pipeline import Pipeline
 from ctxkit.request import ChatRequest
 from ctxkit.stages.templates import PromptTemplate, TemplateError, TemplateRegistry, TemplateStage
+from ctxkit.validation import validate_request
 
 TOOLS = [
     {"type": "function", "function": {"name": "search_trains", "description": "Find trains.",
@@ -105,6 +106,19 @@ def test_conversation_budget_drops_oldest_turns_without_orphaning_a_tool_result(
     assert history[-1]["content"] == "Is the Lisboa Card worth it?"
     assert history[0]["role"] != "tool", "a tool result lost its call"
     assert rendered.section_tokens["conversation"] <= 25
+
+
+def test_a_budget_too_small_for_the_newest_tool_result_keeps_its_call_too(llama_backend):
+    conversation = [{"role": "user", "content": "word " * 50},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "result " * 20}]
+    rendered = _template(conversation=10).render(
+        llama_backend.counter, variables={"agent": "A", "company": "T", "limit": 2, "settings": {}},
+        conversation=conversation,
+    )
+    assert [m["role"] for m in rendered.messages[1:]] == ["assistant", "tool"]
+    validate_request(ChatRequest(messages=rendered.messages))  # a provider would accept it
 
 
 def test_fixed_sections_over_budget_raise_instead_of_being_cut(llama_backend):

@@ -250,20 +250,21 @@ def _message_tokens(message: Mapping[str, Any], counter: TokenCounter) -> int:
 
 
 def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) -> int:
-    """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid."""
+    """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid: the
+    fewest that fit, or, when nothing fits, as many as a valid cut allows (the newest message always
+    stays, with the tool call its result answers)."""
     from .summarize.turns import valid_cuts  # here, not at the top: summarize uses this module's engine
 
     valid = valid_cuts(history)
     sizes = [_message_tokens(m, counter) for m in history]
     total = sum(sizes)
-    start = 0
-    last = len(history) - 1  # the newest message always stays
-    while total > budget and start < last:
-        total -= sizes[start]
-        start += 1
-        while start < last and not valid[start]:
-            total -= sizes[start]
-            start += 1
+    start, kept, dropped = 0, total, 0
+    for cut in range(1, len(history)):
+        if kept <= budget:
+            break
+        dropped += sizes[cut - 1]
+        if valid[cut]:
+            start, kept = cut, total - dropped
     return start
 
 
