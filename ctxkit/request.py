@@ -67,10 +67,18 @@ class ChatRequest:
         ctxkit's own fields can be passed through `extra_body={"ctxkit": {"namespace": ..., ...}}` or as
         `metadata`, so the OpenAI-style client keeps its exact signature.
         """
+        from .errors import RequestError
+
         kwargs = dict(kwargs)
         ctx = dict(defaults)
-        extra_body = kwargs.pop("extra_body", None) or {}
-        ctx.update(extra_body.get("ctxkit", {}))
+        extra_body = dict(kwargs.pop("extra_body", None) or {})
+        own = extra_body.pop("ctxkit", None) or {}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"messages", "tools", "params", "model", "stream"}
+        if not isinstance(own, Mapping) or set(own) - fields:
+            wrong = sorted(set(own) - fields) if isinstance(own, Mapping) else type(own).__name__
+            raise RequestError(f"unknown ctxkit field(s) {wrong}; expected some of {', '.join(sorted(fields))}",
+                               'extra_body["ctxkit"]')
+        ctx.update(own)
         messages = kwargs.pop("messages")
         tools = kwargs.pop("tools", None) or ()
         model = kwargs.pop("model", None)
@@ -79,10 +87,10 @@ class ChatRequest:
         metadata = dict(kwargs.pop("metadata", None) or {})
         metadata.update(ctx.pop("metadata", {}))
         params = {k: v for k, v in kwargs.items() if k in SAMPLING_PARAMS and v is not None}
+        if extra_body:  # backend-specific sampling (top_k, min_p, ...): passed on, not dropped
+            params["extra_body"] = extra_body
         unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and not k.startswith("extra_"))
         if unknown:
-            from .errors import RequestError
-
             raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "create()")
         return cls(
             messages=copy.deepcopy(list(messages)),

@@ -143,6 +143,8 @@ class _StreamBase:
         self._prompt_tokens_if_unreported = tokens
 
     def _finish(self) -> None:
+        if self.response is not None:
+            return  # iterated again, or collect() after a full iteration: the call ended once
         message = self._assembler.message()
         usage = self._assembler.usage
         if usage is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
@@ -34,6 +35,11 @@ def _validate_messages(messages: Any) -> None:
         if role not in ROLES:
             raise InvalidMessageError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}", i, "role")
         content = message.get("content")
+        if open_calls and role != "tool":
+            # Providers reject a tool call whose results do not follow it (before the next turn).
+            unanswered = ", ".join(repr(c) for c in open_calls)
+            raise InvalidMessageError(f"tool call(s) {unanswered} of message {min(open_calls.values())} got no "
+                                      "tool result before this message", i, "role")
         if role == "assistant":
             tool_calls = message.get("tool_calls") or []
             if content is None and not tool_calls:
@@ -129,6 +135,11 @@ def _validate_tools(tools: Any) -> None:
 
 
 def _validate_params(params: Any) -> None:
+    if not isinstance(params, Mapping):
+        raise RequestError(f"must be an object of sampling parameters, got {type(params).__name__}", "params")
+    extra_body = params.get("extra_body")
+    if extra_body is not None and not isinstance(extra_body, Mapping):
+        raise RequestError(f"must be an object, got {type(extra_body).__name__}", "extra_body")
     temperature = params.get("temperature")
     if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
         raise RequestError(f"must be a number from 0 to 2, got {temperature!r}", "temperature")

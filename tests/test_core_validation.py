@@ -80,6 +80,9 @@ CASES = [
     ("tool without type function", [{"role": "user", "content": "hi"}], [{"function": {"name": "x"}}],
      InvalidToolError, "tools[0].type"),
     ("empty messages", [], [], RequestError, "messages"),
+    ("tool call left unanswered before the next turn",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+      {"role": "user", "content": "and?"}], [WEATHER], InvalidMessageError, "messages[2].role"),
 ]
 
 
@@ -133,3 +136,28 @@ def test_a_stage_that_breaks_the_request_is_caught_before_the_backend(counting, 
     with pytest.raises(InvalidMessageError, match="answers no earlier assistant tool call"):
         pipeline.call(ChatRequest(messages=messages, tools=[WEATHER]))
     assert counting.calls == 0
+
+
+def test_params_and_extra_body_of_the_wrong_shape_name_the_field(counting, ledger):
+    pipeline = Pipeline(counting, ledger=ledger)
+    with pytest.raises(RequestError) as info:
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params=None))
+    assert info.value.where == "params"
+    with pytest.raises(RequestError) as info:
+        ChatRequest.from_openai_kwargs({"messages": [{"role": "user", "content": "hi"}],
+                                        "extra_body": {"ctxkit": {"namspace": "team-a"}}})
+    assert info.value.where == 'extra_body["ctxkit"]' and "namspace" in str(info.value)
+    assert counting.calls == 0
+
+
+def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_backend, ledger):
+    """top_k=1 makes sampling greedy: at temperature 1.5 three different seeds then agree."""
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    messages = [{"role": "user", "content": "Name three colours."}]
+    request = ChatRequest.from_openai_kwargs({"messages": messages, "extra_body": {"top_k": 1, "ctxkit": {
+        "namespace": "team-a"}}})
+    assert request.params["extra_body"] == {"top_k": 1} and request.namespace == "team-a"
+    answers = {client.chat.completions.create(model="m", messages=messages, temperature=1.5, max_tokens=16, seed=seed,
+                                              extra_body={"top_k": 1}).choices[0].message.content
+               for seed in (1, 2, 3)}
+    assert len(answers) == 1, answers

@@ -27,6 +27,12 @@ from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
 DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models ramble at OpenAI's 1.0
 
 
+# Sampling settings outside the OpenAI API that llama.cpp takes, passed as `extra_body` (as vLLM and
+# llama.cpp's server take them); other extra_body keys mean nothing to a local model.
+LLAMA_EXTRA_SAMPLING = ("top_k", "min_p", "typical_p", "repeat_penalty", "tfs_z", "mirostat_mode",
+                        "mirostat_tau", "mirostat_eta")
+
+
 def _may_be_tool_call(text: str) -> bool:
     head = text.lstrip()
     return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
@@ -181,7 +187,9 @@ class LlamaCppBackend:
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice"))
+        extra = params.get("extra_body") or {}
         return {
+            **{k: extra[k] for k in LLAMA_EXTRA_SAMPLING if k in extra},
             "max_tokens": request.max_tokens or 256,
             "temperature": params.get("temperature", DEFAULT_TEMPERATURE),
             "top_p": params.get("top_p", 0.95),
