@@ -6,6 +6,7 @@ import asyncio
 import http.server
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -108,7 +109,7 @@ def test_server_stopped_mid_run_raises_typed_error_and_records_no_success(tmp_pa
 class FlakyProxy(http.server.ThreadingHTTPServer):
     """Answers 503 (then 429) before forwarding to the real server: a fault the real server cannot make."""
 
-    def __init__(self, upstream: str, failures: list[int]) -> None:
+    def __init__(self, upstream: str, failures: list[int], retry_after: str = "0") -> None:
         self.upstream, self.failures, self.attempts = upstream, list(failures), 0
         proxy = self
 
@@ -123,7 +124,7 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
                     status = proxy.failures.pop(0)
                     payload = json.dumps({"error": {"message": f"injected {status}"}}).encode()
                     self.send_response(status)
-                    self.send_header("Retry-After", "0")
+                    self.send_header("Retry-After", retry_after)
                 else:
                     request = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
                                                      headers={"Content-Type": "application/json"})
@@ -165,6 +166,20 @@ def test_error_status_passes_through_typed_when_retries_run_out(server, gguf_cou
         proxy.shutdown()
     assert info.value.status == 500 and proxy.attempts == 2
     assert ledger.records[-1].status == "error"
+
+
+def test_a_retry_after_longer_than_the_backoff_cap_fails_now_instead_of_sleeping(server, gguf_counter, ledger):
+    proxy = FlakyProxy(server.base_url, [429], retry_after="3600")
+    try:
+        backend = OpenAIBackend("smollm2", base_url=proxy.base_url, counter=gguf_counter, context_window=4096,
+                                max_retries=3, backoff_s=0.01, max_backoff_s=5)
+        started = time.monotonic()
+        with pytest.raises(BackendStatusError) as info:
+            Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        proxy.shutdown()
+    assert info.value.status == 429 and proxy.attempts == 1
+    assert time.monotonic() - started < 5
 
 
 def test_api_key_never_reaches_the_ledger_or_repr(server, gguf_counter, ledger, monkeypatch):

@@ -146,14 +146,18 @@ class OpenAIBackend:
             model=completion.model or self.model, backend=self.name, id=completion.id,
         )
 
-    def _delay(self, attempt: int, exc: openai.OpenAIError) -> float:
+    def _delay(self, attempt: int, exc: openai.OpenAIError) -> float | None:
+        """Seconds to wait before the next attempt; None when the server asks for longer than
+        `max_backoff_s` (a Retry-After of an hour): the error goes to the caller now, not after an hour."""
         retry_after = None
         if isinstance(exc, openai.APIStatusError):
             header = exc.response.headers.get("retry-after")
             if header and header.replace(".", "", 1).isdigit():
                 retry_after = float(header)
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_backoff_s else None
         base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-        return retry_after if retry_after is not None else base * (0.5 + random.random() / 2)
+        return base * (0.5 + random.random() / 2)
 
     def _retryable(self, exc: openai.OpenAIError) -> bool:
         if isinstance(exc, openai.APIConnectionError):  # includes timeouts
@@ -165,9 +169,10 @@ class OpenAIBackend:
             try:
                 return call()
             except openai.OpenAIError as exc:
-                if attempt == self.max_retries or not self._retryable(exc):
+                delay = self._delay(attempt, exc)
+                if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc) from exc
-                time.sleep(self._delay(attempt, exc))
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _awith_retries(self, call: Callable[[], Any]) -> Any:
@@ -175,9 +180,10 @@ class OpenAIBackend:
             try:
                 return await call()
             except openai.OpenAIError as exc:
-                if attempt == self.max_retries or not self._retryable(exc):
+                delay = self._delay(attempt, exc)
+                if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc) from exc
-                await asyncio.sleep(self._delay(attempt, exc))
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     def _translate(self, exc: openai.OpenAIError) -> BackendError:
