@@ -34,9 +34,11 @@ def test_hybrid_ranker_keeps_the_answer_within_a_fifth_of_the_tokens(ranker):
 
 def test_budget_is_never_exceeded_and_texts_are_cut_to_passages(ranker):
     total = ranker.count([d["text"] for d in CORPUS])
-    for budget in (1, 20, 57, total // 3, total):
-        result = ranker.prune("When did Apollo 11 land?", CORPUS, budget)
-        assert result.tokens_after <= budget
+    for question in ("When did Apollo 11 land?", "How do I descale a kettle?"):
+        for budget in (1, 5, 10, 20, 30, 57, total // 3, total // 2, total):
+            result = ranker.prune(question, CORPUS, budget)
+            sent = sum(ranker.counter.count_text(d["text"]) for d in result.documents)  # "…" marks included
+            assert result.tokens_after <= budget and sent <= budget, (question, budget, sent)
     result = ranker.prune("When did Apollo 11 land?", CORPUS, 30)
     moon = next(d for d in result.documents if d["id"] == "moon-1")
     assert "20 July 1969" in moon["text"] and moon["text"] != CORPUS[-1]["text"]
@@ -151,3 +153,23 @@ def test_a_rendered_message_carrying_a_quarantined_document_is_marked():
     assert 'id="evil"' in rendered["content"] and is_quarantined(out, rendered)
     clean = DocumentPruningStage(budget_fraction=1.0).before_model(request.override(metadata={"documents": CORPUS[:3]}))
     assert not is_quarantined(clean, clean.messages[0])
+
+
+def test_a_tool_result_the_budget_holds_whole_is_left_as_it_is(embedder):
+    result = "\n\n".join(d["text"] for d in CORPUS)
+    stage = DocumentPruningStage(budget_tokens=100_000, embedder=embedder, long_message_tokens=50)
+    turn = _tool_turn("When was the Oslo Opera House opened?", result)
+    assert stage.before_model(ChatRequest(messages=turn)).messages[2]["content"] == result
+
+
+def test_two_document_blocks_with_the_same_id_keep_their_own_text(embedder):
+    apples = "Apples cost 3 dollars per kilo at the market today. They come from a farm nearby."
+    pears = "Pears cost 9 dollars per kilo and are imported. They arrive by ship every week."
+    filler = " ".join(f"Stall {i} sells bread, cheese and honey every morning." for i in range(30))
+    content = (f'Which costs more per kilo, apples or pears?\n<document id="p">{apples} {filler}</document>\n'
+               f'<document id="p">{pears} {filler}</document>')
+    stage = DocumentPruningStage(budget_fraction=0.3, embedder=embedder)
+    out = stage.before_model(ChatRequest(messages=[{"role": "user", "content": content}])).messages[0]["content"]
+    first, second = out.split('<document id="p">')[1:]
+    assert "Apples cost 3 dollars" in first and "Pears" not in first
+    assert "Pears cost 9 dollars" in second and "Apples" not in second

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import re
 import threading
 from collections import OrderedDict
@@ -241,30 +242,48 @@ class DocumentRanker:
                         used += int(unit_tokens[j])
         # Passages of a document are contiguous: its range is [starts[k], starts[k + 1]).
         starts = np.searchsorted(own, np.arange(len(texts) + 1))
-        kept_by_doc: dict[int, list[int]] = {}
-        for i in np.flatnonzero(chosen):
-            kept_by_doc.setdefault(int(own[i]), []).append(int(i))
-        kept_docs: list[dict[str, Any]] = []
-        kept_ids: list[str] = []
-        for k in sorted(kept_by_doc):
-            keep = kept_by_doc[k]
-            first, last = int(starts[k]), int(starts[k + 1]) - 1
-            if len(keep) == last - first + 1:
-                text = texts[k]
-            else:
-                pieces = ["…"] if keep[0] != first else []
-                for n, i in enumerate(keep):
-                    if n and i != keep[n - 1] + 1:
-                        pieces.append("…")
-                    pieces.append(units[i])
-                if keep[-1] != last:
-                    pieces.append("…")
-                text = " ".join(pieces)
-            kept_docs.append({**documents[k], "text": text})
-            kept_ids.append(ids[k])
-        dropped = [ids[k] for k in range(len(texts)) if k not in kept_by_doc]
-        tokens_after = used
+        mark_tokens = self.counter.count_text(" …")
+        while True:
+            kept_docs, kept_ids, marks = _assemble(documents, texts, ids, units, starts, chosen, own)
+            # The budget holds for what is sent: the "…" marks between kept passages count too.
+            tokens_after = int(unit_tokens[chosen].sum()) + marks * mark_tokens
+            if tokens_after <= budget_tokens or not chosen.any():
+                break
+            kept = np.flatnonzero(chosen)
+            chosen[kept[int(np.argmin(score[kept]))]] = False
+        kept_documents = set(own[chosen].tolist())
+        dropped = [ids[k] for k in range(len(texts)) if k not in kept_documents]
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
+
+
+def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids: Sequence[str], units: Sequence[str],
+              starts: np.ndarray, chosen: np.ndarray, own: np.ndarray) -> tuple[list[dict[str, Any]], list[str], int]:
+    """The kept documents, each its chosen passages in order with "…" where passages were left out, and
+    how many "…" marks that took."""
+    kept_by_doc: dict[int, list[int]] = {}
+    for unit in np.flatnonzero(chosen):
+        kept_by_doc.setdefault(int(own[unit]), []).append(int(unit))
+    kept_docs: list[dict[str, Any]] = []
+    kept_ids: list[str] = []
+    marks = 0
+    for k in sorted(kept_by_doc):
+        keep = kept_by_doc[k]
+        first, last = int(starts[k]), int(starts[k + 1]) - 1
+        if len(keep) == last - first + 1:
+            text = texts[k]
+        else:
+            pieces = ["…"] if keep[0] != first else []
+            for n, i in enumerate(keep):
+                if n and i != keep[n - 1] + 1:
+                    pieces.append("…")
+                pieces.append(units[i])
+            if keep[-1] != last:
+                pieces.append("…")
+            text = " ".join(pieces)
+            marks += pieces.count("…")
+        kept_docs.append({**documents[k], "text": text})
+        kept_ids.append(ids[k])
+    return kept_docs, kept_ids, marks
 
 
 class DocumentPruningStage(Stage):
@@ -360,7 +379,8 @@ class DocumentPruningStage(Stage):
             return None
         role = message.get("role")
         if role == "user" and "<document id=" in content:
-            blocks = [{"id": m.group(1), "text": m.group(2)} for m in DOCUMENT_BLOCK.finditer(content)]
+            # Ranked by position, not by the id written in the block: two blocks may carry the same id.
+            blocks = [{"id": str(n), "text": m.group(2)} for n, m in enumerate(DOCUMENT_BLOCK.finditer(content))]
             if not blocks:
                 return None
             query = DOCUMENT_BLOCK.sub(" ", content).strip() or _turn_query(messages, index)
@@ -368,16 +388,17 @@ class DocumentPruningStage(Stage):
             if result.tokens_after >= result.tokens_before:
                 return None
             kept = {d["id"]: d["text"] for d in result.documents}
+            position = itertools.count()
 
             def cut(match: re.Match[str]) -> str:
-                doc_id = match.group(1)
-                return f'<document id="{doc_id}">{kept[doc_id]}</document>' if doc_id in kept else ""
+                n = str(next(position))
+                return f'<document id="{match.group(1)}">{kept[n]}</document>' if n in kept else ""
 
             return {**message, "content": re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, content))}
         if role == "tool":
             tokens = self.counter.count_text(content)
-            if tokens <= self.long_message_tokens:
-                return None
+            if tokens <= self.long_message_tokens or self.budget_for(tokens) >= tokens:
+                return None  # short, or the budget holds all of it: a note would only make it longer
             query = _turn_query(messages, index)
             result = self.ranker.prune(query, [{"id": "result", "text": content}], self.budget_for(tokens))
             if not result.documents:
