@@ -172,6 +172,18 @@ def test_registry_serves_newest_version_and_refuses_a_changed_version():
         PromptTemplate("t", "1", budgets={"footer": 10})
 
 
+def test_the_apps_system_message_is_replaced_only_by_a_template_that_has_its_own(llama_backend):
+    request = ChatRequest(messages=[{"role": "system", "content": "You are the app's own assistant."},
+                                    {"role": "user", "content": "hi"}],
+                          metadata={"ctxkit.template": {"memory": "The user prefers trains."}})
+    own = TemplateStage(PromptTemplate("t", "1", system="You are a travel assistant."), llama_backend.counter)
+    none = TemplateStage(PromptTemplate("t", "1"), llama_backend.counter)
+    replaced = [m["content"] for m in own.before_model(request).messages]
+    kept = [m["content"] for m in none.before_model(request).messages]
+    assert "You are the app's own assistant." not in replaced and "You are a travel assistant." in replaced[0]
+    assert kept[0] == "You are the app's own assistant." and any("prefers trains" in c for c in kept)
+
+
 def test_template_stage_in_a_pipeline_with_the_local_model(llama_backend, tmp_path):
     ledger = Ledger(tmp_path / "ledger.jsonl")
     template = PromptTemplate("shop", "1", system="You are a terse assistant for {{ shop }}.",

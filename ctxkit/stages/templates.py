@@ -321,16 +321,15 @@ class TemplateStage(Stage):
         if not isinstance(inputs, Mapping):
             raise TemplateError(f"metadata[{METADATA_KEY!r}] must be a dict", self.template.id)
         conversation = list(request.messages)
-        leading: list[Message] = []
-        if conversation and conversation[0].get("role") == "system":
-            if not self.replace_system:
-                leading = [conversation[0]]
-            conversation = conversation[1:]
+        app_system = conversation.pop(0) if conversation and conversation[0].get("role") == "system" else None
         rendered = self.template.render(
             self.counter, variables=inputs.get("variables"), conversation=conversation,
             documents=inputs.get("documents") or (), memory=inputs.get("memory"), tools=request.tools,
         )
-        messages = leading + rendered.messages if leading else rendered.messages
+        # The app's system message goes only when the template brings its own to replace it.
+        own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
+        keep = app_system is not None and (not self.replace_system or not own_system)
+        messages = [app_system, *rendered.messages] if keep else rendered.messages
         metadata = {**request.metadata, "ctxkit.template_id": rendered.template,
                     "ctxkit.kept_documents": rendered.kept_documents}
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
