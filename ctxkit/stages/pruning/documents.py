@@ -224,54 +224,38 @@ class DocumentRanker:
             doc_score = w * doc_score + (1 - w) * _normalise(doc_cos)
         score = (1 - self.weights.document) * unit_score + self.weights.document * doc_score[own]
 
-        # Passages of a document are contiguous: its range is [starts[k], starts[k + 1]).
-        starts = np.searchsorted(own, np.arange(len(texts) + 1))
-        # What is sent includes a "…" mark wherever passages were left out: a passage costs its tokens
-        # plus the marks it adds or removes, so the budget holds for the text as sent.
-        mark_tokens = self.counter.count_text(" …")
         chosen = np.zeros(len(units), dtype=bool)
         used = 0
         smallest = int(unit_tokens.min())
-
-        def cost(i: int) -> int:
-            first, last = int(starts[own[i]]), int(starts[own[i] + 1])
-            before = _marks(chosen[first:last])
-            chosen[i] = True
-            after = _marks(chosen[first:last])
-            chosen[i] = False
-            return int(unit_tokens[i]) + (after - before) * mark_tokens
-
         for i in np.argsort(-score, kind="stable"):
             if budget_tokens - used < smallest:
                 break
             if chosen[i] or used + unit_tokens[i] > budget_tokens:
                 continue
-            extra = cost(i)
-            if used + extra > budget_tokens:
-                continue
             chosen[i] = True
-            used += extra
+            used += int(unit_tokens[i])
             for step in range(1, self.weights.neighbours + 1):
                 for j in (i - step, i + step):
-                    if 0 <= j < len(units) and own[j] == own[i] and not chosen[j]:
-                        extra = cost(j)
-                        if used + extra <= budget_tokens:
-                            chosen[j] = True
-                            used += extra
-        kept_docs, kept_ids, marks = _assemble(documents, texts, ids, units, starts, chosen, own)
-        tokens_after = int(unit_tokens[chosen].sum()) + marks * mark_tokens
+                    if (0 <= j < len(units) and own[j] == own[i] and not chosen[j]
+                            and used + unit_tokens[j] <= budget_tokens):
+                        chosen[j] = True
+                        used += int(unit_tokens[j])
+        # Passages of a document are contiguous: its range is [starts[k], starts[k + 1]).
+        starts = np.searchsorted(own, np.arange(len(texts) + 1))
+        # Dropping the weakest passage until the marks fit keeps the best ones: choosing passages at their
+        # cost with marks instead measured worse on one page (gold recall 0.965 against 0.972).
+        mark_tokens = self.counter.count_text(" …")
+        while True:
+            kept_docs, kept_ids, marks = _assemble(documents, texts, ids, units, starts, chosen, own)
+            # The budget holds for what is sent: the "…" marks between kept passages count too.
+            tokens_after = int(unit_tokens[chosen].sum()) + marks * mark_tokens
+            if tokens_after <= budget_tokens or not chosen.any():
+                break
+            kept = np.flatnonzero(chosen)
+            chosen[kept[int(np.argmin(score[kept]))]] = False
         kept_documents = set(own[chosen].tolist())
         dropped = [ids[k] for k in range(len(texts)) if k not in kept_documents]
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
-
-
-def _marks(chosen: np.ndarray) -> int:
-    """The "…" marks a document's text gets for these chosen passages: one for each run of passages
-    left out (none when all or none are kept)."""
-    if chosen.all() or not chosen.any():
-        return 0
-    runs = int(chosen[0]) + int(np.count_nonzero(chosen[1:] & ~chosen[:-1]))
-    return runs - 1 + int(not chosen[0]) + int(not chosen[-1])
 
 
 def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids: Sequence[str], units: Sequence[str],
