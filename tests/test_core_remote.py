@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -182,6 +183,44 @@ def test_a_retry_after_longer_than_the_backoff_cap_fails_now_instead_of_sleeping
     assert time.monotonic() - started < 5
 
 
+def test_a_connection_lost_mid_stream_is_a_typed_error_and_no_success(gguf_counter, ledger):
+    """A server that sends one chunk of a stream and then drops the connection (a fault the real server
+    cannot be made to produce)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    chunk = json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]})
+
+    def serve_once():
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:  # read the whole request, so the close is not a reset
+                body += conn.recv(65536)
+            body = f"data: {chunk}\n\n".encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+            time.sleep(0.2)  # then close without the final chunk: the body never completes
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+                            counter=gguf_counter, context_window=4096, max_retries=0)
+    stream = Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+    with pytest.raises(BackendConnectionError):  # openai 3 wraps the lost connection, 1.x leaves it to httpx
+        for _ in stream:
+            pass
+    thread.join(timeout=5)
+    listener.close()
+    assert ledger.records[-1].status == "error" and ledger.records[-1].error_type == "BackendConnectionError"
+
+
 def test_api_key_never_reaches_the_ledger_or_repr(server, gguf_counter, ledger, monkeypatch):
     secret = "sk-test-SECRETSECRETSECRET1234567890"
     monkeypatch.setenv("CTXKIT_TEST_KEY", secret)
@@ -190,3 +229,14 @@ def test_api_key_never_reaches_the_ledger_or_repr(server, gguf_counter, ledger, 
     Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
     assert secret not in repr(backend)
     assert secret not in ledger.path.read_text()
+
+
+def test_transport_errors_of_the_sdks_http_library_map_to_typed_errors():
+    """openai 1.x leaves a connection lost mid-stream to httpx; the stream loop catches those too."""
+    from ctxkit.backends.openai_compat import _TRANSPORT_ERRORS, _lost_mid_stream
+    from ctxkit.errors import BackendTimeoutError
+
+    assert _TRANSPORT_ERRORS, "the HTTP library the openai SDK runs on was not found"
+    module = sys.modules[_TRANSPORT_ERRORS[0].__module__.split(".")[0]]
+    assert isinstance(_lost_mid_stream(module.ReadTimeout("stalled"), "openai"), BackendTimeoutError)
+    assert isinstance(_lost_mid_stream(module.RemoteProtocolError("closed"), "openai"), BackendConnectionError)

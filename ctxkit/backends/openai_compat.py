@@ -8,6 +8,7 @@ could duplicate output. The API key is read from the environment and never logge
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import random
 import time
@@ -96,6 +97,8 @@ class OpenAIBackend:
                 yield chunk.model_dump(exclude_unset=True)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
+        except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
+            raise _lost_mid_stream(exc, self.name) from exc
         finally:
             chunks.close()
 
@@ -112,6 +115,8 @@ class OpenAIBackend:
                 yield chunk.model_dump(exclude_unset=True)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise _lost_mid_stream(exc, self.name) from exc
         finally:
             await chunks.close()
 
@@ -194,6 +199,27 @@ class OpenAIBackend:
         if isinstance(exc, openai.APIStatusError):
             return BackendStatusError(exc.message, backend=self.name, status=exc.status_code)
         return BackendError(str(exc), backend=self.name)
+
+
+def _transport_errors(name: str) -> tuple[type[Exception], ...]:
+    """One error class of each HTTP library the openai SDK may run on (httpx; httpx2 from openai 3)."""
+    found = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors("HTTPError")
+_TRANSPORT_TIMEOUTS = _transport_errors("TimeoutException")
+
+
+def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
+    if isinstance(exc, _TRANSPORT_TIMEOUTS):
+        return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
+    return BackendConnectionError(f"the connection was lost mid-stream: {exc}", backend=backend)
 
 
 def _known_context(model: str) -> int:
