@@ -82,8 +82,13 @@ class ChatRequest:
         messages = kwargs.pop("messages")
         tools = kwargs.pop("tools", None) or ()
         model = kwargs.pop("model", None)
-        stream = bool(kwargs.pop("stream", False))
-        kwargs.pop("stream_options", None)  # ctxkit always asks backends for usage
+        stream = kwargs.pop("stream", None)
+        if stream is not None and not isinstance(stream, bool):  # "false" is a true string
+            raise RequestError(f"must be true or false, got {stream!r}", "stream")
+        stream = bool(stream)
+        stream_options = kwargs.pop("stream_options", None)  # ctxkit always asks backends for usage
+        if stream_options is not None and not isinstance(stream_options, Mapping):
+            raise RequestError(f"must be an object, got {type(stream_options).__name__}", "stream_options")
         metadata = dict(kwargs.pop("metadata", None) or {})
         metadata.update(ctx.pop("metadata", {}))
         params = {k: v for k, v in kwargs.items() if k in SAMPLING_PARAMS and v is not None}

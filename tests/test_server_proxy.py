@@ -99,6 +99,21 @@ def test_a_malformed_request_gets_400_naming_the_field(proxy):
     assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
     no_messages = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, json={"model": "m"})
     assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
+    for field, value in (("stream", "false"), ("stream", 1), ("stream_options", "x"), ("stream_options", [1])):
+        bad = httpx.post(f"{base_url}/v1/chat/completions", headers=headers,
+                         json={"model": "m", "messages": HELLO, field: value})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field, (field, value, bad.text)
+
+
+def test_an_upstream_that_refuses_the_proxys_own_key_is_a_502_not_a_401():
+    from ctxkit.errors import BackendStatusError
+    from ctxkit.server.app import error_for
+
+    for status in (401, 403):
+        answer = error_for(BackendStatusError("invalid key", backend="openai", status=status))
+        assert answer.status == 502 and answer.code == f"upstream_{status}"
+        assert "WWW-Authenticate" not in answer.response().headers
+    assert error_for(BackendStatusError("slow down", backend="openai", status=429)).status == 429
 
 
 def test_a_completion_reports_the_usage_the_ledger_recorded(proxy):

@@ -67,6 +67,9 @@ def error_for(exc: BaseException) -> HTTPError:
         return HTTPError(400, "invalid_request_error", str(exc), exc.where, "context_length_exceeded")
     if isinstance(exc, RequestError):
         return HTTPError(400, "invalid_request_error", str(exc), exc.where)
+    if isinstance(exc, BackendStatusError) and exc.status in (401, 403):
+        # The proxy's own upstream key was refused: not the client's key, so not a 401 to the client.
+        return HTTPError(502, "upstream_error", str(exc), code=f"upstream_{exc.status}")
     if isinstance(exc, BackendStatusError) and exc.status is not None:
         return HTTPError(exc.status, "upstream_error", str(exc), code=f"upstream_{exc.status}")
     if isinstance(exc, BackendTimeoutError):
