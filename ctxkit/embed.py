@@ -36,7 +36,6 @@ class Embedder:
 
         if precision not in PRECISIONS:
             raise ConfigurationError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        # What stored vectors are keyed by (the tool index keeps one set per model and precision).
         self.model_id = DEFAULT_MODEL_ID if model_path is None else Path(model_path).name
         if model_path is None:
             try:
@@ -93,6 +92,17 @@ class Embedder:
 
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
+
+    @property
+    def vectors_id(self) -> str:
+        """What stored vectors are keyed by: the model, and the precision when it is not float32."""
+        return vectors_id(self.model_id, self.precision)
+
+
+def vectors_id(model_id: str, precision: str | None) -> str:
+    """The name under which vectors of this model and precision are stored (tool index, embedding caches):
+    vectors of another precision differ slightly, and an index loaded from disk must rank as a fresh one."""
+    return model_id if precision in (None, "float32") else f"{model_id}-{precision}"
 
 
 def _resolve_precision(precision: str, device: str, direct: bool) -> str:

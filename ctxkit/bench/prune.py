@@ -49,20 +49,20 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 class DiskCachedEmbedder:
     """An embedder whose vectors persist in a diskcache directory, keyed by the text's hash and the
-    embedder's precision (a float32 run does not reuse bfloat16 vectors)."""
+    embedder's `vectors_id` (a float32 run does not reuse bfloat16 vectors)."""
 
     def __init__(self, embedder: Any, directory: Path) -> None:
         import diskcache
 
         self.embedder = embedder
         self.precision = getattr(embedder, "precision", None)
+        self._salt = f"{getattr(embedder, 'vectors_id', '')}\0"
         self.cache = diskcache.Cache(str(directory))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return self.embedder.embed([])
-        salt = f"{self.precision}\0" if self.precision not in (None, "float32") else ""
-        keys = [hashlib.blake2b((salt + t).encode(), digest_size=16).hexdigest() for t in texts]
+        keys = [hashlib.blake2b((self._salt + t).encode(), digest_size=16).hexdigest() for t in texts]
         found = {k: self.cache.get(k) for k in set(keys)}
         missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if found[k] is None}.items())
         if missing:

@@ -450,7 +450,7 @@ class QuarantineStage(Stage):
             if fp in space:  # another thread got there first: one record, one log line
                 return space[fp]
             space[fp] = record
-        detail = f"{record.reason}: {record.evidence}" if record.evidence else record.reason
+        detail = redact(finding.detail)
         logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
                        request.namespace, detail, fp)
         record_event(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=detail, source=source)

@@ -399,10 +399,11 @@ class DocumentPruningStage(Stage):
             return {**message, "content": re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, content))}
         if role == "tool":
             tokens = self.counter.count_text(content)
-            if tokens <= self.long_message_tokens or self.budget_for(tokens) >= tokens:
+            budget = self.budget_for(tokens)
+            if tokens <= self.long_message_tokens or budget >= tokens:
                 return None  # short, or the budget holds all of it: a note would only make it longer
             query = _turn_query(messages, index)
-            result = self.ranker.prune(query, [{"id": "result", "text": content}], self.budget_for(tokens))
+            result = self.ranker.prune(query, [{"id": "result", "text": content}], budget)
             if not result.documents:
                 return None
             call = _call_for(messages, index)

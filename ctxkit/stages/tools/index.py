@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ...embed import DEFAULT_MODEL_ID
+from ...embed import DEFAULT_MODEL_ID, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
 from .lexical import LexicalIndex
 from .text import ToolDocument
@@ -111,9 +111,7 @@ class ToolIndex:
         self.embedder = embedder
         self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
-        # Vectors are stored per model and precision: an index loaded from disk ranks exactly as a fresh one.
-        precision = getattr(embedder, "precision", "float32")
-        stored_as = self.model_id if precision == "float32" else f"{self.model_id}-{precision}"
+        stored_as = vectors_id(self.model_id, getattr(embedder, "precision", None))
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._lock = threading.RLock()
         self._query_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
@@ -284,9 +282,7 @@ class ToolIndex:
         return np.stack([stored[h] for h in hashes]).astype(np.float32)
 
     def _insert(self, tools: list[Tool], names: list[str], vectors: np.ndarray) -> None:
-        for i, name in enumerate(names):
-            if name in self._position:
-                raise InvalidToolError(f"duplicate tool name {name!r} in the catalog", i, "function.name")
+        """Append checked tools (unique names, none in the catalog) with their vectors."""
         if not tools:
             return
         ids = np.arange(self._next_id, self._next_id + len(tools), dtype=np.int64)
