@@ -25,7 +25,7 @@ from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 from .stage import AsyncResult, Result, Stage
-from .validation import validate_request
+from .validation import replace_malformed_arguments, validate_request
 
 S = TypeVar("S", ChatStream, AsyncChatStream)
 _current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar("ctxkit_call", default=None)
@@ -131,11 +131,10 @@ class Pipeline:
     # -- the public calls ---------------------------------------------------------------------------
     def call(self, request: ChatRequest) -> Result:
         """Run one call. Returns a ChatResponse, or a ChatStream when `request.stream` is set."""
-        validate_request(request)
-        trace = _CallTrace(self, request)
+        trace = self._start(request)
         token = _current_call.set(trace)
         try:
-            result = self._dispatch(trace, 0, request)
+            result = self._dispatch(trace, 0, trace.request)
         except BaseException as exc:
             self.ledger.write(trace.record(None, exc))
             raise
@@ -145,11 +144,10 @@ class Pipeline:
 
     async def acall(self, request: ChatRequest) -> AsyncResult:
         """The async twin of `call`."""
-        validate_request(request)
-        trace = _CallTrace(self, request)
+        trace = self._start(request)
         token = _current_call.set(trace)
         try:
-            result = await self._adispatch(trace, 0, request)
+            result = await self._adispatch(trace, 0, trace.request)
         except BaseException as exc:
             self.ledger.write(trace.record(None, exc))
             raise
@@ -172,6 +170,16 @@ class Pipeline:
         from .client import AsyncOpenAIClient
 
         return AsyncOpenAIClient(self)
+
+    def _start(self, request: ChatRequest) -> _CallTrace:
+        """The trace of a call whose request is validated, with broken past tool-call arguments made
+        sendable (noted in the ledger, since the model no longer sees what it wrote)."""
+        validate_request(request)
+        request, replaced = replace_malformed_arguments(request)
+        trace = _CallTrace(self, request)
+        if replaced:
+            trace.events.append({"stage": "pipeline", "kind": "tool_arguments_replaced", "fields": replaced})
+        return trace
 
     # -- the chain ----------------------------------------------------------------------------------
     def _dispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> Result:

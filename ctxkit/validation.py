@@ -92,15 +92,43 @@ def _check_tool_calls(tool_calls: Any, index: int) -> list[str]:
         function = call.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise InvalidMessageError("needs function.name", index, f"{field}.function.name")
-        arguments = function.get("arguments")
-        if not isinstance(arguments, str):
+        if not isinstance(function.get("arguments"), str):
             raise InvalidMessageError("must be a JSON string", index, f"{field}.function.arguments")
-        try:
-            json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise InvalidMessageError(f"is not valid JSON ({exc.msg})", index, f"{field}.function.arguments") from None
+        # Arguments that are not a JSON object are accepted: a model wrote them, the app replays them with
+        # the tool's error, and replace_malformed_arguments makes them sendable.
         ids.append(call["id"])
     return ids
+
+
+def replace_malformed_arguments(request: ChatRequest) -> tuple[ChatRequest, list[str]]:
+    """The request with every tool call's arguments that are not a JSON object replaced by "{}", and the
+    fields replaced.
+
+    Models sometimes emit broken arguments ('{"city": "Oslo"'), and an agent replays that call with the
+    tool's error message. vLLM, llama.cpp's server and ctxkit's own prompt rendering parse the arguments
+    of past calls, so one broken call would fail every later turn of the conversation. The tool message
+    still says what went wrong; the app's own message list is not changed."""
+    replaced: list[str] = []
+    messages = list(request.messages)
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not calls or all(_is_json_object(c["function"]["arguments"]) for c in calls):
+            continue
+        fixed = []
+        for k, call in enumerate(calls):
+            if not _is_json_object(call["function"]["arguments"]):
+                replaced.append(f"messages[{i}].tool_calls[{k}].function.arguments")
+                call = {**call, "function": {**call["function"], "arguments": "{}"}}
+            fixed.append(call)
+        messages[i] = {**message, "tool_calls": fixed}
+    return (request.override(messages=messages), replaced) if replaced else (request, [])
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _validate_tools(tools: Any) -> None:

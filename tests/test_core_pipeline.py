@@ -186,3 +186,38 @@ def test_async_openai_client_streams_openai_chunks_with_usage_only_when_asked(ll
     assert all(isinstance(c, ChatCompletionChunk) and c.choices for c in plain)
     assert with_usage[-1].usage is not None and not with_usage[-1].choices
     assert with_usage[-1].usage.prompt_tokens == ledger.records[-1].tokens_sent
+
+
+def test_a_replayed_call_with_broken_arguments_reaches_the_model_with_empty_ones(llama_backend, ledger):
+    """A model wrote '{"city": "Oslo"' (cut off); the agent replays the call with the tool's error. The call
+    is sent with "{}" (renderers parse past arguments), the ledger says so, and the app's list is untouched."""
+    broken = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"'}}
+    listed = {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '["Oslo"]'}}
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [broken, listed]},
+        {"role": "tool", "tool_call_id": "c1", "content": "error: arguments are not valid JSON"},
+        {"role": "tool", "tool_call_id": "c2", "content": "error: arguments must be an object"},
+        {"role": "user", "content": "Try again."},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    seen = []
+
+    class Spy(Stage):
+        def before_model(self, request):
+            seen.append(request.messages[1]["tool_calls"])
+            return request
+
+    pipeline = Pipeline(llama_backend, [Spy()], ledger=ledger)
+    response = pipeline.call(ChatRequest(messages=messages, tools=tools, params=PARAMS))
+    assert response.finish_reason in ("stop", "length", "tool_calls")
+    assert [c["function"]["arguments"] for c in seen[0]] == ["{}", "{}"]
+    assert messages[1]["tool_calls"] == [broken, listed], "the app's own messages were changed"
+    [record] = ledger.records
+    [event] = [e for e in record.events if e["kind"] == "tool_arguments_replaced"]
+    assert event["fields"] == ["messages[1].tool_calls[0].function.arguments",
+                               "messages[1].tool_calls[1].function.arguments"]
+    assert record.tokens_naive == llama_backend.counter.count_prompt(
+        [messages[0], {**messages[1], "tool_calls": seen[0]}, *messages[2:]], tools)

@@ -66,10 +66,10 @@ CASES = [
     ("non-string content", [{"role": "system", "content": {"text": "be nice"}}, {"role": "user", "content": "hi"}], [],
      InvalidMessageError, "messages[0].content"),
     ("number as content", [{"role": "user", "content": 42}], [], InvalidMessageError, "messages[0].content"),
-    ("tool-call arguments that are not JSON",
+    ("tool-call arguments that are not a string",
      [{"role": "user", "content": "hi"},
       {"role": "assistant", "content": None, "tool_calls": [
-          {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Oslo"}}]}],
+          {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}],
      [WEATHER], InvalidMessageError, "messages[1].tool_calls[0].function.arguments"),
     ("tool schema that is not JSON Schema", [{"role": "user", "content": "hi"}],
      [WEATHER, {"type": "function", "function": {"name": "bad", "parameters": {

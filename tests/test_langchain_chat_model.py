@@ -184,3 +184,21 @@ def test_messages_and_tool_calls_convert_both_ways():
     )
     ai = to_ai_message(broken)
     assert not ai.tool_calls and ai.invalid_tool_calls[0]["name"] == "add"
+
+
+def test_an_invalid_tool_call_answered_by_the_agent_goes_back_to_the_model(model, ledger):
+    """LangChain keeps unparseable arguments in invalid_tool_calls and its converter drops them, which left
+    the agent's error ToolMessage answering no call. The answered call is sent (with "{}" arguments)."""
+    from langchain_core.messages.tool import invalid_tool_call
+
+    bad = AIMessage("", invalid_tool_calls=[invalid_tool_call(name="add", args='{"a": 1,', id="c1", error="x"),
+                                            invalid_tool_call(name="add", args="{", id="c9", error="x")])
+    history = [HumanMessage("What is 1 + 2?"), bad, ToolMessage("error: arguments are not JSON", tool_call_id="c1")]
+    openai_messages = to_openai_messages(history)
+    assert openai_messages[1]["tool_calls"] == [
+        {"type": "function", "id": "c1", "function": {"name": "add", "arguments": '{"a": 1,'}}]
+    answer = model.bind_tools([add]).invoke([*history, HumanMessage("Try again.")])
+    assert isinstance(answer, AIMessage)
+    [record] = ledger.records
+    assert record.status == "ok"
+    assert any(e["kind"] == "tool_arguments_replaced" for e in record.events)

@@ -16,6 +16,7 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
+    ToolMessage,
     convert_to_messages,
     convert_to_openai_messages,
 )
@@ -27,14 +28,35 @@ from ctxkit.response import ChatResponse, Usage
 
 
 def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as OpenAI chat messages (assistant tool calls with JSON-string arguments)."""
-    converted = convert_to_openai_messages(list(messages))
+    """LangChain messages as OpenAI chat messages (assistant tool calls with JSON-string arguments).
+
+    A call whose arguments did not parse is an `invalid_tool_calls` entry, which LangChain's converter
+    drops. An agent answers it with a ToolMessage ("error: arguments are not JSON"), and that message
+    would then answer no call, which every provider rejects. So a call that a later ToolMessage answers
+    is kept, with its arguments as the model wrote them; an unanswered one is left out, as LangChain does."""
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
     out = []
-    for message in converted:
-        if message.get("role") == "assistant" and message.get("tool_calls") and not message.get("content"):
-            message = {**message, "content": None}  # OpenAI's form of "only tool calls"
+    for original in messages:
+        message = convert_to_openai_messages(original)
+        if isinstance(original, AIMessage):
+            message = _with_invalid_calls(message, original, answered)
         out.append(message)
     return out
+
+
+def _with_invalid_calls(message: dict[str, Any], original: AIMessage, answered: set[str] | None) -> dict[str, Any]:
+    """`message` with the AIMessage's invalid tool calls added back (only the answered ones unless
+    `answered` is None), and OpenAI's null content beside tool calls."""
+    kept = [call for call in original.invalid_tool_calls
+            if call.get("id") and (answered is None or call["id"] in answered)]
+    calls = list(message.get("tool_calls") or []) + [
+        {"type": "function", "id": call["id"],
+         "function": {"name": call.get("name") or "", "arguments": call.get("args") or ""}}
+        for call in kept
+    ]
+    if not calls:
+        return message
+    return {**message, "tool_calls": calls, "content": message.get("content") or None}
 
 
 def from_openai_messages(messages: Sequence[dict[str, Any]]) -> list[BaseMessage]:
@@ -142,8 +164,9 @@ def to_message_chunk(chunk: dict[str, Any]) -> AIMessageChunk | None:
 
 
 def ai_message_to_openai(message: AIMessage) -> dict[str, Any]:
-    """An AIMessage (or a merged AIMessageChunk) as an OpenAI assistant message."""
-    return to_openai_messages([message])[0]
+    """An AIMessage (or a merged AIMessageChunk) as an OpenAI assistant message, invalid tool calls
+    included: it is what the model answered."""
+    return _with_invalid_calls(convert_to_openai_messages(message), message, answered=None)
 
 
 def usage_from_ai_message(message: AIMessage) -> Usage | None:
