@@ -9,7 +9,7 @@ request fields ride in `extra_body={"ctxkit": {"namespace": "acme", "conversatio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -47,46 +47,96 @@ class _ChunkFilter:
         })
 
 
+class Stream:
+    """What `create(stream=True)` returns, as `openai.Stream`: iterate it; leave early with `with` or close(),
+    which lets go of the backend (llama.cpp's model is held while a stream is open)."""
+
+    def __init__(self, chunks: Generator[ChatCompletionChunk, None, None], close: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._close = close
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]:
+        return self._chunks
+
+    def __next__(self) -> ChatCompletionChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """The async twin of Stream (`openai.AsyncStream`): `async with`, or `await stream.close()`."""
+
+    def __init__(self, chunks: AsyncGenerator[ChatCompletionChunk, None],
+                 close: Callable[[], Awaitable[None]]) -> None:
+        self._chunks = chunks
+        self._close = close
+
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        return self._chunks
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        return await self._chunks.__anext__()
+
+    async def close(self) -> None:
+        await self._chunks.aclose()
+        await self._close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
 class _Completions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
-    def create(self, **kwargs: Any) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+    def create(self, **kwargs: Any) -> ChatCompletion | Stream:
         request = ChatRequest.from_openai_kwargs(kwargs)
         result = self._pipeline.call(request)
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
         chunks = _ChunkFilter(kwargs)
 
-        def typed() -> Iterator[ChatCompletionChunk]:
+        def typed() -> Generator[ChatCompletionChunk, None, None]:
             for chunk in result:
                 if (typed_chunk := chunks.admit(chunk)) is not None:
                     yield typed_chunk
             if (closing := chunks.closing(result.response)) is not None:
                 yield closing
 
-        return typed()
+        return Stream(typed(), result.close)
 
 
 class _AsyncCompletions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
-    async def create(self, **kwargs: Any) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+    async def create(self, **kwargs: Any) -> ChatCompletion | AsyncStream:
         request = ChatRequest.from_openai_kwargs(kwargs)
         result = await self._pipeline.acall(request)
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
         chunks = _ChunkFilter(kwargs)
 
-        async def typed() -> AsyncIterator[ChatCompletionChunk]:
+        async def typed() -> AsyncGenerator[ChatCompletionChunk, None]:
             async for chunk in result:
                 if (typed_chunk := chunks.admit(chunk)) is not None:
                     yield typed_chunk
             if (closing := chunks.closing(result.response)) is not None:
                 yield closing
 
-        return typed()
+        return AsyncStream(typed(), result.aclose)
 
 
 class _Chat:

@@ -11,7 +11,8 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 
@@ -129,6 +130,7 @@ class _StreamBase:
         self._on_complete: list[Callable[[ChatResponse], None]] = []
         self._on_error: list[Callable[[BaseException], None]] = []
         self._prompt_tokens_if_unreported = 0
+        self._failed = False
 
     def on_complete(self, callback: Callable[[ChatResponse], None]) -> None:
         """Run `callback(response)` once the last chunk has been consumed."""
@@ -163,18 +165,32 @@ class _StreamBase:
             callback(self.response)
 
     def _fail(self, exc: BaseException) -> None:
+        if self.response is not None or self._failed:
+            return  # the call ended once: a close() after the end, or after a failure, changes nothing
+        self._failed = True
         for callback in self._on_error:
             callback(exc)
 
 
 class ChatStream(_StreamBase):
-    """A synchronous stream of `chat.completion.chunk` dicts. Iterate it once."""
+    """A synchronous stream of `chat.completion.chunk` dicts. Iterate it once.
+
+    Leaving it early (`break`) does not end it while the object lives: the backend keeps what it holds for
+    the answer (llama.cpp's model, which every other call then waits for; an HTTP connection). Use it as
+    a context manager, or call close()."""
 
     def __init__(self, chunks: Iterator[dict[str, Any]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._chunks = chunks
+        # Weakly held: a loop left with `break` drops its iterator, which then ends the stream at once.
+        self._iteration: weakref.ref[Generator[dict[str, Any], None, None]] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        iteration = self._iterate()
+        self._iteration = weakref.ref(iteration)
+        return iteration
+
+    def _iterate(self) -> Generator[dict[str, Any], None, None]:
         try:
             for chunk in self._chunks:
                 self._assembler.add(chunk)
@@ -182,7 +198,29 @@ class ChatStream(_StreamBase):
         except BaseException as exc:  # GeneratorExit too: an abandoned stream is not a success
             self._fail(exc)
             raise
+        finally:
+            self._close_chunks()
         self._finish()
+
+    def close(self) -> None:
+        """End the stream now; the backend lets go of the model or connection. Not ended yet: recorded
+        as abandoned."""
+        iteration = self._iteration() if self._iteration is not None else None
+        if iteration is not None:
+            iteration.close()
+        self._close_chunks()
+        self._fail(GeneratorExit("the stream was closed before its end"))
+
+    def _close_chunks(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def collect(self) -> ChatResponse:
         """Consume the stream and return the assembled response."""
@@ -198,8 +236,14 @@ class AsyncChatStream(_StreamBase):
     def __init__(self, chunks: AsyncIterator[dict[str, Any]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._chunks = chunks
+        self._iteration: weakref.ref[AsyncGenerator[dict[str, Any], None]] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        iteration = self._iterate()
+        self._iteration = weakref.ref(iteration)
+        return iteration
+
+    async def _iterate(self) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for chunk in self._chunks:
                 self._assembler.add(chunk)
@@ -207,7 +251,28 @@ class AsyncChatStream(_StreamBase):
         except BaseException as exc:
             self._fail(exc)
             raise
+        finally:
+            await self._close_chunks()
         self._finish()
+
+    async def aclose(self) -> None:
+        """End the stream now (ChatStream.close)."""
+        iteration = self._iteration() if self._iteration is not None else None
+        if iteration is not None:
+            await iteration.aclose()
+        await self._close_chunks()
+        self._fail(GeneratorExit("the stream was closed before its end"))
+
+    async def _close_chunks(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> AsyncChatStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def collect(self) -> ChatResponse:
         async for _ in self:

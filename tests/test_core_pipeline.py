@@ -221,3 +221,55 @@ def test_a_replayed_call_with_broken_arguments_reaches_the_model_with_empty_ones
                                "messages[1].tool_calls[1].function.arguments"]
     assert record.tokens_naive == llama_backend.counter.count_prompt(
         [messages[0], {**messages[1], "tool_calls": seen[0]}, *messages[2:]], tools)
+
+
+def _finishes_soon(call, seconds: float = 60.0) -> bool:
+    """Whether `call()` returns within `seconds` in another thread (a held model would block it for good)."""
+    import threading
+
+    done: list[object] = []
+    worker = threading.Thread(target=lambda: done.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return bool(done)
+
+
+def test_leaving_a_stream_early_frees_the_local_model(llama_backend, ledger):
+    """`break` out of a stream that is still referenced used to keep llama.cpp's lock until the stream was
+    garbage: every later call on the model waited forever."""
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    long_answer = {"max_tokens": 40, "temperature": 0}
+    stream = pipeline.call(ChatRequest(messages=CONVERSATION, params=long_answer, stream=True))
+    for index, _ in enumerate(stream):
+        if index == 1:
+            break
+    assert _finishes_soon(lambda: pipeline.chat(CONVERSATION, params=PARAMS))
+    assert [r.status for r in ledger.records] == ["error", "ok"], "the abandoned stream is not a success"
+
+    with pipeline.call(ChatRequest(messages=CONVERSATION, params=long_answer, stream=True)) as held:
+        next(iter(held))
+    assert _finishes_soon(lambda: pipeline.chat(CONVERSATION, params=PARAMS))
+    assert [r.status for r in ledger.records] == ["error", "ok", "error", "ok"]
+
+    whole = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS, stream=True))
+    whole.collect()
+    whole.close()  # closing an ended stream changes nothing
+    assert [r.status for r in ledger.records][-1] == "ok" and len(ledger.records) == 5
+
+
+def test_the_openai_style_client_stream_closes_like_openais(llama_backend, ledger):
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    with client.chat.completions.create(messages=CONVERSATION, max_tokens=40, temperature=0, stream=True) as stream:
+        first = next(stream)
+    assert first.choices[0].delta.role == "assistant"
+    assert _finishes_soon(lambda: client.chat.completions.create(messages=CONVERSATION, max_tokens=2))
+    assert [r.status for r in ledger.records] == ["error", "ok"]
+
+    async def run():
+        aclient = Pipeline(llama_backend, ledger=ledger).async_openai()
+        async with await aclient.chat.completions.create(messages=CONVERSATION, max_tokens=40, stream=True) as s:
+            await s.__anext__()
+        return await aclient.chat.completions.create(messages=CONVERSATION, max_tokens=2)
+
+    assert _finishes_soon(lambda: asyncio.run(run()))
+    assert [r.status for r in ledger.records] == ["error", "ok", "error", "ok"]

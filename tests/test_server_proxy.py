@@ -198,3 +198,19 @@ def test_from_openai_kwargs_is_what_the_proxy_builds_on():
     # The proxy relies on from_openai_kwargs rejecting fields it does not know (typos never pass silently).
     with pytest.raises(Exception, match="unsupported argument"):
         ChatRequest.from_openai_kwargs({"messages": HELLO, "temprature": 0.1})
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_hold_the_model(proxy):
+    """The local model serves one generation at a time; a stream whose client left must let go of it."""
+    base_url, path = proxy
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions",
+                      headers={"Authorization": "Bearer key-alpha-0001"},
+                      json={"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True,
+                            "ctxkit": {"conversation_id": "hung-up"}}) as raw:
+        next(raw.iter_lines())
+    answer = client(base_url).with_options(timeout=60).chat.completions.create(
+        model="m", messages=HELLO, max_tokens=2, extra_body={"ctxkit": {"conversation_id": "after-hang-up"}})
+    assert answer.choices[0].message.content is not None
+    by_conversation = {r.conversation_id: r for r in records(path)}
+    assert by_conversation["hung-up"].status == "error"
+    assert by_conversation["after-hang-up"].status == "ok"

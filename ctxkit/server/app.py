@@ -211,7 +211,8 @@ class _Proxy:
             if isinstance(result, ChatResponse):
                 release()
                 return JSONResponse(result.to_openai())
-            chunks = result.__aiter__()
+            stream = result
+            chunks = stream.__aiter__()
             # Wait for the first chunk before answering 200: an upstream that fails now still gets its status.
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -232,7 +233,8 @@ class _Proxy:
                 error = error_for(exc)
                 self.metrics.errors.labels(error.kind).inc()
                 yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
-            finally:
+            finally:  # a client that hung up: end the stream now, so the local model is free for the next
+                await stream.aclose()
                 release()
                 self.metrics.request_seconds.labels("true").observe(time.perf_counter() - t0)
 
