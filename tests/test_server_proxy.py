@@ -214,3 +214,26 @@ def test_a_client_that_hangs_up_mid_stream_does_not_hold_the_model(proxy):
     by_conversation = {r.conversation_id: r for r in records(path)}
     assert by_conversation["hung-up"].status == "error"
     assert by_conversation["after-hang-up"].status == "ok"
+
+
+def test_metrics_need_the_metrics_token_when_one_is_set(llama_backend, tmp_path):
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS),
+                     metrics_token="scrape-token-42")
+    with serve_in_thread(app) as base_url:
+        assert httpx.get(f"{base_url}/metrics").status_code == 401
+        tenant_key = {"Authorization": "Bearer key-alpha-0001"}  # a tenant's key does not show other tenants
+        assert httpx.get(f"{base_url}/metrics", headers=tenant_key).status_code == 401
+        scraped = httpx.get(f"{base_url}/metrics", headers={"Authorization": "Bearer scrape-token-42"})
+        assert scraped.status_code == 200 and "ctxkit_http_requests_total" in scraped.text
+        assert httpx.get(f"{base_url}/healthz").status_code == 200  # probes need no secret
+
+
+def test_without_a_token_metrics_answer_loopback_clients_only(llama_backend, tmp_path):
+    from starlette.testclient import TestClient
+
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS))
+    with TestClient(app) as remote:  # its requests come from the host "testclient", not loopback
+        refused = remote.get("/metrics")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "metrics_loopback_only"
+        assert "ctxkit_" not in refused.text
+        assert remote.get("/healthz").status_code == 200

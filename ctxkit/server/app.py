@@ -3,7 +3,7 @@
     app = create_app(pipeline, ApiKeys.from_env())       # a Starlette ASGI app; `ctxkit serve` runs it
 
 Endpoints: POST /v1/chat/completions (JSON, or server-sent events with `"stream": true`), GET /v1/models,
-GET /healthz, GET /metrics (Prometheus). Every /v1 call needs `Authorization: Bearer <key>`; the key's
+GET /healthz, GET /metrics (Prometheus; a metrics token, or loopback clients only). Every /v1 call needs `Authorization: Bearer <key>`; the key's
 namespace is set on the request, so stateful stages never answer one tenant from another's data. Errors
 use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: a malformed request is a 400 naming
 the field, a backend's own HTTP status passes through, an unreachable backend is a 502 and a backend
@@ -13,6 +13,7 @@ that timed out a 504.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -45,6 +46,9 @@ logger = logging.getLogger("ctxkit.server")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Fields a client may set under `extra_body={"ctxkit": {...}}`; the namespace comes from the key only.
 CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class HTTPError(Exception):
@@ -85,10 +89,11 @@ class _Proxy:
     """The request handlers, with the pipeline, keys and metrics they share."""
 
     def __init__(self, pipeline: Pipeline, keys: ApiKeys, metrics: ProxyMetrics, *, max_body_bytes: int,
-                 max_concurrency: int) -> None:
+                 max_concurrency: int, metrics_token: str | None) -> None:
         self.pipeline = pipeline
         self.keys = keys
         self.metrics = metrics
+        self.metrics_token = metrics_token.encode() if metrics_token else None
         self.max_body_bytes = max_body_bytes
         # Waiting requests queue here, in the event loop, rather than in worker threads: a local model
         # serves one generation at a time, and a thread blocked on its lock helps nobody.
@@ -130,6 +135,19 @@ class _Proxy:
                              "stages": [stage.name for stage in self.pipeline.stages]})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        # The metrics name every tenant and its traffic: a scraper shows the metrics token, and without
+        # one configured only the machine itself may read them.
+        if self.metrics_token is None:
+            if (request.client.host if request.client else "") not in LOOPBACK:
+                return self._failed("metrics", HTTPError(
+                    403, "permission_error", "metrics are served to loopback clients only; set a metrics "
+                    "token (CTXKIT_METRICS_TOKEN) to scrape them from elsewhere", code="metrics_loopback_only"))
+        else:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.metrics_token):
+                return self._failed("metrics", HTTPError(401, "authentication_error",
+                                                         "metrics need 'Authorization: Bearer <metrics token>'",
+                                                         code="invalid_metrics_token"))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- steps --------------------------------------------------------------------------------------
@@ -256,12 +274,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrency: int | None = None,
     metrics: ProxyMetrics | None = None,
+    metrics_token: str | None = None,
 ) -> Starlette:
     """The proxy as an ASGI app serving `pipeline` (its stages, backend and ledger).
 
     max_body_bytes:  larger request bodies get 413 before they are parsed.
     max_concurrency: calls in flight at once; others wait their turn. Default: 1 for an in-process
                      llama.cpp model (it generates one answer at a time anyway), 64 for a remote backend.
+    metrics_token:   the bearer token /metrics asks for; without one, /metrics answers loopback clients only.
     """
     from ..backends.llama_cpp import LlamaCppBackend
 
@@ -275,7 +295,8 @@ def create_app(
     # The same stages, backend and ledger; the ledger is teed into the metrics on the way.
     metered = Pipeline(pipeline.backend, pipeline.stages, ledger=MeteredLedger(pipeline.ledger, metrics),
                        prices=pipeline.prices)
-    proxy = _Proxy(metered, keys, metrics, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency)
+    proxy = _Proxy(metered, keys, metrics, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
+                   metrics_token=metrics_token)
     app = Starlette(routes=[
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/chat/completions", proxy.chat_completions, methods=["POST"]),

@@ -34,6 +34,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
     serve.add_argument("--max-concurrency", type=int, default=None,
                        help="calls in flight at once (default: 1 for the local model, 64 upstream)")
+    serve.add_argument("--metrics-token-env", default="CTXKIT_METRICS_TOKEN", metavar="VAR",
+                       help="environment variable holding the bearer token /metrics asks for "
+                            "(default CTXKIT_METRICS_TOKEN); unset: /metrics answers loopback clients only")
     serve.add_argument("--no-stages", action="store_true", help="serve with no stages (a metering pass-through)")
     serve.add_argument("--cache", metavar="DIR|DSN",
                        help="semantic cache: a directory (local store, one replica) or a postgresql:// DSN "
@@ -102,7 +105,8 @@ def run_cli(args: argparse.Namespace) -> None:
     backend = build_backend(args)
     stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache))
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
-    app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency)
+    app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                     metrics_token=os.environ.get(args.metrics_token_env) or None)
     print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
           f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",
           flush=True)
