@@ -175,9 +175,9 @@ class _StreamBase:
 class ChatStream(_StreamBase):
     """A synchronous stream of `chat.completion.chunk` dicts. Iterate it once.
 
-    Leaving it early (`break`) does not end it while the object lives: the backend keeps what it holds for
-    the answer (llama.cpp's model, which every other call then waits for; an HTTP connection). Use it as
-    a context manager, or call close()."""
+    While it is open the backend holds what the answer needs: llama.cpp's model, which every other call
+    then waits for, or an HTTP connection. A loop left with `break` ends it (the loop drops its iterator);
+    an iterator kept elsewhere keeps it open, so use the stream as a context manager or call close()."""
 
     def __init__(self, chunks: Iterator[dict[str, Any]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
