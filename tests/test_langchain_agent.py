@@ -115,3 +115,62 @@ def test_the_middleware_works_in_async_agent_runs(llama_backend):
 def test_duplicate_stage_names_are_refused_up_front():
     with pytest.raises(ValueError, match="unique"):
         CtxkitMiddleware([ShortenToolDescriptions(), ShortenToolDescriptions()])
+
+
+def test_a_structured_output_agent_keeps_its_structured_response_when_a_stage_edits_the_answer(llama_backend):
+    """The agent parses structured output inside its model handler; an answer a stage edited used to come
+    back without it (and without the agent's name), so the agent looped on an unanswered tool call."""
+    import dataclasses
+
+    from langchain.agents.structured_output import ToolStrategy
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+
+    seen = []
+
+    class StampAnswer(Stage):
+        def before_model(self, request):
+            seen.append(dict(request.metadata))
+            return request
+
+        def after_model(self, request, response):
+            return dataclasses.replace(response, message={**response.message, "content": "[checked]"})
+
+    class UseATool(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            return handler(request.override(tool_choice="any", model_settings={"max_tokens": 40}))
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, seed=1)
+    ledger = Ledger()
+    agent = create_agent(model, tools=[], response_format=ToolStrategy(Weather), name="forecaster",
+                         middleware=[UseATool(), CtxkitMiddleware([StampAnswer()], ledger=ledger)])
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
+    assert isinstance(out["structured_response"], Weather)
+    human, answer, returned = out["messages"]
+    assert answer.content == "[checked]" and answer.name == "forecaster"
+    assert isinstance(returned, ToolMessage) and returned.tool_call_id == answer.tool_calls[0]["id"]
+    assert seen == [{"cache": False, "structured_output": True}], "a cached answer has no structured response"
+    assert [r.status for r in ledger.records] == ["ok"]
+
+
+def test_a_stage_answering_a_structured_output_call_is_a_clear_error(llama_backend):
+    from langchain.agents.structured_output import ToolStrategy
+    from pydantic import BaseModel
+
+    from ctxkit import ChatResponse, ConfigurationError, Usage
+
+    class Weather(BaseModel):
+        city: str
+
+    class AnswersItself(Stage):
+        def wrap_call(self, request, call_next):
+            return ChatResponse(message={"role": "assistant", "content": "sunny"}, finish_reason="stop",
+                                usage=Usage(0, 0), model="m", backend="stage")
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0)
+    agent = create_agent(model, tools=[], response_format=ToolStrategy(Weather),
+                         middleware=[CtxkitMiddleware([AnswersItself()])])
+    with pytest.raises(ConfigurationError, match="answers_itself.*response_format"):
+        agent.invoke({"messages": [HumanMessage("Weather in Paris?")]})

@@ -71,3 +71,13 @@ def test_a_failed_call_is_recorded_as_an_error(llama_backend):
         model.invoke("hi", config={"callbacks": [handler]})  # 10,000 answer tokens do not fit in 4,096
     [record] = ledger.records
     assert record.status == "error" and record.error_type == "ContextOverflowError" and record.tokens_sent == 0
+
+
+def test_a_streamed_run_is_recorded_as_a_stream(plain_model, llama_backend):
+    ledger = Ledger()
+    handler = CtxkitCallbackHandler(ledger, counter=llama_backend.counter)
+    chunks = list(plain_model.stream("Say hi.", config={"callbacks": [handler]}))
+    assert chunks
+    plain_model.invoke("Say hi.", config={"callbacks": [handler]})
+    assert [r.stream for r in ledger.records] == [True, False]
+    assert [r.stream for r in plain_model.pipeline.ledger.records] == [True, False]  # the pipeline agrees

@@ -202,3 +202,29 @@ def test_an_invalid_tool_call_answered_by_the_agent_goes_back_to_the_model(model
     [record] = ledger.records
     assert record.status == "ok"
     assert any(e["kind"] == "tool_arguments_replaced" for e in record.events)
+
+
+def test_anthropic_style_tool_results_in_a_human_message_reach_the_model(model, ledger):
+    """LangChain turns tool_result blocks of a HumanMessage into tool messages; they must not be lost, and
+    go before the text so that the call is answered before the next turn."""
+    history = [
+        HumanMessage("What is 1 + 2?"),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "t1"}]),
+        HumanMessage([{"type": "tool_result", "tool_use_id": "t1", "content": "3"}, {"type": "text", "text": "So?"}]),
+    ]
+    assert [(m["role"], m.get("tool_call_id")) for m in to_openai_messages(history)] == [
+        ("user", None), ("assistant", None), ("tool", "t1"), ("user", None)]
+    assert isinstance(model.invoke(history), AIMessage)
+    assert ledger.records[-1].status == "ok"
+
+
+def test_langchain_call_options_are_taken_as_langchain_means_them(model):
+    assert isinstance(model.invoke("hi", stream=False), AIMessage)  # core's own invoke/stream switch
+    strict = model.bind_tools([add], strict=True)
+    assert strict.kwargs["tools"][0]["function"]["strict"] is True
+    with pytest.raises(RequestError, match="bind_tools.*unsupported argument"):
+        model.bind_tools([add], temprature=0)  # refused at bind time, not on the first call
+    from adapters.langchain.messages import to_openai_tool_choice
+
+    assert to_openai_tool_choice(False) == "none"
+    assert to_openai_tool_choice({"type": "tool", "name": "add"}) == {"type": "function", "function": {"name": "add"}}

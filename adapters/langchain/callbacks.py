@@ -98,6 +98,13 @@ class CtxkitCallbackHandler(BaseCallbackHandler):
                 conversation_id=str(thread) if thread is not None else None,
             )
 
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+        # `.stream()` sets no "stream" invocation parameter; a token arriving is how a stream shows.
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None:
+                run.stream = True
+
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:
             run = self._runs.pop(run_id, None)

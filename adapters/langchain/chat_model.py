@@ -104,17 +104,24 @@ class CtxkitChatModel(BaseChatModel):
         tools: Sequence[Any],
         *,
         tool_choice: Any = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Offer `tools` (BaseTool, functions, pydantic models or OpenAI schemas) on every call."""
+        """Offer `tools` (BaseTool, functions, pydantic models or OpenAI schemas) on every call; `strict`
+        as in LangChain's `convert_to_openai_tool`."""
+        unknown = sorted(k for k in kwargs
+                         if k not in SAMPLING_PARAMS and k not in _REQUEST_FIELDS and not k.startswith("ls_"))
+        if unknown:  # refused here, where the mistake is, rather than on the first call
+            raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "CtxkitChatModel.bind_tools")
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
-        return self.bind(tools=to_openai_tools(tools), **kwargs)
+        return self.bind(tools=to_openai_tools(tools, strict=strict), **kwargs)
 
     # -- request building ---------------------------------------------------------------------------
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
                  kwargs: dict[str, Any]) -> ChatRequest:
         kwargs = dict(kwargs)
+        kwargs.pop("stream", None)  # LangChain's own switch between invoke and stream, already decided
         params: dict[str, Any] = {}
         for key in ("temperature", "max_tokens", "seed"):
             if getattr(self, key) is not None:

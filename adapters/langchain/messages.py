@@ -16,7 +16,6 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ToolMessage,
     convert_to_messages,
     convert_to_openai_messages,
 )
@@ -34,17 +33,21 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     drops. An agent answers it with a ToolMessage ("error: arguments are not JSON"), and that message
     would then answer no call, which every provider rejects. So a call that a later ToolMessage answers
     is kept, with its arguments as the model wrote them; an unanswered one is left out, as LangChain does."""
-    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    # One message may become several: a HumanMessage's Anthropic-style tool_result blocks become tool
+    # messages, which go first, since results must follow the call they answer before the next turn.
+    converted = [(original, sorted(convert_to_openai_messages([original]), key=lambda m: m.get("role") != "tool"))
+                 for original in messages]
+    answered = {m.get("tool_call_id") for _, group in converted for m in group if m.get("role") == "tool"}
     out = []
-    for original in messages:
-        message = convert_to_openai_messages(original)
+    for original, group in converted:
         if isinstance(original, AIMessage):
-            message = _with_invalid_calls(message, original, answered)
-        out.append(message)
+            group = [_with_invalid_calls(m, original, answered) if m.get("role") == "assistant" else m
+                     for m in group]
+        out.extend(group)
     return out
 
 
-def _with_invalid_calls(message: dict[str, Any], original: AIMessage, answered: set[str] | None) -> dict[str, Any]:
+def _with_invalid_calls(message: dict[str, Any], original: AIMessage, answered: set[Any] | None) -> dict[str, Any]:
     """`message` with the AIMessage's invalid tool calls added back (only the answered ones unless
     `answered` is None), and OpenAI's null content beside tool calls."""
     kept = [call for call in original.invalid_tool_calls
@@ -69,17 +72,21 @@ def _without_none_content(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": ""} if message.get("content") is None else message
 
 
-def to_openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+def to_openai_tools(tools: Sequence[Any], *, strict: bool | None = None) -> list[dict[str, Any]]:
     """Tools in any form LangChain accepts (BaseTool, function, pydantic model, schema dict) as OpenAI schemas."""
-    return [convert_to_openai_tool(tool) for tool in tools]
+    return [convert_to_openai_tool(tool, strict=strict) for tool in tools]
 
 
 def to_openai_tool_choice(tool_choice: Any) -> Any:
     """LangChain's tool_choice ("any", True, a tool name) in OpenAI's spelling."""
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "tool" and "name" in tool_choice:
+        return {"type": "function", "function": {"name": tool_choice["name"]}}  # Anthropic's spelling
     if tool_choice is None or isinstance(tool_choice, dict):
         return tool_choice
     if tool_choice is True or tool_choice in ("any", "required"):
         return "required"
+    if tool_choice is False:
+        return "none"
     if tool_choice in ("auto", "none"):
         return tool_choice
     if isinstance(tool_choice, str):

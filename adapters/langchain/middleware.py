@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
+from langchain.agents.middleware.types import ExtendedModelResponse
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -71,8 +72,9 @@ class _HandlerBackend:
         self.model = chat_model_name(request.model)
         self.handler: Callable[[ModelRequest], Any] | None = None
         self.ahandler: Callable[[ModelRequest], Awaitable[Any]] | None = None
-        # responses this backend produced -> (the handler's own result, the message as converted)
-        self.produced: dict[int, tuple[Any, dict[str, Any]]] = {}
+        # responses this backend produced, by id -> (the handler's own result, the message as converted);
+        # by id, not identity: a stage's after_model may return an edited copy of the response
+        self.produced: dict[str, tuple[Any, dict[str, Any]]] = {}
 
     def complete(self, chat: ChatRequest) -> ChatResponse:
         assert self.handler is not None
@@ -151,18 +153,37 @@ class _HandlerBackend:
             finish_reason=metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop"),
             usage=usage, model=metadata.get("model_name") or self.model, backend=self.name,
         )
-        self.produced[id(response)] = (result, dict(openai_message))
+        self.produced[response.id] = (result, dict(openai_message))
         return response
 
-    def agent_result(self, response: ChatResponse) -> Any:
-        """What the middleware returns to the agent: the handler's own result when no stage changed it."""
-        produced = self.produced.get(id(response))
-        if produced is not None and produced[1] == response.message:
-            return produced[0]
-        structured = None
-        if produced is not None:
-            structured = getattr(produced[0], "structured_response", None)
-        return ModelResponse(result=[to_ai_message(response)], structured_response=structured)
+    def agent_result(self, response: ChatResponse, answered_by: str | None) -> Any:
+        """What the middleware returns to the agent: the handler's own result when no stage changed the
+        answer; with an edited answer, that result with its AIMessage replaced (the structured response,
+        the structured-output tool message and any command are the agent's and stay)."""
+        produced = self.produced.get(response.id)
+        if produced is None:
+            if self.request.response_format is not None:
+                raise ConfigurationError(
+                    f"stage {answered_by!r} answered a call of an agent with a response_format; only the "
+                    "agent's own model call yields its structured response: skip calls whose "
+                    "metadata has structured_output=True")
+            return ModelResponse(result=[to_ai_message(response)])
+        result, message = produced
+        if message == response.message:
+            return result
+        return _with_answer(result, to_ai_message(response))
+
+
+def _with_answer(result: Any, answer: AIMessage) -> Any:
+    """The handler's result with its (last) AIMessage replaced by `answer`, keeping that message's name."""
+    if isinstance(result, AIMessage):
+        return answer.model_copy(update={"name": result.name})
+    if isinstance(result, ExtendedModelResponse):
+        return dataclasses.replace(result, model_response=_with_answer(result.model_response, answer))
+    messages = list(result.result)
+    last = max(i for i, m in enumerate(messages) if isinstance(m, AIMessage))
+    messages[last] = answer.model_copy(update={"name": messages[last].name})
+    return dataclasses.replace(result, result=messages)
 
 
 class CtxkitMiddleware(AgentMiddleware):
@@ -215,7 +236,7 @@ class CtxkitMiddleware(AgentMiddleware):
         backend.handler = handler
         result = pipeline.call(chat)
         assert isinstance(result, ChatResponse)
-        return backend.agent_result(result)
+        return backend.agent_result(result, result.answered_by)
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[Any]]
@@ -224,7 +245,7 @@ class CtxkitMiddleware(AgentMiddleware):
         backend.ahandler = handler
         result = await pipeline.acall(chat)
         assert isinstance(result, ChatResponse)
-        return backend.agent_result(result)
+        return backend.agent_result(result, result.answered_by)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _prepare(self, request: ModelRequest) -> tuple[_HandlerBackend, Pipeline, ChatRequest]:
@@ -264,9 +285,12 @@ class CtxkitMiddleware(AgentMiddleware):
         params = {k: v for k, v in request.model_settings.items() if k in SAMPLING_PARAMS and v is not None}
         if request.tool_choice is not None:
             params["tool_choice"] = to_openai_tool_choice(request.tool_choice)
+        # An answer from the cache would reach the agent without the structured response its own model
+        # call parses: structured-output calls are neither answered from it nor stored in it.
+        metadata = {"cache": False, "structured_output": True} if request.response_format is not None else {}
         chat = ChatRequest(
             messages=messages, tools=tools, params=params, model=chat_model_name(request.model),
-            namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(),
+            namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(), metadata=metadata,
         )
         return _Translated(chat, originals, by_name, passthrough)
 
