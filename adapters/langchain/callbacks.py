@@ -98,7 +98,7 @@ class CtxkitCallbackHandler(BaseCallbackHandler):
                 conversation_id=str(thread) if thread is not None else None,
             )
 
-    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         # `.stream()` sets no "stream" invocation parameter; a token arriving is how a stream shows.
         with self._lock:
             run = self._runs.get(run_id)
