@@ -89,8 +89,12 @@ class ChatRequest:
         stream_options = kwargs.pop("stream_options", None)  # ctxkit always asks backends for usage
         if stream_options is not None and not isinstance(stream_options, Mapping):
             raise RequestError(f"must be an object, got {type(stream_options).__name__}", "stream_options")
-        metadata = dict(kwargs.pop("metadata", None) or {})
-        metadata.update(ctx.pop("metadata", {}))
+        metadata: dict[str, Any] = {}
+        for where, given in (("metadata", kwargs.pop("metadata", None)),
+                             ('extra_body["ctxkit"].metadata', ctx.pop("metadata", None))):
+            if given is not None and not isinstance(given, Mapping):
+                raise RequestError(f"must be an object, got {type(given).__name__}", where)
+            metadata.update(given or {})
         params = {k: v for k, v in kwargs.items() if k in SAMPLING_PARAMS and v is not None}
         if extra_body:  # backend-specific sampling (top_k, min_p, ...): passed on, not dropped
             params["extra_body"] = extra_body

@@ -24,6 +24,18 @@ def validate_request(request: ChatRequest) -> None:
     _validate_messages(request.messages)
     _validate_tools(request.tools)
     _validate_params(request.params)
+    _validate_fields(request)
+
+
+def _validate_fields(request: ChatRequest) -> None:
+    # Stages key their state on these (a summary per conversation, cache entries per namespace).
+    if not isinstance(request.namespace, str) or not request.namespace:
+        raise RequestError(f"must be a non-empty string, got {request.namespace!r}", "namespace")
+    conversation = request.conversation_id
+    if conversation is not None and (not isinstance(conversation, str) or not conversation):
+        raise RequestError(f"must be a non-empty string or null, got {conversation!r}", "conversation_id")
+    if not isinstance(request.metadata, Mapping):
+        raise RequestError(f"must be an object, got {type(request.metadata).__name__}", "metadata")
 
 
 def _validate_messages(messages: Any) -> None:

@@ -70,3 +70,46 @@ def test_records_are_mirrored_to_the_ctxkit_logger(tmp_path, caplog):
     caplog.set_level("INFO", logger="ctxkit")
     Ledger(tmp_path / "l.jsonl").write(make_record(1, 2))
     assert any('"id":"w1-2"' in r.getMessage() for r in caplog.records if r.name == "ctxkit")
+
+
+def test_a_record_after_a_crash_mid_line_is_kept_and_bad_lines_are_named(tmp_path):
+    """A writer killed mid-line leaves a partial line, maybe cut inside a character; the next record must
+    not be glued to it, and readers name (or skip) every kind of bad line instead of crashing."""
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(path)
+    ledger.write(make_record(0, 0))
+    whole = json.dumps({**make_record(0, 1).to_dict(), "model": "北京"}, ensure_ascii=False).encode()
+    with open(path, "ab") as f:
+        f.write(whole[: whole.index("北".encode()) + 1])  # torn inside a three-byte character, no newline
+    ledger.write(make_record(0, 2))
+    with open(path, "a") as f:
+        f.write("123\n")  # JSON, but not a record
+        f.write(json.dumps({**make_record(0, 3).to_dict(), "tokens_sent": "60"}) + "\n")  # a field mistyped
+    ledger.write(make_record(0, 4))
+    assert [r.id for r in read_ledger(path, strict=False)] == ["w0-0", "w0-2", "w0-4"]
+    with pytest.raises(LedgerError, match=r"l.jsonl:2: not a ledger record"):
+        list(read_ledger(path))
+    with pytest.raises(ValueError, match="expected a JSON object, got int"):
+        LedgerRecord.from_dict(123)
+    with pytest.raises(ValueError, match="'tokens_sent' is str, expected int"):
+        LedgerRecord.from_dict({**make_record(0, 3).to_dict(), "tokens_sent": "60"})
+    with pytest.raises(ValueError, match="'stream' is int"):
+        LedgerRecord.from_dict({**make_record(0, 3).to_dict(), "stream": 1})
+
+
+def test_odd_strings_and_unwritable_files_never_cost_an_answered_call_its_answer(tmp_path, caplog):
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(path)
+    record = make_record(0, 0)
+    record.conversation_id = "\ud800 half a surrogate pair, as a client may send"
+    ledger.write(record)
+    [back] = read_ledger(path)
+    assert back.conversation_id == record.conversation_id
+
+    path.unlink()
+    path.mkdir()  # the ledger file is now a directory: every append fails
+    ledger.write(make_record(0, 1))
+    assert ledger.write_errors == 1 and [r.id for r in ledger.records] == ["w0-0", "w0-1"]
+    assert any("not written" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    with pytest.raises(LedgerError, match="cannot open ledger"):
+        Ledger(path)  # found when the ledger is made, not after the first answer

@@ -161,3 +161,21 @@ def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_b
                                               extra_body={"top_k": 1}).choices[0].message.content
                for seed in (1, 2, 3)}
     assert len(answers) == 1, answers
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({"metadata": "abc"}, "metadata"),
+    ({"metadata": [1, 2]}, "metadata"),
+    ({"extra_body": {"ctxkit": {"metadata": "abc"}}}, 'extra_body["ctxkit"].metadata'),
+    ({"extra_body": {"ctxkit": {"conversation_id": ["a"]}}}, "conversation_id"),
+    ({"extra_body": {"ctxkit": {"conversation_id": 17}}}, "conversation_id"),
+    ({"extra_body": {"ctxkit": {"conversation_id": ""}}}, "conversation_id"),
+    ({"extra_body": {"ctxkit": {"namespace": {"x": 1}}}}, "namespace"),
+])
+def test_ctxkit_fields_of_the_wrong_type_name_the_field(counting, ledger, fields, where):
+    """A list as conversation_id used to be a 500 in the proxy (unhashable, in the summary store)."""
+    pipeline = Pipeline(counting, ledger=ledger)
+    with pytest.raises(RequestError) as info:
+        pipeline.openai().chat.completions.create(messages=[{"role": "user", "content": "hi"}], **fields)
+    assert info.value.where == where
+    assert counting.calls == 0 and not ledger.records

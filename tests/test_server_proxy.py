@@ -237,3 +237,43 @@ def test_without_a_token_metrics_answer_loopback_clients_only(llama_backend, tmp
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "metrics_loopback_only"
         assert "ctxkit_" not in refused.text
         assert remote.get("/healthz").status_code == 200
+
+
+def test_a_client_gone_before_the_headers_does_not_keep_the_slot(llama_backend, tmp_path):
+    """Under ASGI 2.4 `send` raises once the client is gone; if that happens on the response headers, the
+    body never starts and its cleanup never ran: the one slot of a local model stayed taken for good.
+    (A fake `send`: uvicorn's h11 server does not raise there, so this fault cannot be made over HTTP.)"""
+    import asyncio
+
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS))
+    body = json.dumps({"stream": True, "max_tokens": 30, "messages": HELLO}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 80),
+             "headers": [(b"authorization", b"Bearer key-alpha-0001"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+
+    async def gone_client() -> None:
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            raise OSError("client disconnected")
+
+        with pytest.raises(Exception):  # noqa: B017 - Starlette's ClientDisconnect or the OSError
+            await app(scope, receive, send)
+
+    async def next_client() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy") as local:
+            return await asyncio.wait_for(local.post(
+                "/v1/chat/completions", headers={"Authorization": "Bearer key-alpha-0001"},
+                json={"messages": HELLO, "max_tokens": 2}), timeout=60)
+
+    asyncio.run(gone_client())
+    assert asyncio.run(next_client()).status_code == 200  # the old code waited here for the slot forever

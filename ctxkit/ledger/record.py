@@ -55,6 +55,29 @@ class LedgerRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LedgerRecord:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+    def from_dict(cls, data: Any) -> LedgerRecord:
+        """A record from its JSON form; ValueError naming the field when something is the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        values = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+        for name, value in values.items():
+            expected = _FIELD_TYPES[name]
+            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+                raise ValueError(f"field {name!r} is {type(value).__name__}, expected "
+                                 f"{' or '.join(t.__name__ for t in expected)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a required field missing
+            raise ValueError(str(exc)) from None
+
+
+# What each field may hold in JSON (None where the field is optional); numbers are never booleans.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "ts": (int, float), "backend": (str,), "model": (str,), "namespace": (str,),
+    "conversation_id": (str, type(None)), "stream": (bool,), "tokens_naive": (int,), "tokens_sent": (int,),
+    "tokens_out": (int,), "saved_by_stage": (dict,), "out_saved": (int,), "tokens_cached": (int,),
+    "tokens_reported": (int, type(None)), "count_delta": (int, type(None)), "usage_reported": (bool,),
+    "answered_by": (str, type(None)), "latency_ms": (dict,), "cost_usd": (int, float),
+    "cost_naive_usd": (int, float), "status": (str,), "error_type": (str, type(None)),
+    "error": (str, type(None)), "events": (list,),
+}

@@ -2,7 +2,14 @@
 
 Each record is one `os.write` of one whole line to a file opened with O_APPEND, under an exclusive
 `flock`: O_APPEND makes every write land at the end, the lock keeps long lines from interleaving, so
-no line is lost or torn however many writers there are.
+no line is lost or torn however many writers there are. A process killed mid-write can still leave a
+partial last line; the next writer ends it with a newline first, so only that record is lost, and
+readers skip it with `strict=False`.
+
+A record is written after the call it describes has been answered. A file that cannot be written then
+does not take the answer away from the caller: the failure is logged as an error and counted in
+`write_errors`, and the record stays in `records`. A file that cannot be opened at all is an error
+when the Ledger is made.
 """
 
 from __future__ import annotations
@@ -28,31 +35,43 @@ class Ledger:
     def __init__(self, path: str | Path | None = None, *, keep_in_memory: int = 10_000) -> None:
         self.path = Path(path) if path is not None else None
         self.records: collections.deque[LedgerRecord] = collections.deque(maxlen=keep_in_memory)
+        self.write_errors = 0
         self._lock = threading.Lock()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(self._open())
+            except OSError as exc:
+                raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
 
     def write(self, record: LedgerRecord) -> None:
-        line = json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
+        text = json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        # A lone surrogate (from a client's string) cannot be UTF-8: written as its JSON escape instead.
+        line = text.encode("utf-8", "backslashreplace") + b"\n"
         with self._lock:
-            self.records.append(record)
             if self.path is not None:
-                self._append(line.encode("utf-8"))
-        logger.info("%s", line.rstrip("\n"), extra={"ctxkit_record": record.to_dict()})
+                try:
+                    self._append(line)
+                except OSError as exc:
+                    self.write_errors += 1
+                    logger.error("ctxkit ledger: record %s not written to %s: %s", record.id, self.path, exc)
+            self.records.append(record)
+        logger.info("%s", text, extra={"ctxkit_record": record.to_dict()})
+
+    def _open(self) -> int:
+        assert self.path is not None
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _append(self, data: bytes) -> None:
-        assert self.path is not None
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # a writer died mid-line: end its line, do not glue this record to it
             written = 0
             while written < len(data):  # a short write is rare but legal; finish the line under the lock
                 written += os.write(fd, data[written:])
-        except OSError as exc:
-            raise LedgerError(f"cannot append to ledger {self.path}: {exc}") from exc
         finally:
             os.close(fd)  # closing releases the lock
 
@@ -61,15 +80,15 @@ def read_ledger(path: str | Path, *, strict: bool = True) -> Iterator[LedgerReco
     """The records of a ledger file, in order. A malformed line raises LedgerError naming it, unless
     `strict=False`, which skips it (a process killed mid-write can leave a partial last line)."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # decoded line by line: a line torn inside a character is one bad line
     except OSError as exc:
         raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
     with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
                 continue
             try:
-                yield LedgerRecord.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError) as exc:
+                yield LedgerRecord.from_dict(json.loads(raw.decode("utf-8")))
+            except ValueError as exc:  # JSON, UTF-8 and field-type errors are all ValueErrors
                 if strict:
                     raise LedgerError(f"{path}:{number}: not a ledger record ({exc})") from None

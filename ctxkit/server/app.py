@@ -17,7 +17,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -251,13 +251,32 @@ class _Proxy:
                 error = error_for(exc)
                 self.metrics.errors.labels(error.kind).inc()
                 yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
-            finally:  # a client that hung up: end the stream now, so the local model is free for the next
-                await stream.aclose()
-                release()
+            finally:
+                await end()
                 self.metrics.request_seconds.labels("true").observe(time.perf_counter() - t0)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def end() -> None:  # a client that hung up: end the stream now, so the local model is free
+            await stream.aclose()
+            release()
+
+        return _StreamingAnswer(events(), end, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _StreamingAnswer(StreamingResponse):
+    """Server-sent events that end their stream and free its slot however the response ends, including
+    when the body never starts: a client gone before the headers makes `send` raise (ASGI 2.4), and then
+    the body's own cleanup never runs."""
+
+    def __init__(self, content: AsyncIterator[bytes], end: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._end = end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._end()
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
