@@ -74,8 +74,8 @@ def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
 
 @pytest.mark.parametrize("args,where", [
     (["bench", "cache", "--pairs"], ":2: not a cache pair"),  # line 2 lacks the format's fields
-    (["bench", "memory", "--conversations"], ":2: needs non-empty 'messages'"),
-    (["bench", "prune", "--questions"], ":3: not JSON"),  # prune reads the whole file first
+    (["bench", "memory", "--conversations"], ":2: messages: must be a non-empty list"),
+    (["bench", "prune", "--questions"], ":2: question must be a non-empty string"),
 ])
 def test_bench_data_that_is_not_json_lines_is_a_clear_error_naming_the_line(args, where, tmp_path, capsys):
     from ctxkit.cli.main import main
@@ -85,3 +85,43 @@ def test_bench_data_that_is_not_json_lines_is_a_clear_error_naming_the_line(args
     assert main([*args, str(data)]) == 2
     error = capsys.readouterr().err
     assert f"{data}{where}" in error, error
+
+
+HELLO = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+@pytest.mark.parametrize("args,record,where", [
+    # A bare string used to be scored letter by letter: retention or recall 1.0 on anything.
+    (["bench", "memory", "--conversations"], {"messages": HELLO, "answers": "Rex the dog"},
+     ':1: answers: expected a non-empty list of strings, got "Rex the dog"'),
+    (["bench", "prune", "--questions"], {"question": "Highest?", "documents": [{"id": "d", "text": "t"}],
+                                         "answers": "Kilimanjaro"}, ":1: answers: expected a non-empty list"),
+    (["bench", "prune", "--questions"], {"question": "Highest?", "documents": [{"text": "no id"}],
+                                         "answers": ["x"]}, ':1: documents: expected documents as {"id"'),
+    (["bench", "cache", "--pairs"], {"a": HELLO, "b": HELLO, "same_answer": "false"},
+     ":1: same_answer must be true or false, got 'false'"),
+    (["bench", "cache", "--pairs"], {"a": ["hi"], "b": HELLO, "same_answer": False},
+     ":1: a: messages[0]: must be an object, got str"),
+    (["bench", "tools", "--catalog", "tests/fixtures/tools/catalog.json", "--queries"],
+     {"messages": HELLO, "gold": [["get_weather"]]}, ":1: gold (tool names): expected a non-empty list"),
+])
+def test_bench_records_of_the_wrong_shape_are_refused_naming_line_and_field(args, record, where, tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    assert main([*args, str(data)]) == 2
+    error = capsys.readouterr().err
+    assert f"{data}{where}" in error, error
+
+
+def test_an_empty_bench_file_or_a_zero_limit_is_refused(tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["bench", "memory", "--conversations", str(empty)]) == 2
+    assert f"{empty}: no records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "tools", "--catalog", "x.json", "--queries", str(empty), "--limit", "0"])
+    assert "--limit: must be at least 1" in capsys.readouterr().err

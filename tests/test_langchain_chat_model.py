@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from adapters.langchain import CtxkitChatModel, LangChainBackend, from_openai_messages, to_openai_messages
 from ctxkit import ConfigurationError, Ledger, Pipeline, RequestError, Stage
@@ -228,3 +228,35 @@ def test_langchain_call_options_are_taken_as_langchain_means_them(model):
 
     assert to_openai_tool_choice(False) == "none"
     assert to_openai_tool_choice({"type": "tool", "name": "add"}) == {"type": "function", "function": {"name": "add"}}
+
+
+class RecordingModel(CtxkitChatModel):
+    """A real LangChain model on the embedded model that keeps the messages it was given."""
+
+    received: list = Field(default_factory=list)
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.received.append(list(messages))
+        return super()._generate(messages, stop, run_manager, **kwargs)
+
+
+def test_a_wrapped_model_gets_the_callers_own_messages_where_no_stage_changed_them(llama_backend):
+    """The OpenAI form drops cache_control blocks and a ToolMessage's status and artifact: round-tripped,
+    Anthropic prompt caching and is_error were silently lost for every wrapped call."""
+    inner = RecordingModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, max_tokens=4)
+    system = SystemMessage([{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}])
+    call = AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"}])
+    failed = ToolMessage("ValueError: bad", tool_call_id="c1", status="error", artifact={"trace": "..."})
+    question = HumanMessage("What went wrong? Answer in one short sentence, please, and be precise.")
+    CtxkitChatModel.wrap(inner, counter=llama_backend.counter).invoke([system, call, failed, question])
+    assert all(a is b for a, b in zip(inner.received[-1], [system, call, failed, question], strict=True))
+
+    class Shout(Stage):
+        def before_model(self, request):
+            *rest, last = request.messages
+            return request.override(messages=[*rest, {**last, "content": last["content"].upper()}])
+
+    hello = HumanMessage("Say hi.")
+    CtxkitChatModel.wrap(inner, stages=[Shout()], counter=llama_backend.counter).invoke([system, hello])
+    kept_system, rewritten = inner.received[-1]
+    assert kept_system is system and rewritten is not hello and rewritten.content == "SAY HI."

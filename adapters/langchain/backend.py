@@ -32,7 +32,7 @@ from ctxkit.tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_mo
 
 from .messages import (
     ai_message_to_openai,
-    from_openai_messages,
+    langchain_messages,
     openai_chunks_from_message_chunk,
     usage_from_ai_message,
 )
@@ -102,7 +102,7 @@ class LangChainBackend:
     def complete(self, request: ChatRequest) -> ChatResponse:
         model, kwargs = self._prepared(request)
         try:
-            message = model.invoke(from_openai_messages(request.messages), **kwargs)
+            message = model.invoke(langchain_messages(request), **kwargs)
         except Exception as exc:
             raise translate_error(exc, self.name) from exc
         return self._response(message, request)
@@ -111,7 +111,7 @@ class LangChainBackend:
         model, kwargs = self._prepared(request)
         state = _StreamState(request.model or self.model)
         try:
-            for chunk in model.stream(from_openai_messages(request.messages), **kwargs):
+            for chunk in model.stream(langchain_messages(request), **kwargs):
                 yield from state.convert(chunk)
         except Exception as exc:
             raise translate_error(exc, self.name) from exc
@@ -121,7 +121,7 @@ class LangChainBackend:
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
         model, kwargs = self._prepared(request)
         try:
-            message = await model.ainvoke(from_openai_messages(request.messages), **kwargs)
+            message = await model.ainvoke(langchain_messages(request), **kwargs)
         except Exception as exc:
             raise translate_error(exc, self.name) from exc
         return self._response(message, request)
@@ -130,7 +130,7 @@ class LangChainBackend:
         model, kwargs = self._prepared(request)
         state = _StreamState(request.model or self.model)
         try:
-            async for chunk in model.astream(from_openai_messages(request.messages), **kwargs):
+            async for chunk in model.astream(langchain_messages(request), **kwargs):
                 for out in state.convert(chunk):
                     yield out
         except Exception as exc:

@@ -32,6 +32,8 @@ from ctxkit.tokens import TokenCounter
 
 from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend
 from .messages import (
+    ORIGINALS_KEY,
+    OriginalMessages,
     to_ai_message,
     to_message_chunk,
     to_openai_messages,
@@ -141,15 +143,18 @@ class CtxkitChatModel(BaseChatModel):
                 unknown.append(key)
         if unknown:
             raise RequestError(f"unsupported argument(s): {', '.join(sorted(unknown))}", "CtxkitChatModel")
+        openai_messages = to_openai_messages(messages)
+        # A wrapped LangChain model gets the caller's own message objects back where no stage changed them.
+        metadata = {**(fields.get("metadata") or {}), ORIGINALS_KEY: OriginalMessages(messages, openai_messages)}
         return ChatRequest(
-            messages=to_openai_messages(messages),
+            messages=openai_messages,
             tools=to_openai_tools(tools),
             params=params,
             model=self.model_name,
             stream=stream,
             namespace=fields.get("namespace", self.namespace),
             conversation_id=fields.get("conversation_id", self.conversation_id),
-            metadata=dict(fields.get("metadata") or {}),
+            metadata=metadata,
         )
 
     @staticmethod

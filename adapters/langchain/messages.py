@@ -67,6 +67,49 @@ def from_openai_messages(messages: Sequence[dict[str, Any]]) -> list[BaseMessage
     return convert_to_messages([_without_none_content(m) for m in messages])
 
 
+# Where a request carries the LangChain messages it was made from (metadata is never sent to a backend).
+ORIGINALS_KEY = "ctxkit.langchain_messages"
+
+
+class OriginalMessages:
+    """The LangChain messages a request was converted from, found again by their OpenAI form.
+
+    The OpenAI form cannot carry everything: an Anthropic `cache_control` block, a ToolMessage's `status`
+    and `artifact`, ids. A message the stages left untouched therefore goes back to a LangChain model as
+    the very same object; only what a stage wrote is converted back."""
+
+    def __init__(self, originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]]) -> None:
+        self._by_form: dict[str, list[BaseMessage]] = {}
+        if len(originals) == len(converted):  # one-to-one, so each form names its message
+            for form, original in zip(converted, originals, strict=True):
+                self._by_form.setdefault(_form(form), []).append(original)
+
+    def restore(self, messages: Sequence[dict[str, Any]]) -> list[BaseMessage]:
+        used: dict[str, int] = {}
+        out: list[BaseMessage] = []
+        for message in messages:
+            key = _form(message)
+            candidates = self._by_form.get(key, [])
+            if used.get(key, 0) < len(candidates):
+                out.append(candidates[used.get(key, 0)])
+                used[key] = used.get(key, 0) + 1
+            else:
+                out.extend(from_openai_messages([message]))
+        return out
+
+
+def _form(message: dict[str, Any]) -> str:
+    return json.dumps(message, sort_keys=True, default=str)
+
+
+def langchain_messages(request: Any) -> list[BaseMessage]:
+    """The LangChain messages for a request's OpenAI messages: the app's own objects where untouched."""
+    originals = request.metadata.get(ORIGINALS_KEY)
+    if isinstance(originals, OriginalMessages):
+        return originals.restore(request.messages)
+    return from_openai_messages(request.messages)
+
+
 def _without_none_content(message: dict[str, Any]) -> dict[str, Any]:
     # LangChain's converter wants a string where OpenAI allows null content beside tool calls.
     return {**message, "content": ""} if message.get("content") is None else message

@@ -13,7 +13,6 @@ ledger record is written per model call.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -33,8 +32,8 @@ from ctxkit.tokens import TokenCounter
 
 from .backend import chat_model_name, counter_for
 from .messages import (
+    OriginalMessages,
     ai_message_to_openai,
-    from_openai_messages,
     to_ai_message,
     to_openai_messages,
     to_openai_tool_choice,
@@ -44,16 +43,12 @@ from .messages import (
 UNLIMITED_CONTEXT = sys.maxsize  # without a stated window, the agent's model is the judge of what fits
 
 
-def _key(message: dict[str, Any]) -> str:
-    return json.dumps(message, sort_keys=True, default=str)
-
-
 @dataclasses.dataclass
 class _Translated:
     """An agent ModelRequest in ctxkit's terms, with what is needed to map the stages' edits back."""
 
     chat: ChatRequest
-    originals: dict[str, list[BaseMessage]]  # OpenAI form -> the LangChain messages that have it
+    originals: OriginalMessages  # the agent's own messages, found again by their OpenAI form
     tools_by_name: dict[str, tuple[Any, dict[str, Any]]]  # name -> (the agent's tool object, its schema)
     passthrough_tools: list[Any]  # provider built-in tools: no schema for ctxkit to see
 
@@ -118,16 +113,7 @@ class _HandlerBackend:
         return known[0] if known is not None and known[1] == schema else schema
 
     def _messages(self, messages: Sequence[dict[str, Any]]) -> tuple[SystemMessage | None, list[BaseMessage]]:
-        used: dict[str, int] = {}
-        out: list[BaseMessage] = []
-        for message in messages:
-            key = _key(message)
-            candidates = self.translated.originals.get(key, [])
-            if used.get(key, 0) < len(candidates):  # untouched by the stages: keep the agent's own object
-                out.append(candidates[used.get(key, 0)])
-                used[key] = used.get(key, 0) + 1
-            else:
-                out.extend(from_openai_messages([message]))
+        out = self.translated.originals.restore(messages)
         system = None
         if out and isinstance(out[0], SystemMessage):
             system, out = out[0], out[1:]
@@ -270,10 +256,7 @@ class CtxkitMiddleware(AgentMiddleware):
         if request.system_message is not None:
             lc_messages.insert(0, request.system_message)
         messages = to_openai_messages(lc_messages)
-        originals: dict[str, list[BaseMessage]] = {}
-        if len(messages) == len(lc_messages):  # one-to-one, so untouched messages can be handed back as they were
-            for openai_message, lc_message in zip(messages, lc_messages, strict=True):
-                originals.setdefault(_key(openai_message), []).append(lc_message)
+        originals = OriginalMessages(lc_messages, messages)
         tools, by_name, passthrough = [], {}, []
         for tool in request.tools:
             if isinstance(tool, dict) and tool.get("type") not in (None, "function"):

@@ -30,7 +30,17 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
-from .common import add_embedding_arguments, emit, median, percentile, progress, read_jsonl
+from .common import (
+    add_embedding_arguments,
+    check_messages,
+    emit,
+    median,
+    percentile,
+    positive_int,
+    progress,
+    read_jsonl,
+    require_records,
+)
 
 SWEEP = (0.30, 0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
 
@@ -42,13 +52,15 @@ def load_pairs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
         missing = [field for field in ("a", "b", "same_answer") if field not in pair]
         if missing:
             raise ConfigurationError(f"{path}:{n}: not a cache pair: missing field {missing[0]!r}")
-        if not isinstance(pair["a"], list) or not isinstance(pair["b"], list) or not pair["a"] or not pair["b"]:
-            raise ConfigurationError(f"{path}:{n}: not a cache pair: a and b must be non-empty lists of chat messages")
+        check_messages(pair["a"], f"{path}:{n}: a")
+        check_messages(pair["b"], f"{path}:{n}: b")
+        if not isinstance(pair["same_answer"], bool):  # "false" is a true string
+            raise ConfigurationError(f"{path}:{n}: same_answer must be true or false, got {pair['same_answer']!r}")
         pair.setdefault("category", "all")
         pairs.append(pair)
         if limit is not None and len(pairs) >= limit:
             break
-    return pairs
+    return require_records(pairs, path)
 
 
 def _rates(hits: int, correct: int, positives: int) -> tuple[float | None, float | None]:
@@ -366,7 +378,7 @@ def table(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=Path, help="pairs file (JSON lines: id, category, a, b, same_answer)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
     parser.add_argument("--similarity", type=float, default=None, help="override the similarity threshold")
     parser.add_argument("--context-similarity", type=float, default=None, help="override the context threshold")
     parser.add_argument("--added-detail-similarity", type=float, default=None,

@@ -83,3 +83,45 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(record, dict):
                 raise ConfigurationError(f"{path}:{number}: expected a JSON object")
             yield number, record
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as --limit: 0 would silently mean "everything" or "nothing"."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_messages(value: Any, where: str) -> list[dict[str, Any]]:
+    """`value` if it is a conversation ctxkit accepts (as a request would check it); ConfigurationError
+    naming `where` (file:line and field) and what is wrong otherwise."""
+    from ..errors import RequestError
+    from ..request import ChatRequest
+    from ..validation import validate_request
+
+    try:
+        validate_request(ChatRequest(messages=value))
+    except RequestError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
+    return list(value)
+
+
+def check_strings(value: Any, where: str) -> list[str]:
+    """`value` if it is a non-empty list of non-empty strings. A bare string is refused: iterated, it would
+    be scored letter by letter."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigurationError(f"{where}: expected a non-empty list of strings, got {json.dumps(value)[:80]}")
+    return value
+
+
+def require_records(rows: list[T], path: str | Path) -> list[T]:
+    if not rows:
+        raise ConfigurationError(f"{path}: no records")
+    return rows
+

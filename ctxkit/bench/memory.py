@@ -26,25 +26,29 @@ from .common import (
     add_backend_arguments,
     add_embedding_arguments,
     backend_from_args,
+    check_messages,
+    check_strings,
     embedder_from_args,
     emit,
     median,
     percentile,
+    positive_int,
     progress,
     read_jsonl,
+    require_records,
 )
 
 
 def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for number, row in read_jsonl(path):
-        if not isinstance(row.get("messages"), list) or not row["messages"] or not row.get("answers"):
-            raise ConfigurationError(f"{path}:{number}: needs non-empty 'messages' and 'answers'")
-        row.setdefault("id", f"line-{number}")
-        rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
-    return rows
+        check_messages(row.get("messages"), f"{path}:{number}")
+        check_strings(row.get("answers"), f"{path}:{number}: answers")
+        row.setdefault("id", f"line-{number}")
+        rows.append(row)
+    return require_records(rows, path)
 
 
 def tuning_half(conversation_id: str) -> bool:
@@ -171,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversations", type=Path, required=True,
                         help='JSON lines {"id", "messages", "answers"}; the last message is the question')
     parser.add_argument("--budget", type=float, default=0.25, help="fraction of each conversation's tokens")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N conversations")
     parser.add_argument("--summarizer", choices=("extractive", "model", "hybrid"), default="extractive",
                         help="extractive (fast), model (the backend's summary alone, slow), hybrid (both)")
     parser.add_argument("--keep-last", type=int, default=3, help="newest messages kept verbatim (default 3)")

@@ -34,17 +34,47 @@ from ..request import ChatRequest
 from ..stages.pruning.documents import REPORT_KEY, DocumentPruningStage, DocumentRanker, RankingWeights
 from .common import (
     add_embedding_arguments,
+    check_strings,
     embedder_from_args,
     emit,
     median,
     percentile,
+    positive_int,
     progress,
     read_jsonl,
+    require_records,
 )
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [record for _, record in read_jsonl(path)]
+def load_questions(path: Path) -> list[dict[str, Any]]:
+    """A questions file: `question`, optional inline `documents`, and `gold_documents` and/or `answers`."""
+    questions = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ConfigurationError(f"{where}: question must be a non-empty string")
+        if row.get("documents") is not None:
+            check_documents(row["documents"], f"{where}: documents")
+        for field in ("gold_documents", "answers"):
+            if row.get(field) is not None:
+                check_strings(row[field], f"{where}: {field}")
+        if not row.get("gold_documents") and not row.get("answers"):
+            raise ConfigurationError(f"{where}: needs gold_documents or answers to score against")
+        questions.append(row)
+    return require_records(questions, path)
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """A shared corpus file: one `{"id", "text"}` document a line."""
+    documents = [check_documents([row], f"{path}:{number}")[0] for number, row in read_jsonl(path)]
+    return require_records(documents, path)
+
+
+def check_documents(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("text"), str) for d in value):
+        raise ConfigurationError(f'{where}: expected documents as {{"id": string, "text": string}} objects')
+    return value
 
 
 class DiskCachedEmbedder:
@@ -204,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=Path, required=True, help="questions JSON lines (see module doc)")
     parser.add_argument("--documents", type=Path, help="shared corpus, {id,text} lines, for questions without documents")
     parser.add_argument("--budget", type=float, default=0.10, help="share of the corpus tokens to keep (default 0.10)")
-    parser.add_argument("--limit", type=int, help="only the first N questions (after --split)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N questions (after --split)")
     parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
                         help="every question, or every other one (tune on one half, check on the other)")
     parser.add_argument("--pool-all", action="store_true",
@@ -226,12 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     if not 0 < args.budget <= 1:
         raise ConfigurationError(f"--budget must be in (0, 1], got {args.budget}")
-    questions = everything = read_rows(args.questions)
+    questions = everything = load_questions(args.questions)
     if args.split != "all":
         questions = [q for i, q in enumerate(questions) if i % 2 == (0 if args.split == "even" else 1)]
     if args.limit:
         questions = questions[: args.limit]
-    shared = read_rows(args.documents) if args.documents else []
+    shared = load_documents(args.documents) if args.documents else []
     embedder: Any = None
     if not args.lexical_only:
         embedder = embedder_from_args(args)

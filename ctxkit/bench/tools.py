@@ -28,12 +28,16 @@ from typing import Any
 from ..errors import ConfigurationError
 from .common import (
     add_embedding_arguments,
+    check_messages,
+    check_strings,
     embedder_from_args,
     emit,
     median,
     percentile,
+    positive_int,
     progress,
     read_jsonl,
+    require_records,
 )
 
 
@@ -50,10 +54,10 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
 def load_queries(path: str | Path) -> list[dict[str, Any]]:
     queries = []
     for number, record in read_jsonl(path):
-        if not isinstance(record.get("messages"), list) or not isinstance(record.get("gold"), list):
-            raise ConfigurationError(f"{path}:{number}: needs 'messages' (a list) and 'gold' (tool names)")
+        check_messages(record.get("messages"), f"{path}:{number}")
+        check_strings(record.get("gold"), f"{path}:{number}: gold (tool names)")
         queries.append(record)
-    return queries
+    return require_records(queries, path)
 
 
 def run(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], *, top_k: int | Sequence[int] = 5,
@@ -170,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads for the query embedding (default: torch's own choice)")
     parser.add_argument("--compact", action="store_true", help="count the sent schemas after compaction")
     parser.add_argument("--index-dir", type=Path, default=None, help="persist the index here (default: memory)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N queries")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N queries")
     add_embedding_arguments(parser)
 
 
