@@ -16,6 +16,7 @@ from typing import Any
 from .request import ChatRequest
 
 METADATA_KEY = "ctxkit.quarantined"  # {fingerprint: reason}
+DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # {document id: reason}, of request.metadata["documents"]
 
 
 def fingerprint(message: Mapping[str, Any]) -> str:
@@ -34,8 +35,15 @@ def is_quarantined(request: ChatRequest, message: Mapping[str, Any]) -> bool:
 
 
 def has_quarantined(request: ChatRequest) -> bool:
+    """Whether anything the model sees in this request is quarantined: a marked message, or a flagged
+    document still in `metadata["documents"]` (stages later in the chain may render it)."""
     marks = quarantined(request)
-    return bool(marks) and any(fingerprint(m) in marks for m in request.messages)
+    if marks and any(fingerprint(m) in marks for m in request.messages):
+        return True
+    flagged = request.metadata.get(DOCUMENTS_KEY) or {}
+    documents = request.metadata.get("documents")
+    return bool(flagged) and isinstance(documents, list) and any(
+        isinstance(d, Mapping) and str(d.get("id")) in flagged for d in documents)
 
 
 def mark(request: ChatRequest, marks: Iterable[tuple[Mapping[str, Any], str]]) -> ChatRequest:

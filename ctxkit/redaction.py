@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import re
 
+_KEY_NAME = (r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|secret|"
+             r"access[_-]?token|auth[_-]?token|refresh[_-]?token|token|password|passwd|pwd)")
+# Each alternative captures exactly one group: the part kept so a reader can tell which secret it was.
 _SECRET = re.compile(
-    r"\b((?:sk|pk|rk)-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}"  # OpenAI-style keys
+    r"\b((?:sk|pk|rk)[-_][A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}"  # OpenAI- and Stripe-style keys
     r"|\b(AKIA[A-Z0-9]{4})[A-Z0-9]{12}\b"  # AWS access key ids
+    r"|\b(gh[pousr]_[A-Za-z0-9]{4})[A-Za-z0-9]{16,}"  # GitHub tokens
+    r"|\b(xox[abprs]-[A-Za-z0-9]{4})[A-Za-z0-9\-]{6,}"  # Slack tokens
+    r"|\b(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}"  # Google API keys
+    r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
+    r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
+    r"|(\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+(?=@)"  # user:password@ in URLs
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
-    r"|\b((?:api[_-]?key|access[_-]?token|auth[_-]?token|secret|password|passwd)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{4,}",
+    # "key": "value" (a quoted value may hold spaces; its quotes stay), and key=value
+    rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*\")[^\"\n]{{4,}}(?=\")"
+    rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*')[^'\n]{{4,}}(?=')"
+    rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*)[^\s\"',;&]{{4,}}",
     re.IGNORECASE,
 )
 
 
 def redact(text: str) -> str:
-    """`text` with API keys, bearer tokens and `password=...`-style values replaced by `…`."""
+    """`text` with API keys, tokens, private keys, URL passwords and `password=...`-style values replaced
+    by `…`."""
     return _SECRET.sub(lambda m: next(g for g in m.groups() if g is not None) + "…", text)

@@ -42,7 +42,7 @@ from typing import Any
 import jsonschema
 
 from ..pipeline import record_event
-from ..quarantine_marks import fingerprint, mark
+from ..quarantine_marks import DOCUMENTS_KEY, fingerprint, mark
 from ..redaction import redact
 from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
@@ -51,7 +51,6 @@ from .pruning._text import default_counter, previous_prompt_end, record_prefix_i
 
 logger = logging.getLogger("ctxkit.quarantine")
 
-DOCUMENTS_KEY = "ctxkit.quarantined_documents"
 PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"
 
 
@@ -320,6 +319,9 @@ class QuarantineStage(Stage):
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, QuarantineRecord]] = {}  # namespace -> fingerprint -> record
         self._released: dict[str, set[str]] = {}  # namespace -> fingerprints the app vouched for
+        # namespace -> placeholders this stage wrote: only those are taken as already handled, since a tool
+        # can return text that starts like one
+        self._issued: dict[str, set[str]] = {}
 
     # -- the public registry ----------------------------------------------------------------------
     def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
@@ -372,13 +374,14 @@ class QuarantineStage(Stage):
         with self._lock:
             released = set(self._released.get(namespace, ()))
             known = dict(self._records.get(namespace, {}))
+            issued = set(self._issued.get(namespace, ()))
         marks: list[tuple[Mapping[str, Any], str]] = []
         out = list(messages)
         withheld: list[int] = []
         for index, message in enumerate(messages):
             if message.get("role") not in ("tool", "assistant"):
                 continue
-            if message_text(dict(message)).startswith(PLACEHOLDER_PREFIX):
+            if message_text(dict(message)) in issued:
                 marks.append((message, "withheld by quarantine"))
                 continue
             fp = fingerprint(message)
@@ -392,7 +395,10 @@ class QuarantineStage(Stage):
                 record = self._add(request, fp, finding, message, _source(messages, index))
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
-                out[index] = {**message, "content": _placeholder(messages, index, record)}
+                placeholder = _placeholder(messages, index, record)
+                with self._lock:
+                    self._issued.setdefault(namespace, set()).add(placeholder)
+                out[index] = {**message, "content": placeholder}
                 marks.append((out[index], "withheld by quarantine"))
                 withheld.append(index)
         metadata_changes: dict[str, Any] = {}

@@ -105,13 +105,17 @@ def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
     """The hash of what a hit must share with the request that stored the answer."""
     tools = sorted((json.loads(json.dumps(t, sort_keys=True, default=str)) for t in request.tools),
                    key=lambda t: json.dumps(t, sort_keys=True))
-    return _digest({
+    scope = {
         "namespace": request.namespace,
         "model": request.model or default_model or "",
         "params": dict(request.params),
         "system": [normalize_message(m) for m in request.messages if _is_system(m)],
         "tools": tools,
-    })
+    }
+    documents = request.metadata.get("documents")
+    if documents:  # retrieved documents a later stage renders: an answer from other documents is no hit
+        scope["documents"] = documents
+    return _digest(scope)
 
 
 def last_user_index(messages: Sequence[Message]) -> int | None:

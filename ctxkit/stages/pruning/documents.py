@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ...errors import RequestError
+from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
 from ...request import ChatRequest
 from ...response import message_text
@@ -48,7 +49,6 @@ from ...tokens import TokenCounter
 from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, words
 
 DOCUMENTS_KEY = "documents"
-QUARANTINED_DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # written by QuarantineStage
 REPORT_KEY = "ctxkit.pruned_documents"
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
 _CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
@@ -358,7 +358,7 @@ class DocumentPruningStage(Stage):
                 rendered = {"role": "user", "content": render_documents(result.documents)}
                 out.insert(last_user, rendered)
                 # A document the quarantine stage flagged taints the message that carries it.
-                flagged = request.metadata.get(QUARANTINED_DOCUMENTS_KEY, {})
+                flagged = request.metadata.get(QUARANTINED_DOCUMENTS, {})
                 reasons = [f"document {i}: {flagged[i]}" for i in result.kept_ids if i in flagged]
                 if reasons:
                     marked = mark(request.override(metadata=changes["metadata"]), [(rendered, "; ".join(reasons))])
