@@ -328,3 +328,96 @@ def test_a_sentence_takes_a_share_of_its_neighbours_score_and_a_question_keeps_i
     assert alone[after] < 0.45 * alone[best] <= shared[after] + 1e-6, "the neighbour is lifted by the share"
     assert shared[question] < shared[best]
     assert all(shared[i] >= alone[i] - 1e-6 for i in range(len(units))), "sharing only ever lifts"
+
+
+def test_a_message_quarantined_after_its_fold_leaves_the_extractive_summary(llama_backend, embedder, trip):
+    """The summary is reused unchanged until the next fold; in extractive mode it kept sending a message
+    quarantined after it had been folded."""
+    messages = copy.deepcopy(trip["messages"])
+    poisoned = next(m for m in messages if m["role"] == "tool")
+    poisoned["content"] = f"{poisoned['content']} {INJECTION}"
+    stage = SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="extractive",
+                               embedder=embedder, target_tokens=2000)
+    first = stage.before_model(ChatRequest(messages=messages[:12], conversation_id="late"))
+    assert "attacker@evil.example" in _summary(first.messages), "the fixture must fold the poisoned result"
+    later = mark(ChatRequest(messages=messages[:13], conversation_id="late"), [(poisoned, "injection")])
+    assert "attacker@evil.example" not in json.dumps(list(stage.before_model(later).messages))
+
+
+def test_the_first_fold_reports_the_prefix_it_invalidated_without_counting_tools(llama_backend, embedder, trip):
+    """A state that had folded nothing was thrown away on every call, so the first fold reported 0; and the
+    tools (part of the cached prefix) were counted as invalidated at every fold."""
+    tools = [{"type": "function", "function": {"name": f"tool_{k}", "description": "Looks something up. " * 20,
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for k in range(4)]
+    reported = {}
+    for offered in ((), tools):
+        ledger = Ledger()
+        stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="extractive",
+                                   embedder=embedder)
+        pipeline = Pipeline(llama_backend, [stage, _Answer()], ledger=ledger)
+        for n in (9, 10, 12):
+            pipeline.call(ChatRequest(messages=trip["messages"][:n], tools=list(offered), conversation_id="c"))
+        reported[len(offered)] = [e["tokens"] for r in ledger.records for e in r.events
+                                  if e["kind"] == "prefix_invalidated"]
+    assert reported[0][:2] == [0, 0] and reported[0][2] > 0, reported
+    assert reported[4] == reported[0], "the tool block is not invalidated by a new summary"
+
+
+def test_instructions_given_mid_conversation_are_kept_verbatim(llama_backend, embedder, trip):
+    policy = {"role": "system", "content": "Policy update: never quote prices above 500 EUR; answer in French."}
+    messages = [*copy.deepcopy(trip["messages"][:4]), policy, *copy.deepcopy(trip["messages"][4:14])]
+    stage = SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="extractive", embedder=embedder)
+    sent = stage.before_model(ChatRequest(messages=messages, conversation_id="policy")).messages
+    assert policy in sent, "an app instruction was folded into facts"
+    assert sent.index(policy) < next(i for i, m in enumerate(sent) if "Earlier conversation" in str(m["content"]))
+
+
+def test_a_summarizer_never_overflows_or_hangs_on_one_long_turn(llama_backend):
+    from ctxkit.stages.summarize.model import ModelSummarizer
+
+    summarizer = ModelSummarizer(llama_backend, max_tokens=16)
+    table = " | ".join(f"row {k}: {k * 17} units shipped to depot {k % 13}" for k in range(900))  # ~10k tokens
+    turns = [{"role": "user", "content": "Here is the shipping table."}, {"role": "user", "content": table},
+             {"role": "assistant", "content": "Got it: 900 rows."}]
+    assert isinstance(summarizer.fold("", turns), str)  # the long turn in the middle used to overflow
+    with pytest.raises(ConfigurationError, match="half the summarizer's window"):
+        ModelSummarizer(llama_backend, max_tokens=4000)  # left no room for a turn: it looped for ever
+
+
+class _Answer(SummarizationStage.__mro__[1]):  # a plain Stage answering without the model
+    name = "answer"
+
+    def wrap_call(self, request, call_next):
+        from ctxkit.response import ChatResponse, Usage
+
+        return ChatResponse({"role": "assistant", "content": "ok"}, "stop", Usage(0, 0), "m", "answer")
+
+
+def test_summarizing_before_clearing_folds_each_turn_once(llama_backend, embedder):
+    """In an agent loop a tool result is often folded while the clearing stage still keeps it, and cleared
+    a call later. With clearing first, that change to the folded history threw the summary away and
+    re-read everything; default_stages now summarizes first."""
+    from ctxkit.stages import default_stages
+    from ctxkit.stages.pruning import ToolResultClearingStage
+
+    names = [type(s).__name__ for s in default_stages(llama_backend, embedder=embedder)]
+    assert names.index("SummarizationStage") < names.index("ToolResultClearingStage")
+
+    recorder = _Recording(llama_backend)
+    summarize = SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="hybrid",
+                                   summarizer=recorder, summary_max_tokens=16, embedder=embedder)
+    clearing = ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, [summarize, clearing, _Answer()], ledger=Ledger())
+    messages = [{"role": "user", "content": "Check the stock of each warehouse, one by one."}]
+    for k in range(9):
+        call = {"id": f"c{k}", "type": "function",
+                "function": {"name": "stock", "arguments": json.dumps({"warehouse": k})}}
+        body = " ".join(f"item {i}: {(i * 7 + k) % 50} units in aisle {i % 9}." for i in range(25))
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": f"c{k}", "content": body}]
+        pipeline.call(ChatRequest(messages=list(messages), conversation_id="loop"))
+    fed = sum(len(re.findall(r"^(?:user|assistant|tool): ", p.rpartition("New turns:")[2], re.M))
+              for p in recorder.prompts)
+    folded = summarize.store.get(("default", "loop")).folded
+    assert folded >= 8 and fed <= folded, f"{fed} turns fed to the summarizer for {folded} folded"

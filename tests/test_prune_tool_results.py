@@ -99,3 +99,22 @@ def test_pipeline_ledger_shows_saving_and_prefix_invalidation(llama_backend, tmp
     # call, so no cached prefix is lost and nothing is recorded.
     pipeline.call(ChatRequest(messages=_agent_history(3, size=150), params={"max_tokens": 4, "temperature": 0}))
     assert not [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"], ledger.records[-1].events
+
+
+def test_results_the_model_has_not_read_are_never_cleared():
+    """Four parallel calls with keep_last=2: clearing two of their fresh results told the model to call
+    again, and the new batch lost two again."""
+    calls = [{"id": f"c{k}", "type": "function",
+              "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+             for k, city in enumerate(["Oslo", "Paris", "Rome", "Madrid"])]
+    body = " ".join(f"hour {h}: {h % 9} degrees, wind {h % 5} m/s." for h in range(40))
+    messages = [{"role": "user", "content": "Weather in four cities?"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                *({"role": "tool", "tool_call_id": c["id"], "content": body} for c in calls)]
+    stage = ToolResultClearingStage(keep_last=2, clear_at_least=0)
+    request = ChatRequest(messages=messages)
+    assert stage.before_model(request) is request
+    answered = [*messages, {"role": "assistant", "content": "Oslo is coldest."},
+                {"role": "user", "content": "And tomorrow?"}]
+    assert [c.startswith(PLACEHOLDER_PREFIX) for c in _tool_contents(stage.before_model(ChatRequest(
+        messages=answered)))] == [True, True, False, False], "once read, the older ones may go"

@@ -31,7 +31,8 @@ def default_stages(
     """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
 
     quarantine first (nothing it marks reaches the cache or a summary), the cache next (a hit saves
-    everything after it), then the stages that shrink what is sent.
+    everything after it), then the stages that shrink what is sent, summarization before the ones that
+    rewrite single messages.
 
     cache_dir:           where the local cache store lives (None: no cache unless cache_store is given).
     cache_store:         a CacheStore to use instead (PostgresStore for replicas).
@@ -51,10 +52,11 @@ def default_stages(
         cache_store = LocalStore(cache_dir)
     if cache_store is not None:
         stages.append(SemanticCacheStage(cache_store, embedder, default_model=backend.model))
+    # Summarization before clearing and dedup: it folds the history as the app sends it, the same on
+    # every call. After them, a folded tool result cleared one call later changed the folded history, and
+    # each such change threw the rolling summary away and re-read everything.
     stages += [
         ToolRetrievalStage(top_k=tools_top_k, embedder=embedder),
-        ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
-        DedupStage(),
         SummarizationStage(
             backend,
             trigger_tokens=summarize_at_tokens,
@@ -63,6 +65,8 @@ def default_stages(
             mode="extractive",  # measured: the 135M model's summaries lose facts the extractive keeper holds
             embedder=embedder,
         ),
+        ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
+        DedupStage(),
     ]
     return stages
 

@@ -46,7 +46,8 @@ def placeholder(name: str, arguments: str, tokens: int) -> str:
 
 class ToolResultClearingStage(Stage):
     """Replace tool results older than the newest `keep_last` with placeholders, in steps of at least
-    `clear_at_least` tokens saved."""
+    `clear_at_least` tokens saved. Results the model has not read yet (after its newest message) are
+    never cleared, however many parallel calls made them."""
 
     name = "tool_result_clearing"
 
@@ -85,8 +86,12 @@ class ToolResultClearingStage(Stage):
         """{message index: placeholder} for the tool results this history clears."""
         calls = tool_calls_by_id(messages)
         candidates: list[tuple[int, int, str]] = []  # (index, tokens saved, placeholder)
+        # Results after the newest assistant message answer its calls and have not been read yet: a turn
+        # of many parallel calls must not lose some of them before the model sees them (it would call
+        # again, and lose them again).
+        seen = previous_prompt_end(messages)
         results = [i for i, m in enumerate(messages) if m.get("role") == "tool"]
-        for index in results[: max(len(results) - self.keep_last, 0)]:
+        for index in (i for i in results[: max(len(results) - self.keep_last, 0)] if i < seen):
             message = messages[index]
             text = message_text(dict(message))
             if text.startswith(PLACEHOLDER_PREFIX):

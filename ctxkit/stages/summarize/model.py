@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...backends.base import Backend
+from ...errors import ConfigurationError
 from ...request import ChatRequest
 from ...response import message_text
 from ..templates import sandboxed_environment
@@ -30,6 +31,9 @@ class ModelSummarizer:
     """Rolls a summary forward with a backend (default in the stage: the embedded local model)."""
 
     def __init__(self, backend: Backend, *, max_tokens: int = 96, temperature: float = 0.0) -> None:
+        if max_tokens < 1 or max_tokens > backend.context_window // 2:
+            raise ConfigurationError(f"summary max_tokens must be between 1 and half the summarizer's window "
+                                     f"({backend.context_window // 2}), got {max_tokens}")
         self.backend = backend
         self.max_tokens = max_tokens
         self.temperature = temperature
@@ -53,16 +57,25 @@ class ModelSummarizer:
         summary = previous
         chunk: list[dict[str, str]] = []
         for turn in turns:
-            candidate = chunk + [turn]
-            if chunk and self.backend.counter.count_prompt(self._request(summary, candidate).messages) > limit:
+            if chunk and not self._fits(summary, [*chunk, turn], limit):
                 summary = self._call(summary, chunk)
-                chunk = [turn]
-            else:
-                chunk = candidate
-        while chunk and self.backend.counter.count_prompt(self._request(summary, chunk).messages) > limit:
-            # One turn alone too long for the window: keep its start (the extractive keeper has the rest).
-            chunk[-1] = {**chunk[-1], "text": chunk[-1]["text"][: len(chunk[-1]["text"]) // 2]}
-        return self._call(summary, chunk) if chunk else summary
+                chunk = []
+            chunk.append(self._fitted(summary, chunk, turn, limit))
+        return self._call(summary, chunk)
+
+    def _fits(self, summary: str, turns: Sequence[Mapping[str, str]], limit: int) -> bool:
+        return self.backend.counter.count_prompt(self._request(summary, turns).messages) <= limit
+
+    def _fitted(self, summary: str, chunk: list[dict[str, str]], turn: dict[str, str], limit: int) -> dict[str, str]:
+        """`turn`, cut to its start when it alone is too long for the window (the extractive keeper has
+        the rest). A window too small for even the empty prompt is a configuration error, not a hang."""
+        while not self._fits(summary, [*chunk, turn], limit):
+            if not turn["text"]:
+                raise ConfigurationError(
+                    f"the summarizer's window ({self.backend.context_window} tokens) has no room for a turn "
+                    f"next to a {self.max_tokens}-token summary: lower summary_max_tokens")
+            turn = {**turn, "text": turn["text"][: len(turn["text"]) // 2]}
+        return turn
 
     def _call(self, previous: str, turns: Sequence[Mapping[str, str]]) -> str:
         response = self.backend.complete(self._request(previous, turns))

@@ -149,7 +149,7 @@ class SummarizationStage(Stage):
             state = self.store.get(key)
             sent = tuple(result.messages)
             if state is not None:
-                invalidated = self._invalidated(state, sent)
+                invalidated = self._invalidated(state, sent, request.tools)
                 record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
                 state.last_sent = sent
                 state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
@@ -179,14 +179,15 @@ class SummarizationStage(Stage):
         marks = quarantined(request)
         prints = [fingerprint(m) for m in body]
         state = self.store.get(key) if key is not None else None
-        if state is not None and not self._still_valid(state, prints, marks):
-            state = None  # the app rewrote its history, or a folded message was quarantined since: start over
-        if state is None:
-            state = ConversationState()
+        if state is None or not self._still_valid(state, prints, marks):
+            # New, or the app rewrote its history, or a folded message was quarantined since: start over,
+            # remembering what was sent last, so the invalidated prefix is still reported.
+            state = ConversationState(last_sent=state.last_sent if state else (),
+                                      last_sent_tokens=state.last_sent_tokens if state else 0)
             if key is not None:
                 self.store.put(key, state)
 
-        current = self._assemble(head, state, body[state.folded:])
+        current = self._assemble([*head, *_instructions(body[: state.folded])], state, body[state.folded:])
         unchanged = request.messages if state.folded == 0 else current
         if not self._over_trigger(current, request):
             return SummaryResult(unchanged, state.folded, False, state.summary)
@@ -197,11 +198,12 @@ class SummarizationStage(Stage):
         # Work on a copy: a summarizer that fails half way must not leave a half-folded state behind.
         state = dataclasses.replace(state, facts=list(state.facts), texts=dict(state.texts),
                                     included=list(state.included))
-        new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],) if prints[i] not in marks]
+        new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],)
+               if prints[i] not in marks and m.get("role") not in _INSTRUCTION_ROLES]
         self._fold(state, new)
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
-        tail = body[cut:]
+        head, tail = [*head, *_instructions(body[:cut])], body[cut:]
         state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
         if key is not None:
             self.store.put(key, state)
@@ -312,12 +314,12 @@ class SummarizationStage(Stage):
         return cut
 
     def _still_valid(self, state: ConversationState, prints: list[str], marks: Mapping[str, str]) -> bool:
-        if state.folded > len(prints) or digest(prints[: state.folded]) != state.folded_digest:
+        if state.folded > len(prints) or (state.folded and digest(prints[: state.folded]) != state.folded_digest):
             return False
-        # Facts are filtered by their source at every rebuild; a model summary cannot be: rebuild it.
-        return not (state.model_summary and any(source in marks for source in state.included))
+        # The summary sent until the next fold holds what was folded: a source quarantined since must go.
+        return not any(source in marks for source in state.included)
 
-    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...]) -> int:
+    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...], tools: Sequence[Any]) -> int:
         """Tokens of the previous request (as passed on) that are no longer a prefix of this one."""
         previous = state.last_sent
         if not previous:
@@ -329,7 +331,7 @@ class SummarizationStage(Stage):
             common += 1
         if common == len(previous):
             return 0
-        kept = self.counter.count_prompt(list(previous[:common])) if common else 0
+        kept = self.counter.count_prompt(list(previous[:common]), tools) if common else 0  # tools lead the prompt
         return max(0, state.last_sent_tokens - kept)
 
     def _key(self, request: ChatRequest) -> tuple[str, str] | None:
@@ -354,3 +356,12 @@ class SummarizationStage(Stage):
         if state.vectors is None and state.facts:
             state.vectors = self._embed([f.text for f in state.facts])  # a state loaded from disk
         return state.vectors
+
+
+_INSTRUCTION_ROLES = ("system", "developer")
+
+
+def _instructions(folded: Sequence[Message]) -> list[Message]:
+    """The system messages among folded ones: the app's instructions (a policy given mid-conversation)
+    are not facts to rank against the question; they stay verbatim, after the leading ones."""
+    return [m for m in folded if m.get("role") in _INSTRUCTION_ROLES]
