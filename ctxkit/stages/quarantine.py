@@ -36,7 +36,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jsonschema
@@ -48,6 +48,7 @@ from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
 from ..stage import Stage
 from .pruning._text import default_counter, previous_prompt_end, record_prefix_invalidated
+from .pruning.documents import DOCUMENT_BLOCK
 
 logger = logging.getLogger("ctxkit.quarantine")
 
@@ -87,15 +88,19 @@ class QuarantineRecord:
 
 _ERROR_TEXT = [
     (re.compile(r"Traceback \(most recent call last\)"), "a Python traceback"),
-    (re.compile(r"^\s*(?:(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error)\b\s*[:!]",
-                re.M),
+    (re.compile(r"^\s*(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error|"
+                r"PHP (?:Fatal|Parse) error)\b\s*[:!]", re.M),
+     "an error line"),
+    (re.compile(r"thread '[^']*' panicked at|^\s*\[?UnhandledPromiseRejection|^curl: \(\d+\)|"
+                r"\((?:[A-Z]\w*::)*[A-Z]\w*Error\)\s*$|\brate limit exceeded\b", re.M | re.I),
      "an error line"),
     (re.compile(r"^\s*(?:panic|fatal|error)(?:\[\w+\])?:\s", re.M), "an error line"),
     (re.compile(r"\bHTTP(?:/\d(?:\.\d)?)?\s+[45]\d\d\b|\bstatus(?: code)?[:= ]+[45]\d\d\b|"
                 r"\b[45]\d\d (?:Bad Request|Unauthorized|Forbidden|Not Found|Too Many Requests|"
                 r"Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)\b", re.I),
      "an HTTP error status"),
-    (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|connection refused|timed out after|"
+    (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|connection refused|"
+                r"timed out after \d+(?:\.\d+)?\s*(?:ms|s|sec|secs|seconds?|milliseconds?|minutes?)\b|"
                 r"permission denied|command not found|segmentation fault|out of memory)\b", re.I),
      "a system error"),
     (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$", re.M), "a stack trace"),
@@ -122,7 +127,10 @@ _INJECTION = [
     (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
      "asks to send data to an address"),
     (r"https?://[^\s)]*(?:\{|%7B)[^\s)]*(?:\}|%7D)", "contains a URL template to fill with data"),
-    (r"[\u200b\u200c\u200d\u2060\ufeff\u202e]|[\U000e0000-\U000e007f]", "contains invisible characters"),
+    (r"[\u200b\u2060\u202e]|(?<=[\s\S])\ufeff|[\U000e0000-\U000e007f]"
+     r"|(?<![\w\u2600-\u27bf\ufe0f\U0001f000-\U0001faff])[\u200c\u200d]"
+     r"|[\u200c\u200d](?![\w\u2600-\u27bf\U0001f000-\U0001faff])",
+     "contains invisible characters"),
     (r"\b(?:AI|assistant|model|LLM|chatbot)s?\b[^.\n]{0,30}\b(?:must|should|shall|need to|are instructed to)\b",
      "addresses instructions to the AI"),
 ]
@@ -138,19 +146,14 @@ _IMPERATIVE = re.compile(r"\b(?:you|assistant|ai|model|instructions?|ignore|must
 def find_tool_error(text: str) -> Finding | None:
     """A tool result that reports a failure instead of an answer."""
     data = _json(text)
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # [{"error": "not found"}]: one failed item is the whole answer
     if isinstance(data, Mapping):
-        for key in ("error", "errors", "exception", "traceback"):
-            value = data.get(key)
-            if value not in (None, "", [], {}, False):
-                return Finding("tool_error", f"tool returned an {key!r}", _short(value))
-        if data.get("success") is False or data.get("ok") is False:
-            return Finding("tool_error", "tool reported success=false")
-        status = data.get("status")
-        if isinstance(status, str) and status.lower() in ("error", "failed", "failure", "fail"):
-            return Finding("tool_error", f"tool reported status {status!r}")
-        if isinstance(status, int) and 400 <= status <= 599:
-            return Finding("tool_error", f"tool reported status {status}")
-        return None
+        finding = _envelope_error(data)
+        for key in ("result", "response", "data", "body"):  # {"result": {"error": {...}}}
+            if finding is None and isinstance(data.get(key), Mapping) and len(data) <= 3:
+                finding = _envelope_error(data[key])
+        return finding
     if data is not None:
         return None  # a JSON list or scalar is an answer
     for pattern, why in _ERROR_TEXT:
@@ -160,8 +163,62 @@ def find_tool_error(text: str) -> Finding | None:
     return None
 
 
+_NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", "no", "false")
+# Keys of a reply that is only about how the call went. A status or success flag is an error report only
+# in such an envelope: {"id": "pi_1", "status": "failed"} is a payment that failed, fetched successfully.
+_ENVELOPE_KEYS = frozenset({"status", "statuscode", "code", "success", "ok", "message", "error", "errors", "detail",
+                            "details", "reason", "type", "title", "iserror", "content", "errormessage", "errortype",
+                            "requestid", "request_id", "timestamp", "path"})
+
+
+def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
+    for key in ("error", "errors", "exception", "traceback", "errorMessage", "errorType"):
+        value = data.get(key)
+        if not (value in _NO_ERROR or (isinstance(value, str) and value.strip().lower() in _NO_ERROR)):
+            return Finding("tool_error", f"tool returned an {key!r}", _short(value))
+    if data.get("isError") is True:  # MCP's tool-result flag
+        return Finding("tool_error", "tool reported isError=true", _short(data.get("content", "")))
+    if not {str(k).lower() for k in data} <= _ENVELOPE_KEYS:
+        return None
+    if data.get("success") is False or data.get("ok") is False:
+        return Finding("tool_error", "tool reported success=false")
+    for key in ("status", "statusCode", "code"):
+        status = data.get(key)
+        number = int(status) if isinstance(status, str) and status.isdigit() else status
+        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number <= 599:
+            return Finding("tool_error", f"tool reported {key} {number}")
+        if key == "status" and isinstance(status, str) and status.lower() in _FAILED_STATUS:
+            return Finding("tool_error", f"tool reported status {status!r}")
+    return None
+
+
+_FAILED_STATUS = ("error", "failed", "failure", "fail", "timeout", "timed_out", "unavailable")
+
+
 def find_injection(text: str) -> Finding | None:
-    """Instructions aimed at the model, hidden in content that should only inform it."""
+    """Instructions aimed at the model, hidden in content that should only inform it. In JSON each string
+    value is read on its own: its quotes are JSON's, not a quotation."""
+    data = _json(text)
+    if data is not None and not isinstance(data, str):
+        for leaf in _strings(data):
+            if finding := _find_injection(leaf, exempt_quoted=False):
+                return finding
+        return None
+    return _find_injection(text, exempt_quoted=True)
+
+
+def _strings(data: Any, depth: int = 0) -> Iterator[str]:
+    if isinstance(data, str):
+        yield data
+    elif depth < 8 and isinstance(data, Mapping):
+        for value in data.values():
+            yield from _strings(value, depth + 1)
+    elif depth < 8 and isinstance(data, list):
+        for item in data[:200]:
+            yield from _strings(item, depth + 1)
+
+
+def _find_injection(text: str, *, exempt_quoted: bool) -> Finding | None:
     for match in _HIDDEN_COMMENT.finditer(text):
         hidden = next((g for g in match.groups() if g), "")
         if _IMPERATIVE.search(hidden):
@@ -171,7 +228,7 @@ def find_injection(text: str) -> Finding | None:
             return Finding("injection", "invisible text talks to the model", _short(match.group(1)))
     for pattern, why in _INJECTION_RE:
         for match in pattern.finditer(text):
-            if _quoted(text, match.start(), match.end()):
+            if exempt_quoted and _quoted(text, match.start(), match.end()):
                 continue  # a mention ("attackers write 'ignore the rules'"), not an instruction
             return Finding("injection", f"content {why}", _short(match.group(0)))
     return None
@@ -190,8 +247,10 @@ def _quoted(text: str, start: int, end: int) -> bool:
 def find_schema_violation(text: str, schema: Mapping[str, Any]) -> Finding | None:
     """A tool result that does not match the output schema the tool promises."""
     data = _json(text)
-    if data is None:
-        if schema.get("type") in (None, "string"):
+    if schema.get("type") == "string" and not isinstance(data, str):
+        data = text  # "2024" from a tool that promises a string is that string, not a number
+    elif data is None:
+        if schema.get("type") is None:
             data = text
         else:
             return Finding("schema", f"output is not JSON but the tool promises {schema.get('type')}")
@@ -224,6 +283,8 @@ def numeric_fields(text: str) -> dict[str, float]:
 
 _CLAIM_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
 _DEGREES = re.compile(rf"({_NUMBER})\s*(?:°|degrees?\b)", re.I)
+_CHANGE = re.compile(r"\b(?:warmer|colder|cooler|hotter|higher|lower|more|less|by|drops?|dropp\w*|rises?|rising|"
+                     r"fall\w*|climb\w*|difference|than|up|down)\b")
 
 
 def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
@@ -252,8 +313,9 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
                 nearest = _nearest_in_clause(claim_l, numbers, match.start(), match.end())
                 if nearest is not None:
                     stated.append(nearest)
-            if "temp" in field:
-                stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l))
+            if "temp" in field:  # "3 degrees warmer", "drop by 5 degrees" are changes, not the temperature
+                stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l)
+                              if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 25]))
             for text, position in stated:
                 number = _to_number(text)
                 if number is None or any(_same(number, v) for v in values):
@@ -346,9 +408,11 @@ class QuarantineStage(Stage):
 
     # -- checks -----------------------------------------------------------------------------------
     def check_message(
-        self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]]
+        self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
+        *, after_injection: bool = False,
     ) -> Finding | None:
-        """The first finding about messages[index], or None when it is clean."""
+        """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
+        result of this turn carried an injection, so an answer repeating it is checked for one too."""
         message = messages[index]
         text = message_text(dict(message))
         role = message.get("role")
@@ -361,9 +425,13 @@ class QuarantineStage(Stage):
                 return finding
             if self.check_injection and (finding := find_injection(text)):
                 return finding
-        elif role == "assistant" and self.check_contradictions and isinstance(message.get("content"), str):
-            # Only the prose is a claim; tool-call arguments are requests, not statements.
-            return find_contradiction(message["content"], _turn_tool_results(messages, index))
+        elif role == "assistant" and isinstance(message.get("content"), str):
+            if after_injection and self.check_injection and (finding := find_injection(message["content"])):
+                return Finding("injection", f"the answer repeats an injection ({finding.reason.removeprefix('content ')})",
+                               finding.evidence)
+            if self.check_contradictions:
+                # Only the prose is a claim; tool-call arguments are requests, not statements.
+                return find_contradiction(message["content"], _turn_tool_results(messages, index))
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
@@ -378,7 +446,14 @@ class QuarantineStage(Stage):
         marks: list[tuple[Mapping[str, Any], str]] = []
         out = list(messages)
         withheld: list[int] = []
+        injected_turn = False  # a tool result of the current turn carried an injection
         for index, message in enumerate(messages):
+            if message.get("role") == "user":
+                injected_turn = False
+                # Documents pasted into a user message are checked too; the message is marked (kept out of
+                # summaries and the cache) but never withheld: the user's own words are in it.
+                if (reason := self._check_user_documents(request, message, released, known)) is not None:
+                    marks.append((message, reason))
             if message.get("role") not in ("tool", "assistant"):
                 continue
             if message_text(dict(message)) in issued:
@@ -389,10 +464,11 @@ class QuarantineStage(Stage):
                 continue
             record = known.get(fp)
             if record is None:
-                finding = self.check_message(messages, index, schemas)
+                finding = self.check_message(messages, index, schemas, after_injection=injected_turn)
                 if finding is None:
                     continue
                 record = self._add(request, fp, finding, message, _source(messages, index))
+            injected_turn = injected_turn or (record.kind == "injection" and message.get("role") == "tool")
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
@@ -419,6 +495,23 @@ class QuarantineStage(Stage):
         if metadata_changes:
             edited = edited.override(metadata={**edited.metadata, **metadata_changes})
         return mark(edited, marks) if marks else edited
+
+    def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
+                              known: Mapping[str, QuarantineRecord]) -> str | None:
+        """The reason to mark a user message whose `<document id=...>` blocks carry an injection, or None."""
+        text = message.get("content")
+        if not (self.check_documents and self.check_injection and isinstance(text, str) and "<document id=" in text):
+            return None
+        fp = fingerprint(message)
+        if fp in released:
+            return None
+        record = known.get(fp)
+        if record is None:
+            for match in DOCUMENT_BLOCK.finditer(text):
+                if finding := find_injection(match.group(2)):
+                    record = self._add(request, fp, finding, message, f"document {match.group(1)}")
+                    break
+        return f"{record.kind}: {record.reason}" if record is not None else None
 
     def _check_documents(
         self, request: ChatRequest, documents: Sequence[Any], released: set[str], known: Mapping[str, QuarantineRecord]
@@ -467,7 +560,7 @@ class QuarantineStage(Stage):
 
 def _json(text: str) -> Any:
     stripped = text.strip()
-    if not stripped or stripped[0] not in "[{\"" and not stripped[0].isdigit():
+    if not stripped or stripped[0] not in "[{\"-tfn" and not stripped[0].isdigit():
         return None
     try:
         return json.loads(stripped)
