@@ -201,3 +201,23 @@ def test_template_stage_in_a_pipeline_with_the_local_model(llama_backend, tmp_pa
     assert record.saved_by_stage["templates"] < 0
     assert record.tokens_sent == llama_backend.counter.count_prompt(
         TemplateStage(template, llama_backend.counter).before_model(request).messages)
+
+
+def test_a_memory_budget_too_small_for_one_sentence_sends_no_memory_not_a_bare_header(llama_backend):
+    variables = {"agent": "A", "company": "T", "limit": 2, "settings": {}}
+    memory = "Priya Raman travels from Lisbon to Porto on 14 March with two colleagues and a dog named Rui."
+    rendered = _template(memory=20).render(llama_backend.counter, variables=variables,
+                                           conversation=_conversation(), memory=memory)
+    assert rendered.section_tokens["memory"] == 0
+    assert not any("Summary of the earlier conversation" in str(m["content"]) for m in rendered.messages)
+
+
+def test_the_users_own_text_is_not_trimmed(llama_backend):
+    code = "    def f():\n        return 1\n"
+    conversation = [{"role": "user", "content": code}]
+    variables = {"agent": "A", "company": "T", "limit": 2, "settings": {}}
+    rendered = _template().render(llama_backend.counter, variables=variables, conversation=conversation)
+    assert rendered.messages[-1]["content"] == code
+    with_docs = _template().render(llama_backend.counter, variables=variables, conversation=conversation,
+                                   documents=DOCS[:1])
+    assert with_docs.messages[-1]["content"].endswith(code) and "faq-1" in with_docs.messages[-1]["content"]

@@ -15,8 +15,9 @@ provider (or llama.cpp) has cached stays byte-identical for as long as possible:
 - Each section has an optional token budget, counted with the backend's own counter. Over budget, the
   documents section drops whole documents from its end (ids of the kept ones are reported), the
   conversation drops its oldest turns (never splitting a tool call from its result), memory is cut at a
-  sentence end, and the app's own system, instructions and tools raise a TemplateError: silently cutting
-  those would change what the app asked for.
+  sentence end (and left out when not one sentence fits beside its header), and the app's own system,
+  instructions and tools raise a TemplateError: silently cutting those would change what the app asked for.
+- The user's own text is never trimmed: pasted code keeps its indentation.
 """
 
 from __future__ import annotations
@@ -185,11 +186,7 @@ class PromptTemplate:
         tokens["tools"] = counter.count_text(_tojson(canonical_tools)) if canonical_tools else 0
         self._fixed_budget("tools", tokens["tools"])
 
-        memory_text = ""
-        if memory:
-            memory_text = self._text("memory", memory=memory, **variables)
-            if self.budgets.get("memory") is not None:  # whole sentences, from the start
-                memory_text = leading_sentences(memory_text, self.budgets["memory"], counter)
+        memory_text = self._memory(memory or "", counter, variables)
         tokens["memory"] = counter.count_text(memory_text) if memory_text else 0
 
         kept_docs: list[Mapping[str, Any]] = []
@@ -214,8 +211,7 @@ class PromptTemplate:
         tokens["conversation"] = sum(_message_tokens(m, counter) for m in history)
 
         if history and history[-1].get("role") == "user" and isinstance(history[-1].get("content"), str):
-            history[-1]["content"] = self._text("turn", documents=docs_text, content=history[-1]["content"],
-                                                **variables)
+            history[-1]["content"] = self._turn(docs_text, history[-1]["content"], variables)
         elif docs_text:
             history.append({"role": "user", "content": self._text("turn", documents=docs_text, content="",
                                                                   **variables)})
@@ -230,6 +226,35 @@ class PromptTemplate:
             template=self.id, messages=messages, tools=canonical_tools, section_tokens=tokens,
             kept_documents=[str(doc["id"]) for doc in kept_docs], dropped_messages=dropped,
         )
+
+    def _memory(self, memory: str, counter: TokenCounter, variables: Mapping[str, Any]) -> str:
+        """The memory message: the summary's first whole sentences that fit the budget with the section's
+        own text around them; none at all when not one sentence fits (a header alone says nothing)."""
+        if not memory.strip():
+            return ""
+        budget = self.budgets.get("memory")
+        if budget is None:
+            return self._text("memory", memory=memory, **variables)
+        room = budget - counter.count_text(self._text("memory", memory="", **variables))
+        while room > 0:
+            body = leading_sentences(memory, room, counter)
+            if not body:
+                return ""
+            text = self._text("memory", memory=body, **variables)
+            over = counter.count_text(text) - budget
+            if over <= 0:
+                return text
+            room -= over  # the header and the body share a token at their seam: try a little less
+        return ""
+
+    def _turn(self, documents: str, content: str, variables: Mapping[str, Any]) -> str:
+        """The newest user message in the turn section. Whitespace the template puts around it is trimmed,
+        the user's own text is not (pasted code keeps its indentation)."""
+        marker = "\x00ctxkit-content\x00"
+        framed = self._text("turn", documents=documents, content=marker, **variables)
+        if framed.count(marker) != 1:  # the template transforms the content: render it as it says
+            return self._text("turn", documents=documents, content=content, **variables)
+        return framed.replace(marker, content)
 
     def _fixed_budget(self, section: str, used: int) -> None:
         budget = self.budgets.get(section)
