@@ -276,3 +276,10 @@ def test_documents_pasted_into_a_user_message_are_checked_but_never_withheld():
                                                    {"role": "user", "content": "Thanks"}]))
     assert is_quarantined(out, pasted) and out.messages[0] == pasted
     assert [r.source for r in stage.list()] == ["document kb-7"]
+
+
+def test_the_registry_keeps_at_most_max_records_per_namespace():
+    stage = QuarantineStage(max_records=2)
+    for k in range(3):
+        stage.before_model(ChatRequest(messages=[*_first_step()[:2], *_turn(f'{{"error": "failure {k}"}}')]))
+    assert [r.evidence for r in stage.list()] == ["failure 1", "failure 2"], "the oldest record goes first"

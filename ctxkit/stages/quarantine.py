@@ -364,7 +364,14 @@ class QuarantineStage(Stage):
         check_documents: bool = True,
         withhold_after_step: bool = True,
         counter: Any = None,
+        max_records: int = 10_000,
     ) -> None:
+        """max_records: per namespace, the most quarantine records (and released fingerprints, and
+        placeholders) kept; beyond it the oldest go, so a long-running server does not grow without end.
+        Content whose record went is checked again when it comes back."""
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, got {max_records}")
+        self.max_records = max_records
         self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
         for tool, schema in self.output_schemas.items():
             try:
@@ -380,10 +387,10 @@ class QuarantineStage(Stage):
         self.counter = counter if counter is not None else default_counter()
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, QuarantineRecord]] = {}  # namespace -> fingerprint -> record
-        self._released: dict[str, set[str]] = {}  # namespace -> fingerprints the app vouched for
+        self._released: dict[str, dict[str, None]] = {}  # namespace -> fingerprints the app vouched for
         # namespace -> placeholders this stage wrote: only those are taken as already handled, since a tool
         # can return text that starts like one
-        self._issued: dict[str, set[str]] = {}
+        self._issued: dict[str, dict[str, None]] = {}
 
     # -- the public registry ----------------------------------------------------------------------
     def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
@@ -400,7 +407,7 @@ class QuarantineStage(Stage):
             for space in spaces:
                 record = self._records.get(space, {}).pop(fingerprint, None)
                 if record is not None:
-                    self._released.setdefault(space, set()).add(fingerprint)
+                    self._bounded_add(self._released.setdefault(space, {}), fingerprint, None)
                     released = True
         if released:
             logger.info("quarantine released: %s", fingerprint)
@@ -473,7 +480,7 @@ class QuarantineStage(Stage):
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
                 with self._lock:
-                    self._issued.setdefault(namespace, set()).add(placeholder)
+                    self._bounded_add(self._issued.setdefault(namespace, {}), placeholder, None)
                 out[index] = {**message, "content": placeholder}
                 marks.append((out[index], "withheld by quarantine"))
                 withheld.append(index)
@@ -495,6 +502,12 @@ class QuarantineStage(Stage):
         if metadata_changes:
             edited = edited.override(metadata={**edited.metadata, **metadata_changes})
         return mark(edited, marks) if marks else edited
+
+    def _bounded_add(self, entries: dict[str, Any], key: str, value: Any) -> None:
+        """Insert, dropping the oldest entries past max_records (dicts keep insertion order); under _lock."""
+        entries[key] = value
+        while len(entries) > self.max_records:
+            del entries[next(iter(entries))]
 
     def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
                               known: Mapping[str, QuarantineRecord]) -> str | None:
@@ -548,7 +561,7 @@ class QuarantineStage(Stage):
             space = self._records.setdefault(request.namespace, {})
             if fp in space:  # another thread got there first: one record, one log line
                 return space[fp]
-            space[fp] = record
+            self._bounded_add(space, fp, record)
         detail = redact(finding.detail)
         logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
                        request.namespace, detail, fp)
