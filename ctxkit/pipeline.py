@@ -25,7 +25,7 @@ from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 from .stage import AsyncResult, Result, Stage
-from .validation import replace_malformed_arguments, validate_request
+from .validation import check_tool_choice_offered, replace_malformed_arguments, validate_request
 
 S = TypeVar("S", ChatStream, AsyncChatStream)
 _current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar("ctxkit_call", default=None)
@@ -241,8 +241,9 @@ class Pipeline:
     def _prepare(self, trace: _CallTrace, request: ChatRequest) -> int:
         if request is not trace.request:
             validate_request(request)  # a stage must not hand the backend something malformed
+        check_tool_choice_offered(request)  # a call forced to a tool not sent cannot be answered
         tokens = trace.count(request)
-        needed = tokens + (request.max_tokens or 0)
+        needed = tokens + max(request.max_tokens or 0, 1)  # room for at least one answer token
         if needed > self.backend.context_window:
             raise ContextOverflowError(tokens, request.max_tokens or 0, self.backend.context_window)
         trace.sent += tokens

@@ -14,6 +14,7 @@ import pytest
 
 from ctxkit import (
     BackendConnectionError,
+    BackendError,
     BackendStatusError,
     ChatRequest,
     GGUFPrompt,
@@ -240,3 +241,42 @@ def test_transport_errors_of_the_sdks_http_library_map_to_typed_errors():
     module = sys.modules[_TRANSPORT_ERRORS[0].__module__.split(".")[0]]
     assert isinstance(_lost_mid_stream(module.ReadTimeout("stalled"), "openai"), BackendTimeoutError)
     assert isinstance(_lost_mid_stream(module.RemoteProtocolError("closed"), "openai"), BackendConnectionError)
+
+
+def test_a_200_without_a_completion_is_a_typed_error(gguf_counter, ledger):
+    """Some gateways answer 200 with an error body, or with no choices (a fault the real server cannot make)."""
+    bodies = iter([{"error": {"message": "upstream overloaded", "type": "server_error"}},
+                   {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            payload = json.dumps(next(bodies)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{gateway.server_address[1]}/v1",
+                                counter=gguf_counter, context_window=4096, max_retries=0)
+        pipeline = Pipeline(backend, ledger=ledger)
+        with pytest.raises(BackendError, match="upstream overloaded"):
+            pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+        with pytest.raises(BackendError, match="without a completion"):
+            pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        gateway.shutdown()
+    assert [r.error_type for r in ledger.records] == ["BackendError", "BackendError"]
+
+
+def test_a_tool_call_cut_off_by_max_tokens_is_still_counted(gguf_counter):
+    cut = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]}
+    assert gguf_counter.count_completion(cut) > 0

@@ -9,6 +9,7 @@ from ctxkit import (
     ContextOverflowError,
     InvalidMessageError,
     InvalidToolError,
+    Ledger,
     Pipeline,
     RequestError,
 )
@@ -179,3 +180,31 @@ def test_ctxkit_fields_of_the_wrong_type_name_the_field(counting, ledger, fields
         pipeline.openai().chat.completions.create(messages=[{"role": "user", "content": "hi"}], **fields)
     assert info.value.where == where
     assert counting.calls == 0 and not ledger.records
+
+
+def test_a_tool_choice_naming_a_tool_not_sent_is_refused_before_the_local_model(llama_backend, ledger):
+    """It built an empty grammar, and llama.cpp crashed the whole process (SIGSEGV) on it."""
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    choice = {"type": "function", "function": {"name": "get_wether"}}
+    with pytest.raises(RequestError, match="not among the tools sent") as info:
+        pipeline.chat([{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                      params={"tool_choice": choice, "max_tokens": 8})
+    assert info.value.where == "tool_choice"
+    with pytest.raises(RequestError, match="must be"):
+        pipeline.chat([{"role": "user", "content": "hi"}], tools=[WEATHER], params={"tool_choice": "any"})
+
+
+def test_a_prompt_that_fills_the_window_is_the_typed_overflow_error(llama_backend):
+    from ctxkit import LlamaCppBackend
+
+    small = LlamaCppBackend(llama_backend.model_path, n_ctx=256, n_threads=1)
+    window = small.context_window
+    with pytest.raises(ContextOverflowError):  # called without a pipeline, too
+        small.complete(ChatRequest(messages=[{"role": "user", "content": "word " * (2 * window)}]))
+    words = 1
+    while small.counter.count_prompt([{"role": "user", "content": "word " * words}]) < window:
+        words += 1
+    exact = [{"role": "user", "content": "word " * words}]
+    if small.counter.count_prompt(exact) == window:  # a prompt of exactly the window leaves no room to answer
+        with pytest.raises(ContextOverflowError):
+            Pipeline(small, ledger=Ledger()).call(ChatRequest(messages=exact))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ctxkit.stages.tools.lexical import LexicalIndex
 from ctxkit.stages.tools.text import ToolDocument, split_identifier, terms
 
@@ -44,3 +46,42 @@ def test_bm25_ranks_the_tool_whose_name_matches_first():
     scores = index.scores("what is the current weather in Oslo")
     assert scores.argmax() == 0, scores
     assert index.scores("numOfPlayers")[0] == 0.0  # nothing matches: all zero, no crash
+
+
+def test_a_broken_call_block_does_not_swallow_the_valid_one_after_it():
+    from ctxkit.backends.tool_format import parse_tool_calls
+
+    text = '<tool_call>\n{"name": "f"\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    content, calls = parse_tool_calls(text)
+    assert [c["function"]["name"] for c in calls] == ["g"] and '{"name": "f"' in content
+    _, calls = parse_tool_calls('<tool_call>{"name": "g", "arguments": "{\\"a\\": 1}"}</tool_call>')
+    assert calls[0]["function"]["arguments"] == '{"a": 1}', "arguments given as a JSON string are decoded once"
+    assert parse_tool_calls('<tool_call>{"name": "g", "arguments": [1, 2]}</tool_call>')[1] == []
+
+
+def test_pydantic_schemas_with_defs_get_a_grammar_and_a_call(llama_backend):
+    """Nested models put $defs in the parameters; under the call's "arguments" their $refs resolved from
+    the wrong root and every call with such a tool failed."""
+    from pydantic import BaseModel
+
+    from ctxkit import ChatRequest
+
+    class Address(BaseModel):
+        city: str
+        zip_code: str
+
+    class Order(BaseModel):
+        item: str
+        ship_to: Address
+
+    tool = {"type": "function", "function": {"name": "place_order", "description": "Place an order.",
+                                             "parameters": Order.model_json_schema()}}
+    response = llama_backend.complete(ChatRequest(
+        messages=[{"role": "user", "content": "Order a kettle to 1 Main St, Oslo 0150."}], tools=[tool],
+        params={"tool_choice": "required", "max_tokens": 80, "temperature": 0}))
+    if response.tool_calls:  # a finished call has the nested model's shape
+        arguments = json.loads(response.tool_calls[0]["function"]["arguments"])
+        assert set(arguments) == {"item", "ship_to"} and set(arguments["ship_to"]) == {"city", "zip_code"}
+    else:  # SmolLM2 may ramble inside a string until max_tokens; the grammar still fixed the call's start
+        assert response.finish_reason == "length"
+        assert (response.content or "").startswith('<tool_call>\n{"name": "place_order", "arguments": {"item": "')

@@ -75,5 +75,9 @@ class GGUFPrompt:
     def count_completion(self, message: dict[str, Any]) -> int:
         text = message.get("content") or ""
         for call in message.get("tool_calls") or []:
-            text += format_tool_call(call["function"]["name"], json.loads(call["function"]["arguments"] or "{}"))
+            try:
+                arguments = json.loads(call["function"]["arguments"] or "{}")
+            except json.JSONDecodeError:  # cut off by max_tokens: count what was written
+                arguments = call["function"]["arguments"]
+            text += format_tool_call(call["function"]["name"], arguments)
         return self.count_text(text)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._aio import iterate_in_thread
-from ..errors import BackendError, ConfigurationError
+from ..errors import BackendError, ConfigurationError, ContextOverflowError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
@@ -87,7 +87,7 @@ class LlamaCppBackend:
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
-        tokens = self.prompt.tokens(request.messages, request.tools)
+        tokens = self._prompt_tokens(request)
         with self._lock:
             cached = self._reusable_prefix(tokens)
             try:
@@ -108,7 +108,7 @@ class LlamaCppBackend:
         )
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
-        tokens = self.prompt.tokens(request.messages, request.tools)
+        tokens = self._prompt_tokens(request)
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         model = request.model or self.model
         created = int(time.time())
@@ -168,6 +168,14 @@ class LlamaCppBackend:
         self._llama.close()
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """The prompt's token ids; a prompt that leaves no room for an answer is the typed overflow error
+        here too, for callers that use the backend without a pipeline."""
+        tokens = self.prompt.tokens(request.messages, request.tools)
+        if len(tokens) >= self.context_window:
+            raise ContextOverflowError(len(tokens), request.max_tokens or 0, self.context_window)
+        return tokens
+
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
         previous = self._llama.input_ids[: self._llama.n_tokens]

@@ -135,6 +135,9 @@ class OpenAIBackend:
         return args
 
     def _to_response(self, completion: Any, request: ChatRequest) -> ChatResponse:
+        if not getattr(completion, "choices", None):  # a 200 that carries an error, or nothing, is no answer
+            error = (getattr(completion, "model_extra", None) or {}).get("error") or "no choices in the answer"
+            raise BackendError(f"the server answered without a completion: {str(error)[:300]}", backend=self.name)
         choice = completion.choices[0]
         message = choice.message.model_dump(exclude_none=True)
         message.setdefault("content", None)

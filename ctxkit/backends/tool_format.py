@@ -22,7 +22,7 @@ from typing import Any
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-_CALL_BLOCK = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # each block alone: a broken one spoils no other
 
 
 def tools_system_text(tools: list[dict[str, Any]]) -> str:
@@ -78,7 +78,7 @@ def messages_for_plain_template(messages: list[dict[str, Any]], tools: list[dict
     return out
 
 
-def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
+def format_tool_call(name: str, arguments: Any) -> str:
     body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
     return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
 
@@ -86,25 +86,43 @@ def format_tool_call(name: str, arguments: dict[str, Any]) -> str:
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """Split generated text into (content, OpenAI tool_calls). Malformed blocks stay in the content."""
     calls = []
+    spans: list[tuple[int, int]] = []  # of the blocks that became calls
     for match in _CALL_BLOCK.finditer(text):
-        try:
-            payload = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            continue
-        arguments = payload.get("arguments", payload.get("parameters", {}))
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:16]}",
-                "type": "function",
-                "function": {"name": payload["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
-            }
-        )
+        call = _call(match.group(1))
+        if call is not None:
+            calls.append(call)
+            spans.append(match.span())
     if not calls:
         return (text.strip() or None), []
-    rest = _CALL_BLOCK.sub("", text).strip()
-    return (rest or None), calls
+    rest, last = [], 0
+    for start, end in spans:
+        rest.append(text[last:start])
+        last = end
+    rest.append(text[last:])
+    return ("".join(rest).strip() or None), calls
+
+
+def _call(block: str) -> dict[str, Any] | None:
+    """One `<tool_call>` block's JSON as an OpenAI tool call, or None when it is not a well-formed call."""
+    try:
+        payload = json.loads(block.strip())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        return None
+    arguments = payload.get("arguments", payload.get("parameters", {}))
+    if isinstance(arguments, str):  # arguments written as a JSON string, as OpenAI's own wire format does
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {
+        "id": f"call_{uuid.uuid4().hex[:16]}",
+        "type": "function",
+        "function": {"name": payload["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | None:
@@ -117,20 +135,25 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | No
     if not tools or tool_choice == "none":
         return None
     if isinstance(tool_choice, dict):
-        wanted = tool_choice.get("function", {}).get("name")
+        wanted = (tool_choice.get("function") or {}).get("name")
         tools = [t for t in tools if t["function"]["name"] == wanted]
+        if not tools:  # validation refuses this; an empty grammar would crash llama.cpp outright
+            raise ValueError(f"tool_choice names no offered tool: {wanted!r}")
+    definitions: dict[str, Any] = {}
     variants = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
+                "arguments": _hoisted(t["function"].get("parameters") or {"type": "object"}, f"t{i}_", definitions),
             },
             "required": ["name", "arguments"],
         }
-        for t in tools
+        for i, t in enumerate(tools)
     ]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    if definitions:
+        schema = {**schema, "$defs": definitions}
     call_rules = json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
     call_rules = re.sub(r"^root ::=", "call-json ::=", call_rules, flags=re.MULTILINE)
     # llama-cpp-python's converter lets strings hold raw newlines and control characters, which a small
@@ -149,3 +172,29 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content or ""
+
+
+def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` with its `$defs`/`definitions` moved into `definitions` under `prefix`ed names, and its
+    `$ref`s rewritten to match: nested under the call's "arguments", a `#/$defs/X` would resolve from the
+    wrong root (Pydantic writes one for every nested model)."""
+    local = {**(parameters.get("definitions") or {}), **(parameters.get("$defs") or {})}
+    if not local:
+        return parameters
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(root):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    for name, definition in local.items():
+        definitions[f"{prefix}{name}"] = rewrite(definition)
+    return rewrite(parameters)
