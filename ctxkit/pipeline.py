@@ -293,7 +293,8 @@ class Pipeline:
         else:
             result.answered_by = trace.answered_by
             result.on_complete(lambda response: self.ledger.write(trace.record(response)))
-            result.on_error(lambda exc: self.ledger.write(trace.record(None, exc)))
+            # A failed or abandoned stream is recorded with what it generated: those tokens were paid for.
+            result.on_error(lambda exc: self.ledger.write(trace.record(result.partial(), exc)))
         return result
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigurationError
 from .ledger import LedgerRecord
 
 
@@ -30,8 +31,9 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         m["cost_usd"] += r.cost_usd
         m["cost_naive_usd"] += r.cost_naive_usd
     deltas = [r.count_delta for r in ok if r.count_delta is not None and r.usage_reported]
-    totals = [r.latency_ms.get("total", 0.0) for r in ok]
-    backend = [r.latency_ms.get("backend", 0.0) for r in ok if r.tokens_sent]
+    totals = [r.latency_ms["total"] for r in ok if "total" in r.latency_ms]
+    backend = [r.latency_ms["backend"] for r in ok if r.tokens_sent and "backend" in r.latency_ms]
+    failed = [r for r in records if r.status != "ok"]
     return {
         "calls": len(records),
         "ok": len(ok),
@@ -46,12 +48,13 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         "tokens_cached": sum(r.tokens_cached for r in ok),
         "answered_by_stage": dict(Counter(r.answered_by for r in ok if r.answered_by)),
         "saved_by_stage": dict(by_stage),
-        "by_model": {
-            model: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
-            for model, m in sorted(by_model.items())
-        },
-        "cost_usd": round(sum(r.cost_usd for r in ok), 6),
-        "cost_naive_usd": round(sum(r.cost_naive_usd for r in ok), 6),
+        "by_model": {model: dict(m) for model, m in sorted(by_model.items())},
+        # Not rounded: at a few cents per million tokens, six decimals read $0.000000 either way.
+        "cost_usd": sum(r.cost_usd for r in ok),
+        "cost_naive_usd": sum(r.cost_naive_usd for r in ok),
+        # Failed calls save nothing, but what they sent was paid for (an abandoned stream too).
+        "tokens_sent_failed": sum(r.tokens_sent for r in failed),
+        "cost_failed_usd": sum(r.cost_usd for r in failed),
         "count_exact_calls": sum(1 for d in deltas if d == 0),
         "count_checked_calls": len(deltas),
         "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
@@ -68,7 +71,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"tokens out       {summary['tokens_out']} (+{summary['out_saved']} answered by stages)",
         f"prefix-cached    {summary['tokens_cached']}",
         f"exact counts     {summary['count_exact_calls']}/{summary['count_checked_calls']} calls match the backend's usage",
-        f"cost             ${summary['cost_usd']:.6f} (without ctxkit ${summary['cost_naive_usd']:.6f})",
+        f"cost             ${summary['cost_usd']:.4g} (without ctxkit ${summary['cost_naive_usd']:.4g}); "
+        f"failed calls ${summary['cost_failed_usd']:.4g} for {summary['tokens_sent_failed']} tokens sent",
         "",
         "saved by stage",
     ]
@@ -78,14 +82,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     for model, m in summary["by_model"].items():
         lines.append(
             f"{model[:32]:<32} {m['calls']:>6} {m['tokens_naive']:>9} {m['tokens_sent']:>9} "
-            f"{m['tokens_out']:>7} {m['cost_usd']:>10.6f}"
+            f"{m['tokens_out']:>7} {m['cost_usd']:>10.4g}"
         )
     return "\n".join(lines)
 
 
 def plot(records: Iterable[LedgerRecord], path: str | Path) -> Path:
     """Two panels: tokens naive vs sent per call, and tokens saved by stage."""
-    import matplotlib
+    path = Path(path)
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigurationError("--plot needs matplotlib: pip install 'ctxkit[report]'") from None
+    import matplotlib.figure
+
+    if path.suffix.lstrip(".").lower() not in matplotlib.figure.Figure().canvas.get_supported_filetypes():
+        raise ConfigurationError(f"--plot {path}: not an image format matplotlib writes (use .png, .svg, .pdf)")
 
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
@@ -106,7 +118,7 @@ def plot(records: Iterable[LedgerRecord], path: str | Path) -> Path:
     right.set_title(f"Saved by stage (total {summary['tokens_saved']}, {summary['saved_ratio']:.0%})")
     right.tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

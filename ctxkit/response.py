@@ -147,12 +147,21 @@ class _StreamBase:
     def _finish(self) -> None:
         if self.response is not None:
             return  # iterated again, or collect() after a full iteration: the call ended once
+        self.response = self.partial()
+        for callback in self._on_complete:
+            callback(self.response)
+
+    def partial(self) -> ChatResponse:
+        """What has arrived so far, as a response (the whole one once the stream has ended): a stream
+        abandoned half way was still generated, and billed, that far."""
+        if self.response is not None:
+            return self.response
         message = self._assembler.message()
         usage = self._assembler.usage
         if usage is None:
             completion = self._count_completion(message) if self._count_completion else 0
             usage = Usage(self._prompt_tokens_if_unreported, completion, 0, reported=False)
-        self.response = ChatResponse(
+        return ChatResponse(
             message=message,
             finish_reason=self._assembler.finish_reason,
             usage=usage,
@@ -161,8 +170,6 @@ class _StreamBase:
             id=self._assembler.id or f"chatcmpl-{uuid.uuid4().hex[:24]}",
             answered_by=self.answered_by,
         )
-        for callback in self._on_complete:
-            callback(self.response)
 
     def _fail(self, exc: BaseException) -> None:
         if self.response is not None or self._failed:

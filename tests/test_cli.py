@@ -50,6 +50,18 @@ def test_report_on_a_missing_file_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "cannot read ledger" in out.stderr
 
 
+def test_report_plot_paths_and_mistyped_records(ledger_with_calls, tmp_path):
+    nested = tmp_path / "new" / "dir" / "report.png"
+    assert ctxkit("report", str(ledger_with_calls), "--plot", str(nested)).returncode == 0 and nested.exists()
+    out = ctxkit("report", str(ledger_with_calls), "--plot", str(tmp_path / "report.xyz"))
+    assert out.returncode == 2 and "not an image format" in out.stderr
+    record = json.loads(ledger_with_calls.read_text().splitlines()[0])
+    with open(ledger_with_calls, "a") as f:  # a nested value of the wrong type, as a hand edit may leave
+        f.write(json.dumps({**record, "id": "bad", "saved_by_stage": {"x": None}}) + "\n")
+    out = ctxkit("report", str(ledger_with_calls), "--json", "--skip-bad-lines")
+    assert out.returncode == 0 and json.loads(out.stdout)["calls"] == 3, out.stderr
+
+
 def test_bench_overhead_json(tmp_path):
     out = ctxkit("bench", "overhead", "--calls", "3", "--json", "--n-threads", "2")
     assert out.returncode == 0, out.stderr

@@ -273,3 +273,24 @@ def test_the_openai_style_client_stream_closes_like_openais(llama_backend, ledge
 
     assert _finishes_soon(lambda: asyncio.run(run()))
     assert [r.status for r in ledger.records] == ["error", "ok", "error", "ok"]
+
+
+def test_a_local_model_is_recorded_and_priced_as_itself_and_abandoned_output_counts(llama_backend, ledger):
+    """An app that asks for "gpt-4o" from the local model used to be billed at gpt-4o's price, and a stream
+    left half way recorded no output although the model had generated it."""
+    from ctxkit.report import summarize
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 40, "temperature": 0},
+                                       model="gpt-4o", stream=True))
+    for index, _ in enumerate(stream):
+        if index == 6:
+            break
+    answer = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS, model="gpt-4o"))
+    assert answer.model == llama_backend.model
+    abandoned, done = ledger.records
+    assert abandoned.status == "error" and abandoned.tokens_out > 0, "the generated tokens were not counted"
+    assert {abandoned.model, done.model} == {llama_backend.model}
+    summary = summarize(ledger.records)
+    assert summary["cost_usd"] == summary["cost_failed_usd"] == 0.0, "a local model costs nothing per token"
+    assert summary["tokens_sent_failed"] == abandoned.tokens_sent > 0

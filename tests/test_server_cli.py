@@ -90,3 +90,12 @@ def test_serve_rejects_a_cache_location_it_cannot_use(tmp_path):
                            "--cache", "redis://localhost/0"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     assert "postgresql://" in done.stderr and "redis://" in done.stderr
+
+
+def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
+    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
+    base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
+    for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
+                           (["--max-concurrency", "0"], "max_concurrency must be positive")):
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -103,14 +103,14 @@ class LlamaCppBackend:
             message=message,
             finish_reason="tool_calls" if calls else (choice.get("finish_reason") or "stop"),
             usage=Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"], cached),
-            model=request.model or self.model,
+            model=self.model,  # the model that answered, whatever name was asked for (it is priced by it)
             backend=self.name,
         )
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
         tokens = self._prompt_tokens(request)
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        model = request.model or self.model
+        model = self.model
         created = int(time.time())
 
         def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..stages.cache.pg_store import PostgresStore
 from ..stages.cache.store import CacheEntry
-from .common import emit, median, percentile, progress, read_jsonl
+from .common import add_embedding_arguments, emit, median, percentile, progress, read_jsonl
 
 _BATCH = 500
 
@@ -80,13 +80,14 @@ def run(
     pairs: Path | None = None,
     ef_searches: tuple[int, ...] = (100, 40),
     seed: int = 0,
+    embed_precision: str = "auto",
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     embedder = None
     if pairs is not None:
         from ..embed import Embedder
 
-        embedder = Embedder()
+        embedder = Embedder(precision=embed_precision)
         texts, asked = _load_pairs(pairs, entries)
         entries = len(texts)
         vectors = np.concatenate([
@@ -201,6 +202,7 @@ def run(
             "scopes": scopes,
             "queries": len(q),
             "vectors": "minilm" if embedder is not None else "random",
+            "embed_precision": embedder.precision if embedder is not None else None,
             "index": "hnsw (m=16, ef_construction=64)",
             "server": "pgserver (local socket)" if server is not None else "dsn",
             "ef_search": by_ef[0]["ef_search"],
@@ -263,6 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scopes", type=int, default=1, help="scopes the entries are spread over (default 1)")
     parser.add_argument("--queries", type=int, default=500, help="timed lookups (default 500)")
     parser.add_argument("--pairs", type=Path, help="cache pairs JSONL: embed real questions with MiniLM")
+    add_embedding_arguments(parser)
     parser.add_argument("--ef-search", default="100,40",
                         help="HNSW ef_search values to compare, comma-separated; the first is reported at top level")
 
@@ -275,5 +278,5 @@ def run_cli(args: argparse.Namespace) -> None:
     except ValueError:
         raise ConfigurationError(f"--ef-search takes comma-separated integers, got {args.ef_search!r}") from None
     result = run(args.dsn, entries=args.entries, scopes=args.scopes, queries=args.queries, pairs=args.pairs,
-                 ef_searches=ef_searches)
+                 ef_searches=ef_searches, embed_precision=args.embed_precision)
     emit(result, args.json, table(result))

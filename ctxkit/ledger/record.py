@@ -65,6 +65,10 @@ class LedgerRecord:
             if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
                 raise ValueError(f"field {name!r} is {type(value).__name__}, expected "
                                  f"{' or '.join(t.__name__ for t in expected)}")
+        for name, kinds in (("saved_by_stage", (int,)), ("latency_ms", (int, float, dict, type(None)))):
+            for key, value in (values.get(name) or {}).items():
+                if not isinstance(value, kinds) or isinstance(value, bool):
+                    raise ValueError(f"field {name!r}[{key!r}] is {type(value).__name__}")
         try:
             return cls(**values)
         except TypeError as exc:  # a required field missing

@@ -31,6 +31,7 @@ from ..errors import (
     BackendError,
     BackendStatusError,
     BackendTimeoutError,
+    ConfigurationError,
     ContextOverflowError,
     CtxkitError,
     RequestError,
@@ -305,11 +306,11 @@ def create_app(
     from ..backends.llama_cpp import LlamaCppBackend
 
     if max_body_bytes < 1:
-        raise ValueError("max_body_bytes must be positive")
+        raise ConfigurationError(f"max_body_bytes must be positive, got {max_body_bytes}")
     if max_concurrency is None:
         max_concurrency = 1 if isinstance(pipeline.backend, LlamaCppBackend) else 64
     if max_concurrency < 1:
-        raise ValueError("max_concurrency must be positive")
+        raise ConfigurationError(f"max_concurrency must be positive, got {max_concurrency}")
     metrics = metrics if metrics is not None else ProxyMetrics()
     # The same stages, backend and ledger; the ledger is teed into the metrics on the way.
     metered = Pipeline(pipeline.backend, pipeline.stages, ledger=MeteredLedger(pipeline.ledger, metrics),

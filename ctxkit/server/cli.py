@@ -93,7 +93,10 @@ def build_cache_store(location: str | None) -> CacheStore | None:
 
 
 def run_cli(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigurationError("ctxkit serve needs its server extra: pip install 'ctxkit[serve]'") from None
 
     from ..ledger import Ledger
     from ..pipeline import Pipeline
@@ -103,6 +106,8 @@ def run_cli(args: argparse.Namespace) -> None:
 
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
+    if args.no_stages and args.cache:
+        raise ConfigurationError("--cache has no effect with --no-stages: the cache is a stage")
     stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache))
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
     app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
