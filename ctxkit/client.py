@@ -56,7 +56,13 @@ class Stream:
         self._close = close
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
-        return self._chunks
+        return self._iterate()
+
+    def _iterate(self) -> Generator[ChatCompletionChunk, None, None]:
+        try:
+            yield from self._chunks
+        finally:  # a loop left with `break` ends the stream, as with ctxkit's own ChatStream
+            self.close()
 
     def __next__(self) -> ChatCompletionChunk:
         return next(self._chunks)
@@ -81,7 +87,14 @@ class AsyncStream:
         self._close = close
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
-        return self._chunks
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncGenerator[ChatCompletionChunk, None]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        finally:
+            await self.close()
 
     async def __anext__(self) -> ChatCompletionChunk:
         return await self._chunks.__anext__()
