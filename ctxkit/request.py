@@ -60,6 +60,13 @@ class ChatRequest:
     def tool_names(self) -> list[str]:
         return [t["function"]["name"] for t in self.tools]
 
+    @property
+    def named_tool(self) -> str | None:
+        """The tool `tool_choice={"type": "function", "function": {"name": X}}` forces, X; None otherwise."""
+        choice = self.params.get("tool_choice") if isinstance(self.params, Mapping) else None
+        name = (choice.get("function") or {}).get("name") if isinstance(choice, Mapping) else None
+        return name if isinstance(name, str) else None
+
     @classmethod
     def from_openai_kwargs(cls, kwargs: Mapping[str, Any], **defaults: Any) -> ChatRequest:
         """Build a request from the keyword arguments of `chat.completions.create`.

@@ -30,22 +30,18 @@ def validate_request(request: ChatRequest) -> None:
 
 def _validate_tool_choice(request: ChatRequest) -> None:
     choice = request.params.get("tool_choice")
-    if choice is None or choice in ("auto", "none", "required"):
+    if choice is None or choice in ("auto", "none", "required") or request.named_tool is not None:
         return
-    name = (choice.get("function") or {}).get("name") if isinstance(choice, Mapping) else None
-    if not isinstance(name, str):
-        raise RequestError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}, '
-                           f"got {choice!r}", "tool_choice")
+    raise RequestError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}, '
+                       f"got {choice!r}", "tool_choice")
 
 
 def check_tool_choice_offered(request: ChatRequest) -> None:
     """A tool_choice that names a tool must name one the request sends. Checked on what goes to the backend,
     not on what the app sent: a stage may add the tool (a catalog registered with the tool stage)."""
-    choice = request.params.get("tool_choice")
-    if isinstance(choice, Mapping):
-        name = (choice.get("function") or {}).get("name")
-        if name not in request.tool_names:
-            raise RequestError(f"names {name!r}, which is not among the tools sent", "tool_choice")
+    name = request.named_tool
+    if name is not None and name not in request.tool_names:
+        raise RequestError(f"names {name!r}, which is not among the tools sent", "tool_choice")
 
 
 def _validate_fields(request: ChatRequest) -> None:

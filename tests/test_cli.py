@@ -109,7 +109,7 @@ HELLO = [{"role": "user", "content": "Weather in Oslo?"}]
     (["bench", "prune", "--questions"], {"question": "Highest?", "documents": [{"id": "d", "text": "t"}],
                                          "answers": "Kilimanjaro"}, ":1: answers: expected a non-empty list"),
     (["bench", "prune", "--questions"], {"question": "Highest?", "documents": [{"text": "no id"}],
-                                         "answers": ["x"]}, ':1: documents: expected documents as {"id"'),
+                                         "answers": ["x"]}, ':1: documents[0]: must be an object with "id" and "text"'),
     (["bench", "cache", "--pairs"], {"a": HELLO, "b": HELLO, "same_answer": "false"},
      ":1: same_answer must be true or false, got 'false'"),
     (["bench", "cache", "--pairs"], {"a": ["hi"], "b": HELLO, "same_answer": False},

@@ -29,9 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RequestError
 from ..request import ChatRequest
-from ..stages.pruning.documents import REPORT_KEY, DocumentPruningStage, DocumentRanker, RankingWeights
+from ..stages.pruning.documents import (
+    REPORT_KEY,
+    DocumentPruningStage,
+    DocumentRanker,
+    RankingWeights,
+    checked_documents,
+)
 from .common import (
     add_embedding_arguments,
     check_strings,
@@ -54,7 +60,7 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise ConfigurationError(f"{where}: question must be a non-empty string")
         if row.get("documents") is not None:
-            check_documents(row["documents"], f"{where}: documents")
+            check_documents(row["documents"], where)
         for field in ("gold_documents", "answers"):
             if row.get(field) is not None:
                 check_strings(row[field], f"{where}: {field}")
@@ -66,15 +72,16 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
     """A shared corpus file: one `{"id", "text"}` document a line."""
-    documents = [check_documents([row], f"{path}:{number}")[0] for number, row in read_jsonl(path)]
+    documents = [check_documents([row], f"{path}:{number}", "document")[0] for number, row in read_jsonl(path)]
     return require_records(documents, path)
 
 
-def check_documents(value: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("text"), str) for d in value):
-        raise ConfigurationError(f'{where}: expected documents as {{"id": string, "text": string}} objects')
-    return value
+def check_documents(value: Any, line: str, field: str = "documents") -> list[dict[str, Any]]:
+    """The documents as the pruning stage checks them, the error naming the file and line."""
+    try:
+        return [dict(d) for d in checked_documents(value, field)]
+    except RequestError as exc:
+        raise ConfigurationError(f"{line}: {exc}") from None
 
 
 class DiskCachedEmbedder:

@@ -253,10 +253,9 @@ class _Proxy:
                 self.metrics.errors.labels(error.kind).inc()
                 yield _sse({"error": {"message": error.message, "type": error.kind, "code": error.code}})
             finally:
-                await end()
                 self.metrics.request_seconds.labels("true").observe(time.perf_counter() - t0)
 
-        async def end() -> None:  # a client that hung up: end the stream now, so the local model is free
+        async def end() -> None:  # however the answer ended (a client that hung up too): free the model
             await stream.aclose()
             release()
 

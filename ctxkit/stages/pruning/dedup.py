@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import RequestError
 from ...quarantine_marks import carry
 from ...request import ChatRequest
 from ...response import message_text
@@ -33,6 +32,7 @@ from ...sentences import split_sentences
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ._text import default_counter, previous_prompt_end, record_prefix_invalidated
+from .documents import checked_documents
 
 COLLAPSED_PREFIX = "[near-duplicate of message"
 DUPLICATES_KEY = "ctxkit.duplicate_documents"
@@ -129,11 +129,7 @@ class DedupStage(Stage):
     # -- documents ------------------------------------------------------------------------------------
     def collapse_documents(self, documents: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """(documents without later near-duplicates, {dropped id: kept id})."""
-        if not isinstance(documents, (list, tuple)):
-            raise RequestError('must be a list of {"id", "text"} objects', 'metadata["documents"]')
-        for k, doc in enumerate(documents):
-            if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str) or "id" not in doc:
-                raise RequestError('must be an object with "id" and "text" (a string)', f'metadata["documents"][{k}]')
+        documents = checked_documents(documents)
         texts = [doc["text"] for doc in documents]
         pairs = self._near_duplicates(texts, eligible=[True] * len(texts))
         duplicates: dict[str, str] = {}

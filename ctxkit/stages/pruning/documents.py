@@ -344,7 +344,7 @@ class DocumentPruningStage(Stage):
         changes: dict[str, Any] = {}
         docs = request.metadata.get(DOCUMENTS_KEY)
         if docs is not None:
-            documents = _checked_documents(docs)
+            documents = checked_documents(docs)
             query = _turn_query(messages, len(messages))
             result = self.ranker.prune(query, documents, self.budget_for(self._tokens(documents)))
             changes["metadata"] = {
@@ -425,15 +425,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x, dtype=np.float64)
 
 
-def _checked_documents(docs: Any) -> list[Mapping[str, Any]]:
+def checked_documents(docs: Any, where: str = f'metadata["{DOCUMENTS_KEY}"]') -> list[Mapping[str, Any]]:
+    """`docs` if it is a list of `{"id", "text"}` objects with distinct ids; a RequestError naming the
+    document (under `where`) otherwise. The stages that read documents, and the prune bench, all check this."""
     if not isinstance(docs, (list, tuple)):
-        raise RequestError('must be a list of {"id", "text"} objects', f'metadata["{DOCUMENTS_KEY}"]')
+        raise RequestError('must be a list of {"id", "text"} objects', where)
     seen: set[str] = set()
     for k, doc in enumerate(docs):
         if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str) or doc.get("id") is None:
-            raise RequestError('must be an object with "id" and "text" (a string)', f'metadata["{DOCUMENTS_KEY}"][{k}]')
+            raise RequestError('must be an object with "id" and "text" (a string)', f"{where}[{k}]")
         if str(doc["id"]) in seen:
-            raise RequestError(f"duplicate document id {doc['id']!r}", f'metadata["{DOCUMENTS_KEY}"][{k}].id')
+            raise RequestError(f"duplicate document id {doc['id']!r}", f"{where}[{k}].id")
         seen.add(str(doc["id"]))
     return list(docs)
 

@@ -192,7 +192,7 @@ class ToolRetrievalStage(Stage):
         index = self.index_for(pool)
         selector = ToolSelector(index, top_k=self.top_k, pinned=self.pinned, keep_used=self.keep_used)
         k = top_k or self.top_k
-        forced = [*extra, *_named_tool_choice(request)]
+        forced = [*extra, *([request.named_tool] if request.named_tool else [])]
         if len(pool) <= k:
             names = [t["function"]["name"] for t in pool]
             selection = Selection(tuple(pool), tuple(names), (), (), ())
@@ -207,7 +207,7 @@ class ToolRetrievalStage(Stage):
         if offered:
             tools.append(FIND_TOOLS_SCHEMA)
         changes: dict[str, Any] = {"tools": tools}
-        if not offered and FIND_TOOLS in _named_tool_choice(request) and FIND_TOOLS not in index:
+        if not offered and request.named_tool == FIND_TOOLS and FIND_TOOLS not in index:
             # The re-run after a search offers no search: a choice that forced it now forces a real tool.
             changes["params"] = {**request.params, "tool_choice": "required"}
         record_event(self.name, "selected", pool=len(index), sent=list(selection.names),
@@ -254,16 +254,6 @@ class ToolRetrievalStage(Stage):
             if name not in plan.index and not (plan.offered_find_tools and name == FIND_TOOLS):
                 record_event(self.name, "unknown_tool", tool=name)
                 raise UnknownToolError(str(name), len(plan.index))
-
-
-def _named_tool_choice(request: ChatRequest) -> list[str]:
-    """`tool_choice={"type": "function", "function": {"name": X}}` needs X sent whatever it scores."""
-    choice = request.params.get("tool_choice")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        if isinstance(name, str):
-            return [name]
-    return []
 
 
 def _find_tools_query(call: dict[str, Any]) -> str:
