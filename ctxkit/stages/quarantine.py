@@ -36,7 +36,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import jsonschema
@@ -466,15 +467,10 @@ class QuarantineStage(Stage):
             if message_text(dict(message)) in issued:
                 marks.append((message, "withheld by quarantine"))
                 continue
-            fp = fingerprint(message)
-            if fp in released:
-                continue
-            record = known.get(fp)
+            record = self._record(request, message, released, known,
+                                  partial(self._message_finding, messages, index, schemas, injected_turn))
             if record is None:
-                finding = self.check_message(messages, index, schemas, after_injection=injected_turn)
-                if finding is None:
-                    continue
-                record = self._add(request, fp, finding, message, _source(messages, index))
+                continue
             injected_turn = injected_turn or (record.kind == "injection" and message.get("role") == "tool")
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
@@ -515,15 +511,14 @@ class QuarantineStage(Stage):
         text = message.get("content")
         if not (self.check_documents and self.check_injection and isinstance(text, str) and "<document id=" in text):
             return None
-        fp = fingerprint(message)
-        if fp in released:
-            return None
-        record = known.get(fp)
-        if record is None:
+
+        def check() -> tuple[Finding | None, str]:
             for match in DOCUMENT_BLOCK.finditer(text):
                 if finding := find_injection(match.group(2)):
-                    record = self._add(request, fp, finding, message, f"document {match.group(1)}")
-                    break
+                    return finding, f"document {match.group(1)}"
+            return None, ""
+
+        record = self._record(request, message, released, known, check)
         return f"{record.kind}: {record.reason}" if record is not None else None
 
     def _check_documents(
@@ -534,17 +529,29 @@ class QuarantineStage(Stage):
             if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str):
                 continue
             pseudo = {"role": "document", "content": doc["text"], "name": str(doc.get("id"))}
-            fp = fingerprint(pseudo)
-            if fp in released:
-                continue
-            record = known.get(fp)
-            if record is None:
-                finding = find_injection(doc["text"])
-                if finding is None:
-                    continue
-                record = self._add(request, fp, finding, pseudo, str(doc.get("id")))
-            flagged[str(doc.get("id"))] = f"{record.kind}: {record.reason}"
+            record = self._record(request, pseudo, released, known, partial(_injection_in, doc["text"], pseudo["name"]))
+            if record is not None:
+                flagged[pseudo["name"]] = f"{record.kind}: {record.reason}"
         return flagged
+
+    def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
+                         schemas: Mapping[str, Mapping[str, Any]], after_injection: bool) -> tuple[Finding | None, str]:
+        return self.check_message(messages, index, schemas, after_injection=after_injection), _source(messages, index)
+
+    def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
+                known: Mapping[str, QuarantineRecord],
+                check: Callable[[], tuple[Finding | None, str]]) -> QuarantineRecord | None:
+        """The quarantine record of `content`: the one kept from an earlier call, or a new one when
+        `check()` (a finding, and the source to name) finds something; None for clean or released content."""
+        fp = fingerprint(content)
+        if fp in released:
+            return None
+        record = known.get(fp)
+        if record is None:
+            finding, source = check()
+            if finding is not None:
+                record = self._add(request, fp, finding, content, source)
+        return record
 
     def _add(
         self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
@@ -570,6 +577,10 @@ class QuarantineStage(Stage):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+def _injection_in(text: str, source: str) -> tuple[Finding | None, str]:
+    return find_injection(text), source
+
 
 def _json(text: str) -> Any:
     stripped = text.strip()
