@@ -57,19 +57,22 @@ class ModelSummarizer:
         summary = previous
         chunk: list[dict[str, str]] = []
         for turn in turns:
-            if chunk and not self._fits(summary, [*chunk, turn], limit):
+            if self._fits(summary, [*chunk, turn], limit):
+                chunk.append(turn)
+                continue
+            if chunk:  # the chunk is full: fold it, and start the next with this turn
                 summary = self._call(summary, chunk)
                 chunk = []
-            chunk.append(self._fitted(summary, chunk, turn, limit))
+            chunk.append(self._fitted(summary, turn, limit))
         return self._call(summary, chunk)
 
     def _fits(self, summary: str, turns: Sequence[Mapping[str, str]], limit: int) -> bool:
         return self.backend.counter.count_prompt(self._request(summary, turns).messages) <= limit
 
-    def _fitted(self, summary: str, chunk: list[dict[str, str]], turn: dict[str, str], limit: int) -> dict[str, str]:
+    def _fitted(self, summary: str, turn: dict[str, str], limit: int) -> dict[str, str]:
         """`turn`, cut to its start when it alone is too long for the window (the extractive keeper has
         the rest). A window too small for even the empty prompt is a configuration error, not a hang."""
-        while not self._fits(summary, [*chunk, turn], limit):
+        while not self._fits(summary, [turn], limit):
             if not turn["text"]:
                 raise ConfigurationError(
                     f"the summarizer's window ({self.backend.context_window} tokens) has no room for a turn "
