@@ -144,8 +144,10 @@ class CtxkitChatModel(BaseChatModel):
         if unknown:
             raise RequestError(f"unsupported argument(s): {', '.join(sorted(unknown))}", "CtxkitChatModel")
         openai_messages = to_openai_messages(messages)
-        # A wrapped LangChain model gets the caller's own message objects back where no stage changed them.
-        metadata = {**(fields.get("metadata") or {}), ORIGINALS_KEY: OriginalMessages(messages, openai_messages)}
+        metadata = dict(fields.get("metadata") or {})
+        if isinstance(self.pipeline.backend, LangChainBackend):
+            # A wrapped LangChain model gets the caller's own message objects where no stage changed them.
+            metadata[ORIGINALS_KEY] = OriginalMessages(messages, openai_messages)
         return ChatRequest(
             messages=openai_messages,
             tools=to_openai_tools(tools),

@@ -89,10 +89,10 @@ class OriginalMessages:
         out: list[BaseMessage] = []
         for message in messages:
             key = _form(message)
-            candidates = self._by_form.get(key, [])
-            if used.get(key, 0) < len(candidates):
-                out.append(candidates[used.get(key, 0)])
-                used[key] = used.get(key, 0) + 1
+            candidates, n = self._by_form.get(key, []), used.get(key, 0)
+            if n < len(candidates):  # untouched by the stages: the caller's own object
+                out.append(candidates[n])
+                used[key] = n + 1
             else:
                 out.extend(from_openai_messages([message]))
         return out
