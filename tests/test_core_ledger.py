@@ -113,3 +113,11 @@ def test_odd_strings_and_unwritable_files_never_cost_an_answered_call_its_answer
     assert any("not written" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     with pytest.raises(LedgerError, match="cannot open ledger"):
         Ledger(path)  # found when the ledger is made, not after the first answer
+
+
+def test_every_record_field_has_a_json_type_to_check():
+    import dataclasses
+
+    from ctxkit.ledger.record import _FIELD_TYPES
+
+    assert set(_FIELD_TYPES) == {f.name for f in dataclasses.fields(LedgerRecord)}

@@ -59,9 +59,10 @@ class LedgerRecord:
         """A record from its JSON form; ValueError naming the field when something is the wrong type."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        values = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
         for name, value in values.items():
-            expected = _FIELD_TYPES[name]
+            expected = _FIELD_TYPES[name]  # every field has an entry (tests/test_core_ledger.py holds to it)
             if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
                 raise ValueError(f"field {name!r} is {type(value).__name__}, expected "
                                  f"{' or '.join(t.__name__ for t in expected)}")
