@@ -11,7 +11,6 @@ import ast
 import datetime
 import json
 import operator
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,8 +162,8 @@ def ledger_line(record: LedgerRecord) -> str:
     )
 
 
-def make_notes_folder() -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="ctxkit-demo-notes-"))
+def make_notes_folder(folder: Path) -> Path:
+    """Writes the demo's notes into `folder` (which must exist) and returns it."""
     for name, text in NOTES.items():
         (folder / name).write_text(text)
     return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -12,10 +13,11 @@ from ctxkit import ChatRequest, Pipeline, read_ledger
 from tests.test_core_pipeline import CONVERSATION, DropOldestTurn
 
 
-def ctxkit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def ctxkit(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("ctxkit")
     assert exe, "the ctxkit console script is not installed"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -72,8 +74,12 @@ def test_bench_overhead_json(tmp_path):
 
 def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
     log = tmp_path / "demo.jsonl"
-    out = ctxkit("demo", "--ledger", str(log), "--n-threads", "2")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = ctxkit("demo", "--ledger", str(log), "--n-threads", "2", env={"TMPDIR": str(scratch)})
     assert out.returncode == 0, out.stderr
+    left = [p.name for p in scratch.glob("ctxkit-*")]  # torch and tiktoken keep their own caches there
+    assert not left, f"the demo left its cache or notes folder behind: {left}"
     assert "[ledger]" in out.stdout and "totals" in out.stdout
     records = list(read_ledger(log))
     assert len(records) >= 4 and all(r.status == "ok" for r in records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -33,28 +34,33 @@ def _demo(args: argparse.Namespace) -> None:
     from ..pipeline import Pipeline
     from ..report import format_summary, summarize
     from ..stages import default_stages
+    from ..stages.cache import LocalStore
 
     ledger = Ledger(args.ledger)
     backend = LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
-    cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="ctxkit-demo-cache-"))
-    stages = default_stages(backend, cache_dir=cache_dir, tools_top_k=3, summarize_at_tokens=args.summarize_at)
-    pipeline = Pipeline(backend, stages=stages, ledger=ledger)
-    print(f"ctxkit demo: {backend.model} through llama.cpp; stages: {[s.name for s in pipeline.stages]}")
-    print(f"ledger: {ledger.path}")
-    seen = 0
+    # Folders the demo makes for itself go when it ends; a --cache-dir the user names is theirs to keep.
+    with contextlib.ExitStack() as scratch:
+        cache_dir = args.cache_dir or scratch.enter_context(tempfile.TemporaryDirectory(prefix="ctxkit-demo-cache-"))
+        notes = make_notes_folder(Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="ctxkit-demo-notes-"))))
+        cache = scratch.enter_context(LocalStore(cache_dir))  # closed before its folder goes: counts are saved
+        stages = default_stages(backend, cache_store=cache, tools_top_k=3, summarize_at_tokens=args.summarize_at)
+        pipeline = Pipeline(backend, stages=stages, ledger=ledger)
+        print(f"ctxkit demo: {backend.model} through llama.cpp; stages: {[s.name for s in pipeline.stages]}")
+        print(f"ledger: {ledger.path}")
+        seen = 0
 
-    def on_step(line: str) -> None:
-        nonlocal seen
-        for record in list(ledger.records)[seen:]:
-            print(ledger_line(record))
-        seen = len(ledger.records)
-        print(line)
+        def on_step(line: str) -> None:
+            nonlocal seen
+            for record in list(ledger.records)[seen:]:
+                print(ledger_line(record))
+            seen = len(ledger.records)
+            print(line)
 
-    tools = NoteTools(make_notes_folder())
-    run_agent(pipeline.openai(), tools, TURNS, on_step=on_step)
-    on_step("\n-- a second user starts a new conversation with the first question --")
-    run_agent(pipeline.openai(), tools, TURNS[:1], conversation_id="demo-2", on_step=on_step)
-    on_step("")
+        tools = NoteTools(notes)
+        run_agent(pipeline.openai(), tools, TURNS, on_step=on_step)
+        on_step("\n-- a second user starts a new conversation with the first question --")
+        run_agent(pipeline.openai(), tools, TURNS[:1], conversation_id="demo-2", on_step=on_step)
+        on_step("")
     print("totals")
     print(format_summary(summarize(ledger.records)))
 
