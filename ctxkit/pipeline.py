@@ -15,7 +15,7 @@ import contextvars
 import dataclasses
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .backends.base import Backend
@@ -33,9 +33,22 @@ _current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVa
 
 def record_event(stage: str, kind: str, **data: Any) -> None:
     """Let a stage note something in the current call's ledger record (a recovery, a quarantine)."""
+    event_recorder()(stage, kind, **data)
+
+
+EventRecorder = Callable[..., None]  # record_event's signature: (stage, kind, **data)
+
+
+def event_recorder() -> EventRecorder:
+    """`record_event` bound to the current call, for a note taken after the call has returned (when a stream
+    it returned ends): by then the call is no longer current, but its record is not written yet."""
     trace = _current_call.get()
-    if trace is not None:
-        trace.events.append({"stage": stage, "kind": kind, **data})
+
+    def record(stage: str, kind: str, **data: Any) -> None:
+        if trace is not None:
+            trace.events.append({"stage": stage, "kind": kind, **data})
+
+    return record
 
 
 @dataclasses.dataclass
@@ -62,7 +75,10 @@ class _CallTrace:
         self.answered_by: str | None = None
         self.events: list[dict[str, Any]] = []
         self._counts: dict[tuple[int, int], tuple[int, Any, Any]] = {}
-        self.naive = self.count(request)
+        naive = request
+        for stage in pipeline.stages:
+            naive = stage.naive_request(naive)
+        self.naive = self.count(naive)
 
     def count(self, request: ChatRequest) -> int:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
@@ -187,7 +203,7 @@ class Pipeline:
             return self._send(trace, request)
         stage = self.stages[index]
         tally = trace.tallies[stage.name]
-        tally.saved += trace.count(request)
+        tally.saved += trace.count(stage.naive_request(request))
         called_next = False
         inner_ms = 0.0
 
@@ -215,7 +231,7 @@ class Pipeline:
             return await self._asend(trace, request)
         stage = self.stages[index]
         tally = trace.tallies[stage.name]
-        tally.saved += trace.count(request)
+        tally.saved += trace.count(stage.naive_request(request))
         called_next = False
         inner_ms = 0.0
 

@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,9 @@ class _Assembler:
         return message
 
 
+_Relay = TypeVar("_Relay", bound="_StreamBase")
+
+
 class _StreamBase:
     def __init__(self, *, backend: str, model: str, count_completion: Callable[[dict[str, Any]], int] | None) -> None:
         self.backend = backend
@@ -143,6 +146,15 @@ class _StreamBase:
     def set_prompt_tokens(self, tokens: int) -> None:
         """The counted prompt size, used when the backend reports no usage for streams."""
         self._prompt_tokens_if_unreported = tokens
+
+    @classmethod
+    def relaying(cls: type[_Relay], stream: _StreamBase, chunks: Any) -> _Relay:
+        """A stream of `chunks`, drawn from `stream`, that counts and records them as `stream` would: for a
+        stage that looks at a streamed answer as it passes (chunks go on as they come)."""
+        relay = cls(chunks, backend=stream.backend, model=stream.model,  # type: ignore[call-arg, misc]
+                    count_completion=stream._count_completion)  # (both subclasses take their chunks first)
+        relay.set_prompt_tokens(stream._prompt_tokens_if_unreported)
+        return relay
 
     def _finish(self) -> None:
         if self.response is not None:

@@ -39,6 +39,11 @@ class Stage:
     def before_model(self, request: ChatRequest) -> ChatRequest:
         return request
 
+    def naive_request(self, request: ChatRequest) -> ChatRequest:
+        """The request as the caller would have sent it without this stage, for the ledger's naive count: a
+        stage that supplies something the caller registered with it (a tool catalog) puts it back here."""
+        return request
+
     def after_model(self, request: ChatRequest, response: ChatResponse) -> ChatResponse:
         return response
 

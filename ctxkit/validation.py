@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -183,12 +184,24 @@ def _validate_tools(tools: Any) -> None:
         if not isinstance(parameters, dict):
             raise InvalidToolError("must be a JSON Schema object", i, "function.parameters")
         try:
-            jsonschema.Draft202012Validator.check_schema(parameters)
-        except jsonschema.SchemaError as exc:
-            path = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.path)
-            raise InvalidToolError(
-                f"not a valid JSON Schema: {exc.message}", i, f"function.parameters{path}"
-            ) from None
+            canonical = json.dumps(parameters, sort_keys=True)
+        except (TypeError, ValueError):
+            raise InvalidToolError("not a valid JSON Schema: not JSON", i, "function.parameters") from None
+        problem = _schema_problem(canonical)
+        if problem is not None:
+            message, path = problem
+            raise InvalidToolError(f"not a valid JSON Schema: {message}", i, f"function.parameters{path}")
+
+
+@functools.lru_cache(maxsize=32768)
+def _schema_problem(canonical: str) -> tuple[str, str] | None:
+    """check_schema of one tool's parameters, remembered: it costs milliseconds per schema, and a request that
+    carries a catalog of 1,500 tools sends the same schemas on every call (seconds per call otherwise)."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(json.loads(canonical))
+    except jsonschema.SchemaError as exc:
+        return exc.message, "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.path)
+    return None
 
 
 def _validate_params(params: Any) -> None:

@@ -47,3 +47,16 @@ def test_bfcl_rows_become_a_valid_catalog_and_queries_with_their_gold_tools(tmp_
     result = run(catalog, queries, top_k=5, embedder=embedder)[0]
     assert result["catalog_size"] == len(names) and result["queries"] == len(queries)
     assert result["recall_at_k"] == 1.0, "each request's gold tool is among the 5 of 10 the selector sends"
+
+
+def test_the_bench_reports_catalog_tools_that_the_stage_would_refuse(embedder):
+    """BFCL's own files write "type": "float": a catalog with such a tool is refused by ToolRetrievalStage and
+    by request validation, so recall measured over it is not what the stage can deliver. It is reported."""
+    good = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    bad = {"type": "function", "function": {"name": "area", "description": "Area of a circle.",
+                                            "parameters": {"type": "object", "properties": {"r": {"type": "float"}}}}}
+    queries = [{"id": "q", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "gold": ["get_weather"]}]
+    result = run([good, bad], queries, top_k=1, embedder=embedder)[0]
+    assert result["tools_refused_by_stage"] == 1 and "area" in result["tools_refused_examples"][0]
+    assert run([good], queries, top_k=1, embedder=embedder)[0]["tools_refused_by_stage"] == 0

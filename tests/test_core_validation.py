@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ctxkit import (
@@ -208,3 +210,22 @@ def test_a_prompt_that_fills_the_window_is_the_typed_overflow_error(llama_backen
     if small.counter.count_prompt(exact) == window:  # a prompt of exactly the window leaves no room to answer
         with pytest.raises(ContextOverflowError):
             Pipeline(small, ledger=Ledger()).call(ChatRequest(messages=exact))
+
+
+def test_a_tool_schema_sent_on_every_call_is_checked_once():
+    """Each call re-checked every schema against the JSON Schema meta-schema: a request carrying 1,500 tools
+    cost seconds of validation per call. The verdict is remembered per schema (errors included)."""
+    from ctxkit.validation import _schema_problem, validate_request
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "description": "memo test"}}}}}
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    validate_request(request)
+    before = _schema_problem.cache_info()
+    validate_request(request.override(tools=[json.loads(json.dumps(tool))]))  # an equal copy, as the next call sends
+    after = _schema_problem.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {"n": {"type": "float"}}}}}
+    for _ in range(2):  # a remembered error is still raised, with its place
+        with pytest.raises(InvalidToolError, match=r"tools\[0\].*properties.*n"):
+            validate_request(request.override(tools=[bad]))

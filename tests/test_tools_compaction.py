@@ -31,6 +31,12 @@ TRICKY: list[dict[str, Any]] = [
     {"type": "object", "$defs": {"unit": {"title": "Unit", "type": "string", "enum": ["c", "f"]}},
      "properties": {"unit": {"$ref": "#/$defs/unit"}, "when": {"anyOf": [{"type": "string", "title": "Date"},
                                                                         {"type": "null"}]}}},
+    # `additionalProperties: true` is no no-op beside `unevaluatedProperties: false`: it marks every extra
+    # key as evaluated, so dropping it made the compacted schema reject {"city": ..., "extra_field": 1}.
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+     "additionalProperties": True, "unevaluatedProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string"}}, "allOf": [{"additionalProperties": True}],
+     "required": ["city"], "unevaluatedProperties": False},
 ]
 
 

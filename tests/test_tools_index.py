@@ -128,10 +128,14 @@ def test_a_failed_add_leaves_the_catalog_as_it_was(catalog, embedder):
     assert (index.names, index.search("electric field of a point charge", 5)) == before
 
 
-def test_an_unreadable_saved_index_is_rebuilt_and_rewritten(catalog, embedder, tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_an_unreadable_saved_index_is_rebuilt_and_rewritten(catalog, embedder, tmp_path, damage):
     first = ToolIndex(catalog, embedder, directory=tmp_path)
     saved = next(tmp_path.glob(f"*/{catalog_hash(catalog)}/index.npz"))
-    saved.write_bytes(b"half a file")  # a crash of some other writer, or a disk error
+    # A crash of some other writer, or a disk error. A truncated zip raised BadZipFile and an empty file
+    # EOFError, which no build caught: every later index of this catalog failed.
+    data = saved.read_bytes()
+    saved.write_bytes({"garbage": b"half a file", "truncated": data[: len(data) // 2], "empty": b""}[damage])
     second = ToolIndex(catalog, CountingEmbedder(embedder), directory=tmp_path)
     assert not second.loaded_from_disk and second.embedded_tools == 0  # per-tool vectors were intact
     query = "electric field of a point charge"
@@ -167,3 +171,14 @@ def test_a_catalog_change_from_another_thread_waits_for_the_selection_in_progres
     assert not index.writer.is_alive() and len(index) == len(catalog) - 8, "the writer must finish afterwards"
     assert selection.retrieved == expected.retrieved
     assert [t["function"]["name"] for t in selection.tools] == list(expected.names)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_an_unreadable_vector_store_costs_only_re_embedding(catalog, embedder, tmp_path, damage):
+    ToolIndex(catalog[:5], embedder, directory=tmp_path)
+    store = next(tmp_path.glob("*/vectors.npz"))
+    data = store.read_bytes()
+    store.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    counting = CountingEmbedder(embedder)
+    index = ToolIndex(catalog[:6], counting, directory=tmp_path)
+    assert index.embedded_tools == 6 and len(index) == 6

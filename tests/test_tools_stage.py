@@ -16,6 +16,8 @@ import pytest
 
 from ctxkit import ChatRequest, ChatResponse, Pipeline, Usage
 from ctxkit.errors import ConfigurationError, UnknownToolError
+from ctxkit.response import AsyncChatStream, ChatStream, response_as_chunks
+from ctxkit.stage import Stage
 from ctxkit.stages.tools import FIND_TOOLS, ToolRetrievalStage
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tools"
@@ -190,3 +192,105 @@ def test_a_stream_is_not_offered_the_find_tools_search_it_could_not_run(embedder
     whole = _Provider({"role": "assistant", "content": "Done."})
     stage.wrap_call(REQUEST, whole)
     assert "find_tools" in whole.requests[0].tool_names
+
+
+class _StreamedProvider(Stage):
+    """Streams a scripted provider answer (what an unconstrained provider may send) after the tool stage."""
+
+    def __init__(self, message: dict) -> None:
+        self.response = ChatResponse(message=message, finish_reason="tool_calls", usage=Usage(100, 10),
+                                     model="gpt-4o", backend="openai")
+
+    def wrap_call(self, request, call_next):
+        return ChatStream(iter(response_as_chunks(self.response)), backend="openai", model="gpt-4o",
+                          count_completion=None)
+
+    async def awrap_call(self, request, call_next):
+        async def chunks():
+            for chunk in response_as_chunks(self.response):
+                yield chunk
+
+        return AsyncChatStream(chunks(), backend="openai", model="gpt-4o", count_completion=None)
+
+
+@pytest.mark.parametrize("run", ["sync", "async"])
+def test_a_streamed_answer_is_checked_against_the_catalog_when_it_ends(llama_backend, stage, ledger, run):
+    """A stream went out unchecked: a call to a tool outside the catalog raised nothing, and neither it nor a
+    call to a catalog tool that was not sent reached the ledger."""
+
+    def collect(pipeline: Pipeline) -> ChatResponse:
+        request = REQUEST.override(stream=True)
+        if run == "sync":
+            return pipeline.call(request).collect()
+
+        async def go() -> ChatResponse:
+            return await (await pipeline.acall(request)).collect()
+
+        return asyncio.run(go())
+
+    outside = Pipeline(llama_backend, stages=[stage, _StreamedProvider(_call("launch_rocket"))], ledger=ledger)
+    with pytest.raises(UnknownToolError, match="launch_rocket"):
+        collect(outside)
+    assert ledger.records[-1].status == "error" and _events(ledger.records[-1], "unknown_tool")
+    unsent = Pipeline(llama_backend, stages=[stage, _StreamedProvider(_call("get_stock_price"))], ledger=ledger)
+    assert collect(unsent).tool_calls[0]["function"]["name"] == "get_stock_price"
+    noted = _events(ledger.records[-1], "tool_not_sent")
+    assert noted == [{"stage": "tool_retrieval", "kind": "tool_not_sent", "tools": ["get_stock_price"],
+                      "recovered": False}]
+
+
+def test_a_registered_catalog_counts_in_the_naive_tokens_as_if_the_app_had_sent_it(llama_backend, embedder,
+                                                                                  catalog, index_dir, ledger):
+    """The naive count left the registered catalog out, so the stage seemed to add the tools it sent."""
+    messages = REQUEST.messages
+    params = {"max_tokens": 1, "temperature": 0}
+    registered = ToolRetrievalStage(catalog=catalog, top_k=3, embedder=embedder, index_dir=index_dir)
+    Pipeline(llama_backend, stages=[registered], ledger=ledger).chat(messages, params=params)
+    from_catalog = ledger.records[-1]
+    per_request = ToolRetrievalStage(top_k=3, embedder=embedder, index_dir=index_dir)
+    Pipeline(llama_backend, stages=[per_request], ledger=ledger).chat(messages, tools=catalog, params=params)
+    from_request = ledger.records[-1]
+    assert from_catalog.tokens_naive == from_request.tokens_naive == llama_backend.counter.count_prompt(
+        messages, catalog)
+    assert from_catalog.tokens_sent == from_request.tokens_sent < from_catalog.tokens_naive / 3
+    assert from_catalog.saved_by_stage["tool_retrieval"] == from_catalog.tokens_naive - from_catalog.tokens_sent
+
+
+@pytest.mark.parametrize("content", ["No tool is needed for this: 2 + 2 = 4.",
+                                     "No function call required; Paris is the capital of France.",
+                                     "No tools are necessary here."])
+def test_an_answer_that_needs_no_tool_is_not_a_missing_tool(stage, content):
+    provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})
+    assert stage.wrap_call(REQUEST, provider).content == content and len(provider.requests) == 1
+
+
+def test_a_new_pool_being_indexed_does_not_hold_up_calls_for_pools_already_indexed(embedder, catalog):
+    """The index of a new pool was built (its tools embedded: seconds) under the stage's lock, and every
+    other call waited for it."""
+    import threading
+
+    stage = ToolRetrievalStage(top_k=2, embedder=embedder)
+    stage.index_for(catalog[:10])
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldEmbedder:  # the real model, held inside its first embedding of the new pool
+        def __getattr__(self, name):
+            return getattr(embedder, name)
+
+        def embed(self, texts):
+            entered.set()
+            release.wait(30)
+            return embedder.embed(texts)
+
+    stage._embedder = HeldEmbedder()
+    builder = threading.Thread(target=stage.index_for, args=(catalog[10:30],))
+    builder.start()
+    try:
+        assert entered.wait(30)
+        done = threading.Event()
+        threading.Thread(target=lambda: (stage.index_for(catalog[:10]), done.set())).start()
+        assert done.wait(10), "a call for an indexed pool waited for another pool's build"
+    finally:
+        release.set()
+        builder.join()
+    assert len(stage._indexes) == 2

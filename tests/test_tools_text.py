@@ -85,3 +85,18 @@ def test_pydantic_schemas_with_defs_get_a_grammar_and_a_call(llama_backend):
     else:  # SmolLM2 may ramble inside a string until max_tokens; the grammar still fixed the call's start
         assert response.finish_reason == "length"
         assert (response.content or "").startswith('<tool_call>\n{"name": "place_order", "arguments": {"item": "')
+
+
+def test_a_parameter_named_definitions_survives_the_hoisting_of_defs():
+    """Hoisting `$defs` for the grammar removed every key named "definitions" at any depth, so a tool whose
+    schema had `$defs` (Pydantic always writes them) lost its parameter "definitions", though required."""
+    from ctxkit.backends.tool_format import tool_call_grammar
+
+    parameters = {"type": "object", "$defs": {"Lang": {"type": "string", "enum": ["en", "de"]}},
+                  "properties": {"word": {"type": "string"}, "lang": {"$ref": "#/$defs/Lang"},
+                                 "definitions": {"type": "integer"}},
+                  "required": ["word", "definitions"]}
+    grammar = tool_call_grammar([{"type": "function", "function": {"name": "define", "parameters": parameters}}],
+                                "required")
+    assert grammar is not None and '\\"definitions\\"' in grammar, grammar
+    assert '\\"$defs\\"' not in grammar  # the hoisted definitions are rules, not an argument

@@ -184,7 +184,9 @@ def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
-            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            # Only `$ref` strings change: a key named "definitions" may be a *property* (a map's key), and
+            # the hoisted `$defs` are dropped from the top level alone, below.
+            out = {k: rewrite(v) for k, v in node.items()}
             ref = node.get("$ref")
             if isinstance(ref, str):
                 for root in ("#/$defs/", "#/definitions/"):
@@ -197,4 +199,4 @@ def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any
 
     for name, definition in local.items():
         definitions[f"{prefix}{name}"] = rewrite(definition)
-    return rewrite(parameters)
+    return rewrite({k: v for k, v in parameters.items() if k not in ("$defs", "definitions")})

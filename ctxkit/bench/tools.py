@@ -51,6 +51,22 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
     return catalog
 
 
+def refused_tools(catalog: list[dict[str, Any]]) -> list[str]:
+    """Tools that ToolRetrievalStage(catalog=...) and a request's `tools` refuse (invalid JSON Schema such as
+    `"type": "float"`, bad names): recall measured with them in is not what the stage can deliver."""
+    from ..errors import RequestError
+    from ..request import ChatRequest
+    from ..validation import validate_request
+
+    refused = []
+    for tool in catalog:
+        try:
+            validate_request(ChatRequest(messages=[{"role": "user", "content": "-"}], tools=[tool]))
+        except RequestError as exc:
+            refused.append(f"{(tool.get('function') or {}).get('name')}: {exc}")
+    return refused
+
+
 def load_queries(path: str | Path) -> list[dict[str, Any]]:
     queries = []
     for number, record in read_jsonl(path):
@@ -81,6 +97,7 @@ def run(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], *, top_k: 
     counter = TiktokenCounter("gpt-4o")
     full_tokens = counter._count_tools(catalog)
     unknown = sorted({g for q in queries for g in q["gold"] if g not in index})
+    refused = refused_tools(catalog)
     queries = queries[:limit] if limit else queries
     wall_ms: list[float] = []
     cpu_ms: list[float] = []
@@ -128,6 +145,8 @@ def run(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], *, top_k: 
             "index_build_s": round(build_s, 2),
             "index_loaded_from_disk": index.loaded_from_disk,
             "gold_not_in_catalog": unknown,
+            "tools_refused_by_stage": len(refused),
+            "tools_refused_examples": refused[:5],
             "token_counting": "OpenAI tool rendering (TiktokenCounter._count_tools), o200k_base (gpt-4o)",
         })
     return results
@@ -160,6 +179,9 @@ def table(result: dict[str, Any]) -> str:
         f"(CPU time p50 {result['cpu_ms_p50']:.2f} ms, {result['torch_threads']} torch thread(s), "
         f"{result['embed_precision']} embeddings)",
     ]
+    if result.get("tools_refused_by_stage"):
+        lines.append(f"  warning: {result['tools_refused_by_stage']} catalog tools are refused by ToolRetrievalStage "
+                     f"and by request validation, e.g. {result['tools_refused_examples'][:1]}")
     if result["gold_not_in_catalog"]:
         lines.append(f"  warning: gold tools missing from the catalog: {result['gold_not_in_catalog'][:10]}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ The walk knows which keywords hold subschemas, so a property that happens to be 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -39,15 +40,19 @@ def compact_tool(tool: Tool) -> Tool:
     return {**tool, "function": function}
 
 
-def compact_schema(schema: Any) -> Any:
+def compact_schema(schema: Any, *, _unevaluated: bool | None = None) -> Any:
     """A compacted copy of a JSON Schema (draft 2020-12 / 7 keywords)."""
+    if _unevaluated is None:
+        # `additionalProperties: true` is a no-op only where no `unevaluatedProperties` looks at what was
+        # evaluated: it marks every property as evaluated, so dropping it would reject arguments.
+        _unevaluated = "unevaluatedProperties" in json.dumps(schema)
     if not isinstance(schema, dict):
         return schema  # `true` / `false` schemas, or something malformed that validation reports
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key in _ANNOTATIONS and isinstance(value, str):
             continue
-        if key == "additionalProperties" and value is True:
+        if key == "additionalProperties" and value is True and not _unevaluated:
             continue
         if key == "required" and value == []:
             continue
@@ -56,11 +61,12 @@ def compact_schema(schema: Any) -> Any:
         if key == "description" and isinstance(value, str):
             out[key] = _squeeze(value)
         elif key in _ONE:
-            out[key] = [compact_schema(v) for v in value] if isinstance(value, list) else compact_schema(value)
+            out[key] = ([compact_schema(v, _unevaluated=_unevaluated) for v in value] if isinstance(value, list)
+                        else compact_schema(value, _unevaluated=_unevaluated))
         elif key in _LIST and isinstance(value, list):
-            out[key] = [compact_schema(v) for v in value]
+            out[key] = [compact_schema(v, _unevaluated=_unevaluated) for v in value]
         elif key in _MAP and isinstance(value, dict):
-            out[key] = {name: compact_schema(v) for name, v in value.items()}
+            out[key] = {name: compact_schema(v, _unevaluated=_unevaluated) for name, v in value.items()}
         else:
             out[key] = value  # constraints and data (enum, const, default, examples) unchanged
     if "default" in out and _states_default(out.get("description"), out["default"]):

@@ -342,8 +342,8 @@ class ToolIndex:
         try:
             with np.load(self._root / catalog_hash(tools) / INDEX_FILE) as saved:
                 hashes, ids, vectors = saved["hashes"].tolist(), saved["ids"].astype(np.int64), saved["vectors"]
-        except (OSError, ValueError, KeyError):
-            return False  # absent or unreadable: rebuild, which rewrites it
+        except Exception:  # noqa: BLE001 - absent or unreadable (OSError, BadZipFile, EOFError, ...): rebuild
+            return False
         expected = [tool_hash(t) for t in tools]
         if hashes != expected or ids.shape != (len(tools),) or vectors.shape != (len(tools), self.dimension):
             return False
@@ -384,8 +384,8 @@ class ToolIndex:
         try:
             with np.load(path) as data:
                 return {key: data[key] for key in data.files}
-        except (OSError, ValueError):
-            return {}  # a corrupt store only costs re-embedding
+        except Exception:  # noqa: BLE001 - truncated or empty (BadZipFile, EOFError, ...): re-embedding only
+            return {}
 
     def _save_vectors(self, vectors: dict[str, np.ndarray]) -> None:
         path = self._vector_file()
