@@ -277,14 +277,16 @@ class AsyncChatStream(_StreamBase):
     async def aclose(self) -> None:
         """End the stream now (ChatStream.close)."""
         iteration = self._iteration() if self._iteration is not None else None
-        if iteration is not None:
+        # An iteration already closing (the event loop's finalizer of a loop left with `break` got there
+        # first) finishes its own close; a second aclose() meanwhile raises "already running".
+        if iteration is not None and not getattr(iteration, "ag_running", False):
             await iteration.aclose()
         await self._close_chunks()
         self._fail(GeneratorExit("the stream was closed before its end"))
 
     async def _close_chunks(self) -> None:
         aclose = getattr(self._chunks, "aclose", None)
-        if aclose is not None:
+        if aclose is not None and not getattr(self._chunks, "ag_running", False):
             await aclose()
 
     async def __aenter__(self) -> AsyncChatStream:

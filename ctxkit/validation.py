@@ -43,6 +43,8 @@ def check_tool_choice_offered(request: ChatRequest) -> None:
     name = request.named_tool
     if name is not None and name not in request.tool_names:
         raise RequestError(f"names {name!r}, which is not among the tools sent", "tool_choice")
+    if request.params.get("tool_choice") == "required" and not request.tools:
+        raise RequestError('"required" needs tools, and none are sent', "tool_choice")
 
 
 def _validate_fields(request: ChatRequest) -> None:
@@ -210,6 +212,11 @@ def _validate_params(params: Any) -> None:
     extra_body = params.get("extra_body")
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise RequestError(f"must be an object, got {type(extra_body).__name__}", "extra_body")
+    for key in ("top_k", "min_p", "typical_p", "repeat_penalty", "repetition_penalty", "tfs_z", "mirostat_mode",
+                "mirostat_tau", "mirostat_eta"):  # backend sampling knobs: numbers, or the backend fails deep inside
+        value = (extra_body or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RequestError(f"must be a number, got {value!r}", key)
     temperature = params.get("temperature")
     if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
         raise RequestError(f"must be a number from 0 to 2, got {temperature!r}", "temperature")
@@ -217,3 +224,37 @@ def _validate_params(params: Any) -> None:
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise RequestError(f"must be a positive integer, got {value!r}", key)
+    # The rest as the OpenAI API checks them: a backend handed a wrong type fails deep inside (llama.cpp's
+    # ctypes raise TypeError), and that would reach the caller as a 502 from the backend, not a 400.
+    for key, low, high in (("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= high):
+            raise RequestError(f"must be a number from {low} to {high}, got {value!r}", key)
+    if params.get("n") not in (None, 1):  # one answer per call: a response holds one choice
+        raise RequestError(f"only n=1 is supported, got {params.get('n')!r}", "n")
+    for key in ("seed", "top_logprobs"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise RequestError(f"must be an integer, got {value!r}", key)
+    for key in ("logprobs", "parallel_tool_calls"):
+        value = params.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"must be true or false, got {value!r}", key)
+    stop = params.get("stop")
+    if stop is not None and not isinstance(stop, str) and (
+            not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(f"must be a string or a list of non-empty strings, got {stop!r}", "stop")
+    logit_bias = params.get("logit_bias")
+    if logit_bias is not None and not isinstance(logit_bias, Mapping):
+        raise RequestError(f"must be an object of token id -> bias, got {type(logit_bias).__name__}", "logit_bias")
+    response_format = params.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise RequestError('must be {"type": "text" | "json_object" | "json_schema", ...}, '
+                               f"got {response_format!r}", "response_format")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+                raise RequestError('needs {"name": ..., "schema": {...}}', "response_format.json_schema")

@@ -280,6 +280,29 @@ def test_the_openai_style_client_stream_closes_like_openais(llama_backend, ledge
     assert [r.status for r in ledger.records] == ["error", "ok"] * 3
 
 
+def test_a_cancelled_async_stream_frees_the_local_model(llama_backend, ledger):
+    """A task cancelled (asyncio.wait_for, a web framework on disconnect) while a worker thread was inside the
+    model's next token closed the generator mid-step: "generator already executing" instead of the
+    timeout, and the generator, still open, kept llama.cpp's lock: every later call waited for good."""
+    client = Pipeline(llama_backend, ledger=ledger).async_openai()
+    messages = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+
+    async def consume() -> None:
+        stream = await client.chat.completions.create(messages=messages, max_tokens=200, temperature=0, stream=True)
+        async for _ in stream:
+            pass
+
+    async def run() -> str:
+        try:
+            await asyncio.wait_for(consume(), timeout=0.5)
+        except BaseException as exc:  # noqa: BLE001 - which error the caller sees is the point
+            return type(exc).__name__
+        return "finished"
+
+    assert asyncio.run(run()) == "TimeoutError"
+    assert _finishes_soon(lambda: Pipeline(llama_backend).chat(CONVERSATION, params=PARAMS), 30)
+
+
 def test_a_local_model_is_recorded_and_priced_as_itself_and_abandoned_output_counts(llama_backend, ledger):
     """An app that asks for "gpt-4o" from the local model used to be billed at gpt-4o's price, and a stream
     left half way recorded no output although the model had generated it."""

@@ -192,6 +192,10 @@ def test_keys_are_required_and_well_formed():
     keys = ApiKeys.parse("k-1234567:team-a, k-7654321:team-b\n# comment\n")
     assert keys.namespace_for("k-1234567") == "team-a" and keys.namespace_for("k-7654321") == "team-b"
     assert keys.namespace_for("k-0000000") is None
+    # A key may contain ':' in a file's 'key namespace' lines: it was split there, refused, and half the key
+    # printed in the error as a namespace.
+    keys = ApiKeys.parse("sk-live-abcdef:SECRETPART1234 team-a\nkey-2:x:y team-b\n")
+    assert keys.namespace_for("sk-live-abcdef:SECRETPART1234") == "team-a" and keys.namespace_for("key-2:x:y") == "team-b"
 
 
 def test_from_openai_kwargs_is_what_the_proxy_builds_on():
@@ -277,3 +281,66 @@ def test_a_client_gone_before_the_headers_does_not_keep_the_slot(llama_backend, 
 
     asyncio.run(gone_client())
     assert asyncio.run(next_client()).status_code == 200  # the old code waited here for the slot forever
+
+
+def _post(base_url: str, body: dict | str, timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": "Bearer key-alpha-0001", "Content-Type": "application/json"}
+    content = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(f"{base_url}/v1/chat/completions", headers=headers, content=content, timeout=timeout)
+
+
+@pytest.mark.parametrize("field, value", [("top_p", "x"), ("stop", 5), ("stop", [1, 2]), ("seed", "abc"),
+                                          ("presence_penalty", "a"), ("logprobs", True), ("tool_choice", "required")])
+def test_parameters_the_model_cannot_honour_are_a_400_naming_them(proxy, field, value):
+    """They reached llama.cpp and failed there as a 502 (which the openai client retries twice), or were
+    dropped: `logprobs: null` for logprobs=True, free text for tool_choice="required" without tools."""
+    answer = _post(proxy[0], {"messages": HELLO, "max_tokens": 2, field: value})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == field
+
+
+def test_an_image_part_is_refused_not_dropped_unseen(proxy):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    answer = _post(proxy[0], {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                                         image]}], "max_tokens": 2})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages[0].content[1]", answer.text
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(proxy):
+    answer = _post(proxy[0], '{"messages":' + "[" * 5000 + "]" * 5000 + "}")
+    assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
+
+
+def test_backend_sampling_settings_sent_as_extra_body_reach_the_model(proxy):
+    """docs/integrations.md tells openai-client users to pass top_k/min_p in extra_body; the client sends them
+    at the top level of the body, and the proxy refused them as unsupported arguments."""
+    answer = client(proxy[0]).chat.completions.create(model="m", messages=HELLO, max_tokens=2,
+                                                      extra_body={"top_k": 1, "min_p": 0.05})
+    assert answer.choices[0].message.content is not None
+
+
+def test_response_format_json_makes_the_local_model_answer_json(proxy):
+    question = [{"role": "user", "content": "Which city is the capital of France? Answer with city and country."}]
+    answer = client(proxy[0]).chat.completions.create(model="m", messages=question, max_tokens=40, temperature=0,
+                                                      response_format={"type": "json_object"})
+    text = answer.choices[0].message.content
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict), text
+    else:  # cut off by max_tokens: still JSON as far as it went
+        assert text.lstrip().startswith("{"), text
+
+
+def test_a_client_that_times_out_does_not_leave_its_call_running(proxy):
+    """uvicorn does not cancel a handler whose client left: the abandoned call was generated to max_tokens
+    while every other client waited for the model (and the openai client's retries added more)."""
+    base_url, path = proxy
+    long_task = {"messages": [{"role": "user", "content": "Count from 1 to 400, separated by commas."}],
+                 "max_tokens": 400, "temperature": 0, "ctxkit": {"conversation_id": "gave-up"}}
+    with pytest.raises(httpx.TimeoutException):
+        _post(base_url, long_task, timeout=1.0)
+    after = client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2,
+                                                     extra_body={"ctxkit": {"conversation_id": "after-giving-up"}})
+    assert after.choices[0].message.content is not None
+    by_conversation = {r.conversation_id: r for r in records(path)}
+    gave_up = by_conversation["gave-up"]
+    assert gave_up.status == "error" and gave_up.tokens_out < 400, (gave_up.status, gave_up.tokens_out)

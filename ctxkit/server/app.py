@@ -13,6 +13,7 @@ that timed out a 504.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -47,6 +48,10 @@ logger = logging.getLogger("ctxkit.server")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Fields a client may set under `extra_body={"ctxkit": {...}}`; the namespace comes from the key only.
 CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
+# Sampling settings outside the OpenAI API that vLLM, llama.cpp's server and the local backend read: the openai
+# client sends `extra_body={"top_k": 40}` as a top-level "top_k", so the proxy hands these on as extra_body.
+BACKEND_SAMPLING = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "repetition_penalty", "tfs_z",
+                              "mirostat_mode", "mirostat_tau", "mirostat_eta"})
 
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -109,7 +114,7 @@ class _Proxy:
             payload = await self._json_body(request)
             chat = self._chat_request(payload, namespace)
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            response = await self._answer(chat, include_usage, t0)
+            response = await self._answer(chat, include_usage, t0, request)
         except HTTPError as exc:
             return self._failed("chat", exc)
         except Exception as exc:
@@ -183,6 +188,8 @@ class _Proxy:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPError(400, "invalid_request_error", f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # '[[[[...' thousands deep: the parser's own limit, not a server fault
+            raise HTTPError(400, "invalid_request_error", "body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "invalid_request_error", "body must be a JSON object")
         return payload
@@ -211,10 +218,15 @@ class _Proxy:
             raise RequestError("only n=1 is supported", "n")
         # The proxy serves its backend's model whatever name the app asks for (as llama.cpp's server does).
         payload["model"] = None
+        extra = {key: payload.pop(key) for key in sorted(BACKEND_SAMPLING & set(payload))}
+        if extra:
+            payload["extra_body"] = extra
         return ChatRequest.from_openai_kwargs(payload, namespace=namespace, **ctx)
 
-    async def _answer(self, chat: ChatRequest, include_usage: bool, t0: float) -> Response:
-        await self.slots.acquire()
+    async def _answer(self, chat: ChatRequest, include_usage: bool, t0: float, request: Request) -> Response:
+        # A client that hangs up (its timeout, then the openai client's retry) must not leave its call
+        # queued for the model: uvicorn does not cancel a handler whose client left, so watch for it.
+        await _unless_disconnected(request, self.slots.acquire())
         self.metrics.in_flight.inc()
         released = False
 
@@ -226,7 +238,10 @@ class _Proxy:
                 self.metrics.in_flight.dec()
 
         try:
-            result = await self.pipeline.acall(chat)
+            if chat.stream:  # a streaming client that leaves is noticed by the response itself
+                result = await self.pipeline.acall(chat)
+            else:
+                result = await _unless_disconnected(request, self.pipeline.acall(chat))
             if isinstance(result, ChatResponse):
                 release()
                 return JSONResponse(result.to_openai())
@@ -261,6 +276,30 @@ class _Proxy:
 
         return _StreamingAnswer(events(), end, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """`await work`, cancelled (and a 499) if the client disconnects first. Call only once the body is read."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise HTTPError(499, "client_closed_request", "the client closed the connection", code="client_closed")
+    return task.result()
 
 
 class _StreamingAnswer(StreamingResponse):

@@ -63,8 +63,14 @@ class ApiKeys:
         pairs: dict[str, str] = {}
         items: Iterable[str] = (part for line in text.splitlines() for part in line.split("#", 1)[0].split(","))
         for number, item in enumerate((i.strip() for i in items if i.strip()), 1):
-            # rpartition: a key may contain ':', a namespace may not
-            key, sep, namespace = item.rpartition(":") if ":" in item else item.rpartition(" ")
+            # A key has no whitespace, so 'key namespace' (a file line) splits on it first: the key may contain
+            # ':' ('sk-a:b team-a' would otherwise name namespace 'b team-a' and print half the key in the
+            # error). Else 'key:namespace', with rpartition: a key may contain ':', a namespace may not.
+            words = item.split()
+            if len(words) == 2 and not words[0].endswith(":"):
+                key, sep, namespace = words[0], " ", words[1]
+            else:
+                key, sep, namespace = item.rpartition(":") if ":" in item else item.rpartition(" ")
             key, namespace = key.strip(), namespace.strip()
             if not sep or not key or not namespace:
                 raise ConfigurationError(f"{source}: entry #{number} is not 'key:namespace'")
