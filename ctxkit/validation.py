@@ -43,8 +43,6 @@ def check_tool_choice_offered(request: ChatRequest) -> None:
     name = request.named_tool
     if name is not None and name not in request.tool_names:
         raise RequestError(f"names {name!r}, which is not among the tools sent", "tool_choice")
-    if request.params.get("tool_choice") == "required" and not request.tools:
-        raise RequestError('"required" needs tools, and none are sent', "tool_choice")
 
 
 def _validate_fields(request: ChatRequest) -> None:

@@ -206,6 +206,10 @@ class LlamaCppBackend:
         for field in ("logprobs", "top_logprobs"):  # never a silent `logprobs: null` the app then indexes
             if request.params.get(field):
                 raise RequestError("is not supported by the llama.cpp backend", field)
+        if request.params.get("tool_choice") == "required" and not request.tools:
+            # OpenAI answers this with a 400; here it was free text. (Not refused in the pipeline: a
+            # LangChain agent adds its structured-output tool after ctxkit's middleware has run.)
+            raise RequestError('"required" needs tools, and none are sent', "tool_choice")
         for i, message in enumerate(request.messages):  # the prompt is text: an image would vanish unseen
             parts = message.get("content")
             for k, part in enumerate(parts if isinstance(parts, list) else []):

@@ -292,7 +292,7 @@ def features(text: str, raw: str | None = None) -> Features:
 
 
 CHECKS = ("negation", "polarity", "numbers", "units", "dates", "scope", "person", "entities", "order", "question",
-          "content")
+          "content", "roles")
 
 
 _SET_CHECKS = ("polarity", "numbers", "units", "dates", "scope")
@@ -354,6 +354,12 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             only_b = b.content - a.content - (b.zone.content if b.zone else frozenset())
             if only_a and only_b:
                 return check  # each asks about something the other does not mention
+        elif check == "roles" and a.content == b.content and _swapped_roles(a, b):
+            # the same words on either side of a relation, swapped: "convert a string to an int" / "an
+            # int to a string", "is a square a rectangle" / "is a rectangle a square", "merge main into
+            # my branch" / "merge my branch into main", "is python faster than javascript" / "...
+            # javascript faster than python" (a clause moved to the front keeps its sides: not a swap)
+            return check
         elif check == "person" and a.person and b.person and a.person != b.person:
             return check
         elif check == "order" and sorted(a.order) == sorted(b.order) and a.order != b.order:
@@ -366,8 +372,57 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
     return None
 
 
+# Words that relate what comes before them to what comes after, in one direction ("or", "and", "with"
+# mostly do not: "rent or buy", "cats and dogs").
+_DIRECTED = frozenset({"to", "into", "onto", "from", "than", "a", "an", "over", "versus", "vs"})
+
+
+def _relations(f: Features) -> set[tuple[str, str, str]]:
+    """(left, relation word, right): the nearest content words on either side of each directed word."""
+    seq = f.sequence
+    out: set[tuple[str, str, str]] = set()
+    for i, word in enumerate(seq):
+        if word not in _DIRECTED:
+            continue
+        if word == "than":  # "python is faster than", "coffee worse for you than": the compared thing
+            left = next((w for w in seq[max(0, i - 5):i] if w in f.content), None)
+        else:
+            left = next((w for w in reversed(seq[max(0, i - 3):i]) if w in f.content), None)
+        right = next((w for w in seq[i + 1:i + 4] if w in f.content), None)
+        if left and right and left != right:
+            out.add((left, word, right))
+    return out
+
+
+def _swapped_roles(a: Features, b: Features) -> bool:
+    mine, theirs = _relations(a), _relations(b)
+    return any((right, w, left) in theirs and (right, w, left) not in mine for left, w, right in mine)
+
+
 # Earlier turns include the assistant's own wording, which varies: compare their details, not every word.
-_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question"))
+_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question", "roles"))
+
+
+def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:
+    """Why two follow-ups' conversations differ in a fact the answer may depend on (None: they agree).
+
+    The context check sees only the newest turns; this one reads every earlier user message (their
+    details: numbers, names, dates... as in the context check) and every tool result, which is data and
+    must agree word for word in content: "forecast: rainy" / "forecast: sunny" differ in one word, the
+    context embedding barely moves, and "should I bring an umbrella?" has another answer."""
+    if bool(query_user) != bool(candidate_user) or bool(query_tools) != bool(candidate_tools):
+        return "context"
+    if query_user:
+        reason = veto(features(query_user), features(candidate_user), _CONTEXT_CHECKS)
+        if reason is not None:
+            return f"context_{reason}"
+    if query_tools and features(query_tools).content != features(candidate_tools).content:
+        return "context_tool_result"
+    if query_tools:
+        reason = veto(features(query_tools), features(candidate_tools), _CONTEXT_CHECKS)
+        if reason is not None:
+            return f"context_tool_{reason}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 from ...request import ChatRequest, Message
 from .disfluency import repair
 
-KEY_VERSION = "ctxkit-cache-v1"  # bump when the normalization changes, so old entries stop matching
+KEY_VERSION = "ctxkit-cache-v2"  # bump when the normalization changes, so old entries stop matching
 _CONTEXT_MESSAGES = 6  # the earlier turns a follow-up can refer to; older ones rarely change its meaning
 _CONTEXT_CHARS = 2000
 
@@ -35,6 +35,9 @@ class RequestKey:
     query: str  # repaired last user message ("" when the last message is not from the user)
     context: str  # earlier turns as text ("" for a single-turn request)
     raw: str = ""  # the last user message as written (the guards read its self-corrections)
+    facts: str = ""  # every earlier user message (keys.facts_text), for follow-ups
+    tool_facts: str = ""  # every earlier tool result, with the call it answers
+    layout: str = ""  # the last user message with its line breaks and indentation (keys.normalize_layout)
 
 
 _POLITE_HEAD = re.compile(r"^(?:(?:please|pls|kindly|hey|hi|hello|ok|okay|so)\b[\s,!.]*)+", re.I)
@@ -43,6 +46,21 @@ _POLITE_TAIL = re.compile(r"(?:[\s,]*\b(?:please|pls|thanks|thank you|thx)\b)+[\
 
 def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def normalize_layout(text: str) -> str:
+    """Whitespace normalized without losing what it means. Prose: every run of whitespace is one space.
+    Text with code (a ``` fence or an indented line): runs of spaces inside a line collapse and trailing
+    spaces go, but line breaks and each line's indentation stay (pasted Python, YAML, Makefiles:
+    `print(x)` inside or after a loop is another program)."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")]
+    if not any(line.lstrip().startswith("```") or (line[:1] in (" ", "\t") and line.strip()) for line in lines):
+        return normalize_text(text)  # prose: where its lines break does not change the question
+    out = []
+    for line in lines:
+        indent = line[: len(line) - len(line.lstrip())]
+        out.append(indent + re.sub(r"[ \t]+", " ", line[len(indent):]))
+    return "\n".join(out)
 
 
 def strip_politeness(text: str) -> str:
@@ -77,11 +95,15 @@ def _canonical_arguments(arguments: Any) -> Any:
     return arguments
 
 
-def normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a message that change the answer, in a canonical form."""
-    out: dict[str, Any] = {"role": message.get("role"), "content": normalize_text(content_text(message.get("content")))}
+def normalize_message(message: Mapping[str, Any], positions: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The parts of a message that change the answer, in a canonical form. `positions` maps the conversation's
+    tool-call ids to their position: a tool result keeps which call it answers, without the random id."""
+    out: dict[str, Any] = {"role": message.get("role"),
+                           "content": normalize_layout(content_text(message.get("content")))}
     if message.get("name"):
         out["name"] = message["name"]
+    if message.get("tool_call_id") is not None:
+        out["answers"] = (positions or {}).get(message["tool_call_id"], message["tool_call_id"])
     calls = message.get("tool_calls") or []
     if calls:
         out["tool_calls"] = [
@@ -115,6 +137,9 @@ def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
     documents = request.metadata.get("documents")
     if documents:  # retrieved documents a later stage renders: an answer from other documents is no hit
         scope["documents"] = documents
+    template_inputs = request.metadata.get("ctxkit.template")
+    if template_inputs:  # a TemplateStage after the cache renders these (variables, memory, documents)
+        scope["template"] = template_inputs
     return _digest(scope)
 
 
@@ -125,11 +150,45 @@ def last_user_index(messages: Sequence[Message]) -> int | None:
     return None
 
 
+def call_positions(messages: Sequence[Message]) -> dict[str, int]:
+    """{tool_call_id: position of that call among the conversation's tool calls}."""
+    positions: dict[str, int] = {}
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if call.get("id") is not None:
+                positions.setdefault(call["id"], len(positions))
+    return positions
+
+
+def _call_label(messages: Sequence[Message], call_id: Any) -> str:
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if call.get("id") == call_id:
+                function = call.get("function") or {}
+                return f"{function.get('name')}({normalize_text(str(function.get('arguments', '')))})"
+    return ""
+
+
+def facts_text(messages: Sequence[Message], role: str) -> str:
+    """What the user ("user") or the tools ("tool") said in the whole conversation before the last message
+    (not the assistant's wording, which varies): a follow-up's answer depends on every one of these facts,
+    also on those older than the context window ("my order 5521" ten turns up)."""
+    roles = ("tool", "function") if role == "tool" else (role,)
+    lines = []
+    for m in messages:
+        if m.get("role") in roles:
+            label = f"[{_call_label(messages, m.get('tool_call_id'))}] " if m.get("tool_call_id") is not None else ""
+            lines.append(f"{label}{normalize_text(content_text(m.get('content')))}")
+    return "\n".join(lines)
+
+
 def context_text(messages: Sequence[Message]) -> str:
     """The turns before the last message, as 'role: text' lines (tool results and calls included)."""
     lines = []
     for m in messages[-_CONTEXT_MESSAGES:]:
         text = normalize_text(content_text(m.get("content")))
+        if m.get("tool_call_id") is not None:  # which call a result answers: "30C" means nothing alone
+            text = f"[{_call_label(messages, m.get('tool_call_id'))}] {text}"
         for call in m.get("tool_calls") or []:
             function = call.get("function") or {}
             text += f" [{function.get('name')}({normalize_text(str(function.get('arguments', '')))})]"
@@ -140,10 +199,13 @@ def context_text(messages: Sequence[Message]) -> str:
 def request_key(request: ChatRequest, default_model: str | None = None) -> RequestKey:
     scope = scope_of(request, default_model)
     turns = [m for m in request.messages if not _is_system(m)]
-    exact = _digest({"scope": scope, "messages": [normalize_message(m) for m in turns]})
+    calls = call_positions(turns)
+    exact = _digest({"scope": scope, "messages": [normalize_message(m, calls) for m in turns]})
     last = turns[-1] if turns else None
     if last is None or last.get("role") != "user":
         return RequestKey(scope=scope, exact=exact, query="", context="")
     raw = normalize_text(content_text(last.get("content")))
     query = strip_politeness(normalize_text(repair(raw)))
-    return RequestKey(scope=scope, exact=exact, query=query, context=context_text(turns[:-1]), raw=raw)
+    return RequestKey(scope=scope, exact=exact, query=query, context=context_text(turns[:-1]), raw=raw,
+                      facts=facts_text(turns[:-1], "user"), tool_facts=facts_text(turns[:-1], "tool"),
+                      layout=normalize_layout(content_text(last.get("content"))))

@@ -113,6 +113,7 @@ class LocalStore:
         )
         self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
         self._entries.create_tag_index()
+        self._check_dimension()
         self._lock = threading.RLock()  # guards the in-memory indexes
         self._flight_guard = threading.Lock()
         self._flights: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -120,6 +121,7 @@ class LocalStore:
         self._seq = 0  # the last write sequence this process has indexed
         self._epoch = -1
         self._stale = 0
+        self._vectors = 0  # vectors in this process's indexes, live or not
         self._since_snapshot = 0
         # Counters are kept here and added to meta/ in batches: a write per lookup would cost more than
         # the lookup itself when many processes share the store.
@@ -295,6 +297,27 @@ class LocalStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_dimension(self) -> None:
+        """The directory keeps the dimension of its vectors: opening it with another one (a new embedding
+        model) is a configuration error, not an AssertionError from FAISS on every search."""
+        stored = self._meta.get("dimension")
+        if stored is None:
+            for key in self._meta.iterkeys():  # a store written before the dimension was recorded
+                if isinstance(key, tuple) and key[0] == "vec":
+                    record = self._meta.get(key)
+                    if record is not None:
+                        stored = len(record[2]) // 4
+                        break
+            self._meta.add("dimension", stored if stored is not None else self.dimension)
+            stored = self._meta.get("dimension")
+        if int(stored) != self.dimension:
+            self._entries.close()
+            self._meta.close()
+            raise ConfigurationError(
+                f"the cache in {self.directory} holds {stored}-dimensional vectors but was opened with "
+                f"dimension={self.dimension}; use another directory for another embedding model"
+            )
+
     # -- the in-memory index ------------------------------------------------------------------------
     def _new_index(self) -> Any:
         return new_index(self.dimension, self.index_type, self.hnsw_m)
@@ -310,6 +333,7 @@ class LocalStore:
                 scoped = self._indexes[scope] = _ScopeIndex(self._new_index(), {})
             scoped.index.add_with_ids(np.stack([v for _, _, v in items]), np.array([s for s, _, _ in items], dtype=np.int64))
             scoped.keys.update((s, k) for s, k, _ in items)
+            self._vectors += len(items)
         self._since_snapshot += len(rows)
 
     def _sync(self) -> None:
@@ -333,6 +357,12 @@ class LocalStore:
                 rows.append((s, vec_record[1], key, np.frombuffer(vec_record[2], dtype=np.float32)))
             if rows:
                 self._add_many(rows)
+                # Evicted, expired and replaced entries leave their vectors behind (diskcache culls
+                # without telling): compact once they outnumber the live entries, so that meta/ and the
+                # in-memory indexes stay within a small multiple of what `size_bytes` admits.
+                if self._vectors > 2 * len(self._entries) + 1024:
+                    self._rebuild(epoch)
+                    return
             self._seq = seq
         # Counting the vectors visits every scope: only when enough are stale to consider a rebuild.
         if self._stale > 1000 and self._stale > sum(s.index.ntotal for s in self._indexes.values()) // 2:
@@ -344,6 +374,7 @@ class LocalStore:
         """Rebuild every index from the vectors in meta/, dropping those whose entry is gone."""
         seq = int(self._meta.get("seq", 0))
         self._indexes = {}
+        self._vectors = 0
         rows = []
         dead = []
         for key in self._meta.iterkeys():
@@ -425,6 +456,7 @@ class LocalStore:
             self._rebuild(epoch)
             return
         self._indexes = indexes
+        self._vectors = sum(scoped.index.ntotal for scoped in indexes.values())
         self._seq = manifest["seq"]
         self._epoch = epoch
         self._since_snapshot = 0

@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import RequestError
 from ...pipeline import record_event
 from ...quarantine_marks import has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
-from .guards import Thresholds, judge
+from .guards import Thresholds, judge, judge_facts
 from .keys import RequestKey, request_key
 from .store import CacheEntry, CacheStore, Hit
 
@@ -211,9 +212,14 @@ class SemanticCacheStage(Stage):
             dimension = getattr(self.store, "dimension", 384)
             vector = np.zeros(dimension, dtype=np.float32)  # exact-only: a zero vector never passes a threshold
         now = self.clock()
-        ttl = _ttl(request, self.namespace_ttl.get(request.namespace, self.ttl))
+        configured = self.namespace_ttl.get(request.namespace, self.ttl)
+        ttl = _ttl(request, configured)
+        if configured is not None and ttl is not None:
+            ttl = min(ttl, configured)  # a request may shorten the operator's TTL, never lengthen it
         features: dict[str, Any] = {"query": key.query, "context": key.context, "raw": key.raw,
-                                    "semantic": bool(self.semantic and key.query)}
+                                    "semantic": bool(self.semantic and key.query), "facts": key.facts,
+                                    "tool_facts": key.tool_facts, "layout": key.layout,
+                                    "embedder": self._embedder_id()}
         if context_vector is not None:
             features["context_vector"] = _pack(context_vector)
         entry = CacheEntry(
@@ -241,6 +247,7 @@ class SemanticCacheStage(Stage):
     def _not_cacheable(self, request: ChatRequest) -> str | None:
         if request.metadata.get("cache") is False:
             return "opted_out"
+        _ttl(request, None)  # a malformed cache_ttl is the caller's error, found before the backend is called
         if has_quarantined(request):
             return "quarantined"
         temperature = request.params.get("temperature")
@@ -272,6 +279,15 @@ class SemanticCacheStage(Stage):
         features = hit.entry.features or {}
         if not features.get("semantic", True):
             return "similarity"
+        if features.get("embedder") != self._embedder_id():
+            return "embedder"  # vectors of another model (same dimension): their similarity means nothing
+        if _code_lines(key.layout) != _code_lines(str(features.get("layout", ""))):
+            return "layout"  # pasted code, where indentation and line breaks change the meaning, differs
+        if key.context:
+            reason = judge_facts(key.facts, str(features.get("facts", "")), key.tool_facts,
+                                 str(features.get("tool_facts", "")))
+            if reason is not None:
+                return reason
         candidate_context = str(features.get("context", ""))
         context_similarity = None
         if context_vector is not None and features.get("context_vector"):
@@ -279,6 +295,11 @@ class SemanticCacheStage(Stage):
         return judge(key.query, key.context, hit.entry.query_text, candidate_context,
                      hit.similarity, context_similarity, self.thresholds,
                      query_raw=key.raw, candidate_raw=str(features.get("raw", "")) or None)
+
+    def _embedder_id(self) -> str:
+        if self.embedder is None:
+            return ""
+        return f"{getattr(self.embedder, 'model_id', type(self.embedder).__name__)}/{getattr(self.embedder, 'dimension', '')}"
 
     def _note_hit(self, key: RequestKey, layer: str, similarity: float | None, via: str | None = None) -> None:
         self.counts[f"hits_{layer}"] += 1
@@ -317,7 +338,25 @@ async def _replay(chunks: list[dict[str, Any]]) -> Any:
 
 def _ttl(request: ChatRequest, default: float | None) -> float | None:
     value = request.metadata.get("cache_ttl", default)
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise RequestError(f"must be a positive number of seconds, got {value!r}", 'metadata["cache_ttl"]')
+    return float(value)
+
+
+def _code_lines(text: str) -> list[tuple[int, str]]:
+    """The code of a message (lines inside ``` fences, and indented lines), as (indentation, words)."""
+    out: list[tuple[int, str]] = []
+    fenced = False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        indent = len(line) - len(line.lstrip())
+        if line.strip() and (fenced or indent):
+            out.append((indent, " ".join(line.split())))
+    return out
 
 
 def _pack(vector: np.ndarray) -> str:
