@@ -12,7 +12,8 @@ Persistence: vectors are stored per tool (keyed by a hash of its schema) in one 
 model and precision, so a catalog that gains or loses a tool embeds only the new tool; the catalog's
 vectors, ids and tool hashes are saved together in one file, in a folder named by the hash of the whole
 catalog, so a process that sees the same catalog again loads it instead of rebuilding. The FAISS index
-and the lexical index are rebuilt from it in memory (milliseconds).
+and the lexical index are rebuilt from it in memory (milliseconds). Within a process, the indexes of one
+stage also share the vectors they have (VectorMemo), with or without a directory.
 """
 
 from __future__ import annotations
@@ -92,6 +93,37 @@ def tool_name(tool: Tool, index: int = 0) -> str:
     return name
 
 
+class VectorMemo:
+    """Tool vectors this process has embedded or read, by (embedding model and precision, tool hash); the
+    least recently used go past `max_vectors`. Shared by the indexes of one ToolRetrievalStage: an app that
+    sends its tools with each request, a little different from call to call, makes a new pool each time,
+    and each pool embedded every schema again (1,500 tools: about 30 s) or re-read a vectors file of one
+    entry per tool (10,000 tools: about 2 s)."""
+
+    def __init__(self, max_vectors: int = 50_000) -> None:
+        self.max_vectors = max_vectors
+        self._vectors: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, space: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            found = {}
+            for h in hashes:
+                vector = self._vectors.get((space, h))
+                if vector is not None:
+                    self._vectors.move_to_end((space, h))
+                    found[h] = vector
+            return found
+
+    def put(self, space: str, vectors: dict[str, np.ndarray]) -> None:
+        with self._lock:
+            for h, vector in vectors.items():
+                self._vectors[(space, h)] = vector
+                self._vectors.move_to_end((space, h))
+            while len(self._vectors) > self.max_vectors:
+                self._vectors.popitem(last=False)
+
+
 class ToolIndex:
     """A searchable catalog. Thread-safe; `add` and `remove` update it in place."""
 
@@ -104,15 +136,19 @@ class ToolIndex:
         model_id: str | None = None,
         fusion: FusionConfig | None = None,
         query_cache_size: int = 512,
+        vector_memo: VectorMemo | None = None,
     ) -> None:
         """embedder: a `ctxkit.embed.Embedder` (anything with `embed(texts) -> (n, d) float32 unit vectors`).
         directory: where vectors and saved indexes persist; None keeps everything in memory.
-        model_id: names the stored vectors; default: the embedder's `model_id` (all-MiniLM-L6-v2)."""
+        model_id: names the stored vectors; default: the embedder's `model_id` (all-MiniLM-L6-v2).
+        vector_memo: tool vectors shared with other indexes of this process (see VectorMemo)."""
         self.embedder = embedder
         self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
         stored_as = vectors_id(self.model_id, getattr(embedder, "precision", None))
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
+        self._memo = vector_memo if vector_memo is not None else VectorMemo()
+        self._space = stored_as
         self._lock = threading.RLock()
         self._query_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._query_cache_size = query_cache_size
@@ -269,17 +305,22 @@ class ToolIndex:
     def _vectors_for(self, tools: list[Tool]) -> np.ndarray:
         """The tools' vectors, embedding only schemas never stored before (and storing those)."""
         hashes = [tool_hash(t) for t in tools]
-        stored = self._stored_vectors()
-        missing = [i for i, h in enumerate(hashes) if h not in stored]
-        if missing:
-            documents = [ToolDocument.from_tool(tools[i]).dense_text() for i in missing]
-            fresh = self.embedder.embed(documents)
-            self.embedded_tools += len(missing)
-            stored.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
-            self._save_vectors(stored)
+        found = self._memo.get(self._space, hashes)
+        if len(found) < len(hashes):  # only then is the vectors file read (one entry per tool ever seen)
+            stored = self._stored_vectors()
+            found.update({h: stored[h] for h in hashes if h in stored and h not in found})
+            missing = [i for i, h in enumerate(hashes) if h not in found]
+            if missing:
+                documents = [ToolDocument.from_tool(tools[i]).dense_text() for i in missing]
+                fresh = self.embedder.embed(documents)
+                self.embedded_tools += len(missing)
+                found.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
+                stored.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
+                self._save_vectors(stored)
+            self._memo.put(self._space, {h: found[h] for h in hashes})
         if not tools:
             return np.zeros((0, self.dimension), np.float32)
-        return np.stack([stored[h] for h in hashes]).astype(np.float32)
+        return np.stack([found[h] for h in hashes]).astype(np.float32)
 
     def _insert(self, tools: list[Tool], names: list[str], vectors: np.ndarray) -> None:
         """Append checked tools (unique names, none in the catalog) with their vectors."""

@@ -37,7 +37,7 @@ from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .compaction import compact_tool
-from .index import FusionConfig, Tool, ToolIndex, catalog_hash, tool_hash
+from .index import FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
 from .selector import Selection, ToolSelector
 
 RECOVERY_MODES = ("off", "rerun", "find_tools", "both")
@@ -131,6 +131,7 @@ class ToolRetrievalStage(Stage):
         self._compacted: dict[str, Tool] = {}
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
+        self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
 
     # -- the index ----------------------------------------------------------------------------------
     def index_for(self, tools: Sequence[Tool]) -> ToolIndex:
@@ -152,7 +153,8 @@ class ToolRetrievalStage(Stage):
             with self._lock:
                 index = self._indexes.get(key)
             if index is None:
-                index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion)
+                index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion,
+                                  vector_memo=self._vectors)
                 with self._lock:
                     self._indexes[key] = index
                     self._building.pop(key, None)
