@@ -110,6 +110,25 @@ class AsyncStream:
         await self.close()
 
 
+def _parse_inputs(response_format: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    from openai import NOT_GIVEN
+    from openai.lib._parsing import type_to_response_format_param, validate_input_tools
+
+    tools = kwargs.get("tools", NOT_GIVEN)
+    validate_input_tools(tools)
+    if response_format is None:
+        return {}, tools
+    return {"response_format": type_to_response_format_param(response_format)}, tools
+
+
+def _parsed(completion: Any, response_format: Any, tools: Any) -> Any:
+    from openai import NOT_GIVEN
+    from openai.lib._parsing import parse_chat_completion
+
+    wanted: Any = NOT_GIVEN if response_format is None else response_format  # openai's own types vary by version
+    return parse_chat_completion(response_format=wanted, input_tools=tools, chat_completion=completion)
+
+
 class _Completions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -129,6 +148,14 @@ class _Completions:
                 yield closing
 
         return Stream(typed(), result.close)
+
+    def parse(self, *, response_format: Any = None, **kwargs: Any) -> Any:
+        """`chat.completions.parse` as the `openai` client has it: a Pydantic model as `response_format`
+        constrains the answer to its JSON schema, and `.choices[0].message.parsed` holds the instance."""
+        if kwargs.get("stream"):
+            raise TypeError("parse() does not stream")
+        fmt, tools = _parse_inputs(response_format, kwargs)
+        return _parsed(self.create(**kwargs, **fmt), response_format, tools)
 
 
 class _AsyncCompletions:
@@ -150,6 +177,13 @@ class _AsyncCompletions:
                 yield closing
 
         return AsyncStream(typed(), result.aclose)
+
+    async def parse(self, *, response_format: Any = None, **kwargs: Any) -> Any:
+        """The async twin of `chat.completions.parse`."""
+        if kwargs.get("stream"):
+            raise TypeError("parse() does not stream")
+        fmt, tools = _parse_inputs(response_format, kwargs)
+        return _parsed(await self.create(**kwargs, **fmt), response_format, tools)
 
 
 class _Chat:

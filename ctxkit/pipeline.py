@@ -75,10 +75,7 @@ class _CallTrace:
         self.answered_by: str | None = None
         self.events: list[dict[str, Any]] = []
         self._counts: dict[tuple[int, int], tuple[int, Any, Any]] = {}
-        naive = request
-        for stage in pipeline.stages:
-            naive = stage.naive_request(naive)
-        self.naive = self.count(naive)
+        self.naive = self.count(pipeline._naive_from(0, request))
 
     def count(self, request: ChatRequest) -> int:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
@@ -198,19 +195,28 @@ class Pipeline:
         return trace
 
     # -- the chain ----------------------------------------------------------------------------------
+    def _naive_from(self, index: int, request: ChatRequest) -> ChatRequest:
+        """`request` as the app would have sent it to stage `index`: every later stage's `naive_request` applied."""
+        for stage in self.stages[index:]:
+            request = stage.naive_request(request)
+        return request
+
     def _dispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> Result:
         if index == len(self.stages):
             return self._send(trace, request)
         stage = self.stages[index]
         tally = trace.tallies[stage.name]
-        tally.saved += trace.count(stage.naive_request(request))
+        # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
+        # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to
+        # tokens_naive - tokens_sent even when this stage answers by itself (a cache hit).
+        tally.saved += trace.count(self._naive_from(index, request))
         called_next = False
         inner_ms = 0.0
 
         def call_next(next_request: ChatRequest) -> Result:
             nonlocal called_next, inner_ms
             called_next = True
-            tally.saved -= trace.count(next_request)
+            tally.saved -= trace.count(self._naive_from(index + 1, next_request))
             t0 = time.perf_counter()
             try:
                 return self._dispatch(trace, index + 1, next_request)
@@ -231,14 +237,17 @@ class Pipeline:
             return await self._asend(trace, request)
         stage = self.stages[index]
         tally = trace.tallies[stage.name]
-        tally.saved += trace.count(stage.naive_request(request))
+        # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
+        # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to
+        # tokens_naive - tokens_sent even when this stage answers by itself (a cache hit).
+        tally.saved += trace.count(self._naive_from(index, request))
         called_next = False
         inner_ms = 0.0
 
         async def call_next(next_request: ChatRequest) -> AsyncResult:
             nonlocal called_next, inner_ms
             called_next = True
-            tally.saved -= trace.count(next_request)
+            tally.saved -= trace.count(self._naive_from(index + 1, next_request))
             t0 = time.perf_counter()
             try:
                 return await self._adispatch(trace, index + 1, next_request)

@@ -257,6 +257,27 @@ def test_leaving_a_stream_early_frees_the_local_model(llama_backend, ledger):
     assert [r.status for r in ledger.records][-1] == "ok" and len(ledger.records) == 5
 
 
+def test_the_openai_style_client_parses_structured_output_like_openais(llama_backend, ledger):
+    """README calls pipeline.openai() a drop-in for openai.OpenAI(); it had no chat.completions.parse."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    question = [{"role": "user", "content": "Which city is the capital of France?"}]
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    reply = client.chat.completions.parse(messages=question, response_format=City, max_tokens=60, temperature=0)
+    assert isinstance(reply.choices[0].message.parsed, City), reply.choices[0].message.content
+
+    async def run():
+        aclient = Pipeline(llama_backend, ledger=ledger).async_openai()
+        return await aclient.chat.completions.parse(messages=question, response_format=City, max_tokens=60,
+                                                     temperature=0)
+
+    assert isinstance(asyncio.run(run()).choices[0].message.parsed, City)
+
+
 def test_the_openai_style_client_stream_closes_like_openais(llama_backend, ledger):
     client = Pipeline(llama_backend, ledger=ledger).openai()
     with client.chat.completions.create(messages=CONVERSATION, max_tokens=40, temperature=0, stream=True) as stream:

@@ -96,6 +96,9 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
     for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
-                           (["--max-concurrency", "0"], "max_concurrency must be positive")):
+                           (["--max-concurrency", "0"], "max_concurrency must be positive"),
+                           # the error named counter=, a Python argument a CLI user cannot pass
+                           (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model"],
+                            "pass --upstream-gguf FILE")):
         done = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

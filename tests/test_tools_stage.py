@@ -294,3 +294,22 @@ def test_a_new_pool_being_indexed_does_not_hold_up_calls_for_pools_already_index
         release.set()
         builder.join()
     assert len(stage._indexes) == 2
+
+
+def test_stage_savings_add_up_when_a_cache_in_front_answers_for_a_registered_catalog(llama_backend, embedder,
+                                                                                     catalog, index_dir, ledger,
+                                                                                     tmp_path):
+    """The cache's tokens(in) left out the catalog that the tool stage behind it supplies: on a hit the
+    stages' savings summed to 37 of 11,961 tokens saved, and the rest belonged to no stage."""
+    from ctxkit.stages.cache import ExactCacheStage, LocalStore
+
+    with LocalStore(tmp_path / "cache") as store:
+        tools = ToolRetrievalStage(catalog=catalog, top_k=3, embedder=embedder, index_dir=index_dir)
+        pipeline = Pipeline(llama_backend, stages=[ExactCacheStage(store), tools], ledger=ledger)
+        for _ in range(2):
+            pipeline.chat(REQUEST.messages, params={"max_tokens": 4, "temperature": 0})
+    miss, hit = list(ledger.records)[-2:]
+    assert hit.answered_by == "exact_cache" and hit.tokens_sent == 0
+    for record in (miss, hit):
+        assert sum(record.saved_by_stage.values()) == record.tokens_naive - record.tokens_sent, record.saved_by_stage
+    assert hit.saved_by_stage["exact_cache"] == hit.tokens_naive

@@ -70,6 +70,14 @@ def build_backend(args: argparse.Namespace) -> Any:
     if not args.upstream_model:
         raise ConfigurationError("--upstream needs --upstream-model (the model name the upstream serves)")
     counter = GGUFPrompt.from_gguf(args.upstream_gguf) if args.upstream_gguf else None
+    if counter is None:
+        from ..tokens.tiktoken_counter import encoding_name_for_model
+
+        if encoding_name_for_model(args.upstream_model) is None:
+            raise ConfigurationError(
+                f"--upstream-model {args.upstream_model!r} is not an OpenAI model: pass --upstream-gguf FILE "
+                "(the GGUF the upstream serves; its tokenizer and chat template only) so token counts are exact"
+            )
     return OpenAIBackend(
         args.upstream_model, base_url=args.upstream, api_key_env=args.upstream_key_env,
         timeout=args.upstream_timeout, max_retries=args.upstream_retries, counter=counter,
