@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ctxkit import ChatRequest
+from ctxkit.response import message_text
 from ctxkit.stages.pruning import DedupStage
 from ctxkit.stages.pruning.dedup import COLLAPSED_PREFIX, DUPLICATES_KEY, MinHasher
 from ctxkit.validation import validate_request
@@ -73,7 +74,7 @@ def test_near_duplicate_documents_are_dropped_and_mapped_to_the_kept_id():
         {"id": "a", "text": REPORT},
         {"id": "b", "text": "Completely different: cats and dogs played in the garden all afternoon, chasing "
                             "butterflies and each other until the sun went down behind the hills."},
-        {"id": "c", "text": REPORT + " Source: annual filing."},
+        {"id": "c", "text": REPORT.replace(". ", ".\n")},  # the same sentences, laid out otherwise
     ]
     out = DedupStage().before_model(ChatRequest(messages=[{"role": "user", "content": "q"}],
                                                 metadata={"documents": documents}))
@@ -85,3 +86,90 @@ def test_minhash_signatures_are_the_same_in_every_instance():
     # Python's hash() is salted per process; the signature must not be, or collapses would differ per worker.
     a, b = MinHasher(), MinHasher()
     assert (a.signature(a.shingles(REPORT)) == b.signature(b.shingles(REPORT))).all()
+
+
+def test_a_changed_sign_or_operator_survives_the_collapse():
+    # Words alone say "-18" and "18", ">" and ">=", are the same: the fact that changed must still be sent.
+    freezer = ("Temperature in the freezer this morning was {t} degrees, the compressor ran for 40 minutes, the door "
+               "seal looked fine and the alarm stayed off all night long.")
+    messages = [
+        {"role": "user", "content": freezer.format(t="-18")},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": freezer.format(t="18")},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Is the freezer working?"},
+    ]
+    out = DedupStage().before_model(ChatRequest(messages=messages))
+    assert "was 18 degrees" in out.messages[2]["content"]
+
+
+def test_pasted_code_that_changed_one_operator_is_not_collapsed_to_nothing():
+    code = ("def in_stock(item, inventory):\n    count = inventory.get(item, 0)\n    if count > 0:\n        return True\n"
+            "    for alias in ALIASES.get(item, []):\n        if inventory.get(alias, 0) > 0:\n            return True\n"
+            "    return False\n")
+    messages = [
+        {"role": "user", "content": "Here is my function:\n" + code},
+        {"role": "assistant", "content": "Looks fine."},
+        {"role": "user", "content": "Here is my function:\n" + code.replace("count > 0", "count >= 0")},
+        {"role": "assistant", "content": "Ok."},
+        {"role": "user", "content": "Why does it return True for empty items now?"},
+    ]
+    out = DedupStage().before_model(ChatRequest(messages=messages))
+    assert "count >= 0" in message_text(out.messages[2])
+
+
+def test_messages_with_images_are_never_collapsed():
+    prompt = ("Please describe this photo in detail: the people, the objects on the table, the colours of the walls, "
+              "the lighting, and anything unusual you notice in the background of the picture.")
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": prompt},
+                                     {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]},
+        {"role": "assistant", "content": "A kitchen."},
+        {"role": "user", "content": [{"type": "text", "text": prompt},
+                                     {"type": "image_url", "image_url": {"url": "https://example.com/b.jpg"}}]},
+        {"role": "assistant", "content": "A garden."},
+        {"role": "user", "content": "Which photo was brighter?"},
+    ]
+    request = ChatRequest(messages=messages)
+    assert DedupStage().before_model(request) is request
+
+
+def test_a_near_duplicate_document_with_a_new_number_keeps_its_id_and_that_sentence():
+    policy = ("Refund policy, version {v}. Customers may return unworn items for a full refund within {d} days of "
+              "delivery. Items must be in their original packaging with all tags attached. Refunds are issued to "
+              "the original payment method within five business days after we receive the parcel.")
+    documents = [{"id": "old", "text": policy.format(v="2023", d=30)},
+                 {"id": "new", "text": policy.format(v="2025", d=14)}]
+    out = DedupStage().before_model(ChatRequest(messages=[{"role": "user", "content": "How long under 2025 rules?"}],
+                                                metadata={"documents": documents}))
+    new = next(d for d in out.metadata["documents"] if d["id"] == "new")
+    assert "within 14 days" in new["text"] and "original packaging" not in new["text"]
+    assert "new" not in out.metadata.get(DUPLICATES_KEY, {})
+
+
+def test_a_collapse_that_saves_nothing_is_not_made():
+    # Two cleared results of the same search, pages 1 and 2: "collapsed", the second one grew and no longer
+    # started with the placeholder that says which call to repeat.
+    from ctxkit.stages.pruning import ToolResultClearingStage
+    from ctxkit.stages.pruning.tool_results import PLACEHOLDER_PREFIX
+
+    query = "quarterly revenue growth for Nordic subsidiaries in fiscal year 2024 broken down by product line"
+    messages: list[dict] = [{"role": "user", "content": "Research this."}]
+    for k in range(4):
+        messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": f"c{k}", "type": "function",
+                         "function": {"name": "search", "arguments": f'{{"query": "{query}", "page": {k + 1}}}'}}]})
+        messages.append({"role": "tool", "tool_call_id": f"c{k}",
+                         "content": " ".join(f"result {k}-{i}: lorem ipsum dolor sit amet." for i in range(60))})
+    messages += [{"role": "assistant", "content": "Found it."}, {"role": "user", "content": "Summarize page 2."}]
+    request = ToolResultClearingStage(keep_last=2, clear_at_least=64).before_model(ChatRequest(messages=messages))
+    out = DedupStage().before_model(request)
+    assert out.messages[4]["content"].startswith(PLACEHOLDER_PREFIX)
+    assert out.messages == request.messages
+
+
+def test_default_stages_dedup_counts_with_the_backends_counter(llama_backend, embedder):
+    # With tiktoken's estimate, min_tokens and the ledger's prefix_invalidated tokens were not the model's.
+    from ctxkit.stages import default_stages
+
+    dedup = next(s for s in default_stages(llama_backend, embedder=embedder) if isinstance(s, DedupStage))
+    assert dedup.counter is llama_backend.counter

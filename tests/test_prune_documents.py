@@ -173,3 +173,37 @@ def test_two_document_blocks_with_the_same_id_keep_their_own_text(embedder):
     first, second = out.split('<document id="p">')[1:]
     assert "Apples cost 3 dollars" in first and "Pears" not in first
     assert "Pears cost 9 dollars" in second and "Apples" not in second
+
+
+def test_a_paragraph_without_spaces_or_sentence_ends_is_cut_not_dropped_whole(ranker):
+    """Chinese text ends sentences with 。 and no space, minified JSON has no space at all: one passage each,
+    larger than any small budget, so the document holding the answer was dropped whole."""
+    filler = ["公司的办公室位于市中心，交通非常便利，员工可以乘坐地铁或公交车上班。" * 6,
+              "食堂每天提供午餐和晚餐，菜品种类丰富，价格也比较合理，大家都很满意。" * 6,
+              "公司每年组织两次团队建设活动，地点通常选在郊区的度假村，活动内容丰富多彩。" * 6]
+    answer = ("关于年假制度，员工入职满一年后可以享受十五天带薪年假，未使用的年假可以顺延到下一年度，但最多顺延五天。"
+              "请假需要提前两周在系统中提交申请，并由直属经理审批。") * 3
+    docs = [{"id": f"d{k}", "text": t} for k, t in enumerate(filler)] + [{"id": "leave", "text": answer}]
+    budget = ranker.count([d["text"] for d in docs]) // 4
+    result = ranker.prune("员工每年有多少天带薪年假？", docs, budget)
+    assert "leave" in result.kept_ids and result.tokens_after <= budget
+    assert "十五天带薪年假" in next(d["text"] for d in result.documents if d["id"] == "leave")
+
+    rows = [{"sku": f"A{k:04d}", "stock": k % 7, "warehouse": "Oslo"} for k in range(300)]
+    minified = json.dumps(rows, separators=(",", ":"))
+    assert max(ranker.counter.count_text(p) for p in ranker.passages(minified)) <= 2 * ranker.max_passage_tokens
+    assert "".join(ranker.passages(minified)) == minified, "cut without adding or losing a character"
+
+
+def test_neighbouring_lines_of_a_cut_document_keep_their_line_breaks(ranker):
+    """Lines of code, a table or JSON are passages of their own; joined back with spaces, "import math" and
+    "import random" became one line and an indented block lost its indentation."""
+    code = "import math\nimport random\n\n\n" + "\n".join(
+        f"def helper_{k}(x):\n    \"\"\"Helper number {k} for the {w} report.\"\"\"\n    return x * {k}\n\n"
+        for k, w in enumerate(["sales", "weather", "inventory", "payroll", "shipping", "travel"]))
+    docs = [{"id": "utils.py", "text": code}]
+    budget = ranker.count([code]) // 3
+    result = ranker.prune("Which imports does the module use, math and random?", docs, budget)
+    kept = result.documents[0]["text"]
+    assert "import math\nimport random" in kept, kept
+    assert result.tokens_after <= budget and ranker.counter.count_text(kept) <= budget

@@ -221,3 +221,43 @@ def test_the_users_own_text_is_not_trimmed(llama_backend):
     with_docs = _template().render(llama_backend.counter, variables=variables, conversation=conversation,
                                    documents=DOCS[:1])
     assert with_docs.messages[-1]["content"].endswith(code) and "faq-1" in with_docs.messages[-1]["content"]
+
+
+def test_tojson_writes_sets_the_same_way_in_every_process():
+    """A set iterates in hash order, salted per process: a worker or a restart must render the same prefix."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from ctxkit.stages.templates import PromptTemplate\n"
+        "from ctxkit.tokens.tiktoken_counter import TiktokenCounter\n"
+        "t = PromptTemplate('p', '1', system='Profile: {{ profile | tojson }}')\n"
+        "p = t.render(TiktokenCounter('gpt-4o'), variables={'profile': {'tags': {'vip', 'beta', 'eu', 'churn'}}},\n"
+        "             conversation=[{'role': 'user', 'content': 'hi'}])\n"
+        "print(p.messages[0]['content'])\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in range(4)
+    }
+    assert outputs == {'Profile: {"tags": ["beta", "churn", "eu", "vip"]}\n'}
+
+
+def test_a_conversation_over_its_budget_is_cut_in_steps_so_the_prefix_is_reused(llama_backend):
+    """Dropping just enough on every call moved the start of the conversation on every turn: the prompt
+    after the system message changed each time and no prefix cache could hit."""
+    template = PromptTemplate("chat", "1", system="You plan Nordic trips.", budgets={"conversation": 400})
+    history: list[dict] = []
+    reused, previous = [], None
+    for turn in range(14):
+        history += [{"role": "user", "content": f"Question {turn}: what do we do on day {turn} in Bergen?"},
+                    {"role": "assistant", "content": f"Day {turn}: morning train, fish market, fjord cruise at 2 pm. " * 2}]
+        rendered = template.render(llama_backend.counter, conversation=[*history, {"role": "user", "content": "Then?"}])
+        assert rendered.section_tokens["conversation"] <= 400
+        sent = rendered.messages[:-1]
+        if previous is not None and rendered.dropped_messages:
+            reused.append(sent[: len(previous)] == previous)
+        previous = sent
+    assert len(reused) >= 6 and sum(reused) >= len(reused) // 2, reused

@@ -66,7 +66,7 @@ def default_stages(
             embedder=embedder,
         ),
         ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
-        DedupStage(),
+        DedupStage(counter=backend.counter),  # the ledger's prefix tokens in the backend's own tokens
     ]
     return stages
 

@@ -52,7 +52,15 @@ class TemplateError(RequestError):
 
 
 def _tojson(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(", ", ": "), default=str)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(", ", ": "), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    # A set iterates in hash order, which changes from process to process: sorted, it is the same prefix
+    # on every worker and every restart.
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=_tojson)
+    return str(value)
 
 
 def sandboxed_environment() -> Any:
@@ -275,22 +283,38 @@ def _message_tokens(message: Mapping[str, Any], counter: TokenCounter) -> int:
 
 
 def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) -> int:
-    """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid: the
-    fewest that fit, or, when nothing fits, as many as a valid cut allows (the newest message always
-    stays, with the tool call its result answers)."""
+    """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid, or, when
+    nothing fits, as many as a valid cut allows (the newest message always stays, with the tool call its
+    result answers).
+
+    Messages go in steps of at least a quarter of the budget, counted from the oldest: the steps depend only
+    on the older history, so the cut moves only when a whole further step must go, and the prompt after the
+    system message stays byte-identical (a prefix cache keeps hitting) for the calls in between. Dropping
+    just enough on every call moved the start of the conversation, and broke the cache, on every turn."""
     from .summarize.turns import valid_cuts  # here, not at the top: summarize uses this module's engine
 
     valid = valid_cuts(history)
     sizes = [_message_tokens(m, counter) for m in history]
     total = sum(sizes)
-    start, kept, dropped = 0, total, 0
+    if total <= budget:
+        return 0
+    step = max(budget // 4, 1)
+    last_valid, first_fit = 0, None
+    dropped = step_dropped = 0
     for cut in range(1, len(history)):
-        if kept <= budget:
-            break
         dropped += sizes[cut - 1]
-        if valid[cut]:
-            start, kept = cut, total - dropped
-    return start
+        step_dropped += sizes[cut - 1]
+        if not valid[cut]:
+            continue
+        last_valid = cut
+        fits = total - dropped <= budget
+        if fits and first_fit is None:
+            first_fit = cut
+        if step_dropped >= step:  # a step closes here
+            if fits:
+                return cut
+            step_dropped = 0
+    return first_fit if first_fit is not None else last_valid
 
 
 class TemplateRegistry:

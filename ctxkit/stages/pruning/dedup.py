@@ -8,12 +8,15 @@ a changed number survives even when the rest of the text is dropped.
 What is sent:
 - Messages: the first copy stays; a later near-duplicate (Jaccard >= `threshold` on word 3-shingles,
   at least `min_tokens` long) becomes `[near-duplicate of message 4 (96% same wording), collapsed by
-  ctxkit; what differs:] <its sentences not found in message 4>`. Later copies are edited, not earlier
+  ctxkit; what differs:] <its sentences not found in message 4>` (compared with case and white space
+  ignored, signs and operators not: "-18" is not "18"), when that is shorter; messages with image or
+  audio parts are never collapsed. Later copies are edited, not earlier
   ones, so the cached prompt prefix stays intact. The newest user message (the request itself),
   system messages and assistant messages with tool calls are never edited, and no message is removed,
   so tool calls and results stay paired.
 - Documents in `request.metadata["documents"]` (`[{"id", "text"}]`): a later near-duplicate is dropped
-  and `metadata["ctxkit.duplicate_documents"]` maps its id to the id kept, so the app can still cite it.
+  and `metadata["ctxkit.duplicate_documents"]` maps its id to the id kept, so the app can still cite it;
+  one with sentences of its own (a changed number) keeps its id and only those sentences.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ class DedupStage(Stage):
                 request = carry(request, zip(request.messages, messages, strict=True))
         if self.dedup_documents and "documents" in request.metadata:
             documents, duplicates = self.collapse_documents(request.metadata["documents"])
-            if duplicates:
+            if duplicates or documents != list(request.metadata["documents"]):
                 merged = {**request.metadata.get(DUPLICATES_KEY, {}), **duplicates}
                 changes["metadata"] = {**request.metadata, "documents": documents, DUPLICATES_KEY: merged}
         return request.override(**changes) if changes else request
@@ -134,12 +137,17 @@ class DedupStage(Stage):
         pairs = self._near_duplicates(texts, eligible=[True] * len(texts))
         duplicates: dict[str, str] = {}
         dropped: set[int] = set()
+        cut: dict[int, str] = {}
         for later, earlier in sorted(pairs.items()):
             while earlier in pairs:  # a copy of a copy points at the first one
                 earlier = pairs[earlier]
+            differs = _differs(texts[earlier], texts[later])
+            if differs:  # sentences of its own (a new number, a negation): keep those, under its own id
+                cut[later] = " ".join(differs)
+                continue
             dropped.add(later)
             duplicates[str(documents[later]["id"])] = str(documents[earlier]["id"])
-        kept = [dict(doc) for k, doc in enumerate(documents) if k not in dropped]
+        kept = [{**doc, "text": cut[k]} if k in cut else dict(doc) for k, doc in enumerate(documents) if k not in dropped]
         return kept, duplicates
 
     # -- messages -------------------------------------------------------------------------------------
@@ -149,29 +157,39 @@ class DedupStage(Stage):
         eligible = [
             m.get("role") in ("user", "tool", "assistant")
             and not m.get("tool_calls")
+            and _text_only(m)  # an image or audio part is not in the text: collapsing would drop it
             and i != last_user
             and not texts[i].startswith(COLLAPSED_PREFIX)
             for i, m in enumerate(messages)
         ]
         return self._near_duplicates(texts, eligible)
 
-    def _collapse_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    def _collapsed(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+        """{message index: collapsed text} for the later near-duplicates worth collapsing."""
         pairs = self._message_pairs(messages)
-        if not pairs:
-            return None
         texts = [message_text(dict(m)) for m in messages]
-        out = [dict(m) for m in messages]
+        collapsed: dict[int, str] = {}
         for later, earlier in sorted(pairs.items()):
             while earlier in pairs:
                 earlier = pairs[earlier]
             similarity = jaccard(self.hasher.shingles(texts[earlier]), self.hasher.shingles(texts[later]))
-            seen = {_norm(s) for s in split_sentences(texts[earlier])}
-            differs = [s for s in split_sentences(texts[later]) if _norm(s) not in seen]
+            differs = _differs(texts[earlier], texts[later])
             head = f"{COLLAPSED_PREFIX} {earlier} ({similarity:.0%} same wording), collapsed by ctxkit"
-            out[later]["content"] = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
+            text = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
+            if self.counter.count_text(text) < self.counter.count_text(texts[later]):
+                collapsed[later] = text  # else it saves nothing: leave the message (and the prefix) alone
+        return collapsed
+
+    def _collapse_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+        collapsed = self._collapsed(messages)
+        if not collapsed:
+            return None
+        out = [dict(m) for m in messages]
+        for later, text in collapsed.items():
+            out[later]["content"] = text
         # Collapses the previous call already made (same history up to its end) cost no cached prefix now.
-        before = self._message_pairs(messages[: previous_prompt_end(messages)])
-        new_edits = [i for i in pairs if before.get(i) != pairs[i]]
+        before = self._collapsed(messages[: previous_prompt_end(messages)])
+        new_edits = [i for i in collapsed if before.get(i) != collapsed[i]]
         record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
         return out
 
@@ -193,7 +211,21 @@ class DedupStage(Stage):
 
 
 def _norm(sentence: str) -> str:
-    return " ".join(_TOKEN.findall(sentence.lower()))
+    # White space only: signs, operators and decimal points are facts ("-18" is not "18", ">" is not ">=").
+    return " ".join(sentence.lower().split())
+
+
+def _differs(earlier: str, later: str) -> list[str]:
+    """The sentences of `later` that are not, character for character (white space aside), in `earlier`."""
+    seen = {_norm(s) for s in split_sentences(earlier)}
+    return [s for s in split_sentences(later) if _norm(s) not in seen]
+
+
+def _text_only(message: Mapping[str, Any]) -> bool:
+    content = message.get("content")
+    return not isinstance(content, list) or all(
+        isinstance(part, Mapping) and part.get("type", "text") == "text" for part in content
+    )
 
 
 __all__ = ["COLLAPSED_PREFIX", "DUPLICATES_KEY", "DedupStage", "MinHasher", "jaccard"]

@@ -52,6 +52,8 @@ DOCUMENTS_KEY = "documents"
 REPORT_KEY = "ctxkit.pruned_documents"
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
 _CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
+_ANY_BREAK = re.compile(r"(?<=[;,:。！？；，、：])\s*")
+_WIDE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
 class TextEmbedder(Protocol):
@@ -116,15 +118,20 @@ class DocumentRanker:
     def passages(self, text: str) -> list[str]:
         """Sentences; a sentence over `max_passage_tokens` is split by lines (a table, JSON, code), or at its
         ; and , into pieces of about that size (a long list of names): a budget must be able to keep part of it."""
-        limit = 4 * self.max_passage_tokens  # in characters, about four to a token
         out: list[str] = []
         for sentence in split_sentences(text):
+            # In characters: about four to a token, but about one for Chinese, Japanese and Korean.
+            limit = (1 if len(_WIDE.findall(sentence)) * 3 > len(sentence) else 4) * self.max_passage_tokens
             if len(sentence) <= limit:
                 out.append(sentence)
-            elif "\n" in sentence:
-                out.extend(line for line in sentence.splitlines() if line.strip())
+                continue
+            if "\n" in sentence:
+                pieces = [line for line in sentence.splitlines() if line.strip()]
             else:
-                out.extend(_pack(_CLAUSE_BREAK.split(sentence), limit))
+                pieces = _pack(_CLAUSE_BREAK.split(sentence), limit)
+            # Still too long (a CJK paragraph without spaces, minified JSON, a long line): cut at any
+            # punctuation, and at the limit as a last resort. Whole, it would cost more than a budget holds.
+            out.extend(cut for piece in pieces for cut in _chop(piece, limit))
         return out
 
     def _lookup(self, texts: Sequence[str], with_vectors: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -246,9 +253,11 @@ class DocumentRanker:
         # cost with marks instead measured worse on one page (gold recall 0.965 against 0.972).
         mark_tokens = self.counter.count_text(" …")
         while True:
-            kept_docs, kept_ids, marks = _assemble(documents, texts, ids, units, starts, chosen, own)
-            # The budget holds for what is sent: the "…" marks between kept passages count too.
-            tokens_after = int(unit_tokens[chosen].sum()) + marks * mark_tokens
+            kept_docs, kept_ids, marks, gaps = _assemble(documents, texts, ids, units, starts, chosen, own)
+            # The budget holds for what is sent: the "…" marks between kept passages count too, and so do
+            # the line breaks and indentation kept between neighbouring passages.
+            tokens_after = (int(unit_tokens[chosen].sum()) + marks * mark_tokens
+                            + sum(self.counter.count_text(gap) for gap in gaps))
             if tokens_after <= budget_tokens or not chosen.any():
                 break
             kept = np.flatnonzero(chosen)
@@ -259,33 +268,58 @@ class DocumentRanker:
 
 
 def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids: Sequence[str], units: Sequence[str],
-              starts: np.ndarray, chosen: np.ndarray, own: np.ndarray) -> tuple[list[dict[str, Any]], list[str], int]:
-    """The kept documents, each its chosen passages in order with "…" where passages were left out, and
-    how many "…" marks that took."""
+              starts: np.ndarray, chosen: np.ndarray, own: np.ndarray
+              ) -> tuple[list[dict[str, Any]], list[str], int, list[str]]:
+    """The kept documents, each its chosen passages in order with "…" where passages were left out, how
+    many "…" marks that took, and the separators other than one space kept between neighbouring passages
+    (the text's own line breaks and indentation: lines of code, a table or JSON stay lines)."""
     kept_by_doc: dict[int, list[int]] = {}
     for unit in np.flatnonzero(chosen):
         kept_by_doc.setdefault(int(own[unit]), []).append(int(unit))
     kept_docs: list[dict[str, Any]] = []
     kept_ids: list[str] = []
     marks = 0
+    gaps: list[str] = []
     for k in sorted(kept_by_doc):
         keep = kept_by_doc[k]
         first, last = int(starts[k]), int(starts[k + 1]) - 1
         if len(keep) == last - first + 1:
             text = texts[k]
         else:
-            pieces = ["…"] if keep[0] != first else []
+            spans = _spans(texts[k], units[first:last + 1])
+            runs: list[str] = []
             for n, i in enumerate(keep):
-                if n and i != keep[n - 1] + 1:
-                    pieces.append("…")
-                pieces.append(units[i])
+                here, before = spans[i - first], spans[i - first - 1] if i > first else None
+                if n and i == keep[n - 1] + 1:
+                    gap = texts[k][before[1]:here[0]] if here and before else " "
+                    if gap != " ":
+                        gaps.append(gap)
+                    runs[-1] += gap + units[i]
+                else:
+                    runs.append(units[i])
+            text = " … ".join(runs)
+            marks += len(runs) - 1
+            if keep[0] != first:
+                text, marks = "… " + text, marks + 1
             if keep[-1] != last:
-                pieces.append("…")
-            text = " ".join(pieces)
-            marks += pieces.count("…")
+                text, marks = text + " …", marks + 1
         kept_docs.append({**documents[k], "text": text})
         kept_ids.append(ids[k])
-    return kept_docs, kept_ids, marks
+    return kept_docs, kept_ids, marks, gaps
+
+
+def _spans(text: str, passages: Sequence[str]) -> list[tuple[int, int] | None]:
+    """Where each passage sits in `text` (None where it is not found verbatim: a packed clause list)."""
+    spans: list[tuple[int, int] | None] = []
+    cursor = 0
+    for passage in passages:
+        at = text.find(passage, cursor)
+        if at < 0:
+            spans.append(None)
+            continue
+        spans.append((at, at + len(passage)))
+        cursor = at + len(passage)
+    return spans
 
 
 class DocumentPruningStage(Stage):
@@ -456,6 +490,26 @@ def _call_for(messages: Sequence[Mapping[str, Any]], index: int) -> str:
                 function = call.get("function") or {}
                 return f"{function.get('name', 'the tool')}({function.get('arguments', '')})"
     return "the tool"
+
+
+def _chop(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters, cut after punctuation where it can be, each piece
+    the original characters (no space added: "1,000" stays "1,000" when kept whole)."""
+    if len(text) <= limit:
+        return [text]
+    bounds = [0, *(m.end() for m in _ANY_BREAK.finditer(text) if 0 < m.end() < len(text)), len(text)]
+    out: list[str] = []
+    start = end = 0
+    for b in bounds[1:]:
+        if b - start > limit and end > start:
+            out.append(text[start:end])
+            start = end
+        while b - start > limit:  # no punctuation for `limit` characters: cut there
+            out.append(text[start:start + limit])
+            start += limit
+        end = b
+    out.append(text[start:end])
+    return [piece.strip() for piece in out if piece.strip()]
 
 
 def _pack(pieces: Sequence[str], limit: int) -> list[str]:
