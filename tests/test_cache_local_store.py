@@ -102,3 +102,31 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="dimensions"):
         store.put(make_entry("x"), np.zeros(10, dtype=np.float32))
     store.close()
+
+
+def test_keys_that_shared_a_lock_file_under_1024_files_no_longer_wait_for_each_other(tmp_path):
+    """Misses that shared one of 1,024 lock files waited for each other's whole backend call; with 50 in
+    flight, two shared one 70% of the time. Two keys that shared a file then must not share one now."""
+    import hashlib
+    import threading
+
+    from ctxkit.stages.cache.local_store import lock_file
+
+    def old_stripe(key: str) -> int:
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1024
+
+    first = "question-0"
+    second = next(k for k in (f"question-{i}" for i in range(1, 100_000)) if old_stripe(k) == old_stripe(first))
+    assert lock_file(first) != lock_file(second)
+    with LocalStore(tmp_path / "c") as store:
+        entered = threading.Event()
+
+        def other() -> None:
+            with store.single_flight(second):
+                entered.set()
+
+        with store.single_flight(first):
+            worker = threading.Thread(target=other)
+            worker.start()
+            assert entered.wait(5), "a key that shares no lock file waited for another key's flight"
+        worker.join()

@@ -6,7 +6,7 @@ Layout under `directory`:
     meta/      diskcache, never evicted: the write sequence, ("vec", key) -> (seq, scope, vector),
                ("log", seq) -> key, the invalidation epoch, hit/miss counters.
     faiss/     a snapshot of the in-memory FAISS indexes (one per scope) and the sequence they cover.
-    locks/     lock files for cross-process single-flight.
+    locks/     lock files for cross-process single-flight (65,536, made as needed in 256 folders).
 
 Why this shape:
 - diskcache is the source of truth; every write is an SQLite transaction, so a process killed mid-write
@@ -50,7 +50,9 @@ import numpy as np
 from ...errors import ConfigurationError
 from .store import CacheEntry, Hit
 
-_LOCK_STRIPES = 1024  # lock files; unrelated keys that share one only wait a little
+# Lock files, made as needed in 256 folders. Two unrelated keys that share one wait for each other's whole
+# backend call: with 1,024 files, 50 misses in flight shared one 70% of the time; with 65,536, 2%.
+_LOCK_STRIPES = 65536
 _SNAPSHOT_EVERY = 10_000  # write a FAISS snapshot after this many new vectors (and on close)
 _LOG_KEEP = 100_000  # log records kept for processes catching up; older ones force a rebuild
 
@@ -264,8 +266,8 @@ class LocalStore:
             slot[1] += 1
         acquired = slot[0].acquire(timeout=self.lock_timeout)
         try:
-            stripe = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
-            path = self.directory / "locks" / f"{stripe:04d}.lock"
+            path = self.directory / "locks" / lock_file(key)
+            path.parent.mkdir(exist_ok=True)
             with open(path, "a+") as handle:
                 locked = _flock(handle.fileno(), self.lock_timeout)
                 try:
@@ -461,6 +463,12 @@ class LocalStore:
         self._epoch = epoch
         self._since_snapshot = 0
         self._sync()
+
+
+def lock_file(key: str) -> str:
+    """The single-flight lock file of a key, relative to locks/."""
+    stripe = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
+    return f"{stripe >> 8:02x}/{stripe & 0xFF:02x}.lock"
 
 
 def _flock(fd: int, timeout: float) -> bool:
