@@ -153,8 +153,13 @@ class ToolRetrievalStage(Stage):
             with self._lock:
                 index = self._indexes.get(key)
             if index is None:
-                index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion,
-                                  vector_memo=self._vectors)
+                try:
+                    index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion,
+                                      vector_memo=self._vectors)
+                except BaseException:
+                    with self._lock:
+                        self._building.pop(key, None)  # the next call tries again
+                    raise
                 with self._lock:
                     self._indexes[key] = index
                     self._building.pop(key, None)
