@@ -157,8 +157,8 @@ class _StreamBase:
         return relay
 
     def _finish(self) -> None:
-        if self.response is not None:
-            return  # iterated again, or collect() after a full iteration: the call ended once
+        if self.response is not None or self._failed:
+            return  # iterated again, collect() after a full iteration, or closed meanwhile: the call ended once
         self.response = self.partial()
         for callback in self._on_complete:
             callback(self.response)
@@ -265,6 +265,8 @@ class AsyncChatStream(_StreamBase):
     async def _iterate(self) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for chunk in self._chunks:
+                if self._failed:  # aclose() from another task while this one waited for the chunk
+                    break
                 self._assembler.add(chunk)
                 yield chunk
         except BaseException as exc:
@@ -272,7 +274,8 @@ class AsyncChatStream(_StreamBase):
             raise
         finally:
             await self._close_chunks()
-        self._finish()
+        if not self._failed:
+            self._finish()
 
     async def aclose(self) -> None:
         """End the stream now (ChatStream.close)."""

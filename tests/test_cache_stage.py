@@ -400,6 +400,13 @@ def test_a_malformed_request_ttl_is_refused_before_the_backend(stage, ttl):
         stage.lookup(req("hello there", metadata={"cache_ttl": ttl}))
 
 
+def test_a_request_ttl_given_as_a_string_is_read_as_seconds(stage):
+    """OpenAI's metadata holds strings only: openai-client users send "60"."""
+    request = req("hello there", metadata={"cache_ttl": "60"})
+    seed(stage, request)
+    assert stage.lookup(request).response is not None
+
+
 def test_a_request_ttl_cannot_outlive_the_configured_one(tmp_path):
     now = [1000.0]
     with LocalStore(tmp_path / "c") as store:

@@ -324,6 +324,35 @@ def test_a_cancelled_async_stream_frees_the_local_model(llama_backend, ledger):
     assert _finishes_soon(lambda: Pipeline(llama_backend).chat(CONVERSATION, params=PARAMS), 30)
 
 
+def test_aclose_from_another_task_ends_the_stream_once(llama_backend, ledger):
+    """A "stop" button calling aclose() while the consumer task waited for the next chunk returned at once
+    but let the model generate to max_tokens, and the call was written to the ledger twice (abandoned, then
+    ok), so its cost counted twice."""
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    request = ChatRequest(messages=[{"role": "user", "content": "Count from 1 to 100, separated by commas."}],
+                          params={"max_tokens": 120, "temperature": 0}, stream=True)
+
+    async def run() -> int:
+        stream = await pipeline.acall(request)
+        chunks = 0
+
+        async def consume() -> None:
+            nonlocal chunks
+            async for _ in stream:
+                chunks += 1
+
+        consumer = asyncio.create_task(consume())
+        while chunks < 2:
+            await asyncio.sleep(0.01)
+        await stream.aclose()
+        await consumer
+        return chunks
+
+    chunks = asyncio.run(run())
+    assert chunks < 100, "the model went on generating after aclose()"
+    assert [r.status for r in ledger.records] == ["error"]
+
+
 def test_a_local_model_is_recorded_and_priced_as_itself_and_abandoned_output_counts(llama_backend, ledger):
     """An app that asks for "gpt-4o" from the local model used to be billed at gpt-4o's price, and a stream
     left half way recorded no output although the model had generated it."""

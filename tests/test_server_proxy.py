@@ -196,6 +196,7 @@ def test_keys_are_required_and_well_formed():
     # printed in the error as a namespace.
     keys = ApiKeys.parse("sk-live-abcdef:SECRETPART1234 team-a\nkey-2:x:y team-b\n")
     assert keys.namespace_for("sk-live-abcdef:SECRETPART1234") == "team-a" and keys.namespace_for("key-2:x:y") == "team-b"
+    assert ApiKeys.parse("sk-abcdefgh :team-a").namespace_for("sk-abcdefgh") == "team-a"
 
 
 def test_from_openai_kwargs_is_what_the_proxy_builds_on():

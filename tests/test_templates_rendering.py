@@ -261,3 +261,18 @@ def test_a_conversation_over_its_budget_is_cut_in_steps_so_the_prefix_is_reused(
             reused.append(sent[: len(previous)] == previous)
         previous = sent
     assert len(reused) >= 6 and sum(reused) >= len(reused) // 2, reused
+
+
+def test_a_long_message_inside_a_cut_step_is_not_dropped_with_it(llama_backend):
+    """Cutting in steps dropped a long paste (the contract the question is about) whenever it sat inside the
+    step that had to go, although dropping the greeting before it was enough."""
+    clause = "Clause %d: the tenant shall pay the landlord a fee of %d euros on the first day of each month. "
+    conversation = [{"role": "user", "content": "Hi, I need help with a rental contract. " * 12},
+                    {"role": "assistant", "content": "Sure, please paste it and tell me what worries you. " * 10},
+                    {"role": "user", "content": "Here it is: " + "".join(clause % (i, 100 + i) for i in range(1, 32))},
+                    {"role": "assistant", "content": "Got it."},
+                    {"role": "user", "content": "Is clause 4 fair?"}]
+    template = PromptTemplate("t", "1", system="You are a lawyer.", budgets={"conversation": 1000})
+    rendered = template.render(llama_backend.counter, conversation=conversation)
+    assert rendered.section_tokens["conversation"] <= 1000
+    assert any("Clause 4:" in str(m["content"]) for m in rendered.messages), rendered.dropped_messages

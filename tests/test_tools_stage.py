@@ -167,6 +167,8 @@ def test_bad_configuration_is_rejected_at_construction():
     ("There is no suitable tool available to send an SMS.", True),
     ("None of the provided functions can do this.", True),
     ("I was not given a tool to do that.", True),
+    ("I don't have the tool required to check the weather.", True),
+    ("I do not have a function needed to book flights.", True),
     ("No problem! I checked with the weather tool: 18 C and sunny.", False),
     ("There is no need to call any function; the answer is 4.", False),
     ("I don't have to use a tool for this: 2 + 2 = 4.", False),

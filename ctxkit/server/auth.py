@@ -67,7 +67,7 @@ class ApiKeys:
             # ':' ('sk-a:b team-a' would otherwise name namespace 'b team-a' and print half the key in the
             # error). Else 'key:namespace', with rpartition: a key may contain ':', a namespace may not.
             words = item.split()
-            if len(words) == 2 and not words[0].endswith(":"):
+            if len(words) == 2 and not words[0].endswith(":") and not words[1].startswith(":"):
                 key, sep, namespace = words[0], " ", words[1]
             else:
                 key, sep, namespace = item.rpartition(":") if ":" in item else item.rpartition(" ")

@@ -299,7 +299,7 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) 
     if total <= budget:
         return 0
     step = max(budget // 4, 1)
-    last_valid, first_fit = 0, None
+    last_valid, first_fit, fit_dropped = 0, None, 0
     dropped = step_dropped = 0
     for cut in range(1, len(history)):
         dropped += sizes[cut - 1]
@@ -309,10 +309,12 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) 
         last_valid = cut
         fits = total - dropped <= budget
         if fits and first_fit is None:
-            first_fit = cut
+            first_fit, fit_dropped = cut, dropped
         if step_dropped >= step:  # a step closes here
             if fits:
-                return cut
+                # ...unless reaching it drops more than a step beyond what had to go (a long message
+                # inside the step: the document the question is about), which costs content, not cache
+                return cut if first_fit is None or dropped - fit_dropped <= step else first_fit
             step_dropped = 0
     return first_fit if first_fit is not None else last_valid
 

@@ -340,6 +340,11 @@ def _ttl(request: ChatRequest, default: float | None) -> float | None:
     value = request.metadata.get("cache_ttl", default)
     if value is None:
         return None
+    if isinstance(value, str):  # OpenAI's `metadata` holds strings only: "60" is 60 seconds, as before
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
         raise RequestError(f"must be a positive number of seconds, got {value!r}", 'metadata["cache_ttl"]')
     return float(value)

@@ -59,11 +59,14 @@ FIND_TOOLS_SCHEMA: Tool = {
 # model says the selection missed. Only articles and a few adjectives may come between the denial and the
 # word tool, so "No problem! I checked with the weather tool" and "no need to call any function" do not count.
 _BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|available|specific|right|matching|" \
-               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}(?:tools?|functions?)\b" \
-               r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary))"  # "no tool is needed"
+               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}(?:tools?|functions?)\b"
+# After a bare "no" only: "no tool is needed" says none is missing, but "I don't have the tool required to
+# check the weather" still says the selection missed.
+_NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary))"
 _LACKS_TOOL = re.compile(
-    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?"
-    r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?|none\s+of|no)\s+" + _BEFORE_TOOL,
+    r"\b(?:(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?"
+    r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?|none\s+of)\s+" + _BEFORE_TOOL
+    + r"|no\s+" + _BEFORE_TOOL + _NOT_NEEDED + r")",
     re.IGNORECASE,
 )
 
