@@ -174,3 +174,47 @@ def test_a_stage_answering_a_structured_output_call_is_a_clear_error(llama_backe
                          middleware=[CtxkitMiddleware([AnswersItself()])])
     with pytest.raises(ConfigurationError, match="answers_itself.*response_format"):
         agent.invoke({"messages": [HumanMessage("Weather in Paris?")]})
+
+
+def test_a_provider_strategy_agent_with_tools_gets_its_json_from_the_local_model(llama_backend):
+    """response_format was constrained only when no tools were offered: with the agent's tools bound the
+    model answered free text, and ProviderStrategy failed with StructuredOutputValidationError."""
+    from langchain.agents.structured_output import ProviderStrategy
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, seed=1, max_tokens=40)
+    ledger = Ledger()
+    agent = create_agent(model, tools=list(TOOLS.values()), response_format=ProviderStrategy(Weather),
+                         middleware=[CtxkitMiddleware([], ledger=ledger)])
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]}, {"recursion_limit": 8})
+    assert isinstance(out["structured_response"], Weather)
+    assert all(r.status == "ok" for r in ledger.records)
+
+
+def test_a_stage_offering_a_tool_the_agent_cannot_run_is_a_clear_error(llama_backend):
+    """A ToolRetrievalStage catalog inside an agent with no tools: the model called a catalog tool the agent
+    could not run, and the loop died on the next call ('got no tool result') or ended on the unrun call."""
+    from langchain.agents.structured_output import ToolStrategy
+    from pydantic import BaseModel
+
+    from ctxkit import ConfigurationError
+
+    class Weather(BaseModel):
+        city: str
+
+    class OffersACatalogTool(Stage):
+        def before_model(self, request):
+            return request.override(tools=[{"type": "function", "function": {
+                "name": "lookup", "description": "Look something up.",
+                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}])
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, max_tokens=30)
+    ledger = Ledger()
+    agent = create_agent(model, tools=[], response_format=ToolStrategy(Weather),
+                         middleware=[CtxkitMiddleware([OffersACatalogTool()], ledger=ledger)])
+    with pytest.raises(ConfigurationError, match="'lookup', which the agent does not have"):
+        agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
+    assert [r.status for r in ledger.records] == ["error"]

@@ -260,3 +260,45 @@ def test_a_wrapped_model_gets_the_callers_own_messages_where_no_stage_changed_th
     CtxkitChatModel.wrap(inner, stages=[Shout()], counter=llama_backend.counter).invoke([system, hello])
     kept_system, rewritten = inner.received[-1]
     assert kept_system is system and rewritten is not hello and rewritten.content == "SAY HI."
+
+
+def test_with_structured_output_json_schema_and_json_mode_use_response_format(llama_backend):
+    """method="json_schema" / "json_mode" were dropped by BaseChatModel's default and became a forced tool
+    call; they now send response_format, which holds the local model to the schema (or to JSON) by grammar."""
+
+    class City(BaseModel):
+        name: str
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, max_tokens=40, seed=1)
+    out = model.with_structured_output(City, method="json_schema", include_raw=True).invoke("Name a city in France.")
+    assert isinstance(out["parsed"], City) and out["parsing_error"] is None
+    assert not out["raw"].tool_calls and json.loads(out["raw"].content) == out["parsed"].model_dump()
+    raw = model.with_structured_output(None, method="json_mode", include_raw=True).invoke("A city as JSON.")["raw"]
+    assert not raw.tool_calls and raw.content.startswith("{")  # JSON by grammar (max_tokens may cut it short)
+    assert isinstance(model.with_structured_output(City).invoke("Name a city in France."), City)  # function_calling
+
+
+def test_a_stop_sequence_given_as_a_string_is_one_sequence(llama_backend):
+    """stop="lo" became ["l", "o"]: the answer stopped at the first "l" or "o" anywhere."""
+    seen = []
+
+    class Spy(Stage):
+        def before_model(self, request):
+            seen.append(request.params.get("stop"))
+            return request
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [Spy()], ledger=Ledger()), max_tokens=2)
+    model.invoke("Say hello.", stop="lo")
+    model.bind(stop="lo").invoke("Say hello.")
+    model.invoke("Say hello.", stop=["lo", "x"])
+    assert seen == [["lo"], ["lo"], ["lo", "x"]]
+
+
+def test_a_setting_the_model_does_not_have_is_refused_not_dropped(llama_backend):
+    """CtxkitChatModel(top_p=0.5) or model_kwargs={...} (ChatOpenAI's spelling) were silently ignored."""
+    from pydantic import ValidationError
+
+    for extra in ({"top_p": 0.5}, {"model_kwargs": {"top_p": 0.5}}):
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            CtxkitChatModel(pipeline=Pipeline(llama_backend), **extra)
+    assert CtxkitChatModel(pipeline=Pipeline(llama_backend), model="m", max_tokens=2).model_name == "m"

@@ -100,3 +100,23 @@ def test_a_parameter_named_definitions_survives_the_hoisting_of_defs():
                                 "required")
     assert grammar is not None and '\\"definitions\\"' in grammar, grammar
     assert '\\"$defs\\"' not in grammar  # the hoisted definitions are rules, not an argument
+
+
+def test_an_auto_tool_grammar_with_a_response_format_answers_a_call_or_that_json():
+    """With tools offered ("auto") the grammar allowed a call or free text: a response_format was dropped, so
+    a LangChain agent with ProviderStrategy and tools got prose back and failed to parse its structured response."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    from ctxkit.backends.llama_cpp import _format_grammar
+    from ctxkit.backends.tool_format import tool_call_grammar
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    answer = _format_grammar({"response_format": {"type": "json_schema", "json_schema": {"name": "W", "schema": schema}}})
+    grammar = tool_call_grammar(tools, "auto", answer)
+    assert "free-text" not in grammar and "root ::= \"<tool_call>\\n\" call-json" in grammar
+    assert "text-root ::=" in grammar and "text-city-kv" in grammar  # the answer's rules, renamed apart
+    LlamaGrammar.from_string(grammar, verbose=False)  # well-formed, every rule defined once
+    LlamaGrammar.from_string(tool_call_grammar(tools, None, JSON_GBNF), verbose=False)  # json_object (comments)
+    assert tool_call_grammar(tools, "required", answer) == tool_call_grammar(tools, "required")  # a call only

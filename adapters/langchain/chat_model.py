@@ -53,7 +53,8 @@ class CtxkitChatModel(BaseChatModel):
     temperature, max_tokens, stop, seed: default sampling parameters; call kwargs override them.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+    # extra="forbid": a ChatOpenAI-style setting this model lacks (top_p=, model_kwargs=) is an error, not dropped
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True, extra="forbid")
 
     pipeline: Pipeline
     model_name: str | None = Field(default=None, alias="model")
@@ -119,6 +120,49 @@ class CtxkitChatModel(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=to_openai_tools(tools, strict=strict), **kwargs)
 
+    def with_structured_output(
+        self,
+        schema: Any,
+        *,
+        include_raw: bool = False,
+        method: str = "function_calling",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """As ChatOpenAI's: method "function_calling" (a forced tool call), "json_schema" (response_format
+        json_schema: the local model is held to the schema by grammar) or "json_mode" (any JSON object)."""
+        if method not in ("json_schema", "json_mode"):
+            return super().with_structured_output(schema, include_raw=include_raw, method=method, strict=strict,
+                                                  **kwargs)
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        from operator import itemgetter
+
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+        from langchain_core.utils.function_calling import convert_to_json_schema
+        from langchain_core.utils.pydantic import is_basemodel_subclass
+
+        is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        if method == "json_mode":
+            response_format: dict[str, Any] = {"type": "json_object"}
+        else:
+            if schema is None:
+                raise ValueError("method='json_schema' needs a schema")
+            json_schema = convert_to_json_schema(schema)
+            spec: dict[str, Any] = {"name": json_schema.get("title") or "response", "schema": json_schema}
+            if strict is not None:
+                spec["strict"] = strict
+            response_format = {"type": "json_schema", "json_schema": spec}
+        llm = self.bind(response_format=response_format,
+                        ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
+        parser: Runnable[Any, Any] = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        if include_raw:
+            parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+            fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+            return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+        return llm | parser
+
     # -- request building ---------------------------------------------------------------------------
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
                  kwargs: dict[str, Any]) -> ChatRequest:
@@ -129,7 +173,9 @@ class CtxkitChatModel(BaseChatModel):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
         if stop or self.stop:
-            params["stop"] = list(stop or self.stop or [])
+            stop = stop or self.stop or []
+            # a single sequence as a string (as OpenAI takes it), not one stop per character
+            params["stop"] = [stop] if isinstance(stop, str) else list(stop)
         tools = kwargs.pop("tools", None) or ()
         if kwargs.get("tool_choice") is not None:
             kwargs["tool_choice"] = to_openai_tool_choice(kwargs["tool_choice"])

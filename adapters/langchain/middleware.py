@@ -109,8 +109,19 @@ class _HandlerBackend:
     def _tool(self, schema: dict[str, Any]) -> Any:
         """The agent's own tool object when a stage kept it as it was; the edited schema otherwise (the
         agent binds schema dicts as they are and still runs the call by name with its own tool)."""
-        known = self.translated.tools_by_name.get(schema["function"]["name"])
-        return known[0] if known is not None and known[1] == schema else schema
+        name = schema["function"]["name"]
+        known = self.translated.tools_by_name.get(name)
+        if known is None:
+            from ctxkit.stages.tools import FIND_TOOLS
+
+            if name == FIND_TOOLS:  # ToolRetrievalStage's search tool: the stage answers its calls itself
+                return schema
+            # e.g. a ToolRetrievalStage's registered catalog: the agent would get a call it has no tool to run
+            # (its loop ends on it, or the next model call fails on a tool call without a result)
+            raise ConfigurationError(
+                f"a stage offered tool {name!r}, which the agent does not have: inside an agent, give the tools "
+                "to create_agent(tools=...) and let ToolRetrievalStage select from them (no catalog)")
+        return known[0] if known[1] == schema else schema
 
     def _messages(self, messages: Sequence[dict[str, Any]]) -> tuple[SystemMessage | None, list[BaseMessage]]:
         out = self.translated.originals.restore(messages)

@@ -239,7 +239,9 @@ class LlamaCppBackend:
             self._llama.set_seed(int(params["seed"]))
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
-        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice")) or _format_grammar(params)
+        # With tools offered ("auto"), an answer that calls none is the JSON a response_format asks for, not free text.
+        answer_format = _format_grammar(params)
+        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice"), answer_format) or answer_format
         extra = params.get("extra_body") or {}
         return {
             **{k: extra[k] for k in LLAMA_EXTRA_SAMPLING if k in extra},

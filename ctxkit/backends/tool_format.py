@@ -125,9 +125,11 @@ def _call(block: str) -> dict[str, Any] | None:
     }
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | None:
+def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any, text_grammar: str | None = None) -> str | None:
     """GBNF for the answer: free text or a well-formed call ("auto"), a call ("required"), or one named call.
 
+    text_grammar: GBNF (with its own `root`) that an "auto" answer which is not a call must match instead of free
+    text: the JSON a `response_format` asks for (OpenAI answers such a request with a call or with that JSON).
     Returns None when the answer is unconstrained (no tools, or tool_choice "none").
     """
     from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -161,11 +163,27 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any) -> str | No
     call_rules = re.sub(r"^char ::= .*$", lambda _: _JSON_CHAR, call_rules, flags=re.MULTILINE)
     call_rules = call_rules.replace('char* "\\""', 'char{0,512} "\\""')  # and cannot talk forever inside one
     call = f'"{TOOL_CALL_OPEN}\\n" call-json "\\n{TOOL_CALL_CLOSE}"'
-    if tool_choice in (None, "auto"):
+    if tool_choice in (None, "auto") and text_grammar:
+        root = f"root ::= {call} | text-root\n{prefixed_rules(text_grammar, 'text-')}\n"
+    elif tool_choice in (None, "auto"):
         root = f"root ::= {call} | free-text\nfree-text ::= [^<] [^\\x00]*\n"
     else:
         root = f"root ::= {call}\n"
     return root + call_rules
+
+
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[a-zA-Z][a-zA-Z0-9-]*')
+
+
+def prefixed_rules(grammar: str, prefix: str) -> str:
+    """`grammar` with every rule name (definitions and references; not literals, classes or comments)
+    prefixed, so that it can sit beside another grammar's rules without a name clash."""
+
+    def rename(match: re.Match[str]) -> str:
+        token = match.group(0)
+        return token if token[0] in '"[#' else prefix + token
+
+    return _GBNF_TOKEN.sub(rename, grammar)
 
 
 def _text(content: Any) -> str:
