@@ -204,14 +204,19 @@ def _schema_problem(canonical: str) -> tuple[str, str] | None:
     return None
 
 
+# Sampling settings outside the OpenAI API that vLLM, llama.cpp's server and the local backend read, sent
+# in `extra_body` (vLLM calls repeat_penalty repetition_penalty).
+BACKEND_SAMPLING = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "repetition_penalty", "tfs_z",
+                              "mirostat_mode", "mirostat_tau", "mirostat_eta"})
+
+
 def _validate_params(params: Any) -> None:
     if not isinstance(params, Mapping):
         raise RequestError(f"must be an object of sampling parameters, got {type(params).__name__}", "params")
     extra_body = params.get("extra_body")
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise RequestError(f"must be an object, got {type(extra_body).__name__}", "extra_body")
-    for key in ("top_k", "min_p", "typical_p", "repeat_penalty", "repetition_penalty", "tfs_z", "mirostat_mode",
-                "mirostat_tau", "mirostat_eta"):  # backend sampling knobs: numbers, or the backend fails deep inside
+    for key in sorted(BACKEND_SAMPLING):  # numbers, or the backend fails deep inside
         value = (extra_body or {}).get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise RequestError(f"must be a number, got {value!r}", key)

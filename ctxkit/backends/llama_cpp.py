@@ -21,6 +21,7 @@ from ..errors import BackendError, ConfigurationError, ContextOverflowError, Req
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
+from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
 
@@ -29,8 +30,7 @@ DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models rambl
 
 # Sampling settings outside the OpenAI API that llama.cpp takes, passed as `extra_body` (as vLLM and
 # llama.cpp's server take them); other extra_body keys mean nothing to a local model.
-LLAMA_EXTRA_SAMPLING = ("top_k", "min_p", "typical_p", "repeat_penalty", "tfs_z", "mirostat_mode",
-                        "mirostat_tau", "mirostat_eta")
+LLAMA_EXTRA_SAMPLING = tuple(sorted(BACKEND_SAMPLING - {"repetition_penalty"}))  # vLLM's name for repeat_penalty
 
 
 def _may_be_tool_call(text: str) -> bool:

@@ -40,6 +40,7 @@ from ..errors import (
 from ..pipeline import Pipeline
 from ..request import ChatRequest
 from ..response import ChatResponse
+from ..validation import BACKEND_SAMPLING
 from .auth import ApiKeys
 from .metrics import MeteredLedger, ProxyMetrics
 
@@ -48,10 +49,6 @@ logger = logging.getLogger("ctxkit.server")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # Fields a client may set under `extra_body={"ctxkit": {...}}`; the namespace comes from the key only.
 CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
-# Sampling settings outside the OpenAI API that vLLM, llama.cpp's server and the local backend read: the openai
-# client sends `extra_body={"top_k": 40}` as a top-level "top_k", so the proxy hands these on as extra_body.
-BACKEND_SAMPLING = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "repetition_penalty", "tfs_z",
-                              "mirostat_mode", "mirostat_tau", "mirostat_eta"})
 
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -218,6 +215,7 @@ class _Proxy:
             raise RequestError("only n=1 is supported", "n")
         # The proxy serves its backend's model whatever name the app asks for (as llama.cpp's server does).
         payload["model"] = None
+        # The openai client sends `extra_body={"top_k": 40}` as a top-level "top_k": hand these on as extra_body.
         extra = {key: payload.pop(key) for key in sorted(BACKEND_SAMPLING & set(payload))}
         if extra:
             payload["extra_body"] = extra

@@ -63,6 +63,20 @@ def normalize_layout(text: str) -> str:
     return "\n".join(out)
 
 
+def code_lines(text: str) -> list[tuple[int, str]]:
+    """The code of a message (lines inside ``` fences, and indented lines), as (indentation, words)."""
+    out: list[tuple[int, str]] = []
+    fenced = False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        indent = len(line) - len(line.lstrip())
+        if line.strip() and (fenced or indent):
+            out.append((indent, " ".join(line.split())))
+    return out
+
+
 def strip_politeness(text: str) -> str:
     """'Please cancel it.' asks what 'cancel it' asks: courtesy words do not change the answer."""
     stripped = _POLITE_TAIL.sub("", _POLITE_HEAD.sub("", text)).strip()
@@ -150,48 +164,43 @@ def last_user_index(messages: Sequence[Message]) -> int | None:
     return None
 
 
-def call_positions(messages: Sequence[Message]) -> dict[str, int]:
-    """{tool_call_id: position of that call among the conversation's tool calls}."""
-    positions: dict[str, int] = {}
+def _call_text(call: Mapping[str, Any]) -> str:
+    function = call.get("function") or {}
+    return f"{function.get('name')}({normalize_text(str(function.get('arguments', '')))})"
+
+
+def call_labels(messages: Sequence[Message]) -> dict[str, str]:
+    """{tool_call_id: "name(arguments)"} for the conversation's tool calls, first call first."""
+    labels: dict[str, str] = {}
     for m in messages:
         for call in m.get("tool_calls") or []:
             if call.get("id") is not None:
-                positions.setdefault(call["id"], len(positions))
-    return positions
+                labels.setdefault(call["id"], _call_text(call))
+    return labels
 
 
-def _call_label(messages: Sequence[Message], call_id: Any) -> str:
-    for m in messages:
-        for call in m.get("tool_calls") or []:
-            if call.get("id") == call_id:
-                function = call.get("function") or {}
-                return f"{function.get('name')}({normalize_text(str(function.get('arguments', '')))})"
-    return ""
+def _answered(m: Message, labels: Mapping[str, str]) -> str:
+    """A tool result's "[the call it answers] " ("30C" means nothing alone); "" for other messages."""
+    call_id = m.get("tool_call_id")
+    return f"[{labels.get(call_id, '')}] " if call_id is not None else ""
 
 
-def facts_text(messages: Sequence[Message], role: str) -> str:
+def facts_text(messages: Sequence[Message], role: str, labels: Mapping[str, str]) -> str:
     """What the user ("user") or the tools ("tool") said in the whole conversation before the last message
     (not the assistant's wording, which varies): a follow-up's answer depends on every one of these facts,
     also on those older than the context window ("my order 5521" ten turns up)."""
     roles = ("tool", "function") if role == "tool" else (role,)
-    lines = []
-    for m in messages:
-        if m.get("role") in roles:
-            label = f"[{_call_label(messages, m.get('tool_call_id'))}] " if m.get("tool_call_id") is not None else ""
-            lines.append(f"{label}{normalize_text(content_text(m.get('content')))}")
-    return "\n".join(lines)
+    return "\n".join(f"{_answered(m, labels)}{normalize_text(content_text(m.get('content')))}"
+                     for m in messages if m.get("role") in roles)
 
 
-def context_text(messages: Sequence[Message]) -> str:
+def context_text(messages: Sequence[Message], labels: Mapping[str, str]) -> str:
     """The turns before the last message, as 'role: text' lines (tool results and calls included)."""
     lines = []
     for m in messages[-_CONTEXT_MESSAGES:]:
-        text = normalize_text(content_text(m.get("content")))
-        if m.get("tool_call_id") is not None:  # which call a result answers: "30C" means nothing alone
-            text = f"[{_call_label(messages, m.get('tool_call_id'))}] {text}"
+        text = _answered(m, labels) + normalize_text(content_text(m.get("content")))
         for call in m.get("tool_calls") or []:
-            function = call.get("function") or {}
-            text += f" [{function.get('name')}({normalize_text(str(function.get('arguments', '')))})]"
+            text += f" [{_call_text(call)}]"
         lines.append(f"{m.get('role')}: {text.strip()}")
     return "\n".join(lines)[-_CONTEXT_CHARS:]
 
@@ -199,13 +208,15 @@ def context_text(messages: Sequence[Message]) -> str:
 def request_key(request: ChatRequest, default_model: str | None = None) -> RequestKey:
     scope = scope_of(request, default_model)
     turns = [m for m in request.messages if not _is_system(m)]
-    calls = call_positions(turns)
-    exact = _digest({"scope": scope, "messages": [normalize_message(m, calls) for m in turns]})
+    labels = call_labels(turns)
+    positions = {call_id: i for i, call_id in enumerate(labels)}
+    exact = _digest({"scope": scope, "messages": [normalize_message(m, positions) for m in turns]})
     last = turns[-1] if turns else None
     if last is None or last.get("role") != "user":
         return RequestKey(scope=scope, exact=exact, query="", context="")
     raw = normalize_text(content_text(last.get("content")))
     query = strip_politeness(normalize_text(repair(raw)))
-    return RequestKey(scope=scope, exact=exact, query=query, context=context_text(turns[:-1]), raw=raw,
-                      facts=facts_text(turns[:-1], "user"), tool_facts=facts_text(turns[:-1], "tool"),
+    earlier = turns[:-1]
+    return RequestKey(scope=scope, exact=exact, query=query, context=context_text(earlier, labels), raw=raw,
+                      facts=facts_text(earlier, "user", labels), tool_facts=facts_text(earlier, "tool", labels),
                       layout=normalize_layout(content_text(last.get("content"))))

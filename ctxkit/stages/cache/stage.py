@@ -36,7 +36,7 @@ from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .guards import Thresholds, judge, judge_facts
-from .keys import RequestKey, request_key
+from .keys import RequestKey, code_lines, request_key
 from .store import CacheEntry, CacheStore, Hit
 
 _REFUSED_FINISH = {"content_filter", "error"}
@@ -281,7 +281,7 @@ class SemanticCacheStage(Stage):
             return "similarity"
         if features.get("embedder") != self._embedder_id():
             return "embedder"  # vectors of another model (same dimension): their similarity means nothing
-        if _code_lines(key.layout) != _code_lines(str(features.get("layout", ""))):
+        if code_lines(key.layout) != code_lines(str(features.get("layout", ""))):
             return "layout"  # pasted code, where indentation and line breaks change the meaning, differs
         if key.context:
             reason = judge_facts(key.facts, str(features.get("facts", "")), key.tool_facts,
@@ -348,20 +348,6 @@ def _ttl(request: ChatRequest, default: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
         raise RequestError(f"must be a positive number of seconds, got {value!r}", 'metadata["cache_ttl"]')
     return float(value)
-
-
-def _code_lines(text: str) -> list[tuple[int, str]]:
-    """The code of a message (lines inside ``` fences, and indented lines), as (indentation, words)."""
-    out: list[tuple[int, str]] = []
-    fenced = False
-    for line in text.split("\n"):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            continue
-        indent = len(line) - len(line.lstrip())
-        if line.strip() and (fenced or indent):
-            out.append((indent, " ".join(line.split())))
-    return out
 
 
 def _pack(vector: np.ndarray) -> str:
