@@ -153,7 +153,7 @@ class _HandlerBackend:
         self.produced[response.id] = (result, dict(openai_message))
         return response
 
-    def agent_result(self, response: ChatResponse, answered_by: str | None) -> Any:
+    def agent_result(self, response: ChatResponse) -> Any:
         """What the middleware returns to the agent: the handler's own result when no stage changed the
         answer; with an edited answer, that result with its AIMessage replaced (the structured response,
         the structured-output tool message and any command are the agent's and stay)."""
@@ -161,7 +161,7 @@ class _HandlerBackend:
         if produced is None:
             if self.request.response_format is not None:
                 raise ConfigurationError(
-                    f"stage {answered_by!r} answered a call of an agent with a response_format; only the "
+                    f"stage {response.answered_by!r} answered a call of an agent with a response_format; only the "
                     "agent's own model call yields its structured response: skip calls whose "
                     "metadata has structured_output=True")
             return ModelResponse(result=[to_ai_message(response)])
@@ -233,7 +233,7 @@ class CtxkitMiddleware(AgentMiddleware):
         backend.handler = handler
         result = pipeline.call(chat)
         assert isinstance(result, ChatResponse)
-        return backend.agent_result(result, result.answered_by)
+        return backend.agent_result(result)
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[Any]]
@@ -242,7 +242,7 @@ class CtxkitMiddleware(AgentMiddleware):
         backend.ahandler = handler
         result = await pipeline.acall(chat)
         assert isinstance(result, ChatResponse)
-        return backend.agent_result(result, result.answered_by)
+        return backend.agent_result(result)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _prepare(self, request: ModelRequest) -> tuple[_HandlerBackend, Pipeline, ChatRequest]:
