@@ -8,7 +8,7 @@ query parts, 0.92 with its task grouping (`ctxkit bench tools`). Retuning the fu
 over dense_weight 0.5-0.7, lexical_floor 0.8-1.8, coverage_decay 0.6-0.8 and BM25F field weights,
 recall@5 stays within 0.903-0.928; nor do separate dense vectors for name+description and parameters.
 
-Persistence: vectors are stored per tool (keyed by a hash of its schema) in one file per embedding
+Persistence: vectors are stored per tool (keyed by a hash of its schema) in a VectorStore per embedding
 model and precision, so a catalog that gains or loses a tool embeds only the new tool; the catalog's
 vectors, ids and tool hashes are saved together in one file, in a folder named by the hash of the whole
 catalog, so a process that sees the same catalog again loads it instead of rebuilding. The FAISS index
@@ -37,6 +37,7 @@ from ...embed import DEFAULT_MODEL_ID, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
 from .lexical import LexicalIndex
 from .text import ToolDocument
+from .vectors import VectorMemo, VectorStore
 
 Tool = dict[str, Any]
 INDEX_FILE = "index.npz"
@@ -79,9 +80,13 @@ def tool_hash(tool: Tool) -> str:
 
 def catalog_hash(tools: Iterable[Tool]) -> str:
     """A hash of a whole catalog, order included (the order is the order tools are sent in)."""
+    return _hash_of_hashes(tool_hash(tool) for tool in tools)
+
+
+def _hash_of_hashes(hashes: Iterable[str]) -> str:
     digest = hashlib.sha256()
-    for tool in tools:
-        digest.update(tool_hash(tool).encode())
+    for h in hashes:
+        digest.update(h.encode())
     return digest.hexdigest()[:20]
 
 
@@ -91,37 +96,6 @@ def tool_name(tool: Tool, index: int = 0) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidToolError("a tool needs function.name", index, "function.name")
     return name
-
-
-class VectorMemo:
-    """Tool vectors this process has embedded or read, by (embedding model and precision, tool hash); the
-    least recently used go past `max_vectors`. Shared by the indexes of one ToolRetrievalStage: an app that
-    sends its tools with each request, a little different from call to call, makes a new pool each time,
-    and each pool embedded every schema again (1,500 tools: about 30 s) or re-read a vectors file of one
-    entry per tool (10,000 tools: about 2 s)."""
-
-    def __init__(self, max_vectors: int = 50_000) -> None:
-        self.max_vectors = max_vectors
-        self._vectors: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, space: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
-        with self._lock:
-            found = {}
-            for h in hashes:
-                vector = self._vectors.get((space, h))
-                if vector is not None:
-                    self._vectors.move_to_end((space, h))
-                    found[h] = vector
-            return found
-
-    def put(self, space: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            for h, vector in vectors.items():
-                self._vectors[(space, h)] = vector
-                self._vectors.move_to_end((space, h))
-            while len(self._vectors) > self.max_vectors:
-                self._vectors.popitem(last=False)
 
 
 class ToolIndex:
@@ -147,6 +121,7 @@ class ToolIndex:
         self.fusion = fusion or FusionConfig()
         stored_as = vectors_id(self.model_id, getattr(embedder, "precision", None))
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
+        self._store = VectorStore(self._root / "vectors") if self._root is not None else None
         self._memo = vector_memo if vector_memo is not None else VectorMemo()
         self._space = stored_as
         self._lock = threading.RLock()
@@ -160,6 +135,7 @@ class ToolIndex:
         self._next_id = 0
         self._faiss: Any = None
         self._vectors = np.zeros((0, 0), dtype=np.float32)
+        self._documents: dict[str, ToolDocument] = {}  # by tool hash: the catalog's stemmed terms, kept
         self.loaded_from_disk = False
         self._on_disk: str | None = None  # the catalog hash whose saved index matches this one
         self.embedded_tools = 0  # how many tool schemas this index had to embed (0 when all were stored)
@@ -176,7 +152,7 @@ class ToolIndex:
 
     @property
     def catalog_hash(self) -> str:
-        return catalog_hash(self._tools)
+        return _hash_of_hashes(self._hashes)
 
     def __len__(self) -> int:
         return len(self._tools)
@@ -306,17 +282,17 @@ class ToolIndex:
         """The tools' vectors, embedding only schemas never stored before (and storing those)."""
         hashes = [tool_hash(t) for t in tools]
         found = self._memo.get(self._space, hashes)
-        if len(found) < len(hashes):  # only then is the vectors file read (one entry per tool ever seen)
-            stored = self._stored_vectors()
+        if len(found) < len(hashes):  # only then is the vector store read
+            stored = self._store.read() if self._store is not None else {}
             found.update({h: stored[h] for h in hashes if h in stored and h not in found})
-            missing = [i for i, h in enumerate(hashes) if h not in found]
+            missing = list(dict.fromkeys(h for h in hashes if h not in found))
             if missing:
-                documents = [ToolDocument.from_tool(tools[i]).dense_text() for i in missing]
-                fresh = self.embedder.embed(documents)
+                schemas = {h: t for h, t in zip(hashes, tools, strict=True)}
+                fresh = self.embedder.embed([ToolDocument.from_tool(schemas[h]).dense_text() for h in missing])
                 self.embedded_tools += len(missing)
-                found.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
-                stored.update({hashes[i]: fresh[j] for j, i in enumerate(missing)})
-                self._save_vectors(stored)
+                found.update(zip(missing, fresh, strict=True))
+                if self._store is not None:
+                    self._store.append(dict(zip(missing, fresh, strict=True)))
             self._memo.put(self._space, {h: found[h] for h in hashes})
         if not tools:
             return np.zeros((0, self.dimension), np.float32)
@@ -365,7 +341,10 @@ class ToolIndex:
 
     def _refresh(self) -> None:
         self._reindex()
-        documents = [ToolDocument.from_tool(t) for t in self._tools]
+        known = self._documents
+        self._documents = {h: known.get(h) or ToolDocument.from_tool(t) for h, t in zip(self._hashes, self._tools,
+                                                                                       strict=True)}
+        documents = [self._documents[h] for h in self._hashes]
         self._lexical = LexicalIndex(documents)
         self._actions = frozenset(d.action for d in documents if d.action)
         # BM25 of one rare term matched with a saturated frequency: the unit of FusionConfig.lexical_floor.
@@ -374,7 +353,7 @@ class ToolIndex:
         self._save_index()
 
     def _catalog_dir(self) -> Path | None:
-        return self._root / catalog_hash(self._tools) if self._root is not None else None
+        return self._root / self.catalog_hash if self._root is not None else None
 
     def _load(self, tools: list[Tool]) -> bool:
         import faiss
@@ -414,28 +393,6 @@ class ToolIndex:
                  vectors=self._vectors.astype(np.float32))
         os.replace(tmp, folder / INDEX_FILE)
         self._on_disk = self.catalog_hash
-
-    def _vector_file(self) -> Path | None:
-        return self._root / "vectors.npz" if self._root is not None else None
-
-    def _stored_vectors(self) -> dict[str, np.ndarray]:
-        path = self._vector_file()
-        if path is None or not path.exists():
-            return {}
-        try:
-            with np.load(path) as data:
-                return {key: data[key] for key in data.files}
-        except Exception:  # noqa: BLE001 - truncated or empty (BadZipFile, EOFError, ...): re-embedding only
-            return {}
-
-    def _save_vectors(self, vectors: dict[str, np.ndarray]) -> None:
-        path = self._vector_file()
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"vectors.{uuid.uuid4().hex}.tmp.npz")
-        np.savez(tmp, **vectors)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-        os.replace(tmp, path)
 
 
 def _unique_names(tools: Sequence[Tool]) -> list[str]:

@@ -9,6 +9,7 @@ they are the same thing, and it is where plain embedding retrieval loses most of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -81,7 +82,7 @@ class ToolDocument:
         return cls(str(function.get("name", "")), str(function.get("description") or ""),
                    tuple(names), tuple(descriptions))
 
-    @property
+    @functools.cached_property
     def action(self) -> str | None:
         """The description's first word as an index term, when it is not a stopword: descriptions open
         with the verb of what the tool does ("Calculate ...", "Send ...")."""
@@ -96,7 +97,12 @@ class ToolDocument:
         return f"{head}: {self.description} Parameters: {params}."
 
     def fields(self) -> dict[str, list[str]]:
-        """Terms by field, for the lexical index's per-field weights."""
+        """Terms by field, for the lexical index's per-field weights (worked out once: stemming a catalog of
+        ten thousand tools takes seconds, and the index is rebuilt whenever the catalog changes)."""
+        return self._fields
+
+    @functools.cached_property
+    def _fields(self) -> dict[str, list[str]]:
         return {
             "name": terms(self.name),
             "description": terms(self.description),
