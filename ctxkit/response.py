@@ -83,6 +83,7 @@ class _Assembler:
         self.content: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason = "stop"
+        self.finished = False  # whether a chunk said why the answer ended (a stream cut off never does)
         self.usage: Usage | None = None
         self.id: str | None = None
         self.model: str | None = None
@@ -111,6 +112,7 @@ class _Assembler:
                 slot["function"]["arguments"] += function.get("arguments") or ""
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+                self.finished = True
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
@@ -142,6 +144,12 @@ class _StreamBase:
     def on_error(self, callback: Callable[[BaseException], None]) -> None:
         """Run `callback(exc)` if the stream fails or is abandoned before its end."""
         self._on_error.append(callback)
+
+    @property
+    def finished(self) -> bool:
+        """Whether a chunk gave the answer's finish_reason: a stream that ended without one (an upstream
+        that closed the connection half way, cleanly) was cut off, though it raised nothing."""
+        return self._assembler.finished
 
     def set_prompt_tokens(self, tokens: int) -> None:
         """The counted prompt size, used when the backend reports no usage for streams."""

@@ -293,3 +293,43 @@ def test_a_step_ending_in_a_tool_result_is_cached_exactly_through_the_pipeline(m
     second = pipeline.call(request)
     assert second.content == first.content and ledger.records[-1].answered_by == "semantic_cache"
     assert any(e["kind"] == "hit" and e["layer"] == "exact" for e in ledger.records[-1].events)
+
+
+def _sessions(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND pid <> pg_backend_pid()").fetchone()[0]
+
+
+def test_keys_in_flight_hold_at_most_lock_pool_size_sessions(make_pg_store, pg_dsn):
+    """Each miss in flight held its own session for the whole backend call, however small pool_size was:
+    two replicas with 60 misses in flight each passed PostgreSQL's 100 connections, and calls failed."""
+    import contextlib
+
+    store = make_pg_store(pool_size=2, lock_pool_size=3)
+    store.get("warm", now=1.0)
+    before = _sessions(pg_dsn)
+    with contextlib.ExitStack() as flights:
+        for i in range(8):  # eight different keys computing at once
+            flights.enter_context(store.single_flight(f"key-{i}"))
+        assert _sessions(pg_dsn) - before <= 3 + 2
+    assert store.stats()["single_flight_timeouts"] >= 5, "keys beyond the lock pool go on unlocked, counted"
+
+
+def test_the_store_recovers_after_the_server_ends_its_sessions(make_pg_store, pg_dsn):
+    """A restart or failover ends every session; the pooled ones looked alive until a query failed on
+    them, so the next calls after the database was back failed too."""
+    store = make_pg_store(pool_size=2)
+    store.put(entry("k1"), vec(1))
+    with store.single_flight("k2"):
+        pass
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+    import time
+
+    time.sleep(0.2)  # the termination notices reach the idle sockets
+    assert store.get("k1", now=1001.0) is not None
+    with store.single_flight("k2"):
+        store.put(entry("k2"), vec(2))
+    assert store.get("k2", now=1001.0) is not None

@@ -200,10 +200,27 @@ def test_quarantined_requests_are_neither_served_nor_stored(stage):
     assert not stage.remember(marked, answer())
 
 
-def test_opt_out_per_request(stage):
-    request = ask("What is 2 + 2?", metadata={"cache": False})
+@pytest.mark.parametrize("off", [False, "false", "False", "0", "no", "off"])
+def test_opt_out_per_request(stage, off):
+    """OpenAI's `metadata` holds strings only: {"cache": "false"} was served from the cache."""
+    request = ask("What is 2 + 2?", metadata={"cache": off})
     assert stage.lookup(request).reason == "opted_out"
     assert not stage.remember(request, answer("4"))
+
+
+@pytest.mark.parametrize("seconds", [0, -5, float("nan"), "60", True])
+def test_a_bad_namespace_ttl_is_refused_when_the_stage_is_made(store, embedder, seconds):
+    """{"ns": 0} was accepted, then every call in "ns" failed after the backend had answered."""
+    with pytest.raises(ValueError, match=r"namespace_ttl\['ns'\] must be a positive number"):
+        SemanticCacheStage(store, embedder, namespace_ttl={"ns": seconds})
+
+
+def test_participants_named_in_user_messages_do_not_share_answers(stage):
+    alice = req([{"role": "user", "name": "alice", "content": "What is my name?"}])
+    bob = req([{"role": "user", "name": "bob", "content": "What is my name?"}])
+    seed(stage, alice, "Your name is Alice.")
+    assert stage.lookup(bob).response is None
+    assert stage.lookup(alice).response.content == "Your name is Alice."
 
 
 # -- TTL ------------------------------------------------------------------------------------------------
@@ -438,3 +455,72 @@ def test_vectors_of_evicted_entries_do_not_accumulate(tmp_path):
                 store.search("user0", v, 4, time.time())
         stats = store.stats()
         assert stats["vectors"] <= 2 * stats["entries"] + 1024, stats
+
+
+def test_a_stream_cut_off_without_a_finish_reason_is_not_stored(store, embedder, ledger):
+    """An upstream that closes the stream half way (a timeout, a restart), cleanly: the assembled part
+    was stored as the whole answer and served to every later caller. A fake server: a real one does not
+    cut its own streams."""
+    import http.server
+    import socketserver
+
+    from ctxkit.backends.openai_compat import OpenAIBackend
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for piece in ["The capital of ", "Australia is Sydney"]:
+                chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend(model="gpt-4o-mini", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                                api_key="test", context_window=4096)
+        stage = SemanticCacheStage(store, embedder)
+        pipeline = Pipeline(backend, stages=[stage], ledger=ledger)
+        request = ask("What is the capital of Australia?")
+        streamed = pipeline.call(request.override(stream=True)).collect()
+        assert streamed.content == "The capital of Australia is Sydney"
+        assert stage.lookup(request).response is None, "a cut-off stream was stored as a whole answer"
+        assert stage.counts["not_stored_unfinished"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_burst_of_identical_async_calls_does_not_stall_on_the_thread_pool(llama_backend, tmp_path, embedder,
+                                                                          ledger):
+    """One more identical acall() than asyncio's default pool has threads: the waiters, blocked on the
+    store's lock in pool threads, left none for the first caller to store its answer and let go, so the
+    burst stalled until the lock timed out, then called the backend again."""
+    import os
+
+    store = LocalStore(tmp_path / "burst", lock_timeout=60)
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    callers = min(32, (os.cpu_count() or 1) + 4) + 1
+
+    async def burst():
+        return await asyncio.gather(*(pipeline.acall(ask("Say hello to Grace.")) for _ in range(callers)))
+
+    try:
+        started = time.monotonic()
+        results = asyncio.run(burst())
+        took = time.monotonic() - started
+    finally:
+        store.close()
+    backend_calls = sum(r.latency_ms["backend_calls"] for r in ledger.records)
+    assert backend_calls == 1, f"{backend_calls} backend calls for {callers} identical requests"
+    assert len({r.content for r in results}) == 1
+    assert took < 60, f"the burst waited out the lock timeout ({took:.0f} s)"

@@ -15,6 +15,10 @@ these checks finds a difference that changes the answer:
 - entities:  capitalized names, acronyms, quoted strings, emails (swapped or different people, places...)
 - order:     the same names and units in another order ("Boston to Denver", "miles to km")
 - question:  the question word (who / when / where / how many ...), when both texts have one
+- operators: arithmetic, comparison and logic symbols, signs and command-line flags ("12 * 3" / "12 / 3",
+             "7 > 5" / "7 < 5", "==" / "!=", "-5" / "5", "ls -l" / "ls -L"): the words around them agree
+- courtesy:  a courtesy word that ends the question with nothing setting it off may be its object
+             ("Translate to French: thank you" / "...: please"); set off ("..., please?") it may differ
 
 Every check compares the two repaired texts (see disfluency.py); each returns the name of the first
 check that fails, so the ledger and the benchmark can say why a near-duplicate was refused.
@@ -28,6 +32,7 @@ import re
 from typing import Any
 
 from .disfluency import tokenize
+from .keys import courtesy_tail
 
 _NEGATIONS = {
     "not", "no", "never", "without", "none", "nobody", "nothing", "neither", "nor", "nowhere", "cannot",
@@ -480,11 +485,45 @@ def judge(
         reason = veto(features(query_context), features(candidate_context), _CONTEXT_CHECKS)
         if reason is not None:
             return f"context_{reason}"
+    if query_raw and candidate_raw and _courtesy_differs(query_raw, candidate_raw):
+        return "courtesy"
     mine, theirs = features(query, query_raw), features(candidate, candidate_raw)
     reason = veto(mine, theirs)
+    if reason is None and operators(query) != operators(candidate):
+        return "operators"
     if reason is None and similarity < thresholds.added_detail_similarity and _adds_a_detail(mine, theirs):
         return "added_detail"
     return reason
+
+
+def _courtesy_differs(query_raw: str, candidate_raw: str) -> bool:
+    """"Translate to French: thank you" and "...: please" strip to the same query. A courtesy word that
+    ends a text with nothing setting it off may be the object of the question: a different one on the
+    other side is another question. Set off on both sides ("What is X? Thanks" / "What is X, please?"),
+    it is courtesy and may differ."""
+    mine, theirs = courtesy_tail(query_raw), courtesy_tail(candidate_raw)
+    if mine is None or theirs is None or mine[0] == theirs[0]:
+        return False
+    return not (mine[1] and theirs[1])
+
+
+_OPERATOR_RUN = re.compile(r"[-+*/^%=<>!&|~#]+")
+_FLAG = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")
+
+
+def operators(text: str) -> tuple[str, ...]:
+    """The operator symbols of a text (runs of + - * / ^ % = < > ! & | ~ #) and its command-line flags
+    (case kept: `-l` is not `-L`), sorted. Not operators: a hyphen or slash inside words ("two-factor",
+    "and/or", "COVID-19"), a percent sign after a number (the units check reads it), an exclamation mark
+    that ends a sentence. Sentence embeddings and the word checks barely see them: "What is 12 * 3?" and
+    "What is 12 / 3?" have the same words and numbers, and another answer."""
+    flags = _FLAG.findall(text)
+    t = _FLAG.sub(" ", text)
+    t = re.sub(r"(?<=[A-Za-z]{2}) ?[-/] ?(?=[A-Za-z]{2})", " ", t)  # self-interest, yes / no
+    t = re.sub(r"(?<=[A-Za-z])[-/](?=[A-Za-z0-9])|(?<=[0-9])-(?=[A-Za-z])", " ", t)  # COVID-19, 3-D
+    t = re.sub(r"(?<=\d) ?%", " ", t)
+    t = re.sub(r"!+(?=[\s?.]|$)", " ", t)
+    return tuple(sorted(_OPERATOR_RUN.findall(t))) + tuple(sorted(flags))
 
 
 _COUNTING_WORDS = frozenset(_stem(w) for w in (*_NUMBER_WORDS, *_UNITS))  # "two"/"2", "km": other checks

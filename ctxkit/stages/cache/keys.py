@@ -77,6 +77,22 @@ def code_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+_COURTESY_FORMS = {"please": "please", "pls": "please", "thanks": "thanks", "thank you": "thanks", "thx": "thanks"}
+
+
+def courtesy_tail(text: str) -> tuple[str, bool] | None:
+    """The courtesy words `strip_politeness` takes off the end of `text` (canonical: "thx" is "thanks"),
+    and whether a comma or a sentence end sets them off ("What is X? Thanks", "What is X, please?").
+    Not set off ("How do you spell thanks?", "Translate to French: thank you"), they may be what is asked
+    about. None when the text ends without one."""
+    tail = _POLITE_TAIL.search(text)
+    if tail is None or not text[: tail.start()].strip():
+        return None
+    set_off = "," in tail.group(0) or text[: tail.start()].rstrip().endswith((".", "!", "?", ";"))
+    words = re.findall(r"thank you|[a-z]+", tail.group(0).lower())
+    return " ".join(sorted({_COURTESY_FORMS[w] for w in words if w in _COURTESY_FORMS})), set_off
+
+
 def strip_politeness(text: str) -> str:
     """'Please cancel it.' asks what 'cancel it' asks: courtesy words do not change the answer."""
     stripped = _POLITE_TAIL.sub("", _POLITE_HEAD.sub("", text)).strip()
@@ -148,6 +164,9 @@ def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
         "system": [normalize_message(m) for m in request.messages if _is_system(m)],
         "tools": tools,
     }
+    names = sorted({str(m["name"]) for m in request.messages if m.get("role") == "user" and m.get("name")})
+    if names:  # OpenAI's participant names: "What is my name?" asked by alice is not asked by bob
+        scope["user_names"] = names
     documents = request.metadata.get("documents")
     if documents:  # retrieved documents a later stage renders: an answer from other documents is no hit
         scope["documents"] = documents

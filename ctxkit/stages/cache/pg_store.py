@@ -20,12 +20,14 @@ replica.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -80,17 +82,26 @@ class _ConnectionPool:
         return conn
 
     @contextmanager
-    def connection(self) -> Iterator[Any]:
+    def connection(self, wait: bool = True) -> Iterator[Any]:
+        """A connection for this thread; with wait=False, None at once when all `max_size` are in use."""
         with self._cond:
             if self._closed:
                 raise ConfigurationError("the PostgresStore is closed")
             self._after_fork()
-            while not self._idle and self._open >= self._max_size:
+            while wait and not self._idle and self._open >= self._max_size:
                 self._cond.wait()
-            conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                self._open += 1
+            full = not self._idle and self._open >= self._max_size
+            conn = None
+            if not full:
+                conn = self._idle.pop() if self._idle else None
+                if conn is None:
+                    self._open += 1
+        if full:
+            yield None
+            return
         try:
+            if conn is not None and not (conn.closed or conn.broken) and _dropped(conn):
+                conn.close()  # the server ended it while it sat idle: a restart, a failover, a timeout
             if conn is None or conn.closed or conn.broken:
                 conn = self._connect()
         except BaseException:
@@ -121,6 +132,17 @@ class _ConnectionPool:
             self._cond.notify_all()
 
 
+def _dropped(conn: Any) -> bool:
+    """Whether the server has ended an idle connection: its socket has something to read (the server's
+    termination notice, or end of file) although no query is running. psycopg only finds out on the next
+    query, which would then fail the call that took the connection from the pool."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class PostgresStore:
     """CacheStore on PostgreSQL + pgvector, shared by every process that opens the same `dsn` and prefix.
 
@@ -143,6 +165,7 @@ class PostgresStore:
         pool_size: int = 4,
         ef_search: int = 100,
         single_flight_timeout_s: float = 120.0,
+        lock_pool_size: int = 16,
     ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
@@ -152,6 +175,8 @@ class PostgresStore:
             raise ConfigurationError(f"size_bytes must be positive, got {size_bytes}")
         if pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
+        if lock_pool_size < 1:
+            raise ConfigurationError(f"lock_pool_size must be at least 1, got {lock_pool_size}")
         if not 1 <= ef_search <= 1000:
             raise ConfigurationError(f"ef_search must be in 1..1000, got {ef_search}")
         ttl = dict(namespace_ttl or {})
@@ -175,8 +200,10 @@ class PostgresStore:
         self._ensure_schema()
         self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection)
         # Connections that hold advisory locks are kept apart from the pool: a caller inside
-        # single_flight also needs a pool connection to write its answer.
-        self._lock_conns = _ConnectionPool(dsn, 1 << 16, lambda conn: None)
+        # single_flight also needs a pool connection to write its answer. Each key in flight holds one for
+        # the whole backend call, so they are bounded: past `lock_pool_size` keys (or when the server
+        # refuses another connection) a call is single-flighted in this process only, never failed.
+        self._lock_conns = _ConnectionPool(dsn, lock_pool_size, lambda conn: None)
         self._sf_guard = threading.Lock()
         self._sf_locks: dict[str, list[Any]] = {}  # key -> [threading.Lock, number of users]
 
@@ -545,7 +572,16 @@ class PostgresStore:
             lock_id = int.from_bytes(
                 hashlib.blake2b(f"{self.table_prefix}\0{key}".encode(), digest_size=8).digest(), "big", signed=True
             )
-            with self._lock_conns.connection() as conn:
+            stack = contextlib.ExitStack()
+            try:
+                conn = stack.enter_context(self._lock_conns.connection(wait=False))
+            except psycopg.OperationalError:
+                conn = None
+            with stack:
+                if conn is None:  # no connection to hold the lock on: a duplicate call beats a failed one
+                    self._record_timeout()
+                    yield
+                    return
                 held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0]
                 if not held:
                     self._record_wait()

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +42,8 @@ from .keys import RequestKey, code_lines, request_key
 from .store import CacheEntry, CacheStore, Hit
 
 _REFUSED_FINISH = {"content_filter", "error"}
+# OpenAI's `metadata` holds strings only: {"cache": "false"} opts out as {"cache": False} does.
+_OFF = {"false", "0", "no", "off"}
 
 
 @dataclasses.dataclass
@@ -96,6 +100,11 @@ class SemanticCacheStage(Stage):
             raise ConfigurationError("SemanticCacheStage needs an embedder (ctxkit.embed.Embedder)")
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be positive (or None)")
+        for ns, seconds in (namespace_ttl or {}).items():
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+                raise ValueError(f"namespace_ttl[{ns!r}] must be a positive number of seconds, got {seconds!r} "
+                                 "(to keep a namespace out of the cache, send its requests with metadata "
+                                 "{'cache': False})")
         self.store = store
         self.embedder = embedder
         self.thresholds = thresholds or Thresholds()
@@ -107,6 +116,11 @@ class SemanticCacheStage(Stage):
         self.candidates = candidates
         self.clock = clock
         self.counts: collections.Counter[str] = collections.Counter()
+        # Async callers of one key queue here, in the event loop, before the store's (blocking) single-flight
+        # lock: waiters parked in worker threads would fill asyncio's default pool, and the caller holding
+        # the lock needs a thread from that pool to store its answer and let go of it.
+        self._aflights: dict[tuple[int, str], list[Any]] = {}
+        self._aflights_guard = threading.Lock()
 
     # -- the hooks ----------------------------------------------------------------------------------
     def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
@@ -118,7 +132,7 @@ class SemanticCacheStage(Stage):
         if request.stream:
             result = call_next(request)
             if isinstance(result, ChatStream):
-                result.on_complete(self._remember_when_complete(request, found))
+                result.on_complete(self._remember_when_complete(request, found, result))
             return result
         with self.store.single_flight(found.key.exact):
             again = self._exact(found.key)  # the first caller may have answered while we waited
@@ -139,21 +153,38 @@ class SemanticCacheStage(Stage):
         if request.stream:
             result = await call_next(request)
             if isinstance(result, AsyncChatStream):
-                result.on_complete(self._remember_when_complete(request, found))
+                result.on_complete(self._remember_when_complete(request, found, result))
             return result
-        flight = self.store.single_flight(found.key.exact)
-        await asyncio.to_thread(flight.__enter__)  # a blocking lock: wait for it off the event loop
+        async with self._async_flight(found.key.exact):
+            flight = self.store.single_flight(found.key.exact)
+            await asyncio.to_thread(flight.__enter__)  # a blocking lock: wait for it off the event loop
+            try:
+                again = await asyncio.to_thread(self._exact, found.key)
+                if again is not None:
+                    self._note_hit(found.key, "exact", None, "single_flight")
+                    return self._aanswer(request, again)
+                result = await call_next(request)
+                if isinstance(result, ChatResponse):
+                    await asyncio.to_thread(self.remember, request, result, found)
+                return result
+            finally:
+                await asyncio.to_thread(flight.__exit__, None, None, None)
+
+    @contextlib.asynccontextmanager
+    async def _async_flight(self, key: str) -> Any:
+        """One task per key (per event loop) at a time goes on to the store's lock; the others wait here."""
+        slot_key = (id(asyncio.get_running_loop()), key)
+        with self._aflights_guard:
+            slot = self._aflights.setdefault(slot_key, [asyncio.Lock(), 0])
+            slot[1] += 1
         try:
-            again = await asyncio.to_thread(self._exact, found.key)
-            if again is not None:
-                self._note_hit(found.key, "exact", None, "single_flight")
-                return self._aanswer(request, again)
-            result = await call_next(request)
-            if isinstance(result, ChatResponse):
-                await asyncio.to_thread(self.remember, request, result, found)
-            return result
+            async with slot[0]:
+                yield
         finally:
-            await asyncio.to_thread(flight.__exit__, None, None, None)
+            with self._aflights_guard:
+                slot[1] -= 1
+                if slot[1] == 0:
+                    self._aflights.pop(slot_key, None)
 
     # -- lookup and remember (public: the benchmark and applications use them directly) ------------
     def lookup(self, request: ChatRequest) -> Lookup:
@@ -231,10 +262,15 @@ class SemanticCacheStage(Stage):
         self.counts["stored"] += 1
         return True
 
-    def _remember_when_complete(self, request: ChatRequest, found: Lookup) -> Callable[[ChatResponse], None]:
-        """A stream's on_complete callback: only a stream read to its end is stored."""
+    def _remember_when_complete(self, request: ChatRequest, found: Lookup,
+                                stream: ChatStream | AsyncChatStream) -> Callable[[ChatResponse], None]:
+        """A stream's on_complete callback: only a stream read to its end, that said how it ended, is stored."""
 
         def callback(response: ChatResponse) -> None:
+            if not stream.finished:
+                self.counts["not_stored_unfinished"] += 1
+                record_event(self.name, "not_stored", reason="unfinished")
+                return
             self.remember(request, response, found)
 
         return callback
@@ -245,7 +281,8 @@ class SemanticCacheStage(Stage):
 
     # -- helpers ------------------------------------------------------------------------------------
     def _not_cacheable(self, request: ChatRequest) -> str | None:
-        if request.metadata.get("cache") is False:
+        opt = request.metadata.get("cache")
+        if opt is False or (isinstance(opt, str) and opt.strip().lower() in _OFF):
             return "opted_out"
         _ttl(request, None)  # a malformed cache_ttl is the caller's error, found before the backend is called
         if has_quarantined(request):
