@@ -31,8 +31,9 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         m["cost_usd"] += r.cost_usd
         m["cost_naive_usd"] += r.cost_naive_usd
     deltas = [r.count_delta for r in ok if r.count_delta is not None and r.usage_reported]
-    totals = [r.latency_ms["total"] for r in ok if "total" in r.latency_ms]
-    backend = [r.latency_ms["backend"] for r in ok if r.tokens_sent and "backend" in r.latency_ms]
+    # latency_ms may hold null or nested values (the record reader accepts them): only numbers count.
+    totals = _numbers(r.latency_ms.get("total") for r in ok)
+    backend = _numbers(r.latency_ms.get("backend") for r in ok if r.tokens_sent)
     failed = [r for r in records if r.status != "ok"]
     return {
         "calls": len(records),
@@ -60,6 +61,10 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
         "backend_ms_p50": round(statistics.median(backend), 2) if backend else None,
     }
+
+
+def _numbers(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -48,7 +48,9 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 def convert(data: Path, categories: list[str], base: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(catalog, queries, schemas dropped because another schema already had their name)."""
-    catalog = {tool["function"]["name"]: tool for tool in base}
+    # The base catalog may carry BFCL's own types too (the shared tools/catalog.json keeps "float"): rewrite
+    # them as well, or ToolRetrievalStage(catalog=...) refuses the joined catalog.
+    catalog = {tool["function"]["name"]: {**tool, "function": json_schema(tool["function"])} for tool in base}
     dropped = 0
     queries = []
     for category in categories:

@@ -143,3 +143,83 @@ def test_an_empty_bench_file_or_a_zero_limit_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "tools", "--catalog", "x.json", "--queries", str(empty), "--limit", "0"])
     assert "--limit: must be at least 1" in capsys.readouterr().err
+
+
+# -- found in review: bad options and data that ended in a traceback or a meaningless number --------------
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "tools", "--catalog", "c.json", "--queries", "q.jsonl", "--top-k", "0"], "--top-k: must be at least 1"),
+    (["bench", "cache", "--similarity", "1.5"], "--similarity: must be between 0 and 1"),
+    (["bench", "cache", "--scale", "-5"], "--scale: must be at least 1"),
+    (["bench", "overhead", "--calls", "0"], "--calls: must be at least 1"),
+    (["bench", "proxy-load", "--clients", "0"], "--clients: must be at least 1"),
+    (["bench", "prune", "--questions", "q.jsonl", "--window-tokens", "-5"], "--window-tokens: must be at least 1"),
+    (["serve", "--port", "70000"], "--port: a port is 0-65535"),
+])
+def test_numeric_options_out_of_range_are_refused_before_anything_runs(args, message, capsys):
+    from ctxkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_report_reads_a_ledger_with_null_latencies(tmp_path, capsys):
+    """The record reader accepts null inside latency_ms; the summary then took the median of None."""
+    from ctxkit.cli.main import main
+
+    record = {"id": "c", "ts": 1.0, "backend": "b", "model": "m", "namespace": "default", "conversation_id": None,
+              "stream": False, "tokens_naive": 10, "tokens_sent": 8, "tokens_out": 2, "saved_by_stage": {"s": 2},
+              "latency_ms": {"total": None}}
+    good = {**record, "id": "d", "latency_ms": {"total": 6.0, "backend": 5.0}}
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps(record) + "\n" + json.dumps(good) + "\n")
+    assert main(["report", str(ledger), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calls"] == 2 and summary["latency_ms_p50"] == 6.0
+
+
+def test_a_cache_directory_that_cannot_be_created_is_a_clear_error(tmp_path):
+    from ctxkit.errors import ConfigurationError
+    from ctxkit.stages.cache.local_store import LocalStore
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigurationError, match="cannot create the cache directory"):
+        LocalStore(blocker / "cache")
+
+
+def test_bench_prune_refuses_gold_ids_that_name_no_document(tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "Highest?", "documents": [{"id": "d1", "text": "Everest."}],
+                                "gold_documents": ["d2"]}) + "\n")
+    assert main(["bench", "prune", "--questions", str(data)]) == 2
+    assert f"{data}:1: gold_documents: ['d2'] not among the line's documents ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("catalog,message", [
+    ([], ": no tools"),
+    ([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}],
+     ": tools[1].function.name: duplicate tool name 'a' (first at tools[0])"),
+])
+def test_bench_tools_refuses_an_empty_catalog_or_a_repeated_name(catalog, message, tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(catalog))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"messages": HELLO, "gold": ["a"]}) + "\n")
+    assert main(["bench", "tools", "--catalog", str(path), "--queries", str(queries)]) == 2
+    assert f"{path}{message}" in capsys.readouterr().err
+
+
+def test_bench_proxy_load_checks_its_data_records(tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": HELLO}) + "\n" + json.dumps({"messages": ["hi"]}) + "\n")
+    assert main(["bench", "proxy-load", "--data", str(data), "--clients", "1"]) == 2
+    assert f"{data}:2: messages[0]: must be an object, got str" in capsys.readouterr().err

@@ -280,3 +280,17 @@ def test_a_tool_call_cut_off_by_max_tokens_is_still_counted(gguf_counter):
     cut = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]}
     assert gguf_counter.count_completion(cut) > 0
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
+    ({"timeout": 0}, "timeout must be a positive number"),
+    ({"backoff_s": -1.0}, "backoff_s and max_backoff_s must be >= 0"),
+])
+def test_retry_settings_out_of_range_are_refused_when_the_backend_is_made(settings, message):
+    """max_retries=-1 (`ctxkit serve --upstream-retries -1`) made every call fail with 'unreachable'."""
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        OpenAIBackend(model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="test", **settings)

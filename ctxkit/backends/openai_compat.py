@@ -58,6 +58,12 @@ class OpenAIBackend:
     ) -> None:
         """counter: how to count prompts for this model. Defaults to tiktoken for OpenAI models; a model
         served from a GGUF (llama.cpp's server) counts exactly with `GGUFPrompt.from_gguf(path)`."""
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+        if isinstance(timeout, (int, float)) and not timeout > 0:  # an httpx.Timeout passes through
+            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not backoff_s >= 0 or not max_backoff_s >= 0:
+            raise ConfigurationError(f"backoff_s and max_backoff_s must be >= 0, got {backoff_s!r}, {max_backoff_s!r}")
         key = api_key or os.environ.get(api_key_env)
         if not key:
             if base_url is None:

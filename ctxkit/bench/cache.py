@@ -40,6 +40,7 @@ from .common import (
     progress,
     read_jsonl,
     require_records,
+    unit_interval,
 )
 
 SWEEP = (0.30, 0.40, 0.50, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
@@ -379,18 +380,18 @@ def table(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=Path, help="pairs file (JSON lines: id, category, a, b, same_answer)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
-    parser.add_argument("--similarity", type=float, default=None, help="override the similarity threshold")
-    parser.add_argument("--context-similarity", type=float, default=None, help="override the context threshold")
-    parser.add_argument("--added-detail-similarity", type=float, default=None,
+    parser.add_argument("--similarity", type=unit_interval, default=None, help="override the similarity threshold")
+    parser.add_argument("--context-similarity", type=unit_interval, default=None, help="override the context threshold")
+    parser.add_argument("--added-detail-similarity", type=unit_interval, default=None,
                         help="override the threshold for two questions of which one adds a detail")
     parser.add_argument("--sweep", action="store_true", help="also report precision/recall at other thresholds")
-    parser.add_argument("--scale", type=int, nargs="+", default=None, help="entry counts for the scale run")
+    parser.add_argument("--scale", type=positive_int, nargs="+", default=None, help="entry counts for the scale run")
     parser.add_argument("--index", choices=["flat", "hnsw", "both"], default="both", help="index type(s) at scale")
-    parser.add_argument("--queries", type=int, default=100, help="lookups per scale run")
+    parser.add_argument("--queries", type=positive_int, default=100, help="lookups per scale run")
     parser.add_argument("--index-only", action="store_true",
                         help="at scale, time FAISS alone on synthetic vectors (no diskcache), for 1,000,000 entries")
-    parser.add_argument("--build-threads", type=int, default=1, help="FAISS threads while building (--index-only)")
-    parser.add_argument("--torch-threads", type=int, default=1,
+    parser.add_argument("--build-threads", type=positive_int, default=1, help="FAISS threads while building (--index-only)")
+    parser.add_argument("--torch-threads", type=positive_int, default=1,
                         help="torch threads for the embedder (default 1: one sentence per lookup gains nothing "
                              "from more, and on a busy machine extra threads made each embedding 40x slower)")
     add_embedding_arguments(parser)

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..stages.cache.pg_store import PostgresStore
 from ..stages.cache.store import CacheEntry
-from .common import add_embedding_arguments, emit, median, percentile, progress, read_jsonl
+from .common import add_embedding_arguments, emit, median, percentile, progress
 
 _BATCH = 500
 
@@ -41,17 +41,10 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 
 
 def _load_pairs(path: Path, limit: int) -> tuple[list[str], list[str]]:
-    stored: list[str] = []
-    asked: list[str] = []
-    for number, record in read_jsonl(path):
-        try:
-            stored.append(_last_user_text(record["a"]))
-            asked.append(_last_user_text(record["b"]))
-        except (KeyError, TypeError) as exc:
-            raise ConfigurationError(f"{path}:{number}: not a cache pair ({exc})") from exc
-        if len(stored) >= limit:
-            break
-    return stored, asked
+    from .cache import load_pairs  # the same checks as `ctxkit bench cache --pairs`: file, line and field
+
+    pairs = load_pairs(path, limit)
+    return [_last_user_text(p["a"]) for p in pairs], [_last_user_text(p["b"]) for p in pairs]
 
 
 def _cpu_seconds(store: PostgresStore) -> float | None:

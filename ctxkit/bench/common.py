@@ -98,6 +98,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """An argparse type for similarity thresholds: a number from 0 to 1 (above 1 nothing would ever match)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value) or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def check_messages(value: Any, where: str) -> list[dict[str, Any]]:
     """`value` if it is a conversation ctxkit accepts (as a request would check it); ConfigurationError
     naming `where` (file:line and field) and what is wrong otherwise."""

@@ -17,7 +17,7 @@ from ..backends.base import Backend
 from ..ledger import Ledger
 from ..pipeline import Pipeline
 from ..request import ChatRequest
-from .common import add_backend_arguments, backend_from_args, emit, median, percentile, progress
+from .common import add_backend_arguments, backend_from_args, emit, median, percentile, positive_int, progress
 
 PROMPT = [
     {"role": "system", "content": "You are a concise assistant for an online bookshop."},
@@ -73,7 +73,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calls", type=int, default=20, help="rounds to run (default 20)")
+    parser.add_argument("--calls", type=positive_int, default=20, help="rounds to run (default 20)")
     add_backend_arguments(parser)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..backends.base import Backend
 from ..request import ChatRequest
-from .common import add_backend_arguments, backend_from_args, emit, median, progress
+from .common import add_backend_arguments, backend_from_args, emit, median, positive_int, progress
 
 POLICY = " ".join(
     f"Rule {i}: orders over {i * 10} EUR ship free to zone {i % 7}, returns within {14 + i % 16} days."
@@ -56,7 +56,7 @@ def run(backend: Backend, calls: int = 10) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calls", type=int, default=10, help="rounds to run (default 10)")
+    parser.add_argument("--calls", type=positive_int, default=10, help="rounds to run (default 10)")
     add_backend_arguments(parser)
 
 

@@ -22,7 +22,16 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..ledger import Ledger, read_ledger
 from ..pipeline import Pipeline
-from .common import add_backend_arguments, backend_from_args, emit, median, percentile, read_jsonl
+from .common import (
+    add_backend_arguments,
+    backend_from_args,
+    check_messages,
+    emit,
+    median,
+    percentile,
+    positive_int,
+    read_jsonl,
+)
 
 BUILTIN_PROMPTS = [
     "Say hello.", "Name a colour.", "What is two plus two?", "Give me one word that rhymes with cat.",
@@ -36,10 +45,15 @@ def load_prompts(path: str | Path | None, limit: int = 200) -> list[list[dict[st
     if path is None:
         return [[{"role": "user", "content": text}] for text in BUILTIN_PROMPTS]
     prompts = []
-    for _, record in read_jsonl(path):
-        messages = record.get("messages") or record.get("a") or []
-        if not messages and isinstance(record.get("question"), str):
+    for number, record in read_jsonl(path):
+        field = "messages" if "messages" in record else "a" if "a" in record else None
+        if field is not None:
+            where = f"{path}:{number}" + (": a" if field == "a" else "")  # the check names "messages..." itself
+            messages = check_messages(record[field], where)
+        elif isinstance(record.get("question"), str):
             messages = [{"role": "user", "content": record["question"]}]
+        else:
+            messages = []
         users = [m for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
         if users:
             prompts.append([{"role": "user", "content": users[-1]["content"][:400]}])
@@ -169,9 +183,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=50, help="concurrent client threads (default 50)")
-    parser.add_argument("--calls-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--clients", type=positive_int, default=50, help="concurrent client threads (default 50)")
+    parser.add_argument("--calls-per-client", type=positive_int, default=2)
+    parser.add_argument("--max-tokens", type=positive_int, default=8)
     parser.add_argument("--stream-every", type=int, default=4, help="every n-th call streams (0: none)")
     parser.add_argument("--data", type=Path, help="JSON lines with `messages` (or `a`): prompts to send")
     parser.add_argument("--ledger", type=Path, help="ledger file (default: a temporary one)")

@@ -64,10 +64,20 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
         for field in ("gold_documents", "answers"):
             if row.get(field) is not None:
                 check_strings(row[field], f"{where}: {field}")
+        if row.get("documents") and row.get("gold_documents"):
+            _check_gold(row["gold_documents"], row["documents"], f"{where}: gold_documents", "the line's documents")
         if not row.get("gold_documents") and not row.get("answers"):
             raise ConfigurationError(f"{where}: needs gold_documents or answers to score against")
         questions.append(row)
     return require_records(questions, path)
+
+
+def _check_gold(gold: list[str], documents: list[dict[str, Any]], where: str, corpus: str) -> None:
+    """A gold id that names no document could only ever be scored as a miss: refuse it."""
+    ids = {str(d["id"]) for d in documents}
+    missing = [g for g in gold if g not in ids]
+    if missing:
+        raise ConfigurationError(f"{where}: {missing[:5]} not among {corpus} ids (gold recall would count them as misses)")
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -246,8 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every question, or every other one (tune on one half, check on the other)")
     parser.add_argument("--pool-all", action="store_true",
                         help="prune every question against all documents of the file (a large corpus)")
-    parser.add_argument("--pool-tokens", type=int, help="like --pool-all, capped at this many corpus tokens")
-    parser.add_argument("--window-tokens", type=int,
+    parser.add_argument("--pool-tokens", type=positive_int, help="like --pool-all, capped at this many corpus tokens")
+    parser.add_argument("--window-tokens", type=positive_int,
                         help="a small corpus: only consecutive documents around the gold one, up to this many tokens")
     parser.add_argument("--lexical-only", action="store_true", help="BM25 only, no MiniLM")
     parser.add_argument("--lexical-weight", type=float, default=RankingWeights.lexical)
@@ -269,6 +279,10 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.limit:
         questions = questions[: args.limit]
     shared = load_documents(args.documents) if args.documents else []
+    for q in questions:
+        if shared and not q.get("documents") and q.get("gold_documents"):
+            _check_gold(q["gold_documents"], shared, f"{args.questions}: question {q.get('id')!r}: gold_documents",
+                        f"the documents of {args.documents}")
     embedder: Any = None
     if not args.lexical_only:
         embedder = embedder_from_args(args)

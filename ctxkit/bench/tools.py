@@ -48,6 +48,17 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
         raise ConfigurationError(f"cannot read the tool catalog {path}: {exc}") from None
     if not isinstance(catalog, list) or not all(isinstance(t, dict) and "function" in t for t in catalog):
         raise ConfigurationError(f"{path}: expected a JSON list of OpenAI tool schemas")
+    if not catalog:
+        raise ConfigurationError(f"{path}: no tools")
+    first: dict[str, int] = {}
+    for i, tool in enumerate(catalog):
+        name = tool["function"].get("name") if isinstance(tool["function"], dict) else None
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"{path}: tools[{i}].function.name: a tool needs a name")
+        if name in first:
+            raise ConfigurationError(f"{path}: tools[{i}].function.name: duplicate tool name {name!r} "
+                                     f"(first at tools[{first[name]}])")
+        first[name] = i
     return catalog
 
 
@@ -190,9 +201,9 @@ def table(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", required=True, type=Path, help="JSON list of OpenAI tool schemas")
     parser.add_argument("--queries", required=True, type=Path, help='JSON lines {"messages": [...], "gold": [names]}')
-    parser.add_argument("--top-k", type=int, nargs="+", default=[5],
+    parser.add_argument("--top-k", type=positive_int, nargs="+", default=[5],
                         help="tools sent per call (default 5); several values are measured in one pass")
-    parser.add_argument("--torch-threads", type=int, default=None,
+    parser.add_argument("--torch-threads", type=positive_int, default=None,
                         help="torch CPU threads for the query embedding (default: torch's own choice)")
     parser.add_argument("--compact", action="store_true", help="count the sent schemas after compaction")
     parser.add_argument("--index-dir", type=Path, default=None, help="persist the index here (default: memory)")

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except CtxkitError as exc:
         print(f"ctxkit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path from the command line that cannot be read or created (names the path)
+        print(f"ctxkit: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

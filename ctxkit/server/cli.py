@@ -24,10 +24,20 @@ if TYPE_CHECKING:
     from ..stages.cache.store import CacheStore
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
 def add_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="an OpenAI-compatible proxy: /v1/chat/completions through ctxkit")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (default 8000)")
     serve.add_argument("--api-keys-file", type=Path,
                        help="file of 'key namespace' lines (default: $CTXKIT_API_KEYS='key:namespace,...')")
     serve.add_argument("--ledger", type=Path, default=Path("ctxkit-serve.jsonl"), help="ledger file to append to")

@@ -107,8 +107,11 @@ class LocalStore:
         self.index_type = index
         self.hnsw_m = hnsw_m
         self.lock_timeout = lock_timeout
-        (self.directory / "locks").mkdir(parents=True, exist_ok=True)
-        (self.directory / "faiss").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.directory / "locks").mkdir(parents=True, exist_ok=True)
+            (self.directory / "faiss").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create the cache directory {self.directory}: {exc}") from exc
         self._entries = diskcache.Cache(
             str(self.directory / "entries"), size_limit=size_bytes, eviction_policy="least-recently-used",
             cull_limit=10, timeout=60,

@@ -224,7 +224,7 @@ class PostgresStore:
         t = self._t
         try:
             conn = psycopg.connect(self.dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # ProgrammingError: a malformed DSN
             raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {exc}") from exc
         with conn:
             with conn.transaction():
