@@ -16,6 +16,7 @@ from ctxkit.errors import ConfigurationError
 from ctxkit.pipeline import Pipeline
 from ctxkit.quarantine_marks import mark
 from ctxkit.request import ChatRequest
+from ctxkit.stage import Stage
 from ctxkit.stages.summarize import SummarizationStage, valid_cuts
 from ctxkit.stages.summarize import facts as fact_keeper
 
@@ -421,3 +422,147 @@ def test_summarizing_before_clearing_folds_each_turn_once(llama_backend, embedde
               for p in recorder.prompts)
     folded = summarize.store.get(("default", "loop")).folded
     assert folded >= 8 and fed <= folded, f"{fed} turns fed to the summarizer for {folded} folded"
+
+
+# -- found in review ------------------------------------------------------------------------------------
+
+class _Sent(Stage):
+    """The last stage of a pipeline under test: keeps what would reach the model and answers "ok", so a
+    test can read exactly what the stages before it pass on (the model's answer is not under test)."""
+
+    name = "sent"
+
+    def __init__(self) -> None:
+        self.seen: list[ChatRequest] = []
+
+    def wrap_call(self, request, call_next):
+        from ctxkit.response import ChatResponse, Usage
+
+        self.seen.append(request)
+        return ChatResponse({"role": "assistant", "content": "ok"}, "stop", Usage(0, 0), "m", "sent")
+
+    async def awrap_call(self, request, call_next):
+        return self.wrap_call(request, call_next)
+
+
+def test_a_big_tool_result_does_not_fold_away_the_question_it_answers(llama_backend, embedder):
+    """The cut that shrinks the verbatim tail moved past the newest user message: the model got a summary
+    header, the tool call and its result, and not the question."""
+    from ctxkit.stages import default_stages
+
+    page = " ".join(f"Paragraph {i}: the Oslo archive lists building permit number {1000 + i} issued for "
+                    "renovation work on a residential block." for i in range(90))
+    question = "Which permit number was issued for the block on Thorvald Meyers gate, and when does it expire?"
+    messages = [
+        {"role": "system", "content": "You are a research assistant."},
+        {"role": "user", "content": "Hi, I am researching renovation permits in Oslo."},
+        {"role": "assistant", "content": "Happy to help. What would you like to know?"},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "fetch_page", "arguments": json.dumps({"url": "https://example.org/permits"})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": page},
+    ]
+    sent = _Sent()
+    Pipeline(llama_backend, stages=[*default_stages(llama_backend, embedder=embedder), sent]).call(
+        ChatRequest(messages=messages, conversation_id="permits"))
+    passed = sent.seen[-1].messages
+    asked = [i for i, m in enumerate(passed) if m.get("content") == question]
+    call = next(i for i, m in enumerate(passed) if m.get("tool_calls"))
+    assert asked and asked[0] < call, [m["role"] for m in passed]
+    assert passed[call + 1]["role"] == "tool"
+
+
+@pytest.mark.parametrize("mode", ["extractive", "hybrid"])
+def test_a_message_count_trigger_makes_the_request_smaller(llama_backend, embedder, trip, mode):
+    """With only trigger_messages, the summary's budget was a quarter of the window: every folded sentence
+    was kept, and hybrid mode added the model's summary on top, a request bigger than the app's."""
+    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode=mode, embedder=embedder)
+    messages = trip["messages"]
+    out = stage.before_model(ChatRequest(messages=messages, conversation_id=f"count-{mode}")).messages
+    count = llama_backend.counter.count_prompt
+    assert len(out) < len(messages) and count(out) < 0.8 * count(messages), (count(out), count(messages))
+
+
+def test_without_a_conversation_id_the_summary_is_kept_between_calls(llama_backend, embedder):
+    """The OpenAI drop-in client sends no conversation_id: every call re-read the whole history and sent a
+    new summary (the provider's prefix cache missed every time) and recorded nothing."""
+    turns = []
+    for i in range(40):
+        turns.append({"role": "user", "content": f"Note {i}: shipment TRK-{7000 + i} left city {i} on day "
+                                                 f"{i % 28 + 1}. What should I check next?"})
+        turns.append({"role": "assistant", "content": f"For TRK-{7000 + i}, check customs form {i * 3}."})
+    stage = SummarizationStage(llama_backend, trigger_tokens=900, embedder=embedder)
+    summaries = []
+    for n in range(61, 71, 2):
+        request = ChatRequest(messages=[{"role": "system", "content": "You track shipments."}, *turns[:n]])
+        out = stage.before_model(request).messages
+        summaries.append(out[1]["content"])
+    assert len(set(summaries)) <= 2, "the summary was rebuilt on every call"
+    other = ChatRequest(messages=[{"role": "system", "content": "You track shipments."},
+                                  {"role": "user", "content": "Note 0: a different first message."}, *turns[1:61]])
+    assert "TRK-7000 left city 0" not in _text(stage.before_model(other).messages), \
+        "a conversation that opens differently must not get another's summary"
+
+
+def _unreachable_summarizer(llama_backend):
+    """A summarizing model behind a port nothing listens on: a real connection error, as when it is down."""
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from tests.servers import free_port
+
+    return OpenAIBackend(model="summarizer", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="test",
+                         counter=llama_backend.counter, context_window=4096, max_retries=0, timeout=5)
+
+
+def test_a_failing_summarizer_does_not_fail_the_apps_call(llama_backend, embedder, trip, tmp_path):
+    ledger = Ledger(tmp_path / "calls.jsonl")
+    hybrid = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="hybrid", embedder=embedder,
+                                summarizer=_unreachable_summarizer(llama_backend))
+    sent = _Sent()
+    Pipeline(llama_backend, stages=[hybrid, sent], ledger=ledger).call(
+        ChatRequest(messages=trip["messages"], conversation_id="down"))
+    assert len(sent.seen[-1].messages) < len(trip["messages"]), "hybrid still folds with its excerpts"
+    events = [e for e in ledger.records[-1].events if e["kind"] == "summarizer_failed"]
+    assert events and events[0]["folded"] is True
+    model_only = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="model",
+                                    summarizer=_unreachable_summarizer(llama_backend))
+    sent = _Sent()
+    Pipeline(llama_backend, stages=[model_only, sent], ledger=ledger).call(
+        ChatRequest(messages=trip["messages"], conversation_id="down-model"))
+    assert sent.seen[-1].messages == trip["messages"], "model mode passes the request on, unfolded"
+
+
+def test_folded_facts_keep_who_said_them(llama_backend, embedder):
+    messages = [{"role": "system", "content": "You plan a team dinner."}]
+    for name, diet in [("alice", "I am vegetarian and never eat fish."), ("bob", "I eat everything, no limits."),
+                       ("carol", "I am allergic to peanuts.")] * 3:
+        messages.append({"role": "user", "name": name, "content": diet})
+        messages.append({"role": "assistant", "content": "Noted."})
+    messages.append({"role": "user", "name": "dave", "content": "Who is vegetarian?"})
+    stage = SummarizationStage(llama_backend, trigger_messages=6, keep_last=2, embedder=embedder)
+    summary = _summary(stage.before_model(ChatRequest(messages=messages, conversation_id="dinner")).messages)
+    assert "user (alice): I am vegetarian" in summary, summary
+
+
+def test_the_summarizers_own_tokens_are_in_the_ledger(llama_backend, embedder, trip, tmp_path):
+    ledger = Ledger(tmp_path / "calls.jsonl")
+    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="hybrid", embedder=embedder)
+    Pipeline(llama_backend, stages=[stage, _Sent()], ledger=ledger).call(
+        ChatRequest(messages=trip["messages"], conversation_id="paid"))
+    calls = [e for e in ledger.records[-1].events if e["kind"] == "summarizer_call"]
+    assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] > 0
+
+
+def test_a_request_whose_answer_no_longer_fits_is_folded(llama_backend, embedder):
+    """Under the token trigger, but prompt + max_tokens past the window: the pipeline refused it with
+    ContextOverflowError after all stages ran, though folding would have made room."""
+    messages = [{"role": "system", "content": "You write reports."}]
+    i = 0
+    while llama_backend.counter.count_prompt(messages) < 2300:
+        messages.append({"role": "user", "content": f"Fact {i}: warehouse {i} holds {i * 13} pallets of SKU-{900 + i}."})
+        messages.append({"role": "assistant", "content": f"Noted warehouse {i}."})
+        i += 1
+    messages.append({"role": "user", "content": "Write the full inventory report."})
+    stage = SummarizationStage(llama_backend, trigger_fraction=0.6, embedder=embedder)
+    request = ChatRequest(messages=messages, conversation_id="report", params={"max_tokens": 1800})
+    out = stage.before_model(request).messages
+    assert llama_backend.counter.count_prompt(out) + 1800 <= llama_backend.context_window

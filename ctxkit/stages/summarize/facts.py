@@ -139,9 +139,17 @@ def _tool_call_text(message: Mapping[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def speaker(message: Mapping[str, Any]) -> str:
+    """Who said it: the role, and the participant's `name` when the message has one ("user (alice)"), so a
+    fact said by one of several users (or returned by one of several tools) keeps its author."""
+    role = str(message.get("role") or "user")
+    name = message.get("name")
+    return f"{role} ({name})" if isinstance(name, str) and name.strip() else role
+
+
 def extract(message: Mapping[str, Any], index: int, fingerprint: str) -> list[Fact]:
     text, spans = message_units(message)
-    role = str(message.get("role") or "user")
+    role = speaker(message)
     return [Fact(text=text[a:b], role=role, message=index, fingerprint=fingerprint, start=a, end=b,
                  salience=_salience(text[a:b])) for a, b in spans]
 

@@ -12,9 +12,11 @@ from typing import Any
 
 from ...backends.base import Backend
 from ...errors import ConfigurationError
+from ...pipeline import record_event
 from ...request import ChatRequest
 from ...response import message_text
 from ..templates import sandboxed_environment
+from .facts import speaker
 
 SYSTEM = (
     "You write the running summary of a conversation for an assistant that will not see the old turns. "
@@ -48,7 +50,7 @@ class ModelSummarizer:
 
     def fold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:
         """The new summary: `previous` plus `messages` (already cleared of quarantined content)."""
-        turns = [{"role": str(m.get("role")), "text": message_text(dict(m)).strip()} for m in messages]
+        turns = [{"role": speaker(m), "text": message_text(dict(m)).strip()} for m in messages]
         turns = [t for t in turns if t["text"]]
         if not turns:
             return previous
@@ -82,6 +84,9 @@ class ModelSummarizer:
 
     def _call(self, previous: str, turns: Sequence[Mapping[str, str]]) -> str:
         response = self.backend.complete(self._request(previous, turns))
+        # This call is paid for but is no hand-over the pipeline counts: note its usage in the call's record.
+        record_event("summarization", "summarizer_call", model=response.model,
+                     prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens)
         return (response.content or "").strip() or previous
 
     async def afold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ...backends.base import Backend
-from ...errors import ConfigurationError
+from ...errors import BackendError, ConfigurationError
 from ...pipeline import record_event
 from ...quarantine_marks import fingerprint, quarantined
 from ...request import ChatRequest, Message
@@ -187,7 +187,8 @@ class SummarizationStage(Stage):
             if key is not None:
                 self.store.put(key, state)
 
-        current = self._assemble([*head, *_instructions(body[: state.folded])], state, body[state.folded:])
+        current = self._assemble([*head, *_instructions(body[: state.folded])], state,
+                                 [*_pinned(body, state.folded), *body[state.folded:]])
         unchanged = request.messages if state.folded == 0 else current
         if not self._over_trigger(current, request):
             return SummaryResult(unchanged, state.folded, False, state.summary)
@@ -200,10 +201,16 @@ class SummarizationStage(Stage):
                                     included=list(state.included))
         new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],)
                if prints[i] not in marks and m.get("role") not in _INSTRUCTION_ROLES]
-        self._fold(state, new)
+        try:
+            self._fold(state, new)
+        except BackendError as exc:
+            # Model mode, and the summarizer failed (a rate limit, a timeout): the app's call must not fail with
+            # it. Nothing else holds these turns: pass the request on as it stands, and fold at a later call.
+            record_event(self.name, "summarizer_failed", error=type(exc).__name__, status=exc.status, folded=False)
+            return SummaryResult(unchanged, state.folded, False, state.summary)
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
-        head, tail = [*head, *_instructions(body[:cut])], body[cut:]
+        head, tail = [*head, *_instructions(body[:cut])], [*_pinned(body, cut), *body[cut:]]
         state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
         if key is not None:
             self.store.put(key, state)
@@ -224,7 +231,13 @@ class SummarizationStage(Stage):
             state.vectors = vectors if old is None or not len(old) else np.vstack([old, vectors])
         state.facts.extend(added)
         if self.model is not None and new:
-            state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
+            try:
+                state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
+            except BackendError as exc:
+                if self.model_share >= 1.0:
+                    raise  # model mode: summarize passes the request on unfolded
+                # Hybrid: the facts above hold the new turns; the model's summary stays as it was.
+                record_event(self.name, "summarizer_failed", error=type(exc).__name__, status=exc.status, folded=True)
 
     def _build_summary(self, head: list[Message], tail: list[Message], state: ConversationState,
                        request: ChatRequest, recent: list[str]) -> str:
@@ -232,7 +245,16 @@ class SummarizationStage(Stage):
         target = self._target(request)
         base = self.counter.count_prompt(self._assemble(head, None, tail), request.tools)
         empty = self._render(state.folded, "", [])
-        room = target - base - self.counter.count_text(empty) - 8  # 8: the summary message's own framing
+        framing = self.counter.count_text(empty) + 8  # 8: the summary message's own framing
+        if self.target_tokens is None:
+            # Message-count trigger only: a quarter of the window is more than most conversations hold
+            # (32,000 tokens for a 128k model), so the summary kept every folded sentence and, in hybrid mode,
+            # added the model's summary on top: more than the app sent. A summary replaces the folded turns
+            # with at most 60% of their tokens, as a token trigger's default target does.
+            marks = quarantined(request)
+            folded_tokens = sum(self.counter.count_text(f.text) for f in state.facts if f.fingerprint not in marks)
+            target = min(target, base + framing + int(folded_tokens * 0.6))
+        room = target - base - framing
         model_text = ""
         if self.model_share > 0 and state.model_summary and room > 0:
             model_text = leading_sentences(state.model_summary, int(room * self.model_share), self.counter)
@@ -287,9 +309,14 @@ class SummarizationStage(Stage):
     def _over_trigger(self, messages: list[Message], request: ChatRequest) -> bool:
         if self.trigger_messages is not None and len(messages) > self.trigger_messages:
             return True
-        if self.trigger_tokens is not None:
-            return self.counter.count_prompt(messages, request.tools) > self.trigger_tokens
-        return False
+        if self.trigger_tokens is None and not request.max_tokens:
+            return False
+        tokens = self.counter.count_prompt(messages, request.tools)
+        if self.trigger_tokens is not None and tokens > self.trigger_tokens:
+            return True
+        # The answer needs room too: a request whose max_tokens no longer fits the window is folded, whatever
+        # the trigger (else the pipeline refuses it with ContextOverflowError "after all stages ran").
+        return bool(request.max_tokens) and tokens + request.max_tokens > self.backend.context_window
 
     def _target(self, request: ChatRequest) -> int:
         if self.target_tokens is not None:
@@ -307,7 +334,8 @@ class SummarizationStage(Stage):
         while cut > floor and not valid[cut]:
             cut -= 1
         limit = int(self._target(request) * self.max_tail_fraction)
-        while cut < last_possible and self.counter.count_prompt([*head, *body[cut:]], request.tools) > limit:
+        while cut < last_possible and self.counter.count_prompt([*head, *_pinned(body, cut), *body[cut:]],
+                                                                      request.tools) > limit:
             cut += 1
             while cut < last_possible and not valid[cut]:
                 cut += 1
@@ -335,7 +363,20 @@ class SummarizationStage(Stage):
         return max(0, state.last_sent_tokens - kept)
 
     def _key(self, request: ChatRequest) -> tuple[str, str] | None:
-        return (request.namespace, request.conversation_id) if request.conversation_id else None
+        if request.conversation_id:
+            return (request.namespace, request.conversation_id)
+        # No conversation_id (the OpenAI drop-in client and LangChain's chat model send none unless told):
+        # without a key every call re-read and re-ranked the whole folded history and sent a new summary,
+        # breaking the prefix cache on every call, unreported. Name the conversation by its opening (the
+        # leading system messages and the first message after them). A state is used only when its folded
+        # messages are this request's, word for word (the digest check), so two conversations that open
+        # alike never see each other's summary; they only take turns rebuilding it.
+        messages = list(request.messages)
+        lead = 0
+        while lead < len(messages) and messages[lead].get("role") == "system":
+            lead += 1
+        opening = digest([fingerprint(m) for m in messages[: lead + 1]])
+        return (request.namespace, f"ctxkit:opening:{opening}")
 
     def _conversation_lock(self, key: tuple[str, str]) -> Any:
         with self._locks_lock:
@@ -359,6 +400,13 @@ class SummarizationStage(Stage):
 
 
 _INSTRUCTION_ROLES = ("system", "developer")
+
+
+def _pinned(body: Sequence[Message], cut: int) -> list[Message]:
+    """The newest user message, when a cut inside its turn (a big tool result) folds it: the request itself
+    stays verbatim, right after the summary, so the model still sees what it was asked."""
+    last_user = max((i for i, m in enumerate(body) if m.get("role") == "user"), default=-1)
+    return [body[last_user]] if 0 <= last_user < cut else []
 
 
 def _instructions(folded: Sequence[Message]) -> list[Message]:
