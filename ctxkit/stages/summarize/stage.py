@@ -309,14 +309,15 @@ class SummarizationStage(Stage):
     def _over_trigger(self, messages: list[Message], request: ChatRequest) -> bool:
         if self.trigger_messages is not None and len(messages) > self.trigger_messages:
             return True
-        if self.trigger_tokens is None and not request.max_tokens:
+        answer = request.max_tokens or 0
+        if self.trigger_tokens is None and not answer:
             return False
         tokens = self.counter.count_prompt(messages, request.tools)
         if self.trigger_tokens is not None and tokens > self.trigger_tokens:
             return True
         # The answer needs room too: a request whose max_tokens no longer fits the window is folded, whatever
         # the trigger (else the pipeline refuses it with ContextOverflowError "after all stages ran").
-        return bool(request.max_tokens) and tokens + request.max_tokens > self.backend.context_window
+        return answer > 0 and tokens + answer > self.backend.context_window
 
     def _target(self, request: ChatRequest) -> int:
         if self.target_tokens is not None:
