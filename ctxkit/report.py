@@ -35,6 +35,8 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
     totals = _numbers(r.latency_ms.get("total") for r in ok)
     backend = _numbers(r.latency_ms.get("backend") for r in ok if r.tokens_sent)
     failed = [r for r in records if r.status != "ok"]
+    # A summarizing model's own calls are paid for but are no call the app made: shown beside the savings.
+    summarizer = [e for r in records for e in r.events if e.get("kind") == "summarizer_call"]
     return {
         "calls": len(records),
         "ok": len(ok),
@@ -56,6 +58,9 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         # Failed calls save nothing, but what they sent was paid for (an abandoned stream too).
         "tokens_sent_failed": sum(r.tokens_sent for r in failed),
         "cost_failed_usd": sum(r.cost_usd for r in failed),
+        "summarizer_calls": len(summarizer),
+        "summarizer_prompt_tokens": int(sum(_numbers(e.get("prompt_tokens") for e in summarizer))),
+        "summarizer_completion_tokens": int(sum(_numbers(e.get("completion_tokens") for e in summarizer))),
         "count_exact_calls": sum(1 for d in deltas if d == 0),
         "count_checked_calls": len(deltas),
         "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
@@ -75,6 +80,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"tokens saved     {summary['tokens_saved']} ({summary['saved_ratio']:.1%})",
         f"tokens out       {summary['tokens_out']} (+{summary['out_saved']} answered by stages)",
         f"prefix-cached    {summary['tokens_cached']}",
+        f"summarizer       {summary['summarizer_calls']} calls, {summary['summarizer_prompt_tokens']} prompt + "
+        f"{summary['summarizer_completion_tokens']} completion tokens (not in the savings or the cost)",
         f"exact counts     {summary['count_exact_calls']}/{summary['count_checked_calls']} calls match the backend's usage",
         f"cost             ${summary['cost_usd']:.4g} (without ctxkit ${summary['cost_naive_usd']:.4g}); "
         f"failed calls ${summary['cost_failed_usd']:.4g} for {summary['tokens_sent_failed']} tokens sent",

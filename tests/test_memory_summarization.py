@@ -550,6 +550,11 @@ def test_the_summarizers_own_tokens_are_in_the_ledger(llama_backend, embedder, t
         ChatRequest(messages=trip["messages"], conversation_id="paid"))
     calls = [e for e in ledger.records[-1].events if e["kind"] == "summarizer_call"]
     assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] > 0
+    from ctxkit.report import summarize
+
+    summary = summarize(ledger.records)
+    assert summary["summarizer_calls"] == len(calls)
+    assert summary["summarizer_prompt_tokens"] == sum(e["prompt_tokens"] for e in calls)
 
 
 def test_a_request_whose_answer_no_longer_fits_is_folded(llama_backend, embedder):
