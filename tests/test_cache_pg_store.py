@@ -333,3 +333,24 @@ def test_the_store_recovers_after_the_server_ends_its_sessions(make_pg_store, pg
     with store.single_flight("k2"):
         store.put(entry("k2"), vec(2))
     assert store.get("k2", now=1001.0) is not None
+
+
+def test_a_pooled_session_is_reused_when_its_socket_number_is_above_1024(make_pg_store):
+    """select() refuses descriptors of 1024 and more: in a busy process every checkout took the healthy
+    session for a dropped one and opened a new one."""
+    import os
+
+    store = make_pg_store(pool_size=1)
+    padding = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        store.get("warm", now=1.0)  # the pool's session opens now, on a high descriptor
+
+        def backend_pid():
+            with store._pool.connection() as conn:
+                assert conn.fileno() >= 1024
+                return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+        assert backend_pid() == backend_pid()
+    finally:
+        for fd in padding:
+            os.close(fd)

@@ -215,6 +215,15 @@ def test_a_bad_namespace_ttl_is_refused_when_the_stage_is_made(store, embedder, 
         SemanticCacheStage(store, embedder, namespace_ttl={"ns": seconds})
 
 
+def test_a_namespace_ttl_of_none_keeps_its_answers_until_evicted(store, embedder):
+    now = [1000.0]
+    stage = SemanticCacheStage(store, embedder, ttl=10, namespace_ttl={"docs": None}, clock=lambda: now[0])
+    request = ask("What is the refund window?", namespace="docs")
+    assert stage.remember(request, answer())
+    now[0] += 10_000
+    assert stage.lookup(request).response is not None
+
+
 def test_participants_named_in_user_messages_do_not_share_answers(stage):
     alice = req([{"role": "user", "name": "alice", "content": "What is my name?"}])
     bob = req([{"role": "user", "name": "bob", "content": "What is my name?"}])

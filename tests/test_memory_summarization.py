@@ -571,3 +571,29 @@ def test_a_request_whose_answer_no_longer_fits_is_folded(llama_backend, embedder
     request = ChatRequest(messages=messages, conversation_id="report", params={"max_tokens": 1800})
     out = stage.before_model(request).messages
     assert llama_backend.counter.count_prompt(out) + 1800 <= llama_backend.context_window
+
+
+def test_calls_without_a_conversation_id_keep_no_state_until_something_is_folded(llama_backend, embedder):
+    """One-shot calls through the OpenAI client each left their whole request in the store (10,000 of them,
+    pushing out real conversations' states)."""
+    stage = SummarizationStage(llama_backend, trigger_tokens=2000, embedder=embedder)
+    for i in range(30):
+        stage.before_model(ChatRequest(messages=[{"role": "user", "content": f"One-shot question {i}?"}]))
+    assert len(stage.store) == 0
+
+
+def test_a_pasted_document_as_the_question_is_folded_rather_than_overflowing(llama_backend, embedder):
+    """Keeping the newest user message verbatim must not keep a question bigger than the room for the tail."""
+    contract = " ".join(f"Clause {i}: the tenant pays {i * 10} EUR by day {i % 28 + 1} of each month." for i in range(260))
+    messages = [
+        {"role": "system", "content": "You review contracts."},
+        {"role": "user", "content": f"Check this contract:\n{contract}"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "lookup_law", "arguments": "{\"topic\": \"rent\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Rent law: deposits are capped at three months."},
+    ]
+    count = llama_backend.counter.count_prompt
+    assert count(messages) > llama_backend.context_window * 0.6
+    stage = SummarizationStage(llama_backend, trigger_fraction=0.6, embedder=embedder)
+    out = stage.before_model(ChatRequest(messages=messages, conversation_id="contract")).messages
+    assert count(out) < llama_backend.context_window * 0.6

@@ -274,3 +274,38 @@ def test_a_catalog_change_re_reads_only_the_new_tools_terms(catalog, embedder, m
     index.remove([catalog[0]["function"]["name"]])
     assert read == ["lighthouse.find_nearest", "lighthouse.find_nearest"]  # its vector, then its terms
     assert index.search("which lighthouse is closest to the town of Mystic?", 1) == ["lighthouse.find_nearest"]
+
+
+def test_a_read_that_overlaps_a_merge_lists_the_batches_again(tmp_path, monkeypatch):
+    """Another process merged the batches between this one's listing and reading: every listed file was
+    gone, so every tool of the catalog looked new and was embedded again (minutes for 10,000 tools)."""
+    rng = np.random.default_rng(2)
+    written = {f"tool{i}": rng.standard_normal(4).astype(np.float32) for i in range(4)}
+    store = VectorStore(tmp_path / "vectors", max_batches=3)
+    for key in list(written)[:3]:
+        store.append({key: written[key]})
+    other = VectorStore(tmp_path / "vectors", max_batches=3)
+    listing = VectorStore._batches
+    merged: list[bool] = []
+
+    def listed_then_merged(self):
+        paths = listing(self)
+        if not merged:
+            merged.append(True)
+            other.append({"tool3": written["tool3"]})  # merges the three listed files into one
+        return paths
+
+    monkeypatch.setattr(VectorStore, "_batches", listed_then_merged)
+    assert set(store.read()) == set(written)
+
+
+def test_an_earlier_versions_vector_file_is_moved_into_a_batch_once(catalog, embedder, tmp_path):
+    stored_as = "all-MiniLM-L6-v2" if embedder.precision == "float32" else f"all-MiniLM-L6-v2-{embedder.precision}"
+    folder = tmp_path / stored_as
+    folder.mkdir()
+    vectors = embedder.embed([ToolDocument.from_tool(t).dense_text() for t in catalog[:5]])
+    np.savez(folder / LEGACY_FILE, **{tool_hash(t): v for t, v in zip(catalog[:5], vectors, strict=True)})
+    ToolIndex(catalog[:3], CountingEmbedder(embedder), directory=tmp_path)
+    assert not (folder / LEGACY_FILE).exists(), "read whole on every addition, it must be moved"
+    later = ToolIndex(catalog[:5], CountingEmbedder(embedder), directory=tmp_path)
+    assert later.embedded_tools == 0

@@ -137,7 +137,12 @@ def _dropped(conn: Any) -> bool:
     termination notice, or end of file) although no query is running. psycopg only finds out on the next
     query, which would then fail the call that took the connection from the pool."""
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        fd = conn.fileno()
+        if hasattr(select, "poll"):  # select.select refuses descriptors >= FD_SETSIZE (1024): a busy process has them
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
     except (OSError, ValueError):
         return True
     return bool(readable)

@@ -101,8 +101,10 @@ class SemanticCacheStage(Stage):
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be positive (or None)")
         for ns, seconds in (namespace_ttl or {}).items():
+            if seconds is None:  # as for `ttl`: this namespace's answers stay until evicted
+                continue
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-                raise ValueError(f"namespace_ttl[{ns!r}] must be a positive number of seconds, got {seconds!r} "
+                raise ValueError(f"namespace_ttl[{ns!r}] must be a positive number of seconds or None (until evicted), got {seconds!r} "
                                  "(to keep a namespace out of the cache, send its requests with metadata "
                                  "{'cache': False})")
         self.store = store

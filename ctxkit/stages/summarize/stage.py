@@ -139,7 +139,10 @@ class SummarizationStage(Stage):
     # -- hooks --------------------------------------------------------------------------------------
     def before_model(self, request: ChatRequest) -> ChatRequest:
         key = self._key(request)
-        if key is None:
+        if key is None or not request.conversation_id:
+            # No conversation_id: the key names the conversation's opening, which other conversations may share
+            # ("Hello", a fixed greeting or task template): no lock across them, and no prefix accounting
+            # against what another conversation sent last.
             result = self.summarize(request)
             if result.messages is request.messages:
                 return request
@@ -184,11 +187,11 @@ class SummarizationStage(Stage):
             # remembering what was sent last, so the invalidated prefix is still reported.
             state = ConversationState(last_sent=state.last_sent if state else (),
                                       last_sent_tokens=state.last_sent_tokens if state else 0)
-            if key is not None:
+            if key is not None and request.conversation_id:  # an implicit key keeps only a folded state
                 self.store.put(key, state)
 
         current = self._assemble([*head, *_instructions(body[: state.folded])], state,
-                                 [*_pinned(body, state.folded), *body[state.folded:]])
+                                 [*self._pinned(body, state.folded, request), *body[state.folded:]])
         unchanged = request.messages if state.folded == 0 else current
         if not self._over_trigger(current, request):
             return SummaryResult(unchanged, state.folded, False, state.summary)
@@ -210,7 +213,7 @@ class SummarizationStage(Stage):
             return SummaryResult(unchanged, state.folded, False, state.summary)
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
-        head, tail = [*head, *_instructions(body[:cut])], [*_pinned(body, cut), *body[cut:]]
+        head, tail = [*head, *_instructions(body[:cut])], [*self._pinned(body, cut, request), *body[cut:]]
         state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
         if key is not None:
             self.store.put(key, state)
@@ -335,12 +338,20 @@ class SummarizationStage(Stage):
         while cut > floor and not valid[cut]:
             cut -= 1
         limit = int(self._target(request) * self.max_tail_fraction)
-        while cut < last_possible and self.counter.count_prompt([*head, *_pinned(body, cut), *body[cut:]],
-                                                                      request.tools) > limit:
+        while cut < last_possible and self.counter.count_prompt([*head, *self._pinned(body, cut, request),
+                                                                       *body[cut:]], request.tools) > limit:
             cut += 1
             while cut < last_possible and not valid[cut]:
                 cut += 1
         return cut
+
+    def _pinned(self, body: Sequence[Message], cut: int, request: ChatRequest) -> list[Message]:
+        """`_pinned`, unless the question is too big to keep verbatim (a pasted document): that is folded
+        like any turn, as the summary exists to make the request fit."""
+        pinned = _pinned(body, cut)
+        if pinned and self.counter.count_prompt(pinned) > int(self._target(request) * self.max_tail_fraction) // 2:
+            return []
+        return pinned
 
     def _still_valid(self, state: ConversationState, prints: list[str], marks: Mapping[str, str]) -> bool:
         if state.folded > len(prints) or (state.folded and digest(prints[: state.folded]) != state.folded_digest):

@@ -65,13 +65,29 @@ class VectorStore:
 
     def read(self) -> dict[str, np.ndarray]:
         """Every stored vector, by tool hash."""
+        self._move_legacy_file()
         found: dict[str, np.ndarray] = {}
-        legacy = self.folder.parent / LEGACY_FILE
-        if legacy.exists():
-            found.update(_read_legacy(legacy))
-        for path in self._batches():
-            found.update(_read_batch(path))
+        for _ in range(3):  # a batch listed but gone was merged by another process meanwhile: list again
+            found, gone = {}, False
+            for path in self._batches():
+                batch = _read_batch(path)
+                gone = gone or batch is None
+                found.update(batch or {})
+            if not gone:
+                break
         return found
+
+    def _move_legacy_file(self) -> None:
+        """The one file of an earlier version, moved into a batch once: read whole on every addition, it
+        kept an upgraded directory as slow as the layout it replaces."""
+        legacy = self.folder.parent / LEGACY_FILE
+        if not legacy.exists():
+            return
+        old = _read_legacy(legacy)
+        if old:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write(old)
+        legacy.unlink(missing_ok=True)
 
     def append(self, vectors: dict[str, np.ndarray]) -> None:
         """Store these vectors (merging the batch files first when there are too many)."""
@@ -80,7 +96,7 @@ class VectorStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         batches = self._batches()
         if len(batches) >= self.max_batches:
-            merged = {h: v for path in batches for h, v in _read_batch(path).items()}
+            merged = {h: v for path in batches for h, v in (_read_batch(path) or {}).items()}
             self._write({**merged, **vectors})
             for path in batches:  # the merged file holds them now; a reader that misses one re-embeds only
                 path.unlink(missing_ok=True)
@@ -99,11 +115,14 @@ class VectorStore:
         os.replace(tmp, self.folder / f"{name}.npz")  # readers see a whole batch or none
 
 
-def _read_batch(path: Path) -> dict[str, np.ndarray]:
+def _read_batch(path: Path) -> dict[str, np.ndarray] | None:
+    """The batch's vectors; None when the file is gone (merged by another process since it was listed)."""
     try:
         with np.load(path) as data:
             hashes, vectors = data["hashes"].tolist(), data["vectors"]
-    except Exception:  # noqa: BLE001 - gone (merged by another process), truncated or empty: re-embed only
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - truncated or empty: re-embed only
         return {}
     if vectors.ndim != 2 or len(hashes) != len(vectors):
         return {}
