@@ -32,6 +32,27 @@ def test_every_bad_item_is_quarantined_and_no_clean_item_is(name):
     assert counts["tp"] == sum(i["label"] != "clean" for i in items)
 
 
+# A reviewer's 100 realistic items (JSON APIs, pages, emails, logs, code; half clean but tricky), which the
+# detectors were then fixed against, and 34 items written before that second round of fixes. The
+# mistakes the detectors still make on them are listed: the test fails when another one appears.
+REVIEW_KNOWN = {
+    "review": ({"k-stars"}, {"c-mdn-500", "c-security-blog-code"}),
+    "review_probe": ({"p-i-csv-cell", "p-i-ps-ai", "p-i-md-system-link", "p-e-powershell", "p-e-twilio"},
+                     {"p-c-memo-assistants", "p-c-changelog"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REVIEW_KNOWN))
+def test_a_reviewers_set_of_realistic_items_makes_no_new_mistakes(name):
+    path = Path(__file__).parent / "fixtures" / "quarantine" / f"{name}.jsonl"
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    counts = confusion(QuarantineStage(), items)
+    known_misses, known_false_alarms = REVIEW_KNOWN[name]
+    assert set(counts["missed"]) <= known_misses, f"newly missed: {set(counts['missed']) - known_misses}"
+    assert set(counts["false_alarms"]) <= known_false_alarms, \
+        f"clean items newly quarantined: {set(counts['false_alarms']) - known_false_alarms}"
+
+
 def test_each_check_reports_its_own_kind():
     kinds = {}
     stage = QuarantineStage()

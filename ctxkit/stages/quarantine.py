@@ -30,6 +30,7 @@ not quarantined again. Put this stage before the stages that summarize, cache or
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -54,6 +55,7 @@ from .pruning.documents import DOCUMENT_BLOCK
 logger = logging.getLogger("ctxkit.quarantine")
 
 PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"
+_CONTEXT_KINDS = ("schema", "contradiction")  # verdicts that depend on the request, not only on the content
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,57 +91,136 @@ class QuarantineRecord:
 
 _ERROR_TEXT = [
     (re.compile(r"Traceback \(most recent call last\)"), "a Python traceback"),
-    (re.compile(r"^\s*(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error|"
+    (re.compile(r"^(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error|"
                 r"PHP (?:Fatal|Parse) error)\b\s*[:!]", re.M),
      "an error line"),
     (re.compile(r"thread '[^']*' panicked at|^\s*\[?UnhandledPromiseRejection|^curl: \(\d+\)|"
-                r"\((?:[A-Z]\w*::)*[A-Z]\w*Error\)\s*$|\brate limit exceeded\b", re.M | re.I),
+                r"\((?:[A-Z]\w*::)*[A-Z]\w*Error\)\s*$|^Unhandled exception\b|"
+                r"\bAn error occurred \([\w.]+\) when calling the \w+ operation", re.M | re.I),
      "an error line"),
-    (re.compile(r"^\s*(?:panic|fatal|error)(?:\[\w+\])?:\s", re.M), "an error line"),
+    (re.compile(r"^(?:panic|fatal|error)(?:\[\w+\])?:\s", re.M), "an error line"),
+    # gRPC (Go), MySQL, kubectl, getopt usage errors
+    (re.compile(r"\brpc error: code = (?!OK\b)\w+ desc =|^(?:ERROR|Error) \d+(?: \([\w.]+\))?:|"
+                r"^(?:Error|ERROR) from server\b|^[\w.-]+: (?:option requires an argument|invalid option|"
+                r"unrecognized option|illegal option|missing operand)\b", re.M),
+     "an error line"),
+    (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$|^\s+at [\w.$<>`\[\],]+\(.*\) in \S.*:line \d+\s*$", re.M),
+     "a stack trace"),
+]
+# Phrases that documentation, FAQs and reports use too ("returns 404 Not Found when ...", "if ssh prints
+# Permission denied ..."): they count only in a short reply, or on its first or last line, not in a
+# conditional clause, and not in a text that lists several HTTP statuses (API docs, a link report, a log).
+_WEAK_ERROR_TEXT = [
     (re.compile(r"\bHTTP(?:/\d(?:\.\d)?)?\s+[45]\d\d\b|\bstatus(?: code)?[:= ]+[45]\d\d\b|"
                 r"\b[45]\d\d (?:Bad Request|Unauthorized|Forbidden|Not Found|Too Many Requests|"
                 r"Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)\b", re.I),
      "an HTTP error status"),
-    (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|connection refused|"
+    (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|ENOTFOUND|EAI_AGAIN|NXDOMAIN|connection refused|"
                 r"timed out after \d+(?:\.\d+)?\s*(?:ms|s|sec|secs|seconds?|milliseconds?|minutes?)\b|"
-                r"permission denied|command not found|segmentation fault|out of memory)\b", re.I),
+                r"permission denied|command not found|segmentation fault|out of memory|rate limit exceeded|"
+                r"DNS resolution failed|Name or service not known|Could not resolve host|DeadlineExceeded|"
+                r"deadline exceeded|(?:request|operation|connection|query|call|read|connect) (?:has )?timed out)\b", re.I),
      "a system error"),
-    (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$", re.M), "a stack trace"),
+    (re.compile(r"\A\s*(?:Failed to (?:fetch|connect|load|open|read|write|resolve|download|upload|execute|run|"
+                r"parse|reach|authenticate)|Unable to (?:connect|reach|resolve|fetch|authenticate))\b", re.I),
+     "a failure report"),
 ]
+_STATUS_CODE = re.compile(r"\b([1-5]\d\d) (?:[A-Z][A-Za-z-]+)|\bstatus(?: code)?[:= ]+([1-5]\d\d)\b|"
+                          r"\bHTTP/\d(?:\.\d)? ([1-5]\d\d)\b")
+_CONDITIONAL = re.compile(r"\b(?:if|when|whenever|unless|in case)\b", re.I)
+_TAG = re.compile(r"<[^>\n]{1,400}>")
 
 _INJECTION = [
     (r"\b(?:ignore|disregard|forget|override|bypass|skip)\b[^.\n]{0,40}?\b(?:previous|prior|above|earlier|preceding|"
      r"all|any|your|the|system|original)\b[^.\n]{0,25}?\b(?:instructions?|prompts?|rules|directions|guidelines|"
-     r"directives|context|constraints)", "tells the model to ignore its instructions"),
-    (r"\b(?:you are now|you must now|you will now|from now on,? (?:you|the assistant)|you are no longer|"
-     r"your new (?:role|task|instructions|goal))\b", "gives the model a new role or task"),
+     r"directives|context|constraints)(?![^.\n]{0,20}\b(?:I|we) (?:sent|gave|wrote|mentioned|shared|posted|emailed)\b)|"
+     r"\b(?:ignore|disregard|forget)\s+(?:all of |everything )?(?:the |what is |what's )?(?:above|foregoing|preceding|previous|prior)\b"
+     r"(?!\s+(?:e-?mails?|messages?|mails?|notes?|versions?|posts?|comments?|links?|sections?|steps?|pages?|figures?)|"
+     r"[^.\n]{0,40}\b(?:I|we) (?:sent|gave|wrote|mentioned|shared|posted|emailed)\b)",
+     "tells the model to ignore its instructions"),
+    (r"\b(?:you are now (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|bot|model|dan|unrestricted|unfiltered|"
+     r"jailbroken|free of|in (?:developer|maintenance|god|admin|debug|dan) mode)|you (?:must|will|shall) now (?:only |always |never )?(?:respond|reply|answer|act|behave|speak|"
+     r"talk|ignore|obey|follow|pretend|say|tell|write|output|print|refuse|comply|become|role-?play)|from now on,? "
+     r"(?:you\b|the (?:ai|assistant|model|bot)\b(?=,?\s+(?:will|must|should|shall|is|may|can|only|always|never|"
+     r"responds?|replies|answers?|acts?)\b))|you are no longer|"
+     r"your (?:new|real|actual|true|only) (?:role|task|job|instructions|goal|purpose|objective)|"
+     r"when you (?:process|summari[sz]e|analy[sz]e|parse|ingest)\b[^.\n]{0,20}\b(?:this|these|the following))\b",
+     "gives the model a new role or task"),
     (r"(?:^|\n)\s*(?:#+\s*)?(?:new |updated |real )?(?:system prompt|system message|system instructions?|"
      r"instructions? for the (?:ai|assistant|model))\s*[:\-]", "contains a system prompt"),
     (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>",
      "contains chat-template control tokens"),
-    (r"(?:^|\n)\s*(?:system|assistant)\s*:\s*\S", "role-plays a system or assistant turn"),
-    (r"\b(?:pretend (?:to be|you are)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
-     r"developer mode|jailbreak|do anything now)\b", "asks the model to role-play"),
-    (r"\b(?:do not|don't|never) (?:tell|inform|mention|reveal (?:this|these) to|let) (?:the )?(?:user|human|anyone)\b|"
-     r"\bwithout (?:telling|informing|alerting) the user\b|\bsecretly\b", "asks to hide something from the user"),
+    (r"(?:^|\n)\s*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
+     r"respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
+    (r"(?:^|\n)\s*assistant\s*:\s*\S", "role-plays an assistant turn"),
+    (r"\b(?:pretend (?:that )?you(?:'re| are)|pretend to be (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|"
+     r"bot|dan|unrestricted|unfiltered|jailbroken)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
+     r"developer mode\b[^.\n]{0,60}\b(?:ai|assistant|chatgpt|model|restrictions?|polic(?:y|ies)|filters?|censor\w*)|"
+     r"jailbreak (?:mode|prompt)|do anything now)\b", "asks the model to role-play"),
+    (r"\bask(?:s|ing)? (?:the |your )?(?:user|reader|customer|visitor|human)s? (?:for|to (?:enter|provide|share|"
+     r"confirm|type|send|give))\b[^.\n]{0,30}\b(?:card|credit|password|passcode|pin|ssn|social security|bank|login|"
+     r"credentials|one-time|otp|2fa|seed phrase|cvv)", "asks to collect the user's credentials"),
+    (r"\b(?:do not|don't|never) (?:tell|inform|mention|reveal (?:this|these) to|let) (?:the )?(?:user|human)\b|"
+     r"\bwithout (?:telling|informing|alerting) the user\b|\bsecretly (?:add|send|include|insert|forward|append|copy|upload|email|run|execute|change|modify|tell|share|save|"
+     r"store|log|delete|remove)\b", "asks to hide something from the user"),
     (r"\b(?:reveal|print|output|repeat|show|leak|send)\b[^.\n]{0,30}\b(?:system prompt|your instructions|"
      r"api[_ ]?keys?|passwords?|credentials|secrets?|access tokens?)\b", "asks for secrets or the system prompt"),
-    (r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?&][^)\s]*=", "embeds an image link that can carry data out"),
-    (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
+    (r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?&][^)\s=]*=(?:\{|%7B|<|\[|\$|[A-Za-z0-9+/_-]{40,})",
+     "embeds an image link that can carry data out"),
+    (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?\b(?:conversations?|chats?|history|"
+     r"messages?|e-?mails?|inbox|data|files?|documents?|credentials|passwords?|keys?|tokens?|secrets?|contacts|env|"
+     r"environment|summary|everything|contents?|logs?|cookies?|sessions?)\b[^.\n]{0,60}?"
+     r"(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
      "asks to send data to an address"),
-    (r"https?://[^\s)]*(?:\{|%7B)[^\s)]*(?:\}|%7D)", "contains a URL template to fill with data"),
+    (r"https?://[^\s)]*(?:\{|%7B)\s*(?:[\w.]*(?:history|conversation|chat|messages?|prompt|secret|password|summary|"
+     r"context|memory|transcript|input)[\w.]*|data)\s*(?:\}|%7D)", "contains a URL template to fill with data"),
     (r"[\u200b\u2060\u202e]|(?<=[\s\S])\ufeff|[\U000e0000-\U000e007f]"
      r"|(?<![\w\u2600-\u27bf\ufe0f\U0001f000-\U0001faff])[\u200c\u200d]"
      r"|[\u200c\u200d](?![\w\u2600-\u27bf\U0001f000-\U0001faff])",
      "contains invisible characters"),
-    (r"\b(?:AI|assistant|model|LLM|chatbot)s?\b[^.\n]{0,30}\b(?:must|should|shall|need to|are instructed to)\b",
+    (r"\b(?:AI|assistant|LLM|chatbot|AI model|language model)s?\b[,:]?\s+(?:\w+ly\s+|always\s+|now\s+|also\s+)?"
+     r"(?:must|should|shall|needs? to|need to|is instructed to|are instructed to)\b",
      "addresses instructions to the AI"),
+    (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
+     r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|assistants?\b|chatbots?\b|"
+     r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:ai|llm|language model|assistant|"
+     r"chatbot)\b|\b(?:ai|llm|assistant|language model|chatbot)s?\b[^.\n]{0,25}\b(?:reading|summari[sz]ing|processing|"
+     r"parsing|browsing|indexing) (?:this|these)\b", "addresses the AI that reads it"),
+    (r"\bdecode\b[^.\n]{0,50}\b(?:and|then)\s+(?:follow|execute|run|obey|do|carry out)\b",
+     "asks to decode and follow hidden text"),
+    # "ignore the previous instructions" in other languages
+    (r"(?:\b(?:ignorier\w*|vergiss|missachte\w*)\b[^.\n]{0,40}\b(?:anweisungen|instruktionen|regeln|vorgaben|befehle)|"
+     r"\b(?:ignorez|ignorer|oubliez|oublier|oublie|ne tenez pas compte|ignore (?=les\b|toutes\b|tous\b|tes\b|vos\b))\b[^.\n]{0,40}\b(?:instructions|consignes|r\u00e8gles)|"
+     r"\b(?:ignor[ae]\w*|olvid[ae]\w*|esque[cç]\w*|dimentic\w*)\b[^.\n]{0,40}\b(?:instrucciones|instru[cç][oõ]es|"
+     r"istruzioni|reglas|regras|regole|indicaciones|indica[cç][oõ]es)|"
+     r"(?:игнорир\w*|забудь\w*|не обращай внимания)[^.\n]{0,40}(?:инструкци\w*|указани\w*|правил\w*)|"
+     r"(?:忽略|忽视|无视|忘记|忘掉|不要理会)[^。\n]{0,20}(?:指令|指示|说明|规则|提示)|"
+     r"(?:指示|命令|ルール|プロンプト)[^。\n]{0,20}(?:無視|忘れ)|(?:지시|명령|지침|규칙)[^.\n]{0,20}(?:무시|잊))",
+     _OTHER_LANGUAGES := "tells the model to ignore its instructions (in another language)"),
 ]
+# A refusal or a warning is not an instruction: "we will never ask you to send your password".
+_NEGATED = re.compile(r"\b(?:never|not|don't|won't|shouldn't|mustn't)\b[^.,;:\n]*$", re.I)
+# These count as instructions only in the imperative: at the start of a clause ("Ignore all previous
+# instructions", "please disregard ..."), not in a description ("attackers make the model ignore previous
+# instructions or reveal the system prompt").
+_OTHER_SCRIPT = re.compile(r"[\u0400-\u04ff\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
+_OTHER_LANGUAGE_WORDS = ("anweisung", "instrucc", "instru\u00e7", "istruzion", "consigne", "r\u00e8gle", "regla", "regra",
+                         "regole", "indica", "vorgabe", "befehle", "instructions")
+_IMPERATIVE_ONLY = ("tells the model to ignore its instructions", "asks for secrets or the system prompt")
+_CLAUSE_START = re.compile(r"(?:[.!?:;,\-\u2013\u2014\"'(\[>*]|\b(?:please|now|just|simply|and|then|kindly|also))\s*$", re.I)
+_NEGATABLE = ("asks for secrets or the system prompt", "asks to send data to an address")
+_TRANSCRIPT = re.compile(r"(?:^|\n)\s*(?:user|customer|human|client|visitor)\s*:\s*\S", re.I)
+_BASE64 = re.compile(r"(?<![\w+/])[A-Za-z0-9+/]{24,}={0,2}(?![\w+/=])")
 _INJECTION_RE = [(re.compile(p, re.I), why) for p, why in _INJECTION]
 _HIDDEN_COMMENT = re.compile(r"<!--(.*?)-->|^\s*\[//\]:\s*#\s*[(\"'](.*?)[)\"']\s*$|\[comment\]:\s*<>\s*\((.*?)\)",
                              re.S | re.M)
-_HIDDEN_STYLE = re.compile(r"<[^>]+(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0)[^>]*>(.*?)</",
+_HIDDEN_STYLE = re.compile(r"<[^>]+(?:display\s*:\s*none|visibility\s*:\s*hidden|opacity\s*:\s*0(?:\.0+)?\s*(?:[;\"']|$)|"
+                           r"font-size\s*:\s*(?:0(?:\.0+)?(?:px|pt|em|rem|%)?|1(?:px|pt))\s*(?:[;\"'!]|$))[^>]*>(.*?)</",
                            re.I | re.S)
+# Comments that tools write for people: "generated by X, do not edit".
+_TOOLING_COMMENT = re.compile(r"\b(?:please )?(?:do not|don't) (?:edit|modify|change|remove|delete|commit|translate)\b"
+                              r"[^.\n]*|\bauto-?generated\b|\bgenerated (?:by|from|with)\b", re.I)
+_ADDRESSES_MODEL = re.compile(r"\b(?:assistant|ai|llm|chatbot|model|gpt|instructions?|ignore|system prompt)\b", re.I)
 _IMPERATIVE = re.compile(r"\b(?:you|assistant|ai|model|instructions?|ignore|must|tell|send|reply|respond|say|"
                          r"answer|do not|don't|always|never)\b", re.I)
 
@@ -161,6 +242,19 @@ def find_tool_error(text: str) -> Finding | None:
         match = pattern.search(text)
         if match:
             return Finding("tool_error", f"tool output contains {why}", _short(_line_at(text, match.start())))
+    visible = _TAG.sub("\n", text) if _TAG.search(text) else text  # an HTML error page: its text
+    lines = [line.strip() for line in visible.splitlines() if line.strip()]
+    if len({a or b or c for a, b, c in _STATUS_CODE.findall(visible)}) >= 2:
+        return None  # several statuses: a listing about them, not one failed call
+    for pattern, why in _WEAK_ERROR_TEXT:
+        for match in pattern.finditer(visible):
+            line = _line_at(visible, match.start()).strip()
+            if len(lines) > 4 and line not in (lines[0], lines[-1]):
+                continue
+            sentence = re.split(r"[.!?]\s", visible[visible.rfind("\n", 0, match.start()) + 1 : match.start()])[-1]
+            if _CONDITIONAL.search(sentence):
+                continue  # "if you see Permission denied, ...": a mention
+            return Finding("tool_error", f"tool output contains {why}", _short(line))
     return None
 
 
@@ -169,10 +263,19 @@ _NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", 
 # in such an envelope: {"id": "pi_1", "status": "failed"} is a payment that failed, fetched successfully.
 _ENVELOPE_KEYS = frozenset({"status", "statuscode", "code", "success", "ok", "message", "error", "errors", "detail",
                             "details", "reason", "type", "title", "iserror", "content", "errormessage", "errortype",
-                            "requestid", "request_id", "timestamp", "path"})
+                            "requestid", "request_id", "timestamp", "path", "instance", "documentation_url",
+                            "error_description", "error_uri"})
 
 
 def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
+    foreign = [k for k in data if str(k).lower() not in _NOT_RECORD_KEYS]
+    if len(foreign) >= 3:
+        return None  # a record that has an error field (a failed job, a poll's margin of error), fetched fine
+    keys = {str(k).lower() for k in data}
+    code = data.get("code")
+    if keys <= {"code", "message", "details"} and isinstance(code, int) and not isinstance(code, bool) \
+            and 1 <= code <= 16 and data.get("message"):
+        return Finding("tool_error", f"tool returned gRPC status code {code}", _short(data.get("message")))
     for key in ("error", "errors", "exception", "traceback", "errorMessage", "errorType"):
         value = data.get(key)
         if not (value in _NO_ERROR or (isinstance(value, str) and value.strip().lower() in _NO_ERROR)):
@@ -183,6 +286,8 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
         return None
     if data.get("success") is False or data.get("ok") is False:
         return Finding("tool_error", "tool reported success=false")
+    if data.get("documentation_url") and data.get("message"):  # GitHub's error shape: a message and a docs link
+        return Finding("tool_error", "tool returned an error message", _short(data.get("message")))
     for key in ("status", "statusCode", "code"):
         status = data.get(key)
         number = int(status) if isinstance(status, str) and status.isdigit() else status
@@ -193,6 +298,7 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
     return None
 
 
+_NOT_RECORD_KEYS = _ENVELOPE_KEYS | {"data", "id", "jsonrpc", "result", "extensions", "meta", "instance"}
 _FAILED_STATUS = ("error", "failed", "failure", "fail", "timeout", "timed_out", "unavailable")
 
 
@@ -219,20 +325,46 @@ def _strings(data: Any, depth: int = 0) -> Iterator[str]:
             yield from _strings(item, depth + 1)
 
 
-def _find_injection(text: str, *, exempt_quoted: bool) -> Finding | None:
+def _find_injection(text: str, *, exempt_quoted: bool, depth: int = 0) -> Finding | None:
     for match in _HIDDEN_COMMENT.finditer(text):
         hidden = next((g for g in match.groups() if g), "")
-        if _IMPERATIVE.search(hidden):
+        if _IMPERATIVE.search(_TOOLING_COMMENT.sub(" ", hidden)):
             return Finding("injection", "a hidden comment talks to the model", _short(hidden))
     for match in _HIDDEN_STYLE.finditer(text):
-        if _IMPERATIVE.search(match.group(1)):
+        # hidden UI (a closed menu, a confirm dialog) talks to the person; hidden text for the model says so
+        if _ADDRESSES_MODEL.search(match.group(1)) or (depth == 0 and _find_injection(match.group(1), exempt_quoted=False,
+                                                                                      depth=1)):
             return Finding("injection", "invisible text talks to the model", _short(match.group(1)))
     for pattern, why in _INJECTION_RE:
+        if why == _OTHER_LANGUAGES and not (_OTHER_SCRIPT.search(text) or
+                                            any(w in text.lower() for w in _OTHER_LANGUAGE_WORDS)):
+            continue  # a quick test first: that pattern is slow on long English text
         for match in pattern.finditer(text):
             if exempt_quoted and _quoted(text, match.start(), match.end()):
                 continue  # a mention ("attackers write 'ignore the rules'"), not an instruction
+            if why in _IMPERATIVE_ONLY and not _clause_start(text, match.start()):
+                continue
+            if why in _NEGATABLE and _NEGATED.search(text[max(0, match.start() - 60) : match.start()]):
+                continue
+            if why == "role-plays an assistant turn" and _TRANSCRIPT.search(text):
+                continue  # a chat log the tool fetched
             return Finding("injection", f"content {why}", _short(match.group(0)))
+    if depth == 0:  # an instruction hidden in base64
+        for match in _BASE64.finditer(text):
+            try:
+                decoded = base64.b64decode(match.group(0) + "=" * (-len(match.group(0)) % 4)).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if " " in decoded and sum(c.isprintable() for c in decoded) >= 0.95 * len(decoded):
+                if finding := _find_injection(decoded, exempt_quoted=False, depth=1):
+                    return Finding("injection", f"base64 text {finding.reason.removeprefix('content ')}",
+                                   finding.evidence)
     return None
+
+
+def _clause_start(text: str, start: int) -> bool:
+    line_start = text.rfind("\n", 0, start) + 1
+    return not text[line_start:start].strip() or bool(_CLAUSE_START.search(text[max(line_start, start - 20) : start]))
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
@@ -250,7 +382,7 @@ def find_schema_violation(text: str, schema: Mapping[str, Any]) -> Finding | Non
     data = _json(text)
     if schema.get("type") == "string" and not isinstance(data, str):
         data = text  # "2024" from a tool that promises a string is that string, not a number
-    elif data is None:
+    elif data is None and text.strip() != "null":  # `null` is JSON: a lookup that found nothing
         if schema.get("type") is None:
             data = text
         else:
@@ -279,12 +411,17 @@ def numeric_fields(text: str) -> dict[str, float]:
             number = _to_number(value)
             if number is not None:
                 fields.setdefault(name.strip().lower(), number)
+        for match in re.finditer(rf"({_NUMBER})\s*°\s*[CF]?\b", text):  # "Weather in Lisbon: 23°C"
+            number = _to_number(match.group(1))
+            if number is not None:
+                fields.setdefault("temperature", number)
     return fields
 
 
 _CLAIM_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
 _DEGREES = re.compile(rf"({_NUMBER})\s*(?:°|degrees?\b)", re.I)
 _CHANGE = re.compile(r"\b(?:warmer|colder|cooler|hotter|higher|lower|more|less|by|drops?|dropp\w*|rises?|rising|"
+                     r"below|above|off|cheaper|saving|save[sd]?|discount\w*|each|per|"
                      r"fall\w*|climb\w*|difference|than|up|down)\b")
 
 
@@ -321,12 +458,53 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
                 number = _to_number(text)
                 if number is None or any(_same(number, v) for v in values):
                     continue
+                if _restated(number, claim_l[position + len(text):], values):
+                    continue
                 return Finding(
                     "contradiction",
                     f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
                     _short(claim[max(position - 40, 0) : position + 40]),
                 )
-    return None
+    return _money_contradiction(claim_l, claim, tool_results)
+
+
+_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9, "b": 1e9,
+          "trillion": 1e12}
+_MONEY_FIELD = re.compile(r"price|cost|amount|total|balance|fare|fee|charge")
+_MONEY_CLAIM = re.compile(rf"(?:[$€£]\s?({_NUMBER})|(?<![\w.])({_NUMBER})\s?(?:usd|eur|gbp|dollars?|euros?|pounds?)\b)")
+
+
+def _restated(number: float, after: str, values: Sequence[float]) -> bool:
+    """Whether `number`, followed by `after` in the claim, is a tool value put another way: a share as a
+    percentage (0.82 as 82%), a scaled count (8,799,800 as 8.8 million), a temperature in the other unit."""
+    unit = re.match(r"\s*(%|percent\b|per cent\b|°\s*[cf]?|degrees?\b|(thousand|million|billion|trillion|mn|bn|k|m|b)\b)",
+                    after)
+    if unit is None:
+        return False
+    if unit.group(2):
+        return any(_same(number * _SCALE[unit.group(2)], v) for v in values)
+    if unit.group(1).startswith(("%", "per")):
+        return any(0 < abs(v) <= 1 and _same(number / 100, v) for v in values)
+    return any(_same(number, v * 9 / 5 + 32) or _same(number, (v - 32) * 5 / 9) for v in values)
+
+
+def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+    """The one amount of money an answer states, when the tools returned one price and not that amount."""
+    fields = {}
+    for tool, result in tool_results:
+        fields.update({(tool, f): v for f, v in numeric_fields(result).items()})
+    money = [(tool, f, v) for (tool, f), v in fields.items() if _MONEY_FIELD.search(f)]
+    amounts = [m for m in _MONEY_CLAIM.finditer(claim_l)
+               if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 20])]
+    if len(money) != 1 or len(amounts) != 1:
+        return None
+    text = amounts[0].group(1) or amounts[0].group(2)
+    number = _to_number(text)
+    if number is None or any(_same(number, v) for v in fields.values()):
+        return None
+    tool, field, value = money[0]
+    return Finding("contradiction", f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
+                   _short(claim[max(amounts[0].start() - 40, 0) : amounts[0].end() + 40]))
 
 
 def _nearest_in_clause(
@@ -547,9 +725,13 @@ class QuarantineStage(Stage):
         if fp in released:
             return None
         record = known.get(fp)
-        if record is None:
+        if record is None or record.kind in _CONTEXT_KINDS:
+            # A schema or contradiction verdict depends on more than the content (the tool's schema, the
+            # results the answer rests on): the same words can be right in another conversation.
             finding, source = check()
-            if finding is not None:
+            if finding is None:
+                return None
+            if record is None:
                 record = self._add(request, fp, finding, content, source)
         return record
 
