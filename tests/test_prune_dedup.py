@@ -173,3 +173,39 @@ def test_default_stages_dedup_counts_with_the_backends_counter(llama_backend, em
 
     dedup = next(s for s in default_stages(llama_backend, embedder=embedder) if isinstance(s, DedupStage))
     assert dedup.counter is llama_backend.counter
+
+
+def _repeated(first: str, later: str):
+    return [{"role": "user", "content": first}, {"role": "assistant", "content": "Looks fine."},
+            {"role": "user", "content": later}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "Which version did I send last, and is it correct?"}]
+
+
+_CODE = """Here is my function, please review it:
+def total(orders):
+    s = 0
+    for o in orders:
+        s += o.amount
+        if o.refunded:
+            s -= o.amount
+    return s
+It is called from the billing job every night and from the report page."""
+
+
+def test_code_that_changed_only_its_indentation_or_case_is_not_called_a_duplicate():
+    """`return s` moved into the loop, or o.amount renamed o.Amount: both were collapsed as 100% the same."""
+    for change in ("        return s", "s += o.Amount"):
+        later = _CODE.replace("    return s", change) if "return" in change else _CODE.replace("s += o.amount", change)
+        out = DedupStage().before_model(ChatRequest(messages=_repeated(_CODE, later))).messages
+        code = later[later.index("def total"):later.index("It is called")].strip()
+        assert code in message_text(out[2]), message_text(out[2])
+
+
+def test_a_copy_that_drops_a_sentence_says_what_it_lacks():
+    rules = ("Deployment checklist for release 4.2, please keep it in mind for the rest of this session.\n"
+             "Freeze the main branch before tagging.\nRun the database migration on staging first.\n"
+             "Do not deploy on Friday afternoon.\nNotify the support team one hour before the rollout.")
+    later = rules.replace("Do not deploy on Friday afternoon.\n", "")
+    out = DedupStage().before_model(ChatRequest(messages=_repeated(rules, later))).messages
+    sent = message_text(out[2])
+    assert sent.startswith(COLLAPSED_PREFIX) and sent.endswith("[not in this copy:] Do not deploy on Friday afternoon.")

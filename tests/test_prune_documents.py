@@ -207,3 +207,74 @@ def test_neighbouring_lines_of_a_cut_document_keep_their_line_breaks(ranker):
     kept = result.documents[0]["text"]
     assert "import math\nimport random" in kept, kept
     assert result.tokens_after <= budget and ranker.counter.count_text(kept) <= budget
+
+
+# -- found in review ----------------------------------------------------------------------------------
+
+_PRODUCTS = json.dumps([{"id": i, "sku": f"SKU-{i:05d}", "price": round(i * 1.37, 2), "stock": i % 17,
+                         "warehouse": "OSL-2"} for i in range(400)], separators=(",", ":"))
+
+
+def test_a_tool_result_whose_passages_all_exceed_the_budget_is_still_cut_to_it():
+    """Minified JSON cuts into passages bigger than a small budget: nothing fitted, and the whole 11,000-token
+    result was sent."""
+    messages = [{"role": "user", "content": "What is the price of SKU-00123?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "list_products", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": _PRODUCTS}]
+    stage = DocumentPruningStage(budget_tokens=100)
+    out = stage.before_model(ChatRequest(messages=messages)).messages[2]["content"]
+    assert stage.counter.count_text(out) <= 130 and "SKU-00123" in out
+
+
+def test_a_document_whose_passages_exceed_the_budget_is_not_dropped_for_small_ones():
+    stage = DocumentPruningStage(budget_tokens=100)
+    documents = [{"id": "products.json", "text": _PRODUCTS}, {"id": "readme", "text": "Prices are in NOK, VAT included."}]
+    request = stage.before_model(ChatRequest(messages=[{"role": "user", "content": "What is the price of SKU-00123?"}],
+                                             metadata={"documents": documents}))
+    kept = {d["id"]: d["text"] for d in request.metadata["documents"]}
+    assert "SKU-00123" in kept.get("products.json", "")
+
+
+@pytest.mark.parametrize("question,gold", [
+    ("第37号仓库的库存商品数量是多少？", "wh37"),
+    ("王12先生的电话是多少？", "wh12"),
+])
+def test_chinese_documents_are_ranked_by_their_words(question, gold):
+    """A run of CJK characters was one BM25 term: a question shared none with its answer's passage."""
+    cities = ["北京", "上海", "广州", "深圳", "杭州", "南京", "成都", "武汉", "西安", "重庆"]
+    documents = [{"id": f"wh{i}", "text": f"第{i}号仓库位于{cities[i % 10]}。该仓库的库存商品数量为{i * 113}件。"
+                                            f"负责人是王{i}先生，电话{8000 + i}。"} for i in range(60)]
+    ranker = DocumentRanker(None)
+    result = ranker.prune(question, documents, ranker.count([d["text"] for d in documents]) // 10)
+    assert gold in result.kept_ids
+
+
+def test_metadata_documents_and_document_blocks_share_one_turn_budget():
+    corpus = [json.loads(x) for x in (FIXTURES / "corpus.jsonl").read_text().splitlines() if x]
+    from ctxkit.stages.pruning.documents import DOCUMENT_BLOCK
+
+    stage = DocumentPruningStage(budget_tokens=120)
+    inline = "\n\n".join(f'<document id="{d["id"]}">\n{d["text"]}\n</document>' for d in corpus[:5])
+    request = ChatRequest(messages=[{"role": "user", "content": inline + "\n\nWhen was Oslo founded?"}],
+                          metadata={"documents": corpus[5:]})
+    out = stage.before_model(request)
+    blocks = sum(stage.counter.count_text(m.group(2)) for msg in out.messages
+                 for m in DOCUMENT_BLOCK.finditer(msg["content"]))
+    metadata = sum(stage.counter.count_text(d["text"]) for d in out.metadata.get("documents", []))
+    assert blocks + metadata <= 130, (blocks, metadata)
+
+
+def test_a_code_document_kept_whole_counts_its_indentation():
+    """Kept whole, a code file was counted without the line breaks and indentation between its passages:
+    the stage reported it within the budget and sent more."""
+    code = (Path(__file__).parent.parent / "ctxkit" / "stages" / "pruning" / "dedup.py").read_text()
+    stage = DocumentPruningStage(budget_tokens=stage_count(code) - 40)
+    request = stage.before_model(ChatRequest(messages=[{"role": "user", "content": "How are candidate pairs picked?"}],
+                                             metadata={"documents": [{"id": "dedup.py", "text": code}]}))
+    sent = sum(stage.counter.count_text(d["text"]) for d in request.metadata["documents"])
+    assert sent <= stage.budget_tokens + 2, (sent, stage.budget_tokens)
+
+
+def stage_count(text: str) -> int:
+    return DocumentPruningStage(budget_tokens=1).counter.count_text(text)

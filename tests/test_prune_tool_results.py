@@ -118,3 +118,30 @@ def test_results_the_model_has_not_read_are_never_cleared():
                 {"role": "user", "content": "And tomorrow?"}]
     assert [c.startswith(PLACEHOLDER_PREFIX) for c in _tool_contents(stage.before_model(ChatRequest(
         messages=answered)))] == [True, True, False, False], "once read, the older ones may go"
+
+
+def test_a_cleared_results_placeholder_keeps_the_whole_arguments_to_call_again():
+    """Arguments past 300 characters were cut with '...': the placeholder said 'call it again with these
+    arguments' and held invalid JSON."""
+    sql = ("SELECT c.id, c.name, c.email, SUM(o.total) AS revenue, COUNT(o.id) AS orders FROM customers c "
+           "JOIN orders o ON o.customer_id = c.id WHERE o.created_at >= '2024-01-01' AND o.status IN "
+           "('paid','shipped','delivered') AND c.country = 'NO' GROUP BY c.id, c.name, c.email "
+           "HAVING SUM(o.total) > 10000 ORDER BY revenue DESC LIMIT 50")
+    rows = "\n".join(f"{i}, customer {i}, c{i}@example.com, {20000 - i * 37}" for i in range(300))
+    messages = [{"role": "user", "content": "Who are our best Norwegian customers?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "run_sql", "arguments": json.dumps({"query": sql})}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": rows},
+                {"role": "assistant", "content": "Here are the top 50."}]
+    for k in range(2, 6):
+        messages += [{"role": "user", "content": f"question {k}"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{k}", "type": "function",
+                      "function": {"name": "now", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": f"c{k}", "content": "12:00"},
+                     {"role": "assistant", "content": "noon"}]
+    messages.append({"role": "user", "content": "Show me that customer list again."})
+    stage = ToolResultClearingStage(keep_last=1, clear_at_least=64)
+    placeholder = stage.before_model(ChatRequest(messages=messages)).messages[2]["content"]
+    assert placeholder.startswith(PLACEHOLDER_PREFIX)
+    arguments = placeholder[placeholder.index("run_sql(") + len("run_sql("): placeholder.index(") returned")]
+    assert json.loads(arguments) == {"query": sql}

@@ -197,17 +197,7 @@ class PromptTemplate:
         memory_text = self._memory(memory or "", counter, variables)
         tokens["memory"] = counter.count_text(memory_text) if memory_text else 0
 
-        kept_docs: list[Mapping[str, Any]] = []
-        docs_text = ""
-        for doc in documents:
-            if "id" not in doc or "text" not in doc:
-                raise TemplateError("each document needs 'id' and 'text'", self.id)
-            candidate = self._text("documents", documents=[*kept_docs, doc], **variables)
-            budget = self.budgets.get("documents")
-            if budget is not None and counter.count_text(candidate) > budget:
-                continue  # a later, shorter document may still fit; order of the kept ones is kept
-            kept_docs.append(doc)
-            docs_text = candidate
+        kept_docs, docs_text = self._documents(documents, counter, variables)
         tokens["documents"] = counter.count_text(docs_text) if docs_text else 0
 
         history = [copy.deepcopy(dict(m)) for m in conversation]
@@ -234,6 +224,52 @@ class PromptTemplate:
             template=self.id, messages=messages, tools=canonical_tools, section_tokens=tokens,
             kept_documents=[str(doc["id"]) for doc in kept_docs], dropped_messages=dropped,
         )
+
+    def _documents(self, documents: Sequence[Mapping[str, Any]], counter: TokenCounter,
+                   variables: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str]:
+        """The documents that fit the section's budget, in the order given (a later, shorter one may fit
+        where an earlier one did not), and the section's text.
+
+        Rendering and counting the whole section again for each document took 37 s for 2,000 documents:
+        a document is first measured alone, and the section is rendered whole only for one that might not
+        fit (within a margin for the tokens its seams may add)."""
+        for doc in documents:
+            if "id" not in doc or "text" not in doc:
+                raise TemplateError("each document needs 'id' and 'text'", self.id)
+        budget = self.budgets.get("documents")
+        everything = self._text("documents", documents=list(documents), **variables) if documents else ""
+        if budget is None or counter.count_text(everything) <= budget:
+            return list(documents), everything
+        margin = 8
+        kept: list[Mapping[str, Any]] = []
+        # An estimate: the section's own text (a header) and each kept document rendered alone, less that text.
+        base = counter.count_text(self._text("documents", documents=[], **variables))
+        used = base
+        docs_text = ""
+        exact = True  # docs_text is the rendering of `kept`
+        too_long = budget + 1  # the size of the smallest document the rendered check found not to fit
+        for doc in documents:
+            alone = counter.count_text(self._text("documents", documents=[doc], **variables)) - base
+            if used + alone + margin <= budget:
+                kept.append(doc)
+                used += alone
+                exact = False
+                continue
+            if used + alone > budget + margin or alone >= too_long:
+                continue  # cannot fit (no larger than one that did not); a later, shorter document may
+            candidate = self._text("documents", documents=[*kept, doc], **variables)
+            if counter.count_text(candidate) > budget:
+                too_long = alone
+                continue
+            kept.append(doc)
+            used, docs_text, exact = counter.count_text(candidate), candidate, True
+            too_long = budget + 1
+        if not exact:
+            docs_text = self._text("documents", documents=kept, **variables) if kept else ""
+        while kept and counter.count_text(docs_text) > budget:  # the estimate was short: drop from the end
+            kept.pop()
+            docs_text = self._text("documents", documents=kept, **variables) if kept else ""
+        return kept, docs_text
 
     def _memory(self, memory: str, counter: TokenCounter, variables: Mapping[str, Any]) -> str:
         """The memory message: the summary's first whole sentences that fit the budget with the section's

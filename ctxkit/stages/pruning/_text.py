@@ -16,6 +16,13 @@ from ...response import message_text
 from ...tokens import TokenCounter
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Chinese, Japanese and Korean are written without spaces: a whole clause, digits and all, is one [^\W_]+ run,
+# and a question shares no such run with the passage that answers it. Their characters are terms of their own
+# (and the pairs of neighbouring ones, which carry most words), and digits and Latin letters between them are
+# split off ("第37号" -> "第", "37", "号").
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_CJK_RUN = re.compile(f"[{_CJK}]+")
+_SPLIT_CJK = re.compile(f"[{_CJK}]+|[^\\W_{_CJK}]+", re.UNICODE)
 # Function words carry no topic: BM25 gives them a low idf anyway, but on a one-page corpus idf is noisy.
 STOPWORDS = frozenset(
     """a an the and or but if then else of to in on at by for with from as is are was were be been being
@@ -28,8 +35,21 @@ STOPWORDS = frozenset(
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens, stop words dropped (the unit BM25 and the shingles use)."""
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    """Lower-cased word tokens, stop words dropped (the unit BM25 and the shingles use); Chinese, Japanese
+    and Korean text as single characters and pairs of neighbouring characters."""
+    out: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        if not _CJK_RUN.search(word):
+            if word not in STOPWORDS:
+                out.append(word)
+            continue
+        for piece in _SPLIT_CJK.findall(word):
+            if not _CJK_RUN.fullmatch(piece):
+                out.append(piece)
+                continue
+            out.extend(piece)
+            out.extend(piece[i:i + 2] for i in range(len(piece) - 1))
+    return out
 
 
 class BM25:

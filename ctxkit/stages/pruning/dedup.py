@@ -8,8 +8,9 @@ a changed number survives even when the rest of the text is dropped.
 What is sent:
 - Messages: the first copy stays; a later near-duplicate (Jaccard >= `threshold` on word 3-shingles,
   at least `min_tokens` long) becomes `[near-duplicate of message 4 (96% same wording), collapsed by
-  ctxkit; what differs:] <its sentences not found in message 4>` (compared with case and white space
-  ignored, signs and operators not: "-18" is not "18"), when that is shorter; messages with image or
+  ctxkit; what differs:] <its sentences not found in message 4>` (and `[not in this copy:] <message 4's
+  sentences it lacks>`, compared with runs of spaces inside a line ignored; case, indentation, signs and
+  operators not: "-18" is not "18", `Config` is not `config`), when that is shorter; messages with image or
   audio parts are never collapsed. Later copies are edited, not earlier
   ones, so the cached prompt prefix stays intact. The newest user message (the request itself),
   system messages and assistant messages with tool calls are never edited, and no message is removed,
@@ -21,6 +22,7 @@ What is sent:
 
 from __future__ import annotations
 
+import difflib
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -174,8 +176,14 @@ class DedupStage(Stage):
                 earlier = pairs[earlier]
             similarity = jaccard(self.hasher.shingles(texts[earlier]), self.hasher.shingles(texts[later]))
             differs = _differs(texts[earlier], texts[later])
+            # A copy that drops a sentence says less than the original (a ticket closed, a line of code
+            # deleted): "near-duplicate" alone would tell the model the dropped sentence still holds.
+            # A sentence that was changed, not dropped, is already among what differs.
+            missing = [m for m in _differs(texts[later], texts[earlier]) if not any(_alike(m, d) for d in differs)]
             head = f"{COLLAPSED_PREFIX} {earlier} ({similarity:.0%} same wording), collapsed by ctxkit"
             text = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
+            if missing:
+                text += f" [not in this copy:] {' '.join(missing)}"
             if self.counter.count_text(text) < self.counter.count_text(texts[later]):
                 collapsed[later] = text  # else it saves nothing: leave the message (and the prefix) alone
         return collapsed
@@ -210,9 +218,20 @@ class DedupStage(Stage):
         return pairs
 
 
+def _alike(a: str, b: str) -> bool:
+    """Two versions of one sentence ("revenue of 4.2 million" / "4.3 million"), not two sentences."""
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.6
+
+
 def _norm(sentence: str) -> str:
-    # White space only: signs, operators and decimal points are facts ("-18" is not "18", ">" is not ">=").
-    return " ".join(sentence.lower().split())
+    # Runs of spaces inside a line only: signs, operators and decimal points are facts ("-18" is not "18",
+    # ">" is not ">="), and so are a line's indentation (Python's blocks) and letter case (identifiers,
+    # paths, SQL strings).
+    lines = []
+    for line in sentence.strip().splitlines():
+        body = line.lstrip()
+        lines.append(line[: len(line) - len(body)] + " ".join(body.split()))
+    return "\n".join(lines)
 
 
 def _differs(earlier: str, later: str) -> list[str]:

@@ -113,6 +113,7 @@ class DocumentRanker:
         self._cache_size = cache_size
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
         self._lock = threading.Lock()
+        self._finer_rankers: dict[int, DocumentRanker] = {}
 
     # -- splitting, counting, embedding -----------------------------------------------------------
     def passages(self, text: str) -> list[str]:
@@ -199,10 +200,24 @@ class DocumentRanker:
                 self._indexes.popitem(last=False)
         return index
 
+    def _finer(self, max_passage_tokens: int) -> DocumentRanker:
+        """A ranker cutting smaller passages, sharing this one's embeddings and counts (kept per size)."""
+        with self._lock:
+            finer = self._finer_rankers.get(max_passage_tokens)
+            if finer is None:
+                finer = DocumentRanker(self.embedder, self.counter, self.weights,
+                                       max_passage_tokens=max_passage_tokens, cache_size=self._cache_size)
+                finer._cache, finer._lock = self._cache, self._lock  # texts are keyed by content: shareable
+                self._finer_rankers[max_passage_tokens] = finer
+        return finer
+
     def clear_indexes(self) -> None:
         """Forget the indexed corpora (embeddings and token counts stay cached)."""
         with self._lock:
             self._indexes.clear()
+            finer = list(self._finer_rankers.values())
+        for ranker in finer:
+            ranker.clear_indexes()
 
     # -- ranking -----------------------------------------------------------------------------------
     def prune(self, query: str, documents: Sequence[Mapping[str, Any]], budget_tokens: int) -> PruneResult:
@@ -230,6 +245,13 @@ class DocumentRanker:
             unit_score = w * unit_score + (1 - w) * _normalise(unit_cos)
             doc_score = w * doc_score + (1 - w) * _normalise(doc_cos)
         score = (1 - self.weights.document) * unit_score + self.weights.document * doc_score[own]
+
+        if unit_tokens[int(np.argmax(score))] > budget_tokens and self.max_passage_tokens > 8:
+            # The best passage does not fit (minified JSON or CJK pieces run past max_passage_tokens): its
+            # document was dropped for small look-alikes, or, when nothing fitted, a tool result was sent
+            # whole. Rank smaller pieces.
+            finer = self._finer(max(min(budget_tokens, self.max_passage_tokens) // 2, 8))
+            return dataclasses.replace(finer.prune(query, documents, budget_tokens), tokens_before=tokens_before)
 
         chosen = np.zeros(len(units), dtype=bool)
         used = 0
@@ -260,8 +282,16 @@ class DocumentRanker:
                             + sum(self.counter.count_text(gap) for gap in gaps))
             if tokens_after <= budget_tokens or not chosen.any():
                 break
+            # The weakest passages whose tokens cover half the overshoot go at once (a dropped passage can
+            # take its marks with it, so the whole overshoot would often drop too much): one at a time, with
+            # every document re-assembled after each, took seconds on a 200,000-token corpus (470 rounds).
             kept = np.flatnonzero(chosen)
-            chosen[kept[int(np.argmin(score[kept]))]] = False
+            target, freed = max((tokens_after - budget_tokens + 1) // 2, 1), 0
+            for i in kept[np.argsort(score[kept], kind="stable")]:
+                chosen[i] = False
+                freed += int(unit_tokens[i])
+                if freed >= target:
+                    break
         kept_documents = set(own[chosen].tolist())
         dropped = [ids[k] for k in range(len(texts)) if k not in kept_documents]
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
@@ -285,6 +315,10 @@ def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids:
         first, last = int(starts[k]), int(starts[k + 1]) - 1
         if len(keep) == last - first + 1:
             text = texts[k]
+            # Whole, it still carries the line breaks and indentation between its passages (code: 2% more
+            # tokens than its passages alone), and they count against the budget as a cut one's do.
+            spans = _spans(text, units[first:last + 1])
+            gaps.extend(g for a, b in zip(spans, spans[1:], strict=False) if a and b and (g := text[a[1]:b[0]]) != " ")
         else:
             spans = _spans(texts[k], units[first:last + 1])
             runs: list[str] = []
@@ -380,7 +414,18 @@ class DocumentPruningStage(Stage):
         if docs is not None:
             documents = checked_documents(docs)
             query = _turn_query(messages, len(messages))
-            result = self.ranker.prune(query, documents, self.budget_for(self._tokens(documents)))
+            # <document> blocks of the newest user message are documents of this turn too: what they keep
+            # comes out of the same budget (each had all of it, and a turn sent twice its budget).
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            inline_before = _block_texts(messages[last]) if last is not None else []
+            inline_after = _block_texts(out[last]) if last is not None else []
+            tokens = self._tokens(documents)
+            budget = self.budget_for(tokens + (self.ranker.count(inline_before) if inline_before else 0))
+            budget -= self.ranker.count(inline_after) if inline_after else 0
+            if budget >= 1:
+                result = self.ranker.prune(query, documents, budget)
+            else:
+                result = PruneResult([], [], [str(d["id"]) for d in documents], tokens, 0)
             changes["metadata"] = {
                 **request.metadata,
                 DOCUMENTS_KEY: result.documents,
@@ -445,6 +490,11 @@ class DocumentPruningStage(Stage):
                     f"match the request; call {call} again for the full text]")
             return {**message, "content": f"{result.documents[0]['text']}\n{note}"}
         return None
+
+
+def _block_texts(message: Mapping[str, Any]) -> list[str]:
+    content = message.get("content")
+    return [m.group(2) for m in DOCUMENT_BLOCK.finditer(content)] if isinstance(content, str) else []
 
 
 def render_documents(documents: Sequence[Mapping[str, Any]]) -> str:

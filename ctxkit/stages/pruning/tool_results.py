@@ -36,8 +36,8 @@ def placeholder(name: str, arguments: str, tokens: int) -> str:
         args = json.dumps(json.loads(arguments or "{}"), sort_keys=True, ensure_ascii=False)
     except json.JSONDecodeError:
         args = arguments
-    if len(args) > 300:  # the call is the recipe, not the payload: keep it short
-        args = args[:297] + "..."
+    # The arguments are kept whole, however long: cut, they are no longer a call the model can repeat (a SQL
+    # query, a URL). The stage clears a result only when its placeholder, arguments and all, is shorter.
     return (
         f"{PLACEHOLDER_PREFIX} {name}({args}) returned {tokens} tokens; "
         "call it again with these arguments if you need it]"
