@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .backends.base import Backend
-from .errors import ContextOverflowError
+from .errors import BackendConnectionError, BackendStatusError, ContextOverflowError, RequestError
 from .ledger import Ledger, LedgerRecord, PriceTable
 from .redaction import redact
 from .request import ChatRequest
-from .response import AsyncChatStream, ChatResponse, ChatStream
+from .response import AsyncChatStream, ChatResponse, ChatStream, Usage
 from .stage import AsyncResult, Result, Stage
 from .validation import check_tool_choice_offered, replace_malformed_arguments, validate_request
 
@@ -70,6 +70,9 @@ class _CallTrace:
         self.sent = 0
         self.last_sent = 0  # the prompt of the backend call whose usage the response reports
         self.backend_calls = 0
+        self.answers: list[Usage] = []  # usage of each whole answer the backend gave (all were paid for)
+        self.streamed = False  # the last backend call was a stream: its usage is the final response's
+        self.unsent = False  # the last backend call was refused or never received (see _UNSENT): not paid
         self.backend_ms = 0.0
         self.count_ms = 0.0
         self.answered_by: str | None = None
@@ -89,31 +92,43 @@ class _CallTrace:
         self._counts[key] = (tokens, request.messages, request.tools)
         return tokens
 
-    def record(self, response: ChatResponse | None, error: BaseException | None = None) -> LedgerRecord:
+    def record(self, response: ChatResponse | None, error: BaseException | None = None, *,
+               delivered: bool = True) -> LedgerRecord:
+        """delivered=False: the last backend call failed before any answer, refused or never received (a
+        connection refused, an HTTP error status, a stream closed before it began): nothing was sent or paid."""
         backend = self.pipeline.backend
         saved = {name: tally.saved for name, tally in self.tallies.items()}
-        model = (response.model if response else None) or self.request.model or backend.model
-        out = response.usage.completion_tokens if response else 0
+        model = (response.model if response else None) or _answering_model(backend, self.request)
         answered = response is not None and self.answered_by is not None
-        cached = response.usage.cached_tokens if response and not answered else 0
+        # Every backend call of this call was paid for, not only the one whose answer the caller got: a
+        # stage that called again (a tool recovery), or failed after the backend had answered.
+        paid = list(self.answers)
+        if self.streamed and response is not None and delivered:
+            paid.append(response.usage)
+        last = paid[-1] if paid else None
+        final_out = response.usage.completion_tokens if response else 0
+        out = sum(u.completion_tokens for u in paid)
+        cached = sum(u.cached_tokens for u in paid)
         price = self.pipeline.prices.price(model)
-        reported = response.usage.prompt_tokens if response and not answered else None
+        reported = last.prompt_tokens if last is not None else None
+        sent = self.sent if delivered else self.sent - self.last_sent
         total_ms = (time.perf_counter() - self.started) * 1000
         stage_ms = {name: round(t.self_ms, 3) for name, t in self.tallies.items()}
         return LedgerRecord(
             id=self.id, ts=self.ts, backend=backend.name, model=model, namespace=self.request.namespace,
             conversation_id=self.request.conversation_id, stream=self.request.stream,
-            tokens_naive=self.naive, tokens_sent=self.sent,
-            tokens_out=0 if answered else out, out_saved=out if answered else 0,
+            tokens_naive=self.naive, tokens_sent=sent,
+            tokens_out=out, out_saved=final_out if answered else 0,
             saved_by_stage=saved, tokens_cached=cached,
             tokens_reported=reported, count_delta=None if reported is None else reported - self.last_sent,
-            usage_reported=bool(response and response.usage.reported),
+            usage_reported=bool(last.reported if last is not None else response and response.usage.reported),
             answered_by=self.answered_by,
             latency_ms={"stages": stage_ms, "backend": round(self.backend_ms, 3),
                         "counting": round(self.count_ms, 3), "total": round(total_ms, 3),
                         "backend_calls": self.backend_calls},
-            cost_usd=0.0 if answered else price.cost(self.sent, cached, out),
-            cost_naive_usd=price.cost(self.naive, min(cached, self.naive), out),
+            cost_usd=price.cost(sent, min(cached, sent), out),
+            cost_naive_usd=price.cost(self.naive, 0 if answered else min(last.cached_tokens if last else 0, self.naive),
+                                      final_out),
             status="ok" if error is None else "error",
             error_type=type(error).__name__ if error else None,
             error=_redact(str(error)) if error else None,
@@ -149,7 +164,7 @@ class Pipeline:
         try:
             result = self._dispatch(trace, 0, trace.request)
         except BaseException as exc:
-            self.ledger.write(trace.record(None, exc))
+            self.ledger.write(trace.record(None, exc, delivered=not trace.unsent))
             raise
         finally:
             _current_call.reset(token)
@@ -162,7 +177,7 @@ class Pipeline:
         try:
             result = await self._adispatch(trace, 0, trace.request)
         except BaseException as exc:
-            self.ledger.write(trace.record(None, exc))
+            self.ledger.write(trace.record(None, exc, delivered=not trace.unsent))
             raise
         finally:
             _current_call.reset(token)
@@ -278,28 +293,42 @@ class Pipeline:
 
     def _send(self, trace: _CallTrace, request: ChatRequest) -> Result:
         tokens = self._prepare(trace, request)
+        trace.unsent = False
         t0 = time.perf_counter()
         if not request.stream:
             try:
-                return self.backend.complete(request)
+                response = self.backend.complete(request)
+            except _UNSENT:
+                trace.unsent = True
+                raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
+            trace.answers.append(response.usage)
+            return response
+        trace.streamed = True
         return self._timed_stream(ChatStream(self.backend.stream(request), **self._stream_args(request)),
                                   trace, tokens, t0)
 
     async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
         tokens = self._prepare(trace, request)
+        trace.unsent = False
         t0 = time.perf_counter()
         if not request.stream:
             try:
-                return await self.backend.acomplete(request)
+                response = await self.backend.acomplete(request)
+            except _UNSENT:
+                trace.unsent = True
+                raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
+            trace.answers.append(response.usage)
+            return response
+        trace.streamed = True
         return self._timed_stream(AsyncChatStream(self.backend.astream(request), **self._stream_args(request)),
                                   trace, tokens, t0)
 
     def _stream_args(self, request: ChatRequest) -> dict[str, Any]:
-        return {"backend": self.backend.name, "model": request.model or self.backend.model,
+        return {"backend": self.backend.name, "model": _answering_model(self.backend, request),
                 "count_completion": self.backend.counter.count_completion}
 
     @staticmethod
@@ -319,8 +348,24 @@ class Pipeline:
             result.answered_by = trace.answered_by
             result.on_complete(lambda response: self.ledger.write(trace.record(response)))
             # A failed or abandoned stream is recorded with what it generated: those tokens were paid for.
-            result.on_error(lambda exc: self.ledger.write(trace.record(result.partial(), exc)))
+            result.on_error(lambda exc: self.ledger.write(trace.record(
+                result.partial(), exc, delivered=result.received_any or not isinstance(exc, _UNSENT))))
         return result
+
+
+# Failures of a backend call before any answer that mean the backend refused the request or never received
+# it: an HTTP error status, a connection that could not be made, a request the backend itself rejected, a
+# stream closed before it began. Providers bill none of them. (A timeout or a cancellation may have been
+# processed and billed.) Only the backend's own failures count: a stage's error after an answer does not.
+_UNSENT = (BackendStatusError, BackendConnectionError, RequestError, GeneratorExit)
+
+
+def _answering_model(backend: Backend, request: ChatRequest) -> str:
+    """The model that answers `request`, for a call that failed before the backend said: a backend that
+    serves one model (llama.cpp) answers with it whatever name the app asked for, and is priced as it."""
+    if getattr(backend, "serves_one_model", False):
+        return backend.model
+    return request.model or backend.model
 
 
 def _add_backend_ms(trace: _CallTrace, t0: float) -> None:

@@ -84,11 +84,13 @@ class _Assembler:
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason = "stop"
         self.finished = False  # whether a chunk said why the answer ended (a stream cut off never does)
+        self.chunks = 0
         self.usage: Usage | None = None
         self.id: str | None = None
         self.model: str | None = None
 
     def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
         if chunk.get("usage"):
@@ -151,6 +153,11 @@ class _StreamBase:
         that closed the connection half way, cleanly) was cut off, though it raised nothing."""
         return self._assembler.finished
 
+    @property
+    def received_any(self) -> bool:
+        """Whether any chunk arrived: a stream that failed before its first one was never answered."""
+        return self._assembler.chunks > 0
+
     def set_prompt_tokens(self, tokens: int) -> None:
         """The counted prompt size, used when the backend reports no usage for streams."""
         self._prompt_tokens_if_unreported = tokens
@@ -169,7 +176,14 @@ class _StreamBase:
             return  # iterated again, collect() after a full iteration, or closed meanwhile: the call ended once
         self.response = self.partial()
         for callback in self._on_complete:
-            callback(self.response)
+            try:
+                callback(self.response)
+            except BaseException as exc:
+                # A callback that fails (a stage's store that is down) fails the call, as it would a whole
+                # answer's: the error callbacks still run, so the ledger records it (with its tokens).
+                self._failed = True
+                _run_all(self._on_error, exc)
+                raise
 
     def partial(self) -> ChatResponse:
         """What has arrived so far, as a response (the whole one once the stream has ended): a stream
@@ -195,8 +209,20 @@ class _StreamBase:
         if self.response is not None or self._failed:
             return  # the call ended once: a close() after the end, or after a failure, changes nothing
         self._failed = True
-        for callback in self._on_error:
+        _run_all(self._on_error, exc)
+
+
+def _run_all(callbacks: list[Callable[[BaseException], None]], exc: BaseException) -> None:
+    """Run every error callback, even after one fails: the pipeline's, which writes the ledger record,
+    comes after the stages'. The first failure is raised once all have run."""
+    failure: BaseException | None = None
+    for callback in callbacks:
+        try:
             callback(exc)
+        except BaseException as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
 
 
 class ChatStream(_StreamBase):

@@ -121,3 +121,15 @@ def test_every_record_field_has_a_json_type_to_check():
     from ctxkit.ledger.record import _FIELD_TYPES
 
     assert set(_FIELD_TYPES) == {f.name for f in dataclasses.fields(LedgerRecord)}
+
+
+def test_openai_models_without_a_price_are_priced_or_warned_about(caplog):
+    from ctxkit.ledger import PriceTable
+
+    prices = PriceTable()
+    for model in ("gpt-4-turbo", "gpt-4", "gpt-3.5-turbo", "o1", "o1-mini", "o3-mini", "gpt-4.5-preview"):
+        assert prices.price(model).input > 0, model
+    assert prices.price("o3-mini").input < prices.price("o3").input
+    with caplog.at_level("WARNING", logger="ctxkit"):
+        assert prices.price("text-embedding-3-small").input == 0
+    assert "no price for model 'text-embedding-3-small'" in caplog.text

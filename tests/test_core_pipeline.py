@@ -78,10 +78,13 @@ def test_a_stage_that_answers_saves_everything(llama_backend, ledger):
 
 
 def test_a_stage_that_calls_twice_is_charged_for_both_calls(llama_backend, ledger):
+    answers = []
+
     class AskTwice(Stage):
         def wrap_call(self, request, call_next):
-            call_next(request)
-            return call_next(request)
+            answers.append(call_next(request))
+            answers.append(call_next(request))
+            return answers[-1]
 
     pipeline = Pipeline(llama_backend, stages=[AskTwice()], ledger=ledger)
     pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
@@ -90,6 +93,8 @@ def test_a_stage_that_calls_twice_is_charged_for_both_calls(llama_backend, ledge
     assert record.tokens_sent == 2 * record.tokens_naive
     assert record.saved_by_stage["ask_twice"] == -record.tokens_naive  # honest: it cost tokens
     assert record.count_delta == 0, "the reported usage is the last call's and must match its count"
+    # Both answers were generated and paid for (a tool recovery re-runs the call): the first's output too.
+    assert record.tokens_out == sum(a.usage.completion_tokens for a in answers) > answers[-1].usage.completion_tokens
 
 
 def test_stream_records_once_it_ends_and_assembles_the_answer(llama_backend, ledger):
@@ -372,3 +377,75 @@ def test_a_local_model_is_recorded_and_priced_as_itself_and_abandoned_output_cou
     summary = summarize(ledger.records)
     assert summary["cost_usd"] == summary["cost_failed_usd"] == 0.0, "a local model costs nothing per token"
     assert summary["tokens_sent_failed"] == abandoned.tokens_sent > 0
+
+
+def test_a_call_the_backend_refused_or_never_received_costs_nothing(llama_backend, ledger):
+    """A refused connection was recorded as 2,008 tokens sent and their price paid."""
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import BackendConnectionError
+    from tests.servers import free_port
+
+    backend = OpenAIBackend(model="gpt-4o", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="test",
+                            counter=llama_backend.counter, context_window=4096, max_retries=0, timeout=5)
+    pipeline = Pipeline(backend, ledger=ledger)
+    with pytest.raises(BackendConnectionError):
+        pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    record = ledger.records[-1]
+    assert record.status == "error" and record.tokens_sent == 0 and record.cost_usd == 0
+
+
+def test_a_stage_error_after_the_answer_still_counts_what_was_paid(llama_backend, ledger):
+    from ctxkit.errors import RequestError
+
+    class FailAfter(Stage):
+        def wrap_call(self, request, call_next):
+            call_next(request)
+            raise RequestError("this stage refused the answer")
+
+    pipeline = Pipeline(llama_backend, stages=[FailAfter()], ledger=ledger)
+    with pytest.raises(RequestError):
+        pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    record = ledger.records[-1]
+    assert record.status == "error" and record.tokens_sent == record.tokens_naive > 0 and record.tokens_out > 0
+
+
+def test_a_stream_whose_stage_callback_fails_is_still_recorded(llama_backend, ledger):
+    class BrokenStore(Stage):
+        def wrap_call(self, request, call_next):
+            result = call_next(request)
+            result.on_complete(lambda response: (_ for _ in ()).throw(OSError("store is down")))
+            return result
+
+    pipeline = Pipeline(llama_backend, stages=[BrokenStore()], ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=CONVERSATION, params=PARAMS, stream=True))
+    with pytest.raises(OSError):
+        list(stream)
+    assert len(ledger.records) == 1
+    record = ledger.records[-1]
+    assert record.status == "error" and record.tokens_out > 0
+
+
+def test_a_stage_event_with_numpy_numbers_and_sets_is_written(llama_backend, tmp_path):
+    import numpy as np
+
+    from ctxkit import Ledger, read_ledger
+    from ctxkit.pipeline import record_event
+
+    class Notes(Stage):
+        def before_model(self, request):
+            record_event(self.name, "scored", best=np.float32(0.5), kept={"doc-2", "doc-1"}, ids=np.arange(2))
+            return request
+
+    path = tmp_path / "calls.jsonl"
+    Pipeline(llama_backend, stages=[Notes()], ledger=Ledger(path)).call(ChatRequest(messages=CONVERSATION, params=PARAMS))
+    event = next(e for e in list(read_ledger(path))[-1].events if e["kind"] == "scored")
+    assert event["best"] == 0.5 and event["kept"] == ["doc-1", "doc-2"] and event["ids"] == [0, 1]
+
+
+def test_a_failed_local_call_is_recorded_as_the_local_model(llama_backend, ledger):
+    """The drop-in client's model="gpt-4o" against the local model: a failed call was priced as gpt-4o."""
+    stream = Pipeline(llama_backend, ledger=ledger).call(
+        ChatRequest(messages=CONVERSATION, params=PARAMS, stream=True, model="gpt-4o"))
+    stream.close()
+    record = ledger.records[-1]
+    assert record.model == llama_backend.model and record.cost_usd == 0

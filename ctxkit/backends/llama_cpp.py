@@ -73,6 +73,7 @@ class LlamaCppBackend:
     """A GGUF model served in-process by llama.cpp."""
 
     name = "llama.cpp"
+    serves_one_model = True  # whatever `model` a request names, this GGUF answers (and is priced as itself)
 
     def __init__(
         self,

@@ -34,7 +34,10 @@ RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 # Context windows of common OpenAI models; anything else: pass context_window=.
 _CONTEXT_WINDOWS = {"gpt-4.1": 1_047_576, "gpt-5": 400_000, "gpt-4o": 128_000, "o1": 200_000, "o3": 200_000,
-                    "o4": 200_000, "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385}
+                    "o4": 200_000, "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-3.5-turbo": 16_385,
+                    # "gpt-4" is a prefix of these, whose windows are not gpt-4's 8k:
+                    "gpt-4.5": 128_000, "gpt-4-0125-preview": 128_000, "gpt-4-1106-preview": 128_000,
+                    "gpt-4-vision": 128_000, "gpt-4-32k": 32_768}
 
 
 class OpenAIBackend:

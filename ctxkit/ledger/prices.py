@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,14 +38,28 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-5": Price(1.25, 0.125, 10.00),
     "o4-mini": Price(1.10, 0.275, 4.40),
     "o3": Price(2.00, 0.50, 8.00),
+    # Models the tokenizer and context tables know: without a price they were silently free.
+    "o3-mini": Price(1.10, 0.55, 4.40),
+    "o3-pro": Price(20.00, 20.00, 80.00),
+    "o1": Price(15.00, 7.50, 60.00),
+    "o1-mini": Price(1.10, 0.55, 4.40),
+    "o1-pro": Price(150.00, 150.00, 600.00),
+    "gpt-5-pro": Price(15.00, 15.00, 120.00),
+    "gpt-4.5": Price(75.00, 37.50, 150.00),
+    "chatgpt-4o": Price(5.00, 5.00, 15.00),
+    "gpt-4-turbo": Price(10.00, 10.00, 30.00),
+    "gpt-4": Price(30.00, 30.00, 60.00),
+    "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
 }
 
 FREE = Price(0.0, 0.0, 0.0)
+logger = logging.getLogger("ctxkit")
 
 
 class PriceTable:
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
         self._prices = dict(DEFAULT_PRICES if prices is None else prices)
+        self._unpriced: set[str] = set()
 
     @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
@@ -61,4 +76,10 @@ class PriceTable:
         for prefix in sorted(self._prices, key=len, reverse=True):
             if name.startswith(prefix.lower()):
                 return self._prices[prefix]
+        from ..tokens.tiktoken_counter import encoding_name_for_model
+
+        if encoding_name_for_model(name) is not None and not name.startswith("gpt-oss") and name not in self._unpriced:
+            self._unpriced.add(name)  # an OpenAI model that is not free: say so once, rather than record $0 silently
+            logger.warning("ctxkit: no price for model %r; its calls are recorded as costing $0 "
+                           "(add it with PriceTable.from_file)", model)
         return FREE

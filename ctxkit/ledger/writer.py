@@ -45,7 +45,7 @@ class Ledger:
                 raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
 
     def write(self, record: LedgerRecord) -> None:
-        text = json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"), default=_jsonable)
         # A lone surrogate (from a client's string) cannot be UTF-8: written as its JSON escape instead.
         line = text.encode("utf-8", "backslashreplace") + b"\n"
         with self._lock:
@@ -74,6 +74,17 @@ class Ledger:
                 written += os.write(fd, data[written:])
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _jsonable(value: object) -> object:
+    """A stage's note (`record_event`) may hold what JSON has no type for: numpy numbers and arrays, sets.
+    Written as their plain values (anything else as its text): a note never costs a call its answer."""
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
 
 
 def read_ledger(path: str | Path, *, strict: bool = True) -> Iterator[LedgerRecord]:
