@@ -173,6 +173,11 @@ def test_bad_configuration_is_rejected_at_construction():
     ("There is no need to call any function; the answer is 4.", False),
     ("I don't have to use a tool for this: 2 + 2 = 4.", False),
     ("I cannot see why the function failed.", False),
+    # Found in review: final answers of an agent loop that are no complaint about the selection.
+    ("The report is ready. None of the tools returned an error.", False),
+    ("I can't use the function without your API key. Could you send it?", False),
+    ("No tool calls were made; the answer is in the document you gave me.", False),
+    ("None of the tools here can convert currencies.", True),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})
@@ -315,3 +320,32 @@ def test_stage_savings_add_up_when_a_cache_in_front_answers_for_a_registered_cat
     for record in (miss, hit):
         assert sum(record.saved_by_stage.values()) == record.tokens_naive - record.tokens_sent, record.saved_by_stage
     assert hit.saved_by_stage["exact_cache"] == hit.tokens_naive
+
+
+def test_a_blank_find_tools_query_searches_with_the_request(llama_backend, embedder, index_dir, catalog, ledger):
+    """SmolLM2 often calls find_tools with an empty query: the stage searched for "" and re-ran with tools
+    unrelated to the request."""
+    from ctxkit.stage import Stage
+
+    provider = _Provider(_call(FIND_TOOLS, '{"query": ""}'), {"role": "assistant", "content": "Done."})
+
+    class Scripted(Stage):  # the model's side of the exchange, as SmolLM2 answered it
+        def wrap_call(self, request, call_next):
+            return provider(request)
+
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="find_tools", embedder=embedder, index_dir=index_dir)
+    Pipeline(llama_backend, stages=[stage, Scripted()], ledger=ledger).call(REQUEST)
+    search = _events(ledger.records[-1], "find_tools")[0]
+    assert search["queries"] == [REQUEST.messages[0]["content"]]
+    assert any("electric" in name for name in search["found"]), search["found"]
+
+
+def test_per_request_pools_do_not_each_leave_a_saved_index(embedder, catalog, tmp_path):
+    """Each distinct pool saved a full copy of its vectors (1.2 MB per pool of 716 tools), never removed."""
+    stage = ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=tmp_path)
+    for skip in range(5):
+        stage.index_for([t for i, t in enumerate(catalog) if i != skip])
+    assert list(tmp_path.glob("*/*/index.npz")) == []
+    registered = ToolRetrievalStage(catalog=catalog, top_k=2, embedder=embedder, index_dir=tmp_path)
+    registered.index_for(registered.catalog)
+    assert len(list(tmp_path.glob("*/*/index.npz"))) == 1, "the registered catalog's index is saved whole"

@@ -3,8 +3,10 @@
 Only what cannot change validation is removed:
 - annotations no validator reads: `title` (generators such as Pydantic repeat the property name in it)
   and `$comment`;
-- keywords that state the default behaviour: `additionalProperties: true`, `required: []`,
-  `properties: {}`;
+- keywords that state the default behaviour: `required: []`, and `additionalProperties: true` beside no
+  `properties` (`properties: {}` stays: OpenAI refuses an object schema without `properties`, and
+  llama.cpp's grammar reads `{"type": "object"}` as any object but `properties: {}` as `{}` only; beside
+  `properties`, `additionalProperties: true` stays too, since llama.cpp's grammar reads its absence as false);
 - a `default` that the description already states ("... Default is 5"), since the model reads the
   description anyway;
 - runs of whitespace in descriptions.
@@ -52,11 +54,9 @@ def compact_schema(schema: Any, *, _unevaluated: bool | None = None) -> Any:
     for key, value in schema.items():
         if key in _ANNOTATIONS and isinstance(value, str):
             continue
-        if key == "additionalProperties" and value is True and not _unevaluated:
+        if key == "additionalProperties" and value is True and not _unevaluated and "properties" not in schema:
             continue
         if key == "required" and value == []:
-            continue
-        if key == "properties" and value == {}:
             continue
         if key == "description" and isinstance(value, str):
             out[key] = _squeeze(value)

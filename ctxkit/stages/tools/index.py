@@ -111,11 +111,14 @@ class ToolIndex:
         fusion: FusionConfig | None = None,
         query_cache_size: int = 512,
         vector_memo: VectorMemo | None = None,
+        save_index: bool = True,
     ) -> None:
         """embedder: a `ctxkit.embed.Embedder` (anything with `embed(texts) -> (n, d) float32 unit vectors`).
         directory: where vectors and saved indexes persist; None keeps everything in memory.
         model_id: names the stored vectors; default: the embedder's `model_id` (all-MiniLM-L6-v2).
-        vector_memo: tool vectors shared with other indexes of this process (see VectorMemo)."""
+        vector_memo: tool vectors shared with other indexes of this process (see VectorMemo).
+        save_index: also save this catalog's index (a copy of all its vectors) under `directory`; False for
+        pools that come and go, whose tools' vectors are stored anyway and which would each leave a copy."""
         self.embedder = embedder
         self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
@@ -138,6 +141,7 @@ class ToolIndex:
         self._documents: dict[str, ToolDocument] = {}  # by tool hash: the catalog's stemmed terms, kept
         self.loaded_from_disk = False
         self._on_disk: str | None = None  # the catalog hash whose saved index matches this one
+        self._save = save_index
         self.embedded_tools = 0  # how many tool schemas this index had to embed (0 when all were stored)
         self._build(list(tools))
 
@@ -385,7 +389,7 @@ class ToolIndex:
         reader sees a whole index or none, even with several processes saving the same catalog (a flat
         FAISS index is rebuilt from the vectors in about a millisecond)."""
         folder = self._catalog_dir()
-        if folder is None or self.catalog_hash == self._on_disk:
+        if folder is None or not self._save or self.catalog_hash == self._on_disk:
             return
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"index.{uuid.uuid4().hex}.tmp.npz"

@@ -34,7 +34,7 @@ from typing import Any
 from ...errors import ConfigurationError, UnknownToolError
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...request import ChatRequest
-from ...response import AsyncChatStream, ChatResponse, ChatStream
+from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .compaction import compact_tool
 from .index import FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
@@ -62,10 +62,20 @@ _BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|avail
                r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}(?:tools?|functions?)\b"
 # After a bare "no" only: "no tool is needed" says none is missing, but "I don't have the tool required to
 # check the weather" still says the selection missed.
-_NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary))"
+_NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary|made|called|used))"
+# "I can't use the function without your API key": the tool is there, something else is missing.
+_NOT_CONDITIONAL = r"(?!\s+(?:[\w']+\s+){0,3}?(?:without|until|unless|before)\b)"
+# "None of the tools can do this" says the selection missed; "none of the tools returned an error" reports
+# on tools that ran: after "none of ... tools" only a verb of ability or fit (or the sentence's end) counts.
+_NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\s+)?(?:i|we)\s+(?:have|was\s+given|"
+             r"were\s+given)(?:\s+access\s+to)?|available\s+to\s+(?:me|us)|at\s+my\s+disposal))*"
+             r"\s*(?:(?:can|could|will|would|is|are|fits?|match(?:es)?|supports?|handles?|allows?|lets?|does|do|"
+             r"seems?|appears?|helps?|provides?|performs?|offers?|covers?)\b|[.,;:!?)]|$))")
 _LACKS_TOOL = re.compile(
-    r"\b(?:(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?"
-    r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?|none\s+of)\s+" + _BEFORE_TOOL
+    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?\s+"
+    + _BEFORE_TOOL + _NOT_CONDITIONAL
+    + r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?\s+" + _BEFORE_TOOL
+    + r"|none\s+of\s+" + _BEFORE_TOOL + _NONE_CAN
     + r"|no\s+" + _BEFORE_TOOL + _NOT_NEEDED + r")",
     re.IGNORECASE,
 )
@@ -157,8 +167,10 @@ class ToolRetrievalStage(Stage):
                 index = self._indexes.get(key)
             if index is None:
                 try:
+                    # Only the registered catalog's index is saved whole: a request's pool may differ on every
+                    # call, and each would leave a full copy of its vectors (which the store keeps per tool).
                     index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion,
-                                      vector_memo=self._vectors)
+                                      vector_memo=self._vectors, save_index=tools is self.catalog)
                 except BaseException:
                     with self._lock:
                         self._building.pop(key, None)  # the next call tries again
@@ -268,6 +280,10 @@ class ToolRetrievalStage(Stage):
         if missing and not rerun:
             record_event(self.name, "tool_not_sent", tools=missing, recovered=False)
         if queries:
+            # A blank query ("", {}) searched for nothing and found whatever came first: search with the
+            # request instead, as the first selection did.
+            asked = next((message_text(m) for m in reversed(request.messages) if m.get("role") == "user"), "")
+            queries = [q if q.strip() else asked for q in queries]
             found = list(dict.fromkeys(n for q in queries for n in plan.index.search(q, self.top_k)))
             found = [n for n in found if n not in plan.sent] or found
             record_event(self.name, "find_tools", queries=queries, found=found)
