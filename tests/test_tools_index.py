@@ -250,16 +250,6 @@ def test_concurrent_writers_to_one_vector_store_lose_nothing(tmp_path):
     assert set(VectorStore(tmp_path / "vectors").read()) == set(written)
 
 
-def test_vectors_stored_by_an_earlier_version_are_read_not_re_embedded(catalog, embedder, tmp_path):
-    stored_as = "all-MiniLM-L6-v2" if embedder.precision == "float32" else f"all-MiniLM-L6-v2-{embedder.precision}"
-    folder = tmp_path / stored_as
-    folder.mkdir()
-    vectors = embedder.embed([ToolDocument.from_tool(t).dense_text() for t in catalog[:5]])
-    np.savez(folder / LEGACY_FILE, **{tool_hash(t): v for t, v in zip(catalog[:5], vectors, strict=True)})
-    index = ToolIndex(catalog[:5], CountingEmbedder(embedder), directory=tmp_path)
-    assert index.embedded_tools == 0
-
-
 def test_a_catalog_change_re_reads_only_the_new_tools_terms(catalog, embedder, monkeypatch):
     index = ToolIndex(catalog, embedder)
     read: list[str] = []
@@ -299,13 +289,14 @@ def test_a_read_that_overlaps_a_merge_lists_the_batches_again(tmp_path, monkeypa
     assert set(store.read()) == set(written)
 
 
-def test_an_earlier_versions_vector_file_is_moved_into_a_batch_once(catalog, embedder, tmp_path):
+def test_an_earlier_versions_vector_file_is_read_then_moved_into_a_batch_once(catalog, embedder, tmp_path):
     stored_as = "all-MiniLM-L6-v2" if embedder.precision == "float32" else f"all-MiniLM-L6-v2-{embedder.precision}"
     folder = tmp_path / stored_as
     folder.mkdir()
     vectors = embedder.embed([ToolDocument.from_tool(t).dense_text() for t in catalog[:5]])
     np.savez(folder / LEGACY_FILE, **{tool_hash(t): v for t, v in zip(catalog[:5], vectors, strict=True)})
-    ToolIndex(catalog[:3], CountingEmbedder(embedder), directory=tmp_path)
+    first = ToolIndex(catalog[:3], CountingEmbedder(embedder), directory=tmp_path)
+    assert first.embedded_tools == 0, "vectors an earlier version stored are read, not embedded again"
     assert not (folder / LEGACY_FILE).exists(), "read whole on every addition, it must be moved"
     later = ToolIndex(catalog[:5], CountingEmbedder(embedder), directory=tmp_path)
     assert later.embedded_tools == 0
