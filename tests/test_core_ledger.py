@@ -133,3 +133,11 @@ def test_openai_models_without_a_price_are_priced_or_warned_about(caplog):
     with caplog.at_level("WARNING", logger="ctxkit"):
         assert prices.price("text-embedding-3-small").input == 0
     assert "no price for model 'text-embedding-3-small'" in caplog.text
+
+
+def test_gpt_4_variants_are_priced_as_themselves_not_as_gpt_4():
+    from ctxkit.ledger import PriceTable
+
+    prices = PriceTable()
+    assert prices.price("gpt-4-0125-preview").input == prices.price("gpt-4-turbo").input < prices.price("gpt-4").input
+    assert prices.price("gpt-4-32k").input == 2 * prices.price("gpt-4").input

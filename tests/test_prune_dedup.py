@@ -209,3 +209,23 @@ def test_a_copy_that_drops_a_sentence_says_what_it_lacks():
     out = DedupStage().before_model(ChatRequest(messages=_repeated(rules, later))).messages
     sent = message_text(out[2])
     assert sent.startswith(COLLAPSED_PREFIX) and sent.endswith("[not in this copy:] Do not deploy on Friday afternoon.")
+
+
+def test_two_large_one_line_results_that_differ_in_one_value_collapse_to_that_value():
+    """A one-line JSON result is one "sentence": comparing two of 80 KB with difflib took a minute."""
+    import json as json_
+
+    items = [{"sku": f"SKU-{i:05d}", "stock": i % 17, "warehouse": "OSL-2"} for i in range(1500)]
+    first = json_.dumps(items, separators=(",", ":"))
+    items[700]["stock"] = 99
+    second = json_.dumps(items, separators=(",", ":"))
+    messages = [{"role": "user", "content": "Stock?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {
+                    "name": "inventory", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "a", "content": first},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "b", "type": "function", "function": {
+                    "name": "inventory", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "b", "content": second},
+                {"role": "user", "content": "Which item changed?"}]
+    out = DedupStage().before_model(ChatRequest(messages=messages)).messages
+    assert message_text(out[4]) in (second,) or '"stock":99' in message_text(out[4])

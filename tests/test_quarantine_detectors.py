@@ -134,3 +134,25 @@ def test_a_temperature_change_is_not_a_claim_about_the_temperature():
     assert find_contradiction("It is 12 C in Oslo, 3 degrees warmer than yesterday.", results) is None
     assert find_contradiction("It is 12 degrees; expect a drop by 5 degrees tonight.", results) is None
     assert find_contradiction("It is 15 degrees in Oslo.", results) is not None
+
+
+@pytest.mark.parametrize("answer, results", [
+    ("Your order total for 3 tickets comes to $45.00.", [("get_ticket", '{"price": 15, "quantity": 3}')]),
+    ("With 8% sales tax, you will pay $108.", [("get_price", '{"price": 100}')]),
+    ("That is about $108 in US dollars.", [("get_balance", '{"balance": 100, "currency": "EUR"}')]),
+])
+def test_an_amount_the_answer_worked_out_is_no_contradiction(answer, results):
+    assert find_contradiction(answer, results) is None
+
+
+def test_a_stated_price_that_differs_from_the_only_price_is_a_contradiction():
+    assert find_contradiction("The flight costs $350.", [("get_fare", '{"fare": 320}')]) is not None
+
+
+@pytest.mark.parametrize("output", [
+    "HTTP 429 Too Many Requests: limit is 100 Requests per minute",
+    "503 Service Unavailable. Retry after 120 Seconds.",
+    "502 Bad Gateway; retried once: 504 Gateway Timeout",
+])
+def test_an_error_status_with_other_numbers_or_a_retry_is_still_an_error(output):
+    assert find_tool_error(output) is not None

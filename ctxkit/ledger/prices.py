@@ -49,6 +49,11 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "chatgpt-4o": Price(5.00, 5.00, 15.00),
     "gpt-4-turbo": Price(10.00, 10.00, 30.00),
     "gpt-4": Price(30.00, 30.00, 60.00),
+    # "gpt-4" is a prefix of these, whose prices are not gpt-4's:
+    "gpt-4-32k": Price(60.00, 60.00, 120.00),
+    "gpt-4-0125-preview": Price(10.00, 10.00, 30.00),
+    "gpt-4-1106-preview": Price(10.00, 10.00, 30.00),
+    "gpt-4-vision": Price(10.00, 10.00, 30.00),
     "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
 }
 

@@ -125,7 +125,14 @@ _WEAK_ERROR_TEXT = [
                 r"parse|reach|authenticate)|Unable to (?:connect|reach|resolve|fetch|authenticate))\b", re.I),
      "a failure report"),
 ]
-_STATUS_CODE = re.compile(r"\b([1-5]\d\d) (?:[A-Z][A-Za-z-]+)|\bstatus(?: code)?[:= ]+([1-5]\d\d)\b|"
+_STATUS_CODE = re.compile(r"\b([1-5]\d\d) (?:Continue|Switching|OK|Created|Accepted|No Content|Partial Content|Moved|"
+                          r"Found|See Other|Not Modified|Temporary Redirect|Permanent Redirect|Bad Request|Unauthorized|"
+                          r"Payment Required|Forbidden|Not Found|Method Not Allowed|Not Acceptable|Proxy|Request Timeout|"
+                          r"Conflict|Gone|Length Required|Precondition|Payload Too|Content Too|URI Too|Unsupported|"
+                          r"Range Not|Expectation Failed|I'm a teapot|Misdirected|Unprocessable|Locked|Failed Dependency|"
+                          r"Too Early|Upgrade Required|Too Many Requests|Request Header|Unavailable For|Internal Server|"
+                          r"Not Implemented|Bad Gateway|Service Unavailable|Gateway Time|HTTP Version|Variant Also|"
+                          r"Insufficient Storage|Loop Detected|Not Extended|Network Authentication)\b|\bstatus(?: code)?[:= ]+([1-5]\d\d)\b|"
                           r"\bHTTP/\d(?:\.\d)? ([1-5]\d\d)\b")
 _CONDITIONAL = re.compile(r"\b(?:if|when|whenever|unless|in case)\b", re.I)
 _TAG = re.compile(r"<[^>\n]{1,400}>")
@@ -244,14 +251,24 @@ def find_tool_error(text: str) -> Finding | None:
             return Finding("tool_error", f"tool output contains {why}", _short(_line_at(text, match.start())))
     visible = _TAG.sub("\n", text) if _TAG.search(text) else text  # an HTML error page: its text
     lines = [line.strip() for line in visible.splitlines() if line.strip()]
-    if len({a or b or c for a, b, c in _STATUS_CODE.findall(visible)}) >= 2:
-        return None  # several statuses: a listing about them, not one failed call
+    statuses = {int(a or b or c) for a, b, c in _STATUS_CODE.findall(visible)}
+    if len(statuses) >= 3 or (len(statuses) >= 2 and min(statuses) < 400):
+        # several statuses, successes among them: a listing about them (API docs, a link report, a log), not
+        # one failed call ("502 Bad Gateway, then 504 Gateway Timeout" is a call that failed twice)
+        return None
     for pattern, why in _WEAK_ERROR_TEXT:
+        span, line, on_edge = (0, -1), "", False
         for match in pattern.finditer(visible):
-            line = _line_at(visible, match.start()).strip()
-            if len(lines) > 4 and line not in (lines[0], lines[-1]):
+            position = match.start()
+            if not span[0] <= position < span[1]:  # a new line: found once, not once per match (a long line
+                start = visible.rfind("\n", 0, position) + 1  # with many matches took seconds)
+                end = visible.find("\n", position)
+                span = (start, len(visible) if end < 0 else end)
+                line = visible[span[0] : span[1]].strip()
+                on_edge = len(lines) <= 4 or line in (lines[0], lines[-1])
+            if not on_edge:
                 continue
-            sentence = re.split(r"[.!?]\s", visible[visible.rfind("\n", 0, match.start()) + 1 : match.start()])[-1]
+            sentence = re.split(r"[.!?]\s", visible[max(span[0], position - 300) : position])[-1]
             if _CONDITIONAL.search(sentence):
                 continue  # "if you see Permission denied, ...": a mention
             return Finding("tool_error", f"tool output contains {why}", _short(line))
@@ -335,6 +352,7 @@ def _find_injection(text: str, *, exempt_quoted: bool, depth: int = 0) -> Findin
         if _ADDRESSES_MODEL.search(match.group(1)) or (depth == 0 and _find_injection(match.group(1), exempt_quoted=False,
                                                                                       depth=1)):
             return Finding("injection", "invisible text talks to the model", _short(match.group(1)))
+    transcript: bool | None = None  # whether the text is a chat log: searched once, not once per match
     for pattern, why in _INJECTION_RE:
         if why == _OTHER_LANGUAGES and not (_OTHER_SCRIPT.search(text) or
                                             any(w in text.lower() for w in _OTHER_LANGUAGE_WORDS)):
@@ -346,8 +364,11 @@ def _find_injection(text: str, *, exempt_quoted: bool, depth: int = 0) -> Findin
                 continue
             if why in _NEGATABLE and _NEGATED.search(text[max(0, match.start() - 60) : match.start()]):
                 continue
-            if why == "role-plays an assistant turn" and _TRANSCRIPT.search(text):
-                continue  # a chat log the tool fetched
+            if why == "role-plays an assistant turn":
+                if transcript is None:
+                    transcript = _TRANSCRIPT.search(text) is not None
+                if transcript:
+                    break  # a chat log the tool fetched: none of its assistant turns counts
             return Finding("injection", f"content {why}", _short(match.group(0)))
     if depth == 0:  # an instruction hidden in base64
         for match in _BASE64.finditer(text):
@@ -471,6 +492,10 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
 _SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9, "b": 1e9,
           "trillion": 1e12}
 _MONEY_FIELD = re.compile(r"price|cost|amount|total|balance|fare|fee|charge")
+# An amount the answer worked out from the price (a total, with tax, in another currency) is no restatement.
+_DERIVED = re.compile(r"\b(?:total\w*|sum|tax\w*|vat|tips?|shipping|plus|including|incl|altogether|in all|combined|"
+                      r"comes? to|works? out|convert\w*|exchange\w*|equivalent|in (?:us |u\.s\. |american )?"
+                      r"(?:dollars|euros|pounds|usd|eur|gbp))\b")
 _MONEY_CLAIM = re.compile(rf"(?:[$€£]\s?({_NUMBER})|(?<![\w.])({_NUMBER})\s?(?:usd|eur|gbp|dollars?|euros?|pounds?)\b)")
 
 
@@ -496,8 +521,10 @@ def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[
     money = [(tool, f, v) for (tool, f), v in fields.items() if _MONEY_FIELD.search(f)]
     amounts = [m for m in _MONEY_CLAIM.finditer(claim_l)
                if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 20])]
-    if len(money) != 1 or len(amounts) != 1:
-        return None
+    if len(money) != 1 or len(amounts) != 1 or len(fields) != 1:
+        return None  # other numbers came back too (a quantity, a rate): the amount may be computed from them
+    if len(_CLAIM_NUMBER.findall(claim_l)) > 1 or _DERIVED.search(claim_l):
+        return None  # "3 tickets ... $45", "with 8% tax, $108", "about $108 in US dollars"
     text = amounts[0].group(1) or amounts[0].group(2)
     number = _to_number(text)
     if number is None or any(_same(number, v) for v in fields.values()):
