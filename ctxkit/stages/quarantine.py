@@ -137,6 +137,7 @@ _STATUS_CODE = re.compile(r"\b([1-5]\d\d) (?:Continue|Switching|OK|Created|Accep
 _CONDITIONAL = re.compile(r"\b(?:if|when|whenever|unless|in case)\b", re.I)
 _TAG = re.compile(r"<[^>\n]{1,400}>")
 
+_OTHER_LANGUAGES = "tells the model to ignore its instructions (in another language)"
 _INJECTION = [
     (r"\b(?:ignore|disregard|forget|override|bypass|skip)\b[^.\n]{0,40}?\b(?:previous|prior|above|earlier|preceding|"
      r"all|any|your|the|system|original)\b[^.\n]{0,25}?\b(?:instructions?|prompts?|rules|directions|guidelines|"
@@ -203,7 +204,7 @@ _INJECTION = [
      r"(?:игнорир\w*|забудь\w*|не обращай внимания)[^.\n]{0,40}(?:инструкци\w*|указани\w*|правил\w*)|"
      r"(?:忽略|忽视|无视|忘记|忘掉|不要理会)[^。\n]{0,20}(?:指令|指示|说明|规则|提示)|"
      r"(?:指示|命令|ルール|プロンプト)[^。\n]{0,20}(?:無視|忘れ)|(?:지시|명령|지침|규칙)[^.\n]{0,20}(?:무시|잊))",
-     _OTHER_LANGUAGES := "tells the model to ignore its instructions (in another language)"),
+     _OTHER_LANGUAGES),
 ]
 # A refusal or a warning is not an instruction: "we will never ask you to send your password".
 _NEGATED = re.compile(r"\b(?:never|not|don't|won't|shouldn't|mustn't)\b[^.,;:\n]*$", re.I)
