@@ -98,7 +98,7 @@ class VectorStore:
         if len(batches) >= self.max_batches:
             merged = {h: v for path in batches for h, v in (_read_batch(path) or {}).items()}
             self._write({**merged, **vectors})
-            for path in batches:  # the merged file holds them now; a reader that misses one re-embeds only
+            for path in batches:  # the merged file holds them now; a reader that listed them lists again
                 path.unlink(missing_ok=True)
         else:
             self._write(vectors)
