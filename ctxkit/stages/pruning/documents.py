@@ -92,6 +92,31 @@ class _Index:
     doc_bm25: BM25
 
 
+class _TextMemo:
+    """Vectors and token counts by text digest, least recently used dropped past `size`; thread-safe. One memo
+    serves a ranker and the finer rankers it makes: a text is the same text whatever passage size cut it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, tuple[np.ndarray | None, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray | None, int]]:
+        with self._lock:
+            found = {k: self._entries[k] for k in set(keys) if k in self._entries}
+            for k in found:
+                self._entries.move_to_end(k)
+        return found
+
+    def put(self, entries: Mapping[str, tuple[np.ndarray | None, int]]) -> None:
+        with self._lock:
+            for k, entry in entries.items():
+                self._entries[k] = entry
+                self._entries.move_to_end(k)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
 class DocumentRanker:
     """Hybrid BM25 + MiniLM passage ranking under a token budget. Safe to share between threads."""
 
@@ -109,8 +134,7 @@ class DocumentRanker:
         self.weights = weights
         self.max_passage_tokens = max_passage_tokens
         # Texts repeat across calls (a corpus, a tool result resent every turn): embed and count each once.
-        self._cache: OrderedDict[str, tuple[np.ndarray | None, int]] = OrderedDict()
-        self._cache_size = cache_size
+        self._texts = _TextMemo(cache_size)
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
         self._lock = threading.Lock()
         self._finer_rankers: dict[int, DocumentRanker] = {}
@@ -137,10 +161,7 @@ class DocumentRanker:
 
     def _lookup(self, texts: Sequence[str], with_vectors: bool) -> tuple[np.ndarray | None, np.ndarray]:
         keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
-        with self._lock:
-            found = {k: self._cache[k] for k in set(keys) if k in self._cache}
-            for k in found:
-                self._cache.move_to_end(k)
+        found = self._texts.get(keys)
         missing = {k: t for k, t in zip(keys, texts, strict=False) if k not in found or (with_vectors and found[k][0] is None)}
         if missing:
             miss_keys = list(missing)
@@ -150,12 +171,7 @@ class DocumentRanker:
             for j, k in enumerate(miss_keys):
                 count = found[k][1] if k in found else self.counter.count_text(missing[k])
                 found[k] = (vectors[j] if vectors is not None else None, count)
-            with self._lock:
-                for k in miss_keys:
-                    self._cache[k] = found[k]
-                    self._cache.move_to_end(k)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+            self._texts.put({k: found[k] for k in miss_keys})
         tokens = np.array([found[k][1] for k in keys], dtype=np.int64)
         if not with_vectors or self.embedder is None:
             return None, tokens
@@ -206,8 +222,8 @@ class DocumentRanker:
             finer = self._finer_rankers.get(max_passage_tokens)
             if finer is None:
                 finer = DocumentRanker(self.embedder, self.counter, self.weights,
-                                       max_passage_tokens=max_passage_tokens, cache_size=self._cache_size)
-                finer._cache, finer._lock = self._cache, self._lock  # texts are keyed by content: shareable
+                                       max_passage_tokens=max_passage_tokens, cache_size=self._texts.size)
+                finer._texts = self._texts
                 self._finer_rankers[max_passage_tokens] = finer
         return finer
 
