@@ -138,8 +138,7 @@ class SummarizationStage(Stage):
 
     # -- hooks --------------------------------------------------------------------------------------
     def before_model(self, request: ChatRequest) -> ChatRequest:
-        key = self._key(request)
-        if key is None or not request.conversation_id:
+        if not request.conversation_id:
             # No conversation_id: the key names the conversation's opening, which other conversations may share
             # ("Hello", a fixed greeting or task template): no lock across them, and no prefix accounting
             # against what another conversation sent last.
@@ -147,6 +146,7 @@ class SummarizationStage(Stage):
             if result.messages is request.messages:
                 return request
             return request.override(messages=list(result.messages))
+        key = self._key(request)
         with self._conversation_lock(key):  # two calls of one conversation must not fold the same turns twice
             result = self.summarize(request)
             state = self.store.get(key)
@@ -173,21 +173,17 @@ class SummarizationStage(Stage):
     # -- the work -----------------------------------------------------------------------------------
     def summarize(self, request: ChatRequest) -> SummaryResult:
         """What this stage would pass on for `request` (and the state it keeps for its conversation)."""
-        messages = list(request.messages)
-        lead = 0
-        while lead < len(messages) and messages[lead].get("role") == "system":
-            lead += 1
-        head, body = messages[:lead], messages[lead:]
+        head, body = _split_head(request.messages)
         key = self._key(request)
         marks = quarantined(request)
         prints = [fingerprint(m) for m in body]
-        state = self.store.get(key) if key is not None else None
+        state = self.store.get(key)
         if state is None or not self._still_valid(state, prints, marks):
             # New, or the app rewrote its history, or a folded message was quarantined since: start over,
             # remembering what was sent last, so the invalidated prefix is still reported.
             state = ConversationState(last_sent=state.last_sent if state else (),
                                       last_sent_tokens=state.last_sent_tokens if state else 0)
-            if key is not None and request.conversation_id:  # an implicit key keeps only a folded state
+            if request.conversation_id:  # an implicit key (see _key) keeps only a folded state
                 self.store.put(key, state)
 
         current = self._assemble([*head, *_instructions(body[: state.folded])], state,
@@ -215,8 +211,7 @@ class SummarizationStage(Stage):
         state.folded_digest = digest(prints[:cut])
         head, tail = [*head, *_instructions(body[:cut])], [*self._pinned(body, cut, request), *body[cut:]]
         state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
-        if key is not None:
-            self.store.put(key, state)
+        self.store.put(key, state)
         return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
 
     def _fold(self, state: ConversationState, new: Sequence[tuple[int, Message, str]]) -> None:
@@ -346,10 +341,14 @@ class SummarizationStage(Stage):
         return cut
 
     def _pinned(self, body: Sequence[Message], cut: int, request: ChatRequest) -> list[Message]:
-        """`_pinned`, unless the question is too big to keep verbatim (a pasted document): that is folded
-        like any turn, as the summary exists to make the request fit."""
-        pinned = _pinned(body, cut)
-        if pinned and self.counter.count_prompt(pinned) > int(self._target(request) * self.max_tail_fraction) // 2:
+        """The newest user message, when a cut inside its turn (a big tool result) folds it: the request itself
+        stays verbatim, right after the summary, so the model still sees what it was asked. Not when it is too
+        big to keep (a pasted document): that is folded like any turn, as the summary exists to make it fit."""
+        last_user = max((i for i, m in enumerate(body) if m.get("role") == "user"), default=-1)
+        if not 0 <= last_user < cut:
+            return []
+        pinned = [body[last_user]]
+        if self.counter.count_prompt(pinned) > int(self._target(request) * self.max_tail_fraction) // 2:
             return []
         return pinned
 
@@ -374,7 +373,7 @@ class SummarizationStage(Stage):
         kept = self.counter.count_prompt(list(previous[:common]), tools) if common else 0  # tools lead the prompt
         return max(0, state.last_sent_tokens - kept)
 
-    def _key(self, request: ChatRequest) -> tuple[str, str] | None:
+    def _key(self, request: ChatRequest) -> tuple[str, str]:
         if request.conversation_id:
             return (request.namespace, request.conversation_id)
         # No conversation_id (the OpenAI drop-in client and LangChain's chat model send none unless told):
@@ -383,11 +382,8 @@ class SummarizationStage(Stage):
         # leading system messages and the first message after them). A state is used only when its folded
         # messages are this request's, word for word (the digest check), so two conversations that open
         # alike never see each other's summary; they only take turns rebuilding it.
-        messages = list(request.messages)
-        lead = 0
-        while lead < len(messages) and messages[lead].get("role") == "system":
-            lead += 1
-        opening = digest([fingerprint(m) for m in messages[: lead + 1]])
+        head, body = _split_head(request.messages)
+        opening = digest([fingerprint(m) for m in [*head, *body[:1]]])
         return (request.namespace, f"ctxkit:opening:{opening}")
 
     def _conversation_lock(self, key: tuple[str, str]) -> Any:
@@ -414,11 +410,12 @@ class SummarizationStage(Stage):
 _INSTRUCTION_ROLES = ("system", "developer")
 
 
-def _pinned(body: Sequence[Message], cut: int) -> list[Message]:
-    """The newest user message, when a cut inside its turn (a big tool result) folds it: the request itself
-    stays verbatim, right after the summary, so the model still sees what it was asked."""
-    last_user = max((i for i, m in enumerate(body) if m.get("role") == "user"), default=-1)
-    return [body[last_user]] if 0 <= last_user < cut else []
+def _split_head(messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
+    """The leading system messages (never folded) and the conversation after them."""
+    lead = 0
+    while lead < len(messages) and messages[lead].get("role") == "system":
+        lead += 1
+    return list(messages[:lead]), list(messages[lead:])
 
 
 def _instructions(folded: Sequence[Message]) -> list[Message]:
