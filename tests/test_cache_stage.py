@@ -524,12 +524,10 @@ def test_a_burst_of_identical_async_calls_does_not_stall_on_the_thread_pool(llam
         return await asyncio.gather(*(pipeline.acall(ask("Say hello to Grace.")) for _ in range(callers)))
 
     try:
-        started = time.monotonic()
         results = asyncio.run(burst())
-        took = time.monotonic() - started
     finally:
         store.close()
+    # Stalled, the waiters timed out on the store's lock and called the backend again.
     backend_calls = sum(r.latency_ms["backend_calls"] for r in ledger.records)
     assert backend_calls == 1, f"{backend_calls} backend calls for {callers} identical requests"
     assert len({r.content for r in results}) == 1
-    assert took < 60, f"the burst waited out the lock timeout ({took:.0f} s)"

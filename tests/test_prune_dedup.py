@@ -228,4 +228,4 @@ def test_two_large_one_line_results_that_differ_in_one_value_collapse_to_that_va
                 {"role": "tool", "tool_call_id": "b", "content": second},
                 {"role": "user", "content": "Which item changed?"}]
     out = DedupStage().before_model(ChatRequest(messages=messages)).messages
-    assert message_text(out[4]) in (second,) or '"stock":99' in message_text(out[4])
+    assert '"stock":99' in message_text(out[4]), "the one value that changed must reach the model"
