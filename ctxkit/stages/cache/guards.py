@@ -177,6 +177,7 @@ class Features:
     zone: Features | None = None  # the features of the correction zone (disfluency.correction_zone)
     sequence: tuple[str, ...] = ()  # the lowercased words in order, lightly stemmed (to align two texts)
     content: frozenset[str] = frozenset()  # content words, lightly stemmed
+    operators: tuple[str, ...] = ()  # operator symbols and command-line flags (see `operators`)
 
 
 def _number(token: str) -> str | None:
@@ -292,12 +293,12 @@ def features(text: str, raw: str | None = None) -> Features:
         question=question, order=tuple(order), words=frozenset(lower),
         questions=frozenset(_QUESTION_WORDS[w] for w in lower if w in _QUESTION_WORDS), zone=zone,
         content=frozenset(_stem(w) for w in lower if w.isalpha() and len(w) > 2 and w not in _STOPWORDS),
-        sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)),
+        sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)), operators=operators(text),
     )
 
 
 CHECKS = ("negation", "polarity", "numbers", "units", "dates", "scope", "person", "entities", "order", "question",
-          "content", "roles")
+          "content", "roles", "operators")
 
 
 _SET_CHECKS = ("polarity", "numbers", "units", "dates", "scope")
@@ -365,6 +366,8 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             # my branch" / "merge my branch into main", "is python faster than javascript" / "...
             # javascript faster than python" (a clause moved to the front keeps its sides: not a swap)
             return check
+        elif check == "operators" and a.operators != b.operators:
+            return check
         elif check == "person" and a.person and b.person and a.person != b.person:
             return check
         elif check == "order" and sorted(a.order) == sorted(b.order) and a.order != b.order:
@@ -405,7 +408,7 @@ def _swapped_roles(a: Features, b: Features) -> bool:
 
 
 # Earlier turns include the assistant's own wording, which varies: compare their details, not every word.
-_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question", "roles"))
+_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question", "roles", "operators"))
 
 
 def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:
@@ -489,8 +492,6 @@ def judge(
         return "courtesy"
     mine, theirs = features(query, query_raw), features(candidate, candidate_raw)
     reason = veto(mine, theirs)
-    if reason is None and operators(query) != operators(candidate):
-        return "operators"
     if reason is None and similarity < thresholds.added_detail_similarity and _adds_a_detail(mine, theirs):
         return "added_detail"
     return reason
