@@ -92,10 +92,7 @@ class _CallTrace:
         self._counts[key] = (tokens, request.messages, request.tools)
         return tokens
 
-    def record(self, response: ChatResponse | None, error: BaseException | None = None, *,
-               delivered: bool = True) -> LedgerRecord:
-        """delivered=False: the last backend call failed before any answer, refused or never received (a
-        connection refused, an HTTP error status, a stream closed before it began): nothing was sent or paid."""
+    def record(self, response: ChatResponse | None, error: BaseException | None = None) -> LedgerRecord:
         backend = self.pipeline.backend
         saved = {name: tally.saved for name, tally in self.tallies.items()}
         model = (response.model if response else None) or _answering_model(backend, self.request)
@@ -103,7 +100,7 @@ class _CallTrace:
         # Every backend call of this call was paid for, not only the one whose answer the caller got: a
         # stage that called again (a tool recovery), or failed after the backend had answered.
         paid = list(self.answers)
-        if self.streamed and response is not None and delivered:
+        if self.streamed and response is not None and not self.unsent:
             paid.append(response.usage)
         last = paid[-1] if paid else None
         final_out = response.usage.completion_tokens if response else 0
@@ -111,7 +108,7 @@ class _CallTrace:
         cached = sum(u.cached_tokens for u in paid)
         price = self.pipeline.prices.price(model)
         reported = last.prompt_tokens if last is not None else None
-        sent = self.sent if delivered else self.sent - self.last_sent
+        sent = self.sent - self.last_sent if self.unsent else self.sent
         total_ms = (time.perf_counter() - self.started) * 1000
         stage_ms = {name: round(t.self_ms, 3) for name, t in self.tallies.items()}
         return LedgerRecord(
@@ -164,7 +161,7 @@ class Pipeline:
         try:
             result = self._dispatch(trace, 0, trace.request)
         except BaseException as exc:
-            self.ledger.write(trace.record(None, exc, delivered=not trace.unsent))
+            self.ledger.write(trace.record(None, exc))
             raise
         finally:
             _current_call.reset(token)
@@ -177,7 +174,7 @@ class Pipeline:
         try:
             result = await self._adispatch(trace, 0, trace.request)
         except BaseException as exc:
-            self.ledger.write(trace.record(None, exc, delivered=not trace.unsent))
+            self.ledger.write(trace.record(None, exc))
             raise
         finally:
             _current_call.reset(token)
@@ -348,9 +345,12 @@ class Pipeline:
             result.answered_by = trace.answered_by
             result.on_complete(lambda response: self.ledger.write(trace.record(response)))
             # A failed or abandoned stream is recorded with what it generated: those tokens were paid for.
-            result.on_error(lambda exc: self.ledger.write(trace.record(
-                result.partial(), exc, delivered=result.received_any or not isinstance(exc, _UNSENT))))
+            result.on_error(lambda exc: self._record_failed_stream(trace, result, exc))
         return result
+
+    def _record_failed_stream(self, trace: _CallTrace, stream: ChatStream | AsyncChatStream, exc: BaseException) -> None:
+        trace.unsent = not stream.received_any and isinstance(exc, _UNSENT)
+        self.ledger.write(trace.record(stream.partial(), exc))
 
 
 # Failures of a backend call before any answer that mean the backend refused the request or never received
