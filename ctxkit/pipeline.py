@@ -110,6 +110,7 @@ class _CallTrace:
         reported = last.prompt_tokens if last is not None else None
         sent = self.sent - self.last_sent if self.unsent else self.sent
         total_ms = (time.perf_counter() - self.started) * 1000
+        summarizer_usd = self._price_summarizer_calls()
         stage_ms = {name: round(t.self_ms, 3) for name, t in self.tallies.items()}
         return LedgerRecord(
             id=self.id, ts=self.ts, backend=backend.name, model=model, namespace=self.request.namespace,
@@ -123,7 +124,7 @@ class _CallTrace:
             latency_ms={"stages": stage_ms, "backend": round(self.backend_ms, 3),
                         "counting": round(self.count_ms, 3), "total": round(total_ms, 3),
                         "backend_calls": self.backend_calls},
-            cost_usd=price.cost(sent, min(cached, sent), out),
+            cost_usd=price.cost(sent, min(cached, sent), out) + summarizer_usd,
             cost_naive_usd=price.cost(self.naive, 0 if answered else min(last.cached_tokens if last else 0, self.naive),
                                       final_out),
             status="ok" if error is None else "error",
@@ -131,6 +132,20 @@ class _CallTrace:
             error=_redact(str(error)) if error else None,
             events=self.events,
         )
+
+
+    def _price_summarizer_calls(self) -> float:
+        """What the summarizing model's own calls cost (each event gets its cost_usd): they were made for
+        this call, so they are part of its cost, though not of the tokens it sent."""
+        total = 0.0
+        for event in self.events:
+            if event.get("kind") != "summarizer_call":
+                continue
+            price = self.pipeline.prices.price(str(event.get("model") or ""))
+            event["cost_usd"] = price.cost(int(event.get("prompt_tokens") or 0), int(event.get("cached_tokens") or 0),
+                                           int(event.get("completion_tokens") or 0))
+            total += event["cost_usd"]
+        return total
 
 
 class Pipeline:

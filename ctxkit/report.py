@@ -35,7 +35,8 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
     totals = _numbers(r.latency_ms.get("total") for r in ok)
     backend = _numbers(r.latency_ms.get("backend") for r in ok if r.tokens_sent)
     failed = [r for r in records if r.status != "ok"]
-    # A summarizing model's own calls are paid for but are no call the app made: shown beside the savings.
+    # A summarizing model's own calls are no call the app made: their tokens are shown beside the savings,
+    # their cost is in each record's cost_usd.
     summarizer = [e for r in records for e in r.events if e.get("kind") == "summarizer_call"]
     return {
         "calls": len(records),
@@ -61,6 +62,7 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         "summarizer_calls": len(summarizer),
         "summarizer_prompt_tokens": int(sum(_numbers(e.get("prompt_tokens") for e in summarizer))),
         "summarizer_completion_tokens": int(sum(_numbers(e.get("completion_tokens") for e in summarizer))),
+        "summarizer_cost_usd": sum(_numbers(e.get("cost_usd") for e in summarizer)),
         "count_exact_calls": sum(1 for d in deltas if d == 0),
         "count_checked_calls": len(deltas),
         "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
@@ -81,7 +83,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"tokens out       {summary['tokens_out']} (+{summary['out_saved']} answered by stages)",
         f"prefix-cached    {summary['tokens_cached']}",
         f"summarizer       {summary['summarizer_calls']} calls, {summary['summarizer_prompt_tokens']} prompt + "
-        f"{summary['summarizer_completion_tokens']} completion tokens (not in the savings or the cost)",
+        f"{summary['summarizer_completion_tokens']} completion tokens, ${summary['summarizer_cost_usd']:.4g} "
+        "(in the cost, not in the tokens sent)",
         f"exact counts     {summary['count_exact_calls']}/{summary['count_checked_calls']} calls match the backend's usage",
         f"cost             ${summary['cost_usd']:.4g} (without ctxkit ${summary['cost_naive_usd']:.4g}); "
         f"failed calls ${summary['cost_failed_usd']:.4g} for {summary['tokens_sent_failed']} tokens sent",

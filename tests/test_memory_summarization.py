@@ -544,17 +544,25 @@ def test_folded_facts_keep_who_said_them(llama_backend, embedder):
 
 
 def test_the_summarizers_own_tokens_are_in_the_ledger(llama_backend, embedder, trip, tmp_path):
-    ledger = Ledger(tmp_path / "calls.jsonl")
-    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="hybrid", embedder=embedder)
-    Pipeline(llama_backend, stages=[stage, _Sent()], ledger=ledger).call(
-        ChatRequest(messages=trip["messages"], conversation_id="paid"))
-    calls = [e for e in ledger.records[-1].events if e["kind"] == "summarizer_call"]
-    assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] > 0
+    from ctxkit.ledger.prices import Price, PriceTable
     from ctxkit.report import summarize
 
+    ledger = Ledger(tmp_path / "calls.jsonl")
+    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="hybrid", embedder=embedder)
+    # Priced as if the summarizer were a paid model: its calls are part of what this call cost.
+    prices = PriceTable({llama_backend.model: Price(input=1.0, cached_input=0.5, output=2.0)})
+    Pipeline(llama_backend, stages=[stage, _Sent()], ledger=ledger, prices=prices).call(
+        ChatRequest(messages=trip["messages"], conversation_id="paid"))
+    record = ledger.records[-1]
+    calls = [e for e in record.events if e["kind"] == "summarizer_call"]
+    assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] > 0
+    summarizer_usd = sum((e["prompt_tokens"] * 1.0 + e["completion_tokens"] * 2.0) / 1e6 for e in calls)
+    assert sum(e["cost_usd"] for e in calls) == pytest.approx(summarizer_usd)
+    assert record.cost_usd >= summarizer_usd > 0  # _Sent answers without the backend: the summary is the cost
     summary = summarize(ledger.records)
     assert summary["summarizer_calls"] == len(calls)
     assert summary["summarizer_prompt_tokens"] == sum(e["prompt_tokens"] for e in calls)
+    assert summary["summarizer_cost_usd"] == pytest.approx(summarizer_usd)
 
 
 def test_a_request_whose_answer_no_longer_fits_is_folded(llama_backend, embedder):

@@ -18,7 +18,8 @@ class LedgerRecord:
     tokens_cached:  prompt tokens the backend served from its prefix cache.
     tokens_reported / count_delta: the backend's own prompt count, and reported minus ctxkit's count.
     latency_ms:     time spent in each stage (excluding the rest of the pipeline) and in the backend.
-    cost_usd / cost_naive_usd: estimated cost of this call, and of the call without ctxkit.
+    cost_usd / cost_naive_usd: estimated cost of this call (a summarizing model's calls made for it included),
+                    and of the call without ctxkit.
     status:         "ok", or "error" with error_type/error (a failed call is never recorded as a success).
     """
 

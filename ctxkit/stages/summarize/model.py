@@ -86,7 +86,8 @@ class ModelSummarizer:
         response = self.backend.complete(self._request(previous, turns))
         # This call is paid for but is no hand-over the pipeline counts: note its usage in the call's record.
         record_event("summarization", "summarizer_call", model=response.model,
-                     prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens)
+                     prompt_tokens=response.usage.prompt_tokens, cached_tokens=response.usage.cached_tokens,
+                     completion_tokens=response.usage.completion_tokens)
         return (response.content or "").strip() or previous
 
     async def afold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:
