@@ -278,3 +278,42 @@ def test_a_code_document_kept_whole_counts_its_indentation():
 
 def stage_count(text: str) -> int:
     return DocumentPruningStage(budget_tokens=1).counter.count_text(text)
+
+
+def test_default_stages_send_the_calls_documents_cut_to_their_budget(llama_backend, embedder):
+    """`ctxkit serve` and `ctxkit demo` run default_stages: documents given in the request's metadata
+    reached no model at all, silently. Now they are sent, cut to their best passages past the budget."""
+    from ctxkit.pipeline import Pipeline
+    from ctxkit.stages import default_stages
+
+    from .recording import Sent
+
+    counter = llama_backend.counter
+    corpus_tokens = sum(counter.count_text(d["text"]) for d in CORPUS)
+    budget = corpus_tokens // 4
+    stages = default_stages(llama_backend, embedder=embedder, documents_budget_tokens=budget)
+    sent = Sent()
+    messages = [{"role": "user", "content": "Who designed the opera house in Oslo?"}]
+    Pipeline(llama_backend, [*stages, sent]).call(ChatRequest(messages=messages, metadata={"documents": CORPUS}))
+    passed = sent.seen[-1]
+    rendered = [m for m in passed.messages if str(m.get("content") or "").startswith('<document id="')]
+    assert len(rendered) == 1 and 'id="oslo-2"' in rendered[0]["content"]
+    assert passed.messages[-1]["content"] == messages[-1]["content"], "the documents go before the question"
+    kept = passed.metadata[REPORT_KEY]
+    assert "oslo-2" in kept["kept"] and kept["dropped"] and kept["tokens_after"] <= budget
+
+
+def test_tool_results_are_left_whole_when_long_message_tokens_is_none(embedder):
+    """default_stages does so: a cut result reads the same when the model calls again for the rest."""
+    result = " ".join(f"Row {i}: sensor {i % 7} read {i * 3} kPa." for i in range(300))
+    messages = [
+        {"role": "user", "content": "Which sensor read 300 kPa?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "read_log", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+    ]
+    request = ChatRequest(messages=messages)
+    assert DocumentPruningStage(budget_tokens=200, embedder=embedder, long_message_tokens=None).before_model(
+        request).messages[2]["content"] == result
+    cut = DocumentPruningStage(budget_tokens=200, embedder=embedder, long_message_tokens=1000).before_model(request)
+    assert len(cut.messages[2]["content"]) < len(result)

@@ -27,6 +27,7 @@ def default_stages(
     tools_top_k: int = 5,
     summarize_at_tokens: int | None = None,
     cache_store: Any = None,
+    documents_budget_tokens: int = 4000,
 ) -> list[Stage]:
     """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
 
@@ -38,10 +39,13 @@ def default_stages(
     cache_store:         a CacheStore to use instead (PostgresStore for replicas).
     summarize_at_tokens: fold old history once a request passes this many tokens
                          (default: 60% of the backend's context window).
+    documents_budget_tokens: the call's documents (`metadata["documents"]`, `<document>` blocks) are cut to
+                         their best passages past this many tokens; tool results are left whole (a cut one
+                         would read the same when the model calls again for the rest).
     """
     from ..embed import Embedder
     from .cache import LocalStore, SemanticCacheStage
-    from .pruning import DedupStage, ToolResultClearingStage
+    from .pruning import DedupStage, DocumentPruningStage, ToolResultClearingStage
     from .quarantine import QuarantineStage
     from .summarize import SummarizationStage
     from .tools import ToolRetrievalStage
@@ -67,6 +71,10 @@ def default_stages(
         ),
         ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
         DedupStage(counter=backend.counter),  # the ledger's prefix tokens in the backend's own tokens
+        # Last: it ranks the documents dedup left, and sends them at the end of the prompt. Without it the
+        # request's metadata documents would reach no model at all.
+        DocumentPruningStage(budget_tokens=documents_budget_tokens, embedder=embedder, counter=backend.counter,
+                             long_message_tokens=None),
     ]
     return stages
 

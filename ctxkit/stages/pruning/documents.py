@@ -9,7 +9,7 @@ Where documents come from (all three can be used at once):
    end of the prompt, so the cached prefix before it is untouched.
 2. `<document id="...">...</document>` blocks inside user messages (the same format): cut in place.
 3. Tool results longer than `long_message_tokens`: cut in place, with a note saying how to get the
-   full text again (the tool call).
+   full text again (the tool call). `long_message_tokens=None` leaves tool results whole.
 
 A rendered message that carries a document QuarantineStage flagged (`metadata["ctxkit.quarantined_documents"]`)
 is itself marked quarantined, so summaries, caches and memory leave it out.
@@ -390,7 +390,7 @@ class DocumentPruningStage(Stage):
         embedder: TextEmbedder | None = None,
         counter: TokenCounter | None = None,
         weights: RankingWeights = RankingWeights(),
-        long_message_tokens: int = 2000,
+        long_message_tokens: int | None = 2000,
         render: bool = True,
         ranker: DocumentRanker | None = None,
     ) -> None:
@@ -492,7 +492,7 @@ class DocumentPruningStage(Stage):
                 return f'<document id="{match.group(1)}">{kept[n]}</document>' if n in kept else ""
 
             return {**message, "content": re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, content))}
-        if role == "tool":
+        if role == "tool" and self.long_message_tokens is not None:
             tokens = self.counter.count_text(content)
             budget = self.budget_for(tokens)
             if tokens <= self.long_message_tokens or budget >= tokens:
