@@ -121,6 +121,23 @@ def test_long_tool_result_is_cut_against_its_own_turn_and_stays_stable_later(emb
     assert second.messages[2] == first.messages[2], "an older result must be cut the same way on every call"
 
 
+def test_a_result_the_model_called_again_for_is_left_whole(embedder):
+    """The note tells the model to call again for the full text; cut the same way again, it would loop."""
+    long_result = "\n\n".join(d["text"] for d in CORPUS * 3)
+    stage = DocumentPruningStage(budget_fraction=0.1, embedder=embedder, long_message_tokens=200)
+    turn = _tool_turn("When was the Oslo Opera House opened?", long_result)
+    again = {"id": "call_2", "type": "function", "function": {"name": "read_file", "arguments": '{"path":"notes.txt"}'}}
+    turn += [{"role": "assistant", "content": None, "tool_calls": [again]},
+             {"role": "tool", "tool_call_id": "call_2", "content": long_result}]
+    out = stage.before_model(ChatRequest(messages=turn)).messages
+    assert len(out[2]["content"]) < len(long_result) / 4, "the first result is still cut, as on the call before"
+    assert out[4]["content"] == long_result
+    other = {"id": "call_3", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "b.txt"}'}}
+    turn += [{"role": "assistant", "content": None, "tool_calls": [other]},
+             {"role": "tool", "tool_call_id": "call_3", "content": long_result}]
+    assert len(stage.before_model(ChatRequest(messages=turn)).messages[6]["content"]) < len(long_result) / 4
+
+
 def test_budget_tokens_and_fraction_together_take_the_smaller():
     stage = DocumentPruningStage(budget_tokens=50, budget_fraction=0.5)
     assert stage.budget_for(1000) == 50

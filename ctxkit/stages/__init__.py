@@ -40,8 +40,8 @@ def default_stages(
     summarize_at_tokens: fold old history once a request passes this many tokens
                          (default: 60% of the backend's context window).
     documents_budget_tokens: the call's documents (`metadata["documents"]`, `<document>` blocks) are cut to
-                         their best passages past this many tokens; tool results are left whole (a cut one
-                         would read the same when the model calls again for the rest).
+                         their best passages past this many tokens; tool results are left whole (what a tool
+                         returns is the app's choice; a DocumentPruningStage of your own can cut them).
     """
     from ..embed import Embedder
     from .cache import LocalStore, SemanticCacheStage

@@ -9,7 +9,8 @@ Where documents come from (all three can be used at once):
    end of the prompt, so the cached prefix before it is untouched.
 2. `<document id="...">...</document>` blocks inside user messages (the same format): cut in place.
 3. Tool results longer than `long_message_tokens`: cut in place, with a note saying how to get the
-   full text again (the tool call). `long_message_tokens=None` leaves tool results whole.
+   full text again (the tool call); a result of a call the model made again with the same arguments is
+   sent whole. `long_message_tokens=None` leaves tool results whole.
 
 A rendered message that carries a document QuarantineStage flagged (`metadata["ctxkit.quarantined_documents"]`)
 is itself marked quarantined, so summaries, caches and memory leave it out.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -41,7 +43,7 @@ import numpy as np
 from ...errors import RequestError
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
-from ...request import ChatRequest
+from ...request import ChatRequest, tool_calls_by_id
 from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
@@ -497,6 +499,8 @@ class DocumentPruningStage(Stage):
             budget = self.budget_for(tokens)
             if tokens <= self.long_message_tokens or budget >= tokens:
                 return None  # short, or the budget holds all of it: a note would only make it longer
+            if _repeats_an_earlier_call(messages, index):
+                return None  # the model called again for the full text, as the note tells it to
             query = _turn_query(messages, index)
             result = self.ranker.prune(query, [{"id": "result", "text": content}], budget)
             if not result.documents:
@@ -546,6 +550,24 @@ def _turn_query(messages: Sequence[Mapping[str, Any]], index: int) -> str:
         if messages[k].get("role") == "user":
             return DOCUMENT_BLOCK.sub(" ", message_text(dict(messages[k]))).strip()
     return ""
+
+
+def _repeats_an_earlier_call(messages: Sequence[Mapping[str, Any]], index: int) -> bool:
+    """Whether the tool result at `index` answers a call made before with the same arguments, whose result
+    came earlier: cut the same way again, the note's "call again for the full text" would loop."""
+    calls = {call_id: (name, _canonical(arguments)) for call_id, (name, arguments) in tool_calls_by_id(messages[:index]).items()}
+    this_id = messages[index].get("tool_call_id", "")
+    this = calls.get(this_id)
+    return this is not None and any(
+        m.get("role") == "tool" and m.get("tool_call_id") != this_id and calls.get(m.get("tool_call_id", "")) == this
+        for m in messages[:index])
+
+
+def _canonical(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except (TypeError, ValueError):
+        return str(arguments)
 
 
 def _call_for(messages: Sequence[Mapping[str, Any]], index: int) -> str:
