@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 
 from .errors import InvalidMessageError, InvalidToolError, RequestError
-from .request import ChatRequest
+from .request import SAMPLING_PARAMS, ChatRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -213,6 +213,13 @@ BACKEND_SAMPLING = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "
 def _validate_params(params: Any) -> None:
     if not isinstance(params, Mapping):
         raise RequestError(f"must be an object of sampling parameters, got {type(params).__name__}", "params")
+    # A key no backend reads was ignored by the local model (`max_token` let it generate without a limit) and
+    # reached the openai SDK as a TypeError: name it, as the OpenAI-style client does for create()'s arguments.
+    unknown = sorted(str(key) for key in params if key not in SAMPLING_PARAMS and key != "extra_body")
+    if unknown:
+        hint = [k for k in unknown if k in BACKEND_SAMPLING]
+        raise RequestError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(SAMPLING_PARAMS)}"
+                           + (f" ({hint} go in params['extra_body'])" if hint else ""), "params")
     extra_body = params.get("extra_body")
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise RequestError(f"must be an object, got {type(extra_body).__name__}", "extra_body")

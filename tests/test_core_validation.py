@@ -153,6 +153,20 @@ def test_params_and_extra_body_of_the_wrong_shape_name_the_field(counting, ledge
     assert counting.calls == 0
 
 
+def test_an_unknown_sampling_parameter_is_named_not_ignored(counting, ledger):
+    """`max_token` let the local model generate 256 tokens and reached the openai SDK as a TypeError."""
+    pipeline = Pipeline(counting, ledger=ledger)
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(RequestError, match="max_token") as info:
+        pipeline.call(ChatRequest(messages=hi, params={"max_token": 3}))
+    assert info.value.where == "params"
+    with pytest.raises(RequestError, match=r"extra_body"):
+        pipeline.call(ChatRequest(messages=hi, params={"top_k": 1}))
+    assert counting.calls == 0
+    pipeline.call(ChatRequest(messages=hi, params={"max_tokens": 3, "extra_body": {"top_k": 1}}))
+    assert counting.calls == 1
+
+
 def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_backend, ledger):
     """top_k=1 makes sampling greedy: at temperature 1.5 three different seeds then agree."""
     client = Pipeline(llama_backend, ledger=ledger).openai()

@@ -164,6 +164,8 @@ def test_registry_serves_newest_version_and_refuses_a_changed_version():
     registry.register(PromptTemplate("t", "9", system="v9"))  # the same text again is fine
     with pytest.raises(TemplateError, match="already registered"):
         registry.register(PromptTemplate("t", "9", system="changed"))
+    with pytest.raises(TemplateError, match="already registered"):  # a budget changes the prompt too
+        registry.register(PromptTemplate("t", "9", system="v9", budgets={"documents": 20}))
     with pytest.raises(TemplateError):
         registry.get("missing")
     with pytest.raises(TemplateError):
@@ -182,6 +184,9 @@ def test_the_apps_system_message_is_replaced_only_by_a_template_that_has_its_own
     kept = [m["content"] for m in none.before_model(request).messages]
     assert "You are the app's own assistant." not in replaced and "You are a travel assistant." in replaced[0]
     assert kept[0] == "You are the app's own assistant." and any("prefers trains" in c for c in kept)
+    ledger = Ledger()
+    Pipeline(llama_backend, [own], ledger=ledger).call(request.override(params={"max_tokens": 2}))
+    assert [e["kind"] for e in ledger.records[-1].events] == ["system_replaced"], "a dropped system is said"
 
 
 def test_template_stage_in_a_pipeline_with_the_local_model(llama_backend, tmp_path):
@@ -276,3 +281,66 @@ def test_a_long_message_inside_a_cut_step_is_not_dropped_with_it(llama_backend):
     rendered = template.render(llama_backend.counter, conversation=conversation)
     assert rendered.section_tokens["conversation"] <= 1000
     assert any("Clause 4:" in str(m["content"]) for m in rendered.messages), rendered.dropped_messages
+
+
+def test_documents_stay_with_the_question_through_a_tool_loop():
+    """On the call after a tool result the documents left the question and came as a new user turn after
+    the tool result: the previous call's prompt was no longer the prefix of this one."""
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    stage = TemplateStage(PromptTemplate("shop", "1", system="You answer for Bookly."), TiktokenCounter("gpt-4o"))
+    metadata = {"ctxkit.template": {"documents": [{"id": "faq-1", "text": "Orders ship within 2 days."}]}}
+    question = {"role": "user", "content": "Where is my order 123?"}
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "order_status", "arguments": '{"id": "123"}'}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "shipped"}
+    first = stage.before_model(ChatRequest(messages=[question], metadata=metadata)).messages
+    second = stage.before_model(ChatRequest(messages=[question, call, result], metadata=metadata)).messages
+    assert list(second[:len(first)]) == list(first)
+    assert second[-1] == result and "Orders ship" in first[-1]["content"]
+
+
+def test_a_turn_template_that_tests_the_users_text_sees_the_text(llama_backend):
+    turn = ("{% if content|length > 40 %}[long] {% endif %}{% if 'refund' in content|lower %}[refund] {% endif %}"
+            "{{ content }}")
+    template = PromptTemplate("support", "1", system="You help.", turn=turn)
+    text = "I would like a REFUND for the order I placed last week, please."
+    rendered = template.render(llama_backend.counter, conversation=[{"role": "user", "content": text}])
+    assert rendered.messages[-1]["content"] == f"[long] [refund] {text}"
+    short = template.render(llama_backend.counter, conversation=[{"role": "user", "content": "  hi\n"}])
+    assert short.messages[-1]["content"] == "  hi\n", "a template that only prints the text keeps it as sent"
+
+
+def test_sets_render_the_same_in_every_process_and_random_is_refused():
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from ctxkit.stages.templates import PromptTemplate\n"
+        "from ctxkit.tokens.tiktoken_counter import TiktokenCounter\n"
+        "t = PromptTemplate('p', '1', system='Tags: {{ tags | join(\", \") }}; {% for t in tags %}{{ t }} {% endfor %}')\n"
+        "p = t.render(TiktokenCounter('gpt-4o'), variables={'tags': {'vip', 'beta', 'eu', 'churn'}},\n"
+        "             conversation=[{'role': 'user', 'content': 'hi'}])\n"
+        "print(p.messages[0]['content'])\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in range(4)
+    }
+    assert outputs == {"Tags: beta, churn, eu, vip; beta churn eu vip\n"}  # sections are stripped
+    with pytest.raises(TemplateError):
+        PromptTemplate("p", "1", system="{{ ['a', 'b'] | random }}")
+
+
+@pytest.mark.parametrize(("inputs", "field"), [
+    ({"memory": ["a", "b"]}, "memory"),
+    ({"variables": ["nx"]}, "variables"),
+    ({"documents": {"id": "a", "text": "b"}}, "documents"),
+    ({"documents": [{"id": "a", "text": "ok"}, {"id": "b", "text": None}]}, r"documents\[1\]"),
+])
+def test_template_inputs_of_the_wrong_shape_name_the_field(llama_backend, inputs, field):
+    with pytest.raises(TemplateError, match=field):
+        _template().render(llama_backend.counter, conversation=[{"role": "user", "content": "hi"}],
+                           **{"variables": {"agent": "a", "company": "c", "limit": 1, "settings": {}}, **inputs})

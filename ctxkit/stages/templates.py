@@ -63,6 +63,20 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _stable(value: Any) -> Any:
+    """`value` with every set turned into a sorted list: a set iterates in hash order, salted per process, so
+    `{{ tags }}`, `{{ tags | join(", ") }}` or a `for` over it would render other bytes on every worker."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((_stable(item) for item in value), key=_tojson)
+    if isinstance(value, Mapping):
+        return {key: _stable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_stable(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_stable(item) for item in value)
+    return value
+
+
 def sandboxed_environment() -> Any:
     """The Jinja2 sandbox every ctxkit prompt is rendered with (also used by the summarizer's prompts)."""
     from jinja2 import StrictUndefined
@@ -76,6 +90,7 @@ def sandboxed_environment() -> Any:
         lstrip_blocks=True,
     )
     env.filters["tojson"] = _tojson
+    env.filters.pop("random", None)  # a random pick is a different prompt on every call
     env.globals.clear()  # no range/lipsum/dict/cycler: nothing that varies or reaches outside
     return env
 
@@ -177,7 +192,18 @@ class PromptTemplate:
         tools: Sequence[Tool] = (),
     ) -> RenderedPrompt:
         """Messages and tools for one call. `conversation` is the chat so far, its last message the newest."""
-        variables = dict(variables or {})
+        if variables is not None and not isinstance(variables, Mapping):
+            raise TemplateError(f"variables must be a dict of name -> value, got {type(variables).__name__}", self.id)
+        if memory is not None and not isinstance(memory, str):
+            raise TemplateError(f"memory must be a string, got {type(memory).__name__}", self.id)
+        if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Sequence):
+            raise TemplateError(f"documents must be a list of {{'id', 'text'}} objects, got {type(documents).__name__}",
+                                self.id)
+        for index, doc in enumerate(documents):
+            if not isinstance(doc, Mapping) or "id" not in doc or not isinstance(doc.get("text"), str):
+                raise TemplateError(f"documents[{index}] needs an 'id' and a string 'text', got {doc!r:.80}", self.id)
+        variables = _stable(dict(variables or {}))
+        documents = [_stable(doc) for doc in documents]
         reserved = {"documents", "memory", "content"} & set(variables)
         if reserved:
             raise TemplateError(f"variable name(s) reserved by the template: {sorted(reserved)}", self.id)
@@ -208,8 +234,12 @@ class PromptTemplate:
             history = history[dropped:]
         tokens["conversation"] = sum(_message_tokens(m, counter) for m in history)
 
-        if history and history[-1].get("role") == "user" and isinstance(history[-1].get("content"), str):
-            history[-1]["content"] = self._turn(docs_text, history[-1]["content"], variables)
+        # The newest user message, also when the turn goes on with tool calls and their results after it: the
+        # documents stay with the question (and the previous call's prompt stays the prefix of this one)
+        # instead of arriving as a new user turn after a tool result.
+        newest = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
+        if newest is not None and isinstance(history[newest].get("content"), str):
+            history[newest]["content"] = self._turn(docs_text, history[newest]["content"], variables)
         elif docs_text:
             history.append({"role": "user", "content": self._text("turn", documents=docs_text, content="",
                                                                   **variables)})
@@ -233,9 +263,6 @@ class PromptTemplate:
         Rendering and counting the whole section again for each document took 37 s for 2,000 documents:
         a document is first measured alone, and the section is rendered whole only for one that might not
         fit (within a margin for the tokens its seams may add)."""
-        for doc in documents:
-            if "id" not in doc or "text" not in doc:
-                raise TemplateError("each document needs 'id' and 'text'", self.id)
         budget = self.budgets.get("documents")
         everything = self._text("documents", documents=list(documents), **variables) if documents else ""
         if budget is None or counter.count_text(everything) <= budget:
@@ -296,9 +323,17 @@ class PromptTemplate:
         the user's own text is not (pasted code keeps its indentation)."""
         marker = "\x00ctxkit-content\x00"
         framed = self._text("turn", documents=documents, content=marker, **variables)
-        if framed.count(marker) != 1:  # the template transforms the content: render it as it says
-            return self._text("turn", documents=documents, content=content, **variables)
-        return framed.replace(marker, content)
+        if framed.count(marker) == 1:
+            # The marker stands for the content only where the template does nothing but print it: one that
+            # tests it (`content|length`, `'refund' in content`) took a different branch for the marker.
+            try:
+                raw = self._compiled["turn"].render(documents=documents, content=content, **variables)
+                raw_marker = self._compiled["turn"].render(documents=documents, content=marker, **variables)
+            except Exception as exc:
+                raise TemplateError(f"section 'turn' failed to render: {exc}", self.id) from exc
+            if raw_marker.replace(marker, content) == raw:
+                return framed.replace(marker, content)
+        return self._text("turn", documents=documents, content=content, **variables)  # render it as it says
 
     def _fixed_budget(self, section: str, used: int) -> None:
         budget = self.budgets.get(section)
@@ -355,6 +390,10 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) 
     return first_fit if first_fit is not None else last_valid
 
 
+def _definition(template: PromptTemplate) -> tuple[Any, ...]:
+    return template.sources, template.budgets, template.memory_role
+
+
 class TemplateRegistry:
     """Templates by name and version; `get(name)` is the newest version. One registry per app, no globals."""
 
@@ -368,9 +407,11 @@ class TemplateRegistry:
         with self._lock:
             versions = self._templates.setdefault(template.name, {})
             existing = versions.get(template.version)
-            if existing is not None and existing.sources != template.sources:
-                # A version is a promise: the same id must always render the same prompt.
-                raise TemplateError(f"{template.id} is already registered with different text", template.id)
+            if existing is not None and _definition(existing) != _definition(template):
+                # A version is a promise: the same id must always render the same prompt (budgets and the
+                # memory role change the prompt as much as the text does).
+                raise TemplateError(f"{template.id} is already registered with different text, budgets or "
+                                    "memory_role", template.id)
             versions[template.version] = template
         return template
 
@@ -394,7 +435,9 @@ class TemplateStage(Stage):
     """Renders each request through a template: its messages are the conversation, and
     `request.metadata["ctxkit.template"]` may carry `variables`, `documents` and `memory`.
 
-    A request that already starts with a system message keeps it unless `replace_system` is set."""
+    A request that already starts with a system message loses it to the template's own system and
+    instructions (`replace_system=True`, the default; a `system_replaced` ledger event says so); with
+    `replace_system=False`, or a template without either, it is kept in front of the template's messages."""
 
     name = "templates"
 
@@ -417,6 +460,11 @@ class TemplateStage(Stage):
         own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
         keep = app_system is not None and (not self.replace_system or not own_system)
         messages = [app_system, *rendered.messages] if keep else rendered.messages
+        if app_system is not None and not keep:
+            from ..pipeline import record_event
+
+            record_event(self.name, "system_replaced", template=rendered.template,
+                         tokens=self.counter.count_text(str(app_system.get("content") or "")))
         metadata = {**request.metadata, "ctxkit.template_id": rendered.template,
                     "ctxkit.kept_documents": rendered.kept_documents}
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
