@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,3 +36,40 @@ async def iterate_in_thread(iterator: Iterator[T]) -> AsyncIterator[T]:
             yield item  # type: ignore[misc]
     finally:
         await asyncio.to_thread(close)
+
+
+async def acquire(lock: threading.Lock) -> None:
+    """Take a thread lock from async code without parking a worker thread on it. Worker threads blocked on
+    a lock that a stream holds are the threads that stream's next step needs (they come from the same
+    pool, min(32, cores + 4) of them): enough waiting calls and nothing moves again."""
+    delay = 0.0005
+    while not lock.acquire(blocking=False):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T]) -> T:
+    """`fn()` in a worker thread, with `lock` (already taken by the caller) released when `fn` ends: in
+    that thread once `fn` has started (a cancelled caller leaves it running), here if it never did."""
+    claim = threading.Lock()
+    state = "waiting"
+
+    def run() -> T:
+        nonlocal state
+        with claim:
+            if state == "abandoned":  # the caller went away before this thread began, and let go itself
+                raise asyncio.CancelledError
+            state = "running"
+        try:
+            return fn()
+        finally:
+            lock.release()
+
+    try:
+        return await asyncio.to_thread(run)
+    except BaseException:
+        with claim:
+            if state == "waiting":
+                state = "abandoned"
+                lock.release()
+        raise

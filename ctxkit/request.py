@@ -76,7 +76,9 @@ class ChatRequest:
         """
         from .errors import RequestError
 
-        kwargs = dict(kwargs)
+        # openai's "not given" sentinels (`openai.omit`, `NOT_GIVEN`) mean the argument was left out, as the
+        # openai client reads them: wrappers pass them for every setting their caller did not make.
+        kwargs = {k: v for k, v in kwargs.items() if not _not_given(v)}
         ctx = dict(defaults)
         extra_body = dict(kwargs.pop("extra_body", None) or {})
         own = extra_body.pop("ctxkit", None) or {}
@@ -117,6 +119,13 @@ class ChatRequest:
             metadata=metadata,
             **ctx,
         )
+
+
+def _not_given(value: Any) -> bool:
+    import openai
+
+    sentinels = tuple(t for t in (getattr(openai, "NotGiven", None), getattr(openai, "Omit", None)) if t is not None)
+    return isinstance(value, sentinels)
 
 
 def tool_calls_by_id(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:

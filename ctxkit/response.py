@@ -110,7 +110,9 @@ class _Assembler:
                 )
                 slot["id"] = call.get("id") or slot["id"]
                 function = call.get("function") or {}
-                slot["function"]["name"] += function.get("name") or ""
+                name = function.get("name") or ""
+                if name != slot["function"]["name"]:  # llama.cpp's server repeats the whole name in every delta
+                    slot["function"]["name"] += name
                 slot["function"]["arguments"] += function.get("arguments") or ""
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -208,6 +210,11 @@ class _StreamBase:
     def _fail(self, exc: BaseException) -> None:
         if self.response is not None or self._failed:
             return  # the call ended once: a close() after the end, or after a failure, changes nothing
+        if isinstance(exc, GeneratorExit) and self._assembler.finished:
+            # Left after the chunk that gave the finish_reason (a loop that stops there): the answer is
+            # whole, only the usage chunk was still to come. That is a finished call, not an abandoned one.
+            self._finish()
+            return
         self._failed = True
         _run_all(self._on_error, exc)
 

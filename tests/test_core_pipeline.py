@@ -449,3 +449,110 @@ def test_a_failed_local_call_is_recorded_as_the_local_model(llama_backend, ledge
     stream.close()
     record = ledger.records[-1]
     assert record.model == llama_backend.model and record.cost_usd == 0
+
+
+def test_async_calls_waiting_behind_a_stream_do_not_starve_it():
+    """Waiting calls sat in the event loop's worker threads, the same threads every step of the stream
+    holding the model needs: with as many waiting as the pool holds, nothing moved again. In a child
+    process, so that a hang fails this test instead of hanging the run (stuck workers block the exit)."""
+    import subprocess
+    import sys
+
+    script = """
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from ctxkit import ChatRequest, Ledger, LlamaCppBackend, Pipeline
+
+pipeline = Pipeline(LlamaCppBackend(n_ctx=1024, n_threads=2), ledger=Ledger())
+
+async def run():
+    stream = await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Count to ten."}],
+                                              params={"max_tokens": 12, "temperature": 0}, stream=True))
+    async def consume():
+        chunks = 0
+        async for _ in stream:
+            chunks += 1
+            await asyncio.sleep(0.02)  # a consumer that does something with each chunk
+        return chunks
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)  # the stream holds the model
+    calls = [asyncio.create_task(pipeline.acall(ChatRequest(messages=[{"role": "user", "content": f"Say {i}"}],
+                                                            params={"max_tokens": 2, "temperature": 0})))
+             for i in range(5)]
+    return await asyncio.gather(consumer, *calls)
+
+loop = asyncio.new_event_loop()
+loop.set_default_executor(ThreadPoolExecutor(max_workers=3))  # fewer threads than waiting calls
+chunks, *answers = loop.run_until_complete(run())
+print(chunks, len(answers), [r.status for r in pipeline.ledger.records])
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("async calls waiting behind a stream hung")
+    assert done.returncode == 0, done.stderr[-2000:]
+    chunks, answers, statuses = done.stdout.strip().split(" ", 2)
+    assert int(chunks) > 1 and int(answers) == 5 and statuses == str(["ok"] * 6)
+
+
+def test_a_stream_left_once_its_finish_reason_came_is_a_whole_answer(llama_backend, ledger):
+    """It was recorded as abandoned (status error, GeneratorExit): the caller had the whole answer."""
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    text = ""
+    for chunk in client.chat.completions.create(messages=CONVERSATION, max_tokens=8, temperature=0, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            if chunk.choices[0].finish_reason:
+                break  # before the usage chunk
+    record = ledger.records[-1]
+    assert text and record.status == "ok" and record.tokens_out > 0
+
+
+def test_streamed_tool_call_deltas_repeating_the_whole_name_make_one_name():
+    """llama.cpp's server (--chat_format chatml-function-calling) repeats the name in every delta; the
+    answer was a call to 'get_weatherget_weather...'. A name sent in pieces still joins."""
+    def delta(name, arguments, finish=None):
+        return {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [{
+            "index": 0, "finish_reason": finish,
+            "delta": {"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": name, "arguments": arguments}}]}}]}
+
+    repeated = [delta("get_weather", '{"city": '), delta("get_weather", '"Paris"}'), delta("get_weather", "", "tool_calls")]
+    pieces = [delta("get_", ""), delta("weather", '{"city": "Paris"}', "tool_calls")]
+    for chunks in (repeated, pieces):
+        response = ChatStream(iter(chunks), backend="b", model="m", count_completion=None).collect()
+        assert response.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def test_logit_bias_reaches_the_local_model(llama_backend, ledger):
+    """It was accepted and silently ignored; OpenAI's keys are token ids, here this model's own."""
+    from ctxkit import RequestError
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    request = ChatRequest(messages=CONVERSATION, params={"max_tokens": 4, "temperature": 0})
+    plain = pipeline.call(request).content
+    first = llama_backend._llama.tokenize(plain.encode(), add_bos=False, special=False)[0]
+    banned = pipeline.call(request.override(params={**request.params, "logit_bias": {str(first): -100}})).content
+    assert banned != plain and not banned.startswith(llama_backend._llama.detokenize([first]).decode())
+    for bias, where in (({"hello": 5}, "logit_bias"), ({"99999999": 5}, "logit_bias"), ({"5": 500}, "logit_bias['5']")):
+        with pytest.raises(RequestError) as info:
+            pipeline.call(request.override(params={**request.params, "logit_bias": bias}))
+        assert info.value.where == where
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_the_local_grammar_cannot_take_is_a_request_error_naming_it(llama_backend, ledger, stream):
+    """A $ref to a definition that is not there passes validation, and failed inside llama.cpp as an
+    untyped BackendError (the proxy answered 502, the ledger counted the prompt as sent)."""
+    from ctxkit import RequestError
+
+    fine = {"type": "function", "function": {"name": "ok", "parameters": {"type": "object", "properties": {}}}}
+    broken = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}}}}
+    request = ChatRequest(messages=[{"role": "user", "content": "go"}], tools=[fine, broken],
+                          params={"max_tokens": 5}, stream=stream)
+    with pytest.raises(RequestError) as info:
+        result = Pipeline(llama_backend, ledger=ledger).call(request)
+        if stream:
+            result.collect()
+    assert info.value.where == "tools[1].function.parameters"
+    assert ledger.records[-1].tokens_sent == 0

@@ -294,3 +294,45 @@ def test_retry_settings_out_of_range_are_refused_when_the_backend_is_made(settin
 
     with pytest.raises(ConfigurationError, match=message):
         OpenAIBackend(model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="test", **settings)
+
+
+def test_async_calls_from_one_event_loop_after_another(remote, ledger):
+    """One AsyncOpenAI client kept the connections of the first loop: after a second asyncio.run every
+    other call failed with "Event loop is closed" (pytest-asyncio, Celery tasks, async_to_sync)."""
+    pipeline = Pipeline(remote, ledger=ledger)
+    for _ in range(3):
+        assert asyncio.run(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS))).content
+    assert [r.status for r in ledger.records] == ["ok"] * 3
+
+
+def test_a_stream_the_upstream_ends_early_without_an_error_is_no_whole_answer(gguf_counter, ledger):
+    """An HTTP/1.0 body ended by closing the connection, after two chunks and without a finish_reason (a
+    fault the real server cannot be made to produce): the caller got the start of the answer as if whole."""
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for delta in ({"role": "assistant", "content": ""}, {"content": "The answer is"}):
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{upstream.server_address[1]}/v1",
+                                counter=gguf_counter, context_window=4096, max_retries=0)
+        stream = Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+        with pytest.raises(BackendConnectionError, match="ended before"):
+            stream.collect()
+    finally:
+        upstream.shutdown()
+    assert ledger.records[-1].status == "error" and ledger.records[-1].tokens_out > 0

@@ -167,6 +167,20 @@ def test_an_unknown_sampling_parameter_is_named_not_ignored(counting, ledger):
     assert counting.calls == 1
 
 
+def test_openais_not_given_sentinels_mean_left_out(counting, ledger):
+    """Wrappers (the OpenAI Agents SDK, LangChain) pass openai.NOT_GIVEN / openai.omit for every setting
+    their caller left unset; the drop-in client refused them as values."""
+    import openai
+
+    client = Pipeline(counting, ledger=ledger).openai()
+    for unset in {openai.NOT_GIVEN, getattr(openai, "omit", openai.NOT_GIVEN)}:
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=unset,
+            tool_choice=unset, stream=unset, stop=unset, metadata=unset, user=unset)
+        assert reply.choices[0].message is not None
+    assert [r.status for r in ledger.records] == ["ok"] * counting.calls
+
+
 def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_backend, ledger):
     """top_k=1 makes sampling greedy: at temperature 1.5 three different seeds then agree."""
     client = Pipeline(llama_backend, ledger=ledger).openai()

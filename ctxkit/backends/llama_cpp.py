@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .._aio import iterate_in_thread
+from .._aio import acquire, iterate_in_thread, to_thread_holding
 from ..errors import BackendError, ConfigurationError, ContextOverflowError, RequestError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
@@ -110,18 +110,24 @@ class LlamaCppBackend:
     def _complete(self, request: ChatRequest, cancelled: threading.Event | None) -> ChatResponse:
         tokens = self._prompt_tokens(request)
         with self._lock:
-            if cancelled is not None and cancelled.is_set():
-                raise BackendError("the call was cancelled before it started", backend=self.name)
-            cached = self._reusable_prefix(tokens)
-            try:
-                sampling = self._sampling(request)
-                if cancelled is not None:  # an async caller that went away stops it at the next token
-                    from llama_cpp import StoppingCriteriaList
+            return self._generate(request, tokens, cancelled)
 
-                    sampling["stopping_criteria"] = StoppingCriteriaList([lambda _ids, _lg: cancelled.is_set()])
-                out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
-            except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
-                raise BackendError(str(exc), backend=self.name) from exc
+    def _generate(self, request: ChatRequest, tokens: list[int], cancelled: threading.Event | None) -> ChatResponse:
+        """One whole answer; the caller holds `self._lock`."""
+        if cancelled is not None and cancelled.is_set():
+            raise BackendError("the call was cancelled before it started", backend=self.name)
+        cached = self._reusable_prefix(tokens)
+        try:
+            sampling = self._sampling(request)
+            if cancelled is not None:  # an async caller that went away stops it at the next token
+                from llama_cpp import StoppingCriteriaList
+
+                sampling["stopping_criteria"] = StoppingCriteriaList([lambda _ids, _lg: cancelled.is_set()])
+            out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
+        except RequestError:
+            raise
+        except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
+            raise BackendError(str(exc), backend=self.name) from exc
         choice = out["choices"][0]
         content, calls = parse_tool_calls(choice["text"]) if request.tools else (choice["text"], [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -137,6 +143,30 @@ class LlamaCppBackend:
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
         tokens = self._prompt_tokens(request)
+        self._lock.acquire()
+        chunks = self._stream_holding_lock(request, tokens)
+        next(chunks)  # inside its try: from here on, however the stream ends, it lets go of the model
+        yield from chunks
+
+    def _stream_holding_lock(self, request: ChatRequest, tokens: list[int]) -> Iterator[dict[str, Any]]:
+        """The stream's chunks, after a first None; the caller has taken `self._lock`, released once the
+        generation is over (or the stream closed)."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._lock.release()
+
+        try:
+            yield None  # type: ignore[misc]
+            yield from self._stream_chunks(request, tokens, release)
+        finally:
+            release()
+
+    def _stream_chunks(self, request: ChatRequest, tokens: list[int],
+                       release: Callable[[], None]) -> Iterator[dict[str, Any]]:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         model = self.model
         created = int(time.time())
@@ -149,23 +179,29 @@ class LlamaCppBackend:
                 out["usage"] = usage
             return out
 
-        with self._lock:
-            cached = self._reusable_prefix(tokens)
-            try:
-                pieces: Any = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
-                yield chunk({"role": "assistant", "content": ""})
-                text, emitted, finish = "", 0, "stop"
-                for piece in pieces:
-                    choice = piece["choices"][0]
-                    text += choice.get("text") or ""
-                    finish = choice.get("finish_reason") or finish
-                    if request.tools and _may_be_tool_call(text):
-                        continue  # a tool call is only known whole: hold the text back
-                    if len(text) > emitted:
-                        yield chunk({"content": text[emitted:]})
-                        emitted = len(text)
-            except Exception as exc:
-                raise BackendError(str(exc), backend=self.name) from exc
+        cached = self._reusable_prefix(tokens)  # the caller holds self._lock, until release()
+        pieces: Any = None
+        try:
+            pieces = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
+            yield chunk({"role": "assistant", "content": ""})
+            text, emitted, finish = "", 0, "stop"
+            for piece in pieces:
+                choice = piece["choices"][0]
+                text += choice.get("text") or ""
+                finish = choice.get("finish_reason") or finish
+                if request.tools and _may_be_tool_call(text):
+                    continue  # a tool call is only known whole: hold the text back
+                if len(text) > emitted:
+                    yield chunk({"content": text[emitted:]})
+                    emitted = len(text)
+        except RequestError:
+            raise
+        except Exception as exc:
+            raise BackendError(str(exc), backend=self.name) from exc
+        finally:
+            if pieces is not None:
+                pieces.close()  # llama.cpp's own generator ends while the model is still ours
+            release()
         content, calls = parse_tool_calls(text) if request.tools else (text, [])
         if calls:
             finish = "tool_calls"
@@ -188,14 +224,29 @@ class LlamaCppBackend:
         import asyncio
 
         cancelled = threading.Event()
+        tokens = await asyncio.to_thread(self._prompt_tokens, request)
+        # Waiting for the model happens here, in the event loop: a worker thread blocked on the lock would be
+        # one fewer for the stream that holds it, whose every step needs one (and enough of them hang all).
+        await acquire(self._lock)
         try:
-            return await asyncio.to_thread(self._complete, request, cancelled)
+            return await to_thread_holding(self._lock, lambda: self._generate(request, tokens, cancelled))
         except asyncio.CancelledError:  # the thread runs on: tell it to stop and let go of the model
             cancelled.set()
             raise
 
-    def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        return iterate_in_thread(self.stream(request))
+    async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        import asyncio
+
+        tokens = await asyncio.to_thread(self._prompt_tokens, request)
+        await acquire(self._lock)  # in the event loop, as in acomplete
+        body = self._stream_holding_lock(request, tokens)
+        next(body)  # inside its try: from here on, closing it (in whatever thread) lets go of the model
+        chunks = iterate_in_thread(body)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
 
     def close(self) -> None:
         self._llama.close()
@@ -217,10 +268,49 @@ class LlamaCppBackend:
                 if isinstance(part, dict) and part.get("type") not in ("text", "refusal"):
                     raise RequestError(f"{part.get('type')} parts are not supported by this text-only model",
                                        f"messages[{i}].content[{k}]")
+        self._logit_bias(request)  # a key that is no token id is the caller's error, named, before the model is taken
         tokens = self.prompt.tokens(request.messages, request.tools)
         if len(tokens) >= self.context_window:
             raise ContextOverflowError(len(tokens), request.max_tokens or 0, self.context_window)
         return tokens
+
+    def _logit_bias(self, request: ChatRequest) -> dict[int, float] | None:
+        """OpenAI's `logit_bias` ({"token id": bias from -100 to 100}) as llama.cpp takes it: token ids of this model."""
+        given = request.params.get("logit_bias") or {}
+        bias: dict[int, float] = {}
+        for key, value in given.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise RequestError(f"keys must be token ids, got {key!r}", "logit_bias") from None
+            if not 0 <= token < self._llama.n_vocab():
+                raise RequestError(f"token id {token} is not in this model's vocabulary", "logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise RequestError(f"biases must be numbers from -100 to 100, got {value!r}", f"logit_bias[{key!r}]")
+            bias[token] = float(value)
+        return bias or None
+
+    @staticmethod
+    def _grammar_text(request: ChatRequest) -> str | None:
+        """The GBNF the answer must match; a schema llama.cpp's converter cannot take (a `$ref` to nowhere, `not`)
+        is a RequestError naming the schema, like everything else the local model cannot honour."""
+        params = request.params
+        try:
+            answer_format = _format_grammar(params)
+        except Exception as exc:
+            raise RequestError(f"the local model cannot follow this schema: {exc}",
+                               "response_format.json_schema.schema") from exc
+        try:
+            # With tools offered ("auto"), an answer that calls none is the JSON a response_format asks for, not free text.
+            return tool_call_grammar(list(request.tools), params.get("tool_choice"), answer_format) or answer_format
+        except Exception as exc:
+            for i, tool in enumerate(request.tools):
+                try:
+                    tool_call_grammar([tool], "required")
+                except Exception as one:
+                    raise RequestError(f"the local model cannot follow this schema: {one}",
+                                       f"tools[{i}].function.parameters") from exc
+            raise RequestError(f"the local model cannot follow the tools' schemas: {exc}", "tools") from exc
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
@@ -240,9 +330,7 @@ class LlamaCppBackend:
             self._llama.set_seed(int(params["seed"]))
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
-        # With tools offered ("auto"), an answer that calls none is the JSON a response_format asks for, not free text.
-        answer_format = _format_grammar(params)
-        grammar_text = tool_call_grammar(list(request.tools), params.get("tool_choice"), answer_format) or answer_format
+        grammar_text = self._grammar_text(request)
         extra = params.get("extra_body") or {}
         return {
             **{k: extra[k] for k in LLAMA_EXTRA_SAMPLING if k in extra},
@@ -252,5 +340,6 @@ class LlamaCppBackend:
             "presence_penalty": params.get("presence_penalty", 0.0),
             "frequency_penalty": params.get("frequency_penalty", 0.0),
             "stop": stop + self.prompt.stop,
+            "logit_bias": self._logit_bias(request),
             "grammar": LlamaGrammar.from_string(grammar_text, verbose=False) if grammar_text else None,
         }

@@ -11,7 +11,9 @@ import asyncio
 import importlib
 import os
 import random
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -88,7 +90,21 @@ class OpenAIBackend:
         self.max_backoff_s = max_backoff_s
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
-        self._aclient = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self._aclient_args = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
+        # One async client per event loop: its pooled connections belong to the loop that opened them, and
+        # reused from another (a second asyncio.run, a test's fresh loop) fail with "Event loop is closed".
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+            weakref.WeakKeyDictionary())
+        self._aclients_lock = threading.Lock()
+
+    @property
+    def _aclient(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        with self._aclients_lock:
+            client = self._aclients.get(loop)
+            if client is None:
+                client = self._aclients[loop] = openai.AsyncOpenAI(**self._aclient_args)
+            return client
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -101,9 +117,13 @@ class OpenAIBackend:
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
         args = self._args(request, stream=True)
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**args))
+        ended = False
         try:
             for chunk in chunks:
+                ended = ended or _ends_answer(chunk)
                 yield chunk.model_dump(exclude_unset=True)
+            if not ended:
+                raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
         except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
@@ -119,9 +139,13 @@ class OpenAIBackend:
     async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
         args = self._args(request, stream=True)
         chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args))
+        ended = False
         try:
             async for chunk in chunks:
+                ended = ended or _ends_answer(chunk)
                 yield chunk.model_dump(exclude_unset=True)
+            if not ended:
+                raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
         except _TRANSPORT_ERRORS as exc:
@@ -232,6 +256,17 @@ def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, _TRANSPORT_TIMEOUTS):
         return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
     return BackendConnectionError(f"the connection was lost mid-stream: {exc}", backend=backend)
+
+
+def _ends_answer(chunk: Any) -> bool:
+    """Whether a chunk says why the answer ended: every complete stream has one."""
+    return any(getattr(choice, "finish_reason", None) for choice in getattr(chunk, "choices", None) or [])
+
+
+def _cut_off(backend: str) -> BackendConnectionError:
+    # The stream ended (the connection closed cleanly) before any chunk gave a finish_reason: the answer was
+    # cut off half way, though nothing raised. Not a whole answer, so not a success.
+    return BackendConnectionError("the stream ended before the answer did (no finish_reason)", backend=backend)
 
 
 def _known_context(model: str) -> int:
