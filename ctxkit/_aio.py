@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
 
 
-async def iterate_in_thread(iterator: Iterator[T]) -> AsyncIterator[T]:
+async def iterate_in_thread(iterator: Iterator[T]) -> AsyncGenerator[T, None]:
     """Consume a blocking iterator from async code without blocking the event loop."""
     # A task cancelled while a worker thread runs next() leaves that step running: closing the generator
     # then would fail ("generator already executing") and leave it open, holding whatever it holds (the

@@ -90,7 +90,7 @@ class OpenAIBackend:
         self.max_backoff_s = max_backoff_s
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
-        self._aclient_args = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
+        self._aclient_args: dict[str, Any] = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
         # One async client per event loop: its pooled connections belong to the loop that opened them, and
         # reused from another (a second asyncio.run, a test's fresh loop) fail with "Event loop is closed".
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
