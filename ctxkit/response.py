@@ -47,6 +47,7 @@ class ChatResponse:
     id: str = dataclasses.field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     answered_by: str | None = None  # a stage that answered without calling the backend (a cache)
+    logprobs: dict[str, Any] | None = None  # the choice's logprobs, when the backend returned them
 
     @property
     def content(self) -> str | None:
@@ -70,7 +71,8 @@ class ChatResponse:
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "message": self.message, "finish_reason": self.finish_reason, "logprobs": None}
+                {"index": 0, "message": self.message, "finish_reason": self.finish_reason,
+                 "logprobs": self.logprobs}
             ],
             "usage": usage,
         }

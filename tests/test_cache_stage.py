@@ -200,6 +200,14 @@ def test_quarantined_requests_are_neither_served_nor_stored(stage):
     assert not stage.remember(marked, answer())
 
 
+def test_a_request_for_logprobs_is_neither_served_nor_stored(stage):
+    """A hit would answer "logprobs": null to an app that indexes them."""
+    request = ask("What is 2 + 2?", params={**PARAMS, "logprobs": True})
+    seed(stage, ask("What is 2 + 2?"))
+    assert stage.lookup(request).reason == "logprobs"
+    assert not stage.remember(request, answer("4"))
+
+
 @pytest.mark.parametrize("off", [False, "false", "False", "0", "no", "off"])
 def test_opt_out_per_request(stage, off):
     """OpenAI's `metadata` holds strings only: {"cache": "false"} was served from the cache."""
@@ -474,6 +482,7 @@ def test_a_stream_cut_off_without_a_finish_reason_is_not_stored(store, embedder,
     import socketserver
 
     from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import BackendConnectionError
 
     class CutOff(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -499,10 +508,9 @@ def test_a_stream_cut_off_without_a_finish_reason_is_not_stored(store, embedder,
         stage = SemanticCacheStage(store, embedder)
         pipeline = Pipeline(backend, stages=[stage], ledger=ledger)
         request = ask("What is the capital of Australia?")
-        streamed = pipeline.call(request.override(stream=True)).collect()
-        assert streamed.content == "The capital of Australia is Sydney"
+        with pytest.raises(BackendConnectionError, match="ended before"):  # the backend says so now, too
+            pipeline.call(request.override(stream=True)).collect()
         assert stage.lookup(request).response is None, "a cut-off stream was stored as a whole answer"
-        assert stage.counts["not_stored_unfinished"] == 1
     finally:
         server.shutdown()
         server.server_close()

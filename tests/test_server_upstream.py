@@ -62,6 +62,78 @@ def test_an_upstream_that_times_out_is_a_504(upstream, llama_backend, tmp_path):
     assert err.value.body["code"] == "upstream_timeout"
 
 
+def test_budgets_usage_and_logprobs_come_back_through_a_llama_cpp_upstream(upstream, llama_backend, tmp_path):
+    """llama.cpp's server reads only max_tokens (max_completion_tokens=3 generated until the context was
+    full), streams no usage chunk (a client asking for one got none), and its logprobs came back null."""
+    with _proxy(upstream.base_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
+        client = _client(base_url)
+        short = client.chat.completions.create(model="m", messages=HELLO, max_completion_tokens=3)
+        assert short.usage.completion_tokens <= 3 and short.choices[0].finish_reason == "length"
+        chunks = list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=3, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+        assert sum(1 for c in chunks if c.usage) == 1
+        scored = client.chat.completions.create(model="m", messages=HELLO, max_tokens=3, logprobs=True, top_logprobs=2)
+        assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content
+
+
+def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(llama_backend, tmp_path, monkeypatch):
+    """Some gateways quote the key they refused: the tenant's 502 carried the operator's upstream key.
+    (A fault the real server cannot be made to produce.)"""
+    import http.server
+    import json
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            key = self.headers.get("Authorization", "").partition(" ")[2]
+            body = json.dumps({"error": {"message": f"Invalid API key: {key}", "type": "invalid_request_error"}})
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    secret = "sk-proj-OPERATORSECRET0123456789abcdefghijklmnop"
+    monkeypatch.setenv("CTXKIT_TEST_UPSTREAM_KEY", secret)
+    backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{gateway.server_address[1]}/v1",
+                            api_key_env="CTXKIT_TEST_UPSTREAM_KEY", counter=llama_backend.counter, max_retries=0)
+    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}))
+    try:
+        with serve_in_thread(app) as base_url:
+            for stream in (False, True):
+                with pytest.raises(openai.APIStatusError) as err:
+                    _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2, stream=stream)
+                assert err.value.status_code == 502 and secret not in err.value.response.text
+                assert "Invalid API key" in err.value.response.text
+    finally:
+        gateway.shutdown()
+
+
+def test_an_upstream_gguf_gives_the_upstreams_context_window(tmp_path):
+    """Without --upstream-context-window a GGUF-served model was taken for a 128k OpenAI one: summarization
+    at 60% of that never ran, and long chats failed at the upstream."""
+    import argparse
+
+    from ctxkit.backends.gguf_prompt import GGUFPrompt
+    from ctxkit.server.cli import build_backend
+
+    args = argparse.Namespace(upstream="http://127.0.0.1:9/v1", upstream_model="smollm2", upstream_key_env="NONE",
+                              upstream_gguf=default_model_path(), upstream_context_window=None,
+                              upstream_timeout=5.0, upstream_retries=0)
+    trained = GGUFPrompt.from_gguf(default_model_path()).context_length
+    assert trained is not None and trained < 100_000
+    assert build_backend(args).context_window == trained
+    args.upstream_context_window = 4096
+    assert build_backend(args).context_window == 4096
+
+
 def test_a_stopped_upstream_is_a_502_for_calls_and_streams(upstream, llama_backend, tmp_path):
     with _proxy(upstream.base_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
         _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)

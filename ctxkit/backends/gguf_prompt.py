@@ -39,6 +39,10 @@ class GGUFPrompt:
         self.native_tools = "tools" in template
         self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.stop = [eos] if eos else []
+        # The context the model was trained for (`<arch>.context_length`); None when the GGUF does not say.
+        arch = llama.metadata.get("general.architecture", "")
+        length = str(llama.metadata.get(f"{arch}.context_length", ""))
+        self.context_length: int | None = int(length) if length.isdigit() else None
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> GGUFPrompt:

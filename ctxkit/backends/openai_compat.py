@@ -162,6 +162,10 @@ class OpenAIBackend:
         if request.tools:
             args["tools"] = list(request.tools)
         args.update(request.params)
+        if "max_completion_tokens" in args and "max_tokens" not in args and encoding_name_for_model(args["model"]) is None:
+            # Not OpenAI's model: llama.cpp's server (and others) read only max_tokens, and would ignore the
+            # budget and generate until their context is full. (OpenAI's o-series refuse max_tokens.)
+            args["max_tokens"] = args["max_completion_tokens"]
         if stream:
             args["stream"] = True
             args["stream_options"] = {"include_usage": True}
@@ -185,6 +189,8 @@ class OpenAIBackend:
         return ChatResponse(
             message=message, finish_reason=choice.finish_reason or "stop", usage=counted,
             model=completion.model or self.model, backend=self.name, id=completion.id,
+            # asked for with logprobs=true: an app then indexes them, so never answer a silent null
+            logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs is not None else None,
         )
 
     def _delay(self, attempt: int, exc: openai.OpenAIError) -> float | None:

@@ -38,6 +38,7 @@ from ..errors import (
     RequestError,
 )
 from ..pipeline import Pipeline
+from ..redaction import redact
 from ..request import ChatRequest
 from ..response import ChatResponse
 from ..validation import BACKEND_SAMPLING
@@ -69,22 +70,24 @@ class HTTPError(Exception):
 
 
 def error_for(exc: BaseException) -> HTTPError:
-    """The HTTP answer for an exception raised while serving a call."""
+    """The HTTP answer for an exception raised while serving a call. Its text goes to the tenant: an
+    upstream's error can quote the proxy's own upstream key (or a header), so it is redacted as in the ledger."""
+    text = redact(str(exc))
     if isinstance(exc, ContextOverflowError):
-        return HTTPError(400, "invalid_request_error", str(exc), exc.where, "context_length_exceeded")
+        return HTTPError(400, "invalid_request_error", text, exc.where, "context_length_exceeded")
     if isinstance(exc, RequestError):
-        return HTTPError(400, "invalid_request_error", str(exc), exc.where)
+        return HTTPError(400, "invalid_request_error", text, exc.where)
     if isinstance(exc, BackendStatusError) and exc.status in (401, 403):
         # The proxy's own upstream key was refused: not the client's key, so not a 401 to the client.
-        return HTTPError(502, "upstream_error", str(exc), code=f"upstream_{exc.status}")
+        return HTTPError(502, "upstream_error", text, code=f"upstream_{exc.status}")
     if isinstance(exc, BackendStatusError) and exc.status is not None:
-        return HTTPError(exc.status, "upstream_error", str(exc), code=f"upstream_{exc.status}")
+        return HTTPError(exc.status, "upstream_error", text, code=f"upstream_{exc.status}")
     if isinstance(exc, BackendTimeoutError):
-        return HTTPError(504, "upstream_timeout", str(exc), code="upstream_timeout")
+        return HTTPError(504, "upstream_timeout", text, code="upstream_timeout")
     if isinstance(exc, (BackendConnectionError, BackendError)):
-        return HTTPError(502, "upstream_error", str(exc), code="upstream_unavailable")
+        return HTTPError(502, "upstream_error", text, code="upstream_unavailable")
     if isinstance(exc, CtxkitError):
-        return HTTPError(500, "server_error", str(exc))
+        return HTTPError(500, "server_error", text)
     return HTTPError(500, "server_error", "internal error (see the server log)")
 
 
@@ -255,11 +258,20 @@ class _Proxy:
 
         async def events() -> AsyncIterator[bytes]:
             try:
+                usage_sent = False
                 if first is not None:
                     yield _sse(first)
+                    usage_sent = bool(first.get("usage"))
                     async for chunk in chunks:
                         if chunk.get("choices") or include_usage:
+                            usage_sent = usage_sent or bool(chunk.get("usage"))
                             yield _sse(chunk)
+                if include_usage and not usage_sent and stream.response is not None:
+                    # The upstream reports no usage for streams (llama.cpp's server): the client asked for
+                    # it, and the stream counted it, so send the final usage chunk OpenAI would.
+                    whole = stream.response
+                    yield _sse({"id": whole.id, "object": "chat.completion.chunk", "created": whole.created,
+                                "model": whole.model, "choices": [], "usage": whole.to_openai()["usage"]})
                 yield b"data: [DONE]\n\n"
             except Exception as exc:  # headers are gone: report in-band, as OpenAI does
                 error = error_for(exc)

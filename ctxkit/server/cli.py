@@ -63,7 +63,9 @@ def add_parser(commands: Any) -> None:
                           help="environment variable holding the upstream API key (default OPENAI_API_KEY)")
     upstream.add_argument("--upstream-gguf", type=Path,
                           help="count tokens with this GGUF's tokenizer (a non-OpenAI model served from a GGUF)")
-    upstream.add_argument("--upstream-context-window", type=int, default=None)
+    upstream.add_argument("--upstream-context-window", type=int, default=None,
+                          help="the upstream's context window in tokens (its n_ctx); default: the GGUF's trained "
+                               "context with --upstream-gguf, else the OpenAI model's")
     upstream.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds (default 60)")
     upstream.add_argument("--upstream-retries", type=int, default=3, help="retries before the first byte")
     serve.set_defaults(func=run_cli)
@@ -91,7 +93,9 @@ def build_backend(args: argparse.Namespace) -> Any:
     return OpenAIBackend(
         args.upstream_model, base_url=args.upstream, api_key_env=args.upstream_key_env,
         timeout=args.upstream_timeout, max_retries=args.upstream_retries, counter=counter,
-        context_window=args.upstream_context_window,
+        # A GGUF model's window is the GGUF's, not an OpenAI default of 128k: the summarization stage fires
+        # at a fraction of it, and the overflow check guards it.
+        context_window=args.upstream_context_window or (counter.context_length if counter is not None else None),
     )
 
 

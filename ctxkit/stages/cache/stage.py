@@ -294,6 +294,8 @@ class SemanticCacheStage(Stage):
             return "sampled"
         if int(request.params.get("n", 1) or 1) > 1:
             return "n_choices"
+        if request.params.get("logprobs"):
+            return "logprobs"  # they belong to one generation: a stored answer has none to give
         return None
 
     def _not_storable(self, response: ChatResponse) -> str | None:
