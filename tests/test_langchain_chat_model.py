@@ -302,3 +302,72 @@ def test_a_setting_the_model_does_not_have_is_refused_not_dropped(llama_backend)
         with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
             CtxkitChatModel(pipeline=Pipeline(llama_backend), **extra)
     assert CtxkitChatModel(pipeline=Pipeline(llama_backend), model="m", max_tokens=2).model_name == "m"
+
+
+def test_ctxkit_errors_are_langchains_own_error_types_too(llama_backend, ledger):
+    """LangChain v1 middleware decides by type: SummarizationMiddleware catches its ContextOverflowError,
+    ModelRetryMiddleware reads is_retryable. ctxkit's errors matched neither, so an overflow was retried."""
+    from langchain_core import exceptions as lc
+    from langchain_core.language_models import BaseChatModel
+
+    from ctxkit import ContextOverflowError
+    from ctxkit.backends.gguf_prompt import GGUFPrompt
+    from ctxkit.backends.llama_cpp import default_model_path
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=ledger), max_tokens=4)
+    for call in (lambda: model.invoke("word " * 5000), lambda: list(model.stream("word " * 5000))):
+        with pytest.raises(ContextOverflowError) as info:
+            call()
+        assert isinstance(info.value, lc.ContextOverflowError)
+    with pytest.raises(RequestError) as bad:
+        model.invoke("hi", max_token=3)
+    assert isinstance(bad.value, lc.ModelInvalidRequestError)
+
+    class Denied(BaseChatModel):
+        @property
+        def _llm_type(self):
+            return "denied"
+
+        def _generate(self, *args, **kwargs):
+            raise lc.ModelAuthenticationError("invalid x-api-key")
+
+    wrapped = CtxkitChatModel.wrap(Denied(), counter=GGUFPrompt.from_gguf(default_model_path()))
+    with pytest.raises(lc.ModelAuthenticationError) as denied:
+        wrapped.invoke("hi")
+    assert denied.value.is_retryable is False
+
+
+def test_a_wrapped_reasoning_model_gets_its_thinking_blocks_back_next_turn():
+    """Turn 2 held turn 1's answer with a `thinking` block, which ctxkit refused before the model was
+    called; an answer of content blocks without usage crashed the GGUF counter."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from ctxkit.backends.gguf_prompt import GGUFPrompt
+    from ctxkit.backends.llama_cpp import default_model_path
+
+    class Thinking(BaseChatModel):
+        """Answers as ChatAnthropic does with thinking enabled, and keeps what it was sent."""
+
+        seen: list = []
+        report_usage: bool = True
+
+        @property
+        def _llm_type(self):
+            return "thinking"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            self.seen.append(messages)
+            usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15} if self.report_usage else None
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=[
+                {"type": "thinking", "thinking": "the user greets me", "signature": "sig=="},
+                {"type": "text", "text": "Hello!"}], usage_metadata=usage))])
+
+    counter = GGUFPrompt.from_gguf(default_model_path())
+    inner = Thinking()
+    model = CtxkitChatModel.wrap(inner, counter=counter)
+    first = model.invoke([HumanMessage("hi")])
+    model.invoke([HumanMessage("hi"), first, HumanMessage("and again")])
+    assert inner.seen[-1][1].content[0]["type"] == "thinking", "the model gets its own block back"
+    quiet = CtxkitChatModel.wrap(Thinking(report_usage=False), counter=counter).invoke("hi")
+    assert quiet.usage_metadata["output_tokens"] == counter.count_completion({"role": "assistant", "content": "Hello!"})

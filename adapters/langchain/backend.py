@@ -32,6 +32,7 @@ from ctxkit.tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_mo
 
 from .messages import (
     ai_message_to_openai,
+    countable,
     langchain_messages,
     openai_chunks_from_message_chunk,
     usage_from_ai_message,
@@ -164,7 +165,7 @@ class LangChainBackend:
         usage = usage_from_ai_message(message)
         if usage is None:  # the model reported nothing: count, and say so in the ledger
             usage = Usage(self.counter.count_prompt(request.messages, request.tools),
-                          self.counter.count_completion(openai_message), 0, reported=False)
+                          self.counter.count_completion(countable(openai_message)), 0, reported=False)
         metadata = message.response_metadata or {}
         finish = metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop")
         response = ChatResponse(

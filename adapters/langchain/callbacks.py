@@ -28,7 +28,7 @@ from langchain_core.outputs import LLMResult
 from ctxkit.ledger import Ledger, LedgerRecord, PriceTable
 from ctxkit.tokens import TokenCounter
 
-from .messages import ai_message_to_openai, to_openai_messages
+from .messages import ai_message_to_openai, countable, to_openai_messages
 
 logger = logging.getLogger("ctxkit")
 
@@ -114,7 +114,7 @@ class CtxkitCallbackHandler(BaseCallbackHandler):
         reported_in, reported_out, cached = _reported_usage(message, response)
         out = reported_out
         if out is None:
-            out = self.counter.count_completion(ai_message_to_openai(message)) if self.counter and message else 0
+            out = self.counter.count_completion(countable(ai_message_to_openai(message))) if self.counter and message else 0
         prompt = run.counted if run.counted is not None else (reported_in or 0)
         if run.counted is None and reported_in is None:
             logger.warning("ctxkit: %s reported no usage and no counter was given; recorded 0 prompt tokens",

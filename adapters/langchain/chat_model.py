@@ -22,7 +22,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict, Field
 
-from ctxkit.errors import RequestError
+from ctxkit.errors import CtxkitError, RequestError
 from ctxkit.ledger import Ledger, PriceTable
 from ctxkit.pipeline import Pipeline
 from ctxkit.request import SAMPLING_PARAMS, ChatRequest
@@ -31,6 +31,7 @@ from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
 from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend
+from .errors import also_langchains
 from .messages import (
     ORIGINALS_KEY,
     OriginalMessages,
@@ -221,7 +222,11 @@ class CtxkitChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self.pipeline.call(self._request(messages, stop, False, kwargs))
+        try:
+            result = self.pipeline.call(self._request(messages, stop, False, kwargs))
+        except CtxkitError as exc:
+            also_langchains(exc)
+            raise
         assert isinstance(result, ChatResponse)
         return self._result(result)
 
@@ -232,7 +237,11 @@ class CtxkitChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = await self.pipeline.acall(self._request(messages, stop, False, kwargs))
+        try:
+            result = await self.pipeline.acall(self._request(messages, stop, False, kwargs))
+        except CtxkitError as exc:
+            also_langchains(exc)
+            raise
         assert isinstance(result, ChatResponse)
         return self._result(result)
 
@@ -243,7 +252,14 @@ class CtxkitChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        stream = self.pipeline.call(self._request(messages, stop, True, kwargs))
+        try:
+            yield from self._chunks(self.pipeline.call(self._request(messages, stop, True, kwargs)), run_manager)
+        except CtxkitError as exc:
+            also_langchains(exc)
+            raise
+
+    @staticmethod
+    def _chunks(stream: Any, run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
         assert not isinstance(stream, ChatResponse)
         for chunk in stream:
             message = to_message_chunk(chunk)
@@ -261,13 +277,17 @@ class CtxkitChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        stream = await self.pipeline.acall(self._request(messages, stop, True, kwargs))
-        assert not isinstance(stream, ChatResponse)
-        async for chunk in stream:
-            message = to_message_chunk(chunk)
-            if message is None:
-                continue
-            generation = ChatGenerationChunk(message=message)
-            if run_manager is not None and message.content:
-                await run_manager.on_llm_new_token(message.text, chunk=generation)
-            yield generation
+        try:
+            stream = await self.pipeline.acall(self._request(messages, stop, True, kwargs))
+            assert not isinstance(stream, ChatResponse)
+            async for chunk in stream:
+                message = to_message_chunk(chunk)
+                if message is None:
+                    continue
+                generation = ChatGenerationChunk(message=message)
+                if run_manager is not None and message.content:
+                    await run_manager.on_llm_new_token(message.text, chunk=generation)
+                yield generation
+        except CtxkitError as exc:
+            also_langchains(exc)
+            raise

@@ -24,6 +24,7 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ctxkit.response import ChatResponse, Usage
+from ctxkit.validation import CONTENT_PART_TYPES
 
 
 def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -40,11 +41,27 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     answered = {m.get("tool_call_id") for _, group in converted for m in group if m.get("role") == "tool"}
     out = []
     for original, group in converted:
+        group = [_openai_parts_only(m) for m in group]
         if isinstance(original, AIMessage):
             group = [_with_invalid_calls(m, original, answered) if m.get("role") == "assistant" else m
                      for m in group]
         out.extend(group)
     return out
+
+
+def _openai_parts_only(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with only the content parts the OpenAI format has. A reasoning model's `thinking` /
+    `reasoning` blocks are the model's own (a wrapped model still gets them: the caller's objects go to it
+    untouched), not prompt text that ctxkit can validate, count or send to an OpenAI-style backend."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kept = [part for part in content if not isinstance(part, dict) or part.get("type") in CONTENT_PART_TYPES]
+    if len(kept) == len(content):
+        return message
+    if all(isinstance(p, dict) and p.get("type") == "text" for p in kept):
+        return {**message, "content": "".join(p.get("text") or "" for p in kept)}
+    return {**message, "content": kept}
 
 
 def _with_invalid_calls(message: dict[str, Any], original: AIMessage, answered: set[Any] | None) -> dict[str, Any]:
@@ -217,6 +234,16 @@ def ai_message_to_openai(message: AIMessage) -> dict[str, Any]:
     """An AIMessage (or a merged AIMessageChunk) as an OpenAI assistant message, invalid tool calls
     included: it is what the model answered."""
     return _with_invalid_calls(convert_to_openai_messages(message), message, answered=None)
+
+
+def countable(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message in the form a TokenCounter counts: text content (a reasoning model's content
+    blocks joined), tool calls as they are."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    text = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return {**message, "content": text}
 
 
 def usage_from_ai_message(message: AIMessage) -> Usage | None:

@@ -34,6 +34,7 @@ from .backend import chat_model_name, counter_for
 from .messages import (
     OriginalMessages,
     ai_message_to_openai,
+    countable,
     to_ai_message,
     to_openai_messages,
     to_openai_tool_choice,
@@ -143,7 +144,7 @@ class _HandlerBackend:
         usage = usage_from_ai_message(message)
         if usage is None:
             usage = Usage(self.counter.count_prompt(chat.messages, chat.tools),
-                          self.counter.count_completion(openai_message), 0, reported=False)
+                          self.counter.count_completion(countable(openai_message)), 0, reported=False)
         metadata = message.response_metadata or {}
         response = ChatResponse(
             message=openai_message,
