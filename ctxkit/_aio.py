@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import Executor
 from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
 
 
-async def iterate_in_thread(iterator: Iterator[T]) -> AsyncGenerator[T, None]:
-    """Consume a blocking iterator from async code without blocking the event loop."""
+async def in_thread(fn: Callable[[], T], executor: Executor | None = None) -> T:
+    """`fn()` in `executor` (asyncio's default pool when None), with the caller's context variables."""
+    if executor is None:
+        return await asyncio.to_thread(fn)
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(context.run, fn))
+
+
+async def iterate_in_thread(iterator: Iterator[T], executor: Executor | None = None) -> AsyncGenerator[T, None]:
+    """Consume a blocking iterator from async code without blocking the event loop, its steps in `executor`."""
     # A task cancelled while a worker thread runs next() leaves that step running: closing the generator
     # then would fail ("generator already executing") and leave it open, holding whatever it holds (the
     # llama.cpp model). Steps and the close take turns on this lock, so the close waits for the step.
@@ -30,12 +41,12 @@ async def iterate_in_thread(iterator: Iterator[T]) -> AsyncGenerator[T, None]:
 
     try:
         while True:
-            item = await asyncio.to_thread(step)
+            item = await in_thread(step, executor)
             if item is _DONE:
                 return
             yield item  # type: ignore[misc]
     finally:
-        await asyncio.to_thread(close)
+        await in_thread(close, executor)
 
 
 async def acquire(lock: threading.Lock) -> None:
@@ -48,9 +59,9 @@ async def acquire(lock: threading.Lock) -> None:
         delay = min(delay * 2, 0.02)
 
 
-async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T]) -> T:
-    """`fn()` in a worker thread, with `lock` (already taken by the caller) released when `fn` ends: in
-    that thread once `fn` has started (a cancelled caller leaves it running), here if it never did."""
+async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T], executor: Executor | None = None) -> T:
+    """`fn()` in a worker thread of `executor`, with `lock` (already taken by the caller) released when `fn`
+    ends: in that thread once `fn` has started (a cancelled caller leaves it running), here if it never did."""
     claim = threading.Lock()
     state = "waiting"
 
@@ -66,7 +77,7 @@ async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T]) -> T:
             lock.release()
 
     try:
-        return await asyncio.to_thread(run)
+        return await in_thread(run, executor)
     except BaseException:
         with claim:
             if state == "waiting":

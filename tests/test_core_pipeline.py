@@ -453,7 +453,8 @@ def test_a_failed_local_call_is_recorded_as_the_local_model(llama_backend, ledge
 
 def test_async_calls_waiting_behind_a_stream_do_not_starve_it():
     """Waiting calls sat in the event loop's worker threads, the same threads every step of the stream
-    holding the model needs: with as many waiting as the pool holds, nothing moved again. In a child
+    holding the model needs: with as many waiting as the pool holds, nothing moved again. So did calls whose
+    summarizer (the same model, called from a stage run in a worker thread) waited there. In a child
     process, so that a hang fails this test instead of hanging the run (stuck workers block the exit)."""
     import subprocess
     import sys
@@ -462,8 +463,16 @@ def test_async_calls_waiting_behind_a_stream_do_not_starve_it():
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from ctxkit import ChatRequest, Ledger, LlamaCppBackend, Pipeline
+from ctxkit.stages.summarize import SummarizationStage
 
-pipeline = Pipeline(LlamaCppBackend(n_ctx=1024, n_threads=2), ledger=Ledger())
+backend = LlamaCppBackend(n_ctx=1024, n_threads=2)
+summarize = SummarizationStage(backend, mode="model", trigger_messages=3, keep_last=1, summary_max_tokens=8)
+pipeline = Pipeline(backend, stages=[summarize], ledger=Ledger())
+
+def history(i):  # folded by the model before the call: its summarizer waits for the model too
+    return [{"role": "user", "content": f"My name is user{i}."}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "I live in Paris."}, {"role": "assistant", "content": "Nice."},
+            {"role": "user", "content": f"Say {i}"}]
 
 async def run():
     stream = await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Count to ten."}],
@@ -478,7 +487,10 @@ async def run():
     await asyncio.sleep(0.3)  # the stream holds the model
     calls = [asyncio.create_task(pipeline.acall(ChatRequest(messages=[{"role": "user", "content": f"Say {i}"}],
                                                             params={"max_tokens": 2, "temperature": 0})))
-             for i in range(5)]
+             for i in range(3)]
+    calls += [asyncio.create_task(pipeline.acall(ChatRequest(messages=history(i), conversation_id=f"c{i}",
+                                                             params={"max_tokens": 2, "temperature": 0})))
+              for i in range(3)]
     return await asyncio.gather(consumer, *calls)
 
 loop = asyncio.new_event_loop()
@@ -492,7 +504,7 @@ print(chunks, len(answers), [r.status for r in pipeline.ledger.records])
         pytest.fail("async calls waiting behind a stream hung")
     assert done.returncode == 0, done.stderr[-2000:]
     chunks, answers, statuses = done.stdout.strip().split(" ", 2)
-    assert int(chunks) > 1 and int(answers) == 5 and statuses == str(["ok"] * 6)
+    assert int(chunks) > 1 and int(answers) == 6 and statuses == str(["ok"] * 7)
 
 
 def test_a_stream_left_once_its_finish_reason_came_is_a_whole_answer(llama_backend, ledger):

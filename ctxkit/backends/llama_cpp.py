@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ class LlamaCppBackend:
         self.model = model_name or path.stem
         self.context_window = self._llama.n_ctx()
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        # Async work that holds the lock (a generation, a stream's steps, its close) runs in threads of its own:
+        # in asyncio's default pool it could find every thread taken by sync code waiting for this lock (a
+        # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
+        self._holders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctxkit-llama")
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
@@ -229,7 +234,8 @@ class LlamaCppBackend:
         # one fewer for the stream that holds it, whose every step needs one (and enough of them hang all).
         await acquire(self._lock)
         try:
-            return await to_thread_holding(self._lock, lambda: self._generate(request, tokens, cancelled))
+            return await to_thread_holding(self._lock, lambda: self._generate(request, tokens, cancelled),
+                                           self._holders)
         except asyncio.CancelledError:  # the thread runs on: tell it to stop and let go of the model
             cancelled.set()
             raise
@@ -241,7 +247,7 @@ class LlamaCppBackend:
         await acquire(self._lock)  # in the event loop, as in acomplete
         body = self._stream_holding_lock(request, tokens)
         next(body)  # inside its try: from here on, closing it (in whatever thread) lets go of the model
-        chunks = iterate_in_thread(body)
+        chunks = iterate_in_thread(body, self._holders)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -249,6 +255,7 @@ class LlamaCppBackend:
             await chunks.aclose()
 
     def close(self) -> None:
+        self._holders.shutdown(wait=False)
         self._llama.close()
 
     # -- helpers ------------------------------------------------------------------------------------
