@@ -303,6 +303,20 @@ def test_async_calls_from_one_event_loop_after_another(remote, ledger):
     for _ in range(3):
         assert asyncio.run(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS))).content
     assert [r.status for r in ledger.records] == ["ok"] * 3
+    assert not remote._aclients, "each loop's client is closed and let go when asyncio.run ends it"
+
+
+def test_max_completion_tokens_is_not_sent_as_max_tokens_to_openais_own_models(gguf_counter):
+    """o-series models refuse max_tokens; a fine-tune or an Azure deployment has a name tiktoken does not
+    know, but a backend counting with tiktoken is talking to OpenAI's model."""
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    request = ChatRequest(messages=MESSAGES, params={"max_completion_tokens": 5})
+    fine_tune = OpenAIBackend("ft:o4-mini-2025:acme::abc", counter=TiktokenCounter("o4-mini"), api_key="k",
+                              context_window=200_000)
+    assert "max_tokens" not in fine_tune._args(request)
+    llama = OpenAIBackend("smollm2", base_url="http://127.0.0.1:9/v1", counter=gguf_counter, context_window=4096)
+    assert llama._args(request)["max_tokens"] == 5  # llama.cpp's server reads only max_tokens
 
 
 def test_a_stream_the_upstream_ends_early_without_an_error_is_no_whole_answer(gguf_counter, ledger):

@@ -371,3 +371,16 @@ def test_a_wrapped_reasoning_model_gets_its_thinking_blocks_back_next_turn():
     assert inner.seen[-1][1].content[0]["type"] == "thinking", "the model gets its own block back"
     quiet = CtxkitChatModel.wrap(Thinking(report_usage=False), counter=counter).invoke("hi")
     assert quiet.usage_metadata["output_tokens"] == counter.count_completion({"role": "assistant", "content": "Hello!"})
+
+
+def test_a_users_document_block_is_refused_by_name_not_dropped(model):
+    """Only an assistant turn's reasoning blocks are left out of the OpenAI form; a user's PDF block was
+    dropped as well, and the model answered without it."""
+    from ctxkit import InvalidMessageError
+
+    pdf = HumanMessage(content=[{"type": "text", "text": "Summarize the attached PDF."},
+                                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                                "data": "JVBERi0xLjQK"}}])
+    with pytest.raises(InvalidMessageError) as info:
+        model.invoke([pdf])
+    assert info.value.where == "messages[0].content[1]"

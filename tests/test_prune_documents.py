@@ -308,6 +308,8 @@ def test_default_stages_send_the_calls_documents_cut_to_their_budget(llama_backe
     counter = llama_backend.counter
     corpus_tokens = sum(counter.count_text(d["text"]) for d in CORPUS)
     budget = corpus_tokens // 4
+    pruning = next(s for s in default_stages(llama_backend, embedder=embedder) if isinstance(s, DocumentPruningStage))
+    assert pruning.budget_tokens == min(4000, llama_backend.context_window // 4), "4000 overflowed a 4096 window"
     stages = default_stages(llama_backend, embedder=embedder, documents_budget_tokens=budget)
     sent = Sent()
     messages = [{"role": "user", "content": "Who designed the opera house in Oslo?"}]

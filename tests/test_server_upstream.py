@@ -116,22 +116,48 @@ def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(llama_backen
         gateway.shutdown()
 
 
-def test_an_upstream_gguf_gives_the_upstreams_context_window(tmp_path):
+@pytest.mark.parametrize(("path", "body", "window"), [
+    ("/props", {"default_generation_settings": {"n_ctx": 2048}}, 2048),  # llama.cpp's llama-server
+    ("/v1/models", {"data": [{"id": "smollm2", "max_model_len": 3072}]}, 3072),  # vLLM
+    (None, None, "trained"),  # llama-cpp-python's server, Ollama: nothing said, the GGUF's trained context
+])
+def test_an_upstream_gguf_gives_the_upstreams_context_window(path, body, window, caplog):
     """Without --upstream-context-window a GGUF-served model was taken for a 128k OpenAI one: summarization
-    at 60% of that never ran, and long chats failed at the upstream."""
+    at 60% of that never ran, and long chats failed at the upstream. (Fake upstreams: what each server says.)"""
     import argparse
+    import http.server
+    import json
+    import threading
 
     from ctxkit.backends.gguf_prompt import GGUFPrompt
     from ctxkit.server.cli import build_backend
 
-    args = argparse.Namespace(upstream="http://127.0.0.1:9/v1", upstream_model="smollm2", upstream_key_env="NONE",
-                              upstream_gguf=default_model_path(), upstream_context_window=None,
-                              upstream_timeout=5.0, upstream_retries=0)
-    trained = GGUFPrompt.from_gguf(default_model_path()).context_length
-    assert trained is not None and trained < 100_000
-    assert build_backend(args).context_window == trained
-    args.upstream_context_window = 4096
-    assert build_backend(args).context_window == 4096
+    class Says(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            payload = json.dumps(body).encode() if self.path == path else b'{"detail": "Not Found"}'
+            self.send_response(200 if self.path == path else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Says)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    args = argparse.Namespace(upstream=f"http://127.0.0.1:{server.server_address[1]}/v1", upstream_model="smollm2",
+                              upstream_key_env="NONE", upstream_gguf=default_model_path(),
+                              upstream_context_window=None, upstream_timeout=5.0, upstream_retries=0)
+    try:
+        trained = GGUFPrompt.from_gguf(default_model_path()).context_length
+        assert trained is not None and trained < 100_000
+        assert build_backend(args).context_window == (trained if window == "trained" else window)
+        assert ("--upstream-context-window" in caplog.text) == (window == "trained"), "unknown: say so"
+        args.upstream_context_window = 1024
+        assert build_backend(args).context_window == 1024
+    finally:
+        server.shutdown()
 
 
 def test_a_stopped_upstream_is_a_502_for_calls_and_streams(upstream, llama_backend, tmp_path):

@@ -41,7 +41,9 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     answered = {m.get("tool_call_id") for _, group in converted for m in group if m.get("role") == "tool"}
     out = []
     for original, group in converted:
-        group = [_openai_parts_only(m) for m in group]
+        # Only the model's own turns carry its reasoning blocks; a user's PDF or other provider block is no
+        # reasoning: dropping it silently answered without it (it stays, and validation names it).
+        group = [_openai_parts_only(m) if m.get("role") == "assistant" else m for m in group]
         if isinstance(original, AIMessage):
             group = [_with_invalid_calls(m, original, answered) if m.get("role") == "assistant" else m
                      for m in group]

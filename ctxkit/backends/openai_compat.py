@@ -96,6 +96,7 @@ class OpenAIBackend:
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
             weakref.WeakKeyDictionary())
         self._aclients_lock = threading.Lock()
+        self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     @property
     def _aclient(self) -> openai.AsyncOpenAI:
@@ -104,7 +105,17 @@ class OpenAIBackend:
             client = self._aclients.get(loop)
             if client is None:
                 client = self._aclients[loop] = openai.AsyncOpenAI(**self._aclient_args)
+                # Its pooled connections hold the loop, so the weak key alone never lets go: close the client
+                # as the loop shuts down (asyncio.run closes the loop's async generators first, in the loop).
+                closer = _close_at_shutdown(client, lambda: self._forget(loop))
+                self._closers[loop] = closer
+                loop.create_task(_first_step(closer))  # started: the loop now tracks it, and will close it
             return client
+
+    def _forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._aclients_lock:
+            self._aclients.pop(loop, None)
+            self._closers.pop(loop, None)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -162,9 +173,12 @@ class OpenAIBackend:
         if request.tools:
             args["tools"] = list(request.tools)
         args.update(request.params)
-        if "max_completion_tokens" in args and "max_tokens" not in args and encoding_name_for_model(args["model"]) is None:
+        if ("max_completion_tokens" in args and "max_tokens" not in args and encoding_name_for_model(args["model"]) is None
+                and not isinstance(self.counter, TiktokenCounter)):
             # Not OpenAI's model: llama.cpp's server (and others) read only max_tokens, and would ignore the
-            # budget and generate until their context is full. (OpenAI's o-series refuse max_tokens.)
+            # budget and generate until their context is full. (OpenAI's o-series refuse max_tokens: a name
+            # tiktoken does not know, a fine-tune "ft:o4-mini-..." or an Azure deployment, counted with tiktoken
+            # is OpenAI's model.)
             args["max_tokens"] = args["max_completion_tokens"]
         if stream:
             args["stream"] = True
@@ -262,6 +276,18 @@ def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, _TRANSPORT_TIMEOUTS):
         return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
     return BackendConnectionError(f"the connection was lost mid-stream: {exc}", backend=backend)
+
+
+async def _first_step(generator: AsyncIterator[None]) -> None:
+    await generator.__anext__()
+
+
+async def _close_at_shutdown(client: Any, forget: Callable[[], None]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        forget()
+        await client.close()
 
 
 def _ends_answer(chunk: Any) -> bool:

@@ -14,11 +14,14 @@ ledger file (or one shared file: appends are atomic whole lines).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
+
+logger = logging.getLogger("ctxkit")
 
 if TYPE_CHECKING:
     from ..stages.cache.store import CacheStore
@@ -90,13 +93,53 @@ def build_backend(args: argparse.Namespace) -> Any:
                 f"--upstream-model {args.upstream_model!r} is not an OpenAI model: pass --upstream-gguf FILE "
                 "(the GGUF the upstream serves; its tokenizer and chat template only) so token counts are exact"
             )
+    window = args.upstream_context_window
+    if window is None and counter is not None:
+        window = _upstream_context_window(args, counter)
     return OpenAIBackend(
         args.upstream_model, base_url=args.upstream, api_key_env=args.upstream_key_env,
-        timeout=args.upstream_timeout, max_retries=args.upstream_retries, counter=counter,
-        # A GGUF model's window is the GGUF's, not an OpenAI default of 128k: the summarization stage fires
-        # at a fraction of it, and the overflow check guards it.
-        context_window=args.upstream_context_window or (counter.context_length if counter is not None else None),
+        timeout=args.upstream_timeout, max_retries=args.upstream_retries, counter=counter, context_window=window,
     )
+
+
+def _upstream_context_window(args: argparse.Namespace, counter: Any) -> int | None:
+    """A GGUF-served model's window: the server's n_ctx, which summarization fires at a fraction of and the
+    overflow check guards. Not an OpenAI default of 128k, and not the GGUF's trained context unless nothing
+    better is known (servers run 2k-8k by default: 128k for a Llama 3.1 GGUF would make both idle)."""
+    served = _served_context_window(args.upstream, args.upstream_model, min(args.upstream_timeout, 10.0))
+    if served is not None:
+        return served
+    logger.warning("ctxkit serve: the upstream does not say its context window; assuming the GGUF's trained "
+                   "%s tokens. Pass --upstream-context-window (the server's n_ctx) if it runs with fewer.",
+                   counter.context_length)
+    return counter.context_length  # type: ignore[no-any-return]
+
+
+def _served_context_window(base_url: str, model: str, timeout: float) -> int | None:
+    """What the upstream reports: llama.cpp's llama-server in GET /props (n_ctx), vLLM in GET /v1/models
+    (max_model_len). None where it reports neither (llama-cpp-python's server, Ollama)."""
+    import json
+    import urllib.request
+
+    def get(url: str) -> Any:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as answer:
+                return json.load(answer)
+        except (OSError, ValueError):
+            return None
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    props = get(f"{root}/props")
+    if isinstance(props, dict):
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            return n_ctx
+    models = get(f"{base_url.rstrip('/')}/models")
+    for entry in (models.get("data") or []) if isinstance(models, dict) else []:
+        length = entry.get("max_model_len") if isinstance(entry, dict) else None
+        if isinstance(length, int) and length > 0 and entry.get("id") in (model, None):
+            return length
+    return None
 
 
 def build_cache_store(location: str | None) -> CacheStore | None:

@@ -27,7 +27,7 @@ def default_stages(
     tools_top_k: int = 5,
     summarize_at_tokens: int | None = None,
     cache_store: Any = None,
-    documents_budget_tokens: int = 4000,
+    documents_budget_tokens: int | None = None,
 ) -> list[Stage]:
     """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
 
@@ -40,8 +40,10 @@ def default_stages(
     summarize_at_tokens: fold old history once a request passes this many tokens
                          (default: 60% of the backend's context window).
     documents_budget_tokens: the call's documents (`metadata["documents"]`, `<document>` blocks) are cut to
-                         their best passages past this many tokens; tool results are left whole (what a tool
-                         returns is the app's choice; a DocumentPruningStage of your own can cut them).
+                         their best passages past this many tokens (default: 4000, and at most a quarter
+                         of the backend's window, beside the history summarization keeps under 60% of it);
+                         tool results are left whole (what a tool returns is the app's choice; a
+                         DocumentPruningStage of your own can cut them).
     """
     from ..embed import Embedder
     from .cache import LocalStore, SemanticCacheStage
@@ -51,6 +53,8 @@ def default_stages(
     from .tools import ToolRetrievalStage
 
     embedder = embedder or Embedder()
+    if documents_budget_tokens is None:
+        documents_budget_tokens = max(1, min(4000, backend.context_window // 4))
     stages: list[Stage] = [QuarantineStage(counter=backend.counter)]
     if cache_store is None and cache_dir is not None:
         cache_store = LocalStore(cache_dir)
