@@ -17,6 +17,7 @@ from .request import ChatRequest
 
 METADATA_KEY = "ctxkit.quarantined"  # {fingerprint: reason}
 DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # {document id: reason}, of request.metadata["documents"]
+PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"  # how a withheld message starts (it says why it was withheld)
 
 
 def fingerprint(message: Mapping[str, Any]) -> str:

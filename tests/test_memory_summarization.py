@@ -589,3 +589,29 @@ def test_a_pasted_document_as_the_question_is_folded_rather_than_overflowing(lla
     stage = SummarizationStage(llama_backend, trigger_fraction=0.6, embedder=embedder)
     out = stage.before_model(ChatRequest(messages=messages, conversation_id="contract")).messages
     assert count(out) < llama_backend.context_window * 0.6
+
+
+def test_a_default_target_leaves_room_for_a_summary_beside_many_tool_schemas(llama_backend, embedder):
+    """The default target was 60% of the trigger counted from zero: with 1,500 tokens of tool schemas under
+    a 1,474-token target every fold kept no fact at all ("Earlier conversation (43 messages), excerpts:" and
+    nothing after it), and the next calls crossed the trigger again at once."""
+    catalog = json.loads((Path(__file__).parent / "fixtures" / "tools" / "catalog.json").read_text())
+    messages = [{"role": "system", "content": "You are a travel assistant."},
+                {"role": "user", "content": "Collect Paris facts for my trip, one tool call at a time."}]
+    stage = SummarizationStage(llama_backend, trigger_fraction=0.6, keep_last=4, mode="extractive", embedder=embedder)
+    tools = []
+    for tool in catalog:  # schemas that take most of the default target
+        tools.append(tool)
+        if llama_backend.counter.count_prompt(messages, tools) > stage.target_tokens:
+            break
+    step = 0
+    while llama_backend.counter.count_prompt(messages, tools) <= stage.trigger_tokens:
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": f"c{step}", "type": "function",
+                      "function": {"name": "event_search", "arguments": json.dumps({"day": step})}}]},
+                     {"role": "tool", "tool_call_id": f"c{step}",
+                      "content": f"Day {step}: the Musee Carnavalet opens at {9 + step % 3} am; entry {step + 5} euros."}]
+        step += 1
+    out = stage.before_model(ChatRequest(messages=messages, tools=tools, conversation_id="tools-heavy"))
+    summary = _summary(out.messages)
+    assert len(summary.splitlines()) > 1 and "euros" in summary, summary
+    assert llama_backend.counter.count_prompt(out.messages, tools) <= stage.trigger_tokens

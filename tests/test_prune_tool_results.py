@@ -145,3 +145,23 @@ def test_a_cleared_results_placeholder_keeps_the_whole_arguments_to_call_again()
     assert placeholder.startswith(PLACEHOLDER_PREFIX)
     arguments = placeholder[placeholder.index("run_sql(") + len("run_sql("): placeholder.index(") returned")]
     assert json.loads(arguments) == {"query": sql}
+
+
+def test_a_quarantined_result_keeps_its_reason_and_its_mark_when_old():
+    """Clearing turned the quarantine's "withheld (tool_error: ...)" into "call it again", inviting a call
+    known to fail, and the cleared message lost its quarantine mark (it could reach a summary or a cache)."""
+    from ctxkit.quarantine_marks import PLACEHOLDER_PREFIX as WITHHELD
+    from ctxkit.quarantine_marks import is_quarantined
+    from ctxkit.stages.quarantine import QuarantineStage
+
+    messages = _agent_history(4)
+    messages[3] = {**messages[3], "content": 'Traceback (most recent call last):\n  File "w.py", line 3, in get\n'
+                                             "    raise KeyError('City0')\nKeyError: 'City0'"}
+    pipeline_stages = [QuarantineStage(), ToolResultClearingStage(keep_last=1, clear_at_least=0)]
+    request = ChatRequest(messages=messages)
+    for stage in pipeline_stages:
+        request = stage.before_model(request)
+    failed = request.messages[3]
+    assert failed["content"].startswith(WITHHELD) and "traceback" in failed["content"]
+    assert is_quarantined(request, failed)
+    assert all(m["content"].startswith(PLACEHOLDER_PREFIX) for m in request.messages[5:8:2]), "others cleared"

@@ -90,6 +90,19 @@ def test_tools_the_conversation_already_used_stay_available(index):
     assert "translate_text" not in ToolSelector(index, top_k=2, keep_used=False).select(messages).names
 
 
+def test_calling_a_tool_that_was_sent_does_not_change_the_tools_sent(index):
+    """A used tool was excluded from the ranking, so it pulled in one more tool on every step of a tool loop:
+    the tool block, which leads the prompt, changed and the prefix cache missed on every step."""
+    selector = ToolSelector(index, top_k=3)
+    messages = [{"role": "user", "content": "Translate 'good morning' into French."}]
+    before = selector.select(messages).names
+    for step, name in enumerate(before):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": f"c{step}", "type": "function",
+                      "function": {"name": name, "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": f"c{step}", "content": "done"}]
+        assert selector.select(messages).names == before, f"step {step}"
+
+
 def test_each_task_of_a_multi_task_request_gets_a_tool(index):
     text = ("Find the sum of all the multiples of 3 and 5 between 1 and 1000. "
             "Also find the product of the first five prime numbers.")

@@ -44,7 +44,7 @@ from typing import Any
 import jsonschema
 
 from ..pipeline import record_event
-from ..quarantine_marks import DOCUMENTS_KEY, fingerprint, mark
+from ..quarantine_marks import DOCUMENTS_KEY, PLACEHOLDER_PREFIX, fingerprint, mark
 from ..redaction import redact
 from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
@@ -54,7 +54,6 @@ from .pruning.documents import DOCUMENT_BLOCK
 
 logger = logging.getLogger("ctxkit.quarantine")
 
-PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"
 _CONTEXT_KINDS = ("schema", "contradiction")  # verdicts that depend on the request, not only on the content
 
 

@@ -21,6 +21,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ...quarantine_marks import PLACEHOLDER_PREFIX as QUARANTINE_PLACEHOLDER_PREFIX
+from ...quarantine_marks import carry
 from ...request import ChatRequest, tool_calls_by_id
 from ...response import message_text
 from ...stage import Stage
@@ -80,7 +82,8 @@ class ToolResultClearingStage(Stage):
         out = list(messages)
         for index, text in cleared.items():
             out[index] = {**messages[index], "content": text}
-        return request.override(messages=out)
+        # A cleared result that was quarantined stays quarantined (kept out of summaries and caches).
+        return carry(request.override(messages=out), [(messages[i], out[i]) for i in cleared])
 
     def _cleared(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
         """{message index: placeholder} for the tool results this history clears."""
@@ -94,8 +97,10 @@ class ToolResultClearingStage(Stage):
         for index in (i for i in results[: max(len(results) - self.keep_last, 0)] if i < seen):
             message = messages[index]
             text = message_text(dict(message))
-            if text.startswith(PLACEHOLDER_PREFIX):
-                continue  # the app already sends it cleared
+            if text.startswith((PLACEHOLDER_PREFIX, QUARANTINE_PLACEHOLDER_PREFIX)):
+                # The app already sends it cleared, or the quarantine withheld it saying why: a call known
+                # to fail is not one to "call again".
+                continue
             name, arguments = calls.get(message.get("tool_call_id", ""), (message.get("name") or "tool", "{}"))
             if name in self.exclude_tools:
                 continue

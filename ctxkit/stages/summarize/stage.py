@@ -116,6 +116,7 @@ class SummarizationStage(Stage):
                           if t is not None]
         self.trigger_tokens = min(token_triggers) if token_triggers else None
         self.trigger_messages = trigger_messages
+        self._target_given = target_tokens is not None
         if target_tokens is None and self.trigger_tokens is not None:
             target_tokens = max(1, int(self.trigger_tokens * 0.6))
         self.target_tokens = target_tokens
@@ -319,7 +320,14 @@ class SummarizationStage(Stage):
 
     def _target(self, request: ChatRequest) -> int:
         if self.target_tokens is not None:
-            return self.target_tokens
+            if self._target_given or self.trigger_tokens is None:
+                return self.target_tokens
+            # The default target is 60% of the trigger *above what no fold can shrink*: the leading system
+            # messages and the tool schemas. Counted from zero, 1,500 tokens of tools under a 1,474-token
+            # target left no room for a summary at all: every fold dropped the history whole and the next
+            # calls crossed the trigger again at once.
+            fixed = self.counter.count_prompt(_split_head(request.messages)[0], request.tools)
+            return max(self.target_tokens, fixed + int(max(self.trigger_tokens - fixed, 0) * 0.6))
         # Message-count trigger only: the target is what the kept turns need, plus room for a summary.
         return self.backend.context_window // 4
 
@@ -332,7 +340,11 @@ class SummarizationStage(Stage):
         cut = max(floor, len(body) - self.keep_last)
         while cut > floor and not valid[cut]:
             cut -= 1
-        limit = int(self._target(request) * self.max_tail_fraction)
+        # The kept turns' share is of the target above the part no fold can shrink (system messages, tools).
+        fixed = self.counter.count_prompt(head, request.tools)
+        target = self._target(request)
+        limit = fixed + int(max(target - fixed, 0) * self.max_tail_fraction) if fixed < target \
+            else int(target * self.max_tail_fraction)
         while cut < last_possible and self.counter.count_prompt([*head, *self._pinned(body, cut, request),
                                                                        *body[cut:]], request.tools) > limit:
             cut += 1

@@ -173,8 +173,13 @@ class ToolSelector:
             used = tuple(n for n in used_tool_names(messages) if n in self.index) if self.keep_used else ()
             forced = list(dict.fromkeys([*pinned, *used, *(n for n in extra if n in self.index)]))
             query = conversation_query(messages, turns=self.turns, actions=self.index.actions)
-            retrieved = self.rank(query, k, exclude=forced)
-            chosen = set(forced) | set(retrieved)
+            # Used tools are not excluded from the ranking: one that retrieval picks anyway takes its slot
+            # instead of pulling in a new tool. Else every step of a tool loop (same user message, one more
+            # used tool) sent one more tool, and the changed tool block, which leads the prompt, broke the
+            # prefix cache on every step.
+            ranked = self.rank(query, k, exclude=list(dict.fromkeys([*pinned, *(n for n in extra if n in self.index)])))
+            retrieved = [n for n in ranked if n not in used]
+            chosen = set(forced) | set(ranked)
             ordered = sorted(chosen, key=self.index.position)
             tools = tuple(self.index.tool(n) for n in ordered)
         return Selection(tools, tuple(retrieved), pinned, used, tuple(query))
