@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -59,3 +64,34 @@ class LlamaServer:
             self.process.wait(10)
         if not self._log.closed:
             self._log.close()
+
+
+@contextlib.contextmanager
+def cut_off_stream(pieces: Sequence[str]) -> Iterator[str]:
+    """A fake upstream, for a fault the real server cannot be made to produce: it streams `pieces` as chat
+    chunks without a finish_reason, then closes the connection cleanly (an HTTP/1.0 body ends with it).
+    Yields its base URL."""
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for piece in pieces:
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -476,44 +476,19 @@ def test_vectors_of_evicted_entries_do_not_accumulate(tmp_path):
 
 def test_a_stream_cut_off_without_a_finish_reason_is_not_stored(store, embedder, ledger):
     """An upstream that closes the stream half way (a timeout, a restart), cleanly: the assembled part
-    was stored as the whole answer and served to every later caller. A fake server: a real one does not
-    cut its own streams."""
-    import http.server
-    import socketserver
-
+    was stored as the whole answer and served to every later caller."""
     from ctxkit.backends.openai_compat import OpenAIBackend
     from ctxkit.errors import BackendConnectionError
+    from tests.servers import cut_off_stream
 
-    class CutOff(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for piece in ["The capital of ", "Australia is Sydney"]:
-                chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), CutOff)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        backend = OpenAIBackend(model="gpt-4o-mini", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-                                api_key="test", context_window=4096)
+    with cut_off_stream(["The capital of ", "Australia is Sydney"]) as base_url:
+        backend = OpenAIBackend(model="gpt-4o-mini", base_url=base_url, api_key="test", context_window=4096)
         stage = SemanticCacheStage(store, embedder)
         pipeline = Pipeline(backend, stages=[stage], ledger=ledger)
         request = ask("What is the capital of Australia?")
         with pytest.raises(BackendConnectionError, match="ended before"):  # the backend says so now, too
             pipeline.call(request.override(stream=True)).collect()
         assert stage.lookup(request).response is None, "a cut-off stream was stored as a whole answer"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_burst_of_identical_async_calls_does_not_stall_on_the_thread_pool(llama_backend, tmp_path, embedder,

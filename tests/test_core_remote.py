@@ -22,7 +22,7 @@ from ctxkit import (
     Pipeline,
     default_model_path,
 )
-from tests.servers import LlamaServer
+from tests.servers import LlamaServer, cut_off_stream
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
 PARAMS = {"max_tokens": 6, "temperature": 0}
@@ -320,33 +320,11 @@ def test_max_completion_tokens_is_not_sent_as_max_tokens_to_openais_own_models(g
 
 
 def test_a_stream_the_upstream_ends_early_without_an_error_is_no_whole_answer(gguf_counter, ledger):
-    """An HTTP/1.0 body ended by closing the connection, after two chunks and without a finish_reason (a
-    fault the real server cannot be made to produce): the caller got the start of the answer as if whole."""
-
-    class CutOff(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for delta in ({"role": "assistant", "content": ""}, {"content": "The answer is"}):
-                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "smollm2",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    try:
-        backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{upstream.server_address[1]}/v1",
-                                counter=gguf_counter, context_window=4096, max_retries=0)
+    """Two chunks, then the connection closed cleanly without a finish_reason: the caller got the start of
+    the answer as if it were whole."""
+    with cut_off_stream(["", "The answer is"]) as base_url:
+        backend = OpenAIBackend("smollm2", base_url=base_url, counter=gguf_counter, context_window=4096, max_retries=0)
         stream = Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
         with pytest.raises(BackendConnectionError, match="ended before"):
             stream.collect()
-    finally:
-        upstream.shutdown()
     assert ledger.records[-1].status == "error" and ledger.records[-1].tokens_out > 0

@@ -228,8 +228,9 @@ def test_the_users_own_text_is_not_trimmed(llama_backend):
     assert with_docs.messages[-1]["content"].endswith(code) and "faq-1" in with_docs.messages[-1]["content"]
 
 
-def test_tojson_writes_sets_the_same_way_in_every_process():
-    """A set iterates in hash order, salted per process: a worker or a restart must render the same prefix."""
+def _system_prompt_in_four_processes(system: str, variables: str) -> set[str]:
+    """The system prompt `system` renders with `variables` (a Python literal) in four processes, each with
+    its own hash seed: a set iterates in hash order, so an unsorted one gives several outputs."""
     import os
     import subprocess
     import sys
@@ -237,16 +238,18 @@ def test_tojson_writes_sets_the_same_way_in_every_process():
     script = (
         "from ctxkit.stages.templates import PromptTemplate\n"
         "from ctxkit.tokens.tiktoken_counter import TiktokenCounter\n"
-        "t = PromptTemplate('p', '1', system='Profile: {{ profile | tojson }}')\n"
-        "p = t.render(TiktokenCounter('gpt-4o'), variables={'profile': {'tags': {'vip', 'beta', 'eu', 'churn'}}},\n"
-        "             conversation=[{'role': 'user', 'content': 'hi'}])\n"
+        f"t = PromptTemplate('p', '1', system={system!r})\n"
+        f"p = t.render(TiktokenCounter('gpt-4o'), variables={variables}, conversation=[{{'role': 'user', 'content': 'hi'}}])\n"
         "print(p.messages[0]['content'])\n"
     )
-    outputs = {
-        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
-                       capture_output=True, text=True, check=True).stdout
-        for seed in range(4)
-    }
+    return {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(4)}
+
+
+def test_tojson_writes_sets_the_same_way_in_every_process():
+    """A set iterates in hash order, salted per process: a worker or a restart must render the same prefix."""
+    outputs = _system_prompt_in_four_processes("Profile: {{ profile | tojson }}",
+                                               "{'profile': {'tags': {'vip', 'beta', 'eu', 'churn'}}}")
     assert outputs == {'Profile: {"tags": ["beta", "churn", "eu", "vip"]}\n'}
 
 
@@ -312,23 +315,8 @@ def test_a_turn_template_that_tests_the_users_text_sees_the_text(llama_backend):
 
 
 def test_sets_render_the_same_in_every_process_and_random_is_refused():
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "from ctxkit.stages.templates import PromptTemplate\n"
-        "from ctxkit.tokens.tiktoken_counter import TiktokenCounter\n"
-        "t = PromptTemplate('p', '1', system='Tags: {{ tags | join(\", \") }}; {% for t in tags %}{{ t }} {% endfor %}')\n"
-        "p = t.render(TiktokenCounter('gpt-4o'), variables={'tags': {'vip', 'beta', 'eu', 'churn'}},\n"
-        "             conversation=[{'role': 'user', 'content': 'hi'}])\n"
-        "print(p.messages[0]['content'])\n"
-    )
-    outputs = {
-        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
-                       capture_output=True, text=True, check=True).stdout
-        for seed in range(4)
-    }
+    outputs = _system_prompt_in_four_processes('Tags: {{ tags | join(", ") }}; {% for t in tags %}{{ t }} {% endfor %}',
+                                               "{'tags': {'vip', 'beta', 'eu', 'churn'}}")
     assert outputs == {"Tags: beta, churn, eu, vip; beta churn eu vip\n"}  # sections are stripped
     with pytest.raises(TemplateError):
         PromptTemplate("p", "1", system="{{ ['a', 'b'] | random }}")
