@@ -118,10 +118,10 @@ def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(llama_backen
 
 @pytest.mark.parametrize(("path", "body", "window"), [
     ("/props", {"default_generation_settings": {"n_ctx": 2048}}, 2048),  # llama.cpp's llama-server
-    ("/v1/models", {"data": [{"id": "smollm2", "max_model_len": 3072}]}, 3072),  # vLLM
+    ("/v1/models", {"data": [{"id": "smollm2", "max_model_len": 3072}]}, 3072),  # vLLM (run with --api-key)
     (None, None, "trained"),  # llama-cpp-python's server, Ollama: nothing said, the GGUF's trained context
 ])
-def test_an_upstream_gguf_gives_the_upstreams_context_window(path, body, window, caplog):
+def test_an_upstream_gguf_gives_the_upstreams_context_window(path, body, window, caplog, monkeypatch):
     """Without --upstream-context-window a GGUF-served model was taken for a 128k OpenAI one: summarization
     at 60% of that never ran, and long chats failed at the upstream. (Fake upstreams: what each server says.)"""
     import argparse
@@ -137,6 +137,11 @@ def test_an_upstream_gguf_gives_the_upstreams_context_window(path, body, window,
             pass
 
         def do_GET(self):
+            if self.headers.get("Authorization") != "Bearer sk-upstream-1":  # an upstream run with a key
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             payload = json.dumps(body).encode() if self.path == path else b'{"detail": "Not Found"}'
             self.send_response(200 if self.path == path else 404)
             self.send_header("Content-Type", "application/json")
@@ -146,8 +151,9 @@ def test_an_upstream_gguf_gives_the_upstreams_context_window(path, body, window,
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Says)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CTXKIT_TEST_UPSTREAM_KEY", "sk-upstream-1")
     args = argparse.Namespace(upstream=f"http://127.0.0.1:{server.server_address[1]}/v1", upstream_model="smollm2",
-                              upstream_key_env="NONE", upstream_gguf=default_model_path(),
+                              upstream_key_env="CTXKIT_TEST_UPSTREAM_KEY", upstream_gguf=default_model_path(),
                               upstream_context_window=None, upstream_timeout=5.0, upstream_retries=0)
     try:
         trained = GGUFPrompt.from_gguf(default_model_path()).context_length

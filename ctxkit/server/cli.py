@@ -106,7 +106,8 @@ def _upstream_context_window(args: argparse.Namespace, counter: Any) -> int | No
     """A GGUF-served model's window: the server's n_ctx, which summarization fires at a fraction of and the
     overflow check guards. Not an OpenAI default of 128k, and not the GGUF's trained context unless nothing
     better is known (servers run 2k-8k by default: 128k for a Llama 3.1 GGUF would make both idle)."""
-    served = _served_context_window(args.upstream, args.upstream_model, min(args.upstream_timeout, 10.0))
+    served = _served_context_window(args.upstream, args.upstream_model, min(args.upstream_timeout, 10.0),
+                                    api_key=os.environ.get(args.upstream_key_env))
     if served is not None:
         return served
     logger.warning("ctxkit serve: the upstream does not say its context window; assuming the GGUF's trained "
@@ -115,7 +116,7 @@ def _upstream_context_window(args: argparse.Namespace, counter: Any) -> int | No
     return counter.context_length  # type: ignore[no-any-return]
 
 
-def _served_context_window(base_url: str, model: str, timeout: float) -> int | None:
+def _served_context_window(base_url: str, model: str, timeout: float, api_key: str | None = None) -> int | None:
     """What the upstream reports: llama.cpp's llama-server in GET /props (n_ctx), vLLM in GET /v1/models
     (max_model_len). None where it reports neither (llama-cpp-python's server, Ollama)."""
     import json
@@ -123,7 +124,9 @@ def _served_context_window(base_url: str, model: str, timeout: float) -> int | N
 
     def get(url: str) -> Any:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as answer:
+            # An upstream run with a key (vLLM --api-key, llama-server --api-key) answers these only with it.
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as answer:
                 return json.load(answer)
         except (OSError, ValueError):
             return None
