@@ -349,3 +349,30 @@ def test_per_request_pools_do_not_each_leave_a_saved_index(embedder, catalog, tm
     registered = ToolRetrievalStage(catalog=catalog, top_k=2, embedder=embedder, index_dir=tmp_path)
     registered.index_for(registered.catalog)
     assert len(list(tmp_path.glob("*/*/index.npz"))) == 1, "the registered catalog's index is saved whole"
+
+
+def test_a_changed_selection_is_noted_as_the_prefix_it_uncaches(llama_backend, embedder, catalog, index_dir):
+    """The tool block leads the prompt: a selection that changes between the calls of a conversation
+    un-caches all of the previous prompt, and the ledger said nothing of it."""
+    from ctxkit import Ledger
+    from tests.recording import Sent
+
+    ledger = Ledger()
+    stage = ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=index_dir, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage, Sent()], ledger=ledger)
+    messages = [{"role": "user", "content": "Get the stock price of Apple for the last 5 days."}]
+    pipeline.chat(messages, tools=catalog)
+    first = _events(ledger.records[-1], "selected")[0]["sent"]
+    call = {"id": "c1", "type": "function", "function": {"name": first[0], "arguments": "{}"}}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "190.5"}]
+    pipeline.chat(messages, tools=catalog)  # a tool loop step: same tools, nothing un-cached
+    assert _events(ledger.records[-1], "selected")[0]["sent"] == first
+    assert not _events(ledger.records[-1], "prefix_invalidated")
+    messages += [{"role": "assistant", "content": "Apple closed at 190.5."},
+                 {"role": "user", "content": "Now translate 'good morning' into French."}]
+    pipeline.chat(messages, tools=catalog)
+    record = ledger.records[-1]
+    changed = _events(record, "prefix_invalidated")
+    assert _events(record, "selected")[0]["sent"] != first and len(changed) == 1
+    assert changed[0]["tools_before"] == first and changed[0]["tokens"] > 0

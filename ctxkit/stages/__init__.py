@@ -64,7 +64,7 @@ def default_stages(
     # every call. After them, a folded tool result cleared one call later changed the folded history, and
     # each such change threw the rolling summary away and re-read everything.
     stages += [
-        ToolRetrievalStage(top_k=tools_top_k, embedder=embedder),
+        ToolRetrievalStage(top_k=tools_top_k, embedder=embedder, counter=backend.counter),
         SummarizationStage(
             backend,
             trigger_tokens=summarize_at_tokens,

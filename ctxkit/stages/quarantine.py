@@ -49,7 +49,7 @@ from ..redaction import redact
 from ..request import ChatRequest, tool_calls_by_id
 from ..response import message_text
 from ..stage import Stage
-from .pruning._text import default_counter, previous_prompt_end, record_prefix_invalidated
+from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
 
 logger = logging.getLogger("ctxkit.quarantine")

@@ -36,7 +36,7 @@ from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ._text import default_counter, previous_prompt_end, record_prefix_invalidated
+from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .documents import checked_documents
 
 COLLAPSED_PREFIX = "[near-duplicate of message"

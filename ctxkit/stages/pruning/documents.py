@@ -48,7 +48,8 @@ from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ._text import BM25, default_counter, previous_prompt_end, record_prefix_invalidated, words
+from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
+from ._text import BM25, words
 
 DOCUMENTS_KEY = "documents"
 REPORT_KEY = "ctxkit.pruned_documents"

@@ -27,7 +27,7 @@ from ...request import ChatRequest, tool_calls_by_id
 from ...response import message_text
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ._text import default_counter, previous_prompt_end, record_prefix_invalidated
+from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 
 PLACEHOLDER_PREFIX = "[tool result cleared:"
 

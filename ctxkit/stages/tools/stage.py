@@ -36,6 +36,8 @@ from ...pipeline import EventRecorder, event_recorder, record_event
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from ...tokens import TokenCounter
+from ..prefix import default_counter, previous_prompt_end
 from .compaction import compact_tool
 from .index import FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
 from .selector import Selection, ToolSelector
@@ -110,6 +112,7 @@ class ToolRetrievalStage(Stage):
         fusion: FusionConfig | None = None,
         keep_used: bool = True,
         max_indexes: int = 8,
+        counter: TokenCounter | None = None,
     ) -> None:
         """catalog:   tools registered once; None selects from each request's own tools.
         top_k:       tools chosen by retrieval per call (pinned and already-used tools come on top).
@@ -118,7 +121,8 @@ class ToolRetrievalStage(Stage):
         recovery:    "rerun", "find_tools", "both" or "off" (see the module docstring).
         embedder:    a shared `ctxkit.embed.Embedder`; None loads MiniLM on first use.
         index_dir:   where indexes persist across processes; None keeps them in memory.
-        max_indexes: distinct request-tool pools kept indexed (each built once per process)."""
+        max_indexes: distinct request-tool pools kept indexed (each built once per process).
+        counter:     the backend's TokenCounter, for the prefix tokens a changed selection un-caches."""
         if top_k < 1:
             raise ConfigurationError(f"top_k must be at least 1, got {top_k}")
         if recovery not in RECOVERY_MODES:
@@ -145,6 +149,7 @@ class ToolRetrievalStage(Stage):
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
+        self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
     def index_for(self, tools: Sequence[Tool]) -> ToolIndex:
@@ -256,7 +261,23 @@ class ToolRetrievalStage(Stage):
             changes["params"] = {**request.params, "tool_choice": "required"}
         record_event(self.name, "selected", pool=len(index), sent=list(selection.names),
                      pinned=list(selection.pinned), used=list(selection.used))
+        if top_k is None and not extra and len(pool) > k:  # a call's own selection, not a recovery's
+            self._note_changed_selection(request, selector, k, forced, selection)
         return _Plan(request.override(**changes), index, selector, frozenset(selection.names), offered)
+
+    def _note_changed_selection(self, request: ChatRequest, selector: ToolSelector, k: int,
+                                forced: Sequence[str], selection: Selection) -> None:
+        """The tool block leads the prompt: when the previous call of this conversation (its messages, selected
+        the same way) got other tools, none of that prompt is a cached prefix any more. Noted as the other
+        stages note their edits, so the savings report is honest about provider caching."""
+        end = previous_prompt_end(request.messages)
+        if end == 0:
+            return
+        before = selector.select(request.messages[:end], top_k=k, extra=forced)
+        if before.names != selection.names:
+            tokens = self.counter.count_prompt(request.messages[:end], list(before.tools))
+            record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
+                         tools_before=list(before.names))
 
     def _compact(self, tool: Tool) -> Tool:
         key = tool_hash(tool)
