@@ -14,15 +14,13 @@ T = TypeVar("T")
 _DONE = object()
 
 
-async def in_thread(fn: Callable[[], T], executor: Executor | None = None) -> T:
-    """`fn()` in `executor` (asyncio's default pool when None), with the caller's context variables."""
-    if executor is None:
-        return await asyncio.to_thread(fn)
+async def in_thread(fn: Callable[[], T], executor: Executor) -> T:
+    """`fn()` in `executor`, with the caller's context variables (as asyncio.to_thread passes them)."""
     context = contextvars.copy_context()
     return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(context.run, fn))
 
 
-async def iterate_in_thread(iterator: Iterator[T], executor: Executor | None = None) -> AsyncGenerator[T, None]:
+async def iterate_in_thread(iterator: Iterator[T], executor: Executor) -> AsyncGenerator[T, None]:
     """Consume a blocking iterator from async code without blocking the event loop, its steps in `executor`."""
     # A task cancelled while a worker thread runs next() leaves that step running: closing the generator
     # then would fail ("generator already executing") and leave it open, holding whatever it holds (the
@@ -59,7 +57,7 @@ async def acquire(lock: threading.Lock) -> None:
         delay = min(delay * 2, 0.02)
 
 
-async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T], executor: Executor | None = None) -> T:
+async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T], executor: Executor) -> T:
     """`fn()` in a worker thread of `executor`, with `lock` (already taken by the caller) released when `fn`
     ends: in that thread once `fn` has started (a cancelled caller leaves it running), here if it never did."""
     claim = threading.Lock()

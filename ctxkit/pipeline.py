@@ -133,7 +133,6 @@ class _CallTrace:
             events=self.events,
         )
 
-
     def _price_summarizer_calls(self) -> float:
         """What the summarizing model's own calls cost (each event gets its cost_usd): they were made for
         this call, so they are part of its cost, though not of the tokens it sent."""

@@ -43,12 +43,14 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     for original, group in converted:
         # Only the model's own turns carry its reasoning blocks; a user's PDF or other provider block is no
         # reasoning: dropping it silently answered without it (it stays, and validation names it).
-        group = [_openai_parts_only(m) if m.get("role") == "assistant" else m for m in group]
-        if isinstance(original, AIMessage):
-            group = [_with_invalid_calls(m, original, answered) if m.get("role") == "assistant" else m
-                     for m in group]
+        group = [_assistant_turn(m, original, answered) if m.get("role") == "assistant" else m for m in group]
         out.extend(group)
     return out
+
+
+def _assistant_turn(message: dict[str, Any], original: BaseMessage, answered: set[Any]) -> dict[str, Any]:
+    message = _openai_parts_only(message)
+    return _with_invalid_calls(message, original, answered) if isinstance(original, AIMessage) else message
 
 
 def _openai_parts_only(message: dict[str, Any]) -> dict[str, Any]:

@@ -149,13 +149,19 @@ class LlamaCppBackend:
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
         tokens = self._prompt_tokens(request)
         self._lock.acquire()
-        chunks = self._stream_holding_lock(request, tokens)
-        next(chunks)  # inside its try: from here on, however the stream ends, it lets go of the model
-        yield from chunks
+        yield from self._stream_holding_lock(request, tokens)
 
     def _stream_holding_lock(self, request: ChatRequest, tokens: list[int]) -> Iterator[dict[str, Any]]:
-        """The stream's chunks, after a first None; the caller has taken `self._lock`, released once the
-        generation is over (or the stream closed)."""
+        """The stream's chunks; the caller has taken `self._lock`. Returned already started, inside the `try`
+        that lets go of the model: however the stream ends from here on (read to the end, closed in whatever
+        thread, dropped unread), the lock is released once."""
+        body = self._released_at_end(request, tokens)
+        next(body)
+        return body
+
+    def _released_at_end(self, request: ChatRequest, tokens: list[int]) -> Iterator[dict[str, Any]]:
+        """A first None, then the chunks; `self._lock` is released when the generation is over or the
+        generator is closed."""
         released = False
 
         def release() -> None:
@@ -245,9 +251,7 @@ class LlamaCppBackend:
 
         tokens = await asyncio.to_thread(self._prompt_tokens, request)
         await acquire(self._lock)  # in the event loop, as in acomplete
-        body = self._stream_holding_lock(request, tokens)
-        next(body)  # inside its try: from here on, closing it (in whatever thread) lets go of the model
-        chunks = iterate_in_thread(body, self._holders)
+        chunks = iterate_in_thread(self._stream_holding_lock(request, tokens), self._holders)
         try:
             async for chunk in chunks:
                 yield chunk

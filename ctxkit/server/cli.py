@@ -24,6 +24,7 @@ from ..errors import ConfigurationError
 logger = logging.getLogger("ctxkit")
 
 if TYPE_CHECKING:
+    from ..backends.gguf_prompt import GGUFPrompt
     from ..stages.cache.store import CacheStore
 
 
@@ -67,8 +68,8 @@ def add_parser(commands: Any) -> None:
     upstream.add_argument("--upstream-gguf", type=Path,
                           help="count tokens with this GGUF's tokenizer (a non-OpenAI model served from a GGUF)")
     upstream.add_argument("--upstream-context-window", type=int, default=None,
-                          help="the upstream's context window in tokens (its n_ctx); default: the GGUF's trained "
-                               "context with --upstream-gguf, else the OpenAI model's")
+                          help="the upstream's context window in tokens (its n_ctx); default: what the upstream "
+                               "reports (llama-server, vLLM), else the GGUF's trained context, else the OpenAI model's")
     upstream.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds (default 60)")
     upstream.add_argument("--upstream-retries", type=int, default=3, help="retries before the first byte")
     serve.set_defaults(func=run_cli)
@@ -102,7 +103,7 @@ def build_backend(args: argparse.Namespace) -> Any:
     )
 
 
-def _upstream_context_window(args: argparse.Namespace, counter: Any) -> int | None:
+def _upstream_context_window(args: argparse.Namespace, counter: GGUFPrompt) -> int | None:
     """A GGUF-served model's window: the server's n_ctx, which summarization fires at a fraction of and the
     overflow check guards. Not an OpenAI default of 128k, and not the GGUF's trained context unless nothing
     better is known (servers run 2k-8k by default: 128k for a Llama 3.1 GGUF would make both idle)."""
@@ -113,7 +114,7 @@ def _upstream_context_window(args: argparse.Namespace, counter: Any) -> int | No
     logger.warning("ctxkit serve: the upstream does not say its context window; assuming the GGUF's trained "
                    "%s tokens. Pass --upstream-context-window (the server's n_ctx) if it runs with fewer.",
                    counter.context_length)
-    return counter.context_length  # type: ignore[no-any-return]
+    return counter.context_length
 
 
 def _served_context_window(base_url: str, model: str, timeout: float, api_key: str | None = None) -> int | None:

@@ -176,8 +176,11 @@ class PromptTemplate:
 
     # -- rendering ----------------------------------------------------------------------------------
     def _text(self, key: str, **variables: Any) -> str:
+        return self._rendered(key, **variables).strip()
+
+    def _rendered(self, key: str, **variables: Any) -> str:
         try:
-            return self._compiled[key].render(**variables).strip()
+            return str(self._compiled[key].render(**variables))
         except Exception as exc:  # UndefinedError, SecurityError
             raise TemplateError(f"section {key!r} failed to render: {exc}", self.id) from exc
 
@@ -322,18 +325,13 @@ class PromptTemplate:
         """The newest user message in the turn section. Whitespace the template puts around it is trimmed,
         the user's own text is not (pasted code keeps its indentation)."""
         marker = "\x00ctxkit-content\x00"
-        framed = self._text("turn", documents=documents, content=marker, **variables)
-        if framed.count(marker) == 1:
-            # The marker stands for the content only where the template does nothing but print it: one that
-            # tests it (`content|length`, `'refund' in content`) took a different branch for the marker.
-            try:
-                raw = self._compiled["turn"].render(documents=documents, content=content, **variables)
-                raw_marker = self._compiled["turn"].render(documents=documents, content=marker, **variables)
-            except Exception as exc:
-                raise TemplateError(f"section 'turn' failed to render: {exc}", self.id) from exc
-            if raw_marker.replace(marker, content) == raw:
-                return framed.replace(marker, content)
-        return self._text("turn", documents=documents, content=content, **variables)  # render it as it says
+        framed = self._rendered("turn", documents=documents, content=marker, **variables)
+        rendered = self._rendered("turn", documents=documents, content=content, **variables)
+        # The marker stands for the content only where the template does nothing but print it: one that tests
+        # it (`content|length`, `'refund' in content`) takes other branches for the marker.
+        if framed.count(marker) == 1 and framed.replace(marker, content) == rendered:
+            return framed.strip().replace(marker, content)
+        return rendered.strip()  # the template transforms the content: as it says
 
     def _fixed_budget(self, section: str, used: int) -> None:
         budget = self.budgets.get(section)
