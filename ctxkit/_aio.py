@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import TypeVar
@@ -47,14 +48,18 @@ async def iterate_in_thread(iterator: Iterator[T], executor: Executor) -> AsyncG
         await in_thread(close, executor)
 
 
-async def acquire(lock: threading.Lock) -> None:
-    """Take a thread lock from async code without parking a worker thread on it. Worker threads blocked on
-    a lock that a stream holds are the threads that stream's next step needs (they come from the same
-    pool, min(32, cores + 4) of them): enough waiting calls and nothing moves again."""
+async def acquire(lock: threading.Lock, deadline: float | None = None) -> bool:
+    """Take a thread lock from async code without parking a worker thread on it; False when `deadline` (on
+    the monotonic clock) passed first. Worker threads blocked on a lock that a stream holds are the threads
+    that stream's next step needs (they come from the same pool, min(32, cores + 4) of them): enough
+    waiting calls and nothing moves again."""
     delay = 0.0005
     while not lock.acquire(blocking=False):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.02)
+    return True
 
 
 async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T], executor: Executor) -> T:

@@ -21,6 +21,10 @@ SAMPLING_PARAMS = frozenset(
         "presence_penalty", "frequency_penalty", "tool_choice", "parallel_tool_calls",
         "response_format", "logprobs", "top_logprobs", "n", "logit_bias", "user",
     }
+) | frozenset(
+    # The OpenAI API's settings of a provider's service, not of decoding: an OpenAI-compatible backend gets
+    # them, the local model has nothing they change (it stores nothing, has one tier, does not reason).
+    {"reasoning_effort", "verbosity", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
 
 
@@ -36,6 +40,12 @@ class ChatRequest:
     namespace:       tenant/namespace; stages that keep state (caches, memory) never cross it.
     conversation_id: groups the calls of one conversation, for stages and for the ledger.
     metadata:        free-form data for stages; never sent to the backend.
+    timeout:         seconds this call may take at the backend (the backend's own limit when None); past it,
+                     BackendTimeoutError. The local model checks it while waiting for the model and between
+                     generated tokens.
+    extra_headers:   HTTP headers for an HTTP backend's request (OpenAIBackend), as the openai client's
+                     `extra_headers`; never logged, cached or part of a cache key.
+    extra_query:     query parameters for an HTTP backend's request, as the openai client's `extra_query`.
     """
 
     messages: Sequence[Message]
@@ -46,6 +56,9 @@ class ChatRequest:
     namespace: str = "default"
     conversation_id: str | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timeout: float | None = None
+    extra_headers: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    extra_query: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def override(self, **changes: Any) -> ChatRequest:
         """A copy with some fields replaced (LangChain's `request.override`)."""
@@ -82,7 +95,8 @@ class ChatRequest:
         ctx = dict(defaults)
         extra_body = dict(kwargs.pop("extra_body", None) or {})
         own = extra_body.pop("ctxkit", None) or {}
-        fields = {f.name for f in dataclasses.fields(cls)} - {"messages", "tools", "params", "model", "stream"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"messages", "tools", "params", "model", "stream",
+                                                               *TRANSPORT_OPTIONS}
         if not isinstance(own, Mapping) or set(own) - fields:
             wrong = sorted(set(own) - fields) if isinstance(own, Mapping) else type(own).__name__
             raise RequestError(f"unknown ctxkit field(s) {wrong}; expected some of {', '.join(sorted(fields))}",
@@ -104,10 +118,11 @@ class ChatRequest:
             if given is not None and not isinstance(given, Mapping):
                 raise RequestError(f"must be an object, got {type(given).__name__}", where)
             metadata.update(given or {})
+        transport = {k: kwargs.pop(k) for k in TRANSPORT_OPTIONS if kwargs.get(k) is not None}
         params = {k: v for k, v in kwargs.items() if k in SAMPLING_PARAMS and v is not None}
         if extra_body:  # backend-specific sampling (top_k, min_p, ...): passed on, not dropped
             params["extra_body"] = extra_body
-        unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and not k.startswith("extra_"))
+        unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and k not in TRANSPORT_OPTIONS)
         if unknown:
             raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "create()")
         return cls(
@@ -117,8 +132,13 @@ class ChatRequest:
             model=model,
             stream=stream,
             metadata=metadata,
+            **transport,
             **ctx,
         )
+
+
+# The openai client's per-call options for its HTTP request, not fields of the API's body.
+TRANSPORT_OPTIONS = ("timeout", "extra_headers", "extra_query")
 
 
 def _not_given(value: Any) -> bool:

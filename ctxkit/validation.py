@@ -54,6 +54,22 @@ def _validate_fields(request: ChatRequest) -> None:
         raise RequestError(f"must be a non-empty string or null, got {conversation!r}", "conversation_id")
     if not isinstance(request.metadata, Mapping):
         raise RequestError(f"must be an object, got {type(request.metadata).__name__}", "metadata")
+    timeout = request.timeout
+    if timeout is not None and not _is_httpx_timeout(timeout) and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise RequestError(f"must be a positive number of seconds (or an httpx.Timeout), got {timeout!r}", "timeout")
+    headers = request.extra_headers
+    if not isinstance(headers, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        # the values are not echoed: a header is where an API key goes
+        raise RequestError("must be an object of header name -> string value", "extra_headers")
+    if not isinstance(request.extra_query, Mapping):
+        raise RequestError(f"must be an object, got {type(request.extra_query).__name__}", "extra_query")
+
+
+def _is_httpx_timeout(value: Any) -> bool:
+    import httpx
+
+    return isinstance(value, httpx.Timeout)
 
 
 def _validate_messages(messages: Any) -> None:
@@ -247,7 +263,11 @@ def _validate_params(params: Any) -> None:
         value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise RequestError(f"must be an integer, got {value!r}", key)
-    for key in ("logprobs", "parallel_tool_calls"):
+    for key in ("reasoning_effort", "verbosity", "service_tier", "prompt_cache_key", "safety_identifier", "user"):
+        value = params.get(key)
+        if value is not None and not isinstance(value, str):
+            raise RequestError(f"must be a string, got {value!r}", key)
+    for key in ("logprobs", "parallel_tool_calls", "store"):
         value = params.get(key)
         if value is not None and not isinstance(value, bool):
             raise RequestError(f"must be true or false, got {value!r}", key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -461,6 +462,7 @@ def test_async_calls_waiting_behind_a_stream_do_not_starve_it():
 
     script = """
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from ctxkit import ChatRequest, Ledger, LlamaCppBackend, Pipeline
 from ctxkit.stages.summarize import SummarizationStage
@@ -568,3 +570,51 @@ def test_a_schema_the_local_grammar_cannot_take_is_a_request_error_naming_it(lla
             result.collect()
     assert info.value.where == "tools[1].function.parameters"
     assert ledger.records[-1].tokens_sent == 0
+
+
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}]  # runs to max_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_per_call_timeout_stops_the_local_model_and_frees_it(llama_backend, ledger, stream):
+    """timeout= was refused by the drop-in client; the local model now stops at its next token past it."""
+    from ctxkit import BackendTimeoutError
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    with pytest.raises(BackendTimeoutError, match="timeout passed after") as timed_out:
+        result = pipeline.call(ChatRequest(messages=STORY, params={"max_tokens": 400, "temperature": 0},
+                                           stream=stream, timeout=0.5))
+        if stream:
+            result.collect()
+    generated = int(re.search(r"after (\d+) generated", str(timed_out.value)).group(1))
+    assert generated < 200, "it stopped near its timeout, not at max_tokens (400 tokens take 8 s or more here)"
+    assert ledger.records[-1].error_type == "BackendTimeoutError"
+    again = pipeline.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3}))  # the model was let go
+    assert again.usage.completion_tokens > 0
+
+
+def test_a_call_waiting_for_the_busy_local_model_times_out_while_it_waits(llama_backend, ledger):
+    from ctxkit import BackendTimeoutError
+
+    busy = llama_backend.stream(ChatRequest(messages=STORY, params={"max_tokens": 40}))
+    next(busy)  # the stream holds the model
+    try:
+        with pytest.raises(BackendTimeoutError, match="waited for the model"):
+            llama_backend.complete(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3}, timeout=0.2))
+        with pytest.raises(BackendTimeoutError, match="waited for the model"):
+            asyncio.run(llama_backend.acomplete(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3},
+                                                            timeout=0.2)))
+    finally:
+        busy.close()
+
+
+def test_a_closed_local_backend_refuses_calls_with_a_typed_error():
+    from ctxkit import LlamaCppBackend
+
+    backend = LlamaCppBackend(n_ctx=512, n_threads=1)
+    backend.close()
+    request = ChatRequest(messages=CONVERSATION, params={"max_tokens": 3})
+    with pytest.raises(BackendError, match="closed"):
+        backend.complete(request)
+    with pytest.raises(BackendError, match="closed"):
+        asyncio.run(backend.acomplete(request))  # was a bare RuntimeError from the shut-down thread pool

@@ -16,6 +16,7 @@ from ctxkit import (
     BackendConnectionError,
     BackendError,
     BackendStatusError,
+    BackendTimeoutError,
     ChatRequest,
     GGUFPrompt,
     OpenAIBackend,
@@ -113,6 +114,7 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
 
     def __init__(self, upstream: str, failures: list[int], retry_after: str = "0") -> None:
         self.upstream, self.failures, self.attempts = upstream, list(failures), 0
+        self.seen: list[tuple[str, dict[str, str], dict]] = []  # each request's path, headers and body
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -122,13 +124,14 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 proxy.attempts += 1
+                proxy.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
                 if proxy.failures:
                     status = proxy.failures.pop(0)
                     payload = json.dumps({"error": {"message": f"injected {status}"}}).encode()
                     self.send_response(status)
                     self.send_header("Retry-After", retry_after)
                 else:
-                    request = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
+                    request = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1").split("?")[0], data=body,
                                                      headers={"Content-Type": "application/json"})
                     payload = urllib.request.urlopen(request, timeout=60).read()
                     self.send_response(200)
@@ -328,3 +331,33 @@ def test_a_stream_the_upstream_ends_early_without_an_error_is_no_whole_answer(gg
         with pytest.raises(BackendConnectionError, match="ended before"):
             stream.collect()
     assert ledger.records[-1].status == "error" and ledger.records[-1].tokens_out > 0
+
+
+def test_the_openai_clients_per_call_options_reach_the_server(server, gguf_counter, ledger, tmp_path):
+    """timeout=, extra_headers=, extra_query= and the API's service settings (reasoning_effort, store, ...)
+    were refused or dropped by the drop-in client: an agent written for openai.OpenAI() broke on them."""
+    proxy = FlakyProxy(server.base_url, [])  # no failures: it only records what reaches the server
+    try:
+        backend = OpenAIBackend("smollm2", base_url=proxy.base_url, counter=gguf_counter, context_window=4096)
+        client = Pipeline(backend, ledger=ledger).openai()
+        completion = client.chat.completions.create(
+            model="smollm2", messages=MESSAGES, max_tokens=4, temperature=0, timeout=30,
+            extra_headers={"X-Trace-Id": "trace-7f3a"}, extra_query={"api-version": "2024-10-21"},
+            reasoning_effort="low", store=False, prompt_cache_key="tenant-1")
+    finally:
+        proxy.shutdown()
+    assert completion.choices[0].message.content
+    path, headers, body = proxy.seen[-1]
+    assert headers["x-trace-id"] == "trace-7f3a" and "api-version=2024-10-21" in path
+    assert (body["reasoning_effort"], body["store"], body["prompt_cache_key"]) == ("low", False, "tenant-1")
+    assert "trace-7f3a" not in ledger.path.read_text(), "a header is where keys go: never in the ledger"
+
+
+def test_a_per_call_timeout_is_a_typed_timeout(server, gguf_counter, ledger):
+    backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                            max_retries=0, timeout=60)
+    long_answer = ChatRequest(messages=[{"role": "user", "content": "Count from 1 to 500, one number a line."}],
+                              params={"max_tokens": 200, "temperature": 0}, timeout=0.3)
+    with pytest.raises(BackendTimeoutError):
+        Pipeline(backend, ledger=ledger).call(long_answer)
+    assert ledger.records[-1].error_type == "BackendTimeoutError"

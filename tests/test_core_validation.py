@@ -181,6 +181,19 @@ def test_openais_not_given_sentinels_mean_left_out(counting, ledger):
     assert [r.status for r in ledger.records] == ["ok"] * counting.calls
 
 
+def test_the_openai_clients_per_call_options_are_taken_and_unknown_extras_named(counting, ledger):
+    """timeout=, extra_headers=, reasoning_effort= and store= were refused (or extra_headers silently dropped)
+    by the drop-in client; the local model has nothing the service settings change, and answers."""
+    client = Pipeline(counting, ledger=ledger).openai()
+    reply = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2, timeout=30,
+        extra_headers={"X-Trace-Id": "t"}, reasoning_effort="low", store=False, service_tier="auto")
+    assert reply.choices[0].message is not None
+    with pytest.raises(RequestError, match="extra_heders"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                       extra_heders={"X-Trace-Id": "t"})
+
+
 def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_backend, ledger):
     """top_k=1 makes sampling greedy: at temperature 1.5 three different seeds then agree."""
     client = Pipeline(llama_backend, ledger=ledger).openai()
@@ -202,6 +215,12 @@ def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_b
     ({"extra_body": {"ctxkit": {"conversation_id": 17}}}, "conversation_id"),
     ({"extra_body": {"ctxkit": {"conversation_id": ""}}}, "conversation_id"),
     ({"extra_body": {"ctxkit": {"namespace": {"x": 1}}}}, "namespace"),
+    ({"timeout": -1}, "timeout"),
+    ({"timeout": "30"}, "timeout"),
+    ({"extra_headers": {"Authorization": 123}}, "extra_headers"),
+    ({"extra_query": ["api-version"]}, "extra_query"),
+    ({"reasoning_effort": 2}, "reasoning_effort"),
+    ({"store": "no"}, "store"),
 ])
 def test_ctxkit_fields_of_the_wrong_type_name_the_field(counting, ledger, fields, where):
     """A list as conversation_id used to be a 500 in the proxy (unhashable, in the summary store)."""

@@ -384,3 +384,22 @@ def test_a_users_document_block_is_refused_by_name_not_dropped(model):
     with pytest.raises(InvalidMessageError) as info:
         model.invoke([pdf])
     assert info.value.where == "messages[0].content[1]"
+
+
+def test_an_answer_from_ctxkits_cache_costs_nothing_in_usage_metadata(llama_backend, ledger, tmp_path):
+    """LangChain marks a hit of its own cache with `total_cost: 0` and keeps the tokens; a hit of ctxkit's
+    cache repeated the stored usage as if billed again, and cost trackers summed it."""
+    from ctxkit.stages.cache import ExactCacheStage, LocalStore
+
+    with LocalStore(tmp_path / "cache") as store:
+        pipeline = Pipeline(llama_backend, stages=[ExactCacheStage(store)], ledger=ledger)
+        model = CtxkitChatModel(pipeline=pipeline, temperature=0, max_tokens=6, seed=1)
+        first = model.invoke("Name a colour.")
+        again = model.invoke("Name a colour.")
+        streamed = None
+        for chunk in model.stream("Name a colour."):
+            streamed = chunk if streamed is None else streamed + chunk
+    assert "total_cost" not in first.usage_metadata
+    assert again.content == first.content and again.usage_metadata["total_cost"] == 0
+    assert again.usage_metadata["output_tokens"] == first.usage_metadata["output_tokens"]
+    assert streamed.usage_metadata["total_cost"] == 0

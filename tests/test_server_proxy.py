@@ -74,6 +74,17 @@ def test_a_request_cannot_choose_another_tenants_namespace(proxy):
     assert smuggled.status_code == 400 and smuggled.json()["error"]["param"] == "extra_body"
 
 
+@pytest.mark.parametrize("option", ["extra_headers", "extra_query", "timeout"])
+def test_a_body_cannot_carry_the_python_clients_http_options(proxy, option):
+    """The drop-in client takes extra_headers= for its own HTTP request; in a proxy's body they would become
+    the upstream request's headers (its Authorization, the operator's key) under a tenant's control."""
+    base_url, _ = proxy
+    value = {"timeout": 5}.get(option, {"Authorization": "Bearer tenant-chosen"})
+    sent = httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": "Bearer key-alpha-0001"},
+                      json={"messages": HELLO, "max_tokens": 2, option: value})
+    assert sent.status_code == 400 and sent.json()["error"]["param"] == option
+
+
 def test_an_oversized_body_gets_413_before_any_work(proxy):
     base_url, path = proxy
     before = len(records(path))

@@ -262,7 +262,7 @@ class CtxkitChatModel(BaseChatModel):
     def _chunks(stream: Any, run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
         assert not isinstance(stream, ChatResponse)
         for chunk in stream:
-            message = to_message_chunk(chunk)
+            message = to_message_chunk(chunk, from_cache=stream.answered_by is not None)
             if message is None:
                 continue
             generation = ChatGenerationChunk(message=message)
@@ -281,7 +281,7 @@ class CtxkitChatModel(BaseChatModel):
             stream = await self.pipeline.acall(self._request(messages, stop, True, kwargs))
             assert not isinstance(stream, ChatResponse)
             async for chunk in stream:
-                message = to_message_chunk(chunk)
+                message = to_message_chunk(chunk, from_cache=stream.answered_by is not None)
                 if message is None:
                     continue
                 generation = ChatGenerationChunk(message=message)

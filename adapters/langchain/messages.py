@@ -158,14 +158,19 @@ def to_openai_tool_choice(tool_choice: Any) -> Any:
     return tool_choice
 
 
-def usage_metadata(usage: Usage) -> UsageMetadata:
-    return UsageMetadata(
+def usage_metadata(usage: Usage, *, from_cache: bool = False) -> UsageMetadata:
+    """An answer's usage as LangChain reports it; one from ctxkit's cache keeps its tokens and costs 0, as
+    LangChain marks a hit of its own cache (`total_cost: 0`), so cost trackers do not bill it again."""
+    metadata = UsageMetadata(
         input_tokens=usage.prompt_tokens,
         output_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         input_token_details={"cache_read": usage.cached_tokens},
         output_token_details={},
     )
+    if from_cache:
+        metadata["total_cost"] = 0  # type: ignore[typeddict-unknown-key]
+    return metadata
 
 
 def _tool_calls(calls: Sequence[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
@@ -193,7 +198,7 @@ def to_ai_message(response: ChatResponse) -> AIMessage:
         content=response.content or "",
         tool_calls=valid,
         invalid_tool_calls=invalid,
-        usage_metadata=usage_metadata(response.usage),
+        usage_metadata=usage_metadata(response.usage, from_cache=response.answered_by is not None),
         response_metadata={
             "finish_reason": response.finish_reason,
             "model_name": response.model,
@@ -204,7 +209,7 @@ def to_ai_message(response: ChatResponse) -> AIMessage:
     )
 
 
-def to_message_chunk(chunk: dict[str, Any]) -> AIMessageChunk | None:
+def to_message_chunk(chunk: dict[str, Any], *, from_cache: bool = False) -> AIMessageChunk | None:
     """One OpenAI `chat.completion.chunk` as an AIMessageChunk; None for a chunk that carries nothing."""
     content = ""
     tool_chunks = []
@@ -224,7 +229,8 @@ def to_message_chunk(chunk: dict[str, Any]) -> AIMessageChunk | None:
     if chunk.get("usage"):
         u = chunk["usage"]
         details = u.get("prompt_tokens_details") or {}
-        usage = usage_metadata(Usage(u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0))
+        usage = usage_metadata(Usage(u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0),
+                               from_cache=from_cache)
         response_metadata["model_name"] = chunk.get("model")
     if not content and not tool_chunks and usage is None and not response_metadata:
         return None

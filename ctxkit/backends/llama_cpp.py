@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._aio import acquire, iterate_in_thread, to_thread_holding
-from ..errors import BackendError, ConfigurationError, ContextOverflowError, RequestError
+from ..errors import BackendError, BackendTimeoutError, ConfigurationError, ContextOverflowError, RequestError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
@@ -107,6 +107,7 @@ class LlamaCppBackend:
         # in asyncio's default pool it could find every thread taken by sync code waiting for this lock (a
         # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
         self._holders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctxkit-llama")
+        self._closed = False
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
@@ -114,25 +115,41 @@ class LlamaCppBackend:
 
     def _complete(self, request: ChatRequest, cancelled: threading.Event | None) -> ChatResponse:
         tokens = self._prompt_tokens(request)
-        with self._lock:
-            return self._generate(request, tokens, cancelled)
+        deadline = _deadline(request)
+        self._take_model(deadline)
+        try:
+            return self._generate(request, tokens, cancelled, deadline)
+        finally:
+            self._lock.release()
 
-    def _generate(self, request: ChatRequest, tokens: list[int], cancelled: threading.Event | None) -> ChatResponse:
+    def _take_model(self, deadline: float | None) -> None:
+        """Wait for the model (one generation at a time), until the request's deadline at most."""
+        if not self._lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+            raise BackendTimeoutError("the call's timeout passed while it waited for the model", backend=self.name)
+
+    def _generate(self, request: ChatRequest, tokens: list[int], cancelled: threading.Event | None,
+                  deadline: float | None) -> ChatResponse:
         """One whole answer; the caller holds `self._lock`."""
         if cancelled is not None and cancelled.is_set():
             raise BackendError("the call was cancelled before it started", backend=self.name)
         cached = self._reusable_prefix(tokens)
         try:
             sampling = self._sampling(request)
-            if cancelled is not None:  # an async caller that went away stops it at the next token
+            if cancelled is not None or deadline is not None:
                 from llama_cpp import StoppingCriteriaList
 
-                sampling["stopping_criteria"] = StoppingCriteriaList([lambda _ids, _lg: cancelled.is_set()])
+                # an async caller that went away, or the call's timeout, stops it at the next token
+                def stop(_ids: Any, _logits: Any) -> bool:
+                    return (cancelled is not None and cancelled.is_set()) or _past(deadline)
+
+                sampling["stopping_criteria"] = StoppingCriteriaList([stop])
             out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
         except RequestError:
             raise
         except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
             raise BackendError(str(exc), backend=self.name) from exc
+        if _past(deadline):
+            raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
         content, calls = parse_tool_calls(choice["text"]) if request.tools else (choice["text"], [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -148,18 +165,21 @@ class LlamaCppBackend:
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
         tokens = self._prompt_tokens(request)
-        self._lock.acquire()
-        yield from self._stream_holding_lock(request, tokens)
+        deadline = _deadline(request)
+        self._take_model(deadline)
+        yield from self._stream_holding_lock(request, tokens, deadline)
 
-    def _stream_holding_lock(self, request: ChatRequest, tokens: list[int]) -> Iterator[dict[str, Any]]:
+    def _stream_holding_lock(self, request: ChatRequest, tokens: list[int],
+                             deadline: float | None) -> Iterator[dict[str, Any]]:
         """The stream's chunks; the caller has taken `self._lock`. Returned already started, inside the `try`
         that lets go of the model: however the stream ends from here on (read to the end, closed in whatever
         thread, dropped unread), the lock is released once."""
-        body = self._released_at_end(request, tokens)
+        body = self._released_at_end(request, tokens, deadline)
         next(body)
         return body
 
-    def _released_at_end(self, request: ChatRequest, tokens: list[int]) -> Iterator[dict[str, Any]]:
+    def _released_at_end(self, request: ChatRequest, tokens: list[int],
+                         deadline: float | None) -> Iterator[dict[str, Any]]:
         """A first None, then the chunks; `self._lock` is released when the generation is over or the
         generator is closed."""
         released = False
@@ -172,11 +192,11 @@ class LlamaCppBackend:
 
         try:
             yield None  # type: ignore[misc]
-            yield from self._stream_chunks(request, tokens, release)
+            yield from self._stream_chunks(request, tokens, deadline, release)
         finally:
             release()
 
-    def _stream_chunks(self, request: ChatRequest, tokens: list[int],
+    def _stream_chunks(self, request: ChatRequest, tokens: list[int], deadline: float | None,
                        release: Callable[[], None]) -> Iterator[dict[str, Any]]:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         model = self.model
@@ -197,6 +217,8 @@ class LlamaCppBackend:
             yield chunk({"role": "assistant", "content": ""})
             text, emitted, finish = "", 0, "stop"
             for piece in pieces:
+                if _past(deadline):
+                    raise _timed_out(self.name, self.prompt.count_text(text))
                 choice = piece["choices"][0]
                 text += choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
@@ -205,7 +227,7 @@ class LlamaCppBackend:
                 if len(text) > emitted:
                     yield chunk({"content": text[emitted:]})
                     emitted = len(text)
-        except RequestError:
+        except (RequestError, BackendError):
             raise
         except Exception as exc:
             raise BackendError(str(exc), backend=self.name) from exc
@@ -236,11 +258,12 @@ class LlamaCppBackend:
 
         cancelled = threading.Event()
         tokens = await asyncio.to_thread(self._prompt_tokens, request)
+        deadline = _deadline(request)
         # Waiting for the model happens here, in the event loop: a worker thread blocked on the lock would be
         # one fewer for the stream that holds it, whose every step needs one (and enough of them hang all).
-        await acquire(self._lock)
+        await self._atake_model(deadline)
         try:
-            return await to_thread_holding(self._lock, lambda: self._generate(request, tokens, cancelled),
+            return await to_thread_holding(self._lock, lambda: self._generate(request, tokens, cancelled, deadline),
                                            self._holders)
         except asyncio.CancelledError:  # the thread runs on: tell it to stop and let go of the model
             cancelled.set()
@@ -250,15 +273,21 @@ class LlamaCppBackend:
         import asyncio
 
         tokens = await asyncio.to_thread(self._prompt_tokens, request)
-        await acquire(self._lock)  # in the event loop, as in acomplete
-        chunks = iterate_in_thread(self._stream_holding_lock(request, tokens), self._holders)
+        deadline = _deadline(request)
+        await self._atake_model(deadline)  # in the event loop, as in acomplete
+        chunks = iterate_in_thread(self._stream_holding_lock(request, tokens, deadline), self._holders)
         try:
             async for chunk in chunks:
                 yield chunk
         finally:
             await chunks.aclose()
 
+    async def _atake_model(self, deadline: float | None) -> None:
+        if not await acquire(self._lock, deadline):
+            raise BackendTimeoutError("the call's timeout passed while it waited for the model", backend=self.name)
+
     def close(self) -> None:
+        self._closed = True
         self._holders.shutdown(wait=False)
         self._llama.close()
 
@@ -266,6 +295,8 @@ class LlamaCppBackend:
     def _prompt_tokens(self, request: ChatRequest) -> list[int]:
         """The prompt's token ids; a prompt that leaves no room for an answer is the typed overflow error
         here too, for callers that use the backend without a pipeline."""
+        if self._closed:
+            raise BackendError("this backend was closed; make a new LlamaCppBackend", backend=self.name)
         for field in ("logprobs", "top_logprobs"):  # never a silent `logprobs: null` the app then indexes
             if request.params.get(field):
                 raise RequestError("is not supported by the llama.cpp backend", field)
@@ -354,3 +385,19 @@ class LlamaCppBackend:
             "logit_bias": self._logit_bias(request),
             "grammar": LlamaGrammar.from_string(grammar_text, verbose=False) if grammar_text else None,
         }
+
+
+def _deadline(request: ChatRequest) -> float | None:
+    """When the call's `timeout` runs out, on the monotonic clock; an httpx.Timeout counts by its read limit."""
+    timeout = request.timeout
+    seconds = getattr(timeout, "read", timeout)
+    return None if seconds is None else time.monotonic() + float(seconds)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _timed_out(backend: str, generated: int) -> BackendTimeoutError:
+    return BackendTimeoutError(f"the call's timeout passed after {generated} generated tokens; the partial answer "
+                               "is dropped", backend=backend)

@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..pipeline import Pipeline
 from ..redaction import redact
-from ..request import ChatRequest
+from ..request import TRANSPORT_OPTIONS, ChatRequest
 from ..response import ChatResponse
 from ..validation import BACKEND_SAMPLING
 from .auth import ApiKeys
@@ -198,6 +198,10 @@ class _Proxy:
         payload = dict(payload)
         if "extra_body" in payload:  # only the Python client knows extra_body; on the wire it is a smuggling route
             raise RequestError("is not a request field (the client merges extra_body into the body)", "extra_body")
+        for option in TRANSPORT_OPTIONS:  # the Python client's HTTP options; in a body, headers for the upstream
+            if option in payload:
+                raise RequestError("is not a request field (the openai client applies it to its own HTTP request)",
+                                   option)
         ctx = payload.pop("ctxkit", None) or {}
         if not isinstance(ctx, dict):
             raise RequestError("must be an object", "ctxkit")
