@@ -229,3 +229,34 @@ def test_two_large_one_line_results_that_differ_in_one_value_collapse_to_that_va
                 {"role": "user", "content": "Which item changed?"}]
     out = DedupStage().before_model(ChatRequest(messages=messages)).messages
     assert '"stock":99' in message_text(out[4]), "the one value that changed must reach the model"
+
+
+def _two_results(first: str, second: str) -> list[dict]:
+    def call(cid: str) -> dict:
+        return {"id": cid, "type": "function", "function": {"name": "list_payments", "arguments": "{}"}}
+
+    return [{"role": "user", "content": "Did the customer get charged twice?"},
+            {"role": "assistant", "content": None, "tool_calls": [call("c1")]},
+            {"role": "tool", "tool_call_id": "c1", "content": first},
+            {"role": "assistant", "content": None, "tool_calls": [call("c2")]},
+            {"role": "tool", "tool_call_id": "c2", "content": second},
+            {"role": "assistant", "content": "Let me compare."},
+            {"role": "user", "content": "Well?"}]
+
+
+def test_a_repeated_line_or_a_new_order_is_not_called_the_same():
+    """A charge now listed three times, or a queue reversed, was collapsed as "100% same wording": the model
+    was told nothing changed, and a double charge disappeared."""
+    others = [f"- charge of ${i}0.00 to card ending 1111 succeeded" for i in range(2, 8)]
+    charge = "- charge of $120.00 to card ending 4242 succeeded"
+    before = "Payments today:\n" + "\n".join([charge, *others])
+    after = "Payments today:\n" + "\n".join([charge, charge, charge, *others])
+    assert DedupStage().before_model(ChatRequest(messages=_two_results(before, after))).messages[4]["content"] == after
+    jobs = ["alice-build", "bob-deploy", "carol-test", "dave-lint", "erin-docs", "frank-bench"]
+    line = "- job {} waiting for a runner on the shared pool"
+    before = "Build queue, in the order the jobs will run:\n" + "\n".join(line.format(j) for j in jobs)
+    after = "Build queue, in the order the jobs will run:\n" + "\n".join(line.format(j) for j in reversed(jobs))
+    assert DedupStage().before_model(ChatRequest(messages=_two_results(before, after))).messages[4]["content"] == after
+    changed = before.replace("alice-build waiting", "alice-build (attempt 2) waiting")
+    collapsed = DedupStage().before_model(ChatRequest(messages=_two_results(before, changed))).messages[4]["content"]
+    assert collapsed.startswith(COLLAPSED_PREFIX) and "attempt 2" in collapsed, "a changed item still collapses"

@@ -165,3 +165,33 @@ def test_a_quarantined_result_keeps_its_reason_and_its_mark_when_old():
     assert failed["content"].startswith(WITHHELD) and "traceback" in failed["content"]
     assert is_quarantined(request, failed)
     assert all(m["content"].startswith(PLACEHOLDER_PREFIX) for m in request.messages[5:8:2]), "others cleared"
+
+
+def test_a_placeholder_names_its_own_call_when_providers_reuse_call_ids():
+    """Some servers number calls per response ("call_0" on every step): Oslo's cleared result said
+    get_weather({"city": "Rome"}), and the quarantine's withheld result named Rome too."""
+    from ctxkit.stages.quarantine import QuarantineStage
+
+    def call(city: str) -> dict:
+        return {"id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+    forecast = [{"day": d, "high": 10 + d, "summary": "partly cloudy with light winds " * 5} for d in range(8)]
+    messages = [{"role": "user", "content": "Compare the weather in Oslo, Bergen, Paris and Rome."}]
+    for city in ["Oslo", "Bergen", "Paris", "Rome"]:
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call(city)]},
+                     {"role": "tool", "tool_call_id": "call_0", "content": json.dumps({"forecast": forecast})}]
+    messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "And Oslo again?"}]
+    out = ToolResultClearingStage(keep_last=1, clear_at_least=1).before_model(ChatRequest(messages=messages))
+    assert '"Oslo"' in out.messages[2]["content"] and '"Bergen"' in out.messages[4]["content"]
+
+    failed = [{"role": "user", "content": "Weather in Oslo, then Rome?"},
+              {"role": "assistant", "content": None, "tool_calls": [call("Oslo")]},
+              {"role": "tool", "tool_call_id": "call_0",
+               "content": "Traceback (most recent call last):\n  File \"w.py\", line 3\nKeyError: 'Oslo'"},
+              {"role": "assistant", "content": None, "tool_calls": [call("Rome")]},
+              {"role": "tool", "tool_call_id": "call_0", "content": '{"temperature": 21}'},
+              {"role": "assistant", "content": "Rome is 21°C; Oslo failed."},
+              {"role": "user", "content": "Try Oslo again"}]
+    withheld = QuarantineStage().before_model(ChatRequest(messages=failed)).messages[2]["content"]
+    assert '"Oslo"' in withheld and "Rome" not in withheld, withheld

@@ -37,6 +37,7 @@ import logging
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -46,11 +47,12 @@ import jsonschema
 from ..pipeline import record_event
 from ..quarantine_marks import DOCUMENTS_KEY, PLACEHOLDER_PREFIX, fingerprint, mark
 from ..redaction import redact
-from ..request import ChatRequest, tool_calls_by_id
+from ..request import ChatRequest
 from ..response import message_text
 from ..stage import Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
+from .pruning.tool_results import calls_of_results
 
 logger = logging.getLogger("ctxkit.quarantine")
 
@@ -112,7 +114,8 @@ _ERROR_TEXT = [
 _WEAK_ERROR_TEXT = [
     (re.compile(r"\bHTTP(?:/\d(?:\.\d)?)?\s+[45]\d\d\b|\bstatus(?: code)?[:= ]+[45]\d\d\b|"
                 r"\b[45]\d\d (?:Bad Request|Unauthorized|Forbidden|Not Found|Too Many Requests|"
-                r"Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)\b", re.I),
+                r"Internal Server Error|Bad Gateway|Service (?:Temporarily )?Unavailable|Gateway Time-?out|"
+                r"page not found)\b", re.I),
      "an HTTP error status"),
     (re.compile(r"\b(?:ECONNREFUSED|ECONNRESET|ETIMEDOUT|ENOTFOUND|EAI_AGAIN|NXDOMAIN|connection refused|"
                 r"timed out after \d+(?:\.\d+)?\s*(?:ms|s|sec|secs|seconds?|milliseconds?|minutes?)\b|"
@@ -133,6 +136,10 @@ _STATUS_CODE = re.compile(r"\b([1-5]\d\d) (?:Continue|Switching|OK|Created|Accep
                           r"Not Implemented|Bad Gateway|Service Unavailable|Gateway Time|HTTP Version|Variant Also|"
                           r"Insufficient Storage|Loop Detected|Not Extended|Network Authentication)\b|\bstatus(?: code)?[:= ]+([1-5]\d\d)\b|"
                           r"\bHTTP/\d(?:\.\d)? ([1-5]\d\d)\b")
+_HTML_TITLE = re.compile(r"<title[^>]{0,200}>([^<]{0,200})</title>", re.I)
+_ERROR_TITLE = re.compile(r"\b[45]\d\d\b(?=.*\b(?:error|not found|unavailable|forbidden|denied|unauthori[sz]ed|"
+                          r"bad (?:gateway|request)|time-?out|too many)\b)|\b(?:error|not found|unavailable|forbidden|"
+                          r"denied|unauthori[sz]ed|bad (?:gateway|request)|time-?out|too many)\b.*\b[45]\d\d\b", re.I)
 _CONDITIONAL = re.compile(r"\b(?:if|when|whenever|unless|in case)\b", re.I)
 _TAG = re.compile(r"<[^>\n]{1,400}>")
 
@@ -159,6 +166,10 @@ _INJECTION = [
      "contains chat-template control tokens"),
     (r"(?:^|\n)\s*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
      r"respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
+    # the same turn dressed up: "[SYSTEM] ...", "**System:** ...", "> SYSTEM: ...", "SYSTEM OVERRIDE: ..."
+    (r"(?:^|\n)[ \t]*(?:[#>*_=|~\[(-]+[ \t]*)?system(?:[ \t]+(?:override|message|prompt|instructions?|note|notice|alert|"
+     r"update|directive|command))?[ \t]*(?:[\])*_]+[ \t]*:?|:)[ \t*_]*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|"
+     r"must|always|never|from now on|respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
     (r"(?:^|\n)\s*assistant\s*:\s*\S", "role-plays an assistant turn"),
     (r"\b(?:pretend (?:that )?you(?:'re| are)|pretend to be (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|"
      r"bot|dan|unrestricted|unfiltered|jailbroken)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
@@ -186,7 +197,10 @@ _INJECTION = [
      r"|[\u200c\u200d](?![\w\u2600-\u27bf\U0001f000-\U0001faff])",
      "contains invisible characters"),
     (r"\b(?:AI|assistant|LLM|chatbot|AI model|language model)s?\b[,:]?\s+(?:\w+ly\s+|always\s+|now\s+|also\s+)?"
-     r"(?:must|should|shall|needs? to|need to|is instructed to|are instructed to)\b",
+     r"(?:must|should|shall|needs? to|need to|is instructed to|are instructed to)\b"
+     # "language models should be evaluated on held-out data", "AI must not be trusted blindly": a statement
+     # about such systems (the passive, a state), not an order to the one reading
+     r"(?!\s+(?:not\s+|never\s+|also\s+|always\s+)?(?:be|been|have been|remain|become)\b)",
      "addresses instructions to the AI"),
     (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
      r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|assistants?\b|chatbots?\b|"
@@ -254,6 +268,11 @@ def find_tool_error(text: str) -> Finding | None:
         if match:
             return Finding("tool_error", f"tool output contains {why}", _short(_line_at(text, match.start())))
     visible = _TAG.sub("\n", text) if _TAG.search(text) else text  # an HTML error page: its text
+    title = _HTML_TITLE.search(text)
+    if title and len(visible) < 2000 and _ERROR_TITLE.search(title.group(1)):
+        # a short page titled with its status: "503 Service Temporarily Unavailable" (nginx), "500 - Internal
+        # server error." (IIS), "Server Error (500)" (Django)
+        return Finding("tool_error", "tool returned an HTTP error page", _short(title.group(1)))
     lines = [line.strip() for line in visible.splitlines() if line.strip()]
     statuses = {int(a or b or c) for a, b, c in _STATUS_CODE.findall(visible)}
     if len(statuses) >= 3 or (len(statuses) >= 2 and min(statuses) < 400):
@@ -285,7 +304,8 @@ _NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", 
 _ENVELOPE_KEYS = frozenset({"status", "statuscode", "code", "success", "ok", "message", "error", "errors", "detail",
                             "details", "reason", "type", "title", "iserror", "content", "errormessage", "errortype",
                             "requestid", "request_id", "timestamp", "path", "instance", "documentation_url",
-                            "error_description", "error_uri"})
+                            "error_description", "error_uri", "msg"})
+_HTTP_RESPONSE_KEYS = frozenset({"statuscode", "status", "headers", "multivalueheaders", "body", "isbase64encoded"})
 
 
 def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
@@ -303,7 +323,15 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
             return Finding("tool_error", f"tool returned an {key!r}", _short(value))
     if data.get("isError") is True:  # MCP's tool-result flag
         return Finding("tool_error", "tool reported isError=true", _short(data.get("content", "")))
-    if not {str(k).lower() for k in data} <= _ENVELOPE_KEYS:
+    if keys <= _HTTP_RESPONSE_KEYS and keys & {"body", "headers"}:
+        # An HTTP response relayed whole (AWS Lambda behind API Gateway: statusCode, headers, body)
+        status = data.get("statusCode", data.get("status"))
+        number = int(status) if isinstance(status, str) and status.isdigit() else status
+        if isinstance(number, int) and not isinstance(number, bool) and 400 <= number <= 599:
+            return Finding("tool_error", f"tool returned an HTTP {number} response", _short(data.get("body", "")))
+        return None
+    # {"code": 401, "msg": "token expired", "data": null}: an envelope whose payload is empty
+    if not {k for k in keys if not (k == "data" and data.get("data") in (None, "", [], {}))} <= _ENVELOPE_KEYS:
         return None
     if data.get("success") is False or data.get("ok") is False:
         return Finding("tool_error", "tool reported success=false")
@@ -329,10 +357,28 @@ def find_injection(text: str) -> Finding | None:
     data = _json(text)
     if data is not None and not isinstance(data, str):
         for leaf in _strings(data):
-            if finding := _find_injection(leaf, exempt_quoted=False):
+            if finding := _find_injection_as_read(leaf, exempt_quoted=False):
                 return finding
         return None
-    return _find_injection(text, exempt_quoted=True)
+    return _find_injection_as_read(text, exempt_quoted=True)
+
+
+# Characters that render as nothing (a soft hyphen, direction marks and isolates, invisible operators, the
+# grapheme joiner): "Ig\u00adnore all previous instructions" reads as the instruction to the model.
+_FORMAT_CHARS = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+                           r"\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e0fff]")
+# A line break inside a sentence (hard-wrapped mail, markdown, PDF text): the next line goes on in lower case.
+_WRAPPED = re.compile(r"(?<=[\w,])[ \t]*\n[ \t]*(?=[a-z])")
+
+
+def _find_injection_as_read(text: str, *, exempt_quoted: bool) -> Finding | None:
+    """_find_injection on the text, and on the text as the model reads it: invisible characters gone,
+    compatibility forms (full-width letters) folded, and lines wrapped inside a sentence joined."""
+    finding = _find_injection(text, exempt_quoted=exempt_quoted)
+    if finding is not None:
+        return finding
+    read = _WRAPPED.sub(" ", unicodedata.normalize("NFKC", _FORMAT_CHARS.sub("", text)))
+    return _find_injection(read, exempt_quoted=exempt_quoted) if read != text else None
 
 
 def _strings(data: Any, depth: int = 0) -> Iterator[str]:
@@ -472,11 +518,13 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
     """
     claim_l = claim.lower()
     numbers = [(m.start(), m.end(), m.group(0)) for m in _CLAIM_NUMBER.finditer(claim_l)]
+    # Every number any tool of the turn returned: an answer about two parallel calls (two cities, two
+    # quotes) or about the second item of a list states values that one result's first fields do not hold.
+    values = _returned_numbers(tool_results)
     for tool, result in tool_results:
         fields = numeric_fields(result)
         if not fields:
             continue
-        values = list(fields.values())
         for field, value in fields.items():
             words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
             if not words:
@@ -529,6 +577,34 @@ def _restated(number: float, after: str, values: Sequence[float]) -> bool:
     return any(_same(number, v * 9 / 5 + 32) or _same(number, (v - 32) * 5 / 9) for v in values)
 
 
+def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
+    """All the numbers the tool results of a turn hold: every JSON leaf (every item of a list), or every
+    number of a text result."""
+    out: list[float] = []
+    for _tool, result in tool_results:
+        data = _json(result)
+        if data is not None:
+            _all_leaves(data, out)
+        else:
+            out.extend(n for n in (_to_number(m) for m in re.findall(_NUMBER, result)) if n is not None)
+    return out
+
+
+def _all_leaves(data: Any, out: list[float], depth: int = 0) -> None:
+    if isinstance(data, Mapping) and depth < 16:
+        for value in data.values():
+            _all_leaves(value, out, depth + 1)
+    elif isinstance(data, list) and depth < 16:
+        for item in data[:500]:
+            _all_leaves(item, out, depth + 1)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out.append(float(data))
+    elif isinstance(data, str) and re.fullmatch(_NUMBER, data.strip()):
+        number = _to_number(data.strip())
+        if number is not None:
+            out.append(number)
+
+
 def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
     """The one amount of money an answer states, when the tools returned one price and not that amount."""
     fields = {}
@@ -543,7 +619,7 @@ def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[
         return None  # "3 tickets ... $45", "with 8% tax, $108", "about $108 in US dollars"
     text = amounts[0].group(1) or amounts[0].group(2)
     number = _to_number(text)
-    if number is None or any(_same(number, v) for v in fields.values()):
+    if number is None or any(_same(number, v) for v in _returned_numbers(tool_results)):
         return None
     tool, field, value = money[0]
     return Finding("contradiction", f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
@@ -899,7 +975,7 @@ def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
 def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
     message = messages[index]
     if message.get("role") == "tool":
-        name, arguments = tool_calls_by_id(messages).get(message.get("tool_call_id", ""), (record.source, "{}"))
+        name, arguments = calls_of_results(messages).get(index, (record.source, "{}"))
         what = f"the result of {name}({_short(arguments, 200)})"
     else:
         what = "an earlier assistant answer"

@@ -143,6 +143,8 @@ class DedupStage(Stage):
         for later, earlier in sorted(pairs.items()):
             while earlier in pairs:  # a copy of a copy points at the first one
                 earlier = pairs[earlier]
+            if not _same_sequence(texts[earlier], texts[later]):
+                continue  # reordered or repeated sentences: kept whole
             differs = _differs(texts[earlier], texts[later])
             if differs:  # sentences of its own (a new number, a negation): keep those, under its own id
                 cut[later] = " ".join(differs)
@@ -175,6 +177,8 @@ class DedupStage(Stage):
             while earlier in pairs:
                 earlier = pairs[earlier]
             similarity = jaccard(self.hasher.shingles(texts[earlier]), self.hasher.shingles(texts[later]))
+            if not _same_sequence(texts[earlier], texts[later]):
+                continue  # the same sentences in another order or number: only the whole copy says so
             differs = _differs(texts[earlier], texts[later])
             # A copy that drops a sentence says less than the original (a ticket closed, a line of code
             # deleted): "near-duplicate" alone would tell the model the dropped sentence still holds.
@@ -246,6 +250,16 @@ def _differs(earlier: str, later: str) -> list[str]:
     """The sentences of `later` that are not, character for character (white space aside), in `earlier`."""
     seen = {_norm(s) for s in split_sentences(earlier)}
     return [s for s in split_sentences(later) if _norm(s) not in seen]
+
+
+def _same_sequence(earlier: str, later: str) -> bool:
+    """Whether the sentences both texts share come in the same order and number. "What differs" lists only
+    new sentences: a line repeated (a charge made twice) or items reordered (a queue, a ranking) would be
+    collapsed as "100% the same"."""
+    a = [_norm(s) for s in split_sentences(earlier)]
+    b = [_norm(s) for s in split_sentences(later)]
+    shared = set(a) & set(b)
+    return [s for s in a if s in shared] == [s for s in b if s in shared]
 
 
 def _text_only(message: Mapping[str, Any]) -> bool:

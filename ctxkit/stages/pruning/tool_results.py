@@ -46,6 +46,19 @@ def placeholder(name: str, arguments: str, tokens: int) -> str:
     )
 
 
+def calls_of_results(messages: Sequence[Mapping[str, Any]]) -> dict[int, tuple[str, str]]:
+    """{index of a tool result: (function name, arguments)} of the call it answers: the newest call with its
+    tool_call_id before it. Some providers number calls per response ("call_0" on every step), so an id
+    alone can name a later call with other arguments."""
+    latest: dict[str, tuple[str, str]] = {}
+    out: dict[int, tuple[str, str]] = {}
+    for index, message in enumerate(messages):
+        if message.get("role") == "tool" and message.get("tool_call_id", "") in latest:
+            out[index] = latest[message.get("tool_call_id", "")]
+        latest.update(tool_calls_by_id([message]))
+    return out
+
+
 class ToolResultClearingStage(Stage):
     """Replace tool results older than the newest `keep_last` with placeholders, in steps of at least
     `clear_at_least` tokens saved. Results the model has not read yet (after its newest message) are
@@ -87,7 +100,7 @@ class ToolResultClearingStage(Stage):
 
     def _cleared(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
         """{message index: placeholder} for the tool results this history clears."""
-        calls = tool_calls_by_id(messages)
+        calls = calls_of_results(messages)
         candidates: list[tuple[int, int, str]] = []  # (index, tokens saved, placeholder)
         # Results after the newest assistant message answer its calls and have not been read yet: a turn
         # of many parallel calls must not lose some of them before the model sees them (it would call
@@ -101,7 +114,7 @@ class ToolResultClearingStage(Stage):
                 # The app already sends it cleared, or the quarantine withheld it saying why: a call known
                 # to fail is not one to "call again".
                 continue
-            name, arguments = calls.get(message.get("tool_call_id", ""), (message.get("name") or "tool", "{}"))
+            name, arguments = calls.get(index, (message.get("name") or "tool", "{}"))
             if name in self.exclude_tools:
                 continue
             tokens = self.counter.count_text(text)
@@ -122,4 +135,4 @@ class ToolResultClearingStage(Stage):
         return cleared
 
 
-__all__ = ["PLACEHOLDER_PREFIX", "ToolResultClearingStage", "placeholder"]
+__all__ = ["PLACEHOLDER_PREFIX", "ToolResultClearingStage", "calls_of_results", "placeholder"]
