@@ -93,6 +93,17 @@ class Embedder:
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 
+    def truncates(self, text: str) -> bool:
+        """Whether `text` is longer than the model reads (256 word pieces for MiniLM): its vector says
+        nothing about the rest, so two texts that differ only there embed identically."""
+        transformer = self._model[0]
+        limit = int(transformer.max_seq_length)
+        if len(text) <= limit:  # a word piece holds at least one character: short texts need no tokenizer
+            return False
+        with self._lock:
+            ids = transformer.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return len(ids) > limit
+
     @property
     def vectors_id(self) -> str:
         """What stored vectors are keyed by: the model, and the precision when it is not float32."""

@@ -514,3 +514,79 @@ def test_a_burst_of_identical_async_calls_does_not_stall_on_the_thread_pool(llam
     backend_calls = sum(r.latency_ms["backend_calls"] for r in ledger.records)
     assert backend_calls == 1, f"{backend_calls} backend calls for {callers} identical requests"
     assert len({r.content for r in results}) == 1
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("Transfer $500 from account 1182 to account 2291", "Transfer $500 from account 2291 to account 1182"),
+    ("What is 10 divided by 2?", "What is 2 divided by 10?"),
+    ("Subtract 5 from 12", "Subtract 12 from 5"),
+    ("Move the meeting from 3pm to 5pm", "Move the meeting from 5pm to 3pm"),
+    ("does alice owe bob money?", "does bob owe alice money?"),
+    ("did john beat mike at chess?", "did mike beat john at chess?"),
+])
+def test_swapped_numbers_or_lowercase_names_are_another_question(stage, first, second):
+    """All of these hit at similarity 0.98-0.998: the reversed transfer got the first one's answer."""
+    stage.remember(ask(first), answer(f"about: {first}"))
+    assert stage.lookup(ask(second)).response is None
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("What is 10 divided by 2?", "what's 10 divided by 2"),
+    ("Do cats and dogs get along?", "Do dogs and cats get along?"),
+])
+def test_the_same_question_reworded_still_hits(stage, first, second):
+    stage.remember(ask(first), answer())
+    assert stage.lookup(ask(second)).response is not None
+
+
+def test_a_question_longer_than_the_embedder_reads_is_answered_by_the_exact_layer_only(stage):
+    """MiniLM reads 256 word pieces: a lease that ends "the tenant pays" and one that ends "the landlord pays"
+    embedded identically (similarity 1.0), and one lease's answer was served for the other."""
+    body = ("The tenant shall keep the apartment clean and report any damage to the landlord promptly. "
+            "The landlord shall keep the building, the heating and the plumbing in good repair. ") * 12
+    question = "Who pays for water and electricity under this lease?\n\n" + body
+    stage.remember(ask(question + "The tenant pays for water and electricity."), answer("the tenant"))
+    assert stage.lookup(ask(question + "The landlord pays for water and electricity.")).response is None
+    assert stage.lookup(ask(question + "The tenant pays for water and electricity.")).layer == "exact"
+
+
+@pytest.mark.parametrize(("said", "other"), [("It is rainy today.", "It is sunny today."),
+                                             ("The basic plan is cheaper.", "The premium plan is cheaper.")])
+def test_a_follow_up_after_a_different_assistant_turn_is_another_question(stage, said, other):
+    def follow_up(reply: str) -> ChatRequest:
+        return ChatRequest(messages=[{"role": "user", "content": "How is it looking?"},
+                                     {"role": "assistant", "content": reply},
+                                     {"role": "user", "content": "so what should I do about it?"}], params=PARAMS)
+
+    stage.remember(follow_up(said), answer())
+    assert stage.lookup(follow_up(other)).response is None
+    assert stage.lookup(follow_up(said)).response is not None
+
+
+def test_yes_or_no_is_part_of_the_question_not_a_self_correction(stage):
+    """"Answer yes or no: is Paris in France?" was repaired to "Answer is Paris in France?"."""
+    from ctxkit.stages.cache.disfluency import repair
+
+    assert "yes or no" in repair("Answer yes or no: is Paris in France?")
+    stage.remember(ask("Yes or no: is it safe to drive after one beer?"), answer("No."))
+    assert stage.lookup(ask("Is it safe to drive after one beer?")).response is None
+
+
+def test_a_ttl_applies_when_an_answer_is_served_not_only_when_it_is_stored(store, embedder):
+    """An answer stored without a TTL was served two hours later to a request that allows 60 seconds, and a
+    namespace TTL the operator set afterwards did not apply to what was stored."""
+    now = [1_000_000.0]
+    writer = SemanticCacheStage(store, embedder, clock=lambda: now[0])
+    writer.remember(ask("What is the EUR/USD exchange rate?", namespace="fx"), answer("1.08"))
+    now[0] += 2 * 3600
+    assert writer.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx",
+                             metadata={"cache_ttl": 60})).response is None
+    assert writer.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx")).response is not None
+    reader = SemanticCacheStage(store, embedder, clock=lambda: now[0], namespace_ttl={"fx": 60})
+    assert reader.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx")).response is None
+
+
+def test_temperature_0_and_0_point_0_share_answers(stage):
+    """Python clients send 0.0, JavaScript and proxied JSON 0: they never shared an entry."""
+    stage.remember(ask("Name a colour.", params={"temperature": 0, "max_tokens": 8}), answer("Blue."))
+    assert stage.lookup(ask("Name a colour.", params={"temperature": 0.0, "max_tokens": 8})).layer == "exact"

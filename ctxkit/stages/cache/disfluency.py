@@ -126,6 +126,8 @@ def _match(lower: list[str], i: int, term: list[str]) -> bool:
 
 def _editing_term_at(lower: list[str], i: int) -> tuple[int, bool] | None:
     """(length, strong) of an editing term starting at i, if any."""
+    if (lower[i - 1 : i + 2] == ["yes", "or", "no"]) or (i >= 2 and lower[i - 2 : i + 1] == ["yes", "or", "no"]):
+        return None  # "Answer yes or no: ..." asks for a yes/no answer; it takes nothing back
     for term in _STRONG_TERMS:
         if _match(lower, i, term):
             return len(term), True

@@ -267,13 +267,18 @@ def features(text: str, raw: str | None = None) -> Features:
     # Names in the order they come, and units likewise (kept apart: "hours of the Louvre" is fine).
     entity_order: list[str] = []
     unit_order: list[str] = []
-    for low in lower:
+    number_order: list[str] = []
+    for i, low in enumerate(lower):
         if low in entities and low not in entity_order:
             entity_order.append(low)
         unit = _UNITS.get(low) if low in _UNITS and low not in ("m", "l", "g", "w", "v", "second", "mi") else None
         if unit and unit in units and unit not in unit_order:
             unit_order.append(unit)
-    order = entity_order + ["|"] + unit_order
+        num = _number(tokens[i])
+        if num is not None and num in numbers and num not in number_order:
+            number_order.append(num)  # "10 divided by 2" is not "2 divided by 10"
+    # Each kind kept apart ("hours of the Louvre" is fine): "#" marks where the numbers begin.
+    order = entity_order + ["|"] + unit_order + ["#"] + number_order
     zone = None
     if raw:
         from .disfluency import correction_zone
@@ -372,12 +377,29 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             return check
         elif check == "order" and sorted(a.order) == sorted(b.order) and a.order != b.order:
             return check
+        elif check == "order" and _transposed(a.sequence, b.sequence):
+            return check  # "does alice owe bob" / "does bob owe alice": two words trade places, nothing else
         elif check == "question" and a.question and b.question and a.question != b.question:
             forgiven = (b.zone is not None and b.question in b.zone.questions and a.question in b.questions) or \
                 (a.zone is not None and a.question in a.zone.questions and b.question in a.questions)
             if not forgiven:
                 return check
     return None
+
+
+def _transposed(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether `b` is `a` with two different words swapped and everything else in place ("did john beat
+    mike" / "did mike beat john", "subtract 5 from 12" / "12 from 5"). A pair joined only by "and"/"or"
+    ("cats and dogs" / "dogs and cats") is a list, not two roles."""
+    if len(a) != len(b) or a == b:
+        return False
+    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    if len(diff) != 2:
+        return False
+    i, j = diff
+    if not (a[i] == b[j] and a[j] == b[i]):
+        return False
+    return not (j == i + 2 and a[i + 1] in ("and", "or"))
 
 
 # Words that relate what comes before them to what comes after, in one direction ("or", "and", "with"
@@ -407,8 +429,10 @@ def _swapped_roles(a: Features, b: Features) -> bool:
     return any((right, w, left) in theirs and (right, w, left) not in mine for left, w, right in mine)
 
 
-# Earlier turns include the assistant's own wording, which varies: compare their details, not every word.
-_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("content", "question", "roles", "operators"))
+# Earlier turns include the assistant's own wording, which varies: compare their details, not every word
+# order. What they are about must agree: "It is rainy today." / "It is sunny today." (or "blue" / "red")
+# are near-identical embeddings, and "should I take an umbrella?" has another answer after each.
+_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("question", "roles", "operators"))
 
 
 def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:

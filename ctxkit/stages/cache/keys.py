@@ -21,7 +21,7 @@ from typing import Any
 from ...request import ChatRequest, Message
 from .disfluency import repair
 
-KEY_VERSION = "ctxkit-cache-v2"  # bump when the normalization changes, so old entries stop matching
+KEY_VERSION = "ctxkit-cache-v3"  # bump when the normalization changes, so old entries stop matching
 _CONTEXT_MESSAGES = 6  # the earlier turns a follow-up can refer to; older ones rarely change its meaning
 _CONTEXT_CHARS = 2000
 
@@ -153,6 +153,20 @@ def _is_system(message: Mapping[str, Any]) -> bool:
     return message.get("role") in ("system", "developer")
 
 
+def _canonical_numbers(value: Any) -> Any:
+    """Numbers by value, not by spelling: temperature=0 and temperature=0.0 (or 1 and 1.0) are one setting,
+    though json.dumps writes them differently. Booleans stay booleans."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_numbers(v) for v in value]
+    return value
+
+
 def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
     """The hash of what a hit must share with the request that stored the answer."""
     tools = sorted((json.loads(json.dumps(t, sort_keys=True, default=str)) for t in request.tools),
@@ -160,7 +174,7 @@ def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
     scope = {
         "namespace": request.namespace,
         "model": request.model or default_model or "",
-        "params": dict(request.params),
+        "params": _canonical_numbers(dict(request.params)),
         "system": [normalize_message(m) for m in request.messages if _is_system(m)],
         "tools": tools,
     }

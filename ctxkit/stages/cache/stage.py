@@ -137,7 +137,7 @@ class SemanticCacheStage(Stage):
                 result.on_complete(self._remember_when_complete(request, found, result))
             return result
         with self.store.single_flight(found.key.exact):
-            again = self._exact(found.key)  # the first caller may have answered while we waited
+            again = self._exact(found.key, self._max_age(request))  # the first caller may have answered while we waited
             if again is not None:
                 self._note_hit(found.key, "exact", None, "single_flight")
                 return self._answer(request, again)
@@ -161,7 +161,7 @@ class SemanticCacheStage(Stage):
             flight = self.store.single_flight(found.key.exact)
             await asyncio.to_thread(flight.__enter__)  # a blocking lock: wait for it off the event loop
             try:
-                again = await asyncio.to_thread(self._exact, found.key)
+                again = await asyncio.to_thread(self._exact, found.key, self._max_age(request))
                 if again is not None:
                     self._note_hit(found.key, "exact", None, "single_flight")
                     return self._aanswer(request, again)
@@ -197,11 +197,12 @@ class SemanticCacheStage(Stage):
             self.counts[f"skipped_{reason}"] += 1
             record_event(self.name, "skip", reason=reason)
             return Lookup(key=key, reason=reason, cacheable=False)
-        exact = self._exact(key)
+        max_age = self._max_age(request)
+        exact = self._exact(key, max_age)
         if exact is not None:
             self._note_hit(key, "exact", None)
             return Lookup(key=key, response=exact, layer="exact", similarity=1.0)
-        if not self.semantic or not key.query:
+        if not self._semantic_for(key):
             self.counts["misses"] += 1
             return Lookup(key=key, reason="exact_miss")
         texts = [key.query] + ([key.context] if key.context else [])
@@ -213,6 +214,8 @@ class SemanticCacheStage(Stage):
         hits = self.store.search(key.scope, vector, self.candidates, self.clock())
         reason = "no_candidate"
         for hit in hits:
+            if max_age is not None and self.clock() - hit.entry.created_at > max_age:
+                continue  # stored under a longer TTL than this request or namespace now allows
             verdict = self._judge(key, context_vector, hit)
             if verdict is None:
                 self._note_hit(key, "semantic", hit.similarity)
@@ -238,10 +241,11 @@ class SemanticCacheStage(Stage):
         key = found.key
         vector = found.vector
         context_vector = found.context_vector
-        if self.semantic and key.query and vector is None:
+        semantic = self._semantic_for(key)
+        if semantic and vector is None:
             vectors = self.embedder.embed([key.query] + ([key.context] if key.context else []))
             vector, context_vector = vectors[0], (vectors[1] if key.context else None)
-        if vector is None:
+        if vector is None or not semantic:
             dimension = getattr(self.store, "dimension", 384)
             vector = np.zeros(dimension, dtype=np.float32)  # exact-only: a zero vector never passes a threshold
         now = self.clock()
@@ -250,7 +254,7 @@ class SemanticCacheStage(Stage):
         if configured is not None and ttl is not None:
             ttl = min(ttl, configured)  # a request may shorten the operator's TTL, never lengthen it
         features: dict[str, Any] = {"query": key.query, "context": key.context, "raw": key.raw,
-                                    "semantic": bool(self.semantic and key.query), "facts": key.facts,
+                                    "semantic": semantic, "facts": key.facts,
                                     "tool_facts": key.tool_facts, "layout": key.layout,
                                     "embedder": self._embedder_id()}
         if context_vector is not None:
@@ -310,9 +314,21 @@ class SemanticCacheStage(Stage):
             return "empty"
         return None
 
-    def _exact(self, key: RequestKey) -> ChatResponse | None:
-        entry = self.store.get(key.exact, self.clock())
+    def _max_age(self, request: ChatRequest) -> float | None:
+        """The oldest answer this request may get: the namespace's (or the stage's) TTL and the request's
+        own `cache_ttl`, whichever is shorter. Applied when reading, so a TTL lowered by the operator, or
+        asked by one request, also holds for answers stored before under a longer one."""
+        configured = self.namespace_ttl.get(request.namespace, self.ttl)
+        asked = _ttl(request, None)
+        ages = [age for age in (configured, asked) if age is not None]
+        return min(ages) if ages else None
+
+    def _exact(self, key: RequestKey, max_age: float | None = None) -> ChatResponse | None:
+        now = self.clock()
+        entry = self.store.get(key.exact, now)
         if entry is None or entry.scope != key.scope:
+            return None
+        if max_age is not None and now - entry.created_at > max_age:
             return None
         return _response_from(entry.response, self.name)
 
@@ -336,6 +352,16 @@ class SemanticCacheStage(Stage):
         return judge(key.query, key.context, hit.entry.query_text, candidate_context,
                      hit.similarity, context_similarity, self.thresholds,
                      query_raw=key.raw, candidate_raw=str(features.get("raw", "")) or None)
+
+    def _semantic_for(self, key: RequestKey) -> bool:
+        """Whether the semantic layer may answer (and store) this request: it has a question, and the
+        embedder reads all of it. A question longer than the model's window (a pasted document) embeds
+        as its first 256 word pieces, so another document with the same beginning scores 1.0: such
+        requests use the exact layer only."""
+        if not self.semantic or not key.query:
+            return False
+        truncates = getattr(self.embedder, "truncates", None)
+        return not (callable(truncates) and truncates(key.query))
 
     def _embedder_id(self) -> str:
         if self.embedder is None:
