@@ -615,3 +615,50 @@ def test_a_default_target_leaves_room_for_a_summary_beside_many_tool_schemas(lla
     summary = _summary(out.messages)
     assert len(summary.splitlines()) > 1 and "euros" in summary, summary
     assert llama_backend.counter.count_prompt(out.messages, tools) <= stage.trigger_tokens
+
+
+def test_what_the_user_said_about_themselves_outlives_later_turns_that_do_not_mention_it(llama_backend, embedder):
+    """A preference stated once ("I am vegetarian", "my budget is 800 euros") is meant for the rest of the
+    chat. Ranked only by likeness to the newest turn, it lost to the train booking when the user asked for a
+    restaurant; and the greeting it came in was one 45-token unit, too big for the room left."""
+    def call(id_, name, arguments):
+        return {"role": "assistant", "content": None,
+                "tool_calls": [{"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+    messages = [
+        {"role": "user", "content": "Hi! My name is Ada and I live in Paris. I work as a nurse at the Hôpital "
+                                    "Lariboisière. I am vegetarian and my budget for the trip is 800 euros."},
+        {"role": "assistant", "content": "Nice to meet you, Ada! How can I help with your trip?"},
+        {"role": "user", "content": "Find me train options to Lyon next Friday."},
+        call("c1", "search_trains", '{"from": "Paris", "to": "Lyon", "date": "2026-12-04"}'),
+        {"role": "tool", "tool_call_id": "c1", "content": (
+            "TGV 6601 departs 07:04 arrives 09:00, 45 EUR. TGV 6605 departs 09:04 arrives 11:00, 59 EUR. Ouigo 7801 "
+            "departs 12:10 arrives 14:12, 19 EUR. TGV 6619 departs 17:04 arrives 19:00, 79 EUR.")},
+        {"role": "assistant", "content": "The cheapest is Ouigo 7801 at 12:10 for 19 EUR."},
+        {"role": "user", "content": "Book the Ouigo one."},
+        call("c2", "book_train", '{"train": "Ouigo 7801"}'),
+        {"role": "tool", "tool_call_id": "c2", "content": "Booking confirmed: reference QX7T2M, seat 14B, coach 3."},
+        {"role": "assistant", "content": "Done: Ouigo 7801, booking reference QX7T2M, coach 3 seat 14B."},
+        {"role": "user", "content": "Now suggest a restaurant in Lyon for me for Friday evening."},
+    ]
+    limit = llama_backend.counter.count_prompt(messages) // 4
+    stage = SummarizationStage(llama_backend, trigger_tokens=limit, target_tokens=limit, embedder=embedder)
+    sent = stage.before_model(ChatRequest(messages=messages, conversation_id="lyon")).messages
+    assert llama_backend.counter.count_prompt(list(sent)) <= limit
+    summary = sent[0]["content"]
+    assert "I am vegetarian and my budget for the trip is 800 euros." in summary, summary
+    assert "QX7T2M" in summary, "the booking still ranks: the user's facts take room, not all of it"
+
+
+def test_a_model_summary_keeps_only_sentences_the_turns_support_once_each():
+    """SmolLM2 answered one fold with "The latest update:" sixteen times: the whole summary budget, and in
+    front of the app's model. A sentence whose words or numbers the turns never used is no summary of them."""
+    from ctxkit.stages.summarize.model import grounded
+
+    turns = ["Book the Ouigo one.", "Booking confirmed: reference QX7T2M, seat 14B, coach 3."]
+    looped = "\n\n".join(["The latest update:"] * 16)
+    assert grounded(looped, turns) == ("", 16)
+    summary, dropped = grounded("The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3. "
+                                "The train leaves at 18:30 from Gare de Lyon. Dinner reservations were discussed.",
+                                turns)
+    assert summary == "The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3." and dropped == 2

@@ -7,6 +7,7 @@ open tasks. Prompts are rendered by the sandboxed template engine; the turns ent
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,8 +16,16 @@ from ...errors import ConfigurationError
 from ...pipeline import record_event
 from ...request import ChatRequest
 from ...response import message_text
+from ...sentences import split_sentences
 from ..templates import sandboxed_environment
-from .facts import speaker
+from .facts import content_words, speaker
+
+_NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+# The words a summary reports with, which the turns themselves rarely use ("the user asked for ...").
+_REPORTING = content_words(
+    "user users assistant asked asks requested requests wants wanted said says mentioned discussed confirmed "
+    "agreed decided provided shared noted explained suggested recommended conversation summary earlier "
+    "previously currently customer person they inquired inquiry question questions answered replied")
 
 SYSTEM = (
     "You write the running summary of a conversation for an assistant that will not see the old turns. "
@@ -84,13 +93,42 @@ class ModelSummarizer:
 
     def _call(self, previous: str, turns: Sequence[Mapping[str, str]]) -> str:
         response = self.backend.complete(self._request(previous, turns))
+        summary, dropped = grounded(response.content or "", [previous, *(t["text"] for t in turns)])
         # This call is paid for but is no hand-over the pipeline counts: note its usage in the call's record.
         record_event("summarization", "summarizer_call", model=response.model,
                      prompt_tokens=response.usage.prompt_tokens, cached_tokens=response.usage.cached_tokens,
-                     completion_tokens=response.usage.completion_tokens)
-        return (response.content or "").strip() or previous
+                     completion_tokens=response.usage.completion_tokens, sentences_dropped=dropped)
+        return summary or previous
 
     async def afold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:
         import asyncio
 
         return await asyncio.to_thread(self.fold, previous, messages)
+
+
+def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
+    """The summary's sentences that its sources support, once each, and how many were dropped.
+
+    A small model loops ("The latest update:" sixteen times, filling its whole budget) and writes words the
+    turns never used; such a sentence takes the room of facts and misleads the model that reads it. A
+    sentence is kept when at least half its content words occur in the sources and every number in it does.
+    That does not prove a sentence right (true words can be recombined wrongly), which is why the stage
+    keeps verbatim facts beside the summary; it removes what is plainly not from the conversation.
+    """
+    source_words = set().union(*(content_words(s) for s in sources)) if sources else set()
+    source_numbers = set().union(*(_NUMBER.findall(s) for s in sources)) if sources else set()
+    kept: list[str] = []
+    seen: set[str] = set()
+    dropped = 0
+    for sentence in (s.strip() for line in summary.splitlines() for s in split_sentences(line)):
+        if not sentence:
+            continue
+        key = " ".join(sentence.lower().split())
+        words = content_words(sentence) - _REPORTING
+        supported = len(words & source_words) * 2 >= len(words) if words else False
+        if key in seen or not supported or not set(_NUMBER.findall(sentence)) <= source_numbers:
+            dropped += 1
+            continue
+        seen.add(key)
+        kept.append(sentence)
+    return " ".join(kept), dropped
