@@ -46,6 +46,8 @@ def event_recorder() -> EventRecorder:
 
     def record(stage: str, kind: str, **data: Any) -> None:
         if trace is not None:
+            if kind == "backend_retry" and data.get("may_be_billed"):
+                data.setdefault("prompt_tokens", trace.last_sent)  # the prompt of the backend call in flight
             trace.events.append({"stage": stage, "kind": kind, **data})
 
     return record
@@ -110,7 +112,7 @@ class _CallTrace:
         reported = last.prompt_tokens if last is not None else None
         sent = self.sent - self.last_sent if self.unsent else self.sent
         total_ms = (time.perf_counter() - self.started) * 1000
-        summarizer_usd = self._price_summarizer_calls()
+        summarizer_usd = self._price_summarizer_calls(price)
         stage_ms = {name: round(t.self_ms, 3) for name, t in self.tallies.items()}
         return LedgerRecord(
             id=self.id, ts=self.ts, backend=backend.name, model=model, namespace=self.request.namespace,
@@ -133,11 +135,16 @@ class _CallTrace:
             events=self.events,
         )
 
-    def _price_summarizer_calls(self) -> float:
+    def _price_summarizer_calls(self, call_price: Any) -> float:
         """What the summarizing model's own calls cost (each event gets its cost_usd): they were made for
-        this call, so they are part of its cost, though not of the tokens it sent."""
+        this call, so they are part of its cost, though not of the tokens it sent; and retried attempts that
+        timed out (`backend_retry` events with may_be_billed), at the call's own price."""
         total = 0.0
         for event in self.events:
+            if event.get("kind") == "backend_retry" and event.get("may_be_billed"):
+                # An attempt that timed out and was retried: its prompt was received, maybe processed and billed.
+                event["cost_usd"] = call_price.cost(int(event.get("prompt_tokens") or 0), 0, 0)
+                total += event["cost_usd"]
             if event.get("kind") != "summarizer_call":
                 continue
             price = self.pipeline.prices.price(str(event.get("model") or ""))

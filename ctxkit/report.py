@@ -28,8 +28,21 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         m["tokens_naive"] += r.tokens_naive
         m["tokens_sent"] += r.tokens_sent
         m["tokens_out"] += r.tokens_out
-        m["cost_usd"] += r.cost_usd
         m["cost_naive_usd"] += r.cost_naive_usd
+        own = r.cost_usd
+        # A summarizing model's calls are in the record's cost_usd, but were that model's: its row pays them.
+        for e in r.events:
+            if e.get("kind") != "summarizer_call" or not isinstance(e.get("model"), str):
+                continue
+            cost = sum(_numbers([e.get("cost_usd")]))
+            own -= cost
+            s = by_model[e["model"]]
+            s["summarizer_calls"] += 1
+            s["cost_usd"] += cost
+        m["cost_usd"] += own
+    for m in by_model.values():  # every row has every column (a summarizer-only model made no app call)
+        for key in ("calls", "tokens_naive", "tokens_sent", "tokens_out", "cost_usd", "cost_naive_usd"):
+            m[key] += 0
     deltas = [r.count_delta for r in ok if r.count_delta is not None and r.usage_reported]
     # latency_ms may hold null or nested values (the record reader accepts them): only numbers count.
     totals = _numbers(r.latency_ms.get("total") for r in ok)
@@ -76,7 +89,8 @@ def _numbers(values: Iterable[Any]) -> list[float]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [
-        f"calls            {summary['calls']} ({summary['ok']} ok, {summary['errors']} failed)",
+        f"calls            {summary['calls']} ({summary['ok']} ok, {summary['errors']} failed)"
+        + (f"; {summary['skipped_lines']} malformed line(s) skipped" if summary.get("skipped_lines") else ""),
         f"tokens naive     {summary['tokens_naive']}",
         f"tokens sent      {summary['tokens_sent']}",
         f"tokens saved     {summary['tokens_saved']} ({summary['saved_ratio']:.1%})",

@@ -223,3 +223,28 @@ def test_bench_proxy_load_checks_its_data_records(tmp_path, capsys):
     data.write_text(json.dumps({"messages": HELLO}) + "\n" + json.dumps({"messages": ["hi"]}) + "\n")
     assert main(["bench", "proxy-load", "--data", str(data), "--clients", "1"]) == 2
     assert f"{data}:2: messages[0]: must be an object, got str" in capsys.readouterr().err
+
+
+def test_report_says_how_many_malformed_lines_it_skipped(ledger_with_calls):
+    """--skip-bad-lines left lines out of the totals without a word: the totals were quietly smaller."""
+    record = json.loads(ledger_with_calls.read_text().splitlines()[0])
+    with open(ledger_with_calls, "a") as f:
+        f.write(json.dumps({**record, "id": "bad", "events": ["tool_retrieval selected 3"]}) + "\n")
+    out = ctxkit("report", str(ledger_with_calls), "--json", "--skip-bad-lines")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["skipped_lines"] == 1 and "skipped 1 malformed line" in out.stderr
+    assert ctxkit("report", str(ledger_with_calls)).returncode == 2, "strict by default: the line is named"
+
+
+def test_report_gives_a_summarizing_model_its_own_row():
+    """The summarizer's calls (gpt-4o-mini) were billed to the main model's row (gpt-4o) in by_model."""
+    from ctxkit import LedgerRecord
+    from ctxkit.report import summarize
+
+    record = LedgerRecord(id="c1", ts=0.0, backend="openai", model="gpt-4o", namespace="n", conversation_id=None,
+                          stream=False, tokens_naive=100, tokens_sent=60, tokens_out=5, saved_by_stage={"s": 40},
+                          cost_usd=0.0005, events=[{"stage": "summarization", "kind": "summarizer_call",
+                                                    "model": "gpt-4o-mini", "cost_usd": 0.0001}])
+    rows = summarize([record])["by_model"]
+    assert rows["gpt-4o"]["cost_usd"] == pytest.approx(0.0004)
+    assert rows["gpt-4o-mini"]["cost_usd"] == pytest.approx(0.0001) and rows["gpt-4o-mini"]["summarizer_calls"] == 1

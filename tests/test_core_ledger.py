@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import time
@@ -141,3 +142,47 @@ def test_gpt_4_variants_are_priced_as_themselves_not_as_gpt_4():
     prices = PriceTable()
     assert prices.price("gpt-4-0125-preview").input == prices.price("gpt-4-turbo").input < prices.price("gpt-4").input
     assert prices.price("gpt-4-32k").input == 2 * prices.price("gpt-4").input
+
+
+def _big_writer(path: str, writer: int, count: int) -> None:
+    ledger = Ledger(path, keep_in_memory=1)
+    for n in range(count):  # ~20 KB a line: a call whose events list many tools
+        record = make_record(writer, n)
+        ledger.write(dataclasses.replace(record, events=[{"stage": "tools", "kind": "selected",
+                                                          "sent": [f"tool_{k}" for k in range(1500)]}]))
+
+
+def test_a_report_read_beside_live_writers_never_sees_half_a_record(tmp_path):
+    """`ctxkit report` on the ledger of a running service failed with "not a ledger record (Unterminated
+    string ...)": writers append under a lock, and the reader read to the end of a line half written."""
+    path = tmp_path / "live.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_big_writer, args=(str(path), w, 800)) for w in range(2)]
+    for writer in writers:
+        writer.start()
+    reads = 0
+    try:
+        while any(w.is_alive() for w in writers) or reads == 0:
+            if path.exists():
+                list(read_ledger(path))  # strict: a torn line would raise LedgerError
+                reads += 1
+    finally:
+        for writer in writers:
+            writer.join(120)
+    assert all(w.exitcode == 0 for w in writers) and reads > 5
+    assert len(list(read_ledger(path))) == 1600
+
+
+@pytest.mark.parametrize("change", [{"events": ["tool_retrieval selected 3"]}, {"events": [None]},
+                                    {"cost_usd": float("inf")}, {"latency_ms": {"total": float("nan")}}])
+def test_events_that_are_not_objects_and_non_numbers_are_bad_lines_named_or_counted(tmp_path, change):
+    """An `events` item that is a string crashed `ctxkit report` with an AttributeError (even with
+    --skip-bad-lines); NaN and Infinity made its --json output something no JSON parser reads."""
+    path = tmp_path / "l.jsonl"
+    Ledger(path).write(make_record(0, 0))
+    with open(path, "a") as f:
+        f.write(json.dumps({**make_record(0, 1).to_dict(), **change}) + "\n")
+    with pytest.raises(LedgerError, match=r"l.jsonl:2"):
+        list(read_ledger(path))
+    skipped: list[str] = []
+    assert [r.id for r in read_ledger(path, strict=False, skipped=skipped)] == ["w0-0"] and len(skipped) == 1

@@ -361,3 +361,30 @@ def test_a_per_call_timeout_is_a_typed_timeout(server, gguf_counter, ledger):
     with pytest.raises(BackendTimeoutError):
         Pipeline(backend, ledger=ledger).call(long_answer)
     assert ledger.records[-1].error_type == "BackendTimeoutError"
+
+
+def test_each_retried_attempt_is_in_the_ledger_and_a_timed_out_one_is_priced(server, gguf_counter, ledger):
+    """Retries were silent: three attempts the server evaluated showed as one backend call, and the
+    prompts of attempts that timed out (which a provider may have processed and billed) cost nothing."""
+    from ctxkit import Price, PriceTable
+
+    proxy = FlakyProxy(server.base_url, [503])
+    try:
+        backend = OpenAIBackend("smollm2", base_url=proxy.base_url, counter=gguf_counter, context_window=4096,
+                                max_retries=1, backoff_s=0.01)
+        Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    finally:
+        proxy.shutdown()
+    retry = [e for e in ledger.records[-1].events if e["kind"] == "backend_retry"]
+    assert [(e["status"], e["may_be_billed"]) for e in retry] == [(503, False)]
+
+    backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                            max_retries=1, backoff_s=0.01, timeout=0.3)
+    priced = Pipeline(backend, ledger=ledger, prices=PriceTable({"smollm2": Price(1.0, 0.5, 2.0)}))
+    story = [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}]
+    with pytest.raises(BackendTimeoutError):
+        priced.call(ChatRequest(messages=story, params={"max_tokens": 200, "temperature": 0}))
+    record = ledger.records[-1]
+    timed_out = [e for e in record.events if e["kind"] == "backend_retry"]
+    assert len(timed_out) == 1 and timed_out[0]["may_be_billed"] and timed_out[0]["prompt_tokens"] > 0
+    assert record.cost_usd >= timed_out[0]["cost_usd"] > 0

@@ -334,10 +334,14 @@ def test_a_blank_find_tools_query_searches_with_the_request(llama_backend, embed
             return provider(request)
 
     stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="find_tools", embedder=embedder, index_dir=index_dir)
-    Pipeline(llama_backend, stages=[stage, Scripted()], ledger=ledger).call(REQUEST)
+    key = "sk-proj-Abc123Def456Ghi789Jkl012Mno345"
+    asked = REQUEST.messages[0]["content"] + f" My API key is {key}."
+    Pipeline(llama_backend, stages=[stage, Scripted()], ledger=ledger).call(
+        REQUEST.override(messages=[{"role": "user", "content": asked}]))
     search = _events(ledger.records[-1], "find_tools")[0]
-    assert search["queries"] == [REQUEST.messages[0]["content"]]
+    assert search["queries"][0].startswith(REQUEST.messages[0]["content"])
     assert any("electric" in name for name in search["found"]), search["found"]
+    assert key not in ledger.path.read_text(), "the user's words are recorded with their keys redacted"
 
 
 def test_per_request_pools_do_not_each_leave_a_saved_index(embedder, catalog, tmp_path):

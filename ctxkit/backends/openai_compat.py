@@ -122,12 +122,16 @@ class OpenAIBackend:
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
-        completion = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request)))
+        completion = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request)),
+                                        _recorder())
         return self._to_response(completion, request)
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
+        return self._stream(request, _recorder())  # bound to the call now: the stream starts when first read
+
+    def _stream(self, request: ChatRequest, record: Callable[..., None]) -> Iterator[dict[str, Any]]:
         args = self._args(request, stream=True)
-        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args))
+        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record)
         ended = False
         try:
             for chunk in chunks:
@@ -144,12 +148,16 @@ class OpenAIBackend:
 
     # -- async twins --------------------------------------------------------------------------------
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
-        completion = await self._awith_retries(lambda: self._aclient.chat.completions.create(**self._args(request)))
+        completion = await self._awith_retries(lambda: self._aclient.chat.completions.create(**self._args(request)),
+                                               _recorder())
         return self._to_response(completion, request)
 
-    async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+    def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+        return self._astream(request, _recorder())
+
+    async def _astream(self, request: ChatRequest, record: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
         args = self._args(request, stream=True)
-        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args))
+        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record)
         ended = False
         try:
             async for chunk in chunks:
@@ -232,7 +240,7 @@ class OpenAIBackend:
             return True
         return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
 
-    def _with_retries(self, call: Callable[[], T]) -> T:
+    def _with_retries(self, call: Callable[[], T], record: Callable[..., None]) -> T:
         for attempt in range(self.max_retries + 1):
             try:
                 return call()
@@ -240,10 +248,11 @@ class OpenAIBackend:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc) from exc
+                self._note_retry(record, attempt, exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _awith_retries(self, call: Callable[[], Any]) -> Any:
+    async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None]) -> Any:
         for attempt in range(self.max_retries + 1):
             try:
                 return await call()
@@ -251,8 +260,16 @@ class OpenAIBackend:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc) from exc
+                self._note_retry(record, attempt, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _note_retry(self, record: Callable[..., None], attempt: int, exc: openai.OpenAIError, delay: float) -> None:
+        """A failed attempt in the call's ledger record. One that timed out may have been processed, and billed
+        (a 429, a 5xx or a refused connection was not): the pipeline prices its prompt into the call's cost."""
+        error = self._translate(exc)
+        record(self.name, "backend_retry", attempt=attempt + 1, error=type(error).__name__, status=error.status,
+               delay_s=round(delay, 3), may_be_billed=isinstance(error, BackendTimeoutError))
 
     def _translate(self, exc: openai.OpenAIError) -> BackendError:
         if isinstance(exc, openai.APITimeoutError):
@@ -262,6 +279,12 @@ class OpenAIBackend:
         if isinstance(exc, openai.APIStatusError):
             return BackendStatusError(exc.message, backend=self.name, status=exc.status_code)
         return BackendError(str(exc), backend=self.name)
+
+
+def _recorder() -> Callable[..., None]:
+    from ..pipeline import event_recorder  # the pipeline imports the backends
+
+    return event_recorder()
 
 
 def _transport_errors(name: str) -> tuple[type[Exception], ...]:

@@ -69,8 +69,13 @@ def _report(args: argparse.Namespace) -> None:
     from ..ledger import read_ledger
     from ..report import format_summary, plot, summarize
 
-    records = list(read_ledger(args.log, strict=not args.skip_bad_lines))
+    skipped: list[str] = []
+    records = list(read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped))
     summary = summarize(records)
+    summary["skipped_lines"] = len(skipped)
+    if skipped:  # the totals leave these lines out: say so, never a quietly smaller total
+        print(f"ctxkit: warning: skipped {len(skipped)} malformed line(s), left out of the totals; "
+              f"first: {skipped[0]}", file=sys.stderr)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if args.plot:
         path = plot(records, args.plot)

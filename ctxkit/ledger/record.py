@@ -67,6 +67,9 @@ class LedgerRecord:
             if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
                 raise ValueError(f"field {name!r} is {type(value).__name__}, expected "
                                  f"{' or '.join(t.__name__ for t in expected)}")
+        for i, event in enumerate(values.get("events") or []):
+            if not isinstance(event, dict):  # the report reads each event's fields
+                raise ValueError(f"field 'events'[{i}] is {type(event).__name__}, expected dict")
         for name, kinds in (("saved_by_stage", (int,)), ("latency_ms", (int, float, dict, type(None)))):
             for key, value in (values.get(name) or {}).items():
                 if not isinstance(value, kinds) or isinstance(value, bool):

@@ -87,19 +87,44 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
-def read_ledger(path: str | Path, *, strict: bool = True) -> Iterator[LedgerRecord]:
+def read_ledger(path: str | Path, *, strict: bool = True,
+                skipped: list[str] | None = None) -> Iterator[LedgerRecord]:
     """The records of a ledger file, in order. A malformed line raises LedgerError naming it, unless
-    `strict=False`, which skips it (a process killed mid-write can leave a partial last line)."""
+    `strict=False`, which skips it (a process killed mid-write can leave a partial last line) with a
+    warning, and appends the line's description to `skipped` when given."""
     try:
         handle = open(path, "rb")  # decoded line by line: a line torn inside a character is one bad line
     except OSError as exc:
         raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
     with handle:
+        # Writers append under an exclusive flock; holding a shared one for an instant gives a size at which
+        # no append is half done. Lines appended after it are left for the next read: a report run beside a
+        # live service never sees a record half written (a write is not atomic for readers).
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        try:
+            remaining = os.fstat(handle.fileno()).st_size
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         for number, raw in enumerate(handle, 1):
+            if remaining <= 0:
+                break
+            raw = raw[:remaining]
+            remaining -= len(raw)
             if not raw.strip():
                 continue
             try:
-                yield LedgerRecord.from_dict(json.loads(raw.decode("utf-8")))
+                # NaN and Infinity are no JSON (json.dumps writes them): a total or a --json report would be too.
+                data = json.loads(raw.decode("utf-8"), parse_constant=_not_a_number)
+                yield LedgerRecord.from_dict(data)
             except ValueError as exc:  # JSON, UTF-8 and field-type errors are all ValueErrors
+                problem = f"{path}:{number}: not a ledger record ({exc})"
                 if strict:
-                    raise LedgerError(f"{path}:{number}: not a ledger record ({exc})") from None
+                    raise LedgerError(problem) from None
+                if skipped is not None:
+                    skipped.append(problem)  # the caller says so
+                else:
+                    logger.warning("ctxkit ledger: skipped %s", problem)
+
+
+def _not_a_number(constant: str) -> float:
+    raise ValueError(f"{constant} is not a number JSON allows")

@@ -33,6 +33,7 @@ from typing import Any
 
 from ...errors import ConfigurationError, UnknownToolError
 from ...pipeline import EventRecorder, event_recorder, record_event
+from ...redaction import redact
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
@@ -307,7 +308,8 @@ class ToolRetrievalStage(Stage):
             queries = [q if q.strip() else asked for q in queries]
             found = list(dict.fromkeys(n for q in queries for n in plan.index.search(q, self.top_k)))
             found = [n for n in found if n not in plan.sent] or found
-            record_event(self.name, "find_tools", queries=queries, found=found)
+            # The queries are the user's words (or the model's, which may quote them): keys out, as in quarantine notes.
+            record_event(self.name, "find_tools", queries=[redact(q) for q in queries], found=found)
             return self._plan(request, extra=[*found, *(missing if rerun else [])], offer_find_tools=False)
         if missing and rerun:
             record_event(self.name, "tool_not_sent", tools=missing, recovered=True)
