@@ -283,3 +283,19 @@ def test_the_registry_keeps_at_most_max_records_per_namespace():
     for k in range(3):
         stage.before_model(ChatRequest(messages=[*_first_step()[:2], *_turn(f'{{"error": "failure {k}"}}')]))
     assert [r.evidence for r in stage.list()] == ["failure 1", "failure 2"], "the oldest record goes first"
+
+
+def test_records_and_releases_kept_in_a_directory_outlive_a_restart_and_are_shared(tmp_path):
+    """The registry lived in memory only: a restarted proxy forgot the list, and content an operator had
+    released was held back again; two workers never saw each other's releases."""
+    request = ChatRequest(messages=_later_step())
+    first = QuarantineStage(directory=tmp_path)
+    assert has_quarantined(first.before_model(request))
+    [record] = first.list()
+
+    restarted = QuarantineStage(directory=tmp_path)
+    assert [r.fingerprint for r in restarted.list()] == [record.fingerprint] and restarted.list()[0].reason
+    assert restarted.release(record.fingerprint) and restarted.list() == []
+    assert not has_quarantined(first.before_model(request)), "the other worker sees the release at its next call"
+    assert not has_quarantined(QuarantineStage(directory=tmp_path).before_model(request)), "and so does a restart"
+    assert first.list() == [] and not QuarantineStage(directory=tmp_path).release(record.fingerprint)

@@ -96,9 +96,48 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
     for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
+                           (["--state-dir", str(tmp_path / "s"), "--no-stages"], "no effect with --no-stages"),
                            (["--max-concurrency", "0"], "max_concurrency must be positive"),
                            # the error named counter=, a Python argument a CLI user cannot pass
                            (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model"],
                             "pass --upstream-gguf FILE")):
         done = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_release_made_over_http_outlives_a_restart_with_a_state_dir(tmp_path):
+    """`ctxkit serve` kept its quarantine list in memory: after a restart the list was gone and content an
+    operator had released was held back again."""
+    headers = {"Authorization": "Bearer cli-key-00001"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_orders", "arguments": "{}"}}
+    body = {"max_tokens": 2, "messages": [
+        {"role": "user", "content": "List my orders."}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Traceback (most recent call last):\nKeyError: 'user'"}]}
+
+    def serving() -> tuple[subprocess.Popen[str], str]:
+        port = free_port()
+        process = _serve(port, tmp_path / "serve.jsonl", "--state-dir", str(tmp_path / "state"))
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", process, "ctxkit serve")
+        return process, f"http://127.0.0.1:{port}/v1/ctxkit/quarantine"
+
+    process, url = serving()
+    try:
+        assert httpx.post(url.replace("ctxkit/quarantine", "chat/completions"), headers=headers, json=body,
+                          timeout=300).status_code == 200
+        [record] = httpx.get(url, headers=headers).json()["data"]
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    process, url = serving()
+    try:
+        assert [r["fingerprint"] for r in httpx.get(url, headers=headers).json()["data"]] == [record["fingerprint"]]
+        assert httpx.post(f"{url}/{record['fingerprint']}/release", headers=headers).status_code == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    process, url = serving()
+    try:
+        assert httpx.get(url, headers=headers).json()["data"] == []
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

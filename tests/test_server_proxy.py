@@ -356,3 +356,32 @@ def test_a_client_that_times_out_does_not_leave_its_call_running(proxy):
     by_conversation = {r.conversation_id: r for r in records(path)}
     gave_up = by_conversation["gave-up"]
     assert gave_up.status == "error" and gave_up.tokens_out < 400, (gave_up.status, gave_up.tokens_out)
+
+
+def test_a_tenant_lists_and_releases_its_quarantines_over_http(llama_backend, tmp_path):
+    """Quarantines could be listed and released only in-process (QuarantineStage.list/release): a team using
+    `ctxkit serve` had no way to see why content was held back, or to vouch for it."""
+    from ctxkit.stages.quarantine import QuarantineStage
+
+    pipeline = Pipeline(llama_backend, stages=[QuarantineStage(counter=llama_backend.counter)],
+                        ledger=Ledger(tmp_path / "ledger.jsonl"))
+    call = {"id": "c1", "type": "function", "function": {"name": "get_orders", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "List my orders."},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1",
+                 "content": "Traceback (most recent call last):\n  File \"orders.py\", line 9\nKeyError: 'user'"}]
+    with serve_in_thread(create_app(pipeline, ApiKeys(KEYS))) as base_url:
+        client(base_url).chat.completions.create(model="m", messages=messages, max_tokens=2)
+        alpha = {"Authorization": "Bearer key-alpha-0001"}
+        listed = httpx.get(f"{base_url}/v1/ctxkit/quarantine", headers=alpha).json()["data"]
+        assert [(r["kind"], r["source"], r["namespace"]) for r in listed] == [("tool_error", "get_orders", "alpha")]
+        other = httpx.get(f"{base_url}/v1/ctxkit/quarantine", headers={"Authorization": "Bearer key-beta-0002"})
+        assert other.json()["data"] == [], "a tenant sees only its own namespace"
+        fingerprint = listed[0]["fingerprint"]
+        refused = httpx.post(f"{base_url}/v1/ctxkit/quarantine/{fingerprint}/release",
+                             headers={"Authorization": "Bearer key-beta-0002"})
+        assert refused.status_code == 404, "nor releases another tenant's"
+        released = httpx.post(f"{base_url}/v1/ctxkit/quarantine/{fingerprint}/release", headers=alpha)
+        assert released.status_code == 200 and released.json()["released"] is True
+        assert httpx.get(f"{base_url}/v1/ctxkit/quarantine", headers=alpha).json()["data"] == []
+        assert httpx.get(f"{base_url}/v1/ctxkit/quarantine").status_code == 401

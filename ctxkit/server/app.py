@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -41,6 +42,7 @@ from ..pipeline import Pipeline
 from ..redaction import redact
 from ..request import TRANSPORT_OPTIONS, ChatRequest
 from ..response import ChatResponse
+from ..stages.quarantine import QuarantineStage
 from ..validation import BACKEND_SAMPLING
 from .auth import ApiKeys
 from .metrics import MeteredLedger, ProxyMetrics
@@ -156,7 +158,36 @@ class _Proxy:
                                                          code="invalid_metrics_token"))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def quarantine_list(self, request: Request) -> Response:
+        """The caller's namespace's quarantined content, oldest first (evidence redacted as the ledger has it)."""
+        try:
+            namespace = self._authenticate(request)
+            records = [dataclasses.asdict(r) for stage in self._quarantines() for r in stage.list(namespace)]
+        except HTTPError as exc:
+            return self._failed("quarantine", exc)
+        self.metrics.requests.labels("quarantine", "200").inc()
+        return JSONResponse({"object": "list", "data": records})
+
+    async def quarantine_release(self, request: Request) -> Response:
+        """Lift one quarantine of the caller's namespace: the content reaches summaries and the cache again."""
+        try:
+            namespace = self._authenticate(request)
+            fingerprint = request.path_params["fingerprint"]
+            if not any([stage.release(fingerprint, namespace) for stage in self._quarantines()]):
+                raise HTTPError(404, "not_found_error", f"nothing quarantined with fingerprint {fingerprint!r} "
+                                "in this namespace", param="fingerprint", code="quarantine_not_found")
+        except HTTPError as exc:
+            return self._failed("quarantine", exc)
+        self.metrics.requests.labels("quarantine", "200").inc()
+        return JSONResponse({"fingerprint": fingerprint, "released": True})
+
     # -- steps --------------------------------------------------------------------------------------
+    def _quarantines(self) -> list[QuarantineStage]:
+        stages = [stage for stage in self.pipeline.stages if isinstance(stage, QuarantineStage)]
+        if not stages:
+            raise HTTPError(404, "not_found_error", "this proxy runs no quarantine stage", code="no_quarantine")
+        return stages
+
     def _failed(self, endpoint: str, exc: HTTPError) -> Response:
         self.metrics.requests.labels(endpoint, str(exc.status)).inc()
         self.metrics.errors.labels(exc.kind).inc()
@@ -375,6 +406,8 @@ def create_app(
         Route("/v1/models", proxy.models, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
         Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
+        Route("/v1/ctxkit/quarantine", proxy.quarantine_list, methods=["GET"]),
+        Route("/v1/ctxkit/quarantine/{fingerprint}/release", proxy.quarantine_release, methods=["POST"]),
     ])
     app.state.proxy = proxy
     app.state.metrics = metrics

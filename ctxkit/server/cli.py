@@ -55,6 +55,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--cache", metavar="DIR|DSN",
                        help="semantic cache: a directory (local store, one replica) or a postgresql:// DSN "
                             "(shared by replicas); default: no cache")
+    serve.add_argument("--state-dir", metavar="DIR", type=Path,
+                       help="keep quarantine records and releases, and conversation summaries, in DIR so they "
+                            "outlive a restart (default: in memory)")
     local = serve.add_argument_group("local model (the default backend)")
     local.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     local.add_argument("--n-ctx", type=int, default=4096)
@@ -175,9 +178,10 @@ def run_cli(args: argparse.Namespace) -> None:
 
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
-    if args.no_stages and args.cache:
-        raise ConfigurationError("--cache has no effect with --no-stages: the cache is a stage")
-    stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache))
+    if args.no_stages and (args.cache or args.state_dir):
+        raise ConfigurationError("--cache and --state-dir have no effect with --no-stages: they keep stages' state")
+    stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache),
+                                                      state_dir=args.state_dir)
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
     app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                      metrics_token=os.environ.get(args.metrics_token_env) or None)

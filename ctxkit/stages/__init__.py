@@ -28,6 +28,7 @@ def default_stages(
     summarize_at_tokens: int | None = None,
     cache_store: Any = None,
     documents_budget_tokens: int | None = None,
+    state_dir: str | Path | None = None,
 ) -> list[Stage]:
     """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
 
@@ -37,6 +38,8 @@ def default_stages(
 
     cache_dir:           where the local cache store lives (None: no cache unless cache_store is given).
     cache_store:         a CacheStore to use instead (PostgresStore for replicas).
+    state_dir:           where quarantine records and releases (state_dir/quarantine) and conversation
+                         summaries (state_dir/summaries) are kept, so they outlive a restart (None: memory).
     summarize_at_tokens: fold old history once a request passes this many tokens
                          (default: 60% of the backend's context window).
     documents_budget_tokens: the call's documents (`metadata["documents"]`, `<document>` blocks) are cut to
@@ -55,7 +58,9 @@ def default_stages(
     embedder = embedder or Embedder()
     if documents_budget_tokens is None:
         documents_budget_tokens = max(1, min(4000, backend.context_window // 4))
-    stages: list[Stage] = [QuarantineStage(counter=backend.counter)]
+    state = Path(state_dir) if state_dir is not None else None
+    stages: list[Stage] = [QuarantineStage(counter=backend.counter,
+                                           directory=state / "quarantine" if state is not None else None)]
     if cache_store is None and cache_dir is not None:
         cache_store = LocalStore(cache_dir)
     if cache_store is not None:
@@ -72,6 +77,7 @@ def default_stages(
             keep_last=4,
             mode="extractive",  # measured: the 135M model's summaries lose facts the extractive keeper holds
             embedder=embedder,
+            state_dir=state / "summaries" if state is not None else None,
         ),
         ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
         DedupStage(counter=backend.counter),  # the ledger's prefix tokens in the backend's own tokens

@@ -35,11 +35,11 @@ import dataclasses
 import json
 import logging
 import re
-import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -53,6 +53,7 @@ from ..stage import Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
 from .pruning.tool_results import calls_of_results
+from .quarantine_registry import QuarantineRegistry
 
 logger = logging.getLogger("ctxkit.quarantine")
 
@@ -663,10 +664,13 @@ class QuarantineStage(Stage):
         withhold_after_step: bool = True,
         counter: Any = None,
         max_records: int = 10_000,
+        directory: str | Path | None = None,
     ) -> None:
         """max_records: per namespace, the most quarantine records (and released fingerprints, and
         placeholders) kept; beyond it the oldest go, so a long-running server does not grow without end.
-        Content whose record went is checked again when it comes back."""
+        Content whose record went is checked again when it comes back.
+        directory: keep the records and releases there too (quarantine_registry.py): they outlive a restart,
+        and processes given the same directory share them."""
         if max_records < 1:
             raise ValueError(f"max_records must be at least 1, got {max_records}")
         self.max_records = max_records
@@ -683,30 +687,18 @@ class QuarantineStage(Stage):
         self.check_documents = check_documents
         self.withhold_after_step = withhold_after_step
         self.counter = counter if counter is not None else default_counter()
-        self._lock = threading.Lock()
-        self._records: dict[str, dict[str, QuarantineRecord]] = {}  # namespace -> fingerprint -> record
-        self._released: dict[str, dict[str, None]] = {}  # namespace -> fingerprints the app vouched for
-        # namespace -> placeholders this stage wrote: only those are taken as already handled, since a tool
-        # can return text that starts like one
-        self._issued: dict[str, dict[str, None]] = {}
+        self.registry = QuarantineRegistry(max_records, directory)
 
     # -- the public registry ----------------------------------------------------------------------
     def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
         """The quarantined content of one namespace, oldest first."""
-        with self._lock:
-            return sorted(self._records.get(namespace, {}).values(), key=lambda r: r.created_at)
+        return sorted(self.registry.snapshot(namespace).records.values(), key=lambda r: r.created_at)
 
     def release(self, fingerprint: str, namespace: str | None = None) -> bool:
         """Lift a quarantine (in one namespace, or wherever it is); the content is not quarantined again.
         Returns False when nothing with that fingerprint was quarantined."""
-        released = False
-        with self._lock:
-            spaces = [namespace] if namespace is not None else list(self._records)
-            for space in spaces:
-                record = self._records.get(space, {}).pop(fingerprint, None)
-                if record is not None:
-                    self._bounded_add(self._released.setdefault(space, {}), fingerprint, None)
-                    released = True
+        spaces = [namespace] if namespace is not None else self.registry.namespaces()
+        released = any([self.registry.release(fingerprint, space) for space in spaces])
         if released:
             logger.info("quarantine released: %s", fingerprint)
         return released
@@ -744,10 +736,8 @@ class QuarantineStage(Stage):
         messages = list(request.messages)
         schemas = {**_schemas_from_tools(request.tools), **self.output_schemas}
         step_start = previous_prompt_end(messages)
-        with self._lock:
-            released = set(self._released.get(namespace, ()))
-            known = dict(self._records.get(namespace, {}))
-            issued = set(self._issued.get(namespace, ()))
+        state = self.registry.snapshot(namespace)
+        released, known, issued = set(state.released), state.records, set(state.issued)
         marks: list[tuple[Mapping[str, Any], str]] = []
         out = list(messages)
         withheld: list[int] = []
@@ -772,8 +762,7 @@ class QuarantineStage(Stage):
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
-                with self._lock:
-                    self._bounded_add(self._issued.setdefault(namespace, {}), placeholder, None)
+                self.registry.add_issued(namespace, placeholder)
                 out[index] = {**message, "content": placeholder}
                 marks.append((out[index], "withheld by quarantine"))
                 withheld.append(index)
@@ -795,12 +784,6 @@ class QuarantineStage(Stage):
         if metadata_changes:
             edited = edited.override(metadata={**edited.metadata, **metadata_changes})
         return mark(edited, marks) if marks else edited
-
-    def _bounded_add(self, entries: dict[str, Any], key: str, value: Any) -> None:
-        """Insert, dropping the oldest entries past max_records (dicts keep insertion order); under _lock."""
-        entries[key] = value
-        while len(entries) > self.max_records:
-            del entries[next(iter(entries))]
 
     def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
                               known: Mapping[str, QuarantineRecord]) -> str | None:
@@ -865,11 +848,9 @@ class QuarantineStage(Stage):
             role=str(message.get("role")), source=source, excerpt=redact(_short(message_text(dict(message)), 160)),
             conversation_id=request.conversation_id, created_at=time.time(),
         )
-        with self._lock:
-            space = self._records.setdefault(request.namespace, {})
-            if fp in space:  # another thread got there first: one record, one log line
-                return space[fp]
-            self._bounded_add(space, fp, record)
+        kept = self.registry.add_record(record)
+        if kept is not record:  # another thread or process got there first: one record, one log line
+            return kept
         detail = redact(finding.detail)
         logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
                        request.namespace, detail, fp)
