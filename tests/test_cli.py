@@ -248,3 +248,14 @@ def test_report_gives_a_summarizing_model_its_own_row():
     rows = summarize([record])["by_model"]
     assert rows["gpt-4o"]["cost_usd"] == pytest.approx(0.0004)
     assert rows["gpt-4o-mini"]["cost_usd"] == pytest.approx(0.0001) and rows["gpt-4o-mini"]["summarizer_calls"] == 1
+
+
+def test_bench_proxy_load_reads_a_question_given_as_content_parts(tmp_path):
+    """A user message given as a list of parts was skipped: the load sent an earlier message instead."""
+    from ctxkit.bench.proxy_load import load_prompts
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"id": "1", "messages": [
+        {"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital of Norway?"}]}]}) + "\n")
+    assert load_prompts(path) == [[{"role": "user", "content": "What is the capital of Norway?"}]]

@@ -662,3 +662,20 @@ def test_a_model_summary_keeps_only_sentences_the_turns_support_once_each():
                                 "The train leaves at 18:30 from Gare de Lyon. Dinner reservations were discussed.",
                                 turns)
     assert summary == "The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3." and dropped == 2
+
+
+def test_the_memory_benchmark_scores_the_history_not_the_question_and_gives_the_baseline_its_budget(llama_backend):
+    """A system prompt made LangChain's trim_messages count SmolLM2's template framing twice: at a budget of
+    the whole conversation the baseline dropped the story. And an answer named in the question ("Paris or
+    Rome?") counted as retained though the history was gone."""
+    from ctxkit.bench.memory import retained, trim_baseline
+
+    story = " ".join(f"Tom flew to Rome on day {d} and met his sister there." for d in range(30))
+    messages = [{"role": "system", "content": "You answer questions about the story."},
+                {"role": "user", "content": story}, {"role": "assistant", "content": "Got it."},
+                {"role": "user", "content": "Did Tom fly to Paris or to Rome?"}]
+    counter = llama_backend.counter
+    whole = counter.count_prompt(messages)
+    assert trim_baseline(messages, whole, counter) == messages
+    assert not retained([messages[0], messages[-1]], ["Rome"], messages[-1])
+    assert retained(messages, ["Rome"], messages[-1])

@@ -69,3 +69,26 @@ def test_the_embedding_cache_keeps_each_precision_apart(tmp_path):
     np.testing.assert_array_equal(second, half.embed(texts))
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(DiskCachedEmbedder(plain, tmp_path).embed(texts), first)  # read back
+
+
+def test_numbered_document_ids_and_a_gold_document_outside_the_window_are_scored_fairly(capsys, tmp_path):
+    """Documents numbered {"id": 17} never matched the gold id "17" in --window-tokens (the window was built
+    around document 0 and scored a miss), and a second gold document outside the window counted as a miss."""
+    corpus = [json.loads(line) for line in (FIXTURES / "corpus.jsonl").read_text().splitlines()]
+    numbered = [{"id": i, "text": d["text"]} for i, d in enumerate(corpus)]
+    gold = next(json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines())
+    position = next(i for i, d in enumerate(corpus) if d["id"] == gold["gold_documents"][0])
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": gold["question"], "documents": numbered,
+                                     "gold_documents": [position, (position + len(corpus) // 2) % len(corpus)],
+                                     "answers": gold.get("answers") or []}) + "\n")
+    result = _run(capsys, "--questions", str(questions), "--window-tokens", "60", "--budget", "1.0",
+                  "--lexical-only")
+    assert result["gold_recall"] == 1.0 and result["gold_outside_corpus"] == 1
+
+
+def test_a_question_without_documents_and_no_corpus_file_is_named(capsys, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Who?", "answers": ["Ann"]}) + "\n")
+    assert main(["bench", "prune", "--questions", str(questions), "--json"]) == 2
+    assert f"question '{questions}:1' has no documents" in capsys.readouterr().err

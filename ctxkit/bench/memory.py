@@ -56,8 +56,14 @@ def tuning_half(conversation_id: str) -> bool:
     return int(hashlib.md5(conversation_id.encode()).hexdigest(), 16) % 2 == 0
 
 
-def retained(messages: Sequence[Message], answers: Sequence[str]) -> bool:
-    text = "\n".join(message_text(dict(m)) for m in messages).lower()
+def retained(messages: Sequence[Message], answers: Sequence[str], question: Message | None = None) -> bool:
+    """Some answer string (case-insensitive) in what would be sent, the final question left out: it is
+    always kept verbatim, so an answer it names ("Paris or Rome?") says nothing about what the history kept."""
+    kept = list(messages)
+    if question is not None and kept and kept[-1].get("role") == question.get("role") \
+            and message_text(dict(kept[-1])) == message_text(dict(question)):  # LangChain flattens content parts
+        kept = kept[:-1]
+    text = "\n".join(message_text(dict(m)) for m in kept).lower()
     return any(str(answer).lower() in text for answer in answers)
 
 
@@ -65,10 +71,20 @@ def trim_baseline(messages: Sequence[Message], budget: int, counter: Any) -> lis
     """LangChain's trim_messages(strategy="last", start_on="human", include_system=True) at `budget` tokens."""
     from langchain_core.messages import convert_to_messages, convert_to_openai_messages, trim_messages
 
-    def count(batch: list[Any]) -> int:
-        return int(counter.count_prompt(convert_to_openai_messages(batch)))
+    # trim_messages counts the leading system message on its own and the rest (newest first) apart: summed,
+    # a chat template's framing (SmolLM2's default system prompt for a list without one) was counted twice,
+    # and at --budget 1.0 the baseline dropped messages of a conversation that fits. Count the rest as the
+    # tokens it adds behind the system message, so the parts add up to count_prompt of what is kept.
+    converted = convert_to_messages(list(messages))
+    system = [dict(messages[0])] if messages and messages[0].get("role") == "system" else []
+    base = counter.count_prompt(system) if system else 0
 
-    kept = trim_messages(convert_to_messages(list(messages)), max_tokens=budget, token_counter=count,
+    def count(batch: list[Any]) -> int:
+        if not system or (len(batch) == 1 and batch[0] is converted[0]):
+            return int(counter.count_prompt(convert_to_openai_messages(batch)))
+        return int(counter.count_prompt([*system, *convert_to_openai_messages(batch[::-1])])) - base
+
+    kept = trim_messages(converted, max_tokens=budget, token_counter=count,
                          strategy="last", start_on="human", include_system=True, allow_partial=False)
     return list(convert_to_openai_messages(kept))
 
@@ -120,12 +136,12 @@ def run(
         tokens = counter.count_prompt(list(sent))
         over += tokens > limit
         ratios.append(tokens / original)
-        hit = retained(sent, row["answers"])
+        hit = retained(sent, row["answers"], messages[-1])
         hits.append(hit)
         halves["tune" if tuning_half(str(row["id"])) else "check"].append(hit)
         if baseline:
             trimmed = trim_baseline(messages, limit, counter)
-            base_hits.append(retained(trimmed, row["answers"]))
+            base_hits.append(retained(trimmed, row["answers"], messages[-1]))
             base_ratios.append(counter.count_prompt(trimmed) / original)
     n = len(conversations)
 

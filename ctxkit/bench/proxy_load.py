@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..ledger import Ledger, read_ledger
 from ..pipeline import Pipeline
+from ..response import message_text
 from .common import (
     add_backend_arguments,
     backend_from_args,
@@ -54,9 +55,10 @@ def load_prompts(path: str | Path | None, limit: int = 200) -> list[list[dict[st
             messages = [{"role": "user", "content": record["question"]}]
         else:
             messages = []
-        users = [m for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        # Content given as a list of parts is text too: skipping it sent an earlier user message instead.
+        users = [text for m in messages if m.get("role") == "user" for text in [message_text(dict(m))] if text.strip()]
         if users:
-            prompts.append([{"role": "user", "content": users[-1]["content"][:400]}])
+            prompts.append([{"role": "user", "content": users[-1][:400]}])
         if len(prompts) >= limit:
             break
     if not prompts:

@@ -61,6 +61,9 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
             raise ConfigurationError(f"{where}: question must be a non-empty string")
         if row.get("documents") is not None:
             check_documents(row["documents"], where)
+        gold = row.get("gold_documents")
+        if isinstance(gold, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in gold):
+            row["gold_documents"] = [str(g) for g in gold]  # documents may number their ids: {"id": 17}
         for field in ("gold_documents", "answers"):
             if row.get(field) is not None:
                 check_strings(row[field], f"{where}: {field}")
@@ -68,6 +71,7 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
             _check_gold(row["gold_documents"], row["documents"], f"{where}: gold_documents", "the line's documents")
         if not row.get("gold_documents") and not row.get("answers"):
             raise ConfigurationError(f"{where}: needs gold_documents or answers to score against")
+        row.setdefault("id", f"{path}:{number}")  # named in later errors (a question without documents)
         questions.append(row)
     return require_records(questions, path)
 
@@ -163,7 +167,7 @@ def build_corpora(
 
 def _window(documents: list[dict[str, Any]], gold: list[str], tokens: int, count: Any) -> list[dict[str, Any]]:
     """A one-page corpus: consecutive documents around the first gold one, growing both ways to `tokens`."""
-    ids = [d["id"] for d in documents]
+    ids = [str(d["id"]) for d in documents]  # gold ids are strings; documents may number theirs (17)
     centre = next((ids.index(g) for g in gold if g in ids), 0)
     lo = hi = centre
     total = count(documents[centre]["text"])
@@ -198,6 +202,7 @@ def run(
     latencies: list[float] = []
     corpus_tokens: list[int] = []
     kept_docs: list[int] = []
+    gold_outside = 0
     for q, corpus in progress(list(zip(questions, corpora, strict=True)), total=len(questions), desc="prune"):
         request = ChatRequest(messages=[{"role": "user", "content": q["question"]}], metadata={"documents": corpus})
         if cold_index:
@@ -207,7 +212,11 @@ def run(
         latencies.append((time.perf_counter() - t) * 1000)
         report = out.metadata[REPORT_KEY]
         kept = set(report["kept"])
-        gold = list(q.get("gold_documents") or [])
+        # Only gold documents the question was pruned against can be kept: one that --window-tokens left out
+        # is not the stage's miss (it is counted apart, as gold_outside_corpus).
+        in_corpus = {str(d["id"]) for d in corpus}
+        gold = [g for g in q.get("gold_documents") or [] if g in in_corpus]
+        gold_outside += len(q.get("gold_documents") or []) - len(gold)
         if gold:
             gold_recall.append(sum(g in kept for g in gold) / len(gold))
         answers = [a.lower() for a in q.get("answers") or []]
@@ -220,6 +229,7 @@ def run(
     return {
         "questions": len(questions),
         "gold_recall": round(float(np.mean(gold_recall)), 4) if gold_recall else None,
+        "gold_outside_corpus": gold_outside,
         "answer_recall": round(float(np.mean(answer_hits)), 4) if answer_hits else None,
         "kept_token_ratio": round(float(np.mean(ratios)), 4),
         "latency_ms_p50": round(median(latencies), 2),
@@ -279,6 +289,11 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.limit:
         questions = questions[: args.limit]
     shared = load_documents(args.documents) if args.documents else []
+    if not shared:
+        without = [q["id"] for q in questions if not q.get("documents")]
+        if without:
+            raise ConfigurationError(f"{args.questions}: question {without[0]!r} has no documents of its own "
+                                     f"(\"documents\" missing or empty) and no --documents FILE was given")
     for q in questions:
         if shared and not q.get("documents") and q.get("gold_documents"):
             _check_gold(q["gold_documents"], shared, f"{args.questions}: question {q.get('id')!r}: gold_documents",
