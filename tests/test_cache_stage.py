@@ -208,7 +208,7 @@ def test_a_request_for_logprobs_is_neither_served_nor_stored(stage):
     assert not stage.remember(request, answer("4"))
 
 
-@pytest.mark.parametrize("off", [False, "false", "False", "0", "no", "off"])
+@pytest.mark.parametrize("off", [False, 0, "false", "False", "0", "no", "off"])
 def test_opt_out_per_request(stage, off):
     """OpenAI's `metadata` holds strings only: {"cache": "false"} was served from the cache."""
     request = ask("What is 2 + 2?", metadata={"cache": off})

@@ -288,7 +288,7 @@ class SemanticCacheStage(Stage):
     # -- helpers ------------------------------------------------------------------------------------
     def _not_cacheable(self, request: ChatRequest) -> str | None:
         opt = request.metadata.get("cache")
-        if opt is False or (isinstance(opt, str) and opt.strip().lower() in _OFF):
+        if opt is False or opt == 0 or (isinstance(opt, str) and opt.strip().lower() in _OFF):  # 0: JSON's false
             return "opted_out"
         _ttl(request, None)  # a malformed cache_ttl is the caller's error, found before the backend is called
         if has_quarantined(request):
