@@ -46,8 +46,6 @@ def event_recorder() -> EventRecorder:
 
     def record(stage: str, kind: str, **data: Any) -> None:
         if trace is not None:
-            if kind == "backend_retry" and data.get("may_be_billed"):
-                data.setdefault("prompt_tokens", trace.last_sent)  # the prompt of the backend call in flight
             trace.events.append({"stage": stage, "kind": kind, **data})
 
     return record
@@ -143,7 +141,9 @@ class _CallTrace:
         for event in self.events:
             if event.get("kind") == "backend_retry" and event.get("may_be_billed"):
                 # An attempt that timed out and was retried: its prompt was received, maybe processed and billed.
-                event["cost_usd"] = call_price.cost(int(event.get("prompt_tokens") or 0), 0, 0)
+                # At the price of the model that was asked (a summarizing model retries inside this call too).
+                price = self.pipeline.prices.price(event["model"]) if isinstance(event.get("model"), str) else call_price
+                event["cost_usd"] = price.cost(int(event.get("prompt_tokens") or 0), 0, 0)
                 total += event["cost_usd"]
             if event.get("kind") != "summarizer_call":
                 continue
@@ -316,8 +316,8 @@ class Pipeline:
         if not request.stream:
             try:
                 response = self.backend.complete(request)
-            except _UNSENT:
-                trace.unsent = True
+            except BaseException as exc:
+                trace.unsent = _unsent(exc)
                 raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
@@ -334,8 +334,8 @@ class Pipeline:
         if not request.stream:
             try:
                 response = await self.backend.acomplete(request)
-            except _UNSENT:
-                trace.unsent = True
+            except BaseException as exc:
+                trace.unsent = _unsent(exc)
                 raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
@@ -370,7 +370,7 @@ class Pipeline:
         return result
 
     def _record_failed_stream(self, trace: _CallTrace, stream: ChatStream | AsyncChatStream, exc: BaseException) -> None:
-        trace.unsent = not stream.received_any and isinstance(exc, _UNSENT)
+        trace.unsent = not stream.received_any and _unsent(exc)
         self.ledger.write(trace.record(stream.partial(), exc))
 
 
@@ -379,6 +379,11 @@ class Pipeline:
 # stream closed before it began. Providers bill none of them. (A timeout or a cancellation may have been
 # processed and billed.) Only the backend's own failures count: a stage's error after an answer does not.
 _UNSENT = (BackendStatusError, BackendConnectionError, RequestError, GeneratorExit)
+
+
+def _unsent(exc: BaseException) -> bool:
+    """The backend never received the call (see _UNSENT), or says so itself (a local model whose lock-wait timed out)."""
+    return isinstance(exc, _UNSENT) or bool(getattr(exc, "never_sent", False))
 
 
 def _answering_model(backend: Backend, request: ChatRequest) -> str:

@@ -32,12 +32,12 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         own = r.cost_usd
         # A summarizing model's calls are in the record's cost_usd, but were that model's: its row pays them.
         for e in r.events:
-            if e.get("kind") != "summarizer_call" or not isinstance(e.get("model"), str):
+            if e.get("kind") not in ("summarizer_call", "backend_retry") or not isinstance(e.get("model"), str):
                 continue
             cost = sum(_numbers([e.get("cost_usd")]))
             own -= cost
             s = by_model[e["model"]]
-            s["summarizer_calls"] += 1
+            s["summarizer_calls"] += e.get("kind") == "summarizer_call"
             s["cost_usd"] += cost
         m["cost_usd"] += own
     for m in by_model.values():  # every row has every column (a summarizer-only model made no app call)

@@ -59,11 +59,20 @@ def _validate_fields(request: ChatRequest) -> None:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise RequestError(f"must be a positive number of seconds (or an httpx.Timeout), got {timeout!r}", "timeout")
     headers = request.extra_headers
-    if not isinstance(headers, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+    # openai.Omit() as a value takes a header the client would send out of the request, as in openai
+    if not isinstance(headers, Mapping) or not all(isinstance(k, str) and (isinstance(v, str) or _is_omit(v))
+                                                   for k, v in headers.items()):
         # the values are not echoed: a header is where an API key goes
         raise RequestError("must be an object of header name -> string value", "extra_headers")
     if not isinstance(request.extra_query, Mapping):
         raise RequestError(f"must be an object, got {type(request.extra_query).__name__}", "extra_query")
+
+
+def _is_omit(value: Any) -> bool:
+    import openai
+
+    omit = getattr(openai, "Omit", None)
+    return omit is not None and isinstance(value, omit)
 
 
 def _is_httpx_timeout(value: Any) -> bool:

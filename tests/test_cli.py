@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -259,3 +260,10 @@ def test_bench_proxy_load_reads_a_question_given_as_content_parts(tmp_path):
         {"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": [{"type": "text", "text": "What is the capital of Norway?"}]}]}) + "\n")
     assert load_prompts(path) == [[{"role": "user", "content": "What is the capital of Norway?"}]]
+
+
+def test_report_reads_a_ledger_from_a_pipe(ledger_with_calls):
+    """`zcat ledger.gz | ctxkit report /dev/stdin` printed 0 calls: a pipe's size is 0."""
+    done = subprocess.run([sys.executable, "-m", "ctxkit.cli.main", "report", "/dev/stdin", "--json"],
+                          input=ledger_with_calls.read_text(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["calls"] == 3, done.stderr

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
-from ctxkit import BackendError, ChatRequest, ChatResponse, Ledger, Pipeline, Price, PriceTable, Stage, Usage
+from ctxkit import (
+    BackendError,
+    ChatRequest,
+    ChatResponse,
+    Ledger,
+    Pipeline,
+    Price,
+    PriceTable,
+    Stage,
+    Usage,
+    read_ledger,
+)
 from ctxkit.response import ChatStream, response_as_chunks
 
 CONVERSATION = [
@@ -604,6 +616,11 @@ def test_a_call_waiting_for_the_busy_local_model_times_out_while_it_waits(llama_
         with pytest.raises(BackendTimeoutError, match="waited for the model"):
             asyncio.run(llama_backend.acomplete(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3},
                                                             timeout=0.2)))
+        priced = Pipeline(llama_backend, ledger=ledger, prices=PriceTable({llama_backend.model: Price(1, 1, 1)}))
+        with pytest.raises(BackendTimeoutError):
+            priced.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3}, timeout=0.2))
+        record = ledger.records[-1]
+        assert (record.tokens_sent, record.cost_usd) == (0, 0), "the model never received a prompt it waited for"
     finally:
         busy.close()
 
@@ -618,3 +635,71 @@ def test_a_closed_local_backend_refuses_calls_with_a_typed_error():
         backend.complete(request)
     with pytest.raises(BackendError, match="closed"):
         asyncio.run(backend.acomplete(request))  # was a bare RuntimeError from the shut-down thread pool
+
+
+CLOSE_WHILE_BUSY = """
+import threading, time
+from ctxkit import ChatRequest, LlamaCppBackend
+backend = LlamaCppBackend(n_ctx=512, n_threads=1)
+story = ChatRequest(messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+                    params={"max_tokens": 120, "temperature": 0})
+outcomes = {}
+def call(name):
+    try:
+        backend.complete(story)
+        outcomes[name] = "ok"
+    except Exception as exc:
+        outcomes[name] = type(exc).__name__ + (" closed" if "closed" in str(exc) else "")
+generating = threading.Thread(target=call, args=("generating",))
+generating.start()
+time.sleep(0.5)
+waiting = threading.Thread(target=call, args=("waiting",))
+waiting.start()
+time.sleep(0.3)
+backend.close()
+generating.join()
+waiting.join()
+print(sorted(outcomes.items()))
+"""
+
+
+def test_closing_the_local_backend_while_it_generates_fails_the_calls_and_never_crashes():
+    """close() freed the model under a generation in flight: the process died with a segfault in llama.cpp's
+    decode (run in a child process, so a crash fails this test instead of the suite)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CLOSE_WHILE_BUSY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == \
+        "[('generating', 'BackendError closed'), ('waiting', 'BackendError closed')]", done.stdout
+
+
+def test_a_streams_timeout_counts_the_models_time_not_the_readers(llama_backend, ledger):
+    """The deadline ran on while the caller held each chunk: a reader that took 0.6 s per chunk failed a
+    10-token answer the model wrote in well under its timeout."""
+    stream = Pipeline(llama_backend, ledger=ledger).call(
+        ChatRequest(messages=STORY, params={"max_tokens": 10, "temperature": 0}, stream=True, timeout=5))
+    for _ in stream:
+        time.sleep(0.6)
+    assert stream.response is not None and stream.response.usage.completion_tokens == 10
+
+
+def test_a_stage_event_holding_nan_is_written_as_json_the_report_reads(llama_backend, tmp_path):
+    """A stage recorded np.mean([]) (NaN): the writer wrote a bare NaN, which the reader then refused."""
+    import numpy as np
+
+    from ctxkit.pipeline import record_event
+    from ctxkit.stage import Stage
+
+    class Noting(Stage):
+        name = "noting"
+
+        def before_model(self, request):
+            record_event(self.name, "scores", mean=np.mean(np.array([], dtype=float)), top=float("inf"))
+            return request
+
+    path = tmp_path / "ledger.jsonl"
+    Pipeline(llama_backend, stages=[Noting()], ledger=Ledger(path)).chat(CONVERSATION, params=PARAMS)
+    [record] = read_ledger(path)
+    assert [(e["mean"], e["top"]) for e in record.events if e["kind"] == "scores"] == [(None, None)]

@@ -189,6 +189,11 @@ def test_the_openai_clients_per_call_options_are_taken_and_unknown_extras_named(
         model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2, timeout=30,
         extra_headers={"X-Trace-Id": "t"}, reasoning_effort="low", store=False, service_tier="auto")
     assert reply.choices[0].message is not None
+    import openai
+
+    dropped = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                             extra_headers={"X-Stainless-Lang": openai.Omit()})
+    assert dropped.choices[0].message is not None, "openai's way to drop one of its default headers"
     with pytest.raises(RequestError, match="extra_heders"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                        extra_heders={"X-Trace-Id": "t"})

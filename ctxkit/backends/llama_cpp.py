@@ -8,6 +8,7 @@ prefix as `cached_tokens`, like a provider's prompt cache.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -26,6 +27,8 @@ from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
 
+CLOSE_WAIT_S = 30.0  # how long close() waits for a call that holds the model
+logger = logging.getLogger("ctxkit")
 DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models ramble at OpenAI's 1.0
 
 
@@ -125,7 +128,14 @@ class LlamaCppBackend:
     def _take_model(self, deadline: float | None) -> None:
         """Wait for the model (one generation at a time), until the request's deadline at most."""
         if not self._lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
-            raise BackendTimeoutError("the call's timeout passed while it waited for the model", backend=self.name)
+            raise _waited_too_long(self.name)
+        self._unless_closed()
+
+    def _unless_closed(self) -> None:
+        """Under the lock just taken: a backend closed while this call waited frees no model under it."""
+        if self._closed:
+            self._lock.release()
+            raise BackendError("this backend was closed; make a new LlamaCppBackend", backend=self.name)
 
     def _generate(self, request: ChatRequest, tokens: list[int], cancelled: threading.Event | None,
                   deadline: float | None) -> ChatResponse:
@@ -135,19 +145,20 @@ class LlamaCppBackend:
         cached = self._reusable_prefix(tokens)
         try:
             sampling = self._sampling(request)
-            if cancelled is not None or deadline is not None:
-                from llama_cpp import StoppingCriteriaList
+            from llama_cpp import StoppingCriteriaList
 
-                # an async caller that went away, or the call's timeout, stops it at the next token
-                def stop(_ids: Any, _logits: Any) -> bool:
-                    return (cancelled is not None and cancelled.is_set()) or _past(deadline)
+            # an async caller that went away, the call's timeout, or close() stops it at the next token
+            def stop(_ids: Any, _logits: Any) -> bool:
+                return (cancelled is not None and cancelled.is_set()) or _past(deadline) or self._closed
 
-                sampling["stopping_criteria"] = StoppingCriteriaList([stop])
+            sampling["stopping_criteria"] = StoppingCriteriaList([stop])
             out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
         except RequestError:
             raise
         except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
             raise BackendError(str(exc), backend=self.name) from exc
+        if self._closed:
+            raise BackendError("this backend was closed during the call", backend=self.name)
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
@@ -214,9 +225,13 @@ class LlamaCppBackend:
         pieces: Any = None
         try:
             pieces = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
+            handed = time.monotonic()
             yield chunk({"role": "assistant", "content": ""})
+            deadline = _after_consumer(deadline, handed)
             text, emitted, finish = "", 0, "stop"
             for piece in pieces:
+                if self._closed:
+                    raise BackendError("this backend was closed during the call", backend=self.name)
                 if _past(deadline):
                     raise _timed_out(self.name, self.prompt.count_text(text))
                 choice = piece["choices"][0]
@@ -225,7 +240,10 @@ class LlamaCppBackend:
                 if request.tools and _may_be_tool_call(text):
                     continue  # a tool call is only known whole: hold the text back
                 if len(text) > emitted:
+                    handed = time.monotonic()
                     yield chunk({"content": text[emitted:]})
+                    # the time the caller took with the chunk is not the model's (openai's timeout is per read)
+                    deadline = _after_consumer(deadline, handed)
                     emitted = len(text)
         except (RequestError, BackendError):
             raise
@@ -284,12 +302,25 @@ class LlamaCppBackend:
 
     async def _atake_model(self, deadline: float | None) -> None:
         if not await acquire(self._lock, deadline):
-            raise BackendTimeoutError("the call's timeout passed while it waited for the model", backend=self.name)
+            raise _waited_too_long(self.name)
+        self._unless_closed()
 
     def close(self) -> None:
+        """Free the model. A generation in flight stops at its next token and fails with BackendError, calls
+        waiting for the model fail too; the model is freed only once no thread is inside llama.cpp."""
+        if self._closed:
+            return
         self._closed = True
-        self._holders.shutdown(wait=False)
-        self._llama.close()
+        # A stream opened and never read holds the model until it is closed or collected: wait a while,
+        # then leave the model to be freed with this object rather than hang, or free it under that stream.
+        if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+            logger.warning("LlamaCppBackend.close(): a stream still holds the model; it is freed when collected")
+            return
+        try:
+            self._holders.shutdown(wait=False)
+            self._llama.close()
+        finally:
+            self._lock.release()
 
     # -- helpers ------------------------------------------------------------------------------------
     def _prompt_tokens(self, request: ChatRequest) -> list[int]:
@@ -394,8 +425,19 @@ def _deadline(request: ChatRequest) -> float | None:
     return None if seconds is None else time.monotonic() + float(seconds)
 
 
+def _after_consumer(deadline: float | None, handed: float) -> float | None:
+    """The deadline moved on by the time since a chunk was handed to the caller: only the model's time counts."""
+    return None if deadline is None else deadline + (time.monotonic() - handed)
+
+
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _waited_too_long(backend: str) -> BackendTimeoutError:
+    error = BackendTimeoutError("the call's timeout passed while it waited for the model", backend=backend)
+    error.never_sent = True  # type: ignore[attr-defined]  # the model never saw the prompt: nothing to count
+    return error
 
 
 def _timed_out(backend: str, generated: int) -> BackendTimeoutError:

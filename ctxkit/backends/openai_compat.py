@@ -123,11 +123,11 @@ class OpenAIBackend:
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
         completion = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request)),
-                                        _recorder())
+                                        self._retry_recorder(request))
         return self._to_response(completion, request)
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
-        return self._stream(request, _recorder())  # bound to the call now: the stream starts when first read
+        return self._stream(request, self._retry_recorder(request))  # bound to the call now: the stream starts when first read
 
     def _stream(self, request: ChatRequest, record: Callable[..., None]) -> Iterator[dict[str, Any]]:
         args = self._args(request, stream=True)
@@ -149,11 +149,11 @@ class OpenAIBackend:
     # -- async twins --------------------------------------------------------------------------------
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
         completion = await self._awith_retries(lambda: self._aclient.chat.completions.create(**self._args(request)),
-                                               _recorder())
+                                               self._retry_recorder(request))
         return self._to_response(completion, request)
 
     def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._astream(request, _recorder())
+        return self._astream(request, self._retry_recorder(request))
 
     async def _astream(self, request: ChatRequest, record: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
         args = self._args(request, stream=True)
@@ -264,6 +264,21 @@ class OpenAIBackend:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _retry_recorder(self, request: ChatRequest) -> Callable[..., None]:
+        """record_event bound to the current call, each retry noted with this request's own model and prompt:
+        the call's backend is not the only one that retries (a summarizing model's calls run inside it)."""
+        from ..pipeline import event_recorder  # the pipeline imports the backends
+
+        record = event_recorder()
+
+        def note(stage: str, kind: str, **data: Any) -> None:
+            data["model"] = request.model or self.model
+            if data.get("may_be_billed"):
+                data["prompt_tokens"] = self.counter.count_prompt(list(request.messages), list(request.tools))
+            record(stage, kind, **data)
+
+        return note
+
     def _note_retry(self, record: Callable[..., None], attempt: int, exc: openai.OpenAIError, delay: float) -> None:
         """A failed attempt in the call's ledger record. One that timed out may have been processed, and billed
         (a 429, a 5xx or a refused connection was not): the pipeline prices its prompt into the call's cost."""
@@ -281,10 +296,6 @@ class OpenAIBackend:
         return BackendError(str(exc), backend=self.name)
 
 
-def _recorder() -> Callable[..., None]:
-    from ..pipeline import event_recorder  # the pipeline imports the backends
-
-    return event_recorder()
 
 
 def _transport_errors(name: str) -> tuple[type[Exception], ...]:

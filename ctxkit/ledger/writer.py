@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ class Ledger:
                 raise LedgerError(f"cannot open ledger {self.path}: {exc}") from exc
 
     def write(self, record: LedgerRecord) -> None:
-        text = json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"), default=_jsonable)
+        text = _dumps(record.to_dict())
         # A lone surrogate (from a client's string) cannot be UTF-8: written as its JSON escape instead.
         line = text.encode("utf-8", "backslashreplace") + b"\n"
         with self._lock:
@@ -76,6 +77,17 @@ class Ledger:
             os.close(fd)  # closing releases the lock
 
 
+def _dumps(data: object) -> str:
+    """One record as JSON. NaN and Infinity (a stage's note: numpy's mean of nothing) are written as null:
+    json.dumps would write them as bare NaN, which is no JSON, and which read_ledger refuses."""
+    options: dict = {"ensure_ascii": False, "separators": (",", ":"), "default": _jsonable}
+    try:
+        return json.dumps(data, allow_nan=False, **options)
+    except ValueError:
+        loose = json.loads(json.dumps(data, **options), parse_constant=lambda _constant: None)
+        return json.dumps(loose, allow_nan=False, **options)
+
+
 def _jsonable(value: object) -> object:
     """A stage's note (`record_event`) may hold what JSON has no type for: numpy numbers and arrays, sets.
     Written as their plain values (anything else as its text): a note never costs a call its answer."""
@@ -100,15 +112,19 @@ def read_ledger(path: str | Path, *, strict: bool = True,
         # Writers append under an exclusive flock; holding a shared one for an instant gives a size at which
         # no append is half done. Lines appended after it are left for the next read: a report run beside a
         # live service never sees a record half written (a write is not atomic for readers).
-        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
-        try:
-            remaining = os.fstat(handle.fileno()).st_size
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        # A pipe (`zcat old.jsonl.gz | ctxkit report /dev/stdin`) has no size and no writer to wait for: read it all.
+        remaining: float = float("inf")
+        if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+            try:
+                remaining = os.fstat(handle.fileno()).st_size
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         for number, raw in enumerate(handle, 1):
             if remaining <= 0:
                 break
-            raw = raw[:remaining]
+            if remaining < len(raw):
+                raw = raw[:int(remaining)]
             remaining -= len(raw)
             if not raw.strip():
                 continue
