@@ -135,3 +135,17 @@ def test_compaction_keeps_what_providers_and_grammars_read_beyond_validation():
     open_ended = {"type": "function", "function": {"name": "log", "description": "Log fields.", "parameters": {
         "type": "object", "properties": {"msg": {"type": "string"}}, "additionalProperties": True}}}
     assert compact_tool(open_ended)["function"]["parameters"]["additionalProperties"] is True
+
+
+def test_compaction_keeps_a_title_that_is_the_only_description_and_a_conditional_default():
+    """Every title went, also "Start date YYYY-MM-DD" on a property without a description; a default went
+    whenever its value appeared anywhere after the word "default" ("Default: f for US offices, c elsewhere")."""
+    schema = {"type": "object", "properties": {
+        "start": {"type": "string", "title": "Start date YYYY-MM-DD"},
+        "unit": {"type": "string", "default": "c", "description": "Default: f for US offices, c elsewhere."},
+        "size": {"type": "integer", "default": 5, "description": "Page size. Default is 5."},
+        "user_name": {"type": "string", "title": "User Name", "description": "Who asks."}}}
+    compacted = compact_schema(schema)["properties"]
+    assert compacted["start"]["title"] == "Start date YYYY-MM-DD"
+    assert compacted["unit"]["default"] == "c"
+    assert "default" not in compacted["size"] and "title" not in compacted["user_name"]

@@ -118,3 +118,14 @@ def test_a_follow_up_question_is_read_with_the_turns_before_it(index):
     ]
     selection = ToolSelector(index, top_k=3).select(messages)
     assert {"museum.get_hours", "get_museum_hours"} & set(selection.retrieved), selection.retrieved
+
+
+def test_a_long_message_keeps_its_opening_instruction_in_the_query():
+    """Only the last 2,000 characters were searched: "Post the following incident report to #ops on Slack:"
+    followed by a 3,400-character report was searched with the report alone, and Slack's tool was not sent."""
+    from ctxkit.stages.tools.selector import conversation_query
+
+    report = "The checkout service returned errors for twelve minutes after the deploy of build 4411. " * 40
+    parts = conversation_query([{"role": "user", "content": "Post the following incident report to #ops on "
+                                                            "Slack:\n\n" + report}])
+    assert any("Post the following incident report" in p.text for p in parts)

@@ -178,6 +178,12 @@ def test_bad_configuration_is_rejected_at_construction():
     ("I can't use the function without your API key. Could you send it?", False),
     ("No tool calls were made; the answer is in the document you gave me.", False),
     ("None of the tools here can convert currencies.", True),
+    # Found in a later review: closing answers about tools that ran, or about what is missing to run one.
+    ("No tool errors were reported.", False),
+    ("No tool output was returned for Oslo.", False),
+    ("I don't have the tool results yet.", False),
+    ("I cannot use the tool because the API key is missing.", False),
+    ("None of the tools are responding right now.", False),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})
@@ -380,3 +386,66 @@ def test_a_changed_selection_is_noted_as_the_prefix_it_uncaches(llama_backend, e
     changed = _events(record, "prefix_invalidated")
     assert _events(record, "selected")[0]["sent"] != first and len(changed) == 1
     assert changed[0]["tools_before"] == first and changed[0]["tokens"] > 0
+
+
+class _Scripted(Stage):
+    """The model's side of the exchange, played by a provider script behind the stage."""
+
+    name = "scripted"
+
+    def __init__(self, provider: _Provider) -> None:
+        self.provider = provider
+
+    def wrap_call(self, request, call_next):
+        return self.provider(request)
+
+
+def test_a_tool_forced_on_the_first_step_leaves_the_tool_block_as_the_next_step_finds_it(llama_backend, embedder,
+                                                                                          index_dir, catalog, ledger):
+    """tool_choice naming a tool kept it out of the ranking: the forced step got top_k other tools plus it, the
+    next step ("auto", the tool now used) one tool fewer, and the changed block, which leads the prompt,
+    un-cached it all without a prefix_invalidated in the ledger."""
+    stage = ToolRetrievalStage(catalog=catalog, top_k=3, embedder=embedder, index_dir=index_dir)
+    answer = _call("calculate_electric_field", '{"charge": 2, "distance": 3}')
+    provider = _Provider(answer, {"role": "assistant", "content": "About 2e9 N/C."})
+    pipeline = Pipeline(llama_backend, stages=[stage, _Scripted(provider)], ledger=ledger)
+    pipeline.call(REQUEST.override(params={"tool_choice": {"type": "function",
+                                                           "function": {"name": "calculate_electric_field"}}}))
+    pipeline.call(REQUEST.override(messages=[*REQUEST.messages, answer,
+                                             {"role": "tool", "tool_call_id": "call_1", "content": "2e9"}]))
+    first, second = (r.tool_names for r in provider.requests)
+    assert first == second and "calculate_electric_field" in first
+    assert _events(ledger.records[-1], "prefix_invalidated") == []
+
+
+def test_a_pinned_name_not_in_the_catalog_is_refused_when_the_stage_is_made(embedder, index_dir, catalog):
+    with pytest.raises(ConfigurationError, match="calculate_electric_feld"):
+        ToolRetrievalStage(catalog=catalog, pinned=["calculate_electric_feld"], embedder=embedder, index_dir=index_dir)
+    with pytest.raises(ConfigurationError):
+        ToolRetrievalStage(catalog=catalog, pinned="calculate_electric_field", embedder=embedder, index_dir=index_dir)
+
+
+def test_a_second_answer_that_calls_another_unsent_tool_is_recorded(llama_backend, embedder, index_dir, catalog,
+                                                                    ledger):
+    """The re-run's answer called yet another tool that was not sent: the caller got it, the ledger said nothing."""
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, embedder=embedder, index_dir=index_dir)
+    provider = _Provider(_call("get_stock_price"), _call("find_prime_numbers"))
+    Pipeline(llama_backend, stages=[stage, _Scripted(provider)], ledger=ledger).call(REQUEST)
+    missed = _events(ledger.records[-1], "tool_not_sent")
+    assert missed and missed[-1].get("recovered") is False, missed
+
+
+def test_after_a_recovery_rerun_the_next_step_compares_with_what_the_rerun_sent(llama_backend, embedder, index_dir,
+                                                                                catalog, ledger):
+    """The previous prompt was selected again with this call's settings, not looked up: after a re-run that
+    added the called tool, the next step reported hundreds of un-cached tokens for a block nobody sent."""
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, embedder=embedder, index_dir=index_dir)
+    answer = _call("get_stock_price", '{"company": "AAPL"}')
+    provider = _Provider(answer, answer, {"role": "assistant", "content": "AAPL is at 190."})
+    pipeline = Pipeline(llama_backend, stages=[stage, _Scripted(provider)], ledger=ledger)
+    pipeline.call(REQUEST)
+    pipeline.call(REQUEST.override(messages=[*REQUEST.messages, answer,
+                                             {"role": "tool", "tool_call_id": "call_1", "content": "190"}]))
+    rerun, step_two = provider.requests[1].tool_names, provider.requests[2].tool_names
+    invalidated = _events(ledger.records[-1], "prefix_invalidated")
+    assert (rerun == step_two) == (invalidated == []), (rerun, step_two, invalidated)

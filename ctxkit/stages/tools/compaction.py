@@ -1,14 +1,15 @@
 """Schema compaction: the same tool, in fewer tokens, accepting exactly the same arguments.
 
 Only what cannot change validation is removed:
-- annotations no validator reads: `title` (generators such as Pydantic repeat the property name in it)
-  and `$comment`;
+- annotations no validator reads: `$comment`, and a `title` that says nothing new (at the root, beside a
+  description, or restating the property name as Pydantic writes it); a title that is the value's only
+  description ("Start date YYYY-MM-DD") stays;
 - keywords that state the default behaviour: `required: []`, and `additionalProperties: true` beside no
   `properties` (`properties: {}` stays: OpenAI refuses an object schema without `properties`, and
   llama.cpp's grammar reads `{"type": "object"}` as any object but `properties: {}` as `{}` only; beside
   `properties`, `additionalProperties: true` stays too, since llama.cpp's grammar reads its absence as false);
-- a `default` that the description already states ("... Default is 5"), since the model reads the
-  description anyway;
+- a `default` that the description states right after the word ("... Default is 5", "default: 5"), since
+  the model reads the description anyway;
 - runs of whitespace in descriptions.
 Constraints (`type`, `enum`, `required`, `minimum`, `pattern`, `format`, ...) and `examples` are kept.
 The walk knows which keywords hold subschemas, so a property that happens to be *named* `title` or
@@ -21,10 +22,11 @@ import json
 import re
 from typing import Any
 
+from .text import split_identifier, stem
+
 Tool = dict[str, Any]
 
 _WHITESPACE = re.compile(r"\s+")
-_ANNOTATIONS = frozenset({"title", "$comment"})
 # Keywords whose value is one subschema, a list of subschemas, or a map of name -> subschema.
 _ONE = frozenset({"items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
                   "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
@@ -42,7 +44,8 @@ def compact_tool(tool: Tool) -> Tool:
     return {**tool, "function": function}
 
 
-def compact_schema(schema: Any, *, _unevaluated: bool | None = None) -> Any:
+def compact_schema(schema: Any, *, _unevaluated: bool | None = None, _name: str | None = None,
+                   _root: bool = True) -> Any:
     """A compacted copy of a JSON Schema (draft 2020-12 / 7 keywords)."""
     if _unevaluated is None:
         # `additionalProperties: true` is a no-op only where no `unevaluatedProperties` looks at what was
@@ -52,7 +55,9 @@ def compact_schema(schema: Any, *, _unevaluated: bool | None = None) -> Any:
         return schema  # `true` / `false` schemas, or something malformed that validation reports
     out: dict[str, Any] = {}
     for key, value in schema.items():
-        if key in _ANNOTATIONS and isinstance(value, str):
+        if key == "$comment" and isinstance(value, str):
+            continue
+        if key == "title" and isinstance(value, str) and _title_is_redundant(schema, value, _name, _root):
             continue
         if key == "additionalProperties" and value is True and not _unevaluated and "properties" not in schema:
             continue
@@ -61,17 +66,30 @@ def compact_schema(schema: Any, *, _unevaluated: bool | None = None) -> Any:
         if key == "description" and isinstance(value, str):
             out[key] = _squeeze(value)
         elif key in _ONE:
-            out[key] = ([compact_schema(v, _unevaluated=_unevaluated) for v in value] if isinstance(value, list)
-                        else compact_schema(value, _unevaluated=_unevaluated))
+            out[key] = ([compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False) for v in value]
+                        if isinstance(value, list)
+                        else compact_schema(value, _unevaluated=_unevaluated, _name=_name, _root=False))
         elif key in _LIST and isinstance(value, list):
-            out[key] = [compact_schema(v, _unevaluated=_unevaluated) for v in value]
+            out[key] = [compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False) for v in value]
         elif key in _MAP and isinstance(value, dict):
-            out[key] = {name: compact_schema(v, _unevaluated=_unevaluated) for name, v in value.items()}
+            out[key] = {name: compact_schema(v, _unevaluated=_unevaluated, _name=name, _root=False)
+                        for name, v in value.items()}
         else:
             out[key] = value  # constraints and data (enum, const, default, examples) unchanged
     if "default" in out and _states_default(out.get("description"), out["default"]):
         del out["default"]
     return out
+
+
+def _title_is_redundant(schema: dict[str, Any], title: str, name: str | None, root: bool) -> bool:
+    """A title tells the model nothing new at the root (the tool has a name and description), beside a
+    description, or when it only restates the property's name ("start_date" -> "Start Date", as Pydantic
+    writes it). Any other title is the only text that describes the value ("Start date YYYY-MM-DD"): kept."""
+    if root or isinstance(schema.get("description"), str):
+        return True
+    if name is None:
+        return False
+    return [stem(w) for w in split_identifier(title)] == [stem(w) for w in split_identifier(name)]
 
 
 def _squeeze(text: str) -> str:
@@ -87,5 +105,7 @@ def _states_default(description: Any, default: Any) -> bool:
     shown = {str(default).lower(), repr(default).lower()}
     if isinstance(default, bool):
         shown.add(str(default).lower())
-    tail = lowered[lowered.index("default"):]
-    return any(s and re.search(rf"(?<![\w.]){re.escape(s)}(?![\w])", tail) for s in shown if s.strip())
+    # The value must be what "default" says, right after it ("Default is 3", "defaults to 'major'", "(default:
+    # 10)"), not anywhere later ("Default: f for US users, c elsewhere" states no default of "c").
+    return any(re.search(rf"\bdefault(?:s|ed)?\b(?:[\s:=(]*\b(?:is|to|value|of|be|will|set|as)\b)*[\s:=(\"'`]*"
+                         rf"{re.escape(s)}(?![\w]|\.\d)", lowered) for s in shown if s.strip())

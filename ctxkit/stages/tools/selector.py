@@ -165,13 +165,15 @@ class ToolSelector:
         self.turns = turns
 
     def select(self, messages: Sequence[dict[str, Any]], *, top_k: int | None = None,
-               extra: Sequence[str] = ()) -> Selection:
-        """The tools for a call with these messages; `extra` names are sent too (a recovery's additions)."""
+               extra: Sequence[str] = (), keep: Sequence[str] = ()) -> Selection:
+        """The tools for a call with these messages; `extra` names are sent too (a recovery's additions), on top
+        of top_k; `keep` names are sent too but rank as usual, as used tools do (the tool a tool_choice names:
+        it is used on the next step, which must get the same tools)."""
         k = self.top_k if top_k is None else top_k
         with self.index.frozen():  # names, positions and scores from one version of the catalog
             pinned = tuple(n for n in self.pinned if n in self.index)
             used = tuple(n for n in used_tool_names(messages) if n in self.index) if self.keep_used else ()
-            forced = list(dict.fromkeys([*pinned, *used, *(n for n in extra if n in self.index)]))
+            forced = list(dict.fromkeys([*pinned, *used, *(n for n in [*extra, *keep] if n in self.index)]))
             query = conversation_query(messages, turns=self.turns, actions=self.index.actions)
             # Used tools are not excluded from the ranking: one that retrieval picks anyway takes its slot
             # instead of pulling in a new tool. Else every step of a tool loop (same user message, one more
@@ -229,4 +231,9 @@ class ToolSelector:
 
 
 def _clip(text: str) -> str:
-    return text[-MAX_CHARS:] if len(text) > MAX_CHARS else text
+    """A long message cut to its head and its tail: the request is usually at one end of pasted text, either
+    "Post the following report to #ops: <report>" or "<report> Post the report above to #ops"."""
+    if len(text) <= MAX_CHARS:
+        return text
+    half = MAX_CHARS // 2
+    return text[:half] + "\n\n" + text[-half:]

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 import threading
@@ -67,19 +68,23 @@ _BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|avail
 # check the weather" still says the selection missed.
 _NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary|made|called|used))"
 # "I can't use the function without your API key": the tool is there, something else is missing.
-_NOT_CONDITIONAL = r"(?!\s+(?:[\w']+\s+){0,3}?(?:without|until|unless|before)\b)"
+_NOT_CONDITIONAL = r"(?!\s+(?:[\w']+\s+){0,3}?(?:without|until|unless|before|because|since|due)\b)"
+# "no tool errors", "no tool output was returned", "I don't have the tool results yet": "tool" names the kind
+# of an output of tools that ran, not a missing tool.
+_NOT_COMPOUND = (r"(?!\s+(?:errors?|outputs?|results?|responses?|calls?|failures?|issues?|problems?|data|"
+                 r"messages?|logs?|runs?|executions?|invocations?|returns?|repl(?:y|ies)|warnings?)\b)")
 # "None of the tools can do this" says the selection missed; "none of the tools returned an error" reports
 # on tools that ran: after "none of ... tools" only a verb of ability or fit (or the sentence's end) counts.
 _NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\s+)?(?:i|we)\s+(?:have|was\s+given|"
              r"were\s+given)(?:\s+access\s+to)?|available\s+to\s+(?:me|us)|at\s+my\s+disposal))*"
-             r"\s*(?:(?:can|could|will|would|is|are|fits?|match(?:es)?|supports?|handles?|allows?|lets?|does|do|"
+             r"\s*(?:(?:(?:is|are)(?!\s+(?:currently\s+)?\w+ing\b)|can|could|will|would|fits?|match(?:es)?|supports?|handles?|allows?|lets?|does|do|"
              r"seems?|appears?|helps?|provides?|performs?|offers?|covers?)\b|[.,;:!?)]|$))")
 _LACKS_TOOL = re.compile(
     r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?\s+"
-    + _BEFORE_TOOL + _NOT_CONDITIONAL
+    + _BEFORE_TOOL + _NOT_COMPOUND + _NOT_CONDITIONAL
     + r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?\s+" + _BEFORE_TOOL
     + r"|none\s+of\s+" + _BEFORE_TOOL + _NONE_CAN
-    + r"|no\s+" + _BEFORE_TOOL + _NOT_NEEDED + r")",
+    + r"|no\s+" + _BEFORE_TOOL + _NOT_COMPOUND + _NOT_NEEDED + r")",
     re.IGNORECASE,
 )
 
@@ -128,11 +133,17 @@ class ToolRetrievalStage(Stage):
             raise ConfigurationError(f"top_k must be at least 1, got {top_k}")
         if recovery not in RECOVERY_MODES:
             raise ConfigurationError(f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {recovery!r}")
+        if isinstance(pinned, str):  # tuple("search_docs") pinned eleven one-letter names that match nothing
+            raise ConfigurationError(f"pinned must be a list of tool names, got the string {pinned!r}")
         if catalog is not None:
             from ...validation import validate_request
 
             catalog = copy.deepcopy(list(catalog))  # its hash is taken once: later edits to the caller's dicts
             validate_request(ChatRequest(messages=[{"role": "user", "content": "-"}], tools=catalog))
+            names = {t["function"]["name"] for t in catalog}
+            absent = [n for n in pinned if n not in names]
+            if absent:  # "always sent" must not quietly mean "never sent"
+                raise ConfigurationError(f"pinned tool(s) {absent} are not in the catalog")
         self.catalog = catalog
         # Hashing a pool is O(catalog) JSON dumps (~25 ms for 1,500 tools, 200 ms for 10k): once, not per call.
         self._catalog_key = catalog_hash(catalog) if catalog is not None else None
@@ -150,6 +161,9 @@ class ToolRetrievalStage(Stage):
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
+        # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
+        # tool_choice included: the next call of that conversation compares its tool block with it.
+        self._sent_for: collections.OrderedDict[str, list[Tool]] = collections.OrderedDict()
         self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
@@ -197,6 +211,7 @@ class ToolRetrievalStage(Stage):
         plan = self._plan(request)
         if plan is None:
             return call_next(request)
+        self._remember_sent(request, plan)
         result = call_next(plan.request)
         if isinstance(result, ChatStream):
             return self._checked_stream(plan, result)  # chunks go out as they come: checked, not recovered
@@ -205,9 +220,10 @@ class ToolRetrievalStage(Stage):
         retry = self._recovery(request, plan, result)
         if retry is None:
             return result
+        self._remember_sent(request, retry)
         second = call_next(retry.request)
         if isinstance(second, ChatResponse):
-            self._check_names(retry, second)
+            self._check_second(retry, second)
         return second
 
     async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
@@ -215,6 +231,7 @@ class ToolRetrievalStage(Stage):
         plan = await asyncio.to_thread(self._plan, request)
         if plan is None:
             return await call_next(request)
+        self._remember_sent(request, plan)
         result = await call_next(plan.request)
         if isinstance(result, AsyncChatStream):
             return self._achecked_stream(plan, result)
@@ -223,9 +240,10 @@ class ToolRetrievalStage(Stage):
         retry = await asyncio.to_thread(self._recovery, request, plan, result)
         if retry is None:
             return result
+        self._remember_sent(request, retry)
         second = await call_next(retry.request)
         if isinstance(second, ChatResponse):
-            self._check_names(retry, second)
+            self._check_second(retry, second)
         return second
 
     # -- selection ----------------------------------------------------------------------------------
@@ -242,12 +260,12 @@ class ToolRetrievalStage(Stage):
         index = self.index_for(pool)
         selector = ToolSelector(index, top_k=self.top_k, pinned=self.pinned, keep_used=self.keep_used)
         k = top_k or self.top_k
-        forced = [*extra, *([request.named_tool] if request.named_tool else [])]
+        named = [request.named_tool] if request.named_tool else []
         if len(pool) <= k:
             names = [t["function"]["name"] for t in pool]
             selection = Selection(tuple(pool), tuple(names), (), (), ())
         else:
-            selection = selector.select(request.messages, top_k=k, extra=forced)
+            selection = selector.select(request.messages, top_k=k, extra=extra, keep=named)
         tools = [self._compact(t) for t in selection.tools] if self.compact else list(selection.tools)
         if offer_find_tools is None:
             offer_find_tools = self.recovery in ("find_tools", "both")
@@ -260,25 +278,45 @@ class ToolRetrievalStage(Stage):
         if not offered and request.named_tool == FIND_TOOLS and FIND_TOOLS not in index:
             # The re-run after a search offers no search: a choice that forced it now forces a real tool.
             changes["params"] = {**request.params, "tool_choice": "required"}
+        absent = [n for n in self.pinned if n not in index]
         record_event(self.name, "selected", pool=len(index), sent=list(selection.names),
-                     pinned=list(selection.pinned), used=list(selection.used))
+                     pinned=list(selection.pinned), used=list(selection.used),
+                     **({"pinned_absent": absent} if absent else {}))
         if top_k is None and not extra and len(pool) > k:  # a call's own selection, not a recovery's
-            self._note_changed_selection(request, selector, k, forced, selection)
+            self._note_changed_selection(request, selector, k, named, selection, tools)
         return _Plan(request.override(**changes), index, selector, frozenset(selection.names), offered)
 
     def _note_changed_selection(self, request: ChatRequest, selector: ToolSelector, k: int,
-                                forced: Sequence[str], selection: Selection) -> None:
+                                named: Sequence[str], selection: Selection, tools: Sequence[Tool]) -> None:
         """The tool block leads the prompt: when the previous call of this conversation (its messages, selected
         the same way) got other tools, none of that prompt is a cached prefix any more. Noted as the other
         stages note their edits, so the savings report is honest about provider caching."""
         end = previous_prompt_end(request.messages)
         if end == 0:
             return
-        before = selector.select(request.messages[:end], top_k=k, extra=forced)
+        with self._lock:
+            sent_before = self._sent_for.get(_messages_key(request.messages[:end]))
+        if sent_before is not None:  # what that call was really sent (a re-run's tools, a forced tool, compacted)
+            names_before = [t["function"]["name"] for t in sent_before]
+            if names_before != [t["function"]["name"] for t in tools]:
+                tokens = self.counter.count_prompt(request.messages[:end], list(sent_before))
+                record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
+                             tools_before=[n for n in names_before if n != FIND_TOOLS])
+            return
+        # Not seen by this stage (another process, a restart): selected again the same way.
+        before = selector.select(request.messages[:end], top_k=k, keep=named)
         if before.names != selection.names:
             tokens = self.counter.count_prompt(request.messages[:end], list(before.tools))
             record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
                          tools_before=list(before.names))
+
+    def _remember_sent(self, request: ChatRequest, plan: _Plan) -> None:
+        key = _messages_key(request.messages)
+        with self._lock:
+            self._sent_for[key] = list(plan.request.tools)
+            self._sent_for.move_to_end(key)
+            while len(self._sent_for) > 1024:
+                self._sent_for.popitem(last=False)
 
     def _compact(self, tool: Tool) -> Tool:
         key = tool_hash(tool)
@@ -355,12 +393,23 @@ class ToolRetrievalStage(Stage):
         if missing:
             record(self.name, "tool_not_sent", tools=missing, recovered=False)
 
+    def _check_second(self, retry: _Plan, response: ChatResponse) -> None:
+        """A re-run's answer is not recovered again, but what it calls out of the selection is still noted."""
+        self._check_names(retry, response)
+        missing = _unsent(retry, response)
+        if missing:
+            record_event(self.name, "tool_not_sent", tools=missing, recovered=False)
+
     def _check_names(self, plan: _Plan, response: ChatResponse, record: EventRecorder = record_event) -> None:
         for call in response.tool_calls:
             name = (call.get("function") or {}).get("name")
             if name not in plan.index and not (plan.offered_find_tools and name == FIND_TOOLS):
                 record(self.name, "unknown_tool", tool=name)
                 raise UnknownToolError(str(name), len(plan.index))
+
+
+def _messages_key(messages: Sequence[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(list(messages), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _unsent(plan: _Plan, response: ChatResponse) -> list[str]:
