@@ -590,3 +590,13 @@ def test_temperature_0_and_0_point_0_share_answers(stage):
     """Python clients send 0.0, JavaScript and proxied JSON 0: they never shared an entry."""
     stage.remember(ask("Name a colour.", params={"temperature": 0, "max_tokens": 8}), answer("Blue."))
     assert stage.lookup(ask("Name a colour.", params={"temperature": 0.0, "max_tokens": 8})).layer == "exact"
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("Book a table for 4 people at 7 pm", "Book a table at 7 pm for 4 people"),
+    ("Fry 2 eggs and 100 g of bacon", "Fry 100 g of bacon and 2 eggs"),
+])
+def test_numbers_that_keep_what_they_count_may_move(stage, first, second):
+    """The number-order veto missed these rewordings: a paid call for the same question."""
+    stage.remember(ask(first), answer())
+    assert stage.lookup(ask(second)).response is not None

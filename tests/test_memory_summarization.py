@@ -679,3 +679,15 @@ def test_the_memory_benchmark_scores_the_history_not_the_question_and_gives_the_
     assert trim_baseline(messages, whole, counter) == messages
     assert not retained([messages[0], messages[-1]], ["Rome"], messages[-1])
     assert retained(messages, ["Rome"], messages[-1])
+
+
+def test_a_model_summary_in_another_alphabet_or_with_numbers_written_another_way_is_kept():
+    """grounded() read words as a-z only: a Russian summary had no words and was dropped whole (in model mode
+    the folded turns went with it); "four" written as 4, or $1,250.00 as $1250, was an invented number."""
+    from ctxkit.stages.summarize.model import grounded
+
+    turns = ["Меня зовут Анна, я вегетарианка.", "We are four people; the deposit is $1,250.00, 2.50 euros a drink."]
+    summary, dropped = grounded("Меня зовут Анна. The party is 4 people and paid $1250 deposit, 2.5 euros a drink. "
+                                "The party is 6 people.", turns)
+    assert summary == "Меня зовут Анна. The party is 4 people and paid $1250 deposit, 2.5 euros a drink." \
+        and dropped == 1

@@ -169,8 +169,11 @@ _INJECTION = [
      r"respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
     # the same turn dressed up: "[SYSTEM] ...", "**System:** ...", "> SYSTEM: ...", "SYSTEM OVERRIDE: ..."
     (r"(?:^|\n)[ \t]*(?:[#>*_=|~\[(-]+[ \t]*)?system(?:[ \t]+(?:override|message|prompt|instructions?|note|notice|alert|"
-     r"update|directive|command))?[ \t]*(?:[\])*_]+[ \t]*:?|:)[ \t*_]*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|"
-     r"must|always|never|from now on|respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
+     r"update|directive|command))?[ \t]*(?:[\])*_]+[ \t]*:?|:)[ \t*_]*"
+     # an order to the model, not a notice to its reader ("[SYSTEM] Your password expires in 3 days",
+     # "SYSTEM NOTICE: Your subscription renews on May 3", "**System:** you need Linux")
+     r"(?=[^\n]{0,100}\b(?:you (?:must|should|shall|will now|are now|may only|can only)|ignore|instructions?|"
+     r"from now on|respond|reply|answer (?:only|in|with)|act as|assistant)\b)", "role-plays a system or assistant turn"),
     (r"(?:^|\n)\s*assistant\s*:\s*\S", "role-plays an assistant turn"),
     (r"\b(?:pretend (?:that )?you(?:'re| are)|pretend to be (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|"
      r"bot|dan|unrestricted|unfiltered|jailbroken)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
@@ -201,7 +204,9 @@ _INJECTION = [
      r"(?:must|should|shall|needs? to|need to|is instructed to|are instructed to)\b"
      # "language models should be evaluated on held-out data", "AI must not be trusted blindly": a statement
      # about such systems (the passive, a state), not an order to the one reading
-     r"(?!\s+(?:not\s+|never\s+|also\s+|always\s+)?(?:be|been|have been|remain|become)\b)",
+     # ("must be sure to include ...", "should be replying only ..." are orders all the same)
+     r"(?!\s+(?:not\s+|never\s+|also\s+|always\s+)?(?:be|been|have been|remain|become)\b"
+     r"(?!\s+(?:sure|careful|certain)\b|\s+\w+ing\b))",
      "addresses instructions to the AI"),
     (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
      r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|assistants?\b|chatbots?\b|"
@@ -579,15 +584,16 @@ def _restated(number: float, after: str, values: Sequence[float]) -> bool:
 
 
 def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
-    """All the numbers the tool results of a turn hold: every JSON leaf (every item of a list), or every
-    number of a text result."""
+    """All the values the tool results of a turn hold: every JSON leaf (every item of a list), or the
+    `name: number` values of a text result. Not every number of a text: a flight number, a date or a room
+    number in it ("Flight UA 1234 ..., price: $320") would excuse an answer that gives it as the price."""
     out: list[float] = []
     for _tool, result in tool_results:
         data = _json(result)
         if data is not None:
             _all_leaves(data, out)
         else:
-            out.extend(n for n in (_to_number(m) for m in re.findall(_NUMBER, result)) if n is not None)
+            out.extend(numeric_fields(result).values())
     return out
 
 

@@ -275,8 +275,10 @@ def features(text: str, raw: str | None = None) -> Features:
         if unit and unit in units and unit not in unit_order:
             unit_order.append(unit)
         num = _number(tokens[i])
-        if num is not None and num in numbers and num not in number_order:
-            number_order.append(num)  # "10 divided by 2" is not "2 divided by 10"
+        if num is not None and num in numbers and not any(n.split(" ")[0] == num for n in number_order):
+            # "10 divided by 2" is not "2 divided by 10"; each number with the word after it, so that a
+            # phrase moved whole ("for 4 people at 7 pm" / "at 7 pm for 4 people") is no swap
+            number_order.append(f"{num} {lower[i + 1] if i + 1 < len(lower) else ''}")
     # Each kind kept apart ("hours of the Louvre" is fine): "#" marks where the numbers begin.
     order = entity_order + ["|"] + unit_order + ["#"] + number_order
     zone = None
@@ -375,7 +377,7 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             return check
         elif check == "person" and a.person and b.person and a.person != b.person:
             return check
-        elif check == "order" and sorted(a.order) == sorted(b.order) and a.order != b.order:
+        elif check == "order" and _reordered(a.order, b.order):
             return check
         elif check == "order" and _transposed(a.sequence, b.sequence):
             return check  # "does alice owe bob" / "does bob owe alice": two words trade places, nothing else
@@ -385,6 +387,17 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             if not forgiven:
                 return check
     return None
+
+
+def _reordered(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Names or units in another order, or numbers in another order that changes what each is attached
+    to ("from 1182 to 2291" / "from 2291 to 1182"); numbers that move with their phrase are no reorder."""
+    cut_a, cut_b = a.index("#"), b.index("#")
+    names_a, names_b = a[:cut_a], b[:cut_b]
+    if sorted(names_a) == sorted(names_b) and names_a != names_b:
+        return True
+    nums_a, nums_b = [n.split(" ")[0] for n in a[cut_a + 1:]], [n.split(" ")[0] for n in b[cut_b + 1:]]
+    return sorted(nums_a) == sorted(nums_b) and nums_a != nums_b and set(a[cut_a + 1:]) != set(b[cut_b + 1:])
 
 
 def _transposed(a: tuple[str, ...], b: tuple[str, ...]) -> bool:

@@ -80,7 +80,7 @@ _SELF_DISCLOSURE = re.compile(
     r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
     r"|[Cc]all me)\b"
 )
-_STOP = frozenset(
+STOPWORDS = frozenset(
     "a an the of to in on at for and or but is are was were be been being do does did what who whom whose "
     "which when where why how that this these those it its he she they them his her their him i you we me "
     "my your our with as by from about into than then so not no yes if there here have has had can could "
@@ -110,7 +110,7 @@ class Fact:
 def content_words(text: str) -> set[str]:
     """The text's content words as five-letter prefixes: a cheap stemmer that matches "created"/"creates"/
     "creator" well enough."""
-    return {w[:5] for w in _WORD.findall(text.lower()) if w not in _STOP}
+    return {w[:5] for w in _WORD.findall(text.lower()) if w not in STOPWORDS}
 
 
 def _salience(text: str) -> float:

@@ -18,9 +18,30 @@ from ...request import ChatRequest
 from ...response import message_text
 from ...sentences import split_sentences
 from ..templates import sandboxed_environment
-from .facts import content_words, speaker
+from .facts import STOPWORDS, content_words, speaker
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                      "ninety": "90", "hundred": "100", "thousand": "1000", "dozen": "12", "once": "1", "twice": "2"})
+
+
+def _numbers(text: str, *, spelled: bool = False) -> set[str]:
+    """The numbers of a text by value: "1,250.00" and "1250" are one number; with `spelled`, "four" is 4."""
+    out = set()
+    for number in _NUMBER.findall(text):
+        if re.fullmatch(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", number):
+            number = number.replace(",", "")  # thousands separators
+        if re.fullmatch(r"\d+\.\d+", number):
+            number = number.rstrip("0").rstrip(".")  # 1250.00 -> 1250, 2.50 -> 2.5
+        out.add(number)
+    if spelled:
+        out.update(_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS)
+    return out
+
+
 # The words a summary reports with, which the turns themselves rarely use ("the user asked for ...").
 _REPORTING = content_words(
     "user users assistant asked asks requested requests wants wanted said says mentioned discussed confirmed "
@@ -115,8 +136,8 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
     That does not prove a sentence right (true words can be recombined wrongly), which is why the stage
     keeps verbatim facts beside the summary; it removes what is plainly not from the conversation.
     """
-    source_words = set().union(*(content_words(s) for s in sources)) if sources else set()
-    source_numbers = set().union(*(_NUMBER.findall(s) for s in sources)) if sources else set()
+    source_words = set().union(*(_words(s) for s in sources)) if sources else set()
+    source_numbers = set().union(*(_numbers(s, spelled=True) for s in sources)) if sources else set()
     kept: list[str] = []
     seen: set[str] = set()
     dropped = 0
@@ -124,11 +145,23 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
         if not sentence:
             continue
         key = " ".join(sentence.lower().split())
-        words = content_words(sentence) - _REPORTING
-        supported = len(words & source_words) * 2 >= len(words) if words else False
-        if key in seen or not supported or not set(_NUMBER.findall(sentence)) <= source_numbers:
+        words = _words(sentence) - _REPORTING
+        # A sentence in a script without spaces (Chinese, Japanese) has no words to look up: kept, unjudged.
+        supported = len(words & source_words) * 2 >= len(words) if words else bool(_UNSPACED.search(sentence))
+        if key in seen or not supported or not _numbers(sentence) <= source_numbers:
             dropped += 1
             continue
         seen.add(key)
         kept.append(sentence)
     return " ".join(kept), dropped
+
+
+# Words in any alphabet (facts.content_words reads a-z only: a Russian or Greek sentence had no words, so
+# every sentence of a summary in it was "unsupported" and dropped); scripts written without spaces are left
+# out, since a run of their characters is a phrase, not a word.
+_UNICODE_WORD = re.compile(r"[^\W_]+")
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\u0e00-\u0e7f]")
+
+
+def _words(text: str) -> set[str]:
+    return {w[:5] for w in _UNICODE_WORD.findall(text.lower()) if w not in STOPWORDS and not _UNSPACED.search(w)}
