@@ -691,3 +691,9 @@ def test_a_model_summary_in_another_alphabet_or_with_numbers_written_another_way
                                 "The party is 6 people.", turns)
     assert summary == "Меня зовут Анна. The party is 4 people and paid $1250 deposit, 2.5 euros a drink." \
         and dropped == 1
+
+
+def test_facts_in_another_alphabet_have_words_to_match():
+    """Content words were a-z only: in a Russian chat every unit had none, so every one was ranked as a
+    turn without content ("yes", "What?"), and word overlap with the question steered nothing."""
+    assert fact_keeper.content_words("Я вегетарианка и живу в Париже.") >= {"вегет", "париж"}

@@ -66,7 +66,7 @@ CHAT_TURN_SENTENCES = 4
 LONG_SENTENCE_CHARS = 150
 CLAUSE_MIN_CHARS = 40
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+")
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[^\W_]+")  # letters and digits of any alphabet ("вегетарианка" is a word too)
 # How much the units after (and just before) the one a recent turn points at share its focus.
 FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))
 _SALIENT = re.compile(

@@ -18,7 +18,7 @@ from ...request import ChatRequest
 from ...response import message_text
 from ...sentences import split_sentences
 from ..templates import sandboxed_environment
-from .facts import STOPWORDS, content_words, speaker
+from .facts import content_words, speaker
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -156,12 +156,9 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
     return " ".join(kept), dropped
 
 
-# Words in any alphabet (facts.content_words reads a-z only: a Russian or Greek sentence had no words, so
-# every sentence of a summary in it was "unsupported" and dropped); scripts written without spaces are left
-# out, since a run of their characters is a phrase, not a word.
-_UNICODE_WORD = re.compile(r"[^\W_]+")
+# Scripts written without spaces: a run of their characters is a phrase, not a word to look up.
 _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\u0e00-\u0e7f]")
 
 
 def _words(text: str) -> set[str]:
-    return {w[:5] for w in _UNICODE_WORD.findall(text.lower()) if w not in STOPWORDS and not _UNSPACED.search(w)}
+    return {w for w in content_words(text) if not _UNSPACED.search(w)}
