@@ -218,3 +218,18 @@ def test_a_stage_offering_a_tool_the_agent_cannot_run_is_a_clear_error(llama_bac
     with pytest.raises(ConfigurationError, match="'lookup', which the agent does not have"):
         agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
     assert [r.status for r in ledger.records] == ["error"]
+
+
+def test_an_overflow_in_the_middleware_is_langchains_own_and_not_retried(llama_backend):
+    """The middleware raised ctxkit's classes only: LangChain's ModelRetryMiddleware retried an overflow that
+    can never fit, three times (CtxkitChatModel already gave its errors LangChain's classes too)."""
+    from langchain.agents.middleware import ModelRetryMiddleware
+    from langchain_core import exceptions as lc
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend), temperature=0, max_tokens=5, seed=1)
+    ledger = Ledger()
+    agent = create_agent(model, middleware=[ModelRetryMiddleware(max_retries=2, initial_delay=0.1),
+                                            CtxkitMiddleware(ledger=ledger, context_window=20)])
+    with pytest.raises(lc.ContextOverflowError):
+        agent.invoke({"messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]})
+    assert [r.error_type for r in ledger.records] == ["ContextOverflowError"], "one attempt, not three"

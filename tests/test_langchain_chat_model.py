@@ -403,3 +403,21 @@ def test_an_answer_from_ctxkits_cache_costs_nothing_in_usage_metadata(llama_back
     assert again.content == first.content and again.usage_metadata["total_cost"] == 0
     assert again.usage_metadata["output_tokens"] == first.usage_metadata["output_tokens"]
     assert streamed.usage_metadata["total_cost"] == 0
+
+
+def test_a_tool_result_langchain_marked_failed_never_reaches_the_cache(llama_backend, ledger, tmp_path):
+    """ToolNode marks a failed call with ToolMessage(status="error"), whatever its text says; the OpenAI form
+    has no status, so an answer built on "The weather service is unavailable" was cached and replayed."""
+    from ctxkit.stages.cache import ExactCacheStage, LocalStore
+    from ctxkit.stages.quarantine import QuarantineStage
+
+    call = {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1"}
+    messages = [HumanMessage("Weather in Paris?"), AIMessage("", tool_calls=[call]),
+                ToolMessage("The weather service is unavailable right now.", tool_call_id="call_1", status="error")]
+    with LocalStore(tmp_path / "cache") as store:
+        pipeline = Pipeline(llama_backend, stages=[QuarantineStage(), ExactCacheStage(store)], ledger=ledger)
+        model = CtxkitChatModel(pipeline=pipeline, temperature=0, max_tokens=6, seed=1)
+        model.invoke(messages)
+        again = model.invoke(messages)
+    assert again.response_metadata["ctxkit_answered_by"] is None
+    assert [r.answered_by for r in ledger.records] == [None, None]

@@ -35,6 +35,7 @@ from .errors import also_langchains
 from .messages import (
     ORIGINALS_KEY,
     OriginalMessages,
+    failed_tool_results,
     to_ai_message,
     to_message_chunk,
     to_openai_messages,
@@ -191,7 +192,7 @@ class CtxkitChatModel(BaseChatModel):
         if unknown:
             raise RequestError(f"unsupported argument(s): {', '.join(sorted(unknown))}", "CtxkitChatModel")
         openai_messages = to_openai_messages(messages)
-        metadata = dict(fields.get("metadata") or {})
+        metadata = failed_tool_results(messages, openai_messages, dict(fields.get("metadata") or {}))
         if isinstance(self.pipeline.backend, LangChainBackend):
             # A wrapped LangChain model gets the caller's own message objects where no stage changed them.
             metadata[ORIGINALS_KEY] = OriginalMessages(messages, openai_messages)

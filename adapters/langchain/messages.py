@@ -16,6 +16,7 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
+    ToolMessage,
     convert_to_messages,
     convert_to_openai_messages,
 )
@@ -23,6 +24,8 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from ctxkit.quarantine_marks import METADATA_KEY as QUARANTINE_KEY
+from ctxkit.quarantine_marks import fingerprint
 from ctxkit.response import ChatResponse, Usage
 from ctxkit.validation import CONTENT_PART_TYPES
 
@@ -46,6 +49,19 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
         group = [_assistant_turn(m, original, answered) if m.get("role") == "assistant" else m for m in group]
         out.extend(group)
     return out
+
+
+def failed_tool_results(originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]],
+                        metadata: dict[str, Any]) -> dict[str, Any]:
+    """`metadata` with the results LangChain marked failed (a ToolMessage with `status="error"`, as
+    ToolNode and ToolErrorMiddleware write them) quarantined. The OpenAI form has no status, so without
+    the mark the cache stored answers built on a failed tool call and summaries kept it as a fact."""
+    failed = {m.tool_call_id for m in originals if isinstance(m, ToolMessage) and m.status == "error"}
+    marks = {fingerprint(m): "tool_error: the tool call failed (ToolMessage status='error')"
+             for m in converted if m.get("role") == "tool" and m.get("tool_call_id") in failed}
+    if not marks:
+        return metadata
+    return {**metadata, QUARANTINE_KEY: {**(metadata.get(QUARANTINE_KEY) or {}), **marks}}
 
 
 def _assistant_turn(message: dict[str, Any], original: BaseMessage, answered: set[Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from langchain.agents.middleware.types import ExtendedModelResponse
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from ctxkit.errors import BackendError, ConfigurationError
+from ctxkit.errors import BackendError, ConfigurationError, CtxkitError
 from ctxkit.ledger import Ledger, PriceTable
 from ctxkit.pipeline import Pipeline
 from ctxkit.request import SAMPLING_PARAMS, ChatRequest
@@ -31,10 +31,12 @@ from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
 from .backend import chat_model_name, counter_for
+from .errors import also_langchains
 from .messages import (
     OriginalMessages,
     ai_message_to_openai,
     countable,
+    failed_tool_results,
     to_ai_message,
     to_openai_messages,
     to_openai_tool_choice,
@@ -232,7 +234,11 @@ class CtxkitMiddleware(AgentMiddleware):
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
         backend, pipeline, chat = self._prepare(request)
         backend.handler = handler
-        result = pipeline.call(chat)
+        try:
+            result = pipeline.call(chat)
+        except CtxkitError as exc:  # as CtxkitChatModel does: LangChain's retry/fallback read its class
+            also_langchains(exc)
+            raise
         assert isinstance(result, ChatResponse)
         return backend.agent_result(result)
 
@@ -241,7 +247,11 @@ class CtxkitMiddleware(AgentMiddleware):
     ) -> Any:
         backend, pipeline, chat = self._prepare(request)
         backend.ahandler = handler
-        result = await pipeline.acall(chat)
+        try:
+            result = await pipeline.acall(chat)
+        except CtxkitError as exc:
+            also_langchains(exc)
+            raise
         assert isinstance(result, ChatResponse)
         return backend.agent_result(result)
 
@@ -283,6 +293,7 @@ class CtxkitMiddleware(AgentMiddleware):
         # An answer from the cache would reach the agent without the structured response its own model
         # call parses: structured-output calls are neither answered from it nor stored in it.
         metadata = {"cache": False, "structured_output": True} if request.response_format is not None else {}
+        metadata = failed_tool_results(lc_messages, messages, metadata)
         chat = ChatRequest(
             messages=messages, tools=tools, params=params, model=chat_model_name(request.model),
             namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(), metadata=metadata,
