@@ -209,6 +209,15 @@ class _StreamBase:
             answered_by=self.answered_by,
         )
 
+    def __del__(self) -> None:
+        # A stream dropped without being read (a client gone before its first chunk) still ends its call
+        # once: recorded as abandoned, never as no call at all.
+        try:
+            if self.response is None and not self._failed:
+                self._fail(GeneratorExit("the stream was dropped before its end"))
+        except Exception:  # noqa: S110 - a finalizer must not raise (the interpreter may be shutting down)
+            pass
+
     def _fail(self, exc: BaseException) -> None:
         if self.response is not None or self._failed:
             return  # the call ended once: a close() after the end, or after a failure, changes nothing

@@ -14,8 +14,12 @@ request(s) the stage passes on, so the ledger shows exactly what each stage did.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import re
+import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
@@ -53,6 +57,39 @@ class Stage:
         return self.after_model(request, result) if isinstance(result, ChatResponse) else result
 
     async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        if type(self).wrap_call is not Stage.wrap_call:
+            # A stage that wrote only wrap_call (a guard or cache that answers by itself) must not be skipped
+            # by async calls: run it in a worker thread, its call_next running the rest on this event loop.
+            return await _wrap_call_in_thread(self, request, call_next)
         request = self.before_model(request)
         result = await call_next(request)
         return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+
+
+async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+    """`stage.wrap_call` on a thread of its own (not the loop's default executor: the backend's async calls
+    need its workers while this thread waits for them), its call_next running on this event loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[AsyncResult] = loop.create_future()
+
+    def sync_next(next_request: ChatRequest) -> Result:
+        async def rest() -> AsyncResult:
+            return await call_next(next_request)
+
+        return asyncio.run_coroutine_threadsafe(rest(), loop).result()  # type: ignore[return-value]
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result = stage.wrap_call(request, sync_next)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
+                     name=f"ctxkit-{stage.name}").start()
+    return await done

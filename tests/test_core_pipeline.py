@@ -703,3 +703,38 @@ def test_a_stage_event_holding_nan_is_written_as_json_the_report_reads(llama_bac
     Pipeline(llama_backend, stages=[Noting()], ledger=Ledger(path)).chat(CONVERSATION, params=PARAMS)
     [record] = read_ledger(path)
     assert [(e["mean"], e["top"]) for e in record.events if e["kind"] == "scores"] == [(None, None)]
+
+
+class _RefusesPasswords(Stage):
+    """A guard written as the README shows: wrap_call only, answering by itself."""
+
+    name = "block_secrets"
+
+    def wrap_call(self, request, call_next):
+        if "password" in str(request.messages[-1].get("content")).lower():
+            return ChatResponse(message={"role": "assistant", "content": "I can't help with that."},
+                                finish_reason="stop", usage=Usage(0, 0), model="guard", backend="guard")
+        return call_next(request)
+
+
+def test_a_stage_written_with_wrap_call_only_also_runs_in_async_calls(llama_backend, ledger):
+    """The default awrap_call ran before_model/after_model only: under acall, async_openai(), ctxkit serve
+    and LangChain's ainvoke, such a guard was skipped without a word."""
+    pipeline = Pipeline(llama_backend, stages=[_RefusesPasswords()], ledger=ledger)
+    asked = ChatRequest(messages=[{"role": "user", "content": "What is the admin password?"}], params=PARAMS)
+    assert pipeline.call(asked).content == "I can't help with that."
+    assert asyncio.run(pipeline.acall(asked)).content == "I can't help with that."
+    passed = asyncio.run(pipeline.acall(ChatRequest(messages=CONVERSATION, params=PARAMS)))
+    assert passed.usage.completion_tokens > 0 and [r.answered_by for r in ledger.records] == [
+        "block_secrets", "block_secrets", None]
+
+
+def test_a_stream_dropped_before_it_was_read_is_still_recorded(llama_backend, ledger):
+    import gc
+
+    stream = Pipeline(llama_backend, ledger=ledger).call(ChatRequest(messages=CONVERSATION, params=PARAMS,
+                                                                     stream=True))
+    del stream
+    gc.collect()
+    assert [(r.status, r.error_type) for r in ledger.records] == [("error", "GeneratorExit")]
+    assert Pipeline(llama_backend, ledger=ledger).chat(CONVERSATION, params=PARAMS).content is not None

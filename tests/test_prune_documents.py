@@ -336,3 +336,20 @@ def test_tool_results_are_left_whole_when_long_message_tokens_is_none(embedder):
         request).messages[2]["content"] == result
     cut = DocumentPruningStage(budget_tokens=200, embedder=embedder, long_message_tokens=1000).before_model(request)
     assert len(cut.messages[2]["content"]) < len(result)
+
+
+def test_metadata_documents_count_in_what_the_call_would_have_sent(llama_backend, embedder, tmp_path):
+    """Documents reach the model only through this stage, but tokens_naive left them out: cutting 1,500
+    tokens of documents to 500 was reported as a saving of minus 500."""
+    from ctxkit import Ledger, Pipeline
+
+    documents = [{"id": f"d{i}", "text": f"Paragraph {i} of the handbook. " + "Staff badges open the east door. " * 30}
+                 for i in range(6)]
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    stage = DocumentPruningStage(budget_tokens=300, embedder=embedder, counter=llama_backend.counter)
+    Pipeline(llama_backend, stages=[stage], ledger=ledger).call(ChatRequest(
+        messages=[{"role": "user", "content": "Which door do badges open?"}], params={"max_tokens": 3},
+        metadata={"documents": documents}))
+    [record] = ledger.records
+    assert record.tokens_naive > record.tokens_sent
+    assert record.saved_by_stage["document_pruning"] == record.tokens_naive - record.tokens_sent > 0

@@ -418,6 +418,21 @@ class DocumentPruningStage(Stage):
             limits.append(max(int(tokens * self.budget_fraction), 1))
         return min(limits)
 
+    def naive_request(self, request: ChatRequest) -> ChatRequest:
+        """Without this stage the app would have put its `metadata["documents"]` in the prompt whole (they
+        reach the model only through this stage): that is what the naive count holds, and what it cuts."""
+        docs = request.metadata.get(DOCUMENTS_KEY)
+        if not self.render or not docs or not isinstance(docs, (list, tuple)):
+            return request
+        try:
+            documents = checked_documents(docs)
+        except RequestError:
+            return request  # before_model names the fault
+        messages = list(request.messages)
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages))
+        messages.insert(last_user, {"role": "user", "content": render_documents(documents)})
+        return request.override(messages=messages)
+
     def before_model(self, request: ChatRequest) -> ChatRequest:
         messages = list(request.messages)
         out = list(messages)
