@@ -148,6 +148,19 @@ def _not_given(value: Any) -> bool:
     return isinstance(value, sentinels)
 
 
+def call_answered(messages: Sequence[Mapping[str, Any]], index: int) -> tuple[str, str] | None:
+    """(function name, arguments JSON) of the call the tool result messages[index] answers: the newest call
+    with its tool_call_id before it. Some providers number calls per response ("call_0" on every step), so
+    the id alone can name a later call with other arguments. None when no call before it has that id."""
+    call_id = messages[index].get("tool_call_id")
+    for message in messages[:index][::-1]:
+        for call in message.get("tool_calls") or []:
+            if call.get("id") == call_id:
+                function = call.get("function") or {}
+                return str(function.get("name", "tool")), str(function.get("arguments", "{}"))
+    return None
+
+
 def tool_calls_by_id(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
     """{tool_call_id: (function name, arguments JSON)} of every assistant tool call in `messages`."""
     calls: dict[str, tuple[str, str]] = {}

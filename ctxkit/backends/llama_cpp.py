@@ -135,7 +135,7 @@ class LlamaCppBackend:
         """Under the lock just taken: a backend closed while this call waited frees no model under it."""
         if self._closed:
             self._lock.release()
-            raise BackendError("this backend was closed; make a new LlamaCppBackend", backend=self.name)
+            raise _closed(self.name)
 
     def _generate(self, request: ChatRequest, tokens: list[int], cancelled: threading.Event | None,
                   deadline: float | None) -> ChatResponse:
@@ -158,7 +158,7 @@ class LlamaCppBackend:
         except Exception as exc:  # llama.cpp raises plain ValueError/RuntimeError
             raise BackendError(str(exc), backend=self.name) from exc
         if self._closed:
-            raise BackendError("this backend was closed during the call", backend=self.name)
+            raise _closed(self.name)
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
@@ -231,7 +231,7 @@ class LlamaCppBackend:
             text, emitted, finish = "", 0, "stop"
             for piece in pieces:
                 if self._closed:
-                    raise BackendError("this backend was closed during the call", backend=self.name)
+                    raise _closed(self.name)
                 if _past(deadline):
                     raise _timed_out(self.name, self.prompt.count_text(text))
                 choice = piece["choices"][0]
@@ -327,7 +327,7 @@ class LlamaCppBackend:
         """The prompt's token ids; a prompt that leaves no room for an answer is the typed overflow error
         here too, for callers that use the backend without a pipeline."""
         if self._closed:
-            raise BackendError("this backend was closed; make a new LlamaCppBackend", backend=self.name)
+            raise _closed(self.name)
         for field in ("logprobs", "top_logprobs"):  # never a silent `logprobs: null` the app then indexes
             if request.params.get(field):
                 raise RequestError("is not supported by the llama.cpp backend", field)
@@ -432,6 +432,11 @@ def _after_consumer(deadline: float | None, handed: float) -> float | None:
 
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
+
+
+def _closed(backend: str) -> BackendError:
+    return BackendError("this backend was closed (before or during the call); make a new LlamaCppBackend",
+                        backend=backend)
 
 
 def _waited_too_long(backend: str) -> BackendTimeoutError:

@@ -47,12 +47,11 @@ import jsonschema
 from ..pipeline import record_event
 from ..quarantine_marks import DOCUMENTS_KEY, PLACEHOLDER_PREFIX, fingerprint, mark
 from ..redaction import redact
-from ..request import ChatRequest
+from ..request import ChatRequest, call_answered
 from ..response import message_text
 from ..stage import Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
-from .pruning.tool_results import calls_of_results
 from .quarantine_registry import QuarantineRegistry
 
 logger = logging.getLogger("ctxkit.quarantine")
@@ -924,12 +923,8 @@ def _fmt(value: float) -> str:
 
 
 def _tool_name(messages: Sequence[Mapping[str, Any]], index: int) -> str:
-    call_id = messages[index].get("tool_call_id", "")
-    for message in messages[:index][::-1]:
-        for call in message.get("tool_calls") or []:
-            if call.get("id") == call_id:
-                return str((call.get("function") or {}).get("name", "tool"))
-    return str(messages[index].get("name") or "tool")
+    call = call_answered(messages, index)
+    return call[0] if call is not None else str(messages[index].get("name") or "tool")
 
 
 def _source(messages: Sequence[Mapping[str, Any]], index: int) -> str:
@@ -962,7 +957,7 @@ def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
 def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
     message = messages[index]
     if message.get("role") == "tool":
-        name, arguments = calls_of_results(messages).get(index, (record.source, "{}"))
+        name, arguments = call_answered(messages, index) or (record.source, "{}")
         what = f"the result of {name}({_short(arguments, 200)})"
     else:
         what = "an earlier assistant answer"

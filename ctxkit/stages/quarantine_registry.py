@@ -97,10 +97,6 @@ class QuarantineRegistry:
 
         self._update(namespace, change)
 
-    def close(self) -> None:
-        if self._disk is not None:
-            self._disk.close()
-
     # -- internals ----------------------------------------------------------------------------------
     def _bounded(self, entries: dict[str, Any], key: str, value: Any) -> None:
         entries[key] = value

@@ -43,7 +43,7 @@ import numpy as np
 from ...errors import RequestError
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
-from ...request import ChatRequest, tool_calls_by_id
+from ...request import ChatRequest, call_answered, tool_calls_by_id
 from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
@@ -587,13 +587,8 @@ def _canonical(arguments: str) -> str:
 
 
 def _call_for(messages: Sequence[Mapping[str, Any]], index: int) -> str:
-    call_id = messages[index].get("tool_call_id")
-    for message in messages[:index][::-1]:
-        for call in message.get("tool_calls") or []:
-            if call.get("id") == call_id:
-                function = call.get("function") or {}
-                return f"{function.get('name', 'the tool')}({function.get('arguments', '')})"
-    return "the tool"
+    call = call_answered(messages, index)
+    return f"{call[0]}({call[1]})" if call is not None else "the tool"
 
 
 def _chop(text: str, limit: int) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ...quarantine_marks import PLACEHOLDER_PREFIX as QUARANTINE_PLACEHOLDER_PREFIX
 from ...quarantine_marks import carry
-from ...request import ChatRequest, tool_calls_by_id
+from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...stage import Stage
 from ...tokens import TokenCounter
@@ -44,19 +44,6 @@ def placeholder(name: str, arguments: str, tokens: int) -> str:
         f"{PLACEHOLDER_PREFIX} {name}({args}) returned {tokens} tokens; "
         "call it again with these arguments if you need it]"
     )
-
-
-def calls_of_results(messages: Sequence[Mapping[str, Any]]) -> dict[int, tuple[str, str]]:
-    """{index of a tool result: (function name, arguments)} of the call it answers: the newest call with its
-    tool_call_id before it. Some providers number calls per response ("call_0" on every step), so an id
-    alone can name a later call with other arguments."""
-    latest: dict[str, tuple[str, str]] = {}
-    out: dict[int, tuple[str, str]] = {}
-    for index, message in enumerate(messages):
-        if message.get("role") == "tool" and message.get("tool_call_id", "") in latest:
-            out[index] = latest[message.get("tool_call_id", "")]
-        latest.update(tool_calls_by_id([message]))
-    return out
 
 
 class ToolResultClearingStage(Stage):
@@ -100,7 +87,6 @@ class ToolResultClearingStage(Stage):
 
     def _cleared(self, messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
         """{message index: placeholder} for the tool results this history clears."""
-        calls = calls_of_results(messages)
         candidates: list[tuple[int, int, str]] = []  # (index, tokens saved, placeholder)
         # Results after the newest assistant message answer its calls and have not been read yet: a turn
         # of many parallel calls must not lose some of them before the model sees them (it would call
@@ -114,7 +100,7 @@ class ToolResultClearingStage(Stage):
                 # The app already sends it cleared, or the quarantine withheld it saying why: a call known
                 # to fail is not one to "call again".
                 continue
-            name, arguments = calls.get(index, (message.get("name") or "tool", "{}"))
+            name, arguments = call_answered(messages, index) or (message.get("name") or "tool", "{}")
             if name in self.exclude_tools:
                 continue
             tokens = self.counter.count_text(text)
@@ -135,4 +121,4 @@ class ToolResultClearingStage(Stage):
         return cleared
 
 
-__all__ = ["PLACEHOLDER_PREFIX", "ToolResultClearingStage", "calls_of_results", "placeholder"]
+__all__ = ["PLACEHOLDER_PREFIX", "ToolResultClearingStage", "placeholder"]
