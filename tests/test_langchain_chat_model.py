@@ -421,3 +421,35 @@ def test_a_tool_result_langchain_marked_failed_never_reaches_the_cache(llama_bac
         again = model.invoke(messages)
     assert again.response_metadata["ctxkit_answered_by"] is None
     assert [r.answered_by for r in ledger.records] == [None, None]
+
+
+class KwargsRecordingModel(CtxkitChatModel):
+    """A real LangChain model on the embedded model that keeps the call kwargs it was given."""
+
+    calls: list = Field(default_factory=list)
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls.append(dict(kwargs))
+        return super()._generate(messages, stop, run_manager, **kwargs)
+
+
+def test_per_call_http_options_are_taken_as_chatopenai_takes_them(llama_backend, ledger):
+    """An app written for ChatOpenAI passes `timeout=` and `extra_headers=` per call: they were refused as
+    unsupported arguments, and a wrapped model never got them."""
+    from ctxkit.errors import BackendTimeoutError
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=ledger), max_tokens=200, temperature=0)
+    with pytest.raises(BackendTimeoutError):
+        model.invoke("Write a long story about a dragon.", timeout=0.05)
+    slow_default = model.model_copy(update={"timeout": 0.05})
+    with pytest.raises(BackendTimeoutError):
+        slow_default.invoke("Write a long story about a dragon.")
+    assert isinstance(slow_default.invoke("Say hi.", timeout=60, max_tokens=3), AIMessage), "a call's own timeout wins"
+
+    inner = KwargsRecordingModel(pipeline=Pipeline(llama_backend), max_tokens=3)
+    outer = CtxkitChatModel.wrap(inner, counter=llama_backend.counter)
+    outer.invoke("Say hi.", timeout=30, extra_headers={"X-Trace": "abc"}, extra_query={"v": "1"})
+    assert inner.calls[-1]["timeout"] == 30
+    assert inner.calls[-1]["extra_headers"] == {"X-Trace": "abc"} and inner.calls[-1]["extra_query"] == {"v": "1"}
+    outer.invoke("Say hi.")
+    assert not {"timeout", "extra_headers", "extra_query"} & set(inner.calls[-1]), "unset options are not passed on"

@@ -144,7 +144,7 @@ class LangChainBackend:
 
     # -- helpers ------------------------------------------------------------------------------------
     def _prepared(self, request: ChatRequest) -> tuple[Any, dict[str, Any]]:
-        """The model with the request's tools bound, and the sampling parameters as call kwargs."""
+        """The model with the request's tools bound, and the sampling parameters and HTTP options as call kwargs."""
         params = dict(request.params)
         tool_choice = params.pop("tool_choice", None)
         parallel = params.pop("parallel_tool_calls", None)
@@ -156,6 +156,14 @@ class LangChainBackend:
             if parallel is not None:
                 bind_kwargs["parallel_tool_calls"] = parallel
             model = self.chat_model.bind_tools(list(request.tools), **bind_kwargs)
+        # The caller's per-call HTTP options reach the wrapped model as ChatOpenAI takes them (only when set:
+        # a model without such options must not get them).
+        if request.timeout is not None:
+            params["timeout"] = request.timeout
+        if request.extra_headers:
+            params["extra_headers"] = dict(request.extra_headers)
+        if request.extra_query:
+            params["extra_query"] = dict(request.extra_query)
         return model, params
 
     def _response(self, message: Any, request: ChatRequest) -> ChatResponse:

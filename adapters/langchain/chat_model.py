@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 from ctxkit.errors import CtxkitError, RequestError
 from ctxkit.ledger import Ledger, PriceTable
 from ctxkit.pipeline import Pipeline
-from ctxkit.request import SAMPLING_PARAMS, ChatRequest
+from ctxkit.request import SAMPLING_PARAMS, TRANSPORT_OPTIONS, ChatRequest
 from ctxkit.response import ChatResponse
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
@@ -53,6 +53,8 @@ class CtxkitChatModel(BaseChatModel):
     namespace / conversation_id: set on every request (override per call: `model.invoke(x, namespace=...)`).
     model_name: the model asked of the backend (None: the backend's own).
     temperature, max_tokens, stop, seed: default sampling parameters; call kwargs override them.
+    timeout: seconds a call may take at the backend (BackendTimeoutError past it); call kwargs override it,
+    and `extra_headers=` / `extra_query=` go to an HTTP backend's request, as with ChatOpenAI.
     """
 
     # extra="forbid": a ChatOpenAI-style setting this model lacks (top_p=, model_kwargs=) is an error, not dropped
@@ -66,6 +68,7 @@ class CtxkitChatModel(BaseChatModel):
     max_tokens: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    timeout: float | None = None  # seconds a call may take at the backend; per call: invoke(x, timeout=...)
 
     @classmethod
     def wrap(
@@ -182,6 +185,11 @@ class CtxkitChatModel(BaseChatModel):
         if kwargs.get("tool_choice") is not None:
             kwargs["tool_choice"] = to_openai_tool_choice(kwargs["tool_choice"])
         fields = {key: kwargs.pop(key) for key in _REQUEST_FIELDS if kwargs.get(key) is not None}
+        # The openai client's per-call options, as ChatOpenAI takes them: `invoke(x, timeout=5, extra_headers=...)`.
+        transport = {key: kwargs.pop(key) for key in TRANSPORT_OPTIONS if key in kwargs}
+        transport = {key: value for key, value in transport.items() if value is not None}
+        if "timeout" not in transport and self.timeout is not None:
+            transport["timeout"] = self.timeout
         unknown = []
         for key, value in kwargs.items():
             if key in SAMPLING_PARAMS:
@@ -205,6 +213,7 @@ class CtxkitChatModel(BaseChatModel):
             namespace=fields.get("namespace", self.namespace),
             conversation_id=fields.get("conversation_id", self.conversation_id),
             metadata=metadata,
+            **transport,
         )
 
     @staticmethod
