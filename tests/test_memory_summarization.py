@@ -697,3 +697,17 @@ def test_facts_in_another_alphabet_have_words_to_match():
     """Content words were a-z only: in a Russian chat every unit had none, so every one was ranked as a
     turn without content ("yes", "What?"), and word overlap with the question steered nothing."""
     assert fact_keeper.content_words("Я вегетарианка и живу в Париже.") >= {"вегет", "париж"}
+
+
+def test_a_standing_fact_is_the_users_own_not_someone_they_quote_and_may_be_lowercase():
+    """A chat user types "i am allergic to nuts" as often as "I am"; and 'My boss said "I am leaving"' is the
+    boss's statement, not the user's standing fact."""
+    from ctxkit.stages.summarize.facts import extract
+
+    def standing(text: str) -> list[bool]:
+        return [f.standing for f in extract({"role": "user", "content": text}, 0, "fp")]
+
+    assert standing("i am allergic to nuts.") == [True]
+    assert standing('My boss said "I am leaving the company".') == [False]
+    assert standing("He wrote to me: “I hate this city”.") == [False]
+    assert standing('I told him "fine". I am vegetarian.') == [False, True]

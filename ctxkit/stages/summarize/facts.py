@@ -76,7 +76,7 @@ _SALIENT = re.compile(
 # What a user says about themselves ("I am vegetarian", "my budget is 800 euros", "I'm allergic to nuts"):
 # standing facts that later turns rely on without repeating them ("suggest a restaurant").
 _SELF_DISCLOSURE = re.compile(
-    r"\b(?:I(?:'m|’m|'ve|’ve| am| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
+    r"\b(?:[Ii](?:'m|’m|'ve|’ve| am| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
     r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
     r"|[Cc]all me)\b"
 )
@@ -121,8 +121,12 @@ def _salience(text: str) -> float:
     return score
 
 
+# Quoted speech is someone else's "I" ('My boss said "I am leaving"'); chat users often type "i am".
+_QUOTED = re.compile(r'"[^"]*"|“[^”]*”|«[^»]*»|„[^“”]*[“”]')
+
+
 def _is_standing(text: str) -> bool:
-    return not text.rstrip().endswith("?") and bool(_SELF_DISCLOSURE.search(text))
+    return not text.rstrip().endswith("?") and bool(_SELF_DISCLOSURE.search(_QUOTED.sub(" ", text)))
 
 
 def message_units(message: Mapping[str, Any]) -> tuple[str, list[tuple[int, int]]]:
