@@ -122,6 +122,9 @@ def test_repair_leaves_fluent_text_alone(fluent):
     ("scope", "Cancel all my orders", "Cancel my last order"),
     ("person", "What is my account number?", "What is her account number?"),
     ("question", "When did Warsaw start to rebuild?", "Where did Warsaw start to rebuild?"),
+    # the same words asking for the other side of the verb
+    ("question", "Who killed Brutus?", "Whom did Brutus kill?"),
+    ("question", "Who did the queen appoint?", "Who appointed the queen?"),
 ])
 def test_guards_veto_every_trap_kind(kind, a, b):
     assert veto(features(a), features(b)) == kind
@@ -133,6 +136,7 @@ def test_guards_veto_every_trap_kind(kind, a, b):
     ("Transfer $40 to my savings account", "Transfer 40 dollars to my savings account"),
     ("Who is the CEO of Microsoft?", "Who's the CEO of Microsoft?"),
     ("Walk 5 km", "walk 5 kilometers"),
+    ("Who did Brutus kill?", "Whom did Brutus kill?"),
 ])
 def test_guards_let_same_meaning_rewordings_through(a, b):
     assert veto(features(a), features(b)) is None

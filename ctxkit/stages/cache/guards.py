@@ -287,21 +287,34 @@ def features(text: str, raw: str | None = None) -> Features:
 
         zone_text = correction_zone(raw)
         zone = features(zone_text) if zone_text else None
-    question = None
-    for i, low in enumerate(lower):
-        if low in _QUESTION_WORDS:
-            question = _QUESTION_WORDS[low]
-            if low == "how" and i + 1 < len(lower) and lower[i + 1] in _HOW_KINDS:
-                question = f"how {lower[i + 1]}"
-            break
+    kinds = [_question_kind(lower, i) for i, low in enumerate(lower) if low in _QUESTION_WORDS]
+    question = kinds[0] if kinds else None
     return Features(
         negations=negations, polarity=frozenset(polarity), numbers=frozenset(numbers), units=frozenset(units),
         dates=frozenset(dates), scope=frozenset(scope), person=frozenset(person), entities=frozenset(entities),
         question=question, order=tuple(order), words=frozenset(lower),
-        questions=frozenset(_QUESTION_WORDS[w] for w in lower if w in _QUESTION_WORDS), zone=zone,
+        questions=frozenset(kinds), zone=zone,
         content=frozenset(_stem(w) for w in lower if w.isalpha() and len(w) > 2 and w not in _STOPWORDS),
         sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)), operators=operators(text),
     )
+
+
+def _question_kind(lower: list[str], i: int) -> str:
+    """What the question word at `i` asks for: "how many"/"how long" apart from "how"; and "who" followed by
+    do/did/will... asks for the object ("Whom did Brutus kill?", "Who did Brutus kill?"), not the subject
+    ("Who killed Brutus?"): the same words, the other answer. ("What" is left alone: "What did Watt add?" and
+    "What addition did Watt make?" ask the same, and a noun after it hides which side it asks for.)"""
+    word = _QUESTION_WORDS[lower[i]]
+    following = lower[i + 1] if i + 1 < len(lower) else ""
+    if word == "how" and following in _HOW_KINDS:
+        return f"how {following}"
+    if lower[i] == "whom" or word == "who" and following in _OBJECT_AUXILIARIES:
+        return f"{word} (object)"
+    return word
+
+
+_OBJECT_AUXILIARIES = frozenset({"do", "does", "did", "will", "would", "can", "could", "should", "shall", "may",
+                                 "might", "must"})
 
 
 CHECKS = ("negation", "polarity", "numbers", "units", "dates", "scope", "person", "entities", "order", "question",
