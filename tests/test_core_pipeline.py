@@ -738,3 +738,57 @@ def test_a_stream_dropped_before_it_was_read_is_still_recorded(llama_backend, le
     gc.collect()
     assert [(r.status, r.error_type) for r in ledger.records] == [("error", "GeneratorExit")]
     assert Pipeline(llama_backend, ledger=ledger).chat(CONVERSATION, params=PARAMS).content is not None
+
+
+def test_a_streamed_answer_counts_the_tokens_the_model_generated_as_a_whole_answer_does(llama_backend, ledger):
+    """A stream's usage re-tokenized the text: the tokens a stop sequence matched were cut from the text and
+    never counted, and sampled tokens do not always re-tokenize to as many."""
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    kwargs = dict(temperature=0, max_tokens=40, stop=["5"],
+                  messages=[{"role": "user", "content": "Count from 1 to 20 separated by commas."}])
+    whole = client.chat.completions.create(model="m", **kwargs)
+    chunks = list(client.chat.completions.create(model="m", stream=True, stream_options={"include_usage": True},
+                                                 **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert ledger.records[-1].tokens_out == ledger.records[-2].tokens_out
+    # Cut at max_tokens, the model generated exactly that many, whatever the text re-tokenizes to.
+    chunks = list(client.chat.completions.create(
+        model="m", stream=True, stream_options={"include_usage": True}, temperature=1.3, seed=0, max_tokens=25,
+        messages=[{"role": "user", "content": "Write a long poem about Zürich, with emoji and Größe."}]))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 25 == ledger.records[-1].tokens_out
+
+
+def test_tool_choice_none_never_answers_with_a_tool_call(llama_backend):
+    """The model still sees the tools, and may write a <tool_call> block unasked: it was parsed into
+    tool_calls. SmolLM2-135M rarely writes one when told not to, so its text is given here."""
+    import copy
+
+    from ctxkit import LlamaCppBackend
+
+    backend = LlamaCppBackend(llama_backend.model_path, n_ctx=1024, n_threads=1)
+    real = backend._llama.create_completion
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call>'
+
+    def wrote_a_call(prompt, stream=False, **kwargs):
+        out = real(prompt=prompt, stream=False, **{**kwargs, "max_tokens": 1})
+        out["choices"][0]["text"], out["choices"][0]["finish_reason"] = text, "stop"
+        return out if not stream else (piece for piece in [copy.deepcopy({"choices": out["choices"]})])
+
+    backend._llama.create_completion = wrote_a_call
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    client = Pipeline(backend).openai()
+    kwargs = dict(model="m", messages=[{"role": "user", "content": "Weather in Berlin?"}], tools=[tool])
+    try:
+        called = client.chat.completions.create(**kwargs)
+        assert called.choices[0].message.tool_calls, "with tool_choice auto the same text is a call"
+        answer = client.chat.completions.create(tool_choice="none", **kwargs)
+        assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+        assert "get_weather" in answer.choices[0].message.content
+        chunks = list(client.chat.completions.create(tool_choice="none", stream=True, **kwargs))
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    finally:
+        backend.close()

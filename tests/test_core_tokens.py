@@ -82,3 +82,11 @@ def test_local_count_equals_llama_cpp_reported_prompt_tokens(name, llama_backend
     response = llama_backend.complete(request)
     assert response.usage.reported
     assert counted == response.usage.prompt_tokens, f"{name}: counted {counted}, llama.cpp evaluated {response.usage.prompt_tokens}"
+
+
+def test_a_replayed_refusal_part_reaches_the_local_prompt():
+    """A refusal content part keeps its text under "refusal": the assistant's turn became empty."""
+    from ctxkit.backends.tool_format import _text
+
+    assert _text([{"type": "refusal", "refusal": "I can't help with that."}]) == "I can't help with that."
+    assert _text([{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "b"}]) == "ab"

@@ -262,6 +262,11 @@ def test_a_prompt_that_fills_the_window_is_the_typed_overflow_error(llama_backen
     if small.counter.count_prompt(exact) == window:  # a prompt of exactly the window leaves no room to answer
         with pytest.raises(ContextOverflowError):
             Pipeline(small, ledger=Ledger()).call(ChatRequest(messages=exact))
+    # A prompt plus max_tokens over the window: llama.cpp alone quietly cut max_tokens to what was left and
+    # answered "length"; the backend refuses it as the pipeline does, without one too.
+    half = [{"role": "user", "content": "word " * (words // 2)}]
+    with pytest.raises(ContextOverflowError):
+        small.complete(ChatRequest(messages=half, params={"max_tokens": window}))
 
 
 def test_a_tool_schema_sent_on_every_call_is_checked_once():

@@ -37,6 +37,12 @@ DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models rambl
 LLAMA_EXTRA_SAMPLING = tuple(sorted(BACKEND_SAMPLING - {"repetition_penalty"}))  # vLLM's name for repeat_penalty
 
 
+def _may_call(request: ChatRequest) -> bool:
+    """Whether the answer may be a tool call: tools sent, and not tool_choice "none" (OpenAI then never calls one;
+    the model still sees the tools and may write a <tool_call> block, which stays text)."""
+    return bool(request.tools) and request.params.get("tool_choice") != "none"
+
+
 def _may_be_tool_call(text: str) -> bool:
     head = text.lstrip()
     return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
@@ -111,6 +117,28 @@ class LlamaCppBackend:
         # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
         self._holders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctxkit-llama")
         self._closed = False
+        # llama.cpp's stream reports no usage: count the tokens its sampler hands out (under self._lock), so a
+        # streamed answer is counted as llama.cpp counts the same answer whole (re-tokenizing the text is not).
+        self._sampled: list[int] = []
+        self._llama.generate = self._counting(self._llama.generate)  # type: ignore[method-assign]
+
+    def _counting(self, generate: Callable[..., Iterator[int]]) -> Callable[..., Iterator[int]]:
+        def counted(*args: Any, **kwargs: Any) -> Iterator[int]:
+            self._sampled = []
+            for token in generate(*args, **kwargs):
+                self._sampled.append(token)
+                yield token
+        return counted
+
+    def _generated_tokens(self) -> int:
+        """Completion tokens of the generation just run, as llama.cpp's usage counts them (an end-of-generation
+        token it stopped at is not one)."""
+        import llama_cpp
+
+        n = len(self._sampled)
+        if n and llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, self._sampled[-1]):
+            n -= 1
+        return n
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
@@ -162,7 +190,7 @@ class LlamaCppBackend:
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
-        content, calls = parse_tool_calls(choice["text"]) if request.tools else (choice["text"], [])
+        content, calls = parse_tool_calls(choice["text"]) if _may_call(request) else (choice["text"], [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
@@ -233,11 +261,11 @@ class LlamaCppBackend:
                 if self._closed:
                     raise _closed(self.name)
                 if _past(deadline):
-                    raise _timed_out(self.name, self.prompt.count_text(text))
+                    raise _timed_out(self.name, self._generated_tokens())
                 choice = piece["choices"][0]
                 text += choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
-                if request.tools and _may_be_tool_call(text):
+                if _may_call(request) and _may_be_tool_call(text):
                     continue  # a tool call is only known whole: hold the text back
                 if len(text) > emitted:
                     handed = time.monotonic()
@@ -252,8 +280,9 @@ class LlamaCppBackend:
         finally:
             if pieces is not None:
                 pieces.close()  # llama.cpp's own generator ends while the model is still ours
+            completion_tokens = self._generated_tokens()  # read while the model (and the count) is still ours
             release()
-        content, calls = parse_tool_calls(text) if request.tools else (text, [])
+        content, calls = parse_tool_calls(text) if _may_call(request) else (text, [])
         if calls:
             finish = "tool_calls"
             delta: dict[str, Any] = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
@@ -262,7 +291,6 @@ class LlamaCppBackend:
             yield chunk(delta)
         elif len(text) > emitted:
             yield chunk({"content": text[emitted:]})
-        completion_tokens = self.prompt.count_text(text)
         yield chunk({}, finish)
         yield chunk(None, usage={
             "prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
@@ -343,7 +371,8 @@ class LlamaCppBackend:
                                        f"messages[{i}].content[{k}]")
         self._logit_bias(request)  # a key that is no token id is the caller's error, named, before the model is taken
         tokens = self.prompt.tokens(request.messages, request.tools)
-        if len(tokens) >= self.context_window:
+        # as the pipeline checks it: llama.cpp would silently cut `max_tokens` to what is left of the window
+        if len(tokens) + max(request.max_tokens or 0, 1) > self.context_window:
             raise ContextOverflowError(len(tokens), request.max_tokens or 0, self.context_window)
         return tokens
 

@@ -188,7 +188,9 @@ def prefixed_rules(grammar: str, prefix: str) -> str:
 
 def _text(content: Any) -> str:
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        # a refusal part (an assistant's earlier refusal, replayed) carries its text under "refusal"
+        return "".join(str(part.get("refusal" if part.get("type") == "refusal" else "text") or "")
+                       for part in content if isinstance(part, dict))
     return content or ""
 
 
