@@ -76,7 +76,8 @@ class BackendTimeoutError(BackendError):
 
 
 class BackendStatusError(BackendError):
-    pass
+    # The backend's Retry-After header, when it sent one (a 429 or a 503): how long it asked callers to wait.
+    retry_after: str | None = None
 
 
 class UnknownToolError(CtxkitError, ValueError):

@@ -11,6 +11,7 @@ saving in the ledger is measured, not declared.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import time
@@ -189,8 +190,9 @@ class Pipeline:
         return self._settle(trace, result)
 
     async def acall(self, request: ChatRequest) -> AsyncResult:
-        """The async twin of `call`."""
-        trace = self._start(request)
+        """The async twin of `call`. Validation and token counting run in a worker thread: counting a large
+        prompt takes seconds, and on the event loop it would stall every other call it serves (a proxy's tenants)."""
+        trace = await asyncio.to_thread(self._start, request)
         token = _current_call.set(trace)
         try:
             result = await self._adispatch(trace, 0, trace.request)
@@ -273,14 +275,14 @@ class Pipeline:
         # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
         # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to
         # tokens_naive - tokens_sent even when this stage answers by itself (a cache hit).
-        tally.saved += trace.count(self._naive_from(index, request))
+        tally.saved += await asyncio.to_thread(lambda: trace.count(self._naive_from(index, request)))
         called_next = False
         inner_ms = 0.0
 
         async def call_next(next_request: ChatRequest) -> AsyncResult:
             nonlocal called_next, inner_ms
             called_next = True
-            tally.saved -= trace.count(self._naive_from(index + 1, next_request))
+            tally.saved -= await asyncio.to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
             t0 = time.perf_counter()
             try:
                 return await self._adispatch(trace, index + 1, next_request)
@@ -328,7 +330,7 @@ class Pipeline:
                                   trace, tokens, t0)
 
     async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
-        tokens = self._prepare(trace, request)
+        tokens = await asyncio.to_thread(self._prepare, trace, request)
         trace.unsent = False
         t0 = time.perf_counter()
         if not request.stream:

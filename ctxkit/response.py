@@ -95,8 +95,9 @@ class _Assembler:
         self.chunks += 1
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
-        if chunk.get("usage"):
-            u = chunk["usage"]
+        u = chunk.get("usage")
+        if u and all(isinstance(u.get(name), int) for name in ("prompt_tokens", "completion_tokens")):
+            # (a usage chunk with a count missing or null is no usage: the completion gets counted)
             details = u.get("prompt_tokens_details") or {}
             self.usage = Usage(
                 u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0,

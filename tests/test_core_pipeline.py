@@ -792,3 +792,26 @@ def test_tool_choice_none_never_answers_with_a_tool_call(llama_backend):
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     finally:
         backend.close()
+
+
+def test_an_async_call_counts_and_validates_off_the_event_loop(llama_backend, monkeypatch):
+    """Counting a large prompt takes seconds: on the event loop it stalled every other call the loop served
+    (a proxy's other tenants, its health checks)."""
+    import threading
+
+    counted_on: set[int] = set()
+    count_prompt = llama_backend.counter.count_prompt
+
+    def recording(*args, **kwargs):
+        counted_on.add(threading.get_ident())
+        return count_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(llama_backend.counter, "count_prompt", recording)
+
+    async def main():
+        pipeline = Pipeline(llama_backend, [DropOldestTurn()])
+        await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Say hi."}], params={"max_tokens": 2}))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert counted_on and loop_thread not in counted_on

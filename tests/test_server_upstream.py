@@ -77,33 +77,60 @@ def test_budgets_usage_and_logprobs_come_back_through_a_llama_cpp_upstream(upstr
         assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content
 
 
-def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(llama_backend, tmp_path, monkeypatch):
-    """Some gateways quote the key they refused: the tenant's 502 carried the operator's upstream key.
-    (A fault the real server cannot be made to produce.)"""
-    import http.server
-    import json
-    import threading
+class _Gateway:
+    """A scripted OpenAI-compatible upstream on 127.0.0.1, for faults a real server cannot be made to produce:
+    `answer(n, key)` gives the n-th request's (status, headers, JSON body)."""
 
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def __init__(self, answer):
+        import http.server
+        import json
+        import threading
 
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            key = self.headers.get("Authorization", "").partition(" ")[2]
-            body = json.dumps({"error": {"message": f"Invalid API key: {key}", "type": "invalid_request_error"}})
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+        self.requests = 0
+        gateway = self
 
-    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=gateway.serve_forever, daemon=True).start()
-    secret = "sk-proj-OPERATORSECRET0123456789abcdefghijklmnop"
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                gateway.requests += 1
+                status, headers, body = answer(gateway.requests, self.headers.get("Authorization", "").partition(" ")[2])
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the proxy hung up first
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def close(self):
+        self._server.shutdown()
+
+
+def _completion(usage):
+    return {"id": "c1", "object": "chat.completion", "created": 0, "model": "m", "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello!"}}]}
+
+
+@pytest.mark.parametrize("secret", ["sk-proj-OPERATORSECRET0123456789abcdefghijklmnop", "corp-gw-7f3a9c2e1b8d4f60"])
+def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(secret, llama_backend, tmp_path, monkeypatch):
+    """Some gateways quote the key they refused: the tenant's 502 carried the operator's upstream key. A key
+    not shaped like sk-... ("Invalid API key: corp-gw-...") passed every redaction pattern, into the ledger too."""
+    gateway = _Gateway(lambda n, key: (401, {}, {"error": {"message": f"Invalid API key: {key}",
+                                                           "type": "invalid_request_error"}}))
     monkeypatch.setenv("CTXKIT_TEST_UPSTREAM_KEY", secret)
-    backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{gateway.server_address[1]}/v1",
-                            api_key_env="CTXKIT_TEST_UPSTREAM_KEY", counter=llama_backend.counter, max_retries=0)
+    backend = OpenAIBackend("smollm2", base_url=gateway.url, api_key_env="CTXKIT_TEST_UPSTREAM_KEY",
+                            counter=llama_backend.counter, max_retries=0)
     app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}))
     try:
         with serve_in_thread(app) as base_url:
@@ -113,7 +140,87 @@ def test_an_upstream_error_quoting_the_proxys_key_reaches_no_tenant(llama_backen
                 assert err.value.status_code == 502 and secret not in err.value.response.text
                 assert "Invalid API key" in err.value.response.text
     finally:
-        gateway.shutdown()
+        gateway.close()
+    assert secret not in (tmp_path / "ledger.jsonl").read_text()
+
+
+def test_an_upstreams_retry_after_reaches_the_client_and_retries_are_not_multiplied(llama_backend, tmp_path):
+    """The proxy dropped a 429's Retry-After, so the openai client retried at once; and on top of the proxy's own
+    retries, the client's two more made up to 12 upstream requests for one completion."""
+    gateway = _Gateway(lambda n, key: (429, {"Retry-After": "0"}, {"error": {"message": "slow down",
+                                                                             "type": "rate_limit_error"}}))
+    backend = OpenAIBackend("smollm2", base_url=gateway.url, counter=llama_backend.counter, max_retries=1,
+                            backoff_s=0.01)
+    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}))
+    try:
+        with serve_in_thread(app) as base_url:
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=2, timeout=60)
+            with pytest.raises(openai.RateLimitError) as err:
+                client.chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+            assert err.value.response.headers["retry-after"] == "0"
+            assert err.value.response.headers["x-should-retry"] == "false"
+            assert gateway.requests == 2, "the proxy's own retry only; the client did not retry the proxy's retries"
+    finally:
+        gateway.close()
+
+
+def test_usage_with_a_count_missing_is_counted_not_a_500(llama_backend, tmp_path):
+    """A server that sends usage with a null count: the answer was paid for, then the ledger's sums failed,
+    the client got a 500 and the call had no record."""
+    gateway = _Gateway(lambda n, key: (200, {}, _completion({"prompt_tokens": 30, "completion_tokens": None,
+                                                             "total_tokens": None})))
+    backend = OpenAIBackend("smollm2", base_url=gateway.url, counter=llama_backend.counter, max_retries=0)
+    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}))
+    try:
+        with serve_in_thread(app) as base_url:
+            answer = _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=5)
+    finally:
+        gateway.close()
+    assert answer.choices[0].message.content == "Hello!"
+    (record,) = read_ledger(tmp_path / "ledger.jsonl")
+    assert record.status == "ok" and record.tokens_out == llama_backend.counter.count_text("Hello!")
+    assert not record.usage_reported
+
+
+def test_a_stream_whose_client_left_before_its_first_chunk_frees_its_slot(llama_backend, tmp_path):
+    """A streaming client that gave up while the upstream was still reading a long prompt kept its call, its
+    slot and the upstream busy: with one slot, the next caller waited for an answer nobody read."""
+    import threading
+
+    release = threading.Event()
+
+    def answer(n, key):
+        if n == 1:
+            release.wait(60)  # a long prompt's time to first token
+        return 200, {}, _completion({"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12})
+
+    gateway = _Gateway(answer)
+    backend = OpenAIBackend("smollm2", base_url=gateway.url, counter=llama_backend.counter, max_retries=0)
+    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}),
+                     max_concurrency=1)
+    try:
+        with serve_in_thread(app) as base_url:
+            impatient = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=1)
+            with pytest.raises(openai.APITimeoutError):
+                impatient.chat.completions.create(model="m", messages=HELLO, max_tokens=2, stream=True)
+            patient = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=20)
+            answer_2 = patient.chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+            assert answer_2.choices[0].message.content == "Hello!", "the slot was freed while request 1 still hung"
+    finally:
+        release.set()
+        gateway.close()
+
+
+def test_an_unknown_path_or_method_answers_in_openais_error_shape(llama_backend, tmp_path):
+    import httpx
+
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "up"}))
+    with serve_in_thread(app) as base_url:
+        missing = httpx.post(f"{base_url}/v1/embeddings", json={}, headers={"Authorization": f"Bearer {KEY}"})
+        wrong = httpx.get(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+    assert "POST" in wrong.headers["allow"]
 
 
 @pytest.mark.parametrize(("path", "body", "window"), [

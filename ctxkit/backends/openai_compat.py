@@ -88,6 +88,10 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        # The key's own text, to take out of every error message: a gateway may quote the key it refused, and
+        # a key not shaped like sk-... is one pattern-based redaction cannot recognise. (A placeholder such as
+        # "x" for a local server is no secret, and taking it out would garble every message.)
+        self._secret = key if len(key) >= 8 and key != "not-needed" else None
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self._aclient_args: dict[str, Any] = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
@@ -208,7 +212,10 @@ class OpenAIBackend:
         message = choice.message.model_dump(exclude_none=True)
         message.setdefault("content", None)
         usage = completion.usage
-        if usage is not None:
+        # Some servers send usage with a count missing or null: that is no usage reported (a None would fail the
+        # ledger's sums after the answer was paid for, and the call would be a 500 with no record).
+        if usage is not None and all(isinstance(getattr(usage, name, None), int)
+                                     for name in ("prompt_tokens", "completion_tokens")):
             details = usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
             counted = Usage(usage.prompt_tokens, usage.completion_tokens, cached)
@@ -288,12 +295,19 @@ class OpenAIBackend:
 
     def _translate(self, exc: openai.OpenAIError) -> BackendError:
         if isinstance(exc, openai.APITimeoutError):
-            return BackendTimeoutError(str(exc), backend=self.name)
+            return BackendTimeoutError(self._scrub(str(exc)), backend=self.name)
         if isinstance(exc, openai.APIConnectionError):
-            return BackendConnectionError(str(exc), backend=self.name)
+            return BackendConnectionError(self._scrub(str(exc)), backend=self.name)
         if isinstance(exc, openai.APIStatusError):
-            return BackendStatusError(exc.message, backend=self.name, status=exc.status_code)
-        return BackendError(str(exc), backend=self.name)
+            error = BackendStatusError(self._scrub(exc.message), backend=self.name, status=exc.status_code)
+            # How long the upstream asked callers to wait (a 429, a 503): a proxy passes it on to its clients.
+            error.retry_after = exc.response.headers.get("retry-after")
+            return error
+        return BackendError(self._scrub(str(exc)), backend=self.name)
+
+    def _scrub(self, text: str) -> str:
+        """`text` without this backend's own API key, whatever its shape."""
+        return text.replace(self._secret, "…") if self._secret else text
 
 
 

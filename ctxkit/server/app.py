@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -61,14 +62,15 @@ class HTTPError(Exception):
     """An error answer: status, OpenAI error type, message and the offending field."""
 
     def __init__(self, status: int, kind: str, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.param, self.code = status, kind, message, param, code
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        return JSONResponse(body, status_code=self.status, headers={**headers, **self.headers})
 
 
 def error_for(exc: BaseException) -> HTTPError:
@@ -83,7 +85,9 @@ def error_for(exc: BaseException) -> HTTPError:
         # The proxy's own upstream key was refused: not the client's key, so not a 401 to the client.
         return HTTPError(502, "upstream_error", text, code=f"upstream_{exc.status}")
     if isinstance(exc, BackendStatusError) and exc.status is not None:
-        return HTTPError(exc.status, "upstream_error", text, code=f"upstream_{exc.status}")
+        retry_after = exc.retry_after  # the upstream's own wait (a 429), for the client's retry
+        return HTTPError(exc.status, "upstream_error", text, code=f"upstream_{exc.status}",
+                         headers={"Retry-After": retry_after} if retry_after else None)
     if isinstance(exc, BackendTimeoutError):
         return HTTPError(504, "upstream_timeout", text, code="upstream_timeout")
     if isinstance(exc, (BackendConnectionError, BackendError)):
@@ -122,7 +126,12 @@ class _Proxy:
         except Exception as exc:
             if not isinstance(exc, CtxkitError):
                 logger.exception("unexpected error serving a chat completion")
-            return self._failed("chat", error_for(exc))
+            error = error_for(exc)
+            if isinstance(exc, BackendError) and getattr(self.pipeline.backend, "max_retries", 0) > 0:
+                # The backend already retried this call (OpenAIBackend's --upstream-retries): the openai client
+                # retrying it again (2 more by default) multiplies the upstream's load, and its bill on timeouts.
+                error.headers["x-should-retry"] = "false"
+            return self._failed("chat", error)
         if not chat.stream:
             self.metrics.request_seconds.labels("false").observe(time.perf_counter() - t0)
         self.metrics.requests.labels("chat", str(response.status_code)).inc()
@@ -273,21 +282,23 @@ class _Proxy:
                 self.slots.release()
                 self.metrics.in_flight.dec()
 
+        stream = None
         try:
-            if chat.stream:  # a streaming client that leaves is noticed by the response itself
-                result = await self.pipeline.acall(chat)
-            else:
-                result = await _unless_disconnected(request, self.pipeline.acall(chat))
+            result = await _unless_disconnected(request, self.pipeline.acall(chat))
             if isinstance(result, ChatResponse):
                 release()
                 return JSONResponse(result.to_openai())
             stream = result
             chunks = stream.__aiter__()
             # Wait for the first chunk before answering 200: an upstream that fails now still gets its status.
-            first = await chunks.__anext__()
+            # A client that leaves meanwhile (a long prompt's time to first token) is not noticed by a response
+            # that does not exist yet: watch for it here too, or its call keeps the slot and the upstream busy.
+            first = await _unless_disconnected(request, chunks.__anext__())
         except StopAsyncIteration:
             first = None
         except BaseException:
+            if stream is not None:
+                await stream.aclose()
             release()
             raise
 
@@ -400,7 +411,17 @@ def create_app(
                        prices=pipeline.prices)
     proxy = _Proxy(metered, keys, metrics, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
                    metrics_token=metrics_token)
-    app = Starlette(routes=[
+    async def routing_error(request: Request, exc: Exception) -> Response:
+        # An unknown path (/v1/embeddings) or method answers in OpenAI's error shape too, not plain text.
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        error = HTTPError(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}",
+                          code="unknown_url" if exc.status_code == 404 else "method_not_allowed")
+        response = error.response()
+        response.headers.update(exc.headers or {})
+        return response
+
+    app = Starlette(exception_handlers={StarletteHTTPException: routing_error}, routes=[
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
