@@ -711,3 +711,108 @@ def test_a_standing_fact_is_the_users_own_not_someone_they_quote_and_may_be_lowe
     assert standing('My boss said "I am leaving the company".') == [False]
     assert standing("He wrote to me: “I hate this city”.") == [False]
     assert standing('I told him "fine". I am vegetarian.') == [False, True]
+
+
+def test_a_fold_forced_by_max_tokens_leaves_room_for_the_answer(llama_backend, embedder):
+    """A request whose max_tokens no longer fits is folded even under the trigger, but to the usual target:
+    1196 prompt tokens + max_tokens 3000 still overflowed the 4096 window, and the call failed."""
+    stage = SummarizationStage(llama_backend, trigger_fraction=0.6, keep_last=4, mode="extractive", embedder=embedder)
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    i = 0
+    while llama_backend.counter.count_prompt(messages) < 1300:
+        messages += [{"role": "user", "content": f"Note {i}: invoice {4000 + i} for client Rivera{i} was paid on "
+                                                 f"March {i % 28 + 1} for {i * 13 + 7} dollars. Please remember it."},
+                     {"role": "assistant", "content": f"Noted: invoice {4000 + i} paid."}]
+        i += 1
+    messages.append({"role": "user", "content": "Write the full yearly report now, very detailed."})
+    answer = 3000
+    assert llama_backend.counter.count_prompt(messages) + answer > llama_backend.context_window
+    sent = stage.before_model(ChatRequest(messages=messages, conversation_id="report", params={"max_tokens": answer}))
+    assert llama_backend.counter.count_prompt(list(sent.messages)) + answer <= llama_backend.context_window
+
+
+def test_a_tool_result_arriving_after_its_call_was_folded_is_not_sent_alone(llama_backend, embedder):
+    """A slow parallel call: its result came after the call message was folded (a valid cut then). The old cut
+    was kept, and the result went to the provider without its call, which it refuses."""
+    stage = SummarizationStage(llama_backend, trigger_messages=8, keep_last=2, mode="extractive", embedder=embedder)
+    messages = [{"role": "system", "content": "You are an agent."}]
+    for i in range(3):
+        messages += [{"role": "user", "content": f"Question {i} about order {i}."},
+                     {"role": "assistant", "content": f"Answer {i}: order {i} is fine."}]
+    messages += [
+        {"role": "user", "content": "Check the weather in Oslo and start the slow report job."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_w", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_r", "type": "function", "function": {"name": "report", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_w", "content": "Oslo: 4 C, rain."},
+        {"role": "assistant", "content": "It is 4 C and rainy in Oslo; the report is still running."},
+        {"role": "user", "content": "Thanks, anything else?"},
+        {"role": "assistant", "content": "Nothing else for now."}]
+    stage.before_model(ChatRequest(messages=list(messages), conversation_id="late"))
+    messages += [{"role": "tool", "tool_call_id": "call_r", "content": "Report job finished: 17 pages."},
+                 {"role": "user", "content": "Is the report done?"}]
+    sent = stage.before_model(ChatRequest(messages=list(messages), conversation_id="late")).messages
+    calls = {c["id"] for m in sent for c in (m.get("tool_calls") or [])}
+    assert all(m["tool_call_id"] in calls for m in sent if m["role"] == "tool"), [m["role"] for m in sent]
+
+
+def test_a_message_count_trigger_does_not_fold_again_on_every_call(llama_backend, embedder):
+    """trigger_messages=8 with keep_last=6: a folded request was head + summary + 6 = 8 messages, so the next
+    exchange made 10 and folded again: a new summary, and the cached prefix lost, on 7 calls of 10."""
+    stage = SummarizationStage(llama_backend, trigger_messages=8, mode="extractive", embedder=embedder)
+    ledger = Ledger()
+    pipeline = Pipeline(llama_backend, [stage], ledger=ledger)
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(10):
+        messages += [{"role": "user", "content": f"Question {i}: what is {i} times 7?"},
+                     {"role": "assistant", "content": f"{i} times 7 is {i * 7}."}]
+        pipeline.call(ChatRequest(messages=[*messages, {"role": "user", "content": "ok"}], conversation_id="c",
+                                  params={"max_tokens": 1}))
+    refolds = [e["refolded"] for r in ledger.records for e in r.events if e["kind"] == "prefix_invalidated"]
+    assert sum(refolds) <= len(refolds) // 2 + 1, refolds
+
+
+def test_the_invalidated_prefix_is_counted_with_the_tools_sent_then(llama_backend, embedder):
+    """Tool retrieval picks the tools per call: the previous prompt was counted with its own tools, and the
+    part still in place with this call's, so a refold when the tools grew reported 0."""
+    stage = SummarizationStage(llama_backend, trigger_tokens=900, keep_last=2, mode="extractive", embedder=embedder)
+    ledger = Ledger()
+    pipeline = Pipeline(llama_backend, [stage], ledger=ledger)
+
+    def tool(n):
+        return {"type": "function", "function": {"name": f"tool_{n}", "description": "Looks up a thing. " * 6,
+                "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": "q " * 5}}}}}
+
+    small, big = [tool(0)], [tool(i) for i in range(6)]
+    messages = [{"role": "system", "content": "You are an agent."}]
+    i = 0
+    while llama_backend.counter.count_prompt(messages + [{"role": "user", "content": "x " * 120}], big) <= 900:
+        messages += [{"role": "user", "content": f"Question {i}: the price of item {i}? " + "context " * 30},
+                     {"role": "assistant", "content": f"Item {i} costs {i * 3 + 1} EUR."}]
+        pipeline.call(ChatRequest(messages=list(messages), tools=small, conversation_id="t", params={"max_tokens": 1}))
+        i += 1
+    before = stage.before_model(ChatRequest(messages=list(messages), tools=small, conversation_id="t")).messages
+    messages.append({"role": "user", "content": "Now compare all of them. " + "x " * 120})
+    pipeline.call(ChatRequest(messages=list(messages), tools=big, conversation_id="t", params={"max_tokens": 1}))
+    event = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"][-1]
+    assert event["refolded"]
+    sent = stage.store.get(stage._key(ChatRequest(messages=messages, conversation_id="t"))).last_sent
+    common = next((k for k, (a, b) in enumerate(zip(before, sent, strict=False)) if a != b), min(len(before), len(sent)))
+    counter = llama_backend.counter
+    assert event["tokens"] == counter.count_prompt(list(before), small) - counter.count_prompt(list(before[:common]), small)
+
+
+def test_a_fact_inside_another_only_as_part_of_a_word_is_kept():
+    """The no-repeats rule compared raw substrings: "Booked room 1." was "contained" in "Booked room 12 for
+    Anna.", and the gate code 4521 in 45210."""
+    import numpy as np
+
+    from ctxkit.stages.summarize.facts import Fact, select
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    texts = ["Booked room 12 for Anna.", "Booked room 1.", "The gate code is 45210 for the garage.",
+             "The gate code is 4521.", "Booked room 12"]
+    facts = [Fact(text=t, role="assistant", message=i, fingerprint=str(i), start=0, end=len(t), salience=0.5)
+             for i, t in enumerate(texts)]
+    chosen = select(facts, np.array([1.0, 0.9, 0.8, 0.7, 0.6]), 500, TiktokenCounter("gpt-4o"))
+    assert [f.text for f in chosen] == texts[:4], "a real repeat (the last) is still dropped"

@@ -312,6 +312,11 @@ def _span(source: str | None, start: int, end: int, last: Fact) -> str:
     return source[start:end] if source is not None else last.text
 
 
+def _contains(outer: str, inner: str) -> bool:
+    """Whether `inner` occurs in `outer` as whole words: "booked room 1" is not in "booked room 12"."""
+    return inner in outer and re.search(rf"(?<![^\W_]){re.escape(inner)}(?![^\W_])", outer) is not None
+
+
 def select(
     facts: Sequence[Fact],
     scores: np.ndarray,
@@ -326,9 +331,9 @@ def select(
     lowered = [" ".join(f.text.lower().split()).strip(" .,!?;:") for f in facts]
     used = 0
     for i in (int(j) for j in np.argsort(-scores, kind="stable")):
-        if not lowered[i] or any(lowered[i] in lowered[k] for k in chosen):
+        if not lowered[i] or any(_contains(lowered[k], lowered[i]) for k in chosen):
             continue
-        contained = [k for k in chosen if lowered[k] in lowered[i]]
+        contained = [k for k in chosen if _contains(lowered[i], lowered[k])]
         cost = counter.count_text(facts[i].text) + 2  # separator and line overhead
         refund = sum(chosen[k] for k in contained)
         if used - refund + cost > budget:

@@ -153,10 +153,11 @@ class SummarizationStage(Stage):
             state = self.store.get(key)
             sent = tuple(result.messages)
             if state is not None:
-                invalidated = self._invalidated(state, sent, request.tools)
+                invalidated = self._invalidated(state, sent)
                 record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
                 state.last_sent = sent
                 state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
+                state.last_tools = tuple(request.tools)
         if result.messages is request.messages:
             return request
         return request.override(messages=list(result.messages))
@@ -179,11 +180,12 @@ class SummarizationStage(Stage):
         marks = quarantined(request)
         prints = [fingerprint(m) for m in body]
         state = self.store.get(key)
-        if state is None or not self._still_valid(state, prints, marks):
+        if state is None or not self._still_valid(state, body, prints, marks):
             # New, or the app rewrote its history, or a folded message was quarantined since: start over,
             # remembering what was sent last, so the invalidated prefix is still reported.
             state = ConversationState(last_sent=state.last_sent if state else (),
-                                      last_sent_tokens=state.last_sent_tokens if state else 0)
+                                      last_sent_tokens=state.last_sent_tokens if state else 0,
+                                      last_tools=state.last_tools if state else ())
             if request.conversation_id:  # an implicit key (see _key) keeps only a folded state
                 self.store.put(key, state)
 
@@ -319,6 +321,15 @@ class SummarizationStage(Stage):
         return answer > 0 and tokens + answer > self.backend.context_window
 
     def _target(self, request: ChatRequest) -> int:
+        target = self._base_target(request)
+        answer = request.max_tokens or 0
+        if answer > 0:
+            # The answer needs room too: a fold (triggered or forced by max_tokens, see _over_trigger) must
+            # leave the prompt small enough that prompt + max_tokens fits the window.
+            target = max(1, min(target, self.backend.context_window - answer))
+        return target
+
+    def _base_target(self, request: ChatRequest) -> int:
         if self.target_tokens is not None:
             if self._target_given or self.trigger_tokens is None:
                 return self.target_tokens
@@ -337,7 +348,13 @@ class SummarizationStage(Stage):
         last_possible = len(body) - 1
         while last_possible > floor and not valid[last_possible]:
             last_possible -= 1  # the newest message and the tool results it belongs with
-        cut = max(floor, len(body) - self.keep_last)
+        keep = self.keep_last
+        if self.trigger_messages is not None:
+            # Like the token target: after a fold the next call must have room to append an exchange (2
+            # messages) beside the head and the summary before the count trigger fires again, else every
+            # call folds and sends a new summary.
+            keep = min(keep, max(2, self.trigger_messages - len(head) - 3))
+        cut = max(floor, len(body) - keep)
         while cut > floor and not valid[cut]:
             cut -= 1
         # The kept turns' share is of the target above the part no fold can shrink (system messages, tools).
@@ -364,13 +381,18 @@ class SummarizationStage(Stage):
             return []
         return pinned
 
-    def _still_valid(self, state: ConversationState, prints: list[str], marks: Mapping[str, str]) -> bool:
+    def _still_valid(self, state: ConversationState, body: list[Message], prints: list[str],
+                     marks: Mapping[str, str]) -> bool:
         if state.folded > len(prints) or (state.folded and digest(prints[: state.folded]) != state.folded_digest):
+            return False
+        # A tool result that arrived after the fold for a call that was folded (a slow parallel call): the
+        # old cut now separates them, and the result would be sent without its call. Fold again, validly.
+        if state.folded and not valid_cuts(body)[state.folded]:
             return False
         # The summary sent until the next fold holds what was folded: a source quarantined since must go.
         return not any(source in marks for source in state.included)
 
-    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...], tools: Sequence[Any]) -> int:
+    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...]) -> int:
         """Tokens of the previous request (as passed on) that are no longer a prefix of this one."""
         previous = state.last_sent
         if not previous:
@@ -382,7 +404,9 @@ class SummarizationStage(Stage):
             common += 1
         if common == len(previous):
             return 0
-        kept = self.counter.count_prompt(list(previous[:common]), tools) if common else 0  # tools lead the prompt
+        # Counted with the tools sent *then*: last_sent_tokens includes them, and this call's tools (chosen per
+        # call by tool retrieval) may be bigger or smaller.
+        kept = self.counter.count_prompt(list(previous[:common]), list(state.last_tools)) if common else 0
         return max(0, state.last_sent_tokens - kept)
 
     def _key(self, request: ChatRequest) -> tuple[str, str]:

@@ -51,6 +51,7 @@ class ConversationState:
     vectors: np.ndarray | None = None  # embeddings of `facts`, in order; not persisted
     last_sent: tuple[Any, ...] = ()  # the messages this stage passed on last time; not persisted
     last_sent_tokens: int = 0
+    last_tools: tuple[Any, ...] = ()  # the tools sent with last_sent (they lead the prompt); not persisted
 
     def to_json(self) -> dict[str, Any]:
         return {
