@@ -130,3 +130,23 @@ def test_keys_that_shared_a_lock_file_under_1024_files_no_longer_wait_for_each_o
             worker.start()
             assert entered.wait(5), "a key that shares no lock file waited for another key's flight"
         worker.join()
+
+
+@pytest.mark.parametrize("snapshot", [b"", b"PK\x03\x04 truncated"])
+def test_an_empty_or_truncated_snapshot_is_rebuilt_not_fatal(tmp_path, snapshot):
+    """A disk that filled up mid-write leaves an empty or truncated snapshot: the store would not open
+    (EOFError, BadZipFile), nor the cache stage or `ctxkit serve --cache`, until someone deleted it."""
+    store = LocalStore(tmp_path)
+    fill(store, 10)
+    store.close()
+    (tmp_path / "faiss" / "snapshot-flat.npz").write_bytes(snapshot)
+    again = LocalStore(tmp_path)
+    assert again.stats()["vectors"] == 10
+    again.close()
+
+
+def test_a_damaged_database_is_a_typed_error_naming_the_cache(tmp_path):
+    LocalStore(tmp_path).close()
+    (tmp_path / "meta" / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    with pytest.raises(ConfigurationError, match=str(tmp_path)):
+        LocalStore(tmp_path)

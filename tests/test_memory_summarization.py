@@ -816,3 +816,22 @@ def test_a_fact_inside_another_only_as_part_of_a_word_is_kept():
              for i, t in enumerate(texts)]
     chosen = select(facts, np.array([1.0, 0.9, 0.8, 0.7, 0.6]), 500, TiktokenCounter("gpt-4o"))
     assert [f.text for f in chosen] == texts[:4], "a real repeat (the last) is still dropped"
+
+
+def test_a_damaged_summary_file_starts_the_conversation_over_instead_of_failing_it(llama_backend, embedder, trip,
+                                                                                  tmp_path, caplog):
+    """A state file truncated by a full disk or a crash raised JSONDecodeError on every later call of its
+    conversation. The state is derived from the history the app resends, so the stage summarizes anew."""
+    messages = trip["messages"]
+
+    def stage():
+        return SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="extractive",
+                                  embedder=embedder, state_dir=tmp_path / "state")
+
+    first = stage().before_model(ChatRequest(messages=messages, conversation_id="c")).messages
+    [path] = (tmp_path / "state").rglob("*.json")
+    path.write_text(path.read_text("utf-8")[:40], "utf-8")
+    with caplog.at_level("WARNING", logger="ctxkit"):
+        again = stage().before_model(ChatRequest(messages=messages, conversation_id="c")).messages
+    assert _summary(again) == _summary(first)
+    assert "unreadable" in caplog.text and path.with_suffix(".damaged").exists()

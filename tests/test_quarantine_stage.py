@@ -7,7 +7,10 @@ import json
 import logging
 import threading
 
+import pytest
+
 from ctxkit import ChatRequest, Ledger, Pipeline, Stage
+from ctxkit.errors import ConfigurationError
 from ctxkit.quarantine_marks import has_quarantined, is_quarantined, quarantined
 from ctxkit.stages.quarantine import PLACEHOLDER_PREFIX, QuarantineStage
 from ctxkit.validation import validate_request
@@ -299,3 +302,49 @@ def test_records_and_releases_kept_in_a_directory_outlive_a_restart_and_are_shar
     assert not has_quarantined(first.before_model(request)), "the other worker sees the release at its next call"
     assert not has_quarantined(QuarantineStage(directory=tmp_path).before_model(request)), "and so does a restart"
     assert first.list() == [] and not QuarantineStage(directory=tmp_path).release(record.fingerprint)
+
+
+_KILLED_WRITER = '''
+import os, signal, sys, time
+from ctxkit.stages.quarantine import QuarantineRecord
+from ctxkit.stages.quarantine_registry import QuarantineRegistry
+
+registry = QuarantineRegistry(10_000, sys.argv[1])
+real_set = registry._disk.set
+
+def set_then_die(key, value, *args, **kwargs):
+    if key[0] == "generation":  # the namespace is written, the transaction not yet committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_set(key, value, *args, **kwargs)
+
+registry._disk.set = set_then_die
+registry.add_record(QuarantineRecord("one-more", "ns", "error", "a traceback", "e", "tool", "t", "x", None, time.time()))
+'''
+
+
+def test_a_writer_killed_mid_write_loses_no_quarantine_record_or_release(tmp_path):
+    """A namespace past 32 KB was stored by diskcache in a file of its own, deleted as soon as the new value
+    was set, before the commit: a writer killed then left every record and release of the namespace gone."""
+    import subprocess
+    import sys
+    import time
+
+    from ctxkit.stages.quarantine import QuarantineRecord
+    from ctxkit.stages.quarantine_registry import QuarantineRegistry
+
+    registry = QuarantineRegistry(10_000, tmp_path)
+    for i in range(1500):
+        registry.add_record(QuarantineRecord(f"fp{i}", "ns", "error", "a traceback", "e", "tool", "t", "x" * 200,
+                                             None, time.time()))
+    assert registry.release("fp0", "ns")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], check=False)
+    assert killed.returncode == -9
+    after = QuarantineRegistry(10_000, tmp_path).snapshot("ns")
+    assert len(after.records) == 1499 and "fp0" in after.released
+
+
+def test_a_damaged_registry_is_a_typed_error_naming_its_directory(tmp_path):
+    QuarantineStage(directory=tmp_path)
+    (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    with pytest.raises(ConfigurationError, match=str(tmp_path)):
+        QuarantineStage(directory=tmp_path)

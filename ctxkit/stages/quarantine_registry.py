@@ -11,9 +11,12 @@ read, not a load of every record.
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from .quarantine import QuarantineRecord
@@ -47,7 +50,15 @@ class QuarantineRegistry:
             import diskcache
 
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self._disk = diskcache.Cache(str(directory), eviction_policy="none")
+            # Every value inline in SQLite, never in a file of its own: diskcache deletes a value's old file
+            # as soon as set() returns, before transact() commits, so a writer killed (or interrupted) before
+            # the commit left the row pointing at a deleted file (the whole namespace read back empty), and a
+            # process reading meanwhile saw the namespace empty.
+            try:
+                self._disk = diskcache.Cache(str(directory), eviction_policy="none", disk_min_file_size=1 << 62)
+            except sqlite3.DatabaseError as exc:
+                raise ConfigurationError(f"the quarantine registry in {directory} is damaged ({exc}); move the "
+                                         "directory aside to start with an empty registry") from exc
 
     def snapshot(self, namespace: str) -> Namespace:
         """A copy of the namespace's state, as the disk has it now."""

@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -112,12 +113,16 @@ class LocalStore:
             (self.directory / "faiss").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the cache directory {self.directory}: {exc}") from exc
-        self._entries = diskcache.Cache(
-            str(self.directory / "entries"), size_limit=size_bytes, eviction_policy="least-recently-used",
-            cull_limit=10, timeout=60,
-        )
-        self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
-        self._entries.create_tag_index()
+        try:
+            self._entries = diskcache.Cache(
+                str(self.directory / "entries"), size_limit=size_bytes, eviction_policy="least-recently-used",
+                cull_limit=10, timeout=60,
+            )
+            self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
+            self._entries.create_tag_index()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"the cache in {self.directory} is damaged ({exc}); move it aside or "
+                                     "clear it to start with an empty cache") from exc
         self._check_dimension()
         self._lock = threading.RLock()  # guards the in-memory indexes
         self._flight_guard = threading.Lock()
@@ -457,7 +462,8 @@ class LocalStore:
                     index = faiss.deserialize_index(data[f"index{n}"])
                     ids = data[f"ids{n}"]
                     indexes[info["scope"]] = _ScopeIndex(index, dict(zip(ids.tolist(), info["keys"], strict=False)))
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except Exception:  # noqa: BLE001 - missing, stale or unreadable (OSError, ValueError, BadZipFile on a
+            # truncated file, EOFError on an empty one, RuntimeError from FAISS): the vectors are in meta/
             self._rebuild(epoch)
             return
         self._indexes = indexes

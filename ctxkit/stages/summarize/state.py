@@ -7,9 +7,11 @@ Embeddings are not persisted: they are recomputed from the stored fact texts whe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from .facts import Fact
+
+logger = logging.getLogger("ctxkit")
 
 
 def digest(fingerprints: Sequence[str]) -> str:
@@ -94,7 +98,17 @@ class SummaryStore:
             elif self.directory is not None:
                 path = self._path(key)
                 if path.is_file():
-                    state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
+                    try:
+                        state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
+                    except (OSError, ValueError, KeyError, TypeError) as exc:
+                        # A damaged file (truncated by a full disk or a crash, edited by hand): the state is only
+                        # what this stage derived from the history the app resends, so the conversation starts
+                        # over instead of failing every one of its calls. The file is kept aside to look at.
+                        logger.warning("ctxkit summaries: %s is unreadable (%s); the conversation is summarized anew",
+                                       path, exc)
+                        with contextlib.suppress(OSError):
+                            path.replace(path.with_suffix(".damaged"))
+                        return None
                     self._states[key] = state
             return state
 
@@ -107,9 +121,16 @@ class SummaryStore:
             if self.directory is not None and state.folded:
                 # Write then rename: a crash never leaves half a summary behind.
                 fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(state.to_json(), handle, sort_keys=True, ensure_ascii=False)
-                os.replace(tmp, self._path(key))
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                        json.dump(state.to_json(), handle, sort_keys=True, ensure_ascii=False)
+                        handle.flush()
+                        os.fsync(handle.fileno())  # renamed only once the data is on disk
+                    os.replace(tmp, self._path(key))
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
 
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
