@@ -51,6 +51,16 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
     # A summarizing model's own calls are no call the app made: their tokens are shown beside the savings,
     # their cost is in each record's cost_usd.
     summarizer = [e for r in records for e in r.events if e.get("kind") == "summarizer_call"]
+    # Prompt tokens a stage's edit took out of the provider's (or llama.cpp's) prefix cache. Each stage notes
+    # the previous prompt from its first new edit to the end: one call's stages overlap, so a call counts the
+    # widest of them, not their sum.
+    invalidated_by_stage: Counter[str] = Counter()
+    invalidated = 0
+    for r in ok:
+        notes = [e for e in r.events if e.get("kind") == "prefix_invalidated"]
+        for e in notes:
+            invalidated_by_stage[str(e.get("stage"))] += int(sum(_numbers([e.get("tokens")])))
+        invalidated += int(max(_numbers(e.get("tokens") for e in notes), default=0))
     return {
         "calls": len(records),
         "ok": len(ok),
@@ -63,6 +73,8 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         "tokens_out": sum(r.tokens_out for r in ok),
         "out_saved": sum(r.out_saved for r in ok),
         "tokens_cached": sum(r.tokens_cached for r in ok),
+        "prefix_invalidated": invalidated,
+        "prefix_invalidated_by_stage": dict(invalidated_by_stage),
         "answered_by_stage": dict(Counter(r.answered_by for r in ok if r.answered_by)),
         "saved_by_stage": dict(by_stage),
         "by_model": {model: dict(m) for model, m in sorted(by_model.items())},
@@ -96,6 +108,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"tokens saved     {summary['tokens_saved']} ({summary['saved_ratio']:.1%})",
         f"tokens out       {summary['tokens_out']} (+{summary['out_saved']} answered by stages)",
         f"prefix-cached    {summary['tokens_cached']}",
+        f"prefix un-cached {summary.get('prefix_invalidated', 0)} (by stages' edits of earlier content"
+        + "".join(f"; {k} {v}" for k, v in (summary.get("prefix_invalidated_by_stage") or {}).items()) + ")",
         f"summarizer       {summary['summarizer_calls']} calls, {summary['summarizer_prompt_tokens']} prompt + "
         f"{summary['summarizer_completion_tokens']} completion tokens, ${summary['summarizer_cost_usd']:.4g} "
         "(in the cost, not in the tokens sent)",

@@ -267,3 +267,23 @@ def test_report_reads_a_ledger_from_a_pipe(ledger_with_calls):
     done = subprocess.run([sys.executable, "-m", "ctxkit.cli.main", "report", "/dev/stdin", "--json"],
                           input=ledger_with_calls.read_text(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["calls"] == 3, done.stderr
+
+
+def test_report_says_how_much_prefix_the_stages_edits_took_out_of_the_cache(tmp_path):
+    """The stages record prefix_invalidated so the savings report is honest about provider caching, but the
+    report never read it. One call's events overlap (each runs from its stage's first edit to the end)."""
+    from ctxkit import LedgerRecord
+    from ctxkit.report import format_summary, summarize
+
+    def record(id_, events):
+        return LedgerRecord(id=id_, ts=0.0, backend="llama.cpp", model="m", namespace="n", conversation_id="c",
+                            stream=False, tokens_naive=500, tokens_sent=300, tokens_out=5, saved_by_stage={"s": 200},
+                            events=events)
+
+    records = [record("a", [{"stage": "summarization", "kind": "prefix_invalidated", "tokens": 120, "refolded": True},
+                            {"stage": "tool_results", "kind": "prefix_invalidated", "tokens": 80}]),
+               record("b", [{"stage": "summarization", "kind": "prefix_invalidated", "tokens": 0, "refolded": False}])]
+    summary = summarize(records)
+    assert summary["prefix_invalidated"] == 120
+    assert summary["prefix_invalidated_by_stage"] == {"summarization": 120, "tool_results": 80}
+    assert "prefix un-cached 120" in format_summary(summary)

@@ -9,6 +9,7 @@ the GGUF with `vocab_only=True` (no weights) and count.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,10 @@ class GGUFPrompt:
         eos = model.token_get_text(llama.token_eos()) if llama.token_eos() >= 0 else ""
         bos = model.token_get_text(llama.token_bos()) if llama.token_bos() >= 0 else ""
         self.native_tools = "tools" in template
+        # The texts of the vocabulary's control tokens (<|im_start|>, <|im_end|>, ...). Only the chat template
+        # may write them: in a message's text (a user's, a retrieved document's, a tool result's) they are
+        # plain characters, or that text could close its message and open a system turn of its own.
+        self._specials = _special_texts(llama)
         self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.stop = [eos] if eos else []
         # The context the model was trained for (`<arch>.context_length`); None when the GGUF does not say.
@@ -67,7 +72,29 @@ class GGUFPrompt:
             return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> list[int]:
-        return self.tokenize(self.render(messages, tools))
+        messages = list(messages)
+        risky = [i for i, m in enumerate(messages)
+                 if isinstance(m.get("content"), str) and any(t in m["content"] for t in self._specials)]
+        if not risky:
+            return self.tokenize(self.render(messages, tools))
+        # Render with a marker in place of each such text, then tokenize the template's own text with its
+        # special tokens and the message's text as plain text.
+        marked = list(messages)
+        markers = {}
+        for i in risky:
+            marker = f"\ue000ctxkit-{i}\ue001"
+            markers[marker] = messages[i]["content"]
+            marked[i] = {**messages[i], "content": marker}
+        prompt = self.render(marked, tools)
+        pieces = re.split("(" + "|".join(re.escape(m) for m in markers) + ")", prompt)
+        ids: list[int] = []
+        with self._lock:
+            for piece in pieces:
+                if piece in markers:
+                    ids += self._llama.tokenize(markers[piece].encode("utf-8"), add_bos=False, special=False)
+                elif piece:
+                    ids += self._llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+        return ids
 
     # TokenCounter protocol
     def count_text(self, text: str) -> int:
@@ -85,3 +112,14 @@ class GGUFPrompt:
                 arguments = call["function"]["arguments"]
             text += format_tool_call(call["function"]["name"], arguments)
         return self.count_text(text)
+
+
+def _special_texts(llama: Any) -> tuple[str, ...]:
+    import llama_cpp
+
+    model = llama._model
+    vocab = model.vocab
+    user_defined = getattr(llama_cpp, "LLAMA_TOKEN_ATTR_USER_DEFINED", 0)
+    texts = {model.token_get_text(i) for i in range(llama.n_vocab())
+             if llama_cpp.llama_vocab_is_control(vocab, i) or llama_cpp.llama_vocab_get_attr(vocab, i) & user_defined}
+    return tuple(sorted(t for t in texts if t))

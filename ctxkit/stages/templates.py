@@ -22,6 +22,7 @@ provider (or llama.cpp) has cached stays byte-identical for as long as possible:
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -232,10 +233,11 @@ class PromptTemplate:
         history = [copy.deepcopy(dict(m)) for m in conversation]
         dropped = 0
         budget = self.budgets.get("conversation")
+        framing = _framing(counter) if history else 0
         if budget is not None and history:
-            dropped = _oldest_to_drop(history, budget, counter)
+            dropped = _oldest_to_drop(history, budget, counter, framing)
             history = history[dropped:]
-        tokens["conversation"] = sum(_message_tokens(m, counter) for m in history)
+        tokens["conversation"] = sum(_message_tokens(m, counter) + framing for m in history)
 
         # The newest user message, also when the turn goes on with tool calls and their results after it: the
         # documents stay with the question (and the previous call's prompt stays the prefix of this one)
@@ -351,7 +353,15 @@ def _message_tokens(message: Mapping[str, Any], counter: TokenCounter) -> int:
     return counter.count_text(message_text(dict(message)))
 
 
-def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) -> int:
+def _framing(counter: TokenCounter) -> int:
+    """Tokens the backend's chat template adds around one message (its role, start and end markers): a
+    conversation's budget is what its messages take in the prompt, not their bare text."""
+    head: list[Message] = [{"role": "system", "content": "s"}]
+    probe = counter.count_prompt([*head, {"role": "user", "content": "x"}]) - counter.count_prompt(head)
+    return max(0, probe - counter.count_text("x"))
+
+
+def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter, framing: int = 0) -> int:
     """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid, or, when
     nothing fits, as many as a valid cut allows (the newest message always stays, with the tool call its
     result answers).
@@ -363,7 +373,7 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter) 
     from .summarize.turns import valid_cuts  # here, not at the top: summarize uses this module's engine
 
     valid = valid_cuts(history)
-    sizes = [_message_tokens(m, counter) for m in history]
+    sizes = [_message_tokens(m, counter) + framing for m in history]
     total = sum(sizes)
     if total <= budget:
         return 0
@@ -443,6 +453,12 @@ class TemplateStage(Stage):
         self.template = template
         self.counter = counter
         self.replace_system = replace_system
+        # What the previous call of each conversation was rendered to: the documents move to the newest
+        # question and a budgeted conversation drops its oldest turns, and both un-cache the prompt after
+        # them (a `prefix_invalidated` event, as the other stages that edit earlier content note theirs).
+        self._last: collections.OrderedDict[tuple[str, str], tuple[list[Message], list[Tool]]] = \
+            collections.OrderedDict()
+        self._last_lock = threading.Lock()
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         inputs = request.metadata.get(METADATA_KEY) or {}
@@ -465,4 +481,32 @@ class TemplateStage(Stage):
                          tokens=self.counter.count_text(str(app_system.get("content") or "")))
         metadata = {**request.metadata, "ctxkit.template_id": rendered.template,
                     "ctxkit.kept_documents": rendered.kept_documents}
+        if request.conversation_id:
+            self._note_invalidated((request.namespace, request.conversation_id), messages, rendered.tools)
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
+
+    def _note_invalidated(self, key: tuple[str, str], messages: list[Message], tools: list[Tool]) -> None:
+        with self._last_lock:
+            previous = self._last.get(key)
+            self._last[key] = (copy.deepcopy(messages), copy.deepcopy(tools))
+            self._last.move_to_end(key)
+            while len(self._last) > 1024:
+                self._last.popitem(last=False)
+        if previous is None:
+            return
+        before, tools_before = previous
+        common = 0
+        if tools_before == tools:  # the tool block leads the prompt
+            for a, b in zip(before, messages, strict=False):
+                if a != b:
+                    break
+                common += 1
+        if common == len(before):
+            return
+        tokens = self.counter.count_prompt(before, tools_before)
+        if common:
+            tokens -= self.counter.count_prompt(before[:common], tools_before)
+        if tokens > 0:
+            from ..pipeline import record_event
+
+            record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=common)
