@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError
+from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
 
 # Lock files, made as needed in 256 folders. Two unrelated keys that share one wait for each other's whole
@@ -113,6 +114,7 @@ class LocalStore:
             (self.directory / "faiss").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the cache directory {self.directory}: {exc}") from exc
+        remove_stale(self.directory / "faiss", ".*.tmp")
         try:
             self._entries = diskcache.Cache(
                 str(self.directory / "entries"), size_limit=size_bytes, eviction_policy="least-recently-used",

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...temp_files import remove_stale
 from .facts import Fact
 
 logger = logging.getLogger("ctxkit")
@@ -84,6 +85,7 @@ class SummaryStore:
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.directory, "*.tmp")
 
     def _path(self, key: tuple[str, str]) -> Path:
         assert self.directory is not None

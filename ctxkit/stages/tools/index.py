@@ -35,6 +35,7 @@ import numpy as np
 
 from ...embed import DEFAULT_MODEL_ID, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
+from ...temp_files import remove_stale
 from .lexical import LexicalIndex
 from .text import ToolDocument
 from .vectors import VectorMemo, VectorStore
@@ -392,6 +393,7 @@ class ToolIndex:
         if folder is None or not self._save or self.catalog_hash == self._on_disk:
             return
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale(folder, "index.*.tmp.npz")
         tmp = folder / f"index.{uuid.uuid4().hex}.tmp.npz"
         np.savez(tmp, hashes=np.array(self._hashes, dtype=str), ids=np.array(self._ids, dtype=np.int64),
                  vectors=self._vectors.astype(np.float32))

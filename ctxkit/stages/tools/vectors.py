@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...temp_files import remove_stale
+
 LEGACY_FILE = "vectors.npz"  # before batches: one member per tool, rewritten whole on every addition
 
 
@@ -62,6 +64,7 @@ class VectorStore:
     def __init__(self, folder: Path, *, max_batches: int = 32) -> None:
         self.folder = folder
         self.max_batches = max_batches
+        remove_stale(folder, "*.tmp")
 
     def read(self) -> dict[str, np.ndarray]:
         """Every stored vector, by tool hash."""
