@@ -662,6 +662,9 @@ def test_a_model_summary_keeps_only_sentences_the_turns_support_once_each():
                                 "The train leaves at 18:30 from Gare de Lyon. Dinner reservations were discussed.",
                                 turns)
     assert summary == "The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3." and dropped == 2
+    # A loop inside one sentence, made of the turns' own words: only its lack of variety gives it away.
+    looped_call = "The agent called get_log_access" + "_log_access" * 8 + "."
+    assert grounded(looped_call, ["called get_log_access for the access log"]) == ("", 1)
 
 
 def test_the_memory_benchmark_scores_the_history_not_the_question_and_gives_the_baseline_its_budget(llama_backend):

@@ -148,7 +148,7 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
         words = _words(sentence) - _REPORTING
         # A sentence in a script without spaces (Chinese, Japanese) has no words to look up: kept, unjudged.
         supported = len(words & source_words) * 2 >= len(words) if words else bool(_UNSPACED.search(sentence))
-        if key in seen or not supported or not _numbers(sentence) <= source_numbers:
+        if key in seen or not supported or not _numbers(sentence) <= source_numbers or _loops(sentence):
             dropped += 1
             continue
         seen.add(key)
@@ -156,6 +156,15 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
     return " ".join(kept), dropped
 
 
+def _loops(sentence: str) -> bool:
+    """A sentence that repeats itself inside ("get_log_access_log_access_log_access..."): a model stuck in a
+    loop. Its words are the sources' own, so only their variety gives it away: a sentence of twelve or more
+    words of which fewer than half are different (prose of that length has about three in four)."""
+    words = [w.lower() for w in _TOKEN.findall(sentence)]
+    return len(words) >= 12 and len(set(words)) * 2 < len(words)
+
+
+_TOKEN = re.compile(r"[^\W_]+")  # underscores split too: a looping identifier is many words
 # Scripts written without spaces: a run of their characters is a phrase, not a word to look up.
 _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\u0e00-\u0e7f]")
 
