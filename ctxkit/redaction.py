@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import re
 
-_KEY_NAME = (r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|secret|"
+# Bounded: an unbounded `(?:[A-Za-z0-9]+[_-])*` (and scheme) is tried at every word start and runs to the end of
+# a long `item-item-item-...` run, quadratic time (25 KB took 10 s, in the proxy's event loop).
+# A prefix with a separator (DB_PASSWORD), or one of the glued-on env-variable prefixes (PGPASSWORD).
+_KEY_NAME = (r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}(?:pg|db|mysql|redis)?(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|secret|"
              r"access[_-]?token|auth[_-]?token|refresh[_-]?token|token|password|passwd|pwd)")
 # Each alternative captures exactly one group: the part kept so a reader can tell which secret it was.
 _SECRET = re.compile(
     r"\b((?:sk|pk|rk)[-_][A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}"  # OpenAI- and Stripe-style keys
     r"|\b(AKIA[A-Z0-9]{4})[A-Z0-9]{12}\b"  # AWS access key ids
     r"|\b(gh[pousr]_[A-Za-z0-9]{4})[A-Za-z0-9]{16,}"  # GitHub tokens
+    r"|\b(github_pat_[A-Za-z0-9]{4})[A-Za-z0-9_]{16,}"  # GitHub fine-grained personal access tokens
+    r"|\b(glpat-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{12,}"  # GitLab personal access tokens
+    r"|\b(hf_[A-Za-z0-9]{4})[A-Za-z0-9]{16,}"  # Hugging Face tokens
     r"|\b(xox[abprs]-[A-Za-z0-9]{4})[A-Za-z0-9\-]{6,}"  # Slack tokens
     r"|\b(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}"  # Google API keys
     r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
     r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
-    r"|(\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:)[^\s@/]+(?=@)"  # user:password@ in URLs
+    r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]+:)[^\s@/]+(?=@)"  # user:password@ in URLs
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
     # "key": "value" (a quoted value may hold spaces; its quotes stay), and key=value
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*\")[^\"\n]{{4,}}(?=\")"

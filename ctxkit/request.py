@@ -77,7 +77,8 @@ class ChatRequest:
     def named_tool(self) -> str | None:
         """The tool `tool_choice={"type": "function", "function": {"name": X}}` forces, X; None otherwise."""
         choice = self.params.get("tool_choice") if isinstance(self.params, Mapping) else None
-        name = (choice.get("function") or {}).get("name") if isinstance(choice, Mapping) else None
+        function = choice.get("function") if isinstance(choice, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None  # {"function": "x"}: no name
         return name if isinstance(name, str) else None
 
     @classmethod
@@ -93,6 +94,13 @@ class ChatRequest:
         # openai client reads them: wrappers pass them for every setting their caller did not make.
         kwargs = {k: v for k, v in kwargs.items() if not _not_given(v)}
         ctx = dict(defaults)
+        if kwargs.get("messages") is None:  # as openai's client: a missing argument is named, not a KeyError
+            raise RequestError("is required", "messages")
+        for key, kinds, wanted in (("messages", (list, tuple), "a list of messages"),
+                                   ("tools", (list, tuple, type(None)), "a list of tool schemas"),
+                                   ("extra_body", (Mapping, type(None)), "an object")):
+            if not isinstance(kwargs.get(key), kinds):
+                raise RequestError(f"must be {wanted}, got {type(kwargs[key]).__name__}", key)
         extra_body = dict(kwargs.pop("extra_body", None) or {})
         own = extra_body.pop("ctxkit", None) or {}
         fields = {f.name for f in dataclasses.fields(cls)} - {"messages", "tools", "params", "model", "stream",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +47,10 @@ def check_tool_choice_offered(request: ChatRequest) -> None:
 
 
 def _validate_fields(request: ChatRequest) -> None:
+    # The ledger records it and prices it by name: an int reached PriceTable.price as an AttributeError,
+    # which replaced the call's own error and lost its ledger record.
+    if request.model is not None and not isinstance(request.model, str):
+        raise RequestError(f"must be a string, got {type(request.model).__name__}", "model")
     # Stages key their state on these (a summary per conversation, cache entries per namespace).
     if not isinstance(request.namespace, str) or not request.namespace:
         raise RequestError(f"must be a non-empty string, got {request.namespace!r}", "namespace")
@@ -56,7 +61,7 @@ def _validate_fields(request: ChatRequest) -> None:
         raise RequestError(f"must be an object, got {type(request.metadata).__name__}", "metadata")
     timeout = request.timeout
     if timeout is not None and not _is_httpx_timeout(timeout) and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):
         raise RequestError(f"must be a positive number of seconds (or an httpx.Timeout), got {timeout!r}", "timeout")
     headers = request.extra_headers
     # openai.Omit() as a value takes a header the client would send out of the request, as in openai
@@ -122,6 +127,7 @@ def _validate_messages(messages: Any) -> None:
 
 def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
     if isinstance(content, str):
+        _check_unicode(content, index, "content")
         return
     if isinstance(content, list) and allow_parts:
         for k, part in enumerate(content):
@@ -131,9 +137,21 @@ def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
                 )
             if part["type"] == "text" and not isinstance(part.get("text"), str):
                 raise InvalidMessageError("text must be a string", index, f"content[{k}].text")
+            if part["type"] == "text":
+                _check_unicode(part["text"], index, f"content[{k}].text")
         return
     expected = "a string or a list of content parts" if allow_parts else "a string"
     raise InvalidMessageError(f"must be {expected}, got {type(content).__name__}", index, "content")
+
+
+def _check_unicode(text: str, index: int, field: str) -> None:
+    """A lone surrogate ("\\ud800" in a JSON body) is no Unicode text: the tokenizer's UTF-8 encode failed deep in
+    the backend (a 500 from `ctxkit serve`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError(f"holds a lone surrogate {text[exc.start]!r} at {exc.start}, which is not valid "
+                                  "Unicode", index, field) from None
 
 
 def _check_tool_calls(tool_calls: Any, index: int) -> list[str]:

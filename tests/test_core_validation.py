@@ -286,3 +286,70 @@ def test_a_tool_schema_sent_on_every_call_is_checked_once():
     for _ in range(2):  # a remembered error is still raised, with its place
         with pytest.raises(InvalidToolError, match=r"tools\[0\].*properties.*n"):
             validate_request(request.override(tools=[bad]))
+
+
+def test_a_schema_llama_cpp_cannot_parse_is_a_request_error_not_a_crash():
+    """`"pattern": "^\\d{5}$"` (and an empty enum) passed validation, and llama.cpp, unable to parse the
+    grammar made from it, sampled without one: the whole process died (SIGSEGV), the proxy with it."""
+    import subprocess
+    import sys
+
+    script = """
+from ctxkit import LlamaCppBackend, Pipeline, RequestError
+client = Pipeline(LlamaCppBackend(n_ctx=512, n_threads=1)).openai()
+def tool(spec):
+    return [{"type": "function", "function": {"name": "lookup", "description": "Look up a code",
+             "parameters": {"type": "object", "properties": {"code": spec}, "required": ["code"]}}}]
+for spec in ({"type": "string", "pattern": "^\\\\d{5}$"}, {"type": "string", "enum": []}):
+    try:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Look up 10001."}],
+                                       tools=tool(spec), max_tokens=8)
+        print("answered")
+    except RequestError as exc:
+        print("refused", exc.where)
+ok = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Look up 10001."}],
+                                    tools=tool({"type": "string", "pattern": "^[0-9]{5}$"}), max_tokens=8)
+print("fine", ok.choices[0].finish_reason)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["refused tools[0].function.parameters"] * 2, done.stdout
+    assert "fine" in done.stdout
+
+
+def test_malformed_create_arguments_are_typed_errors_naming_the_argument(llama_backend):
+    """A missing `messages`, `tools` given as one dict, `extra_body` as a string, a `tool_choice` whose
+    function is a bare name, a `model` that is a number: KeyError, TypeError, AttributeError (a 500 from
+    `ctxkit serve`), or a ledger record lost to the price lookup."""
+    client = Pipeline(llama_backend, ledger=Ledger()).openai()
+    hello = [{"role": "user", "content": "hi"}]
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    cases = [({}, "messages"), ({"messages": hello, "tools": weather}, "tools"),
+             ({"messages": hello, "extra_body": "x"}, "extra_body"),
+             ({"messages": hello, "tools": [weather], "tool_choice": {"type": "function", "function": "get_weather"}},
+              "tool_choice"),
+             ({"messages": hello, "model": 5}, "model"),
+             ({"messages": hello, "timeout": float("inf")}, "timeout")]
+    for kwargs, where in cases:
+        with pytest.raises(RequestError) as info:
+            client.chat.completions.create(**{"model": "m", "max_tokens": 2, **kwargs})
+        assert info.value.where == where, (kwargs, info.value)
+
+
+def test_a_lone_surrogate_is_an_invalid_message_naming_where(llama_backend):
+    client = Pipeline(llama_backend).openai()
+    for content, field in (("hi \ud800 there", "content"), ([{"type": "text", "text": "\udfff"}], "content[0].text")):
+        with pytest.raises(InvalidMessageError) as info:
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": content}])
+        assert info.value.where == f"messages[0].{field}", info.value.where
+
+
+def test_a_file_that_is_no_gguf_is_a_configuration_error(tmp_path):
+    from ctxkit import ConfigurationError, LlamaCppBackend
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"not a model" * 100)
+    with pytest.raises(ConfigurationError, match="cannot load the GGUF model"):
+        LlamaCppBackend(path)
+    with pytest.raises(ConfigurationError, match="n_ctx"):
+        LlamaCppBackend(n_ctx=-5)

@@ -348,3 +348,15 @@ def test_a_damaged_registry_is_a_typed_error_naming_its_directory(tmp_path):
     (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
     with pytest.raises(ConfigurationError, match=str(tmp_path)):
         QuarantineStage(directory=tmp_path)
+
+
+def test_a_key_at_the_excerpts_cut_is_redacted_before_it_is_cut():
+    """The excerpt was cut to 160 characters, then redacted: a key cut in two was too short to match, and the
+    part before the cut stayed in the record, the log and the ledger."""
+    secret = "ghp_abcdefghijklmnopqrstuvwxyz0123456789"
+    head = '{"error": "' + "upstream refused the request " * 4 + "with the failing key "
+    assert len(head) + 8 < 160 < len(head) + len(secret), "the key straddles the cut"
+    stage = QuarantineStage()
+    stage.before_model(ChatRequest(messages=[*_first_step()[:2], *_turn(f'{head}{secret} for repo o/r"}}')]))
+    [record] = stage.list()
+    assert "ghp_abcdefg" not in record.excerpt, record.excerpt  # redaction keeps "ghp_abcd" to say which key

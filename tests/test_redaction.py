@@ -22,6 +22,10 @@ SECRETS = [
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "MIIEpAIBAAKCAQEA"),
     ("Authorization: Bearer abcdefghijkl", "abcdefghijkl"),
     ("AKIAABCDEFGHIJKLMNOP used", "EFGHIJKLMNOP"),
+    ("HF_TOKEN hf_abcdefghijklmnopqrstuvwxyz012345", "qrstuvwxyz012345"),
+    ("git clone https://github_pat_11ABCDEFG0123456789_abcdefghijklmnop@github.com/o/r", "abcdefghijklmnop"),
+    ("glpat-abcdefghij0123456789 expired", "0123456789"),
+    ("PGPASSWORD=S3cretPassw0rd psql -h db", "S3cretPassw0rd"),
 ]
 
 
@@ -34,3 +38,15 @@ def test_secrets_are_cut(text, secret):
                                   "https://example.com/path?q=1", "a password policy: 12 characters"])
 def test_ordinary_text_is_left_alone(text):
     assert redact(text) == text
+
+
+def test_a_long_run_of_joined_words_is_redacted_in_linear_time():
+    """`(?:[A-Za-z0-9]+[_-])*` before the key names was retried at every word start and ran to the end of an
+    `item-item-...` run: 25 KB took 10 s (in the proxy's event loop, for an error quoting a bad value)."""
+    import subprocess
+    import sys
+
+    script = "from ctxkit.redaction import redact; print(len(redact('item-' * 40_000 + ' password=hunter2hunter2')))"
+    # 200 KB: minutes of work before, a fraction of a second now; the limit only stops a runaway.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert int(done.stdout) < 200_000 + 25

@@ -103,10 +103,15 @@ class LlamaCppBackend:
         if not path.is_file():
             raise ConfigurationError(f"GGUF model file not found: {path}")
         self.model_path = path
-        self._llama = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-            verbose=verbose, **llama_kwargs,
-        )
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise ConfigurationError(f"n_ctx must be a whole number >= 0 (0: the model's own), got {n_ctx!r}")
+        try:
+            self._llama = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                verbose=verbose, **llama_kwargs,
+            )
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" (not a GGUF, truncated)
+            raise ConfigurationError(f"cannot load the GGUF model {path}: {exc}") from None
         self.prompt = GGUFPrompt(self._llama)
         self.counter: TokenCounter = self.prompt
         self.model = model_name or path.stem
@@ -120,6 +125,7 @@ class LlamaCppBackend:
         # llama.cpp's stream reports no usage: count the tokens its sampler hands out (under self._lock), so a
         # streamed answer is counted as llama.cpp counts the same answer whole (re-tokenizing the text is not).
         self._sampled: list[int] = []
+        self._parsed_grammars: dict[str, None] = {}  # GBNF llama.cpp has parsed, oldest first
         self._llama.generate = self._counting(self._llama.generate)  # type: ignore[method-assign]
 
     def _counting(self, generate: Callable[..., Iterator[int]]) -> Callable[..., Iterator[int]]:
@@ -392,27 +398,45 @@ class LlamaCppBackend:
             bias[token] = float(value)
         return bias or None
 
-    @staticmethod
-    def _grammar_text(request: ChatRequest) -> str | None:
+    def _grammar_text(self, request: ChatRequest) -> str | None:
         """The GBNF the answer must match; a schema llama.cpp's converter cannot take (a `$ref` to nowhere, `not`)
-        is a RequestError naming the schema, like everything else the local model cannot honour."""
+        is a RequestError naming the schema, like everything else the local model cannot honour.
+
+        The converter's output is parsed here, before sampling: llama.cpp returns no sampler for GBNF it cannot
+        parse (a pattern with `\\d`, an empty `enum`), and sampling with none kills the process (SIGSEGV)."""
         params = request.params
         try:
-            answer_format = _format_grammar(params)
+            answer_format = self._parsed(_format_grammar(params))
         except Exception as exc:
             raise RequestError(f"the local model cannot follow this schema: {exc}",
                                "response_format.json_schema.schema") from exc
         try:
             # With tools offered ("auto"), an answer that calls none is the JSON a response_format asks for, not free text.
-            return tool_call_grammar(list(request.tools), params.get("tool_choice"), answer_format) or answer_format
+            return self._parsed(tool_call_grammar(list(request.tools), params.get("tool_choice"), answer_format)
+                                ) or answer_format
         except Exception as exc:
             for i, tool in enumerate(request.tools):
                 try:
-                    tool_call_grammar([tool], "required")
+                    self._parsed(tool_call_grammar([tool], "required"))
                 except Exception as one:
                     raise RequestError(f"the local model cannot follow this schema: {one}",
                                        f"tools[{i}].function.parameters") from exc
             raise RequestError(f"the local model cannot follow the tools' schemas: {exc}", "tools") from exc
+
+    def _parsed(self, grammar: str | None) -> str | None:
+        """`grammar`, once llama.cpp has parsed it; ValueError when it cannot."""
+        import llama_cpp
+
+        if grammar is None or grammar in self._parsed_grammars:
+            return grammar
+        sampler = llama_cpp.llama_sampler_init_grammar(self._llama._model.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise ValueError("llama.cpp cannot parse the grammar made from it (see its log for the rule)")
+        llama_cpp.llama_sampler_free(sampler)
+        if len(self._parsed_grammars) >= 256:  # an agent sends the same tools on every step: parse them once
+            self._parsed_grammars.pop(next(iter(self._parsed_grammars)))
+        self._parsed_grammars[grammar] = None
+        return grammar
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""

@@ -846,11 +846,11 @@ class QuarantineStage(Stage):
         self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
     ) -> QuarantineRecord:
         # The evidence is often an error text, and error texts quote keys: the record, the log line and the
-        # ledger event carry it redacted.
+        # ledger event carry it redacted (the excerpt redacted before it is cut: a key cut in two escapes it).
         record = QuarantineRecord(
             fingerprint=fp, namespace=request.namespace, kind=finding.kind, reason=finding.reason,
             evidence=redact(finding.evidence),
-            role=str(message.get("role")), source=source, excerpt=redact(_short(message_text(dict(message)), 160)),
+            role=str(message.get("role")), source=source, excerpt=_short(redact(message_text(dict(message))), 160),
             conversation_id=request.conversation_id, created_at=time.time(),
         )
         kept = self.registry.add_record(record)
