@@ -219,7 +219,7 @@ def test_opt_out_per_request(stage, off):
 @pytest.mark.parametrize("seconds", [0, -5, float("nan"), "60", True])
 def test_a_bad_namespace_ttl_is_refused_when_the_stage_is_made(store, embedder, seconds):
     """{"ns": 0} was accepted, then every call in "ns" failed after the backend had answered."""
-    with pytest.raises(ValueError, match=r"namespace_ttl\['ns'\] must be a positive number"):
+    with pytest.raises(ConfigurationError, match=r"namespace_ttl\['ns'\] must be a positive number"):
         SemanticCacheStage(store, embedder, namespace_ttl={"ns": seconds})
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxkit import ChatRequest, RequestError
+from ctxkit import ChatRequest, ConfigurationError, RequestError
 from ctxkit.stages.pruning import DocumentPruningStage, DocumentRanker
 from ctxkit.stages.pruning.documents import REPORT_KEY, render_documents
 from ctxkit.validation import validate_request
@@ -152,8 +152,23 @@ def test_malformed_documents_raise_a_request_error(documents):
 
 
 def test_a_stage_needs_a_budget():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError):
         DocumentPruningStage()
+
+
+def test_every_stage_refuses_a_bad_setting_with_ctxkits_own_error():
+    """Stage constructors raised plain ValueError: an app catching CtxkitError (as the docs say all errors
+    derive from it) missed them."""
+    from ctxkit.stages.cache import SemanticCacheStage
+    from ctxkit.stages.pruning import DedupStage, ToolResultClearingStage
+    from ctxkit.stages.quarantine import QuarantineStage
+
+    for build in (lambda: DedupStage(threshold=2), lambda: ToolResultClearingStage(keep_last=-1),
+                  lambda: ToolResultClearingStage(clear_at_least=-1), lambda: QuarantineStage(max_records=0),
+                  lambda: DocumentPruningStage(budget_tokens=0),
+                  lambda: SemanticCacheStage(None, embedder=object(), ttl=-1)):
+        with pytest.raises(ConfigurationError):
+            build()
 
 
 def test_a_rendered_message_carrying_a_quarantined_document_is_marked():

@@ -44,6 +44,7 @@ from typing import Any
 
 import jsonschema
 
+from ..errors import ConfigurationError
 from ..pipeline import record_event
 from ..quarantine_marks import DOCUMENTS_KEY, PLACEHOLDER_PREFIX, fingerprint, mark
 from ..redaction import redact
@@ -677,14 +678,14 @@ class QuarantineStage(Stage):
         directory: keep the records and releases there too (quarantine_registry.py): they outlive a restart,
         and processes given the same directory share them."""
         if max_records < 1:
-            raise ValueError(f"max_records must be at least 1, got {max_records}")
+            raise ConfigurationError(f"max_records must be at least 1, got {max_records}")
         self.max_records = max_records
         self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
         for tool, schema in self.output_schemas.items():
             try:
                 jsonschema.Draft202012Validator.check_schema(schema)
             except jsonschema.SchemaError as exc:
-                raise ValueError(f"output schema of {tool!r} is not a valid JSON Schema: {exc.message}") from None
+                raise ConfigurationError(f"output schema of {tool!r} is not a valid JSON Schema: {exc.message}") from None
         self.check_errors = check_errors
         self.check_schemas = check_schemas
         self.check_injection = check_injection

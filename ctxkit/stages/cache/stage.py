@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import RequestError
+from ...errors import ConfigurationError, RequestError
 from ...pipeline import record_event
 from ...quarantine_marks import has_quarantined
 from ...request import ChatRequest
@@ -95,18 +95,16 @@ class SemanticCacheStage(Stage):
         clock: Callable[[], float] = time.time,
     ) -> None:
         if self.semantic and embedder is None:
-            from ...errors import ConfigurationError
-
             raise ConfigurationError("SemanticCacheStage needs an embedder (ctxkit.embed.Embedder)")
         if ttl is not None and ttl <= 0:
-            raise ValueError("ttl must be positive (or None)")
+            raise ConfigurationError("ttl must be positive (or None)")
         for ns, seconds in (namespace_ttl or {}).items():
             if seconds is None:  # as for `ttl`: this namespace's answers stay until evicted
                 continue
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-                raise ValueError(f"namespace_ttl[{ns!r}] must be a positive number of seconds or None (until evicted), got {seconds!r} "
-                                 "(to keep a namespace out of the cache, send its requests with metadata "
-                                 "{'cache': False})")
+                raise ConfigurationError(f"namespace_ttl[{ns!r}] must be a positive number of seconds or None (until "
+                                         f"evicted), got {seconds!r} (to keep a namespace out of the cache, send "
+                                         "its requests with metadata {'cache': False})")
         self.store = store
         self.embedder = embedder
         self.thresholds = thresholds or Thresholds()

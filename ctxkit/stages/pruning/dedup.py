@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ConfigurationError
 from ...quarantine_marks import carry
 from ...request import ChatRequest
 from ...response import message_text
@@ -54,7 +55,7 @@ class MinHasher:
 
     def __init__(self, num_perm: int = 128, bands: int = 32, shingle: int = 3, seed: int = 7) -> None:
         if num_perm % bands:
-            raise ValueError("num_perm must be a multiple of bands")
+            raise ConfigurationError("num_perm must be a multiple of bands")
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
         self.b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
@@ -108,7 +109,7 @@ class DedupStage(Stage):
         counter: TokenCounter | None = None,
     ) -> None:
         if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+            raise ConfigurationError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self.min_tokens = min_tokens
         self.dedup_documents = documents

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ...errors import RequestError
+from ...errors import ConfigurationError, RequestError
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
 from ...request import ChatRequest, call_answered, tool_calls_by_id
@@ -398,11 +398,11 @@ class DocumentPruningStage(Stage):
         ranker: DocumentRanker | None = None,
     ) -> None:
         if budget_tokens is None and budget_fraction is None:
-            raise ValueError("give budget_tokens, budget_fraction or both")
+            raise ConfigurationError("give budget_tokens, budget_fraction or both")
         if budget_tokens is not None and budget_tokens < 1:
-            raise ValueError(f"budget_tokens must be >= 1, got {budget_tokens}")
+            raise ConfigurationError(f"budget_tokens must be >= 1, got {budget_tokens}")
         if budget_fraction is not None and not 0 < budget_fraction <= 1:
-            raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+            raise ConfigurationError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
         self.budget_tokens = budget_tokens
         self.budget_fraction = budget_fraction
         self.long_message_tokens = long_message_tokens

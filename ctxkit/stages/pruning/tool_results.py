@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ...errors import ConfigurationError
 from ...quarantine_marks import PLACEHOLDER_PREFIX as QUARANTINE_PLACEHOLDER_PREFIX
 from ...quarantine_marks import carry
 from ...request import ChatRequest, call_answered
@@ -62,9 +63,9 @@ class ToolResultClearingStage(Stage):
         counter: TokenCounter | None = None,
     ) -> None:
         if keep_last < 0:
-            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+            raise ConfigurationError(f"keep_last must be >= 0, got {keep_last}")
         if clear_at_least < 0:
-            raise ValueError(f"clear_at_least must be >= 0, got {clear_at_least}")
+            raise ConfigurationError(f"clear_at_least must be >= 0, got {clear_at_least}")
         self.keep_last = keep_last
         self.clear_at_least = clear_at_least
         self.exclude_tools = frozenset(exclude_tools)
