@@ -126,7 +126,7 @@ class LlamaCppBackend:
         # streamed answer is counted as llama.cpp counts the same answer whole (re-tokenizing the text is not).
         self._sampled: list[int] = []
         self._parsed_grammars: dict[str, None] = {}  # GBNF llama.cpp has parsed, oldest first
-        self._llama.generate = self._counting(self._llama.generate)  # type: ignore[method-assign]
+        self._llama.generate = self._counting(self._llama.generate)  # type: ignore[method-assign,assignment]
 
     def _counting(self, generate: Callable[..., Iterator[int]]) -> Callable[..., Iterator[int]]:
         def counted(*args: Any, **kwargs: Any) -> Iterator[int]:

@@ -282,7 +282,7 @@ class _Proxy:
                 self.slots.release()
                 self.metrics.in_flight.dec()
 
-        stream = None
+        stream: Any = None
         try:
             result = await _unless_disconnected(request, self.pipeline.acall(chat))
             if isinstance(result, ChatResponse):

@@ -473,7 +473,7 @@ class TemplateStage(Stage):
         # The app's system message goes only when the template brings its own to replace it.
         own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
         keep = app_system is not None and (not self.replace_system or not own_system)
-        messages = [app_system, *rendered.messages] if keep else rendered.messages
+        messages: list[Message] = [app_system, *rendered.messages] if keep and app_system else rendered.messages
         if app_system is not None and not keep:
             from ..pipeline import record_event
 
