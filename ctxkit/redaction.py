@@ -24,7 +24,7 @@ _SECRET = re.compile(
     r"|\b(hf_[A-Za-z0-9]{4})[A-Za-z0-9]{16,}"  # Hugging Face tokens
     r"|\b(xox[abprs]-[A-Za-z0-9]{4})[A-Za-z0-9\-]{6,}"  # Slack tokens
     r"|\b(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}"  # Google API keys
-    r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
+    r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{0,1024}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
     r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
     r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]+:)[^\s@/]+(?=@)"  # user:password@ in URLs
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers

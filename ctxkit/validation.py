@@ -144,6 +144,17 @@ def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
     raise InvalidMessageError(f"must be {expected}, got {type(content).__name__}", index, "content")
 
 
+_SURROGATE = "holds a lone surrogate, which is not valid Unicode"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_unicode(text: str, index: int, field: str) -> None:
     """A lone surrogate ("\\ud800" in a JSON body) is no Unicode text: the tokenizer's UTF-8 encode failed deep in
     the backend (a 500 from `ctxkit serve`)."""
@@ -167,6 +178,8 @@ def _check_tool_calls(tool_calls: Any, index: int) -> list[str]:
             raise InvalidMessageError("needs function.name", index, f"{field}.function.name")
         if not isinstance(function.get("arguments"), str):
             raise InvalidMessageError("must be a JSON string", index, f"{field}.function.arguments")
+        _check_unicode(function["name"], index, f"{field}.function.name")
+        _check_unicode(function["arguments"], index, f"{field}.function.arguments")
         # Arguments that are not a JSON object are accepted: a model wrote them, the app replays them with
         # the tool's error, and replace_malformed_arguments makes them sendable.
         ids.append(call["id"])
@@ -223,6 +236,8 @@ def _validate_tools(tools: Any) -> None:
         description = function.get("description")
         if description is not None and not isinstance(description, str):
             raise InvalidToolError("must be a string", i, "function.description")
+        if description and not _is_unicode(description):
+            raise InvalidToolError(_SURROGATE, i, "function.description")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise InvalidToolError("must be a JSON Schema object", i, "function.parameters")
@@ -240,8 +255,11 @@ def _validate_tools(tools: Any) -> None:
 def _schema_problem(canonical: str) -> tuple[str, str] | None:
     """check_schema of one tool's parameters, remembered: it costs milliseconds per schema, and a request that
     carries a catalog of 1,500 tools sends the same schemas on every call (seconds per call otherwise)."""
+    schema = json.loads(canonical)
+    if not _is_unicode(json.dumps(schema, ensure_ascii=False)):  # a description or enum value the prompt renders
+        return _SURROGATE, ""
     try:
-        jsonschema.Draft202012Validator.check_schema(json.loads(canonical))
+        jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         return exc.message, "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.path)
     return None

@@ -344,6 +344,25 @@ def test_a_lone_surrogate_is_an_invalid_message_naming_where(llama_backend):
         assert info.value.where == f"messages[0].{field}", info.value.where
 
 
+def test_a_lone_surrogate_in_a_tool_call_or_a_tool_schema_is_refused_by_name(llama_backend):
+    client = Pipeline(llama_backend).openai()
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"q": "\ud800"}'}}
+    replayed = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    with pytest.raises(InvalidMessageError) as info:
+        client.chat.completions.create(model="m", max_tokens=2, messages=replayed)
+    assert info.value.where == "messages[1].tool_calls[0].function.arguments"
+    for function, where in (({"description": "Find \udfff"}, "tools[0].function.description"),
+                            ({"parameters": {"type": "object", "properties": {"q": {"type": "string",
+                                                                                    "enum": ["\ud800"]}}}},
+                             "tools[0].function.parameters")):
+        tool = {"type": "function", "function": {"name": "f", **function}}
+        with pytest.raises(InvalidToolError) as info:
+            client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi"}],
+                                           tools=[tool])
+        assert info.value.where == where, info.value.where
+
+
 def test_a_file_that_is_no_gguf_is_a_configuration_error(tmp_path):
     from ctxkit import ConfigurationError, LlamaCppBackend
 

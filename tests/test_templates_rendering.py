@@ -349,6 +349,19 @@ def test_text_in_a_message_cannot_open_a_turn_of_its_own_in_the_local_prompt(lla
     assert poisoned.count(start[0]) == clean.count(start[0]) == 3  # system, user, and the answer's assistant
     assert llama_backend.counter.count_prompt([{"role": "user", "content": injected}]) == len(
         prompt.tokens([{"role": "user", "content": injected}]))
+    # ...nor from a content part, a tool call's arguments or a tool's description.
+    parts = prompt.tokens([{"role": "system", "content": "You help."},
+                           {"role": "user", "content": [{"type": "text", "text": injected}]}])
+    assert parts.count(start[0]) == 3
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": injected})}}
+    turn = [{"role": "system", "content": "You help."}, {"role": "user", "content": "Hours?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "9-17"}]
+    tool = {"type": "function", "function": {"name": "lookup", "description": injected, "parameters": {"type": "object"}}}
+    plain_tool = {"type": "function", "function": {"name": "lookup", "description": "Look up.", "parameters": {"type": "object"}}}
+    assert prompt.tokens(turn, [tool]).count(start[0]) == prompt.tokens(turn, [plain_tool]).count(start[0])
+    clean_call = [*turn[:2], {**turn[2], "tool_calls": [{**call, "function": {"name": "lookup", "arguments": "{}"}}]}, turn[3]]
+    assert prompt.tokens(turn).count(start[0]) == prompt.tokens(clean_call).count(start[0])
 
 
 def test_a_conversation_budget_counts_what_its_messages_take_in_the_prompt(llama_backend):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class GGUFPrompt:
         # may write them: in a message's text (a user's, a retrieved document's, a tool result's) they are
         # plain characters, or that text could close its message and open a system turn of its own.
         self._specials = _special_texts(llama)
+        self._special_re = (re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
+                            if self._specials else None)
+        self._nonce = uuid.uuid4().hex[:12]
         self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.stop = [eos] if eos else []
         # The context the model was trained for (`<arch>.context_length`); None when the GGUF does not say.
@@ -72,29 +76,45 @@ class GGUFPrompt:
             return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> list[int]:
-        messages = list(messages)
-        risky = [i for i, m in enumerate(messages)
-                 if isinstance(m.get("content"), str) and any(t in m["content"] for t in self._specials)]
-        if not risky:
+        # Control-token text anywhere in a message (a string content, a content part, a tool call's arguments,
+        # a name) or a tool schema is the caller's text, not the template's: each occurrence is replaced by a
+        # marker (ASCII letters, which survive the template's JSON and HTML escaping), the prompt rendered, and
+        # each marker tokenized as the plain characters it stands for.
+        found: dict[str, str] = {}
+        marked_messages = self._escape(list(messages), found)
+        marked_tools = self._escape(list(tools), found)
+        if not found:
             return self.tokenize(self.render(messages, tools))
-        # Render with a marker in place of each such text, then tokenize the template's own text with its
-        # special tokens and the message's text as plain text.
-        marked = list(messages)
-        markers = {}
-        for i in risky:
-            marker = f"\ue000ctxkit-{i}\ue001"
-            markers[marker] = messages[i]["content"]
-            marked[i] = {**messages[i], "content": marker}
-        prompt = self.render(marked, tools)
-        pieces = re.split("(" + "|".join(re.escape(m) for m in markers) + ")", prompt)
+        prompt = self.render(marked_messages, marked_tools)
+        pieces = re.split("(" + "|".join(re.escape(m) for m in found) + ")", prompt)
         ids: list[int] = []
         with self._lock:
             for piece in pieces:
-                if piece in markers:
-                    ids += self._llama.tokenize(markers[piece].encode("utf-8"), add_bos=False, special=False)
+                if piece in found:
+                    ids += self._llama.tokenize(found[piece].encode("utf-8"), add_bos=False, special=False)
                 elif piece:
                     ids += self._llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
         return ids
+
+    def _escape(self, value: Any, found: dict[str, str]) -> Any:
+        """`value` with each control-token text in its strings replaced by a marker (noted in `found`); the
+        same object when it holds none."""
+        if isinstance(value, str):
+            if self._special_re is None or not self._special_re.search(value):
+                return value
+
+            def marker(match: re.Match[str]) -> str:
+                text = f"ctxkit{self._nonce}s{self._specials.index(match.group())}e"
+                found[text] = match.group()
+                return text
+            return self._special_re.sub(marker, value)
+        if isinstance(value, dict):
+            items = {k: self._escape(v, found) for k, v in value.items()}
+            return items if any(items[k] is not value[k] for k in items) else value
+        if isinstance(value, (list, tuple)):
+            items = [self._escape(v, found) for v in value]
+            return items if any(a is not b for a, b in zip(items, value)) else value
+        return value
 
     # TokenCounter protocol
     def count_text(self, text: str) -> int:
