@@ -109,11 +109,11 @@ class GGUFPrompt:
                 return text
             return self._special_re.sub(marker, value)
         if isinstance(value, dict):
-            items = {k: self._escape(v, found) for k, v in value.items()}
-            return items if any(items[k] is not value[k] for k in items) else value
+            entries = {k: self._escape(v, found) for k, v in value.items()}
+            return entries if any(entries[k] is not value[k] for k in entries) else value
         if isinstance(value, (list, tuple)):
             items = [self._escape(v, found) for v in value]
-            return items if any(a is not b for a, b in zip(items, value)) else value
+            return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
         return value
 
     # TokenCounter protocol
