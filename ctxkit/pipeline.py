@@ -363,6 +363,11 @@ class Pipeline:
         """Write the record now for a whole answer, or when a stream ends (an error record if it fails)."""
         if isinstance(result, ChatResponse):
             result.answered_by = trace.answered_by
+            if len(trace.answers) > 1:
+                result.call_usage = Usage(sum(u.prompt_tokens for u in trace.answers),
+                                          sum(u.completion_tokens for u in trace.answers),
+                                          sum(u.cached_tokens for u in trace.answers),
+                                          reported=all(u.reported for u in trace.answers))
             self.ledger.write(trace.record(result))
         else:
             result.answered_by = trace.answered_by

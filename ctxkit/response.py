@@ -48,6 +48,9 @@ class ChatResponse:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     answered_by: str | None = None  # a stage that answered without calling the backend (a cache)
     logprobs: dict[str, Any] | None = None  # the choice's logprobs, when the backend returned them
+    # All backend calls this call paid for, when a stage made more than one (a tool-retrieval recovery);
+    # `usage` is the last one's, whose answer this is. None with one backend call.
+    call_usage: Usage | None = None
 
     @property
     def content(self) -> str | None:

@@ -10,6 +10,7 @@ measure what each stage saved. For OpenAI models that is tiktoken; for any other
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.messages.tool import tool_call_chunk
 
 from ctxkit.errors import (
     BackendConnectionError,
@@ -33,8 +35,10 @@ from ctxkit.tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_mo
 from .messages import (
     ai_message_to_openai,
     countable,
+    finish_reason,
     langchain_messages,
     openai_chunks_from_message_chunk,
+    to_langchain_tool_choice,
     usage_from_ai_message,
 )
 
@@ -47,6 +51,14 @@ def chat_model_name(chat_model: BaseChatModel) -> str:
         value = getattr(chat_model, attribute, None)
         if isinstance(value, str) and value:
             return value
+    # LangChain's own answer (a CtxkitChatModel names its backend's model there): the class name is no model,
+    # and would put every such model under one cache key and one price.
+    try:
+        value = chat_model._get_ls_params().get("ls_model_name")
+    except Exception:  # a model whose tracing hints need call arguments
+        value = None
+    if isinstance(value, str) and value:
+        return value
     return type(chat_model).__name__
 
 
@@ -152,7 +164,7 @@ class LangChainBackend:
         if request.tools:
             bind_kwargs: dict[str, Any] = {}
             if tool_choice is not None:
-                bind_kwargs["tool_choice"] = tool_choice
+                bind_kwargs["tool_choice"] = to_langchain_tool_choice(tool_choice)
             if parallel is not None:
                 bind_kwargs["parallel_tool_calls"] = parallel
             model = self.chat_model.bind_tools(list(request.tools), **bind_kwargs)
@@ -175,14 +187,24 @@ class LangChainBackend:
             usage = Usage(self.counter.count_prompt(request.messages, request.tools),
                           self.counter.count_completion(countable(openai_message)), 0, reported=False)
         metadata = message.response_metadata or {}
-        finish = metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop")
         response = ChatResponse(
-            message=openai_message, finish_reason=finish, usage=usage,
+            message=openai_message, finish_reason=finish_reason(message), usage=usage,
             model=metadata.get("model_name") or request.model or self.model, backend=self.name,
+            logprobs=metadata.get("logprobs") if isinstance(metadata.get("logprobs"), dict) else None,
         )
         if message.id:
             response.id = message.id
         return response
+
+
+def _as_chunk(message: AIMessage) -> AIMessageChunk:
+    """A whole AIMessage as the one AIMessageChunk it would have streamed, its tool calls indexed in order."""
+    calls = [tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+             for i, c in enumerate(message.tool_calls)]
+    calls += [tool_call_chunk(name=c.get("name"), args=c.get("args"), id=c.get("id"), index=len(calls) + i)
+              for i, c in enumerate(message.invalid_tool_calls)]
+    return AIMessageChunk(content=message.content, tool_call_chunks=calls, usage_metadata=message.usage_metadata,
+                          response_metadata=message.response_metadata, id=message.id)
 
 
 class _StreamState:
@@ -198,6 +220,10 @@ class _StreamState:
         self.saw_finish = False
 
     def convert(self, chunk: Any) -> list[dict[str, Any]]:
+        if isinstance(chunk, AIMessage) and not isinstance(chunk, AIMessageChunk):
+            # A model that does not stream (disable_streaming=True, no _stream): LangChain's stream() yields
+            # its whole AIMessage; as a chunk (tool calls become tool-call chunks), not dropped.
+            chunk = _as_chunk(chunk)
         if not isinstance(chunk, AIMessageChunk):
             return []
         out = []

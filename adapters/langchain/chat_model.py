@@ -87,6 +87,11 @@ class CtxkitChatModel(BaseChatModel):
         counter: how that model counts tokens; tiktoken is used for OpenAI models, anything else needs one.
         """
         backend = LangChainBackend(chat_model, counter=counter, context_window=context_window)
+        # The wrapped model's own settings are this model's defaults: the cache and the ledger see them.
+        for key in ("temperature", "max_tokens", "seed", "stop"):
+            value = getattr(chat_model, key, None)
+            if key not in fields and value is not None and not isinstance(value, bool):
+                fields[key] = [value] if key == "stop" and isinstance(value, str) else value
         return cls(pipeline=Pipeline(backend, stages, ledger=ledger, prices=prices), **fields)
 
     @property
@@ -221,7 +226,7 @@ class CtxkitChatModel(BaseChatModel):
         message = to_ai_message(response)
         return ChatResult(
             generations=[ChatGeneration(message=message, generation_info={"finish_reason": response.finish_reason})],
-            llm_output={"model_name": response.model, "token_usage": response.to_openai()["usage"]},
+            llm_output={"model_name": response.model, "token_usage": _token_usage(message)},
         )
 
     # -- the four entry points LangChain calls ------------------------------------------------------
@@ -301,3 +306,11 @@ class CtxkitChatModel(BaseChatModel):
         except CtxkitError as exc:
             also_langchains(exc)
             raise
+
+
+def _token_usage(message: AIMessage) -> dict[str, Any]:
+    """The message's usage in OpenAI's `usage` form (llm_output's token_usage, read by older callbacks)."""
+    usage: dict[str, Any] = dict(message.usage_metadata or {})
+    return {"prompt_tokens": usage.get("input_tokens", 0), "completion_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+            "prompt_tokens_details": {"cached_tokens": (usage.get("input_token_details") or {}).get("cache_read", 0)}}

@@ -174,6 +174,19 @@ def to_openai_tool_choice(tool_choice: Any) -> Any:
     return tool_choice
 
 
+def to_langchain_tool_choice(tool_choice: Any) -> Any:
+    """An OpenAI tool_choice in LangChain's own spelling, which every chat model's bind_tools takes ("any", a
+    tool name, "auto", "none"): ChatAnthropic read "required" as a tool of that name and sent OpenAI's dict
+    to Anthropic as it was."""
+    if tool_choice == "required":
+        return "any"
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+        if isinstance(name, str) and name:
+            return name
+    return tool_choice
+
+
 def usage_metadata(usage: Usage, *, from_cache: bool = False) -> UsageMetadata:
     """An answer's usage as LangChain reports it; one from ctxkit's cache keeps its tokens and costs 0, as
     LangChain marks a hit of its own cache (`total_cost: 0`), so cost trackers do not bill it again."""
@@ -214,12 +227,15 @@ def to_ai_message(response: ChatResponse) -> AIMessage:
         content=response.content or "",
         tool_calls=valid,
         invalid_tool_calls=invalid,
-        usage_metadata=usage_metadata(response.usage, from_cache=response.answered_by is not None),
+        # what the call cost: every backend call it made (a recovery re-ran the model), as the ledger counts
+        usage_metadata=usage_metadata(response.call_usage or response.usage, from_cache=response.answered_by is not None),
         response_metadata={
             "finish_reason": response.finish_reason,
             "model_name": response.model,
             "ctxkit_backend": response.backend,
             "ctxkit_answered_by": response.answered_by,
+            # as ChatOpenAI reports them (asked for with logprobs=True)
+            **({"logprobs": response.logprobs} if response.logprobs is not None else {}),
         },
         id=response.id,
     )
@@ -241,6 +257,8 @@ def to_message_chunk(chunk: dict[str, Any], *, from_cache: bool = False) -> AIMe
             ))
         if choice.get("finish_reason"):
             response_metadata["finish_reason"] = choice["finish_reason"]
+        if choice.get("logprobs"):  # merged over chunks as ChatOpenAI's are
+            response_metadata["logprobs"] = choice["logprobs"]
     usage = None
     if chunk.get("usage"):
         u = chunk["usage"]
@@ -272,6 +290,35 @@ def countable(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": text}
 
 
+# Providers' own stop reasons (Anthropic's `stop_reason`, Gemini's and Bedrock's spellings) in OpenAI's terms,
+# which ctxkit's stages read: a refusal or a safety block is `content_filter` (the cache never stores it), a
+# cut-off answer `length`.
+_FINISH_REASONS = {
+    "stop": "stop", "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "complete": "stop",
+    "length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
+    "tool_calls": "tool_calls", "tool_use": "tool_calls", "function_call": "tool_calls",
+    "content_filter": "content_filter", "refusal": "content_filter", "safety": "content_filter",
+    "recitation": "content_filter", "blocklist": "content_filter", "prohibited_content": "content_filter",
+    "spii": "content_filter", "image_safety": "content_filter", "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter", "error": "error", "malformed_function_call": "error",
+}
+
+
+def finish_reason(message: AIMessage) -> str:
+    """Why a LangChain model stopped, in OpenAI's terms (`finish_reason`, else Anthropic's `stop_reason`,
+    Bedrock's `stopReason`); an unknown reason is kept as it came."""
+    return _reported_finish(message.response_metadata) or ("tool_calls" if message.tool_calls else "stop")
+
+
+def _reported_finish(metadata: dict[str, Any] | None) -> str | None:
+    metadata = metadata or {}
+    reason = metadata.get("finish_reason") or metadata.get("stop_reason") or metadata.get("stopReason")
+    if not reason:
+        return None
+    reason = str(getattr(reason, "name", reason))  # Gemini's FinishReason enum
+    return _FINISH_REASONS.get(reason.lower(), reason)
+
+
 def usage_from_ai_message(message: AIMessage) -> Usage | None:
     """The usage a LangChain model reported on its message, or None when it reported none."""
     usage = message.usage_metadata
@@ -296,7 +343,7 @@ def openai_chunks_from_message_chunk(
              "function": {"name": tc.get("name") or "", "arguments": tc.get("args") or ""}}
             for tc in chunk.tool_call_chunks
         ]
-    finish = (chunk.response_metadata or {}).get("finish_reason")
+    finish = _reported_finish(chunk.response_metadata)
     out = []
     if delta or finish:
         out.append({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})

@@ -37,7 +37,9 @@ from .messages import (
     ai_message_to_openai,
     countable,
     failed_tool_results,
+    finish_reason,
     to_ai_message,
+    to_langchain_tool_choice,
     to_openai_messages,
     to_openai_tool_choice,
     usage_from_ai_message,
@@ -106,7 +108,7 @@ class _HandlerBackend:
             settings.update({k: v for k, v in chat.params.items() if k != "tool_choice"})
             changes["model_settings"] = settings
             if chat.params.get("tool_choice") != original.params.get("tool_choice"):
-                changes["tool_choice"] = chat.params.get("tool_choice")
+                changes["tool_choice"] = to_langchain_tool_choice(chat.params.get("tool_choice"))
         return self.request.override(**changes) if changes else self.request
 
     def _tool(self, schema: dict[str, Any]) -> Any:
@@ -150,7 +152,7 @@ class _HandlerBackend:
         metadata = message.response_metadata or {}
         response = ChatResponse(
             message=openai_message,
-            finish_reason=metadata.get("finish_reason") or ("tool_calls" if message.tool_calls else "stop"),
+            finish_reason=finish_reason(message),
             usage=usage, model=metadata.get("model_name") or self.model, backend=self.name,
         )
         self.produced[response.id] = (result, dict(openai_message))
@@ -287,7 +289,10 @@ class CtxkitMiddleware(AgentMiddleware):
             schema = convert_to_openai_tool(tool)
             tools.append(schema)
             by_name[schema["function"]["name"]] = (tool, schema)
-        params = {k: v for k, v in request.model_settings.items() if k in SAMPLING_PARAMS and v is not None}
+        # The model's own settings (ChatOpenAI(temperature=0)) under the call's model_settings: without them
+        # every call looked sampled to the cache (never cached) and its key missed what the model was set to.
+        params = model_settings(request.model)
+        params.update({k: v for k, v in request.model_settings.items() if k in SAMPLING_PARAMS and v is not None})
         if request.tool_choice is not None:
             params["tool_choice"] = to_openai_tool_choice(request.tool_choice)
         # An answer from the cache would reach the agent without the structured response its own model
@@ -299,6 +304,20 @@ class CtxkitMiddleware(AgentMiddleware):
             namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(), metadata=metadata,
         )
         return _Translated(chat, originals, by_name, passthrough)
+
+
+# A LangChain chat model's own sampling settings, as its fields name them.
+_MODEL_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+
+
+def model_settings(chat_model: Any) -> dict[str, Any]:
+    """The sampling settings a LangChain chat model is configured with (those it has and that are set)."""
+    out = {}
+    for key in _MODEL_FIELDS:
+        value = getattr(chat_model, key, None)
+        if isinstance(value, (int, float, str, list)) and not isinstance(value, bool) and value != []:
+            out[key] = value
+    return out
 
 
 def _thread_id() -> str | None:

@@ -1,0 +1,236 @@
+"""CtxkitChatModel.wrap around other LangChain chat models, and CtxkitMiddleware in create_agent: what
+other providers say (their tool_choice spelling, stop reasons, logprobs, settings, names) survives the round
+trip. The other providers are small in-process BaseChatModels: their API is not reachable from here, so
+each reproduces what its LangChain class does (noted per class); the local model is the real SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel
+
+from adapters.langchain import CtxkitChatModel, CtxkitMiddleware
+from ctxkit import Ledger, Pipeline
+from ctxkit.stages.cache.local_store import LocalStore
+from ctxkit.stages.cache.stage import ExactCacheStage
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def _whole(chunks):
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole = whole + chunk
+    return whole
+
+
+def test_streaming_through_a_wrapped_model_that_does_not_stream_keeps_the_answer(llama_backend):
+    """LangChain's stream() of a model that does not stream yields the whole AIMessage, not chunks: the
+    wrapper dropped it, and the stream was empty (recorded as an ok call with no output)."""
+    inner = CtxkitChatModel(pipeline=Pipeline(llama_backend), temperature=0, seed=1, max_tokens=12,
+                            disable_streaming=True)
+    ledger = Ledger()
+    outer = CtxkitChatModel.wrap(inner, counter=llama_backend.counter, ledger=ledger)
+    said = outer.invoke("Say hi.").content
+    assert said and _whole(list(outer.stream("Say hi."))).content == said
+    assert ledger.records[-1].tokens_out > 0
+    calls = _whole(list(outer.bind_tools([add], tool_choice="add", max_tokens=40).stream("Add 2 and 3.")))
+    assert [c["name"] for c in calls.tool_calls] == ["add"]
+
+    async def astream():
+        return _whole([c async for c in outer.astream("Say hi.")]).content
+
+    assert asyncio.run(astream()) == said
+
+
+class AnthropicLike(BaseChatModel):
+    """bind_tools reads tool_choice as langchain-anthropic's ChatAnthropic does; _generate refuses what
+    Anthropic's API refuses."""
+
+    model: str = "claude-x"
+
+    @property
+    def _llm_type(self):
+        return "anthropic-like"
+
+    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
+        if isinstance(tool_choice, dict):
+            kwargs["tool_choice"] = tool_choice
+        elif tool_choice in ("any", "auto"):
+            kwargs["tool_choice"] = {"type": tool_choice}
+        elif isinstance(tool_choice, str):
+            kwargs["tool_choice"] = {"type": "tool", "name": tool_choice}
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def _generate(self, messages, stop=None, run_manager=None, tools=None, tool_choice=None, **kwargs):
+        names = {t["function"]["name"] for t in tools or []}
+        if tool_choice is not None and not (tool_choice.get("type") in ("auto", "any", "none") or (
+                tool_choice.get("type") == "tool" and tool_choice.get("name") in names)):
+            raise ValueError(f"400 invalid_request_error: tool_choice {tool_choice}")
+        name = tool_choice["name"] if tool_choice and tool_choice.get("type") == "tool" else sorted(names)[0]
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("", tool_calls=[
+            {"name": name, "args": {"a": 2, "b": 3}, "id": "toolu_1"}]))])
+
+
+def test_a_wrapped_model_gets_tool_choice_in_langchains_spelling(llama_backend):
+    """The wrapper handed the wrapped model OpenAI's spelling ("required", {"type": "function", ...}):
+    ChatAnthropic reads "required" as a tool of that name and passes the dict on, and Anthropic refuses both."""
+
+    class Sum(BaseModel):
+        a: int
+        b: int
+
+    model = CtxkitChatModel.wrap(AnthropicLike(), counter=llama_backend.counter)
+    assert model.bind_tools([add], tool_choice="any").invoke("Add 2 and 3.").tool_calls[0]["name"] == "add"
+    assert model.bind_tools([add], tool_choice="add").invoke("Add 2 and 3.").tool_calls[0]["name"] == "add"
+    assert model.with_structured_output(Sum).invoke("Add 2 and 3.") == Sum(a=2, b=3)
+
+
+class Refusing(BaseChatModel):
+    """Refuses once, with its provider's own stop reason in response_metadata, then answers."""
+
+    meta: dict
+    calls: int = 0
+
+    @property
+    def _llm_type(self):
+        return "refusing"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls += 1
+        meta = self.meta if self.calls == 1 else {}
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(
+            "I can't help with that." if self.calls == 1 else "Here is the answer.", response_metadata=meta))])
+
+
+def test_a_providers_refusal_is_never_cached(llama_backend, tmp_path):
+    """Only OpenAI's finish_reason was read: Anthropic's stop_reason "refusal" and Gemini's "SAFETY"
+    became "stop", and the refusal was cached and served to the next identical request."""
+    for n, meta in enumerate([{"stop_reason": "refusal"}, {"finish_reason": "SAFETY"},
+                              {"finish_reason": "content_filter"}]):
+        inner = Refusing(meta=meta)
+        cache = ExactCacheStage(LocalStore(tmp_path / str(n)))
+        model = CtxkitChatModel.wrap(inner, stages=[cache], counter=llama_backend.counter, temperature=0)
+        first = model.invoke("Question?")
+        assert first.response_metadata["finish_reason"] == "content_filter", meta
+        assert model.invoke("Question?").content == "Here is the answer." and inner.calls == 2
+
+
+class Metadata(BaseChatModel):
+    """Answers with the given response_metadata (logprobs, as ChatOpenAI reports them)."""
+
+    meta: dict
+
+    @property
+    def _llm_type(self):
+        return "metadata"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("Hi.", response_metadata=self.meta))])
+
+
+def test_logprobs_come_back_where_chatopenai_puts_them(llama_backend):
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+    model = CtxkitChatModel.wrap(Metadata(meta={"logprobs": logprobs}), counter=llama_backend.counter)
+    assert model.invoke("Say hi.", logprobs=True).response_metadata["logprobs"] == logprobs
+
+
+def test_the_models_own_settings_reach_the_cache_in_agents_and_wrappers(llama_backend, tmp_path):
+    """The middleware read only the call's model_settings, and wrap() ignored the wrapped model's: a model set
+    to temperature=0 looked sampled to the cache, which then never answered."""
+    from langchain.agents import create_agent
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend), temperature=0, seed=1, max_tokens=8)
+    ledger = Ledger()
+    cache = ExactCacheStage(LocalStore(tmp_path / "agent"))
+    agent = create_agent(model, tools=[], middleware=[CtxkitMiddleware([cache], ledger=ledger,
+                                                                       counter=llama_backend.counter)])
+    for _ in range(2):
+        agent.invoke({"messages": [HumanMessage("Name a colour.")]})
+    assert [r.answered_by for r in ledger.records] == [None, "exact_cache"]
+
+    wrapped_ledger = Ledger()
+    wrapped = CtxkitChatModel.wrap(model, stages=[ExactCacheStage(LocalStore(tmp_path / "wrap"))],
+                                   counter=llama_backend.counter, ledger=wrapped_ledger)
+    wrapped.invoke("Name a colour.")
+    wrapped.invoke("Name a colour.")
+    assert [r.answered_by for r in wrapped_ledger.records] == [None, "exact_cache"]
+
+
+def test_a_streamed_stop_reason_is_read_too(llama_backend):
+    class StreamRefusal(Refusing):
+        def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+            yield ChatGenerationChunk(message=AIMessageChunk("I can't help with that."))
+            yield ChatGenerationChunk(message=AIMessageChunk("", response_metadata={"stop_reason": "refusal"}))
+
+    model = CtxkitChatModel.wrap(StreamRefusal(meta={}), counter=llama_backend.counter, temperature=0)
+    assert _whole(list(model.stream("Question?"))).response_metadata.get("finish_reason") == "content_filter"
+
+
+def test_usage_metadata_counts_every_backend_call_the_ledger_counts(llama_backend, embedder):
+    """A find_tools recovery runs the model twice in one call: the ledger counted both, the AIMessage's
+    usage_metadata (what LangChain's usage callbacks and LangSmith add up) only the last."""
+    import json
+    from pathlib import Path
+
+    from langchain_core.callbacks import get_usage_metadata_callback
+
+    from ctxkit.stages.tools.stage import FIND_TOOLS, ToolRetrievalStage
+
+    catalog = json.loads((Path(__file__).parent / "fixtures" / "tools" / "catalog.json").read_text())[:50]
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="find_tools", compact=True, embedder=embedder)
+    ledger = Ledger()
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [stage], ledger=ledger), temperature=0, seed=7,
+                            max_tokens=96)
+    forced = model.bind(tool_choice={"type": "function", "function": {"name": FIND_TOOLS}})
+    with get_usage_metadata_callback() as callback:
+        message = forced.invoke("What is the musical scale of C sharp major?")
+    record = ledger.records[-1]
+    assert record.latency_ms["backend_calls"] == 2
+    usage = message.usage_metadata
+    assert (usage["input_tokens"], usage["output_tokens"]) == (record.tokens_sent, record.tokens_out)
+    [counted] = callback.usage_metadata.values()
+    assert counted["input_tokens"] == record.tokens_sent
+
+
+class OtherProvider(BaseChatModel):
+    """Another provider's model, named in `model` as ChatAnthropic names it."""
+
+    model: str = "big-model-2"
+
+    @property
+    def _llm_type(self):
+        return "other"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(
+            "answer from big-model-2", response_metadata={"model_name": "big-model-2"}))])
+
+
+def test_agents_on_different_models_do_not_share_cache_entries(llama_backend, tmp_path):
+    """In the middleware a CtxkitChatModel was named by its class: an agent on the local model was served
+    the answer an agent on another model had cached, and the ledger named neither model."""
+    from langchain.agents import create_agent
+
+    store = LocalStore(tmp_path)
+    small = CtxkitChatModel(pipeline=Pipeline(llama_backend), temperature=0, seed=1, max_tokens=8)
+    big = CtxkitChatModel.wrap(OtherProvider(), counter=llama_backend.counter, temperature=0)
+    answers, models = [], []
+    for model in (big, small):
+        ledger = Ledger()
+        agent = create_agent(model, tools=[], middleware=[
+            CtxkitMiddleware([ExactCacheStage(store, cache_sampled=True)], ledger=ledger,
+                             counter=llama_backend.counter)])
+        answers.append(agent.invoke({"messages": [HumanMessage("Name a colour.")]})["messages"][-1].content)
+        models.append(ledger.records[-1].model)
+    assert answers[0] == "answer from big-model-2" and answers[1] != answers[0]
+    assert models[0] == "big-model-2" and models[1] != "CtxkitChatModel"
