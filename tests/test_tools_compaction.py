@@ -149,3 +149,18 @@ def test_compaction_keeps_a_title_that_is_the_only_description_and_a_conditional
     assert compacted["start"]["title"] == "Start date YYYY-MM-DD"
     assert compacted["unit"]["default"] == "c"
     assert "default" not in compacted["size"] and "title" not in compacted["user_name"]
+
+
+def test_a_strict_tool_keeps_its_empty_required_lists():
+    """OpenAI's strict mode refuses an object schema without `required`, even an empty one: compaction
+    dropped it, and a strict tool that had no required argument got a 400."""
+    from ctxkit.stages.tools.compaction import compact_tool
+
+    params = {"type": "object", "properties": {"opts": {"type": "object", "properties": {}, "required": [],
+                                                        "additionalProperties": False}},
+              "required": [], "additionalProperties": False}
+    strict = {"type": "function", "function": {"name": "ping", "strict": True, "parameters": params}}
+    compacted = compact_tool(strict)["function"]["parameters"]
+    assert compacted["required"] == [] and compacted["properties"]["opts"]["required"] == []
+    loose = compact_tool({"type": "function", "function": {"name": "ping", "parameters": params}})
+    assert "required" not in loose["function"]["parameters"]

@@ -328,12 +328,14 @@ def test_stage_savings_add_up_when_a_cache_in_front_answers_for_a_registered_cat
     assert hit.saved_by_stage["exact_cache"] == hit.tokens_naive
 
 
-def test_a_blank_find_tools_query_searches_with_the_request(llama_backend, embedder, index_dir, catalog, ledger):
-    """SmolLM2 often calls find_tools with an empty query: the stage searched for "" and re-ran with tools
-    unrelated to the request."""
+@pytest.mark.parametrize("query", ["", "What the needed tool should do."])
+def test_a_blank_find_tools_query_searches_with_the_request(llama_backend, embedder, index_dir, catalog, ledger,
+                                                            query):
+    """SmolLM2 often calls find_tools with an empty query, or with the schema's own words (4 of 5 forced
+    calls): the stage searched for "" or "needed" and re-ran with tools unrelated to the request."""
     from ctxkit.stage import Stage
 
-    provider = _Provider(_call(FIND_TOOLS, '{"query": ""}'), {"role": "assistant", "content": "Done."})
+    provider = _Provider(_call(FIND_TOOLS, json.dumps({"query": query})), {"role": "assistant", "content": "Done."})
 
     class Scripted(Stage):  # the model's side of the exchange, as SmolLM2 answered it
         def wrap_call(self, request, call_next):
@@ -449,3 +451,50 @@ def test_after_a_recovery_rerun_the_next_step_compares_with_what_the_rerun_sent(
     rerun, step_two = provider.requests[1].tool_names, provider.requests[2].tool_names
     invalidated = _events(ledger.records[-1], "prefix_invalidated")
     assert (rerun == step_two) == (invalidated == []), (rerun, step_two, invalidated)
+
+
+def test_an_answer_under_tool_choice_none_is_not_rerun_with_more_tools(stage):
+    """The app asked for no call: more tools cannot change the answer, and the re-run billed it twice."""
+    provider = _Provider({"role": "assistant", "content": "Sorry, I don't have a tool for that."},
+                         {"role": "assistant", "content": "Done."})
+    response = stage.wrap_call(REQUEST.override(params={"tool_choice": "none"}), provider)
+    assert len(provider.requests) == 1 and response.content.startswith("Sorry")
+
+
+def test_a_pool_that_differs_by_one_tool_stems_only_that_tool(embedder, catalog, monkeypatch):
+    """Each distinct pool re-split and re-stemmed every schema (164-764 ms a call for 720 tools)."""
+    from ctxkit.stages.tools import index as index_module
+
+    stage = ToolRetrievalStage(top_k=2, embedder=embedder)
+    stage.index_for(catalog[:40])
+    built = []
+    real = index_module.ToolDocument.from_tool
+
+    def counting(tool):
+        built.append(tool["function"]["name"])
+        return real(tool)
+
+    monkeypatch.setattr(index_module.ToolDocument, "from_tool", staticmethod(counting))
+    stage.index_for([*catalog[:39], catalog[45]])
+    assert set(built) == {catalog[45]["function"]["name"]}, "only the new tool (its terms and its embedding text)"
+
+
+def test_an_embedder_of_another_dimension_does_not_share_minilms_stored_vectors(embedder, catalog, tmp_path):
+    """An embedder that names no model was filed under MiniLM's: its vectors were stacked with MiniLM's
+    stored ones, and the index build failed (all input arrays must have the same shape)."""
+    import numpy as np
+
+    class Small:
+        dimension = 16
+
+        def embed(self, texts):
+            rng = np.random.default_rng(len(texts))
+            vectors = rng.normal(size=(len(texts), 16)).astype(np.float32)
+            return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    from ctxkit.embed import Embedder
+
+    full = Embedder(precision="float32")  # stored under MiniLM's own name, as an unnamed embedder is
+    ToolRetrievalStage(catalog=catalog[:10], top_k=2, embedder=full, index_dir=tmp_path).index_for(catalog[:10])
+    small = ToolRetrievalStage(catalog=catalog[:11], top_k=2, embedder=Small(), index_dir=tmp_path)
+    assert len(small.index_for(small.catalog)) == 11

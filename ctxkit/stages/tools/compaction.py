@@ -40,12 +40,13 @@ def compact_tool(tool: Tool) -> Tool:
     if isinstance(function.get("description"), str):
         function["description"] = _squeeze(function["description"])
     if isinstance(function.get("parameters"), dict):
-        function["parameters"] = compact_schema(function["parameters"])
+        # OpenAI's strict mode refuses an object schema without `required` (even an empty one): kept there.
+        function["parameters"] = compact_schema(function["parameters"], keep_empty_required=function.get("strict") is True)
     return {**tool, "function": function}
 
 
 def compact_schema(schema: Any, *, _unevaluated: bool | None = None, _name: str | None = None,
-                   _root: bool = True) -> Any:
+                   _root: bool = True, keep_empty_required: bool = False) -> Any:
     """A compacted copy of a JSON Schema (draft 2020-12 / 7 keywords)."""
     if _unevaluated is None:
         # `additionalProperties: true` is a no-op only where no `unevaluatedProperties` looks at what was
@@ -61,18 +62,22 @@ def compact_schema(schema: Any, *, _unevaluated: bool | None = None, _name: str 
             continue
         if key == "additionalProperties" and value is True and not _unevaluated and "properties" not in schema:
             continue
-        if key == "required" and value == []:
+        if key == "required" and value == [] and not keep_empty_required:
             continue
         if key == "description" and isinstance(value, str):
             out[key] = _squeeze(value)
         elif key in _ONE:
-            out[key] = ([compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False) for v in value]
+            out[key] = ([compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False,
+                                       keep_empty_required=keep_empty_required) for v in value]
                         if isinstance(value, list)
-                        else compact_schema(value, _unevaluated=_unevaluated, _name=_name, _root=False))
+                        else compact_schema(value, _unevaluated=_unevaluated, _name=_name, _root=False,
+                                       keep_empty_required=keep_empty_required))
         elif key in _LIST and isinstance(value, list):
-            out[key] = [compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False) for v in value]
+            out[key] = [compact_schema(v, _unevaluated=_unevaluated, _name=_name, _root=False,
+                                       keep_empty_required=keep_empty_required) for v in value]
         elif key in _MAP and isinstance(value, dict):
-            out[key] = {name: compact_schema(v, _unevaluated=_unevaluated, _name=name, _root=False)
+            out[key] = {name: compact_schema(v, _unevaluated=_unevaluated, _name=name, _root=False,
+                                         keep_empty_required=keep_empty_required)
                         for name, v in value.items()}
         else:
             out[key] = value  # constraints and data (enum, const, default, examples) unchanged

@@ -113,6 +113,7 @@ class ToolIndex:
         query_cache_size: int = 512,
         vector_memo: VectorMemo | None = None,
         save_index: bool = True,
+        document_memo: DocumentMemo | None = None,
     ) -> None:
         """embedder: a `ctxkit.embed.Embedder` (anything with `embed(texts) -> (n, d) float32 unit vectors`).
         directory: where vectors and saved indexes persist; None keeps everything in memory.
@@ -124,6 +125,10 @@ class ToolIndex:
         self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
         stored_as = vectors_id(self.model_id, getattr(embedder, "precision", None))
+        if self.dimension != 384:
+            # An embedder that does not name its model is filed under MiniLM's: another dimension must not
+            # share MiniLM's folder (its stored vectors would be stacked with these, and the build fails).
+            stored_as = f"{stored_as}-{self.dimension}d"
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._store = VectorStore(self._root / "vectors") if self._root is not None else None
         self._memo = vector_memo if vector_memo is not None else VectorMemo()
@@ -140,6 +145,7 @@ class ToolIndex:
         self._faiss: Any = None
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._documents: dict[str, ToolDocument] = {}  # by tool hash: the catalog's stemmed terms, kept
+        self._document_memo = document_memo if document_memo is not None else DocumentMemo()
         self.loaded_from_disk = False
         self._on_disk: str | None = None  # the catalog hash whose saved index matches this one
         self._save = save_index
@@ -289,7 +295,8 @@ class ToolIndex:
         found = self._memo.get(self._space, hashes)
         if len(found) < len(hashes):  # only then is the vector store read
             stored = self._store.read() if self._store is not None else {}
-            found.update({h: stored[h] for h in hashes if h in stored and h not in found})
+            found.update({h: stored[h] for h in hashes  # a vector of another shape is another model's: re-embed
+                          if h in stored and h not in found and stored[h].shape == (self.dimension,)})
             missing = list(dict.fromkeys(h for h in hashes if h not in found))
             if missing:
                 schemas = {h: t for h, t in zip(hashes, tools, strict=True)}
@@ -347,8 +354,12 @@ class ToolIndex:
     def _refresh(self) -> None:
         self._reindex()
         known = self._documents
-        self._documents = {h: known.get(h) or ToolDocument.from_tool(t) for h, t in zip(self._hashes, self._tools,
-                                                                                       strict=True)}
+        # Stemming a schema's words is most of building an index: a pool that differs by one tool from one
+        # this stage already indexed (a per-user tool, a proxy's tenants past max_indexes) stems only that tool.
+        shared = self._document_memo.get([h for h in self._hashes if h not in known])
+        self._documents = {h: known.get(h) or shared.get(h) or ToolDocument.from_tool(t)
+                           for h, t in zip(self._hashes, self._tools, strict=True)}
+        self._document_memo.put(self._documents)
         documents = [self._documents[h] for h in self._hashes]
         self._lexical = LexicalIndex(documents)
         self._actions = frozenset(d.action for d in documents if d.action)
@@ -399,6 +410,31 @@ class ToolIndex:
                  vectors=self._vectors.astype(np.float32))
         os.replace(tmp, folder / INDEX_FILE)
         self._on_disk = self.catalog_hash
+
+
+class DocumentMemo:
+    """Tool documents (split, stemmed terms) by tool hash, shared by the indexes of one stage; least
+    recently used go past `max_documents`."""
+
+    def __init__(self, max_documents: int = 50_000) -> None:
+        self.max_documents = max_documents
+        self._documents: collections.OrderedDict[str, ToolDocument] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, hashes: Iterable[str]) -> dict[str, ToolDocument]:
+        with self._lock:
+            found = {h: self._documents[h] for h in hashes if h in self._documents}
+            for h in found:
+                self._documents.move_to_end(h)
+            return found
+
+    def put(self, documents: dict[str, ToolDocument]) -> None:
+        with self._lock:
+            for h, document in documents.items():
+                self._documents[h] = document
+                self._documents.move_to_end(h)
+            while len(self._documents) > self.max_documents:
+                self._documents.popitem(last=False)
 
 
 def _unique_names(tools: Sequence[Tool]) -> list[str]:

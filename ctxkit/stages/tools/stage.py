@@ -41,7 +41,7 @@ from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end
 from .compaction import compact_tool
-from .index import FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
+from .index import DocumentMemo, FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
 from .selector import Selection, ToolSelector
 
 RECOVERY_MODES = ("off", "rerun", "find_tools", "both")
@@ -161,6 +161,7 @@ class ToolRetrievalStage(Stage):
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
+        self._documents = DocumentMemo()  # and split and stemmed once
         # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
         # tool_choice included: the next call of that conversation compares its tool block with it.
         self._sent_for: collections.OrderedDict[str, list[Tool]] = collections.OrderedDict()
@@ -190,7 +191,8 @@ class ToolRetrievalStage(Stage):
                     # Only the registered catalog's index is saved whole: a request's pool may differ on every
                     # call, and each would leave a full copy of its vectors (which the store keeps per tool).
                     index = ToolIndex(tools, self._embedder, directory=self.index_dir, fusion=self.fusion,
-                                      vector_memo=self._vectors, save_index=tools is self.catalog)
+                                      vector_memo=self._vectors, save_index=tools is self.catalog,
+                                      document_memo=self._documents)
                 except BaseException:
                     with self._lock:
                         self._building.pop(key, None)  # the next call tries again
@@ -343,7 +345,9 @@ class ToolRetrievalStage(Stage):
             # A blank query ("", {}) searched for nothing and found whatever came first: search with the
             # request instead, as the first selection did.
             asked = next((message_text(m) for m in reversed(request.messages) if m.get("role") == "user"), "")
-            queries = [q if q.strip() else asked for q in queries]
+            # A small model fills the argument with the schema's own words ("What the needed tool should do.":
+            # SmolLM2 does so for most requests): that searched for "needed" and found the paint calculator.
+            queries = [q if q.strip() and not _parrots_schema(q) else asked for q in queries]
             found = list(dict.fromkeys(n for q in queries for n in plan.index.search(q, self.top_k)))
             found = [n for n in found if n not in plan.sent] or found
             # The queries are the user's words (or the model's, which may quote them): keys out, as in quarantine notes.
@@ -352,7 +356,9 @@ class ToolRetrievalStage(Stage):
         if missing and rerun:
             record_event(self.name, "tool_not_sent", tools=missing, recovered=True)
             return self._plan(request, extra=missing, offer_find_tools=False)
-        if rerun and not names and _LACKS_TOOL.search(response.content or "") and len(plan.sent) < len(plan.index):
+        # Under tool_choice "none" the app asked for no call: more tools cannot change the answer, only bill it twice.
+        if (rerun and not names and request.params.get("tool_choice") != "none"
+                and _LACKS_TOOL.search(response.content or "") and len(plan.sent) < len(plan.index)):
             record_event(self.name, "model_lacks_tool", retry_top_k=2 * self.top_k)
             return self._plan(request, top_k=2 * self.top_k, offer_find_tools=False)
         return None
@@ -416,6 +422,22 @@ def _unsent(plan: _Plan, response: ChatResponse) -> list[str]:
     """Catalog tools the answer calls that the plan did not send."""
     names = [str((c.get("function") or {}).get("name")) for c in response.tool_calls]
     return [n for n in dict.fromkeys(names) if n in plan.index and n not in plan.sent]
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+# What find_tools' schema itself says: a query that only repeats it asks for nothing.
+_SCHEMA_WORDS = frozenset({
+    _words(FIND_TOOLS_SCHEMA["function"]["description"]),
+    _words(FIND_TOOLS_SCHEMA["function"]["parameters"]["properties"]["query"]["description"]),
+    "query", "find tools", "find_tools", "",
+})
+
+
+def _parrots_schema(query: str) -> bool:
+    return _words(query) in _SCHEMA_WORDS
 
 
 def _find_tools_query(call: dict[str, Any]) -> str:
