@@ -234,3 +234,52 @@ def test_agents_on_different_models_do_not_share_cache_entries(llama_backend, tm
         models.append(ledger.records[-1].model)
     assert answers[0] == "answer from big-model-2" and answers[1] != answers[0]
     assert models[0] == "big-model-2" and models[1] != "CtxkitChatModel"
+
+
+class OllamaLike(BaseChatModel):
+    """Applies its own settings and takes no call argument it does not know, as langchain-ollama's ChatOllama
+    (its client's chat() has no `temperature`, and `stop` may not come both ways)."""
+
+    temperature: float | None = None
+    stop: list[str] | None = None
+
+    @property
+    def _llm_type(self):
+        return "ollama-like"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        if stop is not None and self.stop is not None:
+            raise ValueError("`stop` found in both the input and default params.")
+        if kwargs:
+            raise TypeError(f"Client.chat() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("hello"))])
+
+
+def test_a_wrapped_models_own_settings_are_not_sent_back_to_it(llama_backend):
+    """wrap() took the model's temperature and stop as defaults, then passed them back on every call: a model
+    that takes no such call argument (ChatOllama) failed on every call."""
+    from langchain.agents import create_agent
+
+    model = CtxkitChatModel.wrap(OllamaLike(temperature=0, stop=["\n\n"]), counter=llama_backend.counter)
+    assert model.invoke("Say hello.").content == "hello"
+    agent = create_agent(OllamaLike(temperature=0), tools=[], middleware=[
+        CtxkitMiddleware([], counter=llama_backend.counter)])
+    assert agent.invoke({"messages": [HumanMessage("Say hello.")]})["messages"][-1].content == "hello"
+
+
+class HuggingFaceLike(AnthropicLike):
+    """bind_tools reads tool_choice as langchain-huggingface's ChatHuggingFace: "auto", "none", "required",
+    or a tool's name (any other string)."""
+
+    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
+        names = [convert_to_openai_tool(t)["function"]["name"] for t in tools]
+        if tool_choice not in (None, "auto", "none", "required") and tool_choice not in names:
+            raise ValueError(f"tool_choice {tool_choice!r} names no tool of {names}")
+        choice = {"type": "tool", "name": tool_choice} if tool_choice in names else None
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], tool_choice=choice, **kwargs)
+
+
+def test_a_forced_call_of_one_tool_is_named_for_every_wrapped_model(llama_backend):
+    """"required" went to the wrapped model as "any", which ChatHuggingFace reads as a tool named "any"."""
+    model = CtxkitChatModel.wrap(HuggingFaceLike(), counter=llama_backend.counter)
+    assert model.bind_tools([add], tool_choice="required").invoke("Add 2 and 3.").tool_calls[0]["name"] == "add"

@@ -498,3 +498,20 @@ def test_an_embedder_of_another_dimension_does_not_share_minilms_stored_vectors(
     ToolRetrievalStage(catalog=catalog[:10], top_k=2, embedder=full, index_dir=tmp_path).index_for(catalog[:10])
     small = ToolRetrievalStage(catalog=catalog[:11], top_k=2, embedder=Small(), index_dir=tmp_path)
     assert len(small.index_for(small.catalog)) == 11
+
+
+def test_a_named_embedder_of_another_dimension_keeps_its_stored_vectors(catalog, tmp_path):
+    """The dimension went into every non-384 embedder's folder name: one that names its model found none of
+    the vectors it had stored, and embedded its whole catalog again after the upgrade."""
+    import numpy as np
+
+    class Named:
+        dimension = 32
+        model_id = "acme-embed"
+
+        def embed(self, texts):
+            vectors = np.random.default_rng(len(texts)).normal(size=(len(texts), 32)).astype(np.float32)
+            return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    ToolRetrievalStage(catalog=catalog[:5], top_k=2, embedder=Named(), index_dir=tmp_path).index_for(catalog[:5])
+    assert [p.name for p in tmp_path.iterdir()] == ["acme-embed"]

@@ -43,6 +43,8 @@ from .messages import (
 )
 
 DEFAULT_CONTEXT_WINDOW = 128_000
+# The settings wrap() and CtxkitMiddleware read off the wrapped model as defaults.
+_OWN_SETTINGS = ("temperature", "top_p", "max_tokens", "seed", "stop")
 
 
 def chat_model_name(chat_model: BaseChatModel) -> str:
@@ -158,13 +160,20 @@ class LangChainBackend:
     def _prepared(self, request: ChatRequest) -> tuple[Any, dict[str, Any]]:
         """The model with the request's tools bound, and the sampling parameters and HTTP options as call kwargs."""
         params = dict(request.params)
+        # A setting the wrapped model already has (wrap() copied it as a default, for the cache and the ledger)
+        # is not sent again: many models refuse their own setting as a call argument (ChatOllama: `stop` "found
+        # in both the input and default params", `temperature` passed on to its client, which takes none).
+        for key in [k for k in params if k in _OWN_SETTINGS]:
+            own = getattr(self.chat_model, key, None)
+            if own is not None and params[key] == ([own] if key == "stop" and isinstance(own, str) else own):
+                del params[key]
         tool_choice = params.pop("tool_choice", None)
         parallel = params.pop("parallel_tool_calls", None)
         model: Any = self.chat_model
         if request.tools:
             bind_kwargs: dict[str, Any] = {}
             if tool_choice is not None:
-                bind_kwargs["tool_choice"] = to_langchain_tool_choice(tool_choice)
+                bind_kwargs["tool_choice"] = to_langchain_tool_choice(tool_choice, request.tools)
             if parallel is not None:
                 bind_kwargs["parallel_tool_calls"] = parallel
             model = self.chat_model.bind_tools(list(request.tools), **bind_kwargs)

@@ -174,11 +174,16 @@ def to_openai_tool_choice(tool_choice: Any) -> Any:
     return tool_choice
 
 
-def to_langchain_tool_choice(tool_choice: Any) -> Any:
-    """An OpenAI tool_choice in LangChain's own spelling, which every chat model's bind_tools takes ("any", a
-    tool name, "auto", "none"): ChatAnthropic read "required" as a tool of that name and sent OpenAI's dict
-    to Anthropic as it was."""
+def to_langchain_tool_choice(tool_choice: Any, tools: Sequence[dict[str, Any]] = ()) -> Any:
+    """An OpenAI tool_choice in LangChain's own spelling ("any", a tool name, "auto", "none"): ChatAnthropic
+    read "required" as a tool of that name and sent OpenAI's dict to Anthropic as it was. With one tool,
+    "required" is that tool's name, which every bind_tools takes (ChatHuggingFace reads "any" as a tool name,
+    and takes a tool_choice only with one tool)."""
     if tool_choice == "required":
+        if len(tools) == 1:
+            name = ((tools[0] or {}).get("function") or {}).get("name")
+            if isinstance(name, str) and name:
+                return name
         return "any"
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         name = (tool_choice.get("function") or {}).get("name")

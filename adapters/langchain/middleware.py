@@ -105,10 +105,14 @@ class _HandlerBackend:
             changes["tools"] = [self._tool(schema) for schema in chat.tools] + self.translated.passthrough_tools
         if chat.params != original.params:
             settings = {k: v for k, v in self.request.model_settings.items() if k not in SAMPLING_PARAMS}
-            settings.update({k: v for k, v in chat.params.items() if k != "tool_choice"})
+            # the model's own settings (read off it as defaults) stay the model's: sent again as call arguments,
+            # a model that takes none (ChatOllama) fails
+            own = model_settings(self.request.model)
+            settings.update({k: v for k, v in chat.params.items() if k != "tool_choice" and own.get(k, ...) != v})
             changes["model_settings"] = settings
             if chat.params.get("tool_choice") != original.params.get("tool_choice"):
-                changes["tool_choice"] = to_langchain_tool_choice(chat.params.get("tool_choice"))
+                changes["tool_choice"] = to_langchain_tool_choice(
+                    chat.params.get("tool_choice"), () if self.translated.passthrough_tools else chat.tools)
         return self.request.override(**changes) if changes else self.request
 
     def _tool(self, schema: dict[str, Any]) -> Any:

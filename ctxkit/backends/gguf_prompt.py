@@ -79,21 +79,31 @@ class GGUFPrompt:
         # Control-token text anywhere in a message (a string content, a content part, a tool call's arguments,
         # a name) or a tool schema is the caller's text, not the template's: each occurrence is replaced by a
         # marker (ASCII letters, which survive the template's JSON and HTML escaping), the prompt rendered, and
-        # each marker tokenized as the plain characters it stands for.
+        # the text around the template's own control tokens tokenized as plain text, each marker as the
+        # characters it stands for.
         found: dict[str, str] = {}
         marked_messages = self._escape(list(messages), found)
         marked_tools = self._escape(list(tools), found)
         if not found:
             return self.tokenize(self.render(messages, tools))
         prompt = self.render(marked_messages, marked_tools)
-        pieces = re.split("(" + "|".join(re.escape(m) for m in found) + ")", prompt)
+        # The template's own control tokens are the only ones left in the rendered prompt: split there (as
+        # llama.cpp's tokenizer does first), and tokenize each run of text between them in one piece, its
+        # markers back to the caller's text, as plain text. Splitting at each marker instead cut the caller's
+        # text where BPE would have merged it (more tokens than the text has) and took a call per occurrence.
+        assert self._special_re is not None  # found is empty without control-token texts
+        restore = re.compile("|".join(re.escape(m) for m in found))
         ids: list[int] = []
         with self._lock:
-            for piece in pieces:
-                if piece in found:
-                    ids += self._llama.tokenize(found[piece].encode("utf-8"), add_bos=False, special=False)
-                elif piece:
-                    ids += self._llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+            pos = 0
+            for match in [*self._special_re.finditer(prompt), None]:
+                end = match.start() if match is not None else len(prompt)
+                text = restore.sub(lambda m: found[m.group()], prompt[pos:end])
+                if text:
+                    ids += self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+                if match is not None:
+                    ids += self._llama.tokenize(match.group().encode("utf-8"), add_bos=False, special=True)
+                    pos = match.end()
         return ids
 
     def _escape(self, value: Any, found: dict[str, str]) -> Any:

@@ -125,9 +125,10 @@ class ToolIndex:
         self.model_id: str = model_id or str(getattr(embedder, "model_id", DEFAULT_MODEL_ID))
         self.fusion = fusion or FusionConfig()
         stored_as = vectors_id(self.model_id, getattr(embedder, "precision", None))
-        if self.dimension != 384:
+        if self.dimension != 384 and self.model_id == DEFAULT_MODEL_ID:
             # An embedder that does not name its model is filed under MiniLM's: another dimension must not
-            # share MiniLM's folder (its stored vectors would be stacked with these, and the build fails).
+            # share MiniLM's folder (its stored vectors would be stacked with these, and the build fails). One
+            # that names its model keeps its own folder: renamed, its stored vectors were all embedded again.
             stored_as = f"{stored_as}-{self.dimension}d"
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._store = VectorStore(self._root / "vectors") if self._root is not None else None
