@@ -73,6 +73,18 @@ class ChatRequest:
     def tool_names(self) -> list[str]:
         return [t["function"]["name"] for t in self.tools]
 
+    def transport_options(self) -> dict[str, Any]:
+        """The per-call HTTP options that are set (`timeout`, `extra_headers`, `extra_query`), as the openai
+        client and ChatOpenAI take them as call arguments."""
+        options: dict[str, Any] = {}
+        if self.timeout is not None:
+            options["timeout"] = self.timeout
+        if self.extra_headers:
+            options["extra_headers"] = dict(self.extra_headers)
+        if self.extra_query:
+            options["extra_query"] = dict(self.extra_query)
+        return options
+
     @property
     def named_tool(self) -> str | None:
         """The tool `tool_choice={"type": "function", "function": {"name": X}}` forces, X; None otherwise."""

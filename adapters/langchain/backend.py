@@ -179,12 +179,7 @@ class LangChainBackend:
             model = self.chat_model.bind_tools(list(request.tools), **bind_kwargs)
         # The caller's per-call HTTP options reach the wrapped model as ChatOpenAI takes them (only when set:
         # a model without such options must not get them).
-        if request.timeout is not None:
-            params["timeout"] = request.timeout
-        if request.extra_headers:
-            params["extra_headers"] = dict(request.extra_headers)
-        if request.extra_query:
-            params["extra_query"] = dict(request.extra_query)
+        params.update(request.transport_options())
         return model, params
 
     def _response(self, message: Any, request: ChatRequest) -> ChatResponse:

@@ -195,13 +195,7 @@ class OpenAIBackend:
         if stream:
             args["stream"] = True
             args["stream_options"] = {"include_usage": True}
-        # the caller's per-call HTTP options, as the openai client takes them
-        if request.timeout is not None:
-            args["timeout"] = request.timeout
-        if request.extra_headers:
-            args["extra_headers"] = dict(request.extra_headers)
-        if request.extra_query:
-            args["extra_query"] = dict(request.extra_query)
+        args.update(request.transport_options())  # the caller's per-call HTTP options
         return args
 
     def _to_response(self, completion: Any, request: ChatRequest) -> ChatResponse:
