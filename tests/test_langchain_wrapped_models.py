@@ -283,3 +283,18 @@ def test_a_forced_call_of_one_tool_is_named_for_every_wrapped_model(llama_backen
     """"required" went to the wrapped model as "any", which ChatHuggingFace reads as a tool named "any"."""
     model = CtxkitChatModel.wrap(HuggingFaceLike(), counter=llama_backend.counter)
     assert model.bind_tools([add], tool_choice="required").invoke("Add 2 and 3.").tool_calls[0]["name"] == "add"
+
+
+def test_a_tool_call_answer_that_says_it_stopped_finishes_with_tool_calls(llama_backend):
+    """Gemini reports STOP on an answer that calls tools: it was passed on as "stop", and an app (or a stage)
+    that checks finish_reason == "tool_calls" missed the calls."""
+
+    class GeminiLike(AnthropicLike):
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(
+                "", tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "c1"}],
+                response_metadata={"finish_reason": "STOP"}))])
+
+    model = CtxkitChatModel.wrap(GeminiLike(), counter=llama_backend.counter)
+    answer = model.bind_tools([add]).invoke("Add 2 and 3.")
+    assert answer.tool_calls[0]["name"] == "add" and answer.response_metadata["finish_reason"] == "tool_calls"

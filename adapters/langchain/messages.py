@@ -311,8 +311,12 @@ _FINISH_REASONS = {
 
 def finish_reason(message: AIMessage) -> str:
     """Why a LangChain model stopped, in OpenAI's terms (`finish_reason`, else Anthropic's `stop_reason`,
-    Bedrock's `stopReason`); an unknown reason is kept as it came."""
-    return _reported_finish(message.response_metadata) or ("tool_calls" if message.tool_calls else "stop")
+    Bedrock's `stopReason`); an unknown reason is kept as it came. A message with tool calls that says it
+    just stopped (Gemini's STOP) stopped to call them."""
+    reason = _reported_finish(message.response_metadata)
+    if message.tool_calls and reason in (None, "stop"):
+        return "tool_calls"
+    return reason or "stop"
 
 
 def _reported_finish(metadata: dict[str, Any] | None) -> str | None:
