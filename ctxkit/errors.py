@@ -83,10 +83,10 @@ class BackendStatusError(BackendError):
 class UnknownToolError(CtxkitError, ValueError):
     """The model called a tool the application never offered: executing it is impossible, guessing is wrong."""
 
-    def __init__(self, name: str, known: int) -> None:
+    def __init__(self, name: str, known: int, detail: str | None = None) -> None:
         self.name = name
         self.known = known
-        super().__init__(f"the model called tool {name!r}, which is not among the {known} tools of the catalog")
+        super().__init__(detail or f"the model called tool {name!r}, which is not among the {known} tools of the catalog")
 
 
 class ConfigurationError(CtxkitError):

@@ -515,3 +515,12 @@ def test_a_named_embedder_of_another_dimension_keeps_its_stored_vectors(catalog,
 
     ToolRetrievalStage(catalog=catalog[:5], top_k=2, embedder=Named(), index_dir=tmp_path).index_for(catalog[:5])
     assert [p.name for p in tmp_path.iterdir()] == ["acme-embed"]
+
+
+def test_a_second_find_tools_call_is_refused_for_what_it_is(embedder, index_dir, catalog):
+    """A provider that searched again on the re-run (it had not been offered find_tools there) was told
+    that find_tools 'is not among the 50 tools of the catalog', as if the app had a tool missing."""
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="find_tools", embedder=embedder, index_dir=index_dir)
+    search = _call(FIND_TOOLS, '{"query": "electric field"}')
+    with pytest.raises(UnknownToolError, match="again after its one search"):
+        stage.wrap_call(REQUEST, _Provider(search, search))

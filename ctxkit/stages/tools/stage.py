@@ -411,7 +411,10 @@ class ToolRetrievalStage(Stage):
             name = (call.get("function") or {}).get("name")
             if name not in plan.index and not (plan.offered_find_tools and name == FIND_TOOLS):
                 record(self.name, "unknown_tool", tool=name)
-                raise UnknownToolError(str(name), len(plan.index))
+                # The re-run after a search offers none: a model that searches again was not offered it.
+                detail = (f"the model called {FIND_TOOLS} again after its one search, which the re-run did not "
+                          "offer" if name == FIND_TOOLS else None)
+                raise UnknownToolError(str(name), len(plan.index), detail)
 
 
 def _messages_key(messages: Sequence[dict[str, Any]]) -> str:
