@@ -533,6 +533,9 @@ def test_swapped_numbers_or_lowercase_names_are_another_question(stage, first, s
 @pytest.mark.parametrize(("first", "second"), [
     ("What is 10 divided by 2?", "what's 10 divided by 2"),
     ("Do cats and dogs get along?", "Do dogs and cats get along?"),
+    # numbers that keep what they count may move (the number-order veto refused these: a paid call)
+    ("Book a table for 4 people at 7 pm", "Book a table at 7 pm for 4 people"),
+    ("Fry 2 eggs and 100 g of bacon", "Fry 100 g of bacon and 2 eggs"),
 ])
 def test_the_same_question_reworded_still_hits(stage, first, second):
     stage.remember(ask(first), answer())
@@ -590,13 +593,3 @@ def test_temperature_0_and_0_point_0_share_answers(stage):
     """Python clients send 0.0, JavaScript and proxied JSON 0: they never shared an entry."""
     stage.remember(ask("Name a colour.", params={"temperature": 0, "max_tokens": 8}), answer("Blue."))
     assert stage.lookup(ask("Name a colour.", params={"temperature": 0.0, "max_tokens": 8})).layer == "exact"
-
-
-@pytest.mark.parametrize(("first", "second"), [
-    ("Book a table for 4 people at 7 pm", "Book a table at 7 pm for 4 people"),
-    ("Fry 2 eggs and 100 g of bacon", "Fry 100 g of bacon and 2 eggs"),
-])
-def test_numbers_that_keep_what_they_count_may_move(stage, first, second):
-    """The number-order veto missed these rewordings: a paid call for the same question."""
-    stage.remember(ask(first), answer())
-    assert stage.lookup(ask(second)).response is not None

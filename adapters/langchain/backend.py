@@ -43,8 +43,20 @@ from .messages import (
 )
 
 DEFAULT_CONTEXT_WINDOW = 128_000
-# The settings wrap() and CtxkitMiddleware read off the wrapped model as defaults.
+# A LangChain chat model's own sampling settings, as its fields name them: wrap() and CtxkitMiddleware read
+# them off the wrapped model as defaults, and the backend does not send them back to it.
 _OWN_SETTINGS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+
+
+def model_settings(chat_model: Any) -> dict[str, Any]:
+    """The sampling settings a LangChain chat model is configured with (those it has and that are set), as a
+    request's params hold them (a stop sequence given as a string is one sequence)."""
+    out: dict[str, Any] = {}
+    for key in _OWN_SETTINGS:
+        value = getattr(chat_model, key, None)
+        if isinstance(value, (int, float, str, list)) and not isinstance(value, bool) and value != []:
+            out[key] = [value] if key == "stop" and isinstance(value, str) else value
+    return out
 
 
 def chat_model_name(chat_model: BaseChatModel) -> str:
@@ -163,10 +175,9 @@ class LangChainBackend:
         # A setting the wrapped model already has (wrap() copied it as a default, for the cache and the ledger)
         # is not sent again: many models refuse their own setting as a call argument (ChatOllama: `stop` "found
         # in both the input and default params", `temperature` passed on to its client, which takes none).
-        for key in [k for k in params if k in _OWN_SETTINGS]:
-            own = getattr(self.chat_model, key, None)
-            if own is not None and params[key] == ([own] if key == "stop" and isinstance(own, str) else own):
-                del params[key]
+        own = model_settings(self.chat_model)
+        for key in [k for k in params if k in own and params[k] == own[k]]:
+            del params[key]
         tool_choice = params.pop("tool_choice", None)
         parallel = params.pop("parallel_tool_calls", None)
         model: Any = self.chat_model

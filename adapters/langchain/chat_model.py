@@ -30,7 +30,7 @@ from ctxkit.response import ChatResponse
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
-from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend
+from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend, model_settings
 from .errors import also_langchains
 from .messages import (
     ORIGINALS_KEY,
@@ -88,10 +88,9 @@ class CtxkitChatModel(BaseChatModel):
         """
         backend = LangChainBackend(chat_model, counter=counter, context_window=context_window)
         # The wrapped model's own settings are this model's defaults: the cache and the ledger see them.
-        for key in ("temperature", "max_tokens", "seed", "stop"):
-            value = getattr(chat_model, key, None)
-            if key not in fields and value is not None and not isinstance(value, bool):
-                fields[key] = [value] if key == "stop" and isinstance(value, str) else value
+        for key, value in model_settings(chat_model).items():
+            if key in cls.model_fields:  # top_p is no setting of this model: the wrapped one applies its own
+                fields.setdefault(key, value)
         return cls(pipeline=Pipeline(backend, stages, ledger=ledger, prices=prices), **fields)
 
     @property

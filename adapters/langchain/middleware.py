@@ -30,7 +30,7 @@ from ctxkit.response import ChatResponse, Usage
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
-from .backend import chat_model_name, counter_for
+from .backend import chat_model_name, counter_for, model_settings
 from .errors import also_langchains
 from .messages import (
     OriginalMessages,
@@ -308,20 +308,6 @@ class CtxkitMiddleware(AgentMiddleware):
             namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(), metadata=metadata,
         )
         return _Translated(chat, originals, by_name, passthrough)
-
-
-# A LangChain chat model's own sampling settings, as its fields name them.
-_MODEL_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "stop")
-
-
-def model_settings(chat_model: Any) -> dict[str, Any]:
-    """The sampling settings a LangChain chat model is configured with (those it has and that are set)."""
-    out = {}
-    for key in _MODEL_FIELDS:
-        value = getattr(chat_model, key, None)
-        if isinstance(value, (int, float, str, list)) and not isinstance(value, bool) and value != []:
-            out[key] = value
-    return out
 
 
 def _thread_id() -> str | None:

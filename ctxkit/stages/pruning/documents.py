@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ...errors import ConfigurationError, RequestError
+from ...lru import LRUMemo
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
 from ...request import ChatRequest, call_answered, tool_calls_by_id
@@ -95,31 +96,6 @@ class _Index:
     doc_bm25: BM25
 
 
-class _TextMemo:
-    """Vectors and token counts by text digest, least recently used dropped past `size`; thread-safe. One memo
-    serves a ranker and the finer rankers it makes: a text is the same text whatever passage size cut it."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, tuple[np.ndarray | None, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray | None, int]]:
-        with self._lock:
-            found = {k: self._entries[k] for k in set(keys) if k in self._entries}
-            for k in found:
-                self._entries.move_to_end(k)
-        return found
-
-    def put(self, entries: Mapping[str, tuple[np.ndarray | None, int]]) -> None:
-        with self._lock:
-            for k, entry in entries.items():
-                self._entries[k] = entry
-                self._entries.move_to_end(k)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-
 class DocumentRanker:
     """Hybrid BM25 + MiniLM passage ranking under a token budget. Safe to share between threads."""
 
@@ -137,7 +113,9 @@ class DocumentRanker:
         self.weights = weights
         self.max_passage_tokens = max_passage_tokens
         # Texts repeat across calls (a corpus, a tool result resent every turn): embed and count each once.
-        self._texts = _TextMemo(cache_size)
+        # Vectors and token counts by text digest. One memo serves a ranker and the finer rankers it makes: a
+        # text is the same text whatever passage size cut it.
+        self._texts: LRUMemo[str, tuple[np.ndarray | None, int]] = LRUMemo(cache_size)
         self._indexes: OrderedDict[str, _Index] = OrderedDict()
         self._lock = threading.Lock()
         self._finer_rankers: dict[int, DocumentRanker] = {}

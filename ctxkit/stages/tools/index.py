@@ -35,10 +35,13 @@ import numpy as np
 
 from ...embed import DEFAULT_MODEL_ID, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
+from ...lru import LRUMemo
 from ...temp_files import remove_stale
 from .lexical import LexicalIndex
 from .text import ToolDocument
 from .vectors import VectorMemo, VectorStore
+
+DOCUMENT_MEMO_SIZE = 50_000  # tool documents a stage keeps for its pools, as VectorMemo keeps vectors
 
 Tool = dict[str, Any]
 INDEX_FILE = "index.npz"
@@ -113,7 +116,7 @@ class ToolIndex:
         query_cache_size: int = 512,
         vector_memo: VectorMemo | None = None,
         save_index: bool = True,
-        document_memo: DocumentMemo | None = None,
+        document_memo: LRUMemo[str, ToolDocument] | None = None,
     ) -> None:
         """embedder: a `ctxkit.embed.Embedder` (anything with `embed(texts) -> (n, d) float32 unit vectors`).
         directory: where vectors and saved indexes persist; None keeps everything in memory.
@@ -146,7 +149,8 @@ class ToolIndex:
         self._faiss: Any = None
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._documents: dict[str, ToolDocument] = {}  # by tool hash: the catalog's stemmed terms, kept
-        self._document_memo = document_memo if document_memo is not None else DocumentMemo()
+        # Tool documents (split, stemmed terms) by tool hash, shared with the other indexes of a stage.
+        self._document_memo = document_memo if document_memo is not None else LRUMemo(DOCUMENT_MEMO_SIZE)
         self.loaded_from_disk = False
         self._on_disk: str | None = None  # the catalog hash whose saved index matches this one
         self._save = save_index
@@ -411,31 +415,6 @@ class ToolIndex:
                  vectors=self._vectors.astype(np.float32))
         os.replace(tmp, folder / INDEX_FILE)
         self._on_disk = self.catalog_hash
-
-
-class DocumentMemo:
-    """Tool documents (split, stemmed terms) by tool hash, shared by the indexes of one stage; least
-    recently used go past `max_documents`."""
-
-    def __init__(self, max_documents: int = 50_000) -> None:
-        self.max_documents = max_documents
-        self._documents: collections.OrderedDict[str, ToolDocument] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, hashes: Iterable[str]) -> dict[str, ToolDocument]:
-        with self._lock:
-            found = {h: self._documents[h] for h in hashes if h in self._documents}
-            for h in found:
-                self._documents.move_to_end(h)
-            return found
-
-    def put(self, documents: dict[str, ToolDocument]) -> None:
-        with self._lock:
-            for h, document in documents.items():
-                self._documents[h] = document
-                self._documents.move_to_end(h)
-            while len(self._documents) > self.max_documents:
-                self._documents.popitem(last=False)
 
 
 def _unique_names(tools: Sequence[Tool]) -> list[str]:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigurationError, UnknownToolError
+from ...lru import LRUMemo
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...redaction import redact
 from ...request import ChatRequest
@@ -41,8 +42,9 @@ from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end
 from .compaction import compact_tool
-from .index import DocumentMemo, FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
+from .index import DOCUMENT_MEMO_SIZE, FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
 from .selector import Selection, ToolSelector
+from .text import ToolDocument
 
 RECOVERY_MODES = ("off", "rerun", "find_tools", "both")
 FIND_TOOLS = "find_tools"
@@ -161,7 +163,7 @@ class ToolRetrievalStage(Stage):
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
-        self._documents = DocumentMemo()  # and split and stemmed once
+        self._documents: LRUMemo[str, ToolDocument] = LRUMemo(DOCUMENT_MEMO_SIZE)  # and split and stemmed once
         # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
         # tool_choice included: the next call of that conversation compares its tool block with it.
         self._sent_for: collections.OrderedDict[str, list[Tool]] = collections.OrderedDict()

@@ -7,15 +7,14 @@ tool, and a schema that comes back (a pool that changes a little from call to ca
 
 from __future__ import annotations
 
-import collections
 import os
-import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from ...lru import LRUMemo
 from ...temp_files import remove_stale
 
 LEGACY_FILE = "vectors.npz"  # before batches: one member per tool, rewritten whole on every addition
@@ -28,27 +27,13 @@ class VectorMemo:
     and each pool embedded every schema again (1,500 tools: about 30 s) or re-read the vector store."""
 
     def __init__(self, max_vectors: int = 50_000) -> None:
-        self.max_vectors = max_vectors
-        self._vectors: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._memo: LRUMemo[tuple[str, str], np.ndarray] = LRUMemo(max_vectors)
 
     def get(self, space: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
-        with self._lock:
-            found = {}
-            for h in hashes:
-                vector = self._vectors.get((space, h))
-                if vector is not None:
-                    self._vectors.move_to_end((space, h))
-                    found[h] = vector
-            return found
+        return {h: vector for (_, h), vector in self._memo.get((space, h) for h in hashes).items()}
 
     def put(self, space: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            for h, vector in vectors.items():
-                self._vectors[(space, h)] = vector
-                self._vectors.move_to_end((space, h))
-            while len(self._vectors) > self.max_vectors:
-                self._vectors.popitem(last=False)
+        self._memo.put({(space, h): vector for h, vector in vectors.items()})
 
 
 class VectorStore:
