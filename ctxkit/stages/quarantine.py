@@ -53,7 +53,7 @@ from ..response import message_text
 from ..stage import Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
-from .quarantine_registry import QuarantineRegistry
+from .quarantine_registry import QuarantineRecord, QuarantineRegistry
 
 logger = logging.getLogger("ctxkit.quarantine")
 
@@ -71,22 +71,6 @@ class Finding:
     @property
     def detail(self) -> str:
         return f"{self.reason}: {self.evidence}" if self.evidence else self.reason
-
-
-@dataclasses.dataclass(frozen=True)
-class QuarantineRecord:
-    """One quarantined message or document, as `list()` returns it."""
-
-    fingerprint: str
-    namespace: str
-    kind: str
-    reason: str
-    evidence: str
-    role: str  # "tool", "assistant", or "document"
-    source: str  # tool name, document id, or "assistant"
-    excerpt: str
-    conversation_id: str | None
-    created_at: float
 
 
 # -- detectors --------------------------------------------------------------------------------------

@@ -1,35 +1,73 @@
 """What a QuarantineStage has quarantined, released and written in its place, per namespace.
 
-In memory by default. With a directory, the registry is also kept on disk (diskcache: each change one
-SQLite transaction), so a restarted process, or another process given the same directory (the workers of
-one proxy), keeps the list and, above all, the releases: content an operator vouched for is not held back
-again after a restart. Each process works from its own copy of a namespace and reads the disk copy again
-when another process changed it (a generation number per namespace says so), so a call costs one small
-read, not a load of every record.
+The registry is an SQLite database: in memory by default, or a file in a directory, so that a restarted
+process, or another process given the same directory (the workers of one proxy), keeps the list and,
+above all, the releases: content an operator vouched for is not held back again after a restart.
+
+Each entry (a record, a released fingerprint, a placeholder) is a row of its own, so a change writes one
+row in one transaction, whatever the namespace holds. (The namespace used to be one pickled value: at
+10,000 records every change rewrote 2 MB, and every other process loaded it all again.) Every change is
+also appended to a short per-namespace change log; each process keeps its own copy of a namespace and,
+at each call, reads only the changes made since (one small query when there are none). A process that
+fell further behind than the log reaches loads the namespace again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from .quarantine import QuarantineRecord
+FILE_NAME = "quarantine.sqlite3"
+# Changes kept per namespace for other processes to catch up with; one further behind reloads all.
+CHANGE_LOG = 1000
+RECORD, RELEASED, ISSUED = "record", "released", "issued"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS namespaces (namespace TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    namespace TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT, seq INTEGER NOT NULL,
+    PRIMARY KEY (namespace, kind, key));
+CREATE INDEX IF NOT EXISTS entries_by_age ON entries (namespace, kind, seq);
+CREATE TABLE IF NOT EXISTS changes (
+    namespace TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT,
+    deleted INTEGER NOT NULL, PRIMARY KEY (namespace, seq));
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantineRecord:
+    """One quarantined message or document, as `QuarantineStage.list()` returns it."""
+
+    fingerprint: str
+    namespace: str
+    kind: str
+    reason: str
+    evidence: str
+    role: str  # "tool", "assistant", or "document"
+    source: str  # tool name, document id, or "assistant"
+    excerpt: str
+    conversation_id: str | None
+    created_at: float
 
 
 @dataclasses.dataclass
 class Namespace:
-    """One namespace's state. Each dict keeps insertion order, so the oldest entry goes first past the bound.
+    """One namespace's state. Each dict keeps insertion order (oldest first).
 
     records:  fingerprint -> the quarantine record.
     released: fingerprints the app vouched for.
     issued:   placeholders this registry's stage wrote (only those count as already handled: a tool can
               return text that starts like one).
+    generation: the sequence number of the namespace's last change this copy holds.
     """
 
     records: dict[str, QuarantineRecord] = dataclasses.field(default_factory=dict)
@@ -37,109 +75,214 @@ class Namespace:
     issued: dict[str, None] = dataclasses.field(default_factory=dict)
     generation: int = 0
 
+    def apply(self, kind: str, key: str, value: str | None, deleted: bool) -> None:
+        entries: dict[str, Any] = self.records if kind == RECORD else self.released if kind == RELEASED else self.issued
+        if deleted:
+            entries.pop(key, None)
+        else:
+            entries[key] = _decode(value) if kind == RECORD else None
+
 
 class QuarantineRegistry:
-    """Per namespace, at most `max_records` records, released fingerprints and placeholders each."""
+    """Per namespace, at most `max_records` records, released fingerprints and placeholders each; beyond it
+    the oldest go."""
 
     def __init__(self, max_records: int, directory: str | Path | None = None) -> None:
         self.max_records = max_records
         self._lock = threading.Lock()
         self._spaces: dict[str, Namespace] = {}
-        self._disk: Any = None
-        if directory is not None:
-            import diskcache
-
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            # Every value inline in SQLite, never in a file of its own: diskcache deletes a value's old file
-            # as soon as set() returns, before transact() commits, so a writer killed (or interrupted) before
-            # the commit left the row pointing at a deleted file (the whole namespace read back empty), and a
-            # process reading meanwhile saw the namespace empty.
-            try:
-                self._disk = diskcache.Cache(str(directory), eviction_policy="none", disk_min_file_size=1 << 62)
-            except sqlite3.DatabaseError as exc:
-                raise ConfigurationError(f"the quarantine registry in {directory} is damaged ({exc}); move the "
-                                         "directory aside to start with an empty registry") from exc
+        if directory is None:
+            self._db = self._open(":memory:", "memory")
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._db = self._open(str(Path(directory) / FILE_NAME), str(directory))
+        self._import_diskcache(Path(directory))
 
     def snapshot(self, namespace: str) -> Namespace:
-        """A copy of the namespace's state, as the disk has it now."""
+        """A copy of the namespace's state, as the database has it now."""
         with self._lock:
             space = self._current(namespace)
             return Namespace(dict(space.records), dict(space.released), dict(space.issued), space.generation)
 
     def namespaces(self) -> list[str]:
         with self._lock:
-            if self._disk is not None:
-                for key in self._disk.iterkeys():
-                    if isinstance(key, tuple) and key[0] == "space":
-                        self._current(key[1])
-            return list(self._spaces)
+            return [row[0] for row in self._db.execute("SELECT namespace FROM namespaces ORDER BY namespace")]
 
     def add_record(self, record: QuarantineRecord) -> QuarantineRecord:
         """Keep `record`; when its content was quarantined already (another thread or process got there
         first), the record that was kept."""
-        found: list[QuarantineRecord] = []
-
-        def change(space: Namespace) -> bool:
-            if record.fingerprint in space.records:
-                found.append(space.records[record.fingerprint])
-                return False
-            self._bounded(space.records, record.fingerprint, record)
-            return True
-
-        self._update(record.namespace, change)
-        return found[0] if found else record
+        with self._write(record.namespace) as writer:
+            kept = writer.get(RECORD, record.fingerprint)
+            if kept is not None:
+                return _decode(kept[0])
+            writer.put(RECORD, record.fingerprint, _encode(record))
+        return record
 
     def release(self, fingerprint: str, namespace: str) -> bool:
         """Lift one quarantine; False when nothing with that fingerprint was quarantined there."""
-        def change(space: Namespace) -> bool:
-            if space.records.pop(fingerprint, None) is None:
+        with self._write(namespace) as writer:
+            if not writer.delete(RECORD, fingerprint):
                 return False
-            self._bounded(space.released, fingerprint, None)
-            return True
-
-        return self._update(namespace, change)
+            writer.put(RELEASED, fingerprint)
+        return True
 
     def add_issued(self, namespace: str, placeholder: str) -> None:
-        def change(space: Namespace) -> bool:
-            if placeholder in space.issued:
-                return False
-            self._bounded(space.issued, placeholder, None)
-            return True
-
-        self._update(namespace, change)
+        with self._lock:  # most calls re-send placeholders issued before: no write, no lock on the file
+            if placeholder in self._current(namespace).issued:
+                return
+        with self._write(namespace) as writer:
+            writer.put(ISSUED, placeholder)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _bounded(self, entries: dict[str, Any], key: str, value: Any) -> None:
-        entries[key] = value
-        while len(entries) > self.max_records:
-            del entries[next(iter(entries))]
+    @staticmethod
+    def _open(target: str, where: str) -> sqlite3.Connection:
+        try:
+            # Autocommit: _transaction opens its own. One connection, used under _lock, by any thread.
+            db = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if target != ":memory:":
+                db.execute("PRAGMA journal_mode=WAL")  # readers in other processes never wait for a writer
+                db.execute("PRAGMA synchronous=FULL")  # a commit survives a crash of the machine too
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"the quarantine registry in {where} is damaged ({exc}); move the "
+                                     "directory aside to start with an empty registry") from exc
+        return db
 
     def _current(self, namespace: str) -> Namespace:
-        """The namespace's state, read again from disk when another process changed it; under _lock."""
-        space = self._spaces.get(namespace)
-        if self._disk is None:
-            return self._spaces.setdefault(namespace, Namespace()) if space is None else space
-        generation = self._disk.get(("generation", namespace), 0)
-        if space is None or space.generation != generation:
-            stored = self._disk.get(("space", namespace))
-            space = stored if isinstance(stored, Namespace) else Namespace()
-            space.generation = generation
-            self._spaces[namespace] = space
+        """The namespace's state with every change made since this process last looked; under _lock."""
+        space = self._spaces.setdefault(namespace, Namespace())
+        row = self._db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (namespace,)).fetchone()
+        latest = row[0] if row else 0
+        if latest == space.generation:
+            return space
+        changes = self._db.execute(
+            "SELECT seq, kind, key, value, deleted FROM changes WHERE namespace = ? AND seq > ? AND seq <= ? "
+            "ORDER BY seq", (namespace, space.generation, latest)).fetchall()
+        if latest < space.generation or not changes or changes[0][0] != space.generation + 1:
+            return self._load(namespace, latest)  # the log no longer reaches back to this copy
+        for _seq, kind, key, value, deleted in changes:
+            space.apply(kind, key, value, bool(deleted))
+        space.generation = latest
         return space
 
-    def _update(self, namespace: str, change: Any) -> bool:
-        """Apply `change(space) -> changed?` to the namespace, on disk in one transaction when there is one."""
+    def _load(self, namespace: str, latest: int) -> Namespace:
+        space = Namespace(generation=latest)
+        rows = self._db.execute("SELECT kind, key, value FROM entries WHERE namespace = ? ORDER BY seq",
+                                (namespace,))
+        for kind, key, value in rows:
+            space.apply(kind, key, value, False)
+        self._spaces[namespace] = space
+        return space
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction, taken for writing at once: another process's change made before it is
+        built upon, none can come in between. Under _lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _write(self, namespace: str) -> Iterator[_Writer]:
         with self._lock:
-            if self._disk is None:
-                return bool(change(self._current(namespace)))
-            with self._disk.transact():  # another process's change in between is read, then built upon
-                space = self._current(namespace)
-                if not change(space):
-                    return False
-                space.generation += 1
-                self._disk.set(("space", namespace), space)
-                self._disk.set(("generation", namespace), space.generation)
-            return True
+            with self._transaction():
+                writer = _Writer(self._db, namespace, self.max_records)
+                yield writer
+                writer.finish()
+            self._current(namespace)
+
+    def _import_diskcache(self, directory: Path) -> None:
+        """A directory written by ctxkit 0.1's diskcache registry (one pickled Namespace per namespace): its
+        records, releases and placeholders are copied over once, in one transaction, so an upgrade loses
+        none of them, even when it is interrupted."""
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM meta WHERE key = 'imported_diskcache'").fetchone():
+                return
+            self._db.execute("INSERT INTO meta VALUES ('imported_diskcache', '')")
+            if not (directory / "cache.db").exists():
+                return
+            import diskcache
+
+            try:
+                with diskcache.Cache(str(directory), eviction_policy="none") as old:
+                    spaces = [(key[1], old.get(key)) for key in old.iterkeys()
+                              if isinstance(key, tuple) and key[0] == "space"]
+            except (sqlite3.DatabaseError, OSError, AttributeError, ImportError):
+                return  # not a registry we can read: the new one starts empty beside it
+            for name, space in spaces:
+                if not isinstance(space, Namespace):
+                    continue
+                writer = _Writer(self._db, name, self.max_records)
+                for fingerprint, record in space.records.items():
+                    writer.put(RECORD, fingerprint, _encode(record))
+                for fingerprint in space.released:
+                    writer.put(RELEASED, fingerprint)
+                for placeholder in space.issued:
+                    writer.put(ISSUED, placeholder)
+                writer.finish()
 
 
-__all__ = ["Namespace", "QuarantineRegistry"]
+class _Writer:
+    """The changes to one namespace inside a transaction: each entry written, logged with the next sequence
+    number, and its kind kept within max_records (the oldest go)."""
+
+    def __init__(self, db: sqlite3.Connection, namespace: str, max_records: int) -> None:
+        self.db, self.namespace, self.max_records = db, namespace, max_records
+        row = db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (namespace,)).fetchone()
+        self.start = self.seq = row[0] if row else 0
+
+    def get(self, kind: str, key: str) -> tuple[str | None] | None:
+        """The entry's row (its value), or None when there is none."""
+        row = self.db.execute("SELECT value FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
+                              (self.namespace, kind, key)).fetchone()
+        return None if row is None else (row[0],)
+
+    def put(self, kind: str, key: str, value: str | None = None) -> bool:
+        """Add the entry; False when it is there already."""
+        if self.get(kind, key) is not None:
+            return False
+        self._log(kind, key, value, deleted=False)
+        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (self.namespace, kind, key, value, self.seq))
+        (count,) = self.db.execute("SELECT count(*) FROM entries WHERE namespace = ? AND kind = ?",
+                                   (self.namespace, kind)).fetchone()
+        if count > self.max_records:
+            oldest = self.db.execute("SELECT key FROM entries WHERE namespace = ? AND kind = ? ORDER BY seq LIMIT ?",
+                                     (self.namespace, kind, count - self.max_records)).fetchall()
+            for (old,) in oldest:
+                self.delete(kind, old)
+        return True
+
+    def delete(self, kind: str, key: str) -> bool:
+        """Remove the entry; False when it was not there."""
+        gone = self.db.execute("DELETE FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
+                               (self.namespace, kind, key)).rowcount
+        if gone:
+            self._log(kind, key, None, deleted=True)
+        return bool(gone)
+
+    def finish(self) -> None:
+        if self.seq == self.start:
+            return
+        self.db.execute("INSERT INTO namespaces VALUES (?, ?) ON CONFLICT (namespace) DO UPDATE SET seq = excluded.seq",
+                        (self.namespace, self.seq))
+        self.db.execute("DELETE FROM changes WHERE namespace = ? AND seq <= ?", (self.namespace, self.seq - CHANGE_LOG))
+
+    def _log(self, kind: str, key: str, value: str | None, *, deleted: bool) -> None:
+        self.seq += 1
+        self.db.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?)",
+                        (self.namespace, self.seq, kind, key, value, int(deleted)))
+
+
+def _encode(record: QuarantineRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+
+
+def _decode(value: str | None) -> QuarantineRecord:
+    return QuarantineRecord(**json.loads(value or "{}"))
+
+
+__all__ = ["Namespace", "QuarantineRecord", "QuarantineRegistry"]
