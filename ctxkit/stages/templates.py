@@ -22,16 +22,18 @@ provider (or llama.cpp) has cached stays byte-identical for as long as possible:
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import RequestError
+from ..lru import LRUMemo
 from ..request import ChatRequest, Message, Tool
 from ..sentences import leading_sentences
 from ..stage import Stage
@@ -439,6 +441,56 @@ class TemplateRegistry:
             return sorted(self._templates)
 
 
+# Conversations whose last rendered prompt a TemplateStage remembers, the least recently called dropped first.
+LAST_PROMPTS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class _RenderedPrompt:
+    """A call's prompt as the next call of its conversation compares it: a digest per message and one of
+    the tool block, and the prompt itself compressed (a few KB), unpacked only when the next prompt's
+    prefix differs and the tokens it un-caches are counted."""
+
+    tools_digest: bytes
+    digests: bytes  # DIGEST bytes per message, end to end (one object, not one per message)
+    packed: bytes
+
+    def __len__(self) -> int:
+        return len(self.digests) // DIGEST
+
+    def common_prefix(self, other: _RenderedPrompt) -> int:
+        """How many leading messages the two prompts share; none when their tool blocks (which lead) differ."""
+        if self.tools_digest != other.tools_digest:
+            return 0
+        common = 0
+        while common < min(len(self), len(other)) and \
+                self.digests[common * DIGEST:(common + 1) * DIGEST] == other.digests[common * DIGEST:(common + 1) * DIGEST]:
+            common += 1
+        return common
+
+    @classmethod
+    def of(cls, messages: list[Message], tools: list[Tool]) -> _RenderedPrompt:
+        encoded = [_json_bytes(m) for m in messages]
+        tools_json = _json_bytes(tools)
+        packed = zlib.compress(b"[[" + b",".join(encoded) + b"]," + tools_json + b"]", 1)
+        return cls(_digest(tools_json), b"".join(_digest(e) for e in encoded), packed)
+
+    def unpack(self) -> tuple[list[Message], list[Tool]]:
+        messages, tools = json.loads(zlib.decompress(self.packed))
+        return messages, tools
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+DIGEST = 16
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST).digest()
+
+
 class TemplateStage(Stage):
     """Renders each request through a template: its messages are the conversation, and
     `request.metadata["ctxkit.template"]` may carry `variables`, `documents` and `memory`.
@@ -456,9 +508,7 @@ class TemplateStage(Stage):
         # What the previous call of each conversation was rendered to: the documents move to the newest
         # question and a budgeted conversation drops its oldest turns, and both un-cache the prompt after
         # them (a `prefix_invalidated` event, as the other stages that edit earlier content note theirs).
-        self._last: collections.OrderedDict[tuple[str, str], tuple[list[Message], list[Tool]]] = \
-            collections.OrderedDict()
-        self._last_lock = threading.Lock()
+        self._last: LRUMemo[tuple[str, str], _RenderedPrompt] = LRUMemo(LAST_PROMPTS)
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         inputs = request.metadata.get(METADATA_KEY) or {}
@@ -486,23 +536,15 @@ class TemplateStage(Stage):
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
 
     def _note_invalidated(self, key: tuple[str, str], messages: list[Message], tools: list[Tool]) -> None:
-        with self._last_lock:
-            previous = self._last.get(key)
-            self._last[key] = (copy.deepcopy(messages), copy.deepcopy(tools))
-            self._last.move_to_end(key)
-            while len(self._last) > 1024:
-                self._last.popitem(last=False)
+        current = _RenderedPrompt.of(messages, tools)
+        previous = self._last.get([key]).get(key)
+        self._last.put({key: current})
         if previous is None:
             return
-        before, tools_before = previous
-        common = 0
-        if tools_before == tools:  # the tool block leads the prompt
-            for a, b in zip(before, messages, strict=False):
-                if a != b:
-                    break
-                common += 1
-        if common == len(before):
+        common = previous.common_prefix(current)
+        if common == len(previous):
             return
+        before, tools_before = previous.unpack()
         tokens = self.counter.count_prompt(before, tools_before)
         if common:
             tokens -= self.counter.count_prompt(before[:common], tools_before)
