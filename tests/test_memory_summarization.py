@@ -711,6 +711,9 @@ def test_a_standing_fact_is_the_users_own_not_someone_they_quote_and_may_be_lowe
         return [f.standing for f in extract({"role": "user", "content": text}, 0, "fp")]
 
     assert standing("i am allergic to nuts.") == [True]
+    assert standing("I'd rather take the train than fly.") == [True]
+    assert standing("I’ll be in Oslo from Monday to Thursday.") == [True]
+    assert standing("i would like a window seat.") == [True]
     assert standing('My boss said "I am leaving the company".') == [False]
     assert standing("He wrote to me: “I hate this city”.") == [False]
     assert standing('I told him "fine". I am vegetarian.') == [False, True]

@@ -73,10 +73,11 @@ _SALIENT = re.compile(
     rf"\d|\$|€|£|%|\b(?:{alternation(CALENDAR_WORDS)})\b|\b(?:decid|agree|prefer|must|deadline|todo|need|plan|will|won't|never|always)",
     re.IGNORECASE,
 )
-# What a user says about themselves ("I am vegetarian", "my budget is 800 euros", "I'm allergic to nuts"):
+# What a user says about themselves ("I am vegetarian", "my budget is 800 euros", "I'd rather fly", "I'll be
+# in Oslo on Monday"):
 # standing facts that later turns rely on without repeating them ("suggest a restaurant").
 _SELF_DISCLOSURE = re.compile(
-    r"\b(?:[Ii](?:'m|’m|'ve|’ve| am| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
+    r"\b(?:[Ii](?:'m|’m|'ve|’ve|'d|’d|'ll|’ll| am| would| will| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
     r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
     r"|[Cc]all me)\b"
 )
