@@ -61,12 +61,14 @@ class ChatResponse:
         return list(self.message.get("tool_calls") or [])
 
     def to_openai(self) -> dict[str, Any]:
-        """The `chat.completion` object an OpenAI client expects."""
+        """The `chat.completion` object an OpenAI client expects. Its `usage` is what the call cost: every
+        backend call it made (`call_usage`), as a client billing from it must see."""
+        paid = self.call_usage or self.usage
         usage: dict[str, Any] = {
-            "prompt_tokens": self.usage.prompt_tokens,
-            "completion_tokens": self.usage.completion_tokens,
-            "total_tokens": self.usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.usage.cached_tokens},
+            "prompt_tokens": paid.prompt_tokens,
+            "completion_tokens": paid.completion_tokens,
+            "total_tokens": paid.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": paid.cached_tokens},
         }
         return {
             "id": self.id,

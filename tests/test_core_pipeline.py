@@ -108,6 +108,11 @@ def test_a_stage_that_calls_twice_is_charged_for_both_calls(llama_backend, ledge
     assert record.count_delta == 0, "the reported usage is the last call's and must match its count"
     # Both answers were generated and paid for (a tool recovery re-runs the call): the first's output too.
     assert record.tokens_out == sum(a.usage.completion_tokens for a in answers) > answers[-1].usage.completion_tokens
+    # An OpenAI-style client reads what the call cost from `usage`: both calls, as LangChain's usage_metadata says.
+    reply = pipeline.openai().chat.completions.create(model="smollm2", messages=CONVERSATION, **PARAMS)
+    first, last = answers[-2].usage, answers[-1].usage
+    assert reply.usage.prompt_tokens == first.prompt_tokens + last.prompt_tokens == ledger.records[-1].tokens_sent
+    assert reply.usage.completion_tokens == first.completion_tokens + last.completion_tokens
 
 
 def test_stream_records_once_it_ends_and_assembles_the_answer(llama_backend, ledger):
