@@ -140,13 +140,17 @@ _INJECTION = [
     (r"\b(?:you are now (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|bot|model|dan|unrestricted|unfiltered|"
      r"jailbroken|free of|in (?:developer|maintenance|god|admin|debug|dan) mode)|you (?:must|will|shall) now (?:only |always |never )?(?:respond|reply|answer|act|behave|speak|"
      r"talk|ignore|obey|follow|pretend|say|tell|write|output|print|refuse|comply|become|role-?play)|from now on,? "
-     r"(?:you\b|the (?:ai|assistant|model|bot)\b(?=,?\s+(?:will|must|should|shall|is|may|can|only|always|never|"
+     r"(?:you\b(?!\s+(?:can|could|may|might|get|no longer need|don't need|do not need|won't need|will (?:be able|get|receive|see|find|need))\b)|the (?:ai|assistant|model|bot)\b(?=,?\s+(?:will|must|should|shall|is|may|can|only|always|never|"
      r"responds?|replies|answers?|acts?)\b))|you are no longer|"
      r"your (?:new|real|actual|true|only) (?:role|task|job|instructions|goal|purpose|objective)|"
      r"when you (?:process|summari[sz]e|analy[sz]e|parse|ingest)\b[^.\n]{0,20}\b(?:this|these|the following))\b",
      "gives the model a new role or task"),
     (r"(?:^|\n)\s*(?:#+\s*)?(?:new |updated |real )?(?:system prompt|system message|system instructions?|"
      r"instructions? for the (?:ai|assistant|model))\s*[:\-]", "contains a system prompt"),
+    # the published indirect injections (Greshake et al. 2023): "[system](#error_state)", "***NEW IMPORTANT
+    # INSTRUCTIONS***", "New instructions: ..."
+    (r"\[system\]\(#[\w-]+\)|(?:^|\n)[ \t]*[*#>_=\-\[]*[ \t]*(?:new|updated|important) (?:important |new )?"
+     r"instructions?[ \t]*(?:[*#_=\]]+|:)", "contains a system prompt"),
     (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>",
      "contains chat-template control tokens"),
     (r"(?:^|\n)\s*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
@@ -253,10 +257,13 @@ def find_tool_error(text: str) -> Finding | None:
         return finding
     if data is not None:
         return None  # a JSON list or scalar is an answer
+    listing = len(_LOG_LEVEL_LINE.findall(text)) >= 2 and _CALM_LOG_LINE.search(text) is not None
     for pattern, why in _ERROR_TEXT:
-        match = pattern.search(text)
-        if match:
-            return Finding("tool_error", f"tool output contains {why}", _short(_line_at(text, match.start())))
+        for match in pattern.finditer(text):
+            line = _line_at(text, match.start())
+            if listing and _LOG_LEVEL_LINE.match(line + "\n"):
+                continue  # an ERROR entry among INFO/WARNING entries: a log the tool read, not its failure
+            return Finding("tool_error", f"tool output contains {why}", _short(line))
     visible = _TAG.sub("\n", text) if _TAG.search(text) else text  # an HTML error page: its text
     title = _HTML_TITLE.search(text)
     if title and len(visible) < 2000 and _ERROR_TITLE.search(title.group(1)):
@@ -286,6 +293,12 @@ def find_tool_error(text: str) -> Finding | None:
                 continue  # "if you see Permission denied, ...": a mention
             return Finding("tool_error", f"tool output contains {why}", _short(line))
     return None
+
+
+# Log entries as Python's logging.basicConfig (`ERROR:app:...`), glog or syslog-less tools write them. A text
+# with such lines of several levels is a log listing: its ERROR lines are entries, not the tool's failure.
+_LOG_LEVEL_LINE = re.compile(r"^(?:DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|CRITICAL|FATAL|TRACE)(?::[\w.]+:|:?[ \t])[^\n]*\n?", re.M)
+_CALM_LOG_LINE = re.compile(r"^(?:DEBUG|INFO|NOTICE|WARN|WARNING|TRACE)(?::[\w.]+:|:?[ \t])", re.M)
 
 
 _NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", "no", "false")
@@ -368,7 +381,22 @@ def _find_injection_as_read(text: str, *, exempt_quoted: bool) -> Finding | None
     if finding is not None:
         return finding
     read = _WRAPPED.sub(" ", unicodedata.normalize("NFKC", _FORMAT_CHARS.sub("", text)))
+    if _LOOKALIKE.search(read):
+        read = _MIXED_WORD.sub(lambda m: m.group(0).translate(_LATIN_OF) if _LATIN.search(m.group(0)) else m.group(0), read)
     return _find_injection(read, exempt_quoted=exempt_quoted) if read != text else None
+
+
+# Cyrillic and Greek letters that look like Latin ones: "Ign\u043ere all previous instructions" reads as the
+# instruction to the model. Folded only inside a word that also has Latin letters, so Russian or Greek text
+# is read as it is.
+_LATIN_OF = str.maketrans("\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0456\u0458\u0455\u0501\u04cf\u04bb\u051b\u051d"
+                          "\u0410\u0412\u0415\u041a\u041c\u041d\u041e\u0420\u0421\u0422\u0425\u0406\u0408\u0405"
+                          "\u03bf\u03b1\u03b5\u03b9\u03bd\u03c1\u03c4\u03c5\u03ba"
+                          "\u039f\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u03a1\u03a4\u03a7\u03a5",
+                          "aeopcyxijsdlhqw" "ABEKMHOPCTXIJS" "oaeivptuk" "OABEZHIKMNPTXY")
+_LOOKALIKE = re.compile("[" + "".join(chr(c) for c in _LATIN_OF) + "]")
+_LATIN = re.compile(r"[A-Za-z]")
+_MIXED_WORD = re.compile(r"\w+")
 
 
 def _strings(data: Any, depth: int = 0) -> Iterator[str]:
@@ -696,7 +724,7 @@ class QuarantineStage(Stage):
     # -- checks -----------------------------------------------------------------------------------
     def check_message(
         self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
-        *, after_injection: bool = False,
+        *, after_injection: bool = False, injected: Sequence[str] = (),
     ) -> Finding | None:
         """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
         result of this turn carried an injection, so an answer repeating it is checked for one too."""
@@ -716,6 +744,9 @@ class QuarantineStage(Stage):
             if after_injection and self.check_injection and (finding := find_injection(message["content"])):
                 return Finding("injection", f"the answer repeats an injection ({finding.reason.removeprefix('content ')})",
                                finding.evidence)
+            if self.check_injection and (carried := _repeated_payload(message["content"], injected)):
+                # the answer passes on what the injection planted (its link, its account number, its code)
+                return Finding("injection", "the answer repeats what an injected tool result planted", carried)
             if self.check_contradictions:
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
                 return find_contradiction(message["content"], _turn_tool_results(messages, index))
@@ -732,9 +763,11 @@ class QuarantineStage(Stage):
         out = list(messages)
         withheld: list[int] = []
         injected_turn = False  # a tool result of the current turn carried an injection
+        injected: list[str] = []  # the texts of those results
         for index, message in enumerate(messages):
             if message.get("role") == "user":
                 injected_turn = False
+                injected = []
                 # Documents pasted into a user message are checked too; the message is marked (kept out of
                 # summaries and the cache) but never withheld: the user's own words are in it.
                 if (reason := self._check_user_documents(request, message, released, known)) is not None:
@@ -745,10 +778,13 @@ class QuarantineStage(Stage):
                 marks.append((message, "withheld by quarantine"))
                 continue
             record = self._record(request, message, released, known,
-                                  partial(self._message_finding, messages, index, schemas, injected_turn))
+                                  partial(self._message_finding, messages, index, schemas, injected_turn,
+                                          tuple(injected)))
             if record is None:
                 continue
-            injected_turn = injected_turn or (record.kind == "injection" and message.get("role") == "tool")
+            if record.kind == "injection" and message.get("role") == "tool":
+                injected_turn = True
+                injected.append(message_text(dict(message)))
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
@@ -778,7 +814,8 @@ class QuarantineStage(Stage):
     def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
                               known: Mapping[str, QuarantineRecord]) -> str | None:
         """The reason to mark a user message whose `<document id=...>` blocks carry an injection, or None."""
-        text = message.get("content")
+        # content parts too: the OpenAI SDK, LangChain and the Vercel AI SDK send a user message as a list
+        text = message_text(dict(message)) if isinstance(message.get("content"), list) else message.get("content")
         if not (self.check_documents and self.check_injection and isinstance(text, str) and "<document id=" in text):
             return None
 
@@ -805,8 +842,10 @@ class QuarantineStage(Stage):
         return flagged
 
     def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
-                         schemas: Mapping[str, Mapping[str, Any]], after_injection: bool) -> tuple[Finding | None, str]:
-        return self.check_message(messages, index, schemas, after_injection=after_injection), _source(messages, index)
+                         schemas: Mapping[str, Mapping[str, Any]], after_injection: bool,
+                         injected: Sequence[str] = ()) -> tuple[Finding | None, str]:
+        return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected),
+                _source(messages, index))
 
     def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
                 known: Mapping[str, QuarantineRecord],
@@ -849,6 +888,24 @@ class QuarantineStage(Stage):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+_PLANTED = re.compile(r"https?://[^\s)\]>\"'<]+|\bwww\.[\w-]+\.[^\s)\]>\"'<]+|\b[\w.+-]+@[\w-]+\.[\w.]+\w|"
+                      r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9][\w-]{4,}\b")
+
+
+def _repeated_payload(answer: str, injected: Sequence[str]) -> str:
+    """A link, address or code that an injected tool result of this turn carried near its injection and
+    that the answer gives on ("" when none): an answer that passes on the planted link is the injection working."""
+    for text in injected:
+        finding = find_injection(text)
+        at = text.find(finding.evidence[:40]) if finding is not None and finding.evidence else -1
+        near = text[max(0, at - 300):] if at >= 0 else text
+        planted = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(near)}
+        for match in _PLANTED.finditer(answer):
+            if match.group(0).rstrip(".,;:").lower() in planted:
+                return match.group(0).rstrip(".,;:")
+    return ""
+
 
 def _injection_in(text: str, source: str) -> tuple[Finding | None, str]:
     return find_injection(text), source
