@@ -287,3 +287,55 @@ def test_report_says_how_much_prefix_the_stages_edits_took_out_of_the_cache(tmp_
     assert summary["prefix_invalidated"] == 120
     assert summary["prefix_invalidated_by_stage"] == {"summarization": 120, "tool_results": 80}
     assert "prefix un-cached 120" in format_summary(summary)
+
+
+def test_bench_data_with_a_byte_order_mark_is_read_and_text_that_is_not_utf8_is_named(tmp_path):
+    from ctxkit.bench.common import read_jsonl
+    from ctxkit.bench.tools import load_catalog
+    from ctxkit.errors import ConfigurationError
+
+    record = {"messages": HELLO, "gold": ["get_weather"]}
+    data = tmp_path / "bom.jsonl"
+    data.write_text(json.dumps(record) + "\r\n\r\n" + json.dumps(record) + "\r\n", encoding="utf-8-sig")
+    assert [n for n, _ in read_jsonl(data)] == [1, 3]
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([{"type": "function", "function": {"name": "f", "description": "d"}}]),
+                       encoding="utf-8-sig")
+    assert load_catalog(catalog)[0]["function"]["name"] == "f"
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(record).encode() + b"\n" + '{"x": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ConfigurationError, match=r"latin1.jsonl:2: not UTF-8"):
+        list(read_jsonl(latin1))
+    catalog.write_bytes('[{"type": "function", "function": {"name": "café"}}]'.encode("latin-1"))
+    with pytest.raises(ConfigurationError, match="cannot read the tool catalog"):
+        load_catalog(catalog)
+
+
+def test_bench_prune_pools_refuse_one_id_naming_two_documents(tmp_path, capsys):
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "questions.jsonl"
+    data.write_text("\n".join(json.dumps(q) for q in [
+        {"question": "When was the Eiffel Tower built?", "gold_documents": ["1"], "answers": ["1889"],
+         "documents": [{"id": "1", "text": "The Eiffel Tower was built in 1889."}, {"id": "2", "text": "Bananas."}]},
+        {"question": "Which river flows through Brazil?", "gold_documents": ["1"], "answers": ["Amazon"],
+         "documents": [{"id": "1", "text": "The Amazon flows through Brazil."}, {"id": "2", "text": "Everest."}]},
+    ]) + "\n")
+    for pool in (["--pool-all"], ["--pool-tokens", "30"]):
+        assert main(["bench", "prune", "--questions", str(data), "--lexical-only", "--budget", "0.5", *pool]) == 2
+        assert "document id '1' names different texts" in capsys.readouterr().err
+
+
+def test_bench_memory_reads_conversations_that_replay_broken_tool_call_arguments(tmp_path):
+    from ctxkit.backends.tool_format import messages_for_plain_template
+    from ctxkit.bench.memory import load_conversations
+
+    call = {"id": "c", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"'}}
+    data = tmp_path / "conversations.jsonl"
+    data.write_text(json.dumps({"messages": [*HELLO, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                             {"role": "tool", "tool_call_id": "c", "content": "bad arguments"},
+                                             {"role": "user", "content": "And Bergen?"}],
+                                "answers": ["Oslo"]}) + "\n")
+    messages = load_conversations(data)[0]["messages"]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == "{}"  # as the pipeline sends it
+    messages_for_plain_template(messages, [])  # what counting the prompt renders: no JSONDecodeError

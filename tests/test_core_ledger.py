@@ -186,3 +186,17 @@ def test_events_that_are_not_objects_and_non_numbers_are_bad_lines_named_or_coun
         list(read_ledger(path))
     skipped: list[str] = []
     assert [r.id for r in read_ledger(path, strict=False, skipped=skipped)] == ["w0-0"] and len(skipped) == 1
+
+
+def test_a_fine_tuned_openai_model_is_counted_as_its_base_and_its_missing_price_is_warned_about(caplog):
+    from ctxkit.ledger import PriceTable
+    from ctxkit.tokens.tiktoken_counter import encoding_name_for_model
+
+    fine_tuned = "ft:gpt-4o-mini-2024-07-18:my-org::abc123"
+    assert encoding_name_for_model(fine_tuned) == "o200k_base"  # as tiktoken's own table has it
+    with caplog.at_level("WARNING", logger="ctxkit"):
+        assert PriceTable().price(fine_tuned).input == 0
+    assert f"no price for model {fine_tuned!r}" in caplog.text  # never silently free
+    own = PriceTable.__new__(PriceTable)
+    PriceTable.__init__(own, {"ft:gpt-4o-mini": PriceTable().price("gpt-4o-mini")})
+    assert own.price(fine_tuned).input > 0  # a price file can name fine-tuned models by prefix

@@ -69,11 +69,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line of a JSON-lines data file. An unreadable file, a
     line that is not JSON or not an object raises ConfigurationError naming the file and line."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # decoded line by line: a line that is not UTF-8 is named, not a traceback
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc}") from None
     with handle:
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
+            try:
+                # utf-8-sig: a byte-order mark (Notepad, PowerShell's Out-File) is no part of the first record
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigurationError(f"{path}:{number}: not UTF-8 text (byte {exc.start}: "
+                                         f"{raw[exc.start:exc.start + 1]!r})") from None
             if not line.strip():
                 continue
             try:

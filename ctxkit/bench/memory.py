@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..request import ChatRequest, Message
 from ..response import message_text
+from ..validation import replace_malformed_arguments
 from .common import (
     add_backend_arguments,
     add_embedding_arguments,
@@ -46,6 +47,9 @@ def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, A
             break
         check_messages(row.get("messages"), f"{path}:{number}")
         check_strings(row.get("answers"), f"{path}:{number}: answers")
+        # As the pipeline does before anything counts or renders the prompt: recorded agent traffic replays
+        # tool calls whose arguments a model broke ('{"city": "Oslo"'), which the chat template cannot parse.
+        row["messages"] = list(replace_malformed_arguments(ChatRequest(messages=row["messages"]))[0].messages)
         row.setdefault("id", f"line-{number}")
         rows.append(row)
     return require_records(rows, path)

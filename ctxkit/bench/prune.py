@@ -132,16 +132,21 @@ def build_corpora(
     questions file), so --split and --limit choose questions, not the size of the corpus."""
     pool: list[dict[str, Any]] = []
     if pool_all or pool_tokens:
-        seen: set[str] = set()
-        for q in pool_from if pool_from is not None else questions:
-            for d in q.get("documents") or []:
-                if d["id"] not in seen:
-                    seen.add(d["id"])
-                    pool.append(d)
-        for d in shared:
-            if d["id"] not in seen:
-                seen.add(d["id"])
+        # One pool, one id space: a document is pooled once under its id, and gold ids are scored against it.
+        # Ids that name different texts in different questions (each numbering its own documents 1, 2, 3)
+        # would pool only the first and score another question's gold against it: refuse them.
+        seen: dict[str, tuple[str, str]] = {}  # id (as text: 17 and "17" are one id) -> (text, where)
+        sources = [(d, f"question {q.get('id')!r}") for q in (pool_from if pool_from is not None else questions)
+                   for d in q.get("documents") or []]
+        for d, where in [*sources, *((d, "the --documents file") for d in shared)]:
+            key = str(d["id"])
+            if key not in seen:
+                seen[key] = (d["text"], where)
                 pool.append(d)
+            elif seen[key][0] != d["text"]:
+                raise ConfigurationError(
+                    f"document id {d['id']!r} names different texts in {seen[key][1]} and {where}: "
+                    "--pool-all and --pool-tokens need ids that are unique across the file")
     corpora: list[list[dict[str, Any]]] = []
     for q in questions:
         own = q.get("documents") or shared
@@ -150,13 +155,13 @@ def build_corpora(
         if not own:
             raise ConfigurationError(f"question {q.get('id')!r} has no documents and no --documents file was given")
         if pool_tokens:
-            own_ids = {d["id"] for d in own}
+            own_ids = {str(d["id"]) for d in own}
             corpus = list(own)
             total = sum(count(d["text"]) for d in corpus)
             for d in pool:
                 if total >= pool_tokens:
                     break
-                if d["id"] not in own_ids:
+                if str(d["id"]) not in own_ids:
                     corpus.append(d)
                     total += count(d["text"])
             corpora.append(corpus)

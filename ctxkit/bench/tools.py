@@ -43,8 +43,8 @@ from .common import (
 
 def load_catalog(path: str | Path) -> list[dict[str, Any]]:
     try:
-        catalog = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        catalog = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark is no part of the JSON
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise ConfigurationError(f"cannot read the tool catalog {path}: {exc}") from None
     if not isinstance(catalog, list) or not all(isinstance(t, dict) and "function" in t for t in catalog):
         raise ConfigurationError(f"{path}: expected a JSON list of OpenAI tool schemas")

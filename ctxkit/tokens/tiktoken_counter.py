@@ -44,6 +44,7 @@ _MODEL_ENCODINGS = {
 def encoding_name_for_model(model: str) -> str | None:
     """The tiktoken encoding an OpenAI model uses, or None for a model that is not OpenAI's."""
     name = model.split("/")[-1].lower()
+    name = name.removeprefix("ft:")  # a fine-tuned model, "ft:gpt-4o-mini-2024-07-18:org::id", is its base's (as tiktoken's)
     for prefix in sorted(_MODEL_ENCODINGS, key=len, reverse=True):
         if name.startswith(prefix):
             return _MODEL_ENCODINGS[prefix]
