@@ -56,6 +56,9 @@ _POLARITY_GROUPS: list[tuple[frozenset[str], ...]] = [
                 "most", "highest", "largest", "biggest", "longest", "greater", "faster"}),
      frozenset({"decrease", "decreased", "lower", "lowered", "reduce", "reduced", "less", "fewer", "down",
                 "downgrade", "minimum", "min", "least", "lowest", "smallest", "shortest", "slower"})),
+    # thresholds: "the best laptop under $1000" / "over $1000", "income above 50000" / "up to 50000"
+    (frozenset({"over", "above", "exceeding", "more than", "greater than", "at least"}),
+     frozenset({"under", "below", "up to", "less than", "at most", "within"})),
     (frozenset({"add", "added", "include", "included", "including", "attach", "insert", "create"}),
      frozenset({"remove", "removed", "delete", "deleted", "exclude", "excluded", "excluding", "detach", "drop"})),
     (frozenset({"before", "earlier", "prior", "previous", "previously", "past"}),
@@ -138,6 +141,7 @@ _SCOPE = {
     "both": "both", "either": "either", "other": "other", "another": "other", "single": "single",
     "total": "all", "overall": "all", "current": "current", "pending": "pending", "outstanding": "pending",
     "remaining": "remaining", "most": "most", "few": "few", "several": "several", "many": "many",
+    "too": "excess",  # "is coffee good for you" / "is too much coffee good for you"
 }
 
 _PERSON = {
@@ -542,6 +546,10 @@ def judge(
         return "courtesy"
     mine, theirs = features(query, query_raw), features(candidate, candidate_raw)
     reason = veto(mine, theirs)
+    if reason is None and _case_differs(query, candidate):
+        return "case"
+    if reason is None and _tense_differs(mine, theirs):
+        return "tense_or_connective"
     if reason is None and similarity < thresholds.added_detail_similarity and _adds_a_detail(mine, theirs):
         return "added_detail"
     return reason
@@ -587,3 +595,55 @@ def _adds_a_detail(a: Features, b: Features) -> bool:
     if a.zone is not None or b.zone is not None:
         return False
     return bool(a.content - b.content - _COUNTING_WORDS) != bool(b.content - a.content - _COUNTING_WORDS)
+
+
+_WORD_EDGES = "\"'`.,;:!?()[]{}<>"
+_CASE_FREE = frozenset({"i", "a"})
+
+
+def _case_differs(a: str, b: str) -> bool:
+    """Whether a word is written in another case on the other side, where case is part of what it names.
+    MiniLM is uncased, and so are the word checks: "%m" / "%M" in strftime (month / minute), regex "\\d" /
+    "\\D", "1 MB" / "1 Mb" (megabyte / megabit), Java's "yyyy" / "YYYY", "getUserId" / "getUserID",
+    "config.yaml" / "Config.yaml" all score 1.0. Forgiven: a word of letters only whose first letter alone
+    differs ("python" / "Python"), the first word of a sentence, "i" / "I", and a text typed all in capitals."""
+    if a.isupper() or b.isupper():
+        return False
+
+    def forms(text: str) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        start = True
+        for word in text.split():
+            core = word.strip(_WORD_EDGES) or word
+            if not start and core.lower() not in _CASE_FREE:
+                out.setdefault(core.lower(), set()).add(core)
+            start = word.endswith((".", "?", "!", ":"))
+        return out
+
+    fa, fb = forms(a), forms(b)
+    for low in fa.keys() & fb.keys():
+        only_a, only_b = fa[low] - fb[low], fb[low] - fa[low]
+        if not only_a or not only_b:
+            continue
+        for x in only_a:
+            for y in only_b:
+                if not (x.isalpha() and len(x) > 1 and x[1:] == y[1:] and x[1:].islower()):
+                    return True
+    return False
+
+
+_SWAP_CLASSES = {"is": "present", "are": "present", "am": "present", "does": "present", "do": "present",
+                 "was": "past", "were": "past", "did": "past", "will": "future",
+                 "and": "and", "or": "or", "nor": "nor", "xor": "xor"}
+
+
+def _tense_differs(a: Features, b: Features) -> bool:
+    """The same question with one auxiliary in another tense, or one connective swapped, and every other
+    word in place: "who is the CEO of Microsoft" / "who was the CEO of Microsoft" (0.96 in MiniLM), "is
+    Pluto a planet" / "was Pluto a planet", "what does `a and b` return" / "`a or b`" have other answers
+    (the word checks drop these words as stopwords)."""
+    if len(a.sequence) != len(b.sequence):
+        return False
+    diff = [(x, y) for x, y in zip(a.sequence, b.sequence, strict=True) if x != y]
+    return len(diff) == 1 and diff[0][0] in _SWAP_CLASSES and diff[0][1] in _SWAP_CLASSES \
+        and _SWAP_CLASSES[diff[0][0]] != _SWAP_CLASSES[diff[0][1]]
