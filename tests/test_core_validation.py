@@ -212,6 +212,25 @@ def test_backend_specific_sampling_in_extra_body_reaches_the_local_model(llama_b
     assert len(answers) == 1, answers
 
 
+def test_vllms_repetition_penalty_reaches_the_local_model_as_its_repeat_penalty(llama_backend, ledger):
+    """`repetition_penalty` (vLLM's name, which `ctxkit serve` moves into extra_body) was dropped in silence."""
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    messages = [{"role": "user", "content": "Repeat the word 'cat' ten times."}]
+
+    def answer(extra_body: dict) -> str | None:
+        return client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=24,
+                                              extra_body=extra_body).choices[0].message.content
+
+    penalised = answer({"repeat_penalty": 3.0})
+    assert penalised != answer({}), "the prompt must show the penalty at all"
+    assert answer({"repetition_penalty": 3.0}) == penalised
+    assert answer({"repetition_penalty": 3.0, "repeat_penalty": 1.0}) == answer({"repeat_penalty": 1.0}), \
+        "llama.cpp's own name wins"
+    for unknown in ({"top_kk": 1}, {"guided_json": {"type": "object"}}):
+        with pytest.raises(RequestError, match=rf"extra_body\['{next(iter(unknown))}'\]: is not a setting"):
+            answer(unknown)
+
+
 @pytest.mark.parametrize(("fields", "where"), [
     ({"metadata": "abc"}, "metadata"),
     ({"metadata": [1, 2]}, "metadata"),

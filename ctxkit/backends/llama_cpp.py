@@ -33,7 +33,7 @@ DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models rambl
 
 
 # Sampling settings outside the OpenAI API that llama.cpp takes, passed as `extra_body` (as vLLM and
-# llama.cpp's server take them); other extra_body keys mean nothing to a local model.
+# llama.cpp's server take them); any other extra_body key is refused by name, never dropped.
 LLAMA_EXTRA_SAMPLING = tuple(sorted(BACKEND_SAMPLING - {"repetition_penalty"}))  # vLLM's name for repeat_penalty
 
 
@@ -376,6 +376,11 @@ class LlamaCppBackend:
                     raise RequestError(f"{part.get('type')} parts are not supported by this text-only model",
                                        f"messages[{i}].content[{k}]")
         self._logit_bias(request)  # a key that is no token id is the caller's error, named, before the model is taken
+        taken = (*LLAMA_EXTRA_SAMPLING, "repetition_penalty")
+        for key in request.params.get("extra_body") or {}:  # vLLM's guided_json, a typo'd top_kk: never ignored
+            if key not in taken:
+                raise RequestError(f"is not a setting the local llama.cpp model takes (it takes {', '.join(taken)})",
+                                   f"extra_body[{key!r}]")
         tokens = self.prompt.tokens(request.messages, request.tools)
         # as the pipeline checks it: llama.cpp would silently cut `max_tokens` to what is left of the window
         if len(tokens) + max(request.max_tokens or 0, 1) > self.context_window:
@@ -457,7 +462,9 @@ class LlamaCppBackend:
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         grammar_text = self._grammar_text(request)
-        extra = params.get("extra_body") or {}
+        extra = dict(params.get("extra_body") or {})
+        if "repetition_penalty" in extra:  # vLLM's name for llama.cpp's repeat_penalty: honour it, never drop it
+            extra.setdefault("repeat_penalty", extra["repetition_penalty"])
         return {
             **{k: extra[k] for k in LLAMA_EXTRA_SAMPLING if k in extra},
             "max_tokens": request.max_tokens or 256,
