@@ -92,3 +92,12 @@ def test_a_question_without_documents_and_no_corpus_file_is_named(capsys, tmp_pa
     questions.write_text(json.dumps({"question": "Who?", "answers": ["Ann"]}) + "\n")
     assert main(["bench", "prune", "--questions", str(questions), "--json"]) == 2
     assert f"question '{questions}:1' has no documents" in capsys.readouterr().err
+
+
+def test_a_gold_document_without_text_is_refused_naming_the_line(tmp_path, capsys):
+    """An empty gold document can never be kept: it was scored as a miss (gold_recall 0.0), silently."""
+    path = tmp_path / "questions.jsonl"
+    path.write_text(json.dumps({"question": "q?", "gold_documents": ["a"],
+                                "documents": [{"id": "a", "text": " "}, {"id": "b", "text": "words"}]}) + "\n")
+    assert main(["bench", "prune", "--questions", str(path), "--lexical-only"]) == 2
+    assert "questions.jsonl:1: gold_documents: ['a'] name documents" in capsys.readouterr().err

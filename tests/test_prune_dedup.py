@@ -29,7 +29,7 @@ def _history() -> list[dict]:
 def test_later_near_duplicate_collapses_but_keeps_the_sentence_that_differs():
     out = DedupStage().before_model(ChatRequest(messages=_history()))
     collapsed = out.messages[3]["content"]
-    assert collapsed.startswith(COLLAPSED_PREFIX + " 1")
+    assert collapsed.startswith(COLLAPSED_PREFIX + ' user message "Read this:')
     assert "4.3 million" in collapsed, "a changed number must survive the collapse"
     assert "Oslo and Bergen" not in collapsed, "sentences identical to message 1 must go"
     assert out.messages[1] == _history()[1], "the first copy (the cached prefix) must stay"
@@ -260,3 +260,31 @@ def test_a_repeated_line_or_a_new_order_is_not_called_the_same():
     changed = before.replace("alice-build waiting", "alice-build (attempt 2) waiting")
     collapsed = DedupStage().before_model(ChatRequest(messages=_two_results(before, changed))).messages[4]["content"]
     assert collapsed.startswith(COLLAPSED_PREFIX) and "attempt 2" in collapsed, "a changed item still collapses"
+
+
+def test_a_collapsed_copy_names_the_earlier_one_so_that_inserted_documents_do_not_shift_it(llama_backend):
+    """It said "near-duplicate of message 3"; DocumentPruningStage then put the documents before the newest
+    user message, and message 3 was an assistant tool call, not the result it meant."""
+    from ctxkit import Pipeline
+    from ctxkit.stages.pruning import DocumentPruningStage
+
+    from .recording import Sent
+
+    messages: list[dict] = [{"role": "system", "content": "You are a CI assistant."},
+                            {"role": "user", "content": "Why did my build fail?"}]
+    for k, build in enumerate(("4411", "4412")):
+        messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": f"c{k}", "type": "function",
+                         "function": {"name": "ci_log", "arguments": f'{{"build": {build}}}'}}]})
+        messages.append({"role": "tool", "tool_call_id": f"c{k}", "content": (
+            f"Build {build} failed in stage integration-tests after 14 minutes. The failing test was "
+            "test_checkout_flow with a timeout talking to the payments sandbox. Retrying the job did not help and "
+            "the same error appeared on the second attempt, which points at the sandbox, not the code under test.")})
+    sent = Sent()
+    documents = [{"id": "runbook", "text": "If the payments sandbox times out, rerun after it recovers."}]
+    stages = [DedupStage(counter=llama_backend.counter),
+              DocumentPruningStage(budget_tokens=300, counter=llama_backend.counter, long_message_tokens=None), sent]
+    Pipeline(llama_backend, stages).call(ChatRequest(messages=messages, params={"max_tokens": 3},
+                                                     metadata={"documents": documents}))
+    collapsed = sent.seen[-1].messages[-1]["content"]
+    assert collapsed.startswith(COLLAPSED_PREFIX + ' result of ci_log({"build": 4411})'), collapsed
+    assert "4412" in collapsed

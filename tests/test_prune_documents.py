@@ -368,3 +368,42 @@ def test_metadata_documents_count_in_what_the_call_would_have_sent(llama_backend
     [record] = ledger.records
     assert record.tokens_naive > record.tokens_sent
     assert record.saved_by_stage["document_pruning"] == record.tokens_naive - record.tokens_sent > 0
+
+
+def test_documents_moving_to_a_new_turns_question_record_the_prefix_they_uncache(llama_backend, tmp_path):
+    """The documents go right before the newest user message; on the next turn they move to the new one, so
+    the previous prompt stops matching where they were. That was never noted in the ledger."""
+    from ctxkit import Ledger, Pipeline
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    stage = DocumentPruningStage(budget_tokens=300, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    documents = [{"id": "faq", "text": "Refunds are issued within 14 days. Shipping to Norway takes 5 days."}]
+    history = [{"role": "user", "content": "How long do refunds take? " + "I have waited a long while. " * 20}]
+    pipeline.call(ChatRequest(messages=history, params={"max_tokens": 3}, metadata={"documents": documents}))
+    # In the same turn (a tool loop) the documents stay where they were: nothing to note.
+    call = {"id": "c1", "type": "function", "function": {"name": "orders", "arguments": "{}"}}
+    loop = history + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "order 7 refunded"}]
+    pipeline.call(ChatRequest(messages=loop, params={"max_tokens": 3}, metadata={"documents": documents}))
+    assert not [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+    later = loop + [{"role": "assistant", "content": "Within 14 days."}, {"role": "user", "content": "And shipping?"}]
+    pipeline.call(ChatRequest(messages=later, params={"max_tokens": 3}, metadata={"documents": documents}))
+    [event] = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+    assert event["first_message"] == 0 and event["tokens"] > 100
+
+
+def test_document_blocks_in_a_list_of_content_parts_are_cut_too():
+    """The same blocks sent as content parts (the OpenAI SDK's list form) went whole, past any budget."""
+    documents = [{"id": f"p{k}", "text": " ".join(f"Shelf {k}-{i} holds {i * k} boxes of screws." for i in range(40))}
+                 for k in range(4)]
+    stage = DocumentPruningStage(budget_tokens=200)
+    question = "How many boxes are on shelf 2-7?"
+    as_string = stage.before_model(ChatRequest(messages=[
+        {"role": "user", "content": question + "\n\n" + render_documents(documents)}])).messages[0]["content"]
+    parts = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": "data:,"}},
+             {"type": "text", "text": render_documents(documents)}]
+    out = stage.before_model(ChatRequest(messages=[{"role": "user", "content": parts}])).messages[0]["content"]
+    assert out[0] == parts[0] and out[1] == parts[1], "the question and other parts stay as they are"
+    assert out[2]["text"].strip() == as_string[len(question):].strip(), "cut as the same blocks in a string are"
+    assert stage_count(out[2]["text"]) < 300 and "Shelf 2-7 holds 14" in out[2]["text"]

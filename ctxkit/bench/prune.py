@@ -82,6 +82,10 @@ def _check_gold(gold: list[str], documents: list[dict[str, Any]], where: str, co
     missing = [g for g in gold if g not in ids]
     if missing:
         raise ConfigurationError(f"{where}: {missing[:5]} not among {corpus} ids (gold recall would count them as misses)")
+    empty = [str(d["id"]) for d in documents if str(d["id"]) in set(gold) and not str(d["text"]).strip()]
+    if empty:
+        raise ConfigurationError(f"{where}: {empty[:5]} name documents of {corpus} with no text (a document with "
+                                 f"nothing to keep is never kept: gold recall would count them as misses)")
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:

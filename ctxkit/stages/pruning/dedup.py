@@ -7,12 +7,13 @@ a changed number survives even when the rest of the text is dropped.
 
 What is sent:
 - Messages: the first copy stays; a later near-duplicate (Jaccard >= `threshold` on word 3-shingles,
-  at least `min_tokens` long) becomes `[near-duplicate of message 4 (96% same wording), collapsed by
-  ctxkit; what differs:] <its sentences not found in message 4>` (and `[not in this copy:] <message 4's
-  sentences it lacks>`, compared with runs of spaces inside a line ignored; case, indentation, signs and
-  operators not: "-18" is not "18", `Config` is not `config`), when that is shorter; messages with image or
-  audio parts are never collapsed. Later copies are edited, not earlier
-  ones, so the cached prompt prefix stays intact. The newest user message (the request itself),
+  at least `min_tokens` long) becomes `[near-duplicate of the earlier result of read_log({"day": 3})
+  (96% same wording), collapsed by ctxkit; what differs:] <its sentences not found in that one>` (and
+  `[not in this copy:] <the earlier one's sentences it lacks>`; the earlier one named by its tool call, or
+  by its role and first words, not by its position, which later stages shift by inserting documents),
+  compared with runs of spaces inside a line ignored; case, indentation, signs and operators not: "-18"
+  is not "18", `Config` is not `config`), when that is shorter; messages with image or audio parts are
+  never collapsed. Later copies are edited, not earlier ones, so the cached prompt prefix stays intact. The newest user message (the request itself),
   system messages and assistant messages with tool calls are never edited, and no message is removed,
   so tool calls and results stay paired.
 - Documents in `request.metadata["documents"]` (`[{"id", "text"}]`): a later near-duplicate is dropped
@@ -32,7 +33,7 @@ import numpy as np
 
 from ...errors import ConfigurationError
 from ...quarantine_marks import carry
-from ...request import ChatRequest
+from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
@@ -40,7 +41,7 @@ from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .documents import checked_documents
 
-COLLAPSED_PREFIX = "[near-duplicate of message"
+COLLAPSED_PREFIX = "[near-duplicate of the earlier"
 DUPLICATES_KEY = "ctxkit.duplicate_documents"
 _PRIME = (1 << 61) - 1
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
@@ -185,7 +186,7 @@ class DedupStage(Stage):
             # deleted): "near-duplicate" alone would tell the model the dropped sentence still holds.
             # A sentence that was changed, not dropped, is already among what differs.
             missing = [m for m in _differs(texts[later], texts[earlier]) if not any(_alike(m, d) for d in differs)]
-            head = f"{COLLAPSED_PREFIX} {earlier} ({similarity:.0%} same wording), collapsed by ctxkit"
+            head = f"{COLLAPSED_PREFIX} {_describe(messages, earlier)} ({similarity:.0%} same wording), collapsed by ctxkit"
             text = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
             if missing:
                 text += f" [not in this copy:] {' '.join(missing)}"
@@ -221,6 +222,18 @@ class DedupStage(Stage):
             if later not in pairs or earlier < pairs[later]:
                 pairs[later] = earlier
         return pairs
+
+
+def _describe(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    """The earlier copy as the model can find it: its tool call, or its role and first words. Not its position:
+    a stage after this one (documents rendered before the newest question, a template) shifts positions."""
+    message = messages[index]
+    if message.get("role") == "tool":
+        call = call_answered(messages, index)
+        if call is not None:
+            return f"result of {call[0]}({call[1]})"
+    opening = " ".join(message_text(dict(message)).split()[:6])
+    return f'{message.get("role")} message "{opening}…"'
 
 
 def _alike(a: str, b: str) -> bool:

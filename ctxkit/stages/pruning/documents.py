@@ -6,7 +6,8 @@ Where documents come from (all three can be used at once):
    kept ones replace the list (texts cut to their best passages, the other keys kept), the ids of all
    of them go to `metadata["ctxkit.pruned_documents"]`, and with `render=True` (the default) they are
    sent as one user message of `<document id="...">` blocks just before the newest user message: the
-   end of the prompt, so the cached prefix before it is untouched.
+   end of the prompt, so the cached prefix before it is untouched during a turn. A new turn moves them to
+   its own question, which un-caches the previous prompt from its question on (a `prefix_invalidated` event).
 2. `<document id="...">...</document>` blocks inside user messages (the same format): cut in place.
 3. Tool results longer than `long_message_tokens`: cut in place, with a note saying how to get the
    full text again (the tool call); a result of a call the model made again with the same arguments is
@@ -454,10 +455,16 @@ class DocumentPruningStage(Stage):
                 if reasons:
                     marked = mark(request.override(metadata=changes["metadata"]), [(rendered, "; ".join(reasons))])
                     changes["metadata"] = dict(marked.metadata)
-        if edited:
-            step = previous_prompt_end(messages)
-            new_edits = [i for i in edited if i >= step]  # older ones are cut the same way every call
-            record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
+        step = previous_prompt_end(messages)
+        new_edits = [i for i in edited if i >= step]  # older ones are cut the same way every call
+        if self.render and docs is not None:
+            # The previous call (an app sends its documents with every call) had them right before its newest
+            # user message. A new turn renders them before a newer one: the previous prompt stops matching
+            # where they were, and everything after that point is no longer a cached prefix.
+            previous_user = max((i for i, m in enumerate(messages[:step]) if m.get("role") == "user"), default=None)
+            if previous_user is not None and any(m.get("role") == "user" for m in messages[step:]):
+                new_edits.append(previous_user)
+        record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
         if edited or len(out) != len(messages):
             changes["messages"] = out
         return request.override(**changes) if changes else request
@@ -468,15 +475,17 @@ class DocumentPruningStage(Stage):
     def _prune_message(self, messages: Sequence[Mapping[str, Any]], index: int) -> dict[str, Any] | None:
         message = messages[index]
         content = message.get("content")
-        if not isinstance(content, str):
-            return None
         role = message.get("role")
-        if role == "user" and "<document id=" in content:
-            # Ranked by position, not by the id written in the block: two blocks may carry the same id.
-            blocks = [{"id": str(n), "text": m.group(2)} for n, m in enumerate(DOCUMENT_BLOCK.finditer(content))]
+        texts = _texts(content)
+        if role == "user" and any("<document id=" in t for t in texts):
+            # Ranked by position, not by the id written in the block: two blocks may carry the same id. The
+            # content may be a string or a list of parts (the OpenAI SDK's other shape): blocks of every text
+            # part share the budget.
+            blocks = [{"id": str(n), "text": m.group(2)}
+                      for n, m in enumerate(m for t in texts for m in DOCUMENT_BLOCK.finditer(t))]
             if not blocks:
                 return None
-            query = DOCUMENT_BLOCK.sub(" ", content).strip() or _turn_query(messages, index)
+            query = " ".join(DOCUMENT_BLOCK.sub(" ", t) for t in texts).strip() or _turn_query(messages, index)
             result = self.ranker.prune(query, blocks, self.budget_for(self._tokens(blocks)))
             if result.tokens_after >= result.tokens_before:
                 return None
@@ -487,7 +496,14 @@ class DocumentPruningStage(Stage):
                 n = str(next(position))
                 return f'<document id="{match.group(1)}">{kept[n]}</document>' if n in kept else ""
 
-            return {**message, "content": re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, content))}
+            cuts = iter([re.sub(r"\n{3,}", "\n\n", DOCUMENT_BLOCK.sub(cut, t)) for t in texts])
+            if isinstance(content, str):
+                return {**message, "content": next(cuts)}
+            parts: list[Any] = content if isinstance(content, list) else []
+            return {**message, "content": [{**part, "text": next(cuts)} if _is_text_part(part) else part
+                                           for part in parts]}
+        if not isinstance(content, str):
+            return None
         if role == "tool" and self.long_message_tokens is not None:
             tokens = self.counter.count_text(content)
             budget = self.budget_for(tokens)
@@ -506,9 +522,21 @@ class DocumentPruningStage(Stage):
         return None
 
 
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str)
+
+
+def _texts(content: Any) -> list[str]:
+    """The texts of a message's content: the string, or its text parts in order."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if _is_text_part(part)]
+    return []
+
+
 def _block_texts(message: Mapping[str, Any]) -> list[str]:
-    content = message.get("content")
-    return [m.group(2) for m in DOCUMENT_BLOCK.finditer(content)] if isinstance(content, str) else []
+    return [m.group(2) for t in _texts(message.get("content")) for m in DOCUMENT_BLOCK.finditer(t)]
 
 
 def render_documents(documents: Sequence[Mapping[str, Any]]) -> str:
