@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from adapters.langchain import CtxkitChatModel, CtxkitMiddleware
 from ctxkit import Ledger, Pipeline
+from ctxkit.errors import ContextOverflowError
 from ctxkit.stages.cache.local_store import LocalStore
 from ctxkit.stages.cache.stage import ExactCacheStage
 
@@ -298,3 +300,23 @@ def test_a_tool_call_answer_that_says_it_stopped_finishes_with_tool_calls(llama_
     model = CtxkitChatModel.wrap(GeminiLike(), counter=llama_backend.counter)
     answer = model.bind_tools([add]).invoke("Add 2 and 3.")
     assert answer.tool_calls[0]["name"] == "add" and answer.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_the_window_comes_from_the_models_langchain_profile(llama_backend):
+    """ChatAnthropic sends max_tokens=64000 by default and its profile says 200,000 input tokens; checked
+    against a guessed 128,000 window, prompts above 64,000 tokens were refused before the model saw them."""
+    counter = llama_backend.counter
+    claude = AnthropicLike(profile={"max_input_tokens": 200_000, "max_output_tokens": 64_000})
+    assert CtxkitChatModel.wrap(claude, counter=counter).pipeline.backend.context_window == 200_000
+    assert CtxkitChatModel.wrap(claude, counter=counter, context_window=1000).pipeline.backend.context_window == 1000
+    assert CtxkitChatModel.wrap(AnthropicLike(), counter=counter).pipeline.backend.context_window == 128_000
+
+    tiny = AnthropicLike(profile={"max_input_tokens": 60})  # a model whose profile says 60 tokens: enforced
+    wrapped = CtxkitChatModel.wrap(tiny, counter=counter)
+    with pytest.raises(ContextOverflowError):
+        wrapped.invoke([HumanMessage("word " * 100)])
+    from langchain.agents import create_agent
+
+    agent = create_agent(tiny, tools=[add], middleware=[CtxkitMiddleware(counter=counter)])
+    with pytest.raises(ContextOverflowError):
+        agent.invoke({"messages": [HumanMessage("word " * 100)]})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -104,6 +104,15 @@ def translate_error(exc: BaseException, backend: str) -> BackendError:
     return BackendError(f"{type(exc).__name__}: {exc}", backend=backend)
 
 
+def profile_context_window(chat_model: Any) -> int | None:
+    """The window the model's LangChain profile gives (`max_input_tokens`: 200,000 for Claude, 128,000 for
+    gpt-4o), or None. A model's default max_tokens can be large (ChatAnthropic's 64,000): checked against a
+    guessed 128,000 it left room for prompts of only 64,000 tokens."""
+    profile = getattr(chat_model, "profile", None)
+    window = profile.get("max_input_tokens") if isinstance(profile, Mapping) else None
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
 class LangChainBackend:
     """The ctxkit Backend protocol over a LangChain chat model (sync, async and streaming)."""
 
@@ -112,14 +121,15 @@ class LangChainBackend:
         chat_model: BaseChatModel,
         *,
         counter: TokenCounter | None = None,
-        context_window: int = DEFAULT_CONTEXT_WINDOW,
+        context_window: int | None = None,
         name: str | None = None,
     ) -> None:
-        """context_window: the model's limit in tokens; the pipeline refuses requests that do not fit."""
+        """context_window: the model's limit in tokens; the pipeline refuses requests that do not fit.
+        Default: the model's own LangChain profile says it (`max_input_tokens`), else 128,000."""
         self.chat_model = chat_model
         self.model = chat_model_name(chat_model)
         self.counter = counter_for(chat_model, counter)
-        self.context_window = context_window
+        self.context_window = context_window or profile_context_window(chat_model) or DEFAULT_CONTEXT_WINDOW
         self.name = name or f"langchain:{type(chat_model).__name__}"
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from ctxkit.response import ChatResponse
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
-from .backend import DEFAULT_CONTEXT_WINDOW, LangChainBackend, model_settings
+from .backend import LangChainBackend, model_settings
 from .errors import also_langchains
 from .messages import (
     ORIGINALS_KEY,
@@ -79,12 +79,13 @@ class CtxkitChatModel(BaseChatModel):
         ledger: Ledger | None = None,
         prices: PriceTable | None = None,
         counter: TokenCounter | None = None,
-        context_window: int = DEFAULT_CONTEXT_WINDOW,
+        context_window: int | None = None,
         **fields: Any,
     ) -> CtxkitChatModel:
         """Put ctxkit's `stages` in front of any LangChain chat model.
 
         counter: how that model counts tokens; tiktoken is used for OpenAI models, anything else needs one.
+        context_window: the model's limit; default: what its LangChain profile says, else 128,000.
         """
         backend = LangChainBackend(chat_model, counter=counter, context_window=context_window)
         # The wrapped model's own settings are this model's defaults: the cache and the ledger see them.

@@ -30,7 +30,7 @@ from ctxkit.response import ChatResponse, Usage
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
-from .backend import chat_model_name, counter_for, model_settings
+from .backend import chat_model_name, counter_for, model_settings, profile_context_window
 from .errors import also_langchains
 from .messages import (
     OriginalMessages,
@@ -199,6 +199,7 @@ class CtxkitMiddleware(AgentMiddleware):
     counter:        how the agent's model counts tokens; default: tiktoken for OpenAI models, the pipeline's
                     counter for a CtxkitChatModel, otherwise required.
     context_window: the model's limit; requests the stages cannot fit under it fail before the model call.
+                    Default: what the model's LangChain profile says (`max_input_tokens`), else no limit.
     namespace:      tenant for stateful stages; conversation_id defaults to the LangGraph thread_id.
     """
 
@@ -265,7 +266,7 @@ class CtxkitMiddleware(AgentMiddleware):
     def _prepare(self, request: ModelRequest) -> tuple[_HandlerBackend, Pipeline, ChatRequest]:
         translated = self._translate(request)
         counter = self._counter(request)
-        window = self.context_window or UNLIMITED_CONTEXT
+        window = self.context_window or profile_context_window(request.model) or UNLIMITED_CONTEXT
         backend = _HandlerBackend(request, translated, counter, window)
         # A pipeline per call: the stages and ledger are shared, the terminal is this call's handler.
         pipeline = Pipeline(backend, self.stages, ledger=self.ledger, prices=self.prices)
