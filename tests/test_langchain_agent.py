@@ -142,7 +142,8 @@ def test_a_structured_output_agent_keeps_its_structured_response_when_a_stage_ed
         def wrap_model_call(self, request, handler):
             return handler(request.override(tool_choice="any", model_settings={"max_tokens": 40}))
 
-    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=Ledger()), temperature=0, seed=1)
+    inner = Ledger()  # what the model was really sent: the agent binds the Weather tool after the middleware
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=inner), temperature=0, seed=1)
     ledger = Ledger()
     agent = create_agent(model, tools=[], response_format=ToolStrategy(Weather), name="forecaster",
                          middleware=[UseATool(), CtxkitMiddleware([StampAnswer()], ledger=ledger)])
@@ -153,6 +154,7 @@ def test_a_structured_output_agent_keeps_its_structured_response_when_a_stage_ed
     assert isinstance(returned, ToolMessage) and returned.tool_call_id == answer.tool_calls[0]["id"]
     assert seen == [{"cache": False, "structured_output": True}], "a cached answer has no structured response"
     assert [r.status for r in ledger.records] == ["ok"]
+    assert ledger.records[0].tokens_sent == inner.records[0].tokens_sent, "the structured-output tool is counted"
 
 
 def test_a_stage_answering_a_structured_output_call_is_a_clear_error(llama_backend):

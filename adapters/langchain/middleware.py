@@ -267,6 +267,9 @@ class CtxkitMiddleware(AgentMiddleware):
         translated = self._translate(request)
         counter = self._counter(request)
         window = self.context_window or profile_context_window(request.model) or UNLIMITED_CONTEXT
+        output_tools = _structured_output_tools(request)
+        if output_tools:
+            counter = _WithOutputTools(counter, output_tools)
         backend = _HandlerBackend(request, translated, counter, window)
         # A pipeline per call: the stages and ledger are shared, the terminal is this call's handler.
         pipeline = Pipeline(backend, self.stages, ledger=self.ledger, prices=self.prices)
@@ -309,6 +312,49 @@ class CtxkitMiddleware(AgentMiddleware):
             namespace=self.namespace, conversation_id=self.conversation_id or _thread_id(), metadata=metadata,
         )
         return _Translated(chat, originals, by_name, passthrough)
+
+
+def _structured_output_tools(request: ModelRequest) -> list[dict[str, Any]]:
+    """The tools the agent binds for its structured response (a ToolStrategy, or an AutoStrategy the model
+    answers with a tool): added after this middleware ran, yet sent to the model and billed with the prompt."""
+    from langchain.agents.structured_output import (
+        AutoStrategy,
+        OutputToolBinding,
+        ProviderStrategy,
+        ToolStrategy,
+    )
+
+    strategy: Any = request.response_format
+    if strategy is None or isinstance(strategy, ProviderStrategy):
+        return []
+    if not isinstance(strategy, (AutoStrategy, ToolStrategy)):
+        strategy = AutoStrategy(schema=strategy)  # a bare schema, as the agent reads it
+    if isinstance(strategy, AutoStrategy):
+        try:  # the agent's own choice between the provider's structured output and a tool
+            from langchain.agents.factory import _supports_provider_strategy
+
+            if _supports_provider_strategy(request.model, tools=request.tools):
+                return []
+        except ImportError:
+            pass
+        strategy = ToolStrategy(strategy.schema)
+    return [convert_to_openai_tool(OutputToolBinding.from_schema_spec(spec).tool) for spec in strategy.schema_specs]
+
+
+class _WithOutputTools:
+    """An agent's counter that counts its structured-output tools in every prompt."""
+
+    def __init__(self, counter: TokenCounter, tools: list[dict[str, Any]]) -> None:
+        self.counter, self.tools = counter, tools
+
+    def count_text(self, text: str) -> int:
+        return self.counter.count_text(text)
+
+    def count_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
+        return self.counter.count_prompt(messages, [*tools, *self.tools])
+
+    def count_completion(self, message: dict[str, Any]) -> int:
+        return self.counter.count_completion(message)
 
 
 def _thread_id() -> str | None:
