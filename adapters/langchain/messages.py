@@ -228,8 +228,11 @@ def _tool_calls(calls: Sequence[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
 def to_ai_message(response: ChatResponse) -> AIMessage:
     """A ctxkit answer as the AIMessage a LangChain chat model returns."""
     valid, invalid = _tool_calls(response.tool_calls)
+    refusal = response.message.get("refusal")
     return AIMessage(
         content=response.content or "",
+        # where ChatOpenAI puts a refusal: its structured-output parsers raise OpenAIRefusalError from it
+        additional_kwargs={"refusal": refusal} if refusal else {},
         tool_calls=valid,
         invalid_tool_calls=invalid,
         # what the call cost: every backend call it made (a recovery re-ran the model), as the ledger counts
@@ -248,12 +251,13 @@ def to_ai_message(response: ChatResponse) -> AIMessage:
 
 def to_message_chunk(chunk: dict[str, Any], *, from_cache: bool = False) -> AIMessageChunk | None:
     """One OpenAI `chat.completion.chunk` as an AIMessageChunk; None for a chunk that carries nothing."""
-    content = ""
+    content = refusal = ""
     tool_chunks = []
     response_metadata: dict[str, Any] = {}
     for choice in chunk.get("choices") or []:
         delta = choice.get("delta") or {}
         content += delta.get("content") or ""
+        refusal += delta.get("refusal") or ""
         for call in delta.get("tool_calls") or []:
             function = call.get("function") or {}
             tool_chunks.append(tool_call_chunk(
@@ -271,10 +275,11 @@ def to_message_chunk(chunk: dict[str, Any], *, from_cache: bool = False) -> AIMe
         usage = usage_metadata(Usage(u["prompt_tokens"], u["completion_tokens"], details.get("cached_tokens") or 0),
                                from_cache=from_cache)
         response_metadata["model_name"] = chunk.get("model")
-    if not content and not tool_chunks and usage is None and not response_metadata:
+    if not content and not refusal and not tool_chunks and usage is None and not response_metadata:
         return None
     return AIMessageChunk(
-        content=content, tool_call_chunks=tool_chunks, usage_metadata=usage,
+        content=content, additional_kwargs={"refusal": refusal} if refusal else {}, tool_call_chunks=tool_chunks,
+        usage_metadata=usage,
         response_metadata=response_metadata, id=chunk.get("id"),
     )
 

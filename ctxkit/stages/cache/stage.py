@@ -303,8 +303,8 @@ class SemanticCacheStage(Stage):
     def _not_storable(self, response: ChatResponse) -> str | None:
         if response.answered_by is not None and response.answered_by != "":
             return "not_from_backend"
-        if response.finish_reason in _REFUSED_FINISH:
-            return "refused"
+        if response.finish_reason in _REFUSED_FINISH or response.message.get("refusal"):
+            return "refused"  # OpenAI's refusal to fill a schema says finish_reason "stop"
         calls = response.tool_calls
         if calls and not all((c.get("function") or {}).get("name") in self.pure_tools for c in calls):
             return "impure_tool_call"
