@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctxkit import Ledger
+from ctxkit import Ledger, OpenAIBackend
 from ctxkit.errors import ConfigurationError
 from ctxkit.pipeline import Pipeline
 from ctxkit.quarantine_marks import mark
@@ -405,6 +405,12 @@ def test_summarizing_before_clearing_folds_each_turn_once(llama_backend, embedde
 
     names = [type(s).__name__ for s in default_stages(llama_backend, embedder=embedder)]
     assert names.index("SummarizationStage") < names.index("ToolResultClearingStage")
+    # Steps scale with the window: a 128k API model's cached prefix is not broken for 64 tokens.
+    remote = OpenAIBackend("gpt-4o", api_key="sk-unused-here", base_url="http://127.0.0.1:9/v1")
+    [clearing_remote] = [s for s in default_stages(remote, embedder=embedder) if isinstance(s, ToolResultClearingStage)]
+    [clearing_local] = [s for s in default_stages(llama_backend, embedder=embedder)
+                        if isinstance(s, ToolResultClearingStage)]
+    assert (clearing_local.clear_at_least, clearing_remote.clear_at_least) == (64, 2000)
 
     recorder = _Recording(llama_backend)
     summarize = SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="hybrid",

@@ -79,7 +79,11 @@ def default_stages(
             embedder=embedder,
             state_dir=state / "summaries" if state is not None else None,
         ),
-        ToolResultClearingStage(keep_last=2, clear_at_least=64, counter=backend.counter),
+        # Each clearing step un-caches the prompt after the oldest result it clears, and what it saves would
+        # have been cheap cached tokens on later calls: steps worth 1/64 of the window (64 tokens for the
+        # local model's 4096, 2000 for a 128k API model) break the cache rarely enough to pay for it.
+        ToolResultClearingStage(keep_last=2, clear_at_least=max(64, backend.context_window // 64),
+                                counter=backend.counter),
         DedupStage(counter=backend.counter),  # the ledger's prefix tokens in the backend's own tokens
         # Last: it ranks the documents dedup left, and sends them at the end of the prompt. Without it the
         # request's metadata documents would reach no model at all.
