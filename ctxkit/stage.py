@@ -15,6 +15,7 @@ request(s) the stage passes on, so the ledger shows exactly what each stage did.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import re
 import threading
@@ -61,9 +62,17 @@ class Stage:
             # A stage that wrote only wrap_call (a guard or cache that answers by itself) must not be skipped
             # by async calls: run it in a worker thread, its call_next running the rest on this event loop.
             return await _wrap_call_in_thread(self, request, call_next)
-        request = self.before_model(request)
+        # The hooks are sync and may be slow (a stage that embeds documents with MiniLM, scans a long history):
+        # on the event loop they would stall every other call it serves. A hook a stage wrote runs in a worker
+        # thread (with this call's context, so record_event still reaches its ledger record).
+        if type(self).before_model is not Stage.before_model:
+            request = await asyncio.to_thread(self.before_model, request)
         result = await call_next(request)
-        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+        if not isinstance(result, ChatResponse):
+            return result
+        if type(self).after_model is not Stage.after_model:
+            return await asyncio.to_thread(self.after_model, request, result)
+        return result
 
 
 async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
@@ -71,12 +80,26 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
     need its workers while this thread waits for them), its call_next running on this event loop."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[AsyncResult] = loop.create_future()
+    # The rest of the call runs as tasks of its own on the loop: a caller cancelled (asyncio.wait_for, a client
+    # gone) cancels them too, or the model went on generating the whole answer for no one, holding its lock.
+    guard = threading.Lock()
+    pending: set[concurrent.futures.Future[AsyncResult]] = set()
+    gone = False
 
     def sync_next(next_request: ChatRequest) -> Result:
         async def rest() -> AsyncResult:
             return await call_next(next_request)
 
-        return asyncio.run_coroutine_threadsafe(rest(), loop).result()  # type: ignore[return-value]
+        with guard:
+            if gone:
+                raise asyncio.CancelledError
+            future = asyncio.run_coroutine_threadsafe(rest(), loop)
+            pending.add(future)
+        try:
+            return future.result()  # type: ignore[return-value]
+        finally:
+            with guard:
+                pending.discard(future)
 
     def settle(result: Any, error: BaseException | None) -> None:
         if not done.done():
@@ -92,4 +115,11 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
 
     threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
                      name=f"ctxkit-{stage.name}").start()
-    return await done
+    try:
+        return await done
+    except asyncio.CancelledError:
+        with guard:
+            gone = True
+            for future in pending:
+                future.cancel()
+        raise

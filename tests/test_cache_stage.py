@@ -627,3 +627,21 @@ def test_case_tense_and_excess_traps_miss(stage, stored, asked):
 def test_case_that_does_not_matter_still_hits(stage, stored, asked):
     seed(stage, ask(stored))
     assert stage.lookup(ask(asked)).response is not None
+
+
+def test_a_streamed_answer_not_stored_is_noted_in_its_own_ledger_record(llama_backend, store, embedder, ledger):
+    """A stream ends after its call returned: the stage's `not_stored` note went to record_event with no call
+    current, and was lost (the same answer whole has it), sync and async alike."""
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    params = {"temperature": 0, "max_tokens": 8, "stop": ["Hello"]}  # SmolLM2 answers "Hi" with "Hello!": empty
+    pipeline.call(ask("Hi", params=params, stream=True)).collect()
+    sync_events = ledger.records[-1].events
+
+    async def run():
+        stream = await pipeline.acall(ask("Hi", params=params, stream=True, namespace="other"))
+        await stream.collect()
+
+    asyncio.run(run())
+    for events in (sync_events, ledger.records[-1].events):
+        assert {"stage": "semantic_cache", "kind": "not_stored", "reason": "empty"} in events, events

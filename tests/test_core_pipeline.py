@@ -820,3 +820,66 @@ def test_an_async_call_counts_and_validates_off_the_event_loop(llama_backend, mo
 
     loop_thread = asyncio.run(main())
     assert counted_on and loop_thread not in counted_on
+
+
+def test_an_async_call_given_up_stops_the_model_behind_a_wrap_call_only_stage(llama_backend, ledger):
+    """A stage that writes only wrap_call runs in a thread whose call_next runs the rest on the loop as a task
+    of its own: asyncio.wait_for giving up cancelled the caller, not that task, and the model went on to
+    max_tokens for no one while the next call waited for it."""
+    from ctxkit import Stage
+
+    class Guard(Stage):
+        def wrap_call(self, request, call_next):
+            return call_next(request)
+
+    pipeline = Pipeline(llama_backend, [Guard()], ledger=ledger)
+    generated = []
+    original = llama_backend._llama.create_completion
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        generated.append(out["usage"]["completion_tokens"])
+        return out
+
+    long = ChatRequest(messages=[{"role": "user", "content": "Write a very long essay about the history of rivers."}],
+                       params={"max_tokens": 250, "temperature": 0.8})
+
+    async def run():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pipeline.acall(long), 0.5)
+        await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 2}))
+
+    llama_backend._llama.create_completion = spy
+    try:
+        asyncio.run(run())
+    finally:
+        del llama_backend._llama.create_completion
+    assert generated[0] < 250, "the model generated the whole answer after its caller gave up"
+    assert ledger.records[0].error_type == "CancelledError" and ledger.records[1].status == "ok"
+
+
+def test_an_async_call_cancelled_while_it_waited_for_the_local_model_sent_nothing(llama_backend, ledger):
+    """Its timeout passing while it waited is recorded as never sent (tokens_sent 0); a cancellation at the
+    same point was recorded as a prompt sent to the model, which never saw it."""
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+
+    async def run():
+        holder = await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Write an essay."}],
+                                                  params={"max_tokens": 60}, stream=True))
+        chunks = holder.__aiter__()
+        await chunks.__anext__()  # the holder has the model now
+
+        async def waiting():
+            return await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Hi"}],
+                                                    params={"max_tokens": 2}))
+
+        task = asyncio.create_task(waiting())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await holder.aclose()
+
+    asyncio.run(run())
+    [cancelled] = [r for r in ledger.records if r.error_type == "CancelledError"]
+    assert cancelled.tokens_sent == 0 and cancelled.cost_usd == 0

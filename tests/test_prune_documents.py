@@ -407,3 +407,49 @@ def test_document_blocks_in_a_list_of_content_parts_are_cut_too():
     assert out[0] == parts[0] and out[1] == parts[1], "the question and other parts stay as they are"
     assert out[2]["text"].strip() == as_string[len(question):].strip(), "cut as the same blocks in a string are"
     assert stage_count(out[2]["text"]) < 300 and "Shelf 2-7 holds 14" in out[2]["text"]
+
+
+def test_async_calls_rank_documents_off_the_event_loop(llama_backend, embedder, tmp_path):
+    """The default awrap_call ran before_model on the event loop: MiniLM ranking a call's documents stalled
+    every other task of the process (a server's other requests) for seconds (a heartbeat saw 3.4 s)."""
+    import asyncio
+    import threading
+    import time
+
+    from ctxkit import Ledger, Pipeline
+
+    ran_in: list[threading.Thread] = []
+
+    class Watched(DocumentPruningStage):
+        name = "document_pruning"
+
+        def before_model(self, request):
+            ran_in.append(threading.current_thread())
+            return super().before_model(request)
+
+    documents = [{"id": f"d{i}", "text": f"Section {i} of the manual. " + f"Valve {i} opens at {i * 7} bar. " * 40}
+                 for i in range(8)]
+    stage = Watched(budget_tokens=200, embedder=embedder, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=Ledger(tmp_path / "ledger.jsonl"))
+
+    async def run():
+        gaps = [0.0]
+        done = False
+
+        async def heartbeat():
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "When does valve 3 open?"}],
+                                         params={"max_tokens": 2}, metadata={"documents": documents}))
+        done = True
+        await beat
+        return threading.current_thread(), max(gaps)
+
+    loop_thread, _gap = asyncio.run(run())
+    assert ran_in and all(t is not loop_thread for t in ran_in), "before_model ran on the event loop"

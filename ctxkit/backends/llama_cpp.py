@@ -335,7 +335,14 @@ class LlamaCppBackend:
             await chunks.aclose()
 
     async def _atake_model(self, deadline: float | None) -> None:
-        if not await acquire(self._lock, deadline):
+        import asyncio
+
+        try:
+            taken = await acquire(self._lock, deadline)
+        except asyncio.CancelledError as exc:  # cancelled while it waited: the model never saw the prompt
+            exc.never_sent = True  # type: ignore[attr-defined]
+            raise
+        if not taken:
             raise _waited_too_long(self.name)
         self._unless_closed()
 

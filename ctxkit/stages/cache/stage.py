@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError, RequestError
-from ...pipeline import record_event
+from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
@@ -228,13 +228,15 @@ class SemanticCacheStage(Stage):
         self.counts["misses"] += 1
         return Lookup(key=key, reason=reason, vector=vector, context_vector=context_vector, embed_ms=embed_ms)
 
-    def remember(self, request: ChatRequest, response: ChatResponse, found: Lookup | None = None) -> bool:
-        """Store `response` as the answer to `request`, if it may be cached. Returns whether it was."""
+    def remember(self, request: ChatRequest, response: ChatResponse, found: Lookup | None = None, *,
+                 record: EventRecorder = record_event) -> bool:
+        """Store `response` as the answer to `request`, if it may be cached. Returns whether it was.
+        `record`: where its ledger note goes (a stream's end runs after its call returned: `event_recorder()`)."""
         found = found or Lookup(key=request_key(request, self.default_model))
         reason = self._not_cacheable(request) or self._not_storable(response)
         if reason is not None:
             self.counts[f"not_stored_{reason}"] += 1
-            record_event(self.name, "not_stored", reason=reason)
+            record(self.name, "not_stored", reason=reason)
             return False
         key = found.key
         vector = found.vector
@@ -268,14 +270,16 @@ class SemanticCacheStage(Stage):
 
     def _remember_when_complete(self, request: ChatRequest, found: Lookup,
                                 stream: ChatStream | AsyncChatStream) -> Callable[[ChatResponse], None]:
-        """A stream's on_complete callback: only a stream read to its end, that said how it ended, is stored."""
+        """A stream's on_complete callback: only a stream read to its end, that said how it ended, is stored.
+        Its notes go to this call's ledger record: the stream ends after the call returned (no call current)."""
+        record = event_recorder()
 
         def callback(response: ChatResponse) -> None:
             if not stream.finished:
                 self.counts["not_stored_unfinished"] += 1
-                record_event(self.name, "not_stored", reason="unfinished")
+                record(self.name, "not_stored", reason="unfinished")
                 return
-            self.remember(request, response, found)
+            self.remember(request, response, found, record=record)
 
         return callback
 
