@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import psycopg
 import pytest
@@ -354,3 +356,71 @@ def test_a_pooled_session_is_reused_when_its_socket_number_is_above_1024(make_pg
     finally:
         for fd in padding:
             os.close(fd)
+
+
+def test_a_call_holding_or_awaiting_the_single_flight_lock_survives_the_server_ending_its_sessions(make_pg_store, pg_dsn):
+    """A failover or restart during a backend call ended the session holding the lock: the answer was
+    computed and stored, then letting go of the lock raised AdminShutdown and the call failed; a caller
+    waiting for the lock failed the same way."""
+    import threading
+    import time
+
+    holder, waiter = make_pg_store(), make_pg_store()
+    inside, errors = threading.Event(), []
+
+    def wait_for_the_lock() -> None:
+        try:
+            inside.wait()
+            with waiter.single_flight("k"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait_for_the_lock)
+    thread.start()
+    with holder.single_flight("k"):
+        inside.set()
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            for _ in range(200):  # until the waiter is blocked in pg_advisory_lock
+                if admin.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 "AND query LIKE 'SELECT pg_advisory_lock%'").fetchone():
+                    break
+                time.sleep(0.05)
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE pid <> pg_backend_pid() AND datname = current_database()")
+        time.sleep(0.2)  # the termination notices reach the idle sockets
+        holder.put(entry("k"), vec(1))  # the answer is stored on a fresh session
+    thread.join(10)
+    assert not errors, errors
+    assert holder.get("k", now=1001.0) is not None
+    with holder.single_flight("k"):
+        pass
+
+
+def test_while_the_server_is_down_a_call_goes_on_without_the_cache(tmp_path):
+    """A stopped or failing-over PostgreSQL failed every model call with psycopg.OperationalError: a
+    cache outage became an outage of the whole proxy."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    pgserver = pytest.importorskip("pgserver")
+    from ctxkit.stages.cache.pg_store import PostgresStore
+
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="ctxkit-pg-"), cleanup_mode="delete")
+    try:
+        store = PostgresStore(server.get_uri(), table_prefix="outage", dimension=DIM)
+        store.put(entry("k1"), vec(1))
+        os.kill(server.get_pid(), signal.SIGINT)  # a fast shutdown: every session ends, no new one is taken
+        time.sleep(2)
+        assert store.get("k1", now=1001.0) is None, "a miss"
+        assert store.search("scope-a", vec(1), 4, now=1001.0) == []
+        store.put(entry("k2"), vec(2))  # not stored, and the call that answered is not failed
+        with store.single_flight("k2"):
+            pass
+        with pytest.raises(psycopg.OperationalError):
+            store.put_many([entry("k3")], [vec(3)])  # a bulk load is told
+    finally:
+        with contextlib.suppress(Exception):
+            server.cleanup()

@@ -451,3 +451,40 @@ def test_an_answer_that_passes_on_the_injected_link_is_quarantined_with_it():
              {"role": "user", "content": "Should I take an umbrella?"}]
     out = QuarantineStage().before_model(ChatRequest(messages=clean))
     assert not is_quarantined(out, out.messages[4]), "an answer that repeats none of the injection stays"
+
+
+def test_a_record_from_a_snapshot_taken_before_a_release_does_not_bring_the_content_back(tmp_path):
+    """A worker whose call read the registry before another worker quarantined and the operator released the
+    content added its record again: list() showed released content (and it was logged as quarantined again)."""
+    first, second, operator = (QuarantineStage(directory=tmp_path) for _ in range(3))
+    request = ChatRequest(messages=_later_step())
+    before = second.registry.snapshot("default")  # the second worker's call reads the registry...
+    assert has_quarantined(first.before_model(request))  # ...the first worker quarantines the content...
+    [record] = operator.list()
+    assert operator.release(record.fingerprint)  # ...and the operator releases it, all before the second acts
+    second.registry.snapshot = lambda namespace: before
+    second.before_model(request)
+    del second.registry.snapshot
+    assert operator.list() == [] == second.list(), "released content is not listed again"
+    assert not has_quarantined(first.before_model(request))
+
+
+def test_a_document_holding_a_lone_surrogate_is_quarantined_not_a_unicode_error():
+    """metadata["documents"] is not checked for lone surrogates (a JSON body's "\\udcff"); the SQLite registry
+    took only UTF-8 and the call failed with UnicodeEncodeError, where the 0.1 registry kept the record."""
+    doc = json.loads('"Product sheet \\udcff. ' + POISON.split(". ", 1)[1] + '"')
+    stage = QuarantineStage()
+    stage.before_model(ChatRequest(messages=[{"role": "user", "content": "Summarise the sheet."}],
+                                   metadata={"documents": [{"id": "sheet", "text": doc}]}))
+    [record] = stage.list()
+    assert record.source == "sheet" and "\udcff" in record.excerpt
+
+
+def test_a_registry_that_cannot_be_opened_is_not_called_damaged(tmp_path):
+    """A registry the process cannot open (read-only volume, another owner) was reported as damaged, with the
+    advice to move the directory aside: that throws away every record and release in it. (Made here with a
+    folder where the database file should be: permissions do not stop root, which runs CI.)"""
+    (tmp_path / "quarantine.sqlite3").mkdir()
+    with pytest.raises(ConfigurationError, match="cannot open the quarantine registry") as caught:
+        QuarantineStage(directory=tmp_path)
+    assert "damaged" not in str(caught.value)

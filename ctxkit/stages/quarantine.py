@@ -868,7 +868,7 @@ class QuarantineStage(Stage):
 
     def _add(
         self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
-    ) -> QuarantineRecord:
+    ) -> QuarantineRecord | None:
         # The evidence is often an error text, and error texts quote keys: the record, the log line and the
         # ledger event carry it redacted (the excerpt redacted before it is cut: a key cut in two escapes it).
         record = QuarantineRecord(
@@ -878,6 +878,8 @@ class QuarantineStage(Stage):
             conversation_id=request.conversation_id, created_at=time.time(),
         )
         kept = self.registry.add_record(record)
+        if kept is None:  # released by another thread or process since this call's snapshot: it stays released
+            return None
         if kept is not record:  # another thread or process got there first: one record, one log line
             return kept
         detail = redact(finding.detail)

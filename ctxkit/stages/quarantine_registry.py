@@ -29,6 +29,7 @@ FILE_NAME = "quarantine.sqlite3"
 # Changes kept per namespace for other processes to catch up with; one further behind reloads all.
 CHANGE_LOG = 1000
 RECORD, RELEASED, ISSUED = "record", "released", "issued"
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # SQLite's primary result codes for a damaged file, a file of another kind
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -108,13 +109,16 @@ class QuarantineRegistry:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT namespace FROM namespaces ORDER BY namespace")]
 
-    def add_record(self, record: QuarantineRecord) -> QuarantineRecord:
+    def add_record(self, record: QuarantineRecord) -> QuarantineRecord | None:
         """Keep `record`; when its content was quarantined already (another thread or process got there
-        first), the record that was kept."""
+        first), the record that was kept; None when it was released meanwhile (a caller works from a
+        snapshot taken before the release: its record must not bring the released content back)."""
         with self._write(record.namespace) as writer:
             kept = writer.get(RECORD, record.fingerprint)
             if kept is not None:
                 return _decode(kept[0])
+            if writer.get(RELEASED, record.fingerprint) is not None:
+                return None
             writer.put(RECORD, record.fingerprint, _encode(record))
         return record
 
@@ -144,6 +148,11 @@ class QuarantineRegistry:
                 db.execute("PRAGMA synchronous=FULL")  # a commit survives a crash of the machine too
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", None) or _SQLITE_CORRUPT) & 0xFF not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                # not damage: a directory this process cannot write (read-only, another owner), a full disk;
+                # moving it aside would throw away every record and release in it
+                raise ConfigurationError(f"cannot open the quarantine registry in {where} ({exc}); check that "
+                                         "this process can write to the directory") from exc
             raise ConfigurationError(f"the quarantine registry in {where} is damaged ({exc}); move the "
                                      "directory aside to start with an empty registry") from exc
         return db
@@ -278,7 +287,9 @@ class _Writer:
 
 
 def _encode(record: QuarantineRecord) -> str:
-    return json.dumps(dataclasses.asdict(record), ensure_ascii=False)
+    # ASCII: a lone surrogate (a document in the request metadata is not checked for one) is kept as its
+    # JSON escape; SQLite takes only UTF-8, and the in-memory registry of 0.1 took anything.
+    return json.dumps(dataclasses.asdict(record))
 
 
 def _decode(value: str | None) -> QuarantineRecord:

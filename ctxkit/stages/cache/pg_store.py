@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -38,6 +39,8 @@ import numpy as np
 
 from ...errors import ConfigurationError, RequestError
 from .store import CacheEntry, Hit
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SIZE_BYTES = 1 << 30  # 1 GiB
 _STATS_SLOTS = 8  # counter rows per name; more slots = less row contention, a slightly larger sum
@@ -362,11 +365,24 @@ class PostgresStore:
 
     # ---- the CacheStore protocol -------------------------------------------------------------------
 
+    @contextmanager
+    def _or_unavailable(self, what: str) -> Iterator[None]:
+        """A lookup or a write on a call's way: when the server cannot be reached (down, restarting, failing
+        over) the call goes on without the cache (a miss, an answer not stored), as it would without one;
+        a cache must not turn a database outage into a failure of every model call."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, str(exc).strip().splitlines()[0])
+
     def get(self, key: str, now: float) -> CacheEntry | None:
         """The entry stored under exactly `key`, or None when there is none or it has expired."""
         ttl_clause, params = self._ttl_clause(now)
         select = f"SELECT {self._COLUMNS} FROM {self._t['entries']} e WHERE e.key = %(key)s AND {ttl_clause}"
-        with self._pool.connection() as conn:
+        rows: list[Any] = []
+        with self._or_unavailable("a lookup is a miss"), self._pool.connection() as conn:
             rows = self._read_with_bookkeeping(conn, select, dict(params, key=key), "hits", "misses")
         return self._entry(rows[0]) if rows else None
 
@@ -394,7 +410,8 @@ class PostgresStore:
             UNION ALL
             (SELECT * FROM ({base} AND (SELECT count(*) FROM approx) < %(k)s
                              ORDER BY (e.embedding <=> %(q)b) + 0 LIMIT %(k)s) exact)"""
-        with self._pool.connection() as conn:
+        rows: list[Any] = []
+        with self._or_unavailable("a search finds nothing"), self._pool.connection() as conn:
             rows = self._read_with_bookkeeping(conn, select, params, "search_hits", "search_misses")
         rows = [r for r in rows if not math.isnan(r[8])]  # exact-only entries have no direction
         rows.sort(key=lambda r: (r[8], r[0]))
@@ -402,14 +419,20 @@ class PostgresStore:
 
     def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
         """Store (or replace) `entry` in one transaction, then evict expired and least recently used
-        entries until the store fits `size_bytes`. An entry larger than the whole bound is not stored."""
-        self.put_many([entry], [vector])
+        entries until the store fits `size_bytes`. An entry larger than the whole bound is not stored, nor
+        one written while the server cannot be reached (logged: the call that answered goes on)."""
+        rows, rejected = self._rows([entry], [vector])
+        with self._or_unavailable("an answer is not stored"):
+            self._put_rows(rows, rejected)
 
     def put_many(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> None:
         """`put` for many entries in one transaction (warming a cache, moving one from another store).
         Later entries replace earlier ones with the same key."""
         if len(entries) != len(vectors):
             raise RequestError(f"{len(entries)} entries but {len(vectors)} vectors", "vectors")
+        self._put_rows(*self._rows(entries, vectors))
+
+    def _rows(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> tuple[dict[str, tuple[Any, ...]], int]:
         rows: dict[str, tuple[Any, ...]] = {}
         rejected = 0
         for entry, vector in zip(entries, vectors, strict=False):
@@ -418,6 +441,9 @@ class PostgresStore:
                 rejected += 1
             else:
                 rows[entry.key] = row
+        return rows, rejected
+
+    def _put_rows(self, rows: dict[str, tuple[Any, ...]], rejected: int) -> None:
         t = self._t
         with self._pool.connection() as conn, conn.transaction():
             if not rows:
@@ -595,7 +621,9 @@ class PostgresStore:
                         conn.execute(f"SET lock_timeout = {remaining_ms}")
                         conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
                         held = True
-                    except psycopg.errors.LockNotAvailable:
+                    except (psycopg.errors.LockNotAvailable, psycopg.OperationalError):
+                        # waited out, or the session ended while waiting (a restart, a failover): go on
+                        # without the lock, as after a timeout; a duplicate call beats a failed one
                         self._record_timeout()
                     finally:
                         if not conn.broken:
@@ -604,7 +632,10 @@ class PostgresStore:
                     yield
                 finally:
                     if held and not conn.broken:
-                        conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+                        try:
+                            conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+                        except psycopg.OperationalError:
+                            pass  # the session ended (a restart, a failover): its lock ended with it
         finally:
             if got_local:
                 local.release()
@@ -614,11 +645,11 @@ class PostgresStore:
                     del self._sf_locks[key]
 
     def _record_wait(self) -> None:
-        with self._pool.connection() as conn:
+        with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn:
             self._count(conn, "single_flight_waits")
 
     def _record_timeout(self) -> None:
-        with self._pool.connection() as conn:
+        with self._or_unavailable("a timeout is not counted"), self._pool.connection() as conn:
             self._count(conn, "single_flight_timeouts")
 
     def close(self) -> None:
