@@ -300,3 +300,25 @@ def test_an_earlier_versions_vector_file_is_read_then_moved_into_a_batch_once(ca
     assert not (folder / LEGACY_FILE).exists(), "read whole on every addition, it must be moved"
     later = ToolIndex(catalog[:5], CountingEmbedder(embedder), directory=tmp_path)
     assert later.embedded_tools == 0
+
+
+class _Renamed:
+    """The real embedder under a folder name two models can share ("final"), optionally as another model
+    (its vectors rotated: same dimension, different geometry)."""
+
+    def __init__(self, embedder, other: bool) -> None:
+        self.embedder, self.other = embedder, other
+        self.model_id, self.dimension, self.precision = "final", embedder.dimension, embedder.precision
+
+    def embed(self, texts):
+        vectors = self.embedder.embed(texts)
+        return np.roll(vectors, 1, axis=1) if self.other else vectors
+
+
+def test_two_models_in_folders_of_one_name_do_not_share_stored_vectors(catalog, embedder, tmp_path):
+    first = ToolIndex(catalog, _Renamed(embedder, other=False), directory=tmp_path)
+    second = ToolIndex(catalog, _Renamed(embedder, other=True), directory=tmp_path)
+    assert not second.loaded_from_disk and second.embedded_tools == len(catalog)
+    assert np.allclose(second._vectors, np.roll(first._vectors, 1, axis=1))
+    again = ToolIndex(catalog, _Renamed(embedder, other=False), directory=tmp_path)
+    assert again.loaded_from_disk and again.embedded_tools == 0

@@ -133,6 +133,11 @@ class ToolIndex:
             # share MiniLM's folder (its stored vectors would be stacked with these, and the build fails). One
             # that names its model keeps its own folder: renamed, its stored vectors were all embedded again.
             stored_as = f"{stored_as}-{self.dimension}d"
+        elif model_id is None and self.model_id != DEFAULT_MODEL_ID:
+            # A model loaded from a path is named by its folder ("final", "model", "checkpoint"): two models
+            # in folders of one name, or one retrained in place, shared one store, and the second ranked
+            # its queries against the first's tool vectors. What the model embeds tells them apart.
+            stored_as = f"{stored_as}-{_fingerprint(embedder)}"
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._store = VectorStore(self._root / "vectors") if self._root is not None else None
         self._memo = vector_memo if vector_memo is not None else VectorMemo()
@@ -430,3 +435,14 @@ def _unique_names(tools: Sequence[Tool]) -> list[str]:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+_FINGERPRINT_TEXT = "ctxkit tool index: which model embeds these vectors"
+
+
+def _fingerprint(embedder: Any) -> str:
+    """A short hash of the embedder's vector for a fixed text (one embedding when an index is built): models
+    of one name that embed differently get different stores. A difference in the last digits (another CPU)
+    only costs embedding again, never a stale vector."""
+    vector = np.asarray(embedder.embed([_FINGERPRINT_TEXT])[0], dtype=np.float32)
+    return hashlib.sha256(np.round(vector, 3).astype(np.float32).tobytes()).hexdigest()[:8]
