@@ -4,6 +4,7 @@ stages by passing the same instance."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections.abc import Sequence
@@ -114,6 +115,18 @@ def vectors_id(model_id: str, precision: str | None) -> str:
     """The name under which vectors of this model and precision are stored (tool index, embedding caches):
     vectors of another precision differ slightly, and an index loaded from disk must rank as a fresh one."""
     return model_id if precision in (None, "float32") else f"{model_id}-{precision}"
+
+
+_FINGERPRINT_TEXT = "ctxkit: which model embeds these vectors"
+
+
+def embedding_fingerprint(embedder: Any) -> str:
+    """A short hash of what the embedder makes of a fixed text (one embedding). A model loaded from a path is
+    named by its folder ("final", "checkpoint"): two models in folders of one name, or one retrained in
+    place, must not share stored vectors or cache entries. A difference in the last digits (another CPU)
+    only costs embedding again, never a wrong match."""
+    vector = np.asarray(embedder.embed([_FINGERPRINT_TEXT])[0], dtype=np.float32)
+    return hashlib.sha256(np.round(vector, 3).astype(np.float32).tobytes()).hexdigest()[:8]
 
 
 def _resolve_precision(precision: str, device: str, direct: bool) -> str:

@@ -645,3 +645,28 @@ def test_a_streamed_answer_not_stored_is_noted_in_its_own_ledger_record(llama_ba
     asyncio.run(run())
     for events in (sync_events, ledger.records[-1].events):
         assert {"stage": "semantic_cache", "kind": "not_stored", "reason": "empty"} in events, events
+
+
+class _RetrainedInPlace:
+    """The real embedder under a folder name two models can share ("final"); `drift` > 0 is the model
+    retrained in place: vectors close to the old ones, but not the same model."""
+
+    def __init__(self, embedder, drift: float) -> None:
+        self.embedder, self.drift = embedder, drift
+        self.model_id, self.dimension, self.precision = "final", embedder.dimension, embedder.precision
+
+    def embed(self, texts):
+        vectors = self.embedder.embed(texts)
+        moved = vectors + self.drift * np.roll(vectors, 1, axis=1)
+        return moved / np.linalg.norm(moved, axis=1, keepdims=True)
+
+
+def test_entries_of_another_model_with_the_same_folder_name_are_not_judged(store, embedder):
+    """Models were told apart by their folder's name: a model retrained in place (or another run's "final")
+    judged similarities against vectors the old model made."""
+    old = SemanticCacheStage(store, _RetrainedInPlace(embedder, 0.0))
+    seed(old, ask("What is the capital of France?"))
+    assert old.lookup(ask("Could you tell me what the capital of France is?")).layer == "semantic"
+    retrained = SemanticCacheStage(store, _RetrainedInPlace(embedder, 0.2))
+    found = retrained.lookup(ask("Could you tell me what the capital of France is?"))
+    assert found.layer is None and found.reason == "embedder", found.reason

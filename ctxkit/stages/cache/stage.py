@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ...embed import DEFAULT_MODEL_ID, embedding_fingerprint
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import has_quarantined
@@ -107,6 +108,7 @@ class SemanticCacheStage(Stage):
                                          "its requests with metadata {'cache': False})")
         self.store = store
         self.embedder = embedder
+        self._embedder_key: str | None = None
         self.thresholds = thresholds or Thresholds()
         self.ttl = ttl
         self.namespace_ttl = dict(namespace_ttl or {})
@@ -366,9 +368,15 @@ class SemanticCacheStage(Stage):
         return not (callable(truncates) and truncates(key.query))
 
     def _embedder_id(self) -> str:
+        """Which model made the stored vectors: its id and dimension, and for any model but the packaged
+        MiniLM what it embeds (two models in folders of one name must not judge each other's vectors)."""
         if self.embedder is None:
             return ""
-        return f"{getattr(self.embedder, 'model_id', type(self.embedder).__name__)}/{getattr(self.embedder, 'dimension', '')}"
+        if self._embedder_key is None:
+            model_id = getattr(self.embedder, "model_id", type(self.embedder).__name__)
+            key = f"{model_id}/{getattr(self.embedder, 'dimension', '')}"
+            self._embedder_key = key if model_id == DEFAULT_MODEL_ID else f"{key}/{embedding_fingerprint(self.embedder)}"
+        return self._embedder_key
 
     def _note_hit(self, key: RequestKey, layer: str, similarity: float | None, via: str | None = None) -> None:
         self.counts[f"hits_{layer}"] += 1

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ...embed import DEFAULT_MODEL_ID, vectors_id
+from ...embed import DEFAULT_MODEL_ID, embedding_fingerprint, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
 from ...lru import LRUMemo
 from ...temp_files import remove_stale
@@ -137,7 +137,7 @@ class ToolIndex:
             # A model loaded from a path is named by its folder ("final", "model", "checkpoint"): two models
             # in folders of one name, or one retrained in place, shared one store, and the second ranked
             # its queries against the first's tool vectors. What the model embeds tells them apart.
-            stored_as = f"{stored_as}-{_fingerprint(embedder)}"
+            stored_as = f"{stored_as}-{embedding_fingerprint(embedder)}"
         self._root = Path(directory) / _safe(stored_as) if directory is not None else None
         self._store = VectorStore(self._root / "vectors") if self._root is not None else None
         self._memo = vector_memo if vector_memo is not None else VectorMemo()
@@ -435,14 +435,3 @@ def _unique_names(tools: Sequence[Tool]) -> list[str]:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-
-_FINGERPRINT_TEXT = "ctxkit tool index: which model embeds these vectors"
-
-
-def _fingerprint(embedder: Any) -> str:
-    """A short hash of the embedder's vector for a fixed text (one embedding when an index is built): models
-    of one name that embed differently get different stores. A difference in the last digits (another CPU)
-    only costs embedding again, never a stale vector."""
-    vector = np.asarray(embedder.embed([_FINGERPRINT_TEXT])[0], dtype=np.float32)
-    return hashlib.sha256(np.round(vector, 3).astype(np.float32).tobytes()).hexdigest()[:8]
