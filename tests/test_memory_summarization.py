@@ -847,3 +847,72 @@ def test_a_damaged_summary_file_starts_the_conversation_over_instead_of_failing_
         again = stage().before_model(ChatRequest(messages=messages, conversation_id="c")).messages
     assert _summary(again) == _summary(first)
     assert "unreadable" in caplog.text and path.with_suffix(".damaged").exists()
+
+
+@pytest.mark.parametrize("trigger", [{"trigger_messages": 30}, {"trigger_tokens": 6000}])
+def test_a_request_over_the_window_is_folded_whatever_the_trigger(llama_backend, embedder, trigger):
+    """Under a message-count trigger, or a token trigger above this backend's window, a request without
+    max_tokens that no longer fits the window was passed on unfolded: ContextOverflowError "after all stages
+    ran", though old turns could be folded."""
+    def para(i):
+        return " ".join(f"Note {i}.{j}: shipment {i * 100 + j} left Rotterdam on day {j} with {j * 7} pallets."
+                                  for j in range(14))
+    messages = [{"role": "system", "content": "You are a logistics assistant."}]
+    for i in range(14):
+        messages += [{"role": "user", "content": para(i)}, {"role": "assistant", "content": f"Noted batch {i}."}]
+    messages.append({"role": "user", "content": "How many pallets left on day 3 in batch 2?"})
+    window = llama_backend.context_window
+    assert llama_backend.counter.count_prompt(messages) > window and len(messages) <= 30
+    stage = SummarizationStage(llama_backend, mode="extractive", embedder=embedder, **trigger)
+    out = stage.before_model(ChatRequest(messages=messages, conversation_id="over-window")).messages
+    assert llama_backend.counter.count_prompt(out) <= window
+
+
+def test_a_conversation_started_over_leaves_no_file_with_what_the_app_removed(llama_backend, embedder, tmp_path):
+    """The app deleted a folded turn (the user asked to forget it): the state started over in memory, but
+    its file kept the turn on disk until the next fold, and a restart loaded it back."""
+    def stage():
+        return SummarizationStage(llama_backend, trigger_messages=10, keep_last=2, mode="extractive",
+                                  embedder=embedder, state_dir=tmp_path)
+
+    secret = "My passport number is K99812345 and I keep it in the blue folder."
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": secret}, {"role": "assistant", "content": "Noted."}]
+    for i in range(4):
+        messages += [{"role": "user", "content": f"Plan step {i}: book hotel {i}."},
+                     {"role": "assistant", "content": f"Hotel {i} booked."}]
+    first = stage()
+    first.before_model(ChatRequest(messages=list(messages), conversation_id="forget"))
+    assert any("K99812345" in p.read_text("utf-8") for p in tmp_path.glob("*.json"))
+    kept = [messages[0], *messages[3:], {"role": "user", "content": "Thanks. What is next?"}]
+    first.before_model(ChatRequest(messages=kept, conversation_id="forget"))
+    assert not any("K99812345" in p.read_text("utf-8") for p in tmp_path.glob("*.json"))
+    assert stage().store.get(("default", "forget")) is None
+
+
+def test_what_the_user_says_for_their_group_is_a_standing_fact():
+    """"Our return flight is on 22 October 2027" is as standing as "my flight is ...": it was ranked like
+    chit-chat and lost to forty turns of hotel details, so "When is our return flight?" went unanswered."""
+    def standing(text: str) -> list[bool]:
+        return [f.standing for f in fact_keeper.extract({"role": "user", "content": text}, 0, "x")]
+
+    assert standing("Our return flight is on 22 October 2027.") == [True]
+    assert standing("We are vegetarian.") == [True]
+    assert standing("We're flying with my sister.") == [True]
+    assert standing("Are we there yet?") == [False]
+
+
+def test_a_summary_cut_off_by_its_token_limit_loses_its_unfinished_sentence(llama_backend):
+    """SmolLM2 ran into max_tokens mid-sentence ("... to Lisbon, Portugal, on 2350", 2350 being the budget in
+    euros) and the fragment was kept, read as a fact."""
+    from ctxkit.stages.summarize.model import ModelSummarizer, finished_sentences
+
+    assert finished_sentences("Priya flies on 14 March. She booked on 2350") == "Priya flies on 14 March."
+    assert finished_sentences("我叫王伟。我想预") == "我叫王伟。"
+    assert finished_sentences("no end at all") == ""
+    turns = [{"role": "user", "content": "My name is Priya Raman and my booking reference is QX7-4419."},
+             {"role": "assistant", "content": "Thanks Priya, noted reference QX7-4419."},
+             {"role": "user", "content": "I fly to Lisbon on 14 March 2027 and my budget is 2350 euros."},
+             {"role": "assistant", "content": "Got it: Lisbon, 14 March 2027, 2350 euros."}]
+    summary = ModelSummarizer(llama_backend, max_tokens=40).fold("", turns)
+    assert not summary or summary.rstrip()[-1] in ".!?", summary

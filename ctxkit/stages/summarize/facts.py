@@ -79,6 +79,9 @@ _SALIENT = re.compile(
 _SELF_DISCLOSURE = re.compile(
     r"\b(?:[Ii](?:'m|’m|'ve|’ve|'d|’d|'ll|’ll| am| would| will| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
     r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
+    # The user speaking for a group they belong to ("we are vegetarian", "our flight is on 22 October"):
+    r"|[Ww]e(?:'re|’re|'ve|’ve|'ll|’ll| are| will| have| live| prefer| like| need| want| can't| cannot| don't| never)"
+    r"|[Oo]ur \w+(?: \w+)? (?:is|are|was|were)"
     r"|[Cc]all me)\b"
 )
 STOPWORDS = frozenset(

@@ -114,7 +114,12 @@ class ModelSummarizer:
 
     def _call(self, previous: str, turns: Sequence[Mapping[str, str]]) -> str:
         response = self.backend.complete(self._request(previous, turns))
-        summary, dropped = grounded(response.content or "", [previous, *(t["text"] for t in turns)])
+        text = response.content or ""
+        if response.finish_reason == "length":
+            # Cut off by max_tokens: its last sentence is unfinished ("... on 14 March 2027 to Lisbon, on 2350",
+            # where 2350 was the budget in euros); a fragment reads as a fact it does not state.
+            text = finished_sentences(text)
+        summary, dropped = grounded(text, [previous, *(t["text"] for t in turns)])
         # This call is paid for but is no hand-over the pipeline counts: note its usage in the call's record.
         record_event("summarization", "summarizer_call", model=response.model,
                      prompt_tokens=response.usage.prompt_tokens, cached_tokens=response.usage.cached_tokens,
@@ -125,6 +130,16 @@ class ModelSummarizer:
         import asyncio
 
         return await asyncio.to_thread(self.fold, previous, messages)
+
+
+# A full stop before a space or the end; CJK full stops need no space after them.
+_SENTENCE_END = re.compile(r"(?:[.!?][\"'\u201d\u2019)\]]*(?=\s|$)|[\u3002\uff01\uff1f][\u201d\u300d)]*)")
+
+
+def finished_sentences(text: str) -> str:
+    """`text` up to its last sentence end: what a generation cut off by its token limit finished saying."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text.rstrip())]
+    return text[: ends[-1]] if ends else ""
 
 
 def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:

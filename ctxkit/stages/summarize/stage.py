@@ -311,23 +311,20 @@ class SummarizationStage(Stage):
         if self.trigger_messages is not None and len(messages) > self.trigger_messages:
             return True
         answer = request.max_tokens or 0
-        if self.trigger_tokens is None and not answer:
-            return False
         tokens = self.counter.count_prompt(messages, request.tools)
         if self.trigger_tokens is not None and tokens > self.trigger_tokens:
             return True
-        # The answer needs room too: a request whose max_tokens no longer fits the window is folded, whatever
-        # the trigger (else the pipeline refuses it with ContextOverflowError "after all stages ran").
-        return answer > 0 and tokens + answer > self.backend.context_window
+        # A request that no longer fits the window (with its max_tokens, when given) is folded, whatever the
+        # trigger (a message-count trigger, a token trigger above this backend's window): else the pipeline
+        # refuses it with ContextOverflowError "after all stages ran".
+        return tokens + answer > self.backend.context_window
 
     def _target(self, request: ChatRequest) -> int:
         target = self._base_target(request)
         answer = request.max_tokens or 0
-        if answer > 0:
-            # The answer needs room too: a fold (triggered or forced by max_tokens, see _over_trigger) must
-            # leave the prompt small enough that prompt + max_tokens fits the window.
-            target = max(1, min(target, self.backend.context_window - answer))
-        return target
+        # The prompt must fit the window, and the answer needs room too: a fold (triggered, or forced by an
+        # overflow, see _over_trigger) must leave prompt + max_tokens within the window.
+        return max(1, min(target, self.backend.context_window - answer))
 
     def _base_target(self, request: ChatRequest) -> int:
         if self.target_tokens is not None:

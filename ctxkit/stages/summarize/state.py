@@ -120,7 +120,11 @@ class SummaryStore:
             self._states.move_to_end(key)
             while len(self._states) > self.max_conversations:
                 self._states.popitem(last=False)
-            if self.directory is not None and state.folded:
+            if self.directory is not None and not state.folded:
+                # Started over (the app edited or deleted folded messages): the file must not keep what the
+                # app removed until the next fold overwrites it, nor hand it back after a restart.
+                self._path(key).unlink(missing_ok=True)
+            elif self.directory is not None:
                 # Write then rename: a crash never leaves half a summary behind.
                 fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
                 try:
