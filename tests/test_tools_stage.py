@@ -328,7 +328,7 @@ def test_stage_savings_add_up_when_a_cache_in_front_answers_for_a_registered_cat
     assert hit.saved_by_stage["exact_cache"] == hit.tokens_naive
 
 
-@pytest.mark.parametrize("query", ["", "What the needed tool should do."])
+@pytest.mark.parametrize("query", ["", "What the needed tool should do.", None])
 def test_a_blank_find_tools_query_searches_with_the_request(llama_backend, embedder, index_dir, catalog, ledger,
                                                             query):
     """SmolLM2 often calls find_tools with an empty query, or with the schema's own words (4 of 5 forced

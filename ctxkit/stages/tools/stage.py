@@ -451,6 +451,9 @@ def _find_tools_query(call: dict[str, Any]) -> str:
         parsed = json.loads(arguments)
     except (json.JSONDecodeError, TypeError):
         return str(arguments)
+    # Only text is a query: {"query": null} searched for "None" instead of falling back to the request.
     if isinstance(parsed, dict):
-        return str(parsed.get("query") or " ".join(str(v) for v in parsed.values()))
-    return str(parsed)
+        query = parsed.get("query")
+        return query if isinstance(query, str) and query.strip() else \
+            " ".join(v for v in parsed.values() if isinstance(v, str))
+    return parsed if isinstance(parsed, str) else ""
