@@ -514,7 +514,10 @@ def test_a_named_embedder_of_another_dimension_keeps_its_stored_vectors(catalog,
             return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     ToolRetrievalStage(catalog=catalog[:5], top_k=2, embedder=Named(), index_dir=tmp_path).index_for(catalog[:5])
-    assert [p.name for p in tmp_path.iterdir()] == ["acme-embed"]
+    [folder] = [p.name for p in tmp_path.iterdir()]
+    assert folder.startswith("acme-embed-") and "32d" not in folder  # the model's name and what it embeds
+    again = ToolRetrievalStage(catalog=catalog[:5], top_k=2, embedder=Named(), index_dir=tmp_path).index_for(catalog[:5])
+    assert again.embedded_tools == 0 and [p.name for p in tmp_path.iterdir()] == [folder], "found again, not re-embedded"
 
 
 def test_a_second_find_tools_call_is_refused_for_what_it_is(embedder, index_dir, catalog):
