@@ -130,7 +130,7 @@ class _CallTrace:
                                       final_out),
             status="ok" if error is None else "error",
             error_type=type(error).__name__ if error else None,
-            error=_redact(str(error)) if error else None,
+            error=_error_text(error) if error else None,
             events=self.events,
         )
 
@@ -403,6 +403,14 @@ def _answering_model(backend: Backend, request: ChatRequest) -> str:
 
 def _add_backend_ms(trace: _CallTrace, t0: float) -> None:
     trace.backend_ms += (time.perf_counter() - t0) * 1000
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        # A caller that went away (a proxy's client hanging up mid-stream): anyio's text is a task's repr
+        # with memory addresses and the server's file paths, which tells the ledger's reader nothing.
+        return "cancelled: the caller went away before the answer ended"
+    return _redact(str(error))
 
 
 def _redact(text: str) -> str:

@@ -385,3 +385,19 @@ def test_a_tenant_lists_and_releases_its_quarantines_over_http(llama_backend, tm
         assert released.status_code == 200 and released.json()["released"] is True
         assert httpx.get(f"{base_url}/v1/ctxkit/quarantine", headers=alpha).json()["data"] == []
         assert httpx.get(f"{base_url}/v1/ctxkit/quarantine").status_code == 401
+
+
+def test_a_keys_file_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
+    """Saved by Notepad or PowerShell 5, the file's first key began with an invisible U+FEFF: the server
+    started, and its first tenant got 401 on every call."""
+    path = tmp_path / "keys.txt"
+    path.write_bytes("\ufeffsk-tenantA-secret-0001 team-a\r\nsk-tenantB-secret-0002 team-b\r\n".encode())
+    keys = ApiKeys.from_file(path)
+    assert keys.namespace_for("sk-tenantA-secret-0001") == "team-a"
+    assert keys.namespace_for("sk-tenantB-secret-0002") == "team-b"
+
+
+@pytest.mark.parametrize("key", ["\ufeffsk-tenant-0001", "sk-tenant\u200b-0001", "sk-tenant\x07-0001"])
+def test_a_key_with_an_invisible_character_is_refused_at_start(key):
+    with pytest.raises(ConfigurationError, match="invisible"):
+        ApiKeys({key: "team-a"})

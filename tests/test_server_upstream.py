@@ -79,7 +79,7 @@ def test_budgets_usage_and_logprobs_come_back_through_a_llama_cpp_upstream(upstr
 
 class _Gateway:
     """A scripted OpenAI-compatible upstream on 127.0.0.1, for faults a real server cannot be made to produce:
-    `answer(n, key)` gives the n-th request's (status, headers, JSON body)."""
+    `answer(n, key)` gives the n-th request's (status, headers, JSON body, or the body's raw bytes)."""
 
     def __init__(self, answer):
         import http.server
@@ -97,7 +97,7 @@ class _Gateway:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 gateway.requests += 1
                 status, headers, body = answer(gateway.requests, self.headers.get("Authorization", "").partition(" ")[2])
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()  # bytes: sent as they are
                 try:
                     self.send_response(status)
                     for name, value in {"Content-Type": "application/json", **headers}.items():
@@ -284,3 +284,58 @@ def test_a_stopped_upstream_is_a_502_for_calls_and_streams(upstream, llama_backe
             assert err.value.body["code"] == "upstream_unavailable"
     statuses = [(r.status, r.error_type) for r in read_ledger(tmp_path / "ledger.jsonl")]
     assert statuses == [("ok", None), ("error", "BackendConnectionError"), ("error", "BackendConnectionError")]
+
+
+def test_an_upstream_answering_malformed_json_is_a_502_with_a_backend_error_record(llama_backend, tmp_path):
+    """A 200 whose body is not JSON (a broken gateway, a truncated chunk) is the upstream's fault: a 502
+    upstream_error and a BackendError record, not the proxy's own 500 with a JSONDecodeError in the ledger
+    (and three upstream calls from a client that retries 500s)."""
+    good = ('{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+            '"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}')
+
+    def answer(n, key):
+        if n == 1:
+            return 200, {}, b"{not json"
+        return 200, {"Content-Type": "text/event-stream"}, f"data: {good}\n\ndata: {{oops\n\n".encode()
+
+    gateway = _Gateway(answer)
+    backend = OpenAIBackend("smollm2", base_url=gateway.url, counter=llama_backend.counter, max_retries=0,
+                            context_window=100_000)
+    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "mal"}))
+    try:
+        with serve_in_thread(app) as base_url:
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=30)
+            with pytest.raises(openai.APIStatusError) as err:
+                client.chat.completions.create(model="m", messages=HELLO, max_tokens=3)
+            assert err.value.status_code == 502 and err.value.body["type"] == "upstream_error"
+            assert "not valid JSON" in err.value.body["message"]
+            with pytest.raises(openai.APIError) as err:
+                list(client.chat.completions.create(model="m", messages=HELLO, max_tokens=3, stream=True))
+            assert "not valid JSON" in str(err.value)
+    finally:
+        gateway.close()
+    records = list(read_ledger(tmp_path / "ledger.jsonl"))
+    assert [(r.status, r.error_type) for r in records] == [("error", "BackendError")] * 2
+
+
+def test_a_client_that_leaves_mid_stream_is_recorded_in_words(llama_backend, tmp_path):
+    """The record of a streaming client that hung up mid-answer held anyio's repr of a cancel scope and a
+    uvicorn task (memory addresses, the server's file paths) as its error text."""
+    import time
+
+    import httpx
+
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "ns"}))
+    with serve_in_thread(app) as base_url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            lines = response.iter_lines()
+            assert [next(lines) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ledger.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    [record] = list(read_ledger(tmp_path / "ledger.jsonl"))
+    assert record.status == "error" and record.error_type == "CancelledError"
+    assert "cancel scope" not in record.error and "Task" not in record.error, record.error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
 import random
 import threading
@@ -145,6 +146,8 @@ class OpenAIBackend:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
+        except json.JSONDecodeError as exc:  # a chunk that is not JSON
+            raise _malformed(exc, self.name) from exc
         except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
             raise _lost_mid_stream(exc, self.name) from exc
         finally:
@@ -171,6 +174,8 @@ class OpenAIBackend:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             raise self._translate(exc) from exc
+        except json.JSONDecodeError as exc:  # a chunk that is not JSON
+            raise _malformed(exc, self.name) from exc
         except _TRANSPORT_ERRORS as exc:
             raise _lost_mid_stream(exc, self.name) from exc
         finally:
@@ -245,6 +250,8 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             try:
                 return call()
+            except json.JSONDecodeError as exc:  # a 200 whose body is not JSON: the upstream's fault, not ours
+                raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
@@ -257,6 +264,8 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             try:
                 return await call()
+            except json.JSONDecodeError as exc:
+                raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
@@ -342,6 +351,10 @@ async def _close_at_shutdown(client: Any, forget: Callable[[], None]) -> AsyncIt
 def _ends_answer(chunk: Any) -> bool:
     """Whether a chunk says why the answer ended: every complete stream has one."""
     return any(getattr(choice, "finish_reason", None) for choice in getattr(chunk, "choices", None) or [])
+
+
+def _malformed(exc: json.JSONDecodeError, backend: str) -> BackendError:
+    return BackendError(f"the server's answer is not valid JSON: {exc.msg} at char {exc.pos}", backend=backend)
 
 
 def _cut_off(backend: str) -> BackendConnectionError:

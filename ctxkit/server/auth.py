@@ -34,8 +34,10 @@ class ApiKeys:
                                      "(set CTXKIT_API_KEYS or pass --api-keys-file)")
         self._entries: list[tuple[bytes, str]] = []
         for number, (key, namespace) in enumerate(keys.items(), 1):
-            if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
-                raise ConfigurationError(f"API key #{number}: at least {MIN_KEY_LENGTH} characters, no spaces")
+            if len(key) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
+                # not printable: a control or invisible character (a BOM, a zero-width space) that no client sends
+                raise ConfigurationError(f"API key #{number}: at least {MIN_KEY_LENGTH} characters, no spaces "
+                                         "or invisible characters")
             if not NAMESPACE.match(namespace):
                 raise ConfigurationError(f"API key #{number}: invalid namespace {namespace!r} "
                                          "(letters, digits, _ . -; at most 64)")
@@ -86,7 +88,9 @@ class ApiKeys:
     @classmethod
     def from_file(cls, path: str | Path) -> ApiKeys:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            # utf-8-sig: a file saved with a byte-order mark (Windows Notepad, PowerShell's Out-File) would
+            # otherwise put an invisible U+FEFF in front of its first key, which then never matches.
+            text = Path(path).read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise ConfigurationError(f"cannot read API keys file {path}: {exc.strerror}") from None
         return cls.parse(text, source=str(path))
