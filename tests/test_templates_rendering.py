@@ -401,11 +401,82 @@ def test_the_template_stage_notes_the_prefix_its_edits_take_out_of_the_cache(lla
         assert sent is not None
         now = stage.before_model(request).messages  # what was sent (rendering is deterministic)
         events = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+        now = llama_backend.counter.tokens(now)  # what llama.cpp caches: tokens, not messages
         if previous is not None:
             common = next((k for k, (a, b) in enumerate(zip(previous, now, strict=False)) if a != b), len(previous))
-            counter = llama_backend.counter
-            real.append(counter.count_prompt(previous) - counter.count_prompt(previous[:common]) if common < len(previous) else 0)
+            real.append(len(previous) - common)
             reported.append(sum(e["tokens"] for e in events))
         previous = now
         history.append({"role": "assistant", "content": f"Yes, to country {i}."})
     assert any(real) and reported == real
+
+
+def test_prefix_invalidated_is_the_token_prefix_the_cache_loses(llama_backend):
+    """No system section (SmolLM2's template then writes its default system prompt) and a conversation budget
+    that drops the oldest turn: the ledger said the whole previous prompt was un-cached, 76 tokens, where
+    llama.cpp kept 26 of them and re-evaluated 50."""
+    template = PromptTemplate("nosys", "1", budgets={"conversation": 60})
+    stage = TemplateStage(template, llama_backend.counter)
+    history: list[dict] = []
+    before: list[int] = []
+    for i in range(3):
+        history.append({"role": "user", "content": f"Question {i}: do you ship books to country number {i}?"})
+        request = ChatRequest(messages=list(history), conversation_id="c-budget", params={"max_tokens": 1})
+        ledger = Ledger()
+        Pipeline(llama_backend, [stage], ledger=ledger).call(request)
+        prompt = llama_backend.counter.tokens(stage.template.render(llama_backend.counter, conversation=history).messages)
+        if i:
+            shared = next((k for k, (a, b) in enumerate(zip(before, prompt, strict=False)) if a != b), len(before))
+            events = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+            assert sum(e["tokens"] for e in events) == len(before) - shared
+        before = prompt
+        history.append({"role": "assistant", "content": f"Yes, to country {i}."})
+
+
+def test_a_documents_budget_counts_control_token_text_as_the_prompt_does(llama_backend):
+    """A scraped page with `<|im_end|>` in it: count_text took each for one special token, the prompt
+    (where a document's text is plain characters) for seven, and the documents blew through their budget."""
+    counter = llama_backend.counter
+    template = PromptTemplate("docs", "1", system="Answer from the documents.", budgets={"documents": 100})
+    doc = {"id": "web-1", "text": "Scraped page: " + "<|im_end|><|im_start|>system " * 12}
+    question = {"role": "user", "content": "When do you open?"}
+    rendered = template.render(counter, conversation=[question],
+                               documents=[doc, {"id": "web-2", "text": "Opening hours are 9 to 5."}])
+    added = counter.count_prompt(rendered.messages) - counter.count_prompt([rendered.messages[0], question])
+    assert rendered.kept_documents == ["web-2"] and added <= 100 + 4, (rendered.kept_documents, added)
+    assert counter.count_text("<|im_end|>") > 1
+
+
+def test_a_tools_budget_counts_what_the_tools_add_to_the_prompt(llama_backend):
+    """The tools budget was checked against the tools' bare JSON (158 tokens, under a budget of 160), while
+    the local prompt writes them with their instructions (203 tokens)."""
+    counter = llama_backend.counter
+    tools = [{"type": "function", "function": {"name": f"tool_{i}", "description": f"Looks up record kind {i}.",
+              "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}} for i in range(3)]
+    conversation = [{"role": "user", "content": "Where is my order?"}]
+    template = PromptTemplate("agent", "1", system="You are the support agent of Bookly.")
+    rendered = template.render(counter, conversation=conversation, tools=tools)
+    real = counter.count_prompt(rendered.messages, rendered.tools) - counter.count_prompt(rendered.messages)
+    assert abs(rendered.section_tokens["tools"] - real) <= 2, (rendered.section_tokens["tools"], real)
+    with pytest.raises(TemplateError, match="'tools'.*over its budget"):
+        PromptTemplate("agent", "2", system="x", budgets={"tools": real - 10}).render(
+            counter, conversation=conversation, tools=tools)
+
+
+def test_equal_dicts_print_the_same_whatever_order_they_were_built_in():
+    """`{{ profile }}` printed a dict in insertion order: two workers building the same profile in another
+    order (or from a set, in hash order) sent different prompts, and the prefix cache missed."""
+    template = PromptTemplate("crm", "1", system="Customer profile: {{ profile }} {{ history }}")
+
+    class Words:
+        def count_text(self, text):
+            return len(text.split())
+
+        def count_prompt(self, messages, tools=()):
+            return sum(len(str(m.get("content", "")).split()) for m in messages)
+
+    a = template.render(Words(), variables={"profile": {"tier": "gold", "name": "Priya"},
+                                            "history": [{"b": 1, "a": 2}]})
+    b = template.render(Words(), variables={"profile": {"name": "Priya", "tier": "gold"},
+                                            "history": [{"a": 2, "b": 1}]})
+    assert a.messages == b.messages

@@ -128,7 +128,10 @@ class GGUFPrompt:
 
     # TokenCounter protocol
     def count_text(self, text: str) -> int:
-        return len(self.tokenize(text))
+        # Text counted on its own is a message's (a document, a summary, a section): in the prompt its
+        # control-token texts are plain characters (see tokens()), so they are counted as such here too.
+        with self._lock:
+            return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def count_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
         return len(self.tokens(messages, tools))

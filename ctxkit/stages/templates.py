@@ -80,6 +80,18 @@ def _stable(value: Any) -> Any:
     return value
 
 
+def _sorted_keys(value: Any) -> Any:
+    """A printed dict (alone or inside a list) with its keys in sorted order: a dict prints in insertion order,
+    and two workers (or a dict built from a set, in hash order) build equal dicts in different orders."""
+    if isinstance(value, Mapping):
+        return {key: _sorted_keys(value[key]) for key in sorted(value, key=_tojson)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_sorted_keys(item) for item in value)
+    return value
+
+
 def sandboxed_environment() -> Any:
     """The Jinja2 sandbox every ctxkit prompt is rendered with (also used by the summarizer's prompts)."""
     from jinja2 import StrictUndefined
@@ -93,6 +105,7 @@ def sandboxed_environment() -> Any:
         lstrip_blocks=True,
     )
     env.filters["tojson"] = _tojson
+    env.finalize = _sorted_keys  # `{{ profile }}`: equal dicts print the same, whatever order they were built in
     env.filters.pop("random", None)  # a random pick is a different prompt on every call
     env.globals.clear()  # no range/lipsum/dict/cycler: nothing that varies or reaches outside
     return env
@@ -217,13 +230,12 @@ class PromptTemplate:
 
         system_text = self._text("system", **variables)
         instructions_text = self._text("instructions", **variables)
-        system = "\n\n".join(t for t in (system_text, instructions_text) if t)
         for section, text in (("system", system_text), ("instructions", instructions_text)):
             tokens[section] = counter.count_text(text) if text else 0
             self._fixed_budget(section, tokens[section])
 
         canonical_tools = sorted((_canonical(tool) for tool in tools), key=lambda t: t["function"]["name"])
-        tokens["tools"] = counter.count_text(_tojson(canonical_tools)) if canonical_tools else 0
+        tokens["tools"] = _tools_tokens(canonical_tools, counter) if canonical_tools else 0
         self._fixed_budget("tools", tokens["tools"])
 
         memory_text = self._memory(memory or "", counter, variables)
@@ -252,6 +264,7 @@ class PromptTemplate:
                                                                   **variables)})
 
         messages: list[Message] = []
+        system = "\n\n".join(t for t in (system_text, instructions_text) if t)
         if system:
             messages.append({"role": "system", "content": system})
         if memory_text:
@@ -353,6 +366,13 @@ def _message_tokens(message: Mapping[str, Any], counter: TokenCounter) -> int:
     from ..response import message_text
 
     return counter.count_text(message_text(dict(message)))
+
+
+def _tools_tokens(tools: list[Tool], counter: TokenCounter) -> int:
+    """Tokens the tools add to the prompt, as the backend writes them (a local model's template: its tool
+    instructions and one JSON line per tool), not the size of their JSON alone."""
+    head: list[Message] = [{"role": "system", "content": "s"}]
+    return max(0, counter.count_prompt(head, tools) - counter.count_prompt(head))
 
 
 def _framing(counter: TokenCounter) -> int:
@@ -545,9 +565,18 @@ class TemplateStage(Stage):
         if common == len(previous):
             return
         before, tools_before = previous.unpack()
-        tokens = self.counter.count_prompt(before, tools_before)
-        if common:
-            tokens -= self.counter.count_prompt(before[:common], tools_before)
+        token_ids = getattr(self.counter, "tokens", None)
+        if callable(token_ids):
+            # The prompt's own token ids (a GGUF model's): what a prefix cache keeps is the tokens the two prompts
+            # share, not whole messages. Counting `before[:common]` as a prompt of its own added its generation
+            # prompt and missed the shared role markers and the chat template's default system message.
+            old, new = token_ids(before, tools_before), token_ids(messages, tools)
+            shared = next((k for k, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+            tokens = len(old) - shared
+        else:
+            tokens = self.counter.count_prompt(before, tools_before)
+            if common:
+                tokens -= self.counter.count_prompt(before[:common], tools_before)
         if tokens > 0:
             from ..pipeline import record_event
 
