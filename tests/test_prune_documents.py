@@ -144,7 +144,8 @@ def test_budget_tokens_and_fraction_together_take_the_smaller():
     assert stage.budget_for(60) == 30
 
 
-@pytest.mark.parametrize("documents", ["not a list", [{"id": "a"}], [{"text": "x"}], [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}]])
+@pytest.mark.parametrize("documents", ["not a list", [{"id": "a"}], [{"text": "x"}], [{"id": 1, "text": "a"}, {"id": 1, "text": "b"}],
+                                       [{"id": {"page": 3}, "text": "a"}], [{"id": True, "text": "a"}]])
 def test_malformed_documents_raise_a_request_error(documents):
     stage = DocumentPruningStage(budget_tokens=10)
     with pytest.raises(RequestError):

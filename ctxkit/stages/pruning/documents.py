@@ -560,6 +560,8 @@ def checked_documents(docs: Any, where: str = f'metadata["{DOCUMENTS_KEY}"]') ->
     for k, doc in enumerate(docs):
         if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str) or doc.get("id") is None:
             raise RequestError('must be an object with "id" and "text" (a string)', f"{where}[{k}]")
+        if not isinstance(doc["id"], (str, int)) or isinstance(doc["id"], bool):  # ids are cited back to the app
+            raise RequestError(f"must be a string or an integer, got {type(doc['id']).__name__}", f"{where}[{k}].id")
         if str(doc["id"]) in seen:
             raise RequestError(f"duplicate document id {doc['id']!r}", f"{where}[{k}].id")
         seen.add(str(doc["id"]))
