@@ -26,7 +26,7 @@ def test_serve_refuses_to_start_without_api_keys(tmp_path):
 def test_serve_answers_with_keys_from_the_environment(tmp_path):
     port = free_port()
     ledger = tmp_path / "serve.jsonl"
-    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team", "CTXKIT_LOG_LEVEL": "warning"}
+    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team", "CTXKIT_LOG_LEVEL": "info"}
     process = subprocess.Popen(
         [sys.executable, "-m", "ctxkit.cli.main", "serve", "--port", str(port), "--ledger", str(ledger),
          "--n-threads", "1", "--n-ctx", "1024"],
@@ -40,11 +40,14 @@ def test_serve_answers_with_keys_from_the_environment(tmp_path):
                             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert answer.status_code == 200, answer.text
         assert httpx.post(f"{base}/v1/chat/completions", json={"messages": []}).status_code == 401
+        # a key in the query string is refused, and the access log prints the path without it
+        assert httpx.post(f"{base}/v1/chat/completions?api_key=cli-key-00001", json={"messages": []}).status_code == 401
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)
     [record] = list(read_ledger(ledger))
     assert record.namespace == "cli-team" and record.status == "ok"
+    assert "POST /v1/chat/completions" in output, "the access log is on"
     assert "cli-key-00001" not in output  # the startup line and access log never show a key
 
 

@@ -188,6 +188,16 @@ def run_cli(args: argparse.Namespace) -> None:
     print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
           f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",
           flush=True)
-    # uvicorn's access log prints method, path and status: never headers, so never a key.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=os.environ.get("CTXKIT_LOG_LEVEL", "info"),
-                lifespan="off")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=os.environ.get("CTXKIT_LOG_LEVEL", "info"),
+                            lifespan="off")
+    # uvicorn's access log prints method, path and status, never headers; but a client that puts its key in
+    # the query string (refused with a 401) would have it printed with the path: the query is left out.
+    logging.getLogger("uvicorn.access").addFilter(_without_query_string)
+    uvicorn.Server(config).run()
+
+
+def _without_query_string(record: logging.LogRecord) -> bool:
+    args = record.args
+    if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        record.args = (*args[:2], args[2].split("?", 1)[0] + "?…", *args[3:])
+    return True
