@@ -35,11 +35,18 @@ class Stage:
     """Base class for stages. Subclasses set `name` or get one from their class name."""
 
     name: str = ""
+    # Whether async calls run this stage's sync before_model/after_model in a worker thread (so a slow hook
+    # does not stall the event loop). ctxkit's own stages do; an application's stage keeps running them on
+    # the event loop's thread, as it always did, unless it sets this: its hooks may use a contextvar set in
+    # before_model, asyncio.get_running_loop(), or a connection made on that thread (sqlite3).
+    hooks_in_thread: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name"):
             cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower().removesuffix("_stage")
+        if cls.__module__.startswith("ctxkit.") and "hooks_in_thread" not in cls.__dict__:
+            cls.hooks_in_thread = True
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         return request
@@ -63,8 +70,13 @@ class Stage:
             # by async calls: run it in a worker thread, its call_next running the rest on this event loop.
             return await _wrap_call_in_thread(self, request, call_next)
         # The hooks are sync and may be slow (a stage that embeds documents with MiniLM, scans a long history):
-        # on the event loop they would stall every other call it serves. A hook a stage wrote runs in a worker
-        # thread (with this call's context, so record_event still reaches its ledger record).
+        # on the event loop they would stall every other call it serves. A hook of a stage that allows it
+        # (hooks_in_thread: ctxkit's own) runs in a worker thread (with this call's context, so record_event
+        # still reaches its ledger record).
+        if not self.hooks_in_thread:
+            request = self.before_model(request)
+            result = await call_next(request)
+            return self.after_model(request, result) if isinstance(result, ChatResponse) else result
         if type(self).before_model is not Stage.before_model:
             request = await asyncio.to_thread(self.before_model, request)
         result = await call_next(request)

@@ -670,3 +670,28 @@ def test_entries_of_another_model_with_the_same_folder_name_are_not_judged(store
     retrained = SemanticCacheStage(store, _RetrainedInPlace(embedder, 0.2))
     found = retrained.lookup(ask("Could you tell me what the capital of France is?"))
     assert found.layer is None and found.reason == "embedder", found.reason
+
+
+@pytest.mark.parametrize(("stored", "asked"), [
+    ("What does NASA do?", "What does nasa do?"),
+    ("How do I know if I'm pregnant?", "how do i know if i'm pregnant?"),
+    ("How do I learn JavaScript quickly?", "How do I learn javascript quickly?"),
+    ("Which iPhone has the best camera?", "Which iphone has the best camera?"),
+    ("How does the U.S. election work?", "How does the u.s. election work?"),
+])
+def test_a_word_typed_in_lowercase_still_hits(stage, stored, asked):
+    """People type names, acronyms and "i'm" in lowercase: that is not another question."""
+    seed(stage, ask(stored))
+    found = stage.lookup(ask(asked))
+    assert found.response is not None, f"{asked!r} missed because: {found.reason}"
+
+
+@pytest.mark.parametrize(("stored", "asked"), [
+    ("What can I cook in 20 minutes?", "What can I cook within 20 minutes?"),
+    ("Who won the match over the weekend?", "Who won the match this weekend?"),
+])
+def test_a_threshold_word_without_its_opposite_still_hits(stage, stored, asked):
+    """"under" / "over $1000" are two questions; "over the weekend" / "this weekend" are one."""
+    seed(stage, ask(stored))
+    found = stage.lookup(ask(asked))
+    assert found.response is not None, f"{asked!r} missed because: {found.reason}"

@@ -883,3 +883,39 @@ def test_an_async_call_cancelled_while_it_waited_for_the_local_model_sent_nothin
     asyncio.run(run())
     [cancelled] = [r for r in ledger.records if r.error_type == "CancelledError"]
     assert cancelled.tokens_sent == 0 and cancelled.cost_usd == 0
+
+
+def test_an_application_stage_keeps_its_sync_hooks_on_the_event_loop_thread(llama_backend, ledger):
+    """Running every stage's hooks in worker threads broke stages that worked in async calls: per-call state
+    in a contextvar set in before_model was gone in after_model, asyncio.get_running_loop() raised, and a
+    sqlite3 connection made at startup refused the worker thread."""
+    import contextvars
+    import sqlite3
+    import threading
+
+    started: contextvars.ContextVar = contextvars.ContextVar("started", default=None)
+    seen: list = []
+
+    class Audit(Stage):
+        def __init__(self):
+            self.db = sqlite3.connect(":memory:")
+            self.db.execute("CREATE TABLE log (n INTEGER)")
+
+        def before_model(self, request):
+            asyncio.get_running_loop()
+            started.set("t0")
+            self.db.execute("INSERT INTO log VALUES (?)", (len(request.messages),))
+            return request
+
+        def after_model(self, request, response):
+            seen.append((started.get(), threading.current_thread()))
+            return response
+
+    pipeline = Pipeline(llama_backend, stages=[Audit()], ledger=ledger)
+
+    async def run():
+        await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 2}))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    assert seen == [("t0", loop_thread)]

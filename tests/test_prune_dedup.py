@@ -288,3 +288,25 @@ def test_a_collapsed_copy_names_the_earlier_one_so_that_inserted_documents_do_no
     collapsed = sent.seen[-1].messages[-1]["content"]
     assert collapsed.startswith(COLLAPSED_PREFIX + ' result of ci_log({"build": 4411})'), collapsed
     assert "4412" in collapsed
+
+
+def test_a_collapsed_copy_names_a_long_call_in_short():
+    """The earlier copy was named by its whole call: a 300-character SQL query was sent again in the collapsed
+    copy, which saved 178 tokens of 324 instead of 277."""
+    import json
+
+    query = "SELECT o.id, c.name, SUM(li.qty * li.price) AS total FROM orders o JOIN customers c ON c.id = " \
+            "o.customer_id JOIN line_items li ON li.order_id = o.id WHERE o.status IN ('paid', 'shipped') " \
+            "GROUP BY o.id, c.name ORDER BY total DESC LIMIT 20"
+    rows = "\n".join(f"{1000 + i} | Customer {i} | c{i}@example.com | {100 + i * 7}.00" for i in range(12))
+
+    def step(i, content):
+        call = {"id": f"c{i}", "type": "function", "function": {"name": "run_sql", "arguments": json.dumps({"query": query})}}
+        return [{"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"c{i}", "content": content}]
+
+    messages = [{"role": "user", "content": "Top orders?"}, *step(1, rows), {"role": "user", "content": "Again"},
+                *step(2, rows + "\n1012 | Customer 12 | c12@example.com | 184.00"), {"role": "user", "content": "New?"}]
+    collapsed = DedupStage().before_model(ChatRequest(messages=messages)).messages[5]["content"]
+    assert collapsed.startswith(COLLAPSED_PREFIX + ' result of run_sql({"query": "SELECT'), collapsed
+    assert query not in collapsed and "1012 | Customer 12" in collapsed

@@ -140,7 +140,9 @@ _INJECTION = [
     (r"\b(?:you are now (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|bot|model|dan|unrestricted|unfiltered|"
      r"jailbroken|free of|in (?:developer|maintenance|god|admin|debug|dan) mode)|you (?:must|will|shall) now (?:only |always |never )?(?:respond|reply|answer|act|behave|speak|"
      r"talk|ignore|obey|follow|pretend|say|tell|write|output|print|refuse|comply|become|role-?play)|from now on,? "
-     r"(?:you\b(?!\s+(?:can|could|may|might|get|no longer need|don't need|do not need|won't need|will (?:be able|get|receive|see|find|need))\b)|the (?:ai|assistant|model|bot)\b(?=,?\s+(?:will|must|should|shall|is|may|can|only|always|never|"
+     r"(?:you\b(?!\s+(?:can|could|may|might|get|no longer need|don't need|do not need|won't need|will (?:be able|get|receive|see|find|need))\b"
+     r"(?!\s+(?:to\s+)?(?:only|ignore|disregard|forget|bypass|override|reveal|pretend|act|respond|reply|answer|say|"
+     r"tell|output|print|speak|talk|obey|follow|behave|role-?play|do anything|break)\b))|the (?:ai|assistant|model|bot)\b(?=,?\s+(?:will|must|should|shall|is|may|can|only|always|never|"
      r"responds?|replies|answers?|acts?)\b))|you are no longer|"
      r"your (?:new|real|actual|true|only) (?:role|task|job|instructions|goal|purpose|objective)|"
      r"when you (?:process|summari[sz]e|analy[sz]e|parse|ingest)\b[^.\n]{0,20}\b(?:this|these|the following))\b",
@@ -744,7 +746,8 @@ class QuarantineStage(Stage):
             if after_injection and self.check_injection and (finding := find_injection(message["content"])):
                 return Finding("injection", f"the answer repeats an injection ({finding.reason.removeprefix('content ')})",
                                finding.evidence)
-            if self.check_injection and (carried := _repeated_payload(message["content"], injected)):
+            said = [message_text(dict(m)) for m in messages[:index] if m.get("role") == "user"]
+            if self.check_injection and (carried := _repeated_payload(message["content"], injected, said)):
                 # the answer passes on what the injection planted (its link, its account number, its code)
                 return Finding("injection", "the answer repeats what an injected tool result planted", carried)
             if self.check_contradictions:
@@ -895,14 +898,22 @@ _PLANTED = re.compile(r"https?://[^\s)\]>\"'<]+|\bwww\.[\w-]+\.[^\s)\]>\"'<]+|\b
                       r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9][\w-]{4,}\b")
 
 
-def _repeated_payload(answer: str, injected: Sequence[str]) -> str:
+def _repeated_payload(answer: str, injected: Sequence[str], said: Sequence[str] = ()) -> str:
     """A link, address or code that an injected tool result of this turn carried near its injection and
-    that the answer gives on ("" when none): an answer that passes on the planted link is the injection working."""
+    that the answer gives on ("" when none): an answer that passes on the planted link is the injection working.
+    Not planted: what the user named ("How much are the WH-1000XM5?"), nor what the result says in lines before
+    the injection's own (the product page's model number, above a poisoned review)."""
+    named = {m.group(0).rstrip(".,;:").lower() for text in said for m in _PLANTED.finditer(text)}
     for text in injected:
         finding = find_injection(text)
         at = text.find(finding.evidence[:40]) if finding is not None and finding.evidence else -1
-        near = text[max(0, at - 300):] if at >= 0 else text
-        planted = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(near)}
+        if at >= 0:
+            line = text.rfind("\n", 0, at) + 1
+            near = text[max(line, at - 300):]
+            named |= {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(text[:line])}
+        else:
+            near = text
+        planted = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(near)} - named
         for match in _PLANTED.finditer(answer):
             if match.group(0).rstrip(".,;:").lower() in planted:
                 return match.group(0).rstrip(".,;:")

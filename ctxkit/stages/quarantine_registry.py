@@ -107,7 +107,7 @@ class QuarantineRegistry:
 
     def namespaces(self) -> list[str]:
         with self._lock:
-            return [row[0] for row in self._db.execute("SELECT namespace FROM namespaces ORDER BY namespace")]
+            return [_from_db(row[0]) for row in self._db.execute("SELECT namespace FROM namespaces ORDER BY namespace")]
 
     def add_record(self, record: QuarantineRecord) -> QuarantineRecord | None:
         """Keep `record`; when its content was quarantined already (another thread or process got there
@@ -160,26 +160,26 @@ class QuarantineRegistry:
     def _current(self, namespace: str) -> Namespace:
         """The namespace's state with every change made since this process last looked; under _lock."""
         space = self._spaces.setdefault(namespace, Namespace())
-        row = self._db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (namespace,)).fetchone()
+        row = self._db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (_to_db(namespace),)).fetchone()
         latest = row[0] if row else 0
         if latest == space.generation:
             return space
         changes = self._db.execute(
             "SELECT seq, kind, key, value, deleted FROM changes WHERE namespace = ? AND seq > ? AND seq <= ? "
-            "ORDER BY seq", (namespace, space.generation, latest)).fetchall()
+            "ORDER BY seq", (_to_db(namespace), space.generation, latest)).fetchall()
         if latest < space.generation or not changes or changes[0][0] != space.generation + 1:
             return self._load(namespace, latest)  # the log no longer reaches back to this copy
         for _seq, kind, key, value, deleted in changes:
-            space.apply(kind, key, value, bool(deleted))
+            space.apply(kind, _from_db(key), value, bool(deleted))
         space.generation = latest
         return space
 
     def _load(self, namespace: str, latest: int) -> Namespace:
         space = Namespace(generation=latest)
         rows = self._db.execute("SELECT kind, key, value FROM entries WHERE namespace = ? ORDER BY seq",
-                                (namespace,))
+                                (_to_db(namespace),))
         for kind, key, value in rows:
-            space.apply(kind, key, value, False)
+            space.apply(kind, _from_db(key), value, False)
         self._spaces[namespace] = space
         return space
 
@@ -240,18 +240,20 @@ class _Writer:
     number, and its kind kept within max_records (the oldest go)."""
 
     def __init__(self, db: sqlite3.Connection, namespace: str, max_records: int) -> None:
-        self.db, self.namespace, self.max_records = db, namespace, max_records
-        row = db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (namespace,)).fetchone()
+        self.db, self.namespace, self.max_records = db, _to_db(namespace), max_records
+        row = db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (self.namespace,)).fetchone()
         self.start = self.seq = row[0] if row else 0
 
     def get(self, kind: str, key: str) -> tuple[str | None] | None:
         """The entry's row (its value), or None when there is none."""
+        key = _to_db(key)
         row = self.db.execute("SELECT value FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
                               (self.namespace, kind, key)).fetchone()
         return None if row is None else (row[0],)
 
     def put(self, kind: str, key: str, value: str | None = None) -> bool:
         """Add the entry; False when it is there already."""
+        key = _to_db(key)
         if self.get(kind, key) is not None:
             return False
         self._log(kind, key, value, deleted=False)
@@ -267,6 +269,7 @@ class _Writer:
 
     def delete(self, kind: str, key: str) -> bool:
         """Remove the entry; False when it was not there."""
+        key = _to_db(key)
         gone = self.db.execute("DELETE FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
                                (self.namespace, kind, key)).rowcount
         if gone:
@@ -284,6 +287,23 @@ class _Writer:
         self.seq += 1
         self.db.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?)",
                         (self.namespace, self.seq, kind, key, value, int(deleted)))
+
+
+# A namespace, fingerprint or placeholder holding a lone surrogate (a JSON body's "\\ud83d", a tool call's
+# arguments cut inside an emoji) is stored as its JSON escape behind this mark: SQLite takes only UTF-8.
+_ESCAPED = "\ufffejson:"
+
+
+def _to_db(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _ESCAPED + json.dumps(text)
+    return text
+
+
+def _from_db(text: str) -> str:
+    return json.loads(text[len(_ESCAPED):]) if text.startswith(_ESCAPED) else text
 
 
 def _encode(record: QuarantineRecord) -> str:

@@ -370,6 +370,8 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
                 return check
         elif check in _SET_CHECKS:
             mine, theirs = getattr(a, check), getattr(b, check)
+            if check == "polarity":  # a threshold word against none ("in" / "within 20 minutes") is no opposite
+                mine, theirs = _opposed_thresholds(mine, theirs), _opposed_thresholds(theirs, mine)
             if mine != theirs and not (_forgiven(mine - theirs, a, check) and _forgiven(theirs - mine, b, check)):
                 return check
         elif check == "entities" and a.entities != b.entities:
@@ -601,6 +603,18 @@ _WORD_EDGES = "\"'`.,;:!?()[]{}<>"
 _CASE_FREE = frozenset({"i", "a"})
 
 
+_THRESHOLD = next(g for g, (over, _) in enumerate(_POLARITY_GROUPS) if "above" in over)
+
+
+def _opposed_thresholds(mine: frozenset[tuple[int, int]], theirs: frozenset[tuple[int, int]]) -> frozenset[tuple[int, int]]:
+    """`mine` without its threshold words ("over", "within") unless the other side has the opposite one:
+    "under $1000" / "over $1000" are two questions; "over the weekend" / "this weekend" and "in 20 minutes" /
+    "within 20 minutes" are one."""
+    if any(g == _THRESHOLD for g, _ in theirs):
+        return mine
+    return frozenset(p for p in mine if p[0] != _THRESHOLD)
+
+
 def _case_differs(a: str, b: str) -> bool:
     """Whether a word is written in another case on the other side, where case is part of what it names.
     MiniLM is uncased, and so are the word checks: "%m" / "%M" in strftime (month / minute), regex "\\d" /
@@ -627,9 +641,23 @@ def _case_differs(a: str, b: str) -> bool:
             continue
         for x in only_a:
             for y in only_b:
-                if not (x.isalpha() and len(x) > 1 and x[1:] == y[1:] and x[1:].islower()):
-                    return True
+                if x.isalpha() and len(x) > 1 and x[1:] == y[1:] and x[1:].islower():
+                    continue
+                if _typed_lowercase(x) or _typed_lowercase(y):
+                    continue
+                return True
     return False
+
+
+_LOWERCASE_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?|(?:[a-z]\.)+[a-z]\.?")
+
+
+def _typed_lowercase(word: str) -> bool:
+    """A word typed all in lowercase where the other side capitalises it: "nasa" / "NASA", "javascript" /
+    "JavaScript", "i'm" / "I'm", "u.s." / "U.S." are how people type, not another name. A run of one letter
+    ("yyyy" / "YYYY", "mm" / "MM", "hh" / "HH") is a format code, where case is the meaning."""
+    letters = word.replace("'", "").replace(".", "")
+    return bool(_LOWERCASE_WORD.fullmatch(word)) and len(set(letters)) > 1
 
 
 _SWAP_CLASSES = {"is": "present", "are": "present", "am": "present", "does": "present", "do": "present",

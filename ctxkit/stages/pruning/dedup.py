@@ -231,7 +231,9 @@ def _describe(messages: Sequence[Mapping[str, Any]], index: int) -> str:
     if message.get("role") == "tool":
         call = call_answered(messages, index)
         if call is not None:
-            return f"result of {call[0]}({call[1]})"
+            # the arguments cut short: a long query or code would be sent again in every collapsed copy
+            arguments = call[1] if len(call[1]) <= 80 else call[1][:80].rstrip() + "…"
+            return f"result of {call[0]}({arguments})"
     opening = " ".join(message_text(dict(message)).split()[:6])
     return f'{message.get("role")} message "{opening}…"'
 
