@@ -623,10 +623,20 @@ def test_case_tense_and_excess_traps_miss(stage, stored, asked):
 @pytest.mark.parametrize(("stored", "asked"), [
     ("How do I install Python on Windows?", "How do I install python on Windows?"),
     ("What is the capital of France?", "what is the capital of France?"),
+    # people type names, acronyms and "i'm" in lowercase: that is not another question
+    ("What does NASA do?", "What does nasa do?"),
+    ("How do I know if I'm pregnant?", "how do i know if i'm pregnant?"),
+    ("How do I learn JavaScript quickly?", "How do I learn javascript quickly?"),
+    ("Which iPhone has the best camera?", "Which iphone has the best camera?"),
+    ("How does the U.S. election work?", "How does the u.s. election work?"),
+    # a threshold word without its opposite: "under" / "over $1000" are two questions, these are one
+    ("What can I cook in 20 minutes?", "What can I cook within 20 minutes?"),
+    ("Who won the match over the weekend?", "Who won the match this weekend?"),
 ])
-def test_case_that_does_not_matter_still_hits(stage, stored, asked):
+def test_case_or_wording_that_does_not_matter_still_hits(stage, stored, asked):
     seed(stage, ask(stored))
-    assert stage.lookup(ask(asked)).response is not None
+    found = stage.lookup(ask(asked))
+    assert found.response is not None, f"{asked!r} missed because: {found.reason}"
 
 
 def test_a_streamed_answer_not_stored_is_noted_in_its_own_ledger_record(llama_backend, store, embedder, ledger):
@@ -670,28 +680,3 @@ def test_entries_of_another_model_with_the_same_folder_name_are_not_judged(store
     retrained = SemanticCacheStage(store, _RetrainedInPlace(embedder, 0.2))
     found = retrained.lookup(ask("Could you tell me what the capital of France is?"))
     assert found.layer is None and found.reason == "embedder", found.reason
-
-
-@pytest.mark.parametrize(("stored", "asked"), [
-    ("What does NASA do?", "What does nasa do?"),
-    ("How do I know if I'm pregnant?", "how do i know if i'm pregnant?"),
-    ("How do I learn JavaScript quickly?", "How do I learn javascript quickly?"),
-    ("Which iPhone has the best camera?", "Which iphone has the best camera?"),
-    ("How does the U.S. election work?", "How does the u.s. election work?"),
-])
-def test_a_word_typed_in_lowercase_still_hits(stage, stored, asked):
-    """People type names, acronyms and "i'm" in lowercase: that is not another question."""
-    seed(stage, ask(stored))
-    found = stage.lookup(ask(asked))
-    assert found.response is not None, f"{asked!r} missed because: {found.reason}"
-
-
-@pytest.mark.parametrize(("stored", "asked"), [
-    ("What can I cook in 20 minutes?", "What can I cook within 20 minutes?"),
-    ("Who won the match over the weekend?", "Who won the match this weekend?"),
-])
-def test_a_threshold_word_without_its_opposite_still_hits(stage, stored, asked):
-    """"under" / "over $1000" are two questions; "over the weekend" / "this weekend" are one."""
-    seed(stage, ask(stored))
-    found = stage.lookup(ask(asked))
-    assert found.response is not None, f"{asked!r} missed because: {found.reason}"
