@@ -299,12 +299,9 @@ def test_an_upstream_answering_malformed_json_is_a_502_with_a_backend_error_reco
         return 200, {"Content-Type": "text/event-stream"}, f"data: {good}\n\ndata: {{oops\n\n".encode()
 
     gateway = _Gateway(answer)
-    backend = OpenAIBackend("smollm2", base_url=gateway.url, counter=llama_backend.counter, max_retries=0,
-                            context_window=100_000)
-    app = create_app(Pipeline(backend, ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys({KEY: "mal"}))
     try:
-        with serve_in_thread(app) as base_url:
-            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        with _proxy(gateway.url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
+            client = _client(base_url)
             with pytest.raises(openai.APIStatusError) as err:
                 client.chat.completions.create(model="m", messages=HELLO, max_tokens=3)
             assert err.value.status_code == 502 and err.value.body["type"] == "upstream_error"
