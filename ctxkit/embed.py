@@ -4,6 +4,7 @@ stages by passing the same instance."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import threading
@@ -105,6 +106,11 @@ class Embedder:
             ids = transformer.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return len(ids) > limit
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """embedding_fingerprint(self), computed once: an index is built for every new pool of tools."""
+        return _probe_hash(self)
+
     @property
     def vectors_id(self) -> str:
         """What stored vectors are keyed by: the model, and the precision when it is not float32."""
@@ -117,15 +123,22 @@ def vectors_id(model_id: str, precision: str | None) -> str:
     return model_id if precision in (None, "float32") else f"{model_id}-{precision}"
 
 
-_FINGERPRINT_TEXT = "ctxkit: which model embeds these vectors"
+# What a model named by its folder is told apart by: what it makes of this text (tool index folders, cache
+# entries). A model loaded from a path is named by its folder ("final", "checkpoint"): two models in folders of
+# one name, or one retrained in place, must not share stored vectors or cache entries.
+PROBE_TEXT = "ctxkit: which model embeds these vectors"
 
 
 def embedding_fingerprint(embedder: Any) -> str:
-    """A short hash of what the embedder makes of a fixed text (one embedding). A model loaded from a path is
-    named by its folder ("final", "checkpoint"): two models in folders of one name, or one retrained in
-    place, must not share stored vectors or cache entries. A difference in the last digits (another CPU)
-    only costs embedding again, never a wrong match."""
-    vector = np.asarray(embedder.embed([_FINGERPRINT_TEXT])[0], dtype=np.float32)
+    """A short hash of the embedder's vector for PROBE_TEXT; computed once for a ctxkit Embedder (its
+    `fingerprint`), else on each call (one embedding). A difference in the last digits (another CPU) only
+    costs embedding again, never a wrong match."""
+    own = getattr(embedder, "fingerprint", None)
+    return own if isinstance(own, str) else _probe_hash(embedder)
+
+
+def _probe_hash(embedder: Any) -> str:
+    vector = np.asarray(embedder.embed([PROBE_TEXT])[0], dtype=np.float32)
     return hashlib.sha256(np.round(vector, 3).astype(np.float32).tobytes()).hexdigest()[:8]
 
 

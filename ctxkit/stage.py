@@ -45,8 +45,13 @@ class Stage:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name"):
             cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower().removesuffix("_stage")
-        if cls.__module__.startswith("ctxkit.") and "hooks_in_thread" not in cls.__dict__:
-            cls.hooks_in_thread = True
+        if "hooks_in_thread" not in cls.__dict__:
+            if cls.__module__.startswith("ctxkit."):
+                cls.hooks_in_thread = True
+            elif cls.hooks_in_thread and not _threading_set_by_app(cls) and not _hooks_are_ctxkits(cls):
+                # An application's subclass of a ctxkit stage that writes a hook of its own: that hook is the
+                # application's code, which runs on the event loop's thread unless the application says so.
+                cls.hooks_in_thread = False
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         return request
@@ -85,6 +90,17 @@ class Stage:
         if type(self).after_model is not Stage.after_model:
             return await asyncio.to_thread(self.after_model, request, result)
         return result
+
+
+def _threading_set_by_app(cls: type) -> bool:
+    """Whether a class outside ctxkit above `cls` set hooks_in_thread itself."""
+    return any("hooks_in_thread" in vars(base) and not base.__module__.startswith("ctxkit.")
+               for base in cls.__mro__[1:])
+
+
+def _hooks_are_ctxkits(cls: type) -> bool:
+    """Whether the before_model and after_model that `cls` runs are ctxkit's own."""
+    return all(getattr(cls, hook).__module__.startswith("ctxkit.") for hook in ("before_model", "after_model"))
 
 
 async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:

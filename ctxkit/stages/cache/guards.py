@@ -233,6 +233,7 @@ def features(text: str, raw: str | None = None) -> Features:
             for w in words:
                 if (" " in w and f" {w} " in joined) or (" " not in w and w in lower):
                     polarity.add((g, s))
+    polarity |= _numeric_thresholds(tokens, lower)
     numbers: set[str] = set()
     units: set[str] = set()
     dates: set[str] = set()
@@ -606,13 +607,33 @@ _CASE_FREE = frozenset({"i", "a"})
 _THRESHOLD = next(g for g, (over, _) in enumerate(_POLARITY_GROUPS) if "above" in over)
 
 
+def _numeric_thresholds(tokens: list[str], lower: list[str]) -> set[tuple[int, int]]:
+    """(threshold group, side + 2) for each threshold word put on a number ("above 1 million", "under $1000",
+    "more than 5%"): a bound on an amount, which the amount alone ("a population of 1 million") does not
+    ask. "within" is left out: "within 20 minutes" asks what "in 20 minutes" does."""
+    found: set[tuple[int, int]] = set()
+    for side, words in enumerate(_POLARITY_GROUPS[_THRESHOLD]):
+        for word in words - {"within"}:
+            parts = word.split()
+            for i in range(len(lower) - len(parts)):
+                if lower[i:i + len(parts)] == parts:
+                    j = i + len(parts) + (tokens[i + len(parts)] in _CURRENCY_SIGNS)
+                    if j < len(tokens) and _number(tokens[j]) is not None:
+                        found.add((_THRESHOLD, side + 2))
+    return found
+
+
+_CURRENCY_SIGNS = frozenset("$€£¥₹")
+
+
 def _opposed_thresholds(mine: frozenset[tuple[int, int]], theirs: frozenset[tuple[int, int]]) -> frozenset[tuple[int, int]]:
     """`mine` without its threshold words ("over", "within") unless the other side has the opposite one:
     "under $1000" / "over $1000" are two questions; "over the weekend" / "this weekend" and "in 20 minutes" /
     "within 20 minutes" are one."""
     if any(g == _THRESHOLD for g, _ in theirs):
         return mine
-    return frozenset(p for p in mine if p[0] != _THRESHOLD)
+    # a bound put on a number stays: "above 1 million" / "of 1 million" are two questions
+    return frozenset(p for p in mine if p[0] != _THRESHOLD or p[1] >= 2)
 
 
 def _case_differs(a: str, b: str) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ...embed import DEFAULT_MODEL_ID, embedding_fingerprint
+from ...embed import DEFAULT_MODEL_ID, PROBE_TEXT
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import has_quarantined
@@ -108,7 +108,7 @@ class SemanticCacheStage(Stage):
                                          "its requests with metadata {'cache': False})")
         self.store = store
         self.embedder = embedder
-        self._embedder_key: str | None = None
+        self._embedder_probe: np.ndarray | None = None
         self.thresholds = thresholds or Thresholds()
         self.ttl = ttl
         self.namespace_ttl = dict(namespace_ttl or {})
@@ -259,6 +259,9 @@ class SemanticCacheStage(Stage):
                                     "semantic": semantic, "facts": key.facts,
                                     "tool_facts": key.tool_facts, "layout": key.layout,
                                     "embedder": self._embedder_id()}
+        probe = self._probe()
+        if probe is not None:  # which model this is, for a model named only by its folder (see _same_model)
+            features["embedder_probe"] = _pack(probe)
         if context_vector is not None:
             features["context_vector"] = _pack(context_vector)
         entry = CacheEntry(
@@ -340,7 +343,7 @@ class SemanticCacheStage(Stage):
         features = hit.entry.features or {}
         if not features.get("semantic", True):
             return "similarity"
-        if features.get("embedder") != self._embedder_id():
+        if not self._same_model(features):
             return "embedder"  # vectors of another model (same dimension): their similarity means nothing
         if code_lines(key.layout) != code_lines(str(features.get("layout", ""))):
             return "layout"  # pasted code, where indentation and line breaks change the meaning, differs
@@ -368,15 +371,35 @@ class SemanticCacheStage(Stage):
         return not (callable(truncates) and truncates(key.query))
 
     def _embedder_id(self) -> str:
-        """Which model made the stored vectors: its id and dimension, and for any model but the packaged
-        MiniLM what it embeds (two models in folders of one name must not judge each other's vectors)."""
         if self.embedder is None:
             return ""
-        if self._embedder_key is None:
-            model_id = getattr(self.embedder, "model_id", type(self.embedder).__name__)
-            key = f"{model_id}/{getattr(self.embedder, 'dimension', '')}"
-            self._embedder_key = key if model_id == DEFAULT_MODEL_ID else f"{key}/{embedding_fingerprint(self.embedder)}"
-        return self._embedder_key
+        return f"{getattr(self.embedder, 'model_id', type(self.embedder).__name__)}/{getattr(self.embedder, 'dimension', '')}"
+
+    def _probe(self) -> np.ndarray | None:
+        """What a model named by its folder makes of a fixed text (None for the packaged MiniLM, whose name
+        says which model it is): two models in folders of one name, or one retrained in place, share a name."""
+        if self.embedder is None or getattr(self.embedder, "model_id", None) == DEFAULT_MODEL_ID:
+            return None
+        if self._embedder_probe is None:
+            self._embedder_probe = np.asarray(self.embedder.embed([PROBE_TEXT])[0], dtype=np.float32)
+        return self._embedder_probe
+
+    def _same_model(self, features: Mapping[str, Any]) -> bool:
+        """Whether an entry's vectors were made by this model: same name and dimension, and for a model named
+        by its folder the same answer to the probe text, within cosine 0.9999. That admits the same model at
+        another precision (bfloat16 against float32: 0.99996) or on another CPU, and refuses a model retrained
+        in place (0.98 for the test's small drift); an entry without a probe is refused."""
+        if features.get("embedder") != self._embedder_id():
+            return False
+        probe = self._probe()
+        if probe is None:
+            return True
+        stored = features.get("embedder_probe")
+        if not stored:
+            return False
+        theirs = _unpack(str(stored))
+        return theirs.shape == probe.shape and float(
+            np.dot(theirs, probe) / (np.linalg.norm(theirs) * np.linalg.norm(probe))) >= 0.9999
 
     def _note_hit(self, key: RequestKey, layer: str, similarity: float | None, via: str | None = None) -> None:
         self.counts[f"hits_{layer}"] += 1
