@@ -107,9 +107,9 @@ class Embedder:
         return len(ids) > limit
 
     @functools.cached_property
-    def fingerprint(self) -> str:
-        """embedding_fingerprint(self), computed once: an index is built for every new pool of tools."""
-        return _probe_hash(self)
+    def probe(self) -> np.ndarray:
+        """probe_vector(self), computed once: an index is built for every new pool of tools."""
+        return _embed_probe(self)
 
     @property
     def vectors_id(self) -> str:
@@ -129,17 +129,21 @@ def vectors_id(model_id: str, precision: str | None) -> str:
 PROBE_TEXT = "ctxkit: which model embeds these vectors"
 
 
+def probe_vector(embedder: Any) -> np.ndarray:
+    """What the embedder makes of PROBE_TEXT: kept by a ctxkit Embedder (`probe`), else one embedding."""
+    own = getattr(embedder, "probe", None)
+    return own if isinstance(own, np.ndarray) else _embed_probe(embedder)
+
+
 def embedding_fingerprint(embedder: Any) -> str:
-    """A short hash of the embedder's vector for PROBE_TEXT; computed once for a ctxkit Embedder (its
-    `fingerprint`), else on each call (one embedding). A difference in the last digits (another CPU) only
-    costs embedding again, never a wrong match."""
-    own = getattr(embedder, "fingerprint", None)
-    return own if isinstance(own, str) else _probe_hash(embedder)
-
-
-def _probe_hash(embedder: Any) -> str:
-    vector = np.asarray(embedder.embed([PROBE_TEXT])[0], dtype=np.float32)
+    """A short hash of probe_vector(embedder), for names (a tool index's folder). A difference in the last
+    digits (another CPU) only costs embedding again, never a wrong match."""
+    vector = probe_vector(embedder)
     return hashlib.sha256(np.round(vector, 3).astype(np.float32).tobytes()).hexdigest()[:8]
+
+
+def _embed_probe(embedder: Any) -> np.ndarray:
+    return np.asarray(embedder.embed([PROBE_TEXT])[0], dtype=np.float32)
 
 
 def _resolve_precision(precision: str, device: str, direct: bool) -> str:

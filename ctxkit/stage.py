@@ -36,22 +36,15 @@ class Stage:
 
     name: str = ""
     # Whether async calls run this stage's sync before_model/after_model in a worker thread (so a slow hook
-    # does not stall the event loop). ctxkit's own stages do; an application's stage keeps running them on
-    # the event loop's thread, as it always did, unless it sets this: its hooks may use a contextvar set in
-    # before_model, asyncio.get_running_loop(), or a connection made on that thread (sqlite3).
-    hooks_in_thread: bool = False
+    # does not stall the event loop). None: a hook ctxkit wrote does, a hook an application wrote (its own
+    # stage, or its override in a subclass of a ctxkit stage) runs on the event loop's thread, as it always
+    # did: it may use a contextvar, asyncio.get_running_loop(), or a connection made on that thread (sqlite3).
+    hooks_in_thread: bool | None = None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("name"):
             cls.name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower().removesuffix("_stage")
-        if "hooks_in_thread" not in cls.__dict__:
-            if cls.__module__.startswith("ctxkit."):
-                cls.hooks_in_thread = True
-            elif cls.hooks_in_thread and not _threading_set_by_app(cls) and not _hooks_are_ctxkits(cls):
-                # An application's subclass of a ctxkit stage that writes a hook of its own: that hook is the
-                # application's code, which runs on the event loop's thread unless the application says so.
-                cls.hooks_in_thread = False
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         return request
@@ -75,32 +68,21 @@ class Stage:
             # by async calls: run it in a worker thread, its call_next running the rest on this event loop.
             return await _wrap_call_in_thread(self, request, call_next)
         # The hooks are sync and may be slow (a stage that embeds documents with MiniLM, scans a long history):
-        # on the event loop they would stall every other call it serves. A hook of a stage that allows it
-        # (hooks_in_thread: ctxkit's own) runs in a worker thread (with this call's context, so record_event
-        # still reaches its ledger record).
-        if not self.hooks_in_thread:
-            request = self.before_model(request)
-            result = await call_next(request)
-            return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+        # on the event loop they would stall every other call it serves. A hook that may (see hooks_in_thread)
+        # runs in a worker thread, with this call's context, so record_event still reaches its ledger record.
         if type(self).before_model is not Stage.before_model:
-            request = await asyncio.to_thread(self.before_model, request)
+            request = await self._run_hook("before_model", request)
         result = await call_next(request)
-        if not isinstance(result, ChatResponse):
+        if not isinstance(result, ChatResponse) or type(self).after_model is Stage.after_model:
             return result
-        if type(self).after_model is not Stage.after_model:
-            return await asyncio.to_thread(self.after_model, request, result)
-        return result
+        return await self._run_hook("after_model", request, result)
 
-
-def _threading_set_by_app(cls: type) -> bool:
-    """Whether a class outside ctxkit above `cls` set hooks_in_thread itself."""
-    return any("hooks_in_thread" in vars(base) and not base.__module__.startswith("ctxkit.")
-               for base in cls.__mro__[1:])
-
-
-def _hooks_are_ctxkits(cls: type) -> bool:
-    """Whether the before_model and after_model that `cls` runs are ctxkit's own."""
-    return all(getattr(cls, hook).__module__.startswith("ctxkit.") for hook in ("before_model", "after_model"))
+    async def _run_hook(self, hook: str, *args: Any) -> Any:
+        method = getattr(self, hook)
+        in_thread = self.hooks_in_thread
+        if in_thread is None:
+            in_thread = getattr(type(self), hook).__module__.startswith("ctxkit.")
+        return await asyncio.to_thread(method, *args) if in_thread else method(*args)
 
 
 async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:

@@ -921,8 +921,10 @@ def test_an_applications_own_hooks_stay_on_the_event_loop_thread(llama_backend, 
     class QuietDedup(DedupStage):  # no hook of its own: ctxkit's hooks still run off the loop
         name = "quiet_dedup"
 
-    assert Audit.hooks_in_thread is False and QuietDedup.hooks_in_thread is True
-    pipeline = Pipeline(llama_backend, stages=[Audit()], ledger=ledger)
+    quiet, quiet_ran_in = QuietDedup(), []
+    ctxkits_hook = quiet.before_model
+    quiet.before_model = lambda request: quiet_ran_in.append(threading.current_thread()) or ctxkits_hook(request)
+    pipeline = Pipeline(llama_backend, stages=[Audit(), quiet], ledger=ledger)
 
     async def run():
         await pipeline.acall(ChatRequest(messages=[{"role": "user", "content": "Hi"}], params={"max_tokens": 2}))
@@ -930,3 +932,4 @@ def test_an_applications_own_hooks_stay_on_the_event_loop_thread(llama_backend, 
 
     loop_thread = asyncio.run(run())
     assert seen == [("t0", loop_thread)]
+    assert quiet_ran_in and quiet_ran_in[0] is not loop_thread

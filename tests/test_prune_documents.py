@@ -422,7 +422,7 @@ def test_async_calls_rank_documents_off_the_event_loop(llama_backend, embedder, 
     ran_in: list[threading.Thread] = []
 
     class Watched:  # the embedder, noting where the stage's ranking runs (an app's subclass that wrote its own
-        # before_model would run it on the event loop's thread: hooks_in_thread is ctxkit's own hooks')
+        # before_model would run it on the event loop's thread: only hooks ctxkit wrote go to a thread)
         def __init__(self, inner):
             self.inner = inner
 

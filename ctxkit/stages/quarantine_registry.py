@@ -246,34 +246,39 @@ class _Writer:
 
     def get(self, kind: str, key: str) -> tuple[str | None] | None:
         """The entry's row (its value), or None when there is none."""
-        key = _to_db(key)
-        row = self.db.execute("SELECT value FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
-                              (self.namespace, kind, key)).fetchone()
-        return None if row is None else (row[0],)
+        return self._row(kind, _to_db(key))
 
     def put(self, kind: str, key: str, value: str | None = None) -> bool:
         """Add the entry; False when it is there already."""
-        key = _to_db(key)
-        if self.get(kind, key) is not None:
+        stored = _to_db(key)
+        if self._row(kind, stored) is not None:
             return False
-        self._log(kind, key, value, deleted=False)
-        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (self.namespace, kind, key, value, self.seq))
+        self._log(kind, stored, value, deleted=False)
+        self.db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", (self.namespace, kind, stored, value, self.seq))
         (count,) = self.db.execute("SELECT count(*) FROM entries WHERE namespace = ? AND kind = ?",
                                    (self.namespace, kind)).fetchone()
         if count > self.max_records:
             oldest = self.db.execute("SELECT key FROM entries WHERE namespace = ? AND kind = ? ORDER BY seq LIMIT ?",
                                      (self.namespace, kind, count - self.max_records)).fetchall()
             for (old,) in oldest:
-                self.delete(kind, old)
+                self._delete_row(kind, old)
         return True
 
     def delete(self, kind: str, key: str) -> bool:
         """Remove the entry; False when it was not there."""
-        key = _to_db(key)
+        return self._delete_row(kind, _to_db(key))
+
+    # Rows are keyed as stored (_to_db): the public methods take the app's keys, these the database's.
+    def _row(self, kind: str, stored: str) -> tuple[str | None] | None:
+        row = self.db.execute("SELECT value FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
+                              (self.namespace, kind, stored)).fetchone()
+        return None if row is None else (row[0],)
+
+    def _delete_row(self, kind: str, stored: str) -> bool:
         gone = self.db.execute("DELETE FROM entries WHERE namespace = ? AND kind = ? AND key = ?",
-                               (self.namespace, kind, key)).rowcount
+                               (self.namespace, kind, stored)).rowcount
         if gone:
-            self._log(kind, key, None, deleted=True)
+            self._log(kind, stored, None, deleted=True)
         return bool(gone)
 
     def finish(self) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ...embed import DEFAULT_MODEL_ID, PROBE_TEXT
+from ...embed import DEFAULT_MODEL_ID, probe_vector
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import has_quarantined
@@ -381,7 +381,7 @@ class SemanticCacheStage(Stage):
         if self.embedder is None or getattr(self.embedder, "model_id", None) == DEFAULT_MODEL_ID:
             return None
         if self._embedder_probe is None:
-            self._embedder_probe = np.asarray(self.embedder.embed([PROBE_TEXT])[0], dtype=np.float32)
+            self._embedder_probe = probe_vector(self.embedder)
         return self._embedder_probe
 
     def _same_model(self, features: Mapping[str, Any]) -> bool:
