@@ -98,9 +98,11 @@ def test_a_wrapped_model_gets_tool_choice_in_langchains_spelling(llama_backend):
 
 
 class Refusing(BaseChatModel):
-    """Refuses once, with its provider's own stop reason in response_metadata, then answers."""
+    """Refuses once, with its provider's own stop reason in response_metadata, then answers. `in_field`: as
+    ChatOpenAI reports a refusal to fill a schema (empty content, the refusal in additional_kwargs)."""
 
     meta: dict
+    in_field: bool = False
     calls: int = 0
 
     @property
@@ -109,9 +111,13 @@ class Refusing(BaseChatModel):
 
     def _generate(self, messages, stop=None, run_manager=None, **kwargs):
         self.calls += 1
-        meta = self.meta if self.calls == 1 else {}
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(
-            "I can't help with that." if self.calls == 1 else "Here is the answer.", response_metadata=meta))])
+        if self.calls > 1:
+            message = AIMessage("Here is the answer.")
+        elif self.in_field:
+            message = AIMessage("", additional_kwargs={"refusal": "I can't help with that."}, response_metadata=self.meta)
+        else:
+            message = AIMessage("I can't help with that.", response_metadata=self.meta)
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 def test_a_providers_refusal_is_never_cached(llama_backend, tmp_path):
@@ -127,32 +133,16 @@ def test_a_providers_refusal_is_never_cached(llama_backend, tmp_path):
         assert model.invoke("Question?").content == "Here is the answer." and inner.calls == 2
 
 
-class RefusingLikeChatOpenAI(BaseChatModel):
-    """Refuses as ChatOpenAI reports a refusal to fill a schema: empty content, the refusal in
-    additional_kwargs, finish_reason "stop"; then answers."""
-
-    calls: int = 0
-
-    @property
-    def _llm_type(self):
-        return "refusing-openai"
-
-    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-        self.calls += 1
-        message = AIMessage("", additional_kwargs={"refusal": "I can't help with that."},
-                            response_metadata={"finish_reason": "stop"}) if self.calls == 1 else AIMessage("Fine.")
-        return ChatResult(generations=[ChatGeneration(message=message)])
-
-
 def test_a_refusal_reaches_the_caller_where_chatopenai_puts_it_and_is_not_cached(llama_backend, tmp_path):
     """The refusal was dropped on the way through: the caller got an empty answer, and ChatOpenAI's
     structured-output parsers, which raise OpenAIRefusalError from it, had nothing to read."""
-    inner = RefusingLikeChatOpenAI()
+    inner = Refusing(meta={"finish_reason": "stop"}, in_field=True)
     cache = ExactCacheStage(LocalStore(tmp_path))
     model = CtxkitChatModel.wrap(inner, stages=[cache], counter=llama_backend.counter, temperature=0)
     first = model.invoke("Fill the form.")
     assert first.additional_kwargs.get("refusal") == "I can't help with that." and first.content == ""
-    assert model.invoke("Fill the form.").content == "Fine." and inner.calls == 2, "a refusal is never cached"
+    assert model.invoke("Fill the form.").content == "Here is the answer." and inner.calls == 2, \
+        "a refusal is never cached"
 
 
 class Metadata(BaseChatModel):
