@@ -613,7 +613,12 @@ class PostgresStore:
                     self._record_timeout()
                     yield
                     return
-                held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0]
+                try:
+                    held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0]
+                except psycopg.OperationalError:  # the server ended this idle session (a restart, a failover)
+                    self._record_timeout()
+                    yield
+                    return
                 if not held:
                     self._record_wait()
                     try:
@@ -627,7 +632,8 @@ class PostgresStore:
                         self._record_timeout()
                     finally:
                         if not conn.broken:
-                            conn.execute("RESET lock_timeout")
+                            with contextlib.suppress(psycopg.OperationalError):  # ended, but not yet known as broken
+                                conn.execute("RESET lock_timeout")
                 try:
                     yield
                 finally:
