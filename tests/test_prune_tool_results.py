@@ -101,6 +101,23 @@ def test_pipeline_ledger_shows_saving_and_prefix_invalidation(llama_backend, tmp
     assert not [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"], ledger.records[-1].events
 
 
+def test_prefix_invalidated_is_what_llama_cpp_no_longer_finds_in_its_cache(llama_backend, tmp_path):
+    """The tokens the ledger says an edit un-cached are the ones llama.cpp's own prefix cache stops serving:
+    the previous prompt's length less what the next call found cached. Counting each message's text plus 4
+    missed the assistant's tool calls (content None) and the chat template's framing."""
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    stage = ToolResultClearingStage(keep_last=1, clear_at_least=0, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    history = _agent_history(3, size=150)[:-2]  # mid-turn: three calls, their results, no answer yet
+    params = {"max_tokens": 1, "temperature": 0}
+    pipeline.call(ChatRequest(messages=history[:-2], params=params))  # the step before: two results
+    previous = ledger.records[-1]
+    pipeline.call(ChatRequest(messages=history, params=params))  # result 1 is cleared now, inside that prompt
+    record = ledger.records[-1]
+    [event] = [e for e in record.events if e["kind"] == "prefix_invalidated"]
+    assert event["tokens"] == previous.tokens_sent - record.tokens_cached > 100, (event, previous, record)
+
+
 def test_results_the_model_has_not_read_are_never_cleared():
     """Four parallel calls with keep_last=2: clearing two of their fresh results told the model to call
     again, and the new batch lost two again."""

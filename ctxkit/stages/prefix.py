@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..pipeline import record_event
-from ..response import message_text
 from ..tokens import TokenCounter
 
 
@@ -17,10 +16,6 @@ def default_counter() -> TokenCounter:
     from ..tokens.tiktoken_counter import TiktokenCounter
 
     return TiktokenCounter("gpt-4o")
-
-
-def message_tokens(counter: TokenCounter, message: Mapping[str, Any]) -> int:
-    return counter.count_text(message_text(dict(message))) + 4  # role and framing, as chat templates add
 
 
 def previous_prompt_end(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -36,6 +31,28 @@ def previous_prompt_end(messages: Sequence[Mapping[str, Any]]) -> int:
     return 0
 
 
+def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, Any]], first_edit: int) -> int:
+    """Tokens of the previous call's prompt from message `first_edit` on: what an edit there un-caches.
+
+    With the model's own token ids (a GGUF model), the previous prompt is compared with the same prompt
+    cut where message `first_edit`'s content begins, so its role header, the chat template's default
+    system message and the tool block count as kept, as a prefix cache keeps them. Otherwise (tiktoken),
+    the difference of the two prompts' counts. A message's text alone missed its framing and an assistant's
+    tool calls (content None: counted as 4 tokens, whatever its arguments).
+    """
+    end = previous_prompt_end(messages)
+    if first_edit >= end:
+        return 0
+    previous = [dict(m) for m in messages[:end]]
+    token_ids = getattr(counter, "tokens", None)
+    if callable(token_ids):
+        blank = {k: v for k, v in previous[first_edit].items() if k != "tool_calls"}
+        old, cut = token_ids(previous), token_ids([*previous[:first_edit], {**blank, "content": ""}])
+        shared = next((k for k, (a, b) in enumerate(zip(old, cut, strict=False)) if a != b), min(len(old), len(cut)))
+        return len(old) - shared
+    return counter.count_prompt(previous) - counter.count_prompt(previous[:first_edit])
+
+
 def record_prefix_invalidated(
     stage: str, counter: TokenCounter, messages: Sequence[Mapping[str, Any]], first_new_edit: int | None
 ) -> int:
@@ -45,8 +62,7 @@ def record_prefix_invalidated(
     """
     if first_new_edit is None:
         return 0
-    end = previous_prompt_end(messages)
-    tokens = sum(message_tokens(counter, m) for m in messages[first_new_edit:end])
+    tokens = invalidated_tokens(counter, messages, first_new_edit)
     if tokens > 0:
         record_event(stage, "prefix_invalidated", tokens=tokens, first_message=first_new_edit)
     return tokens
