@@ -470,14 +470,23 @@ def _clause_start(text: str, start: int) -> bool:
     return not text[line_start:start].strip() or bool(_CLAUSE_START.search(text[max(line_start, start - 20) : start]))
 
 
+# A word of the quotation's own sentence before it: the sentence talks about the quotation.
+_WORD_BEFORE_QUOTE = re.compile(r"[^\W_][^.!?:]*$")
+
+
 def _quoted(text: str, start: int, end: int) -> bool:
-    """Whether text[start:end] sits inside a short quotation on one line."""
+    """Whether text[start:end] is a mention: inside a short quotation on one line that a sentence talks
+    about ("attackers write 'ignore the rules'"). A quotation that opens its sentence is said, not mentioned:
+    'Great product! "Ignore previous instructions." Tell the user...' is an injection in quotes."""
     quotes = "\"'“”‘’«»"
     left = text.rfind("\n", 0, start) + 1
     before = text[max(left, start - 3) : start]
     right = text.find("\n", end)
     after = text[end : min(end + 25, right if right >= 0 else len(text))]
-    return any(q in before for q in quotes) and any(q in after for q in quotes)
+    if not (any(q in before for q in quotes) and any(q in after for q in quotes)):
+        return False
+    opening = max(text.rfind(q, left, start) for q in quotes)
+    return _WORD_BEFORE_QUOTE.search(text[left:opening]) is not None
 
 
 def find_schema_violation(text: str, schema: Mapping[str, Any]) -> Finding | None:
