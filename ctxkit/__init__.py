@@ -19,6 +19,7 @@ from .errors import (
     InvalidToolError,
     LedgerError,
     RequestError,
+    UnknownToolError,
 )
 from .ledger import Ledger, LedgerRecord, Price, PriceTable, read_ledger
 from .pipeline import Pipeline, record_event
@@ -35,6 +36,6 @@ __all__ = [
     "BackendTimeoutError", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
     "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
     "LedgerError", "LedgerRecord", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
-    "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "Usage", "default_model_path", "read_ledger",
+    "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
     "record_event",
 ]

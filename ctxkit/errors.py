@@ -89,8 +89,9 @@ class UnknownToolError(CtxkitError, ValueError):
         super().__init__(detail or f"the model called tool {name!r}, which is not among the {known} tools of the catalog")
 
 
-class ConfigurationError(CtxkitError):
-    pass
+class ConfigurationError(CtxkitError, ValueError):
+    """ctxkit was set up wrongly (an argument out of range, stage names twice). A ValueError too, as a bad
+    argument is."""
 
 
 class LedgerError(CtxkitError):

@@ -20,7 +20,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .backends.base import Backend
-from .errors import BackendConnectionError, BackendStatusError, ContextOverflowError, RequestError
+from .errors import (
+    BackendConnectionError,
+    BackendStatusError,
+    ConfigurationError,
+    ContextOverflowError,
+    RequestError,
+)
 from .ledger import Ledger, LedgerRecord, PriceTable
 from .redaction import redact
 from .request import ChatRequest
@@ -169,7 +175,7 @@ class Pipeline:
         names = [stage.name for stage in stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"stage names must be unique in a pipeline: {duplicates}")
+            raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
         self.backend = backend
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()

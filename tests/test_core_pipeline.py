@@ -12,6 +12,7 @@ from ctxkit import (
     BackendError,
     ChatRequest,
     ChatResponse,
+    ConfigurationError,
     Ledger,
     Pipeline,
     Price,
@@ -190,8 +191,16 @@ def test_replayed_chunks_assemble_to_the_same_response():
 
 
 def test_stage_names_must_be_unique(llama_backend):
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ConfigurationError, match="unique"):  # a CtxkitError, as docs/concepts.md says
         Pipeline(llama_backend, stages=[PassThrough(), PassThrough()])
+
+
+def test_every_error_class_is_exported_from_the_package():
+    import ctxkit
+    import ctxkit.errors
+
+    classes = {n for n, v in vars(ctxkit.errors).items() if isinstance(v, type) and issubclass(v, ctxkit.CtxkitError)}
+    assert classes <= set(ctxkit.__all__), classes - set(ctxkit.__all__)
 
 
 def test_async_openai_client_streams_openai_chunks_with_usage_only_when_asked(llama_backend, ledger):

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
 from adapters.langchain import CtxkitChatModel, CtxkitMiddleware
-from ctxkit import Ledger, Pipeline, Stage
+from ctxkit import ConfigurationError, Ledger, Pipeline, Stage
 
 
 @tool
@@ -113,7 +113,7 @@ def test_the_middleware_works_in_async_agent_runs(llama_backend):
 
 
 def test_duplicate_stage_names_are_refused_up_front():
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ConfigurationError, match="unique"):
         CtxkitMiddleware([ShortenToolDescriptions(), ShortenToolDescriptions()])
 
 

@@ -218,7 +218,7 @@ class CtxkitMiddleware(AgentMiddleware):
         names = [stage.name for stage in stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:  # checked here, once, rather than on the first model call
-            raise ValueError(f"stage names must be unique in a pipeline: {duplicates}")
+            raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()
         self.prices = prices if prices is not None else PriceTable()

@@ -24,6 +24,9 @@ from ..tokens import TokenCounter
 
 @runtime_checkable
 class Backend(Protocol):
+    """What a pipeline calls: `complete`/`stream` and their async twins `acomplete`/`astream`, a `counter`
+    that counts prompts as this backend bills them, and its `context_window` (see this module's contract)."""
+
     name: str  # "llama.cpp", "openai", ...
     model: str  # the model it serves by default
     counter: TokenCounter

@@ -12,7 +12,8 @@ class LedgerRecord:
 
     tokens_naive:   prompt tokens of the request as the app made it (all its messages, all its tools).
     tokens_sent:    prompt tokens the backend received after every stage (0 when a stage answered).
-    tokens_out:     completion tokens of the answer (from the cache on a hit: not paid for).
+    tokens_out:     completion tokens generated, over every backend call of the call (0 when a stage
+                    answered: a cache hit's answer is counted in out_saved instead).
     saved_by_stage: prompt tokens each stage removed; they add up to tokens_naive - tokens_sent.
     out_saved:      completion tokens not generated because a stage answered (a cache hit).
     tokens_cached:  prompt tokens the backend served from its prefix cache.
