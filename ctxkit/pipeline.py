@@ -84,17 +84,17 @@ class _CallTrace:
         self.count_ms = 0.0
         self.answered_by: str | None = None
         self.events: list[dict[str, Any]] = []
-        self._counts: dict[tuple[int, int], tuple[int, Any, Any]] = {}
+        self._counts: dict[tuple[int, int, str | None], tuple[int, Any, Any]] = {}
         self.naive = self.count(pipeline._naive_from(0, request))
 
     def count(self, request: ChatRequest) -> int:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
-        key = (id(request.messages), id(request.tools))
+        key = (id(request.messages), id(request.tools), request.model)
         hit = self._counts.get(key)
         if hit is not None and hit[1] is request.messages and hit[2] is request.tools:
             return hit[0]
         t0 = time.perf_counter()
-        tokens = self.pipeline.backend.counter.count_prompt(request.messages, request.tools)
+        tokens = _counter(self.pipeline.backend, request).count_prompt(request.messages, request.tools)
         self.count_ms += (time.perf_counter() - t0) * 1000
         self._counts[key] = (tokens, request.messages, request.tools)
         return tokens
@@ -114,7 +114,8 @@ class _CallTrace:
         out = sum(u.completion_tokens for u in paid)
         cached = sum(u.cached_tokens for u in paid)
         price = self.pipeline.prices.price(model)
-        reported = last.prompt_tokens if last is not None else None
+        # The backend's own count only: a usage it did not report is ctxkit's count, and checks nothing.
+        reported = last.prompt_tokens if last is not None and last.reported else None
         sent = self.sent - self.last_sent if self.unsent else self.sent
         total_ms = (time.perf_counter() - self.started) * 1000
         summarizer_usd = self._price_summarizer_calls(price)
@@ -310,8 +311,9 @@ class Pipeline:
         check_tool_choice_offered(request)  # a call forced to a tool not sent cannot be answered
         tokens = trace.count(request)
         needed = tokens + max(request.max_tokens or 0, 1)  # room for at least one answer token
-        if needed > self.backend.context_window:
-            raise ContextOverflowError(tokens, request.max_tokens or 0, self.backend.context_window)
+        window = _context_window(self.backend, request)
+        if needed > window:
+            raise ContextOverflowError(tokens, request.max_tokens or 0, window)
         trace.sent += tokens
         trace.last_sent = tokens
         trace.backend_calls += 1
@@ -355,7 +357,7 @@ class Pipeline:
 
     def _stream_args(self, request: ChatRequest) -> dict[str, Any]:
         return {"backend": self.backend.name, "model": _answering_model(self.backend, request),
-                "count_completion": self.backend.counter.count_completion}
+                "count_completion": _counter(self.backend, request).count_completion}
 
     @staticmethod
     def _timed_stream(stream: S, trace: _CallTrace, prompt_tokens: int, t0: float) -> S:
@@ -405,6 +407,17 @@ def _answering_model(backend: Backend, request: ChatRequest) -> str:
     if getattr(backend, "serves_one_model", False):
         return backend.model
     return request.model or backend.model
+
+
+def _counter(backend: Backend, request: ChatRequest) -> Any:
+    """The counter for the model `request` asks for (an OpenAI backend asked for another OpenAI model)."""
+    counter_for = getattr(backend, "counter_for", None)
+    return counter_for(request.model) if counter_for is not None else backend.counter
+
+
+def _context_window(backend: Backend, request: ChatRequest) -> int:
+    window_for = getattr(backend, "context_window_for", None)
+    return window_for(request.model) if window_for is not None else backend.context_window
 
 
 def _add_backend_ms(trace: _CallTrace, t0: float) -> None:

@@ -13,16 +13,50 @@ from .ledger import LedgerRecord
 
 
 def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
-    """Totals over successful calls; failed calls are counted apart and never add to savings."""
-    records = list(records)
-    ok = [r for r in records if r.status == "ok"]
-    naive = sum(r.tokens_naive for r in ok)
-    sent = sum(r.tokens_sent for r in ok)
+    """Totals over successful calls; failed calls are counted apart and never add to savings. One pass over
+    `records`, keeping none of them: a ledger of millions of calls is summarized in little memory."""
+    calls = 0
+    ok_calls = 0
+    naive = sent = tokens_out = out_saved = tokens_cached = 0
+    cost_ok: float = 0
+    cost_naive: float = 0
+    sent_failed = 0
+    cost_failed: float = 0
     by_stage: Counter[str] = Counter()
-    for r in ok:
-        by_stage.update(r.saved_by_stage)
+    error_types: Counter[Any] = Counter()
+    answered_by: Counter[str] = Counter()
     by_model: dict[str, dict[str, Any]] = defaultdict(lambda: Counter())
-    for r in ok:
+    deltas: list[int] = []
+    totals: list[float] = []
+    backend: list[float] = []
+    summarizer: list[dict[str, Any]] = []
+    # Prompt tokens a stage's edit took out of the provider's (or llama.cpp's) prefix cache. Each stage notes
+    # the previous prompt from its first new edit to the end: one call's stages overlap, so a call counts the
+    # widest of them, not their sum.
+    invalidated_by_stage: Counter[str] = Counter()
+    invalidated = 0
+    for r in records:
+        calls += 1
+        # A summarizing model's own calls are no call the app made: their tokens are shown beside the savings,
+        # their cost is in each record's cost_usd.
+        summarizer.extend(e for e in r.events if e.get("kind") == "summarizer_call")
+        if r.status != "ok":
+            error_types[r.error_type] += 1
+            # Failed calls save nothing, but what they sent was paid for (an abandoned stream too).
+            sent_failed += r.tokens_sent
+            cost_failed += r.cost_usd
+            continue
+        ok_calls += 1
+        naive += r.tokens_naive
+        sent += r.tokens_sent
+        tokens_out += r.tokens_out
+        out_saved += r.out_saved
+        tokens_cached += r.tokens_cached
+        cost_ok += r.cost_usd
+        cost_naive += r.cost_naive_usd
+        by_stage.update(r.saved_by_stage)
+        if r.answered_by:
+            answered_by[r.answered_by] += 1
         m = by_model[r.model]
         m["calls"] += 1
         m["tokens_naive"] += r.tokens_naive
@@ -40,50 +74,41 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
             s["summarizer_calls"] += e.get("kind") == "summarizer_call"
             s["cost_usd"] += cost
         m["cost_usd"] += own
-    for m in by_model.values():  # every row has every column (a summarizer-only model made no app call)
-        for key in ("calls", "tokens_naive", "tokens_sent", "tokens_out", "cost_usd", "cost_naive_usd"):
-            m[key] += 0
-    deltas = [r.count_delta for r in ok if r.count_delta is not None and r.usage_reported]
-    # latency_ms may hold null or nested values (the record reader accepts them): only numbers count.
-    totals = _numbers(r.latency_ms.get("total") for r in ok)
-    backend = _numbers(r.latency_ms.get("backend") for r in ok if r.tokens_sent)
-    failed = [r for r in records if r.status != "ok"]
-    # A summarizing model's own calls are no call the app made: their tokens are shown beside the savings,
-    # their cost is in each record's cost_usd.
-    summarizer = [e for r in records for e in r.events if e.get("kind") == "summarizer_call"]
-    # Prompt tokens a stage's edit took out of the provider's (or llama.cpp's) prefix cache. Each stage notes
-    # the previous prompt from its first new edit to the end: one call's stages overlap, so a call counts the
-    # widest of them, not their sum.
-    invalidated_by_stage: Counter[str] = Counter()
-    invalidated = 0
-    for r in ok:
+        if r.count_delta is not None and r.usage_reported:
+            deltas.append(r.count_delta)
+        # latency_ms may hold null or nested values (the record reader accepts them): only numbers count.
+        totals += _numbers([r.latency_ms.get("total")])
+        if r.tokens_sent:
+            backend += _numbers([r.latency_ms.get("backend")])
         notes = [e for e in r.events if e.get("kind") == "prefix_invalidated"]
         for e in notes:
             invalidated_by_stage[str(e.get("stage"))] += int(sum(_numbers([e.get("tokens")])))
         invalidated += int(max(_numbers(e.get("tokens") for e in notes), default=0))
+    for m in by_model.values():  # every row has every column (a summarizer-only model made no app call)
+        for key in ("calls", "tokens_naive", "tokens_sent", "tokens_out", "cost_usd", "cost_naive_usd"):
+            m[key] += 0
     return {
-        "calls": len(records),
-        "ok": len(ok),
-        "errors": len(records) - len(ok),
-        "error_types": dict(Counter(r.error_type for r in records if r.status != "ok")),
+        "calls": calls,
+        "ok": ok_calls,
+        "errors": calls - ok_calls,
+        "error_types": dict(error_types),
         "tokens_naive": naive,
         "tokens_sent": sent,
         "tokens_saved": naive - sent,
         "saved_ratio": round((naive - sent) / naive, 4) if naive else 0.0,
-        "tokens_out": sum(r.tokens_out for r in ok),
-        "out_saved": sum(r.out_saved for r in ok),
-        "tokens_cached": sum(r.tokens_cached for r in ok),
+        "tokens_out": tokens_out,
+        "out_saved": out_saved,
+        "tokens_cached": tokens_cached,
         "prefix_invalidated": invalidated,
         "prefix_invalidated_by_stage": dict(invalidated_by_stage),
-        "answered_by_stage": dict(Counter(r.answered_by for r in ok if r.answered_by)),
+        "answered_by_stage": dict(answered_by),
         "saved_by_stage": dict(by_stage),
         "by_model": {model: dict(m) for model, m in sorted(by_model.items())},
         # Not rounded: at a few cents per million tokens, six decimals read $0.000000 either way.
-        "cost_usd": sum(r.cost_usd for r in ok),
-        "cost_naive_usd": sum(r.cost_naive_usd for r in ok),
-        # Failed calls save nothing, but what they sent was paid for (an abandoned stream too).
-        "tokens_sent_failed": sum(r.tokens_sent for r in failed),
-        "cost_failed_usd": sum(r.cost_usd for r in failed),
+        "cost_usd": cost_ok,
+        "cost_naive_usd": cost_naive,
+        "tokens_sent_failed": sent_failed,
+        "cost_failed_usd": cost_failed,
         "summarizer_calls": len(summarizer),
         "summarizer_prompt_tokens": int(sum(_numbers(e.get("prompt_tokens") for e in summarizer))),
         "summarizer_completion_tokens": int(sum(_numbers(e.get("completion_tokens") for e in summarizer))),

@@ -339,3 +339,28 @@ def test_bench_memory_reads_conversations_that_replay_broken_tool_call_arguments
     messages = load_conversations(data)[0]["messages"]
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == "{}"  # as the pipeline sends it
     messages_for_plain_template(messages, [])  # what counting the prompt renders: no JSONDecodeError
+
+
+def test_report_totals_keep_no_record_in_memory():
+    """`ctxkit report` on a multi-GB ledger held every record at once (100k calls: ~190 MB)."""
+    import weakref
+
+    from ctxkit.ledger import LedgerRecord
+    from ctxkit.report import summarize
+
+    held = []
+
+    def records():
+        refs = []
+        for i in range(50):
+            if len(refs) >= 2:  # the loop's variable may still hold the last one
+                held.append(refs[-2]() is not None)
+            record = LedgerRecord(id=f"c{i}", ts=1.0, backend="b", model="m", namespace="n", conversation_id=None,
+                                  stream=False, tokens_naive=10, tokens_sent=6, tokens_out=1, saved_by_stage={"s": 4},
+                                  latency_ms={"total": 1.0})
+            refs.append(weakref.ref(record))
+            yield record
+
+    summary = summarize(records())
+    assert summary["calls"] == 50 and summary["tokens_saved"] == 200 and summary["saved_by_stage"] == {"s": 200}
+    assert not any(held), "summarize must not keep the records it has read"

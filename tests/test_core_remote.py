@@ -388,3 +388,12 @@ def test_each_retried_attempt_is_in_the_ledger_and_a_timed_out_one_is_priced(ser
     timed_out = [e for e in record.events if e["kind"] == "backend_retry"]
     assert len(timed_out) == 1 and timed_out[0]["may_be_billed"] and timed_out[0]["prompt_tokens"] > 0
     assert record.cost_usd >= timed_out[0]["cost_usd"] > 0
+
+
+def test_a_stream_without_reported_usage_records_no_reported_count(remote, ledger):
+    # llama-cpp-python's server sends no usage chunk: ctxkit's own count is no "reported" one, and no exact match.
+    stream = Pipeline(remote, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+    list(stream)
+    record = ledger.records[-1]
+    assert record.status == "ok" and not record.usage_reported
+    assert record.tokens_reported is None and record.count_delta is None

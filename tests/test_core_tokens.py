@@ -90,3 +90,20 @@ def test_a_replayed_refusal_part_reaches_the_local_prompt():
 
     assert _text([{"type": "refusal", "refusal": "I can't help with that."}]) == "I can't help with that."
     assert _text([{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "b"}]) == "ab"
+
+
+def test_a_call_asking_for_another_openai_model_is_counted_and_bounded_as_that_model():
+    from ctxkit import Pipeline
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import ContextOverflowError
+    from ctxkit.request import ChatRequest
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    backend = OpenAIBackend("gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="sk-test-0000000000", max_retries=0)
+    messages = [{"role": "user", "content": "Заказ № 4711: доставка в Санкт-Петербург, 三个箱子, größe XL"}]
+    assert backend.counter_for("gpt-4").count_prompt(messages) == TiktokenCounter("gpt-4").count_prompt(messages)
+    assert backend.counter_for("gpt-4o-mini") is backend.counter
+    # gpt-4's window is 8k: refused before anything is sent, not after a round trip to the provider
+    long = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(ContextOverflowError):
+        Pipeline(backend).call(ChatRequest(messages=long, model="gpt-4"))

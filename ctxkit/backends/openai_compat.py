@@ -82,6 +82,11 @@ class OpenAIBackend:
                     "GGUFPrompt.from_gguf(path)) so token counts are exact"
                 )
             counter = TiktokenCounter(model)
+        # The counter was chosen for `model`: a call that asks for another OpenAI model (the drop-in client's
+        # model=...) is counted with that model's own encoding, not this one's.
+        self._counter_is_default = isinstance(counter, TiktokenCounter) and counter.model == model
+        self._counters: dict[str, TokenCounter] = {}
+        self._context_window_given = context_window is not None
         self.model = model
         self.base_url = base_url
         self.counter = counter
@@ -121,6 +126,26 @@ class OpenAIBackend:
         with self._aclients_lock:
             self._aclients.pop(loop, None)
             self._closers.pop(loop, None)
+
+    def counter_for(self, model: str | None) -> TokenCounter:
+        """The counter for a call that asks for `model`: the backend's own, unless it was the default tiktoken
+        counter and `model` is another OpenAI model with another encoding (gpt-4 asked of a gpt-4o backend)."""
+        if not model or model == self.model or not self._counter_is_default:
+            return self.counter
+        encoding = encoding_name_for_model(model)
+        if encoding is None or encoding == self.counter.encoding.name:  # type: ignore[attr-defined,union-attr]
+            return self.counter
+        # One counter per encoding, not per name: a proxy's clients may send any number of model names.
+        counter = self._counters.get(encoding)
+        if counter is None:
+            counter = self._counters[encoding] = TiktokenCounter(model)
+        return counter
+
+    def context_window_for(self, model: str | None) -> int:
+        """The window of the model a call asks for (a window passed to the backend applies to every call)."""
+        if not model or model == self.model or self._context_window_given or encoding_name_for_model(model) is None:
+            return self.context_window
+        return _known_context(model)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -219,8 +244,9 @@ class OpenAIBackend:
             cached = (details.cached_tokens or 0) if details is not None else 0
             counted = Usage(usage.prompt_tokens, usage.completion_tokens, cached)
         else:  # some servers report nothing: count, and say so
-            counted = Usage(self.counter.count_prompt(request.messages, request.tools),
-                            self.counter.count_completion(message), 0, reported=False)
+            counter = self.counter_for(request.model)
+            counted = Usage(counter.count_prompt(request.messages, request.tools),
+                            counter.count_completion(message), 0, reported=False)
         return ChatResponse(
             message=message, finish_reason=choice.finish_reason or "stop", usage=counted,
             model=completion.model or self.model, backend=self.name, id=completion.id,
@@ -284,7 +310,7 @@ class OpenAIBackend:
         def note(stage: str, kind: str, **data: Any) -> None:
             data["model"] = request.model or self.model
             if data.get("may_be_billed"):
-                data["prompt_tokens"] = self.counter.count_prompt(list(request.messages), list(request.tools))
+                data["prompt_tokens"] = self.counter_for(request.model).count_prompt(list(request.messages), list(request.tools))
             record(stage, kind, **data)
 
         return note

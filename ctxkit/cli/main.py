@@ -70,7 +70,8 @@ def _report(args: argparse.Namespace) -> None:
     from ..report import format_summary, plot, summarize
 
     skipped: list[str] = []
-    records = list(read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped))
+    read = read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped)
+    records = list(read) if args.plot else read  # the totals alone are one pass, keeping no record in memory
     summary = summarize(records)
     summary["skipped_lines"] = len(skipped)
     if skipped:  # the totals leave these lines out: say so, never a quietly smaller total
