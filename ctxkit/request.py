@@ -144,7 +144,8 @@ class ChatRequest:
             params["extra_body"] = extra_body
         unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and k not in TRANSPORT_OPTIONS)
         if unknown:
-            raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "create()")
+            # named in `param` as OpenAI names a bad field: the first unknown one, not the method's name
+            raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", unknown[0])
         return cls(
             messages=copy.deepcopy(list(messages)),
             tools=copy.deepcopy(list(tools)),

@@ -28,6 +28,13 @@ def validate_request(request: ChatRequest) -> None:
     _validate_params(request.params)
     _validate_tool_choice(request)
     _validate_fields(request)
+    # Content and tool schemas are checked above with their own messages; any other string the backend gets (a
+    # stop sequence, a message's name, a tool_call_id, `user`, a response_format schema) failed its UTF-8 encode
+    # deep in the backend: a 500 from `ctxkit serve` over an upstream, a 502 over the local model.
+    for where, value in (("model", request.model), ("messages", request.messages), ("params", request.params)):
+        found = _lone_surrogate_at(value, "" if where == "params" else where)
+        if found is not None:
+            raise RequestError(_SURROGATE, found)
 
 
 def _validate_tool_choice(request: ChatRequest) -> None:
@@ -153,6 +160,26 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string (a value or a key) in `value` that is not valid Unicode; None if there is none."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else (path or "params")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _is_unicode(key):
+                return path or "params"
+            found = _lone_surrogate_at(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for k, item in enumerate(value):
+            found = _lone_surrogate_at(item, f"{path}[{k}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _check_unicode(text: str, index: int, field: str) -> None:

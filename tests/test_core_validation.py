@@ -382,6 +382,24 @@ def test_a_lone_surrogate_in_a_tool_call_or_a_tool_schema_is_refused_by_name(lla
         assert info.value.where == where, info.value.where
 
 
+def test_a_lone_surrogate_in_any_other_field_the_backend_gets_is_refused_by_name():
+    """A stop sequence, `user`, a message's name or a response_format schema holding "\\ud800" failed its UTF-8
+    encode deep in the backend: `ctxkit serve` answered 500 (an upstream) or 502 (the local model), not a 400."""
+    from ctxkit.validation import validate_request
+
+    hi = [{"role": "user", "content": "hi"}]
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "description": "\ud800"}}}
+    for request, where in ((ChatRequest(hi, params={"stop": ["x\ud800"]}), "stop[0]"),
+                           (ChatRequest(hi, params={"user": "u\udfff"}), "user"),
+                           (ChatRequest([{"role": "user", "name": "b\ud800", "content": "hi"}]), "messages[0].name"),
+                           (ChatRequest(hi, params={"response_format": schema}),
+                            "response_format.json_schema.schema.description")):
+        with pytest.raises(RequestError) as info:
+            validate_request(request)
+        assert info.value.where == where, info.value.where
+    validate_request(ChatRequest(hi, params={"stop": ["\U0001f600"], "user": "caf\u00e9"}))  # real Unicode passes
+
+
 def test_a_file_that_is_no_gguf_is_a_configuration_error(tmp_path):
     from ctxkit import ConfigurationError, LlamaCppBackend
 

@@ -323,6 +323,17 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_500(proxy):
     assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
 
 
+def test_a_number_too_long_for_python_is_a_400_not_a_500(proxy):
+    """json.loads raises a plain ValueError (not JSONDecodeError) past 4300 digits: malformed input, not a fault."""
+    answer = _post(proxy[0], '{"messages":[{"role":"user","content":"hi"}],"max_tokens":1' + "0" * 5000 + "}")
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"], answer.text
+
+
+def test_an_unknown_body_field_is_named_in_param(proxy):
+    answer = _post(proxy[0], {"messages": HELLO, "max_tokens": 2, "functions": [{"name": "f", "parameters": {}}]})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "functions", answer.text
+
+
 def test_backend_sampling_settings_sent_as_extra_body_reach_the_model(proxy):
     """docs/integrations.md tells openai-client users to pass top_k/min_p in extra_body; the client sends them
     at the top level of the body, and the proxy refused them as unsupported arguments."""
@@ -397,7 +408,8 @@ def test_a_keys_file_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
     assert keys.namespace_for("sk-tenantB-secret-0002") == "team-b"
 
 
-@pytest.mark.parametrize("key", ["\ufeffsk-tenant-0001", "sk-tenant\u200b-0001", "sk-tenant\x07-0001"])
+@pytest.mark.parametrize("key", ["\ufeffsk-tenant-0001", "sk-tenant\u200b-0001", "sk-tenant\x07-0001",
+                                 "sk-caf\u00e9-0001"])  # non-ASCII: no HTTP client can send it
 def test_a_key_with_an_invisible_character_is_refused_at_start(key):
     with pytest.raises(ConfigurationError, match="invisible"):
         ApiKeys({key: "team-a"})

@@ -226,10 +226,10 @@ class _Proxy:
                 raise too_large
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, "invalid_request_error", f"body is not valid JSON: {exc}") from None
         except RecursionError:  # '[[[[...' thousands deep: the parser's own limit, not a server fault
             raise HTTPError(400, "invalid_request_error", "body is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4300 digits
+            raise HTTPError(400, "invalid_request_error", f"body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise HTTPError(400, "invalid_request_error", "body must be a JSON object")
         return payload

@@ -34,9 +34,10 @@ class ApiKeys:
                                      "(set CTXKIT_API_KEYS or pass --api-keys-file)")
         self._entries: list[tuple[bytes, str]] = []
         for number, (key, namespace) in enumerate(keys.items(), 1):
-            if len(key) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
-                # not printable: a control or invisible character (a BOM, a zero-width space) that no client sends
-                raise ConfigurationError(f"API key #{number}: at least {MIN_KEY_LENGTH} characters, no spaces "
+            if len(key) < MIN_KEY_LENGTH or not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+                # not printable: a control or invisible character (a BOM, a zero-width space) that no client sends;
+                # not ASCII: an HTTP client cannot send it (httpx refuses), and raw UTF-8 arrives latin-1 decoded
+                raise ConfigurationError(f"API key #{number}: at least {MIN_KEY_LENGTH} ASCII characters, no spaces "
                                          "or invisible characters")
             if not NAMESPACE.match(namespace):
                 raise ConfigurationError(f"API key #{number}: invalid namespace {namespace!r} "
