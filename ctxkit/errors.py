@@ -20,6 +20,19 @@ from __future__ import annotations
 class CtxkitError(Exception):
     """Base class of every error ctxkit raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its message and fields, not by calling __init__ again with the message (which takes
+        # other arguments): pickled to a parent process or copied, it stays the error it was.
+        return restore_error, (type(self), self.args, dict(self.__dict__))
+
+
+def restore_error(cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]) -> BaseException:
+    """An error of class `cls` with `args` and attributes `state`, made without its __init__ (unpickling)."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class RequestError(CtxkitError, ValueError):
     """A request that no backend should see. `where` names the offending field, e.g. `messages[3].content`."""

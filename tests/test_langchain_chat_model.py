@@ -453,3 +453,70 @@ def test_per_call_http_options_are_taken_as_chatopenai_takes_them(llama_backend,
     assert inner.calls[-1]["extra_headers"] == {"X-Trace": "abc"} and inner.calls[-1]["extra_query"] == {"v": "1"}
     outer.invoke("Say hi.")
     assert not {"timeout", "extra_headers", "extra_query"} & set(inner.calls[-1]), "unset options are not passed on"
+
+
+def test_langchains_own_cache_keeps_apart_models_with_other_settings_or_tenants(llama_backend):
+    """set_llm_cache keys answers by _identifying_params, which named only the model, backend and stages: a
+    model with max_tokens=3 filled the cache for one with max_tokens=40, and one tenant's answer went to another."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+
+    previous = get_llm_cache()
+    set_llm_cache(InMemoryCache())
+    try:
+        def model(**fields):
+            ledger = Ledger()
+            return CtxkitChatModel(pipeline=Pipeline(llama_backend, ledger=ledger), temperature=0, seed=7,
+                                   **fields), ledger
+
+        short, _ = model(max_tokens=3)
+        long, long_ledger = model(max_tokens=40)
+        short.invoke("Tell me about Lisbon")
+        assert long.invoke("Tell me about Lisbon").usage_metadata["output_tokens"] > 3
+        assert len(long_ledger.records) == 1
+        a, _ = model(max_tokens=5, namespace="tenant-a")
+        b, b_ledger = model(max_tokens=5, namespace="tenant-b")
+        a.invoke("Say hi")
+        b.invoke("Say hi")
+        assert len(b_ledger.records) == 1
+    finally:
+        set_llm_cache(previous)
+
+
+def test_ctxkits_errors_as_langchains_survive_pickling_and_copying():
+    """A process pool sends a worker's error back pickled: the re-classed error (and ctxkit's own, whose
+    __init__ takes other arguments than its message) came back as a PicklingError / TypeError."""
+    import copy
+    import pickle
+
+    from langchain_core import exceptions as lc
+
+    from adapters.langchain.errors import also_langchains
+    from ctxkit.errors import BackendStatusError, ContextOverflowError
+
+    for error in (ContextOverflowError(9031, 4, 4096), BackendStatusError("slow down", backend="b", status=429)):
+        also_langchains(error)
+        for again in (pickle.loads(pickle.dumps(error)), copy.deepcopy(error)):
+            assert type(again).__mro__[1] is type(error).__mro__[1] and str(again) == str(error)
+            assert again.__dict__ == error.__dict__
+    assert isinstance(pickle.loads(pickle.dumps(error)), lc.ModelRateLimitError)
+    plain = ContextOverflowError(1, 2, 3)
+    assert pickle.loads(pickle.dumps(plain)).context_window == 3
+
+
+def test_request_fields_per_call_reach_the_request_in_invoke_and_stream(llama_backend):
+    """`metadata=` per call reached only stream(): LangChain's invoke/ainvoke/batch have a `metadata` of their
+    own (TypeError: multiple values). A request field given as None was refused as an unknown argument."""
+
+    class Seen(Stage):
+        def before_model(self, request):
+            seen.append((request.metadata.get("tag"), request.conversation_id))
+            return request
+
+    seen: list = []
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, stages=[Seen()]), temperature=0, max_tokens=2)
+    model.invoke("Hi", ctxkit_metadata={"tag": 1}, conversation_id=None)
+    list(model.stream("Hi", ctxkit_metadata={"tag": 2}))
+    asyncio.run(model.ainvoke("Hi", ctxkit_metadata={"tag": 3}, conversation_id="c"))
+    model.bind_tools([add], ctxkit_metadata={"tag": 4}).batch(["Hi"])
+    assert seen == [(1, None), (2, None), (3, "c"), (4, None)]

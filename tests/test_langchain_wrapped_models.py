@@ -338,3 +338,37 @@ def test_the_window_comes_from_the_models_langchain_profile(llama_backend):
     agent = create_agent(tiny, tools=[add], middleware=[CtxkitMiddleware(counter=counter)])
     with pytest.raises(ContextOverflowError):
         agent.invoke({"messages": [HumanMessage("word " * 100)]})
+
+
+class Recorder(BaseChatModel):
+    """Stands in for langchain-anthropic's ChatAnthropic: keeps the messages it was given."""
+
+    model: str = "claude-sonnet-4-5"
+    seen: list = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "recorder"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        Recorder.seen = list(messages)
+        usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("ok", usage_metadata=usage))])
+
+
+def test_a_tool_result_block_in_the_history_leaves_the_other_messages_the_callers_own(llama_backend):
+    """A HumanMessage with Anthropic's tool_result blocks becomes two OpenAI messages; then no message went
+    to the wrapped model as the caller's object: the system prompt lost its cache_control and the assistant
+    turn its signed thinking block (which Anthropic requires back beside a tool call)."""
+    from langchain_core.messages import SystemMessage
+
+    system = SystemMessage(content=[{"type": "text", "text": "Policy.", "cache_control": {"type": "ephemeral"}}])
+    turn = AIMessage(content=[{"type": "thinking", "thinking": "need weather", "signature": "sig=="},
+                              {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}}],
+                     tool_calls=[{"name": "weather", "args": {"city": "Paris"}, "id": "toolu_1"}])
+    history = [system, HumanMessage("Weather in Paris?"), turn,
+               HumanMessage(content=[{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                                     {"type": "text", "text": "And tomorrow?"}])]
+    CtxkitChatModel.wrap(Recorder(), counter=llama_backend.counter).invoke(history)
+    assert [m is o for m, o in zip(Recorder.seen[:3], history[:3], strict=True)] == [True, True, True]
+    assert [type(m).__name__ for m in Recorder.seen[3:]] == ["ToolMessage", "HumanMessage"]

@@ -43,8 +43,10 @@ from .messages import (
     to_openai_tools,
 )
 
-# Call kwargs that name ctxkit's own request fields rather than sampling parameters.
-_REQUEST_FIELDS = ("namespace", "conversation_id", "metadata")
+# Call kwargs that name ctxkit's own request fields rather than sampling parameters. The request's metadata
+# is `ctxkit_metadata=` per call: LangChain's invoke/ainvoke/batch take a `metadata` of their own (the run's
+# tracing metadata), so a `metadata=` call kwarg failed there with a TypeError (it reached only stream()).
+_REQUEST_FIELDS = ("namespace", "conversation_id", "metadata", "ctxkit_metadata")
 
 
 class CtxkitChatModel(BaseChatModel):
@@ -66,7 +68,7 @@ class CtxkitChatModel(BaseChatModel):
     conversation_id: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
-    stop: list[str] | None = None
+    stop: list[str] | str | None = None  # a string is one sequence, as ChatOpenAI takes it
     seed: int | None = None
     timeout: float | None = None  # seconds a call may take at the backend; per call: invoke(x, timeout=...)
 
@@ -100,10 +102,15 @@ class CtxkitChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        # LangChain's own cache (set_llm_cache) keys answers by these: the settings that change an answer, and
+        # the tenant, belong in them (as ChatOpenAI's hold its sampling settings).
         return {
             "model_name": self.model_name or self.pipeline.backend.model,
             "backend": self.pipeline.backend.name,
             "stages": [stage.name for stage in self.pipeline.stages],
+            "namespace": self.namespace,
+            **{key: getattr(self, key) for key in ("temperature", "max_tokens", "stop", "seed")
+               if getattr(self, key) is not None},
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
@@ -182,14 +189,16 @@ class CtxkitChatModel(BaseChatModel):
         for key in ("temperature", "max_tokens", "seed"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
-        if stop or self.stop:
-            stop = stop or self.stop or []
-            # a single sequence as a string (as OpenAI takes it), not one stop per character
-            params["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        stops = stop or self.stop
+        if stops:  # a single sequence as a string (as OpenAI takes it), not one stop per character
+            params["stop"] = [stops] if isinstance(stops, str) else list(stops)
         tools = kwargs.pop("tools", None) or ()
         if kwargs.get("tool_choice") is not None:
             kwargs["tool_choice"] = to_openai_tool_choice(kwargs["tool_choice"])
-        fields = {key: kwargs.pop(key) for key in _REQUEST_FIELDS if kwargs.get(key) is not None}
+        # a field given as None is left unset (an app's optional conversation id), not an unknown argument
+        fields = {key: value for key in _REQUEST_FIELDS if (value := kwargs.pop(key, None)) is not None}
+        if "ctxkit_metadata" in fields:
+            fields["metadata"] = {**(fields.get("metadata") or {}), **fields.pop("ctxkit_metadata")}
         # The openai client's per-call options, as ChatOpenAI takes them: `invoke(x, timeout=5, extra_headers=...)`.
         transport = {key: kwargs.pop(key) for key in TRANSPORT_OPTIONS if key in kwargs}
         transport = {key: value for key, value in transport.items() if value is not None}

@@ -37,18 +37,21 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     drops. An agent answers it with a ToolMessage ("error: arguments are not JSON"), and that message
     would then answer no call, which every provider rejects. So a call that a later ToolMessage answers
     is kept, with its arguments as the model wrote them; an unanswered one is left out, as LangChain does."""
+    return [m for _, group in _converted_groups(messages) for m in group]
+
+
+def _converted_groups(messages: Sequence[BaseMessage]) -> list[tuple[BaseMessage, list[dict[str, Any]]]]:
+    """Each LangChain message with the OpenAI messages it became (to_openai_messages is their concatenation)."""
     # One message may become several: a HumanMessage's Anthropic-style tool_result blocks become tool
     # messages, which go first, since results must follow the call they answer before the next turn.
     converted = [(original, sorted(convert_to_openai_messages([original]), key=lambda m: m.get("role") != "tool"))
                  for original in messages]
     answered = {m.get("tool_call_id") for _, group in converted for m in group if m.get("role") == "tool"}
-    out = []
-    for original, group in converted:
-        # Only the model's own turns carry its reasoning blocks; a user's PDF or other provider block is no
-        # reasoning: dropping it silently answered without it (it stays, and validation names it).
-        group = [_assistant_turn(m, original, answered) if m.get("role") == "assistant" else m for m in group]
-        out.extend(group)
-    return out
+    # Only the model's own turns carry its reasoning blocks; a user's PDF or other provider block is no
+    # reasoning: dropping it silently answered without it (it stays, and validation names it).
+    return [(original, [_assistant_turn(m, original, answered) if m.get("role") == "assistant" else m
+                        for m in group])
+            for original, group in converted]
 
 
 def failed_tool_results(originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]],
@@ -118,8 +121,16 @@ class OriginalMessages:
     def __init__(self, originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]]) -> None:
         self._by_form: dict[str, list[BaseMessage]] = {}
         if len(originals) == len(converted):  # one-to-one, so each form names its message
-            for form, original in zip(converted, originals, strict=True):
-                self._by_form.setdefault(_form(form), []).append(original)
+            pairs = list(zip(converted, originals, strict=True))
+        else:
+            # A message became several (a HumanMessage's tool_result blocks): the others are still one-to-one,
+            # and keep their own objects (a system prompt's cache_control, a turn's signed thinking blocks).
+            groups = _converted_groups(originals)
+            if [m for _, group in groups for m in group] != list(converted):
+                return
+            pairs = [(group[0], original) for original, group in groups if len(group) == 1]
+        for form, original in pairs:
+            self._by_form.setdefault(_form(form), []).append(original)
 
     def restore(self, messages: Sequence[dict[str, Any]]) -> list[BaseMessage]:
         used: dict[str, int] = {}
