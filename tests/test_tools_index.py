@@ -338,3 +338,15 @@ def test_a_model_loaded_from_a_path_is_fingerprinted_once_not_for_every_pool(cat
     for pool in (catalog[:4], catalog[2:6], catalog[1:5]):
         ToolIndex(pool, named)
     assert asked.count(PROBE_TEXT) == 1
+
+
+def test_an_index_directory_that_cannot_be_written_leaves_selection_working(catalog, embedder, tmp_path, caplog):
+    """A prebuilt index shipped read-only, or a full disk: persisting is an optimisation, so a pool with a new
+    tool is still indexed and selected from (in memory), with a warning, instead of every call failing with
+    PermissionError. A file where the model's folder should be stands in for the directory no one can write."""
+    (tmp_path / "all-MiniLM-L6-v2-bfloat16").write_text("not a folder")
+    stage = ToolRetrievalStage(catalog=catalog[:10], top_k=3, embedder=embedder, index_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="ctxkit"):
+        index = stage.index_for(stage.catalog)
+    assert len(index) == 10 and index.search("weather", 3)
+    assert "not stored" in caplog.text and "not saved" in caplog.text

@@ -527,3 +527,13 @@ def test_a_second_find_tools_call_is_refused_for_what_it_is(embedder, index_dir,
     search = _call(FIND_TOOLS, '{"query": "electric field"}')
     with pytest.raises(UnknownToolError, match="again after its one search"):
         stage.wrap_call(REQUEST, _Provider(search, search))
+
+
+def test_a_find_tools_call_that_was_never_offered_is_not_called_a_second_search(embedder, index_dir, catalog):
+    """Under recovery="rerun" no search is offered: a provider that calls find_tools anyway was told it had
+    called it "again after its one search", which sends whoever reads the error looking for a first one."""
+    stage = ToolRetrievalStage(catalog=catalog, top_k=2, recovery="rerun", embedder=embedder, index_dir=index_dir)
+    provider = _Provider(_call(FIND_TOOLS, '{"query": "electric field"}'))
+    with pytest.raises(UnknownToolError, match="did not offer") as raised:
+        stage.wrap_call(REQUEST, provider)
+    assert "again" not in str(raised.value)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -45,6 +46,7 @@ DOCUMENT_MEMO_SIZE = 50_000  # tool documents a stage keeps for its pools, as Ve
 
 Tool = dict[str, Any]
 INDEX_FILE = "index.npz"
+logger = logging.getLogger("ctxkit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +316,11 @@ class ToolIndex:
                 self.embedded_tools += len(missing)
                 found.update(zip(missing, fresh, strict=True))
                 if self._store is not None:
-                    self._store.append(dict(zip(missing, fresh, strict=True)))
+                    try:
+                        self._store.append(dict(zip(missing, fresh, strict=True)))
+                    except OSError as exc:  # a read-only or full directory: the vectors serve this process anyway
+                        logger.warning("tool vectors not stored in %s (%s); they are embedded again by the next "
+                                       "process", self._store.folder, exc)
             self._memo.put(self._space, {h: found[h] for h in hashes})
         if not tools:
             return np.zeros((0, self.dimension), np.float32)
@@ -413,13 +419,18 @@ class ToolIndex:
         folder = self._catalog_dir()
         if folder is None or not self._save or self.catalog_hash == self._on_disk:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale(folder, "index.*.tmp.npz")
         tmp = folder / f"index.{uuid.uuid4().hex}.tmp.npz"
-        np.savez(tmp, hashes=np.array(self._hashes, dtype=str), ids=np.array(self._ids, dtype=np.int64),
-                 vectors=self._vectors.astype(np.float32))
-        os.replace(tmp, folder / INDEX_FILE)
-        self._on_disk = self.catalog_hash
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(folder, "index.*.tmp.npz")
+            np.savez(tmp, hashes=np.array(self._hashes, dtype=str), ids=np.array(self._ids, dtype=np.int64),
+                     vectors=self._vectors.astype(np.float32))
+            os.replace(tmp, folder / INDEX_FILE)
+        except OSError as exc:  # a read-only or full directory: the index in memory serves this process
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            logger.warning("tool index not saved in %s (%s); the next process builds it again", folder, exc)
+        self._on_disk = self.catalog_hash  # tried once per catalog version, not on every call
 
 
 def _unique_names(tools: Sequence[Tool]) -> list[str]:

@@ -100,6 +100,7 @@ class _Plan:
     selector: ToolSelector
     sent: frozenset[str]
     offered_find_tools: bool
+    searched: bool = False  # the re-run after a find_tools search
 
 
 class ToolRetrievalStage(Stage):
@@ -354,7 +355,8 @@ class ToolRetrievalStage(Stage):
             found = [n for n in found if n not in plan.sent] or found
             # The queries are the user's words (or the model's, which may quote them): keys out, as in quarantine notes.
             record_event(self.name, "find_tools", queries=[redact(q) for q in queries], found=found)
-            return self._plan(request, extra=[*found, *(missing if rerun else [])], offer_find_tools=False)
+            searched = self._plan(request, extra=[*found, *(missing if rerun else [])], offer_find_tools=False)
+            return dataclasses.replace(searched, searched=True) if searched is not None else None
         if missing and rerun:
             record_event(self.name, "tool_not_sent", tools=missing, recovered=True)
             return self._plan(request, extra=missing, offer_find_tools=False)
@@ -414,8 +416,12 @@ class ToolRetrievalStage(Stage):
             if name not in plan.index and not (plan.offered_find_tools and name == FIND_TOOLS):
                 record(self.name, "unknown_tool", tool=name)
                 # The re-run after a search offers none: a model that searches again was not offered it.
-                detail = (f"the model called {FIND_TOOLS} again after its one search, which the re-run did not "
-                          "offer" if name == FIND_TOOLS else None)
+                detail = None
+                if name == FIND_TOOLS:
+                    detail = (f"the model called {FIND_TOOLS} again after its one search, which the re-run did not "
+                              "offer" if plan.searched else
+                              f"the model called {FIND_TOOLS}, which this call did not offer (it is offered only "
+                              "with recovery='find_tools' or 'both', and never on a stream)")
                 raise UnknownToolError(str(name), len(plan.index), detail)
 
 
