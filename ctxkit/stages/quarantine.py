@@ -77,7 +77,7 @@ class Finding:
 
 _ERROR_TEXT = [
     (re.compile(r"Traceback \(most recent call last\)"), "a Python traceback"),
-    (re.compile(r"^(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|Exception|Error|ERROR|FATAL|Fatal error|"
+    (re.compile(r"^(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|(?:[a-z_]\w*\.)+(?:errors|exceptions)\.[A-Z]\w*|Exception|Error|ERROR|FATAL|Fatal error|"
                 r"PHP (?:Fatal|Parse) error)\b\s*[:!]", re.M),
      "an error line"),
     (re.compile(r"thread '[^']*' panicked at|^\s*\[?UnhandledPromiseRejection|^curl: \(\d+\)|"
@@ -90,6 +90,8 @@ _ERROR_TEXT = [
                 r"^(?:Error|ERROR) from server\b|^[\w.-]+: (?:option requires an argument|invalid option|"
                 r"unrecognized option|illegal option|missing operand)\b", re.M),
      "an error line"),
+    # S3, Azure Blob, Google Cloud Storage, OSS: an XML error document ("<Error><Code>AccessDenied</Code>...")
+    (re.compile(r"\A\s*(?:<\?xml[^>]{0,200}\?>\s*)?<Error>\s*<Code>"), "an XML error response"),
     (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$|^\s+at [\w.$<>`\[\],]+\(.*\) in \S.*:line \d+\s*$", re.M),
      "a stack trace"),
 ]
@@ -153,13 +155,14 @@ _INJECTION = [
     # INSTRUCTIONS***", "New instructions: ..."
     (r"\[system\]\(#[\w-]+\)|(?:^|\n)[ \t]*[*#>_=\-\[]*[ \t]*(?:new|updated|important) (?:important |new )?"
      r"instructions?[ \t]*(?:[*#_=\]]+|:)", "contains a system prompt"),
-    (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>",
+    (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id|python_tag|eom_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>|"
+     r"<tool_call>\s*\{|<\|tool_calls?(?:_begin|_end)?\|>|\[TOOL_CALLS\]|<function=\w+>|</?function_calls>|<invoke name=",
      "contains chat-template control tokens"),
     (r"(?:^|\n)\s*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
      r"respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
     # the same turn dressed up: "[SYSTEM] ...", "**System:** ...", "> SYSTEM: ...", "SYSTEM OVERRIDE: ..."
     (r"(?:^|\n)[ \t]*(?:[#>*_=|~\[(-]+[ \t]*)?system(?:[ \t]+(?:override|message|prompt|instructions?|note|notice|alert|"
-     r"update|directive|command))?[ \t]*(?:[\])*_]+[ \t]*:?|:)[ \t*_]*"
+     r"update|directive|command))?[ \t]*(?:[\])*_]+(?!\w)[ \t]*:?|:)[ \t*_]*"
      # an order to the model, not a notice to its reader ("[SYSTEM] Your password expires in 3 days",
      # "SYSTEM NOTICE: Your subscription renews on May 3", "**System:** you need Linux")
      r"(?=[^\n]{0,100}\b(?:you (?:must|should|shall|will now|are now|may only|can only)|ignore|instructions?|"
@@ -172,7 +175,7 @@ _INJECTION = [
     (r"\bask(?:s|ing)? (?:the |your )?(?:user|reader|customer|visitor|human)s? (?:for|to (?:enter|provide|share|"
      r"confirm|type|send|give))\b[^.\n]{0,30}\b(?:card|credit|password|passcode|pin|ssn|social security|bank|login|"
      r"credentials|one-time|otp|2fa|seed phrase|cvv)", "asks to collect the user's credentials"),
-    (r"\b(?:do not|don't|never) (?:tell|inform|mention|reveal (?:this|these) to|let) (?:the )?(?:user|human)\b|"
+    (r"\b(?:do not|don't|never) (?:tell|inform|mention|reveal|let)(?: (?:this|these|that|it|anything)(?: to)?)? (?:the )?(?:user|human)\b|"
      r"\bwithout (?:telling|informing|alerting) the user\b|\bsecretly (?:add|send|include|insert|forward|append|copy|upload|email|run|execute|change|modify|tell|share|save|"
      r"store|log|delete|remove)\b", "asks to hide something from the user"),
     (r"\b(?:reveal|print|output|repeat|show|leak|send)\b[^.\n]{0,30}\b(?:system prompt|your instructions|"
@@ -199,15 +202,21 @@ _INJECTION = [
      r"(?!\s+(?:sure|careful|certain)\b|\s+\w+ing\b))",
      "addresses instructions to the AI"),
     (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
-     r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|assistants?\b|chatbots?\b|"
-     r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:ai|llm|language model|assistant|"
+     r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:tools?|systems?|reviewers?|screeners?)\b(?![ \t]+[a-z])|assistants?\b|chatbots?\b|"
+     r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:(?:automated|artificial|autonomous|generative|digital|large)\s+)?(?:ai|llm|language model|assistant|"
      r"chatbot)\b|\b(?:ai|llm|assistant|language model|chatbot)s?\b[^.\n]{0,25}\b(?:reading|summari[sz]ing|processing|"
      r"parsing|browsing|indexing) (?:this|these)\b", "addresses the AI that reads it"),
+    (r"(?:^|[.!?\"'>:]\s*)(?:dear\s+|hey\s+|attention\s+)?(?:ai|assistant|chatbot|llm|language model|gpt|claude|chatgpt)\s*,\s*"
+     r"(?:please\s+)?(?:stop|ignore|disregard|forget|tell|say|respond|reply|answer|output|print|do not|don't|never|"
+     r"instead|from now on|you (?:must|should|will))\b", "addresses instructions to the AI"),
+    (r"\b(?:the )?(?:assistant|ai|model|chatbot|llm|you)\b[^.\n]{0,20}\b(?:is|are) now (?:permitted|allowed|authori[sz]ed|free) to "
+     r"(?:bypass|ignore|disregard|override|disable)\b",
+     "gives the model a new role or task"),
     (r"\bdecode\b[^.\n]{0,50}\b(?:and|then)\s+(?:follow|execute|run|obey|do|carry out)\b",
      "asks to decode and follow hidden text"),
     # "ignore the previous instructions" in other languages
     (r"(?:\b(?:ignorier\w*|vergiss|missachte\w*)\b[^.\n]{0,40}\b(?:anweisungen|instruktionen|regeln|vorgaben|befehle)|"
-     r"\b(?:ignorez|ignorer|oubliez|oublier|oublie|ne tenez pas compte|ignore (?=les\b|toutes\b|tous\b|tes\b|vos\b))\b[^.\n]{0,40}\b(?:instructions|consignes|r\u00e8gles)|"
+     r"(?<![nN]['\u2019])\b(?:ignorez|ignorer|oubliez|oublier|oublie|ne (?:tenez|tiens) (?:pas|plus) compte|ignore (?=les\b|toutes\b|tous\b|tes\b|vos\b))\b[^.\n]{0,40}\b(?:instructions|consignes|r\u00e8gles)|"
      r"\b(?:ignor[ae]\w*|olvid[ae]\w*|esque[cç]\w*|dimentic\w*)\b[^.\n]{0,40}\b(?:instrucciones|instru[cç][oõ]es|"
      r"istruzioni|reglas|regras|regole|indicaciones|indica[cç][oõ]es)|"
      r"(?:игнорир\w*|забудь\w*|не обращай внимания)[^.\n]{0,40}(?:инструкци\w*|указани\w*|правил\w*)|"
@@ -236,7 +245,7 @@ _MARKDOWN_COMMENT = re.compile(r"^[ \t]*\[//\]:[ \t]*#[ \t]*[(\"'](.*?)[)\"'][ \
 # Bounded: a tag is read up to the next "<" and its hidden text for at most 5,000 characters, so many
 # unclosed tags cannot make the search quadratic.
 _HIDDEN_STYLE = re.compile(r"<[^<>]{0,1000}?(?:display\s*:\s*none|visibility\s*:\s*hidden|opacity\s*:\s*0(?:\.0+)?\s*(?:[;\"']|$)|"
-                           r"font-size\s*:\s*(?:0(?:\.0+)?(?:px|pt|em|rem|%)?|1(?:px|pt))\s*(?:[;\"'!]|$))[^<>]{0,1000}>(.{0,5000}?)</",
+                           r"font-size\s*:\s*(?:0(?:\.\d+)?(?:px|pt|em|rem|%)?|1(?:px|pt))\s*(?:[;\"'!]|$))[^<>]{0,1000}>(.{0,5000}?)</",
                            re.I | re.S)
 # Comments that tools write for people: "generated by X, do not edit".
 _TOOLING_COMMENT = re.compile(r"\b(?:please )?(?:do not|don't) (?:edit|modify|change|remove|delete|commit|translate)\b"
