@@ -397,3 +397,52 @@ def test_a_stream_without_reported_usage_records_no_reported_count(remote, ledge
     record = ledger.records[-1]
     assert record.status == "ok" and not record.usage_reported
     assert record.tokens_reported is None and record.count_delta is None
+
+
+TOOL_LOOP = [
+    {"role": "developer", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+    # what every OpenAI client sends back after the model called a tool: content null beside tool_calls
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+]
+
+
+def test_tool_loop_through_llama_cpp_server_is_accepted_and_counted_exactly(remote, gguf_counter, ledger):
+    # llama_cpp.server answers 500 for content null, content parts and the developer role, and drops tool calls
+    # from the prompt: the backend sends what GGUFPrompt renders, so the call succeeds and the count is exact.
+    pipeline = Pipeline(remote, ledger=ledger)
+    pipeline.call(ChatRequest(messages=TOOL_LOOP[:2], params=PARAMS))
+    pipeline.call(ChatRequest(messages=TOOL_LOOP, params=PARAMS))
+    records = list(ledger.records)
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert all(r.usage_reported and r.count_delta == 0 for r in records), [(r.tokens_sent, r.tokens_reported) for r in records]
+    assert records[1].tokens_sent == gguf_counter.count_prompt(TOOL_LOOP)
+    # OpenAI proper receives the messages exactly as given
+    openai_backend = OpenAIBackend("gpt-4o-mini", api_key="sk-test-not-used")
+    assert openai_backend._args(ChatRequest(messages=TOOL_LOOP))["messages"] == TOOL_LOOP
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_reach_a_llama_cpp_server_as_text_and_its_calls_come_back_as_tool_calls(remote, ledger):
+    """The server ignores `tools` for a template without tool support: the model never saw them. Sent as the
+    text GGUFPrompt counts (with llama.cpp's grammar holding a call well formed), the count is exact and the
+    model's <tool_call> block comes back as a tool call, streamed or not."""
+    pipeline = Pipeline(remote, ledger=ledger)
+    request = ChatRequest(messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                          params={"max_tokens": 40, "temperature": 0, "tool_choice": "required"})
+    response = pipeline.call(request)
+    [call] = response.message["tool_calls"]
+    assert response.finish_reason == "tool_calls" and call["function"]["name"] == "get_weather"
+    assert "city" in json.loads(call["function"]["arguments"])
+    assert ledger.records[-1].count_delta == 0 and ledger.records[-1].usage_reported
+    chunks = list(pipeline.call(request.override(stream=True)))
+    deltas = [c["choices"][0] for c in chunks if c.get("choices")]
+    assert [d["finish_reason"] for d in deltas if d["finish_reason"]] == ["tool_calls"]
+    streamed = [t for d in deltas for t in d["delta"].get("tool_calls") or []]
+    assert [t["function"]["name"] for t in streamed] == ["get_weather"]
+    assert not any("<tool_call>" in (d["delta"].get("content") or "") for d in deltas)

@@ -25,7 +25,7 @@ from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
-from .tool_format import TOOL_CALL_OPEN, parse_tool_calls, tool_call_grammar
+from .tool_format import may_be_tool_call, may_call, parse_tool_calls, tool_call_grammar
 
 CLOSE_WAIT_S = 30.0  # how long close() waits for a call that holds the model
 logger = logging.getLogger("ctxkit")
@@ -35,17 +35,6 @@ DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models rambl
 # Sampling settings outside the OpenAI API that llama.cpp takes, passed as `extra_body` (as vLLM and
 # llama.cpp's server take them); any other extra_body key is refused by name, never dropped.
 LLAMA_EXTRA_SAMPLING = tuple(sorted(BACKEND_SAMPLING - {"repetition_penalty"}))  # vLLM's name for repeat_penalty
-
-
-def _may_call(request: ChatRequest) -> bool:
-    """Whether the answer may be a tool call: tools sent, and not tool_choice "none" (OpenAI then never calls one;
-    the model still sees the tools and may write a <tool_call> block, which stays text)."""
-    return bool(request.tools) and request.params.get("tool_choice") != "none"
-
-
-def _may_be_tool_call(text: str) -> bool:
-    head = text.lstrip()
-    return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
 
 
 def default_model_path() -> Path:
@@ -196,7 +185,7 @@ class LlamaCppBackend:
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
-        content, calls = parse_tool_calls(choice["text"]) if _may_call(request) else (choice["text"], [])
+        content, calls = parse_tool_calls(choice["text"]) if may_call(request.tools, request.params) else (choice["text"], [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
@@ -271,7 +260,7 @@ class LlamaCppBackend:
                 choice = piece["choices"][0]
                 text += choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
-                if _may_call(request) and _may_be_tool_call(text):
+                if may_call(request.tools, request.params) and may_be_tool_call(text):
                     continue  # a tool call is only known whole: hold the text back
                 if len(text) > emitted:
                     handed = time.monotonic()
@@ -288,7 +277,7 @@ class LlamaCppBackend:
                 pieces.close()  # llama.cpp's own generator ends while the model is still ours
             completion_tokens = self._generated_tokens()  # read while the model (and the count) is still ours
             release()
-        content, calls = parse_tool_calls(text) if _may_call(request) else (text, [])
+        content, calls = parse_tool_calls(text) if may_call(request.tools, request.params) else (text, [])
         if calls:
             finish = "tool_calls"
             delta: dict[str, Any] = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}

@@ -31,6 +31,14 @@ from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
+from .gguf_prompt import GGUFPrompt
+from .tool_format import (
+    ToolCallTextStream,
+    may_call,
+    messages_for_plain_template,
+    parse_tool_calls,
+    tool_call_grammar,
+)
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -163,10 +171,12 @@ class OpenAIBackend:
         args = self._args(request, stream=True)
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record)
         ended = False
+        calls = self._text_calls(request)
         try:
             for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
-                yield chunk.model_dump(exclude_unset=True)
+                data = chunk.model_dump(exclude_unset=True)
+                yield from calls.feed(data) if calls else (data,)
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
@@ -191,10 +201,13 @@ class OpenAIBackend:
         args = self._args(request, stream=True)
         chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record)
         ended = False
+        calls = self._text_calls(request)
         try:
             async for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
-                yield chunk.model_dump(exclude_unset=True)
+                data = chunk.model_dump(exclude_unset=True)
+                for passed in calls.feed(data) if calls else (data,):
+                    yield passed
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
@@ -210,11 +223,38 @@ class OpenAIBackend:
         self._client.close()
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _tools_as_text(self) -> bool:
+        """Whether the server renders a GGUF chat template without tool support: tools then go as text."""
+        return isinstance(self.counter, GGUFPrompt) and not self.counter.native_tools
+
+    def _text_calls(self, request: ChatRequest) -> ToolCallTextStream | None:
+        """For a stream whose tools went as text: what turns its <tool_call> blocks into tool_calls deltas."""
+        return ToolCallTextStream() if self._tools_as_text() and may_call(request.tools, request.params) else None
+
     def _args(self, request: ChatRequest, stream: bool = False) -> dict[str, Any]:
-        args: dict[str, Any] = {"model": request.model or self.model, "messages": list(request.messages)}
-        if request.tools:
+        messages = list(request.messages)
+        plain = self._tools_as_text()
+        if plain:
+            # A llama.cpp-family server rendering the GGUF's own template (no tool support, SmolLM2's) answers 500
+            # for content null (every OpenAI client's assistant turn beside tool_calls), content parts and the
+            # developer role, drops tool calls from the prompt and ignores `tools`. Sent as the text GGUFPrompt
+            # renders (the tools in the system message, calls as <tool_call> blocks, results as user turns), the
+            # model sees what LlamaCppBackend shows it, and the server's prompt_tokens equal the count. OpenAI
+            # proper (a tiktoken counter) gets the messages as given.
+            messages = messages_for_plain_template(messages, list(request.tools))
+        args: dict[str, Any] = {"model": request.model or self.model, "messages": messages}
+        if request.tools and not plain:
             args["tools"] = list(request.tools)
         args.update(request.params)
+        if plain:  # the tools went as text; the server has none to choose from (and refuses "required")
+            choice = args.pop("tool_choice", None)
+            args.pop("parallel_tool_calls", None)
+            if may_call(request.tools, request.params) and "response_format" not in args:
+                # llama.cpp's `grammar` field (other servers ignore fields they do not know): a 135M model writes
+                # a well-formed call only when held to one, as LlamaCppBackend holds it
+                grammar = tool_call_grammar(list(request.tools), choice)
+                if grammar is not None:
+                    args["extra_body"] = {**(args.get("extra_body") or {}), "grammar": grammar}
         if ("max_completion_tokens" in args and "max_tokens" not in args and encoding_name_for_model(args["model"]) is None
                 and not isinstance(self.counter, TiktokenCounter)):
             # Not OpenAI's model: llama.cpp's server (and others) read only max_tokens, and would ignore the
@@ -235,6 +275,12 @@ class OpenAIBackend:
         choice = completion.choices[0]
         message = choice.message.model_dump(exclude_none=True)
         message.setdefault("content", None)
+        finish_reason = choice.finish_reason or "stop"
+        if self._tools_as_text() and may_call(request.tools, request.params):
+            content, calls = parse_tool_calls(message["content"] or "")  # the <tool_call> blocks the tools' text asks for
+            if calls:
+                message.update(content=content, tool_calls=calls)
+                finish_reason = "tool_calls"
         usage = completion.usage
         # Some servers send usage with a count missing or null: that is no usage reported (a None would fail the
         # ledger's sums after the answer was paid for, and the call would be a 500 with no record).
@@ -248,7 +294,7 @@ class OpenAIBackend:
             counted = Usage(counter.count_prompt(request.messages, request.tools),
                             counter.count_completion(message), 0, reported=False)
         return ChatResponse(
-            message=message, finish_reason=choice.finish_reason or "stop", usage=counted,
+            message=message, finish_reason=finish_reason, usage=counted,
             model=completion.model or self.model, backend=self.name, id=completion.id,
             # asked for with logprobs=true: an app then indexes them, so never answer a silent null
             logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs is not None else None,

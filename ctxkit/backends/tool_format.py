@@ -10,6 +10,8 @@ Hermes-style blocks:
 Earlier calls and their results are written back into the conversation in the same form, so the model
 sees a consistent history. A GBNF grammar built from the tools' JSON Schemas keeps the call well formed
 (a 135M model will not manage it unaided); the model still chooses whether to call and with what.
+The same text goes to a llama.cpp-family server rendering such a template (OpenAIBackend with a GGUFPrompt
+counter), with the grammar as its `grammar` field, and its answers are parsed the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +19,25 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # each block alone: a broken one spoils no other
+
+
+def may_call(tools: Any, params: Mapping[str, Any]) -> bool:
+    """Whether the answer may be a tool call: tools sent, and not tool_choice "none" (OpenAI then never calls one;
+    the model still sees the tools and may write a <tool_call> block, which stays text)."""
+    return bool(tools) and params.get("tool_choice") != "none"
+
+
+def may_be_tool_call(text: str) -> bool:
+    """Whether a streamed answer so far is, or may still become, a <tool_call> block."""
+    head = text.lstrip()
+    return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
 
 
 def tools_system_text(tools: list[dict[str, Any]]) -> str:
@@ -100,6 +115,40 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
         last = end
     rest.append(text[last:])
     return ("".join(rest).strip() or None), calls
+
+
+class ToolCallTextStream:
+    """Turns a streamed answer's <tool_call> text (OpenAI chunk dicts) into a tool_calls delta: text that may
+    still become a call is held back, as LlamaCppBackend holds it, and parsed when the answer ends."""
+
+    def __init__(self) -> None:
+        self._held = ""  # the answer so far, while it may be a call
+        self._holding = True
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks to pass on for one chunk received (none while a call may be forming)."""
+        if not chunk.get("choices"):
+            return [chunk]  # the usage chunk
+        choice = chunk["choices"][0]
+        delta = dict(choice.get("delta") or {})
+        finish = choice.get("finish_reason")
+        if not self._holding:
+            return [chunk]
+        self._held += delta.pop("content", None) or ""
+        if finish is None and may_be_tool_call(self._held):
+            return [_with_delta(chunk, delta, None)] if delta else []  # the role, without the text held
+        self._holding = False
+        content, calls = parse_tool_calls(self._held) if finish is not None else (self._held, [])
+        if calls:
+            delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
+            finish = "tool_calls"
+        if content:
+            delta["content"] = content
+        return [_with_delta(chunk, delta, finish)]
+
+
+def _with_delta(chunk: dict[str, Any], delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {**chunk, "choices": [{**chunk["choices"][0], "delta": delta, "finish_reason": finish}]}
 
 
 def _call(block: str) -> dict[str, Any] | None:
