@@ -695,3 +695,58 @@ def test_workers_of_one_named_model_at_two_precisions_share_entries(store):
     seed(fp32, ask("What is the capital of France?"))
     found = bf16.lookup(ask("Could you tell me what the capital of France is?"))
     assert found.layer == "semantic", found.reason
+
+
+def _follow_up(first, reply, question):
+    return [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": question}]
+
+
+@pytest.mark.parametrize("stored, asked", [
+    (_follow_up("Here is my script:\n```python\nfor i in range(3):\n    x = i * 2\n    print(x)\n```",
+                "This loop doubles i and prints x.", "What does it print?"),
+     _follow_up("Here is my script:\n```python\nfor i in range(3):\n    x = i * 2\nprint(x)\n```",
+                "This loop doubles i and prints x.", "What does it print?")),
+    (_follow_up("```python\nx = 7 // 2\n```", "This divides 7 by 2 and stores the result in x.", "What is x?"),
+     _follow_up("```python\nx = 7 / 2\n```", "This divides 7 by 2 and stores the result in x.", "What is x?")),
+    ([{"role": "user", "content": "x = 12 * 3"}, {"role": "user", "content": "What is x?"}],
+     [{"role": "user", "content": "x = 12 / 3"}, {"role": "user", "content": "What is x?"}]),
+    (_follow_up("I ran `rm -r build` in my project.", "That command deletes the build directory.",
+                "Will it ask me to confirm?"),
+     _follow_up("I ran `rm -ri build` in my project.", "That command deletes the build directory.",
+                "Will it ask me to confirm?")),
+    (_follow_up("I merged main into my feature branch.", "Understood, the merge is done.", "How do I undo it?"),
+     _follow_up("I merged my feature branch into main.", "Understood, the merge is done.", "How do I undo it?")),
+    (_follow_up("In Python's strftime, what is %m?", "It is a format directive.", "Show me an example output."),
+     _follow_up("In Python's strftime, what is %M?", "It is a format directive.", "Show me an example output.")),
+    (_follow_up("Who is the CEO of Twitter?", "Let me look that up.", "How old is he?"),
+     _follow_up("Who was the CEO of Twitter?", "Let me look that up.", "How old is he?")),
+])
+def test_a_follow_up_after_an_earlier_question_the_guards_tell_apart_misses(stage, stored, asked):
+    seed(stage, req(stored), "the first answer")
+    assert stage.lookup(req(stored)).layer == "exact"
+    assert stage.lookup(req(asked)).response is None
+
+
+@pytest.mark.parametrize("stored, asked", [
+    ("How do I merge main into my feature branch?", "How do I merge my feature branch into main?"),
+    ("How do I copy files from my laptop to the build server?", "How do I copy files from the build server to my laptop?"),
+    ("How do I convert a Python list to a numpy array?", "How do I convert a numpy array to a Python list?"),
+    ("How do I rebase my feature branch onto main?", "How do I rebase main onto my feature branch?"),
+])
+def test_swapped_roles_of_several_word_phrases_miss(stage, stored, asked):
+    seed(stage, ask(stored))
+    assert stage.lookup(ask(asked)).response is None
+
+
+@pytest.mark.parametrize("stored, asked", [({"balance": -250.0}, {"balance": 250.0}),
+                                           ({"temp_c": -5, "wind_kmh": 10}, {"temp_c": 5, "wind_kmh": 10})])
+def test_a_tool_result_that_differs_only_in_a_sign_is_another_result(stage, stored, asked):
+    def conversation(result):
+        return [{"role": "user", "content": "Check my account."},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "account", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": json.dumps(result)},
+                {"role": "user", "content": "Am I below zero?"}]
+    seed(stage, req(conversation(stored)), "Yes")
+    assert stage.lookup(req(conversation(asked))).response is None

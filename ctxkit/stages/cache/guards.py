@@ -32,7 +32,7 @@ import re
 from typing import Any
 
 from .disfluency import tokenize
-from .keys import courtesy_tail
+from .keys import code_lines, courtesy_tail
 
 _NEGATIONS = {
     "not", "no", "never", "without", "none", "nobody", "nothing", "neither", "nor", "nowhere", "cannot",
@@ -457,15 +457,38 @@ def _relations(f: Features) -> set[tuple[str, str, str]]:
     return out
 
 
+def _relation_sides(f: Features) -> list[tuple[frozenset[str], str, frozenset[str]]]:
+    """(content words just before, relation word, content words just after) for each directed word: a side
+    may be a phrase ("my feature branch", "a numpy array", "the build server"), not one word."""
+    seq = f.sequence
+    out = []
+    for i, word in enumerate(seq):
+        if word in _DIRECTED and word not in ("a", "an", "than"):
+            left = frozenset(w for w in seq[max(0, i - 3):i] if w in f.content)
+            right = frozenset(w for w in seq[i + 1:i + 4] if w in f.content)
+            if left and right:
+                out.append((left, word, right))
+    return out
+
+
 def _swapped_roles(a: Features, b: Features) -> bool:
     mine, theirs = _relations(a), _relations(b)
-    return any((right, w, left) in theirs and (right, w, left) not in mine for left, w, right in mine)
+    if any((right, w, left) in theirs and (right, w, left) not in mine for left, w, right in mine):
+        return True
+    # a phrase that moved from one side of the same relation word to the other, and one that came back:
+    # "merge main into my feature branch" / "merge my feature branch into main"
+    return any(w == w2 and (left - left2) & right2 and (right - right2) & left2
+               for left, w, right in _relation_sides(a) for left2, w2, right2 in _relation_sides(b))
 
 
 # Earlier turns include the assistant's own wording, which varies: compare their details, not every word
 # order. What they are about must agree: "It is rainy today." / "It is sunny today." (or "blue" / "red")
 # are near-identical embeddings, and "should I take an umbrella?" has another answer after each.
 _CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("question", "roles", "operators"))
+# The user's own earlier messages are not reworded by a model: what the single-turn guards read in a
+# question (an operator or flag, swapped roles, letter case, tense, pasted code's layout) also changes
+# what a follow-up asks ("x = 7 // 2" / "x = 7 / 2", then "what is x?").
+_FACT_CHECKS = _CONTEXT_CHECKS + ("roles", "operators")
 
 
 def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:
@@ -478,15 +501,18 @@ def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidat
     if bool(query_user) != bool(candidate_user) or bool(query_tools) != bool(candidate_tools):
         return "context"
     if query_user:
-        reason = veto(features(query_user), features(candidate_user), _CONTEXT_CHECKS)
+        if code_lines(query_user) != code_lines(candidate_user):
+            return "context_layout"
+        mine, theirs = features(query_user), features(candidate_user)
+        reason = veto(mine, theirs, _FACT_CHECKS)
         if reason is not None:
             return f"context_{reason}"
-    if query_tools and features(query_tools).content != features(candidate_tools).content:
+        if _case_differs(query_user, candidate_user):
+            return "context_case"
+        if _tense_differs(mine, theirs):
+            return "context_tense_or_connective"
+    if query_tools != candidate_tools:  # (whitespace normalized) a sign ("balance": -250 / 250) is no word
         return "context_tool_result"
-    if query_tools:
-        reason = veto(features(query_tools), features(candidate_tools), _CONTEXT_CHECKS)
-        if reason is not None:
-            return f"context_tool_{reason}"
     return None
 
 

@@ -223,7 +223,10 @@ def facts_text(messages: Sequence[Message], role: str, labels: Mapping[str, str]
     (not the assistant's wording, which varies): a follow-up's answer depends on every one of these facts,
     also on those older than the context window ("my order 5521" ten turns up)."""
     roles = ("tool", "function") if role == "tool" else (role,)
-    return "\n".join(f"{_answered(m, labels)}{normalize_text(content_text(m.get('content')))}"
+    # The user's messages keep pasted code's line breaks and indentation (normalize_layout), as the
+    # question itself does: code is compared line by line.
+    normal = normalize_text if role == "tool" else normalize_layout
+    return "\n".join(f"{_answered(m, labels)}{normal(content_text(m.get('content')))}"
                      for m in messages if m.get("role") in roles)
 
 
