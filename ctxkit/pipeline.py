@@ -173,6 +173,15 @@ class Pipeline:
         ledger: Ledger | None = None,
         prices: PriceTable | None = None,
     ) -> None:
+        if stages is None or isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+            raise ConfigurationError(f"stages must be a list of Stage instances, got {type(stages).__name__}")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                what = f"the class {stage.__name__} (instantiate it)" if isinstance(stage, type) else type(stage).__name__
+                raise ConfigurationError(f"stages[{i}] must be a Stage instance, got {what}")
+        if not all(hasattr(backend, attr) for attr in ("complete", "counter", "context_window")):
+            raise ConfigurationError(
+                f"backend must be a Backend (LlamaCppBackend, OpenAIBackend, ...), got {type(backend).__name__}")
         names = [stage.name for stage in stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

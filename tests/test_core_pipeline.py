@@ -22,6 +22,7 @@ from ctxkit import (
     read_ledger,
 )
 from ctxkit.response import ChatStream, response_as_chunks
+from ctxkit.stages.pruning import DedupStage
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -193,6 +194,21 @@ def test_replayed_chunks_assemble_to_the_same_response():
 def test_stage_names_must_be_unique(llama_backend):
     with pytest.raises(ConfigurationError, match="unique"):  # a CtxkitError, as docs/concepts.md says
         Pipeline(llama_backend, stages=[PassThrough(), PassThrough()])
+
+
+@pytest.mark.parametrize("stages, says", [
+    ([DedupStage], r"stages\[0\].*the class DedupStage \(instantiate it\)"),
+    (None, "stages must be a list"), ("quarantine", "stages must be a list"), ([object()], r"stages\[0\]"),
+])
+def test_a_stage_list_that_is_no_list_of_stages_is_refused_up_front(llama_backend, stages, says):
+    # they failed on the first call, with an AttributeError or a TypeError about naive_request()
+    with pytest.raises(ConfigurationError, match=says):
+        Pipeline(llama_backend, stages=stages)
+
+
+def test_a_backend_that_is_no_backend_is_refused_up_front():
+    with pytest.raises(ConfigurationError, match="backend must be a Backend"):
+        Pipeline("model.gguf")  # type: ignore[arg-type]
 
 
 def test_every_error_class_is_exported_from_the_package():
@@ -903,8 +919,6 @@ def test_an_applications_own_hooks_stay_on_the_event_loop_thread(llama_backend, 
     import contextvars
     import sqlite3
     import threading
-
-    from ctxkit.stages.pruning.dedup import DedupStage
 
     started: contextvars.ContextVar = contextvars.ContextVar("started", default=None)
     seen: list = []
