@@ -916,3 +916,12 @@ def test_a_summary_cut_off_by_its_token_limit_loses_its_unfinished_sentence(llam
              {"role": "assistant", "content": "Got it: Lisbon, 14 March 2027, 2350 euros."}]
     summary = ModelSummarizer(llama_backend, max_tokens=40).fold("", turns)
     assert not summary or summary.rstrip()[-1] in ".!?", summary
+
+
+def test_model_mode_never_replaces_the_folded_turns_with_an_empty_summary(llama_backend, embedder, trip):
+    # 12 tokens: the real model's summary is cut off before its first sentence ends, so nothing of it is usable.
+    stage = SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="model",
+                               summary_max_tokens=12, embedder=embedder)
+    sent = stage.before_model(ChatRequest(messages=trip["messages"][:12], conversation_id="c")).messages
+    assert stage.store.get(("default", "c")).model_summary == ""
+    assert "KX-4471" in _text(sent), "the folded turns were replaced by a bare header"

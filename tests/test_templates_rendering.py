@@ -480,3 +480,11 @@ def test_equal_dicts_print_the_same_whatever_order_they_were_built_in():
     b = template.render(Words(), variables={"profile": {"name": "Priya", "tier": "gold"},
                                             "history": [{"a": 2, "b": 1}]})
     assert a.messages == b.messages
+
+
+def test_iterating_a_dict_variable_renders_the_same_bytes_whatever_its_insertion_order(llama_backend):
+    template = PromptTemplate("profile", "1",
+                              system="Profile:{% for k, v in profile.items() %} {{ k }}={{ v }}{% endfor %}.")
+    a = template.render(llama_backend.counter, variables={"profile": {"name": "Ana", "plan": "pro", "city": "Oslo"}})
+    b = template.render(llama_backend.counter, variables={"profile": {"city": "Oslo", "plan": "pro", "name": "Ana"}})
+    assert a.messages == b.messages

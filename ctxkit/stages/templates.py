@@ -67,12 +67,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _stable(value: Any) -> Any:
-    """`value` with every set turned into a sorted list: a set iterates in hash order, salted per process, so
-    `{{ tags }}`, `{{ tags | join(", ") }}` or a `for` over it would render other bytes on every worker."""
+    """`value` with every set turned into a sorted list and every dict's keys sorted: a set iterates in hash order,
+    salted per process, so `{{ tags }}`, `{{ tags | join(", ") }}` or a `for` over it would render other bytes on
+    every worker."""
     if isinstance(value, (set, frozenset)):
         return sorted((_stable(item) for item in value), key=_tojson)
     if isinstance(value, Mapping):
-        return {key: _stable(item) for key, item in value.items()}
+        # Keys in sorted order: `{% for k, v in profile.items() %}` (or `profile | list`) iterates in insertion
+        # order, and equal dicts built in another order (another worker, a dict made from a set) rendered
+        # other bytes.
+        return {key: _stable(value[key]) for key in sorted(value, key=_tojson)}
     if isinstance(value, list):
         return [_stable(item) for item in value]
     if isinstance(value, tuple):

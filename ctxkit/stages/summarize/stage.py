@@ -230,6 +230,8 @@ class SummarizationStage(Stage):
             vectors = self._embed([f.text for f in added])
             old = self._vectors(state)
             state.vectors = vectors if old is None or not len(old) else np.vstack([old, vectors])
+        elif added:
+            state.vectors = None  # model mode embeds only when it falls back to excerpts (see _build_summary)
         state.facts.extend(added)
         if self.model is not None and new:
             try:
@@ -261,7 +263,10 @@ class SummarizationStage(Stage):
             model_text = leading_sentences(state.model_summary, int(room * self.model_share), self.counter)
             room -= self.counter.count_text(model_text) if model_text else 0
         chosen: list[fact_keeper.Fact] = []
-        if self.model_share < 1.0 and state.facts and room > 0:
+        # Model mode with nothing usable from the model (an empty or wholly ungrounded answer, a summary cut
+        # off before its first sentence ended, or a first sentence bigger than the room): the folded turns
+        # must not be replaced by a bare header. Fall back to excerpts, as hybrid mode does.
+        if (self.model_share < 1.0 or not model_text) and state.facts and room > 0:
             marks = quarantined(request)
             pool = [i for i, f in enumerate(state.facts) if f.fingerprint not in marks]
             facts = [state.facts[i] for i in pool]
