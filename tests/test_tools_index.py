@@ -86,6 +86,30 @@ def test_adding_and_removing_tools_embeds_only_the_new_one(catalog, embedder, tm
     assert grown.embedded_tools == 0
 
 
+def test_only_the_most_recently_used_catalog_versions_stay_on_disk(catalog, embedder, tmp_path):
+    """Every add or remove saves a catalog version of its own: a catalog that changed all day left a full copy
+    per change. The KEEP_CATALOGS most recently used versions stay (a load counts as a use), older ones go;
+    their tools' vectors stay, so a removed version is rebuilt without embedding."""
+    from ctxkit.stages.tools.index import KEEP_CATALOGS
+
+    index = ToolIndex(catalog[:3], embedder, directory=tmp_path)
+    [model_dir] = [d for d in tmp_path.iterdir() if d.is_dir()]
+    versions = [catalog_hash(catalog[:3])]
+    for k in range(3, 3 + KEEP_CATALOGS - 1):
+        index.add([catalog[k]])
+        versions.append(index.catalog_hash)
+
+    def saved() -> set[str]:
+        return {d.name for d in model_dir.iterdir() if (d / "index.npz").is_file()}
+
+    assert saved() == set(versions)
+    assert ToolIndex(catalog[:3], embedder, directory=tmp_path).loaded_from_disk  # the oldest, used again
+    index.add([catalog[3 + KEEP_CATALOGS]])
+    assert saved() == {*versions, index.catalog_hash} - {versions[1]}, "the least recently used one went"
+    again = ToolIndex(catalog[:4], CountingEmbedder(embedder), directory=tmp_path)  # versions[1]
+    assert not again.loaded_from_disk and again.embedded_tools == 0
+
+
 def test_a_changed_schema_is_reembedded_and_replaces_the_old_one(catalog, embedder):
     index = ToolIndex(catalog[:5], embedder)
     changed = copy.deepcopy(catalog[0])

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +47,9 @@ DOCUMENT_MEMO_SIZE = 50_000  # tool documents a stage keeps for its pools, as Ve
 
 Tool = dict[str, Any]
 INDEX_FILE = "index.npz"
+# Saved catalog versions kept per embedding model: every add or remove of a tool saves a version of its own,
+# and a catalog that changes all day (MCP servers coming and going) filled the disk with full copies.
+KEEP_CATALOGS = 8
 logger = logging.getLogger("ctxkit")
 
 
@@ -410,6 +414,8 @@ class ToolIndex:
         self._next_id = max(self._ids, default=-1) + 1
         self._vectors = vectors.astype(np.float32)
         self._on_disk = catalog_hash(tools)
+        with contextlib.suppress(OSError):  # used now: the sweep keeps the most recently used versions
+            os.utime(self._root / self._on_disk / INDEX_FILE)
         return True
 
     def _save_index(self) -> None:
@@ -426,11 +432,31 @@ class ToolIndex:
             np.savez(tmp, hashes=np.array(self._hashes, dtype=str), ids=np.array(self._ids, dtype=np.int64),
                      vectors=self._vectors.astype(np.float32))
             os.replace(tmp, folder / INDEX_FILE)
+            self._sweep_catalogs(keep=folder)
         except OSError as exc:  # a read-only or full directory: the index in memory serves this process
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             logger.warning("tool index not saved in %s (%s); the next process builds it again", folder, exc)
         self._on_disk = self.catalog_hash  # tried once per catalog version, not on every call
+
+    def _sweep_catalogs(self, keep: Path) -> None:
+        """Remove all but the KEEP_CATALOGS most recently used catalog versions (a load marks its version used).
+        A process still on an older version has it in memory; the next one to need it rebuilds it from the
+        stored vectors, which are kept, without embedding anything."""
+        assert self._root is not None
+        saved = [(f / INDEX_FILE, f) for f in self._root.iterdir() if f != keep and (f / INDEX_FILE).is_file()]
+        if len(saved) < KEEP_CATALOGS:
+            return
+        saved.sort(key=lambda pair: _last_used(pair[0]), reverse=True)
+        for _, folder in saved[KEEP_CATALOGS - 1:]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another process's sweep
+        return 0.0
 
 
 def _unique_names(tools: Sequence[Tool]) -> list[str]:
