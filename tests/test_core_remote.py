@@ -446,3 +446,23 @@ def test_tools_reach_a_llama_cpp_server_as_text_and_its_calls_come_back_as_tool_
     streamed = [t for d in deltas for t in d["delta"].get("tool_calls") or []]
     assert [t["function"]["name"] for t in streamed] == ["get_weather"]
     assert not any("<tool_call>" in (d["delta"].get("content") or "") for d in deltas)
+
+
+def test_a_streamed_answer_with_text_before_its_tool_call_still_streams_the_call():
+    """complete() parses a <tool_call> block anywhere in the answer: a stream must too ("Checking. <tool_call>...")."""
+    from ctxkit.backends.tool_format import ToolCallTextStream
+
+    def chunk(content, finish=None):
+        return {"id": "x", "choices": [{"index": 0, "delta": {"content": content} if content else {},
+                                        "finish_reason": finish}]}
+
+    pieces = ["Checking", ". ", "<tool", '_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}',
+              "\n</tool_call>", " Done."]
+    stream = ToolCallTextStream()
+    out = [c for p in pieces for c in stream.feed(chunk(p))] + stream.feed(chunk(None, "stop"))
+    deltas = [c["choices"][0] for c in out]
+    text = "".join(d["delta"].get("content") or "" for d in deltas)
+    calls = [t for d in deltas for t in d["delta"].get("tool_calls") or []]
+    assert "<tool_call>" not in text and text.startswith("Checking. ")
+    assert [t["function"]["name"] for t in calls] == ["get_weather"]
+    assert deltas[-1]["finish_reason"] == "tool_calls"

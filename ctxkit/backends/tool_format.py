@@ -119,11 +119,12 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
 
 class ToolCallTextStream:
     """Turns a streamed answer's <tool_call> text (OpenAI chunk dicts) into a tool_calls delta: text that may
-    still become a call is held back, as LlamaCppBackend holds it, and parsed when the answer ends."""
+    still become a call is held back, and parsed when the answer ends. Text before a call ("Checking. <tool_call>...")
+    is passed on as it comes, and the call still becomes tool_calls, as complete() parses the same answer."""
 
     def __init__(self) -> None:
-        self._held = ""  # the answer so far, while it may be a call
-        self._holding = True
+        self._text = ""  # the answer so far
+        self._emitted = 0  # how much of it was passed on as content
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks to pass on for one chunk received (none while a call may be forming)."""
@@ -132,19 +133,35 @@ class ToolCallTextStream:
         choice = chunk["choices"][0]
         delta = dict(choice.get("delta") or {})
         finish = choice.get("finish_reason")
-        if not self._holding:
-            return [chunk]
-        self._held += delta.pop("content", None) or ""
-        if finish is None and may_be_tool_call(self._held):
+        self._text += delta.pop("content", None) or ""
+        if finish is None:
+            end = _safe_end(self._text, self._emitted)
+            if end > self._emitted and (self._emitted or self._text[:end].strip()):  # no leading blank before a call
+                delta["content"] = self._text[self._emitted:end]
+                self._emitted = end
             return [_with_delta(chunk, delta, None)] if delta else []  # the role, without the text held
-        self._holding = False
-        content, calls = parse_tool_calls(self._held) if finish is not None else (self._held, [])
+        rest = self._text[self._emitted:]
+        self._emitted = len(self._text)
+        content, calls = parse_tool_calls(rest)
         if calls:
             delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
             finish = "tool_calls"
+        else:
+            content = rest
         if content:
             delta["content"] = content
         return [_with_delta(chunk, delta, finish)]
+
+
+def _safe_end(text: str, start: int) -> int:
+    """How far text[start:] may be passed on: up to a <tool_call> opening, or a tail that may still become one."""
+    found = text.find(TOOL_CALL_OPEN, start)
+    if found >= 0:
+        return found
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text) - start), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)
 
 
 def _with_delta(chunk: dict[str, Any], delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
