@@ -310,3 +310,38 @@ def test_a_collapsed_copy_names_a_long_call_in_short():
     collapsed = DedupStage().before_model(ChatRequest(messages=messages)).messages[5]["content"]
     assert collapsed.startswith(COLLAPSED_PREFIX + ' result of run_sql({"query": "SELECT'), collapsed
     assert query not in collapsed and "1012 | Customer 12" in collapsed
+
+
+def test_a_sentence_dropped_beside_a_changed_one_is_still_reported_missing():
+    """"Ticket 4411 is closed." stood for both "Ticket 4411 is open." and the dropped "Ticket 4412 is open.":
+    the collapsed copy told the model only 4411 changed, so it answered that 4412 was still open."""
+    common = ("Status report for the payments team. The nightly batch finished at 02:14 without errors. "
+              "The fraud model was retrained on Monday and its precision held steady. Disk usage on db-1 is "
+              "61 percent. The on-call rotation for next week is Dana then Lee. ")
+    early = common + "Ticket 4411 is open. Ticket 4412 is open. Ticket 4413 is open."
+    late = common + "Ticket 4411 is closed. Ticket 4413 is open."
+    messages = [
+        {"role": "user", "content": "status?"},
+        {"role": "assistant", "content": early},
+        {"role": "user", "content": "and now?"},
+        {"role": "assistant", "content": late},
+        {"role": "user", "content": "Which tickets are still open?"},
+    ]
+    sent = DedupStage().before_model(ChatRequest(messages=messages)).messages[3]["content"]
+    assert sent.startswith(COLLAPSED_PREFIX)
+    assert "Ticket 4411 is closed." in sent and "[not in this copy:] Ticket 4412 is open." in sent
+
+
+def test_a_document_cut_to_its_own_sentences_names_the_document_holding_the_rest():
+    """The US policy was sent as "Refund policy for US customers." alone: nothing said its terms were the EU
+    document's, so the model read a policy without terms."""
+    body = (" Refunds are issued within 30 days of delivery to the original payment method. Items must be unused"
+            " and in their original packaging. Shipping is free on orders over 50 units of local currency. Gift"
+            " cards cannot be refunded. Contact support through the help centre to start a return.")
+    documents = [{"id": "policy-eu", "text": "Refund policy for EU customers." + body},
+                 {"id": "policy-us", "text": "Refund policy for US customers." + body}]
+    request = ChatRequest(messages=[{"role": "user", "content": "Can a US customer refund a gift card?"}],
+                          metadata={"documents": documents})
+    kept = DedupStage().before_model(request).metadata["documents"]
+    assert [d["id"] for d in kept] == ["policy-eu", "policy-us"]
+    assert '"policy-eu"' in kept[1]["text"] and "Refund policy for US customers." in kept[1]["text"]

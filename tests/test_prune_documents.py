@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -459,3 +460,45 @@ def test_async_calls_rank_documents_off_the_event_loop(llama_backend, embedder, 
 
     loop_thread, _gap = asyncio.run(run())
     assert ran_in and all(t is not loop_thread for t in ran_in), "the documents were ranked on the event loop"
+
+
+def test_a_result_called_again_is_left_whole_when_the_provider_reuses_call_ids():
+    """Some providers number calls per response ("call_0" on every step): the repeated call went unseen, and
+    the second result was cut again with the same "call it again for the full text" note, forever."""
+    body = " ".join(f"Line {i}: region r{i % 5} served {i * 7} requests at {i % 13} ms." for i in range(400))
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "log.txt"}'}}]}
+    messages = [{"role": "user", "content": "What was the latency in region r3 on line 42?"},
+                call, {"role": "tool", "tool_call_id": "call_0", "content": body},
+                call, {"role": "tool", "tool_call_id": "call_0", "content": body}]
+    out = DocumentPruningStage(budget_tokens=300).before_model(ChatRequest(messages=messages)).messages
+    assert len(out[2]["content"]) < len(body) and out[4]["content"] == body
+
+
+def test_text_without_known_sentence_ends_is_never_cut_inside_a_number():
+    """Hindi ends sentences with a danda (।): a page was chopped every 384 characters, mid-word, and a kept
+    piece read "वेतन 180 …" where the page says 18037."""
+    text = " ".join(f"कर्मचारी संख्या {n} का मासिक वेतन {n * 1000 + 37} रुपये है और वह शाखा {n % 9} में काम करता है।"
+                    for n in range(1, 60))
+    ranker = DocumentRanker()
+    assert all(p.endswith("।") for p in ranker.passages(text))
+    kept = ranker.prune("कर्मचारी संख्या 17 का मासिक वेतन कितना है?", [{"id": "hr", "text": text}], 120).documents[0]["text"]
+    assert "वेतन 17037 रुपये" in kept
+    assert set(re.findall(r"\d+", kept)) <= set(re.findall(r"\d+", text))
+
+
+@pytest.mark.parametrize("kind", ["markdown", "csv"])
+def test_rows_of_a_cut_table_keep_its_header_row(kind):
+    """The matching rows were sent without the header: "| 1137 | widget model 137 | 19.57 | 85 | WH-4 |" does
+    not say which number is the stock."""
+    if kind == "markdown":
+        lines = ["| sku | product | price_eur | stock | warehouse |", "|---|---|---|---|---|"]
+        lines += [f"| {1000 + i} | widget model {i} | {i % 80 + 5}.25 | {i * 3 % 500} | WH-{i % 7} |" for i in range(200)]
+    else:
+        lines = ["sku,product,price_eur,stock,warehouse"]
+        lines += [f"{1000 + i},widget model {i},{i % 80 + 5}.25,{i * 3 % 500},WH-{i % 7}" for i in range(200)]
+    text = "Inventory export, 2026-11-01.\n" + "\n".join(lines)
+    result = DocumentRanker().prune("How many of widget model 137 do we have left?", [{"id": "inv", "text": text}], 150)
+    kept = result.documents[0]["text"]
+    assert "widget model 137," in kept or "widget model 137 |" in kept
+    assert lines[0] in kept and result.tokens_after <= 150

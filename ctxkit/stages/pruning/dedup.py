@@ -18,7 +18,8 @@ What is sent:
   so tool calls and results stay paired.
 - Documents in `request.metadata["documents"]` (`[{"id", "text"}]`): a later near-duplicate is dropped
   and `metadata["ctxkit.duplicate_documents"]` maps its id to the id kept, so the app can still cite it;
-  one with sentences of its own (a changed number) keeps its id and only those sentences.
+  one with sentences of its own (a changed number) keeps its id and only those sentences, after a note naming
+  the document that holds the rest (and what of it this one lacks).
 """
 
 from __future__ import annotations
@@ -149,7 +150,12 @@ class DedupStage(Stage):
                 continue  # reordered or repeated sentences: kept whole
             differs = _differs(texts[earlier], texts[later])
             if differs:  # sentences of its own (a new number, a negation): keep those, under its own id
-                cut[later] = " ".join(differs)
+                # ... saying where the rest is: "Refund policy for US customers." alone says the US policy
+                # has no terms, when it has the EU one's (and say what it lacks of them).
+                missing = _unmatched(_differs(texts[later], texts[earlier]), differs)
+                text = (f'{COLLAPSED_PREFIX} document "{documents[earlier]["id"]}", collapsed by ctxkit; '
+                        f"the rest is the same; what differs:] {' '.join(differs)}")
+                cut[later] = text + (f" [not in this copy:] {' '.join(missing)}" if missing else "")
                 continue
             dropped.add(later)
             duplicates[str(documents[later]["id"])] = str(documents[earlier]["id"])
@@ -185,7 +191,7 @@ class DedupStage(Stage):
             # A copy that drops a sentence says less than the original (a ticket closed, a line of code
             # deleted): "near-duplicate" alone would tell the model the dropped sentence still holds.
             # A sentence that was changed, not dropped, is already among what differs.
-            missing = [m for m in _differs(texts[later], texts[earlier]) if not any(_alike(m, d) for d in differs)]
+            missing = _unmatched(_differs(texts[later], texts[earlier]), differs)
             head = f"{COLLAPSED_PREFIX} {_describe(messages, earlier)} ({similarity:.0%} same wording), collapsed by ctxkit"
             text = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
             if missing:
@@ -249,6 +255,26 @@ def _alike(a: str, b: str) -> bool:
         grams_b = {b[i : i + 4] for i in range(len(b) - 3)}
         return len(grams_a & grams_b) >= 0.6 * len(grams_a | grams_b)
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.6
+
+
+def _unmatched(missing: Sequence[str], differs: Sequence[str]) -> list[str]:
+    """The sentences of `missing` that are not an earlier version of one in `differs`. Each changed sentence
+    stands for one earlier sentence at most: "Ticket 11 is closed." replaces "Ticket 11 is open.", and a
+    "Ticket 12 is open." dropped beside it is still reported missing."""
+    taken: set[int] = set()
+    for d in differs:
+        alike = [k for k, m in enumerate(missing) if k not in taken and _alike(m, d)]
+        if alike:
+            taken.add(max(alike, key=lambda k: _likeness(missing[k], d)))
+    return [m for k, m in enumerate(missing) if k not in taken]
+
+
+def _likeness(a: str, b: str) -> float:
+    if len(a) + len(b) > 2000:
+        grams_a = {a[i : i + 4] for i in range(len(a) - 3)}
+        grams_b = {b[i : i + 4] for i in range(len(b) - 3)}
+        return len(grams_a & grams_b) / max(len(grams_a | grams_b), 1)
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
 def _norm(sentence: str) -> str:

@@ -45,7 +45,7 @@ from ...errors import ConfigurationError, RequestError
 from ...lru import LRUMemo
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
-from ...request import ChatRequest, call_answered, tool_calls_by_id
+from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...sentences import split_sentences
 from ...stage import Stage
@@ -57,7 +57,8 @@ DOCUMENTS_KEY = "documents"
 REPORT_KEY = "ctxkit.pruned_documents"
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
 _CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
-_ANY_BREAK = re.compile(r"(?<=[;,:。！？；，、：])\s*")
+# Hindi/Bengali ends a sentence with a danda (।, ॥), Arabic and Urdu ask with ؟ and end with ۔.
+_ANY_BREAK = re.compile(r"(?<=[;,:。！？；，、：।॥؟۔])\s*")
 _WIDE = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
@@ -95,6 +96,7 @@ class _Index:
     vectors: np.ndarray | None
     unit_bm25: BM25
     doc_bm25: BM25
+    heads: np.ndarray  # per passage: the header row of the table it is a row of, or -1
 
 
 class DocumentRanker:
@@ -191,6 +193,7 @@ class DocumentRanker:
         index = _Index(
             units=units, owner=np.array(owner, dtype=np.int64), tokens=unit_tokens, vectors=vectors,
             unit_bm25=BM25([words(u) for u in units]), doc_bm25=BM25([words(t) for t in texts]),
+            heads=_table_heads(units, owner),
         )
         with self._lock:
             self._indexes[digest] = index
@@ -225,6 +228,7 @@ class DocumentRanker:
         use_dense = self.embedder is not None and self.weights.lexical < 1.0
         index = self._index(texts, use_dense)
         units, own, unit_tokens, vectors = index.units, index.owner, index.tokens, index.vectors
+        heads = index.heads
         if not units:
             return PruneResult([dict(d) for d in documents], ids, [], 0, 0)
         tokens_before = int(unit_tokens.sum())
@@ -257,10 +261,17 @@ class DocumentRanker:
         for i in np.argsort(-score, kind="stable"):
             if budget_tokens - used < smallest:
                 break
-            if chosen[i] or used + unit_tokens[i] > budget_tokens:
+            # A table row goes with its header row: "| 1137 | widget 137 | 19.57 | 85 |" alone does not say
+            # which number is the stock and which the price.
+            head = int(heads[i])
+            extra = int(unit_tokens[head]) if head >= 0 and not chosen[head] else 0
+            if chosen[i] or used + unit_tokens[i] + extra > budget_tokens:
                 continue
             chosen[i] = True
             used += int(unit_tokens[i])
+            if extra:
+                chosen[head] = True
+                used += extra
             for step in range(1, self.weights.neighbours + 1):
                 for j in (i - step, i + step):
                     if (0 <= j < len(units) and own[j] == own[i] and not chosen[j]
@@ -284,8 +295,14 @@ class DocumentRanker:
             # take its marks with it, so the whole overshoot would often drop too much): one at a time, with
             # every document re-assembled after each, took seconds on a 200,000-token corpus (470 rounds).
             kept = np.flatnonzero(chosen)
+            # A header row goes last, while a row of its table is still kept.
+            needed = {int(heads[j]) for j in kept if heads[j] >= 0 and heads[j] != j}
+            kept = np.array([j for j in kept if j not in needed] + [j for j in kept if j in needed], dtype=np.int64)
             target, freed = max((tokens_after - budget_tokens + 1) // 2, 1), 0
-            for i in kept[np.argsort(score[kept], kind="stable")]:
+            order = np.argsort(score[kept], kind="stable")
+            order = np.concatenate([[o for o in order if int(kept[o]) not in needed],
+                                    [o for o in order if int(kept[o]) in needed]]).astype(np.int64)
+            for i in kept[order]:
                 chosen[i] = False
                 freed += int(unit_tokens[i])
                 if freed >= target:
@@ -293,6 +310,34 @@ class DocumentRanker:
         kept_documents = set(own[chosen].tolist())
         dropped = [ids[k] for k in range(len(texts)) if k not in kept_documents]
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
+
+
+def _row_shape(unit: str) -> tuple[str, int] | None:
+    """A line's delimiter and how many it has, when it looks like a row of a table (|, tab, ; or ,)."""
+    if "\n" in unit:
+        return None
+    # Prose sentences with as many commas in a row are no table: a CSV line does not end like a sentence.
+    delimiters = ("|", "\t") if unit.rstrip().endswith((".", "!", "?")) else ("|", "\t", ";", ",")
+    for delimiter in delimiters:
+        n = unit.count(delimiter)
+        if n >= 2:
+            return delimiter, n
+    return None
+
+
+def _table_heads(units: Sequence[str], owner: Sequence[int]) -> np.ndarray:
+    """For each passage, the index of its table's header row (the first of at least three consecutive rows
+    of one document with the same delimiters), or -1."""
+    heads = np.full(len(units), -1, dtype=np.int64)
+    start = 0
+    for i in range(1, len(units) + 1):
+        if i < len(units) and owner[i] == owner[start] and _row_shape(units[i]) is not None \
+                and _row_shape(units[i]) == _row_shape(units[start]):
+            continue
+        if i - start >= 3 and _row_shape(units[start]) is not None:
+            heads[start + 1:i] = start
+        start = i
+    return heads
 
 
 def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids: Sequence[str], units: Sequence[str],
@@ -578,13 +623,22 @@ def _turn_query(messages: Sequence[Mapping[str, Any]], index: int) -> str:
 
 def _repeats_an_earlier_call(messages: Sequence[Mapping[str, Any]], index: int) -> bool:
     """Whether the tool result at `index` answers a call made before with the same arguments, whose result
-    came earlier: cut the same way again, the note's "call again for the full text" would loop."""
-    calls = {call_id: (name, _canonical(arguments)) for call_id, (name, arguments) in tool_calls_by_id(messages[:index]).items()}
-    this_id = messages[index].get("tool_call_id", "")
-    this = calls.get(this_id)
-    return this is not None and any(
-        m.get("role") == "tool" and m.get("tool_call_id") != this_id and calls.get(m.get("tool_call_id", "")) == this
-        for m in messages[:index])
+    came earlier: cut the same way again, the note's "call again for the full text" would loop. Each result
+    is matched with the newest call before it with its id: some providers number calls per response
+    ("call_0" on every step), so the same id can name a call repeated on a later step."""
+    this = call_answered(messages, index)
+    if this is None:
+        return False
+    wanted = (this[0], _canonical(this[1]))
+    latest: dict[str, tuple[str, str]] = {}
+    for message in messages[:index]:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            latest[call.get("id", "")] = (str(function.get("name", "tool")),
+                                          _canonical(str(function.get("arguments", "{}"))))
+        if message.get("role") == "tool" and latest.get(message.get("tool_call_id", "")) == wanted:
+            return True
+    return False
 
 
 def _canonical(arguments: str) -> str:
@@ -611,9 +665,11 @@ def _chop(text: str, limit: int) -> list[str]:
         if b - start > limit and end > start:
             out.append(text[start:end])
             start = end
-        while b - start > limit:  # no punctuation for `limit` characters: cut there
-            out.append(text[start:start + limit])
-            start += limit
+        while b - start > limit:  # no punctuation for `limit` characters: cut at a space there, else at the limit
+            space = text.rfind(" ", start + 1, start + limit + 1)  # never inside a word or a number ("18037")
+            stop = space if space > start + limit // 2 else start + limit
+            out.append(text[start:stop])
+            start = stop
         end = b
     out.append(text[start:end])
     return [piece.strip() for piece in out if piece.strip()]
