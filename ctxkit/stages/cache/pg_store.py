@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIZE_BYTES = 1 << 30  # 1 GiB
 _STATS_SLOTS = 8  # counter rows per name; more slots = less row contention, a slightly larger sum
 _EVICT_BATCH = 256
+_PUT_LOCK_TIMEOUT_MS = 10_000  # how long a put waits for another writer's transaction before giving up
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _COUNTERS = (
     "hits", "misses", "search_hits", "search_misses", "puts", "evictions", "expired_purged",
@@ -133,6 +134,18 @@ class _ConnectionPool:
                     conn.close()
             self._idle = []
             self._cond.notify_all()
+
+
+def _redact(message: str, dsn: str) -> str:
+    """`message` without the password of `dsn`: libpq quotes the part of a DSN it cannot parse, which can be
+    the password itself (one with an unencoded `%`)."""
+    found = re.search(r"://[^:/@]*:([^@]*)@", dsn) or re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+    if found and found.group(1):
+        secret = found.group(1)
+        for s in {secret, secret.strip("'")}:
+            if s:
+                message = message.replace(s, "***")
+    return message
 
 
 def _dropped(conn: Any) -> bool:
@@ -233,12 +246,17 @@ class PostgresStore:
         try:
             conn = psycopg.connect(self.dsn, autocommit=True)
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # ProgrammingError: a malformed DSN
-            raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {exc}") from exc
+            message = _redact(str(exc), self.dsn)  # libpq may quote the password; and no chained traceback shows it
+            raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {message}") from None
         with conn:
+            names = [t[n] for n in ("entries", "access", "meta", "stats")] + [f"{t['entries']}_hnsw"]
+            found = conn.execute("SELECT count(to_regclass(n)) FROM unnest(%s::text[]) AS n", (names,)).fetchone()
+            present = found[0] if found is not None else 0
             with conn.transaction():
                 # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog: serialize creators.
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('ctxkit_cache:schema'))")
-                has_vector = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+                has_vector = present == len(names) or conn.execute(
+                    "SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
                 if not has_vector:
                     try:
                         with conn.transaction():
@@ -248,41 +266,42 @@ class PostgresStore:
                             f"the pgvector extension is missing and could not be created ({exc}); "
                             "ask the database owner to run: CREATE EXTENSION vector"
                         ) from exc
-                conn.execute(
-                    f"""CREATE TABLE IF NOT EXISTS {t['entries']} (
-                        key text PRIMARY KEY,
-                        scope text NOT NULL,
-                        namespace text NOT NULL,
-                        query_text text NOT NULL,
-                        response json NOT NULL,
-                        features json NOT NULL,
-                        created_at double precision NOT NULL,
-                        expires_at double precision,
-                        size_bytes bigint NOT NULL,
-                        embedding vector({int(self.dimension)}) NOT NULL)"""
-                )
-                conn.execute(
-                    f"""CREATE TABLE IF NOT EXISTS {t['access']} (
-                        key text PRIMARY KEY REFERENCES {t['entries']} (key) ON DELETE CASCADE,
-                        last_access double precision NOT NULL)"""
-                )
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {t['meta']} (name text PRIMARY KEY, value bigint NOT NULL)")
-                conn.execute(
-                    f"""CREATE TABLE IF NOT EXISTS {t['stats']} (
-                        name text NOT NULL, slot int NOT NULL, value bigint NOT NULL, PRIMARY KEY (name, slot))"""
-                )
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_scope ON {t['entries']} (scope)")
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_namespace ON {t['entries']} (namespace)")
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_expires ON {t['entries']} (expires_at)")
-                conn.execute(
-                    f"CREATE INDEX IF NOT EXISTS {t['entries']}_hnsw ON {t['entries']} "
-                    "USING hnsw (embedding vector_cosine_ops)"
-                )
-                conn.execute(f"CREATE INDEX IF NOT EXISTS {t['access']}_lru ON {t['access']} (last_access, key)")
-                conn.execute(
-                    f"INSERT INTO {t['meta']} (name, value) "
-                    f"SELECT 'bytes', COALESCE(sum(size_bytes), 0) FROM {t['entries']} ON CONFLICT (name) DO NOTHING"
-                )
+                if present < len(names):  # else a replica opens a read-only database too (a standby)
+                    conn.execute(
+                        f"""CREATE TABLE IF NOT EXISTS {t['entries']} (
+                            key text PRIMARY KEY,
+                            scope text NOT NULL,
+                            namespace text NOT NULL,
+                            query_text text NOT NULL,
+                            response json NOT NULL,
+                            features json NOT NULL,
+                            created_at double precision NOT NULL,
+                            expires_at double precision,
+                            size_bytes bigint NOT NULL,
+                            embedding vector({int(self.dimension)}) NOT NULL)"""
+                    )
+                    conn.execute(
+                        f"""CREATE TABLE IF NOT EXISTS {t['access']} (
+                            key text PRIMARY KEY REFERENCES {t['entries']} (key) ON DELETE CASCADE,
+                            last_access double precision NOT NULL)"""
+                    )
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {t['meta']} (name text PRIMARY KEY, value bigint NOT NULL)")
+                    conn.execute(
+                        f"""CREATE TABLE IF NOT EXISTS {t['stats']} (
+                            name text NOT NULL, slot int NOT NULL, value bigint NOT NULL, PRIMARY KEY (name, slot))"""
+                    )
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_scope ON {t['entries']} (scope)")
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_namespace ON {t['entries']} (namespace)")
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_expires ON {t['entries']} (expires_at)")
+                    conn.execute(
+                        f"CREATE INDEX IF NOT EXISTS {t['entries']}_hnsw ON {t['entries']} "
+                        "USING hnsw (embedding vector_cosine_ops)"
+                    )
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {t['access']}_lru ON {t['access']} (last_access, key)")
+                    conn.execute(
+                        f"INSERT INTO {t['meta']} (name, value) "
+                        f"SELECT 'bytes', COALESCE(sum(size_bytes), 0) FROM {t['entries']} ON CONFLICT (name) DO NOTHING"
+                    )
                 row = conn.execute(
                     "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                     "WHERE attrelid = %s::regclass AND attname = 'embedding'",
@@ -360,8 +379,13 @@ class PostgresStore:
                 SELECT CASE WHEN EXISTS (SELECT 1 FROM found) THEN %(hit)s ELSE %(miss)s END, %(slot)s, 1
                 ON CONFLICT (name, slot) DO UPDATE SET value = st.value + 1)
             SELECT * FROM found"""
+        import psycopg
+
         params = dict(params, hit=hit, miss=miss, slot=random.randrange(_STATS_SLOTS))
-        return list(conn.execute(sql, params).fetchall())
+        try:
+            return list(conn.execute(sql, params).fetchall())
+        except psycopg.errors.ReadOnlySqlTransaction:  # a standby, writes frozen: still read, without bookkeeping
+            return list(conn.execute(select, params).fetchall())
 
     # ---- the CacheStore protocol -------------------------------------------------------------------
 
@@ -374,7 +398,8 @@ class PostgresStore:
 
         try:
             yield
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # ReadOnlySqlTransaction: a failover to a standby, or writes frozen (lookups write an LRU time)
             logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, str(exc).strip().splitlines()[0])
 
     def get(self, key: str, now: float) -> CacheEntry | None:
@@ -421,9 +446,17 @@ class PostgresStore:
         """Store (or replace) `entry` in one transaction, then evict expired and least recently used
         entries until the store fits `size_bytes`. An entry larger than the whole bound is not stored, nor
         one written while the server cannot be reached (logged: the call that answered goes on)."""
+        import psycopg
+
         rows, rejected = self._rows([entry], [vector])
         with self._or_unavailable("an answer is not stored"):
-            self._put_rows(rows, rejected)
+            try:
+                self._put_rows(rows, rejected, lock_timeout_ms=_PUT_LOCK_TIMEOUT_MS)
+            except psycopg.DataError as exc:  # text PostgreSQL cannot store (a NUL character in the question)
+                logger.warning("the cache cannot store this answer: %s", str(exc).strip().splitlines()[0])
+            except psycopg.errors.LockNotAvailable:  # a writer frozen mid-transaction (a paused VM, a debugger)
+                logger.warning("the cache's byte count stayed locked for %d ms, an answer is not stored",
+                               _PUT_LOCK_TIMEOUT_MS)
 
     def put_many(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> None:
         """`put` for many entries in one transaction (warming a cache, moving one from another store).
@@ -443,7 +476,7 @@ class PostgresStore:
                 rows[entry.key] = row
         return rows, rejected
 
-    def _put_rows(self, rows: dict[str, tuple[Any, ...]], rejected: int) -> None:
+    def _put_rows(self, rows: dict[str, tuple[Any, ...]], rejected: int, lock_timeout_ms: int = 0) -> None:
         t = self._t
         with self._pool.connection() as conn, conn.transaction():
             if not rows:
@@ -451,6 +484,8 @@ class PostgresStore:
                 return
             keys = list(rows)
             conn.execute("SET LOCAL synchronous_commit = on")
+            if lock_timeout_ms:  # a put on a call's way must not wait forever behind a writer that stopped
+                conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
             (total,) = conn.execute(f"SELECT value FROM {t['meta']} WHERE name = 'bytes' FOR UPDATE").fetchone()
             (old,) = conn.execute(
                 f"SELECT COALESCE(sum(size_bytes), 0) FROM {t['entries']} WHERE key = ANY(%s)", (keys,)

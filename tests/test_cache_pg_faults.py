@@ -1,0 +1,84 @@
+"""PostgresStore faults an operator meets: a read-only database, text PostgreSQL refuses, a bad DSN."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+
+from ctxkit.errors import ConfigurationError
+from ctxkit.stages.cache.store import CacheEntry
+
+pytest_plugins = ["tests.pg_fixtures"]
+
+
+def _entry(key: str, query: str = "question") -> CacheEntry:
+    return CacheEntry(key=key, scope="s", namespace="ns", query_text=query, response={"a": 1}, created_at=1000.0)
+
+
+def _vec() -> np.ndarray:
+    return np.ones(384, dtype=np.float32)
+
+
+def test_read_only_database_reads_and_opens(pg_dsn, make_pg_store):
+    store = make_pg_store()
+    store.put(_entry("a"), _vec())
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_dsn).get("dbname", "postgres")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                     "AND backend_type = 'client backend'")
+    try:
+        assert store.get("a", now=1001.0) is not None
+        assert [h.entry.key for h in store.search("s", _vec(), 3, 1001.0)] == ["a"]
+        store.put(_entry("b"), _vec())  # not stored, but the call goes on
+        make_pg_store()  # a replica (re)starting while the database is read-only
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True, options="-c default_transaction_read_only=off") as conn:
+            conn.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+
+
+def test_nul_in_question_does_not_fail_the_call(make_pg_store):
+    store = make_pg_store()
+    store.put(_entry("a", "pasted\x00binary"), _vec())
+    assert store.get("a", now=1001.0) is None
+
+
+def test_password_not_in_connection_error():
+    from ctxkit.stages.cache.pg_store import PostgresStore
+
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStore("postgresql://ctxkit:S3cr%t!pw@127.0.0.1:1/ctxkit")
+    assert "S3cr" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_question_with_nul_is_answered_through_the_pipeline(make_pg_store, embedder, llama_backend, ledger):
+    """A pasted message with a NUL character: the model answered, then storing the answer raised
+    psycopg.DataError (PostgreSQL text cannot hold NUL) and the caller got an error instead of the answer."""
+    from ctxkit.pipeline import Pipeline
+    from ctxkit.request import ChatRequest
+    from ctxkit.stages.cache.stage import SemanticCacheStage
+
+    pipeline = Pipeline(llama_backend, stages=[SemanticCacheStage(make_pg_store(), embedder)], ledger=ledger)
+    request = ChatRequest(messages=[{"role": "user", "content": "What does this log line mean?\x00 ERR 42"}],
+                          params={"temperature": 0, "max_tokens": 8})
+    assert pipeline.call(request).content
+
+
+def test_put_gives_up_behind_a_stopped_writer(pg_dsn, make_pg_store, monkeypatch):
+    """A replica frozen mid-put (a paused VM, a debugger) holds the byte-count row: another replica's put
+    waited forever, inside single_flight, after its model had answered."""
+    import threading
+
+    from ctxkit.stages.cache import pg_store
+
+    monkeypatch.setattr(pg_store, "_PUT_LOCK_TIMEOUT_MS", 500, raising=False)
+    store = make_pg_store()
+    with psycopg.connect(pg_dsn) as frozen:  # a writer's transaction that does not go on
+        frozen.execute(f"SELECT value FROM {store.table_prefix}_meta WHERE name = 'bytes' FOR UPDATE")
+        done = threading.Event()
+        threading.Thread(target=lambda: (store.put(_entry("a"), _vec()), done.set()), daemon=True).start()
+        assert done.wait(10), "put still waiting on another writer's lock"
+        frozen.rollback()
+    store.put(_entry("a"), _vec())
+    assert store.get("a", now=1001.0) is not None
