@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -86,4 +86,30 @@ async def to_thread_holding(lock: threading.Lock, fn: Callable[[], T], executor:
             if state == "waiting":
                 state = "abandoned"
                 lock.release()
+        raise
+
+
+async def enter_in_thread(flight: Any) -> None:
+    """`flight.__enter__()` (a blocking lock's context manager) in a worker thread. A caller cancelled while it
+    waits (asyncio.wait_for) leaves that thread waiting: once it has the lock, the thread lets go of it itself,
+    or no one would until the cancelled call's frames were collected (never, while its exception is kept)."""
+    claim = threading.Lock()
+    state = "waiting"
+
+    def enter() -> None:
+        nonlocal state
+        flight.__enter__()
+        with claim:
+            if state == "abandoned":
+                flight.__exit__(None, None, None)
+                return
+            state = "entered"
+
+    try:
+        await asyncio.to_thread(enter)
+    except BaseException:
+        with claim:
+            entered, state = state == "entered", "abandoned"
+        if entered:  # cancelled after the thread took the lock, before this task resumed
+            flight.__exit__(None, None, None)
         raise

@@ -516,6 +516,49 @@ def test_a_burst_of_identical_async_calls_does_not_stall_on_the_thread_pool(llam
     assert len({r.content for r in results}) == 1
 
 
+def test_an_async_call_cancelled_while_it_waits_for_the_key_leaves_the_lock_free(llama_backend, tmp_path, embedder,
+                                                                                 ledger):
+    """A call cancelled (asyncio.wait_for) while its worker thread waited for the store's single-flight lock: the
+    thread took the lock later and kept it for as long as the caller's exception lived, and every later miss of
+    the key waited the store's lock_timeout."""
+    store = LocalStore(tmp_path / "cancel", lock_timeout=60)
+    stage = SemanticCacheStage(store, embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    request = ask("Say hello to Grace.")
+    key = stage.lookup(request).key.exact
+    holding, release = threading.Event(), threading.Event()
+
+    def other_caller():  # another thread (or process) computing the same answer
+        with store.single_flight(key):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_caller)
+    holder.start()
+    holding.wait(10)
+
+    async def impatient():
+        return await asyncio.gather(asyncio.wait_for(pipeline.acall(request), 0.2), return_exceptions=True)
+
+    try:
+        kept = asyncio.run(impatient())  # the exception, and with it the cancelled call's frames, are kept
+        assert isinstance(kept[0], asyncio.TimeoutError)
+        release.set()
+        holder.join(10)
+        time.sleep(0.5)  # the abandoned worker thread takes the lock, and must let go of it itself
+        entered = threading.Event()
+
+        def next_caller():
+            with store.single_flight(key):
+                entered.set()
+
+        threading.Thread(target=next_caller, daemon=True).start()
+        assert entered.wait(10), "the cancelled call's thread still holds the key's lock"
+    finally:
+        release.set()
+        store.close()
+
+
 @pytest.mark.parametrize(("first", "second"), [
     ("Transfer $500 from account 1182 to account 2291", "Transfer $500 from account 2291 to account 1182"),
     ("What is 10 divided by 2?", "What is 2 divided by 10?"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.server
 import json
 import sys
@@ -307,6 +308,30 @@ def test_async_calls_from_one_event_loop_after_another(remote, ledger):
         assert asyncio.run(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS))).content
     assert [r.status for r in ledger.records] == ["ok"] * 3
     assert not remote._aclients, "each loop's client is closed and let go when asyncio.run ends it"
+
+
+def test_loops_closed_without_shutting_down_their_async_generators_keep_no_client(remote, ledger):
+    """loop.run_until_complete(...) then loop.close() (a sync wrapper's pattern) never runs the client's closer:
+    every such loop kept its AsyncOpenAI client, the loop itself and an open socket, for as long as the backend."""
+    import os
+
+    pipeline = Pipeline(remote, ledger=ledger)
+
+    def sync_call() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS))).content
+        finally:
+            loop.close()
+
+    sync_call()
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        sync_call()
+    gc.collect()
+    assert len(remote._aclients) <= 1 and len(remote._closers) <= 1
+    assert len(os.listdir("/proc/self/fd")) <= fds
 
 
 def test_max_completion_tokens_is_not_sent_as_max_tokens_to_openais_own_models(gguf_counter):

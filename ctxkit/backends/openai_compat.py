@@ -120,6 +120,12 @@ class OpenAIBackend:
     def _aclient(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
         with self._aclients_lock:
+            # A loop closed without shutdown_asyncgens (loop.run_until_complete, then loop.close()) never ran its
+            # closer: its client's pooled connections keep the loop, so the weak key never lets go. Let go here:
+            # the sockets are closed as they are collected, not one kept open per loop ever used.
+            for stale in [other for other in list(self._aclients) if other.is_closed()]:
+                _abandon(self._aclients.pop(stale))
+                self._closers.pop(stale, None)
             client = self._aclients.get(loop)
             if client is None:
                 client = self._aclients[loop] = openai.AsyncOpenAI(**self._aclient_args)
@@ -406,6 +412,19 @@ def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, _TRANSPORT_TIMEOUTS):
         return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
     return BackendConnectionError(f"the connection was lost mid-stream: {exc}", backend=backend)
+
+
+def _abandon(client: Any) -> None:
+    """Mark the client of a loop that is closed as closed: its connections cannot be closed in their own loop any
+    more (their sockets close as they are collected), and the openai client's finalizer would otherwise schedule
+    that close on whatever loop is running then, where it fails ("Task exception was never retrieved")."""
+    closing = client.close()
+    try:
+        closing.send(None)  # marks the client closed, then fails at the first step that needs its (closed) loop
+    except BaseException:  # noqa: S110 - RuntimeError("Event loop is closed"), or StopIteration: nothing to close
+        pass
+    finally:
+        closing.close()
 
 
 async def _first_step(generator: AsyncIterator[None]) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._aio import enter_in_thread
 from ...embed import DEFAULT_MODEL_ID, probe_vector
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
@@ -159,7 +160,7 @@ class SemanticCacheStage(Stage):
             return result
         async with self._async_flight(found.key.exact):
             flight = self.store.single_flight(found.key.exact)
-            await asyncio.to_thread(flight.__enter__)  # a blocking lock: wait for it off the event loop
+            await enter_in_thread(flight)  # a blocking lock: wait for it off the event loop
             try:
                 again = await asyncio.to_thread(self._exact, found.key, self._max_age(request))
                 if again is not None:
@@ -476,3 +477,4 @@ def _response_from(data: Mapping[str, Any], stage: str) -> ChatResponse:
 
 
 __all__ = ["ExactCacheStage", "Lookup", "SemanticCacheStage"]
+
