@@ -80,7 +80,7 @@ _ERROR_TEXT = [
     (re.compile(r"^(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|(?:[a-z_]\w*\.)+(?:errors|exceptions)\.[A-Z]\w*|Exception|Error|ERROR|FATAL|Fatal error|"
                 r"PHP (?:Fatal|Parse) error)\b\s*[:!]", re.M),
      "an error line"),
-    (re.compile(r"thread '[^']*' panicked at|^\s*\[?UnhandledPromiseRejection|^curl: \(\d+\)|"
+    (re.compile(r"thread '[^']*' panicked at|^[^\S\n]*\[?UnhandledPromiseRejection|^curl: \(\d+\)|"
                 r"\((?:[A-Z]\w*::)*[A-Z]\w*Error\)\s*$|^Unhandled exception\b|"
                 r"\bAn error occurred \([\w.]+\) when calling the \w+ operation", re.M | re.I),
      "an error line"),
@@ -92,7 +92,7 @@ _ERROR_TEXT = [
      "an error line"),
     # S3, Azure Blob, Google Cloud Storage, OSS: an XML error document ("<Error><Code>AccessDenied</Code>...")
     (re.compile(r"\A\s*(?:<\?xml[^>]{0,200}\?>\s*)?<Error>\s*<Code>"), "an XML error response"),
-    (re.compile(r"^\s*at [\w.$<>]+\([\w.]+:\d+\)\s*$|^\s+at [\w.$<>`\[\],]+\(.*\) in \S.*:line \d+\s*$", re.M),
+    (re.compile(r"^[^\S\n]*at [\w.$<>]+\([\w.]+:\d+\)\s*$|^[^\S\n]+at [\w.$<>`\[\],]+\(.*\) in \S.*:line \d+\s*$", re.M),
      "a stack trace"),
 ]
 # Phrases that documentation, FAQs and reports use too ("returns 404 Not Found when ...", "if ssh prints
@@ -149,7 +149,7 @@ _INJECTION = [
      r"your (?:new|real|actual|true|only) (?:role|task|job|instructions|goal|purpose|objective)|"
      r"when you (?:process|summari[sz]e|analy[sz]e|parse|ingest)\b[^.\n]{0,20}\b(?:this|these|the following))\b",
      "gives the model a new role or task"),
-    (r"(?:^|\n)\s*(?:#+\s*)?(?:new |updated |real )?(?:system prompt|system message|system instructions?|"
+    (r"(?:^|\n)[^\S\n]*(?:#+\s*)?(?:new |updated |real )?(?:system prompt|system message|system instructions?|"
      r"instructions? for the (?:ai|assistant|model))\s*[:\-]", "contains a system prompt"),
     # the published indirect injections (Greshake et al. 2023): "[system](#error_state)", "***NEW IMPORTANT
     # INSTRUCTIONS***", "New instructions: ..."
@@ -158,7 +158,7 @@ _INJECTION = [
     (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id|python_tag|eom_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>|"
      r"<tool_call>\s*\{|<\|tool_calls?(?:_begin|_end)?\|>|\[TOOL_CALLS\]|<function=\w+>|</?function_calls>|<invoke name=",
      "contains chat-template control tokens"),
-    (r"(?:^|\n)\s*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
+    (r"(?:^|\n)[^\S\n]*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
      r"respond|reply|answer|act|assistant|ai)\b)", "role-plays a system or assistant turn"),
     # the same turn dressed up: "[SYSTEM] ...", "**System:** ...", "> SYSTEM: ...", "SYSTEM OVERRIDE: ..."
     (r"(?:^|\n)[ \t]*(?:[#>*_=|~\[(-]+[ \t]*)?system(?:[ \t]+(?:override|message|prompt|instructions?|note|notice|alert|"
@@ -167,7 +167,7 @@ _INJECTION = [
      # "SYSTEM NOTICE: Your subscription renews on May 3", "**System:** you need Linux")
      r"(?=[^\n]{0,100}\b(?:you (?:must|should|shall|will now|are now|may only|can only)|ignore|instructions?|"
      r"from now on|respond|reply|answer (?:only|in|with)|act as|assistant)\b)", "role-plays a system or assistant turn"),
-    (r"(?:^|\n)\s*assistant\s*:\s*\S", "role-plays an assistant turn"),
+    (r"(?:^|\n)[^\S\n]*assistant\s*:\s*\S", "role-plays an assistant turn"),
     (r"\b(?:pretend (?:that )?you(?:'re| are)|pretend to be (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|"
      r"bot|dan|unrestricted|unfiltered|jailbroken)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
      r"developer mode\b[^.\n]{0,60}\b(?:ai|assistant|chatgpt|model|restrictions?|polic(?:y|ies)|filters?|censor\w*)|"
@@ -238,7 +238,7 @@ _OTHER_LANGUAGE_WORDS = ("anweisung", "instrucc", "instru\u00e7", "istruzion", "
 _IMPERATIVE_ONLY = ("tells the model to ignore its instructions", "asks for secrets or the system prompt")
 _CLAUSE_START = re.compile(r"(?:[.!?:;,\-\u2013\u2014\"'(\[>*]|\b(?:please|now|just|simply|and|then|kindly|also))\s*$", re.I)
 _NEGATABLE = ("asks for secrets or the system prompt", "asks to send data to an address")
-_TRANSCRIPT = re.compile(r"(?:^|\n)\s*(?:user|customer|human|client|visitor)\s*:\s*\S", re.I)
+_TRANSCRIPT = re.compile(r"(?:^|\n)[^\S\n]*(?:user|customer|human|client|visitor)\s*:\s*\S", re.I)
 _BASE64 = re.compile(r"(?<![\w+/])[A-Za-z0-9+/]{24,}={0,2}(?![\w+/=])")
 _INJECTION_RE = [(re.compile(p, re.I), why) for p, why in _INJECTION]
 # Markdown comments ("[//]: # (...)", "[comment]: <> (...)"), each on one line; HTML comments are found by
@@ -961,7 +961,7 @@ def _json(text: str) -> Any:
         return None
     try:
         return json.loads(stripped)
-    except (json.JSONDecodeError, ValueError):
+    except (json.JSONDecodeError, ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         return None
 
 
