@@ -26,11 +26,15 @@ _SECRET = re.compile(
     r"|\b(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}"  # Google API keys
     r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{0,1024}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
     r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
-    r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]+:)[^\s@/]+(?=@)"  # user:password@ in URLs
+    r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]*:)[^\s@/]+(?=@)"  # user:password@ in URLs (redis://:password@ too)
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
+    # a URL's query parameters that carry a key or a signature (Azure SAS sig=, Azure Functions code=, ?key=)
+    r"|([?&](?:key|code|sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token)=)[^\s&#\"'<>]{4,}"
     # "key": "value" (a quoted value may hold spaces; its quotes stay), and key=value
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*\")[^\"\n]{{4,}}(?=\")"
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*')[^'\n]{{4,}}(?=')"
+    # the same inside JSON held in a JSON string (a request body an error quotes): \"password\": \"...\"
+    rf'|(?<![A-Za-z0-9])({_KEY_NAME}\\"\s*[:=]\s*\\")(?:[^"\\\n]|\\[^"]){{4,}}?(?=\\")'
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*)[^\s\"',;&]{{4,}}",
     re.IGNORECASE,
 )

@@ -95,3 +95,32 @@ def cut_off_stream(pieces: Sequence[str]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def quoting_gateway() -> Iterator[str]:
+    """A fake gateway, for a fault the real server cannot be made to produce: it refuses every call with a 403
+    whose message quotes the key and the X-Tenant-Token header it was sent. Yields its base URL."""
+
+    class Quoting(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            message = f"key {key} is not allowed for tenant {self.headers.get('X-Tenant-Token', '')}"
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quoting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

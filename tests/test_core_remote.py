@@ -24,7 +24,7 @@ from ctxkit import (
     Pipeline,
     default_model_path,
 )
-from tests.servers import LlamaServer, cut_off_stream
+from tests.servers import LlamaServer, cut_off_stream, quoting_gateway
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
 PARAMS = {"max_tokens": 6, "temperature": 0}
@@ -491,3 +491,29 @@ def test_a_streamed_answer_with_text_before_its_tool_call_still_streams_the_call
     assert "<tool_call>" not in text and text.startswith("Checking. ")
     assert [t["function"]["name"] for t in calls] == ["get_weather"]
     assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_key_the_gateway_quotes_is_in_no_traceback_nor_the_ledger(gguf_counter, ledger, stream):
+    """The backend's key was scrubbed from the BackendStatusError, but it was raised `from` the openai error,
+    whose text is not: every traceback (an app's logger.exception) printed the key. A token sent in
+    extra_headers was not scrubbed at all, and reached the ledger."""
+    import traceback
+
+    key, tenant = "gw-Kq7internalZz91xPL0", "tnt_9f8e7d6c5b4a39281706"
+    with quoting_gateway() as base_url:
+        backend = OpenAIBackend("smollm2", base_url=base_url, api_key=key, counter=gguf_counter,
+                                context_window=4096, max_retries=0)
+        request = ChatRequest(messages=MESSAGES, params=PARAMS, stream=stream, extra_headers={"X-Tenant-Token": tenant})
+        with pytest.raises(BackendStatusError) as info:
+            Pipeline(backend, ledger=ledger).call(request).collect() if stream else Pipeline(backend, ledger=ledger).call(request)
+    shown = "".join(traceback.format_exception(info.value))
+    assert "not allowed" in shown and key not in shown and tenant not in shown
+    assert key not in (ledger.records[-1].error or "") and tenant not in (ledger.records[-1].error or "")
+
+
+def test_the_backends_repr_shows_no_key_in_its_url(gguf_counter):
+    """repr promised never to show the key, but printed base_url whole: ?api-key=... and user:password@."""
+    for url in ("https://gw.example.com/v1?api-key=9f8e7d6c5b4a39281706", "https://svc:S3cretPass@gw.example.com/v1"):
+        shown = repr(OpenAIBackend("smollm2", base_url=url, api_key="x", counter=gguf_counter, context_window=2048))
+        assert "gw.example.com/v1" in shown and "9f8e7d6c" not in shown and "S3cretPass" not in shown

@@ -81,3 +81,24 @@ def test_a_streamed_run_is_recorded_as_a_stream(plain_model, llama_backend):
     plain_model.invoke("Say hi.", config={"callbacks": [handler]})
     assert [r.stream for r in ledger.records] == [True, False]
     assert [r.stream for r in plain_model.pipeline.ledger.records] == [True, False]  # the pipeline agrees
+
+
+def test_a_failed_calls_error_text_is_redacted(llama_backend):
+    """The handler wrote str(error) as it was; the pipeline redacts the same ledger field. requests' HTTPError
+    quotes the URL, and a key in its query string with it."""
+    from langchain_core.language_models import BaseChatModel
+
+    class Refused(BaseChatModel):
+        @property
+        def _llm_type(self):
+            return "refused"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            raise RuntimeError("401 Client Error: Unauthorized for url: https://gw.example.com/v1/chat"
+                               "?api_key=sk-proj-abcdEFGH1234ijklMNOP5678")
+
+    ledger = Ledger()
+    with pytest.raises(RuntimeError):
+        Refused().invoke("hi", config={"callbacks": [CtxkitCallbackHandler(ledger, counter=llama_backend.counter)]})
+    [record] = ledger.records
+    assert record.status == "error" and "Unauthorized" in record.error and "EFGH1234" not in record.error

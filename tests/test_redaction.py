@@ -26,6 +26,11 @@ SECRETS = [
     ("git clone https://github_pat_11ABCDEFG0123456789_abcdefghijklmnop@github.com/o/r", "abcdefghijklmnop"),
     ("glpat-abcdefghij0123456789 expired", "0123456789"),
     ("PGPASSWORD=S3cretPassw0rd psql -h db", "S3cretPassw0rd"),
+    ("403 Forbidden for url: https://a.blob.core.windows.net/c/f?sv=2022-11-02&sig=AbCdEf1234567890%3D", "AbCdEf1234"),
+    ("POST https://fn.azurewebsites.net/api/run?code=Zx81kq0plmWQaaa1 failed", "Zx81kq0plm"),
+    ("https://gw.example.com/v1/chat?key=9f8e7d6c5b4a39281706&alt=json", "9f8e7d6c5b4a"),
+    ("Error 111 connecting to redis://:r3disS3cret@cache:6379/0", "r3disS3cret"),  # no user name
+    ('{"request_body": "{\\"user\\": \\"ops\\", \\"password\\": \\"Tr0ub4dor-and-3\\"}"}', "Tr0ub4dor"),
 ]
 
 
@@ -51,3 +56,14 @@ def test_a_long_run_of_joined_words_is_redacted_in_linear_time():
         # 125-200 KB: minutes of work before, a fraction of a second now; the limit only stops a runaway.
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
         assert int(done.stdout) < len(run) * 25_000 + 25
+
+
+def test_quarantine_evidence_is_redacted_before_it_is_cut():
+    """Evidence was cut to 120 characters and then redacted: a token cut in two no longer has its shape, and
+    the record, the log line and the ledger kept 10-15 more of its characters than redaction keeps."""
+    from ctxkit.stages.quarantine import find_tool_error
+
+    token = "ghp_Zq8R2mLx7Vb4Nc1Kp9Wd3Ty6Hs0Fj5Ue2Ag"
+    text = "upstream rejected credentials " + "x" * 74 + " " + token
+    finding = find_tool_error('{"error": "' + text + '"}')
+    assert finding is not None and "ghp_Zq8R" in finding.evidence and "2mLx" not in finding.evidence

@@ -26,6 +26,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
 
 from ctxkit.ledger import Ledger, LedgerRecord, PriceTable
+from ctxkit.redaction import redact
 from ctxkit.tokens import TokenCounter
 
 from .messages import ai_message_to_openai, countable, to_openai_messages
@@ -129,7 +130,8 @@ class CtxkitCallbackHandler(BaseCallbackHandler):
         record = self._record(run, prompt=run.counted or 0, out=0, cached=0, reported=None)
         record.tokens_sent = 0  # nothing was answered: like the pipeline, count nothing as sent
         record.cost_usd = 0.0
-        record.status, record.error_type, record.error = "error", type(error).__name__, str(error)[:500]
+        # redacted as the pipeline redacts it: an HTTP error quotes its URL, and a key in its query string
+        record.status, record.error_type, record.error = "error", type(error).__name__, redact(str(error))[:500]
         self.ledger.write(record)
 
     def _record(self, run: _Run, *, prompt: int, out: int, cached: int, reported: int | None) -> LedgerRecord:

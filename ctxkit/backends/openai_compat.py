@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import random
+import re
 import threading
 import time
 import weakref
@@ -42,6 +43,7 @@ from .tool_format import (
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie|session|signature|password|credential", re.IGNORECASE)
 
 # Context windows of common OpenAI models; anything else: pass context_window=.
 _CONTEXT_WINDOWS = {"gpt-4.1": 1_047_576, "gpt-5": 400_000, "gpt-4o": 128_000, "o1": 200_000, "o3": 200_000,
@@ -161,13 +163,13 @@ class OpenAIBackend:
             return self.context_window
         return _known_context(model)
 
-    def __repr__(self) -> str:  # never show the key
-        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
+    def __repr__(self) -> str:  # never show the key: nor one in the URL's query string or user part
+        return f"OpenAIBackend(model={self.model!r}, base_url={_shown_url(self.base_url)!r})"
 
     # -- sync ---------------------------------------------------------------------------------------
     def complete(self, request: ChatRequest) -> ChatResponse:
         completion = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request)),
-                                        self._retry_recorder(request))
+                                        self._retry_recorder(request), request)
         return self._to_response(completion, request)
 
     def stream(self, request: ChatRequest) -> Iterator[dict[str, Any]]:
@@ -175,7 +177,7 @@ class OpenAIBackend:
 
     def _stream(self, request: ChatRequest, record: Callable[..., None]) -> Iterator[dict[str, Any]]:
         args = self._args(request, stream=True)
-        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record)
+        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
         try:
@@ -186,7 +188,8 @@ class OpenAIBackend:
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
-            raise self._translate(exc) from exc
+            # from None: the openai error's own text is not scrubbed, and a traceback would print it
+            raise self._translate(exc, request) from None
         except json.JSONDecodeError as exc:  # a chunk that is not JSON
             raise _malformed(exc, self.name) from exc
         except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
@@ -197,7 +200,7 @@ class OpenAIBackend:
     # -- async twins --------------------------------------------------------------------------------
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
         completion = await self._awith_retries(lambda: self._aclient.chat.completions.create(**self._args(request)),
-                                               self._retry_recorder(request))
+                                               self._retry_recorder(request), request)
         return self._to_response(completion, request)
 
     def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
@@ -205,7 +208,7 @@ class OpenAIBackend:
 
     async def _astream(self, request: ChatRequest, record: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
         args = self._args(request, stream=True)
-        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record)
+        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
         try:
@@ -217,7 +220,8 @@ class OpenAIBackend:
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
-            raise self._translate(exc) from exc
+            # from None: the openai error's own text is not scrubbed, and a traceback would print it
+            raise self._translate(exc, request) from None
         except json.JSONDecodeError as exc:  # a chunk that is not JSON
             raise _malformed(exc, self.name) from exc
         except _TRANSPORT_ERRORS as exc:
@@ -324,7 +328,7 @@ class OpenAIBackend:
             return True
         return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
 
-    def _with_retries(self, call: Callable[[], T], record: Callable[..., None]) -> T:
+    def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest) -> T:
         for attempt in range(self.max_retries + 1):
             try:
                 return call()
@@ -333,12 +337,12 @@ class OpenAIBackend:
             except openai.OpenAIError as exc:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
-                    raise self._translate(exc) from exc
+                    raise self._translate(exc, request) from None
                 self._note_retry(record, attempt, exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None]) -> Any:
+    async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None], request: ChatRequest) -> Any:
         for attempt in range(self.max_retries + 1):
             try:
                 return await call()
@@ -347,7 +351,7 @@ class OpenAIBackend:
             except openai.OpenAIError as exc:
                 delay = self._delay(attempt, exc)
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
-                    raise self._translate(exc) from exc
+                    raise self._translate(exc, request) from None
                 self._note_retry(record, attempt, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -374,23 +378,47 @@ class OpenAIBackend:
         record(self.name, "backend_retry", attempt=attempt + 1, error=type(error).__name__, status=error.status,
                delay_s=round(delay, 3), may_be_billed=isinstance(error, BackendTimeoutError))
 
-    def _translate(self, exc: openai.OpenAIError) -> BackendError:
+    def _translate(self, exc: openai.OpenAIError, request: ChatRequest | None = None) -> BackendError:
+        headers = request.extra_headers if request is not None else {}
         if isinstance(exc, openai.APITimeoutError):
-            return BackendTimeoutError(self._scrub(str(exc)), backend=self.name)
+            return BackendTimeoutError(self._scrub(str(exc), headers), backend=self.name)
         if isinstance(exc, openai.APIConnectionError):
-            return BackendConnectionError(self._scrub(str(exc)), backend=self.name)
+            return BackendConnectionError(self._scrub(str(exc), headers), backend=self.name)
         if isinstance(exc, openai.APIStatusError):
-            error = BackendStatusError(self._scrub(exc.message), backend=self.name, status=exc.status_code)
+            error = BackendStatusError(self._scrub(exc.message, headers), backend=self.name, status=exc.status_code)
             # How long the upstream asked callers to wait (a 429, a 503): a proxy passes it on to its clients.
             error.retry_after = exc.response.headers.get("retry-after")
             return error
-        return BackendError(self._scrub(str(exc)), backend=self.name)
+        return BackendError(self._scrub(str(exc), headers), backend=self.name)
 
-    def _scrub(self, text: str) -> str:
-        """`text` without this backend's own API key, whatever its shape."""
-        return text.replace(self._secret, "…") if self._secret else text
+    def _scrub(self, text: str, headers: Any = None) -> str:
+        """`text` without this backend's own API key, nor the call's extra_headers values (a tenant token
+        a gateway quotes back), whatever their shape."""
+        secrets = [self._secret] if self._secret else []
+        for name, value in (headers or {}).items():
+            if not _SECRET_HEADER.search(str(name)):
+                continue  # Accept: application/json is no secret, and taking it out would garble messages
+            value = str(value)
+            secrets += [value, value.partition(" ")[2]] if value.lower().startswith(("bearer ", "basic ", "token ")) else [value]
+        for secret in sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True):
+            text = text.replace(secret, "…")
+        return text
 
 
+
+
+def _shown_url(url: str | None) -> str | None:
+    """`url` without its query string (a gateway's ?api-key=, ?code=) and its user part's password."""
+    if url is None:
+        return None
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:…@{host}" if ":" in user else netloc
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
 def _transport_errors(name: str) -> tuple[type[Exception], ...]:

@@ -966,8 +966,10 @@ def _json(text: str) -> Any:
 
 
 def _short(value: Any, limit: int = 120) -> str:
+    """`value` on one line, redacted before it is cut: a key cut in two escapes redaction (its first 19
+    characters of a ghp_ token, say), so evidence cut first kept more of a key than the ledger ever shows."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    text = " ".join(text.split())
+    text = redact(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
