@@ -90,3 +90,20 @@ def test_index_only_scale_run_reports_latency_memory_and_hnsw_agreement():
     assert hnsw["top1_agrees_with_exact"] >= 0.8  # efSearch 64 finds the true nearest neighbour
     assert flat["paraphrase_found"] == 1.0 and hnsw["paraphrase_found"] >= 0.9
     assert "synthetic" in hnsw["vectors"]
+
+
+def test_the_sweep_at_the_default_threshold_agrees_with_the_stage_on_pairs_it_can_never_match():
+    """The sweep judged every pair by the question guards alone: a pair the stage keeps apart (another user's
+    name, so another scope) counted as a false hit at every threshold, and the guarded row at the default
+    threshold disagreed with the run it was printed beside."""
+    from ctxkit.bench.cache import run_pairs
+
+    pairs = [{"id": "names", "category": "names", "same_answer": False,
+              "a": [{"role": "user", "name": "alice", "content": "What is my account balance?"}],
+              "b": [{"role": "user", "name": "bob", "content": "What is my account balance?"}]},
+             {"id": "same", "category": "same", "same_answer": True,
+              "a": [{"role": "user", "content": "How do I reset my password?"}],
+              "b": [{"role": "user", "content": "How can I reset my password?"}]}]
+    result = run_pairs(pairs, sweep=True)
+    row = next(r for r in result["sweep"] if r["guards"] and r["similarity"] == result["thresholds"]["similarity"])
+    assert (row["false_hits"], row["recall"]) == (result["false_hits"], result["recall"]) == (0, 1.0)

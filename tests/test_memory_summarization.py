@@ -690,6 +690,23 @@ def test_the_memory_benchmark_scores_the_history_not_the_question_and_gives_the_
     assert retained(messages, ["Rome"], messages[-1])
 
 
+def test_the_memory_baseline_does_not_credit_an_answer_named_in_a_question_of_content_parts(llama_backend):
+    """LangChain's round trip joined a question's content parts with a line break: `retained` no longer
+    recognised it as the final question, kept it in the scored text, and an answer it names counted as
+    retained by the baseline although the history was gone."""
+    from ctxkit.bench.memory import retained, trim_baseline
+
+    filler = "We talked about the weather and the traffic in town for a while. " * 20
+    question = {"role": "user", "content": [{"type": "text", "text": "Was my gate B17"},
+                                            {"type": "text", "text": " or D9?"}]}
+    messages = [{"role": "user", "content": "My gate is C4."}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": filler}, {"role": "assistant", "content": "ok"}, question]
+    counter = llama_backend.counter
+    trimmed = trim_baseline(messages, counter.count_prompt(messages) // 4, counter)
+    assert trimmed == [question]
+    assert not retained(trimmed, ["B17"], question)
+
+
 def test_a_model_summary_in_another_alphabet_or_with_numbers_written_another_way_is_kept():
     """grounded() read words as a-z only: a Russian summary had no words and was dropped whole (in model mode
     the folded turns went with it); "four" written as 4, or $1,250.00 as $1250, was an invented number."""

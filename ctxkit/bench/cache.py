@@ -78,7 +78,7 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
               context_similarity: float | None = None, added_detail_similarity: float | None = None,
               sweep: bool = False, embed_precision: str = "auto") -> dict[str, Any]:
     from ..embed import Embedder
-    from ..stages.cache.guards import Thresholds, judge
+    from ..stages.cache.guards import Thresholds
     from ..stages.cache.local_store import LocalStore
     from ..stages.cache.stage import SemanticCacheStage
 
@@ -97,6 +97,9 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "store", dimension=embedder.dimension)
         stage = SemanticCacheStage(store, embedder, thresholds=thresholds, candidates=4)
+        # The sweep's guards are the stage's own (scope, layout, earlier facts and tool results, then judge),
+        # applied at every similarity: a second stage on the same store whose similarity threshold is off.
+        guards_stage = SemanticCacheStage(store, embedder, thresholds=guards_only, candidates=4) if sweep else None
         for i, pair in enumerate(progress(pairs, total=len(pairs), desc="cache pairs")):
             namespace = f"bench-{i}"
             params = {"temperature": 0}
@@ -120,14 +123,11 @@ def run_pairs(pairs: list[dict[str, Any]], *, similarity: float | None = None,
                 layers[found_b.layer or "?"] += 1
             else:
                 reasons[found_b.reason or "?"] += 1
-            if sweep and found_a.vector is not None and found_b.vector is not None:
+            probe = guards_stage.lookup(b) if guards_stage is not None and found_b.layer != "exact" else None
+            if probe is not None and found_a.vector is not None and found_b.vector is not None \
+                    and probe.reason != "no_candidate":  # no candidate: `a` is not stored, or in another scope
                 sim = float(np.dot(found_a.vector, found_b.vector))
-                ctx_sim = None
-                if found_a.context_vector is not None and found_b.context_vector is not None:
-                    ctx_sim = float(np.dot(found_a.context_vector, found_b.context_vector))
-                passes = judge(found_b.key.query, found_b.key.context, found_a.key.query, found_a.key.context,
-                               sim, ctx_sim, guards_only, found_b.key.raw, found_a.key.raw) is None
-                scored.append((sim, passes, same, str(pair["category"])))
+                scored.append((sim, probe.response is not None, same, str(pair["category"])))
             elif sweep:
                 scored.append((1.0 if found_b.layer == "exact" else -1.0, found_b.response is not None, same,
                                str(pair["category"])))

@@ -90,7 +90,12 @@ def trim_baseline(messages: Sequence[Message], budget: int, counter: Any) -> lis
 
     kept = trim_messages(converted, max_tokens=budget, token_counter=count,
                          strategy="last", start_on="human", include_system=True, allow_partial=False)
-    return list(convert_to_openai_messages(kept))
+    # The kept messages as they were recorded: LangChain's round trip joins content parts with "\n", and a
+    # final question so rewritten was not recognised (and left out) by `retained`, which then credited the
+    # baseline with an answer that only the question names.
+    position = {id(m): i for i, m in enumerate(converted)}
+    return [dict(messages[position[id(m)]]) if id(m) in position else convert_to_openai_messages([m])[0]
+            for m in kept]
 
 
 def run(

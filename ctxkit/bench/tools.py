@@ -107,9 +107,9 @@ def run(catalog: list[dict[str, Any]], queries: list[dict[str, Any]], *, top_k: 
     selector = ToolSelector(index, top_k=max(ks), keep_used=False)
     counter = TiktokenCounter("gpt-4o")
     full_tokens = counter._count_tools(catalog)
+    queries = queries[:limit] if limit else queries  # before naming missing gold: only the queries scored
     unknown = sorted({g for q in queries for g in q["gold"] if g not in index})
     refused = refused_tools(catalog)
-    queries = queries[:limit] if limit else queries
     wall_ms: list[float] = []
     cpu_ms: list[float] = []
     sent_tokens: dict[int, list[int]] = defaultdict(list)
