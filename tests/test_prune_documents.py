@@ -502,3 +502,17 @@ def test_rows_of_a_cut_table_keep_its_header_row(kind):
     kept = result.documents[0]["text"]
     assert "widget model 137," in kept or "widget model 137 |" in kept
     assert lines[0] in kept and result.tokens_after <= 150
+
+
+def test_a_long_list_sentence_cut_at_its_commas_is_no_table():
+    """A roster of equal items, one sentence cut at its commas into equal pieces, was read as a table whose
+    header is its first piece: the piece naming the player was kept only with it, and did not fit together."""
+    names = [f"{a}{b}" for a in ("Alice", "Bruno", "Elena", "Farah", "Goran", "Jonas", "Nadia", "Oskar")
+             for b in ("son", "sen", "ova", "ich", "ez", "ski", "ini", "aux")]
+    roster = "The club's 2024 squad list gives each player's shirt number: " + ", ".join(
+        f"{n} Meyer wears number {i + 10}" for i, n in enumerate(names)) + "."
+    docs = [{"id": "roster", "text": roster}] + [
+        {"id": f"news{i}", "text": f"Match report {i}: the club drew {i}-{i} at home. The coach praised the defence."}
+        for i in range(6)]
+    result = DocumentRanker(None).prune("What shirt number does Jonasski Meyer wear?", docs, 140)
+    assert "Jonasski Meyer wears number 55" in " ".join(d["text"] for d in result.documents)

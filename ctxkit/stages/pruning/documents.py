@@ -316,8 +316,11 @@ def _row_shape(unit: str) -> tuple[str, int] | None:
     """A line's delimiter and how many it has, when it looks like a row of a table (|, tab, ; or ,)."""
     if "\n" in unit:
         return None
-    # Prose sentences with as many commas in a row are no table: a CSV line does not end like a sentence.
-    delimiters = ("|", "\t") if unit.rstrip().endswith((".", "!", "?")) else ("|", "\t", ";", ",")
+    # Prose sentences with as many commas in a row are no table: a CSV line does not end like a sentence (in
+    # Hindi, Arabic and Chinese either).
+    # Nor is a piece of a long list sentence cut at its commas (it ends with the comma it was cut after): cut
+    # from a roster into equal pieces, every piece was kept only with the first, and one alone no longer fit.
+    delimiters = ("|", "\t") if unit.rstrip().endswith((".", "!", "?", ",", ";", "\u0964", "\u0965", "\u061f", "\u06d4", "\u3002", "\uff01", "\uff1f")) else ("|", "\t", ";", ",")
     for delimiter in delimiters:
         n = unit.count(delimiter)
         if n >= 2:
