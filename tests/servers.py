@@ -88,13 +88,8 @@ def cut_off_stream(pieces: Sequence[str]) -> Iterator[str]:
                          "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(CutOff) as base_url:
+        yield base_url
 
 
 @contextlib.contextmanager
@@ -117,7 +112,14 @@ def quoting_gateway() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quoting)
+    with _serving(Quoting) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on a free loopback port in a daemon thread; yields the base URL an openai client takes."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
