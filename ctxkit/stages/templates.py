@@ -67,9 +67,9 @@ def _json_default(value: Any) -> Any:
 
 
 def _stable(value: Any) -> Any:
-    """`value` with every set turned into a sorted list and every dict's keys sorted: a set iterates in hash order,
-    salted per process, so `{{ tags }}`, `{{ tags | join(", ") }}` or a `for` over it would render other bytes on
-    every worker."""
+    """`value` with every set turned into a sorted list and every dict's keys sorted, for the variables a template
+    gets and for what it prints: a set iterates in hash order, salted per process, so `{{ tags }}`,
+    `{{ tags | join(", ") }}` or a `for` over it would render other bytes on every worker."""
     if isinstance(value, (set, frozenset)):
         return sorted((_stable(item) for item in value), key=_tojson)
     if isinstance(value, Mapping):
@@ -81,18 +81,6 @@ def _stable(value: Any) -> Any:
         return [_stable(item) for item in value]
     if isinstance(value, tuple):
         return tuple(_stable(item) for item in value)
-    return value
-
-
-def _sorted_keys(value: Any) -> Any:
-    """A printed dict (alone or inside a list) with its keys in sorted order: a dict prints in insertion order,
-    and two workers (or a dict built from a set, in hash order) build equal dicts in different orders."""
-    if isinstance(value, Mapping):
-        return {key: _sorted_keys(value[key]) for key in sorted(value, key=_tojson)}
-    if isinstance(value, list):
-        return [_sorted_keys(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_sorted_keys(item) for item in value)
     return value
 
 
@@ -109,7 +97,7 @@ def sandboxed_environment() -> Any:
         lstrip_blocks=True,
     )
     env.filters["tojson"] = _tojson
-    env.finalize = _sorted_keys  # `{{ profile }}`: equal dicts print the same, whatever order they were built in
+    env.finalize = _stable  # `{{ profile }}`: equal dicts (and sets) print the same, whatever order they were built in
     env.filters.pop("random", None)  # a random pick is a different prompt on every call
     env.globals.clear()  # no range/lipsum/dict/cycler: nothing that varies or reaches outside
     return env
