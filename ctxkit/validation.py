@@ -29,9 +29,11 @@ def validate_request(request: ChatRequest) -> None:
     _validate_tool_choice(request)
     _validate_fields(request)
     # Content and tool schemas are checked above with their own messages; any other string the backend gets (a
-    # stop sequence, a message's name, a tool_call_id, `user`, a response_format schema) failed its UTF-8 encode
-    # deep in the backend: a 500 from `ctxkit serve` over an upstream, a 502 over the local model.
-    for where, value in (("model", request.model), ("messages", request.messages), ("params", request.params)):
+    # stop sequence, a message's name, a tool_call_id, `user`, a response_format schema, a document in the
+    # metadata) failed its UTF-8 encode deep in the backend: a 500 from `ctxkit serve` over an upstream, a 502
+    # over the local model.
+    for where, value in (("model", request.model), ("messages", request.messages), ("params", request.params),
+                         ("metadata", request.metadata)):
         found = _lone_surrogate_at(value, "" if where == "params" else where)
         if found is not None:
             raise RequestError(_SURROGATE, found)

@@ -393,7 +393,9 @@ def test_a_lone_surrogate_in_any_other_field_the_backend_gets_is_refused_by_name
                            (ChatRequest(hi, params={"user": "u\udfff"}), "user"),
                            (ChatRequest([{"role": "user", "name": "b\ud800", "content": "hi"}]), "messages[0].name"),
                            (ChatRequest(hi, params={"response_format": schema}),
-                            "response_format.json_schema.schema.description")):
+                            "response_format.json_schema.schema.description"),
+                           (ChatRequest(hi, metadata={"documents": [{"id": "d", "text": "cut \ud83d"}]}),
+                            "metadata.documents[0].text")):
         with pytest.raises(RequestError) as info:
             validate_request(request)
         assert info.value.where == where, info.value.where
