@@ -790,6 +790,27 @@ def test_a_streamed_answer_counts_the_tokens_the_model_generated_as_a_whole_answ
     assert chunks[-1].usage.completion_tokens == 25 == ledger.records[-1].tokens_out
 
 
+@pytest.mark.parametrize("max_tokens", [20, 23])
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_caps_an_answer_that_ends_inside_a_multibyte_character(llama_backend, max_tokens, stream):
+    """llama-cpp-python samples on past max_tokens while the text ends inside an emoji or a CJK character: 21
+    tokens came back for max_tokens=20 (billed, and past the window at its edge)."""
+    client = Pipeline(llama_backend, ledger=Ledger()).openai()
+    kwargs = dict(model="m", max_tokens=max_tokens, temperature=0,
+                  messages=[{"role": "user", "content": "R\u00e9p\u00e8te: \U0001f600\U0001f389 \u4e2d\u6587"}])
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        usage = chunks[-1].usage
+        [finish] = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        answer = client.chat.completions.create(**kwargs)
+        usage, finish = answer.usage, answer.choices[0].finish_reason
+    assert usage.completion_tokens <= max_tokens and finish == "length"
+    short = client.chat.completions.create(model="m", max_tokens=200, temperature=0,
+                                           messages=[{"role": "user", "content": "Say hi"}])
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 200
+
+
 def test_tool_choice_none_never_answers_with_a_tool_call(llama_backend):
     """The model still sees the tools, and may write a <tool_call> block unasked: it was parsed into
     tool_calls. SmolLM2-135M rarely writes one when told not to, so its text is given here."""

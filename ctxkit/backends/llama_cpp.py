@@ -174,7 +174,8 @@ class LlamaCppBackend:
             def stop(_ids: Any, _logits: Any) -> bool:
                 return (cancelled is not None and cancelled.is_set()) or _past(deadline) or self._closed
 
-            sampling["stopping_criteria"] = StoppingCriteriaList([stop])
+            capped, at_cap = self._cap(sampling["max_tokens"])
+            sampling["stopping_criteria"] = StoppingCriteriaList([stop, capped])
             out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
         except RequestError:
             raise
@@ -191,7 +192,7 @@ class LlamaCppBackend:
             message["tool_calls"] = calls
         return ChatResponse(
             message=message,
-            finish_reason="tool_calls" if calls else (choice.get("finish_reason") or "stop"),
+            finish_reason="tool_calls" if calls else ("length" if at_cap() else choice.get("finish_reason") or "stop"),
             usage=Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"], cached),
             model=self.model,  # the model that answered, whatever name was asked for (it is priced by it)
             backend=self.name,
@@ -247,7 +248,12 @@ class LlamaCppBackend:
         cached = self._reusable_prefix(tokens)  # the caller holds self._lock, until release()
         pieces: Any = None
         try:
-            pieces = self._llama.create_completion(prompt=tokens, stream=True, **self._sampling(request))
+            from llama_cpp import StoppingCriteriaList
+
+            sampling = self._sampling(request)
+            capped, at_cap = self._cap(sampling["max_tokens"])
+            pieces = self._llama.create_completion(prompt=tokens, stream=True, **sampling,
+                                                   stopping_criteria=StoppingCriteriaList([capped]))
             handed = time.monotonic()
             yield chunk({"role": "assistant", "content": ""})
             deadline = _after_consumer(deadline, handed)
@@ -277,6 +283,8 @@ class LlamaCppBackend:
                 pieces.close()  # llama.cpp's own generator ends while the model is still ours
             completion_tokens = self._generated_tokens()  # read while the model (and the count) is still ours
             release()
+        if at_cap():
+            finish = "length"
         content, calls = parse_tool_calls(text) if may_call(request.tools, request.params) else (text, [])
         if calls:
             finish = "tool_calls"
@@ -438,6 +446,20 @@ class LlamaCppBackend:
             self._parsed_grammars.pop(next(iter(self._parsed_grammars)))
         self._parsed_grammars[grammar] = None
         return grammar
+
+    def _cap(self, max_tokens: int) -> tuple[Callable[[Any, Any], bool], Callable[[], bool]]:
+        """A stopping criterion that ends the answer at `max_tokens` tokens, and whether it did. llama-cpp-python
+        samples on past `max_tokens` while the text ends inside a multi-byte character (an emoji, CJK), so usage
+        exceeded the cap the caller set (and, at the window's edge, the window)."""
+        hit = False
+
+        def capped(_ids: Any, _logits: Any) -> bool:
+            nonlocal hit
+            if self._generated_tokens() >= max_tokens:  # the token just sampled would be one more than asked for
+                hit = True
+            return hit
+
+        return capped, lambda: hit
 
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
