@@ -248,13 +248,7 @@ def _alike(a: str, b: str) -> bool:
     """Two versions of one sentence ("revenue of 4.2 million" / "4.3 million"), not two sentences."""
     if 1.4 * min(len(a), len(b)) < 0.6 * max(len(a), len(b)):
         return False  # ratio() is at most 2*min/(len(a)+len(b)): it cannot reach 0.6
-    if len(a) + len(b) > 2000:
-        # difflib is quadratic in the length: a one-line JSON result of 80 KB, changed in one value, took a
-        # minute. Long "sentences" are compared by their sets of character 4-grams instead.
-        grams_a = {a[i : i + 4] for i in range(len(a) - 3)}
-        grams_b = {b[i : i + 4] for i in range(len(b) - 3)}
-        return len(grams_a & grams_b) >= 0.6 * len(grams_a | grams_b)
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= 0.6
+    return _likeness(a, b) >= 0.6
 
 
 def _unmatched(missing: Sequence[str], differs: Sequence[str]) -> list[str]:
@@ -270,6 +264,9 @@ def _unmatched(missing: Sequence[str], differs: Sequence[str]) -> list[str]:
 
 
 def _likeness(a: str, b: str) -> float:
+    """How alike two sentences are, 0 to 1: difflib's ratio, or for long ones the overlap of their character
+    4-grams (difflib is quadratic in the length: a one-line JSON result of 80 KB, changed in one value, took a
+    minute)."""
     if len(a) + len(b) > 2000:
         grams_a = {a[i : i + 4] for i in range(len(a) - 3)}
         grams_b = {b[i : i + 4] for i in range(len(b) - 3)}

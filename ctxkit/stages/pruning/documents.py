@@ -297,7 +297,6 @@ class DocumentRanker:
             kept = np.flatnonzero(chosen)
             # A header row goes last, while a row of its table is still kept.
             needed = {int(heads[j]) for j in kept if heads[j] >= 0 and heads[j] != j}
-            kept = np.array([j for j in kept if j not in needed] + [j for j in kept if j in needed], dtype=np.int64)
             target, freed = max((tokens_after - budget_tokens + 1) // 2, 1), 0
             order = np.argsort(score[kept], kind="stable")
             order = np.concatenate([[o for o in order if int(kept[o]) not in needed],
@@ -312,6 +311,10 @@ class DocumentRanker:
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
 
 
+# How a sentence (or a piece of one cut at its commas) ends, in any script: a CSV line does not end so.
+_PROSE_ENDS = (".", "!", "?", ",", ";", "\u0964", "\u0965", "\u061f", "\u06d4", "\u3002", "\uff01", "\uff1f")
+
+
 def _row_shape(unit: str) -> tuple[str, int] | None:
     """A line's delimiter and how many it has, when it looks like a row of a table (|, tab, ; or ,)."""
     if "\n" in unit:
@@ -320,7 +323,7 @@ def _row_shape(unit: str) -> tuple[str, int] | None:
     # Hindi, Arabic and Chinese either).
     # Nor is a piece of a long list sentence cut at its commas (it ends with the comma it was cut after): cut
     # from a roster into equal pieces, every piece was kept only with the first, and one alone no longer fit.
-    delimiters = ("|", "\t") if unit.rstrip().endswith((".", "!", "?", ",", ";", "\u0964", "\u0965", "\u061f", "\u06d4", "\u3002", "\uff01", "\uff1f")) else ("|", "\t", ";", ",")
+    delimiters = ("|", "\t") if unit.rstrip().endswith(_PROSE_ENDS) else ("|", "\t", ";", ",")
     for delimiter in delimiters:
         n = unit.count(delimiter)
         if n >= 2:
@@ -332,12 +335,12 @@ def _table_heads(units: Sequence[str], owner: Sequence[int]) -> np.ndarray:
     """For each passage, the index of its table's header row (the first of at least three consecutive rows
     of one document with the same delimiters), or -1."""
     heads = np.full(len(units), -1, dtype=np.int64)
+    shapes = [_row_shape(u) for u in units]
     start = 0
     for i in range(1, len(units) + 1):
-        if i < len(units) and owner[i] == owner[start] and _row_shape(units[i]) is not None \
-                and _row_shape(units[i]) == _row_shape(units[start]):
+        if i < len(units) and owner[i] == owner[start] and shapes[i] is not None and shapes[i] == shapes[start]:
             continue
-        if i - start >= 3 and _row_shape(units[start]) is not None:
+        if i - start >= 3 and shapes[start] is not None:
             heads[start + 1:i] = start
         start = i
     return heads
