@@ -977,3 +977,23 @@ def test_an_applications_own_hooks_stay_on_the_event_loop_thread(llama_backend, 
     loop_thread = asyncio.run(run())
     assert seen == [("t0", loop_thread)]
     assert quiet_ran_in and quiet_ran_in[0] is not loop_thread
+
+
+def test_a_streamed_local_tool_call_is_the_call_the_whole_answer_makes(llama_backend, ledger):
+    """The local stream held a call back with its own parser, beside the one OpenAIBackend streams through:
+    the two are one now. Real model, tool_choice required (the grammar makes the call)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    request = ChatRequest(messages=[{"role": "user", "content": "What is the weather in Oslo?"}], tools=[tool],
+                          params={"tool_choice": "required", "max_tokens": 48, "temperature": 0, "seed": 3})
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    whole = pipeline.call(request)
+    chunks = list(pipeline.call(request.override(stream=True)))
+    texts = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert "<tool_call>" not in texts and "get_weather" not in texts
+    streamed = [call for c in chunks if c["choices"] for call in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [c["function"] for c in streamed] == [c["function"] for c in whole.tool_calls]
+    assert streamed[0]["function"]["name"] == "get_weather"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["tool_calls"]
+    assert ledger.records[-1].status == "ok"

@@ -25,7 +25,7 @@ from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
-from .tool_format import may_be_tool_call, may_call, parse_tool_calls, tool_call_grammar
+from .tool_format import ToolCallTextStream, may_call, parse_tool_calls, tool_call_grammar
 
 CLOSE_WAIT_S = 30.0  # how long close() waits for a call that holds the model
 logger = logging.getLogger("ctxkit")
@@ -257,23 +257,25 @@ class LlamaCppBackend:
             handed = time.monotonic()
             yield chunk({"role": "assistant", "content": ""})
             deadline = _after_consumer(deadline, handed)
-            text, emitted, finish = "", 0, "stop"
+            # Text that may become a tool call is held back and parsed when the answer ends, as OpenAIBackend
+            # does for a llama.cpp server: one parser, so both streams say the same for the same answer.
+            text_calls = ToolCallTextStream() if may_call(request.tools, request.params) else None
+            finish = "stop"
             for piece in pieces:
                 if self._closed:
                     raise _closed(self.name)
                 if _past(deadline):
                     raise _timed_out(self.name, self._generated_tokens())
                 choice = piece["choices"][0]
-                text += choice.get("text") or ""
                 finish = choice.get("finish_reason") or finish
-                if may_call(request.tools, request.params) and may_be_tool_call(text):
-                    continue  # a tool call is only known whole: hold the text back
-                if len(text) > emitted:
+                content = choice.get("text") or ""
+                if not content:
+                    continue
+                for out in text_calls.feed(chunk({"content": content})) if text_calls else [chunk({"content": content})]:
                     handed = time.monotonic()
-                    yield chunk({"content": text[emitted:]})
+                    yield out
                     # the time the caller took with the chunk is not the model's (openai's timeout is per read)
                     deadline = _after_consumer(deadline, handed)
-                    emitted = len(text)
         except (RequestError, BackendError):
             raise
         except Exception as exc:
@@ -285,16 +287,7 @@ class LlamaCppBackend:
             release()
         if at_cap():
             finish = "length"
-        content, calls = parse_tool_calls(text) if may_call(request.tools, request.params) else (text, [])
-        if calls:
-            finish = "tool_calls"
-            delta: dict[str, Any] = {"tool_calls": [dict(call, index=i) for i, call in enumerate(calls)]}
-            if content:
-                delta["content"] = content
-            yield chunk(delta)
-        elif len(text) > emitted:
-            yield chunk({"content": text[emitted:]})
-        yield chunk({}, finish)
+        yield from text_calls.feed(chunk({}, finish)) if text_calls else [chunk({}, finish)]
         yield chunk(None, usage={
             "prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
             "total_tokens": len(tokens) + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached},

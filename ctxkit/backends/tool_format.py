@@ -34,12 +34,6 @@ def may_call(tools: Any, params: Mapping[str, Any]) -> bool:
     return bool(tools) and params.get("tool_choice") != "none"
 
 
-def may_be_tool_call(text: str) -> bool:
-    """Whether a streamed answer so far is, or may still become, a <tool_call> block."""
-    head = text.lstrip()
-    return head.startswith(TOOL_CALL_OPEN) or TOOL_CALL_OPEN.startswith(head)
-
-
 def tools_system_text(tools: list[dict[str, Any]]) -> str:
     """The instructions that introduce the tools; deterministic (sorted keys) so prefix caches keep hitting."""
     lines = [
