@@ -198,6 +198,17 @@ class OpenAIClient:
         self.pipeline = pipeline
         self.chat = _Chat(_Completions(pipeline))
 
+    # As openai.OpenAI: `with pipeline.openai() as client:`. The pipeline and its backend are the app's, shared
+    # by every client it makes, so closing a client lets go of nothing.
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> OpenAIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 class AsyncOpenAIClient:
     """`await client.chat.completions.create(...)`, through a ctxkit pipeline."""
@@ -205,3 +216,12 @@ class AsyncOpenAIClient:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.chat = _Chat(_AsyncCompletions(pipeline))
+
+    async def close(self) -> None:  # as openai.AsyncOpenAI (see OpenAIClient.close)
+        pass
+
+    async def __aenter__(self) -> AsyncOpenAIClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,8 +31,8 @@ from .errors import (
 from .ledger import Ledger, LedgerRecord, PriceTable
 from .redaction import redact
 from .request import ChatRequest
-from .response import AsyncChatStream, ChatResponse, ChatStream, Usage
-from .stage import AsyncResult, Result, Stage
+from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
+from .stage import AsyncResult, Result, Stage, run_wrap_call
 from .validation import check_tool_choice_offered, replace_malformed_arguments, validate_request
 
 S = TypeVar("S", ChatStream, AsyncChatStream)
@@ -84,19 +85,22 @@ class _CallTrace:
         self.count_ms = 0.0
         self.answered_by: str | None = None
         self.events: list[dict[str, Any]] = []
-        self._counts: dict[tuple[int, int, str | None], tuple[int, Any, Any]] = {}
+        self._counts: dict[tuple[int, int, str | None], tuple[int, Any, Any, tuple[Any, ...]]] = {}
         self.naive = self.count(pipeline._naive_from(0, request))
 
     def count(self, request: ChatRequest) -> int:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
+        # A stage that edited the same lists in place (appended a message, replaced a content) changed their
+        # shape: counted again, or the ledger would show what an earlier stage saw, not what was sent.
         key = (id(request.messages), id(request.tools), request.model)
+        shape = _shape(request)
         hit = self._counts.get(key)
-        if hit is not None and hit[1] is request.messages and hit[2] is request.tools:
+        if hit is not None and hit[1] is request.messages and hit[2] is request.tools and _same(hit[3], shape):
             return hit[0]
         t0 = time.perf_counter()
         tokens = _counter(self.pipeline.backend, request).count_prompt(request.messages, request.tools)
         self.count_ms += (time.perf_counter() - t0) * 1000
-        self._counts[key] = (tokens, request.messages, request.tools)
+        self._counts[key] = (tokens, request.messages, request.tools, shape)
         return tokens
 
     def record(self, response: ChatResponse | None, error: BaseException | None = None) -> LedgerRecord:
@@ -186,6 +190,12 @@ class Pipeline:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
+        if ledger is not None and not callable(getattr(ledger, "write", None)):
+            hint = f": pass Ledger({ledger!r})" if isinstance(ledger, (str, os.PathLike)) else ""
+            raise ConfigurationError(f"ledger must be a Ledger, got {type(ledger).__name__}{hint}")
+        if prices is not None and not callable(getattr(prices, "price", None)):
+            hint = f": pass PriceTable.from_file({prices!r})" if isinstance(prices, (str, os.PathLike)) else ""
+            raise ConfigurationError(f"prices must be a PriceTable, got {type(prices).__name__}{hint}")
         self.backend = backend
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()
@@ -240,6 +250,9 @@ class Pipeline:
         sendable (noted in the ledger, since the model no longer sees what it wrote)."""
         validate_request(request)
         request, replaced = replace_malformed_arguments(request)
+        # The stages get their own list and message dicts: a stage that edits them in place (append, insert,
+        # message["content"] = ...) must not change the app's history, which it resends on the next call.
+        request = request.override(messages=[dict(m) for m in request.messages], tools=list(request.tools))
         trace = _CallTrace(self, request)
         if replaced:
             trace.events.append({"stage": "pipeline", "kind": "tool_arguments_replaced", "fields": replaced})
@@ -266,6 +279,7 @@ class Pipeline:
 
         def call_next(next_request: ChatRequest) -> Result:
             nonlocal called_next, inner_ms
+            _check_passed_on(stage, next_request)
             called_next = True
             tally.saved -= trace.count(self._naive_from(index + 1, next_request))
             t0 = time.perf_counter()
@@ -281,7 +295,7 @@ class Pipeline:
             tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
         if not called_next:
             trace.answered_by = stage.name
-        return result
+        return _stage_result(stage, request, result, ChatStream)
 
     async def _adispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> AsyncResult:
         if index == len(self.stages):
@@ -297,6 +311,7 @@ class Pipeline:
 
         async def call_next(next_request: ChatRequest) -> AsyncResult:
             nonlocal called_next, inner_ms
+            _check_passed_on(stage, next_request)
             called_next = True
             tally.saved -= await asyncio.to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
             t0 = time.perf_counter()
@@ -307,12 +322,12 @@ class Pipeline:
 
         t0 = time.perf_counter()
         try:
-            result = await stage.awrap_call(request, call_next)
+            result = await run_wrap_call(stage, request, call_next)
         finally:
             tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
         if not called_next:
             trace.answered_by = stage.name
-        return result
+        return _stage_result(stage, request, result, AsyncChatStream)
 
     def _prepare(self, trace: _CallTrace, request: ChatRequest) -> int:
         if request is not trace.request:
@@ -396,6 +411,48 @@ class Pipeline:
     def _record_failed_stream(self, trace: _CallTrace, stream: ChatStream | AsyncChatStream, exc: BaseException) -> None:
         trace.unsent = not stream.received_any and _unsent(exc)
         self.ledger.write(trace.record(stream.partial(), exc))
+
+
+def _shape(request: ChatRequest) -> tuple[Any, ...]:
+    """Each message, its content and tool calls, and each tool: what an in-place edit replaces. The objects
+    themselves, not their ids: held here, a replaced one cannot be freed and its id reused by the new one."""
+    parts: list[Any] = list(request.tools)
+    for m in request.messages:
+        parts += (m, m.get("content"), m.get("tool_calls"))
+    return tuple(parts)
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _check_passed_on(stage: Stage, request: Any) -> None:
+    """A stage passes a ChatRequest on (a before_model that forgot its `return` passes None)."""
+    if not isinstance(request, ChatRequest):
+        raise ConfigurationError(f"stage {stage.name!r} passed {type(request).__name__} to call_next, not a "
+                                 "ChatRequest (does its before_model return the request?)")
+
+
+def _stage_result(stage: Stage, request: ChatRequest, result: Any, stream_type: type[S]) -> Any:
+    """What a stage returned, checked: a ChatResponse or a stream (an after_model that forgot its `return`
+    gives None, which must fail the call as the stage's error, recorded with what the backend did). A stage
+    that answers a streaming call by itself with a whole ChatResponse (its own cache) is replayed as a stream,
+    as the caller of a streaming call iterates what it gets."""
+    if isinstance(result, ChatResponse):
+        if not request.stream:
+            return result
+        chunks = response_as_chunks(result)
+        replay: Any = iter(chunks) if stream_type is ChatStream else _replay(chunks)
+        return stream_type(replay, backend=result.backend, model=result.model, count_completion=None)
+    if isinstance(result, (ChatStream, AsyncChatStream)):
+        return result
+    raise ConfigurationError(f"stage {stage.name!r} returned {type(result).__name__}, not a ChatResponse or a "
+                             "stream (does its after_model or wrap_call return the response?)")
+
+
+async def _replay(chunks: list[dict[str, Any]]) -> Any:
+    for chunk in chunks:
+        yield chunk
 
 
 # Failures of a backend call before any answer that mean the backend refused the request or never received

@@ -85,6 +85,26 @@ class Stage:
         return await asyncio.to_thread(method, *args) if in_thread else method(*args)
 
 
+def _defined_in(cls: type, attr: str) -> type:
+    return next(klass for klass in cls.__mro__ if attr in klass.__dict__)
+
+
+def writes_wrap_call_only(stage: Stage) -> bool:
+    """Whether the stage's own `wrap_call` is newer than its `awrap_call`: an application's stage that wrote
+    only wrap_call, or its subclass of a ctxkit stage (a cache) that overrides wrap_call only. Async calls must
+    run that wrap_call (in a thread of its own), not the inherited awrap_call that would skip it."""
+    cls = type(stage)
+    sync_owner, async_owner = _defined_in(cls, "wrap_call"), _defined_in(cls, "awrap_call")
+    return sync_owner is not async_owner and issubclass(sync_owner, async_owner)
+
+
+async def run_wrap_call(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+    """`stage` in an async call: its awrap_call, or its newer sync wrap_call in a thread of its own."""
+    if writes_wrap_call_only(stage):
+        return await _wrap_call_in_thread(stage, request, call_next)
+    return await stage.awrap_call(request, call_next)
+
+
 async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
     """`stage.wrap_call` on a thread of its own (not the loop's default executor: the backend's async calls
     need its workers while this thread waits for them), its call_next running on this event loop."""

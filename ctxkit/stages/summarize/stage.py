@@ -162,13 +162,18 @@ class SummarizationStage(Stage):
             return request
         return request.override(messages=list(result.messages))
 
-    # async: the default awrap_call runs before_model inline; folding with a model is slow, so use a thread.
+    # async: folding with a model is slow, so ctxkit's own before_model runs in a thread whatever
+    # hooks_in_thread says; an application's override runs where Stage._run_hook puts it (the event loop's
+    # thread unless it sets hooks_in_thread = True), as the docs say of a subclass's hooks.
     async def awrap_call(self, request: ChatRequest, call_next: Any) -> Any:
         import asyncio
 
         from ...response import ChatResponse
 
-        request = await asyncio.to_thread(self.before_model, request)
+        if type(self).before_model is SummarizationStage.before_model:
+            request = await asyncio.to_thread(self.before_model, request)
+        else:
+            request = await self._run_hook("before_model", request)
         result = await call_next(request)
         return self.after_model(request, result) if isinstance(result, ChatResponse) else result
 

@@ -1,0 +1,127 @@
+"""What an application's own stage can rely on: a whole answer to a streaming call is streamed, a hook that
+forgot its `return` is a typed error recorded with what the backend did, a subclass's own wrap_call and hooks
+run in async calls as in sync ones, and a ledger given as a path is refused up front."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from ctxkit import ChatRequest, ChatResponse, ConfigurationError, Pipeline, Stage, Usage
+from ctxkit.response import AsyncChatStream, ChatStream
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+PARAMS = {"max_tokens": 4, "temperature": 0}
+
+
+class Canned(Stage):
+    def wrap_call(self, request, call_next):
+        return ChatResponse(message={"role": "assistant", "content": "canned"}, finish_reason="stop",
+                            usage=Usage(0, 2), model="smollm2", backend="canned")
+
+
+def test_a_stage_answering_a_streaming_call_with_a_whole_response_is_streamed(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[Canned()], ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+    assert isinstance(stream, ChatStream) and stream.collect().content == "canned"
+    record = ledger.records[-1]
+    assert record.stream and record.answered_by == "canned" and record.tokens_sent == 0 and record.out_saved == 2
+    chunks = pipeline.openai().chat.completions.create(model="m", messages=MESSAGES, stream=True, **PARAMS)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "canned"
+
+    async def main():
+        result = await pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS, stream=True))
+        assert isinstance(result, AsyncChatStream)
+        assert (await result.collect()).content == "canned"
+        chunks = await pipeline.async_openai().chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                                                       **PARAMS)
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+    assert asyncio.run(main()) == "canned"
+
+
+class ForgotAfterReturn(Stage):
+    def after_model(self, request, response):
+        response.message["content"] = (response.content or "").upper()  # no return
+
+
+class ForgotBeforeReturn(Stage):
+    def before_model(self, request):
+        request.override(params=PARAMS)  # no return
+
+
+def test_a_hook_that_returns_nothing_is_a_typed_error_recorded_with_the_backend_call(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, stages=[ForgotAfterReturn()], ledger=ledger)
+    with pytest.raises(ConfigurationError, match="forgot_after_return.*NoneType"):
+        pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    record = ledger.records[-1]  # the model answered: that call was made, and is in the ledger
+    assert record.status == "error" and record.error_type == "ConfigurationError"
+    assert record.tokens_sent > 0 and record.tokens_out > 0
+    with pytest.raises(ConfigurationError, match="forgot_after_return"):
+        asyncio.run(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS)))
+    assert len(ledger.records) == 2
+    pipeline = Pipeline(llama_backend, stages=[ForgotBeforeReturn()], ledger=ledger)
+    with pytest.raises(ConfigurationError, match="forgot_before_return.*call_next"):
+        pipeline.call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    assert ledger.records[-1].error_type == "ConfigurationError" and ledger.records[-1].tokens_sent == 0
+
+
+def test_a_ledger_given_as_a_path_is_refused_before_any_call(llama_backend, tmp_path):
+    with pytest.raises(ConfigurationError, match="Ledger"):
+        Pipeline(llama_backend, ledger=str(tmp_path / "calls.jsonl"))
+    with pytest.raises(ConfigurationError, match="PriceTable"):
+        Pipeline(llama_backend, prices="prices.json")
+
+
+def test_a_subclass_of_a_ctxkit_stage_keeps_its_wrap_call_and_hooks_in_async_calls(llama_backend, ledger, tmp_path):
+    from ctxkit.stages.cache import ExactCacheStage, LocalStore
+    from ctxkit.stages.summarize import SummarizationStage
+
+    seen = []
+
+    class LoggedCache(ExactCacheStage):
+        name = "logged_cache"
+
+        def wrap_call(self, request, call_next):
+            seen.append("wrap_call")
+            return super().wrap_call(request, call_next)
+
+    class LoopAwareSummary(SummarizationStage):
+        def before_model(self, request):
+            asyncio.get_running_loop()  # an app's hook runs on the event loop's thread (docs/concepts.md)
+            seen.append(threading.current_thread() is threading.main_thread())
+            return super().before_model(request)
+
+    pipeline = Pipeline(llama_backend, stages=[LoggedCache(LocalStore(tmp_path / "cache")),
+                                               LoopAwareSummary(llama_backend, trigger_messages=50)], ledger=ledger)
+    asyncio.run(pipeline.acall(ChatRequest(messages=MESSAGES, params=PARAMS)))
+    assert seen == ["wrap_call", True]
+
+
+def test_a_stage_that_edits_in_place_is_counted_and_leaves_the_app_history_alone(llama_backend, ledger):
+    class AddNote(Stage):
+        def before_model(self, request):
+            request.messages.insert(0, {"role": "system", "content": "Answer in French. " * 20})
+            return request
+
+    app_messages = [{"role": "user", "content": "Say hello."}]
+    pipeline = Pipeline(llama_backend, stages=[AddNote()], ledger=ledger)
+    response = pipeline.chat(app_messages, params=PARAMS)
+    record = ledger.records[-1]
+    assert record.tokens_sent == response.usage.prompt_tokens and record.count_delta == 0
+    assert record.saved_by_stage["add_note"] == record.tokens_naive - record.tokens_sent < 0
+    assert app_messages == [{"role": "user", "content": "Say hello."}]
+
+
+def test_the_drop_in_clients_are_context_managers_as_openais_are(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    with pipeline.openai() as client:
+        assert client.chat.completions.create(model="m", messages=MESSAGES, **PARAMS).choices[0].message
+
+    async def main():
+        async with pipeline.async_openai() as client:
+            return await client.chat.completions.create(model="m", messages=MESSAGES, **PARAMS)
+
+    assert asyncio.run(main()).choices[0].message
