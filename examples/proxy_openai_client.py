@@ -35,7 +35,14 @@ def main() -> None:
     parser.add_argument("--upstream-gguf", type=Path, help="count tokens with this GGUF (a non-OpenAI model)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--n-threads", type=int, default=None)
+    parser.add_argument("--ledger", type=Path, default=None,
+                        help="keep the proxy's ledger in this file (default: a temporary one, removed at the end)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ctxkit-proxy-") as scratch:
+        run(args, args.ledger or Path(scratch) / "ledger.jsonl")
+
+
+def run(args: argparse.Namespace, ledger_path: Path) -> None:
 
     if args.upstream:
         counter = GGUFPrompt.from_gguf(args.upstream_gguf) if args.upstream_gguf else None
@@ -43,7 +50,6 @@ def main() -> None:
     else:
         backend = LlamaCppBackend(n_threads=args.n_threads)
     key = f"sk-demo-{secrets.token_hex(12)}"  # one tenant; a real deployment lists its keys in CTXKIT_API_KEYS
-    ledger_path = Path(tempfile.mkdtemp(prefix="ctxkit-proxy-")) / "ledger.jsonl"
     pipeline = Pipeline(backend, stages=default_stages(backend), ledger=Ledger(ledger_path))
 
     with serve_in_thread(create_app(pipeline, ApiKeys({key: "demo-team"}))) as base_url:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -364,3 +366,46 @@ def test_report_totals_keep_no_record_in_memory():
     summary = summarize(records())
     assert summary["calls"] == 50 and summary["tokens_saved"] == 200 and summary["saved_by_stage"] == {"s": 200}
     assert not any(held), "summarize must not keep the records it has read"
+
+
+# The command cut short by its user: Ctrl-C, or a reader of its output that leaves (`| head`).
+def _ctxkit(*args: str, **kwargs) -> subprocess.Popen:
+    # SIGINT at its default, as in a terminal (a background job of a non-interactive shell ignores it).
+    return subprocess.Popen([sys.executable, "-c", "import sys; from ctxkit.cli.main import main; sys.exit(main())",
+                             *args], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def test_report_to_a_reader_that_left_is_no_error(tmp_path):
+    ledger = tmp_path / "calls.jsonl"
+    ledger.write_text("")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `ctxkit report calls.jsonl --json | true`
+    process = _ctxkit("report", str(ledger), "--json", stdout=write_end)
+    os.close(write_end)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141, err
+    assert b"error" not in err and b"Traceback" not in err
+
+
+def test_ctrl_c_is_a_clear_line_and_exit_130():
+    read_end, write_end = os.pipe()  # `producer | ctxkit report /dev/stdin`, the producer still running
+    process = _ctxkit("report", "/dev/stdin", stdin=read_end, stdout=subprocess.DEVNULL)
+    os.close(read_end)
+    try:
+        time.sleep(5)  # imported and waiting for the ledger's lines
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        os.close(write_end)
+    assert process.returncode == 130, err
+    assert err.decode().strip() == "ctxkit: interrupted"
+
+
+def test_a_torn_line_names_skip_bad_lines(tmp_path):
+    ledger = tmp_path / "calls.jsonl"
+    ledger.write_text('{"id": "call-1", "ts": 1\n')  # a writer killed mid-line
+    process = _ctxkit("report", str(ledger), stdout=subprocess.DEVNULL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert b"calls.jsonl:1: not a ledger record" in err and b"--skip-bad-lines" in err

@@ -34,6 +34,9 @@ def run(backend: Backend, calls: int = 20, max_tokens: int = 16) -> dict[str, An
         overhead_ms: list[float] = []
         through_backend_ms: list[float] = []
         counting_ms: list[float] = []
+        # One untimed call first: the model's first evaluation (cold weights, an empty KV cache) would
+        # otherwise be one of the direct side's timings only, and with few --calls the median with it.
+        backend.complete(ChatRequest(messages=PROMPT, params={"max_tokens": max_tokens, "temperature": 0, "seed": 1}))
         for i in progress(range(calls), total=calls, desc="overhead"):
             request = ChatRequest(messages=PROMPT, params={"max_tokens": max_tokens, "temperature": 0, "seed": 1})
             order = ("direct", "pipeline") if i % 2 == 0 else ("pipeline", "direct")

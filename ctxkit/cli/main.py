@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import importlib
 import json
+import os
+import select
 import sys
 import tempfile
 from pathlib import Path
@@ -66,13 +68,20 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    from ..errors import LedgerError
     from ..ledger import read_ledger
     from ..report import format_summary, plot, summarize
 
     skipped: list[str] = []
     read = read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped)
-    records = list(read) if args.plot else read  # the totals alone are one pass, keeping no record in memory
-    summary = summarize(records)
+    try:
+        records = list(read) if args.plot else read  # the totals alone are one pass, keeping no record in memory
+        summary = summarize(records)
+    except LedgerError as exc:
+        if "not a ledger record" not in str(exc):
+            raise
+        # A writer killed mid-line leaves one torn record: say how to total the rest.
+        raise LedgerError(f"{exc}; pass --skip-bad-lines to leave malformed lines out of the totals") from None
     summary["skipped_lines"] = len(skipped)
     if skipped:  # the totals leave these lines out: say so, never a quietly smaller total
         print(f"ctxkit: warning: skipped {len(skipped)} malformed line(s), left out of the totals; "
@@ -123,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(selected).parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: a clear line and the shell's code for it, not a traceback
+        print("ctxkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            print("ctxkit: error: broken pipe", file=sys.stderr)
+            return 2
+        # The reader of our output left (`ctxkit report calls.jsonl --json | head`): no error of ctxkit's.
+        # stdout goes to /dev/null so the interpreter's last flush does not fail again; 141 = 128 + SIGPIPE,
+        # what any other tool cut off by its reader exits with.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CtxkitError as exc:
         print(f"ctxkit: error: {exc}", file=sys.stderr)
         return 2
@@ -130,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxkit: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (a write would fail with EPIPE)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":
