@@ -409,3 +409,10 @@ def test_a_torn_line_names_skip_bad_lines(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     assert b"calls.jsonl:1: not a ledger record" in err and b"--skip-bad-lines" in err
+
+
+def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
+    from ctxkit import ConfigurationError, LlamaCppBackend
+
+    with pytest.raises(ConfigurationError, match="is a directory, not a GGUF model file"):
+        LlamaCppBackend(tmp_path)  # it said "GGUF model file not found" of a folder that is there

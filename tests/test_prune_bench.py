@@ -25,6 +25,7 @@ def test_bench_reads_a_shared_corpus_for_questions_without_documents(capsys):
     assert result["questions"] == 6
     assert result["kept_token_ratio"] <= 0.25
     assert result["gold_recall"] >= 5 / 6
+    assert result["mode"] == "shared corpus"  # it said "own documents"
 
 
 def test_bench_with_inline_documents_hybrid_and_limit(capsys):
@@ -32,6 +33,7 @@ def test_bench_with_inline_documents_hybrid_and_limit(capsys):
                   "--limit", "4", "--embed-precision", "float32")
     assert result["questions"] == 4 and result["dense"] is True and result["embed_precision"] == "float32"
     assert result["gold_recall"] == 1.0 and result["answer_recall"] == 1.0
+    assert result["mode"] == "own documents"
 
 
 def test_pool_tokens_grows_each_question_corpus_up_to_the_cap(capsys, tmp_path):

@@ -89,6 +89,8 @@ class LlamaCppBackend:
         from llama_cpp import Llama
 
         path = Path(model_path) if model_path is not None else default_model_path()
+        if path.is_dir():
+            raise ConfigurationError(f"{path} is a directory, not a GGUF model file")
         if not path.is_file():
             raise ConfigurationError(f"GGUF model file not found: {path}")
         self.model_path = path

@@ -317,7 +317,10 @@ def run_cli(args: argparse.Namespace) -> None:
     corpora = build_corpora(questions, shared, args.pool_all, args.pool_tokens, ranker.counter.count_text,
                             pool_from=everything, window_tokens=args.window_tokens)
     result = run(questions, corpora, stage, cold_index=args.cold_index)
+    own = sum(bool(q.get("documents")) for q in questions)
     mode = ("pool-all" if args.pool_all else f"pool {args.pool_tokens} tokens" if args.pool_tokens
-            else f"window {args.window_tokens} tokens" if args.window_tokens else "own documents")
+            else f"window {args.window_tokens} tokens" if args.window_tokens
+            else "own documents" if own == len(questions) else "shared corpus" if not own
+            else "own documents, else the shared corpus")
     result = {"budget": args.budget, "mode": mode, "split": args.split, **result}
     emit(result, args.json, table(result))
