@@ -58,6 +58,26 @@ def test_identifier_named_in_the_query_is_selected_first(index):
     assert selection.retrieved == ("kinematics.calculate_time",)
 
 
+def test_a_tool_the_user_names_outranks_its_near_twins(index):
+    # get_museum_hours describes the same thing; the user asked for museum.get_hours by name.
+    selector = ToolSelector(index, top_k=1)
+    selection = selector.select([{"role": "user", "content": "Please call museum.get_hours for the Louvre."}])
+    assert selection.retrieved == ("museum.get_hours",)
+
+
+def test_every_tool_named_in_one_sentence_is_selected(index):
+    # One sentence, two named tools: the words are mostly about stocks, yet both names count.
+    text = "What time is it in Tokyo? Use get_current_time, then tell me the price of AAPL with get_stock_price."
+    selection = ToolSelector(index, top_k=2).select([{"role": "user", "content": text}])
+    assert set(selection.retrieved) == {"get_current_time", "get_stock_price"}
+
+
+def test_a_name_written_as_an_ordinary_word_gets_no_boost(index):
+    # "integrate" is a tool's name and an English word: it ranks on its meaning, not as a named tool.
+    candidates, scores = index.score(["integrate the sales figures into the quarterly report"])
+    assert scores.max() < 1.0
+
+
 def test_selection_is_in_catalog_order_and_identical_across_calls(index, catalog):
     selector = ToolSelector(index, top_k=5)
     messages = [{"role": "user", "content": "Who won the last match between the Bulls and the Lakers?"}]

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -50,6 +51,10 @@ INDEX_FILE = "index.npz"
 # Saved catalog versions kept per embedding model: every add or remove of a tool saves a version of its own,
 # and a catalog that changes all day (MCP servers coming and going) filled the disk with full copies.
 KEEP_CATALOGS = 8
+# A tool named in the request as the identifier it is ("use get_current_time", "call sculptor_info.get"): one
+# with an underscore, a dot or a camelCase hump, so a tool named by an ordinary word ("derivative") is not.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[.-][A-Za-z_][A-Za-z0-9_]*)*")
+_LOOKS_LIKE_IDENTIFIER = re.compile(r"[_.-]|[a-z0-9][A-Z]")
 logger = logging.getLogger("ctxkit")
 
 
@@ -259,7 +264,9 @@ class ToolIndex:
 
         Returns (candidates, scores): catalog positions of the tools either retriever proposed for any
         part, and a (parts, candidates) matrix of fused scores. Tools outside the candidates are not
-        considered at all: that is what keeps a catalog of thousands fast.
+        considered at all: that is what keeps a catalog of thousands fast. A tool whose exact name a part
+        writes out as an identifier ("use get_current_time", "call museum.get_hours") is a candidate and
+        scores 1.0, the most fusion gives: the user chose it over its near-twins, which rank as high on meaning.
         """
         fusion = self.fusion
         with self._lock:
@@ -271,6 +278,8 @@ class ToolIndex:
             lexical = np.stack([self._lexical.scores(t) for t in texts])
             lexical_top = np.argpartition(-lexical, n - 1, axis=1)[:, :n] if n < len(self._tools) else None
             positions = {self._id_position[int(i)] for i in dense_ids.ravel() if i >= 0}
+            named = [self._named_in(t) for t in texts]
+            positions.update(p for found in named for p in found)
             if lexical_top is None:
                 positions = set(range(len(self._tools)))
             else:
@@ -281,7 +290,17 @@ class ToolIndex:
             best = lexical.max(axis=1, keepdims=True)
             lexical_c = lexical[:, candidates] / np.maximum(best, fusion.lexical_floor * self._perfect_match)
             scores = fusion.dense_weight * dense + (1 - fusion.dense_weight) * lexical_c
+            column = {int(p): c for c, p in enumerate(candidates)}
+            for row, found in enumerate(named):
+                for position in found:
+                    # The user named it: a perfect match for this part (fused scores are at most 1).
+                    scores[row, column[position]] = max(float(scores[row, column[position]]), 1.0)
             return candidates, scores.astype(np.float32)
+
+    def _named_in(self, text: str) -> set[int]:
+        """Positions of the tools whose exact name the text writes out as an identifier."""
+        return {self._position[word] for word in _IDENTIFIER.findall(text)
+                if word in self._position and _LOOKS_LIKE_IDENTIFIER.search(word)}
 
     def search(self, text: str, k: int) -> list[str]:
         """The k best tool names for one query text, best first."""
