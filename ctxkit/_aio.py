@@ -113,3 +113,63 @@ async def enter_in_thread(flight: Any) -> None:
         if entered:  # cancelled after the thread took the lock, before this task resumed
             flight.__exit__(None, None, None)
         raise
+
+
+class WorkTracker:
+    """The worker-thread work a call started (its stages' hooks, counting), for a caller that abandons the
+    call: cancelling the task does not stop a thread, so its work goes on, and whoever limits how many calls
+    run at once (`ctxkit serve`'s slots) must count it until it ends. Set with `track_work`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        with self._lock:
+            self._running += 1
+            self._idle.clear()
+
+    def finished(self) -> None:  # in the worker thread
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._loop.call_soon_threadsafe(self._idle.set)
+
+    async def idle(self) -> None:
+        """Until no worker thread of the call runs any more."""
+        while True:
+            await self._idle.wait()
+            with self._lock:
+                if self._running == 0:
+                    return
+            self._idle.clear()
+
+
+_work: contextvars.ContextVar[WorkTracker | None] = contextvars.ContextVar("ctxkit_work", default=None)
+
+
+def track_work() -> WorkTracker:
+    """Count the worker-thread work of what runs in this context from now on (a task created after it)."""
+    tracker = WorkTracker()
+    _work.set(tracker)
+    return tracker
+
+
+async def tracked_to_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """asyncio.to_thread, counted by the context's WorkTracker when there is one: the thread's work ends
+    when `fn` returns, not when the awaiting task is cancelled."""
+    tracker = _work.get()
+    if tracker is None:
+        return await asyncio.to_thread(fn, *args)
+    tracker.started()
+
+    def run() -> T:
+        try:
+            return fn(*args)
+        finally:
+            tracker.finished()
+
+    return await asyncio.to_thread(run)

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ._aio import tracked_to_thread
 from .backends.base import Backend
 from .errors import (
     BackendConnectionError,
@@ -218,7 +219,7 @@ class Pipeline:
     async def acall(self, request: ChatRequest) -> AsyncResult:
         """The async twin of `call`. Validation and token counting run in a worker thread: counting a large
         prompt takes seconds, and on the event loop it would stall every other call it serves (a proxy's tenants)."""
-        trace = await asyncio.to_thread(self._start, request)
+        trace = await tracked_to_thread(self._start, request)
         token = _current_call.set(trace)
         try:
             result = await self._adispatch(trace, 0, trace.request)
@@ -305,7 +306,7 @@ class Pipeline:
         # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
         # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to
         # tokens_naive - tokens_sent even when this stage answers by itself (a cache hit).
-        tally.saved += await asyncio.to_thread(lambda: trace.count(self._naive_from(index, request)))
+        tally.saved += await tracked_to_thread(lambda: trace.count(self._naive_from(index, request)))
         called_next = False
         inner_ms = 0.0
 
@@ -313,7 +314,7 @@ class Pipeline:
             nonlocal called_next, inner_ms
             _check_passed_on(stage, next_request)
             called_next = True
-            tally.saved -= await asyncio.to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
+            tally.saved -= await tracked_to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
             t0 = time.perf_counter()
             try:
                 return await self._adispatch(trace, index + 1, next_request)
@@ -362,7 +363,7 @@ class Pipeline:
                                   trace, tokens, t0)
 
     async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
-        tokens = await asyncio.to_thread(self._prepare, trace, request)
+        tokens = await tracked_to_thread(self._prepare, trace, request)
         trace.unsent = False
         t0 = time.perf_counter()
         if not request.stream:

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._aio import tracked_to_thread
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 
@@ -82,7 +83,7 @@ class Stage:
         in_thread = self.hooks_in_thread
         if in_thread is None:
             in_thread = getattr(type(self), hook).__module__.startswith("ctxkit.")
-        return await asyncio.to_thread(method, *args) if in_thread else method(*args)
+        return await tracked_to_thread(method, *args) if in_thread else method(*args)
 
 
 def _defined_in(cls: type, attr: str) -> type:

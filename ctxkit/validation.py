@@ -68,6 +68,13 @@ def _validate_fields(request: ChatRequest) -> None:
         raise RequestError(f"must be a non-empty string or null, got {conversation!r}", "conversation_id")
     if not isinstance(request.metadata, Mapping):
         raise RequestError(f"must be an object, got {type(request.metadata).__name__}", "metadata")
+    for key in ("ctxkit.quarantined", "ctxkit.quarantined_documents"):
+        # The quarantine stage's marks ({fingerprint or document id: reason}); an app or a proxy client can send
+        # them too (OpenAI's `metadata`), and a number there was a TypeError in the cache stage: a 500.
+        marks = request.metadata.get(key)
+        if marks is not None and not (isinstance(marks, Mapping)
+                                      and all(isinstance(k, str) and isinstance(v, str) for k, v in marks.items())):
+            raise RequestError(f"must be an object of id -> reason strings, got {marks!r:.60}", f'metadata["{key}"]')
     timeout = request.timeout
     if timeout is not None and not _is_httpx_timeout(timeout) and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf):

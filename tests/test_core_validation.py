@@ -411,3 +411,21 @@ def test_a_file_that_is_no_gguf_is_a_configuration_error(tmp_path):
         LlamaCppBackend(path)
     with pytest.raises(ConfigurationError, match="n_ctx"):
         LlamaCppBackend(n_ctx=-5)
+
+
+@pytest.mark.parametrize("key", ["ctxkit.quarantined", "ctxkit.quarantined_documents"])
+@pytest.mark.parametrize("value", [5, "abc", ["x"], {"fp": 3}])
+def test_quarantine_marks_of_the_wrong_shape_in_metadata_name_the_field(key, value, counting, ledger, tmp_path,
+                                                                        embedder):
+    """A proxy client sends OpenAI's `metadata` as it likes: {"ctxkit.quarantined": 5} was a TypeError deep in the
+    cache stage ('argument of type int is not iterable'), a 500 "internal error" from `ctxkit serve`."""
+    from ctxkit.stages.cache import LocalStore, SemanticCacheStage
+
+    cache = SemanticCacheStage(LocalStore(tmp_path / "cache"), embedder, default_model=counting.model)
+    pipeline = Pipeline(counting, [cache], ledger=ledger)
+    metadata = {key: value, "documents": [{"id": "d", "text": "Oslo is in Norway."}]}
+    with pytest.raises(RequestError) as info:
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": "Where is Oslo?"}],
+                                  params={"temperature": 0, "max_tokens": 4}, metadata=metadata))
+    assert info.value.where == f'metadata["{key}"]'
+    assert counting.calls == 0

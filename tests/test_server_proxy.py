@@ -413,3 +413,41 @@ def test_a_keys_file_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
 def test_a_key_with_an_invisible_character_is_refused_at_start(key):
     with pytest.raises(ConfigurationError, match="invisible"):
         ApiKeys({key: "team-a"})
+
+
+def test_a_client_that_hangs_up_during_slow_stage_work_keeps_its_slot_until_that_work_ends(llama_backend, tmp_path):
+    """The slot was freed as soon as the client left, but the call's stage work (a hook in a worker thread:
+    summarizing a big request) cannot be cancelled and went on: clients that hang up after a second each
+    piled up that work beside the next calls, and every tenant's call then waited minutes for a thread."""
+    import threading
+    import time
+
+    from ctxkit.stage import Stage
+
+    class SlowHook(Stage):
+        name = "slow"
+        hooks_in_thread = True
+
+        def __init__(self) -> None:
+            self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+        def before_model(self, request):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(1.0)
+            with self.lock:
+                self.running -= 1
+            return request
+
+    slow = SlowHook()
+    pipeline = Pipeline(llama_backend, [slow], ledger=Ledger(tmp_path / "ledger.jsonl"))
+    app = create_app(pipeline, ApiKeys(KEYS), max_concurrency=1)
+    with serve_in_thread(app) as base_url:
+        for n in range(4):
+            body = {"messages": [{"role": "user", "content": f"Say hello {n}."}], "max_tokens": 2, "temperature": 0}
+            with pytest.raises(httpx.TimeoutException):
+                _post(base_url, body, timeout=0.3)
+        answer = client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    assert answer.choices[0].message.content is not None
+    assert slow.most == 1, f"{slow.most} calls' stage work ran at once under max_concurrency=1"

@@ -537,3 +537,26 @@ def test_a_find_tools_call_that_was_never_offered_is_not_called_a_second_search(
     with pytest.raises(UnknownToolError, match="did not offer") as raised:
         stage.wrap_call(REQUEST, provider)
     assert "again" not in str(raised.value)
+
+
+def test_a_tool_block_remembered_for_one_tenant_is_not_another_tenants_previous_prompt(llama_backend, embedder,
+                                                                                      index_dir, catalog):
+    """The tool blocks sent were remembered by the prompt alone: a tenant whose conversation opens as another
+    tenant's did ("Hello") got a prefix_invalidated event naming that tenant's tools, and its tokens."""
+    from ctxkit import Ledger
+
+    ledger = Ledger()
+    stage = ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=index_dir)
+    provider = _Provider({"role": "assistant", "content": "Hi."}, {"role": "assistant", "content": "Sunny."})
+    pipeline = Pipeline(llama_backend, stages=[stage, _Scripted(provider)], ledger=ledger)
+    opening = [{"role": "user", "content": "Hello, I need help with something."}]
+    private = [{**t, "function": {**t["function"], "name": f"acme_private_{i}"}} for i, t in enumerate(catalog[:6])]
+    pipeline.call(ChatRequest(messages=opening, tools=private, namespace="team-a"))
+    pipeline.call(ChatRequest(messages=[*opening, {"role": "assistant", "content": "Sure."},
+                                        {"role": "user", "content": "Get the stock price of Apple."}],
+                              tools=catalog[6:20], namespace="team-b"))
+    record = ledger.records[-1]
+    assert record.namespace == "team-b"
+    leaked = [e for e in _events(record, "prefix_invalidated")
+              if any(name.startswith("acme_private_") for name in e.get("tools_before", []))]
+    assert leaked == []

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .._aio import acquire, iterate_in_thread, to_thread_holding
+from .._aio import acquire, iterate_in_thread, to_thread_holding, tracked_to_thread
 from ..errors import BackendError, BackendTimeoutError, ConfigurationError, ContextOverflowError, RequestError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
@@ -301,7 +301,7 @@ class LlamaCppBackend:
         import asyncio
 
         cancelled = threading.Event()
-        tokens = await asyncio.to_thread(self._prompt_tokens, request)
+        tokens = await tracked_to_thread(self._prompt_tokens, request)
         deadline = _deadline(request)
         # Waiting for the model happens here, in the event loop: a worker thread blocked on the lock would be
         # one fewer for the stream that holds it, whose every step needs one (and enough of them hang all).
@@ -314,9 +314,8 @@ class LlamaCppBackend:
             raise
 
     async def astream(self, request: ChatRequest) -> AsyncIterator[dict[str, Any]]:
-        import asyncio
 
-        tokens = await asyncio.to_thread(self._prompt_tokens, request)
+        tokens = await tracked_to_thread(self._prompt_tokens, request)
         deadline = _deadline(request)
         await self._atake_model(deadline)  # in the event loop, as in acomplete
         chunks = iterate_in_thread(self._stream_holding_lock(request, tokens, deadline), self._holders)

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._aio import WorkTracker, track_work
 from ..errors import (
     BackendConnectionError,
     BackendError,
@@ -283,8 +284,12 @@ class _Proxy:
                 self.metrics.in_flight.dec()
 
         stream: Any = None
+        # The call's stage work runs in worker threads, which a client that hangs up does not stop: counted
+        # here, so its slot is freed when that work ends (else each abandoned 4 MB call left a summarization
+        # running for minutes beside the next ones, and every tenant's calls queued behind them for threads).
+        work = _tracked()
         try:
-            result = await _unless_disconnected(request, self.pipeline.acall(chat))
+            result = await _unless_disconnected(request, work.run(self.pipeline.acall(chat)))
             if isinstance(result, ChatResponse):
                 release()
                 return JSONResponse(result.to_openai())
@@ -299,6 +304,7 @@ class _Proxy:
         except BaseException:
             if stream is not None:
                 await stream.aclose()
+            await work.idle()
             release()
             raise
 
@@ -332,6 +338,21 @@ class _Proxy:
 
         return _StreamingAnswer(events(), end, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _tracked:
+    """Runs a coroutine in a context of its own that counts the worker-thread work it starts (_aio.WorkTracker)."""
+
+    def __init__(self) -> None:
+        self.tracker: WorkTracker | None = None
+
+    async def run(self, work: Awaitable[Any]) -> Any:
+        self.tracker = track_work()  # this task's context only (the task was made with a copy of the caller's)
+        return await work
+
+    async def idle(self) -> None:
+        if self.tracker is not None:
+            await self.tracker.idle()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

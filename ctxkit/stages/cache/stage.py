@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._aio import enter_in_thread
+from ..._aio import enter_in_thread, tracked_to_thread
 from ...embed import DEFAULT_MODEL_ID, probe_vector
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
@@ -148,7 +148,7 @@ class SemanticCacheStage(Stage):
             return result
 
     async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
-        found = await asyncio.to_thread(self.lookup, request)
+        found = await tracked_to_thread(self.lookup, request)
         if found.response is not None:
             return self._aanswer(request, found.response)
         if not found.cacheable:
@@ -162,16 +162,16 @@ class SemanticCacheStage(Stage):
             flight = self.store.single_flight(found.key.exact)
             await enter_in_thread(flight)  # a blocking lock: wait for it off the event loop
             try:
-                again = await asyncio.to_thread(self._exact, found.key, self._max_age(request))
+                again = await tracked_to_thread(self._exact, found.key, self._max_age(request))
                 if again is not None:
                     self._note_hit(found.key, "exact", None, "single_flight")
                     return self._aanswer(request, again)
                 result = await call_next(request)
                 if isinstance(result, ChatResponse):
-                    await asyncio.to_thread(self.remember, request, result, found)
+                    await tracked_to_thread(self.remember, request, result, found)
                 return result
             finally:
-                await asyncio.to_thread(flight.__exit__, None, None, None)
+                await tracked_to_thread(flight.__exit__, None, None, None)
 
     @contextlib.asynccontextmanager
     async def _async_flight(self, key: str) -> Any:

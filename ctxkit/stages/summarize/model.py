@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..._aio import tracked_to_thread
 from ...backends.base import Backend
 from ...errors import ConfigurationError
 from ...pipeline import record_event
@@ -127,9 +128,8 @@ class ModelSummarizer:
         return summary or previous
 
     async def afold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:
-        import asyncio
 
-        return await asyncio.to_thread(self.fold, previous, messages)
+        return await tracked_to_thread(self.fold, previous, messages)
 
 
 # A full stop before a space or the end; CJK full stops need no space after them.

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._aio import tracked_to_thread
 from ...backends.base import Backend
 from ...errors import BackendError, ConfigurationError
 from ...pipeline import record_event
@@ -166,12 +167,11 @@ class SummarizationStage(Stage):
     # hooks_in_thread says; an application's override runs where Stage._run_hook puts it (the event loop's
     # thread unless it sets hooks_in_thread = True), as the docs say of a subclass's hooks.
     async def awrap_call(self, request: ChatRequest, call_next: Any) -> Any:
-        import asyncio
 
         from ...response import ChatResponse
 
         if type(self).before_model is SummarizationStage.before_model:
-            request = await asyncio.to_thread(self.before_model, request)
+            request = await tracked_to_thread(self.before_model, request)
         else:
             request = await self._run_hook("before_model", request)
         result = await call_next(request)

@@ -20,7 +20,6 @@ recovery is noted in the ledger (`record_event`); the token saving itself is mea
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import copy
 import dataclasses
@@ -32,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..._aio import tracked_to_thread
 from ...errors import ConfigurationError, UnknownToolError
 from ...lru import LRUMemo
 from ...pipeline import EventRecorder, event_recorder, record_event
@@ -233,7 +233,7 @@ class ToolRetrievalStage(Stage):
 
     async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
         # Selection embeds the query (and the first call builds the index): CPU work, off the event loop.
-        plan = await asyncio.to_thread(self._plan, request)
+        plan = await tracked_to_thread(self._plan, request)
         if plan is None:
             return await call_next(request)
         self._remember_sent(request, plan)
@@ -242,7 +242,7 @@ class ToolRetrievalStage(Stage):
             return self._achecked_stream(plan, result)
         if not isinstance(result, ChatResponse):
             return result
-        retry = await asyncio.to_thread(self._recovery, request, plan, result)
+        retry = await tracked_to_thread(self._recovery, request, plan, result)
         if retry is None:
             return result
         self._remember_sent(request, retry)
@@ -300,7 +300,7 @@ class ToolRetrievalStage(Stage):
         if end == 0:
             return
         with self._lock:
-            sent_before = self._sent_for.get(_messages_key(request.messages[:end]))
+            sent_before = self._sent_for.get(_sent_key(request, selector.index, request.messages[:end]))
         if sent_before is not None:  # what that call was really sent (a re-run's tools, a forced tool, compacted)
             names_before = [t["function"]["name"] for t in sent_before]
             if names_before != [t["function"]["name"] for t in tools]:
@@ -316,7 +316,7 @@ class ToolRetrievalStage(Stage):
                          tools_before=list(before.names))
 
     def _remember_sent(self, request: ChatRequest, plan: _Plan) -> None:
-        key = _messages_key(request.messages)
+        key = _sent_key(request, plan.index, request.messages)
         with self._lock:
             self._sent_for[key] = list(plan.request.tools)
             self._sent_for.move_to_end(key)
@@ -425,8 +425,12 @@ class ToolRetrievalStage(Stage):
                 raise UnknownToolError(str(name), len(plan.index), detail)
 
 
-def _messages_key(messages: Sequence[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(list(messages), sort_keys=True, default=str).encode()).hexdigest()
+def _sent_key(request: ChatRequest, index: ToolIndex, messages: Sequence[dict[str, Any]]) -> str:
+    """What a tool block sent is remembered by: the namespace and the pool it was chosen from, besides the
+    prompt. By the messages alone, another tenant whose conversation opens alike ("Hello") found this one's
+    selection: its ledger named the other tenant's tools and counted their tokens as un-cached."""
+    blob = json.dumps([request.namespace, index.catalog_hash, list(messages)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _unsent(plan: _Plan, response: ChatResponse) -> list[str]:
