@@ -997,3 +997,15 @@ def test_a_streamed_local_tool_call_is_the_call_the_whole_answer_makes(llama_bac
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
         == ["tool_calls"]
     assert ledger.records[-1].status == "ok"
+
+
+def test_n_threads_also_limits_how_the_prompt_is_read(llama_backend):
+    """n_threads=1 left prompt reading on every core (llama-cpp-python's n_threads_batch default)."""
+    from ctxkit import LlamaCppBackend
+
+    for kwargs, batch in (({"n_threads": 1}, 1), ({"n_threads": 1, "n_threads_batch": 2}, 2)):
+        backend = LlamaCppBackend(llama_backend.model_path, n_ctx=256, **kwargs)
+        try:
+            assert backend._llama.context_params.n_threads_batch == batch
+        finally:
+            backend.close()
