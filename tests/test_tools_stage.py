@@ -560,3 +560,34 @@ def test_a_tool_block_remembered_for_one_tenant_is_not_another_tenants_previous_
     leaked = [e for e in _events(record, "prefix_invalidated")
               if any(name.startswith("acme_private_") for name in e.get("tools_before", []))]
     assert leaked == []
+
+
+def test_a_changed_selection_notes_what_the_backend_really_lost(llama_backend, embedder, catalog, index_dir):
+    """The note counted the messages the stage saw, not the prompt later stages sent: documents rendered
+    after it (1467 tokens lost, 537 noted in a review's repro) and the template's head, which stays cached."""
+    from ctxkit import Ledger
+    from ctxkit.stages.prefix import shared_prefix
+    from ctxkit.stages.pruning import DocumentPruningStage
+
+    sent: list[list[int]] = []
+    real = llama_backend._prompt_tokens
+    llama_backend._prompt_tokens = lambda request: (sent.append(real(request)) or sent[-1])
+    try:
+        ledger = Ledger()
+        stages = [ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=index_dir, counter=llama_backend.counter),
+                  DocumentPruningStage(budget_tokens=600, embedder=embedder, counter=llama_backend.counter)]
+        pipeline = Pipeline(llama_backend, stages=stages, ledger=ledger)
+        documents = [{"id": "handbook", "text": " ".join(
+            f"Policy {i}: staff in region {i % 6} may claim {20 + i} EUR a day for meals." for i in range(40))}]
+        messages = [{"role": "user", "content": "Get the stock price of Apple for the last 5 days."}]
+        ask = dict(tools=catalog, params={"max_tokens": 1, "temperature": 0}, conversation_id="c",
+                   metadata={"documents": documents})
+        pipeline.chat(list(messages), **ask)
+        messages += [{"role": "assistant", "content": "Apple closed at 190.5."},
+                     {"role": "user", "content": "Now translate 'good morning' into French."}]
+        pipeline.chat(list(messages), **ask)
+    finally:
+        llama_backend._prompt_tokens = real
+    before, now = sent
+    noted = max(e["tokens"] for e in _events(ledger.records[-1], "prefix_invalidated"))
+    assert noted == len(before) - shared_prefix(before, now)

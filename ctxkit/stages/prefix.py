@@ -48,9 +48,13 @@ def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, An
     if callable(token_ids):
         blank = {k: v for k, v in previous[first_edit].items() if k != "tool_calls"}
         old, cut = token_ids(previous), token_ids([*previous[:first_edit], {**blank, "content": ""}])
-        shared = next((k for k, (a, b) in enumerate(zip(old, cut, strict=False)) if a != b), min(len(old), len(cut)))
-        return len(old) - shared
+        return len(old) - shared_prefix(old, cut)
     return counter.count_prompt(previous) - counter.count_prompt(previous[:first_edit])
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids two prompts share: what a prefix cache keeps of one for the other."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def record_prefix_invalidated(

@@ -40,7 +40,7 @@ from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ...tokens import TokenCounter
-from ..prefix import default_counter, previous_prompt_end
+from ..prefix import default_counter, previous_prompt_end, shared_prefix
 from .compaction import compact_tool
 from .index import DOCUMENT_MEMO_SIZE, FusionConfig, Tool, ToolIndex, VectorMemo, catalog_hash, tool_hash
 from .selector import Selection, ToolSelector
@@ -168,6 +168,9 @@ class ToolRetrievalStage(Stage):
         # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
         # tool_choice included: the next call of that conversation compares its tool block with it.
         self._sent_for: collections.OrderedDict[str, list[Tool]] = collections.OrderedDict()
+        # and the prompt tokens the backend reported for it: the prompt as later stages sent it (documents
+        # rendered, duplicates collapsed), which is what a prefix cache held, not the messages this stage saw.
+        self._prompt_for: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
@@ -218,6 +221,7 @@ class ToolRetrievalStage(Stage):
             return call_next(request)
         self._remember_sent(request, plan)
         result = call_next(plan.request)
+        self._remember_prompt(request, plan, result)
         if isinstance(result, ChatStream):
             return self._checked_stream(plan, result)  # chunks go out as they come: checked, not recovered
         if not isinstance(result, ChatResponse):
@@ -227,6 +231,7 @@ class ToolRetrievalStage(Stage):
             return result
         self._remember_sent(request, retry)
         second = call_next(retry.request)
+        self._remember_prompt(request, retry, second)
         if isinstance(second, ChatResponse):
             self._check_second(retry, second)
         return second
@@ -238,6 +243,7 @@ class ToolRetrievalStage(Stage):
             return await call_next(request)
         self._remember_sent(request, plan)
         result = await call_next(plan.request)
+        self._remember_prompt(request, plan, result)
         if isinstance(result, AsyncChatStream):
             return self._achecked_stream(plan, result)
         if not isinstance(result, ChatResponse):
@@ -247,6 +253,7 @@ class ToolRetrievalStage(Stage):
             return result
         self._remember_sent(request, retry)
         second = await call_next(retry.request)
+        self._remember_prompt(request, retry, second)
         if isinstance(second, ChatResponse):
             self._check_second(retry, second)
         return second
@@ -299,12 +306,18 @@ class ToolRetrievalStage(Stage):
         end = previous_prompt_end(request.messages)
         if end == 0:
             return
+        key = _sent_key(request, selector.index, request.messages[:end])
         with self._lock:
-            sent_before = self._sent_for.get(_sent_key(request, selector.index, request.messages[:end]))
+            sent_before = self._sent_for.get(key)
+            prompt_before = self._prompt_for.get(key)
         if sent_before is not None:  # what that call was really sent (a re-run's tools, a forced tool, compacted)
             names_before = [t["function"]["name"] for t in sent_before]
             if names_before != [t["function"]["name"] for t in tools]:
-                tokens = self.counter.count_prompt(request.messages[:end], list(sent_before))
+                # The prompt that call really sent (its usage: documents rendered, duplicates collapsed by later
+                # stages), less the head both tool blocks keep cached.
+                tokens = prompt_before if prompt_before else self.counter.count_prompt(request.messages[:end],
+                                                                                          list(sent_before))
+                tokens = max(0, tokens - self._kept_head(request.messages[:end], sent_before, tools))
                 record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
                              tools_before=[n for n in names_before if n != FIND_TOOLS])
             return
@@ -314,6 +327,27 @@ class ToolRetrievalStage(Stage):
             tokens = self.counter.count_prompt(request.messages[:end], list(before.tools))
             record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
                          tools_before=list(before.names))
+
+    def _kept_head(self, messages: Sequence[Any], before: Sequence[Tool], now: Sequence[Tool]) -> int:
+        """Leading prompt tokens the two tool blocks share (the template's opening, a system message rendered
+        before the tools): a prefix cache keeps them. Needs the model's own token ids (a GGUF model)."""
+        token_ids = getattr(self.counter, "tokens", None)
+        if not callable(token_ids) or not messages:
+            return 0
+        head = [dict(m) for m in messages if m.get("role") in ("system", "developer")][:1] or [dict(messages[0])]
+        old, new = token_ids(head, list(before)), token_ids(head, list(now))
+        return shared_prefix(old, new)
+
+    def _remember_prompt(self, request: ChatRequest, plan: _Plan, result: Any) -> None:
+        """The prompt tokens the backend reported for this call: what later stages really sent."""
+        if not isinstance(result, ChatResponse) or not result.usage.prompt_tokens:
+            return
+        key = _sent_key(request, plan.index, request.messages)
+        with self._lock:
+            self._prompt_for[key] = result.usage.prompt_tokens
+            self._prompt_for.move_to_end(key)
+            while len(self._prompt_for) > 1024:
+                self._prompt_for.popitem(last=False)
 
     def _remember_sent(self, request: ChatRequest, plan: _Plan) -> None:
         key = _sent_key(request, plan.index, request.messages)
