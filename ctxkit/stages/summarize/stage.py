@@ -150,12 +150,17 @@ class SummarizationStage(Stage):
             return request.override(messages=list(result.messages))
         key = self._key(request)
         with self._conversation_lock(key):  # two calls of one conversation must not fold the same turns twice
+            before = self.store.get(key)
+            folded_before = before.folded if before is not None else 0
             result = self.summarize(request)
             state = self.store.get(key)
             sent = tuple(result.messages)
             if state is not None:
+                # Only this stage's own edits: a fold, or a start over. Between folds what it passes on changes
+                # only where an earlier stage changed it (quarantine withholding a result), which that stage notes.
                 invalidated = self._invalidated(state, sent)
-                record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
+                if invalidated and (result.refolded or result.folded != folded_before):
+                    record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
                 state.last_sent = sent
                 state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
                 state.last_tools = tuple(request.tools)
@@ -194,8 +199,11 @@ class SummarizationStage(Stage):
             if request.conversation_id:  # an implicit key (see _key) keeps only a folded state
                 self.store.put(key, state)
 
+        # The message pinned at the last fold stays until the next one: recomputed, a new user turn would take it
+        # away from right after the summary, and un-cache everything after it with no fold.
+        pinned = self._pinned(body, state.folded, request) if state.pinned is None else state.pinned
         current = self._assemble([*head, *_instructions(body[: state.folded])], state,
-                                 [*self._pinned(body, state.folded, request), *body[state.folded:]])
+                                 [*_kept(body, pinned), *body[state.folded:]])
         unchanged = request.messages if state.folded == 0 else current
         if not self._over_trigger(current, request):
             return SummaryResult(unchanged, state.folded, False, state.summary)
@@ -217,7 +225,8 @@ class SummarizationStage(Stage):
             return SummaryResult(unchanged, state.folded, False, state.summary)
         state.folded = cut
         state.folded_digest = digest(prints[:cut])
-        head, tail = [*head, *_instructions(body[:cut])], [*self._pinned(body, cut, request), *body[cut:]]
+        state.pinned = self._pinned(body, cut, request)
+        head, tail = [*head, *_instructions(body[:cut])], [*_kept(body, state.pinned), *body[cut:]]
         state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
         self.store.put(key, state)
         return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
@@ -369,24 +378,24 @@ class SummarizationStage(Stage):
         target = self._target(request)
         limit = fixed + int(max(target - fixed, 0) * self.max_tail_fraction) if fixed < target \
             else int(target * self.max_tail_fraction)
-        while cut < last_possible and self.counter.count_prompt([*head, *self._pinned(body, cut, request),
+        while cut < last_possible and self.counter.count_prompt([*head, *_kept(body, self._pinned(body, cut, request)),
                                                                        *body[cut:]], request.tools) > limit:
             cut += 1
             while cut < last_possible and not valid[cut]:
                 cut += 1
         return cut
 
-    def _pinned(self, body: Sequence[Message], cut: int, request: ChatRequest) -> list[Message]:
-        """The newest user message, when a cut inside its turn (a big tool result) folds it: the request itself
-        stays verbatim, right after the summary, so the model still sees what it was asked. Not when it is too
-        big to keep (a pasted document): that is folded like any turn, as the summary exists to make it fit."""
+    def _pinned(self, body: Sequence[Message], cut: int, request: ChatRequest) -> int:
+        """The newest user message (its index; -1: none), when a cut inside its turn (a big tool result) folds
+        it: the request itself stays verbatim, right after the summary, so the model still sees what it was
+        asked. Not when it is too big to keep (a pasted document): that is folded like any turn, as the summary
+        exists to make it fit."""
         last_user = max((i for i, m in enumerate(body) if m.get("role") == "user"), default=-1)
         if not 0 <= last_user < cut:
-            return []
-        pinned = [body[last_user]]
-        if self.counter.count_prompt(pinned) > int(self._target(request) * self.max_tail_fraction) // 2:
-            return []
-        return pinned
+            return -1
+        if self.counter.count_prompt([body[last_user]]) > int(self._target(request) * self.max_tail_fraction) // 2:
+            return -1
+        return last_user
 
     def _still_valid(self, state: ConversationState, body: list[Message], prints: list[str],
                      marks: Mapping[str, str]) -> bool:
@@ -451,6 +460,10 @@ class SummarizationStage(Stage):
 
 
 _INSTRUCTION_ROLES = ("system", "developer")
+
+
+def _kept(body: Sequence[Message], pinned: int) -> list[Message]:
+    return [body[pinned]] if 0 <= pinned < len(body) else []
 
 
 def _split_head(messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:

@@ -44,6 +44,8 @@ class ConversationState:
     facts:         every fact unit of the folded messages (the pool the extractive keeper chooses from).
     texts:         the folded messages' texts by index, for rendering neighbouring sentences verbatim.
     summary:       the summary message last sent: reused unchanged until the next fold (stable prefix).
+    pinned:        the folded user message sent verbatim after the summary until the next fold (its index
+                   after the leading system messages; -1: none; None: a state saved before this was kept).
     """
 
     folded: int = 0
@@ -53,6 +55,7 @@ class ConversationState:
     facts: list[Fact] = dataclasses.field(default_factory=list)
     texts: dict[int, str] = dataclasses.field(default_factory=dict)
     summary: str = ""
+    pinned: int | None = -1
     vectors: np.ndarray | None = None  # embeddings of `facts`, in order; not persisted
     last_sent: tuple[Any, ...] = ()  # the messages this stage passed on last time; not persisted
     last_sent_tokens: int = 0
@@ -62,7 +65,7 @@ class ConversationState:
         return {
             "folded": self.folded, "folded_digest": self.folded_digest, "included": self.included,
             "model_summary": self.model_summary, "facts": [f.to_json() for f in self.facts],
-            "texts": {str(k): v for k, v in self.texts.items()}, "summary": self.summary,
+            "texts": {str(k): v for k, v in self.texts.items()}, "summary": self.summary, "pinned": self.pinned,
         }
 
     @classmethod
@@ -71,6 +74,7 @@ class ConversationState:
             folded=int(data["folded"]), folded_digest=str(data["folded_digest"]), included=list(data["included"]),
             model_summary=str(data["model_summary"]), facts=[Fact(**f) for f in data["facts"]],
             texts={int(k): v for k, v in data["texts"].items()}, summary=str(data["summary"]),
+            pinned=int(data["pinned"]) if data.get("pinned") is not None else None,
         )
 
 
