@@ -151,6 +151,11 @@ class WorkTracker:
 _work: contextvars.ContextVar[WorkTracker | None] = contextvars.ContextVar("ctxkit_work", default=None)
 
 
+def current_work() -> WorkTracker | None:
+    """The WorkTracker of this context (see track_work), if any: for work started in a thread of its own."""
+    return _work.get()
+
+
 def track_work() -> WorkTracker:
     """Count the worker-thread work of what runs in this context from now on (a task created after it)."""
     tracker = WorkTracker()
@@ -165,11 +170,26 @@ async def tracked_to_thread(fn: Callable[..., T], /, *args: Any) -> T:
     if tracker is None:
         return await asyncio.to_thread(fn, *args)
     tracker.started()
+    guard = threading.Lock()
+    state = {"ran": False, "dropped": False}
 
     def run() -> T:
+        with guard:
+            if state["dropped"]:  # the caller left before a worker took this job: it was counted as ended
+                raise asyncio.CancelledError
+            state["ran"] = True
         try:
             return fn(*args)
         finally:
             tracker.finished()
 
-    return await asyncio.to_thread(run)
+    try:
+        return await asyncio.to_thread(run)
+    except BaseException:
+        # Cancelled while the job still waited in the executor's queue (every worker busy): the executor drops
+        # it, so `run` never calls finished(), and the slot that waits for idle() would be held for good.
+        with guard:
+            if not state["ran"]:
+                state["dropped"] = True
+                tracker.finished()
+        raise

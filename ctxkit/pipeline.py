@@ -253,7 +253,7 @@ class Pipeline:
         request, replaced = replace_malformed_arguments(request)
         # The stages get their own list and message dicts: a stage that edits them in place (append, insert,
         # message["content"] = ...) must not change the app's history, which it resends on the next call.
-        request = request.override(messages=[dict(m) for m in request.messages], tools=list(request.tools))
+        request = request.override(messages=[_own_message(m) for m in request.messages], tools=list(request.tools))
         trace = _CallTrace(self, request)
         if replaced:
             trace.events.append({"stage": "pipeline", "kind": "tool_arguments_replaced", "fields": replaced})
@@ -419,8 +419,29 @@ def _shape(request: ChatRequest) -> tuple[Any, ...]:
     themselves, not their ids: held here, a replaced one cannot be freed and its id reused by the new one."""
     parts: list[Any] = list(request.tools)
     for m in request.messages:
-        parts += (m, m.get("content"), m.get("tool_calls"))
+        content, calls = m.get("content"), m.get("tool_calls")
+        parts += (m, content, calls)
+        if isinstance(content, list):  # content parts: {"type": "text", "text": ...} edited in place
+            for part in content:
+                parts += (part, part.get("text")) if isinstance(part, dict) else (part,)
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                parts += (call, function, function.get("arguments") if isinstance(function, dict) else None)
     return tuple(parts)
+
+
+def _own_message(m: Any) -> Any:
+    """A copy of a message down to what a stage may edit in place: its content parts and tool calls."""
+    if not isinstance(m, dict):
+        return m
+    m = dict(m)
+    if isinstance(m.get("content"), list):
+        m["content"] = [dict(part) if isinstance(part, dict) else part for part in m["content"]]
+    if isinstance(m.get("tool_calls"), list):
+        m["tool_calls"] = [dict(call, function=dict(call["function"])) if isinstance(call, dict)
+                           and isinstance(call.get("function"), dict) else call for call in m["tool_calls"]]
+    return m
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._aio import tracked_to_thread
+from ._aio import current_work, tracked_to_thread
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 
@@ -136,6 +136,8 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
         if not done.done():
             done.set_exception(error) if error is not None else done.set_result(result)
 
+    tracker = current_work()  # ctxkit serve keeps the call's slot until this thread's work ends too
+
     def run() -> None:
         try:
             result = stage.wrap_call(request, sync_next)
@@ -143,9 +145,19 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
             loop.call_soon_threadsafe(settle, None, exc)
         else:
             loop.call_soon_threadsafe(settle, result, None)
+        finally:
+            if tracker is not None:
+                tracker.finished()
 
-    threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
-                     name=f"ctxkit-{stage.name}").start()
+    if tracker is not None:
+        tracker.started()
+    try:
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
+                         name=f"ctxkit-{stage.name}").start()
+    except BaseException:
+        if tracker is not None:
+            tracker.finished()
+        raise
     try:
         return await done
     except asyncio.CancelledError:

@@ -451,3 +451,72 @@ def test_a_client_that_hangs_up_during_slow_stage_work_keeps_its_slot_until_that
         answer = client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
     assert answer.choices[0].message.content is not None
     assert slow.most == 1, f"{slow.most} calls' stage work ran at once under max_concurrency=1"
+
+
+def test_a_call_cancelled_while_its_thread_work_waits_for_a_worker_does_not_keep_its_slot_for_good():
+    """Cancelled while its job still sat in the default executor's queue (every worker busy with other calls),
+    the job never ran, so the WorkTracker never heard it end: idle() hung, and ctxkit serve's slot with it."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    import time
+
+    from ctxkit._aio import track_work, tracked_to_thread
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        gate = threading.Event()
+        busy = asyncio.ensure_future(asyncio.to_thread(gate.wait))
+        await asyncio.sleep(0.05)
+        trackers = []
+
+        async def call() -> None:
+            trackers.append(track_work())
+            await tracked_to_thread(time.sleep, 0.01)
+
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        await busy
+        await asyncio.wait_for(trackers[0].idle(), 5)
+
+    asyncio.run(main())
+
+
+def test_a_client_that_hangs_up_during_a_sync_wrap_call_keeps_its_slot_until_it_ends(llama_backend, tmp_path):
+    """A stage that writes only wrap_call runs on a thread of its own in async calls: that thread is the call's
+    work too, and a client that hung up freed its slot while it went on."""
+    import threading
+    import time
+
+    from ctxkit.stage import Stage
+
+    class SlowWrap(Stage):
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+        def wrap_call(self, request, call_next):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(1.0)
+            with self.lock:
+                self.running -= 1
+            return call_next(request)
+
+    slow = SlowWrap()
+    app = create_app(Pipeline(llama_backend, [slow], ledger=Ledger(tmp_path / "ledger.jsonl")), ApiKeys(KEYS),
+                     max_concurrency=1)
+    with serve_in_thread(app) as base_url:
+        for n in range(3):
+            body = {"messages": [{"role": "user", "content": f"Say hello {n}."}], "max_tokens": 2, "temperature": 0}
+            with pytest.raises(httpx.TimeoutException):
+                _post(base_url, body, timeout=0.3)
+        answer = client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+    assert answer.choices[0].message.content is not None
+    assert slow.most == 1, f"{slow.most} calls' wrap_call work ran at once under max_concurrency=1"

@@ -125,3 +125,28 @@ def test_the_drop_in_clients_are_context_managers_as_openais_are(llama_backend, 
             return await client.chat.completions.create(model="m", messages=MESSAGES, **PARAMS)
 
     assert asyncio.run(main()).choices[0].message
+
+
+def test_a_stage_editing_content_parts_in_place_changes_neither_the_history_nor_the_count(llama_backend, tmp_path):
+    """Content as a list of parts (OpenAI's multimodal shape) was shared with the app's history: a stage that
+    appended a part grew the history the app resends, and the ledger kept the count from before the edit."""
+    from ctxkit import Ledger, Pipeline, read_ledger
+    from ctxkit.stage import Stage
+
+    reminder = "Reminder: answer politely and briefly. " * 20
+
+    class AddPart(Stage):
+        name = "add_part"
+
+        def before_model(self, request):
+            request.messages[-1]["content"].append({"type": "text", "text": reminder})
+            request.messages[-1]["content"][0]["text"] += " Please."
+            return request
+
+    history = [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
+    path = tmp_path / "ledger.jsonl"
+    Pipeline(llama_backend, [AddPart()], ledger=Ledger(path)).call(
+        ChatRequest(messages=history, params={"max_tokens": 1}))
+    assert history == [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
+    sent = [{"role": "user", "content": [{"type": "text", "text": "Say hi. Please."}, {"type": "text", "text": reminder}]}]
+    assert list(read_ledger(path))[-1].tokens_sent == llama_backend.counter.count_prompt(sent, [])

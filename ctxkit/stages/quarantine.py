@@ -296,8 +296,11 @@ _IMPERATIVE = re.compile(r"\b(?:you|assistant|ai|model|instructions?|ignore|must
                          r"answer|do not|don't|always|never)\b", re.I)
 
 
-def find_tool_error(text: str) -> Finding | None:
-    """A tool result that reports a failure instead of an answer."""
+def find_tool_error(text: str, tool: str | None = None) -> Finding | None:
+    """A tool result that reports a failure instead of an answer. `tool`: the tool's name, when known; a tool
+    named for reading (get_, list_, search_, ...) returns records, whose failed states are data, not a batch
+    of its own operations that failed."""
+    reads = tool is not None and _READS.match(tool.rsplit(".", 1)[-1]) is not None
     if text.strip() in _NOTHING:
         # a bare null (None, undefined) where an answer should be: the tool's own code failed to produce one (a
         # handler that swallowed its exception, a wrapper that lost the value). A tool whose output schema allows
@@ -311,9 +314,9 @@ def find_tool_error(text: str) -> Finding | None:
         for key in ("result", "response", "data", "body"):  # {"result": {"error": {...}}}
             if finding is None and isinstance(data.get(key), Mapping) and len(data) <= 3:
                 finding = _envelope_error(data[key])
-        return finding or _process_failure(data) or _batch_failure(data)
+        return finding or _process_failure(data) or (None if reads else _batch_failure(data))
     if data is not None:
-        return _batch_failure(data)  # otherwise a JSON list or scalar is an answer
+        return None if reads else _batch_failure(data)  # otherwise a JSON list or scalar is an answer
     if finding := _block_page(text):
         return finding
     listing = len(_LOG_LEVEL_LINE.findall(text)) >= 2 and _CALM_LOG_LINE.search(text) is not None
@@ -389,7 +392,13 @@ def _outcome(item: Any) -> bool | None:
     return None
 
 
-_EXIT_KEYS = ("exit_code", "exitCode", "returncode", "return_code", "exit_status", "exitStatus", "status_code")
+# A tool named for reading: what it returns are records ("list_orders": an order whose payment failed).
+_READS = re.compile(r"(?i:get|list|search|find|fetch|query|lookup|look_up|read|show|describe|view|retrieve|browse|"
+                    r"check|count|export|download|report)(?:[_\-0-9A-Z]|$)")
+
+
+# not "status_code": {"status_code": 200, "output": ...} is an HTTP tool's answer, not a process's exit
+_EXIT_KEYS = ("exit_code", "exitCode", "returncode", "return_code", "exit_status", "exitStatus")
 
 
 def _process_failure(data: Mapping[str, Any]) -> Finding | None:
@@ -442,7 +451,6 @@ _BLOCK_MARKERS = [re.compile(p, re.I) for p in (
     r"\bReference #\d+\.[0-9a-f]+\.\d+\.[0-9a-f]+\b",
     r"\bYou don't have permission to access\b[^\n]{0,100}\bon this server\b",
     r"\b(?:Please )?verify (?:that )?you are (?:a )?human\b|\bPress (?:&|&amp;|and) Hold\b",
-    r"\bAccess denied\b",
     r"\bcaptcha-delivery\.com\b|\bgeo\.captcha-delivery\b|\bdatadome\b",
 )]
 
@@ -987,7 +995,7 @@ class QuarantineStage(Stage):
         if role == "tool":
             tool = _tool_name(messages, index)
             schema = schemas.get(tool)
-            if self.check_errors and (finding := find_tool_error(text)):
+            if self.check_errors and (finding := find_tool_error(text, tool)):
                 if not (finding.reason == NULL_RESULT and schema is not None
                         and find_schema_violation(text, schema) is None):  # the tool promises null may come
                     return finding
