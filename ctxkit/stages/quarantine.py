@@ -210,7 +210,11 @@ _INJECTION = [
      r"(?!\s+(?:not\s+|never\s+|also\s+|always\s+)?(?:be|been|have been|remain|become)\b"
      r"(?!\s+(?:sure|careful|certain)\b|\s+\w+ing\b))",
      "addresses instructions to the AI"),
-    (r"\b(?:note|message|instructions?|attention|important|reminder|hint|todo|fixme|task)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
+    # a work item for AI agents ("TODO for AI coding agents: ..."), not one for a team ("FIXME for the GPT model
+    # integration: ...", "Task for the assistant manager: ...")
+    (r"\b(?:todo|fixme|task)s?\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|all\s+)?(?:ai|llm|gpt)s?(?:\s+\w+)?\s+"
+     r"(?:assistants?|agents?|models?|bots?)\s*[:,.]", "addresses the AI that reads it"),
+    (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
      r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:tools?|systems?|reviewers?|screeners?)\b(?![ \t]+[a-z])|assistants?\b|chatbots?\b|"
      r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:(?:automated|artificial|autonomous|generative|digital|large)\s+)?(?:ai|llm|language model|assistant|"
      r"chatbot)\b|\b(?:ai|llm|assistant|language model|chatbot)s?\b[^.\n]{0,25}\b(?:reading|summari[sz]ing|processing|"
@@ -225,7 +229,9 @@ _INJECTION = [
     # ("agents", "models" alone are people and products: "Agents: never promise refunds")
     (r"(?:[.!?\"'>|][^\S\n]+(?:p\.?s\.?[^\S\n]+)?(?:(?:ai|llm)[^\S\n]+(?:assistant|agent|chatbot|model)s?|ai|assistants?|"
      r"chatbots?|llms?)|(?:^|\n)[^\S\n]*(?:(?:ai|llm)[^\S\n]+(?:assistant|agent|chatbot|model)s|assistants|chatbots|llms))[^\S\n]*:[^\S\n]*(?:please\s+)?"
-     r"(?:stop|ignore|disregard|forget|tell|say|respond|reply|answer|output|print|do not|don't|never|send|forward|"
+     # not "stop"/"never": a slogan or a manual's step says them to people ("Chatbots: stop losing customers",
+     # "Step 3. Assistant: never leave the patient alone")
+     r"(?:ignore|disregard|forget|tell|say|respond|reply|answer|output|print|do not|don't|send|forward|"
      r"instead(?!\s+of)|from now on|you (?:must|should|will))\b", "addresses instructions to the AI"),
     # "you": a changelog's reader too ("you are now allowed to disable notifications"): only with what guards a model
     (r"\b(?:the )?(?:assistant|ai|model|chatbot|llm)\b[^.\n]{0,20}\b(?:is|are) now (?:permitted|allowed|authori[sz]ed|free) to "
@@ -261,7 +267,9 @@ _IMPERATIVE_ONLY = ("tells the model to ignore its instructions", "asks for secr
 _CLAUSE_START = re.compile(r"(?:[.!?:;,\-\u2013\u2014\"'(\[>*]|\b(?:please|now|just|simply|and|then|kindly|also))\s*$", re.I)
 _NEGATABLE = ("asks for secrets or the system prompt", "asks to send data to an address")
 _TRANSCRIPT = re.compile(r"(?:^|\n)[^\S\n]*(?:user|customer|human|client|visitor)\s*:\s*\S", re.I)
-_TURN = re.compile(r"(?:^|\n)[^\S\n]*(?:user|customer|human|client|visitor|assistant|agent|bot|ai|system)\s*:", re.I)
+# (an FAQ's "Q:"/"A:" lines open a log of exchanges as well as "User:" does)
+_TURN = re.compile(r"(?:^|\n)[^\S\n]*(?:user|customer|human|client|visitor|assistant|agent|bot|ai|system|q|a|question|answer)\s*:",
+                   re.I)
 # What may stand above a chat log's first turn: its title ("Ticket SUP-3391 (closed)", "Transcript #442"), a date
 _LOG_HEADER = re.compile(r"\b(?:transcripts?|chats?|conversations?|logs?|tickets?|sessions?|threads?|dialog(?:ue)?s?|"
                          r"examples?|samples?|formats?|prompts?|few-shot|demos?|messages?|history|support|interview|"
