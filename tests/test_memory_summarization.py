@@ -1002,3 +1002,15 @@ def test_an_earlier_stages_edit_is_not_counted_against_summarization(llama_backe
             {"role": "user", "content": "Thanks. Which day was busiest?"}]
     pipeline.call(ChatRequest(messages=more, conversation_id="ops"))
     assert [e for e in ledger.records[-1].events if e["stage"] == "summarization"] == []
+def test_a_refold_without_a_conversation_id_records_the_prefix_it_invalidated(llama_backend, embedder, trip, tmp_path):
+    # The OpenAI drop-in client and LangChain send no conversation_id: a refold there changes the summary that
+    # leads the prompt as much as it does with an id, and the ledger must say so.
+    messages = trip["messages"]
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="extractive", embedder=embedder)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    for n in (12, 13, 18):
+        pipeline.call(ChatRequest(messages=messages[:n], params={"max_tokens": 2, "temperature": 0}))
+    events = [[e for e in r.events if e["kind"] == "prefix_invalidated"] for r in ledger.records]
+    assert not any(e["tokens"] for e in events[1]), "an append-only call invalidated nothing"
+    assert events[2] and events[2][0]["tokens"] > 0, events

@@ -39,6 +39,7 @@ from ...request import ChatRequest, Message
 from ...response import message_text
 from ...sentences import leading_sentences
 from ...stage import Stage
+from ..prefix import previous_prompt_end
 from ..templates import sandboxed_environment
 from . import facts as fact_keeper
 from .model import ModelSummarizer
@@ -143,8 +144,13 @@ class SummarizationStage(Stage):
         if not request.conversation_id:
             # No conversation_id: the key names the conversation's opening, which other conversations may share
             # ("Hello", a fixed greeting or task template): no lock across them, and no prefix accounting
-            # against what another conversation sent last.
+            # against what another conversation sent last. A refold is still accounted for, against this
+            # request's own previous prompt (its messages before the newest assistant message) as this stage
+            # passed it on then: else every refold of a conversation without an id un-cached the prompt unreported.
+            before = self.store.get(self._key(request))
             result = self.summarize(request)
+            if result.refolded:
+                self._note_implicit_refold(request, before, result.messages)
             if result.messages is request.messages:
                 return request
             return request.override(messages=list(result.messages))
@@ -201,9 +207,8 @@ class SummarizationStage(Stage):
 
         # The message pinned at the last fold stays until the next one: recomputed, a new user turn would take it
         # away from right after the summary, and un-cache everything after it with no fold.
-        pinned = self._pinned(body, state.folded, request) if state.pinned is None else state.pinned
         current = self._assemble([*head, *_instructions(body[: state.folded])], state,
-                                 [*_kept(body, pinned), *body[state.folded:]])
+                                 [*_kept(body, self._pinned_since_fold(state, body, request)), *body[state.folded:]])
         unchanged = request.messages if state.folded == 0 else current
         if not self._over_trigger(current, request):
             return SummaryResult(unchanged, state.folded, False, state.summary)
@@ -397,6 +402,10 @@ class SummarizationStage(Stage):
             return -1
         return last_user
 
+    def _pinned_since_fold(self, state: ConversationState, body: Sequence[Message], request: ChatRequest) -> int:
+        """The message the last fold pinned (a state saved before pins were kept: the one it would have)."""
+        return self._pinned(body, state.folded, request) if state.pinned is None else state.pinned
+
     def _still_valid(self, state: ConversationState, body: list[Message], prints: list[str],
                      marks: Mapping[str, str]) -> bool:
         if state.folded > len(prints) or (state.folded and digest(prints[: state.folded]) != state.folded_digest):
@@ -407,6 +416,30 @@ class SummarizationStage(Stage):
             return False
         # The summary sent until the next fold holds what was folded: a source quarantined since must go.
         return not any(source in marks for source in state.included)
+
+    def _note_implicit_refold(self, request: ChatRequest, before: ConversationState | None,
+                              sent: Sequence[Message]) -> None:
+        """prefix_invalidated for a refold of a request without a conversation_id: the previous prompt is
+        rebuilt from this request (its messages before the newest assistant message, as the state held before
+        this call passed them on), never taken from another conversation that opens alike."""
+        head, body = _split_head(request.messages)
+        end = previous_prompt_end(request.messages) - len(head)
+        if end <= 0:
+            return
+        if before is None or not before.folded:
+            previous = list(request.messages[: len(head) + end])
+        elif before.folded <= end and digest([fingerprint(m) for m in body[: before.folded]]) == before.folded_digest:
+            # the state is this conversation's: its folded messages are this request's
+            previous = self._assemble([*head, *_instructions(body[: before.folded])], before,
+                                      [*_kept(body, self._pinned_since_fold(before, body, request)),
+                                       *body[before.folded:end]])
+        else:
+            return
+        was = ConversationState(last_sent=tuple(previous), last_tools=tuple(request.tools),
+                                last_sent_tokens=self.counter.count_prompt(previous, request.tools))
+        tokens = self._invalidated(was, tuple(sent))
+        if tokens:
+            record_event(self.name, "prefix_invalidated", tokens=tokens, refolded=True)
 
     def _invalidated(self, state: ConversationState, sent: tuple[Any, ...]) -> int:
         """Tokens of the previous request (as passed on) that are no longer a prefix of this one."""
