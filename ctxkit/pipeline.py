@@ -253,7 +253,8 @@ class Pipeline:
         request, replaced = replace_malformed_arguments(request)
         # The stages get their own list and message dicts: a stage that edits them in place (append, insert,
         # message["content"] = ...) must not change the app's history, which it resends on the next call.
-        request = request.override(messages=[_own_message(m) for m in request.messages], tools=list(request.tools))
+        request = request.override(messages=[_own_message(m) for m in request.messages],
+                                   tools=[_own_tool(t) for t in request.tools])
         trace = _CallTrace(self, request)
         if replaced:
             trace.events.append({"stage": "pipeline", "kind": "tool_arguments_replaced", "fields": replaced})
@@ -417,7 +418,11 @@ class Pipeline:
 def _shape(request: ChatRequest) -> tuple[Any, ...]:
     """Each message, its content and tool calls, and each tool: what an in-place edit replaces. The objects
     themselves, not their ids: held here, a replaced one cannot be freed and its id reused by the new one."""
-    parts: list[Any] = list(request.tools)
+    parts: list[Any] = []
+    for tool in request.tools:  # a description shortened in place: tool["function"]["description"] = ...
+        function = tool.get("function") if isinstance(tool, dict) else None
+        parts += (tool, function, *((function.get("description"), function.get("parameters"))
+                                    if isinstance(function, dict) else ()))
     for m in request.messages:
         content, calls = m.get("content"), m.get("tool_calls")
         parts += (m, content, calls)
@@ -442,6 +447,13 @@ def _own_message(m: Any) -> Any:
         m["tool_calls"] = [dict(call, function=dict(call["function"])) if isinstance(call, dict)
                            and isinstance(call.get("function"), dict) else call for call in m["tool_calls"]]
     return m
+
+
+def _own_tool(tool: Any) -> Any:
+    """A copy of a tool schema down to its function (its description and parameters, which a stage edits)."""
+    if not isinstance(tool, dict):
+        return tool
+    return dict(tool, function=dict(tool["function"])) if isinstance(tool.get("function"), dict) else dict(tool)
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

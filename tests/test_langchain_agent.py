@@ -235,3 +235,47 @@ def test_an_overflow_in_the_middleware_is_langchains_own_and_not_retried(llama_b
     with pytest.raises(lc.ContextOverflowError):
         agent.invoke({"messages": [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]})
     assert [r.error_type for r in ledger.records] == ["ContextOverflowError"], "one attempt, not three"
+
+
+def test_a_call_no_stage_changed_reaches_the_model_as_the_agents_own_request(llama_backend):
+    """The pipeline hands its stages their own copy of the messages and tools, so the middleware's identity
+    check always saw a change: every call was rebuilt from the OpenAI form, and a HumanMessage holding
+    Anthropic tool_result blocks reached the model as a ToolMessage and a HumanMessage."""
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class Recorder(BaseChatModel):
+        @property
+        def _llm_type(self):
+            return "recorder"
+
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            usage = {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}
+            return ChatResult(generations=[ChatGeneration(message=AIMessage("ok", usage_metadata=usage))])
+
+    seen = {}
+
+    class Before(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            seen["agent"] = request
+            return handler(request)
+
+    class After(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            seen["model"] = request
+            return handler(request)
+
+    turn = AIMessage(content=[{"type": "thinking", "thinking": "need weather", "signature": "sig=="},
+                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+                     tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "toolu_1"}])
+    history = [HumanMessage("Weather in Paris?"), turn,
+               HumanMessage(content=[{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                                     {"type": "text", "text": "And tomorrow?"}])]
+    middleware = CtxkitMiddleware([], ledger=Ledger(), counter=llama_backend.counter)
+    agent = create_agent(Recorder(), tools=[get_weather], system_prompt="Be brief.",
+                         middleware=[Before(), middleware, After()])
+    agent.invoke({"messages": history})
+    assert seen["model"] is seen["agent"]

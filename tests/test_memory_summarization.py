@@ -1014,3 +1014,26 @@ def test_a_refold_without_a_conversation_id_records_the_prefix_it_invalidated(ll
     events = [[e for e in r.events if e["kind"] == "prefix_invalidated"] for r in ledger.records]
     assert not any(e["tokens"] for e in events[1]), "an append-only call invalidated nothing"
     assert events[2] and events[2][0]["tokens"] > 0, events
+
+
+def test_a_first_fold_without_a_conversation_id_is_reported_when_another_conversation_opens_alike(
+        llama_backend, embedder, trip):
+    """Conversations without a conversation_id share a state key when they open alike. B's first fold found A's
+    folded state (not B's: the digest check), and noted nothing, though it un-cached B's whole previous prompt."""
+    b = [dict(m, content="B: " + m["content"]) if i >= 3 and isinstance(m.get("content"), str) else m
+         for i, m in enumerate(trip["messages"])]
+
+    def first_fold_of_b(after_a: bool) -> list[int]:
+        ledger = Ledger()
+        stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="extractive",
+                                   embedder=embedder)
+        pipeline = Pipeline(llama_backend, [stage, _Answer()], ledger=ledger)
+        if after_a:
+            pipeline.call(ChatRequest(messages=trip["messages"][:12]))
+        for n in (9, 12):
+            pipeline.call(ChatRequest(messages=b[:n]))
+        return [e["tokens"] for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+
+    alone = first_fold_of_b(after_a=False)
+    assert alone and alone[0] > 0
+    assert first_fold_of_b(after_a=True) == alone, "another conversation's state changed B's report"

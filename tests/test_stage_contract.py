@@ -150,3 +150,30 @@ def test_a_stage_editing_content_parts_in_place_changes_neither_the_history_nor_
     assert history == [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
     sent = [{"role": "user", "content": [{"type": "text", "text": "Say hi. Please."}, {"type": "text", "text": reminder}]}]
     assert list(read_ledger(path))[-1].tokens_sent == llama_backend.counter.count_prompt(sent, [])
+
+
+def test_a_stage_editing_a_tool_description_in_place_changes_neither_the_apps_tools_nor_the_count(llama_backend,
+                                                                                                   ledger):
+    """Stages got their own tool list but the app's tool dicts: shortening a description in place rewrote the
+    app's tool schemas (the next call's naive count was of the shortened tools) and the ledger kept the count
+    from before the edit (0 saved by a stage that cut 19 tokens)."""
+    import copy
+
+    class ShortenInPlace(Stage):
+        def before_model(self, request):
+            for tool in request.tools:
+                tool["function"]["description"] = tool["function"]["description"][:20]
+            return request
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "description": "Look up the current weather for a city: temperature, wind and conditions, from the "
+                       "national weather service, updated hourly."}}]
+    original = copy.deepcopy(tools)
+    pipeline = Pipeline(llama_backend, [ShortenInPlace()], ledger=ledger)
+    for _ in range(2):
+        pipeline.call(ChatRequest(messages=MESSAGES, tools=tools, params={"max_tokens": 1}))
+        record = ledger.records[-1]
+        assert record.tokens_naive == llama_backend.counter.count_prompt(MESSAGES, original)
+        assert record.saved_by_stage["shorten_in_place"] == record.tokens_naive - record.tokens_sent > 0
+    assert tools == original, "the app's tool schemas were edited by a stage"

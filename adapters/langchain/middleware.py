@@ -97,11 +97,14 @@ class _HandlerBackend:
         """The agent's request carrying what the stages passed on; the same object if they changed nothing."""
         original = self.translated.chat
         changes: dict[str, Any] = {}
-        if chat.messages is not original.messages:
+        # By value, not identity: the pipeline hands its stages their own copy of the messages and tools, so a
+        # request no stage changed arrives as an equal list, never the same one. Rebuilt, a message the OpenAI
+        # form splits (a HumanMessage's tool_result blocks) reached the model as other messages.
+        if list(chat.messages) != list(original.messages):
             system, messages = self._messages(chat.messages)
             changes["system_message"] = system
             changes["messages"] = messages
-        if chat.tools is not original.tools:
+        if list(chat.tools) != list(original.tools):
             changes["tools"] = [self._tool(schema) for schema in chat.tools] + self.translated.passthrough_tools
         if chat.params != original.params:
             settings = {k: v for k, v in self.request.model_settings.items() if k not in SAMPLING_PARAMS}

@@ -426,15 +426,18 @@ class SummarizationStage(Stage):
         end = previous_prompt_end(request.messages) - len(head)
         if end <= 0:
             return
-        if before is None or not before.folded:
+        if before is not None and before.folded > end:
+            return
+        if before is None or not before.folded or \
+                digest([fingerprint(m) for m in body[: before.folded]]) != before.folded_digest:
+            # Unfolded, or the state is another conversation's that opens alike (it folded last): this request's
+            # previous call found no state of its own either, so it passed its messages on as they were.
             previous = list(request.messages[: len(head) + end])
-        elif before.folded <= end and digest([fingerprint(m) for m in body[: before.folded]]) == before.folded_digest:
+        else:
             # the state is this conversation's: its folded messages are this request's
             previous = self._assemble([*head, *_instructions(body[: before.folded])], before,
                                       [*_kept(body, self._pinned_since_fold(before, body, request)),
                                        *body[before.folded:end]])
-        else:
-            return
         was = ConversationState(last_sent=tuple(previous), last_tools=tuple(request.tools),
                                 last_sent_tokens=self.counter.count_prompt(previous, request.tools))
         tokens = self._invalidated(was, tuple(sent))
