@@ -390,6 +390,29 @@ def test_a_changed_selection_is_noted_as_the_prefix_it_uncaches(llama_backend, e
     assert changed[0]["tools_before"] == first and changed[0]["tokens"] > 0
 
 
+
+def test_a_changed_selection_seen_after_a_restart_notes_what_the_same_process_notes(llama_backend, embedder,
+                                                                                   catalog, index_dir):
+    """A stage that did not see the previous call (a restart, another replica) re-selects it: it must subtract the
+    head both tool blocks share as the stage that saw it does (it noted the whole previous prompt: 191 for 144)."""
+    from ctxkit import Ledger
+
+    system = {"role": "system", "content": "You are a helpful assistant for ACME Corp. Answer briefly and politely."}
+    first = [system, {"role": "user", "content": "Get the stock price of Apple for the last 5 days."}]
+    second = [*first, {"role": "assistant", "content": "Apple closed at 190.5."},
+              {"role": "user", "content": "Now translate 'good morning' into French."}]
+    noted = []
+    for restart in (False, True):
+        ledger = Ledger()
+        stage = ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=index_dir, counter=llama_backend.counter)
+        Pipeline(llama_backend, stages=[stage], ledger=ledger).chat(first, tools=catalog)
+        if restart:
+            stage = ToolRetrievalStage(top_k=2, embedder=embedder, index_dir=index_dir, counter=llama_backend.counter)
+        Pipeline(llama_backend, stages=[stage], ledger=ledger).chat(second, tools=catalog)
+        (event,) = _events(ledger.records[-1], "prefix_invalidated")
+        noted.append(event["tokens"])
+    assert noted[0] == noted[1] > 0
+
 class _Scripted(Stage):
     """The model's side of the exchange, played by a provider script behind the stage."""
 

@@ -325,6 +325,7 @@ class ToolRetrievalStage(Stage):
         before = selector.select(request.messages[:end], top_k=k, keep=named)
         if before.names != selection.names:
             tokens = self.counter.count_prompt(request.messages[:end], list(before.tools))
+            tokens = max(0, tokens - self._kept_head(request.messages[:end], list(before.tools), tools))
             record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
                          tools_before=list(before.names))
 
