@@ -47,6 +47,7 @@ from .selector import Selection, ToolSelector
 from .text import ToolDocument
 
 RECOVERY_MODES = ("off", "rerun", "find_tools", "both")
+REMEMBERED_PROMPTS = 1024  # conversations whose last tool block (and prompt size) the stage remembers
 FIND_TOOLS = "find_tools"
 FIND_TOOLS_SCHEMA: Tool = {
     "type": "function",
@@ -167,10 +168,10 @@ class ToolRetrievalStage(Stage):
         self._documents: LRUMemo[str, ToolDocument] = LRUMemo(DOCUMENT_MEMO_SIZE)  # and split and stemmed once
         # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
         # tool_choice included: the next call of that conversation compares its tool block with it.
-        self._sent_for: collections.OrderedDict[str, list[Tool]] = collections.OrderedDict()
+        self._sent_for: LRUMemo[str, list[Tool]] = LRUMemo(REMEMBERED_PROMPTS)
         # and the prompt tokens the backend reported for it: the prompt as later stages sent it (documents
         # rendered, duplicates collapsed), which is what a prefix cache held, not the messages this stage saw.
-        self._prompt_for: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._prompt_for: LRUMemo[str, int] = LRUMemo(REMEMBERED_PROMPTS)
         self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
@@ -307,9 +308,8 @@ class ToolRetrievalStage(Stage):
         if end == 0:
             return
         key = _sent_key(request, selector.index, request.messages[:end])
-        with self._lock:
-            sent_before = self._sent_for.get(key)
-            prompt_before = self._prompt_for.get(key)
+        sent_before = self._sent_for.get([key]).get(key)
+        prompt_before = self._prompt_for.get([key]).get(key)
         if sent_before is not None:  # what that call was really sent (a re-run's tools, a forced tool, compacted)
             names_before = [t["function"]["name"] for t in sent_before]
             if names_before != [t["function"]["name"] for t in tools]:
@@ -343,20 +343,10 @@ class ToolRetrievalStage(Stage):
         """The prompt tokens the backend reported for this call: what later stages really sent."""
         if not isinstance(result, ChatResponse) or not result.usage.prompt_tokens:
             return
-        key = _sent_key(request, plan.index, request.messages)
-        with self._lock:
-            self._prompt_for[key] = result.usage.prompt_tokens
-            self._prompt_for.move_to_end(key)
-            while len(self._prompt_for) > 1024:
-                self._prompt_for.popitem(last=False)
+        self._prompt_for.put({_sent_key(request, plan.index, request.messages): result.usage.prompt_tokens})
 
     def _remember_sent(self, request: ChatRequest, plan: _Plan) -> None:
-        key = _sent_key(request, plan.index, request.messages)
-        with self._lock:
-            self._sent_for[key] = list(plan.request.tools)
-            self._sent_for.move_to_end(key)
-            while len(self._sent_for) > 1024:
-                self._sent_for.popitem(last=False)
+        self._sent_for.put({_sent_key(request, plan.index, request.messages): list(plan.request.tools)})
 
     def _compact(self, tool: Tool) -> Tool:
         key = tool_hash(tool)
