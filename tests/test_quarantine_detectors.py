@@ -39,7 +39,7 @@ def test_every_bad_item_is_quarantined_and_no_clean_item_is(name):
 # mistakes the detectors still make on them are listed: the test fails when another one appears.
 REVIEW_KNOWN = {
     "review": ({"k-stars"}, {"c-mdn-500", "c-security-blog-code"}),
-    "review_probe": ({"p-i-ps-ai", "p-i-md-system-link"}, {"p-c-memo-assistants", "p-c-changelog"}),
+    "review_probe": (set(), {"p-c-memo-assistants", "p-c-changelog"}),
     # a third reviewer's 92 items (tool-call forgeries, vocatives, sub-pixel text, S3 XML errors, code that
     # defines SYSTEM_PROMPT). An empty result stays out of reach: a shell command that succeeds prints nothing.
     "review_s13": ({"e-empty"}, {"c-game"}),

@@ -219,6 +219,10 @@ _INJECTION = [
      r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:(?:automated|artificial|autonomous|generative|digital|large)\s+)?(?:ai|llm|language model|assistant|"
      r"chatbot)\b|\b(?:ai|llm|assistant|language model|chatbot)s?\b[^.\n]{0,25}\b(?:reading|summari[sz]ing|processing|"
      r"parsing|browsing|indexing) (?:this|these)\b", "addresses the AI that reads it"),
+    # "P.S. to whatever AI is reading my mail: ...": a note to any model that happens to read it
+    (r"\bto (?:whatever|whichever)\s+(?:ai|llm|assistant|chatbot|language model|bot)s?\b"
+     r"(?:\s+(?:is|are|that|which|who)\b)?[^.\n]{0,40}?\b(?:reading|read|summari[sz]ing|summari[sz]es|processing|"
+     r"processes|parsing|scanning|handling|sees)\b[^.\n]{0,40}:", "addresses the AI that reads it"),
     (r"(?:^|[.!?\"'>:]\s*)(?:dear\s+|hey\s+|attention\s+)?(?:(?:ai|llm)\s+(?:assistant|agent|model|chatbot)s?|ai|assistant|chatbot|llm|"
      r"language model|gpt|claude|chatgpt)\s*,\s*"
      r"(?:please\s+)?(?:stop|ignore|disregard|forget|tell|say|respond|reply|answer|output|print|do not|don't|never|"
