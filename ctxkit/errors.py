@@ -109,3 +109,7 @@ class ConfigurationError(CtxkitError, ValueError):
 
 class LedgerError(CtxkitError):
     pass
+
+
+class MalformedLedgerLine(LedgerError):
+    """A line of a ledger that is no record (a writer killed mid-line leaves one), read strictly."""

@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from ..errors import LedgerError
+    from ..errors import LedgerError, MalformedLedgerLine
     from ..ledger import read_ledger
     from ..report import format_summary, plot, summarize
 
@@ -77,9 +77,7 @@ def _report(args: argparse.Namespace) -> None:
     try:
         records = list(read) if args.plot else read  # the totals alone are one pass, keeping no record in memory
         summary = summarize(records)
-    except LedgerError as exc:
-        if "not a ledger record" not in str(exc):
-            raise
+    except MalformedLedgerLine as exc:
         # A writer killed mid-line leaves one torn record: say how to total the rest.
         raise LedgerError(f"{exc}; pass --skip-bad-lines to leave malformed lines out of the totals") from None
     summary["skipped_lines"] = len(skipped)

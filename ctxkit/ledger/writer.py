@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import LedgerError
+from ..errors import LedgerError, MalformedLedgerLine
 from .record import LedgerRecord
 
 logger = logging.getLogger("ctxkit")
@@ -135,7 +135,7 @@ def read_ledger(path: str | Path, *, strict: bool = True,
             except ValueError as exc:  # JSON, UTF-8 and field-type errors are all ValueErrors
                 problem = f"{path}:{number}: not a ledger record ({exc})"
                 if strict:
-                    raise LedgerError(problem) from None
+                    raise MalformedLedgerLine(problem) from None
                 if skipped is not None:
                     skipped.append(problem)  # the caller says so
                 else:

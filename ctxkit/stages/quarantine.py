@@ -820,7 +820,7 @@ def _yes_no_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple
             _bool_fields(data, fields)
             tools.update({f: tool for f in set(fields) - before})
     for concept, (names, yes, no) in _YES_NO.items():
-        values = set().union(*(fields[f] for f in fields if f in names)) if any(f in names for f in fields) else set()
+        values: set[bool] = set().union(*(fields[f] for f in names if f in fields))
         if len(values) != 1:
             continue
         (value,) = values

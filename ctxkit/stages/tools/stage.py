@@ -102,6 +102,7 @@ class _Plan:
     sent: frozenset[str]
     offered_find_tools: bool
     searched: bool = False  # the re-run after a find_tools search
+    key: str = ""  # what the block it sends is remembered by (_sent_key): hashed once per call
 
 
 class ToolRetrievalStage(Stage):
@@ -220,9 +221,9 @@ class ToolRetrievalStage(Stage):
         plan = self._plan(request)
         if plan is None:
             return call_next(request)
-        self._remember_sent(request, plan)
+        self._remember_sent(plan)
         result = call_next(plan.request)
-        self._remember_prompt(request, plan, result)
+        self._remember_prompt(plan, result)
         if isinstance(result, ChatStream):
             return self._checked_stream(plan, result)  # chunks go out as they come: checked, not recovered
         if not isinstance(result, ChatResponse):
@@ -230,9 +231,9 @@ class ToolRetrievalStage(Stage):
         retry = self._recovery(request, plan, result)
         if retry is None:
             return result
-        self._remember_sent(request, retry)
+        self._remember_sent(retry)
         second = call_next(retry.request)
-        self._remember_prompt(request, retry, second)
+        self._remember_prompt(retry, second)
         if isinstance(second, ChatResponse):
             self._check_second(retry, second)
         return second
@@ -242,9 +243,9 @@ class ToolRetrievalStage(Stage):
         plan = await tracked_to_thread(self._plan, request)
         if plan is None:
             return await call_next(request)
-        self._remember_sent(request, plan)
+        self._remember_sent(plan)
         result = await call_next(plan.request)
-        self._remember_prompt(request, plan, result)
+        self._remember_prompt(plan, result)
         if isinstance(result, AsyncChatStream):
             return self._achecked_stream(plan, result)
         if not isinstance(result, ChatResponse):
@@ -252,9 +253,9 @@ class ToolRetrievalStage(Stage):
         retry = await tracked_to_thread(self._recovery, request, plan, result)
         if retry is None:
             return result
-        self._remember_sent(request, retry)
+        self._remember_sent(retry)
         second = await call_next(retry.request)
-        self._remember_prompt(request, retry, second)
+        self._remember_prompt(retry, second)
         if isinstance(second, ChatResponse):
             self._check_second(retry, second)
         return second
@@ -297,7 +298,8 @@ class ToolRetrievalStage(Stage):
                      **({"pinned_absent": absent} if absent else {}))
         if top_k is None and not extra and len(pool) > k:  # a call's own selection, not a recovery's
             self._note_changed_selection(request, selector, k, named, selection, tools)
-        return _Plan(request.override(**changes), index, selector, frozenset(selection.names), offered)
+        return _Plan(request.override(**changes), index, selector, frozenset(selection.names), offered,
+                     key=_sent_key(request, index, request.messages))
 
     def _note_changed_selection(self, request: ChatRequest, selector: ToolSelector, k: int,
                                 named: Sequence[str], selection: Selection, tools: Sequence[Tool]) -> None:
@@ -339,14 +341,14 @@ class ToolRetrievalStage(Stage):
         old, new = token_ids(head, list(before)), token_ids(head, list(now))
         return shared_prefix(old, new)
 
-    def _remember_prompt(self, request: ChatRequest, plan: _Plan, result: Any) -> None:
+    def _remember_prompt(self, plan: _Plan, result: Any) -> None:
         """The prompt tokens the backend reported for this call: what later stages really sent."""
         if not isinstance(result, ChatResponse) or not result.usage.prompt_tokens:
             return
-        self._prompt_for.put({_sent_key(request, plan.index, request.messages): result.usage.prompt_tokens})
+        self._prompt_for.put({plan.key: result.usage.prompt_tokens})
 
-    def _remember_sent(self, request: ChatRequest, plan: _Plan) -> None:
-        self._sent_for.put({_sent_key(request, plan.index, request.messages): list(plan.request.tools)})
+    def _remember_sent(self, plan: _Plan) -> None:
+        self._sent_for.put({plan.key: list(plan.request.tools)})
 
     def _compact(self, tool: Tool) -> Tool:
         key = tool_hash(tool)
