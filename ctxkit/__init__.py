@@ -18,6 +18,7 @@ from .errors import (
     InvalidMessageError,
     InvalidToolError,
     LedgerError,
+    MalformedLedgerLine,
     RequestError,
     UnknownToolError,
 )
@@ -35,7 +36,7 @@ __all__ = [
     "AsyncChatStream", "Backend", "BackendConnectionError", "BackendError", "BackendStatusError",
     "BackendTimeoutError", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
     "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
-    "LedgerError", "LedgerRecord", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
+    "LedgerError", "LedgerRecord", "MalformedLedgerLine", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
     "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
     "record_event",
 ]
