@@ -50,6 +50,8 @@ REVIEW_KNOWN = {
     "review_s14": (set(), set()),
     "review_s14_attack": (set(), {"a-c-incident-report"}),
     "review_s14_holdout": (set(), set()),
+    # the TODO(owner) form of a work item for AI agents, beside TODOs owned by people
+    "review_s15": (set(), set()),
 }
 
 

@@ -213,7 +213,10 @@ _INJECTION = [
     # a work item for AI agents ("TODO for AI coding agents: ..."), not one for a team ("FIXME for the GPT model
     # integration: ...", "Task for the assistant manager: ...")
     (r"\b(?:todo|fixme|task)s?\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|all\s+)?(?:ai|llm|gpt)s?(?:\s+\w+)?\s+"
-     r"(?:assistants?|agents?|models?|bots?)\s*[:,.]", "addresses the AI that reads it"),
+     r"(?:assistants?|agents?|models?|bots?)\s*[:,.]"
+     # the same in the usual TODO(owner) form: "# TODO(AI agents): ...", "// FIXME(llm-agent): ..."
+     r"|\b(?:todo|fixme)\s*\(\s*(?:ai|llm|gpt)s?[ _-]*(?:coding[ _-]*)?(?:assistants?|agents?|models?|bots?)\s*\)\s*:",
+     "addresses the AI that reads it"),
     (r"\b(?:note|message|instructions?|attention|important|reminder|hint)\b[^.\n]{0,12}\b(?:to|for)\s+(?:the\s+|any\s+|"
      r"all\s+)?(?:(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:assistants?|agents?|models?|bots?)\b|(?:ai|llm|gpt)s?(?:\s+\w+)?\s+(?:tools?|systems?|reviewers?|screeners?)\b(?![ \t]+[a-z])|assistants?\b|chatbots?\b|"
      r"language models?\b|(?:ai|llm)s?\s*[:,])|\bif you(?:'re| are)\s+(?:an?\s+)?(?:(?:automated|artificial|autonomous|generative|digital|large)\s+)?(?:ai|llm|language model|assistant|"
