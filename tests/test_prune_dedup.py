@@ -345,3 +345,36 @@ def test_a_document_cut_to_its_own_sentences_names_the_document_holding_the_rest
     kept = DedupStage().before_model(request).metadata["documents"]
     assert [d["id"] for d in kept] == ["policy-eu", "policy-us"]
     assert '"policy-eu"' in kept[1]["text"] and "Refund policy for US customers." in kept[1]["text"]
+
+
+def test_copy_with_every_line_changed_is_kept_whole_and_fast():
+    # A re-polled log or table with a number changed on every line: "collapsing" it saved nothing (the copy
+    # carried every line, flattened onto one, plus a note) and pairing the changed lines took a minute.
+    import time
+
+    def log(run: int) -> str:
+        return "\n".join(f"worker {i} processed batch {i} of the nightly export job for the finance team in region "
+                         f"eu west with latency {run * 7 + i % 13} ms and no errors reported." for i in range(400))
+
+    stage = DedupStage()
+    start = time.perf_counter()
+    documents, duplicates = stage.collapse_documents([{"id": "mon", "text": log(1)}, {"id": "tue", "text": log(2)}])
+    messages = [{"role": "user", "content": "show the log"}, {"role": "assistant", "content": log(1)},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": log(2)},
+                {"role": "user", "content": "thanks"}]
+    out = stage.before_model(ChatRequest(messages=messages))
+    assert time.perf_counter() - start < 10
+    assert duplicates == {} and documents[1]["text"] == log(2)
+    assert out.messages[3]["content"] == log(2)
+
+
+def test_changed_rows_of_a_table_stay_one_a_line():
+    def rows(changed: set[int]) -> str:
+        return "sku,name,price,stock\n" + "\n".join(
+            f"{1000 + i},widget model {i} deluxe edition,{19.5 + i},{(7 if i in changed else 80) + i}" for i in range(30))
+
+    documents, _ = DedupStage().collapse_documents([{"id": "mon", "text": rows(set())},
+                                                    {"id": "tue", "text": rows({3, 17})}])
+    assert documents[1]["text"].startswith(COLLAPSED_PREFIX)
+    assert documents[1]["text"].endswith("1003,widget model 3 deluxe edition,22.5,10\n"
+                                         "1017,widget model 17 deluxe edition,36.5,24")

@@ -488,3 +488,23 @@ def test_iterating_a_dict_variable_renders_the_same_bytes_whatever_its_insertion
     a = template.render(llama_backend.counter, variables={"profile": {"name": "Ana", "plan": "pro", "city": "Oslo"}})
     b = template.render(llama_backend.counter, variables={"profile": {"city": "Oslo", "plan": "pro", "name": "Ana"}})
     assert a.messages == b.messages
+
+
+def test_documents_go_with_a_question_sent_as_content_parts(llama_backend):
+    # The OpenAI SDK's list shape: the documents went after the newest tool result as a new user turn, which
+    # moved (and un-cached the prompt) on every step of a tool loop.
+    template = PromptTemplate("parts", "1", system="You help.")
+    docs = [{"id": "faq-3", "text": "Bookly opens at 9 am."}]
+    history = [{"role": "user", "content": [{"type": "text", "text": "When do you open?"}]}]
+    prompts = []
+    for step in (1, 2):
+        history = [*history,
+                   {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{step}", "type": "function",
+                    "function": {"name": "stock", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": f"c{step}", "content": "3 in stock"}]
+        prompts.append(template.render(llama_backend.counter, conversation=history, documents=docs).messages)
+    question = prompts[0][1]
+    assert question["role"] == "user" and "Bookly opens at 9 am." in question["content"][0]["text"]
+    assert question["content"][0]["text"].endswith("When do you open?")
+    assert prompts[1][:len(prompts[0])] == prompts[0]  # the previous prompt is still the prefix
+    assert [m["role"] for m in prompts[1]] == ["system", "user", "assistant", "tool", "assistant", "tool"]

@@ -249,8 +249,9 @@ class PromptTemplate:
         # documents stay with the question (and the previous call's prompt stays the prefix of this one)
         # instead of arriving as a new user turn after a tool result.
         newest = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
-        if newest is not None and isinstance(history[newest].get("content"), str):
-            history[newest]["content"] = self._turn(docs_text, history[newest]["content"], variables)
+        with_documents = self._with_documents(history[newest], docs_text, variables) if newest is not None else None
+        if with_documents is not None:
+            history[newest] = with_documents
         elif docs_text:
             history.append({"role": "user", "content": self._text("turn", documents=docs_text, content="",
                                                                   **variables)})
@@ -266,6 +267,25 @@ class PromptTemplate:
             template=self.id, messages=messages, tools=canonical_tools, section_tokens=tokens,
             kept_documents=[str(doc["id"]) for doc in kept_docs], dropped_messages=dropped,
         )
+
+    def _with_documents(self, message: dict[str, Any], docs_text: str,
+                        variables: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The user message rendered with the documents as one turn, or None when it has no text to go with.
+
+        With content parts (the OpenAI SDK's list shape) the question is the first text part: the documents
+        go there, not after the newest tool result as a new user turn that moves (and un-caches the prompt)
+        on every step of a tool loop."""
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": self._turn(docs_text, content, variables)}
+        if not isinstance(content, list):
+            return None
+        for k, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                parts = list(content)
+                parts[k] = {**part, "text": self._turn(docs_text, part["text"], variables)}
+                return {**message, "content": parts}
+        return None
 
     def _documents(self, documents: Sequence[Mapping[str, Any]], counter: TokenCounter,
                    variables: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str]:

@@ -149,13 +149,17 @@ class DedupStage(Stage):
             if not _same_sequence(texts[earlier], texts[later]):
                 continue  # reordered or repeated sentences: kept whole
             differs = _differs(texts[earlier], texts[later])
+            if differs and not self._shorter(differs, texts[later]):
+                continue  # nearly every sentence changed (a re-polled log, a table of new numbers): kept whole
             if differs:  # sentences of its own (a new number, a negation): keep those, under its own id
                 # ... saying where the rest is: "Refund policy for US customers." alone says the US policy
                 # has no terms, when it has the EU one's (and say what it lacks of them).
                 missing = _unmatched(_differs(texts[later], texts[earlier]), differs)
                 text = (f'{COLLAPSED_PREFIX} document "{documents[earlier]["id"]}", collapsed by ctxkit; '
-                        f"the rest is the same; what differs:] {' '.join(differs)}")
-                cut[later] = text + (f" [not in this copy:] {' '.join(missing)}" if missing else "")
+                        f"the rest is the same; what differs:] {_join(differs, texts[later])}")
+                text += f" [not in this copy:] {_join(missing, texts[earlier])}" if missing else ""
+                if self.counter.count_text(text) < self.counter.count_text(texts[later]):
+                    cut[later] = text  # else the "collapsed" copy would be longer than the document itself
                 continue
             dropped.add(later)
             duplicates[str(documents[later]["id"])] = str(documents[earlier]["id"])
@@ -188,17 +192,26 @@ class DedupStage(Stage):
             if not _same_sequence(texts[earlier], texts[later]):
                 continue  # the same sentences in another order or number: only the whole copy says so
             differs = _differs(texts[earlier], texts[later])
+            if differs and not self._shorter(differs, texts[later]):
+                continue  # the collapsed text could not be shorter: skip the pairing of changed sentences too
             # A copy that drops a sentence says less than the original (a ticket closed, a line of code
             # deleted): "near-duplicate" alone would tell the model the dropped sentence still holds.
             # A sentence that was changed, not dropped, is already among what differs.
             missing = _unmatched(_differs(texts[later], texts[earlier]), differs)
             head = f"{COLLAPSED_PREFIX} {_describe(messages, earlier)} ({similarity:.0%} same wording), collapsed by ctxkit"
-            text = f"{head}; what differs:] {' '.join(differs)}" if differs else f"{head}]"
+            text = f"{head}; what differs:] {_join(differs, texts[later])}" if differs else f"{head}]"
             if missing:
-                text += f" [not in this copy:] {' '.join(missing)}"
+                text += f" [not in this copy:] {_join(missing, texts[earlier])}"
             if self.counter.count_text(text) < self.counter.count_text(texts[later]):
                 collapsed[later] = text  # else it saves nothing: leave the message (and the prefix) alone
         return collapsed
+
+    def _shorter(self, differs: Sequence[str], text: str) -> bool:
+        """Whether the sentences that differ are fewer tokens than the whole text: a collapsed copy carries
+        all of them (and a note), so otherwise collapsing saves nothing. Checked before pairing changed
+        sentences with the ones they replace, which is quadratic: two 400-line logs with a number changed on
+        every line took a minute."""
+        return self.counter.count_text(" ".join(differs)) < self.counter.count_text(text)
 
     def _collapse_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
         collapsed = self._collapsed(messages)
@@ -272,6 +285,12 @@ def _likeness(a: str, b: str) -> float:
         grams_b = {b[i : i + 4] for i in range(len(b) - 3)}
         return len(grams_a & grams_b) / max(len(grams_a | grams_b), 1)
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _join(sentences: Sequence[str], text: str) -> str:
+    """Sentences of `text` as one string: one a line when `text` is lines (rows of a CSV or a log), so two
+    changed rows do not run together into one ("...,22.5,10 1017,widget..." read as a stock of "10 1017")."""
+    return ("\n" if "\n" in text.strip() else " ").join(sentences)
 
 
 def _norm(sentence: str) -> str:
