@@ -517,3 +517,43 @@ def test_the_backends_repr_shows_no_key_in_its_url(gguf_counter):
     for url in ("https://gw.example.com/v1?api-key=9f8e7d6c5b4a39281706", "https://svc:S3cretPass@gw.example.com/v1"):
         shown = repr(OpenAIBackend("smollm2", base_url=url, api_key="x", counter=gguf_counter, context_window=2048))
         assert "gw.example.com/v1" in shown and "9f8e7d6c" not in shown and "S3cretPass" not in shown
+
+
+def test_an_image_part_sent_to_a_text_only_gguf_server_is_refused_not_dropped_unseen(remote, ledger):
+    """Sent as one string, the image vanished and the model described a picture it never saw."""
+    from ctxkit import RequestError
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}, image]}]
+    with pytest.raises(RequestError) as caught:
+        Pipeline(remote, ledger=ledger).call(ChatRequest(messages=messages, params=PARAMS))
+    assert caught.value.where == "messages[0].content[1]"
+    assert ledger.records[-1].status == "error" and ledger.records[-1].tokens_sent == 0
+
+
+def test_a_password_in_the_base_url_never_reaches_the_logs(server, gguf_counter, ledger, caplog):
+    """httpx logs each request's URL at INFO, which an app turns on to see the ledger's lines."""
+    import logging
+
+    url = server.base_url.replace("http://", "http://proxyuser:hunter2pass@")
+    backend = OpenAIBackend("smollm2", base_url=url, counter=gguf_counter, context_window=4096)
+    with caplog.at_level(logging.INFO):
+        Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
+    assert "HTTP Request" in caplog.text and "127.0.0.1" in caplog.text
+    assert "hunter2pass" not in caplog.text
+
+
+def test_a_stream_cut_while_tool_call_text_was_held_back_records_the_tokens_generated(gguf_counter, ledger):
+    """The <tool_call> text a GGUF server streams is held back until it is known; cut then, the ledger said
+    tokens_out 0 for tokens the server had generated (and a metered upstream billed)."""
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    pieces = ["<tool_call>\n", '{"name": "note", ', '"arguments": {"text": "The dragon sleeps under the hill']
+    with cut_off_stream(pieces) as base_url:
+        backend = OpenAIBackend("smollm2", base_url=base_url, counter=gguf_counter, context_window=4096, max_retries=0)
+        stream = Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, tools=tools, params=PARAMS,
+                                                                   stream=True))
+        with pytest.raises(BackendConnectionError, match="ended before"):
+            stream.collect()
+    record = ledger.records[-1]
+    assert record.status == "error" and record.tokens_out == gguf_counter.count_text("".join(pieces))

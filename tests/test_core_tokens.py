@@ -107,3 +107,27 @@ def test_a_call_asking_for_another_openai_model_is_counted_and_bounded_as_that_m
     long = [{"role": "user", "content": "word " * 9000}]
     with pytest.raises(ContextOverflowError):
         Pipeline(backend).call(ChatRequest(messages=long, model="gpt-4"))
+
+
+def test_an_image_part_is_counted_as_openai_bills_it_not_as_nothing():
+    """An image counted 0 tokens: tokens_naive, tokens_sent and the cost left out 85 to thousands per image."""
+    import base64
+    import struct
+    import zlib
+
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    text = {"type": "text", "text": "What is in this picture?"}
+
+    def asking(image_url):
+        return [{"role": "user", "content": [text, {"type": "image_url", "image_url": image_url}]}]
+
+    counter = TiktokenCounter("gpt-4o")
+    plain = counter.count_prompt([{"role": "user", "content": [text]}])
+    assert counter.count_prompt(asking({"url": "https://example.com/cat.png", "detail": "low"})) == plain + 85
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert counter.count_prompt(asking({"url": data_url})) == plain + 85 + 170 * 4  # 1024x1024 -> 768x768: 4 tiles

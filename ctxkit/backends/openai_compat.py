@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import os
 import random
 import re
@@ -27,7 +28,9 @@ from ..errors import (
     BackendStatusError,
     BackendTimeoutError,
     ConfigurationError,
+    RequestError,
 )
+from ..redaction import redact
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
@@ -108,6 +111,8 @@ class OpenAIBackend:
         # a key not shaped like sk-... is one pattern-based redaction cannot recognise. (A placeholder such as
         # "x" for a local server is no secret, and taking it out would garble every message.)
         self._secret = key if len(key) >= 8 and key != "not-needed" else None
+        if base_url is not None and "@" in base_url:
+            _redact_http_library_logs()  # httpx logs each request's URL at INFO: its user:password@ too
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self._aclient_args: dict[str, Any] = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
@@ -180,6 +185,7 @@ class OpenAIBackend:
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        failure: BaseException | None = None
         try:
             for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
@@ -189,13 +195,32 @@ class OpenAIBackend:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             # from None: the openai error's own text is not scrubbed, and a traceback would print it
-            raise self._translate(exc, request) from None
+            failure = self._translate(exc, request)
         except json.JSONDecodeError as exc:  # a chunk that is not JSON
-            raise _malformed(exc, self.name) from exc
+            failure = _malformed(exc, self.name)
+            failure.__cause__ = exc
         except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
-            raise _lost_mid_stream(exc, self.name) from exc
+            failure = _lost_mid_stream(exc, self.name)
+            failure.__cause__ = exc
+        except BackendConnectionError as exc:  # _cut_off
+            failure = exc
         finally:
             chunks.close()
+        if failure is not None:
+            usage = self._held_back_usage(request, calls)
+            if usage is not None:
+                yield usage
+            raise failure
+
+    def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None) -> dict[str, Any] | None:
+        """For a stream that failed while text that may become a tool call was held back: a usage chunk (counted)
+        with that text's tokens, which were generated and billed though never passed on."""
+        if calls is None or not calls.held_back:
+            return None
+        counter = self.counter_for(request.model)
+        return {"choices": [], "usage": {
+            "prompt_tokens": counter.count_prompt(list(request.messages), list(request.tools)),
+            "completion_tokens": counter.count_completion({"content": calls.generated}), "ctxkit_reported": False}}
 
     # -- async twins --------------------------------------------------------------------------------
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
@@ -211,6 +236,7 @@ class OpenAIBackend:
         chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        failure: BaseException | None = None
         try:
             async for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
@@ -221,13 +247,22 @@ class OpenAIBackend:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
             # from None: the openai error's own text is not scrubbed, and a traceback would print it
-            raise self._translate(exc, request) from None
+            failure = self._translate(exc, request)
         except json.JSONDecodeError as exc:  # a chunk that is not JSON
-            raise _malformed(exc, self.name) from exc
+            failure = _malformed(exc, self.name)
+            failure.__cause__ = exc
         except _TRANSPORT_ERRORS as exc:
-            raise _lost_mid_stream(exc, self.name) from exc
+            failure = _lost_mid_stream(exc, self.name)
+            failure.__cause__ = exc
+        except BackendConnectionError as exc:  # _cut_off
+            failure = exc
         finally:
             await chunks.close()
+        if failure is not None:
+            usage = self._held_back_usage(request, calls)
+            if usage is not None:
+                yield usage
+            raise failure
 
     def close(self) -> None:
         self._client.close()
@@ -245,6 +280,14 @@ class OpenAIBackend:
         messages = list(request.messages)
         plain = self._tools_as_text()
         if plain:
+            # Sent as one string, an image or audio part would vanish unseen and the model answer as if it saw
+            # it: refused, naming the part, as LlamaCppBackend refuses it.
+            for i, message in enumerate(messages):
+                parts = message.get("content")
+                for k, part in enumerate(parts if isinstance(parts, list) else []):
+                    if isinstance(part, dict) and part.get("type") not in ("text", "refusal"):
+                        raise RequestError(f"{part.get('type')} parts are not supported by this text-only model",
+                                           f"messages[{i}].content[{k}]")
             # A llama.cpp-family server rendering the GGUF's own template (no tool support, SmolLM2's) answers 500
             # for content null (every OpenAI client's assistant turn beside tool_calls), content parts and the
             # developer role, drops tool calls from the prompt and ignores `tools`. Sent as the text GGUFPrompt
@@ -405,6 +448,29 @@ class OpenAIBackend:
         return text
 
 
+
+
+class _RedactedRecords(logging.Filter):
+    """A log record's text without secrets (a URL's user:password@): for the HTTP libraries' own loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        shown = redact(text)
+        if shown != text:
+            record.msg, record.args = shown, None
+        return True
+
+
+_REDACTED_RECORDS = _RedactedRecords()
+
+
+def _redact_http_library_logs() -> None:
+    """httpx (httpx2 from openai 3) logs `HTTP Request: POST <url>` at INFO, the URL's credentials included: an app
+    that turns INFO on to see ctxkit's ledger lines (docs/ledger.md) would write its upstream password to its logs."""
+    for name in ("httpx", "httpx2"):
+        log = logging.getLogger(name)
+        if _REDACTED_RECORDS not in log.filters:
+            log.addFilter(_REDACTED_RECORDS)
 
 
 def _shown_url(url: str | None) -> str | None:

@@ -120,6 +120,16 @@ class ToolCallTextStream:
         self._text = ""  # the answer so far
         self._emitted = 0  # how much of it was passed on as content
 
+    @property
+    def held_back(self) -> str:
+        """Generated text not passed on yet (it may still become a call)."""
+        return self._text[self._emitted:]
+
+    @property
+    def generated(self) -> str:
+        """All the text generated so far, passed on or held back."""
+        return self._text
+
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks to pass on for one chunk received (none while a call may be forming)."""
         if not chunk.get("choices"):

@@ -250,7 +250,7 @@ class PromptTemplate:
         # instead of arriving as a new user turn after a tool result.
         newest = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
         with_documents = self._with_documents(history[newest], docs_text, variables) if newest is not None else None
-        if with_documents is not None:
+        if newest is not None and with_documents is not None:
             history[newest] = with_documents
         elif docs_text:
             history.append({"role": "user", "content": self._text("turn", documents=docs_text, content="",

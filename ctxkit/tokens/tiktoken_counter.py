@@ -12,10 +12,14 @@ truth: the ledger records the difference for every call.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 import uuid
 from functools import cache
@@ -114,11 +118,32 @@ class TiktokenCounter:
             total += self.tokens_per_message
             total += self.count_text(message.get("role", ""))
             total += self.count_text(message_text(message))
+            content = message.get("content")
+            for part in content if isinstance(content, list) else []:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    total += self._image_tokens(part.get("image_url") or {})
             if message.get("name"):
                 total += self.tokens_per_name + self.count_text(message["name"])
         if tools:
             total += self._count_tools(tools)
         return total
+
+    def _image_tokens(self, image: Any) -> int:
+        """An image as OpenAI bills it (its published recipe: a base cost, and for detail high/auto a cost per
+        512px tile of the image scaled to fit 2048x2048, then its short side to 768). The size is read from a
+        data: URL; an image behind an http URL (not fetched) counts its base cost, the least any image costs."""
+        base, tile = (2833, 5667) if self.model.split("/")[-1].lower().startswith("gpt-4o-mini") else (85, 170)
+        if not isinstance(image, dict) or image.get("detail") == "low":
+            return base
+        size = _data_url_image_size(str(image.get("url") or ""))
+        if size is None:
+            return base
+        width, height = map(float, size)
+        if max(width, height) > 2048:
+            width, height = width * 2048 / max(width, height), height * 2048 / max(width, height)
+        if min(width, height) > 768:
+            width, height = width * 768 / min(width, height), height * 768 / min(width, height)
+        return base + tile * math.ceil(width / 512) * math.ceil(height / 512)
 
     def count_completion(self, message: dict[str, Any]) -> int:
         return self.count_text(message_text(message))
@@ -146,3 +171,29 @@ class TiktokenCounter:
                         text += json.dumps(nested, sort_keys=True)
                     total += self.count_text(text)
         return total + func_end
+
+
+def _data_url_image_size(url: str) -> tuple[int, int] | None:
+    """(width, height) of a PNG, GIF or JPEG in a base64 data: URL, from its header; None when not known."""
+    if not url.startswith("data:") or ";base64," not in url[:100]:
+        return None
+    payload = url.partition(",")[2][:65536]  # the header is near the start: decode no more than 48 KB
+    try:
+        head = base64.b64decode(payload[:len(payload) // 4 * 4])
+    except (binascii.Error, ValueError):
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return struct.unpack("<HH", head[6:10])
+    if head[:2] == b"\xff\xd8":  # JPEG: the first start-of-frame marker holds the size
+        i = 2
+        while i + 9 < len(head):
+            if head[i] != 0xFF:
+                return None
+            marker, length = head[i + 1], struct.unpack(">H", head[i + 2:i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", head[i + 5:i + 9])
+                return width, height
+            i += 2 + length
+    return None
