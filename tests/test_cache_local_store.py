@@ -150,3 +150,32 @@ def test_a_damaged_database_is_a_typed_error_naming_the_cache(tmp_path):
     (tmp_path / "meta" / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
     with pytest.raises(ConfigurationError, match=str(tmp_path)):
         LocalStore(tmp_path)
+
+
+def test_a_cache_that_cannot_be_opened_is_not_called_damaged(tmp_path):
+    """A full disk or a read-only volume was reported as a damaged cache, with the advice to clear it: that
+    throws away a good cache. (Made with a folder where the database file should be: permissions do not
+    stop root.)"""
+    (tmp_path / "entries").mkdir()
+    (tmp_path / "entries" / "cache.db").mkdir()
+    with pytest.raises(ConfigurationError, match="cannot open the cache") as caught:
+        LocalStore(tmp_path)
+    assert "damaged" not in str(caught.value)
+
+
+def test_a_put_the_disk_refuses_is_skipped_not_raised(tmp_path, caplog):
+    """A full disk made every cache miss fail with sqlite3.OperationalError after the backend had answered
+    (and been paid). SQLite's own page limit makes the same "database or disk is full" for real."""
+    store = LocalStore(tmp_path)
+    store.put(make_entry("before"), unit("before"))
+    for cache in (store._entries, store._meta):
+        pages = cache._sql("PRAGMA page_count").fetchone()[0]
+        cache._sql(f"PRAGMA max_page_count = {pages}")
+    for i in range(5):  # 20 kB each: below diskcache's 32 kB, so kept in SQLite, which has no page left
+        big = make_entry(f"big{i}")
+        big = CacheEntry(**{**big.__dict__, "response": {"choices": [{"message": {"content": "x" * 20_000}}]}})
+        store.put(big, unit(f"big{i}"))  # no exception
+    assert "cannot store an answer" in caplog.text
+    assert store.get("before", time.time()) is not None and store.get("big4", time.time()) is None
+    store._counts_flushed = 0.0
+    store.get("before", time.time())  # a counter flush on the full disk does not fail a lookup either

@@ -793,3 +793,53 @@ def test_a_tool_result_that_differs_only_in_a_sign_is_another_result(stage, stor
                 {"role": "user", "content": "Am I below zero?"}]
     seed(stage, req(conversation(stored)), "Yes")
     assert stage.lookup(req(conversation(asked))).response is None
+
+
+def _picked(city: str) -> list[dict]:
+    turns = [{"role": "user", "content": "Pick a random city for me."}, {"role": "assistant", "content": city}]
+    for i in range(3):
+        turns += [{"role": "user", "content": f"ok step {i}"}, {"role": "assistant", "content": "ok"}]
+    return turns + [{"role": "user", "content": "Which city did you pick?"}]
+
+
+def _poem(opening: str) -> list[dict]:
+    return [{"role": "user", "content": "Write me a poem."},
+            {"role": "assistant", "content": opening + " la" * 700},
+            {"role": "user", "content": "What was the first line?"}]
+
+
+def _code(body: str) -> list[dict]:
+    return [{"role": "user", "content": "Write a tiny python function f."},
+            {"role": "assistant", "content": f"def f(x): return {body}"},
+            {"role": "user", "content": "What does f(3) return?"}]
+
+
+_LEASE = ("The tenant shall keep the apartment clean and report any damage to the landlord promptly. "
+          "The landlord shall keep the building, the heating and the plumbing in good repair. ") * 12
+
+
+def _lease(payer: str) -> list[dict]:
+    return [{"role": "user", "content": _LEASE + f"The {payer} pays for water and electricity."},
+            {"role": "user", "content": "Who pays for water and electricity under this lease?"}]
+
+
+@pytest.mark.parametrize(("stored", "asked"), [
+    (_picked("Tokyo"), _picked("Madrid")),  # an assistant turn older than the context window
+    (_poem("Roses are red and the sea is wide."), _poem("The night is dark and the moon is high.")),  # cut off
+    (_lease("tenant"), _lease("landlord")),  # a pasted document past what the embedder reads
+    (_code("x * 2"), _code("x + 2")),  # an operator in the assistant's code
+])
+def test_a_follow_up_after_turns_the_context_check_did_not_read_misses(stage, stored, asked):
+    seed(stage, req(stored))
+    assert stage.lookup(req(asked)).response is None
+    assert stage.lookup(req(stored)).response is not None
+    reworded = [*stored[:-1], {"role": "user", "content": stored[-1]["content"].replace("?", ", please?")}]
+    assert stage.lookup(req(reworded)).layer == "semantic", "the same conversation, reworded, no longer hits"
+
+
+def test_a_store_of_another_dimension_is_refused_when_the_stage_is_built(tmp_path, embedder):
+    """A LocalStore made for 768-dimensional vectors behind MiniLM (384) failed every call with a ValueError
+    (a PostgresStore: a RequestError blaming the caller's "vector"); now it is refused at construction."""
+    with LocalStore(tmp_path / "c", dimension=768) as store, \
+            pytest.raises(ConfigurationError, match="384-dimensional.*holds 768"):
+        SemanticCacheStage(store, embedder)

@@ -484,11 +484,12 @@ def _swapped_roles(a: Features, b: Features) -> bool:
 # Earlier turns include the assistant's own wording, which varies: compare their details, not every word
 # order. What they are about must agree: "It is rainy today." / "It is sunny today." (or "blue" / "red")
 # are near-identical embeddings, and "should I take an umbrella?" has another answer after each.
-_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("question", "roles", "operators"))
+# Operators count there too: an assistant turn of code ("return x * 2" / "return x + 2") embeds the same.
+_CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("question", "roles"))
 # The user's own earlier messages are not reworded by a model: what the single-turn guards read in a
 # question (an operator or flag, swapped roles, letter case, tense, pasted code's layout) also changes
 # what a follow-up asks ("x = 7 // 2" / "x = 7 / 2", then "what is x?").
-_FACT_CHECKS = _CONTEXT_CHECKS + ("roles", "operators")
+_FACT_CHECKS = _CONTEXT_CHECKS + ("roles",)
 
 
 def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:

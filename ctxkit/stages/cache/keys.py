@@ -38,6 +38,8 @@ class RequestKey:
     facts: str = ""  # every earlier user message (keys.facts_text), for follow-ups
     tool_facts: str = ""  # every earlier tool result, with the call it answers
     layout: str = ""  # the last user message with its line breaks and indentation (keys.normalize_layout)
+    history: str = ""  # the hash of every earlier turn, normalized (what a context left unread must match)
+    context_cut: bool = False  # the context text leaves out earlier turns, or the start of one
 
 
 _POLITE_HEAD = re.compile(r"^(?:(?:please|pls|kindly|hey|hi|hello|ok|okay|so)\b[\s,!.]*)+", re.I)
@@ -232,13 +234,17 @@ def facts_text(messages: Sequence[Message], role: str, labels: Mapping[str, str]
 
 def context_text(messages: Sequence[Message], labels: Mapping[str, str]) -> str:
     """The turns before the last message, as 'role: text' lines (tool results and calls included)."""
+    return _whole_context(messages, labels)[-_CONTEXT_CHARS:]
+
+
+def _whole_context(messages: Sequence[Message], labels: Mapping[str, str]) -> str:
     lines = []
     for m in messages[-_CONTEXT_MESSAGES:]:
         text = _answered(m, labels) + normalize_text(content_text(m.get("content")))
         for call in m.get("tool_calls") or []:
             text += f" [{_call_text(call)}]"
         lines.append(f"{m.get('role')}: {text.strip()}")
-    return "\n".join(lines)[-_CONTEXT_CHARS:]
+    return "\n".join(lines)
 
 
 def request_key(request: ChatRequest, default_model: str | None = None) -> RequestKey:
@@ -255,4 +261,7 @@ def request_key(request: ChatRequest, default_model: str | None = None) -> Reque
     earlier = turns[:-1]
     return RequestKey(scope=scope, exact=exact, query=query, context=context_text(earlier, labels), raw=raw,
                       facts=facts_text(earlier, "user", labels), tool_facts=facts_text(earlier, "tool", labels),
-                      layout=normalize_layout(content_text(last.get("content"))))
+                      layout=normalize_layout(content_text(last.get("content"))),
+                      history=_digest([normalize_message(m, positions) for m in earlier]),
+                      context_cut=len(earlier) > _CONTEXT_MESSAGES
+                      or len(_whole_context(earlier, labels)) > _CONTEXT_CHARS)

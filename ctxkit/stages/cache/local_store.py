@@ -38,6 +38,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -51,6 +52,9 @@ import numpy as np
 from ...errors import ConfigurationError
 from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
+
+logger = logging.getLogger(__name__)
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # SQLite's primary result codes for a damaged file, a file of another kind
 
 # Lock files, made as needed in 256 folders. Two unrelated keys that share one wait for each other's whole
 # backend call: with 1,024 files, 50 misses in flight shared one 70% of the time; with 65,536, 2%.
@@ -123,6 +127,10 @@ class LocalStore:
             self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
             self._entries.create_tag_index()
         except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", None) or _SQLITE_CORRUPT) & 0xFF not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                # not damage: a full disk, a read-only volume, another owner; clearing would lose a good cache
+                raise ConfigurationError(f"cannot open the cache in {self.directory} ({exc}); check that the "
+                                         "disk has room and this process can write to the directory") from exc
             raise ConfigurationError(f"the cache in {self.directory} is damaged ({exc}); move it aside or "
                                      "clear it to start with an empty cache") from exc
         self._check_dimension()
@@ -152,7 +160,15 @@ class LocalStore:
         return entry
 
     def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
+        """Store `entry`. A write the disk refuses (full, turned read-only, quota) is logged and skipped, as
+        PostgresStore does when its server is down: the call that answered goes on, its answer not stored."""
         vec = _as_vector(vector, self.dimension)
+        try:
+            self._put(entry, vec)
+        except (sqlite3.OperationalError, OSError) as exc:
+            logger.warning("the cache in %s cannot store an answer: %s", self.directory, exc)
+
+    def _put(self, entry: CacheEntry, vec: np.ndarray) -> None:
         record = dataclasses.asdict(entry)
         expire = _ttl_of(entry)
         # The entry first: a writer killed between the two leaves an entry the exact layer can serve
@@ -244,9 +260,12 @@ class LocalStore:
             counts, self._counts = self._counts, {}
             self._counts_flushed = time.monotonic()
         if counts:
-            with self._meta.transact():
-                for name, amount in counts.items():
-                    self._meta.incr(("stat", name), amount)
+            try:
+                with self._meta.transact():
+                    for name, amount in counts.items():
+                        self._meta.incr(("stat", name), amount)
+            except (sqlite3.OperationalError, OSError) as exc:  # a full or read-only disk: counters are a hint
+                logger.warning("the cache in %s cannot update its counters: %s", self.directory, exc)
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes, vectors, and hit/miss counts summed over every process that used the store."""

@@ -107,6 +107,13 @@ class SemanticCacheStage(Stage):
                 raise ConfigurationError(f"namespace_ttl[{ns!r}] must be a positive number of seconds or None (until "
                                          f"evicted), got {seconds!r} (to keep a namespace out of the cache, send "
                                          "its requests with metadata {'cache': False})")
+        embedder_dimension, store_dimension = getattr(embedder, "dimension", None), getattr(store, "dimension", None)
+        if (self.semantic and isinstance(embedder_dimension, int) and isinstance(store_dimension, int)
+                and embedder_dimension != store_dimension):
+            # else every call fails: a ValueError (LocalStore), a RequestError blaming the caller (PostgresStore)
+            raise ConfigurationError(f"the embedder makes {embedder_dimension}-dimensional vectors but the cache "
+                                     f"store holds {store_dimension}: open the store with "
+                                     f"dimension={embedder_dimension} (another directory or table_prefix)")
         self.store = store
         self.embedder = embedder
         self._embedder_probe: np.ndarray | None = None
@@ -259,6 +266,7 @@ class SemanticCacheStage(Stage):
         features: dict[str, Any] = {"query": key.query, "context": key.context, "raw": key.raw,
                                     "semantic": semantic, "facts": key.facts,
                                     "tool_facts": key.tool_facts, "layout": key.layout,
+                                    "history": key.history, "context_read": self._context_read(key),
                                     "embedder": self._embedder_id()}
         probe = self._probe()
         if probe is not None:  # which model this is, for a model named only by its folder (see _same_model)
@@ -353,6 +361,13 @@ class SemanticCacheStage(Stage):
                                  str(features.get("tool_facts", "")))
             if reason is not None:
                 return reason
+            if not (self._context_read(key) and features.get("context_read") is True) \
+                    and key.history != features.get("history"):
+                # The context check read only part of the earlier turns (the newest 6 messages, their last
+                # 2,000 characters, the first 256 word pieces of those): what it did not read must agree
+                # word for word. "Which city did you pick?" after "Tokyo" ten turns up, "Who pays?" after
+                # a pasted lease that ends "the tenant pays" / "the landlord pays".
+                return "context_unread"
         candidate_context = str(features.get("context", ""))
         context_similarity = None
         if context_vector is not None and features.get("context_vector"):
@@ -360,6 +375,14 @@ class SemanticCacheStage(Stage):
         return judge(key.query, key.context, hit.entry.query_text, candidate_context,
                      hit.similarity, context_similarity, self.thresholds,
                      query_raw=key.raw, candidate_raw=str(features.get("raw", "")) or None)
+
+    def _context_read(self, key: RequestKey) -> bool:
+        """Whether the context check reads all of the earlier turns: none left out of the context text, and
+        the embedder reads all of that text."""
+        if key.context_cut:
+            return False
+        truncates = getattr(self.embedder, "truncates", None)
+        return not (callable(truncates) and truncates(key.context))
 
     def _semantic_for(self, key: RequestKey) -> bool:
         """Whether the semantic layer may answer (and store) this request: it has a question, and the
