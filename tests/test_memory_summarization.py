@@ -1037,3 +1037,50 @@ def test_a_first_fold_without_a_conversation_id_is_reported_when_another_convers
     alone = first_fold_of_b(after_a=False)
     assert alone and alone[0] > 0
     assert first_fold_of_b(after_a=True) == alone, "another conversation's state changed B's report"
+
+
+def test_model_mode_with_its_summarizer_down_still_folds_a_request_over_the_window(llama_backend):
+    """Passed on unfolded, a request over the window is refused by the pipeline: the app's call failed."""
+    stage = SummarizationStage(llama_backend, trigger_fraction=0.6, keep_last=4, mode="model",
+                               summarizer=_unreachable_summarizer(llama_backend))
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(80):
+        messages += [{"role": "user", "content": f"Note {i}: shipment {i} of 40 crates leaves Rotterdam on day {i}, "
+                                                 f"insured for {i * 1000} euros."},
+                     {"role": "assistant", "content": f"Recorded shipment {i}."}]
+    messages.append({"role": "user", "content": "Reply OK."})
+    assert llama_backend.counter.count_prompt(messages) > llama_backend.context_window
+    sent = Sent()
+    Pipeline(llama_backend, stages=[stage, sent]).call(
+        ChatRequest(messages=messages, conversation_id="down-over-window", params={"max_tokens": 8}))
+    assert llama_backend.counter.count_prompt(sent.seen[-1].messages) + 8 <= llama_backend.context_window
+    assert "excerpts" in _summary(sent.seen[-1].messages)
+
+
+def test_a_long_message_in_a_script_without_spaces_or_compact_json_is_kept_in_pieces(llama_backend, embedder):
+    """One unit each, bigger than any budget: the passport number and the tracking number left the summary."""
+    chinese = ("我叫李雷，住在上海。我的预算是八千元，出发日期是三月十四日。我对花生过敏，请记住这一点。"
+               "我的护照号码是E12345678，酒店是和平饭店。我的狗叫小黑，它会和我一起旅行。") * 5
+    order = {"order_id": "A-7781", "status": "shipped", "eta": "2027-03-14", "carrier": "DHL",
+             "tracking": "JD0146000033", "items": [{"sku": f"SKU-{i}", "qty": i} for i in range(25)]}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_order", "arguments": '{"id": "A-7781"}'}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": chinese},
+                {"role": "assistant", "content": "好的，我记住了。"},
+                {"role": "user", "content": "Where is my order A-7781?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(order, separators=(",", ":"))},
+                {"role": "assistant", "content": "It shipped."},
+                {"role": "user", "content": "我的护照号码是什么？ And what is the tracking number of A-7781?"}]
+    stage = SummarizationStage(llama_backend, trigger_tokens=700, keep_last=2, mode="extractive", embedder=embedder)
+    summary = _summary(stage.before_model(ChatRequest(messages=messages, conversation_id="cjk")).messages)
+    assert "E12345678" in summary and "JD0146000033" in summary
+
+
+def test_conversations_that_open_with_a_developer_prompt_do_not_share_a_key(llama_backend):
+    """Without a conversation_id: the developer prompt was taken for the opening, so every conversation of an app
+    that instructs with "developer" had one key, and each call refolded another user's whole history."""
+    stage = SummarizationStage(llama_backend, trigger_messages=6, mode="extractive", embedder=None)
+    keys = {stage._key(ChatRequest(messages=[{"role": "developer", "content": "You are a travel agent."},
+                                             {"role": "user", "content": f"I am {who}."}]))
+            for who in ("Alice", "Bob")}
+    assert len(keys) == 2

@@ -65,7 +65,10 @@ CHAT_TURN_SENTENCES = 4
 # are joined again with the original text between them, so a whole sentence still reads whole.
 LONG_SENTENCE_CHARS = 150
 CLAUSE_MIN_CHARS = 40
-_CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+")
+# Clause breaks: "," ";" ":" before a space; after a CJK sentence or clause mark (those scripts put no space after
+# them: a long Chinese message was one unit, too big for any budget, and left the summary whole); and after a
+# comma that opens the next JSON member or element (compact JSON, as most APIs return it, has no spaces).
+_CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+|(?<=[\u3002\uff01\uff1f\uff1b\uff0c\u3001\uff1a])(?=\S)|(?<=,)(?=[\"{\[])")
 _WORD = re.compile(r"[^\W_]+")  # letters and digits of any alphabet ("вегетарианка" is a word too)
 # How much the units after (and just before) the one a recent turn points at share its focus.
 FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))

@@ -221,8 +221,11 @@ class SummarizationStage(Stage):
                                     included=list(state.included))
         new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],)
                if prints[i] not in marks and m.get("role") not in _INSTRUCTION_ROLES]
+        # A request that no longer fits the window must be folded now, summarizer or not: passed on unfolded,
+        # the pipeline refuses it (ContextOverflowError), and every later call of the conversation with it.
+        must_fold = self._over_window(current, request)
         try:
-            self._fold(state, new)
+            excerpts_only = self._fold(state, new, must_fold=must_fold)
         except BackendError as exc:
             # Model mode, and the summarizer failed (a rate limit, a timeout): the app's call must not fail with
             # it. Nothing else holds these turns: pass the request on as it stands, and fold at a later call.
@@ -232,12 +235,15 @@ class SummarizationStage(Stage):
         state.folded_digest = digest(prints[:cut])
         state.pinned = self._pinned(body, cut, request)
         head, tail = [*head, *_instructions(body[:cut])], [*_kept(body, state.pinned), *body[cut:]]
-        state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks))
+        state.summary = self._build_summary(head, tail, state, request, self._recent_turns(body, prints, marks),
+                                            excerpts_only=excerpts_only)
         self.store.put(key, state)
         return SummaryResult(self._assemble(head, state, tail), cut, True, state.summary)
 
-    def _fold(self, state: ConversationState, new: Sequence[tuple[int, Message, str]]) -> None:
-        """Add newly overflowed (and clean) messages to the fact pool and to the rolling model summary."""
+    def _fold(self, state: ConversationState, new: Sequence[tuple[int, Message, str]], *,
+              must_fold: bool = False) -> bool:
+        """Add newly overflowed (and clean) messages to the fact pool and to the rolling model summary.
+        True when model mode's summarizer failed on a fold that cannot wait: the summary is excerpts."""
         added: list[fact_keeper.Fact] = []
         for index, message, print_ in new:
             state.included.append(print_)
@@ -256,13 +262,15 @@ class SummarizationStage(Stage):
             try:
                 state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
             except BackendError as exc:
-                if self.model_share >= 1.0:
+                if self.model_share >= 1.0 and not must_fold:
                     raise  # model mode: summarize passes the request on unfolded
                 # Hybrid: the facts above hold the new turns; the model's summary stays as it was.
                 record_event(self.name, "summarizer_failed", error=type(exc).__name__, status=exc.status, folded=True)
+                return self.model_share >= 1.0
+        return False
 
     def _build_summary(self, head: list[Message], tail: list[Message], state: ConversationState,
-                       request: ChatRequest, recent: list[str]) -> str:
+                       request: ChatRequest, recent: list[str], *, excerpts_only: bool = False) -> str:
         """Fill the target budget: the model summary (its share), then the best facts, verified by counting."""
         target = self._target(request)
         base = self.counter.count_prompt(self._assemble(head, None, tail), request.tools)
@@ -278,7 +286,7 @@ class SummarizationStage(Stage):
             target = min(target, base + framing + int(folded_tokens * 0.6))
         room = target - base - framing
         model_text = ""
-        if self.model_share > 0 and state.model_summary and room > 0:
+        if self.model_share > 0 and state.model_summary and room > 0 and not excerpts_only:
             model_text = leading_sentences(state.model_summary, int(room * self.model_share), self.counter)
             room -= self.counter.count_text(model_text) if model_text else 0
         chosen: list[fact_keeper.Fact] = []
@@ -330,6 +338,9 @@ class SummarizationStage(Stage):
         if not text:
             return [*head, *tail]
         return [*head, {"role": self.summary_role, "content": text}, *tail]
+
+    def _over_window(self, messages: list[Message], request: ChatRequest) -> bool:
+        return self.counter.count_prompt(messages, request.tools) + (request.max_tokens or 0) > self.backend.context_window
 
     def _over_trigger(self, messages: list[Message], request: ChatRequest) -> bool:
         if self.trigger_messages is not None and len(messages) > self.trigger_messages:
@@ -470,8 +481,14 @@ class SummarizationStage(Stage):
         # leading system messages and the first message after them). A state is used only when its folded
         # messages are this request's, word for word (the digest check), so two conversations that open
         # alike never see each other's summary; they only take turns rebuilding it.
-        head, body = _split_head(request.messages)
-        opening = digest([fingerprint(m) for m in [*head, *body[:1]]])
+        # The app's instructions lead as "system" or, for OpenAI's newer models, "developer" messages: the opening
+        # is them and the first message after them. With the developer prompt taken for the first message,
+        # every conversation of such an app had one key: each call threw another user's state away and refolded
+        # its whole history.
+        lead = 0
+        while lead < len(request.messages) and request.messages[lead].get("role") in _INSTRUCTION_ROLES:
+            lead += 1
+        opening = digest([fingerprint(m) for m in request.messages[: lead + 1]])
         return (request.namespace, f"ctxkit:opening:{opening}")
 
     def _conversation_lock(self, key: tuple[str, str]) -> Any:
