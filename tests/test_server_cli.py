@@ -144,3 +144,44 @@ def test_a_release_made_over_http_outlives_a_restart_with_a_state_dir(tmp_path):
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_sigterm_with_a_stream_in_flight_ends_it_within_the_grace_and_ledgers_it(tmp_path):
+    """SIGTERM waited for every open stream however long (an orchestrator then SIGKILLs: no record), and when
+    uvicorn's graceful timeout cancelled a call, it re-raised SIGTERM before the call could write its record."""
+    import signal
+    import threading
+    import time
+
+    port = free_port()
+    ledger = tmp_path / "serve.jsonl"
+    process = _serve(port, ledger, "--no-stages", "--graceful-timeout", "1")
+    base = f"http://127.0.0.1:{port}"
+    chunks = []
+    try:
+        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
+
+        def stream() -> None:
+            body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                    "max_tokens": 900, "stream": True, "temperature": 1.0}
+            try:
+                with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120,
+                                  headers={"Authorization": "Bearer cli-key-00001"}) as answer:
+                    for line in answer.iter_lines():
+                        chunks.append(line)
+            except httpx.HTTPError:
+                pass
+
+        client = threading.Thread(target=stream)
+        client.start()
+        while len(chunks) < 10:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)  # within the grace (1 s) and the wait for the cancelled call
+        client.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    [record] = list(read_ledger(ledger))
+    assert record.status == "error" and record.tokens_out > 0

@@ -329,6 +329,14 @@ def test_a_number_too_long_for_python_is_a_400_not_a_500(proxy):
     assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"], answer.text
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_number_json_does_not_have_is_a_400_not_a_500(proxy, number):
+    """Python's parser takes NaN/Infinity (and 1e400 as inf): top_k NaN reached llama.cpp's ctypes as a 502
+    'upstream_unavailable', and an upstream's openai client (strict JSON) as a 500, both retried by the SDK."""
+    answer = _post(proxy[0], '{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"top_k":' + number + "}")
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"], answer.text
+
+
 def test_an_unknown_body_field_is_named_in_param(proxy):
     answer = _post(proxy[0], {"messages": HELLO, "max_tokens": 2, "functions": [{"name": "f", "parameters": {}}]})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "functions", answer.text

@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -226,7 +227,10 @@ class _Proxy:
             if len(body) > self.max_body_bytes:
                 raise too_large
         try:
-            payload = json.loads(body)
+            # NaN, Infinity and numbers that overflow to them (1e400) are not JSON (RFC 8259), though Python's
+            # parser takes them: refused here, else they reach a backend (a TypeError in llama.cpp's ctypes, a
+            # ValueError in the openai client's strict encoder) and come back as a 500/502 the SDK retries.
+            payload = json.loads(body, parse_constant=_not_json, parse_float=_finite_float)
         except RecursionError:  # '[[[[...' thousands deep: the parser's own limit, not a server fault
             raise HTTPError(400, "invalid_request_error", "body is nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4300 digits
@@ -393,6 +397,17 @@ class _StreamingAnswer(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._end()
+
+
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:

@@ -51,6 +51,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--metrics-token-env", default="CTXKIT_METRICS_TOKEN", metavar="VAR",
                        help="environment variable holding the bearer token /metrics asks for "
                             "(default CTXKIT_METRICS_TOKEN); unset: /metrics answers loopback clients only")
+    serve.add_argument("--graceful-timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="on SIGTERM, how long calls in flight may finish before they are cancelled (and "
+                            "ledgered as such); keep it under the orchestrator's kill grace (default 20)")
     serve.add_argument("--no-stages", action="store_true", help="serve with no stages (a metering pass-through)")
     serve.add_argument("--cache", metavar="DIR|DSN",
                        help="semantic cache: a directory (local store, one replica) or a postgresql:// DSN "
@@ -189,11 +192,29 @@ def run_cli(args: argparse.Namespace) -> None:
           f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",
           flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=os.environ.get("CTXKIT_LOG_LEVEL", "info"),
-                            lifespan="off")
+                            lifespan="off", timeout_graceful_shutdown=args.graceful_timeout)
     # uvicorn's access log prints method, path and status, never headers; but a client that puts its key in
     # the query string (refused with a 401) would have it printed with the path: the query is left out.
     logging.getLogger("uvicorn.access").addFilter(_without_query_string)
-    uvicorn.Server(config).run()
+    _run_until_sigterm(config)
+
+
+def _run_until_sigterm(config: Any) -> None:
+    import asyncio
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, letting the calls its graceful timeout cancelled end (their ledger records are
+        written as they unwind) before it re-raises SIGTERM, which would end the process first."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            cancelled = list(self.server_state.tasks)
+            if cancelled:
+                await asyncio.wait(cancelled, timeout=5)
+
+    GracefulServer(config).run()
 
 
 def _without_query_string(record: logging.LogRecord) -> bool:
