@@ -14,11 +14,61 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from . import errors as ck
 from .request import ChatRequest
 from .response import ChatResponse
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
+
+
+# The openai client's class for an HTTP status it got; other 4xx are APIStatusError, 5xx InternalServerError.
+_BY_STATUS = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+              404: "NotFoundError", 409: "ConflictError", 422: "UnprocessableEntityError", 429: "RateLimitError"}
+
+
+def _openai_class(exc: ck.CtxkitError) -> tuple[type[Exception], int | None] | None:
+    import openai
+
+    if isinstance(exc, ck.RequestError):  # OpenAI answers a malformed or too long request with a 400
+        return openai.BadRequestError, 400
+    if isinstance(exc, ck.BackendTimeoutError):
+        return openai.APITimeoutError, None
+    if isinstance(exc, ck.BackendConnectionError):
+        return openai.APIConnectionError, None
+    if isinstance(exc, ck.BackendError) and exc.status is not None:
+        name = _BY_STATUS.get(exc.status) or ("InternalServerError" if exc.status >= 500 else "APIStatusError")
+        return getattr(openai, name), exc.status
+    if isinstance(exc, ck.BackendError):
+        return openai.APIError, None
+    return None
+
+
+def also_openais(exc: BaseException) -> None:
+    """Re-class a ctxkit error in place to also be the `openai` client's error for it (`BadRequestError`,
+    `RateLimitError`, `APITimeoutError`, ...), with the attributes handlers read (`status_code`, `response`,
+    `message`, `param`), so an agent loop's `except openai.RateLimitError` keeps working after the switch."""
+    import httpx
+    import openai
+
+    if not isinstance(exc, ck.CtxkitError) or isinstance(exc, openai.OpenAIError):
+        return
+    found = _openai_class(exc)
+    if found is None:
+        return
+    theirs, status = found
+    request = httpx.Request("POST", "http://ctxkit.invalid/v1/chat/completions")
+    state: dict[str, Any] = {"message": str(exc), "request": request, "body": None, "code": None,
+                             "param": getattr(exc, "where", None), "type": None}
+    if status is not None:
+        retry_after = getattr(exc, "retry_after", None)
+        state.update(status_code=status, request_id=None, response=httpx.Response(
+            status, request=request, headers={"retry-after": retry_after} if retry_after else None))
+    if not ck.also_of_class(exc, theirs):
+        return  # a layout the two classes cannot share: ctxkit's error as it is
+    for key, value in state.items():
+        if key not in exc.__dict__:
+            exc.__dict__[key] = value
 
 
 class _ChunkFilter:
@@ -129,21 +179,63 @@ def _parsed(completion: Any, response_format: Any, tools: Any) -> Any:
     return parse_chat_completion(response_format=wanted, input_tools=tools, chat_completion=completion)
 
 
+class RawResponse:
+    """What `with_raw_response.create(...)` returns, as openai's LegacyAPIResponse: `.parse()` gives the
+    ChatCompletion (or the stream); there is no HTTP exchange with the app, so `headers` is empty. LiteLLM and
+    LangChain's ChatOpenAI (`include_response_headers=True`) call the client this way."""
+
+    status_code = 200
+
+    def __init__(self, parsed: Any) -> None:
+        import httpx
+
+        self._parsed = parsed
+        self.headers = httpx.Headers()
+
+    def parse(self) -> Any:
+        return self._parsed
+
+
+class _WithRawResponse:
+    def __init__(self, completions: Any) -> None:
+        self._completions = completions
+
+    def create(self, **kwargs: Any) -> RawResponse:
+        return RawResponse(self._completions.create(**kwargs))
+
+
+class _AsyncWithRawResponse:
+    def __init__(self, completions: Any) -> None:
+        self._completions = completions
+
+    async def create(self, **kwargs: Any) -> RawResponse:
+        return RawResponse(await self._completions.create(**kwargs))
+
+
 class _Completions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        self.with_raw_response = _WithRawResponse(self)
 
     def create(self, **kwargs: Any) -> ChatCompletion | Stream:
-        request = ChatRequest.from_openai_kwargs(kwargs)
-        result = self._pipeline.call(request)
+        try:
+            request = ChatRequest.from_openai_kwargs(kwargs)
+            result = self._pipeline.call(request)
+        except ck.CtxkitError as exc:
+            also_openais(exc)
+            raise
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
         chunks = _ChunkFilter(kwargs)
 
         def typed() -> Generator[ChatCompletionChunk, None, None]:
-            for chunk in result:
-                if (typed_chunk := chunks.admit(chunk)) is not None:
-                    yield typed_chunk
+            try:
+                for chunk in result:
+                    if (typed_chunk := chunks.admit(chunk)) is not None:
+                        yield typed_chunk
+            except ck.CtxkitError as exc:  # a stream that fails half way: openai's error too
+                also_openais(exc)
+                raise
             if (closing := chunks.closing(result.response)) is not None:
                 yield closing
 
@@ -161,18 +253,27 @@ class _Completions:
 class _AsyncCompletions:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        self.with_raw_response = _AsyncWithRawResponse(self)
 
     async def create(self, **kwargs: Any) -> ChatCompletion | AsyncStream:
-        request = ChatRequest.from_openai_kwargs(kwargs)
-        result = await self._pipeline.acall(request)
+        try:
+            request = ChatRequest.from_openai_kwargs(kwargs)
+            result = await self._pipeline.acall(request)
+        except ck.CtxkitError as exc:
+            also_openais(exc)
+            raise
         if isinstance(result, ChatResponse):
             return ChatCompletion.model_validate(result.to_openai())
         chunks = _ChunkFilter(kwargs)
 
         async def typed() -> AsyncGenerator[ChatCompletionChunk, None]:
-            async for chunk in result:
-                if (typed_chunk := chunks.admit(chunk)) is not None:
-                    yield typed_chunk
+            try:
+                async for chunk in result:
+                    if (typed_chunk := chunks.admit(chunk)) is not None:
+                        yield typed_chunk
+            except ck.CtxkitError as exc:
+                also_openais(exc)
+                raise
             if (closing := chunks.closing(result.response)) is not None:
                 yield closing
 
@@ -191,12 +292,21 @@ class _Chat:
         self.completions = completions
 
 
+class _Beta:
+    """`client.beta.chat.completions.parse(...)`: where openai's structured outputs were first (and most
+    examples still call them); the same completions as `client.chat`."""
+
+    def __init__(self, chat: _Chat) -> None:
+        self.chat = chat
+
+
 class OpenAIClient:
     """`client.chat.completions.create(...)`, through a ctxkit pipeline."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.chat = _Chat(_Completions(pipeline))
+        self.beta = _Beta(self.chat)
 
     # As openai.OpenAI: `with pipeline.openai() as client:`. The pipeline and its backend are the app's, shared
     # by every client it makes, so closing a client lets go of nothing.
@@ -216,6 +326,7 @@ class AsyncOpenAIClient:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.chat = _Chat(_AsyncCompletions(pipeline))
+        self.beta = _Beta(self.chat)
 
     async def close(self) -> None:  # as openai.AsyncOpenAI (see OpenAIClient.close)
         pass

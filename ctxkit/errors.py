@@ -34,6 +34,34 @@ def restore_error(cls: type[BaseException], args: tuple[object, ...], state: dic
     return error
 
 
+def also_of_class(error: CtxkitError, theirs: type[Exception]) -> bool:
+    """Re-class `error` in place to be an instance of `theirs` as well (a framework's error for the same failure:
+    openai's `RateLimitError`, LangChain's `ContextOverflowError`), so the caller re-raises the same object,
+    traceback and all, and both `except` clauses catch it. False when the two classes cannot share a layout."""
+    try:
+        error.__class__ = _both(type(error), theirs)
+    except TypeError:
+        return False
+    return True
+
+
+def _both(ours: type[CtxkitError], theirs: type[Exception]) -> type[CtxkitError]:
+    # A class per error raised: errors are rare, and a memo of classes would be state shared by all. Made
+    # here, it cannot be pickled by name: it pickles as how to make it again (a process pool's worker sends
+    # the error back to its parent; an error that did not pickle came back as a PicklingError).
+    def __reduce__(self: BaseException) -> tuple[object, ...]:
+        return _restore_both, (ours, theirs, self.args, dict(self.__dict__))
+
+    # __str__: ctxkit's message, not the other class's rendering of its own fields
+    return type(ours.__name__, (ours, theirs), {"__module__": ours.__module__, "__qualname__": ours.__qualname__,
+                                                "__reduce__": __reduce__, "__str__": Exception.__str__})
+
+
+def _restore_both(ours: type[CtxkitError], theirs: type[Exception], args: tuple[object, ...],
+                  state: dict[str, object]) -> BaseException:
+    return restore_error(_both(ours, theirs), args, state)
+
+
 class RequestError(CtxkitError, ValueError):
     """A request that no backend should see. `where` names the offending field, e.g. `messages[3].content`."""
 

@@ -122,7 +122,9 @@ class ChatRequest:
             raise RequestError(f"unknown ctxkit field(s) {wrong}; expected some of {', '.join(sorted(fields))}",
                                'extra_body["ctxkit"]')
         ctx.update(own)
-        messages = kwargs.pop("messages")
+        # As the openai client: a message may be the `ChatCompletionMessage` a completion returned (the
+        # cookbook's `messages.append(response.choices[0].message)`), sent as its JSON.
+        messages = [_as_json(m) for m in kwargs.pop("messages")]
         tools = kwargs.pop("tools", None) or ()
         model = kwargs.pop("model", None)
         stream = kwargs.pop("stream", None)
@@ -160,6 +162,15 @@ class ChatRequest:
 
 # The openai client's per-call options for its HTTP request, not fields of the API's body.
 TRANSPORT_OPTIONS = ("timeout", "extra_headers", "extra_query")
+
+
+def _as_json(message: Any) -> Any:
+    """A pydantic model (openai's ChatCompletionMessage) as the dict the openai client would send; anything
+    else as it is (validation names what is wrong with it)."""
+    dump = getattr(message, "model_dump", None)
+    if dump is None or isinstance(message, Mapping):
+        return message
+    return dump(mode="json", exclude_none=True)
 
 
 def _not_given(value: Any) -> bool:

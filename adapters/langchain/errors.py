@@ -40,23 +40,4 @@ def also_langchains(exc: BaseException) -> None:
     theirs = _langchain_class(exc)
     if theirs is None:
         return
-    try:
-        exc.__class__ = _both(type(exc), theirs)
-    except TypeError:  # a layout the two classes cannot share: ctxkit's error as it is
-        pass
-
-
-def _both(ours: type[ck.CtxkitError], theirs: type[Exception]) -> type[ck.CtxkitError]:
-    # A class per error raised: errors are rare, and a memo of classes would be state shared by all. Made
-    # here, it cannot be pickled by name: it pickles as how to make it again (a process pool's worker sends
-    # the error back to its parent; an error that did not pickle came back as a PicklingError).
-    def __reduce__(self: BaseException) -> tuple[object, ...]:
-        return _restore, (ours, theirs, self.args, dict(self.__dict__))
-
-    return type(ours.__name__, (ours, theirs), {"__module__": ours.__module__, "__qualname__": ours.__qualname__,
-                                                "__reduce__": __reduce__})
-
-
-def _restore(ours: type[ck.CtxkitError], theirs: type[Exception], args: tuple[object, ...],
-             state: dict[str, object]) -> BaseException:
-    return ck.restore_error(_both(ours, theirs), args, state)
+    ck.also_of_class(exc, theirs)  # a layout the two classes cannot share: ctxkit's error as it is

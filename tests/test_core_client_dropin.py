@@ -1,0 +1,81 @@
+"""The drop-in client takes what real openai-client code passes it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from openai.types.chat import ChatCompletion
+
+from ctxkit import Pipeline
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_a_returned_message_object_can_be_appended_to_the_history(llama_backend, ledger):
+    # The openai cookbook's agent loop: messages.append(response.choices[0].message), a ChatCompletionMessage.
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=40, temperature=0)
+    message = first.choices[0].message
+    messages += [message, {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"}]
+    second = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0)
+    assert isinstance(second, ChatCompletion)
+    plain = client.chat.completions.create(model="m", messages=[messages[0], message.model_dump(exclude_none=True),
+                                                                messages[2]], max_tokens=5, temperature=0)
+    assert second.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_with_raw_response_parses_to_the_completion(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    raw = pipeline.openai().chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert isinstance(raw.parse(), ChatCompletion) and dict(raw.headers) == {}
+
+    async def run() -> ChatCompletion:
+        araw = await pipeline.async_openai().chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        return araw.parse()
+
+    assert isinstance(asyncio.run(run()), ChatCompletion)
+
+
+def test_beta_parse_is_the_same_structured_output(llama_backend, ledger):
+    import pydantic
+
+    class Answer(pydantic.BaseModel):
+        city: str
+
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    parsed = client.beta.chat.completions.parse(model="m", messages=[{"role": "user", "content": "Capital of France?"}],
+                                                response_format=Answer, max_tokens=30, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Answer)
+    assert Pipeline(llama_backend, ledger=ledger).async_openai().beta.chat.completions is not None
+
+
+def test_errors_are_also_the_openai_clients_own(llama_backend, ledger):
+    import pickle
+
+    import openai
+    import pytest
+
+    from ctxkit import ContextOverflowError, RequestError
+
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    error = caught.value
+    assert isinstance(error, RequestError) and error.status_code == 400 and error.param == "temperature"
+    assert str(error) == "temperature: must be a number from 0 to 2, got 5"
+    assert isinstance(pickle.loads(pickle.dumps(error)), openai.BadRequestError)
+    with pytest.raises(openai.BadRequestError) as caught:  # OpenAI's context_length_exceeded is a 400 too
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=5)
+    assert isinstance(caught.value, ContextOverflowError)
+
+    async def run() -> None:
+        await Pipeline(llama_backend, ledger=ledger).async_openai().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream="yes")
+
+    with pytest.raises(openai.BadRequestError):
+        asyncio.run(run())
