@@ -8,9 +8,11 @@ must ask `is_quarantined` / `has_quarantined` and keep marked content out.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from .request import ChatRequest
@@ -18,6 +20,11 @@ from .request import ChatRequest
 METADATA_KEY = "ctxkit.quarantined"  # {fingerprint: reason}
 DOCUMENTS_KEY = "ctxkit.quarantined_documents"  # {document id: reason}, of request.metadata["documents"]
 PLACEHOLDER_PREFIX = "[quarantined by ctxkit:"  # how a withheld message starts (it says why it was withheld)
+# The check of the model's answer to the current call, set by the quarantine stage while the rest of the call
+# runs: given the answer, why it is quarantined (a claim its own step's tool results contradict, a planted link
+# it passes on), or None. A stage that stores the answer itself (the semantic cache) asks `answer_quarantined`.
+AnswerCheck = Callable[[Mapping[str, Any], Any], "str | None"]
+_answer_check: contextvars.ContextVar[AnswerCheck | None] = contextvars.ContextVar("ctxkit_answer_check", default=None)
 
 
 def fingerprint(message: Mapping[str, Any]) -> str:
@@ -45,6 +52,29 @@ def has_quarantined(request: ChatRequest) -> bool:
     documents = request.metadata.get("documents")
     return bool(flagged) and isinstance(documents, list) and any(
         isinstance(d, Mapping) and str(d.get("id")) in flagged for d in documents)
+
+
+def current_answer_check() -> AnswerCheck | None:
+    """The answer check of the call running now (None: no quarantine stage runs before this one)."""
+    return _answer_check.get()
+
+
+@contextmanager
+def checking_answers(check: AnswerCheck | None) -> Iterator[None]:
+    """Let the stages after the quarantine (run inside this block) check the model's answer."""
+    token = _answer_check.set(check)
+    try:
+        yield
+    finally:
+        _answer_check.reset(token)
+
+
+def answer_quarantined(message: Mapping[str, Any], record: Any = None, check: AnswerCheck | None = None) -> str | None:
+    """Why the model's answer to the current call is quarantined, or None (also when no quarantine stage runs).
+    `check`: one taken with `current_answer_check()` earlier (a stream ends after its call returned);
+    `record`: where the quarantine's ledger note goes (a stream's `event_recorder()`)."""
+    check = check or _answer_check.get()
+    return check(message, record) if check is not None else None
 
 
 def mark(request: ChatRequest, marks: Iterable[tuple[Mapping[str, Any], str]]) -> ChatRequest:

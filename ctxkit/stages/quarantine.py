@@ -46,13 +46,21 @@ from typing import Any
 
 import jsonschema
 
+from .._aio import tracked_to_thread
 from ..errors import ConfigurationError
-from ..pipeline import record_event
-from ..quarantine_marks import DOCUMENTS_KEY, PLACEHOLDER_PREFIX, fingerprint, mark
+from ..pipeline import EventRecorder, event_recorder, record_event
+from ..quarantine_marks import (
+    DOCUMENTS_KEY,
+    PLACEHOLDER_PREFIX,
+    AnswerCheck,
+    checking_answers,
+    fingerprint,
+    mark,
+)
 from ..redaction import redact
 from ..request import ChatRequest, call_answered
-from ..response import message_text
-from ..stage import Stage
+from ..response import AsyncChatStream, ChatResponse, ChatStream, message_text
+from ..stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
 from .quarantine_registry import QuarantineRecord, QuarantineRegistry
@@ -1032,6 +1040,10 @@ class QuarantineStage(Stage):
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
+        return self._prepare(request)[0]
+
+    def _prepare(self, request: ChatRequest) -> tuple[ChatRequest, AnswerCheck | None]:
+        """The request to pass on, and the check of the model's answer to it (None: nothing to check it for)."""
         namespace = request.namespace
         messages = list(request.messages)
         schemas = {**_schemas_from_tools(request.tools), **self.output_schemas}
@@ -1042,17 +1054,21 @@ class QuarantineStage(Stage):
         out = list(messages)
         withheld: list[int] = []
         injected_turn = False  # a tool result of the current turn carried an injection
-        injected: list[str] = []  # the texts of those results
+        # The texts of the injected tool results so far, in any turn: a later answer that passes on what one
+        # planted (its link, its account number) is the injection still working, turns after its result.
+        injected: list[str] = []
+        turn_results = False  # the current turn has tool results (an answer to it may contradict them)
         for index, message in enumerate(messages):
             if message.get("role") == "user":
                 injected_turn = False
-                injected = []
+                turn_results = False
                 # Documents pasted into a user message are checked too; the message is marked (kept out of
                 # summaries and the cache) but never withheld: the user's own words are in it.
                 if (reason := self._check_user_documents(request, message, released, known)) is not None:
                     marks.append((message, reason))
             if message.get("role") not in ("tool", "assistant"):
                 continue
+            turn_results = turn_results or message.get("role") == "tool"
             if message_text(dict(message)) in issued:
                 marks.append((message, "withheld by quarantine"))
                 continue
@@ -1076,8 +1092,16 @@ class QuarantineStage(Stage):
             flagged = self._check_documents(request, request.metadata["documents"], released, known)
             if flagged:
                 metadata_changes[DOCUMENTS_KEY] = {**request.metadata.get(DOCUMENTS_KEY, {}), **flagged}
+        check: AnswerCheck | None = None
+        if injected or (turn_results and self.check_contradictions):
+            # The model's answer to this request is checked as soon as it comes back (see wrap_call), and a stage
+            # that stores it (the cache) asks first: checked only when the app sent it back, a contradicted
+            # answer was cached and served meanwhile, and one the app never sends back with its tool results
+            # (a chat UI that keeps user and assistant turns) was never checked at all.
+            check = partial(self._check_answer, request, messages, schemas, injected_turn, tuple(injected),
+                            frozenset(released))
         if not marks and not metadata_changes:
-            return request
+            return request, check
         if withheld:
             # Content withheld on an earlier call was sent as the same placeholder then: only what appeared
             # in the previous step is newly replaced, and only that breaks the cached prefix.
@@ -1088,7 +1112,61 @@ class QuarantineStage(Stage):
         edited = request.override(messages=out) if withheld else request
         if metadata_changes:
             edited = edited.override(metadata={**edited.metadata, **metadata_changes})
-        return mark(edited, marks) if marks else edited
+        return (mark(edited, marks) if marks else edited), check
+
+    def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
+        if type(self).before_model is not QuarantineStage.before_model:  # a subclass's own before_model
+            return super().wrap_call(request, call_next)
+        request, check = self._prepare(request)
+        with checking_answers(check):
+            result = call_next(request)
+        return self._watch_answer(check, result)
+
+    async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        if type(self).before_model is not QuarantineStage.before_model:
+            return await super().awrap_call(request, call_next)
+        request, check = await tracked_to_thread(self._prepare, request)
+        with checking_answers(check):
+            result = await call_next(request)
+        return self._watch_answer(check, result)
+
+    @staticmethod
+    def _watch_answer(check: AnswerCheck | None, result: Any) -> Any:
+        """Check the model's answer when it comes (a stream: when it ends), so that it is quarantined before the
+        app sends it back: its next request finds the record even without the tool results it rests on."""
+        if check is None:
+            return result
+        if isinstance(result, ChatResponse):
+            if result.answered_by is None:
+                check(result.message, None)
+        elif isinstance(result, (ChatStream, AsyncChatStream)):
+            record = event_recorder()
+
+            def check_at_end(response: ChatResponse) -> None:
+                check(response.message, record)
+
+            result.on_complete(check_at_end)
+        return result
+
+    def _check_answer(self, request: ChatRequest, messages: Sequence[Mapping[str, Any]],
+                      schemas: Mapping[str, Mapping[str, Any]], after_injection: bool, injected: Sequence[str],
+                      released: frozenset[str], message: Mapping[str, Any],
+                      record: EventRecorder | None = None) -> str | None:
+        """Why the model's answer to `request` is quarantined (recorded as the app will send it back), or None."""
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return None
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if message.get("tool_calls"):
+            answer["tool_calls"] = message["tool_calls"]
+        history = [*messages, answer]
+        finding = self.check_message(history, len(history) - 1, schemas, after_injection=after_injection,
+                                     injected=injected)
+        fp = fingerprint(answer)
+        if finding is None or fp in released:
+            return None
+        kept = self._add(request, fp, finding, answer, "assistant", note=record or record_event)
+        return f"{kept.kind}: {kept.reason}" if kept is not None else None
 
     def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
                               known: Mapping[str, QuarantineRecord]) -> str | None:
@@ -1146,7 +1224,8 @@ class QuarantineStage(Stage):
         return record
 
     def _add(
-        self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str
+        self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str,
+        note: EventRecorder = record_event,
     ) -> QuarantineRecord | None:
         # The evidence is often an error text, and error texts quote keys: the record, the log line and the
         # ledger event carry it redacted (the excerpt redacted before it is cut: a key cut in two escapes it).
@@ -1164,7 +1243,7 @@ class QuarantineStage(Stage):
         detail = redact(finding.detail)
         logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
                        request.namespace, detail, fp)
-        record_event(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=detail, source=source)
+        note(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=detail, source=source)
         return record
 
 

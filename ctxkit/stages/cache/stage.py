@@ -35,7 +35,7 @@ from ..._aio import enter_in_thread, tracked_to_thread
 from ...embed import DEFAULT_MODEL_ID, probe_vector
 from ...errors import ConfigurationError, RequestError
 from ...pipeline import EventRecorder, event_recorder, record_event
-from ...quarantine_marks import has_quarantined
+from ...quarantine_marks import AnswerCheck, answer_quarantined, current_answer_check, has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
@@ -239,11 +239,13 @@ class SemanticCacheStage(Stage):
         return Lookup(key=key, reason=reason, vector=vector, context_vector=context_vector, embed_ms=embed_ms)
 
     def remember(self, request: ChatRequest, response: ChatResponse, found: Lookup | None = None, *,
-                 record: EventRecorder = record_event) -> bool:
+                 record: EventRecorder = record_event, answer_check: AnswerCheck | None = None) -> bool:
         """Store `response` as the answer to `request`, if it may be cached. Returns whether it was.
         `record`: where its ledger note goes (a stream's end runs after its call returned: `event_recorder()`)."""
         found = found or Lookup(key=request_key(request, self.default_model))
         reason = self._not_cacheable(request) or self._not_storable(response)
+        if reason is None and answer_quarantined(response.message, record, answer_check) is not None:
+            reason = "quarantined_answer"  # contradicted by its own step's tool results, or passing on an injection
         if reason is not None:
             self.counts[f"not_stored_{reason}"] += 1
             record(self.name, "not_stored", reason=reason)
@@ -287,13 +289,14 @@ class SemanticCacheStage(Stage):
         """A stream's on_complete callback: only a stream read to its end, that said how it ended, is stored.
         Its notes go to this call's ledger record: the stream ends after the call returned (no call current)."""
         record = event_recorder()
+        check = current_answer_check()
 
         def callback(response: ChatResponse) -> None:
             if not stream.finished:
                 self.counts["not_stored_unfinished"] += 1
                 record(self.name, "not_stored", reason="unfinished")
                 return
-            self.remember(request, response, found, record=record)
+            self.remember(request, response, found, record=record, answer_check=check)
 
         return callback
 
