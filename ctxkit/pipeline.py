@@ -38,6 +38,17 @@ from .validation import check_tool_choice_offered, replace_malformed_arguments, 
 
 S = TypeVar("S", ChatStream, AsyncChatStream)
 _current_call: contextvars.ContextVar[_CallTrace | None] = contextvars.ContextVar("ctxkit_call", default=None)
+# For the stage running now: `request` as the stages after it would make it naive (a catalog registered with a
+# later ToolRetrievalStage supplied). A cache keys on this: the tools the answer was chosen among are part of it.
+_naive_after: contextvars.ContextVar[Callable[[ChatRequest], ChatRequest] | None] = contextvars.ContextVar(
+    "ctxkit_naive_after", default=None)
+
+
+def naive_after(request: ChatRequest) -> ChatRequest:
+    """`request` with what the stages after the current one supply (a registered tool catalog): unchanged
+    outside a pipeline."""
+    later = _naive_after.get()
+    return later(request) if later is not None else request
 
 
 def record_event(stage: str, kind: str, **data: Any) -> None:
@@ -291,9 +302,11 @@ class Pipeline:
                 inner_ms += (time.perf_counter() - t0) * 1000
 
         t0 = time.perf_counter()
+        token = _naive_after.set(lambda r: self._naive_from(index + 1, r))
         try:
             result = stage.wrap_call(request, call_next)
         finally:
+            _naive_after.reset(token)
             tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
         if not called_next:
             trace.answered_by = stage.name
@@ -323,9 +336,11 @@ class Pipeline:
                 inner_ms += (time.perf_counter() - t0) * 1000
 
         t0 = time.perf_counter()
+        token = _naive_after.set(lambda r: self._naive_from(index + 1, r))
         try:
             result = await run_wrap_call(stage, request, call_next)
         finally:
+            _naive_after.reset(token)
             tally.self_ms += (time.perf_counter() - t0) * 1000 - inner_ms
         if not called_next:
             trace.answered_by = stage.name

@@ -843,3 +843,21 @@ def test_a_store_of_another_dimension_is_refused_when_the_stage_is_built(tmp_pat
     with LocalStore(tmp_path / "c", dimension=768) as store, \
             pytest.raises(ConfigurationError, match="384-dimensional.*holds 768"):
         SemanticCacheStage(store, embedder)
+
+
+def test_a_later_stages_catalog_is_part_of_the_key(llama_backend, store, embedder, ledger):
+    """An answer given while the registered catalog had no weather tool must not answer once it has one."""
+    from ctxkit.stages.tools import ToolRetrievalStage
+
+    def tool(name, description, prop):
+        return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+            "type": "object", "properties": {prop: {"type": "string"}}, "required": [prop]}}}
+
+    v1 = [tool("send_email", "Send an email", "to"), tool("calc_area", "Calculate an area", "shape")]
+    v2 = [*v1, tool("get_weather", "Get the current weather for a city", "city")]
+    request = ask("What's the weather in Oslo right now?")
+    for catalog in (v1, v2, v2):
+        Pipeline(llama_backend, stages=[SemanticCacheStage(store, embedder, default_model=llama_backend.model),
+                                        ToolRetrievalStage(catalog=catalog, embedder=embedder)],
+                 ledger=ledger).call(request)
+    assert [r.answered_by for r in ledger.records] == [None, None, "semantic_cache"]

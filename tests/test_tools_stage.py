@@ -184,6 +184,14 @@ def test_bad_configuration_is_rejected_at_construction():
     ("I don't have the tool results yet.", False),
     ("I cannot use the tool because the API key is missing.", False),
     ("None of the tools are responding right now.", False),
+    # A coding assistant's answers about the functions of the user's code, not about the tools it was sent.
+    ("I can't find the function parse_date in the code you shared.", False),
+    ("I don't see the function you're referring to. Could you paste it?", False),
+    ("Sorry, I cannot see any function in your message.", False),
+    ("I don't have the function's source code, please paste it.", False),
+    ("I can't find the function `parseDate` anywhere.", False),
+    ("I cannot find a tool for that.", True),
+    ("I don't have any function to convert currencies.", True),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})

@@ -120,3 +120,18 @@ def test_an_auto_tool_grammar_with_a_response_format_answers_a_call_or_that_json
     LlamaGrammar.from_string(grammar, verbose=False)  # well-formed, every rule defined once
     LlamaGrammar.from_string(tool_call_grammar(tools, None, JSON_GBNF), verbose=False)  # json_object (comments)
     assert tool_call_grammar(tools, "required", answer) == tool_call_grammar(tools, "required")  # a call only
+
+
+def test_a_parameter_of_any_type_accepts_any_value(llama_backend):
+    """A property with no type accepts any JSON value. Pydantic's `Any` ({"title": "Value"}) and MCP's
+    {"description": ...} made the local backend refuse the request ("Unrecognized schema"), and {} (what
+    compaction leaves of Pydantic's) became a grammar for objects only: "dark" was sent as {"dark": "dark"}."""
+    from ctxkit import ChatRequest
+
+    for value in ({"title": "Value"}, {"description": "Any JSON value"}, {}):
+        tool = {"type": "function", "function": {"name": "set_setting", "description": "Set a setting", "parameters": {
+            "type": "object", "properties": {"key": {"type": "string"}, "value": value}, "required": ["key", "value"]}}}
+        response = llama_backend.complete(ChatRequest(
+            messages=[{"role": "user", "content": "Set the setting 'mode' to the string 'dark'."}], tools=[tool],
+            params={"tool_choice": "required", "max_tokens": 60, "temperature": 0}))
+        assert json.loads(response.tool_calls[0]["function"]["arguments"]) == {"key": "mode", "value": "dark"}

@@ -217,7 +217,8 @@ def tool_call_grammar(tools: list[dict[str, Any]], tool_choice: Any, text_gramma
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": _hoisted(t["function"].get("parameters") or {"type": "object"}, f"t{i}_", definitions),
+                "arguments": _hoisted(_any_values(t["function"].get("parameters") or {"type": "object"}, root=True),
+                                      f"t{i}_", definitions),
             },
             "required": ["name", "arguments"],
         }
@@ -262,6 +263,38 @@ def _text(content: Any) -> str:
         return "".join(str(part.get("refusal" if part.get("type") == "refusal" else "text") or "")
                        for part in content if isinstance(part, dict))
     return content or ""
+
+
+# A subschema with only these keywords accepts any JSON value (Pydantic's `Any` is {"title": "Value"}, MCP servers
+# write {"description": ...}). llama-cpp-python's converter refuses such a schema ("Unrecognized schema"), and
+# reads {} as an *object*: spelled out as every type, it accepts what the schema accepts.
+_ANNOTATIONS = frozenset({"title", "description", "$comment", "default", "examples", "deprecated", "readOnly",
+                          "writeOnly", "$id", "$anchor", "$schema"})
+_ANY_TYPE = ["string", "number", "boolean", "object", "array", "null"]
+_SUB_ONE = frozenset({"items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
+                      "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
+_SUB_LIST = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SUB_MAP = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _any_values(schema: Any, *, root: bool = False) -> Any:
+    """`schema` with each subschema that accepts any value (and is not the arguments object itself) spelled
+    out as `"type": [every type]`, which the converter turns into a grammar for any JSON value."""
+    if not isinstance(schema, dict):
+        return schema
+    if not root and set(schema) <= _ANNOTATIONS:
+        return {**schema, "type": list(_ANY_TYPE)}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SUB_ONE:
+            out[key] = [_any_values(v) for v in value] if isinstance(value, list) else _any_values(value)
+        elif key in _SUB_LIST and isinstance(value, list):
+            out[key] = [_any_values(v) for v in value]
+        elif key in _SUB_MAP and isinstance(value, dict):
+            out[key] = {name: _any_values(v) for name, v in value.items()}
+        else:
+            out[key] = value
+    return out
 
 
 def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import numpy as np
 from ..._aio import enter_in_thread, tracked_to_thread
 from ...embed import DEFAULT_MODEL_ID, probe_vector
 from ...errors import ConfigurationError, RequestError
-from ...pipeline import EventRecorder, event_recorder, record_event
+from ...pipeline import EventRecorder, event_recorder, naive_after, record_event
 from ...quarantine_marks import AnswerCheck, answer_quarantined, current_answer_check, has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
@@ -199,7 +199,7 @@ class SemanticCacheStage(Stage):
     # -- lookup and remember (public: the benchmark and applications use them directly) ------------
     def lookup(self, request: ChatRequest) -> Lookup:
         """Find an answer for `request` in the exact layer, then the semantic layer."""
-        key = request_key(request, self.default_model)
+        key = request_key(_with_offered_tools(request), self.default_model)
         reason = self._not_cacheable(request)
         if reason is not None:
             self.counts[f"skipped_{reason}"] += 1
@@ -242,7 +242,7 @@ class SemanticCacheStage(Stage):
                  record: EventRecorder = record_event, answer_check: AnswerCheck | None = None) -> bool:
         """Store `response` as the answer to `request`, if it may be cached. Returns whether it was.
         `record`: where its ledger note goes (a stream's end runs after its call returned: `event_recorder()`)."""
-        found = found or Lookup(key=request_key(request, self.default_model))
+        found = found or Lookup(key=request_key(_with_offered_tools(request), self.default_model))
         reason = self._not_cacheable(request) or self._not_storable(response)
         if reason is None and answer_quarantined(response.message, record, answer_check) is not None:
             reason = "quarantined_answer"  # contradicted by its own step's tool results, or passing on an injection
@@ -504,3 +504,10 @@ def _response_from(data: Mapping[str, Any], stage: str) -> ChatResponse:
 
 __all__ = ["ExactCacheStage", "Lookup", "SemanticCacheStage"]
 
+
+def _with_offered_tools(request: ChatRequest) -> ChatRequest:
+    """`request` with the tools its answer is chosen among: a catalog registered with a later ToolRetrievalStage
+    is part of the key (an answer given without a weather tool must not answer once there is one). Only the
+    tools: what else a later stage supplies (documents rendered into the question) is in the scope already."""
+    tools = naive_after(request).tools
+    return request.override(tools=tools) if tools != request.tools else request

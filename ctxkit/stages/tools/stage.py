@@ -82,12 +82,17 @@ _NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\
              r"were\s+given)(?:\s+access\s+to)?|available\s+to\s+(?:me|us)|at\s+my\s+disposal))*"
              r"\s*(?:(?:(?:is|are)(?!\s+(?:currently\s+)?\w+ing\b)|can|could|will|would|fits?|match(?:es)?|supports?|handles?|allows?|lets?|does|do|"
              r"seems?|appears?|helps?|provides?|performs?|offers?|covers?)\b|[.,;:!?)]|$))")
+# "I can't find the function parse_date in the code you shared", "I don't see the function you mean", "the
+# function's source": a function of the user's code, named or pointed at, not a tool missing from the selection.
+_NOT_USERS = (r"(?!'s\b|\s*`|\s+(?:you\b|you're|you've|your\b|(?:in|from|of)\s+(?:your|the|this|that)\s+"
+              r"(?:code|snippet|file|message|script|program|class|module|example|question)s?\b"
+              r"|[A-Za-z]\w*(?:_\w*|\(|(?-i:[a-z][A-Z]))))")
 _LACKS_TOOL = re.compile(
     r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?\s+"
-    + _BEFORE_TOOL + _NOT_COMPOUND + _NOT_CONDITIONAL
+    + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_CONDITIONAL
     + r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?\s+" + _BEFORE_TOOL
     + r"|none\s+of\s+" + _BEFORE_TOOL + _NONE_CAN
-    + r"|no\s+" + _BEFORE_TOOL + _NOT_COMPOUND + _NOT_NEEDED + r")",
+    + r"|no\s+" + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_NEEDED + r")",
     re.IGNORECASE,
 )
 
