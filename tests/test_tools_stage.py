@@ -192,6 +192,10 @@ def test_bad_configuration_is_rejected_at_construction():
     ("I can't find the function `parseDate` anywhere.", False),
     ("I cannot find a tool for that.", True),
     ("I don't have any function to convert currencies.", True),
+    # ... but a tool the selection missed, named or pointed at, still is
+    ("I'm sorry, I don't have the tools you need to check the weather.", True),
+    ("I don't have the function you're asking for.", True),
+    ("Sorry, I don't have a function get_weather available, so I can't check that.", True),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})

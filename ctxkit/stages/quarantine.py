@@ -1030,7 +1030,10 @@ class QuarantineStage(Stage):
             if after_injection and self.check_injection and (finding := find_injection(message["content"])):
                 return Finding("injection", f"the answer repeats an injection ({finding.reason.removeprefix('content ')})",
                                finding.evidence)
-            said = [message_text(dict(m)) for m in messages[:index] if m.get("role") == "user"]
+            # What the user said, and what a clean tool result returned (a later turn's docs search giving the
+            # same link an injected page listed), is not planted: the answer may pass it on.
+            said = [text for m in messages[:index] if m.get("role") in ("user", "tool")
+                    and ((text := message_text(dict(m))) and (m.get("role") == "user" or text not in injected))]
             if self.check_injection and (carried := _repeated_payload(message["content"], injected, said)):
                 # the answer passes on what the injection planted (its link, its account number, its code)
                 return Finding("injection", "the answer repeats what an injected tool result planted", carried)
@@ -1120,15 +1123,24 @@ class QuarantineStage(Stage):
         request, check = self._prepare(request)
         with checking_answers(check):
             result = call_next(request)
-        return self._watch_answer(check, result)
+        result = self._watch_answer(check, result)
+        # a subclass's own after_model still runs, as Stage.wrap_call runs it
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
 
     async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
         if type(self).before_model is not QuarantineStage.before_model:
-            return await super().awrap_call(request, call_next)
-        request, check = await tracked_to_thread(self._prepare, request)
-        with checking_answers(check):
+            # The hooks as Stage.awrap_call runs them (an application's own hook on the event loop's thread), not
+            # the whole wrap_call in a worker thread, which Stage.awrap_call does for a stage that writes wrap_call.
+            request = await self._run_hook("before_model", request)
             result = await call_next(request)
-        return self._watch_answer(check, result)
+        else:
+            request, check = await tracked_to_thread(self._prepare, request)
+            with checking_answers(check):
+                result = await call_next(request)
+            result = self._watch_answer(check, result)
+        if not isinstance(result, ChatResponse) or type(self).after_model is Stage.after_model:
+            return result
+        return await self._run_hook("after_model", request, result)
 
     @staticmethod
     def _watch_answer(check: AnswerCheck | None, result: Any) -> Any:

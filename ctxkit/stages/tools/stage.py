@@ -84,9 +84,13 @@ _NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\
              r"seems?|appears?|helps?|provides?|performs?|offers?|covers?)\b|[.,;:!?)]|$))")
 # "I can't find the function parse_date in the code you shared", "I don't see the function you mean", "the
 # function's source": a function of the user's code, named or pointed at, not a tool missing from the selection.
-_NOT_USERS = (r"(?!'s\b|\s*`|\s+(?:you\b|you're|you've|your\b|(?:in|from|of)\s+(?:your|the|this|that)\s+"
+# Not "the tools you need", "a function get_weather available": those are tools missing from the selection.
+_NOT_USERS = (r"(?!'s\b|\s*`|\s+(?:you(?:'re|'ve|\s+are|\s+have)?\s+(?:just\s+)?(?:referring|refer|mean|meant|shared|wrote|"
+              r"written|posted|pasted|defined|describ\w*|talking|quoted|showed|shown|included|provided)\b"
+              r"|(?:in|from|of)\s+(?:your|the|this|that)\s+"
               r"(?:code|snippet|file|message|script|program|class|module|example|question)s?\b"
-              r"|[A-Za-z]\w*(?:_\w*|\(|(?-i:[a-z][A-Z]))))")
+              r"|[A-Za-z]\w*(?:_\w*|\(|(?-i:[a-z][A-Z]))(?!\S*\s+(?:(?:is|are)\s+)?(?:available|offered|here|among|"
+              r"at\s+my\s+disposal|to\s+(?:call|use)|(?:tool|function)s?\b))))")
 _LACKS_TOOL = re.compile(
     r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?\s+"
     + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_CONDITIONAL
