@@ -58,12 +58,18 @@ def also_openais(exc: BaseException) -> None:
         return
     theirs, status = found
     request = httpx.Request("POST", "http://ctxkit.invalid/v1/chat/completions")
-    state: dict[str, Any] = {"message": str(exc), "request": request, "body": None, "code": None,
-                             "param": getattr(exc, "where", None), "type": None}
+    # The fields OpenAI (and `ctxkit serve`) send for it: handlers test `e.code == "context_length_exceeded"`,
+    # read `e.body`, or parse `e.response.json()`.
+    code = "context_length_exceeded" if isinstance(exc, ck.ContextOverflowError) else None
+    kind = "invalid_request_error" if isinstance(exc, ck.RequestError) else None
+    body = {"message": str(exc), "type": kind, "param": getattr(exc, "where", None), "code": code}
+    state: dict[str, Any] = {"message": str(exc), "request": request, "body": body, "code": code,
+                             "param": body["param"], "type": kind}
     if status is not None:
         retry_after = getattr(exc, "retry_after", None)
         state.update(status_code=status, request_id=None, response=httpx.Response(
-            status, request=request, headers={"retry-after": retry_after} if retry_after else None))
+            status, request=request, json={"error": body},
+            headers={"retry-after": retry_after} if retry_after else None))
     if not ck.also_of_class(exc, theirs):
         return  # a layout the two classes cannot share: ctxkit's error as it is
     for key, value in state.items():

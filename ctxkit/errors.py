@@ -48,18 +48,27 @@ def also_of_class(error: CtxkitError, theirs: type[Exception]) -> bool:
 def _both(ours: type[CtxkitError], theirs: type[Exception]) -> type[CtxkitError]:
     # A class per error raised: errors are rare, and a memo of classes would be state shared by all. Made
     # here, it cannot be pickled by name: it pickles as how to make it again (a process pool's worker sends
-    # the error back to its parent; an error that did not pickle came back as a PicklingError).
+    # the error back to its parent; an error that did not pickle came back as a PicklingError). An error
+    # re-classed twice (openai's, then LangChain's) is made from the named classes, never from a made one,
+    # which has no name to pickle by.
+    bases: tuple[type[BaseException], ...] = (*getattr(ours, "_ctxkit_bases", (ours,)), theirs)
+
     def __reduce__(self: BaseException) -> tuple[object, ...]:
-        return _restore_both, (ours, theirs, self.args, dict(self.__dict__))
+        return _restore_made, (bases, self.args, dict(self.__dict__))
 
     # __str__: ctxkit's message, not the other class's rendering of its own fields
-    return type(ours.__name__, (ours, theirs), {"__module__": ours.__module__, "__qualname__": ours.__qualname__,
-                                                "__reduce__": __reduce__, "__str__": Exception.__str__})
+    named = bases[0]
+    return type(named.__name__, bases, {"__module__": named.__module__, "__qualname__": named.__qualname__,
+                                        "__reduce__": __reduce__, "__str__": Exception.__str__,
+                                        "_ctxkit_bases": bases})
 
 
-def _restore_both(ours: type[CtxkitError], theirs: type[Exception], args: tuple[object, ...],
+def _restore_made(bases: tuple[type[BaseException], ...], args: tuple[object, ...],
                   state: dict[str, object]) -> BaseException:
-    return restore_error(_both(ours, theirs), args, state)
+    made = bases[0]
+    for theirs in bases[1:]:
+        made = _both(made, theirs)  # type: ignore[arg-type]
+    return restore_error(made, args, state)
 
 
 class RequestError(CtxkitError, ValueError):

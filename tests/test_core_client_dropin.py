@@ -79,3 +79,37 @@ def test_errors_are_also_the_openai_clients_own(llama_backend, ledger):
 
     with pytest.raises(openai.BadRequestError):
         asyncio.run(run())
+
+
+def test_a_context_overflow_reads_as_openais_context_length_exceeded(llama_backend, ledger):
+    """`ctxkit serve` answers code context_length_exceeded; the drop-in client's BadRequestError had code, type and
+    body None and a response with no JSON, so `if e.code == "context_length_exceeded": trim()` never ran."""
+    import openai
+    import pytest
+
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", max_tokens=8, messages=[{"role": "user", "content": "word " * 9000}])
+    error = caught.value
+    assert error.code == "context_length_exceeded" and error.type == "invalid_request_error"
+    assert error.body["code"] == "context_length_exceeded"
+    assert error.response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_error_reclassed_twice_still_pickles():
+    """openai's class, then LangChain's (a LangChain agent over the drop-in client): the second class was made from
+    the first made one, which has no name to pickle by (PicklingError in a process pool)."""
+    import pickle
+
+    import openai
+
+    from adapters.langchain.errors import also_langchains
+    from ctxkit import errors as ck
+    from ctxkit.client import also_openais
+
+    error = ck.BackendStatusError("slow down", backend="remote", status=429)
+    also_openais(error)
+    also_langchains(error)
+    again = pickle.loads(pickle.dumps(error))
+    assert isinstance(again, openai.RateLimitError) and isinstance(again, ck.BackendStatusError)
+    assert str(again) == str(error) and again.status_code == 429

@@ -557,3 +557,28 @@ def test_a_stream_cut_while_tool_call_text_was_held_back_records_the_tokens_gene
             stream.collect()
     record = ledger.records[-1]
     assert record.status == "error" and record.tokens_out == gguf_counter.count_text("".join(pieces))
+
+
+def test_the_held_back_usage_chunk_is_a_whole_chunk_and_only_sent_when_asked(gguf_counter):
+    """The usage chunk yielded before a held-back stream's error had no id, model or total_tokens: the drop-in
+    client with include_usage raised pydantic's ValidationError, not openai.APIConnectionError; and the proxy sent
+    it, choices-less, to a client that never asked for usage (`chunk.choices[0]`: IndexError)."""
+    import openai
+
+    from ctxkit.server import ApiKeys, create_app, serve_in_thread
+
+    tools = [{"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    ask = {"model": "smollm2", "messages": [{"role": "user", "content": "Note something."}], "tools": tools,
+           "max_tokens": 50, "stream": True}
+    with cut_off_stream(["<tool_call>\n", '{"name": "note", ', '"arguments": {"text": "The dragon']) as base_url:
+        backend = OpenAIBackend("smollm2", base_url=base_url, counter=gguf_counter, context_window=4096, max_retries=0)
+        pipeline = Pipeline(backend)
+        with pytest.raises(openai.APIConnectionError):
+            for chunk in pipeline.openai().chat.completions.create(**ask, stream_options={"include_usage": True}):
+                assert chunk.choices or chunk.usage.total_tokens > 0
+        with serve_in_thread(create_app(pipeline, ApiKeys({"key-alpha-0001": "alpha"}))) as proxy:
+            client = openai.OpenAI(base_url=f"{proxy}/v1", api_key="key-alpha-0001", max_retries=0)
+            with pytest.raises(openai.APIError, match="ended before"):
+                for chunk in client.chat.completions.create(**ask):
+                    assert chunk.choices

@@ -131,3 +131,41 @@ def test_an_image_part_is_counted_as_openai_bills_it_not_as_nothing():
     assert counter.count_prompt(asking({"url": "https://example.com/cat.png", "detail": "low"})) == plain + 85
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     assert counter.count_prompt(asking({"url": data_url})) == plain + 85 + 170 * 4  # 1024x1024 -> 768x768: 4 tiles
+
+
+@pytest.mark.parametrize(("model", "billed"), [("gpt-4o", 765), ("gpt-4o-mini", 25501), ("o1", 675), ("o3", 675),
+                                               ("gpt-5", 630), ("gpt-4.1-mini", 1659), ("gpt-4.1-nano", 2520),
+                                               ("o4-mini", 1762)])
+def test_an_image_is_counted_at_its_model_familys_price(model, billed):
+    """o1/o3 and gpt-5 bill other base and tile costs, gpt-4.1-mini/nano and o4-mini bill 32px patches: all
+    were counted as gpt-4o (765 for a 1024x1024 image)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * (1024 * 3 + 1) * 1024)) + chunk(b"IEND", b""))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+    counter = TiktokenCounter(model)
+    text = {"type": "text", "text": "What is this?"}
+    alone = counter.count_prompt([{"role": "user", "content": [text]}])
+    assert counter.count_prompt([{"role": "user", "content": [text, image]}]) - alone == billed
+
+
+def test_a_webp_image_is_counted_by_its_size():
+    """OpenAI takes WebP: its size was not read, so a 2048x1024 WebP counted 85 tokens, not 1,105."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    counter = TiktokenCounter("gpt-4o")
+    for options in ({}, {"lossless": True}):
+        buf = io.BytesIO()
+        Image.new("RGB", (2048, 1024), (200, 10, 10)).save(buf, "WEBP", **options)
+        url = "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+        with_image = counter.count_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        assert with_image - counter.count_prompt([{"role": "user", "content": []}]) == 85 + 170 * 3 * 2  # 1536x768 after scaling: 3x2 tiles

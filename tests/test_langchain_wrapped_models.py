@@ -372,3 +372,74 @@ def test_a_tool_result_block_in_the_history_leaves_the_other_messages_the_caller
     CtxkitChatModel.wrap(Recorder(), counter=llama_backend.counter).invoke(history)
     assert [m is o for m, o in zip(Recorder.seen[:3], history[:3], strict=True)] == [True, True, True]
     assert [type(m).__name__ for m in Recorder.seen[3:]] == ["ToolMessage", "HumanMessage"]
+
+
+class WholeToolCallStreamer(BaseChatModel):
+    """Streams whole tool calls as langchain-ollama's ChatOllama does (AIMessageChunk(tool_calls=[...])), so
+    LangChain gives each tool-call chunk index None."""
+
+    model: str = "llama3.1"
+    temperature: float = 0
+
+    @property
+    def _llm_type(self):
+        return "whole-tool-call-streamer"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        raise AssertionError("streamed only")
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_calls=[
+            {"name": "get_weather", "args": {"city": "Oslo"}, "id": "call_a"},
+            {"name": "get_time", "args": {"tz": "CET"}, "id": "call_b"}]))
+
+
+def test_parallel_tool_calls_streamed_without_an_index_stay_apart(llama_backend):
+    """index None became 0 for every call: the pipeline's stream assembler (ledger, stages' view of the
+    answer, the OpenAI-style client) glued them into one call named 'get_weatherget_time'."""
+    from ctxkit.request import ChatRequest
+
+    model = CtxkitChatModel.wrap(WholeToolCallStreamer(), counter=llama_backend.counter)
+    stream = model.pipeline.call(ChatRequest(messages=[{"role": "user", "content": "Weather and time?"}], stream=True))
+    chunks = list(stream)
+    calls = stream.response.message["tool_calls"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_weather", '{"city": "Oslo"}'), ("get_time", '{"tz": "CET"}')]
+    assert len({call["index"] for chunk in chunks for choice in chunk["choices"]
+                for call in choice["delta"].get("tool_calls") or []}) == 2
+    assert [c["name"] for c in _whole(list(model.stream("Weather and time?"))).tool_calls] == ["get_weather", "get_time"]
+
+
+class NoStreamUsage(BaseChatModel):
+    """Reports no usage when it streams, as many LangChain integrations (and llama.cpp's server) do."""
+
+    model: str = "no-usage-1"
+
+    @property
+    def _llm_type(self):
+        return "no-stream-usage"
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        return ChatResult(generations=[ChatGeneration(message=AIMessage("Hello there friend"))])
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        for word in ["Hello", " there", " friend"]:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=word))
+
+
+def test_a_stream_whose_backend_reports_no_usage_still_ends_with_the_counted_usage(llama_backend):
+    """invoke() had usage_metadata (counted), stream()/astream() had none, though the ledger counted it."""
+    from langchain_core.callbacks import get_usage_metadata_callback
+
+    ledger = Ledger()
+    model = CtxkitChatModel.wrap(NoStreamUsage(), counter=llama_backend.counter, ledger=ledger)
+    with get_usage_metadata_callback() as callback:
+        usage = _whole(list(model.stream("Say hi."))).usage_metadata
+    record = ledger.records[-1]
+    assert usage and (usage["input_tokens"], usage["output_tokens"]) == (record.tokens_sent, record.tokens_out)
+    assert callback.usage_metadata["no-usage-1"]["output_tokens"] == record.tokens_out
+
+    async def astream():
+        return _whole([c async for c in model.astream("Say hi.")]).usage_metadata
+
+    assert asyncio.run(astream())["output_tokens"] == record.tokens_out

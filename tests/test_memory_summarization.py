@@ -1084,3 +1084,15 @@ def test_conversations_that_open_with_a_developer_prompt_do_not_share_a_key(llam
                                              {"role": "user", "content": f"I am {who}."}]))
             for who in ("Alice", "Bob")}
     assert len(keys) == 2
+
+
+def test_a_comma_before_a_closing_quote_is_no_json_member_break():
+    """'..., ten years now," and she asked' was split between the comma and the quote (taken for compact JSON):
+    the quotation lost its closing mark, and a friend's "I am ... vegetarian" became the user's standing fact."""
+    text = ('My friend Anna wrote to me yesterday: "I am moving to Berlin in May and I have been vegetarian for ten '
+            'years now," and she asked whether I could find her an apartment near the river.')
+    facts = fact_keeper.extract({"role": "user", "content": text}, 0, "fp")
+    assert not any(f.standing for f in facts)
+    compact = json.dumps({"order_id": "A-7781", "items": [{"sku": f"SKU-{i}", "qty": i} for i in range(12)]},
+                         separators=(",", ":"))
+    assert len(fact_keeper.extract({"role": "tool", "content": compact}, 0, "fp")) > 1  # compact JSON still splits

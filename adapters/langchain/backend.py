@@ -243,6 +243,7 @@ class _StreamState:
         self.started = False
         self.saw_tool_call = False
         self.saw_finish = False
+        self.next_index = 0  # the OpenAI index the next tool call without one gets
 
     def convert(self, chunk: Any) -> list[dict[str, Any]]:
         if isinstance(chunk, AIMessage) and not isinstance(chunk, AIMessageChunk):
@@ -251,6 +252,7 @@ class _StreamState:
             chunk = _as_chunk(chunk)
         if not isinstance(chunk, AIMessageChunk):
             return []
+        chunk = self._indexed(chunk)
         out = []
         if not self.started:
             self.started = True
@@ -271,6 +273,22 @@ class _StreamState:
                           "completion_tokens": total["completion_tokens"] + u["output_tokens"],
                           "cached": total["cached"] + cached}
         return out
+
+    def _indexed(self, chunk: AIMessageChunk) -> AIMessageChunk:
+        """`chunk` with an index on every tool-call chunk. A model that streams whole tool calls (ChatOllama:
+        `AIMessageChunk(tool_calls=[...])`) leaves their index None; as index 0 each, the calls of one answer
+        were glued into one (names and arguments concatenated) by whoever assembles the stream by index."""
+        calls = []
+        for call in chunk.tool_call_chunks:
+            index = call.get("index")
+            if index is None:
+                call = {**call, "index": self.next_index}  # type: ignore[assignment]
+                index = self.next_index
+            self.next_index = max(self.next_index, index + 1)
+            calls.append(call)
+        if calls == list(chunk.tool_call_chunks):
+            return chunk
+        return chunk.model_copy(update={"tool_call_chunks": calls})
 
     def finish(self) -> list[dict[str, Any]]:
         out = []

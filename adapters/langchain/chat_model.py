@@ -17,7 +17,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import ConfigDict, Field
@@ -41,6 +41,7 @@ from .messages import (
     to_openai_messages,
     to_openai_tool_choice,
     to_openai_tools,
+    usage_metadata,
 )
 
 # Call kwargs that name ctxkit's own request fields rather than sampling parameters. The request's metadata
@@ -285,14 +286,19 @@ class CtxkitChatModel(BaseChatModel):
     @staticmethod
     def _chunks(stream: Any, run_manager: CallbackManagerForLLMRun | None) -> Iterator[ChatGenerationChunk]:
         assert not isinstance(stream, ChatResponse)
+        saw_usage = False
         for chunk in stream:
             message = to_message_chunk(chunk, from_cache=stream.answered_by is not None)
             if message is None:
                 continue
+            saw_usage = saw_usage or message.usage_metadata is not None
             generation = ChatGenerationChunk(message=message)
             if run_manager is not None and message.content:
                 run_manager.on_llm_new_token(message.text, chunk=generation)
             yield generation
+        closing = _closing_usage(stream, saw_usage)
+        if closing is not None:
+            yield closing
 
     async def _astream(
         self,
@@ -304,17 +310,34 @@ class CtxkitChatModel(BaseChatModel):
         try:
             stream = await self.pipeline.acall(self._request(messages, stop, True, kwargs))
             assert not isinstance(stream, ChatResponse)
+            saw_usage = False
             async for chunk in stream:
                 message = to_message_chunk(chunk, from_cache=stream.answered_by is not None)
                 if message is None:
                     continue
+                saw_usage = saw_usage or message.usage_metadata is not None
                 generation = ChatGenerationChunk(message=message)
                 if run_manager is not None and message.content:
                     await run_manager.on_llm_new_token(message.text, chunk=generation)
                 yield generation
+            closing = _closing_usage(stream, saw_usage)
+            if closing is not None:
+                yield closing
         except CtxkitError as exc:
             also_langchains(exc)
             raise
+
+
+def _closing_usage(stream: Any, saw_usage: bool) -> ChatGenerationChunk | None:
+    """The usage the pipeline counted for a stream whose backend streamed none (a wrapped model that reports
+    no usage when streaming, an OpenAI-compatible server that ignores include_usage), as ctxkit's OpenAI client
+    and `ctxkit serve` close such a stream: without it, invoke() had usage_metadata and stream() had none."""
+    response = getattr(stream, "response", None)
+    if saw_usage or response is None:
+        return None
+    usage = usage_metadata(response.call_usage or response.usage, from_cache=response.answered_by is not None)
+    return ChatGenerationChunk(message=AIMessageChunk(  # named as a usage chunk is: usage callbacks key by model
+        content="", usage_metadata=usage, response_metadata={"model_name": response.model}, id=response.id))
 
 
 def _token_usage(message: AIMessage) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import random
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -185,11 +186,13 @@ class OpenAIBackend:
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        last: dict[str, Any] = {}
         failure: BaseException | None = None
         try:
             for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
                 data = chunk.model_dump(exclude_unset=True)
+                last = data
                 yield from calls.feed(data) if calls else (data,)
             if not ended:
                 raise _cut_off(self.name)
@@ -207,20 +210,25 @@ class OpenAIBackend:
         finally:
             chunks.close()
         if failure is not None:
-            usage = self._held_back_usage(request, calls)
+            usage = self._held_back_usage(request, calls, last)
             if usage is not None:
                 yield usage
             raise failure
 
-    def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None) -> dict[str, Any] | None:
+    def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None,
+                         last: dict[str, Any]) -> dict[str, Any] | None:
         """For a stream that failed while text that may become a tool call was held back: a usage chunk (counted)
         with that text's tokens, which were generated and billed though never passed on."""
         if calls is None or not calls.held_back:
             return None
         counter = self.counter_for(request.model)
-        return {"choices": [], "usage": {
-            "prompt_tokens": counter.count_prompt(list(request.messages), list(request.tools)),
-            "completion_tokens": counter.count_completion({"content": calls.generated}), "ctxkit_reported": False}}
+        prompt = counter.count_prompt(list(request.messages), list(request.tools))
+        completion = counter.count_completion({"content": calls.generated})
+        # A whole chat.completion.chunk (id, model, ...): the drop-in client validates it as one.
+        return {"id": last.get("id") or f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+                "created": last.get("created") or int(time.time()), "model": last.get("model") or request.model or self.name,
+                "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                         "total_tokens": prompt + completion, "ctxkit_reported": False}}
 
     # -- async twins --------------------------------------------------------------------------------
     async def acomplete(self, request: ChatRequest) -> ChatResponse:
@@ -236,11 +244,13 @@ class OpenAIBackend:
         chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        last: dict[str, Any] = {}
         failure: BaseException | None = None
         try:
             async for chunk in chunks:
                 ended = ended or _ends_answer(chunk)
                 data = chunk.model_dump(exclude_unset=True)
+                last = data
                 for passed in calls.feed(data) if calls else (data,):
                     yield passed
             if not ended:
@@ -259,7 +269,7 @@ class OpenAIBackend:
         finally:
             await chunks.close()
         if failure is not None:
-            usage = self._held_back_usage(request, calls)
+            usage = self._held_back_usage(request, calls, last)
             if usage is not None:
                 yield usage
             raise failure

@@ -316,7 +316,8 @@ class _Proxy:
             try:
                 usage_sent = False
                 if first is not None:
-                    yield _sse(first)
+                    if first.get("choices") or include_usage:  # a usage-only chunk only when asked for
+                        yield _sse(first)
                     usage_sent = bool(first.get("usage"))
                     async for chunk in chunks:
                         if chunk.get("choices") or include_usage:

@@ -129,14 +129,17 @@ class TiktokenCounter:
         return total
 
     def _image_tokens(self, image: Any) -> int:
-        """An image as OpenAI bills it (its published recipe: a base cost, and for detail high/auto a cost per
-        512px tile of the image scaled to fit 2048x2048, then its short side to 768). The size is read from a
+        """An image as OpenAI bills it (its published recipe, per model family: a base cost, and for detail
+        high/auto a cost per 512px tile of the image scaled to fit 2048x2048, then its short side to 768; or, for
+        the families billed by 32px patch, the patches times the family's multiplier). The size is read from a
         data: URL; an image behind an http URL (not fetched) counts its base cost, the least any image costs."""
-        base, tile = (2833, 5667) if self.model.split("/")[-1].lower().startswith("gpt-4o-mini") else (85, 170)
-        if not isinstance(image, dict) or image.get("detail") == "low":
-            return base
-        size = _data_url_image_size(str(image.get("url") or ""))
-        if size is None:
+        name = self.model.split("/")[-1].lower()
+        patch = next((m for prefix, m in _PATCH_MULTIPLIERS if name.startswith(prefix)), None)
+        size = _data_url_image_size(str(image.get("url") or "")) if isinstance(image, dict) else None
+        if patch is not None:
+            return math.ceil(_patches(*size) * patch) if size is not None else math.ceil(64 * patch)
+        base, tile = next(((b, t) for prefix, b, t in _TILE_COSTS if name.startswith(prefix)), (85, 170))
+        if not isinstance(image, dict) or image.get("detail") == "low" or size is None:
             return base
         width, height = map(float, size)
         if max(width, height) > 2048:
@@ -173,8 +176,25 @@ class TiktokenCounter:
         return total + func_end
 
 
+# OpenAI's image costs (docs: Images and vision, "Calculating costs"), longest prefix first.
+_TILE_COSTS = (("gpt-4o-mini", 2833, 5667), ("gpt-5", 70, 140), ("o1", 75, 150), ("o3", 75, 150),
+               ("computer-use", 65, 129))
+_PATCH_MULTIPLIERS = (("gpt-5-mini", 1.62), ("gpt-5-nano", 2.46), ("gpt-4.1-mini", 1.62), ("gpt-4.1-nano", 2.46),
+                      ("o4-mini", 1.72))
+
+
+def _patches(width: float, height: float) -> int:
+    """32px patches of an image, scaled down to at most 1,536 of them as OpenAI does."""
+    if math.ceil(width / 32) * math.ceil(height / 32) > 1536:
+        shrink = math.sqrt(32 * 32 * 1536 / (width * height))
+        shrink *= min(math.floor(width * shrink / 32) / (width * shrink / 32),
+                      math.floor(height * shrink / 32) / (height * shrink / 32))
+        width, height = width * shrink, height * shrink
+    return min(1536, math.ceil(width / 32) * math.ceil(height / 32))
+
+
 def _data_url_image_size(url: str) -> tuple[int, int] | None:
-    """(width, height) of a PNG, GIF or JPEG in a base64 data: URL, from its header; None when not known."""
+    """(width, height) of a PNG, GIF, WebP or JPEG in a base64 data: URL, from its header; None when not known."""
     if not url.startswith("data:") or ";base64," not in url[:100]:
         return None
     payload = url.partition(",")[2][:65536]  # the header is near the start: decode no more than 48 KB
@@ -184,6 +204,17 @@ def _data_url_image_size(url: str) -> tuple[int, int] | None:
         return None
     if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
         return struct.unpack(">II", head[16:24])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:  # OpenAI takes WebP too
+        kind = head[12:16]
+        if kind == b"VP8 ":
+            width, height = struct.unpack("<HH", head[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        if kind == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if kind == b"VP8X":
+            return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+        return None
     if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
         return struct.unpack("<HH", head[6:10])
     if head[:2] == b"\xff\xd8":  # JPEG: the first start-of-frame marker holds the size

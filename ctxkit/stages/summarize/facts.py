@@ -68,7 +68,11 @@ CLAUSE_MIN_CHARS = 40
 # Clause breaks: "," ";" ":" before a space; after a CJK sentence or clause mark (those scripts put no space after
 # them: a long Chinese message was one unit, too big for any budget, and left the summary whole); and after a
 # comma that opens the next JSON member or element (compact JSON, as most APIs return it, has no spaces).
-_CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+|(?<=[\u3002\uff01\uff1f\uff1b\uff0c\u3001\uff1a])(?=\S)|(?<=,)(?=[\"{\[])")
+# A JSON member comma follows a value's end (a string's quote, a bracket, a digit, true/false/null): English prose's
+# closing quote after a comma ('"I am moving to Berlin," she said') is not one, and split there a quotation
+# lost its closing mark and read as the user's own words.
+_CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+|(?<=[\u3002\uff01\uff1f\uff1b\uff0c\u3001\uff1a])(?=\S)"
+                           r"|(?:(?<=[\"}\]0-9],)|(?<=true,)|(?<=false,)|(?<=null,))(?=[\"{\[])")
 _WORD = re.compile(r"[^\W_]+")  # letters and digits of any alphabet ("вегетарианка" is a word too)
 # How much the units after (and just before) the one a recent turn points at share its focus.
 FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))
