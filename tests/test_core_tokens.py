@@ -169,3 +169,12 @@ def test_a_webp_image_is_counted_by_its_size():
         url = "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
         with_image = counter.count_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
         assert with_image - counter.count_prompt([{"role": "user", "content": []}]) == 85 + 170 * 3 * 2  # 1536x768 after scaling: 3x2 tiles
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (3000, 4000), (1600, 1200), (1800, 2400), (4032, 3024)])
+def test_a_4_by_3_photo_over_the_patch_limit_costs_what_openais_example_does(size):
+    """OpenAI's worked example: 1800x2400 is 1452 patches; any 3:4 image that is scaled down lands there too.
+    A float just over a whole number of patches (12.000000000000002) was rounded up to one patch more per row."""
+    from ctxkit.tokens.tiktoken_counter import _patches
+
+    assert _patches(*size) == 1452

@@ -196,6 +196,11 @@ def test_bad_configuration_is_rejected_at_construction():
     ("I'm sorry, I don't have the tools you need to check the weather.", True),
     ("I don't have the function you're asking for.", True),
     ("Sorry, I don't have a function get_weather available, so I can't check that.", True),
+    ("I don't have the function get_weather in my toolset.", True),
+    ("I don't have the function getWeather, sorry.", True),
+    ("I can't use the function send_email here, it isn't in my tools.", True),
+    ("I don't have the function parse_date's source, could you paste it?", False),
+    ("I don't have the function parse_date from your code.", False),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})

@@ -33,6 +33,7 @@ not quarantined again. Put this stage before the stages that summarize, cache or
 from __future__ import annotations
 
 import base64
+import contextvars
 import dataclasses
 import json
 import logging
@@ -949,6 +950,12 @@ def _nearest_in_clause(
 
 # -- the stage --------------------------------------------------------------------------------------
 
+# Filled by QuarantineStage.before_model while wrap_call runs a subclass's own before_model (which calls it through
+# super()): the check of the model's answer that _prepare made, which the hook's return value cannot carry.
+_PREPARED_CHECK: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("ctxkit_quarantine_check",
+                                                                                    default=None)
+
+
 class QuarantineStage(Stage):
     """Mark tool errors, broken tool promises, injected instructions and contradicted claims."""
 
@@ -1032,8 +1039,13 @@ class QuarantineStage(Stage):
                                finding.evidence)
             # What the user said, and what a clean tool result returned (a later turn's docs search giving the
             # same link an injected page listed), is not planted: the answer may pass it on.
-            said = [text for m in messages[:index] if m.get("role") in ("user", "tool")
-                    and ((text := message_text(dict(m))) and (m.get("role") == "user" or text not in injected))]
+            # Only a tool result that came after the last injected one: a search result listing the very page
+            # (and link) that the next fetch showed injected is no independent source of that link.
+            earlier = [dict(m) for m in messages[:index]]
+            last_injected = max((i for i, m in enumerate(earlier)
+                                 if m.get("role") == "tool" and message_text(m) in injected), default=-1)
+            said = [text for i, m in enumerate(earlier) if (text := message_text(m)) and (
+                m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected))]
             if self.check_injection and (carried := _repeated_payload(message["content"], injected, said)):
                 # the answer passes on what the injection planted (its link, its account number, its code)
                 return Finding("injection", "the answer repeats what an injected tool result planted", carried)
@@ -1043,7 +1055,11 @@ class QuarantineStage(Stage):
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
-        return self._prepare(request)[0]
+        request, check = self._prepare(request)
+        box = _PREPARED_CHECK.get()
+        if box is not None:  # wrap_call running a subclass's own before_model: its answer is checked all the same
+            box.append(check)
+        return request
 
     def _prepare(self, request: ChatRequest) -> tuple[ChatRequest, AnswerCheck | None]:
         """The request to pass on, and the check of the model's answer to it (None: nothing to check it for)."""
@@ -1119,8 +1135,15 @@ class QuarantineStage(Stage):
 
     def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
         if type(self).before_model is not QuarantineStage.before_model:  # a subclass's own before_model
-            return super().wrap_call(request, call_next)
-        request, check = self._prepare(request)
+            box: list[AnswerCheck | None] = []
+            token = _PREPARED_CHECK.set(box)
+            try:
+                request = self.before_model(request)
+            finally:
+                _PREPARED_CHECK.reset(token)
+            check = box[-1] if box else None
+        else:
+            request, check = self._prepare(request)
         with checking_answers(check):
             result = call_next(request)
         result = self._watch_answer(check, result)
@@ -1131,13 +1154,18 @@ class QuarantineStage(Stage):
         if type(self).before_model is not QuarantineStage.before_model:
             # The hooks as Stage.awrap_call runs them (an application's own hook on the event loop's thread), not
             # the whole wrap_call in a worker thread, which Stage.awrap_call does for a stage that writes wrap_call.
-            request = await self._run_hook("before_model", request)
-            result = await call_next(request)
+            box: list[AnswerCheck | None] = []
+            token = _PREPARED_CHECK.set(box)  # the list, not a value: a hook run in a worker thread fills it too
+            try:
+                request = await self._run_hook("before_model", request)
+            finally:
+                _PREPARED_CHECK.reset(token)
+            check = box[-1] if box else None
         else:
             request, check = await tracked_to_thread(self._prepare, request)
-            with checking_answers(check):
-                result = await call_next(request)
-            result = self._watch_answer(check, result)
+        with checking_answers(check):
+            result = await call_next(request)
+        result = self._watch_answer(check, result)
         if not isinstance(result, ChatResponse) or type(self).after_model is Stage.after_model:
             return result
         return await self._run_hook("after_model", request, result)

@@ -85,15 +85,23 @@ _NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\
 # "I can't find the function parse_date in the code you shared", "I don't see the function you mean", "the
 # function's source": a function of the user's code, named or pointed at, not a tool missing from the selection.
 # Not "the tools you need", "a function get_weather available": those are tools missing from the selection.
+_USERS_CODE = (r"(?:in|from|of)\s+(?:your|the|this|that)\s+"
+               r"(?:code|snippet|file|message|script|program|class|module|example|question)s?\b")
 _NOT_USERS = (r"(?!'s\b|\s*`|\s+(?:you(?:'re|'ve|\s+are|\s+have)?\s+(?:just\s+)?(?:referring|refer|mean|meant|shared|wrote|"
               r"written|posted|pasted|defined|describ\w*|talking|quoted|showed|shown|included|provided)\b"
-              r"|(?:in|from|of)\s+(?:your|the|this|that)\s+"
-              r"(?:code|snippet|file|message|script|program|class|module|example|question)s?\b"
+              r"|" + _USERS_CODE +
               r"|[A-Za-z]\w*(?:_\w*|\(|(?-i:[a-z][A-Z]))(?!\S*\s+(?:(?:is|are)\s+)?(?:available|offered|here|among|"
               r"at\s+my\s+disposal|to\s+(?:call|use)|(?:tool|function)s?\b))))")
+# After "I don't have / can't use": a named function is a tool missing from the selection ("I don't have the
+# function get_weather in my toolset"), unless what follows points at the user's code.
+_NOT_USERS_HAVE = (r"(?!'s\b|\s+(?:you(?:'re|'ve|\s+are|\s+have)?\s+(?:just\s+)?(?:referring|refer|mean|meant|shared|"
+                   r"wrote|written|posted|pasted|defined|describ\w*|talking|quoted|showed|shown|included|provided)\b"
+                   r"|" + _USERS_CODE + r"|\s*`?[A-Za-z]\w*(?:\(\)?)?`?(?:'s\b|\s+" + _USERS_CODE + r")))")
 _LACKS_TOOL = re.compile(
-    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|find|see|use)(?:\s+access\s+to)?\s+"
+    r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:find|see)(?:\s+access\s+to)?\s+"
     + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_CONDITIONAL
+    + r"|(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|use)(?:\s+access\s+to)?\s+"
+    + _BEFORE_TOOL + _NOT_USERS_HAVE + _NOT_COMPOUND + _NOT_CONDITIONAL
     + r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?\s+" + _BEFORE_TOOL
     + r"|none\s+of\s+" + _BEFORE_TOOL + _NONE_CAN
     + r"|no\s+" + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_NEEDED + r")",
