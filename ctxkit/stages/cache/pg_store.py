@@ -47,6 +47,8 @@ _STATS_SLOTS = 8  # counter rows per name; more slots = less row contention, a s
 _EVICT_BATCH = 256
 _PUT_LOCK_TIMEOUT_MS = 10_000  # how long a put waits for another writer's transaction before giving up
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+_ENTRY_COLUMNS = ("key", "scope", "namespace", "query_text", "response", "features", "created_at", "expires_at",
+                  "size_bytes", "embedding")
 _COUNTERS = (
     "hits", "misses", "search_hits", "search_misses", "puts", "evictions", "expired_purged",
     "invalidated", "rejected_too_large", "single_flight_waits", "single_flight_timeouts",
@@ -187,6 +189,7 @@ class PostgresStore:
         ef_search: int = 100,
         single_flight_timeout_s: float = 120.0,
         lock_pool_size: int = 16,
+        statement_timeout_s: float = 5.0,
     ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
@@ -198,6 +201,8 @@ class PostgresStore:
             raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
         if lock_pool_size < 1:
             raise ConfigurationError(f"lock_pool_size must be at least 1, got {lock_pool_size}")
+        if not (isinstance(statement_timeout_s, (int, float)) and 0 < statement_timeout_s < float("inf")):
+            raise ConfigurationError(f"statement_timeout_s must be a positive number of seconds, got {statement_timeout_s!r}")
         if not 1 <= ef_search <= 1000:
             raise ConfigurationError(f"ef_search must be in 1..1000, got {ef_search}")
         ttl = dict(namespace_ttl or {})
@@ -217,16 +222,20 @@ class PostgresStore:
         self.namespace_ttl = ttl
         self.ef_search = ef_search
         self.single_flight_timeout_s = single_flight_timeout_s
+        self.statement_timeout_s = statement_timeout_s
         self._t = {name: f"{table_prefix}_{name}" for name in ("entries", "access", "meta", "stats")}
         self._ensure_schema()
         self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection)
-        # Connections that hold advisory locks are kept apart from the pool: a caller inside
-        # single_flight also needs a pool connection to write its answer. Each key in flight holds one for
-        # the whole backend call, so they are bounded: past `lock_pool_size` keys (or when the server
-        # refuses another connection) a call is single-flighted in this process only, never failed.
-        self._lock_conns = _ConnectionPool(dsn, lock_pool_size, lambda conn: None)
         self._sf_guard = threading.Lock()
         self._sf_locks: dict[str, list[Any]] = {}  # key -> [threading.Lock, number of users]
+        # Advisory locks are taken with pg_try_advisory_lock on one shared session (a session holds any
+        # number of them; it is kept apart from the pool, whose sessions callers need to write answers) and
+        # waited for by polling: identical requests on two replicas wait for one answer however many other
+        # keys are in flight, on one session per process (`lock_pool_size` is accepted and no longer used).
+        self._holder: Any = None
+        self._holder_pid = os.getpid()
+        self._holder_gen = 0
+        self._holder_guard = threading.Lock()
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -235,6 +244,9 @@ class PostgresStore:
 
         register_vector(conn)
         conn.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
+        # A lookup on a call's way must not wait without end behind a lock (VACUUM FULL, REINDEX, a
+        # migration's ALTER TABLE) or a stuck query: past this it is a miss, as when the server is down.
+        conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
         # Lookups write an LRU time and a counter; they need not wait for the disk (losing the last
         # touches in a database crash costs nothing). Writes of entries turn durability back on.
         conn.execute("SET synchronous_commit = off")
@@ -307,6 +319,16 @@ class PostgresStore:
                     "WHERE attrelid = %s::regclass AND attname = 'embedding'",
                     (t["entries"],),
                 ).fetchone()
+                columns = {r[0] for r in conn.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                    (t["entries"],),
+                ).fetchall()}
+        missing = sorted(set(_ENTRY_COLUMNS) - columns)
+        if missing:  # else every lookup and write fails with an UndefinedColumn that fails the model call
+            raise ConfigurationError(
+                f"table {t['entries']} was not made by this version of ctxkit (it lacks {', '.join(missing)}); "
+                "use another table_prefix, or drop the old tables"
+            )
         if row is None or row[0] != f"vector({self.dimension})":
             raise ConfigurationError(
                 f"table {t['entries']} holds {row[0] if row else 'no'} embeddings but this store was opened "
@@ -484,6 +506,7 @@ class PostgresStore:
                 return
             keys = list(rows)
             conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SET LOCAL statement_timeout = 0")  # bounded by lock_timeout; put_many may be large
             if lock_timeout_ms:  # a put on a call's way must not wait forever behind a writer that stopped
                 conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
             (total,) = conn.execute(f"SELECT value FROM {t['meta']} WHERE name = 'bytes' FOR UPDATE").fetchone()
@@ -573,6 +596,7 @@ class PostgresStore:
         """Delete every entry of `namespace`, for every replica; returns how many were deleted."""
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SET LOCAL statement_timeout = 0")  # an administrator's call: it may take long
             conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
             rows = conn.execute(
                 f"DELETE FROM {self._t['entries']} WHERE namespace = %s RETURNING size_bytes", (namespace,)
@@ -587,6 +611,7 @@ class PostgresStore:
         """Delete every entry of every namespace (the hit/miss counters are kept, as in LocalStore)."""
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
+            conn.execute("SET LOCAL statement_timeout = 0")  # an administrator's call: it may take long
             conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
             conn.execute(f"DELETE FROM {self._t['entries']}")
             conn.execute(f"UPDATE {self._t['meta']} SET value = 0 WHERE name = 'bytes'")
@@ -619,8 +644,6 @@ class PostgresStore:
         prefix and key. After `single_flight_timeout_s` a waiter goes on without the lock: a duplicate
         backend call is better than a stalled replica.
         """
-        import psycopg
-
         with self._sf_guard:
             slot = self._sf_locks.setdefault(key, [threading.Lock(), 0])
             slot[1] += 1
@@ -638,45 +661,8 @@ class PostgresStore:
             lock_id = int.from_bytes(
                 hashlib.blake2b(f"{self.table_prefix}\0{key}".encode(), digest_size=8).digest(), "big", signed=True
             )
-            stack = contextlib.ExitStack()
-            try:
-                conn = stack.enter_context(self._lock_conns.connection(wait=False))
-            except psycopg.OperationalError:
-                conn = None
-            with stack:
-                if conn is None:  # no connection to hold the lock on: a duplicate call beats a failed one
-                    self._record_timeout()
-                    yield
-                    return
-                try:
-                    held = conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0]
-                except psycopg.OperationalError:  # the server ended this idle session (a restart, a failover)
-                    self._record_timeout()
-                    yield
-                    return
-                if not held:
-                    self._record_wait()
-                    try:
-                        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))  # one budget for both waits
-                        conn.execute(f"SET lock_timeout = {remaining_ms}")
-                        conn.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
-                        held = True
-                    except (psycopg.errors.LockNotAvailable, psycopg.OperationalError):
-                        # waited out, or the session ended while waiting (a restart, a failover): go on
-                        # without the lock, as after a timeout; a duplicate call beats a failed one
-                        self._record_timeout()
-                    finally:
-                        if not conn.broken:
-                            with contextlib.suppress(psycopg.OperationalError):  # ended, but not yet known as broken
-                                conn.execute("RESET lock_timeout")
-                try:
-                    yield
-                finally:
-                    if held and not conn.broken:
-                        try:
-                            conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
-                        except psycopg.OperationalError:
-                            pass  # the session ended (a restart, a failover): its lock ended with it
+            with self._shared_flight(lock_id, deadline):
+                yield
         finally:
             if got_local:
                 local.release()
@@ -684,6 +670,54 @@ class PostgresStore:
                 slot[1] -= 1
                 if slot[1] == 0:
                     del self._sf_locks[key]
+
+    def _on_holder(self, sql: str, lock_id: int) -> tuple[bool, int]:
+        """Run a one-value advisory-lock query on the shared session; returns its value and the session's
+        generation (a new session after the old one ended: the old one's locks ended with it)."""
+        import psycopg
+
+        with self._holder_guard:
+            h = self._holder
+            if h is not None and self._holder_pid != os.getpid():
+                h = None  # inherited through fork: the parent's session, never used nor closed here
+            elif h is not None and not (h.closed or h.broken) and _dropped(h):
+                h.close()
+            if h is None or h.closed or h.broken:
+                h = self._holder = psycopg.connect(self.dsn, autocommit=True)
+                h.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
+                self._holder_pid = os.getpid()
+                self._holder_gen += 1
+            return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
+
+    @contextmanager
+    def _shared_flight(self, lock_id: int, deadline: float) -> Iterator[None]:
+        import psycopg
+
+        held_gen = None
+        try:
+            held, gen = self._on_holder("SELECT pg_try_advisory_lock(%s)", lock_id)
+            if not held:
+                self._record_wait()
+                delay = 0.005
+                while not held and time.monotonic() < deadline:
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 2, 0.1)
+                    held, gen = self._on_holder("SELECT pg_try_advisory_lock(%s)", lock_id)
+                if not held:
+                    self._record_timeout()
+            if held:
+                held_gen = gen
+        except psycopg.OperationalError:  # no session to be had: a duplicate call beats a failed one
+            self._record_timeout()
+        try:
+            yield
+        finally:
+            if held_gen is not None:
+                with contextlib.suppress(psycopg.OperationalError), self._holder_guard:
+                    h = self._holder
+                    if (h is not None and self._holder_gen == held_gen and self._holder_pid == os.getpid()
+                            and not (h.closed or h.broken)):
+                        h.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
 
     def _record_wait(self) -> None:
         with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn:
@@ -695,7 +729,10 @@ class PostgresStore:
 
     def close(self) -> None:
         self._pool.close()
-        self._lock_conns.close()
+        with self._holder_guard:
+            if self._holder is not None and self._holder_pid == os.getpid():
+                self._holder.close()
+            self._holder = None
 
     def __enter__(self) -> PostgresStore:
         return self
