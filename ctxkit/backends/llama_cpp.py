@@ -25,7 +25,13 @@ from ..response import ChatResponse, Usage
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
-from .tool_format import ToolCallTextStream, may_call, parse_tool_calls, tool_call_grammar
+from .tool_format import (
+    ToolCallTextStream,
+    drop_unfinished_call,
+    may_call,
+    parse_tool_calls,
+    tool_call_grammar,
+)
 
 CLOSE_WAIT_S = 30.0  # how long close() waits for a call that holds the model
 logger = logging.getLogger("ctxkit")
@@ -194,6 +200,8 @@ class LlamaCppBackend:
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
         content, calls = parse_tool_calls(choice["text"]) if may_call(request.tools, request.params) else (choice["text"], [])
+        if not calls and at_cap():
+            content = drop_unfinished_call(content)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls

@@ -111,6 +111,17 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return ("".join(rest).strip() or None), calls
 
 
+def drop_unfinished_call(text: str | None) -> str | None:
+    """The content of an answer cut off by max_tokens: a <tool_call> block that never closed is the call grammar's
+    markup, not an answer, so it is left out (the text before it stays). finish_reason "length" says the rest."""
+    if not text:
+        return text
+    start = text.rfind(TOOL_CALL_OPEN)
+    if start < 0 or TOOL_CALL_CLOSE in text[start:]:
+        return text
+    return text[:start].strip() or None
+
+
 class ToolCallTextStream:
     """Turns a streamed answer's <tool_call> text (OpenAI chunk dicts) into a tool_calls delta: text that may
     still become a call is held back, and parsed when the answer ends. Text before a call ("Checking. <tool_call>...")
@@ -151,7 +162,7 @@ class ToolCallTextStream:
             delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
             finish = "tool_calls"
         else:
-            content = rest
+            content = drop_unfinished_call(rest) if finish == "length" else rest
         if content:
             delta["content"] = content
         return [_with_delta(chunk, delta, finish)]
