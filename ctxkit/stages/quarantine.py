@@ -171,7 +171,7 @@ _INJECTION = [
      r"instructions? for the (?:ai|assistant|model))\s*[:\-]", "contains a system prompt"),
     # the published indirect injections (Greshake et al. 2023): "[system](#error_state)", "***NEW IMPORTANT
     # INSTRUCTIONS***", "New instructions: ..."
-    (r"\[system\]\(#[\w-]+\)|(?:^|\n)[ \t]*[*#>_=\-\[]*[ \t]*(?:new|updated|important) (?:important |new )?"
+    (r"\[system\]\(#[\w-]+\)|(?:^|\n)[ \t]*(?:[*#>_=\-\[]+[ \t]*)?(?:new|updated|important) (?:important |new )?"
      r"instructions?[ \t]*(?:[*#_=\]]+|:)", "contains a system prompt"),
     (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id|python_tag|eom_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>|"
      r"<tool_call>\s*\{|<\|tool_calls?(?:_begin|_end)?\|>|\[TOOL_CALLS\]|<function=\w+>|</?function_calls>|<invoke name=",
@@ -709,7 +709,7 @@ def find_schema_violation(text: str, schema: Mapping[str, Any]) -> Finding | Non
                    _short(error.message))
 
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_NUMBER = r"-?(?<!\d)(?<!\d,)\d[\d,]*(?:\.\d+)?"  # starts a run of digits (and commas), never inside one: linear time
 _TEXT_FIELD = re.compile(rf"\b([A-Za-z][A-Za-z _-]{{1,30}}?)\s*[:=]\s*\$?({_NUMBER})\b")
 
 
