@@ -639,9 +639,9 @@ class PostgresStore:
     def single_flight(self, key: str) -> Iterator[None]:
         """Let one caller at a time, in this process and across every replica, compute the answer for `key`.
 
-        Threads of this process queue on an in-process lock (so one process holds at most one database
-        session per key); the winner then takes a PostgreSQL advisory lock keyed by a 64-bit hash of the
-        prefix and key. After `single_flight_timeout_s` a waiter goes on without the lock: a duplicate
+        Threads of this process queue on an in-process lock per key (advisory locks are re-entrant within
+        the one session that holds them all); the winner then takes a PostgreSQL advisory lock keyed by a
+        64-bit hash of the prefix and key. After `single_flight_timeout_s` a waiter goes on without the lock: a duplicate
         backend call is better than a stalled replica.
         """
         with self._sf_guard:
