@@ -438,3 +438,44 @@ def test_a_table_lacking_columns_is_refused_at_open(pg_dsn, pg_prefix):
             embedding vector(384) NOT NULL)""")
     with pytest.raises(ConfigurationError, match="lacks features"):
         PostgresStore(pg_dsn, table_prefix=pg_prefix)
+
+
+# statement_timeout_s is accepted up to any finite number, but PostgreSQL takes at most 2**31 - 1 ms: past
+# 24.8 days every session's SET failed, and every lookup raised out of the model call.
+def test_a_statement_timeout_past_postgres_range_still_serves(make_pg_store):
+    store = make_pg_store(statement_timeout_s=30 * 86400)
+    assert store.get("absent", 0.0) is None
+    with store.single_flight("k"):
+        pass
+
+
+# A flight still polling for another replica's lock when its store is closed must not open a new session
+# (it would never be closed).
+def test_a_flight_waiting_at_close_opens_no_session(make_pg_store, pg_dsn):
+    import threading
+    import time
+
+    a, b = make_pg_store(single_flight_timeout_s=5), make_pg_store(single_flight_timeout_s=5)
+    taken, done = threading.Event(), threading.Event()
+
+    def hold():
+        with b.single_flight("k"):
+            taken.set()
+            done.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    taken.wait(5)
+    waiter = threading.Thread(target=_enter_quietly, args=(a, "k"))
+    waiter.start()
+    time.sleep(0.3)
+    a.close()
+    done.set()
+    holder.join()
+    waiter.join()
+    assert a._holder is None
+
+
+def _enter_quietly(store, key):
+    with contextlib.suppress(ConfigurationError), store.single_flight(key):
+        pass

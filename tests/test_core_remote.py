@@ -582,3 +582,12 @@ def test_the_held_back_usage_chunk_is_a_whole_chunk_and_only_sent_when_asked(ggu
             with pytest.raises(openai.APIError, match="ended before"):
                 for chunk in client.chat.completions.create(**ask):
                     assert chunk.choices
+
+
+def test_a_call_cut_by_max_tokens_sends_no_markup_streamed_or_not(remote):
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    request = ChatRequest(messages=[{"role": "user", "content": "What is the weather in Lisbon?"}], tools=[tool],
+                          params={"tool_choice": "required", "max_tokens": 6, "temperature": 0})
+    response = remote.complete(request)
+    assert response.finish_reason == "length" and response.content is None

@@ -165,3 +165,22 @@ def test_stream_that_stops_normally_keeps_its_text():
     stream = ToolCallTextStream()
     out = stream.feed(_text_chunk("<tool_call> is a tag")) + stream.feed(_text_chunk(None, "stop"))
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in out) == "<tool_call> is a tag"
+
+
+def test_prose_that_names_the_tag_is_not_an_unfinished_call():
+    assert drop_unfinished_call("The <tool_call> tag starts a tool call in") == "The <tool_call> tag starts a tool call in"
+    assert drop_unfinished_call("Checking. <tool_call>") == "Checking."
+
+
+def test_without_tools_a_cut_answer_keeps_its_text_streamed_or_not(llama_backend):
+    from ctxkit import ChatRequest
+
+    msgs = [{"role": "user", "content": "Repeat this sentence exactly: The <tool_call> tag starts a tool call in "
+                                        "Hermes format, and it is closed later."}]
+    params = {"max_tokens": 12, "temperature": 0}
+    whole = llama_backend.complete(ChatRequest(messages=msgs, params=params))
+    streamed = "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in llama_backend.stream(ChatRequest(messages=msgs, params=params, stream=True))
+                       if c.get("choices"))
+    assert whole.finish_reason == "length"
+    assert (whole.content or "").strip() == streamed.strip()

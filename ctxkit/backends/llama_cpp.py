@@ -199,8 +199,9 @@ class LlamaCppBackend:
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
-        content, calls = parse_tool_calls(choice["text"]) if may_call(request.tools, request.params) else (choice["text"], [])
-        if not calls and at_cap():
+        tools_offered = may_call(request.tools, request.params)
+        content, calls = parse_tool_calls(choice["text"]) if tools_offered else (choice["text"], [])
+        if tools_offered and not calls and at_cap():  # as the stream does: without tools no text is a call
             content = drop_unfinished_call(content)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:

@@ -39,6 +39,7 @@ from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
     ToolCallTextStream,
+    drop_unfinished_call,
     may_call,
     messages_for_plain_template,
     parse_tool_calls,
@@ -344,6 +345,8 @@ class OpenAIBackend:
             if calls:
                 message.update(content=content, tool_calls=calls)
                 finish_reason = "tool_calls"
+            elif finish_reason == "length":  # a call cut off by max_tokens: no raw markup, as the stream sends
+                message["content"] = drop_unfinished_call(message["content"])
         usage = completion.usage
         # Some servers send usage with a count missing or null: that is no usage reported (a None would fail the
         # ledger's sums after the answer was paid for, and the call would be a 500 with no record).

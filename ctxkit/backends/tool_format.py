@@ -119,6 +119,9 @@ def drop_unfinished_call(text: str | None) -> str | None:
     start = text.rfind(TOOL_CALL_OPEN)
     if start < 0 or TOOL_CALL_CLOSE in text[start:]:
         return text
+    body = text[start + len(TOOL_CALL_OPEN):].lstrip()
+    if body and not body.startswith("{"):  # "the <tool_call> tag ..." is prose about the markup, not a call
+        return text
     return text[:start].strip() or None
 
 

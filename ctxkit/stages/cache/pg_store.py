@@ -246,7 +246,7 @@ class PostgresStore:
         conn.execute(f"SET hnsw.ef_search = {int(self.ef_search)}")
         # A lookup on a call's way must not wait without end behind a lock (VACUUM FULL, REINDEX, a
         # migration's ALTER TABLE) or a stuck query: past this it is a miss, as when the server is down.
-        conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
+        conn.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
         # Lookups write an LRU time and a counter; they need not wait for the disk (losing the last
         # touches in a database crash costs nothing). Writes of entries turn durability back on.
         conn.execute("SET synchronous_commit = off")
@@ -671,6 +671,10 @@ class PostgresStore:
                 if slot[1] == 0:
                     del self._sf_locks[key]
 
+    def _statement_timeout_ms(self) -> int:
+        # PostgreSQL takes at most 2**31 - 1 ms (24.8 days); above that SET fails and so would every lookup
+        return min(2**31 - 1, max(1, int(self.statement_timeout_s * 1000)))
+
     def _on_holder(self, sql: str, lock_id: int) -> tuple[bool, int]:
         """Run a one-value advisory-lock query on the shared session; returns its value and the session's
         generation (a new session after the old one ended: the old one's locks ended with it)."""
@@ -682,9 +686,11 @@ class PostgresStore:
                 h = None  # inherited through fork: the parent's session, never used nor closed here
             elif h is not None and not (h.closed or h.broken) and _dropped(h):
                 h.close()
+            if h is None and self._holder_gen < 0:  # closed: a flight still polling opens no new session
+                raise psycopg.OperationalError("the PostgresStore is closed")
             if h is None or h.closed or h.broken:
                 h = self._holder = psycopg.connect(self.dsn, autocommit=True)
-                h.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout_s * 1000))}")
+                h.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
                 self._holder_pid = os.getpid()
                 self._holder_gen += 1
             return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
@@ -733,6 +739,7 @@ class PostgresStore:
             if self._holder is not None and self._holder_pid == os.getpid():
                 self._holder.close()
             self._holder = None
+            self._holder_gen = -1  # no flight's lock is unlocked, and none opens a new session
 
     def __enter__(self) -> PostgresStore:
         return self
