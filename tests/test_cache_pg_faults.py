@@ -93,3 +93,17 @@ def test_put_gives_up_behind_a_stopped_writer(pg_dsn, make_pg_store, monkeypatch
         frozen.rollback()
     store.put(_entry("a"), _vec())
     assert store.get("a", now=1001.0) is not None
+
+
+# A malformed DSN's error must not quote any piece of its password (libpq quotes what it cannot parse).
+@pytest.mark.parametrize("dsn, secret", [
+    ("postgresql://app:p@ssw0rd@127.0.0.1:1/db", "ssw0rd"),  # an unencoded '@': libpq takes the rest as the host
+    ("host=127.0.0.1 port=1 password=my secret dbname=db", "secret"),  # an unquoted space
+    ("postgresql://app:s3cr%zzX@127.0.0.1:1/db", "s3cr%zzX"),
+])
+def test_malformed_dsn_error_keeps_the_password_out(dsn: str, secret: str) -> None:
+    from ctxkit.stages.cache.pg_store import PostgresStore
+
+    with pytest.raises(ConfigurationError) as info:
+        PostgresStore(dsn, table_prefix="t_redact")
+    assert secret not in str(info.value)

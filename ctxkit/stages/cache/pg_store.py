@@ -140,13 +140,24 @@ class _ConnectionPool:
 
 def _redact(message: str, dsn: str) -> str:
     """`message` without the password of `dsn`: libpq quotes the part of a DSN it cannot parse, which can be
-    the password itself (one with an unencoded `%`)."""
-    found = re.search(r"://[^:/@]*:([^@]*)@", dsn) or re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
-    if found and found.group(1):
-        secret = found.group(1)
-        for s in {secret, secret.strip("'")}:
-            if s:
-                message = message.replace(s, "***")
+    the password itself (one with an unencoded `%`) or a piece of it (an unencoded `@` makes libpq take the
+    rest of the password as the host name; an unquoted space in `password=...` makes it quote the word after)."""
+    secrets: list[str] = []
+    # URI: the password runs to the last '@' (libpq splits at the first one, so a piece of it can be the "host")
+    found = re.search(r"://[^:/@]*:(.*)@", dsn)
+    if found:
+        secrets.append(found.group(1))
+    # keyword DSN (and a URI's ?password=): up to the next `key=` or the end, quoted or not
+    for found in re.finditer(r"password\s*=\s*('(?:[^'\\]|\\.)*'|.*?)(?=\s+\w+\s*=|&|$)", dsn):
+        secrets.append(found.group(1))
+    pieces: set[str] = set()
+    for secret in secrets:
+        for s in (secret, secret.strip("'")):
+            pieces.add(s)
+            # the pieces libpq may quote on their own: split where it splits a DSN
+            pieces.update(p for p in re.split(r"[@/?#&\s]+", s.strip("'")) if len(p) >= 3)
+    for s in sorted((p for p in pieces if p), key=len, reverse=True):
+        message = message.replace(s, "***")
     return message
 
 
