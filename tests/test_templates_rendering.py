@@ -65,6 +65,15 @@ def test_rendering_is_deterministic_whatever_the_input_order(llama_backend):
     assert list(a.tools[1]["function"]["parameters"]) == ["properties", "type"]
 
 
+def test_a_variable_nested_thousands_deep_is_a_template_error(llama_backend):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(TemplateError, match="nested too deeply"):
+        _template().render(llama_backend.counter, variables={"agent": "Ana", "company": "Trilho", "limit": 3,
+                                                             "settings": deep}, conversation=_conversation())
+
+
 def test_sections_go_from_most_stable_to_most_volatile(llama_backend):
     rendered = _template().render(
         llama_backend.counter, variables={"agent": "Ana", "company": "Trilho", "limit": 3, "settings": {}},

@@ -213,8 +213,11 @@ class PromptTemplate:
         for index, doc in enumerate(documents):
             if not isinstance(doc, Mapping) or "id" not in doc or not isinstance(doc.get("text"), str):
                 raise TemplateError(f"documents[{index}] needs an 'id' and a string 'text', got {doc!r:.80}", self.id)
-        variables = _stable(dict(variables or {}))
-        documents = [_stable(doc) for doc in documents]
+        try:
+            variables = _stable(dict(variables or {}))
+            documents = [_stable(doc) for doc in documents]
+        except RecursionError:  # a value nested thousands deep: the caller's data, not a server fault
+            raise TemplateError("variables or documents are nested too deeply", self.id) from None
         reserved = {"documents", "memory", "content"} & set(variables)
         if reserved:
             raise TemplateError(f"variable name(s) reserved by the template: {sorted(reserved)}", self.id)
