@@ -105,7 +105,7 @@ def test_an_error_reclassed_twice_still_pickles():
 
     from adapters.langchain.errors import also_langchains
     from ctxkit import errors as ck
-    from ctxkit.client import also_openais
+    from ctxkit.openai_errors import also_openais
 
     error = ck.BackendStatusError("slow down", backend="remote", status=429)
     also_openais(error)
