@@ -30,6 +30,7 @@ from .errors import (
     RequestError,
 )
 from .ledger import Ledger, LedgerRecord, PriceTable
+from .quarantine_marks import checking_answers
 from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
@@ -219,7 +220,8 @@ class Pipeline:
         trace = self._start(request)
         token = _current_call.set(trace)
         try:
-            result = self._dispatch(trace, 0, trace.request)
+            with checking_answers(None):  # a call inside another call's stage must not take its answer check
+                result = self._dispatch(trace, 0, trace.request)
         except BaseException as exc:
             self.ledger.write(trace.record(None, exc))
             raise
@@ -233,7 +235,8 @@ class Pipeline:
         trace = await tracked_to_thread(self._start, request)
         token = _current_call.set(trace)
         try:
-            result = await self._adispatch(trace, 0, trace.request)
+            with checking_answers(None):
+                result = await self._adispatch(trace, 0, trace.request)
         except BaseException as exc:
             self.ledger.write(trace.record(None, exc))
             raise

@@ -727,3 +727,28 @@ def test_a_subclass_with_its_own_before_model_still_checks_the_answer():
     _asyncio.run(async_stage.awrap_call(ChatRequest(messages=messages), anext_))
     for stage in (sync_stage, async_stage):
         assert any(r.role == "assistant" for r in stage.list("default"))
+
+
+def test_a_call_made_inside_another_calls_stage_is_not_checked_against_its_tool_results(llama_backend, tmp_path):
+    from ctxkit.stages.cache.local_store import LocalStore
+    from ctxkit.stages.cache.stage import ExactCacheStage
+
+    params = {"max_tokens": 4, "temperature": 0}
+    inner_cache = ExactCacheStage(LocalStore(tmp_path / "inner"))
+    inner = Pipeline(llama_backend, [inner_cache, _Say("It is 30°C in Oslo right now.")])
+
+    class Helper(Stage):  # a stage that asks another pipeline something (a query rewrite, a classifier)
+        name = "helper"
+
+        def before_model(self, request):
+            inner.call(ChatRequest(messages=[{"role": "user", "content": "What is a warm day in Oslo like?"}],
+                                   params=params))
+            return request
+
+    quarantine = QuarantineStage()
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": '{"city": "Oslo", "temperature": 12}'}]
+    Pipeline(llama_backend, [quarantine, Helper()]).call(ChatRequest(messages=messages, params=params))
+    assert inner_cache.stats()["stage"].get("stored") == 1, "the inner answer was checked against the outer call's tools"
+    assert quarantine.list() == []
