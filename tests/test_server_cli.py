@@ -185,3 +185,41 @@ def test_sigterm_with_a_stream_in_flight_ends_it_within_the_grace_and_ledgers_it
             process.communicate()
     [record] = list(read_ledger(ledger))
     assert record.status == "error" and record.tokens_out > 0
+
+
+def test_sigterm_with_a_non_streamed_call_in_flight_ledgers_it(tmp_path):
+    """A non-streamed call that --graceful-timeout cancelled left no ledger record: the handler re-raised the
+    cancellation without waiting for the call's own task, and the server exited before it wrote one."""
+    import signal
+    import threading
+    import time
+
+    port = free_port()
+    ledger = tmp_path / "serve.jsonl"
+    process = _serve(port, ledger, "--graceful-timeout", "3", "--cache", str(tmp_path / "cache"),
+                     "--state-dir", str(tmp_path / "state"))  # the default stages
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
+
+        def call() -> None:
+            body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                    "max_tokens": 900, "temperature": 0}
+            try:
+                httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120,
+                           headers={"Authorization": "Bearer cli-key-00001"})
+            except httpx.HTTPError:
+                pass
+
+        client = threading.Thread(target=call)
+        client.start()
+        time.sleep(1.5)  # the model is generating
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+        client.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    [record] = list(read_ledger(ledger))
+    assert record.status == "error" and record.error_type == "CancelledError"

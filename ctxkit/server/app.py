@@ -372,7 +372,11 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
+        # Cancelled itself (uvicorn's --graceful-timeout on SIGTERM): let the call unwind before this handler
+        # ends, or the server's shutdown, which waits for handlers only, exits before its ledger record is written.
         task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
         raise
     finally:
         watcher.cancel()
