@@ -146,80 +146,71 @@ def test_a_release_made_over_http_outlives_a_restart_with_a_state_dir(tmp_path):
         process.communicate(timeout=30)
 
 
-def test_sigterm_with_a_stream_in_flight_ends_it_within_the_grace_and_ledgers_it(tmp_path):
-    """SIGTERM waited for every open stream however long (an orchestrator then SIGKILLs: no record), and when
-    uvicorn's graceful timeout cancelled a call, it re-raised SIGTERM before the call could write its record."""
+DRAGON = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}], "max_tokens": 900}
+
+
+def _sigterm_during(tmp_path, call, started, *flags):
+    """Serve with `flags`, run `call(base_url)` in a thread, send SIGTERM once `started()`, and return the one
+    ledger record the call left."""
     import signal
     import threading
     import time
 
     port = free_port()
     ledger = tmp_path / "serve.jsonl"
-    process = _serve(port, ledger, "--no-stages", "--graceful-timeout", "1")
+    process = _serve(port, ledger, *flags)
     base = f"http://127.0.0.1:{port}"
-    chunks = []
     try:
         wait_until_up(f"{base}/healthz", process, "ctxkit serve")
-
-        def stream() -> None:
-            body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-                    "max_tokens": 900, "stream": True, "temperature": 1.0}
-            try:
-                with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120,
-                                  headers={"Authorization": "Bearer cli-key-00001"}) as answer:
-                    for line in answer.iter_lines():
-                        chunks.append(line)
-            except httpx.HTTPError:
-                pass
-
-        client = threading.Thread(target=stream)
+        client = threading.Thread(target=call, args=(base,))
         client.start()
-        while len(chunks) < 10:
+        while not started():
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=15)  # within the grace (1 s) and the wait for the cancelled call
+        process.communicate(timeout=30)  # within the grace and the wait for the cancelled call
         client.join(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
     [record] = list(read_ledger(ledger))
+    return record
+
+
+def test_sigterm_with_a_stream_in_flight_ends_it_within_the_grace_and_ledgers_it(tmp_path):
+    """SIGTERM waited for every open stream however long (an orchestrator then SIGKILLs: no record), and when
+    uvicorn's graceful timeout cancelled a call, it re-raised SIGTERM before the call could write its record."""
+    chunks = []
+
+    def stream(base: str) -> None:
+        try:
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json={**DRAGON, "stream": True, "temperature": 1.0},
+                              timeout=120, headers={"Authorization": "Bearer cli-key-00001"}) as answer:
+                for line in answer.iter_lines():
+                    chunks.append(line)
+        except httpx.HTTPError:
+            pass
+
+    record = _sigterm_during(tmp_path, stream, lambda: len(chunks) >= 10, "--no-stages", "--graceful-timeout", "1")
     assert record.status == "error" and record.tokens_out > 0
 
 
 def test_sigterm_with_a_non_streamed_call_in_flight_ledgers_it(tmp_path):
     """A non-streamed call that --graceful-timeout cancelled left no ledger record: the handler re-raised the
     cancellation without waiting for the call's own task, and the server exited before it wrote one."""
-    import signal
-    import threading
     import time
 
-    port = free_port()
-    ledger = tmp_path / "serve.jsonl"
-    process = _serve(port, ledger, "--graceful-timeout", "3", "--cache", str(tmp_path / "cache"),
-                     "--state-dir", str(tmp_path / "state"))  # the default stages
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
+    sent_at: list[float] = []
 
-        def call() -> None:
-            body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-                    "max_tokens": 900, "temperature": 0}
-            try:
-                httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120,
-                           headers={"Authorization": "Bearer cli-key-00001"})
-            except httpx.HTTPError:
-                pass
+    def call(base: str) -> None:
+        sent_at.append(time.monotonic())
+        try:
+            httpx.post(f"{base}/v1/chat/completions", json={**DRAGON, "temperature": 0}, timeout=120,
+                       headers={"Authorization": "Bearer cli-key-00001"})
+        except httpx.HTTPError:
+            pass
 
-        client = threading.Thread(target=call)
-        client.start()
-        time.sleep(1.5)  # the model is generating
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
-        client.join(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    [record] = list(read_ledger(ledger))
+    record = _sigterm_during(tmp_path, call, lambda: bool(sent_at) and time.monotonic() - sent_at[0] > 1.5,
+                             "--graceful-timeout", "3", "--cache", str(tmp_path / "cache"),
+                             "--state-dir", str(tmp_path / "state"))  # the default stages; the model is generating
     assert record.status == "error" and record.error_type == "CancelledError"
