@@ -752,3 +752,14 @@ def test_a_call_made_inside_another_calls_stage_is_not_checked_against_its_tool_
     Pipeline(llama_backend, [quarantine, Helper()]).call(ChatRequest(messages=messages, params=params))
     assert inner_cache.stats()["stage"].get("stored") == 1, "the inner answer was checked against the outer call's tools"
     assert quarantine.list() == []
+
+
+def test_an_answer_is_checked_once_though_the_cache_and_the_stage_both_ask(monkeypatch):
+    calls = []
+    check_answer = QuarantineStage._check_answer
+    monkeypatch.setattr(QuarantineStage, "_check_answer", lambda self, *a, **k: calls.append(1) or check_answer(self, *a, **k))
+    stage = QuarantineStage()
+    _, check = stage._prepare(ChatRequest(messages=[*_first_step()[:2], *_turn('{"city": "Oslo", "temperature": 12}')]))
+    answer = {"role": "assistant", "content": "It is 30°C in Oslo right now."}
+    assert check(answer) == check(answer) is not None
+    assert len(calls) == 1 and [r.kind for r in stage.list()] == ["contradiction"]

@@ -1117,8 +1117,8 @@ class QuarantineStage(Stage):
             # that stores it (the cache) asks first: checked only when the app sent it back, a contradicted
             # answer was cached and served meanwhile, and one the app never sends back with its tool results
             # (a chat UI that keeps user and assistant turns) was never checked at all.
-            check = partial(self._check_answer, request, messages, schemas, injected_turn, tuple(injected),
-                            frozenset(released))
+            check = _once(partial(self._check_answer, request, messages, schemas, injected_turn, tuple(injected),
+                                  frozenset(released)))
         if not marks and not metadata_changes:
             return request, check
         if withheld:
@@ -1291,6 +1291,20 @@ class QuarantineStage(Stage):
 
 _PLANTED = re.compile(r"https?://[^\s)\]>\"'<]+|\bwww\.[\w-]+\.[^\s)\]>\"'<]+|\b[\w.+-]+@[\w-]+\.[\w.]+\w|"
                       r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9][\w-]{4,}\b")
+
+
+def _once(check: AnswerCheck) -> AnswerCheck:
+    """`check` run at most once per answer: the cache asks before it stores the answer, and the stage checks it
+    when it comes back; the second asks for the first one's verdict, not for the whole history read again."""
+    verdicts: dict[str, str | None] = {}
+
+    def checked(message: Mapping[str, Any], record: Any = None) -> str | None:
+        key = json.dumps(message, sort_keys=True, default=str)
+        if key not in verdicts:
+            verdicts[key] = check(message, record)
+        return verdicts[key]
+
+    return checked
 
 
 def _is_link(text: str) -> bool:
