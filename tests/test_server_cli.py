@@ -101,6 +101,7 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
                            (["--state-dir", str(tmp_path / "s"), "--no-stages"], "no effect with --no-stages"),
                            (["--max-concurrency", "0"], "max_concurrency must be positive"),
+                           (["--max-queue", "-1"], "max_queue must be 0 or more"),
                            # the error named counter=, a Python argument a CLI user cannot pass
                            (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model"],
                             "pass --upstream-gguf FILE")):

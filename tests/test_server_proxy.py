@@ -504,3 +504,54 @@ def test_a_call_cancelled_while_its_thread_work_waits_for_a_worker_does_not_keep
         await asyncio.wait_for(trackers[0].idle(), 5)
 
     asyncio.run(main())
+
+
+def test_past_max_queue_a_call_gets_503_with_a_retry_after_and_the_queue_drains(llama_backend, tmp_path):
+    """Without a bound, a burst queued every call behind the model until each client timed out (and its
+    retry queued again). With --max-queue, the call past it is refused at once, with a wait the openai
+    client honours, and the calls already admitted are answered."""
+    import threading
+    import time
+
+    from ctxkit.stage import Stage
+
+    class HoldsTheSlot(Stage):
+        name = "holds_the_slot"
+        hooks_in_thread = True
+
+        def before_model(self, request):
+            time.sleep(1.5)
+            return request
+
+    ledger = tmp_path / "ledger.jsonl"
+    app = create_app(Pipeline(llama_backend, [HoldsTheSlot()], ledger=Ledger(ledger)), ApiKeys(KEYS),
+                     max_concurrency=1, max_queue=1)
+    body = {"messages": HELLO, "max_tokens": 2, "temperature": 0}
+    with serve_in_thread(app) as base_url:
+        admitted: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: admitted.append(_post(base_url, body))) for _ in range(2)]
+        for thread in threads:  # one in flight, one waiting
+            thread.start()
+            time.sleep(0.4)
+        refused = _post(base_url, body)
+        queued_then = httpx.get(f"{base_url}/metrics").text
+        for thread in threads:
+            thread.join()
+        answer = client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)
+        queued_after = httpx.get(f"{base_url}/metrics").text
+
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_overloaded", "queue_full")
+    assert "--max-queue 1" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert "ctxkit_queued_requests 1.0" in queued_then
+    assert [r.status_code for r in admitted] == [200, 200]
+    assert answer.choices[0].message.content is not None
+    assert "ctxkit_queued_requests 0.0" in queued_after
+    assert len(records(ledger)) == 3, "the refused call never reached the pipeline"
+
+
+def test_a_negative_max_queue_is_refused(llama_backend, tmp_path):
+    with pytest.raises(ConfigurationError, match="max_queue must be 0 or more"):
+        create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS), max_queue=-1)

@@ -58,6 +58,11 @@ CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
 
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+# Retry-After for a full queue: the calls ahead times the average slot hold, per slot. The average starts
+# at a guess and follows recent calls; the openai client waits what it is told only up to 60 s.
+SERVICE_SECONDS_START = 2.0
+SERVICE_SECONDS_WEIGHT = 0.2
+MAX_RETRY_AFTER_S = 60
 
 
 class HTTPError(Exception):
@@ -103,7 +108,7 @@ class _Proxy:
     """The request handlers, with the pipeline, keys and metrics they share."""
 
     def __init__(self, pipeline: Pipeline, keys: ApiKeys, metrics: ProxyMetrics, *, max_body_bytes: int,
-                 max_concurrency: int, metrics_token: str | None) -> None:
+                 max_concurrency: int, max_queue: int | None, metrics_token: str | None) -> None:
         self.pipeline = pipeline
         self.keys = keys
         self.metrics = metrics
@@ -112,6 +117,9 @@ class _Proxy:
         # Waiting requests queue here, in the event loop, rather than in worker threads: a local model
         # serves one generation at a time, and a thread blocked on its lock helps nobody.
         self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.waiting = 0
+        self.hold_seconds = SERVICE_SECONDS_START  # moving average of how long a call holds its slot
         self.started = int(time.time())
 
     # -- endpoints ----------------------------------------------------------------------------------
@@ -273,12 +281,31 @@ class _Proxy:
             payload["extra_body"] = extra
         return ChatRequest.from_openai_kwargs(payload, namespace=namespace, **ctx)
 
+    async def _take_slot(self, request: Request) -> None:
+        """Waits for a free slot; past `max_queue` waiting calls, answers 503 at once with a Retry-After
+        (the openai client honours it), rather than letting every caller time out behind an endless queue."""
+        if self.max_queue is not None and self.slots.locked() and self.waiting >= self.max_queue:
+            ahead = self.waiting + 1
+            wait = math.ceil(self.hold_seconds * ahead / self.max_concurrency)
+            raise HTTPError(503, "server_overloaded",
+                            f"the proxy is at capacity ({self.max_concurrency} calls in flight, {self.waiting} "
+                            f"waiting, --max-queue {self.max_queue}): retry later",
+                            code="queue_full", headers={"Retry-After": str(min(max(wait, 1), MAX_RETRY_AFTER_S))})
+        self.waiting += 1
+        self.metrics.queued.inc()
+        try:
+            await _unless_disconnected(request, self.slots.acquire())
+        finally:
+            self.waiting -= 1
+            self.metrics.queued.dec()
+
     async def _answer(self, chat: ChatRequest, include_usage: bool, t0: float, request: Request) -> Response:
         # A client that hangs up (its timeout, then the openai client's retry) must not leave its call
         # queued for the model: uvicorn does not cancel a handler whose client left, so watch for it.
-        await _unless_disconnected(request, self.slots.acquire())
+        await self._take_slot(request)
         self.metrics.in_flight.inc()
         released = False
+        held_since = time.perf_counter()
 
         def release() -> None:
             nonlocal released
@@ -286,6 +313,8 @@ class _Proxy:
                 released = True
                 self.slots.release()
                 self.metrics.in_flight.dec()
+                held = time.perf_counter() - held_since
+                self.hold_seconds += SERVICE_SECONDS_WEIGHT * (held - self.hold_seconds)
 
         stream: Any = None
         # The call's stage work runs in worker threads, which a client that hangs up does not stop: counted
@@ -428,6 +457,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrency: int | None = None,
+    max_queue: int | None = None,
     metrics: ProxyMetrics | None = None,
     metrics_token: str | None = None,
 ) -> Starlette:
@@ -436,6 +466,8 @@ def create_app(
     max_body_bytes:  larger request bodies get 413 before they are parsed.
     max_concurrency: calls in flight at once; others wait their turn. Default: 1 for an in-process
                      llama.cpp model (it generates one answer at a time anyway), 64 for a remote backend.
+    max_queue:       calls that may wait for a slot; one more gets 503 `queue_full` with a Retry-After, so a
+                     burst is shed (or sent to another replica) instead of timing out. Default: no limit.
     metrics_token:   the bearer token /metrics asks for; without one, /metrics answers loopback clients only.
     """
     from ..backends.llama_cpp import LlamaCppBackend
@@ -446,12 +478,14 @@ def create_app(
         max_concurrency = 1 if isinstance(pipeline.backend, LlamaCppBackend) else 64
     if max_concurrency < 1:
         raise ConfigurationError(f"max_concurrency must be positive, got {max_concurrency}")
+    if max_queue is not None and max_queue < 0:
+        raise ConfigurationError(f"max_queue must be 0 or more, got {max_queue}")
     metrics = metrics if metrics is not None else ProxyMetrics()
     # The same stages, backend and ledger; the ledger is teed into the metrics on the way.
     metered = Pipeline(pipeline.backend, pipeline.stages, ledger=MeteredLedger(pipeline.ledger, metrics),
                        prices=pipeline.prices)
     proxy = _Proxy(metered, keys, metrics, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency,
-                   metrics_token=metrics_token)
+                   max_queue=max_queue, metrics_token=metrics_token)
     async def routing_error(request: Request, exc: Exception) -> Response:
         # An unknown path (/v1/embeddings) or method answers in OpenAI's error shape too, not plain text.
         assert isinstance(exc, StarletteHTTPException)

@@ -48,6 +48,8 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
     serve.add_argument("--max-concurrency", type=int, default=None,
                        help="calls in flight at once (default: 1 for the local model, 64 upstream)")
+    serve.add_argument("--max-queue", type=int, default=None, metavar="N",
+                       help="calls that may wait for a slot; more get 503 with a Retry-After (default: no limit)")
     serve.add_argument("--metrics-token-env", default="CTXKIT_METRICS_TOKEN", metavar="VAR",
                        help="environment variable holding the bearer token /metrics asks for "
                             "(default CTXKIT_METRICS_TOKEN); unset: /metrics answers loopback clients only")
@@ -187,6 +189,7 @@ def run_cli(args: argparse.Namespace) -> None:
                                                       state_dir=args.state_dir)
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
     app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
+                     max_queue=args.max_queue,
                      metrics_token=os.environ.get(args.metrics_token_env) or None)
     print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
           f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",

@@ -25,10 +25,12 @@ class ProxyMetrics:
                                 ["endpoint", "status"], registry=r)
         self.errors = Counter("ctxkit_errors", "Failed requests by error type (authentication_error, "
                               "invalid_request_error, request_too_large, upstream_error, upstream_timeout, "
-                              "server_error)", ["type"], registry=r)
+                              "server_overloaded, server_error)", ["type"], registry=r)
         self.call_errors = Counter("ctxkit_call_errors", "Failed pipeline calls by exception class",
                                    ["error_type"], registry=r)
         self.in_flight = Gauge("ctxkit_in_flight_requests", "Chat requests being answered now", registry=r)
+        self.queued = Gauge("ctxkit_queued_requests", "Chat requests waiting for a slot (--max-concurrency)",
+                            registry=r)
         self.request_seconds = Histogram("ctxkit_request_seconds", "Chat request latency, to the last byte",
                                          ["stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.calls = Counter("ctxkit_calls", "Pipeline calls by namespace and status",
