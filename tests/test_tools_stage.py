@@ -201,6 +201,14 @@ def test_bad_configuration_is_rejected_at_construction():
     ("I can't use the function send_email here, it isn't in my tools.", True),
     ("I don't have the function parse_date's source, could you paste it?", False),
     ("I don't have the function parse_date from your code.", False),
+    # A tool named or described before the word "tool" is still missing; a property of functions is no tool.
+    ("I don't have a weather tool.", True),
+    ("I don't have the get_weather tool.", True),
+    ("Sorry, there is no currency conversion tool available.", True),
+    ("Python has no function overloading.", False),
+    ("There is no need for functions here.", False),
+    ("I can't use the same function twice.", False),
+    ("I don't have the tool descriptions.", False),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})

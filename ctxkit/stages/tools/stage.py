@@ -65,8 +65,16 @@ FIND_TOOLS_SCHEMA: Tool = {
 # "I don't have a tool for that", "there is no suitable function", "none of the provided tools can": the
 # model says the selection missed. Only articles and a few adjectives may come between the denial and the
 # word tool, so "No problem! I checked with the weather tool" and "no need to call any function" do not count.
+# Then up to two words naming the tool ("a weather tool", "the get_weather tool", "a currency conversion
+# function"), but not a word that points at a function of the user's code or makes the phrase something else
+# ("the same function", "no need for functions").
+_TOOL_NAMED = (r"(?:(?!(?:for|to|of|in|on|at|by|with|without|from|and|or|but|than|as|is|are|was|were|be|need|"
+               r"needs|more|other|same|this|that|these|those|your|my|our|its|their|his|her|previous|last|first|"
+               r"next|following|above|below|original|main|helper|recursive|built-in|builtin|anonymous|lambda|"
+               r"inner|outer|nested|async|pure|what|which|whose|how|why|where|when|who|sorry|no|not)\b)[A-Za-z][\w.-]*\s+){0,2}")
 _BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|available|specific|right|matching|" \
-               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}(?:tools?|functions?)\b"
+               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}" + _TOOL_NAMED + \
+               r"(?:tools?|functions?)\b"
 # After a bare "no" only: "no tool is needed" says none is missing, but "I don't have the tool required to
 # check the weather" still says the selection missed.
 _NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary|made|called|used))"
@@ -75,7 +83,12 @@ _NOT_CONDITIONAL = r"(?!\s+(?:[\w']+\s+){0,3}?(?:without|until|unless|before|bec
 # "no tool errors", "no tool output was returned", "I don't have the tool results yet": "tool" names the kind
 # of an output of tools that ran, not a missing tool.
 _NOT_COMPOUND = (r"(?!\s+(?:errors?|outputs?|results?|responses?|calls?|failures?|issues?|problems?|data|"
-                 r"messages?|logs?|runs?|executions?|invocations?|returns?|repl(?:y|ies)|warnings?)\b)")
+                 r"messages?|logs?|runs?|executions?|invocations?|returns?|repl(?:y|ies)|warnings?|"
+                 # "Python has no function overloading", "I don't have the tool descriptions": a property of
+                 # functions, not a function.
+                 r"overload(?:ing|s)?|signatures?|definitions?|declarations?|bod(?:y|ies)|names?|pointers?|"
+                 r"arguments?|args|parameters?|params|types?|scopes?|docs|docstrings?|documentation|"
+                 r"descriptions?|schemas?|decorators?|composition|hoisting|support|use|usage)\b)")
 # "None of the tools can do this" says the selection missed; "none of the tools returned an error" reports
 # on tools that ran: after "none of ... tools" only a verb of ability or fit (or the sentence's end) counts.
 _NONE_CAN = (r"(?=(?:\s+(?:here|available|provided|offered|listed|above|(?:that\s+)?(?:i|we)\s+(?:have|was\s+given|"
