@@ -1096,3 +1096,34 @@ def test_a_comma_before_a_closing_quote_is_no_json_member_break():
     compact = json.dumps({"order_id": "A-7781", "items": [{"sku": f"SKU-{i}", "qty": i} for i in range(12)]},
                          separators=(",", ":"))
     assert len(fact_keeper.extract({"role": "tool", "content": compact}, 0, "fp")) > 1  # compact JSON still splits
+
+
+def test_a_summarizer_call_that_timed_out_is_priced_not_hidden(llama_backend, trip, tmp_path):
+    """Each timed-out attempt may have been processed and billed: the last one too, not only the retried ones."""
+    import http.server
+    import time
+
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.ledger import Price, PriceTable
+    from tests.servers import _serving
+
+    class Slow(http.server.BaseHTTPRequestHandler):  # received, then too slow to answer: a real client timeout
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(1.5)
+
+    ledger = Ledger(tmp_path / "calls.jsonl")
+    with _serving(Slow) as base_url:
+        summarizer = OpenAIBackend(model="summarizer", base_url=base_url, api_key="test", counter=llama_backend.counter,
+                                   context_window=4096, max_retries=0, timeout=0.3)
+        stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="model", summarizer=summarizer)
+        Pipeline(llama_backend, stages=[stage, Sent()], ledger=ledger,
+                 prices=PriceTable({"summarizer": Price(1.0, 1.0, 1.0)})).call(
+            ChatRequest(messages=trip["messages"], conversation_id="slow", params={"max_tokens": 1}))
+    record = ledger.records[-1]
+    calls = [e for e in record.events if e["kind"] == "summarizer_call"]
+    assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] == 0
+    assert record.cost_usd == pytest.approx(calls[0]["prompt_tokens"] / 1e6)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..._aio import tracked_to_thread
 from ...backends.base import Backend
-from ...errors import ConfigurationError
+from ...errors import BackendTimeoutError, ConfigurationError
 from ...pipeline import record_event
 from ...request import ChatRequest
 from ...response import message_text
@@ -114,7 +114,16 @@ class ModelSummarizer:
         return turn
 
     def _call(self, previous: str, turns: Sequence[Mapping[str, str]]) -> str:
-        response = self.backend.complete(self._request(previous, turns))
+        request = self._request(previous, turns)
+        try:
+            response = self.backend.complete(request)
+        except BackendTimeoutError:
+            # The last attempt timed out: received, maybe processed and billed, as the pipeline counts its own
+            # call's last timed-out attempt (the retried ones are backend_retry events). Noted, not hidden.
+            record_event("summarization", "summarizer_call", model=request.model or self.backend.model,
+                         prompt_tokens=self.backend.counter.count_prompt(request.messages, request.tools),
+                         cached_tokens=0, completion_tokens=0, timed_out=True)
+            raise
         text = response.content or ""
         if response.finish_reason == "length":
             # Cut off by max_tokens: its last sentence is unfinished ("... on 14 March 2027 to Lisbon, on 2350",

@@ -203,6 +203,9 @@ class ToolRetrievalStage(Stage):
         # and the prompt tokens the backend reported for it: the prompt as later stages sent it (documents
         # rendered, duplicates collapsed), which is what a prefix cache held, not the messages this stage saw.
         self._prompt_for: LRUMemo[str, int] = LRUMemo(REMEMBERED_PROMPTS)
+        # The last prompt the backend reported per conversation: the most a changed tool block can un-cache when
+        # the previous call's messages reached this stage in another form (an earlier stage rewrote them since).
+        self._last_prompt: LRUMemo[tuple[str, str], int] = LRUMemo(REMEMBERED_PROMPTS)
         self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
@@ -357,6 +360,11 @@ class ToolRetrievalStage(Stage):
         before = selector.select(request.messages[:end], top_k=k, keep=named)
         if before.names != selection.names:
             tokens = self.counter.count_prompt(request.messages[:end], list(before.tools))
+            if request.conversation_id is not None:
+                # Counted here, before later stages shrank it (a summary, cleared results): never more than the
+                # conversation's previous call really sent.
+                last = self._last_prompt.get([(request.namespace, request.conversation_id)])
+                tokens = min(tokens, last.get((request.namespace, request.conversation_id), tokens))
             tokens = max(0, tokens - self._kept_head(request.messages[:end], list(before.tools), tools))
             record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=0,
                          tools_before=list(before.names))
@@ -376,6 +384,8 @@ class ToolRetrievalStage(Stage):
         if not isinstance(result, ChatResponse) or not result.usage.prompt_tokens:
             return
         self._prompt_for.put({plan.key: result.usage.prompt_tokens})
+        if plan.request.conversation_id is not None:
+            self._last_prompt.put({(plan.request.namespace, plan.request.conversation_id): result.usage.prompt_tokens})
 
     def _remember_sent(self, plan: _Plan) -> None:
         self._sent_for.put({plan.key: list(plan.request.tools)})
