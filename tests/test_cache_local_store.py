@@ -179,3 +179,52 @@ def test_a_put_the_disk_refuses_is_skipped_not_raised(tmp_path, caplog):
     assert store.get("before", time.time()) is not None and store.get("big4", time.time()) is None
     store._counts_flushed = 0.0
     store.get("before", time.time())  # a counter flush on the full disk does not fail a lookup either
+
+
+def test_a_long_answer_whose_value_file_a_crash_cut_short_is_a_miss_not_a_failed_call(tmp_path, caplog):
+    """diskcache keeps a value of 32 kB or more in a file of its own, written without fsync: a power cut can
+    leave it cut short while its row survives. get and search raised json's JSONDecodeError for it, on every
+    later call like it (a 500 from the server) until the cache was cleared by hand."""
+    store = LocalStore(tmp_path)
+    long = CacheEntry(**{**make_entry("long").__dict__, "response": {"choices": [{"message": {"content": "z" * 40_000}}]}})
+    store.put(long, unit("long"))
+    store.put(make_entry("short"), unit("short"))
+    store.close()
+    (value_file,) = tmp_path.glob("entries/**/*.val")
+    value_file.write_bytes(value_file.read_bytes()[:1000])
+    store = LocalStore(tmp_path)
+    assert [h.entry.key for h in store.search("scope-a", unit("long"), 1, time.time())] == ["short"]
+    assert store.get("long", time.time()) is None
+    assert "damaged entry" in caplog.text
+    assert store.get("short", time.time()) is not None
+    store.put(long, unit("long"))  # stored again, whole
+    assert store.get("long", time.time()) is not None
+
+
+def test_a_damaged_page_met_after_opening_is_the_typed_error_and_a_put_is_skipped(tmp_path, caplog):
+    """A page zeroed by a power cut passes the check at open; get raised sqlite3.DatabaseError, and put
+    raised it after the backend had answered."""
+    store = LocalStore(tmp_path)
+    fill(store, 3000)
+    store.close()
+    db = tmp_path / "entries" / "cache.db"
+    with open(db, "r+b") as handle:
+        handle.seek(db.stat().st_size // 4096 // 2 * 4096)
+        handle.write(b"\0" * 4096)
+    store = LocalStore(tmp_path)
+    with pytest.raises(ConfigurationError, match="is damaged"):
+        for i in range(3000):
+            store.get(f"k{i}", time.time())
+    for i in range(50):
+        store.put(make_entry(f"new{i}"), unit(f"new{i}"))  # no exception
+
+
+def test_put_many_with_fewer_vectors_than_entries_stores_nothing(tmp_path):
+    """zip() without strict: the entries past the last vector were stored with no vector, silently (the
+    PostgresStore raises RequestError for the same call)."""
+    from ctxkit.errors import RequestError
+
+    store = LocalStore(tmp_path)
+    with pytest.raises(RequestError, match="3 entries but 2 vectors"):
+        store.put_many([make_entry("a"), make_entry("b"), make_entry("c")], np.stack([unit("a"), unit("b")]))
+    assert store.get("c", time.time()) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from ctxkit import ChatRequest, Pipeline, read_ledger
+from ctxkit import ChatRequest, ConfigurationError, Pipeline, read_ledger
 from tests.test_core_pipeline import CONVERSATION, DropOldestTurn
 
 
@@ -422,3 +423,49 @@ def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
 
     with pytest.raises(ConfigurationError, match="is a directory, not a GGUF model file"):
         LlamaCppBackend(tmp_path)  # it said "GGUF model file not found" of a folder that is there
+
+
+def test_bench_tools_catalog_refuses_parameters_and_descriptions_of_the_wrong_type(tmp_path):
+    from ctxkit.bench.tools import load_catalog
+
+    catalog = tmp_path / "catalog.json"
+    for function, where in (({"name": "f", "parameters": '{"type": "object"}'}, "tools[0].function.parameters"),
+                            ({"name": "f", "parameters": [1]}, "tools[0].function.parameters"),
+                            ({"name": "f", "description": 5}, "tools[0].function.description")):
+        catalog.write_text(json.dumps([{"type": "function", "function": function}]))
+        with pytest.raises(ConfigurationError, match="catalog.json: " + re.escape(where)):
+            load_catalog(catalog)
+
+
+def test_bench_tools_refuses_gold_names_the_catalog_lacks(tmp_path):
+    from ctxkit.bench.tools import load_queries
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "gold": ["f"]}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "hi"}], "gold": ["nope"]}) + "\n")
+    catalog = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(ConfigurationError, match=r"queries.jsonl:2: gold: \['nope'\] not among"):
+        load_queries(queries, catalog)
+    assert len(load_queries(queries)) == 2  # without a catalog, as before
+
+
+def test_bench_prune_documents_file_names_the_line_of_a_repeated_id(tmp_path):
+    from ctxkit.bench.prune import load_documents
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps(d) for d in [{"id": "d1", "text": "a"}, {"id": 2, "text": "b"},
+                                                       {"id": "2", "text": "c"}]) + "\n")
+    with pytest.raises(ConfigurationError, match=r"docs.jsonl:3: document id '2' is already used at line 2"):
+        load_documents(docs)
+
+
+def test_bench_memory_refuses_answers_the_history_never_holds(tmp_path):
+    from ctxkit.bench.memory import load_conversations
+
+    data = tmp_path / "conversations.jsonl"
+    messages = [{"role": "user", "content": "My locker code is 1007."}, {"role": "assistant", "content": "Noted."},
+                {"role": "user", "content": "What is my locker code?"}]
+    data.write_text(json.dumps({"messages": messages, "answers": ["1007"]}) + "\n"
+                    + json.dumps({"messages": messages, "answers": ["1,007"]}) + "\n")
+    with pytest.raises(ConfigurationError, match=r"conversations.jsonl:2: answers: none of \['1,007'\]"):
+        load_conversations(data)

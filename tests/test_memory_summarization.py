@@ -1127,3 +1127,15 @@ def test_a_summarizer_call_that_timed_out_is_priced_not_hidden(llama_backend, tr
     calls = [e for e in record.events if e["kind"] == "summarizer_call"]
     assert calls and calls[0]["prompt_tokens"] > 0 and calls[0]["completion_tokens"] == 0
     assert record.cost_usd == pytest.approx(calls[0]["prompt_tokens"] / 1e6)
+
+
+def test_a_summary_file_of_the_wrong_shape_starts_over_too(tmp_path):
+    """A file whose `texts` is not an object (another version, a hand edit) raised AttributeError from get():
+    every call of that conversation failed, where a truncated file starts it over."""
+    from ctxkit.stages.summarize.state import ConversationState, SummaryStore
+
+    store = SummaryStore(tmp_path)
+    key = ("ns", "c1")
+    store._path(key).write_text(json.dumps({**ConversationState(folded=1).to_json(), "texts": []}))
+    assert store.get(key) is None
+    assert store._path(key).with_suffix(".damaged").exists()

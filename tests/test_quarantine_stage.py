@@ -763,3 +763,22 @@ def test_an_answer_is_checked_once_though_the_cache_and_the_stage_both_ask(monke
     answer = {"role": "assistant", "content": "It is 30°C in Oslo right now."}
     assert check(answer) == check(answer) is not None
     assert len(calls) == 1 and [r.kind for r in stage.list()] == ["contradiction"]
+
+
+def test_a_page_damaged_after_opening_is_the_typed_error_too(tmp_path):
+    """A page zeroed by a power cut passes the check at open: snapshot and add_record raised sqlite3's
+    DatabaseError from every call of the stage."""
+    from ctxkit.stages.quarantine_registry import QuarantineRecord, QuarantineRegistry
+
+    registry = QuarantineRegistry(100_000, tmp_path)
+    for i in range(3000):
+        registry.add_record(QuarantineRecord(f"fp{i}", "ns", "k", "r", "e" * 200, "tool", "t", "x" * 200, None, 0.0))
+    registry._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    registry._db.close()
+    db = tmp_path / "quarantine.sqlite3"
+    with open(db, "r+b") as handle:
+        handle.seek(db.stat().st_size // 4096 // 2 * 4096)
+        handle.write(b"\0" * 4096)
+    registry = QuarantineRegistry(100_000, tmp_path)
+    with pytest.raises(ConfigurationError, match=f"{tmp_path}.*is damaged"):
+        registry.snapshot("ns")

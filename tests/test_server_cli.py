@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ctxkit import read_ledger
 from tests.servers import free_port, wait_until_up
@@ -215,3 +216,12 @@ def test_sigterm_with_a_non_streamed_call_in_flight_ledgers_it(tmp_path):
                              "--graceful-timeout", "3", "--cache", str(tmp_path / "cache"),
                              "--state-dir", str(tmp_path / "state"))  # the default stages; the model is generating
     assert record.status == "error" and record.error_type == "CancelledError"
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_serve_graceful_timeout_must_be_finite_and_not_negative(value, capsys):
+    from ctxkit.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--graceful-timeout", value])
+    assert "--graceful-timeout: must be a finite number of seconds" in capsys.readouterr().err

@@ -5,6 +5,7 @@ run in async calls as in sync ones, and a ledger given as a path is refused up f
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -177,3 +178,34 @@ def test_a_stage_editing_a_tool_description_in_place_changes_neither_the_apps_to
         assert record.tokens_naive == llama_backend.counter.count_prompt(MESSAGES, original)
         assert record.saved_by_stage["shorten_in_place"] == record.tokens_naive - record.tokens_sent > 0
     assert tools == original, "the app's tool schemas were edited by a stage"
+
+
+@pytest.mark.parametrize("stage, settings, message", [
+    ("ToolResultClearingStage", {"exclude_tools": "search"}, "exclude_tools must be a list of tool names"),
+    ("ToolResultClearingStage", {"keep_last": math.nan}, "keep_last must be a whole number"),
+    ("ToolResultClearingStage", {"clear_at_least": "64"}, "clear_at_least must be a whole number"),
+    ("DocumentPruningStage", {"budget_tokens": math.nan}, "budget_tokens must be a whole number"),
+    ("DocumentPruningStage", {"budget_tokens": "500"}, "budget_tokens must be a whole number"),
+    ("DocumentPruningStage", {"budget_fraction": math.nan}, "budget_fraction must be a number in"),
+    ("DedupStage", {"threshold": "0.6"}, "threshold must be a number in"),
+    ("ToolRetrievalStage", {"top_k": math.nan}, "top_k must be a whole number"),
+    ("ToolRetrievalStage", {"top_k": 2.5}, "top_k must be a whole number"),
+    ("ToolRetrievalStage", {"pinned": None}, "pinned must be a list of tool names"),
+    ("ToolRetrievalStage", {"pinned": "search_docs"}, "pinned must be a list of tool names"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_when_the_stage_is_built(stage, settings, message):
+    """NaN passes every `<` check (DocumentPruningStage then pruned nothing) and a bare string is an iterable of
+    one-letter names (exclude_tools="search" cleared the results it was told to keep): refused, named."""
+    from ctxkit.stages.pruning import DedupStage, DocumentPruningStage, ToolResultClearingStage
+    from ctxkit.stages.tools import ToolRetrievalStage
+
+    stages = {cls.__name__: cls for cls in (DedupStage, DocumentPruningStage, ToolResultClearingStage, ToolRetrievalStage)}
+    with pytest.raises(ConfigurationError, match=message):
+        stages[stage](**settings)
+
+
+def test_cache_pure_tools_refuses_a_bare_string(tmp_path):
+    from ctxkit.stages.cache import LocalStore, SemanticCacheStage
+
+    with LocalStore(tmp_path) as store, pytest.raises(ConfigurationError, match="pure_tools must be a list"):
+        SemanticCacheStage(store, object(), pure_tools="get_time")

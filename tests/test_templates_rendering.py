@@ -517,3 +517,8 @@ def test_documents_go_with_a_question_sent_as_content_parts(llama_backend):
     assert question["content"][0]["text"].endswith("When do you open?")
     assert prompts[1][:len(prompts[0])] == prompts[0]  # the previous prompt is still the prefix
     assert [m["role"] for m in prompts[1]] == ["system", "user", "assistant", "tool", "assistant", "tool"]
+
+
+def test_template_version_must_be_a_string():
+    with pytest.raises(TemplateError, match="template version must look like"):
+        PromptTemplate("support", 2)

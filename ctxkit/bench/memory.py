@@ -50,6 +50,12 @@ def load_conversations(path: Path, limit: int | None = None) -> list[dict[str, A
         # As the pipeline does before anything counts or renders the prompt: recorded agent traffic replays
         # tool calls whose arguments a model broke ('{"city": "Oslo"'), which the chat template cannot parse.
         row["messages"] = list(replace_malformed_arguments(ChatRequest(messages=row["messages"]))[0].messages)
+        # Scored as `retained` scores it, on the whole history: an answer the history never held (a typo, "1,007"
+        # for "1007") could only ever be counted as a miss, for ctxkit and the baseline alike.
+        history = "\n".join(message_text(dict(m)) for m in row["messages"][:-1]).lower()
+        if not any(str(answer).lower() in history for answer in row["answers"]):
+            raise ConfigurationError(f"{path}:{number}: answers: none of {row['answers'][:5]} appears in the "
+                                     "conversation before its final message (retention would count it as a miss)")
         row.setdefault("id", f"line-{number}")
         rows.append(row)
     return require_records(rows, path)

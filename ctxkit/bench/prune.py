@@ -91,7 +91,15 @@ def _check_gold(gold: list[str], documents: list[dict[str, Any]], where: str, co
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
     """A shared corpus file: one `{"id", "text"}` document a line."""
-    documents = [check_documents([row], f"{path}:{number}", "document")[0] for number, row in read_jsonl(path)]
+    documents = []
+    first: dict[str, int] = {}  # id (as text: 17 and "17" are one id) -> the line that gave it first
+    for number, row in read_jsonl(path):
+        documents.append(check_documents([row], f"{path}:{number}", "document")[0])
+        key = str(row["id"])
+        if key in first:
+            # else the pruning stage refused the corpus mid-run, naming metadata["documents"][k], no file or line
+            raise ConfigurationError(f"{path}:{number}: document id {row['id']!r} is already used at line {first[key]}")
+        first[key] = number
     return require_records(documents, path)
 
 

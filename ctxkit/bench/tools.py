@@ -59,6 +59,16 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigurationError(f"{path}: tools[{i}].function.name: duplicate tool name {name!r} "
                                      f"(first at tools[{first[name]}])")
         first[name] = i
+        # Counted and indexed before anything else reads them: a description that is no string or parameters that
+        # are no object (a schema pasted as a JSON string) failed as an AttributeError deep in the token count,
+        # after the embedder and the index were loaded. Other schema faults are reported as tools_refused_by_stage.
+        function = tool["function"]
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise ConfigurationError(f"{path}: tools[{i}].function.description: must be a string, "
+                                     f"got {type(function['description']).__name__}")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ConfigurationError(f"{path}: tools[{i}].function.parameters: must be a JSON Schema object, "
+                                     f"got {type(function['parameters']).__name__}")
     return catalog
 
 
@@ -78,11 +88,18 @@ def refused_tools(catalog: list[dict[str, Any]]) -> list[str]:
     return refused
 
 
-def load_queries(path: str | Path) -> list[dict[str, Any]]:
+def load_queries(path: str | Path, catalog: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The queries file; with `catalog`, a gold name the catalog lacks is refused, naming the line: the query
+    could only ever be scored as a miss (as `bench prune` refuses gold ids that name no document)."""
+    names = {t["function"]["name"] for t in catalog} if catalog is not None else None
     queries = []
     for number, record in read_jsonl(path):
         check_messages(record.get("messages"), f"{path}:{number}")
         check_strings(record.get("gold"), f"{path}:{number}: gold (tool names)")
+        missing = [g for g in record["gold"] if names is not None and g not in names]
+        if missing:
+            raise ConfigurationError(f"{path}:{number}: gold: {missing[:5]} not among the catalog's tool names "
+                                     "(recall would count the query as a miss)")
         queries.append(record)
     return require_records(queries, path)
 
@@ -218,7 +235,8 @@ def run_cli(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    results = run(load_catalog(args.catalog), load_queries(args.queries), top_k=args.top_k,
+    catalog = load_catalog(args.catalog)
+    results = run(catalog, load_queries(args.queries, catalog), top_k=args.top_k,
                   embedder=embedder_from_args(args), index_dir=args.index_dir,
                   compact=args.compact, limit=args.limit)
     if len(results) == 1:

@@ -38,6 +38,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """--graceful-timeout: a finite number of seconds, 0 or more. NaN and -1 (which some tools read as "no limit")
+    were taken and cancelled every call in flight the moment SIGTERM came."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text}")
+    return value
+
+
 def add_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="an OpenAI-compatible proxy: /v1/chat/completions through ctxkit")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -53,7 +67,7 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--metrics-token-env", default="CTXKIT_METRICS_TOKEN", metavar="VAR",
                        help="environment variable holding the bearer token /metrics asks for "
                             "(default CTXKIT_METRICS_TOKEN); unset: /metrics answers loopback clients only")
-    serve.add_argument("--graceful-timeout", type=float, default=20.0, metavar="SECONDS",
+    serve.add_argument("--graceful-timeout", type=_seconds, default=20.0, metavar="SECONDS",
                        help="on SIGTERM, how long calls in flight may finish before they are cancelled (and "
                             "ledgered as such); keep it under the orchestrator's kill grace (default 20)")
     serve.add_argument("--no-stages", action="store_true", help="serve with no stages (a metering pass-through)")

@@ -19,17 +19,18 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..sqlite_damage import damage_reported, is_damage
 
 FILE_NAME = "quarantine.sqlite3"
 # Changes kept per namespace for other processes to catch up with; one further behind reloads all.
 CHANGE_LOG = 1000
 RECORD, RELEASED, ISSUED = "record", "released", "issued"
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # SQLite's primary result codes for a damaged file, a file of another kind
+_REMEDY = "move the directory aside to start with an empty registry"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -92,6 +93,7 @@ class QuarantineRegistry:
         self.max_records = max_records
         self._lock = threading.Lock()
         self._spaces: dict[str, Namespace] = {}
+        self._where = str(directory) if directory is not None else "memory"
         if directory is None:
             self._db = self._open(":memory:", "memory")
             return
@@ -101,12 +103,12 @@ class QuarantineRegistry:
 
     def snapshot(self, namespace: str) -> Namespace:
         """A copy of the namespace's state, as the database has it now."""
-        with self._lock:
+        with self._lock, self._damage_is_typed():
             space = self._current(namespace)
             return Namespace(dict(space.records), dict(space.released), dict(space.issued), space.generation)
 
     def namespaces(self) -> list[str]:
-        with self._lock:
+        with self._lock, self._damage_is_typed():
             return [_from_db(row[0]) for row in self._db.execute("SELECT namespace FROM namespaces ORDER BY namespace")]
 
     def add_record(self, record: QuarantineRecord) -> QuarantineRecord | None:
@@ -131,7 +133,7 @@ class QuarantineRegistry:
         return True
 
     def add_issued(self, namespace: str, placeholder: str) -> None:
-        with self._lock:  # most calls re-send placeholders issued before: no write, no lock on the file
+        with self._lock, self._damage_is_typed():  # most calls re-send placeholders issued before: no write
             if placeholder in self._current(namespace).issued:
                 return
         with self._write(namespace) as writer:
@@ -148,13 +150,12 @@ class QuarantineRegistry:
                 db.execute("PRAGMA synchronous=FULL")  # a commit survives a crash of the machine too
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            if (getattr(exc, "sqlite_errorcode", None) or _SQLITE_CORRUPT) & 0xFF not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-                # not damage: a directory this process cannot write (read-only, another owner), a full disk;
-                # moving it aside would throw away every record and release in it
-                raise ConfigurationError(f"cannot open the quarantine registry in {where} ({exc}); check that "
-                                         "this process can write to the directory") from exc
-            raise ConfigurationError(f"the quarantine registry in {where} is damaged ({exc}); move the "
-                                     "directory aside to start with an empty registry") from exc
+            if is_damage(exc):
+                raise ConfigurationError(f"the quarantine registry in {where} is damaged ({exc}); {_REMEDY}") from exc
+            # not damage: a directory this process cannot write (read-only, another owner), a full disk;
+            # moving it aside would throw away every record and release in it
+            raise ConfigurationError(f"cannot open the quarantine registry in {where} ({exc}); check that "
+                                     "this process can write to the directory") from exc
         return db
 
     def _current(self, namespace: str) -> Namespace:
@@ -195,9 +196,13 @@ class QuarantineRegistry:
             self._db.execute("ROLLBACK")
             raise
 
+    def _damage_is_typed(self) -> AbstractContextManager[None]:
+        """A damaged page met after the registry opened (a power cut): the error opening it gives, not sqlite3's."""
+        return damage_reported(f"the quarantine registry in {self._where}", _REMEDY)
+
     @contextmanager
     def _write(self, namespace: str) -> Iterator[_Writer]:
-        with self._lock:
+        with self._lock, self._damage_is_typed():
             with self._transaction():
                 writer = _Writer(self._db, namespace, self.max_records)
                 yield writer

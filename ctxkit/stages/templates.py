@@ -147,9 +147,9 @@ class PromptTemplate:
         memory_role: str = "system",
         budgets: Mapping[str, int] | None = None,
     ) -> None:
-        if not name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
             raise TemplateError(f"template name must be letters, digits, '.', '_' or '-': {name!r}")
-        if not version or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", version):
+        if not isinstance(version, str) or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", version):  # 2 was a TypeError
             raise TemplateError(f"template version must look like '3' or '1.2': {version!r}", name)
         budgets = dict(budgets or {})
         unknown = sorted(set(budgets) - set(SECTIONS))

@@ -49,12 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, RequestError
+from ...sqlite_damage import damage_reported, is_damage
 from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # SQLite's primary result codes for a damaged file, a file of another kind
+_REMEDY = "move it aside or clear it to start with an empty cache"
 
 # Lock files, made as needed in 256 folders. Two unrelated keys that share one wait for each other's whole
 # backend call: with 1,024 files, 50 misses in flight shared one 70% of the time; with 65,536, 2%.
@@ -127,12 +128,11 @@ class LocalStore:
             self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
             self._entries.create_tag_index()
         except sqlite3.DatabaseError as exc:
-            if (getattr(exc, "sqlite_errorcode", None) or _SQLITE_CORRUPT) & 0xFF not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-                # not damage: a full disk, a read-only volume, another owner; clearing would lose a good cache
-                raise ConfigurationError(f"cannot open the cache in {self.directory} ({exc}); check that the "
-                                         "disk has room and this process can write to the directory") from exc
-            raise ConfigurationError(f"the cache in {self.directory} is damaged ({exc}); move it aside or "
-                                     "clear it to start with an empty cache") from exc
+            if is_damage(exc):
+                raise ConfigurationError(f"the cache in {self.directory} is damaged ({exc}); {_REMEDY}") from exc
+            # not damage: a full disk, a read-only volume, another owner; clearing would lose a good cache
+            raise ConfigurationError(f"cannot open the cache in {self.directory} ({exc}); check that the "
+                                     "disk has room and this process can write to the directory") from exc
         self._check_dimension()
         self._lock = threading.RLock()  # guards the in-memory indexes
         self._flight_guard = threading.Lock()
@@ -152,8 +152,9 @@ class LocalStore:
 
     # -- the protocol -------------------------------------------------------------------------------
     def get(self, key: str, now: float) -> CacheEntry | None:
-        record = self._entries.get(key)
-        entry = _entry_from(record) if record is not None else None
+        with self._damage_is_typed():
+            record = self._entries.get(key)
+        entry = self._entry(key, record) if record is not None else None
         if entry is not None and entry.expires_at is not None and now > entry.expires_at:
             entry = None
         self._count("hits" if entry else "misses")
@@ -165,7 +166,7 @@ class LocalStore:
         vec = _as_vector(vector, self.dimension)
         try:
             self._put(entry, vec)
-        except (sqlite3.OperationalError, OSError) as exc:
+        except (sqlite3.DatabaseError, OSError) as exc:  # DatabaseError: full, read-only, or damaged
             logger.warning("the cache in %s cannot store an answer: %s", self.directory, exc)
 
     def _put(self, entry: CacheEntry, vec: np.ndarray) -> None:
@@ -184,6 +185,8 @@ class LocalStore:
 
     def put_many(self, entries: list[CacheEntry], vectors: np.ndarray) -> None:
         """Bulk `put` (warming a cache, benchmarks): one transaction per store instead of one per entry."""
+        if len(entries) != len(vectors):  # as PostgresStore: never entries stored without their vectors
+            raise RequestError(f"{len(entries)} entries but {len(vectors)} vectors", "vectors")
         vecs = [_as_vector(v, self.dimension) for v in vectors]
         with self._entries.transact():
             for entry in entries:
@@ -200,7 +203,7 @@ class LocalStore:
 
     def search(self, scope: str, vector: np.ndarray, k: int, now: float) -> list[Hit]:
         vec = _as_vector(vector, self.dimension)
-        with self._lock:
+        with self._lock, self._damage_is_typed():
             self._sync()
             scoped = self._indexes.get(scope)
             if scoped is None or scoped.index.ntotal == 0:
@@ -215,11 +218,12 @@ class LocalStore:
             if key is None or key in seen:
                 continue
             seen.add(key)
-            record = self._entries.get(key)
-            if record is None:
+            with self._damage_is_typed():
+                record = self._entries.get(key)
+            entry = self._entry(key, record) if record is not None else None
+            if entry is None:
                 stale += 1
                 continue
-            entry = _entry_from(record)
             if entry.scope != scope or (entry.expires_at is not None and now > entry.expires_at):
                 continue
             hits.append(Hit(entry=entry, similarity=score))
@@ -327,6 +331,22 @@ class LocalStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _entry(self, key: str, record: str) -> CacheEntry | None:
+        """The stored entry; None, dropping it, when its record is damaged (diskcache keeps a long answer in a
+        file of its own, written without fsync: a crash can leave it cut short while its row survives). A
+        cache miss then, not a failed call for every later request like it."""
+        try:
+            return _entry_from(record)
+        except (ValueError, TypeError) as exc:
+            logger.warning("the cache in %s holds a damaged entry %s (%s); dropped", self.directory, key[:16], exc)
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._entries.delete(key)
+            return None
+
+    def _damage_is_typed(self) -> contextlib.AbstractContextManager[None]:
+        """A damaged page found after the store opened (a power cut): the error open gives, not sqlite3's."""
+        return damage_reported(f"the cache in {self.directory}", _REMEDY)
 
     def _check_dimension(self) -> None:
         """The directory keeps the dimension of its vectors: opening it with another one (a new embedding

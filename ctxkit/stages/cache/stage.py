@@ -38,6 +38,7 @@ from ...pipeline import EventRecorder, event_recorder, naive_after, record_event
 from ...quarantine_marks import AnswerCheck, answer_quarantined, current_answer_check, has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
+from ...settings import name_list
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .guards import Thresholds, judge, judge_facts
 from .keys import RequestKey, code_lines, request_key
@@ -121,7 +122,7 @@ class SemanticCacheStage(Stage):
         self.ttl = ttl
         self.namespace_ttl = dict(namespace_ttl or {})
         self.cache_sampled = cache_sampled
-        self.pure_tools = frozenset(pure_tools)
+        self.pure_tools = frozenset(name_list(pure_tools, "pure_tools"))
         self.default_model = default_model
         self.candidates = candidates
         self.clock = clock

@@ -37,6 +37,7 @@ from ...quarantine_marks import carry
 from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...sentences import split_sentences
+from ...settings import fraction
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
@@ -110,9 +111,7 @@ class DedupStage(Stage):
         messages: bool = True,
         counter: TokenCounter | None = None,
     ) -> None:
-        if not 0 < threshold <= 1:
-            raise ConfigurationError(f"threshold must be in (0, 1], got {threshold}")
-        self.threshold = threshold
+        self.threshold = fraction(threshold, "threshold")
         self.min_tokens = min_tokens
         self.dedup_documents = documents
         self.dedup_messages = messages

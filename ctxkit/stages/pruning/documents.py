@@ -48,6 +48,7 @@ from ...quarantine_marks import carry, mark
 from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...sentences import split_sentences
+from ...settings import fraction, whole_number
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
@@ -429,10 +430,10 @@ class DocumentPruningStage(Stage):
     ) -> None:
         if budget_tokens is None and budget_fraction is None:
             raise ConfigurationError("give budget_tokens, budget_fraction or both")
-        if budget_tokens is not None and budget_tokens < 1:
-            raise ConfigurationError(f"budget_tokens must be >= 1, got {budget_tokens}")
-        if budget_fraction is not None and not 0 < budget_fraction <= 1:
-            raise ConfigurationError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+        if budget_tokens is not None:
+            whole_number(budget_tokens, "budget_tokens", minimum=1)
+        if budget_fraction is not None:
+            fraction(budget_fraction, "budget_fraction")
         self.budget_tokens = budget_tokens
         self.budget_fraction = budget_fraction
         self.long_message_tokens = long_message_tokens

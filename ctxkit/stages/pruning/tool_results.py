@@ -21,11 +21,11 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ...errors import ConfigurationError
 from ...quarantine_marks import PLACEHOLDER_PREFIX as QUARANTINE_PLACEHOLDER_PREFIX
 from ...quarantine_marks import carry
 from ...request import ChatRequest, call_answered
 from ...response import message_text
+from ...settings import name_list, whole_number
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
@@ -62,13 +62,9 @@ class ToolResultClearingStage(Stage):
         exclude_tools: Iterable[str] = (),
         counter: TokenCounter | None = None,
     ) -> None:
-        if keep_last < 0:
-            raise ConfigurationError(f"keep_last must be >= 0, got {keep_last}")
-        if clear_at_least < 0:
-            raise ConfigurationError(f"clear_at_least must be >= 0, got {clear_at_least}")
-        self.keep_last = keep_last
-        self.clear_at_least = clear_at_least
-        self.exclude_tools = frozenset(exclude_tools)
+        self.keep_last = whole_number(keep_last, "keep_last")
+        self.clear_at_least = whole_number(clear_at_least, "clear_at_least")
+        self.exclude_tools = frozenset(name_list(exclude_tools, "exclude_tools"))
         self.counter = counter if counter is not None else default_counter()
 
     def before_model(self, request: ChatRequest) -> ChatRequest:

@@ -106,7 +106,7 @@ class SummaryStore:
                 if path.is_file():
                     try:
                         state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
-                    except (OSError, ValueError, KeyError, TypeError) as exc:
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                         # A damaged file (truncated by a full disk or a crash, edited by hand): the state is only
                         # what this stage derived from the history the app resends, so the conversation starts
                         # over instead of failing every one of its calls. The file is kept aside to look at.

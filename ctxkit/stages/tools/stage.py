@@ -38,6 +38,7 @@ from ...pipeline import EventRecorder, event_recorder, record_event
 from ...redaction import redact
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
+from ...settings import name_list, whole_number
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, shared_prefix
@@ -164,12 +165,10 @@ class ToolRetrievalStage(Stage):
         index_dir:   where indexes persist across processes; None keeps them in memory.
         max_indexes: distinct request-tool pools kept indexed (each built once per process).
         counter:     the backend's TokenCounter, for the prefix tokens a changed selection un-caches."""
-        if top_k < 1:
-            raise ConfigurationError(f"top_k must be at least 1, got {top_k}")
+        whole_number(top_k, "top_k", minimum=1)
         if recovery not in RECOVERY_MODES:
             raise ConfigurationError(f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {recovery!r}")
-        if isinstance(pinned, str):  # tuple("search_docs") pinned eleven one-letter names that match nothing
-            raise ConfigurationError(f"pinned must be a list of tool names, got the string {pinned!r}")
+        pinned = name_list(pinned, "pinned")
         if catalog is not None:
             from ...validation import validate_request
 
