@@ -144,7 +144,8 @@ class _CallTrace:
             tokens_out=out, out_saved=final_out if answered else 0,
             saved_by_stage=saved, tokens_cached=cached,
             tokens_reported=reported, count_delta=None if reported is None else reported - self.last_sent,
-            usage_reported=bool(last.reported if last is not None else response and response.usage.reported),
+            # A stage's answer (a cache hit) reached no backend: nothing reported usage for this call.
+            usage_reported=bool(last is not None and last.reported),
             answered_by=self.answered_by,
             latency_ms={"stages": stage_ms, "backend": round(self.backend_ms, 3),
                         "counting": round(self.count_ms, 3), "total": round(total_ms, 3),
@@ -547,6 +548,8 @@ def _error_text(error: BaseException) -> str:
         # A caller that went away (a proxy's client hanging up mid-stream): anyio's text is a task's repr
         # with memory addresses and the server's file paths, which tells the ledger's reader nothing.
         return "cancelled: the caller went away before the answer ended"
+    if isinstance(error, GeneratorExit) and not str(error):  # Python's own, on a generator closed early
+        return "the stream was closed before its end"
     return _redact(str(error))
 
 

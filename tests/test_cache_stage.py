@@ -272,6 +272,7 @@ def test_hit_saves_every_token_in_the_ledger(llama_backend, store, embedder, led
     record = ledger.records[-1]
     assert record.answered_by == "semantic_cache"
     assert record.tokens_sent == 0 and record.latency_ms["backend_calls"] == 0
+    assert not record.usage_reported, "no backend answered this call, so none reported its usage"
     assert record.saved_by_stage["semantic_cache"] == record.tokens_naive > 0
     assert record.out_saved == first.usage.completion_tokens > 0 and record.tokens_out == 0
     assert any(e["kind"] == "hit" and e["layer"] == "semantic" for e in record.events)

@@ -139,6 +139,7 @@ def test_abandoned_stream_is_recorded_as_an_error_not_a_success(llama_backend, l
     next(iterator)
     iterator.close()
     assert ledger.records[-1].status == "error"
+    assert ledger.records[-1].error == "the stream was closed before its end", "the ledger's reader gets a reason"
     assert stream.response is None
 
 
