@@ -325,7 +325,8 @@ def _validate_params(params: Any) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise RequestError(f"must be a number, got {value!r}", key)
     temperature = params.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature <= 2):
         raise RequestError(f"must be a number from 0 to 2, got {temperature!r}", "temperature")
     for key in ("max_tokens", "max_completion_tokens"):
         value = params.get(key)

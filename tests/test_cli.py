@@ -425,6 +425,14 @@ def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
         LlamaCppBackend(tmp_path)  # it said "GGUF model file not found" of a folder that is there
 
 
+@pytest.mark.parametrize("n_threads", [0, -2, 1.5, True])
+def test_a_thread_count_llama_cpp_cannot_use_is_refused_before_loading(n_threads):
+    from ctxkit import ConfigurationError, LlamaCppBackend
+
+    with pytest.raises(ConfigurationError, match="n_threads must be a whole number >= 1"):
+        LlamaCppBackend(n_threads=n_threads)
+
+
 def test_bench_tools_catalog_refuses_parameters_and_descriptions_of_the_wrong_type(tmp_path):
     from ctxkit.bench.tools import load_catalog
 

@@ -104,6 +104,8 @@ def test_bad_sampling_parameter_names_the_field(counting, ledger):
     pipeline = Pipeline(counting, ledger=ledger)
     with pytest.raises(RequestError, match="temperature"):
         pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"temperature": 7}))
+    with pytest.raises(RequestError, match="temperature"):  # True is an int in Python, not a temperature
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"temperature": True}))
     with pytest.raises(RequestError, match="max_tokens"):
         pipeline.call(ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 0}))
     assert counting.calls == 0

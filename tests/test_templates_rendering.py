@@ -519,6 +519,11 @@ def test_documents_go_with_a_question_sent_as_content_parts(llama_backend):
     assert [m["role"] for m in prompts[1]] == ["system", "user", "assistant", "tool", "assistant", "tool"]
 
 
+def test_a_section_budget_must_be_a_whole_number_of_tokens():
+    with pytest.raises(TemplateError, match="budget of 'documents' must be a positive int"):
+        PromptTemplate("support", "1", budgets={"documents": True})
+
+
 def test_template_version_must_be_a_string():
     with pytest.raises(TemplateError, match="template version must look like"):
         PromptTemplate("support", 2)

@@ -103,6 +103,8 @@ class LlamaCppBackend:
         self.model_path = path
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
             raise ConfigurationError(f"n_ctx must be a whole number >= 0 (0: the model's own), got {n_ctx!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+            raise ConfigurationError(f"n_threads must be a whole number >= 1 (None: llama.cpp's default), got {n_threads!r}")
         if n_threads is not None:
             # llama-cpp-python reads the prompt with every core unless told otherwise: n_threads=1 on a shared
             # 2-core machine still took both for each prompt (a 25-token prompt: 5-11 s under load, 0.2 s alone).

@@ -156,7 +156,7 @@ class PromptTemplate:
         if unknown:
             raise TemplateError(f"unknown section(s) in budgets: {unknown}; sections are {list(SECTIONS)}", name)
         for section, budget in budgets.items():
-            if not isinstance(budget, int) or budget <= 0:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
                 raise TemplateError(f"budget of {section!r} must be a positive int, got {budget!r}", name)
         if memory_role not in ("system", "user"):
             raise TemplateError(f"memory_role must be 'system' or 'user', got {memory_role!r}", name)
