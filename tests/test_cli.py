@@ -56,6 +56,13 @@ def test_report_on_a_missing_file_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "cannot read ledger" in out.stderr
 
 
+def test_report_on_an_empty_ledger_says_it_holds_no_calls(tmp_path):
+    empty = tmp_path / "calls.jsonl"
+    empty.write_text("")
+    out = ctxkit("report", str(empty))
+    assert out.returncode == 0 and f"{empty} holds no calls" in out.stderr
+
+
 def test_report_plot_paths_and_mistyped_records(ledger_with_calls, tmp_path):
     nested = tmp_path / "new" / "dir" / "report.png"
     assert ctxkit("report", str(ledger_with_calls), "--plot", str(nested)).returncode == 0 and nested.exists()

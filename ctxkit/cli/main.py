@@ -84,6 +84,8 @@ def _report(args: argparse.Namespace) -> None:
     if skipped:  # the totals leave these lines out: say so, never a quietly smaller total
         print(f"ctxkit: warning: skipped {len(skipped)} malformed line(s), left out of the totals; "
               f"first: {skipped[0]}", file=sys.stderr)
+    if not summary["calls"]:  # a wrong path to an app's ledger reads like an app that saved nothing
+        print(f"ctxkit: warning: {args.log} holds no calls", file=sys.stderr)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if args.plot:
         path = plot(records, args.plot)
