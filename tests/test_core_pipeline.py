@@ -129,6 +129,8 @@ def test_stream_records_once_it_ends_and_assembles_the_answer(llama_backend, led
     assert record.tokens_out == stream.response.usage.completion_tokens > 0
     assert record.tokens_sent == record.tokens_naive - record.saved_by_stage["drop_oldest_turn"]
     assert stream.collect() is stream.response and len(ledger.records) == 1, "one call, one record"
+    # llama.cpp's own counts, as for a whole answer: the stream's record is reconciled too
+    assert record.usage_reported and record.count_delta == 0
 
 
 def test_abandoned_stream_is_recorded_as_an_error_not_a_success(llama_backend, ledger):

@@ -306,10 +306,10 @@ class LlamaCppBackend:
         if at_cap():
             finish = "length"
         yield from text_calls.feed(chunk({}, finish)) if text_calls else [chunk({}, finish)]
+        # llama.cpp's own counts, as a whole answer reports them: the prompt it evaluated and the tokens it made.
         yield chunk(None, usage={
             "prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
             "total_tokens": len(tokens) + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached},
-            "ctxkit_reported": False,  # llama.cpp's stream reports no usage: the completion was counted
         })
 
     # -- async twins --------------------------------------------------------------------------------
