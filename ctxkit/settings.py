@@ -4,7 +4,7 @@ NaN passes every `<` test, and a bare string is an iterable of one-letter names.
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,18 +12,18 @@ from .errors import ConfigurationError
 
 
 def whole_number(value: Any, name: str, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int (a numpy integer too: a top_k computed with numpy is still a whole number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigurationError(f"{name} must be a whole number, got {value!r}")
     if value < minimum:
         raise ConfigurationError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def fraction(value: Any, name: str) -> float:
     """A number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= 1:
-        raise ConfigurationError(f"{name} must be a number in (0, 1], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
+        raise ConfigurationError(f"{name} must be a number in (0, 1], got {value!r}")  # NaN fails `0 <` too
     return float(value)
 
 

@@ -204,6 +204,16 @@ def test_a_setting_of_the_wrong_type_is_refused_when_the_stage_is_built(stage, s
         stages[stage](**settings)
 
 
+def test_numpy_numbers_are_settings_like_any_other():
+    import numpy as np
+
+    from ctxkit.stages.pruning import DedupStage, DocumentPruningStage, ToolResultClearingStage
+
+    assert ToolResultClearingStage(keep_last=np.int64(2)).keep_last == 2
+    assert DocumentPruningStage(budget_tokens=np.int32(300)).budget_tokens == 300
+    assert DedupStage(threshold=np.float32(0.5)).threshold == 0.5
+
+
 def test_cache_pure_tools_refuses_a_bare_string(tmp_path):
     from ctxkit.stages.cache import LocalStore, SemanticCacheStage
 

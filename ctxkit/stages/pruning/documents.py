@@ -431,7 +431,7 @@ class DocumentPruningStage(Stage):
         if budget_tokens is None and budget_fraction is None:
             raise ConfigurationError("give budget_tokens, budget_fraction or both")
         if budget_tokens is not None:
-            whole_number(budget_tokens, "budget_tokens", minimum=1)
+            budget_tokens = whole_number(budget_tokens, "budget_tokens", minimum=1)
         if budget_fraction is not None:
             fraction(budget_fraction, "budget_fraction")
         self.budget_tokens = budget_tokens
