@@ -42,7 +42,9 @@ def emit(result: dict[str, Any], as_json: bool, table: str) -> None:
 
 def add_backend_arguments(parser: Any) -> None:
     parser.add_argument("--model", help="GGUF file for the local backend (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--n-threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--n-threads", type=int, default=None,
+                        help="llama.cpp threads (default: llama-cpp-python's: half the cores to generate, "
+                             "every core to read the prompt)")
     parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU (-1: all)")
 
 
