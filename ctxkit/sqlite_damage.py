@@ -15,7 +15,10 @@ _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # SQLite's primary result codes for a 
 
 def is_damage(exc: sqlite3.DatabaseError) -> bool:
     """A damaged file, as opposed to a full disk, a read-only volume or a lock: clearing it loses nothing good."""
-    return (getattr(exc, "sqlite_errorcode", None) or _SQLITE_CORRUPT) & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # a Python without result codes, or none given ("Cannot operate on a closed database")
+        return type(exc) is sqlite3.DatabaseError  # its subclasses are locks, misuse, constraints: not damage
+    return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 @contextlib.contextmanager

@@ -228,3 +228,18 @@ def test_put_many_with_fewer_vectors_than_entries_stores_nothing(tmp_path):
     with pytest.raises(RequestError, match="3 entries but 2 vectors"):
         store.put_many([make_entry("a"), make_entry("b"), make_entry("c")], np.stack([unit("a"), unit("b")]))
     assert store.get("c", time.time()) is None
+
+
+def test_only_damage_is_called_damage():
+    """"Cannot operate on a closed database" carries no result code: it is misuse, and "move it aside" would
+    throw a good store away."""
+    import sqlite3
+
+    from ctxkit.sqlite_damage import is_damage
+
+    db = sqlite3.connect(":memory:")
+    db.close()
+    with pytest.raises(sqlite3.ProgrammingError) as closed:
+        db.execute("SELECT 1")
+    assert not is_damage(closed.value)
+    assert is_damage(sqlite3.DatabaseError("file is not a database"))

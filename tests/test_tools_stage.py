@@ -209,6 +209,12 @@ def test_bad_configuration_is_rejected_at_construction():
     ("There is no need for functions here.", False),
     ("I can't use the same function twice.", False),
     ("I don't have the tool descriptions.", False),
+    # A function of a language or library: no tool is missing (words name a tool only before "tool").
+    ("JavaScript has no native function for deep cloning; use structuredClone.", False),
+    ("There's no reduce function in Python 3 builtins; import it from functools.", False),
+    ("There is no standard library function for this in C.", False),
+    ("You can't use the map function on a dict directly.", False),
+    ("I can't use an arrow function as a constructor.", False),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})

@@ -73,9 +73,12 @@ _TOOL_NAMED = (r"(?:(?!(?:for|to|of|in|on|at|by|with|without|from|and|or|but|tha
                r"needs|more|other|same|this|that|these|those|your|my|our|its|their|his|her|previous|last|first|"
                r"next|following|above|below|original|main|helper|recursive|built-in|builtin|anonymous|lambda|"
                r"inner|outer|nested|async|pure|what|which|whose|how|why|where|when|who|sorry|no|not)\b)[A-Za-z][\w.-]*\s+){0,2}")
-_BEFORE_TOOL = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|available|specific|right|matching|" \
-               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}" + _TOOL_NAMED + \
-               r"(?:tools?|functions?)\b"
+_DETERMINERS = r"(?:(?:a|an|any|the|such|one|suitable|appropriate|relevant|available|specific|right|matching|" \
+               r"dedicated|proper|necessary|required|provided|given|offered|existing)\s+){0,3}"
+# Words naming it only before "tool": before "function" they name a function of a language or of the user's
+# code ("JavaScript has no native function for deep cloning", "you can't use the map function on a dict",
+# "I can't use an arrow function as a constructor"), not a tool missing from the selection.
+_BEFORE_TOOL = _DETERMINERS + r"(?:" + _TOOL_NAMED + r"tools?|functions?)\b"
 # After a bare "no" only: "no tool is needed" says none is missing, but "I don't have the tool required to
 # check the weather" still says the selection missed.
 _NOT_NEEDED = r"(?!\s*(?:calls?\s+)?(?:(?:is|are|was|were)\s+)?(?:needed|required|necessary|made|called|used))"
