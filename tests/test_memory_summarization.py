@@ -1139,3 +1139,16 @@ def test_a_summary_file_of_the_wrong_shape_starts_over_too(tmp_path):
     store._path(key).write_text(json.dumps({**ConversationState(folded=1).to_json(), "texts": []}))
     assert store.get(key) is None
     assert store._path(key).with_suffix(".damaged").exists()
+
+
+def test_summary_files_on_disk_are_bounded(tmp_path):
+    """--state-dir kept one file per folded conversation for good: a service running for weeks filled its disk."""
+    from ctxkit.stages.summarize.state import ConversationState, SummaryStore
+
+    store = SummaryStore(tmp_path, max_conversations=10, max_files=50)
+    for i in range(400):
+        store.put(("ns", f"conv-{i}"), ConversationState(folded=2, folded_digest="d", summary=f"summary {i}"))
+    assert len(list(tmp_path.glob("*.json"))) <= 50
+    # the newest conversations are still there, from memory and from disk
+    assert store.get(("ns", "conv-399")).summary == "summary 399"
+    assert SummaryStore(tmp_path, max_files=50).get(("ns", "conv-398")).summary == "summary 398"

@@ -782,3 +782,39 @@ def test_a_page_damaged_after_opening_is_the_typed_error_too(tmp_path):
     registry = QuarantineRegistry(100_000, tmp_path)
     with pytest.raises(ConfigurationError, match=f"{tmp_path}.*is damaged"):
         registry.snapshot("ns")
+
+
+def test_namespaces_seen_once_are_not_kept_in_memory():
+    """A service over many tenants or users kept every namespace it ever saw in memory (360 bytes each, and
+    up to 10,000 records for one that quarantined something), though the database holds them all."""
+    from ctxkit.stages.quarantine_registry import MAX_NAMESPACES_IN_MEMORY
+
+    stage = QuarantineStage()
+    for i in range(3 * MAX_NAMESPACES_IN_MEMORY):
+        stage.before_model(ChatRequest(messages=[{"role": "user", "content": "hi"}], namespace=f"tenant-{i}"))
+    assert len(stage.registry._spaces) <= MAX_NAMESPACES_IN_MEMORY
+
+
+def test_namespaces_with_records_are_bounded_in_memory_and_still_answered(tmp_path):
+    from ctxkit.stages.quarantine_registry import (
+        MAX_NAMESPACES_IN_MEMORY,
+        QuarantineRecord,
+        QuarantineRegistry,
+    )
+
+    def record(fingerprint: str, namespace: str) -> QuarantineRecord:
+        return QuarantineRecord(fingerprint, namespace, "error", "a traceback", "e", "tool", "t", "x", None, 0.0)
+
+    for directory in (None, tmp_path):
+        registry = QuarantineRegistry(10, directory)
+        n = MAX_NAMESPACES_IN_MEMORY + 50
+        for i in range(n):
+            registry.add_record(record(f"fp{i}", f"ns{i}"))
+        assert len(registry._spaces) <= MAX_NAMESPACES_IN_MEMORY
+        # the namespaces dropped from memory are read back from the database, whole
+        assert set(registry.snapshot("ns0").records) == {"fp0"}
+        assert registry.release("fp1", "ns1")
+        assert registry.snapshot("ns1").records == {} and "fp1" in registry.snapshot("ns1").released
+        assert registry.add_record(record("fp1", "ns1")) is None  # released meanwhile: not quarantined again
+        assert set(registry.snapshot(f"ns{n - 1}").records) == {f"fp{n - 1}"}
+        assert len(registry._spaces) <= MAX_NAMESPACES_IN_MEMORY

@@ -14,6 +14,7 @@ fell further behind than the log reaches loads the namespace again.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import sqlite3
@@ -85,6 +86,10 @@ class Namespace:
             entries[key] = _decode(value) if kind == RECORD else None
 
 
+# Namespaces whose state a registry keeps in memory (the most recently used); the others are read again when used.
+MAX_NAMESPACES_IN_MEMORY = 1024
+
+
 class QuarantineRegistry:
     """Per namespace, at most `max_records` records, released fingerprints and placeholders each; beyond it
     the oldest go."""
@@ -92,7 +97,9 @@ class QuarantineRegistry:
     def __init__(self, max_records: int, directory: str | Path | None = None) -> None:
         self.max_records = max_records
         self._lock = threading.Lock()
-        self._spaces: dict[str, Namespace] = {}
+        # A copy of the namespaces used lately, least recently used first: the database holds them all, and a
+        # service that sees a new namespace now and then (tenants, users) must not keep each one for good.
+        self._spaces: collections.OrderedDict[str, Namespace] = collections.OrderedDict()
         self._where = str(directory) if directory is not None else "memory"
         if directory is None:
             self._db = self._open(":memory:", "memory")
@@ -160,9 +167,13 @@ class QuarantineRegistry:
 
     def _current(self, namespace: str) -> Namespace:
         """The namespace's state with every change made since this process last looked; under _lock."""
-        space = self._spaces.setdefault(namespace, Namespace())
         row = self._db.execute("SELECT seq FROM namespaces WHERE namespace = ?", (_to_db(namespace),)).fetchone()
         latest = row[0] if row else 0
+        space = self._spaces.get(namespace)
+        if space is None:
+            # Nothing ever written there (most namespaces): nothing to keep. Else read it whole from the database.
+            return Namespace() if latest == 0 else self._load(namespace, latest)
+        self._spaces.move_to_end(namespace)
         if latest == space.generation:
             return space
         changes = self._db.execute(
@@ -182,6 +193,9 @@ class QuarantineRegistry:
         for kind, key, value in rows:
             space.apply(kind, _from_db(key), value, False)
         self._spaces[namespace] = space
+        self._spaces.move_to_end(namespace)
+        while len(self._spaces) > MAX_NAMESPACES_IN_MEMORY:
+            self._spaces.popitem(last=False)
         return space
 
     @contextmanager

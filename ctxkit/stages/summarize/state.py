@@ -81,15 +81,22 @@ class ConversationState:
 class SummaryStore:
     """Conversation states by (namespace, conversation_id); thread-safe; optionally persisted."""
 
-    def __init__(self, directory: str | Path | None = None, *, max_conversations: int = 10_000) -> None:
+    def __init__(self, directory: str | Path | None = None, *, max_conversations: int = 10_000,
+                 max_files: int = 100_000) -> None:
+        """max_files: the most conversation files kept in `directory`; past it the least recently written go
+        (those conversations are summarized anew from the history the app sends, as after a damaged file)."""
         self._lock = threading.Lock()
         # Least recently used first: memory stays bounded; a persisted state is simply reloaded later.
         self._states: OrderedDict[tuple[str, str], ConversationState] = OrderedDict()
         self.max_conversations = max_conversations
+        self.max_files = max_files
         self.directory = Path(directory) if directory is not None else None
+        self._files = 0
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale(self.directory, "*.tmp")
+            self._files = sum(1 for _ in self.directory.glob("*.json"))
+            self._prune_files()
 
     def _path(self, key: tuple[str, str]) -> Path:
         assert self.directory is not None
@@ -136,11 +143,30 @@ class SummaryStore:
                         json.dump(state.to_json(), handle, sort_keys=True, ensure_ascii=False)
                         handle.flush()
                         os.fsync(handle.fileno())  # renamed only once the data is on disk
-                    os.replace(tmp, self._path(key))
+                    path = self._path(key)
+                    new = not path.exists()
+                    os.replace(tmp, path)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
                     raise
+                if new:
+                    self._files += 1
+                    self._prune_files()
+
+    def _prune_files(self) -> None:
+        """Past max_files, drop the least recently written files down to 90% of it (a scan per 10% written)."""
+        if self.directory is None or self._files <= self.max_files:
+            return
+        files = []
+        for path in self.directory.glob("*.json"):
+            with contextlib.suppress(OSError):  # another process removed it meanwhile
+                files.append((path.stat().st_mtime, path))
+        files.sort()
+        excess = max(0, len(files) - self.max_files * 9 // 10)
+        for _, path in files[:excess]:
+            path.unlink(missing_ok=True)
+        self._files = len(files) - excess
 
     def forget(self, key: tuple[str, str]) -> None:
         with self._lock:
