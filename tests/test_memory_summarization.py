@@ -827,8 +827,12 @@ def test_the_invalidated_prefix_is_counted_with_the_tools_sent_then(llama_backen
     pipeline.call(ChatRequest(messages=list(messages), tools=big, conversation_id="t", params={"max_tokens": 1}))
     event = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"][-1]
     assert event["refolded"]
+    from ctxkit.quarantine_marks import fingerprint
+
     sent = stage.store.get(stage._key(ChatRequest(messages=messages, conversation_id="t"))).last_sent
-    common = next((k for k, (a, b) in enumerate(zip(before, sent, strict=False)) if a != b), min(len(before), len(sent)))
+    before_prints = [fingerprint(m) for m in before]
+    common = next((k for k, (a, b) in enumerate(zip(before_prints, sent, strict=False)) if a != b),
+                  min(len(before), len(sent)))
     counter = llama_backend.counter
     assert event["tokens"] == counter.count_prompt(list(before), small) - counter.count_prompt(list(before[:common]), small)
 
@@ -1152,3 +1156,14 @@ def test_summary_files_on_disk_are_bounded(tmp_path):
     # the newest conversations are still there, from memory and from disk
     assert store.get(("ns", "conv-399")).summary == "summary 399"
     assert SummaryStore(tmp_path, max_files=50).get(("ns", "conv-398")).summary == "summary 398"
+
+
+def test_a_conversation_state_keeps_fingerprints_of_what_was_sent_not_the_messages(llama_backend):
+    """Each of up to 10,000 conversations kept its whole last history in memory, only to tell later which
+    prefix a fold un-cached: 22 MB per 1,000 conversations of 4,500 tokens."""
+    stage = SummarizationStage(llama_backend, trigger_messages=6, keep_last=2)
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: " + "words " * 200}
+                for i in range(9)]
+    stage.before_model(ChatRequest(messages=messages, conversation_id="c"))
+    state = stage.store.get(stage._key(ChatRequest(messages=messages, conversation_id="c")))
+    assert state.last_sent and all(isinstance(p, str) and len(p) == 32 for p in state.last_sent)

@@ -167,7 +167,7 @@ class SummarizationStage(Stage):
                 invalidated = self._invalidated(state, sent)
                 if invalidated and (result.refolded or result.folded != folded_before):
                     record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
-                state.last_sent = sent
+                state.last_sent = tuple(fingerprint(m) for m in sent)
                 state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
                 state.last_tools = tuple(request.tools)
         if result.messages is request.messages:
@@ -449,7 +449,7 @@ class SummarizationStage(Stage):
             previous = self._assemble([*head, *_instructions(body[: before.folded])], before,
                                       [*_kept(body, self._pinned_since_fold(before, body, request)),
                                        *body[before.folded:end]])
-        was = ConversationState(last_sent=tuple(previous), last_tools=tuple(request.tools),
+        was = ConversationState(last_sent=tuple(fingerprint(m) for m in previous), last_tools=tuple(request.tools),
                                 last_sent_tokens=self.counter.count_prompt(previous, request.tools))
         tokens = self._invalidated(was, tuple(sent))
         if tokens:
@@ -461,15 +461,15 @@ class SummarizationStage(Stage):
         if not previous:
             return 0
         common = 0
-        for a, b in zip(previous, sent, strict=False):
+        for a, b in zip(previous, (fingerprint(m) for m in sent), strict=False):
             if a != b:
                 break
             common += 1
         if common == len(previous):
             return 0
-        # Counted with the tools sent *then*: last_sent_tokens includes them, and this call's tools (chosen per
-        # call by tool retrieval) may be bigger or smaller.
-        kept = self.counter.count_prompt(list(previous[:common]), list(state.last_tools)) if common else 0
+        # The common prefix is the same messages now as then. Counted with the tools sent *then*: last_sent_tokens
+        # includes them, and this call's tools (chosen per call by tool retrieval) may be bigger or smaller.
+        kept = self.counter.count_prompt(list(sent[:common]), list(state.last_tools)) if common else 0
         return max(0, state.last_sent_tokens - kept)
 
     def _key(self, request: ChatRequest) -> tuple[str, str]:
