@@ -65,10 +65,9 @@ FIND_TOOLS_SCHEMA: Tool = {
 }
 # "I don't have a tool for that", "there is no suitable function", "none of the provided tools can": the
 # model says the selection missed. Only articles and a few adjectives may come between the denial and the
-# word tool, so "No problem! I checked with the weather tool" and "no need to call any function" do not count.
-# Then up to two words naming the tool ("a weather tool", "the get_weather tool", "a currency conversion
-# function"), but not a word that points at a function of the user's code or makes the phrase something else
-# ("the same function", "no need for functions").
+# word tool, so "No problem! I checked with the weather tool" and "no need to call any function" do not count;
+# before "tool" (only), up to two words naming it ("a weather tool", "the get_weather tool", "a currency
+# conversion tool"), but not a word that makes the phrase something else ("the same tool", "no need for tools").
 _TOOL_NAMED = (r"(?:(?!(?:for|to|of|in|on|at|by|with|without|from|and|or|but|than|as|is|are|was|were|be|need|"
                r"needs|more|other|same|this|that|these|those|your|my|our|its|their|his|her|previous|last|first|"
                r"next|following|above|below|original|main|helper|recursive|built-in|builtin|anonymous|lambda|"
