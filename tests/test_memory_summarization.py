@@ -1167,3 +1167,19 @@ def test_a_conversation_state_keeps_fingerprints_of_what_was_sent_not_the_messag
     stage.before_model(ChatRequest(messages=messages, conversation_id="c"))
     state = stage.store.get(stage._key(ChatRequest(messages=messages, conversation_id="c")))
     assert state.last_sent and all(isinstance(p, str) and len(p) == 32 for p in state.last_sent)
+
+
+def test_summary_files_stay_bounded_when_replicas_share_the_directory(tmp_path):
+    from ctxkit.stages.summarize.state import ConversationState, SummaryStore
+
+    replicas = [SummaryStore(tmp_path, max_files=100) for _ in range(4)]  # started together
+    for k in range(100):
+        for i, store in enumerate(replicas):
+            store.put(("ns", f"r{i}-c{k}"), ConversationState(folded=2, summary="s"))
+    assert len(list(tmp_path.glob("*.json"))) <= 110
+    single = SummaryStore(tmp_path / "one", max_files=1)
+    single.put(("ns", "a"), ConversationState(folded=2, summary="s"))
+    single.put(("ns", "b"), ConversationState(folded=2, summary="s"))
+    assert single._path(("ns", "b")).exists() and len(list((tmp_path / "one").glob("*.json"))) == 1
+    with pytest.raises(ConfigurationError, match="max_files must be at least 1"):
+        SummaryStore(tmp_path, max_files=0)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ConfigurationError
 from ...temp_files import remove_stale
 from .facts import Fact
 
@@ -91,9 +92,12 @@ class SummaryStore:
         # Least recently used first: memory stays bounded; a persisted state is simply reloaded later.
         self._states: OrderedDict[tuple[str, str], ConversationState] = OrderedDict()
         self.max_conversations = max_conversations
+        if max_files < 1:
+            raise ConfigurationError(f"max_files must be at least 1, got {max_files}")
         self.max_files = max_files
         self.directory = Path(directory) if directory is not None else None
         self._files = 0
+        self._written = 0  # new files written since the directory was last counted
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale(self.directory, "*.tmp")
@@ -154,6 +158,12 @@ class SummaryStore:
                     raise
                 if new:
                     self._files += 1
+                    self._written += 1
+                    if self._written >= max(1, self.max_files // 100):
+                        # Other processes sharing the directory write files this one never counted: count
+                        # them all again now and then (every 1% of max_files), or N replicas kept N x max_files.
+                        self._written = 0
+                        self._files = sum(1 for _ in self.directory.glob("*.json"))
                     self._prune_files()
 
     def _prune_files(self) -> None:
@@ -165,7 +175,7 @@ class SummaryStore:
             with contextlib.suppress(OSError):  # another process removed it meanwhile
                 files.append((path.stat().st_mtime, path))
         files.sort()
-        excess = max(0, len(files) - self.max_files * 9 // 10)
+        excess = max(0, len(files) - max(1, self.max_files * 9 // 10))  # never the file just written
         for _, path in files[:excess]:
             path.unlink(missing_ok=True)
         self._files = len(files) - excess
