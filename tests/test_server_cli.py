@@ -225,3 +225,39 @@ def test_serve_graceful_timeout_must_be_finite_and_not_negative(value, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--graceful-timeout", value])
     assert "--graceful-timeout: must be a finite number of seconds" in capsys.readouterr().err
+
+
+def test_sigterm_answers_queued_and_cancelled_calls_with_an_openai_shaped_503(tmp_path):
+    """Calls that --graceful-timeout cancelled (the one generating and those queued behind it) got uvicorn's
+    plain-text '500 Internal Server Error', logged as 'Exception in ASGI application' with a traceback each."""
+    import signal
+    import threading
+    import time
+
+    port = free_port()
+    process = _serve(port, tmp_path / "serve.jsonl", "--no-stages", "--max-concurrency", "1", "--max-queue", "2",
+                     "--graceful-timeout", "2")
+    base = f"http://127.0.0.1:{port}"
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        answers.append(httpx.post(f"{base}/v1/chat/completions", json={**DRAGON, "temperature": 1.0}, timeout=60,
+                                  headers={"Authorization": "Bearer cli-key-00001"}))
+
+    try:
+        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
+        threads = [threading.Thread(target=call) for _ in range(3)]  # one generating, two queued
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert [a.status_code for a in answers] == [503] * 3, [a.text[:80] for a in answers]
+    assert {a.json()["error"]["type"] for a in answers} == {"server_shutting_down"}
+    assert "Exception in ASGI application" not in output

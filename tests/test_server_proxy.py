@@ -552,6 +552,38 @@ def test_past_max_queue_a_call_gets_503_with_a_retry_after_and_the_queue_drains(
     assert len(records(ledger)) == 3, "the refused call never reached the pipeline"
 
 
+def test_calls_refused_in_one_burst_are_told_different_waits(llama_backend, tmp_path):
+    """Every call refused in a burst was told the same Retry-After: the openai clients all came back at the
+    same instant, were refused again, and 11 of 20 failed after their retries for 2 s of model work. Each
+    refusal now gets its own return time, a slot hold after the previous one, also in retry-after-ms."""
+    import threading
+    import time
+
+    from ctxkit.stage import Stage
+
+    class HoldsTheSlot(Stage):
+        name = "holds_the_slot"
+        hooks_in_thread = True
+
+        def before_model(self, request):
+            time.sleep(1.5)
+            return request
+
+    app = create_app(Pipeline(llama_backend, [HoldsTheSlot()], ledger=Ledger(tmp_path / "l.jsonl")),
+                     ApiKeys(KEYS), max_concurrency=1, max_queue=0)
+    body = {"messages": HELLO, "max_tokens": 2, "temperature": 0}
+    with serve_in_thread(app) as base_url:
+        holder = threading.Thread(target=lambda: _post(base_url, body))
+        holder.start()
+        time.sleep(0.4)
+        refused = [_post(base_url, body) for _ in range(4)]
+        holder.join()
+    assert [r.status_code for r in refused] == [503] * 4
+    waits = [int(r.headers.get("retry-after-ms") or int(r.headers["retry-after"]) * 1000) for r in refused]
+    assert waits == sorted(waits) and len(set(waits)) == 4, waits
+    assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in refused)
+
+
 def test_a_negative_max_queue_is_refused(llama_backend, tmp_path):
     with pytest.raises(ConfigurationError, match="max_queue must be 0 or more"):
         create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS), max_queue=-1)

@@ -59,7 +59,10 @@ CLIENT_FIELDS = frozenset({"conversation_id", "metadata"})
 
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # Retry-After for a full queue: the calls ahead times the average slot hold, per slot. The average starts
-# at a guess and follows recent calls; the openai client waits what it is told only up to 60 s.
+# at a guess and follows recent calls; the openai client waits what it is told only up to 60 s. Each refused
+# call is given its own return time, one slot hold after the one refused before it: the same wait for a whole
+# burst brought every refused client back at the same instant, to be refused again (11 of 20 openai clients
+# failed after their retries against --max-concurrency 1 --max-queue 2, for 2 s of model work).
 SERVICE_SECONDS_START = 2.0
 SERVICE_SECONDS_WEIGHT = 0.2
 MAX_RETRY_AFTER_S = 60
@@ -120,6 +123,7 @@ class _Proxy:
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.waiting = 0
         self.hold_seconds = SERVICE_SECONDS_START  # moving average of how long a call holds its slot
+        self.last_return_at = 0.0  # the latest return time (time.monotonic) handed to a refused call
         self.started = int(time.time())
 
     # -- endpoints ----------------------------------------------------------------------------------
@@ -133,6 +137,13 @@ class _Proxy:
             response = await self._answer(chat, include_usage, t0, request)
         except HTTPError as exc:
             return self._failed("chat", exc)
+        except asyncio.CancelledError:
+            # uvicorn's --graceful-timeout after SIGTERM (a client that leaves is a 499, not this): the call,
+            # queued or in flight, is ledgered as cancelled by now. Answered in OpenAI's shape as a 503 the
+            # client may retry elsewhere, not uvicorn's plain-text 500 and an 'Exception in ASGI application'.
+            return self._failed("chat", HTTPError(
+                503, "server_shutting_down", "the proxy is shutting down (SIGTERM) and cancelled this call: retry",
+                code="shutting_down", headers={"Connection": "close"}))
         except Exception as exc:
             if not isinstance(exc, CtxkitError):
                 logger.exception("unexpected error serving a chat completion")
@@ -285,12 +296,20 @@ class _Proxy:
         """Waits for a free slot; past `max_queue` waiting calls, answers 503 at once with a Retry-After
         (the openai client honours it), rather than letting every caller time out behind an endless queue."""
         if self.max_queue is not None and self.slots.locked() and self.waiting >= self.max_queue:
-            ahead = self.waiting + 1
-            wait = math.ceil(self.hold_seconds * ahead / self.max_concurrency)
+            now = time.monotonic()
+            per_slot = self.hold_seconds / self.max_concurrency
+            drained = now + per_slot * (self.waiting + 1)  # when the calls waiting now have had their turn
+            at = min(max(drained, self.last_return_at + per_slot), now + MAX_RETRY_AFTER_S)
+            self.last_return_at = at
+            wait = at - now
             raise HTTPError(503, "server_overloaded",
                             f"the proxy is at capacity ({self.max_concurrency} calls in flight, {self.waiting} "
                             f"waiting, --max-queue {self.max_queue}): retry later",
-                            code="queue_full", headers={"Retry-After": str(min(max(wait, 1), MAX_RETRY_AFTER_S))})
+                            code="queue_full", headers={
+                                "Retry-After": str(min(max(math.ceil(wait), 1), MAX_RETRY_AFTER_S)),
+                                # the openai clients read this first: the spread survives rounding to seconds
+                                "retry-after-ms": str(max(int(wait * 1000), 1)),
+                            })
         self.waiting += 1
         self.metrics.queued.inc()
         try:
