@@ -138,9 +138,9 @@ class _Proxy:
         except HTTPError as exc:
             return self._failed("chat", exc)
         except asyncio.CancelledError:
-            # uvicorn's --graceful-timeout after SIGTERM (a client that leaves is a 499, not this): the call,
-            # queued or in flight, is ledgered as cancelled by now. Answered in OpenAI's shape as a 503 the
-            # client may retry elsewhere, not uvicorn's plain-text 500 and an 'Exception in ASGI application'.
+            # uvicorn's --graceful-timeout after SIGTERM (a client that leaves is a 499, not this): a call in
+            # flight is ledgered as cancelled by now, a queued one never reached the pipeline. Answered in OpenAI's
+            # shape as a 503 the client may retry elsewhere, not uvicorn's plain-text 500 and a logged traceback.
             return self._failed("chat", HTTPError(
                 503, "server_shutting_down", "the proxy is shutting down (SIGTERM) and cancelled this call: retry",
                 code="shutting_down", headers={"Connection": "close"}))
