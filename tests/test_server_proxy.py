@@ -13,6 +13,7 @@ import pytest
 from ctxkit import ChatRequest, Ledger, Pipeline, read_ledger
 from ctxkit.errors import ConfigurationError
 from ctxkit.server import ApiKeys, create_app, serve_in_thread
+from ctxkit.stage import Stage
 
 KEYS = {"key-alpha-0001": "alpha", "key-beta-0002": "beta"}
 MAX_BODY = 64 * 1024
@@ -506,6 +507,19 @@ def test_a_call_cancelled_while_its_thread_work_waits_for_a_worker_does_not_keep
     asyncio.run(main())
 
 
+class _HoldsTheSlot(Stage):
+    """Keeps its call's slot for 1.5 s, so that the calls after it queue or are refused."""
+
+    name = "holds_the_slot"
+    hooks_in_thread = True
+
+    def before_model(self, request):
+        import time
+
+        time.sleep(1.5)
+        return request
+
+
 def test_past_max_queue_a_call_gets_503_with_a_retry_after_and_the_queue_drains(llama_backend, tmp_path):
     """Without a bound, a burst queued every call behind the model until each client timed out (and its
     retry queued again). With --max-queue, the call past it is refused at once, with a wait the openai
@@ -513,18 +527,8 @@ def test_past_max_queue_a_call_gets_503_with_a_retry_after_and_the_queue_drains(
     import threading
     import time
 
-    from ctxkit.stage import Stage
-
-    class HoldsTheSlot(Stage):
-        name = "holds_the_slot"
-        hooks_in_thread = True
-
-        def before_model(self, request):
-            time.sleep(1.5)
-            return request
-
     ledger = tmp_path / "ledger.jsonl"
-    app = create_app(Pipeline(llama_backend, [HoldsTheSlot()], ledger=Ledger(ledger)), ApiKeys(KEYS),
+    app = create_app(Pipeline(llama_backend, [_HoldsTheSlot()], ledger=Ledger(ledger)), ApiKeys(KEYS),
                      max_concurrency=1, max_queue=1)
     body = {"messages": HELLO, "max_tokens": 2, "temperature": 0}
     with serve_in_thread(app) as base_url:
@@ -559,17 +563,7 @@ def test_calls_refused_in_one_burst_are_told_different_waits(llama_backend, tmp_
     import threading
     import time
 
-    from ctxkit.stage import Stage
-
-    class HoldsTheSlot(Stage):
-        name = "holds_the_slot"
-        hooks_in_thread = True
-
-        def before_model(self, request):
-            time.sleep(1.5)
-            return request
-
-    app = create_app(Pipeline(llama_backend, [HoldsTheSlot()], ledger=Ledger(tmp_path / "l.jsonl")),
+    app = create_app(Pipeline(llama_backend, [_HoldsTheSlot()], ledger=Ledger(tmp_path / "l.jsonl")),
                      ApiKeys(KEYS), max_concurrency=1, max_queue=0)
     body = {"messages": HELLO, "max_tokens": 2, "temperature": 0}
     with serve_in_thread(app) as base_url:
