@@ -122,7 +122,9 @@ class BackendConnectionError(BackendError):
 
 
 class BackendTimeoutError(BackendError):
-    pass
+    # Tokens the model generated before the timeout stopped it (a local model knows; a remote one does not):
+    # computed, and billed where a provider bills them, though the partial answer is dropped.
+    completion_tokens: int | None = None
 
 
 class BackendStatusError(BackendError):

@@ -373,6 +373,7 @@ class Pipeline:
                 response = self.backend.complete(request)
             except BaseException as exc:
                 trace.unsent = _unsent(exc)
+                _count_generated(trace, exc, tokens)
                 raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
@@ -391,6 +392,7 @@ class Pipeline:
                 response = await self.backend.acomplete(request)
             except BaseException as exc:
                 trace.unsent = _unsent(exc)
+                _count_generated(trace, exc, tokens)
                 raise
             finally:
                 trace.backend_ms += (time.perf_counter() - t0) * 1000
@@ -431,7 +433,12 @@ class Pipeline:
 
     def _record_failed_stream(self, trace: _CallTrace, stream: ChatStream | AsyncChatStream, exc: BaseException) -> None:
         trace.unsent = not stream.received_any and _unsent(exc)
-        self.ledger.write(trace.record(stream.partial(), exc))
+        partial = stream.partial()
+        generated = getattr(exc, "completion_tokens", None)
+        if isinstance(generated, int) and generated > partial.usage.completion_tokens:
+            # the model made a token or more past the last one handed out before the timeout stopped it
+            partial.usage = dataclasses.replace(partial.usage, completion_tokens=generated)
+        self.ledger.write(trace.record(partial, exc))
 
 
 def _shape(request: ChatRequest) -> tuple[Any, ...]:
@@ -541,6 +548,14 @@ def _context_window(backend: Backend, request: ChatRequest) -> int:
 
 def _add_backend_ms(trace: _CallTrace, t0: float) -> None:
     trace.backend_ms += (time.perf_counter() - t0) * 1000
+
+
+def _count_generated(trace: _CallTrace, exc: BaseException, prompt_tokens: int) -> None:
+    """A whole answer the backend stopped part way (a local model past the call's timeout) was generated that
+    far: its tokens are an answer's usage, as a stream's are when it fails."""
+    generated = getattr(exc, "completion_tokens", None)
+    if isinstance(generated, int) and generated > 0:
+        trace.answers.append(Usage(prompt_tokens, generated, 0, reported=False))
 
 
 def _error_text(error: BaseException) -> str:

@@ -634,6 +634,7 @@ def test_a_per_call_timeout_stops_the_local_model_and_frees_it(llama_backend, le
     generated = int(re.search(r"after (\d+) generated", str(timed_out.value)).group(1))
     assert generated < 200, "it stopped near its timeout, not at max_tokens (400 tokens take 8 s or more here)"
     assert ledger.records[-1].error_type == "BackendTimeoutError"
+    assert ledger.records[-1].tokens_out == generated, "the ledger and the error must agree on what was generated"
     again = pipeline.call(ChatRequest(messages=CONVERSATION, params={"max_tokens": 3}))  # the model was let go
     assert again.usage.completion_tokens > 0
 

@@ -534,5 +534,7 @@ def _waited_too_long(backend: str) -> BackendTimeoutError:
 
 
 def _timed_out(backend: str, generated: int) -> BackendTimeoutError:
-    return BackendTimeoutError(f"the call's timeout passed after {generated} generated tokens; the partial answer "
-                               "is dropped", backend=backend)
+    error = BackendTimeoutError(f"the call's timeout passed after {generated} generated tokens; the partial "
+                                "answer is dropped", backend=backend)
+    error.completion_tokens = generated  # for the ledger: it counted 0 (or what a stream had handed out)
+    return error
