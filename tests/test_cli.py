@@ -436,7 +436,7 @@ def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
 def test_a_thread_count_llama_cpp_cannot_use_is_refused_before_loading(n_threads):
     from ctxkit import ConfigurationError, LlamaCppBackend
 
-    with pytest.raises(ConfigurationError, match="n_threads must be a whole number >= 1"):
+    with pytest.raises(ConfigurationError, match=r"n_threads \(None: llama.cpp.s default\) must be (a whole number|at least 1)"):
         LlamaCppBackend(n_threads=n_threads)
 
 

@@ -101,8 +101,8 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
     for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
                            (["--state-dir", str(tmp_path / "s"), "--no-stages"], "no effect with --no-stages"),
-                           (["--max-concurrency", "0"], "max_concurrency must be positive"),
-                           (["--max-queue", "-1"], "max_queue must be 0 or more"),
+                           (["--max-concurrency", "0"], "max_concurrency must be at least 1"),
+                           (["--max-queue", "-1"], "max_queue must be at least 0"),
                            # the error named counter=, a Python argument a CLI user cannot pass
                            (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model"],
                             "pass --upstream-gguf FILE")):

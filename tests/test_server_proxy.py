@@ -579,5 +579,5 @@ def test_calls_refused_in_one_burst_are_told_different_waits(llama_backend, tmp_
 
 
 def test_a_negative_max_queue_is_refused(llama_backend, tmp_path):
-    with pytest.raises(ConfigurationError, match="max_queue must be 0 or more"):
+    with pytest.raises(ConfigurationError, match="max_queue must be at least 0"):
         create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS), max_queue=-1)

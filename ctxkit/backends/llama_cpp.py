@@ -22,6 +22,7 @@ from .._aio import acquire, iterate_in_thread, to_thread_holding, tracked_to_thr
 from ..errors import BackendError, BackendTimeoutError, ConfigurationError, ContextOverflowError, RequestError
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
+from ..settings import whole_number
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
@@ -101,10 +102,9 @@ class LlamaCppBackend:
         if not path.is_file():
             raise ConfigurationError(f"GGUF model file not found: {path}")
         self.model_path = path
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-            raise ConfigurationError(f"n_ctx must be a whole number >= 0 (0: the model's own), got {n_ctx!r}")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
-            raise ConfigurationError(f"n_threads must be a whole number >= 1 (None: llama.cpp's default), got {n_threads!r}")
+        n_ctx = whole_number(n_ctx, "n_ctx (0: the model's own)")
+        if n_threads is not None:
+            n_threads = whole_number(n_threads, "n_threads (None: llama.cpp's default)", minimum=1)
         if n_threads is not None:
             # llama-cpp-python reads the prompt with every core unless told otherwise: n_threads=1 on a shared
             # 2-core machine still took both for each prompt (a 25-token prompt: 5-11 s under load, 0.2 s alone).

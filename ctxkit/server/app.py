@@ -36,7 +36,6 @@ from ..errors import (
     BackendError,
     BackendStatusError,
     BackendTimeoutError,
-    ConfigurationError,
     ContextOverflowError,
     CtxkitError,
     RequestError,
@@ -45,6 +44,7 @@ from ..pipeline import Pipeline
 from ..redaction import redact
 from ..request import TRANSPORT_OPTIONS, ChatRequest
 from ..response import ChatResponse
+from ..settings import whole_number
 from ..stages.quarantine import QuarantineStage
 from ..validation import BACKEND_SAMPLING
 from .auth import ApiKeys
@@ -491,14 +491,12 @@ def create_app(
     """
     from ..backends.llama_cpp import LlamaCppBackend
 
-    if max_body_bytes < 1:
-        raise ConfigurationError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    max_body_bytes = whole_number(max_body_bytes, "max_body_bytes", minimum=1)
     if max_concurrency is None:
         max_concurrency = 1 if isinstance(pipeline.backend, LlamaCppBackend) else 64
-    if max_concurrency < 1:
-        raise ConfigurationError(f"max_concurrency must be positive, got {max_concurrency}")
-    if max_queue is not None and max_queue < 0:
-        raise ConfigurationError(f"max_queue must be 0 or more, got {max_queue}")
+    max_concurrency = whole_number(max_concurrency, "max_concurrency", minimum=1)
+    if max_queue is not None:
+        max_queue = whole_number(max_queue, "max_queue")
     metrics = metrics if metrics is not None else ProxyMetrics()
     # The same stages, backend and ledger; the ledger is teed into the metrics on the way.
     metered = Pipeline(pipeline.backend, pipeline.stages, ledger=MeteredLedger(pipeline.ledger, metrics),

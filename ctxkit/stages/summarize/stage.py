@@ -164,10 +164,11 @@ class SummarizationStage(Stage):
             if state is not None:
                 # Only this stage's own edits: a fold, or a start over. Between folds what it passes on changes
                 # only where an earlier stage changed it (quarantine withholding a result), which that stage notes.
-                invalidated = self._invalidated(state, sent)
+                prints = tuple(fingerprint(m) for m in sent)  # once: compared now, kept for the next call
+                invalidated = self._invalidated(state, sent, prints)
                 if invalidated and (result.refolded or result.folded != folded_before):
                     record_event(self.name, "prefix_invalidated", tokens=invalidated, refolded=result.refolded)
-                state.last_sent = tuple(fingerprint(m) for m in sent)
+                state.last_sent = prints
                 state.last_sent_tokens = self.counter.count_prompt(list(sent), request.tools)
                 state.last_tools = tuple(request.tools)
         if result.messages is request.messages:
@@ -451,17 +452,18 @@ class SummarizationStage(Stage):
                                        *body[before.folded:end]])
         was = ConversationState(last_sent=tuple(fingerprint(m) for m in previous), last_tools=tuple(request.tools),
                                 last_sent_tokens=self.counter.count_prompt(previous, request.tools))
-        tokens = self._invalidated(was, tuple(sent))
+        tokens = self._invalidated(was, tuple(sent), tuple(fingerprint(m) for m in sent))
         if tokens:
             record_event(self.name, "prefix_invalidated", tokens=tokens, refolded=True)
 
-    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...]) -> int:
-        """Tokens of the previous request (as passed on) that are no longer a prefix of this one."""
+    def _invalidated(self, state: ConversationState, sent: tuple[Any, ...], prints: tuple[str, ...]) -> int:
+        """Tokens of the previous request (as passed on) that are no longer a prefix of this one (`sent`, whose
+        message fingerprints are `prints`)."""
         previous = state.last_sent
         if not previous:
             return 0
         common = 0
-        for a, b in zip(previous, (fingerprint(m) for m in sent), strict=False):
+        for a, b in zip(previous, prints, strict=False):
             if a != b:
                 break
             common += 1

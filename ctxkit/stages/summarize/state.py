@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ConfigurationError
+from ...settings import whole_number
 from ...temp_files import remove_stale
 from .facts import Fact
 
@@ -92,9 +92,7 @@ class SummaryStore:
         # Least recently used first: memory stays bounded; a persisted state is simply reloaded later.
         self._states: OrderedDict[tuple[str, str], ConversationState] = OrderedDict()
         self.max_conversations = max_conversations
-        if max_files < 1:
-            raise ConfigurationError(f"max_files must be at least 1, got {max_files}")
-        self.max_files = max_files
+        self.max_files = whole_number(max_files, "max_files", minimum=1)
         self.directory = Path(directory) if directory is not None else None
         self._files = 0
         self._written = 0  # new files written since the directory was last counted
