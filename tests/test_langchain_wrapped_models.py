@@ -6,6 +6,7 @@ each reproduces what its LangChain class does (noted per class); the local model
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from langchain_core.language_models import BaseChatModel
@@ -223,9 +224,12 @@ def test_usage_metadata_counts_every_backend_call_the_ledger_counts(llama_backen
 
 
 class OtherProvider(BaseChatModel):
-    """Another provider's model, named in `model` as ChatAnthropic names it."""
+    """Another provider's model (one this machine cannot run), named in `model` as ChatAnthropic names it. It
+    answers `answer`, and streams it word by word with no usage, as many LangChain integrations (and llama.cpp's
+    server) do."""
 
-    model: str = "big-model-2"
+    model: str
+    answer: str
 
     @property
     def _llm_type(self):
@@ -233,7 +237,11 @@ class OtherProvider(BaseChatModel):
 
     def _generate(self, messages, stop=None, run_manager=None, **kwargs):
         return ChatResult(generations=[ChatGeneration(message=AIMessage(
-            "answer from big-model-2", response_metadata={"model_name": "big-model-2"}))])
+            self.answer, response_metadata={"model_name": self.model}))])
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        for word in re.split(r"(?= )", self.answer):
+            yield ChatGenerationChunk(message=AIMessageChunk(content=word))
 
 
 def test_agents_on_different_models_do_not_share_cache_entries(llama_backend, tmp_path):
@@ -243,7 +251,8 @@ def test_agents_on_different_models_do_not_share_cache_entries(llama_backend, tm
 
     store = LocalStore(tmp_path)
     small = CtxkitChatModel(pipeline=Pipeline(llama_backend), temperature=0, seed=1, max_tokens=8)
-    big = CtxkitChatModel.wrap(OtherProvider(), counter=llama_backend.counter, temperature=0)
+    big = CtxkitChatModel.wrap(OtherProvider(model="big-model-2", answer="answer from big-model-2"),
+                               counter=llama_backend.counter, temperature=0)
     answers, models = [], []
     for model in (big, small):
         ledger = Ledger()
@@ -410,21 +419,6 @@ def test_parallel_tool_calls_streamed_without_an_index_stay_apart(llama_backend)
     assert [c["name"] for c in _whole(list(model.stream("Weather and time?"))).tool_calls] == ["get_weather", "get_time"]
 
 
-class NoStreamUsage(BaseChatModel):
-    """Reports no usage when it streams, as many LangChain integrations (and llama.cpp's server) do."""
-
-    model: str = "no-usage-1"
-
-    @property
-    def _llm_type(self):
-        return "no-stream-usage"
-
-    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-        return ChatResult(generations=[ChatGeneration(message=AIMessage("Hello there friend"))])
-
-    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
-        for word in ["Hello", " there", " friend"]:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=word))
 
 
 def test_a_stream_whose_backend_reports_no_usage_still_ends_with_the_counted_usage(llama_backend):
@@ -432,7 +426,8 @@ def test_a_stream_whose_backend_reports_no_usage_still_ends_with_the_counted_usa
     from langchain_core.callbacks import get_usage_metadata_callback
 
     ledger = Ledger()
-    model = CtxkitChatModel.wrap(NoStreamUsage(), counter=llama_backend.counter, ledger=ledger)
+    model = CtxkitChatModel.wrap(OtherProvider(model="no-usage-1", answer="Hello there friend"),
+                                 counter=llama_backend.counter, ledger=ledger)
     with get_usage_metadata_callback() as callback:
         usage = _whole(list(model.stream("Say hi."))).usage_metadata
     record = ledger.records[-1]
