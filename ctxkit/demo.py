@@ -140,7 +140,7 @@ def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int
             message = completion.choices[0].message
             messages.append(message.model_dump(exclude_none=True))
             if not message.tool_calls:
-                on_step(f"assistant: {message.content}")
+                on_step(f"assistant: {_shown(message.content, completion.choices[0].finish_reason)}")
                 break
             for call in message.tool_calls:
                 try:
@@ -151,6 +151,15 @@ def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int
                 on_step(f"  tool {call.function.name}({json.dumps(arguments)}) -> {result[:80]}")
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     return messages
+
+
+def _shown(content: str | None, finish_reason: str | None) -> str:
+    """The answer as printed: a reply cut off inside a tool call has no text, and "None" told the reader nothing."""
+    if content:
+        return content
+    if finish_reason == "length":
+        return "(no answer: the reply reached max_tokens before it finished; an unfinished tool call is dropped)"
+    return f"(no answer; finish_reason {finish_reason})"
 
 
 def ledger_line(record: LedgerRecord) -> str:

@@ -107,6 +107,14 @@ def test_demo_runs_the_agent_loop_on_the_embedded_model(tmp_path):
                 assert event["tokens"] <= previous.tokens_sent - record.tokens_cached, (event, previous.tokens_sent)
 
 
+def test_demo_says_why_a_step_has_no_answer():
+    from ctxkit.demo import _shown
+
+    assert _shown("42", "stop") == "42"
+    assert "max_tokens" in _shown(None, "length"), "a tool call cut off at max_tokens printed 'None'"
+    assert "None" not in _shown("", "stop")
+
+
 @pytest.mark.parametrize("args,where", [
     (["bench", "cache", "--pairs"], ":2: not a cache pair"),  # line 2 lacks the format's fields
     (["bench", "memory", "--conversations"], ":2: messages: must be a non-empty list"),
