@@ -14,7 +14,13 @@ from .tokens import TokenCounter
 
 # The closing quote or bracket stays with its sentence: (?<=...) must be fixed-width, hence two branches.
 _CLOSERS = "\"'”’)]"
-_BREAK = re.compile(rf"(?:(?<=[.!?])|(?<=[.!?][{re.escape(_CLOSERS)}]))\s+(?=\S)|\n\s*\n|\n(?=\S)")
+_CJK_CLOSERS = "」』）】”’\""
+# Chinese and Japanese end a sentence at 。！？ with no space after it: without these, a summary in either
+# language was one sentence, and a memory budget it did not fit whole sent none of it.
+_BREAK = re.compile(
+    rf"(?:(?<=[.!?])|(?<=[.!?][{re.escape(_CLOSERS)}]))\s+(?=\S)|\n\s*\n|\n(?=\S)"
+    rf"|(?<=[。！？])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}])|(?<=[。！？][{re.escape(_CJK_CLOSERS)}])[^\S\n]*(?=\S)"
+)
 _ABBREVIATION = re.compile(
     r"\b(?:(?:[A-Za-z]\.)+[A-Za-z]|Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Gen|Col|Lt|Capt|Sgt|Rev|Gov|Sen|Rep|Mt|Ft|vs|Inc|Ltd|"
     r"Co|Corp|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)\.$"

@@ -527,3 +527,88 @@ def test_a_section_budget_must_be_a_whole_number_of_tokens():
 def test_template_version_must_be_a_string():
     with pytest.raises(TemplateError, match="template version must look like"):
         PromptTemplate("support", 2)
+
+
+def test_a_conversation_budget_counts_tool_calls_and_results_as_the_prompt_writes_them(llama_backend):
+    """The budget counted a tool call as its bare JSON and a tool result as its text; the local model's prompt
+    writes them as <tool_call> and <tool_response name=...> blocks: a conversation given 400 tokens took 555."""
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"Weather in city {i}?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
+                        "name": "get_weather", "arguments": json.dumps({"city": f"City {i}", "units": "metric"})}}]},
+                    {"role": "tool", "tool_call_id": f"c{i}", "content": f"{i} degrees, sunny"},
+                    {"role": "assistant", "content": f"It is {i} degrees."}]
+    history.append({"role": "user", "content": "And tomorrow?"})
+    counter = llama_backend.counter
+    for budget in (100, 200, 400):
+        rendered = PromptTemplate("t", "1", system="You are terse.", budgets={"conversation": budget}).render(
+            counter, conversation=history)
+        real = counter.count_prompt(rendered.messages) - counter.count_prompt(rendered.messages[:1])
+        assert real <= budget and rendered.section_tokens["conversation"] == real, (budget, rendered.section_tokens, real)
+
+
+def test_a_memory_in_chinese_or_japanese_is_cut_at_a_sentence_end(llama_backend):
+    """。 ends a sentence: a summary in Chinese over its budget was one sentence, and no memory was sent at all."""
+    template = PromptTemplate("m", "1", system="S.", budgets={"memory": 60})
+    for memory, first in (("普丽娅住在里斯本。她喜欢坐火车。她在五月预订了波尔图的房间，住三晚，并且两次询问了退款的事情。", "普丽娅住在里斯本。"),
+                          ("プリヤはリスボンに住んでいる。電車が好きだ。五月にポルトのホテルを三泊予約し、返金について二回質問した。",
+                           "プリヤはリスボンに住んでいる。")):
+        rendered = template.render(llama_backend.counter, conversation=[{"role": "user", "content": "hi"}], memory=memory)
+        assert 0 < rendered.section_tokens["memory"] <= 60
+        assert first in rendered.messages[1]["content"]
+
+
+def test_a_call_that_fails_after_the_template_stage_is_not_the_prefix_its_retry_is_compared_with(llama_backend):
+    """A call that overflowed the context window never reached llama.cpp's cache, but became the 'previous
+    prompt': its retry's ledger said thousands of tokens were un-cached where llama.cpp re-evaluated 23."""
+    from ctxkit.errors import ContextOverflowError
+
+    counter = llama_backend.counter
+    stage = TemplateStage(PromptTemplate("s", "1", system="You are the helpdesk of Bookly."), counter)
+
+    def call(history, docs):
+        ledger = Ledger()
+        request = ChatRequest(messages=list(history), conversation_id="c-retry", params={"max_tokens": 1},
+                              metadata={"ctxkit.template": {"documents": docs}})
+        try:
+            Pipeline(llama_backend, [stage], ledger=ledger).call(request)
+        except ContextOverflowError:
+            pass
+        return sum(e["tokens"] for r in ledger.records for e in r.events if e["kind"] == "prefix_invalidated")
+
+    history = [{"role": "user", "content": "Do you ship to Peru?"}]
+    first_docs = [{"id": "a", "text": "We ship worldwide."}]
+    call(history, first_docs)
+    first = counter.tokens(stage.template.render(counter, conversation=history, documents=first_docs).messages)
+    history += [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "How long does it take?"}]
+    call(history, [{"id": "big", "text": "Shipping times vary by region and carrier. " * 800}])  # overflows
+    retry_docs = [{"id": "b", "text": "Peru: 10 days."}]
+    reported = call(history, retry_docs)
+    retry = counter.tokens(stage.template.render(counter, conversation=history, documents=retry_docs).messages)
+    shared = next((k for k, (a, b) in enumerate(zip(first, retry, strict=False)) if a != b), len(first))
+    assert reported == len(first) - shared
+
+
+def test_a_turn_template_frames_every_question_so_the_previous_prompt_stays_cached(llama_backend):
+    """Only the newest question went through the turn section: framed on one call, sent bare on the next, so
+    every turn un-cached the prompt from the previous question on (llama.cpp reused 18 of 46 tokens)."""
+    template = PromptTemplate("support", "1", system="You are the helpdesk of Bookly.",
+                              turn="Customer question (answer in {{ lang }}):\n{{ content }}")
+    stage = TemplateStage(template, llama_backend.counter)
+    history: list[dict] = []
+    previous_prompt = 0
+    for i in range(3):
+        history.append({"role": "user", "content": f"Question {i}: do you ship books to country number {i}?"})
+        ledger = Ledger()
+        request = ChatRequest(messages=list(history), conversation_id="c-turn", params={"max_tokens": 1},
+                              metadata={"ctxkit.template": {"variables": {"lang": "English"}}})
+        response = Pipeline(llama_backend, [stage], ledger=ledger).call(request)
+        events = [e for r in ledger.records for e in r.events if e["kind"] == "prefix_invalidated"]
+        assert not events, events
+        if previous_prompt:
+            assert response.usage.cached_tokens >= previous_prompt, (response.usage, previous_prompt)
+        previous_prompt = response.usage.prompt_tokens
+        history.append({"role": "assistant", "content": f"Yes, to country {i}."})
+    sent = template.render(llama_backend.counter, variables={"lang": "English"}, conversation=history).messages
+    assert all(m["content"].startswith("Customer question") for m in sent if m["role"] == "user")

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import RequestError
 from ..lru import LRUMemo
 from ..request import ChatRequest, Message, Tool
+from ..response import ChatResponse
 from ..sentences import leading_sentences
 from ..stage import Stage
 from ..tokens import TokenCounter
@@ -240,13 +241,21 @@ class PromptTemplate:
         tokens["documents"] = counter.count_text(docs_text) if docs_text else 0
 
         history = [copy.deepcopy(dict(m)) for m in conversation]
+        # Every user message goes through the turn section, not only the newest: a turn template that frames
+        # the question ("Customer question: {{ content }}") framed it on one call and sent it bare on the next,
+        # which changed the prompt from the previous question on (and un-cached it) on every turn. The older
+        # ones go without documents, which stay with the newest question.
+        last_user = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
+        for i, message in enumerate(history):
+            if i != last_user and message.get("role") == "user":
+                history[i] = self._with_documents(message, "", variables) or message
         dropped = 0
         budget = self.budgets.get("conversation")
-        framing = _framing(counter) if history else 0
+        sizes = _prompt_sizes(history, counter) if history else []
         if budget is not None and history:
-            dropped = _oldest_to_drop(history, budget, counter, framing)
+            dropped = _oldest_to_drop(history, budget, sizes)
             history = history[dropped:]
-        tokens["conversation"] = sum(_message_tokens(m, counter) + framing for m in history)
+        tokens["conversation"] = sum(sizes[dropped:])
 
         # The newest user message, also when the turn goes on with tool calls and their results after it: the
         # documents stay with the question (and the previous call's prompt stays the prefix of this one)
@@ -390,15 +399,36 @@ def _tools_tokens(tools: list[Tool], counter: TokenCounter) -> int:
     return max(0, counter.count_prompt(head, tools) - counter.count_prompt(head))
 
 
-def _framing(counter: TokenCounter) -> int:
-    """Tokens the backend's chat template adds around one message (its role, start and end markers): a
-    conversation's budget is what its messages take in the prompt, not their bare text."""
+def _prompt_sizes(history: list[Message], counter: TokenCounter) -> list[int]:
+    """Tokens each message takes in the prompt as the backend writes it: its role and markers, and an
+    assistant's tool calls and a tool result as the chat template renders them (a local model without native
+    tools gets them as <tool_call> and <tool_response> text, longer than the bare JSON). A tool result is
+    measured after the call it answers, whose name the template writes into it."""
     head: list[Message] = [{"role": "system", "content": "s"}]
-    probe = counter.count_prompt([*head, {"role": "user", "content": "x"}]) - counter.count_prompt(head)
-    return max(0, probe - counter.count_text("x"))
+    base = counter.count_prompt(head)
+    framing: int | None = None
+    calls: dict[Any, Message] = {}
+    sizes: list[int] = []
+    for message in history:
+        context = head
+        if message.get("role") == "tool" and message.get("tool_call_id") in calls:
+            context = [*head, calls[message.get("tool_call_id")]]
+        try:
+            before = base if context is head else counter.count_prompt(context)
+            size = max(0, counter.count_prompt([*context, message]) - before)
+        except Exception:  # a message the chat template cannot render alone: its text and the usual framing
+            if framing is None:
+                probe = counter.count_prompt([*head, {"role": "user", "content": "x"}]) - base
+                framing = max(0, probe - counter.count_text("x"))
+            size = _message_tokens(message, counter) + framing
+        sizes.append(size)
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, Mapping):
+                calls[call.get("id")] = message
+    return sizes
 
 
-def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter, framing: int = 0) -> int:
+def _oldest_to_drop(history: list[Message], budget: int, sizes: list[int]) -> int:
     """How many of the oldest messages to drop so the rest fits `budget`, cutting only where valid, or, when
     nothing fits, as many as a valid cut allows (the newest message always stays, with the tool call its
     result answers).
@@ -410,7 +440,6 @@ def _oldest_to_drop(history: list[Message], budget: int, counter: TokenCounter, 
     from .summarize.turns import valid_cuts  # here, not at the top: summarize uses this module's engine
 
     valid = valid_cuts(history)
-    sizes = [_message_tokens(m, counter) + framing for m in history]
     total = sum(sizes)
     if total <= budget:
         return 0
@@ -569,6 +598,42 @@ class TemplateStage(Stage):
         if request.conversation_id:
             self._note_invalidated((request.namespace, request.conversation_id), messages, rendered.tools)
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
+
+    def wrap_call(self, request: ChatRequest, call_next: Any) -> Any:
+        saved = self._saved(request)
+        request = self.before_model(request)
+        try:
+            result = call_next(request)
+        except BaseException:
+            self._forget(saved)
+            raise
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+
+    async def awrap_call(self, request: ChatRequest, call_next: Any) -> Any:
+        saved = self._saved(request)
+        request = await self._run_hook("before_model", request)
+        try:
+            result = await call_next(request)
+        except BaseException:
+            self._forget(saved)
+            raise
+        if not isinstance(result, ChatResponse) or type(self).after_model is Stage.after_model:
+            return result
+        return await self._run_hook("after_model", request, result)
+
+    def _saved(self, request: ChatRequest) -> tuple[tuple[str, str], _RenderedPrompt | None] | None:
+        """The conversation's previous prompt before this call replaces it: a call that fails after this stage
+        (a context overflow, a provider error) never reached a prefix cache, and its retry must be compared
+        with the prompt that did, not with the one that failed."""
+        if not request.conversation_id:
+            return None
+        key = (request.namespace, request.conversation_id)
+        return key, self._last.get([key]).get(key)
+
+    def _forget(self, saved: tuple[tuple[str, str], _RenderedPrompt | None] | None) -> None:
+        if saved is not None:
+            key, previous = saved
+            self._last.put({key: previous})  # type: ignore[dict-item]  # None: no previous prompt
 
     def _note_invalidated(self, key: tuple[str, str], messages: list[Message], tools: list[Tool]) -> None:
         current = _RenderedPrompt.of(messages, tools)
