@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ctxkit import ChatRequest
 from ctxkit.response import message_text
-from ctxkit.stages.pruning import DedupStage
+from ctxkit.stages.prefix import default_counter
+from ctxkit.stages.pruning import DedupStage, DocumentPruningStage
 from ctxkit.stages.pruning.dedup import COLLAPSED_PREFIX, DUPLICATES_KEY, MinHasher
 from ctxkit.validation import validate_request
 
@@ -378,3 +379,37 @@ def test_changed_rows_of_a_table_stay_one_a_line():
     assert documents[1]["text"].startswith(COLLAPSED_PREFIX)
     assert documents[1]["text"].endswith("1003,widget model 3 deluxe edition,22.5,10\n"
                                          "1017,widget model 17 deluxe edition,36.5,24")
+
+
+COMMON = ("Refunds go to the original card within five business days. Shipping is refunded for defective items only. "
+          "Gift cards cannot be refunded. Contact support by email at help@example.com for any refund question. "
+          "Items must be unused and in their original packaging. ")
+DOCS = [{"id": "policy-eu", "text": "Refund policy. Customers may return items within 30 days. Opened software is final sale. " + COMMON},
+        {"id": "policy-us", "text": "Refund policy. Customers may return items within 14 days. " + COMMON}]
+
+
+def _sent(question: str, budget: int) -> str:
+    counter = default_counter()
+    request = ChatRequest(messages=[{"role": "user", "content": question}], metadata={"documents": DOCS})
+    request = DedupStage(counter=counter).before_model(request)
+    assert "[not in this copy:] Opened software is final sale." in request.metadata["documents"][1]["text"]
+    out = DocumentPruningStage(budget_tokens=budget, counter=counter).before_model(request)
+    return str(out.messages[0]["content"])
+
+
+def test_a_sentence_the_copy_lacks_keeps_its_marker() -> None:
+    for budget in range(8, 40, 2):
+        sent = _sent("Is opened software final sale?", budget)
+        us = sent.split('<document id="policy-us">')[1] if "policy-us" in sent else ""
+        if "Opened software is final sale." in us:
+            assert "[not in this copy:] Opened software is final sale." in us, (budget, sent)
+        assert not us.strip().rstrip("<>/document \n…").endswith("[not in this copy:]"), (budget, sent)
+
+
+def test_the_note_is_never_cut_apart() -> None:
+    for question in ("Can I return an item after 14 days?", "Is opened software final sale?"):
+        for budget in range(8, 40, 2):
+            sent = _sent(question, budget)
+            assert "… ]" not in sent and "… what differs" not in sent and "… ] " not in sent, (budget, sent)
+            if "[near-duplicate" in sent:
+                assert '[near-duplicate of the earlier document "policy-eu", collapsed by ctxkit; the rest is the same; what differs:]' in sent

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ctxkit import ChatRequest, ConfigurationError, RequestError
-from ctxkit.stages.pruning import DocumentPruningStage, DocumentRanker
+from ctxkit.stages.prefix import default_counter
+from ctxkit.stages.pruning import DedupStage, DocumentPruningStage, DocumentRanker
 from ctxkit.stages.pruning.documents import REPORT_KEY, render_documents
 from ctxkit.validation import validate_request
 
@@ -516,3 +517,21 @@ def test_a_long_list_sentence_cut_at_its_commas_is_no_table():
         for i in range(6)]
     result = DocumentRanker(None).prune("What shirt number does Jonasski Meyer wear?", docs, 140)
     assert "Jonasski Meyer wears number 55" in " ".join(d["text"] for d in result.documents)
+
+
+EXPENSES = ("Expense reports are due on the 5th of every month. Late reports are not reimbursed. Receipts must be "
+            "attached as PDF files. Mileage is paid at 4.5 NOK per km. Meals abroad follow the state per diem table.")
+
+
+def test_a_dropped_copy_is_reported_with_its_original() -> None:
+    counter = default_counter()
+    docs = [{"id": "office", "text": "The Oslo office opens at 9am. It has 40 desks. Parking is free on weekends."},
+            {"id": "exp-2023", "text": EXPENSES}, {"id": "exp-2024", "text": EXPENSES}]
+    request = ChatRequest(messages=[{"role": "user", "content": "When does the Oslo office open?"}],
+                          metadata={"documents": docs})
+    for stage in (DedupStage(counter=counter), DocumentPruningStage(budget_tokens=20, counter=counter)):
+        request = stage.before_model(request)
+    assert request.metadata["ctxkit.duplicate_documents"] == {"exp-2024": "exp-2023"}
+    report = request.metadata["ctxkit.pruned_documents"]
+    assert report["kept"] == ["office"]
+    assert sorted(report["dropped"]) == ["exp-2023", "exp-2024"]

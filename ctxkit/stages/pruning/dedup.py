@@ -41,10 +41,8 @@ from ...settings import fraction
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
-from .documents import checked_documents
+from .documents import COLLAPSED_PREFIX, DUPLICATES_KEY, MISSING_MARK, checked_documents
 
-COLLAPSED_PREFIX = "[near-duplicate of the earlier"
-DUPLICATES_KEY = "ctxkit.duplicate_documents"
 _PRIME = (1 << 61) - 1
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -156,7 +154,7 @@ class DedupStage(Stage):
                 missing = _unmatched(_differs(texts[later], texts[earlier]), differs)
                 text = (f'{COLLAPSED_PREFIX} document "{documents[earlier]["id"]}", collapsed by ctxkit; '
                         f"the rest is the same; what differs:] {_join(differs, texts[later])}")
-                text += f" [not in this copy:] {_join(missing, texts[earlier])}" if missing else ""
+                text += f" {MISSING_MARK} {_join(missing, texts[earlier])}" if missing else ""
                 if self.counter.count_text(text) < self.counter.count_text(texts[later]):
                     cut[later] = text  # else the "collapsed" copy would be longer than the document itself
                 continue
@@ -200,7 +198,7 @@ class DedupStage(Stage):
             head = f"{COLLAPSED_PREFIX} {_describe(messages, earlier)} ({similarity:.0%} same wording), collapsed by ctxkit"
             text = f"{head}; what differs:] {_join(differs, texts[later])}" if differs else f"{head}]"
             if missing:
-                text += f" [not in this copy:] {_join(missing, texts[earlier])}"
+                text += f" {MISSING_MARK} {_join(missing, texts[earlier])}"
             if self.counter.count_text(text) < self.counter.count_text(texts[later]):
                 collapsed[later] = text  # else it saves nothing: leave the message (and the prefix) alone
         return collapsed

@@ -56,6 +56,7 @@ from ._text import BM25, words
 
 DOCUMENTS_KEY = "documents"
 REPORT_KEY = "ctxkit.pruned_documents"
+DUPLICATES_KEY = "ctxkit.duplicate_documents"  # written by DedupStage
 DOCUMENT_BLOCK = re.compile(r'<document id="([^"]*)">\n?(.*?)\n?</document>', re.S)
 _CLAUSE_BREAK = re.compile(r"(?<=[;,])\s+")
 # Hindi/Bengali ends a sentence with a danda (।, ॥), Arabic and Urdu ask with ؟ and end with ۔.
@@ -127,7 +128,21 @@ class DocumentRanker:
     # -- splitting, counting, embedding -----------------------------------------------------------
     def passages(self, text: str) -> list[str]:
         """Sentences; a sentence over `max_passage_tokens` is split by lines (a table, JSON, code), or at its
-        ; and , into pieces of about that size (a long list of names): a budget must be able to keep part of it."""
+        ; and , into pieces of about that size (a long list of names): a budget must be able to keep part of it.
+
+        A copy DedupStage collapsed keeps its note whole, as one passage, and its "[not in this copy:]" marker
+        as another: cut at the note's commas, "… ] Opened software is final sale." told the model the very
+        sentence this copy lacks."""
+        note = _collapse_note(text)
+        if note is not None:
+            head, differs, missing = note
+            out = [head, *self._passages(differs)]
+            if missing is not None:
+                out += [MISSING_MARK, *self._passages(missing)]
+            return out
+        return self._passages(text)
+
+    def _passages(self, text: str) -> list[str]:
         out: list[str] = []
         for sentence in split_sentences(text):
             # In characters: about four to a token, but about one for Chinese, Japanese and Korean.
@@ -194,7 +209,7 @@ class DocumentRanker:
         index = _Index(
             units=units, owner=np.array(owner, dtype=np.int64), tokens=unit_tokens, vectors=vectors,
             unit_bm25=BM25([words(u) for u in units]), doc_bm25=BM25([words(t) for t in texts]),
-            heads=_table_heads(units, owner),
+            heads=_note_heads(units, owner, _table_heads(units, owner)),
         )
         with self._lock:
             self._indexes[digest] = index
@@ -284,7 +299,11 @@ class DocumentRanker:
         # Dropping the weakest passage until the marks fit keeps the best ones: choosing passages at their
         # cost with marks instead measured worse on one page (gold recall 0.965 against 0.972).
         mark_tokens = self.counter.count_text(" …")
+        notes = [i for i, unit in enumerate(units) if unit == MISSING_MARK and (heads == i).any()]
         while True:
+            for i in notes:  # "[not in this copy:]" with none of its sentences says nothing
+                if chosen[i] and not chosen[heads == i].any():
+                    chosen[i] = False
             kept_docs, kept_ids, marks, gaps = _assemble(documents, texts, ids, units, starts, chosen, own)
             # The budget holds for what is sent: the "…" marks between kept passages count too, and so do
             # the line breaks and indentation kept between neighbouring passages.
@@ -344,6 +363,40 @@ def _table_heads(units: Sequence[str], owner: Sequence[int]) -> np.ndarray:
         if i - start >= 3 and shapes[start] is not None:
             heads[start + 1:i] = start
         start = i
+    return heads
+
+
+# How DedupStage marks a collapsed copy (ctxkit.stages.pruning.dedup writes them; this module must read them).
+COLLAPSED_PREFIX = "[near-duplicate of the earlier"
+MISSING_MARK = "[not in this copy:]"
+_NOTE_ENDS = ("what differs:]", "collapsed by ctxkit]")
+
+
+def _collapse_note(text: str) -> tuple[str, str, str | None] | None:
+    """(the note, the sentences that differ, the sentences this copy lacks or None) of a collapsed copy."""
+    if not text.startswith(COLLAPSED_PREFIX):
+        return None
+    ends = [(at, end) for end in _NOTE_ENDS if (at := text.find(end)) >= 0]
+    if not ends:
+        return None
+    at, end = min(ends)
+    head, rest = text[: at + len(end)], text[at + len(end):]
+    differs, mark, missing = rest.partition(f" {MISSING_MARK} ")
+    if not mark and rest.startswith(f" {MISSING_MARK} "):
+        differs, missing, mark = "", rest[len(MISSING_MARK) + 2:], MISSING_MARK
+    return head, differs, (missing if mark else None)
+
+
+def _note_heads(units: Sequence[str], owner: Sequence[int], heads: np.ndarray) -> np.ndarray:
+    """A sentence after a "[not in this copy:]" marker goes with the marker: alone, it states for this
+    document what the note says this document lacks."""
+    for i, unit in enumerate(units):
+        if unit != MISSING_MARK:
+            continue
+        j = i + 1
+        while j < len(units) and owner[j] == owner[i]:
+            heads[j] = i
+            j += 1
     return heads
 
 
@@ -491,10 +544,17 @@ class DocumentPruningStage(Stage):
                 result = self.ranker.prune(query, documents, budget)
             else:
                 result = PruneResult([], [], [str(d["id"]) for d in documents], tokens, 0)
+            # Documents DedupStage dropped as copies of others go where their copy went: the report names all
+            # of the app's documents (an id in neither list was neither sent nor reported dropped).
+            kept_ids, dropped_ids = list(result.kept_ids), list(result.dropped_ids)
+            copies = request.metadata.get(DUPLICATES_KEY)
+            for copy, original in (copies.items() if isinstance(copies, Mapping) else ()):
+                if str(copy) not in kept_ids and str(copy) not in dropped_ids:
+                    (kept_ids if str(original) in kept_ids else dropped_ids).append(str(copy))
             changes["metadata"] = {
                 **request.metadata,
                 DOCUMENTS_KEY: result.documents,
-                REPORT_KEY: {"kept": result.kept_ids, "dropped": result.dropped_ids,
+                REPORT_KEY: {"kept": kept_ids, "dropped": dropped_ids,
                              "tokens_before": result.tokens_before, "tokens_after": result.tokens_after},
             }
             if self.render and result.documents:
