@@ -279,3 +279,19 @@ def test_a_call_no_stage_changed_reaches_the_model_as_the_agents_own_request(lla
                          middleware=[Before(), middleware, After()])
     agent.invoke({"messages": history})
     assert seen["model"] is seen["agent"]
+
+
+def test_a_middleware_sharing_its_models_ledger_is_refused_not_counted_twice(llama_backend):
+    """`CtxkitMiddleware.from_pipeline(p)` on an agent whose model is `CtxkitChatModel(pipeline=p)` wrote two
+    records (llama.cpp and langchain-agent) for one model call into the same ledger: twice the tokens and cost."""
+    ledger = Ledger()
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    model = CtxkitChatModel(pipeline=pipeline, temperature=0, seed=1, max_tokens=4)
+    agent = create_agent(model, tools=[], middleware=[CtxkitMiddleware.from_pipeline(pipeline)])
+    with pytest.raises(ConfigurationError, match="recorded twice"):
+        agent.invoke({"messages": [HumanMessage("Say hi")]})
+    assert len(ledger.records) == 0
+    # with a ledger of its own, both records are wanted (the model's and the agent's view): allowed
+    agent = create_agent(model, tools=[], middleware=[CtxkitMiddleware(pipeline.stages, ledger=Ledger())])
+    agent.invoke({"messages": [HumanMessage("Say hi")]})
+    assert len(ledger.records) == 1

@@ -520,3 +520,48 @@ def test_request_fields_per_call_reach_the_request_in_invoke_and_stream(llama_ba
     asyncio.run(model.ainvoke("Hi", ctxkit_metadata={"tag": 3}, conversation_id="c"))
     model.bind_tools([add], ctxkit_metadata={"tag": 4}).batch(["Hi"])
     assert seen == [(1, None), (2, None), (3, "c"), (4, None)]
+
+
+def test_a_block_langchains_converter_cannot_express_is_a_request_error(model):
+    """LangChain's v1 `text-plain` block made its OpenAI converter raise a bare ValueError out of invoke, stream
+    and ainvoke: neither ctxkit's RequestError nor LangChain's ModelInvalidRequestError, unlike every other part."""
+    from langchain_core import exceptions as lc
+
+    from ctxkit.errors import InvalidMessageError
+
+    messages = [HumanMessage(content=[{"type": "text-plain", "text": "Revenue grew.", "mime_type": "text/plain"},
+                                      {"type": "text", "text": "Summarize."}])]
+    for call in (lambda: model.invoke(messages), lambda: list(model.stream(messages)),
+                 lambda: asyncio.run(model.ainvoke(messages))):
+        with pytest.raises(InvalidMessageError, match=r"messages\[0\]\.content") as caught:
+            call()
+        if hasattr(lc, "ModelInvalidRequestError"):
+            assert isinstance(caught.value, lc.ModelInvalidRequestError)
+
+
+def test_a_stream_says_which_backend_or_stage_answered_as_invoke_does(llama_backend, tmp_path):
+    """invoke() puts ctxkit_backend and ctxkit_answered_by in response_metadata; a streamed answer had neither,
+    so a streaming app could not tell a cache hit from a model call."""
+    from ctxkit.stages.cache import ExactCacheStage, LocalStore
+
+    with LocalStore(tmp_path / "cache") as store:
+        model = CtxkitChatModel(pipeline=Pipeline(llama_backend, stages=[ExactCacheStage(store)], ledger=Ledger()),
+                                temperature=0, max_tokens=6, seed=1)
+        first = model.invoke("Name a colour.")
+        hit = None
+        for chunk in model.stream("Name a colour."):
+            hit = chunk if hit is None else hit + chunk
+
+        async def astream():
+            merged = None
+            async for chunk in model.astream("Name a fruit."):
+                merged = chunk if merged is None else merged + chunk
+            return merged
+
+        miss = asyncio.run(astream())
+    assert first.response_metadata["ctxkit_answered_by"] is None
+    assert hit.response_metadata["ctxkit_answered_by"] == "exact_cache"
+    assert hit.response_metadata["ctxkit_backend"] == "cache:exact_cache"
+    assert miss.response_metadata["ctxkit_answered_by"] is None
+    assert miss.response_metadata["ctxkit_backend"] == llama_backend.name
+    assert miss.response_metadata["model_name"] == llama_backend.model  # not repeated (merged strings concatenate)

@@ -333,11 +333,16 @@ def _closing_usage(stream: Any, saw_usage: bool) -> ChatGenerationChunk | None:
     no usage when streaming, an OpenAI-compatible server that ignores include_usage), as ctxkit's OpenAI client
     and `ctxkit serve` close such a stream: without it, invoke() had usage_metadata and stream() had none."""
     response = getattr(stream, "response", None)
-    if saw_usage or response is None:
+    if response is None:
         return None
+    # Where invoke() says which backend answered and whether a stage (the cache) did: a stream said neither.
+    metadata: dict[str, Any] = {"ctxkit_backend": response.backend, "ctxkit_answered_by": response.answered_by}
+    if saw_usage:
+        return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=metadata, id=response.id))
     usage = usage_metadata(response.call_usage or response.usage, from_cache=response.answered_by is not None)
     return ChatGenerationChunk(message=AIMessageChunk(  # named as a usage chunk is: usage callbacks key by model
-        content="", usage_metadata=usage, response_metadata={"model_name": response.model}, id=response.id))
+        content="", usage_metadata=usage, response_metadata={"model_name": response.model, **metadata},
+        id=response.id))
 
 
 def _token_usage(message: AIMessage) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from ctxkit.errors import InvalidMessageError
 from ctxkit.quarantine_marks import METADATA_KEY as QUARANTINE_KEY
 from ctxkit.quarantine_marks import fingerprint
 from ctxkit.response import ChatResponse, Usage
@@ -44,14 +45,24 @@ def _converted_groups(messages: Sequence[BaseMessage]) -> list[tuple[BaseMessage
     """Each LangChain message with the OpenAI messages it became (to_openai_messages is their concatenation)."""
     # One message may become several: a HumanMessage's Anthropic-style tool_result blocks become tool
     # messages, which go first, since results must follow the call they answer before the next turn.
-    converted = [(original, sorted(convert_to_openai_messages([original]), key=lambda m: m.get("role") != "tool"))
-                 for original in messages]
+    converted = [(original, sorted(_convert_one(original, index), key=lambda m: m.get("role") != "tool"))
+                 for index, original in enumerate(messages)]
     answered = {m.get("tool_call_id") for _, group in converted for m in group if m.get("role") == "tool"}
     # Only the model's own turns carry its reasoning blocks; a user's PDF or other provider block is no
     # reasoning: dropping it silently answered without it (it stays, and validation names it).
     return [(original, [_assistant_turn(m, original, answered) if m.get("role") == "assistant" else m
                         for m in group])
             for original, group in converted]
+
+
+def _convert_one(message: BaseMessage, index: int) -> list[dict[str, Any]]:
+    """One LangChain message in the OpenAI form. LangChain's converter raises a bare ValueError for a block it
+    cannot express (a v1 `text-plain` document block): a request error naming the message, as validation names
+    any other part it refuses, so LangChain's handling (`ModelInvalidRequestError`) and `except RequestError` see it."""
+    try:
+        return convert_to_openai_messages([message])
+    except ValueError as exc:
+        raise InvalidMessageError(str(exc), index, "content") from exc
 
 
 def failed_tool_results(originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]],

@@ -267,6 +267,13 @@ class CtxkitMiddleware(AgentMiddleware):
 
     # -- helpers ------------------------------------------------------------------------------------
     def _prepare(self, request: ModelRequest) -> tuple[_HandlerBackend, Pipeline, ChatRequest]:
+        inner = getattr(request.model, "pipeline", None)
+        if isinstance(inner, Pipeline) and inner.ledger is self.ledger:
+            # `from_pipeline(p)` on an agent whose model is CtxkitChatModel(pipeline=p): both wrote a record for
+            # the one model call, so `ctxkit report` counted its tokens and cost twice.
+            raise ConfigurationError(
+                "the agent's model is a CtxkitChatModel writing to this middleware's ledger: every model call "
+                "would be recorded twice; give the middleware its own ledger, or use the model without it")
         translated = self._translate(request)
         counter = self._counter(request)
         window = self.context_window or profile_context_window(request.model) or UNLIMITED_CONTEXT
