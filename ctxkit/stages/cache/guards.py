@@ -14,7 +14,11 @@ these checks finds a difference that changes the answer:
 - person:    my vs our vs his/her/their ("my account" is not "her account"), when both texts name one
 - entities:  capitalized names, acronyms, quoted strings, emails (swapped or different people, places...)
 - order:     the same names and units in another order ("Boston to Denver", "miles to km")
-- question:  the question word (who / when / where / how many ...), when both texts have one
+- question:  the question word (who / when / where / how many ...), when both texts have one; a question
+             that opens with an auxiliary and has none ("Does aspirin thin the blood?") asks yes or no,
+             not how ("How does aspirin thin the blood?")
+- symbols:   emoji and other pictographs, when each text has one the other lacks ("is 👍 rude" / "is 👎 rude":
+             MiniLM reads both as the same unknown token)
 - operators: arithmetic, comparison and logic symbols, signs and command-line flags ("12 * 3" / "12 / 3",
              "7 > 5" / "7 < 5", "==" / "!=", "-5" / "5", "ls -l" / "ls -L"): the words around them agree
 - courtesy:  a courtesy word that ends the question with nothing setting it off may be its object
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import unicodedata
 from typing import Any
 
 from .disfluency import tokenize
@@ -182,6 +187,7 @@ class Features:
     sequence: tuple[str, ...] = ()  # the lowercased words in order, lightly stemmed (to align two texts)
     content: frozenset[str] = frozenset()  # content words, lightly stemmed
     operators: tuple[str, ...] = ()  # operator symbols and command-line flags (see `operators`)
+    symbols: frozenset[str] = frozenset()  # emoji and other pictographs (Unicode "So"), which MiniLM cannot read
 
 
 def _number(token: str) -> str | None:
@@ -197,11 +203,29 @@ def _number(token: str) -> str | None:
     return f"{word[:-2]}th" if isinstance(word, str) else f"{float(word):g}"
 
 
+def _join_numbers(tokens: list[str], text: str) -> list[str]:
+    """The tokenizer splits "1,000", "0.05" and "2.5ml" at their separators ("1" "," "000"): taken apart,
+    "0.5 mg" and "0.05 mg" both read as the numbers {0, 5}, and "$1,000" and "$1,000,000" as {1, 0}.
+    Join them again where the text has them written together: digits, a "," and three digits (thousands),
+    or a "." and digits (decimals)."""
+    out: list[str] = []
+    for tok in tokens:
+        if (len(out) >= 2 and out[-1] in (",", ".") and re.fullmatch(r"\d[\d,]*(?:\.\d+)?", out[-2])
+                and re.fullmatch(r"\d+(?:[^\W\d_]+|%)?", tok)
+                and (out[-1] == "." and "." not in out[-2] or re.fullmatch(r"\d{3}", tok) and "." not in out[-2])
+                and out[-2] + out[-1] + tok in text):
+            sep = out.pop()
+            out[-1] = out[-1] + sep + tok
+            continue
+        out.append(tok)
+    return out
+
+
 def _feature_tokens(text: str) -> list[str]:
     """Tokens for the checks: "don't" -> "do n't", "two-factor" -> "two factor", "3pm" -> "3 pm",
     "Louvre's" -> "Louvre", "Sundays" -> "Sunday"; ids with digits ("A-1182") stay whole."""
     out: list[str] = []
-    for tok in tokenize(text.replace("n't", " n't").replace("N'T", " N'T")):
+    for tok in _join_numbers(tokenize(text.replace("n't", " n't").replace("N'T", " N'T")), text):
         if not tok.strip():
             continue
         tok = re.sub(r"['’]s$", "", tok)
@@ -256,7 +280,10 @@ def features(text: str, raw: str | None = None) -> Features:
             dates.add(_DATES[low])
         if low in _SCOPE:
             scope.add(_SCOPE[low])
-        if low in _PERSON:
+        roman_one = tok == "I" and _after_a_name(tokens, i)  # "World War I", "Elizabeth I": not the pronoun
+        if roman_one:
+            entities.add("i")
+        elif low in _PERSON:
             person.add(_PERSON[low])
         sentence_start = i == 0 or tokens[i - 1] in (".", "?", "!", ":", ";", "\"")
         if len(tok) > 1 and tok.isupper() and tok.isalpha() and low not in _UNITS and low not in _DATES:
@@ -293,7 +320,7 @@ def features(text: str, raw: str | None = None) -> Features:
         zone_text = correction_zone(raw)
         zone = features(zone_text) if zone_text else None
     kinds = [_question_kind(lower, i) for i, low in enumerate(lower) if low in _QUESTION_WORDS]
-    question = kinds[0] if kinds else None
+    question = kinds[0] if kinds else _yes_no(lower)
     return Features(
         negations=negations, polarity=frozenset(polarity), numbers=frozenset(numbers), units=frozenset(units),
         dates=frozenset(dates), scope=frozenset(scope), person=frozenset(person), entities=frozenset(entities),
@@ -301,7 +328,37 @@ def features(text: str, raw: str | None = None) -> Features:
         questions=frozenset(kinds), zone=zone,
         content=frozenset(_stem(w) for w in lower if w.isalpha() and len(w) > 2 and w not in _STOPWORDS),
         sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)), operators=operators(text),
+        symbols=frozenset(c for c in text if unicodedata.category(c) == "So" and c != "°"),
     )
+
+
+_YES_NO_OPENERS = frozenset({"is", "are", "was", "were", "am", "do", "does", "did", "can", "could", "will", "would",
+                             "should", "shall", "may", "might", "must", "has", "have", "had"})
+_REQUEST_VERBS = frozenset({"tell", "explain", "give", "show", "list", "describe", "name", "help", "please", "find",
+                            "write", "let", "share", "provide", "recommend", "suggest", "summarize", "translate",
+                            "know", "say", "define", "calculate", "compute", "convert", "make", "create"})
+
+
+def _yes_no(lower: list[str]) -> str | None:
+    """"yes/no" for a question that opens with an auxiliary and has no question word ("Does aspirin thin the
+    blood?"): its answer is not the answer to "How does aspirin thin the blood?". A request phrased as one
+    ("Can you tell me ...", "Could you please explain ...") is no yes/no question."""
+    words = [w for w in lower if re.match(r"\w", w)]
+    if not words or words[0] not in _YES_NO_OPENERS:
+        return None
+    if len(words) > 1 and words[1] in ("you", "u") and _REQUEST_VERBS & set(words[2:5]):
+        return None
+    return "yes/no"
+
+
+def _after_a_name(tokens: list[str], i: int) -> bool:
+    """Whether the "I" at `i` follows a capitalized word inside a sentence, as a regnal or ordinal numeral
+    does ("World War I", "Elizabeth I", "Part I")."""
+    if i < 2:
+        return False
+    prev, before = tokens[i - 1], tokens[i - 2]
+    return (prev[:1].isupper() and prev.isalpha() and prev.lower() not in _SENTENCE_START_STOP
+            and before not in (".", "?", "!", ":", ";", "\""))
 
 
 def _question_kind(lower: list[str], i: int) -> str:
@@ -323,7 +380,7 @@ _OBJECT_AUXILIARIES = frozenset({"do", "does", "did", "will", "would", "can", "c
 
 
 CHECKS = ("negation", "polarity", "numbers", "units", "dates", "scope", "person", "entities", "order", "question",
-          "content", "roles", "operators")
+          "content", "roles", "operators", "symbols")
 
 
 _SET_CHECKS = ("polarity", "numbers", "units", "dates", "scope")
@@ -395,6 +452,8 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
             return check
         elif check == "operators" and a.operators != b.operators:
             return check
+        elif check == "symbols" and a.symbols - b.symbols and b.symbols - a.symbols:
+            return check  # each has a pictograph the other lacks; one added alone may be decoration
         elif check == "person" and a.person and b.person and a.person != b.person:
             return check
         elif check == "order" and _reordered(a.order, b.order):
@@ -597,6 +656,8 @@ def _courtesy_differs(query_raw: str, candidate_raw: str) -> bool:
 
 
 _OPERATOR_RUN = re.compile(r"[-+*/^%=<>!&|~#]+")
+# C#/JS/Kotlin null operators: "a ?? b", "x?.y", "the ?. operator" (a sentence's question mark is no operator)
+_NULL_OPERATOR = re.compile(r"\?\?=?(?=\s*[\w(\[])|\?\.(?=\s*[A-Za-z_(\[])|(?<=\w)\?\[")
 _FLAG = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")
 
 
@@ -607,12 +668,13 @@ def operators(text: str) -> tuple[str, ...]:
     that ends a sentence. Sentence embeddings and the word checks barely see them: "What is 12 * 3?" and
     "What is 12 / 3?" have the same words and numbers, and another answer."""
     flags = _FLAG.findall(text)
-    t = _FLAG.sub(" ", text)
+    null_ops = _NULL_OPERATOR.findall(text)
+    t = _FLAG.sub(" ", _NULL_OPERATOR.sub(" ", text))
     t = re.sub(r"(?<=[A-Za-z]{2}) ?[-/] ?(?=[A-Za-z]{2})", " ", t)  # self-interest, yes / no
     t = re.sub(r"(?<=[A-Za-z])[-/](?=[A-Za-z0-9])|(?<=[0-9])-(?=[A-Za-z])", " ", t)  # COVID-19, 3-D
     t = re.sub(r"(?<=\d) ?%", " ", t)
     t = re.sub(r"!+(?=[\s?.]|$)", " ", t)
-    return tuple(sorted(_OPERATOR_RUN.findall(t))) + tuple(sorted(flags))
+    return tuple(sorted(_OPERATOR_RUN.findall(t) + null_ops)) + tuple(sorted(flags))
 
 
 _COUNTING_WORDS = frozenset(_stem(w) for w in (*_NUMBER_WORDS, *_UNITS))  # "two"/"2", "km": other checks
