@@ -164,3 +164,14 @@ def test_a_strict_tool_keeps_its_empty_required_lists():
     assert compacted["required"] == [] and compacted["properties"]["opts"]["required"] == []
     loose = compact_tool({"type": "function", "function": {"name": "ping", "parameters": params}})
     assert "required" not in loose["function"]["parameters"]
+
+
+def test_compaction_keeps_a_title_that_says_what_the_description_does_not():
+    """A title beside a description went whole, and with it the only place a unit or format was written."""
+    from ctxkit.stages.tools.compaction import compact_schema
+
+    compacted = compact_schema({"type": "object", "properties": {
+        "amount": {"type": "integer", "title": "Amount in US cents", "description": "How much to charge."},
+        "when": {"type": "string", "title": "When", "description": "When to charge."}}})["properties"]
+    assert compacted["amount"]["title"] == "Amount in US cents"
+    assert "title" not in compacted["when"]

@@ -215,6 +215,15 @@ def test_bad_configuration_is_rejected_at_construction():
     ("There is no standard library function for this in C.", False),
     ("You can't use the map function on a dict directly.", False),
     ("I can't use an arrow function as a constructor.", False),
+    # ... also with no word before "function": a language, product or library that has none is no missing tool.
+    ("JavaScript has no function for deep cloning; use structuredClone.", False),
+    ("There is no function in Python called flatten; use itertools.chain.", False),
+    ("SQL has no function like that; use a CTE.", False),
+    ("No function in the standard library does that, but numpy.flip does.", False),
+    ("There is no tool in Photoshop for that.", False),
+    ("There is no tool for checking flight prices in Europe.", True),
+    ("There is no tool in my toolset for that.", True),
+    ("We have no function for currency conversion.", True),
 ])
 def test_only_an_answer_that_says_a_tool_is_missing_gets_a_second_call(stage, content, lacks):
     provider = _Provider({"role": "assistant", "content": content}, {"role": "assistant", "content": "Done."})
@@ -645,3 +654,12 @@ def test_a_changed_selection_notes_what_the_backend_really_lost(llama_backend, e
     before, now = sent
     noted = max(e["tokens"] for e in _events(ledger.records[-1], "prefix_invalidated"))
     assert noted == len(before) - shared_prefix(before, now)
+
+
+@pytest.mark.parametrize("content", ["", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]])
+def test_a_request_with_no_words_still_gets_top_k_tools(stage, content):
+    """An image-only or blank user message ranked nothing and was sent no tool at all: tool_choice "required"
+    became a RequestError, and the model could call nothing."""
+    provider = _Provider({"role": "assistant", "content": "Done."})
+    stage.wrap_call(ChatRequest(messages=[{"role": "user", "content": content}]), provider)
+    assert len([t for t in provider.requests[0].tools if t["function"]["name"] != FIND_TOOLS]) == stage.top_k

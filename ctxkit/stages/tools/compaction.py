@@ -1,9 +1,9 @@
 """Schema compaction: the same tool, in fewer tokens, accepting exactly the same arguments.
 
 Only what cannot change validation is removed:
-- annotations no validator reads: `$comment`, and a `title` that says nothing new (at the root, beside a
-  description, or restating the property name as Pydantic writes it); a title that is the value's only
-  description ("Start date YYYY-MM-DD") stays;
+- annotations no validator reads: `$comment`, and a `title` that says nothing new (at the root, restating the
+  property name as Pydantic writes it, or beside a description that already has all its words); a title that is
+  the value's only description ("Start date YYYY-MM-DD") or says what it does not ("Amount in US cents") stays;
 - keywords that state the default behaviour: `required: []`, and `additionalProperties: true` beside no
   `properties` (`properties: {}` stays: OpenAI refuses an object schema without `properties`, and
   llama.cpp's grammar reads `{"type": "object"}` as any object but `properties: {}` as `{}` only; beside
@@ -90,11 +90,18 @@ def _title_is_redundant(schema: dict[str, Any], title: str, name: str | None, ro
     """A title tells the model nothing new at the root (the tool has a name and description), beside a
     description, or when it only restates the property's name ("start_date" -> "Start Date", as Pydantic
     writes it). Any other title is the only text that describes the value ("Start date YYYY-MM-DD"): kept."""
-    if root or isinstance(schema.get("description"), str):
+    if root:
         return True
-    if name is None:
-        return False
-    return [stem(w) for w in split_identifier(title)] == [stem(w) for w in split_identifier(name)]
+    words = [stem(w) for w in split_identifier(title)]
+    if name is not None and words == [stem(w) for w in split_identifier(name)]:
+        return True
+    # Beside a description, only a title whose every word the description (or the name) already says: "Amount
+    # in US cents" beside "How much to charge." is the only place the unit is written.
+    description = schema.get("description")
+    if isinstance(description, str):
+        said = {stem(w) for w in split_identifier(description + " " + (name or ""))}
+        return all(w in said for w in words)
+    return False
 
 
 def _squeeze(text: str) -> str:

@@ -179,7 +179,12 @@ class ToolSelector:
             # instead of pulling in a new tool. Else every step of a tool loop (same user message, one more
             # used tool) sent one more tool, and the changed tool block, which leads the prompt, broke the
             # prefix cache on every step.
-            ranked = self.rank(query, k, exclude=list(dict.fromkeys([*pinned, *(n for n in extra if n in self.index)])))
+            excluded = list(dict.fromkeys([*pinned, *(n for n in extra if n in self.index)]))
+            ranked = self.rank(query, k, exclude=excluded)
+            if not query:
+                # No words to rank by (an image-only or blank user message): the first k tools in catalog order,
+                # not none, which turned tool_choice "required" into a RequestError and left the model no tool.
+                ranked = [n for n in self.index.names if n not in excluded][:k]
             retrieved = [n for n in ranked if n not in used]
             chosen = set(forced) | set(ranked)
             ordered = sorted(chosen, key=self.index.position)

@@ -124,6 +124,26 @@ _LACKS_TOOL = re.compile(
     re.IGNORECASE,
 )
 
+# "Python has no function named flatten", "there is no tool in Photoshop for that", "no function in the standard
+# library does that": a language, product or library lacks it, not the selection. A proper noun (not I / We /
+# You) that "has no" it, or one the tool is "in", names whose it is.
+_OTHERS_HAVE_NO = re.compile(r"(?:^|[^\w'])(?!(?:I|We|You)\b)[A-Z][\w+#.-]*\s+(?:has|had|have|offers|provides|"
+                             r"includes|ships\s+with)\s+$")
+_IN_OTHERS = re.compile(r"\s+(?:in|within|from)\s+(?:(?:the|its)\s+)?(?:(?!I\b)[A-Z]|standard\s+librar|stdlib\b|"
+                        r"built-?ins?\b|core\s+librar)")
+
+
+def _lacks_tool(text: str) -> bool:
+    """The answer says the selection has no tool for the task (see _LACKS_TOOL), not that something else does."""
+    for match in _LACKS_TOOL.finditer(text):
+        if re.match(r"no\s", match.group(0), re.IGNORECASE):
+            if _OTHERS_HAVE_NO.search(text[max(0, match.start() - 80):match.start()]):
+                continue
+            if _IN_OTHERS.match(text, match.end()):
+                continue
+        return True
+    return False
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -430,7 +450,7 @@ class ToolRetrievalStage(Stage):
             return self._plan(request, extra=missing, offer_find_tools=False)
         # Under tool_choice "none" the app asked for no call: more tools cannot change the answer, only bill it twice.
         if (rerun and not names and request.params.get("tool_choice") != "none"
-                and _LACKS_TOOL.search(response.content or "") and len(plan.sent) < len(plan.index)):
+                and _lacks_tool(response.content or "") and len(plan.sent) < len(plan.index)):
             record_event(self.name, "model_lacks_tool", retry_top_k=2 * self.top_k)
             return self._plan(request, top_k=2 * self.top_k, offer_find_tools=False)
         return None
