@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.server
 import json
 import socket
@@ -114,6 +115,74 @@ def quoting_gateway() -> Iterator[str]:
 
     with _serving(Quoting) as base_url:
         yield base_url
+
+
+@contextlib.contextmanager
+def faulty_upstream() -> Iterator[str]:
+    """A fake upstream, for faults the real server cannot be made to produce, picked by the first path segment:
+    base URL `<yielded>/<fault>/v1`. Faults: `keepalive` (one chunk, then only SSE comments), `silent` (never
+    answers), `r429-<seconds>` and `r429-date` (a 429 whose Retry-After is seconds or an HTTP date three seconds
+    on), `echo401` (a 401 quoting the Authorization header and the path), `unindexed-tools` (two tool calls,
+    each whole in one delta without an `index`, as some servers send them)."""
+
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    class Faulty(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            body = json.dumps({"error": {"message": message, "type": "error"}}).encode()
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                                **(headers or {})}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _events(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            fault = self.path.strip("/").split("/")[0]
+            if fault == "r429-date":
+                return self._error(429, "slow down", {"Retry-After": email.utils.formatdate(time.time() + 3, usegmt=True)})
+            if fault.startswith("r429-"):
+                return self._error(429, "slow down", {"Retry-After": fault.removeprefix("r429-")})
+            if fault == "echo401":
+                return self._error(401, f"bad key: {self.headers.get('Authorization', '')} path {self.path}")
+            if fault == "silent":
+                time.sleep(60)
+                return None
+            self._events()
+            if fault == "unindexed-tools":
+                for call in ({"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                             {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}):
+                    self.wfile.write(chunk({"role": "assistant", "tool_calls": [call]}))
+                self.wfile.write(chunk({}, "tool_calls") + b"data: [DONE]\n\n")
+                return None
+            self.wfile.write(chunk({"role": "assistant", "content": "Hel"}))  # keepalive
+            self.wfile.flush()
+            for _ in range(120):
+                time.sleep(0.5)
+                try:
+                    self.wfile.write(b": ping\n\n")
+                    self.wfile.flush()
+                except OSError:
+                    return None
+            return None
+
+    with _serving(Faulty) as base_url:
+        yield base_url.removesuffix("/v1")
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import http.server
 import json
@@ -24,7 +25,7 @@ from ctxkit import (
     Pipeline,
     default_model_path,
 )
-from tests.servers import LlamaServer, cut_off_stream, quoting_gateway
+from tests.servers import LlamaServer, cut_off_stream, faulty_upstream, quoting_gateway
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
 PARAMS = {"max_tokens": 6, "temperature": 0}
@@ -591,3 +592,83 @@ def test_a_call_cut_by_max_tokens_sends_no_markup_streamed_or_not(remote):
                           params={"tool_choice": "required", "max_tokens": 6, "temperature": 0})
     response = remote.complete(request)
     assert response.finish_reason == "length" and response.content is None
+
+
+# -- faults a real server cannot be made to produce (tests/servers.py: faulty_upstream) ------------------------
+TWO_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+             for n in ("get_weather", "get_time")]
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def faulty():
+    with faulty_upstream() as base:
+        yield base
+
+
+def _faulty_backend(base: str, fault: str, **settings) -> OpenAIBackend:
+    settings = {"timeout": 2, "backoff_s": 0.05, **settings}
+    return OpenAIBackend("gpt-4o-mini", base_url=f"{base}/{fault}/v1", api_key="sk-test-abcdefgh12345", **settings)
+
+
+def test_a_stream_kept_alive_without_chunks_times_out(faulty):
+    """SSE comments (": ping") reset the HTTP read timeout on every byte: a stream that sent nothing else hung."""
+    start = time.monotonic()
+    with pytest.raises(BackendTimeoutError, match="stalled"):
+        list(_faulty_backend(faulty, "keepalive").stream(ChatRequest(HI, stream=True)))
+
+    async def consume():
+        return [c async for c in _faulty_backend(faulty, "keepalive").astream(ChatRequest(HI, stream=True))]
+
+    with pytest.raises(BackendTimeoutError, match="stalled"):
+        asyncio.run(asyncio.wait_for(consume(), 15))
+    assert time.monotonic() - start < 10
+
+
+def test_retries_and_their_waits_never_outlast_the_calls_timeout(faulty):
+    """A 429 with Retry-After 5 under a 1 s call timeout took 10 s; a silent server with 3 retries 4.4 s."""
+    start = time.monotonic()
+    with pytest.raises(BackendStatusError) as info:
+        _faulty_backend(faulty, "r429-5", max_retries=2, timeout=30).complete(ChatRequest(HI, timeout=1))
+    assert info.value.status == 429 and time.monotonic() - start < 1.5
+    start = time.monotonic()
+    with pytest.raises(BackendTimeoutError):
+        _faulty_backend(faulty, "silent", max_retries=3, timeout=30).complete(ChatRequest(HI, timeout=1))
+    assert time.monotonic() - start < 1.8
+
+
+def test_a_retry_after_given_as_an_http_date_is_honoured(faulty):
+    start = time.monotonic()
+    with pytest.raises(BackendStatusError):
+        _faulty_backend(faulty, "r429-date", max_retries=1).complete(ChatRequest(HI))
+    assert time.monotonic() - start >= 2
+
+
+def test_credentials_in_the_base_url_or_query_never_reach_an_error(faulty):
+    """httpx sends a base URL's user:password as `Authorization: Basic <base64>`; a gateway quoting it back, or
+    an ?api-key= query value, reached str(error)."""
+    host = faulty.removeprefix("http://")
+    backend = OpenAIBackend("gpt-4o-mini", base_url=f"http://alice:pw-S3cret-999x@{host}/echo401/v1", timeout=2)
+    with pytest.raises(BackendStatusError) as info:
+        backend.complete(ChatRequest(HI))
+    text = str(info.value)
+    assert "pw-S3cret-999x" not in text and base64.b64encode(b"alice:pw-S3cret-999x").decode() not in text
+    with pytest.raises(BackendStatusError) as info:
+        _faulty_backend(faulty, "echo401").complete(ChatRequest(HI, extra_query={"api-key": "QK-77aa88bb99cc"}))
+    assert info.value.status == 401 and "QK-77aa88bb99cc" not in str(info.value)
+
+
+def test_tool_call_deltas_without_an_index_stay_separate_calls(faulty):
+    """Read as index 0, two whole calls ran together ("get_weatherget_time"), and the drop-in client refused them."""
+    backend = _faulty_backend(faulty, "unindexed-tools")
+    stream = Pipeline(backend).call(ChatRequest(HI, tools=TWO_TOOLS, stream=True))
+    for _ in stream:
+        pass
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in stream.response.message["tool_calls"]]
+    assert calls == [("call_a", "get_weather", '{"city": "Paris"}'), ("call_b", "get_time", '{"tz": "CET"}')]
+    names = {}
+    client = Pipeline(backend).openai()
+    for chunk in client.chat.completions.create(model="gpt-4o-mini", messages=HI, tools=TWO_TOOLS, stream=True):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            names[call.index] = call.function.name
+    assert names == {0: "get_weather", 1: "get_time"}

@@ -109,10 +109,14 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self._timeout = timeout
         # The key's own text, to take out of every error message: a gateway may quote the key it refused, and
         # a key not shaped like sk-... is one pattern-based redaction cannot recognise. (A placeholder such as
         # "x" for a local server is no secret, and taking it out would garble every message.)
         self._secret = key if len(key) >= 8 and key != "not-needed" else None
+        # The base URL's own credentials: its password (httpx sends user:password as `Authorization: Basic
+        # <base64>`, which a gateway may quote back as it quotes a key) and its query string's values (?api-key=).
+        self._url_secrets = _url_secrets(base_url)
         if base_url is not None and "@" in base_url:
             _redact_http_library_logs()  # httpx logs each request's URL at INFO: its user:password@ too
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
@@ -187,12 +191,16 @@ class OpenAIBackend:
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
         failure: BaseException | None = None
+        # A server that keeps the connection alive (SSE comments, blank lines) but sends no chunk never trips the
+        # HTTP read timeout: a watchdog ends such a stream once no chunk came for the call's timeout.
+        watchdog = _Watchdog(self._stall_limit(request), chunks)
         try:
-            for chunk in chunks:
+            for chunk in watchdog.chunks():
                 ended = ended or _ends_answer(chunk)
-                data = chunk.model_dump(exclude_unset=True)
+                data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
                 yield from calls.feed(data) if calls else (data,)
             if not ended:
@@ -209,7 +217,10 @@ class OpenAIBackend:
         except BackendConnectionError as exc:  # _cut_off
             failure = exc
         finally:
+            watchdog.stop()
             chunks.close()
+        if watchdog.fired:  # the watchdog cut the connection: whatever that raised, the stream stalled
+            failure = _stalled(watchdog.limit, self.name)
         if failure is not None:
             usage = self._held_back_usage(request, calls, last)
             if usage is not None:
@@ -245,12 +256,20 @@ class OpenAIBackend:
         chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record, request)
         ended = False
         calls = self._text_calls(request)
+        slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
         failure: BaseException | None = None
+        limit = self._stall_limit(request)
         try:
-            async for chunk in chunks:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), limit)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:  # kept alive (SSE comments) but no chunk: see _stream
+                    raise _stalled(limit, self.name) from None
                 ended = ended or _ends_answer(chunk)
-                data = chunk.model_dump(exclude_unset=True)
+                data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
                 for passed in calls.feed(data) if calls else (data,):
                     yield passed
@@ -265,7 +284,7 @@ class OpenAIBackend:
         except _TRANSPORT_ERRORS as exc:
             failure = _lost_mid_stream(exc, self.name)
             failure.__cause__ = exc
-        except BackendConnectionError as exc:  # _cut_off
+        except (BackendConnectionError, BackendTimeoutError) as exc:  # _cut_off, _stalled
             failure = exc
         finally:
             await chunks.close()
@@ -371,13 +390,19 @@ class OpenAIBackend:
         `max_backoff_s` (a Retry-After of an hour): the error goes to the caller now, not after an hour."""
         retry_after = None
         if isinstance(exc, openai.APIStatusError):
-            header = exc.response.headers.get("retry-after")
-            if header and header.replace(".", "", 1).isdigit():
-                retry_after = float(header)
+            retry_after = _retry_after(exc.response.headers)
         if retry_after is not None:
             return retry_after if retry_after <= self.max_backoff_s else None
         base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
         return base * (0.5 + random.random() / 2)
+
+    def _stall_limit(self, request: ChatRequest) -> float | None:
+        """The longest a stream may go without a chunk: the call's timeout, else the backend's (read) timeout."""
+        timeout = request.timeout if request.timeout is not None else self._timeout
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+            return float(timeout)
+        read = getattr(timeout, "read", None)  # an httpx.Timeout
+        return float(read) if isinstance(read, (int, float)) else None
 
     def _retryable(self, exc: openai.OpenAIError) -> bool:
         if isinstance(exc, openai.APIConnectionError):  # includes timeouts
@@ -385,13 +410,14 @@ class OpenAIBackend:
         return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
 
     def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest) -> T:
+        deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
             try:
                 return call()
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON: the upstream's fault, not ours
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
-                delay = self._delay(attempt, exc)
+                delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
                 self._note_retry(record, attempt, exc, delay)
@@ -399,13 +425,14 @@ class OpenAIBackend:
         raise AssertionError("unreachable")
 
     async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None], request: ChatRequest) -> Any:
+        deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
             try:
                 return await call()
             except json.JSONDecodeError as exc:
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
-                delay = self._delay(attempt, exc)
+                delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
                 self._note_retry(record, attempt, exc, delay)
@@ -435,7 +462,10 @@ class OpenAIBackend:
                delay_s=round(delay, 3), may_be_billed=isinstance(error, BackendTimeoutError))
 
     def _translate(self, exc: openai.OpenAIError, request: ChatRequest | None = None) -> BackendError:
-        headers = request.extra_headers if request is not None else {}
+        headers = dict(request.extra_headers) if request is not None else {}
+        # a secret-named query parameter (?api-key=) is a credential as a header is
+        headers.update({k: str(v) for k, v in (request.extra_query if request is not None else {}).items()
+                        if isinstance(v, (str, int))})
         if isinstance(exc, openai.APITimeoutError):
             return BackendTimeoutError(self._scrub(str(exc), headers), backend=self.name)
         if isinstance(exc, openai.APIConnectionError):
@@ -450,7 +480,7 @@ class OpenAIBackend:
     def _scrub(self, text: str, headers: Any = None) -> str:
         """`text` without this backend's own API key, nor the call's extra_headers values (a tenant token
         a gateway quotes back), whatever their shape."""
-        secrets = [self._secret] if self._secret else []
+        secrets = ([self._secret] if self._secret else []) + self._url_secrets
         for name, value in (headers or {}).items():
             if not _SECRET_HEADER.search(str(name)):
                 continue  # Accept: application/json is no secret, and taking it out would garble messages
@@ -484,6 +514,26 @@ def _redact_http_library_logs() -> None:
         log = logging.getLogger(name)
         if _REDACTED_RECORDS not in log.filters:
             log.addFilter(_REDACTED_RECORDS)
+
+
+def _url_secrets(url: str | None) -> list[str]:
+    """The credentials a base URL holds: its password, user:password as a Basic header carries it, and the values
+    of its secret-named query parameters."""
+    if not url:
+        return []
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    found = []
+    if parts.password:
+        found.append(parts.password)
+        userinfo = parts.netloc.rpartition("@")[0]
+        for user_pass in {userinfo, f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password)}"}:
+            found.append(base64.b64encode(user_pass.encode()).decode())
+        found.append(urllib.parse.unquote(parts.password))
+    found += [value for name, value in urllib.parse.parse_qsl(parts.query) if _SECRET_HEADER.search(name)]
+    return found
 
 
 def _shown_url(url: str | None) -> str | None:
@@ -544,6 +594,126 @@ async def _close_at_shutdown(client: Any, forget: Callable[[], None]) -> AsyncIt
     finally:
         forget()
         await client.close()
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds the server asks to wait: `retry-after-ms` (OpenAI's), `Retry-After` in seconds or as an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    try:
+        if millis is not None and float(millis) >= 0:
+            return float(millis) / 1000
+    except ValueError:
+        pass
+    header = (headers.get("retry-after") or "").strip()
+    if header.replace(".", "", 1).isdigit():
+        return float(header)
+    if header:
+        import email.utils
+
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is not None and when.tzinfo is not None:
+            return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _deadline(request: ChatRequest) -> float | None:
+    """When the call's own `timeout` (seconds this call may take) runs out: no wait for a retry may outlast it."""
+    return time.monotonic() + request.timeout if request.timeout is not None else None
+
+
+def _within(deadline: float | None, delay: float | None) -> float | None:
+    """`delay`, or None (no retry: the error goes to the caller now) when waiting it would pass `deadline`."""
+    if delay is None or deadline is None:
+        return delay
+    return delay if time.monotonic() + delay < deadline else None
+
+
+def _stalled(limit: float | None, backend: str) -> BackendTimeoutError:
+    return BackendTimeoutError(f"the stream stalled: no chunk for {limit:g} s", backend=backend)
+
+
+class _Watchdog:
+    """Shuts the stream's socket down once the server sent no chunk for `limit` seconds (the time the consumer
+    holds a chunk does not count). One thread per stream waits for the current deadline; a shutdown, unlike a
+    close, wakes the thread blocked reading the socket and frees no file descriptor another thread could get."""
+
+    def __init__(self, limit: float | None, chunks: Any) -> None:
+        self.limit = limit
+        self.fired = False
+        self._chunks = chunks
+        self._due: float | None = None  # when the chunk being waited for is late; None while the consumer has one
+        self._stopped = False
+        self._wake = threading.Condition()
+        stream = (getattr(getattr(chunks, "response", None), "extensions", None) or {}).get("network_stream")
+        self._socket = stream.get_extra_info("socket") if stream is not None else None
+        self._thread: threading.Thread | None = None
+
+    def chunks(self) -> Iterator[Any]:
+        if self.limit is None or self._socket is None:  # nothing to watch with: today's behaviour
+            yield from self._chunks
+            return
+        self._thread = threading.Thread(target=self._watch, name="ctxkit-stream-watchdog", daemon=True)
+        self._thread.start()
+        iterator = iter(self._chunks)
+        while True:
+            with self._wake:
+                self._due = time.monotonic() + self.limit
+                self._wake.notify()
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                with self._wake:
+                    self._due = None
+            if self.fired:
+                return
+            yield chunk
+
+    def _watch(self) -> None:
+        with self._wake:
+            while not self._stopped:
+                if self._due is None:
+                    self._wake.wait()
+                    continue
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self.fired = True
+                try:
+                    self._socket.shutdown(2)  # type: ignore[union-attr]  # socket.SHUT_RDWR; chunks() checked it
+                except OSError:
+                    pass
+                return
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+
+def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str, Any]:
+    """`data` with an `index` on each tool-call delta. Some servers send each call whole, without one: read as
+    index 0, every call would be folded into the first (names and arguments run together), and the drop-in
+    client's ChatCompletionChunk refuses the chunk. A delta with a new id starts a call, one without continues
+    the last."""
+    for choice in data.get("choices") or []:
+        for call in (choice.get("delta") or {}).get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            if isinstance(call.get("index"), int):
+                while len(slots) <= call["index"]:
+                    slots.append(None)
+                slots[call["index"]] = call.get("id") or slots[call["index"]]
+                continue
+            if not slots or (call.get("id") and call["id"] != slots[-1]):
+                slots.append(call.get("id"))
+            call["index"] = len(slots) - 1
+    return data
 
 
 def _ends_answer(chunk: Any) -> bool:
