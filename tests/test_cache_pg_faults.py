@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -79,7 +82,6 @@ def test_question_with_nul_is_answered_through_the_pipeline(make_pg_store, embed
 def test_put_gives_up_behind_a_stopped_writer(pg_dsn, make_pg_store, monkeypatch):
     """A replica frozen mid-put (a paused VM, a debugger) holds the byte-count row: another replica's put
     waited forever, inside single_flight, after its model had answered."""
-    import threading
 
     from ctxkit.stages.cache import pg_store
 
@@ -107,3 +109,58 @@ def test_malformed_dsn_error_keeps_the_password_out(dsn: str, secret: str) -> No
     with pytest.raises(ConfigurationError) as info:
         PostgresStore(dsn, table_prefix="t_redact")
     assert secret not in str(info.value)
+
+
+# A server that stops answering (a paused VM, a network partition) enforces no statement_timeout: the
+# store's client-side bound must turn every call on a request's way into a miss, not a hang.
+def _bounded(call, limit: float) -> bool:
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(limit)
+    return not thread.is_alive()
+
+
+def test_a_frozen_backend_is_a_miss_not_a_hang(make_pg_store):
+    store = make_pg_store(pool_size=1, statement_timeout_s=0.5)
+    store.put(_entry("k"), _vec())
+    with store.single_flight("warm"):
+        pass
+    with store._pool.connection() as conn:
+        pooled = conn.info.backend_pid
+    holder = store._holder.info.backend_pid
+    os.kill(pooled, signal.SIGSTOP)
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        assert _bounded(lambda: store.get("k", 1001.0), 8)
+        assert _bounded(lambda: store.search("s", np.ones(384, dtype=np.float32), 3, 1001.0), 8)
+
+        def flight() -> None:
+            with store.single_flight("other"):
+                pass
+        assert _bounded(flight, 8)
+    finally:
+        os.kill(pooled, signal.SIGCONT)
+        os.kill(holder, signal.SIGCONT)
+    time.sleep(0.2)
+    assert store.get("k", 1001.0) is not None  # the broken sessions were replaced
+
+
+def test_a_model_call_is_answered_while_the_cache_backend_is_frozen(make_pg_store, embedder, llama_backend, ledger):
+    """Through the pipeline: the model is up, the cache's PostgreSQL session stopped answering."""
+    from ctxkit.pipeline import Pipeline
+    from ctxkit.request import ChatRequest
+    from ctxkit.stages.cache.stage import SemanticCacheStage
+
+    store = make_pg_store(pool_size=1, statement_timeout_s=0.5)
+    pipeline = Pipeline(llama_backend, stages=[SemanticCacheStage(store, embedder)], ledger=ledger)
+    with store._pool.connection() as conn:
+        pooled = conn.info.backend_pid
+    os.kill(pooled, signal.SIGSTOP)
+    answer: list[str] = []
+    try:
+        request = ChatRequest(messages=[{"role": "user", "content": "Name a primary colour."}],
+                              params={"temperature": 0, "max_tokens": 8})
+        assert _bounded(lambda: answer.append(pipeline.call(request).content), 60), "the call hangs on the cache"
+    finally:
+        os.kill(pooled, signal.SIGCONT)
+    assert answer and answer[0]

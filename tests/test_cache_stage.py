@@ -429,7 +429,7 @@ def test_template_inputs_are_part_of_the_scope(stage):
     assert stage.lookup(req("What is my name?", metadata={"ctxkit.template": {"memory": "The user is Bob."}})).response is None
 
 
-@pytest.mark.parametrize("ttl", ["1h", float("nan"), float("inf"), -5, 0, True])
+@pytest.mark.parametrize("ttl", ["1h", float("nan"), float("inf"), -5, 0, True, 10**400])  # 10**400: past float
 def test_a_malformed_request_ttl_is_refused_before_the_backend(stage, ttl):
     with pytest.raises(RequestError, match="cache_ttl"):
         stage.lookup(req("hello there", metadata={"cache_ttl": ttl}))

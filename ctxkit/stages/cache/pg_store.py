@@ -29,6 +29,7 @@ import os
 import random
 import re
 import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -58,8 +59,9 @@ _COUNTERS = (
 class _ConnectionPool:
     """A small thread-safe pool: a connection is used by one thread at a time, never shared."""
 
-    def __init__(self, dsn: str, max_size: int, configure: Any) -> None:
+    def __init__(self, dsn: str, max_size: int, configure: Any, connect_kwargs: dict[str, Any] | None = None) -> None:
         self._dsn = dsn
+        self._connect_kwargs = dict(connect_kwargs or {})
         self._configure = configure
         self._max_size = max_size
         self._idle: list[Any] = []
@@ -79,7 +81,7 @@ class _ConnectionPool:
     def _connect(self) -> Any:
         import psycopg
 
-        conn = psycopg.connect(self._dsn, autocommit=True)
+        conn = psycopg.connect(self._dsn, autocommit=True, **self._connect_kwargs)
         try:
             self._configure(conn)
         except BaseException:
@@ -177,6 +179,32 @@ def _dropped(conn: Any) -> bool:
     return bool(readable)
 
 
+@contextmanager
+def _watchdog(conn: Any, seconds: float) -> Iterator[None]:
+    """Bound, on the client's side, how long the statements run in this block may wait for the server.
+
+    `statement_timeout` and `lock_timeout` are enforced by the server: a server that stopped answering (a
+    paused or overloaded VM, a network partition, a frozen backend) enforces nothing, and libpq waits on the
+    socket without end, holding the request that made the lookup. Past `seconds` the socket is shut down:
+    the statement fails with an OperationalError (a miss, an answer not stored), the connection is broken
+    and the pool opens a new one."""
+    def fire() -> None:
+        with contextlib.suppress(Exception):  # a connection already closed or lost: nothing to wake
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    timer = threading.Timer(min(seconds, 1e7), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 class PostgresStore:
     """CacheStore on PostgreSQL + pgvector, shared by every process that opens the same `dsn` and prefix.
 
@@ -236,7 +264,7 @@ class PostgresStore:
         self.statement_timeout_s = statement_timeout_s
         self._t = {name: f"{table_prefix}_{name}" for name in ("entries", "access", "meta", "stats")}
         self._ensure_schema()
-        self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection)
+        self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection, self._connect_kwargs())
         self._sf_guard = threading.Lock()
         self._sf_locks: dict[str, list[Any]] = {}  # key -> [threading.Lock, number of users]
         # Advisory locks are taken with pg_try_advisory_lock on one shared session (a session holds any
@@ -249,6 +277,19 @@ class PostgresStore:
         self._holder_guard = threading.Lock()
 
     # ---- setup -------------------------------------------------------------------------------------
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """libpq waits for a connection without end by default: a server that accepts no more (frozen, or
+        unreachable after a failover) would hold every request. The DSN's or PGCONNECT_TIMEOUT's value wins."""
+        import psycopg
+
+        if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(self.dsn) or os.environ.get("PGCONNECT_TIMEOUT"):
+            return {}
+        return {"connect_timeout": max(2, math.ceil(min(self.statement_timeout_s, 3600.0)))}
+
+    def _lookup_deadline_s(self) -> float:
+        # the server's statement_timeout fires first while the server answers; this is the backstop
+        return self.statement_timeout_s + 2.0
 
     def _configure_connection(self, conn: Any) -> None:
         from pgvector.psycopg import register_vector
@@ -267,7 +308,7 @@ class PostgresStore:
 
         t = self._t
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True)
+            conn = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # ProgrammingError: a malformed DSN
             message = _redact(str(exc), self.dsn)  # libpq may quote the password; and no chained traceback shows it
             raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {message}") from None
@@ -415,10 +456,11 @@ class PostgresStore:
         import psycopg
 
         params = dict(params, hit=hit, miss=miss, slot=random.randrange(_STATS_SLOTS))
-        try:
-            return list(conn.execute(sql, params).fetchall())
-        except psycopg.errors.ReadOnlySqlTransaction:  # a standby, writes frozen: still read, without bookkeeping
-            return list(conn.execute(select, params).fetchall())
+        with _watchdog(conn, self._lookup_deadline_s()):
+            try:
+                return list(conn.execute(sql, params).fetchall())
+            except psycopg.errors.ReadOnlySqlTransaction:  # a standby, writes frozen: still read, without bookkeeping
+                return list(conn.execute(select, params).fetchall())
 
     # ---- the CacheStore protocol -------------------------------------------------------------------
 
@@ -502,7 +544,16 @@ class PostgresStore:
         rows: dict[str, tuple[Any, ...]] = {}
         rejected = 0
         for entry, vector in zip(entries, vectors, strict=False):
-            row = self._row(entry, self._vector(vector, exact_only_allowed=True))
+            v = self._vector(vector, exact_only_allowed=True)
+            try:
+                row = self._row(entry, v)
+            except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud83d" from a client or an upstream)
+                problem = "a lone surrogate, which is not valid Unicode"
+            else:  # JSON escapes a NUL; the text columns cannot hold one
+                problem = "a NUL character, which PostgreSQL text cannot hold" if any("\x00" in s for s in row[:4]) else ""
+            if problem:  # as put: this entry is not stored, the others (of a put_many) are
+                logger.warning("the cache cannot store the entry %r: it holds %s", entry.key[:64], problem)
+                continue
             if row[8] > self.size_bytes:
                 rejected += 1
             else:
@@ -511,7 +562,10 @@ class PostgresStore:
 
     def _put_rows(self, rows: dict[str, tuple[Any, ...]], rejected: int, lock_timeout_ms: int = 0) -> None:
         t = self._t
-        with self._pool.connection() as conn, conn.transaction():
+        # a put on a call's way is bounded on the client's side too (see _watchdog); put_many is not
+        deadline = lock_timeout_ms / 1000 + 2 * self.statement_timeout_s + 2.0 if lock_timeout_ms else None
+        with self._pool.connection() as conn, (
+                _watchdog(conn, deadline) if deadline else contextlib.nullcontext()), conn.transaction():
             if not rows:
                 self._count(conn, "rejected_too_large", rejected)
                 return
@@ -700,11 +754,13 @@ class PostgresStore:
             if h is None and self._holder_gen < 0:  # closed: a flight still polling opens no new session
                 raise psycopg.OperationalError("the PostgresStore is closed")
             if h is None or h.closed or h.broken:
-                h = self._holder = psycopg.connect(self.dsn, autocommit=True)
-                h.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
+                h = self._holder = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
+                with _watchdog(h, self._lookup_deadline_s()):
+                    h.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
                 self._holder_pid = os.getpid()
                 self._holder_gen += 1
-            return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
+            with _watchdog(h, self._lookup_deadline_s()):
+                return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
 
     @contextmanager
     def _shared_flight(self, lock_id: int, deadline: float) -> Iterator[None]:
@@ -734,14 +790,17 @@ class PostgresStore:
                     h = self._holder
                     if (h is not None and self._holder_gen == held_gen and self._holder_pid == os.getpid()
                             and not (h.closed or h.broken)):
-                        h.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+                        with _watchdog(h, self._lookup_deadline_s()):
+                            h.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
 
     def _record_wait(self) -> None:
-        with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn:
+        with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn, \
+                _watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_waits")
 
     def _record_timeout(self) -> None:
-        with self._or_unavailable("a timeout is not counted"), self._pool.connection() as conn:
+        with self._or_unavailable("a timeout is not counted"), self._pool.connection() as conn, \
+                _watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_timeouts")
 
     def close(self) -> None:

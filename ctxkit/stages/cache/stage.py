@@ -473,6 +473,11 @@ def _ttl(request: ChatRequest, default: float | None) -> float | None:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        try:
+            value = float(value)
+        except OverflowError:  # a JSON integer past float's range (10**400): no finite number of seconds
+            value = float("inf")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
         raise RequestError(f"must be a positive number of seconds, got {value!r}", 'metadata["cache_ttl"]')
     return float(value)
