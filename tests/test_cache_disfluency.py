@@ -37,6 +37,9 @@ from ctxkit.stages.cache.guards import Thresholds, judge
      "What caused the increased rates of rainfall?"),
     # hesitations go, the words around them stay
     ("Do you serve tea or uh coffee ?", "Do you serve tea or coffee?"),
+    # the same last word: as many words as the repair has, ending there (and the first question's mark goes)
+    ("Is it safe to eat raw eggs? No, I mean cooked eggs.", "Is it safe to eat cooked eggs."),
+    ("Is it safe to eat raw eggs, no I mean cooked eggs?", "Is it safe to eat cooked eggs?"),
 ])
 def test_repair_lines_the_correction_up_with_what_it_replaces(spoken, meant):
     assert repair(spoken) == meant
@@ -83,6 +86,8 @@ def _hit(cached: str, spoken: str) -> bool:
      "Which valve can open the outlet pipe , no can close ?"),
     ("How profitable was the first quarter?", "How unprofitable was the first quarter?",
      "How unprofitable was the first quarter , no , profitable ?"),
+    ("Is it safe to eat cooked eggs?", "Is it safe to eat raw eggs?",
+     "Is it safe to eat raw eggs? No, I mean cooked eggs."),
 ])
 def test_a_correction_hits_what_was_meant_and_misses_what_was_taken_back(meant, wrong, spoken):
     assert _hit(meant, spoken)

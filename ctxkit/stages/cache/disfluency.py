@@ -225,6 +225,15 @@ def _anchor(prefix: list[str], repair: list[str], prefix_tokens: list[str], repa
         for p in range(len(prefix) - width, start - 1, -1):
             if prefix[p : p + width] == repair[:width]:
                 return p, "word"
+    # The same last word: "raw eggs? No, I mean cooked eggs" replaces as many words as the repair has, ending
+    # at the word they share (the question kept "raw eggs cooked eggs", and was answered as the raw one).
+    words = [w for w in repair if re.match(r"\w", w)]
+    if 1 < len(words) <= _MAX_TAIL and words[-1] not in _FUNCTION_WORDS:
+        for p in range(len(prefix) - 1, max(start, len(words) - 1) - 1, -1):
+            if prefix[p] == words[-1]:
+                if prefix[p - len(words) + 1 : p + 1] != words:
+                    return p - len(words) + 1, "word"
+                break
     first = 1 if repair[0] in ("the", "a", "an") and len(repair_tokens) > 1 else 0  # "no, the French"
     kind = _kind(repair_tokens[first])
     if kind in ("name", "number"):
@@ -322,6 +331,8 @@ def repair(text: str) -> str:
                     and not _asks(lower[j:]):
                 continue  # "with no onions"; but "where was, no, who was ..." starts over
             keep = [t for t in tokens[:i] if t not in {",", "-"}]
+            while keep and keep[-1] in ("?", "!", "."):  # "... raw eggs? No, I mean ...": the repair ends it
+                keep.pop()
             prefix = [t.lower() for t in keep]
             after = tokens[j:]
             anchor = None if restart else _anchor(prefix, lower[j:], keep, after)  # "tell me ...": a new question
