@@ -15,7 +15,7 @@ import pytest
 from ctxkit import ChatRequest, Ledger, Pipeline, Stage
 from ctxkit.errors import ConfigurationError
 from ctxkit.quarantine_marks import has_quarantined, is_quarantined, quarantined
-from ctxkit.stages import quarantine_registry
+from ctxkit.stages import quarantine, quarantine_registry
 from ctxkit.stages.quarantine import PLACEHOLDER_PREFIX, QuarantineRecord, QuarantineStage
 from ctxkit.stages.quarantine_registry import QuarantineRegistry
 from ctxkit.validation import validate_request
@@ -818,3 +818,27 @@ def test_namespaces_with_records_are_bounded_in_memory_and_still_answered(tmp_pa
         assert registry.add_record(record("fp1", "ns1")) is None  # released meanwhile: not quarantined again
         assert set(registry.snapshot(f"ns{n - 1}").records) == {f"fp{n - 1}"}
         assert len(registry._spaces) <= MAX_NAMESPACES_IN_MEMORY
+
+
+def _agent_history(turns: int) -> list[dict]:
+    msgs = [{"role": "system", "content": "You are helpful."}]
+    for t in range(turns):
+        msgs.append({"role": "user", "content": f"Please check order {t} and its delivery address."})
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{t}", "type": "function", "function": {"name": "get_order", "arguments": json.dumps({"id": t})}}]})
+        msgs.append({"role": "tool", "tool_call_id": f"c{t}", "content": json.dumps(
+            {"order": t, "status": "shipped", "address": f"{t} Main Street",
+             "items": [{"sku": f"SKU{t}{k}", "qty": k, "price": k * 3.5} for k in range(20)]})})
+        msgs.append({"role": "assistant", "content": f"Order {t} is shipped to {t} Main Street."})
+    msgs.append({"role": "user", "content": "Thanks!"})
+    return msgs
+
+
+def test_a_clean_history_is_not_reread_for_every_answer(monkeypatch):
+    """Every assistant message re-read the whole history before it for payloads an injection planted, also
+    when no tool result carried one: each call was quadratic in the history (8.8 s of CPU at 1,200 messages)."""
+    calls = []
+    real = quarantine._repeated_payload
+    monkeypatch.setattr(quarantine, "_repeated_payload", lambda *a, **k: calls.append(1) or real(*a, **k))
+    QuarantineStage()._prepare(ChatRequest(messages=_agent_history(40), conversation_id="c"))
+    assert calls == []  # no tool result carried an injection: there is no payload an answer could repeat

@@ -1152,14 +1152,17 @@ class QuarantineStage(Stage):
             # same link an injected page listed), is not planted: the answer may pass it on.
             # Only a tool result that came after the last injected one: a search result listing the very page
             # (and link) that the next fetch showed injected is no independent source of that link.
-            earlier = [dict(m) for m in messages[:index]]
-            last_injected = max((i for i, m in enumerate(earlier)
-                                 if m.get("role") == "tool" and message_text(m) in injected), default=-1)
-            said = [text for i, m in enumerate(earlier) if (text := message_text(m)) and (
-                m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected))]
-            if self.check_injection and (carried := _repeated_payload(message["content"], injected, said)):
-                # the answer passes on what the injection planted (its link, its account number, its code)
-                return Finding("injection", "the answer repeats what an injected tool result planted", carried)
+            # Only when a tool result carried an injection: read for every assistant message of the history, the
+            # whole history before it made each call quadratic in its length (8.8 s of CPU per call at 1,200 messages).
+            if self.check_injection and injected:
+                earlier = [dict(m) for m in messages[:index]]
+                last_injected = max((i for i, m in enumerate(earlier)
+                                     if m.get("role") == "tool" and message_text(m) in injected), default=-1)
+                said = [text for i, m in enumerate(earlier) if (text := message_text(m)) and (
+                    m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected))]
+                if carried := _repeated_payload(message["content"], injected, said):
+                    # the answer passes on what the injection planted (its link, its account number, its code)
+                    return Finding("injection", "the answer repeats what an injected tool result planted", carried)
             if self.check_contradictions:
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
                 return find_contradiction(message["content"], _turn_tool_results(messages, index))
