@@ -1183,3 +1183,56 @@ def test_summary_files_stay_bounded_when_replicas_share_the_directory(tmp_path):
     assert single._path(("ns", "b")).exists() and len(list((tmp_path / "one").glob("*.json"))) == 1
     with pytest.raises(ConfigurationError, match="max_files must be at least 1"):
         SummaryStore(tmp_path, max_files=0)
+
+
+# -- a long agent loop, per-turn system notes, replicas sharing a state directory -------------------------
+def _review_summary(sent):
+    return next((m["content"] for m in sent if str(m.get("content", "")).startswith("Earlier")), None)
+
+
+def test_the_users_standing_facts_outlive_a_long_agent_loop(llama_backend, embedder):
+    stage = SummarizationStage(llama_backend, trigger_tokens=1500, keep_last=6, mode="extractive", embedder=embedder)
+    messages = [{"role": "system", "content": "You are an ops agent."},
+                {"role": "user", "content": "I'm Dana Okafor. Our release is due on 3 June 2027 and the budget is "
+                                            "18,500 dollars. We decided to use Postgres 16."},
+                {"role": "assistant", "content": "Noted."}]
+    summary = None
+    for t in range(60):
+        messages += [{"role": "user", "content": f"Step {t}: check host web-{t} and disk usage please."},
+                     {"role": "assistant", "content": f"web-{t} looks fine."}]
+        summary = _review_summary(stage.before_model(ChatRequest(messages=list(messages), conversation_id="c")).messages)
+    assert summary is not None
+    for fact in ("Dana Okafor", "3 June 2027", "18,500", "Postgres 16"):
+        assert fact in summary, f"{fact!r} was crowded out by status turns"
+
+
+def test_a_system_note_every_turn_does_not_grow_the_request_or_refold_every_call(llama_backend, embedder):
+    stage = SummarizationStage(llama_backend, trigger_messages=20, keep_last=6, mode="extractive", embedder=embedder)
+    messages = [{"role": "system", "content": "You are an ops agent."}]
+    new_summaries, previous, sizes = 0, None, []
+    for t in range(150):
+        messages += [{"role": "system", "content": f"Step {t} of the run. Stay concise."},
+                     {"role": "user", "content": f"Check host web-{t}."},
+                     {"role": "assistant", "content": f"web-{t} is fine."}]
+        sent = stage.before_model(ChatRequest(messages=list(messages), conversation_id="c")).messages
+        summary = _review_summary(sent)
+        new_summaries += summary != previous
+        previous = summary
+        sizes.append(len(sent))
+    assert max(sizes[50:]) <= 25, sizes[-10:]
+    assert new_summaries < 75, f"{new_summaries} of 150 calls sent a new summary"
+
+
+def test_replicas_sharing_a_state_directory_use_the_newest_review_summary(llama_backend, embedder, tmp_path):
+    messages = json.loads(FIXTURE.read_text("utf-8"))["messages"]
+
+    def replica():
+        return SummarizationStage(llama_backend, trigger_messages=8, keep_last=4, mode="extractive",
+                                  embedder=embedder, state_dir=tmp_path)
+
+    a, b = replica(), replica()
+    a.before_model(ChatRequest(messages=messages[:10], conversation_id="c"))
+    sent_b = b.before_model(ChatRequest(messages=messages[:14], conversation_id="c")).messages
+    sent_a = a.before_model(ChatRequest(messages=messages[:15], conversation_id="c")).messages
+    assert _review_summary(sent_a) == _review_summary(sent_b), "replica A refolded from its stale state"
+    assert a.store.get(("default", "c")).folded == b.store.get(("default", "c")).folded

@@ -59,6 +59,7 @@ SHORT_MESSAGE_CHARS = 200
 # A user message of at most this many sentences is a chat turn; a longer one is a pasted text, whose "I" is
 # its author's, not the user's.
 CHAT_TURN_SENTENCES = 4
+STANDING_SHARE = 0.3  # the share of an excerpt budget kept for standing facts before the ranking fills the rest
 # A sentence longer than this is split at its clause breaks into pieces of at least CLAUSE_MIN_CHARS, so a
 # tight budget can hold the clause that carries the fact (CoQA at 25%: 0.813 -> 0.823, chosen on the
 # tuning half among 80/110/150/200 characters; the check half went 0.806 -> 0.818). Chosen neighbours
@@ -85,9 +86,9 @@ _SALIENT = re.compile(
 # standing facts that later turns rely on without repeating them ("suggest a restaurant").
 _SELF_DISCLOSURE = re.compile(
     r"\b(?:[Ii](?:'m|’m|'ve|’ve|'d|’d|'ll|’ll| am| would| will| was| have| live| work| study| prefer| like| love| hate| need| want| use| own"
-    r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
+    r"| can't| can’t| cannot| don't| don’t| do not| never| always| usually| only| decided| agreed| chose)|[Mm]y \w+(?: \w+)? (?:is|are|was|were)"
     # The user speaking for a group they belong to ("we are vegetarian", "our flight is on 22 October"):
-    r"|[Ww]e(?:'re|’re|'ve|’ve|'ll|’ll| are| will| have| live| prefer| like| need| want| can't| cannot| don't| never)"
+    r"|[Ww]e(?:'re|’re|'ve|’ve|'ll|’ll| are| will| have| live| prefer| like| need| want| can't| cannot| don't| never| decided| agreed| chose)"
     r"|[Oo]ur \w+(?: \w+)? (?:is|are|was|were)"
     r"|[Cc]all me)\b"
 )
@@ -341,16 +342,21 @@ def select(
     chosen: dict[int, int] = {}  # fact index -> token cost
     lowered = [" ".join(f.text.lower().split()).strip(" .,!?;:") for f in facts]
     used = 0
-    for i in (int(j) for j in np.argsort(-scores, kind="stable")):
-        if not lowered[i] or any(_contains(lowered[k], lowered[i]) for k in chosen):
-            continue
-        contained = [k for k in chosen if _contains(lowered[i], lowered[k])]
-        cost = counter.count_text(facts[i].text) + 2  # separator and line overhead
-        refund = sum(chosen[k] for k in contained)
-        if used - refund + cost > budget:
-            continue
-        for k in contained:
-            del chosen[k]
-        chosen[i] = cost
-        used += cost - refund
+    order = [int(j) for j in np.argsort(-scores, kind="stable")]
+    # Standing facts first, within a share of the budget: in a long agent loop hundreds of status turns
+    # resemble the newest one more than "I'm Dana, the release is due on 3 June" does, and outranked it.
+    standing = [i for i in order if facts[i].standing and scores[i] > -5]
+    for limit, candidates in ((int(budget * STANDING_SHARE), standing), (budget, order)):
+        for i in candidates:
+            if i in chosen or not lowered[i] or any(_contains(lowered[k], lowered[i]) for k in chosen):
+                continue
+            contained = [k for k in chosen if _contains(lowered[i], lowered[k])]
+            cost = counter.count_text(facts[i].text) + 2  # separator and line overhead
+            refund = sum(chosen[k] for k in contained)
+            if used - refund + cost > limit:
+                continue
+            for k in contained:
+                del chosen[k]
+            chosen[i] = cost
+            used += cost - refund
     return [facts[i] for i in chosen]

@@ -309,7 +309,8 @@ class SummarizationStage(Stage):
                 text = self._render(state.folded, model_text, fact_keeper.render(chosen, state.texts))
                 if self.counter.count_prompt(self._assemble(head, None, tail, text), request.tools) <= target:
                     break
-                chosen.remove(min(chosen, key=lambda f: order[id(f)]))
+                # standing facts were given their share first (fact_keeper.select): they go last
+                chosen.remove(min(chosen, key=lambda f: (f.standing, order[id(f)])))
             # The estimate is conservative (separators, chat-template framing): fill what is left, best first.
             taken = {id(f) for f in chosen}
             for i in np.argsort(-scores, kind="stable")[:FILL_ATTEMPTS]:
@@ -386,7 +387,9 @@ class SummarizationStage(Stage):
             # Like the token target: after a fold the next call must have room to append an exchange (2
             # messages) beside the head and the summary before the count trigger fires again, else every
             # call folds and sends a new summary.
-            keep = min(keep, max(2, self.trigger_messages - len(head) - 3))
+            # The folded instructions kept verbatim beside the head count too.
+            kept_instructions = min(MAX_KEPT_INSTRUCTIONS, sum(m.get("role") in _INSTRUCTION_ROLES for m in body))
+            keep = min(keep, max(2, self.trigger_messages - len(head) - kept_instructions - 3))
         cut = max(floor, len(body) - keep)
         while cut > floor and not valid[cut]:
             cut -= 1
@@ -529,7 +532,25 @@ def _split_head(messages: Sequence[Message]) -> tuple[list[Message], list[Messag
     return list(messages[:lead]), list(messages[lead:])
 
 
+MAX_KEPT_INSTRUCTIONS = 4  # folded mid-conversation instructions kept verbatim: the newest distinct ones
+
+
 def _instructions(folded: Sequence[Message]) -> list[Message]:
     """The system messages among folded ones: the app's instructions (a policy given mid-conversation)
-    are not facts to rank against the question; they stay verbatim, after the leading ones."""
-    return [m for m in folded if m.get("role") in _INSTRUCTION_ROLES]
+    are not facts to rank against the question; they stay verbatim, after the leading ones. Only the newest
+    MAX_KEPT_INSTRUCTIONS distinct ones: an agent framework that adds a note every turn ("Step 12 of the run")
+    otherwise grew the request without bound past the window, and with a message-count trigger folded (and
+    sent a new summary) on every call."""
+    kept: list[Message] = []
+    seen: set[str] = set()
+    for message in reversed(folded):
+        if message.get("role") not in _INSTRUCTION_ROLES:
+            continue
+        text = str(message.get("content"))
+        if text in seen:
+            continue
+        seen.add(text)
+        kept.append(message)
+        if len(kept) == MAX_KEPT_INSTRUCTIONS:
+            break
+    return kept[::-1]

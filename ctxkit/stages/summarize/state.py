@@ -81,6 +81,15 @@ class ConversationState:
         )
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another without reading it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 class SummaryStore:
     """Conversation states by (namespace, conversation_id); thread-safe; optionally persisted."""
 
@@ -95,6 +104,7 @@ class SummaryStore:
         self.max_files = whole_number(max_files, "max_files", minimum=1)
         self.directory = Path(directory) if directory is not None else None
         self._files = 0
+        self._seen: dict[tuple[str, str], tuple[int, int, int] | None] = {}  # each file as this process last read or wrote it
         self._written = 0  # new files written since the directory was last counted
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -110,10 +120,18 @@ class SummaryStore:
     def get(self, key: tuple[str, str]) -> ConversationState | None:
         with self._lock:
             state = self._states.get(key)
+            if state is not None and self.directory is not None and self._changed_on_disk(key):
+                # Another process sharing the directory (a replica) folded this conversation since: its file
+                # is newer than what this one holds. Kept, the old state refolded turns the other had folded
+                # (summarizer calls paid twice) and sent a different summary, un-caching the prompt.
+                held, state = state, None
+            else:
+                held = None
             if state is not None:
                 self._states.move_to_end(key)
             elif self.directory is not None:
                 path = self._path(key)
+                self._seen.pop(key, None)
                 if path.is_file():
                     try:
                         state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
@@ -126,15 +144,23 @@ class SummaryStore:
                         with contextlib.suppress(OSError):
                             path.replace(path.with_suffix(".damaged"))
                         return None
+                    if held is not None:  # what this process passed on last: its prefix accounting goes on
+                        state.last_sent, state.last_sent_tokens, state.last_tools = \
+                            held.last_sent, held.last_sent_tokens, held.last_tools
                     self._states[key] = state
+                    self._seen[key] = _stamp(path)
             return state
+
+    def _changed_on_disk(self, key: tuple[str, str]) -> bool:
+        stamp = _stamp(self._path(key))
+        return stamp is not None and stamp != self._seen.get(key)
 
     def put(self, key: tuple[str, str], state: ConversationState) -> None:
         with self._lock:
             self._states[key] = state
             self._states.move_to_end(key)
             while len(self._states) > self.max_conversations:
-                self._states.popitem(last=False)
+                self._seen.pop(self._states.popitem(last=False)[0], None)
             if self.directory is not None and not state.folded:
                 # Started over (the app edited or deleted folded messages): the file must not keep what the
                 # app removed until the next fold overwrites it, nor hand it back after a restart.
@@ -150,6 +176,7 @@ class SummaryStore:
                     path = self._path(key)
                     new = not path.exists()
                     os.replace(tmp, path)
+                    self._seen[key] = _stamp(path)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
