@@ -628,9 +628,17 @@ def judge(
     if query_context:
         if context_similarity is None or context_similarity < thresholds.context_similarity:
             return "context"
-        reason = veto(features(query_context), features(candidate_context), _CONTEXT_CHECKS)
+        mine_context, theirs_context = features(query_context), features(candidate_context)
+        reason = veto(mine_context, theirs_context, _FACT_CHECKS)
         if reason is not None:
             return f"context_{reason}"
+        # The assistant's earlier answer, read as the question is: "Alice owes Bob" / "Bob owes Alice",
+        # "Use %m" / "Use %M", "Tim Cook is" / "was the CEO", "a passport and" / "or a visa" (then "So who
+        # pays?", "What does it print?", "How long?", "Where do I get them?").
+        if _case_differs(query_context, candidate_context):
+            return "context_case"
+        if _tense_differs(mine_context, theirs_context):
+            return "context_tense_or_connective"
     if query_raw and candidate_raw and _courtesy_differs(query_raw, candidate_raw):
         return "courtesy"
     mine, theirs = features(query, query_raw), features(candidate, candidate_raw)
@@ -772,14 +780,17 @@ def _typed_lowercase(word: str) -> bool:
 
 _SWAP_CLASSES = {"is": "present", "are": "present", "am": "present", "does": "present", "do": "present",
                  "was": "past", "were": "past", "did": "past", "will": "future",
-                 "and": "and", "or": "or", "nor": "nor", "xor": "xor"}
+                 "and": "and", "or": "or", "nor": "nor", "xor": "xor",
+                 # a direction: "flying to Paris" / "from Paris", "remind me before" / "after the meeting"
+                 "to": "to", "into": "to", "onto": "to", "toward": "to", "towards": "to", "from": "from",
+                 "before": "before", "after": "after"}
 
 
 def _tense_differs(a: Features, b: Features) -> bool:
     """The same question with one auxiliary in another tense, or one connective swapped, and every other
     word in place: "who is the CEO of Microsoft" / "who was the CEO of Microsoft" (0.96 in MiniLM), "is
-    Pluto a planet" / "was Pluto a planet", "what does `a and b` return" / "`a or b`" have other answers
-    (the word checks drop these words as stopwords)."""
+    Pluto a planet" / "was Pluto a planet", "what does `a and b` return" / "`a or b`", "a flight to Tokyo" /
+    "from Tokyo" have other answers (the word checks drop these words as stopwords)."""
     if len(a.sequence) != len(b.sequence):
         return False
     diff = [(x, y) for x, y in zip(a.sequence, b.sequence, strict=True) if x != y]

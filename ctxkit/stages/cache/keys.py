@@ -40,6 +40,7 @@ class RequestKey:
     layout: str = ""  # the last user message with its line breaks and indentation (keys.normalize_layout)
     history: str = ""  # the hash of every earlier turn, normalized (what a context left unread must match)
     context_cut: bool = False  # the context text leaves out earlier turns, or the start of one
+    context_code: str = ""  # the code (line breaks and indentation) in earlier assistant and tool messages
 
 
 _POLITE_HEAD = re.compile(r"^(?:(?:please|pls|kindly|hey|hi|hello|ok|okay|so)\b[\s,!.]*)+", re.I)
@@ -232,6 +233,15 @@ def facts_text(messages: Sequence[Message], role: str, labels: Mapping[str, str]
                      for m in messages if m.get("role") in roles)
 
 
+def context_code(messages: Sequence[Message]) -> str:
+    """The code in earlier assistant and tool messages (``` fences, indented lines), line by line with its
+    indentation: the context text and tool facts collapse whitespace, yet `print('done')` inside or after a
+    loop, or a YAML item under one key or another, is another program or document ("what does it print?").
+    The user's own messages keep theirs in the facts (facts_text)."""
+    return json.dumps([code_lines(normalize_layout(content_text(m.get("content"))))
+                       for m in messages if m.get("role") in ("assistant", "tool", "function")])
+
+
 def context_text(messages: Sequence[Message], labels: Mapping[str, str]) -> str:
     """The turns before the last message, as 'role: text' lines (tool results and calls included)."""
     return _whole_context(messages, labels)[-_CONTEXT_CHARS:]
@@ -264,4 +274,5 @@ def request_key(request: ChatRequest, default_model: str | None = None) -> Reque
                       layout=normalize_layout(content_text(last.get("content"))),
                       history=_digest([normalize_message(m, positions) for m in earlier]),
                       context_cut=len(earlier) > _CONTEXT_MESSAGES
-                      or len(_whole_context(earlier, labels)) > _CONTEXT_CHARS)
+                      or len(_whole_context(earlier, labels)) > _CONTEXT_CHARS,
+                      context_code=context_code(earlier))

@@ -23,6 +23,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 import uuid
@@ -270,6 +271,7 @@ class SemanticCacheStage(Stage):
                                     "semantic": semantic, "facts": key.facts,
                                     "tool_facts": key.tool_facts, "layout": key.layout,
                                     "history": key.history, "context_read": self._context_read(key),
+                                    "context_code": key.context_code,
                                     "embedder": self._embedder_id()}
         probe = self._probe()
         if probe is not None:  # which model this is, for a model named only by its folder (see _same_model)
@@ -365,6 +367,10 @@ class SemanticCacheStage(Stage):
                                  str(features.get("tool_facts", "")))
             if reason is not None:
                 return reason
+            if _code_of(key.context_code) != _code_of(str(features.get("context_code", ""))):
+                # Code the assistant wrote or a tool returned, differing in line breaks or indentation only:
+                # the context text reads it with whitespace collapsed ("what does it print?" after a loop).
+                return "context_layout"
             if not (self._context_read(key) and features.get("context_read") is True) \
                     and key.history != features.get("history"):
                 # The context check read only part of the earlier turns (the newest 6 messages, their last
@@ -481,6 +487,11 @@ def _ttl(request: ChatRequest, default: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
         raise RequestError(f"must be a positive number of seconds, got {value!r}", 'metadata["cache_ttl"]')
     return float(value)
+
+
+def _code_of(text: str) -> list[Any]:
+    """The code lines of a context_code feature; an entry stored before the feature existed has none."""
+    return [lines for lines in json.loads(text) if lines] if text else []
 
 
 def _pack(vector: np.ndarray) -> str:
