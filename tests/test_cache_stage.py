@@ -866,19 +866,12 @@ def test_a_later_stages_catalog_is_part_of_the_key(llama_backend, store, embedde
 
 # -- the earlier turns decide the answer (the assistant's words and the code it or a tool returned) ------
 
-def _follow_up(first, reply, last, **fields):
-    fields.setdefault("params", PARAMS)
-    return ChatRequest(messages=[{"role": "user", "content": first}, {"role": "assistant", "content": reply},
-                                 {"role": "user", "content": last}], **fields)
-
-
 def _after_tool(result, question):
-    return ChatRequest(messages=[
-        {"role": "user", "content": "Open f.py."},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": result},
-        {"role": "user", "content": question}], params=PARAMS)
+    return [{"role": "user", "content": "Open f.py."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": result},
+            {"role": "user", "content": question}]
 
 
 @pytest.mark.parametrize("stored, asked", [
@@ -902,17 +895,17 @@ def _after_tool(result, question):
     # a direction, in an earlier user message or in the question
     (_follow_up("I'm flying to Paris tomorrow.", "OK.", "What's the weather like there?"),
      _follow_up("I'm flying from Paris tomorrow.", "OK.", "What's the weather like there?")),
-    (ask("How long is a flight to Tokyo?"), ask("How long is a flight from Tokyo?")),
+    ("How long is a flight to Tokyo?", "How long is a flight from Tokyo?"),
 ])
 def test_earlier_turns_that_change_the_answer_are_not_crossed(stage, stored, asked):
-    seed(stage, stored)
-    found = stage.lookup(asked)
+    seed(stage, req(stored))
+    found = stage.lookup(req(asked))
     assert found.response is None, found
 
 
 def test_the_same_earlier_code_and_answer_still_hit(stage):
     loop = "```python\nfor i in range(3):\n    print(i)\nprint('done')\n```"
-    seed(stage, _follow_up("Write a loop.", loop, "What does it print?"))
-    assert stage.lookup(_follow_up("Write a loop.", loop, "what does it print ?")).response is not None
-    seed(stage, _follow_up("Which strftime code?", "Use %m.", "What does it print for today?"))
-    assert stage.lookup(_follow_up("Which strftime code?", "Use %m.", "What does it print for today, please?")).response is not None
+    seed(stage, req(_follow_up("Write a loop.", loop, "What does it print?")))
+    assert stage.lookup(req(_follow_up("Write a loop.", loop, "what does it print ?"))).response is not None
+    seed(stage, req(_follow_up("Which strftime code?", "Use %m.", "What does it print for today?")))
+    assert stage.lookup(req(_follow_up("Which strftime code?", "Use %m.", "What does it print for today, please?"))).response is not None
