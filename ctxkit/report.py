@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,7 +30,9 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
     deltas: list[int] = []
     totals: list[float] = []
     backend: list[float] = []
-    summarizer: list[dict[str, Any]] = []
+    # Running sums, not the events: a ledger of millions of calls keeps none of its records in memory.
+    summarizer: Counter[str] = Counter()  # calls and tokens
+    summarizer_cost = {"": 0.0, "_failed": 0.0}
     # Prompt tokens a stage's edit took out of the provider's (or llama.cpp's) prefix cache. Each stage notes
     # the previous prompt from its first new edit to the end: one call's stages overlap, so a call counts the
     # widest of them, not their sum.
@@ -38,8 +41,15 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
     for r in records:
         calls += 1
         # A summarizing model's own calls are no call the app made: their tokens are shown beside the savings,
-        # their cost is in each record's cost_usd.
-        summarizer.extend(e for e in r.events if e.get("kind") == "summarizer_call")
+        # their cost is in each record's cost_usd: in the cost of ok calls, or of failed ones (counted apart,
+        # or "summarizer $X (in the cost)" read more than the cost it is part of).
+        failed = "_failed" if r.status != "ok" else ""
+        for e in r.events:
+            if e.get("kind") == "summarizer_call":
+                summarizer["calls" + failed] += 1
+                summarizer["prompt" + failed] += int(sum(_numbers([e.get("prompt_tokens")])))
+                summarizer["completion" + failed] += int(sum(_numbers([e.get("completion_tokens")])))
+                summarizer_cost[failed] += sum(_numbers([e.get("cost_usd")]))
         if r.status != "ok":
             error_types[r.error_type] += 1
             # Failed calls save nothing, but what they sent was paid for (an abandoned stream too).
@@ -109,10 +119,13 @@ def summarize(records: Iterable[LedgerRecord]) -> dict[str, Any]:
         "cost_naive_usd": cost_naive,
         "tokens_sent_failed": sent_failed,
         "cost_failed_usd": cost_failed,
-        "summarizer_calls": len(summarizer),
-        "summarizer_prompt_tokens": int(sum(_numbers(e.get("prompt_tokens") for e in summarizer))),
-        "summarizer_completion_tokens": int(sum(_numbers(e.get("completion_tokens") for e in summarizer))),
-        "summarizer_cost_usd": sum(_numbers(e.get("cost_usd") for e in summarizer)),
+        "summarizer_calls": summarizer["calls"],
+        "summarizer_prompt_tokens": summarizer["prompt"],
+        "summarizer_completion_tokens": summarizer["completion"],
+        "summarizer_cost_usd": summarizer_cost[""],
+        # made for calls that then failed: in cost_failed_usd
+        "summarizer_calls_failed": summarizer["calls_failed"],
+        "summarizer_cost_failed_usd": summarizer_cost["_failed"],
         "count_exact_calls": sum(1 for d in deltas if d == 0),
         "count_checked_calls": len(deltas),
         "latency_ms_p50": round(statistics.median(totals), 2) if totals else None,
@@ -137,7 +150,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         + "".join(f"; {k} {v}" for k, v in (summary.get("prefix_invalidated_by_stage") or {}).items()) + ")",
         f"summarizer       {summary['summarizer_calls']} calls, {summary['summarizer_prompt_tokens']} prompt + "
         f"{summary['summarizer_completion_tokens']} completion tokens, ${summary['summarizer_cost_usd']:.4g} "
-        "(in the cost, not in the tokens sent)",
+        "(in the cost, not in the tokens sent)"
+        + (f"; {summary['summarizer_calls_failed']} more for failed calls, ${summary['summarizer_cost_failed_usd']:.4g} "
+           "(in their cost)" if summary.get("summarizer_calls_failed") else ""),
         f"exact counts     {summary['count_exact_calls']}/{summary['count_checked_calls']} calls match the backend's usage",
         f"cost             ${summary['cost_usd']:.4g} (without ctxkit ${summary['cost_naive_usd']:.4g}); "
         f"failed calls ${summary['cost_failed_usd']:.4g} for {summary['tokens_sent_failed']} tokens sent",
@@ -155,8 +170,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(records: Iterable[LedgerRecord], path: str | Path) -> Path:
-    """Two panels: tokens naive vs sent per call, and tokens saved by stage."""
+class PlotPoints:
+    """Tokens naive and sent of each successful call, gathered while the records stream past `summarize`:
+    16 bytes a call, where a list of the records themselves held every event of a huge ledger in memory."""
+
+    def __init__(self) -> None:
+        self.naive = array("q")
+        self.sent = array("q")
+
+    def tap(self, records: Iterable[LedgerRecord]) -> Iterable[LedgerRecord]:
+        for r in records:
+            if r.status == "ok":
+                self.naive.append(r.tokens_naive)
+                self.sent.append(r.tokens_sent)
+            yield r
+
+
+def check_plot_path(path: str | Path) -> Path:
     path = Path(path)
     try:
         import matplotlib
@@ -166,16 +196,26 @@ def plot(records: Iterable[LedgerRecord], path: str | Path) -> Path:
 
     if path.suffix.lstrip(".").lower() not in matplotlib.figure.Figure().canvas.get_supported_filetypes():
         raise ConfigurationError(f"--plot {path}: not an image format matplotlib writes (use .png, .svg, .pdf)")
+    return path
+
+
+def plot(records: Iterable[LedgerRecord], path: str | Path, *, points: PlotPoints | None = None,
+         summary: dict[str, Any] | None = None) -> Path:
+    """Two panels: tokens naive vs sent per call, and tokens saved by stage. One pass over `records`, or none
+    when `points` and `summary` were gathered already (`summarize(points.tap(records))`)."""
+    path = check_plot_path(path)
+    if points is None or summary is None:
+        points = PlotPoints()
+        summary = summarize(points.tap(records))  # savings are totalled over successful calls only
+    import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.status == "ok"]
-    summary = summarize(ok)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    calls = range(1, len(ok) + 1)
-    left.plot(calls, [r.tokens_naive for r in ok], marker="o", label="naive (as the app asked)")
-    left.plot(calls, [r.tokens_sent for r in ok], marker="o", label="sent (after ctxkit)")
+    calls = range(1, len(points.naive) + 1)
+    left.plot(calls, points.naive, marker="o", label="naive (as the app asked)")
+    left.plot(calls, points.sent, marker="o", label="sent (after ctxkit)")
     left.set_xlabel("call")
     left.set_ylabel("prompt tokens")
     left.set_title("Prompt tokens per call")

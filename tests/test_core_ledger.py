@@ -6,10 +6,14 @@ import dataclasses
 import json
 import multiprocessing
 import time
+import tracemalloc
 
 import pytest
 
 from ctxkit import Ledger, LedgerError, LedgerRecord, read_ledger
+from ctxkit.cli.main import main
+from ctxkit.ledger import PriceTable
+from ctxkit.report import format_summary, summarize
 
 WRITERS, RECORDS_EACH = 4, 150
 
@@ -200,3 +204,56 @@ def test_a_fine_tuned_openai_model_is_counted_as_its_base_and_its_missing_price_
     own = PriceTable.__new__(PriceTable)
     PriceTable.__init__(own, {"ft:gpt-4o-mini": PriceTable().price("gpt-4o-mini")})
     assert own.price(fine_tuned).input > 0  # a price file can name fine-tuned models by prefix
+
+
+# -- the report: prices of variants, summarizer costs of failed calls, --plot in one pass ----------------
+@pytest.mark.parametrize("model, published", [
+    ("gpt-4o-2024-05-13", (5.00, 5.00, 15.00)), ("gpt-4o-realtime-preview", (5.00, 2.50, 20.00)),
+    ("gpt-4o-mini-realtime-preview-2024-12-17", (0.60, 0.30, 2.40)), ("o3-deep-research", (10.00, 2.50, 40.00)),
+    ("o4-mini-deep-research", (2.00, 0.50, 8.00)), ("gpt-3.5-turbo-instruct", (1.50, 1.50, 2.00)),
+    ("gpt-4o", (2.50, 1.25, 10.00)), ("gpt-4o-2024-08-06", (2.50, 1.25, 10.00)), ("o3", (2.00, 0.50, 8.00)),
+])
+def test_a_variant_priced_apart_from_its_family_is_not_billed_at_the_familys_price(model, published):
+    p = PriceTable().price(model)
+    assert (p.input, p.cached_input, p.output) == published
+
+
+def _report_record(i, status="ok", events=(), cost=0.0):
+    return LedgerRecord(id=f"c{i}", ts=0.0, backend="openai", model="gpt-4o-mini", namespace="n",
+                        conversation_id=None, stream=False, tokens_naive=100, tokens_sent=60 if status == "ok" else 0,
+                        tokens_out=5, saved_by_stage={"s": 40} if status == "ok" else {"s": 0}, cost_usd=cost,
+                        status=status, error_type=None if status == "ok" else "BackendConnectionError",
+                        events=list(events))
+
+
+def test_a_failed_calls_summarizer_is_not_said_to_be_in_the_cost_of_the_successful_ones():
+    summ = {"stage": "summarization", "kind": "summarizer_call", "model": "gpt-4o-mini", "prompt_tokens": 700,
+            "cached_tokens": 0, "completion_tokens": 90, "cost_usd": 0.00016}
+    s = summarize([_report_record(1, events=[summ], cost=0.0002), _report_record(2, "error", events=[summ], cost=0.00016)])
+    # what the summary line says is "in the cost" is in the cost
+    assert s["summarizer_calls"] == s["by_model"]["gpt-4o-mini"]["summarizer_calls"] == 1
+    assert s["summarizer_cost_usd"] <= s["cost_usd"]
+    assert s["summarizer_calls_failed"] == 1 and s["summarizer_cost_failed_usd"] == pytest.approx(0.00016)
+    assert "1 more for failed calls" in format_summary(s)
+
+
+def test_plot_reads_the_ledger_in_one_pass_without_keeping_its_records(tmp_path):
+    log = tmp_path / "calls.jsonl"
+    ledger = Ledger(log, keep_in_memory=1)
+    for i in range(3000):  # each record carries a 20 KB note: 60 MB of records if they are all kept
+        ledger.write(_report_record(i, events=[{"stage": "s", "kind": "note", "text": "x" * 20_000}]))
+    main(["report", str(log), "--plot", str(tmp_path / "p.png")])  # warm matplotlib's imports
+    tracemalloc.start()
+    try:
+        assert main(["report", str(log), "--plot", str(tmp_path / "p.png")]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 30e6, f"--plot peaked at {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("lines", [0, 1])
+def test_plot_of_an_empty_or_one_record_ledger(tmp_path, lines, capsys):
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(json.dumps(_report_record(i).to_dict()) + "\n" for i in range(lines)))
+    assert main(["report", str(log), "--plot", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").exists()

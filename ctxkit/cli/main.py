@@ -70,13 +70,14 @@ def _demo(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from ..errors import LedgerError, MalformedLedgerLine
     from ..ledger import read_ledger
-    from ..report import format_summary, plot, summarize
+    from ..report import PlotPoints, format_summary, plot, summarize
 
     skipped: list[str] = []
     read = read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped)
+    points = PlotPoints()
     try:
-        records = list(read) if args.plot else read  # the totals alone are one pass, keeping no record in memory
-        summary = summarize(records)
+        # One pass, keeping no record in memory: a plot keeps two numbers a call, not every record and its events.
+        summary = summarize(points.tap(read) if args.plot else read)
     except MalformedLedgerLine as exc:
         # A writer killed mid-line leaves one torn record: say how to total the rest.
         raise LedgerError(f"{exc}; pass --skip-bad-lines to leave malformed lines out of the totals") from None
@@ -88,7 +89,7 @@ def _report(args: argparse.Namespace) -> None:
         print(f"ctxkit: warning: {args.log} holds no calls", file=sys.stderr)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if args.plot:
-        path = plot(records, args.plot)
+        path = plot((), args.plot, points=points, summary=summary)
         print(f"plot written to {path}", file=sys.stderr)
 
 

@@ -55,6 +55,14 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-4-1106-preview": Price(10.00, 10.00, 30.00),
     "gpt-4-vision": Price(10.00, 10.00, 30.00),
     "gpt-3.5-turbo": Price(0.50, 0.50, 1.50),
+    # The longest prefix wins, so a variant priced apart from its family needs its own entry, or it is billed
+    # at the family's price (gpt-4o-2024-05-13 at gpt-4o's, o3-deep-research at o3's: a fifth of its price).
+    "gpt-4o-2024-05-13": Price(5.00, 5.00, 15.00),
+    "gpt-4o-realtime": Price(5.00, 2.50, 20.00),
+    "gpt-4o-mini-realtime": Price(0.60, 0.30, 2.40),
+    "o3-deep-research": Price(10.00, 2.50, 40.00),
+    "o4-mini-deep-research": Price(2.00, 0.50, 8.00),
+    "gpt-3.5-turbo-instruct": Price(1.50, 1.50, 2.00),
 }
 
 FREE = Price(0.0, 0.0, 0.0)
