@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
+import jsonschema
 import pytest
 
 from ctxkit import (
@@ -1013,3 +1015,47 @@ def test_n_threads_also_limits_how_the_prompt_is_read(llama_backend):
             assert backend._llama.context_params.n_threads_batch == batch
         finally:
             backend.close()
+
+
+# -- the local grammar keeps an integer's bounds; a prompt llama.cpp has whole in its cache counts whole -----
+BOUNDED_DAYS = {"type": "object", "properties": {"city": {"type": "string"},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"]}
+BOUNDED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": BOUNDED_DAYS}}]
+
+
+def test_tool_call_integer_bounds_are_enforced(llama_backend):
+    # The model asks for 10-25 days here without the bounds in the grammar (llama-cpp-python ignores them).
+    for seed in range(3):
+        for text in ("Forecast for Tokyo, 10 days, in kelvin", " hi"):
+            r = llama_backend.complete(ChatRequest(messages=[{"role": "user", "content": text}], tools=BOUNDED_TOOLS,
+                                                   params={"tool_choice": "required", "temperature": 1.0,
+                                                           "seed": seed, "max_tokens": 80}))
+            (call,) = r.message["tool_calls"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), BOUNDED_DAYS)
+
+
+def test_response_format_integer_bounds_are_enforced(llama_backend):
+    schema = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "exclusiveMaximum": 4}},
+              "required": ["score"]}
+    for seed in range(3):
+        r = llama_backend.complete(ChatRequest(
+            messages=[{"role": "user", "content": "Rate this movie from 1 to 3: it was 99 out of 100 great"}],
+            params={"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+                    "temperature": 1.0, "seed": seed, "max_tokens": 30}))
+        jsonschema.validate(json.loads(r.message["content"]), schema)
+
+
+def test_exact_prefix_cache_hit_is_all_cached(llama_backend):
+    request = ChatRequest(messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+                          params={"max_tokens": 1, "temperature": 0})
+    llama_backend.complete(request)
+    evaluated: list[int] = []
+    llama = llama_backend._llama
+    real_eval = llama.eval
+    llama.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+    try:
+        again = llama_backend.complete(request)
+    finally:
+        del llama.eval
+    assert sum(evaluated) == again.usage.prompt_tokens - again.usage.cached_tokens

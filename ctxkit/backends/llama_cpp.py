@@ -28,6 +28,7 @@ from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
     ToolCallTextStream,
+    _any_values,
     drop_unfinished_call,
     may_call,
     parse_tool_calls,
@@ -71,7 +72,7 @@ def _format_grammar(params: Any) -> str | None:
         return JSON_GBNF
     if kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_to_gbnf(json.dumps(_any_values(schema, root=True)))
     return None
 
 
@@ -479,7 +480,11 @@ class LlamaCppBackend:
             if a != b:
                 break
             shared += 1
-        return min(shared, max(len(tokens) - 1, 0))  # llama.cpp always re-evaluates the last token
+        if shared == len(tokens) == self._llama.n_tokens and not getattr(self._llama, "_requires_eval", True):
+            # the whole prompt is the KV cache as it stands (the last call's prompt, answered with its first
+            # sampled token or an end of generation): llama.cpp samples at once and evaluates nothing
+            return shared
+        return min(shared, max(len(tokens) - 1, 0))  # otherwise llama.cpp re-evaluates the last token
 
     def _sampling(self, request: ChatRequest) -> dict[str, Any]:
         from llama_cpp import LlamaGrammar

@@ -308,7 +308,38 @@ def _any_values(schema: Any, *, root: bool = False) -> Any:
             out[key] = {name: _any_values(v) for name, v in value.items()}
         else:
             out[key] = value
-    return out
+    return _integer_range(out)
+
+
+_MAX_ENUMERATED = 1024  # integers a bounded range is spelled out as, at most
+
+
+def _integer_range(schema: dict[str, Any]) -> dict[str, Any]:
+    """An integer schema with `minimum`/`maximum` (or the exclusive ones) and a range of at most 1024 values,
+    spelled out as an `enum`: llama-cpp-python's converter ignores the bounds ("TODO: support minimum,
+    maximum"), so a `days` of 1 to 7 came back as 10 and 25 from a grammar said to follow the schema."""
+    if schema.get("type") != "integer" or "enum" in schema or "const" in schema:
+        return schema
+
+    def bound(key: str) -> float | None:
+        value = schema.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    import math
+
+    lows = [v for v in (bound("minimum"),) if v is not None]
+    lows += [math.floor(v) + 1 for v in (bound("exclusiveMinimum"),) if v is not None]
+    highs = [v for v in (bound("maximum"),) if v is not None]
+    highs += [math.ceil(v) - 1 for v in (bound("exclusiveMaximum"),) if v is not None]
+    if not lows or not highs:
+        return schema
+    low, high = math.ceil(max(lows)), math.floor(min(highs))
+    if high - low + 1 > _MAX_ENUMERATED or high < low:
+        return schema
+    multiple = schema.get("multipleOf")
+    values = [n for n in range(low, high + 1)
+              if not (isinstance(multiple, int) and not isinstance(multiple, bool) and multiple > 0 and n % multiple)]
+    return {**schema, "enum": values} if values else schema
 
 
 def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
