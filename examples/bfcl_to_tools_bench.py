@@ -11,8 +11,10 @@ parallel_multiple). With --base-catalog the new tools join an existing catalog, 
 from both. Each query's gold tools are the function names of its ground-truth calls.
 
 BFCL writes some types its own way; they become JSON Schema ("dict" -> "object", "float" -> "number",
-"tuple" -> "array", "any" -> no type). When two categories ship different schemas under one name, the
-first is kept (the count is printed): the gold is a name, so the query still has its tool.
+"tuple" -> "array", "any" -> no type). When rows ship different schemas under one name, the first is kept
+(the count is printed): mostly rows of one category (BFCL's live rows give one function name different
+descriptions and parameters per request), fewer across categories or against the base catalog. The gold is
+a name, so the query still has its tool, though not always the schema the request was written against.
 """
 
 from __future__ import annotations
