@@ -49,6 +49,25 @@ class _ChunkFilter:
         })
 
 
+class _Response:
+    """`Stream.response` as openai's (an httpx.Response): what openai's stream helpers close when they end. There
+    is no HTTP exchange with the app: no headers, status 200; closing it ends the stream."""
+
+    status_code = 200
+
+    def __init__(self, close: Callable[[], Any]) -> None:
+        import httpx
+
+        self.headers = httpx.Headers()
+        self._close = close
+
+    def close(self) -> None:
+        self._close()
+
+    async def aclose(self) -> None:
+        await self._close()
+
+
 class Stream:
     """What `create(stream=True)` returns, as `openai.Stream`: iterate it; leave early with `with` or close(),
     which lets go of the backend (llama.cpp's model is held while a stream is open)."""
@@ -56,6 +75,7 @@ class Stream:
     def __init__(self, chunks: Generator[ChatCompletionChunk, None, None], close: Callable[[], None]) -> None:
         self._chunks = chunks
         self._close = close
+        self.response = _Response(self.close)
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
         return self._iterate()
@@ -87,6 +107,7 @@ class AsyncStream:
                  close: Callable[[], Awaitable[None]]) -> None:
         self._chunks = chunks
         self._close = close
+        self.response = _Response(self.close)
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self._iterate()
@@ -201,6 +222,19 @@ class _Completions:
         fmt, tools = _parse_inputs(response_format, kwargs)
         return _parsed(self.create(**kwargs, **fmt), response_format, tools)
 
+    def stream(self, *, response_format: Any = None, **kwargs: Any) -> Any:
+        """`chat.completions.stream` as the `openai` client has it: `with client.chat.completions.stream(...) as s`,
+        its events (`content.delta`, ...) and `s.get_final_completion()`, parsed as `parse` does."""
+        from openai import NOT_GIVEN
+        from openai.lib.streaming.chat import ChatCompletionStreamManager
+
+        kwargs.pop("stream", None)
+        fmt, tools = _parse_inputs(response_format, kwargs)
+        # ctxkit's Stream stands in for openai's (the manager reads its chunks and closes its response)
+        start: Any = lambda: self.create(**kwargs, **fmt, stream=True)  # noqa: E731
+        given: Any = NOT_GIVEN if response_format is None else response_format
+        return ChatCompletionStreamManager(start, response_format=given, input_tools=tools)
+
 
 class _AsyncCompletions:
     def __init__(self, pipeline: Pipeline) -> None:
@@ -237,6 +271,17 @@ class _AsyncCompletions:
             raise TypeError("parse() does not stream")
         fmt, tools = _parse_inputs(response_format, kwargs)
         return _parsed(await self.create(**kwargs, **fmt), response_format, tools)
+
+    def stream(self, *, response_format: Any = None, **kwargs: Any) -> Any:
+        """The async twin of `chat.completions.stream`: `async with client.chat.completions.stream(...) as s`."""
+        from openai import NOT_GIVEN
+        from openai.lib.streaming.chat import AsyncChatCompletionStreamManager
+
+        kwargs.pop("stream", None)
+        fmt, tools = _parse_inputs(response_format, kwargs)
+        start: Any = self.create(**kwargs, **fmt, stream=True)  # ctxkit's AsyncStream stands in for openai's
+        given: Any = NOT_GIVEN if response_format is None else response_format
+        return AsyncChatCompletionStreamManager(start, response_format=given, input_tools=tools)
 
 
 class _Chat:

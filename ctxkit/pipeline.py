@@ -34,7 +34,7 @@ from .quarantine_marks import checking_answers
 from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
-from .stage import AsyncResult, Result, Stage, run_wrap_call
+from .stage import AsyncResult, Result, Stage, run_wrap_call, writes_awrap_call_only
 from .validation import check_tool_choice_offered, replace_malformed_arguments, validate_request
 
 S = TypeVar("S", ChatStream, AsyncChatStream)
@@ -286,6 +286,10 @@ class Pipeline:
         if index == len(self.stages):
             return self._send(trace, request)
         stage = self.stages[index]
+        if writes_awrap_call_only(stage):
+            raise ConfigurationError(
+                f"stage {stage.name!r} writes only awrap_call, which a sync call (call(), openai()) cannot run; "
+                "write wrap_call too, or call the pipeline with acall() or async_openai()")
         tally = trace.tallies[stage.name]
         # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
         # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to

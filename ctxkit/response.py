@@ -203,7 +203,10 @@ class _StreamBase:
         message = self._assembler.message()
         usage = self._assembler.usage
         if usage is None:
-            completion = self._count_completion(message) if self._count_completion else 0
+            try:
+                completion = self._count_completion(message) if self._count_completion else 0
+            except Exception:  # noqa: BLE001 - a counter gone (its backend closed): the record is still written
+                completion = 0
             usage = Usage(self._prompt_tokens_if_unreported, completion, 0, reported=False)
         return ChatResponse(
             message=message,

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._aio import current_work, tracked_to_thread
+from ._aio import current_work, in_thread, iterate_in_thread, tracked_to_thread
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream
 
@@ -99,6 +99,87 @@ def writes_wrap_call_only(stage: Stage) -> bool:
     return sync_owner is not async_owner and issubclass(sync_owner, async_owner)
 
 
+def writes_awrap_call_only(stage: Stage) -> bool:
+    """Whether an application wrote the stage's `awrap_call` and no `wrap_call` as new (its async-only stage, or
+    its subclass of a ctxkit stage that overrides awrap_call only): a sync call cannot run it, and the inherited
+    wrap_call would skip it without a word. (ctxkit's own async-only awrap_calls run the same hooks as wrap_call.)"""
+    cls = type(stage)
+    sync_owner, async_owner = _defined_in(cls, "wrap_call"), _defined_in(cls, "awrap_call")
+    return (sync_owner is not async_owner and issubclass(async_owner, sync_owner)
+            and not async_owner.__module__.startswith("ctxkit."))
+
+
+def _sync_view(stream: AsyncChatStream, loop: asyncio.AbstractEventLoop) -> ChatStream:
+    """`stream` (the rest of an async call) as the ChatStream a sync wrap_call expects, on its worker thread:
+    each chunk is drawn from the event loop."""
+    chunks = stream.__aiter__()
+
+    async def next_chunk() -> dict[str, Any]:
+        return await chunks.__anext__()
+
+    def pull() -> Any:
+        try:
+            while True:
+                try:
+                    chunk = asyncio.run_coroutine_threadsafe(next_chunk(), loop).result()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:  # collected on the loop's own thread: waiting there would never end
+                loop.create_task(stream.aclose())
+            else:
+                asyncio.run_coroutine_threadsafe(stream.aclose(), loop).result()
+
+    view = ChatStream.relaying(stream, pull())
+    view._async_source = stream  # type: ignore[attr-defined]
+    return view
+
+
+def _back_to_async(stream: ChatStream, views: list[ChatStream]) -> AsyncChatStream:
+    """A ChatStream a sync wrap_call returned, for the async chain. The view of the rest it passed on unread (a
+    stage that wraps nothing) is the rest itself again, with the callbacks the stage set on the view."""
+    source = getattr(stream, "_async_source", None)
+    if source is None or stream.received_any:
+        return _async_view(stream, views)
+    source._on_complete.extend(stream._on_complete)
+    source._on_error.extend(stream._on_error)
+    stream._on_complete.clear()
+    stream._on_error.clear()
+    stream._failed = True  # handed back: dropping the view records nothing
+    return source
+
+
+def _async_view(stream: ChatStream, views: list[ChatStream]) -> AsyncChatStream:
+    """What a sync wrap_call returned for a streaming async call, as the AsyncChatStream the async chain takes:
+    its steps on a thread of their own (each may wait for the event loop, see _sync_view). When it ends, so do
+    the views of the rest the stage drew it from: a generator of the stage's that is closed half way does not
+    close what it was iterating, which would hold the model until collected."""
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ctxkit-stream")
+
+    async def chunks() -> Any:
+        try:
+            async for chunk in iterate_in_thread(iter(stream), executor):
+                yield chunk
+        finally:
+            try:
+                if views:
+                    await in_thread(lambda: _close_all(views), executor)
+            finally:
+                executor.shutdown(wait=False)
+
+    return AsyncChatStream.relaying(stream, chunks())
+
+
+def _close_all(streams: list[ChatStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
 async def run_wrap_call(stage: Stage, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
     """`stage` in an async call: its awrap_call, or its newer sync wrap_call in a thread of its own."""
     if writes_wrap_call_only(stage):
@@ -115,6 +196,7 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
     # gone) cancels them too, or the model went on generating the whole answer for no one, holding its lock.
     guard = threading.Lock()
     pending: set[concurrent.futures.Future[AsyncResult]] = set()
+    views: list[ChatStream] = []  # the rest's streams, as the stage's thread was given them
     gone = False
 
     def sync_next(next_request: ChatRequest) -> Result:
@@ -127,7 +209,13 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
             future = asyncio.run_coroutine_threadsafe(rest(), loop)
             pending.add(future)
         try:
-            return future.result()  # type: ignore[return-value]
+            result = future.result()
+            # A sync wrap_call iterates a stream as a ChatStream (its docs: "wrap a stream"), not an async one.
+            if isinstance(result, AsyncChatStream):
+                view = _sync_view(result, loop)
+                views.append(view)
+                return view
+            return result
         finally:
             with guard:
                 pending.discard(future)
@@ -140,7 +228,8 @@ async def _wrap_call_in_thread(stage: Stage, request: ChatRequest, call_next: As
 
     def run() -> None:
         try:
-            result = stage.wrap_call(request, sync_next)
+            returned = stage.wrap_call(request, sync_next)
+            result = _back_to_async(returned, views) if isinstance(returned, ChatStream) else returned
         except BaseException as exc:
             loop.call_soon_threadsafe(settle, None, exc)
         else:

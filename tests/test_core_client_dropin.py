@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pydantic
 from openai.types.chat import ChatCompletion
 
 from ctxkit import Pipeline
@@ -113,3 +114,33 @@ def test_an_error_reclassed_twice_still_pickles():
     again = pickle.loads(pickle.dumps(error))
     assert isinstance(again, openai.RateLimitError) and isinstance(again, ck.BackendStatusError)
     assert str(again) == str(error) and again.status_code == 429
+
+
+# -- chat.completions.stream(...): openai's structured-output streaming helper ---------------------------
+PERSON_PROMPT = [{"role": "user", "content": "Give a person named Ann aged 30 as JSON."}]
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+def test_stream_helper_gives_events_and_a_parsed_final_completion(llama_backend, ledger):
+    client = Pipeline(llama_backend, ledger=ledger).openai()
+    with client.chat.completions.stream(model="m", messages=PERSON_PROMPT, max_tokens=40, temperature=0,
+                                        response_format=Person) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_completion()
+    assert "content.delta" in kinds and "content.done" in kinds
+    assert isinstance(final.choices[0].message.parsed, Person)
+
+    async def run():
+        aclient = Pipeline(llama_backend, ledger=ledger).async_openai()
+        async with aclient.chat.completions.stream(model="m", messages=PERSON_PROMPT, max_tokens=40, temperature=0,
+                                                   response_format=Person) as astream:
+            async for _ in astream:
+                pass
+            return await astream.get_final_completion()
+
+    assert isinstance(asyncio.run(run()).choices[0].message.parsed, Person)
+    assert ledger.path.read_text().count('"status":"ok"') == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import time
@@ -16,6 +17,7 @@ from ctxkit import (
     ChatResponse,
     ConfigurationError,
     Ledger,
+    LlamaCppBackend,
     Pipeline,
     Price,
     PriceTable,
@@ -1059,3 +1061,24 @@ def test_exact_prefix_cache_hit_is_all_cached(llama_backend):
     finally:
         del llama.eval
     assert sum(evaluated) == again.usage.prompt_tokens - again.usage.cached_tokens
+
+
+# -- a closed local backend fails what still counts with it typed, never with a SIGSEGV -------------------
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_a_call_and_a_dropped_stream_after_close_are_typed_not_a_crash(tmp_path):
+    backend = LlamaCppBackend(n_ctx=1024, n_threads=1)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    pipeline = Pipeline(backend, [], ledger=ledger)
+    stream = pipeline.call(ChatRequest(messages=HI, params={"max_tokens": 2}, stream=True))
+    stream.cycle = stream  # freed by the collector, after the close
+    del stream
+    counter = backend.counter
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        counter.count_text("hello")
+    with pytest.raises(BackendError, match="closed"):
+        pipeline.openai().chat.completions.create(model="m", messages=HI, max_tokens=2)
+    gc.collect()  # the dropped stream is recorded (abandoned), with the model already freed
+    assert '"error_type":"GeneratorExit"' in ledger.path.read_text()

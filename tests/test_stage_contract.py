@@ -5,12 +5,14 @@ run in async calls as in sync ones, and a ledger given as a path is refused up f
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 
 import pytest
 
 from ctxkit import ChatRequest, ChatResponse, ConfigurationError, Pipeline, Stage, Usage
+from ctxkit.pipeline import event_recorder, record_event
 from ctxkit.response import AsyncChatStream, ChatStream
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -219,3 +221,94 @@ def test_cache_pure_tools_refuses_a_bare_string(tmp_path):
 
     with LocalStore(tmp_path) as store, pytest.raises(ConfigurationError, match="pure_tools must be a list"):
         SemanticCacheStage(store, object(), pure_tools="get_time")
+
+
+# -- a stage written for one kind of call, run in the other: never skipped without a word, never a crash ----
+SAY_HI = [{"role": "user", "content": "Say hi."}]
+
+
+class Shout(Stage):
+    """Sync only: upper-cases a streamed answer as it passes (stage.py: wrap_call may "wrap a stream")."""
+
+    def wrap_call(self, request, call_next):
+        result = call_next(request)
+        if isinstance(result, ChatResponse):
+            return result
+        record_event(self.name, "stream_seen", stream_type=type(result).__name__)
+
+        def chunks():
+            for chunk in result:
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        delta["content"] = delta["content"].upper()
+                yield chunk
+
+        return ChatStream.relaying(result, chunks())
+
+
+class AsyncOnly(Stage):
+    async def awrap_call(self, request, call_next):
+        return await call_next(request.override(messages=[*request.messages, {"role": "user", "content": "!"}]))
+
+
+def _records(ledger):
+    return [json.loads(line) for line in ledger.path.read_text().splitlines()]
+
+
+def test_a_sync_stage_wrapping_a_stream_runs_in_async_calls(llama_backend, ledger):
+    client = Pipeline(llama_backend, [Shout()], ledger=ledger).async_openai()
+
+    async def go(stop_after=None):
+        stream = await client.chat.completions.create(model="m", messages=SAY_HI, max_tokens=8, temperature=0,
+                                                      stream=True)
+        text = ""
+        async with stream:
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    if stop_after is not None and len(text) >= stop_after:
+                        break
+        return text
+
+    text = asyncio.run(go())
+    assert text and text == text.upper()
+    record = _records(ledger)[-1]
+    assert record["status"] == "ok" and record["tokens_out"] > 0
+    assert record["events"][0]["kind"] == "stream_seen"
+    asyncio.run(asyncio.wait_for(go(stop_after=1), 60))  # left early: ends, the model is let go
+    assert _records(ledger)[-1]["status"] == "error"
+    assert asyncio.run(asyncio.wait_for(go(), 60)) == text  # and the next call gets the model
+
+
+def test_an_async_only_stage_is_refused_by_a_sync_call_not_skipped(llama_backend, ledger):
+    pipeline = Pipeline(llama_backend, [AsyncOnly()], ledger=ledger)
+    with pytest.raises(ConfigurationError, match="awrap_call"):
+        pipeline.openai().chat.completions.create(model="m", messages=SAY_HI, max_tokens=4)
+    assert _records(ledger)[-1]["error_type"] == "ConfigurationError"
+    reply = asyncio.run(pipeline.async_openai().chat.completions.create(model="m", messages=SAY_HI, max_tokens=4))
+    assert reply.choices[0].message.content
+
+
+class PassOn(Stage):
+    """Sync only; passes a stream on untouched and notes its end (stage.py: use stream.on_complete)."""
+
+    def wrap_call(self, request, call_next):
+        result = call_next(request)
+        if not isinstance(result, ChatResponse):
+            note = event_recorder()
+            result.on_complete(lambda response: note(self.name, "done", tokens=response.usage.completion_tokens))
+        return result
+
+
+def test_a_sync_stage_passing_a_stream_on_hands_the_async_stream_back_with_its_callbacks(llama_backend, ledger):
+    client = Pipeline(llama_backend, [PassOn()], ledger=ledger).async_openai()
+
+    async def go():
+        stream = await client.chat.completions.create(model="m", messages=SAY_HI, max_tokens=6, stream=True)
+        return [chunk async for chunk in stream]
+
+    assert asyncio.run(go())
+    record = _records(ledger)[-1]
+    assert record["status"] == "ok" and record["tokens_out"] > 0
+    assert record["events"] == [{"stage": "pass_on", "kind": "done", "tokens": record["tokens_out"]}]

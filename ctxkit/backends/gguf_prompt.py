@@ -34,6 +34,7 @@ class GGUFPrompt:
 
         self._llama = llama
         self._lock = threading.Lock()  # llama.cpp's tokenizer is not documented as thread-safe
+        self._closed = False  # the model was freed (LlamaCppBackend.close): tokenizing with it would crash
         template = llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
         model = llama._model  # the public API exposes token texts only through the model handle
         eos = model.token_get_text(llama.token_eos()) if llama.token_eos() >= 0 else ""
@@ -70,10 +71,24 @@ class GGUFPrompt:
             result = formatter(messages=messages_for_plain_template(list(messages), list(tools)))
         return result.prompt
 
+    def close(self) -> None:
+        """No more counting: the model is about to be freed (its tokenizer with it)."""
+        with self._lock:
+            self._closed = True
+
+    def _tokenizer(self) -> Any:
+        """The model, under the lock, while it is not freed: llama.cpp's tokenizer on a freed model is a SIGSEGV."""
+        if self._closed:
+            from ..errors import BackendError
+
+            raise BackendError("this backend was closed (before or during the call); make a new LlamaCppBackend",
+                               backend="llama.cpp")
+        return self._llama
+
     def tokenize(self, text: str) -> list[int]:
         # The template writes special tokens (BOS, <|im_start|>) itself, as llama.cpp's own handler assumes.
         with self._lock:
-            return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            return self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> list[int]:
         # Control-token text anywhere in a message (a string content, a content part, a tool call's arguments,
@@ -100,9 +115,9 @@ class GGUFPrompt:
                 end = match.start() if match is not None else len(prompt)
                 text = restore.sub(lambda m: found[m.group()], prompt[pos:end])
                 if text:
-                    ids += self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+                    ids += self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=False)
                 if match is not None:
-                    ids += self._llama.tokenize(match.group().encode("utf-8"), add_bos=False, special=True)
+                    ids += self._tokenizer().tokenize(match.group().encode("utf-8"), add_bos=False, special=True)
                     pos = match.end()
         return ids
 
@@ -131,7 +146,7 @@ class GGUFPrompt:
         # Text counted on its own is a message's (a document, a summary, a section): in the prompt its
         # control-token texts are plain characters (see tokens()), so they are counted as such here too.
         with self._lock:
-            return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            return len(self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def count_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
         return len(self.tokens(messages, tools))

@@ -367,6 +367,7 @@ class LlamaCppBackend:
             return
         try:
             self._holders.shutdown(wait=False)
+            self.prompt.close()  # counting (the pipeline's, a stage's) fails typed from now on, never SIGSEGVs
             self._llama.close()
         finally:
             self._lock.release()
