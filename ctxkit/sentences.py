@@ -19,7 +19,9 @@ _CJK_CLOSERS = "」』）】”’\""
 # language was one sentence, and a memory budget it did not fit whole sent none of it.
 _BREAK = re.compile(
     rf"(?:(?<=[.!?])|(?<=[.!?][{re.escape(_CLOSERS)}]))\s+(?=\S)|\n\s*\n|\n(?=\S)"
-    rf"|(?<=[。！？])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}])|(?<=[。！？][{re.escape(_CJK_CLOSERS)}])[^\S\n]*(?=\S)"
+    # A run of ends ("真的吗？！", "什么！！！") is one end: the break comes after its last mark or closer.
+    rf"|(?<=[。！？])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}。！？])"
+    rf"|(?<=[。！？][{re.escape(_CJK_CLOSERS)}])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}])"
 )
 _ABBREVIATION = re.compile(
     r"\b(?:(?:[A-Za-z]\.)+[A-Za-z]|Mr|Mrs|Ms|Dr|Prof|St|Jr|Sr|Gen|Col|Lt|Capt|Sgt|Rev|Gov|Sen|Rep|Mt|Ft|vs|Inc|Ltd|"

@@ -612,3 +612,29 @@ def test_a_turn_template_frames_every_question_so_the_previous_prompt_stays_cach
         history.append({"role": "assistant", "content": f"Yes, to country {i}."})
     sent = template.render(llama_backend.counter, variables={"lang": "English"}, conversation=history).messages
     assert all(m["content"].startswith("Customer question") for m in sent if m["role"] == "user")
+
+
+def test_a_turn_with_a_per_call_variable_frames_each_question_once_as_it_was_asked(llama_backend):
+    """Every earlier question was framed again with the current call's variables: "[asked at 10:05]" relabelled
+    question 0 on every call, and the prompt changed (un-cached) from the first question on."""
+    template = PromptTemplate("support", "1", system="You are the helpdesk of Bookly.",
+                              turn="[asked at {{ time }}] {{ content }}")
+    stage = TemplateStage(template, llama_backend.counter)
+    times = ["10:00", "10:05", "10:09"]
+    history: list[dict] = []
+    for i, time in enumerate(times):
+        history.append({"role": "user", "content": f"Question {i}: where is order {1000 + i}?"})
+        ledger = Ledger()
+        request = ChatRequest(messages=list(history), conversation_id="c-time", params={"max_tokens": 1},
+                              metadata={"ctxkit.template": {"variables": {"time": time}}})
+        Pipeline(llama_backend, [stage], ledger=ledger).call(request)
+        assert not [e for r in ledger.records for e in r.events if e["kind"] == "prefix_invalidated"]
+        history.append({"role": "assistant", "content": f"Order {1000 + i} ships today."})
+    sent = stage.before_model(ChatRequest(messages=history[:-1], conversation_id="c-time",
+                                          metadata={"ctxkit.template": {"variables": {"time": "10:12"}}})).messages
+    assert [m["content"] for m in sent if m["role"] == "user"] == [
+        f"[asked at {t}] Question {k}: where is order {1000 + k}?" for k, t in enumerate(times[:2])] + [
+        "[asked at 10:12] Question 2: where is order 1002?"]  # the newest is framed with this call's variables
+    other = stage.before_model(ChatRequest(messages=[history[0]], conversation_id="c-other",
+                                           metadata={"ctxkit.template": {"variables": {"time": "11:00"}}})).messages
+    assert other[-1]["content"] == "[asked at 11:00] Question 0: where is order 1000?"  # its own conversation

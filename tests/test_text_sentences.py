@@ -42,3 +42,10 @@ def test_leading_sentences_keep_whole_sentences_and_the_text_between_them(llama_
     assert leading_sentences(text, counter.count_text(text), counter) == text
     assert leading_sentences(text, 2, counter) == ""
     assert leading_sentences(text, 0, counter) == ""
+
+
+def test_a_run_of_chinese_or_japanese_sentence_ends_is_one_end():
+    """'真的吗？！' split after its '？', leaving '！' a sentence of its own (a junk fact, a cut memory)."""
+    assert split_sentences("真的吗？！太好了。什么！！！你确定吗？？我不信。") == [
+        "真的吗？！", "太好了。", "什么！！！", "你确定吗？？", "我不信。"]
+    assert split_sentences("他说：“你好！”然后走了。") == ["他说：“你好！”", "然后走了。"]

@@ -29,7 +29,7 @@ import json
 import re
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ..errors import RequestError
@@ -202,8 +202,14 @@ class PromptTemplate:
         documents: Sequence[Mapping[str, Any]] = (),
         memory: str | None = None,
         tools: Sequence[Tool] = (),
+        earlier_turns: MutableMapping[str, str] | None = None,
     ) -> RenderedPrompt:
-        """Messages and tools for one call. `conversation` is the chat so far, its last message the newest."""
+        """Messages and tools for one call. `conversation` is the chat so far, its last message the newest.
+
+        earlier_turns: for one conversation, each user message's text as the turn section framed it when it was
+        the newest (read for the earlier ones, written for the newest). TemplateStage keeps one per conversation:
+        a turn with a per-call variable ("asked at {{ time }}") then frames each question once, as it was asked,
+        instead of relabelling every earlier one (and un-caching the prompt from the first) on every call."""
         if variables is not None and not isinstance(variables, Mapping):
             raise TemplateError(f"variables must be a dict of name -> value, got {type(variables).__name__}", self.id)
         if memory is not None and not isinstance(memory, str):
@@ -247,8 +253,10 @@ class PromptTemplate:
         # ones go without documents, which stay with the newest question.
         last_user = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "user"), None)
         for i, message in enumerate(history):
-            if i != last_user and message.get("role") == "user":
-                history[i] = self._with_documents(message, "", variables) or message
+            if message.get("role") == "user":
+                framed = self._earlier_turn(message, variables, earlier_turns, newest=i == last_user)
+                if i != last_user:
+                    history[i] = framed
         dropped = 0
         budget = self.budgets.get("conversation")
         sizes = _prompt_sizes(history, counter) if history else []
@@ -280,6 +288,20 @@ class PromptTemplate:
             kept_documents=[str(doc["id"]) for doc in kept_docs], dropped_messages=dropped,
         )
 
+    def _earlier_turn(self, message: dict[str, Any], variables: Mapping[str, Any],
+                      earlier_turns: MutableMapping[str, str] | None, *, newest: bool) -> dict[str, Any]:
+        """A user message framed by the turn section without documents: as it was framed when it was the newest
+        (earlier_turns), else with these variables; the newest one's framing is noted for the calls after."""
+        text = _question_text(message)
+        if earlier_turns is not None and text is not None and not newest and text in earlier_turns:
+            return _with_question_text(message, earlier_turns[text])
+        framed = self._with_documents(message, "", variables) or message
+        framed_text = _question_text(framed)
+        if earlier_turns is not None and text is not None and framed_text is not None and (
+                newest or text not in earlier_turns):
+            earlier_turns[text] = framed_text
+        return framed
+
     def _with_documents(self, message: dict[str, Any], docs_text: str,
                         variables: Mapping[str, Any]) -> dict[str, Any] | None:
         """The user message rendered with the documents as one turn, or None when it has no text to go with.
@@ -287,17 +309,8 @@ class PromptTemplate:
         With content parts (the OpenAI SDK's list shape) the question is the first text part: the documents
         go there, not after the newest tool result as a new user turn that moves (and un-caches the prompt)
         on every step of a tool loop."""
-        content = message.get("content")
-        if isinstance(content, str):
-            return {**message, "content": self._turn(docs_text, content, variables)}
-        if not isinstance(content, list):
-            return None
-        for k, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                parts = list(content)
-                parts[k] = {**part, "text": self._turn(docs_text, part["text"], variables)}
-                return {**message, "content": parts}
-        return None
+        text = _question_text(message)
+        return None if text is None else _with_question_text(message, self._turn(docs_text, text, variables))
 
     def _documents(self, documents: Sequence[Mapping[str, Any]], counter: TokenCounter,
                    variables: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], str]:
@@ -397,6 +410,30 @@ def _tools_tokens(tools: list[Tool], counter: TokenCounter) -> int:
     instructions and one JSON line per tool), not the size of their JSON alone."""
     head: list[Message] = [{"role": "system", "content": "s"}]
     return max(0, counter.count_prompt(head, tools) - counter.count_prompt(head))
+
+
+def _question_text(message: Mapping[str, Any]) -> str | None:
+    """A user message's question: its text, or its first text part (the OpenAI SDK's list shape)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            return str(part["text"])
+    return None
+
+
+def _with_question_text(message: dict[str, Any], text: str) -> dict[str, Any]:
+    """The message with its question (see _question_text) replaced by `text`."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": text}
+    parts = list(content) if isinstance(content, list) else []
+    for k, part in enumerate(parts):
+        if isinstance(part, Mapping) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            parts[k] = {**part, "text": text}
+            return {**message, "content": parts}
+    return message
 
 
 def _prompt_sizes(history: list[Message], counter: TokenCounter) -> list[int]:
@@ -573,6 +610,8 @@ class TemplateStage(Stage):
         # question and a budgeted conversation drops its oldest turns, and both un-cache the prompt after
         # them (a `prefix_invalidated` event, as the other stages that edit earlier content note theirs).
         self._last: LRUMemo[tuple[str, str], _RenderedPrompt] = LRUMemo(LAST_PROMPTS)
+        # Each conversation's questions as the turn section framed them when asked (PromptTemplate.render).
+        self._earlier_turns: LRUMemo[tuple[str, str], dict[str, str]] = LRUMemo(LAST_PROMPTS)
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         inputs = request.metadata.get(METADATA_KEY) or {}
@@ -580,9 +619,17 @@ class TemplateStage(Stage):
             raise TemplateError(f"metadata[{METADATA_KEY!r}] must be a dict", self.template.id)
         conversation = list(request.messages)
         app_system = conversation.pop(0) if conversation and conversation[0].get("role") == "system" else None
+        earlier_turns = None
+        if request.conversation_id:
+            key = (request.namespace, request.conversation_id)
+            earlier_turns = self._earlier_turns.get([key]).get(key)
+            if earlier_turns is None:
+                earlier_turns = {}
+                self._earlier_turns.put({key: earlier_turns})
         rendered = self.template.render(
             self.counter, variables=inputs.get("variables"), conversation=conversation,
             documents=inputs.get("documents") or (), memory=inputs.get("memory"), tools=request.tools,
+            earlier_turns=earlier_turns,
         )
         # The app's system message goes only when the template brings its own to replace it.
         own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
