@@ -205,3 +205,39 @@ def test_decimals_and_thousands_are_whole_numbers(a, b):
                                   ("I have 1, 2 and 3 apples", "I have 1, 2, and 3 apples")])
 def test_the_same_number_written_otherwise_still_matches(a, b):
     assert veto(features(a), features(b)) is None
+
+
+@pytest.mark.parametrize("a, b", [
+    ("What's new in Python 3.10?", "What's new in Python 3.1?"),  # a trailing zero is a digit of a version
+    ("How do I ping 192.168.1.10 from Windows?", "How do I ping 192.168.1.1 from Windows?"),
+    ("What changed in requests v2.0.10?", "What changed in requests v2.0.1?"),
+    ("Is 1,000,003 a prime number?", "Is 1,000,001 a prime number?"),  # f"{x:g}" kept six digits
+    ("Is 1,234,567 divisible by 3?", "Is 1,234,568 divisible by 3?"),
+])
+def test_numbers_are_read_exactly(a, b):
+    assert veto(features(a), features(b)) == "numbers"
+
+
+def test_joining_numbers_is_linear_in_the_text():
+    import time
+
+    from ctxkit.stages.cache.disfluency import tokenize
+    from ctxkit.stages.cache.guards import _join_numbers
+
+    text = ("1. 2. 3. " * 6000)[:50000]
+    tokens = tokenize(text)
+    started = time.perf_counter()
+    assert "1.2" not in _join_numbers(tokens, text)
+    assert time.perf_counter() - started < 0.5  # the substring search per number took ~1 s
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Is there a way to reverse a list in Python?", "How do I reverse a list in Python?"),
+    ("Are there ways to speed up pandas?", "How can I speed up pandas?"),
+    ("huh?? what does git rebase do", "what does git rebase do"),
+    ("wait?. how do I exit vim", "how do I exit vim"),
+    ("Compare Python and Java for backend development", "Compare Python to Java for backend development"),
+])
+def test_casual_paraphrases_are_not_vetoed(a, b):
+    assert veto(features(a), features(b)) is None
+    assert judge(a, "", b, "", 0.99, None, Thresholds()) is None

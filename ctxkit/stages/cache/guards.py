@@ -31,6 +31,7 @@ check that fails, so the ledger and the benchmark can say why a near-duplicate w
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import re
 import unicodedata
@@ -195,12 +196,24 @@ def _number(token: str) -> str | None:
     t = token.lower().replace(",", "")
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(st|nd|rd|th|k|m|bn|s)?", t)
     if m:
-        value = float(m.group(1)) * {"k": 1e3, "m": 1e6, "bn": 1e9}.get(m.group(2) or "", 1)
-        return f"{value:g}" + ("th" if m.group(2) in ("st", "nd", "rd", "th") else "")
+        digits, suffix = m.group(1), m.group(2) or ""
+        if suffix in ("k", "m", "bn"):
+            value = _exact(decimal.Decimal(digits) * {"k": 1000, "m": 10**6, "bn": 10**9}[suffix])
+        else:  # exact, and a decimal keeps its digits: "3.10" is not "3.1" (Python 3.10, an IP's "1.10")
+            whole, _, fraction = digits.partition(".")
+            value = str(int(whole)) + ("." + fraction if fraction else "")
+        return value + ("th" if suffix in ("st", "nd", "rd", "th") else "")
     word = _NUMBER_WORDS.get(t)
     if word is None:
         return None
-    return f"{word[:-2]}th" if isinstance(word, str) else f"{float(word):g}"
+    return f"{word[:-2]}th" if isinstance(word, str) else _exact(decimal.Decimal(str(word)))
+
+
+def _exact(value: decimal.Decimal) -> str:
+    """A number written out in full: f"{x:g}" kept six digits, and 1,000,001 read as 1,000,000."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
 
 
 def _join_numbers(tokens: list[str], text: str) -> list[str]:
@@ -209,15 +222,25 @@ def _join_numbers(tokens: list[str], text: str) -> list[str]:
     Join them again where the text has them written together: digits, a "," and three digits (thousands),
     or a "." and digits (decimals)."""
     out: list[str] = []
+    ends: list[int] = []  # where each token of `out` ends in `text` (-1: not found there)
+    cursor = 0
     for tok in tokens:
+        # tokens are found in order: whether three are written together is read from their offsets, not
+        # by searching the whole text for each (a 50 KB list of "1. 2. 3." took seconds)
+        at = text.find(tok, cursor)
+        if at >= 0:
+            cursor = at + len(tok)
         if (len(out) >= 2 and out[-1] in (",", ".") and re.fullmatch(r"\d[\d,]*(?:\.\d+)?", out[-2])
                 and re.fullmatch(r"\d+(?:[^\W\d_]+|%)?", tok)
                 and (out[-1] == "." and "." not in out[-2] or re.fullmatch(r"\d{3}", tok) and "." not in out[-2])
-                and out[-2] + out[-1] + tok in text):
+                and at >= 0 and ends[-1] == at and ends[-2] == at - 1):
             sep = out.pop()
+            ends.pop()
             out[-1] = out[-1] + sep + tok
+            ends[-1] = cursor
             continue
         out.append(tok)
+        ends.append(cursor if at >= 0 else -1)
     return out
 
 
@@ -348,6 +371,8 @@ def _yes_no(lower: list[str]) -> str | None:
         return None
     if len(words) > 1 and words[1] in ("you", "u") and _REQUEST_VERBS & set(words[2:5]):
         return None
+    if words[0] in ("is", "are") and words[1:2] == ["there"] and {"way", "ways"} & set(words[2:6]):
+        return None  # "Is there a way to undo a commit?" asks how ("How do I undo a commit?")
     return "yes/no"
 
 
@@ -665,7 +690,9 @@ def _courtesy_differs(query_raw: str, candidate_raw: str) -> bool:
 
 _OPERATOR_RUN = re.compile(r"[-+*/^%=<>!&|~#]+")
 # C#/JS/Kotlin null operators: "a ?? b", "x?.y", "the ?. operator" (a sentence's question mark is no operator)
-_NULL_OPERATOR = re.compile(r"\?\?=?(?=\s*[\w(\[])|\?\.(?=\s*[A-Za-z_(\[])|(?<=\w)\?\[")
+# ("huh?? what is ...", "really?. So ...": marks typed after a word, then a space, are punctuation)
+_NULL_OPERATOR = re.compile(r"(?<!\w)\?\?=?(?=\s*[\w(\[])|(?<=\w)\?\?=?(?=[\w(\[])"
+                            r"|(?<!\w)\?\.(?=\s*[A-Za-z_(\[])|(?<=\w)\?\.(?=[A-Za-z_(\[])|(?<=\w)\?\[")
 _FLAG = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")
 
 
@@ -795,4 +822,12 @@ def _tense_differs(a: Features, b: Features) -> bool:
         return False
     diff = [(x, y) for x, y in zip(a.sequence, b.sequence, strict=True) if x != y]
     return len(diff) == 1 and diff[0][0] in _SWAP_CLASSES and diff[0][1] in _SWAP_CLASSES \
-        and _SWAP_CLASSES[diff[0][0]] != _SWAP_CLASSES[diff[0][1]]
+        and _SWAP_CLASSES[diff[0][0]] != _SWAP_CLASSES[diff[0][1]] \
+        and _SWAP_GROUPS[_SWAP_CLASSES[diff[0][0]]] == _SWAP_GROUPS[_SWAP_CLASSES[diff[0][1]]]
+
+
+# A word is swapped for another of its own kind only: "compare Python and Java" / "compare Python to Java"
+# (a connective for a direction) ask the same question.
+_SWAP_GROUPS = {"present": "tense", "past": "tense", "future": "tense", "and": "connective", "or": "connective",
+                "nor": "connective", "xor": "connective", "to": "direction", "from": "direction",
+                "before": "time", "after": "time"}
