@@ -133,7 +133,7 @@ def run_agent(client: Any, tools: NoteTools, turns: list[str], *, max_steps: int
         on_step(f"\nuser: {turn}")
         for step in range(max_steps):
             completion = client.chat.completions.create(
-                model="smollm2", messages=messages, tools=TOOLS, max_tokens=64, temperature=0,
+                model="smollm2", messages=messages, tools=TOOLS, max_tokens=128 if step == 0 else 64, temperature=0,
                 tool_choice="required" if step == 0 else "none",
                 extra_body={"ctxkit": {"conversation_id": conversation_id}},
             )
