@@ -8,6 +8,8 @@ could duplicate output. The API key is read from the environment and never logge
 from __future__ import annotations
 
 import asyncio
+import base64
+import email.utils
 import importlib
 import json
 import logging
@@ -16,6 +18,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -521,8 +524,6 @@ def _url_secrets(url: str | None) -> list[str]:
     of its secret-named query parameters."""
     if not url:
         return []
-    import base64
-    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     found = []
@@ -540,7 +541,6 @@ def _shown_url(url: str | None) -> str | None:
     """`url` without its query string (a gateway's ?api-key=, ?code=) and its user part's password."""
     if url is None:
         return None
-    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
@@ -608,8 +608,6 @@ def _retry_after(headers: Any) -> float | None:
     if header.replace(".", "", 1).isdigit():
         return float(header)
     if header:
-        import email.utils
-
         try:
             when = email.utils.parsedate_to_datetime(header)
         except (TypeError, ValueError, IndexError):

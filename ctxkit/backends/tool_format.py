@@ -17,6 +17,7 @@ counter), with the grammar as its `grammar` field, and its answers are parsed th
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -324,8 +325,6 @@ def _integer_range(schema: dict[str, Any]) -> dict[str, Any]:
     def bound(key: str) -> float | None:
         value = schema.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-    import math
 
     lows = [v for v in (bound("minimum"),) if v is not None]
     lows += [math.floor(v) + 1 for v in (bound("exclusiveMinimum"),) if v is not None]

@@ -133,6 +133,7 @@ class SummaryStore:
                 path = self._path(key)
                 self._seen.pop(key, None)
                 if path.is_file():
+                    stamp = _stamp(path)  # before the read: a file replaced in between is read again next time
                     try:
                         state = ConversationState.from_json(json.loads(path.read_text("utf-8")))
                     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -148,7 +149,7 @@ class SummaryStore:
                         state.last_sent, state.last_sent_tokens, state.last_tools = \
                             held.last_sent, held.last_sent_tokens, held.last_tools
                     self._states[key] = state
-                    self._seen[key] = _stamp(path)
+                    self._seen[key] = stamp
             return state
 
     def _changed_on_disk(self, key: tuple[str, str]) -> bool:
