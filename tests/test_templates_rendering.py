@@ -638,3 +638,22 @@ def test_a_turn_with_a_per_call_variable_frames_each_question_once_as_it_was_ask
     other = stage.before_model(ChatRequest(messages=[history[0]], conversation_id="c-other",
                                            metadata={"ctxkit.template": {"variables": {"time": "11:00"}}})).messages
     assert other[-1]["content"] == "[asked at 11:00] Question 0: where is order 1000?"  # its own conversation
+
+
+def test_sizes_remembered_from_earlier_calls_cut_the_conversation_where_measuring_anew_does(llama_backend):
+    """The stage keeps each message's measured size (rendering every message again cost 0.3 s per call at 2,000
+    messages): a tool result keyed with the call it answers, so the same result after another call is measured
+    anew, and a budget cuts where a fresh measurement would."""
+    history = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"Weather in city {i}?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+                        "name": f"weather_tool_number_{i}", "arguments": json.dumps({"city": f"City {i}"})}}]},
+                    {"role": "tool", "tool_call_id": "c", "content": "sunny"}]
+    template = PromptTemplate("t", "1", system="You are terse.", budgets={"conversation": 300})
+    remembering = TemplateStage(template, llama_backend.counter)
+    for turn in range(3):
+        request = ChatRequest(messages=[*history, {"role": "user", "content": f"And tomorrow {turn}?"}],
+                              conversation_id="c-sizes")
+        fresh = TemplateStage(template, llama_backend.counter).before_model(request).messages
+        assert remembering.before_model(request).messages == fresh

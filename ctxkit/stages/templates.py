@@ -203,13 +203,15 @@ class PromptTemplate:
         memory: str | None = None,
         tools: Sequence[Tool] = (),
         earlier_turns: MutableMapping[str, str] | None = None,
+        known_sizes: LRUMemo[bytes, int] | None = None,
     ) -> RenderedPrompt:
         """Messages and tools for one call. `conversation` is the chat so far, its last message the newest.
 
         earlier_turns: for one conversation, each user message's text as the turn section framed it when it was
         the newest (read for the earlier ones, written for the newest). TemplateStage keeps one per conversation:
         a turn with a per-call variable ("asked at {{ time }}") then frames each question once, as it was asked,
-        instead of relabelling every earlier one (and un-caching the prompt from the first) on every call."""
+        instead of relabelling every earlier one (and un-caching the prompt from the first) on every call.
+        known_sizes: message sizes measured on earlier calls with this counter (see _prompt_sizes)."""
         if variables is not None and not isinstance(variables, Mapping):
             raise TemplateError(f"variables must be a dict of name -> value, got {type(variables).__name__}", self.id)
         if memory is not None and not isinstance(memory, str):
@@ -259,7 +261,7 @@ class PromptTemplate:
                     history[i] = framed
         dropped = 0
         budget = self.budgets.get("conversation")
-        sizes = _prompt_sizes(history, counter) if history else []
+        sizes = _prompt_sizes(history, counter, known_sizes) if history else []
         if budget is not None and history:
             dropped = _oldest_to_drop(history, budget, sizes)
             history = history[dropped:]
@@ -436,32 +438,49 @@ def _with_question_text(message: dict[str, Any], text: str) -> dict[str, Any]:
     return message
 
 
-def _prompt_sizes(history: list[Message], counter: TokenCounter) -> list[int]:
+def _prompt_sizes(history: list[Message], counter: TokenCounter,
+                  known: LRUMemo[bytes, int] | None = None) -> list[int]:
     """Tokens each message takes in the prompt as the backend writes it: its role and markers, and an
     assistant's tool calls and a tool result as the chat template renders them (a local model without native
     tools gets them as <tool_call> and <tool_response> text, longer than the bare JSON). A tool result is
-    measured after the call it answers, whose name the template writes into it."""
+    measured after the call it answers, whose name the template writes into it.
+
+    known: sizes measured on earlier calls (TemplateStage keeps them), keyed by the message and the call it
+    answers: each call of a conversation resends its history, and rendering every message again cost 0.3 s
+    per call at 2,000 messages."""
     head: list[Message] = [{"role": "system", "content": "s"}]
-    base = counter.count_prompt(head)
-    framing: int | None = None
     calls: dict[Any, Message] = {}
-    sizes: list[int] = []
+    contexts: list[Message | None] = []
     for message in history:
-        context = head
-        if message.get("role") == "tool" and message.get("tool_call_id") in calls:
-            context = [*head, calls[message.get("tool_call_id")]]
-        try:
-            before = base if context is head else counter.count_prompt(context)
-            size = max(0, counter.count_prompt([*context, message]) - before)
-        except Exception:  # a message the chat template cannot render alone: its text and the usual framing
-            if framing is None:
-                probe = counter.count_prompt([*head, {"role": "user", "content": "x"}]) - base
-                framing = max(0, probe - counter.count_text("x"))
-            size = _message_tokens(message, counter) + framing
-        sizes.append(size)
+        answered = calls.get(message.get("tool_call_id")) if message.get("role") == "tool" else None
+        contexts.append(answered)
         for call in message.get("tool_calls") or []:
             if isinstance(call, Mapping):
                 calls[call.get("id")] = message
+    keys = [_digest(_json_bytes([context, message])) for context, message in zip(contexts, history, strict=True)]
+    found = known.get(keys) if known is not None else {}
+    base: int | None = None
+    framing: int | None = None
+    measured: dict[bytes, int] = {}
+    sizes: list[int] = []
+    for key, context_message, message in zip(keys, contexts, history, strict=True):
+        size = found.get(key, measured.get(key))
+        if size is None:
+            if base is None:
+                base = counter.count_prompt(head)
+            context = head if context_message is None else [*head, context_message]
+            try:
+                before = base if context_message is None else counter.count_prompt(context)
+                size = max(0, counter.count_prompt([*context, message]) - before)
+            except Exception:  # a message the chat template cannot render alone: its text and the usual framing
+                if framing is None:
+                    probe = counter.count_prompt([*head, {"role": "user", "content": "x"}]) - base
+                    framing = max(0, probe - counter.count_text("x"))
+                size = _message_tokens(message, counter) + framing
+            measured[key] = size
+        sizes.append(size)
+    if known is not None and measured:
+        known.put(measured)
     return sizes
 
 
@@ -544,6 +563,8 @@ class TemplateRegistry:
 
 # Conversations whose last rendered prompt a TemplateStage remembers, the least recently called dropped first.
 LAST_PROMPTS = 1024
+# Message sizes a TemplateStage remembers (a digest and an int each: a few MB at most).
+KNOWN_SIZES = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,6 +633,7 @@ class TemplateStage(Stage):
         self._last: LRUMemo[tuple[str, str], _RenderedPrompt] = LRUMemo(LAST_PROMPTS)
         # Each conversation's questions as the turn section framed them when asked (PromptTemplate.render).
         self._earlier_turns: LRUMemo[tuple[str, str], dict[str, str]] = LRUMemo(LAST_PROMPTS)
+        self._known_sizes: LRUMemo[bytes, int] = LRUMemo(KNOWN_SIZES)  # messages measured with this counter
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         inputs = request.metadata.get(METADATA_KEY) or {}
@@ -629,7 +651,7 @@ class TemplateStage(Stage):
         rendered = self.template.render(
             self.counter, variables=inputs.get("variables"), conversation=conversation,
             documents=inputs.get("documents") or (), memory=inputs.get("memory"), tools=request.tools,
-            earlier_turns=earlier_turns,
+            earlier_turns=earlier_turns, known_sizes=self._known_sizes,
         )
         # The app's system message goes only when the template brings its own to replace it.
         own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
