@@ -669,10 +669,18 @@ def test_a_model_summary_keeps_only_sentences_the_turns_support_once_each():
     summary, dropped = grounded("The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3. "
                                 "The train leaves at 18:30 from Gare de Lyon. Dinner reservations were discussed.",
                                 turns)
-    assert summary == "The user booked the Ouigo train, seat 14B in coach 3. Seat 14B in coach 3." and dropped == 2
+    # "Seat 14B in coach 3." says again part of what the sentence before it said.
+    assert summary == "The user booked the Ouigo train, seat 14B in coach 3." and dropped == 3
     # A loop inside one sentence, made of the turns' own words: only its lack of variety gives it away.
     looped_call = "The agent called get_log_access" + "_log_access" * 8 + "."
     assert grounded(looped_call, ["called get_log_access for the access log"]) == ("", 1)
+    # A repeat inside an open quote arrives as one sentence: it is cut where the words start over.
+    story = ['Azaelia said, "I will not let you destroy the throne room again." Merrill laughed.']
+    summary, _ = grounded('Azaelia said, "I will not let you destroy the throne room again. I will not let you '
+                          'destroy the throne room again. I will not let you destroy', story)
+    assert summary == 'Azaelia said, "I will not let you destroy the throne room again.', summary
+    unrepeated = "Ada paid 40 euros for the red kayak and 40 euros for the blue kayak in May."
+    assert grounded(unrepeated, [unrepeated]) == (unrepeated, 0)
 
 
 def test_the_memory_benchmark_scores_the_history_not_the_question_and_gives_the_baseline_its_budget(llama_backend):

@@ -163,21 +163,45 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
     source_words = set().union(*(_words(s) for s in sources)) if sources else set()
     source_numbers = set().union(*(_numbers(s, spelled=True) for s in sources)) if sources else set()
     kept: list[str] = []
-    seen: set[str] = set()
+    said = " "  # the kept sentences' words, each run of them padded by spaces
     dropped = 0
-    for sentence in (s.strip() for line in summary.splitlines() for s in split_sentences(line)):
-        if not sentence:
+    for whole in (s.strip() for line in summary.splitlines() for s in split_sentences(line)):
+        if not whole:
             continue
-        key = " ".join(sentence.lower().split())
+        sentence = _before_repeat(whole)
+        # Said already, whole or as part of a kept sentence ('Azaelia said, "I will not let you ...' and then
+        # 'I will not let you ...' again): a repeat takes room and adds nothing.
+        key = " ".join(w.lower() for w in _TOKEN.findall(sentence))
         words = _words(sentence) - _REPORTING
         # A sentence in a script without spaces (Chinese, Japanese) has no words to look up: kept, unjudged.
         supported = len(words & source_words) * 2 >= len(words) if words else bool(_UNSPACED.search(sentence))
-        if key in seen or not supported or not _numbers(sentence) <= source_numbers or _loops(sentence):
+        if (not key or f" {key} " in said or not supported or not _numbers(sentence) <= source_numbers
+                or _loops(sentence)):
             dropped += 1
             continue
-        seen.add(key)
+        said += f"{key} | "
         kept.append(sentence)
     return " ".join(kept), dropped
+
+
+def _before_repeat(sentence: str) -> str:
+    """`sentence` up to where it starts saying again what it said ('She said, "I will not let you destroy the
+    throne room again. I will not let you destroy the throne room again."': the splitter cannot end a
+    sentence inside an open quote, so the repeat arrived as one sentence, and half the summary's room went
+    to it). A run of REPEAT_WORDS words said twice is a repeat; prose of one sentence hardly ever does that."""
+    words = list(_TOKEN.finditer(sentence))
+    first: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - REPEAT_WORDS + 1):
+        run = tuple(w.group().lower() for w in words[i:i + REPEAT_WORDS])
+        if run in first and first[run] + REPEAT_WORDS <= i:
+            cut = words[i].start()
+            # Starting over inside a word ("get_log_access_log_access..."): a loop, with nothing whole to keep.
+            return sentence[:cut].rstrip(" ,;:") if not cut or sentence[cut - 1].isspace() else ""
+        first.setdefault(run, i)
+    return sentence
+
+
+REPEAT_WORDS = 6
 
 
 def _loops(sentence: str) -> bool:
