@@ -164,3 +164,37 @@ def test_a_model_call_is_answered_while_the_cache_backend_is_frozen(make_pg_stor
     finally:
         os.kill(pooled, signal.SIGCONT)
     assert answer and answer[0]
+
+
+def test_non_finite_float_in_answer_is_not_stored_and_does_not_fail_the_call(make_pg_store):
+    """An upstream's logprob of -inf (JSON -Infinity, parsed to float('-inf')) is kept by LocalStore;
+    the json column cannot hold it: the answer is not stored, and put does not raise out of the stage."""
+    import time
+
+    import numpy as np
+
+    from ctxkit.stages.cache.store import CacheEntry
+
+    store = make_pg_store()
+    entry = CacheEntry(key="k", scope="s", namespace="a", query_text="q", created_at=time.time(),
+                       response={"choices": [{"logprobs": {"content": [{"token": "x", "logprob": float("-inf")}]}}]})
+    store.put(entry, np.ones(384, dtype=np.float32))
+    assert store.get("k", time.time()) is None
+
+
+def test_a_model_call_is_answered_after_the_cache_tables_are_dropped(make_pg_store, pg_dsn, pg_prefix,
+                                                                    embedder, llama_backend, ledger):
+    """An operator resets the shared cache by dropping its tables (as the dimension error advises), or a
+    failover lands on a database without them: replicas still serving must answer without the cache, not
+    fail every call with UndefinedTable."""
+    from ctxkit.pipeline import Pipeline
+    from ctxkit.request import ChatRequest
+    from ctxkit.stages.cache.stage import SemanticCacheStage
+
+    pipeline = Pipeline(llama_backend, stages=[SemanticCacheStage(make_pg_store(), embedder)], ledger=ledger)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for table in ("access", "stats", "meta", "entries"):
+            conn.execute(f"DROP TABLE {pg_prefix}_{table}")
+    request = ChatRequest(messages=[{"role": "user", "content": "Name a color."}],
+                          params={"temperature": 0, "max_tokens": 8})
+    assert pipeline.call(request).content

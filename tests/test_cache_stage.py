@@ -900,3 +900,19 @@ def test_the_same_earlier_code_and_answer_still_hit(stage):
     assert stage.lookup(req(_follow_up("Write a loop.", loop, "what does it print ?"))).response is not None
     seed(stage, req(_follow_up("Which strftime code?", "Use %m.", "What does it print for today?")))
     assert stage.lookup(req(_follow_up("Which strftime code?", "Use %m.", "What does it print for today, please?"))).response is not None
+
+
+def test_an_answer_the_store_refuses_is_noted_not_counted_as_stored(store, embedder):
+    """A full disk: the store logs and skips the write. The call's ledger record said nothing, and the stage
+    counted the answer as stored, so a reader saw two misses of one question with no reason."""
+    stage = SemanticCacheStage(store, embedder)
+    for cache in (store._entries, store._meta):  # SQLite's page limit: "database or disk is full", for real
+        pages = cache._sql("PRAGMA page_count").fetchone()[0]
+        cache._sql(f"PRAGMA max_page_count = {pages}")
+    notes = []
+    request = ask("What is the capital of France?")
+    long_answer = answer("Paris. " * 2800)  # 20 kB: below diskcache's 32 kB, so kept in SQLite, which has no page left
+    assert stage.remember(request, long_answer, stage.lookup(request),
+                          record=lambda *args, **data: notes.append((args, data))) is False
+    assert notes == [(("semantic_cache", "not_stored"), {"reason": "store_refused"})]
+    assert stage.counts["stored"] == 0 and stage.counts["not_stored_store_refused"] == 1

@@ -492,3 +492,15 @@ def test_bench_memory_refuses_answers_the_history_never_holds(tmp_path):
                     + json.dumps({"messages": messages, "answers": ["1,007"]}) + "\n")
     with pytest.raises(ConfigurationError, match=r"conversations.jsonl:2: answers: none of \['1,007'\]"):
         load_conversations(data)
+
+
+def test_report_with_an_unwritable_plot_format_fails_before_printing_a_report(tmp_path, capsys):
+    """`--json --plot calls.txt` printed the whole JSON report (after reading all of a huge ledger), then exited 2:
+    a script saw a complete report on stdout beside the error."""
+    from ctxkit.cli.main import main
+
+    log = tmp_path / "calls.jsonl"
+    log.write_text("")
+    assert main(["report", str(log), "--json", "--plot", str(tmp_path / "calls.txt")]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "not an image format" in out.err

@@ -67,3 +67,20 @@ def test_quarantine_evidence_is_redacted_before_it_is_cut():
     text = "upstream rejected credentials " + "x" * 74 + " " + token
     finding = find_tool_error('{"error": "' + text + '"}')
     assert finding is not None and "ghp_Zq8R" in finding.evidence and "2mLx" not in finding.evidence
+
+
+def test_http_library_log_lines_lose_query_string_keys_without_a_password_in_the_url():
+    """httpx logs each request's URL at INFO: a call's extra_query key (or a base URL's ?api-key=) must not reach
+    the logs an app turns on to see the ledger's lines, though the base URL holds no user:password@."""
+    import logging
+
+    from ctxkit.backends.openai_compat import OpenAIBackend
+
+    OpenAIBackend("gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="sk-test")
+    for name in ("httpx", "httpx2"):
+        for query in ("api-key=TENANTKEY-0123456789", "subscription-key=TENANTKEY-0123456789"):
+            record = logging.LogRecord(name, logging.INFO, __file__, 1, 'HTTP Request: POST %s "HTTP/1.1 200 OK"',
+                                       (f"http://127.0.0.1:9/v1/chat/completions?x=1&{query}",), None)
+            assert all(f.filter(record) for f in logging.getLogger(name).filters)
+            assert "TENANTKEY" not in record.getMessage()
+            assert "chat/completions?x=1&" in record.getMessage()

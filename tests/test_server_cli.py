@@ -261,3 +261,19 @@ def test_sigterm_answers_queued_and_cancelled_calls_with_an_openai_shaped_503(tm
     assert [a.status_code for a in answers] == [503] * 3, [a.text[:80] for a in answers]
     assert {a.json()["error"]["type"] for a in answers} == {"server_shutting_down"}
     assert "Exception in ASGI application" not in output
+
+
+@pytest.mark.parametrize("missing", ["prometheus_client", "starlette", "uvicorn"])
+def test_serve_without_its_extra_is_a_clear_error(missing, monkeypatch, capsys):
+    """`ctxkit serve` without the serve extra: one `ctxkit: error:` line naming the extra, exit 2. The `local`
+    extra's llama-cpp-python[server] brings uvicorn and starlette but not prometheus-client, so a check on
+    uvicorn alone let the command die on a ModuleNotFoundError traceback (exit 1)."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    for name in [m for m in sys.modules if m.startswith("ctxkit.server.app") or m.startswith("ctxkit.server.metrics")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("CTXKIT_API_KEYS", "k-team-a-0001:team-a")
+    from ctxkit.cli.main import main
+
+    assert main(["serve", "--port", "0", "--no-stages"]) == 2
+    err = capsys.readouterr().err
+    assert "ctxkit[serve]" in err and missing in err

@@ -663,3 +663,35 @@ def test_a_request_with_no_words_still_gets_top_k_tools(stage, content):
     provider = _Provider({"role": "assistant", "content": "Done."})
     stage.wrap_call(ChatRequest(messages=[{"role": "user", "content": content}]), provider)
     assert len([t for t in provider.requests[0].tools if t["function"]["name"] != FIND_TOOLS]) == stage.top_k
+
+
+def test_a_schema_edited_under_the_same_name_is_noted_as_the_prefix_it_uncaches(llama_backend, embedder):
+    """A tool's schema edited under the same name between two steps of a tool loop (an MCP server upgraded)
+    changes the tool block, which leads the prompt: the backend's prefix cache keeps only the head before the
+    edit, and the ledger must say so as it does when the selection's names change."""
+    catalog = json.loads((FIXTURES / "catalog.json").read_text())[:50]
+    from ctxkit import Ledger
+
+    ledger = Ledger()
+    stage = ToolRetrievalStage(top_k=3, embedder=embedder, counter=llama_backend.counter)
+    pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Get the stock price of Apple for the last 5 days."}]
+    params = {"max_tokens": 8, "temperature": 0}
+    first = pipeline.chat(messages, tools=catalog, params=params, conversation_id="c1")
+    sent = _events(ledger.records[-1], "selected")[0]["sent"]
+    call = {"id": "c1", "type": "function", "function": {"name": sent[0], "arguments": "{}"}}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "190.5"}]
+    upgraded = json.loads(json.dumps(catalog))
+    for tool in upgraded:
+        if tool["function"]["name"] == sent[-1]:  # the last tool of the block: a constraint added
+            properties = tool["function"]["parameters"]["properties"]
+            properties[next(iter(properties))]["minLength"] = 1
+    second = pipeline.chat(messages, tools=upgraded, params=params, conversation_id="c1")
+    record = ledger.records[-1]
+    assert _events(record, "selected")[0]["sent"] == sent  # the same names
+    uncached = first.usage.prompt_tokens - second.usage.cached_tokens
+    assert uncached > 0  # llama.cpp re-read the tool block from the edit on
+    (event,) = _events(record, "prefix_invalidated")
+    assert event["tokens"] == uncached

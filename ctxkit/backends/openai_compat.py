@@ -120,8 +120,9 @@ class OpenAIBackend:
         # The base URL's own credentials: its password (httpx sends user:password as `Authorization: Basic
         # <base64>`, which a gateway may quote back as it quotes a key) and its query string's values (?api-key=).
         self._url_secrets = _url_secrets(base_url)
-        if base_url is not None and "@" in base_url:
-            _redact_http_library_logs()  # httpx logs each request's URL at INFO: its user:password@ too
+        # httpx logs each request's URL at INFO: its user:password@ too, and its query string, where a base URL's
+        # or a call's extra_query key (?api-key=, ?subscription-key=) travels.
+        _redact_http_library_logs()
         # Retries are ours (visible, bounded, never after a stream started); the client's are off.
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self._aclient_args: dict[str, Any] = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 0}
@@ -501,12 +502,15 @@ class _RedactedRecords(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        shown = redact(text)
+        shown = _SECRET_QUERY_VALUE.sub(lambda m: m.group(1) + "…", redact(text))
         if shown != text:
             record.msg, record.args = shown, None
         return True
 
 
+# A secret-named query parameter's value in a logged URL (?api-key=, &subscription-key=, ?access_token=).
+_SECRET_QUERY_VALUE = re.compile(r"([?&][^=&\s#\"']*(?:auth|key|token|secret|signature|password|credential)"
+                                 r"[^=&\s#\"']*=)[^&\s#\"']+", re.IGNORECASE)
 _REDACTED_RECORDS = _RedactedRecords()
 
 

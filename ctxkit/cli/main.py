@@ -70,8 +70,10 @@ def _demo(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from ..errors import LedgerError, MalformedLedgerLine
     from ..ledger import read_ledger
-    from ..report import PlotPoints, format_summary, plot, summarize
+    from ..report import PlotPoints, check_plot_path, format_summary, plot, summarize
 
+    if args.plot:  # a --plot that cannot be written fails before a huge ledger is read and its report printed
+        check_plot_path(args.plot)
     skipped: list[str] = []
     read = read_ledger(args.log, strict=not args.skip_bad_lines, skipped=skipped)
     points = PlotPoints()

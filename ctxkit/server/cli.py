@@ -185,9 +185,14 @@ def build_cache_store(location: str | None) -> CacheStore | None:
 
 def run_cli(args: argparse.Namespace) -> None:
     try:
+        # All three: llama-cpp-python[server] (the `local` extra) brings uvicorn and starlette, not prometheus-client,
+        # so checking uvicorn alone let `ctxkit serve` die on a traceback in create_app's import.
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
         import uvicorn
-    except ImportError:
-        raise ConfigurationError("ctxkit serve needs its server extra: pip install 'ctxkit[serve]'") from None
+    except ImportError as exc:
+        raise ConfigurationError(f"ctxkit serve needs its server extra ({exc.name} is missing): "
+                                 "pip install 'ctxkit[serve]'") from None
 
     from ..ledger import Ledger
     from ..pipeline import Pipeline

@@ -160,14 +160,17 @@ class LocalStore:
         self._count("hits" if entry else "misses")
         return entry
 
-    def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
+    def put(self, entry: CacheEntry, vector: np.ndarray) -> bool:
         """Store `entry`. A write the disk refuses (full, turned read-only, quota) is logged and skipped, as
-        PostgresStore does when its server is down: the call that answered goes on, its answer not stored."""
+        PostgresStore does when its server is down: the call that answered goes on, its answer not stored.
+        Returns whether it was stored (the stage notes a refused write in the call's ledger record)."""
         vec = _as_vector(vector, self.dimension)
         try:
             self._put(entry, vec)
         except (sqlite3.DatabaseError, OSError) as exc:  # DatabaseError: full, read-only, or damaged
             logger.warning("the cache in %s cannot store an answer: %s", self.directory, exc)
+            return False
+        return True
 
     def _put(self, entry: CacheEntry, vec: np.ndarray) -> None:
         record = dataclasses.asdict(entry)

@@ -476,6 +476,12 @@ class PostgresStore:
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # ReadOnlySqlTransaction: a failover to a standby, or writes frozen (lookups write an LRU time)
             logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, str(exc).strip().splitlines()[0])
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.DataError) as exc:
+            # the tables were dropped (a cache reset, a failover to a database without them) or remade by a
+            # deployment with another embedding dimension: the cache is unusable here until this replica is
+            # restarted, but the model call goes on without it
+            logger.error("the cache's tables %s_* are missing or were changed (another deployment's dimension?), "
+                         "%s; restart this replica: %s", self.table_prefix, what, str(exc).strip().splitlines()[0])
 
     def get(self, key: str, now: float) -> CacheEntry | None:
         """The entry stored under exactly `key`, or None when there is none or it has expired."""
@@ -517,21 +523,25 @@ class PostgresStore:
         rows.sort(key=lambda r: (r[8], r[0]))
         return [Hit(entry=self._entry(r), similarity=float(1.0 - r[8])) for r in rows]
 
-    def put(self, entry: CacheEntry, vector: np.ndarray) -> None:
+    def put(self, entry: CacheEntry, vector: np.ndarray) -> bool:
         """Store (or replace) `entry` in one transaction, then evict expired and least recently used
         entries until the store fits `size_bytes`. An entry larger than the whole bound is not stored, nor
-        one written while the server cannot be reached (logged: the call that answered goes on)."""
+        one written while the server cannot be reached (logged: the call that answered goes on).
+        Returns whether it was stored (the stage notes a refused write in the call's ledger record)."""
         import psycopg
 
         rows, rejected = self._rows([entry], [vector])
+        stored = False
         with self._or_unavailable("an answer is not stored"):
             try:
                 self._put_rows(rows, rejected, lock_timeout_ms=_PUT_LOCK_TIMEOUT_MS)
+                stored = bool(rows)  # none: too large for the bound, or text PostgreSQL cannot hold
             except psycopg.DataError as exc:  # text PostgreSQL cannot store (a NUL character in the question)
                 logger.warning("the cache cannot store this answer: %s", str(exc).strip().splitlines()[0])
             except psycopg.errors.LockNotAvailable:  # a writer frozen mid-transaction (a paused VM, a debugger)
                 logger.warning("the cache's byte count stayed locked for %d ms, an answer is not stored",
                                _PUT_LOCK_TIMEOUT_MS)
+        return stored
 
     def put_many(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> None:
         """`put` for many entries in one transaction (warming a cache, moving one from another store).
@@ -549,6 +559,8 @@ class PostgresStore:
                 row = self._row(entry, v)
             except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud83d" from a client or an upstream)
                 problem = "a lone surrogate, which is not valid Unicode"
+            except RequestError as exc:  # NaN/Infinity (a logprob of -inf from an upstream): the json type refuses them
+                problem = str(exc)
             else:  # JSON escapes a NUL; the text columns cannot hold one
                 problem = "a NUL character, which PostgreSQL text cannot hold" if any("\x00" in s for s in row[:4]) else ""
             if problem:  # as put: this entry is not stored, the others (of a put_many) are

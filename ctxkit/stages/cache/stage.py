@@ -283,7 +283,10 @@ class SemanticCacheStage(Stage):
             response=response.to_openai(), created_at=now, expires_at=None if ttl is None else now + ttl,
             features=features,
         )
-        self.store.put(entry, vector)
+        if self.store.put(entry, vector) is False:  # refused (a full disk, its server down, too large): the store logged why
+            self.counts["not_stored_store_refused"] += 1
+            record(self.name, "not_stored", reason="store_refused")
+            return False
         self.counts["stored"] += 1
         return True
 

@@ -227,6 +227,10 @@ class ToolRetrievalStage(Stage):
         # The last prompt the backend reported per conversation: the most a changed tool block can un-cache when
         # the previous call's messages reached this stage in another form (an earlier stage rewrote them since).
         self._last_prompt: LRUMemo[tuple[str, str], int] = LRUMemo(REMEMBERED_PROMPTS)
+        # The tool block the last backend call per conversation was sent: when the pool changed since (a tool's
+        # schema edited under the same name, tools reordered), the previous call's block is not found by _sent_key,
+        # which names the pool, yet that block is what the backend's prefix cache holds.
+        self._last_block: LRUMemo[tuple[str, str], list[Tool]] = LRUMemo(REMEMBERED_PROMPTS)
         self.counter = counter if counter is not None else default_counter()
 
     # -- the index ----------------------------------------------------------------------------------
@@ -366,9 +370,15 @@ class ToolRetrievalStage(Stage):
         key = _sent_key(request, selector.index, request.messages[:end])
         sent_before = self._sent_for.get([key]).get(key)
         prompt_before = self._prompt_for.get([key]).get(key)
+        if sent_before is None and request.conversation_id is not None:
+            # The pool changed since that call (same names, other schemas or order): its block is the conversation's last.
+            conversation = (request.namespace, request.conversation_id)
+            sent_before = self._last_block.get([conversation]).get(conversation)
+            prompt_before = self._last_prompt.get([conversation]).get(conversation)
         if sent_before is not None:  # what that call was really sent (a re-run's tools, a forced tool, compacted)
             names_before = [t["function"]["name"] for t in sent_before]
-            if names_before != [t["function"]["name"] for t in tools]:
+            # By content, not names: a schema edited under the same name changes the prompt as much as another tool.
+            if [tool_hash(t) for t in sent_before] != [tool_hash(t) for t in tools]:
                 # The prompt that call really sent (its usage: documents rendered, duplicates collapsed by later
                 # stages), less the head both tool blocks keep cached.
                 tokens = prompt_before if prompt_before else self.counter.count_prompt(request.messages[:end],
@@ -410,6 +420,8 @@ class ToolRetrievalStage(Stage):
 
     def _remember_sent(self, plan: _Plan) -> None:
         self._sent_for.put({plan.key: list(plan.request.tools)})
+        if plan.request.conversation_id is not None:
+            self._last_block.put({(plan.request.namespace, plan.request.conversation_id): list(plan.request.tools)})
 
     def _compact(self, tool: Tool) -> Tool:
         key = tool_hash(tool)
