@@ -211,10 +211,13 @@ def test_template_stage_in_a_pipeline_with_the_local_model(llama_backend, tmp_pa
     response = pipeline.call(request)
     assert response.content is not None
     record = ledger.records[-1]
-    # The stage added a system message and the documents that fit: the request grew, and the ledger says so.
-    assert record.saved_by_stage["templates"] < 0
-    assert record.tokens_sent == llama_backend.counter.count_prompt(
-        TemplateStage(template, llama_backend.counter).before_model(request).messages)
+    counter = llama_backend.counter
+    assert record.tokens_sent == counter.count_prompt(TemplateStage(template, counter).before_model(request).messages)
+    # Without the budgets the app would have sent every document: that is the naive count, and the stage saved
+    # what its documents budget cut: 288 - 63 tokens (the documents were counted as a cost of the stage: 38 - 63).
+    whole = PromptTemplate("shop", "1", system="You are a terse assistant for {{ shop }}.")
+    assert record.tokens_naive == counter.count_prompt(TemplateStage(whole, counter).before_model(request).messages)
+    assert record.saved_by_stage["templates"] == record.tokens_naive - record.tokens_sent > 0
 
 
 def test_a_memory_budget_too_small_for_one_sentence_sends_no_memory_not_a_bare_header(llama_backend):

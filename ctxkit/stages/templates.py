@@ -634,37 +634,63 @@ class TemplateStage(Stage):
         # Each conversation's questions as the turn section framed them when asked (PromptTemplate.render).
         self._earlier_turns: LRUMemo[tuple[str, str], dict[str, str]] = LRUMemo(LAST_PROMPTS)
         self._known_sizes: LRUMemo[bytes, int] = LRUMemo(KNOWN_SIZES)  # messages measured with this counter
+        # The same template without section budgets: what the app would have sent whole (the naive count).
+        sources = template.sources
+        self._whole = PromptTemplate(
+            template.name, template.version, system=sources["system"], instructions=sources["instructions"],
+            memory=sources["memory"], documents=sources["documents"], turn=sources["turn"],
+            memory_role=template.memory_role) if template.budgets else None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
+        return self._render(request, self.template, earlier_turns=self._turns_of(request, create=True), note=True)
+
+    def naive_request(self, request: ChatRequest) -> ChatRequest:
+        """Without the section budgets the app would have sent the whole prompt: every document, the whole
+        memory and conversation. That is the naive count, so the template's saving is what its budgets cut (its
+        documents were counted as a cost of the stage, and a budgeted prompt as no saving)."""
+        if self._whole is None:
+            return request
+        turns = self._turns_of(request, create=False)
+        try:  # a copy: counting must not record how this call's question was framed
+            return self._render(request, self._whole, earlier_turns=dict(turns) if turns is not None else None,
+                                note=False)
+        except TemplateError:
+            return request  # before_model names the fault
+
+    def _turns_of(self, request: ChatRequest, *, create: bool) -> dict[str, str] | None:
+        if not request.conversation_id:
+            return None
+        key = (request.namespace, request.conversation_id)
+        turns = self._earlier_turns.get([key]).get(key)
+        if turns is None and create:
+            turns = {}
+            self._earlier_turns.put({key: turns})
+        return turns
+
+    def _render(self, request: ChatRequest, template: PromptTemplate, *, earlier_turns: dict[str, str] | None,
+                note: bool) -> ChatRequest:
         inputs = request.metadata.get(METADATA_KEY) or {}
         if not isinstance(inputs, Mapping):
-            raise TemplateError(f"metadata[{METADATA_KEY!r}] must be a dict", self.template.id)
+            raise TemplateError(f"metadata[{METADATA_KEY!r}] must be a dict", template.id)
         conversation = list(request.messages)
         app_system = conversation.pop(0) if conversation and conversation[0].get("role") == "system" else None
-        earlier_turns = None
-        if request.conversation_id:
-            key = (request.namespace, request.conversation_id)
-            earlier_turns = self._earlier_turns.get([key]).get(key)
-            if earlier_turns is None:
-                earlier_turns = {}
-                self._earlier_turns.put({key: earlier_turns})
-        rendered = self.template.render(
+        rendered = template.render(
             self.counter, variables=inputs.get("variables"), conversation=conversation,
             documents=inputs.get("documents") or (), memory=inputs.get("memory"), tools=request.tools,
             earlier_turns=earlier_turns, known_sizes=self._known_sizes,
         )
         # The app's system message goes only when the template brings its own to replace it.
-        own_system = bool(self.template.sources.get("system") or self.template.sources.get("instructions"))
+        own_system = bool(template.sources.get("system") or template.sources.get("instructions"))
         keep = app_system is not None and (not self.replace_system or not own_system)
         messages: list[Message] = [app_system, *rendered.messages] if keep and app_system else rendered.messages
-        if app_system is not None and not keep:
+        if note and app_system is not None and not keep:
             from ..pipeline import record_event
 
             record_event(self.name, "system_replaced", template=rendered.template,
                          tokens=self.counter.count_text(str(app_system.get("content") or "")))
         metadata = {**request.metadata, "ctxkit.template_id": rendered.template,
                     "ctxkit.kept_documents": rendered.kept_documents}
-        if request.conversation_id:
+        if note and request.conversation_id:
             self._note_invalidated((request.namespace, request.conversation_id), messages, rendered.tools)
         return request.override(messages=messages, tools=rendered.tools, metadata=metadata)
 
