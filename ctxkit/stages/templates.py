@@ -634,12 +634,13 @@ class TemplateStage(Stage):
         # Each conversation's questions as the turn section framed them when asked (PromptTemplate.render).
         self._earlier_turns: LRUMemo[tuple[str, str], dict[str, str]] = LRUMemo(LAST_PROMPTS)
         self._known_sizes: LRUMemo[bytes, int] = LRUMemo(KNOWN_SIZES)  # messages measured with this counter
-        # The same template without section budgets: what the app would have sent whole (the naive count).
+        # The template without section budgets: what the app would have sent whole (the naive count). Without
+        # budgets the stage saves nothing: what it renders from metadata (documents, memory) is counted in naive.
         sources = template.sources
         self._whole = PromptTemplate(
             template.name, template.version, system=sources["system"], instructions=sources["instructions"],
             memory=sources["memory"], documents=sources["documents"], turn=sources["turn"],
-            memory_role=template.memory_role) if template.budgets else None
+            memory_role=template.memory_role) if template.budgets else template
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         return self._render(request, self.template, earlier_turns=self._turns_of(request, create=True), note=True)
@@ -648,8 +649,6 @@ class TemplateStage(Stage):
         """Without the section budgets the app would have sent the whole prompt: every document, the whole
         memory and conversation. That is the naive count, so the template's saving is what its budgets cut (its
         documents were counted as a cost of the stage, and a budgeted prompt as no saving)."""
-        if self._whole is None:
-            return request
         turns = self._turns_of(request, create=False)
         try:  # a copy: counting must not record how this call's question was framed
             return self._render(request, self._whole, earlier_turns=dict(turns) if turns is not None else None,

@@ -559,8 +559,8 @@ class PostgresStore:
                 row = self._row(entry, v)
             except UnicodeEncodeError:  # a lone surrogate (a JSON "\ud83d" from a client or an upstream)
                 problem = "a lone surrogate, which is not valid Unicode"
-            except RequestError as exc:  # NaN/Infinity (a logprob of -inf from an upstream): the json type refuses them
-                problem = str(exc)
+            except _NonFinite:
+                problem = "a number JSON cannot hold (NaN or Infinity)"
             else:  # JSON escapes a NUL; the text columns cannot hold one
                 problem = "a NUL character, which PostgreSQL text cannot hold" if any("\x00" in s for s in row[:4]) else ""
             if problem:  # as put: this entry is not stored, the others (of a put_many) are
@@ -633,7 +633,9 @@ class PostgresStore:
         try:
             response = json.dumps(entry.response, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
             features = json.dumps(entry.features, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:  # NaN or Infinity (a logprob of -inf from an upstream): JSON cannot hold them
+            raise _NonFinite(str(exc)) from exc
+        except TypeError as exc:  # an object JSON has no form for: the code that built the entry is at fault
             raise RequestError(f"the cache entry is not JSON-serializable: {exc}", "entry") from exc
         size = (
             sum(len(s.encode("utf-8")) for s in (entry.key, entry.scope, entry.namespace, entry.query_text, response, features))
@@ -828,3 +830,7 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _NonFinite(ValueError):
+    """An entry holding NaN or Infinity, which PostgreSQL's json type refuses: not stored, the call goes on."""
