@@ -9,15 +9,21 @@ request fields ride in `extra_body={"ctxkit": {"namespace": "acme", "conversatio
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from openai.pagination import AsyncPage, SyncPage
+from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import errors as ck
 from .openai_errors import also_openais
-from .request import ChatRequest
+from .request import ChatRequest, _not_given
 from .response import ChatResponse
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -185,12 +191,148 @@ class _AsyncWithRawResponse:
         return RawResponse(await self._completions.create(**kwargs))
 
 
+def _body_lines(parsed: Any) -> Iterator[str]:
+    """The lines of the body OpenAI's API would have sent: a completion's JSON, or a stream's server-sent events."""
+    if not isinstance(parsed, Stream):
+        yield parsed.model_dump_json(exclude_unset=True)
+        return
+    for chunk in parsed:
+        yield from (f"data: {chunk.model_dump_json(exclude_unset=True)}", "")
+    yield from ("data: [DONE]", "")
+
+
+class StreamingResponse(RawResponse):
+    """What `with client.chat.completions.with_streaming_response.create(...) as response` gives, as openai's
+    APIResponse: `.parse()` is what create returns; `iter_lines()` / `iter_bytes()` read the body as OpenAI's API
+    sends it (consuming a stream, as openai's do); leaving the `with` block ends a stream."""
+
+    def iter_lines(self) -> Iterator[str]:
+        return _body_lines(self._parsed)
+
+    def iter_bytes(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        return (f"{line}\n".encode() for line in self.iter_lines())
+
+    def close(self) -> None:
+        if isinstance(self._parsed, Stream):
+            self._parsed.close()
+
+
+class AsyncStreamingResponse(RawResponse):
+    """The async twin of StreamingResponse (openai's AsyncAPIResponse): `await response.parse()`,
+    `async for line in response.iter_lines()`."""
+
+    async def parse(self) -> Any:
+        return self._parsed
+
+    async def iter_lines(self) -> AsyncIterator[str]:
+        if not isinstance(self._parsed, AsyncStream):
+            yield self._parsed.model_dump_json(exclude_unset=True)
+            return
+        async for chunk in self._parsed:
+            for line in (f"data: {chunk.model_dump_json(exclude_unset=True)}", ""):
+                yield line
+        for line in ("data: [DONE]", ""):
+            yield line
+
+    async def iter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        async for line in self.iter_lines():
+            yield f"{line}\n".encode()
+
+    async def close(self) -> None:
+        if isinstance(self._parsed, AsyncStream):
+            await self._parsed.close()
+
+
+class _StreamingResponseManager:
+    """openai's ResponseContextManager: the call runs on entering the `with` block, and leaving it ends a stream."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start
+
+    def __enter__(self) -> StreamingResponse:
+        self._response = StreamingResponse(self._start())
+        return self._response
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._response.close()
+
+
+class _AsyncStreamingResponseManager:
+    def __init__(self, start: Callable[[], Awaitable[Any]]) -> None:
+        self._start = start
+
+    async def __aenter__(self) -> AsyncStreamingResponse:
+        self._response = AsyncStreamingResponse(await self._start())
+        return self._response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._response.close()
+
+
+class _WithStreamingResponse:
+    def __init__(self, completions: Any) -> None:
+        self._completions = completions
+
+    def create(self, **kwargs: Any) -> _StreamingResponseManager:
+        return _StreamingResponseManager(lambda: self._completions.create(**kwargs))
+
+
+class _AsyncWithStreamingResponse:
+    def __init__(self, completions: Any) -> None:
+        self._completions = completions
+
+    def create(self, **kwargs: Any) -> _AsyncStreamingResponseManager:
+        return _AsyncStreamingResponseManager(lambda: self._completions.create(**kwargs))
+
+
+# What `with_options(...)` takes, as the create() option each one sets for the client's calls.
+_CLIENT_OPTIONS = {"timeout": "timeout", "default_headers": "extra_headers", "default_query": "extra_query"}
+
+
+def _with_defaults(options: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's kwargs over its client's `with_options(...)`: as in openai, the call's own timeout wins, and its
+    `extra_headers` / `extra_query` are added to the client's."""
+    kwargs = {k: v for k, v in kwargs.items() if not _not_given(v)}
+    for key, value in options.items():
+        kwargs[key] = {**value, **(kwargs.get(key) or {})} if key != "timeout" else kwargs.get(key, value)
+    return kwargs
+
+
+def _client_options(pipeline: Pipeline, current: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`current` with `with_options(**given)` applied; an option ctxkit cannot honour is a ConfigurationError."""
+    given = {k: v for k, v in given.items() if not _not_given(v)}
+    # Retries are the backend's (OpenAIBackend(max_retries=...), `ctxkit serve --upstream-retries`): there is no
+    # HTTP exchange between the app and ctxkit for the client to retry. openai code sets max_retries everywhere,
+    # so it is taken, and another number than the backend's is said in the log, not refused.
+    retries = getattr(pipeline.backend, "max_retries", 0)
+    if "max_retries" in given and (wanted := given.pop("max_retries")) != retries:
+        logger.warning("with_options(max_retries=%s) is not per client in ctxkit: calls retry as the pipeline's "
+                       "backend does (max_retries=%s; set it on the backend)", wanted, retries)
+    refused = sorted(set(given) - set(_CLIENT_OPTIONS))
+    if refused:
+        raise ck.ConfigurationError(
+            f"with_options() cannot honour {', '.join(refused)}: ctxkit's client takes timeout, default_headers, "
+            "default_query and max_retries (retries are the backend's); the API key, base URL and HTTP client "
+            "are the pipeline's backend's")
+    options = dict(current)
+    for name, value in given.items():
+        key = _CLIENT_OPTIONS[name]
+        if value is None:  # openai's `timeout=None`: no limit of the client's own, so the backend's
+            options.pop(key, None)
+        else:
+            options[key] = value if key == "timeout" else {**options.get(key, {}), **value}
+    return options
+
+
 class _Completions:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, options: dict[str, Any]) -> None:
         self._pipeline = pipeline
+        self._options = options  # the client's with_options(...)
         self.with_raw_response = _WithRawResponse(self)
+        self.with_streaming_response = _WithStreamingResponse(self)
 
     def create(self, **kwargs: Any) -> ChatCompletion | Stream:
+        kwargs = _with_defaults(self._options, kwargs)
         try:
             request = ChatRequest.from_openai_kwargs(kwargs)
             result = self._pipeline.call(request)
@@ -237,11 +379,14 @@ class _Completions:
 
 
 class _AsyncCompletions:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, options: dict[str, Any]) -> None:
         self._pipeline = pipeline
+        self._options = options  # the client's with_options(...)
         self.with_raw_response = _AsyncWithRawResponse(self)
+        self.with_streaming_response = _AsyncWithStreamingResponse(self)
 
     async def create(self, **kwargs: Any) -> ChatCompletion | AsyncStream:
+        kwargs = _with_defaults(self._options, kwargs)
         try:
             request = ChatRequest.from_openai_kwargs(kwargs)
             result = await self._pipeline.acall(request)
@@ -284,6 +429,57 @@ class _AsyncCompletions:
         return AsyncChatCompletionStreamManager(start, response_format=given, input_tools=tools)
 
 
+class _Models:
+    """`client.models.list()` / `.retrieve(id)`: the model the pipeline's backend serves, as `ctxkit serve`'s
+    GET /v1/models lists it; another id is a NotFoundError, as OpenAI's 404."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._created = int(time.time())
+
+    def _served(self) -> Model:
+        return Model(id=self._pipeline.backend.model, object="model", created=self._created, owned_by="ctxkit")
+
+    def list(self) -> SyncPage[Model]:
+        return SyncPage[Model](data=[self._served()], object="list")
+
+    def retrieve(self, model: str) -> Model:
+        served = self._served()
+        if model != served.id:
+            error = ck.BackendStatusError(f"model {model!r} not found; this pipeline serves {served.id!r}",
+                                          backend=self._pipeline.backend.name, status=404)
+            also_openais(error)
+            raise error
+        return served
+
+
+class _AsyncModelList:
+    """What openai's async `models.list()` returns (an AsyncPaginator): `await` it for the page, or `async for`."""
+
+    def __init__(self, page: AsyncPage[Model]) -> None:
+        self._page = page
+
+    def __await__(self) -> Generator[Any, None, AsyncPage[Model]]:
+        async def page() -> AsyncPage[Model]:
+            return self._page
+
+        return page().__await__()
+
+    def __aiter__(self) -> AsyncIterator[Model]:
+        return self._page.__aiter__()
+
+
+class _AsyncModels:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._models = _Models(pipeline)
+
+    def list(self) -> _AsyncModelList:
+        return _AsyncModelList(AsyncPage[Model](data=self._models.list().data, object="list"))
+
+    async def retrieve(self, model: str) -> Model:
+        return self._models.retrieve(model)
+
+
 class _Chat:
     def __init__(self, completions: Any) -> None:
         self.completions = completions
@@ -300,10 +496,19 @@ class _Beta:
 class OpenAIClient:
     """`client.chat.completions.create(...)`, through a ctxkit pipeline."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, options: dict[str, Any] | None = None) -> None:
         self.pipeline = pipeline
-        self.chat = _Chat(_Completions(pipeline))
+        self._options = options or {}
+        self.chat = _Chat(_Completions(pipeline, self._options))
         self.beta = _Beta(self.chat)
+        self.models = _Models(pipeline)
+
+    def with_options(self, **options: Any) -> OpenAIClient:
+        """As openai's: a client on the same pipeline whose calls use `timeout`, `default_headers` and
+        `default_query`; an option ctxkit cannot honour (`api_key`, `base_url`, ...) is a ConfigurationError."""
+        return OpenAIClient(self.pipeline, _client_options(self.pipeline, self._options, options))
+
+    copy = with_options
 
     # As openai.OpenAI: `with pipeline.openai() as client:`. The pipeline and its backend are the app's, shared
     # by every client it makes, so closing a client lets go of nothing.
@@ -320,10 +525,17 @@ class OpenAIClient:
 class AsyncOpenAIClient:
     """`await client.chat.completions.create(...)`, through a ctxkit pipeline."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, options: dict[str, Any] | None = None) -> None:
         self.pipeline = pipeline
-        self.chat = _Chat(_AsyncCompletions(pipeline))
+        self._options = options or {}
+        self.chat = _Chat(_AsyncCompletions(pipeline, self._options))
         self.beta = _Beta(self.chat)
+        self.models = _AsyncModels(pipeline)
+
+    def with_options(self, **options: Any) -> AsyncOpenAIClient:  # as OpenAIClient.with_options
+        return AsyncOpenAIClient(self.pipeline, _client_options(self.pipeline, self._options, options))
+
+    copy = with_options
 
     async def close(self) -> None:  # as openai.AsyncOpenAI (see OpenAIClient.close)
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pydantic
 from openai.types.chat import ChatCompletion
@@ -144,3 +145,80 @@ def test_stream_helper_gives_events_and_a_parsed_final_completion(llama_backend,
 
     assert isinstance(asyncio.run(run()).choices[0].message.parsed, Person)
     assert ledger.path.read_text().count('"status":"ok"') == 2
+
+
+def test_with_options_sets_the_calls_timeout_and_refuses_what_it_cannot_honour(llama_backend, ledger, caplog):
+    """with_options() was an AttributeError: its timeout now reaches the call as create's own timeout= does."""
+    import openai
+    import pytest
+
+    from ctxkit.errors import BackendTimeoutError, ConfigurationError
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    story = [{"role": "user", "content": "Write a long story about a dog."}]
+    for client in (pipeline.openai(), pipeline.async_openai()):
+        timed = client.with_options(timeout=0.3, max_retries=0)  # the local backend does not retry: honoured
+        with pytest.raises(BackendTimeoutError) as timed_out:
+            create = timed.chat.completions.create(model="m", messages=story, max_tokens=400, temperature=0)
+            if asyncio.iscoroutine(create):
+                asyncio.run(create)
+        assert isinstance(timed_out.value, openai.APITimeoutError)
+        with pytest.raises(ConfigurationError, match="cannot honour api_key, base_url:"):
+            client.with_options(api_key="sk-x", base_url="http://x", max_retries=5)
+        with caplog.at_level(logging.WARNING, logger="ctxkit.client"):  # openai code sets it everywhere: taken, said
+            client.with_options(max_retries=5)
+        assert "max_retries=5) is not per client" in caplog.text
+    quick = pipeline.openai().with_options(timeout=0.001).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, timeout=60)  # the call's own wins
+    assert isinstance(quick, ChatCompletion)
+
+
+def test_models_lists_and_retrieves_the_backends_model(llama_backend, ledger):
+    import openai
+    import pytest
+    from openai.pagination import SyncPage
+    from openai.types import Model
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    page = pipeline.openai().models.list()
+    assert isinstance(page, SyncPage) and [m.id for m in page] == [llama_backend.model]
+    assert isinstance(pipeline.openai().models.retrieve(llama_backend.model), Model)
+    with pytest.raises(openai.NotFoundError):
+        pipeline.openai().models.retrieve("gpt-4o")
+
+    async def run() -> tuple[list[str], list[str], str]:
+        client = pipeline.async_openai()
+        awaited = [m.id for m in (await client.models.list()).data]
+        iterated = [m.id async for m in client.models.list()]
+        return awaited, iterated, (await client.models.retrieve(llama_backend.model)).id
+
+    assert asyncio.run(run()) == ([llama_backend.model], [llama_backend.model], llama_backend.model)
+
+
+def test_with_streaming_response_parses_to_what_create_gives(llama_backend, ledger):
+    import json
+
+    from openai.types.chat import ChatCompletionChunk
+
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    hi = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    completions = pipeline.openai().chat.completions
+    with completions.with_streaming_response.create(**hi) as response:
+        assert isinstance(response.parse(), ChatCompletion) and response.status_code == 200
+        assert json.loads(b"".join(response.iter_bytes()))["object"] == "chat.completion"
+    with completions.with_streaming_response.create(**hi, stream=True) as response:
+        lines = list(response.iter_lines())
+    assert lines[-2:] == ["data: [DONE]", ""]
+    assert ChatCompletionChunk.model_validate_json(lines[0].removeprefix("data: ")).choices
+    with completions.with_streaming_response.create(**hi, stream=True) as response:
+        assert all(isinstance(chunk, ChatCompletionChunk) for chunk in response.parse())
+
+    async def run() -> tuple[ChatCompletion, list[str]]:
+        acompletions = pipeline.async_openai().chat.completions
+        async with acompletions.with_streaming_response.create(**hi) as aresponse:
+            parsed = await aresponse.parse()
+        async with acompletions.with_streaming_response.create(**hi, stream=True) as aresponse:
+            return parsed, [line async for line in aresponse.iter_lines()]
+
+    parsed, alines = asyncio.run(run())
+    assert isinstance(parsed, ChatCompletion) and alines[-2:] == ["data: [DONE]", ""]
