@@ -42,6 +42,17 @@ def test_scope_changes_with_everything_a_hit_must_share(changed):
     assert key.exact != request_key(BASE).exact
 
 
+def test_large_integer_settings_keep_their_exact_value():
+    """float() rounds past 2**53: two seeds a sampled run tells apart shared one scope, and an integer past
+    float's range raised OverflowError (a 500 from the proxy)."""
+    one = req(params={"temperature": 1, "seed": 10**18 + 1})
+    two = req(params={"temperature": 1, "seed": 10**18 + 2})
+    assert request_key(one).scope != request_key(two).scope
+    assert request_key(req(params={"temperature": 0, "seed": 10**400})).scope
+    assert request_key(req(params={"temperature": 0, "seed": 7})).scope == \
+        request_key(req(params={"temperature": 0.0, "seed": 7.0})).scope
+
+
 def test_scope_ignores_tool_order_and_dict_key_order():
     a = request_key(req(tools=[TOOL, TOOL2]))
     reordered = {"function": dict(reversed(list(TOOL2["function"].items()))), "type": "function"}
@@ -51,6 +62,13 @@ def test_scope_ignores_tool_order_and_dict_key_order():
 
 def test_default_model_keeps_backends_apart_when_the_request_names_none():
     assert request_key(BASE, "model-a").scope != request_key(BASE, "model-b").scope
+
+
+def test_default_model_keeps_backends_apart_when_the_request_names_another_model():
+    named = req(model="gpt-4o-mini")
+    assert request_key(named, "smollm2-v1").scope != request_key(named, "smollm2-v2").scope
+    assert request_key(named, "smollm2-v1").scope == request_key(named, "smollm2-v1").scope
+    assert request_key(req(model="m1"), "m1").scope == request_key(req(), "m1").scope  # as before
 
 
 def test_exact_key_ignores_whitespace_but_not_words():
@@ -216,6 +234,34 @@ def test_the_same_number_written_otherwise_still_matches(a, b):
 ])
 def test_numbers_are_read_exactly(a, b):
     assert veto(features(a), features(b)) == "numbers"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("What is the balance of account 4417-2291?", "What is the balance of account 4417-2219?"),
+    ("Who owns the phone number 555-0134?", "Who owns the phone number 555-0143?"),
+    ("Is SSN 123-45-6789 valid?", "Is SSN 123-45-6798 valid?"),
+    ("What happened on 1990-05-04?", "What happened on 1990-04-05?"),
+])
+def test_digits_joined_by_a_separator_are_an_id(a, b):
+    """"4417-2291" is one token that no number reads and has no letter: both texts had no detail at all."""
+    assert veto(features(a), features(b)) == "entities"
+    assert veto(features(a), features(a.lower())) is None
+
+
+def test_an_account_number_in_an_earlier_turn_keeps_follow_ups_apart():
+    from ctxkit.stages.cache.guards import judge_facts
+
+    assert judge_facts("My account number is 4417-2291.", "My account number is 4417-2219.", "", "") \
+        == "context_entities"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Who won the Super Bowl in 1980?", "Who won the Super Bowl in the 1980s?"),
+    ("What were the biggest hit songs of 1990?", "What were the biggest hit songs of the 1990s?"),
+])
+def test_a_decade_is_not_its_first_year(a, b):
+    assert veto(features(a), features(b)) == "numbers"
+    assert veto(features(b), features(b.replace("the 19", "the 19"))) is None
 
 
 def test_joining_numbers_is_linear_in_the_text():

@@ -202,7 +202,8 @@ def _number(token: str) -> str | None:
         else:  # exact, and a decimal keeps its digits: "3.10" is not "3.1" (Python 3.10, an IP's "1.10")
             whole, _, fraction = digits.partition(".")
             value = str(int(whole)) + ("." + fraction if fraction else "")
-        return value + ("th" if suffix in ("st", "nd", "rd", "th") else "")
+        # "the 1980s" is a decade, not the year 1980 ("Who won the Super Bowl in the 1980s?" / "in 1980?")
+        return value + ("th" if suffix in ("st", "nd", "rd", "th") else "s" if suffix == "s" else "")
     word = _NUMBER_WORDS.get(t)
     if word is None:
         return None
@@ -294,8 +295,10 @@ def features(text: str, raw: str | None = None) -> Features:
         # "first" is scope ("my first order"); "second" after a number is a unit ("30 second").
         if num is not None and low != "first" and not (low == "second" and prev_is_number):
             numbers.add(num)
-        if re.search(r"\d", tok) and re.search(r"[^\W\d_]", tok) and num is None:
-            entities.add(low)  # ids like A-1182, 3B, v2
+        if re.search(r"\d", tok) and num is None and (re.search(r"[^\W\d_]", tok) or re.search(r"\d\W+\d", tok)):
+            # ids like A-1182, 3B, v2; and digits joined by a separator, which no number reads: an account
+            # 4417-2291, a phone 555-0134, a date 1990-05-04 (else a text with one has no number at all)
+            entities.add(low)
         if low in _UNITS and (low not in ("m", "l", "g", "w", "v", "second", "mi") or prev_is_number):
             units.add(_UNITS[low])
         if low in _DATES and (low not in _AMBIGUOUS_DATES or (tok[:1].isupper() and i > 0) or prev_is_number

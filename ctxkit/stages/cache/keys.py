@@ -161,6 +161,10 @@ def _canonical_numbers(value: Any) -> Any:
     though json.dumps writes them differently. Booleans stay booleans."""
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and abs(value) > 2**53:
+        # past 2**53 a float rounds: seed=10**18+1 and 10**18+2 (two samples) read as one setting, and
+        # past float's range (max_tokens=10**400) float() raises. The integer itself is exact.
+        return value
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, Mapping):
@@ -181,6 +185,10 @@ def scope_of(request: ChatRequest, default_model: str | None = None) -> str:
         "system": [normalize_message(m) for m in request.messages if _is_system(m)],
         "tools": tools,
     }
+    if request.model and default_model and request.model != default_model:
+        # The local model serves its GGUF whatever name is asked for ("gpt-4o-mini" in a drop-in app): the name
+        # alone let a pipeline on another model answer from the stored answers of the one before.
+        scope["backend_model"] = default_model
     names = sorted({str(m["name"]) for m in request.messages if m.get("role") == "user" and m.get("name")})
     if names:  # OpenAI's participant names: "What is my name?" asked by alice is not asked by bob
         scope["user_names"] = names
