@@ -196,6 +196,15 @@ def check_plot_path(path: str | Path) -> Path:
 
     if path.suffix.lstrip(".").lower() not in matplotlib.figure.Figure().canvas.get_supported_filetypes():
         raise ConfigurationError(f"--plot {path}: not an image format matplotlib writes (use .png, .svg, .pdf)")
+    # A path that cannot be written (a folder, or a file where a folder must go) fails here too, before a report
+    # is printed beside the error; plot() creates the missing folders.
+    if path.is_dir():
+        raise ConfigurationError(f"--plot {path}: is a directory; name an image file")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigurationError(f"--plot {path}: {existing} is a file, not a directory")
     return path
 
 

@@ -504,3 +504,28 @@ def test_report_with_an_unwritable_plot_format_fails_before_printing_a_report(tm
     assert main(["report", str(log), "--json", "--plot", str(tmp_path / "calls.txt")]) == 2
     out = capsys.readouterr()
     assert out.out == "" and "not an image format" in out.err
+
+
+@pytest.mark.parametrize("where", ["folder.png", "calls.jsonl/plot.png", "calls.jsonl/sub/plot.png"])
+def test_report_with_an_unwritable_plot_path_fails_before_printing_a_report(tmp_path, capsys, where):
+    """A --plot naming a folder, or a path under a file, printed the whole report, then exited 2 on a bare
+    OSError ("[Errno 17] File exists: 'calls.jsonl'") that did not name --plot."""
+    from ctxkit.cli.main import main
+
+    log = tmp_path / "calls.jsonl"
+    log.write_text("")
+    (tmp_path / "folder.png").mkdir()
+    assert main(["report", str(log), "--plot", str(tmp_path / where)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "ctxkit: error: --plot" in out.err
+
+
+def test_demo_summarize_at_out_of_range_is_refused_by_flag_before_any_model_loads(capsys):
+    """`ctxkit demo --summarize-at -5` loaded the model and MiniLM, then failed naming `trigger_tokens`."""
+    from ctxkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--summarize-at", "-5"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --summarize-at: must be at least 1, got -5" in err and "trigger_tokens" not in err

@@ -291,6 +291,9 @@ def test_a_tool_call_cut_off_by_max_tokens_is_still_counted(gguf_counter):
     ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
     ({"timeout": 0}, "timeout must be a positive number"),
     ({"backoff_s": -1.0}, "backoff_s and max_backoff_s must be >= 0"),
+    # 0 silently became the model's default 128k window (a GGUF-served model never summarized); -1 refused every call
+    ({"context_window": 0}, "context_window must be a whole number of tokens >= 1"),
+    ({"context_window": -1}, "context_window must be a whole number of tokens >= 1"),
 ])
 def test_retry_settings_out_of_range_are_refused_when_the_backend_is_made(settings, message):
     """max_retries=-1 (`ctxkit serve --upstream-retries -1`) made every call fail with 'unreachable'."""

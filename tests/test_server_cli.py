@@ -277,3 +277,14 @@ def test_serve_without_its_extra_is_a_clear_error(missing, monkeypatch, capsys):
     assert main(["serve", "--port", "0", "--no-stages"]) == 2
     err = capsys.readouterr().err
     assert "ctxkit[serve]" in err and missing in err
+
+
+def test_serve_with_an_upstream_gguf_that_is_not_a_gguf_is_a_clear_error(tmp_path):
+    not_gguf = tmp_path / "catalog.json"
+    not_gguf.write_text("[]\n")
+    env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
+    done = subprocess.run([sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl"),
+                           "--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model",
+                           "--upstream-gguf", str(not_gguf)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"ctxkit: error: cannot load the GGUF file {not_gguf}" in done.stderr

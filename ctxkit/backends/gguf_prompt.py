@@ -61,7 +61,11 @@ class GGUFPrompt:
 
         if not Path(path).is_file():
             raise ConfigurationError(f"GGUF file not found: {path}")
-        return cls(Llama(model_path=str(path), vocab_only=True, verbose=False))
+        try:
+            llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" (not a GGUF, truncated)
+            raise ConfigurationError(f"cannot load the GGUF file {path}: {exc}") from None
+        return cls(llama)
 
     def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
         formatter: Any = self.formatter  # llama-cpp-python types messages as TypedDicts; ours are plain dicts

@@ -84,6 +84,11 @@ class OpenAIBackend:
         served from a GGUF (llama.cpp's server) counts exactly with `GGUFPrompt.from_gguf(path)`."""
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigurationError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+        if context_window is not None and (isinstance(context_window, bool) or not isinstance(context_window, int)
+                                           or context_window < 1):
+            # 0 became the model's default window (128k for a GGUF-served model) and -1 refused every call
+            raise ConfigurationError(f"context_window must be a whole number of tokens >= 1 (None: the model's "
+                                     f"known window), got {context_window!r}")
         if isinstance(timeout, (int, float)) and not timeout > 0:  # an httpx.Timeout passes through
             raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not backoff_s >= 0 or not max_backoff_s >= 0:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..bench.common import positive_int
 from ..errors import CtxkitError
 from ..server import cli as serve_cli
 
@@ -100,12 +101,13 @@ def build_parser(selected_benchmark: str | None = None) -> argparse.ArgumentPars
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a short agent loop on the embedded local model")
-    demo.add_argument("--ledger", type=Path, default=Path("ctxkit-demo.jsonl"), help="ledger file to append to")
+    demo.add_argument("--ledger", type=Path, default=Path("ctxkit-demo.jsonl"),
+                      help="ledger file to append to (default ctxkit-demo.jsonl in the current directory)")
     demo.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     demo.add_argument("--n-threads", type=int, default=None)
     demo.add_argument("--n-gpu-layers", type=int, default=0)
     demo.add_argument("--cache-dir", type=Path, help="semantic cache directory (default: a new temporary one)")
-    demo.add_argument("--summarize-at", type=int, default=700,
+    demo.add_argument("--summarize-at", type=positive_int, default=700,
                       help="fold old history once a request passes this many tokens (default 700)")
     demo.set_defaults(func=_demo)
 

@@ -58,8 +58,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (default 8000)")
     serve.add_argument("--api-keys-file", type=Path,
                        help="file of 'key namespace' lines (default: $CTXKIT_API_KEYS='key:namespace,...')")
-    serve.add_argument("--ledger", type=Path, default=Path("ctxkit-serve.jsonl"), help="ledger file to append to")
-    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--ledger", type=Path, default=Path("ctxkit-serve.jsonl"),
+                       help="ledger file to append to (default ctxkit-serve.jsonl in the current directory)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413 (default 4194304, 4 MiB)")
     serve.add_argument("--max-concurrency", type=int, default=None,
                        help="calls in flight at once (default: 1 for the local model, 64 upstream)")
     serve.add_argument("--max-queue", type=int, default=None, metavar="N",
@@ -79,7 +80,7 @@ def add_parser(commands: Any) -> None:
                             "outlive a restart (default: in memory)")
     local = serve.add_argument_group("local model (the default backend)")
     local.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    local.add_argument("--n-ctx", type=int, default=4096)
+    local.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens (default 4096)")
     local.add_argument("--n-threads", type=int, default=None)
     local.add_argument("--n-gpu-layers", type=int, default=0)
     upstream = serve.add_argument_group("upstream OpenAI-compatible server (OpenAI, vLLM, llama.cpp server)")
@@ -93,7 +94,7 @@ def add_parser(commands: Any) -> None:
                           help="the upstream's context window in tokens (its n_ctx); default: what the upstream "
                                "reports (llama-server, vLLM), else the GGUF's trained context, else the OpenAI model's")
     upstream.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds (default 60)")
-    upstream.add_argument("--upstream-retries", type=int, default=3, help="retries before the first byte")
+    upstream.add_argument("--upstream-retries", type=int, default=3, help="retries before the first byte (default 3)")
     serve.set_defaults(func=run_cli)
 
 
