@@ -853,6 +853,34 @@ def test_tool_choice_none_never_answers_with_a_tool_call(llama_backend):
         backend.close()
 
 
+@pytest.mark.parametrize("stop", ["\n", "}", "Berlin"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_never_cuts_a_tool_call(llama_backend, stop, stream):
+    """llama.cpp's own stop check ran inside the <tool_call> block: with stop=["\n"] every required call ended at
+    "<tool_call>", which came back as the content (finish_reason "stop", no tool_calls)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    client = Pipeline(llama_backend, ledger=Ledger()).openai()
+    kwargs = dict(model="m", messages=[{"role": "user", "content": "Weather in Berlin?"}], tools=[tool],
+                  tool_choice="required", stop=[stop], temperature=0, max_tokens=60)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(calls) == 1 and finish == ["tool_calls"]
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        answer = client.chat.completions.create(**kwargs)
+        assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.content is None
+        assert answer.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # outside a call the stop still ends the answer, the stop text left out
+    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                           tools=[tool], tool_choice="auto", stop=["Paris"], temperature=0,
+                                           max_tokens=60)
+    if not plain.choices[0].message.tool_calls:
+        assert "Paris" not in (plain.choices[0].message.content or "")
+
+
 def test_an_async_call_counts_and_validates_off_the_event_loop(llama_backend, monkeypatch):
     """Counting a large prompt takes seconds: on the event loop it stalled every other call the loop served
     (a proxy's other tenants, its health checks)."""

@@ -27,6 +27,7 @@ from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
+    TOOL_CALL_OPEN,
     ToolCallTextStream,
     _any_values,
     drop_unfinished_call,
@@ -141,6 +142,10 @@ class LlamaCppBackend:
                 yield token
         return counted
 
+    def _sampled_text(self) -> str:
+        """The text of the tokens handed out so far in this generation."""
+        return self._llama.detokenize(self._sampled).decode("utf-8", errors="ignore")
+
     def _generated_tokens(self) -> int:
         """Completion tokens of the generation just run, as llama.cpp's usage counts them (an end-of-generation
         token it stopped at is not one)."""
@@ -191,7 +196,11 @@ class LlamaCppBackend:
                 return (cancelled is not None and cancelled.is_set()) or _past(deadline) or self._closed
 
             capped, at_cap = self._cap(sampling["max_tokens"])
-            sampling["stopping_criteria"] = StoppingCriteriaList([stop, capped])
+            call_stops = sampling.pop("call_stops")
+            criteria = [stop, capped]
+            if call_stops:  # the caller's stops, outside a tool call: checked here, on the text sampled so far
+                criteria.append(lambda _ids, _logits: _stop_at(self._sampled_text(), call_stops) is not None)
+            sampling["stopping_criteria"] = StoppingCriteriaList(criteria)
             out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
         except RequestError:
             raise
@@ -202,8 +211,12 @@ class LlamaCppBackend:
         if _past(deadline):
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
+        text = choice["text"]
+        cut = _stop_at(text, call_stops)
+        if cut is not None:
+            text, choice = text[:cut], {**choice, "finish_reason": "stop"}
         tools_offered = may_call(request.tools, request.params)
-        content, calls = parse_tool_calls(choice["text"]) if tools_offered else (choice["text"], [])
+        content, calls = parse_tool_calls(text) if tools_offered else (text, [])
         if tools_offered and not calls and at_cap():  # as the stream does: without tools no text is a call
             content = drop_unfinished_call(content)
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -271,6 +284,8 @@ class LlamaCppBackend:
 
             sampling = self._sampling(request)
             capped, at_cap = self._cap(sampling["max_tokens"])
+            call_stops = sampling.pop("call_stops")
+            seen, passed = "", 0  # with call_stops: the text generated, and how much of it went on
             pieces = self._llama.create_completion(prompt=tokens, stream=True, **sampling,
                                                    stopping_criteria=StoppingCriteriaList([capped]))
             handed = time.monotonic()
@@ -288,13 +303,30 @@ class LlamaCppBackend:
                 choice = piece["choices"][0]
                 finish = choice.get("finish_reason") or finish
                 content = choice.get("text") or ""
+                stopped = False
+                if call_stops:  # text that may still begin a stop is held back, as llama.cpp does for its own stops
+                    seen += content
+                    cut = _stop_at(seen, call_stops)
+                    end = cut if cut is not None else _stop_safe_end(seen, call_stops)
+                    content, passed, stopped = seen[passed:end], max(passed, end), cut is not None
+                    if stopped:
+                        finish = "stop"
                 if not content:
+                    if stopped:
+                        break
                     continue
                 for out in text_calls.feed(chunk({"content": content})) if text_calls else [chunk({"content": content})]:
                     handed = time.monotonic()
                     yield out
                     # the time the caller took with the chunk is not the model's (openai's timeout is per read)
                     deadline = _after_consumer(deadline, handed)
+                if stopped:
+                    break
+            if call_stops and passed < len(seen) and _stop_at(seen, call_stops) is None:  # the tail held back
+                tail = seen[passed:]
+                passed = len(seen)
+                for out in text_calls.feed(chunk({"content": tail})) if text_calls else [chunk({"content": tail})]:
+                    yield out
         except (RequestError, BackendError):
             raise
         except Exception as exc:
@@ -495,6 +527,12 @@ class LlamaCppBackend:
             self._llama.set_seed(int(params["seed"]))
         stop = params.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
+        # With tools offered, llama.cpp's own stop check would cut a <tool_call> block at a stop inside it (stop
+        # ["\n"] ended every required call at "<tool_call>", returned as content): ctxkit checks those stops itself,
+        # outside the call blocks, as OpenAI never cuts a tool call's arguments at a stop sequence.
+        call_stops: list[str] = []
+        if may_call(request.tools, params):
+            call_stops, stop = [s for s in stop if s], []
         grammar_text = self._grammar_text(request)
         extra = dict(params.get("extra_body") or {})
         if "repetition_penalty" in extra:  # vLLM's name for llama.cpp's repeat_penalty: honour it, never drop it
@@ -507,9 +545,62 @@ class LlamaCppBackend:
             "presence_penalty": params.get("presence_penalty", 0.0),
             "frequency_penalty": params.get("frequency_penalty", 0.0),
             "stop": stop + self.prompt.stop,
+            "call_stops": call_stops,
             "logit_bias": self._logit_bias(request),
             "grammar": LlamaGrammar.from_string(grammar_text, verbose=False) if grammar_text else None,
         }
+
+
+def _call_spans(text: str) -> list[tuple[int, int]]:
+    """Where `text` holds <tool_call> blocks (to their close, or to the end of an unclosed one, or a trailing
+    start of one still being written)."""
+    from .tool_format import TOOL_CALL_CLOSE
+
+    spans, pos = [], 0
+    while True:
+        start = text.find(TOOL_CALL_OPEN, pos)
+        if start < 0:
+            break
+        close = text.find(TOOL_CALL_CLOSE, start)
+        end = len(text) if close < 0 else close + len(TOOL_CALL_CLOSE)
+        spans.append((start, end))
+        pos = end
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text) - pos), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            spans.append((len(text) - k, len(text)))
+            break
+    return spans
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the answer ends: the first of `stops` in `text` outside any <tool_call> block; None if none is."""
+    if not stops:
+        return None
+    spans = _call_spans(text)
+    best: int | None = None
+    for s in stops:
+        pos = text.find(s)
+        while pos >= 0 and any(a < pos + len(s) and pos < b for a, b in spans):
+            pos = text.find(s, pos + 1)
+        if pos >= 0 and (best is None or pos < best):
+            best = pos
+    return best
+
+
+def _stop_safe_end(text: str, stops: list[str]) -> int:
+    """How far `text` may be passed on: not into a tail that may still become one of `stops`, or the start of a
+    <tool_call> (a stop inside it would not count, and then might once it turns out to be none)."""
+    end = len(text)
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            end = len(text) - k
+            break
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    return end
 
 
 def _deadline(request: ChatRequest) -> float | None:
