@@ -283,6 +283,24 @@ def test_a_relayed_http_200_is_not_an_error():
     assert find_tool_error(json.dumps(ok)) is None
 
 
+def test_a_raw_http_response_is_judged_by_its_status_and_its_body():
+    """A raw response (curl -i, an http_request tool) is not JSON, so a 200 whose body reports a failure, and a
+    SOAP fault, went into summaries as answers."""
+    headers = "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: 52\r\n\r\n"
+    assert find_tool_error(headers.format("200 OK") + '{"success": false, "reason": "invalid api key"}')
+    assert find_tool_error(headers.format("503 Service Unavailable") + '{"retry": true}')
+    assert find_tool_error("HTTP/2 404\ncontent-type: text/html\n") is not None
+    assert find_tool_error(headers.format("200 OK") + '{"temp": 12, "city": "Oslo"}') is None
+    assert find_tool_error("HTTP/1.1 200 OK\nServer: nginx\n\nhello") is None
+    fault = ('<?xml version="1.0"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body>'
+             "<soap:Fault><faultcode>soap:Server</faultcode><faultstring>Order service unavailable</faultstring>"
+             "</soap:Fault></soap:Body></soap:Envelope>")
+    assert find_tool_error(fault) is not None
+    wsdl = ('<wsdl:operation name="GetOrder"><wsdl:input message="tns:GetOrderIn"/>'
+            '<wsdl:fault name="OrderFault" message="tns:OrderFault"/></wsdl:operation>')
+    assert find_tool_error(wsdl) is None
+
+
 def test_a_number_of_a_text_result_that_is_no_amount_does_not_excuse_a_wrong_price():
     """Every number of a text result excused a claim: "$1234" (the flight number) and "$2025" (the year)
     passed against "price: $320"."""

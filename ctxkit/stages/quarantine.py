@@ -88,6 +88,8 @@ class Finding:
 
 _ERROR_TEXT = [
     (re.compile(r"Traceback \(most recent call last\)"), "a Python traceback"),
+    # a SOAP fault in an envelope's body (WSDL's own <wsdl:fault> describes one and is lower case)
+    (re.compile(r"<(?:[\w-]+:)?Body\b[^>]*>\s*<(?:[\w-]+:)?Fault\b"), "a SOAP fault"),
     (re.compile(r"^(?:(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)|(?:[a-z_]\w*\.)+(?:errors|exceptions)\.[A-Z]\w*|Exception|Error|ERROR|FATAL|Fatal error|"
                 r"PHP (?:Fatal|Parse) error)\b\s*[:!]", re.M),
      "an error line"),
@@ -435,6 +437,14 @@ def find_tool_error(text: str, tool: str | None = None) -> Finding | None:
         # handler that swallowed its exception, a wrapper that lost the value). A tool whose output schema allows
         # null ("no match") is judged by that schema instead (QuarantineStage.check_message).
         return Finding("tool_error", NULL_RESULT, text.strip())
+    if response := _HTTP_RESPONSE.match(text):
+        # a raw HTTP response (curl -i, an http_request tool): its status judges it, and a 200's body is the answer,
+        # which still may report a failure ('HTTP/1.1 200 OK ... {"success": false, "reason": "invalid api key"}')
+        status = int(response.group(1))
+        if status >= 400:
+            return Finding("tool_error", f"tool returned HTTP {status}", _short(_line_at(text, response.start(1))))
+        body = text[response.end():]
+        return find_tool_error(body, tool) if body.strip() and not _HTTP_RESPONSE.match(body) else None
     data = _json(text)
     if isinstance(data, list) and len(data) == 1:
         data = data[0]  # [{"error": "not found"}]: one failed item is the whole answer
@@ -486,6 +496,9 @@ def find_tool_error(text: str, tool: str | None = None) -> Finding | None:
             return Finding("tool_error", f"tool output contains {why}", _short(line))
     return None
 
+
+# A raw HTTP response: its status line, headers, the blank line, then the body (group 1: the status).
+_HTTP_RESPONSE = re.compile(r"\s*HTTP/\d(?:\.\d)? (\d{3})\b[^\n]*\n(?:[!-9;-~]+:[^\n]*\n)*(?:\r?\n|\Z)")
 
 # The fields a wrapper puts a caught exception in: {"result": "java.lang.NullPointerException ...\n\tat ..."},
 # {"ok": true, "message": "Traceback (most recent call last): ..."}. Not "body", "text" or "content": an issue's
