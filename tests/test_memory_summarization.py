@@ -1244,3 +1244,69 @@ def test_replicas_sharing_a_state_directory_use_the_newest_review_summary(llama_
     sent_a = a.before_model(ChatRequest(messages=messages[:15], conversation_id="c")).messages
     assert _review_summary(sent_a) == _review_summary(sent_b), "replica A refolded from its stale state"
     assert a.store.get(("default", "c")).folded == b.store.get(("default", "c")).folded
+
+
+def test_a_summary_sentence_with_a_spelled_number_the_turns_never_said_is_dropped():
+    from ctxkit.stages.summarize.model import grounded
+
+    turns = ["Decision: full refund of 649.99 dollars approved, issued within 5 business days after pickup.",
+             "It weighs 38 kilograms."]
+    assert grounded("The refund is issued within twelve business days.", turns) == ("", 1)
+    assert grounded("The desk weighs forty kilograms.", turns) == ("", 1)
+    kept = "The refund is issued within five business days."
+    assert grounded(kept, turns) == (kept, 0)  # five is 5: said
+    assert grounded("One refund of 649.99 dollars was approved.", turns)[1] == 0  # "one": not read as a count
+
+
+_SUPPORT = [
+    ("user", "Hi, my name is Dana Whitfield. I ordered a standing desk, order number 48213-KX, on March 3rd 2026."),
+    ("assistant", "Thanks Dana. I see order 48213-KX placed on March 3, 2026 for the Oakline standing desk, total 649.99 dollars."),
+    ("user", "It arrived on March 10th with a cracked leg and the motor makes a grinding noise."),
+    ("assistant", "I'm sorry to hear that. Could you send a photo of the cracked leg? I will open case C-7781 for you."),
+    ("user", "Sent the photo just now. I would prefer a refund rather than a replacement, I already bought another desk."),
+    ("assistant", "Understood. Our policy allows refunds within 30 days of delivery, so you qualify until April 9th."),
+    ("user", "Great. Do I need to ship the desk back? It weighs 38 kilograms."),
+    ("assistant", "No, for damaged items over 30 kilograms we arrange a free pickup. The courier is DHL, pickup window "
+                  "March 14 between 9am and 1pm."),
+    ("user", "March 14 works. Please make sure the refund goes to my Visa ending 4417."),
+    ("assistant", "Decision: full refund of 649.99 dollars approved to Visa ending 4417, issued within 5 business days "
+                  "after pickup."),
+    ("user", "Thanks. One more thing, can you email me the pickup confirmation at dana.w@example.com?"),
+    ("assistant", "I will email the confirmation to dana.w@example.com today. Open task: send pickup label before March 13."),
+    ("user", "Also, I want to leave a complaint about the packaging, it was barely padded."),
+]
+
+
+def test_model_mode_keeps_excerpts_of_turns_its_summary_lost_at_a_later_fold(llama_backend, embedder):
+    """The real model's first summary of the support chat is a list cut off before its first sentence ends: the
+    fold sent excerpts instead. The next fold gave the model a summary of the newer turns only, and the first
+    seven turns (the customer's name among them) were in nothing sent from then on."""
+    stage = SummarizationStage(llama_backend, trigger_tokens=300, keep_last=2, mode="model", embedder=embedder)
+    messages = [{"role": "system", "content": "You are a support agent for Oakline Furniture."}]
+    messages += [{"role": r, "content": c} for r, c in _SUPPORT]
+    for n in (9, 13):
+        sent = stage.before_model(ChatRequest(messages=messages[:n + 1], conversation_id="c")).messages
+    assert "Dana Whitfield" in _text(sent), "the turns the model's first summary lost were sent nowhere"
+    state = stage.store.get(("default", "c"))
+    assert state.folded == 11 and state.model_summary and state.unsummarized == list(range(7))
+
+
+def test_conversations_without_an_id_that_open_alike_keep_their_own_summary(llama_backend, embedder):
+    """Chats of one app open alike (its system prompt, "hi", its greeting): named by the first message only, they
+    shared one key and each call refolded the other's state away (a new summary, the prefix un-cached, every call)."""
+    def history(who: str, turns: int) -> list[dict]:
+        messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "Hello! How can I help?"}]
+        for k in range(turns):
+            messages += [{"role": "user", "content": f"{who} fact {k}: my {who} item {k} is in box {k * 7} in the garage."},
+                         {"role": "assistant", "content": f"Got it, {who} item {k} in box {k * 7}."}]
+        return [*messages, {"role": "user", "content": f"Where is {who} item 0?"}]
+
+    ledger = Ledger()
+    stage = SummarizationStage(llama_backend, trigger_tokens=200, keep_last=4, mode="extractive", embedder=embedder)
+    pipeline = Pipeline(llama_backend, [stage, _Answer()], ledger=ledger)
+    for turns in (6, 7):
+        for who in ("alice", "bob"):
+            pipeline.call(ChatRequest(messages=history(who, turns)))
+    refolds = [[e for e in r.events if e["stage"] == "summarization" and e.get("refolded")] for r in ledger.records]
+    assert refolds[2] == [] and refolds[3] == [], refolds  # the second call of each found its own state

@@ -79,25 +79,36 @@ class ModelSummarizer:
             params={"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": 0},
         )
 
-    def fold(self, previous: str, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The new summary: `previous` plus `messages` (already cleared of quarantined content)."""
-        turns = [{"role": speaker(m), "text": message_text(dict(m)).strip()} for m in messages]
+    def fold(self, previous: str, messages: Sequence[Mapping[str, Any]], *, lost: list[int] | None = None) -> str:
+        """The new summary: `previous` plus `messages` (already cleared of quarantined content).
+        lost: when given, gets the positions (in `messages`) of those whose chunk the model summarized into
+        nothing usable (an answer cut off before its first sentence ended, or wholly ungrounded): the rolling
+        summary never reads them again, so whoever keeps them must know."""
+        turns: list[dict[str, Any]] = [{"role": speaker(m), "text": message_text(dict(m)).strip(), "at": i}
+                                       for i, m in enumerate(messages)]
         turns = [t for t in turns if t["text"]]
         if not turns:
             return previous
         # Fold in chunks that fit the summarizer's own window: a long history must not overflow it.
         limit = self.backend.context_window - self.max_tokens - 64
         summary = previous
-        chunk: list[dict[str, str]] = []
+        chunk: list[dict[str, Any]] = []
+
+        def call(summary: str, chunk: list[dict[str, Any]]) -> str:
+            folded = self._call(summary, [{"role": t["role"], "text": t["text"]} for t in chunk])
+            if folded == summary and lost is not None:
+                lost.extend(t["at"] for t in chunk)
+            return folded
+
         for turn in turns:
             if self._fits(summary, [*chunk, turn], limit):
                 chunk.append(turn)
                 continue
             if chunk:  # the chunk is full: fold it, and start the next with this turn
-                summary = self._call(summary, chunk)
+                summary = call(summary, chunk)
                 chunk = []
-            chunk.append(self._fitted(summary, turn, limit))
-        return self._call(summary, chunk)
+            chunk.append({**self._fitted(summary, turn, limit), "at": turn["at"]})
+        return call(summary, chunk)
 
     def _fits(self, summary: str, turns: Sequence[Mapping[str, str]], limit: int) -> bool:
         return self.backend.counter.count_prompt(self._request(summary, turns).messages) <= limit
@@ -175,13 +186,21 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
         words = _words(sentence) - _REPORTING
         # A sentence in a script without spaces (Chinese, Japanese) has no words to look up: kept, unjudged.
         supported = len(words & source_words) * 2 >= len(words) if words else bool(_UNSPACED.search(sentence))
-        if (not key or f" {key} " in said or not supported or not _numbers(sentence) <= source_numbers
+        if (not key or f" {key} " in said or not supported or not _claimed_numbers(sentence) <= source_numbers
                 or _loops(sentence)):
             dropped += 1
             continue
         said += f"{key} | "
         kept.append(sentence)
     return " ".join(kept), dropped
+
+
+def _claimed_numbers(sentence: str) -> set[str]:
+    """The numbers a summary sentence states, spelled ones too ("within twelve days" from turns that said 5 is a
+    made-up number as much as "12" is). Not "one"/"once": a pronoun or a conjunction far more often than a count."""
+    spelled = {_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", sentence.lower())
+               if w in _NUMBER_WORDS and w not in ("one", "once")}
+    return _numbers(sentence) | spelled
 
 
 def _before_repeat(sentence: str) -> str:

@@ -66,6 +66,8 @@ class SummaryResult:
     summary: str
 
 
+_OPENING_MESSAGES = 3  # what names a conversation without a conversation_id (see SummarizationStage._key)
+
 class SummarizationStage(Stage):
     """Folds the oldest turns into a rolling summary once the conversation passes a trigger."""
 
@@ -219,7 +221,7 @@ class SummarizationStage(Stage):
             return SummaryResult(unchanged, state.folded, False, state.summary)
         # Work on a copy: a summarizer that fails half way must not leave a half-folded state behind.
         state = dataclasses.replace(state, facts=list(state.facts), texts=dict(state.texts),
-                                    included=list(state.included))
+                                    included=list(state.included), unsummarized=list(state.unsummarized))
         new = [(i, m, prints[i]) for i in range(state.folded, cut) for m in (body[i],)
                if prints[i] not in marks and m.get("role") not in _INSTRUCTION_ROLES]
         # A request that no longer fits the window must be folded now, summarizer or not: passed on unfolded,
@@ -261,7 +263,11 @@ class SummarizationStage(Stage):
         state.facts.extend(added)
         if self.model is not None and new:
             try:
-                state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new])
+                lost: list[int] = []
+                state.model_summary = self.model.fold(state.model_summary, [m for _, m, _ in new], lost=lost)
+                # Turns the model summarized into nothing: the rolling summary never reads them again, and in
+                # model mode the excerpts stood in for them only until the next fold gave the model a summary.
+                state.unsummarized.extend(new[i][0] for i in lost)
             except BackendError as exc:
                 if self.model_share >= 1.0 and not must_fold:
                     raise  # model mode: summarize passes the request on unfolded
@@ -294,9 +300,12 @@ class SummarizationStage(Stage):
         # Model mode with nothing usable from the model (an empty or wholly ungrounded answer, a summary cut
         # off before its first sentence ended, or a first sentence bigger than the room): the folded turns
         # must not be replaced by a bare header. Fall back to excerpts, as hybrid mode does.
-        if (self.model_share < 1.0 or not model_text) and state.facts and room > 0:
+        # Model mode with a summary that never read some folded turns (see _fold): their excerpts fill the rest.
+        unsummarized = set(state.unsummarized) if self.model_share >= 1.0 and model_text else None
+        if (self.model_share < 1.0 or not model_text or unsummarized) and state.facts and room > 0:
             marks = quarantined(request)
-            pool = [i for i, f in enumerate(state.facts) if f.fingerprint not in marks]
+            pool = [i for i, f in enumerate(state.facts) if f.fingerprint not in marks
+                    and (unsummarized is None or f.message in unsummarized)]
             facts = [state.facts[i] for i in pool]
             vectors = self._vectors(state)
             assert vectors is not None
@@ -490,10 +499,15 @@ class SummarizationStage(Stage):
         # is them and the first message after them. With the developer prompt taken for the first message,
         # every conversation of such an app had one key: each call threw another user's state away and refolded
         # its whole history.
+        # The opening is the first exchange and the next message too: chats of one app mostly open alike (its
+        # system prompt, then "hi" and its greeting) and part at the second user message. With the first message
+        # only, every such chat had one key and each call refolded another's state away. A folded state keeps
+        # `keep_last` messages after its cut, so a request that has one holds these three unless its kept turns
+        # did not fit (a huge tool result): such a conversation refolds once when it grows past them.
         lead = 0
         while lead < len(request.messages) and request.messages[lead].get("role") in _INSTRUCTION_ROLES:
             lead += 1
-        opening = digest([fingerprint(m) for m in request.messages[: lead + 1]])
+        opening = digest([fingerprint(m) for m in request.messages[: lead + _OPENING_MESSAGES]])
         return (request.namespace, f"ctxkit:opening:{opening}")
 
     def _conversation_lock(self, key: tuple[str, str]) -> Any:

@@ -47,6 +47,7 @@ class ConversationState:
     summary:       the summary message last sent: reused unchanged until the next fold (stable prefix).
     pinned:        the folded user message sent verbatim after the summary until the next fold (its index
                    after the leading system messages; -1: none; None: a state saved before this was kept).
+    unsummarized:  indices of folded messages the model summarized into nothing (model mode adds their excerpts).
     """
 
     folded: int = 0
@@ -57,6 +58,7 @@ class ConversationState:
     texts: dict[int, str] = dataclasses.field(default_factory=dict)
     summary: str = ""
     pinned: int | None = -1
+    unsummarized: list[int] = dataclasses.field(default_factory=list)  # folded messages the model summary lost
     vectors: np.ndarray | None = None  # embeddings of `facts`, in order; not persisted
     # Fingerprints of the messages this stage passed on last time, not the messages: 10,000 conversations'
     # histories were kept whole in memory for this (22 MB per 1,000 of 4,500 tokens). Not persisted.
@@ -69,6 +71,7 @@ class ConversationState:
             "folded": self.folded, "folded_digest": self.folded_digest, "included": self.included,
             "model_summary": self.model_summary, "facts": [f.to_json() for f in self.facts],
             "texts": {str(k): v for k, v in self.texts.items()}, "summary": self.summary, "pinned": self.pinned,
+            "unsummarized": self.unsummarized,
         }
 
     @classmethod
@@ -78,6 +81,7 @@ class ConversationState:
             model_summary=str(data["model_summary"]), facts=[Fact(**f) for f in data["facts"]],
             texts={int(k): v for k, v in data["texts"].items()}, summary=str(data["summary"]),
             pinned=int(data["pinned"]) if data.get("pinned") is not None else None,
+            unsummarized=[int(i) for i in data.get("unsummarized") or []],
         )
 
 
