@@ -318,7 +318,8 @@ def _client_options(pipeline: Pipeline, current: dict[str, Any], given: dict[str
     for name, value in given.items():
         key = _CLIENT_OPTIONS[name]
         if value is None:  # openai's `timeout=None`: no limit of the client's own, so the backend's
-            options.pop(key, None)
+            if key == "timeout":  # default_headers=None / default_query=None: unchanged, as in openai
+                options.pop(key, None)
         else:
             options[key] = value if key == "timeout" else {**options.get(key, {}), **value}
     return options

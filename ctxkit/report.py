@@ -205,6 +205,11 @@ def check_plot_path(path: str | Path) -> Path:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise ConfigurationError(f"--plot {path}: {existing} is a file, not a directory")
+    import os
+
+    target = path if path.exists() else existing
+    if not os.access(target, os.W_OK | (0 if target is path else os.X_OK)):  # a read-only folder or file
+        raise ConfigurationError(f"--plot {path}: {target} is not writable")
     return path
 
 

@@ -222,3 +222,19 @@ def test_with_streaming_response_parses_to_what_create_gives(llama_backend, ledg
 
     parsed, alines = asyncio.run(run())
     assert isinstance(parsed, ChatCompletion) and alines[-2:] == ["data: [DONE]", ""]
+
+
+def test_default_headers_none_keeps_the_clients_headers_as_openai_does(llama_backend, ledger):
+    """openai reads default_headers=None / default_query=None as "not given": ctxkit dropped the headers and
+    query a with_options(...) before had set (a gateway's tenant or api-version), so the upstream call lost them."""
+    import openai
+
+    real = openai.OpenAI(api_key="x", default_headers={"X-Tenant": "acme"}, default_query={"api-version": "1"})
+    kept = real.with_options(default_headers=None, default_query=None, timeout=10)
+    assert kept.default_headers["X-Tenant"] == "acme" and kept.default_query == {"api-version": "1"}
+    client = Pipeline(llama_backend, ledger=ledger).openai().with_options(
+        default_headers={"X-Tenant": "acme"}, default_query={"api-version": "1"})
+    again = client.with_options(default_headers=None, default_query=None, timeout=10)
+    assert again._options == {"timeout": 10, "extra_headers": {"X-Tenant": "acme"}, "extra_query": {"api-version": "1"}}
+    assert again.with_options(timeout=None)._options == {"extra_headers": {"X-Tenant": "acme"},
+                                                         "extra_query": {"api-version": "1"}}

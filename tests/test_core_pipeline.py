@@ -1110,3 +1110,41 @@ def test_a_call_and_a_dropped_stream_after_close_are_typed_not_a_crash(tmp_path)
         pipeline.openai().chat.completions.create(model="m", messages=HI, max_tokens=2)
     gc.collect()  # the dropped stream is recorded (abandoned), with the model already freed
     assert '"error_type":"GeneratorExit"' in ledger.path.read_text()
+
+
+def test_a_stream_holds_back_a_stop_that_ends_in_a_possible_tool_call_start():
+    """"return a <" may go on as "<tool_call>" (then "a <" is no stop) or as "< b" (then it is): the stream passed
+    "return a " on, and once " b" came the stop's own text had already been sent."""
+    from ctxkit.backends.llama_cpp import _stop_at, _stop_safe_end
+
+    text = "    return a <"
+    assert _stop_at(text, ["a <"]) is None  # not yet: the "<" may begin a call
+    assert _stop_safe_end(text, ["a <"]) <= text.index("a <")
+    assert _stop_safe_end(text, [" <"]) <= text.index(" <")
+    assert _stop_at(text + " b", ["a <"]) == text.index("a <")
+    assert _stop_safe_end("see <tool", ["zzz"]) == len("see ")  # other stops: as before
+
+
+def test_the_stop_check_detokenizes_each_token_once(llama_backend):
+    """The check ran after every token on the whole answer detokenized again: O(n^2) in Python
+    (15 s of a 4,000-token answer, 8 ms a token at the end)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    detokenize = llama_backend._llama.detokenize
+    ours = []
+
+    def counting(tokens, *args, **kwargs):
+        if "prev_tokens" not in kwargs:  # llama-cpp-python's own calls pass prev_tokens
+            ours.append(len(tokens))
+        return detokenize(tokens, *args, **kwargs)
+
+    llama_backend._llama.detokenize = counting
+    try:
+        answer = Pipeline(llama_backend, ledger=Ledger()).openai().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Count from 1 to 100."}], tools=[tool],
+            stop=["@@@"], temperature=0, max_tokens=60,
+            logit_bias={str(llama_backend._llama.token_eos()): -100})
+    finally:
+        del llama_backend._llama.detokenize
+    n = answer.usage.completion_tokens
+    assert n > 30 and sum(ours) <= n + 1, (n, sum(ours))
