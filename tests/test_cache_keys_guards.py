@@ -287,3 +287,13 @@ def test_joining_numbers_is_linear_in_the_text():
 def test_casual_paraphrases_are_not_vetoed(a, b):
     assert veto(features(a), features(b)) is None
     assert judge(a, "", b, "", 0.99, None, Thresholds()) is None
+
+
+def test_a_decade_written_with_an_apostrophe_is_the_decade():
+    """diffB: "the 1980's" lost its "'s" and read as the year 1980: it missed "the 1980s" and matched "in 1980"."""
+    assert judge("What music was popular in the 1980s?", "", "What music was popular in the 1980's?", "",
+                 0.97, None, Thresholds()) is None
+    assert judge("Fashion trends of the 1990s", "", "Fashion trends of the 1990’s", "", 0.97, None, Thresholds()) is None
+    assert judge("Who won the Super Bowl in 1980?", "", "Who won the Super Bowl in the 1980's?", "",
+                 0.97, None, Thresholds()) is not None
+    assert "louvre" in features("When does the Louvre's shop open?").entities

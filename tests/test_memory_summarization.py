@@ -1291,22 +1291,18 @@ def test_model_mode_keeps_excerpts_of_turns_its_summary_lost_at_a_later_fold(lla
     assert state.folded == 11 and state.model_summary and state.unsummarized == list(range(7))
 
 
-def test_conversations_without_an_id_that_open_alike_keep_their_own_summary(llama_backend, embedder):
-    """Chats of one app open alike (its system prompt, "hi", its greeting): named by the first message only, they
-    shared one key and each call refolded the other's state away (a new summary, the prefix un-cached, every call)."""
-    def history(who: str, turns: int) -> list[dict]:
-        messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "Hello! How can I help?"}]
-        for k in range(turns):
-            messages += [{"role": "user", "content": f"{who} fact {k}: my {who} item {k} is in box {k * 7} in the garage."},
-                         {"role": "assistant", "content": f"Got it, {who} item {k} in box {k * 7}."}]
-        return [*messages, {"role": "user", "content": f"Where is {who} item 0?"}]
+def test_grounded_keeps_an_answer_a_phrase_said_twice_and_a_count_of_the_questions():
+    """diffB: "The refund was approved." was dropped as said by "The user asked whether the refund was approved.";
+    a sentence naming "the train from Lisbon to Porto" twice was cut after "and"; "two questions" was a made-up
+    number, and the sentence with both questions went."""
+    from ctxkit.stages.summarize.model import grounded
 
-    ledger = Ledger()
-    stage = SummarizationStage(llama_backend, trigger_tokens=200, keep_last=4, mode="extractive", embedder=embedder)
-    pipeline = Pipeline(llama_backend, [stage, _Answer()], ledger=ledger)
-    for turns in (6, 7):
-        for who in ("alice", "bob"):
-            pipeline.call(ChatRequest(messages=history(who, turns)))
-    refolds = [[e for e in r.events if e["stage"] == "summarization" and e.get("refolded")] for r in ledger.records]
-    assert refolds[2] == [] and refolds[3] == [], refolds  # the second call of each found its own state
+    turns = ["Was my refund approved? Order 7731.", "Yes, the refund was approved today for order 7731.",
+             "What time does the train from Lisbon to Porto leave, and when does the train from Lisbon to Porto return?",
+             "It leaves at 9 and returns at 17."]
+    for summary in ("The user asked whether the refund was approved. The refund was approved.",
+                    "The train from Lisbon to Porto leaves at 9 and the train from Lisbon to Porto returns at 17.",
+                    "The user asked two questions: when the train leaves and when it returns. It leaves at 9."):
+        assert grounded(summary, turns) == (summary, 0), summary
+    assert grounded("The refund was approved. The refund was approved.", turns)[1] == 1  # a repeat still goes
+    assert grounded("The train leaves at 9. Two trains leave.", turns)[1] == 1  # a count of things is a claim

@@ -660,3 +660,56 @@ def test_sizes_remembered_from_earlier_calls_cut_the_conversation_where_measurin
                               conversation_id="c-sizes")
         fresh = TemplateStage(template, llama_backend.counter).before_model(request).messages
         assert remembering.before_model(request).messages == fresh
+
+
+def test_a_replaced_app_system_message_stays_in_the_naive_count(llama_backend):
+    """diffB: the naive count (the template rendered without budgets) dropped the app's own system message
+    when the template replaced it: tokens_naive 30 for a request of 617 tokens, and no saving shown."""
+    app_system = "You are the app's own assistant. " + " ".join(
+        f"Rule {i}: always be polite and answer in English about trains." for i in range(40))
+    template = PromptTemplate("shop", "1", system="You are a terse assistant for {{ shop }}.",
+                              budgets={"conversation": 2000})
+    ledger = Ledger()
+    request = ChatRequest(messages=[{"role": "system", "content": app_system},
+                                    {"role": "user", "content": "When do trains leave?"}],
+                          params={"max_tokens": 2}, metadata={"ctxkit.template": {"variables": {"shop": "Trilho"}}})
+    Pipeline(llama_backend, [TemplateStage(template, llama_backend.counter)], ledger=ledger).call(request)
+    record = ledger.records[-1]
+    assert record.tokens_naive >= llama_backend.counter.count_prompt(request.messages)
+    assert record.saved_by_stage["templates"] == record.tokens_naive - record.tokens_sent
+    assert record.saved_by_stage["templates"] >= llama_backend.counter.count_text(app_system) - 20
+
+
+def test_the_naive_render_is_counted_once_per_request_not_at_every_hand_over(llama_backend, monkeypatch):
+    """diffB: with four stages before the template, each hand-over rendered the whole template again and the
+    pipeline counted each rendering anew: 13 s of counting per call on a 2,000-message history, not 1.5 s."""
+    from ctxkit.stage import Stage
+
+    class Noop(Stage):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    template = PromptTemplate("shop", "1", system="You are terse.", budgets={"conversation": 300})
+    stage = TemplateStage(template, llama_backend.counter)
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"Question {i} about train {i}?"},
+                    {"role": "assistant", "content": f"Train {i} leaves at {i % 24}:00."}]
+    request = ChatRequest(messages=[*history, {"role": "user", "content": "And the last one?"}],
+                          params={"max_tokens": 2}, conversation_id="c")
+    counted: list[int] = []
+    real = llama_backend.counter.count_prompt
+    monkeypatch.setattr(llama_backend.counter, "count_prompt",
+                        lambda messages, *args, **kwargs: counted.append(len(messages)) or real(messages, *args, **kwargs))
+    ledger = Ledger()
+    Pipeline(llama_backend, [Noop("a"), Noop("b"), Noop("c"), Noop("d"), stage], ledger=ledger).call(request)
+    long_counts = [n for n in counted if n > 60]  # the naive renderings: the whole history
+    assert len(long_counts) == 1, counted
+    record = ledger.records[-1]
+    assert sum(record.saved_by_stage.values()) == record.tokens_naive - record.tokens_sent
+    # an edit in place is a new naive request
+    copy_ = request.override(messages=[dict(m) for m in request.messages])
+    first = stage.naive_request(copy_)
+    assert stage.naive_request(copy_) is first
+    copy_.messages[0]["content"] = "Edited question about a bus?"
+    assert "bus" in json.dumps(stage.naive_request(copy_).messages)

@@ -252,7 +252,8 @@ def _feature_tokens(text: str) -> list[str]:
     for tok in _join_numbers(tokenize(text.replace("n't", " n't").replace("N'T", " N'T")), text):
         if not tok.strip():
             continue
-        tok = re.sub(r"['’]s$", "", tok)
+        # "the 1980's" is the decade "the 1980s" (as _number reads it), not the year 1980; "Louvre's" -> "Louvre"
+        tok = re.sub(r"(?<=\d)['’]s$", "s", tok) if re.fullmatch(r"\d+['’]s", tok) else re.sub(r"['’]s$", "", tok)
         m = re.fullmatch(r"(\d+(?:[.,]\d+)?)([^\W\d_]+|%)", tok)
         if m and (m.group(2).lower() in _UNITS or m.group(2).lower() in _DATES):
             out.extend([m.group(1), m.group(2)])

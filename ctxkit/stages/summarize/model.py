@@ -186,7 +186,7 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
         words = _words(sentence) - _REPORTING
         # A sentence in a script without spaces (Chinese, Japanese) has no words to look up: kept, unjudged.
         supported = len(words & source_words) * 2 >= len(words) if words else bool(_UNSPACED.search(sentence))
-        if (not key or f" {key} " in said or not supported or not _claimed_numbers(sentence) <= source_numbers
+        if (not key or _said_already(key, said) or not supported or not _claimed_numbers(sentence) <= source_numbers
                 or _loops(sentence)):
             dropped += 1
             continue
@@ -195,12 +195,29 @@ def grounded(summary: str, sources: Sequence[str]) -> tuple[str, int]:
     return " ".join(kept), dropped
 
 
+# Words after which a kept sentence holds a clause as a question, not as a statement: "The user asked whether the
+# refund was approved." does not say "The refund was approved.", and the answer must not be dropped as said.
+_EMBEDDED_QUESTION = re.compile(r"(?<!\bwhether)(?<!\bif)(?<!\basked)(?<!\basks)(?<!\bask)(?<!\bwondered)"
+                                r"(?<!\bwonders)(?<!\bknow)")
+
+
+def _said_already(key: str, said: str) -> bool:
+    """Whether a kept sentence said `key` (a sentence's words, lower case) whole or as part of it, as a statement."""
+    return re.search(_EMBEDDED_QUESTION.pattern + " " + re.escape(key) + " ", said) is not None
+
+
 def _claimed_numbers(sentence: str) -> set[str]:
     """The numbers a summary sentence states, spelled ones too ("within twelve days" from turns that said 5 is a
     made-up number as much as "12" is). Not "one"/"once": a pronoun or a conjunction far more often than a count."""
-    spelled = {_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", sentence.lower())
-               if w in _NUMBER_WORDS and w not in ("one", "once")}
+    words = re.findall(r"[a-z]+", sentence.lower())
+    # "The user asked two questions: ..." counts the conversation, which no turn says of itself: no claim.
+    spelled = {_NUMBER_WORDS[w] for w, after in zip(words, [*words[1:], ""], strict=True)
+               if w in _NUMBER_WORDS and w not in ("one", "once") and after not in _CONVERSATION_NOUNS}
     return _numbers(sentence) | spelled
+
+
+_CONVERSATION_NOUNS = frozenset("question questions topic topics thing things issue issues request requests concern "
+                                "concerns point points message messages".split())
 
 
 def _before_repeat(sentence: str) -> str:
@@ -209,10 +226,15 @@ def _before_repeat(sentence: str) -> str:
     sentence inside an open quote, so the repeat arrived as one sentence, and half the summary's room went
     to it). A run of REPEAT_WORDS words said twice is a repeat; prose of one sentence hardly ever does that."""
     words = list(_TOKEN.finditer(sentence))
+    lower = [w.group().lower() for w in words]
     first: dict[tuple[str, ...], int] = {}
     for i in range(len(words) - REPEAT_WORDS + 1):
-        run = tuple(w.group().lower() for w in words[i:i + REPEAT_WORDS])
-        if run in first and first[run] + REPEAT_WORDS <= i:
+        run = tuple(lower[i:i + REPEAT_WORDS])
+        # A repeat says again, to the sentence's end, what it said from the run's first place on: a phrase said
+        # twice with other words after it ("the train from Lisbon to Porto leaves at 9 and the train from Lisbon
+        # to Porto returns at 17") is a sentence, not a repeat.
+        if (run in first and first[run] + REPEAT_WORDS <= i
+                and lower[i:] == lower[first[run]:first[run] + len(words) - i]):
             cut = words[i].start()
             # Starting over inside a word ("get_log_access_log_access..."): a loop, with nothing whole to keep.
             return sentence[:cut].rstrip(" ,;:") if not cut or sentence[cut - 1].isspace() else ""
