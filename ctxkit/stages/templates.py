@@ -649,8 +649,8 @@ class TemplateStage(Stage):
 
     def naive_request(self, request: ChatRequest) -> ChatRequest:
         """Without the section budgets the app would have sent the whole prompt: every document, the whole
-        memory and conversation. That is the naive count, so the template's saving is what its budgets cut (its
-        documents were counted as a cost of the stage, and a budgeted prompt as no saving)."""
+        memory and conversation, and the app's own system message. That is the naive count, so the template's
+        saving is what its budgets cut and the system message it replaced."""
         # The pipeline asks for it at every hand-over before this stage (and twice more for the call's naive count
         # and this stage's own): rendered and counted anew each time, a 2,000-message history cost 13 s of counting
         # per call instead of 1.5 s. The same request (its lists and messages untouched) renders the same.
