@@ -211,7 +211,7 @@ def _claimed_numbers(sentence: str) -> set[str]:
     made-up number as much as "12" is). Not "one"/"once": a pronoun or a conjunction far more often than a count."""
     words = re.findall(r"[a-z]+", sentence.lower())
     # "The user asked two questions: ..." counts the conversation, which no turn says of itself: no claim.
-    spelled = {_NUMBER_WORDS[w] for w, after in zip(words, [*words[1:], ""], strict=True)
+    spelled = {_NUMBER_WORDS[w] for w, after in zip(words, [*words[1:], ""], strict=False)
                if w in _NUMBER_WORDS and w not in ("one", "once") and after not in _CONVERSATION_NOUNS}
     return _numbers(sentence) | spelled
 
