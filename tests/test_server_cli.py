@@ -288,3 +288,44 @@ def test_serve_with_an_upstream_gguf_that_is_not_a_gguf_is_a_clear_error(tmp_pat
                            "--upstream-gguf", str(not_gguf)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"ctxkit: error: cannot load the GGUF file {not_gguf}" in done.stderr
+
+
+def test_sigterm_ends_a_stream_in_flight_with_an_openai_error_event_not_a_cut_body(tmp_path):
+    """A stream that --graceful-timeout cancelled was cut mid-body (the openai client: 'Connection error.') and
+    logged as 'Exception in ASGI application' with a traceback, unlike the non-streamed calls' 503."""
+    import signal
+    import threading
+    import time
+
+    import openai
+
+    port = free_port()
+    process = _serve(port, tmp_path / "serve.jsonl", "--no-stages", "--graceful-timeout", "1")
+    base = f"http://127.0.0.1:{port}"
+    chunks: list[object] = []
+    raised: list[BaseException] = []
+
+    def stream() -> None:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="cli-key-00001", max_retries=0, timeout=60)
+        try:
+            for chunk in client.chat.completions.create(model="m", stream=True, temperature=1.0, **DRAGON):
+                chunks.append(chunk)
+        except openai.OpenAIError as exc:
+            raised.append(exc)
+
+    try:
+        wait_until_up(f"{base}/healthz", process, "ctxkit serve")
+        thread = threading.Thread(target=stream)
+        thread.start()
+        while len(chunks) < 10 and thread.is_alive():
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        thread.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    [error] = raised
+    assert type(error) is openai.APIError and "shutting down" in str(error), repr(error)
+    assert "Exception in ASGI application" not in output

@@ -581,3 +581,13 @@ def test_calls_refused_in_one_burst_are_told_different_waits(llama_backend, tmp_
 def test_a_negative_max_queue_is_refused(llama_backend, tmp_path):
     with pytest.raises(ConfigurationError, match="max_queue must be at least 0"):
         create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "l.jsonl")), ApiKeys(KEYS), max_queue=-1)
+
+
+def test_the_clients_models_retrieve_gets_the_served_model_and_another_id_is_a_404(proxy):
+    base_url, _ = proxy
+    served = client(base_url).models.list().data[0]
+    assert client(base_url).models.retrieve(served.id).id == served.id
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(base_url).models.retrieve("gpt-nope")
+    assert missing.value.code == "model_not_found"
+    assert httpx.get(f"{base_url}/v1/models/{served.id}").status_code == 401  # a key, as /v1/models

@@ -164,8 +164,23 @@ class _Proxy:
         except HTTPError as exc:
             return self._failed("models", exc)
         self.metrics.requests.labels("models", "200").inc()
-        model = {"id": self.pipeline.backend.model, "object": "model", "created": self.started, "owned_by": "ctxkit"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{model}: openai's `client.models.retrieve(id)`; another id is a 404 as OpenAI's."""
+        try:
+            self._authenticate(request)
+            wanted = request.path_params["model"]
+            if wanted != self.pipeline.backend.model:
+                raise HTTPError(404, "invalid_request_error", f"The model {wanted!r} does not exist; this proxy "
+                                f"serves {self.pipeline.backend.model!r}", param="model", code="model_not_found")
+        except HTTPError as exc:
+            return self._failed("models", exc)
+        self.metrics.requests.labels("models", "200").inc()
+        return JSONResponse(self._model())
+
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.pipeline.backend.model, "object": "model", "created": self.started, "owned_by": "ctxkit"}
 
     async def healthz(self, request: Request) -> Response:
         backend = self.pipeline.backend
@@ -446,8 +461,27 @@ class _StreamingAnswer(StreamingResponse):
         self._end = end
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, watched)
+        except asyncio.CancelledError:
+            # uvicorn's --graceful-timeout after SIGTERM (a client that leaves ends the body without this): end the
+            # stream with OpenAI's in-band error event, which the openai client raises as an APIError saying why,
+            # not a body cut mid-event (a 'Connection error.') and 'Exception in ASGI application' in the log.
+            error = {"message": "the proxy is shutting down (SIGTERM) and cancelled this call: retry",
+                     "type": "server_shutting_down", "code": "shutting_down"}
+            with contextlib.suppress(Exception):
+                if started:
+                    await send({"type": "http.response.body", "body": _sse({"error": error}), "more_body": False})
+                else:
+                    await HTTPError(503, error["type"], error["message"], code=error["code"],
+                                    headers={"Connection": "close"}).response()(scope, receive, send)
         finally:
             await self._end()
 
@@ -517,6 +551,7 @@ def create_app(
         Route("/v1/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/chat/completions", proxy.chat_completions, methods=["POST"]),
         Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", proxy.model, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
         Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         Route("/v1/ctxkit/quarantine", proxy.quarantine_list, methods=["GET"]),
