@@ -1306,3 +1306,27 @@ def test_grounded_keeps_an_answer_a_phrase_said_twice_and_a_count_of_the_questio
         assert grounded(summary, turns) == (summary, 0), summary
     assert grounded("The refund was approved. The refund was approved.", turns)[1] == 1  # a repeat still goes
     assert grounded("The train leaves at 9. Two trains leave.", turns)[1] == 1  # a count of things is a claim
+
+
+def test_summary_store_full_disk_keeps_state_in_memory_and_old_file(tmp_path, monkeypatch, caplog):
+    """A full or read-only state_dir failed every summarized call with a bare OSError; the summary is derived
+    data, kept in memory, and the file committed before stays whole."""
+    import errno
+
+    from ctxkit.stages.summarize import state as state_module
+    from ctxkit.stages.summarize.state import ConversationState, SummaryStore
+
+    store = SummaryStore(tmp_path)
+    key = ("ns", "c")
+    store.put(key, ConversationState(folded=1, summary="one"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module.tempfile, "mkstemp", full)
+    store.put(key, ConversationState(folded=2, summary="two"))  # no exception: the call goes on
+    assert "not saved" in caplog.text
+    assert store.get(key).summary == "two"  # the older file does not replace the newer state in memory
+    monkeypatch.undo()
+    assert SummaryStore(tmp_path).get(key).summary == "one"  # the committed file is whole
+    assert not list(tmp_path.glob("*.tmp"))

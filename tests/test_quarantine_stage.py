@@ -842,3 +842,29 @@ def test_a_clean_history_is_not_reread_for_every_answer(monkeypatch):
     monkeypatch.setattr(quarantine, "_repeated_payload", lambda *a, **k: calls.append(1) or real(*a, **k))
     QuarantineStage()._prepare(ChatRequest(messages=_agent_history(40), conversation_id="c"))
     assert calls == []  # no tool result carried an injection: there is no payload an answer could repeat
+
+
+def _full_disk_record(fingerprint: str, size: int = 10):
+    import time
+
+    from ctxkit.stages.quarantine_registry import QuarantineRecord
+
+    return QuarantineRecord(fingerprint=fingerprint, namespace="ns", kind="k", reason="r", evidence="e",
+                            role="tool", source="s", excerpt="x" * size, conversation_id=None, created_at=time.time())
+
+
+def test_quarantine_full_database_reports_full_not_rollback_error(tmp_path):
+    """SQLite rolls back by itself on a full disk: the unconditional ROLLBACK then said "cannot rollback - no
+    transaction is active", hiding the error that says what happened."""
+    import sqlite3
+
+    from ctxkit.stages.quarantine_registry import QuarantineRegistry
+
+    registry = QuarantineRegistry(1000, tmp_path)
+    registry.add_record(_full_disk_record("kept"))
+    pages = registry._db.execute("PRAGMA page_count").fetchone()[0]
+    registry._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own SQLITE_FULL, as a full disk gives
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        registry.add_record(_full_disk_record("big", 200_000))
+    assert not registry._db.in_transaction
+    assert list(QuarantineRegistry(1000, tmp_path).snapshot("ns").records) == ["kept"]

@@ -207,7 +207,10 @@ class QuarantineRegistry:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite rolls a transaction back by itself on some errors (a full disk, an I/O error): a ROLLBACK
+            # then fails with "no transaction is active" and would hide the error that says what happened.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
 
     def _damage_is_typed(self) -> AbstractContextManager[None]:

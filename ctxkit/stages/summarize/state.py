@@ -169,11 +169,16 @@ class SummaryStore:
             if self.directory is not None and not state.folded:
                 # Started over (the app edited or deleted folded messages): the file must not keep what the
                 # app removed until the next fold overwrites it, nor hand it back after a restart.
-                self._path(key).unlink(missing_ok=True)
+                try:
+                    self._path(key).unlink(missing_ok=True)
+                except OSError as exc:  # a read-only directory: the state in memory serves this process
+                    logger.error("ctxkit summaries: %s not removed (%s)", self._path(key), exc)
+                    self._seen[key] = _stamp(self._path(key))  # the old file must not replace the new state
             elif self.directory is not None:
                 # Write then rename: a crash never leaves half a summary behind.
-                fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+                tmp = None
                 try:
+                    fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
                     with os.fdopen(fd, "w", encoding="utf-8") as handle:
                         json.dump(state.to_json(), handle, sort_keys=True, ensure_ascii=False)
                         handle.flush()
@@ -182,10 +187,19 @@ class SummaryStore:
                     new = not path.exists()
                     os.replace(tmp, path)
                     self._seen[key] = _stamp(path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                except BaseException as exc:
+                    if tmp is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
+                    if not isinstance(exc, OSError):
+                        raise
+                    # A full disk or a read-only directory: the summary is only derived from the history the app
+                    # sends, so the call goes on with the state in memory (as the cache and the tool index do);
+                    # the previous file, if any, stays whole (it was never touched: write then rename).
+                    logger.error("ctxkit summaries: state of a conversation not saved in %s (%s); kept in memory "
+                                 "only", self.directory, exc)
+                    self._seen[key] = _stamp(self._path(key))  # the older file must not replace this state
+                    return
                 if new:
                     self._files += 1
                     self._written += 1
