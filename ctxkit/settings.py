@@ -27,6 +27,20 @@ def fraction(value: Any, name: str) -> float:
     return float(value)
 
 
+def positive_seconds(value: Any, name: str) -> float:
+    """A positive, finite number of seconds (NaN fails every comparison: a NaN TTL never expired)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < float("inf"):
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def number_between(value: Any, name: str, low: float, high: float) -> float:
+    """A number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
+        raise ConfigurationError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def name_list(value: Any, name: str) -> tuple[str, ...]:
     """A list of tool names; a bare string ("search") is refused rather than read as its letters."""
     if isinstance(value, str) or not isinstance(value, Iterable):

@@ -13,6 +13,7 @@ import email.utils
 import importlib
 import json
 import logging
+import numbers
 import os
 import random
 import re
@@ -37,6 +38,7 @@ from ..errors import (
 from ..redaction import redact
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
+from ..settings import positive_seconds
 from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
 from .gguf_prompt import GGUFPrompt
@@ -89,9 +91,12 @@ class OpenAIBackend:
             # 0 became the model's default window (128k for a GGUF-served model) and -1 refused every call
             raise ConfigurationError(f"context_window must be a whole number of tokens >= 1 (None: the model's "
                                      f"known window), got {context_window!r}")
-        if isinstance(timeout, (int, float)) and not timeout > 0:  # an httpx.Timeout passes through
-            raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if not backoff_s >= 0 or not max_backoff_s >= 0:
+        import httpx
+
+        if timeout is not None and not isinstance(timeout, httpx.Timeout):  # an httpx.Timeout passes through
+            timeout = positive_seconds(timeout, "timeout")  # "60" was a TypeError on the first call
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (backoff_s, max_backoff_s)) \
+                or not backoff_s >= 0 or not max_backoff_s >= 0:
             raise ConfigurationError(f"backoff_s and max_backoff_s must be >= 0, got {backoff_s!r}, {max_backoff_s!r}")
         key = api_key or os.environ.get(api_key_env)
         if not key:

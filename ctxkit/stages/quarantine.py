@@ -61,6 +61,7 @@ from ..quarantine_marks import (
 from ..redaction import redact
 from ..request import ChatRequest, call_answered
 from ..response import AsyncChatStream, ChatResponse, ChatStream, message_text
+from ..settings import whole_number
 from ..stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
@@ -1158,8 +1159,7 @@ class QuarantineStage(Stage):
         Content whose record went is checked again when it comes back.
         directory: keep the records and releases there too (quarantine_registry.py): they outlive a restart,
         and processes given the same directory share them."""
-        if max_records < 1:
-            raise ConfigurationError(f"max_records must be at least 1, got {max_records}")
+        max_records = whole_number(max_records, "max_records", minimum=1)
         self.max_records = max_records
         self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
         for tool, schema in self.output_schemas.items():

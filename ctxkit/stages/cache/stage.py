@@ -39,7 +39,7 @@ from ...pipeline import EventRecorder, event_recorder, naive_after, record_event
 from ...quarantine_marks import AnswerCheck, answer_quarantined, current_answer_check, has_quarantined
 from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
-from ...settings import name_list
+from ...settings import name_list, number_between, positive_seconds, whole_number
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from .guards import Thresholds, judge, judge_facts
 from .keys import RequestKey, code_lines, request_key
@@ -100,8 +100,13 @@ class SemanticCacheStage(Stage):
     ) -> None:
         if self.semantic and embedder is None:
             raise ConfigurationError("SemanticCacheStage needs an embedder (ctxkit.embed.Embedder)")
-        if ttl is not None and ttl <= 0:
-            raise ConfigurationError("ttl must be positive (or None)")
+        if ttl is not None:
+            ttl = positive_seconds(ttl, "ttl (None: until evicted)")
+        candidates = whole_number(candidates, "candidates", minimum=1)
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise ConfigurationError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
+        for field in ("similarity", "context_similarity", "added_detail_similarity"):  # cosines: [-1, 1]
+            number_between(getattr(thresholds or Thresholds(), field), f"thresholds.{field}", -1, 1)
         for ns, seconds in (namespace_ttl or {}).items():
             if seconds is None:  # as for `ttl`: this namespace's answers stay until evicted
                 continue

@@ -37,7 +37,7 @@ from ...quarantine_marks import carry
 from ...request import ChatRequest, call_answered
 from ...response import message_text
 from ...sentences import split_sentences
-from ...settings import fraction
+from ...settings import fraction, whole_number
 from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
@@ -110,7 +110,7 @@ class DedupStage(Stage):
         counter: TokenCounter | None = None,
     ) -> None:
         self.threshold = fraction(threshold, "threshold")
-        self.min_tokens = min_tokens
+        self.min_tokens = whole_number(min_tokens, "min_tokens")
         self.dedup_documents = documents
         self.dedup_messages = messages
         self.counter = counter if counter is not None else default_counter()

@@ -489,7 +489,8 @@ class DocumentPruningStage(Stage):
             fraction(budget_fraction, "budget_fraction")
         self.budget_tokens = budget_tokens
         self.budget_fraction = budget_fraction
-        self.long_message_tokens = long_message_tokens
+        self.long_message_tokens = (None if long_message_tokens is None
+                                    else whole_number(long_message_tokens, "long_message_tokens", minimum=1))
         self.render = render
         self.ranker = ranker if ranker is not None else DocumentRanker(embedder, counter, weights)
         self.counter = self.ranker.counter

@@ -38,6 +38,7 @@ from ...quarantine_marks import fingerprint, quarantined
 from ...request import ChatRequest, Message
 from ...response import message_text
 from ...sentences import leading_sentences
+from ...settings import fraction, number_between, whole_number
 from ...stage import Stage
 from ..prefix import previous_prompt_end
 from ..templates import sandboxed_environment
@@ -101,16 +102,19 @@ class SummarizationStage(Stage):
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
         if trigger_tokens is None and trigger_fraction is None and trigger_messages is None:
             raise ConfigurationError("give at least one trigger: trigger_tokens, trigger_fraction or trigger_messages")
-        if trigger_fraction is not None and not 0 < trigger_fraction <= 1:
-            raise ConfigurationError(f"trigger_fraction must be in (0, 1], got {trigger_fraction}")
-        for label, value in (("trigger_tokens", trigger_tokens), ("trigger_messages", trigger_messages),
-                             ("target_tokens", target_tokens)):
-            if value is not None and value <= 0:
-                raise ConfigurationError(f"{label} must be positive, got {value}")
-        if keep_last < 1:
-            raise ConfigurationError(f"keep_last must be at least 1, got {keep_last}")
-        if not 0 < max_tail_fraction <= 1 or not 0 <= model_share <= 1:
-            raise ConfigurationError("max_tail_fraction must be in (0, 1] and model_share in [0, 1]")
+        if trigger_fraction is not None:
+            trigger_fraction = fraction(trigger_fraction, "trigger_fraction")
+        if trigger_tokens is not None:
+            trigger_tokens = whole_number(trigger_tokens, "trigger_tokens", minimum=1)
+        if trigger_messages is not None:
+            trigger_messages = whole_number(trigger_messages, "trigger_messages", minimum=1)
+        if target_tokens is not None:
+            target_tokens = whole_number(target_tokens, "target_tokens", minimum=1)
+        keep_last = whole_number(keep_last, "keep_last", minimum=1)
+        context_turns = whole_number(context_turns, "context_turns", minimum=1)  # -0: a slice of all
+        summary_max_tokens = whole_number(summary_max_tokens, "summary_max_tokens", minimum=1)
+        max_tail_fraction = fraction(max_tail_fraction, "max_tail_fraction")
+        model_share = number_between(model_share, "model_share", 0, 1)
         if summary_role not in ("system", "user"):
             raise ConfigurationError(f"summary_role must be 'system' or 'user', got {summary_role!r}")
         self.backend = backend
@@ -119,6 +123,10 @@ class SummarizationStage(Stage):
                                       int(trigger_fraction * backend.context_window) if trigger_fraction else None)
                           if t is not None]
         self.trigger_tokens = min(token_triggers) if token_triggers else None
+        if target_tokens is not None and self.trigger_tokens is not None and target_tokens > self.trigger_tokens:
+            # folded down to more than the trigger, the next call folds again: the fold never gets under it
+            raise ConfigurationError(f"target_tokens ({target_tokens}) must not exceed the token trigger "
+                                     f"({self.trigger_tokens}, from trigger_tokens / trigger_fraction)")
         self.trigger_messages = trigger_messages
         self._target_given = target_tokens is not None
         if target_tokens is None and self.trigger_tokens is not None:

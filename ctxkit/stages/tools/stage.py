@@ -188,6 +188,7 @@ class ToolRetrievalStage(Stage):
         max_indexes: distinct request-tool pools kept indexed (each built once per process).
         counter:     the backend's TokenCounter, for the prefix tokens a changed selection un-caches."""
         top_k = whole_number(top_k, "top_k", minimum=1)
+        max_indexes = whole_number(max_indexes, "max_indexes", minimum=1)
         if recovery not in RECOVERY_MODES:
             raise ConfigurationError(f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {recovery!r}")
         pinned = name_list(pinned, "pinned")
