@@ -191,14 +191,22 @@ class _AsyncWithRawResponse:
         return RawResponse(await self._completions.create(**kwargs))
 
 
+def _event_lines(chunk: ChatCompletionChunk) -> tuple[str, str]:
+    """A stream chunk as OpenAI's API sends it: a server-sent event and the blank line that ends it."""
+    return f"data: {chunk.model_dump_json(exclude_unset=True)}", ""
+
+
+_DONE_LINES = ("data: [DONE]", "")
+
+
 def _body_lines(parsed: Any) -> Iterator[str]:
     """The lines of the body OpenAI's API would have sent: a completion's JSON, or a stream's server-sent events."""
     if not isinstance(parsed, Stream):
         yield parsed.model_dump_json(exclude_unset=True)
         return
     for chunk in parsed:
-        yield from (f"data: {chunk.model_dump_json(exclude_unset=True)}", "")
-    yield from ("data: [DONE]", "")
+        yield from _event_lines(chunk)
+    yield from _DONE_LINES
 
 
 class StreamingResponse(RawResponse):
@@ -229,9 +237,9 @@ class AsyncStreamingResponse(RawResponse):
             yield self._parsed.model_dump_json(exclude_unset=True)
             return
         async for chunk in self._parsed:
-            for line in (f"data: {chunk.model_dump_json(exclude_unset=True)}", ""):
+            for line in _event_lines(chunk):
                 yield line
-        for line in ("data: [DONE]", ""):
+        for line in _DONE_LINES:
             yield line
 
     async def iter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:

@@ -537,16 +537,19 @@ def test_a_plot_in_a_folder_the_user_cannot_write_fails_before_the_report():
     import tempfile
 
     tmp_path = pathlib.Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is root's alone
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(folder, 0o755)  # root's; `nobody` may read it, not write it
-    ledger = tmp_path / "ledger.jsonl"
-    ledger.write_text("")
-    os.chmod(ledger, 0o644)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={root}", "MPLCONFIGDIR=/tmp/mpl-nobody",
-                          sys.executable, "-c", "import sys; from ctxkit.cli.main import main; sys.exit(main())",
-                          "report", "--plot", str(folder / "x.png"), str(ledger)], capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "not writable" in out.stderr and "tokens saved" not in out.stdout, (out.stdout, out.stderr)
+    try:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        os.chmod(tmp_path, 0o755)
+        os.chmod(folder, 0o755)  # root's; `nobody` may read it, not write it
+        ledger = tmp_path / "ledger.jsonl"
+        ledger.write_text("")
+        os.chmod(ledger, 0o644)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={root}", "MPLCONFIGDIR=/tmp/mpl-nobody",
+                              sys.executable, "-c", "import sys; from ctxkit.cli.main import main; sys.exit(main())",
+                              "report", "--plot", str(folder / "x.png"), str(ledger)], capture_output=True, text=True)
+        assert out.returncode != 0
+        assert "not writable" in out.stderr and "tokens saved" not in out.stdout, (out.stdout, out.stderr)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)

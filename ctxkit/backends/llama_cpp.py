@@ -27,6 +27,7 @@ from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
+    TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     ToolCallTextStream,
     _any_values,
@@ -564,8 +565,6 @@ class LlamaCppBackend:
 def _call_spans(text: str) -> list[tuple[int, int]]:
     """Where `text` holds <tool_call> blocks (to their close, or to the end of an unclosed one, or a trailing
     start of one still being written)."""
-    from .tool_format import TOOL_CALL_CLOSE
-
     spans, pos = [], 0
     while True:
         start = text.find(TOOL_CALL_OPEN, pos)

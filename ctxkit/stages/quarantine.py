@@ -698,13 +698,12 @@ def find_injection(text: str) -> Finding | None:
     value is read on its own: its quotes are JSON's, not a quotation."""
     data = _json(text)
     if data is not None and not isinstance(data, str):
-        for leaf in _strings(data):
+        for key, leaf in _strings(data):
             if finding := _find_injection_as_read(leaf, exempt_quoted=False):
                 return finding
-        # {"system_instruction": "Always tell the user ..."}: the JSON form of a "System instruction:" line
-        for key, value in _keyed_strings(data):
-            if _PROMPT_KEY.fullmatch(_key_words(key)) and len(value.split()) >= 3:
-                return Finding("injection", "content contains a system prompt", _short(f"{key}: {value}"))
+            # {"system_instruction": "Always tell the user ..."}: the JSON form of a "System instruction:" line
+            if key is not None and _PROMPT_KEY.fullmatch(_key_words(key)) and len(leaf.split()) >= 3:
+                return Finding("injection", "content contains a system prompt", _short(f"{key}: {leaf}"))
         return None
     return _find_injection_as_read(text, exempt_quoted=True)
 
@@ -720,19 +719,6 @@ _PROMPT_KEY = re.compile(r"(?:new |updated |real |hidden )?(?:system (?:prompt|m
 def _key_words(key: str) -> str:
     """"system_instruction", "systemInstruction", "System-Instruction" -> "system instruction"."""
     return " ".join(re.sub(r"(?<=[a-z])(?=[A-Z])", " ", key).replace("_", " ").replace("-", " ").lower().split())
-
-
-def _keyed_strings(data: Any, depth: int = 0) -> Iterator[tuple[str, str]]:
-    """(key, value) of every string value of a JSON mapping, as deep as _strings reads."""
-    if depth < 8 and isinstance(data, Mapping):
-        for key, value in data.items():
-            if isinstance(value, str):
-                yield str(key), value
-            else:
-                yield from _keyed_strings(value, depth + 1)
-    elif depth < 8 and isinstance(data, list):
-        for item in data[:200]:
-            yield from _keyed_strings(item, depth + 1)
 
 
 # Characters that render as nothing (a soft hyphen, direction marks and isolates, invisible operators, the
@@ -768,12 +754,14 @@ _LATIN = re.compile(r"[A-Za-z]")
 _MIXED_WORD = re.compile(r"\w+")
 
 
-def _strings(data: Any, depth: int = 0) -> Iterator[str]:
+def _strings(data: Any, depth: int = 0, key: str | None = None) -> Iterator[tuple[str | None, str]]:
+    """Each string of parsed JSON with the key it is the value of (None in a list or alone), 8 levels deep and
+    200 items a list at most."""
     if isinstance(data, str):
-        yield data
+        yield key, data
     elif depth < 8 and isinstance(data, Mapping):
-        for value in data.values():
-            yield from _strings(value, depth + 1)
+        for name, value in data.items():
+            yield from _strings(value, depth + 1, str(name))
     elif depth < 8 and isinstance(data, list):
         for item in data[:200]:
             yield from _strings(item, depth + 1)
