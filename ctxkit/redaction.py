@@ -28,8 +28,10 @@ _SECRET = re.compile(
     r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
     r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]*:)[^\s@/]+(?=@)"  # user:password@ in URLs (redis://:password@ too)
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
-    # a URL's query parameters that carry a key or a signature (Azure SAS sig=, Azure Functions code=, ?key=)
-    r"|([?&](?:key|code|sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token)=)[^\s&#\"'<>]{4,}"
+    # a URL's query parameters that carry a key or a signature (Azure SAS sig=, Azure Functions code=, ?key=), also
+    # under a prefix (api-key=, subscription-key=, access_token=, x-amz-signature=; not keyword= or zip_code=)
+    r"|([?&](?:code|(?:[A-Za-z0-9]+[_-])*(?:key|sig|signature|token|secret|password|auth|credentials?))=)"
+    r"[^\s&#\"'<>]{4,}"
     # "key": "value" (a quoted value may hold spaces; its quotes stay), and key=value
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*\")[^\"\n]{{4,}}(?=\")"
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*')[^'\n]{{4,}}(?=')"
