@@ -17,8 +17,12 @@ _CLOSERS = "\"'”’)]"
 _CJK_CLOSERS = "」』）】”’\""
 # Chinese and Japanese end a sentence at 。！？ with no space after it: without these, a summary in either
 # language was one sentence, and a memory budget it did not fit whole sent none of it.
+# Other scripts' full stops and question marks, written with a space after them as . and ? are: Hindi's
+# danda "।" (and "॥"), Arabic's "؟" and Urdu's "۔", Armenian "։", Ethiopic "።" "፧", Burmese "။". Without
+# them a Hindi or Arabic document was one sentence: a budget that could not keep it whole cut it blind.
+_ENDS = ".!?।॥؟۔։።፧။"
 _BREAK = re.compile(
-    rf"(?:(?<=[.!?])|(?<=[.!?][{re.escape(_CLOSERS)}]))\s+(?=\S)|\n\s*\n|\n(?=\S)"
+    rf"(?:(?<=[{_ENDS}])|(?<=[{_ENDS}][{re.escape(_CLOSERS)}]))\s+(?=\S)|\n\s*\n|\n(?=\S)"
     # A run of ends ("真的吗？！", "什么！！！") is one end: the break comes after its last mark or closer.
     rf"|(?<=[。！？])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}。！？])"
     rf"|(?<=[。！？][{re.escape(_CJK_CLOSERS)}])[^\S\n]*(?=[^\s{re.escape(_CJK_CLOSERS)}])"

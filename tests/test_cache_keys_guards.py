@@ -297,3 +297,21 @@ def test_a_decade_written_with_an_apostrophe_is_the_decade():
     assert judge("Who won the Super Bowl in 1980?", "", "Who won the Super Bowl in the 1980's?", "",
                  0.97, None, Thresholds()) is not None
     assert "louvre" in features("When does the Louvre's shop open?").entities
+
+
+# -- scripts that write vowels with combining marks, and decomposed accents ------------------------------
+
+@pytest.mark.parametrize("a,b", [
+    ("फ्रांस की राजधानी क्या है?", "जर्मनी की राजधानी क्या है?"),  # Hindi: France / Germany
+    ("பிரான்சின் தலைநகரம் எது?", "ஜெர்மனியின் தலைநகரம் எது?"),  # Tamil
+    ("ফ্রান্সের রাজধানী কী?", "জার্মানির রাজধানী কী?"),  # Bengali
+])
+def test_words_with_combining_vowel_signs_are_whole_words(a, b):
+    assert judge(a, "", b, "", 0.99, None, Thresholds()) is not None, "another country, the same answer"
+
+
+def test_nfc_and_nfd_of_one_question_are_one_key():
+    from ctxkit.stages.cache.keys import normalize_layout, normalize_text
+
+    assert normalize_text("Is the café open?") == normalize_text("Is the cafe\u0301 open?")
+    assert normalize_layout("Is the café open?") == normalize_layout("Is the cafe\u0301 open?")

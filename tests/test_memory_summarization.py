@@ -1330,3 +1330,12 @@ def test_summary_store_full_disk_keeps_state_in_memory_and_old_file(tmp_path, mo
     monkeypatch.undo()
     assert SummaryStore(tmp_path).get(key).summary == "one"  # the committed file is whole
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_grounding_reads_hindi_words_whole():
+    from ctxkit.stages.summarize.model import grounded
+
+    turns = ["मेरा नाम प्रिया है और मैं दिल्ली में रहती हूँ।", "मुझे शाकाहारी खाना पसंद है।"]
+    assert grounded("प्रिया दिल्ली में रहती है।", turns) == ("प्रिया दिल्ली में रहती है।", 0)
+    # a person, a city and a dish no turn named: not from the conversation
+    assert grounded("राहुल को कोलकाता का मछली खाना पसंद है।", turns) == ("", 1)

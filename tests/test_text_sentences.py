@@ -49,3 +49,8 @@ def test_a_run_of_chinese_or_japanese_sentence_ends_is_one_end():
     assert split_sentences("真的吗？！太好了。什么！！！你确定吗？？我不信。") == [
         "真的吗？！", "太好了。", "什么！！！", "你确定吗？？", "我不信。"]
     assert split_sentences("他说：“你好！”然后走了。") == ["他说：“你好！”", "然后走了。"]
+
+
+def test_hindi_and_arabic_full_stops_end_sentences():
+    assert split_sentences("यह पहला वाक्य है। यह दूसरा वाक्य है।") == ["यह पहला वाक्य है।", "यह दूसरा वाक्य है।"]
+    assert split_sentences("هل أنت بخير؟ نعم أنا بخير.") == ["هل أنت بخير؟", "نعم أنا بخير."]

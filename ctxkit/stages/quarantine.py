@@ -63,6 +63,7 @@ from ..request import ChatRequest, call_answered
 from ..response import AsyncChatStream, ChatResponse, ChatStream, message_text
 from ..settings import whole_number
 from ..stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from ..vocabulary import COMBINING_MARKS
 from .prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .pruning.documents import DOCUMENT_BLOCK
 from .quarantine_registry import QuarantineRecord, QuarantineRegistry
@@ -216,9 +217,11 @@ _INJECTION = [
     # links at each "http" (40 KB of "http://x/{user": 5.5 s)
     (r"(?:\{|%7B)\s*(?:[\w.]*(?:history|conversation|chat|messages?|prompt|secret|password|summary|"
      r"context|memory|transcript|input)[\w.]*|data)\s*(?:\}|%7D)", "contains a URL template to fill with data"),
+    # A joiner after a combining mark is how Sinhala, Malayalam, Bengali and Devanagari spell some letters
+    # ("ශ්‍රී ලංකා", Sri Lanka, has one after its virama; Malayalam's old chillu ends a word with one)
     (r"[\u200b\u2060\u202e]|(?<=[\s\S])\ufeff|[\U000e0000-\U000e007f]"
-     r"|(?<![\w\u2600-\u27bf\ufe0f\U0001f000-\U0001faff])[\u200c\u200d]"
-     r"|[\u200c\u200d](?![\w\u2600-\u27bf\U0001f000-\U0001faff])",
+     rf"|(?<![\w\u2600-\u27bf\ufe0f\U0001f000-\U0001faff{COMBINING_MARKS}])[\u200c\u200d]"
+     rf"|(?<![{COMBINING_MARKS}])[\u200c\u200d](?![\w\u2600-\u27bf\U0001f000-\U0001faff{COMBINING_MARKS}])",
      "contains invisible characters"),
     (r"\b(?:AI|assistant|LLM|chatbot|AI model|language model)s?\b[,:]?\s+(?:\w+ly\s+|always\s+|now\s+|also\s+)?"
      r"(?:must|should|shall|needs? to|need to|is instructed to|are instructed to|will now)\b"
@@ -727,6 +730,7 @@ _FORMAT_CHARS = re.compile(r"[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\
                            r"\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e0fff]")
 # A line break inside a sentence (hard-wrapped mail, markdown, PDF text): the next line goes on in lower case.
 _WRAPPED = re.compile(r"(?<=[\w,])[ \t]*\n[ \t]*(?=[a-z])")
+_LATIN_MARKS = re.compile(rf"(?<=[A-Za-z])[{COMBINING_MARKS}]+")
 
 
 def _find_injection_as_read(text: str, *, exempt_quoted: bool) -> Finding | None:
@@ -735,7 +739,9 @@ def _find_injection_as_read(text: str, *, exempt_quoted: bool) -> Finding | None
     finding = _find_injection(text, exempt_quoted=exempt_quoted)
     if finding is not None:
         return finding
-    read = _WRAPPED.sub(" ", unicodedata.normalize("NFKC", _FORMAT_CHARS.sub("", text)))
+    # accents stacked on Latin letters ("I\u0300gnore", "Ig\u0336nore") read as the letters
+    bare = _LATIN_MARKS.sub("", unicodedata.normalize("NFD", _FORMAT_CHARS.sub("", text)))
+    read = _WRAPPED.sub(" ", unicodedata.normalize("NFKC", bare))
     if _LOOKALIKE.search(read):
         read = _MIXED_WORD.sub(lambda m: m.group(0).translate(_LATIN_OF) if _LATIN.search(m.group(0)) else m.group(0), read)
     return _find_injection(read, exempt_quoted=exempt_quoted) if read != text else None

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import re
 
-from ...vocabulary import CARDINAL_WORDS
+from ...vocabulary import CARDINAL_WORDS, COMBINING_MARKS
 
 # Lowercased word sequences; matched longest first, so "no wait" wins over "no".
 _STRONG = [
@@ -90,7 +90,12 @@ _PLAIN_BEFORE = {
 # After an "or" these say the speaker is correcting, not offering a choice: "1882 or maybe 1564".
 _OR_HEDGES = {"maybe", "perhaps", "let", "like", "rather", "make", "well", "i", "actually", "sorry", "no", "wait"}
 _PUNCT = {",", "-", "...", ".", ";", ":"}
-_TOKEN = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|_+|[^\w\s]")
+# A combining mark (Unicode M*: Devanagari's vowel signs and virama, Thai's vowels, Arabic's harakat, a
+# decomposed accent) is part of the word it sits in: \w does not match most of them, and "फ्रांस" (France)
+# fell apart into one- and two-letter pieces that no check reads, so "the capital of France" and "of
+# Germany" in Hindi had the same words.
+_LETTER = rf"(?:[^\W_]|[{COMBINING_MARKS}])"
+_TOKEN = re.compile(rf"{_LETTER}+(?:['’\-]{_LETTER}+)*|_+|[^\w\s{COMBINING_MARKS}]")
 _MAX_REACH = 12  # how far back a repair may reach for its anchor word
 _SAME_ENDING = 4  # letters a one-word repair shares with the word it replaces ("-cessful", "-eased")
 _MAX_TAIL = 3  # a repair of at most this many words at the very end replaces words in place

@@ -353,7 +353,7 @@ def features(text: str, raw: str | None = None) -> Features:
         dates=frozenset(dates), scope=frozenset(scope), person=frozenset(person), entities=frozenset(entities),
         question=question, order=tuple(order), words=frozenset(lower),
         questions=frozenset(kinds), zone=zone,
-        content=frozenset(_stem(w) for w in lower if w.isalpha() and len(w) > 2 and w not in _STOPWORDS),
+        content=frozenset(_stem(w) for w in lower if _is_word(w) and len(w) > 2 and w not in _STOPWORDS),
         sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)), operators=operators(text),
         symbols=frozenset(c for c in text if unicodedata.category(c) == "So" and c != "°"),
     )
@@ -421,6 +421,11 @@ each both few only own same too out off per via upon within without between duri
 an a of in on at by to be as or if so we you your yours our ours his her him she he i me my mine us
 tell know want please kind type name called call get got give show find thing things one ones
 """.split())
+
+
+def _is_word(word: str) -> bool:
+    """Letters, with the combining marks of scripts that write vowels with them ("फ्रांस", "ภาษา")."""
+    return word[:1].isalpha() and all(c.isalpha() or unicodedata.category(c)[0] == "M" for c in word)
 
 
 def _stem(word: str) -> str:

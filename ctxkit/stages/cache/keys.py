@@ -15,13 +15,14 @@ import dataclasses
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...request import ChatRequest, Message
 from .disfluency import repair
 
-KEY_VERSION = "ctxkit-cache-v3"  # bump when the normalization changes, so old entries stop matching
+KEY_VERSION = "ctxkit-cache-v4"  # bump when the normalization changes, so old entries stop matching
 _CONTEXT_MESSAGES = 6  # the earlier turns a follow-up can refer to; older ones rarely change its meaning
 _CONTEXT_CHARS = 2000
 
@@ -48,7 +49,9 @@ _POLITE_TAIL = re.compile(r"(?:[\s,]*\b(?:please|pls|thanks|thank you|thx)\b)+[\
 
 
 def normalize_text(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    # NFC: "café" typed with a precomposed é and with e + U+0301 (macOS file names, some keyboards) is
+    # one question, and one word for the guards
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
 
 
 def normalize_layout(text: str) -> str:
@@ -56,6 +59,7 @@ def normalize_layout(text: str) -> str:
     Text with code (a ``` fence or an indented line): runs of spaces inside a line collapse and trailing
     spaces go, but line breaks and each line's indentation stay (pasted Python, YAML, Makefiles:
     `print(x)` inside or after a loop is another program)."""
+    text = unicodedata.normalize("NFC", text)
     lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").strip().split("\n")]
     if not any(line.lstrip().startswith("```") or (line[:1] in (" ", "\t") and line.strip()) for line in lines):
         return normalize_text(text)  # prose: where its lines break does not change the question

@@ -49,7 +49,7 @@ import numpy as np
 from ...response import message_text
 from ...sentences import sentence_spans
 from ...tokens import TokenCounter
-from ...vocabulary import CALENDAR_WORDS, alternation
+from ...vocabulary import CALENDAR_WORDS, COMBINING_MARKS, alternation
 from .answer_type import NAME as _NAME
 from .answer_type import asked_kind
 
@@ -74,7 +74,10 @@ CLAUSE_MIN_CHARS = 40
 # lost its closing mark and read as the user's own words.
 _CLAUSE_BREAK = re.compile(r"(?<=[,;:])\s+|(?<=[\u3002\uff01\uff1f\uff1b\uff0c\u3001\uff1a])(?=\S)"
                            r"|(?:(?<=[\"}\]0-9],)|(?<=true,)|(?<=false,)|(?<=null,))(?=[\"{\[])")
-_WORD = re.compile(r"[^\W_]+")  # letters and digits of any alphabet ("вегетарианка" is a word too)
+# letters and digits of any alphabet ("вегетарианка" is a word too), with their combining marks: "दिल्ली"
+# (Delhi) read without them was "द", "ल", "ल", letters every Hindi turn has, and a summary sentence that
+# named another city or person passed as grounded
+_WORD = re.compile(rf"(?:[^\W_]|[{COMBINING_MARKS}])+")
 # How much the units after (and just before) the one a recent turn points at share its focus.
 FOCUS_STEPS = ((0, 1.0), (1, 0.8), (2, 0.5), (3, 0.3), (-1, 0.3))
 _SALIENT = re.compile(
