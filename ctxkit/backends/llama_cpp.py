@@ -230,6 +230,10 @@ class LlamaCppBackend:
         content, calls = parse_tool_calls(text) if tools_offered else (text, [])
         if tools_offered and not calls and at_cap():  # as the stream does: without tools no text is a call
             content = drop_unfinished_call(content)
+        if content is None and not calls:
+            # An answer with no text and no call (a call cut off by max_tokens) is "", as OpenAI answers it: an
+            # assistant message with neither content nor tool_calls is refused when the app sends it back.
+            content = ""
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
