@@ -868,3 +868,39 @@ def test_quarantine_full_database_reports_full_not_rollback_error(tmp_path):
         registry.add_record(_full_disk_record("big", 200_000))
     assert not registry._db.in_transaction
     assert list(QuarantineRegistry(1000, tmp_path).snapshot("ns").records) == ["kept"]
+
+
+ECHO_SCHEMAS = {"get_city_weather": {"type": "object", "properties": {"temp_c": {"type": "number"}}, "required": ["temp_c"]}}
+
+
+def _echo_turn(result: str, answer: str) -> list[dict]:
+    return [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "get_city_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def test_answer_copying_a_schema_breaking_result_is_quarantined():
+    bad = '{"city": "Oslo", "temp_c": "balmy-QZX"}'
+    messages = _echo_turn(bad, f'<tool_response name="get_city_weather">\n{bad}\n</tool_response>')
+    finding = QuarantineStage(output_schemas=ECHO_SCHEMAS).check_message(messages, 3, ECHO_SCHEMAS)
+    assert finding is not None and finding.kind == "schema"
+
+
+def test_answer_copying_a_traceback_is_quarantined():
+    tb = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
+    finding = QuarantineStage().check_message(_echo_turn(tb, tb + "\nTry another divisor."), 3, {})
+    assert finding is not None and finding.kind == "tool_error"
+
+
+def test_answer_copying_a_clean_result_is_not_quarantined():
+    good = '{"city": "Oslo", "temp_c": 4.5, "sky": "overcast with light rain"}'
+    assert QuarantineStage(output_schemas=ECHO_SCHEMAS).check_message(_echo_turn(good, good), 3, ECHO_SCHEMAS) is None
+
+
+def test_answer_about_a_failed_result_without_copying_it_is_not_quarantined():
+    tb = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
+    assert QuarantineStage().check_message(_echo_turn(tb, "The tool failed: you cannot divide by zero."), 3, {}) is None

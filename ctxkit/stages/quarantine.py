@@ -1224,9 +1224,41 @@ class QuarantineStage(Stage):
                 if carried := _repeated_payload(message["content"], injected, said):
                     # the answer passes on what the injection planted (its link, its account number, its code)
                     return Finding("injection", "the answer repeats what an injected tool result planted", carried)
+            if (echoed := self._repeated_failed_result(messages, index, schemas)) is not None:
+                return echoed
             if self.check_contradictions:
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
                 return find_contradiction(message["content"], _turn_tool_results(messages, index))
+        return None
+
+    def _repeated_failed_result(self, messages: Sequence[Mapping[str, Any]], index: int,
+                                schemas: Mapping[str, Mapping[str, Any]]) -> Finding | None:
+        """An answer that copies a failed or schema-breaking tool result of its turn word for word (a small
+        model often answers with the `<tool_response>` it was shown) carries that result into summaries and
+        the cache: it is quarantined with it. Only a copied line of 24 characters or more counts."""
+        answer = messages[index].get("content")
+        if not isinstance(answer, str):
+            return None
+        for j in range(index - 1, -1, -1):
+            earlier = messages[j]
+            if earlier.get("role") == "user":
+                break
+            if earlier.get("role") != "tool":
+                continue
+            text = message_text(dict(earlier))
+            lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 24]
+            if not any(line in answer for line in lines):
+                continue
+            tool = _tool_name(messages, j)
+            schema = schemas.get(tool)
+            finding = None
+            if self.check_errors:
+                finding = find_tool_error(text, tool)
+            if finding is None and self.check_schemas and schema is not None:
+                finding = find_schema_violation(text, schema)
+            if finding is not None:
+                return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
+                               finding.evidence)
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
