@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ctxkit import ChatRequest, ConfigurationError, RequestError
-from ctxkit.stages.prefix import default_counter
+from ctxkit import ChatRequest, ConfigurationError, Ledger, Pipeline, RequestError
+from ctxkit.stages.prefix import default_counter, shared_prefix
 from ctxkit.stages.pruning import DedupStage, DocumentPruningStage, DocumentRanker
 from ctxkit.stages.pruning.documents import REPORT_KEY, render_documents
 from ctxkit.validation import validate_request
@@ -121,6 +121,17 @@ def test_long_tool_result_is_cut_against_its_own_turn_and_stays_stable_later(emb
                     {"role": "user", "content": "How do I descale a kettle?"}]
     second = stage.before_model(ChatRequest(messages=later))
     assert second.messages[2] == first.messages[2], "an older result must be cut the same way on every call"
+
+
+def test_a_long_tool_result_sent_as_text_parts_is_cut_like_a_string(embedder):
+    """The OpenAI SDK's list-of-text-parts shape is the same result: it must not be left whole."""
+    long_result = "\n\n".join(d["text"] for d in CORPUS * 3)
+    stage = DocumentPruningStage(budget_fraction=0.1, embedder=embedder, long_message_tokens=200)
+    as_string = stage.before_model(ChatRequest(messages=_tool_turn("When was the Oslo Opera House opened?", long_result)))
+    turn = _tool_turn("When was the Oslo Opera House opened?", long_result)
+    turn[2] = {**turn[2], "content": [{"type": "text", "text": long_result}]}
+    as_parts = stage.before_model(ChatRequest(messages=turn))
+    assert as_parts.messages[2]["content"] == as_string.messages[2]["content"]
 
 
 def test_a_result_the_model_called_again_for_is_left_whole(embedder):
@@ -535,3 +546,44 @@ def test_a_dropped_copy_is_reported_with_its_original() -> None:
     report = request.metadata["ctxkit.pruned_documents"]
     assert report["kept"] == ["office"]
     assert sorted(report["dropped"]) == ["exp-2023", "exp-2024"]
+
+
+def test_kept_text_fits_the_budget_counted_as_sent(ranker):
+    """Passages counted apart are not the text sent: a tokenizer merges across a CSV's line breaks and digits."""
+    csv = "id,name,amount\n" + "\n".join(f"{i},name{i},{i * 7}" for i in range(100))
+    for budget in (40, 100, 333):
+        result = ranker.prune("amount for name77", [{"id": "csv", "text": csv}], budget)
+        sent = sum(ranker.counter.count_text(d["text"]) for d in result.documents)
+        assert sent <= budget, (budget, sent)
+        assert result.tokens_after == sent
+
+
+def test_blank_documents_are_reported_dropped_not_sent_as_empty_blocks(embedder):
+    stage = DocumentPruningStage(budget_tokens=50, embedder=embedder)
+    docs = [{"id": "e", "text": ""}, {"id": "w", "text": "  \n\t "}, {"id": "x", "text": "Bookly opens at 9."}]
+    out = stage.before_model(ChatRequest(messages=[{"role": "user", "content": "When?"}], metadata={"documents": docs}))
+    assert out.metadata[REPORT_KEY]["kept"] == ["x"]
+    assert sorted(out.metadata[REPORT_KEY]["dropped"]) == ["e", "w"]
+    assert 'id="e"' not in out.messages[0]["content"] and 'id="w"' not in out.messages[0]["content"]
+
+
+def test_a_new_turn_notes_the_documents_message_it_moves(llama_backend, embedder, tmp_path):
+    sent = []
+    original = llama_backend._prompt_tokens
+    llama_backend._prompt_tokens = lambda request: sent.append(original(request)) or sent[-1]
+    try:
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        stage = DocumentPruningStage(budget_tokens=150, embedder=embedder, counter=llama_backend.counter)
+        pipeline = Pipeline(llama_backend, stages=[stage], ledger=ledger)
+        docs = [{"id": f"d{i}", "text": " ".join(f"Valve {i * 10 + j} sits in building {chr(65 + i)} and opens at "
+                                                 f"{j * 7} bar." for j in range(12))} for i in range(3)]
+        history = [{"role": "system", "content": "Answer from the documents."},
+                   {"role": "user", "content": "Where is valve 13?"}]
+        pipeline.call(ChatRequest(messages=history, params={"max_tokens": 3}, metadata={"documents": docs}))
+        history += [{"role": "assistant", "content": "Building B."}, {"role": "user", "content": "What opens at 14 bar?"}]
+        pipeline.call(ChatRequest(messages=history, params={"max_tokens": 3}, metadata={"documents": docs}))
+    finally:
+        llama_backend._prompt_tokens = original
+    real = len(sent[0]) - shared_prefix(sent[0], sent[1])
+    [event] = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
+    assert real > 100 and abs(event["tokens"] - real) <= 2, (event, real)

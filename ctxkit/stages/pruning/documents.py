@@ -43,6 +43,7 @@ import numpy as np
 
 from ...errors import ConfigurationError, RequestError
 from ...lru import LRUMemo
+from ...pipeline import record_event
 from ...quarantine_marks import DOCUMENTS_KEY as QUARANTINED_DOCUMENTS
 from ...quarantine_marks import carry, mark
 from ...request import ChatRequest, call_answered
@@ -51,7 +52,7 @@ from ...sentences import split_sentences
 from ...settings import fraction, whole_number
 from ...stage import Stage
 from ...tokens import TokenCounter
-from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
+from ..prefix import default_counter, invalidated_tokens, previous_prompt_end, record_prefix_invalidated
 from ._text import BM25, words
 
 DOCUMENTS_KEY = "documents"
@@ -309,6 +310,10 @@ class DocumentRanker:
             # the line breaks and indentation kept between neighbouring passages.
             tokens_after = (int(unit_tokens[chosen].sum()) + marks * mark_tokens
                             + sum(self.counter.count_text(gap) for gap in gaps))
+            if tokens_after <= budget_tokens:
+                # Passages counted apart are not the text sent: a tokenizer merges across their joins (a CSV's
+                # "\n" and digits), which ran 5% past the budget. The kept text is about a budget long: count it.
+                tokens_after = sum(self.counter.count_text(str(d["text"])) for d in kept_docs)
             if tokens_after <= budget_tokens or not chosen.any():
                 break
             # The weakest passages whose tokens cover half the overshoot go at once (a dropped passage can
@@ -326,8 +331,8 @@ class DocumentRanker:
                 freed += int(unit_tokens[i])
                 if freed >= target:
                     break
-        kept_documents = set(own[chosen].tolist())
-        dropped = [ids[k] for k in range(len(texts)) if k not in kept_documents]
+        kept_set = set(kept_ids)
+        dropped = [ids[k] for k in range(len(texts)) if ids[k] not in kept_set]
         return PruneResult(kept_docs, kept_ids, dropped, tokens_before, tokens_after)
 
 
@@ -414,6 +419,8 @@ def _assemble(documents: Sequence[Mapping[str, Any]], texts: Sequence[str], ids:
     marks = 0
     gaps: list[str] = []
     for k in sorted(kept_by_doc):
+        if not texts[k].strip():
+            continue  # an empty or blank document has nothing to keep: an empty block is no document
         keep = kept_by_doc[k]
         first, last = int(starts[k]), int(starts[k + 1]) - 1
         if len(keep) == last - first + 1:
@@ -576,7 +583,22 @@ class DocumentPruningStage(Stage):
             # where they were, and everything after that point is no longer a cached prefix.
             previous_user = max((i for i, m in enumerate(messages[:step]) if m.get("role") == "user"), default=None)
             if previous_user is not None and any(m.get("role") == "user" for m in messages[step:]):
-                new_edits.append(previous_user)
+                # The previous prompt had its own documents message right before `previous_user`: that message
+                # and everything after it is what the cache loses, not just the previous question on. It is
+                # rebuilt as the previous call rendered it: the same documents ranked against its question.
+                documents = checked_documents(docs)
+                budget_then = self.budget_for(self._tokens(documents))
+                then = (self.ranker.prune(_turn_query(messages, previous_user + 1), documents, budget_then)
+                        if budget_then >= 1 else None)
+                if then is not None and then.documents:
+                    shown = {"role": "user", "content": render_documents(then.documents)}
+                    previous = [*messages[:previous_user], shown, *messages[previous_user:step + 1]]
+                    tokens = invalidated_tokens(self.counter, previous, previous_user)
+                    if tokens > 0:
+                        record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=previous_user)
+                    new_edits = []  # edits at or after `step` lie after the point where the cache already stops
+                else:
+                    new_edits.append(previous_user)
         record_prefix_invalidated(self.name, self.counter, messages, min(new_edits) if new_edits else None)
         if edited or len(out) != len(messages):
             changes["messages"] = out
@@ -615,6 +637,9 @@ class DocumentPruningStage(Stage):
             parts: list[Any] = content if isinstance(content, list) else []
             return {**message, "content": [{**part, "text": next(cuts)} if _is_text_part(part) else part
                                            for part in parts]}
+        if role == "tool" and isinstance(content, list) and texts and all(_is_text_part(part) for part in content):
+            # The OpenAI SDK's other shape (a list of text parts) is the same result: cut it as its joined text.
+            content = "".join(texts)
         if not isinstance(content, str):
             return None
         if role == "tool" and self.long_message_tokens is not None:
