@@ -19,6 +19,8 @@ from ctxkit.stages.quarantine import (
     find_injection,
     find_schema_violation,
     find_tool_error,
+    injection,
+    tool_errors,
 )
 from tests.quarantine_set import confusion, load_items
 
@@ -353,9 +355,9 @@ def test_clean_pages_docs_and_reported_quotes_are_no_injection():
 
 # Pathological tool outputs must not hang or crash the checks.
 def _patterns():
-    yield from (p for p, _ in q._ERROR_TEXT)
-    yield from (p for p, _ in q._INJECTION_RE)
-    yield q._TRANSCRIPT
+    yield from (p for p, _ in tool_errors._ERROR_TEXT)
+    yield from (p for p, _ in injection._INJECTION_RE)
+    yield injection._TRANSCRIPT
 
 
 def test_no_line_anchor_is_followed_by_whitespace_that_crosses_lines():

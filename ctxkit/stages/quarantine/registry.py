@@ -24,8 +24,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError
-from ..sqlite_damage import damage_reported, is_damage
+from ...errors import ConfigurationError
+from ...sqlite_damage import damage_reported, is_damage
 
 FILE_NAME = "quarantine.sqlite3"
 # Changes kept per namespace for other processes to catch up with; one further behind reloads all.

@@ -1,0 +1,279 @@
+"""Assistant claims contradicted by the tool results they rest on: a number given for a field that differs
+from what the tool returned for it, a yes/no field stated the other way, a price that is not the one returned."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .finding import Finding, parse_json, shorten
+
+_NUMBER = r"-?(?<!\d)(?<!\d,)\d[\d,]*(?:\.\d+)?"  # starts a run of digits (and commas), never inside one: linear time
+_TEXT_FIELD = re.compile(rf"\b([A-Za-z][A-Za-z _-]{{1,30}}?)\s*[:=]\s*\$?({_NUMBER})\b")
+
+
+def numeric_fields(text: str) -> dict[str, float]:
+    """{field name: number} from a tool result: JSON leaves, or `name: number` pairs in text."""
+    data = parse_json(text)
+    fields: dict[str, float] = {}
+    if data is not None:
+        _walk(data, "", fields)
+    else:
+        for name, value in _TEXT_FIELD.findall(text):
+            number = _to_number(value)
+            if number is not None:
+                fields.setdefault(name.strip().lower(), number)
+        for match in re.finditer(rf"({_NUMBER})\s*°\s*[CF]?\b", text):  # "Weather in Lisbon: 23°C"
+            number = _to_number(match.group(1))
+            if number is not None:
+                fields.setdefault("temperature", number)
+    return fields
+
+
+_CLAIM_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
+_DEGREES = re.compile(rf"({_NUMBER})\s*(?:°|degrees?\b)", re.I)
+_CHANGE = re.compile(r"\b(?:warmer|colder|cooler|hotter|higher|lower|more|less|by|drops?|dropp\w*|rises?|rising|"
+                     r"below|above|off|cheaper|saving|save[sd]?|discount\w*|each|per|"
+                     r"fall\w*|climb\w*|difference|than|up|down)\b")
+
+
+def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+    """A number the assistant states for a field that differs from every value the tools returned.
+
+    Precise on purpose: a field's name (its longest word, e.g. `stars` for `stargazer_stars`) must appear in
+    the claim (or its stem), the number nearest to it in the same clause is what the claim says about it ("gate 22",
+    "0 stops"), and it must match none of the numbers the tools returned (rounding allowed). A
+    temperature is also recognised by its unit ("18°C"), since answers rarely repeat the field name.
+    """
+    claim_l = claim.lower()
+    numbers = [(m.start(), m.end(), m.group(0)) for m in _CLAIM_NUMBER.finditer(claim_l)]
+    # Every number any tool of the turn returned: an answer about two parallel calls (two cities, two
+    # quotes) or about the second item of a list states values that one result's first fields do not hold.
+    values = _returned_numbers(tool_results)
+    for tool, result in tool_results:
+        fields = numeric_fields(result)
+        if not fields:
+            continue
+        for field, value in fields.items():
+            words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
+            if not words:
+                continue
+            head = max(words, key=len)
+            stem = head[: max(4, len(head) - 2)]  # "weight" also matches "weighs", "stars" "star"
+            stated: list[tuple[str, int]] = []
+            for match in re.finditer(rf"\b{re.escape(stem)}\w*", claim_l):
+                nearest = _nearest_in_clause(claim_l, numbers, match.start(), match.end())
+                if nearest is not None:
+                    stated.append(nearest)
+            if "temp" in field:  # "3 degrees warmer", "drop by 5 degrees" are changes, not the temperature
+                stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l)
+                              if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 25]))
+            for text, position in stated:
+                number = _to_number(text)
+                if number is None or any(_same(number, v) for v in values):
+                    continue
+                if _restated(number, claim_l[position + len(text):], values):
+                    continue
+                return Finding(
+                    "contradiction",
+                    f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
+                    shorten(claim[max(position - 40, 0) : position + 40]),
+                )
+    return _money_contradiction(claim_l, claim, tool_results) or _yes_no_contradiction(claim_l, claim, tool_results)
+
+
+# Yes/no fields and how an answer states them: {concept: (words of the field's name, "true" phrases, "false"
+# phrases)}. Only these: a yes/no field is compared with what the answer says about that very state.
+_YES_NO = {
+    "delayed": ({"delayed", "delay", "late"}, r"delayed|running late|late", r"on time|on schedule|not delayed"),
+    "on_time": ({"ontime"}, r"on time|on schedule", r"delayed|running late"),
+    "cancelled": ({"cancelled", "canceled"}, r"cancell?ed", r"still (?:on|scheduled|going ahead)|going ahead as planned"),
+    "in_stock": ({"instock", "available", "availability"}, r"in stock|available",
+                 r"out of stock|sold out|unavailable|not available|not in stock"),
+    "open": ({"open", "isopen", "opennow"}, r"(?:is|are|it's|they're|currently|still|now) open|open (?:now|today|right now)",
+             r"closed"),
+    "refundable": ({"refundable"}, r"refundable", r"non-?refundable|not refundable"),
+    "paid": ({"paid", "ispaid"}, r"paid", r"unpaid|not (?:been |yet )?paid|outstanding|overdue"),
+    "online": ({"online"}, r"online|up and running", r"offline|down"),
+    "verified": ({"verified"}, r"verified", r"unverified|not verified"),
+    "approved": ({"approved"}, r"approved", r"rejected|declined|denied|not approved"),
+    "shipped": ({"shipped"}, r"shipped|on its way", r"not (?:yet )?shipped|hasn't shipped|has not shipped|not (?:yet )?been shipped"),
+    "expired": ({"expired"}, r"expired", r"still valid|not expired|hasn't expired|valid until"),
+}
+_NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|wasn't|weren't|hasn't|haven't|won't|no longer|nothing)\s+(?:\w+\s+){0,2}$")
+# a clause that wonders, or that is about something else ("other sizes are available")
+_HEDGE = re.compile(r"\b(?:whether|if|might|may|could|would|check(?:ing)?|ask(?:ed)?|unless|expect\w*|likely|possibly|"
+                    r"other|another|different|instead|alternatives?|similar|elsewhere|usually|normally|generally)\b|\?")
+
+
+def _bool_fields(data: Any, out: dict[str, set[bool]], depth: int = 0) -> None:
+    if isinstance(data, Mapping) and depth < 8:
+        for key, value in data.items():
+            if isinstance(value, bool):
+                out.setdefault(re.sub(r"[\W_]+", "", re.sub(r"^(?:is|has)_?(?=[a-z])", "", str(key).lower())), set()).add(value)
+            else:
+                _bool_fields(value, out, depth + 1)
+    elif isinstance(data, list) and depth < 8:
+        for item in data[:200]:
+            _bool_fields(item, out, depth + 1)
+
+
+def _yes_no_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+    """An answer that states the opposite of a yes/no field the tool returned: "Yes, the flight is on time."
+    when the tool said {"delayed": true}. Only when every result of the turn gives that field one value, and
+    the answer states it one way only, plainly (not "check whether it is delayed")."""
+    fields: dict[str, set[bool]] = {}
+    tools: dict[str, str] = {}
+    for tool, result in tool_results:
+        data = parse_json(result)
+        if data is not None:
+            before = set(fields)
+            _bool_fields(data, fields)
+            tools.update({f: tool for f in set(fields) - before})
+    for concept, (names, yes, no) in _YES_NO.items():
+        values: set[bool] = set().union(*(fields[f] for f in names if f in fields))
+        if len(values) != 1:
+            continue
+        (value,) = values
+        stated: set[bool] = set()
+        evidence = ""
+        for phrase, polarity in ((yes, True), (no, False)):
+            for match in re.finditer(rf"(?<![\w-])(?:{phrase})\b", claim_l):  # "refundable" is not in "non-refundable"
+                # the clause, at most 200 characters either side (a long answer is not scanned once per phrase)
+                low, high = max(0, match.start() - 200), min(len(claim_l), match.end() + 200)
+                clause_start = max([low - 1] + [claim_l.rfind(c, low, match.start()) for c in ".;!?\n,"]) + 1
+                clause_end = min([i for i in (claim_l.find(c, match.end(), high) for c in ".;!?\n") if i >= 0] or [high])
+                if _HEDGE.search(claim_l[clause_start:clause_end + 1]):
+                    continue
+                negated = _NEGATION.search(claim_l[clause_start:match.start()]) is not None
+                stated.add(polarity != negated)
+                evidence = evidence or claim[max(0, match.start() - 40): match.end() + 40]
+        if len(stated) == 1 and value not in stated:
+            field = next(f for f in fields if f in names)
+            return Finding("contradiction", f"the answer says {concept} is {'yes' if not value else 'no'} but "
+                           f"{tools.get(field, 'the tool')} returned {str(value).lower()}", shorten(evidence))
+    return None
+
+
+_SCALE = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9, "b": 1e9,
+          "trillion": 1e12}
+_MONEY_FIELD = re.compile(r"price|cost|amount|total|balance|fare|fee|charge")
+# An amount the answer worked out from the price (a total, with tax, in another currency) is no restatement.
+_DERIVED = re.compile(r"\b(?:total\w*|sum|tax\w*|vat|tips?|shipping|plus|including|incl|altogether|in all|combined|"
+                      r"comes? to|works? out|convert\w*|exchange\w*|equivalent|in (?:us |u\.s\. |american )?"
+                      r"(?:dollars|euros|pounds|usd|eur|gbp))\b")
+_MONEY_CLAIM = re.compile(rf"(?:[$€£]\s?({_NUMBER})|(?<![\w.])({_NUMBER})\s?(?:usd|eur|gbp|dollars?|euros?|pounds?)\b)")
+
+
+def _restated(number: float, after: str, values: Sequence[float]) -> bool:
+    """Whether `number`, followed by `after` in the claim, is a tool value put another way: a share as a
+    percentage (0.82 as 82%), a scaled count (8,799,800 as 8.8 million), a temperature in the other unit."""
+    unit = re.match(r"\s*(%|percent\b|per cent\b|°\s*[cf]?|degrees?\b|(thousand|million|billion|trillion|mn|bn|k|m|b)\b)",
+                    after)
+    if unit is None:
+        return False
+    if unit.group(2):
+        return any(_same(number * _SCALE[unit.group(2)], v) for v in values)
+    if unit.group(1).startswith(("%", "per")):
+        return any(0 < abs(v) <= 1 and _same(number / 100, v) for v in values)
+    return any(_same(number, v * 9 / 5 + 32) or _same(number, (v - 32) * 5 / 9) for v in values)
+
+
+def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
+    """All the values the tool results of a turn hold: every JSON leaf (every item of a list), or the
+    `name: number` values of a text result. Not every number of a text: a flight number, a date or a room
+    number in it ("Flight UA 1234 ..., price: $320") would excuse an answer that gives it as the price."""
+    out: list[float] = []
+    for _tool, result in tool_results:
+        data = parse_json(result)
+        if data is not None:
+            _all_leaves(data, out)
+        else:
+            out.extend(numeric_fields(result).values())
+    return out
+
+
+def _all_leaves(data: Any, out: list[float], depth: int = 0) -> None:
+    if isinstance(data, Mapping) and depth < 16:
+        for value in data.values():
+            _all_leaves(value, out, depth + 1)
+    elif isinstance(data, list) and depth < 16:
+        for item in data[:500]:
+            _all_leaves(item, out, depth + 1)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out.append(float(data))
+    elif isinstance(data, str) and re.fullmatch(_NUMBER, data.strip()):
+        number = _to_number(data.strip())
+        if number is not None:
+            out.append(number)
+
+
+def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+    """The one amount of money an answer states, when the tools returned one price and not that amount."""
+    fields = {}
+    for tool, result in tool_results:
+        fields.update({(tool, f): v for f, v in numeric_fields(result).items()})
+    money = [(tool, f, v) for (tool, f), v in fields.items() if _MONEY_FIELD.search(f)]
+    amounts = [m for m in _MONEY_CLAIM.finditer(claim_l)
+               if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 20])]
+    if len(money) != 1 or len(amounts) != 1 or len(fields) != 1:
+        return None  # other numbers came back too (a quantity, a rate): the amount may be computed from them
+    if len(_CLAIM_NUMBER.findall(claim_l)) > 1 or _DERIVED.search(claim_l):
+        return None  # "3 tickets ... $45", "with 8% tax, $108", "about $108 in US dollars"
+    text = amounts[0].group(1) or amounts[0].group(2)
+    number = _to_number(text)
+    if number is None or any(_same(number, v) for v in _returned_numbers(tool_results)):
+        return None
+    tool, field, value = money[0]
+    return Finding("contradiction", f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
+                   shorten(claim[max(amounts[0].start() - 40, 0) : amounts[0].end() + 40]))
+
+
+def _nearest_in_clause(
+    text: str, numbers: Sequence[tuple[int, int, str]], start: int, end: int, reach: int = 30
+) -> tuple[str, int] | None:
+    best: tuple[int, str, int] | None = None
+    for n_start, n_end, number in numbers:
+        if n_end <= start:
+            gap = text[n_end:start]
+        elif n_start >= end:
+            gap = text[end:n_start]
+        else:
+            continue
+        if len(gap) > reach or re.search(r"[;:!?()]|\.\s|\band\b|\bbut\b", gap):
+            continue  # another clause: the number is about something else
+        if best is None or len(gap) < best[0]:
+            best = (len(gap), number, n_start)
+    return (best[1], best[2]) if best else None
+
+
+def _walk(data: Any, prefix: str, out: dict[str, float]) -> None:
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            _walk(value, f"{prefix}_{key}" if prefix and isinstance(value, (int, float)) else str(key), out)
+    elif isinstance(data, list):
+        for item in data[:50]:
+            _walk(item, prefix, out)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and prefix:
+        out.setdefault(prefix.lower(), float(data))
+    elif isinstance(data, str) and prefix and re.fullmatch(_NUMBER, data.strip()):
+        number = _to_number(data.strip())
+        if number is not None:
+            out.setdefault(prefix.lower(), number)
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same(a: float, b: float) -> bool:
+    # An answer may round: 12.4 stated as 12 is not a contradiction, 12 stated as 15 is.
+    return abs(a - b) <= max(0.5, 0.01 * abs(b)) or round(a) == round(b)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)

@@ -1,0 +1,516 @@
+"""QuarantineStage: checks content before it becomes durable; marks, withholds, logs and releases it."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ..._aio import tracked_to_thread
+from ...errors import ConfigurationError
+from ...pipeline import EventRecorder, event_recorder, record_event
+from ...quarantine_marks import (
+    DOCUMENTS_KEY,
+    PLACEHOLDER_PREFIX,
+    AnswerCheck,
+    checking_answers,
+    fingerprint,
+    mark,
+)
+from ...redaction import redact
+from ...request import ChatRequest, call_answered
+from ...response import AsyncChatStream, ChatResponse, ChatStream, message_text
+from ...settings import whole_number
+from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
+from ..pruning.documents import DOCUMENT_BLOCK
+from .contradiction import find_contradiction
+from .finding import Finding, shorten
+from .injection import find_injection
+from .registry import QuarantineRecord, QuarantineRegistry
+from .schema import find_schema_violation
+from .tool_errors import NULL_RESULT, find_tool_error
+
+logger = logging.getLogger("ctxkit.quarantine")
+
+# Filled by QuarantineStage.before_model while wrap_call runs a subclass's own before_model (which calls it through
+# super()): the check of the model's answer that _prepare made, which the hook's return value cannot carry.
+_PREPARED_CHECK: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("ctxkit_quarantine_check",
+                                                                                    default=None)
+
+_CONTEXT_KINDS = ("schema", "contradiction")  # verdicts that depend on the request, not only on the content
+
+
+class QuarantineStage(Stage):
+    """Mark tool errors, broken tool promises, injected instructions and contradicted claims."""
+
+    name = "quarantine"
+
+    def __init__(
+        self,
+        *,
+        output_schemas: Mapping[str, Mapping[str, Any]] | None = None,
+        check_errors: bool = True,
+        check_schemas: bool = True,
+        check_injection: bool = True,
+        check_contradictions: bool = True,
+        check_documents: bool = True,
+        withhold_after_step: bool = True,
+        counter: Any = None,
+        max_records: int = 10_000,
+        directory: str | Path | None = None,
+    ) -> None:
+        """max_records: per namespace, the most quarantine records (and released fingerprints, and
+        placeholders) kept; beyond it the oldest go, so a long-running server does not grow without end.
+        Content whose record went is checked again when it comes back.
+        directory: keep the records and releases there too (registry.py): they outlive a restart,
+        and processes given the same directory share them."""
+        max_records = whole_number(max_records, "max_records", minimum=1)
+        self.max_records = max_records
+        self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
+        for tool, schema in self.output_schemas.items():
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise ConfigurationError(f"output schema of {tool!r} is not a valid JSON Schema: {exc.message}") from None
+        self.check_errors = check_errors
+        self.check_schemas = check_schemas
+        self.check_injection = check_injection
+        self.check_contradictions = check_contradictions
+        self.check_documents = check_documents
+        self.withhold_after_step = withhold_after_step
+        self.counter = counter if counter is not None else default_counter()
+        self.registry = QuarantineRegistry(max_records, directory)
+
+    # -- the public registry ----------------------------------------------------------------------
+    def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
+        """The quarantined content of one namespace, oldest first."""
+        return sorted(self.registry.snapshot(namespace).records.values(), key=lambda r: r.created_at)
+
+    def release(self, fingerprint: str, namespace: str | None = None) -> bool:
+        """Lift a quarantine (in one namespace, or wherever it is); the content is not quarantined again.
+        Returns False when nothing with that fingerprint was quarantined."""
+        spaces = [namespace] if namespace is not None else self.registry.namespaces()
+        released = any([self.registry.release(fingerprint, space) for space in spaces])
+        if released:
+            logger.info("quarantine released: %s", fingerprint)
+        return released
+
+    # -- checks -----------------------------------------------------------------------------------
+    def check_message(
+        self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
+        *, after_injection: bool = False, injected: Sequence[str] = (),
+    ) -> Finding | None:
+        """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
+        result of this turn carried an injection, so an answer repeating it is checked for one too."""
+        message = messages[index]
+        text = message_text(dict(message))
+        role = message.get("role")
+        if role == "tool":
+            tool = _tool_name(messages, index)
+            schema = schemas.get(tool)
+            if self.check_errors and (finding := find_tool_error(text, tool)):
+                if not (finding.reason == NULL_RESULT and schema is not None
+                        and find_schema_violation(text, schema) is None):  # the tool promises null may come
+                    return finding
+            if self.check_schemas and schema is not None and (finding := find_schema_violation(text, schema)):
+                return finding
+            if self.check_injection and (finding := find_injection(text)):
+                return finding
+        elif role == "assistant" and isinstance(message.get("content"), str):
+            if after_injection and self.check_injection and (finding := find_injection(message["content"])):
+                return Finding("injection", f"the answer repeats an injection ({finding.reason.removeprefix('content ')})",
+                               finding.evidence)
+            # What the user said, and what a clean tool result returned (a later turn's docs search giving the
+            # same link an injected page listed), is not planted: the answer may pass it on.
+            # Only a tool result that came after the last injected one: a search result listing the very page
+            # (and link) that the next fetch showed injected is no independent source of that link.
+            # Only when a tool result carried an injection: read for every assistant message of the history, the
+            # whole history before it made each call quadratic in its length (8.8 s of CPU per call at 1,200 messages).
+            if self.check_injection and injected:
+                earlier = [dict(m) for m in messages[:index]]
+                last_injected = max((i for i, m in enumerate(earlier)
+                                     if m.get("role") == "tool" and message_text(m) in injected), default=-1)
+                said = [text for i, m in enumerate(earlier) if (text := message_text(m)) and (
+                    m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected))]
+                if carried := _repeated_payload(message["content"], injected, said):
+                    # the answer passes on what the injection planted (its link, its account number, its code)
+                    return Finding("injection", "the answer repeats what an injected tool result planted", carried)
+            if (echoed := self._repeated_failed_result(messages, index, schemas)) is not None:
+                return echoed
+            if self.check_contradictions:
+                # Only the prose is a claim; tool-call arguments are requests, not statements.
+                return find_contradiction(message["content"], _turn_tool_results(messages, index))
+        return None
+
+    def _repeated_failed_result(self, messages: Sequence[Mapping[str, Any]], index: int,
+                                schemas: Mapping[str, Mapping[str, Any]]) -> Finding | None:
+        """An answer that copies a failed or schema-breaking tool result of its turn word for word (a small
+        model often answers with the `<tool_response>` it was shown) carries that result into summaries and
+        the cache: it is quarantined with it. Only a copied line of 24 characters or more counts."""
+        answer = messages[index].get("content")
+        if not isinstance(answer, str):
+            return None
+        for j in range(index - 1, -1, -1):
+            earlier = messages[j]
+            if earlier.get("role") == "user":
+                break
+            if earlier.get("role") != "tool":
+                continue
+            text = message_text(dict(earlier))
+            lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 24]
+            if not any(line in answer for line in lines):
+                continue
+            tool = _tool_name(messages, j)
+            schema = schemas.get(tool)
+            finding = None
+            if self.check_errors:
+                finding = find_tool_error(text, tool)
+            if finding is None and self.check_schemas and schema is not None:
+                finding = find_schema_violation(text, schema)
+            if finding is not None:
+                return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
+                               finding.evidence)
+        return None
+
+    def before_model(self, request: ChatRequest) -> ChatRequest:
+        request, check = self._prepare(request)
+        box = _PREPARED_CHECK.get()
+        if box is not None:  # wrap_call running a subclass's own before_model: its answer is checked all the same
+            box.append(check)
+        return request
+
+    def _prepare(self, request: ChatRequest) -> tuple[ChatRequest, AnswerCheck | None]:
+        """The request to pass on, and the check of the model's answer to it (None: nothing to check it for)."""
+        namespace = request.namespace
+        messages = list(request.messages)
+        schemas = {**_schemas_from_tools(request.tools), **self.output_schemas}
+        step_start = previous_prompt_end(messages)
+        state = self.registry.snapshot(namespace)
+        released, known, issued = set(state.released), state.records, set(state.issued)
+        marks: list[tuple[Mapping[str, Any], str]] = []
+        out = list(messages)
+        withheld: list[int] = []
+        injected_turn = False  # a tool result of the current turn carried an injection
+        # The texts of the injected tool results so far, in any turn: a later answer that passes on what one
+        # planted (its link, its account number) is the injection still working, turns after its result.
+        injected: list[str] = []
+        turn_results = False  # the current turn has tool results (an answer to it may contradict them)
+        for index, message in enumerate(messages):
+            if message.get("role") == "user":
+                injected_turn = False
+                turn_results = False
+                # Documents pasted into a user message are checked too; the message is marked (kept out of
+                # summaries and the cache) but never withheld: the user's own words are in it.
+                if (reason := self._check_user_documents(request, message, released, known)) is not None:
+                    marks.append((message, reason))
+            if message.get("role") not in ("tool", "assistant"):
+                continue
+            turn_results = turn_results or message.get("role") == "tool"
+            if message_text(dict(message)) in issued:
+                marks.append((message, "withheld by quarantine"))
+                continue
+            record = self._record(request, message, released, known,
+                                  partial(self._message_finding, messages, index, schemas, injected_turn,
+                                          tuple(injected)))
+            if record is None:
+                continue
+            if record.kind == "injection" and message.get("role") == "tool":
+                injected_turn = True
+                injected.append(message_text(dict(message)))
+            marks.append((message, f"{record.kind}: {record.reason}"))
+            if self.withhold_after_step and index < step_start:
+                placeholder = _placeholder(messages, index, record)
+                self.registry.add_issued(namespace, placeholder)
+                out[index] = {**message, "content": placeholder}
+                marks.append((out[index], "withheld by quarantine"))
+                withheld.append(index)
+        metadata_changes: dict[str, Any] = {}
+        if self.check_documents and self.check_injection and isinstance(request.metadata.get("documents"), list):
+            flagged = self._check_documents(request, request.metadata["documents"], released, known)
+            if flagged:
+                metadata_changes[DOCUMENTS_KEY] = {**request.metadata.get(DOCUMENTS_KEY, {}), **flagged}
+        check: AnswerCheck | None = None
+        if injected or (turn_results and self.check_contradictions):
+            # The model's answer to this request is checked as soon as it comes back (see wrap_call), and a stage
+            # that stores it (the cache) asks first: checked only when the app sent it back, a contradicted
+            # answer was cached and served meanwhile, and one the app never sends back with its tool results
+            # (a chat UI that keeps user and assistant turns) was never checked at all.
+            check = _once(partial(self._check_answer, request, messages, schemas, injected_turn, tuple(injected),
+                                  frozenset(released)))
+        if not marks and not metadata_changes:
+            return request, check
+        if withheld:
+            # Content withheld on an earlier call was sent as the same placeholder then: only what appeared
+            # in the previous step is newly replaced, and only that breaks the cached prefix.
+            previous_step = previous_prompt_end(messages[:step_start])
+            new = [i for i in withheld if i >= previous_step]
+            record_prefix_invalidated(self.name, self.counter, messages, min(new) if new else None)
+            record_event(self.name, "withheld", messages=len(withheld), new=len(new))
+        edited = request.override(messages=out) if withheld else request
+        if metadata_changes:
+            edited = edited.override(metadata={**edited.metadata, **metadata_changes})
+        return (mark(edited, marks) if marks else edited), check
+
+    def wrap_call(self, request: ChatRequest, call_next: CallNext) -> Result:
+        if type(self).before_model is not QuarantineStage.before_model:  # a subclass's own before_model
+            box: list[AnswerCheck | None] = []
+            token = _PREPARED_CHECK.set(box)
+            try:
+                request = self.before_model(request)
+            finally:
+                _PREPARED_CHECK.reset(token)
+            check = box[-1] if box else None
+        else:
+            request, check = self._prepare(request)
+        with checking_answers(check):
+            result = call_next(request)
+        result = self._watch_answer(check, result)
+        # a subclass's own after_model still runs, as Stage.wrap_call runs it
+        return self.after_model(request, result) if isinstance(result, ChatResponse) else result
+
+    async def awrap_call(self, request: ChatRequest, call_next: AsyncCallNext) -> AsyncResult:
+        if type(self).before_model is not QuarantineStage.before_model:
+            # The hooks as Stage.awrap_call runs them (an application's own hook on the event loop's thread), not
+            # the whole wrap_call in a worker thread, which Stage.awrap_call does for a stage that writes wrap_call.
+            box: list[AnswerCheck | None] = []
+            token = _PREPARED_CHECK.set(box)  # the list, not a value: a hook run in a worker thread fills it too
+            try:
+                request = await self._run_hook("before_model", request)
+            finally:
+                _PREPARED_CHECK.reset(token)
+            check = box[-1] if box else None
+        else:
+            request, check = await tracked_to_thread(self._prepare, request)
+        with checking_answers(check):
+            result = await call_next(request)
+        result = self._watch_answer(check, result)
+        if not isinstance(result, ChatResponse) or type(self).after_model is Stage.after_model:
+            return result
+        return await self._run_hook("after_model", request, result)
+
+    @staticmethod
+    def _watch_answer(check: AnswerCheck | None, result: Any) -> Any:
+        """Check the model's answer when it comes (a stream: when it ends), so that it is quarantined before the
+        app sends it back: its next request finds the record even without the tool results it rests on."""
+        if check is None:
+            return result
+        if isinstance(result, ChatResponse):
+            if result.answered_by is None:
+                check(result.message, None)
+        elif isinstance(result, (ChatStream, AsyncChatStream)):
+            record = event_recorder()
+
+            def check_at_end(response: ChatResponse) -> None:
+                check(response.message, record)
+
+            result.on_complete(check_at_end)
+        return result
+
+    def _check_answer(self, request: ChatRequest, messages: Sequence[Mapping[str, Any]],
+                      schemas: Mapping[str, Mapping[str, Any]], after_injection: bool, injected: Sequence[str],
+                      released: frozenset[str], message: Mapping[str, Any],
+                      record: EventRecorder | None = None) -> str | None:
+        """Why the model's answer to `request` is quarantined (recorded as the app will send it back), or None."""
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return None
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if message.get("tool_calls"):
+            answer["tool_calls"] = message["tool_calls"]
+        history = [*messages, answer]
+        finding = self.check_message(history, len(history) - 1, schemas, after_injection=after_injection,
+                                     injected=injected)
+        fp = fingerprint(answer)
+        if finding is None or fp in released:
+            return None
+        kept = self._add(request, fp, finding, answer, "assistant", note=record or record_event)
+        return f"{kept.kind}: {kept.reason}" if kept is not None else None
+
+    def _check_user_documents(self, request: ChatRequest, message: Mapping[str, Any], released: set[str],
+                              known: Mapping[str, QuarantineRecord]) -> str | None:
+        """The reason to mark a user message whose `<document id=...>` blocks carry an injection, or None."""
+        # content parts too: the OpenAI SDK, LangChain and the Vercel AI SDK send a user message as a list
+        text = message_text(dict(message)) if isinstance(message.get("content"), list) else message.get("content")
+        if not (self.check_documents and self.check_injection and isinstance(text, str) and "<document id=" in text):
+            return None
+
+        def check() -> tuple[Finding | None, str]:
+            for match in DOCUMENT_BLOCK.finditer(text):
+                if finding := find_injection(match.group(2)):
+                    return finding, f"document {match.group(1)}"
+            return None, ""
+
+        record = self._record(request, message, released, known, check)
+        return f"{record.kind}: {record.reason}" if record is not None else None
+
+    def _check_documents(
+        self, request: ChatRequest, documents: Sequence[Any], released: set[str], known: Mapping[str, QuarantineRecord]
+    ) -> dict[str, str]:
+        flagged: dict[str, str] = {}
+        for doc in documents:
+            if not isinstance(doc, Mapping) or not isinstance(doc.get("text"), str):
+                continue
+            pseudo = {"role": "document", "content": doc["text"], "name": str(doc.get("id"))}
+            record = self._record(request, pseudo, released, known, partial(_injection_in, doc["text"], pseudo["name"]))
+            if record is not None:
+                flagged[pseudo["name"]] = f"{record.kind}: {record.reason}"
+        return flagged
+
+    def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
+                         schemas: Mapping[str, Mapping[str, Any]], after_injection: bool,
+                         injected: Sequence[str] = ()) -> tuple[Finding | None, str]:
+        return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected),
+                _source(messages, index))
+
+    def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
+                known: Mapping[str, QuarantineRecord],
+                check: Callable[[], tuple[Finding | None, str]]) -> QuarantineRecord | None:
+        """The quarantine record of `content`: the one kept from an earlier call, or a new one when
+        `check()` (a finding, and the source to name) finds something; None for clean or released content."""
+        fp = fingerprint(content)
+        if fp in released:
+            return None
+        record = known.get(fp)
+        if record is None or record.kind in _CONTEXT_KINDS:
+            # A schema or contradiction verdict depends on more than the content (the tool's schema, the
+            # results the answer rests on): the same words can be right in another conversation.
+            finding, source = check()
+            if finding is None:
+                return None
+            if record is None:
+                record = self._add(request, fp, finding, content, source)
+        return record
+
+    def _add(
+        self, request: ChatRequest, fp: str, finding: Finding, message: Mapping[str, Any], source: str,
+        note: EventRecorder = record_event,
+    ) -> QuarantineRecord | None:
+        # The evidence is often an error text, and error texts quote keys: the record, the log line and the
+        # ledger event carry it redacted (the excerpt redacted before it is cut: a key cut in two escapes it).
+        record = QuarantineRecord(
+            fingerprint=fp, namespace=request.namespace, kind=finding.kind, reason=finding.reason,
+            evidence=redact(finding.evidence),
+            role=str(message.get("role")), source=source, excerpt=shorten(redact(message_text(dict(message))), 160),
+            conversation_id=request.conversation_id, created_at=time.time(),
+        )
+        kept = self.registry.add_record(record)
+        if kept is None:  # released by another thread or process since this call's snapshot: it stays released
+            return None
+        if kept is not record:  # another thread or process got there first: one record, one log line
+            return kept
+        detail = redact(finding.detail)
+        logger.warning("quarantined %s from %s in namespace %r: %s (%s)", record.role, source,
+                       request.namespace, detail, fp)
+        note(self.name, "quarantined", fingerprint=fp, check=finding.kind, reason=detail, source=source)
+        return record
+
+
+
+_PLANTED = re.compile(r"https?://[^\s)\]>\"'<]+|\bwww\.[\w-]+\.[^\s)\]>\"'<]+|\b[\w.+-]+@[\w-]+\.[\w.]+\w|"
+                      # a bare host name ("zenbook-deals.example", "shop.evil.co.uk"), not a file name ("setup.py")
+                      r"(?<![\w.@/-])(?:[A-Za-z0-9](?:[\w-]*[A-Za-z0-9])?\.)+(?!(?:py|js|ts|tsx|jsx|json|md|txt|html?|"
+                      r"css|ya?ml|toml|ini|cfg|sh|png|jpe?g|gif|svg|pdf|csv|log|xml|exe|zip|gz|tar|rs|go|java|rb|php|"
+                      r"cpp|hpp|lock|env)\b)[A-Za-z]{2,24}\b(?![\w-]|\.\w)|"
+                      r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9][\w-]{4,}\b")
+
+
+def _once(check: AnswerCheck) -> AnswerCheck:
+    """`check` run at most once per answer: the cache asks before it stores the answer, and the stage checks it
+    when it comes back; the second asks for the first one's verdict, not for the whole history read again."""
+    verdicts: dict[str, str | None] = {}
+
+    def checked(message: Mapping[str, Any], record: Any = None) -> str | None:
+        key = json.dumps(message, sort_keys=True, default=str)
+        if key not in verdicts:
+            verdicts[key] = check(message, record)
+        return verdicts[key]
+
+    return checked
+
+
+def _is_link(text: str) -> bool:
+    """Whether a _PLANTED match is a link or an e-mail address (not a bare code)."""
+    return text.lower().startswith(("http://", "https://", "www.")) or "@" in text
+
+
+def _repeated_payload(answer: str, injected: Sequence[str], said: Sequence[str] = ()) -> str:
+    """A link, address or code that an injected tool result of this turn carried near its injection and
+    that the answer gives on ("" when none): an answer that passes on the planted link is the injection working.
+    Not planted: what the user named ("How much are the WH-1000XM5?"), nor what the result says in lines before
+    the injection's own (the product page's model number, above a poisoned review)."""
+    named = {m.group(0).rstrip(".,;:").lower() for text in said for m in _PLANTED.finditer(text)}
+    for text in injected:
+        finding = find_injection(text)
+        # the evidence is redacted (a ?key= value, a password: ... cut to "…"): look for its part before that
+        probe = finding.evidence.split("\u2026", 1)[0][:40] if finding is not None and finding.evidence else ""
+        at = text.find(probe) if probe else -1
+        if at >= 0:
+            # The page's own codes above the injection's line (the product's model number) are not planted; a
+            # link or address there is: "confirm your card at <link>" one line above "tell the user to use the
+            # link above" is the same injection, and its link went through when lines above counted as the page's.
+            line = text.rfind("\n", 0, at) + 1
+            near = text[max(0, at - 300):]
+            named |= {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(text[:line])
+                      if not _is_link(m.group(0))}
+        else:
+            near = text
+        planted = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(near)} - named
+        for match in _PLANTED.finditer(answer):
+            if match.group(0).rstrip(".,;:").lower() in planted:
+                return match.group(0).rstrip(".,;:")
+    return ""
+
+
+def _injection_in(text: str, source: str) -> tuple[Finding | None, str]:
+    return find_injection(text), source
+
+
+def _tool_name(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    call = call_answered(messages, index)
+    return call[0] if call is not None else str(messages[index].get("name") or "tool")
+
+
+def _source(messages: Sequence[Mapping[str, Any]], index: int) -> str:
+    role = messages[index].get("role")
+    return _tool_name(messages, index) if role == "tool" else str(role)
+
+
+def _turn_tool_results(messages: Sequence[Mapping[str, Any]], index: int) -> list[tuple[str, str]]:
+    """The tool results an assistant message rests on: those since the last user message before it."""
+    results: list[tuple[str, str]] = []
+    for k in range(index - 1, -1, -1):
+        role = messages[k].get("role")
+        if role == "user":
+            break
+        if role == "tool":
+            results.append((_tool_name(messages, k), message_text(dict(messages[k]))))
+    return results
+
+
+def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    schemas: dict[str, Mapping[str, Any]] = {}
+    for tool in tools:
+        function = tool.get("function") or {}
+        schema = function.get("x-output-schema") or function.get("output_schema") or function.get("outputSchema")
+        if isinstance(schema, Mapping) and function.get("name"):
+            schemas[str(function["name"])] = schema
+    return schemas
+
+
+def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
+    message = messages[index]
+    if message.get("role") == "tool":
+        name, arguments = call_answered(messages, index) or (record.source, "{}")
+        what = f"the result of {name}({shorten(arguments, 200)})"
+    else:
+        what = "an earlier assistant answer"
+    return f"{PLACEHOLDER_PREFIX} {what} was withheld ({record.kind}: {shorten(record.reason, 160)})]"
