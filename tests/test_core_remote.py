@@ -675,3 +675,26 @@ def test_tool_call_deltas_without_an_index_stay_separate_calls(faulty):
         for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             names[call.index] = call.function.name
     assert names == {0: "get_weather", 1: "get_time"}
+
+
+def test_a_json_schema_response_format_is_honoured_by_llama_cpp_pythons_server(server, gguf_counter, ledger):
+    # llama-cpp-python's server refuses {"type": "json_schema"} with a 500 (retried, then a BackendStatusError),
+    # though it enforces the same schema sent as {"type": "json_object", "schema": ...}.
+    remote = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                           max_retries=1, backoff_s=0.05, timeout=60)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": schema}}
+    client = Pipeline(remote, ledger=ledger).openai()
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Bob is 30. As JSON."}], max_tokens=40,
+                  temperature=0, response_format=fmt)
+    answer = json.loads(client.chat.completions.create(**kwargs).choices[0].message.content)
+    assert set(answer) == {"name", "age"} and isinstance(answer["age"], int)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert set(json.loads(streamed)) == {"name", "age"}
+
+    async def run():
+        return await Pipeline(remote, ledger=ledger).async_openai().chat.completions.create(**kwargs)
+
+    assert set(json.loads(asyncio.run(run()).choices[0].message.content)) == {"name", "age"}

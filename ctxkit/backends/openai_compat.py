@@ -142,6 +142,9 @@ class OpenAIBackend:
             weakref.WeakKeyDictionary())
         self._aclients_lock = threading.Lock()
         self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        # llama-cpp-python's server takes a JSON schema only as {"type": "json_object", "schema": ...} and answers
+        # OpenAI's "json_schema" with a 500: set once it has, so the schema goes in the form it honours.
+        self._schema_as_json_object = False
 
     @property
     def _aclient(self) -> openai.AsyncOpenAI:
@@ -201,8 +204,8 @@ class OpenAIBackend:
         return self._stream(request, self._retry_recorder(request))  # bound to the call now: the stream starts when first read
 
     def _stream(self, request: ChatRequest, record: Callable[..., None]) -> Iterator[dict[str, Any]]:
-        args = self._args(request, stream=True)
-        chunks = self._with_retries(lambda: self._client.chat.completions.create(**args), record, request)
+        chunks = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request, stream=True)),
+                                    record, request)
         ended = False
         calls = self._text_calls(request)
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
@@ -266,8 +269,8 @@ class OpenAIBackend:
         return self._astream(request, self._retry_recorder(request))
 
     async def _astream(self, request: ChatRequest, record: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
-        args = self._args(request, stream=True)
-        chunks = await self._awith_retries(lambda: self._aclient.chat.completions.create(**args), record, request)
+        chunks = await self._awith_retries(
+            lambda: self._aclient.chat.completions.create(**self._args(request, stream=True)), record, request)
         ended = False
         calls = self._text_calls(request)
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
@@ -343,6 +346,9 @@ class OpenAIBackend:
         if request.tools and not plain:
             args["tools"] = list(request.tools)
         args.update(request.params)
+        fmt = args.get("response_format")
+        if self._schema_as_json_object and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            args["response_format"] = {"type": "json_object", "schema": (fmt.get("json_schema") or {}).get("schema", {})}
         if plain:  # the tools went as text; the server has none to choose from (and refuses "required")
             choice = args.pop("tool_choice", None)
             args.pop("parallel_tool_calls", None)
@@ -431,6 +437,8 @@ class OpenAIBackend:
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON: the upstream's fault, not ours
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
+                if self._refuses_json_schema(exc, request):  # resent at once, as the server takes a schema
+                    return self._with_retries(call, record, request)
                 delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
@@ -446,12 +454,27 @@ class OpenAIBackend:
             except json.JSONDecodeError as exc:
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
+                if self._refuses_json_schema(exc, request):
+                    return await self._awith_retries(call, record, request)
                 delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
                 self._note_retry(record, attempt, exc, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _refuses_json_schema(self, exc: openai.OpenAIError, request: ChatRequest) -> bool:
+        """Whether `exc` is llama-cpp-python's server refusing `response_format` type "json_schema" (its request
+        validation: "Input should be 'text' or 'json_object'") for a request that sent it. Learned once per
+        backend; later calls send the schema as {"type": "json_object", "schema": ...}, which it enforces."""
+        fmt = request.params.get("response_format")
+        if (self._schema_as_json_object or not isinstance(exc, openai.APIStatusError)
+                or not isinstance(fmt, dict) or fmt.get("type") != "json_schema"):
+            return False
+        if "'text' or 'json_object'" not in str(exc.message) or "response_format" not in str(exc.message):
+            return False
+        self._schema_as_json_object = True
+        return True
 
     def _retry_recorder(self, request: ChatRequest) -> Callable[..., None]:
         """record_event bound to the current call, each retry noted with this request's own model and prompt:
