@@ -77,6 +77,21 @@ def test_budgets_usage_and_logprobs_come_back_through_a_llama_cpp_upstream(upstr
         assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content
 
 
+def test_llama_cpp_decoding_fields_in_extra_body_reach_the_upstream(upstream, llama_backend, tmp_path):
+    """The openai client sends extra_body={"grammar": ...} at the top level of the body; pipeline.openai() hands it
+    to the upstream, and the proxy refused it with 400 "unsupported argument(s): grammar"."""
+    with _proxy(upstream.base_url, llama_backend.counter, tmp_path / "ledger.jsonl") as base_url:
+        answer = _client(base_url).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=5, temperature=0,
+            extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert answer.choices[0].message.content in ("yes", "no")
+    with serve_in_thread(create_app(Pipeline(llama_backend, ledger=Ledger(tmp_path / "local.jsonl")),
+                                    ApiKeys({KEY: "up"}))) as base_url:  # the local model still refuses it by name
+        with pytest.raises(openai.BadRequestError, match="grammar"):
+            _client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2,
+                                                      extra_body={"grammar": 'root ::= "yes"'})
+
+
 class _Gateway:
     """A scripted OpenAI-compatible upstream on 127.0.0.1, for faults a real server cannot be made to produce:
     `answer(n, key)` gives the n-th request's (status, headers, JSON body, or the body's raw bytes)."""
@@ -336,3 +351,4 @@ def test_a_client_that_leaves_mid_stream_is_recorded_in_words(llama_backend, tmp
     [record] = list(read_ledger(tmp_path / "ledger.jsonl"))
     assert record.status == "error" and record.error_type == "CancelledError"
     assert "cancel scope" not in record.error and "Task" not in record.error, record.error
+

@@ -50,6 +50,12 @@ from ..validation import BACKEND_SAMPLING
 from .auth import ApiKeys
 from .metrics import MeteredLedger, ProxyMetrics
 
+# Decoding fields of the servers an upstream is (llama.cpp's `grammar`/`json_schema`, vLLM's guided decoding), which
+# the openai client sends from `extra_body` at the top level of the body as it does top_k: handed on as extra_body,
+# as `pipeline.openai()` hands them to OpenAIBackend (the local model refuses them by name, as it does there).
+UPSTREAM_DECODING = frozenset({"grammar", "json_schema", "n_probs", "repeat_last_n", "ignore_eos", "min_tokens",
+                               "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"})
+
 logger = logging.getLogger("ctxkit.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -302,7 +308,7 @@ class _Proxy:
         # The proxy serves its backend's model whatever name the app asks for (as llama.cpp's server does).
         payload["model"] = None
         # The openai client sends `extra_body={"top_k": 40}` as a top-level "top_k": hand these on as extra_body.
-        extra = {key: payload.pop(key) for key in sorted(BACKEND_SAMPLING & set(payload))}
+        extra = {key: payload.pop(key) for key in sorted((BACKEND_SAMPLING | UPSTREAM_DECODING) & set(payload))}
         if extra:
             payload["extra_body"] = extra
         return ChatRequest.from_openai_kwargs(payload, namespace=namespace, **ctx)
