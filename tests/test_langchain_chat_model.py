@@ -565,3 +565,34 @@ def test_a_stream_says_which_backend_or_stage_answered_as_invoke_does(llama_back
     assert miss.response_metadata["ctxkit_answered_by"] is None
     assert miss.response_metadata["ctxkit_backend"] == llama_backend.name
     assert miss.response_metadata["model_name"] == llama_backend.model  # not repeated (merged strings concatenate)
+
+
+def test_langchain_token_counting_and_profile_use_the_backends_tokenizer_and_window(llama_backend):
+    """trim_messages(token_counter=model) and SummarizationMiddleware's fractional triggers read the model's
+    get_num_tokens_from_messages and profile: LangChain's defaults (GPT-2's tokenizer, no profile) gave 0
+    tokens offline (nothing trimmed) and a ValueError."""
+    from langchain_core.messages.utils import trim_messages
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [], ledger=Ledger()))
+    history = [SystemMessage("You are helpful.")]
+    for i in range(8):
+        history += [HumanMessage(f"Tell me fact {i} about Lisbon."), AIMessage(f"Fact {i}: Lisbon is very old.")]
+    exact = llama_backend.counter.count_prompt(to_openai_messages(history))
+    assert model.get_num_tokens_from_messages(history) == exact
+    assert model.get_num_tokens("Lisbon") == llama_backend.counter.count_text("Lisbon")
+    trimmed = trim_messages(history, max_tokens=exact // 2, token_counter=model, strategy="last", include_system=True)
+    assert 1 < len(trimmed) < len(history)
+    assert llama_backend.counter.count_prompt(to_openai_messages(trimmed)) <= exact // 2
+    assert model.profile["max_input_tokens"] == llama_backend.context_window
+
+
+def test_a_content_block_without_a_type_is_a_request_error_not_a_key_error(llama_backend):
+    """A tool node's `ToolMessage(content=search_results)` (dicts without "type"): LangChain's converter raised
+    a bare KeyError('type'), which no `except RequestError` nor LangChain's own error handling saw."""
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [], ledger=Ledger()), max_tokens=4)
+    history = [HumanMessage("search"), AIMessage("", tool_calls=[{"name": "search", "args": {}, "id": "c1"}]),
+               ToolMessage(content=[{"title": "Lisbon", "url": "https://example.org"}], tool_call_id="c1")]
+    with pytest.raises(RequestError, match=r"messages\[2\]"):
+        model.invoke(history)
+    with pytest.raises(RequestError):
+        list(model.stream([HumanMessage(content=[{"text": "hi"}])]))

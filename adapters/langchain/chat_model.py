@@ -114,6 +114,26 @@ class CtxkitChatModel(BaseChatModel):
                if getattr(self, key) is not None},
         }
 
+    def _resolve_model_profile(self) -> Any:
+        # LangChain reads the window from the profile (SummarizationMiddleware's fractional triggers, agents):
+        # the backend's own limit, over what a wrapped model's profile says of itself.
+        backend = self.pipeline.backend
+        profile: dict[str, Any] = {}
+        if isinstance(backend, LangChainBackend) and isinstance(backend.chat_model.profile, dict):
+            profile.update({k: v for k, v in backend.chat_model.profile.items() if k == "max_output_tokens"})
+        window = getattr(backend, "context_window", None)
+        if isinstance(window, int) and window > 0:
+            profile["max_input_tokens"] = window
+        return profile or None
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens in `text` as the backend counts them (LangChain's default is GPT-2's tokenizer)."""
+        return self.pipeline.backend.counter.count_text(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The prompt's tokens as the backend bills them (what `trim_messages(token_counter=model)` reads)."""
+        return self.pipeline.backend.counter.count_prompt(to_openai_messages(messages), to_openai_tools(tools or ()))
+
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "ctxkit"

@@ -63,6 +63,10 @@ def _convert_one(message: BaseMessage, index: int) -> list[dict[str, Any]]:
         return convert_to_openai_messages([message])
     except ValueError as exc:
         raise InvalidMessageError(str(exc), index, "content") from exc
+    except (KeyError, TypeError) as exc:  # a content block that is no block: `[{"result": 5}]` has no "type"
+        detail = f"a content block has no {exc} key" if isinstance(exc, KeyError) else str(exc)
+        raise InvalidMessageError(f"{detail}; give text, or blocks such as {{'type': 'text', 'text': ...}}",
+                                  index, "content") from exc
 
 
 def failed_tool_results(originals: Sequence[BaseMessage], converted: Sequence[dict[str, Any]],
