@@ -153,32 +153,20 @@ class QuarantineStage(Stage):
 
     def _repeated_failed_result(self, messages: Sequence[Mapping[str, Any]], index: int,
                                 schemas: Mapping[str, Mapping[str, Any]]) -> Finding | None:
-        """An answer that copies a failed or schema-breaking tool result of its turn word for word (a small
-        model often answers with the `<tool_response>` it was shown) carries that result into summaries and
-        the cache: it is quarantined with it. Only a copied line of 24 characters or more counts."""
-        answer = messages[index].get("content")
-        if not isinstance(answer, str):
-            return None
-        for j in range(index - 1, -1, -1):
-            earlier = messages[j]
-            if earlier.get("role") == "user":
-                break
-            if earlier.get("role") != "tool":
-                continue
-            text = message_text(dict(earlier))
-            lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= 24]
-            if not any(line in answer for line in lines):
-                continue
-            tool = _tool_name(messages, j)
-            schema = schemas.get(tool)
-            finding = None
-            if self.check_errors:
-                finding = find_tool_error(text, tool)
-            if finding is None and self.check_schemas and schema is not None:
-                finding = find_schema_violation(text, schema)
-            if finding is not None:
-                return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
-                               finding.evidence)
+        """An answer that copies a failed or schema-breaking tool result it was just shown, word for word (a
+        small model often answers with the `<tool_response>` it saw), carries that result into summaries and
+        the cache: it is quarantined with it. Only a copied line of 24 characters or more counts, and only the
+        results right before the answer are read, so a long agent loop is not re-read for every answer."""
+        answer = messages[index]["content"]
+        j = index - 1
+        while j >= 0 and messages[j].get("role") == "tool":
+            lines = (line.strip() for line in message_text(dict(messages[j])).splitlines())
+            if any(len(line) >= 24 and line in answer for line in lines):
+                finding = self.check_message(messages, j, schemas)
+                if finding is not None and finding.kind in ("tool_error", "schema"):
+                    return Finding(finding.kind, f"the answer repeats a tool result that was quarantined "
+                                                 f"({finding.reason})", finding.evidence)
+            j -= 1
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
