@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -30,7 +32,8 @@ from .errors import (
     RequestError,
 )
 from .ledger import Ledger, LedgerRecord, PriceTable
-from .quarantine_marks import checking_answers
+from .lru import LRUMemo
+from .quarantine_marks import checking_answers, fingerprint
 from .redaction import redact
 from .request import ChatRequest
 from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
@@ -55,6 +58,47 @@ def naive_after(request: ChatRequest) -> ChatRequest:
 def record_event(stage: str, kind: str, **data: Any) -> None:
     """Let a stage note something in the current call's ledger record (a recovery, a quarantine)."""
     event_recorder()(stage, kind, **data)
+
+
+@dataclasses.dataclass(frozen=True)
+class SentPrompt:
+    """The prompt a call's backend got, as the last stage passed it on: what a prefix cache holds of it."""
+
+    tokens: int  # counted with the backend's counter, as the ledger's tokens_sent
+    tools: tuple[dict[str, Any], ...]  # one copy per distinct tool set, shared by the prompts that sent it
+    prints: tuple[str, ...]  # each message's fingerprint: where the stages' view of it still holds
+
+
+REMEMBERED_PROMPTS = 1024  # per pipeline: the last calls whose prompt it remembers (as tool retrieval does)
+# An app (or the proxy) that sends its whole catalog on every call decodes new dicts each time: kept per
+# prompt, 1,024 copies of a large catalog held gigabytes. The remembered prompts share one copy per tool set.
+REMEMBERED_TOOL_SETS = 64
+
+
+def previous_prompt_sent() -> SentPrompt | None:
+    """What this pipeline's backend got for the previous call of the current request's conversation: the call
+    whose messages, as the app sent them, were this request's before its newest assistant message. None outside
+    a pipeline, on a conversation's first call, or when another process (a replica, before a restart) sent it.
+
+    Stages see the history as the app sends it, or as the stages before them changed it; the previous prompt
+    a prefix cache holds is what the stages after them made of it (results cleared, documents rendered)."""
+    trace = _current_call.get()
+    if trace is None or trace.previous_key is None:
+        return None
+    return trace.pipeline._sent_prompts.get([trace.previous_key]).get(trace.previous_key)
+
+
+def _prompt_keys(request: ChatRequest) -> tuple[str, str | None]:
+    """Names for the request's messages as the app sent them, and for those before its newest assistant message
+    (the previous call's, in a chat or agent loop): hashed once, before a stage edits the messages in place."""
+    messages = request.messages
+    end = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"), 0)
+    digest, previous = hashlib.sha256(request.namespace.encode()), None
+    for i, message in enumerate(messages):
+        if i == end and end:
+            previous = digest.hexdigest()
+        digest.update(fingerprint(message).encode())
+    return digest.hexdigest(), previous
 
 
 EventRecorder = Callable[..., None]  # record_event's signature: (stage, kind, **data)
@@ -100,6 +144,7 @@ class _CallTrace:
         self.events: list[dict[str, Any]] = []
         self._counts: dict[tuple[int, int, str | None], tuple[int, Any, Any, tuple[Any, ...]]] = {}
         self.naive = self.count(pipeline._naive_from(0, request))
+        self.prompt_key, self.previous_key = _prompt_keys(request)  # see previous_prompt_sent
 
     def count(self, request: ChatRequest) -> int:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
@@ -214,6 +259,9 @@ class Pipeline:
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()
         self.prices = prices if prices is not None else PriceTable()
+        self._sent_prompts: LRUMemo[str, SentPrompt] = LRUMemo(REMEMBERED_PROMPTS)  # see previous_prompt_sent
+        self._tool_sets: LRUMemo[str, tuple[dict[str, Any], ...]] = LRUMemo(REMEMBERED_TOOL_SETS)
+        self._last_tools: tuple[Any, str] = ((), "")  # the last tool list hashed, and its hash: an agent loop resends one list
 
     # -- the public calls ---------------------------------------------------------------------------
     def call(self, request: ChatRequest) -> Result:
@@ -366,7 +414,25 @@ class Pipeline:
         trace.sent += tokens
         trace.last_sent = tokens
         trace.backend_calls += 1
+        # What the next call of this conversation finds before its newest assistant message (the last backend
+        # call of this one, a stage's re-run included): the stages' prefix accounting counts against it.
+        sent = SentPrompt(tokens, self._shared_tools(request.tools), tuple(fingerprint(m) for m in request.messages))
+        self._sent_prompts.put({trace.prompt_key: sent})
         return tokens
+
+    def _shared_tools(self, tools: Any) -> tuple[dict[str, Any], ...]:
+        """The remembered copy of this tool set (see REMEMBERED_TOOL_SETS), keyed by its content."""
+        if not tools:
+            return ()
+        last, key = self._last_tools
+        if tools is not last:  # hashed once per list object, not per call of a loop that resends it
+            key = hashlib.sha256(json.dumps(tools, sort_keys=True, default=str).encode()).hexdigest()
+            self._last_tools = (tools, key)
+        shared = self._tool_sets.get([key]).get(key)
+        if shared is None:
+            shared = tuple(tools)
+            self._tool_sets.put({key: shared})
+        return shared
 
     def _send(self, trace: _CallTrace, request: ChatRequest) -> Result:
         tokens = self._prepare(trace, request)

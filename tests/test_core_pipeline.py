@@ -1148,3 +1148,17 @@ def test_the_stop_check_detokenizes_each_token_once(llama_backend):
         del llama_backend._llama.detokenize
     n = answer.usage.completion_tokens
     assert n > 30 and sum(ours) <= n + 1, (n, sum(ours))
+
+
+def test_remembered_prompts_share_one_copy_of_a_resent_tool_set(llama_backend, ledger):
+    """The proxy decodes a new catalog for every call: the prompts the pipeline remembers for prefix accounting
+    must hold it once, not once per call (1,024 copies of a large catalog)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    pipeline = Pipeline(llama_backend, stages=[], ledger=ledger)
+    for question in ("Weather in Oslo?", "Weather in Rome?"):
+        tools = json.loads(json.dumps([tool]))  # equal content, new objects, as a decoded request body has
+        pipeline.call(ChatRequest(messages=[{"role": "user", "content": question}], tools=tools,
+                                  params={"max_tokens": 1}))
+    remembered = list(pipeline._sent_prompts._entries.values())
+    assert len(remembered) == 2 and remembered[0].tools is remembered[1].tools

@@ -1339,3 +1339,38 @@ def test_grounding_reads_hindi_words_whole():
     assert grounded("प्रिया दिल्ली में रहती है।", turns) == ("प्रिया दिल्ली में रहती है।", 0)
     # a person, a city and a dish no turn named: not from the conversation
     assert grounded("राहुल को कोलकाता का मछली खाना पसंद है।", turns) == ("", 1)
+
+
+def test_a_refold_notes_what_the_previous_call_really_sent_after_results_were_cleared(llama_backend, embedder):
+    """Clearing (after summarization, as default_stages orders them) sent the previous call placeholders for old
+    tool results: a refold un-caches that prompt, not the app's history with the results whole (35% more)."""
+    from ctxkit.stages.prefix import shared_prefix
+    from ctxkit.stages.pruning import ToolResultClearingStage
+
+    tool = {"type": "function", "function": {"name": "lookup", "description": "Look a city up",
+                                             "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+    messages = [{"role": "system", "content": "You are a travel agent."}]
+    for i, city in enumerate(["Oslo", "Rome", "Paris", "Lyon"]):
+        messages += [{"role": "user", "content": f"Weather in {city}?"},
+                     {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
+                         "name": "lookup", "arguments": json.dumps({"q": city})}}]},
+                     {"role": "tool", "tool_call_id": f"c{i}",
+                      "content": " ".join(f"row {k}: {city} hour {k} is {k * 3} degrees" for k in range(20))},
+                     {"role": "assistant", "content": f"{city}: mild."}]
+    sent: list[list[int]] = []
+    original = llama_backend._prompt_tokens
+    llama_backend._prompt_tokens = lambda request: sent.append(original(request)) or sent[-1]
+    ledger = Ledger()
+    stages = [SummarizationStage(llama_backend, trigger_messages=15, keep_last=4, mode="extractive", embedder=embedder),
+              ToolResultClearingStage(keep_last=1, clear_at_least=50, counter=llama_backend.counter)]
+    pipeline = Pipeline(llama_backend, stages, ledger=ledger)
+    try:
+        for n in (14, 16):  # the second call folds: 16 messages are over the trigger
+            pipeline.call(ChatRequest(messages=messages[:n], tools=[tool], params={"max_tokens": 1},
+                                      conversation_id="cleared"))
+    finally:
+        llama_backend._prompt_tokens = original
+    real = len(sent[0]) - shared_prefix(sent[0], sent[1])
+    [claim] = [e["tokens"] for e in ledger.records[-1].events
+               if e["kind"] == "prefix_invalidated" and e["stage"] == "summarization"]
+    assert real > 100 and abs(claim - real) <= 3, (claim, real)

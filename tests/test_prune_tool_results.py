@@ -212,3 +212,33 @@ def test_a_placeholder_names_its_own_call_when_providers_reuse_call_ids():
               {"role": "user", "content": "Try Oslo again"}]
     withheld = QuarantineStage().before_model(ChatRequest(messages=failed)).messages[2]["content"]
     assert '"Oslo"' in withheld and "Rome" not in withheld, withheld
+
+
+def test_prefix_invalidated_counts_the_documents_message_a_later_stage_sent(llama_backend, embedder):
+    """DocumentPruningStage (after clearing, as default_stages orders them) rendered the documents before the
+    question, after the result cleared now: that message was in the previous prompt too, and is un-cached."""
+    from ctxkit.stages.pruning import DocumentPruningStage
+
+    def turn(k: int) -> list[dict]:
+        call = {"id": f"call_{k}", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": f"City{k}"})}}
+        body = " ".join(f"hour {h}: {k + h % 7} degrees, wind {h % 5} m/s." for h in range(12))
+        return [{"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": body}]
+
+    docs = [{"id": f"d{i}", "text": " ".join(f"Valve {i * 10 + j} sits in building {chr(65 + i)}." for j in range(12))}
+            for i in range(2)]
+    history = [{"role": "system", "content": "You look things up for the user."},
+               {"role": "user", "content": "Weather in City0?"}, *turn(0),
+               {"role": "assistant", "content": "Mild."}, {"role": "user", "content": "And in City1, City2?"}, *turn(1)]
+    ledger = Ledger()
+    stages = [ToolResultClearingStage(keep_last=1, clear_at_least=150, counter=llama_backend.counter),
+              DocumentPruningStage(budget_tokens=100, embedder=embedder, counter=llama_backend.counter)]
+    pipeline = Pipeline(llama_backend, stages=stages, ledger=ledger)
+    params = {"max_tokens": 1, "temperature": 0}
+    for messages in (history, [*history, *turn(2)]):  # the second clears both older results (one step)
+        pipeline.call(ChatRequest(messages=messages, params=params, metadata={"documents": docs}))
+    previous, record = ledger.records
+    [event] = [e for e in record.events if e["kind"] == "prefix_invalidated"]
+    assert event["first_message"] == 3
+    assert abs(event["tokens"] - (previous.tokens_sent - record.tokens_cached)) <= 3, (event, previous, record)

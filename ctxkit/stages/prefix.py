@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..pipeline import record_event
+from ..pipeline import previous_prompt_sent, record_event
+from ..quarantine_marks import fingerprint
 from ..tokens import TokenCounter
 
 
@@ -34,22 +35,32 @@ def previous_prompt_end(messages: Sequence[Mapping[str, Any]]) -> int:
 def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, Any]], first_edit: int) -> int:
     """Tokens of the previous call's prompt from message `first_edit` on: what an edit there un-caches.
 
-    With the model's own token ids (a GGUF model), the previous prompt is compared with the same prompt
-    cut where message `first_edit`'s content begins, so its role header, the chat template's default
-    system message and the tool block count as kept, as a prefix cache keeps them. Otherwise (tiktoken),
-    the difference of the two prompts' counts. A message's text alone missed its framing and an assistant's
-    tool calls (content None: counted as 4 tokens, whatever its arguments).
+    The previous prompt is what the backend got (`previous_prompt_sent`: later stages' edits of it after
+    `first_edit`, a cleared result, a rendered documents message, included), less the messages before
+    `first_edit`. Unknown to this process, or changed before `first_edit` by a later stage (a summary), it is
+    `messages` before the newest assistant message, as the stage sees them.
+    With the model's own token ids (a GGUF model), the kept part is the previous prompt cut where message
+    `first_edit`'s content begins, so its role header, the chat template's default system message and the
+    tool block count as kept, as a prefix cache keeps them. Otherwise (tiktoken), the count of the messages
+    before it. A message's text alone missed its framing and an assistant's tool calls (content None:
+    counted as 4 tokens, whatever its arguments).
     """
     end = previous_prompt_end(messages)
     if first_edit >= end:
         return 0
     previous = [dict(m) for m in messages[:end]]
+    sent = previous_prompt_sent()
+    if sent is not None and sent.prints[:first_edit] != tuple(fingerprint(m) for m in previous[:first_edit]):
+        sent = None
+    tools = sent.tools if sent is not None else []
     token_ids = getattr(counter, "tokens", None)
     if callable(token_ids):
         blank = {k: v for k, v in previous[first_edit].items() if k != "tool_calls"}
-        old, cut = token_ids(previous), token_ids([*previous[:first_edit], {**blank, "content": ""}])
-        return len(old) - shared_prefix(old, cut)
-    return counter.count_prompt(previous) - counter.count_prompt(previous[:first_edit])
+        old, cut = token_ids(previous, tools), token_ids([*previous[:first_edit], {**blank, "content": ""}], tools)
+        total, kept = len(old), shared_prefix(old, cut)
+    else:
+        total, kept = counter.count_prompt(previous, tools), counter.count_prompt(previous[:first_edit], tools)
+    return max(0, (sent.tokens if sent is not None else total) - kept)
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

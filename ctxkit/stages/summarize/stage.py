@@ -15,8 +15,8 @@
   while they are in the verbatim tail, and simply vanish once they fall out of it.
 - `mode`: "extractive" (sentences kept verbatim, see facts.py), "model" (the backend's summary alone) or
   "hybrid" (the model's summary plus the extractive facts in the rest of the budget; the default).
-- Cache awareness: every call in a conversation records in the ledger how many tokens of the request this
-  stage passed on last time are no longer a prefix of what it passes on now (`prefix_invalidated`).
+- Cache awareness: a fold records in the ledger how many tokens of the previous prompt (as the backend got
+  it, later stages' edits included) are no longer a prefix of what it passes on now (`prefix_invalidated`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from ..._aio import tracked_to_thread
 from ...backends.base import Backend
 from ...errors import BackendError, ConfigurationError
-from ...pipeline import record_event
+from ...pipeline import previous_prompt_sent, record_event
 from ...quarantine_marks import fingerprint, quarantined
 from ...request import ChatRequest, Message
 from ...response import message_text
@@ -489,10 +489,17 @@ class SummarizationStage(Stage):
             common += 1
         if common == len(previous):
             return 0
-        # The common prefix is the same messages now as then. Counted with the tools sent *then*: last_sent_tokens
-        # includes them, and this call's tools (chosen per call by tool retrieval) may be bigger or smaller.
-        kept = self.counter.count_prompt(list(sent[:common]), list(state.last_tools)) if common else 0
-        return max(0, state.last_sent_tokens - kept)
+        # The common prefix is the same messages now as then. Counted with the tools sent *then*: the previous
+        # prompt includes them, and this call's tools (chosen per call by tool retrieval) may be bigger or smaller.
+        # That prompt is what the backend got (later stages cleared results in it), when they left the common
+        # prefix as this stage passed it on: else what this stage passed on.
+        before = previous_prompt_sent()
+        if before is not None and before.prints[:common] == tuple(previous[:common]):
+            total, tools = before.tokens, list(before.tools)
+        else:
+            total, tools = state.last_sent_tokens, list(state.last_tools)
+        kept = self.counter.count_prompt(list(sent[:common]), tools) if common else 0
+        return max(0, total - kept)
 
     def _key(self, request: ChatRequest) -> tuple[str, str]:
         if request.conversation_id:
