@@ -587,3 +587,21 @@ def test_a_new_turn_notes_the_documents_message_it_moves(llama_backend, embedder
     real = len(sent[0]) - shared_prefix(sent[0], sent[1])
     [event] = [e for e in ledger.records[-1].events if e["kind"] == "prefix_invalidated"]
     assert real > 100 and abs(event["tokens"] - real) <= 2, (event, real)
+
+
+def test_a_new_turn_ranks_its_documents_once(embedder, monkeypatch):
+    """The prefix claim rebuilds the previous call's documents message; it ranked the documents again for it,
+    which doubled the stage's time on every call of a conversation."""
+    stage = DocumentPruningStage(budget_tokens=60, embedder=embedder)
+    docs = [{"id": f"d{i}", "text": " ".join(f"Valve {i * 10 + j} opens at {j * 7} bar." for j in range(12))}
+            for i in range(3)]
+    history = [{"role": "user", "content": "Where is valve 13?"}]
+    first = stage.before_model(ChatRequest(messages=history, metadata={"documents": docs}))
+    calls = []
+    real = stage.ranker.prune
+    monkeypatch.setattr(stage.ranker, "prune", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    history = [*first.messages, {"role": "assistant", "content": "Building B."},
+               {"role": "user", "content": "What opens at 14 bar?"}]
+    history = [m for m in history if "<document" not in str(m["content"])]
+    stage.before_model(ChatRequest(messages=history, metadata={"documents": docs}))
+    assert calls == ["What opens at 14 bar?"]

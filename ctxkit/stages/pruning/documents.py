@@ -501,6 +501,21 @@ class DocumentPruningStage(Stage):
         self.render = render
         self.ranker = ranker if ranker is not None else DocumentRanker(embedder, counter, weights)
         self.counter = self.ranker.counter
+        # The documents as each recent turn ranked them: a new turn's prefix claim rebuilds the previous call's
+        # documents message, which this stage ranked then; ranking it again doubled the stage's time per call.
+        self._ranked: LRUMemo[tuple[str, int, str], PruneResult] = LRUMemo(64)
+
+    def _prune(self, query: str, documents: Sequence[Mapping[str, Any]], budget: int) -> PruneResult:
+        digest = hashlib.sha256()  # the documents by hash, not held: a 200,000-token pool 64 times over is 50 MB
+        for d in documents:
+            digest.update(json.dumps([str(d["id"]), str(d["text"])]).encode("utf-8", "surrogatepass"))
+        key = (query, budget, digest.hexdigest())
+        if not (found := self._ranked.get([key])):
+            found = {key: self.ranker.prune(query, documents, budget)}
+            self._ranked.put(found)
+        kept = found[key]  # a copy: the request's metadata gets these lists, and an app may change them
+        return PruneResult([dict(d) for d in kept.documents], list(kept.kept_ids), list(kept.dropped_ids),
+                           kept.tokens_before, kept.tokens_after)
 
     def budget_for(self, tokens: int) -> int:
         limits = [tokens]
@@ -549,7 +564,7 @@ class DocumentPruningStage(Stage):
             budget = self.budget_for(tokens + (self.ranker.count(inline_before) if inline_before else 0))
             budget -= self.ranker.count(inline_after) if inline_after else 0
             if budget >= 1:
-                result = self.ranker.prune(query, documents, budget)
+                result = self._prune(query, documents, budget)
             else:
                 result = PruneResult([], [], [str(d["id"]) for d in documents], tokens, 0)
             # Documents DedupStage dropped as copies of others go where their copy went: the report names all
@@ -586,16 +601,15 @@ class DocumentPruningStage(Stage):
                 # The previous prompt had its own documents message right before `previous_user`: that message
                 # and everything after it is what the cache loses, not just the previous question on. It is
                 # rebuilt as the previous call rendered it: the same documents ranked against its question.
-                documents = checked_documents(docs)
-                budget_then = self.budget_for(self._tokens(documents))
-                then = (self.ranker.prune(_turn_query(messages, previous_user + 1), documents, budget_then)
+                budget_then = self.budget_for(tokens)  # the documents and their tokens, as counted above
+                then = (self._prune(_turn_query(messages, previous_user + 1), documents, budget_then)
                         if budget_then >= 1 else None)
                 if then is not None and then.documents:
                     shown = {"role": "user", "content": render_documents(then.documents)}
                     previous = [*messages[:previous_user], shown, *messages[previous_user:step + 1]]
-                    tokens = invalidated_tokens(self.counter, previous, previous_user)
-                    if tokens > 0:
-                        record_event(self.name, "prefix_invalidated", tokens=tokens, first_message=previous_user)
+                    lost = invalidated_tokens(self.counter, previous, previous_user)
+                    if lost > 0:
+                        record_event(self.name, "prefix_invalidated", tokens=lost, first_message=previous_user)
                     new_edits = []  # edits at or after `step` lie after the point where the cache already stops
                 else:
                     new_edits.append(previous_user)
