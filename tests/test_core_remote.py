@@ -698,3 +698,31 @@ def test_a_json_schema_response_format_is_honoured_by_llama_cpp_pythons_server(s
         return await Pipeline(remote, ledger=ledger).async_openai().chat.completions.create(**kwargs)
 
     assert set(json.loads(asyncio.run(run()).choices[0].message.content)) == {"name", "age"}
+
+
+def test_json_schema_calls_sent_together_before_the_first_refusal_are_each_resent(server, gguf_counter, ledger):
+    """The refusal was learned once per backend: calls sent at once were all refused, the first was resent and
+    the others, seeing it learned, failed (max_retries=0) or waited out a backoff."""
+    import threading
+
+    remote = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                           max_retries=0, timeout=60)
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+    pipeline, barrier, outcomes = Pipeline(remote, ledger=ledger), threading.Barrier(4), []
+
+    def call(i):
+        barrier.wait()
+        try:
+            pipeline.call(ChatRequest(messages=[{"role": "user", "content": f"Name {i}? As JSON."}],
+                                      params={"max_tokens": 12, "temperature": 0, "response_format": fmt}))
+            outcomes.append("ok")
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
+            outcomes.append(repr(exc)[:80])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["ok"] * 4

@@ -596,3 +596,17 @@ def test_a_content_block_without_a_type_is_a_request_error_not_a_key_error(llama
         model.invoke(history)
     with pytest.raises(RequestError):
         list(model.stream([HumanMessage(content=[{"text": "hi"}])]))
+
+
+def test_token_counting_uses_the_counter_of_the_model_asked_for():
+    """CtxkitChatModel(model="gpt-4") over a gpt-4o backend is billed with gpt-4's encoding (the pipeline's
+    counter_for): get_num_tokens counted with gpt-4o's, and trim_messages kept a prompt past its budget."""
+    from ctxkit import OpenAIBackend
+
+    backend = OpenAIBackend("gpt-4o", base_url="http://127.0.0.1:9/v1", api_key="unused")
+    model = CtxkitChatModel(pipeline=Pipeline(backend, [], ledger=Ledger()), model="gpt-4")
+    text = "Größenwahn: 東京都の人口は約1400万人です。 Привет, как дела?"
+    assert model.get_num_tokens(text) == backend.counter_for("gpt-4").count_text(text) != backend.counter.count_text(text)
+    history = [HumanMessage(text)]
+    assert model.get_num_tokens_from_messages(history) == backend.counter_for("gpt-4").count_prompt(
+        to_openai_messages(history))

@@ -126,13 +126,20 @@ class CtxkitChatModel(BaseChatModel):
             profile["max_input_tokens"] = window
         return profile or None
 
+    def _counter(self) -> Any:
+        # The counter of the model this one asks for (`model=`): an OpenAI backend counts gpt-4 asked of a
+        # gpt-4o backend with gpt-4's encoding, as the pipeline and the ledger do.
+        backend = self.pipeline.backend
+        counter_for = getattr(backend, "counter_for", None)
+        return counter_for(self.model_name) if counter_for is not None else backend.counter
+
     def get_num_tokens(self, text: str) -> int:
         """Tokens in `text` as the backend counts them (LangChain's default is GPT-2's tokenizer)."""
-        return self.pipeline.backend.counter.count_text(text)
+        return self._counter().count_text(text)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """The prompt's tokens as the backend bills them (what `trim_messages(token_counter=model)` reads)."""
-        return self.pipeline.backend.counter.count_prompt(to_openai_messages(messages), to_openai_tools(tools or ()))
+        return self._counter().count_prompt(to_openai_messages(messages), to_openai_tools(tools or ()))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)

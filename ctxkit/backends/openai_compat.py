@@ -429,7 +429,8 @@ class OpenAIBackend:
             return True
         return isinstance(exc, openai.APIStatusError) and exc.status_code in RETRYABLE_STATUS
 
-    def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest) -> T:
+    def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest,
+                      resent: bool = False) -> T:
         deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
             try:
@@ -437,8 +438,8 @@ class OpenAIBackend:
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON: the upstream's fault, not ours
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
-                if self._refuses_json_schema(exc, request):  # resent at once, as the server takes a schema
-                    return self._with_retries(call, record, request)
+                if not resent and self._refuses_json_schema(exc, request):  # resent at once, as it takes a schema
+                    return self._with_retries(call, record, request, resent=True)
                 delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
@@ -446,7 +447,8 @@ class OpenAIBackend:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None], request: ChatRequest) -> Any:
+    async def _awith_retries(self, call: Callable[[], Any], record: Callable[..., None], request: ChatRequest,
+                             resent: bool = False) -> Any:
         deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
             try:
@@ -454,8 +456,8 @@ class OpenAIBackend:
             except json.JSONDecodeError as exc:
                 raise _malformed(exc, self.name) from exc
             except openai.OpenAIError as exc:
-                if self._refuses_json_schema(exc, request):
-                    return await self._awith_retries(call, record, request)
+                if not resent and self._refuses_json_schema(exc, request):
+                    return await self._awith_retries(call, record, request, resent=True)
                 delay = _within(deadline, self._delay(attempt, exc))
                 if attempt == self.max_retries or not self._retryable(exc) or delay is None:
                     raise self._translate(exc, request) from None
@@ -468,8 +470,9 @@ class OpenAIBackend:
         validation: "Input should be 'text' or 'json_object'") for a request that sent it. Learned once per
         backend; later calls send the schema as {"type": "json_object", "schema": ...}, which it enforces."""
         fmt = request.params.get("response_format")
-        if (self._schema_as_json_object or not isinstance(exc, openai.APIStatusError)
-                or not isinstance(fmt, dict) or fmt.get("type") != "json_schema"):
+        # Not whether it was learned already: calls sent at once, before the first refusal came back, are each
+        # refused, and each is resent (once: `resent`).
+        if not isinstance(exc, openai.APIStatusError) or not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
             return False
         if "'text' or 'json_object'" not in str(exc.message) or "response_format" not in str(exc.message):
             return False
