@@ -19,6 +19,7 @@ from .errors import (
     InvalidToolError,
     LedgerError,
     MalformedLedgerLine,
+    QuarantineStoreUnavailable,
     RequestError,
     UnknownToolError,
 )
@@ -36,7 +37,7 @@ __all__ = [
     "AsyncChatStream", "Backend", "BackendConnectionError", "BackendError", "BackendStatusError",
     "BackendTimeoutError", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
     "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
-    "LedgerError", "LedgerRecord", "MalformedLedgerLine", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
+    "LedgerError", "LedgerRecord", "MalformedLedgerLine", "QuarantineStoreUnavailable", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
     "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
     "record_event",
 ]

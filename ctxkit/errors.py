@@ -152,3 +152,7 @@ class LedgerError(CtxkitError):
 
 class MalformedLedgerLine(LedgerError):
     """A line of a ledger that is no record (a writer killed mid-line leaves one), read strictly."""
+
+
+class QuarantineStoreUnavailable(CtxkitError):
+    """The shared quarantine registry's database cannot be reached; what was asked (a release) is not done."""

@@ -905,3 +905,58 @@ def test_answer_copying_a_clean_result_is_not_quarantined():
 def test_answer_about_a_failed_result_without_copying_it_is_not_quarantined():
     tb = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
     assert QuarantineStage().check_message(_echo_turn(tb, "The tool failed: you cannot divide by zero."), 3, {}) is None
+
+
+def test_answer_copying_a_failed_result_of_an_earlier_step_of_its_turn_is_quarantined():
+    """divide(10, 0) failed, divide(10, 2) gave 5, and the answer pastes the first step's traceback."""
+    tb = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
+
+    def call(call_id: str, a: int, b: int) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function",
+                "function": {"name": "divide", "arguments": json.dumps({"a": a, "b": b})}}]}
+
+    messages = [{"role": "user", "content": "Divide 10 by 0, then 10 by 2."},
+                call("c1", 10, 0), {"role": "tool", "tool_call_id": "c1", "content": tb},
+                call("c2", 10, 2), {"role": "tool", "tool_call_id": "c2", "content": "5"},
+                {"role": "assistant", "content": f"The first failed:\n{tb}\nThe second gave 5."}]
+    stage = QuarantineStage()
+    assert stage.check_message(messages, 5, {}).kind == "tool_error"
+    out = stage.before_model(ChatRequest(messages=[*messages, {"role": "user", "content": "Thanks"}]))
+    assert is_quarantined(out, messages[5])
+
+
+def test_a_diskcache_registry_pickled_under_the_old_module_name_is_imported(tmp_path, monkeypatch):
+    """ctxkit 0.1 pickled its namespaces as ctxkit.stages.quarantine_registry.Namespace; that module is now
+    ctxkit.stages.quarantine.registry, and the upgrade dropped every record and release as unreadable."""
+    import sys
+
+    import diskcache
+
+    from ctxkit.stages.quarantine import registry as module
+    from ctxkit.stages.quarantine.registry import Namespace
+
+    old = Namespace(records={"fp1": _record("fp1")}, released={"fp0": None}, issued={}, generation=1)
+    with monkeypatch.context() as m:  # written as 0.1 wrote it
+        m.setattr(Namespace, "__module__", "ctxkit.stages.quarantine_registry")
+        m.setitem(sys.modules, "ctxkit.stages.quarantine_registry", module)
+        with diskcache.Cache(str(tmp_path), eviction_policy="none") as cache:
+            cache.set(("space", "ns"), old)
+    assert "ctxkit.stages.quarantine_registry" not in sys.modules
+    state = QuarantineRegistry(10_000, tmp_path).snapshot("ns")
+    assert list(state.records) == ["fp1"] and list(state.released) == ["fp0"]
+    assert "ctxkit.stages.quarantine_registry" not in sys.modules
+
+
+def test_an_unwritable_registry_fails_no_model_call(tmp_path, caplog):
+    """A registry that cannot write (a full or read-only disk): the tool error is still marked for this call, an
+    ERROR says quarantines are not kept, and the call goes on (it failed with sqlite3.OperationalError)."""
+    stage = QuarantineStage(directory=tmp_path)
+    stage.registry._db.execute("PRAGMA query_only = ON")  # SQLite refuses every write, as on a read-only disk
+    error = "Traceback (most recent call last):\n  File \"app.py\", line 1\nKeyError: 'city'"
+    messages = [{"role": "user", "content": "hi"}, *_turn(error)]
+    with caplog.at_level("ERROR", logger="ctxkit.quarantine"):
+        out = stage.before_model(ChatRequest(messages=messages))
+        stage.before_model(ChatRequest(messages=messages))
+    assert is_quarantined(out, messages[-1])
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "cannot write" in caplog.records[0].message

@@ -101,6 +101,9 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
     for extra, message in ((["--cache", str(tmp_path / "c"), "--no-stages"], "no effect with --no-stages"),
                            (["--state-dir", str(tmp_path / "s"), "--no-stages"], "no effect with --no-stages"),
+                           (["--quarantine-store", "postgresql://nobody:pw-0042@127.0.0.1:1/db"],
+                            "cannot open the quarantine registry in PostgreSQL"),
+                           (["--quarantine-store", str(tmp_path / "q")], "store takes a postgresql:// URL"),
                            (["--max-concurrency", "0"], "max_concurrency must be at least 1"),
                            (["--max-queue", "-1"], "max_queue must be at least 0"),
                            # the error named counter=, a Python argument a CLI user cannot pass
@@ -146,6 +149,41 @@ def test_a_release_made_over_http_outlives_a_restart_with_a_state_dir(tmp_path):
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_replicas_on_different_hosts_share_releases_through_postgres(tmp_path, pg_dsn):
+    """`--quarantine-store postgresql://...`: content one replica quarantined is listed by another, and a
+    release made on that one is seen by the first at its next call (with `--state-dir`, only replicas that
+    share the directory, on one host, shared them)."""
+    import uuid
+
+    import psycopg
+
+    name = f"q_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    store = pg_dsn.replace("/postgres?", f"/{name}?", 1)
+    headers = {"Authorization": "Bearer cli-key-00001"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_orders", "arguments": "{}"}}
+    body = {"max_tokens": 2, "messages": [
+        {"role": "user", "content": "List my orders."}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Traceback (most recent call last):\nKeyError: 'user'"}]}
+    ports = [free_port(), free_port()]
+    replicas = [_serve(port, tmp_path / f"{port}.jsonl", "--quarantine-store", store, "--state-dir",
+                       str(tmp_path / f"state-{port}")) for port in ports]
+    a, b = (f"http://127.0.0.1:{port}/v1" for port in ports)
+    try:
+        for port, process in zip(ports, replicas, strict=True):
+            wait_until_up(f"http://127.0.0.1:{port}/healthz", process, "ctxkit serve")
+        assert httpx.post(f"{a}/chat/completions", headers=headers, json=body, timeout=300).status_code == 200
+        [record] = httpx.get(f"{b}/ctxkit/quarantine", headers=headers).json()["data"]
+        assert record["source"] == "get_orders"
+        assert httpx.post(f"{b}/ctxkit/quarantine/{record['fingerprint']}/release", headers=headers).status_code == 200
+        assert httpx.get(f"{a}/ctxkit/quarantine", headers=headers).json()["data"] == []
+    finally:
+        for process in replicas:
+            process.terminate()
+            process.communicate(timeout=30)
 
 
 DRAGON = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}], "max_tokens": 900}

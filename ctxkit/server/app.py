@@ -38,6 +38,7 @@ from ..errors import (
     BackendTimeoutError,
     ContextOverflowError,
     CtxkitError,
+    QuarantineStoreUnavailable,
     RequestError,
 )
 from ..pipeline import Pipeline
@@ -227,6 +228,10 @@ class _Proxy:
             if not any([stage.release(fingerprint, namespace) for stage in self._quarantines()]):
                 raise HTTPError(404, "not_found_error", f"nothing quarantined with fingerprint {fingerprint!r} "
                                 "in this namespace", param="fingerprint", code="quarantine_not_found")
+        except QuarantineStoreUnavailable as exc:  # the shared registry's database is away: retry later
+            return self._failed("quarantine", HTTPError(503, "service_unavailable", str(exc),
+                                                        code="quarantine_store_unavailable",
+                                                        headers={"Retry-After": "10"}))
         except HTTPError as exc:
             return self._failed("quarantine", exc)
         self.metrics.requests.labels("quarantine", "200").inc()

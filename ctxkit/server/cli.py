@@ -4,10 +4,12 @@
     ctxkit serve --api-keys-file keys.txt --upstream http://vllm:8000/v1 --upstream-model gpt-4o-mini
 
     ctxkit serve --cache postgresql://ctxkit@db/ctxkit     # replicas share one semantic cache
+    ctxkit serve --quarantine-store postgresql://ctxkit@db/ctxkit   # ... and quarantine records and releases
 
 Replicas: run several behind a load balancer with the same keys. Each replica is stateless apart from
-its stages; the only shared state is the semantic cache, given as `--cache postgresql://...` (pgvector)
-to every replica. `--cache DIR` keeps a local cache for a single replica. Each replica appends to its own
+its stages; the shared state is the semantic cache, given as `--cache postgresql://...` (pgvector) to every
+replica, and the quarantine records and releases, given as `--quarantine-store postgresql://...` (the same
+database or another). `--cache DIR` keeps a local cache for a single replica. Each replica appends to its own
 ledger file (or one shared file: appends are atomic whole lines).
 """
 
@@ -78,6 +80,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--state-dir", metavar="DIR", type=Path,
                        help="keep quarantine records and releases, and conversation summaries, in DIR so they "
                             "outlive a restart (default: in memory)")
+    serve.add_argument("--quarantine-store", metavar="DSN",
+                       help="keep quarantine records and releases in this postgresql:// database instead, shared "
+                            "by replicas on every host (may be the --cache database)")
     local = serve.add_argument_group("local model (the default backend)")
     local.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     local.add_argument("--n-ctx", type=int, default=4096, help="context window in tokens (default 4096)")
@@ -203,10 +208,12 @@ def run_cli(args: argparse.Namespace) -> None:
 
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
-    if args.no_stages and (args.cache or args.state_dir):
-        raise ConfigurationError("--cache and --state-dir have no effect with --no-stages: they keep stages' state")
+    if args.no_stages and (args.cache or args.state_dir or args.quarantine_store):
+        raise ConfigurationError("--cache, --state-dir and --quarantine-store have no effect with --no-stages: "
+                                 "they keep stages' state")
     stages = [] if args.no_stages else default_stages(backend, cache_store=build_cache_store(args.cache),
-                                                      state_dir=args.state_dir)
+                                                      state_dir=args.state_dir,
+                                                      quarantine_store=args.quarantine_store)
     pipeline = Pipeline(backend, stages, ledger=Ledger(args.ledger))
     app = create_app(pipeline, keys, max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
                      max_queue=args.max_queue,

@@ -29,6 +29,7 @@ def default_stages(
     cache_store: Any = None,
     documents_budget_tokens: int | None = None,
     state_dir: str | Path | None = None,
+    quarantine_store: str | None = None,
 ) -> list[Stage]:
     """The stages `ctxkit demo` and `ctxkit serve` run, in the order that keeps them correct:
 
@@ -40,6 +41,8 @@ def default_stages(
     cache_store:         a CacheStore to use instead (PostgresStore for replicas).
     state_dir:           where quarantine records and releases (state_dir/quarantine) and conversation
                          summaries (state_dir/summaries) are kept, so they outlive a restart (None: memory).
+    quarantine_store:    a postgresql:// URL: quarantine records and releases are kept there instead, shared by
+                         replicas on every host (summaries stay under state_dir).
     summarize_at_tokens: fold old history once a request passes this many tokens
                          (default: 60% of the backend's context window).
     documents_budget_tokens: the call's documents (`metadata["documents"]`, `<document>` blocks) are cut to
@@ -59,8 +62,9 @@ def default_stages(
     if documents_budget_tokens is None:
         documents_budget_tokens = max(1, min(4000, backend.context_window // 4))
     state = Path(state_dir) if state_dir is not None else None
-    stages: list[Stage] = [QuarantineStage(counter=backend.counter,
-                                           directory=state / "quarantine" if state is not None else None)]
+    stages: list[Stage] = [QuarantineStage(
+        counter=backend.counter, store=quarantine_store,
+        directory=state / "quarantine" if state is not None and quarantine_store is None else None)]
     if cache_store is None and cache_dir is not None:
         cache_store = LocalStore(cache_dir)
     if cache_store is not None:

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import json
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -238,12 +239,19 @@ class QuarantineRegistry:
                 return
             import diskcache
 
+            # 0.1 pickled its Namespace as ctxkit.stages.quarantine_registry.Namespace, the module this one was:
+            # without the old name every record and release was dropped as unreadable.
+            legacy = "ctxkit.stages.quarantine_registry"
+            alias = sys.modules.setdefault(legacy, sys.modules[__name__]) is sys.modules[__name__]
             try:
                 with diskcache.Cache(str(directory), eviction_policy="none") as old:
                     spaces = [(key[1], old.get(key)) for key in old.iterkeys()
                               if isinstance(key, tuple) and key[0] == "space"]
             except (sqlite3.DatabaseError, OSError, AttributeError, ImportError):
                 return  # not a registry we can read: the new one starts empty beside it
+            finally:
+                if alias:
+                    sys.modules.pop(legacy, None)
             for name, space in spaces:
                 if not isinstance(space, Namespace):
                     continue

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jsonschema
 
 from ..._aio import tracked_to_thread
 from ...errors import ConfigurationError
+from ...lru import LRUMemo
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import (
     DOCUMENTS_KEY,
@@ -39,13 +42,20 @@ from .registry import QuarantineRecord, QuarantineRegistry
 from .schema import find_schema_violation
 from .tool_errors import NULL_RESULT, find_tool_error
 
+if TYPE_CHECKING:
+    from .pg_registry import PostgresQuarantineRegistry
+
 logger = logging.getLogger("ctxkit.quarantine")
+_T = TypeVar("_T")
 
 # Filled by QuarantineStage.before_model while wrap_call runs a subclass's own before_model (which calls it through
 # super()): the check of the model's answer that _prepare made, which the hook's return value cannot carry.
 _PREPARED_CHECK: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("ctxkit_quarantine_check",
                                                                                     default=None)
 
+# Verdicts about a text alone (a tool error, an injection) kept per stage: an agent loop resends every tool
+# result of its history on each call, and reading 150 KB of them again cost half a second per call.
+REMEMBERED_VERDICTS = 4096
 _CONTEXT_KINDS = ("schema", "contradiction")  # verdicts that depend on the request, not only on the content
 
 
@@ -67,12 +77,16 @@ class QuarantineStage(Stage):
         counter: Any = None,
         max_records: int = 10_000,
         directory: str | Path | None = None,
+        store: str | None = None,
     ) -> None:
         """max_records: per namespace, the most quarantine records (and released fingerprints, and
         placeholders) kept; beyond it the oldest go, so a long-running server does not grow without end.
         Content whose record went is checked again when it comes back.
         directory: keep the records and releases there too (registry.py): they outlive a restart,
-        and processes given the same directory share them."""
+        and processes given the same directory share them.
+        store: a `postgresql://` URL instead: the records and releases are kept in that database
+        (pg_registry.py), shared by replicas on any host; a release on one is seen by the others at their
+        next call. Give either `directory` or `store`."""
         max_records = whole_number(max_records, "max_records", minimum=1)
         self.max_records = max_records
         self.output_schemas = {k: dict(v) for k, v in (output_schemas or {}).items()}
@@ -88,7 +102,20 @@ class QuarantineStage(Stage):
         self.check_documents = check_documents
         self.withhold_after_step = withhold_after_step
         self.counter = counter if counter is not None else default_counter()
-        self.registry = QuarantineRegistry(max_records, directory)
+        self.registry: QuarantineRegistry | PostgresQuarantineRegistry
+        if store is not None:
+            if directory is not None:
+                raise ConfigurationError("give the quarantine registry a directory or a store, not both")
+            if not isinstance(store, str) or not store.startswith(("postgresql://", "postgres://")):
+                scheme = str(store).split("://")[0] + "://" if "://" in str(store) else "a path"  # never the password
+                raise ConfigurationError(f"store takes a postgresql:// URL, not {scheme} (a directory goes in directory=)")
+            from .pg_registry import PostgresQuarantineRegistry  # psycopg only where it is used
+
+            self.registry = PostgresQuarantineRegistry(max_records, store)
+        else:
+            self.registry = QuarantineRegistry(max_records, directory)
+        self._verdicts: LRUMemo[tuple[str, ...], Finding | None] = LRUMemo(REMEMBERED_VERDICTS)
+        self._unwritable = False  # the registry's last write failed (a full or read-only disk): logged once
 
     # -- the public registry ----------------------------------------------------------------------
     def list(self, namespace: str = "default") -> list[QuarantineRecord]:  # noqa: A003 - the issue's name
@@ -108,22 +135,25 @@ class QuarantineStage(Stage):
     def check_message(
         self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
         *, after_injection: bool = False, injected: Sequence[str] = (),
+        failed: Sequence[tuple[str, Finding]] | None = None,
     ) -> Finding | None:
         """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
-        result of this turn carried an injection, so an answer repeating it is checked for one too."""
+        result of this turn carried an injection, so an answer repeating it is checked for one too.
+        `failed`: the failed or schema-breaking tool results of this turn with their findings, when the
+        caller has them (the stage's pass over a request collects them once); else they are found here."""
         message = messages[index]
         text = message_text(dict(message))
         role = message.get("role")
         if role == "tool":
             tool = _tool_name(messages, index)
             schema = schemas.get(tool)
-            if self.check_errors and (finding := find_tool_error(text, tool)):
+            if self.check_errors and (finding := self._text_finding(find_tool_error, text, tool)):
                 if not (finding.reason == NULL_RESULT and schema is not None
                         and find_schema_violation(text, schema) is None):  # the tool promises null may come
                     return finding
             if self.check_schemas and schema is not None and (finding := find_schema_violation(text, schema)):
                 return finding
-            if self.check_injection and (finding := find_injection(text)):
+            if self.check_injection and (finding := self._text_finding(find_injection, text)):
                 return finding
         elif role == "assistant" and isinstance(message.get("content"), str):
             if after_injection and self.check_injection and (finding := find_injection(message["content"])):
@@ -144,29 +174,55 @@ class QuarantineStage(Stage):
                 if carried := _repeated_payload(message["content"], injected, said):
                     # the answer passes on what the injection planted (its link, its account number, its code)
                     return Finding("injection", "the answer repeats what an injected tool result planted", carried)
-            if (echoed := self._repeated_failed_result(messages, index, schemas)) is not None:
+            if (echoed := self._repeated_failed_result(messages, index, schemas, failed)) is not None:
                 return echoed
             if self.check_contradictions:
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
                 return find_contradiction(message["content"], _turn_tool_results(messages, index))
         return None
 
+    def _written(self, write: Callable[[], _T], unwritten: _T) -> _T:
+        """A registry write. A full or read-only disk under its directory fails no model call (as the summary
+        store): the content is still marked for this call and found again on the next, and an ERROR, logged
+        once until a write succeeds again, says that quarantines are not kept meanwhile."""
+        try:
+            result = write()
+        except sqlite3.OperationalError as exc:
+            if not self._unwritable:
+                logger.error("the quarantine registry cannot write (%s): quarantines found meanwhile are marked "
+                             "but not kept", exc)
+            self._unwritable = True
+            return unwritten
+        self._unwritable = False
+        return result
+
+    def _text_finding(self, detector: Callable[..., Finding | None], text: str, *args: str) -> Finding | None:
+        """`detector(text, *args)`, remembered by the text's hash (see REMEMBERED_VERDICTS)."""
+        key = (detector.__name__, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), *args)
+        remembered = self._verdicts.get([key])
+        if key in remembered:
+            return remembered[key]
+        finding = detector(text, *args)
+        self._verdicts.put({key: finding})
+        return finding
+
     def _repeated_failed_result(self, messages: Sequence[Mapping[str, Any]], index: int,
-                                schemas: Mapping[str, Mapping[str, Any]]) -> Finding | None:
-        """An answer that copies a failed or schema-breaking tool result it was just shown, word for word (a
-        small model often answers with the `<tool_response>` it saw), carries that result into summaries and
-        the cache: it is quarantined with it. Only a copied line of 24 characters or more counts, and only the
-        results right before the answer are read, so a long agent loop is not re-read for every answer."""
+                                schemas: Mapping[str, Mapping[str, Any]],
+                                failed: Sequence[tuple[str, Finding]] | None) -> Finding | None:
+        """An answer that copies a failed or schema-breaking tool result of its turn word for word (a small
+        model often answers with the `<tool_response>` it was shown, also one from an earlier step of the
+        turn) carries that result into summaries and the cache: it is quarantined with it. Only a copied line
+        of 24 characters or more counts."""
         answer = messages[index]["content"]
-        j = index - 1
-        while j >= 0 and messages[j].get("role") == "tool":
-            lines = (line.strip() for line in message_text(dict(messages[j])).splitlines())
-            if any(len(line) >= 24 and line in answer for line in lines):
-                finding = self.check_message(messages, j, schemas)
-                if finding is not None and finding.kind in ("tool_error", "schema"):
-                    return Finding(finding.kind, f"the answer repeats a tool result that was quarantined "
-                                                 f"({finding.reason})", finding.evidence)
-            j -= 1
+        if failed is None:
+            failed = [(message_text(dict(messages[j])), finding) for j in _turn_tool_indices(messages, index)
+                      if (finding := self.check_message(messages, j, schemas)) is not None]
+        for text, finding in failed:
+            if finding.kind not in ("tool_error", "schema"):
+                continue
+            if any(len(line) >= 24 and line in answer for line in (line.strip() for line in text.splitlines())):
+                return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
+                               finding.evidence)
         return None
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
@@ -191,10 +247,12 @@ class QuarantineStage(Stage):
         # The texts of the injected tool results so far, in any turn: a later answer that passes on what one
         # planted (its link, its account number) is the injection still working, turns after its result.
         injected: list[str] = []
+        failed: list[tuple[str, Finding]] = []  # the current turn's failed results: an answer copying one carries it
         turn_results = False  # the current turn has tool results (an answer to it may contradict them)
         for index, message in enumerate(messages):
             if message.get("role") == "user":
                 injected_turn = False
+                failed = []
                 turn_results = False
                 # Documents pasted into a user message are checked too; the message is marked (kept out of
                 # summaries and the cache) but never withheld: the user's own words are in it.
@@ -208,16 +266,18 @@ class QuarantineStage(Stage):
                 continue
             record = self._record(request, message, released, known,
                                   partial(self._message_finding, messages, index, schemas, injected_turn,
-                                          tuple(injected)))
+                                          tuple(injected), tuple(failed)))
             if record is None:
                 continue
             if record.kind == "injection" and message.get("role") == "tool":
                 injected_turn = True
                 injected.append(message_text(dict(message)))
+            if record.kind in ("tool_error", "schema") and message.get("role") == "tool":
+                failed.append((message_text(dict(message)), Finding(record.kind, record.reason, record.evidence)))
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
-                self.registry.add_issued(namespace, placeholder)
+                self._written(partial(self.registry.add_issued, namespace, placeholder), None)
                 out[index] = {**message, "content": placeholder}
                 marks.append((out[index], "withheld by quarantine"))
                 withheld.append(index)
@@ -233,7 +293,7 @@ class QuarantineStage(Stage):
             # answer was cached and served meanwhile, and one the app never sends back with its tool results
             # (a chat UI that keeps user and assistant turns) was never checked at all.
             check = _once(partial(self._check_answer, request, messages, schemas, injected_turn, tuple(injected),
-                                  frozenset(released)))
+                                  tuple(failed), frozenset(released)))
         if not marks and not metadata_changes:
             return request, check
         if withheld:
@@ -305,7 +365,7 @@ class QuarantineStage(Stage):
 
     def _check_answer(self, request: ChatRequest, messages: Sequence[Mapping[str, Any]],
                       schemas: Mapping[str, Mapping[str, Any]], after_injection: bool, injected: Sequence[str],
-                      released: frozenset[str], message: Mapping[str, Any],
+                      failed: Sequence[tuple[str, Finding]], released: frozenset[str], message: Mapping[str, Any],
                       record: EventRecorder | None = None) -> str | None:
         """Why the model's answer to `request` is quarantined (recorded as the app will send it back), or None."""
         content = message.get("content")
@@ -316,7 +376,7 @@ class QuarantineStage(Stage):
             answer["tool_calls"] = message["tool_calls"]
         history = [*messages, answer]
         finding = self.check_message(history, len(history) - 1, schemas, after_injection=after_injection,
-                                     injected=injected)
+                                     injected=injected, failed=failed)
         fp = fingerprint(answer)
         if finding is None or fp in released:
             return None
@@ -355,8 +415,10 @@ class QuarantineStage(Stage):
 
     def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
                          schemas: Mapping[str, Mapping[str, Any]], after_injection: bool,
-                         injected: Sequence[str] = ()) -> tuple[Finding | None, str]:
-        return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected),
+                         injected: Sequence[str] = (), failed: Sequence[tuple[str, Finding]] = ()
+                         ) -> tuple[Finding | None, str]:
+        return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected,
+                                   failed=failed),
                 _source(messages, index))
 
     def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
@@ -390,7 +452,8 @@ class QuarantineStage(Stage):
             role=str(message.get("role")), source=source, excerpt=shorten(redact(message_text(dict(message))), 160),
             conversation_id=request.conversation_id, created_at=time.time(),
         )
-        kept = self.registry.add_record(record)
+        unwritten: QuarantineRecord | None = record  # not kept, but quarantined for this call all the same
+        kept = self._written(partial(self.registry.add_record, record), unwritten)
         if kept is None:  # released by another thread or process since this call's snapshot: it stays released
             return None
         if kept is not record:  # another thread or process got there first: one record, one log line
@@ -472,16 +535,21 @@ def _source(messages: Sequence[Mapping[str, Any]], index: int) -> str:
     return _tool_name(messages, index) if role == "tool" else str(role)
 
 
-def _turn_tool_results(messages: Sequence[Mapping[str, Any]], index: int) -> list[tuple[str, str]]:
-    """The tool results an assistant message rests on: those since the last user message before it."""
-    results: list[tuple[str, str]] = []
+def _turn_tool_indices(messages: Sequence[Mapping[str, Any]], index: int) -> list[int]:
+    """Where the tool results an assistant message rests on are: those since the last user message before it."""
+    indices: list[int] = []
     for k in range(index - 1, -1, -1):
         role = messages[k].get("role")
         if role == "user":
             break
         if role == "tool":
-            results.append((_tool_name(messages, k), message_text(dict(messages[k]))))
-    return results
+            indices.append(k)
+    return indices
+
+
+def _turn_tool_results(messages: Sequence[Mapping[str, Any]], index: int) -> list[tuple[str, str]]:
+    """The tool results an assistant message rests on, as (tool name, text)."""
+    return [(_tool_name(messages, k), message_text(dict(messages[k]))) for k in _turn_tool_indices(messages, index)]
 
 
 def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

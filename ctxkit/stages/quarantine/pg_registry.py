@@ -1,0 +1,386 @@
+"""The quarantine registry on PostgreSQL: replicas on different hosts share records and releases.
+
+`PostgresQuarantineRegistry(max_records, "postgresql://user@host/db")` keeps what `QuarantineRegistry`
+keeps, with the same semantics, in three tables (`{table_prefix}_namespaces`, `_entries`, `_changes`):
+one row per record, released fingerprint or placeholder, and a short per-namespace change log. Each
+replica keeps its own copy of the namespaces it uses and, at each call, reads only the changes made since
+(one small query when there are none): a release on one replica is seen by the others at their next call.
+
+Writers to one namespace are serialized by a row lock on its `_namespaces` row, taken at the start of
+the transaction, so concurrent replicas lose nothing and number their changes without gaps.
+
+The database going away (a restart, a failover, a network cut, the tables dropped) fails no model call:
+the registry logs an ERROR once and works from its copy in memory; what it quarantines meanwhile is kept
+there and written to the database when it is back (tried again at most every `retry_s` seconds).
+A release cannot be kept in memory only (the other replicas would hold the content back, and the
+operator believe it released): it raises `QuarantineStoreUnavailable` until the database is back.
+A bad URL, an unreachable server or missing rights at construction raise `ConfigurationError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ...errors import ConfigurationError, QuarantineStoreUnavailable
+from .registry import (
+    _ESCAPED,
+    CHANGE_LOG,
+    ISSUED,
+    MAX_NAMESPACES_IN_MEMORY,
+    RECORD,
+    RELEASED,
+    Namespace,
+    QuarantineRecord,
+    _decode,
+    _encode,
+    _from_db,
+)
+from .registry import _to_db as _sqlite_to_db
+
+logger = logging.getLogger("ctxkit.quarantine")
+
+_PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+_T = TypeVar("_T")
+
+
+class PostgresQuarantineRegistry:
+    """QuarantineRegistry on PostgreSQL; per namespace at most `max_records` records, released fingerprints
+    and placeholders each, the oldest going first."""
+
+    def __init__(self, max_records: int, dsn: str, *, table_prefix: str = "ctxkit_quarantine",
+                 connect_timeout_s: float = 5.0, statement_timeout_s: float = 5.0, retry_s: float = 10.0) -> None:
+        if not _PREFIX_RE.match(table_prefix):
+            raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigurationError("the shared quarantine registry needs: pip install 'ctxkit[postgres]'") from None
+        self.max_records = max_records
+        self.dsn = dsn
+        self.retry_s = retry_s
+        self._connect_timeout = max(2, math.ceil(connect_timeout_s))
+        self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._t = {name: f"{table_prefix}_{name}" for name in ("namespaces", "entries", "changes")}
+        self._lock = threading.Lock()  # one connection, used under it by any thread, as the SQLite registry does
+        self._spaces: dict[str, Namespace] = {}  # insertion order = least recently used first
+        self._conn: Any = None
+        self._pid = os.getpid()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._pending: list[tuple[str, Any]] = []  # writes made while the database was away, oldest first
+        self._inherited: list[Any] = []  # a parent's connection after a fork: never used, never closed
+        try:
+            self._conn = self._connect()
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the operator's to fix
+            raise ConfigurationError(f"cannot open the quarantine registry in PostgreSQL: {self._redact(exc)}") from None
+
+    # -- the registry's interface (as QuarantineRegistry's) ----------------------------------------
+    def snapshot(self, namespace: str) -> Namespace:
+        """A copy of the namespace's state as the database has it now (while it is away: as this replica last
+        saw it, with what it quarantined since)."""
+        with self._lock:
+            space = self._attempt(lambda conn: self._current(conn, namespace), lambda: self._cached(namespace))
+            return Namespace(dict(space.records), dict(space.released), dict(space.issued), space.generation)
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return self._attempt(
+                lambda conn: [_from_db(r[0]) for r in conn.execute(
+                    f"SELECT namespace FROM {self._t['namespaces']} WHERE seq > 0 ORDER BY namespace")],
+                lambda: sorted(self._spaces))
+
+    def add_record(self, record: QuarantineRecord) -> QuarantineRecord | None:
+        """Keep `record`; the record kept already when another replica got there first; None when the content
+        was released meanwhile."""
+        with self._lock:
+            return self._attempt(lambda conn: self._add_record(conn, record),
+                                 lambda: self._offline_write("record", record))
+
+    def release(self, fingerprint: str, namespace: str) -> bool:
+        """Lift one quarantine; False when nothing with that fingerprint was quarantined there. Raises
+        QuarantineStoreUnavailable when the database cannot be reached."""
+        def release(conn: Any) -> bool:
+            with self._writer(conn, namespace) as writer:
+                if not writer.delete(RECORD, fingerprint):
+                    return False
+                writer.put(RELEASED, fingerprint)
+            self._current(conn, namespace)
+            return True
+
+        def unavailable() -> bool:
+            raise QuarantineStoreUnavailable("the quarantine registry's PostgreSQL cannot be reached: nothing was "
+                                             "released; try again when it is back")
+
+        with self._lock:
+            return self._attempt(release, unavailable)
+
+    def add_issued(self, namespace: str, placeholder: str) -> None:
+        with self._lock:
+            if placeholder in self._cached(namespace).issued:  # most calls re-send placeholders issued before
+                return
+            self._attempt(lambda conn: self._add_issued(conn, namespace, placeholder),
+                          lambda: self._offline_write("issued", (namespace, placeholder)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+    # -- connection and outages -------------------------------------------------------------------
+    def _connect(self) -> Any:
+        import psycopg
+
+        # libpq waits for a server without end by default; the URL's or PGCONNECT_TIMEOUT's value wins
+        given = "connect_timeout" in psycopg.conninfo.conninfo_to_dict(self.dsn) or os.environ.get("PGCONNECT_TIMEOUT")
+        timeout: dict[str, Any] = {} if given else {"connect_timeout": self._connect_timeout}
+        conn = psycopg.connect(self.dsn, autocommit=True, **timeout)
+        try:
+            # a write must not wait without end behind a lock or a stuck server: past this it is an outage
+            conn.execute(f"SET statement_timeout = {self._statement_timeout_ms}")
+            self._ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_schema(self, conn: Any) -> None:
+        t = self._t
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"ctxkit_quarantine:{t['entries']}",))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {t['namespaces']} (namespace text PRIMARY KEY, seq bigint NOT NULL)")
+            conn.execute(f"""CREATE TABLE IF NOT EXISTS {t['entries']} (
+                namespace text NOT NULL, kind text NOT NULL, key text NOT NULL, value text, seq bigint NOT NULL,
+                PRIMARY KEY (namespace, kind, key))""")
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {t['entries']}_by_age ON {t['entries']} (namespace, kind, seq)")
+            conn.execute(f"""CREATE TABLE IF NOT EXISTS {t['changes']} (
+                namespace text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, key text NOT NULL, value text,
+                deleted boolean NOT NULL, PRIMARY KEY (namespace, seq))""")
+
+    def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T]) -> _T:
+        """`work` on the database; once more on a new connection (and the tables made again) when the first
+        try fails, for a server restarted since the last call; `offline()` when the database is away.
+        Under _lock."""
+        import psycopg
+
+        from ..cache.pg_store import _watchdog
+
+        now = time.monotonic()
+        if self._down_since is not None and now < self._retry_at:
+            return offline()
+        error: Exception | None = None
+        for _ in range(1 if self._down_since is not None else 2):  # a server still away costs one wait, not two
+            try:
+                if os.getpid() != self._pid:
+                    self._inherited.append(self._conn)  # closing it would end the parent's session
+                    self._conn, self._pid = None, os.getpid()
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._conn = self._connect()
+                # the server enforces statement_timeout; one that stopped answering is cut off by the watchdog
+                with _watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
+                    self._flush_pending(self._conn)
+                    result = work(self._conn)
+            except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
+                    psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
+                error = exc
+                self._drop_connection()
+                continue
+            if self._down_since is not None:
+                logger.warning("the quarantine registry's PostgreSQL is back after %.0f s",
+                               now - self._down_since)
+                self._down_since = None
+            return result
+        if self._down_since is None:
+            self._down_since = now
+            logger.error("the quarantine registry's PostgreSQL cannot be reached; quarantines are kept in this "
+                         "replica's memory until it is back, and releases refused: %s", self._redact(error))
+        self._retry_at = now + self.retry_s
+        return offline()
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None and os.getpid() == self._pid:  # a forked child leaves its parent's session alone
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a lost connection
+                pass
+        self._conn = None
+
+    def _offline_write(self, what: str, item: Any) -> Any:
+        """Keep a write in memory while the database is away; it is written when the database is back."""
+        if what == "record":
+            space = self._cached(item.namespace)
+            kept = space.records.get(item.fingerprint)
+            if kept is not None:
+                return kept
+            if item.fingerprint in space.released:
+                return None
+            space.records[item.fingerprint] = item
+            self._pending.append((what, item))
+            return item
+        namespace, placeholder = item
+        self._cached(namespace).issued[placeholder] = None
+        self._pending.append((what, item))
+        return None
+
+    def _flush_pending(self, conn: Any) -> None:
+        while self._pending:
+            what, item = self._pending[0]
+            if what == "record":
+                self._add_record(conn, item)
+            else:
+                self._add_issued(conn, *item)
+            self._pending.pop(0)
+
+    def _redact(self, exc: BaseException | None) -> str:
+        """The error's first line without the URL's password (libpq may quote it)."""
+        from ..cache.pg_store import _redact
+
+        return _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
+
+    # -- the namespaces' state ---------------------------------------------------------------------
+    def _cached(self, namespace: str) -> Namespace:
+        """This replica's copy of the namespace (an empty one, kept, when it has none)."""
+        space = self._spaces.pop(namespace, None) or Namespace()
+        self._spaces[namespace] = space
+        self._evict()
+        return space
+
+    def _evict(self) -> None:
+        while len(self._spaces) > MAX_NAMESPACES_IN_MEMORY:
+            del self._spaces[next(iter(self._spaces))]
+
+    def _current(self, conn: Any, namespace: str) -> Namespace:
+        """The namespace's state with every change made since this replica last looked."""
+        t, key = self._t, _to_db(namespace)
+        row = conn.execute(f"SELECT seq FROM {t['namespaces']} WHERE namespace = %s", (key,)).fetchone()
+        latest = row[0] if row else 0
+        space = self._spaces.pop(namespace, None)
+        if space is None:
+            if latest == 0:
+                return Namespace()  # nothing ever written there (most namespaces): nothing to keep
+            return self._load(conn, namespace, latest)
+        self._spaces[namespace] = space
+        if latest == space.generation:
+            return space
+        changes = conn.execute(
+            f"SELECT seq, kind, key, value, deleted FROM {t['changes']} WHERE namespace = %s AND seq > %s "
+            "AND seq <= %s ORDER BY seq", (key, space.generation, latest)).fetchall()
+        if latest < space.generation or not changes or changes[0][0] != space.generation + 1:
+            return self._load(conn, namespace, latest)  # the log no longer reaches back (or the tables were remade)
+        for _seq, kind, stored, value, deleted in changes:
+            space.apply(kind, _from_db(stored), value, deleted)
+        space.generation = latest
+        return space
+
+    def _load(self, conn: Any, namespace: str, latest: int) -> Namespace:
+        space = Namespace(generation=latest)
+        rows = conn.execute(f"SELECT kind, key, value FROM {self._t['entries']} WHERE namespace = %s ORDER BY seq",
+                            (_to_db(namespace),))
+        for kind, stored, value in rows:
+            space.apply(kind, _from_db(stored), value, False)
+        self._spaces[namespace] = space
+        self._evict()
+        return space
+
+    def _add_record(self, conn: Any, record: QuarantineRecord) -> QuarantineRecord | None:
+        with self._writer(conn, record.namespace) as writer:
+            kept = writer.get(RECORD, record.fingerprint)
+            if kept is not None:
+                return _decode(kept[0])
+            if writer.get(RELEASED, record.fingerprint) is not None:
+                return None
+            writer.put(RECORD, record.fingerprint, _encode(record))
+        self._current(conn, record.namespace)
+        return record
+
+    def _add_issued(self, conn: Any, namespace: str, placeholder: str) -> None:
+        with self._writer(conn, namespace) as writer:
+            writer.put(ISSUED, placeholder)
+        self._current(conn, namespace)
+
+    def _writer(self, conn: Any, namespace: str) -> _Transaction:
+        return _Transaction(conn, self._t, namespace, self.max_records)
+
+
+class _Transaction:
+    """The changes to one namespace in one transaction: each entry written, logged with the next sequence
+    number, and its kind kept within max_records (the oldest go). The namespace's row is locked first, so
+    writers on every replica take turns and build on each other's changes."""
+
+    def __init__(self, conn: Any, tables: dict[str, str], namespace: str, max_records: int) -> None:
+        self.conn, self.t, self.namespace, self.max_records = conn, tables, _to_db(namespace), max_records
+        self._tx: Any = None
+
+    def __enter__(self) -> _Transaction:
+        self._tx = self.conn.transaction()
+        self._tx.__enter__()
+        self.conn.execute(f"INSERT INTO {self.t['namespaces']} VALUES (%s, 0) ON CONFLICT (namespace) DO NOTHING",
+                          (self.namespace,))
+        row = self.conn.execute(f"SELECT seq FROM {self.t['namespaces']} WHERE namespace = %s FOR UPDATE",
+                                (self.namespace,)).fetchone()
+        self.start = self.seq = row[0]
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        if exc[0] is None and self.seq != self.start:
+            try:
+                self.conn.execute(f"UPDATE {self.t['namespaces']} SET seq = %s WHERE namespace = %s",
+                                  (self.seq, self.namespace))
+                self.conn.execute(f"DELETE FROM {self.t['changes']} WHERE namespace = %s AND seq <= %s",
+                                  (self.namespace, self.seq - CHANGE_LOG))
+            except BaseException as error:  # rolled back, not left open on the connection
+                self._tx.__exit__(type(error), error, error.__traceback__)
+                raise
+        return self._tx.__exit__(*exc)  # type: ignore[no-any-return]
+
+    def get(self, kind: str, key: str) -> tuple[str | None] | None:
+        row = self.conn.execute(f"SELECT value FROM {self.t['entries']} WHERE namespace = %s AND kind = %s AND key = %s",
+                                (self.namespace, kind, _to_db(key))).fetchone()
+        return None if row is None else (row[0],)
+
+    def put(self, kind: str, key: str, value: str | None = None) -> bool:
+        stored = _to_db(key)
+        inserted = self.conn.execute(
+            f"INSERT INTO {self.t['entries']} VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (self.namespace, kind, stored, value, self.seq + 1)).rowcount
+        if not inserted:
+            return False
+        self._log(kind, stored, value, deleted=False)
+        (count,) = self.conn.execute(f"SELECT count(*) FROM {self.t['entries']} WHERE namespace = %s AND kind = %s",
+                                     (self.namespace, kind)).fetchone()
+        if count > self.max_records:
+            oldest = self.conn.execute(
+                f"DELETE FROM {self.t['entries']} WHERE (namespace, kind, key) IN (SELECT namespace, kind, key FROM "
+                f"{self.t['entries']} WHERE namespace = %s AND kind = %s ORDER BY seq LIMIT %s) RETURNING key",
+                (self.namespace, kind, count - self.max_records)).fetchall()
+            for (old,) in oldest:
+                self._log(kind, old, None, deleted=True)
+        return True
+
+    def delete(self, kind: str, key: str) -> bool:
+        stored = _to_db(key)
+        gone = self.conn.execute(f"DELETE FROM {self.t['entries']} WHERE namespace = %s AND kind = %s AND key = %s",
+                                 (self.namespace, kind, stored)).rowcount
+        if gone:
+            self._log(kind, stored, None, deleted=True)
+        return bool(gone)
+
+    def _log(self, kind: str, key: str, value: str | None, *, deleted: bool) -> None:
+        self.seq += 1
+        self.conn.execute(f"INSERT INTO {self.t['changes']} VALUES (%s, %s, %s, %s, %s, %s)",
+                          (self.namespace, self.seq, kind, key, value, deleted))
+
+
+def _to_db(text: str) -> str:
+    """A namespace, fingerprint or placeholder PostgreSQL cannot keep as text (a lone surrogate, which the SQLite
+    registry escapes too, or a NUL character) is kept as its JSON escape behind the SQLite registry's mark."""
+    return _ESCAPED + json.dumps(text) if "\x00" in text else _sqlite_to_db(text)
+
+
+__all__ = ["PostgresQuarantineRegistry"]

@@ -1,0 +1,223 @@
+"""The quarantine registry on PostgreSQL (`QuarantineStage(store="postgresql://...")`), on a real pgserver
+PostgreSQL: replicas on different hosts share records and releases through one database."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from ctxkit import QuarantineStoreUnavailable
+from ctxkit.errors import ConfigurationError
+from ctxkit.quarantine_marks import PLACEHOLDER_PREFIX
+from ctxkit.request import ChatRequest
+from ctxkit.stages.quarantine import QuarantineRecord, QuarantineStage
+from ctxkit.stages.quarantine.pg_registry import PostgresQuarantineRegistry
+
+pytest_plugins = ["tests.pg_fixtures"]
+
+TRACEBACK = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
+
+
+@pytest.fixture
+def db_url(pg_dsn: str) -> str:
+    """A fresh database of the session's server: each test starts with no quarantine tables."""
+    name = f"q_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg_dsn.replace("/postgres?", f"/{name}?", 1)
+
+
+def _history(result: str, *, answered: bool = False) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "Divide 1 by 0"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "divide", "arguments": "{\"a\": 1, \"b\": 0}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+    ]
+    if answered:  # a later step: the tool result is no longer new, so it is withheld
+        messages += [{"role": "assistant", "content": "It failed."}, {"role": "user", "content": "Try 1 by 2"}]
+    return messages
+
+
+def _send(stage: QuarantineStage, messages: list[dict], namespace: str = "team-a") -> ChatRequest:
+    return stage.before_model(ChatRequest(messages=messages, namespace=namespace))
+
+
+def _record(fp: str, namespace: str = "ns") -> QuarantineRecord:
+    return QuarantineRecord(fingerprint=fp, namespace=namespace, kind="tool_error", reason="r", evidence="e",
+                            role="tool", source="s", excerpt="x", conversation_id=None, created_at=time.time())
+
+
+def test_release_on_one_replica_is_seen_by_another_at_its_next_call(db_url):
+    a, b = QuarantineStage(store=db_url), QuarantineStage(store=db_url)
+    sent = _send(a, _history(TRACEBACK, answered=True))
+    assert sent.messages[2]["content"].startswith(PLACEHOLDER_PREFIX)  # withheld on replica A
+
+    [record] = b.list("team-a")  # replica B lists what A quarantined
+    assert (record.kind, record.role, record.source) == ("tool_error", "tool", "divide")
+    assert b.list("team-b") == []  # another tenant's namespace holds nothing
+    assert not b.release(record.fingerprint, "team-b")  # and cannot release it
+    assert b.release(record.fingerprint, "team-a")
+
+    assert a.list("team-a") == []
+    again = _send(a, _history(TRACEBACK, answered=True))  # A's next call: the content is sent as it is
+    assert again.messages[2]["content"] == TRACEBACK
+    assert b.list("team-a") == [] and a.list("team-a") == []  # and not quarantined again
+
+
+def test_a_quarantine_on_one_replica_is_not_recorded_twice_by_another(db_url, caplog):
+    a, b = QuarantineStage(store=db_url), QuarantineStage(store=db_url)
+    caplog.set_level(logging.WARNING, "ctxkit.quarantine")
+    _send(a, _history(TRACEBACK))
+    _send(b, _history(TRACEBACK))
+    assert len(a.list("team-a")) == len(b.list("team-a")) == 1
+    assert len([r for r in caplog.records if r.getMessage().startswith("quarantined")]) == 1
+
+
+def test_release_without_namespace_reaches_every_namespace(db_url):
+    a, b = QuarantineStage(store=db_url), QuarantineStage(store=db_url)
+    _send(a, _history(TRACEBACK), namespace="x")
+    [record] = a.list("x")
+    assert b.release(record.fingerprint)  # the namespace found in the database, not in B's memory
+    assert a.list("x") == []
+
+
+def _writer(url: str, who: int, count: int) -> None:
+    registry = PostgresQuarantineRegistry(10_000, url)
+    for i in range(count):
+        registry.add_record(_record(f"{who}-{i}"))
+        registry.add_record(_record("shared"))  # every process records the same one too: one is kept
+    registry.close()
+
+
+def test_concurrent_writers_in_several_processes_lose_nothing(db_url):
+    follower = PostgresQuarantineRegistry(10_000, db_url)
+    follower.add_record(_record("first"))  # its copy of the namespace is followed through the change log
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_writer, args=(db_url, who, 40)) for who in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    expected = {f"{who}-{i}" for who in range(4) for i in range(40)} | {"shared", "first"}
+    loaded = PostgresQuarantineRegistry(10_000, db_url).snapshot("ns")  # read whole
+    followed = follower.snapshot("ns")
+    assert set(loaded.records) == expected
+    assert followed.records == loaded.records and followed.generation == loaded.generation == len(expected)
+
+
+def test_max_records_is_kept_per_namespace_and_followed_by_other_replicas(db_url):
+    a, b = PostgresQuarantineRegistry(3, db_url), PostgresQuarantineRegistry(3, db_url)
+    assert b.snapshot("ns").records == {}
+    for i in range(5):
+        a.add_record(_record(f"r{i}"))
+    assert list(b.snapshot("ns").records) == ["r2", "r3", "r4"]  # from the change log, oldest gone
+    assert list(PostgresQuarantineRegistry(3, db_url).snapshot("ns").records) == ["r2", "r3", "r4"]
+
+
+def test_odd_text_is_stored(db_url):
+    registry = PostgresQuarantineRegistry(100, db_url)
+    namespace, placeholder = "team\ud83d", "[ctxkit: withheld \x00 and \udc00]"
+    registry.add_record(_record("fp\x00", namespace))
+    registry.add_issued(namespace, placeholder)
+    fresh = PostgresQuarantineRegistry(100, db_url)
+    assert list(fresh.snapshot(namespace).records) == ["fp\x00"]
+    assert list(fresh.snapshot(namespace).issued) == [placeholder]
+    assert fresh.namespaces() == [namespace]
+
+
+@pytest.mark.parametrize("url", ["postgresql://nobody@127.0.0.1:1/db", "postgresql://u:s3cret-pw@[bad/db"])
+def test_bad_url_or_unreachable_server_is_a_configuration_error(url):
+    with pytest.raises(ConfigurationError, match="cannot open the quarantine registry in PostgreSQL") as info:
+        QuarantineStage(store=url)
+    assert "s3cret-pw" not in str(info.value)
+
+
+def test_store_and_directory_are_checked(tmp_path, db_url):
+    with pytest.raises(ConfigurationError, match="not both"):
+        QuarantineStage(store=db_url, directory=tmp_path)
+    with pytest.raises(ConfigurationError, match="postgresql://") as info:
+        QuarantineStage(store="mysql://u:pw@h/db")
+    assert "pw" not in str(info.value)
+
+
+def _cut_off(url: str) -> None:
+    """End every session of the test's database, as a server restart or a failover does."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                     "AND datname = current_database()")
+
+
+def test_a_restarted_server_costs_no_call(db_url):
+    a, b = QuarantineStage(store=db_url), QuarantineStage(store=db_url)
+    _send(a, _history(TRACEBACK))
+    _cut_off(db_url)
+    [record] = b.list("team-a")  # both replicas open a new session at once
+    assert b.release(record.fingerprint, "team-a")
+    _cut_off(db_url)
+    assert _send(a, _history(TRACEBACK, answered=True)).messages[2]["content"] == TRACEBACK
+
+
+def test_database_gone_mid_run_keeps_calls_working_from_memory(db_url, caplog):
+    a, b = QuarantineStage(store=db_url), QuarantineStage(store=db_url)
+    _send(a, _history(TRACEBACK))  # known to A before the outage
+    good = a.registry.dsn
+    a.registry.dsn = "postgresql://nobody@127.0.0.1:1/db"  # what A reconnects to is gone
+    a.registry._drop_connection()
+    caplog.set_level(logging.WARNING, "ctxkit.quarantine")
+
+    sent = _send(a, _history(TRACEBACK, answered=True))  # the model call goes on, from memory
+    assert sent.messages[2]["content"].startswith(PLACEHOLDER_PREFIX)
+    other = "Error: connection refused by upstream"
+    _send(a, _history(other), namespace="team-c")  # quarantined meanwhile: kept in memory
+    assert [r.role for r in a.list("team-c")] == ["tool"]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot be reached" in errors[0].getMessage()  # logged once, not per call
+    with pytest.raises(QuarantineStoreUnavailable):
+        a.release(a.list("team-c")[0].fingerprint, "team-c")  # not released in memory only
+
+    a.registry.dsn, a.registry._retry_at = good, 0.0  # the database is back
+    assert [r.role for r in a.list("team-c")] == ["tool"]
+    assert [r.role for r in b.list("team-c")] == ["tool"]  # what A kept meanwhile reached the database
+    assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+def test_dropped_tables_are_made_again(db_url):
+    a = QuarantineStage(store=db_url)
+    _send(a, _history(TRACEBACK))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE ctxkit_quarantine_namespaces, ctxkit_quarantine_entries, ctxkit_quarantine_changes")
+    assert a.list("team-a") == []  # the operator cleared the registry: this replica sees it cleared
+    _send(a, _history(TRACEBACK))
+    assert len(QuarantineStage(store=db_url).list("team-a")) == 1
+
+
+def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_backend, tmp_path):
+    """Not a 500 with a traceback, and not released by this replica only: the operator is told to retry."""
+    from starlette.testclient import TestClient
+
+    from ctxkit import Ledger, Pipeline
+    from ctxkit.server.app import create_app
+    from ctxkit.server.auth import ApiKeys
+
+    stage = QuarantineStage(store=db_url, counter=llama_backend.counter)
+    _send(stage, _history(TRACEBACK), namespace="alpha")
+    [record] = stage.list("alpha")
+    stage.registry.dsn = "postgresql://nobody@127.0.0.1:1/db"
+    stage.registry._drop_connection()
+    app = create_app(Pipeline(llama_backend, stages=[stage], ledger=Ledger(tmp_path / "l.jsonl")),
+                     ApiKeys({"key-alpha-0001": "alpha"}))
+    headers = {"Authorization": "Bearer key-alpha-0001"}
+    with TestClient(app) as http:
+        assert [r["fingerprint"] for r in http.get("/v1/ctxkit/quarantine", headers=headers).json()["data"]] == [
+            record.fingerprint]  # listed from memory
+        refused = http.post(f"/v1/ctxkit/quarantine/{record.fingerprint}/release", headers=headers)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "quarantine_store_unavailable"
+    assert refused.headers["retry-after"] == "10"
