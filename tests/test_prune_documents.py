@@ -605,3 +605,15 @@ def test_a_new_turn_ranks_its_documents_once(embedder, monkeypatch):
     history = [m for m in history if "<document" not in str(m["content"])]
     stage.before_model(ChatRequest(messages=history, metadata={"documents": docs}))
     assert calls == ["What opens at 14 bar?"]
+
+
+def test_kept_documents_carry_this_calls_keys(embedder):
+    """The ranking memo is keyed by the documents' ids and texts: their other keys (a fresh signed URL) come from this call."""
+    stage = DocumentPruningStage(budget_tokens=60, embedder=embedder)
+    text = " ".join(f"Valve {j} sits in building A, floor {j % 4}." for j in range(30))
+    out = []
+    for url in ("https://files.example.com/a.pdf?sig=OLD", "https://files.example.com/a.pdf?sig=NEW"):
+        docs = [{"id": "a", "text": text, "url": url}, {"id": "b", "text": "Unrelated: the canteen opens at 8.", "url": url}]
+        request = ChatRequest(messages=[{"role": "user", "content": "Where is valve 7?"}], metadata={"documents": docs})
+        out.append(stage.before_model(request).metadata["documents"])
+    assert all(d["url"].endswith("sig=NEW") for d in out[1])

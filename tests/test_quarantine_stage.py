@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ctxkit import ChatRequest, Ledger, Pipeline, Stage
+from ctxkit import ChatRequest, Ledger, Pipeline, QuarantineStoreUnavailable, Stage
 from ctxkit.errors import ConfigurationError
 from ctxkit.quarantine_marks import has_quarantined, is_quarantined, quarantined
 from ctxkit.stages.quarantine import PLACEHOLDER_PREFIX, QuarantineRecord, QuarantineStage
@@ -960,3 +960,16 @@ def test_an_unwritable_registry_fails_no_model_call(tmp_path, caplog):
     assert is_quarantined(out, messages[-1])
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "cannot write" in caplog.records[0].message
+
+
+def test_release_on_an_unwritable_registry_is_typed(tmp_path):
+    stage = QuarantineStage(directory=tmp_path)
+    error = "Traceback (most recent call last):\n  File \"app.py\", line 1\nKeyError: 'city'"
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": error}]
+    stage.before_model(ChatRequest(messages=messages))
+    [record] = stage.list()
+    stage.registry._db.execute("PRAGMA query_only = ON")  # as on a read-only disk
+    with pytest.raises(QuarantineStoreUnavailable):
+        stage.release(record.fingerprint, "default")

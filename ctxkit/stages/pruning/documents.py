@@ -514,8 +514,10 @@ class DocumentPruningStage(Stage):
             found = {key: self.ranker.prune(query, documents, budget)}
             self._ranked.put(found)
         kept = found[key]  # a copy: the request's metadata gets these lists, and an app may change them
-        return PruneResult([dict(d) for d in kept.documents], list(kept.kept_ids), list(kept.dropped_ids),
-                           kept.tokens_before, kept.tokens_after)
+        # The key holds ids and texts only: a document's other keys (a signed URL, a score) are this call's
+        by_id = {str(d["id"]): d for d in documents}
+        return PruneResult([{**by_id[str(d["id"])], "text": d["text"]} for d in kept.documents],
+                           list(kept.kept_ids), list(kept.dropped_ids), kept.tokens_before, kept.tokens_after)
 
     def budget_for(self, tokens: int) -> int:
         limits = [tokens]

@@ -22,27 +22,27 @@ _OTHER_LANGUAGE_IGNORE = "|".join((
     r"\b(?:ignorier\w*|vergiss|missachte\w*)\b(?![^\S\n]+(?:keine?|nicht)\b)[^.?!:;\n]{0,40}\b(?:anweisungen|instruktionen|regeln|vorgaben|befehle)",  # de
     r"(?<![nN]['’])\b(?:ignorez|ignorer|oubliez|oublier|oublie|ne (?:tenez|tiens) (?:pas|plus) compte|"
     r"ignore (?=les\b|toutes\b|tous\b|tes\b|vos\b))\b[^.?!:;\n]{0,40}\b(?:instructions|consignes|règles)",  # fr
-    r"\b(?:ignor[ae]\w*|olvid[ae]\w*|esque[cç]\w*|dimentic\w*)\b[^.?!:;\n]{0,40}\b(?:instrucciones|instru[cç][oõ]es|"
+    r"\b(?:ignor(?:a|e|ad|en|ar|ate|i|are|em)|olvid(?:a|e|ad|en|ar)|esque(?:ça|çam|ce|cer)|dimentic(?:a|ate|hi|are))\b[^.?!:;\n]{0,40}\b(?:instrucciones|instru[cç][oõ]es|"
     r"istruzioni|reglas|regras|regole|indicaciones|indica[cç][oõ]es)",  # es, pt, it
     r"\b(?:zignoruj|ignoruj|zapomnij)(?:cie)?\b[^.?!:;\n]{0,40}\b(?:instrukcj|polece|wytyczn|reguł|zasad)\w*",  # pl
     r"\b(?:negeer|vergeet)\b[^.?!:;\n]{0,40}\b(?:instructies|aanwijzingen|opdrachten|regels|richtlijnen)\b"
     r"(?![^.?!:;\n]{0,40}\bniet\b)",  # nl ("vergeet de instructies van de arts niet")
     r"\b(?:abaikan|lupakan|acuhkan)\b[^.?!:;\n]{0,40}\b(?:instruksi|perintah|arahan|petunjuk|aturan)\w*[^\S\n]+"
-    r"(?:sebelumnya|di atas|tadi|awal|sistem|kamu|anda)\b|\b(?:abaikan|lupakan|acuhkan)[^\S\n]+(?:semua|seluruh)\b",  # id
+    r"(?:sebelumnya|di atas|tadi|awal|sistem|kamu|anda)\b|\b(?:abaikan|lupakan|acuhkan)[^\S\n]+(?:semua|seluruh)[^\S\n]+(?:instruksi|perintah|arahan|petunjuk|aturan)",  # id
     r"\b(?:bỏ qua|phớt lờ|quên)\b[^.?!:;\n]{0,40}(?:hướng dẫn|chỉ dẫn|chỉ thị|lệnh|quy tắc)",  # vi
-    r"(?:talimat|komut|kural|yönerge)\w*[^.?!:;\n]{0,30}\b(?:yok\s+say(?!ma)|görmezden\s+gel(?!me)|unut(?!ma))",  # tr
+    r"(?:talimat|komut|kural|yönerge)\w*[^.?!:;\n]{0,30}\b(?:yok\s+say(?:ın)?|görmezden\s+gel(?:in)?|unut(?:un)?)(?!\w)",  # tr (imperative: not "unuttum", I forgot)
     r"\b(?:(?:про)?игнорируй(?:те)?|забудь(?:те)?|не обращай(?:те)? внимания)\b[^.?!:;\n]{0,40}(?:инструкци\w*|указани\w*|правил\w*)",  # ru
     r"\b(?:(?:про)?ігноруй(?:те)?|забудь(?:те)?|не зважай(?:те)? на)\b[^.?!:;\n]{0,40}(?:інструкці\w*|вказівк\w*|вказівок|правил\w*)",  # uk
     r"(?:\bتجاهل(?:ي|وا)?|\bانس[َى]?)\s(?:[^.?!:;\n]{0,20}(?:جميع|كل)[^.?!:;\n]{0,20}(?:تعليمات|أوامر|توجيهات|قواعد)|"
     r"[^.?!:;\n]{0,20}(?:تعليمات|أوامر|توجيهات|قواعد)\S*[^\S\n]+(?:السابقة|أعلاه|الأصلية))",  # ar ("تجاهل المستخدمون التعليمات": past tense)
     r"\b(?:התעלם|התעלמי|התעלמו|שכח|שכחי|שכחו)\b[^.?!:;\n]{0,40}(?:הוראות|הנחיות|כללים)[^\S\n]+(?:הקודמות|הקודמים|הקודם|שלמעלה|המקוריות)",  # he
-    r"(?:निर्देश|आदेश|नियम)[^।.\n]{0,30}(?:अनदेखा|नज़?रअंदाज़?|नज़रअंदाज़?|भूल)\s*(?:कर|जा)",  # hi
+    r"(?:निर्देश|आदेश|नियम)[^।.\n]{0,30}(?:अनदेखा|नज़?रअंदाज़?|नज़रअंदाज़?|भूल)\s*(?:करो|करें|कीजिए|करिए|जाओ|जाइए|जाएं|जाएँ)",  # hi (imperative: not "भूल जाता हूँ")
     r"(?:دستورالعمل|دستور|قوانین|قواعد)[^.?!:;\n]{0,30}(?:نادیده\s*بگیر|فراموش\s*کن)",  # fa
     r"(?:เพิกเฉย|ลืม|ไม่ต้องสนใจ|ละเว้น)[^\n]{0,20}(?:คำสั่ง|คำแนะนำ|กฎ)[^\n]{0,10}(?:ก่อน|ทั้งหมด|เดิม|ข้างต้น|ข้างบน|ที่ผ่านมา)",  # th
     r"(?<!不要)(?<!请勿)(?<!切勿)(?<!不可)(?<!不得)(?<!别)(?<!勿)(?:忽略|忽视|无视|忘记|忘掉|不要理会)[^。，；：？！\n]{0,10}(?:之前|以上|上面|上述|前面|先前|所有|全部|你的|原来|原有|此前|一切)[^。，；：？！\n]{0,10}"
     r"(?:指令|指示|说明|规则|提示)",  # zh
-    r"(?:指示|命令|ルール|プロンプト)[^。\n]{0,20}(?:無視|忘れ)(?!しない|せず|ないで|ない|ず)",  # ja
-    r"(?:지시|명령|지침|규칙)[^.\n]{0,20}(?:무시|잊)(?!하지\s*마|하지\s*않|지\s*마|지\s*않)",  # ko
+    r"(?:指示|命令|ルール|プロンプト)[^。\n]{0,20}(?:(?:無視し|忘れ)(?:て(?:ください|下さい|くれ|[、,。！!]|$)|ろ|なさい)|無視(?:しろ|せよ))",  # ja (imperative: not "忘れてしまいました")
+    r"(?:지시|명령|지침|규칙)[^.\n]{0,20}(?:무시(?:해|하세요|하라|하십시오|하고)|잊(?:어|으세요|으십시오|고))(?!었)",  # ko (imperative: not "잊었어요", "무시한다")
 ))
 # Up to two words between "you are now" and what it names: "Du bist jetzt ein Assistent", not "Du bist jetzt
 # bereit für den KI-Assistenten"
@@ -348,6 +348,19 @@ _OTHER_LANGUAGE_WORDS = ("anweisung", "instrucc", "instru\u00e7", "istruzion", "
                          "esquec", "dimentic", "zapomnij", "negeer", "vergeet", "abaikan", "lupakan", "jetzt", "maintenant",
                          "eres", "agora", "ora sei", "adesso sei", "teraz", "passw", "senha", "api")
 # "Don't ignore the rules", "No olvides las instrucciones", "Non dimenticare ...", "อย่าลืม...": a prohibition
+# Where an order to the reader begins, in the languages whose verb comes first: "Outlook ignoriert meine Regeln",
+# "Esqueci as instruções", "我忘记了之前的说明" (I forgot / it ignores) are no orders
+_CLAUSE_START_ELSEWHERE = re.compile(
+    r"(?:^|[.!?:;,\-\u2013\u2014\"'(\[>*«»“”„。，、！？：；]|\b(?:please|bitte|jetzt|nun|und|dann|por favor|ahora|y|luego|"
+    r"s'il (?:te|vous) pla[iî]t|veuillez|maintenant|et|puis|per favore|ora|adesso|e|poi|agora|proszę|teraz|i|"
+    r"alsjeblieft|alstublieft|nu|en|tolong|sekarang|dan|lalu|hãy|xin|vui lòng|bây giờ|và|rồi|пожалуйста|теперь|"
+    r"сейчас|и|затем|будь ласка|тепер|зараз|і|الآن|עכשיו|also|además|también|außerdem|auch|aussi|également|anche|inoltre|"
+    r"além disso|também|również|ook|juga|cũng|также|тоже|також)|请|現在|现在|立即|立刻|然后|并且?|กรุณา|โปรด|ตอนนี้)\s*$", re.I)
+_VERB_LAST = re.compile(r"talimat|komut|kural|yönerge|निर्देश|आदेश|नियम|دستورالعمل|دستور|قوانین|قواعد|指示|命令|ルール|プロンプト|"
+                        r"지시|명령|지침|규칙", re.I)  # the tables' verb-last lines begin with the noun
+_SEND_ELSEWHERE = "asks to send data to an address (in another language)"
+_NEVER = re.compile(r"\b(?:nie|niemals|nicht|keine?|nunca|jamais|jamás|mai|nigdy|nooit|niet|никогда|ніколи|asla|jangan|"
+                    r"không bao giờ|đừng)\b", re.I)
 _NEGATED_ELSEWHERE = re.compile(r"(?:^|[^\w'\u2019])(?:no|non|n\u00e3o|nao|ne|nie|nicht|\u043d\u0435|\u043d\u0456|jangan|tidak|"
                                 r"\u0111\u1eebng|kh\u00f4ng|\u05d0\u05dc|\u0644\u0627)[^\S\n]+$|"
                                 r"(?:n['\u2019]|\u0e2d\u0e22\u0e48\u0e32|\u0e44\u0e21\u0e48|\u4e0d\u8981|\u522b|\u52ff)$", re.I)
@@ -518,6 +531,11 @@ def _find_injection(text: str, *, exempt_quoted: bool, depth: int = 0) -> Findin
                 continue
             if why in _OTHER_LANGUAGE_REASONS and _NEGATED_ELSEWHERE.search(text[max(0, match.start() - 12) : match.start()]):
                 continue
+            if why == _OTHER_LANGUAGES and not _VERB_LAST.match(match.group(0)) and not _CLAUSE_START_ELSEWHERE.search(
+                    text[max(text.rfind("\n", 0, match.start()) + 1, match.start() - 20) : match.start()]):
+                continue  # "Outlook ignora las reglas", "Tôi quên hướng dẫn": a statement, not an order
+            if why == _SEND_ELSEWHERE and _NEVER.search(text, max(0, match.start() - 12), min(match.end(), match.start() + 40)):
+                continue  # "Senden Sie niemals Ihr Passwort an ...", "nunca envie sua senha para ...": a warning
             if why == "tells the model to ignore its instructions" and _PRINTED_ON.match(text, match.end()):
                 continue  # "ignore the old instructions on the box": a product's printed directions, not the model's
             if why == _URL_TEMPLATE and not match.group(0)[:4].lower() == "http" and not _URL_RUN.search(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import jsonschema
 
 from ..._aio import tracked_to_thread
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, QuarantineStoreUnavailable
 from ...lru import LRUMemo
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import (
@@ -126,7 +126,11 @@ class QuarantineStage(Stage):
         """Lift a quarantine (in one namespace, or wherever it is); the content is not quarantined again.
         Returns False when nothing with that fingerprint was quarantined."""
         spaces = [namespace] if namespace is not None else self.registry.namespaces()
-        released = any([self.registry.release(fingerprint, space) for space in spaces])
+        try:
+            released = any([self.registry.release(fingerprint, space) for space in spaces])
+        except sqlite3.OperationalError as exc:  # a full or read-only disk: typed as the shared registry's outage
+            raise QuarantineStoreUnavailable(f"the quarantine registry cannot write ({exc}): nothing was released; "
+                                             "try again when it can") from exc
         if released:
             logger.info("quarantine released: %s", fingerprint)
         return released
