@@ -39,9 +39,8 @@ from .registry import (
     RELEASED,
     Namespace,
     QuarantineRecord,
-    _decode,
-    _encode,
     _from_db,
+    keep_record,
 )
 from .registry import _to_db as _sqlite_to_db
 
@@ -290,14 +289,10 @@ class PostgresQuarantineRegistry:
 
     def _add_record(self, conn: Any, record: QuarantineRecord) -> QuarantineRecord | None:
         with self._writer(conn, record.namespace) as writer:
-            kept = writer.get(RECORD, record.fingerprint)
-            if kept is not None:
-                return _decode(kept[0])
-            if writer.get(RELEASED, record.fingerprint) is not None:
-                return None
-            writer.put(RECORD, record.fingerprint, _encode(record))
-        self._current(conn, record.namespace)
-        return record
+            kept = keep_record(writer, record)
+        if kept is record:
+            self._current(conn, record.namespace)
+        return kept
 
     def _add_issued(self, conn: Any, namespace: str, placeholder: str) -> None:
         with self._writer(conn, namespace) as writer:

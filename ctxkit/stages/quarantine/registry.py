@@ -124,13 +124,7 @@ class QuarantineRegistry:
         first), the record that was kept; None when it was released meanwhile (a caller works from a
         snapshot taken before the release: its record must not bring the released content back)."""
         with self._write(record.namespace) as writer:
-            kept = writer.get(RECORD, record.fingerprint)
-            if kept is not None:
-                return _decode(kept[0])
-            if writer.get(RELEASED, record.fingerprint) is not None:
-                return None
-            writer.put(RECORD, record.fingerprint, _encode(record))
-        return record
+            return keep_record(writer, record)
 
     def release(self, fingerprint: str, namespace: str) -> bool:
         """Lift one quarantine; False when nothing with that fingerprint was quarantined there."""
@@ -263,6 +257,18 @@ class QuarantineRegistry:
                 for placeholder in space.issued:
                     writer.put(ISSUED, placeholder)
                 writer.finish()
+
+
+def keep_record(writer: Any, record: QuarantineRecord) -> QuarantineRecord | None:
+    """Write `record` through a registry's writer (SQLite's or PostgreSQL's, inside its transaction): the record
+    kept already when its content was quarantined first elsewhere; None when it was released meanwhile."""
+    kept = writer.get(RECORD, record.fingerprint)
+    if kept is not None:
+        return _decode(kept[0])
+    if writer.get(RELEASED, record.fingerprint) is not None:
+        return None
+    writer.put(RECORD, record.fingerprint, _encode(record))
+    return record
 
 
 class _Writer:
