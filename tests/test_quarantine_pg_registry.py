@@ -221,3 +221,29 @@ def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_b
         refused = http.post(f"/v1/ctxkit/quarantine/{record.fingerprint}/release", headers=headers)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "quarantine_store_unavailable"
     assert refused.headers["retry-after"] == "10"
+
+
+def test_the_retry_wait_counts_from_when_a_slow_outage_gave_up(db_url):
+    """A server that stopped answering costs the call that meets it its connect timeouts; the next try comes
+    `retry_s` after that call gave up, not after it began (it began longer ago than `retry_s`: every call waited)."""
+    import socket
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers, like a stopped server
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        a = QuarantineStage(store=db_url)
+        _send(a, _history(TRACEBACK))
+        a.registry.dsn = f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/db"
+        a.registry._drop_connection()
+        a.registry.retry_s = 3.0
+        started = time.monotonic()
+        with pytest.raises(QuarantineStoreUnavailable):
+            a.release("0" * 32, "team-a")
+        assert time.monotonic() - started > a.registry.retry_s  # two connect timeouts: longer than retry_s
+        started = time.monotonic()
+        with pytest.raises(QuarantineStoreUnavailable):
+            a.release("0" * 32, "team-a")
+        assert time.monotonic() - started < 1.0  # within retry_s of the last try: no new wait
+    finally:
+        silent.close()

@@ -199,7 +199,7 @@ class PostgresQuarantineRegistry:
             self._down_since = now
             logger.error("the quarantine registry's PostgreSQL cannot be reached; quarantines are kept in this "
                          "replica's memory until it is back, and releases refused: %s", self._redact(error))
-        self._retry_at = now + self.retry_s
+        self._retry_at = time.monotonic() + self.retry_s  # from when this try gave up, not from when it began
         return offline()
 
     def _drop_connection(self) -> None:
