@@ -180,6 +180,7 @@ def _reported_usage(message: AIMessage | None, response: LLMResult) -> tuple[int
         return usage["input_tokens"], usage["output_tokens"], details.get("cache_read") or 0
     token_usage = (response.llm_output or {}).get("token_usage") or {}
     if "prompt_tokens" in token_usage:
-        details = token_usage.get("prompt_tokens_details") or {}
-        return token_usage["prompt_tokens"], token_usage.get("completion_tokens"), details.get("cached_tokens") or 0
+        prompt_details: dict[str, Any] = token_usage.get("prompt_tokens_details") or {}
+        return (token_usage["prompt_tokens"], token_usage.get("completion_tokens"),
+                int(prompt_details.get("cached_tokens") or 0))
     return None, None, 0

@@ -283,7 +283,7 @@ class OpenAIBackend:
                     chunk = await asyncio.wait_for(chunks.__anext__(), limit)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:  # kept alive (SSE comments) but no chunk: see _stream
+                except TimeoutError:  # kept alive (SSE comments) but no chunk: see _stream
                     raise _stalled(limit, self.name) from None
                 ended = ended or _ends_answer(chunk)
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
