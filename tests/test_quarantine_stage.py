@@ -857,7 +857,6 @@ def _full_disk_record(fingerprint: str, size: int = 10):
 def test_quarantine_full_database_reports_full_not_rollback_error(tmp_path):
     """SQLite rolls back by itself on a full disk: the unconditional ROLLBACK then said "cannot rollback - no
     transaction is active", hiding the error that says what happened."""
-    import sqlite3
 
     from ctxkit.stages.quarantine.registry import QuarantineRegistry
 
@@ -865,7 +864,7 @@ def test_quarantine_full_database_reports_full_not_rollback_error(tmp_path):
     registry.add_record(_full_disk_record("kept"))
     pages = registry._db.execute("PRAGMA page_count").fetchone()[0]
     registry._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # SQLite's own SQLITE_FULL, as a full disk gives
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(QuarantineStoreUnavailable, match="full"):
         registry.add_record(_full_disk_record("big", 200_000))
     assert not registry._db.in_transaction
     assert list(QuarantineRegistry(1000, tmp_path).snapshot("ns").records) == ["kept"]

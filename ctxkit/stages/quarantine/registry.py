@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, QuarantineStoreUnavailable
 from ...sqlite_damage import damage_reported, is_damage
 
 FILE_NAME = "quarantine.sqlite3"
@@ -215,10 +215,14 @@ class QuarantineRegistry:
     @contextmanager
     def _write(self, namespace: str) -> Iterator[_Writer]:
         with self._lock, self._damage_is_typed():
-            with self._transaction():
-                writer = _Writer(self._db, namespace, self.max_records)
-                yield writer
-                writer.finish()
+            try:
+                with self._transaction():
+                    writer = _Writer(self._db, namespace, self.max_records)
+                    yield writer
+                    writer.finish()
+            except sqlite3.OperationalError as exc:
+                # A full or read-only disk: nothing was written, as when the shared registry's database is away.
+                raise QuarantineStoreUnavailable(f"the quarantine registry in {self._where} cannot write: {exc}") from exc
             self._current(namespace)
 
     def _import_diskcache(self, directory: Path) -> None:

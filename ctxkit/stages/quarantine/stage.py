@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -126,11 +125,9 @@ class QuarantineStage(Stage):
         """Lift a quarantine (in one namespace, or wherever it is); the content is not quarantined again.
         Returns False when nothing with that fingerprint was quarantined."""
         spaces = [namespace] if namespace is not None else self.registry.namespaces()
-        try:
-            released = any([self.registry.release(fingerprint, space) for space in spaces])
-        except sqlite3.OperationalError as exc:  # a full or read-only disk: typed as the shared registry's outage
-            raise QuarantineStoreUnavailable(f"the quarantine registry cannot write ({exc}): nothing was released; "
-                                             "try again when it can") from exc
+        # A registry that cannot write (its database away, a full or read-only disk) raises
+        # QuarantineStoreUnavailable: nothing was released.
+        released = any([self.registry.release(fingerprint, space) for space in spaces])
         if released:
             logger.info("quarantine released: %s", fingerprint)
         return released
@@ -186,15 +183,14 @@ class QuarantineStage(Stage):
         return None
 
     def _written(self, write: Callable[[], _T], unwritten: _T) -> _T:
-        """A registry write. A full or read-only disk under its directory fails no model call (as the summary
-        store): the content is still marked for this call and found again on the next, and an ERROR, logged
+        """A registry write. A registry that cannot write (a full or read-only disk) fails no model call (as the
+        summary store): the content is still marked for this call and found again on the next, and an ERROR, logged
         once until a write succeeds again, says that quarantines are not kept meanwhile."""
         try:
             result = write()
-        except sqlite3.OperationalError as exc:
+        except QuarantineStoreUnavailable as exc:
             if not self._unwritable:
-                logger.error("the quarantine registry cannot write (%s): quarantines found meanwhile are marked "
-                             "but not kept", exc)
+                logger.error("%s; quarantines found meanwhile are marked but not kept", exc)
             self._unwritable = True
             return unwritten
         self._unwritable = False
