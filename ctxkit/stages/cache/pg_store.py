@@ -29,7 +29,6 @@ import os
 import random
 import re
 import select
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError, RequestError
+from ...postgres import redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
@@ -140,29 +140,6 @@ class _ConnectionPool:
             self._cond.notify_all()
 
 
-def _redact(message: str, dsn: str) -> str:
-    """`message` without the password of `dsn`: libpq quotes the part of a DSN it cannot parse, which can be
-    the password itself (one with an unencoded `%`) or a piece of it (an unencoded `@` makes libpq take the
-    rest of the password as the host name; an unquoted space in `password=...` makes it quote the word after)."""
-    secrets: list[str] = []
-    # URI: the password runs to the last '@' (libpq splits at the first one, so a piece of it can be the "host")
-    found = re.search(r"://[^:/@]*:(.*)@", dsn)
-    if found:
-        secrets.append(found.group(1))
-    # keyword DSN (and a URI's ?password=): up to the next `key=` or the end, quoted or not
-    for found in re.finditer(r"password\s*=\s*('(?:[^'\\]|\\.)*'|.*?)(?=\s+\w+\s*=|&|$)", dsn):
-        secrets.append(found.group(1))
-    pieces: set[str] = set()
-    for secret in secrets:
-        for s in (secret, secret.strip("'")):
-            pieces.add(s)
-            # the pieces libpq may quote on their own: split where it splits a DSN
-            pieces.update(p for p in re.split(r"[@/?#&\s]+", s.strip("'")) if len(p) >= 3)
-    for s in sorted((p for p in pieces if p), key=len, reverse=True):
-        message = message.replace(s, "***")
-    return message
-
-
 def _dropped(conn: Any) -> bool:
     """Whether the server has ended an idle connection: its socket has something to read (the server's
     termination notice, or end of file) although no query is running. psycopg only finds out on the next
@@ -177,32 +154,6 @@ def _dropped(conn: Any) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
-
-
-@contextmanager
-def _watchdog(conn: Any, seconds: float) -> Iterator[None]:
-    """Bound, on the client's side, how long the statements run in this block may wait for the server.
-
-    `statement_timeout` and `lock_timeout` are enforced by the server: a server that stopped answering (a
-    paused or overloaded VM, a network partition, a frozen backend) enforces nothing, and libpq waits on the
-    socket without end, holding the request that made the lookup. Past `seconds` the socket is shut down:
-    the statement fails with an OperationalError (a miss, an answer not stored), the connection is broken
-    and the pool opens a new one."""
-    def fire() -> None:
-        with contextlib.suppress(Exception):  # a connection already closed or lost: nothing to wake
-            sock = socket.socket(fileno=os.dup(conn.fileno()))
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            finally:
-                sock.close()
-
-    timer = threading.Timer(min(seconds, 1e7), fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 class PostgresStore:
@@ -310,7 +261,7 @@ class PostgresStore:
         try:
             conn = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # ProgrammingError: a malformed DSN
-            message = _redact(str(exc), self.dsn)  # libpq may quote the password; and no chained traceback shows it
+            message = redact_dsn(str(exc), self.dsn)  # libpq may quote the password; and no chained traceback shows it
             raise ConfigurationError(f"cannot connect to PostgreSQL for the cache store: {message}") from None
         with conn:
             names = [t[n] for n in ("entries", "access", "meta", "stats")] + [f"{t['entries']}_hnsw"]
@@ -456,7 +407,7 @@ class PostgresStore:
         import psycopg
 
         params = dict(params, hit=hit, miss=miss, slot=random.randrange(_STATS_SLOTS))
-        with _watchdog(conn, self._lookup_deadline_s()):
+        with statement_watchdog(conn, self._lookup_deadline_s()):
             try:
                 return list(conn.execute(sql, params).fetchall())
             except psycopg.errors.ReadOnlySqlTransaction:  # a standby, writes frozen: still read, without bookkeeping
@@ -574,10 +525,10 @@ class PostgresStore:
 
     def _put_rows(self, rows: dict[str, tuple[Any, ...]], rejected: int, lock_timeout_ms: int = 0) -> None:
         t = self._t
-        # a put on a call's way is bounded on the client's side too (see _watchdog); put_many is not
+        # a put on a call's way is bounded on the client's side too (see statement_watchdog); put_many is not
         deadline = lock_timeout_ms / 1000 + 2 * self.statement_timeout_s + 2.0 if lock_timeout_ms else None
         with self._pool.connection() as conn, (
-                _watchdog(conn, deadline) if deadline else contextlib.nullcontext()), conn.transaction():
+                statement_watchdog(conn, deadline) if deadline else contextlib.nullcontext()), conn.transaction():
             if not rows:
                 self._count(conn, "rejected_too_large", rejected)
                 return
@@ -769,11 +720,11 @@ class PostgresStore:
                 raise psycopg.OperationalError("the PostgresStore is closed")
             if h is None or h.closed or h.broken:
                 h = self._holder = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
-                with _watchdog(h, self._lookup_deadline_s()):
+                with statement_watchdog(h, self._lookup_deadline_s()):
                     h.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
                 self._holder_pid = os.getpid()
                 self._holder_gen += 1
-            with _watchdog(h, self._lookup_deadline_s()):
+            with statement_watchdog(h, self._lookup_deadline_s()):
                 return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
 
     @contextmanager
@@ -804,17 +755,17 @@ class PostgresStore:
                     h = self._holder
                     if (h is not None and self._holder_gen == held_gen and self._holder_pid == os.getpid()
                             and not (h.closed or h.broken)):
-                        with _watchdog(h, self._lookup_deadline_s()):
+                        with statement_watchdog(h, self._lookup_deadline_s()):
                             h.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
 
     def _record_wait(self) -> None:
         with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn, \
-                _watchdog(conn, self._lookup_deadline_s()):
+                statement_watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_waits")
 
     def _record_timeout(self) -> None:
         with self._or_unavailable("a timeout is not counted"), self._pool.connection() as conn, \
-                _watchdog(conn, self._lookup_deadline_s()):
+                statement_watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_timeouts")
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
+from ...postgres import redact_dsn, statement_watchdog
 from .registry import (
     _ESCAPED,
     CHANGE_LOG,
@@ -168,7 +169,6 @@ class PostgresQuarantineRegistry:
         Under _lock."""
         import psycopg
 
-        from ..cache.pg_store import _watchdog
 
         now = time.monotonic()
         if self._down_since is not None and now < self._retry_at:
@@ -182,7 +182,7 @@ class PostgresQuarantineRegistry:
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._conn = self._connect()
                 # the server enforces statement_timeout; one that stopped answering is cut off by the watchdog
-                with _watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
+                with statement_watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
                     self._flush_pending(self._conn)
                     result = work(self._conn)
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
@@ -238,9 +238,7 @@ class PostgresQuarantineRegistry:
 
     def _redact(self, exc: BaseException | None) -> str:
         """The error's first line without the URL's password (libpq may quote it)."""
-        from ..cache.pg_store import _redact
-
-        return _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
+        return redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
 
     # -- the namespaces' state ---------------------------------------------------------------------
     def _cached(self, namespace: str) -> Namespace:
