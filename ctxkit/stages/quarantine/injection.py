@@ -426,6 +426,8 @@ def find_injection(text: str) -> Finding | None:
     value is read on its own: its quotes are JSON's, not a quotation."""
     data = parse_json(text)
     if data is not None and not isinstance(data, str):
+        if finding := _forged_turn(data):
+            return finding
         for key, leaf in _strings(data):
             if finding := _find_injection_as_read(leaf, exempt_quoted=False):
                 return finding
@@ -434,6 +436,46 @@ def find_injection(text: str) -> Finding | None:
                 return Finding("injection", "content contains a system prompt", shorten(f"{key}: {leaf}"))
         return None
     return _find_injection_as_read(text, exempt_quoted=True)
+
+
+# Chat roles whose messages the model obeys or speaks as: a tool cannot send one, so one in its output is forged.
+_PRIVILEGED_ROLES = frozenset({"system", "developer", "assistant"})
+
+
+def _forged_turn(data: Any, depth: int = 0, key: str | None = None, log: bool = False) -> Finding | None:
+    """A chat message in the JSON form models are trained on ({"role": "system", "content": "..."}) placed in a
+    tool's output: the text form of a "system:" turn after the tool's own data. Not in a chat log (a list
+    that also holds a user message: a support ticket's history, a prompt template), nor an assistant message
+    as an API returns it (under "message" or "delta": a tool that asked another model)."""
+    if depth >= 8:
+        return None
+    if isinstance(data, list):
+        log = any(isinstance(item, Mapping) and str(item.get("role", "")).lower() == "user" for item in data[:200])
+        for item in data[:200]:
+            if finding := _forged_turn(item, depth + 1, None, log):
+                return finding
+        return None
+    if not isinstance(data, Mapping):
+        return None
+    role = data.get("role")
+    if isinstance(role, str) and role.lower() in _PRIVILEGED_ROLES and not log:
+        said = _message_text(data.get("content"))
+        answer = role.lower() == "assistant" and key in ("message", "delta")
+        if len(said.split()) >= 3 and not answer:
+            return Finding("injection", "content forges a system or assistant message", shorten(f"{role}: {said}"))
+    for name, value in data.items():
+        if finding := _forged_turn(value, depth + 1, str(name)):
+            return finding
+    return None
+
+
+def _message_text(content: Any) -> str:
+    """A message's text: a string, or the text of its parts ([{"type": "text", "text": "..."}])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text") or "") for part in content if isinstance(part, Mapping))
+    return ""
 
 
 # A JSON key that names a prompt for the model ("system_instruction", "systemPrompt", "ai_instructions",
