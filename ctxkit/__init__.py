@@ -12,6 +12,7 @@ from .errors import (
     BackendError,
     BackendStatusError,
     BackendTimeoutError,
+    CacheStoreUnavailable,
     ConfigurationError,
     ContextOverflowError,
     CtxkitError,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncChatStream", "Backend", "BackendConnectionError", "BackendError", "BackendStatusError",
-    "BackendTimeoutError", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
+    "BackendTimeoutError", "CacheStoreUnavailable", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
     "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
     "LedgerError", "LedgerRecord", "MalformedLedgerLine", "QuarantineStoreUnavailable", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
     "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "UnknownToolError", "Usage", "default_model_path", "read_ledger",

@@ -154,5 +154,11 @@ class MalformedLedgerLine(LedgerError):
     """A line of a ledger that is no record (a writer killed mid-line leaves one), read strictly."""
 
 
+class CacheStoreUnavailable(CtxkitError):
+    """The shared cache's database cannot be reached, or its tables are gone; what was asked of it (invalidate,
+    clear, stats) is not done. A lookup or a write on a model call's way never raises it: the call goes on
+    without the cache."""
+
+
 class QuarantineStoreUnavailable(CtxkitError):
     """The shared quarantine registry's database cannot be reached; what was asked (a release) is not done."""

@@ -198,3 +198,41 @@ def test_a_model_call_is_answered_after_the_cache_tables_are_dropped(make_pg_sto
     request = ChatRequest(messages=[{"role": "user", "content": "Name a color."}],
                           params={"temperature": 0, "max_tokens": 8})
     assert pipeline.call(request).content
+
+
+def test_admin_calls_raise_a_typed_error_when_the_tables_are_dropped_or_the_server_is_away(make_pg_store, pg_dsn,
+                                                                                         pg_prefix):
+    """invalidate, clear and stats are an operator's calls: unlike a lookup they cannot quietly do nothing, and a
+    raw psycopg error named neither the cache nor what was not done."""
+    from ctxkit import CacheStoreUnavailable
+    from ctxkit.stages.cache.pg_store import PostgresStore
+
+    store = make_pg_store()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for table in ("access", "stats", "meta", "entries"):
+            conn.execute(f"DROP TABLE {pg_prefix}_{table}")
+    for call, what in ((lambda: store.invalidate("ns"), "invalidating namespace 'ns'"), (store.clear, "clearing"),
+                       (store.stats, "statistics")):
+        with pytest.raises(CacheStoreUnavailable, match=f"{pg_prefix}_\\* are missing") as caught:
+            call()
+        assert what in str(caught.value)
+    PostgresStore(pg_dsn, table_prefix=pg_prefix)  # a new store makes them again, and the old one works
+    assert store.stats()["entries"] == 0
+
+    # the server turns this replica away (its role may no longer log in: as after a credentials rotation)
+    role = f"away_{pg_prefix}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+    conninfo = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    replica = PostgresStore(psycopg.conninfo.make_conninfo(**{**conninfo, "user": role}),
+                            table_prefix=f"{pg_prefix}_r")
+    assert replica.stats()["entries"] == 0
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {role} NOLOGIN")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+    try:
+        with pytest.raises(CacheStoreUnavailable, match="cannot be reached"):
+            replica.clear()
+    finally:
+        replica.close()

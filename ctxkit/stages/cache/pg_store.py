@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ConfigurationError, RequestError
+from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
 from ...postgres import redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
@@ -434,6 +434,23 @@ class PostgresStore:
             logger.error("the cache's tables %s_* are missing or were changed (another deployment's dimension?), "
                          "%s; restart this replica: %s", self.table_prefix, what, str(exc).strip().splitlines()[0])
 
+    @contextmanager
+    def _administered(self, what: str) -> Iterator[None]:
+        """An administrator's call (invalidate, clear, stats): unlike a lookup it cannot quietly do nothing, so
+        an unreachable server or dropped tables are a CacheStoreUnavailable that says which and why."""
+        import psycopg
+
+        try:
+            yield
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            reason = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
+            raise CacheStoreUnavailable(f"the cache's PostgreSQL cannot be reached or cannot write: {what} was "
+                                        f"not done ({reason})") from None
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise CacheStoreUnavailable(f"the cache's tables {self.table_prefix}_* are missing or were changed: {what} "
+                                        f"was not done; a new PostgresStore creates them ({reason})") from None
+
     def get(self, key: str, now: float) -> CacheEntry | None:
         """The entry stored under exactly `key`, or None when there is none or it has expired."""
         ttl_clause, params = self._ttl_clause(now)
@@ -623,8 +640,10 @@ class PostgresStore:
         return evicted, freed
 
     def invalidate(self, namespace: str) -> int:
-        """Delete every entry of `namespace`, for every replica; returns how many were deleted."""
-        with self._pool.connection() as conn, conn.transaction():
+        """Delete every entry of `namespace`, for every replica; returns how many were deleted.
+        CacheStoreUnavailable when the database cannot be reached or its tables are gone."""
+        with self._administered(f"invalidating namespace {namespace!r}"), self._pool.connection() as conn, \
+                conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
             conn.execute("SET LOCAL statement_timeout = 0")  # an administrator's call: it may take long
             conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
@@ -638,8 +657,9 @@ class PostgresStore:
         return len(rows)
 
     def clear(self) -> None:
-        """Delete every entry of every namespace (the hit/miss counters are kept, as in LocalStore)."""
-        with self._pool.connection() as conn, conn.transaction():
+        """Delete every entry of every namespace (the hit/miss counters are kept, as in LocalStore).
+        CacheStoreUnavailable when the database cannot be reached or its tables are gone."""
+        with self._administered("clearing the cache"), self._pool.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = on")
             conn.execute("SET LOCAL statement_timeout = 0")  # an administrator's call: it may take long
             conn.execute(f"SELECT value FROM {self._t['meta']} WHERE name = 'bytes' FOR UPDATE")
@@ -652,7 +672,7 @@ class PostgresStore:
         `hits`/`misses` count exact lookups (`get`); `search_hits`/`search_misses` count searches that
         returned candidates or none (whether a candidate is used is the stage's decision)."""
         t = self._t
-        with self._pool.connection() as conn:
+        with self._administered("reading the statistics"), self._pool.connection() as conn:
             counts = dict(conn.execute(f"SELECT name, sum(value)::bigint FROM {t['stats']} GROUP BY name").fetchall())
             (entries,) = conn.execute(f"SELECT count(*) FROM {t['entries']}").fetchone()
             (stored,) = conn.execute(f"SELECT value FROM {t['meta']} WHERE name = 'bytes'").fetchone()
