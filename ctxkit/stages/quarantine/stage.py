@@ -563,10 +563,15 @@ def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
 
 
 def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
+    """What a withheld message says instead: whose content it was and why it was withheld, or only why when
+    that would be longer than the content ("Error: rate limit exceeded" is shorter than its explanation, and
+    the call it answers stands right above it): withholding must not cost more than it removes."""
     message = messages[index]
     if message.get("role") == "tool":
         name, arguments = call_answered(messages, index) or (record.source, "{}")
         what = f"the result of {name}({shorten(arguments, 200)})"
     else:
         what = "an earlier assistant answer"
-    return f"{PLACEHOLDER_PREFIX} {what} was withheld ({record.kind}: {shorten(record.reason, 160)})]"
+    full = f"{PLACEHOLDER_PREFIX} {what} was withheld ({record.kind}: {shorten(record.reason, 160)})]"
+    short = f"{PLACEHOLDER_PREFIX} withheld ({record.kind})]"
+    return full if len(full) < len(message_text(dict(message))) else short
