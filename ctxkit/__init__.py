@@ -9,6 +9,7 @@
 from .backends import Backend, GGUFPrompt, LlamaCppBackend, OpenAIBackend, default_model_path
 from .errors import (
     BackendConnectionError,
+    BackendContextOverflowError,
     BackendError,
     BackendStatusError,
     BackendTimeoutError,
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncChatStream", "Backend", "BackendConnectionError", "BackendError", "BackendStatusError",
     "BackendTimeoutError", "CacheStoreUnavailable", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
-    "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
+    "BackendContextOverflowError", "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
     "LedgerError", "LedgerRecord", "MalformedLedgerLine", "QuarantineStoreUnavailable", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
     "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
     "record_event",

@@ -132,6 +132,20 @@ class BackendStatusError(BackendError):
     retry_after: str | None = None
 
 
+class BackendContextOverflowError(BackendStatusError, ContextOverflowError):
+    """The backend itself refused the prompt as too long for its context (OpenAI's and llama.cpp's server's 400
+    `context_length_exceeded`): a ContextOverflowError as ctxkit's own check raises, so handlers of an overflow
+    (`e.code == "context_length_exceeded"`, LangChain's SummarizationMiddleware) see it, and a BackendStatusError
+    with the backend's status. The token numbers are the backend's to know: None here."""
+
+    def __init__(self, message: str, *, backend: str, status: int | None = None) -> None:
+        self.prompt_tokens = self.max_tokens = self.context_window = None  # type: ignore[assignment]
+        self.where = "messages"
+        self.backend, self.status = backend, status
+        prefix = f"[{backend}" + (f" {status}]" if status is not None else "]")
+        Exception.__init__(self, f"{prefix} {message}")  # not BackendError's: its super() is ContextOverflowError's
+
+
 class UnknownToolError(CtxkitError, ValueError):
     """The model called a tool the application never offered: executing it is impossible, guessing is wrong."""
 

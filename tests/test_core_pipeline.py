@@ -1115,14 +1115,14 @@ def test_a_call_and_a_dropped_stream_after_close_are_typed_not_a_crash(tmp_path)
 def test_a_stream_holds_back_a_stop_that_ends_in_a_possible_tool_call_start():
     """"return a <" may go on as "<tool_call>" (then "a <" is no stop) or as "< b" (then it is): the stream passed
     "return a " on, and once " b" came the stop's own text had already been sent."""
-    from ctxkit.backends.llama_cpp import _stop_at, _stop_safe_end
+    from ctxkit.backends.tool_format import stop_at, stop_safe_end
 
     text = "    return a <"
-    assert _stop_at(text, ["a <"]) is None  # not yet: the "<" may begin a call
-    assert _stop_safe_end(text, ["a <"]) <= text.index("a <")
-    assert _stop_safe_end(text, [" <"]) <= text.index(" <")
-    assert _stop_at(text + " b", ["a <"]) == text.index("a <")
-    assert _stop_safe_end("see <tool", ["zzz"]) == len("see ")  # other stops: as before
+    assert stop_at(text, ["a <"]) is None  # not yet: the "<" may begin a call
+    assert stop_safe_end(text, ["a <"]) <= text.index("a <")
+    assert stop_safe_end(text, [" <"]) <= text.index(" <")
+    assert stop_at(text + " b", ["a <"]) == text.index("a <")
+    assert stop_safe_end("see <tool", ["zzz"]) == len("see ")  # other stops: as before
 
 
 def test_the_stop_check_detokenizes_each_token_once(llama_backend):

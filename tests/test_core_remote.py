@@ -477,6 +477,43 @@ def test_tools_reach_a_llama_cpp_server_as_text_and_its_calls_come_back_as_tool_
     assert not any("<tool_call>" in (d["delta"].get("content") or "") for d in deltas)
 
 
+def test_a_stop_sequence_never_cuts_a_tool_call_sent_as_text_and_still_ends_a_text_answer(remote):
+    """The server was given the caller's stops and cut the <tool_call> block at a stop inside it (stop ["\\n"] gave
+    content "<tool_call>" and no call, even with tool_choice "required"): ctxkit applies them itself, outside the
+    call blocks, as LlamaCppBackend and OpenAI do, streamed or not, sync or async; a text answer still ends there."""
+    import asyncio
+
+    call = ChatRequest(messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                       params={"max_tokens": 40, "temperature": 0, "tool_choice": "required", "stop": ["\n", "}"]})
+    response = remote.complete(call)
+    assert response.finish_reason == "tool_calls" and response.content is None
+    assert [c["function"]["name"] for c in response.message["tool_calls"]] == ["get_weather"]
+
+    def streamed(chunks):
+        deltas = [c["choices"][0] for c in chunks if c.get("choices")]
+        calls = [t["function"]["name"] for d in deltas for t in d["delta"].get("tool_calls") or []]
+        return [d["finish_reason"] for d in deltas if d["finish_reason"]], calls, "".join(
+            d["delta"].get("content") or "" for d in deltas)
+
+    assert streamed(remote.stream(call)) == (["tool_calls"], ["get_weather"], "")
+
+    async def astreamed(request):
+        return streamed([c async for c in remote.astream(request)])
+
+    assert asyncio.run(astreamed(call)) == (["tool_calls"], ["get_weather"], "")
+    text = ChatRequest(messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], tools=[WEATHER],
+                       params={"max_tokens": 40, "temperature": 0, "tool_choice": "none", "stop": [","]})
+    # tool_choice "none": no call possible, so the server applies the stop as before; "auto" is ctxkit's
+    for choice in ("none", "auto"):
+        request = text.override(params={**text.params, "tool_choice": choice})
+        answer = remote.complete(request)
+        assert answer.finish_reason == "stop" and "," not in (answer.content or "")
+        finish, calls, content = streamed(remote.stream(request))
+        assert finish == ["stop"] and not calls and "," not in content
+        finish, calls, content = asyncio.run(astreamed(request))
+        assert finish == ["stop"] and not calls and "," not in content
+
+
 def test_a_streamed_answer_with_text_before_its_tool_call_still_streams_the_call():
     """complete() parses a <tool_call> block anywhere in the answer: a stream must too ("Checking. <tool_call>...")."""
     from ctxkit.backends.tool_format import ToolCallTextStream

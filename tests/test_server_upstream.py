@@ -45,12 +45,28 @@ def test_the_proxy_answers_through_the_upstream_and_fails_with_its_status(upstre
         too_long = [{"role": "user", "content": "hello " * (UPSTREAM_CTX + 100)}]
         with pytest.raises(openai.BadRequestError) as err:  # the upstream's 400, passed through
             _client(base_url).chat.completions.create(model="m", messages=too_long, max_tokens=3)
-        assert err.value.body["code"] == "upstream_400"
+        # the upstream's own context_length_exceeded: an overflow to the client, as ctxkit's own check says it
+        assert err.value.body["code"] == "context_length_exceeded"
+        assert err.value.body["type"] == "invalid_request_error" and err.value.body["param"] == "messages"
         assert "context" in err.value.body["message"].lower()
     records = list(read_ledger(tmp_path / "ledger.jsonl"))
     assert [r.status for r in records] == ["ok", "ok", "error"]
     assert records[0].backend == "openai" and records[0].namespace == "up"
     assert records[0].count_delta == 0, "the upstream's own prompt count should match ctxkit's GGUF count"
+
+
+def test_an_upstream_context_overflow_is_a_context_overflow_error(upstream, llama_backend):
+    """The upstream's 400 context_length_exceeded (its n_ctx is smaller than the window ctxkit was told) is a
+    ContextOverflowError, with the code handlers test, as ctxkit's own check raises: not a bare status error."""
+    from ctxkit import BackendStatusError, ContextOverflowError
+
+    backend = OpenAIBackend("smollm2", base_url=upstream.base_url, counter=llama_backend.counter, max_retries=0,
+                            context_window=100_000)
+    too_long = [{"role": "user", "content": "hello " * (UPSTREAM_CTX + 100)}]
+    with pytest.raises(openai.BadRequestError) as err:
+        Pipeline(backend).openai().chat.completions.create(model="m", messages=too_long, max_tokens=3)
+    assert isinstance(err.value, ContextOverflowError) and isinstance(err.value, BackendStatusError)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and err.value.param == "messages"
 
 
 def test_an_upstream_that_times_out_is_a_504(upstream, llama_backend, tmp_path):
@@ -351,4 +367,3 @@ def test_a_client_that_leaves_mid_stream_is_recorded_in_words(llama_backend, tmp
     [record] = list(read_ledger(tmp_path / "ledger.jsonl"))
     assert record.status == "error" and record.error_type == "CancelledError"
     assert "cancel scope" not in record.error and "Task" not in record.error, record.error
-

@@ -27,13 +27,13 @@ from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
     ToolCallTextStream,
     _any_values,
     drop_unfinished_call,
     may_call,
     parse_tool_calls,
+    stop_at,
+    stop_safe_end,
     tool_call_grammar,
 )
 
@@ -210,7 +210,7 @@ class LlamaCppBackend:
             call_stops = sampling.pop("call_stops")
             criteria = [stop, capped]
             if call_stops:  # the caller's stops, outside a tool call: checked here, on the text sampled so far
-                criteria.append(lambda _ids, _logits: _stop_at(self._sampled_text(), call_stops) is not None)
+                criteria.append(lambda _ids, _logits: stop_at(self._sampled_text(), call_stops) is not None)
             sampling["stopping_criteria"] = StoppingCriteriaList(criteria)
             out: Any = self._llama.create_completion(prompt=tokens, stream=False, **sampling)
         except RequestError:
@@ -223,7 +223,7 @@ class LlamaCppBackend:
             raise _timed_out(self.name, out["usage"]["completion_tokens"])
         choice = out["choices"][0]
         text = choice["text"]
-        cut = _stop_at(text, call_stops)
+        cut = stop_at(text, call_stops)
         if cut is not None:
             text, choice = text[:cut], {**choice, "finish_reason": "stop"}
         tools_offered = may_call(request.tools, request.params)
@@ -321,8 +321,8 @@ class LlamaCppBackend:
                 stopped = False
                 if call_stops:  # text that may still begin a stop is held back, as llama.cpp does for its own stops
                     seen += content
-                    cut = _stop_at(seen, call_stops)
-                    end = cut if cut is not None else _stop_safe_end(seen, call_stops)
+                    cut = stop_at(seen, call_stops)
+                    end = cut if cut is not None else stop_safe_end(seen, call_stops)
                     content, passed, stopped = seen[passed:end], max(passed, end), cut is not None
                     if stopped:
                         finish = "stop"
@@ -337,7 +337,7 @@ class LlamaCppBackend:
                     deadline = _after_consumer(deadline, handed)
                 if stopped:
                     break
-            if call_stops and passed < len(seen) and _stop_at(seen, call_stops) is None:  # the tail held back
+            if call_stops and passed < len(seen) and stop_at(seen, call_stops) is None:  # the tail held back
                 tail = seen[passed:]
                 passed = len(seen)
                 for out in text_calls.feed(chunk({"content": tail})) if text_calls else [chunk({"content": tail})]:
@@ -564,61 +564,6 @@ class LlamaCppBackend:
             "logit_bias": self._logit_bias(request),
             "grammar": LlamaGrammar.from_string(grammar_text, verbose=False) if grammar_text else None,
         }
-
-
-def _call_spans(text: str) -> list[tuple[int, int]]:
-    """Where `text` holds <tool_call> blocks (to their close, or to the end of an unclosed one, or a trailing
-    start of one still being written)."""
-    spans, pos = [], 0
-    while True:
-        start = text.find(TOOL_CALL_OPEN, pos)
-        if start < 0:
-            break
-        close = text.find(TOOL_CALL_CLOSE, start)
-        end = len(text) if close < 0 else close + len(TOOL_CALL_CLOSE)
-        spans.append((start, end))
-        pos = end
-    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text) - pos), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-k:]):
-            spans.append((len(text) - k, len(text)))
-            break
-    return spans
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    """Where the answer ends: the first of `stops` in `text` outside any <tool_call> block; None if none is."""
-    if not stops:
-        return None
-    spans = _call_spans(text)
-    best: int | None = None
-    for s in stops:
-        pos = text.find(s)
-        while pos >= 0 and any(a < pos + len(s) and pos < b for a, b in spans):
-            pos = text.find(s, pos + 1)
-        if pos >= 0 and (best is None or pos < best):
-            best = pos
-    return best
-
-
-def _stop_safe_end(text: str, stops: list[str]) -> int:
-    """How far `text` may be passed on: not into a tail that may still become one of `stops`, or the start of a
-    <tool_call> (a stop inside it would not count, and then might once it turns out to be none)."""
-    end = len(text)
-    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-k:]):
-            end = len(text) - k
-            break
-    if end < len(text):  # a stop that ends inside that held-back start ("a <" in "a <"): it counts if no call follows
-        for s in stops:
-            pos = text.find(s, max(0, end - len(s) + 1))
-            if 0 <= pos < end:
-                end = pos
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                end = min(end, len(text) - k)
-                break
-    return end
 
 
 def _deadline(request: ChatRequest) -> float | None:

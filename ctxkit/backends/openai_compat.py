@@ -29,6 +29,7 @@ import openai
 
 from ..errors import (
     BackendConnectionError,
+    BackendContextOverflowError,
     BackendError,
     BackendStatusError,
     BackendTimeoutError,
@@ -48,6 +49,8 @@ from .tool_format import (
     may_call,
     messages_for_plain_template,
     parse_tool_calls,
+    stop_at,
+    stop_safe_end,
     tool_call_grammar,
 )
 
@@ -214,12 +217,17 @@ class OpenAIBackend:
         # A server that keeps the connection alive (SSE comments, blank lines) but sends no chunk never trips the
         # HTTP read timeout: a watchdog ends such a stream once no chunk came for the call's timeout.
         watchdog = _Watchdog(self._stall_limit(request), chunks)
+        stops = self._call_stops(request)
         try:
             for chunk in watchdog.chunks():
                 ended = ended or _ends_answer(chunk)
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
-                yield from calls.feed(data) if calls else (data,)
+                for kept in stops.feed(data) if stops else (data,):
+                    yield from calls.feed(kept) if calls else (kept,)
+                if stops is not None and stops.done:  # the caller's stop, outside any call: the answer ends here
+                    ended = True
+                    break
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
@@ -277,6 +285,7 @@ class OpenAIBackend:
         last: dict[str, Any] = {}
         failure: BaseException | None = None
         limit = self._stall_limit(request)
+        stops = self._call_stops(request)
         try:
             while True:
                 try:
@@ -288,8 +297,12 @@ class OpenAIBackend:
                 ended = ended or _ends_answer(chunk)
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
-                for passed in calls.feed(data) if calls else (data,):
-                    yield passed
+                for kept in stops.feed(data) if stops else (data,):
+                    for passed in calls.feed(kept) if calls else (kept,):
+                        yield passed
+                if stops is not None and stops.done:  # see _stream
+                    ended = True
+                    break
             if not ended:
                 raise _cut_off(self.name)
         except openai.OpenAIError as exc:
@@ -323,6 +336,16 @@ class OpenAIBackend:
         """For a stream whose tools went as text: what turns its <tool_call> blocks into tool_calls deltas."""
         return ToolCallTextStream() if self._tools_as_text() and may_call(request.tools, request.params) else None
 
+    def _call_stops(self, request: ChatRequest) -> _CallStops | None:
+        """The caller's stop sequences, when ctxkit applies them itself: tools went as text and the answer may be a
+        call. The server would cut a <tool_call> block at a stop inside it (stop ["\\n"] ended every call at
+        "<tool_call>", returned as content); OpenAI never cuts a call's arguments at a stop, nor does LlamaCppBackend."""
+        if not (self._tools_as_text() and may_call(request.tools, request.params)):
+            return None
+        stop = request.params.get("stop") or []
+        stops = [s for s in ([stop] if isinstance(stop, str) else list(stop)) if s]
+        return _CallStops(stops) if stops else None
+
     def _args(self, request: ChatRequest, stream: bool = False) -> dict[str, Any]:
         messages = list(request.messages)
         plain = self._tools_as_text()
@@ -352,6 +375,8 @@ class OpenAIBackend:
         if plain:  # the tools went as text; the server has none to choose from (and refuses "required")
             choice = args.pop("tool_choice", None)
             args.pop("parallel_tool_calls", None)
+            if may_call(request.tools, request.params):
+                args.pop("stop", None)  # applied here, outside the call blocks: see _call_stops
             if may_call(request.tools, request.params) and "response_format" not in args:
                 # llama.cpp's `grammar` field (other servers ignore fields they do not know): a 135M model writes
                 # a well-formed call only when held to one, as LlamaCppBackend holds it
@@ -380,6 +405,10 @@ class OpenAIBackend:
         message.setdefault("content", None)
         finish_reason = choice.finish_reason or "stop"
         if self._tools_as_text() and may_call(request.tools, request.params):
+            stops = self._call_stops(request)
+            cut = stop_at(message["content"] or "", stops.stops) if stops is not None else None
+            if cut is not None:  # the caller's stop, outside any call (the server was not given it)
+                message["content"], finish_reason = message["content"][:cut], "stop"
             content, calls = parse_tool_calls(message["content"] or "")  # the <tool_call> blocks the tools' text asks for
             if calls:
                 message.update(content=content, tool_calls=calls)
@@ -510,6 +539,8 @@ class OpenAIBackend:
             return BackendTimeoutError(self._scrub(str(exc), headers), backend=self.name)
         if isinstance(exc, openai.APIConnectionError):
             return BackendConnectionError(self._scrub(str(exc), headers), backend=self.name)
+        if isinstance(exc, openai.APIStatusError) and _context_overflow(exc):
+            return BackendContextOverflowError(self._scrub(exc.message, headers), backend=self.name, status=exc.status_code)
         if isinstance(exc, openai.APIStatusError):
             error = BackendStatusError(self._scrub(exc.message, headers), backend=self.name, status=exc.status_code)
             # How long the upstream asked callers to wait (a 429, a 503): a proxy passes it on to its clients.
@@ -633,6 +664,15 @@ async def _close_at_shutdown(client: Any, forget: Callable[[], None]) -> AsyncIt
         await client.close()
 
 
+def _context_overflow(exc: Any) -> bool:
+    """Whether an upstream's 4xx says the prompt does not fit its context: OpenAI and llama-cpp-python's server send
+    code `context_length_exceeded`; vLLM only the text ("This model's maximum context length is ...")."""
+    if not 400 <= exc.status_code < 500:
+        return False
+    return getattr(exc, "code", None) == "context_length_exceeded" or (
+        exc.status_code == 400 and "maximum context length" in str(exc.message))
+
+
 def _retry_after(headers: Any) -> float | None:
     """Seconds the server asks to wait: `retry-after-ms` (OpenAI's), `Retry-After` in seconds or as an HTTP date."""
     millis = headers.get("retry-after-ms")
@@ -729,6 +769,36 @@ class _Watchdog:
         with self._wake:
             self._stopped = True
             self._wake.notify()
+
+
+class _CallStops:
+    """The caller's stop sequences applied to a streamed answer outside its <tool_call> blocks (the server was not
+    given them): text that may still become a stop is held back, and the answer ends at the first stop found."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.done = False
+        self._seen = ""
+        self._passed = 0
+
+    def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        if not data.get("choices"):
+            return [data]  # a usage chunk
+        choice = data["choices"][0]
+        delta = dict(choice.get("delta") or {})
+        finish = choice.get("finish_reason")
+        self._seen += delta.pop("content", None) or ""
+        cut = stop_at(self._seen, self.stops)
+        if cut is not None:
+            end, finish, self.done = max(cut, self._passed), "stop", True
+        elif finish is None:
+            end = max(self._passed, stop_safe_end(self._seen, self.stops))
+        else:
+            end = len(self._seen)
+        if end > self._passed:
+            delta["content"] = self._seen[self._passed:end]
+            self._passed = end
+        return [{**data, "choices": [{**choice, "delta": delta, "finish_reason": finish}]}]
 
 
 def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str, Any]:

@@ -367,3 +367,58 @@ def _hoisted(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any
     for name, definition in local.items():
         definitions[f"{prefix}{name}"] = rewrite(definition)
     return rewrite({k: v for k, v in parameters.items() if k not in ("$defs", "definitions")})
+
+
+def call_spans(text: str) -> list[tuple[int, int]]:
+    """Where `text` holds <tool_call> blocks (to their close, or to the end of an unclosed one, or a trailing
+    start of one still being written)."""
+    spans, pos = [], 0
+    while True:
+        start = text.find(TOOL_CALL_OPEN, pos)
+        if start < 0:
+            break
+        close = text.find(TOOL_CALL_CLOSE, start)
+        end = len(text) if close < 0 else close + len(TOOL_CALL_CLOSE)
+        spans.append((start, end))
+        pos = end
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text) - pos), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            spans.append((len(text) - k, len(text)))
+            break
+    return spans
+
+
+def stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the answer ends: the first of `stops` in `text` outside any <tool_call> block; None if none is."""
+    if not stops:
+        return None
+    spans = call_spans(text)
+    best: int | None = None
+    for s in stops:
+        pos = text.find(s)
+        while pos >= 0 and any(a < pos + len(s) and pos < b for a, b in spans):
+            pos = text.find(s, pos + 1)
+        if pos >= 0 and (best is None or pos < best):
+            best = pos
+    return best
+
+
+def stop_safe_end(text: str, stops: list[str]) -> int:
+    """How far `text` may be passed on: not into a tail that may still become one of `stops`, or the start of a
+    <tool_call> (a stop inside it would not count, and then might once it turns out to be none)."""
+    end = len(text)
+    for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-k:]):
+            end = len(text) - k
+            break
+    if end < len(text):  # a stop that ends inside that held-back start ("a <" in "a <"): it counts if no call follows
+        for s in stops:
+            pos = text.find(s, max(0, end - len(s) + 1))
+            if 0 <= pos < end:
+                end = pos
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                end = min(end, len(text) - k)
+                break
+    return end
