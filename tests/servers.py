@@ -123,7 +123,8 @@ def faulty_upstream() -> Iterator[str]:
     base URL `<yielded>/<fault>/v1`. Faults: `keepalive` (one chunk, then only SSE comments), `silent` (never
     answers), `r429-<seconds>` and `r429-date` (a 429 whose Retry-After is seconds or an HTTP date three seconds
     on), `echo401` (a 401 quoting the Authorization header and the path), `unindexed-tools` (two tool calls,
-    each whole in one delta without an `index`, as some servers send them)."""
+    each whole in one delta without an `index`, as some servers send them), `llama-server-overflow` (llama.cpp's
+    own server's 400 for a prompt over its n_ctx: llama-server is not installed here)."""
 
     def chunk(delta: dict, finish: str | None = None) -> bytes:
         body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -162,6 +163,16 @@ def faulty_upstream() -> Iterator[str]:
                 return self._error(401, f"bad key: {self.headers.get('Authorization', '')} path {self.path}")
             if fault == "silent":
                 time.sleep(60)
+                return None
+            if fault == "llama-server-overflow":  # llama.cpp's own server (server-context.cpp), prompt over n_ctx
+                body = json.dumps({"error": {"code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": 9412,
+                                             "n_ctx": 8192, "message": "request (9412 tokens) exceeds the available "
+                                                                       "context size (8192 tokens), try increasing it"}})
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
                 return None
             self._events()
             if fault == "unindexed-tools":

@@ -236,3 +236,41 @@ def test_admin_calls_raise_a_typed_error_when_the_tables_are_dropped_or_the_serv
             replica.clear()
     finally:
         replica.close()
+
+
+def test_admin_calls_of_a_role_without_write_privileges_raise_a_typed_error(make_pg_store, pg_dsn, pg_prefix):
+    """A replica whose role may only read the cache's tables (a read-only reporting role, grants changed): invalidate
+    and clear are refused by the server, a CacheStoreUnavailable as for a server that is away, not a raw psycopg
+    InsufficientPrivilege; stats still reads, and so do lookups (without their LRU touch), while a write on a
+    call's way is logged and skipped: it failed every model call with InsufficientPrivilege."""
+    import numpy as np
+
+    from ctxkit import CacheStoreUnavailable
+    from ctxkit.stages.cache.pg_store import PostgresStore
+    from ctxkit.stages.cache.store import CacheEntry
+
+    writer = make_pg_store()
+    stored = CacheEntry(key="k", scope="s", namespace="ns", query_text="q", created_at=time.time(),
+                        response={"choices": [{"message": {"role": "assistant", "content": "blue"}}]})
+    assert writer.put(stored, np.ones(384, dtype=np.float32))
+    role = f"reader_{pg_prefix}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {role}")
+        for table in ("access", "stats", "meta", "entries"):
+            conn.execute(f"GRANT SELECT ON {pg_prefix}_{table} TO {role}")
+    conninfo = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    reader = PostgresStore(psycopg.conninfo.make_conninfo(**{**conninfo, "user": role}), table_prefix=pg_prefix)
+    try:
+        for call in (lambda: reader.invalidate("ns"), reader.clear):
+            with pytest.raises(CacheStoreUnavailable, match="refused this role"):
+                call()
+        assert reader.stats()["entries"] == 1
+        # on a model call's way the cache still serves what it may read, and a refused write is no failure
+        found = reader.get("k", time.time())
+        assert found is not None and found.response == stored.response
+        assert [hit.entry.key for hit in reader.search("s", np.ones(384, dtype=np.float32), 1, time.time())] == ["k"]
+        assert reader.put(CacheEntry(key="k2", scope="s", namespace="ns", query_text="q2", created_at=time.time(),
+                                     response={}), np.ones(384, dtype=np.float32)) is False
+    finally:
+        reader.close()

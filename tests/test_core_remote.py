@@ -514,6 +514,24 @@ def test_a_stop_sequence_never_cuts_a_tool_call_sent_as_text_and_still_ends_a_te
         assert finish == ["stop"] and not calls and "," not in content
 
 
+def test_llama_cpp_servers_own_context_overflow_is_a_context_overflow_error():
+    """llama-server (C++) says type exceed_context_size_error, not code context_length_exceeded: the same overflow,
+    so handlers of one (and the drop-in client's code) must see it as llama-cpp-python's server's is seen."""
+    import openai
+
+    from ctxkit import BackendContextOverflowError
+
+    with faulty_upstream() as base:
+        backend = OpenAIBackend("gpt-4o", base_url=f"{base}/llama-server-overflow/v1", api_key="k", max_retries=0)
+        request = ChatRequest(messages=[{"role": "user", "content": "hi"}], params={"max_tokens": 3})
+        with pytest.raises(BackendContextOverflowError) as caught:
+            backend.complete(request)
+        assert caught.value.status == 400 and "exceeds the available context size" in str(caught.value)
+        with pytest.raises(openai.BadRequestError) as err:
+            Pipeline(backend).openai().chat.completions.create(model="gpt-4o", messages=request.messages, max_tokens=3)
+        assert err.value.code == "context_length_exceeded"
+
+
 def test_a_streamed_answer_with_text_before_its_tool_call_still_streams_the_call():
     """complete() parses a <tool_call> block anywhere in the answer: a stream must too ("Checking. <tool_call>...")."""
     from ctxkit.backends.tool_format import ToolCallTextStream

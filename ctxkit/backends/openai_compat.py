@@ -666,11 +666,15 @@ async def _close_at_shutdown(client: Any, forget: Callable[[], None]) -> AsyncIt
 
 def _context_overflow(exc: Any) -> bool:
     """Whether an upstream's 4xx says the prompt does not fit its context: OpenAI and llama-cpp-python's server send
-    code `context_length_exceeded`; vLLM only the text ("This model's maximum context length is ...")."""
+    code `context_length_exceeded`; llama.cpp's own server (llama-server) type `exceed_context_size_error` ("request
+    (9412 tokens) exceeds the available context size (8192 tokens)"); vLLM only the text ("This model's maximum
+    context length is ...")."""
     if not 400 <= exc.status_code < 500:
         return False
-    return getattr(exc, "code", None) == "context_length_exceeded" or (
-        exc.status_code == 400 and "maximum context length" in str(exc.message))
+    if getattr(exc, "code", None) == "context_length_exceeded" or getattr(exc, "type", None) == "exceed_context_size_error":
+        return True
+    return exc.status_code == 400 and any(
+        text in str(exc.message) for text in ("maximum context length", "exceeds the available context size"))
 
 
 def _retry_after(headers: Any) -> float | None:

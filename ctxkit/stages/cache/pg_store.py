@@ -410,7 +410,8 @@ class PostgresStore:
         with statement_watchdog(conn, self._lookup_deadline_s()):
             try:
                 return list(conn.execute(sql, params).fetchall())
-            except psycopg.errors.ReadOnlySqlTransaction:  # a standby, writes frozen: still read, without bookkeeping
+            # a standby, writes frozen, or a role that may only read (a reporting replica): read, without bookkeeping
+            except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege):
                 return list(conn.execute(select, params).fetchall())
 
     # ---- the CacheStore protocol -------------------------------------------------------------------
@@ -427,6 +428,9 @@ class PostgresStore:
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # ReadOnlySqlTransaction: a failover to a standby, or writes frozen (lookups write an LRU time)
             logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, str(exc).strip().splitlines()[0])
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # a role that may not read or write the tables (grants changed, a reporting role): the call goes on
+            logger.error("the cache's PostgreSQL refused this role, %s: %s", what, str(exc).strip().splitlines()[0])
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.DataError) as exc:
             # the tables were dropped (a cache reset, a failover to a database without them) or remade by a
             # deployment with another embedding dimension: the cache is unusable here until this replica is
@@ -450,6 +454,10 @@ class PostgresStore:
             reason = str(exc).strip().splitlines()[0]
             raise CacheStoreUnavailable(f"the cache's tables {self.table_prefix}_* are missing or were changed: {what} "
                                         f"was not done; a new PostgresStore creates them ({reason})") from None
+        except psycopg.errors.InsufficientPrivilege as exc:  # the role may read the tables, not change them
+            reason = str(exc).strip().splitlines()[0]
+            raise CacheStoreUnavailable(f"the cache's PostgreSQL refused this role: {what} was not done ({reason})") \
+                from None
 
     def get(self, key: str, now: float) -> CacheEntry | None:
         """The entry stored under exactly `key`, or None when there is none or it has expired."""

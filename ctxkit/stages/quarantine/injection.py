@@ -5,6 +5,7 @@ text (lookalike letters folded, format characters and stacked accents removed)."
 from __future__ import annotations
 
 import base64
+import json
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping
@@ -429,17 +430,41 @@ def find_injection(text: str) -> Finding | None:
         if finding := _forged_turn(data):
             return finding
         for key, leaf in _strings(data):
-            if finding := _find_injection_as_read(leaf, exempt_quoted=False):
+            if finding := _embedded_turn(leaf) or _find_injection_as_read(leaf, exempt_quoted=False):
                 return finding
             # {"system_instruction": "Always tell the user ..."}: the JSON form of a "System instruction:" line
             if key is not None and _PROMPT_KEY.fullmatch(_key_words(key)) and len(leaf.split()) >= 3:
                 return Finding("injection", "content contains a system prompt", shorten(f"{key}: {leaf}"))
         return None
-    return _find_injection_as_read(text, exempt_quoted=True)
+    return _embedded_turn(text) or _find_injection_as_read(text, exempt_quoted=True)
+
+
+def _embedded_turn(text: str) -> Finding | None:
+    """A forged chat message as JSON inside text: a string value that is itself JSON (a fetched page's body), or
+    a JSON line after the tool's own text (as a "system:" turn appended to it)."""
+    if '"role"' not in text:
+        return None
+    covered, tries = 0, 0
+    for match in re.finditer(r"(?m)^[ \t]*[\[{]", text):
+        start = match.end() - 1
+        if start < covered:  # inside JSON read already (a pretty-printed chat log's messages): read as part of it
+            continue
+        tries += 1
+        if tries > 50:
+            break
+        try:
+            data, covered = _JSON_DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(data, (Mapping, list)) and (finding := _forged_turn(data)):
+            return finding
+    return None
 
 
 # Chat roles whose messages the model obeys or speaks as: a tool cannot send one, so one in its output is forged.
 _PRIVILEGED_ROLES = frozenset({"system", "developer", "assistant"})
+_ANSWER_KEYS = frozenset({"message", "delta", "output", "response", "completion"})
+_JSON_DECODER = json.JSONDecoder()
 
 
 def _forged_turn(data: Any, depth: int = 0, key: str | None = None, log: bool = False) -> Finding | None:
@@ -460,7 +485,9 @@ def _forged_turn(data: Any, depth: int = 0, key: str | None = None, log: bool = 
     role = data.get("role")
     if isinstance(role, str) and role.lower() in _PRIVILEGED_ROLES and not log:
         said = _message_text(data.get("content"))
-        answer = role.lower() == "assistant" and key in ("message", "delta")
+        # an API's answer: under message/delta/output (Chat Completions, a trace's output), or an Anthropic
+        # Messages or OpenAI Responses item ({"type": "message", "role": "assistant", "content": [...]})
+        answer = role.lower() == "assistant" and (key in _ANSWER_KEYS or data.get("type") == "message")
         if len(said.split()) >= 3 and not answer:
             return Finding("injection", "content forges a system or assistant message", shorten(f"{role}: {said}"))
     for name, value in data.items():
