@@ -185,8 +185,8 @@ def call_answered(messages: Sequence[Mapping[str, Any]], index: int) -> tuple[st
     with its tool_call_id before it. Some providers number calls per response ("call_0" on every step), so
     the id alone can name a later call with other arguments. None when no call before it has that id."""
     call_id = messages[index].get("tool_call_id")
-    for message in messages[:index][::-1]:
-        for call in message.get("tool_calls") or []:
+    for k in range(index - 1, -1, -1):  # not messages[:index][::-1]: two copies of the history per result
+        for call in messages[k].get("tool_calls") or []:
             if call.get("id") == call_id:
                 function = call.get("function") or {}
                 return str(function.get("name", "tool")), str(function.get("arguments", "{}"))

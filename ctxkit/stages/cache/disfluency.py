@@ -103,7 +103,8 @@ _MAX_TAIL = 3  # a repair of at most this many words at the very end replaces wo
 
 def tokenize(text: str) -> list[str]:
     """Words and single punctuation marks; "Bailleul ' s" and "Bailleul's" give the same words."""
-    text = re.sub(r"\s*(['’])\s*(s|t|re|ve|ll|d|m)\b", r"'\2", text)
+    # (from where a run of spaces starts only: tried from each space of a long run, it was quadratic)
+    text = re.sub(r"(?<!\s)\s*(['’])\s*(s|t|re|ve|ll|d|m)\b", r"'\2", text)
     text = re.sub(r"(\w)\s+-\s+(\w)", r"\1-\2", text)
     return _TOKEN.findall(text)
 
@@ -144,15 +145,27 @@ def _editing_term_at(lower: list[str], i: int) -> tuple[int, bool] | None:
     return None
 
 
-def _interregnum(lower: list[str], i: int) -> tuple[int, bool, bool] | None:
+def _interregnum(lower: list[str], i: int,
+                 memo: dict[int, tuple[int, bool, int]] | None = None) -> tuple[int, bool, bool] | None:
     """The run of editing terms, fillers and commas starting at i: (end, strong, only fillers).
 
     A run is strong when it holds a strong term or two editing words ("wait, no", "no, actually"):
     together they leave no other reading.
+
+    `memo` (one per token list): once a run has begun, where it goes from a position depends on the position
+    alone, so (end, strong, words up to 2) of the rest of each run is kept for every position it passed:
+    without it a long run ("uh um I mean no wait ..." spoken for minutes) was read again from each of its
+    words, quadratic in its length.
     """
     j, strong, fillers, words = i, False, 0, 0
+    path: list[tuple[int, bool, int]] = []  # (position, strong, words) of each step taken once the run began
+    rest: tuple[int, bool, int] | None = None
     while j < len(lower):
+        if memo is not None and (fillers or words) and j in memo:
+            rest = memo[j]
+            break
         if lower[j] in _PUNCT and (fillers or words):
+            path.append((j, False, 0))
             j += 1
             continue
         found = _editing_term_at(lower, j)
@@ -160,12 +173,25 @@ def _interregnum(lower: list[str], i: int) -> tuple[int, bool, bool] | None:
             break
         if lower[j] == "or" and found[0] == 1 and (j + 1 >= len(lower) or _editing_term_at(lower, j + 1) is None):
             break  # a bare "or" joins alternatives; it only belongs to a run that goes on ("or uh, rather")
+        began = bool(fillers or words)
         strong = strong or found[1]
+        word = 0
         if lower[j] in _FILLERS:
             fillers += 1
         elif lower[j : j + found[0]] != ["or"]:
             words += 1
+            word = 1
+        if began:
+            path.append((j, found[1], word))
         j += found[0]
+    if rest is None:
+        rest = (j, False, 0)
+    if memo is not None:
+        end, rest_strong, rest_words = rest
+        for position, step_strong, step_word in reversed(path):
+            rest_strong, rest_words = rest_strong or step_strong, min(2, rest_words + step_word)
+            memo[position] = (end, rest_strong, rest_words)
+    j, strong, words = rest[0], strong or rest[1], words + rest[2]  # with the steps the memo stood for
     if not (fillers or words):
         if _restart_phrase(lower, j) and lower[j] in ("first", "or"):
             return j, True, False  # "how is income, first what can ..." / "who runs first tell me what ..."
@@ -321,8 +347,9 @@ def repair(text: str) -> str:
     for _ in range(4):  # a sentence rarely holds more than a couple of corrections
         lower = [t.lower() for t in tokens]
         changed = False
+        memo: dict[int, tuple[int, bool, int]] = {}
         for i in range(1, len(tokens)):
-            found = _interregnum(lower, i)
+            found = _interregnum(lower, i, memo)
             if found is None:
                 continue
             j, strong, fillers_only = found

@@ -319,7 +319,9 @@ def features(text: str, raw: str | None = None) -> Features:
                 and low not in _UNITS and low not in _SENTENCE_START_STOP:
             entities.add(low)  # a name; the first word of a sentence is capitalized anyway, so it tells nothing
     entities.discard("@")
-    for address in re.findall(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+", text):
+    # (an address starts where a run of its characters starts: tried from inside a long run as well, as
+    # "aaaa..." or a base64 blob of 20 KB, the search ran to the run's end from each character, for seconds)
+    for address in re.findall(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+", text):
         entities.add(address.lower())  # emails and URLs: the tokenizer splits them
     for quoted in re.findall(r"[\"“]([^\"”]{1,60})[\"”]", text):
         entities.add(quoted.strip().lower())

@@ -45,7 +45,17 @@ class RequestKey:
 
 
 _POLITE_HEAD = re.compile(r"^(?:(?:please|pls|kindly|hey|hi|hello|ok|okay|so)\b[\s,!.]*)+", re.I)
-_POLITE_TAIL = re.compile(r"(?:[\s,]*\b(?:please|pls|thanks|thank you|thx)\b)+[\s.!?]*$", re.I)
+# Courtesy words that end a text: r"(?:[\s,]*\b(?:please|pls|thanks|thank you|thx)\b)+[\s.!?]*$" read backwards
+# from the end (tests/test_adversarial_linear_time.py checks they agree). Searched forwards, that regex ran from
+# every comma, space and courtesy word of a long run to the end and back (a 20 KB message of ", , ," or "please
+# please" took seconds, on every request's cache key); matched from the end, it is one pass.
+_POLITE_TAIL_REVERSED = re.compile(r"[\s.!?]*(?:\b(?:esaelp|slp|sknaht|uoy knaht|xht)\b[\s,]*)+", re.I)
+
+
+def _polite_tail(text: str) -> int | None:
+    """Where the courtesy words that end `text` start (None: it ends without one)."""
+    match = _POLITE_TAIL_REVERSED.match(text[::-1])
+    return len(text) - match.end() if match else None
 
 
 def normalize_text(text: str) -> str:
@@ -92,17 +102,20 @@ def courtesy_tail(text: str) -> tuple[str, bool] | None:
     and whether a comma or a sentence end sets them off ("What is X? Thanks", "What is X, please?").
     Not set off ("How do you spell thanks?", "Translate to French: thank you"), they may be what is asked
     about. None when the text ends without one."""
-    tail = _POLITE_TAIL.search(text)
-    if tail is None or not text[: tail.start()].strip():
+    start = _polite_tail(text)
+    if start is None or not text[:start].strip():
         return None
-    set_off = "," in tail.group(0) or text[: tail.start()].rstrip().endswith((".", "!", "?", ";"))
-    words = re.findall(r"thank you|[a-z]+", tail.group(0).lower())
+    tail = text[start:]
+    set_off = "," in tail or text[:start].rstrip().endswith((".", "!", "?", ";"))
+    words = re.findall(r"thank you|[a-z]+", tail.lower())
     return " ".join(sorted({_COURTESY_FORMS[w] for w in words if w in _COURTESY_FORMS})), set_off
 
 
 def strip_politeness(text: str) -> str:
     """'Please cancel it.' asks what 'cancel it' asks: courtesy words do not change the answer."""
-    stripped = _POLITE_TAIL.sub("", _POLITE_HEAD.sub("", text)).strip()
+    rest = _POLITE_HEAD.sub("", text)
+    start = _polite_tail(rest)
+    stripped = (rest if start is None else rest[:start]).strip()
     return stripped or text
 
 

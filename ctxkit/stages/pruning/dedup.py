@@ -25,6 +25,7 @@ What is sent:
 from __future__ import annotations
 
 import difflib
+import heapq
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -77,18 +78,28 @@ class MinHasher:
         hashed = (np.multiply.outer(self.a, x) + self.b[:, None]) % np.uint64(_PRIME)
         return hashed.min(axis=1)
 
-    def candidate_pairs(self, signatures: Sequence[np.ndarray]) -> set[tuple[int, int]]:
-        pairs: set[tuple[int, int]] = set()
-        for band in range(self.bands):
-            buckets: dict[bytes, list[int]] = {}
-            lo, hi = band * self.rows, (band + 1) * self.rows
-            for i, sig in enumerate(signatures):
-                buckets.setdefault(sig[lo:hi].tobytes(), []).append(i)
-            for members in buckets.values():
-                for k, i in enumerate(members):
-                    for j in members[k + 1 :]:
-                        pairs.add((i, j))
-        return pairs
+    def earliest_matches(self, signatures: Sequence[np.ndarray], matches: Any) -> dict[int, int]:
+        """{later: earliest earlier} for each signature, the earliest one that shares a band with it (an LSH
+        candidate) and for which `matches(earlier, later)` holds. Candidates are tried earliest first and the
+        first that matches ends the search: listing every pair of a bucket first made n^2 of them for n
+        near-copies (a thousand polls of a job's status took seconds)."""
+        buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        found: dict[int, int] = {}
+        for later, sig in enumerate(signatures):
+            keys = [sig[band * self.rows : (band + 1) * self.rows].tobytes() for band in range(self.bands)]
+            earlier_lists = [members for band, key in enumerate(keys) if (members := buckets[band].get(key))]
+            tried: set[int] = set()
+            for earlier in heapq.merge(*earlier_lists):  # each list is in index order
+                if earlier in tried:
+                    continue
+                tried.add(earlier)
+                if matches(earlier, later):
+                    found[later] = earlier
+                    break
+            for band, key in enumerate(keys):
+                buckets[band].setdefault(key, []).append(later)
+        return found
+
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
@@ -230,14 +241,10 @@ class DedupStage(Stage):
             return {}
         shingles = [self.hasher.shingles(texts[i]) for i in index]
         signatures = [self.hasher.signature(s) for s in shingles]
-        pairs: dict[int, int] = {}
-        for a, b in sorted(self.hasher.candidate_pairs(signatures)):
-            if jaccard(shingles[a], shingles[b]) < self.threshold:  # LSH gives candidates; confirm exactly
-                continue
-            earlier, later = index[a], index[b]
-            if later not in pairs or earlier < pairs[later]:
-                pairs[later] = earlier
-        return pairs
+        # LSH gives candidates; Jaccard confirms them exactly
+        found = self.hasher.earliest_matches(
+            signatures, lambda a, b: jaccard(shingles[a], shingles[b]) >= self.threshold)
+        return {index[b]: index[a] for b, a in found.items()}
 
 
 def _describe(messages: Sequence[Mapping[str, Any]], index: int) -> str:

@@ -3,6 +3,7 @@ from what the tool returned for it, a yes/no field stated the other way, a price
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,17 @@ _TEXT_FIELD = re.compile(rf"\b([A-Za-z][A-Za-z _-]{{1,30}}?)\s*[:=]\s*\$?({_NUMB
 
 def numeric_fields(text: str) -> dict[str, float]:
     """{field name: number} from a tool result: JSON leaves, or `name: number` pairs in text."""
+    return dict(_numeric_fields(text))
+
+
+# What each tool result holds (its numbers and yes/no fields, not its parsed JSON, which can be large), read
+# once: every assistant message of an agent's turn is checked against all the turn's tool results, so a loop
+# of n steps read each result n times (18 s for 600 steps, quadratic). Pure functions of the text, memoized.
+_READ_RESULTS = 1024
+
+
+@functools.lru_cache(maxsize=_READ_RESULTS)
+def _numeric_fields(text: str) -> tuple[tuple[str, float], ...]:
     data = parse_json(text)
     fields: dict[str, float] = {}
     if data is not None:
@@ -28,7 +40,7 @@ def numeric_fields(text: str) -> dict[str, float]:
             number = _to_number(match.group(1))
             if number is not None:
                 fields.setdefault("temperature", number)
-    return fields
+    return tuple(fields.items())
 
 
 _CLAIM_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
@@ -51,11 +63,12 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
     # Every number any tool of the turn returned: an answer about two parallel calls (two cities, two
     # quotes) or about the second item of a list states values that one result's first fields do not hold.
     values = _returned_numbers(tool_results)
+    checked: set[str] = set()  # a field name another result also has says the same of the claim
     for tool, result in tool_results:
-        fields = numeric_fields(result)
-        if not fields:
-            continue
-        for field, value in fields.items():
+        for field, value in _numeric_fields(result):
+            if field in checked:
+                continue
+            checked.add(field)
             words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
             if not words:
                 continue
@@ -119,6 +132,16 @@ def _bool_fields(data: Any, out: dict[str, set[bool]], depth: int = 0) -> None:
             _bool_fields(item, out, depth + 1)
 
 
+@functools.lru_cache(maxsize=_READ_RESULTS)
+def _result_bools(result: str) -> dict[str, frozenset[bool]]:
+    """The yes/no fields of one tool result (read-only: it is shared by every call that asks)."""
+    out: dict[str, set[bool]] = {}
+    data = parse_json(result)
+    if data is not None:
+        _bool_fields(data, out)
+    return {field: frozenset(values) for field, values in out.items()}
+
+
 def _yes_no_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
     """An answer that states the opposite of a yes/no field the tool returned: "Yes, the flight is on time."
     when the tool said {"delayed": true}. Only when every result of the turn gives that field one value, and
@@ -126,11 +149,10 @@ def _yes_no_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple
     fields: dict[str, set[bool]] = {}
     tools: dict[str, str] = {}
     for tool, result in tool_results:
-        data = parse_json(result)
-        if data is not None:
-            before = set(fields)
-            _bool_fields(data, fields)
-            tools.update({f: tool for f in set(fields) - before})
+        for field, seen in _result_bools(result).items():
+            if field not in fields:
+                tools[field] = tool
+            fields.setdefault(field, set()).update(seen)
     for concept, (names, yes, no) in _YES_NO.items():
         values: set[bool] = set().union(*(fields[f] for f in names if f in fields))
         if len(values) != 1:
@@ -184,14 +206,18 @@ def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
     """All the values the tool results of a turn hold: every JSON leaf (every item of a list), or the
     `name: number` values of a text result. Not every number of a text: a flight number, a date or a room
     number in it ("Flight UA 1234 ..., price: $320") would excuse an answer that gives it as the price."""
+    return [number for _tool, result in tool_results for number in _result_numbers(result)]
+
+
+@functools.lru_cache(maxsize=_READ_RESULTS)
+def _result_numbers(result: str) -> tuple[float, ...]:
     out: list[float] = []
-    for _tool, result in tool_results:
-        data = parse_json(result)
-        if data is not None:
-            _all_leaves(data, out)
-        else:
-            out.extend(numeric_fields(result).values())
-    return out
+    data = parse_json(result)
+    if data is not None:
+        _all_leaves(data, out)
+    else:
+        out.extend(value for _field, value in _numeric_fields(result))
+    return tuple(out)
 
 
 def _all_leaves(data: Any, out: list[float], depth: int = 0) -> None:
@@ -213,7 +239,7 @@ def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[
     """The one amount of money an answer states, when the tools returned one price and not that amount."""
     fields = {}
     for tool, result in tool_results:
-        fields.update({(tool, f): v for f, v in numeric_fields(result).items()})
+        fields.update({(tool, f): v for f, v in _numeric_fields(result)})
     money = [(tool, f, v) for (tool, f), v in fields.items() if _MONEY_FIELD.search(f)]
     amounts = [m for m in _MONEY_CLAIM.finditer(claim_l)
                if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 20])]
