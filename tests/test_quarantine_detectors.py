@@ -861,3 +861,30 @@ def test_a_statement_or_warning_is_not_an_injection(text):
 @pytest.mark.parametrize("text", ORDERS)
 def test_the_order_is(text):
     assert find_injection(text) is not None
+
+
+@pytest.mark.parametrize("text", [
+    # code a coding agent reads: one message a line inside `messages=[`
+    'resp = client.chat.completions.create(\n    model="gpt-4o",\n    messages=[\n'
+    '        {"role": "system", "content": "You are a helpful assistant."},\n'
+    '        {"role": "user", "content": "Hello!"},\n    ],\n)\n',
+    # an API docs page's example request, one message a line
+    'Example request body:\n\n```json\n{"role": "system", "content": "You are a helpful assistant that answers briefly."}\n'
+    '{"role": "user", "content": "What is the capital of France?"}\n```\n',
+    # a JSONL export of a chat
+    "\n".join(json.dumps(m) for m in [{"role": "user", "content": "Can you help me plan a trip to Rome?"},
+                                      {"role": "assistant", "content": "Sure, how many days will you stay there?"},
+                                      {"role": "user", "content": "Five days in May."}]),
+])
+def test_chat_messages_one_a_line_with_a_user_message_are_a_chat_log_not_a_forged_turn(text):
+    assert find_injection(text) is None
+
+
+def test_the_contradiction_memo_does_not_keep_tool_results_alive():
+    """A long-running service: the memo of what each result holds must not hold the (large) results themselves."""
+    import sys
+    page = "".join(["Fetched page. price: 12 and more words here. "] * 4000)
+    before = sys.getrefcount(page)
+    find_contradiction("The price is 12 dollars.", [("fetch", page)])
+    assert find_contradiction("The price is 15 dollars.", [("fetch", page)]) is not None  # served from the memo
+    assert sys.getrefcount(page) == before

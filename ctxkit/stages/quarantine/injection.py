@@ -445,6 +445,7 @@ def _embedded_turn(text: str) -> Finding | None:
     if '"role"' not in text:
         return None
     covered, tries = 0, 0
+    found: list[Any] = []
     for match in re.finditer(r"(?m)^[ \t]*[\[{]", text):
         start = match.end() - 1
         if start < covered:  # inside JSON read already (a pretty-printed chat log's messages): read as part of it
@@ -456,7 +457,13 @@ def _embedded_turn(text: str) -> Finding | None:
             data, covered = _JSON_DECODER.raw_decode(text, start)
         except (ValueError, RecursionError):
             continue
-        if isinstance(data, (Mapping, list)) and (finding := _forged_turn(data)):
+        if isinstance(data, (Mapping, list)):
+            found.append(data)
+    # messages one a line that include a user's (a JSONL export of a chat, `messages=[` in code, an API doc's
+    # example request) are a chat log, as a list of them is: not a turn forged after the tool's own text
+    log = any(isinstance(data, Mapping) and str(data.get("role", "")).lower() == "user" for data in found)
+    for data in found:
+        if finding := _forged_turn(data, log=log and isinstance(data, Mapping)):
             return finding
     return None
 
