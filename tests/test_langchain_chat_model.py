@@ -610,3 +610,57 @@ def test_token_counting_uses_the_counter_of_the_model_asked_for():
     history = [HumanMessage(text)]
     assert model.get_num_tokens_from_messages(history) == backend.counter_for("gpt-4").count_prompt(
         to_openai_messages(history))
+
+
+def test_with_structured_output_function_calling_sends_strict_and_refuses_an_unknown_method(llama_backend):
+    """with_structured_output(schema, strict=True) (method function_calling, the default) went to LangChain's base
+    implementation, which drops `strict`: the tool was sent without it. An unknown method became function_calling."""
+    seen = []
+
+    class Spy(Stage):
+        def before_model(self, request):
+            seen.append(request.tools)
+            return request
+
+    class City(BaseModel):
+        """A city."""
+
+        name: str
+
+    model = CtxkitChatModel(pipeline=Pipeline(llama_backend, [Spy()], ledger=Ledger()), temperature=0, max_tokens=40)
+    assert isinstance(model.with_structured_output(City, strict=True).invoke("Paris is a city."), City)
+    assert seen[-1][0]["function"].get("strict") is True
+    out = model.with_structured_output(City, include_raw=True).invoke("Paris is a city.")
+    assert isinstance(out["parsed"], City) and out["raw"].tool_calls and "strict" not in seen[-1][0]["function"]
+    with pytest.raises(ValueError, match="xml"):
+        model.with_structured_output(City, method="xml")
+
+
+def test_bind_tools_takes_the_per_call_transport_options(model):
+    """invoke(x, timeout=5) is taken (as ChatOpenAI takes it), yet bind_tools(tools, timeout=5) was refused."""
+    bound = model.bind_tools([add], timeout=30, tool_choice="add", max_tokens=40)
+    assert bound.invoke("Add 2 and 3.").tool_calls[0]["name"] == "add"
+
+
+def test_a_call_from_the_thread_whose_stream_is_still_open_fails_instead_of_waiting_forever(model, ledger):
+    """`it = model.stream(q); next(it); model.invoke(...)` waited for the local model, which the unread stream
+    held until this very thread read it on: a hang with no error (the alarm here only bounds the old hang)."""
+    import signal
+
+    from ctxkit import BackendError
+
+    def hung(*_):
+        raise TimeoutError("the call waited for the stream this thread holds")
+
+    stream = model.stream("Tell me a long story about a dragon.", max_tokens=30)
+    next(stream)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(BackendError, match="still streaming"):
+            model.invoke("Say hi.")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        stream.close()
+    assert model.invoke("Say hi.").content  # the model is free again

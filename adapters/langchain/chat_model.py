@@ -157,8 +157,8 @@ class CtxkitChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer `tools` (BaseTool, functions, pydantic models or OpenAI schemas) on every call; `strict`
         as in LangChain's `convert_to_openai_tool`."""
-        unknown = sorted(k for k in kwargs
-                         if k not in SAMPLING_PARAMS and k not in _REQUEST_FIELDS and not k.startswith("ls_"))
+        unknown = sorted(k for k in kwargs if k not in SAMPLING_PARAMS and k not in _REQUEST_FIELDS
+                         and k not in TRANSPORT_OPTIONS and not k.startswith("ls_"))
         if unknown:  # refused here, where the mistake is, rather than on the first call
             raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", "CtxkitChatModel.bind_tools")
         if tool_choice is not None:
@@ -176,19 +176,29 @@ class CtxkitChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, Any]:
         """As ChatOpenAI's: method "function_calling" (a forced tool call), "json_schema" (response_format
         json_schema: the local model is held to the schema by grammar) or "json_mode" (any JSON object)."""
-        if method not in ("json_schema", "json_mode"):
-            return super().with_structured_output(schema, include_raw=include_raw, method=method, strict=strict,
-                                                  **kwargs)
+        if method not in ("function_calling", "json_schema", "json_mode"):
+            raise ValueError(f"Unrecognized method argument {method!r}: expected 'function_calling', "
+                             "'json_schema' or 'json_mode'")
         if kwargs:
             raise ValueError(f"Received unsupported arguments {kwargs}")
-        from operator import itemgetter
-
         from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
-        from langchain_core.runnables import RunnableMap, RunnablePassthrough
-        from langchain_core.utils.function_calling import convert_to_json_schema
+        from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+        from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
         from langchain_core.utils.pydantic import is_basemodel_subclass
 
         is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            if schema is None:
+                raise ValueError("method='function_calling' needs a schema")
+            # LangChain's base implementation drops `strict`: the tool went without it (ChatOpenAI sends it)
+            llm: Runnable[Any, Any] = self.bind_tools(
+                [schema], tool_choice="any", strict=strict,
+                ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
+            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_model else
+                      JsonOutputKeyToolsParser(key_name=convert_to_openai_tool(schema)["function"]["name"],
+                                               first_tool_only=True))
+            return _with_raw(llm, parser, include_raw)
         if method == "json_mode":
             response_format: dict[str, Any] = {"type": "json_object"}
         else:
@@ -201,12 +211,8 @@ class CtxkitChatModel(BaseChatModel):
             response_format = {"type": "json_schema", "json_schema": spec}
         llm = self.bind(response_format=response_format,
                         ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": schema})
-        parser: Runnable[Any, Any] = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
-        if include_raw:
-            parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
-            fallback = RunnablePassthrough.assign(parsed=lambda _: None)
-            return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
-        return llm | parser
+        parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()
+        return _with_raw(llm, parser, include_raw)
 
     # -- request building ---------------------------------------------------------------------------
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, stream: bool,
@@ -353,6 +359,19 @@ class CtxkitChatModel(BaseChatModel):
         except CtxkitError as exc:
             also_langchains(exc)
             raise
+
+
+def _with_raw(llm: Runnable[Any, Any], parser: Runnable[Any, Any], include_raw: bool) -> Runnable[Any, Any]:
+    """`llm | parser`, or with include_raw the raw message beside the parsed one (None and the error if it failed)."""
+    if not include_raw:
+        return llm | parser
+    from operator import itemgetter
+
+    from langchain_core.runnables import RunnableMap, RunnablePassthrough
+
+    parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+    fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+    return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
 
 def _closing_usage(stream: Any, saw_usage: bool) -> ChatGenerationChunk | None:

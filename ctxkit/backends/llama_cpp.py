@@ -124,6 +124,9 @@ class LlamaCppBackend:
         self.model = model_name or path.stem
         self.context_window = self._llama.n_ctx()
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
+        # The thread whose sync stream holds the model (None when none does): a call from that thread without a
+        # timeout would wait for a stream only it can read on, forever (`it = model.stream(q); next(it); model.invoke(...)`).
+        self._streaming_thread: int | None = None
         # Async work that holds the lock (a generation, a stream's steps, its close) runs in threads of its own:
         # in asyncio's default pool it could find every thread taken by sync code waiting for this lock (a
         # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
@@ -182,6 +185,10 @@ class LlamaCppBackend:
 
     def _take_model(self, deadline: float | None) -> None:
         """Wait for the model (one generation at a time), until the request's deadline at most."""
+        if deadline is None and self._streaming_thread == threading.get_ident() and self._lock.locked():
+            raise BackendError("the model is still streaming an answer that this thread has not read to the end: "
+                               "read or close that stream first (this call would wait for it forever)",
+                               backend=self.name)
         if not self._lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
             raise _waited_too_long(self.name)
         self._unless_closed()
@@ -249,6 +256,7 @@ class LlamaCppBackend:
         tokens = self._prompt_tokens(request)
         deadline = _deadline(request)
         self._take_model(deadline)
+        self._streaming_thread = threading.get_ident()
         yield from self._stream_holding_lock(request, tokens, deadline)
 
     def _stream_holding_lock(self, request: ChatRequest, tokens: list[int],
@@ -270,6 +278,7 @@ class LlamaCppBackend:
             nonlocal released
             if not released:
                 released = True
+                self._streaming_thread = None
                 self._lock.release()
 
         try:
