@@ -44,13 +44,13 @@ from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
+    CallStops,
     ToolCallTextStream,
     drop_unfinished_call,
     may_call,
     messages_for_plain_template,
     parse_tool_calls,
     stop_at,
-    stop_safe_end,
     tool_call_grammar,
 )
 
@@ -336,7 +336,7 @@ class OpenAIBackend:
         """For a stream whose tools went as text: what turns its <tool_call> blocks into tool_calls deltas."""
         return ToolCallTextStream() if self._tools_as_text() and may_call(request.tools, request.params) else None
 
-    def _call_stops(self, request: ChatRequest) -> _CallStops | None:
+    def _call_stops(self, request: ChatRequest) -> CallStops | None:
         """The caller's stop sequences, when ctxkit applies them itself: tools went as text and the answer may be a
         call. The server would cut a <tool_call> block at a stop inside it (stop ["\\n"] ended every call at
         "<tool_call>", returned as content); OpenAI never cuts a call's arguments at a stop, nor does LlamaCppBackend."""
@@ -344,7 +344,7 @@ class OpenAIBackend:
             return None
         stop = request.params.get("stop") or []
         stops = [s for s in ([stop] if isinstance(stop, str) else list(stop)) if s]
-        return _CallStops(stops) if stops else None
+        return CallStops(stops) if stops else None
 
     def _args(self, request: ChatRequest, stream: bool = False) -> dict[str, Any]:
         messages = list(request.messages)
@@ -773,36 +773,6 @@ class _Watchdog:
         with self._wake:
             self._stopped = True
             self._wake.notify()
-
-
-class _CallStops:
-    """The caller's stop sequences applied to a streamed answer outside its <tool_call> blocks (the server was not
-    given them): text that may still become a stop is held back, and the answer ends at the first stop found."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.done = False
-        self._seen = ""
-        self._passed = 0
-
-    def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        if not data.get("choices"):
-            return [data]  # a usage chunk
-        choice = data["choices"][0]
-        delta = dict(choice.get("delta") or {})
-        finish = choice.get("finish_reason")
-        self._seen += delta.pop("content", None) or ""
-        cut = stop_at(self._seen, self.stops)
-        if cut is not None:
-            end, finish, self.done = max(cut, self._passed), "stop", True
-        elif finish is None:
-            end = max(self._passed, stop_safe_end(self._seen, self.stops))
-        else:
-            end = len(self._seen)
-        if end > self._passed:
-            delta["content"] = self._seen[self._passed:end]
-            self._passed = end
-        return [{**data, "choices": [{**choice, "delta": delta, "finish_reason": finish}]}]
 
 
 def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str, Any]:

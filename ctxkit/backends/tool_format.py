@@ -422,3 +422,34 @@ def stop_safe_end(text: str, stops: list[str]) -> int:
                 end = min(end, len(text) - k)
                 break
     return end
+
+
+class CallStops:
+    """The caller's stop sequences applied to a streamed answer outside its <tool_call> blocks, for a server that
+    was not given them (it would cut a call at a stop inside it): text that may still become a stop is held back,
+    and the answer ends at the first stop found."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.done = False
+        self._seen = ""
+        self._passed = 0
+
+    def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        if not data.get("choices"):
+            return [data]  # a usage chunk
+        choice = data["choices"][0]
+        delta = dict(choice.get("delta") or {})
+        finish = choice.get("finish_reason")
+        self._seen += delta.pop("content", None) or ""
+        cut = stop_at(self._seen, self.stops)
+        if cut is not None:
+            end, finish, self.done = max(cut, self._passed), "stop", True
+        elif finish is None:
+            end = max(self._passed, stop_safe_end(self._seen, self.stops))
+        else:
+            end = len(self._seen)
+        if end > self._passed:
+            delta["content"] = self._seen[self._passed:end]
+            self._passed = end
+        return [{**data, "choices": [{**choice, "delta": delta, "finish_reason": finish}]}]
