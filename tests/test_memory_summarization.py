@@ -1374,3 +1374,35 @@ def test_a_refold_notes_what_the_previous_call_really_sent_after_results_were_cl
     [claim] = [e["tokens"] for e in ledger.records[-1].events
                if e["kind"] == "prefix_invalidated" and e["stage"] == "summarization"]
     assert real > 100 and abs(claim - real) <= 3, (claim, real)
+
+
+def _call_0(name):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}]}
+
+
+def test_a_late_result_stays_with_its_call_when_a_later_step_reuses_the_call_id():
+    messages = [
+        {"role": "user", "content": "Start the nightly export."},
+        _call_0("start_export"),
+        {"role": "user", "content": "Is it done yet?"},
+        {"role": "tool", "tool_call_id": "call_0", "content": "export done: 1,204 rows"},  # answers message 1
+        {"role": "assistant", "content": "Export done."},
+        {"role": "user", "content": "Weather?"},
+        _call_0("weather"),  # "call_0" again: the provider numbers calls per response
+        {"role": "tool", "tool_call_id": "call_0", "content": "Sunny, 21C"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    valid = valid_cuts(messages)
+    assert not valid[2], "a cut before message 2 sends the export result without its call"
+    assert valid[1] and valid[4] and valid[5] and not valid[7]
+
+
+def test_a_summary_sentence_with_an_invented_scale_word_is_dropped():
+    from ctxkit.stages.summarize.model import grounded
+
+    sources = ["user: Our budget is 2,400 euros in total for two travellers."]
+    assert grounded("The budget is 2,400 euros.", sources)[0]
+    assert grounded("The budget is 2 million euros.", sources) == ("", 1)
+    assert grounded("The budget is 2 billion euros.", sources) == ("", 1)
+    assert grounded("The fund holds 2 million euros.", ["user: The fund holds 2 million euros."])[0]

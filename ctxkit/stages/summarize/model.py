@@ -26,7 +26,9 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
 _NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
-                      "ninety": "90", "hundred": "100", "thousand": "1000", "dozen": "12", "once": "1", "twice": "2"})
+                      "ninety": "90", "hundred": "100", "thousand": "1000", "dozen": "12", "once": "1", "twice": "2",
+                      # scale words: "2 million euros" from turns that said "2,400 euros" is a made-up number
+                      "million": "1000000", "billion": "1000000000", "trillion": "1000000000000"})
 
 
 def _numbers(text: str, *, spelled: bool = False) -> set[str]:

@@ -18,17 +18,21 @@ def _call_ids(message: Mapping[str, Any]) -> list[str]:
 def valid_cuts(messages: Sequence[Mapping[str, Any]]) -> list[bool]:
     """`valid[i]` for i in 0..len(messages): may the conversation be cut just before message i?"""
     n = len(messages)
-    # For each tool call id: the index of its call and the last index of its results.
-    call_at: dict[str, int] = {}
-    result_last: dict[str, int] = {}
+    # Each tool result answers the newest call with its tool_call_id before it (as request.call_answered
+    # reads it): some providers number calls per response ("call_0" on every step), so an id alone names
+    # every step's call, and pairing a result with the id's last call left an earlier call and its late
+    # result (a user message between them) unprotected: the cut sent the result without its call.
+    newest_call: dict[str, int] = {}
+    last_result: dict[int, int] = {}  # the index of a call -> the last index of its results
     for i, message in enumerate(messages):
-        for call_id in _call_ids(message):
-            call_at[call_id] = i
         if message.get("role") == "tool" and message.get("tool_call_id") is not None:
-            result_last[str(message["tool_call_id"])] = i
+            start = newest_call.get(str(message["tool_call_id"]))
+            if start is not None:
+                last_result[start] = i
+        for call_id in _call_ids(message):
+            newest_call[call_id] = i
     valid = [True] * (n + 1)
-    for call_id, start in call_at.items():
-        end = result_last.get(call_id, start)
+    for start, end in last_result.items():
         for i in range(start + 1, end + 1):  # cutting inside (call .. last result] separates them
             valid[i] = False
     for i, message in enumerate(messages):
