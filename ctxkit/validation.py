@@ -32,8 +32,9 @@ def validate_request(request: ChatRequest) -> None:
     # stop sequence, a message's name, a tool_call_id, `user`, a response_format schema, a document in the
     # metadata) failed its UTF-8 encode deep in the backend: a 500 from `ctxkit serve` over an upstream, a 502
     # over the local model.
-    for where, value in (("model", request.model), ("messages", request.messages), ("params", request.params),
-                         ("metadata", request.metadata)):
+    # The namespace too: it is hashed (UTF-8) into the call's prompt keys, a UnicodeEncodeError out of the call.
+    for where, value in (("model", request.model), ("namespace", request.namespace), ("messages", request.messages),
+                         ("params", request.params), ("metadata", request.metadata)):
         found = _lone_surrogate_at(value, "" if where == "params" else where)
         if found is not None:
             raise RequestError(_SURROGATE, found)

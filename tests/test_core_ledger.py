@@ -120,6 +120,36 @@ def test_odd_strings_and_unwritable_files_never_cost_an_answered_call_its_answer
         Ledger(path)  # found when the ledger is made, not after the first answer
 
 
+def test_a_note_with_keys_json_has_no_type_for_never_costs_a_call_its_answer_or_its_record(tmp_path):
+    # A stage's record_event of a Counter of pairs: json.dumps raised TypeError out of Ledger.write, the caller
+    # lost the answer, and the call had no record.
+    from collections import Counter
+
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(path)
+    record = make_record(0, 0)
+    record.events = [{"stage": "a", "kind": "pairs", "top": dict(Counter([("a", "b"), ("a", "b"), ("b", "c")])),
+                      "mixed": {1: "one", None: "none", 2.5: "x"}, "odd": {"n": float("nan")}}]
+    ledger.write(record)
+    [back] = read_ledger(path)
+    assert back.events[0]["top"] == {"('a', 'b')": 2, "('b', 'c')": 1}
+    assert back.events[0]["mixed"] == {"1": "one", "null": "none", "2.5": "x"}  # json.dumps's own names for such keys
+    assert back.events[0]["odd"] == {"n": None}
+
+
+def test_report_prints_a_name_holding_a_lone_surrogate_instead_of_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "l.jsonl"
+    record = make_record(0, 0)
+    record.model = "m\udcff"
+    Ledger(path).write(record)
+    done = subprocess.run([sys.executable, "-m", "ctxkit.cli.main", "report", str(path)], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"m\\udcff" in done.stdout
+
+
 def test_every_record_field_has_a_json_type_to_check():
     import dataclasses
 

@@ -188,6 +188,26 @@ def test_cost_uses_the_price_table(llama_backend, tmp_path):
     assert r.cost_naive_usd > r.cost_usd
 
 
+def test_cost_without_ctxkit_has_the_prefix_cache_the_apps_own_prompts_would_have_had(llama_backend, tmp_path):
+    # The cost without ctxkit was priced with the cached tokens of the pruned prompt: the previous call's whole
+    # document, which the app's own prompt would have had cached, priced as uncached input (46% over in a chat).
+    from ctxkit.stages.pruning import DocumentPruningStage
+
+    prices = PriceTable({"smollm2": Price(input=1.0, cached_input=0.5, output=2.0)})
+    pipeline = Pipeline(llama_backend, stages=[DocumentPruningStage(budget_tokens=120)],
+                        ledger=Ledger(tmp_path / "l.jsonl"), prices=prices)
+    topics = ["bridges", "bakeries", "museums", "parks", "trams", "rivers"]
+    doc = " ".join(f"Paragraph {i}: Lyon has famous {topics[i % 6]} in district {i}." for i in range(60))
+    first = [{"role": "user", "content": f'<document id="d1">{doc}</document>\nTell me about the bridges.'}]
+    second = first + [{"role": "assistant", "content": "Lyon is nice."}, {"role": "user", "content": "And the trams?"}]
+    for messages in (first, second):
+        pipeline.call(ChatRequest(messages=messages, params={"max_tokens": 4, "temperature": 0}))
+    one, two = pipeline.ledger.records
+    assert two.tokens_cached > 0 and one.tokens_naive > 3 * one.tokens_sent  # pruned, and served from the KV cache
+    expected = ((two.tokens_naive - one.tokens_naive) * 1.0 + one.tokens_naive * 0.5 + two.tokens_out * 2.0) / 1e6
+    assert two.cost_naive_usd == pytest.approx(expected)
+
+
 def test_replayed_chunks_assemble_to_the_same_response():
     response = ChatResponse(message={"role": "assistant", "content": "Hi", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},

@@ -397,7 +397,9 @@ def test_a_lone_surrogate_in_any_other_field_the_backend_gets_is_refused_by_name
                            (ChatRequest(hi, params={"response_format": schema}),
                             "response_format.json_schema.schema.description"),
                            (ChatRequest(hi, metadata={"documents": [{"id": "d", "text": "cut \ud83d"}]}),
-                            "metadata.documents[0].text")):
+                            "metadata.documents[0].text"),
+                           # extra_body={"ctxkit": {"namespace": ...}}: hashed into the prompt keys, a UnicodeEncodeError
+                           (ChatRequest(hi, namespace="acme\udcff"), "namespace")):
         with pytest.raises(RequestError) as info:
             validate_request(request)
         assert info.value.where == where, info.value.where

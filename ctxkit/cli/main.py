@@ -90,6 +90,10 @@ def _report(args: argparse.Namespace) -> None:
               f"first: {skipped[0]}", file=sys.stderr)
     if not summary["calls"]:  # a wrong path to an app's ledger reads like an app that saved nothing
         print(f"ctxkit: warning: {args.log} holds no calls", file=sys.stderr)
+    # A name read back from the ledger may hold a lone surrogate (the writer keeps it as its JSON escape): printed
+    # as that escape, not a UnicodeEncodeError traceback after the work is done.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if args.plot:
         path = plot((), args.plot, points=points, summary=summary)

@@ -83,9 +83,30 @@ def _dumps(data: object) -> str:
     options: dict = {"ensure_ascii": False, "separators": (",", ":"), "default": _jsonable}
     try:
         return json.dumps(data, allow_nan=False, **options)
-    except ValueError:
-        loose = json.loads(json.dumps(data, **options), parse_constant=lambda _constant: None)
-        return json.dumps(loose, allow_nan=False, **options)
+    except (ValueError, TypeError):  # NaN, or a key JSON has no type for (a Counter of pairs)
+        return json.dumps(_plain(data), allow_nan=False, **options)
+
+
+def _plain(value: object) -> object:
+    """`value` as plain JSON values: keys as text (as json.dumps writes the ones it takes), NaN and Infinity
+    as null."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if not isinstance(value, (dict, list, tuple)):
+        return _plain(_jsonable(value))  # numpy values, sets, anything else as its text
+    if isinstance(value, dict):
+        return {_key(k): _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value]
+
+
+def _key(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key)  # what json.dumps makes of these keys: "1", "true", "null", "1.5"
+    return str(key)
 
 
 def _jsonable(value: object) -> object:
