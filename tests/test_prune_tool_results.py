@@ -205,7 +205,8 @@ def test_a_placeholder_names_its_own_call_when_providers_reuse_call_ids():
     failed = [{"role": "user", "content": "Weather in Oslo, then Rome?"},
               {"role": "assistant", "content": None, "tool_calls": [call("Oslo")]},
               {"role": "tool", "tool_call_id": "call_0",
-               "content": "Traceback (most recent call last):\n  File \"w.py\", line 3\nKeyError: 'Oslo'"},
+               "content": "Traceback (most recent call last):\n  File \"weather_service/client.py\", line 3, in "
+                          "get_forecast\n    return self._cache[city]\nKeyError: 'Oslo'"},
               {"role": "assistant", "content": None, "tool_calls": [call("Rome")]},
               {"role": "tool", "tool_call_id": "call_0", "content": '{"temperature": 21}'},
               {"role": "assistant", "content": "Rome is 21°C; Oslo failed."},

@@ -563,15 +563,17 @@ def _schemas_from_tools(tools: Iterable[Mapping[str, Any]]) -> dict[str, Mapping
 
 
 def _placeholder(messages: Sequence[Mapping[str, Any]], index: int, record: QuarantineRecord) -> str:
-    """What a withheld message says instead: whose content it was and why it was withheld, or only why when
-    that would be longer than the content ("Error: rate limit exceeded" is shorter than its explanation, and
-    the call it answers stands right above it): withholding must not cost more than it removes."""
+    """What a withheld message says instead: whose content it was and why it was withheld; without whose, then
+    without the reason, when that would be longer than the content ("Error: rate limit exceeded" is shorter
+    than its explanation, and the call it answers stands right above it): withholding must not cost more
+    than it removes."""
     message = messages[index]
     if message.get("role") == "tool":
         name, arguments = call_answered(messages, index) or (record.source, "{}")
         what = f"the result of {name}({shorten(arguments, 200)})"
     else:
         what = "an earlier assistant answer"
-    full = f"{PLACEHOLDER_PREFIX} {what} was withheld ({record.kind}: {shorten(record.reason, 160)})]"
-    short = f"{PLACEHOLDER_PREFIX} withheld ({record.kind})]"
-    return full if len(full) < len(message_text(dict(message))) else short
+    why = f"{record.kind}: {shorten(record.reason, 160)}"
+    forms = (f"{PLACEHOLDER_PREFIX} {what} was withheld ({why})]", f"{PLACEHOLDER_PREFIX} withheld ({why})]")
+    size = len(message_text(dict(message)))
+    return next((form for form in forms if len(form) < size), f"{PLACEHOLDER_PREFIX} withheld ({record.kind})]")
