@@ -1182,3 +1182,30 @@ def test_remembered_prompts_share_one_copy_of_a_resent_tool_set(llama_backend, l
                                   params={"max_tokens": 1}))
     remembered = list(pipeline._sent_prompts._entries.values())
     assert len(remembered) == 2 and remembered[0].tools is remembered[1].tools
+
+
+def test_a_sync_stream_read_on_by_another_thread_lets_the_thread_that_read_it_wait(llama_backend):
+    """A stream read one step per pool thread (Starlette's StreamingResponse over a sync iterator) left the model
+    marked as held by the last thread that stepped it: a call that pool thread ran next (another request's sync
+    endpoint) failed at once with BackendError, though another thread was reading the stream on."""
+    import threading
+
+    pipeline = Pipeline(llama_backend, ledger=Ledger())
+    stream = pipeline.call(ChatRequest(messages=[{"role": "user", "content": "Count from one to twenty."}],
+                                       params={"max_tokens": 24, "temperature": 0}, stream=True))
+    it = iter(stream)
+    next(it)
+    next(it)  # read in this thread so far
+
+    def read_on():
+        time.sleep(0.2)
+        for _ in it:  # another thread reads the rest
+            time.sleep(0.02)
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    try:
+        answer = pipeline.call(ChatRequest(messages=[{"role": "user", "content": "Say hi."}], params={"max_tokens": 4}))
+    finally:
+        reader.join()
+    assert answer.usage.completion_tokens >= 1

@@ -1406,3 +1406,13 @@ def test_a_summary_sentence_with_an_invented_scale_word_is_dropped():
     assert grounded("The budget is 2 million euros.", sources) == ("", 1)
     assert grounded("The budget is 2 billion euros.", sources) == ("", 1)
     assert grounded("The fund holds 2 million euros.", ["user: The fund holds 2 million euros."])[0]
+
+
+def test_a_scale_the_turns_wrote_as_a_suffix_is_no_invented_number():
+    """Turns that said "$2.5M" or "3bn": a summary writing "2.5 million" or "3 billion" of it was dropped as invented."""
+    from ctxkit.stages.summarize.model import grounded
+
+    assert grounded("The seed round was $2.5 million.", ["user: Our seed round was $2.5M."])[0]
+    assert grounded("The city has 3.4 million residents.", ["user: The city has 3.4m residents."])[0]
+    assert grounded("The deal is worth 3 billion.", ["user: The deal is worth 3bn."])[0]
+    assert grounded("The seed round was $2.5 billion.", ["user: Our seed round was $2.5M."]) == ("", 1)

@@ -8,11 +8,12 @@ prefix as `cached_tokens`, like a provider's prompt cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +39,9 @@ from .tool_format import (
 )
 
 CLOSE_WAIT_S = 30.0  # how long close() waits for a call that holds the model
+# How long a call waits for a stream that this thread read last before it fails: a stream read on by other
+# threads (one step per pool thread, as Starlette's StreamingResponse reads a sync iterator) moves on meanwhile.
+SELF_WAIT_S = 5.0
 logger = logging.getLogger("ctxkit")
 DEFAULT_TEMPERATURE = 0.2  # llama-cpp-python's chat default; small models ramble at OpenAI's 1.0
 
@@ -124,9 +128,11 @@ class LlamaCppBackend:
         self.model = model_name or path.stem
         self.context_window = self._llama.n_ctx()
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
-        # The thread whose sync stream holds the model (None when none does): a call from that thread without a
-        # timeout would wait for a stream only it can read on, forever (`it = model.stream(q); next(it); model.invoke(...)`).
+        # The thread that last read the sync stream holding the model (None when none does), and the steps read of
+        # it: a call from that thread without a timeout would wait forever for a stream only it reads on
+        # (`it = model.stream(q); next(it); model.invoke(...)`), unless another thread reads it on meanwhile.
         self._streaming_thread: int | None = None
+        self._stream_steps = 0
         # Async work that holds the lock (a generation, a stream's steps, its close) runs in threads of its own:
         # in asyncio's default pool it could find every thread taken by sync code waiting for this lock (a
         # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
@@ -185,10 +191,16 @@ class LlamaCppBackend:
 
     def _take_model(self, deadline: float | None) -> None:
         """Wait for the model (one generation at a time), until the request's deadline at most."""
-        if deadline is None and self._streaming_thread == threading.get_ident() and self._lock.locked():
-            raise BackendError("the model is still streaming an answer that this thread has not read to the end: "
-                               "read or close that stream first (this call would wait for it forever)",
-                               backend=self.name)
+        me = threading.get_ident()
+        if deadline is None and self._streaming_thread == me and self._lock.locked():
+            steps = self._stream_steps
+            if self._lock.acquire(timeout=SELF_WAIT_S):
+                self._unless_closed()
+                return
+            if self._streaming_thread == me and self._stream_steps == steps:  # nobody else read it on
+                raise BackendError("the model is still streaming an answer that this thread has not read to the end: "
+                                   "read or close that stream first (this call would wait for it forever)",
+                                   backend=self.name)
         if not self._lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
             raise _waited_too_long(self.name)
         self._unless_closed()
@@ -283,12 +295,17 @@ class LlamaCppBackend:
 
         try:
             yield None  # type: ignore[misc]
-            yield from self._stream_chunks(request, tokens, deadline, release)
+            with contextlib.closing(self._stream_chunks(request, tokens, deadline, release)) as chunks:
+                for out in chunks:
+                    yield out
+                    if not released:  # read on by this thread (a stream may be read in turn by pool threads)
+                        self._streaming_thread = threading.get_ident()
+                        self._stream_steps += 1
         finally:
             release()
 
     def _stream_chunks(self, request: ChatRequest, tokens: list[int], deadline: float | None,
-                       release: Callable[[], None]) -> Iterator[dict[str, Any]]:
+                       release: Callable[[], None]) -> Generator[dict[str, Any], None, None]:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         model = self.model
         created = int(time.time())

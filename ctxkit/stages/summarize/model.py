@@ -29,6 +29,12 @@ _NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60
                       "ninety": "90", "hundred": "100", "thousand": "1000", "dozen": "12", "once": "1", "twice": "2",
                       # scale words: "2 million euros" from turns that said "2,400 euros" is a made-up number
                       "million": "1000000", "billion": "1000000000", "trillion": "1000000000000"})
+# A scale written as a number's suffix ("$2.5M", "3bn", "40 mln"): a summary that writes "2.5 million" of it
+# states no new number.
+_SCALE_SUFFIX = re.compile(r"\d ?(M|MM|m|mn|mln|B|b|bn|bln|T|tn|trn)\b")
+_SCALE_OF_SUFFIX = {"M": "million", "MM": "million", "m": "million", "mn": "million", "mln": "million",
+                    "B": "billion", "b": "billion", "bn": "billion", "bln": "billion",
+                    "T": "trillion", "tn": "trillion", "trn": "trillion"}
 
 
 def _numbers(text: str, *, spelled: bool = False) -> set[str]:
@@ -42,6 +48,7 @@ def _numbers(text: str, *, spelled: bool = False) -> set[str]:
         out.add(number)
     if spelled:
         out.update(_NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _NUMBER_WORDS)
+        out.update(_NUMBER_WORDS[_SCALE_OF_SUFFIX[suffix]] for suffix in _SCALE_SUFFIX.findall(text))
     return out
 
 
