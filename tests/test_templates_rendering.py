@@ -11,6 +11,7 @@ from ctxkit import Ledger
 from ctxkit.pipeline import Pipeline
 from ctxkit.request import ChatRequest
 from ctxkit.stages.templates import PromptTemplate, TemplateError, TemplateRegistry, TemplateStage
+from ctxkit.tokens.tiktoken_counter import TiktokenCounter
 from ctxkit.validation import validate_request
 
 TOOLS = [
@@ -713,3 +714,26 @@ def test_the_naive_render_is_counted_once_per_request_not_at_every_hand_over(lla
     assert stage.naive_request(copy_) is first
     copy_.messages[0]["content"] = "Edited question about a bus?"
     assert "bus" in json.dumps(stage.naive_request(copy_).messages)
+
+
+_TIKTOKEN = TiktokenCounter("gpt-4o")
+
+
+def test_variable_named_key_renders():
+    template = PromptTemplate("p", "1", system="Licence {{ key }}")
+    assert template.render(_TIKTOKEN, variables={"key": "K-1"}).messages[0]["content"] == "Licence K-1"
+
+
+@pytest.mark.parametrize("variables", [{"self": "x"}, {1: "x"}])
+def test_unusable_variable_names_are_template_errors(variables):
+    with pytest.raises(TemplateError):
+        PromptTemplate("p", "1", system="Hi").render(_TIKTOKEN, variables=variables)
+
+
+def test_turn_without_documents_is_an_error_not_a_silent_drop():
+    template = PromptTemplate("p", "1", turn="Customer question: {{ content }}")
+    conversation = [{"role": "user", "content": "When do you open?"}]
+    assert template.render(_TIKTOKEN, conversation=conversation).messages[-1]["content"] == \
+        "Customer question: When do you open?"  # no documents: fine
+    with pytest.raises(TemplateError, match="turn"):
+        template.render(_TIKTOKEN, conversation=conversation, documents=[{"id": "faq-3", "text": "Opens at 9."}])

@@ -174,6 +174,10 @@ class PromptTemplate:
                 self._compiled[key] = self._env.from_string(source)
             except Exception as exc:  # jinja2.TemplateSyntaxError and friends
                 raise TemplateError(f"section {key!r} does not compile: {exc}", self.id) from exc
+        from jinja2 import meta
+
+        # A turn that never prints the documents sent none of them while reporting them kept and counted.
+        self._turn_has_documents = "documents" in meta.find_undeclared_variables(self._env.parse(turn))
 
     @property
     def id(self) -> str:
@@ -184,12 +188,14 @@ class PromptTemplate:
         return tuple(int(part) for part in self.version.split("."))
 
     # -- rendering ----------------------------------------------------------------------------------
-    def _text(self, key: str, **variables: Any) -> str:
+    def _text(self, key: str, /, **variables: Any) -> str:
         return self._rendered(key, **variables).strip()
 
-    def _rendered(self, key: str, **variables: Any) -> str:
+    def _rendered(self, key: str, /, **variables: Any) -> str:
+        # Positional-only `key` and the variables passed as one dict: a template variable named `key` or `self`
+        # was a TypeError ("got multiple values for argument") instead of a value.
         try:
-            return str(self._compiled[key].render(**variables))
+            return str(self._compiled[key].render(variables))
         except Exception as exc:  # UndefinedError, SecurityError
             raise TemplateError(f"section {key!r} failed to render: {exc}", self.id) from exc
 
@@ -227,7 +233,9 @@ class PromptTemplate:
             documents = [_stable(doc) for doc in documents]
         except RecursionError:  # a value nested thousands deep: the caller's data, not a server fault
             raise TemplateError("variables or documents are nested too deeply", self.id) from None
-        reserved = {"documents", "memory", "content"} & set(variables)
+        if any(not isinstance(name, str) for name in variables):
+            raise TemplateError("variable names must be strings", self.id)
+        reserved = {"documents", "memory", "content", "self"} & set(variables)  # self: Jinja2's own
         if reserved:
             raise TemplateError(f"variable name(s) reserved by the template: {sorted(reserved)}", self.id)
         tokens: dict[str, int] = {}
@@ -246,6 +254,9 @@ class PromptTemplate:
         tokens["memory"] = counter.count_text(memory_text) if memory_text else 0
 
         kept_docs, docs_text = self._documents(documents, counter, variables)
+        if docs_text and not self._turn_has_documents:
+            raise TemplateError(f"section 'turn' does not use {{{{ documents }}}}: the {len(kept_docs)} document(s) "
+                                "given would not be sent", self.id)
         tokens["documents"] = counter.count_text(docs_text) if docs_text else 0
 
         history = [copy.deepcopy(dict(m)) for m in conversation]
