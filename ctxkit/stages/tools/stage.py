@@ -113,13 +113,25 @@ _NOT_USERS = (r"(?!'s\b|\s*`|\s+(?:you(?:'re|'ve|\s+are|\s+have)?\s+(?:just\s+)?
 _NOT_USERS_HAVE = (r"(?!'s\b|\s+(?:you(?:'re|'ve|\s+are|\s+have)?\s+(?:just\s+)?(?:referring|refer|mean|meant|shared|"
                    r"wrote|written|posted|pasted|defined|describ\w*|talking|quoted|showed|shown|included|provided)\b"
                    r"|" + _USERS_CODE + r"|\s*`?[A-Za-z]\w*(?:\(\)?)?`?(?:'s\b|\s+" + _USERS_CODE + r")))")
+_SUBJECT_TOOLS = (r"(?:(?:(?:available|provided|offered|given|current)\s+)?tools|(?:available|provided|offered|given)\s+functions"
+                  r"|functions\s+(?:available|provided|offered)(?:\s+to\s+(?:me|us))?)"
+                  r"(?:\s+(?:here|available(?:\s+to\s+(?:me|us))?|provided|offered|listed|(?:that\s+)?(?:i|we)\s+"
+                  r"(?:have|was\s+given|were\s+given)(?:\s+access\s+to)?))?")
 _LACKS_TOOL = re.compile(
     r"\b(?:(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:find|see)(?:\s+access\s+to)?\s+"
     + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_CONDITIONAL
     + r"|(?:do not|don't|does not|doesn't|cannot|can't|unable to)\s+(?:have|use)(?:\s+access\s+to)?\s+"
     + _BEFORE_TOOL + _NOT_USERS_HAVE + _NOT_COMPOUND + _NOT_CONDITIONAL
     + r"|(?:not|never)\s+(?:been\s+)?(?:given|provided)(?:\s+with)?\s+" + _BEFORE_TOOL
-    + r"|none\s+of\s+" + _BEFORE_TOOL + _NONE_CAN
+    + r"|none\s+of\s+(?:my\s+|our\s+)?" + _BEFORE_TOOL + _NONE_CAN
+    # "The available tools do not support currency conversion", "the tools I have can't do that": the selection,
+    # named first, said to fall short. Bare "functions" only with a word that makes them the offered ones.
+    + r"|\b(?:the|my|our)\s+" + _SUBJECT_TOOLS
+    + r"\s+(?:do\s+not|don't|does\s+not|doesn't|cannot|can't|can\s+not|are\s+not\s+able\s+to|won't)\s+"
+    + r"(?:support|handle|include|cover|do|offer|provide|perform|allow|help|convert|match|fit)\b"
+    + r"(?!\s+(?:any\s+|the\s+|a\s+)?(?:results?|data|outputs?|errors?|responses?|information|info|values?)\b)" + _NOT_CONDITIONAL
+    # "There isn't a tool here that converts currencies" (tools only: "there isn't a function in Python").
+    + r"|there\s+(?:isn't|is\s+not|aren't|are\s+not)\s+" + _DETERMINERS + r"tools?\b" + _NOT_COMPOUND + _NOT_NEEDED
     + r"|no\s+" + _BEFORE_TOOL + _NOT_USERS + _NOT_COMPOUND + _NOT_NEEDED + r")",
     re.IGNORECASE,
 )
