@@ -8,7 +8,7 @@ import base64
 import json
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ...vocabulary import COMBINING_MARKS
@@ -446,7 +446,7 @@ def _embedded_turn(text: str) -> Finding | None:
         return None
     covered, tries = 0, 0
     found: list[Any] = []
-    for match in re.finditer(r"(?m)^[ \t]*[\[{]", text):
+    for match in _JSON_LINE_START.finditer(text):
         start = match.end() - 1
         if start < covered:  # inside JSON read already (a pretty-printed chat log's messages): read as part of it
             continue
@@ -461,7 +461,7 @@ def _embedded_turn(text: str) -> Finding | None:
             found.append(data)
     # messages one a line that include a user's (a JSONL export of a chat, `messages=[` in code, an API doc's
     # example request) are a chat log, as a list of them is: not a turn forged after the tool's own text
-    log = any(isinstance(data, Mapping) and str(data.get("role", "")).lower() == "user" for data in found)
+    log = _holds_user_message(found)
     for data in found:
         if finding := _forged_turn(data, log=log and isinstance(data, Mapping)):
             return finding
@@ -472,6 +472,12 @@ def _embedded_turn(text: str) -> Finding | None:
 _PRIVILEGED_ROLES = frozenset({"system", "developer", "assistant"})
 _ANSWER_KEYS = frozenset({"message", "delta", "output", "response", "completion"})
 _JSON_DECODER = json.JSONDecoder()
+_JSON_LINE_START = re.compile(r"(?m)^[ \t]*[\[{]")
+
+
+def _holds_user_message(items: Sequence[Any]) -> bool:
+    """Whether chat messages hold a user's: then they are a chat log, whose system and assistant turns are not forged."""
+    return any(isinstance(item, Mapping) and str(item.get("role", "")).lower() == "user" for item in items)
 
 
 def _forged_turn(data: Any, depth: int = 0, key: str | None = None, log: bool = False) -> Finding | None:
@@ -482,7 +488,7 @@ def _forged_turn(data: Any, depth: int = 0, key: str | None = None, log: bool = 
     if depth >= 8:
         return None
     if isinstance(data, list):
-        log = any(isinstance(item, Mapping) and str(item.get("role", "")).lower() == "user" for item in data[:200])
+        log = _holds_user_message(data[:200])
         for item in data[:200]:
             if finding := _forged_turn(item, depth + 1, None, log):
                 return finding
