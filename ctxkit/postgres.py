@@ -36,6 +36,13 @@ def redact_dsn(message: str, dsn: str) -> str:
     return message
 
 
+def error_line(exc: BaseException | None, dsn: str) -> str:
+    """A database error's first line (its type when it has none), without the DSN's password: libpq may quote
+    it, in a log line or an error message as much as anywhere."""
+    text = str(exc).strip()
+    return redact_dsn(text.splitlines()[0] if text else type(exc).__name__, dsn)
+
+
 @contextmanager
 def statement_watchdog(conn: Any, seconds: float) -> Iterator[None]:
     """Bound, on the client's side, how long the statements run in this block may wait for the server.

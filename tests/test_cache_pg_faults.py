@@ -66,6 +66,17 @@ def test_password_not_in_connection_error():
     assert "S3cr" not in str(info.value) and info.value.__cause__ is None
 
 
+
+def test_a_database_error_is_told_in_one_line_without_the_password():
+    """Every log line and error of both PostgreSQL stores goes through error_line: the cache's warnings quoted
+    libpq's text unredacted, and an error without a message was an IndexError inside the handler."""
+    from ctxkit.postgres import error_line
+
+    dsn = "postgresql://ctxkit:S3cr%t!pw@db.internal:5432/ctxkit"
+    quoted = psycopg.OperationalError('invalid percent-encoded token: "S3cr%t!pw"\nDETAIL: more')
+    assert "S3cr" not in error_line(quoted, dsn) and "\n" not in error_line(quoted, dsn)
+    assert error_line(psycopg.OperationalError(""), dsn) == "OperationalError"
+
 def test_question_with_nul_is_answered_through_the_pipeline(make_pg_store, embedder, llama_backend, ledger):
     """A pasted message with a NUL character: the model answered, then storing the answer raised
     psycopg.DataError (PostgreSQL text cannot hold NUL) and the caller got an error instead of the answer."""

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
-from ...postgres import redact_dsn, statement_watchdog
+from ...postgres import error_line, redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
@@ -427,16 +427,16 @@ class PostgresStore:
             yield
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
             # ReadOnlySqlTransaction: a failover to a standby, or writes frozen (lookups write an LRU time)
-            logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, str(exc).strip().splitlines()[0])
+            logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, error_line(exc, self.dsn))
         except psycopg.errors.InsufficientPrivilege as exc:
             # a role that may not read or write the tables (grants changed, a reporting role): the call goes on
-            logger.error("the cache's PostgreSQL refused this role, %s: %s", what, str(exc).strip().splitlines()[0])
+            logger.error("the cache's PostgreSQL refused this role, %s: %s", what, error_line(exc, self.dsn))
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.DataError) as exc:
             # the tables were dropped (a cache reset, a failover to a database without them) or remade by a
             # deployment with another embedding dimension: the cache is unusable here until this replica is
             # restarted, but the model call goes on without it
             logger.error("the cache's tables %s_* are missing or were changed (another deployment's dimension?), "
-                         "%s; restart this replica: %s", self.table_prefix, what, str(exc).strip().splitlines()[0])
+                         "%s; restart this replica: %s", self.table_prefix, what, error_line(exc, self.dsn))
 
     @contextmanager
     def _administered(self, what: str) -> Iterator[None]:
@@ -447,15 +447,15 @@ class PostgresStore:
         try:
             yield
         except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
-            reason = redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
+            reason = error_line(exc, self.dsn)
             raise CacheStoreUnavailable(f"the cache's PostgreSQL cannot be reached or cannot write: {what} was "
                                         f"not done ({reason})") from None
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-            reason = str(exc).strip().splitlines()[0]
+            reason = error_line(exc, self.dsn)
             raise CacheStoreUnavailable(f"the cache's tables {self.table_prefix}_* are missing or were changed: {what} "
                                         f"was not done; a new PostgresStore creates them ({reason})") from None
         except psycopg.errors.InsufficientPrivilege as exc:  # the role may read the tables, not change them
-            reason = str(exc).strip().splitlines()[0]
+            reason = error_line(exc, self.dsn)
             raise CacheStoreUnavailable(f"the cache's PostgreSQL refused this role: {what} was not done ({reason})") \
                 from None
 
@@ -513,7 +513,7 @@ class PostgresStore:
                 self._put_rows(rows, rejected, lock_timeout_ms=_PUT_LOCK_TIMEOUT_MS)
                 stored = bool(rows)  # none: too large for the bound, or text PostgreSQL cannot hold
             except psycopg.DataError as exc:  # text PostgreSQL cannot store (a NUL character in the question)
-                logger.warning("the cache cannot store this answer: %s", str(exc).strip().splitlines()[0])
+                logger.warning("the cache cannot store this answer: %s", error_line(exc, self.dsn))
             except psycopg.errors.LockNotAvailable:  # a writer frozen mid-transaction (a paused VM, a debugger)
                 logger.warning("the cache's byte count stayed locked for %d ms, an answer is not stored",
                                _PUT_LOCK_TIMEOUT_MS)

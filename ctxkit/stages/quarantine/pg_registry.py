@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
-from ...postgres import redact_dsn, statement_watchdog
+from ...postgres import error_line, statement_watchdog
 from .registry import (
     _ESCAPED,
     CHANGE_LOG,
@@ -238,7 +238,7 @@ class PostgresQuarantineRegistry:
 
     def _redact(self, exc: BaseException | None) -> str:
         """The error's first line without the URL's password (libpq may quote it)."""
-        return redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.dsn)
+        return error_line(exc, self.dsn)
 
     # -- the namespaces' state ---------------------------------------------------------------------
     def _cached(self, namespace: str) -> Namespace:
