@@ -134,6 +134,9 @@ class ChatRequest:
         stream_options = kwargs.pop("stream_options", None)  # ctxkit always asks backends for usage
         if stream_options is not None and not isinstance(stream_options, Mapping):
             raise RequestError(f"must be an object, got {type(stream_options).__name__}", "stream_options")
+        include_usage = (stream_options or {}).get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):  # "false" would ask for the usage
+            raise RequestError(f"must be true or false, got {include_usage!r}", "stream_options.include_usage")
         metadata: dict[str, Any] = {}
         for where, given in (("metadata", kwargs.pop("metadata", None)),
                              ('extra_body["ctxkit"].metadata', ctx.pop("metadata", None))):

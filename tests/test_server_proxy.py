@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 
 import httpx
 import openai
@@ -117,6 +119,22 @@ def test_a_malformed_request_gets_400_naming_the_field(proxy):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == field, (field, value, bad.text)
 
 
+def test_include_usage_that_is_not_a_boolean_is_a_400_not_taken_as_true(proxy):
+    """'false' (a string from a form or a config file) was truthy: the stream ended with the usage chunk the
+    client said it did not want, where every other field of a wrong type is a 400 naming it."""
+    base_url, _ = proxy
+    headers = {"Authorization": "Bearer key-alpha-0001"}
+    for value in ("false", 0, "yes"):
+        bad = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, timeout=60,
+                         json={"messages": HELLO, "max_tokens": 2, "stream": True,
+                               "stream_options": {"include_usage": value}})
+        assert bad.status_code == 400, (value, bad.text[-300:])
+        assert bad.json()["error"]["param"] == "stream_options.include_usage"
+    good = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, timeout=60,
+                      json={"messages": HELLO, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": False}})
+    assert good.status_code == 200 and '"usage"' not in good.text
+
+
 def test_an_upstream_that_refuses_the_proxys_own_key_is_a_502_not_a_401():
     from ctxkit.errors import BackendStatusError
     from ctxkit.server.app import error_for
@@ -184,6 +202,29 @@ def test_metrics_count_tokens_by_namespace_and_errors_by_type(proxy):
     assert httpx.get(f"{base_url}/healthz").json()["status"] == "ok"
 
 
+def test_metrics_count_the_tokens_of_a_call_that_failed_after_the_backend_took_it(llama_backend, tmp_path):
+    """A stream whose client left half way was processed and generated that far, and the ledger says so: the
+    token totals in /metrics skipped every failed call, so they disagreed with the ledger (and the bill)."""
+    path = tmp_path / "ledger.jsonl"
+    app = create_app(Pipeline(llama_backend, ledger=Ledger(path)), ApiKeys(KEYS))
+    with serve_in_thread(app) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", headers={"Authorization": "Bearer key-alpha-0001"},
+                          json={"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True},
+                          timeout=60) as raw:
+            for number, _ in enumerate(raw.iter_lines()):
+                if number > 6:
+                    break
+        client(base_url).chat.completions.create(model="m", messages=HELLO, max_tokens=2)  # its slot came back
+        text = httpx.get(f"{base_url}/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    left = [r for r in records(path) if r.status == "error"]
+    assert len(left) == 1 and left[0].tokens_sent > 0 and left[0].tokens_out > 0
+    assert samples['ctxkit_tokens_sent_total{namespace="alpha"}'] == sum(r.tokens_sent for r in records(path))
+    assert samples['ctxkit_tokens_out_total{namespace="alpha"}'] == sum(r.tokens_out for r in records(path))
+    assert samples["ctxkit_backend_seconds_count"] == 1  # latencies stay those of completed calls
+
+
 def test_keys_never_reach_the_logs_or_the_ledger(proxy, caplog):
     base_url, path = proxy
     caplog.set_level(logging.DEBUG)
@@ -231,6 +272,32 @@ def test_a_client_that_hangs_up_mid_stream_does_not_hold_the_model(proxy):
     by_conversation = {r.conversation_id: r for r in records(path)}
     assert by_conversation["hung-up"].status == "error"
     assert by_conversation["after-hang-up"].status == "ok"
+
+
+def test_a_client_that_hangs_up_during_its_upload_is_a_499_not_a_server_error(proxy, caplog):
+    """A client gone half way through sending its body (its timeout on a slow link) left the proxy logging an
+    'unexpected error' traceback and counting a 500 server_error, which pages whoever watches the 5xx rate."""
+    base_url, _ = proxy
+    caplog.set_level(logging.ERROR, logger="ctxkit.server")
+
+    def count(metrics: str, line: str) -> float:
+        found = [float(m.rsplit(" ", 1)[1]) for m in metrics.splitlines() if m.startswith(line + " ")]
+        return found[0] if found else 0.0
+
+    closed = 'ctxkit_http_requests_total{endpoint="chat",status="499"}'
+    failed = 'ctxkit_http_requests_total{endpoint="chat",status="500"}'
+    before = httpx.get(f"{base_url}/metrics").text
+    with socket.create_connection((httpx.URL(base_url).host, httpx.URL(base_url).port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer key-alpha-0001\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n{\"messages\": [")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while count(httpx.get(f"{base_url}/metrics").text, closed) == count(before, closed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = httpx.get(f"{base_url}/metrics").text
+    assert count(after, closed) == count(before, closed) + 1
+    assert count(after, failed) == count(before, failed)
+    assert "unexpected error" not in caplog.text
 
 
 def test_metrics_need_the_metrics_token_when_one_is_set(llama_backend, tmp_path):

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -267,10 +267,14 @@ class _Proxy:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             raise too_large
         body = bytearray()
-        async for part in request.stream():  # counted as it arrives: a chunked upload cannot slip past
-            body += part
-            if len(body) > self.max_body_bytes:
-                raise too_large
+        try:
+            async for part in request.stream():  # counted as it arrives: a chunked upload cannot slip past
+                body += part
+                if len(body) > self.max_body_bytes:
+                    raise too_large
+        except ClientDisconnect:  # hung up half way through its upload: a 499 as ever, not a 500 and a traceback
+            raise HTTPError(499, "client_closed_request", "the client closed the connection",
+                            code="client_closed") from None
         try:
             # NaN, Infinity and numbers that overflow to them (1e400) are not JSON (RFC 8259), though Python's
             # parser takes them: refused here, else they reach a backend (a TypeError in llama.cpp's ctypes, a

@@ -59,7 +59,10 @@ class ProxyMetrics:
         self.calls.labels(namespace, record.status).inc()
         if record.status != "ok":
             self.call_errors.labels(record.error_type or "unknown").inc()
-            return
+            if not record.tokens_sent and not record.tokens_out:
+                return  # refused before the backend saw it (a 400): no tokens were processed
+            # Failed after the backend took the prompt (a client gone mid-stream, an upstream timeout, SIGTERM): the
+            # backend processed, and billed, what the ledger records, so the token totals count it as the ledger does.
         self.tokens_naive.labels(namespace).inc(record.tokens_naive)
         self.tokens_sent.labels(namespace).inc(record.tokens_sent)
         self.tokens_out.labels(namespace).inc(record.tokens_out)
@@ -67,6 +70,8 @@ class ProxyMetrics:
         for stage, saved in record.saved_by_stage.items():
             if saved > 0:  # a stage that grew the prompt has saved nothing; the ledger keeps the sign
                 self.tokens_saved.labels(stage).inc(saved)
+        if record.status != "ok":
+            return  # latencies and answers are those of calls that completed
         if record.answered_by:
             self.answered_by.labels(record.answered_by).inc()
             self.out_saved.labels(record.answered_by).inc(record.out_saved)
