@@ -199,7 +199,7 @@ def test_dropped_tables_are_made_again(db_url):
     assert len(QuarantineStage(store=db_url).list("team-a")) == 1
 
 
-def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_backend, tmp_path):
+def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_backend, tmp_path, caplog):
     """Not a 500 with a traceback, and not released by this replica only: the operator is told to retry."""
     from starlette.testclient import TestClient
 
@@ -221,6 +221,10 @@ def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_b
         refused = http.post(f"/v1/ctxkit/quarantine/{record.fingerprint}/release", headers=headers)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "quarantine_store_unavailable"
     assert refused.headers["retry-after"] == "10"
+    # The tenant is told to retry, not how the deployment keeps its registry (a SQLite registry's error names its
+    # directory); the cause goes to the operator's log.
+    assert "PostgreSQL" not in refused.json()["error"]["message"]
+    assert any("PostgreSQL cannot be reached" in r.getMessage() for r in caplog.records if r.name == "ctxkit.server")
 
 
 def test_the_retry_wait_counts_from_when_a_slow_outage_gave_up(db_url):

@@ -229,7 +229,10 @@ class _Proxy:
                 raise HTTPError(404, "not_found_error", f"nothing quarantined with fingerprint {fingerprint!r} "
                                 "in this namespace", param="fingerprint", code="quarantine_not_found")
         except QuarantineStoreUnavailable as exc:  # the shared registry's database is away: retry later
-            return self._failed("quarantine", HTTPError(503, "service_unavailable", str(exc),
+            # The operator's log gets the cause; the tenant gets no path, host or database error of the deployment.
+            logger.warning("quarantine release for namespace %r refused: %s", namespace, exc)
+            return self._failed("quarantine", HTTPError(503, "service_unavailable",
+                                                        "the quarantine store is unavailable; try again later",
                                                         code="quarantine_store_unavailable",
                                                         headers={"Retry-After": "10"}))
         except HTTPError as exc:
