@@ -6,7 +6,7 @@ import json
 import time
 
 from ctxkit import ChatRequest
-from ctxkit.stages.cache.disfluency import repair
+from ctxkit.stages.cache.disfluency import correction_zone, repair
 from ctxkit.stages.cache.guards import features
 from ctxkit.stages.cache.keys import courtesy_tail, request_key, strip_politeness
 from ctxkit.stages.pruning.dedup import DedupStage
@@ -36,6 +36,14 @@ def test_the_cache_key_of_long_disfluent_or_comma_heavy_text_takes_linear_time()
     assert repair("what is the capital of France, no, of Germany?") != "what is the capital of France, no, of Germany?"
     assert strip_politeness("What is X, please?") == "What is X"
     assert courtesy_tail("What is X? Thanks") == ("thanks", True)
+
+
+def test_the_correction_zone_of_text_full_of_editing_words_takes_linear_time():
+    # each "or" looked for a tail word in the rest of the text, each editing word for a word after it
+    for unit in ("x or ", "instead ", "x actually ", "or no wait "):
+        took, _ = _seconds(correction_zone, unit * (100_000 // len(unit)))
+        assert took < 8, (unit, took)
+    assert correction_zone("the Scottish, no, the Edinburgh tram") != ""
 
 
 def test_guard_features_of_long_runs_take_linear_time():

@@ -132,6 +132,33 @@ def test_plain_editing_words_open_no_correction_zone(fluent):
     assert correction_zone(fluent) == ""
 
 
+@pytest.mark.parametrize("fluent", [
+    "Give me 3 tips for sleeping better",  # an editing word that ends the question has no repair after it
+    "Can I take 2 ibuprofen instead?",
+    "Can I drink 3 coffees a day or no?",
+    "Should I buy Tesla stock or wait?",
+    "How long does it take to boil 2 eggs, wait",
+    "Is 2 mg of melatonin actually safe",  # an everyday word no comma sets off, which repair() leaves alone
+    "Can I take 2 ibuprofen instead of paracetamol?",
+    "Give me 3 tips for sleeping better at night",
+    "Can I take 2 ibuprofen rather than paracetamol?",
+])
+def test_everyday_editing_words_with_no_repair_open_no_correction_zone(fluent):
+    assert correction_zone(fluent) == ""
+
+
+@pytest.mark.parametrize("cached, asked", [
+    ("Give me 3 tips for sleeping better", "Give me 5 tips for sleeping better"),
+    ("Can I take 2 ibuprofen instead?", "Can I take 4 ibuprofen instead?"),
+    ("Is 2 mg of melatonin actually safe", "Is 10 mg of melatonin actually safe"),
+    ("Should I buy Tesla stock or wait?", "Should I sell Tesla stock or wait?"),
+])
+def test_a_detail_before_an_everyday_editing_word_is_not_forgiven(cached, asked):
+    # both as the stage compares them: each with its own text as typed (so each side's zone counts)
+    assert judge(repair(asked), "", repair(cached), "", 0.99, None, Thresholds(), query_raw=asked,
+                 candidate_raw=cached) is not None
+
+
 def test_a_choice_does_not_hit_one_of_its_options():
     # similarity 0.99 in _hit: the zone alone decides, not the added-detail threshold
     assert not _hit("Should I call the bank?", "Should I wait for the refund or call the bank?")

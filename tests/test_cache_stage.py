@@ -79,6 +79,34 @@ def test_reworded_request_hits_the_semantic_layer(stage):
     assert found.response.answered_by == "semantic_cache"
 
 
+@pytest.mark.parametrize("stored, asked", [
+    # an everyday editing word ("better", "instead", "or no", "actually", "wait") with no correction
+    # around it: the number or word before it is a detail of the question, not a reparandum
+    ("Give me 3 tips for sleeping better", "Give me 5 tips for sleeping better"),
+    ("Can I take 2 ibuprofen instead?", "Can I take 4 ibuprofen instead?"),
+    ("Can I take 2 ibuprofen instead of paracetamol?", "Can I take 4 ibuprofen instead of paracetamol?"),
+    ("Can I drink 3 coffees a day or no?", "Can I drink 6 coffees a day or no?"),
+    ("Should I buy Tesla stock or wait?", "Should I sell Tesla stock or wait?"),
+    ("Is 2 mg of melatonin actually safe", "Is 10 mg of melatonin actually safe"),
+    ("what year did WW1 end actually", "what year did WW2 end actually"),
+    ("How long does it take to boil 2 eggs, wait", "How long does it take to boil 6 eggs, wait"),
+])
+def test_an_editing_word_without_a_correction_forgives_no_detail(stage, stored, asked):
+    seed(stage, ask(stored))
+    found = stage.lookup(ask(asked))
+    assert found.response is None, f"{asked!r} was answered with the answer to {stored!r}"
+
+
+@pytest.mark.parametrize("stored, asked", [
+    ("What is the capital of France?", "Whats the capital of France??"),
+    ("How is the weather in Oslo?", "hows the weather in oslo"),
+])
+def test_a_question_word_typed_without_its_apostrophe_hits(stage, stored, asked):
+    seed(stage, ask(stored))
+    found = stage.lookup(ask(asked))
+    assert found.layer == "semantic", f"expected a semantic hit, missed because: {found.reason}"
+
+
 def test_self_corrected_request_hits(stage):
     seed(stage, ask("What is the weather in Paris today?"))
     found = stage.lookup(ask("What is the weather in London, I mean Paris, today?"))

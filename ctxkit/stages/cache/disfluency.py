@@ -406,22 +406,48 @@ def correction_zone(text: str, window: int = 4) -> str:
     """
     tokens = tokenize(text)
     lower = [t.lower() for t in tokens]
+    # Worked out once, so each editing term costs the same however long the text (this runs on every cache
+    # lookup): the last word's position, commas before each position, a tail word after each position.
+    last_word = max((j for j, t in enumerate(tokens) if re.match(r"\w", t)), default=-1)
+    punct_before = [0]
+    for t in tokens:
+        punct_before.append(punct_before[-1] + (t in _PUNCT))
+    tail_after = [False] * (len(lower) + 1)
+    for j in range(len(lower) - 1, -1, -1):
+        tail_after[j] = tail_after[j + 1] or lower[j] in _TAIL_WORDS
+    memo: dict[int, tuple[int, bool, int]] = {}
     zone: list[str] = []
+    confirmed: bool | None = None  # whether repair() takes anything back (computed when first needed)
     for i in range(1, len(tokens)):
-        if _editing_term_at(lower, i) is not None and not _plain_use(tokens, lower, i):
+        term = _editing_term_at(lower, i)
+        if term is not None and not _plain_use(tokens, lower, i, tail_after):
+            run = _interregnum(lower, i, memo)
+            if (run[0] if run else i + term[0]) > last_word:
+                # nothing after it to be the repair: the word ends the question ("tips for sleeping
+                # better", "can I take 2 ibuprofen instead?", "or no?"), it takes nothing back
+                continue
+            if (run is not None and not run[1] and lower[i] in _ALSO_PLAIN | {"rather"} and tokens[i - 1] not in _PUNCT
+                    and punct_before[run[0]] == punct_before[i]):
+                # an everyday word that also edits, with no punctuation setting it off, is a correction only
+                # where repair() confirms it: "is 2 mg of melatonin actually safe" takes nothing back
+                if confirmed is None:
+                    confirmed = tokenize(repair(text)) != tokens
+                if not confirmed:
+                    continue
             zone.extend(t for t in tokens[max(0, i - window) : i] if re.match(r"\w", t))
             zone.append(",")
     return " ".join(zone)
 
 
-def _plain_use(tokens: list[str], lower: list[str], i: int) -> bool:
+def _plain_use(tokens: list[str], lower: list[str], i: int, tail_after: list[bool]) -> bool:
     """Whether the editing word at i is just a word of the sentence, so no correction zone opens there.
 
     "Should I wait for the refund or call the bank?" offers a choice and asks to wait; forgiving "wait
-    for the refund" as a reparandum let it hit "Should I call the bank?".
+    for the refund" as a reparandum let it hit "Should I call the bank?". `tail_after[j]`: whether a tail
+    word stands at j or after it.
     """
     if lower[i] == "or":  # a bare "or" offers alternatives unless a hedge, a question or a tail word follows
         return not (any(w in _QUESTION or w in _OR_HEDGES or w in _FILLERS for w in lower[i + 1 : i + 3])
-                    or any(w in _TAIL_WORDS for w in lower[i + 1 :]))
+                    or tail_after[i + 1])
     return (lower[i] in _ALSO_PLAIN and tokens[i - 1] not in _PUNCT and lower[i - 1] in _PLAIN_BEFORE
             and lower[i + 1 : i + 2] != [","])

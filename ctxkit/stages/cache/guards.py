@@ -245,6 +245,10 @@ def _join_numbers(tokens: list[str], text: str) -> list[str]:
     return out
 
 
+# Question words with "'s" typed without its apostrophe ("whats the capital of France"): read as "what's".
+_APOSTROPHE_DROPPED = frozenset({"whats", "hows", "wheres", "whos", "whens", "whys"})
+
+
 def _feature_tokens(text: str) -> list[str]:
     """Tokens for the checks: "don't" -> "do n't", "two-factor" -> "two factor", "3pm" -> "3 pm",
     "Louvre's" -> "Louvre", "Sundays" -> "Sunday"; ids with digits ("A-1182") stay whole."""
@@ -262,6 +266,8 @@ def _feature_tokens(text: str) -> list[str]:
             out.extend(part for part in tok.split("-") if part)
             continue
         low = tok.lower()
+        if low in _APOSTROPHE_DROPPED:
+            tok, low = tok[:-1], low[:-1]  # "whats" typed for "what's": the question word, as "what's" reads
         if low.endswith("s") and low[:-1] in _DATES and len(low) > 4:
             tok = tok[:-1]  # "Sundays", "mornings"
         out.append(tok)
