@@ -129,6 +129,25 @@ def test_common_error_shapes_are_tool_errors(output):
 
 
 @pytest.mark.parametrize("output", [
+    '{"success": false, "error_message": "quota exceeded"}',  # snake_case error envelopes
+    '{"status": "error", "error_message": "city not found"}',
+    '{"ok": false, "error_code": "rate_limited"}',
+    '{"ok": false, "error_code": 400, "description": "Bad Request: chat not found"}',  # Telegram Bot API
+])
+def test_snake_case_and_telegram_error_envelopes_are_tool_errors(output):
+    assert find_tool_error(output, "send_message") is not None
+
+
+@pytest.mark.parametrize("output", [
+    '{"success": true, "error_message": null, "id": 7}',
+    '{"ok": true, "error_code": 0, "description": "Webhook was set"}',
+    '{"name": "nightly", "description": "backup job", "status": "scheduled"}',
+])
+def test_snake_case_envelopes_that_succeeded_are_not_tool_errors(output):
+    assert find_tool_error(output, "send_message") is None
+
+
+@pytest.mark.parametrize("output", [
     '{"id": "pi_123", "amount": 500, "status": "failed"}',  # a failed payment, fetched successfully
     '{"job": "build-42", "success": false, "duration_s": 81}',
     '{"error": "none", "result": 3}',

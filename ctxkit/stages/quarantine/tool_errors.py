@@ -279,7 +279,10 @@ _NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", 
 _ENVELOPE_KEYS = frozenset({"status", "statuscode", "code", "success", "ok", "message", "error", "errors", "detail",
                             "details", "reason", "type", "title", "iserror", "content", "errormessage", "errortype",
                             "requestid", "request_id", "timestamp", "path", "instance", "documentation_url",
-                            "error_description", "error_uri", "msg", "more_info", "doc_url"})
+                            "error_description", "error_uri", "msg", "more_info", "doc_url",
+                            # snake_case APIs ({"success": false, "error_message": ...}) and Telegram's Bot API
+                            # ({"ok": false, "error_code": 400, "description": "Bad Request: chat not found"})
+                            "error_message", "error_code", "errorcode", "error_type", "description"})
 _HTTP_RESPONSE_KEYS = frozenset({"statuscode", "status", "headers", "multivalueheaders", "body", "isbase64encoded"})
 
 
@@ -292,7 +295,7 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
     if keys <= {"code", "message", "details"} and isinstance(code, int) and not isinstance(code, bool) \
             and 1 <= code <= 16 and data.get("message"):
         return Finding("tool_error", f"tool returned gRPC status code {code}", shorten(data.get("message")))
-    for key in ("error", "errors", "exception", "traceback", "errorMessage", "errorType"):
+    for key in ("error", "errors", "exception", "traceback", "errorMessage", "errorType", "error_message"):
         value = data.get(key)
         if not (value in _NO_ERROR or (isinstance(value, str) and value.strip().lower() in _NO_ERROR)):
             return Finding("tool_error", f"tool returned an {key!r}", shorten(value))
