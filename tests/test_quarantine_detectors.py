@@ -450,6 +450,16 @@ def test_records_listings_and_mentions_of_failures_are_not_tool_errors(output):
     ("Yes, it is delayed by 95 minutes.", {"delayed": True, "delay_minutes": 95}, False),
     ("It's closed at the moment.", {"open_now": False}, False),
     ("I can check whether it's delayed again later.", {"delayed": False}, False),
+    # states an agent reports after acting on something
+    ("Your booking is confirmed.", {"confirmed": False, "booking_id": "B7"}, True),
+    ("Your booking has been confirmed for Friday.", {"is_confirmed": False}, True),
+    ("The booking is not confirmed yet; the hotel will reply by email.", {"confirmed": False}, False),
+    ("I confirmed that the payment did not go through.", {"confirmed": False}, False),
+    ("Your parcel was delivered yesterday.", {"delivered": False, "status": "in transit"}, True),
+    ("The export is complete.", {"done": False, "progress": 0.4}, True),
+    ("The export is still running.", {"done": False}, False),
+    ("Your subscription is active.", {"active": False}, True),
+    ("The rule is disabled now.", {"enabled": False}, False),
 ])
 def test_a_yes_no_answer_against_the_tools_flag(claim, result, contradicted):
     assert (find_contradiction(claim, [("t", json.dumps(result))]) is not None) is contradicted

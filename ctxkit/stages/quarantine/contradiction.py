@@ -134,6 +134,17 @@ _YES_NO = {
     "approved": ({"approved"}, r"approved", r"rejected|declined|denied|not approved"),
     "shipped": ({"shipped"}, r"shipped|on its way", r"not (?:yet )?shipped|hasn't shipped|has not shipped|not (?:yet )?been shipped"),
     "expired": ({"expired"}, r"expired", r"still valid|not expired|hasn't expired|valid until"),
+    # States an agent reports after acting ("Your booking is confirmed."), stated with a verb of being, so that
+    # "I confirmed that the payment failed" is no claim about a `confirmed` field.
+    "confirmed": ({"confirmed"}, r"(?:is|are|was|were|been|now) confirmed|confirmed for",
+                  r"unconfirmed|not (?:yet |been )?confirmed|pending confirmation|awaiting confirmation"),
+    "delivered": ({"delivered"}, r"(?:is|are|was|were|been) delivered|delivered (?:on|to|yesterday|today)",
+                  r"undelivered|not (?:yet |been )?delivered|hasn't been delivered|has not been delivered"),
+    "completed": ({"completed", "complete", "done", "finished"},
+                  r"(?:is|are|was|were|been|now) (?:completed|complete|done|finished)",
+                  r"incomplete|not (?:yet )?(?:completed|complete|done|finished)|still (?:running|in progress)"),
+    "active": ({"active", "enabled"}, r"(?:is|are|was|now|still) (?:active|enabled)",
+               r"inactive|disabled|deactivated|suspended|not (?:active|enabled)"),
 }
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|wasn't|weren't|hasn't|haven't|won't|no longer|nothing)\s+(?:\w+\s+){0,2}$")
 # a clause that wonders, or that is about something else ("other sizes are available")
