@@ -68,6 +68,9 @@ class SentPrompt:
     tools: tuple[dict[str, Any], ...]  # one copy per distinct tool set, shared by the prompts that sent it
     prints: tuple[str, ...]  # each message's fingerprint: where the stages' view of it still holds
     naive: int = 0  # the call's tokens_naive: what a prefix cache would hold of the prompt the app made
+    # (index, tokens) of each message the stages made (not one of the app's: a rendered documents message, a
+    # cleared or cut result): a stage's prefix claim counts a message inserted before its edit as kept.
+    added: tuple[tuple[int, int], ...] = ()
 
 
 REMEMBERED_PROMPTS = 1024  # per pipeline: the last calls whose prompt it remembers (as tool retrieval does)
@@ -428,8 +431,13 @@ class Pipeline:
         trace.backend_calls += 1
         # What the next call of this conversation finds before its newest assistant message (the last backend
         # call of this one, a stage's re-run included): the stages' prefix accounting counts against it.
-        sent = SentPrompt(tokens, self._shared_tools(request.tools), tuple(fingerprint(m) for m in request.messages),
-                          trace.naive)
+        prints = tuple(fingerprint(m) for m in request.messages)
+        own = {fingerprint(m) for m in trace.request.messages} if request is not trace.request else set(prints)
+        counter = _counter(self.backend, request)
+        blank = {"role": "system", "content": ""}
+        added = tuple((i, counter.count_prompt([blank, m]) - counter.count_prompt([blank]))
+                      for i, m in enumerate(request.messages) if prints[i] not in own)
+        sent = SentPrompt(tokens, self._shared_tools(request.tools), prints, trace.naive, added)
         self._sent_prompts.put({trace.prompt_key: sent})
         return tokens
 

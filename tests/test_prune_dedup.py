@@ -413,3 +413,27 @@ def test_the_note_is_never_cut_apart() -> None:
             assert "… ]" not in sent and "… what differs" not in sent and "… ] " not in sent, (budget, sent)
             if "[near-duplicate" in sent:
                 assert '[near-duplicate of the earlier document "policy-eu", collapsed by ctxkit; the rest is the same; what differs:]' in sent
+
+
+def test_cleared_results_placeholders_are_not_collapsed_as_near_duplicates():
+    """Clearing runs before dedup: placeholders of calls with long, alike arguments (a prompt, a query) were
+    collapsed as near-duplicates of the first one, cutting the arguments they say to call again with."""
+    import json
+
+    from ctxkit.stages.pruning import ToolResultClearingStage
+
+    prompt = ("Summarize the quarterly report for the board. Keep it under two pages. Use plain language and avoid "
+              "jargon. Highlight risks, opportunities and the outlook for the next two quarters. Mention the "
+              "headcount change. ")
+    messages = [{"role": "user", "content": "Draft summaries for the regions."}]
+    for i, region in enumerate(["Region: Nordics.", "Region: Benelux.", "Region: Iberia."]):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+                         {"id": f"c{i}", "type": "function", "function": {
+                             "name": "llm_summarize", "arguments": json.dumps({"instructions": prompt + region})}}]},
+                     {"role": "tool", "tool_call_id": f"c{i}",
+                      "content": " ".join(f"Paragraph {p} about {region} sales grew {p * i}%." for p in range(60))}]
+    messages += [{"role": "assistant", "content": "done"}, {"role": "user", "content": "Compare Nordics and Benelux."}]
+    request = ToolResultClearingStage(keep_last=1, clear_at_least=0).before_model(ChatRequest(messages=messages))
+    out = DedupStage().before_model(request)
+    assert out.messages[4]["content"] == request.messages[4]["content"]
+    assert json.dumps({"instructions": prompt + "Region: Benelux."}) in out.messages[4]["content"]

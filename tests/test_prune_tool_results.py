@@ -243,3 +243,35 @@ def test_prefix_invalidated_counts_the_documents_message_a_later_stage_sent(llam
     [event] = [e for e in record.events if e["kind"] == "prefix_invalidated"]
     assert event["first_message"] == 3
     assert abs(event["tokens"] - (previous.tokens_sent - record.tokens_cached)) <= 3, (event, previous, record)
+
+
+def test_prefix_invalidated_in_one_turn_with_documents_before_the_question(llama_backend, embedder):
+    """The usual agent loop: one question, the documents rendered before it (message 1), tool results after.
+    The previous prompt the backend got had that documents message, an older result cleared and a long one cut:
+    its messages no longer lined up with the app's, and the claim fell back to the app's whole results (5,204
+    tokens claimed where llama.cpp lost 3,078)."""
+    from ctxkit.stages.pruning import DocumentPruningStage
+
+    def step(k: int, size: int) -> list[dict]:
+        call = {"id": f"call_{k}", "type": "function",
+                "function": {"name": "get_balance", "arguments": json.dumps({"account": f"A{k}"})}}
+        body = " ".join(f"Txn {k}-{t}: {t * 13 % 97} EUR to merchant {t % 11}." for t in range(size))
+        return [{"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": body}]
+
+    docs = [{"id": "faq", "text": " ".join(f"Rule {i}: fees for account tier {i} are {i * 3} EUR." for i in range(30))}]
+    history = [{"role": "system", "content": "You are a support agent."},
+               {"role": "user", "content": "Which account has the most transactions?"}, *step(0, 30), *step(1, 150)]
+    ledger = Ledger()
+    stages = [ToolResultClearingStage(keep_last=1, clear_at_least=0, counter=llama_backend.counter),
+              DocumentPruningStage(budget_tokens=100, long_message_tokens=300, embedder=embedder,
+                                   counter=llama_backend.counter)]
+    pipeline = Pipeline(llama_backend, stages=stages, ledger=ledger)
+    params = {"max_tokens": 1, "temperature": 0}
+    for messages in (history, [*history, *step(2, 20)]):  # the second clears the long result, cut before
+        pipeline.call(ChatRequest(messages=messages, params=params, metadata={"documents": docs},
+                                  conversation_id="loop"))
+    previous, record = ledger.records
+    [event] = [e for e in record.events if e["kind"] == "prefix_invalidated"]
+    assert event["first_message"] == 5
+    assert abs(event["tokens"] - (previous.tokens_sent - record.tokens_cached)) <= 3, (event, previous, record)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..pipeline import previous_prompt_sent, record_event
+from ..pipeline import SentPrompt, previous_prompt_sent, record_event
 from ..quarantine_marks import fingerprint
 from ..tokens import TokenCounter
 
@@ -50,8 +50,11 @@ def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, An
         return 0
     previous = [dict(m) for m in messages[:end]]
     sent = previous_prompt_sent()
+    delta = None
     if sent is not None and sent.prints[:first_edit] != tuple(fingerprint(m) for m in previous[:first_edit]):
-        sent = None
+        delta = _kept_delta(sent, previous[:first_edit], counter)
+        if delta is None:
+            sent = None
     tools = sent.tools if sent is not None else []
     token_ids = getattr(counter, "tokens", None)
     if callable(token_ids):
@@ -60,7 +63,33 @@ def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, An
         total, kept = len(old), shared_prefix(old, cut)
     else:
         total, kept = counter.count_prompt(previous, tools), counter.count_prompt(previous[:first_edit], tools)
-    return max(0, (sent.tokens if sent is not None else total) - kept)
+    return max(0, (sent.tokens - (delta or 0) if sent is not None else total) - kept)
+
+
+def _kept_delta(sent: SentPrompt, kept: Sequence[Mapping[str, Any]], counter: TokenCounter) -> int | None:
+    """How many more tokens the prompt the backend got holds before the edit than `kept` (the previous prompt's
+    messages before it, as the stage sees them): a documents message a later stage rendered before the turn's
+    question (an agent loop's later edits come after it), results it cleared or cut then (less than the app's
+    text). None when the sent prompt does not begin with `kept` so changed (a later stage rewrote it)."""
+    added = dict(sent.added)
+    blank = {"role": "system", "content": ""}
+    prints = [fingerprint(m) for m in kept]
+    delta, j, k = 0, 0, 0
+    while k < len(kept):
+        if j >= len(sent.prints):
+            return None
+        if sent.prints[j] == prints[k]:
+            k += 1
+        elif j in added:
+            if j + 1 < len(sent.prints) and sent.prints[j + 1] == prints[k]:
+                delta += added[j]  # inserted before kept[k]
+            else:  # kept[k] as the stage sent it then (cleared, cut)
+                delta += added[j] - (counter.count_prompt([blank, dict(kept[k])]) - counter.count_prompt([blank]))
+                k += 1
+        else:
+            return None
+        j += 1
+    return delta
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

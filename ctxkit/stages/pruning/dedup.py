@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError
+from ...quarantine_marks import PLACEHOLDER_PREFIX as WITHHELD_PREFIX
 from ...quarantine_marks import carry
 from ...request import ChatRequest, call_answered
 from ...response import message_text
@@ -43,6 +44,7 @@ from ...stage import Stage
 from ...tokens import TokenCounter
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from .documents import COLLAPSED_PREFIX, DUPLICATES_KEY, MISSING_MARK, checked_documents
+from .tool_results import PLACEHOLDER_PREFIX as CLEARED_PREFIX
 
 _PRIME = (1 << 61) - 1
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
@@ -183,7 +185,10 @@ class DedupStage(Stage):
             and not m.get("tool_calls")
             and _text_only(m)  # an image or audio part is not in the text: collapsing would drop it
             and i != last_user
-            and not texts[i].startswith(COLLAPSED_PREFIX)
+            # A note standing for a result (cleared: "call it again with these arguments"; withheld by the
+            # quarantine) is not its content: two notes of calls with long, alike arguments are near-duplicates,
+            # and collapsed, the later one lost the arguments it says to call again with.
+            and not texts[i].startswith((COLLAPSED_PREFIX, CLEARED_PREFIX, WITHHELD_PREFIX))
             for i, m in enumerate(messages)
         ]
         return self._near_duplicates(texts, eligible)
