@@ -71,6 +71,13 @@ _CHANGE = re.compile(r"\b(?:warmer|colder|cooler|hotter|higher|lower|more|less|b
                      r"fall\w*|climb\w*|difference|than|up|down)\b")
 
 
+def checkable(claim: str) -> bool:
+    """Whether the claim states anything find_contradiction compares: a number or a yes/no state. Most steps of an
+    agent loop ("Checking the job again.") state neither, and need not be read against the turn's results."""
+    claim_l = claim.lower()
+    return _CLAIM_NUMBER.search(claim_l) is not None or _ANY_YES_NO.search(claim_l) is not None
+
+
 def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
     """A number the assistant states for a field that differs from every value the tools returned.
 
@@ -79,6 +86,8 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
     "0 stops"), and it must match none of the numbers the tools returned (rounding allowed). A
     temperature is also recognised by its unit ("18°C"), since answers rarely repeat the field name.
     """
+    if not checkable(claim):
+        return None
     claim_l = claim.lower()
     numbers = [(m.start(), m.end(), m.group(0)) for m in _CLAIM_NUMBER.finditer(claim_l)]
     # Every number any tool of the turn returned: an answer about two parallel calls (two cities, two
@@ -146,6 +155,7 @@ _YES_NO = {
     "active": ({"active", "enabled"}, r"(?:is|are|was|now|still) (?:active|enabled)",
                r"inactive|disabled|deactivated|suspended|not (?:active|enabled)"),
 }
+_ANY_YES_NO = re.compile("|".join(rf"(?<![\w-])(?:{phrase})\b" for _, yes, no in _YES_NO.values() for phrase in (yes, no)))
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|wasn't|weren't|hasn't|haven't|won't|no longer|nothing)\s+(?:\w+\s+){0,2}$")
 # a clause that wonders, or that is about something else ("other sizes are available")
 _HEDGE = re.compile(r"\b(?:whether|if|might|may|could|would|check(?:ing)?|ask(?:ed)?|unless|expect\w*|likely|possibly|"

@@ -34,7 +34,7 @@ from ...settings import whole_number
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from ..pruning.documents import DOCUMENT_BLOCK
-from .contradiction import find_contradiction
+from .contradiction import checkable, find_contradiction
 from .finding import Finding, shorten
 from .injection import find_injection
 from .registry import QuarantineRecord, QuarantineRegistry
@@ -177,7 +177,7 @@ class QuarantineStage(Stage):
                     return Finding("injection", "the answer repeats what an injected tool result planted", carried)
             if (echoed := self._repeated_failed_result(messages, index, schemas, failed)) is not None:
                 return echoed
-            if self.check_contradictions:
+            if self.check_contradictions and checkable(message["content"]):
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
                 return find_contradiction(message["content"], _turn_tool_results(messages, index))
         return None
