@@ -147,6 +147,16 @@ def test_everyday_editing_words_with_no_repair_open_no_correction_zone(fluent):
     assert correction_zone(fluent) == ""
 
 
+@pytest.mark.parametrize("disfluent, reparandum", [
+    # unpunctuated corrections that repair() cannot undo still forgive what they take back (Disfl-QA's own shapes)
+    ("Plants have sorry lack what kind of immune cells ?", "have"),
+    ("How many individual universities rather libraries make up the main school library ?", "universities"),
+    ("What decreased sorry increased in the Rhine because of the land clearance ?", "decreased"),
+])
+def test_an_unpunctuated_correction_keeps_its_zone(disfluent, reparandum):
+    assert reparandum in correction_zone(disfluent).split()
+
+
 @pytest.mark.parametrize("cached, asked", [
     ("Give me 3 tips for sleeping better", "Give me 5 tips for sleeping better"),
     ("Can I take 2 ibuprofen instead?", "Can I take 4 ibuprofen instead?"),

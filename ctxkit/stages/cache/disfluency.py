@@ -82,6 +82,8 @@ _TAIL_WORDS = {"instead", "rather", "please", "then"}  # "... no sorry Berlin's 
 # Editing words that are also plain words of a sentence, and the words before which they are just that:
 # "Should I wait for ...", "a correction notice", "to say sorry", "I actually want".
 _ALSO_PLAIN = {"sorry", "correction", "wait", "better", "shoot", "actually", "instead", "hold", "pardon"}
+# Of those, the ones that are ordinary adverbs too: "sleep better at night", "is it actually safe".
+_ALSO_ADVERBS = {"better", "actually"}
 _PLAIN_BEFORE = {
     "a", "an", "the", "my", "your", "his", "her", "our", "their", "this", "that", "i", "you", "we", "they", "he",
     "she", "it", "to", "not", "and", "should", "can", "could", "would", "will", "must", "may", "might", "do",
@@ -426,10 +428,11 @@ def correction_zone(text: str, window: int = 4) -> str:
                 # nothing after it to be the repair: the word ends the question ("tips for sleeping
                 # better", "can I take 2 ibuprofen instead?", "or no?"), it takes nothing back
                 continue
-            if (run is not None and not run[1] and lower[i] in _ALSO_PLAIN | {"rather"} and tokens[i - 1] not in _PUNCT
+            if (run is not None and not run[1] and lower[i] in _ALSO_ADVERBS and tokens[i - 1] not in _PUNCT
                     and punct_before[run[0]] == punct_before[i]):
-                # an everyday word that also edits, with no punctuation setting it off, is a correction only
-                # where repair() confirms it: "is 2 mg of melatonin actually safe" takes nothing back
+                # an ordinary adverb that also edits, alone and with no punctuation setting it off, is a correction
+                # only where repair() confirms it: "is 2 mg of melatonin actually safe" takes nothing back ("Plants
+                # have sorry lack ...", "universities rather libraries" are corrections repair() cannot undo)
                 if confirmed is None:
                     confirmed = tokenize(repair(text)) != tokens
                 if not confirmed:
@@ -446,6 +449,8 @@ def _plain_use(tokens: list[str], lower: list[str], i: int, tail_after: list[boo
     for the refund" as a reparandum let it hit "Should I call the bank?". `tail_after[j]`: whether a tail
     word stands at j or after it.
     """
+    if lower[i : i + 2] in (["instead", "of"], ["rather", "than"]):  # "2 ibuprofen instead of paracetamol"
+        return True
     if lower[i] == "or":  # a bare "or" offers alternatives unless a hedge, a question or a tail word follows
         return not (any(w in _QUESTION or w in _OR_HEDGES or w in _FILLERS for w in lower[i + 1 : i + 3])
                     or tail_after[i + 1])
