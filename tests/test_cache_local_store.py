@@ -243,3 +243,38 @@ def test_only_damage_is_called_damage():
         db.execute("SELECT 1")
     assert not is_damage(closed.value)
     assert is_damage(sqlite3.DatabaseError("file is not a database"))
+
+
+def test_a_damaged_page_of_meta_is_the_typed_error_when_the_store_opens(tmp_path):
+    """The vectors' database (meta/) damaged past its header passes diskcache's open; its first read, in
+    LocalStore's own start-up, raised sqlite3.DatabaseError instead of the ConfigurationError naming the cache."""
+    store = LocalStore(tmp_path)
+    fill(store, 3000)
+    store.close()
+    db = tmp_path / "meta" / "cache.db"
+    with open(db, "r+b") as handle:
+        handle.seek(4096 * 5)
+        handle.write(b"\xff" * 4096 * 4)
+    with pytest.raises(ConfigurationError, match="is damaged"):
+        LocalStore(tmp_path)
+
+
+def test_a_lookup_on_a_disk_that_refuses_writes_is_a_miss_not_a_failed_call(tmp_path, monkeypatch, caplog):
+    """diskcache records each read for its LRU: on a full or read-only disk every get and search raised
+    sqlite3.OperationalError, failing the model call (PostgresStore's lookup is a miss when its server is
+    away). The snapshot due after enough new vectors raised OSError on every search too, and left its temp file.
+    (SQLite's query_only makes the refused write for real; a file where faiss/ was, the refused snapshot.)"""
+    import ctxkit.stages.cache.local_store as local_store
+
+    monkeypatch.setattr(local_store, "_SNAPSHOT_EVERY", 5)
+    writer, reader = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "a")
+    fill(writer, 10)
+    (tmp_path / "a" / "faiss" / "snapshot-flat.npz").unlink()
+    (tmp_path / "a" / "faiss").rmdir()
+    (tmp_path / "a" / "faiss").write_text("not a folder")
+    assert [h.entry.key for h in reader.search("scope-a", unit("k3"), 1, time.time())] == ["k3"]
+    assert "cannot save its index snapshot" in caplog.text
+    reader._entries._sql("PRAGMA query_only = ON")
+    assert reader.get("k3", time.time()) is None
+    assert reader.search("scope-a", unit("k3"), 1, time.time()) == []
+    assert "a lookup is a miss" in caplog.text

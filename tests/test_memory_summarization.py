@@ -1416,3 +1416,12 @@ def test_a_scale_the_turns_wrote_as_a_suffix_is_no_invented_number():
     assert grounded("The city has 3.4 million residents.", ["user: The city has 3.4m residents."])[0]
     assert grounded("The deal is worth 3 billion.", ["user: The deal is worth 3bn."])[0]
     assert grounded("The seed round was $2.5 billion.", ["user: Our seed round was $2.5M."]) == ("", 1)
+
+
+def test_a_summaries_directory_that_cannot_be_made_is_a_configuration_error(tmp_path):
+    """A directory on a read-only volume (or under a file) raised the bare OSError of mkdir."""
+    from ctxkit.stages.summarize.state import SummaryStore
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigurationError, match="cannot create the summaries directory"):
+        SummaryStore(tmp_path / "file" / "summaries")

@@ -55,6 +55,7 @@ from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
+_REFUSED = object()  # a read the disk refused (see LocalStore._record)
 _REMEDY = "move it aside or clear it to start with an empty cache"
 
 # Lock files, made as needed in 256 folders. Two unrelated keys that share one wait for each other's whole
@@ -133,7 +134,6 @@ class LocalStore:
             # not damage: a full disk, a read-only volume, another owner; clearing would lose a good cache
             raise ConfigurationError(f"cannot open the cache in {self.directory} ({exc}); check that the "
                                      "disk has room and this process can write to the directory") from exc
-        self._check_dimension()
         self._lock = threading.RLock()  # guards the in-memory indexes
         self._flight_guard = threading.Lock()
         self._flights: dict[str, list[Any]] = {}  # key -> [lock, users]
@@ -147,14 +147,23 @@ class LocalStore:
         # the lookup itself when many processes share the store.
         self._counts: dict[str, int] = {}
         self._counts_flushed = time.monotonic()
-        with self._lock:
-            self._load()
+        try:
+            # A page of meta/ damaged past its header (a power cut) is met here, by the first read: the typed
+            # error that damage found by diskcache's open gives, not sqlite3's DatabaseError.
+            with self._damage_is_typed():
+                self._check_dimension()
+                with self._lock:
+                    self._load()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._entries.close()
+                self._meta.close()
+            raise
 
     # -- the protocol -------------------------------------------------------------------------------
     def get(self, key: str, now: float) -> CacheEntry | None:
-        with self._damage_is_typed():
-            record = self._entries.get(key)
-        entry = self._entry(key, record) if record is not None else None
+        record = self._record(key)
+        entry = self._entry(key, record) if record is not None and record is not _REFUSED else None
         if entry is not None and entry.expires_at is not None and now > entry.expires_at:
             entry = None
         self._count("hits" if entry else "misses")
@@ -221,8 +230,9 @@ class LocalStore:
             if key is None or key in seen:
                 continue
             seen.add(key)
-            with self._damage_is_typed():
-                record = self._entries.get(key)
+            record = self._record(key)
+            if record is _REFUSED:
+                break  # the disk refuses writes: the rest of the candidates would fail alike
             entry = self._entry(key, record) if record is not None else None
             if entry is None:
                 stale += 1
@@ -240,7 +250,8 @@ class LocalStore:
 
     def invalidate(self, namespace: str) -> int:
         """Drop every entry of a namespace; their vectors go at the next rebuild."""
-        removed = int(self._entries.evict(namespace))
+        with self._damage_is_typed():
+            removed = int(self._entries.evict(namespace))
         self._count("invalidated", removed)
         return removed
 
@@ -347,6 +358,20 @@ class LocalStore:
                 self._entries.delete(key)
             return None
 
+    def _record(self, key: str) -> Any:
+        """The entry's stored record; None when there is none; _REFUSED when the disk refuses writes (full,
+        turned read-only): diskcache records every read for its LRU, and raised "database or disk is full" for a
+        lookup, failing the call. A miss then, as a PostgresStore lookup is when its server is away."""
+        import diskcache
+
+        with self._damage_is_typed():
+            try:
+                return self._entries.get(key)
+            except (sqlite3.OperationalError, diskcache.Timeout) as exc:  # Timeout: refused at BEGIN, or locked
+                logger.warning("the cache in %s cannot be read: %s; a lookup is a miss", self.directory,
+                               exc or type(exc).__name__)
+                return _REFUSED
+
     def _damage_is_typed(self) -> contextlib.AbstractContextManager[None]:
         """A damaged page found after the store opened (a power cut): the error open gives, not sqlite3's."""
         return damage_reported(f"the cache in {self.directory}", _REMEDY)
@@ -443,11 +468,14 @@ class LocalStore:
             rows.append((record[0], record[1], key[1], np.frombuffer(record[2], dtype=np.float32)))
         for start in range(0, len(rows), 50_000):
             self._add_many(rows[start : start + 50_000])
-        for key, s in dead:  # compaction; a concurrent re-put of the key wrote a newer seq: keep it
-            with self._meta.transact():
-                current = self._meta.get(key)
-                if current is not None and current[0] == s:
-                    self._meta.delete(key)
+        try:
+            for key, s in dead:  # compaction; a concurrent re-put of the key wrote a newer seq: keep it
+                with self._meta.transact():
+                    current = self._meta.get(key)
+                    if current is not None and current[0] == s:
+                        self._meta.delete(key)
+        except sqlite3.OperationalError as exc:  # a full or read-only disk: the dead vectors stay until later
+            logger.warning("the cache in %s cannot drop stale vectors: %s", self.directory, exc)
         self._seq = seq
         self._epoch = epoch
         self._stale = 0
@@ -481,12 +509,20 @@ class LocalStore:
         arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
         path = self._snapshot_path()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        self._since_snapshot = 0
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            # A full or read-only disk: the snapshot is only a shortcut (the vectors are in meta/), so a lookup
+            # goes on; raised, it failed every search, each one leaving a partial temp file on the full disk.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            logger.warning("the cache in %s cannot save its index snapshot (%s); the next process rebuilds it",
+                           self.directory, exc)
+        self._since_snapshot = 0  # tried: not again until as many new vectors have come
 
     def _load(self) -> None:
         """Start from the snapshot when it is usable, then catch up from the log; else rebuild."""

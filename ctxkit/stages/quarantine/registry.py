@@ -105,7 +105,10 @@ class QuarantineRegistry:
         if directory is None:
             self._db = self._open(":memory:", "memory")
             return
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only volume, a file in the way: say so, as a registry that cannot open does
+            raise ConfigurationError(f"cannot create the quarantine registry's directory {directory}: {exc}") from exc
         self._db = self._open(str(Path(directory) / FILE_NAME), str(directory))
         self._import_diskcache(Path(directory))
 

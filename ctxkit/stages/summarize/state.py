@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ConfigurationError
 from ...settings import whole_number
 from ...temp_files import remove_stale
 from .facts import Fact
@@ -111,7 +112,10 @@ class SummaryStore:
         self._seen: dict[tuple[str, str], tuple[int, int, int] | None] = {}  # each file as this process last read or wrote it
         self._written = 0  # new files written since the directory was last counted
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only volume, a file in the way: a configuration error naming the folder
+                raise ConfigurationError(f"cannot create the summaries directory {self.directory}: {exc}") from exc
             remove_stale(self.directory, "*.tmp")
             self._files = sum(1 for _ in self.directory.glob("*.json"))
             self._prune_files()
