@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,23 @@ def test_only_the_most_recently_used_catalog_versions_stay_on_disk(catalog, embe
     assert saved() == {*versions, index.catalog_hash} - {versions[1]}, "the least recently used one went"
     again = ToolIndex(catalog[:4], CountingEmbedder(embedder), directory=tmp_path)  # versions[1]
     assert not again.loaded_from_disk and again.embedded_tools == 0
+
+
+def test_a_catalog_version_whose_first_save_was_killed_leaves_no_file_behind(catalog, embedder, tmp_path):
+    """A process killed between writing a version's temporary index and renaming it left a folder holding only
+    that file; only a later save of the same version cleared it, and a catalog that changed never saved it again."""
+    ToolIndex(catalog[:3], embedder, directory=tmp_path)
+    [model_dir] = [d for d in tmp_path.iterdir() if d.is_dir()]
+    orphan = model_dir / "0123456789abcdef0123" / "index.deadbeef.tmp.npz"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"half an index")
+    fresh = model_dir / "fedcba9876543210fedc" / "index.cafe.tmp.npz"  # another process's save under way
+    fresh.parent.mkdir()
+    fresh.write_bytes(b"being written")
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    ToolIndex(catalog[:4], embedder, directory=tmp_path)  # saves a new version, and sweeps
+    assert not orphan.parent.exists()
+    assert fresh.exists(), "a temporary file younger than an hour may be another process's save at work"
 
 
 def test_a_changed_schema_is_reembedded_and_replaces_the_old_one(catalog, embedder):

@@ -463,7 +463,14 @@ class ToolIndex:
         A process still on an older version has it in memory; the next one to need it rebuilds it from the
         stored vectors, which are kept, without embedding anything."""
         assert self._root is not None
-        saved = [(f / INDEX_FILE, f) for f in self._root.iterdir() if f != keep and (f / INDEX_FILE).is_file()]
+        folders = [f for f in self._root.iterdir() if f != keep and f.is_dir()]
+        for folder in folders:
+            if not (folder / INDEX_FILE).exists() and remove_stale(folder, "index.*.tmp.npz"):
+                # A version whose first save was killed: only its temporary file, which no later save of that
+                # version (it may never come again) would clear.
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        saved = [(f / INDEX_FILE, f) for f in folders if (f / INDEX_FILE).is_file()]
         if len(saved) < KEEP_CATALOGS:
             return
         saved.sort(key=lambda pair: _last_used(pair[0]), reverse=True)
