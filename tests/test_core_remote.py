@@ -652,6 +652,23 @@ def test_a_call_cut_by_max_tokens_sends_no_markup_streamed_or_not(remote):
     assert response.finish_reason == "length" and response.content is None
 
 
+def test_a_streamed_call_cut_by_max_tokens_records_the_tokens_the_server_generated(remote, ledger):
+    """llama.cpp's server streams no usage, so ctxkit counts the answer; a <tool_call> cut off by max_tokens is
+    dropped from it, and the ledger said tokens_out 0 for the max_tokens tokens generated (whole: reported 12)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    request = dict(messages=[{"role": "user", "content": "What is the weather in Lisbon?"}], tools=[tool],
+                   params={"tool_choice": "required", "max_tokens": 12, "temperature": 0})
+    pipeline = Pipeline(remote, ledger=ledger)
+    whole = pipeline.call(ChatRequest(**request))
+    assert whole.finish_reason == "length" and whole.usage.completion_tokens == 12
+    streamed = pipeline.call(ChatRequest(**request, stream=True)).collect()
+    assert streamed.finish_reason == "length" and not streamed.tool_calls
+    record = ledger.records[-1]
+    assert record.status == "ok" and not record.usage_reported
+    assert record.tokens_out == 12 and record.tokens_sent == whole.usage.prompt_tokens
+
+
 # -- faults a real server cannot be made to produce (tests/servers.py: faulty_upstream) ------------------------
 TWO_TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
              for n in ("get_weather", "get_time")]

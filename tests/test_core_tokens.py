@@ -109,6 +109,25 @@ def test_a_call_asking_for_another_openai_model_is_counted_and_bounded_as_that_m
         Pipeline(backend).call(ChatRequest(messages=long, model="gpt-4"))
 
 
+def test_a_call_asking_for_a_model_with_the_same_encoding_counts_its_images_at_that_models_price():
+    """counter_for kept one counter per encoding: gpt-4o-mini asked of a gpt-4o backend counted a 1024x1024 image
+    at gpt-4o's price (776 tokens, billed 25,512), and the first model asked for set the price for the rest."""
+    import base64
+    import struct
+
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.tokens.tiktoken_counter import TiktokenCounter
+
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0)
+    url = "data:image/png;base64," + base64.b64encode(png + b"\0" * 4).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": url, "detail": "high"}}]}]
+    for own, asked in (("gpt-4o", ("gpt-4o-mini", "gpt-5-mini", "gpt-4o")), ("gpt-4", ("gpt-4o-mini", "gpt-4o"))):
+        backend = OpenAIBackend(own, base_url="http://127.0.0.1:9/v1", api_key="sk-test-0000000000", max_retries=0)
+        for model in asked:
+            assert backend.counter_for(model).count_prompt(messages) == TiktokenCounter(model).count_prompt(messages), model
+
+
 def test_an_image_part_is_counted_as_openai_bills_it_not_as_nothing():
     """An image counted 0 tokens: tokens_naive, tokens_sent and the cost left out 85 to thousands per image."""
     import base64

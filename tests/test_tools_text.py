@@ -201,3 +201,16 @@ def test_cut_off_tool_call_answer_can_be_sent_back():
     messages += [message.model_dump(exclude_none=True), {"role": "user", "content": "Try again."}]
     again = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=4, temperature=0)
     assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_past_call_with_arguments_that_are_not_json_is_rendered_not_a_json_error():
+    """A call cut off by max_tokens, sent back to a backend without the pipeline (which replaces such arguments),
+    or counted with its GGUFPrompt: json.JSONDecodeError escaped from messages_for_plain_template."""
+    from ctxkit.backends.tool_format import messages_for_plain_template
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}
+    out = messages_for_plain_template([{"role": "user", "content": "W?"},
+                                       {"role": "assistant", "content": None, "tool_calls": [call]},
+                                       {"role": "tool", "tool_call_id": "call_1", "content": "ok"}], [])
+    assert out[1]["role"] == "assistant" and "get_weather" in out[1]["content"] and "Par" in out[1]["content"]
+    assert out[2]["content"].startswith('<tool_response name="get_weather">')

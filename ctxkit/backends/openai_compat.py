@@ -41,7 +41,7 @@ from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..settings import positive_seconds
 from ..tokens import TokenCounter
-from ..tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
+from ..tokens.tiktoken_counter import TiktokenCounter, counting_key, encoding_name_for_model
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
     CallStops,
@@ -116,7 +116,7 @@ class OpenAIBackend:
         # The counter was chosen for `model`: a call that asks for another OpenAI model (the drop-in client's
         # model=...) is counted with that model's own encoding, not this one's.
         self._counter_is_default = isinstance(counter, TiktokenCounter) and counter.model == model
-        self._counters: dict[str, TokenCounter] = {}
+        self._counters: dict[tuple[str, str | None, str | None], TokenCounter] = {}
         self._context_window_given = context_window is not None
         self.model = model
         self.base_url = base_url
@@ -179,13 +179,15 @@ class OpenAIBackend:
         counter and `model` is another OpenAI model with another encoding (gpt-4 asked of a gpt-4o backend)."""
         if not model or model == self.model or not self._counter_is_default:
             return self.counter
-        encoding = encoding_name_for_model(model)
-        if encoding is None or encoding == self.counter.encoding.name:  # type: ignore[attr-defined,union-attr]
+        key = counting_key(model)
+        if key is None or key == counting_key(self.counter.model):  # type: ignore[attr-defined,union-attr]
             return self.counter
-        # One counter per encoding, not per name: a proxy's clients may send any number of model names.
-        counter = self._counters.get(encoding)
+        # One counter per encoding and image-pricing family, not per name: a proxy's clients may send any number
+        # of model names. (Per encoding alone, gpt-4o-mini's images were counted at gpt-4o's price: 776 tokens
+        # for a 1024x1024 image billed 25,512.)
+        counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[encoding] = TiktokenCounter(model)
+            counter = self._counters[key] = TiktokenCounter(model)
         return counter
 
     def context_window_for(self, model: str | None) -> int:
@@ -213,6 +215,7 @@ class OpenAIBackend:
         calls = self._text_calls(request)
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
+        usage_seen = False  # whether the server sent its own usage
         failure: BaseException | None = None
         # A server that keeps the connection alive (SSE comments, blank lines) but sends no chunk never trips the
         # HTTP read timeout: a watchdog ends such a stream once no chunk came for the call's timeout.
@@ -223,6 +226,7 @@ class OpenAIBackend:
                 ended = ended or _ends_answer(chunk)
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
+                usage_seen = usage_seen or bool(data.get("usage"))
                 for kept in stops.feed(data) if stops else (data,):
                     yield from calls.feed(kept) if calls else (kept,)
                 if stops is not None and stops.done:  # the caller's stop, outside any call: the answer ends here
@@ -251,6 +255,10 @@ class OpenAIBackend:
             if usage is not None:
                 yield usage
             raise failure
+        if calls is not None and not usage_seen and calls.generated:
+            # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
+            # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
+            yield self._usage_chunk(request, calls.generated, last)
 
     def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None,
                          last: dict[str, Any]) -> dict[str, Any] | None:
@@ -258,9 +266,13 @@ class OpenAIBackend:
         with that text's tokens, which were generated and billed though never passed on."""
         if calls is None or not calls.held_back:
             return None
+        return self._usage_chunk(request, calls.generated, last)
+
+    def _usage_chunk(self, request: ChatRequest, generated: str, last: dict[str, Any]) -> dict[str, Any]:
+        """A usage chunk, counted (not the server's), for a stream whose answer text was `generated`."""
         counter = self.counter_for(request.model)
         prompt = counter.count_prompt(list(request.messages), list(request.tools))
-        completion = counter.count_completion({"content": calls.generated})
+        completion = counter.count_completion({"content": generated})
         # A whole chat.completion.chunk (id, model, ...): the drop-in client validates it as one.
         return {"id": last.get("id") or f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
                 "created": last.get("created") or int(time.time()), "model": last.get("model") or request.model or self.name,
@@ -283,6 +295,7 @@ class OpenAIBackend:
         calls = self._text_calls(request)
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
+        usage_seen = False  # whether the server sent its own usage
         failure: BaseException | None = None
         limit = self._stall_limit(request)
         stops = self._call_stops(request)
@@ -297,6 +310,7 @@ class OpenAIBackend:
                 ended = ended or _ends_answer(chunk)
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
+                usage_seen = usage_seen or bool(data.get("usage"))
                 for kept in stops.feed(data) if stops else (data,):
                     for passed in calls.feed(kept) if calls else (kept,):
                         yield passed
@@ -323,6 +337,10 @@ class OpenAIBackend:
             if usage is not None:
                 yield usage
             raise failure
+        if calls is not None and not usage_seen and calls.generated:
+            # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
+            # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
+            yield self._usage_chunk(request, calls.generated, last)
 
     def close(self) -> None:
         self._client.close()

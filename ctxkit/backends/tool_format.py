@@ -72,7 +72,10 @@ def messages_for_plain_template(messages: list[dict[str, Any]], tools: list[dict
             blocks = []
             for call in message["tool_calls"]:
                 names[call["id"]] = call["function"]["name"]
-                arguments = json.loads(call["function"]["arguments"] or "{}")
+                try:
+                    arguments = json.loads(call["function"]["arguments"] or "{}")
+                except json.JSONDecodeError:  # cut off by max_tokens, sent back without the pipeline's repair
+                    arguments = call["function"]["arguments"]  # as written (as count_completion counts it)
                 blocks.append(format_tool_call(call["function"]["name"], arguments))
             content = "\n".join(([content] if content else []) + blocks)
         elif role == "tool":

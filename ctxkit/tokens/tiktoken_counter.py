@@ -55,6 +55,18 @@ def encoding_name_for_model(model: str) -> str | None:
     return None
 
 
+def counting_key(model: str) -> tuple[str, str | None, str | None] | None:
+    """What a TiktokenCounter's counts depend on for `model`: its encoding and the image-pricing family its name
+    falls in (None for a model that is not OpenAI's). Two models with the same key count every prompt alike."""
+    encoding = encoding_name_for_model(model)
+    if encoding is None:
+        return None
+    name = model.split("/")[-1].lower()
+    patch = next((prefix for prefix, _ in _PATCH_MULTIPLIERS if name.startswith(prefix)), None)
+    tile = next((prefix for prefix, _, _ in _TILE_COSTS if name.startswith(prefix)), None)
+    return encoding, patch, tile
+
+
 def _tiktoken_cache_dir() -> str:
     # The same lookup tiktoken.load.read_file_cached does.
     return (
