@@ -35,7 +35,7 @@ def validate_request(request: ChatRequest) -> None:
     # The namespace too: it is hashed (UTF-8) into the call's prompt keys, a UnicodeEncodeError out of the call.
     for where, value in (("model", request.model), ("namespace", request.namespace), ("messages", request.messages),
                          ("params", request.params), ("metadata", request.metadata)):
-        found = _lone_surrogate_at(value, "" if where == "params" else where)
+        found = lone_surrogate_at(value, "" if where == "params" else where)
         if found is not None:
             raise RequestError(_SURROGATE, found)
 
@@ -172,7 +172,7 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _lone_surrogate_at(value: Any, path: str) -> str | None:
+def lone_surrogate_at(value: Any, path: str) -> str | None:
     """The path of the first string (a value or a key) in `value` that is not valid Unicode; None if there is none."""
     if isinstance(value, str):
         return None if _is_unicode(value) else (path or "params")
@@ -181,12 +181,12 @@ def _lone_surrogate_at(value: Any, path: str) -> str | None:
             where = f"{path}.{key}" if path else str(key)
             if isinstance(key, str) and not _is_unicode(key):
                 return path or "params"
-            found = _lone_surrogate_at(item, where)
+            found = lone_surrogate_at(item, where)
             if found is not None:
                 return found
     elif isinstance(value, (list, tuple)):
         for k, item in enumerate(value):
-            found = _lone_surrogate_at(item, f"{path}[{k}]")
+            found = lone_surrogate_at(item, f"{path}[{k}]")
             if found is not None:
                 return found
     return None

@@ -460,6 +460,52 @@ def test_bench_tools_catalog_refuses_parameters_and_descriptions_of_the_wrong_ty
             load_catalog(catalog)
 
 
+def test_bench_tools_catalog_refuses_a_lone_surrogate_naming_the_tool(tmp_path, capsys):
+    """A cut emoji ("\\ud83d") in a description failed the tool index's UTF-8 hash: a UnicodeEncodeError traceback."""
+    from ctxkit.cli.main import main
+
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([{"type": "function", "function": {"name": "f", "description": "ok"}},
+                                   {"type": "function", "function": {"name": "g", "description": "cut \ud83d"}}]))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"messages": HELLO, "gold": ["f"]}) + "\n")
+    assert main(["bench", "tools", "--catalog", str(catalog), "--queries", str(queries), "--json"]) == 2
+    assert "catalog.json: tools[1].function.description: holds a lone surrogate" in capsys.readouterr().err
+
+
+def test_bench_memory_refuses_a_bad_budget_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """--budget 0 was refused only after the whole file was read and SmolLM2 and MiniLM were loaded (14 s on the
+    shared file); --keep-last 0 likewise, as the stage's error."""
+    from ctxkit.bench import memory
+    from ctxkit.cli.main import main
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the budget was checked")
+
+    monkeypatch.setattr(memory, "backend_from_args", no_model)
+    monkeypatch.setattr(memory, "embedder_from_args", no_model)
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Ann is 7."}, {"role": "user", "content": "Age?"}],
+                                "answers": ["7"]}) + "\n")
+    assert main(["bench", "memory", "--conversations", str(data), "--budget", "0", "--json"]) == 2
+    assert "--budget is a fraction of the original tokens in (0, 1], got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "memory", "--conversations", str(data), "--keep-last", "0", "--json"])
+    assert "argument --keep-last: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bench", ["tools", "cache"])
+def test_bench_torch_threads_torch_cannot_hold_is_the_option_s_error(bench, tmp_path, capsys):
+    """--torch-threads 99999999999 was a ValueError traceback ("Overflow when unpacking long") from torch."""
+    from ctxkit.cli.main import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("")
+    files = ["--catalog", str(data), "--queries", str(data)] if bench == "tools" else ["--pairs", str(data)]
+    assert main(["bench", bench, *files, "--torch-threads", "99999999999", "--json"]) == 2
+    assert "--torch-threads 99999999999: torch refuses it" in capsys.readouterr().err
+
+
 def test_bench_tools_refuses_gold_names_the_catalog_lacks(tmp_path):
     from ctxkit.bench.tools import load_queries
 

@@ -157,3 +157,39 @@ def test_gold_ids_may_mix_numbers_and_strings_as_document_ids_do(capsys, tmp_pat
     assert main(["bench", "prune", "--questions", str(questions), "--documents", str(corpus), "--budget", "1",
                  "--lexical-only", "--json"]) in (0, None)
     assert json.loads(capsys.readouterr().out)["gold_recall"] == 1.0
+
+
+def test_a_lone_surrogate_in_a_document_or_question_is_named_not_a_traceback(tmp_path, capsys):
+    """A cut emoji ("\\ud83d" in an export) failed the embedding cache's UTF-8 encode: a UnicodeEncodeError traceback."""
+    docs = [{"id": 1, "text": "Oslo is the capital \ud83d of Norway."}, {"id": 2, "text": "Paris is in France."}]
+    for row, where in (({"question": "Capital of Norway?", "documents": docs, "answers": ["Oslo"]}, "documents[0].text"),
+                       ({"question": "Capital \ud83d?", "documents": docs[1:], "answers": ["Paris"]}, "question")):
+        path = tmp_path / "q.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        assert main(["bench", "prune", "--questions", str(path), "--json"]) == 2
+        assert f"q.jsonl:1: {where}: holds a lone surrogate" in capsys.readouterr().err
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(json.dumps(docs[1]) + "\n" + json.dumps({"id": 3, "text": "cut \udc00"}) + "\n")
+    path.write_text(json.dumps({"question": "Where is Paris?", "answers": ["France"]}) + "\n")
+    assert main(["bench", "prune", "--questions", str(path), "--documents", str(corpus), "--json"]) == 2
+    assert "docs.jsonl:2: document[0].text: holds a lone surrogate" in capsys.readouterr().err
+
+
+def test_ranking_weights_outside_zero_to_one_are_refused(capsys):
+    """--lexical-weight nan ranked arbitrarily and printed "lexical": NaN, which no JSON parser reads."""
+    import pytest
+
+    for flag, value in (("--lexical-weight", "nan"), ("--document-weight", "-0.5"), ("--lexical-weight", "2")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "prune", "--questions", str(FIXTURES / "questions_inline.jsonl"), flag, value, "--json"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_split_that_leaves_no_question_is_named(tmp_path, capsys):
+    """--split odd on a one-question file raised a ValueError traceback (int of the median of nothing)."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "Who?", "documents": [{"id": 1, "text": "Ann."}], "answers": ["Ann"]}) + "\n")
+    assert main(["bench", "prune", "--questions", str(path), "--split", "odd", "--lexical-only", "--json"]) == 2
+    assert "q.jsonl: --split odd leaves none of its 1 question(s)" in capsys.readouterr().err
+    assert _run(capsys, "--questions", str(path), "--split", "even", "--lexical-only")["questions"] == 1

@@ -40,6 +40,7 @@ from .common import (
     progress,
     read_jsonl,
     require_records,
+    set_torch_threads,
     unit_interval,
 )
 
@@ -400,9 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+        set_torch_threads(args.torch_threads)
     if args.scale:
         kinds = ["flat", "hnsw"] if args.index == "both" else [args.index]
         if args.index_only:

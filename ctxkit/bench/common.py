@@ -67,6 +67,17 @@ def backend_from_args(args: Any) -> Any:
     return LlamaCppBackend(args.model, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
 
 
+def set_torch_threads(count: int) -> None:
+    """--torch-threads: a count torch cannot hold (above 2**31 - 1) is the option's error, not a ValueError
+    traceback ("Overflow when unpacking long")."""
+    import torch
+
+    try:
+        torch.set_num_threads(count)
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise ConfigurationError(f"--torch-threads {count}: torch refuses it ({exc})") from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line of a JSON-lines data file. An unreadable file, a
     line that is not JSON or not an object raises ConfigurationError naming the file and line."""

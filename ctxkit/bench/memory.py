@@ -104,6 +104,11 @@ def trim_baseline(messages: Sequence[Message], budget: int, counter: Any) -> lis
             for m in kept]
 
 
+def _check_budget(budget: float) -> None:
+    if not 0 < budget <= 1:
+        raise ConfigurationError(f"--budget is a fraction of the original tokens in (0, 1], got {budget}")
+
+
 def run(
     conversations: Sequence[dict[str, Any]],
     backend: Any,
@@ -116,8 +121,7 @@ def run(
 ) -> dict[str, Any]:
     from ..stages.summarize import SummarizationStage
 
-    if not 0 < budget <= 1:
-        raise ConfigurationError(f"--budget is a fraction of the original tokens in (0, 1], got {budget}")
+    _check_budget(budget)
     if baseline:
         try:
             import langchain_core  # noqa: F401  (the baseline is LangChain's own trim_messages)
@@ -209,13 +213,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None, help="only the first N conversations")
     parser.add_argument("--summarizer", choices=("extractive", "model", "hybrid"), default="extractive",
                         help="extractive (fast), model (the backend's summary alone, slow), hybrid (both)")
-    parser.add_argument("--keep-last", type=int, default=3, help="newest messages kept verbatim (default 3)")
+    parser.add_argument("--keep-last", type=positive_int, default=3, help="newest messages kept verbatim (default 3)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the trim_messages baseline")
     add_backend_arguments(parser)
     add_embedding_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> None:
+    _check_budget(args.budget)  # before the file is read and both models are loaded, not after
     conversations = load_conversations(args.conversations, args.limit)
     backend = backend_from_args(args)
     embedder = embedder_from_args(args) if args.summarizer != "model" else None

@@ -38,6 +38,7 @@ from ..stages.pruning.documents import (
     RankingWeights,
     checked_documents,
 )
+from ..validation import lone_surrogate_at
 from .common import (
     add_embedding_arguments,
     check_strings,
@@ -49,6 +50,7 @@ from .common import (
     progress,
     read_jsonl,
     require_records,
+    unit_interval,
 )
 
 
@@ -59,6 +61,8 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
         where = f"{path}:{number}"
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             raise ConfigurationError(f"{where}: question must be a non-empty string")
+        if lone_surrogate_at(row["question"], "question") is not None:
+            raise ConfigurationError(f"{where}: question: holds a lone surrogate, which is not valid Unicode")
         if row.get("documents") is not None:
             check_documents(row["documents"], where)
         gold = row.get("gold_documents")
@@ -106,9 +110,15 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
 def check_documents(value: Any, line: str, field: str = "documents") -> list[dict[str, Any]]:
     """The documents as the pruning stage checks them, the error naming the file and line."""
     try:
-        return [dict(d) for d in checked_documents(value, field)]
+        documents = [dict(d) for d in checked_documents(value, field)]
     except RequestError as exc:
         raise ConfigurationError(f"{line}: {exc}") from None
+    # As a request's metadata is checked: a lone surrogate ("\ud83d", a cut emoji) failed the UTF-8 encode of
+    # the embedding cache's key as a UnicodeEncodeError traceback, after the models were loaded.
+    found = lone_surrogate_at(documents, field)
+    if found is not None:
+        raise ConfigurationError(f"{line}: {found}: holds a lone surrogate, which is not valid Unicode")
+    return documents
 
 
 class DiskCachedEmbedder:
@@ -286,8 +296,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-tokens", type=positive_int,
                         help="a small corpus: only consecutive documents around the gold one, up to this many tokens")
     parser.add_argument("--lexical-only", action="store_true", help="BM25 only, no MiniLM")
-    parser.add_argument("--lexical-weight", type=float, default=RankingWeights.lexical)
-    parser.add_argument("--document-weight", type=float, default=RankingWeights.document)
+    # Shares that mix two scores (w * a + (1 - w) * b): outside [0, 1] a score counts against a passage, and NaN
+    # made every score NaN (an arbitrary ranking) and printed "lexical": NaN, which is no JSON.
+    parser.add_argument("--lexical-weight", type=unit_interval, default=RankingWeights.lexical,
+                        help=f"BM25's share against MiniLM's, 0 to 1 (default {RankingWeights.lexical})")
+    parser.add_argument("--document-weight", type=unit_interval, default=RankingWeights.document,
+                        help=f"the document's share in its passages' score, 0 to 1 (default {RankingWeights.document})")
     parser.add_argument("--neighbours", type=int, default=RankingWeights.neighbours)
     parser.add_argument("--cold-index", action="store_true",
                         help="re-split and re-index each question's corpus inside the timed call (the stage "
@@ -302,6 +316,9 @@ def run_cli(args: argparse.Namespace) -> None:
     questions = everything = load_questions(args.questions)
     if args.split != "all":
         questions = [q for i, q in enumerate(questions) if i % 2 == (0 if args.split == "even" else 1)]
+        if not questions:  # else a ValueError traceback (the median of no corpus sizes) after the models loaded
+            raise ConfigurationError(f"{args.questions}: --split {args.split} leaves none of its "
+                                     f"{len(everything)} question(s)")
     if args.limit:
         questions = questions[: args.limit]
     shared = load_documents(args.documents) if args.documents else []

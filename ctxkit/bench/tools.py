@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..validation import lone_surrogate_at
 from .common import (
     add_embedding_arguments,
     check_messages,
@@ -38,6 +39,7 @@ from .common import (
     progress,
     read_jsonl,
     require_records,
+    set_torch_threads,
 )
 
 
@@ -59,6 +61,11 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigurationError(f"{path}: tools[{i}].function.name: duplicate tool name {name!r} "
                                      f"(first at tools[{first[name]}])")
         first[name] = i
+        # A lone surrogate ("\ud83d", a cut emoji) failed the UTF-8 encode of the tool's index hash as a
+        # UnicodeEncodeError traceback, after the embedder was loaded.
+        found = lone_surrogate_at(tool, f"tools[{i}]")
+        if found is not None:
+            raise ConfigurationError(f"{path}: {found}: holds a lone surrogate, which is not valid Unicode")
         # Counted and indexed before anything else reads them: a description that is no string or parameters that
         # are no object (a schema pasted as a JSON string) failed as an AttributeError deep in the token count,
         # after the embedder and the index were loaded. Other schema faults are reported as tools_refused_by_stage.
@@ -232,9 +239,7 @@ def run_cli(args: argparse.Namespace) -> None:
     if min(args.top_k) < 1:
         raise ConfigurationError("--top-k must be at least 1")
     if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+        set_torch_threads(args.torch_threads)
     catalog = load_catalog(args.catalog)
     results = run(catalog, load_queries(args.queries, catalog), top_k=args.top_k,
                   embedder=embedder_from_args(args), index_dir=args.index_dir,
