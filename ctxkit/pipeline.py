@@ -36,7 +36,7 @@ from .lru import LRUMemo
 from .quarantine_marks import checking_answers, fingerprint
 from .redaction import redact
 from .request import ChatRequest
-from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
+from .response import AsyncChatStream, ChatResponse, ChatStream, Usage, message_text, response_as_chunks
 from .stage import AsyncResult, Result, Stage, run_wrap_call, writes_awrap_call_only
 from .validation import check_tool_choice_offered, replace_malformed_arguments, validate_request
 
@@ -434,9 +434,7 @@ class Pipeline:
         prints = tuple(fingerprint(m) for m in request.messages)
         own = {fingerprint(m) for m in trace.request.messages} if request is not trace.request else set(prints)
         counter = _counter(self.backend, request)
-        blank = {"role": "system", "content": ""}
-        added = tuple((i, counter.count_prompt([blank, m]) - counter.count_prompt([blank]))
-                      for i, m in enumerate(request.messages) if prints[i] not in own)
+        added = tuple((i, message_tokens(counter, m)) for i, m in enumerate(request.messages) if prints[i] not in own)
         sent = SentPrompt(tokens, self._shared_tools(request.tools), prints, trace.naive, added)
         self._sent_prompts.put({trace.prompt_key: sent})
         return tokens
@@ -624,6 +622,17 @@ def _answering_model(backend: Backend, request: ChatRequest) -> str:
     if getattr(backend, "serves_one_model", False):
         return backend.model
     return request.model or backend.model
+
+
+def message_tokens(counter: Any, message: Any) -> int:
+    """One message's tokens in a prompt, its role's framing included: counted after an empty system message, or,
+    where the model's chat template refuses that (Gemma 2's takes no system message; Llama 2's and Mistral's want
+    user and assistant to alternate), its text. Accounting only: never a reason to fail the call."""
+    blank = {"role": "system", "content": ""}
+    try:
+        return int(counter.count_prompt([blank, dict(message)]) - counter.count_prompt([blank]))
+    except Exception:  # the template's raise_exception (a ValueError or a jinja2 TemplateError)
+        return int(counter.count_text(message_text(dict(message))))
 
 
 def _counter(backend: Backend, request: ChatRequest) -> Any:

@@ -275,3 +275,44 @@ def test_prefix_invalidated_in_one_turn_with_documents_before_the_question(llama
     [event] = [e for e in record.events if e["kind"] == "prefix_invalidated"]
     assert event["first_message"] == 5
     assert abs(event["tokens"] - (previous.tokens_sent - record.tokens_cached)) <= 3, (event, previous, record)
+
+
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+def test_a_chat_template_that_takes_no_system_message_still_serves_a_cleared_loop():
+    """Gemma 2's template raises on a system message: the sent prompt's count of each message a stage made (a
+    cleared result) rendered it after an empty system message, and every call of an agent loop failed."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from ctxkit import LlamaCppBackend
+
+    backend = LlamaCppBackend(n_ctx=4096, n_threads=1)
+    try:  # the embedded model, rendered with Gemma 2's template (as a Gemma 2 GGUF is)
+        backend.prompt.formatter = Jinja2ChatFormatter(template=GEMMA2_TEMPLATE, eos_token="<|im_end|>",
+                                                       bos_token="<|im_start|>")
+
+        def step(k: int) -> list[dict]:
+            call = {"id": f"call_{k}", "type": "function",
+                    "function": {"name": "get_balance", "arguments": json.dumps({"account": f"A{k}"})}}
+            body = " ".join(f"Txn {k}-{t}: {t * 13 % 97} EUR." for t in range(40))
+            return [{"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": call["id"], "content": body}]
+
+        ledger = Ledger()
+        stages = [ToolResultClearingStage(keep_last=1, clear_at_least=0, counter=backend.counter)]
+        pipeline = Pipeline(backend, stages=stages, ledger=ledger)
+        history = [{"role": "user", "content": "Which account has the most transactions?"}, *step(0), *step(1)]
+        for messages in (history, [*history, *step(2)]):
+            pipeline.call(ChatRequest(messages=messages, params={"max_tokens": 1, "temperature": 0},
+                                      conversation_id="gemma"))
+        assert [r.status for r in ledger.records] == ["ok", "ok"]
+    finally:
+        backend.close()

@@ -148,6 +148,21 @@ def test_snake_case_envelopes_that_succeeded_are_not_tool_errors(output):
 
 
 @pytest.mark.parametrize("output", [
+    # records of a failed job or payment, fetched fine: their error fields are data
+    '{"job_id": "j-91", "state": "FAILED", "error_message": "Out of memory", "error_code": 137}',
+    '{"id": "j-91", "name": "etl", "state": "failed", "error_message": "Out of memory"}',
+    '{"order": 5, "payment_status": "declined", "error_code": "card_declined", "error_message": "Card declined."}',
+    '{"name": "backup", "description": "nightly backup", "last_run": "2026-01-01", "error": "disk full"}',
+    # a "description" is a record's field outside Telegram's shape
+    '{"status": "failed", "description": "Nightly backup job"}',
+    '{"title": "Fix login", "description": "Users cannot log in", "status": "failed"}',
+    '{"type": "TypeError", "description": "Raised when an operation is applied to an object of the wrong type."}',
+])
+def test_records_with_snake_case_error_fields_or_a_description_are_not_tool_errors(output):
+    assert find_tool_error(output) is None
+
+
+@pytest.mark.parametrize("output", [
     '{"id": "pi_123", "amount": 500, "status": "failed"}',  # a failed payment, fetched successfully
     '{"job": "build-42", "success": false, "duration_s": 81}',
     '{"error": "none", "result": 3}',
@@ -460,6 +475,14 @@ def test_records_listings_and_mentions_of_failures_are_not_tool_errors(output):
     ("The export is still running.", {"done": False}, False),
     ("Your subscription is active.", {"active": False}, True),
     ("The rule is disabled now.", {"enabled": False}, False),
+    # the future of a false flag is no claim that it is true
+    ("Your parcel will be delivered on Monday.", {"tracking": "1Z99", "delivered": False}, False),
+    ("It is on its way and will be delivered to your address tomorrow.", {"delivered": False}, False),
+    ("Your booking will be confirmed for Friday once the payment clears.", {"confirmed": False}, False),
+    # an action the agent took on something else is no state of the record's flag
+    ("I've disabled two-factor authentication for your account.", {"id": "u1", "active": True}, False),
+    ("Done. I suspended the card ending 4242; your account itself is unaffected.", {"active": True}, False),
+    ("Your account has been suspended.", {"active": True}, True),
 ])
 def test_a_yes_no_answer_against_the_tools_flag(claim, result, contradicted):
     assert (find_contradiction(claim, [("t", json.dumps(result))]) is not None) is contradicted

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..pipeline import SentPrompt, previous_prompt_sent, record_event
+from ..pipeline import SentPrompt, message_tokens, previous_prompt_sent, record_event
 from ..quarantine_marks import fingerprint
 from ..tokens import TokenCounter
 
@@ -72,7 +72,6 @@ def _kept_delta(sent: SentPrompt, kept: Sequence[Mapping[str, Any]], counter: To
     question (an agent loop's later edits come after it), results it cleared or cut then (less than the app's
     text). None when the sent prompt does not begin with `kept` so changed (a later stage rewrote it)."""
     added = dict(sent.added)
-    blank = {"role": "system", "content": ""}
     prints = [fingerprint(m) for m in kept]
     delta, j, k = 0, 0, 0
     while k < len(kept):
@@ -84,7 +83,7 @@ def _kept_delta(sent: SentPrompt, kept: Sequence[Mapping[str, Any]], counter: To
             if j + 1 < len(sent.prints) and sent.prints[j + 1] == prints[k]:
                 delta += added[j]  # inserted before kept[k]
             else:  # kept[k] as the stage sent it then (cleared, cut)
-                delta += added[j] - (counter.count_prompt([blank, dict(kept[k])]) - counter.count_prompt([blank]))
+                delta += added[j] - message_tokens(counter, kept[k])
                 k += 1
         else:
             return None

@@ -145,15 +145,17 @@ _YES_NO = {
     "expired": ({"expired"}, r"expired", r"still valid|not expired|hasn't expired|valid until"),
     # States an agent reports after acting ("Your booking is confirmed."), stated with a verb of being, so that
     # "I confirmed that the payment failed" is no claim about a `confirmed` field.
-    "confirmed": ({"confirmed"}, r"(?:is|are|was|were|been|now) confirmed|confirmed for",
+    # (not "will be confirmed for Friday", "will be delivered on Monday": the future of a false flag)
+    "confirmed": ({"confirmed"}, r"(?:is|are|was|were|been|now) confirmed|(?<!\bbe )confirmed for",
                   r"unconfirmed|not (?:yet |been )?confirmed|pending confirmation|awaiting confirmation"),
-    "delivered": ({"delivered"}, r"(?:is|are|was|were|been) delivered|delivered (?:on|to|yesterday|today)",
+    "delivered": ({"delivered"}, r"(?:is|are|was|were|been) delivered|(?<!\bbe )delivered (?:on|to|yesterday|today)",
                   r"undelivered|not (?:yet |been )?delivered|hasn't been delivered|has not been delivered"),
     "completed": ({"completed", "complete", "done", "finished"},
                   r"(?:is|are|was|were|been|now) (?:completed|complete|done|finished)",
                   r"incomplete|not (?:yet )?(?:completed|complete|done|finished)|still (?:running|in progress)"),
     "active": ({"active", "enabled"}, r"(?:is|are|was|now|still) (?:active|enabled)",
-               r"inactive|disabled|deactivated|suspended|not (?:active|enabled)"),
+               # a state, not an action the agent took on something else ("I've disabled two-factor authentication")
+               r"inactive|(?:is|are|was|were|been|now) (?:disabled|deactivated|suspended)|not (?:active|enabled)"),
 }
 _ANY_YES_NO = re.compile("|".join(rf"(?<![\w-])(?:{phrase})\b" for _, yes, no in _YES_NO.values() for phrase in (yes, no)))
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|aren't|wasn't|weren't|hasn't|haven't|won't|no longer|nothing)\s+(?:\w+\s+){0,2}$")

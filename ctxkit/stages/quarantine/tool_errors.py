@@ -279,10 +279,13 @@ _NO_ERROR: tuple[Any, ...] = (None, "", [], {}, False, 0, "none", "null", "ok", 
 _ENVELOPE_KEYS = frozenset({"status", "statuscode", "code", "success", "ok", "message", "error", "errors", "detail",
                             "details", "reason", "type", "title", "iserror", "content", "errormessage", "errortype",
                             "requestid", "request_id", "timestamp", "path", "instance", "documentation_url",
-                            "error_description", "error_uri", "msg", "more_info", "doc_url",
-                            # snake_case APIs ({"success": false, "error_message": ...}) and Telegram's Bot API
-                            # ({"ok": false, "error_code": 400, "description": "Bad Request: chat not found"})
-                            "error_message", "error_code", "errorcode", "error_type", "description"})
+                            "error_description", "error_uri", "msg", "more_info", "doc_url"})
+# snake_case APIs' envelope fields ({"success": false, "error_message": ...}): also the fields of a record of a failed
+# job or payment ({"job_id": 7, "state": "failed", "error_message": "Out of memory"}), so they count as a record's own.
+_SNAKE_ERROR_KEYS = frozenset({"error_message", "error_code", "errorcode", "error_type"})
+# Telegram's Bot API failure ({"ok": false, "error_code": 400, "description": "Bad Request: chat not found"}): a
+# "description" is an envelope's only in that shape ({"status": "failed", "description": "Nightly backup"} is a job).
+_TELEGRAM_KEYS = frozenset({"ok", "error_code", "description", "parameters"})
 _HTTP_RESPONSE_KEYS = frozenset({"statuscode", "status", "headers", "multivalueheaders", "body", "isbase64encoded"})
 
 
@@ -304,7 +307,7 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
         # whose type is an exception's name
         value = data.get(key)
         if isinstance(value, str) and re.search(r"(?:Exception|Error|Fault)\Z", value.rsplit("#", 1)[-1]) \
-                and keys <= _ENVELOPE_KEYS | {"__type"}:
+                and keys <= _ENVELOPE_KEYS | _SNAKE_ERROR_KEYS | {"__type"}:
             return Finding("tool_error", f"tool returned an error of type {value.rsplit('#', 1)[-1]}",
                            shorten(data.get("message", data.get("Message", ""))))
     if data.get("isError") is True:  # MCP's tool-result flag
@@ -316,8 +319,10 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
         if isinstance(number, int) and not isinstance(number, bool) and 400 <= number <= 599:
             return Finding("tool_error", f"tool returned an HTTP {number} response", shorten(data.get("body", "")))
         return None
+    if data.get("ok") is False and "error_code" in keys and keys <= _TELEGRAM_KEYS:
+        return Finding("tool_error", "tool reported ok=false", shorten(data.get("description", "")))
     # {"code": 401, "msg": "token expired", "data": null}: an envelope whose payload is empty
-    if not {k for k in keys if not (k == "data" and data.get("data") in (None, "", [], {}))} <= _ENVELOPE_KEYS:
+    if not {k for k in keys if not (k == "data" and data.get("data") in (None, "", [], {}))} <= _ENVELOPE_KEYS | _SNAKE_ERROR_KEYS:
         return None
     if data.get("success") is False or data.get("ok") is False:
         return Finding("tool_error", "tool reported success=false")
