@@ -944,3 +944,20 @@ def test_an_answer_the_store_refuses_is_noted_not_counted_as_stored(store, embed
                           record=lambda *args, **data: notes.append((args, data))) is False
     assert notes == [(("semantic_cache", "not_stored"), {"reason": "store_refused"})]
     assert stage.counts["stored"] == 0 and stage.counts["not_stored_store_refused"] == 1
+
+
+
+def test_a_call_on_a_cache_disk_turned_read_only_is_answered_not_failed(llama_backend, store, ledger, caplog):
+    """A disk the kernel turned read-only (errors=remount-ro after a disk error): a lookup there is a logged miss,
+    but the miss then took single_flight's lock file with open(..., "a+"), which raised OSError (EROFS) out of every
+    call that was not streamed, the cached question's too. Made here for real without a mount: a file where locks/
+    was refuses the lock file as the read-only volume does (root ignores permissions)."""
+    import shutil
+
+    pipeline = Pipeline(llama_backend, stages=[ExactCacheStage(store)], ledger=ledger)
+    shutil.rmtree(store.directory / "locks")
+    (store.directory / "locks").write_text("not a folder")
+    answered = pipeline.call(ask("Name a fruit."))
+    assert answered.content and ledger.records[-1].status == "ok"
+    assert "cannot take its lock file" in caplog.text
+    assert pipeline.call(ask("Name a fruit.")).answered_by == "exact_cache", "stored, as on a disk that is only full"

@@ -314,8 +314,18 @@ class LocalStore:
         acquired = slot[0].acquire(timeout=self.lock_timeout)
         try:
             path = self.directory / "locks" / lock_file(key)
-            path.parent.mkdir(exist_ok=True)
-            with open(path, "a+") as handle:
+            handle = None
+            try:
+                path.parent.mkdir(exist_ok=True)
+                handle = open(path, "a+")  # noqa: SIM115 - closed by the `with` below
+            except OSError as exc:
+                # A full or read-only disk: no answer can be stored for another process to find, so the call
+                # goes on locked in this process only, as a lookup there is a miss (not a failed call).
+                logger.warning("the cache in %s cannot take its lock file: %s; the call goes on", self.directory, exc)
+            if handle is None:
+                yield
+                return
+            with handle:
                 locked = _flock(handle.fileno(), self.lock_timeout)
                 try:
                     yield
