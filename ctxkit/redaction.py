@@ -12,8 +12,11 @@ import re
 # Bounded: an unbounded `(?:[A-Za-z0-9]+[_-])*` (and scheme) is tried at every word start and runs to the end of
 # a long `item-item-item-...` run, quadratic time (25 KB took 10 s, in the proxy's event loop).
 # A prefix with a separator (DB_PASSWORD), or one of the glued-on env-variable prefixes (PGPASSWORD).
-_KEY_NAME = (r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}(?:pg|db|mysql|redis)?(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|secret|"
-             r"access[_-]?token|auth[_-]?token|refresh[_-]?token|token|password|passwd|pwd)")
+# "API key: ..." and "access token: ..." as error messages write them (a space between the words) count too, and
+# Azure's connection strings' AccountKey= / SharedAccessKey= (glued on, as PGPASSWORD is).
+_KEY_NAME = (r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}(?:pg|db|mysql|redis|shared)?(?:api[_\- ]?key|access[_\- ]?key|secret[_\- ]?key|"
+             r"account[_-]?key|client[_\- ]?secret|secret|access[_\- ]?token|auth[_\- ]?token|refresh[_\- ]?token|token|"
+             r"password|passwd|pwd|passphrase)")
 # Each alternative captures exactly one group: the part kept so a reader can tell which secret it was.
 _SECRET = re.compile(
     r"\b((?:sk|pk|rk)[-_][A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}"  # OpenAI- and Stripe-style keys
@@ -27,7 +30,17 @@ _SECRET = re.compile(
     r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{0,1024}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
     r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
     r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]*:)[^\s@/]+(?=@)"  # user:password@ in URLs (redis://:password@ too)
+    # an Authorization header whatever its scheme, or with none (a raw key: Linear's, Shopify's); a Cookie header
+    r"|(?<![A-Za-z0-9])((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z]{2,20}\s+)?)[A-Za-z0-9._~+/=\-]{8,}"
+    r"|(?<![A-Za-z0-9])((?:set-)?cookie[\"']?\s*:\s*[\"']?)[^\s\"';=]+=[^\s\"';]{4,}(?:;\s*[^\s\"';]+)*"
     r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
+    # webhook URLs, whose path is the secret (anyone holding one posts to the channel)
+    r"|(\bhttps://hooks\.slack\.com/(?:services|workflows|triggers)/)[A-Za-z0-9/_\-]{8,}"
+    r"|(\bhttps://(?:[a-z]+\.)?discord(?:app)?\.com/api/webhooks/)[0-9]+/[A-Za-z0-9_\-]{8,}"
+    r"|\b(npm_[A-Za-z0-9]{4})[A-Za-z0-9]{16,}"  # npm tokens
+    r"|\b(pypi-AgE[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{16,}"  # PyPI API tokens
+    r"|\b(SG\.[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{12,}\.[A-Za-z0-9_\-]{12,}"  # SendGrid keys
+    r"|\b(whsec_[A-Za-z0-9]{4})[A-Za-z0-9+/=]{16,}"  # Stripe webhook signing secrets
     # a URL's query parameters that carry a key or a signature (Azure SAS sig=, Azure Functions code=, ?key=), also
     # under a prefix (api-key=, subscription-key=, access_token=, x-amz-signature=; not keyword= or zip_code=)
     r"|([?&](?:code|(?:[A-Za-z0-9]+[_-])*(?:key|sig|signature|token|secret|password|auth|credentials?))=)"

@@ -86,8 +86,20 @@ def _validate_fields(request: ChatRequest) -> None:
                                                    for k, v in headers.items()):
         # the values are not echoed: a header is where an API key goes
         raise RequestError("must be an object of header name -> string value", "extra_headers")
+    for name, value in headers.items():
+        if isinstance(value, str) and not sendable_header_value(value):
+            # HTTP cannot carry it: the call failed as a retried "Connection error." (its cause, which quotes the
+            # value, hidden) and httpcore's DEBUG log printed the value. Named, not echoed.
+            raise RequestError("holds a line break, a control character, a character outside ASCII or spaces at "
+                               "its ends, which no HTTP header can carry", f"extra_headers[{name!r}]")
     if not isinstance(request.extra_query, Mapping):
         raise RequestError(f"must be an object, got {type(request.extra_query).__name__}", "extra_query")
+
+
+def sendable_header_value(value: str) -> bool:
+    """Whether an HTTP client can send `value` as a header value: printable ASCII (httpx encodes header values as
+    ASCII; h11 refuses control characters), tabs and spaces inside but none at its ends."""
+    return value == value.strip(" \t") and all(c == "\t" or " " <= c <= "\x7f" for c in value)
 
 
 def _is_omit(value: Any) -> bool:

@@ -281,6 +281,39 @@ def test_a_200_without_a_completion_is_a_typed_error(gguf_counter, ledger):
     assert [r.error_type for r in ledger.records] == ["BackendError", "BackendError"]
 
 
+def test_a_key_a_gateway_quotes_in_a_200_error_body_is_scrubbed(gguf_counter, ledger):
+    """A 200 whose body is an error was the one answer whose text was not scrubbed of the backend's key and the
+    call's headers, as an error status's is: a key of no known shape reached the app's exception and the ledger."""
+    key, tenant = "gw-Kq7internalZz91xPL0", "tnt_9f8e7d6c5b4a39281706"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            message = f"key {self.headers['Authorization']} is over quota for {self.headers['X-Tenant-Token']}"
+            payload = json.dumps({"error": {"message": message, "type": "quota"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{gateway.server_address[1]}/v1", api_key=key,
+                                counter=gguf_counter, context_window=4096, max_retries=0)
+        with pytest.raises(BackendError, match="over quota") as info:
+            Pipeline(backend, ledger=ledger).call(
+                ChatRequest(messages=MESSAGES, params=PARAMS, extra_headers={"X-Tenant-Token": tenant}))
+    finally:
+        gateway.shutdown()
+    for text in (str(info.value), ledger.records[-1].error or ""):
+        assert key not in text and tenant not in text
+
+
 def test_a_tool_call_cut_off_by_max_tokens_is_still_counted(gguf_counter):
     cut = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]}
@@ -600,6 +633,25 @@ def test_a_password_in_the_base_url_never_reaches_the_logs(server, gguf_counter,
         Pipeline(backend, ledger=ledger).call(ChatRequest(messages=MESSAGES, params=PARAMS))
     assert "HTTP Request" in caplog.text and "127.0.0.1" in caplog.text
     assert "hunter2pass" not in caplog.text
+
+
+def test_a_key_or_header_with_a_final_newline_is_named_not_sent_nor_logged(server, gguf_counter, ledger, caplog):
+    """A key read from a file (a mounted secret) keeps its newline, which no HTTP header carries: every call failed
+    as a retried "Connection error." with its cause hidden, and httpcore's DEBUG log printed the key in full."""
+    import logging
+
+    from ctxkit.errors import ConfigurationError, RequestError
+
+    key, header = "0123456789abcdefFILEKEY0123456", "HEADERVAL0123456789"
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(ConfigurationError, match="line break"):
+            OpenAIBackend("smollm2", base_url=server.base_url, api_key=key + "\n", counter=gguf_counter)
+        backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, max_retries=2)
+        with pytest.raises(RequestError, match=r"extra_headers\['X-Api-Key'\]"):
+            Pipeline(backend, ledger=ledger).openai().chat.completions.create(
+                model="smollm2", messages=MESSAGES, max_tokens=2, extra_headers={"X-Api-Key": header + "\n"})
+    written = caplog.text + ledger.path.read_text()
+    assert key not in written and header not in written
 
 
 def test_a_stream_cut_while_tool_call_text_was_held_back_records_the_tokens_generated(gguf_counter, ledger):

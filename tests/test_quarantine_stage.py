@@ -224,6 +224,26 @@ def test_a_key_quoted_in_a_tool_error_reaches_neither_the_ledger_nor_the_log(lla
     assert secret not in written and "abcdefghijkl" not in written
 
 
+@pytest.mark.parametrize("content", [
+    json.dumps({"error": "401 Unauthorized", "request_headers": {"Authorization": "lin_api_RAWKEY0123456789abcdef"}}),
+    "HTTP 403 Forbidden\nrequest: GET /api/me\nCookie: sessionid=RAWKEY0123456789abcdef",
+    json.dumps({"ok": False, "error": "HTTP 404 posting to https://hooks.slack.com/services/T0123/B0123/RAWKEY0123456789abcdef"}),
+    json.dumps({"error": "403 Forbidden: API key: RAWKEY0123456789abcdef is disabled"}),
+])
+def test_a_raw_key_a_cookie_or_a_webhook_in_a_tool_error_is_not_kept(llama_backend, ledger, caplog, content):
+    """Keys of no known prefix, as failing HTTP tools echo them: a scheme-less Authorization value, a session cookie,
+    a Slack webhook URL, "API key: ..."; they reached the registry, the WARNING line and the ledger event."""
+    messages = [{"role": "user", "content": "Sync it."},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "sync", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c", "content": content}]
+    stage = QuarantineStage()
+    with caplog.at_level(logging.DEBUG):
+        Pipeline(llama_backend, stages=[stage], ledger=ledger).call(ChatRequest(messages=messages, params={"max_tokens": 2}))
+    assert stage.list(), "the tool error should be quarantined"
+    assert "RAWKEY0123456789abcdef" not in ledger.path.read_text() + caplog.text + repr(stage.list())
+
+
 def test_redaction_keeps_a_prefix_and_drops_the_secret():
     from ctxkit.redaction import redact
 

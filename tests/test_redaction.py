@@ -31,6 +31,20 @@ SECRETS = [
     ("https://gw.example.com/v1/chat?key=9f8e7d6c5b4a39281706&alt=json", "9f8e7d6c5b4a"),
     ("Error 111 connecting to redis://:r3disS3cret@cache:6379/0", "r3disS3cret"),  # no user name
     ('{"request_body": "{\\"user\\": \\"ops\\", \\"password\\": \\"Tr0ub4dor-and-3\\"}"}', "Tr0ub4dor"),
+    # what a failing HTTP tool echoes of its request: a raw key in Authorization (no scheme), a session cookie
+    ('{"error": "401", "request_headers": {"Authorization": "lin_api_Zq81x0plmWQaaa1b2c3"}}', "Zq81x0plm"),
+    ("Authorization: Digest 7d9f8e6c5b4a3928", "7d9f8e6c5b4a"),
+    ("HTTP 403\nCookie: sessionid=k2j3h4g5f6d7s8a9; csrftoken=q1w2e3r4t5", "k2j3h4g5f6d7"),
+    ("Set-Cookie: session=k2j3h4g5f6d7s8a9; Path=/; HttpOnly", "k2j3h4g5f6d7"),
+    ("403 Forbidden: API key: Zq81x0plmWQaaa1b2c3 is disabled", "Zq81x0plm"),
+    ("DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=Zq81x0plmWQ+/aaa==;EndpointSuffix=x", "Zq81x0plm"),
+    ("Endpoint=sb://acme.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=Zq81x0plmWQ=", "Zq81x0plm"),
+    ("404 posting to https://hooks.slack.com/services/T0123ABCD/B0123ABCD/Zq81x0plmWQaaa1b", "Zq81x0plm"),
+    ("https://discord.com/api/webhooks/123456789/Zq81x0plmWQaaa1b2c3", "Zq81x0plm"),
+    ("npm_Zq81x0plmWQaaa1b2c3d4e5f6g7h8i9j0k1", "plmWQaaa1b2c3"),
+    ("pypi-AgEIcHlwaS5vcmcZq81x0plmWQaaa1b2c3", "Zq81x0plm"),
+    ("SG.Zq81x0plmWQaaa1b2c3.d4e5f6g7h8i9j0k1l2m3", "d4e5f6g7h8i9"),
+    ("whsec_Zq81x0plmWQaaa1b2c3d4e5f6", "plmWQaaa1b2c3"),
 ]
 
 
@@ -40,7 +54,9 @@ def test_secrets_are_cut(text, secret):
 
 
 @pytest.mark.parametrize("text", ["max_tokens=256", "tokens: 1234", "the token count is 5",
-                                  "https://example.com/path?q=1", "a password policy: 12 characters"])
+                                  "https://example.com/path?q=1", "a password policy: 12 characters",
+                                  "a cookie: chocolate chip", "no authorization header was sent",
+                                  "the API key is invalid"])
 def test_ordinary_text_is_left_alone(text):
     assert redact(text) == text
 

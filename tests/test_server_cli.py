@@ -96,6 +96,19 @@ def test_serve_rejects_a_cache_location_it_cannot_use(tmp_path):
     assert "postgresql://" in done.stderr and "redis://" in done.stderr
 
 
+def test_a_keyword_dsn_given_to_cache_is_refused_not_made_a_directory(tmp_path, monkeypatch):
+    """`--cache "host=db user=app password=..."` (libpq's keyword form) was taken for a directory: an unshared local
+    cache named after the DSN, its password in the path and in every warning that names the cache."""
+    from ctxkit.errors import ConfigurationError
+    from ctxkit.server.cli import build_cache_store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="postgresql://") as caught:
+        build_cache_store("host=127.0.0.1 port=5432 user=app password=Kw-0042-pw dbname=cache")
+    assert "Kw-0042-pw" not in str(caught.value) and list(tmp_path.iterdir()) == []
+    assert build_cache_store(str(tmp_path / "a=b")) is not None  # a directory whose name holds '=' is still one
+
+
 def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]

@@ -42,6 +42,7 @@ from ..response import ChatResponse, Usage
 from ..settings import positive_seconds
 from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, counting_key, encoding_name_for_model
+from ..validation import sendable_header_value
 from .gguf_prompt import GGUFPrompt
 from .tool_format import (
     CallStops,
@@ -106,6 +107,14 @@ class OpenAIBackend:
             if base_url is None:
                 raise ConfigurationError(f"no API key: set ${api_key_env} or pass api_key=")
             key = "not-needed"  # local OpenAI-compatible servers usually accept any key
+        if not sendable_header_value(f"Bearer {key}"):
+            # A key read from a file keeps its final newline (a mounted Kubernetes secret, `open(...).read()`):
+            # HTTP refuses the header, every call failed as a retried "Connection error." with its cause hidden,
+            # and httpcore's DEBUG log printed the whole key in the refusal. Said here, without the key.
+            raise ConfigurationError(f"the API key ({'api_key=' if api_key else '$' + api_key_env}) holds a line "
+                                     "break, a control character, a character outside ASCII or spaces at its "
+                                     "ends, which no HTTP header can carry (a key read from a file keeps its final "
+                                     "newline: strip it)")
         if counter is None:
             if encoding_name_for_model(model) is None:
                 raise ConfigurationError(
@@ -417,7 +426,10 @@ class OpenAIBackend:
     def _to_response(self, completion: Any, request: ChatRequest) -> ChatResponse:
         if not getattr(completion, "choices", None):  # a 200 that carries an error, or nothing, is no answer
             error = (getattr(completion, "model_extra", None) or {}).get("error") or "no choices in the answer"
-            raise BackendError(f"the server answered without a completion: {str(error)[:300]}", backend=self.name)
+            # scrubbed as an error status's text is (a gateway quoting the key it refused), then cut: a key cut in
+            # two escapes the scrub
+            shown = self._scrub(str(error), self._call_secrets(request))[:300]
+            raise BackendError(f"the server answered without a completion: {shown}", backend=self.name)
         choice = completion.choices[0]
         message = choice.message.model_dump(exclude_none=True)
         message.setdefault("content", None)
@@ -549,10 +561,7 @@ class OpenAIBackend:
                delay_s=round(delay, 3), may_be_billed=isinstance(error, BackendTimeoutError))
 
     def _translate(self, exc: openai.OpenAIError, request: ChatRequest | None = None) -> BackendError:
-        headers = dict(request.extra_headers) if request is not None else {}
-        # a secret-named query parameter (?api-key=) is a credential as a header is
-        headers.update({k: str(v) for k, v in (request.extra_query if request is not None else {}).items()
-                        if isinstance(v, (str, int))})
+        headers = self._call_secrets(request)
         if isinstance(exc, openai.APITimeoutError):
             return BackendTimeoutError(self._scrub(str(exc), headers), backend=self.name)
         if isinstance(exc, openai.APIConnectionError):
@@ -565,6 +574,16 @@ class OpenAIBackend:
             error.retry_after = exc.response.headers.get("retry-after")
             return error
         return BackendError(self._scrub(str(exc), headers), backend=self.name)
+
+    @staticmethod
+    def _call_secrets(request: ChatRequest | None) -> dict[str, str]:
+        """The call's extra_headers and, as a secret-named query parameter (?api-key=) is a credential as a header
+        is, its extra_query values: what `_scrub` takes out of a text beside the backend's own key."""
+        if request is None:
+            return {}
+        headers = {k: v for k, v in request.extra_headers.items() if isinstance(v, str)}
+        headers.update({k: str(v) for k, v in request.extra_query.items() if isinstance(v, (str, int))})
+        return headers
 
     def _scrub(self, text: str, headers: Any = None) -> str:
         """`text` without this backend's own API key, nor the call's extra_headers values (a tenant token
@@ -599,7 +618,8 @@ _REDACTED_RECORDS = _RedactedRecords()
 def _redact_http_library_logs() -> None:
     """httpx (httpx2 from openai 3) logs `HTTP Request: POST <url>` at INFO, the URL's credentials included: an app
     that turns INFO on to see ctxkit's ledger lines (docs/ledger.md) would write its upstream password to its logs."""
-    for name in ("httpx", "httpx2"):
+    # httpcore (under both) logs a refused header's value at DEBUG: "Illegal header value b'Bearer <key>'"
+    for name in ("httpx", "httpx2", "httpcore"):
         log = logging.getLogger(name)
         if _REDACTED_RECORDS not in log.filters:
             log.addFilter(_REDACTED_RECORDS)

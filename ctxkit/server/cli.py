@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,11 @@ def build_cache_store(location: str | None) -> CacheStore | None:
         return PostgresStore(location)
     if "://" in location:
         raise ConfigurationError(f"--cache takes a directory or a postgresql:// DSN, not {location.split('://')[0]}://")
+    if re.search(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", location):
+        # libpq's keyword form ("host=db user=app password=..."): taken as a directory, it made a local cache named
+        # after the DSN, its password in the path and in every warning naming the cache. Not echoed.
+        raise ConfigurationError("--cache is given a keyword DSN (host=... password=...): give the database as a "
+                                 "postgresql://user:password@host/dbname URL, or a directory")
     from ..stages.cache import LocalStore
 
     return LocalStore(location)
