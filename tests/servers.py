@@ -94,9 +94,10 @@ def cut_off_stream(pieces: Sequence[str]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def quoting_gateway() -> Iterator[str]:
+def quoting_gateway(status: int = 403) -> Iterator[str]:
     """A fake gateway, for a fault the real server cannot be made to produce: it refuses every call with a 403
-    whose message quotes the key and the X-Tenant-Token header it was sent. Yields its base URL."""
+    (or `status`: some gateways answer 200 with an error body) whose message quotes the key and the
+    X-Tenant-Token header it was sent. Yields its base URL."""
 
     class Quoting(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -107,7 +108,7 @@ def quoting_gateway() -> Iterator[str]:
             key = self.headers.get("Authorization", "").removeprefix("Bearer ")
             message = f"key {key} is not allowed for tenant {self.headers.get('X-Tenant-Token', '')}"
             body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
-            self.send_response(403)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -285,31 +285,12 @@ def test_a_key_a_gateway_quotes_in_a_200_error_body_is_scrubbed(gguf_counter, le
     """A 200 whose body is an error was the one answer whose text was not scrubbed of the backend's key and the
     call's headers, as an error status's is: a key of no known shape reached the app's exception and the ledger."""
     key, tenant = "gw-Kq7internalZz91xPL0", "tnt_9f8e7d6c5b4a39281706"
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            message = f"key {self.headers['Authorization']} is over quota for {self.headers['X-Tenant-Token']}"
-            payload = json.dumps({"error": {"message": message, "type": "quota"}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-    gateway = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=gateway.serve_forever, daemon=True).start()
-    try:
-        backend = OpenAIBackend("smollm2", base_url=f"http://127.0.0.1:{gateway.server_address[1]}/v1", api_key=key,
-                                counter=gguf_counter, context_window=4096, max_retries=0)
-        with pytest.raises(BackendError, match="over quota") as info:
+    with quoting_gateway(status=200) as base_url:
+        backend = OpenAIBackend("smollm2", base_url=base_url, api_key=key, counter=gguf_counter, context_window=4096,
+                                max_retries=0)
+        with pytest.raises(BackendError, match="without a completion: .*is not allowed for tenant") as info:
             Pipeline(backend, ledger=ledger).call(
                 ChatRequest(messages=MESSAGES, params=PARAMS, extra_headers={"X-Tenant-Token": tenant}))
-    finally:
-        gateway.shutdown()
     for text in (str(info.value), ledger.records[-1].error or ""):
         assert key not in text and tenant not in text
 
