@@ -191,6 +191,20 @@ class Features:
     symbols: frozenset[str] = frozenset()  # emoji and other pictographs (Unicode "So"), which MiniLM cannot read
 
 
+def _typed_plain(entity: str, other: Features) -> bool:
+    """Whether a model variant ("15 pro") is in the other text in lower case ("iphone 15 pro"): the same product."""
+    return " " in entity and set(entity.split(" ")) <= other.words
+
+
+def _names_a_product(tokens: list[str], lower: list[str], j: int) -> bool:
+    """Whether tokens[j] is a name ("Galaxy" inside a sentence) or a camel-cased brand ("iPhone"), not a
+    capitalized first word ("In 1492 Columbus ...")."""
+    if re.search(r"[a-z][A-Z]", tokens[j]):
+        return True
+    sentence_start = j == 0 or tokens[j - 1] in (".", "?", "!", ":", ";", "\"")
+    return tokens[j][:1].isupper() and not sentence_start and lower[j] not in _SENTENCE_START_STOP
+
+
 def _number(token: str) -> str | None:
     """A canonical form of a number token ("40", "forty", "1st", "first"... -> "40", "40", "1th", "1th")."""
     t = token.lower().replace(",", "")
@@ -324,6 +338,10 @@ def features(text: str, raw: str | None = None) -> Features:
         elif tok[:1].isupper() and not sentence_start and low not in _PERSON and low not in _DATES \
                 and low not in _UNITS and low not in _SENTENCE_START_STOP:
             entities.add(low)  # a name; the first word of a sentence is capitalized anyway, so it tells nothing
+            if i >= 2 and re.search(r"\d", tokens[i - 1]) and _names_a_product(tokens, lower, i - 2):
+                # a model's variant: "iPhone 15 Pro", "Galaxy S24 Ultra", "Pixel 8 Pro" are other products than
+                # the "iPhone 15"; with the model number, the name counts as an id (one side alone is no refinement)
+                entities.add(f"{lower[i - 1]} {low}")
     entities.discard("@")
     # (an address starts where a run of its characters starts: tried from inside a long run as well, as
     # "aaaa..." or a base64 blob of 20 KB, the search ran to the run's end from each character, for seconds)
@@ -477,8 +495,8 @@ def veto(a: Features, b: Features, checks: tuple[str, ...] = CHECKS) -> str | No
         elif check == "entities" and a.entities != b.entities:
             # Names on both sides that the other lacks: another person, place or product. A name on one
             # side only is a refinement or a leftover of a correction, unless it is an id or an address.
-            names_a = {e for e in a.entities - b.entities if not (a.zone and e in a.zone.entities)}
-            names_b = {e for e in b.entities - a.entities if not (b.zone and e in b.zone.entities)}
+            names_a = {e for e in a.entities - b.entities if not (a.zone and e in a.zone.entities) and not _typed_plain(e, b)}
+            names_b = {e for e in b.entities - a.entities if not (b.zone and e in b.zone.entities) and not _typed_plain(e, a)}
             if (names_a and names_b) or any(re.search(r"[\d@/]", e) for e in names_a | names_b):
                 return check
         elif check == "content":
