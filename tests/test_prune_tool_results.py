@@ -27,6 +27,13 @@ def _agent_history(results: int, size: int = 400) -> list[dict]:
     return messages
 
 
+def _call_and_result(k: int, name: str, arguments: dict, body: str) -> list[dict]:
+    """One step of an agent loop: the assistant's call `call_{k}` and the tool's result."""
+    call = {"id": f"call_{k}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return [{"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": body}]
+
+
 def _tool_contents(request: ChatRequest) -> list[str]:
     return [m["content"] for m in request.messages if m["role"] == "tool"]
 
@@ -221,11 +228,8 @@ def test_prefix_invalidated_counts_the_documents_message_a_later_stage_sent(llam
     from ctxkit.stages.pruning import DocumentPruningStage
 
     def turn(k: int) -> list[dict]:
-        call = {"id": f"call_{k}", "type": "function",
-                "function": {"name": "get_weather", "arguments": json.dumps({"city": f"City{k}"})}}
         body = " ".join(f"hour {h}: {k + h % 7} degrees, wind {h % 5} m/s." for h in range(12))
-        return [{"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "content": body}]
+        return _call_and_result(k, "get_weather", {"city": f"City{k}"}, body)
 
     docs = [{"id": f"d{i}", "text": " ".join(f"Valve {i * 10 + j} sits in building {chr(65 + i)}." for j in range(12))}
             for i in range(2)]
@@ -253,11 +257,8 @@ def test_prefix_invalidated_in_one_turn_with_documents_before_the_question(llama
     from ctxkit.stages.pruning import DocumentPruningStage
 
     def step(k: int, size: int) -> list[dict]:
-        call = {"id": f"call_{k}", "type": "function",
-                "function": {"name": "get_balance", "arguments": json.dumps({"account": f"A{k}"})}}
         body = " ".join(f"Txn {k}-{t}: {t * 13 % 97} EUR to merchant {t % 11}." for t in range(size))
-        return [{"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "content": body}]
+        return _call_and_result(k, "get_balance", {"account": f"A{k}"}, body)
 
     docs = [{"id": "faq", "text": " ".join(f"Rule {i}: fees for account tier {i} are {i * 3} EUR." for i in range(30))}]
     history = [{"role": "system", "content": "You are a support agent."},
@@ -300,11 +301,8 @@ def test_a_chat_template_that_takes_no_system_message_still_serves_a_cleared_loo
                                                        bos_token="<|im_start|>")
 
         def step(k: int) -> list[dict]:
-            call = {"id": f"call_{k}", "type": "function",
-                    "function": {"name": "get_balance", "arguments": json.dumps({"account": f"A{k}"})}}
             body = " ".join(f"Txn {k}-{t}: {t * 13 % 97} EUR." for t in range(40))
-            return [{"role": "assistant", "content": None, "tool_calls": [call]},
-                    {"role": "tool", "tool_call_id": call["id"], "content": body}]
+            return _call_and_result(k, "get_balance", {"account": f"A{k}"}, body)
 
         ledger = Ledger()
         stages = [ToolResultClearingStage(keep_last=1, clear_at_least=0, counter=backend.counter)]
