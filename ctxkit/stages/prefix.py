@@ -51,8 +51,9 @@ def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, An
     previous = [dict(m) for m in messages[:end]]
     sent = previous_prompt_sent()
     delta = None
-    if sent is not None and sent.prints[:first_edit] != tuple(fingerprint(m) for m in previous[:first_edit]):
-        delta = _kept_delta(sent, previous[:first_edit], counter)
+    kept_prints = tuple(fingerprint(m) for m in previous[:first_edit])
+    if sent is not None and sent.prints[:first_edit] != kept_prints:
+        delta = _kept_delta(sent, previous[:first_edit], kept_prints, counter)
         if delta is None:
             sent = None
     tools = sent.tools if sent is not None else []
@@ -66,13 +67,14 @@ def invalidated_tokens(counter: TokenCounter, messages: Sequence[Mapping[str, An
     return max(0, (sent.tokens - (delta or 0) if sent is not None else total) - kept)
 
 
-def _kept_delta(sent: SentPrompt, kept: Sequence[Mapping[str, Any]], counter: TokenCounter) -> int | None:
+def _kept_delta(sent: SentPrompt, kept: Sequence[Mapping[str, Any]], prints: Sequence[str],
+                counter: TokenCounter) -> int | None:
     """How many more tokens the prompt the backend got holds before the edit than `kept` (the previous prompt's
     messages before it, as the stage sees them): a documents message a later stage rendered before the turn's
     question (an agent loop's later edits come after it), results it cleared or cut then (less than the app's
-    text). None when the sent prompt does not begin with `kept` so changed (a later stage rewrote it)."""
+    text). `prints`: kept's fingerprints. None when the sent prompt does not begin with `kept` so changed (a later
+    stage rewrote it)."""
     added = dict(sent.added)
-    prints = [fingerprint(m) for m in kept]
     delta, j, k = 0, 0, 0
     while k < len(kept):
         if j >= len(sent.prints):
