@@ -166,6 +166,9 @@ def test_records_with_snake_case_error_fields_or_a_description_are_not_tool_erro
     '{"id": "pi_123", "amount": 500, "status": "failed"}',  # a failed payment, fetched successfully
     '{"job": "build-42", "success": false, "duration_s": 81}',
     '{"error": "none", "result": 3}',
+    # a count of errors is a status report's number, not an error report
+    '{"status": "running", "processed": 41, "errors": 3, "eta_seconds": 80}',
+    '{"errors": 3, "warnings": 12}',
     "Kipchoge timed out after 2:01:09 in Berlin? No - he won.",
 ])
 def test_business_data_about_failures_is_not_a_tool_error(output):

@@ -300,6 +300,8 @@ def _envelope_error(data: Mapping[str, Any]) -> Finding | None:
         return Finding("tool_error", f"tool returned gRPC status code {code}", shorten(data.get("message")))
     for key in ("error", "errors", "exception", "traceback", "errorMessage", "errorType", "error_message"):
         value = data.get(key)
+        if key == "errors" and isinstance(value, int) and not isinstance(value, bool):
+            continue  # a count ({"status": "running", "processed": 41, "errors": 3}), not an error report
         if not (value in _NO_ERROR or (isinstance(value, str) and value.strip().lower() in _NO_ERROR)):
             return Finding("tool_error", f"tool returned an {key!r}", shorten(value))
     for key in ("__type", "type", "errorType", "code"):
