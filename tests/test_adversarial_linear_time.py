@@ -78,6 +78,36 @@ def test_quarantine_of_a_long_agent_loop_reads_each_tool_result_once():
     assert took < 5, took
 
 
+def test_quarantine_reads_each_claim_of_an_agent_loop_against_its_results_once(monkeypatch):
+    # an agent loop resends every step on each call; each step's claim ("processed 41 items") was read against all
+    # of its turn's results again on every call (6 s of CPU per call at 600 steps)
+    from ctxkit.quarantine_marks import fingerprint, quarantined
+    from ctxkit.stages.quarantine import QuarantineStage
+    from ctxkit.stages.quarantine import stage as quarantine_stage
+
+    msgs = [{"role": "user", "content": "Poll the job."}]
+    for i in range(200):
+        msgs += [{"role": "assistant", "content": f"The job has processed {max(i - 1, 0)} items; checking again.",
+                  "tool_calls": [{"id": f"c{i}", "type": "function", "function": {"name": "job_status", "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": f"c{i}", "content": json.dumps({"status": "running", "processed": i})}]
+    msgs.append({"role": "assistant", "content": "It has processed 950 items."})  # the results say 0 to 199
+    reads = []
+    read = quarantine_stage.find_contradiction
+    monkeypatch.setattr(quarantine_stage, "find_contradiction", lambda claim, results: reads.append(claim) or read(claim, results))
+    stage = QuarantineStage()
+    first = stage.before_model(ChatRequest(messages=msgs))
+    assert len(reads) == 201
+    reads.clear()
+    again = stage.before_model(ChatRequest(messages=msgs))
+    assert reads == []  # every verdict remembered
+    contradicted = fingerprint(msgs[-1])
+    assert contradicted in quarantined(first) and contradicted in quarantined(again)
+    # the same words resting on other results are read again: the verdict is the results' as much as the claim's
+    changed = [*msgs[:-2], {**msgs[-2], "content": json.dumps({"status": "running", "processed": 950})}, msgs[-1]]
+    assert fingerprint(msgs[-1]) not in quarantined(stage.before_model(ChatRequest(messages=changed)))
+    assert reads == ["It has processed 950 items."]
+
+
 
 def _random_texts(pieces, count, longest, seed):
     """`count` texts of up to `longest` pieces each, drawn with a fixed seed."""

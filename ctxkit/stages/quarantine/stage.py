@@ -52,9 +52,11 @@ _T = TypeVar("_T")
 _PREPARED_CHECK: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("ctxkit_quarantine_check",
                                                                                     default=None)
 
-# Verdicts about a text alone (a tool error, an injection) kept per stage: an agent loop resends every tool
-# result of its history on each call, and reading 150 KB of them again cost half a second per call.
-REMEMBERED_VERDICTS = 4096
+# Verdicts kept per stage, about a text alone (a tool error, an injection) or about an answer and the tool results
+# it rests on (a contradiction): an agent loop resends every step of its history on each call, and reading 150 KB of
+# tool results again cost half a second per call. A loop of n steps needs about 3n of them on each call: when they do
+# not all fit, each call evicts what the next one reads first, and every verdict is worked out again.
+REMEMBERED_VERDICTS = 16_384
 _CONTEXT_KINDS = ("schema", "contradiction")  # verdicts that depend on the request, not only on the content
 
 
@@ -136,12 +138,14 @@ class QuarantineStage(Stage):
     def check_message(
         self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
         *, after_injection: bool = False, injected: Sequence[str] = (),
-        failed: Sequence[tuple[str, Finding]] | None = None,
+        failed: Sequence[tuple[str, Finding]] | None = None, results_key: str | None = None,
     ) -> Finding | None:
         """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
         result of this turn carried an injection, so an answer repeating it is checked for one too.
         `failed`: the failed or schema-breaking tool results of this turn with their findings, when the
-        caller has them (the stage's pass over a request collects them once); else they are found here."""
+        caller has them (the stage's pass over a request collects them once); else they are found here.
+        `results_key`: a digest of this turn's tool results before messages[index], when the caller has it: an
+        assistant message's contradiction verdict is then remembered under it."""
         message = messages[index]
         text = message_text(dict(message))
         role = message.get("role")
@@ -179,7 +183,16 @@ class QuarantineStage(Stage):
                 return echoed
             if self.check_contradictions and checkable(message["content"]):
                 # Only the prose is a claim; tool-call arguments are requests, not statements.
-                return find_contradiction(message["content"], _turn_tool_results(messages, index))
+                claim = message["content"]
+
+                def contradiction() -> Finding | None:
+                    return find_contradiction(claim, _turn_tool_results(messages, index))
+
+                if results_key is None:
+                    return contradiction()
+                # Each step of an agent loop was read against all of its turn's results again on every call: each
+                # call quadratic in the loop's length (6 s of CPU per call at 600 steps that state numbers).
+                return self._remembered(("find_contradiction", _digest(claim), results_key), contradiction)
         return None
 
     def _written(self, write: Callable[[], _T], unwritten: _T) -> _T:
@@ -198,11 +211,13 @@ class QuarantineStage(Stage):
 
     def _text_finding(self, detector: Callable[..., Finding | None], text: str, *args: str) -> Finding | None:
         """`detector(text, *args)`, remembered by the text's hash (see REMEMBERED_VERDICTS)."""
-        key = (detector.__name__, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), *args)
+        return self._remembered((detector.__name__, _digest(text), *args), partial(detector, text, *args))
+
+    def _remembered(self, key: tuple[str, ...], verdict: Callable[[], Finding | None]) -> Finding | None:
         remembered = self._verdicts.get([key])
         if key in remembered:
             return remembered[key]
-        finding = detector(text, *args)
+        finding = verdict()
         self._verdicts.put({key: finding})
         return finding
 
@@ -249,24 +264,29 @@ class QuarantineStage(Stage):
         injected: list[str] = []
         failed: list[tuple[str, Finding]] = []  # the current turn's failed results: an answer copying one carries it
         turn_results = False  # the current turn has tool results (an answer to it may contradict them)
+        results_digest = hashlib.blake2b(digest_size=16)  # of the current turn's tool results so far
         for index, message in enumerate(messages):
             if message.get("role") == "user":
                 injected_turn = False
                 failed = []
                 turn_results = False
+                results_digest = hashlib.blake2b(digest_size=16)
                 # Documents pasted into a user message are checked too; the message is marked (kept out of
                 # summaries and the cache) but never withheld: the user's own words are in it.
                 if (reason := self._check_user_documents(request, message, released, known)) is not None:
                     marks.append((message, reason))
             if message.get("role") not in ("tool", "assistant"):
                 continue
-            turn_results = turn_results or message.get("role") == "tool"
+            results_key = results_digest.hexdigest()  # the results an assistant message here rests on
+            if message.get("role") == "tool":
+                turn_results = True
+                results_digest.update(f"{_tool_name(messages, index)}\0{_digest(message_text(dict(message)))}\0".encode())
             if message_text(dict(message)) in issued:
                 marks.append((message, "withheld by quarantine"))
                 continue
             record = self._record(request, message, released, known,
                                   partial(self._message_finding, messages, index, schemas, injected_turn,
-                                          tuple(injected), tuple(failed)))
+                                          tuple(injected), tuple(failed), results_key))
             if record is None:
                 continue
             if record.kind == "injection" and message.get("role") == "tool":
@@ -415,10 +435,10 @@ class QuarantineStage(Stage):
 
     def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
                          schemas: Mapping[str, Mapping[str, Any]], after_injection: bool,
-                         injected: Sequence[str] = (), failed: Sequence[tuple[str, Finding]] = ()
-                         ) -> tuple[Finding | None, str]:
+                         injected: Sequence[str] = (), failed: Sequence[tuple[str, Finding]] = (),
+                         results_key: str | None = None) -> tuple[Finding | None, str]:
         return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected,
-                                   failed=failed),
+                                   failed=failed, results_key=results_key),
                 _source(messages, index))
 
     def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
@@ -486,6 +506,10 @@ def _once(check: AnswerCheck) -> AnswerCheck:
         return verdicts[key]
 
     return checked
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _is_link(text: str) -> bool:
