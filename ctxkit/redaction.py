@@ -14,9 +14,14 @@ import re
 # A prefix with a separator (DB_PASSWORD), or one of the glued-on env-variable prefixes (PGPASSWORD).
 # "API key: ..." and "access token: ..." as error messages write them (a space between the words) count too, and
 # Azure's connection strings' AccountKey= / SharedAccessKey= (glued on, as PGPASSWORD is).
-_KEY_NAME = (r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}(?:pg|db|mysql|redis|shared)?(?:api[_\- ]?key|access[_\- ]?key|secret[_\- ]?key|"
-             r"account[_-]?key|client[_\- ]?secret|secret|access[_\- ]?token|auth[_\- ]?token|refresh[_\- ]?token|token|"
-             r"password|passwd|pwd|passphrase)")
+# Also the camel-case names of JSON answers (AWS STS's SecretAccessKey, SessionToken) and Azure's subscription key.
+_KEY_NAME = (r"(?:[A-Za-z0-9]{1,32}[_-]){0,6}(?:pg|db|mysql|redis|shared)?(?:api[_\- ]?key|access[_\- ]?key|"
+             r"secret[_\- ]?access[_\- ]?key|secret[_\- ]?key|subscription[_\- ]?key|"
+             r"account[_-]?key|client[_\- ]?secret|secret|access[_\- ]?token|auth[_\- ]?token|refresh[_\- ]?token|"
+             r"session[_\- ]?token|token|password|passwd|pwd|passphrase)")
+# A value written after its name with only a space ("apikey Zq81x0...", "password Hunter2x"): prose puts words there
+# ("the API key is invalid", "basic research"), so only a run holding both a letter and a digit counts.
+_KEYLIKE = r"(?=[A-Za-z._~+/=\-]{0,63}[0-9])(?=[0-9._~+/=\-]{0,63}[A-Za-z])[A-Za-z0-9._~+/=\-]{8,}"
 # Each alternative captures exactly one group: the part kept so a reader can tell which secret it was.
 _SECRET = re.compile(
     r"\b((?:sk|pk|rk)[-_][A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{8,}"  # OpenAI- and Stripe-style keys
@@ -28,12 +33,24 @@ _SECRET = re.compile(
     r"|\b(xox[abprs]-[A-Za-z0-9]{4})[A-Za-z0-9\-]{6,}"  # Slack tokens
     r"|\b(AIza[0-9A-Za-z_\-]{4})[0-9A-Za-z_\-]{20,}"  # Google API keys
     r"|\b(eyJ[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]{0,1024}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}"  # JWTs
-    r"|(-----BEGIN [A-Z ]*PRIVATE KEY-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"  # PEM private keys
-    r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]*:)[^\s@/]+(?=@)"  # user:password@ in URLs (redis://:password@ too)
+    # PEM private keys, and PGP's (whose armour line ends in BLOCK)
+    r"|(-----BEGIN [A-Z ]*PRIVATE KEY(?: BLOCK)?-----)[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY(?: BLOCK)?-----|$)"
+    # user:password@ in URLs (redis://:password@ too); up to the authority's last '@', as URL parsers split it:
+    # a password holding an unencoded '@' kept its part after that '@'
+    r"|(\b[a-z][a-z0-9+.\-]{0,31}://[^\s:/@]*:)[^\s/?#\"'<>]+(?=@)"
+    # command lines: curl's -u/--user user:password (not docker's -u uid:gid, pip's -U URL), a --password/--api-key/--token
+    # flag's value after a space, mysql's -pPASSWORD (glued on; -P is its port), sshpass -p PASSWORD
+    r"|(?<![\w-])((?:(?-i:-u)|--user)(?:\s+|=)['\"]?(?!\d+:\d+\b)[^\s:'\"]+:)(?!//)[^\s'\"]{3,}"
+    r"|(?<![\w-])(--(?:[a-z0-9]+-){0,4}(?:password|passwd|pass|api-?key|secret|secret-key|access-key|client-secret|"
+    r"auth-token|token)\s+['\"]?)(?!-|\d+\b)[^\s'\"]{4,}"
+    r"|(\b(?:mysql|mysqldump|mysqladmin|mysqlimport|mysqlcheck|mysqlshow|mariadb)\b[^\n]{0,200}?\s(?-i:-p))[^\s'\"]+"
+    r"|(\bsshpass\s+(?-i:-p)\s*)[^\s'\"]+"
     # an Authorization header whatever its scheme, or with none (a raw key: Linear's, Shopify's); a Cookie header
     r"|(?<![A-Za-z0-9])((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z]{2,20}\s+)?)[A-Za-z0-9._~+/=\-]{8,}"
     r"|(?<![A-Za-z0-9])((?:set-)?cookie[\"']?\s*:\s*[\"']?)[^\s\"';=]+=[^\s\"';]{4,}(?:;\s*[^\s\"';]+)*"
-    r"|\b((?:Bearer|Basic|Token)\s+)[A-Za-z0-9._~+/=\-]{8,}"  # Authorization headers
+    # Authorization headers' values; in prose these words are followed by words ("basic research", "bearer bonds"),
+    # a credential has a digit in its head or is too long for a word
+    r"|\b((?:Bearer|Basic|Token)\s+)(?=[A-Za-z0-9._~+/=\-]{24}|[A-Za-z._~+/=\-]{0,23}[0-9])[A-Za-z0-9._~+/=\-]{8,}"
     # webhook URLs, whose path is the secret (anyone holding one posts to the channel)
     r"|(\bhttps://hooks\.slack\.com/(?:services|workflows|triggers)/)[A-Za-z0-9/_\-]{8,}"
     r"|(\bhttps://(?:[a-z]+\.)?discord(?:app)?\.com/api/webhooks/)[0-9]+/[A-Za-z0-9_\-]{8,}"
@@ -50,7 +67,8 @@ _SECRET = re.compile(
     rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*')[^'\n]{{4,}}(?=')"
     # the same inside JSON held in a JSON string (a request body an error quotes): \"password\": \"...\"
     rf'|(?<![A-Za-z0-9])({_KEY_NAME}\\"\s*[:=]\s*\\")(?:[^"\\\n]|\\[^"]){{4,}}?(?=\\")'
-    rf"|(?<![A-Za-z0-9])({_KEY_NAME}[\"']?\s*[:=]\s*)[^\s\"',;&]{{4,}}",
+    # (or only a space between them, when the value looks like a key)
+    rf"|(?<![A-Za-z0-9])({_KEY_NAME}(?:[\"']?\s*[:=]\s*|\s+(?={_KEYLIKE})))[^\s\"',;&]{{4,}}",
     re.IGNORECASE,
 )
 
