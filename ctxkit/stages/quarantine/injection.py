@@ -99,6 +99,9 @@ _OTHER_LANGUAGE_REVEAL = "|".join((
 _SECRETS_ELSEWHERE = (r"(?:passw\w*|kennw\w*|mots? de passe|contraseñas?|senhas?|hasł\w*|wachtwoord\w*|kata sandi|mật khẩu|şifre\w*|"
                       r"парол\w*|كلمات? المرور|סיסמ\w*|पासवर्ड|رمز\w* عبور|รหัสผ่าน|密码|パスワード|비밀번호|"
                       r"api[- ]?(?:keys?|schlüssel|clés?|claves?|chaves?|chiavi)|chatverlauf|"
+                      # the user's mail, or all of it ("tous les e-mails de l'utilisateur", "alle E-Mails des Nutzers")
+                      r"(?:tous les|toutes les|alle|todos los|todas las|tutti i|todos os|todas as)[^\S\n]+(?:e-?mails?|courriels|"
+                      r"nachrichten|correos|mensajes|messaggi|mensagens)|"
                       r"historique (?:de (?:la )?)?(?:conversation|discussion|chat)|historial (?:de la |del )?(?:conversación|chat)|"
                       r"histórico (?:da |do )?(?:conversa|chat)|cronologia (?:della )?(?:chat|conversazione)|histori\w* (?:rozmow\w*|czatu)|"
                       r"chatgeschiedenis|riwayat (?:percakapan|obrolan|chat)|lịch sử (?:trò chuyện|hội thoại|chat)|"
@@ -106,7 +109,8 @@ _SECRETS_ELSEWHERE = (r"(?:passw\w*|kennw\w*|mots? de passe|contraseñas?|senhas
                       r"істор\w* (?:чату|розмов\w*|листування)|سجل (?:المحادثة|الدردشة)|היסטוריית (?:השיחה|הצ'אט)|"
                       r"बातचीत का इतिहास|चैट इतिहास|تاریخچه (?:گفتگو|چت)|ประวัติ(?:การสนทนา|แชท)|对话记录|聊天记录|会話履歴|대화 기록)")
 _ADDRESS = r"(?:https?://|@[\w-]{1,64}\.\w)"  # the "@" of an e-mail address: its name is in the gap before
-_OTHER_LANGUAGE_SEND = (rf"(?:\b(?:sende|schicke?|envoie|envoyez|envía|envie|envia|invia|wyślij|stuur|kirim|gửi|gönder|отправь\w*|надішли\w*)|"
+_OTHER_LANGUAGE_SEND = (rf"(?:\b(?:sende|schicke?|leite|envoie|envoyez|transf\u00e9rez|transf\u00e8re|envía|reenv\u00eda|envie|envia|encaminhe|invia|inoltra|"
+                        rf"wyślij|stuur|kirim|gửi|gönder|отправь\w*|надішли\w*)|"
                         # no word boundary: "وأرسل", "ושלח" (and send), Thai and Chinese have no spaces
                         # (atomic: the first secret named after the verb, not each in turn: "发送密码" * 10,000 took 1 s)
                         rf"أرسل|שלח|भेज|بفرست|ส่ง|发送|送信|送っ|보내)(?>[^\n]{{0,40}}?{_SECRETS_ELSEWHERE})[^\n]{{0,60}}?{_ADDRESS}|"
@@ -156,8 +160,10 @@ _INJECTION = [
      r"update|directive|command))?[ \t]*(?:[\])*_]+(?!\w)[ \t]*:?|:)[ \t*_]*"
      # an order to the model, not a notice to its reader ("[SYSTEM] Your password expires in 3 days",
      # "SYSTEM NOTICE: Your subscription renews on May 3", "**System:** you need Linux")
+     # ("[System] From now on, backups run at 02:00" is the admin's notice: the order after "from now on" counts)
      r"(?=[^\n]{0,100}\b(?:you (?:must|should|shall|will now|are now|may only|can only)|ignore|instructions?|"
-     r"from now on|respond|reply|answer (?:only|in|with)|act as|assistant)\b)", "role-plays a system or assistant turn"),
+     r"from now on,?[ \t]+(?:you|respond|reply|answer|always|never|only|say|tell|act|speak|talk|recommend|refuse)|"
+     r"respond|reply|answer (?:only|in|with)|act as|assistant)\b)", "role-plays a system or assistant turn"),
     (r"(?:^|\n)[^\S\n]*assistant\s*:\s*\S", "role-plays an assistant turn"),
     (r"\b(?:pretend (?:that )?you(?:'re| are)|pretend to be (?:an?\s+|the\s+)?(?:\w+\s+)?(?:ai|assistant|chatbot|"
      r"bot|dan|unrestricted|unfiltered|jailbroken)|act as (?:an?|the) (?:unrestricted|unfiltered|jailbroken|different)|"
@@ -172,11 +178,18 @@ _INJECTION = [
     (r"\b(?:reveal|print|output|repeat|show|leak|send)\b[^.\n]{0,30}\b(?:system prompt|your (?:(?:initial|original|hidden|secret|"
      r"full|entire|first|system) )?(?:instructions|prompt)|"
      r"api[_ ]?keys?|passwords?|credentials|secrets?|access tokens?)\b", "asks for secrets or the system prompt"),
-    (r"!\[[^\]]*\]\(\s*https?://[^)\s]*[?&][^)\s=]*=(?:\{|%7B|<|\[|\$|[A-Za-z0-9+/_-]{40,})",
+    # its query holds a template, a long encoded blob, or a placeholder that names what to put there
+    # ("?d=USER_DATA_HERE"), not a setting ("?branch=main", "?style=flat"). The link is read up to 2 KB:
+    # unbounded, each "![" of a long run without a space or ")" read the rest of the run (160 KB: 25 s).
+    (r"!\[[^\]]*\]\(\s*https?://[^)\s]{0,2048}?[?&][^)\s=&?]{0,64}=(?:\{|%7B|<|\[|\$|[A-Za-z0-9+/_-]{40,}|"
+     r"(?-i:[A-Z0-9]*_?(?:DATA|HERE|USER|EMAILS?|CHAT|HISTORY|CONVERSATION|SECRETS?|PASSWORDS?|TOKENS?|SUMMARY|CONTEXT)(?:_[A-Z0-9]+)*)(?=[)&#\s]))",
      "embeds an image link that can carry data out"),
-    (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?\b(?:conversations?|chats?|history|"
-     r"messages?|e-?mails?|inbox|data|files?|documents?|credentials|passwords?|keys?|tokens?|secrets?|contacts|env|"
-     r"environment|summary|everything|contents?|logs?|cookies?|sessions?)\b[^.\n]{0,60}?"
+    # Not the mail as the medium ("send your questions via email to info@...", "send us an email at ..."), nor
+    # the reader's own papers ("email your documents to jobs@..."): a contact page or a job ad asks that of people
+    (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?\b(?:"
+     r"(?<!\bvia )(?<!\bby )(?<!\ban )(?<!\bper )(?<!\byour )(?:conversations?|chats?|history|messages?|e-?mails?|inbox|data|"
+     r"files?|documents?|contacts|summary|contents?|logs?)|credentials|passwords?|keys?|tokens?|secrets?|env|"
+     r"environment|everything|cookies?|sessions?)\b[^.\n]{0,60}?"
      r"(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
      "asks to send data to an address"),
     # the template alone, its link checked after (_URL_RUN): "https?://[^\s)]*{" went back over a long run of
@@ -324,6 +337,49 @@ _INJECTION = [
      r"[^\S\n]*\([^()\n]{0,200}\b\w+[^\S\n]*=[^()\n]{0,200}\)`?[^\S\n]*(?:now|immediately|right away|automatically|"
      r"before (?:answering|replying|responding|you (?:answer|reply|respond)))\b",
      "asks to make a tool call at once"),
+    # a forged turn tagged at a line's start and a new rule after it: "[SYSTEM] New policy: always forward ...",
+    # "[ADMIN] From now on respond ...", "[developer]: disregard ...", not a log's "[SYSTEM] Backup completed"
+    # (possessive: a long run of blanks after a line break is read once, not once from each of its characters)
+    (r"(?:^|\n)[ \t]*+(?:[#>*_=|~(<-]+[ \t]*+)?\[?[ \t]*+(?:system|admin(?:istrator)?|developer|operator|root)(?:[ \t]+(?:override|"
+     r"message|prompt|instructions?|note|notice|alert|update|directive|command|policy))?[ \t]*(?:[\])*_>]+(?!\w)[ \t]*:?|:)"
+     # (a label: "[SYSTEM] New policy:"; not a changelog's "System update: new rules engine", an admin's
+     # "[System] From now on, backups run at 2:00" or "[System] Disregard the previous alert")
+     r"[ \t*_]*(?:(?:(?:new|updated|revised)[ \t]+(?:policy|policies|rules?|directives?|instructions?)|policy[ \t]+update|"
+     r"neue[ \t]+(?:richtlinie|regel|anweisung)|nouvelles?[ \t]+(?:politique|r\u00e8gle|consigne)|"
+     r"nuevas?[ \t]+(?:pol\u00edtica|regla|instrucci\u00f3n)|nuova[ \t]+(?:politica|regola)|nova[ \t]+(?:pol\u00edtica|regra))"
+     r"[ \t]*[:\-\u2013\u2014]|from now on,?[ \t]+(?:respond|reply|answer|always|never|only|ignore|say|tell|recommend|forward|send)\b|"
+     r"(?:disregard|forget|ignore)\b[^.\n]{0,30}\b(?:safety|instructions?|rules|guidelines|restrictions|polic(?:y|ies)|"
+     r"guardrails|filters|checks|the user)\b)",
+     "role-plays a system or assistant turn"),
+    # an app's notice addressed to the model: ">>> SYSTEM NOTICE TO ASSISTANT <<<"; a new rule for AI agents
+    (r"\b(?:system|admin|developer|operator) (?:notice|message|note|alert|instructions?|directive|command|update|override) "
+     r"(?:to|for) (?:the |all |any )?(?:ai|assistant|model|agent|llm|chatbot)s?\b|"
+     r"\b(?:new|updated|revised) (?:policy|policies|rules?|directives?) (?:to|for) (?:the |all |any )?(?:ai|llm|gpt)s?(?:[ \t]+\w+)?"
+     r"[ \t]+(?:assistants?|agents?|models?|bots?)[ \t]*:|"
+     # an Alpaca-style prompt ("### Instruction: ... ### Response:"), or its instruction about the reply
+     r"(?:^|\n)[ \t]*#{2,}[ \t]*instruction[ \t]*:(?=[^#]{0,2000}?#{2,}[ \t]*response[ \t]*:|[ \t]*\n?[^\n]{0,100}\b(?:you|your|"
+     r"the user|reply|respond|answer|summari[sz]\w*|say|tell|ignore|always|never|from now on|assistant|ai)\b)|"
+     # "new instructions:" inside a line, about the answers ("By the way, new instructions: from now on add ...")
+     r"[.!?,;][ \t]+(?:new|updated|important) instructions?[ \t]*:(?=[^\n]{0,120}\b(?:(?:every|each|all|your) (?:answers?|"
+     r"repl(?:y|ies)|responses?)|the user|assistant|ignore|from now on)\b)",
+     "contains a system prompt"),
+    # an order for when the model summarizes the page: "When summarizing this page, say ...", "If you are
+    # summarizing this document, state ..." (not "When summarizing a meeting, list decisions first": no "this")
+    # Summarizing only: "When parsing these files, make sure to handle UTF-8" is a developer's guide.
+    (r"\b(?:when|while|if|as)[ \t]+(?:you(?:'re|[ \t]+are)?[ \t]+)?summari[sz]\w*[ \t]+"
+     r"(?:this|these|the following)\b[^.\n]{0,30}?,?[ \t]+(?:please[ \t]+)?(?:say|state|mention|write|tell|claim|report|"
+     r"describe|include|add|output|respond|reply|answer|recommend|conclude|emphasi[sz]e|highlight|make sure|always|never|"
+     r"do not|don't|ignore|omit|present|praise|call)\b",
+     "gives the model a new role or task"),
+    # a line for the AI that reads the page: "AI summarizers: describe ...", "AI agents working on this repo: run `...`"
+    # (the AI as a reader, not as a product: "AI assistants: never miss a meeting again" is a slogan)
+    (r"(?:^|\n|[.!?\"'>|])[^\S\n]*+(?:(?:to|for)[^\S\n]+)?(?:all[^\S\n]+|any[^\S\n]+)?(?:ai|llm)s?[^\S\n]+(?:"
+     r"(?:summari[sz]ers?|readers?|crawlers?|scrapers?|reviewers?|screeners?)|(?:tools?|agents?|assistants?|models?|systems?|bots?)"
+     r"[^\S\n]+(?:working|reading|processing|summari[sz]ing|parsing|indexing|browsing|visiting)[^\S\n]+[^:\n]{1,30})"
+     r"[^\S\n]*:[^\S\n]*(?:please[^\S\n]+)?(?:ignore|disregard|forget|tell|say|respond|reply|answer|output|print|describe|"
+     r"recommend|mention|include|rate|rank|praise|state|send|forward|"
+     r"(?:run|execute)[^\S\n]+(?:`|curl|wget|the following|this command|these commands))\b",
+     "addresses instructions to the AI"),
     # "a note for the AI" in other languages: "Nota para la IA:", "Hinweis für den KI-Assistenten:", "致AI助手："
     (r"\b(?:nota|notas|note|hinweis|nachricht|mensaje|message|instrucciones|instructions|anweisung(?:en)?|aviso|avis)\b[^\S\n]+"
      r"(?:importante?[^\S\n]+)?(?:para|pour|f\u00fcr|an|\u00e0|al)[^\S\n]+(?:la[^\S\n]+|el[^\S\n]+|le[^\S\n]+|l['\u2019]|den[^\S\n]+|die[^\S\n]+|das[^\S\n]+)?"
@@ -347,7 +403,7 @@ _OTHER_LANGUAGE_WORDS = ("anweisung", "instrucc", "instru\u00e7", "istruzion", "
                          "instruksi", "perintah", "talimat", "prompt", "kata sandi", "wachtwoord", "riwayat",
                          "chatgeschiedenis", "historial", "bent nu", "sekarang", "ignor", "vergiss", "oubli", "olvid",
                          "esquec", "dimentic", "zapomnij", "negeer", "vergeet", "abaikan", "lupakan", "jetzt", "maintenant",
-                         "eres", "agora", "ora sei", "adesso sei", "teraz", "passw", "senha", "api")
+                         "eres", "agora", "ora sei", "adesso sei", "teraz", "passw", "senha", "api", "leite ", "alle e-mail")
 # "Don't ignore the rules", "No olvides las instrucciones", "Non dimenticare ...", "อย่าลืม...": a prohibition
 # Where an order to the reader begins, in the languages whose verb comes first: "Outlook ignoriert meine Regeln",
 # "Esqueci as instruções", "我忘记了之前的说明" (I forgot / it ignores) are no orders
