@@ -3,10 +3,14 @@ precision guards, without a model: every rule here must hold before any similari
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from ctxkit.request import ChatRequest
 from ctxkit.stages.cache.disfluency import repair
+from ctxkit.stages.cache.freshness import time_cue
 from ctxkit.stages.cache.guards import Thresholds, features, judge, veto
 from ctxkit.stages.cache.keys import request_key
 
@@ -329,3 +333,24 @@ def test_a_model_variant_is_another_product_not_a_refinement(variant, base):
 
 def test_a_year_before_a_name_is_no_model_number():
     assert veto(features("In 1492 Columbus sailed where?"), features("Where did Columbus sail in 1492?")) is None
+
+
+# -- time-sensitive questions (freshness.py) --------------------------------------------------------------
+
+_TIME_SET = [json.loads(line) for line in
+             (Path(__file__).parent / "fixtures" / "cache" / "time_sensitive.jsonl").read_text().splitlines() if line]
+
+
+@pytest.mark.parametrize("row", _TIME_SET, ids=[r["text"] for r in _TIME_SET])
+def test_time_sensitive_questions_are_told_from_stable_ones(row):
+    """Weather today, a price right now, whether a site is down depend on when they are asked; "When did WWII
+    end?", "the weather in Paris in July", "electric current", "the last emperor of China" do not."""
+    assert (time_cue(row["text"]) is not None) == row["time_sensitive"], time_cue(row["text"])
+
+
+def test_a_long_message_is_read_for_time_cues_at_its_ends_only():
+    """The question sits before or after a pasted document; reading 100 KB on every lookup cost ~100 ms."""
+    paste = "The quarterly report covers revenue and costs. " * 400
+    assert time_cue(paste + "Is the site down?") == "is the site down"
+    assert time_cue("What is the weather in Paris today? " + paste) == "today"
+    assert time_cue(paste + " now " + paste) is None

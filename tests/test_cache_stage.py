@@ -288,6 +288,62 @@ def test_ttl_per_entry_and_per_namespace(store, embedder):
     assert stage.lookup(general).response is None, "the default TTL (100 s) was not applied"
 
 
+def _time_set():
+    rows = [json.loads(line) for line in (FIXTURES / "time_sensitive.jsonl").read_text().splitlines() if line]
+    return [r["text"] for r in rows if r["time_sensitive"]], [r["text"] for r in rows if not r["time_sensitive"]]
+
+
+def test_answers_to_time_sensitive_questions_expire_within_a_minute(store, embedder):
+    """"What's the weather in Paris today?", "BTC price right now", "Is the site down?" were stored without
+    an expiry and served the next day; questions that name a time in a stable way still keep their answer."""
+    now = [1_000_000.0]
+    stage = SemanticCacheStage(store, embedder, clock=lambda: now[0])
+    sensitive, stable = _time_set()
+    notes = []
+    for text in sensitive + stable:
+        request = ask(text, namespace=text)  # one namespace each: no question answers another
+        assert stage.remember(request, answer(), record=lambda *args, **data: notes.append((args, data)))
+    now[0] += 30
+    assert all(stage.lookup(ask(t, namespace=t)).response is not None for t in sensitive), "served within the TTL"
+    now[0] += 31
+    assert [t for t in sensitive if stage.lookup(ask(t, namespace=t)).response is not None] == []
+    now[0] += 86_400
+    assert [t for t in stable if stage.lookup(ask(t, namespace=t)).response is None] == []
+    assert len(notes) == len(sensitive) and stage.counts["short_ttl_time_sensitive"] == len(sensitive)
+    assert notes[0] == (("semantic_cache", "short_ttl"), {"reason": "time_sensitive", "cue": "today", "ttl": 60.0})
+
+
+def test_time_sensitive_ttl_0_neither_stores_nor_serves_such_answers(store, embedder):
+    """With time_sensitive_ttl=0 the answer is not stored (the ledger says why), and one stored before, by a
+    stage without the setting, is not served either."""
+    before = SemanticCacheStage(store, embedder, time_sensitive_ttl=None)
+    assert before.remember(ask("BTC price right now"), answer("$97,000"))
+    strict = SemanticCacheStage(store, embedder, time_sensitive_ttl=0)
+    found = strict.lookup(ask("BTC price right now"))
+    assert found.response is None and found.reason == "time_sensitive" and not found.cacheable
+    notes = []
+    assert strict.remember(ask("Is GitHub down?"), answer("No."),
+                           record=lambda *args, **data: notes.append((args, data))) is False
+    assert notes == [(("semantic_cache", "not_stored"), {"reason": "time_sensitive"})]
+    assert strict.remember(ask("When did WWII end?"), answer("1945"))
+
+
+def test_a_follow_up_to_a_time_sensitive_question_expires_too(store, embedder):
+    """"And in Tokyo?" after "What's the weather in Paris today?" asks about today as well."""
+    now = [1_000_000.0]
+    stage = SemanticCacheStage(store, embedder, clock=lambda: now[0])
+    follow_up = req([{"role": "user", "content": "What's the weather in Paris today?"},
+                     {"role": "assistant", "content": "Sunny, 21 C."}, {"role": "user", "content": "And in Tokyo?"}])
+    assert stage.remember(follow_up, answer("Rainy, 14 C."))
+    now[0] += 61
+    assert stage.lookup(follow_up).response is None
+
+
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), "60", True, False])
+def test_a_bad_time_sensitive_ttl_is_refused_when_the_stage_is_made(store, embedder, seconds):
+    with pytest.raises(ConfigurationError, match="time_sensitive_ttl"):
+        SemanticCacheStage(store, embedder, time_sensitive_ttl=seconds)
+
 # -- with the real model behind a pipeline ---------------------------------------------------------------
 
 def test_hit_saves_every_token_in_the_ledger(llama_backend, store, embedder, ledger):
@@ -651,13 +707,15 @@ def test_a_ttl_applies_when_an_answer_is_served_not_only_when_it_is_stored(store
     """An answer stored without a TTL was served two hours later to a request that allows 60 seconds, and a
     namespace TTL the operator set afterwards did not apply to what was stored."""
     now = [1_000_000.0]
-    writer = SemanticCacheStage(store, embedder, clock=lambda: now[0])
+    # time_sensitive_ttl=None: an exchange rate is time-sensitive, here only the configured TTLs are at stake
+    writer = SemanticCacheStage(store, embedder, clock=lambda: now[0], time_sensitive_ttl=None)
     writer.remember(ask("What is the EUR/USD exchange rate?", namespace="fx"), answer("1.08"))
     now[0] += 2 * 3600
     assert writer.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx",
                              metadata={"cache_ttl": 60})).response is None
     assert writer.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx")).response is not None
-    reader = SemanticCacheStage(store, embedder, clock=lambda: now[0], namespace_ttl={"fx": 60})
+    reader = SemanticCacheStage(store, embedder, clock=lambda: now[0], namespace_ttl={"fx": 60},
+                                time_sensitive_ttl=None)
     assert reader.lookup(ask("What is the EUR/USD exchange rate?", namespace="fx")).response is None
 
 

@@ -11,6 +11,10 @@ every tool called is marked pure, streams that did not complete, requests with q
 sampled requests (temperature above zero, or unset, so the backend's non-zero default) unless
 `cache_sampled=True`, requests with n > 1, and requests whose metadata says `{"cache": False}`.
 
+Kept a short time only: answers to time-sensitive questions ("What's the weather in Paris today?", "BTC
+price right now", "Is GitHub down?", see freshness.py), for `time_sensitive_ttl` seconds (60 by default;
+0: not stored at all). The ledger notes each such answer with the word that made it time-sensitive.
+
 Identical requests that arrive while the first is being answered wait for it (single-flight through the
 store) instead of calling the backend again; streams are not single-flighted (their answer is only
 known when the caller has read them to the end).
@@ -41,11 +45,13 @@ from ...request import ChatRequest
 from ...response import AsyncChatStream, ChatResponse, ChatStream, Usage, response_as_chunks
 from ...settings import name_list, number_between, positive_seconds, whole_number
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
+from .freshness import time_cue
 from .guards import Thresholds, judge, judge_facts
-from .keys import RequestKey, code_lines, request_key
+from .keys import RequestKey, code_lines, content_text, request_key
 from .store import CacheEntry, CacheStore, Hit
 
 _REFUSED_FINISH = {"content_filter", "error"}
+DEFAULT_TIME_SENSITIVE_TTL = 60.0  # seconds; see SemanticCacheStage's `time_sensitive_ttl`
 # OpenAI's `metadata` holds strings only: {"cache": "false"} opts out as {"cache": False} does.
 _OFF = {"false", "0", "no", "off"}
 
@@ -79,6 +85,12 @@ class SemanticCacheStage(Stage):
     default_model: the backend's model, for requests that name none (keeps two backends apart in a
                    shared store).
     candidates:    semantic neighbours checked per lookup.
+    time_sensitive_ttl: the longest an answer to a time-sensitive question is kept and served (freshness.py:
+                   "today", "right now", "current", the weather, a price...). 60 s by default: a clock
+                   reading's granularity, shorter than the time a forecast, a quote or a site's status takes
+                   to change, and long enough for retries and identical concurrent calls to share one answer.
+                   0: such answers are not stored (noted in the ledger as "time_sensitive"); None: no special
+                   TTL (they live as long as any other answer).
     """
 
     name = "semantic_cache"
@@ -96,6 +108,7 @@ class SemanticCacheStage(Stage):
         pure_tools: Sequence[str] = (),
         default_model: str | None = None,
         candidates: int = 8,
+        time_sensitive_ttl: float | None = DEFAULT_TIME_SENSITIVE_TTL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if self.semantic and embedder is None:
@@ -103,6 +116,9 @@ class SemanticCacheStage(Stage):
         if ttl is not None:
             ttl = positive_seconds(ttl, "ttl (None: until evicted)")
         candidates = whole_number(candidates, "candidates", minimum=1)
+        if isinstance(time_sensitive_ttl, bool) or (time_sensitive_ttl is not None and time_sensitive_ttl != 0):
+            time_sensitive_ttl = positive_seconds(time_sensitive_ttl, "time_sensitive_ttl (0: not stored, None: no "
+                                                                      "special TTL)")
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise ConfigurationError(f"thresholds must be a Thresholds, got {type(thresholds).__name__}")
         for field in ("similarity", "context_similarity", "added_detail_similarity"):  # cosines: [-1, 1]
@@ -131,6 +147,7 @@ class SemanticCacheStage(Stage):
         self.pure_tools = frozenset(name_list(pure_tools, "pure_tools"))
         self.default_model = default_model
         self.candidates = candidates
+        self.time_sensitive_ttl = None if time_sensitive_ttl is None else float(time_sensitive_ttl)
         self.clock = clock
         self.counts: collections.Counter[str] = collections.Counter()
         # Async callers of one key queue here, in the event loop, before the store's (blocking) single-flight
@@ -272,6 +289,11 @@ class SemanticCacheStage(Stage):
         ttl = _ttl(request, configured)
         if configured is not None and ttl is not None:
             ttl = min(ttl, configured)  # a request may shorten the operator's TTL, never lengthen it
+        cue = self._time_cue(request)
+        if cue is not None and self.time_sensitive_ttl is not None and (ttl is None or self.time_sensitive_ttl < ttl):
+            ttl = self.time_sensitive_ttl
+            self.counts["short_ttl_time_sensitive"] += 1
+            record(self.name, "short_ttl", reason="time_sensitive", cue=cue, ttl=ttl)
         features: dict[str, Any] = {"query": key.query, "context": key.context, "raw": key.raw,
                                     "semantic": semantic, "facts": key.facts,
                                     "tool_facts": key.tool_facts, "layout": key.layout,
@@ -330,6 +352,20 @@ class SemanticCacheStage(Stage):
             return "n_choices"
         if request.params.get("logprobs"):
             return "logprobs"  # they belong to one generation: a stored answer has none to give
+        if self.time_sensitive_ttl == 0 and self._time_cue(request) is not None:
+            return "time_sensitive"  # neither served (an answer stored before may be stale) nor stored
+        return None
+
+    def _time_cue(self, request: ChatRequest) -> str | None:
+        """What makes this request's answer depend on when it is asked (freshness.py), in its last user
+        message or, for a follow-up ("and in Tokyo?" after "the weather in Paris today"), the one before."""
+        if self.time_sensitive_ttl is None:
+            return None
+        asked = [content_text(m.get("content")) for m in request.messages if m.get("role") == "user"]
+        for text in reversed(asked[-2:]):
+            cue = time_cue(text)
+            if cue is not None:
+                return cue
         return None
 
     def _not_storable(self, response: ChatResponse) -> str | None:
@@ -345,12 +381,14 @@ class SemanticCacheStage(Stage):
         return None
 
     def _max_age(self, request: ChatRequest) -> float | None:
-        """The oldest answer this request may get: the namespace's (or the stage's) TTL and the request's
-        own `cache_ttl`, whichever is shorter. Applied when reading, so a TTL lowered by the operator, or
-        asked by one request, also holds for answers stored before under a longer one."""
+        """The oldest answer this request may get: the namespace's (or the stage's) TTL, the request's own
+        `cache_ttl` and, for a time-sensitive question, `time_sensitive_ttl`, whichever is shortest. Applied
+        when reading, so a TTL lowered by the operator, or asked by one request, also holds for answers
+        stored before under a longer one."""
         configured = self.namespace_ttl.get(request.namespace, self.ttl)
         asked = _ttl(request, None)
-        ages = [age for age in (configured, asked) if age is not None]
+        fresh = self.time_sensitive_ttl if self._time_cue(request) is not None else None
+        ages = [age for age in (configured, asked, fresh) if age is not None]
         return min(ages) if ages else None
 
     def _exact(self, key: RequestKey, max_age: float | None = None) -> ChatResponse | None:
