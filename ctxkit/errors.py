@@ -127,6 +127,19 @@ class BackendTimeoutError(BackendError):
     completion_tokens: int | None = None
 
 
+class ToolCallSchemaError(BackendError):
+    """The model called a tool with arguments its `parameters` schema refuses, where the grammar could not hold
+    the model to it (a `maximum` on a float, `multipleOf`, `format: email`): raised rather than handed to the app
+    as a valid call. `tool`, `where` (the argument's path) and `arguments` (as generated) name it."""
+
+    completion_tokens: int | None = None  # the tokens generated for the refused answer, as BackendTimeoutError's
+
+    def __init__(self, tool: str, where: str, problem: str, arguments: str, *, backend: str) -> None:
+        self.tool, self.where, self.arguments = tool, where, arguments
+        super().__init__(f"the model called {tool!r} with {where} that its schema refuses: {problem}",
+                         backend=backend)
+
+
 class BackendStatusError(BackendError):
     # The backend's Retry-After header, when it sent one (a 429 or a 503): how long it asked callers to wait.
     retry_after: str | None = None

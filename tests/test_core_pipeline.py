@@ -1096,6 +1096,43 @@ def test_response_format_integer_bounds_are_enforced(llama_backend):
         jsonschema.validate(json.loads(r.message["content"]), schema)
 
 
+def _act(parameters: dict) -> list[dict]:
+    return [{"type": "function", "function": {"name": "act", "description": "Do it.", "parameters": parameters}}]
+
+
+def test_tool_call_integer_bounds_of_any_range_and_nullable_types_are_enforced(llama_backend):
+    # Only ranges of at most 128 integers were held (as an enum): `minimum: 1` alone let -5 and 0 through, a
+    # 1024-65535 port was 80, and `"type": ["integer", "null"]` dropped its bounds (10 stars of 5).
+    cases = [({"count": {"type": "integer", "minimum": 1}}, "Set the count to -5."),
+             ({"port": {"type": "integer", "minimum": 1024, "maximum": 65535}}, "Use port 80."),
+             ({"stars": {"type": ["integer", "null"], "minimum": 1, "maximum": 5}}, "Rate it 10 stars."),
+             ({"code": {"type": ["string", "null"], "maxLength": 3}}, "The code is ABCDEFG."),
+             ({"ratio": {"type": "number", "minimum": 0, "maximum": 1}}, "Set the ratio to 2.5.")]
+    for properties, text in cases:
+        parameters = {"type": "object", "properties": properties, "required": list(properties)}
+        for seed in range(2):
+            r = llama_backend.complete(ChatRequest(messages=[{"role": "user", "content": text}], tools=_act(parameters),
+                                                   params={"tool_choice": "required", "temperature": 1.0,
+                                                           "seed": seed, "max_tokens": 48}))
+            (call,) = r.message["tool_calls"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
+def test_a_tool_call_the_grammar_cannot_hold_to_its_schema_is_a_typed_error(llama_backend):
+    # `multipleOf` is not in the grammar: {"qty": 7} for a multiple of 5 was handed over as a valid call.
+    from ctxkit import ToolCallSchemaError
+
+    parameters = {"type": "object", "properties": {"qty": {"type": "integer", "multipleOf": 5}}, "required": ["qty"]}
+    request = ChatRequest(messages=[{"role": "user", "content": "Buy 7."}], tools=_act(parameters),
+                          params={"tool_choice": "required", "temperature": 0, "max_tokens": 48})
+    with pytest.raises(ToolCallSchemaError) as raised:
+        llama_backend.complete(request)
+    error = raised.value
+    assert error.tool == "act" and error.where == "arguments['qty']" and "multiple of 5" in str(error)
+    assert json.loads(error.arguments)["qty"] % 5 and error.completion_tokens
+    with pytest.raises(ToolCallSchemaError):  # streamed too: the call is held back to the end, then refused
+        list(llama_backend.stream(request))
+
 def test_exact_prefix_cache_hit_is_all_cached(llama_backend):
     request = ChatRequest(messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
                           params={"max_tokens": 1, "temperature": 0})

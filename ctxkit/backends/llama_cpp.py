@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .._aio import acquire, iterate_in_thread, to_thread_holding, tracked_to_thread
-from ..errors import BackendError, BackendTimeoutError, ConfigurationError, ContextOverflowError, RequestError
+from ..errors import (
+    BackendError,
+    BackendTimeoutError,
+    ConfigurationError,
+    ContextOverflowError,
+    RequestError,
+    ToolCallSchemaError,
+)
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..settings import whole_number
@@ -30,9 +37,11 @@ from .gguf_prompt import GGUFPrompt
 from .tool_format import (
     ToolCallTextStream,
     _any_values,
+    _schema_to_gbnf,
     drop_unfinished_call,
     may_call,
     parse_tool_calls,
+    schema_violation,
     stop_at,
     stop_safe_end,
     tool_call_grammar,
@@ -68,9 +77,7 @@ def default_model_path() -> Path:
 def _format_grammar(params: Any) -> str | None:
     """GBNF for `response_format`: JSON ("json_object"), or JSON that the schema accepts ("json_schema").
     Without it the model answers free text, and the openai client's `parse()` fails on it."""
-    import json
-
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     fmt = params.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -78,7 +85,7 @@ def _format_grammar(params: Any) -> str | None:
         return JSON_GBNF
     if kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
-        return json_schema_to_gbnf(json.dumps(_any_values(schema, root=True)))
+        return _schema_to_gbnf(_any_values(schema, root=True), prop_order=[])
     return None
 
 
@@ -249,6 +256,7 @@ class LlamaCppBackend:
         content, calls = parse_tool_calls(text) if tools_offered else (text, [])
         if tools_offered and not calls and at_cap():  # as the stream does: without tools no text is a call
             content = drop_unfinished_call(content)
+        self._check_calls(calls, request, out["usage"]["completion_tokens"])
         if content is None and not calls:
             # An answer with no text and no call (a call cut off by max_tokens) is "", as OpenAI answers it: an
             # assistant message with neither content nor tool_calls is refused when the app sends it back.
@@ -379,7 +387,11 @@ class LlamaCppBackend:
             release()
         if at_cap():
             finish = "length"
-        yield from text_calls.feed(chunk({}, finish)) if text_calls else [chunk({}, finish)]
+        last = text_calls.feed(chunk({}, finish)) if text_calls else [chunk({}, finish)]
+        for out in last:
+            self._check_calls(out["choices"][0]["delta"].get("tool_calls", []) if out["choices"] else [], request,
+                              completion_tokens)
+        yield from last
         # llama.cpp's own counts, as a whole answer reports them: the prompt it evaluated and the tokens it made.
         yield chunk(None, usage={
             "prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
@@ -516,6 +528,16 @@ class LlamaCppBackend:
                     raise RequestError(f"the local model cannot follow this schema: {one}",
                                        f"tools[{i}].function.parameters") from exc
             raise RequestError(f"the local model cannot follow the tools' schemas: {exc}", "tools") from exc
+
+    def _check_calls(self, calls: list[dict[str, Any]], request: ChatRequest, generated: int) -> None:
+        """ToolCallSchemaError for the first call whose arguments break its tool's schema (see schema_violation)."""
+        for call in calls:
+            violation = schema_violation(call, list(request.tools))
+            if violation is not None:
+                error = ToolCallSchemaError(call["function"]["name"], *violation, call["function"]["arguments"],
+                                            backend=self.name)
+                error.completion_tokens = generated  # for the ledger, as a timeout's
+                raise error
 
     def _parsed(self, grammar: str | None) -> str | None:
         """`grammar`, once llama.cpp has parsed it; ValueError when it cannot."""

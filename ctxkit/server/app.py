@@ -40,6 +40,7 @@ from ..errors import (
     CtxkitError,
     QuarantineStoreUnavailable,
     RequestError,
+    ToolCallSchemaError,
 )
 from ..pipeline import Pipeline
 from ..redaction import redact
@@ -107,6 +108,8 @@ def error_for(exc: BaseException) -> HTTPError:
                          headers={"Retry-After": retry_after} if retry_after else None)
     if isinstance(exc, BackendTimeoutError):
         return HTTPError(504, "upstream_timeout", text, code="upstream_timeout")
+    if isinstance(exc, ToolCallSchemaError):  # the model answered, but with a call its tool's schema refuses
+        return HTTPError(502, "upstream_error", text, code="invalid_tool_call")
     if isinstance(exc, (BackendConnectionError, BackendError)):
         return HTTPError(502, "upstream_error", text, code="upstream_unavailable")
     if isinstance(exc, CtxkitError):
