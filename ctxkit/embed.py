@@ -34,7 +34,11 @@ class Embedder:
         every vector within cosine 0.9998 of float32 (pooling stays in float32). "auto" takes bfloat16 on
         a CPU that computes it natively (AVX-512 BF16 or AMX) and float32 anywhere else, where bfloat16 is
         emulated and slower; "float32" gives exactly what sentence-transformers' encode() gives."""
-        from sentence_transformers import SentenceTransformer
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:  # sentence-transformers, or the torch it needs: a traceback said neither extra
+            raise ConfigurationError(f"the semantic stages need their embedding extra ({exc.name or 'sentence_transformers'} "
+                                     "is missing): pip install 'ctxkit[embed]'") from None
 
         if precision not in PRECISIONS:
             raise ConfigurationError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

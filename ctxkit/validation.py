@@ -124,6 +124,12 @@ def _validate_messages(messages: Any) -> None:
         if role not in ROLES:
             raise InvalidMessageError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}", i, "role")
         content = message.get("content")
+        if "content" not in message and role != "assistant":
+            # {"role": "user", "text": ...} said "content: must be a string ..., got NoneType": name the key it lacks
+            # and the ones it has instead.
+            others = ", ".join(repr(k) for k in message if k not in ("role", "content"))
+            raise InvalidMessageError(f"is missing: a {role} message needs content"
+                                      + (f" (its other keys: {others})" if others else ""), i, "content")
         if open_calls and role != "tool":
             # Providers reject a tool call whose results do not follow it (before the next turn).
             unanswered = ", ".join(repr(c) for c in open_calls)

@@ -440,6 +440,22 @@ def test_a_model_path_that_is_a_directory_is_named_as_one(tmp_path):
         LlamaCppBackend(tmp_path)  # it said "GGUF model file not found" of a folder that is there
 
 
+def test_demo_without_the_local_extra_is_one_error_line_naming_it(monkeypatch, capsys, tmp_path):
+    """Without llama-cpp-python, `ctxkit demo` (and LlamaCppBackend, GGUFPrompt.from_gguf) died on a
+    ModuleNotFoundError traceback with exit 1, where the docs promise one `ctxkit: error:` line and exit 2."""
+    from ctxkit import GGUFPrompt, LlamaCppBackend, default_model_path
+    from ctxkit.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `from llama_cpp import Llama` fails
+    assert main(["demo", "--ledger", str(tmp_path / "demo.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "ctxkit: error:" in err and "(llama_cpp is missing): pip install 'ctxkit[local]'" in err
+    for load in (LlamaCppBackend, lambda: GGUFPrompt.from_gguf(default_model_path())):
+        with pytest.raises(ConfigurationError, match=r"pip install 'ctxkit\[local\]'"):
+            load()
+
+
 @pytest.mark.parametrize("n_threads", [0, -2, 1.5, True])
 def test_a_thread_count_llama_cpp_cannot_use_is_refused_before_loading(n_threads):
     from ctxkit import ConfigurationError, LlamaCppBackend

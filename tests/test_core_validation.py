@@ -100,6 +100,19 @@ def test_malformed_request_is_rejected_before_the_backend(case, counting, ledger
     assert counting.calls == 0, "a malformed request reached the backend"
 
 
+@pytest.mark.parametrize("message, says", [
+    ({"role": "user", "text": "hi"}, "messages[0].content: is missing: a user message needs content (its other keys: 'text')"),
+    ({"role": "system"}, "messages[0].content: is missing: a system message needs content"),
+])
+def test_a_message_without_content_says_so_and_names_the_keys_it_has(message, says, counting, ledger):
+    """A first-time `{"role": "user", "text": "hi"}` was told "content: must be a string or a list of content parts,
+    got NoneType", which reads as a type error in ctxkit rather than a missing key in the message."""
+    with pytest.raises(InvalidMessageError) as info:
+        Pipeline(counting, ledger=ledger).call(ChatRequest(messages=[message]))
+    assert str(info.value) == says and info.value.where == "messages[0].content"
+    assert counting.calls == 0
+
+
 def test_bad_sampling_parameter_names_the_field(counting, ledger):
     pipeline = Pipeline(counting, ledger=ledger)
     with pytest.raises(RequestError, match="temperature"):

@@ -3,6 +3,8 @@ in float32 exactly and in bfloat16 to within cosine 0.9998."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,13 @@ def test_only_a_transformer_mean_pooled_and_normalized_takes_the_direct_path(emb
     assert not _is_mean_pooled_and_normalized([model[0], model[1]]), "without Normalize, encode() decides"
     assert not _is_mean_pooled_and_normalized([model[0], model[2], model[1]])
     assert not _is_mean_pooled_and_normalized(object())
+
+
+
+def test_an_embedder_without_its_extra_names_the_extra(monkeypatch):
+    """Without the `embed` extra the Embedder (built by default_stages, so by `ctxkit demo` and `ctxkit serve`)
+    raised a bare ModuleNotFoundError, and the CLI printed a traceback with exit 1."""
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # `import sentence_transformers` fails
+    with pytest.raises(ConfigurationError,
+                       match=r"\(sentence_transformers is missing\): pip install 'ctxkit\[embed\]'"):
+        Embedder()

@@ -109,6 +109,21 @@ def test_a_keyword_dsn_given_to_cache_is_refused_not_made_a_directory(tmp_path, 
     assert build_cache_store(str(tmp_path / "a=b")) is not None  # a directory whose name holds '=' is still one
 
 
+@pytest.mark.parametrize("dsn", ["postgresql:/app:Kw-0042-pw@db/cache", "postgres:app@db/cache",
+                                 "PostgreSQL:/app@db/cache"])
+def test_a_dsn_with_a_slash_missing_is_refused_not_made_a_directory(dsn, tmp_path, monkeypatch):
+    """`--cache postgresql:/user@db/app` has no '://', so it was taken for a directory: a local cache made under
+    ./postgresql:/..., unshared by the replicas, and no error."""
+    from ctxkit.errors import ConfigurationError
+    from ctxkit.server.cli import build_cache_store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="mistyped DSN") as caught:
+        build_cache_store(dsn)
+    assert "Kw-0042-pw" not in str(caught.value) and list(tmp_path.iterdir()) == []
+    assert build_cache_store(str(tmp_path / "postgresql-cache")) is not None  # a directory named so is still one
+
+
 def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
     env = {**os.environ, "CTXKIT_API_KEYS": "cli-key-00001:cli-team"}
     base = [sys.executable, "-m", "ctxkit.cli.main", "serve", "--ledger", str(tmp_path / "l.jsonl")]
@@ -116,7 +131,8 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
                            (["--state-dir", str(tmp_path / "s"), "--no-stages"], "no effect with --no-stages"),
                            (["--quarantine-store", "postgresql://nobody:pw-0042@127.0.0.1:1/db"],
                             "cannot open the quarantine registry in PostgreSQL"),
-                           (["--quarantine-store", str(tmp_path / "q")], "store takes a postgresql:// URL"),
+                           # the error named directory=, a Python argument a CLI user cannot pass
+                           (["--quarantine-store", str(tmp_path / "q")], "directory, give --state-dir DIR"),
                            (["--max-concurrency", "0"], "max_concurrency must be at least 1"),
                            (["--max-queue", "-1"], "max_queue must be at least 0"),
                            # the error named counter=, a Python argument a CLI user cannot pass

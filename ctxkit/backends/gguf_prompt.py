@@ -57,7 +57,7 @@ class GGUFPrompt:
     @classmethod
     def from_gguf(cls, path: str | Path) -> GGUFPrompt:
         """A prompt renderer (and token counter) from a GGUF file's vocabulary alone, without its weights."""
-        from llama_cpp import Llama
+        Llama = import_llama()
 
         if not Path(path).is_file():
             raise ConfigurationError(f"GGUF file not found: {path}")
@@ -164,6 +164,17 @@ class GGUFPrompt:
                 arguments = call["function"]["arguments"]
             text += format_tool_call(call["function"]["name"], arguments)
         return self.count_text(text)
+
+
+def import_llama() -> Any:
+    """llama-cpp-python's `Llama`, or a ConfigurationError naming the extra that brings it (without one, `ctxkit
+    demo` died on a ModuleNotFoundError traceback instead of its one `ctxkit: error:` line)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise ConfigurationError(f"a GGUF model (LlamaCppBackend, GGUFPrompt) needs llama-cpp-python "
+                                 f"({exc.name or 'llama_cpp'} is missing): pip install 'ctxkit[local]'") from None
+    return Llama
 
 
 def _special_texts(llama: Any) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from ..response import ChatResponse, Usage
 from ..settings import whole_number
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
-from .gguf_prompt import GGUFPrompt
+from .gguf_prompt import GGUFPrompt, import_llama
 from .tool_format import (
     ToolCallTextStream,
     _any_values,
@@ -108,7 +108,7 @@ class LlamaCppBackend:
     ) -> None:
         """n_threads: CPU threads for generation and, unless `n_threads_batch` is given, for reading the prompt too.
         n_gpu_layers: layers offloaded to the GPU (-1: all) when llama.cpp was built with GPU support."""
-        from llama_cpp import Llama
+        Llama = import_llama()
 
         path = Path(model_path) if model_path is not None else default_model_path()
         if path.is_dir():

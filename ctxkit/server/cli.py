@@ -185,6 +185,11 @@ def build_cache_store(location: str | None) -> CacheStore | None:
         return PostgresStore(location)
     if "://" in location:
         raise ConfigurationError(f"--cache takes a directory or a postgresql:// DSN, not {location.split('://')[0]}://")
+    if re.match(r"postgres(?:ql)?:", location, re.IGNORECASE):
+        # A DSN with a slash missing ("postgresql:/user@db/app") made a local cache in ./postgresql:/user@db/app,
+        # and every replica quietly kept its own. Not echoed: it may hold a password.
+        raise ConfigurationError("--cache looks like a mistyped DSN: give postgresql://user:password@host/dbname, "
+                                 "or a directory")
     if re.search(r"(?:^|\s)(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", location):
         # libpq's keyword form ("host=db user=app password=..."): taken as a directory, it made a local cache named
         # after the DSN, its password in the path and in every warning naming the cache. Not echoed.
@@ -212,6 +217,10 @@ def run_cli(args: argparse.Namespace) -> None:
     from .app import create_app
     from .auth import ApiKeys
 
+    if args.quarantine_store and not args.quarantine_store.startswith(("postgresql://", "postgres://")):
+        # QuarantineStage's own error named its `directory=` parameter, which no command-line user has.
+        raise ConfigurationError("--quarantine-store takes a postgresql:// URL; to keep quarantine records in a "
+                                 "directory, give --state-dir DIR")
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
     if args.no_stages and (args.cache or args.state_dir or args.quarantine_store):
