@@ -201,6 +201,50 @@ def test_a_long_answer_whose_value_file_a_crash_cut_short_is_a_miss_not_a_failed
     assert store.get("long", time.time()) is not None
 
 
+_KILLED_AT_A_VALUE_FILE = """
+import os, signal, sys, time
+import diskcache, numpy as np
+from ctxkit.stages.cache.local_store import LocalStore
+from ctxkit.stages.cache.store import CacheEntry
+store = LocalStore(sys.argv[1])
+write = diskcache.Disk._write
+def write_then_die(self, *args, **kwargs):  # the value file is written; its row never commits
+    write(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+diskcache.Disk._write = write_then_die
+store.put(CacheEntry(key="killed", scope="scope-a", namespace="ns", query_text="killed",
+                     response={"choices": [{"message": {"content": "z" * 200_000}}]}, created_at=time.time()),
+          np.ones(384, np.float32) / np.sqrt(384))
+"""
+
+
+def test_a_value_file_left_by_a_writer_killed_before_its_row_is_swept_on_open(tmp_path):
+    """A writer SIGKILLed between diskcache writing a long answer's file and committing its row left the file
+    for good (200 kB here), outside diskcache's size accounting: the cache outgrew size_bytes crash by crash.
+    Opening sweeps those old enough that no live writer can still be about to commit them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    LocalStore(tmp_path).close()
+    done = subprocess.run([sys.executable, "-c", _KILLED_AT_A_VALUE_FILE, str(tmp_path)], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    (orphan,) = tmp_path.glob("entries/*/*/*.val")
+    store = LocalStore(tmp_path)  # a live writer may be about to commit a young file: left alone
+    long = CacheEntry(**{**make_entry("long").__dict__, "response": {"choices": [{"message": {"content": "z" * 40_000}}]}})
+    store.put(long, unit("long"))
+    store.close()
+    assert orphan.exists() and len(list(tmp_path.glob("entries/*/*/*.val"))) == 2
+    hours_ago = time.time() - 3 * 3600
+    for value_file in tmp_path.glob("entries/*/*/*.val"):
+        os.utime(value_file, (hours_ago, hours_ago))
+    store = LocalStore(tmp_path)
+    assert not orphan.exists() and len(list(tmp_path.glob("entries/*/*/*.val"))) == 1
+    assert store.get("long", time.time()) is not None  # a file its row names is kept, however old
+    store.close()
+
+
 def test_a_damaged_page_met_after_opening_is_the_typed_error_and_a_put_is_skipped(tmp_path, caplog):
     """A page zeroed by a power cut passes the check at open; get raised sqlite3.DatabaseError, and put
     raised it after the backend had answered."""

@@ -1153,6 +1153,26 @@ def test_a_summary_file_of_the_wrong_shape_starts_over_too(tmp_path):
     assert store._path(key).with_suffix(".damaged").exists()
 
 
+def test_damaged_summary_files_set_aside_are_bounded_and_the_newest_kept(tmp_path):
+    """Each unreadable file was renamed to .damaged and never removed: a recurring fault (a full disk cutting
+    files short, another version's format) left one per conversation for good, each holding its user's text."""
+    from ctxkit.stages.summarize.state import KEEP_DAMAGED, ConversationState, SummaryStore
+
+    store = SummaryStore(tmp_path)
+    keys = [("ns", f"c{i}") for i in range(3 * KEEP_DAMAGED)]
+    for key in keys:
+        store.put(key, ConversationState(folded=2, folded_digest="d", summary="s"))
+        store._path(key).write_text("{\"folded\": 2, \"fold")  # cut short
+        store._states.clear()
+        assert store.get(key) is None
+        assert len(list(tmp_path.glob("*.damaged"))) <= 2 * KEEP_DAMAGED
+    assert store._path(keys[-1]).with_suffix(".damaged").exists()  # the newest is there to look at
+    SummaryStore(tmp_path)  # a restart keeps only the newest
+    assert len(list(tmp_path.glob("*.damaged"))) == KEEP_DAMAGED
+    store.forget(keys[-1])  # forgetting a conversation forgets the copy set aside too
+    assert not store._path(keys[-1]).with_suffix(".damaged").exists()
+
+
 def test_summary_files_on_disk_are_bounded(tmp_path):
     """--state-dir kept one file per folded conversation for good: a service running for weeks filled its disk."""
     from ctxkit.stages.summarize.state import ConversationState, SummaryStore

@@ -273,6 +273,51 @@ def test_the_vector_store_merges_its_batches_without_losing_any(tmp_path):
     assert set(read) == set(written) and all(np.array_equal(read[k], v) for k, v in written.items())
 
 
+def test_a_merge_keeps_the_most_recently_used_vectors_and_those_still_needed(tmp_path):
+    """The store kept every vector ever embedded: past max_vectors a merge now drops the least recently used
+    (by batch: written, or read for a catalog), never one the caller still needs."""
+    rng = np.random.default_rng(3)
+    written = {f"tool{i}": rng.standard_normal(4).astype(np.float32) for i in range(20)}
+    store = VectorStore(tmp_path / "vectors", max_batches=3, max_vectors=5)
+    for key, vector in written.items():
+        store.append({key: vector}, keep=lambda: {"tool0"})
+    kept = store.read()
+    assert len(kept) <= 5 + 2 and {"tool0", "tool19"} <= set(kept)  # the merge's bound, plus batches since
+    assert all(np.array_equal(kept[k], written[k]) for k in kept)
+
+    for needed, expected in ((set(), {"a", "d"}), ({"b"}, {"b", "d"})):
+        store = VectorStore(tmp_path / f"lru{len(needed)}", max_batches=3, max_vectors=2)
+        for key in "abc":
+            store.append({key: written["tool1"]})
+            time.sleep(0.02)  # batch files of distinct mtimes
+        store.read(used={"a"})  # a catalog took a from here: its batch is now the most recently used
+        store.append({"d": written["tool2"]}, keep=lambda needed=needed: needed)  # merges: b, c least recently used
+        assert set(store.read()) == expected
+
+
+def test_changing_catalogs_keep_the_vector_store_bounded_and_the_current_catalog_stored(catalog, embedder, tmp_path,
+                                                                                        monkeypatch):
+    """An MCP server re-describing its tools in each release stored a vector per release, forever (100 releases
+    of a 10-tool server: 1,020 vectors, 1.65 MB, growing linearly). Bounded, the catalog in use is never
+    re-embedded by the next process."""
+    import functools
+
+    import ctxkit.stages.tools.index as index_module
+    import ctxkit.stages.tools.vectors as vectors_module
+
+    monkeypatch.setattr(vectors_module, "MAX_STORED_VECTORS", 80, raising=False)
+    monkeypatch.setattr(index_module, "VectorStore", functools.partial(VectorStore, max_batches=4))
+    for release in range(24):
+        tools = copy.deepcopy(catalog)
+        for tool in tools[:5]:
+            tool["function"]["description"] += f" (release {release})"
+        ToolIndex(tools, embedder, directory=tmp_path)
+    (folder,) = tmp_path.glob("*/vectors")
+    # 80, plus the batches since the last merge; the KEEP_CATALOGS saved versions (65 vectors) are never evicted.
+    assert len(VectorStore(folder).read()) <= 80 + 3 * 5  # before: 30 + 23 x 5 = 145, 5 more each release
+    assert ToolIndex(tools, embedder, directory=tmp_path, save_index=False).embedded_tools == 0
+
+
 def test_concurrent_writers_to_one_vector_store_lose_nothing(tmp_path):
     """Two processes embedding different tools into one directory: each keeps what it wrote (the single
     vectors file was read, extended and replaced whole, so the later writer dropped the other's vectors)."""

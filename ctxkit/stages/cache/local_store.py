@@ -63,6 +63,9 @@ _REMEDY = "move it aside or clear it to start with an empty cache"
 _LOCK_STRIPES = 65536
 _SNAPSHOT_EVERY = 10_000  # write a FAISS snapshot after this many new vectors (and on close)
 _LOG_KEEP = 100_000  # log records kept for processes catching up; older ones force a rebuild
+# diskcache writes a long answer's file before the row that names it commits, and waits at most its `timeout`
+# (60 s) for that commit: an unnamed file older than this was left by a writer killed in between.
+_ORPHAN_AFTER_S = 600.0
 
 
 # HNSW search breadth: 256 finds 95% of stored paraphrases among 1,000,000 entries (64: 88%) for ~+1 ms.
@@ -128,6 +131,7 @@ class LocalStore:
             )
             self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none", timeout=60)
             self._entries.create_tag_index()
+            _remove_orphan_values(self.directory / "entries")
         except sqlite3.DatabaseError as exc:
             if is_damage(exc):
                 raise ConfigurationError(f"the cache in {self.directory} is damaged ({exc}); {_REMEDY}") from exc
@@ -598,6 +602,33 @@ def _ttl_of(entry: CacheEntry) -> float | None:
     if entry.expires_at is None:
         return None
     return max(entry.expires_at - entry.created_at, 0.001)
+
+
+def _remove_orphan_values(folder: Path, older_than_s: float = _ORPHAN_AFTER_S) -> int:
+    """Delete the value files of a diskcache in `folder` that no row names, once older than `older_than_s`; how
+    many went. A writer killed between writing a long answer's file and committing its row left the file for
+    good: outside diskcache's size accounting, so the cache grew past size_bytes with every such crash."""
+    import diskcache
+
+    cutoff = time.time() - older_than_s
+    old = set()
+    for path in folder.glob("*/*/*.val"):  # listed before the rows are read: a file named since is young
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                old.add(path.relative_to(folder).as_posix())
+    if not old:
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(folder / diskcache.core.DBNAME, timeout=60)) as db:
+            named = {row[0] for row in db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+    except sqlite3.Error as exc:  # busy past the timeout, or worse: the store's own reads will say; sweep next time
+        logger.warning("the cache in %s: leftover value files not swept (%s)", folder, exc)
+        return 0
+    orphans = old - named
+    for name in orphans:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+    return len(orphans)
 
 
 def _dump(record: dict[str, Any]) -> str:

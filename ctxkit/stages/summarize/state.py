@@ -29,6 +29,10 @@ from .facts import Fact
 
 logger = logging.getLogger("ctxkit")
 
+# Unreadable files set aside to look at (".damaged"), newest kept: a recurring fault (a full disk cutting files
+# short, another version's format) set one aside per conversation, never removed, each holding user text.
+KEEP_DAMAGED = 10
+
 
 def digest(fingerprints: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:32]
@@ -111,6 +115,7 @@ class SummaryStore:
         self._files = 0
         self._seen: dict[tuple[str, str], tuple[int, int, int] | None] = {}  # each file as this process last read or wrote it
         self._written = 0  # new files written since the directory was last counted
+        self._damaged = 0  # files set aside as damaged since they were last counted
         if self.directory is not None:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
@@ -119,6 +124,7 @@ class SummaryStore:
             remove_stale(self.directory, "*.tmp")
             self._files = sum(1 for _ in self.directory.glob("*.json"))
             self._prune_files()
+            self._damaged = self._prune_damaged()
 
     def _path(self, key: tuple[str, str]) -> Path:
         assert self.directory is not None
@@ -150,8 +156,7 @@ class SummaryStore:
                         # over instead of failing every one of its calls. The file is kept aside to look at.
                         logger.warning("ctxkit summaries: %s is unreadable (%s); the conversation is summarized anew",
                                        path, exc)
-                        with contextlib.suppress(OSError):
-                            path.replace(path.with_suffix(".damaged"))
+                        self._set_aside(path)
                         return None
                     if held is not None:  # what this process passed on last: its prefix accounting goes on
                         state.last_sent, state.last_sent_tokens, state.last_tools = \
@@ -214,6 +219,28 @@ class SummaryStore:
                         self._files = sum(1 for _ in self.directory.glob("*.json"))
                     self._prune_files()
 
+    def _set_aside(self, path: Path) -> None:
+        damaged = path.with_suffix(".damaged")
+        with contextlib.suppress(OSError):
+            path.replace(damaged)
+            os.utime(damaged)  # when it was set aside, not when it was written: the newest are kept
+            self._damaged += 1
+        if self._damaged > 2 * KEEP_DAMAGED:  # a scan per KEEP_DAMAGED set aside, not one per file
+            self._damaged = self._prune_damaged()
+
+    def _prune_damaged(self) -> int:
+        """Keep the KEEP_DAMAGED most recently set aside damaged files; how many are left."""
+        assert self.directory is not None
+        found = []
+        for path in self.directory.glob("*.damaged"):
+            with contextlib.suppress(OSError):  # another process removed it meanwhile
+                found.append((path.stat().st_mtime, path))
+        found.sort(reverse=True)
+        for _, path in found[KEEP_DAMAGED:]:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return min(len(found), KEEP_DAMAGED)
+
     def _prune_files(self) -> None:
         """Past max_files, drop the least recently written files down to 90% of it (a scan per 10% written)."""
         if self.directory is None or self._files <= self.max_files:
@@ -233,6 +260,7 @@ class SummaryStore:
             self._states.pop(key, None)
             if self.directory is not None:
                 self._path(key).unlink(missing_ok=True)
+                self._path(key).with_suffix(".damaged").unlink(missing_ok=True)  # it holds the conversation too
 
     def __len__(self) -> int:
         with self._lock:

@@ -329,7 +329,7 @@ class ToolIndex:
         hashes = [tool_hash(t) for t in tools]
         found = self._memo.get(self._space, hashes)
         if len(found) < len(hashes):  # only then is the vector store read
-            stored = self._store.read() if self._store is not None else {}
+            stored = self._store.read(used=set(hashes) - found.keys()) if self._store is not None else {}
             found.update({h: stored[h] for h in hashes  # a vector of another shape is another model's: re-embed
                           if h in stored and h not in found and stored[h].shape == (self.dimension,)})
             missing = list(dict.fromkeys(h for h in hashes if h not in found))
@@ -340,7 +340,8 @@ class ToolIndex:
                 found.update(zip(missing, fresh, strict=True))
                 if self._store is not None:
                     try:
-                        self._store.append(dict(zip(missing, fresh, strict=True)))
+                        self._store.append(dict(zip(missing, fresh, strict=True)),
+                                           keep=lambda: {*hashes, *self._hashes, *self._saved_hashes()})
                     except OSError as exc:  # a read-only or full directory: the vectors serve this process anyway
                         logger.warning("tool vectors not stored in %s (%s); they are embedded again by the next "
                                        "process", self._store.folder, exc)
@@ -409,6 +410,15 @@ class ToolIndex:
 
     def _catalog_dir(self) -> Path | None:
         return self._root / self.catalog_hash if self._root is not None else None
+
+    def _saved_hashes(self) -> set[str]:
+        """The tools of the catalog versions saved under this model's folder: their vectors stay stored."""
+        assert self._root is not None
+        saved: set[str] = set()
+        for path in self._root.glob(f"*/{INDEX_FILE}"):
+            with contextlib.suppress(Exception), np.load(path) as data:  # unreadable: rebuilt when next used
+                saved.update(data["hashes"].tolist())
+        return saved
 
     def _load(self, tools: list[Tool]) -> bool:
         import faiss
