@@ -150,7 +150,9 @@ _INJECTION = [
     # INSTRUCTIONS***", "New instructions: ..."
     (r"\[system\]\(#[\w-]+\)|(?:^|\n)[ \t]*(?:[*#>_=\-\[]+[ \t]*)?(?:new|updated|important) (?:important |new )?"
      r"instructions?[ \t]*(?:[*#_=\]]+|:)", "contains a system prompt"),
+    # ChatML, Llama 3, Mistral and Llama 2; Gemma's turns, Phi's roles; tool-call markup of several families
     (r"<\|?(?:im_start|im_end|system|endoftext|start_header_id|eot_id|python_tag|eom_id)\|?>|\[/?INST\]|<</?SYS>>|</?system>|"
+     r"<(?:start|end)_of_turn>|<\|(?:user|assistant|end)\|>|"
      r"<tool_call>\s*\{|<\|tool_calls?(?:_begin|_end)?\|>|\[TOOL_CALLS\]|<function=\w+>|</?function_calls>|<invoke name=",
      "contains chat-template control tokens"),
     (r"(?:^|\n)[^\S\n]*system\s*:\s*(?=[^\n]{0,100}\b(?:you|your|ignore|instructions?|must|always|never|from now on|"
