@@ -29,10 +29,16 @@ CHATML_TEMPLATE = (
 class GGUFPrompt:
     """Renders chat requests with a GGUF's template and tokenizes them with its vocabulary."""
 
-    def __init__(self, llama: Any) -> None:
+    def __init__(self, llama: Any, *, control_text_parsed: bool = False) -> None:
+        """control_text_parsed: whether whoever tokenizes the rendered prompt reads control-token text in a
+        message (a user's "<|im_end|>") as the control token. LlamaCppBackend does not (ctxkit tokenizes, and
+        keeps such text plain); a server that renders the template itself does (llama-cpp-python's server and
+        llama-server tokenize the whole rendered prompt with control tokens parsed), and counting it as plain
+        text there counted 5 tokens for each such control token the server saw as one."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._llama = llama
+        self.control_text_parsed = control_text_parsed
         self._lock = threading.Lock()  # llama.cpp's tokenizer is not documented as thread-safe
         self._closed = False  # the model was freed (LlamaCppBackend.close): tokenizing with it would crash
         template = llama.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
@@ -55,8 +61,9 @@ class GGUFPrompt:
         self.context_length: int | None = int(length) if length.isdigit() else None
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> GGUFPrompt:
-        """A prompt renderer (and token counter) from a GGUF file's vocabulary alone, without its weights."""
+    def from_gguf(cls, path: str | Path, *, control_text_parsed: bool = True) -> GGUFPrompt:
+        """A prompt renderer (and token counter) from a GGUF file's vocabulary alone, without its weights: the
+        counter for a server that serves that GGUF, which parses control-token text in messages (see __init__)."""
         Llama = import_llama()
 
         if not Path(path).is_file():
@@ -65,7 +72,7 @@ class GGUFPrompt:
             llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file" (not a GGUF, truncated)
             raise ConfigurationError(f"cannot load the GGUF file {path}: {exc}") from None
-        return cls(llama)
+        return cls(llama, control_text_parsed=control_text_parsed)
 
     def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
         formatter: Any = self.formatter  # llama-cpp-python types messages as TypedDicts; ours are plain dicts
@@ -100,6 +107,8 @@ class GGUFPrompt:
         # marker (ASCII letters, which survive the template's JSON and HTML escaping), the prompt rendered, and
         # the text around the template's own control tokens tokenized as plain text, each marker as the
         # characters it stands for.
+        if self.control_text_parsed:  # the server's own tokenization: every control-token text is the token
+            return self.tokenize(self.render(messages, tools))
         found: dict[str, str] = {}
         marked_messages = self._escape(list(messages), found)
         marked_tools = self._escape(list(tools), found)
@@ -147,10 +156,13 @@ class GGUFPrompt:
 
     # TokenCounter protocol
     def count_text(self, text: str) -> int:
-        # Text counted on its own is a message's (a document, a summary, a section): in the prompt its
-        # control-token texts are plain characters (see tokens()), so they are counted as such here too.
+        # Text counted on its own is a message's (a document, a summary, a section): counted as its control-token
+        # texts are tokenized in the prompt (see tokens()).
+        return self._count(text, special=self.control_text_parsed)
+
+    def _count(self, text: str, *, special: bool) -> int:
         with self._lock:
-            return len(self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            return len(self._tokenizer().tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def count_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> int:
         return len(self.tokens(messages, tools))
@@ -163,7 +175,9 @@ class GGUFPrompt:
             except json.JSONDecodeError:  # cut off by max_tokens: count what was written
                 arguments = call["function"]["arguments"]
             text += format_tool_call(call["function"]["name"], arguments)
-        return self.count_text(text)
+        # An answer's text is decoded from the tokens generated, and a control token decodes to nothing: any
+        # control-token text in it was generated as plain characters, whoever tokenizes prompts.
+        return self._count(text, special=False)
 
 
 def import_llama() -> Any:

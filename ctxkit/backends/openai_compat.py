@@ -225,6 +225,7 @@ class OpenAIBackend:
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
         usage_seen = False  # whether the server sent its own usage
+        finish_reason: str | None = None
         failure: BaseException | None = None
         # A server that keeps the connection alive (SSE comments, blank lines) but sends no chunk never trips the
         # HTTP read timeout: a watchdog ends such a stream once no chunk came for the call's timeout.
@@ -233,6 +234,7 @@ class OpenAIBackend:
         try:
             for chunk in watchdog.chunks():
                 ended = ended or _ends_answer(chunk)
+                finish_reason = _finish_reason(chunk) or finish_reason
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
                 usage_seen = usage_seen or bool(data.get("usage"))
@@ -264,6 +266,7 @@ class OpenAIBackend:
             if usage is not None:
                 yield usage
             raise failure
+        self._note_counted_stream(request, record, finish_reason, usage_seen)
         if calls is not None and not usage_seen and calls.generated:
             # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
             # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
@@ -305,6 +308,7 @@ class OpenAIBackend:
         slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
         last: dict[str, Any] = {}
         usage_seen = False  # whether the server sent its own usage
+        finish_reason: str | None = None
         failure: BaseException | None = None
         limit = self._stall_limit(request)
         stops = self._call_stops(request)
@@ -317,6 +321,7 @@ class OpenAIBackend:
                 except TimeoutError:  # kept alive (SSE comments) but no chunk: see _stream
                     raise _stalled(limit, self.name) from None
                 ended = ended or _ends_answer(chunk)
+                finish_reason = _finish_reason(chunk) or finish_reason
                 data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
                 last = data
                 usage_seen = usage_seen or bool(data.get("usage"))
@@ -346,6 +351,7 @@ class OpenAIBackend:
             if usage is not None:
                 yield usage
             raise failure
+        self._note_counted_stream(request, record, finish_reason, usage_seen)
         if calls is not None and not usage_seen and calls.generated:
             # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
             # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
@@ -433,6 +439,7 @@ class OpenAIBackend:
         choice = completion.choices[0]
         message = choice.message.model_dump(exclude_none=True)
         message.setdefault("content", None)
+        generated = dict(message)  # as the server sent it, before a tool call's text is parsed out of it
         finish_reason = choice.finish_reason or "stop"
         if self._tools_as_text() and may_call(request.tools, request.params):
             stops = self._call_stops(request)
@@ -453,6 +460,7 @@ class OpenAIBackend:
             details = usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
             counted = Usage(usage.prompt_tokens, usage.completion_tokens, cached)
+            self._note_completion_count(request, generated, usage.completion_tokens)
         else:  # some servers report nothing: count, and say so
             counter = self.counter_for(request.model)
             counted = Usage(counter.count_prompt(request.messages, request.tools),
@@ -463,6 +471,40 @@ class OpenAIBackend:
             # asked for with logprobs=true: an app then indexes them, so never answer a silent null
             logprobs=choice.logprobs.model_dump(exclude_unset=True) if choice.logprobs is not None else None,
         )
+
+    def _note_completion_count(self, request: ChatRequest, generated: dict[str, Any], reported: int) -> None:
+        """A ledger event when a GGUF counter's count of the answer differs from the completion_tokens the server
+        reported (the ledger's tokens_out, which is the server's): the answer's text does not carry every token
+        generated (a stop sequence's, a control token's), so a stream of it, which the server sends without usage
+        (llama-cpp-python's) and ctxkit counts, is counted short by as much."""
+        counter = self.counter_for(request.model)
+        if not isinstance(counter, GGUFPrompt):  # tiktoken's answer count is OpenAI's recipe, not the server's own
+            return
+        try:
+            counted = counter.count_completion(generated)
+        except Exception:  # noqa: BLE001 - a note: the answer, paid for, is returned whatever becomes of it
+            return
+        # stop_sequence: the server counts the stop text's tokens and cuts the text before them; otherwise a
+        # control token generated decodes to no text, or the tokens are not the ones the text tokenizes to
+        if counted != reported:
+            from ..pipeline import event_recorder  # the pipeline imports the backends
+
+            event_recorder()(self.name, "completion_count_differs", reported=reported, counted=counted,
+                             reason="stop_sequence" if request.params.get("stop") else "tokens_not_in_text")
+
+    def _note_counted_stream(self, request: ChatRequest, record: Callable[..., None], finish_reason: str | None,
+                             usage_seen: bool) -> None:
+        """A ledger event for a stream the server sent no usage for (ctxkit counted its answer) that a stop
+        sequence the server applied may have ended: the server counts the tokens of the stop text, which it sends
+        neither as text nor as a number, so tokens_out is a lower bound (by 1 token for stop ["\n"])."""
+        if usage_seen or finish_reason != "stop" or not self._server_stops(request):
+            return
+        record(self.name, "completion_count_lower_bound", reason="stop_sequence")
+
+    def _server_stops(self, request: ChatRequest) -> bool:
+        """Whether the caller's stop sequences go to the server (not applied by ctxkit: see _call_stops)."""
+        stop = request.params.get("stop")
+        return bool(stop) and not (self._tools_as_text() and may_call(request.tools, request.params))
 
     def _delay(self, attempt: int, exc: openai.OpenAIError) -> float | None:
         """Seconds to wait before the next attempt; None when the server asks for longer than
@@ -836,6 +878,11 @@ def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str
 def _ends_answer(chunk: Any) -> bool:
     """Whether a chunk says why the answer ended: every complete stream has one."""
     return any(getattr(choice, "finish_reason", None) for choice in getattr(chunk, "choices", None) or [])
+
+
+def _finish_reason(chunk: Any) -> str | None:
+    return next((choice.finish_reason for choice in getattr(chunk, "choices", None) or []
+                 if getattr(choice, "finish_reason", None)), None)
 
 
 def _malformed(exc: json.JSONDecodeError, backend: str) -> BackendError:
