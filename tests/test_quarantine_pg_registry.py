@@ -183,7 +183,8 @@ def test_database_gone_mid_run_keeps_calls_working_from_memory(db_url, caplog):
     with pytest.raises(QuarantineStoreUnavailable):
         a.release(a.list("team-c")[0].fingerprint, "team-c")  # not released in memory only
 
-    a.registry.dsn, a.registry._retry_at = good, 0.0  # the database is back
+    a.registry.dsn = good  # the database is back: the background thread reconnects, no call waits for it
+    _until_back(a.registry)
     assert [r.role for r in a.list("team-c")] == ["tool"]
     assert [r.role for r in b.list("team-c")] == ["tool"]  # what A kept meanwhile reached the database
     assert any("is back" in r.getMessage() for r in caplog.records)
@@ -227,9 +228,27 @@ def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_b
     assert any("PostgreSQL cannot be reached" in r.getMessage() for r in caplog.records if r.name == "ctxkit.server")
 
 
-def test_the_retry_wait_counts_from_when_a_slow_outage_gave_up(db_url):
-    """A server that stopped answering costs the call that meets it its connect timeouts; the next try comes
-    `retry_s` after that call gave up, not after it began (it began longer ago than `retry_s`: every call waited)."""
+def _until_back(registry: PostgresQuarantineRegistry, within_s: float = 15.0) -> float:
+    """Wait, making no call, until the registry uses its database again; how long that took."""
+    started = time.monotonic()
+    while registry._down_since is not None:
+        assert time.monotonic() - started < within_s, "the registry did not reconnect by itself"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _until_written(registry: PostgresQuarantineRegistry, within_s: float = 15.0) -> None:
+    """Wait, making no call, until what the registry kept in memory during an outage is in the database."""
+    started = time.monotonic()
+    while registry._pending:
+        assert time.monotonic() - started < within_s, "an idle replica kept its backlog in memory"
+        time.sleep(0.05)
+
+
+def test_calls_during_a_silent_outage_do_not_wait(db_url):
+    """A server that does not answer (dropped packets, a stopped VM) costs the call that finds it gone one connect
+    timeout, not two, and every later call nothing: the background thread reconnects (it cost 10 s, then 5 s at
+    every retry_s). When the server is back, the registry uses it again without being asked."""
     import socket
 
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers, like a stopped server
@@ -238,16 +257,110 @@ def test_the_retry_wait_counts_from_when_a_slow_outage_gave_up(db_url):
     try:
         a = QuarantineStage(store=db_url)
         _send(a, _history(TRACEBACK))
+        good = a.registry.dsn
         a.registry.dsn = f"postgresql://nobody@127.0.0.1:{silent.getsockname()[1]}/db"
         a.registry._drop_connection()
-        a.registry.retry_s = 3.0
+        a.registry.retry_s = 0.5  # the reconnecting thread tries often: no call may wait for its tries
         started = time.monotonic()
+        _send(a, _history(TRACEBACK, answered=True))
+        assert time.monotonic() - started < 3.0  # one connect timeout (2 s)
+        slowest = 0.0
+        for i in range(40):  # 4 s of calls, over several of the thread's tries
+            started = time.monotonic()
+            sent = _send(a, _history(f"Error: upstream failed with code {i}", answered=True))
+            slowest = max(slowest, time.monotonic() - started)
+            assert sent.messages[2]["content"].startswith(PLACEHOLDER_PREFIX)  # quarantined from memory
+            time.sleep(0.1)
+        assert slowest < 0.5
         with pytest.raises(QuarantineStoreUnavailable):
-            a.release("0" * 32, "team-a")
-        assert time.monotonic() - started > a.registry.retry_s  # two connect timeouts: longer than retry_s
-        started = time.monotonic()
-        with pytest.raises(QuarantineStoreUnavailable):
-            a.release("0" * 32, "team-a")
-        assert time.monotonic() - started < 1.0  # within retry_s of the last try: no new wait
+            a.release("0" * 32, "team-a")  # refused at once too
+        a.registry.dsn = good
+        assert _until_back(a.registry) < 5.0  # a try cut short by the connect timeout, then one that works
+        _until_written(a.registry)
+        assert len(QuarantineStage(store=db_url).list("team-a")) == 41  # what A kept meanwhile reached the database
     finally:
         silent.close()
+
+
+@pytest.fixture
+def own_server() -> Any:
+    """A PostgreSQL server of this test's own, to stop and start (the session's one serves the other tests)."""
+    import tempfile
+
+    import pgserver
+
+    directory = tempfile.mkdtemp(prefix="ctxkit-pg-own-")
+    server = pgserver.get_server(directory, cleanup_mode="delete")
+    try:
+        yield server, directory
+    finally:
+        server.cleanup()
+
+
+def _server_processes(server: Any) -> list[Any]:
+    import psutil
+
+    postmaster = psutil.Process(server.get_pid())
+    return [postmaster, *postmaster.children()]
+
+
+def test_a_frozen_server_and_a_restart_lose_and_duplicate_nothing(own_server):
+    """Two replicas through a real server frozen (SIGSTOP: it answers nothing, as behind a network cut) and then
+    thawed: the calls meanwhile do not wait, each quarantine reaches the database once, what one replica released
+    before the outage is not quarantined again by the other, and a release refused during the outage works after."""
+    server, _ = own_server
+    url = server.get_uri()
+    a, b = QuarantineStage(store=url), QuarantineStage(store=url)
+    for stage in (a, b):
+        stage.registry.retry_s = 0.5
+    released = "Error: disk quota exceeded on /var/data"
+    _send(a, _history(released))
+    [record] = b.list("team-a")
+    _send(a, _history(TRACEBACK))  # quarantined before the outage
+    assert b.release(record.fingerprint, "team-a")  # A has not seen this release yet
+    [kept] = [r for r in b.list("team-a") if r.fingerprint != record.fingerprint]
+
+    frozen = _server_processes(server)
+    for process in frozen:
+        process.suspend()
+    try:
+        started = time.monotonic()
+        _send(a, _history("Error: upstream failed with code 1"))  # finds the server gone: one watchdog wait
+        _send(b, _history("Error: upstream failed with code 1"))  # the same content on both replicas
+        assert time.monotonic() - started < 10.0
+        started = time.monotonic()
+        _send(a, _history(released))  # released on B before the outage, which A has not seen
+        for i in range(2, 12):
+            _send(a if i % 2 else b, _history(f"Error: upstream failed with code {i}"))
+        assert time.monotonic() - started < 1.0  # eleven calls, none waiting for the server
+        with pytest.raises(QuarantineStoreUnavailable):
+            b.release(kept.fingerprint, "team-a")
+    finally:
+        for process in frozen:
+            process.resume()
+    for stage in (a, b):
+        _until_back(stage.registry)
+        _until_written(stage.registry)
+    assert b.release(kept.fingerprint, "team-a")
+    expected = {f"Error: upstream failed with code {i}" for i in range(1, 12)}
+    fresh = QuarantineStage(store=url)
+    assert sorted(r.excerpt for r in fresh.list("team-a")) == sorted(expected)  # each once; the released ones gone
+    assert sorted(r.excerpt for r in a.list("team-a")) == sorted(expected)
+
+
+def test_what_a_replica_still_held_in_memory_when_it_ends_is_named(db_url, caplog):
+    """A replica that ends during an outage loses what it kept in memory: an ERROR names it, and the content,
+    sent again to a replica after the database is back, is quarantined again."""
+    a = QuarantineStage(store=db_url)
+    good = a.registry.dsn
+    a.registry.dsn = "postgresql://nobody@127.0.0.1:1/db"
+    a.registry._drop_connection()
+    _send(a, _history(TRACEBACK))
+    [record] = a.list("team-a")
+    caplog.set_level(logging.ERROR, "ctxkit.quarantine")
+    a.registry.close()
+    assert any("lost" in r.getMessage() and record.fingerprint in r.getMessage() for r in caplog.records)
+    b = QuarantineStage(store=good)
+    assert b.list("team-a") == []
+    _send(b, _history(TRACEBACK))
+    assert [r.fingerprint for r in b.list("team-a")] == [record.fingerprint]

@@ -11,7 +11,13 @@ the transaction, so concurrent replicas lose nothing and number their changes wi
 
 The database going away (a restart, a failover, a network cut, the tables dropped) fails no model call:
 the registry logs an ERROR once and works from its copy in memory; what it quarantines meanwhile is kept
-there and written to the database when it is back (tried again at most every `retry_s` seconds).
+there and written to the database when it is back. Only the call that finds the database gone waits for it
+(a connect or statement timeout); while it is away a background thread tries to reconnect (more slowly each
+time, at least every `retry_s` seconds), so calls meanwhile cost no wait, and the first call after it is back
+uses it again. The backlog is written a little at each call, so no one call pays for a long outage.
+What is still in memory when the process ends is lost (an ERROR names it): content sent again is checked
+again, but a model answer quarantined in its context (it repeats an injected link) is not when that context
+is not sent again.
 A release cannot be kept in memory only (the other replicas would hold the content back, and the
 operator believe it released): it raises `QuarantineStoreUnavailable` until the database is back.
 A bad URL, an unreachable server or missing rights at construction raise `ConfigurationError`.
@@ -26,7 +32,9 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
@@ -49,6 +57,11 @@ logger = logging.getLogger("ctxkit.quarantine")
 
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _T = TypeVar("_T")
+# How long one call may spend writing what was kept in memory during an outage: after a long one, thousands of
+# quarantines are written over the next calls instead of stalling the first for minutes.
+FLUSH_BUDGET_S = 0.2
+# A failed try that took longer than this met a server that does not answer: a second try would double the wait.
+_SLOW_FAILURE_S = 1.0
 
 
 class PostgresQuarantineRegistry:
@@ -56,7 +69,7 @@ class PostgresQuarantineRegistry:
     and placeholders each, the oldest going first."""
 
     def __init__(self, max_records: int, dsn: str, *, table_prefix: str = "ctxkit_quarantine",
-                 connect_timeout_s: float = 5.0, statement_timeout_s: float = 5.0, retry_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 2.0, statement_timeout_s: float = 2.0, retry_s: float = 10.0) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
         try:
@@ -74,9 +87,13 @@ class PostgresQuarantineRegistry:
         self._conn: Any = None
         self._pid = os.getpid()
         self._down_since: float | None = None
-        self._retry_at = 0.0
+        self._reconnected: Any = None  # a connection the background thread opened, for the next call to use
+        self._reconnecting: threading.Thread | None = None
+        self._closed = threading.Event()
         self._pending: list[tuple[str, Any]] = []  # writes made while the database was away, oldest first
         self._inherited: list[Any] = []  # a parent's connection after a fork: never used, never closed
+        # A process that ends during an outage loses what it kept in memory: the operator is told what.
+        weakref.finalize(self, _report_unwritten, self._pending)
         try:
             self._conn = self._connect()
         except Exception as exc:  # noqa: BLE001 - any failure to open is the operator's to fix
@@ -120,7 +137,8 @@ class PostgresQuarantineRegistry:
                                              "released; try again when it is back")
 
         with self._lock:
-            return self._attempt(release, unavailable)
+            # a record kept in memory during the outage is written first, to be released like any other
+            return self._attempt(release, unavailable, flush=namespace)
 
     def add_issued(self, namespace: str, placeholder: str) -> None:
         with self._lock:
@@ -130,8 +148,13 @@ class PostgresQuarantineRegistry:
                           lambda: self._offline_write("issued", (namespace, placeholder)))
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self._drop_connection()
+            if self._reconnected is not None and os.getpid() == self._pid:
+                self._reconnected.close()
+            self._reconnected = None
+        _report_unwritten(self._pending)
 
     # -- connection and outages -------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -163,44 +186,92 @@ class PostgresQuarantineRegistry:
                 namespace text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, key text NOT NULL, value text,
                 deleted boolean NOT NULL, PRIMARY KEY (namespace, seq))""")
 
-    def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T]) -> _T:
+    def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T], *, flush: str | None = None) -> _T:
         """`work` on the database; once more on a new connection (and the tables made again) when the first
-        try fails, for a server restarted since the last call; `offline()` when the database is away.
-        Under _lock."""
+        try failed at once, for a server restarted since the last call; `offline()` when the database is away,
+        at once while the background thread has not reconnected. `flush`: a namespace whose writes kept in
+        memory are all written first (else only what FLUSH_BUDGET_S allows). Under _lock."""
         import psycopg
 
-
-        now = time.monotonic()
-        if self._down_since is not None and now < self._retry_at:
-            return offline()
+        if os.getpid() != self._pid:  # closing a parent's connections would end its sessions
+            self._inherited += [self._conn, self._reconnected]
+            self._conn = self._reconnected = self._reconnecting = None
+            self._pid = os.getpid()
+        if self._down_since is not None:
+            if self._reconnected is None:
+                self._reconnect_in_background()
+                return offline()
+            self._drop_connection()
+            self._conn, self._reconnected = self._reconnected, None
         error: Exception | None = None
-        for _ in range(1 if self._down_since is not None else 2):  # a server still away costs one wait, not two
+        for _ in range(1 if self._down_since is not None else 2):
+            started = time.monotonic()
             try:
-                if os.getpid() != self._pid:
-                    self._inherited.append(self._conn)  # closing it would end the parent's session
-                    self._conn, self._pid = None, os.getpid()
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._conn = self._connect()
-                # the server enforces statement_timeout; one that stopped answering is cut off by the watchdog
-                with statement_watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
-                    self._flush_pending(self._conn)
-                    result = work(self._conn)
+                if flush is not None:
+                    self._flush_pending(None, flush)
+                self._flush_pending(FLUSH_BUDGET_S)
+                result = self._watched(work)
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
                     psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
                 error = exc
                 self._drop_connection()
+                if time.monotonic() - started > _SLOW_FAILURE_S:
+                    break  # timed out: the server does not answer, and a new connection would wait as long
                 continue
             if self._down_since is not None:
                 logger.warning("the quarantine registry's PostgreSQL is back after %.0f s",
-                               now - self._down_since)
+                               time.monotonic() - self._down_since)
                 self._down_since = None
             return result
         if self._down_since is None:
-            self._down_since = now
+            self._down_since = time.monotonic()
             logger.error("the quarantine registry's PostgreSQL cannot be reached; quarantines are kept in this "
                          "replica's memory until it is back, and releases refused: %s", self._redact(error))
-        self._retry_at = time.monotonic() + self.retry_s  # from when this try gave up, not from when it began
+        self._reconnect_in_background()
         return offline()
+
+    def _watched(self, work: Callable[[Any], _T]) -> _T:
+        # the server enforces statement_timeout; one that stopped answering is cut off by the watchdog
+        with statement_watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
+            return work(self._conn)
+
+    def _reconnect_in_background(self) -> None:
+        """Start the thread that reconnects while the database is away (unless it runs). Under _lock."""
+        if self._reconnecting is None or not self._reconnecting.is_alive():
+            self._reconnecting = threading.Thread(target=self._reconnect, name="ctxkit-quarantine-reconnect",
+                                                  daemon=True)
+            self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        """While the database is away: try to connect, waiting longer between tries (up to retry_s), each try
+        waiting its connect timeout here rather than in a model call. When it is back: write what was kept in
+        memory meanwhile, a slice at a time between the calls, so that an idle replica does not hold it."""
+        pid, wait = os.getpid(), min(0.25, self.retry_s)
+        while not self._closed.wait(wait):
+            with self._lock:
+                if os.getpid() != pid:
+                    return
+                if self._down_since is None and not self._pending:
+                    self._reconnecting = None  # done: a call that finds the database gone again starts another
+                    return
+                if self._down_since is None:
+                    self._attempt(_nothing, _nothing)
+                    wait = FLUSH_BUDGET_S / 4
+                    continue
+            try:
+                conn = self._connect()
+            except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
+                wait = min(wait * 2, self.retry_s)
+                continue
+            with self._lock:
+                if self._closed.is_set() or os.getpid() != pid or self._down_since is None:
+                    conn.close()
+                    continue
+                self._reconnected = conn
+                self._attempt(_nothing, _nothing)  # back: said at once, not at the next call
+            wait = FLUSH_BUDGET_S / 4
 
     def _drop_connection(self) -> None:
         if self._conn is not None and os.getpid() == self._pid:  # a forked child leaves its parent's session alone
@@ -227,14 +298,20 @@ class PostgresQuarantineRegistry:
         self._pending.append((what, item))
         return None
 
-    def _flush_pending(self, conn: Any) -> None:
-        while self._pending:
-            what, item = self._pending[0]
+    def _flush_pending(self, budget_s: float | None, namespace: str | None = None) -> None:
+        """Write what was kept in memory during an outage, oldest first, for at most `budget_s` (None: all of it;
+        `namespace`: only that namespace's); the rest at the next calls (read meanwhile from _pending)."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        for what, item in list(self._pending):
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            if namespace is not None and (item.namespace if what == "record" else item[0]) != namespace:
+                continue
             if what == "record":
-                self._add_record(conn, item)
+                self._watched(partial(self._add_record, record=item))
             else:
-                self._add_issued(conn, *item)
-            self._pending.pop(0)
+                self._watched(partial(self._add_issued, namespace=item[0], placeholder=item[1]))
+            self._pending.remove((what, item))
 
     def _redact(self, exc: BaseException | None) -> str:
         """The error's first line without the URL's password (libpq may quote it)."""
@@ -259,7 +336,7 @@ class PostgresQuarantineRegistry:
         latest = row[0] if row else 0
         space = self._spaces.pop(namespace, None)
         if space is None:
-            if latest == 0:
+            if latest == 0 and not self._pending:
                 return Namespace()  # nothing ever written there (most namespaces): nothing to keep
             return self._load(conn, namespace, latest)
         self._spaces[namespace] = space
@@ -281,6 +358,11 @@ class PostgresQuarantineRegistry:
                             (_to_db(namespace),))
         for kind, stored, value in rows:
             space.apply(kind, _from_db(stored), value, False)
+        for what, item in self._pending:  # kept in memory during an outage, not written yet
+            if what == "record" and item.namespace == namespace and item.fingerprint not in space.released:
+                space.records.setdefault(item.fingerprint, item)
+            elif what == "issued" and item[0] == namespace:
+                space.issued.setdefault(item[1], None)
         self._spaces[namespace] = space
         self._evict()
         return space
@@ -368,6 +450,21 @@ class _Transaction:
         self.seq += 1
         self.conn.execute(f"INSERT INTO {self.t['changes']} VALUES (%s, %s, %s, %s, %s, %s)",
                           (self.namespace, self.seq, kind, key, value, deleted))
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def _report_unwritten(pending: list[tuple[str, Any]]) -> None:
+    """At the registry's end (closed, collected, or the process exiting): what the outage kept in memory and
+    no database will have."""
+    records = [item.fingerprint for what, item in pending if what == "record"]
+    if records:
+        logger.error("%d quarantine(s) found while the registry's PostgreSQL was away were never written and are "
+                     "lost: %s; their content is checked again when it is sent again", len(records),
+                     ", ".join(records[:20]) + (", ..." if len(records) > 20 else ""))
+    pending.clear()
 
 
 def _to_db(text: str) -> str:
