@@ -183,14 +183,18 @@ _INJECTION = [
     # its query holds a template, a long encoded blob, or a placeholder that names what to put there
     # ("?d=USER_DATA_HERE"), not a setting ("?branch=main", "?style=flat"). The link is read up to 2 KB:
     # unbounded, each "![" of a long run without a space or ")" read the rest of the run (160 KB: 25 s).
-    (r"!\[[^\]]*\]\(\s*https?://[^)\s]{0,2048}?[?&][^)\s=&?]{0,64}=(?:\{|%7B|<|\[|\$|[A-Za-z0-9+/_-]{40,}|"
+    # Its alt text is read up to the next "[" (one level of brackets inside it allowed): each "![" of a run of
+    # them read to the end of the run ("![" * 100,000: 13.5 s).
+    (r"!\[[^\[\]]*+(?:\[[^\[\]]*+\][^\[\]]*+)*+\]\(\s*https?://[^)\s]{0,2048}?[?&][^)\s=&?]{0,64}=(?:\{|%7B|<|\[|\$|[A-Za-z0-9+/_-]{40,}|"
      r"(?-i:[A-Z0-9]*_?(?:DATA|HERE|USER|EMAILS?|CHAT|HISTORY|CONVERSATION|SECRETS?|PASSWORDS?|TOKENS?|SUMMARY|CONTEXT)(?:_[A-Z0-9]+)*)(?=[)&#\s]))",
      "embeds an image link that can carry data out"),
     # Not the mail as the medium ("send your questions via email to info@...", "send us an email at ..."), nor
-    # the reader's own papers ("email your documents to jobs@..."): a contact page or a job ad asks that of people
+    # the reader's own papers ("email your documents to jobs@...", "send your message to ..."): a contact page or a
+    # job ad asks that of people. "Forward your emails to ...", "send your conversation to ..." are still the reader's
+    # mail and chat going out: only papers are exempt after "your".
     (r"\b(?:send|post|upload|forward|exfiltrate|transmit|email)\b[^.\n]{0,60}?\b(?:"
-     r"(?<!\bvia )(?<!\bby )(?<!\ban )(?<!\bper )(?<!\byour )(?:conversations?|chats?|history|messages?|e-?mails?|inbox|data|"
-     r"files?|documents?|contacts|summary|contents?|logs?)|credentials|passwords?|keys?|tokens?|secrets?|env|"
+     r"(?<!\bvia )(?<!\bby )(?<!\ban )(?<!\bper )(?:conversations?|chats?|history|e-?mails?|inbox|data|contacts|summary|"
+     r"logs?|(?<!\byour )(?:messages?|files?|documents?|contents?))|credentials|passwords?|keys?|tokens?|secrets?|env|"
      r"environment|everything|cookies?|sessions?)\b[^.\n]{0,60}?"
      r"(?:https?://|\b[\w.-]+@[\w-]+\.\w+)",
      "asks to send data to an address"),
@@ -354,8 +358,9 @@ _INJECTION = [
      r"guardrails|filters|checks|the user)\b)",
      "role-plays a system or assistant turn"),
     # an app's notice addressed to the model: ">>> SYSTEM NOTICE TO ASSISTANT <<<"; a new rule for AI agents
+    # (the model named as such: "Admin notice to all agents" is a help desk's, "System update for all models" a vendor's)
     (r"\b(?:system|admin|developer|operator) (?:notice|message|note|alert|instructions?|directive|command|update|override) "
-     r"(?:to|for) (?:the |all |any )?(?:ai|assistant|model|agent|llm|chatbot)s?\b|"
+     r"(?:to|for) (?:the |all |any )?(?:ai|assistant|llm|chatbot|(?:ai|language) (?:model|agent))s?\b|"
      r"\b(?:new|updated|revised) (?:policy|policies|rules?|directives?) (?:to|for) (?:the |all |any )?(?:ai|llm|gpt)s?(?:[ \t]+\w+)?"
      r"[ \t]+(?:assistants?|agents?|models?|bots?)[ \t]*:|"
      # an Alpaca-style prompt ("### Instruction: ... ### Response:"), or its instruction about the reply
