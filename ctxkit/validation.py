@@ -154,7 +154,8 @@ def _validate_messages(messages: Any) -> None:
             del open_calls[answered]
             _check_content(content, i, allow_parts=True)
         else:
-            _check_content(content, i, allow_parts=role == "user" or role == "system")
+            # OpenAI takes text parts from a developer message as from a system one (the Agents SDK sends them)
+            _check_content(content, i, allow_parts=role in ("user", "system", "developer"))
         name = message.get("name")
         if name is not None and not isinstance(name, str):
             raise InvalidMessageError(f"must be a string, got {type(name).__name__}", i, "name")

@@ -1118,6 +1118,19 @@ def test_tool_call_integer_bounds_of_any_range_and_nullable_types_are_enforced(l
             jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
 
 
+def test_integer_bounds_past_16_digits_or_2_to_the_53_still_give_a_valid_call(llama_backend):
+    # `minimum: 10**17` alone made an empty rule (the model wrote `{"ts": }`, handed over as text, no call), and
+    # bounds went through float(): 2**53 + 3 became 2**53 + 4, refusing the one integer the schema allows.
+    cases = [{"type": "integer", "minimum": 10**17}, {"type": "number", "minimum": 10**17},
+             {"type": "integer", "maximum": -(10**17)}, {"type": "integer", "minimum": 2**53 + 3, "maximum": 2**53 + 3}]
+    for schema in cases:
+        parameters = {"type": "object", "properties": {"ts": schema}, "required": ["ts"]}
+        r = llama_backend.complete(ChatRequest(messages=[{"role": "user", "content": "Set ts."}], tools=_act(parameters),
+                                               params={"tool_choice": "required", "temperature": 0, "max_tokens": 90}))
+        (call,) = r.message["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+
+
 def test_a_tool_call_the_grammar_cannot_hold_to_its_schema_is_a_typed_error(llama_backend):
     # `multipleOf` is not in the grammar: {"qty": 7} for a multiple of 5 was handed over as a valid call.
     from ctxkit import ToolCallSchemaError

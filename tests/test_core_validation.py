@@ -113,6 +113,16 @@ def test_a_message_without_content_says_so_and_names_the_keys_it_has(message, sa
     assert counting.calls == 0
 
 
+def test_a_developer_message_of_text_parts_is_taken_as_a_system_one_is(counting, ledger):
+    """OpenAI accepts `"content": [{"type": "text", ...}]` from a developer message; it was refused here ("must be a
+    string, got list") while the same message as "system" passed."""
+    parts = [{"type": "text", "text": "Answer in one word."}]
+    response = Pipeline(counting, ledger=ledger).call(ChatRequest(
+        messages=[{"role": "developer", "content": parts}, {"role": "user", "content": "hi"}],
+        params={"max_tokens": 4, "temperature": 0}))
+    assert counting.calls == 1 and response.finish_reason in ("stop", "length")
+
+
 def test_bad_sampling_parameter_names_the_field(counting, ledger):
     pipeline = Pipeline(counting, ledger=ledger)
     with pytest.raises(RequestError, match="temperature"):

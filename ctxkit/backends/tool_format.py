@@ -350,9 +350,9 @@ def _integer_range(schema: dict[str, Any]) -> dict[str, Any]:
     if schema.get("type") != "integer" or "enum" in schema or "const" in schema:
         return schema
 
-    def bound(key: str) -> float | None:
+    def bound(key: str) -> int | float | None:  # an int as it is: float() moved bounds past 2**53
         value = schema.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     lows = [v for v in (bound("minimum"),) if v is not None]
     lows += [math.floor(v) + 1 for v in (bound("exclusiveMinimum"),) if v is not None]
@@ -509,9 +509,9 @@ def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None] | N
     if schema.get("type") != "integer" or "enum" in schema or "const" in schema:
         return None
 
-    def number(key: str) -> float | None:
+    def number(key: str) -> int | float | None:  # an int as it is: float() moved bounds past 2**53 (2**53 + 3 to + 4)
         value = schema.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     lows = [math.ceil(v) for v in (number("minimum"),) if v is not None]
     lows += [math.floor(v) + 1 for v in (number("exclusiveMinimum"),) if v is not None]
@@ -567,8 +567,9 @@ _MAX_DIGITS = 16  # as the converter's own integers: no more digits than these
 
 
 def _integer_range_rule(low: int | None, high: int | None) -> str:
-    """GBNF alternatives for the integers from `low` to `high` (None: as far as 16 digits go), no leading zeros."""
-    top = 10**_MAX_DIGITS - 1
+    """GBNF alternatives for the integers from `low` to `high` (None: as far as 16 digits go, or as the other
+    bound's digits: `minimum: 10**17` alone was an empty rule, and the model wrote `{"ts": }`), no leading zeros."""
+    top = 10 ** max([_MAX_DIGITS, *(len(str(abs(b))) for b in (low, high) if b is not None)]) - 1
     parts = []
     if low is None or low < 0:  # the negative ones, as "-" and their magnitude
         lo_mag, hi_mag = 1 if high is None or high >= 0 else -high, top if low is None else -low
