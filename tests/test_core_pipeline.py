@@ -1118,6 +1118,26 @@ def test_tool_call_integer_bounds_of_any_range_and_nullable_types_are_enforced(l
             jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
 
 
+def test_tool_call_patterns_with_escapes_groups_or_no_anchor_give_valid_calls(llama_backend):
+    # The converter copied `\d`, `\.` into the grammar, where GBNF has no such escape, and refused `(?:`: the request
+    # failed with a RequestError. An unanchored pattern got 32 free characters each side, which the model filled
+    # ('}}  # This will return the value12345'): it is held to its match now, which the schema accepts as well.
+    cases = [({"zip": {"type": "string", "pattern": r"^\d{5}$"}}, "Ship it to zip code 94103."),
+             ({"zip": {"type": "string", "pattern": "[0-9]{5}"}}, "Ship it to zip code 94103."),
+             ({"ref": {"type": "string", "pattern": r"^(?:AB|CD)-\d{3}\.\w+$"}}, "The reference is AB-123.x7."),
+             ({"price": {"type": "string", "pattern": r"^\$\d+(\.\d{2})?$"}}, "It costs $12.50.")]
+    for properties, text in cases:
+        parameters = {"type": "object", "properties": properties, "required": list(properties)}
+        r = llama_backend.complete(ChatRequest(messages=[{"role": "user", "content": text}], tools=_act(parameters),
+                                               params={"tool_choice": "required", "temperature": 0, "max_tokens": 48}))
+        (call,) = r.message["tool_calls"]
+        arguments = json.loads(call["function"]["arguments"])
+        jsonschema.validate(arguments, parameters)
+        (value,) = arguments.values()
+        pattern = next(iter(properties.values()))["pattern"]
+        assert re.fullmatch(pattern.strip("^$"), value), value  # the match alone, nothing around it
+
+
 def test_integer_bounds_past_16_digits_or_2_to_the_53_still_give_a_valid_call(llama_backend):
     # `minimum: 10**17` alone made an empty rule (the model wrote `{"ts": }`, handed over as text, no call), and
     # bounds went through float(): 2**53 + 3 became 2**53 + 4, refusing the one integer the schema allows.

@@ -324,20 +324,64 @@ def _any_values(schema: Any, *, root: bool = False) -> Any:
     return _integer_range(out)
 
 
-# What an unanchored pattern may have around its match, in the grammar: JSON string characters, a few (the schema
-# allows any number; a 135M model given them all rambles to max_tokens).
+# What a pattern anchored at one end only may have at its other end, in the grammar: JSON string characters, a few
+# (the schema allows any number; a 135M model given them all rambles to max_tokens).
 _UNANCHORED_SIDE = '[^"\\\\\\x00-\\x1F]{0,32}'
 
 
 def _anchored(pattern: str) -> str:
-    """`pattern` as the converter takes it, anchored at both ends (it refuses any other): JSON Schema's patterns
-    match anywhere in the string, so an unanchored side gets room for other text (`[0-9]{5}` made the tool refused)."""
+    """`pattern` as the converter takes it: anchored at both ends (it refuses any other), in the regex syntax it
+    reads. JSON Schema's patterns match anywhere in the string: one anchored at one end only ("\\.pdf$") gets room
+    for other text at the other end; one with no anchor ("[0-9]{5}") is held to its match alone, which the schema
+    accepts too (room on both sides made a small model fill them: "}}  # This will return the value12345")."""
     start = pattern.startswith("^")
     end = pattern.endswith("$") and not pattern.endswith("\\$")
-    if start and end:
-        return pattern
-    core = pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)]
+    core = _converter_syntax(pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)])
+    if not start and not end:
+        return f"^({core})$"
     return ("^" if start else "^" + _UNANCHORED_SIDE) + f"({core})" + ("$" if end else _UNANCHORED_SIDE + "$")
+
+
+# Shorthand classes in the regex syntax the converter copies into the grammar as written, where llama.cpp's GBNF
+# has no such escape (`^\\d{5}$` made the tool refused): outside a class and inside one.
+# A negated one leaves out what a JSON string cannot hold unescaped: a quote, a backslash, control characters.
+_SHORTHANDS = {"d": ("[0-9]", "0-9"), "D": ('[^0-9"\\\\\\x00-\\x1F]', None),
+               "w": ("[a-zA-Z0-9_]", "a-zA-Z0-9_"), "W": ('[^a-zA-Z0-9_"\\\\\\x00-\\x1F]', None),
+               "s": ("[ ]", " "), "S": ('[^ "\\\\\\x00-\\x1F]', None)}
+
+
+def _converter_syntax(pattern: str) -> str:
+    """A pattern's escapes as the grammar can hold them: `\\d`, `\\w`, `\\s` and their negations as classes, an
+    escaped punctuation mark (`\\.`, `\\$`) as a class of its hex escape, `(?:` as a plain group (the converter
+    refuses `(?`). Other escapes (`\\b`, `\\u00e9`, `\\n`) are left as written, for the converter to take or refuse."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            shorthand = _SHORTHANDS.get(nxt)
+            if shorthand is not None and shorthand[in_class] is not None:
+                out.append(shorthand[in_class])
+            elif not nxt.isalnum() and nxt.isascii():
+                hex_escape = f"\\x{ord(nxt):02X}"
+                out.append(hex_escape if in_class else f"[{hex_escape}]")
+            else:
+                out.append(c + nxt)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class and not pattern[i - 1:i] == "[" and not pattern[i - 2:i] == "[^":
+            in_class = False
+        elif c == "(" and not in_class and pattern.startswith("(?:", i):
+            out.append("(")
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 _MAX_ENUMERATED = 128  # integers a bounded range is spelled out as, at most: each alternative costs every sampled token (1..1000 doubled a tool call's latency)
