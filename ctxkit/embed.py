@@ -37,6 +37,8 @@ class Embedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:  # sentence-transformers, or the torch it needs: a traceback said neither extra
+            if exc.name is not None and exc.name.split(".")[0] not in ("sentence_transformers", "torch", "transformers"):
+                raise  # installed, but something they import is broken: its own error says what
             raise ConfigurationError(f"the semantic stages need their embedding extra ({exc.name or 'sentence_transformers'} "
                                      "is missing): pip install 'ctxkit[embed]'") from None
 

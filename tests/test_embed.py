@@ -79,3 +79,21 @@ def test_an_embedder_without_its_extra_names_the_extra(monkeypatch):
     with pytest.raises(ConfigurationError,
                        match=r"\(sentence_transformers is missing\): pip install 'ctxkit\[embed\]'"):
         Embedder()
+
+
+def test_an_installed_extra_whose_own_dependency_is_broken_keeps_its_error(monkeypatch):
+    """Only a missing sentence-transformers or torch is 'pip install ctxkit[embed]': a broken library they import
+    (a CUDA build's missing libcudart) keeps its own ImportError, which says what to fix."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "sentence_transformers":
+            raise ImportError("libcudart.so.12: cannot open shared object file", name="torch_cuda_backend")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ImportError, match="libcudart") as info:
+        Embedder()
+    assert not isinstance(info.value, ConfigurationError)

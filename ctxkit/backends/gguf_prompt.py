@@ -186,6 +186,8 @@ def import_llama() -> Any:
     try:
         from llama_cpp import Llama
     except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != "llama_cpp":
+            raise  # installed, but something it imports is broken: its own error says what
         raise ConfigurationError(f"a GGUF model (LlamaCppBackend, GGUFPrompt) needs llama-cpp-python "
                                  f"({exc.name or 'llama_cpp'} is missing): pip install 'ctxkit[local]'") from None
     return Llama
