@@ -361,9 +361,9 @@ def _converter_syntax(pattern: str) -> str:
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
             nxt = pattern[i + 1]
-            shorthand = _SHORTHANDS.get(nxt)
-            if shorthand is not None and shorthand[in_class] is not None:
-                out.append(shorthand[in_class])
+            shorthand = _SHORTHANDS.get(nxt, (None, None))[in_class]
+            if shorthand is not None:
+                out.append(shorthand)
             elif not nxt.isalnum() and nxt.isascii():
                 hex_escape = f"\\x{ord(nxt):02X}"
                 out.append(hex_escape if in_class else f"[{hex_escape}]")
