@@ -314,6 +314,47 @@ def test_words_with_combining_vowel_signs_are_whole_words(a, b):
     assert judge(a, "", b, "", 0.99, None, Thresholds()) is not None, "another country, the same answer"
 
 
+# -- negations and short words of other languages ------------------------------------------------------
+
+@pytest.mark.parametrize("a, b", [
+    ("Ich habe Fieber, soll ich zum Arzt gehen?", "Ich habe kein Fieber, soll ich zum Arzt gehen?"),  # 0.978
+    ("Moet ik mijn abonnement opzeggen?", "Moet ik mijn abonnement niet opzeggen?"),  # 0.986
+    ("Devo cancelar minha assinatura?", "Não devo cancelar minha assinatura?"),  # 0.979
+    ("Ho bisogno del visto per il Giappone?", "Non ho bisogno del visto per il Giappone?"),
+    ("Czy potrzebuję wizy do Japonii?", "Czy nie potrzebuję wizy do Japonii?"),
+    ("Est-ce que le train part à l'heure ?", "Est-ce que le train ne part pas à l'heure ?"),
+    ("Puis-je prendre du paracétamol ?", "Pourquoi ne puis-je pas prendre du paracétamol ?"),
+    ("Можно мне пить кофе вечером?", "Можно мне не пить кофе вечером?"),  # 0.991
+    ("هل يجب أن ألغي اشتراكي؟", "هل يجب ألا ألغي اشتراكي؟"),  # 0.990
+    ("أريد بيتزا مع البصل.", "أريد بيتزا بدون البصل."),
+    ("क्या मैं खाना खाने के बाद दवा लूँ?", "क्या मैं खाना खाने के बाद दवा न लूँ?"),  # 0.995
+    ("क्या मैं दो गोलियाँ एक साथ ले सकता हूँ?", "क्या मैं तीन गोलियाँ एक साथ ले सकता हूँ?"),  # two / three
+])
+def test_a_negation_or_a_short_word_in_another_language_changes_the_question(a, b):
+    """MiniLM reads these languages poorly: the similarities (noted) pass every threshold."""
+    assert judge(a, "", b, "", 0.99, None, Thresholds()) is not None
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Le magasin n'est-il pas ouvert ?", "Le magasin n’est-il pas ouvert ?"),  # "ne ... pas" is one negation
+    ("Why can't I buy a non-profit domain?", "Why can't I buy a non-profit domain?"),
+])
+def test_foreign_negations_count_once_and_leave_english_prefixes_alone(a, b):
+    assert features(a).negations == features(b).negations == 1
+    assert features("Is it a non-profit?").negations == 0  # "non-" is no Italian "non"
+    assert features("What dictionary has a non- violent definition?").negations == 0
+
+
+def test_an_added_detail_outside_the_latin_script_vetoes_at_any_similarity():
+    """MiniLM barely reads Arabic: "shipping" / "express shipping" score 0.964, over the English-calibrated
+    added-detail bar. The same in English, so close, is a paraphrase and may hit."""
+    assert judge("كم سعر الشحن؟", "", "كم سعر الشحن السريع؟", "", 0.964, None, Thresholds()) == "added_detail"
+    assert judge("Сколько стоит доставка?", "", "Сколько стоит экспресс доставка?", "", 0.99, None,
+                 Thresholds()) == "added_detail"
+    assert judge("What is the capital of Austria?", "", "What is the capital city of Austria?", "", 0.97, None,
+                 Thresholds()) is None
+
+
 def test_nfc_and_nfd_of_one_question_are_one_key():
     from ctxkit.stages.cache.keys import normalize_layout, normalize_text
 

@@ -201,6 +201,29 @@ def test_trap_fixture_has_no_false_hits(stage):
     assert hits / positives >= 0.8, f"recall on the trap set's safe rewordings fell to {hits / positives:.2f}"
 
 
+def test_non_english_pairs_have_no_false_hits(stage):
+    """tests/fixtures/cache/i18n_pairs.jsonl: German, French, Spanish, Italian, Portuguese, Dutch, Polish,
+    Russian, Chinese, Japanese, Arabic and Hindi questions with a negation, another number, dose, date,
+    city, product or id, swapped places, a yes/no flip, an added detail, a follow-up after other turns (167
+    must miss), and rewordings that ask the same (48). MiniLM is trained mostly on English: "Ich habe Fieber"
+    / "Ich habe kein Fieber" score 0.98, and 14 of the 167 were answered from the cache before the guards
+    read these languages' negations and short words, and added details outside the Latin script."""
+    false_hits, positives, hits = [], 0, 0
+    for line in (FIXTURES / "i18n_pairs.jsonl").read_text(encoding="utf-8").splitlines():
+        pair = json.loads(line)
+        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=pair["id"])
+        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=pair["id"])
+        seed(stage, a, f"answer {pair['id']}")
+        found = stage.lookup(b)
+        positives += pair["same_answer"]
+        if found.response is not None:
+            hits += pair["same_answer"]
+            if not pair["same_answer"]:
+                false_hits.append(pair["id"])
+    assert false_hits == [], f"false hits on non-English pairs: {false_hits}"
+    assert hits / positives >= 0.9, f"recall on non-English rewordings fell to {hits / positives:.2f}"
+
+
 # -- what is never stored -----------------------------------------------------------------------------
 
 def test_tool_calls_are_not_cached_unless_the_tool_is_pure(store, embedder):

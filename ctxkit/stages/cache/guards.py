@@ -5,7 +5,9 @@ Sentence embeddings put "cancel my plan" next to "don't cancel my plan", and "re
 these checks finds a difference that changes the answer:
 
 - negation:  not / no / never / n't / without / none ... (counted, so "not" vs "not ... not" differs too;
-             a bare "no" right after a word the other question lacks at that place is a correction)
+             a bare "no" right after a word the other question lacks at that place is a correction), and
+             their counterparts in German, French, Spanish, Italian, Portuguese, Dutch, Polish, Russian,
+             Arabic and Hindi (nicht / ne ... pas / не / لا / नहीं ...)
 - polarity:  words whose opposite is a different request (open/closed, eat/avoid, enable/disable, ...)
 - numbers:   digits, number words, ordinals, ids with digits (account A-1182), amounts ($40 vs $400)
 - units:     kg vs lb, km vs miles, celsius vs fahrenheit, dollars vs euros, days vs weeks
@@ -45,6 +47,27 @@ _NEGATIONS = {
     "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont", "cant", "couldnt", "shouldnt",
     "wouldnt", "hasnt", "havent", "hadnt", "mustnt", "neednt", "aint",
 }
+# The same for the languages users most often write in besides English. MiniLM barely reads them: "Ich habe
+# Fieber" / "Ich habe kein Fieber" score 0.98, "Стоит ли отменять" / "Стоит ли не отменять" 0.99, and the
+# content check sees only a word added on one side. Counted on whole words as typed (before "non-profit"
+# splits at its hyphen), so an English "non-" prefix is no Italian "non". French counts "pas", "jamais"...
+# and a "ne"/"n'" with none of them after it ("je ne sais"): "ne ... pas" is one negation.
+# Chinese and Japanese write a negation inside the word run ("不应该", "ではない"), which the content check
+# already reads as another word. Left out for their English homographs: "sin" (sine), "sem", "nic".
+_FOREIGN_NEGATIONS = frozenset({
+    "nicht", "kein", "keine", "keinen", "keinem", "keiner", "keines", "nie", "niemals", "nichts", "ohne",  # de
+    "pas", "jamais", "rien", "aucun", "aucune", "sans",  # fr (with "ne", see _FRENCH_NE)
+    "nunca", "jamás", "ningún", "ninguna", "ninguno", "nada", "tampoco",  # es ("no" is in _NEGATIONS)
+    "non", "mai", "senza", "nessun", "nessuno", "nessuna", "niente",  # it
+    "não", "nenhum", "nenhuma",  # pt ("jamais", "nunca", "nada" are above)
+    "niet", "geen", "nooit", "zonder", "niets", "niemand",  # nl
+    "nigdy", "bez", "żaden", "żadna", "żadne", "nikt",  # pl ("nie", also German's "never", is above)
+    "не", "нет", "нельзя", "никогда", "ни", "ничего", "никто", "без",  # ru
+    "لا", "لم", "لن", "ليس", "ليست", "بدون", "غير", "ألا", "ولا",  # ar
+    "नहीं", "न", "मत", "बिना",  # hi
+})
+_FRENCH_NE = frozenset({"ne", "n'", "n’"})
+_FRENCH_NE_PARTNERS = frozenset({"pas", "jamais", "rien", "aucun", "aucune", "plus", "personne", "guère", "que"})
 
 # Groups of words that mean opposite requests: a difference across groups vetoes, a synonym does not.
 _POLARITY_GROUPS: list[tuple[frozenset[str], ...]] = [
@@ -294,7 +317,7 @@ def features(text: str, raw: str | None = None) -> Features:
     tokens = _feature_tokens(text)
     lower = [t.lower() for t in tokens]
     # Negations: count them; "n't" splits off above so "don't" and "do not" count the same.
-    negations = sum(1 for t in lower if t in _NEGATIONS or t in ("n't", "n’t"))
+    negations = sum(1 for t in lower if t in _NEGATIONS or t in ("n't", "n’t")) + _foreign_negations(text)
     polarity: set[tuple[int, int]] = set()
     joined = " " + " ".join(lower) + " "
     for g, sides in enumerate(_POLARITY_GROUPS):
@@ -379,10 +402,35 @@ def features(text: str, raw: str | None = None) -> Features:
         dates=frozenset(dates), scope=frozenset(scope), person=frozenset(person), entities=frozenset(entities),
         question=question, order=tuple(order), words=frozenset(lower),
         questions=frozenset(kinds), zone=zone,
-        content=frozenset(_stem(w) for w in lower if _is_word(w) and len(w) > 2 and w not in _STOPWORDS),
+        content=frozenset(_stem(w) for w in lower if _is_word(w) and len(w) > _short(w) and w not in _STOPWORDS),
         sequence=tuple(_stem(w) for w in lower if re.match(r"\w", w)), operators=operators(text),
         symbols=frozenset(c for c in text if unicodedata.category(c) == "So" and c != "°"),
     )
+
+
+def _foreign_negations(text: str) -> int:
+    """Negation words of other languages (_FOREIGN_NEGATIONS) in `text`, French "ne ... pas" counted once."""
+    words = [w.lower() for w in tokenize(text)]
+    count = 0
+    for i, word in enumerate(words):
+        if word in _FOREIGN_NEGATIONS and words[i + 1:i + 2] != ["-"]:
+            # whole tokens: "non-profit" stays one; "non- violent" (a space after the hyphen) is a prefix too
+            count += 1
+        elif word in _FRENCH_NE or word.startswith(("n'", "n’")) and len(word) > 2 and word[2:3].isalpha():
+            # "n'est", "ne": a negation of its own only when no partner word ("pas", "jamais") follows
+            count += not _FRENCH_NE_PARTNERS & set(words[i + 1:i + 6])
+    return count
+
+
+def _short(word: str) -> int:
+    """The length up to which a word is too short to be content: two letters in Latin script ("of", "is":
+    function words), one elsewhere, where two letters make a word that changes the answer (Hindi "दो", two;
+    Russian "не", not)."""
+    return 2 if _latin(word) else 1
+
+
+def _latin(word: str) -> bool:
+    return word.isascii() or unicodedata.name(word[0], "").startswith("LATIN")
 
 
 _YES_NO_OPENERS = frozenset({"is", "are", "was", "were", "am", "do", "does", "did", "can", "could", "will", "would",
@@ -707,7 +755,8 @@ def judge(
         return "case"
     if reason is None and _tense_differs(mine, theirs):
         return "tense_or_connective"
-    if reason is None and similarity < thresholds.added_detail_similarity and _adds_a_detail(mine, theirs):
+    if reason is None and (similarity < thresholds.added_detail_similarity or _outside_latin(mine, theirs)) \
+            and _adds_a_detail(mine, theirs):
         return "added_detail"
     return reason
 
@@ -745,6 +794,14 @@ def operators(text: str) -> tuple[str, ...]:
     t = re.sub(r"(?<=\d) ?%", " ", t)
     t = re.sub(r"!+(?=[\s?.]|$)", " ", t)
     return tuple(sorted(_OPERATOR_RUN.findall(t) + null_ops)) + tuple(sorted(flags))
+
+
+def _outside_latin(a: Features, b: Features) -> bool:
+    """Whether either text has a content word outside the Latin script (Cyrillic, Arabic, Devanagari, Greek...).
+    MiniLM's vocabulary has few pieces of these scripts, so a word added to such a question barely moves its
+    embedding: "كم سعر الشحن؟" / "كم سعر الشحن السريع؟" (shipping / express shipping) score 0.964, over the
+    added-detail bar calibrated on English. There, an added detail alone tells the questions apart."""
+    return not all(_latin(w) for w in a.content | b.content)
 
 
 _COUNTING_WORDS = frozenset(_stem(w) for w in (*_NUMBER_WORDS, *_UNITS))  # "two"/"2", "km": other checks
