@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
 import math
 import re
@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from .errors import InvalidMessageError, InvalidToolError, RequestError
+from .lru import LRUMemo
 from .request import SAMPLING_PARAMS, ChatRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -307,10 +308,26 @@ def _validate_tools(tools: Any) -> None:
             raise InvalidToolError(f"not a valid JSON Schema: {message}", i, f"function.parameters{path}")
 
 
-@functools.lru_cache(maxsize=32768)
+# Verdicts by a digest of the schema: functools.lru_cache keyed by the canonical text kept the last 32,768
+# schemas alive after the requests that sent them had ended (a proxy's per-user catalogs with long enums:
+# 4,000 schemas of 20 KB held 80 MB; at the bound, 650 MB).
+SCHEMA_VERDICTS = 32768
+_schema_verdicts: LRUMemo[bytes, tuple[str, str] | None] = LRUMemo(SCHEMA_VERDICTS)
+
+
 def _schema_problem(canonical: str) -> tuple[str, str] | None:
     """check_schema of one tool's parameters, remembered: it costs milliseconds per schema, and a request that
     carries a catalog of 1,500 tools sends the same schemas on every call (seconds per call otherwise)."""
+    key = hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    found = _schema_verdicts.get([key])
+    if key in found:
+        return found[key]
+    problem = _check_schema(canonical)
+    _schema_verdicts.put({key: problem})
+    return problem
+
+
+def _check_schema(canonical: str) -> tuple[str, str] | None:
     schema = json.loads(canonical)
     if not _is_unicode(json.dumps(schema, ensure_ascii=False)):  # a description or enum value the prompt renders
         return _SURROGATE, ""

@@ -313,28 +313,57 @@ def test_a_prompt_that_fills_the_window_is_the_typed_overflow_error(llama_backen
         small.complete(ChatRequest(messages=half, params={"max_tokens": window}))
 
 
-def test_a_tool_schema_sent_on_every_call_is_checked_once():
+def test_a_tool_schema_sent_on_every_call_is_checked_once(monkeypatch):
     """Each call re-checked every schema against the JSON Schema meta-schema: a request carrying 1,500 tools
     cost seconds of validation per call. The verdict is remembered per schema (errors included)."""
-    from ctxkit.validation import _schema_problem, validate_request
+    from ctxkit import validation
+    from ctxkit.validation import validate_request
 
+    checked: list[str] = []
+    check = validation._check_schema
+    monkeypatch.setattr(validation, "_check_schema", lambda canonical: checked.append(canonical) or check(canonical))
     tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "description": "memo test"}}}}}
+        "type": "object", "properties": {"n": {"type": "integer", "description": "memo test once"}}}}}
     request = ChatRequest(messages=[{"role": "user", "content": "hi"}], tools=[tool])
     validate_request(request)
-    before = _schema_problem.cache_info()
     validate_request(request.override(tools=[json.loads(json.dumps(tool))]))  # an equal copy, as the next call sends
-    after = _schema_problem.cache_info()
-    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    assert len(checked) == 1
     bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {"n": {"type": "float"}}}}}
     for _ in range(2):  # a remembered error is still raised, with its place
         with pytest.raises(InvalidToolError, match=r"tools\[0\].*properties.*n"):
             validate_request(request.override(tools=[bad]))
 
 
+def test_remembered_schema_verdicts_do_not_keep_the_schemas_alive():
+    """The verdicts were an lru_cache keyed by each schema's text: the last 32,768 schemas a long-running
+    process was sent stayed in memory after their requests ended (200 schemas of 50 KB: 10 MB held)."""
+    import gc
+    import tracemalloc
+
+    from ctxkit.validation import validate_request
+
+    def request(i: int) -> ChatRequest:
+        tool = {"type": "function", "function": {"name": f"t{i}", "parameters": {
+            "type": "object", "properties": {"q": {"type": "string", "description": f"{i} " + "x" * 50_000}}}}}
+        return ChatRequest(messages=[{"role": "user", "content": "hi"}], tools=[tool])
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            validate_request(request(i))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, f"{held} bytes held after 200 requests had ended"
+
+
 def test_a_schema_llama_cpp_cannot_parse_is_a_request_error_not_a_crash():
-    """`"pattern": "^\\d{5}$"` (and an empty enum) passed validation, and llama.cpp, unable to parse the
-    grammar made from it, sampled without one: the whole process died (SIGSEGV), the proxy with it."""
+    """`"pattern": "^\\b\\d{5}$"` (a word boundary, which no grammar holds) and an empty enum passed validation,
+    and llama.cpp, unable to parse the grammar made from them, sampled without one: the whole process died
+    (SIGSEGV), the proxy with it."""
     import subprocess
     import sys
 
@@ -344,7 +373,7 @@ client = Pipeline(LlamaCppBackend(n_ctx=512, n_threads=1)).openai()
 def tool(spec):
     return [{"type": "function", "function": {"name": "lookup", "description": "Look up a code",
              "parameters": {"type": "object", "properties": {"code": spec}, "required": ["code"]}}}]
-for spec in ({"type": "string", "pattern": "^\\\\d{5}$"}, {"type": "string", "enum": []}):
+for spec in ({"type": "string", "pattern": "^\\\\b\\\\d{5}$"}, {"type": "string", "enum": []}):
     try:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Look up 10001."}],
                                        tools=tool(spec), max_tokens=8)
