@@ -34,14 +34,12 @@ from ..settings import whole_number
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt, import_llama
+from .schema_grammar import schema_for_grammar, schema_to_gbnf, schema_violation
 from .tool_format import (
     ToolCallTextStream,
-    _any_values,
-    _schema_to_gbnf,
     drop_unfinished_call,
     may_call,
     parse_tool_calls,
-    schema_violation,
     stop_at,
     stop_safe_end,
     tool_call_grammar,
@@ -85,7 +83,7 @@ def _format_grammar(params: Any) -> str | None:
         return JSON_GBNF
     if kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
-        return _schema_to_gbnf(_any_values(schema, root=True), prop_order=[])
+        return schema_to_gbnf(schema_for_grammar(schema, root=True), prop_order=[])
     return None
 
 

@@ -1,0 +1,322 @@
+"""JSON Schema to a llama.cpp grammar (GBNF): what a grammar can hold of a tool's parameters or a response format's
+schema, written so llama-cpp-python's converter holds it, and the check after generation for what it cannot.
+
+The converter (llama_cpp.llama_grammar) leaves out much of JSON Schema: it ignores `minimum`/`maximum`, reads a
+`"type": [...]` list as a bare union that drops every other keyword, counts array items only when they have a
+schema, refuses unanchored patterns and `(?:`, and copies regex escapes (`\\d`) that GBNF does not have. Each is
+rewritten here before the converter sees the schema (schema_for_grammar) or handled as it converts (schema_to_gbnf).
+What no grammar holds (`multipleOf`, `format: email`, fractional bounds, `uniqueItems`, `oneOf`'s "exactly one") is
+checked on the call the model made (schema_violation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+_ANNOTATIONS = frozenset({"title", "description", "$comment", "default", "examples", "deprecated", "readOnly",
+                          "writeOnly", "$id", "$anchor", "$schema"})
+_ANY_TYPE = ["string", "number", "boolean", "object", "array", "null"]
+_SUB_ONE = frozenset({"items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
+                      "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
+_SUB_LIST = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SUB_MAP = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
+    """`schema` as the converter can hold it: each subschema that accepts any value (and is not the arguments
+    object itself) spelled out as `"type": [every type]`, which the converter turns into a grammar for any JSON
+    value; a type list as one branch per type; an array count with an item schema to count; a pattern anchored
+    and in the converter's regex syntax; a small integer range as an enum."""
+    if not isinstance(schema, dict):
+        return schema
+    if not root and set(schema) <= _ANNOTATIONS:
+        return {**schema, "type": list(_ANY_TYPE)}
+    types = schema.get("type")
+    if isinstance(types, list) and set(schema) - _ANNOTATIONS - {"type"}:
+        # The converter reads `"type": [...]` as a bare union and drops every other keyword (a nullable
+        # 1-to-5 integer took any integer, a nullable object any object): one branch per type keeps them.
+        rest = {k: v for k, v in schema.items() if k != "type"}
+        return schema_for_grammar({"anyOf": [{**rest, "type": t} for t in types]})
+    if schema.get("type") == "array" and "items" not in schema and "prefixItems" not in schema and (
+            "minItems" in schema or "maxItems" in schema):  # the converter counts items only when they have a schema
+        schema = {**schema, "items": {"type": list(_ANY_TYPE)}}
+    if isinstance(schema.get("pattern"), str):
+        schema = {**schema, "pattern": _anchored(schema["pattern"])}
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SUB_ONE:
+            out[key] = [schema_for_grammar(v) for v in value] if isinstance(value, list) else schema_for_grammar(value)
+        elif key in _SUB_LIST and isinstance(value, list):
+            out[key] = [schema_for_grammar(v) for v in value]
+        elif key in _SUB_MAP and isinstance(value, dict):
+            out[key] = {name: schema_for_grammar(v) for name, v in value.items()}
+        else:
+            out[key] = value
+    return _integer_range(out)
+
+
+# What a pattern anchored at one end only may have at its other end, in the grammar: JSON string characters, a few
+# (the schema allows any number; a 135M model given them all rambles to max_tokens).
+_UNANCHORED_SIDE = '[^"\\\\\\x00-\\x1F]{0,32}'
+
+
+def _anchored(pattern: str) -> str:
+    """`pattern` as the converter takes it: anchored at both ends (it refuses any other), in the regex syntax it
+    reads. JSON Schema's patterns match anywhere in the string: one anchored at one end only ("\\.pdf$") gets room
+    for other text at the other end; one with no anchor ("[0-9]{5}") is held to its match alone, which the schema
+    accepts too (room on both sides made a small model fill them: "}}  # This will return the value12345")."""
+    start = pattern.startswith("^")
+    end = pattern.endswith("$") and not pattern.endswith("\\$")
+    core = _converter_syntax(pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)])
+    if not start and not end:
+        return f"^({core})$"
+    return ("^" if start else "^" + _UNANCHORED_SIDE) + f"({core})" + ("$" if end else _UNANCHORED_SIDE + "$")
+
+
+# Shorthand classes in the regex syntax the converter copies into the grammar as written, where llama.cpp's GBNF
+# has no such escape (`^\\d{5}$` made the tool refused): outside a class and inside one.
+# A negated one leaves out what a JSON string cannot hold unescaped: a quote, a backslash, control characters.
+_SHORTHANDS = {"d": ("[0-9]", "0-9"), "D": ('[^0-9"\\\\\\x00-\\x1F]', None),
+               "w": ("[a-zA-Z0-9_]", "a-zA-Z0-9_"), "W": ('[^a-zA-Z0-9_"\\\\\\x00-\\x1F]', None),
+               "s": ("[ ]", " "), "S": ('[^ "\\\\\\x00-\\x1F]', None)}
+
+
+def _converter_syntax(pattern: str) -> str:
+    """A pattern's escapes as the grammar can hold them: `\\d`, `\\w`, `\\s` and their negations as classes, an
+    escaped punctuation mark (`\\.`, `\\$`) as a class of its hex escape, `(?:` as a plain group (the converter
+    refuses `(?`). Other escapes (`\\b`, `\\u00e9`, `\\n`) are left as written, for the converter to take or refuse."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            shorthand = _SHORTHANDS.get(nxt, (None, None))[in_class]
+            if shorthand is not None:
+                out.append(shorthand)
+            elif not nxt.isalnum() and nxt.isascii():
+                hex_escape = f"\\x{ord(nxt):02X}"
+                out.append(hex_escape if in_class else f"[{hex_escape}]")
+            else:
+                out.append(c + nxt)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class and not pattern[i - 1:i] == "[" and not pattern[i - 2:i] == "[^":
+            in_class = False
+        elif c == "(" and not in_class and pattern.startswith("(?:", i):
+            out.append("(")
+            i += 3
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+_MAX_ENUMERATED = 128  # integers a bounded range is spelled out as, at most: each alternative costs every sampled token (1..1000 doubled a tool call's latency)
+
+
+def _integer_range(schema: dict[str, Any]) -> dict[str, Any]:
+    """An integer schema with `minimum`/`maximum` (or the exclusive ones) and a range of at most 128 values,
+    spelled out as an `enum`: llama-cpp-python's converter ignores the bounds ("TODO: support minimum,
+    maximum"), so a `days` of 1 to 7 came back as 10 and 25 from a grammar said to follow the schema."""
+    if schema.get("type") != "integer" or "enum" in schema or "const" in schema:
+        return schema
+
+    def bound(key: str) -> int | float | None:  # an int as it is: float() moved bounds past 2**53
+        value = schema.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    lows = [v for v in (bound("minimum"),) if v is not None]
+    lows += [math.floor(v) + 1 for v in (bound("exclusiveMinimum"),) if v is not None]
+    highs = [v for v in (bound("maximum"),) if v is not None]
+    highs += [math.ceil(v) - 1 for v in (bound("exclusiveMaximum"),) if v is not None]
+    if not lows or not highs:
+        return schema
+    low, high = math.ceil(max(lows)), math.floor(min(highs))
+    if high - low + 1 > _MAX_ENUMERATED or high < low:
+        return schema
+    multiple = schema.get("multipleOf")
+    values = [n for n in range(low, high + 1)
+              if not (isinstance(multiple, int) and not isinstance(multiple, bool) and multiple > 0 and n % multiple)]
+    return {**schema, "enum": values} if values else schema
+
+
+def hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` with its `$defs`/`definitions` moved into `definitions` under `prefix`ed names, and its
+    `$ref`s rewritten to match: nested under the call's "arguments", a `#/$defs/X` would resolve from the
+    wrong root (Pydantic writes one for every nested model)."""
+    local = {**(parameters.get("definitions") or {}), **(parameters.get("$defs") or {})}
+    if not local:
+        return parameters
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            # Only `$ref` strings change: a key named "definitions" may be a *property* (a map's key), and
+            # the hoisted `$defs` are dropped from the top level alone, below.
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(root):]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        return node
+
+    for name, definition in local.items():
+        definitions[f"{prefix}{name}"] = rewrite(definition)
+    return rewrite({k: v for k, v in parameters.items() if k not in ("$defs", "definitions")})
+
+
+def schema_to_gbnf(schema: dict[str, Any], prop_order: list[str]) -> str:
+    """llama-cpp-python's converter, with integer bounds (`minimum` and the others) kept in the grammar: it ignores
+    them ("TODO: support minimum, maximum"), so `minimum: 1` came back as -5 and 0."""
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class BoundedIntegers(SchemaConverter):  # type: ignore[misc]
+        def visit(self, schema: Any, name: str) -> str:
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            if isinstance(schema, dict) and (bounds := _integer_bounds(schema)) is not None:
+                return str(self._add_rule(rule_name, f"({_integer_range_rule(*bounds)}) space"))
+            if isinstance(schema, dict) and (bounds := _whole_number_bounds(schema)) is not None:
+                return str(self._add_rule(rule_name, f"({_number_range_rule(*bounds)}) space"))
+            return str(super().visit(schema, name))
+
+    converter = BoundedIntegers(prop_order={name: i for i, name in enumerate(prop_order)}, allow_fetch=False,
+                                dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "stdin"), "")
+    return str(converter.format_grammar())
+
+
+def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None] | None:
+    """The inclusive (low, high) of a bounded integer schema (None: unbounded on that side); None when it has no
+    bounds, or keywords that decide the grammar instead (an `enum`, a `const`)."""
+    if schema.get("type") != "integer" or "enum" in schema or "const" in schema:
+        return None
+
+    def number(key: str) -> int | float | None:  # an int as it is: float() moved bounds past 2**53 (2**53 + 3 to + 4)
+        value = schema.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    lows = [math.ceil(v) for v in (number("minimum"),) if v is not None]
+    lows += [math.floor(v) + 1 for v in (number("exclusiveMinimum"),) if v is not None]
+    highs = [math.floor(v) for v in (number("maximum"),) if v is not None]
+    highs += [math.ceil(v) - 1 for v in (number("exclusiveMaximum"),) if v is not None]
+    if not lows and not highs:
+        return None
+    low, high = (max(lows) if lows else None), (min(highs) if highs else None)
+    if low is not None and high is not None and low > high:
+        return None  # no integer fits: left to the converter (and to the check after generation)
+    return low, high
+
+
+def _whole_number_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None] | None:
+    """The (minimum, maximum) of a `number` schema bounded by whole numbers, inclusively (0 to 1, at least 0); None
+    for any other (exclusive or fractional bounds, `multipleOf`: left to the check after generation)."""
+    if schema.get("type") != "number" or {"enum", "const", "multipleOf", "exclusiveMinimum", "exclusiveMaximum"} & set(schema):
+        return None
+    bounds = [schema.get("minimum"), schema.get("maximum")]
+    if bounds == [None, None] or not all(
+            b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and float(b).is_integer())
+            for b in bounds):
+        return None
+    low, high = (None if b is None else int(b) for b in bounds)
+    return None if low is not None and high is not None and low > high else (low, high)
+
+
+_FRACTION = '("." [0-9]{1,15})?'  # no exponent: 1e9 would leave the bounds unchecked
+
+
+def _number_range_rule(low: int | None, high: int | None) -> str:
+    """GBNF for the numbers from `low` to `high` (whole numbers; None: unbounded): an integral part below the upper
+    bound takes any fraction, the bound itself none. Signs are split as in _integer_range_rule."""
+    parts = []
+    if high is None or high >= 0:
+        start = max(low or 0, 0)
+        below = _integer_range_rule(start, None if high is None else high - 1)
+        if below:
+            parts.append(f"({below}) {_FRACTION}")
+        if high is not None:
+            parts.append(f'"{high}"')
+    if low is None or low < 0:
+        least = 0 if high is None else max(-high, 0)  # magnitudes of the negative side: least to -low
+        below = _integer_range_rule(least, None if low is None else -low - 1)
+        alternatives = [f"({below}) {_FRACTION}"] if below else []
+        if low is not None:
+            alternatives.append(f'"{-low}"')
+        parts.append(f'"-" ({" | ".join(alternatives)})')
+    return " | ".join(parts)
+
+
+_MAX_DIGITS = 16  # as the converter's own integers: no more digits than these
+
+
+def _integer_range_rule(low: int | None, high: int | None) -> str:
+    """GBNF alternatives for the integers from `low` to `high` (None: as far as 16 digits go, or as the other
+    bound's digits: `minimum: 10**17` alone was an empty rule, and the model wrote `{"ts": }`), no leading zeros."""
+    top = 10 ** max([_MAX_DIGITS, *(len(str(abs(b))) for b in (low, high) if b is not None)]) - 1
+    parts = []
+    if low is None or low < 0:  # the negative ones, as "-" and their magnitude
+        lo_mag, hi_mag = 1 if high is None or high >= 0 else -high, top if low is None else -low
+        if lo_mag <= hi_mag:
+            parts.append(f'"-" ({_natural_range(lo_mag, hi_mag)})')
+    if high is None or high >= 0:
+        lo, hi = max(low or 0, 0), top if high is None else high
+        if lo <= hi:
+            parts.append(_natural_range(lo, hi))
+    return " | ".join(parts)
+
+
+def _natural_range(low: int, high: int) -> str:
+    """The decimal numbers from `low` to `high` (0 <= low <= high), split by length into digit-wise ranges."""
+    alternatives = []
+    for length in range(len(str(low)), len(str(high)) + 1):
+        a, b = max(low, 0 if length == 1 else 10 ** (length - 1)), min(high, 10**length - 1)
+        alternatives.append(_same_length_range(str(a), str(b)))
+    return " | ".join(alternatives)
+
+
+def _same_length_range(a: str, b: str) -> str:
+    """Strings of digits from `a` to `b`, both as long."""
+    if not a:
+        return '""'
+    rest = len(a) - 1
+    if a == b:
+        return f'"{a}"'
+    if a[1:] == "0" * rest and b[1:] == "9" * rest:  # every tail: one class, then any digits
+        return f"[{a[0]}-{b[0]}]" + (f" [0-9]{{{rest}}}" if rest else "")
+    if a[0] == b[0]:
+        return f'"{a[0]}" ({_same_length_range(a[1:], b[1:])})'
+    parts = [f'"{a[0]}" ({_same_length_range(a[1:], "9" * rest)})']
+    if int(a[0]) + 1 <= int(b[0]) - 1:
+        parts.append(f"[{int(a[0]) + 1}-{int(b[0]) - 1}] [0-9]{{{rest}}}")
+    parts.append(f'"{b[0]}" ({_same_length_range("0" * rest, b[1:])})')
+    return " | ".join(parts)
+
+
+def schema_violation(call: dict[str, Any], tools: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(where, what) when `call`'s arguments break its tool's `parameters` schema, else None. The grammar cannot
+    hold every keyword (number bounds that are not integers, `multipleOf`, `uniqueItems`, `format: email`, ...):
+    this check after generation is what keeps such a call from reaching the app as if it were valid."""
+    import jsonschema
+
+    function = call["function"]
+    schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == function["name"]), None)
+    if not isinstance(schema, dict):
+        return None
+    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(function["arguments"])))
+    except (jsonschema.SchemaError, jsonschema.exceptions.RefResolutionError):  # validation refuses these first
+        return None
+    if error is None:
+        return None
+    where = "".join(f"[{p!r}]" for p in error.absolute_path)
+    return f"arguments{where}", error.message
