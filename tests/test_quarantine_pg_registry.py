@@ -364,3 +364,30 @@ def test_what_a_replica_still_held_in_memory_when_it_ends_is_named(db_url, caplo
     assert b.list("team-a") == []
     _send(b, _history(TRACEBACK))
     assert [r.fingerprint for r in b.list("team-a")] == [record.fingerprint]
+
+
+def test_a_registry_dropped_unclosed_during_an_outage_ends_with_its_thread(db_url, caplog):
+    """The reconnecting thread held its registry: one dropped without close() while the database was away was
+    never collected (its ERROR about what it held never came) and its thread tried to connect forever, one more
+    thread per registry so dropped."""
+    import gc
+    import weakref
+
+    caplog.set_level(logging.ERROR, "ctxkit.quarantine")
+    refs, threads = [], []
+    for i in range(3):
+        registry = PostgresQuarantineRegistry(100, db_url, retry_s=0.5)
+        registry.dsn = "postgresql://nobody@127.0.0.1:1/db"
+        registry._drop_connection()
+        registry.add_record(_record(f"{i:032x}"))  # finds the database gone: kept in memory, the thread started
+        refs.append(weakref.ref(registry))
+        threads.append(registry._reconnecting)
+        del registry
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(thread.is_alive() for thread in threads):
+        gc.collect()
+        time.sleep(0.1)
+    assert [ref() for ref in refs] == [None, None, None]
+    assert not any(thread.is_alive() for thread in threads)
+    lost = " ".join(r.getMessage() for r in caplog.records if "lost" in r.getMessage())
+    assert all(f"{i:032x}" in lost for i in range(3))

@@ -214,3 +214,31 @@ def test_a_past_call_with_arguments_that_are_not_json_is_rendered_not_a_json_err
                                        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}], [])
     assert out[1]["role"] == "assistant" and "get_weather" in out[1]["content"] and "Par" in out[1]["content"]
     assert out[2]["content"].startswith('<tool_response name="get_weather">')
+
+
+def test_a_pattern_as_the_grammar_holds_it_accepts_what_the_pattern_does():
+    """An escaped "[" before a class's "]" ("[^\\[]") left the class open in the rewriting: the "\\d" after it was
+    written "0-9", which the grammar held as those three characters; and an anchor inside an alternation
+    ("^$|^\\d{5}$") reached the converter, which read it as the character "$" or "^" (the grammar held "123456"
+    to "^123456"); a negated class ("[^@]") let the model write a raw quote or control character, which ends or
+    breaks the JSON string."""
+    import itertools
+    import re
+
+    from ctxkit.backends.schema_grammar import _anchored
+    from ctxkit.backends.tool_format import tool_call_grammar
+
+    cases = {r"^[^\[]\d$": ["a1", "[1", "ab"], r"^[\w\[]+\d$": ["a[1", "[[3", "a1b"],
+             r"^[A-Za-z]{3}\d{3}$|^\d{6}$": ["abc123", "123456", "abc123$", "^123456"],
+             r"^$|^\d{5}$": ["", "94103", "94103$", "^"], r"^(?:a|x)$|^1$": ["a", "1", "ax"]}
+    for pattern, samples in cases.items():
+        held = _anchored(pattern)
+        strings = samples + ["".join(t) for n in range(4) for t in itertools.product("a1[$^", repeat=n)]
+        for text in strings:  # the grammar's strings are a subset of the schema's, and here the same
+            assert bool(re.fullmatch(held, text)) == bool(re.search(pattern, text, re.ASCII)), (pattern, held, text)
+        tools = [{"type": "function", "function": {"name": "act", "parameters": {
+            "type": "object", "properties": {"v": {"type": "string", "pattern": pattern}}, "required": ["v"]}}}]
+        grammar = tool_call_grammar(tools, "auto")
+        assert '"$"' not in grammar and '"^"' not in grammar and '"0-9"' not in grammar, grammar
+    for text in ('a"b', "a\\b", "a\nb"):  # a negated class left the grammar free to end the JSON string early
+        assert not re.fullmatch(_anchored(r"^[^@]+$"), text)

@@ -67,12 +67,38 @@ def _anchored(pattern: str) -> str:
     reads. JSON Schema's patterns match anywhere in the string: one anchored at one end only ("\\.pdf$") gets room
     for other text at the other end; one with no anchor ("[0-9]{5}") is held to its match alone, which the schema
     accepts too (room on both sides made a small model fill them: "}}  # This will return the value12345")."""
+    branches = _top_level_branches(pattern)
+    if len(branches) > 1:  # "^$|^\\d{5}$": the converter reads an anchor inside as the character "^" or "$"
+        return "^(" + "|".join(_anchored(branch)[1:-1] for branch in branches) + ")$"
     start = pattern.startswith("^")
     end = pattern.endswith("$") and not pattern.endswith("\\$")
     core = _converter_syntax(pattern[1 if start else 0: len(pattern) - 1 if end else len(pattern)])
     if not start and not end:
         return f"^({core})$"
     return ("^" if start else "^" + _UNANCHORED_SIDE) + f"({core})" + ("$" if end else _UNANCHORED_SIDE + "$")
+
+
+def _top_level_branches(pattern: str) -> list[str]:
+    """`pattern` split at each `|` outside groups and classes (itself alone when it has none)."""
+    branches: list[str] = []
+    depth, in_class, class_start, start, i = 0, False, -1, 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]" or i == class_start  # a "]" first in a class is a member
+        elif c == "[":
+            in_class = True
+            class_start = i + 2 if pattern.startswith("[^", i) else i + 1
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+        elif c == "|" and depth == 0:
+            branches.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return [*branches, pattern[start:]]
 
 
 # Shorthand classes in the regex syntax the converter copies into the grammar as written, where llama.cpp's GBNF
@@ -89,6 +115,7 @@ def _converter_syntax(pattern: str) -> str:
     refuses `(?`). Other escapes (`\\b`, `\\u00e9`, `\\n`) are left as written, for the converter to take or refuse."""
     out: list[str] = []
     in_class = False
+    class_start = -1  # where the class's first member is: a "]" there is a member, not the class's end
     i = 0
     while i < len(pattern):
         c = pattern[i]
@@ -106,8 +133,11 @@ def _converter_syntax(pattern: str) -> str:
             continue
         if c == "[" and not in_class:
             in_class = True
-        elif c == "]" and in_class and not pattern[i - 1:i] == "[" and not pattern[i - 2:i] == "[^":
+            class_start = i + 2 if pattern.startswith("[^", i) else i + 1
+        elif c == "]" and in_class and i != class_start:  # "[^\\[]": the "[" before this "]" was escaped
             in_class = False
+            if pattern[class_start - 1] == "^":  # as the negated shorthands: what a JSON string cannot hold raw
+                out.append('"\\\\\\x00-\\x1F')
         elif c == "(" and not in_class and pattern.startswith("(?:", i):
             out.append("(")
             i += 3

@@ -154,7 +154,7 @@ class PostgresQuarantineRegistry:
             if self._reconnected is not None and os.getpid() == self._pid:
                 self._reconnected.close()
             self._reconnected = None
-        _report_unwritten(self._pending)
+            _report_unwritten(self._pending)  # under the lock: the thread's last turn may be writing them
 
     # -- connection and outages -------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -240,38 +240,38 @@ class PostgresQuarantineRegistry:
     def _reconnect_in_background(self) -> None:
         """Start the thread that reconnects while the database is away (unless it runs). Under _lock."""
         if self._reconnecting is None or not self._reconnecting.is_alive():
-            self._reconnecting = threading.Thread(target=self._reconnect, name="ctxkit-quarantine-reconnect",
-                                                  daemon=True)
+            # the thread holds the registry weakly: one dropped unclosed during an outage is collected (its
+            # finalizer names what it held) and its thread ends, rather than both living until the database is back
+            first_wait = min(0.25, self.retry_s)
+            self._reconnecting = threading.Thread(target=_reconnect, args=(weakref.ref(self), self._closed, first_wait),
+                                                  name="ctxkit-quarantine-reconnect", daemon=True)
             self._reconnecting.start()
 
-    def _reconnect(self) -> None:
-        """While the database is away: try to connect, waiting longer between tries (up to retry_s), each try
-        waiting its connect timeout here rather than in a model call. When it is back: write what was kept in
-        memory meanwhile, a slice at a time between the calls, so that an idle replica does not hold it."""
-        pid, wait = os.getpid(), min(0.25, self.retry_s)
-        while not self._closed.wait(wait):
-            with self._lock:
-                if os.getpid() != pid:
-                    return
-                if self._down_since is None and not self._pending:
-                    self._reconnecting = None  # done: a call that finds the database gone again starts another
-                    return
-                if self._down_since is None:
-                    self._attempt(_nothing, _nothing)
-                    wait = FLUSH_BUDGET_S / 4
-                    continue
-            try:
-                conn = self._connect()
-            except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
-                wait = min(wait * 2, self.retry_s)
-                continue
-            with self._lock:
-                if self._closed.is_set() or os.getpid() != pid or self._down_since is None:
-                    conn.close()
-                    continue
-                self._reconnected = conn
-                self._attempt(_nothing, _nothing)  # back: said at once, not at the next call
-            wait = FLUSH_BUDGET_S / 4
+    def _reconnect_step(self, pid: int, wait: float) -> float | None:
+        """One turn of the reconnecting thread: while the database is away, try to connect, waiting longer between
+        tries (up to retry_s), each try waiting its connect timeout here rather than in a model call; when it is
+        back, write a slice of what was kept in memory meanwhile, so that an idle replica does not hold it. The
+        wait before the next turn; None when there is nothing left to do."""
+        with self._lock:
+            if self._closed.is_set() or os.getpid() != pid:  # closed while this turn waited for the lock
+                return None
+            if self._down_since is None and not self._pending:
+                self._reconnecting = None  # done: a call that finds the database gone again starts another
+                return None
+            if self._down_since is None:
+                self._attempt(_nothing, _nothing)
+                return FLUSH_BUDGET_S / 4
+        try:
+            conn = self._connect()
+        except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
+            return min(wait * 2, self.retry_s)
+        with self._lock:
+            if self._closed.is_set() or os.getpid() != pid or self._down_since is None:
+                conn.close()
+                return wait
+            self._reconnected = conn
+            self._attempt(_nothing, _nothing)  # back: said at once, not at the next call
+        return FLUSH_BUDGET_S / 4
 
     def _drop_connection(self) -> None:
         if self._conn is not None and os.getpid() == self._pid:  # a forked child leaves its parent's session alone
@@ -450,6 +450,20 @@ class _Transaction:
         self.seq += 1
         self.conn.execute(f"INSERT INTO {self.t['changes']} VALUES (%s, %s, %s, %s, %s, %s)",
                           (self.namespace, self.seq, kind, key, value, deleted))
+
+
+def _reconnect(registry: weakref.ref[PostgresQuarantineRegistry], closed: threading.Event, wait: float) -> None:
+    """The reconnecting thread: the registry's turns until it is closed, collected, or has nothing left to do."""
+    pid = os.getpid()
+    while not closed.wait(wait):
+        held = registry()
+        if held is None:
+            return
+        next_wait = held._reconnect_step(pid, wait)
+        del held  # not held between turns
+        if next_wait is None:
+            return
+        wait = next_wait
 
 
 def _nothing(*_: Any) -> None:
