@@ -8,8 +8,10 @@ pruning stage.
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import threading
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -37,3 +39,26 @@ class LRUMemo(Generic[K, V]):
                 self._entries.move_to_end(k)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+
+def memoized_by_digest(size: int) -> Callable[[Callable[[str], V]], Callable[[str], V]]:
+    """A decorator: a pure function of one text, remembered for the last `size` texts under a digest of each.
+    functools.lru_cache keys by the text itself and so keeps the last `size` texts alive after the requests
+    that sent them have ended (tool results, tool schemas: megabytes each, hundreds of megabytes in all)."""
+
+    def decorate(function: Callable[[str], V]) -> Callable[[str], V]:
+        memo: LRUMemo[bytes, V] = LRUMemo(size)
+
+        @functools.wraps(function)
+        def memoized(text: str) -> V:
+            key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            found = memo.get([key])
+            if key in found:
+                return found[key]
+            value = function(text)
+            memo.put({key: value})
+            return value
+
+        return memoized
+
+    return decorate

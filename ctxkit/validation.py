@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -12,7 +11,7 @@ from typing import Any
 import jsonschema
 
 from .errors import InvalidMessageError, InvalidToolError, RequestError
-from .lru import LRUMemo
+from .lru import memoized_by_digest
 from .request import SAMPLING_PARAMS, ChatRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -312,19 +311,13 @@ def _validate_tools(tools: Any) -> None:
 # schemas alive after the requests that sent them had ended (a proxy's per-user catalogs with long enums:
 # 4,000 schemas of 20 KB held 80 MB; at the bound, 650 MB).
 SCHEMA_VERDICTS = 32768
-_schema_verdicts: LRUMemo[bytes, tuple[str, str] | None] = LRUMemo(SCHEMA_VERDICTS)
 
 
+@memoized_by_digest(SCHEMA_VERDICTS)
 def _schema_problem(canonical: str) -> tuple[str, str] | None:
     """check_schema of one tool's parameters, remembered: it costs milliseconds per schema, and a request that
     carries a catalog of 1,500 tools sends the same schemas on every call (seconds per call otherwise)."""
-    key = hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-    found = _schema_verdicts.get([key])
-    if key in found:
-        return found[key]
-    problem = _check_schema(canonical)
-    _schema_verdicts.put({key: problem})
-    return problem
+    return _check_schema(canonical)
 
 
 def _check_schema(canonical: str) -> tuple[str, str] | None:

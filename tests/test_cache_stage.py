@@ -183,20 +183,27 @@ def test_trap_pairs_miss(stage, stored, asked):
     assert found.response is None, f"{asked!r} was answered with the cached answer to {stored!r}"
 
 
-def test_trap_fixture_has_no_false_hits(stage):
-    """The whole hand-written trap set (also run by `ctxkit bench cache`), through the stage."""
-    false_hits, positives, hits = [], 0, 0
-    for i, line in enumerate((FIXTURES / "traps.jsonl").read_text().splitlines()):
+def _replay_pairs(stage, fixture):
+    """Each pair of a fixture file through the stage, in a namespace of its own: answer `a`, then ask `b`. The
+    ids of the false hits, the hits among the pairs with the same answer, and how many pairs have one."""
+    false_hits, hits, positives = [], 0, 0
+    for line in (FIXTURES / fixture).read_text(encoding="utf-8").splitlines():
         pair = json.loads(line)
-        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=f"trap-{i}")
-        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=f"trap-{i}")
-        seed(stage, a, f"answer {i}")
+        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=pair["id"])
+        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=pair["id"])
+        seed(stage, a, f"answer {pair['id']}")
         found = stage.lookup(b)
         positives += pair["same_answer"]
         if found.response is not None:
             hits += pair["same_answer"]
             if not pair["same_answer"]:
                 false_hits.append(pair["id"])
+    return false_hits, hits, positives
+
+
+def test_trap_fixture_has_no_false_hits(stage):
+    """The whole hand-written trap set (also run by `ctxkit bench cache`), through the stage."""
+    false_hits, hits, positives = _replay_pairs(stage, "traps.jsonl")
     assert false_hits == [], f"false hits on traps: {false_hits}"
     assert hits / positives >= 0.8, f"recall on the trap set's safe rewordings fell to {hits / positives:.2f}"
 
@@ -208,18 +215,7 @@ def test_non_english_pairs_have_no_false_hits(stage):
     must miss), and rewordings that ask the same (48). MiniLM is trained mostly on English: "Ich habe Fieber"
     / "Ich habe kein Fieber" score 0.98, and 14 of the 167 were answered from the cache before the guards
     read these languages' negations and short words, and added details outside the Latin script."""
-    false_hits, positives, hits = [], 0, 0
-    for line in (FIXTURES / "i18n_pairs.jsonl").read_text(encoding="utf-8").splitlines():
-        pair = json.loads(line)
-        a = ChatRequest(messages=pair["a"], params=PARAMS, namespace=pair["id"])
-        b = ChatRequest(messages=pair["b"], params=PARAMS, namespace=pair["id"])
-        seed(stage, a, f"answer {pair['id']}")
-        found = stage.lookup(b)
-        positives += pair["same_answer"]
-        if found.response is not None:
-            hits += pair["same_answer"]
-            if not pair["same_answer"]:
-                false_hits.append(pair["id"])
+    false_hits, hits, positives = _replay_pairs(stage, "i18n_pairs.jsonl")
     assert false_hits == [], f"false hits on non-English pairs: {false_hits}"
     assert hits / positives >= 0.9, f"recall on non-English rewordings fell to {hits / positives:.2f}"
 

@@ -3,13 +3,11 @@ from what the tool returned for it, a yes/no field stated the other way, a price
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ...lru import LRUMemo
+from ...lru import memoized_by_digest
 from .finding import Finding, parse_json, shorten
 
 _NUMBER = r"-?(?<!\d)(?<!\d,)\d[\d,]*(?:\.\d+)?"  # starts a run of digits (and commas), never inside one: linear time
@@ -27,26 +25,9 @@ def numeric_fields(text: str) -> dict[str, float]:
 # by a digest of it: functools.lru_cache keyed by the text kept the last 1,024 tool results alive (a 200 KB
 # page each: 200 MB held after the requests that sent them had ended).
 _READ_RESULTS = 1024
-T = TypeVar("T")
 
 
-def _memo_by_digest(function: Callable[[str], T]) -> Callable[[str], T]:
-    memo: LRUMemo[bytes, T] = LRUMemo(_READ_RESULTS)
-
-    @functools.wraps(function)
-    def memoized(text: str) -> T:
-        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        found = memo.get([key])
-        if key in found:
-            return found[key]
-        value = function(text)
-        memo.put({key: value})
-        return value
-
-    return memoized
-
-
-@_memo_by_digest
+@memoized_by_digest(_READ_RESULTS)
 def _numeric_fields(text: str) -> tuple[tuple[str, float], ...]:
     data = parse_json(text)
     fields: dict[str, float] = {}
@@ -176,7 +157,7 @@ def _bool_fields(data: Any, out: dict[str, set[bool]], depth: int = 0) -> None:
             _bool_fields(item, out, depth + 1)
 
 
-@_memo_by_digest
+@memoized_by_digest(_READ_RESULTS)
 def _result_bools(result: str) -> dict[str, frozenset[bool]]:
     """The yes/no fields of one tool result (read-only: it is shared by every call that asks)."""
     out: dict[str, set[bool]] = {}
@@ -253,7 +234,7 @@ def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
     return [number for _tool, result in tool_results for number in _result_numbers(result)]
 
 
-@_memo_by_digest
+@memoized_by_digest(_READ_RESULTS)
 def _result_numbers(result: str) -> tuple[float, ...]:
     out: list[float] = []
     data = parse_json(result)
