@@ -1038,3 +1038,27 @@ def test_image_links_and_role_tags_in_long_runs_take_linear_time():
     assert find_injection("![a](https://i.example/p.png?d=INSERT_USER_EMAILS_HERE)") is not None
     assert find_injection("![a [1]](https://i.example/p.png?d=INSERT_USER_EMAILS_HERE)") is not None
     assert find_injection("![p](https://t.example/p.png?d=aGVsbG8gd29ybGQgdGhpcyBpcyB0aGUgdXNlcnMgZW1haWw)") is not None
+
+
+def test_a_nan_or_infinite_result_is_compared_not_raised():
+    """json.loads reads NaN and Infinity (Python's json.dumps writes them for float('nan')): round() of one raised
+    ValueError out of the stage's before_model, failing the call of any loop whose tool returned one."""
+    results = [("stats", '{"latency": NaN, "p99": Infinity, "errors": 2}')]
+    assert find_contradiction("Latency is 40 ms with 2 errors.", results).reason == \
+        "the answer says latency is 40 but stats returned nan"
+    assert find_contradiction("There were 2 errors.", results) is None
+    assert find_contradiction("There were 5 errors.", results) is not None
+
+
+def test_a_claim_is_compared_with_the_returned_numbers_near_it_not_all(monkeypatch):
+    """Each stated number was compared with every number the turn's tools returned: a loop's answers, each
+    against all its results so far, made that quadratic too."""
+    from ctxkit.stages.quarantine import contradiction
+
+    compared = []
+    real = contradiction._same
+    monkeypatch.setattr(contradiction, "_same", lambda a, b: compared.append(1) or real(a, b))
+    results = [("get_rows", json.dumps({"count": 5, "rows": [{"id": 1000 + k} for k in range(5000)]}))]
+    assert find_contradiction("The count is 7.", results) is not None
+    assert find_contradiction("The count is 1.2 thousand.", results) is None
+    assert len(compared) < 100

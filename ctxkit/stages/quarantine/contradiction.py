@@ -3,9 +3,11 @@ from what the tool returned for it, a yes/no field stated the other way, a price
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from ...lru import memoized_by_digest
 from .finding import Finding, parse_json, shorten
@@ -59,9 +61,10 @@ def checkable(claim: str) -> bool:
     return _CLAIM_NUMBER.search(claim_l) is not None or _ANY_YES_NO.search(claim_l) is not None
 
 
-def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]] | TurnResults) -> Finding | None:
     """A number the assistant states for a field that differs from every value the tools returned.
 
+    `tool_results`: the turn's (tool name, text), newest first, or the TurnResults read from them.
     Precise on purpose: a field's name (its longest word, e.g. `stars` for `stargazer_stars`) must appear in
     the claim (or its stem), the number nearest to it in the same clause is what the claim says about it ("gate 22",
     "0 stops"), and it must match none of the numbers the tools returned (rounding allowed). A
@@ -69,42 +72,166 @@ def find_contradiction(claim: str, tool_results: Sequence[tuple[str, str]]) -> F
     """
     if not checkable(claim):
         return None
+    turn = tool_results if isinstance(tool_results, TurnResults) else TurnResults.of(tool_results)
     claim_l = claim.lower()
     numbers = [(m.start(), m.end(), m.group(0)) for m in _CLAIM_NUMBER.finditer(claim_l)]
     # Every number any tool of the turn returned: an answer about two parallel calls (two cities, two
     # quotes) or about the second item of a list states values that one result's first fields do not hold.
-    values = _returned_numbers(tool_results)
-    checked: set[str] = set()  # a field name another result also has says the same of the claim
-    for tool, result in tool_results:
-        for field, value in _numeric_fields(result):
-            if field in checked:
+    values = turn.values
+    for field, (tool, value, stem) in turn.fields.items():
+        if stem is None:
+            continue
+        stated: list[tuple[str, int]] = []
+        for match in re.finditer(rf"\b{re.escape(stem)}\w*", claim_l):
+            nearest = _nearest_in_clause(claim_l, numbers, match.start(), match.end())
+            if nearest is not None:
+                stated.append(nearest)
+        if "temp" in field:  # "3 degrees warmer", "drop by 5 degrees" are changes, not the temperature
+            stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l)
+                          if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 25]))
+        for text, position in stated:
+            number = _to_number(text)
+            if number is None or values.holds_same(number):
                 continue
-            checked.add(field)
-            words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
-            if not words:
+            if _restated(number, claim_l[position + len(text):], values):
                 continue
-            head = max(words, key=len)
-            stem = head[: max(4, len(head) - 2)]  # "weight" also matches "weighs", "stars" "star"
-            stated: list[tuple[str, int]] = []
-            for match in re.finditer(rf"\b{re.escape(stem)}\w*", claim_l):
-                nearest = _nearest_in_clause(claim_l, numbers, match.start(), match.end())
-                if nearest is not None:
-                    stated.append(nearest)
-            if "temp" in field:  # "3 degrees warmer", "drop by 5 degrees" are changes, not the temperature
-                stated.extend((m.group(1), m.start()) for m in _DEGREES.finditer(claim_l)
-                              if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 25]))
-            for text, position in stated:
-                number = _to_number(text)
-                if number is None or any(_same(number, v) for v in values):
-                    continue
-                if _restated(number, claim_l[position + len(text):], values):
-                    continue
-                return Finding(
-                    "contradiction",
-                    f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
-                    shorten(claim[max(position - 40, 0) : position + 40]),
-                )
-    return _money_contradiction(claim_l, claim, tool_results) or _yes_no_contradiction(claim_l, claim, tool_results)
+            return Finding(
+                "contradiction",
+                f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
+                shorten(claim[max(position - 40, 0) : position + 40]),
+            )
+    return _money_contradiction(claim_l, claim, turn) or _yes_no_contradiction(claim_l, claim, turn)
+
+
+class _Field(NamedTuple):
+    tool: str  # the newest result that has the field
+    value: float  # what that result says
+    stem: str | None  # what a claim about it says: its longest word, cut to a stem; None: no word to look for
+
+
+def _stem(field: str) -> str | None:
+    words = [w for w in re.split(r"[\W_]+", field) if len(w) > 2 and not w.isdigit()]
+    if not words:
+        return None
+    head = max(words, key=len)
+    return head[: max(4, len(head) - 2)]  # "weight" also matches "weighs", "stars" "star"
+
+
+class TurnResults:
+    """What the tool results of one turn hold, each read once, when a claim is first checked after it came: the
+    stage checks every assistant message of an agent loop against all of its turn's results so far, and reading
+    them all again for each one made the first call on a long loop quadratic (2.3 s of CPU at 600 steps). A
+    call whose verdicts are all remembered reads none."""
+
+    def __init__(self) -> None:
+        self._unread: list[tuple[str, str]] = []  # (tool, text), oldest first
+        # {field: what the newest result that has it says}, the newest result's fields first: a claim is read
+        # against the fields in this order, and the first one it contradicts is the finding.
+        self._fields: dict[str, _Field] = {}
+        self._values = _Numbers()  # every number any result returned (_result_numbers)
+        # {field: (the yes/no values the results gave it, the newest result's tool)}, newest fields first
+        self._bools: dict[str, tuple[frozenset[bool], str]] = {}
+        self._money_fields: dict[tuple[str, str], float] = {}  # {(tool, field): the oldest result's value}
+
+    @classmethod
+    def of(cls, tool_results: Sequence[tuple[str, str]]) -> TurnResults:
+        """The reading of (tool name, text) pairs given newest first (as a turn's are found, from the answer back)."""
+        turn = cls()
+        for tool, result in reversed(tool_results):
+            turn.add(tool, result)
+        return turn
+
+    def add(self, tool: str, result: str) -> None:
+        """A tool result newer than those added so far."""
+        self._unread.append((tool, result))
+
+    @property
+    def fields(self) -> Mapping[str, _Field]:
+        self._read()
+        return self._fields
+
+    @property
+    def values(self) -> _Numbers:
+        self._read()
+        return self._values
+
+    @property
+    def bools(self) -> Mapping[str, tuple[frozenset[bool], str]]:
+        self._read()
+        return self._bools
+
+    @property
+    def money_fields(self) -> Mapping[tuple[str, str], float]:
+        self._read()
+        return self._money_fields
+
+    def _read(self) -> None:
+        """Read the results added since: each costs its size plus the turn's distinct fields."""
+        for tool, result in self._unread:
+            numeric = _numeric_fields(result)
+            fields = {field: _Field(tool, value, _stem(field)) for field, value in numeric}
+            for field, seen in self._fields.items():
+                fields.setdefault(field, seen)
+            self._fields = fields
+            self._values.add(_result_numbers(result))
+            bools = {field: (seen | self._bools[field][0] if field in self._bools else seen, tool)
+                     for field, seen in _result_bools(result).items()}
+            for field, known in self._bools.items():
+                bools.setdefault(field, known)
+            self._bools = bools
+            for field, value in numeric:
+                self._money_fields.setdefault((tool, field), value)
+        self._unread.clear()
+
+
+class _Numbers:
+    """Distinct numbers, kept in sorted runs that are merged as they grow (as a binomial heap merges trees):
+    asking whether any is near a value reads the few in a window around it, not all of them."""
+
+    def __init__(self) -> None:
+        self._seen: set[float] = set()
+        self._runs: list[list[float]] = []  # sorted, finite; each at least twice the size of the next
+        # nan and the infinities, by name (one nan is not equal to another): no window holds them
+        self._unordered: dict[str, float] = {}
+
+    def add(self, numbers: Iterable[float]) -> None:
+        new = set()
+        for n in numbers:
+            if not math.isfinite(n):
+                self._unordered.setdefault(repr(n), n)
+            elif n not in self._seen:
+                new.add(n)
+        self._seen |= new
+        run = sorted(new)
+        while run and self._runs and len(self._runs[-1]) <= 2 * len(run):
+            run = sorted(self._runs.pop() + run)  # two sorted runs: Timsort merges them in linear time
+        if run:
+            self._runs.append(run)
+
+    def holds_same(self, number: float) -> bool:
+        """Whether one of them is `number`, rounding allowed (_same)."""
+        return self.any(lambda v: _same(number, v), *_window(number))
+
+    def any(self, test: Callable[[float], bool], low: float, high: float) -> bool:
+        """Whether `test` holds for one of them; it holds for none outside [low, high]."""
+        if any(test(v) for v in self._unordered.values()):
+            return True
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return any(test(v) for run in self._runs for v in run)
+        for run in self._runs:
+            for i in range(bisect_left(run, low), len(run)):
+                if run[i] > high:
+                    break
+                if test(run[i]):
+                    return True
+        return False
+
+
+def _window(number: float) -> tuple[float, float]:
+    """Where every value _same(number, value) holds for lies: within 1 (rounding to the same integer) or 1%
+    of the value (at most 1.02% of `number`), with room to spare for floating-point error."""
+    reach = 2 + 0.02 * abs(number)
+    return number - reach, number + reach
 
 
 # Yes/no fields and how an answer states them: {concept: (words of the field's name, "true" phrases, "false"
@@ -167,19 +294,14 @@ def _result_bools(result: str) -> dict[str, frozenset[bool]]:
     return {field: frozenset(values) for field, values in out.items()}
 
 
-def _yes_no_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+def _yes_no_contradiction(claim_l: str, claim: str, turn: TurnResults) -> Finding | None:
     """An answer that states the opposite of a yes/no field the tool returned: "Yes, the flight is on time."
     when the tool said {"delayed": true}. Only when every result of the turn gives that field one value, and
     the answer states it one way only, plainly (not "check whether it is delayed")."""
-    fields: dict[str, set[bool]] = {}
-    tools: dict[str, str] = {}
-    for tool, result in tool_results:
-        for field, seen in _result_bools(result).items():
-            if field not in fields:
-                tools[field] = tool
-            fields.setdefault(field, set()).update(seen)
+    fields = {field: seen for field, (seen, _tool) in turn.bools.items()}
+    tools = {field: tool for field, (_seen, tool) in turn.bools.items()}
     for concept, (names, yes, no) in _YES_NO.items():
-        values: set[bool] = set().union(*(fields[f] for f in names if f in fields))
+        values: frozenset[bool] = frozenset().union(*(fields[f] for f in names if f in fields))
         if len(values) != 1:
             continue
         (value,) = values
@@ -213,7 +335,7 @@ _DERIVED = re.compile(r"\b(?:total\w*|sum|tax\w*|vat|tips?|shipping|plus|includi
 _MONEY_CLAIM = re.compile(rf"(?:[$€£]\s?({_NUMBER})|(?<![\w.])({_NUMBER})\s?(?:usd|eur|gbp|dollars?|euros?|pounds?)\b)")
 
 
-def _restated(number: float, after: str, values: Sequence[float]) -> bool:
+def _restated(number: float, after: str, values: _Numbers) -> bool:
     """Whether `number`, followed by `after` in the claim, is a tool value put another way: a share as a
     percentage (0.82 as 82%), a scaled count (8,799,800 as 8.8 million), a temperature in the other unit."""
     unit = re.match(r"\s*(%|percent\b|per cent\b|°\s*[cf]?|degrees?\b|(thousand|million|billion|trillion|mn|bn|k|m|b)\b)",
@@ -221,21 +343,24 @@ def _restated(number: float, after: str, values: Sequence[float]) -> bool:
     if unit is None:
         return False
     if unit.group(2):
-        return any(_same(number * _SCALE[unit.group(2)], v) for v in values)
+        return values.holds_same(number * _SCALE[unit.group(2)])
     if unit.group(1).startswith(("%", "per")):
-        return any(0 < abs(v) <= 1 and _same(number / 100, v) for v in values)
-    return any(_same(number, v * 9 / 5 + 32) or _same(number, (v - 32) * 5 / 9) for v in values)
+        share = number / 100
+        return values.any(lambda v: 0 < abs(v) <= 1 and _same(share, v), *_window(share))
 
+    def other_unit(v: float) -> bool:
+        return _same(number, v * 9 / 5 + 32) or _same(number, (v - 32) * 5 / 9)
 
-def _returned_numbers(tool_results: Sequence[tuple[str, str]]) -> list[float]:
-    """All the values the tool results of a turn hold: every JSON leaf (every item of a list), or the
-    `name: number` values of a text result. Not every number of a text: a flight number, a date or a room
-    number in it ("Flight UA 1234 ..., price: $320") would excuse an answer that gives it as the price."""
-    return [number for _tool, result in tool_results for number in _result_numbers(result)]
+    low, high = _window(number)  # where v * 9 / 5 + 32, or (v - 32) * 5 / 9, must lie
+    return (values.any(other_unit, (low - 32) * 5 / 9, (high - 32) * 5 / 9)
+            or values.any(other_unit, low * 9 / 5 + 32, high * 9 / 5 + 32))
 
 
 @memoized_by_digest(_READ_RESULTS)
 def _result_numbers(result: str) -> tuple[float, ...]:
+    """All the values a tool result holds: every JSON leaf (every item of a list), or the `name: number` values
+    of a text result. Not every number of a text: a flight number, a date or a room number in it ("Flight UA
+    1234 ..., price: $320") would excuse an answer that gives it as the price."""
     out: list[float] = []
     data = parse_json(result)
     if data is not None:
@@ -260,11 +385,11 @@ def _all_leaves(data: Any, out: list[float], depth: int = 0) -> None:
             out.append(number)
 
 
-def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[str, str]]) -> Finding | None:
+def _money_contradiction(claim_l: str, claim: str, turn: TurnResults) -> Finding | None:
     """The one amount of money an answer states, when the tools returned one price and not that amount."""
-    fields = {}
-    for tool, result in tool_results:
-        fields.update({(tool, f): v for f, v in _numeric_fields(result)})
+    fields = turn.money_fields
+    if len(fields) != 1:
+        return None  # other numbers came back too (a quantity, a rate): the amount may be computed from them
     money = [(tool, f, v) for (tool, f), v in fields.items() if _MONEY_FIELD.search(f)]
     amounts = [m for m in _MONEY_CLAIM.finditer(claim_l)
                if not _CHANGE.search(claim_l[max(m.start() - 15, 0):m.end() + 20])]
@@ -274,7 +399,7 @@ def _money_contradiction(claim_l: str, claim: str, tool_results: Sequence[tuple[
         return None  # "3 tickets ... $45", "with 8% tax, $108", "about $108 in US dollars"
     text = amounts[0].group(1) or amounts[0].group(2)
     number = _to_number(text)
-    if number is None or any(_same(number, v) for v in _returned_numbers(tool_results)):
+    if number is None or turn.values.holds_same(number):
         return None
     tool, field, value = money[0]
     return Finding("contradiction", f"the answer says {field} is {text} but {tool} returned {_fmt(value)}",
@@ -323,8 +448,10 @@ def _to_number(text: str) -> float | None:
 
 def _same(a: float, b: float) -> bool:
     # An answer may round: 12.4 stated as 12 is not a contradiction, 12 stated as 15 is.
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return a == b  # round() of NaN (which json.loads reads, and Python's json.dumps writes) raises
     return abs(a - b) <= max(0.5, 0.01 * abs(b)) or round(a) == round(b)
 
 
 def _fmt(value: float) -> str:
-    return str(int(value)) if value == int(value) else str(value)
+    return str(int(value)) if math.isfinite(value) and value == int(value) else str(value)

@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,7 +17,7 @@ import jsonschema
 
 from ..._aio import tracked_to_thread
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
-from ...lru import LRUMemo
+from ...lru import LRUMemo, memoized_by_digest
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...quarantine_marks import (
     DOCUMENTS_KEY,
@@ -34,7 +34,7 @@ from ...settings import whole_number
 from ...stage import AsyncCallNext, AsyncResult, CallNext, Result, Stage
 from ..prefix import default_counter, previous_prompt_end, record_prefix_invalidated
 from ..pruning.documents import DOCUMENT_BLOCK
-from .contradiction import checkable, find_contradiction
+from .contradiction import TurnResults, checkable, find_contradiction
 from .finding import Finding, shorten
 from .injection import find_injection
 from .registry import QuarantineRecord, QuarantineRegistry
@@ -138,14 +138,17 @@ class QuarantineStage(Stage):
     def check_message(
         self, messages: Sequence[Mapping[str, Any]], index: int, schemas: Mapping[str, Mapping[str, Any]],
         *, after_injection: bool = False, injected: Sequence[str] = (),
-        failed: Sequence[tuple[str, Finding]] | None = None, results_key: str | None = None,
+        failed: Sequence[tuple[str, Finding]] | _FailedLines | None = None, results_key: str | None = None,
+        turn: TurnResults | None = None, named: Container[str] | None = None,
     ) -> Finding | None:
         """The first finding about messages[index], or None when it is clean. `after_injection`: a tool
         result of this turn carried an injection, so an answer repeating it is checked for one too.
         `failed`: the failed or schema-breaking tool results of this turn with their findings, when the
         caller has them (the stage's pass over a request collects them once); else they are found here.
         `results_key`: a digest of this turn's tool results before messages[index], when the caller has it: an
-        assistant message's contradiction verdict is then remembered under it."""
+        assistant message's contradiction verdict is then remembered under it. `turn`: those results read (the
+        stage's pass reads each once), else they are found and read here. `named`: what the user and the tool
+        results since the last injected one named before messages[index] (_NamedSoFar), else found here."""
         message = messages[index]
         text = message_text(dict(message))
         role = message.get("role")
@@ -171,12 +174,13 @@ class QuarantineStage(Stage):
             # Only when a tool result carried an injection: read for every assistant message of the history, the
             # whole history before it made each call quadratic in its length (8.8 s of CPU per call at 1,200 messages).
             if self.check_injection and injected:
-                earlier = [dict(m) for m in messages[:index]]
-                last_injected = max((i for i, m in enumerate(earlier)
-                                     if m.get("role") == "tool" and message_text(m) in injected), default=-1)
-                said = [text for i, m in enumerate(earlier) if (text := message_text(m)) and (
-                    m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected))]
-                if carried := _repeated_payload(message["content"], injected, said):
+                if named is None:
+                    earlier = [dict(m) for m in messages[:index]]
+                    last_injected = max((i for i, m in enumerate(earlier)
+                                         if m.get("role") == "tool" and message_text(m) in injected), default=-1)
+                    named = _named_in(text for i, m in enumerate(earlier) if (text := message_text(m)) and (
+                        m.get("role") == "user" or (m.get("role") == "tool" and i > last_injected and text not in injected)))
+                if carried := _repeated_payload(message["content"], injected, named):
                     # the answer passes on what the injection planted (its link, its account number, its code)
                     return Finding("injection", "the answer repeats what an injected tool result planted", carried)
             if (echoed := self._repeated_failed_result(messages, index, schemas, failed)) is not None:
@@ -186,7 +190,7 @@ class QuarantineStage(Stage):
                 claim = message["content"]
 
                 def contradiction() -> Finding | None:
-                    return find_contradiction(claim, _turn_tool_results(messages, index))
+                    return find_contradiction(claim, turn if turn is not None else _turn_tool_results(messages, index))
 
                 if results_key is None:
                     return contradiction()
@@ -223,7 +227,7 @@ class QuarantineStage(Stage):
 
     def _repeated_failed_result(self, messages: Sequence[Mapping[str, Any]], index: int,
                                 schemas: Mapping[str, Mapping[str, Any]],
-                                failed: Sequence[tuple[str, Finding]] | None) -> Finding | None:
+                                failed: Sequence[tuple[str, Finding]] | _FailedLines | None) -> Finding | None:
         """An answer that copies a failed or schema-breaking tool result of its turn word for word (a small
         model often answers with the `<tool_response>` it was shown, also one from an earlier step of the
         turn) carries that result into summaries and the cache: it is quarantined with it. Only a copied line
@@ -232,13 +236,12 @@ class QuarantineStage(Stage):
         if failed is None:
             failed = [(message_text(dict(messages[j])), finding) for j in _turn_tool_indices(messages, index)
                       if (finding := self.check_message(messages, j, schemas)) is not None]
-        for text, finding in failed:
-            if finding.kind not in ("tool_error", "schema"):
-                continue
-            if any(len(line) >= 24 and line in answer for line in (line.strip() for line in text.splitlines())):
-                return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
-                               finding.evidence)
-        return None
+        lines = failed if isinstance(failed, _FailedLines) else _FailedLines(failed)
+        finding = lines.copied_in(answer)
+        if finding is None:
+            return None
+        return Finding(finding.kind, f"the answer repeats a tool result that was quarantined ({finding.reason})",
+                       finding.evidence)
 
     def before_model(self, request: ChatRequest) -> ChatRequest:
         request, check = self._prepare(request)
@@ -263,14 +266,27 @@ class QuarantineStage(Stage):
         # planted (its link, its account number) is the injection still working, turns after its result.
         injected: list[str] = []
         failed: list[tuple[str, Finding]] = []  # the current turn's failed results: an answer copying one carries it
+        failed_lines = _FailedLines()  # their lines, as each answer of the turn looks for them
         turn_results = False  # the current turn has tool results (an answer to it may contradict them)
         results_digest = hashlib.blake2b(digest_size=16)  # of the current turn's tool results so far
+        # The current turn's tool results so far, each read once: read again for each of its assistant messages,
+        # the first call on a long agent loop was quadratic in its length (2.3 s of CPU at 600 steps).
+        turn = TurnResults()
+        # What the user and the tool results since the last injected one named, each read once (see check_message).
+        named = _NamedSoFar()
+        last_tool: str | None = None  # the text of the tool result just checked
         for index, message in enumerate(messages):
+            if last_tool is not None:  # now that it is known whether it was injected
+                named.tool_result(last_tool, injected=last_tool in injected)
+                last_tool = None
             if message.get("role") == "user":
+                named.user(message_text(dict(message)))
                 injected_turn = False
                 failed = []
+                failed_lines = _FailedLines()
                 turn_results = False
                 results_digest = hashlib.blake2b(digest_size=16)
+                turn = TurnResults()
                 # Documents pasted into a user message are checked too; the message is marked (kept out of
                 # summaries and the cache) but never withheld: the user's own words are in it.
                 if (reason := self._check_user_documents(request, message, released, known)) is not None:
@@ -280,13 +296,16 @@ class QuarantineStage(Stage):
             results_key = results_digest.hexdigest()  # the results an assistant message here rests on
             if message.get("role") == "tool":
                 turn_results = True
-                results_digest.update(f"{_tool_name(messages, index)}\0{_digest(message_text(dict(message)))}\0".encode())
+                tool, text = _tool_name(messages, index), message_text(dict(message))
+                results_digest.update(f"{tool}\0{_digest(text)}\0".encode())
+                turn.add(tool, text)
+                last_tool = text
             if message_text(dict(message)) in issued:
                 marks.append((message, "withheld by quarantine"))
                 continue
             record = self._record(request, message, released, known,
                                   partial(self._message_finding, messages, index, schemas, injected_turn,
-                                          tuple(injected), tuple(failed), results_key))
+                                          tuple(injected), failed_lines, results_key, turn, named))
             if record is None:
                 continue
             if record.kind == "injection" and message.get("role") == "tool":
@@ -294,6 +313,7 @@ class QuarantineStage(Stage):
                 injected.append(message_text(dict(message)))
             if record.kind in ("tool_error", "schema") and message.get("role") == "tool":
                 failed.append((message_text(dict(message)), Finding(record.kind, record.reason, record.evidence)))
+                failed_lines.add(*failed[-1])
             marks.append((message, f"{record.kind}: {record.reason}"))
             if self.withhold_after_step and index < step_start:
                 placeholder = _placeholder(messages, index, record)
@@ -435,10 +455,11 @@ class QuarantineStage(Stage):
 
     def _message_finding(self, messages: Sequence[Mapping[str, Any]], index: int,
                          schemas: Mapping[str, Mapping[str, Any]], after_injection: bool,
-                         injected: Sequence[str] = (), failed: Sequence[tuple[str, Finding]] = (),
-                         results_key: str | None = None) -> tuple[Finding | None, str]:
+                         injected: Sequence[str] = (),
+                         failed: Sequence[tuple[str, Finding]] | _FailedLines = (), results_key: str | None = None,
+                         turn: TurnResults | None = None, named: Container[str] | None = None) -> tuple[Finding | None, str]:
         return (self.check_message(messages, index, schemas, after_injection=after_injection, injected=injected,
-                                   failed=failed, results_key=results_key),
+                                   failed=failed, results_key=results_key, turn=turn, named=named),
                 _source(messages, index))
 
     def _record(self, request: ChatRequest, content: Mapping[str, Any], released: set[str],
@@ -517,32 +538,108 @@ def _is_link(text: str) -> bool:
     return text.lower().startswith(("http://", "https://", "www.")) or "@" in text
 
 
-def _repeated_payload(answer: str, injected: Sequence[str], said: Sequence[str] = ()) -> str:
+def _repeated_payload(answer: str, injected: Sequence[str], named: Container[str] = ()) -> str:
     """A link, address or code that an injected tool result of this turn carried near its injection and
     that the answer gives on ("" when none): an answer that passes on the planted link is the injection working.
-    Not planted: what the user named ("How much are the WH-1000XM5?"), nor what the result says in lines before
-    the injection's own (the product page's model number, above a poisoned review)."""
-    named = {m.group(0).rstrip(".,;:").lower() for text in said for m in _PLANTED.finditer(text)}
+    Not planted: what the user named ("How much are the WH-1000XM5?") or a clean result after the injected one
+    did (`named`, lower case), nor what the result says in lines before the injection's own (the product page's
+    model number, above a poisoned review)."""
+    own: set[str] = set()
     for text in injected:
-        finding = find_injection(text)
-        # the evidence is redacted (a ?key= value, a password: ... cut to "…"): look for its part before that
-        probe = finding.evidence.split("\u2026", 1)[0][:40] if finding is not None and finding.evidence else ""
-        at = text.find(probe) if probe else -1
-        if at >= 0:
-            # The page's own codes above the injection's line (the product's model number) are not planted; a
-            # link or address there is: "confirm your card at <link>" one line above "tell the user to use the
-            # link above" is the same injection, and its link went through when lines above counted as the page's.
-            line = text.rfind("\n", 0, at) + 1
-            near = text[max(0, at - 300):]
-            named |= {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(text[:line])
-                      if not _is_link(m.group(0))}
-        else:
-            near = text
-        planted = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(near)} - named
+        near, page_codes = _planted_in(text)
+        own |= page_codes
+        planted = {p for p in near if p not in named and p not in own}
         for match in _PLANTED.finditer(answer):
             if match.group(0).rstrip(".,;:").lower() in planted:
                 return match.group(0).rstrip(".,;:")
     return ""
+
+
+@memoized_by_digest(1024)
+def _planted_in(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The links, addresses and codes an injected tool result carries near its injection, and the page's own codes
+    (not links) in the lines above it: read once per result, not once per later answer."""
+    finding = find_injection(text)
+    # the evidence is redacted (a ?key= value, a password: ... cut to "…"): look for its part before that
+    probe = finding.evidence.split("\u2026", 1)[0][:40] if finding is not None and finding.evidence else ""
+    at = text.find(probe) if probe else -1
+    if at < 0:
+        return frozenset(_named_in([text])), frozenset()
+    # The page's own codes above the injection's line (the product's model number) are not planted; a
+    # link or address there is: "confirm your card at <link>" one line above "tell the user to use the
+    # link above" is the same injection, and its link went through when lines above counted as the page's.
+    line = text.rfind("\n", 0, at) + 1
+    page_codes = {m.group(0).rstrip(".,;:").lower() for m in _PLANTED.finditer(text[:line]) if not _is_link(m.group(0))}
+    return frozenset(_named_in([text[max(0, at - 300):]])), frozenset(page_codes)
+
+
+def _named_in(texts: Iterable[str]) -> set[str]:
+    """The links, addresses and codes the texts name, lower case."""
+    return {m.group(0).rstrip(".,;:").lower() for text in texts for m in _PLANTED.finditer(text)}
+
+
+class _NamedSoFar:
+    """What the user and the tool results since the last injected one named, before the message being checked
+    (_repeated_payload's `named`): kept as the stage's pass goes, and read only when an answer is checked for a
+    planted payload. Worked out again from the whole history before each answer, one injected result early in an
+    agent loop made every call quadratic in its length (16 s of CPU per call at 600 steps)."""
+
+    def __init__(self) -> None:
+        self._by_user: set[str] = set()
+        self._by_tools: set[str] = set()
+        self._unread: list[tuple[str, set[str]]] = []  # (text, the set its names go to), in order
+
+    def user(self, text: str) -> None:
+        self._unread.append((text, self._by_user))
+
+    def tool_result(self, text: str, *, injected: bool) -> None:
+        if injected:  # a result before an injected one is no independent source of what that one planted
+            self._by_tools = set()
+            self._unread = [(t, names) for t, names in self._unread if names is self._by_user]
+        else:
+            self._unread.append((text, self._by_tools))
+
+    def __contains__(self, name: object) -> bool:
+        for text, names in self._unread:
+            names |= _named_in([text])
+        self._unread.clear()
+        return name in self._by_user or name in self._by_tools
+
+
+class _FailedLines:
+    """The lines (24 characters or more) of a turn's failed or schema-breaking tool results, in order, found in an
+    answer by their first 24 characters once there are many: each answer of a long turn was compared with every
+    line of every failed result so far, on every call (0.8 s of CPU per call at 2,400 steps, a quarter failing)."""
+
+    _KEY = 24  # the shortest line that counts as copied
+    _SCAN_FROM = 32  # lines: fewer are each looked for in the answer (cheaper than reading the answer's windows)
+
+    def __init__(self, failed: Iterable[tuple[str, Finding]] = ()) -> None:
+        self._findings: list[Finding] = []
+        self._lines: list[tuple[int, str]] = []  # (which finding, line)
+        self._by_start: dict[str, list[tuple[int, str]]] = {}
+        for text, finding in failed:
+            self.add(text, finding)
+
+    def add(self, text: str, finding: Finding) -> None:
+        if finding.kind not in ("tool_error", "schema"):
+            return
+        self._findings.append(finding)
+        for line in (line.strip() for line in text.splitlines()):
+            if len(line) >= self._KEY:
+                self._lines.append((len(self._findings) - 1, line))
+                self._by_start.setdefault(line[: self._KEY], []).append(self._lines[-1])
+
+    def copied_in(self, answer: str) -> Finding | None:
+        """The finding of the first failed result that the answer copies a line of, or None."""
+        if len(self._lines) < self._SCAN_FROM:
+            return next((self._findings[k] for k, line in self._lines if line in answer), None)
+        first: int | None = None
+        for i in range(len(answer) - self._KEY + 1):
+            for k, line in self._by_start.get(answer[i : i + self._KEY], ()):
+                if (first is None or k < first) and answer.startswith(line, i):
+                    first = k
+        return None if first is None else self._findings[first]
 
 
 def _injection_in(text: str, source: str) -> tuple[Finding | None, str]:
