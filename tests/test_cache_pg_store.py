@@ -500,3 +500,42 @@ def test_put_of_an_answer_with_a_lone_surrogate_does_not_raise(make_pg_store):
     store = make_pg_store()
     store.put(_storable_entry("sur", content="half an emoji \ud83d"), np.ones(384, dtype=np.float32))
     assert store.get("sur", 1001.0) is None
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_during_a_single_flight_does_not_wait_on_the_parents(make_pg_store):
+    """multiprocessing's fork (or gunicorn --preload) copies the per-key lock a single flight of the parent holds
+    through its whole backend call: the child's calls for that key waited single_flight_timeout_s each, for ever."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    store = make_pg_store(single_flight_timeout_s=60)
+    inside, done = threading.Event(), threading.Event()
+
+    def flight() -> None:
+        with store.single_flight("k"):
+            inside.set()
+            done.wait(10)
+
+    parent_flight = threading.Thread(target=flight)
+    parent_flight.start()
+    assert inside.wait(10)
+
+    def child() -> None:
+        started = time.monotonic()
+        with store.single_flight("k"):
+            pass
+        os._exit(0 if time.monotonic() - started < 5 else 3)
+
+    forked = multiprocessing.get_context("fork").Process(target=child)
+    forked.start()
+    done.set()  # the parent's flight ends: the advisory lock is free, the child's copy of the key's lock is not
+    parent_flight.join()
+    forked.join(15)
+    hung = forked.is_alive()
+    if hung:
+        forked.kill()
+        forked.join()
+    assert not hung and forked.exitcode == 0

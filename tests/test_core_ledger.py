@@ -287,3 +287,33 @@ def test_plot_of_an_empty_or_one_record_ledger(tmp_path, lines, capsys):
     log = tmp_path / "calls.jsonl"
     log.write_text("".join(json.dumps(_report_record(i).to_dict()) + "\n" for i in range(lines)))
     assert main(["report", str(log), "--plot", str(tmp_path / "p.png")]) == 0 and (tmp_path / "p.png").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_a_thread_writes_can_write(tmp_path):
+    """A thread writing when the process forked (waiting on the file's lock, held by a reader) held the ledger's
+    lock, and a descriptor whose flock the child's copy kept: the child's first record hung for ever (and so did
+    every other writer's while the child lived)."""
+    import fcntl
+    import os
+    import threading
+
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    reader = os.open(path, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a report being read
+    writing = threading.Thread(target=ledger.write, args=(make_record(0, 0),))
+    writing.start()
+    time.sleep(0.3)  # the thread now waits on the file's lock, holding the ledger's lock
+    child = multiprocessing.get_context("fork").Process(target=ledger.write, args=(make_record(1, 0),))
+    child.start()
+    fcntl.flock(reader, fcntl.LOCK_UN)
+    os.close(reader)
+    writing.join()
+    child.join(10)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung and child.exitcode == 0
+    assert sorted(r.id for r in read_ledger(path)) == sorted([make_record(0, 0).id, make_record(1, 0).id])

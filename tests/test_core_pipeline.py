@@ -1279,3 +1279,33 @@ def test_a_sync_stream_read_on_by_another_thread_lets_the_thread_that_read_it_wa
     finally:
         reader.join()
     assert answer.usage.completion_tokens >= 1
+
+
+def _answer_in_fork(backend: LlamaCppBackend) -> None:
+    import os
+
+    request = ChatRequest(messages=[{"role": "user", "content": "Say hi"}], params={"max_tokens": 4})
+    backend.complete(request)
+    asyncio.run(asyncio.wait_for(backend.acomplete(request), 20))
+    os._exit(0)
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_after_the_model_answered_can_answer(llama_backend):
+    """gunicorn --preload with a warm-up call, or multiprocessing's fork: after the parent generated (sync and async),
+    a forked child's first generation hung for ever in libgomp (llama.cpp's threads), and its async calls queued
+    work for executor threads that were the parent's."""
+    import multiprocessing
+
+    request = ChatRequest(messages=[{"role": "user", "content": "Say hi"}], params={"max_tokens": 4})
+    llama_backend.complete(request)
+    asyncio.run(llama_backend.acomplete(request))
+    child = multiprocessing.get_context("fork").Process(target=_answer_in_fork, args=(llama_backend,))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung and child.exitcode == 0
+    assert llama_backend.complete(request).usage.completion_tokens >= 1  # the parent keeps its threads

@@ -117,3 +117,35 @@ def test_batches_are_padded_to_a_few_shapes(float32_embedder):
     assert lengths and all(n % PAD_MULTIPLE == 0 for n in lengths), lengths
     reference = float32_embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     assert np.allclose(vectors, reference, atol=1e-5)
+
+
+def _embed_in_fork(embedder: Embedder) -> None:
+    import os
+
+    vectors = embedder.embed(["hello world " * 20] * 16)
+    os._exit(0 if vectors.shape == (16, 384) else 3)
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_after_an_embedding_can_embed(embedder):
+    """gunicorn --preload with a warm-up, or multiprocessing's fork: once the parent embedded on several threads,
+    a forked child's first embedding hung for ever in torch's OpenMP threads."""
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default is every core; the tests' OMP_NUM_THREADS=1 would hide the hang
+    try:
+        embedder.embed(["warm up the thread pool " * 20] * 16)
+        child = multiprocessing.get_context("fork").Process(target=_embed_in_fork, args=(embedder,))
+        child.start()
+        child.join(60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+        assert not hung and child.exitcode == 0
+        assert torch.get_num_threads() == 2  # the parent keeps its threads
+    finally:
+        torch.set_num_threads(threads)

@@ -391,3 +391,45 @@ def test_a_registry_dropped_unclosed_during_an_outage_ends_with_its_thread(db_ur
     assert not any(thread.is_alive() for thread in threads)
     lost = " ".join(r.getMessage() for r in caplog.records if "lost" in r.getMessage())
     assert all(f"{i:032x}" in lost for i in range(3))
+
+
+def _exit_code_in_fork(work: Any, timeout_s: float = 10.0) -> int | None:
+    """`work()` in a child made by multiprocessing's fork; its exit code, None when it was still running."""
+    child = multiprocessing.get_context("fork").Process(target=work)
+    child.start()
+    child.join(timeout_s)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_a_call_waits_on_the_database_does_not_hang(db_url):
+    """gunicorn --preload and multiprocessing's fork copy the registry's lock as it is: a child forked while a call
+    of the parent waited on the database (here a namespace's row lock) had it held for ever, and its first call hung.
+    The parent's backlog is the parent's: a child ending does not report it lost."""
+    import threading
+
+    registry = PostgresQuarantineRegistry(100, db_url, statement_timeout_s=5)
+    registry.add_record(_record("a" * 32))
+    blocker = psycopg.connect(db_url)
+    blocker.execute("SELECT 1 FROM ctxkit_quarantine_namespaces WHERE namespace = 'ns' FOR UPDATE")
+    waiting = threading.Thread(target=registry.add_record, args=(_record("b" * 32),))
+    waiting.start()
+    time.sleep(0.5)  # the call now waits on the row lock, holding the registry's lock
+    registry._pending.append(("record", _record("c" * 32)))  # as an outage leaves it: the parent writes it
+
+    def child() -> None:
+        assert [r.fingerprint for r in registry.snapshot("ns").records.values()] == ["a" * 32]
+        assert registry._pending == []
+
+    try:
+        assert _exit_code_in_fork(child) == 0
+    finally:
+        blocker.rollback()
+        blocker.close()
+        waiting.join()
+    registry._pending.clear()
+    registry.close()

@@ -1148,3 +1148,48 @@ def test_each_answer_of_a_long_turn_is_not_compared_again_with_every_failed_resu
         out = stage.before_model(ChatRequest(messages=messages))
         assert len(reads) <= 2 * 100, f"{len(reads)} reads of 100 failed results"
     assert is_quarantined(out, messages[-1])
+
+
+_HOLD_A_WRITE = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                 "db.execute('BEGIN IMMEDIATE'); print('held', flush=True); sys.stdin.readline()")
+
+
+def _forked_record(fingerprint: str) -> QuarantineRecord:
+    return QuarantineRecord(fingerprint=fingerprint, namespace="ns", kind="tool_error", reason="r", evidence="e",
+                            role="tool", source="s", excerpt="x", conversation_id=None, created_at=time.time())
+
+
+def _add_in_fork(registry: QuarantineRegistry) -> None:
+    import os
+
+    registry.add_record(_forked_record("b" * 32))
+    os._exit(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_a_write_waits_on_another_process_can_write(tmp_path):
+    """gunicorn --preload and multiprocessing's fork copy the registry's lock as it is: a child forked while a write
+    of the parent waited on another process's transaction had it held for ever, and its first write hung."""
+    import multiprocessing
+
+    registry = QuarantineRegistry(100, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_WRITE, str(tmp_path / quarantine_registry.FILE_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdin is not None
+    holder.stdout.readline()
+    waiting = threading.Thread(target=registry.add_record, args=(_forked_record("a" * 32),))
+    waiting.start()
+    time.sleep(0.5)  # the write now waits on the other process's transaction, holding the registry's lock
+    child = multiprocessing.get_context("fork").Process(target=_add_in_fork, args=(registry,))
+    child.start()
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    holder.wait()
+    waiting.join()
+    child.join(20)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung and child.exitcode == 0
+    assert sorted(registry.snapshot("ns").records) == ["a" * 32, "b" * 32]

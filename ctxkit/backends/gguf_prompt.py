@@ -82,6 +82,10 @@ class GGUFPrompt:
             result = formatter(messages=messages_for_plain_template(list(messages), list(tools)))
         return result.prompt
 
+    def after_fork_in_child(self) -> None:
+        """A count another thread of the parent was making at the fork held the lock: held for ever here."""
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         """No more counting: the model is about to be freed (its tokenizer with it)."""
         with self._lock:

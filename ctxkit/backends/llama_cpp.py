@@ -28,6 +28,7 @@ from ..errors import (
     RequestError,
     ToolCallSchemaError,
 )
+from ..forking import renew_after_fork
 from ..request import ChatRequest
 from ..response import ChatResponse, Usage
 from ..settings import whole_number
@@ -143,6 +144,8 @@ class LlamaCppBackend:
         # summarizer calling complete() from a stage run in a worker thread), and then nothing moved again.
         self._holders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctxkit-llama")
         self._closed = False
+        self._threads_started = False  # a generation ran here: llama.cpp's OpenMP (libgomp) threads exist
+        renew_after_fork(self, LlamaCppBackend._after_fork_in_child)
         # llama.cpp's stream reports no usage: count the tokens its sampler hands out (under self._lock), so a
         # streamed answer is counted as llama.cpp counts the same answer whole (re-tokenizing the text is not).
         self._sampled: list[int] = []
@@ -566,8 +569,27 @@ class LlamaCppBackend:
 
         return capped, lambda: hit
 
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): a generation of the parent's held the
+        lock (held for ever here), the executor's threads are the parent's (an async call queued work no thread
+        ran), and libgomp, which llama.cpp's CPU threads run on, hangs a child's first multi-threaded step once
+        the parent ran one: after a generation in the parent, this child generates on one thread."""
+        self._lock = threading.Lock()
+        self._holders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctxkit-llama")
+        self._streaming_thread, self._stream_steps = None, 0
+        self.prompt.after_fork_in_child()
+        llama = self._llama
+        if self._threads_started and not self._closed and max(llama.n_threads, llama.n_threads_batch) > 1:
+            llama._ctx.set_n_threads(1, 1)  # the public API sets threads only when the context is made
+            llama.n_threads = llama.n_threads_batch = 1
+            logger.warning("LlamaCppBackend: forked after it generated, so this process generates on one thread "
+                           "(llama.cpp's OpenMP threads hang a forked child); make the backend after the fork, or "
+                           "do not generate before it, for %d threads", max(llama.context_params.n_threads,
+                                                                           llama.context_params.n_threads_batch))
+
     def _reusable_prefix(self, tokens: list[int]) -> int:
         """How many leading prompt tokens llama.cpp will take from its KV cache instead of evaluating."""
+        self._threads_started = True  # called under the lock right before every generation, sync or streamed
         previous = self._llama.input_ids[: self._llama.n_tokens]
         shared = 0
         for a, b in zip(previous, tokens, strict=False):

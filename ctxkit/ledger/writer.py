@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LedgerError, MalformedLedgerLine
+from ..forking import renew_after_fork
 from .record import LedgerRecord
 
 logger = logging.getLogger("ctxkit")
@@ -38,6 +39,8 @@ class Ledger:
         self.records: collections.deque[LedgerRecord] = collections.deque(maxlen=keep_in_memory)
         self.write_errors = 0
         self._lock = threading.Lock()
+        self._appending: int | None = None  # the descriptor an append has open (and maybe locked), under _lock
+        renew_after_fork(self, Ledger._after_fork_in_child)
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,12 +62,21 @@ class Ledger:
             self.records.append(record)
         logger.info("%s", text, extra={"ctxkit_record": record.to_dict()})
 
+    def _after_fork_in_child(self) -> None:
+        """A thread appending at the fork held _lock (held for ever here) and an open descriptor whose flock,
+        granted before the fork or after, lasts while any copy is open: the child's copy would lock every
+        writer of the file, this child first, for the child's life."""
+        self._lock = threading.Lock()
+        if self._appending is not None:
+            os.close(self._appending)  # this copy only: the parent's append goes on and unlocks when it closes
+            self._appending = None
+
     def _open(self) -> int:
         assert self.path is not None
         return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _append(self, data: bytes) -> None:
-        fd = self._open()
+        fd = self._appending = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
@@ -74,6 +86,7 @@ class Ledger:
             while written < len(data):  # a short write is rare but legal; finish the line under the lock
                 written += os.write(fd, data[written:])
         finally:
+            self._appending = None
             os.close(fd)  # closing releases the lock
 
 

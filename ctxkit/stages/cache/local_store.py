@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError, RequestError
+from ...forking import renew_after_fork
 from ...sqlite_damage import damage_reported, is_damage
 from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
@@ -141,6 +142,7 @@ class LocalStore:
         self._lock = threading.RLock()  # guards the in-memory indexes
         self._flight_guard = threading.Lock()
         self._flights: dict[str, list[Any]] = {}  # key -> [lock, users]
+        renew_after_fork(self, LocalStore._after_fork_in_child)
         self._indexes: dict[str, _ScopeIndex] = {}
         self._seq = 0  # the last write sequence this process has indexed
         self._epoch = -1
@@ -343,6 +345,14 @@ class LocalStore:
                 slot[1] -= 1
                 if slot[1] == 0:
                     self._flights.pop(key, None)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork) the parent's flights are the parent's:
+        their per-key locks, held through a whole backend call, made the child's calls for those keys wait
+        lock_timeout each, for ever; the index lock, held by a thread indexing at the fork, would hang it."""
+        self._lock = threading.RLock()
+        self._flight_guard = threading.Lock()
+        self._flights = {}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
+from ...forking import renew_after_fork
 from ...postgres import error_line, redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
@@ -72,6 +73,11 @@ class _ConnectionPool:
         # Connections inherited through fork belong to the parent's sessions: closing them here would end
         # the parent's sessions too, so they are parked (never used, never closed) after a fork.
         self._inherited: list[Any] = []
+
+    def after_fork_in_child(self) -> None:
+        """A condition another thread held at the fork would stay held in the child for ever."""
+        self._cond = threading.Condition()
+        self._after_fork()
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:
@@ -226,6 +232,7 @@ class PostgresStore:
         self._holder_pid = os.getpid()
         self._holder_gen = 0
         self._holder_guard = threading.Lock()
+        renew_after_fork(self, PostgresStore._after_fork_in_child)
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -728,6 +735,15 @@ class PostgresStore:
                 slot[1] -= 1
                 if slot[1] == 0:
                     del self._sf_locks[key]
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the parent's single flights are the parent's. Their per-key locks, held through a
+        whole backend call, would make the child's calls for those keys wait single_flight_timeout_s each, for
+        ever; a guard held at the fork (one on a lookup waiting for the server) would hang the child."""
+        self._sf_guard = threading.Lock()
+        self._sf_locks = {}
+        self._holder_guard = threading.Lock()
+        self._pool.after_fork_in_child()
 
     def _statement_timeout_ms(self) -> int:
         # PostgreSQL takes at most 2**31 - 1 ms (24.8 days); above that SET fails and so would every lookup

@@ -38,6 +38,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
+from ...forking import renew_after_fork
 from ...postgres import error_line, statement_watchdog
 from .registry import (
     _ESCAPED,
@@ -94,6 +95,7 @@ class PostgresQuarantineRegistry:
         self._inherited: list[Any] = []  # a parent's connection after a fork: never used, never closed
         # A process that ends during an outage loses what it kept in memory: the operator is told what.
         weakref.finalize(self, _report_unwritten, self._pending)
+        renew_after_fork(self, PostgresQuarantineRegistry._after_fork_in_child)
         try:
             self._conn = self._connect()
         except Exception as exc:  # noqa: BLE001 - any failure to open is the operator's to fix
@@ -193,10 +195,6 @@ class PostgresQuarantineRegistry:
         memory are all written first (else only what FLUSH_BUDGET_S allows). Under _lock."""
         import psycopg
 
-        if os.getpid() != self._pid:  # closing a parent's connections would end its sessions
-            self._inherited += [self._conn, self._reconnected]
-            self._conn = self._reconnected = self._reconnecting = None
-            self._pid = os.getpid()
         if self._down_since is not None:
             if self._reconnected is None:
                 self._reconnect_in_background()
@@ -272,6 +270,17 @@ class PostgresQuarantineRegistry:
             self._reconnected = conn
             self._attempt(_nothing, _nothing)  # back: said at once, not at the next call
         return FLUSH_BUDGET_S / 4
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: a lock the parent's calls or reconnecting thread held at the fork would stay held
+        forever; the parent's connections are parked (closing them would end its sessions); the parent's backlog
+        is left to the parent, which writes it (the child writing it too would write it twice, and report it lost
+        when it ends)."""
+        self._lock = threading.Lock()
+        self._inherited += [self._conn, self._reconnected]
+        self._conn = self._reconnected = self._reconnecting = None
+        self._pid = os.getpid()
+        self._pending.clear()  # the very list the finalizer reports from: this process has none unwritten
 
     def _drop_connection(self) -> None:
         if self._conn is not None and os.getpid() == self._pid:  # a forked child leaves its parent's session alone

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
+from ...forking import renew_after_fork
 from ...sqlite_damage import damage_reported, is_damage
 
 FILE_NAME = "quarantine.sqlite3"
@@ -102,6 +103,8 @@ class QuarantineRegistry:
         # service that sees a new namespace now and then (tenants, users) must not keep each one for good.
         self._spaces: collections.OrderedDict[str, Namespace] = collections.OrderedDict()
         self._where = str(directory) if directory is not None else "memory"
+        self._inherited: list[sqlite3.Connection] = []  # a parent's connections after a fork: never used, never closed
+        renew_after_fork(self, QuarantineRegistry._after_fork_in_child)
         if directory is None:
             self._db = self._open(":memory:", "memory")
             return
@@ -145,6 +148,16 @@ class QuarantineRegistry:
             writer.put(ISSUED, placeholder)
 
     # -- internals ----------------------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): a write of the parent's waiting on the
+        database (another process's transaction) held the lock, held for ever here; and SQLite's connection, maybe
+        mid-transaction, is the parent's (SQLite: never carry one across a fork). Closing it here could checkpoint
+        and remove the WAL the parent uses: it is kept unused. An in-memory registry keeps its copy."""
+        self._lock = threading.Lock()
+        if self._where != "memory":
+            self._inherited.append(self._db)
+            self._db = self._open(str(Path(self._where) / FILE_NAME), self._where)
+
     @staticmethod
     def _open(target: str, where: str) -> sqlite3.Connection:
         try:
