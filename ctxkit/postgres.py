@@ -1,14 +1,17 @@
 """What ctxkit's PostgreSQL stores share (the semantic cache's and the quarantine registry's): a client-side
-bound on how long a statement may wait for the server, and error texts without the DSN's password."""
+bound on how long a statement may wait for the server, error texts without the DSN's password, and the
+record of an outage for a store whose calls go on without the database."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,3 +70,72 @@ def statement_watchdog(conn: Any, seconds: float) -> Iterator[None]:
         yield
     finally:
         timer.cancel()
+
+
+class Outage:
+    """Whether a PostgreSQL server is away, for a store whose calls go on without it (a cache).
+
+    The call that finds the server gone pays its timeout and logs one ERROR; while it is away every other call
+    skips the database at once (`away`), and a background thread calls `probe` (a connect and a query, bounded
+    by their timeouts) more slowly each time, at least every `retry_s` seconds, until it answers: the next call
+    uses the database again and one WARNING says it is back. `probe` must not hold the store: a store dropped
+    during an outage is collected, and `close` ends the thread."""
+
+    def __init__(self, what: str, probe: Callable[[], None], retry_s: float, log: logging.Logger) -> None:
+        self._what = what
+        self._probe = probe
+        self._retry_s = retry_s
+        self._log = log
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    @property
+    def away(self) -> bool:
+        if self._down_since is None:
+            return False
+        with self._lock:
+            self._watch()  # a forked child inherits the outage but not the thread
+            return self._down_since is not None
+
+    def found_away(self, reason: str) -> None:
+        """A call found the server gone (`reason`: the error's line, without the password)."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                self._log.error("%s cannot be reached; calls go on without it until it is back: %s", self._what, reason)
+            self._watch()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def after_fork_in_child(self) -> None:
+        """The lock a parent's thread held at the fork would stay held here; its watcher thread is not here."""
+        self._lock = threading.Lock()
+        self._watcher = None
+
+    def _watch(self) -> None:
+        """Start the thread that waits for the server (unless it runs). Under _lock."""
+        if self._down_since is not None and not self._closed.is_set() and (
+                self._watcher is None or not self._watcher.is_alive()):
+            self._watcher = threading.Thread(target=self._wait_until_back, name="ctxkit-postgres-reconnect",
+                                             daemon=True)
+            self._watcher.start()
+
+    def _wait_until_back(self) -> None:
+        wait = 0.0  # at once: when only the session was lost (a frozen or ended backend), a new one ends the outage
+        while not self._closed.wait(wait):
+            try:
+                self._probe()
+            except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
+                wait = min(max(wait * 2, 0.25), self._retry_s)
+                continue
+            with self._lock:
+                since, self._down_since = self._down_since, None
+                self._watcher = None  # a call that finds it gone again from now on starts another
+            if since is not None:
+                self._log.warning("%s is back after %.0f s", self._what, time.monotonic() - since)
+            return

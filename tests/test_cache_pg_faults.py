@@ -285,3 +285,50 @@ def test_admin_calls_of_a_role_without_write_privileges_raise_a_typed_error(make
                                      response={}), np.ones(384, dtype=np.float32)) is False
     finally:
         reader.close()
+
+
+def _server_pids(dsn: str) -> list[int]:
+    """The postmaster and every process of the server: what a frozen VM or container stops."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (data,) = conn.execute("SHOW data_directory").fetchone()
+        others = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")]
+    with open(os.path.join(data, "postmaster.pid")) as pidfile:
+        return [int(pidfile.readline())] + others
+
+
+def test_a_frozen_server_costs_one_call_its_timeout_then_calls_skip_it_until_it_is_back(pg_dsn, make_pg_store,
+                                                                                        caplog):
+    """The whole server frozen (a paused VM): every lookup, search, single-flight and put paid a connect timeout on a
+    new session, about 30 s per model call with the defaults, and each logged a WARNING. Now the call that finds it
+    gone pays its timeout, the next ones skip the cache at once, one ERROR is logged, and the store serves again
+    when the server does, without a restart."""
+    store = make_pg_store(statement_timeout_s=0.5, retry_s=0.5)
+    store.put(_entry("k"), _vec())
+
+    def user_call(key: str) -> float:  # what SemanticCacheStage does on a miss
+        started = time.monotonic()
+        store.get(key, 1001.0)
+        store.search("s", _vec(), 3, 1001.0)
+        with store.single_flight(key):
+            store.get(key, 1001.0)
+            store.put(_entry(key), _vec())
+        return time.monotonic() - started
+
+    pids = _server_pids(pg_dsn)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level("WARNING", logger="ctxkit.stages.cache.pg_store"):
+            blocked = [user_call(f"frozen{i}") for i in range(4)]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert blocked[0] < 4, blocked  # the statement's client-side bound (0.5 + 2 s), once
+    assert sum(blocked[1:]) < 0.5, blocked
+    assert [r.levelname for r in caplog.records] == ["ERROR"], [r.getMessage() for r in caplog.records]
+    deadline = time.monotonic() + 15
+    while store.get("k", 1001.0) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.get("k", 1001.0) is not None, "the store did not use the server again once it was back"
+    user_call("after")
+    assert store.get("after", 1001.0) is not None

@@ -228,6 +228,27 @@ def test_schema_creation_is_idempotent_and_checks_the_dimension(make_pg_store, p
         make_pg_store(dimension=128)
 
 
+def test_tables_remade_with_another_dimension_while_running_are_named_once(make_pg_store, pg_dsn, pg_prefix, caplog):
+    """Another deployment (another embedding model) remakes the tables while this replica runs: every put logged a
+    WARNING "expected 768 dimensions, not 384" naming neither the table nor the cause, at every model call, and
+    a bulk load raised a raw psycopg DataError."""
+    store = make_pg_store()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for table in ("access", "stats", "meta", "entries"):
+            conn.execute(f"DROP TABLE {pg_prefix}_{table}")
+    other = make_pg_store(dimension=768)
+    other.put(entry("theirs"), np.ones(768, dtype=np.float32))
+    with caplog.at_level("WARNING", logger="ctxkit.stages.cache.pg_store"):
+        for i in range(3):
+            assert store.put(entry(f"k{i}"), vec(i)) is False
+            assert store.search("scope-a", vec(i), 3, now=1001.0) == []
+    assert [r.levelname for r in caplog.records] == ["ERROR"], [r.getMessage() for r in caplog.records]
+    told = caplog.records[0].getMessage()
+    assert f"{pg_prefix}_entries" in told and "vector(768)" in told and "dimension=384" in told
+    with pytest.raises(ConfigurationError, match=f"{pg_prefix}_entries now holds vector\\(768\\)"):
+        store.put_many([entry("bulk")], [vec(9)])
+
+
 def test_bad_input_raises_typed_errors(make_pg_store, pg_dsn):
     store = make_pg_store()
     with pytest.raises(RequestError, match="shape"):
@@ -397,9 +418,10 @@ def test_a_call_holding_or_awaiting_the_single_flight_lock_survives_the_server_e
         pass
 
 
-def test_while_the_server_is_down_a_call_goes_on_without_the_cache(tmp_path):
+def test_while_the_server_is_down_a_call_goes_on_without_the_cache(tmp_path, caplog):
     """A stopped or failing-over PostgreSQL failed every model call with psycopg.OperationalError: a
-    cache outage became an outage of the whole proxy."""
+    cache outage became an outage of the whole proxy. The outage is logged once, not at every call, and
+    the store serves again when the server is back, without a restart."""
     import os
     import signal
     import tempfile
@@ -410,17 +432,26 @@ def test_while_the_server_is_down_a_call_goes_on_without_the_cache(tmp_path):
 
     server = pgserver.get_server(tempfile.mkdtemp(prefix="ctxkit-pg-"), cleanup_mode="delete")
     try:
-        store = PostgresStore(server.get_uri(), table_prefix="outage", dimension=DIM)
+        store = PostgresStore(server.get_uri(), table_prefix="outage", dimension=DIM, retry_s=0.5)
         store.put(entry("k1"), vec(1))
         os.kill(server.get_pid(), signal.SIGINT)  # a fast shutdown: every session ends, no new one is taken
         time.sleep(2)
-        assert store.get("k1", now=1001.0) is None, "a miss"
-        assert store.search("scope-a", vec(1), 4, now=1001.0) == []
-        store.put(entry("k2"), vec(2))  # not stored, and the call that answered is not failed
-        with store.single_flight("k2"):
-            pass
+        with caplog.at_level("WARNING", logger="ctxkit.stages.cache.pg_store"):
+            for _ in range(3):
+                assert store.get("k1", now=1001.0) is None, "a miss"
+                assert store.search("scope-a", vec(1), 4, now=1001.0) == []
+                assert store.put(entry("k2"), vec(2)) is False  # not stored, and the call that answered is not failed
+                with store.single_flight("k2"):
+                    pass
+        assert [r.levelname for r in caplog.records] == ["ERROR"], [r.getMessage() for r in caplog.records]
         with pytest.raises(psycopg.OperationalError):
             store.put_many([entry("k3")], [vec(3)])  # a bulk load is told
+        server.ensure_postgres_running()  # the server restarts
+        deadline = time.monotonic() + 15
+        while store.get("k1", now=1001.0) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get("k1", now=1001.0) is not None, "the store did not use the server again once it was back"
+        assert store.put(entry("k2"), vec(2)) is True
     finally:
         with contextlib.suppress(Exception):
             server.cleanup()

@@ -31,15 +31,17 @@ import re
 import select
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
 from ...forking import renew_after_fork
-from ...postgres import error_line, redact_dsn, statement_watchdog
+from ...postgres import Outage, error_line, redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIZE_BYTES = 1 << 30  # 1 GiB
 _STATS_SLOTS = 8  # counter rows per name; more slots = less row contention, a slightly larger sum
 _EVICT_BATCH = 256
-_PUT_LOCK_TIMEOUT_MS = 10_000  # how long a put waits for another writer's transaction before giving up
+# How long a put waits for another writer's transaction before giving up. A put is on its call's way (the
+# answer returns after it), and its client-side bound, which is all a frozen server leaves, grows with this.
+_PUT_LOCK_TIMEOUT_MS = 2_000
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+# pgvector's errors for a vector of another dimension than the column's (on a write, on a comparison)
+_DIMENSIONS_RE = re.compile(r"expected (\d+) dimensions, not (\d+)|different vector dimensions (\d+) and (\d+)")
 _ENTRY_COLUMNS = ("key", "scope", "namespace", "query_text", "response", "features", "created_at", "expires_at",
                   "size_bytes", "embedding")
 _COUNTERS = (
@@ -171,6 +177,10 @@ class PostgresStore:
     written by replicas configured without it) and baked into `expires_at` when writing.
     `single_flight_timeout_s` bounds how long a caller waits for another's answer before computing it
     itself: a hung replica must not stall every other one.
+    A server that stops answering or goes away costs one call its timeout (`connect_timeout_s`, or
+    `statement_timeout_s` plus 2 s for a session that stopped answering) and one ERROR in the log; until it is
+    back every call skips the cache at once (a miss, an answer not stored, no single-flight wait) while a
+    background thread tries to reconnect, at least every `retry_s` seconds.
     """
 
     def __init__(
@@ -185,7 +195,9 @@ class PostgresStore:
         ef_search: int = 100,
         single_flight_timeout_s: float = 120.0,
         lock_pool_size: int = 16,
-        statement_timeout_s: float = 5.0,
+        statement_timeout_s: float = 2.0,
+        connect_timeout_s: float = 2.0,
+        retry_s: float = 10.0,
     ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
@@ -199,6 +211,9 @@ class PostgresStore:
             raise ConfigurationError(f"lock_pool_size must be at least 1, got {lock_pool_size}")
         if not (isinstance(statement_timeout_s, (int, float)) and 0 < statement_timeout_s < float("inf")):
             raise ConfigurationError(f"statement_timeout_s must be a positive number of seconds, got {statement_timeout_s!r}")
+        for name, seconds in (("connect_timeout_s", connect_timeout_s), ("retry_s", retry_s)):
+            if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {seconds!r}")
         if not 1 <= ef_search <= 1000:
             raise ConfigurationError(f"ef_search must be in 1..1000, got {ef_search}")
         ttl = dict(namespace_ttl or {})
@@ -219,9 +234,13 @@ class PostgresStore:
         self.ef_search = ef_search
         self.single_flight_timeout_s = single_flight_timeout_s
         self.statement_timeout_s = statement_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._t = {name: f"{table_prefix}_{name}" for name in ("entries", "access", "meta", "stats")}
         self._ensure_schema()
         self._pool = _ConnectionPool(dsn, pool_size, self._configure_connection, self._connect_kwargs())
+        self._outage = Outage("the cache's PostgreSQL",
+                              partial(_probe, dsn, self._connect_kwargs(), self._lookup_deadline_s()), retry_s, logger)
+        weakref.finalize(self, self._outage.close)  # a store dropped during an outage ends its reconnecting thread
         self._sf_guard = threading.Lock()
         self._sf_locks: dict[str, list[Any]] = {}  # key -> [threading.Lock, number of users]
         # Advisory locks are taken with pg_try_advisory_lock on one shared session (a session holds any
@@ -232,6 +251,7 @@ class PostgresStore:
         self._holder_pid = os.getpid()
         self._holder_gen = 0
         self._holder_guard = threading.Lock()
+        self._mismatch_reported = False
         renew_after_fork(self, PostgresStore._after_fork_in_child)
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -243,7 +263,7 @@ class PostgresStore:
 
         if "connect_timeout" in psycopg.conninfo.conninfo_to_dict(self.dsn) or os.environ.get("PGCONNECT_TIMEOUT"):
             return {}
-        return {"connect_timeout": max(2, math.ceil(min(self.statement_timeout_s, 3600.0)))}
+        return {"connect_timeout": max(2, math.ceil(min(self.connect_timeout_s, 3600.0)))}  # libpq: 2 s at least
 
     def _lookup_deadline_s(self) -> float:
         # the server's statement_timeout fires first while the server answers; this is the backstop
@@ -432,9 +452,15 @@ class PostgresStore:
 
         try:
             yield
-        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as exc:
-            # ReadOnlySqlTransaction: a failover to a standby, or writes frozen (lookups write an LRU time)
-            logger.warning("the cache's PostgreSQL is unreachable, %s: %s", what, error_line(exc, self.dsn))
+        except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable,
+                psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # the server answers, this statement could not: it waited past statement_timeout behind a lock or a
+            # slow query, or the database takes no writes (a failover to a standby; lookups write an LRU time)
+            logger.warning("the cache's PostgreSQL did not answer in time or cannot write, %s: %s", what,
+                           error_line(exc, self.dsn))
+        except psycopg.OperationalError as exc:
+            # the server is gone or stopped answering: logged once, and the calls after this one skip it
+            self._outage.found_away(error_line(exc, self.dsn))
         except psycopg.errors.InsufficientPrivilege as exc:
             # a role that may not read or write the tables (grants changed, a reporting role): the call goes on
             logger.error("the cache's PostgreSQL refused this role, %s: %s", what, error_line(exc, self.dsn))
@@ -442,8 +468,29 @@ class PostgresStore:
             # the tables were dropped (a cache reset, a failover to a database without them) or remade by a
             # deployment with another embedding dimension: the cache is unusable here until this replica is
             # restarted, but the model call goes on without it
+            mismatch = self._dimension_mismatch(exc)
+            if mismatch is not None:
+                self._report_mismatch(mismatch)
+                return
             logger.error("the cache's tables %s_* are missing or were changed (another deployment's dimension?), "
                          "%s; restart this replica: %s", self.table_prefix, what, error_line(exc, self.dsn))
+
+    def _dimension_mismatch(self, exc: BaseException) -> str | None:
+        """What is wrong when `exc` is pgvector refusing a vector of this store's dimension: the tables were remade,
+        while this replica runs, by a deployment with another embedding model. None for any other error."""
+        found = _DIMENSIONS_RE.search(str(exc))
+        if found is None:
+            return None
+        theirs = sorted({int(d) for d in found.groups() if d is not None} - {self.dimension})
+        return (f"table {self._t['entries']} now holds vector({theirs[0] if theirs else '?'}) embeddings but this "
+                f"store was opened with dimension={self.dimension} (remade by a deployment with another embedding "
+                "model?); use another table_prefix or the same dimension, and restart this replica")
+
+    def _report_mismatch(self, mismatch: str) -> None:
+        # every lookup and write meets it until a restart: told once, not at every model call
+        if not self._mismatch_reported:
+            self._mismatch_reported = True
+            logger.error("the cache is skipped: %s", mismatch)
 
     @contextmanager
     def _administered(self, what: str) -> Iterator[None]:
@@ -471,6 +518,8 @@ class PostgresStore:
         ttl_clause, params = self._ttl_clause(now)
         select = f"SELECT {self._COLUMNS} FROM {self._t['entries']} e WHERE e.key = %(key)s AND {ttl_clause}"
         rows: list[Any] = []
+        if self._outage.away:
+            return None
         with self._or_unavailable("a lookup is a miss"), self._pool.connection() as conn:
             rows = self._read_with_bookkeeping(conn, select, dict(params, key=key), "hits", "misses")
         return self._entry(rows[0]) if rows else None
@@ -500,6 +549,8 @@ class PostgresStore:
             (SELECT * FROM ({base} AND (SELECT count(*) FROM approx) < %(k)s
                              ORDER BY (e.embedding <=> %(q)b) + 0 LIMIT %(k)s) exact)"""
         rows: list[Any] = []
+        if self._outage.away:
+            return []
         with self._or_unavailable("a search finds nothing"), self._pool.connection() as conn:
             rows = self._read_with_bookkeeping(conn, select, params, "search_hits", "search_misses")
         rows = [r for r in rows if not math.isnan(r[8])]  # exact-only entries have no direction
@@ -515,11 +566,17 @@ class PostgresStore:
 
         rows, rejected = self._rows([entry], [vector])
         stored = False
+        if self._outage.away:
+            return stored
         with self._or_unavailable("an answer is not stored"):
             try:
                 self._put_rows(rows, rejected, lock_timeout_ms=_PUT_LOCK_TIMEOUT_MS)
                 stored = bool(rows)  # none: too large for the bound, or text PostgreSQL cannot hold
             except psycopg.DataError as exc:  # text PostgreSQL cannot store (a NUL character in the question)
+                mismatch = self._dimension_mismatch(exc)
+                if mismatch is not None:
+                    self._report_mismatch(mismatch)
+                    return stored
                 logger.warning("the cache cannot store this answer: %s", error_line(exc, self.dsn))
             except psycopg.errors.LockNotAvailable:  # a writer frozen mid-transaction (a paused VM, a debugger)
                 logger.warning("the cache's byte count stayed locked for %d ms, an answer is not stored",
@@ -531,7 +588,15 @@ class PostgresStore:
         Later entries replace earlier ones with the same key."""
         if len(entries) != len(vectors):
             raise RequestError(f"{len(entries)} entries but {len(vectors)} vectors", "vectors")
-        self._put_rows(*self._rows(entries, vectors))
+        import psycopg
+
+        try:
+            self._put_rows(*self._rows(entries, vectors))
+        except psycopg.DataError as exc:
+            mismatch = self._dimension_mismatch(exc)
+            if mismatch is None:
+                raise
+            raise ConfigurationError(mismatch) from None
 
     def _rows(self, entries: list[CacheEntry], vectors: list[np.ndarray] | np.ndarray) -> tuple[dict[str, tuple[Any, ...]], int]:
         rows: dict[str, tuple[Any, ...]] = {}
@@ -744,6 +809,7 @@ class PostgresStore:
         self._sf_locks = {}
         self._holder_guard = threading.Lock()
         self._pool.after_fork_in_child()
+        self._outage.after_fork_in_child()
 
     def _statement_timeout_ms(self) -> int:
         # PostgreSQL takes at most 2**31 - 1 ms (24.8 days); above that SET fails and so would every lookup
@@ -776,6 +842,9 @@ class PostgresStore:
         import psycopg
 
         held_gen = None
+        if self._outage.away:  # no lock to be had: each replica computes its own answer, as without a cache
+            yield
+            return
         try:
             held, gen = self._on_holder("SELECT pg_try_advisory_lock(%s)", lock_id)
             if not held:
@@ -789,8 +858,10 @@ class PostgresStore:
                     self._record_timeout()
             if held:
                 held_gen = gen
-        except psycopg.OperationalError:  # no session to be had: a duplicate call beats a failed one
+        except psycopg.errors.QueryCanceled:  # the server answers, too slowly: a duplicate call beats a stalled one
             self._record_timeout()
+        except psycopg.OperationalError as exc:  # no session to be had: a duplicate call beats a failed one
+            self._outage.found_away(error_line(exc, self.dsn))
         try:
             yield
         finally:
@@ -803,16 +874,21 @@ class PostgresStore:
                             h.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
 
     def _record_wait(self) -> None:
+        if self._outage.away:
+            return
         with self._or_unavailable("a wait is not counted"), self._pool.connection() as conn, \
                 statement_watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_waits")
 
     def _record_timeout(self) -> None:
+        if self._outage.away:
+            return
         with self._or_unavailable("a timeout is not counted"), self._pool.connection() as conn, \
                 statement_watchdog(conn, self._lookup_deadline_s()):
             self._count(conn, "single_flight_timeouts")
 
     def close(self) -> None:
+        self._outage.close()
         self._pool.close()
         with self._holder_guard:
             if self._holder is not None and self._holder_pid == os.getpid():
@@ -825,6 +901,15 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _probe(dsn: str, connect_kwargs: dict[str, Any], deadline_s: float) -> None:
+    """Raises unless the server takes a connection and answers a query: the outage's test that it is back
+    (a module function: the reconnecting thread must not hold the store)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, **connect_kwargs) as conn, statement_watchdog(conn, deadline_s):
+        conn.execute("SELECT 1")
 
 
 class _NonFinite(ValueError):
