@@ -1445,3 +1445,23 @@ def test_a_summaries_directory_that_cannot_be_made_is_a_configuration_error(tmp_
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigurationError, match="cannot create the summaries directory"):
         SummaryStore(tmp_path / "file" / "summaries")
+
+
+def test_a_chat_question_without_a_question_mark_is_ranked_as_a_question(embedder):
+    """Chat users leave out the "?" ("did Duane cheer up Jennie"): such a folded turn ranked as a statement, took
+    the summary's room from the story that answers the next question, and said nothing the story did not."""
+    story = {"role": "user", "content": (
+        "Duane sat down with Jennie after supper. He told her the old stories until she laughed again. Euchre "
+        "watched them from the porch. Later Euchre warned Duane that he may have cheered her up too well.")}
+    asked = {"role": "user", "content": "did Duane cheer up Jennie"}
+    pasted = {"role": "user", "content": "What I feared was the storm. It came at night. The barn held. We slept."
+              " Nobody woke until noon, and the dogs were gone."}
+    units = [*fact_keeper.extract(story, 0, "s"), *fact_keeper.extract(asked, 1, "q")]
+    assert [u.asks for u in units] == [False] * (len(units) - 1) + [True]
+    assert not any(u.asks for u in fact_keeper.extract(pasted, 2, "p")), "a pasted text's sentence is no question"
+    recent = ["did Duane cheer up Jennie", "yes", "Did it work"]
+    vectors, query = embedder.embed([u.text for u in units]), embedder.embed(recent)
+    scores = fact_keeper.rank(units, vectors, recent, query)
+    unpenalized = fact_keeper.rank(units, vectors, recent, query, fact_keeper.Weights(question=0.0))
+    assert scores[-1] == pytest.approx(unpenalized[-1] + fact_keeper.Weights().question)
+    assert np.allclose(scores[:-1], unpenalized[:-1]), "statements pay nothing"

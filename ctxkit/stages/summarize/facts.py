@@ -117,6 +117,7 @@ class Fact:
     # Said by the user about themselves in a chat turn ("I am vegetarian", "my budget is 800 euros"): a
     # preference or constraint meant for the rest of the conversation, which later turns rely on unsaid.
     standing: bool = False
+    asks: bool = False  # a question (ends with "?", or a chat turn opening like one: "did he go")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,7 +194,24 @@ def extract(message: Mapping[str, Any], index: int, fingerprint: str) -> list[Fa
     role = speaker(message)
     chat_turn = message.get("role") == "user" and len(sentence_spans(text)) <= CHAT_TURN_SENTENCES
     return [Fact(text=text[a:b], role=role, message=index, fingerprint=fingerprint, start=a, end=b,
-                 salience=_salience(text[a:b]), standing=chat_turn and _is_standing(text[a:b])) for a, b in spans]
+                 salience=_salience(text[a:b]), standing=chat_turn and _is_standing(text[a:b]),
+                 asks=_asks(text[a:b], chat_turn)) for a, b in spans]
+
+
+# How a question opens. Chat users often leave out the "?" ("did he go to the store", "what happened next"):
+# CoQA's folded questions without one ranked as statements and took a summary's room from the story
+# (retention at 25% 0.8766 -> 0.8781; check half 0.8632 -> 0.8663).
+_INTERROGATIVE = re.compile(r"^\W*(?:(?:and|so|but|ok|okay|then|also)\W+)?(?:who|whom|whose|what|when|where|why|how|"
+                            r"which|did|does|do|is|are|was|were|can|could|would|will|should|has|have|had)\b",
+                            re.IGNORECASE)
+
+
+def _asks(text: str, chat_turn: bool) -> bool:
+    """A question: it ends with "?", or it is a chat turn's unit that opens like one and ends without a stop (a
+    pasted text's "What I feared was ..." is a statement)."""
+    stripped = text.rstrip()
+    return stripped.endswith("?") or (chat_turn and stripped[-1:] not in ".!"
+                                      and _INTERROGATIVE.search(stripped) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +312,8 @@ def rank(
         share = weights.clause_sibling if facts[i].text.rstrip()[-1:] in ",;:" else weights.sentence_neighbour
         score[i], score[i + 1] = max(score[i], share * positive[i + 1]), max(score[i + 1], share * positive[i])
     # After the sharing: a question next to the answer lifts it, but is not lifted itself.
-    score += weights.question * np.array([f.text.rstrip().endswith("?") for f in facts], dtype=np.float32)
+    # (the "?" as well: a state saved before Fact.asks existed reads it as False)
+    score += weights.question * np.array([f.asks or f.text.rstrip().endswith("?") for f in facts], dtype=np.float32)
     # A unit without a content word ("yes", "What?") is kept only when nothing else fits.
     score[[i for i, ws in enumerate(fact_words) if not ws]] -= 10.0
     return score
