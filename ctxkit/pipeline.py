@@ -300,7 +300,7 @@ class Pipeline:
         token = _current_call.set(trace)
         try:
             with checking_answers(None):
-                result = await self._adispatch(trace, 0, trace.request)
+                result = await self._adispatch(trace, 0, trace.request, trace.naive)
         except BaseException as exc:
             self.ledger.write(trace.record(None, exc))
             raise
@@ -383,7 +383,10 @@ class Pipeline:
             trace.answered_by = stage.name
         return _stage_result(stage, request, result, ChatStream)
 
-    async def _adispatch(self, trace: _CallTrace, index: int, request: ChatRequest) -> AsyncResult:
+    async def _adispatch(self, trace: _CallTrace, index: int, request: ChatRequest, tokens_in: int) -> AsyncResult:
+        """`tokens_in`: `request` counted as the app would have sent it to this stage (see _dispatch), by the
+        hand-over that brought it here. Added before any await: a call cancelled while this stage's tokens(in)
+        was counted in a thread lost it, and its savings no longer added up."""
         if index == len(self.stages):
             return await self._asend(trace, request)
         stage = self.stages[index]
@@ -391,7 +394,7 @@ class Pipeline:
         # tokens(in) as the app would have sent it: with what this stage *and every later one* supplies
         # (a catalog registered with a later ToolRetrievalStage), so the stages' savings add up to
         # tokens_naive - tokens_sent even when this stage answers by itself (a cache hit).
-        tally.saved += await tracked_to_thread(lambda: trace.count(self._naive_from(index, request)))
+        tally.saved += tokens_in
         called_next = False
         inner_ms = 0.0
 
@@ -399,10 +402,12 @@ class Pipeline:
             nonlocal called_next, inner_ms
             _check_passed_on(stage, next_request)
             called_next = True
-            tally.saved -= await tracked_to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
+            # what the next stage gets, counted once: this stage's tokens(out) and the next one's tokens(in)
+            tokens_out = await tracked_to_thread(lambda: trace.count(self._naive_from(index + 1, next_request)))
+            tally.saved -= tokens_out
             t0 = time.perf_counter()
             try:
-                return await self._adispatch(trace, index + 1, next_request)
+                return await self._adispatch(trace, index + 1, next_request, tokens_out)
             finally:
                 inner_ms += (time.perf_counter() - t0) * 1000
 
@@ -418,6 +423,13 @@ class Pipeline:
         return _stage_result(stage, request, result, AsyncChatStream)
 
     def _prepare(self, trace: _CallTrace, request: ChatRequest) -> int:
+        tokens, sent = self._check_and_count(trace, request)
+        self._commit_sent(trace, tokens, sent)
+        return tokens
+
+    def _check_and_count(self, trace: _CallTrace, request: ChatRequest) -> tuple[int, SentPrompt]:
+        """The prompt checked and counted, and what it will leave for the conversation's next call: the slow
+        part, which an async call runs in a worker thread. It changes nothing of the call's own accounting."""
         if request is not trace.request:
             validate_request(request)  # a stage must not hand the backend something malformed
         check_tool_choice_offered(request)  # a call forced to a tool not sent cannot be answered
@@ -426,18 +438,22 @@ class Pipeline:
         window = _context_window(self.backend, request)
         if needed > window:
             raise ContextOverflowError(tokens, request.max_tokens or 0, window)
-        trace.sent += tokens
-        trace.last_sent = tokens
-        trace.backend_calls += 1
         # What the next call of this conversation finds before its newest assistant message (the last backend
         # call of this one, a stage's re-run included): the stages' prefix accounting counts against it.
         prints = tuple(fingerprint(m) for m in request.messages)
         own = {fingerprint(m) for m in trace.request.messages} if request is not trace.request else set(prints)
         counter = _counter(self.backend, request)
         added = tuple((i, message_tokens(counter, m)) for i, m in enumerate(request.messages) if prints[i] not in own)
-        sent = SentPrompt(tokens, self._shared_tools(request.tools), prints, trace.naive, added)
+        return tokens, SentPrompt(tokens, self._shared_tools(request.tools), prints, trace.naive, added)
+
+    def _commit_sent(self, trace: _CallTrace, tokens: int, sent: SentPrompt) -> None:
+        """The prompt goes to the backend now. Apart from the checking and counting: an async call cancelled
+        while its thread counted was recorded as sent (and charged) by a thread that went on after the record,
+        and left a prompt its backend never got for the conversation's next call to count against."""
+        trace.sent += tokens
+        trace.last_sent = tokens
+        trace.backend_calls += 1
         self._sent_prompts.put({trace.prompt_key: sent})
-        return tokens
 
     def _shared_tools(self, tools: Any) -> tuple[dict[str, Any], ...]:
         """The remembered copy of this tool set (see REMEMBERED_TOOL_SETS), keyed by its content."""
@@ -473,7 +489,8 @@ class Pipeline:
                                   trace, tokens, t0)
 
     async def _asend(self, trace: _CallTrace, request: ChatRequest) -> AsyncResult:
-        tokens = await tracked_to_thread(self._prepare, trace, request)
+        tokens, sent = await tracked_to_thread(self._check_and_count, trace, request)
+        self._commit_sent(trace, tokens, sent)
         trace.unsent = False
         t0 = time.perf_counter()
         if not request.stream:

@@ -7,6 +7,7 @@ import gc
 import json
 import re
 import time
+from typing import Any
 
 import jsonschema
 import pytest
@@ -1309,3 +1310,81 @@ def test_a_child_forked_after_the_model_answered_can_answer(llama_backend):
         child.join()
     assert not hung and child.exitcode == 0
     assert llama_backend.complete(request).usage.completion_tokens >= 1  # the parent keeps its threads
+
+
+
+class CancelsWhileCounted(Stage):
+    """Passes the request on; the `n`-th time the ledger counts what reaches it (in a worker thread), the
+    call's task is cancelled and the count takes a while: a client that goes away while a stage counts."""
+
+    def __init__(self, n: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.n, self.loop, self.task, self.seen = n, loop, None, 0
+
+    def naive_request(self, request):
+        self.seen += 1
+        if self.seen == self.n and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+            time.sleep(0.2)  # the cancellation lands while the call awaits this count
+        return request
+
+
+def test_an_async_call_cancelled_between_stages_still_has_savings_that_add_up(llama_backend, ledger):
+    """Each stage's tokens(in) was added after an await: a call cancelled there (a client gone while a stage
+    counted) was recorded without that stage's tokens(in), and its savings fell short of tokens_naive -
+    tokens_sent by them (the whole prompt for the first stage), where a sync call's failing stage keeps them."""
+    async def cancelled_at(n: int) -> None:
+        second = CancelsWhileCounted(n, asyncio.get_running_loop())
+        pipeline = Pipeline(llama_backend, [DropOldestTurn(), second], ledger=ledger)
+        second.task = asyncio.create_task(pipeline.acall(ChatRequest(messages=CONVERSATION, params=PARAMS)))
+        try:
+            await asyncio.wait_for(second.task, 60)
+        except asyncio.CancelledError:
+            pass
+
+    async def run() -> None:
+        for n in range(2, 6):  # each count of what reaches the second stage after the call's own (the first)
+            await cancelled_at(n)
+
+    asyncio.run(asyncio.wait_for(run(), 300))
+    sent = counted(llama_backend, CONVERSATION[:1] + CONVERSATION[3:])  # what the stages pass on
+    cancelled = [r for r in ledger.records if r.status == "error"]
+    assert len(ledger.records) == 4 and cancelled
+    for record in cancelled:
+        assert record.error_type == "CancelledError" and record.tokens_sent == 0
+        # cancelled in a stage (nothing passed on yet), or while the backend's call was being prepared
+        assert sum(record.saved_by_stage.values()) in (record.tokens_naive, record.tokens_naive - sent), record
+
+
+def test_an_async_call_cancelled_while_its_prompt_was_counted_sent_nothing(llama_backend, ledger, monkeypatch):
+    """The worker thread that checked and counted the prompt also marked it sent: a call cancelled while that
+    thread counted (a stage's edited message) was recorded with the prompt sent and paid for, though no
+    backend ever got it."""
+    real = llama_backend.counter
+    loop_and_task: list[Any] = []
+
+    class CancelsWhileCountingEdits:  # the backend's own counter; the caller goes away while it counts
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def count_prompt(self, messages: Any, tools: Any = None) -> int:
+            if loop_and_task and messages[0] == {"role": "system", "content": ""}:  # one edited message's size
+                loop, task = loop_and_task.pop()
+                loop.call_soon_threadsafe(task.cancel)
+                time.sleep(0.2)  # the cancellation lands while the call awaits this count
+            return real.count_prompt(messages, tools)
+
+    monkeypatch.setattr(llama_backend, "counter", CancelsWhileCountingEdits())
+    pipeline = Pipeline(llama_backend, [TrimLongMessages()], ledger=ledger)
+
+    async def run() -> None:
+        task = asyncio.create_task(pipeline.acall(ChatRequest(messages=CONVERSATION, params=PARAMS)))
+        loop_and_task.append((asyncio.get_running_loop(), task))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 60)
+        await asyncio.sleep(0.5)  # the counting thread has ended
+
+    asyncio.run(run())
+    assert not loop_and_task, "the call was not cancelled while it counted"
+    [record] = ledger.records
+    assert record.error_type == "CancelledError"
+    assert record.tokens_sent == 0 and record.latency_ms["backend_calls"] == 0
