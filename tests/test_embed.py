@@ -149,3 +149,27 @@ def test_a_child_forked_after_an_embedding_can_embed(embedder):
         assert torch.get_num_threads() == 2  # the parent keeps its threads
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(120)
+def test_a_child_forked_after_the_embedder_was_made_can_embed():
+    """gunicorn --preload without a warm-up: loading the model runs torch's operators on its OpenMP threads, so a
+    child forked from a parent that made the Embedder but never embedded hung on its first embedding."""
+    import multiprocessing
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default is every core; the tests' OMP_NUM_THREADS=1 would hide the hang
+    try:
+        fresh = Embedder()  # made, never used, as a preloading app does
+        child = multiprocessing.get_context("fork").Process(target=_embed_in_fork, args=(fresh,))
+        child.start()
+        child.join(60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+        assert not hung and child.exitcode == 0
+    finally:
+        torch.set_num_threads(threads)

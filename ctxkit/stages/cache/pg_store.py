@@ -41,7 +41,7 @@ import numpy as np
 
 from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
 from ...forking import renew_after_fork
-from ...postgres import Outage, error_line, redact_dsn, statement_watchdog
+from ...postgres import Outage, error_line, is_server_lost, redact_dsn, statement_watchdog
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class _ConnectionPool:
         # Connections inherited through fork belong to the parent's sessions: closing them here would end
         # the parent's sessions too, so they are parked (never used, never closed) after a fork.
         self._inherited: list[Any] = []
+        self._generation = 0  # bumped by retire: a session checked out before it is closed when it comes back
 
     def after_fork_in_child(self) -> None:
         """A condition another thread held at the fork would stay held in the child for ever."""
@@ -112,6 +113,7 @@ class _ConnectionPool:
                 self._cond.wait()
             full = not self._idle and self._open >= self._max_size
             conn = None
+            generation = self._generation
             if not full:
                 conn = self._idle.pop() if self._idle else None
                 if conn is None:
@@ -135,12 +137,27 @@ class _ConnectionPool:
             with self._cond:
                 if os.getpid() != self._pid:
                     pass  # a fork happened while this was checked out; the child must not reuse it
-                elif conn.closed or conn.broken or self._closed:
+                elif conn.closed or conn.broken or self._closed or generation != self._generation:
                     self._open -= 1
                     conn.close()
                 else:
                     self._idle.append(conn)
                 self._cond.notify()
+
+    def retire(self) -> None:
+        """Replace every session opened so far: the idle ones now, the ones in use when they come back. After a
+        session stopped answering, the others may be as dead (a frozen server, a failover that cut the old
+        primary off without a reset) and would cost a call a timeout each once the server is back."""
+        with self._cond:
+            self._generation += 1
+            stale, self._idle = self._idle, []
+            self._open -= len(stale)
+            self._cond.notify_all()
+            if os.getpid() != self._pid:
+                return  # the parent's sessions: parked by _after_fork, never closed here
+        for conn in stale:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def close(self) -> None:
         with self._cond:
@@ -250,6 +267,7 @@ class PostgresStore:
         self._holder: Any = None
         self._holder_pid = os.getpid()
         self._holder_gen = 0
+        self._holder_retired = False  # an outage began: the holder session may be as dead as the one that found it
         self._holder_guard = threading.Lock()
         self._mismatch_reported = False
         renew_after_fork(self, PostgresStore._after_fork_in_child)
@@ -459,8 +477,10 @@ class PostgresStore:
             logger.warning("the cache's PostgreSQL did not answer in time or cannot write, %s: %s", what,
                            error_line(exc, self.dsn))
         except psycopg.OperationalError as exc:
-            # the server is gone or stopped answering: logged once, and the calls after this one skip it
-            self._outage.found_away(error_line(exc, self.dsn))
+            if is_server_lost(exc):  # the server is gone or stopped answering: logged once, later calls skip it
+                self._found_away(exc)
+            else:  # the server answers but refused this statement (a deadlock, a full disk, an index row too large)
+                logger.warning("the cache's PostgreSQL could not run a statement, %s: %s", what, error_line(exc, self.dsn))
         except psycopg.errors.InsufficientPrivilege as exc:
             # a role that may not read or write the tables (grants changed, a reporting role): the call goes on
             logger.error("the cache's PostgreSQL refused this role, %s: %s", what, error_line(exc, self.dsn))
@@ -474,6 +494,12 @@ class PostgresStore:
                 return
             logger.error("the cache's tables %s_* are missing or were changed (another deployment's dimension?), "
                          "%s; restart this replica: %s", self.table_prefix, what, error_line(exc, self.dsn))
+
+    def _found_away(self, exc: BaseException) -> None:
+        """A call found the server gone: the outage begins (once), and every session opened before it is replaced."""
+        self._pool.retire()
+        self._holder_retired = True  # not closed here: a flight may be using it, under _holder_guard
+        self._outage.found_away(error_line(exc, self.dsn))
 
     def _dimension_mismatch(self, exc: BaseException) -> str | None:
         """What is wrong when `exc` is pgvector refusing a vector of this store's dimension: the tables were remade,
@@ -824,8 +850,9 @@ class PostgresStore:
             h = self._holder
             if h is not None and self._holder_pid != os.getpid():
                 h = None  # inherited through fork: the parent's session, never used nor closed here
-            elif h is not None and not (h.closed or h.broken) and _dropped(h):
+            elif h is not None and not (h.closed or h.broken) and (self._holder_retired or _dropped(h)):
                 h.close()
+            self._holder_retired = False
             if h is None and self._holder_gen < 0:  # closed: a flight still polling opens no new session
                 raise psycopg.OperationalError("the PostgresStore is closed")
             if h is None or h.closed or h.broken:
@@ -861,7 +888,10 @@ class PostgresStore:
         except psycopg.errors.QueryCanceled:  # the server answers, too slowly: a duplicate call beats a stalled one
             self._record_timeout()
         except psycopg.OperationalError as exc:  # no session to be had: a duplicate call beats a failed one
-            self._outage.found_away(error_line(exc, self.dsn))
+            if is_server_lost(exc):
+                self._found_away(exc)
+            else:
+                logger.warning("the cache's PostgreSQL could not take a single-flight lock: %s", error_line(exc, self.dsn))
         try:
             yield
         finally:
