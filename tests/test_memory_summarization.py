@@ -1465,3 +1465,44 @@ def test_a_chat_question_without_a_question_mark_is_ranked_as_a_question(embedde
     unpenalized = fact_keeper.rank(units, vectors, recent, query, fact_keeper.Weights(question=0.0))
     assert scores[-1] == pytest.approx(unpenalized[-1] + fact_keeper.Weights().question)
     assert np.allclose(scores[:-1], unpenalized[:-1]), "statements pay nothing"
+
+
+@pytest.mark.parametrize("constraint", ["When I travel I need a seat with a table",
+                                        "What I need is a quiet coach, no families"])
+def test_a_chat_statement_that_opens_with_a_question_word_is_no_question(llama_backend, embedder, constraint):
+    """Fact.asks took a chat turn's unit without a full stop for a question when it opened with a question word or
+    an auxiliary, statements too ("When I travel I need ...", "What I need is ...", "Do not book ..."): the question
+    weight then pushed a user's constraint out of the summary that had kept it."""
+    assert not any(u.asks for text in (constraint, "Do not book any train that leaves before 9 am", "what it says is",
+                                       "Will and I are travelling together")
+                   for u in fact_keeper.extract({"role": "user", "content": text}, 0, "c"))
+    assert all(u.asks for text in ("what did he say", "Did a man create a computer file", "when did she leave",
+                                   "how many people came", "where is he from")
+               for u in fact_keeper.extract({"role": "user", "content": text}, 0, "q"))
+
+    def call(id_, name, arguments):
+        return {"role": "assistant", "content": None,
+                "tool_calls": [{"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+    messages = [
+        {"role": "user", "content": "Hi, I am planning a trip from Paris to Lyon next Friday"},
+        {"role": "assistant", "content": "Happy to help with your trip to Lyon."},
+        {"role": "user", "content": constraint},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Find me train options to Lyon next Friday."},
+        call("c1", "search_trains", '{"from": "Paris", "to": "Lyon", "date": "2026-12-04"}'),
+        {"role": "tool", "tool_call_id": "c1", "content": (
+            "TGV 6601 departs 07:04 arrives 09:00, 45 EUR. TGV 6605 departs 09:04 arrives 11:00, 59 EUR. Ouigo 7801 "
+            "departs 12:10 arrives 14:12, 19 EUR. TGV 6619 departs 17:04 arrives 19:00, 79 EUR.")},
+        {"role": "assistant", "content": "The cheapest is Ouigo 7801 at 12:10 for 19 EUR."},
+        {"role": "user", "content": "Book the Ouigo one."},
+        call("c2", "book_train", '{"train": "Ouigo 7801"}'),
+        {"role": "tool", "tool_call_id": "c2", "content": "Booking confirmed: reference QX7T2M, seat 14B, coach 3."},
+        {"role": "assistant", "content": "Done: Ouigo 7801, booking reference QX7T2M, coach 3 seat 14B."},
+        {"role": "user", "content": "Now find me a train back on Sunday."},
+    ]
+    limit = llama_backend.counter.count_prompt(messages) // 3
+    stage = SummarizationStage(llama_backend, mode="extractive", trigger_tokens=limit, target_tokens=limit,
+                               embedder=embedder)
+    summary = stage.before_model(ChatRequest(messages=messages, conversation_id="lyon")).messages[0]["content"]
+    assert constraint in summary, summary
