@@ -151,9 +151,15 @@ class ChatRequest:
         if unknown:
             # named in `param` as OpenAI names a bad field: the first unknown one, not the method's name
             raise RequestError(f"unsupported argument(s): {', '.join(unknown)}", unknown[0])
+        copies = {}
+        for where, value in (("messages", messages), ("tools", tools)):
+            try:
+                copies[where] = copy.deepcopy(list(value))
+            except RecursionError:  # hundreds of levels deep: validation names anything past its own limit
+                raise RequestError("is nested too deeply", where) from None
         return cls(
-            messages=copy.deepcopy(list(messages)),
-            tools=copy.deepcopy(list(tools)),
+            messages=copies["messages"],
+            tools=copies["tools"],
             params=params,
             model=model,
             stream=stream,

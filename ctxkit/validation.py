@@ -23,8 +23,15 @@ def validate_request(request: ChatRequest) -> None:
     """Raise a RequestError subclass for the first thing wrong with `request`; return None when it is sound."""
     if not isinstance(request.messages, (list, tuple)) or not request.messages:
         raise RequestError("must be a non-empty list of messages", "messages")
+    # First: every check after this one, and the copies the pipeline makes, walk values recursively. (Tools'
+    # parameters are checked with their schema, remembered: a catalog of 1,500 tools is sent on every call.)
+    for where, value in (("messages", request.messages), ("params", request.params),
+                         ("metadata", request.metadata)):
+        check_nesting(value, where)
     _validate_messages(request.messages)
     _validate_tools(request.tools)
+    tool_extras = _tool_extras(request.tools)
+    check_nesting(tool_extras, "tools")
     _validate_params(request.params)
     _validate_tool_choice(request)
     _validate_fields(request)
@@ -33,11 +40,30 @@ def validate_request(request: ChatRequest) -> None:
     # metadata) failed its UTF-8 encode deep in the backend: a 500 from `ctxkit serve` over an upstream, a 502
     # over the local model.
     # The namespace too: it is hashed (UTF-8) into the call's prompt keys, a UnicodeEncodeError out of the call.
-    for where, value in (("model", request.model), ("namespace", request.namespace), ("messages", request.messages),
-                         ("params", request.params), ("metadata", request.metadata)):
+    fields: tuple[tuple[str, Any], ...] = (
+        ("model", request.model), ("namespace", request.namespace), ("messages", request.messages),
+        ("tools", tool_extras), ("params", request.params), ("metadata", request.metadata))
+    for where, value in fields:
         found = lone_surrogate_at(value, "" if where == "params" else where)
         if found is not None:
             raise RequestError(_SURROGATE, found)
+
+
+_CHECKED_TOOL_KEYS = frozenset({"type", "function", "name", "description", "parameters"})
+
+
+def _tool_extras(tools: Any) -> list[Any]:
+    """Each tool's fields that _validate_tools does not check ("strict", another SDK's), where they are, for the
+    walks over them: the cache hashes them and the backend gets them. Only these: a catalog of 1,500 tools is
+    sent on every call."""
+    extras: list[Any] = []
+    for tool in tools:  # most tools have none: None in their place (an error's path is tools[i] of the request)
+        if tool.keys() - _CHECKED_TOOL_KEYS or tool["function"].keys() - _CHECKED_TOOL_KEYS:
+            extras.append({**{k: v for k, v in tool.items() if k not in _CHECKED_TOOL_KEYS},
+                           "function": {k: v for k, v in tool["function"].items() if k not in _CHECKED_TOOL_KEYS}})
+        else:
+            extras.append(None)
+    return extras
 
 
 def _validate_tool_choice(request: ChatRequest) -> None:
@@ -135,6 +161,10 @@ def _validate_messages(messages: Any) -> None:
             unanswered = ", ".join(repr(c) for c in open_calls)
             raise InvalidMessageError(f"tool call(s) {unanswered} of message {min(open_calls.values())} got no "
                                       "tool result before this message", i, "role")
+        if role != "assistant" and message.get("tool_calls") not in (None, []):
+            # read as calls by what follows (`"tool_calls": true` on a user message was a TypeError, a 500)
+            raise InvalidMessageError(f"only an assistant message makes tool calls, not a {role} message",
+                                      i, "tool_calls")
         if role == "assistant":
             tool_calls = message.get("tool_calls") or []
             if content is None and not tool_calls:
@@ -167,7 +197,9 @@ def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
         return
     if isinstance(content, list) and allow_parts:
         for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in CONTENT_PART_TYPES:
+            # a type that is no string ({} or [] in a JSON body) is unhashable: a TypeError from the set lookup
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str) \
+                    or part["type"] not in CONTENT_PART_TYPES:
                 raise InvalidMessageError(
                     "must be a content part with a known type", index, f"content[{k}]"
                 )
@@ -181,6 +213,40 @@ def _check_content(content: Any, index: int, *, allow_parts: bool) -> None:
 
 
 _SURROGATE = "holds a lone surrogate, which is not valid Unicode"
+
+# Far deeper than any message, tool schema or parameter needs (OpenAI's strict schemas stop at 10 levels). Past
+# it, the recursive walks a request goes through (copy.deepcopy, the surrogate check, the JSON Schema check) ran
+# out of stack: a RecursionError, a 500 from `ctxkit serve`, for a body its JSON parser had taken.
+MAX_NESTING = 64
+
+
+def check_nesting(value: Any, path: str, limit: int = MAX_NESTING) -> None:
+    """RequestError naming the first list or object in `value` nested more than `limit` deep (a list that holds
+    itself is one). Iterative, so the check cannot itself run out of stack."""
+    stack: list[tuple[Any, int, Any, Any]] = [(value, 0, None, None)]  # (item, depth, parent entry, key in it)
+    while stack:
+        entry = stack.pop()
+        item, depth = entry[0], entry[1]
+        if isinstance(item, Mapping):
+            children: Any = item.items()
+        elif isinstance(item, (list, tuple)):
+            children = enumerate(item)
+        else:
+            continue
+        if depth >= limit:
+            raise RequestError(f"is nested more than {limit} lists or objects deep", _path_of(entry, path))
+        stack.extend((child, depth + 1, entry, key) for key, child in children
+                     if isinstance(child, (Mapping, list, tuple)))  # a string or a number nests nothing
+
+
+def _path_of(entry: tuple[Any, int, Any, Any], root: str, shown: int = 6) -> str:
+    """The path of `entry`, its first `shown` steps and then "...": the whole of it would be 64 steps long."""
+    keys = []
+    while entry[2] is not None:
+        keys.append(entry[3])
+        entry = entry[2]
+    steps = [f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)]
+    return root + "".join(steps[:shown]) + ("..." if len(steps) > shown else "")
 
 
 def _is_unicode(text: str) -> bool:
@@ -269,7 +335,7 @@ def replace_malformed_arguments(request: ChatRequest) -> tuple[ChatRequest, list
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: '[[[[...' past the parser's own limit
         return False
 
 
@@ -301,6 +367,9 @@ def _validate_tools(tools: Any) -> None:
             canonical = json.dumps(parameters, sort_keys=True)
         except (TypeError, ValueError):
             raise InvalidToolError("not a valid JSON Schema: not JSON", i, "function.parameters") from None
+        except RecursionError:  # hundreds of levels deep
+            raise InvalidToolError(f"is nested more than {MAX_NESTING} lists or objects deep", i,
+                                   "function.parameters") from None
         problem = _schema_problem(canonical)
         if problem is not None:
             message, path = problem
@@ -322,6 +391,10 @@ def _schema_problem(canonical: str) -> tuple[str, str] | None:
 
 def _check_schema(canonical: str) -> tuple[str, str] | None:
     schema = json.loads(canonical)
+    try:
+        check_nesting(schema, "")  # the JSON Schema check below recurses several calls per level
+    except RequestError as exc:
+        return f"is nested more than {MAX_NESTING} lists or objects deep", exc.where or ""
     if not _is_unicode(json.dumps(schema, ensure_ascii=False)):  # a description or enum value the prompt renders
         return _SURROGATE, ""
     try:

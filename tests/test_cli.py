@@ -335,6 +335,24 @@ def test_bench_data_with_a_byte_order_mark_is_read_and_text_that_is_not_utf8_is_
         load_catalog(catalog)
 
 
+def test_bench_data_nested_or_numbered_past_the_parsers_limits_is_named_not_a_traceback(tmp_path):
+    """A line '[[[[...' thousands deep (RecursionError) or with an integer of 5,000 digits (a plain ValueError, not
+    a JSONDecodeError) got past read_jsonl as a traceback, not the file and line."""
+    from ctxkit.bench.common import read_jsonl
+    from ctxkit.bench.tools import load_catalog
+    from ctxkit.errors import ConfigurationError
+
+    for name, line in (("deep", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), ("long", '{"a": ' + "1" * 5000 + "}")):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text('{"ok": 1}\n' + line + "\n")
+        with pytest.raises(ConfigurationError, match=rf"{name}.jsonl:2: not JSON"):
+            list(read_jsonl(data))
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigurationError, match="cannot read the tool catalog.*nested too deeply"):
+        load_catalog(catalog)
+
+
 def test_bench_prune_pools_refuse_one_id_naming_two_documents(tmp_path, capsys):
     from ctxkit.cli.main import main
 

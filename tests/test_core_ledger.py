@@ -317,3 +317,15 @@ def test_a_child_forked_while_a_thread_writes_can_write(tmp_path):
         child.join()
     assert not hung and child.exitcode == 0
     assert sorted(r.id for r in read_ledger(path)) == sorted([make_record(0, 0).id, make_record(1, 0).id])
+
+
+def test_a_garbled_line_nested_past_the_parsers_limit_is_a_malformed_line_not_a_crash(tmp_path):
+    """'[[[[...' thousands deep is past json's own limit: a RecursionError traceback from `ctxkit report`, with
+    --skip-bad-lines too, instead of the line named (or skipped)."""
+    path = tmp_path / "l.jsonl"
+    Ledger(path).write(make_record(0, 0))
+    with open(path, "a") as f:
+        f.write("[" * 100_000 + "\n")
+    with pytest.raises(LedgerError, match=r"l.jsonl:2"):
+        list(read_ledger(path))
+    assert [r.id for r in read_ledger(path, strict=False)] == ["w0-0"]

@@ -83,6 +83,8 @@ CASES = [
     ("tool without type function", [{"role": "user", "content": "hi"}], [{"function": {"name": "x"}}],
      InvalidToolError, "tools[0].type"),
     ("empty messages", [], [], RequestError, "messages"),
+    ("tool calls on a user message", [{"role": "user", "content": "hi", "tool_calls": True}], [],
+     InvalidMessageError, "messages[0].tool_calls"),
     ("tool call left unanswered before the next turn",
      [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
       {"role": "user", "content": "and?"}], [WEATHER], InvalidMessageError, "messages[2].role"),
@@ -451,7 +453,10 @@ def test_a_lone_surrogate_in_any_other_field_the_backend_gets_is_refused_by_name
                            (ChatRequest(hi, metadata={"documents": [{"id": "d", "text": "cut \ud83d"}]}),
                             "metadata.documents[0].text"),
                            # extra_body={"ctxkit": {"namespace": ...}}: hashed into the prompt keys, a UnicodeEncodeError
-                           (ChatRequest(hi, namespace="acme\udcff"), "namespace")):
+                           (ChatRequest(hi, namespace="acme\udcff"), "namespace"),
+                           # a tool's field beside its parameters: hashed into the cache's keys, a UnicodeEncodeError
+                           (ChatRequest(hi, tools=[{"type": "function", "function": {"name": "f", "strict": "\ud800"}}]),
+                            "tools[0].function.strict")):
         with pytest.raises(RequestError) as info:
             validate_request(request)
         assert info.value.where == where, info.value.where
@@ -485,3 +490,84 @@ def test_quarantine_marks_of_the_wrong_shape_in_metadata_name_the_field(key, val
                                   params={"temperature": 0, "max_tokens": 4}, metadata=metadata))
     assert info.value.where == f'metadata["{key}"]'
     assert counting.calls == 0
+
+
+def test_a_content_part_whose_type_is_no_string_names_the_part():
+    """`{"type": {}}` is unhashable: the set lookup of known part types raised TypeError (a 500 from the proxy)."""
+    from ctxkit.validation import validate_request
+
+    for kind in ({}, [], 5, None):
+        with pytest.raises(InvalidMessageError) as info:
+            validate_request(ChatRequest([{"role": "user", "content": [{"type": kind, "text": "hi"}]}]))
+        assert info.value.where == "messages[0].content[0]", info.value.where
+
+
+def _nested(depth):
+    value = "leaf"
+    for _ in range(depth):
+        value = {"a": [value]}
+    return value
+
+
+def test_values_nested_past_the_limit_are_refused_by_name_not_a_recursion_error(llama_backend):
+    """A value hundreds of levels deep (a JSON body's parser takes ~1000) ran the surrogate check, the JSON Schema
+    check or the client's deepcopy out of stack: a RecursionError, a 500 from `ctxkit serve`. A list that holds
+    itself is as deep as it gets."""
+    from ctxkit.validation import MAX_NESTING, validate_request
+
+    hi = [{"role": "user", "content": "hi"}]
+    itself: list = []
+    itself.append(itself)
+    deep = _nested(MAX_NESTING)
+
+    def tool(**function):
+        return [{"type": "function", "function": {"name": "f", **function}}]
+
+    for request, where in ((ChatRequest([{**hi[0], "x": deep}]), "messages[0].x"),
+                           (ChatRequest([{**hi[0], "x": itself}]), "messages[0].x"),
+                           (ChatRequest(hi, metadata={"x": deep}), "metadata.x"),
+                           (ChatRequest(hi, params={"logit_bias": {"1": deep}}), "params.logit_bias.1"),
+                           (ChatRequest(hi, tools=tool(strict=deep)), "tools[0].function.strict"),
+                           (ChatRequest(hi, tools=tool(parameters={"type": "object", "properties": {"a": deep}})),
+                            "tools[0].function.parameters.properties.a")):
+        with pytest.raises(RequestError, match="nested more than") as info:
+            validate_request(request)
+        assert info.value.where.startswith(where), info.value.where
+    validate_request(ChatRequest([{**hi[0], "x": _nested(MAX_NESTING // 2 - 1)}]))  # deep, but within the limit
+    client = Pipeline(llama_backend).openai()
+    for field, value in (("messages", [{**hi[0], "x": _nested(600)}]),
+                         ("tools", tool(parameters={"type": "object", "properties": {"a": _nested(600)}}))):
+        with pytest.raises(RequestError) as info:
+            client.chat.completions.create(model="m", max_tokens=2, **{"messages": hi, field: value})
+        assert info.value.where.startswith(field), info.value.where
+
+
+def test_tool_call_arguments_nested_past_the_parsers_limit_are_replaced_not_a_crash():
+    """Replayed arguments '{"a": [[[[...' 50,000 deep: the check for a JSON object raised RecursionError."""
+    from ctxkit.validation import replace_malformed_arguments, validate_request
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + "[" * 50_000 + "}"}}
+    request = ChatRequest([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                                "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "error"}])
+    validate_request(request)
+    fixed, replaced = replace_malformed_arguments(request)
+    assert replaced == ["messages[1].tool_calls[0].function.arguments"]
+    assert fixed.messages[1]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+@pytest.mark.parametrize("key", ["minLength", "minItems"])
+def test_a_repetition_count_no_answer_can_hold_is_refused_not_built(key, llama_backend):
+    """`"minLength": 100000000` (a 200-byte request) spent 26 s and 2 GB building a 500 MB grammar for the local
+    model before llama.cpp parsed it: one call of the proxy's tenant stalled it for everyone."""
+    import time
+
+    spec = {"type": "string"} if key == "minLength" else {"type": "array", "items": {"type": "integer"}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"b": {**spec, key: 100_000_000}}, "required": ["b"]}}}
+    started = time.perf_counter()
+    with pytest.raises(RequestError, match=f"{key} 100000000") as info:
+        Pipeline(llama_backend).chat([{"role": "user", "content": "hi"}], tools=[tool],
+                                     params={"max_tokens": 2, "tool_choice": "required"})
+    assert info.value.where == "tools[0].function.parameters"
+    assert time.perf_counter() - started < 5

@@ -391,6 +391,24 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_500(proxy):
     assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("field", ["content", "name"])
+def test_a_value_the_parser_takes_but_nested_hundreds_deep_is_a_400_not_a_500(proxy, field):
+    """600 levels parse, and then ran the request's deepcopy out of stack: a RecursionError, a 500."""
+    deep = "[" * 600 + "]" * 600
+    message = '{"role": "user", "content": "hi", "' + field + '": ' + deep + "}"
+    answer = _post(proxy[0], '{"max_tokens": 2, "messages": [' + message + "]}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "messages", answer.text
+
+
+@pytest.mark.parametrize("kind", [{}, []])
+def test_a_content_part_whose_type_is_an_object_is_a_400_not_a_500(proxy, kind):
+    answer = _post(proxy[0], {"messages": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}],
+                              "max_tokens": 2})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "messages[0].content[0]", answer.text
+
+
 def test_a_number_too_long_for_python_is_a_400_not_a_500(proxy):
     """json.loads raises a plain ValueError (not JSONDecodeError) past 4300 digits: malformed input, not a fault."""
     answer = _post(proxy[0], '{"messages":[{"role":"user","content":"hi"}],"max_tokens":1' + "0" * 5000 + "}")

@@ -212,6 +212,7 @@ def schema_to_gbnf(schema: dict[str, Any], prop_order: list[str]) -> str:
     class BoundedIntegers(SchemaConverter):  # type: ignore[misc]
         def visit(self, schema: Any, name: str) -> str:
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            _check_repetitions(schema)
             if isinstance(schema, dict) and (bounds := _integer_bounds(schema)) is not None:
                 return str(self._add_rule(rule_name, f"({_integer_range_rule(*bounds)}) space"))
             if isinstance(schema, dict) and (bounds := _whole_number_bounds(schema)) is not None:
@@ -222,6 +223,22 @@ def schema_to_gbnf(schema: dict[str, Any], prop_order: list[str]) -> str:
                                 dotall=False, raw_pattern=False)
     converter.visit(converter.resolve_refs(schema, "stdin"), "")
     return str(converter.format_grammar())
+
+
+# The converter writes a `minLength`/`minItems` of n as n copies of the item's rule: `"minLength": 100000000` (a
+# 200-byte request) took 26 s and 2 GB to build its 500 MB grammar, before llama.cpp parsed it. No answer in a
+# context window is that long, so a count past this one is refused instead.
+MAX_GRAMMAR_REPETITIONS = 65536
+
+
+def _check_repetitions(schema: Any) -> None:
+    """ValueError naming the count when `schema` asks for more repetitions than a grammar is built with."""
+    if not isinstance(schema, dict):
+        return
+    for key in ("minLength", "minItems"):
+        count = schema.get(key)
+        if isinstance(count, int) and not isinstance(count, bool) and count > MAX_GRAMMAR_REPETITIONS:
+            raise ValueError(f"{key} {count} is more than a grammar holds (at most {MAX_GRAMMAR_REPETITIONS})")
 
 
 def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None] | None:

@@ -99,6 +99,10 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigurationError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            except RecursionError:  # '[[[[...' thousands deep: the parser's own limit
+                raise ConfigurationError(f"{path}:{number}: not JSON (nested too deeply)") from None
+            except ValueError as exc:  # an integer past Python's 4300 digits
+                raise ConfigurationError(f"{path}:{number}: not JSON ({exc})") from None
             if not isinstance(record, dict):
                 raise ConfigurationError(f"{path}:{number}: expected a JSON object")
             yield number, record

@@ -48,6 +48,8 @@ def load_catalog(path: str | Path) -> list[dict[str, Any]]:
         catalog = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark is no part of the JSON
     except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise ConfigurationError(f"cannot read the tool catalog {path}: {exc}") from None
+    except RecursionError:  # '[[[[...' thousands deep: the parser's own limit
+        raise ConfigurationError(f"cannot read the tool catalog {path}: not JSON (nested too deeply)") from None
     if not isinstance(catalog, list) or not all(isinstance(t, dict) and "function" in t for t in catalog):
         raise ConfigurationError(f"{path}: expected a JSON list of OpenAI tool schemas")
     if not catalog:

@@ -80,7 +80,7 @@ class PriceTable:
             raw = json.loads(Path(path).read_text())
             return cls({model: Price(float(p["input"]), float(p.get("cached_input", p["input"])), float(p["output"]))
                         for model, p in raw.items()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ConfigurationError(f"price table {path}: {exc}") from exc
 
     def price(self, model: str) -> Price:

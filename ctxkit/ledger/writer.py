@@ -166,7 +166,8 @@ def read_ledger(path: str | Path, *, strict: bool = True,
                 # NaN and Infinity are no JSON (json.dumps writes them): a total or a --json report would be too.
                 data = json.loads(raw.decode("utf-8"), parse_constant=_not_a_number)
                 yield LedgerRecord.from_dict(data)
-            except ValueError as exc:  # JSON, UTF-8 and field-type errors are all ValueErrors
+            except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and field-type errors are all ValueErrors;
+                # a garbled line of '[[[[...' thousands deep is past the parser's own limit
                 problem = f"{path}:{number}: not a ledger record ({exc})"
                 if strict:
                     raise MalformedLedgerLine(problem) from None
