@@ -49,7 +49,9 @@ def validate_request(request: ChatRequest) -> None:
             raise RequestError(_SURROGATE, found)
 
 
-_CHECKED_TOOL_KEYS = frozenset({"type", "function", "name", "description", "parameters"})
+# What _validate_tools checks, level by level: a "description" beside "function" (not in it) is checked by no one
+_CHECKED_TOOL_KEYS = frozenset({"type", "function"})
+_CHECKED_FUNCTION_KEYS = frozenset({"name", "description", "parameters"})
 
 
 def _tool_extras(tools: Any) -> list[Any]:
@@ -58,9 +60,10 @@ def _tool_extras(tools: Any) -> list[Any]:
     sent on every call."""
     extras: list[Any] = []
     for tool in tools:  # most tools have none: None in their place (an error's path is tools[i] of the request)
-        if tool.keys() - _CHECKED_TOOL_KEYS or tool["function"].keys() - _CHECKED_TOOL_KEYS:
+        if tool.keys() - _CHECKED_TOOL_KEYS or tool["function"].keys() - _CHECKED_FUNCTION_KEYS:
             extras.append({**{k: v for k, v in tool.items() if k not in _CHECKED_TOOL_KEYS},
-                           "function": {k: v for k, v in tool["function"].items() if k not in _CHECKED_TOOL_KEYS}})
+                           "function": {k: v for k, v in tool["function"].items()
+                                        if k not in _CHECKED_FUNCTION_KEYS}})
         else:
             extras.append(None)
     return extras

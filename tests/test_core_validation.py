@@ -456,7 +456,10 @@ def test_a_lone_surrogate_in_any_other_field_the_backend_gets_is_refused_by_name
                            (ChatRequest(hi, namespace="acme\udcff"), "namespace"),
                            # a tool's field beside its parameters: hashed into the cache's keys, a UnicodeEncodeError
                            (ChatRequest(hi, tools=[{"type": "function", "function": {"name": "f", "strict": "\ud800"}}]),
-                            "tools[0].function.strict")):
+                            "tools[0].function.strict"),
+                           # a description beside "function", not in it: checked at neither level
+                           (ChatRequest(hi, tools=[{"type": "function", "function": {"name": "f"},
+                                                    "description": "\ud800"}]), "tools[0].description")):
         with pytest.raises(RequestError) as info:
             validate_request(request)
         assert info.value.where == where, info.value.where
@@ -567,6 +570,43 @@ def test_a_repetition_count_no_answer_can_hold_is_refused_not_built(key, llama_b
         "type": "object", "properties": {"b": {**spec, key: 100_000_000}}, "required": ["b"]}}}
     started = time.perf_counter()
     with pytest.raises(RequestError, match=f"{key} 100000000") as info:
+        Pipeline(llama_backend).chat([{"role": "user", "content": "hi"}], tools=[tool],
+                                     params={"max_tokens": 2, "tool_choice": "required"})
+    assert info.value.where == "tools[0].function.parameters"
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("spec", [{"type": "string", "maxLength": 2000},
+                                  {"type": "array", "items": {"type": "integer"}, "maxItems": 2000},
+                                  {"type": "string", "pattern": "^[a-z]{0,2000}$"}])
+@pytest.mark.parametrize("place", ["tools", "response_format"])
+def test_a_wide_maximum_is_left_out_of_the_grammar_not_refused_or_a_crash(spec, place, llama_backend):
+    """The converter writes a maximum as one nested optional group per copy: llama.cpp refused past 1,000 (a
+    summary of `"maxLength": 2000` was "the local model cannot follow this schema") and past ~10,000 overflowed
+    its stack (`"maxLength": 20000`: SIGSEGV, the server gone). The grammar leaves it out; a call past it is
+    refused after generation."""
+    from ctxkit.backends.schema_grammar import schema_for_grammar, schema_to_gbnf
+
+    schema = {"type": "object", "properties": {"b": spec}, "required": ["b"]}
+    if place == "tools":
+        kwargs: dict = {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                        "params": {"max_tokens": 4, "tool_choice": "required"}}
+    else:
+        kwargs = {"params": {"max_tokens": 4, "response_format": {"type": "json_schema",
+                                                                  "json_schema": {"name": "x", "schema": schema}}}}
+    Pipeline(llama_backend).chat([{"role": "user", "content": "hi"}], **kwargs)
+    huge = json.loads(json.dumps(schema).replace("2000", "1000000"))  # 100,000,000: 3 s and 2.3 GB, then SIGSEGV
+    assert len(schema_to_gbnf(schema_for_grammar(huge, root=True), prop_order=[])) < 10_000
+
+
+def test_a_pattern_count_no_answer_can_hold_is_refused_not_built(llama_backend):
+    """`"pattern": "^[a-z]{20000000}$"` took 8 s and 1.4 GB, as minLength's count did."""
+    import time
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"b": {"type": "string", "pattern": "^[a-z]{20000000}$"}}}}}
+    started = time.perf_counter()
+    with pytest.raises(RequestError, match=r"pattern quantifier \{20000000\}") as info:
         Pipeline(llama_backend).chat([{"role": "user", "content": "hi"}], tools=[tool],
                                      params={"max_tokens": 2, "tool_choice": "required"})
     assert info.value.where == "tools[0].function.parameters"

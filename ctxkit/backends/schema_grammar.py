@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 _ANNOTATIONS = frozenset({"title", "description", "$comment", "default", "examples", "deprecated", "readOnly",
@@ -39,6 +40,7 @@ def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
         # 1-to-5 integer took any integer, a nullable object any object): one branch per type keeps them.
         rest = {k: v for k, v in schema.items() if k != "type"}
         return schema_for_grammar({"anyOf": [{**rest, "type": t} for t in types]})
+    schema = _without_wide_maximum(schema)
     if schema.get("type") == "array" and "items" not in schema and "prefixItems" not in schema and (
             "minItems" in schema or "maxItems" in schema):  # the converter counts items only when they have a schema
         schema = {**schema, "items": {"type": list(_ANY_TYPE)}}
@@ -55,6 +57,48 @@ def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
         else:
             out[key] = value
     return _integer_range(out)
+
+
+# The converter writes a count's optional copies (maxLength - minLength of them) as that many nested groups: llama.cpp
+# refuses more than this many ("exceeds sane defaults": `"maxLength": 2000` was "cannot follow this schema"), and
+# ~10,000 overflow its parser's stack (`"maxLength": 20000` killed the process, SIGSEGV). A wider maximum is left
+# out of the grammar: max_tokens ends the value first, and a tool call past it is refused after (schema_violation).
+MAX_GRAMMAR_SPAN = 1000
+
+
+def _without_wide_maximum(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without a maxLength/maxItems more than MAX_GRAMMAR_SPAN past its minimum."""
+    wide = set()
+    for high, low in (("maxLength", "minLength"), ("maxItems", "minItems")):
+        most, least = _count(schema.get(high)), _count(schema.get(low)) or 0
+        if most is not None and most - least > MAX_GRAMMAR_SPAN:
+            wide.add(high)
+    return {k: v for k, v in schema.items() if k not in wide} if wide else schema
+
+
+def _count(value: Any) -> int | None:
+    """`value` when it is an integer count (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# A regex quantifier: {n}, {n,} or {n,m}
+_QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
+
+
+def _bounded_quantifier(pattern: str, at: int) -> tuple[str, int] | None:
+    """The quantifier at `at` as the grammar holds it and its length, None when there is none: a count past
+    MAX_GRAMMAR_REPETITIONS is a ValueError (n copies, as minLength's), a maximum more than MAX_GRAMMAR_SPAN past
+    the minimum is left out (`{0,20000}` killed the process, as maxLength's)."""
+    match = _QUANTIFIER.match(pattern, at)
+    if match is None:
+        return None
+    low, high = int(match[1]), match[3]
+    if low > MAX_GRAMMAR_REPETITIONS:
+        raise ValueError(f"pattern quantifier {match[0]} is more than a grammar holds "
+                         f"(at most {MAX_GRAMMAR_REPETITIONS})")
+    if match[2] is not None and high and int(high) - low > MAX_GRAMMAR_SPAN:
+        return f"{{{low},}}", len(match[0])
+    return match[0], len(match[0])
 
 
 # What a pattern anchored at one end only may have at its other end, in the grammar: JSON string characters, a few
@@ -141,6 +185,10 @@ def _converter_syntax(pattern: str) -> str:
         elif c == "(" and not in_class and pattern.startswith("(?:", i):
             out.append("(")
             i += 3
+            continue
+        elif c == "{" and not in_class and (quantifier := _bounded_quantifier(pattern, i)) is not None:
+            out.append(quantifier[0])
+            i += quantifier[1]
             continue
         out.append(c)
         i += 1
