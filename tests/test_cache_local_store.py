@@ -323,37 +323,3 @@ def test_a_lookup_on_a_disk_that_refuses_writes_is_a_miss_not_a_failed_call(tmp_
     assert reader.search("scope-a", unit("k3"), 1, time.time()) == []
     assert "a lookup is a miss" in caplog.text
 
-
-@pytest.mark.timeout(60)
-def test_a_child_forked_during_a_single_flight_does_not_wait_on_the_parents(tmp_path):
-    """multiprocessing's fork (or gunicorn --preload) copies the per-key lock a flight of the parent holds through
-    its whole backend call: the child's calls for that key waited lock_timeout each, for ever."""
-    import multiprocessing
-    import os
-    import threading
-
-    store = LocalStore(tmp_path, dimension=4, lock_timeout=30)
-    inside, done = threading.Event(), threading.Event()
-
-    def flight() -> None:
-        with store.single_flight("k"):
-            inside.set()
-            done.wait(10)
-
-    parent_flight = threading.Thread(target=flight)
-    parent_flight.start()
-    assert inside.wait(10)
-
-    def child() -> None:
-        started = time.monotonic()
-        with store.single_flight("k"):
-            pass
-        os._exit(0 if time.monotonic() - started < 5 else 3)
-
-    forked = multiprocessing.get_context("fork").Process(target=child)
-    forked.start()
-    done.set()  # the parent's flight ends and unlocks the lock file; the child's copy of the key's lock stays held
-    parent_flight.join()
-    forked.join(40)
-    assert forked.exitcode == 0
-    store.close()

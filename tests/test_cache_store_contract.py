@@ -360,3 +360,32 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_store(store_kind, locatio
     assert hits and hits[0].entry.key == "e10", "the index was not consistent after the kill"
     store.put(make_entry("after-kill"), unit("after-kill"))
     assert store.get("after-kill", time.time()) is not None, "the store is not writable after a killed writer"
+
+
+@pytest.mark.timeout(90)
+def test_a_child_forked_during_a_single_flight_does_not_wait_on_the_parents(store_kind, reopen):
+    """multiprocessing's fork (or gunicorn --preload) copies the per-key lock a flight of the parent holds through
+    its whole backend call: the child's calls for that key waited the store's lock timeout each, for ever."""
+    from .forks import exit_code, start_in_fork
+
+    store = reopen(**({"lock_timeout": 30} if store_kind == "local" else {"single_flight_timeout_s": 60}))
+    inside, done = threading.Event(), threading.Event()
+
+    def flight() -> None:
+        with store.single_flight("k"):
+            inside.set()
+            done.wait(10)
+
+    def child() -> None:
+        started = time.monotonic()
+        with store.single_flight("k"):
+            pass
+        os._exit(0 if time.monotonic() - started < 5 else 3)
+
+    parent_flight = threading.Thread(target=flight)
+    parent_flight.start()
+    assert inside.wait(10)
+    forked = start_in_fork(child)
+    done.set()  # the parent's flight ends and frees the key; the child's copy of the key's lock stays held
+    parent_flight.join()
+    assert exit_code(forked, 40) == 0

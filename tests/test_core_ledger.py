@@ -15,6 +15,8 @@ from ctxkit.cli.main import main
 from ctxkit.ledger import PriceTable
 from ctxkit.report import format_summary, summarize
 
+from .forks import exit_code, start_in_fork
+
 WRITERS, RECORDS_EACH = 4, 150
 
 
@@ -305,17 +307,11 @@ def test_a_child_forked_while_a_thread_writes_can_write(tmp_path):
     writing = threading.Thread(target=ledger.write, args=(make_record(0, 0),))
     writing.start()
     time.sleep(0.3)  # the thread now waits on the file's lock, holding the ledger's lock
-    child = multiprocessing.get_context("fork").Process(target=ledger.write, args=(make_record(1, 0),))
-    child.start()
+    child = start_in_fork(ledger.write, make_record(1, 0))
     fcntl.flock(reader, fcntl.LOCK_UN)
     os.close(reader)
     writing.join()
-    child.join(10)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-        child.join()
-    assert not hung and child.exitcode == 0
+    assert exit_code(child, 10) == 0
     assert sorted(r.id for r in read_ledger(path)) == sorted([make_record(0, 0).id, make_record(1, 0).id])
 
 

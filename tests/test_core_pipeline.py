@@ -29,6 +29,8 @@ from ctxkit import (
 from ctxkit.response import ChatStream, response_as_chunks
 from ctxkit.stages.pruning import DedupStage
 
+from .forks import exit_code_in_fork
+
 CONVERSATION = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "My name is Ada and I live in Bergen, a rainy city on the Norwegian west coast."},
@@ -1296,19 +1298,10 @@ def test_a_child_forked_after_the_model_answered_can_answer(llama_backend):
     """gunicorn --preload with a warm-up call, or multiprocessing's fork: after the parent generated (sync and async),
     a forked child's first generation hung for ever in libgomp (llama.cpp's threads), and its async calls queued
     work for executor threads that were the parent's."""
-    import multiprocessing
-
     request = ChatRequest(messages=[{"role": "user", "content": "Say hi"}], params={"max_tokens": 4})
     llama_backend.complete(request)
     asyncio.run(llama_backend.acomplete(request))
-    child = multiprocessing.get_context("fork").Process(target=_answer_in_fork, args=(llama_backend,))
-    child.start()
-    child.join(60)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-        child.join()
-    assert not hung and child.exitcode == 0
+    assert exit_code_in_fork(_answer_in_fork, llama_backend) == 0
     assert llama_backend.complete(request).usage.completion_tokens >= 1  # the parent keeps its threads
 
 

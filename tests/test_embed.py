@@ -11,6 +11,8 @@ import pytest
 from ctxkit.embed import Embedder, _is_mean_pooled_and_normalized, _resolve_precision
 from ctxkit.errors import ConfigurationError
 
+from .forks import exit_code_in_fork
+
 TEXTS = ["  padded on both sides  ", "", "naïve café, 東京 and emoji 🙂", "word " * 600, "tabs\tand\nnewlines",
          "short", "a somewhat longer sentence about the weather in Paris next week", "Is the refund processed?"]
 
@@ -130,22 +132,13 @@ def _embed_in_fork(embedder: Embedder) -> None:
 def test_a_child_forked_after_an_embedding_can_embed(embedder):
     """gunicorn --preload with a warm-up, or multiprocessing's fork: once the parent embedded on several threads,
     a forked child's first embedding hung for ever in torch's OpenMP threads."""
-    import multiprocessing
-
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's default is every core; the tests' OMP_NUM_THREADS=1 would hide the hang
     try:
         embedder.embed(["warm up the thread pool " * 20] * 16)
-        child = multiprocessing.get_context("fork").Process(target=_embed_in_fork, args=(embedder,))
-        child.start()
-        child.join(60)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-            child.join()
-        assert not hung and child.exitcode == 0
+        assert exit_code_in_fork(_embed_in_fork, embedder) == 0
         assert torch.get_num_threads() == 2  # the parent keeps its threads
     finally:
         torch.set_num_threads(threads)
@@ -155,21 +148,12 @@ def test_a_child_forked_after_an_embedding_can_embed(embedder):
 def test_a_child_forked_after_the_embedder_was_made_can_embed():
     """gunicorn --preload without a warm-up: loading the model runs torch's operators on its OpenMP threads, so a
     child forked from a parent that made the Embedder but never embedded hung on its first embedding."""
-    import multiprocessing
-
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # torch's default is every core; the tests' OMP_NUM_THREADS=1 would hide the hang
     try:
         fresh = Embedder()  # made, never used, as a preloading app does
-        child = multiprocessing.get_context("fork").Process(target=_embed_in_fork, args=(fresh,))
-        child.start()
-        child.join(60)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-            child.join()
-        assert not hung and child.exitcode == 0
+        assert exit_code_in_fork(_embed_in_fork, fresh) == 0
     finally:
         torch.set_num_threads(threads)

@@ -19,6 +19,8 @@ from ctxkit.request import ChatRequest
 from ctxkit.stages.quarantine import QuarantineRecord, QuarantineStage
 from ctxkit.stages.quarantine.pg_registry import PostgresQuarantineRegistry
 
+from .forks import exit_code_in_fork
+
 pytest_plugins = ["tests.pg_fixtures"]
 
 TRACEBACK = "Traceback (most recent call last):\n  File \"app.py\", line 1, in run\nZeroDivisionError: division by zero"
@@ -393,18 +395,6 @@ def test_a_registry_dropped_unclosed_during_an_outage_ends_with_its_thread(db_ur
     assert all(f"{i:032x}" in lost for i in range(3))
 
 
-def _exit_code_in_fork(work: Any, timeout_s: float = 10.0) -> int | None:
-    """`work()` in a child made by multiprocessing's fork; its exit code, None when it was still running."""
-    child = multiprocessing.get_context("fork").Process(target=work)
-    child.start()
-    child.join(timeout_s)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        return None
-    return child.exitcode
-
-
 @pytest.mark.timeout(60)
 def test_a_child_forked_while_a_call_waits_on_the_database_does_not_hang(db_url):
     """gunicorn --preload and multiprocessing's fork copy the registry's lock as it is: a child forked while a call
@@ -426,7 +416,7 @@ def test_a_child_forked_while_a_call_waits_on_the_database_does_not_hang(db_url)
         assert registry._pending == []
 
     try:
-        assert _exit_code_in_fork(child) == 0
+        assert exit_code_in_fork(child, timeout=10) == 0
     finally:
         blocker.rollback()
         blocker.close()
