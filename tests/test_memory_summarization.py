@@ -625,28 +625,36 @@ def test_a_default_target_leaves_room_for_a_summary_beside_many_tool_schemas(lla
     assert llama_backend.counter.count_prompt(out.messages, tools) <= stage.trigger_tokens
 
 
-def test_what_the_user_said_about_themselves_outlives_later_turns_that_do_not_mention_it(llama_backend, embedder):
-    """A preference stated once ("I am vegetarian", "my budget is 800 euros") is meant for the rest of the
-    chat. Ranked only by likeness to the newest turn, it lost to the train booking when the user asked for a
-    restaurant; and the greeting it came in was one 45-token unit, too big for the room left."""
-    def call(id_, name, arguments):
-        return {"role": "assistant", "content": None,
-                "tool_calls": [{"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}]}
+def _call(id_: str, name: str, arguments: str) -> dict:
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}]}
 
-    messages = [
-        {"role": "user", "content": "Hi! My name is Ada and I live in Paris. I work as a nurse at the Hôpital "
-                                    "Lariboisière. I am vegetarian and my budget for the trip is 800 euros."},
-        {"role": "assistant", "content": "Nice to meet you, Ada! How can I help with your trip?"},
+
+def _train_booking() -> list[dict]:
+    """A train found and booked with two tool calls, between what the user said first and what they ask next."""
+    return [
         {"role": "user", "content": "Find me train options to Lyon next Friday."},
-        call("c1", "search_trains", '{"from": "Paris", "to": "Lyon", "date": "2026-12-04"}'),
+        _call("c1", "search_trains", '{"from": "Paris", "to": "Lyon", "date": "2026-12-04"}'),
         {"role": "tool", "tool_call_id": "c1", "content": (
             "TGV 6601 departs 07:04 arrives 09:00, 45 EUR. TGV 6605 departs 09:04 arrives 11:00, 59 EUR. Ouigo 7801 "
             "departs 12:10 arrives 14:12, 19 EUR. TGV 6619 departs 17:04 arrives 19:00, 79 EUR.")},
         {"role": "assistant", "content": "The cheapest is Ouigo 7801 at 12:10 for 19 EUR."},
         {"role": "user", "content": "Book the Ouigo one."},
-        call("c2", "book_train", '{"train": "Ouigo 7801"}'),
+        _call("c2", "book_train", '{"train": "Ouigo 7801"}'),
         {"role": "tool", "tool_call_id": "c2", "content": "Booking confirmed: reference QX7T2M, seat 14B, coach 3."},
         {"role": "assistant", "content": "Done: Ouigo 7801, booking reference QX7T2M, coach 3 seat 14B."},
+    ]
+
+
+def test_what_the_user_said_about_themselves_outlives_later_turns_that_do_not_mention_it(llama_backend, embedder):
+    """A preference stated once ("I am vegetarian", "my budget is 800 euros") is meant for the rest of the
+    chat. Ranked only by likeness to the newest turn, it lost to the train booking when the user asked for a
+    restaurant; and the greeting it came in was one 45-token unit, too big for the room left."""
+    messages = [
+        {"role": "user", "content": "Hi! My name is Ada and I live in Paris. I work as a nurse at the Hôpital "
+                                    "Lariboisière. I am vegetarian and my budget for the trip is 800 euros."},
+        {"role": "assistant", "content": "Nice to meet you, Ada! How can I help with your trip?"},
+        *_train_booking(),
         {"role": "user", "content": "Now suggest a restaurant in Lyon for me for Friday evening."},
     ]
     limit = llama_backend.counter.count_prompt(messages) // 4
@@ -1480,25 +1488,12 @@ def test_a_chat_statement_that_opens_with_a_question_word_is_no_question(llama_b
                                    "how many people came", "where is he from")
                for u in fact_keeper.extract({"role": "user", "content": text}, 0, "q"))
 
-    def call(id_, name, arguments):
-        return {"role": "assistant", "content": None,
-                "tool_calls": [{"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}]}
-
     messages = [
         {"role": "user", "content": "Hi, I am planning a trip from Paris to Lyon next Friday"},
         {"role": "assistant", "content": "Happy to help with your trip to Lyon."},
         {"role": "user", "content": constraint},
         {"role": "assistant", "content": "Noted."},
-        {"role": "user", "content": "Find me train options to Lyon next Friday."},
-        call("c1", "search_trains", '{"from": "Paris", "to": "Lyon", "date": "2026-12-04"}'),
-        {"role": "tool", "tool_call_id": "c1", "content": (
-            "TGV 6601 departs 07:04 arrives 09:00, 45 EUR. TGV 6605 departs 09:04 arrives 11:00, 59 EUR. Ouigo 7801 "
-            "departs 12:10 arrives 14:12, 19 EUR. TGV 6619 departs 17:04 arrives 19:00, 79 EUR.")},
-        {"role": "assistant", "content": "The cheapest is Ouigo 7801 at 12:10 for 19 EUR."},
-        {"role": "user", "content": "Book the Ouigo one."},
-        call("c2", "book_train", '{"train": "Ouigo 7801"}'),
-        {"role": "tool", "tool_call_id": "c2", "content": "Booking confirmed: reference QX7T2M, seat 14B, coach 3."},
-        {"role": "assistant", "content": "Done: Ouigo 7801, booking reference QX7T2M, coach 3 seat 14B."},
+        *_train_booking(),
         {"role": "user", "content": "Now find me a train back on Sunday."},
     ]
     limit = llama_backend.counter.count_prompt(messages) // 3
