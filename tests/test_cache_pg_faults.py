@@ -381,3 +381,69 @@ def test_sessions_from_before_an_outage_are_replaced_not_met_one_timeout_each(ma
             os.kill(pid, signal.SIGCONT)
     assert hits == [True] * 4 and took < 1.0, (hits, took)
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.timeout(60)
+def test_an_outage_found_while_a_flight_checks_the_holder_still_replaces_it(make_pg_store, monkeypatch):
+    """An outage found by another thread while a flight stood between checking the single-flight session and
+    starting its query: the flag the outage set was cleared by that flight, so the holder from before the outage
+    (maybe as frozen as the session that found it) was kept, and cost a call its timeout once the server was back.
+    The window is microseconds wide; the other thread's outage is run inside it here."""
+    from ctxkit.stages.cache import pg_store
+
+    store = make_pg_store()
+    with store.single_flight("k"):  # opens the single-flight session
+        pass
+    before = store._holder
+    real_dropped = pg_store._dropped
+
+    def outage_found_meanwhile(conn: object) -> bool:
+        if conn is before and not store._outage.away:
+            store._found_away(psycopg.OperationalError("server closed the connection unexpectedly"))
+        return real_dropped(conn)
+
+    monkeypatch.setattr(pg_store, "_dropped", outage_found_meanwhile)
+    store._on_holder("SELECT pg_try_advisory_lock(%s)", 1)  # a flight, while another call finds the server away
+    monkeypatch.setattr(pg_store, "_dropped", real_dropped)
+    deadline = time.monotonic() + 10
+    while store._outage.away and time.monotonic() < deadline:  # the probe finds the server back
+        time.sleep(0.05)
+    with store.single_flight("k2"):
+        pass
+    assert store._holder is not before and before.closed, "the session from before the outage was kept"
+
+
+@pytest.mark.timeout(60)
+def test_the_pool_counts_its_sessions_right_while_outages_retire_them(make_pg_store):
+    """Eight threads take sessions and give them back while two others retire the pool, as outages found by
+    concurrent calls do: no session is counted twice or lost (a count below zero would open more than
+    pool_size; one leaked would block every call once pool_size were reached), and no waiter sleeps for ever."""
+    store = make_pg_store()
+    pool = store._pool
+    stop = time.monotonic() + 3
+    failures: list[BaseException] = []
+
+    def take_and_give_back() -> None:
+        try:
+            while time.monotonic() < stop:
+                with pool.connection() as conn:
+                    conn.execute("SELECT 1")
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failures.append(exc)
+
+    def retire() -> None:
+        while time.monotonic() < stop:
+            pool.retire()
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=take_and_give_back) for _ in range(8)]
+    threads += [threading.Thread(target=retire) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), "a thread waited for a session for ever"
+    assert not failures, failures[:3]
+    assert pool._open == len(pool._idle) <= pool._max_size, (pool._open, len(pool._idle))
+    with pool.connection() as conn:  # the pool still gives sessions that work
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -144,6 +144,11 @@ class _ConnectionPool:
                     self._idle.append(conn)
                 self._cond.notify()
 
+    @property
+    def generation(self) -> int:
+        """How many times retire ran: a session opened before the count moved belongs to a past outage."""
+        return self._generation
+
     def retire(self) -> None:
         """Replace every session opened so far: the idle ones now, the ones in use when they come back. After a
         session stopped answering, the others may be as dead (a frozen server, a failover that cut the old
@@ -267,7 +272,10 @@ class PostgresStore:
         self._holder: Any = None
         self._holder_pid = os.getpid()
         self._holder_gen = 0
-        self._holder_retired = False  # an outage began: the holder session may be as dead as the one that found it
+        # The pool's generation when the holder opened: once an outage retires the pool, the holder may be as dead
+        # as the session that found it. A count, not a flag the next flight clears: a flag set while a flight was
+        # between reading and clearing it was lost, and the stale holder cost a call its timeout after the outage.
+        self._holder_pool_gen = self._pool.generation
         self._holder_guard = threading.Lock()
         self._mismatch_reported = False
         renew_after_fork(self, PostgresStore._after_fork_in_child)
@@ -497,8 +505,7 @@ class PostgresStore:
 
     def _found_away(self, exc: BaseException) -> None:
         """A call found the server gone: the outage begins (once), and every session opened before it is replaced."""
-        self._pool.retire()
-        self._holder_retired = True  # not closed here: a flight may be using it, under _holder_guard
+        self._pool.retire()  # the holder too, on its next use (not here: a flight may be using it, under _holder_guard)
         self._outage.found_away(error_line(exc, self.dsn))
 
     def _dimension_mismatch(self, exc: BaseException) -> str | None:
@@ -850,16 +857,18 @@ class PostgresStore:
             h = self._holder
             if h is not None and self._holder_pid != os.getpid():
                 h = None  # inherited through fork: the parent's session, never used nor closed here
-            elif h is not None and not (h.closed or h.broken) and (self._holder_retired or _dropped(h)):
+            elif h is not None and not (h.closed or h.broken) and (
+                    self._holder_pool_gen != self._pool.generation or _dropped(h)):
                 h.close()
-            self._holder_retired = False
             if h is None and self._holder_gen < 0:  # closed: a flight still polling opens no new session
                 raise psycopg.OperationalError("the PostgresStore is closed")
             if h is None or h.closed or h.broken:
+                pool_gen = self._pool.generation  # read before connecting: an outage found meanwhile retires it too
                 h = self._holder = psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
                 with statement_watchdog(h, self._lookup_deadline_s()):
                     h.execute(f"SET statement_timeout = {self._statement_timeout_ms()}")
                 self._holder_pid = os.getpid()
+                self._holder_pool_gen = pool_gen
                 self._holder_gen += 1
             with statement_watchdog(h, self._lookup_deadline_s()):
                 return bool(h.execute(sql, (lock_id,)).fetchone()[0]), self._holder_gen
