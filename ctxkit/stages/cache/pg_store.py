@@ -606,10 +606,8 @@ class PostgresStore:
                 self._put_rows(rows, rejected, lock_timeout_ms=_PUT_LOCK_TIMEOUT_MS)
                 stored = bool(rows)  # none: too large for the bound, or text PostgreSQL cannot hold
             except psycopg.DataError as exc:  # text PostgreSQL cannot store (a NUL character in the question)
-                mismatch = self._dimension_mismatch(exc)
-                if mismatch is not None:
-                    self._report_mismatch(mismatch)
-                    return stored
+                if self._dimension_mismatch(exc) is not None:
+                    raise  # the tables were remade with another dimension: _or_unavailable tells it once
                 logger.warning("the cache cannot store this answer: %s", error_line(exc, self.dsn))
             except psycopg.errors.LockNotAvailable:  # a writer frozen mid-transaction (a paused VM, a debugger)
                 logger.warning("the cache's byte count stayed locked for %d ms, an answer is not stored",
