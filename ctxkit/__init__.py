@@ -23,6 +23,7 @@ from .errors import (
     MalformedLedgerLine,
     QuarantineStoreUnavailable,
     RequestError,
+    ResponseFormatError,
     ToolCallSchemaError,
     UnknownToolError,
 )
@@ -41,6 +42,6 @@ __all__ = [
     "BackendTimeoutError", "CacheStoreUnavailable", "ChatRequest", "ChatResponse", "ChatStream", "ConfigurationError",
     "BackendContextOverflowError", "ContextOverflowError", "CtxkitError", "GGUFPrompt", "InvalidMessageError", "InvalidToolError", "Ledger",
     "LedgerError", "LedgerRecord", "MalformedLedgerLine", "QuarantineStoreUnavailable", "LlamaCppBackend", "OpenAIBackend", "Pipeline", "Price", "PriceTable",
-    "RequestError", "Stage", "TiktokenCounter", "TokenCounter", "ToolCallSchemaError", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
+    "RequestError", "ResponseFormatError", "Stage", "TiktokenCounter", "TokenCounter", "ToolCallSchemaError", "UnknownToolError", "Usage", "default_model_path", "read_ledger",
     "record_event",
 ]

@@ -140,6 +140,20 @@ class ToolCallSchemaError(BackendError):
                          backend=backend)
 
 
+class ResponseFormatError(BackendError):
+    """The model's answer breaks the `json_schema` of the call's `response_format` where the grammar could not hold
+    it to the schema (as ToolCallSchemaError, and a maxLength or maxItems too wide for a grammar): raised rather than
+    handed to the app as a valid answer. `where` (the value's path) and `content` (as generated) name it. An answer
+    cut short by `max_tokens` or a stop sequence is returned as it is, with its finish_reason, as OpenAI does."""
+
+    completion_tokens: int | None = None
+
+    def __init__(self, where: str, problem: str, content: str, *, backend: str) -> None:
+        self.where, self.content = where, content
+        super().__init__(f"the model answered with {where} that the response_format schema refuses: {problem}",
+                         backend=backend)
+
+
 class BackendStatusError(BackendError):
     # The backend's Retry-After header, when it sent one (a 429 or a 503): how long it asked callers to wait.
     retry_after: str | None = None

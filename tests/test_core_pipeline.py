@@ -1169,6 +1169,35 @@ def test_a_tool_call_the_grammar_cannot_hold_to_its_schema_is_a_typed_error(llam
     with pytest.raises(ToolCallSchemaError):  # streamed too: the call is held back to the end, then refused
         list(llama_backend.stream(request))
 
+def test_an_answer_the_grammar_cannot_hold_to_the_response_format_is_a_typed_error(llama_backend):
+    # A response format's schema was never checked after generation: {"qty": 7} for a multiple of 5 (and a value
+    # past a maxLength too wide for the grammar) reached the app as a valid answer. An answer cut short by
+    # max_tokens or by the caller's stop sequence is returned as it is, with its finish_reason, as OpenAI does.
+    from ctxkit import ResponseFormatError
+
+    schema = {"type": "object", "properties": {"qty": {"type": "integer", "multipleOf": 5}}, "required": ["qty"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": schema}}
+
+    def order(text: str, **params: object) -> ChatRequest:
+        return ChatRequest(messages=[{"role": "user", "content": text}],
+                           params={"response_format": fmt, "temperature": 0, "max_tokens": 30, **params})
+
+    for answer in (llama_backend.complete, lambda request: list(llama_backend.stream(request))):
+        with pytest.raises(ResponseFormatError) as raised:
+            answer(order("Buy 7."))
+        error = raised.value
+        assert error.where == "content['qty']" and "multiple of 5" in str(error) and error.completion_tokens
+        assert json.loads(error.content)["qty"] % 5
+    assert json.loads(llama_backend.complete(order("Buy 10.")).message["content"])["qty"] == 10
+    cut = llama_backend.complete(order("Buy 7.", max_tokens=3))
+    assert cut.finish_reason == "length" and not cut.message["content"].endswith("}")
+    stopped = llama_backend.complete(order("Buy 7.", stop=[":"]))
+    streamed = list(llama_backend.stream(order("Buy 7.", stop=[":"])))
+    assert stopped.finish_reason == "stop" and ":" not in stopped.message["content"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"]) == \
+        stopped.message["content"]
+
+
 def test_exact_prefix_cache_hit_is_all_cached(llama_backend):
     request = ChatRequest(messages=[{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
                           params={"max_tokens": 1, "temperature": 0})

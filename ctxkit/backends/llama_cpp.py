@@ -26,6 +26,7 @@ from ..errors import (
     ConfigurationError,
     ContextOverflowError,
     RequestError,
+    ResponseFormatError,
     ToolCallSchemaError,
 )
 from ..forking import renew_after_fork
@@ -35,7 +36,7 @@ from ..settings import whole_number
 from ..tokens import TokenCounter
 from ..validation import BACKEND_SAMPLING
 from .gguf_prompt import GGUFPrompt, import_llama
-from .schema_grammar import schema_for_grammar, schema_to_gbnf, schema_violation
+from .schema_grammar import format_violation, schema_for_grammar, schema_to_gbnf, schema_violation
 from .tool_format import (
     ToolCallTextStream,
     drop_unfinished_call,
@@ -258,6 +259,9 @@ class LlamaCppBackend:
         if tools_offered and not calls and at_cap():  # as the stream does: without tools no text is a call
             content = drop_unfinished_call(content)
         self._check_calls(calls, request, out["usage"]["completion_tokens"])
+        finish = "tool_calls" if calls else ("length" if at_cap() else choice.get("finish_reason") or "stop")
+        if finish == "stop" and cut is None:  # an answer the model ended itself, not one cut short
+            self._check_answer(content or "", request, out["usage"]["completion_tokens"])
         if content is None and not calls:
             # An answer with no text and no call (a call cut off by max_tokens) is "", as OpenAI answers it: an
             # assistant message with neither content nor tool_calls is refused when the app sends it back.
@@ -267,7 +271,7 @@ class LlamaCppBackend:
             message["tool_calls"] = calls
         return ChatResponse(
             message=message,
-            finish_reason="tool_calls" if calls else ("length" if at_cap() else choice.get("finish_reason") or "stop"),
+            finish_reason=finish,
             usage=Usage(out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"], cached),
             model=self.model,  # the model that answered, whatever name was asked for (it is priced by it)
             backend=self.name,
@@ -336,6 +340,8 @@ class LlamaCppBackend:
             capped, at_cap = self._cap(sampling["max_tokens"])
             call_stops = sampling.pop("call_stops")
             seen, passed = "", 0  # with call_stops: the text generated, and how much of it went on
+            answer: list[str] = []  # the content handed on, for the response format's check at the end
+            cut_by_stop = False
             pieces = self._llama.create_completion(prompt=tokens, stream=True, **sampling,
                                                    stopping_criteria=StoppingCriteriaList([capped]))
             handed = time.monotonic()
@@ -360,12 +366,13 @@ class LlamaCppBackend:
                     end = cut if cut is not None else stop_safe_end(seen, call_stops)
                     content, passed, stopped = seen[passed:end], max(passed, end), cut is not None
                     if stopped:
-                        finish = "stop"
+                        finish, cut_by_stop = "stop", True
                 if not content:
                     if stopped:
                         break
                     continue
                 for out in text_calls.feed(chunk({"content": content})) if text_calls else [chunk({"content": content})]:
+                    answer += _contents(out)
                     handed = time.monotonic()
                     yield out
                     # the time the caller took with the chunk is not the model's (openai's timeout is per read)
@@ -376,6 +383,7 @@ class LlamaCppBackend:
                 tail = seen[passed:]
                 passed = len(seen)
                 for out in text_calls.feed(chunk({"content": tail})) if text_calls else [chunk({"content": tail})]:
+                    answer += _contents(out)
                     yield out
         except (RequestError, BackendError):
             raise
@@ -389,9 +397,10 @@ class LlamaCppBackend:
         if at_cap():
             finish = "length"
         last = text_calls.feed(chunk({}, finish)) if text_calls else [chunk({}, finish)]
-        for out in last:
-            self._check_calls(out["choices"][0]["delta"].get("tool_calls", []) if out["choices"] else [], request,
-                              completion_tokens)
+        calls = [call for out in last for choice in out["choices"] for call in choice["delta"].get("tool_calls", [])]
+        self._check_calls(calls, request, completion_tokens)
+        if finish == "stop" and not calls and not cut_by_stop:  # as a whole answer's: one the model ended itself
+            self._check_answer("".join(answer) + "".join(_contents(*last)), request, completion_tokens)
         yield from last
         # llama.cpp's own counts, as a whole answer reports them: the prompt it evaluated and the tokens it made.
         yield chunk(None, usage={
@@ -540,6 +549,14 @@ class LlamaCppBackend:
                 error.completion_tokens = generated  # for the ledger, as a timeout's
                 raise error
 
+    def _check_answer(self, content: str, request: ChatRequest, generated: int) -> None:
+        """ResponseFormatError when the answer breaks the response format's schema (see format_violation)."""
+        violation = format_violation(content, request.params.get("response_format"))
+        if violation is not None:
+            error = ResponseFormatError(*violation, content, backend=self.name)
+            error.completion_tokens = generated
+            raise error
+
     def _parsed(self, grammar: str | None) -> str | None:
         """`grammar`, once llama.cpp has parsed it; ValueError when it cannot."""
         import llama_cpp
@@ -612,9 +629,10 @@ class LlamaCppBackend:
         stop = [stop] if isinstance(stop, str) else list(stop)
         # With tools offered, llama.cpp's own stop check would cut a <tool_call> block at a stop inside it (stop
         # ["\n"] ended every required call at "<tool_call>", returned as content): ctxkit checks those stops itself,
-        # outside the call blocks, as OpenAI never cuts a tool call's arguments at a stop sequence.
+        # outside the call blocks, as OpenAI never cuts a tool call's arguments at a stop sequence. So it does for a
+        # response format's schema: an answer a stop cut short is not checked against it (_check_answer).
         call_stops: list[str] = []
-        if may_call(request.tools, params):
+        if may_call(request.tools, params) or (params.get("response_format") or {}).get("type") == "json_schema":
             call_stops, stop = [s for s in stop if s], []
         grammar_text = self._grammar_text(request)
         extra = dict(params.get("extra_body") or {})
@@ -644,6 +662,11 @@ def _deadline(request: ChatRequest) -> float | None:
 def _after_consumer(deadline: float | None, handed: float) -> float | None:
     """The deadline moved on by the time since a chunk was handed to the caller: only the model's time counts."""
     return None if deadline is None else deadline + (time.monotonic() - handed)
+
+
+def _contents(*chunks: dict[str, Any]) -> list[str]:
+    """The content the chunks carry."""
+    return [choice["delta"].get("content") or "" for out in chunks for choice in out["choices"]]
 
 
 def _past(deadline: float | None) -> bool:

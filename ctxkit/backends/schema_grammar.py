@@ -6,7 +6,7 @@ The converter (llama_cpp.llama_grammar) leaves out much of JSON Schema: it ignor
 schema, refuses unanchored patterns and `(?:`, and copies regex escapes (`\\d`) that GBNF does not have. Each is
 rewritten here before the converter sees the schema (schema_for_grammar) or handled as it converts (schema_to_gbnf).
 What no grammar holds (`multipleOf`, `format: email`, fractional bounds, `uniqueItems`, `oneOf`'s "exactly one") is
-checked on the call the model made (schema_violation).
+checked on the call the model made (schema_violation) and on the answer a response format asked for (format_violation).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
 # The converter writes a count's optional copies (maxLength - minLength of them) as that many nested groups: llama.cpp
 # refuses more than this many ("exceeds sane defaults": `"maxLength": 2000` was "cannot follow this schema"), and
 # ~10,000 overflow its parser's stack (`"maxLength": 20000` killed the process, SIGSEGV). A wider maximum is left
-# out of the grammar: max_tokens ends the value first, and a tool call past it is refused after (schema_violation).
+# out of the grammar: max_tokens ends the value first, and a tool call or an answer past it is refused after
+# (schema_violation, format_violation).
 MAX_GRAMMAR_SPAN = 1000
 
 
@@ -399,19 +400,36 @@ def schema_violation(call: dict[str, Any], tools: list[dict[str, Any]]) -> tuple
     """(where, what) when `call`'s arguments break its tool's `parameters` schema, else None. The grammar cannot
     hold every keyword (number bounds that are not integers, `multipleOf`, `uniqueItems`, `format: email`, ...):
     this check after generation is what keeps such a call from reaching the app as if it were valid."""
-    import jsonschema
-
     function = call["function"]
     schema = next((t["function"].get("parameters") for t in tools if t["function"]["name"] == function["name"]), None)
+    return _violation(json.loads(function["arguments"]), schema, "arguments")
+
+
+def format_violation(content: str, response_format: Any) -> tuple[str, str] | None:
+    """(where, what) when an answer breaks a `json_schema` response format, else None: the same check as a tool
+    call's, for what the grammar leaves out (as above, and a maxLength/maxItems too wide for it)."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
+    try:
+        answer = json.loads(content)
+    except ValueError as exc:  # the grammar makes JSON; only an answer it did not hold (a stop sequence) is not
+        return "content", f"not JSON: {exc}"
+    return _violation(answer, schema, "content")
+
+
+def _violation(instance: Any, schema: Any, root: str) -> tuple[str, str] | None:
+    import jsonschema
+
     if not isinstance(schema, dict):
         return None
     validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(json.loads(function["arguments"])))
+        error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     except (jsonschema.SchemaError, jsonschema.exceptions.RefResolutionError):  # validation refuses these first
         return None
     if error is None:
         return None
     where = "".join(f"[{p!r}]" for p in error.absolute_path)
-    return f"arguments{where}", error.message
+    return f"{root}{where}", error.message

@@ -40,6 +40,7 @@ from ..errors import (
     CtxkitError,
     QuarantineStoreUnavailable,
     RequestError,
+    ResponseFormatError,
     ToolCallSchemaError,
 )
 from ..pipeline import Pipeline
@@ -110,6 +111,8 @@ def error_for(exc: BaseException) -> HTTPError:
         return HTTPError(504, "upstream_timeout", text, code="upstream_timeout")
     if isinstance(exc, ToolCallSchemaError):  # the model answered, but with a call its tool's schema refuses
         return HTTPError(502, "upstream_error", text, code="invalid_tool_call")
+    if isinstance(exc, ResponseFormatError):  # the model answered, but with JSON the response format's schema refuses
+        return HTTPError(502, "upstream_error", text, code="invalid_response_format")
     if isinstance(exc, (BackendConnectionError, BackendError)):
         return HTTPError(502, "upstream_error", text, code="upstream_unavailable")
     if isinstance(exc, CtxkitError):
