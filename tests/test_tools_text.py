@@ -242,3 +242,33 @@ def test_a_pattern_as_the_grammar_holds_it_accepts_what_the_pattern_does():
         assert '"$"' not in grammar and '"^"' not in grammar and '"0-9"' not in grammar, grammar
     for text in ('a"b', "a\\b", "a\nb"):  # a negated class left the grammar free to end the JSON string early
         assert not re.fullmatch(_anchored(r"^[^@]+$"), text)
+
+
+def test_a_lone_bracket_in_a_pattern_is_the_character_and_a_float_count_a_count():
+    """llama-cpp-python's converter looped for ever on a "}" or "]" that closes nothing ("a{b}", "a{,2}" (which
+    Python's re, the check after generation, reads as {0,2}), "[]a]", "x]"), holding the request and its thread; `"maxLength": 20.0` (the integer 20 to JSON Schema) was refused
+    ("can't multiply sequence by non-int of type 'float'")."""
+    import re
+    import threading
+
+    from ctxkit.backends.schema_grammar import _anchored
+    from ctxkit.backends.tool_format import tool_call_grammar
+
+    def grammar_for(schema: dict) -> str:
+        tools = [{"type": "function", "function": {"name": "act", "parameters": {
+            "type": "object", "properties": {"v": schema}, "required": ["v"]}}}]
+        made: list[str] = []
+        converting = threading.Thread(target=lambda: made.append(tool_call_grammar(tools, "required")), daemon=True)
+        converting.start()
+        converting.join(timeout=30)
+        assert made, f"the converter did not finish for {schema}"
+        return made[0]
+
+    cases = {r"^a{b}$": ["a{b}", "ab", "a{b"], r"^a{,2}$": ["a{,2}", "", "aa", "aaa"], r"^[]a]+$": ["]a]", "a", "b"],
+             r"^x{1,2}}$": ["xx}", "x}", "xxx}"], r"^a]$": ["a]", "a"], r"^{}$": ["{}", ""]}
+    for pattern, samples in cases.items():
+        grammar_for({"type": "string", "pattern": pattern})
+        for text in samples:
+            assert bool(re.fullmatch(_anchored(pattern), text)) == bool(re.search(pattern, text)), (pattern, text)
+    for schema in ({"type": "string", "maxLength": 20.0}, {"type": "array", "items": {}, "minItems": 1.0}):
+        grammar_for(schema)

@@ -40,7 +40,7 @@ def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
         # 1-to-5 integer took any integer, a nullable object any object): one branch per type keeps them.
         rest = {k: v for k, v in schema.items() if k != "type"}
         return schema_for_grammar({"anyOf": [{**rest, "type": t} for t in types]})
-    schema = _without_wide_maximum(schema)
+    schema = _without_wide_maximum(_whole_counts(schema))
     if schema.get("type") == "array" and "items" not in schema and "prefixItems" not in schema and (
             "minItems" in schema or "maxItems" in schema):  # the converter counts items only when they have a schema
         schema = {**schema, "items": {"type": list(_ANY_TYPE)}}
@@ -67,6 +67,16 @@ def schema_for_grammar(schema: Any, *, root: bool = False) -> Any:
 MAX_GRAMMAR_SPAN = 1000
 
 
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def _whole_counts(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with a count written as a float (`"maxLength": 20.0`, which JSON Schema takes as the integer 20) as
+    an int: the converter multiplied a string by it and refused the schema."""
+    whole = {k: int(v) for k in _COUNTS if isinstance(v := schema.get(k), float) and v.is_integer()}
+    return {**schema, **whole} if whole else schema
+
+
 def _without_wide_maximum(schema: dict[str, Any]) -> dict[str, Any]:
     """`schema` without a maxLength/maxItems more than MAX_GRAMMAR_SPAN past its minimum."""
     wide = set()
@@ -82,8 +92,8 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# A regex quantifier: {n}, {n,} or {n,m}
-_QUANTIFIER = re.compile(r"\{(\d+)(,(\d*))?\}")
+# A regex quantifier: {n}, {n,} or {n,m}, and as Python's re (the check after generation) reads them, {,m} and {,}
+_QUANTIFIER = re.compile(r"\{(\d*)(,(\d*))?\}")
 
 
 def _bounded_quantifier(pattern: str, at: int) -> tuple[str, int] | None:
@@ -91,15 +101,15 @@ def _bounded_quantifier(pattern: str, at: int) -> tuple[str, int] | None:
     MAX_GRAMMAR_REPETITIONS is a ValueError (n copies, as minLength's), a maximum more than MAX_GRAMMAR_SPAN past
     the minimum is left out (`{0,20000}` killed the process, as maxLength's)."""
     match = _QUANTIFIER.match(pattern, at)
-    if match is None:
+    if match is None or (not match[1] and match[2] is None):  # "{}" is the two characters
         return None
-    low, high = int(match[1]), match[3]
+    low, high = int(match[1] or 0), match[3]
     if low > MAX_GRAMMAR_REPETITIONS:
         raise ValueError(f"pattern quantifier {match[0]} is more than a grammar holds "
                          f"(at most {MAX_GRAMMAR_REPETITIONS})")
     if match[2] is not None and high and int(high) - low > MAX_GRAMMAR_SPAN:
         return f"{{{low},}}", len(match[0])
-    return match[0], len(match[0])
+    return f"{{{low}{match[2] or ''}}}", len(match[0])  # {,m} written {0,m}, which the converter takes
 
 
 # What a pattern anchored at one end only may have at its other end, in the grammar: JSON string characters, a few
@@ -154,6 +164,9 @@ _SHORTHANDS = {"d": ("[0-9]", "0-9"), "D": ('[^0-9"\\\\\\x00-\\x1F]', None),
                "s": ("[ ]", " "), "S": ('[^ "\\\\\\x00-\\x1F]', None)}
 
 
+_LONE_BRACKETS = {"{": "\\x7B", "}": "\\x7D", "]": "\\x5D"}
+
+
 def _converter_syntax(pattern: str) -> str:
     """A pattern's escapes as the grammar can hold them: `\\d`, `\\w`, `\\s` and their negations as classes, an
     escaped punctuation mark (`\\.`, `\\$`) as a class of its hex escape, `(?:` as a plain group (the converter
@@ -190,6 +203,12 @@ def _converter_syntax(pattern: str) -> str:
         elif c == "{" and not in_class and (quantifier := _bounded_quantifier(pattern, i)) is not None:
             out.append(quantifier[0])
             i += quantifier[1]
+            continue
+        elif c in _LONE_BRACKETS and (not in_class or (c == "]" and i == class_start)):
+            # A bracket that opens or closes nothing ("a{b}", "a{,2}", "x]", "[]a]") is the character, as Python
+            # reads it: the converter loops for ever on a lone "}" or "]", holding the request and the thread.
+            out.append(_LONE_BRACKETS[c] if in_class else f"[{_LONE_BRACKETS[c]}]")
+            i += 1
             continue
         out.append(c)
         i += 1
