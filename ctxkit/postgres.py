@@ -87,19 +87,23 @@ def statement_watchdog(conn: Any, seconds: float) -> Iterator[None]:
 
 
 class Outage:
-    """Whether a PostgreSQL server is away, for a store whose calls go on without it (a cache).
+    """Whether a PostgreSQL server is away, for a store whose calls go on without it (a cache, a registry).
 
-    The call that finds the server gone pays its timeout and logs one ERROR; while it is away every other call
-    skips the database at once (`away`), and a background thread calls `probe` (a connect and a query, bounded
-    by their timeouts) more slowly each time, at least every `retry_s` seconds, until it answers: the next call
-    uses the database again and one WARNING says it is back. `probe` must not hold the store: a store dropped
-    during an outage is collected, and `close` ends the thread."""
+    The call that finds the server gone pays its timeout and logs one ERROR (`meanwhile`: what calls do); while
+    it is away every other call skips the database at once (`away`), and a background thread calls `probe` (a
+    connect and a query, bounded by their timeouts) more slowly each time, at least every `retry_s` seconds,
+    until it answers: the next call uses the database again, one WARNING says it is back, and `on_back` runs on
+    that thread (to write what waited for the database). `probe` and `on_back` must not hold the store: a store
+    dropped during an outage is collected, and `close` ends the thread."""
 
-    def __init__(self, what: str, probe: Callable[[], None], retry_s: float, log: logging.Logger) -> None:
+    def __init__(self, what: str, probe: Callable[[], None], retry_s: float, log: logging.Logger, *,
+                 meanwhile: str = "calls go on without it", on_back: Callable[[], None] | None = None) -> None:
         self._what = what
         self._probe = probe
-        self._retry_s = retry_s
+        self.retry_s = retry_s  # read at each wait: it may be changed while the server is away
         self._log = log
+        self._meanwhile = meanwhile
+        self._on_back = on_back
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._watcher: threading.Thread | None = None
@@ -120,7 +124,7 @@ class Outage:
                 return
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                self._log.error("%s cannot be reached; calls go on without it until it is back: %s", self._what, reason)
+                self._log.error("%s cannot be reached; %s until it is back: %s", self._what, self._meanwhile, reason)
             self._watch()
 
     def close(self) -> None:
@@ -145,11 +149,15 @@ class Outage:
             try:
                 self._probe()
             except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
-                wait = min(max(wait * 2, 0.25), self._retry_s)
+                wait = min(max(wait * 2, 0.25), self.retry_s)
                 continue
+            if self._closed.is_set():
+                return  # closed while the probe ran: no store to tell, nothing to write
             with self._lock:
                 since, self._down_since = self._down_since, None
                 self._watcher = None  # a call that finds it gone again from now on starts another
             if since is not None:
                 self._log.warning("%s is back after %.0f s", self._what, time.monotonic() - since)
+            if self._on_back is not None:
+                self._on_back()
             return

@@ -233,7 +233,7 @@ def test_a_release_over_http_while_the_database_is_away_is_a_503(db_url, llama_b
 def _until_back(registry: PostgresQuarantineRegistry, within_s: float = 15.0) -> float:
     """Wait, making no call, until the registry uses its database again; how long that took."""
     started = time.monotonic()
-    while registry._down_since is not None:
+    while registry._outage.away:
         assert time.monotonic() - started < within_s, "the registry did not reconnect by itself"
         time.sleep(0.05)
     return time.monotonic() - started
@@ -282,6 +282,40 @@ def test_calls_during_a_silent_outage_do_not_wait(db_url):
         assert len(QuarantineStage(store=db_url).list("team-a")) == 41  # what A kept meanwhile reached the database
     finally:
         silent.close()
+
+
+def test_writes_the_server_refuses_are_retried_slowly_not_by_a_reconnect_storm(db_url, caplog):
+    """A server that answers but refuses the registry's writes (INSERT revoked; a full disk alike) is an outage:
+    the backlog waits, tried again more slowly each time up to retry_s. The reconnecting thread took a connection
+    that opened for the end of the outage: it opened one every 50 ms for as long as the writes were refused (27 in
+    3 s here), each making the tables again under an advisory lock."""
+    role = f"q_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+    url = db_url.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+    registry = PostgresQuarantineRegistry(100, url, retry_s=1.0)
+    registry.add_record(_record("a" * 32))
+    connects = 0
+    connect = registry._connect
+
+    def counted() -> Any:
+        nonlocal connects
+        connects += 1
+        return connect()
+
+    registry._connect = counted  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, "ctxkit.quarantine")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"REVOKE INSERT ON ctxkit_quarantine_entries FROM {role}")
+        registry.add_record(_record("b" * 32))  # refused: kept in memory, the outage begins
+        time.sleep(3.0)
+        assert connects <= 8, connects  # two by the call, then tries after 0, 0.25, 0.5, 1, 1 s
+        conn.execute(f"GRANT INSERT ON ctxkit_quarantine_entries TO {role}")
+    _until_written(registry)
+    assert sorted(registry.snapshot("ns").records) == ["a" * 32, "b" * 32]
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]  # once away, once back
+    registry.close()
 
 
 @pytest.fixture
@@ -383,7 +417,7 @@ def test_a_registry_dropped_unclosed_during_an_outage_ends_with_its_thread(db_ur
         registry._drop_connection()
         registry.add_record(_record(f"{i:032x}"))  # finds the database gone: kept in memory, the thread started
         refs.append(weakref.ref(registry))
-        threads.append(registry._reconnecting)
+        threads.append(registry._outage._watcher)
         del registry
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and any(thread.is_alive() for thread in threads):
@@ -423,3 +457,33 @@ def test_a_child_forked_while_a_call_waits_on_the_database_does_not_hang(db_url)
         waiting.join()
     registry._pending.clear()
     registry.close()
+
+
+def test_a_child_forked_during_an_outage_reconnects_by_itself_and_leaves_the_backlog_to_its_parent(db_url):
+    """A child forked while the database is away inherits the outage but not the thread that waits for it: its
+    calls go on from memory, it starts its own thread, uses the database once it is back, and writes nothing of
+    the parent's backlog (the parent does)."""
+    registry = PostgresQuarantineRegistry(100, db_url, retry_s=0.5)
+    registry.dsn = "postgresql://nobody@127.0.0.1:1/db"
+    registry._drop_connection()
+    registry.add_record(_record("a" * 32))  # finds the database gone: kept in memory
+
+    def child() -> None:
+        registry.add_record(_record("b" * 32))  # at once, from memory: the outage goes on in the child
+        assert registry._outage.away
+        registry.dsn = db_url
+        _until_back(registry)
+        _until_written(registry)
+        assert _stored(db_url) == ["b" * 32]  # the parent's "a" is the parent's to write
+
+    assert exit_code_in_fork(child, timeout=30) == 0
+    registry.dsn = db_url
+    _until_back(registry)
+    _until_written(registry)
+    assert _stored(db_url) == ["a" * 32, "b" * 32]
+    registry.close()
+
+
+def _stored(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [key for (key,) in conn.execute("SELECT key FROM ctxkit_quarantine_entries ORDER BY key")]

@@ -14,7 +14,7 @@ the registry logs an ERROR once and works from its copy in memory; what it quara
 there and written to the database when it is back. Only the call that finds the database gone waits for it
 (a connect or statement timeout); while it is away a background thread tries to reconnect (more slowly each
 time, at least every `retry_s` seconds), so calls meanwhile cost no wait, and the first call after it is back
-uses it again. The backlog is written a little at each call, so no one call pays for a long outage.
+uses it again. The backlog is written a little at a time, there and at each call: no one call pays for it.
 What is still in memory when the process ends is lost (an ERROR names it): content sent again is checked
 again, but a model answer quarantined in its context (it repeats an injected link) is not when that context
 is not sent again.
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
 from ...forking import renew_after_fork
-from ...postgres import error_line, statement_watchdog
+from ...postgres import Outage, error_line, statement_watchdog
 from .registry import (
     _ESCAPED,
     CHANGE_LOG,
@@ -79,20 +79,23 @@ class PostgresQuarantineRegistry:
             raise ConfigurationError("the shared quarantine registry needs: pip install 'ctxkit[postgres]'") from None
         self.max_records = max_records
         self.dsn = dsn
-        self.retry_s = retry_s
         self._connect_timeout = max(2, math.ceil(connect_timeout_s))
         self._statement_timeout_ms = int(statement_timeout_s * 1000)
         self._t = {name: f"{table_prefix}_{name}" for name in ("namespaces", "entries", "changes")}
         self._lock = threading.Lock()  # one connection, used under it by any thread, as the SQLite registry does
         self._spaces: dict[str, Namespace] = {}  # insertion order = least recently used first
         self._conn: Any = None
-        self._pid = os.getpid()
-        self._down_since: float | None = None
-        self._reconnected: Any = None  # a connection the background thread opened, for the next call to use
-        self._reconnecting: threading.Thread | None = None
-        self._closed = threading.Event()
+        self._closed = False  # under _lock: the outage's thread hands a closed registry no connection
         self._pending: list[tuple[str, Any]] = []  # writes made while the database was away, oldest first
         self._inherited: list[Any] = []  # a parent's connection after a fork: never used, never closed
+        # the thread holds the registry weakly: one dropped unclosed during an outage is collected (its finalizer
+        # names what it held) and the thread ends, rather than both living until the database is back
+        me = weakref.ref(self)
+        self._outage = Outage("the quarantine registry's PostgreSQL",
+                              partial(_weakly, me, PostgresQuarantineRegistry._reconnect), retry_s, logger,
+                              meanwhile="quarantines are kept in this replica's memory and releases refused",
+                              on_back=partial(_weakly, me, PostgresQuarantineRegistry._write_backlog))
+        weakref.finalize(self, self._outage.close)
         # A process that ends during an outage loses what it kept in memory: the operator is told what.
         weakref.finalize(self, _report_unwritten, self._pending)
         renew_after_fork(self, PostgresQuarantineRegistry._after_fork_in_child)
@@ -100,6 +103,15 @@ class PostgresQuarantineRegistry:
             self._conn = self._connect()
         except Exception as exc:  # noqa: BLE001 - any failure to open is the operator's to fix
             raise ConfigurationError(f"cannot open the quarantine registry in PostgreSQL: {self._redact(exc)}") from None
+
+    @property
+    def retry_s(self) -> float:
+        """At most how long the background thread waits between its tries to reconnect."""
+        return self._outage.retry_s
+
+    @retry_s.setter
+    def retry_s(self, seconds: float) -> None:
+        self._outage.retry_s = seconds
 
     # -- the registry's interface (as QuarantineRegistry's) ----------------------------------------
     def snapshot(self, namespace: str) -> Namespace:
@@ -150,13 +162,11 @@ class PostgresQuarantineRegistry:
                           lambda: self._offline_write("issued", (namespace, placeholder)))
 
     def close(self) -> None:
-        self._closed.set()
+        self._outage.close()
         with self._lock:
+            self._closed = True
             self._drop_connection()
-            if self._reconnected is not None and os.getpid() == self._pid:
-                self._reconnected.close()
-            self._reconnected = None
-            _report_unwritten(self._pending)  # under the lock: the thread's last turn may be writing them
+            _report_unwritten(self._pending)  # under the lock: the outage's thread may be writing them
 
     # -- connection and outages -------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -191,18 +201,14 @@ class PostgresQuarantineRegistry:
     def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T], *, flush: str | None = None) -> _T:
         """`work` on the database; once more on a new connection (and the tables made again) when the first
         try failed at once, for a server restarted since the last call; `offline()` when the database is away,
-        at once while the background thread has not reconnected. `flush`: a namespace whose writes kept in
-        memory are all written first (else only what FLUSH_BUDGET_S allows). Under _lock."""
+        at once while the outage lasts. `flush`: a namespace whose writes kept in memory are all written first
+        (else only what FLUSH_BUDGET_S allows). Under _lock."""
         import psycopg
 
-        if self._down_since is not None:
-            if self._reconnected is None:
-                self._reconnect_in_background()
-                return offline()
-            self._drop_connection()
-            self._conn, self._reconnected = self._reconnected, None
+        if self._outage.away:
+            return offline()
         error: Exception | None = None
-        for _ in range(1 if self._down_since is not None else 2):
+        for _ in range(2):
             started = time.monotonic()
             try:
                 if self._conn is None or self._conn.closed or self._conn.broken:
@@ -210,24 +216,14 @@ class PostgresQuarantineRegistry:
                 if flush is not None:
                     self._flush_pending(None, flush)
                 self._flush_pending(FLUSH_BUDGET_S)
-                result = self._watched(work)
+                return self._watched(work)
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
                     psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
                 error = exc
                 self._drop_connection()
                 if time.monotonic() - started > _SLOW_FAILURE_S:
                     break  # timed out: the server does not answer, and a new connection would wait as long
-                continue
-            if self._down_since is not None:
-                logger.warning("the quarantine registry's PostgreSQL is back after %.0f s",
-                               time.monotonic() - self._down_since)
-                self._down_since = None
-            return result
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            logger.error("the quarantine registry's PostgreSQL cannot be reached; quarantines are kept in this "
-                         "replica's memory until it is back, and releases refused: %s", self._redact(error))
-        self._reconnect_in_background()
+        self._outage.found_away(self._redact(error))
         return offline()
 
     def _watched(self, work: Callable[[Any], _T]) -> _T:
@@ -235,55 +231,41 @@ class PostgresQuarantineRegistry:
         with statement_watchdog(self._conn, self._statement_timeout_ms / 1000 + 2):
             return work(self._conn)
 
-    def _reconnect_in_background(self) -> None:
-        """Start the thread that reconnects while the database is away (unless it runs). Under _lock."""
-        if self._reconnecting is None or not self._reconnecting.is_alive():
-            # the thread holds the registry weakly: one dropped unclosed during an outage is collected (its
-            # finalizer names what it held) and its thread ends, rather than both living until the database is back
-            first_wait = min(0.25, self.retry_s)
-            self._reconnecting = threading.Thread(target=_reconnect, args=(weakref.ref(self), self._closed, first_wait),
-                                                  name="ctxkit-quarantine-reconnect", daemon=True)
-            self._reconnecting.start()
-
-    def _reconnect_step(self, pid: int, wait: float) -> float | None:
-        """One turn of the reconnecting thread: while the database is away, try to connect, waiting longer between
-        tries (up to retry_s), each try waiting its connect timeout here rather than in a model call; when it is
-        back, write a slice of what was kept in memory meanwhile, so that an idle replica does not hold it. The
-        wait before the next turn; None when there is nothing left to do."""
+    def _reconnect(self) -> None:
+        """The outage's probe: a connection opened outside the lock (no call waits for its connect timeout), used by
+        the calls once it took a slice of the backlog. Raises while it cannot: the outage goes on."""
+        conn = self._connect()
         with self._lock:
-            if self._closed.is_set() or os.getpid() != pid:  # closed while this turn waited for the lock
-                return None
-            if self._down_since is None and not self._pending:
-                self._reconnecting = None  # done: a call that finds the database gone again starts another
-                return None
-            if self._down_since is None:
-                self._attempt(_nothing, _nothing)
-                return FLUSH_BUDGET_S / 4
-        try:
-            conn = self._connect()
-        except Exception:  # noqa: BLE001 - still away (the call that found it gone logged why)
-            return min(wait * 2, self.retry_s)
-        with self._lock:
-            if self._closed.is_set() or os.getpid() != pid or self._down_since is None:
+            if self._closed:
                 conn.close()
-                return wait
-            self._reconnected = conn
-            self._attempt(_nothing, _nothing)  # back: said at once, not at the next call
-        return FLUSH_BUDGET_S / 4
+                return
+            self._drop_connection()
+            self._conn = conn
+            self._flush_pending(FLUSH_BUDGET_S)
+
+    def _write_backlog(self) -> None:
+        """The outage's hook once the database is back: the rest of the backlog, a slice at a time (calls take their
+        turns between), so that an idle replica does not hold it."""
+        while True:
+            with self._lock:
+                if self._closed or not self._pending or self._outage.away:
+                    return
+                self._attempt(_nothing, _nothing)
+            time.sleep(FLUSH_BUDGET_S / 4)
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: a lock the parent's calls or reconnecting thread held at the fork would stay held
-        forever; the parent's connections are parked (closing them would end its sessions); the parent's backlog
-        is left to the parent, which writes it (the child writing it too would write it twice, and report it lost
+        """In a forked child: a lock the parent's calls or background thread held at the fork would stay held
+        forever; the parent's connection is parked (closing it would end its session); the parent's backlog is
+        left to the parent, which writes it (the child writing it too would write it twice, and report it lost
         when it ends)."""
         self._lock = threading.Lock()
-        self._inherited += [self._conn, self._reconnected]
-        self._conn = self._reconnected = self._reconnecting = None
-        self._pid = os.getpid()
+        self._outage.after_fork_in_child()
+        self._inherited.append(self._conn)
+        self._conn = None
         self._pending.clear()  # the very list the finalizer reports from: this process has none unwritten
 
     def _drop_connection(self) -> None:
-        if self._conn is not None and os.getpid() == self._pid:  # a forked child leaves its parent's session alone
+        if self._conn is not None:
             try:
                 self._conn.close()
             except Exception:  # noqa: BLE001 - closing a lost connection
@@ -461,18 +443,12 @@ class _Transaction:
                           (self.namespace, self.seq, kind, key, value, deleted))
 
 
-def _reconnect(registry: weakref.ref[PostgresQuarantineRegistry], closed: threading.Event, wait: float) -> None:
-    """The reconnecting thread: the registry's turns until it is closed, collected, or has nothing left to do."""
-    pid = os.getpid()
-    while not closed.wait(wait):
-        held = registry()
-        if held is None:
-            return
-        next_wait = held._reconnect_step(pid, wait)
-        del held  # not held between turns
-        if next_wait is None:
-            return
-        wait = next_wait
+def _weakly(registry: weakref.ref[PostgresQuarantineRegistry],
+            method: Callable[[PostgresQuarantineRegistry], None]) -> None:
+    """The outage thread's `method`, on the registry unless it was collected: the thread must not hold it."""
+    held = registry()
+    if held is not None:
+        method(held)
 
 
 def _nothing(*_: Any) -> None:
