@@ -1187,3 +1187,29 @@ def test_a_child_forked_while_a_write_waits_on_another_process_can_write(tmp_pat
     waiting.join()
     assert exit_code(child, 20) == 0
     assert sorted(registry.snapshot("ns").records) == ["a" * 32, "b" * 32]
+
+
+@pytest.mark.parametrize("damage", ["damaged_file", "pickle_cut_short"])
+def test_a_diskcache_registry_that_cannot_be_read_is_a_typed_error_not_an_empty_registry(tmp_path, damage):
+    """An unreadable 0.1 registry (cache.db) started an empty registry beside it without a word, and marked the
+    import done for good: every record and release lost, released content held back again. A pickle cut short
+    raised pickle's UnpicklingError from QuarantineStage(). Now a ConfigurationError names the file and what to
+    do, and the import runs once the file is moved aside."""
+    import sqlite3
+
+    import diskcache
+
+    if damage == "damaged_file":
+        (tmp_path / "cache.db").write_bytes(b"SQLite format 3\x00" + b"\x07" * 4000)
+    else:
+        with diskcache.Cache(str(tmp_path), eviction_policy="none") as cache:
+            cache.set(("space", "ns"), b"placeholder")
+        with sqlite3.connect(tmp_path / "cache.db") as db:  # the row 0.1 wrote, its pickle cut short
+            db.execute("UPDATE Cache SET value = ?, mode = 4", (b"\x80\x04\x95\x10\x00\x00",))
+    with pytest.raises(ConfigurationError, match=r"cache\.db written by ctxkit 0\.1 that cannot be read.*move "
+                                                 r"cache\.db aside"):
+        QuarantineStage(directory=tmp_path)
+    with pytest.raises(ConfigurationError):
+        QuarantineStage(directory=tmp_path)  # not marked imported: asked again, it says so again
+    (tmp_path / "cache.db").rename(tmp_path / "cache.db.old")
+    assert QuarantineStage(directory=tmp_path).list() == []

@@ -113,7 +113,11 @@ class QuarantineRegistry:
         except OSError as exc:  # a read-only volume, a file in the way: say so, as a registry that cannot open does
             raise ConfigurationError(f"cannot create the quarantine registry's directory {directory}: {exc}") from exc
         self._db = self._open(str(Path(directory) / FILE_NAME), str(directory))
-        self._import_diskcache(Path(directory))
+        try:
+            self._import_diskcache(Path(directory))
+        except BaseException:
+            self._db.close()
+            raise
 
     def snapshot(self, namespace: str) -> Namespace:
         """A copy of the namespace's state, as the database has it now."""
@@ -261,14 +265,21 @@ class QuarantineRegistry:
                 with diskcache.Cache(str(directory), eviction_policy="none") as old:
                     spaces = [(key[1], old.get(key)) for key in old.iterkeys()
                               if isinstance(key, tuple) and key[0] == "space"]
-            except (sqlite3.DatabaseError, OSError, AttributeError, ImportError):
-                return  # not a registry we can read: the new one starts empty beside it
+                unreadable = [repr(name) for name, space in spaces if not isinstance(space, Namespace)]
+                if unreadable:
+                    raise ValueError(f"namespace {', '.join(unreadable)} is not a registry namespace")
+            except Exception as exc:  # noqa: BLE001 - damaged SQLite, a pickle cut short, another program's file
+                # Records and releases are the user's, not a cache: an upgrade never starts empty over them
+                # unsaid (releases lost hold content an operator vouched for back again). Nothing is marked
+                # imported, so the import runs once the file is mended or moved aside.
+                raise ConfigurationError(
+                    f"the quarantine registry in {directory} has a {directory / 'cache.db'} written by ctxkit 0.1 "
+                    f"that cannot be read ({type(exc).__name__}: {exc}); its records and releases were not imported. "
+                    "Restore it from a backup, or move cache.db aside to start without them") from exc
             finally:
                 if alias:
                     sys.modules.pop(legacy, None)
             for name, space in spaces:
-                if not isinstance(space, Namespace):
-                    continue
                 writer = _Writer(self._db, name, self.max_records)
                 for fingerprint, record in space.records.items():
                     writer.put(RECORD, fingerprint, _encode(record))
