@@ -841,6 +841,24 @@ def test_a_json_schema_response_format_is_honoured_by_llama_cpp_pythons_server(s
     assert set(json.loads(asyncio.run(run()).choices[0].message.content)) == {"name", "age"}
 
 
+def test_a_json_schema_too_wide_for_a_grammar_does_not_kill_llama_cpp_pythons_server(tmp_path, gguf_counter):
+    # The schema went to the server as written: `"maxLength": 2000` made GBNF it could not parse ("failed to parse
+    # grammar"), and the server process died (a Connection error for this call and every tenant's after it).
+    # Rewritten as LlamaCppBackend rewrites it, the wide maximum is left out of the grammar.
+    own = LlamaServer(default_model_path(), tmp_path / "server.log", n_ctx=1024, n_threads=1)  # not the shared one
+    try:
+        remote = OpenAIBackend("smollm2", base_url=own.base_url, counter=gguf_counter, context_window=1024,
+                               max_retries=0, timeout=60)
+        schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 2000}}, "required": ["s"]}
+        fmt = {"type": "json_schema", "json_schema": {"name": "word", "schema": schema}}
+        answer = remote.complete(ChatRequest(messages=[{"role": "user", "content": "Write a word."}],
+                                             params={"max_tokens": 12, "temperature": 0, "response_format": fmt}))
+        assert answer.finish_reason == "length" or isinstance(json.loads(answer.content or "")["s"], str)
+        assert own.process.poll() is None
+    finally:
+        own.stop()
+
+
 def test_json_schema_calls_sent_together_before_the_first_refusal_are_each_resent(server, gguf_counter, ledger):
     """The refusal was learned once per backend: calls sent at once were all refused, the first was resent and
     the others, seeing it learned, failed (max_retries=0) or waited out a backoff."""

@@ -44,6 +44,7 @@ from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, counting_key, encoding_name_for_model
 from ..validation import sendable_header_value
 from .gguf_prompt import GGUFPrompt
+from .schema_grammar import schema_for_grammar
 from .tool_format import (
     CallStops,
     ToolCallTextStream,
@@ -220,57 +221,55 @@ class OpenAIBackend:
     def _stream(self, request: ChatRequest, record: Callable[..., None]) -> Iterator[dict[str, Any]]:
         chunks = self._with_retries(lambda: self._client.chat.completions.create(**self._args(request, stream=True)),
                                     record, request)
-        ended = False
-        calls = self._text_calls(request)
-        slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
-        last: dict[str, Any] = {}
-        usage_seen = False  # whether the server sent its own usage
-        finish_reason: str | None = None
-        failure: BaseException | None = None
+        answer = _StreamedAnswer(self._text_calls(request), self._call_stops(request))
+        failure: BackendError | None = None
         # A server that keeps the connection alive (SSE comments, blank lines) but sends no chunk never trips the
         # HTTP read timeout: a watchdog ends such a stream once no chunk came for the call's timeout.
         watchdog = _Watchdog(self._stall_limit(request), chunks)
-        stops = self._call_stops(request)
         try:
             for chunk in watchdog.chunks():
-                ended = ended or _ends_answer(chunk)
-                finish_reason = _finish_reason(chunk) or finish_reason
-                data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
-                last = data
-                usage_seen = usage_seen or bool(data.get("usage"))
-                for kept in stops.feed(data) if stops else (data,):
-                    yield from calls.feed(kept) if calls else (kept,)
-                if stops is not None and stops.done:  # the caller's stop, outside any call: the answer ends here
-                    ended = True
+                yield from answer.feed(chunk)
+                if answer.stopped:
                     break
-            if not ended:
+            if not answer.ended:
                 raise _cut_off(self.name)
-        except openai.OpenAIError as exc:
-            # from None: the openai error's own text is not scrubbed, and a traceback would print it
-            failure = self._translate(exc, request)
-        except json.JSONDecodeError as exc:  # a chunk that is not JSON
-            failure = _malformed(exc, self.name)
-            failure.__cause__ = exc
-        except _TRANSPORT_ERRORS as exc:  # the SDK leaves a connection lost mid-stream to its HTTP library
-            failure = _lost_mid_stream(exc, self.name)
-            failure.__cause__ = exc
-        except BackendConnectionError as exc:  # _cut_off
-            failure = exc
+        except _STREAM_FAILURES as exc:
+            failure = self._stream_failure(exc, request)
         finally:
             watchdog.stop()
             chunks.close()
         if watchdog.fired:  # the watchdog cut the connection: whatever that raised, the stream stalled
             failure = _stalled(watchdog.limit, self.name)
+        last = self._last_usage(request, record, answer, failure)
+        if last is not None:
+            yield last
         if failure is not None:
-            usage = self._held_back_usage(request, calls, last)
-            if usage is not None:
-                yield usage
             raise failure
-        self._note_counted_stream(request, record, finish_reason, usage_seen)
-        if calls is not None and not usage_seen and calls.generated:
+
+    def _stream_failure(self, exc: Exception, request: ChatRequest) -> BackendError:
+        """The typed error a stream that broke off raises (one of _STREAM_FAILURES)."""
+        if isinstance(exc, openai.OpenAIError):
+            # not chained: the openai error's own text is not scrubbed, and a traceback would print it
+            return self._translate(exc, request)
+        if isinstance(exc, BackendError):  # _cut_off, _stalled
+            return exc
+        failure = _malformed(exc, self.name) if isinstance(exc, json.JSONDecodeError) else _lost_mid_stream(exc, self.name)
+        failure.__cause__ = exc
+        return failure
+
+    def _last_usage(self, request: ChatRequest, record: Callable[..., None], answer: _StreamedAnswer,
+                    failure: BackendError | None) -> dict[str, Any] | None:
+        """The counted usage chunk a stream ends with, if any: for a failed stream, the tokens of the text held back
+        as a possible tool call; for a whole one whose tools went as text and the server sent no usage, the answer's."""
+        calls = answer.calls
+        if failure is not None:
+            return self._held_back_usage(request, calls, answer.last)
+        self._note_counted_stream(request, record, answer.finish_reason, answer.usage_seen)
+        if calls is not None and not answer.usage_seen and calls.generated:
             # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
             # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
-            yield self._usage_chunk(request, calls.generated, last)
+            return self._usage_chunk(request, calls.generated, answer.last)
+        return None
 
     def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None,
                          last: dict[str, Any]) -> dict[str, Any] | None:
@@ -303,15 +302,9 @@ class OpenAIBackend:
     async def _astream(self, request: ChatRequest, record: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
         chunks = await self._awith_retries(
             lambda: self._aclient.chat.completions.create(**self._args(request, stream=True)), record, request)
-        ended = False
-        calls = self._text_calls(request)
-        slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
-        last: dict[str, Any] = {}
-        usage_seen = False  # whether the server sent its own usage
-        finish_reason: str | None = None
-        failure: BaseException | None = None
+        answer = _StreamedAnswer(self._text_calls(request), self._call_stops(request))
+        failure: BackendError | None = None
         limit = self._stall_limit(request)
-        stops = self._call_stops(request)
         try:
             while True:
                 try:
@@ -320,42 +313,21 @@ class OpenAIBackend:
                     break
                 except TimeoutError:  # kept alive (SSE comments) but no chunk: see _stream
                     raise _stalled(limit, self.name) from None
-                ended = ended or _ends_answer(chunk)
-                finish_reason = _finish_reason(chunk) or finish_reason
-                data = _index_tool_calls(chunk.model_dump(exclude_unset=True), slots)
-                last = data
-                usage_seen = usage_seen or bool(data.get("usage"))
-                for kept in stops.feed(data) if stops else (data,):
-                    for passed in calls.feed(kept) if calls else (kept,):
-                        yield passed
-                if stops is not None and stops.done:  # see _stream
-                    ended = True
+                for passed in answer.feed(chunk):
+                    yield passed
+                if answer.stopped:
                     break
-            if not ended:
+            if not answer.ended:
                 raise _cut_off(self.name)
-        except openai.OpenAIError as exc:
-            # from None: the openai error's own text is not scrubbed, and a traceback would print it
-            failure = self._translate(exc, request)
-        except json.JSONDecodeError as exc:  # a chunk that is not JSON
-            failure = _malformed(exc, self.name)
-            failure.__cause__ = exc
-        except _TRANSPORT_ERRORS as exc:
-            failure = _lost_mid_stream(exc, self.name)
-            failure.__cause__ = exc
-        except (BackendConnectionError, BackendTimeoutError) as exc:  # _cut_off, _stalled
-            failure = exc
+        except _STREAM_FAILURES as exc:
+            failure = self._stream_failure(exc, request)
         finally:
             await chunks.close()
+        last = self._last_usage(request, record, answer, failure)
+        if last is not None:
+            yield last
         if failure is not None:
-            usage = self._held_back_usage(request, calls, last)
-            if usage is not None:
-                yield usage
             raise failure
-        self._note_counted_stream(request, record, finish_reason, usage_seen)
-        if calls is not None and not usage_seen and calls.generated:
-            # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
-            # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
-            yield self._usage_chunk(request, calls.generated, last)
 
     def close(self) -> None:
         self._client.close()
@@ -404,7 +376,7 @@ class OpenAIBackend:
         args.update(request.params)
         fmt = args.get("response_format")
         if self._schema_as_json_object and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            args["response_format"] = {"type": "json_object", "schema": (fmt.get("json_schema") or {}).get("schema", {})}
+            args["response_format"] = {"type": "json_object", "schema": _schema_for_server_grammar(fmt)}
         if plain:  # the tools went as text; the server has none to choose from (and refuses "required")
             choice = args.pop("tool_choice", None)
             args.pop("parallel_tool_calls", None)
@@ -713,6 +685,12 @@ _TRANSPORT_ERRORS = _transport_errors("HTTPError")
 _TRANSPORT_TIMEOUTS = _transport_errors("TimeoutException")
 
 
+# What a stream's reading may raise, each made a typed error by OpenAIBackend._stream_failure: the SDK's errors, a
+# chunk that is not JSON, a connection lost mid-stream (the SDK leaves it to its HTTP library), _cut_off, _stalled.
+_STREAM_FAILURES: tuple[type[Exception], ...] = (openai.OpenAIError, json.JSONDecodeError, *_TRANSPORT_ERRORS,
+                                                 BackendConnectionError, BackendTimeoutError)
+
+
 def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, _TRANSPORT_TIMEOUTS):
         return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
@@ -781,6 +759,17 @@ def _retry_after(headers: Any) -> float | None:
 def _deadline(request: ChatRequest) -> float | None:
     """When the call's own `timeout` (seconds this call may take) runs out: no wait for a retry may outlast it."""
     return time.monotonic() + request.timeout if request.timeout is not None else None
+
+
+def _schema_for_server_grammar(fmt: dict[str, Any]) -> Any:
+    """A json_schema format's schema as llama-cpp-python's server turns it into a grammar: rewritten as
+    LlamaCppBackend rewrites it (schema_for_grammar). Sent as written, a `"maxLength": 2000` made GBNF the server
+    could not parse, and sampling without that grammar killed the server process for every tenant."""
+    try:
+        return schema_for_grammar((fmt.get("json_schema") or {}).get("schema", {}), root=True)
+    except ValueError as exc:  # a pattern's count no grammar holds
+        raise RequestError(f"the model's server cannot follow this schema: {exc}",
+                           "response_format.json_schema.schema") from exc
 
 
 def _within(deadline: float | None, delay: float | None) -> float | None:
@@ -853,6 +842,38 @@ class _Watchdog:
         with self._wake:
             self._stopped = True
             self._wake.notify()
+
+
+class _StreamedAnswer:
+    """What a streamed answer's chunks have told so far, and the chunks to pass on for each: the same for the sync
+    and the async stream, which differ only in how they wait for the next chunk."""
+
+    def __init__(self, calls: ToolCallTextStream | None, stops: CallStops | None) -> None:
+        self.calls = calls  # the tools went as text: what turns <tool_call> blocks into tool_calls deltas
+        self.stops = stops  # the caller's stop sequences, when ctxkit applies them itself
+        self.ended = False  # a chunk gave a finish_reason, or the caller's stop ended the answer
+        self.finish_reason: str | None = None
+        self.last: dict[str, Any] = {}  # the last chunk received, whose id and model a counted usage chunk takes
+        self.usage_seen = False  # whether the server sent its own usage
+        self._slots: list[str | None] = []  # the id of each tool call so far, for deltas that carry no index
+
+    def feed(self, chunk: Any) -> list[dict[str, Any]]:
+        """The chunks to pass on for one chunk received."""
+        self.ended = self.ended or _ends_answer(chunk)
+        self.finish_reason = _finish_reason(chunk) or self.finish_reason
+        data = self.last = _index_tool_calls(chunk.model_dump(exclude_unset=True), self._slots)
+        self.usage_seen = self.usage_seen or bool(data.get("usage"))
+        passed = []
+        for kept in self.stops.feed(data) if self.stops else [data]:
+            passed += self.calls.feed(kept) if self.calls else [kept]
+        if self.stopped:
+            self.ended = True
+        return passed
+
+    @property
+    def stopped(self) -> bool:
+        """The caller's stop, outside any call: the answer ends here."""
+        return self.stops is not None and self.stops.done
 
 
 def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str, Any]:
