@@ -659,6 +659,22 @@ _CONTEXT_CHECKS = tuple(c for c in CHECKS if c not in ("question", "roles"))
 _FACT_CHECKS = _CONTEXT_CHECKS + ("roles",)
 
 
+def _earlier_turns_differ(mine_text: str, theirs_text: str) -> str | None:
+    """Why two conversations' earlier turns differ in a fact the answer may depend on (None: they agree): their
+    numbers, names, dates... (_FACT_CHECKS), and the assistant's earlier answer read as the question is: "Alice
+    owes Bob" / "Bob owes Alice", "Use %m" / "Use %M", "Tim Cook is" / "was the CEO", "a passport and" / "or a
+    visa" (then "So who pays?", "What does it print?", "How long?", "Where do I get them?")."""
+    mine, theirs = features(mine_text), features(theirs_text)
+    reason = veto(mine, theirs, _FACT_CHECKS)
+    if reason is not None:
+        return f"context_{reason}"
+    if _case_differs(mine_text, theirs_text):
+        return "context_case"
+    if _tense_differs(mine, theirs):
+        return "context_tense_or_connective"
+    return None
+
+
 def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidate_tools: str) -> str | None:
     """Why two follow-ups' conversations differ in a fact the answer may depend on (None: they agree).
 
@@ -671,14 +687,9 @@ def judge_facts(query_user: str, candidate_user: str, query_tools: str, candidat
     if query_user:
         if code_lines(query_user) != code_lines(candidate_user):
             return "context_layout"
-        mine, theirs = features(query_user), features(candidate_user)
-        reason = veto(mine, theirs, _FACT_CHECKS)
+        reason = _earlier_turns_differ(query_user, candidate_user)
         if reason is not None:
-            return f"context_{reason}"
-        if _case_differs(query_user, candidate_user):
-            return "context_case"
-        if _tense_differs(mine, theirs):
-            return "context_tense_or_connective"
+            return reason
     if query_tools != candidate_tools:  # (whitespace normalized) a sign ("balance": -250 / 250) is no word
         return "context_tool_result"
     return None
@@ -736,17 +747,9 @@ def judge(
     if query_context:
         if context_similarity is None or context_similarity < thresholds.context_similarity:
             return "context"
-        mine_context, theirs_context = features(query_context), features(candidate_context)
-        reason = veto(mine_context, theirs_context, _FACT_CHECKS)
+        reason = _earlier_turns_differ(query_context, candidate_context)
         if reason is not None:
-            return f"context_{reason}"
-        # The assistant's earlier answer, read as the question is: "Alice owes Bob" / "Bob owes Alice",
-        # "Use %m" / "Use %M", "Tim Cook is" / "was the CEO", "a passport and" / "or a visa" (then "So who
-        # pays?", "What does it print?", "How long?", "Where do I get them?").
-        if _case_differs(query_context, candidate_context):
-            return "context_case"
-        if _tense_differs(mine_context, theirs_context):
-            return "context_tense_or_connective"
+            return reason
     if query_raw and candidate_raw and _courtesy_differs(query_raw, candidate_raw):
         return "courtesy"
     mine, theirs = features(query, query_raw), features(candidate, candidate_raw)
