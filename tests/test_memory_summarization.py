@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from ctxkit.request import ChatRequest
 from ctxkit.stages.summarize import SummarizationStage, valid_cuts
 from ctxkit.stages.summarize import facts as fact_keeper
 
+from .forks import exit_code, start_in_fork
 from .recording import Sent
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory" / "trip.json"
@@ -1501,3 +1503,30 @@ def test_a_chat_statement_that_opens_with_a_question_word_is_no_question(llama_b
                                embedder=embedder)
     summary = stage.before_model(ChatRequest(messages=messages, conversation_id="lyon")).messages[0]["content"]
     assert constraint in summary, summary
+
+
+class _Folding(_Recording):
+    """The real backend as summarizer, saying when a fold's summarizer call has begun."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.begun = threading.Event()
+
+    def complete(self, request):
+        self.begun.set()
+        return super().complete(request)
+
+
+def test_a_child_forked_while_a_conversation_folds_can_fold_it(llama_backend, embedder, trip):
+    """gunicorn --preload and multiprocessing's fork copy the stage's locks as they are: a child forked while the
+    parent folded a conversation had that conversation's lock held for ever, and its first call of it hung."""
+    summarizer = _Folding(llama_backend)
+    stage = SummarizationStage(llama_backend, trigger_messages=10, keep_last=4, mode="model", summarizer=summarizer,
+                               summary_max_tokens=8, embedder=embedder)
+    request = ChatRequest(messages=trip["messages"][:12], conversation_id="trip-1", namespace="t")
+    folding = threading.Thread(target=stage.before_model, args=(request,))
+    folding.start()
+    assert summarizer.begun.wait(60)  # the fold now waits on the summarizer, holding the conversation's lock
+    child = start_in_fork(stage.before_model, request)
+    folding.join()
+    assert exit_code(child, 60) == 0

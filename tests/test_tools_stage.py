@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from ctxkit.errors import ConfigurationError, UnknownToolError
 from ctxkit.response import AsyncChatStream, ChatStream, response_as_chunks
 from ctxkit.stage import Stage
 from ctxkit.stages.tools import FIND_TOOLS, ToolRetrievalStage
+
+from .forks import exit_code, start_in_fork
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tools"
 PARAMS = {"tool_choice": "required", "max_tokens": 96, "temperature": 0, "seed": 7}
@@ -695,3 +698,36 @@ def test_a_schema_edited_under_the_same_name_is_noted_as_the_prefix_it_uncaches(
     assert uncached > 0  # llama.cpp re-read the tool block from the edit on
     (event,) = _events(record, "prefix_invalidated")
     assert event["tokens"] == uncached
+
+
+class _Embedding:
+    """The real embedder, saying when it has begun embedding."""
+
+    def __init__(self, embedder):
+        self._embedder = embedder
+        self.begun = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._embedder, name)
+
+    def embed(self, texts):
+        self.begun.set()
+        return self._embedder.embed(texts)
+
+
+def _index_in_fork(stage, tools):
+    stage.index_for(tools)
+
+
+def test_a_child_forked_while_a_pool_is_indexed_can_index_it(embedder):
+    """gunicorn --preload and multiprocessing's fork copy the stage's locks as they are: a child forked while the
+    parent embedded a pool of tools had that pool's build lock held for ever, and its first call with it hung."""
+    tools = json.loads((FIXTURES / "catalog.json").read_text())[:300]
+    embedding = _Embedding(embedder)
+    stage = ToolRetrievalStage(embedder=embedding)
+    building = threading.Thread(target=stage.index_for, args=(tools,))
+    building.start()
+    assert embedding.begun.wait(60)  # the build now embeds the tools, holding the pool's lock
+    child = start_in_fork(_index_in_fork, stage, tools)
+    building.join()
+    assert exit_code(child, 60) == 0

@@ -33,6 +33,7 @@ import numpy as np
 from ..._aio import tracked_to_thread
 from ...backends.base import Backend
 from ...errors import BackendError, ConfigurationError
+from ...forking import renew_after_fork
 from ...pipeline import previous_prompt_sent, record_event
 from ...quarantine_marks import fingerprint, quarantined
 from ...request import ChatRequest, Message
@@ -148,6 +149,7 @@ class SummarizationStage(Stage):
         # not keep one per conversation it has ever seen.
         self._conversation_locks: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
         self._locks_lock = threading.Lock()
+        renew_after_fork(self, SummarizationStage._after_fork_in_child)
 
     # -- hooks --------------------------------------------------------------------------------------
     def before_model(self, request: ChatRequest) -> ChatRequest:
@@ -524,6 +526,14 @@ class SummarizationStage(Stage):
             lead += 1
         opening = digest([fingerprint(m) for m in request.messages[: lead + _OPENING_MESSAGES]])
         return (request.namespace, f"ctxkit:opening:{opening}")
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): a fold of the parent's held its conversation's
+        lock through a summarizer call (seconds), and making the embedder held the embedder's: held for ever here, so
+        the child's first call of that conversation hung. The parent's folds are not the child's to wait for."""
+        self._conversation_locks = weakref.WeakValueDictionary()
+        self._locks_lock = threading.Lock()
+        self._embedder_lock = threading.Lock()
 
     def _conversation_lock(self, key: tuple[str, str]) -> Any:
         with self._locks_lock:

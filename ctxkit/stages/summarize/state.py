@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConfigurationError
+from ...forking import renew_after_fork
 from ...settings import whole_number
 from ...temp_files import remove_stale
 from .facts import Fact
@@ -107,6 +108,7 @@ class SummaryStore:
         """max_files: the most conversation files kept in `directory`; past it the least recently written go
         (those conversations are summarized anew from the history the app sends, as after a damaged file)."""
         self._lock = threading.Lock()
+        renew_after_fork(self, SummaryStore._after_fork_in_child)
         # Least recently used first: memory stays bounded; a persisted state is simply reloaded later.
         self._states: OrderedDict[tuple[str, str], ConversationState] = OrderedDict()
         self.max_conversations = max_conversations
@@ -125,6 +127,10 @@ class SummaryStore:
             self._files = sum(1 for _ in self.directory.glob("*.json"))
             self._prune_files()
             self._damaged = self._prune_damaged()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: a write of the parent's (a file written and renamed) held the lock, held for ever here."""
+        self._lock = threading.Lock()
 
     def _path(self, key: tuple[str, str]) -> Path:
         assert self.directory is not None

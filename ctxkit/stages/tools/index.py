@@ -38,6 +38,7 @@ import numpy as np
 
 from ...embed import DEFAULT_MODEL_ID, embedding_fingerprint, vectors_id
 from ...errors import ConfigurationError, InvalidToolError
+from ...forking import renew_after_fork
 from ...lru import LRUMemo
 from ...temp_files import remove_stale
 from .lexical import LexicalIndex
@@ -154,6 +155,7 @@ class ToolIndex:
         self._memo = vector_memo if vector_memo is not None else VectorMemo()
         self._space = stored_as
         self._lock = threading.RLock()
+        renew_after_fork(self, ToolIndex._after_fork_in_child)
         self._query_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._query_cache_size = query_cache_size
         self._tools: list[Tool] = []
@@ -172,6 +174,11 @@ class ToolIndex:
         self._save = save_index
         self.embedded_tools = 0  # how many tool schemas this index had to embed (0 when all were stored)
         self._build(list(tools))
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): an add of the parent's held the lock while
+        it embedded the new tools, and a search while it embedded the query: held for ever here."""
+        self._lock = threading.RLock()
 
     # -- the catalog --------------------------------------------------------------------------------
     @property

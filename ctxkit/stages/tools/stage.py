@@ -33,6 +33,7 @@ from typing import Any
 
 from ..._aio import tracked_to_thread
 from ...errors import ConfigurationError, UnknownToolError
+from ...forking import renew_after_fork
 from ...lru import LRUMemo
 from ...pipeline import EventRecorder, event_recorder, record_event
 from ...redaction import redact
@@ -229,6 +230,7 @@ class ToolRetrievalStage(Stage):
         self._compacted: dict[str, Tool] = {}
         self._lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
+        renew_after_fork(self, ToolRetrievalStage._after_fork_in_child)
         self._vectors = VectorMemo()  # each schema embedded once for all the pools this stage sees
         self._documents: LRUMemo[str, ToolDocument] = LRUMemo(DOCUMENT_MEMO_SIZE)  # and split and stemmed once
         # What the last backend call for a prompt (its messages) was sent, recovery re-runs and a forced
@@ -245,6 +247,13 @@ class ToolRetrievalStage(Stage):
         # which names the pool, yet that block is what the backend's prefix cache holds.
         self._last_block: LRUMemo[tuple[str, str], list[Tool]] = LRUMemo(REMEMBERED_PROMPTS)
         self.counter = counter if counter is not None else default_counter()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing's fork): a build of the parent's held its pool's
+        lock while it embedded the tools (seconds), held for ever here, so the child's first call with that pool
+        hung; the child builds what the parent had not finished."""
+        self._lock = threading.Lock()
+        self._building = {}
 
     # -- the index ----------------------------------------------------------------------------------
     def index_for(self, tools: Sequence[Tool]) -> ToolIndex:
