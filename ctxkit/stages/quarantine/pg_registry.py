@@ -14,7 +14,8 @@ the registry logs an ERROR once and works from its copy in memory; what it quara
 there and written to the database when it is back. Only the call that finds the database gone waits for it
 (a connect or statement timeout); while it is away a background thread tries to reconnect (more slowly each
 time, at least every `retry_s` seconds), so calls meanwhile cost no wait, and the first call after it is back
-uses it again. The backlog is written a little at a time, there and at each call: no one call pays for it.
+uses it again. That thread writes the backlog, a little at a time with calls taking their turns between: no
+call pays for it (a release first writes its namespace's).
 What is still in memory when the process ends is lost (an ERROR names it): content sent again is checked
 again, but a model answer quarantined in its context (it repeats an injected link) is not when that context
 is not sent again.
@@ -58,8 +59,8 @@ logger = logging.getLogger("ctxkit.quarantine")
 
 _PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _T = TypeVar("_T")
-# How long one call may spend writing what was kept in memory during an outage: after a long one, thousands of
-# quarantines are written over the next calls instead of stalling the first for minutes.
+# How long the outage's thread holds the registry at a time writing what was kept in memory during an outage:
+# after a long one, thousands of quarantines are written in slices, calls taking their turns between.
 FLUSH_BUDGET_S = 0.2
 # A failed try that took longer than this met a server that does not answer: a second try would double the wait.
 _SLOW_FAILURE_S = 1.0
@@ -177,9 +178,11 @@ class PostgresQuarantineRegistry:
         timeout: dict[str, Any] = {} if given else {"connect_timeout": self._connect_timeout}
         conn = psycopg.connect(self.dsn, autocommit=True, **timeout)
         try:
-            # a write must not wait without end behind a lock or a stuck server: past this it is an outage
-            conn.execute(f"SET statement_timeout = {self._statement_timeout_ms}")
-            self._ensure_schema(conn)
+            # a write must not wait without end behind a lock or a stuck server: past this it is an outage. A
+            # server that stops answering once connected enforces nothing: these are cut off as any statement is
+            with statement_watchdog(conn, self._statement_timeout_ms / 1000 + 2):
+                conn.execute(f"SET statement_timeout = {self._statement_timeout_ms}")
+                self._ensure_schema(conn)
         except BaseException:
             conn.close()
             raise
@@ -198,11 +201,13 @@ class PostgresQuarantineRegistry:
                 namespace text NOT NULL, seq bigint NOT NULL, kind text NOT NULL, key text NOT NULL, value text,
                 deleted boolean NOT NULL, PRIMARY KEY (namespace, seq))""")
 
-    def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T], *, flush: str | None = None) -> _T:
+    def _attempt(self, work: Callable[[Any], _T], offline: Callable[[], _T], *, flush: str | None = None,
+                 backlog_s: float = 0.0) -> _T:
         """`work` on the database; once more on a new connection (and the tables made again) when the first
         try failed at once, for a server restarted since the last call; `offline()` when the database is away,
-        at once while the outage lasts. `flush`: a namespace whose writes kept in memory are all written first
-        (else only what FLUSH_BUDGET_S allows). Under _lock."""
+        at once while the outage lasts. `flush`: a namespace whose writes kept in memory are all written first;
+        `backlog_s`: how long to spend on the others (the outage's thread's slice: a call that wrote one too
+        waited for every other caller's). Under _lock."""
         import psycopg
 
         if self._outage.away:
@@ -215,7 +220,8 @@ class PostgresQuarantineRegistry:
                     self._conn = self._connect()
                 if flush is not None:
                     self._flush_pending(None, flush)
-                self._flush_pending(FLUSH_BUDGET_S)
+                if backlog_s:
+                    self._flush_pending(backlog_s)
                 return self._watched(work)
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction,
                     psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
@@ -250,8 +256,8 @@ class PostgresQuarantineRegistry:
             with self._lock:
                 if self._closed or not self._pending or self._outage.away:
                     return
-                self._attempt(_nothing, _nothing)
-            time.sleep(FLUSH_BUDGET_S / 4)
+                self._attempt(_nothing, _nothing, backlog_s=FLUSH_BUDGET_S)
+            time.sleep(0.01)  # long enough for the calls waiting on the lock to take it
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: a lock the parent's calls or background thread held at the fork would stay held
