@@ -564,6 +564,23 @@ def test_a_stop_sequence_never_cuts_a_tool_call_sent_as_text_and_still_ends_a_te
         assert finish == ["stop"] and not calls and "," not in content
 
 
+def test_a_stream_ended_by_a_stop_ctxkit_applies_records_the_stops_own_tokens(remote, gguf_counter, ledger):
+    """With tools sent as text the server is not given the caller's stops, so it generates the stop's text, and
+    bills it; ctxkit cuts it from the answer and counted only the answer: 18 tokens out for 19 generated."""
+    request = ChatRequest(messages=[{"role": "user", "content": "Write two short lines about the sea."}],
+                          tools=[WEATHER], params={"max_tokens": 24, "temperature": 0, "stop": ["."]}, stream=True)
+    pipeline = Pipeline(remote, ledger=ledger)
+
+    async def acollect():
+        return await (await pipeline.acall(request)).collect()
+
+    for answer in (pipeline.call(request).collect(), asyncio.run(acollect())):
+        assert answer.finish_reason == "stop" and "." not in (answer.content or "")
+        record = ledger.records[-1]
+        assert record.status == "ok" and not record.usage_reported
+        assert record.tokens_out == gguf_counter.count_completion({"content": answer.content + "."})
+
+
 def test_llama_cpp_servers_own_context_overflow_is_a_context_overflow_error():
     """llama-server (C++) says type exceed_context_size_error, not code context_length_exceeded: the same overflow,
     so handlers of one (and the drop-in client's code) must see it as llama-cpp-python's server's is seen."""

@@ -263,21 +263,21 @@ class OpenAIBackend:
         as a possible tool call; for a whole one whose tools went as text and the server sent no usage, the answer's."""
         calls = answer.calls
         if failure is not None:
-            return self._held_back_usage(request, calls, answer.last)
+            return self._held_back_usage(request, answer)
         self._note_counted_stream(request, record, answer.finish_reason, answer.usage_seen)
-        if calls is not None and not answer.usage_seen and calls.generated:
+        if calls is not None and not answer.usage_seen and answer.generated:
             # The server sent no usage: count what it generated. An unfinished call cut off by max_tokens is
-            # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated.
-            return self._usage_chunk(request, calls.generated, answer.last)
+            # dropped from the answer, and counting the answer alone recorded 0 tokens for max_tokens generated;
+            # a stop ctxkit applied is cut from the answer, and counting the answer alone missed its tokens.
+            return self._usage_chunk(request, answer.generated, answer.last)
         return None
 
-    def _held_back_usage(self, request: ChatRequest, calls: ToolCallTextStream | None,
-                         last: dict[str, Any]) -> dict[str, Any] | None:
+    def _held_back_usage(self, request: ChatRequest, answer: _StreamedAnswer) -> dict[str, Any] | None:
         """For a stream that failed while text that may become a tool call was held back: a usage chunk (counted)
         with that text's tokens, which were generated and billed though never passed on."""
-        if calls is None or not calls.held_back:
+        if answer.calls is None or not answer.calls.held_back:
             return None
-        return self._usage_chunk(request, calls.generated, last)
+        return self._usage_chunk(request, answer.generated, answer.last)
 
     def _usage_chunk(self, request: ChatRequest, generated: str, last: dict[str, Any]) -> dict[str, Any]:
         """A usage chunk, counted (not the server's), for a stream whose answer text was `generated`."""
@@ -874,6 +874,14 @@ class _StreamedAnswer:
     def stopped(self) -> bool:
         """The caller's stop, outside any call: the answer ends here."""
         return self.stops is not None and self.stops.done
+
+    @property
+    def generated(self) -> str:
+        """All the text the server generated so far: passed on, held back as a possible call, or cut by the
+        caller's stop (the stop's own text, which the server was not given, generated and billed)."""
+        if self.stops is not None:
+            return self.stops.received
+        return self.calls.generated if self.calls is not None else ""
 
 
 def _index_tool_calls(data: dict[str, Any], slots: list[str | None]) -> dict[str, Any]:

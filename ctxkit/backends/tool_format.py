@@ -351,6 +351,12 @@ class CallStops:
         self._seen = ""
         self._passed = 0
 
+    @property
+    def received(self) -> str:
+        """All the text received, a stop's own and what came after it in its chunk included: what the server
+        generated (and bills), though the answer ends at the stop."""
+        return self._seen
+
     def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if not data.get("choices"):
             return [data]  # a usage chunk
