@@ -85,6 +85,9 @@ def check_tool_choice_offered(request: ChatRequest) -> None:
         raise RequestError(f"names {name!r}, which is not among the tools sent", "tool_choice")
 
 
+MAX_KEY_CHARS = 256  # a namespace's or conversation_id's length (up to 1 KB of UTF-8)
+
+
 def _validate_fields(request: ChatRequest) -> None:
     # The ledger records it and prices it by name: an int reached PriceTable.price as an AttributeError,
     # which replaced the call's own error and lost its ledger record.
@@ -96,6 +99,11 @@ def _validate_fields(request: ChatRequest) -> None:
     conversation = request.conversation_id
     if conversation is not None and (not isinstance(conversation, str) or not conversation):
         raise RequestError(f"must be a non-empty string or null, got {conversation!r}", "conversation_id")
+    for where, key in (("namespace", request.namespace), ("conversation_id", conversation)):
+        if key is not None and len(key) > MAX_KEY_CHARS:
+            # PostgreSQL indexes them: a key past its index row size (~2.7 KB) failed every write of the call,
+            # and a quarantine kept for a later write held the shared registry offline for good.
+            raise RequestError(f"must be at most {MAX_KEY_CHARS} characters, got {len(key)}", where)
     if not isinstance(request.metadata, Mapping):
         raise RequestError(f"must be an object, got {type(request.metadata).__name__}", "metadata")
     for key in ("ctxkit.quarantined", "ctxkit.quarantined_documents"):
