@@ -489,11 +489,12 @@ def _stored(url: str) -> list[str]:
         return [key for (key,) in conn.execute("SELECT key FROM ctxkit_quarantine_entries ORDER BY key")]
 
 
-def test_calls_while_the_backlog_is_written_wait_for_one_slice_not_for_every_caller(db_url):
+def test_calls_while_the_backlog_is_written_leave_it_to_the_background_thread(db_url):
     """Each call wrote FLUSH_BUDGET_S of the backlog, and calls take the one connection in turns: with eight
     threads calling after an outage, each waited for the others' slices and the background thread's (up to
     3.3 s after a 6 s freeze, 4.9 s after a restart, the database answering in milliseconds). The background
-    thread writes the backlog alone now; a call waits for one slice at most."""
+    thread writes the backlog alone now, so a call waits for one slice at most (measured, not asserted here:
+    wall times on a shared machine are not a test)."""
     import threading
 
     registry = PostgresQuarantineRegistry(100_000, db_url, retry_s=0.5)
@@ -503,28 +504,34 @@ def test_calls_while_the_backlog_is_written_wait_for_one_slice_not_for_every_cal
         registry.add_record(_record(f"{i:032x}", f"ns{i % 3}"))
     registry.dsn = db_url
     _until_back(registry)
-    slowest: list[float] = []
+    writers: set[str] = set()  # the threads that wrote a slice of the backlog
+    flush = registry._flush_pending
+
+    def recorded(budget: float | None, *args: Any) -> Any:
+        if budget is not None:
+            writers.add(threading.current_thread().name)
+        return flush(budget, *args)
+
+    registry._flush_pending = recorded  # type: ignore[method-assign]
     made = [0] * 8
 
     def caller(who: int) -> None:
         for i in range(500):
-            if not registry._pending:  # written: what is measured is the wait while it was being written
+            if not registry._pending:  # written: what is checked is the calls made while it was being written
                 return
             made[who] += 1
-            started = time.monotonic()
             registry.add_record(_record(f"f{who:03x}{i:028x}", f"ns{who % 3}"))
             registry.snapshot(f"ns{who % 3}")
-            slowest.append(time.monotonic() - started)
             time.sleep(0.02)
 
-    callers = [threading.Thread(target=caller, args=(who,)) for who in range(8)]
+    callers = [threading.Thread(target=caller, args=(who,), name=f"caller-{who}") for who in range(8)]
     for thread in callers:
         thread.start()
     for thread in callers:
         thread.join()
-    assert max(slowest) < 0.8, max(slowest)
-    assert len(slowest) >= 80, len(slowest)  # measured while the backlog was being written
+    assert sum(made) >= 80, made  # calls were made while the backlog was being written
     _until_written(registry, within_s=60)
+    assert writers and not writers & {thread.name for thread in callers}, writers
     assert len(_stored(db_url)) == 3000 + sum(made)  # each once, none lost
     registry.close()
 
