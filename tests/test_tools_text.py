@@ -272,3 +272,57 @@ def test_a_lone_bracket_in_a_pattern_is_the_character_and_a_float_count_a_count(
             assert bool(re.fullmatch(_anchored(pattern), text)) == bool(re.search(pattern, text)), (pattern, text)
     for schema in ({"type": "string", "maxLength": 20.0}, {"type": "array", "items": {}, "minItems": 1.0}):
         grammar_for(schema)
+
+
+def test_a_character_json_holds_only_escaped_is_written_escaped_and_a_nul_no_longer_aborts_the_process():
+    """A NUL in a pattern ("\\x00", "[\\x00]") or in an enum or const value, and a class left with no character a
+    token writes ("[^\\x20-\\U0010FFFF]"), made a grammar llama.cpp parsed but could not sample from: the process
+    aborted ("Unexpected empty grammar stack"), for every tenant. The converter wrote a value's JSON escapes as
+    llama.cpp's own ("a\\\\b" came back as "a" and a backspace, an emoji as two surrogates), and a pattern's "\\n"
+    or '"' raw, which breaks the JSON string."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    from ctxkit.backends.llama_cpp import _format_grammar
+    from ctxkit.backends.schema_grammar import _anchored
+
+    patterns = {r"^\x00$": ["\x00", "", "x"], r"^a[\x00]b$": ["a\x00b", "ab"], r"^[^\x20-\U0010FFFF]$": ["\x01", "a"],
+                r"^a\n+b$": ["a\nb", "a\n\nb", "ab"], r'^say "hi"$': ['say "hi"', "say hi"], r"^\\d$": ["\\d", "1"],
+                r"^[\n\t]$": ["\n", "\t", "n"]}
+    assert _anchored(r"^[\p{L}]+$") == r"^([\p{L}]+)$"  # not Python's syntax: left for the converter, not a re.error
+    for pattern, samples in patterns.items():
+        for text in samples:  # the grammar holds the JSON text of the string; the pattern, the string
+            assert bool(re.fullmatch(_anchored(pattern), json.dumps(text)[1:-1])) == bool(re.search(pattern, text)), (
+                pattern, text)
+    schemas = [{"type": "string", "pattern": p} for p in patterns] + [
+        {"enum": ["\x00"]}, {"enum": ["a\\b"]}, {"const": 'say "hi"'}, {"enum": ["😀"]}, {"const": "two\nlines"},
+        {"type": "object", "properties": {'k"\\': {"const": 1}}, "required": ['k"\\']}]
+    for schema in schemas:
+        made: list[str | None] = []
+        params = {"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}}
+        converting = threading.Thread(target=lambda made=made, params=params: made.append(_format_grammar(params)),
+                                      daemon=True)
+        converting.start()
+        converting.join(timeout=30)
+        assert made, f"the converter did not finish for {schema}"
+    # Sampled for real, in a process of its own: an abort here would end the test run.
+    script = """if True:
+        import json, sys
+        from ctxkit import LlamaCppBackend
+        from ctxkit.request import ChatRequest
+        backend = LlamaCppBackend(n_ctx=512, n_threads=1)
+        for schema in json.loads(sys.argv[1]):
+            fmt = {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}
+            answer = backend.complete(ChatRequest(messages=[{"role": "user", "content": "Answer."}],
+                                                  params={"max_tokens": 24, "temperature": 0, "response_format": fmt}))
+            print(json.dumps(answer.content))
+    """
+    sampled = schemas[:2] + schemas[len(patterns):]  # the NUL patterns, and each value
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(sampled)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answers = [json.loads(json.loads(line)) for line in run.stdout.splitlines()]
+    assert answers == ["\x00", "a\x00b", "\x00", "a\\b", 'say "hi"', "😀", "two\nlines", {'k"\\': 1}], answers

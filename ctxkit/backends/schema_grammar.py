@@ -11,6 +11,7 @@ checked on the call the model made (schema_violation) and on the answer a respon
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -170,13 +171,20 @@ _LONE_BRACKETS = {"{": "\\x7B", "}": "\\x7D", "]": "\\x5D"}
 def _converter_syntax(pattern: str) -> str:
     """A pattern's escapes as the grammar can hold them: `\\d`, `\\w`, `\\s` and their negations as classes, an
     escaped punctuation mark (`\\.`, `\\$`) as a class of its hex escape, `(?:` as a plain group (the converter
-    refuses `(?`). Other escapes (`\\b`, `\\u00e9`, `\\n`) are left as written, for the converter to take or refuse."""
+    refuses `(?`); a character a JSON string holds only escaped (`\\n`, `\\x00`, `"`) as that escape. Other escapes
+    (`\\b`, `\\u00e9`) are left as written, for the converter to take or refuse."""
     out: list[str] = []
     in_class = False
     class_start = -1  # where the class's first member is: a "]" there is a member, not the class's end
+    class_out = -1  # where the class begins in `out`
     i = 0
     while i < len(pattern):
         c = pattern[i]
+        escaped = None if in_class else _escaped_character(pattern, i)
+        if escaped is not None and _json_escaped(escaped[0]) is not None:
+            out.append(f"({_json_escaped(escaped[0])})")
+            i += escaped[1]
+            continue
         if c == "\\" and i + 1 < len(pattern):
             nxt = pattern[i + 1]
             shorthand = _SHORTHANDS.get(nxt, (None, None))[in_class]
@@ -192,8 +200,16 @@ def _converter_syntax(pattern: str) -> str:
         if c == "[" and not in_class:
             in_class = True
             class_start = i + 2 if pattern.startswith("[^", i) else i + 1
+            class_out = len(out)
         elif c == "]" and in_class and i != class_start:  # "[^\\[]": the "[" before this "]" was escaped
             in_class = False
+            opened = class_start - (2 if pattern[class_start - 1] == "^" else 1)
+            only_escaped = _only_escaped(pattern[opened:i + 1])
+            if only_escaped is not None:
+                del out[class_out:]
+                out.append(only_escaped)
+                i += 1
+                continue
             if pattern[class_start - 1] == "^":  # as the negated shorthands: what a JSON string cannot hold raw
                 out.append('"\\\\\\x00-\\x1F')
         elif c == "(" and not in_class and pattern.startswith("(?:", i):
@@ -213,6 +229,65 @@ def _converter_syntax(pattern: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
+
+
+# The escapes that name one character, and the character: what a JSON string may hold only escaped is written so.
+_NAMED_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a", '"': '"', "\\": "\\"}
+_HEX_ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+
+
+def _escaped_character(pattern: str, at: int) -> tuple[str, int] | None:
+    """The one character the pattern names at `at` (a raw one, `\\n`, `\\x00`, `\\u0000`) and how long it is
+    written, None when something else starts there (a class, a group, `\\d`)."""
+    if pattern[at] != "\\":
+        return (pattern[at], 1) if pattern[at] not in "[](){}|.*+?^$" else None
+    if (hex_escape := _HEX_ESCAPE.match(pattern, at)) is not None:
+        code = int(next(group for group in hex_escape.groups() if group), 16)
+        return (chr(code), len(hex_escape[0])) if code <= 0x10FFFF else None
+    named = _NAMED_ESCAPES.get(pattern[at + 1: at + 2])
+    return (named, 2) if named is not None else None
+
+
+def _json_escaped(character: str) -> str | None:
+    """How a JSON string writes `character`, in the converter's regex syntax, when it cannot hold it raw (a quote,
+    a backslash, a control character, a lone surrogate); None when it can. Written raw, such a character ended or
+    broke the JSON string, and a NUL, which no token writes, left llama.cpp nothing to sample: the process aborted
+    ("Unexpected empty grammar stack")."""
+    code = ord(character)
+    if not (code < 0x20 or character in '"\\' or 0xD800 <= code <= 0xDFFF):
+        return None
+    return "".join(f"[\\x{ord(c):02X}]" if not c.isalnum() else c for c in json.dumps(character)[1:-1])
+
+
+# What a JSON string holds raw: each character a class may match, but for those _json_escaped writes escaped
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\\\')
+_HELD_RAW = re.compile('[^"\\\\\\x00-\\x1F\\uD800-\\uDFFF]')
+
+
+def _only_escaped(character_class: str) -> str | None:
+    """A class that matches only characters a JSON string holds escaped (`[\\x00]`, `[\\n\\t]`, `[^\\x20-\\U0010FFFF]`), as
+    the alternatives of their escapes; None for any other class. As the grammar's class it held no character a
+    token writes (a NUL, or none at all once the negated class left out what a JSON string cannot hold raw), and
+    llama.cpp, with nothing to sample, aborted the process. A class that matches nothing is a ValueError."""
+    try:
+        if re.search(character_class, _PRINTABLE_ASCII):  # most classes: no need to look further
+            return None
+    except re.error:  # not Python's syntax (`[\\p{L}]`): left as written, for the converter to take or refuse
+        return None
+    every_character = _every_character()
+    if re.search(character_class, every_character[0]):
+        return None
+    escaped = [_json_escaped(c) for c in re.findall(character_class, every_character[1])]
+    if not escaped:
+        raise ValueError(f"pattern class {character_class} matches no character a JSON string holds")
+    return "(" + "|".join(e for e in escaped if e) + ")"
+
+
+@functools.cache
+def _every_character() -> tuple[str, str]:
+    """Every character a JSON string holds raw, and every one it holds only escaped."""
+    characters = "".join(map(chr, range(0x110000)))
+    return "".join(_HELD_RAW.findall(characters)), _HELD_RAW.sub("", characters)
 
 
 _MAX_ENUMERATED = 128  # integers a bounded range is spelled out as, at most: each alternative costs every sampled token (1..1000 doubled a tool call's latency)
@@ -278,6 +353,9 @@ def schema_to_gbnf(schema: dict[str, Any], prop_order: list[str]) -> str:
     from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
     class BoundedIntegers(SchemaConverter):  # type: ignore[misc]
+        def _format_literal(self, literal: str) -> str:
+            return _gbnf_literal(literal)
+
         def visit(self, schema: Any, name: str) -> str:
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
             _check_repetitions(schema)
@@ -291,6 +369,15 @@ def schema_to_gbnf(schema: dict[str, Any], prop_order: list[str]) -> str:
                                 dotall=False, raw_pattern=False)
     converter.visit(converter.resolve_refs(schema, "stdin"), "")
     return str(converter.format_grammar())
+
+
+def _gbnf_literal(text: str) -> str:
+    """`text` as a GBNF literal. The converter's own escapes `"` and line breaks but not `\\`, and it is handed JSON
+    (a `const`, an `enum` value, a property name): llama.cpp read the JSON's escapes as its own, so "\\u0000" became a
+    NUL no token can write (the process aborted at sampling), "a\\\\b" the answer "a\\b" (a backspace), an emoji's
+    "\\ud83d\\ude00" two surrogates, and a `"` inside a value ended the literal (the schema refused)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "\\r").replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 # The converter writes a `minLength`/`minItems` of n as n copies of the item's rule: `"minLength": 100000000` (a
