@@ -240,6 +240,26 @@ class _CallTrace:
         return total
 
 
+def check_stages_and_ledger(stages: Sequence[Stage], ledger: Ledger | None, prices: PriceTable | None) -> None:
+    """What a Pipeline is built with, and LangChain's CtxkitMiddleware (which builds one per call from them)."""
+    if stages is None or isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+        raise ConfigurationError(f"stages must be a list of Stage instances, got {type(stages).__name__}")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, Stage):
+            what = f"the class {stage.__name__} (instantiate it)" if isinstance(stage, type) else type(stage).__name__
+            raise ConfigurationError(f"stages[{i}] must be a Stage instance, got {what}")
+    names = [stage.name for stage in stages]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
+    if ledger is not None and not callable(getattr(ledger, "write", None)):
+        hint = f": pass Ledger({ledger!r})" if isinstance(ledger, (str, os.PathLike)) else ""
+        raise ConfigurationError(f"ledger must be a Ledger, got {type(ledger).__name__}{hint}")
+    if prices is not None and not callable(getattr(prices, "price", None)):
+        hint = f": pass PriceTable.from_file({prices!r})" if isinstance(prices, (str, os.PathLike)) else ""
+        raise ConfigurationError(f"prices must be a PriceTable, got {type(prices).__name__}{hint}")
+
+
 class Pipeline:
     """An ordered list of stages in front of one backend, and the ledger every call is written to."""
 
@@ -251,25 +271,10 @@ class Pipeline:
         ledger: Ledger | None = None,
         prices: PriceTable | None = None,
     ) -> None:
-        if stages is None or isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
-            raise ConfigurationError(f"stages must be a list of Stage instances, got {type(stages).__name__}")
-        for i, stage in enumerate(stages):
-            if not isinstance(stage, Stage):
-                what = f"the class {stage.__name__} (instantiate it)" if isinstance(stage, type) else type(stage).__name__
-                raise ConfigurationError(f"stages[{i}] must be a Stage instance, got {what}")
         if not all(hasattr(backend, attr) for attr in ("complete", "counter", "context_window")):
             raise ConfigurationError(
                 f"backend must be a Backend (LlamaCppBackend, OpenAIBackend, ...), got {type(backend).__name__}")
-        names = [stage.name for stage in stages]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
-        if ledger is not None and not callable(getattr(ledger, "write", None)):
-            hint = f": pass Ledger({ledger!r})" if isinstance(ledger, (str, os.PathLike)) else ""
-            raise ConfigurationError(f"ledger must be a Ledger, got {type(ledger).__name__}{hint}")
-        if prices is not None and not callable(getattr(prices, "price", None)):
-            hint = f": pass PriceTable.from_file({prices!r})" if isinstance(prices, (str, os.PathLike)) else ""
-            raise ConfigurationError(f"prices must be a PriceTable, got {type(prices).__name__}{hint}")
+        check_stages_and_ledger(stages, ledger, prices)
         self.backend = backend
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()

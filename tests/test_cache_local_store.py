@@ -3,6 +3,7 @@ diskcache when the snapshot is stale or broken, compaction of vectors left by ev
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -101,6 +102,28 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
     store = LocalStore(tmp_path)
     with pytest.raises(ValueError, match="dimensions"):
         store.put(make_entry("x"), np.zeros(10, dtype=np.float32))
+    store.close()
+
+
+@pytest.mark.parametrize("setting", [
+    # FAISS's HNSW: M=0 aborted the process on the first vector stored, M=1 crashed it, M<0 hung
+    {"index": "hnsw", "hnsw_m": 0}, {"index": "hnsw", "hnsw_m": 1}, {"index": "hnsw", "hnsw_m": -3},
+    {"hnsw_m": 32.0}, {"hnsw_m": True},
+    # -1 made single_flight wait for ever; "120" and NaN failed the first miss (TypeError, ValueError)
+    {"lock_timeout": -1}, {"lock_timeout": "120"}, {"lock_timeout": float("nan")}, {"lock_timeout": float("inf")},
+    {"size_bytes": "1GB"}, {"size_bytes": float("nan")}, {"size_bytes": True},
+    {"dimension": 0}, {"dimension": True}, {"dimension": "384"},
+])
+def test_a_wrong_number_is_refused_when_the_store_opens(tmp_path, setting):
+    name, value = next((k, v) for k, v in setting.items() if k != "index")
+    with pytest.raises(ConfigurationError, match=f"LocalStore {name}.*{re.escape(repr(value))}"):
+        LocalStore(tmp_path, **setting)
+
+
+def test_a_lock_timeout_of_zero_means_never_wait(tmp_path):
+    store = LocalStore(tmp_path, lock_timeout=0)
+    with store.single_flight("k"), store.single_flight("k"):  # the second goes on at once, unlocked
+        pass
     store.close()
 
 

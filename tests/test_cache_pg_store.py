@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import psycopg
@@ -532,3 +533,18 @@ def test_put_of_an_answer_with_a_lone_surrogate_does_not_raise(make_pg_store):
     store.put(_storable_entry("sur", content="half an emoji \ud83d"), np.ones(384, dtype=np.float32))
     assert store.get("sur", 1001.0) is None
 
+
+@pytest.mark.parametrize("setting", [
+    # each was taken (a bool as 1, a negative single-flight timeout as "wait for ever") or was a TypeError
+    {"dimension": True}, {"dimension": "384"}, {"dimension": 384.0}, {"size_bytes": "1GB"}, {"size_bytes": float("nan")},
+    {"pool_size": True}, {"pool_size": 2.5}, {"ef_search": 50.5}, {"statement_timeout_s": True},
+    {"connect_timeout_s": "2"}, {"retry_s": True}, {"single_flight_timeout_s": -1}, {"single_flight_timeout_s": "5"},
+    {"single_flight_timeout_s": float("nan")}, {"namespace_ttl": {"a": True}},
+])
+def test_a_setting_of_the_wrong_kind_is_refused_naming_it_before_connecting(setting):
+    from ctxkit.stages.cache.pg_store import PostgresStore
+
+    (name, value), = setting.items()
+    shown = re.escape(repr(value if name != "namespace_ttl" else value["a"]))
+    with pytest.raises(ConfigurationError, match=f"{name}.*{shown}"):
+        PostgresStore("postgresql://app:pw@127.0.0.1:1/db", **setting)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import re
 import time
 import tracemalloc
 
 import pytest
 
-from ctxkit import Ledger, LedgerError, LedgerRecord, read_ledger
+from ctxkit import ConfigurationError, Ledger, LedgerError, LedgerRecord, Price, read_ledger
 from ctxkit.cli.main import main
 from ctxkit.ledger import PriceTable
 from ctxkit.report import format_summary, summarize
@@ -256,6 +257,42 @@ def _report_record(i, status="ok", events=(), cost=0.0):
                         tokens_out=5, saved_by_stage={"s": 40} if status == "ok" else {"s": 0}, cost_usd=cost,
                         status=status, error_type=None if status == "ok" else "BackendConnectionError",
                         events=list(events))
+
+
+@pytest.mark.parametrize("entry", [
+    {"input": -1, "output": 1},  # a negative cost in every record
+    {"input": True, "output": 1},  # float(True): a price of $1
+    {"input": "NaN", "output": 1}, {"input": 1, "output": "inf"}, {"input": None, "output": 1},
+    {"input": 1, "cached_input": -0.5, "output": 1},
+])
+def test_a_price_file_with_a_price_that_is_no_price_is_refused_naming_it(tmp_path, entry):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"my-model": entry}))
+    with pytest.raises(ConfigurationError, match=r"prices\.json: my-model\.\w+ must be a price in USD per million"):
+        PriceTable.from_file(path)
+
+
+def test_a_price_file_with_numbers_in_strings_and_no_cached_price_is_read(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"my-model": {"input": "0.25", "output": 2}}))
+    assert PriceTable.from_file(path).price("my-model") == Price(0.25, 0.25, 2.0)
+
+
+@pytest.mark.parametrize("prices, named", [
+    ({"my-model": (1.0, 0.5, 2.0)}, r"prices\['my-model'\] must be a Price"),  # an AttributeError on the first call
+    ({"my-model": Price(-1.0, 0.0, 1.0)}, r"prices\['my-model'\]\.input"),
+    ({"my-model": Price(1.0, 1.0, float("nan"))}, r"prices\['my-model'\]\.output"),
+    (["my-model"], "prices must be a mapping"),
+])
+def test_a_price_table_built_in_code_refuses_what_is_no_price(prices, named):
+    with pytest.raises(ConfigurationError, match=named):
+        PriceTable(prices)
+
+
+@pytest.mark.parametrize("keep", [-1, 5.0, "10", True, None])
+def test_a_ledger_keeping_a_number_of_records_that_is_no_count_is_refused(keep):
+    with pytest.raises(ConfigurationError, match=f"keep_in_memory.*got {re.escape(repr(keep))}"):
+        Ledger(keep_in_memory=keep)
 
 
 def test_a_failed_calls_summarizer_is_not_said_to_be_in_the_cost_of_the_successful_ones():

@@ -7,6 +7,7 @@ import base64
 import gc
 import http.server
 import json
+import re
 import sys
 import threading
 import time
@@ -316,6 +317,45 @@ def test_retry_settings_out_of_range_are_refused_when_the_backend_is_made(settin
 
     with pytest.raises(ConfigurationError, match=message):
         OpenAIBackend(model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="test", **settings)
+
+
+@pytest.mark.parametrize("base_url", ["127.0.0.1:8080/v1", "localhost:8080/v1", "", "http:///v1", "http://h:80x/v1",
+                                      "ftp://127.0.0.1/v1", 8080])
+def test_a_base_url_that_is_no_http_url_is_refused_when_the_backend_is_made(base_url):
+    """Taken as given, every call failed as a retried "Connection error." with no cause, as if the server were down."""
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"base_url must be an http:// or https:// URL.*got {re.escape(repr(base_url))}"):
+        OpenAIBackend(model="gpt-4o-mini", base_url=base_url, api_key="test")
+
+
+def test_a_base_url_without_its_scheme_is_refused_without_showing_its_password():
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="base_url") as info:
+        OpenAIBackend(model="gpt-4o-mini", base_url="app:s3cret-pw@127.0.0.1:8080/v1", api_key="test")
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_base_url_given_as_an_httpx_url_is_taken_as_the_openai_client_takes_it():
+    import httpx
+
+    from ctxkit.backends.openai_compat import OpenAIBackend
+
+    backend = OpenAIBackend(model="gpt-4o-mini", base_url=httpx.URL("http://127.0.0.1:9/v1"), api_key="test")
+    assert str(backend._client.base_url).startswith("http://127.0.0.1:9/v1")
+
+
+@pytest.mark.parametrize("model", [None, "", 4])
+def test_a_model_that_is_no_name_is_refused_when_the_backend_is_made(model):
+    """None was an AttributeError from deep in the tokenizer's lookup."""
+    from ctxkit.backends.openai_compat import OpenAIBackend
+    from ctxkit.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"model must be the name.*got {re.escape(repr(model))}"):
+        OpenAIBackend(model=model, base_url="http://127.0.0.1:9/v1", api_key="test")
 
 
 def test_async_calls_from_one_event_loop_after_another(remote, ledger):

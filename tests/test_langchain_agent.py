@@ -117,6 +117,21 @@ def test_duplicate_stage_names_are_refused_up_front():
         CtxkitMiddleware([ShortenToolDescriptions(), ShortenToolDescriptions()])
 
 
+@pytest.mark.parametrize("stages, options, named", [
+    # each was taken here and failed the agent's first model call, or (a window of 0) meant no limit at all
+    ([ShortenToolDescriptions], {}, r"stages\[0\] must be a Stage instance, got the class ShortenToolDescriptions"),
+    ([], {"ledger": "calls.jsonl"}, r"ledger must be a Ledger, got str: pass Ledger\('calls.jsonl'\)"),
+    ([], {"prices": "prices.json"}, "prices must be a PriceTable"),
+    ([], {"context_window": 0}, "context_window .*got 0"),
+    ([], {"context_window": -1}, "context_window .*got -1"),
+    ([], {"context_window": "4096"}, "context_window .*got '4096'"),
+    ([], {"context_window": True}, "context_window .*got True"),
+])
+def test_wrong_parts_and_settings_are_refused_up_front(stages, options, named):
+    with pytest.raises(ConfigurationError, match=named):
+        CtxkitMiddleware(stages, **options)
+
+
 def test_a_structured_output_agent_keeps_its_structured_response_when_a_stage_edits_the_answer(llama_backend):
     """The agent parses structured output inside its model handler; an answer a stage edited used to come
     back without it (and without the agent's name), so the agent looped on an unanswered tool call."""

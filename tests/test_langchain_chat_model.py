@@ -156,6 +156,13 @@ def test_an_openai_model_is_counted_with_tiktoken(model):
     assert isinstance(backend.counter, TiktokenCounter) and backend.model == "gpt-4o-mini"
 
 
+@pytest.mark.parametrize("window", [0, -1, "4096", 4096.0, True])
+def test_a_context_window_that_is_no_count_of_tokens_is_refused(model, window):
+    """0 fell back to the profile's window or 128,000 without a word; -1 refused every call."""
+    with pytest.raises(ConfigurationError, match=f"context_window .*got {window!r}"):
+        LangChainBackend(model.model_copy(update={"model_name": "gpt-4o-mini"}), context_window=window)
+
+
 def test_unknown_call_arguments_are_refused(model):
     with pytest.raises(RequestError, match="unsupported argument"):
         model.invoke("hi", temprature=0.3)

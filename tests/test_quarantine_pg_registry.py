@@ -135,6 +135,18 @@ def test_odd_text_is_stored(db_url):
     assert fresh.namespaces() == [namespace]
 
 
+@pytest.mark.parametrize("setting", [
+    # 0 set PostgreSQL's statement_timeout to 0, which is no limit; -1 failed every session's SET
+    {"statement_timeout_s": 0}, {"statement_timeout_s": -1}, {"connect_timeout_s": float("inf")},
+    {"retry_s": "10"}, {"statement_timeout_s": True}, {"max_records": 0},
+])
+def test_a_timeout_that_is_no_positive_number_is_refused_naming_it(setting):
+    (name, value), = setting.items()
+    options = {"max_records": 10, **setting}
+    with pytest.raises(ConfigurationError, match=f"{name} must .*got {value!r}"):
+        PostgresQuarantineRegistry(dsn="postgresql://app:pw@127.0.0.1:1/db", **options)
+
+
 @pytest.mark.parametrize("url", ["postgresql://nobody@127.0.0.1:1/db", "postgresql://u:s3cret-pw@[bad/db"])
 def test_bad_url_or_unreachable_server_is_a_configuration_error(url):
     with pytest.raises(ConfigurationError, match="cannot open the quarantine registry in PostgreSQL") as info:

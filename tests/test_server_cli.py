@@ -137,7 +137,10 @@ def test_serve_refuses_flags_that_cannot_work_with_a_clear_error(tmp_path):
                            (["--max-queue", "-1"], "max_queue must be at least 0"),
                            # the error named counter=, a Python argument a CLI user cannot pass
                            (["--upstream", "http://127.0.0.1:9/v1", "--upstream-model", "my-model"],
-                            "pass --upstream-gguf FILE")):
+                            "pass --upstream-gguf FILE"),
+                           # no scheme: taken, and every call failed as a retried "Connection error."
+                           (["--upstream", "127.0.0.1:8080/v1", "--upstream-model", "gpt-4o-mini"],
+                            "--upstream must be an http:// or https:// URL")):
         done = subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
@@ -344,6 +347,17 @@ def test_serve_without_its_extra_is_a_clear_error(missing, monkeypatch, capsys):
     assert main(["serve", "--port", "0", "--no-stages"]) == 2
     err = capsys.readouterr().err
     assert "ctxkit[serve]" in err and missing in err
+
+
+def test_serve_refuses_a_log_level_uvicorn_does_not_know_before_loading_anything(monkeypatch, capsys):
+    """CTXKIT_LOG_LEVEL=verbose was a KeyError traceback from uvicorn, after the model and the stages had loaded."""
+    monkeypatch.setenv("CTXKIT_API_KEYS", "k-team-a-0001:team-a")
+    monkeypatch.setenv("CTXKIT_LOG_LEVEL", "verbose")
+    from ctxkit.cli.main import main
+
+    assert main(["serve", "--port", "0", "--no-stages"]) == 2
+    assert "CTXKIT_LOG_LEVEL must be one of critical, error, warning, info, debug, trace, got 'verbose'" in \
+        capsys.readouterr().err
 
 
 def test_serve_with_an_upstream_gguf_that_is_not_a_gguf_is_a_clear_error(tmp_path):

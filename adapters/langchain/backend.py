@@ -29,6 +29,7 @@ from ctxkit.errors import (
 )
 from ctxkit.request import ChatRequest
 from ctxkit.response import ChatResponse, Usage
+from ctxkit.settings import whole_number
 from ctxkit.tokens import TokenCounter
 from ctxkit.tokens.tiktoken_counter import TiktokenCounter, encoding_name_for_model
 
@@ -126,6 +127,8 @@ class LangChainBackend:
     ) -> None:
         """context_window: the model's limit in tokens; the pipeline refuses requests that do not fit.
         Default: the model's own LangChain profile says it (`max_input_tokens`), else 128,000."""
+        if context_window is not None:  # 0 fell back to the profile's or 128,000 without a word
+            context_window = whole_number(context_window, "context_window (None: the model's profile)", minimum=1)
         self.chat_model = chat_model
         self.model = chat_model_name(chat_model)
         self.counter = counter_for(chat_model, counter)

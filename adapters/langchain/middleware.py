@@ -24,9 +24,10 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ctxkit.errors import BackendError, ConfigurationError, CtxkitError
 from ctxkit.ledger import Ledger, PriceTable
-from ctxkit.pipeline import Pipeline
+from ctxkit.pipeline import Pipeline, check_stages_and_ledger
 from ctxkit.request import SAMPLING_PARAMS, ChatRequest
 from ctxkit.response import ChatResponse, Usage
+from ctxkit.settings import whole_number
 from ctxkit.stage import Stage
 from ctxkit.tokens import TokenCounter
 
@@ -218,10 +219,11 @@ class CtxkitMiddleware(AgentMiddleware):
         conversation_id: str | None = None,
     ) -> None:
         super().__init__()
-        names = [stage.name for stage in stages]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:  # checked here, once, rather than on the first model call
-            raise ConfigurationError(f"stage names must be unique in a pipeline: {duplicates}")
+        # Checked here, once, as Pipeline checks them, rather than on the first model call (a ledger given as a
+        # path, a stage class); and a window of 0 meant no limit at all, -1 refused every call.
+        check_stages_and_ledger(stages, ledger, prices)
+        if context_window is not None:
+            context_window = whole_number(context_window, "context_window (None: the model's profile)", minimum=1)
         self.stages = list(stages)
         self.ledger = ledger if ledger is not None else Ledger()
         self.prices = prices if prices is not None else PriceTable()

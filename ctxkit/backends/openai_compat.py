@@ -25,6 +25,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
+import httpx
 import openai
 
 from ..errors import (
@@ -77,7 +78,7 @@ class OpenAIBackend:
         self,
         model: str,
         *,
-        base_url: str | None = None,
+        base_url: str | httpx.URL | None = None,
         api_key: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 60.0,
@@ -96,8 +97,14 @@ class OpenAIBackend:
             # 0 became the model's default window (128k for a GGUF-served model) and -1 refused every call
             raise ConfigurationError(f"context_window must be a whole number of tokens >= 1 (None: the model's "
                                      f"known window), got {context_window!r}")
+        if not isinstance(model, str) or not model:
+            raise ConfigurationError(f"model must be the name of the model to call, got {model!r}")
         import httpx
 
+        if isinstance(base_url, httpx.URL):  # the openai client takes one; ctxkit reads its parts as text
+            base_url = str(base_url)
+        if base_url is not None:
+            check_base_url(base_url)
         if timeout is not None and not isinstance(timeout, httpx.Timeout):  # an httpx.Timeout passes through
             timeout = positive_seconds(timeout, "timeout")  # "60" was a TypeError on the first call
         if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (backoff_s, max_backoff_s)) \
@@ -655,6 +662,24 @@ def _url_secrets(url: str | None) -> list[str]:
         found.append(urllib.parse.unquote(parts.password))
     found += [value for name, value in urllib.parse.parse_qsl(parts.query) if _SECRET_HEADER.search(name)]
     return found
+
+
+def check_base_url(url: object, name: str = "base_url") -> None:
+    """An absolute http(s) URL with a host: anything else ("localhost:8080/v1", "") was taken, and every call
+    failed as a retried, cause-less "Connection error." as if the server were down. `name`: what the caller
+    calls the setting (`ctxkit serve`'s --upstream)."""
+    text = url if isinstance(url, str) else None
+    try:
+        parts = urllib.parse.urlsplit(text) if text is not None else None
+        usable = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) \
+            and (parts.port is None or parts.port > 0)
+    except ValueError:  # an unclosed [IPv6] host, a port that is no number or past 65535
+        usable = False
+    if not usable:
+        # Not echoed where it may hold a credential: a scheme-less "user:password@host" would show the password.
+        shown = repr(url) if text is None or not re.search(r"[@?#]", text) else "a URL not shown (it may hold a credential)"
+        raise ConfigurationError(f"{name} must be an http:// or https:// URL with a host, such as "
+                                 f"http://127.0.0.1:8080/v1 (None: OpenAI's), got {shown}")
 
 
 def _shown_url(url: str | None) -> str | None:

@@ -7,9 +7,12 @@ Load your own with `PriceTable.from_file("prices.json")`: `{"model-prefix": {"in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import numbers
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -71,15 +74,24 @@ logger = logging.getLogger("ctxkit")
 
 class PriceTable:
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
+        if prices is not None and not isinstance(prices, Mapping):
+            raise ConfigurationError(f"prices must be a mapping of model-name prefix to Price, got {type(prices).__name__}")
         self._prices = dict(DEFAULT_PRICES if prices is None else prices)
+        for model, price in self._prices.items():
+            # A wrong one was taken without a word and failed or lied on a later call: a tuple was an
+            # AttributeError in the ledger's cost, a negative or NaN price a negative or NaN cost in every record.
+            if not isinstance(price, Price):
+                raise ConfigurationError(f"prices[{model!r}] must be a Price(input, cached_input, output), "
+                                         f"got {type(price).__name__}")
+            for field in ("input", "cached_input", "output"):
+                _usd_per_million(getattr(price, field), f"prices[{model!r}].{field}")
         self._unpriced: set[str] = set()
 
     @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
         try:
             raw = json.loads(Path(path).read_text())
-            return cls({model: Price(float(p["input"]), float(p.get("cached_input", p["input"])), float(p["output"]))
-                        for model, p in raw.items()})
+            return cls({model: _price_in_file(model, entry) for model, entry in raw.items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ConfigurationError(f"price table {path}: {exc}") from exc
 
@@ -96,3 +108,26 @@ class PriceTable:
             logger.warning("ctxkit: no price for model %r; its calls are recorded as costing $0 "
                            "(add it with PriceTable.from_file)", model)
         return FREE
+
+
+def _price_in_file(model: str, entry: Mapping[str, object]) -> Price:
+    """One model's entry of a price file; `cached_input` defaults to `input` (no discount for cached tokens)."""
+    given = {"cached_input": entry["input"], **entry}
+    return Price(*(_usd_per_million(_read_number(given[field]), f"{model}.{field}")
+                   for field in ("input", "cached_input", "output")))
+
+
+def _read_number(value: object) -> object:
+    """A number written as a string ("0.25") read as one; anything else as it is."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def _usd_per_million(value: object, where: str) -> float:
+    """A price: a finite number of USD per million tokens, 0 or more (`true` is no price of 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and float(value) >= 0):
+        raise ConfigurationError(f"{where} must be a price in USD per million tokens, a finite number >= 0, "
+                                 f"got {value!r}")
+    return float(value)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import LedgerError, MalformedLedgerLine
 from ..forking import renew_after_fork
+from ..settings import whole_number
 from .record import LedgerRecord
 
 logger = logging.getLogger("ctxkit")
@@ -35,6 +36,8 @@ class Ledger:
     """Where call records go. `path=None` keeps them in memory only (and still logs them)."""
 
     def __init__(self, path: str | Path | None = None, *, keep_in_memory: int = 10_000) -> None:
+        # deque's own refusals were a bare ValueError ("maxlen must be non-negative") or TypeError, and True kept one
+        keep_in_memory = whole_number(keep_in_memory, "keep_in_memory (records kept in Ledger.records)")
         self.path = Path(path) if path is not None else None
         self.records: collections.deque[LedgerRecord] = collections.deque(maxlen=keep_in_memory)
         self.write_errors = 0

@@ -110,8 +110,9 @@ def build_backend(args: argparse.Namespace) -> Any:
 
         return LlamaCppBackend(args.model, n_ctx=args.n_ctx, n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers)
     from ..backends.gguf_prompt import GGUFPrompt
-    from ..backends.openai_compat import OpenAIBackend
+    from ..backends.openai_compat import OpenAIBackend, check_base_url
 
+    check_base_url(args.upstream, "--upstream")  # before the window is asked of it, which quietly failed
     if not args.upstream_model:
         raise ConfigurationError("--upstream needs --upstream-model (the model name the upstream serves)")
     counter = GGUFPrompt.from_gguf(args.upstream_gguf) if args.upstream_gguf else None
@@ -221,6 +222,10 @@ def run_cli(args: argparse.Namespace) -> None:
         # QuarantineStage's own error named its `directory=` parameter, which no command-line user has.
         raise ConfigurationError("--quarantine-store takes a postgresql:// URL; to keep quarantine records in a "
                                  "directory, give --state-dir DIR")
+    log_level = os.environ.get("CTXKIT_LOG_LEVEL", "info")
+    if log_level.lower() not in uvicorn.config.LOG_LEVELS:  # else a KeyError traceback once the model had loaded
+        raise ConfigurationError(f"CTXKIT_LOG_LEVEL must be one of {', '.join(uvicorn.config.LOG_LEVELS)}, "
+                                 f"got {log_level!r}")
     keys = ApiKeys.from_file(args.api_keys_file) if args.api_keys_file else ApiKeys.from_env()
     backend = build_backend(args)
     if args.no_stages and (args.cache or args.state_dir or args.quarantine_store):
@@ -236,7 +241,7 @@ def run_cli(args: argparse.Namespace) -> None:
     print(f"ctxkit serve: {backend.name} / {backend.model}; stages {[s.name for s in stages]}; "
           f"{len(keys.namespaces)} namespace(s); ledger {args.ledger}; http://{args.host}:{args.port}/v1",
           flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=os.environ.get("CTXKIT_LOG_LEVEL", "info"),
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
                             lifespan="off", timeout_graceful_shutdown=args.graceful_timeout)
     # uvicorn's access log prints method, path and status, never headers; but a client that puts its key in
     # the query string (refused with a 401) would have it printed with the path: the query is left out.

@@ -51,6 +51,7 @@ import numpy as np
 
 from ...errors import ConfigurationError, RequestError
 from ...forking import renew_after_fork
+from ...settings import number_between, whole_number
 from ...sqlite_damage import damage_reported, is_damage
 from ...temp_files import remove_stale
 from .store import CacheEntry, Hit
@@ -111,8 +112,13 @@ class LocalStore:
 
         if index not in ("flat", "hnsw"):
             raise ConfigurationError(f"LocalStore index must be 'flat' or 'hnsw', not {index!r}")
-        if size_bytes <= 0:
-            raise ConfigurationError("LocalStore size_bytes must be positive")
+        dimension = whole_number(dimension, "LocalStore dimension", minimum=1)
+        size_bytes = whole_number(size_bytes, "LocalStore size_bytes", minimum=1)
+        # FAISS's HNSW aborted the process (M=0) or crashed it (M=1) on the first vector stored, or hung (M<0)
+        hnsw_m = whole_number(hnsw_m, "LocalStore hnsw_m", minimum=2)
+        # a negative timeout made single_flight wait for ever; a string or NaN failed the first miss
+        lock_timeout = number_between(lock_timeout, "LocalStore lock_timeout (seconds; 0: never wait)", 0,
+                                      threading.TIMEOUT_MAX)
         self.directory = Path(directory)
         self.dimension = dimension
         self.size_bytes = size_bytes

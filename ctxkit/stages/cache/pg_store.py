@@ -42,6 +42,7 @@ import numpy as np
 from ...errors import CacheStoreUnavailable, ConfigurationError, RequestError
 from ...forking import renew_after_fork
 from ...postgres import Outage, error_line, is_server_lost, redact_dsn, statement_watchdog
+from ...settings import number_between, positive_seconds, whole_number
 from .store import CacheEntry, Hit
 
 logger = logging.getLogger(__name__)
@@ -223,24 +224,26 @@ class PostgresStore:
     ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(f"table_prefix must match {_PREFIX_RE.pattern}, got {table_prefix!r}")
-        if not 1 <= dimension <= 2000:
+        # The settings helpers' checks: a bool is no number here (True was a dimension of 1 and a 1 s timeout),
+        # a string a ConfigurationError naming the setting, not a TypeError, and a negative single-flight
+        # timeout no longer waits for ever.
+        dimension = whole_number(dimension, "dimension", minimum=1)
+        if dimension > 2000:
             raise ConfigurationError(f"dimension must be in 1..2000 (pgvector's HNSW limit), got {dimension}")
-        if size_bytes <= 0:
-            raise ConfigurationError(f"size_bytes must be positive, got {size_bytes}")
-        if pool_size < 1:
-            raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
-        if lock_pool_size < 1:
-            raise ConfigurationError(f"lock_pool_size must be at least 1, got {lock_pool_size}")
-        if not (isinstance(statement_timeout_s, (int, float)) and 0 < statement_timeout_s < float("inf")):
-            raise ConfigurationError(f"statement_timeout_s must be a positive number of seconds, got {statement_timeout_s!r}")
-        for name, seconds in (("connect_timeout_s", connect_timeout_s), ("retry_s", retry_s)):
-            if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
-                raise ConfigurationError(f"{name} must be a positive number of seconds, got {seconds!r}")
-        if not 1 <= ef_search <= 1000:
+        size_bytes = whole_number(size_bytes, "size_bytes", minimum=1)
+        pool_size = whole_number(pool_size, "pool_size", minimum=1)
+        lock_pool_size = whole_number(lock_pool_size, "lock_pool_size", minimum=1)
+        statement_timeout_s = positive_seconds(statement_timeout_s, "statement_timeout_s")
+        connect_timeout_s = positive_seconds(connect_timeout_s, "connect_timeout_s")
+        retry_s = positive_seconds(retry_s, "retry_s")
+        single_flight_timeout_s = number_between(single_flight_timeout_s, "single_flight_timeout_s (0: never wait)",
+                                                 0, threading.TIMEOUT_MAX)
+        ef_search = whole_number(ef_search, "ef_search", minimum=1)
+        if ef_search > 1000:
             raise ConfigurationError(f"ef_search must be in 1..1000, got {ef_search}")
         ttl = dict(namespace_ttl or {})
         for ns, seconds in ttl.items():
-            if not (isinstance(seconds, (int, float)) and seconds > 0 and math.isfinite(seconds)):
+            if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0 and math.isfinite(seconds)):
                 raise ConfigurationError(f"namespace_ttl[{ns!r}] must be a positive number of seconds, got {seconds!r}")
         try:
             import psycopg  # noqa: F401

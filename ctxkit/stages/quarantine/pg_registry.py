@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from ...errors import ConfigurationError, QuarantineStoreUnavailable
 from ...forking import renew_after_fork
 from ...postgres import Outage, error_line, statement_watchdog
+from ...settings import positive_seconds, whole_number
 from .registry import (
     _ESCAPED,
     CHANGE_LOG,
@@ -78,10 +79,15 @@ class PostgresQuarantineRegistry:
             import psycopg  # noqa: F401
         except ImportError:
             raise ConfigurationError("the shared quarantine registry needs: pip install 'ctxkit[postgres]'") from None
-        self.max_records = max_records
+        # PostgreSQL reads a statement_timeout of 0 as no limit: 0 (or under a millisecond) set none at all, and a
+        # negative one made every session's SET fail; infinity was an OverflowError
+        connect_timeout_s = positive_seconds(connect_timeout_s, "connect_timeout_s")
+        statement_timeout_s = positive_seconds(statement_timeout_s, "statement_timeout_s")
+        retry_s = positive_seconds(retry_s, "retry_s")
+        self.max_records = whole_number(max_records, "max_records", minimum=1)
         self.dsn = dsn
         self._connect_timeout = max(2, math.ceil(connect_timeout_s))
-        self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._statement_timeout_ms = max(1, round(statement_timeout_s * 1000))
         self._t = {name: f"{table_prefix}_{name}" for name in ("namespaces", "entries", "changes")}
         self._lock = threading.Lock()  # one connection, used under it by any thread, as the SQLite registry does
         self._spaces: dict[str, Namespace] = {}  # insertion order = least recently used first
