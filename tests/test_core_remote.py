@@ -942,3 +942,64 @@ def test_json_schema_calls_sent_together_before_the_first_refusal_are_each_resen
     for thread in threads:
         thread.join()
     assert outcomes == ["ok"] * 4
+
+
+def test_a_schema_value_llama_cpp_pythons_converter_writes_wrong_neither_kills_its_server_nor_changes_the_answer(
+        tmp_path, gguf_counter):
+    """The server's converter writes a const, an enum value and a property name as JSON text llama.cpp reads as its
+    own escapes: a NUL aborted the server (SIGABRT), a quote crashed it (SIGSEGV), "a\\\\b" came back as "a" and a
+    backspace, an emoji as "". In a response format and in the parameters of a tool a tool_choice names (the server
+    builds that grammar too), such a value is sent as a pattern; a property name is refused before sending."""
+    import copy
+    import re
+
+    from ctxkit import RequestError
+
+    own = LlamaServer(default_model_path(), tmp_path / "server.log", n_ctx=1024, n_threads=1)  # it may die
+    try:
+        remote = OpenAIBackend("smollm2", base_url=own.base_url, counter=gguf_counter, context_window=1024,
+                               max_retries=0, timeout=60)
+
+        def answer(schema, fmt=None):
+            fmt = fmt or {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}
+            return json.loads(remote.complete(ChatRequest(messages=[{"role": "user", "content": "Answer."}], params={
+                "max_tokens": 16, "temperature": 0, "response_format": fmt})).content)
+
+        values = ["\x00", "a\\b", 'say "hi"', "😀", "two\nlines", "x.y"]
+        assert [answer({"enum": [value]}) for value in values] == values
+        assert answer({"const": "a\\b"}) == "a\\b"
+        assert answer(None, {"type": "json_object", "schema": {"const": 'say "hi"'}}) == 'say "hi"'  # the server's own form
+        assert answer({"type": "object", "properties": {"k": {"enum": ["\t", 1]}}, "required": ["k"]})["k"] in ("\t", 1)
+        for schema, where in (({"type": "object", "properties": {'k"': {"type": "integer"}}}, "properties"),
+                              ({"const": {"a": "\x00"}}, "const")):
+            with pytest.raises(RequestError) as refused:
+                answer(schema)
+            assert refused.value.where == f"response_format.json_schema.schema.{where}"
+
+        native = copy.copy(gguf_counter)
+        native.native_tools = True  # a GGUF whose chat template takes tools: they go to the server as they are
+        tools_remote = OpenAIBackend("smollm2", base_url=own.base_url, counter=native, context_window=1024,
+                                     max_retries=0, timeout=60)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"enum": ["\x00"]}, "s": {"type": "string", "maxLength": 2000}},
+            "required": ["x"]}}}]
+        called = tools_remote.complete(ChatRequest(messages=[{"role": "user", "content": "Call f."}], tools=tools,
+                                                   params={"max_tokens": 24, "temperature": 0, "tool_choice": {
+                                                       "type": "function", "function": {"name": "f"}}}))
+        # the NUL as its JSON escape; the wide "s" after it (its maxLength killed the server too) runs on to max_tokens
+        assert re.match(r'\{\s*"x"\s*:\s*"\\u0000"', called.message["tool_calls"][0]["function"]["arguments"])
+        assert own.process.poll() is None
+    finally:
+        own.stop()
+
+
+def test_openai_proper_gets_each_schema_as_the_caller_wrote_it(gguf_counter):
+    from ctxkit.backends import openai_compat
+
+    schema = {"type": "object", "properties": {'k"': {"enum": ["\x00"]}, "s": {"type": "string", "maxLength": 2000}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}
+    request = ChatRequest(messages=MESSAGES, tools=tools, params={
+        "response_format": fmt, "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    args = openai_compat.OpenAIBackend("gpt-4o", base_url="http://127.0.0.1:9/v1", api_key="x")._args(request)
+    assert args["tools"] == tools and args["response_format"] == fmt

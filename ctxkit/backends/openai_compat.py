@@ -45,7 +45,7 @@ from ..tokens import TokenCounter
 from ..tokens.tiktoken_counter import TiktokenCounter, counting_key, encoding_name_for_model
 from ..validation import sendable_header_value
 from .gguf_prompt import GGUFPrompt
-from .schema_grammar import schema_for_grammar
+from .server_schema import schema_for_server_grammar
 from .tool_format import (
     CallStops,
     ToolCallTextStream,
@@ -344,6 +344,24 @@ class OpenAIBackend:
         """Whether the server renders a GGUF chat template without tool support: tools then go as text."""
         return isinstance(self.counter, GGUFPrompt) and not self.counter.native_tools
 
+    def _llama_cpp_server(self) -> bool:
+        """Whether the server is llama.cpp's family: it serves a GGUF (a GGUFPrompt counter), or it refused a
+        json_schema format as llama-cpp-python's server does. OpenAI proper gets each schema as the caller wrote it."""
+        return isinstance(self.counter, GGUFPrompt) or self._schema_as_json_object
+
+    def _tools_for_server(self, tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]]:
+        """`tools` as sent natively. A tool_choice that names a tool has llama-cpp-python's server build the call's
+        grammar from that tool's parameters with its own converter: sent as written, an enum value with a NUL or a
+        quote, or a `"maxLength": 2000`, killed the server. Those parameters go as a response format's schema does."""
+        name = ((tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None)
+        if name is None or not self._llama_cpp_server():
+            return tools
+        return [{**tool, "function": {**tool["function"], "parameters": schema_for_server_grammar(
+                    tool["function"]["parameters"], f"tools[{i}].function.parameters")}}
+                if isinstance(tool.get("function"), dict) and tool["function"].get("name") == name
+                and isinstance(tool["function"].get("parameters"), dict) else tool
+                for i, tool in enumerate(tools)]
+
     def _text_calls(self, request: ChatRequest) -> ToolCallTextStream | None:
         """For a stream whose tools went as text: what turns its <tool_call> blocks into tool_calls deltas."""
         return ToolCallTextStream() if self._tools_as_text() and may_call(request.tools, request.params) else None
@@ -379,11 +397,16 @@ class OpenAIBackend:
             messages = messages_for_plain_template(messages, list(request.tools))
         args: dict[str, Any] = {"model": request.model or self.model, "messages": messages}
         if request.tools and not plain:
-            args["tools"] = list(request.tools)
+            args["tools"] = self._tools_for_server(list(request.tools), request.params.get("tool_choice"))
         args.update(request.params)
         fmt = args.get("response_format")
         if self._schema_as_json_object and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            args["response_format"] = {"type": "json_object", "schema": _schema_for_server_grammar(fmt)}
+            schema = (fmt.get("json_schema") or {}).get("schema", {})
+            args["response_format"] = {"type": "json_object", "schema": schema_for_server_grammar(
+                schema, "response_format.json_schema.schema")}
+        elif self._llama_cpp_server() and isinstance(fmt, dict) and isinstance(fmt.get("schema"), dict):
+            # llama-cpp-python's own form, sent by the caller: its converter is as above
+            args["response_format"] = {**fmt, "schema": schema_for_server_grammar(fmt["schema"], "response_format.schema")}
         if plain:  # the tools went as text; the server has none to choose from (and refuses "required")
             choice = args.pop("tool_choice", None)
             args.pop("parallel_tool_calls", None)
@@ -784,17 +807,6 @@ def _retry_after(headers: Any) -> float | None:
 def _deadline(request: ChatRequest) -> float | None:
     """When the call's own `timeout` (seconds this call may take) runs out: no wait for a retry may outlast it."""
     return time.monotonic() + request.timeout if request.timeout is not None else None
-
-
-def _schema_for_server_grammar(fmt: dict[str, Any]) -> Any:
-    """A json_schema format's schema as llama-cpp-python's server turns it into a grammar: rewritten as
-    LlamaCppBackend rewrites it (schema_for_grammar). Sent as written, a `"maxLength": 2000` made GBNF the server
-    could not parse, and sampling without that grammar killed the server process for every tenant."""
-    try:
-        return schema_for_grammar((fmt.get("json_schema") or {}).get("schema", {}), root=True)
-    except ValueError as exc:  # a pattern's count no grammar holds
-        raise RequestError(f"the model's server cannot follow this schema: {exc}",
-                           "response_format.json_schema.schema") from exc
 
 
 def _within(deadline: float | None, delay: float | None) -> float | None:
