@@ -987,6 +987,33 @@ def test_a_diskcache_registry_pickled_under_the_old_module_name_is_imported(tmp_
     assert "ctxkit.stages.quarantine_registry" not in sys.modules
 
 
+def test_a_diskcache_registry_with_a_lost_value_file_imports_its_other_namespaces(tmp_path, monkeypatch):
+    """0.1 deleted a value's old file before its write committed, so a writer killed between left a row whose file
+    is gone; 0.1 read that namespace as empty. The upgrade refused the whole registry over it (a ConfigurationError
+    saying to move cache.db aside, losing every other namespace's records and releases)."""
+    import sys
+
+    import diskcache
+
+    from ctxkit.stages.quarantine import registry as module
+    from ctxkit.stages.quarantine.registry import Namespace
+
+    kept = Namespace(records={"fp1": _record("fp1")}, released={"fp0": None}, issued={}, generation=1)
+    big = Namespace(records={}, released={f"fp{i:060d}": None for i in range(2000)}, issued={}, generation=1)
+    with monkeypatch.context() as m:  # written as 0.1 wrote it: a value over 32 KB in a file of its own
+        m.setattr(Namespace, "__module__", "ctxkit.stages.quarantine_registry")
+        m.setitem(sys.modules, "ctxkit.stages.quarantine_registry", module)
+        with diskcache.Cache(str(tmp_path), eviction_policy="none") as cache:
+            cache.set(("space", "ns"), kept)
+            cache.set(("space", "big"), big)
+    [value_file] = tmp_path.rglob("*.val")
+    value_file.unlink()
+    registry = QuarantineRegistry(10_000, tmp_path)
+    state = registry.snapshot("ns")
+    assert list(state.records) == ["fp1"] and list(state.released) == ["fp0"]
+    assert not registry.snapshot("big").released
+
+
 def test_an_unwritable_registry_fails_no_model_call(tmp_path, caplog):
     """A registry that cannot write (a full or read-only disk): the tool error is still marked for this call, an
     ERROR says quarantines are not kept, and the call goes on (it failed with sqlite3.OperationalError)."""

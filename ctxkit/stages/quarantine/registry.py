@@ -263,8 +263,12 @@ class QuarantineRegistry:
             alias = sys.modules.setdefault(legacy, sys.modules[__name__]) is sys.modules[__name__]
             try:
                 with diskcache.Cache(str(directory), eviction_policy="none") as old:
-                    spaces = [(key[1], old.get(key)) for key in old.iterkeys()
-                              if isinstance(key, tuple) and key[0] == "space"]
+                    # A row whose value file is gone (0.1 deleted the old file before its write committed, and a
+                    # writer killed between lost it) is what 0.1 itself read as an empty namespace: not a reason to
+                    # refuse every other namespace's records and releases.
+                    spaces = [(key[1], space) for key in old.iterkeys()
+                              if isinstance(key, tuple) and key[0] == "space"
+                              and (space := old.get(key, _VALUE_FILE_GONE)) is not _VALUE_FILE_GONE]
                 unreadable = [repr(name) for name, space in spaces if not isinstance(space, Namespace)]
                 if unreadable:
                     raise ValueError(f"namespace {', '.join(unreadable)} is not a registry namespace")
@@ -288,6 +292,9 @@ class QuarantineRegistry:
                 for placeholder in space.issued:
                     writer.put(ISSUED, placeholder)
                 writer.finish()
+
+
+_VALUE_FILE_GONE = object()  # the default diskcache's get returns: a row whose value file is missing
 
 
 def keep_record(writer: Any, record: QuarantineRecord) -> QuarantineRecord | None:
