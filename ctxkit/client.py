@@ -337,8 +337,16 @@ class _Completions:
     def __init__(self, pipeline: Pipeline, options: dict[str, Any]) -> None:
         self._pipeline = pipeline
         self._options = options  # the client's with_options(...)
-        self.with_raw_response = _WithRawResponse(self)
-        self.with_streaming_response = _WithStreamingResponse(self)
+
+    # Made at each use, not kept: kept, each held these completions, a reference cycle that left a dropped client's
+    # pipeline, and its backend's model, loaded until the cyclic garbage collector ran.
+    @property
+    def with_raw_response(self) -> _WithRawResponse:
+        return _WithRawResponse(self)
+
+    @property
+    def with_streaming_response(self) -> _WithStreamingResponse:
+        return _WithStreamingResponse(self)
 
     def create(self, **kwargs: Any) -> ChatCompletion | Stream:
         kwargs = _with_defaults(self._options, kwargs)
@@ -391,8 +399,16 @@ class _AsyncCompletions:
     def __init__(self, pipeline: Pipeline, options: dict[str, Any]) -> None:
         self._pipeline = pipeline
         self._options = options  # the client's with_options(...)
-        self.with_raw_response = _AsyncWithRawResponse(self)
-        self.with_streaming_response = _AsyncWithStreamingResponse(self)
+
+    # Made at each use, not kept: kept, each held these completions, a reference cycle that left a dropped client's
+    # pipeline, and its backend's model, loaded until the cyclic garbage collector ran.
+    @property
+    def with_raw_response(self) -> _AsyncWithRawResponse:
+        return _AsyncWithRawResponse(self)
+
+    @property
+    def with_streaming_response(self) -> _AsyncWithStreamingResponse:
+        return _AsyncWithStreamingResponse(self)
 
     async def create(self, **kwargs: Any) -> ChatCompletion | AsyncStream:
         kwargs = _with_defaults(self._options, kwargs)

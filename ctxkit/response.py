@@ -185,15 +185,24 @@ class _StreamBase:
         if self.response is not None or self._failed:
             return  # iterated again, collect() after a full iteration, or closed meanwhile: the call ended once
         self.response = self.partial()
-        for callback in self._on_complete:
-            try:
-                callback(self.response)
-            except BaseException as exc:
-                # A callback that fails (a stage's store that is down) fails the call, as it would a whole
-                # answer's: the error callbacks still run, so the ledger records it (with its tokens).
-                self._failed = True
-                _run_all(self._on_error, exc)
-                raise
+        try:
+            for callback in self._on_complete:
+                try:
+                    callback(self.response)
+                except BaseException as exc:
+                    # A callback that fails (a stage's store that is down) fails the call, as it would a whole
+                    # answer's: the error callbacks still run, so the ledger records it (with its tokens).
+                    self._failed = True
+                    _run_all(self._on_error, exc)
+                    raise
+        finally:
+            self._let_go_of_callbacks()
+
+    def _let_go_of_callbacks(self) -> None:
+        """The call ended and none runs again. They hold this stream (the pipeline's records its partial answer):
+        kept, every streamed call was a reference cycle, and its pipeline and backend (a loaded model) stayed
+        alive after the app dropped them, until the cyclic garbage collector ran."""
+        self._on_complete, self._on_error = [], []
 
     def partial(self) -> ChatResponse:
         """What has arrived so far, as a response (the whole one once the stream has ended): a stream
@@ -236,7 +245,10 @@ class _StreamBase:
             self._finish()
             return
         self._failed = True
-        _run_all(self._on_error, exc)
+        try:
+            _run_all(self._on_error, exc)
+        finally:
+            self._let_go_of_callbacks()
 
 
 def _run_all(callbacks: list[Callable[[BaseException], None]], exc: BaseException) -> None:

@@ -346,3 +346,21 @@ def test_a_lookup_on_a_disk_that_refuses_writes_is_a_miss_not_a_failed_call(tmp_
     assert reader.search("scope-a", unit("k3"), 1, time.time()) == []
     assert "a lookup is a miss" in caplog.text
 
+
+
+def test_a_closed_store_refuses_calls_rather_than_reopen_its_files(tmp_path):
+    """diskcache reopens a closed cache at its next use: a store closed at a tenant's teardown and then used by a
+    call still in flight held three more open files (SQLite database, WAL, shared memory) that nothing closed."""
+    import os
+
+    store = LocalStore(tmp_path / "c")
+    store.put(make_entry("k1"), unit("k1"))
+    store.close()
+    store.close()  # twice: nothing more to do
+    files = len(os.listdir("/proc/self/fd"))
+    for call in (lambda: store.get("k1", time.time()), lambda: store.search("s", unit("k1"), 3, time.time()),
+                 lambda: store.put(make_entry("k2"), unit("k2")), lambda: store.stats(),
+                 lambda: store.invalidate("ns"), lambda: store.clear()):
+        with pytest.raises(ConfigurationError, match="closed"):
+            call()
+    assert len(os.listdir("/proc/self/fd")) == files

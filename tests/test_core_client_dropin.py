@@ -238,3 +238,23 @@ def test_default_headers_none_keeps_the_clients_headers_as_openai_does(llama_bac
     assert again._options == {"timeout": 10, "extra_headers": {"X-Tenant": "acme"}, "extra_query": {"api-version": "1"}}
     assert again.with_options(timeout=None)._options == {"extra_headers": {"X-Tenant": "acme"},
                                                          "extra_query": {"api-version": "1"}}
+
+
+def test_a_dropped_client_lets_go_of_its_pipeline_at_once(llama_backend, ledger):
+    """completions.with_raw_response and .with_streaming_response were kept on the completions they held: a
+    reference cycle, so a pipeline (and its backend's loaded model) dropped with its client stayed alive until the
+    cyclic garbage collector ran."""
+    import gc
+    import weakref
+
+    gc.disable()  # what only the cyclic collector frees has to wait for it, as between two of its runs
+    try:
+        for make in (lambda p: p.openai(), lambda p: p.async_openai()):
+            pipeline = Pipeline(llama_backend, ledger=ledger)
+            client = make(pipeline)
+            assert client.chat.completions.with_raw_response is not None
+            dropped = weakref.ref(pipeline)
+            del pipeline, client
+            assert dropped() is None
+    finally:
+        gc.enable()

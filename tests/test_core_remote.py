@@ -392,6 +392,41 @@ def test_loops_closed_without_shutting_down_their_async_generators_keep_no_clien
     assert len(os.listdir("/proc/self/fd")) <= fds
 
 
+def test_close_lets_go_of_every_loops_connections_and_later_calls_are_typed(server, gguf_counter):
+    """A backend per tenant or job, used from the app's event loop and closed: close() closed only the sync client,
+    so each closed backend kept its async client's socket open (50 backends: 50 sockets) and still answered async
+    calls, while a sync call after close was httpx's bare RuntimeError."""
+    import os
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    loop = asyncio.new_event_loop()
+    request = ChatRequest(messages=MESSAGES, params={"max_tokens": 1})
+    try:
+        async def use_and_close() -> OpenAIBackend:
+            backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096)
+            assert (await backend.acomplete(request)).content is not None
+            backend.close()
+            return backend
+
+        kept = [loop.run_until_complete(use_and_close())]
+        loop.run_until_complete(asyncio.sleep(0.05))  # the closing task's step
+        before = sockets()
+        kept += [loop.run_until_complete(use_and_close()) for _ in range(5)]
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert sockets() <= before, "a closed backend's async connections stay open while it is referenced"
+        closed = kept[-1]
+        closed.close()  # twice: nothing more to do
+        with pytest.raises(BackendError, match="closed"):
+            closed.complete(request)
+        with pytest.raises(BackendError, match="closed"):
+            loop.run_until_complete(closed.acomplete(request))
+    finally:
+        loop.close()
+
+
 def test_max_completion_tokens_is_not_sent_as_max_tokens_to_openais_own_models(gguf_counter):
     """o-series models refuse max_tokens; a fine-tune or an Azure deployment has a name tiktoken does not
     know, but a backend counting with tiktoken is talking to OpenAI's model."""

@@ -588,3 +588,23 @@ def test_a_server_frozen_while_a_call_opens_its_session_costs_one_timeout(own_se
     _until_back(registry)
     _until_written(registry)
     registry.close()
+
+
+def test_a_closed_registry_refuses_calls_rather_than_open_a_session_nothing_closes(db_url):
+    """A registry closed at a tenant's teardown and then used by a call still in flight connected again: a
+    PostgreSQL session per such call that no close() ended (pg_stat_activity grew by one for each)."""
+    def sessions() -> int:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                "AND pid <> pg_backend_pid()").fetchone()[0]
+
+    registry = PostgresQuarantineRegistry(10, db_url)
+    registry.add_record(_record("f1"))
+    registry.close()
+    registry.close()  # twice: nothing more to do
+    before = sessions()
+    for call in (lambda: registry.namespaces(), lambda: registry.snapshot("ns"),
+                 lambda: registry.add_record(_record("f2")), lambda: registry.release("f1", "ns")):
+        with pytest.raises(ConfigurationError, match="closed"):
+            call()
+    assert sessions() == before

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
@@ -89,6 +90,26 @@ def _format_grammar(params: Any) -> str | None:
     return None
 
 
+def _counting(backend: LlamaCppBackend, llama: Any) -> Callable[..., Iterator[int]]:
+    """`llama.generate`, recording each token it hands out in `backend._sampled`. The wrapper is kept on the Llama,
+    so it holds both weakly: a strong hold would make a reference cycle (backend -> Llama -> wrapper -> backend,
+    and Llama -> wrapper -> Llama), and a backend dropped without close() would keep its model loaded until the
+    cyclic garbage collector ran, which may be many models later (hundreds of MB each)."""
+    owner, model = weakref.ref(backend), weakref.ref(llama)
+    generate = type(llama).generate
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[int]:
+        sampled: list[int] = []
+        holder = owner()
+        if holder is not None:
+            holder._sampled = sampled
+        del holder  # the generation must not keep the backend alive either
+        for token in generate(model(), *args, **kwargs):
+            sampled.append(token)
+            yield token
+    return counted
+
+
 class LlamaCppBackend:
     """A GGUF model served in-process by llama.cpp."""
 
@@ -152,15 +173,7 @@ class LlamaCppBackend:
         self._sampled: list[int] = []
         self._decoded: tuple[list[int] | None, int, bytes] = (None, 0, b"")  # _sampled_text's: list, tokens, bytes
         self._parsed_grammars: dict[str, None] = {}  # GBNF llama.cpp has parsed, oldest first
-        self._llama.generate = self._counting(self._llama.generate)  # type: ignore[method-assign,assignment]
-
-    def _counting(self, generate: Callable[..., Iterator[int]]) -> Callable[..., Iterator[int]]:
-        def counted(*args: Any, **kwargs: Any) -> Iterator[int]:
-            self._sampled = []
-            for token in generate(*args, **kwargs):
-                self._sampled.append(token)
-                yield token
-        return counted
+        self._llama.generate = _counting(self, self._llama)  # type: ignore[method-assign]
 
     def _sampled_text(self) -> str:
         """The text of the tokens handed out so far in this generation. Called after every token (the stop

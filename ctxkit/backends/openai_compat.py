@@ -162,6 +162,8 @@ class OpenAIBackend:
             weakref.WeakKeyDictionary())
         self._aclients_lock = threading.Lock()
         self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._closing: set[asyncio.Task[None]] = set()  # async clients closing in this loop (asyncio holds tasks weakly)
+        self._closed = False
         # llama-cpp-python's server takes a JSON schema only as {"type": "json_object", "schema": ...} and answers
         # OpenAI's "json_schema" with a 500: set once it has, so the schema goes in the form it honours.
         self._schema_as_json_object = False
@@ -170,6 +172,8 @@ class OpenAIBackend:
     def _aclient(self) -> openai.AsyncOpenAI:
         loop = asyncio.get_running_loop()
         with self._aclients_lock:
+            if self._closed:  # a client made now would never be closed
+                raise _closed(self.name)
             # A loop closed without shutdown_asyncgens (loop.run_until_complete, then loop.close()) never ran its
             # closer: its client's pooled connections keep the loop, so the weak key never lets go. Let go here:
             # the sockets are closed as they are collected, not one kept open per loop ever used.
@@ -337,7 +341,30 @@ class OpenAIBackend:
             raise failure
 
     def close(self) -> None:
+        """Close the connections of the sync client and of every event loop's async client; later calls fail with
+        BackendError. (Closing only the sync client left each async one's pooled connections open for as long
+        as the backend was referenced: an open socket per backend closed after an async call.)"""
+        with self._aclients_lock:
+            self._closed = True
+            clients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
         self._client.close()
+        for loop, client in clients:
+            self._close_in_its_loop(loop, client)
+
+    def _close_in_its_loop(self, loop: asyncio.AbstractEventLoop, client: openai.AsyncOpenAI) -> None:
+        """An async client's connections can only be closed in the loop that opened them."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is running:
+            task = loop.create_task(client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        elif loop.is_running():  # another thread's loop
+            asyncio.run_coroutine_threadsafe(client.close(), loop)
+        else:  # closed, or idle between run_until_complete calls: its sockets close when it runs or is collected
+            _abandon(client)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _tools_as_text(self) -> bool:
@@ -534,6 +561,8 @@ class OpenAIBackend:
 
     def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest,
                       resent: bool = False) -> T:
+        if self._closed:  # httpx's bare RuntimeError("Cannot send a request, as the client has been closed.")
+            raise _closed(self.name)
         deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
             try:
@@ -743,6 +772,10 @@ def _lost_mid_stream(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, _TRANSPORT_TIMEOUTS):
         return BackendTimeoutError(f"the stream stalled: {exc}", backend=backend)
     return BackendConnectionError(f"the connection was lost mid-stream: {exc}", backend=backend)
+
+
+def _closed(backend: str) -> BackendError:
+    return BackendError("this backend was closed; make a new OpenAIBackend", backend=backend)
 
 
 def _abandon(client: Any) -> None:

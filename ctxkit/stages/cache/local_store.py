@@ -146,6 +146,7 @@ class LocalStore:
             raise ConfigurationError(f"cannot open the cache in {self.directory} ({exc}); check that the "
                                      "disk has room and this process can write to the directory") from exc
         self._lock = threading.RLock()  # guards the in-memory indexes
+        self._closed = False
         self._flight_guard = threading.Lock()
         self._flights: dict[str, list[Any]] = {}  # key -> [lock, users]
         renew_after_fork(self, LocalStore._after_fork_in_child)
@@ -174,6 +175,7 @@ class LocalStore:
 
     # -- the protocol -------------------------------------------------------------------------------
     def get(self, key: str, now: float) -> CacheEntry | None:
+        self._unless_closed()
         record = self._record(key)
         entry = self._entry(key, record) if record is not None and record is not _REFUSED else None
         if entry is not None and entry.expires_at is not None and now > entry.expires_at:
@@ -185,6 +187,7 @@ class LocalStore:
         """Store `entry`. A write the disk refuses (full, turned read-only, quota) is logged and skipped, as
         PostgresStore does when its server is down: the call that answered goes on, its answer not stored.
         Returns whether it was stored (the stage notes a refused write in the call's ledger record)."""
+        self._unless_closed()
         vec = _as_vector(vector, self.dimension)
         try:
             self._put(entry, vec)
@@ -209,6 +212,7 @@ class LocalStore:
 
     def put_many(self, entries: list[CacheEntry], vectors: np.ndarray) -> None:
         """Bulk `put` (warming a cache, benchmarks): one transaction per store instead of one per entry."""
+        self._unless_closed()
         if len(entries) != len(vectors):  # as PostgresStore: never entries stored without their vectors
             raise RequestError(f"{len(entries)} entries but {len(vectors)} vectors", "vectors")
         vecs = [_as_vector(v, self.dimension) for v in vectors]
@@ -226,6 +230,7 @@ class LocalStore:
             self._meta.incr(("stat", "puts"), len(entries))
 
     def search(self, scope: str, vector: np.ndarray, k: int, now: float) -> list[Hit]:
+        self._unless_closed()
         vec = _as_vector(vector, self.dimension)
         with self._lock, self._damage_is_typed():
             self._sync()
@@ -262,6 +267,7 @@ class LocalStore:
 
     def invalidate(self, namespace: str) -> int:
         """Drop every entry of a namespace; their vectors go at the next rebuild."""
+        self._unless_closed()
         with self._damage_is_typed():
             removed = int(self._entries.evict(namespace))
         self._count("invalidated", removed)
@@ -269,6 +275,7 @@ class LocalStore:
 
     def clear(self) -> None:
         """Drop everything; other processes see the new epoch and rebuild (empty) indexes."""
+        self._unless_closed()
         self._entries.clear()
         with self._meta.transact():
             for key in list(self._meta.iterkeys()):
@@ -299,6 +306,7 @@ class LocalStore:
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes, vectors, and hit/miss counts summed over every process that used the store."""
+        self._unless_closed()
         self._flush_counts()
         with self._lock:
             self._sync()
@@ -320,6 +328,7 @@ class LocalStore:
     def single_flight(self, key: str) -> Iterator[None]:
         """One caller at a time per key: first in this process (a lock per key), then across processes
         (an flock on one of a fixed set of lock files; the kernel releases it if the holder dies)."""
+        self._unless_closed()
         with self._flight_guard:
             slot = self._flights.setdefault(key, [threading.Lock(), 0])
             slot[1] += 1
@@ -361,6 +370,9 @@ class LocalStore:
         self._flights = {}
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self._flush_counts()
         with self._lock:
@@ -369,6 +381,12 @@ class LocalStore:
                 self._save_snapshot()
         self._entries.close()
         self._meta.close()
+
+    def _unless_closed(self) -> None:
+        # diskcache reopens a closed cache at its next use: a store used after close() held three more open files
+        # (its SQLite database, WAL and shared memory) that nothing closed again
+        if self._closed:
+            raise ConfigurationError(f"the LocalStore in {self.directory} is closed")
 
     def __enter__(self) -> LocalStore:
         return self

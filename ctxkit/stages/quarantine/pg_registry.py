@@ -216,6 +216,8 @@ class PostgresQuarantineRegistry:
         waited for every other caller's). Under _lock."""
         import psycopg
 
+        if self._closed:  # it would connect again, and nothing would close that session
+            raise ConfigurationError("the PostgreSQL quarantine registry is closed")
         if self._outage.away:
             return offline()
         error: Exception | None = None
