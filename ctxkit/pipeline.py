@@ -146,7 +146,7 @@ class _CallTrace:
         self.count_ms = 0.0
         self.answered_by: str | None = None
         self.events: list[dict[str, Any]] = []
-        self._counts: dict[tuple[int, int, str | None], tuple[int, Any, Any, tuple[Any, ...]]] = {}
+        self._counts: dict[tuple[int, int, str | None, str], tuple[int, Any, Any, tuple[Any, ...]]] = {}
         self.naive = self.count(pipeline._naive_from(0, request))
         self.prompt_key, self.previous_key = _prompt_keys(request)  # see previous_prompt_sent
 
@@ -154,13 +154,15 @@ class _CallTrace:
         # Memoized on the message and tool lists' identity: a stage that passes them on untouched costs nothing.
         # A stage that edited the same lists in place (appended a message, replaced a content) changed their
         # shape: counted again, or the ledger would show what an earlier stage saw, not what was sent.
-        key = (id(request.messages), id(request.tools), request.model)
+        # The forced tool is part of the key: a llama.cpp server is shown that tool's parameters rewritten.
+        key = (id(request.messages), id(request.tools), request.model, repr(request.params.get("tool_choice")))
         shape = _shape(request)
         hit = self._counts.get(key)
         if hit is not None and hit[1] is request.messages and hit[2] is request.tools and _same(hit[3], shape):
             return hit[0]
         t0 = time.perf_counter()
-        tokens = _counter(self.pipeline.backend, request).count_prompt(request.messages, request.tools)
+        tokens = _counter(self.pipeline.backend, request).count_prompt(request.messages,
+                                                                       _tools_shown(self.pipeline.backend, request))
         self.count_ms += (time.perf_counter() - t0) * 1000
         self._counts[key] = (tokens, request.messages, request.tools, shape)
         return tokens
@@ -655,6 +657,12 @@ def message_tokens(counter: Any, message: Any) -> int:
         return int(counter.count_prompt([blank, dict(message)]) - counter.count_prompt([blank]))
     except Exception:  # the template's raise_exception (a ValueError or a jinja2 TemplateError)
         return int(counter.count_text(message_text(dict(message))))
+
+
+def _tools_shown(backend: Backend, request: ChatRequest) -> Sequence[dict[str, Any]]:
+    """The tools as the model is shown them: a backend may send some rewritten (OpenAIBackend.tools_shown)."""
+    tools_shown = getattr(backend, "tools_shown", None)
+    return tools_shown(request) if tools_shown is not None else request.tools
 
 
 def _counter(backend: Backend, request: ChatRequest) -> Any:

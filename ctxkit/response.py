@@ -15,6 +15,8 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
+from .errors import BackendError
+
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
@@ -204,6 +206,14 @@ class _StreamBase:
         alive after the app dropped them, until the cyclic garbage collector ran."""
         self._on_complete, self._on_error = [], []
 
+    def _collected(self) -> ChatResponse:
+        """The whole answer collect() returns, or why there is none: collect() on a stream closed (or failed)
+        before its end was a bare AssertionError."""
+        if self.response is None:
+            raise BackendError("this stream was closed or failed before its end: there is no whole answer to "
+                               "collect (stream.partial() is what had arrived)", backend=self.backend)
+        return self.response
+
     def partial(self) -> ChatResponse:
         """What has arrived so far, as a response (the whole one once the stream has ended): a stream
         abandoned half way was still generated, and billed, that far."""
@@ -318,8 +328,7 @@ class ChatStream(_StreamBase):
         """Consume the stream and return the assembled response."""
         for _ in self:
             pass
-        assert self.response is not None
-        return self.response
+        return self._collected()
 
 
 class AsyncChatStream(_StreamBase):
@@ -374,8 +383,7 @@ class AsyncChatStream(_StreamBase):
     async def collect(self) -> ChatResponse:
         async for _ in self:
             pass
-        assert self.response is not None
-        return self.response
+        return self._collected()
 
 
 def response_as_chunks(response: ChatResponse) -> list[dict[str, Any]]:

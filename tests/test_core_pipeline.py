@@ -152,6 +152,27 @@ def test_abandoned_stream_is_recorded_as_an_error_not_a_success(llama_backend, l
     assert stream.response is None
 
 
+def test_collect_on_a_stream_closed_before_its_end_says_so(llama_backend, ledger):
+    """A `with stream:` block left early, then stream.collect(): a bare AssertionError, no ctxkit error at all
+    (and none under python -O: collect() returned None)."""
+    pipeline = Pipeline(llama_backend, ledger=ledger)
+    request = ChatRequest(messages=CONVERSATION, params={"max_tokens": 32, "temperature": 0}, stream=True)
+    stream = pipeline.call(request)
+    next(iter(stream))
+    stream.close()
+    with pytest.raises(BackendError, match="closed or failed before its end"):
+        stream.collect()
+
+    async def closed_then_collected() -> None:
+        stream = await pipeline.acall(request)
+        await stream.aclose()
+        await stream.collect()
+
+    with pytest.raises(BackendError, match="closed or failed before its end"):
+        asyncio.run(closed_then_collected())
+    assert [r.status for r in ledger.records] == ["error", "error"]
+
+
 def test_async_call_and_async_stream(llama_backend, ledger):
     pipeline = Pipeline(llama_backend, stages=[DropOldestTurn()], ledger=ledger)
 

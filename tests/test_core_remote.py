@@ -427,6 +427,38 @@ def test_close_lets_go_of_every_loops_connections_and_later_calls_are_typed(serv
         loop.close()
 
 
+def test_a_backend_closed_while_a_call_waits_to_retry_ends_that_call_as_closed():
+    """An app shutting down closes its backend while a worker's call waits out a 429's Retry-After: the retry
+    was sent on the closed client and came back as httpx's bare RuntimeError, no BackendError at all."""
+    with faulty_upstream() as url:
+        backend = OpenAIBackend("gpt-4o-mini", base_url=f"{url}/r429-1/v1", api_key="x", max_retries=4,
+                                max_backoff_s=2.0)
+        closer = threading.Timer(0.5, backend.close)
+        closer.start()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="closed"):
+            backend.complete(ChatRequest(messages=MESSAGES))
+        assert time.monotonic() - started < 3  # at the first retry, not after every one
+        closer.join()
+
+
+def test_a_stream_whose_backend_is_closed_half_way_fails_as_closed_not_as_a_lost_connection(server, gguf_counter):
+    """close() took the connection a stream was being read from: the stream failed as the server's "Connection
+    error." (BackendConnectionError), and the ledger blamed the upstream for the app's own shutdown."""
+    backend = OpenAIBackend("smollm2", base_url=server.base_url, counter=gguf_counter, context_window=4096,
+                            max_retries=0)
+    pipeline = Pipeline(backend, [])
+    stream = pipeline.call(ChatRequest(messages=MESSAGES, params={"max_tokens": 40, "temperature": 0}, stream=True))
+    chunks = iter(stream)
+    next(chunks)
+    backend.close()
+    with pytest.raises(BackendError, match="closed") as failed:
+        for _ in chunks:
+            pass
+    assert not isinstance(failed.value, BackendConnectionError)
+    assert pipeline.ledger.records[-1].error_type == "BackendError"
+
+
 def test_max_completion_tokens_is_not_sent_as_max_tokens_to_openais_own_models(gguf_counter):
     """o-series models refuse max_tokens; a fine-tune or an Azure deployment has a name tiktoken does not
     know, but a backend counting with tiktoken is talking to OpenAI's model."""
@@ -1038,3 +1070,42 @@ def test_openai_proper_gets_each_schema_as_the_caller_wrote_it(gguf_counter):
         "response_format": fmt, "tool_choice": {"type": "function", "function": {"name": "f"}}})
     args = openai_compat.OpenAIBackend("gpt-4o", base_url="http://127.0.0.1:9/v1", api_key="x")._args(request)
     assert args["tools"] == tools and args["response_format"] == fmt
+
+
+def _gguf_whose_template_renders_tools(path):
+    """The embedded GGUF with its chat template replaced, in place and at the same length, by one that writes
+    `tools` into the prompt, as a native-tools model's template does."""
+    from llama_cpp import Llama
+
+    data = default_model_path().read_bytes()
+    old = Llama(model_path=str(default_model_path()), vocab_only=True, verbose=False).metadata["tokenizer.chat_template"]
+    new = (b"{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+           b"{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+           b"{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    new += b"{#" + b" " * (len(old.encode()) - len(new) - 4) + b"#}"
+    path.write_bytes(data.replace(old.encode(), new))
+    return path
+
+
+def test_a_forced_tools_parameters_rewritten_for_the_servers_grammar_are_counted_as_the_server_shows_them(tmp_path):
+    """The server's template renders the forced tool's parameters as they were sent, rewritten for its grammar
+    (a 1..60 integer as its 60 values): counted as the caller wrote them, the call was 103 tokens and the
+    server's 328, a count_delta of 225 in every such call and a window check that let it pass."""
+    gguf = _gguf_whose_template_renders_tools(tmp_path / "tools.gguf")
+    own = LlamaServer(gguf, tmp_path / "server.log", n_ctx=2048, n_threads=1)
+    try:
+        counter = GGUFPrompt.from_gguf(gguf)
+        assert counter.native_tools
+        pipeline = Pipeline(OpenAIBackend("smollm2", base_url=own.base_url, counter=counter, context_window=2048,
+                                          max_retries=0, timeout=60), [])
+        tools = [{"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+            "nights": {"type": "integer", "minimum": 1, "maximum": 60}, "note": {"type": "string", "maxLength": 2000}},
+            "required": ["nights", "note"]}}}]
+        for choice in ("auto", {"type": "function", "function": {"name": "book"}}):
+            pipeline.chat([{"role": "user", "content": "Book a room."}], tools=tools,
+                          params={"max_tokens": 8, "temperature": 0, "tool_choice": choice})
+            record = pipeline.ledger.records[-1]
+            assert record.count_delta == 0, (choice, record.tokens_sent, record.count_delta)
+        assert record.tokens_sent > counter.count_prompt([{"role": "user", "content": "Book a room."}], tools)
+    finally:
+        own.stop()

@@ -259,6 +259,10 @@ class OpenAIBackend:
 
     def _stream_failure(self, exc: Exception, request: ChatRequest) -> BackendError:
         """The typed error a stream that broke off raises (one of _STREAM_FAILURES)."""
+        if self._closed:  # close() took its connection: not the server's "Connection error."
+            failure = _closed(self.name)
+            failure.__cause__ = exc
+            return failure
         if isinstance(exc, openai.OpenAIError):
             # not chained: the openai error's own text is not scrubbed, and a traceback would print it
             return self._translate(exc, request)
@@ -293,7 +297,7 @@ class OpenAIBackend:
     def _usage_chunk(self, request: ChatRequest, generated: str, last: dict[str, Any]) -> dict[str, Any]:
         """A usage chunk, counted (not the server's), for a stream whose answer text was `generated`."""
         counter = self.counter_for(request.model)
-        prompt = counter.count_prompt(list(request.messages), list(request.tools))
+        prompt = counter.count_prompt(list(request.messages), self.tools_shown(request))
         completion = counter.count_completion({"content": generated})
         # A whole chat.completion.chunk (id, model, ...): the drop-in client validates it as one.
         return {"id": last.get("id") or f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
@@ -388,6 +392,18 @@ class OpenAIBackend:
                 if isinstance(tool.get("function"), dict) and tool["function"].get("name") == name
                 and isinstance(tool["function"].get("parameters"), dict) else tool
                 for i, tool in enumerate(tools)]
+
+    def tools_shown(self, request: ChatRequest) -> list[dict[str, Any]]:
+        """The tools as the server's chat template shows them to the model, which its prompt_tokens count: a forced
+        tool's parameters rewritten for a llama.cpp server's grammar (_tools_for_server) are rendered rewritten
+        too (a 1..60 integer as its 60 values). Counted as the caller wrote them, a forced call's prompt was 103
+        tokens where the server read 328."""
+        if not request.tools or self._tools_as_text():
+            return list(request.tools)
+        try:
+            return self._tools_for_server(list(request.tools), request.params.get("tool_choice"))
+        except RequestError:  # refused as the call is sent (_args), where the call is recorded with the refusal
+            return list(request.tools)
 
     def _text_calls(self, request: ChatRequest) -> ToolCallTextStream | None:
         """For a stream whose tools went as text: what turns its <tool_call> blocks into tool_calls deltas."""
@@ -492,7 +508,7 @@ class OpenAIBackend:
             self._note_completion_count(request, generated, usage.completion_tokens)
         else:  # some servers report nothing: count, and say so
             counter = self.counter_for(request.model)
-            counted = Usage(counter.count_prompt(request.messages, request.tools),
+            counted = Usage(counter.count_prompt(request.messages, self.tools_shown(request)),
                             counter.count_completion(message), 0, reported=False)
         return ChatResponse(
             message=message, finish_reason=finish_reason, usage=counted,
@@ -561,14 +577,20 @@ class OpenAIBackend:
 
     def _with_retries(self, call: Callable[[], T], record: Callable[..., None], request: ChatRequest,
                       resent: bool = False) -> T:
-        if self._closed:  # httpx's bare RuntimeError("Cannot send a request, as the client has been closed.")
-            raise _closed(self.name)
         deadline = _deadline(request)
         for attempt in range(self.max_retries + 1):
+            # Each attempt: a close() while the call waited to retry (another thread's shutdown) left the retry
+            # httpx's bare RuntimeError("Cannot send a request, as the client has been closed.")
+            if self._closed:
+                raise _closed(self.name)
             try:
                 return call()
             except json.JSONDecodeError as exc:  # a 200 whose body is not JSON: the upstream's fault, not ours
                 raise _malformed(exc, self.name) from exc
+            except RuntimeError:
+                if self._closed:  # closed between the check and the send
+                    raise _closed(self.name) from None
+                raise
             except openai.OpenAIError as exc:
                 if not resent and self._refuses_json_schema(exc, request):  # resent at once, as it takes a schema
                     return self._with_retries(call, record, request, resent=True)
@@ -621,7 +643,8 @@ class OpenAIBackend:
         def note(stage: str, kind: str, **data: Any) -> None:
             data["model"] = request.model or self.model
             if data.get("may_be_billed"):
-                data["prompt_tokens"] = self.counter_for(request.model).count_prompt(list(request.messages), list(request.tools))
+                data["prompt_tokens"] = self.counter_for(request.model).count_prompt(list(request.messages),
+                                                                                     self.tools_shown(request))
             record(stage, kind, **data)
 
         return note
