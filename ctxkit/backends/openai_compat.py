@@ -99,8 +99,6 @@ class OpenAIBackend:
                                      f"known window), got {context_window!r}")
         if not isinstance(model, str) or not model:
             raise ConfigurationError(f"model must be the name of the model to call, got {model!r}")
-        import httpx
-
         if isinstance(base_url, httpx.URL):  # the openai client takes one; ctxkit reads its parts as text
             base_url = str(base_url)
         if base_url is not None:
