@@ -289,10 +289,15 @@ def test_a_price_table_built_in_code_refuses_what_is_no_price(prices, named):
         PriceTable(prices)
 
 
-@pytest.mark.parametrize("keep", [-1, 5.0, "10", True, None])
+@pytest.mark.parametrize("keep", [-1, 5.0, "10", True])
 def test_a_ledger_keeping_a_number_of_records_that_is_no_count_is_refused(keep):
     with pytest.raises(ConfigurationError, match=f"keep_in_memory.*got {re.escape(repr(keep))}"):
         Ledger(keep_in_memory=keep)
+
+
+def test_a_ledger_told_to_keep_none_keeps_every_record_as_a_deque_does():
+    ledger = Ledger(keep_in_memory=None)
+    assert ledger.records.maxlen is None
 
 
 def test_a_failed_calls_summarizer_is_not_said_to_be_in_the_cost_of_the_successful_ones():

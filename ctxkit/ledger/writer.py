@@ -35,9 +35,11 @@ logger = logging.getLogger("ctxkit")
 class Ledger:
     """Where call records go. `path=None` keeps them in memory only (and still logs them)."""
 
-    def __init__(self, path: str | Path | None = None, *, keep_in_memory: int = 10_000) -> None:
+    def __init__(self, path: str | Path | None = None, *, keep_in_memory: int | None = 10_000) -> None:
+        """keep_in_memory: how many of the newest records `records` holds (None: all, as a deque's maxlen)."""
         # deque's own refusals were a bare ValueError ("maxlen must be non-negative") or TypeError, and True kept one
-        keep_in_memory = whole_number(keep_in_memory, "keep_in_memory (records kept in Ledger.records)")
+        if keep_in_memory is not None:
+            keep_in_memory = whole_number(keep_in_memory, "keep_in_memory (records kept in Ledger.records; None: all)")
         self.path = Path(path) if path is not None else None
         self.records: collections.deque[LedgerRecord] = collections.deque(maxlen=keep_in_memory)
         self.write_errors = 0
