@@ -251,13 +251,18 @@ def _escaped_character(pattern: str, at: int) -> tuple[str, int] | None:
     return (named, 2) if named is not None else None
 
 
-def _json_escaped(character: str) -> str | None:
-    """How a JSON string writes `character`, in the converter's regex syntax, when it cannot hold it raw (a quote,
-    a backslash, a control character, a lone surrogate); None when it can. Written raw, such a character ended or
-    broke the JSON string, and a NUL, which no token writes, left llama.cpp nothing to sample: the process aborted
-    ("Unexpected empty grammar stack")."""
+def held_only_escaped(character: str) -> bool:
+    """Whether a JSON string holds `character` only escaped: a quote, a backslash, a control character, a lone
+    surrogate."""
     code = ord(character)
-    if not (code < 0x20 or character in '"\\' or 0xD800 <= code <= 0xDFFF):
+    return code < 0x20 or character in '"\\' or 0xD800 <= code <= 0xDFFF
+
+
+def _json_escaped(character: str) -> str | None:
+    """How a JSON string writes `character`, in the converter's regex syntax, when it cannot hold it raw
+    (held_only_escaped); None when it can. Written raw, such a character ended or broke the JSON string, and a NUL,
+    which no token writes, left llama.cpp nothing to sample: the process aborted ("Unexpected empty grammar stack")."""
+    if not held_only_escaped(character):
         return None
     return "".join(f"[\\x{ord(c):02X}]" if not c.isalnum() else c for c in json.dumps(character)[1:-1])
 

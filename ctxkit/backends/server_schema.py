@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ..errors import RequestError
-from .schema_grammar import _ANNOTATIONS, _SUB_LIST, _SUB_MAP, _SUB_ONE, schema_for_grammar
+from .schema_grammar import _ANNOTATIONS, _SUB_LIST, _SUB_MAP, _SUB_ONE, held_only_escaped, schema_for_grammar
 
 _REGEX_SPECIAL = frozenset("^$.|?*+()[]{}")
 
@@ -85,7 +85,7 @@ def _holds_misread(value: Any) -> bool:
 def _misread(text: str) -> bool:
     """Whether the converter writes `text` wrong: it has a character whose JSON escape (a quote, a backslash, a
     control character, one past U+FFFF as two surrogates) llama.cpp reads as its own escape."""
-    return any(c in '"\\' or ord(c) < 0x20 or ord(c) > 0xFFFF or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+    return any(held_only_escaped(c) or ord(c) > 0xFFFF for c in text)
 
 
 def _only_strings(strings: list[str]) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def _only_strings(strings: list[str]) -> dict[str, Any]:
 
 
 def _pattern_character(c: str) -> str:
-    if c in '"\\' or ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF:
+    if held_only_escaped(c):
         return f"\\u{ord(c):04X}"
     return "\\" + c if c in _REGEX_SPECIAL else c
 
